@@ -1,0 +1,556 @@
+//! A record: one Automerge document holding one JSON object, and the mapping between the two.
+//!
+//! Owns: JSON <-> Automerge conversion (objects to maps, arrays to lists, strings, integers,
+//! floats, booleans, null), the minimal set of operations that turns one record state into
+//! another, tombstones, and reading a record's history. Every write is one Automerge change
+//! stamped with the writing device's actor, the time, and its operation as the change message.
+//!
+//! Must not touch: storage, queues, sockets. Time comes in as an argument.
+//!
+//! Reserved names: top-level fields whose name starts with `$` belong to Ferry (`$deleted` marks a
+//! tombstone). Writes that use them are refused, and reads never show them.
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, AutoCommit, Change, ChangeHash, ObjId, ObjType, PatchAction, Prop};
+use automerge::{ROOT, ReadDoc, ScalarValue, Value as AmValue};
+use ferry_proto::{Limits, Operation};
+use serde::Serialize;
+use serde_json::{Map, Number, Value};
+use std::collections::BTreeSet;
+
+/// Root key whose value `true` marks a deleted record. A delete is a change like any other, so a
+/// concurrent update elsewhere meets it and the conflict can be seen.
+pub const DELETED_KEY: &str = "$deleted";
+
+/// The JSON object form of a record's fields.
+pub type Fields = Map<String, Value>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("field name {name:?} is reserved: names starting with `$` belong to Ferry")]
+    ReservedField { name: String },
+    #[error("the record nests objects and arrays deeper than {max} levels: flatten it")]
+    TooDeep { max: usize },
+    #[error("the record is {len} bytes as JSON, over the limit of {max}: split it into records")]
+    TooLarge { len: usize, max: usize },
+    #[error("stored record cannot be read as an Automerge document: {0}")]
+    Corrupt(String),
+    #[error("Automerge refused the operation: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+}
+
+/// The result of a write that changed the record.
+#[derive(Debug)]
+pub struct Written {
+    pub operation: Operation,
+    pub change: Change,
+}
+
+/// One entry of a record's history.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HistoryEntry {
+    /// The change hash, hex.
+    pub hash: String,
+    /// The writing device's actor id, hex.
+    pub device: String,
+    /// Sequence number of this change among the device's changes to the record.
+    pub seq: u64,
+    /// Unix milliseconds as the writing device's clock had it.
+    pub time: i64,
+    /// `create`, `update` or `delete`; `unknown` for changes written by another program.
+    pub operation: String,
+    /// Top-level fields the change set or removed.
+    pub fields: Vec<String>,
+}
+
+/// Checks a record's fields before any of them is written: reserved names, depth and size.
+pub fn validate_fields(fields: &Fields, limits: &Limits) -> Result<(), RecordError> {
+    if let Some(name) = fields.keys().find(|k| k.starts_with('$')) {
+        return Err(RecordError::ReservedField { name: name.clone() });
+    }
+    // The record's own object is level 1.
+    for value in fields.values() {
+        check_depth(value, 2, limits.max_depth)?;
+    }
+    let len = serde_json::to_vec(fields).map_or(usize::MAX, |v| v.len());
+    if len > limits.max_record_bytes {
+        return Err(RecordError::TooLarge {
+            len,
+            max: limits.max_record_bytes,
+        });
+    }
+    Ok(())
+}
+
+fn check_depth(value: &Value, depth: usize, max: usize) -> Result<(), RecordError> {
+    let children: Box<dyn Iterator<Item = &Value>> = match value {
+        Value::Object(m) => Box::new(m.values()),
+        Value::Array(a) => Box::new(a.iter()),
+        _ => return Ok(()),
+    };
+    if depth > max {
+        return Err(RecordError::TooDeep { max });
+    }
+    for child in children {
+        check_depth(child, depth + 1, max)?;
+    }
+    Ok(())
+}
+
+/// A record document, loaded in memory.
+pub struct Record {
+    doc: AutoCommit,
+}
+
+impl Record {
+    /// A record that does not exist yet; its first write makes it.
+    pub fn new(actor: &ActorId) -> Self {
+        Record {
+            doc: AutoCommit::new().with_actor(actor.clone()),
+        }
+    }
+
+    pub fn load(bytes: &[u8], actor: &ActorId) -> Result<Self, RecordError> {
+        let doc = AutoCommit::load(bytes).map_err(|e| RecordError::Corrupt(e.to_string()))?;
+        Ok(Record {
+            doc: doc.with_actor(actor.clone()),
+        })
+    }
+
+    /// The whole document with its history, in Automerge's binary format.
+    pub fn save(&mut self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// True once any change has been written or received.
+    pub fn exists(&mut self) -> bool {
+        !self.doc.get_heads().is_empty()
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        matches!(
+            self.doc.get(ROOT, DELETED_KEY),
+            Ok(Some((AmValue::Scalar(s), _))) if matches!(s.as_ref(), ScalarValue::Boolean(true))
+        )
+    }
+
+    /// Exists and is not a tombstone.
+    pub fn is_live(&mut self) -> bool {
+        self.exists() && !self.is_deleted()
+    }
+
+    pub fn heads(&mut self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// The record's fields as JSON (reserved fields left out).
+    pub fn fields(&self) -> Fields {
+        let mut out = read_map(&self.doc, &ROOT);
+        out.retain(|k, _| !k.starts_with('$'));
+        out
+    }
+
+    /// Create or replace: afterwards the record holds exactly `fields`. Only the parts that differ
+    /// are written, so a replace that changes one field conflicts with nobody else's fields.
+    pub fn put(&mut self, fields: &Fields, now_ms: u64) -> Result<Option<Written>, RecordError> {
+        let operation = self.begin_write();
+        write_map(&mut self.doc, &ROOT, fields, Replace::RootFields)?;
+        self.commit(operation, now_ms)
+    }
+
+    /// Merge `set` into the record's fields and remove the fields named in `unset`. The record
+    /// must be live (the caller checks).
+    pub fn patch(
+        &mut self,
+        set: &Fields,
+        unset: &[String],
+        now_ms: u64,
+    ) -> Result<Option<Written>, RecordError> {
+        if let Some(name) = unset.iter().find(|k| k.starts_with('$')) {
+            return Err(RecordError::ReservedField { name: name.clone() });
+        }
+        for key in unset {
+            if self.doc.get(ROOT, key.as_str())?.is_some() {
+                self.doc.delete(ROOT, key.as_str())?;
+            }
+        }
+        write_map(&mut self.doc, &ROOT, set, Replace::No)?;
+        self.commit(Operation::Update, now_ms)
+    }
+
+    /// Mark the record deleted. Its fields stay in the document, so that a concurrent update can
+    /// bring the record back whole.
+    pub fn delete(&mut self, now_ms: u64) -> Result<Option<Written>, RecordError> {
+        self.doc.put(ROOT, DELETED_KEY, true)?;
+        self.commit(Operation::Delete, now_ms)
+    }
+
+    /// Starts a put: a put on a missing or deleted record is a create, and clears the tombstone.
+    fn begin_write(&mut self) -> Operation {
+        if self.is_live() {
+            return Operation::Update;
+        }
+        // The explicit `false` also gives a create with no fields an operation to carry.
+        let _ = self.doc.put(ROOT, DELETED_KEY, false);
+        Operation::Create
+    }
+
+    fn commit(
+        &mut self,
+        operation: Operation,
+        now_ms: u64,
+    ) -> Result<Option<Written>, RecordError> {
+        let time = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let options = CommitOptions::default()
+            .with_message(operation.as_str())
+            .with_time(time);
+        if self.doc.commit_with(options).is_none() {
+            return Ok(None);
+        }
+        let change = self
+            .doc
+            .get_last_local_change()
+            .ok_or_else(|| RecordError::Corrupt("committed change not found".into()))?;
+        Ok(Some(Written { operation, change }))
+    }
+
+    /// Drops uncommitted operations (after a failed write).
+    pub fn rollback(&mut self) {
+        self.doc.rollback();
+    }
+
+    /// Every change of the record, oldest first, with the top-level fields each one touched.
+    pub fn history(&mut self) -> Vec<HistoryEntry> {
+        let changes = self.doc.get_changes(&[]);
+        changes
+            .iter()
+            .map(|change| {
+                let fields = self.fields_touched(change);
+                HistoryEntry {
+                    hash: change.hash().to_string(),
+                    device: change.actor_id().to_hex_string(),
+                    seq: change.seq(),
+                    time: change.timestamp(),
+                    operation: change.message().unwrap_or("unknown").to_owned(),
+                    fields,
+                }
+            })
+            .collect()
+    }
+
+    fn fields_touched(&mut self, change: &Change) -> Vec<String> {
+        let patches = self.doc.diff(change.deps(), &[change.hash()]);
+        let mut names = BTreeSet::new();
+        for patch in patches {
+            let top = match (patch.path.first(), &patch.action) {
+                (Some((_, Prop::Map(key))), _) => Some(key.clone()),
+                (None, PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key }) => {
+                    Some(key.clone())
+                }
+                (
+                    None,
+                    PatchAction::Conflict {
+                        prop: Prop::Map(key),
+                    },
+                ) => Some(key.clone()),
+                _ => None,
+            };
+            if let Some(name) = top.filter(|n| !n.starts_with('$')) {
+                names.insert(name);
+            }
+        }
+        names.into_iter().collect()
+    }
+
+    /// Read access for callers that need Automerge itself (export, sync).
+    pub fn doc_mut(&mut self) -> &mut AutoCommit {
+        &mut self.doc
+    }
+}
+
+/// How `write_map` treats keys that the new value does not mention.
+#[derive(Clone, Copy, PartialEq)]
+enum Replace {
+    /// Keep them (patch).
+    No,
+    /// Remove them: the map becomes exactly the new value.
+    All,
+    /// Remove them except Ferry's reserved root keys.
+    RootFields,
+}
+
+fn write_map(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    fields: &Fields,
+    replace: Replace,
+) -> Result<(), RecordError> {
+    if replace != Replace::No {
+        let stale: Vec<String> = doc
+            .keys(obj)
+            .filter(|k| !fields.contains_key(k))
+            .filter(|k| !(replace == Replace::RootFields && k.starts_with('$')))
+            .collect();
+        for key in stale {
+            doc.delete(obj, key.as_str())?;
+        }
+    }
+    for (key, value) in fields {
+        write_at_key(doc, obj, key, value)?;
+    }
+    Ok(())
+}
+
+/// Writes `value` at `key`, doing nothing where the document already holds an equal value, and
+/// updating a nested map in place rather than replacing it.
+fn write_at_key(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    key: &str,
+    value: &Value,
+) -> Result<(), RecordError> {
+    let existing = doc.get(obj, key)?.map(|(v, id)| (v.to_owned(), id));
+    match (value, existing) {
+        (Value::Object(map), Some((AmValue::Object(ObjType::Map), id))) => {
+            write_map(doc, &id, map, Replace::All)
+        }
+        (Value::Object(map), _) => {
+            let id = doc.put_object(obj, key, ObjType::Map)?;
+            write_map(doc, &id, map, Replace::All)
+        }
+        (Value::Array(items), existing) => {
+            if let Some((AmValue::Object(ObjType::List), id)) = &existing {
+                if read_list(doc, id) == *items {
+                    return Ok(());
+                }
+            }
+            let id = doc.put_object(obj, key, ObjType::List)?;
+            insert_items(doc, &id, items)
+        }
+        (scalar, existing) => {
+            let new = to_scalar(scalar);
+            if let Some((AmValue::Scalar(old), _)) = &existing {
+                if old.as_ref() == &new {
+                    return Ok(());
+                }
+            }
+            doc.put(obj, key, new)?;
+            Ok(())
+        }
+    }
+}
+
+fn insert_items(doc: &mut AutoCommit, list: &ObjId, items: &[Value]) -> Result<(), RecordError> {
+    for (index, item) in items.iter().enumerate() {
+        match item {
+            Value::Object(map) => {
+                let id = doc.insert_object(list, index, ObjType::Map)?;
+                write_map(doc, &id, map, Replace::All)?;
+            }
+            Value::Array(inner) => {
+                let id = doc.insert_object(list, index, ObjType::List)?;
+                insert_items(doc, &id, inner)?;
+            }
+            scalar => doc.insert(list, index, to_scalar(scalar))?,
+        }
+    }
+    Ok(())
+}
+
+/// JSON scalar to Automerge scalar. Integers keep their exact type: i64 where it fits, u64 above.
+fn to_scalar(value: &Value) -> ScalarValue {
+    match value {
+        Value::Null => ScalarValue::Null,
+        Value::Bool(b) => ScalarValue::Boolean(*b),
+        Value::String(s) => ScalarValue::Str(s.as_str().into()),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                ScalarValue::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                ScalarValue::Uint(u)
+            } else {
+                ScalarValue::F64(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Value::Array(_) | Value::Object(_) => ScalarValue::Null,
+    }
+}
+
+fn read_map(doc: &AutoCommit, obj: &ObjId) -> Fields {
+    let mut out = Map::new();
+    for key in doc.keys(obj) {
+        if let Ok(Some((value, id))) = doc.get(obj, key.as_str()) {
+            out.insert(key, read_value(doc, value, &id));
+        }
+    }
+    out
+}
+
+fn read_list(doc: &AutoCommit, obj: &ObjId) -> Vec<Value> {
+    (0..doc.length(obj))
+        .filter_map(|i| doc.get(obj, i).ok().flatten())
+        .map(|(value, id)| read_value(doc, value, &id))
+        .collect()
+}
+
+fn read_value(doc: &AutoCommit, value: AmValue<'_>, id: &ObjId) -> Value {
+    match value {
+        AmValue::Object(ObjType::Map | ObjType::Table) => Value::Object(read_map(doc, id)),
+        AmValue::Object(ObjType::List) => Value::Array(read_list(doc, id)),
+        AmValue::Object(ObjType::Text) => Value::String(doc.text(id).unwrap_or_default()),
+        AmValue::Scalar(s) => from_scalar(&s),
+    }
+}
+
+/// Automerge scalar to JSON. Types Ferry never writes (bytes, counters, timestamps) come from
+/// other Automerge programs and map to the nearest JSON value.
+fn from_scalar(value: &ScalarValue) -> Value {
+    match value {
+        ScalarValue::Null | ScalarValue::Unknown { .. } => Value::Null,
+        ScalarValue::Boolean(b) => Value::Bool(*b),
+        ScalarValue::Str(s) => Value::String(s.to_string()),
+        ScalarValue::Int(i) | ScalarValue::Timestamp(i) => Value::Number((*i).into()),
+        ScalarValue::Uint(u) => Value::Number((*u).into()),
+        ScalarValue::F64(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        ScalarValue::Counter(c) => Value::Number(i64::from(c).into()),
+        ScalarValue::Bytes(b) => Value::Array(b.iter().map(|x| Value::from(*x)).collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn actor(n: u8) -> ActorId {
+        ActorId::from(&[n; 16][..])
+    }
+
+    fn obj(v: Value) -> Fields {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("test value must be an object"),
+        }
+    }
+
+    #[test]
+    fn every_json_type_round_trips_through_save_and_load() {
+        let fields = obj(json!({
+            "s": "héllo wörld ✓ 🚢 \u{0} \"quoted\"",
+            "i": -42, "big": 18446744073709551615u64, "min": i64::MIN,
+            "f": 1.5, "f0": 1.0, "tiny": 1e-300,
+            "t": true, "n": null,
+            "arr": [1, "two", [3, [4]], {"five": 5}, null],
+            "nested": {"a": {"b": {"c": {"d": []}}}},
+            "empty_obj": {}, "": "empty key"
+        }));
+        let mut r = Record::new(&actor(1));
+        let w = r.put(&fields, 1000).unwrap().unwrap();
+        assert_eq!(w.operation, Operation::Create);
+        let bytes = r.save();
+        let back = Record::load(&bytes, &actor(2)).unwrap();
+        assert_eq!(back.fields(), fields);
+        assert_eq!(
+            serde_json::to_string(&back.fields()).unwrap(),
+            serde_json::to_string(&fields).unwrap()
+        );
+    }
+
+    #[test]
+    fn replace_writes_only_what_differs() {
+        let mut r = Record::new(&actor(1));
+        r.put(&obj(json!({"a": 1, "b": {"x": 1, "y": 2}, "c": [1]})), 1)
+            .unwrap();
+        let w = r
+            .put(&obj(json!({"a": 1, "b": {"x": 1, "y": 3}, "c": [1]})), 2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(w.operation, Operation::Update);
+        assert_eq!(w.change.len(), 1, "only b.y is written");
+        assert!(
+            r.put(&obj(json!({"a": 1, "b": {"x": 1, "y": 3}, "c": [1]})), 3)
+                .unwrap()
+                .is_none()
+        );
+        r.put(&obj(json!({"c": [2]})), 4).unwrap().unwrap();
+        assert_eq!(r.fields(), obj(json!({"c": [2]})));
+    }
+
+    #[test]
+    fn patch_and_unset() {
+        let mut r = Record::new(&actor(1));
+        r.put(&obj(json!({"a": 1, "b": 2})), 1).unwrap();
+        r.patch(&obj(json!({"c": 3})), &["a".into()], 2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.fields(), obj(json!({"b": 2, "c": 3})));
+        assert!(matches!(
+            r.patch(&Fields::new(), &["$deleted".into()], 3),
+            Err(RecordError::ReservedField { .. })
+        ));
+    }
+
+    #[test]
+    fn delete_is_a_tombstone_and_put_revives() {
+        let mut r = Record::new(&actor(1));
+        r.put(&obj(json!({"a": 1})), 1).unwrap();
+        let w = r.delete(2).unwrap().unwrap();
+        assert_eq!(w.operation, Operation::Delete);
+        assert!(r.exists() && r.is_deleted() && !r.is_live());
+        let w = r.put(&obj(json!({"b": 2})), 3).unwrap().unwrap();
+        assert_eq!(w.operation, Operation::Create);
+        assert!(r.is_live());
+        assert_eq!(r.fields(), obj(json!({"b": 2})));
+        let ops: Vec<_> = r.history().into_iter().map(|h| h.operation).collect();
+        assert_eq!(ops, ["create", "delete", "create"]);
+    }
+
+    #[test]
+    fn empty_create_still_creates() {
+        let mut r = Record::new(&actor(1));
+        assert!(!r.exists());
+        r.put(&Fields::new(), 1).unwrap().unwrap();
+        assert!(r.is_live());
+    }
+
+    #[test]
+    fn history_names_device_time_and_fields() {
+        let mut r = Record::new(&actor(1));
+        r.put(&obj(json!({"name": "Ada", "email": "a@x"})), 100)
+            .unwrap();
+        let mut other = Record::load(&r.save(), &actor(2)).unwrap();
+        other
+            .patch(&obj(json!({"email": "ada@x"})), &[], 200)
+            .unwrap();
+        let h = other.history();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].device, "01".repeat(16));
+        assert_eq!(h[0].fields, ["email", "name"]);
+        assert_eq!(h[0].time, 100);
+        assert_eq!(h[1].device, "02".repeat(16));
+        assert_eq!(h[1].fields, ["email"]);
+        assert_eq!(h[1].operation, "update");
+    }
+
+    #[test]
+    fn validation() {
+        let l = Limits {
+            max_depth: 3,
+            max_record_bytes: 64,
+            ..Limits::default()
+        };
+        assert!(validate_fields(&obj(json!({"a": [[1]]})), &l).is_ok());
+        assert!(matches!(
+            validate_fields(&obj(json!({"a": [[[1]]]})), &l),
+            Err(RecordError::TooDeep { max: 3 })
+        ));
+        assert!(matches!(
+            validate_fields(&obj(json!({"$x": 1})), &l),
+            Err(RecordError::ReservedField { .. })
+        ));
+        assert!(matches!(
+            validate_fields(&obj(json!({"a": "x".repeat(100)})), &l),
+            Err(RecordError::TooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,111 @@
+//! The key layout of the store's single ordered keyspace.
+//!
+//! - `d\0{collection}\0{id}`: a record's Automerge document (ids never hold control characters,
+//!   so `\0` cannot occur inside one, and keys of one collection are contiguous and id-ordered).
+//! - `q{u64 big-endian}`: a SyncQueue entry; `l{u64 big-endian}`: a SyncLog entry.
+//! - `m{name}`: metadata.
+
+use super::StoreError;
+
+pub const DOC_ALL: &[u8] = b"d\0";
+pub const QUEUE: &[u8] = b"q";
+pub const LOG: &[u8] = b"l";
+pub const META_DEVICE: &[u8] = b"mdevice";
+pub const META_FORMAT: &[u8] = b"mformat";
+
+pub fn doc_prefix(collection: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(3 + collection.len());
+    key.extend_from_slice(DOC_ALL);
+    key.extend_from_slice(collection.as_bytes());
+    key.push(0);
+    key
+}
+
+pub fn doc(collection: &str, id: &str) -> Vec<u8> {
+    let mut key = doc_prefix(collection);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn corrupt(detail: &str) -> StoreError {
+    StoreError::Decode {
+        what: "key",
+        detail: detail.to_owned(),
+    }
+}
+
+/// The id part of a document key whose collection prefix is `prefix_len` bytes.
+pub fn doc_id(key: &[u8], prefix_len: usize) -> Result<&str, StoreError> {
+    key.get(prefix_len..)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .ok_or_else(|| corrupt("document key with a bad id"))
+}
+
+pub fn doc_collection(key: &[u8]) -> Result<&str, StoreError> {
+    let rest = key
+        .get(DOC_ALL.len()..)
+        .ok_or_else(|| corrupt("short document key"))?;
+    let end = rest
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| corrupt("document key without a collection"))?;
+    std::str::from_utf8(&rest[..end]).map_err(|_| corrupt("document key with a bad collection"))
+}
+
+fn seq_key(prefix: &[u8], n: u64) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&n.to_be_bytes());
+    key
+}
+
+pub fn queue(id: u64) -> Vec<u8> {
+    seq_key(QUEUE, id)
+}
+
+pub fn log(id: u64) -> Vec<u8> {
+    seq_key(LOG, id)
+}
+
+pub fn seq_of(key: &[u8], prefix_len: usize) -> Result<u64, StoreError> {
+    key.get(prefix_len..)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt("sequence key of the wrong length"))
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![u8::MAX; prefix.len() + 1]
+}
+
+/// The smallest key greater than `key`.
+pub fn after(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        assert_eq!(doc("Customer", "42"), b"d\0Customer\x0042");
+        assert_eq!(doc_collection(&doc("Customer", "42")).unwrap(), "Customer");
+        assert_eq!(
+            doc_id(&doc("C", "x/y"), doc_prefix("C").len()).unwrap(),
+            "x/y"
+        );
+        assert_eq!(prefix_end(b"d\0C\0"), b"d\0C\x01");
+        assert_eq!(seq_of(&queue(258), 1).unwrap(), 258);
+        assert!(queue(1) < queue(256));
+    }
+}

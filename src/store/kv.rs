@@ -1,0 +1,243 @@
+//! The storage trait the store is written against, and its two engines: sled on disk and an
+//! in-memory map for tests. The trait is deliberately narrow (ordered keys, atomic batches, an
+//! explicit durability point) so that another engine can replace sled without touching the store.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("the disk is full ({0}): free space in the data directory; nothing was acknowledged")]
+    DiskFull(String),
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    #[error(
+        "the store is corrupt: {0}; restore the data directory from a backup or another device"
+    )]
+    Corrupt(String),
+}
+
+/// An atomic set of writes: all of them land, or none.
+#[derive(Debug, Default)]
+pub struct Batch {
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push((key, Some(value)));
+    }
+
+    pub fn remove(&mut self, key: Vec<u8>) {
+        self.ops.push((key, None));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+pub type Pair = (Vec<u8>, Vec<u8>);
+
+/// Ordered key-value storage.
+pub trait Kv: Send + Sync {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+    /// Up to `limit` pairs with `start <= key < end`, in key order.
+    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError>;
+    /// The greatest key with `start <= key < end`.
+    fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+    /// How many keys lie in `start <= key < end`.
+    fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError>;
+    /// Applies the batch atomically. It is visible at once but durable only after `flush`.
+    fn apply(&self, batch: Batch) -> Result<(), KvError>;
+    /// Makes every applied batch durable.
+    fn flush(&self) -> Result<(), KvError>;
+    fn size_on_disk(&self) -> Result<u64, KvError>;
+}
+
+/// sled 0.34, one tree, keys prefixed by kind (see `store::keys`).
+pub struct SledKv {
+    db: sled::Db,
+}
+
+impl SledKv {
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, KvError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(from_sled)?;
+        Ok(SledKv { db })
+    }
+}
+
+fn from_sled(e: sled::Error) -> KvError {
+    match e {
+        sled::Error::Io(io) => from_io(io),
+        sled::Error::Corruption { at, bt: _ } => KvError::Corrupt(format!("sled at {at:?}")),
+        other => KvError::Io(other.to_string()),
+    }
+}
+
+pub(crate) fn from_io(io: std::io::Error) -> KvError {
+    if io.raw_os_error() == Some(libc::ENOSPC) || io.kind() == std::io::ErrorKind::StorageFull {
+        KvError::DiskFull(io.to_string())
+    } else {
+        KvError::Io(io.to_string())
+    }
+}
+
+impl Kv for SledKv {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.db.get(key).map_err(from_sled)?.map(|v| v.to_vec()))
+    }
+
+    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {
+        self.db
+            .range(start..end)
+            .take(limit)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(from_sled))
+            .collect()
+    }
+
+    fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        match self.db.range(start..end).next_back() {
+            Some(r) => Ok(Some(r.map_err(from_sled)?.0.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError> {
+        let mut n = 0;
+        for key in self.db.range(start..end).keys() {
+            key.map_err(from_sled)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn apply(&self, batch: Batch) -> Result<(), KvError> {
+        let mut sled_batch = sled::Batch::default();
+        for (key, value) in batch.ops {
+            match value {
+                Some(v) => sled_batch.insert(key, v),
+                None => sled_batch.remove(key),
+            }
+        }
+        self.db.apply_batch(sled_batch).map_err(from_sled)
+    }
+
+    fn flush(&self) -> Result<(), KvError> {
+        self.db.flush().map(|_| ()).map_err(from_sled)
+    }
+
+    fn size_on_disk(&self) -> Result<u64, KvError> {
+        self.db.size_on_disk().map_err(from_sled)
+    }
+}
+
+/// An in-memory engine. Clones share the same map, so a test can "reopen" a store by building a
+/// new one over a clone. `durable` holds what the last flush made durable; `crash()` throws away
+/// the rest, as a power cut would.
+#[derive(Clone, Default)]
+pub struct MemoryKv {
+    inner: Arc<Mutex<MemoryState>>,
+}
+
+#[derive(Default)]
+struct MemoryState {
+    visible: BTreeMap<Vec<u8>, Vec<u8>>,
+    durable: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl MemoryKv {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets everything that was applied but not flushed.
+    pub fn crash(&self) {
+        let mut state = self.lock();
+        state.visible = state.durable.clone();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        // A panic while holding this lock can only come from a bug in a test; the map itself is
+        // never left half-updated, so carrying on with it is sound.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn bounds<'a>(start: &'a [u8], end: &'a [u8]) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
+    (Bound::Included(start), Bound::Excluded(end))
+}
+
+impl Kv for MemoryKv {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.lock().visible.get(key).cloned())
+    }
+
+    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let state = self.lock();
+        Ok(state
+            .visible
+            .range::<[u8], _>(bounds(start, end))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        if start >= end {
+            return Ok(None);
+        }
+        let state = self.lock();
+        Ok(state
+            .visible
+            .range::<[u8], _>(bounds(start, end))
+            .next_back()
+            .map(|(k, _)| k.clone()))
+    }
+
+    fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError> {
+        if start >= end {
+            return Ok(0);
+        }
+        Ok(self
+            .lock()
+            .visible
+            .range::<[u8], _>(bounds(start, end))
+            .count() as u64)
+    }
+
+    fn apply(&self, batch: Batch) -> Result<(), KvError> {
+        let mut state = self.lock();
+        for (key, value) in batch.ops {
+            match value {
+                Some(v) => state.visible.insert(key, v),
+                None => state.visible.remove(&key),
+            };
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), KvError> {
+        let mut state = self.lock();
+        state.durable = state.visible.clone();
+        Ok(())
+    }
+
+    fn size_on_disk(&self) -> Result<u64, KvError> {
+        Ok(self
+            .lock()
+            .durable
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum())
+    }
+}
