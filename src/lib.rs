@@ -1,4 +1,12 @@
 //! Ferry: an offline-first sync daemon. See ARCHITECTURE.md for the map.
 
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod datadir;
+pub mod demo;
+pub mod ipc;
 pub mod record;
+pub mod service;
 pub mod store;

@@ -1,0 +1,148 @@
+//! The device's identity: its ed25519 key pair, kept in an owner-only file in the data
+//! directory. The device id (and Automerge actor id) is the first 16 bytes of the public key, so
+//! every change a device writes can later be tied to the key that may sign for it.
+//!
+//! Must not touch: the store, sockets, tokens (those come with the relay handshake).
+
+use ed25519_dalek::SigningKey;
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no identity key at {0}: run `ferry init` for this data directory")]
+    Missing(PathBuf),
+    #[error("identity key {0} already exists: refusing to replace a device's identity")]
+    Exists(PathBuf),
+    #[error(
+        "identity key {path} is readable by other users (mode {mode:o}): run `chmod 600 {path}`"
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error("identity key {0} is damaged: it must hold 64 hex digits")]
+    Malformed(PathBuf),
+    #[error("no randomness available from the operating system: {0}")]
+    Entropy(String),
+    #[error("cannot access identity key {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub struct Identity {
+    key: SigningKey,
+}
+
+impl Identity {
+    /// Creates a new key file (mode 0600); refuses to overwrite one.
+    pub fn create(path: &Path) -> Result<Self, IdentityError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| IdentityError::Entropy(e.to_string()))?;
+        let io = |source| IdentityError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => IdentityError::Exists(path.to_owned()),
+                _ => io(e),
+            })?;
+        let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+        file.write_all(format!("{hex}\n").as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        Ok(Identity {
+            key: SigningKey::from_bytes(&seed),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, IdentityError> {
+        let io = |source| IdentityError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => IdentityError::Missing(path.to_owned()),
+            _ => io(e),
+        })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(IdentityError::Exposed {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        let text = text.trim();
+        let seed: Option<Vec<u8>> = (text.len() == 64)
+            .then(|| {
+                (0..64)
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+                    .collect()
+            })
+            .flatten();
+        let seed: [u8; 32] = seed
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(|| IdentityError::Malformed(path.to_owned()))?;
+        Ok(Identity {
+            key: SigningKey::from_bytes(&seed),
+        })
+    }
+
+    /// Hex of the first 16 bytes of the public key.
+    pub fn device_id(&self) -> String {
+        self.key.verifying_key().as_bytes()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_load_and_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity.key");
+        let created = Identity::create(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            Identity::load(&path).unwrap().device_id(),
+            created.device_id()
+        );
+        assert_eq!(created.device_id().len(), 32);
+        assert!(matches!(
+            Identity::create(&path),
+            Err(IdentityError::Exists(_))
+        ));
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            Identity::load(&path),
+            Err(IdentityError::Exposed { .. })
+        ));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&path, "zz").unwrap();
+        assert!(matches!(
+            Identity::load(&path),
+            Err(IdentityError::Malformed(_))
+        ));
+        assert!(matches!(
+            Identity::load(&dir.path().join("nope")),
+            Err(IdentityError::Missing(_))
+        ));
+    }
+}

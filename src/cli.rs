@@ -1,0 +1,963 @@
+//! The `ferry` command line: set up a device, run the daemon, and inspect and repair data.
+//!
+//! Data commands talk to the daemon's socket when one runs, and otherwise open the store
+//! directly (taking the data directory's lock). Both paths call the same `service` methods.
+//! Every command that prints data takes `--json`.
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage or invalid input, 3 not found.
+//!
+//! Must not touch: the store's internals; it uses the service's methods only.
+
+use crate::config::Config;
+use crate::daemon::{self, DaemonError};
+use crate::datadir::{DataDir, DataDirError, DirLock};
+use crate::ipc::{Client, ClientError};
+use crate::service::{ApiError, Service, code};
+use base64::Engine as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Offline-first sync daemon and its tools"
+)]
+pub struct Cli {
+    /// Data directory of the device [default: $XDG_DATA_HOME/ferry]
+    #[arg(long, global = true, env = "FERRY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Config file [default: DATA_DIR/config.toml]
+    #[arg(long, global = true, env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print machine-readable JSON
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the data directory, its config and the device's identity key
+    Init,
+    /// Run the daemon in the foreground (stops cleanly on SIGINT/SIGTERM)
+    Daemon,
+    /// Create or replace a record: `ferry put Customer/42 --data '{"name":"Ada"}'`;
+    /// without an id (`ferry put Customer`) one is generated
+    Put {
+        address: String,
+        /// The record's fields as a JSON object; `-` or absent reads standard input
+        #[arg(long)]
+        data: Option<String>,
+    },
+    /// Merge fields into a record
+    Patch {
+        address: String,
+        /// Fields to set, as a JSON object
+        #[arg(long)]
+        data: Option<String>,
+        /// A field to remove (repeatable)
+        #[arg(long)]
+        unset: Vec<String>,
+    },
+    /// Print a record
+    Get { address: String },
+    /// List collections, or the records of one collection
+    Ls {
+        collection: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this id (the `next` of the previous page)
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Delete a record (a tombstone that syncs)
+    Rm { address: String },
+    /// The changes of a record: when, which device, what fields
+    History { address: String },
+    /// Load records from JSON Lines: {"collection": ..., "id": ..., "fields": {...}} per line
+    Import {
+        /// File to read; `-` or absent reads standard input
+        file: Option<PathBuf>,
+        /// Records per call (at most ipc.max_import_records)
+        #[arg(long, default_value_t = 2000)]
+        batch: usize,
+    },
+    /// Export records as JSON, JSON Lines, or Automerge binary documents
+    Export {
+        /// A collection, or `collection/id` for one record; absent exports everything
+        target: Option<String>,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Json)]
+        format: ExportFormat,
+        /// Output file (or directory, for several Automerge documents); absent: standard output
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Show SyncQueue entries
+    Queue {
+        /// pending, processing, completed or failed
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        after: Option<u64>,
+    },
+    /// Put failed queue entries back to pending
+    Retry {
+        ids: Vec<u64>,
+        #[arg(long)]
+        all_failed: bool,
+    },
+    /// Show SyncLog entries, newest first
+    Log {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Device, store and queue state
+    Status,
+    /// Print record changes as they happen (needs the daemon)
+    Watch {
+        collection: Option<String>,
+        #[arg(long)]
+        id: Option<String>,
+        /// Stop after this many changes
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Run the main job end to end: a daemon on a fresh data directory, writes and reads through
+    /// its socket, a subscriber, a clean stop, and a check that everything is on disk
+    Demo {
+        #[arg(long, default_value_t = 10_000)]
+        records: usize,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ExportFormat {
+    Json,
+    Jsonl,
+    Automerge,
+}
+
+/// A command's failure: the message for people and the exit code for scripts.
+#[derive(Debug)]
+pub struct Failure {
+    exit: u8,
+    message: String,
+}
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_NOT_FOUND: u8 = 3;
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            exit: EXIT_USAGE,
+            message: message.into(),
+        }
+    }
+
+    fn failed(message: impl Into<String>) -> Self {
+        Failure {
+            exit: EXIT_FAILURE,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        let exit = match e.code {
+            code::NOT_FOUND => EXIT_NOT_FOUND,
+            code::INVALID_PARAMS
+            | code::INVALID_REQUEST
+            | code::METHOD_NOT_FOUND
+            | code::UNKNOWN_COLLECTION
+            | code::TOO_LARGE => EXIT_USAGE,
+            _ => EXIT_FAILURE,
+        };
+        Failure {
+            exit,
+            message: e.message,
+        }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Api(api) => api.into(),
+            other => Failure::failed(other.to_string()),
+        }
+    }
+}
+
+impl From<DaemonError> for Failure {
+    fn from(e: DaemonError) -> Self {
+        Failure::failed(e.to_string())
+    }
+}
+
+impl From<DataDirError> for Failure {
+    fn from(e: DataDirError) -> Self {
+        Failure::failed(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::failed(e.to_string())
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.exit)
+        }
+    }
+}
+
+struct Context {
+    dir: DataDir,
+    config: Config,
+    json: bool,
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let dir = DataDir::resolve(cli.data_dir.as_deref())?;
+    let config_path = cli.config.clone().unwrap_or_else(|| dir.config_path());
+    let config = Config::load(&config_path, cli.config.is_some())
+        .map_err(|e| Failure::failed(e.to_string()))?;
+    let quiet = !matches!(cli.command, Command::Daemon | Command::Demo { .. });
+    init_logging(&config, quiet);
+    let ctx = Context {
+        dir,
+        config,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Init => init(&ctx),
+        Command::Daemon => run_daemon(&ctx),
+        Command::Demo { records } => demo(&ctx, cli.data_dir.is_some(), records),
+        Command::Watch {
+            collection,
+            id,
+            count,
+        } => watch(&ctx, collection, id, count),
+        Command::Import { file, batch } => import(&ctx, file.as_deref(), batch),
+        Command::Export {
+            target,
+            format,
+            out,
+        } => export(&ctx, target.as_deref(), format, out.as_deref()),
+        other => data_command(&ctx, other),
+    }
+}
+
+fn init_logging(config: &Config, quiet: bool) {
+    let default = if quiet {
+        "warn"
+    } else {
+        config.log.level.as_str()
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(default))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn init(ctx: &Context) -> Result<(), Failure> {
+    let created = ctx.dir.init(EXAMPLE_CONFIG)?;
+    let device = ctx.dir.identity()?.device_id();
+    let path = ctx.dir.path().display().to_string();
+    if ctx.json {
+        print_json(&json!({ "data_dir": path, "device_id": device, "created": created }));
+    } else if created {
+        println!("initialised {path} (device {device})");
+    } else {
+        println!("{path} is already initialised (device {device}); nothing changed");
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::failed(format!("cannot start the async runtime: {e}")))
+}
+
+fn run_daemon(ctx: &Context) -> Result<(), Failure> {
+    if ctx.dir.init(EXAMPLE_CONFIG)? {
+        eprintln!("initialised {}", ctx.dir.path().display());
+    }
+    runtime()?.block_on(async {
+        daemon::run(&ctx.dir, &ctx.config, stop_signal(), |socket| {
+            eprintln!("ferry daemon listening on {}", socket.display());
+        })
+        .await
+    })?;
+    Ok(())
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGTERM cannot be caught; stop with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Where a data command's calls go: the running daemon, or the store opened here.
+enum Backend {
+    Daemon(Client),
+    Local { service: Service, _lock: DirLock },
+}
+
+impl Backend {
+    fn connect(ctx: &Context) -> Result<Backend, Failure> {
+        let socket = daemon::socket_path(&ctx.dir, &ctx.config);
+        if let Ok(client) = Client::connect(&socket) {
+            return Ok(Backend::Daemon(client));
+        }
+        let open = daemon::open_store(&ctx.dir, &ctx.config)?;
+        let service = Service::new(
+            open.store,
+            daemon::service_options(&ctx.dir, &ctx.config, false),
+        );
+        Ok(Backend::Local {
+            service,
+            _lock: open.lock,
+        })
+    }
+
+    fn call(&mut self, method: &str, params: Value) -> Result<Value, Failure> {
+        match self {
+            Backend::Daemon(client) => Ok(client.call(method, params)?),
+            Backend::Local { service, .. } => Ok(service.call(method, params)?),
+        }
+    }
+}
+
+/// `Collection/id` (the id may itself contain `/`), or just `Collection` where allowed.
+fn split_address(address: &str) -> (String, Option<String>) {
+    match address.split_once('/') {
+        Some((collection, id)) => (collection.to_owned(), Some(id.to_owned())),
+        None => (address.to_owned(), None),
+    }
+}
+
+fn full_address(address: &str) -> Result<(String, String), Failure> {
+    match split_address(address) {
+        (c, Some(id)) if !id.is_empty() => Ok((c, id)),
+        _ => Err(Failure::usage(format!(
+            "{address:?} is not a record address: write COLLECTION/ID, e.g. Customer/42"
+        ))),
+    }
+}
+
+fn read_fields(data: Option<&str>) -> Result<Value, Failure> {
+    let text = match data {
+        Some("-") | None => {
+            if std::io::stdin().is_terminal() {
+                return Err(Failure::usage(
+                    "give the fields with --data '{...}' or on standard input",
+                ));
+            }
+            std::io::read_to_string(std::io::stdin())?
+        }
+        Some(text) => text.to_owned(),
+    };
+    match serde_json::from_str::<Value>(&text) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(Failure::usage(
+            "the fields must be a JSON object, e.g. '{\"name\": \"Ada\"}'",
+        )),
+        Err(e) => Err(Failure::usage(format!(
+            "the fields are not valid JSON: {e}"
+        ))),
+    }
+}
+
+fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
+    let mut backend = Backend::connect(ctx)?;
+    match command {
+        Command::Put { address, data } => {
+            let (collection, id) = split_address(&address);
+            let fields = read_fields(data.as_deref())?;
+            let r = backend.call(
+                "put",
+                json!({ "collection": collection, "id": id, "fields": fields }),
+            )?;
+            print_write(ctx, &r);
+        }
+        Command::Patch {
+            address,
+            data,
+            unset,
+        } => {
+            let (collection, id) = full_address(&address)?;
+            let fields = match (&data, unset.is_empty()) {
+                (None, false) => json!({}),
+                _ => read_fields(data.as_deref())?,
+            };
+            let r = backend.call(
+                "patch",
+                json!({ "collection": collection, "id": id, "fields": fields, "unset": unset }),
+            )?;
+            print_write(ctx, &r);
+        }
+        Command::Rm { address } => {
+            let (collection, id) = full_address(&address)?;
+            let r = backend.call("delete", json!({ "collection": collection, "id": id }))?;
+            print_write(ctx, &r);
+        }
+        Command::Get { address } => {
+            let (collection, id) = full_address(&address)?;
+            let r = backend.call("get", json!({ "collection": collection, "id": id }))?;
+            if ctx.json {
+                print_json(&r);
+            } else {
+                print_pretty(&r["fields"]);
+            }
+        }
+        Command::Ls {
+            collection: None, ..
+        } => {
+            let r = backend.call("collections", json!({}))?;
+            if ctx.json {
+                print_json(&r);
+            } else {
+                for c in r["collections"].as_array().into_iter().flatten() {
+                    println!("{}\t{}", c["name"].as_str().unwrap_or(""), c["documents"]);
+                }
+            }
+        }
+        Command::Ls {
+            collection: Some(collection),
+            limit,
+            after,
+        } => {
+            let r = backend.call(
+                "list",
+                json!({ "collection": collection, "limit": limit, "after": after }),
+            )?;
+            if ctx.json {
+                print_json(&r);
+            } else {
+                for rec in r["records"].as_array().into_iter().flatten() {
+                    println!("{}\t{}", rec["id"].as_str().unwrap_or(""), rec["fields"]);
+                }
+                if let Some(next) = r["next"].as_str() {
+                    eprintln!("more: ferry ls {collection} --after {next}");
+                }
+            }
+        }
+        Command::History { address } => {
+            let (collection, id) = full_address(&address)?;
+            let r = backend.call("history", json!({ "collection": collection, "id": id }))?;
+            if ctx.json {
+                print_json(&r);
+            } else {
+                for c in r["changes"].as_array().into_iter().flatten() {
+                    let fields: Vec<&str> = c["fields"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        format_ms(c["time"].as_i64().unwrap_or(0)),
+                        c["device"].as_str().unwrap_or(""),
+                        c["operation"].as_str().unwrap_or(""),
+                        fields.join(",")
+                    );
+                }
+            }
+        }
+        Command::Queue {
+            status,
+            limit,
+            after,
+        } => {
+            let r = backend.call(
+                "queue",
+                json!({ "status": status, "limit": limit, "after": after }),
+            )?;
+            if ctx.json {
+                print_json(&r);
+            } else {
+                for e in r["entries"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}\t{}\t{}\t{}/{}\tretries={}\t{}",
+                        e["id"],
+                        e["status"].as_str().unwrap_or(""),
+                        e["operation"].as_str().unwrap_or(""),
+                        e["model_name"].as_str().unwrap_or(""),
+                        e["object_id"].as_str().unwrap_or(""),
+                        e["retry_count"],
+                        e["last_error"].as_str().unwrap_or("")
+                    );
+                }
+                let c = &r["counts"];
+                eprintln!(
+                    "pending {} · processing {} · completed {} · failed {}",
+                    c["pending"], c["processing"], c["completed"], c["failed"]
+                );
+            }
+        }
+        Command::Retry { ids, all_failed } => {
+            let params = if all_failed {
+                json!({ "all_failed": true })
+            } else {
+                json!({ "ids": ids })
+            };
+            let r = backend.call("retry", params)?;
+            if ctx.json {
+                print_json(&r);
+            } else {
+                println!("retrying {}", r["retried"]);
+            }
+        }
+        Command::Log { limit } => {
+            let r = backend.call("log", json!({ "limit": limit }))?;
+            if ctx.json {
+                print_json(&r);
+            } else {
+                for e in r["entries"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}\t{}\t{}\t{} records\t{}",
+                        format_ms(e["timestamp"].as_i64().unwrap_or(0)),
+                        e["direction"].as_str().unwrap_or(""),
+                        e["status"].as_str().unwrap_or(""),
+                        e["records_processed"],
+                        e["error_message"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Command::Status => {
+            let r = backend.call("status", json!({}))?;
+            if ctx.json {
+                print_json(&r);
+            } else if let Value::Object(map) = &r {
+                for (k, v) in map {
+                    println!(
+                        "{k}: {}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                    );
+                }
+            }
+        }
+        Command::Init
+        | Command::Daemon
+        | Command::Demo { .. }
+        | Command::Watch { .. }
+        | Command::Import { .. }
+        | Command::Export { .. } => unreachable!("handled in run()"),
+    }
+    Ok(())
+}
+
+fn print_write(ctx: &Context, r: &Value) {
+    if ctx.json {
+        print_json(r);
+        return;
+    }
+    let what = r["operation"].as_str().unwrap_or("unchanged");
+    println!(
+        "{what} {}/{}",
+        r["collection"].as_str().unwrap_or(""),
+        r["id"].as_str().unwrap_or("")
+    );
+}
+
+fn print_json(v: &Value) {
+    println!("{v}");
+}
+
+fn print_pretty(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+fn format_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+fn import(ctx: &Context, file: Option<&Path>, batch: usize) -> Result<(), Failure> {
+    let batch = batch.clamp(1, ctx.config.ipc.max_import_records);
+    let (reader, total_bytes): (Box<dyn std::io::BufRead>, Option<u64>) = match file {
+        Some(p) if p != Path::new("-") => {
+            let f = std::fs::File::open(p)
+                .map_err(|e| Failure::failed(format!("cannot open {}: {e}", p.display())))?;
+            let len = f.metadata().ok().map(|m| m.len());
+            (Box::new(std::io::BufReader::new(f)), len)
+        }
+        _ => (Box::new(std::io::BufReader::new(std::io::stdin())), None),
+    };
+    let progress = (!ctx.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = match total_bytes {
+            Some(n) => indicatif::ProgressBar::new(n),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut backend = Backend::connect(ctx)?;
+    let started = Instant::now();
+    let mut records = Vec::with_capacity(batch);
+    let mut totals = ImportTotals::default();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line?;
+        if let Some(bar) = &progress {
+            bar.inc(line.len() as u64 + 1);
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: Value = serde_json::from_str(&line).map_err(|e| {
+            Failure::usage(format!(
+                "line {}: not valid JSON ({e}); {} records before it were imported",
+                n + 1,
+                totals.imported
+            ))
+        })?;
+        if !record.is_object() {
+            return Err(Failure::usage(format!(
+                "line {}: expected {{\"collection\": ..., \"id\": ..., \"fields\": {{...}}}}",
+                n + 1
+            )));
+        }
+        records.push(record);
+        if records.len() == batch {
+            totals.send(&mut backend, &mut records, progress.as_ref())?;
+        }
+    }
+    totals.send(&mut backend, &mut records, progress.as_ref())?;
+    let ImportTotals { imported, changed } = totals;
+    if let Some(bar) = &progress {
+        bar.finish_and_clear();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if ctx.json {
+        print_json(&json!({ "imported": imported, "changed": changed, "seconds": secs }));
+    } else {
+        println!(
+            "imported {imported} records ({changed} changed) in {secs:.2}s, {:.0} records/s",
+            imported as f64 / secs.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct ImportTotals {
+    imported: u64,
+    changed: u64,
+}
+
+impl ImportTotals {
+    fn send(
+        &mut self,
+        backend: &mut Backend,
+        records: &mut Vec<Value>,
+        progress: Option<&indicatif::ProgressBar>,
+    ) -> Result<(), Failure> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let r = backend
+            .call("import", json!({ "records": std::mem::take(records) }))
+            .map_err(|f| Failure {
+                message: format!(
+                    "{} ({} records were imported before this batch)",
+                    f.message, self.imported
+                ),
+                ..f
+            })?;
+        self.imported += r["imported"].as_u64().unwrap_or(0);
+        self.changed += r["changed"].as_u64().unwrap_or(0);
+        if let Some(bar) = progress {
+            bar.set_message(format!("{} records", self.imported));
+        }
+        Ok(())
+    }
+}
+
+fn export(
+    ctx: &Context,
+    target: Option<&str>,
+    format: ExportFormat,
+    out: Option<&Path>,
+) -> Result<(), Failure> {
+    let mut backend = Backend::connect(ctx)?;
+    let single = target.map(split_address);
+    let collections: Vec<String> = match &single {
+        Some((c, _)) => vec![c.clone()],
+        None => backend.call("collections", json!({}))?["collections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_owned))
+            .collect(),
+    };
+    if format == ExportFormat::Automerge {
+        return export_automerge(&mut backend, single, &collections, out);
+    }
+    let mut sink: Box<dyn std::io::Write> = match out {
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p)?)),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut first = true;
+    let mut emit = |rec: &Value, sink: &mut dyn std::io::Write| -> std::io::Result<()> {
+        let line =
+            json!({ "collection": rec["collection"], "id": rec["id"], "fields": rec["fields"] });
+        match format {
+            ExportFormat::Jsonl => writeln!(sink, "{line}"),
+            _ => {
+                let sep = if first { "[\n" } else { ",\n" };
+                first = false;
+                write!(sink, "{sep}{line}")
+            }
+        }
+    };
+    if let Some((collection, Some(id))) = &single {
+        let rec = backend.call("get", json!({ "collection": collection, "id": id }))?;
+        emit(&rec, &mut sink)?;
+    } else {
+        for collection in &collections {
+            for_each_record(&mut backend, collection, |rec| Ok(emit(rec, &mut sink)?))?;
+        }
+    }
+    if format == ExportFormat::Json {
+        writeln!(sink, "{}", if first { "[]" } else { "\n]" })?;
+    }
+    sink.flush()?;
+    Ok(())
+}
+
+fn for_each_record(
+    backend: &mut Backend,
+    collection: &str,
+    mut f: impl FnMut(&Value) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = backend.call(
+            "list",
+            json!({ "collection": collection, "limit": 1000, "after": after }),
+        )?;
+        for rec in page["records"].as_array().into_iter().flatten() {
+            f(rec)?;
+        }
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => return Ok(()),
+        }
+    }
+}
+
+fn export_automerge(
+    backend: &mut Backend,
+    single: Option<(String, Option<String>)>,
+    collections: &[String],
+    out: Option<&Path>,
+) -> Result<(), Failure> {
+    let fetch = |backend: &mut Backend, collection: &str, id: &str| -> Result<Vec<u8>, Failure> {
+        let r = backend.call("export", json!({ "collection": collection, "id": id }))?;
+        base64::engine::general_purpose::STANDARD
+            .decode(r["automerge_base64"].as_str().unwrap_or(""))
+            .map_err(|e| Failure::failed(format!("the daemon sent a bad document: {e}")))
+    };
+    if let Some((collection, Some(id))) = single {
+        let bytes = fetch(backend, &collection, &id)?;
+        match out {
+            Some(p) => std::fs::write(p, bytes)?,
+            None => std::io::stdout().lock().write_all(&bytes)?,
+        }
+        return Ok(());
+    }
+    let Some(dir) = out else {
+        return Err(Failure::usage(
+            "exporting several Automerge documents needs --out DIR (one file per record)",
+        ));
+    };
+    let mut ids = Vec::new();
+    for collection in collections {
+        for_each_record(backend, collection, |rec| {
+            ids.push((
+                collection.clone(),
+                rec["id"].as_str().unwrap_or("").to_owned(),
+            ));
+            Ok(())
+        })?;
+    }
+    for (collection, id) in ids {
+        let bytes = fetch(backend, &collection, &id)?;
+        let folder = dir.join(&collection);
+        std::fs::create_dir_all(&folder)?;
+        std::fs::write(folder.join(format!("{}.automerge", file_name(&id))), bytes)?;
+    }
+    Ok(())
+}
+
+/// A record id made safe as a file name: bytes other than letters, digits, `-`, `_` and `.` are
+/// written as `%XX`, so every id maps to a distinct name.
+fn file_name(id: &str) -> String {
+    let mut name = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_') || (b == b'.' && !name.is_empty())
+        {
+            name.push(b as char);
+        } else {
+            name.push_str(&format!("%{b:02X}"));
+        }
+    }
+    name
+}
+
+fn watch(
+    ctx: &Context,
+    collection: Option<String>,
+    id: Option<String>,
+    count: Option<usize>,
+) -> Result<(), Failure> {
+    let socket = daemon::socket_path(&ctx.dir, &ctx.config);
+    let mut client = Client::connect(&socket).map_err(|e| {
+        Failure::failed(format!(
+            "watch needs a running daemon, and none answers on {} ({e}): start `ferry daemon`",
+            socket.display()
+        ))
+    })?;
+    client.call("subscribe", json!({ "collection": collection, "id": id }))?;
+    // Tell whoever started us that the subscription is in place.
+    eprintln!("watching");
+    let mut seen = 0;
+    while count.is_none_or(|c| seen < c) {
+        let n = client.next_notification()?;
+        if ctx.json {
+            print_json(&n);
+        } else {
+            let p = &n["params"];
+            println!(
+                "{} {} {}/{} by {}",
+                n["method"].as_str().unwrap_or(""),
+                p["operation"].as_str().unwrap_or(""),
+                p["collection"].as_str().unwrap_or(""),
+                p["id"].as_str().unwrap_or(""),
+                p["device"].as_str().unwrap_or("")
+            );
+        }
+        std::io::stdout().flush()?;
+        seen += 1;
+    }
+    Ok(())
+}
+
+fn demo(ctx: &Context, explicit_dir: bool, records: usize) -> Result<(), Failure> {
+    let temp;
+    let dir = if explicit_dir {
+        ctx.dir.clone()
+    } else {
+        temp = TempDir::new()?;
+        DataDir::resolve(Some(&temp.0))?
+    };
+    crate::demo::run(&dir, &ctx.config, records, ctx.json).map_err(Failure::failed)
+}
+
+/// A directory under the system's temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> std::io::Result<Self> {
+        let mut random = [0u8; 8];
+        let _ = getrandom::fill(&mut random);
+        let name = format!("ferry-demo-{}", u64::from_le_bytes(random));
+        let path = std::env::temp_dir().join(name);
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(split_address("C/a/b"), ("C".into(), Some("a/b".into())));
+        assert_eq!(split_address("C"), ("C".into(), None));
+        assert!(full_address("C/").is_err());
+        assert!(full_address("C").is_err());
+    }
+
+    #[test]
+    fn file_names_are_distinct_and_safe() {
+        assert_eq!(file_name("a-b_c.d"), "a-b_c.d");
+        assert_eq!(file_name("a/b"), "a%2Fb");
+        assert_eq!(file_name(".."), "%2E.");
+        assert_ne!(file_name("a%2Fb"), file_name("a/b"));
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(format_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+}

@@ -1,0 +1,227 @@
+//! The configuration file: what each key means and its default. `config.example.toml` at the
+//! repository root lists every key with its default, and a test keeps the two in step.
+//!
+//! Must not touch: the store or the network; it only parses and validates.
+
+use ferry_proto::Limits;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub limits: Limits,
+    pub ipc: IpcConfig,
+    pub log: LogConfig,
+    /// Per-collection settings, keyed by collection name.
+    pub collections: BTreeMap<String, CollectionConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Documents kept loaded in memory (each costs about 17 KB).
+    pub cache_docs: usize,
+    /// sled's page cache, in MiB.
+    pub sled_cache_mb: u64,
+    /// When false, only collections with a `[collections.NAME]` section may be written.
+    pub allow_undeclared_collections: bool,
+    /// Most writes made durable by one flush (group commit).
+    pub group_commit_max: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            cache_docs: 1024,
+            sled_cache_mb: 32,
+            allow_undeclared_collections: true,
+            group_commit_max: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IpcConfig {
+    /// Socket path; empty means `ferry.sock` in the data directory.
+    pub socket: String,
+    /// Longest JSON-RPC message (one line), in bytes.
+    pub max_message_bytes: usize,
+    /// Most apps connected at once.
+    pub max_connections: usize,
+    /// Most records in one `import` call.
+    pub max_import_records: usize,
+    /// Most records in one `list` page.
+    pub max_list_limit: usize,
+}
+
+impl Default for IpcConfig {
+    fn default() -> Self {
+        IpcConfig {
+            socket: String::new(),
+            max_message_bytes: 16 * 1024 * 1024,
+            max_connections: 64,
+            max_import_records: 10_000,
+            max_list_limit: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `ferry=debug,sled=warn`, ...; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectionConfig {
+    /// Upload order: higher first.
+    pub priority: i32,
+}
+
+impl Config {
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Reads `path`; a missing file at the default location means the defaults.
+    pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                Ok(Config::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for name in self.collections.keys() {
+            ferry_proto::validate_collection(name, &self.limits)
+                .map_err(|e| format!("[collections.{name}]: {e}"))?;
+        }
+        let positive = [
+            ("store.cache_docs", self.store.cache_docs),
+            ("store.group_commit_max", self.store.group_commit_max),
+            ("ipc.max_message_bytes", self.ipc.max_message_bytes),
+            ("ipc.max_connections", self.ipc.max_connections),
+            ("ipc.max_import_records", self.ipc.max_import_records),
+            ("ipc.max_list_limit", self.ipc.max_list_limit),
+            ("limits.max_depth", self.limits.max_depth),
+            ("limits.max_record_bytes", self.limits.max_record_bytes),
+        ];
+        match positive.iter().find(|(_, v)| *v == 0) {
+            Some((key, _)) => Err(format!("{key} must be at least 1")),
+            None => Ok(()),
+        }
+    }
+
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            limits: self.limits,
+            cache_docs: self.store.cache_docs,
+            priorities: self
+                .collections
+                .iter()
+                .map(|(name, c)| (name.clone(), c.priority))
+                .collect(),
+            declared_collections: (!self.store.allow_undeclared_collections)
+                .then(|| self.collections.keys().cloned().collect()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config.example.toml");
+
+    #[test]
+    fn example_parses_to_the_defaults() {
+        let parsed = Config::parse(EXAMPLE, Path::new("config.example.toml")).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn example_names_every_key() {
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let mut missing = Vec::new();
+        if let toml::Value::Table(sections) = defaults {
+            for (section, body) in sections {
+                assert!(
+                    EXAMPLE.contains(&format!("[{section}")),
+                    "[{section}] missing"
+                );
+                if let toml::Value::Table(keys) = body {
+                    for key in keys.keys() {
+                        if !EXAMPLE.contains(&format!("\n{key} = ")) {
+                            missing.push(format!("{section}.{key}"));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "keys missing from the example: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_refused_with_the_key_named() {
+        let err = Config::parse("[store]\ncache_doc = 5\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("cache_doc"), "{err}");
+        let err = Config::parse("[ipc]\nmax_connections = 0\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("ipc.max_connections"), "{err}");
+        let err = Config::parse("[collections.\"a b\"]\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("collections.a b"), "{err}");
+    }
+
+    #[test]
+    fn declared_collections_and_priorities() {
+        let c = Config::parse(
+            "[store]\nallow_undeclared_collections = false\n[collections.Invoice]\npriority = 10\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let o = c.store_options();
+        assert_eq!(o.priorities.get("Invoice"), Some(&10));
+        assert!(o.declared_collections.unwrap().contains("Invoice"));
+    }
+}

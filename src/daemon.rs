@@ -1,0 +1,151 @@
+//! `ferry daemon`: owns the data directory while it runs, opens the store, serves the IPC socket,
+//! and shuts down cleanly (every acknowledged write is already durable; the committer drains and
+//! the store is flushed once more).
+//!
+//! Owns: process lifecycle, the data directory lock, the socket file.
+//! Must not touch: method semantics (that is `service`), framing (that is `ipc`).
+
+use crate::config::{Config, ConfigError};
+use crate::datadir::{DataDir, DataDirError, DirLock};
+use crate::ipc::{self, ServerOptions};
+use crate::service::{Service, ServiceOptions};
+use crate::store::kv::SledKv;
+use crate::store::{Store, StoreError, SystemClock};
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::UnixListener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The socket path: `ipc.socket` from the config, or `ferry.sock` in the data directory.
+pub fn socket_path(dir: &DataDir, config: &Config) -> PathBuf {
+    if config.ipc.socket.is_empty() {
+        dir.default_socket_path()
+    } else {
+        PathBuf::from(&config.ipc.socket)
+    }
+}
+
+/// A store opened with the data directory's lock held.
+pub struct OpenStore {
+    pub store: Arc<Store>,
+    pub lock: DirLock,
+}
+
+/// Takes the data directory's lock and opens its store. Used by the daemon and by CLI commands
+/// that run without one.
+pub fn open_store(dir: &DataDir, config: &Config) -> Result<OpenStore, DaemonError> {
+    let lock = dir.lock()?;
+    let identity = dir.identity()?;
+    let kv = SledKv::open(
+        &dir.store_path(),
+        config.store.sled_cache_mb.saturating_mul(1024 * 1024),
+    )
+    .map_err(StoreError::from)?;
+    let store = Store::open(
+        Box::new(kv),
+        &identity.device_id(),
+        config.store_options(),
+        Arc::new(SystemClock),
+    )?;
+    Ok(OpenStore {
+        store: Arc::new(store),
+        lock,
+    })
+}
+
+pub fn service_options(dir: &DataDir, config: &Config, daemon: bool) -> ServiceOptions {
+    ServiceOptions {
+        data_dir: dir.path().to_owned(),
+        socket: socket_path(dir, config),
+        max_import_records: config.ipc.max_import_records,
+        max_list_limit: config.ipc.max_list_limit,
+        group_commit_max: config.store.group_commit_max,
+        daemon,
+    }
+}
+
+/// Runs the daemon until `shutdown` completes. `ready` is called with the socket path once apps
+/// can connect.
+pub async fn run(
+    dir: &DataDir,
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(&Path),
+) -> Result<(), DaemonError> {
+    let open = open_store(dir, config)?;
+    let requeued = open.store.recover_interrupted()?;
+    if requeued > 0 {
+        tracing::info!(
+            requeued,
+            "queue entries interrupted mid-upload are pending again"
+        );
+    }
+    let socket = socket_path(dir, config);
+    let listener = bind(&socket)?;
+    let service = Arc::new(Service::new(
+        open.store.clone(),
+        service_options(dir, config, true),
+    ));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(ipc::serve(
+        listener,
+        service.clone(),
+        ServerOptions {
+            max_message_bytes: config.ipc.max_message_bytes,
+            max_connections: config.ipc.max_connections,
+        },
+        stopped,
+    ));
+    tracing::info!(
+        socket = %socket.display(),
+        device = open.store.device_id(),
+        "daemon ready"
+    );
+    ready(&socket);
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "socket server stopped abnormally");
+    }
+    let _ = std::fs::remove_file(&socket);
+    match Arc::try_unwrap(service) {
+        Ok(service) => service.shutdown()?,
+        Err(service) => service.store().flush()?,
+    }
+    tracing::info!("stopped; everything flushed");
+    drop(open.lock);
+    Ok(())
+}
+
+fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
+    let err = |source| DaemonError::Socket {
+        path: socket.to_owned(),
+        source,
+    };
+    // We hold the data directory's lock, so a socket file left here is from a process that died.
+    match std::fs::remove_file(socket) {
+        Ok(()) => tracing::info!(socket = %socket.display(), "removed a stale socket file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(socket).map_err(err)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}

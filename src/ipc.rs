@@ -1,0 +1,424 @@
+//! The local socket apps talk to: JSON-RPC 2.0, one message per line, over a Unix domain socket
+//! (mode 0600) in the data directory. Any language with a socket and a JSON parser can use it.
+//!
+//! Owns: framing (bounded lines), JSON-RPC envelopes, batches, per-connection subscriptions and
+//! their notifications, the connection limit, and the blocking client the CLI uses.
+//!
+//! Must not touch: the store directly: every method goes through `service::Service`.
+//!
+//! Windows would serve the same protocol over a named pipe; only the Unix socket is built so far.
+
+use crate::service::{ApiError, ChangeEvent, Service, code};
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
+
+/// The notification method carrying a `ChangeEvent` to a subscriber.
+pub const CHANGE_NOTIFICATION: &str = "change";
+/// Sent when a subscriber fell so far behind that events were dropped: re-read what it watches.
+pub const LAGGED_NOTIFICATION: &str = "lagged";
+
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub max_message_bytes: usize,
+    pub max_connections: usize,
+}
+
+/// Accepts connections until `shutdown` turns true.
+pub async fn serve(
+    listener: UnixListener,
+    service: Arc<Service>,
+    options: ServerOptions,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a socket connection failed");
+                        continue;
+                    }
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    refuse(stream, options.max_connections).await;
+                    continue;
+                };
+                let service = service.clone();
+                let options = options.clone();
+                let shutdown = shutdown.clone();
+                connections.spawn(async move {
+                    let _permit = permit;
+                    Connection::new(service, options).run(stream, shutdown).await;
+                });
+            }
+        }
+    }
+    // Let every connection finish the request it is in, then stop them.
+    while connections.join_next().await.is_some() {}
+}
+
+async fn refuse(stream: UnixStream, max: usize) {
+    let mut framed = Framed::new(stream, LinesCodec::new());
+    let err = ApiError::new(
+        code::BUSY,
+        format!(
+            "the daemon already serves {max} connections: close one or raise ipc.max_connections"
+        ),
+    );
+    let _ = framed
+        .send(error_response(Value::Null, &err).to_string())
+        .await;
+}
+
+struct Connection {
+    service: Arc<Service>,
+    options: ServerOptions,
+    subscriptions: HashMap<u64, JoinHandle<()>>,
+    next_subscription: u64,
+}
+
+impl Connection {
+    fn new(service: Arc<Service>, options: ServerOptions) -> Self {
+        Connection {
+            service,
+            options,
+            subscriptions: HashMap::new(),
+            next_subscription: 1,
+        }
+    }
+
+    async fn run(mut self, stream: UnixStream, mut shutdown: watch::Receiver<bool>) {
+        let codec = LinesCodec::new_with_max_length(self.options.max_message_bytes);
+        let (mut sink, mut lines) = Framed::new(stream, codec).split();
+        let (out, mut outbox) = mpsc::channel::<String>(1024);
+        let writer = tokio::spawn(async move {
+            while let Some(line) = outbox.recv().await {
+                if sink.send(line).await.is_err() {
+                    break;
+                }
+            }
+        });
+        loop {
+            let line = tokio::select! {
+                _ = shutdown.changed() => break,
+                line = lines.next() => line,
+            };
+            let reply = match line {
+                None => break,
+                Some(Ok(line)) => self.handle_line(&line, &out).await,
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => Some(error_response(
+                    Value::Null,
+                    &ApiError::new(
+                        code::TOO_LARGE,
+                        format!(
+                            "message over {} bytes was discarded: split it (for bulk loads, several import calls)",
+                            self.options.max_message_bytes
+                        ),
+                    ),
+                )),
+                Some(Err(LinesCodecError::Io(e))) => {
+                    let err = ApiError::new(
+                        code::PARSE_ERROR,
+                        format!(
+                            "unreadable message ({e}): messages must be UTF-8 JSON, one per line"
+                        ),
+                    );
+                    let _ = out
+                        .send(error_response(Value::Null, &err).to_string())
+                        .await;
+                    break;
+                }
+            };
+            if let Some(reply) = reply {
+                if out.send(reply.to_string()).await.is_err() {
+                    break;
+                }
+            }
+        }
+        for (_, task) in self.subscriptions.drain() {
+            task.abort();
+        }
+        drop(out);
+        let _ = writer.await;
+    }
+
+    /// One line: a request, a notification, or a batch of them.
+    async fn handle_line(&mut self, line: &str, out: &mpsc::Sender<String>) -> Option<Value> {
+        if line.trim().is_empty() {
+            return None;
+        }
+        let message: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                let err = ApiError::new(code::PARSE_ERROR, format!("not valid JSON ({e})"));
+                return Some(error_response(Value::Null, &err));
+            }
+        };
+        match message {
+            Value::Array(batch) if batch.is_empty() => Some(error_response(
+                Value::Null,
+                &ApiError::new(code::INVALID_REQUEST, "empty batch"),
+            )),
+            Value::Array(batch) => {
+                let mut replies = Vec::new();
+                for item in batch {
+                    replies.extend(self.handle_request(item, out).await);
+                }
+                (!replies.is_empty()).then_some(Value::Array(replies))
+            }
+            single => self.handle_request(single, out).await,
+        }
+    }
+
+    async fn handle_request(
+        &mut self,
+        message: Value,
+        out: &mpsc::Sender<String>,
+    ) -> Option<Value> {
+        let request = match Request::from_value(message) {
+            Ok(r) => r,
+            Err((id, err)) => return Some(error_response(id, &err)),
+        };
+        let result =
+            match request.method.as_str() {
+                "subscribe" => self.subscribe(request.params, out),
+                "unsubscribe" => self.unsubscribe(request.params),
+                _ => {
+                    let service = self.service.clone();
+                    let method = request.method.clone();
+                    let params = request.params;
+                    tokio::task::spawn_blocking(move || service.call(&method, params))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, method = %request.method, "method panicked");
+                        Err(ApiError::new(code::INTERNAL, "internal error: see the daemon log"))
+                    })
+                }
+            };
+        let id = request.id?;
+        Some(match result {
+            Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+            Err(err) => error_response(id, &err),
+        })
+    }
+
+    fn subscribe(&mut self, params: Value, out: &mpsc::Sender<String>) -> Result<Value, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Filter {
+            collection: Option<String>,
+            id: Option<String>,
+        }
+        let params = if params.is_null() { json!({}) } else { params };
+        let filter: Filter = serde_json::from_value(params).map_err(ApiError::invalid_params)?;
+        let subscription = self.next_subscription;
+        self.next_subscription += 1;
+        let mut events = self.service.subscribe_events();
+        let out = out.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let notification = match events.recv().await {
+                    Ok(event) => {
+                        if !matches(&filter.collection, &event.collection)
+                            || !matches(&filter.id, &event.id)
+                        {
+                            continue;
+                        }
+                        change_notification(subscription, &event)
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => json!({
+                        "jsonrpc": "2.0", "method": LAGGED_NOTIFICATION,
+                        "params": { "subscription": subscription, "missed": missed },
+                    }),
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if out.send(notification.to_string()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.subscriptions.insert(subscription, task);
+        Ok(json!({ "subscription": subscription }))
+    }
+
+    fn unsubscribe(&mut self, params: Value) -> Result<Value, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Params {
+            subscription: u64,
+        }
+        let p: Params = serde_json::from_value(params).map_err(ApiError::invalid_params)?;
+        match self.subscriptions.remove(&p.subscription) {
+            Some(task) => {
+                task.abort();
+                Ok(json!({ "unsubscribed": p.subscription }))
+            }
+            None => Err(ApiError::new(
+                code::NOT_FOUND,
+                format!("no subscription {} on this connection", p.subscription),
+            )),
+        }
+    }
+}
+
+fn matches(filter: &Option<String>, value: &str) -> bool {
+    filter.as_deref().is_none_or(|f| f == value)
+}
+
+fn change_notification(subscription: u64, event: &ChangeEvent) -> Value {
+    let mut params = serde_json::to_value(event).unwrap_or_else(|_| json!({}));
+    if let Value::Object(map) = &mut params {
+        map.insert("subscription".into(), subscription.into());
+    }
+    json!({ "jsonrpc": "2.0", "method": CHANGE_NOTIFICATION, "params": params })
+}
+
+fn error_response(id: Value, err: &ApiError) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "error": { "code": err.code, "message": err.message } })
+}
+
+struct Request {
+    /// `None` for a notification (no reply is sent).
+    id: Option<Value>,
+    method: String,
+    params: Value,
+}
+
+impl Request {
+    fn from_value(message: Value) -> Result<Request, (Value, ApiError)> {
+        let Value::Object(mut map) = message else {
+            return Err((
+                Value::Null,
+                ApiError::new(code::INVALID_REQUEST, "a request must be a JSON object"),
+            ));
+        };
+        let id = map.remove("id");
+        let reply_id = id.clone().unwrap_or(Value::Null);
+        let invalid = |msg: &str| (reply_id.clone(), ApiError::new(code::INVALID_REQUEST, msg));
+        if !matches!(
+            id,
+            None | Some(Value::Null | Value::Number(_) | Value::String(_))
+        ) {
+            return Err(invalid("`id` must be a number, a string or null"));
+        }
+        if map.get("jsonrpc") != Some(&Value::String("2.0".into())) {
+            return Err(invalid("`jsonrpc` must be \"2.0\""));
+        }
+        let method = match map.remove("method") {
+            Some(Value::String(m)) => m,
+            _ => return Err(invalid("`method` must be a string")),
+        };
+        let params = map.remove("params").unwrap_or(Value::Null);
+        if !matches!(params, Value::Null | Value::Object(_)) {
+            return Err((
+                reply_id,
+                ApiError::invalid_params("params must be an object with named fields"),
+            ));
+        }
+        if let Some(extra) = map.keys().find(|k| k.as_str() != "jsonrpc") {
+            return Err(invalid(&format!("unknown member {extra:?} in the request")));
+        }
+        Ok(Request { id, method, params })
+    }
+}
+
+/// A blocking JSON-RPC client over the daemon's socket.
+pub struct Client {
+    reader: BufReader<StdUnixStream>,
+    writer: StdUnixStream,
+    next_id: u64,
+    /// Notifications that arrived while waiting for a reply.
+    pending_notifications: std::collections::VecDeque<Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot talk to the daemon: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon sent something that is not JSON-RPC: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl Client {
+    pub fn connect(socket: &Path) -> std::io::Result<Client> {
+        let stream = StdUnixStream::connect(socket)?;
+        Ok(Client {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+            next_id: 1,
+            pending_notifications: Default::default(),
+        })
+    }
+
+    pub fn call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
+        self.writer.write_all(format!("{request}\n").as_bytes())?;
+        loop {
+            let message = self.read_message()?;
+            if message.get("method").is_some() {
+                self.pending_notifications.push_back(message);
+                continue;
+            }
+            if message.get("id") != Some(&json!(id)) {
+                return Err(ClientError::Protocol(format!(
+                    "reply to another request: {message}"
+                )));
+            }
+            if let Some(error) = message.get("error") {
+                let err: ApiError = serde_json::from_value(error.clone())
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                return Err(ClientError::Api(err));
+            }
+            return message
+                .get("result")
+                .cloned()
+                .ok_or_else(|| ClientError::Protocol(format!("reply without result: {message}")));
+        }
+    }
+
+    /// The next notification (method + params), waiting for it.
+    pub fn next_notification(&mut self) -> Result<Value, ClientError> {
+        if let Some(n) = self.pending_notifications.pop_front() {
+            return Ok(n);
+        }
+        loop {
+            let message = self.read_message()?;
+            if message.get("method").is_some() {
+                return Ok(message);
+            }
+        }
+    }
+
+    pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.writer.set_read_timeout(timeout)
+    }
+
+    fn read_message(&mut self) -> Result<Value, ClientError> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(ClientError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the daemon closed the connection",
+            )));
+        }
+        serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}

@@ -1,0 +1,559 @@
+//! The local API: the methods apps call (put, patch, delete, get, list, history, import, queue,
+//! log, status, ...), their parameters, results and error codes. The daemon serves it over the
+//! IPC socket; the CLI calls it in-process when no daemon runs. One dispatch for both, so the two
+//! paths cannot drift apart.
+//!
+//! Owns: parameter validation, the error codes apps see, group commit (a write is answered only
+//! after the flush that makes it durable), and change events for subscribers.
+//!
+//! Must not touch: sockets and framing (that is `ipc`), process lifecycle (that is `daemon`).
+
+use crate::record::Fields;
+use crate::store::kv::KvError;
+use crate::store::{Applied, QueueAction, Store, StoreError, Write};
+use base64::Engine as _;
+use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+use tokio::sync::broadcast;
+
+/// Stable JSON-RPC error codes. The standard ones are JSON-RPC 2.0's own.
+pub mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const INTERNAL: i64 = -32603;
+    pub const NOT_FOUND: i64 = -32001;
+    pub const TOO_LARGE: i64 = -32002;
+    pub const UNKNOWN_COLLECTION: i64 = -32003;
+    pub const DISK_FULL: i64 = -32004;
+    pub const STORAGE: i64 = -32005;
+    pub const CORRUPT: i64 = -32006;
+    pub const UNAVAILABLE: i64 = -32007;
+    pub const INVALID_STATE: i64 = -32008;
+    pub const BUSY: i64 = -32009;
+}
+
+/// An error as apps see it: a stable code and a message that says what to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub code: i64,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: i64, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid_params(message: impl std::fmt::Display) -> Self {
+        Self::new(code::INVALID_PARAMS, format!("invalid params: {message}"))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        use crate::record::RecordError;
+        let code = match &e {
+            StoreError::NotFound { .. } | StoreError::QueueEntryNotFound(_) => code::NOT_FOUND,
+            StoreError::UnknownCollection(_) => code::UNKNOWN_COLLECTION,
+            StoreError::Record(RecordError::TooLarge { .. }) => code::TOO_LARGE,
+            StoreError::Address(_) | StoreError::Record(RecordError::ReservedField { .. }) => {
+                code::INVALID_PARAMS
+            }
+            StoreError::Record(RecordError::TooDeep { .. }) => code::INVALID_PARAMS,
+            StoreError::Storage(KvError::DiskFull(_)) => code::DISK_FULL,
+            StoreError::Storage(KvError::Corrupt(_))
+            | StoreError::Decode { .. }
+            | StoreError::Record(RecordError::Corrupt(_)) => code::CORRUPT,
+            StoreError::Storage(KvError::Io(_)) => code::STORAGE,
+            StoreError::Transition(_) => code::INVALID_STATE,
+            StoreError::WrongDevice { .. }
+            | StoreError::UnsupportedFormat(_)
+            | StoreError::Record(RecordError::Automerge(_)) => code::INTERNAL,
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+/// A record changed, locally or (later) by sync. Sent to subscribers after the change is durable.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChangeEvent {
+    pub collection: String,
+    pub id: String,
+    pub operation: Operation,
+    pub heads: Vec<String>,
+    /// The device that wrote the change.
+    pub device: String,
+}
+
+/// How writes become durable.
+enum Committer {
+    /// Each call flushes its own writes (a CLI command working on the store directly).
+    Direct,
+    /// One thread applies every queued write, flushes once, then answers them all.
+    Grouped {
+        jobs: mpsc::Sender<Job>,
+        thread: JoinHandle<()>,
+    },
+}
+
+struct Job {
+    writes: Vec<Write>,
+    reply: mpsc::Sender<Result<Vec<Applied>, StoreError>>,
+}
+
+fn run_committer(store: Arc<Store>, jobs: mpsc::Receiver<Job>, group_max: usize) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < group_max {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let _span = tracing::debug_span!("group_commit", jobs = group.len()).entered();
+        let results: Vec<_> = group
+            .iter_mut()
+            .map(|job| store.write_all(std::mem::take(&mut job.writes)))
+            .collect();
+        let flushed = store.flush();
+        for (job, result) in group.into_iter().zip(results) {
+            let answer = match (&flushed, result) {
+                (Ok(()), result) => result,
+                (Err(e), Ok(_)) => Err(StoreError::Storage(KvError::Io(format!(
+                    "the write was applied but could not be made durable ({e}); it was not acknowledged"
+                )))),
+                (Err(_), Err(e)) => Err(e),
+            };
+            // The caller may have gone away; its write stands either way.
+            let _ = job.reply.send(answer);
+        }
+    }
+}
+
+/// Settings the service needs beyond the store's.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    pub max_import_records: usize,
+    pub max_list_limit: usize,
+    pub group_commit_max: usize,
+    /// True when serving through the daemon (enables group commit and subscriptions).
+    pub daemon: bool,
+}
+
+pub struct Service {
+    store: Arc<Store>,
+    committer: Committer,
+    events: broadcast::Sender<ChangeEvent>,
+    options: ServiceOptions,
+    started: Instant,
+}
+
+impl Service {
+    pub fn new(store: Arc<Store>, options: ServiceOptions) -> Self {
+        let committer = if options.daemon {
+            let (jobs, rx) = mpsc::channel();
+            let for_thread = store.clone();
+            let group_max = options.group_commit_max.max(1);
+            let thread = std::thread::Builder::new()
+                .name("ferry-committer".into())
+                .spawn(move || run_committer(for_thread, rx, group_max));
+            match thread {
+                Ok(thread) => Committer::Grouped { jobs, thread },
+                Err(e) => {
+                    tracing::warn!(error = %e, "no committer thread; flushing per write");
+                    Committer::Direct
+                }
+            }
+        } else {
+            Committer::Direct
+        };
+        let (events, _) = broadcast::channel(4096);
+        Service {
+            store,
+            committer,
+            events,
+            options,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn subscribe_events(&self) -> broadcast::Receiver<ChangeEvent> {
+        self.events.subscribe()
+    }
+
+    /// Stops the committer after it has answered every write it was given.
+    pub fn shutdown(self) -> Result<(), StoreError> {
+        if let Committer::Grouped { jobs, thread } = self.committer {
+            drop(jobs);
+            if thread.join().is_err() {
+                tracing::error!("committer thread panicked");
+            }
+        }
+        self.store.flush()
+    }
+
+    /// Applies writes atomically and returns once they are durable.
+    pub fn commit(&self, writes: Vec<Write>) -> Result<Vec<Applied>, ApiError> {
+        let applied = match &self.committer {
+            Committer::Direct => {
+                let applied = self.store.write_all(writes)?;
+                self.store.flush()?;
+                applied
+            }
+            Committer::Grouped { jobs, .. } => {
+                let (reply, answer) = mpsc::channel();
+                let unavailable =
+                    || ApiError::new(code::UNAVAILABLE, "the daemon is shutting down: try again");
+                jobs.send(Job { writes, reply })
+                    .map_err(|_| unavailable())?;
+                answer.recv().map_err(|_| unavailable())??
+            }
+        };
+        for a in &applied {
+            if let Some(operation) = a.operation {
+                // No subscribers is fine: nobody is listening.
+                let _ = self.events.send(ChangeEvent {
+                    collection: a.collection.clone(),
+                    id: a.id.clone(),
+                    operation,
+                    heads: a.heads.clone(),
+                    device: self.store.device_id().to_owned(),
+                });
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Runs one method. Blocking: call it off the async runtime.
+    pub fn call(&self, method: &str, params: Value) -> Result<Value, ApiError> {
+        let _span = tracing::debug_span!("call", method).entered();
+        match method {
+            "put" => {
+                let p: PutParams = parse(params)?;
+                let write = Write::Put {
+                    collection: p.collection,
+                    id: p.id,
+                    fields: p.fields,
+                };
+                self.commit_one(write)
+            }
+            "patch" => {
+                let p: PatchParams = parse(params)?;
+                let write = Write::Patch {
+                    collection: p.collection,
+                    id: p.id,
+                    set: p.fields,
+                    unset: p.unset,
+                };
+                self.commit_one(write)
+            }
+            "delete" => {
+                let p: Address = parse(params)?;
+                self.commit_one(Write::Delete {
+                    collection: p.collection,
+                    id: p.id,
+                })
+            }
+            "import" => self.import(parse(params)?),
+            "get" => {
+                let p: Address = parse(params)?;
+                to_value(self.store.get(&p.collection, &p.id)?)
+            }
+            "list" => {
+                let p: ListParams = parse(params)?;
+                let limit = p.limit.unwrap_or(100);
+                if limit == 0 || limit > self.options.max_list_limit {
+                    return Err(ApiError::invalid_params(format!(
+                        "limit must be 1 to {}",
+                        self.options.max_list_limit
+                    )));
+                }
+                let (records, next) = self.store.list(&p.collection, p.after.as_deref(), limit)?;
+                Ok(json!({ "records": records, "next": next }))
+            }
+            "collections" => {
+                let _: Empty = parse(params)?;
+                let list: Vec<_> = self
+                    .store
+                    .collections()?
+                    .into_iter()
+                    .map(|(name, documents)| json!({ "name": name, "documents": documents }))
+                    .collect();
+                Ok(json!({ "collections": list }))
+            }
+            "history" => {
+                let p: Address = parse(params)?;
+                let changes = self.store.history(&p.collection, &p.id)?;
+                Ok(json!({ "collection": p.collection, "id": p.id, "changes": changes }))
+            }
+            "export" => {
+                let p: Address = parse(params)?;
+                let bytes = self.store.export_doc(&p.collection, &p.id)?;
+                let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+                Ok(json!({ "collection": p.collection, "id": p.id, "automerge_base64": encoded }))
+            }
+            "queue" => self.queue(parse(params)?),
+            "retry" => self.retry(parse(params)?),
+            "log" => {
+                let p: LogParams = parse(params)?;
+                let entries = self
+                    .store
+                    .log(p.before, p.limit.unwrap_or(100).min(10_000))?;
+                Ok(json!({ "entries": entries }))
+            }
+            "status" => {
+                let _: Empty = parse(params)?;
+                self.status()
+            }
+            "subscribe" | "unsubscribe" => Err(ApiError::new(
+                code::UNAVAILABLE,
+                "subscriptions need the daemon: start `ferry daemon` and use its socket",
+            )),
+            other => Err(ApiError::new(
+                code::METHOD_NOT_FOUND,
+                format!(
+                    "unknown method {other:?}: the methods are put, patch, delete, get, list, \
+                     collections, history, import, export, subscribe, unsubscribe, queue, retry, \
+                     log, status"
+                ),
+            )),
+        }
+    }
+
+    fn commit_one(&self, write: Write) -> Result<Value, ApiError> {
+        let applied = self.commit(vec![write])?;
+        applied
+            .into_iter()
+            .next()
+            .map_or_else(|| Err(ApiError::new(code::INTERNAL, "no result")), to_value)
+    }
+
+    fn import(&self, p: ImportParams) -> Result<Value, ApiError> {
+        if p.records.len() > self.options.max_import_records {
+            return Err(ApiError::new(
+                code::TOO_LARGE,
+                format!(
+                    "import of {} records is over the limit of {} per call: split it into calls",
+                    p.records.len(),
+                    self.options.max_import_records
+                ),
+            ));
+        }
+        let writes = p
+            .records
+            .into_iter()
+            .map(|r| Write::Put {
+                collection: r.collection,
+                id: r.id,
+                fields: r.fields,
+            })
+            .collect();
+        let applied = self.commit(writes)?;
+        let changed = applied.iter().filter(|a| a.operation.is_some()).count();
+        let ids: Vec<&str> = applied.iter().map(|a| a.id.as_str()).collect();
+        Ok(json!({ "imported": applied.len(), "changed": changed, "ids": ids }))
+    }
+
+    fn queue(&self, p: QueueParams) -> Result<Value, ApiError> {
+        let status = p
+            .status
+            .as_deref()
+            .map(|s| {
+                QueueStatus::parse(s).ok_or_else(|| {
+                    ApiError::invalid_params(format!(
+                        "status {s:?}: use pending, processing, completed or failed"
+                    ))
+                })
+            })
+            .transpose()?;
+        let entries = self
+            .store
+            .queue(status, p.after, p.limit.unwrap_or(100).min(10_000))?;
+        let views: Vec<QueueView> = entries.iter().map(QueueView::from).collect();
+        Ok(json!({ "entries": views, "counts": self.store.queue_counts()? }))
+    }
+
+    fn retry(&self, p: RetryParams) -> Result<Value, ApiError> {
+        let ids = match (p.ids, p.all_failed) {
+            (Some(ids), false) => ids,
+            (None, true) => self
+                .store
+                .queue(Some(QueueStatus::Failed), None, usize::MAX)?
+                .iter()
+                .map(|e| e.id)
+                .collect(),
+            _ => {
+                return Err(ApiError::invalid_params(
+                    "give either `ids` or `all_failed: true`",
+                ));
+            }
+        };
+        self.store.queue_transition(&ids, &QueueAction::Retry)?;
+        self.store.flush()?;
+        Ok(json!({ "retried": ids }))
+    }
+
+    fn status(&self) -> Result<Value, ApiError> {
+        let collections = self.store.collections()?;
+        let documents: u64 = collections.iter().map(|(_, n)| n).sum();
+        Ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "device_id": self.store.device_id(),
+            "data_dir": self.options.data_dir,
+            "socket": self.options.socket,
+            "daemon": self.options.daemon,
+            "pid": std::process::id(),
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "documents": documents,
+            "collections": collections.len(),
+            "queue": self.store.queue_counts()?,
+            "store_bytes": self.store.size_on_disk()?,
+        }))
+    }
+}
+
+/// A queue entry as apps see it: the change as its hash and size rather than raw bytes.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct QueueView {
+    pub id: u64,
+    pub operation: Operation,
+    pub model_name: String,
+    pub object_id: String,
+    pub change: Option<String>,
+    pub data_bytes: usize,
+    pub status: QueueStatus,
+    pub retry_count: u32,
+    pub last_error: Option<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub priority: i32,
+}
+
+impl From<&SyncQueueEntry> for QueueView {
+    fn from(e: &SyncQueueEntry) -> Self {
+        QueueView {
+            id: e.id,
+            operation: e.operation,
+            model_name: e.model_name.clone(),
+            object_id: e.object_id.clone(),
+            change: automerge::Change::from_bytes(e.data.clone())
+                .ok()
+                .map(|c| c.hash().to_string()),
+            data_bytes: e.data.len(),
+            status: e.status,
+            retry_count: e.retry_count,
+            last_error: e.last_error.clone(),
+            created_at: e.created_at,
+            updated_at: e.updated_at,
+            priority: e.priority,
+        }
+    }
+}
+
+fn parse<T: DeserializeOwned>(params: Value) -> Result<T, ApiError> {
+    let params = if params.is_null() { json!({}) } else { params };
+    if !params.is_object() {
+        return Err(ApiError::invalid_params(
+            "params must be an object with named fields",
+        ));
+    }
+    serde_json::from_value(params).map_err(ApiError::invalid_params)
+}
+
+fn to_value<T: Serialize>(v: T) -> Result<Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::new(code::INTERNAL, e.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Address {
+    collection: String,
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutParams {
+    collection: String,
+    id: Option<String>,
+    fields: Fields,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchParams {
+    collection: String,
+    id: String,
+    #[serde(default)]
+    fields: Fields,
+    #[serde(default)]
+    unset: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    collection: String,
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportRecord {
+    pub collection: String,
+    pub id: Option<String>,
+    pub fields: Fields,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportParams {
+    records: Vec<ImportRecord>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueParams {
+    status: Option<String>,
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryParams {
+    ids: Option<Vec<u64>>,
+    #[serde(default)]
+    all_failed: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogParams {
+    before: Option<u64>,
+    limit: Option<usize>,
+}
