@@ -143,10 +143,10 @@ impl Connection {
                     break;
                 }
             };
-            if let Some(reply) = reply {
-                if out.send(reply.to_string()).await.is_err() {
-                    break;
-                }
+            if let Some(reply) = reply
+                && out.send(reply.to_string()).await.is_err()
+            {
+                break;
             }
         }
         for (_, task) in self.subscriptions.drain() {

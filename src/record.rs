@@ -319,20 +319,20 @@ fn write_at_key(
             write_map(doc, &id, map, Replace::All)
         }
         (Value::Array(items), existing) => {
-            if let Some((AmValue::Object(ObjType::List), id)) = &existing {
-                if read_list(doc, id) == *items {
-                    return Ok(());
-                }
+            if let Some((AmValue::Object(ObjType::List), id)) = &existing
+                && read_list(doc, id) == *items
+            {
+                return Ok(());
             }
             let id = doc.put_object(obj, key, ObjType::List)?;
             insert_items(doc, &id, items)
         }
         (scalar, existing) => {
             let new = to_scalar(scalar);
-            if let Some((AmValue::Scalar(old), _)) = &existing {
-                if old.as_ref() == &new {
-                    return Ok(());
-                }
+            if let Some((AmValue::Scalar(old), _)) = &existing
+                && old.as_ref() == &new
+            {
+                return Ok(());
             }
             doc.put(obj, key, new)?;
             Ok(())

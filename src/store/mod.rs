@@ -667,7 +667,7 @@ fn not_found(key: &CacheKey) -> StoreError {
 
 fn next_seq(kv: &dyn Kv, prefix: &[u8]) -> Result<u64, StoreError> {
     let last = kv.last_key(prefix, &keys::prefix_end(prefix))?;
-    Ok(last.map_or(Ok(1), |k| keys::seq_of(&k, prefix.len()).map(|n| n + 1))?)
+    last.map_or(Ok(1), |k| keys::seq_of(&k, prefix.len()).map(|n| n + 1))
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -686,7 +686,7 @@ fn decode<T: serde::de::DeserializeOwned>(
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -1,0 +1,125 @@
+//! Criterion benchmarks of the local write and read hot paths: building a record document,
+//! saving and loading it, and a store write on the in-memory engine and on sled.
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use ferry::record::{Fields, Record};
+use ferry::store::kv::{MemoryKv, SledKv};
+use ferry::store::{Store, StoreOptions, SystemClock, Write};
+use serde_json::{Value, json};
+use std::hint::black_box;
+use std::sync::Arc;
+
+const DEVICE: &str = "0123456789abcdef0123456789abcdef";
+
+fn fields(n: u64) -> Fields {
+    let v = json!({
+        "s1": format!("name-{n:015}"), "s2": "some street name 12", "s3": "a city called x",
+        "s4": "customer@example.com", "s5": "notes about it here",
+        "i1": n, "i2": n * 7, "i3": 42, "i4": -5, "i5": 1_700_000_000
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    }
+}
+
+fn actor() -> automerge::ActorId {
+    automerge::ActorId::from(&[7u8; 16][..])
+}
+
+fn record_benches(c: &mut Criterion) {
+    let f = fields(1);
+    c.bench_function("record/create_10_fields", |b| {
+        b.iter(|| {
+            let mut r = Record::new(&actor());
+            black_box(r.put(&f, 1).unwrap());
+        })
+    });
+    let mut r = Record::new(&actor());
+    r.put(&f, 1).unwrap();
+    c.bench_function("record/save", |b| b.iter(|| black_box(r.save())));
+    let bytes = r.save();
+    c.bench_function("record/load", |b| {
+        b.iter(|| black_box(Record::load(&bytes, &actor()).unwrap()))
+    });
+    let loaded = Record::load(&bytes, &actor()).unwrap();
+    c.bench_function("record/to_json", |b| b.iter(|| black_box(loaded.fields())));
+    c.bench_function("record/update_one_field", |b| {
+        b.iter_batched(
+            || Record::load(&bytes, &actor()).unwrap(),
+            |mut r| {
+                let mut patch = Fields::new();
+                patch.insert("i3".into(), json!(43));
+                black_box(r.patch(&patch, &[], 2).unwrap())
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn store_benches(c: &mut Criterion) {
+    let mem = Store::open(
+        Box::new(MemoryKv::new()),
+        DEVICE,
+        StoreOptions::default(),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let mut n = 0;
+    c.bench_function("store/memory/create", |b| {
+        b.iter(|| {
+            n += 1;
+            mem.write(Write::Put {
+                collection: "Customer".into(),
+                id: Some(format!("c{n}")),
+                fields: fields(n),
+            })
+            .unwrap()
+        })
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sled = Store::open(
+        Box::new(SledKv::open(dir.path(), 32 << 20).unwrap()),
+        DEVICE,
+        StoreOptions::default(),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let first_sled_id = format!("c{}", n + 1);
+    c.bench_function("store/sled/create_unflushed", |b| {
+        b.iter(|| {
+            n += 1;
+            sled.write(Write::Put {
+                collection: "Customer".into(),
+                id: Some(format!("c{n}")),
+                fields: fields(n),
+            })
+            .unwrap()
+        })
+    });
+    c.bench_function("store/sled/create_flushed", |b| {
+        b.iter(|| {
+            n += 1;
+            sled.write(Write::Put {
+                collection: "Customer".into(),
+                id: Some(format!("c{n}")),
+                fields: fields(n),
+            })
+            .unwrap();
+            sled.flush().unwrap()
+        })
+    });
+    c.bench_function("store/sled/get_cached", |b| {
+        b.iter(|| black_box(sled.get("Customer", &format!("c{}", n)).unwrap()))
+    });
+    c.bench_function("store/sled/get_uncached", |b| {
+        b.iter(|| black_box(sled.get("Customer", &first_sled_id).unwrap()))
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(3));
+    targets = record_benches, store_benches
+}
+criterion_main!(benches);
