@@ -19,7 +19,7 @@ use ferry_proto::{
 use kv::{Batch, Kv, KvError};
 use lru::LruCache;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -239,112 +239,176 @@ impl Store {
 
     /// Applies many writes as one atomic batch: every one of them lands, or none. If any write is
     /// invalid, nothing is written and the error names it.
+    ///
+    /// Records that do not exist yet (the bulk-import case) are built on all cores; everything
+    /// else runs in order under the cache lock.
     pub fn write_all(&self, writes: Vec<Write>) -> Result<Vec<Applied>, StoreError> {
+        let now = self.clock.now_ms();
         let mut cache = self.lock_cache();
-        let mut batch = Batch::default();
-        let mut touched = Vec::with_capacity(writes.len());
-        let mut results = Vec::with_capacity(writes.len());
-        let mut staged = Ok(());
-        for write in writes {
-            match self.stage(&mut cache, write, &mut batch, &mut touched) {
-                Ok(applied) => results.push(applied),
-                Err(e) => {
-                    staged = Err(e);
-                    break;
-                }
+        let mut touched = Vec::new();
+        let outcome = self
+            .resolve_all(writes, now)
+            .and_then(|resolved| self.stage_all(&mut cache, resolved, now, &mut touched));
+        let outcome = outcome.and_then(|(batch, applied)| {
+            if !batch.is_empty() {
+                self.kv.apply(batch)?;
             }
-        }
-        let outcome = staged.and_then(|()| {
-            if batch.is_empty() {
-                Ok(())
-            } else {
-                self.kv.apply(batch).map_err(StoreError::from)
-            }
+            Ok(applied)
         });
-        if let Err(e) = outcome {
+        if outcome.is_err() {
             // The cached documents hold changes that never reached storage: forget them, so the
             // next write starts from what is stored.
             for key in &touched {
                 cache.pop(key);
             }
-            return Err(e);
         }
-        Ok(results)
+        outcome
     }
 
-    fn stage(
+    /// Gives every write its address (generating ids) and checks addresses and fields.
+    fn resolve_all(&self, writes: Vec<Write>, now: u64) -> Result<Vec<Resolved>, StoreError> {
+        writes
+            .into_iter()
+            .map(|write| {
+                let (collection, id, change) = match write {
+                    Write::Put {
+                        collection,
+                        id,
+                        fields,
+                    } => {
+                        let id = id.unwrap_or_else(|| self.new_id(now));
+                        (collection, id, Change::Put(fields))
+                    }
+                    Write::Patch {
+                        collection,
+                        id,
+                        set,
+                        unset,
+                    } => (collection, id, Change::Patch(set, unset)),
+                    Write::Delete { collection, id } => (collection, id, Change::Delete),
+                };
+                self.check_address(&collection, &id)?;
+                if let Change::Put(fields) | Change::Patch(fields, _) = &change {
+                    validate_fields(fields, &self.options.limits)?;
+                }
+                Ok(Resolved {
+                    key: (collection, id),
+                    change,
+                })
+            })
+            .collect()
+    }
+
+    fn stage_all(
         &self,
         cache: &mut LruCache<CacheKey, Record>,
-        write: Write,
-        batch: &mut Batch,
+        resolved: Vec<Resolved>,
+        now: u64,
         touched: &mut Vec<CacheKey>,
-    ) -> Result<Applied, StoreError> {
-        let now = self.clock.now_ms();
-        let (collection, id) = match &write {
-            Write::Put { collection, id, .. } => {
-                let id = match id {
-                    Some(id) => id.clone(),
-                    None => self.new_id(now),
-                };
-                (collection.clone(), id)
-            }
-            Write::Patch { collection, id, .. } | Write::Delete { collection, id } => {
-                (collection.clone(), id.clone())
-            }
-        };
-        self.check_address(&collection, &id)?;
-        let key = (collection, id);
-        let record = self.cached(cache, &key)?;
-        touched.push(key.clone());
-        let written = match write {
-            Write::Put { fields, .. } => {
-                validate_fields(&fields, &self.options.limits)?;
-                record.put(&fields, now)
-            }
-            Write::Patch { set, unset, .. } => {
-                validate_fields(&set, &self.options.limits)?;
-                if !record.is_live() {
-                    return Err(not_found(&key));
+    ) -> Result<(Batch, Vec<Applied>), StoreError> {
+        let mut fresh = self.build_fresh(cache, &resolved, now)?;
+        let mut batch = Batch::default();
+        let mut applied = Vec::with_capacity(resolved.len());
+        for (index, Resolved { key, change }) in resolved.into_iter().enumerate() {
+            let staged = match fresh.remove(&index) {
+                Some(staged) => staged,
+                None => {
+                    let record = self.cached(cache, &key)?;
+                    touched.push(key.clone());
+                    mutate(record, &key, change, now, &self.options.limits)?
                 }
-                let written = record.patch(&set, &unset, now)?;
-                if written.is_some() {
-                    validate_fields(&record.fields(), &self.options.limits)?;
-                }
-                Ok(written)
+            };
+            applied.push(self.finish(key, staged, now, &mut batch));
+        }
+        Ok((batch, applied))
+    }
+
+    /// Builds, in parallel, the documents of puts that create records absent from both the cache
+    /// and storage, each named once in the batch. Returns them by their index in `resolved`.
+    fn build_fresh(
+        &self,
+        cache: &LruCache<CacheKey, Record>,
+        resolved: &[Resolved],
+        now: u64,
+    ) -> Result<HashMap<usize, Staged>, StoreError> {
+        const MIN_PARALLEL: usize = 64;
+        if resolved.len() < MIN_PARALLEL {
+            return Ok(HashMap::new());
+        }
+        let mut seen = HashMap::with_capacity(resolved.len());
+        for r in resolved {
+            *seen.entry(&r.key).or_insert(0u32) += 1;
+        }
+        let mut candidates = Vec::new();
+        for (index, r) in resolved.iter().enumerate() {
+            if matches!(r.change, Change::Put(_))
+                && seen.get(&r.key) == Some(&1)
+                && !cache.contains(&r.key)
+                && self.kv.get(&keys::doc(&r.key.0, &r.key.1))?.is_none()
+            {
+                candidates.push(index);
             }
-            Write::Delete { .. } => {
-                if !record.is_live() {
-                    return Err(not_found(&key));
-                }
-                record.delete(now)
-            }
-        };
-        let written = match written {
-            Ok(w) => w,
-            Err(e) => {
-                record.rollback();
-                return Err(e.into());
-            }
-        };
-        let heads = record.heads().iter().map(|h| h.to_string()).collect();
+        }
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = candidates.len().div_ceil(workers).max(1);
+        let limits = &self.options.limits;
+        let built: Vec<Result<Vec<(usize, Staged)>, StoreError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = candidates
+                .chunks(chunk)
+                .map(|indices| {
+                    scope.spawn(move || {
+                        indices
+                            .iter()
+                            .map(|&i| {
+                                let r = &resolved[i];
+                                let mut record = Record::new(&self.actor);
+                                let staged =
+                                    mutate(&mut record, &r.key, r.change.clone(), now, limits)?;
+                                Ok((i, staged))
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(StoreError::Decode {
+                            what: "record",
+                            detail: "building a document panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        let mut out = HashMap::with_capacity(candidates.len());
+        for part in built {
+            out.extend(part?);
+        }
+        Ok(out)
+    }
+
+    /// Adds a staged write's document and queue entry to the batch.
+    fn finish(&self, key: CacheKey, staged: Staged, now: u64, batch: &mut Batch) -> Applied {
         let (collection, id) = key;
-        let Some(written) = written else {
-            return Ok(Applied {
+        let Some((operation, change, doc)) = staged.written else {
+            return Applied {
                 collection,
                 id,
                 operation: None,
-                heads,
+                heads: staged.heads,
                 queue_id: None,
-            });
+            };
         };
-        batch.put(keys::doc(&collection, &id), record.save());
+        batch.put(keys::doc(&collection, &id), doc);
         let queue_id = self.next_queue_id.fetch_add(1, Ordering::SeqCst);
         let entry = SyncQueueEntry {
             id: queue_id,
-            operation: written.operation,
+            operation,
             model_name: collection.clone(),
             object_id: id.clone(),
-            data: written.change.raw_bytes().to_vec(),
+            data: change,
             status: QueueStatus::Pending,
             retry_count: 0,
             last_error: None,
@@ -353,13 +417,13 @@ impl Store {
             priority: self.priority(&collection),
         };
         batch.put(keys::queue(queue_id), encode(&entry));
-        Ok(Applied {
+        Applied {
             collection,
             id,
-            operation: Some(written.operation),
-            heads,
+            operation: Some(operation),
+            heads: staged.heads,
             queue_id: Some(queue_id),
-        })
+        }
     }
 
     fn new_id(&self, now: u64) -> String {
@@ -647,6 +711,61 @@ impl Store {
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.kv.size_on_disk()?)
     }
+}
+
+/// A write with its address settled and its input checked.
+struct Resolved {
+    key: CacheKey,
+    change: Change,
+}
+
+#[derive(Clone)]
+enum Change {
+    Put(Fields),
+    Patch(Fields, Vec<String>),
+    Delete,
+}
+
+/// A write applied to its document, not yet in a batch.
+struct Staged {
+    /// Operation, the change's bytes, and the whole document saved; `None` if nothing changed.
+    written: Option<(Operation, Vec<u8>, Vec<u8>)>,
+    heads: Vec<String>,
+}
+
+/// Applies one change to a record in memory. On error the record is rolled back, but the caller
+/// must still drop it from the cache if an earlier change in the same batch touched it.
+fn mutate(
+    record: &mut Record,
+    key: &CacheKey,
+    change: Change,
+    now: u64,
+    limits: &Limits,
+) -> Result<Staged, StoreError> {
+    let written = match change {
+        Change::Put(fields) => record.put(&fields, now),
+        Change::Patch(set, unset) => {
+            if !record.is_live() {
+                return Err(not_found(key));
+            }
+            record.patch(&set, &unset, now).and_then(|w| {
+                if w.is_some() {
+                    validate_fields(&record.fields(), limits)?;
+                }
+                Ok(w)
+            })
+        }
+        Change::Delete => {
+            if !record.is_live() {
+                return Err(not_found(key));
+            }
+            record.delete(now)
+        }
+    };
+    let written = written.inspect_err(|_| record.rollback())?;
+    let heads = record.heads().iter().map(|h| h.to_string()).collect();
+    let written = written.map(|w| (w.operation, w.change.raw_bytes().to_vec(), record.save()));
+    Ok(Staged { written, heads })
 }
 
 fn view(collection: &str, id: &str, record: &mut Record) -> RecordView {
