@@ -158,40 +158,28 @@ impl Connection {
 
     /// One line: a request, a notification, or a batch of them.
     async fn handle_line(&mut self, line: &str, out: &mpsc::Sender<String>) -> Option<Value> {
-        if line.trim().is_empty() {
-            return None;
-        }
-        let message: Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(e) => {
-                let err = ApiError::new(code::PARSE_ERROR, format!("not valid JSON ({e})"));
-                return Some(error_response(Value::Null, &err));
-            }
-        };
-        match message {
-            Value::Array(batch) if batch.is_empty() => Some(error_response(
-                Value::Null,
-                &ApiError::new(code::INVALID_REQUEST, "empty batch"),
-            )),
-            Value::Array(batch) => {
+        match decode_message(line) {
+            Message::Empty => None,
+            Message::Invalid(reply) => Some(reply),
+            Message::Single(request) => self.handle_request(request, out).await,
+            Message::Batch(requests) => {
                 let mut replies = Vec::new();
-                for item in batch {
-                    replies.extend(self.handle_request(item, out).await);
+                for request in requests {
+                    replies.extend(self.handle_request(request, out).await);
                 }
                 (!replies.is_empty()).then_some(Value::Array(replies))
             }
-            single => self.handle_request(single, out).await,
         }
     }
 
     async fn handle_request(
         &mut self,
-        message: Value,
+        request: Result<Request, Value>,
         out: &mpsc::Sender<String>,
     ) -> Option<Value> {
-        let request = match Request::from_value(message) {
+        let request = match request {
             Ok(r) => r,
-            Err((id, err)) => return Some(error_response(id, &err)),
+            Err(reply) => return Some(reply),
         };
         let result =
             match request.method.as_str() {
@@ -291,11 +279,48 @@ fn error_response(id: Value, err: &ApiError) -> Value {
     json!({ "jsonrpc": "2.0", "id": id, "error": { "code": err.code, "message": err.message } })
 }
 
-struct Request {
+/// One line from a client, decoded but not yet executed.
+#[derive(Debug)]
+pub enum Message {
+    /// A blank line: ignored.
+    Empty,
+    /// Unusable as a whole; the value is the error reply to send.
+    Invalid(Value),
+    /// One request, or the error reply for it.
+    Single(Result<Request, Value>),
+    /// A batch: a request, or the error reply, per element.
+    Batch(Vec<Result<Request, Value>>),
+}
+
+/// Decodes one line of the protocol. Pure: no I/O, never panics, whatever the input.
+pub fn decode_message(line: &str) -> Message {
+    if line.trim().is_empty() {
+        return Message::Empty;
+    }
+    let message: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => {
+            let err = ApiError::new(code::PARSE_ERROR, format!("not valid JSON ({e})"));
+            return Message::Invalid(error_response(Value::Null, &err));
+        }
+    };
+    let decode = |v| Request::from_value(v).map_err(|(id, err)| error_response(id, &err));
+    match message {
+        Value::Array(batch) if batch.is_empty() => Message::Invalid(error_response(
+            Value::Null,
+            &ApiError::new(code::INVALID_REQUEST, "empty batch"),
+        )),
+        Value::Array(batch) => Message::Batch(batch.into_iter().map(decode).collect()),
+        single => Message::Single(decode(single)),
+    }
+}
+
+#[derive(Debug)]
+pub struct Request {
     /// `None` for a notification (no reply is sent).
-    id: Option<Value>,
-    method: String,
-    params: Value,
+    pub id: Option<Value>,
+    pub method: String,
+    pub params: Value,
 }
 
 impl Request {
