@@ -3,7 +3,7 @@
 //! - `d\0{collection}\0{id}`: a record's Automerge document (ids never hold control characters,
 //!   so `\0` cannot occur inside one, and keys of one collection are contiguous and id-ordered).
 //! - `q{u64 big-endian}`: a SyncQueue entry; `l{u64 big-endian}`: a SyncLog entry.
-//! - `m{name}`: metadata.
+//! - `m{name}`: metadata; `c{name}`: a sync cursor.
 
 use super::StoreError;
 
@@ -12,6 +12,13 @@ pub const QUEUE: &[u8] = b"q";
 pub const LOG: &[u8] = b"l";
 pub const META_DEVICE: &[u8] = b"mdevice";
 pub const META_FORMAT: &[u8] = b"mformat";
+pub const CURSOR: &[u8] = b"c";
+
+pub fn cursor(name: &str) -> Vec<u8> {
+    let mut key = CURSOR.to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
+}
 
 pub fn doc_prefix(collection: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(3 + collection.len());

@@ -708,6 +708,19 @@ impl Store {
         Ok(out)
     }
 
+    /// A sync cursor (how far this device has read a peer's change log), if one was saved.
+    pub fn cursor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.kv.get(&keys::cursor(name))?)
+    }
+
+    /// Saves a sync cursor. Durable after `flush`: advance it only after the changes it covers
+    /// are durable, so a crash can make a device read changes again but never skip them.
+    pub fn set_cursor(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        batch.put(keys::cursor(name), value.to_vec());
+        Ok(self.kv.apply(batch)?)
+    }
+
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.kv.size_on_disk()?)
     }
@@ -812,4 +825,48 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv::MemoryKv;
+
+    const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";
+
+    fn open(kv: &MemoryKv) -> Store {
+        Store::open(
+            Box::new(kv.clone()),
+            DEVICE,
+            StoreOptions::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn cursors_survive_reopen_only_once_flushed() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        assert_eq!(store.cursor("relay").unwrap(), None);
+        store.set_cursor("relay", b"41").unwrap();
+        store.flush().unwrap();
+        store.set_cursor("relay", b"42").unwrap();
+        kv.crash();
+        let store = open(&kv);
+        assert_eq!(store.cursor("relay").unwrap().as_deref(), Some(&b"41"[..]));
+    }
+
+    #[test]
+    fn a_store_belongs_to_one_device() {
+        let kv = MemoryKv::new();
+        drop(open(&kv));
+        let other = Store::open(
+            Box::new(kv),
+            "ffffffffffffffffffffffffffffffff",
+            StoreOptions::default(),
+            Arc::new(SystemClock),
+        );
+        assert!(matches!(other, Err(StoreError::WrongDevice { .. })));
+    }
 }
