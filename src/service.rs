@@ -395,12 +395,7 @@ impl Service {
     fn retry(&self, p: RetryParams) -> Result<Value, ApiError> {
         let ids = match (p.ids, p.all_failed) {
             (Some(ids), false) => ids,
-            (None, true) => self
-                .store
-                .queue(Some(QueueStatus::Failed), None, usize::MAX)?
-                .iter()
-                .map(|e| e.id)
-                .collect(),
+            (None, true) => self.store.queue_ids(QueueStatus::Failed)?,
             _ => {
                 return Err(ApiError::invalid_params(
                     "give either `ids` or `all_failed: true`",

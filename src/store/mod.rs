@@ -603,37 +603,68 @@ impl Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<SyncQueueEntry>, StoreError> {
-        let mut start = after.map_or_else(|| keys::QUEUE.to_vec(), |id| keys::queue(id + 1));
-        let end = keys::prefix_end(keys::QUEUE);
         let mut out = Vec::new();
-        while out.len() < limit {
-            let page = self.kv.range(&start, &end, 512)?;
-            let Some((last, _)) = page.last() else { break };
-            start = keys::after(last);
-            for (_, bytes) in page {
-                let entry: SyncQueueEntry = decode(&bytes, "queue entry")?;
-                if status.is_none_or(|s| s == entry.status) {
-                    out.push(entry);
-                    if out.len() == limit {
-                        break;
-                    }
-                }
-            }
+        if limit == 0 {
+            return Ok(out);
         }
+        self.scan_queue(after, |entry| {
+            if status.is_none_or(|s| s == entry.status) {
+                out.push(entry);
+            }
+            out.len() < limit
+        })?;
         Ok(out)
     }
 
+    /// The ids of every entry in `status`.
+    pub fn queue_ids(&self, status: QueueStatus) -> Result<Vec<u64>, StoreError> {
+        let mut ids = Vec::new();
+        self.scan_queue(None, |entry| {
+            if entry.status == status {
+                ids.push(entry.id);
+            }
+            true
+        })?;
+        Ok(ids)
+    }
+
+    /// Counts entries by status, reading the queue a page at a time.
     pub fn queue_counts(&self) -> Result<QueueCounts, StoreError> {
         let mut counts = QueueCounts::default();
-        for entry in self.queue(None, None, usize::MAX)? {
+        self.scan_queue(None, |entry| {
             *match entry.status {
                 QueueStatus::Pending => &mut counts.pending,
                 QueueStatus::Processing => &mut counts.processing,
                 QueueStatus::Completed => &mut counts.completed,
                 QueueStatus::Failed => &mut counts.failed,
             } += 1;
-        }
+            true
+        })?;
         Ok(counts)
+    }
+
+    /// Calls `visit` on each queue entry after `after`, in id order, while it returns true. Memory
+    /// stays bounded by one page whatever the queue's length.
+    fn scan_queue(
+        &self,
+        after: Option<u64>,
+        mut visit: impl FnMut(SyncQueueEntry) -> bool,
+    ) -> Result<(), StoreError> {
+        const PAGE: usize = 512;
+        let mut start = after.map_or_else(|| keys::QUEUE.to_vec(), |id| keys::queue(id + 1));
+        let end = keys::prefix_end(keys::QUEUE);
+        loop {
+            let page = self.kv.range(&start, &end, PAGE)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            start = keys::after(last);
+            for (_, bytes) in page {
+                if !visit(decode(&bytes, "queue entry")?) {
+                    return Ok(());
+                }
+            }
+        }
     }
 
     /// Moves the given entries to a new state, all in one atomic batch: if any move is not
@@ -672,11 +703,7 @@ impl Store {
 
     /// After an unclean stop, entries caught mid-upload go back to pending. Returns how many.
     pub fn recover_interrupted(&self) -> Result<usize, StoreError> {
-        let ids: Vec<u64> = self
-            .queue(Some(QueueStatus::Processing), None, usize::MAX)?
-            .iter()
-            .map(|e| e.id)
-            .collect();
+        let ids = self.queue_ids(QueueStatus::Processing)?;
         self.queue_transition(&ids, &QueueAction::RequeueInterrupted)?;
         self.flush()?;
         Ok(ids.len())
