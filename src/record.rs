@@ -39,6 +39,96 @@ pub enum RecordError {
     Automerge(#[from] automerge::AutomergeError),
 }
 
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+/// A whole document, as `save` writes it.
+pub const CHUNK_DOCUMENT: u8 = 0;
+/// One uncompressed change, as `Change::raw_bytes` gives it.
+pub const CHUNK_CHANGE: u8 = 1;
+
+/// Checks the framing of Automerge binary data before Automerge parses it: every chunk has the
+/// magic bytes, one of the `allowed` types, a length within the input, and a checksum that
+/// matches its contents. Ferry writes only document and uncompressed change chunks; refusing the
+/// others keeps malformed input away from Automerge 0.12's bundle decoder, which can allocate
+/// gigabytes on a corrupt length (found by fuzzing), and from inflating compressed chunks.
+pub fn check_chunks(mut bytes: &[u8], allowed: &[u8]) -> Result<(), RecordError> {
+    use sha2::Digest as _;
+    let corrupt = |what: String| Err(RecordError::Corrupt(what));
+    if bytes.is_empty() {
+        return corrupt("no Automerge data".into());
+    }
+    while !bytes.is_empty() {
+        if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
+            return corrupt("not an Automerge chunk (bad magic bytes)".into());
+        }
+        let checksum = &bytes[4..8];
+        let chunk_type = bytes[8];
+        if !allowed.contains(&chunk_type) {
+            return corrupt(format!(
+                "Automerge chunk type {chunk_type} is not accepted here"
+            ));
+        }
+        let Some((len, len_bytes)) = read_uleb128(&bytes[9..]) else {
+            return corrupt("Automerge chunk length is malformed".into());
+        };
+        let start = 9 + len_bytes;
+        let Some(data) = usize::try_from(len)
+            .ok()
+            .and_then(|len| bytes.get(start..start.checked_add(len)?))
+        else {
+            return corrupt(format!("Automerge chunk of {len} bytes is truncated"));
+        };
+        let mut hasher = sha2::Sha256::new();
+        hasher.update([chunk_type]);
+        hasher.update(uleb128(data.len() as u64));
+        hasher.update(data);
+        if hasher.finalize()[..4] != *checksum {
+            return corrupt("Automerge chunk checksum does not match its contents".into());
+        }
+        bytes = &bytes[start + data.len()..];
+    }
+    Ok(())
+}
+
+fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+fn uleb128(mut value: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10);
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return out;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Runs an Automerge decoder on bytes from disk or the network. Automerge 0.12's column decoder
+/// can panic on malformed input (found by fuzzing `Record::load`; a saved crasher is in
+/// fuzz/regressions/record_document), so a panic here is turned into `Corrupt` rather than
+/// taking the process down.
+fn decode_untrusted<T>(
+    decode: impl FnOnce() -> Result<T, automerge::AutomergeError> + std::panic::UnwindSafe,
+) -> Result<T, RecordError> {
+    match std::panic::catch_unwind(decode) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(RecordError::Corrupt(e.to_string())),
+        Err(_) => Err(RecordError::Corrupt(
+            "the Automerge decoder failed on malformed bytes".into(),
+        )),
+    }
+}
+
 /// The result of a write that changed the record.
 #[derive(Debug)]
 pub struct Written {
@@ -111,7 +201,8 @@ impl Record {
     }
 
     pub fn load(bytes: &[u8], actor: &ActorId) -> Result<Self, RecordError> {
-        let doc = AutoCommit::load(bytes).map_err(|e| RecordError::Corrupt(e.to_string()))?;
+        check_chunks(bytes, &[CHUNK_DOCUMENT, CHUNK_CHANGE])?;
+        let doc = decode_untrusted(|| AutoCommit::load(bytes))?;
         Ok(Record {
             doc: doc.with_actor(actor.clone()),
         })
@@ -530,6 +621,46 @@ mod tests {
         assert_eq!(h[1].device, "02".repeat(16));
         assert_eq!(h[1].fields, ["email"]);
         assert_eq!(h[1].operation, "update");
+    }
+
+    #[test]
+    fn chunk_framing_is_checked_before_automerge_parses() {
+        let mut r = Record::new(&actor(1));
+        r.put(&obj(json!({"a": 1})), 1).unwrap();
+        let doc = r.save();
+        check_chunks(&doc, &[CHUNK_DOCUMENT]).unwrap();
+        let change = r
+            .doc_mut()
+            .get_last_local_change()
+            .unwrap()
+            .raw_bytes()
+            .to_vec();
+        check_chunks(&change, &[CHUNK_CHANGE]).unwrap();
+        let mut both = doc.clone();
+        both.extend_from_slice(&change);
+        check_chunks(&both, &[CHUNK_DOCUMENT, CHUNK_CHANGE]).unwrap();
+        assert!(
+            check_chunks(&change, &[CHUNK_DOCUMENT]).is_err(),
+            "type not allowed"
+        );
+        assert!(
+            check_chunks(&doc[..doc.len() - 1], &[CHUNK_DOCUMENT]).is_err(),
+            "truncated"
+        );
+        let mut flipped = doc.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(
+            check_chunks(&flipped, &[CHUNK_DOCUMENT]).is_err(),
+            "checksum"
+        );
+        assert!(matches!(
+            Record::load(&flipped, &actor(1)),
+            Err(RecordError::Corrupt(_))
+        ));
+        assert!(check_chunks(&[], &[CHUNK_DOCUMENT]).is_err());
+        assert_eq!(read_uleb128(&uleb128(300)), Some((300, 2)));
+        assert_eq!(read_uleb128(&[0x80; 11]), None);
     }
 
     #[test]
