@@ -223,8 +223,7 @@ impl Connection {
             collection: Option<String>,
             id: Option<String>,
         }
-        let params = if params.is_null() { json!({}) } else { params };
-        let filter: Filter = serde_json::from_value(params).map_err(ApiError::invalid_params)?;
+        let filter: Filter = crate::service::parse(params)?;
         let subscription = self.next_subscription;
         self.next_subscription += 1;
         let mut events = self.service.subscribe_events();
@@ -261,7 +260,7 @@ impl Connection {
         struct Params {
             subscription: u64,
         }
-        let p: Params = serde_json::from_value(params).map_err(ApiError::invalid_params)?;
+        let p: Params = crate::service::parse(params)?;
         match self.subscriptions.remove(&p.subscription) {
             Some(task) => {
                 task.abort();
@@ -307,14 +306,21 @@ impl Request {
             ));
         };
         let id = map.remove("id");
-        let reply_id = id.clone().unwrap_or(Value::Null);
-        let invalid = |msg: &str| (reply_id.clone(), ApiError::new(code::INVALID_REQUEST, msg));
         if !matches!(
             id,
             None | Some(Value::Null | Value::Number(_) | Value::String(_))
         ) {
-            return Err(invalid("`id` must be a number, a string or null"));
+            // JSON-RPC 2.0: when the id cannot be read, the reply's id is null.
+            return Err((
+                Value::Null,
+                ApiError::new(
+                    code::INVALID_REQUEST,
+                    "`id` must be a number, a string or null",
+                ),
+            ));
         }
+        let reply_id = id.clone().unwrap_or(Value::Null);
+        let invalid = |msg: &str| (reply_id.clone(), ApiError::new(code::INVALID_REQUEST, msg));
         if map.get("jsonrpc") != Some(&Value::String("2.0".into())) {
             return Err(invalid("`jsonrpc` must be \"2.0\""));
         }

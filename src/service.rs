@@ -469,14 +469,24 @@ impl From<&SyncQueueEntry> for QueueView {
     }
 }
 
-fn parse<T: DeserializeOwned>(params: Value) -> Result<T, ApiError> {
+/// Reads a method's params (an object, or null for none). An error names the param at fault, e.g.
+/// "invalid params: `collection`: invalid type: integer `5`, expected a string".
+pub(crate) fn parse<T: DeserializeOwned>(params: Value) -> Result<T, ApiError> {
     let params = if params.is_null() { json!({}) } else { params };
     if !params.is_object() {
         return Err(ApiError::invalid_params(
             "params must be an object with named fields",
         ));
     }
-    serde_json::from_value(params).map_err(ApiError::invalid_params)
+    serde_path_to_error::deserialize(params).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::invalid_params(inner)
+        } else {
+            ApiError::invalid_params(format!("`{path}`: {inner}"))
+        }
+    })
 }
 
 fn to_value<T: Serialize>(v: T) -> Result<Value, ApiError> {
