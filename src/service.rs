@@ -132,14 +132,25 @@ fn run_committer(store: Arc<Store>, jobs: mpsc::Receiver<Job>, group_max: usize)
         for (job, result) in group.into_iter().zip(results) {
             let answer = match (&flushed, result) {
                 (Ok(()), result) => result,
-                (Err(e), Ok(_)) => Err(StoreError::Storage(KvError::Io(format!(
-                    "the write was applied but could not be made durable ({e}); it was not acknowledged"
-                )))),
+                (Err(e), Ok(_)) => Err(StoreError::Storage(not_durable(e))),
                 (Err(_), Err(e)) => Err(e),
             };
             // The caller may have gone away; its write stands either way.
             let _ = job.reply.send(answer);
         }
+    }
+}
+
+/// Why a write applied in a group could not be acknowledged: its flush failed. A full disk stays a
+/// full disk, so apps see the same error code as when the write itself hit it.
+fn not_durable(flush: &StoreError) -> KvError {
+    match flush {
+        StoreError::Storage(KvError::DiskFull(detail)) => KvError::DiskFull(format!(
+            "{detail}; the write was applied but could not be made durable"
+        )),
+        _ => KvError::Io(format!(
+            "the write was applied but could not be made durable ({flush}); it was not acknowledged"
+        )),
     }
 }
 
