@@ -112,24 +112,45 @@ impl Connection {
                 }
             }
         });
+        // After a decode error the framed stream yields `None` once, then reads on.
+        let mut resume_after_error = false;
         loop {
             let line = tokio::select! {
                 _ = shutdown.changed() => break,
                 line = lines.next() => line,
             };
             let reply = match line {
+                None if std::mem::take(&mut resume_after_error) => continue,
                 None => break,
                 Some(Ok(line)) => self.handle_line(&line, &out).await,
-                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => Some(error_response(
-                    Value::Null,
-                    &ApiError::new(
-                        code::TOO_LARGE,
-                        format!(
-                            "message over {} bytes was discarded: split it (for bulk loads, several import calls)",
-                            self.options.max_message_bytes
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                    // The codec drops the rest of the line; the connection goes on.
+                    resume_after_error = true;
+                    Some(error_response(
+                        Value::Null,
+                        &ApiError::new(
+                            code::TOO_LARGE,
+                            format!(
+                                "message over {} bytes was discarded: split it (for bulk loads, several import calls)",
+                                self.options.max_message_bytes
+                            ),
                         ),
-                    ),
-                )),
+                    ))
+                }
+                // A line that is not UTF-8: the codec has consumed it, so the connection goes
+                // on, as after a line that is not JSON.
+                Some(Err(LinesCodecError::Io(e)))
+                    if e.kind() == std::io::ErrorKind::InvalidData =>
+                {
+                    resume_after_error = true;
+                    Some(error_response(
+                        Value::Null,
+                        &ApiError::new(
+                            code::PARSE_ERROR,
+                            "a message that is not UTF-8 was discarded: messages must be UTF-8 JSON, one per line",
+                        ),
+                    ))
+                }
                 Some(Err(LinesCodecError::Io(e))) => {
                     let err = ApiError::new(
                         code::PARSE_ERROR,
