@@ -17,6 +17,7 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
 use std::sync::Arc;
+use tokio::io::AsyncReadExt as _;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -54,7 +55,7 @@ pub async fn serve(
                     }
                 };
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    refuse(stream, options.max_connections).await;
+                    tokio::spawn(refuse(stream, options.max_connections));
                     continue;
                 };
                 let service = service.clone();
@@ -79,10 +80,26 @@ async fn refuse(stream: UnixStream, max: usize) {
             "the daemon already serves {max} connections: close one or raise ipc.max_connections"
         ),
     );
-    let _ = framed
+    if framed
         .send(error_response(Value::Null, &err).to_string())
-        .await;
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Close only once the app has closed its end (or after a short while). Closing at once,
+    // with the app's first request unread, makes its write fail (broken pipe) or its read fail
+    // (connection reset) before it sees this error.
+    let mut stream = framed.into_inner();
+    let mut discard = [0u8; 4096];
+    let _ = tokio::time::timeout(REFUSED_LINGER, async {
+        while matches!(stream.read(&mut discard).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
+
+/// How long a refused connection stays open for the app to read why.
+const REFUSED_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Connection {
     service: Arc<Service>,
@@ -404,7 +421,11 @@ impl Client {
                 self.pending_notifications.push_back(message);
                 continue;
             }
-            if message.get("id") != Some(&json!(id)) {
+            // An error with id null answers whatever was sent last: the daemon could not tie it
+            // to a request (unreadable message, or the connection was refused).
+            let for_us = message.get("id") == Some(&json!(id))
+                || (message.get("id") == Some(&Value::Null) && message.get("error").is_some());
+            if !for_us {
                 return Err(ClientError::Protocol(format!(
                     "reply to another request: {message}"
                 )));
