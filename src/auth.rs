@@ -77,13 +77,18 @@ impl Identity {
                 mode,
             });
         }
-        let text = std::fs::read_to_string(path).map_err(io)?;
-        let text = text.trim();
-        let seed: Option<Vec<u8>> = (text.len() == 64)
+        // Damaged bytes (not UTF-8, not hex) must give `Malformed`, never a panic: slicing is
+        // only done once every byte is known to be an ASCII hex digit.
+        let bytes = std::fs::read(path).map_err(io)?;
+        let text = bytes.trim_ascii();
+        let seed: Option<Vec<u8>> = (text.len() == 64 && text.iter().all(u8::is_ascii_hexdigit))
             .then(|| {
-                (0..64)
-                    .step_by(2)
-                    .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+                text.chunks(2)
+                    .map(|pair| {
+                        std::str::from_utf8(pair)
+                            .ok()
+                            .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    })
                     .collect()
             })
             .flatten();
@@ -140,6 +145,15 @@ mod tests {
             Identity::load(&path),
             Err(IdentityError::Malformed(_))
         ));
+        // 64 bytes whose pairs split a multi-byte character, and bytes that are not UTF-8.
+        let split_chars = format!("a{}b", "é".repeat(31));
+        for damaged in [split_chars.as_bytes(), &[0xff; 64][..], &[b'+'; 64][..]] {
+            std::fs::write(&path, damaged).unwrap();
+            assert!(matches!(
+                Identity::load(&path),
+                Err(IdentityError::Malformed(_))
+            ));
+        }
         assert!(matches!(
             Identity::load(&dir.path().join("nope")),
             Err(IdentityError::Missing(_))

@@ -9,7 +9,8 @@ use crate::config::{Config, ConfigError};
 use crate::datadir::{DataDir, DataDirError, DirLock};
 use crate::ipc::{self, ServerOptions};
 use crate::service::{Service, ServiceOptions};
-use crate::store::kv::SledKv;
+use crate::store::keys;
+use crate::store::kv::{Kv as _, KvError, SledKv};
 use crate::store::{Store, StoreError, SystemClock};
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -52,11 +53,29 @@ pub struct OpenStore {
 pub fn open_store(dir: &DataDir, config: &Config) -> Result<OpenStore, DaemonError> {
     let lock = dir.lock()?;
     let identity = dir.identity()?;
+    let store_path = dir.store_path();
+    // sled reads an unreadable log as a torn write and opens it empty. A store whose log file
+    // holds bytes but no device stamp has lost its contents: refuse it rather than start afresh
+    // on top of it. (The stamp is the first thing written to a new store.)
+    let had_log = std::fs::metadata(store_path.join("db")).is_ok_and(|m| m.len() > 0);
     let kv = SledKv::open(
-        &dir.store_path(),
+        &store_path,
         config.store.sled_cache_mb.saturating_mul(1024 * 1024),
     )
     .map_err(StoreError::from)?;
+    if had_log
+        && kv
+            .get(keys::META_DEVICE)
+            .map_err(StoreError::from)?
+            .is_none()
+    {
+        return Err(StoreError::Storage(KvError::Corrupt(format!(
+            "{} holds data but no readable records (if this data directory never held any, \
+             delete that directory and start again)",
+            store_path.display()
+        )))
+        .into());
+    }
     let store = Store::open(
         Box::new(kv),
         &identity.device_id(),

@@ -17,6 +17,7 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
 use std::sync::Arc;
+use tokio::io::AsyncReadExt as _;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -54,7 +55,7 @@ pub async fn serve(
                     }
                 };
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    refuse(stream, options.max_connections).await;
+                    tokio::spawn(refuse(stream, options.max_connections));
                     continue;
                 };
                 let service = service.clone();
@@ -79,10 +80,26 @@ async fn refuse(stream: UnixStream, max: usize) {
             "the daemon already serves {max} connections: close one or raise ipc.max_connections"
         ),
     );
-    let _ = framed
+    if framed
         .send(error_response(Value::Null, &err).to_string())
-        .await;
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Close only once the app has closed its end (or after a short while). Closing at once,
+    // with the app's first request unread, makes its write fail (broken pipe) or its read fail
+    // (connection reset) before it sees this error.
+    let mut stream = framed.into_inner();
+    let mut discard = [0u8; 4096];
+    let _ = tokio::time::timeout(REFUSED_LINGER, async {
+        while matches!(stream.read(&mut discard).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
+
+/// How long a refused connection stays open for the app to read why.
+const REFUSED_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Connection {
     service: Arc<Service>,
@@ -112,24 +129,45 @@ impl Connection {
                 }
             }
         });
+        // After a decode error the framed stream yields `None` once, then reads on.
+        let mut resume_after_error = false;
         loop {
             let line = tokio::select! {
                 _ = shutdown.changed() => break,
                 line = lines.next() => line,
             };
             let reply = match line {
+                None if std::mem::take(&mut resume_after_error) => continue,
                 None => break,
                 Some(Ok(line)) => self.handle_line(&line, &out).await,
-                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => Some(error_response(
-                    Value::Null,
-                    &ApiError::new(
-                        code::TOO_LARGE,
-                        format!(
-                            "message over {} bytes was discarded: split it (for bulk loads, several import calls)",
-                            self.options.max_message_bytes
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                    // The codec drops the rest of the line; the connection goes on.
+                    resume_after_error = true;
+                    Some(error_response(
+                        Value::Null,
+                        &ApiError::new(
+                            code::TOO_LARGE,
+                            format!(
+                                "message over {} bytes was discarded: split it (for bulk loads, several import calls)",
+                                self.options.max_message_bytes
+                            ),
                         ),
-                    ),
-                )),
+                    ))
+                }
+                // A line that is not UTF-8: the codec has consumed it, so the connection goes
+                // on, as after a line that is not JSON.
+                Some(Err(LinesCodecError::Io(e)))
+                    if e.kind() == std::io::ErrorKind::InvalidData =>
+                {
+                    resume_after_error = true;
+                    Some(error_response(
+                        Value::Null,
+                        &ApiError::new(
+                            code::PARSE_ERROR,
+                            "a message that is not UTF-8 was discarded: messages must be UTF-8 JSON, one per line",
+                        ),
+                    ))
+                }
                 Some(Err(LinesCodecError::Io(e))) => {
                     let err = ApiError::new(
                         code::PARSE_ERROR,
@@ -211,8 +249,7 @@ impl Connection {
             collection: Option<String>,
             id: Option<String>,
         }
-        let params = if params.is_null() { json!({}) } else { params };
-        let filter: Filter = serde_json::from_value(params).map_err(ApiError::invalid_params)?;
+        let filter: Filter = crate::service::parse(params)?;
         let subscription = self.next_subscription;
         self.next_subscription += 1;
         let mut events = self.service.subscribe_events();
@@ -249,7 +286,7 @@ impl Connection {
         struct Params {
             subscription: u64,
         }
-        let p: Params = serde_json::from_value(params).map_err(ApiError::invalid_params)?;
+        let p: Params = crate::service::parse(params)?;
         match self.subscriptions.remove(&p.subscription) {
             Some(task) => {
                 task.abort();
@@ -332,14 +369,21 @@ impl Request {
             ));
         };
         let id = map.remove("id");
-        let reply_id = id.clone().unwrap_or(Value::Null);
-        let invalid = |msg: &str| (reply_id.clone(), ApiError::new(code::INVALID_REQUEST, msg));
         if !matches!(
             id,
             None | Some(Value::Null | Value::Number(_) | Value::String(_))
         ) {
-            return Err(invalid("`id` must be a number, a string or null"));
+            // JSON-RPC 2.0: when the id cannot be read, the reply's id is null.
+            return Err((
+                Value::Null,
+                ApiError::new(
+                    code::INVALID_REQUEST,
+                    "`id` must be a number, a string or null",
+                ),
+            ));
         }
+        let reply_id = id.clone().unwrap_or(Value::Null);
+        let invalid = |msg: &str| (reply_id.clone(), ApiError::new(code::INVALID_REQUEST, msg));
         if map.get("jsonrpc") != Some(&Value::String("2.0".into())) {
             return Err(invalid("`jsonrpc` must be \"2.0\""));
         }
@@ -402,7 +446,11 @@ impl Client {
                 self.pending_notifications.push_back(message);
                 continue;
             }
-            if message.get("id") != Some(&json!(id)) {
+            // An error with id null answers whatever was sent last: the daemon could not tie it
+            // to a request (unreadable message, or the connection was refused).
+            let for_us = message.get("id") == Some(&json!(id))
+                || (message.get("id") == Some(&Value::Null) && message.get("error").is_some());
+            if !for_us {
                 return Err(ClientError::Protocol(format!(
                     "reply to another request: {message}"
                 )));

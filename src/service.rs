@@ -132,14 +132,25 @@ fn run_committer(store: Arc<Store>, jobs: mpsc::Receiver<Job>, group_max: usize)
         for (job, result) in group.into_iter().zip(results) {
             let answer = match (&flushed, result) {
                 (Ok(()), result) => result,
-                (Err(e), Ok(_)) => Err(StoreError::Storage(KvError::Io(format!(
-                    "the write was applied but could not be made durable ({e}); it was not acknowledged"
-                )))),
+                (Err(e), Ok(_)) => Err(StoreError::Storage(not_durable(e))),
                 (Err(_), Err(e)) => Err(e),
             };
             // The caller may have gone away; its write stands either way.
             let _ = job.reply.send(answer);
         }
+    }
+}
+
+/// Why a write applied in a group could not be acknowledged: its flush failed. A full disk stays a
+/// full disk, so apps see the same error code as when the write itself hit it.
+fn not_durable(flush: &StoreError) -> KvError {
+    match flush {
+        StoreError::Storage(KvError::DiskFull(detail)) => KvError::DiskFull(format!(
+            "{detail}; the write was applied but could not be made durable"
+        )),
+        _ => KvError::Io(format!(
+            "the write was applied but could not be made durable ({flush}); it was not acknowledged"
+        )),
     }
 }
 
@@ -464,14 +475,24 @@ impl From<&SyncQueueEntry> for QueueView {
     }
 }
 
-fn parse<T: DeserializeOwned>(params: Value) -> Result<T, ApiError> {
+/// Reads a method's params (an object, or null for none). An error names the param at fault, e.g.
+/// "invalid params: `collection`: invalid type: integer `5`, expected a string".
+pub(crate) fn parse<T: DeserializeOwned>(params: Value) -> Result<T, ApiError> {
     let params = if params.is_null() { json!({}) } else { params };
     if !params.is_object() {
         return Err(ApiError::invalid_params(
             "params must be an object with named fields",
         ));
     }
-    serde_json::from_value(params).map_err(ApiError::invalid_params)
+    serde_path_to_error::deserialize(params).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::invalid_params(inner)
+        } else {
+            ApiError::invalid_params(format!("`{path}`: {inner}"))
+        }
+    })
 }
 
 fn to_value<T: Serialize>(v: T) -> Result<Value, ApiError> {

@@ -68,7 +68,19 @@ impl SledKv {
             .path(path)
             .cache_capacity(cache_bytes)
             .open()
-            .map_err(from_sled)?;
+            .map_err(|e| {
+                let unreadable = |detail: &str| {
+                    KvError::Corrupt(format!("{} cannot be read ({detail})", path.display()))
+                };
+                match e {
+                    // What sled says when its files in `path` cannot be read as a sled store.
+                    sled::Error::Unsupported(detail) => unreadable(&detail),
+                    other => match from_sled(other) {
+                        KvError::Corrupt(detail) => unreadable(&detail),
+                        other => other,
+                    },
+                }
+            })?;
         Ok(SledKv { db })
     }
 }
