@@ -221,6 +221,15 @@ impl From<std::io::Error> for Failure {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Daemon) {
+        // Like other Unix tools, end quietly when the reader of our output goes away
+        // (`ferry ls | head`) instead of failing on a broken pipe. The daemon keeps the default
+        // Rust behaviour: a vanished socket peer is an error to handle, not a reason to exit.
+        // SAFETY: setting a signal disposition to SIG_DFL before any threads start.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {

@@ -26,6 +26,8 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error("could not flush the store while stopping: {0}")]
+    Shutdown(StoreError),
     #[error("cannot listen on socket {path}: {source}")]
     Socket {
         path: PathBuf,
@@ -145,8 +147,8 @@ pub async fn run(
     }
     let _ = std::fs::remove_file(&socket);
     match Arc::try_unwrap(service) {
-        Ok(service) => service.shutdown()?,
-        Err(service) => service.store().flush()?,
+        Ok(service) => service.shutdown().map_err(DaemonError::Shutdown)?,
+        Err(service) => service.store().flush().map_err(DaemonError::Shutdown)?,
     }
     tracing::info!("stopped; everything flushed");
     drop(open.lock);

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
-    #[error("the disk is full ({0}): free space in the data directory; nothing was acknowledged")]
+    #[error(
+        "the disk is full ({0}): free space in the data directory, then restart the daemon if writes keep failing; this write was not acknowledged"
+    )]
     DiskFull(String),
     #[error("storage I/O failed: {0}")]
     Io(String),
