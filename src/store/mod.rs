@@ -19,7 +19,7 @@ use ferry_proto::{
 use kv::{Batch, Kv, KvError};
 use lru::LruCache;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, btree_map};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -242,11 +242,11 @@ impl Store {
     pub fn write_all(&self, writes: Vec<Write>) -> Result<Vec<Applied>, StoreError> {
         let mut cache = self.lock_cache();
         let mut batch = Batch::default();
-        let mut touched = Vec::with_capacity(writes.len());
+        let mut working = BTreeMap::new();
         let mut results = Vec::with_capacity(writes.len());
         let mut staged = Ok(());
         for write in writes {
-            match self.stage(&mut cache, write, &mut batch, &mut touched) {
+            match self.stage(&mut cache, write, &mut batch, &mut working) {
                 Ok(applied) => results.push(applied),
                 Err(e) => {
                     staged = Err(e);
@@ -261,13 +261,11 @@ impl Store {
                 self.kv.apply(batch).map_err(StoreError::from)
             }
         });
-        if let Err(e) = outcome {
-            // The cached documents hold changes that never reached storage: forget them, so the
-            // next write starts from what is stored.
-            for key in &touched {
-                cache.pop(key);
-            }
-            return Err(e);
+        // On failure the batch's documents hold changes that never reached storage: they are
+        // dropped with the working set, so the next write starts from what is stored.
+        outcome?;
+        for (key, record) in working {
+            cache.put(key, record);
         }
         Ok(results)
     }
@@ -277,7 +275,7 @@ impl Store {
         cache: &mut LruCache<CacheKey, Record>,
         write: Write,
         batch: &mut Batch,
-        touched: &mut Vec<CacheKey>,
+        working: &mut BTreeMap<CacheKey, Record>,
     ) -> Result<Applied, StoreError> {
         let now = self.clock.now_ms();
         let (collection, id) = match &write {
@@ -294,8 +292,7 @@ impl Store {
         };
         self.check_address(&collection, &id)?;
         let key = (collection, id);
-        let record = self.cached(cache, &key)?;
-        touched.push(key.clone());
+        let record = self.working(cache, working, &key)?;
         let written = match write {
             Write::Put { fields, .. } => {
                 validate_fields(&fields, &self.options.limits)?;
@@ -395,22 +392,27 @@ impl Store {
         }
     }
 
-    /// The cached document for `key`, loading it (or starting an empty one) on a miss.
-    fn cached<'c>(
+    /// The document for `key` in a batch's working set: taken out of the cache (or loaded, or
+    /// started empty) on first use, and kept out of it until the batch has landed, so that the
+    /// cache cannot evict a document, and the changes staged on it, half way through a batch.
+    fn working<'w>(
         &self,
-        cache: &'c mut LruCache<CacheKey, Record>,
+        cache: &mut LruCache<CacheKey, Record>,
+        working: &'w mut BTreeMap<CacheKey, Record>,
         key: &CacheKey,
-    ) -> Result<&'c mut Record, StoreError> {
-        if !cache.contains(key) {
-            let record = self
-                .load(&key.0, &key.1)?
-                .unwrap_or_else(|| Record::new(&self.actor));
-            cache.put(key.clone(), record);
+    ) -> Result<&'w mut Record, StoreError> {
+        match working.entry(key.clone()) {
+            btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            btree_map::Entry::Vacant(e) => {
+                let record = match cache.pop(key) {
+                    Some(record) => record,
+                    None => self
+                        .load(&key.0, &key.1)?
+                        .unwrap_or_else(|| Record::new(&self.actor)),
+                };
+                Ok(e.insert(record))
+            }
         }
-        cache.get_mut(key).ok_or_else(|| StoreError::Decode {
-            what: "cache",
-            detail: "document vanished from the cache".into(),
-        })
     }
 
     fn load(&self, collection: &str, id: &str) -> Result<Option<Record>, StoreError> {
