@@ -411,7 +411,7 @@ fn write_at_key(
         }
         (Value::Array(items), existing) => {
             if let Some((AmValue::Object(ObjType::List), id)) = &existing
-                && read_list(doc, id) == *items
+                && same_values(&read_list(doc, id), items)
             {
                 return Ok(());
             }
@@ -420,15 +420,46 @@ fn write_at_key(
         }
         (scalar, existing) => {
             let new = to_scalar(scalar);
-            if let Some((AmValue::Scalar(old), _)) = &existing
-                && old.as_ref() == &new
-            {
-                return Ok(());
+            if let Some((AmValue::Scalar(old), _)) = &existing {
+                if same_scalar(old.as_ref(), &new) {
+                    return Ok(());
+                }
+                if old.as_ref() == &new {
+                    // Automerge skips a put of a value equal to the current one, and `0.0 ==
+                    // -0.0`: remove the old value first so that the new sign is written.
+                    doc.delete(obj, key)?;
+                }
             }
             doc.put(obj, key, new)?;
             Ok(())
         }
     }
+}
+
+/// Scalar equality as JSON sees it: `==` on floats would take `0.0` and `-0.0` for the same value
+/// and skip the write, leaving the record with the old sign.
+fn same_scalar(a: &ScalarValue, b: &ScalarValue) -> bool {
+    match (a, b) {
+        (ScalarValue::F64(x), ScalarValue::F64(y)) => x.to_bits() == y.to_bits(),
+        _ => a == b,
+    }
+}
+
+/// `same_scalar`'s rule for JSON values, element by element.
+fn same_values(a: &[Value], b: &[Value]) -> bool {
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) if x.is_f64() && y.is_f64() => {
+                x.as_f64().map(f64::to_bits) == y.as_f64().map(f64::to_bits)
+            }
+            (Value::Array(x), Value::Array(y)) => same_values(x, y),
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+            }
+            _ => a == b,
+        }
+    }
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y))
 }
 
 fn insert_items(doc: &mut AutoCommit, list: &ObjId, items: &[Value]) -> Result<(), RecordError> {
@@ -565,6 +596,23 @@ mod tests {
         );
         r.put(&obj(json!({"c": [2]})), 4).unwrap().unwrap();
         assert_eq!(r.fields(), obj(json!({"c": [2]})));
+    }
+
+    #[test]
+    fn zero_and_negative_zero_are_different_values() {
+        let mut r = Record::new(&actor(1));
+        r.put(&obj(json!({"z": -0.0, "l": [-0.0], "m": {"z": -0.0}})), 1)
+            .unwrap();
+        let w = r
+            .put(&obj(json!({"z": 0.0, "l": [0.0], "m": {"z": 0.0}})), 2)
+            .unwrap();
+        assert!(w.is_some(), "0.0 over -0.0 is a change");
+        let f = r.fields();
+        for v in [&f["z"], &f["l"][0], &f["m"]["z"]] {
+            assert!(v.as_f64().unwrap().is_sign_positive(), "{f:?}");
+        }
+        let again = r.put(&obj(json!({"z": 0.0, "l": [0.0], "m": {"z": 0.0}})), 3);
+        assert!(again.unwrap().is_none());
     }
 
     #[test]

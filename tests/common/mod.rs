@@ -171,3 +171,276 @@ pub fn stdout(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Where two JSON values first differ, or `None` when they are the same value. Stricter than
+/// `==`: numbers must also agree in kind (unsigned integer, negative integer, float), and floats
+/// bit for bit, so `1` differs from `1.0` and `0.0` from `-0.0`.
+pub fn json_difference(actual: &serde_json::Value, expected: &serde_json::Value) -> Option<String> {
+    json_difference_at(actual, expected, "$")
+}
+
+fn json_difference_at(
+    actual: &serde_json::Value,
+    expected: &serde_json::Value,
+    path: &str,
+) -> Option<String> {
+    use serde_json::Value;
+    let differ = || Some(format!("at {path}: got {actual}, expected {expected}"));
+    match (actual, expected) {
+        (Value::Number(a), Value::Number(b)) => {
+            (number_kind(a) != number_kind(b)).then(differ).flatten()
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            if a.len() != b.len() {
+                return differ();
+            }
+            a.iter()
+                .zip(b)
+                .enumerate()
+                .find_map(|(i, (x, y))| json_difference_at(x, y, &format!("{path}[{i}]")))
+        }
+        (Value::Object(a), Value::Object(b)) => {
+            if !a.keys().eq(b.keys()) {
+                return differ();
+            }
+            a.iter()
+                .zip(b.values())
+                .find_map(|((k, x), y)| json_difference_at(x, y, &format!("{path}[{k:?}]")))
+        }
+        _ => (actual != expected).then(differ).flatten(),
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum NumberKind {
+    Unsigned(u64),
+    Negative(i64),
+    FloatBits(u64),
+}
+
+fn number_kind(n: &serde_json::Number) -> NumberKind {
+    if let Some(u) = n.as_u64() {
+        NumberKind::Unsigned(u)
+    } else if let Some(i) = n.as_i64() {
+        NumberKind::Negative(i)
+    } else {
+        NumberKind::FloatBits(n.as_f64().map_or(u64::MAX, f64::to_bits))
+    }
+}
+
+/// Panics naming the first difference (see `json_difference`).
+#[track_caller]
+pub fn assert_json_same(actual: &serde_json::Value, expected: &serde_json::Value, what: &str) {
+    if let Some(diff) = json_difference(actual, expected) {
+        panic!("{what}: {diff}");
+    }
+}
+
+/// Proptest settings for the property tests: `PROPTEST_CASES` overrides `default_cases`, and the
+/// seed is printed and read from `PROPTEST_RNG_SEED`, so a failing run replays exactly.
+pub fn proptest_config(default_cases: u32) -> proptest::test_runner::Config {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let env_u64 = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse().ok());
+    let cases = env_u64("PROPTEST_CASES").map_or(default_cases, |n: u64| n as u32);
+    let seed = env_u64("PROPTEST_RNG_SEED").unwrap_or_else(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.finish()
+    });
+    eprintln!("proptest: {cases} cases, seed {seed} (replay with PROPTEST_RNG_SEED={seed})");
+    proptest::test_runner::Config {
+        cases,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(seed),
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    }
+}
+
+/// A clock for store tests: it starts at a fixed time and moves one millisecond per reading, so
+/// times are distinct, increasing and the same on every run.
+pub struct StepClock(std::sync::atomic::AtomicU64);
+
+impl StepClock {
+    pub fn new() -> std::sync::Arc<StepClock> {
+        std::sync::Arc::new(StepClock(std::sync::atomic::AtomicU64::new(
+            1_700_000_000_000,
+        )))
+    }
+
+    /// The time the next reading will give.
+    pub fn peek(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl ferry::store::Clock for StepClock {
+    fn now_ms(&self) -> u64 {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The device id store tests open their stores with.
+pub const TEST_DEVICE: &str = "0123456789abcdef0123456789abcdef";
+
+/// Opens a store for `TEST_DEVICE` over `kv`, on `clock`.
+pub fn open_test_store(
+    kv: Box<dyn ferry::store::kv::Kv>,
+    options: ferry::store::StoreOptions,
+    clock: &std::sync::Arc<StepClock>,
+) -> ferry::store::Store {
+    ferry::store::Store::open(kv, TEST_DEVICE, options, clock.clone()).expect("open the store")
+}
+
+/// Opens sled at `path`. A `Db` dropped in this process lets go of its file lock only once
+/// sled's background work has finished with it, so a reopen waits (boundedly) for that.
+pub fn open_sled(path: &std::path::Path) -> ferry::store::kv::SledKv {
+    use ferry::store::kv::{KvError, SledKv};
+    let mut opened = None;
+    wait_for("sled to release its file lock", TIMEOUT, || {
+        match SledKv::open(path, 1 << 20) {
+            Ok(kv) => opened = Some(kv),
+            Err(KvError::Io(e)) if e.contains("could not acquire lock") => {}
+            Err(e) => panic!("cannot open sled at {}: {e}", path.display()),
+        }
+        opened.is_some()
+    });
+    opened.expect("opened")
+}
+
+/// Each record's history is exactly the changes its SyncQueue entries carry, in the same order
+/// and with the same operations: a change is never stored without its entry, nor the reverse.
+pub fn assert_queue_matches_history(store: &ferry::store::Store, addresses: &[(&str, &str)]) {
+    let entries = store.queue(None, None, usize::MAX).expect("queue");
+    for (c, id) in addresses {
+        let history = match store.history(c, id) {
+            Ok(h) => h,
+            Err(ferry::store::StoreError::NotFound { .. }) => Vec::new(),
+            Err(e) => panic!("history of {c}/{id}: {e}"),
+        };
+        let carried: Vec<_> = entries
+            .iter()
+            .filter(|e| e.model_name == *c && e.object_id == *id)
+            .collect();
+        assert_eq!(
+            carried.len(),
+            history.len(),
+            "{c}/{id}: queue entries vs history"
+        );
+        for (e, h) in carried.iter().zip(&history) {
+            let change = automerge::Change::from_bytes(e.data.clone())
+                .unwrap_or_else(|err| panic!("queue entry {} holds no change: {err}", e.id));
+            assert_eq!(
+                change.hash().to_string(),
+                h.hash,
+                "{c}/{id}, entry {}",
+                e.id
+            );
+            assert_eq!(
+                e.operation.as_str(),
+                h.operation,
+                "{c}/{id}, entry {}",
+                e.id
+            );
+            assert_eq!(h.device, TEST_DEVICE, "{c}/{id}");
+        }
+    }
+}
+
+/// The same value with its numbers in the other kind: integers become floats, integral floats
+/// (below 2^53) integers, and zeros change sign; everything else stays. What a loose comparison
+/// of numbers takes for the same value, `json_difference` does not.
+pub fn look_alike(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::{Value, json};
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or_default();
+            if f == 0.0 {
+                json!(-f)
+            } else if f.fract() == 0.0 && f.abs() < 9e15 {
+                json!(f as i64)
+            } else {
+                v.clone()
+            }
+        }
+        Value::Number(n) => json!(n.as_f64().unwrap_or_default()),
+        Value::Array(items) => Value::Array(items.iter().map(look_alike).collect()),
+        Value::Object(m) => {
+            Value::Object(m.iter().map(|(k, v)| (k.clone(), look_alike(v))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// The storage engine under a `TestStore`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Engine {
+    /// sled in a temp dir.
+    Sled,
+    /// `MemoryKv`, whose crash loses everything not flushed.
+    Memory,
+}
+
+/// A store for `TEST_DEVICE` that a test can close and open again, or crash.
+pub struct TestStore {
+    pub engine: Engine,
+    pub clock: std::sync::Arc<StepClock>,
+    dir: tempfile::TempDir,
+    memory: ferry::store::kv::MemoryKv,
+    options: ferry::store::StoreOptions,
+    store: Option<ferry::store::Store>,
+}
+
+impl TestStore {
+    pub fn new(engine: Engine, options: ferry::store::StoreOptions) -> TestStore {
+        let mut t = TestStore {
+            engine,
+            clock: StepClock::new(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            memory: ferry::store::kv::MemoryKv::new(),
+            options,
+            store: None,
+        };
+        t.open();
+        t
+    }
+
+    fn open(&mut self) {
+        let kv: Box<dyn ferry::store::kv::Kv> = match self.engine {
+            Engine::Sled => Box::new(open_sled(self.dir.path())),
+            Engine::Memory => Box::new(self.memory.clone()),
+        };
+        self.store = Some(open_test_store(kv, self.options.clone(), &self.clock));
+    }
+
+    pub fn store(&self) -> &ferry::store::Store {
+        self.store.as_ref().expect("the store is open")
+    }
+
+    /// A clean stop (flush, close) and a new store over the same data.
+    pub fn reopen(&mut self) {
+        self.store().flush().expect("flush");
+        self.store = None;
+        self.open();
+    }
+
+    /// A power cut and a restart: `MemoryKv` loses whatever was not flushed; sled, which cannot
+    /// be cut off in-process, gets a clean reopen. True when unflushed data was dropped.
+    pub fn crash(&mut self) -> bool {
+        match self.engine {
+            Engine::Sled => {
+                self.reopen();
+                false
+            }
+            Engine::Memory => {
+                self.store = None;
+                self.memory.crash();
+                self.open();
+                true
+            }
+        }
+    }
+}
