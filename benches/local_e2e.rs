@@ -128,8 +128,10 @@ impl Options {
         if !(1..=1000).contains(&o.page) {
             return Err("--page must be 1 to 1000 (the daemon's max_list_limit)".into());
         }
-        if o.connections == 0 || o.records.contains(&0) {
-            return Err("--connections and --records must be at least 1".into());
+        if o.connections == 0 || o.records.contains(&0) || o.reads == 0 || o.singles == Some(0) {
+            return Err(
+                "--records, --singles, --connections and --reads must be at least 1".into(),
+            );
         }
         Ok(o)
     }
@@ -365,11 +367,14 @@ fn import_rpc(client: &mut Client, n: u64, batch: u64) -> Value {
 fn single_writes(daemon: &Running, first: u64, count: u64, connections: u64) -> Value {
     check_interrupted();
     let per = count.div_ceil(connections);
+    // Connected before any worker starts: a worker must never wait at the barrier for one
+    // that will not come.
+    let clients: Vec<Client> = (0..connections).map(|_| daemon.client()).collect();
     let barrier = std::sync::Barrier::new(connections as usize + 1);
     let (mut samples, elapsed) = std::thread::scope(|s| {
         let workers: Vec<_> = (0..connections)
-            .map(|c| {
-                let mut client = daemon.client();
+            .zip(clients)
+            .map(|(c, mut client)| {
                 let barrier = &barrier;
                 s.spawn(move || {
                     let from = first + c * per;
