@@ -1,27 +1,19 @@
 //! Criterion benchmarks of the local write and read hot paths: building a record document,
-//! saving and loading it, and a store write on the in-memory engine and on sled.
+//! saving and loading it, and a store write on the in-memory engine and on sled. Records have the
+//! shape every benchmark uses (`workload::record_fields`).
+
+mod workload;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use ferry::record::{Fields, Record};
 use ferry::store::kv::{MemoryKv, SledKv};
 use ferry::store::{Store, StoreOptions, SystemClock, Write};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::hint::black_box;
 use std::sync::Arc;
+use workload::record_fields as fields;
 
 const DEVICE: &str = "0123456789abcdef0123456789abcdef";
-
-fn fields(n: u64) -> Fields {
-    let v = json!({
-        "s1": format!("name-{n:015}"), "s2": "some street name 12", "s3": "a city called x",
-        "s4": "customer@example.com", "s5": "notes about it here",
-        "i1": n, "i2": n * 7, "i3": 42, "i4": -5, "i5": 1_700_000_000
-    });
-    match v {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
-}
 
 fn actor() -> automerge::ActorId {
     automerge::ActorId::from(&[7u8; 16][..])

@@ -1,0 +1,703 @@
+//! End-to-end local benchmark: real `ferry daemon` processes on real sled stores in temp dirs,
+//! driven through the Unix socket exactly as apps drive them.
+//!
+//! For each record count N it measures: `import` through the socket (the JSON-RPC method, and
+//! the `ferry import FILE` command with and without a daemon), single durable `put`s on one
+//! connection and on several at once (group commit), random `get`s, paging with `list`, the
+//! store's size on disk per record, and the daemon's resident memory.
+//!
+//! `cargo bench --bench local_e2e [-- --records 10000 --records 100000 --batch 2000 ...]`
+//! prints one JSON object per N on standard output and a summary on standard error; see
+//! benches/README.md. Without `--bench` (as `cargo test --all-targets` runs it) it does a quick
+//! smoke run of every phase on a few hundred records.
+//!
+//! Daemons never outlive the benchmark: each one is a guard that kills it when dropped (also
+//! while a panic unwinds), and SIGINT/SIGTERM/SIGHUP stop every running daemon before the
+//! benchmark itself stops.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod workload;
+
+use common::{Daemon, Device};
+use ferry::ipc::Client;
+use serde_json::{Value, json};
+use std::io::Write as _;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+use workload::{COLLECTION, Rng, import_record, record_fields, record_id};
+
+const USAGE: &str = "\
+usage: cargo bench --bench local_e2e -- [OPTIONS]
+
+  --records N       records per run; repeat for several runs (default: 10000 and 100000)
+  --batch N         records per `import` call, and `ferry import --batch` (default 2000)
+  --singles N       single `put` calls, on one connection and again spread over the
+                    concurrent connections (default: min(N, 10000))
+  --connections N   concurrent connections for the group-commit run (default 4)
+  --reads N         random `get` calls (default 10000)
+  --page N          records per `list` page (default 100)
+  --seed N          seed of the random reads (default: FERRY_BENCH_SEED, else from the clock)
+  --skip-cli        skip the two `ferry import FILE` runs
+  --config FILE     use FILE as every device's config.toml (default: `ferry init`'s)";
+
+struct Options {
+    records: Vec<u64>,
+    batch: u64,
+    singles: Option<u64>,
+    connections: u64,
+    reads: u64,
+    page: u64,
+    seed: u64,
+    skip_cli: bool,
+    config: Option<std::path::PathBuf>,
+    smoke: bool,
+}
+
+impl Options {
+    fn parse() -> Result<Options, String> {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        // `cargo bench` passes `--bench`; without it this is a test run: a quick smoke pass.
+        let smoke = !args.iter().any(|a| a == "--bench");
+        let seed = match std::env::var("FERRY_BENCH_SEED") {
+            Ok(s) => s
+                .parse()
+                .map_err(|_| format!("FERRY_BENCH_SEED={s:?} is not a number"))?,
+            Err(_) => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+        };
+        let mut o = Options {
+            records: Vec::new(),
+            batch: 2000,
+            singles: None,
+            connections: 4,
+            reads: 10_000,
+            page: 100,
+            seed,
+            skip_cli: false,
+            config: None,
+            smoke,
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut value = |name: &str| -> Result<u64, String> {
+                let v = it.next().ok_or(format!("{name} needs a value"))?;
+                v.parse()
+                    .map_err(|_| format!("{name} {v:?}: expected a whole number"))
+            };
+            match arg.as_str() {
+                "--bench" => {}
+                "--records" => o.records.push(value(arg)?),
+                "--batch" => o.batch = value(arg)?,
+                "--singles" => o.singles = Some(value(arg)?),
+                "--connections" => o.connections = value(arg)?,
+                "--reads" => o.reads = value(arg)?,
+                "--page" => o.page = value(arg)?,
+                "--seed" => o.seed = value(arg)?,
+                "--skip-cli" => o.skip_cli = true,
+                "--config" => {
+                    let file = it.next().ok_or("--config needs a file")?;
+                    let text = std::fs::read_to_string(file)
+                        .map_err(|e| format!("--config {file}: {e}"))?;
+                    ferry::config::Config::parse(&text, std::path::Path::new(file))
+                        .map_err(|e| format!("--config {file}: {e}"))?;
+                    o.config = Some(file.into());
+                }
+                "--help" | "-h" => return Err(String::new()),
+                // A test run may get the test harness's own arguments: not ours to refuse.
+                _ if smoke => eprintln!("local_e2e: ignoring argument {arg:?} in a test run"),
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        if o.smoke {
+            o.records = vec![300];
+            o.batch = o.batch.min(100);
+            o.singles = Some(o.singles.unwrap_or(40).min(40));
+            o.reads = o.reads.min(100);
+            o.page = o.page.min(50);
+        } else if o.records.is_empty() {
+            o.records = vec![10_000, 100_000];
+        }
+        // ipc.max_import_records and ipc.max_list_limit, at their defaults.
+        if !(1..=10_000).contains(&o.batch) {
+            return Err("--batch must be 1 to 10000 (the daemon's max_import_records)".into());
+        }
+        if !(1..=1000).contains(&o.page) {
+            return Err("--page must be 1 to 1000 (the daemon's max_list_limit)".into());
+        }
+        if o.connections == 0 || o.records.contains(&0) || o.reads == 0 || o.singles == Some(0) {
+            return Err(
+                "--records, --singles, --connections and --reads must be at least 1".into(),
+            );
+        }
+        Ok(o)
+    }
+}
+
+fn main() {
+    let options = match Options::parse() {
+        Ok(o) => o,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("local_e2e: {e}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    install_signal_handlers();
+    eprintln!(
+        "local_e2e: {} build, ferry binary {}, seed {} (replay with FERRY_BENCH_SEED={})",
+        if cfg!(debug_assertions) {
+            "DEBUG (numbers are not meaningful)"
+        } else {
+            "release"
+        },
+        common::ferry_bin(),
+        options.seed,
+        options.seed
+    );
+    for &n in &options.records {
+        let result = run(n, &options);
+        println!("{result}");
+        summarize(&result);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Daemons that cannot outlive the benchmark.
+
+/// Pids of running daemons, for the signal handler. Zero is a free slot.
+static DAEMON_PIDS: [AtomicI32; 8] = [const { AtomicI32::new(0) }; 8];
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    for slot in &DAEMON_PIDS {
+        let pid = slot.load(Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: kill(2) is async-signal-safe; the pid is a child we have not reaped yet.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP every daemon is asked to stop; the benchmark then fails at its
+/// next step and unwinds, which waits for the daemons and removes the temp dirs.
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only touches atomics and calls kill(2), both async-signal-safe.
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
+}
+
+fn check_interrupted() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        panic!("interrupted by a signal: stopping (the daemons were asked to stop)");
+    }
+}
+
+/// A running daemon, registered with the signal handler; killed when dropped.
+struct Running {
+    daemon: Option<Daemon>,
+    slot: usize,
+}
+
+impl Running {
+    fn start(device: &Device) -> Running {
+        check_interrupted();
+        let daemon = device.start_daemon();
+        let pid = daemon.child.id() as i32;
+        let slot = DAEMON_PIDS
+            .iter()
+            .position(|s| {
+                s.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            })
+            .expect("a free daemon slot");
+        Running {
+            daemon: Some(daemon),
+            slot,
+        }
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("running")
+    }
+
+    fn pid(&self) -> u32 {
+        self.daemon().child.id()
+    }
+
+    fn client(&self) -> Client {
+        self.daemon().client()
+    }
+
+    /// SIGTERM and wait for the clean exit (the store is flushed).
+    fn stop(mut self) -> ExitStatus {
+        DAEMON_PIDS[self.slot].store(0, Ordering::SeqCst);
+        self.daemon.take().expect("running").terminate()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        DAEMON_PIDS[self.slot].store(0, Ordering::SeqCst);
+        // Dropping the daemon SIGKILLs it and reaps it.
+        drop(self.daemon.take());
+    }
+}
+
+/// One JSON-RPC call that must succeed.
+fn call(client: &mut Client, method: &str, params: Value) -> Value {
+    match client.call(method, params) {
+        Ok(v) => v,
+        Err(e) => {
+            check_interrupted();
+            panic!("{method} failed: {e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements.
+
+/// Latency percentiles in microseconds (nearest rank).
+fn latency(samples: &mut [Duration]) -> Value {
+    assert!(!samples.is_empty(), "no samples");
+    samples.sort_unstable();
+    let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
+    let rank =
+        |p: f64| samples[((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1];
+    let total: Duration = samples.iter().sum();
+    json!({
+        "p50": us(rank(0.50)),
+        "p99": us(rank(0.99)),
+        "max": us(samples[samples.len() - 1]),
+        "mean": us(total / samples.len() as u32),
+    })
+}
+
+fn per_second(count: u64, elapsed: Duration) -> u64 {
+    (count as f64 / elapsed.as_secs_f64().max(1e-9)).round() as u64
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+/// (VmRSS, VmHWM) of a process, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// (bytes allocated on disk, as `du` counts them; apparent bytes) of a directory tree.
+fn disk_usage(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("cannot stat {}: {e}", path.display()));
+    let mut total = (meta.blocks() * 512, meta.len());
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).expect("read dir") {
+            let (du, apparent) = disk_usage(&entry.expect("dir entry").path());
+            total.0 += du;
+            total.1 += apparent;
+        }
+    }
+    total
+}
+
+fn documents(client: &mut Client) -> (u64, u64) {
+    let status = call(client, "status", json!({}));
+    (
+        status["documents"].as_u64().expect("status.documents"),
+        status["store_bytes"].as_u64().expect("status.store_bytes"),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The phases.
+
+/// `import` calls of `batch` records each over one connection.
+fn import_rpc(client: &mut Client, n: u64, batch: u64) -> Value {
+    let mut batches = Vec::new();
+    let started = Instant::now();
+    let mut next = 0;
+    while next < n {
+        check_interrupted();
+        let end = (next + batch).min(n);
+        let records: Vec<Value> = (next..end).map(import_record).collect();
+        let t = Instant::now();
+        let r = call(client, "import", json!({ "records": records }));
+        batches.push(t.elapsed());
+        assert_eq!(r["imported"], json!(end - next), "import reply: {r}");
+        next = end;
+    }
+    let elapsed = started.elapsed();
+    json!({
+        "records": n,
+        "batch": batch,
+        "seconds": secs(elapsed),
+        "records_per_s": per_second(n, elapsed),
+        "batch_latency_us": latency(&mut batches),
+    })
+}
+
+/// `count` single `put`s of new records numbered from `first`, one at a time on each of
+/// `connections` connections at once; each returns only once its write is durable.
+fn single_writes(daemon: &Running, first: u64, count: u64, connections: u64) -> Value {
+    check_interrupted();
+    let per = count.div_ceil(connections);
+    // Connected before any worker starts: a worker must never wait at the barrier for one
+    // that will not come.
+    let clients: Vec<Client> = (0..connections).map(|_| daemon.client()).collect();
+    let barrier = std::sync::Barrier::new(connections as usize + 1);
+    let (mut samples, elapsed) = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..connections)
+            .zip(clients)
+            .map(|(c, mut client)| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let from = first + c * per;
+                    let to = (from + per).min(first + count);
+                    let mut samples = Vec::with_capacity(per as usize);
+                    barrier.wait();
+                    for i in from..to {
+                        let params = json!({
+                            "collection": COLLECTION, "id": record_id(i), "fields": record_fields(i)
+                        });
+                        let t = Instant::now();
+                        call(&mut client, "put", params);
+                        samples.push(t.elapsed());
+                    }
+                    samples
+                })
+            })
+            .collect();
+        barrier.wait();
+        let started = Instant::now();
+        let mut samples = Vec::new();
+        for w in workers {
+            samples.extend(w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        (samples, started.elapsed())
+    });
+    assert_eq!(samples.len() as u64, count, "every put was answered");
+    json!({
+        "writes": count,
+        "connections": connections,
+        "seconds": secs(elapsed),
+        "writes_per_s": per_second(count, elapsed),
+        "latency_us": latency(&mut samples),
+    })
+}
+
+/// `reads` `get`s of random records among the first `n` (all of which exist).
+fn random_gets(client: &mut Client, n: u64, reads: u64, seed: u64) -> Value {
+    check_interrupted();
+    let mut rng = Rng::new(seed);
+    let mut samples = Vec::with_capacity(reads as usize);
+    let started = Instant::now();
+    for _ in 0..reads {
+        let k = rng.below(n);
+        let id = record_id(k);
+        let t = Instant::now();
+        let r = call(client, "get", json!({ "collection": COLLECTION, "id": id }));
+        samples.push(t.elapsed());
+        assert_eq!(r["fields"]["i1"], json!(k), "get {id} returned {r}");
+    }
+    let elapsed = started.elapsed();
+    json!({
+        "gets": reads,
+        "seconds": secs(elapsed),
+        "gets_per_s": per_second(reads, elapsed),
+        "latency_us": latency(&mut samples),
+    })
+}
+
+/// The whole collection, page after page of `list`.
+fn list_all(client: &mut Client, expected: u64, page: u64) -> Value {
+    check_interrupted();
+    let mut samples = Vec::new();
+    let mut after = Value::Null;
+    let mut seen = 0;
+    let started = Instant::now();
+    loop {
+        let mut params = json!({ "collection": COLLECTION, "limit": page });
+        if !after.is_null() {
+            params["after"] = after.clone();
+        }
+        let t = Instant::now();
+        let r = call(client, "list", params);
+        samples.push(t.elapsed());
+        seen += r["records"].as_array().expect("list.records").len() as u64;
+        after = r["next"].clone();
+        if after.is_null() {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(seen, expected, "list returned every record once");
+    json!({
+        "page": page,
+        "pages": samples.len(),
+        "records": seen,
+        "seconds": secs(elapsed),
+        "records_per_s": per_second(seen, elapsed),
+        "page_latency_us": latency(&mut samples),
+    })
+}
+
+/// `ferry --json import FILE --batch B` on a fresh device, with a daemon (through its socket)
+/// or without (the command opens the store itself).
+fn import_cli(file: &Path, n: u64, o: &Options, with_daemon: bool) -> Value {
+    let batch = o.batch;
+    let device = new_device(o);
+    let daemon = with_daemon.then(|| Running::start(&device));
+    check_interrupted();
+    let batch_arg = batch.to_string();
+    let file_arg = file.to_str().expect("UTF-8 temp path");
+    let started = Instant::now();
+    let out = device.ferry(&["--json", "import", file_arg, "--batch", &batch_arg]);
+    let elapsed = started.elapsed();
+    check_interrupted();
+    assert!(
+        out.status.success(),
+        "ferry import failed: {}",
+        common::stderr(&out)
+    );
+    let reply: Value = serde_json::from_str(&common::stdout(&out)).expect("import --json output");
+    assert_eq!(reply["imported"], json!(n), "ferry import: {reply}");
+    let mut result = json!({
+        "records": n,
+        "batch": batch,
+        "daemon": with_daemon,
+        "seconds": secs(elapsed),
+        "records_per_s": per_second(n, elapsed),
+        "command_reported_seconds": reply["seconds"],
+    });
+    if let Some(daemon) = daemon {
+        let (rss, hwm) = memory_kib(daemon.pid());
+        result["daemon_rss_kib"] = json!({ "current": rss, "peak": hwm });
+        let mut client = daemon.client();
+        assert_eq!(documents(&mut client).0, n, "documents after ferry import");
+        drop(client);
+        let status = daemon.stop();
+        assert!(status.success(), "daemon exit: {status}");
+    }
+    result
+}
+
+/// A fresh device, with the `--config` file when one was given.
+fn new_device(o: &Options) -> Device {
+    let device = Device::new();
+    if let Some(config) = &o.config {
+        std::fs::copy(config, device.data_dir.join("config.toml")).expect("copy --config");
+    }
+    device
+}
+
+/// Every phase for `n` records.
+fn run(n: u64, o: &Options) -> Value {
+    eprintln!("local_e2e: N = {n}");
+    let singles = o.singles.unwrap_or(n.min(10_000));
+    let device = new_device(o);
+    let daemon = Running::start(&device);
+    let pid = daemon.pid();
+    // (phase, VmRSS, VmHWM) of the daemon after each phase.
+    let mut memory = Vec::new();
+    let mut snapshot = |phase: &str| {
+        let (rss, peak) = memory_kib(pid);
+        memory.push(json!({ "after": phase, "rss": rss, "peak": peak }));
+    };
+    snapshot("start");
+    let mut client = daemon.client();
+
+    eprintln!("  import through the socket ...");
+    let import = import_rpc(&mut client, n, o.batch);
+    snapshot("import");
+    let (docs, status_bytes) = documents(&mut client);
+    assert_eq!(docs, n, "documents after import");
+
+    eprintln!("  random gets and list pages ...");
+    let reads = random_gets(&mut client, n, o.reads, o.seed);
+    snapshot("get");
+    let list = list_all(&mut client, n, o.page);
+    snapshot("list");
+
+    eprintln!("  single writes ...");
+    let single = single_writes(&daemon, n, singles, 1);
+    snapshot("put_1_connection");
+    let concurrent = single_writes(&daemon, n + singles, singles, o.connections);
+    snapshot("put_concurrent");
+    let total = n + 2 * singles;
+    let (docs_end, status_bytes_end) = documents(&mut client);
+    assert_eq!(docs_end, total, "documents after the single writes");
+    drop(client);
+    let status = daemon.stop();
+    assert!(status.success(), "daemon exit: {status}");
+    let store = device.data_dir.join("store");
+    let (du_bytes, apparent_bytes) = disk_usage(&store);
+
+    let mut result = json!({
+        "records": n,
+        "seed": o.seed,
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "cpus": std::thread::available_parallelism().map_or(0, |p| p.get()),
+        "import_rpc": import,
+        "random_get": reads,
+        "list": list,
+        "put_1_connection": single,
+        "put_concurrent": concurrent,
+        "store": {
+            "status_store_bytes_after_import": status_bytes,
+            "status_bytes_per_record_after_import": status_bytes / n,
+            "documents_at_stop": total,
+            "status_store_bytes_at_stop": status_bytes_end,
+            "du_bytes_after_clean_stop": du_bytes,
+            "apparent_bytes_after_clean_stop": apparent_bytes,
+            "du_bytes_per_record": du_bytes / total,
+        },
+        "daemon_rss_kib": memory,
+    });
+    drop(device);
+
+    if !o.skip_cli {
+        eprintln!("  ferry import FILE ...");
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let file = tmp.path().join("records.jsonl");
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&file).expect("create jsonl"));
+        for k in 0..n {
+            writeln!(w, "{}", import_record(k)).expect("write jsonl");
+        }
+        w.flush().expect("flush jsonl");
+        drop(w);
+        result["import_cli_daemon"] = import_cli(&file, n, o, true);
+        result["import_cli_direct"] = import_cli(&file, n, o, false);
+    }
+    result
+}
+
+/// The human-readable summary of one run, on standard error.
+fn summarize(r: &Value) {
+    let n = r["records"].as_u64().unwrap_or(0);
+    let mib = |kib: &Value| kib.as_f64().unwrap_or(0.0) / 1024.0;
+    let time = |us: &Value| {
+        let us = us.as_f64().unwrap_or(0.0);
+        if us >= 1000.0 {
+            format!("{:.2} ms", us / 1000.0)
+        } else {
+            format!("{us:.0} us")
+        }
+    };
+    let lat = |v: &Value| format!("p50 {}, p99 {}", time(&v["p50"]), time(&v["p99"]));
+    let seconds = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let mut lines = vec![format!(
+        "\n== local_e2e, {n} records ({} build) ==",
+        r["build"].as_str().unwrap_or("?")
+    )];
+    let mut row = |label: String, rate: &Value, unit: &str, extra: String| {
+        lines.push(format!("{label:<36} {rate:>8} {unit:<10} {extra}"));
+    };
+    let i = &r["import_rpc"];
+    row(
+        format!("import method, batch {}", i["batch"]),
+        &i["records_per_s"],
+        "records/s",
+        format!(
+            "{:.2} s; per call {}",
+            seconds(&i["seconds"]),
+            lat(&i["batch_latency_us"])
+        ),
+    );
+    for (key, label) in [
+        ("import_cli_daemon", "ferry import FILE (daemon running)"),
+        ("import_cli_direct", "ferry import FILE (no daemon)"),
+    ] {
+        let c = &r[key];
+        if c.is_object() {
+            row(
+                label.into(),
+                &c["records_per_s"],
+                "records/s",
+                format!("{:.2} s", seconds(&c["seconds"])),
+            );
+        }
+    }
+    for key in ["put_1_connection", "put_concurrent"] {
+        let p = &r[key];
+        row(
+            format!("put x{}, {} connection(s)", p["writes"], p["connections"]),
+            &p["writes_per_s"],
+            "writes/s",
+            lat(&p["latency_us"]),
+        );
+    }
+    let g = &r["random_get"];
+    row(
+        format!("get x{}, random records", g["gets"]),
+        &g["gets_per_s"],
+        "gets/s",
+        lat(&g["latency_us"]),
+    );
+    let l = &r["list"];
+    row(
+        format!("list, {} pages of {}", l["pages"], l["page"]),
+        &l["records_per_s"],
+        "records/s",
+        format!("per page {}", lat(&l["page_latency_us"])),
+    );
+    let st = &r["store"];
+    lines.push(format!(
+        "store on disk: {} bytes/record (du of store/ after a clean stop, {} records); \
+         status.store_bytes after import: {} bytes/record",
+        st["du_bytes_per_record"],
+        st["documents_at_stop"],
+        st["status_bytes_per_record_after_import"]
+    ));
+    let memory = r["daemon_rss_kib"].as_array().cloned().unwrap_or_default();
+    let phases: Vec<String> = memory
+        .iter()
+        .map(|m| {
+            format!(
+                "{} {:.1} (peak {:.1})",
+                m["after"].as_str().unwrap_or("?"),
+                mib(&m["rss"]),
+                mib(&m["peak"])
+            )
+        })
+        .collect();
+    lines.push(format!("daemon RSS in MiB after: {}", phases.join("; ")));
+    let peak = memory.last().map_or(Value::Null, |m| m["peak"].clone());
+    if n >= 100_000 {
+        let per_100k = seconds(&i["seconds"]) * 100_000.0 / n as f64;
+        let peak_mb = mib(&peak) * 1.048_576;
+        let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+        lines.push(format!(
+            "aims: import of 100,000 records under 10 s: {} ({per_100k:.2} s); \
+             RSS under 150 MB: {} (peak {peak_mb:.1} MB)",
+            verdict(per_100k < 10.0),
+            verdict(peak_mb < 150.0)
+        ));
+    }
+    eprintln!("{}", lines.join("\n"));
+}
