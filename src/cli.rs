@@ -221,6 +221,9 @@ impl From<std::io::Error> for Failure {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Daemon | Command::Demo { .. }) {
+        daemon::limit_allocator_arenas();
+    }
     if !matches!(cli.command, Command::Daemon) {
         // Like other Unix tools, end quietly when the reader of our output goes away
         // (`ferry ls | head`) instead of failing on a broken pipe. The daemon keeps the default
@@ -306,10 +309,7 @@ fn init(ctx: &Context) -> Result<(), Failure> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::failed(format!("cannot start the async runtime: {e}")))
+    daemon::runtime().map_err(|e| Failure::failed(format!("cannot start the async runtime: {e}")))
 }
 
 fn run_daemon(ctx: &Context) -> Result<(), Failure> {

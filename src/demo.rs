@@ -22,7 +22,7 @@ pub fn run(dir: &DataDir, config: &Config, records: usize, as_json: bool) -> Res
     let daemon_dir = dir.clone();
     let daemon_config = config.clone();
     let daemon = std::thread::spawn(move || -> Result<(), String> {
-        let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+        let rt = daemon::runtime().map_err(|e| e.to_string())?;
         rt.block_on(daemon::run(
             &daemon_dir,
             &daemon_config,
