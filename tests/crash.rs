@@ -193,21 +193,7 @@ fn acknowledged_writes_survive_sigkill_at_random_points() {
     for cycle in 1..=kills {
         hint.cycle.set(cycle);
         if rng.random_ratio(1, STARTUP_KILL_ONE_IN) {
-            // Killed while opening and recovering the store, before any app could write.
-            let delay = Duration::from_micros(rng.random_range(0..=STARTUP_KILL_MAX_US));
-            let child = device
-                .command(&["daemon"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn ferry daemon");
-            let mut daemon = Daemon {
-                child,
-                socket: device.socket(),
-            };
-            std::thread::sleep(delay);
-            daemon.kill();
+            kill_during_startup(&device, &mut rng);
             stats.startup_kills += 1;
             continue;
         }
@@ -225,68 +211,15 @@ fn acknowledged_writes_survive_sigkill_at_random_points() {
             let mut call = socket_call(&mut client);
             check(&mut model, &mut call, Scope::Recent, &hint, &mut stats);
         }
-
-        let writers = rng.random_range(2..=3usize);
-        let delay = kill_delay(&mut rng);
-        let mut parts: Vec<BTreeMap<Key, Rec>> = vec![BTreeMap::new(); writers];
-        for (key, rec) in std::mem::take(&mut model.records) {
-            parts[rec.owner % writers].insert(key, rec);
-        }
-        let writer_seeds: Vec<u64> = (0..writers).map(|_| rng.random()).collect();
-        let reports: Vec<WriterReport> = std::thread::scope(|s| {
-            let handles: Vec<_> = parts
-                .into_iter()
-                .zip(writer_seeds)
-                .enumerate()
-                .map(|(slot, (records, writer_seed))| {
-                    let writer = Writer {
-                        slot,
-                        cycle,
-                        seed,
-                        rng: StdRng::seed_from_u64(writer_seed),
-                        counter: &counter,
-                        socket: daemon.socket.clone(),
-                    };
-                    s.spawn(move || writer.run(records))
-                })
-                .collect();
-            std::thread::sleep(delay);
-            daemon.kill();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("writer thread panicked"))
-                .collect()
-        });
-
-        let mut unchecked = Unchecked {
-            cycle,
-            ..Unchecked::default()
-        };
-        let mut refused = Vec::new();
-        for report in reports {
-            model.records.extend(report.records);
-            stats.writes_acked += report.acked_writes;
-            unchecked.touched.extend(report.touched);
-            unchecked.acked.extend(report.acked);
-            if let Some(f) = report.in_flight {
-                unchecked
-                    .touched
-                    .extend(f.effects.iter().map(|e| e.0.clone()));
-                unchecked.in_flight.push(f);
-                stats.in_flight += 1;
-            }
-            refused.extend(report.refused);
-        }
-        assert!(
-            refused.is_empty(),
-            "seed {seed}, kill {cycle}: the daemon refused valid writes:\n  {}\n{}",
-            refused.join("\n  "),
-            hint.text()
-        );
-        // Writes from a cycle that was not checked yet (its check came before a startup kill)
-        // cannot exist: every cycle that writes first checks the previous one.
+        // Every cycle that writes has first checked the writes before it.
         assert!(model.unchecked.is_none());
-        model.unchecked = Some(unchecked);
+        let writes = Writes {
+            cycle,
+            seed,
+            counter: &counter,
+            hint: &hint,
+        };
+        write_until_killed(&mut daemon, &writes, &mut model, &mut rng, &mut stats);
     }
 
     hint.cycle.set(kills);
@@ -304,6 +237,105 @@ fn acknowledged_writes_survive_sigkill_at_random_points() {
         stats.full_checks,
         started.elapsed()
     );
+}
+
+/// Starts the daemon and kills it after a random delay, mostly while it opens and recovers the
+/// store, before any app can write.
+fn kill_during_startup(device: &Device, rng: &mut StdRng) {
+    let delay = Duration::from_micros(rng.random_range(0..=STARTUP_KILL_MAX_US));
+    let child = device
+        .command(&["daemon"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ferry daemon");
+    let mut daemon = Daemon {
+        child,
+        socket: device.socket(),
+    };
+    std::thread::sleep(delay);
+    daemon.kill();
+}
+
+/// What the writers of one kill cycle share.
+struct Writes<'a> {
+    cycle: usize,
+    seed: u64,
+    counter: &'a AtomicU64,
+    hint: &'a ReplayHint,
+}
+
+/// Runs two or three writers against the daemon, each on its own share of the records and its own
+/// connection, and kills the daemon after a random delay. The model takes every acknowledged
+/// write; the unanswered ones wait in `model.unchecked` for the next check.
+fn write_until_killed(
+    daemon: &mut Daemon,
+    writes: &Writes,
+    model: &mut Model,
+    rng: &mut StdRng,
+    stats: &mut Stats,
+) {
+    let writers = rng.random_range(2..=3usize);
+    let delay = kill_delay(rng);
+    let mut parts: Vec<BTreeMap<Key, Rec>> = vec![BTreeMap::new(); writers];
+    for (key, rec) in std::mem::take(&mut model.records) {
+        parts[rec.owner % writers].insert(key, rec);
+    }
+    let writer_seeds: Vec<u64> = (0..writers).map(|_| rng.random()).collect();
+    let reports: Vec<WriterReport> = std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .zip(writer_seeds)
+            .enumerate()
+            .map(|(slot, (records, writer_seed))| {
+                let writer = Writer {
+                    slot,
+                    cycle: writes.cycle,
+                    seed: writes.seed,
+                    rng: StdRng::seed_from_u64(writer_seed),
+                    counter: writes.counter,
+                    socket: daemon.socket.clone(),
+                };
+                s.spawn(move || writer.run(records))
+            })
+            .collect();
+        std::thread::sleep(delay);
+        daemon.kill();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("writer thread panicked"))
+            .collect()
+    });
+
+    let mut unchecked = Unchecked {
+        cycle: writes.cycle,
+        ..Unchecked::default()
+    };
+    let mut refused = Vec::new();
+    for report in reports {
+        model.records.extend(report.records);
+        stats.writes_acked += report.acked_writes;
+        unchecked.touched.extend(report.touched);
+        unchecked.acked.extend(report.acked);
+        if let Some(f) = report.in_flight {
+            unchecked
+                .touched
+                .extend(f.effects.iter().map(|e| e.0.clone()));
+            unchecked.in_flight.push(f);
+            stats.in_flight += 1;
+        }
+        refused.extend(report.refused);
+    }
+    assert!(
+        refused.is_empty(),
+        "seed {}, kill {}: the daemon refused valid writes:\n  {}\n{}",
+        writes.seed,
+        writes.cycle,
+        refused.join("\n  "),
+        writes.hint.text()
+    );
+    model.unchecked = Some(unchecked);
 }
 
 /// When to kill, counted from the moment the writers start: some right away (while they connect
