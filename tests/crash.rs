@@ -4,6 +4,11 @@
 //! acknowledged write intact, nothing that was never written, and the SyncQueue exactly one entry
 //! per change.
 //!
+//! After a kill the next daemon recovers the store, and the writes since the last check are
+//! checked through its socket (the records they touched, the queue entries added since). Every
+//! `FULL_CHECK_EVERY` kills and at the end, the store is opened in-process and checked whole:
+//! every record, every queue entry, and that entries checked before are unchanged.
+//!
 //! `FERRY_CRASH_SEED=<u64>` replays a run's choices (operations, contents, kill delays);
 //! `FERRY_CRASH_KILLS=<n>` sets the number of kills (default 200). Where exactly a kill lands
 //! also depends on timing, so a replay hits the same kind of moments rather than the same bytes.
