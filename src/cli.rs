@@ -221,9 +221,6 @@ impl From<std::io::Error> for Failure {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Daemon | Command::Demo { .. }) {
-        daemon::limit_allocator_arenas();
-    }
     if !matches!(cli.command, Command::Daemon) {
         // Like other Unix tools, end quietly when the reader of our output goes away
         // (`ferry ls | head`) instead of failing on a broken pipe. The daemon keeps the default

@@ -44,19 +44,6 @@ pub fn socket_path(dir: &DataDir, config: &Config) -> PathBuf {
     }
 }
 
-/// Caps glibc's per-thread memory pools. By default glibc gives each thread that allocates its own
-/// arena (up to eight per core), and the daemon's blocking threads each keep freed memory in
-/// theirs: with 100,000 records, 10,000 random reads raised RSS from 140 MiB to 240 MiB while every
-/// cache stayed bounded. Two arenas keep RSS near what is actually in use, at no measurable cost
-/// on two cores. Call before any thread starts.
-pub fn limit_allocator_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 /// The daemon's async runtime. Blocking work (store calls) gets at most 32 threads: enough to keep
 /// the store and the socket busy, few enough that their stacks and allocator state stay small.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
