@@ -513,7 +513,8 @@ impl Store {
         .ok_or_else(|| not_found(&key))
     }
 
-    /// Live records of a collection in id order, starting after `after`.
+    /// Live records of a collection in id order, starting after `after`. The second value is the
+    /// `after` of the next page, or `None` when this page is the last.
     pub fn list(
         &self,
         collection: &str,
@@ -527,8 +528,10 @@ impl Store {
             None => prefix.clone(),
         };
         let end = keys::prefix_end(&prefix);
+        // One record past the page tells whether there is a next page.
+        let wanted = limit.saturating_add(1);
         let mut out = Vec::new();
-        while out.len() < limit {
+        while out.len() < wanted {
             let page = self.kv.range(&start, &end, 256)?;
             let Some((last, _)) = page.last() else { break };
             start = keys::after(last);
@@ -545,13 +548,14 @@ impl Store {
                 };
                 if let Some(v) = live {
                     out.push(v);
-                    if out.len() == limit {
+                    if out.len() == wanted {
                         break;
                     }
                 }
             }
         }
-        let next = if out.len() == limit {
+        let next = if out.len() > limit {
+            out.truncate(limit);
             out.last().map(|v| v.id.clone())
         } else {
             None
