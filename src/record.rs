@@ -260,7 +260,9 @@ impl Record {
         if let Some(name) = unset.iter().find(|k| k.starts_with('$')) {
             return Err(RecordError::ReservedField { name: name.clone() });
         }
-        for key in unset {
+        // A field both set and unset ends up set: writing over it is enough, and deleting it first
+        // would make a change even when the value is already there.
+        for key in unset.iter().filter(|k| !set.contains_key(k.as_str())) {
             if self.doc.get(ROOT, key.as_str())?.is_some() {
                 self.doc.delete(ROOT, key.as_str())?;
             }
@@ -623,6 +625,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.fields(), obj(json!({"b": 2, "c": 3})));
+        assert!(
+            r.patch(&obj(json!({"b": 2})), &["b".into()], 3)
+                .unwrap()
+                .is_none(),
+            "a field both set (to its value) and unset is left as it is"
+        );
         assert!(matches!(
             r.patch(&Fields::new(), &["$deleted".into()], 3),
             Err(RecordError::ReservedField { .. })

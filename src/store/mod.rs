@@ -668,7 +668,7 @@ impl Store {
     }
 
     /// Moves the given entries to a new state, all in one atomic batch: if any move is not
-    /// allowed, none is made. Durable after `flush`.
+    /// allowed, none is made. An id named twice is moved once. Durable after `flush`.
     pub fn queue_transition(
         &self,
         ids: &[u64],
@@ -677,7 +677,8 @@ impl Store {
         let now = self.clock.now_ms();
         let mut batch = Batch::default();
         let mut updated = Vec::with_capacity(ids.len());
-        for &id in ids {
+        let mut seen = BTreeSet::new();
+        for &id in ids.iter().filter(|&&id| seen.insert(id)) {
             let bytes = self
                 .kv
                 .get(&keys::queue(id))?
@@ -1016,6 +1017,29 @@ mod tests {
             batched.collections().unwrap(),
             single.collections().unwrap()
         );
+    }
+
+    #[test]
+    fn an_entry_named_twice_in_one_transition_moves_once() {
+        let store = open(&MemoryKv::new());
+        let applied = store
+            .write(Write::Put {
+                collection: "C".into(),
+                id: Some("1".into()),
+                fields: Fields::new(),
+            })
+            .unwrap();
+        let id = applied.queue_id.unwrap();
+        store
+            .queue_transition(&[id, id], &QueueAction::Start)
+            .unwrap();
+        let fail = QueueAction::Fail {
+            error: "network".into(),
+            max_retries: 5,
+        };
+        let moved = store.queue_transition(&[id, id], &fail).unwrap();
+        assert_eq!(moved.len(), 1);
+        assert_eq!(store.queue(None, None, 10).unwrap()[0].retry_count, 1);
     }
 
     #[test]
