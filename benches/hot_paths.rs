@@ -49,60 +49,40 @@ fn record_benches(c: &mut Criterion) {
     });
 }
 
+/// Benchmarks creating records one by one in `store`, flushing after each when `flush` is set.
+/// `n` numbers the records across benchmarks, so every write creates a new record.
+fn bench_creates(c: &mut Criterion, name: &str, store: &Store, n: &mut u64, flush: bool) {
+    c.bench_function(name, |b| {
+        b.iter(|| {
+            *n += 1;
+            let write = Write::Put {
+                collection: "Customer".into(),
+                id: Some(format!("c{n}")),
+                fields: fields(*n),
+            };
+            black_box(store.write(write).unwrap());
+            if flush {
+                store.flush().unwrap();
+            }
+        })
+    });
+}
+
 fn store_benches(c: &mut Criterion) {
-    let mem = Store::open(
-        Box::new(MemoryKv::new()),
-        DEVICE,
-        StoreOptions::default(),
-        Arc::new(SystemClock),
-    )
-    .unwrap();
+    let open = |kv: Box<dyn ferry::store::kv::Kv>| {
+        Store::open(kv, DEVICE, StoreOptions::default(), Arc::new(SystemClock)).unwrap()
+    };
     let mut n = 0;
-    c.bench_function("store/memory/create", |b| {
-        b.iter(|| {
-            n += 1;
-            mem.write(Write::Put {
-                collection: "Customer".into(),
-                id: Some(format!("c{n}")),
-                fields: fields(n),
-            })
-            .unwrap()
-        })
-    });
+    let mem = open(Box::new(MemoryKv::new()));
+    bench_creates(c, "store/memory/create", &mem, &mut n, false);
     let dir = tempfile::tempdir().unwrap();
-    let sled = Store::open(
-        Box::new(SledKv::open(dir.path(), 32 << 20).unwrap()),
-        DEVICE,
-        StoreOptions::default(),
-        Arc::new(SystemClock),
-    )
-    .unwrap();
+    let sled = open(Box::new(SledKv::open(dir.path(), 32 << 20).unwrap()));
     let first_sled_id = format!("c{}", n + 1);
-    c.bench_function("store/sled/create_unflushed", |b| {
-        b.iter(|| {
-            n += 1;
-            sled.write(Write::Put {
-                collection: "Customer".into(),
-                id: Some(format!("c{n}")),
-                fields: fields(n),
-            })
-            .unwrap()
-        })
-    });
-    c.bench_function("store/sled/create_flushed", |b| {
-        b.iter(|| {
-            n += 1;
-            sled.write(Write::Put {
-                collection: "Customer".into(),
-                id: Some(format!("c{n}")),
-                fields: fields(n),
-            })
-            .unwrap();
-            sled.flush().unwrap()
-        })
-    });
+    bench_creates(c, "store/sled/create_unflushed", &sled, &mut n, false);
+    bench_creates(c, "store/sled/create_flushed", &sled, &mut n, true);
+    let last_id = format!("c{n}");
     c.bench_function("store/sled/get_cached", |b| {
-        b.iter(|| black_box(sled.get("Customer", &format!("c{}", n)).unwrap()))
+        b.iter(|| black_box(sled.get("Customer", &last_id).unwrap()))
     });
     c.bench_function("store/sled/get_uncached", |b| {
         b.iter(|| black_box(sled.get("Customer", &first_sled_id).unwrap()))

@@ -5,9 +5,8 @@
 
 mod common;
 
-use common::{Device, TIMEOUT, ferry_bin, signal, stderr, stdout, wait_for};
+use common::{Device, FaultyKv, TIMEOUT, ferry_bin, signal, stderr, stdout, wait_for};
 use ferry::service::{Service, ServiceOptions, code};
-use ferry::store::kv::{Batch, Kv, KvError, MemoryKv, Pair};
 use ferry::store::{Store, StoreOptions, SystemClock};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -16,7 +15,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 
 // ---------------------------------------------------------------------------------------------
@@ -1141,82 +1140,9 @@ fn missing_or_corrupt_data_dirs_give_clear_errors() {
 // ---------------------------------------------------------------------------------------------
 // A full disk
 
-/// A disk that fills up: `apply` fails with `DiskFull` once the bytes stored reach `capacity`,
-/// and `flush` fails while `flush_fails` is set. Clones share the disk.
-#[derive(Clone)]
-struct FillingKv {
-    inner: MemoryKv,
-    disk: Arc<Disk>,
-}
-
-struct Disk {
-    capacity: AtomicUsize,
-    flush_fails: AtomicBool,
-}
-
-impl FillingKv {
-    fn new(capacity: usize) -> Self {
-        FillingKv {
-            inner: MemoryKv::new(),
-            disk: Arc::new(Disk {
-                capacity: AtomicUsize::new(capacity),
-                flush_fails: AtomicBool::new(false),
-            }),
-        }
-    }
-
-    fn used(&self) -> Result<usize, KvError> {
-        let all = self.inner.range(b"", &[0xff], usize::MAX)?;
-        Ok(all.iter().map(|(k, v)| k.len() + v.len()).sum())
-    }
-
-    fn free_space(&self) {
-        self.disk.capacity.store(usize::MAX, Ordering::SeqCst);
-    }
-}
-
-impl Kv for FillingKv {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.inner.get(key)
-    }
-
-    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {
-        self.inner.range(start, end, limit)
-    }
-
-    fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.inner.last_key(start, end)
-    }
-
-    fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError> {
-        self.inner.count(start, end)
-    }
-
-    fn apply(&self, batch: Batch) -> Result<(), KvError> {
-        let capacity = self.disk.capacity.load(Ordering::SeqCst);
-        if self.used()? >= capacity {
-            return Err(KvError::DiskFull(format!(
-                "No space left on device: test disk of {capacity} bytes"
-            )));
-        }
-        self.inner.apply(batch)
-    }
-
-    fn flush(&self) -> Result<(), KvError> {
-        if self.disk.flush_fails.load(Ordering::SeqCst) {
-            return Err(KvError::DiskFull("No space left on device (flush)".into()));
-        }
-        self.inner.flush()
-    }
-
-    fn size_on_disk(&self) -> Result<u64, KvError> {
-        self.inner.size_on_disk()
-    }
-}
-
 const DEVICE: &str = "00112233445566778899aabbccddeeff";
 
-fn open_service(kv: &FillingKv, daemon: bool) -> Service {
+fn open_service(kv: &FaultyKv, daemon: bool) -> Service {
     let store = Store::open(
         Box::new(kv.clone()),
         DEVICE,
@@ -1270,7 +1196,7 @@ fn queued_ids(service: &Service) -> Vec<String> {
 #[test]
 fn a_full_disk_refuses_the_write_and_keeps_everything_acknowledged() {
     for daemon in [false, true] {
-        let kv = FillingKv::new(60_000);
+        let kv = FaultyKv::new(60_000);
         let service = open_service(&kv, daemon);
         let blob = "x".repeat(1000);
 

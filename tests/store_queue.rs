@@ -6,16 +6,15 @@
 
 mod common;
 
-use common::{Engine, StepClock, TestStore, assert_queue_matches_history, open_test_store};
+use common::{
+    Engine, FaultyKv, StepClock, TestStore, assert_queue_matches_history, open_test_store,
+};
 use ferry::record::{Fields, RecordError};
-use ferry::store::kv::{Batch, Kv, KvError, MemoryKv, Pair};
 use ferry::store::{QueueAction, Store, StoreError, StoreOptions, Write};
 use ferry_proto::{
     Direction, Operation, QueueStatus, SyncLogEntry, SyncOutcome, SyncQueueEntry, TransitionError,
 };
 use serde_json::{Value, json};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 fn fields(v: Value) -> Fields {
     match v {
@@ -521,40 +520,6 @@ fn a_write_and_its_queue_entry_survive_or_vanish_together() {
     assert_queue_matches_history(m.store(), &addresses);
 }
 
-/// A storage engine whose `apply` can be made to fail, as a full or failing disk would.
-#[derive(Clone)]
-struct FailingKv {
-    inner: MemoryKv,
-    fail: Arc<AtomicBool>,
-}
-
-impl Kv for FailingKv {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.inner.get(key)
-    }
-    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {
-        self.inner.range(start, end, limit)
-    }
-    fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.inner.last_key(start, end)
-    }
-    fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError> {
-        self.inner.count(start, end)
-    }
-    fn apply(&self, batch: Batch) -> Result<(), KvError> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(KvError::Io("injected: the engine refused the batch".into()));
-        }
-        self.inner.apply(batch)
-    }
-    fn flush(&self) -> Result<(), KvError> {
-        self.inner.flush()
-    }
-    fn size_on_disk(&self) -> Result<u64, KvError> {
-        self.inner.size_on_disk()
-    }
-}
-
 fn deeper_than_default() -> Value {
     let mut v = json!(1);
     for _ in 0..40 {
@@ -570,13 +535,9 @@ fn a_batch_with_an_invalid_write_writes_nothing_and_the_store_carries_on() {
             cache_docs,
             ..StoreOptions::default()
         };
-        let fail = Arc::new(AtomicBool::new(false));
-        let kv = FailingKv {
-            inner: MemoryKv::new(),
-            fail: fail.clone(),
-        };
+        let kv = FaultyKv::new(usize::MAX);
         let clock = StepClock::new();
-        let store = open_test_store(Box::new(kv), options, &clock);
+        let store = open_test_store(Box::new(kv.clone()), options, &clock);
         let addresses = [("C", "y"), ("C", "x"), ("D", "z"), ("C", "w")];
         store.write(put("C", "y", json!({"a": 1}))).expect("put y");
         store.flush().expect("flush");
@@ -647,13 +608,13 @@ fn a_batch_with_an_invalid_write_writes_nothing_and_the_store_carries_on() {
         }
 
         // The engine refuses a valid batch: nothing is written and nothing stays cached.
-        fail.store(true, Ordering::SeqCst);
+        kv.fill_disk();
         let r = store.write_all(vec![
             patch("C", "y", json!({"b": 2}), &[]),
             put("C", "x", json!({"x": 1})),
         ]);
         assert!(matches!(r, Err(StoreError::Storage(_))), "{r:?}");
-        fail.store(false, Ordering::SeqCst);
+        kv.free_space();
         assert_eq!(snapshot(&store, &addresses), before, "cache {cache_docs}");
 
         // The records of the failed batches take new writes as if those batches never were.

@@ -3,8 +3,11 @@
 #![allow(dead_code)]
 
 use ferry::ipc::Client;
+use ferry::store::kv::{Batch, Kv, KvError, MemoryKv, Pair};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -442,5 +445,83 @@ impl TestStore {
                 true
             }
         }
+    }
+}
+
+/// An in-memory storage engine on a disk that fills up: `apply` fails with `DiskFull` once the bytes stored reach `capacity`,
+/// and `flush` fails while `flush_fails` is set. Clones share the disk.
+#[derive(Clone)]
+pub struct FaultyKv {
+    pub inner: MemoryKv,
+    pub disk: Arc<Disk>,
+}
+
+pub struct Disk {
+    pub capacity: AtomicUsize,
+    pub flush_fails: AtomicBool,
+}
+
+impl FaultyKv {
+    pub fn new(capacity: usize) -> Self {
+        FaultyKv {
+            inner: MemoryKv::new(),
+            disk: Arc::new(Disk {
+                capacity: AtomicUsize::new(capacity),
+                flush_fails: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn used(&self) -> Result<usize, KvError> {
+        let all = self.inner.range(b"", &[0xff], usize::MAX)?;
+        Ok(all.iter().map(|(k, v)| k.len() + v.len()).sum())
+    }
+
+    pub fn free_space(&self) {
+        self.disk.capacity.store(usize::MAX, Ordering::SeqCst);
+    }
+
+    /// Every later `apply` fails, as on a disk with no space left.
+    pub fn fill_disk(&self) {
+        self.disk.capacity.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Kv for FaultyKv {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.inner.get(key)
+    }
+
+    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {
+        self.inner.range(start, end, limit)
+    }
+
+    fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.inner.last_key(start, end)
+    }
+
+    fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError> {
+        self.inner.count(start, end)
+    }
+
+    fn apply(&self, batch: Batch) -> Result<(), KvError> {
+        let capacity = self.disk.capacity.load(Ordering::SeqCst);
+        if self.used()? >= capacity {
+            return Err(KvError::DiskFull(format!(
+                "No space left on device: test disk of {capacity} bytes"
+            )));
+        }
+        self.inner.apply(batch)
+    }
+
+    fn flush(&self) -> Result<(), KvError> {
+        if self.disk.flush_fails.load(Ordering::SeqCst) {
+            return Err(KvError::DiskFull("No space left on device (flush)".into()));
+        }
+        self.inner.flush()
+    }
+
+    fn size_on_disk(&self) -> Result<u64, KvError> {
+        self.inner.size_on_disk()
     }
 }
