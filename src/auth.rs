@@ -107,10 +107,6 @@ impl Identity {
             .map(|b| format!("{b:02x}"))
             .collect()
     }
-
-    pub fn signing_key(&self) -> &SigningKey {
-        &self.key
-    }
 }
 
 #[cfg(test)]

@@ -355,7 +355,7 @@ impl Record {
         names.into_iter().collect()
     }
 
-    /// Read access for callers that need Automerge itself (export, sync).
+    /// The Automerge document itself, for callers that need Automerge's own API.
     pub fn doc_mut(&mut self) -> &mut AutoCommit {
         &mut self.doc
     }

@@ -217,14 +217,6 @@ impl Store {
         &self.device_id
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.options.limits
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        self.clock.now_ms()
-    }
-
     fn lock_cache(&self) -> MutexGuard<'_, LruCache<CacheKey, Record>> {
         // Every mutation of a cached document is followed by a write or an eviction before the
         // lock is released, so a poisoned cache holds nothing half-done worth refusing.
