@@ -248,17 +248,7 @@ fn acknowledged_writes_survive_sigkill_at_random_points() {
 /// store, before any app can write.
 fn kill_during_startup(device: &Device, rng: &mut StdRng) {
     let delay = Duration::from_micros(rng.random_range(0..=STARTUP_KILL_MAX_US));
-    let child = device
-        .command(&["daemon"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn ferry daemon");
-    let mut daemon = Daemon {
-        child,
-        socket: device.socket(),
-    };
+    let mut daemon = device.spawn_daemon(Stdio::null());
     std::thread::sleep(delay);
     daemon.kill();
 }

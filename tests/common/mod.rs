@@ -88,19 +88,24 @@ impl Device {
         child.wait_with_output().expect("wait for ferry")
     }
 
-    /// Starts `ferry daemon` and waits until its socket answers.
-    pub fn start_daemon(&self) -> Daemon {
+    /// Starts `ferry daemon` without waiting for it; its standard error goes to `stderr`.
+    pub fn spawn_daemon(&self, stderr: Stdio) -> Daemon {
         let child = self
             .command(&["daemon"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("spawn ferry daemon");
-        let mut daemon = Daemon {
+        Daemon {
             child,
             socket: self.socket(),
-        };
+        }
+    }
+
+    /// Starts `ferry daemon` and waits until its socket answers.
+    pub fn start_daemon(&self) -> Daemon {
+        let mut daemon = self.spawn_daemon(Stdio::piped());
         let socket = daemon.socket.clone();
         let deadline = Instant::now() + TIMEOUT;
         loop {
