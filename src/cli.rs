@@ -16,7 +16,7 @@ use crate::service::{ApiError, Service, code};
 use base64::Engine as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
-use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::io::{BufRead as _, IsTerminal as _, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -386,7 +386,7 @@ fn full_address(address: &str) -> Result<(String, String), Failure> {
     }
 }
 
-fn read_fields(data: Option<&str>) -> Result<Value, Failure> {
+fn read_fields(data: Option<&str>, max_bytes: usize) -> Result<Value, Failure> {
     let text = match data {
         Some("-") | None => {
             if std::io::stdin().is_terminal() {
@@ -394,7 +394,14 @@ fn read_fields(data: Option<&str>) -> Result<Value, Failure> {
                     "give the fields with --data '{...}' or on standard input",
                 ));
             }
-            std::io::read_to_string(std::io::stdin())?
+            let mut text = String::new();
+            std::io::stdin()
+                .take(max_bytes as u64 + 1)
+                .read_to_string(&mut text)?;
+            if text.len() > max_bytes {
+                return Err(too_long("standard input", max_bytes));
+            }
+            text
         }
         Some(text) => text.to_owned(),
     };
@@ -409,12 +416,46 @@ fn read_fields(data: Option<&str>) -> Result<Value, Failure> {
     }
 }
 
+fn too_long(what: &str, max_bytes: usize) -> Failure {
+    Failure::usage(format!(
+        "{what} is over {max_bytes} bytes (ipc.max_message_bytes): split the data"
+    ))
+}
+
+enum LineRead {
+    Line,
+    End,
+    TooLong,
+}
+
+/// Reads the next line (without its `\n`) into `line`, refusing a line over `max_bytes` without
+/// reading it whole.
+fn read_line_bounded(
+    reader: &mut dyn std::io::BufRead,
+    line: &mut Vec<u8>,
+    max_bytes: usize,
+) -> std::io::Result<LineRead> {
+    line.clear();
+    let read = std::io::Read::take(&mut *reader, max_bytes as u64 + 1).read_until(b'\n', line)?;
+    if read == 0 {
+        return Ok(LineRead::End);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    }
+    Ok(if line.len() > max_bytes {
+        LineRead::TooLong
+    } else {
+        LineRead::Line
+    })
+}
+
 fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
     let mut backend = Backend::connect(ctx)?;
     match command {
         Command::Put { address, data } => {
             let (collection, id) = split_address(&address);
-            let fields = read_fields(data.as_deref())?;
+            let fields = read_fields(data.as_deref(), ctx.config.ipc.max_message_bytes)?;
             let r = backend.call(
                 "put",
                 json!({ "collection": collection, "id": id, "fields": fields }),
@@ -429,7 +470,7 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
             let (collection, id) = full_address(&address)?;
             let fields = match (&data, unset.is_empty()) {
                 (None, false) => json!({}),
-                _ => read_fields(data.as_deref())?,
+                _ => read_fields(data.as_deref(), ctx.config.ipc.max_message_bytes)?,
             };
             let r = backend.call(
                 "patch",
@@ -664,30 +705,43 @@ fn import(ctx: &Context, file: Option<&Path>, batch: usize) -> Result<(), Failur
     let started = Instant::now();
     let mut records = Vec::with_capacity(batch);
     let mut totals = ImportTotals::default();
-    for (n, line) in reader.lines().enumerate() {
-        let line = line?;
+    let max_bytes = ctx.config.ipc.max_message_bytes;
+    let mut reader = reader;
+    let mut line = Vec::new();
+    let mut batch_bytes = 0;
+    for n in 1.. {
+        match read_line_bounded(reader.as_mut(), &mut line, max_bytes)? {
+            LineRead::End => break,
+            LineRead::Line => {}
+            LineRead::TooLong => return Err(too_long(&format!("line {n}"), max_bytes)),
+        }
         if let Some(bar) = &progress {
             bar.inc(line.len() as u64 + 1);
         }
-        if line.trim().is_empty() {
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        let record: Value = serde_json::from_str(&line).map_err(|e| {
+        let record: Value = serde_json::from_slice(&line).map_err(|e| {
             Failure::usage(format!(
-                "line {}: not valid JSON ({e}); {} records before it were imported",
-                n + 1,
+                "line {n}: not valid JSON ({e}); {} records before it were imported",
                 totals.imported
             ))
         })?;
         if !record.is_object() {
             return Err(Failure::usage(format!(
-                "line {}: expected {{\"collection\": ..., \"id\": ..., \"fields\": {{...}}}}",
-                n + 1
+                "line {n}: expected {{\"collection\": ..., \"id\": ..., \"fields\": {{...}}}}"
             )));
         }
+        // Keep each call within the daemon's message limit (with room for the envelope).
+        if batch_bytes + line.len() + 1024 > max_bytes {
+            totals.send(&mut backend, &mut records, progress.as_ref())?;
+            batch_bytes = 0;
+        }
+        batch_bytes += line.len() + 1;
         records.push(record);
         if records.len() == batch {
             totals.send(&mut backend, &mut records, progress.as_ref())?;
+            batch_bytes = 0;
         }
     }
     totals.send(&mut backend, &mut records, progress.as_ref())?;

@@ -47,3 +47,53 @@ fn exit_codes_tell_usage_not_found_and_failure_apart() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("ferry init"), "{}", stderr(&out));
 }
+
+#[test]
+fn input_is_bounded_by_the_message_limit_and_import_splits_calls_to_fit() {
+    let dev = Device::new();
+    std::fs::write(
+        dev.data_dir.join("config.toml"),
+        "[ipc]\nmax_message_bytes = 4096\n",
+    )
+    .unwrap();
+    let daemon = dev.start_daemon();
+
+    // 100 records of ~200 bytes: 20 KB in all, five times the limit, in one batch of 1000.
+    let filler = "x".repeat(150);
+    let mut lines = String::new();
+    for i in 0..100 {
+        lines += &json!({"collection": "Note", "id": format!("n{i}"), "fields": {"text": filler}})
+            .to_string();
+        lines += "\n";
+    }
+    let out = dev.ferry_with_input(&["import", "-"], lines.as_bytes());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = dev.ferry(&["--json", "ls", "Note", "--limit", "1000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        listed["records"].as_array().map(Vec::len),
+        Some(100),
+        "{listed}"
+    );
+
+    let long_line =
+        json!({"collection": "Note", "id": "big", "fields": {"text": "y".repeat(5000)}});
+    let out = dev.ferry_with_input(&["import", "-"], format!("{long_line}\n").as_bytes());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("line 1 is over 4096 bytes"),
+        "{}",
+        stderr(&out)
+    );
+
+    let big_fields = json!({"text": "y".repeat(5000)}).to_string();
+    let out = dev.ferry_with_input(&["put", "Note/big"], big_fields.as_bytes());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("standard input is over 4096 bytes"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(daemon.terminate().success());
+}
