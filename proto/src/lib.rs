@@ -10,6 +10,7 @@
 pub mod address;
 pub mod id;
 pub mod queue;
+pub mod wire;
 
 pub use address::{AddressError, Limits, validate_collection, validate_record_id};
 pub use id::IdGenerator;

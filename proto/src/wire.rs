@@ -1,0 +1,483 @@
+//! The sync protocol's messages and their framing. `PROTOCOL.md` beside this crate is the
+//! specification; the golden vectors in `tests/vectors/` pin the bytes.
+//!
+//! A frame is `length: u32 big-endian | flags: u8 | body`, where `length` counts the flags byte
+//! and the body, and the body is one postcard-encoded [`Message`], zstd-compressed when flag bit 0
+//! is set. Every decoder here is total: any input gives a message or a [`FrameError`].
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks best.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Bytes before the body: the length and the flags.
+pub const FRAME_HEADER_BYTES: usize = 5;
+/// Bodies smaller than this are sent as they are: compressing them costs more than it saves.
+pub const COMPRESS_FROM_BYTES: usize = 512;
+/// zstd level 1: on change batches it keeps most of level 3's ratio at about twice the speed.
+const ZSTD_LEVEL: i32 = 1;
+const FLAG_ZSTD: u8 = 1;
+
+/// A space is the set of records that a group of devices share; each has its own change log.
+pub type Space = String;
+
+/// One Automerge change of one record, as a device uploads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadChange {
+    /// The device's queue entry id, echoed in the result.
+    pub entry: u64,
+    pub collection: String,
+    pub record: String,
+    /// Raw Automerge change bytes.
+    pub change: Vec<u8>,
+}
+
+/// One change in a space's log, as the relay sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Position in the space's log: 1, 2, 3, ... with no gaps.
+    pub seq: u64,
+    pub collection: String,
+    pub record: String,
+    pub change: Vec<u8>,
+}
+
+/// What the relay did with one uploaded change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeOutcome {
+    /// Durably appended to the log at `seq`.
+    Stored { seq: u64 },
+    /// The relay already had this change (at `seq`): nothing was added.
+    Duplicate { seq: u64 },
+    /// Not stored; `code` says whether trying again can help.
+    Rejected { code: ErrorCode, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeResult {
+    pub entry: u64,
+    pub outcome: ChangeOutcome,
+}
+
+/// Why a session or a change was refused. The numbers are stable (see `PROTOCOL.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// A frame could not be decoded.
+    Malformed,
+    /// No protocol version in common.
+    UnsupportedVersion,
+    /// The signature or key did not check out.
+    AuthenticationFailed,
+    /// The device may not use this space.
+    Forbidden,
+    /// A frame, batch or field is over a limit.
+    TooLarge,
+    /// A message arrived that the session's state does not allow.
+    UnexpectedMessage,
+    /// Bytes that are not a valid Automerge change, or a bad collection name or record id.
+    InvalidChange,
+    /// The change depends on changes the relay does not hold yet: upload those first.
+    MissingDependencies,
+    /// The relay is at a limit (connections, queue depth): try again later.
+    Overloaded,
+    /// The relay failed (its store, for example): try again later.
+    Internal,
+    /// The relay is stopping.
+    ShuttingDown,
+    /// The peer did not answer in time.
+    Timeout,
+}
+
+impl ErrorCode {
+    /// Whether sending the same thing again later may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::MissingDependencies
+                | ErrorCode::Overloaded
+                | ErrorCode::Internal
+                | ErrorCode::ShuttingDown
+                | ErrorCode::Timeout
+        )
+    }
+
+    /// The class of failure shown in status, logs and the SyncLog.
+    pub fn kind(self) -> ErrorKind {
+        match self {
+            ErrorCode::AuthenticationFailed | ErrorCode::Forbidden => ErrorKind::Authentication,
+            ErrorCode::Malformed
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::TooLarge
+            | ErrorCode::UnexpectedMessage
+            | ErrorCode::InvalidChange
+            | ErrorCode::MissingDependencies => ErrorKind::Validation,
+            ErrorCode::Overloaded | ErrorCode::Internal | ErrorCode::ShuttingDown => {
+                ErrorKind::Server
+            }
+            ErrorCode::Timeout => ErrorKind::Timeout,
+        }
+    }
+}
+
+/// The five classes of sync failure that status, logs and the SyncLog tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorKind {
+    Network,
+    Authentication,
+    Validation,
+    Server,
+    Timeout,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Network => "network",
+            ErrorKind::Authentication => "authentication",
+            ErrorKind::Validation => "validation",
+            ErrorKind::Server => "server",
+            ErrorKind::Timeout => "timeout",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Every message of the protocol. New variants are only ever added at the end, so that the
+/// postcard tags of the existing ones never change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Device → relay, first: who it is and which versions it speaks.
+    Hello {
+        min_version: u16,
+        max_version: u16,
+        /// The device's ed25519 public key; its device id is the first 16 bytes.
+        public_key: [u8; 32],
+        space: Space,
+        /// The device's clock, unix milliseconds: the relay reports skew.
+        time_ms: u64,
+    },
+    /// Relay → device: the version chosen and a fresh nonce to sign.
+    Challenge {
+        version: u16,
+        nonce: [u8; 32],
+        time_ms: u64,
+    },
+    /// Device → relay: an ed25519 signature over [`auth_transcript`].
+    Authenticate {
+        #[serde(with = "signature_bytes")]
+        signature: [u8; 64],
+    },
+    /// Relay → device: the session is open.
+    Welcome {
+        time_ms: u64,
+        /// The last seq in the space's log.
+        head: u64,
+        /// Largest upload batch the relay accepts, in changes.
+        max_batch_changes: u32,
+        /// Largest frame the relay accepts, in bytes.
+        max_frame_bytes: u32,
+    },
+    /// Device → relay: store these changes, in this order.
+    Upload {
+        batch: u64,
+        changes: Vec<UploadChange>,
+    },
+    /// Relay → device: one result per uploaded change, in the upload's order.
+    UploadAck {
+        batch: u64,
+        results: Vec<ChangeResult>,
+    },
+    /// Device → relay: send log entries after `since`.
+    Download { since: u64, max_changes: u32 },
+    /// Relay → device: the log from just after `after` up to and including `through`, leaving
+    /// out the receiving device's own changes. Sent as the answer to `Download`
+    /// (`pushed == false`) or on its own when new changes arrive (`pushed == true`).
+    Changes {
+        after: u64,
+        through: u64,
+        head: u64,
+        pushed: bool,
+        entries: Vec<LogEntry>,
+    },
+    /// Either side: the session ends because of this.
+    Error { code: ErrorCode, message: String },
+}
+
+impl Message {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Challenge { .. } => "Challenge",
+            Message::Authenticate { .. } => "Authenticate",
+            Message::Welcome { .. } => "Welcome",
+            Message::Upload { .. } => "Upload",
+            Message::UploadAck { .. } => "UploadAck",
+            Message::Download { .. } => "Download",
+            Message::Changes { .. } => "Changes",
+            Message::Error { .. } => "Error",
+        }
+    }
+}
+
+/// The bytes a device signs to prove it holds its key: bound to the relay's nonce, to the TLS
+/// session (`channel_binding`, from the TLS exporter; empty when there is none), to the space and
+/// to the key itself, so a signature is worth nothing anywhere else.
+pub fn auth_transcript(
+    nonce: &[u8; 32],
+    channel_binding: &[u8],
+    space: &str,
+    public_key: &[u8; 32],
+) -> Vec<u8> {
+    let mut t = Vec::with_capacity(64 + channel_binding.len() + space.len());
+    t.extend_from_slice(b"ferry-sync-auth-v1\0");
+    t.extend_from_slice(nonce);
+    t.extend_from_slice(&(channel_binding.len() as u32).to_be_bytes());
+    t.extend_from_slice(channel_binding);
+    t.extend_from_slice(&(space.len() as u32).to_be_bytes());
+    t.extend_from_slice(space.as_bytes());
+    t.extend_from_slice(public_key);
+    t
+}
+
+mod signature_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
+        let bytes: &[u8] = Deserialize::deserialize(d)?;
+        bytes
+            .try_into()
+            .map_err(|_| serde::de::Error::invalid_length(bytes.len(), &"64 bytes"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes is over the limit of {max}: send smaller batches")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame length is zero: every frame has at least a flags byte")]
+    Empty,
+    #[error("frame has unknown flags {0:#04x}: the peer speaks a newer protocol")]
+    UnknownFlags(u8),
+    #[error("frame body does not decompress: {0}")]
+    Decompress(String),
+    #[error("frame body is not a valid message: {0}")]
+    Decode(String),
+    #[error("frame body has {0} bytes left over after the message")]
+    TrailingBytes(usize),
+}
+
+impl FrameError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// Encodes `message` as one frame, compressed when that makes it at least 10% smaller.
+pub fn encode_frame(message: &Message) -> Vec<u8> {
+    let body = postcard::to_stdvec(message).expect("a Message always serializes");
+    let mut flags = 0;
+    let mut body = body;
+    if body.len() >= COMPRESS_FROM_BYTES
+        && let Ok(packed) = zstd::bulk::compress(&body, ZSTD_LEVEL)
+        && packed.len() * 10 < body.len() * 9
+    {
+        body = packed;
+        flags |= FLAG_ZSTD;
+    }
+    let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
+    frame.extend_from_slice(&((body.len() + 1) as u32).to_be_bytes());
+    frame.push(flags);
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// The length a frame header announces (flags and body), checked against `max_frame_bytes`, so
+/// that a reader can refuse a frame before reading it.
+pub fn frame_length(header: [u8; 4], max_frame_bytes: usize) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    if len > max_frame_bytes {
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_frame_bytes,
+        });
+    }
+    Ok(len)
+}
+
+/// Decodes the part of a frame after its length: the flags byte and the body. A compressed body
+/// may not decompress to more than `max_frame_bytes` either.
+pub fn decode_frame_body(frame: &[u8], max_frame_bytes: usize) -> Result<Message, FrameError> {
+    let (&flags, body) = frame.split_first().ok_or(FrameError::Empty)?;
+    if frame.len() > max_frame_bytes {
+        return Err(FrameError::TooLarge {
+            len: frame.len(),
+            max: max_frame_bytes,
+        });
+    }
+    if flags & !FLAG_ZSTD != 0 {
+        return Err(FrameError::UnknownFlags(flags));
+    }
+    let unpacked;
+    let body = if flags & FLAG_ZSTD != 0 {
+        unpacked = zstd::bulk::decompress(body, max_frame_bytes)
+            .map_err(|e| FrameError::Decompress(e.to_string()))?;
+        &unpacked[..]
+    } else {
+        body
+    };
+    let (message, rest) =
+        postcard::take_from_bytes(body).map_err(|e| FrameError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::TrailingBytes(rest.len()));
+    }
+    Ok(message)
+}
+
+/// Splits whole frames off the front of a byte stream. Used where bytes arrive in arbitrary
+/// pieces: the simulation's links, the fuzz targets.
+#[derive(Debug)]
+pub struct FrameReader {
+    buffer: Vec<u8>,
+    max_frame_bytes: usize,
+}
+
+impl FrameReader {
+    pub fn new(max_frame_bytes: usize) -> Self {
+        FrameReader {
+            buffer: Vec::new(),
+            max_frame_bytes,
+        }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next whole message, `None` when more bytes are needed. After an error the stream is
+    /// beyond repair: the session must end.
+    pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
+        let Some(header) = self.buffer.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let len = frame_length(*header, self.max_frame_bytes)?;
+        if self.buffer.len() < 4 + len {
+            return Ok(None);
+        }
+        let message = decode_frame_body(&self.buffer[4..4 + len], self.max_frame_bytes);
+        self.buffer.drain(..4 + len);
+        message.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_changes(n: u64) -> Message {
+        Message::Changes {
+            after: 0,
+            through: n,
+            head: n,
+            pushed: false,
+            entries: (1..=n)
+                .map(|seq| LogEntry {
+                    seq,
+                    collection: "Customer".into(),
+                    record: format!("c{seq}"),
+                    change: b"name email phone city country".repeat(3),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_split_anywhere() {
+        let messages = vec![
+            Message::Download {
+                since: 7,
+                max_changes: 100,
+            },
+            sample_changes(50),
+            Message::Authenticate { signature: [9; 64] },
+        ];
+        let bytes: Vec<u8> = messages.iter().flat_map(encode_frame).collect();
+        for step in [1, 3, 7, 1000] {
+            let mut reader = FrameReader::new(1 << 20);
+            let mut got = Vec::new();
+            for piece in bytes.chunks(step) {
+                reader.push(piece);
+                while let Some(m) = reader.next_message().unwrap() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, messages);
+        }
+    }
+
+    #[test]
+    fn repetitive_bodies_are_compressed_small_ones_are_not() {
+        let big = encode_frame(&sample_changes(50));
+        assert_eq!(big[4], FLAG_ZSTD);
+        let raw = postcard::to_stdvec(&sample_changes(50)).unwrap();
+        assert!(big.len() * 3 < raw.len(), "{} vs {}", big.len(), raw.len());
+        let small = encode_frame(&Message::Download {
+            since: 1,
+            max_changes: 2,
+        });
+        assert_eq!(small[4], 0);
+    }
+
+    #[test]
+    fn limits_apply_before_and_after_decompression() {
+        let frame = encode_frame(&sample_changes(200));
+        assert!(matches!(
+            frame_length(frame[..4].try_into().unwrap(), 100),
+            Err(FrameError::TooLarge { .. })
+        ));
+        // Small on the wire, large once unpacked: refused too.
+        let wire_len = frame.len() - 4;
+        assert!(matches!(
+            decode_frame_body(&frame[4..], wire_len + 10),
+            Err(FrameError::Decompress(_))
+        ));
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        assert_eq!(frame_length([0; 4], 10), Err(FrameError::Empty));
+        assert_eq!(
+            decode_frame_body(&[0x80, 0], 10),
+            Err(FrameError::UnknownFlags(0x80))
+        );
+        assert!(matches!(
+            decode_frame_body(&[0, 200], 10),
+            Err(FrameError::Decode(_))
+        ));
+        let mut frame = encode_frame(&Message::Download {
+            since: 1,
+            max_changes: 2,
+        });
+        frame.push(0);
+        assert_eq!(
+            decode_frame_body(&frame[4..], 100),
+            Err(FrameError::TrailingBytes(1))
+        );
+    }
+}
