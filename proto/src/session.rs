@@ -1,0 +1,1114 @@
+//! The sync session state machines: one [`DeviceSession`] on a device and one [`RelaySession`] on
+//! the relay per connection. They decide what to send, what to store or apply and when a session
+//! is over; they never do it themselves.
+//!
+//! Both are driven the same way: feed them what happened (`handle_message` for a message received,
+//! `handle_timeout` with the current time, and the answers to the effects they asked for), then
+//! drain `poll_transmit` (messages to send, in order), `poll_effect` (work for the driver: load an
+//! upload batch, record its results, apply or read log entries, store changes) and `poll_event`
+//! (things to report). `poll_timeout` says when to call `handle_timeout` next. Every answer to an
+//! effect must be given, even after the session closed, so that no queue entry is left behind.
+//!
+//! Must not touch: sockets, storage, clocks, threads or randomness. Time (`now`, unix
+//! milliseconds) and the relay's nonce are arguments, so a whole multi-device run replays exactly.
+
+use std::collections::VecDeque;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+
+use crate::wire::{
+    ChangeOutcome, ChangeResult, ErrorCode, ErrorKind, LogEntry, MIN_PROTOCOL_VERSION, Message,
+    PROTOCOL_VERSION, UploadChange, auth_transcript,
+};
+
+/// The longest space name the relay accepts, in bytes.
+pub const MAX_SPACE_BYTES: usize = 128;
+
+/// The device id that goes with a public key: hex of its first 16 bytes.
+pub fn device_id(public_key: &[u8; 32]) -> String {
+    public_key[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Limits and deadlines of a session. The relay announces its own in `Welcome`; a device uses the
+/// smaller of its own and the relay's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// From connection to `Welcome`.
+    pub handshake_timeout_ms: u64,
+    /// Longest wait for the answer to an `Upload` or a `Download`.
+    pub request_timeout_ms: u64,
+    /// Most changes in one `Upload`.
+    pub max_batch_changes: u32,
+    /// Most bytes of change data a device puts in one `Upload`, well under the frame limit.
+    pub max_batch_bytes: usize,
+    /// Largest frame either side sends or accepts.
+    pub max_frame_bytes: u32,
+    /// Most log entries asked for (device) or sent (relay) in one `Changes`.
+    pub max_download_changes: u32,
+    /// Pushes a device holds while it applies earlier changes; beyond this it drops them and
+    /// downloads instead, so a slow disk cannot make memory grow.
+    pub max_buffered_pushes: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            handshake_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            max_batch_changes: 1_000,
+            max_batch_bytes: 4 << 20,
+            max_frame_bytes: 8 << 20,
+            max_download_changes: 2_000,
+            max_buffered_pushes: 64,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("the peer ended the session ({code:?}): {message}")]
+    Remote { code: ErrorCode, message: String },
+    #[error("the peer broke the protocol ({code:?}): {message}")]
+    Protocol { code: ErrorCode, message: String },
+    #[error("the peer did not answer in time ({0}): check the network, then sync again")]
+    Timeout(&'static str),
+    #[error("the connection was lost: {0}")]
+    ConnectionLost(String),
+    #[error("this side ended the session")]
+    Ended,
+}
+
+impl SessionError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SessionError::Remote { code, .. } | SessionError::Protocol { code, .. } => code.kind(),
+            SessionError::Timeout(_) => ErrorKind::Timeout,
+            SessionError::ConnectionLost(_) | SessionError::Ended => ErrorKind::Network,
+        }
+    }
+
+    /// The words stored in a queue entry's `last_error` and in the SyncLog: kind first.
+    pub fn describe(&self) -> String {
+        format!("{}: {self}", self.kind())
+    }
+}
+
+/// Work a device session asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceEffect {
+    /// Take the next pending queue entries (highest priority first), mark them processing, and
+    /// hand them to [`DeviceSession::upload`] (an empty batch means the queue is drained).
+    LoadUploadBatch { max_changes: u32, max_bytes: usize },
+    /// Record the relay's answer for each entry of the batch, durably, then call
+    /// [`DeviceSession::upload_recorded`].
+    RecordUploadResults {
+        batch: u64,
+        results: Vec<ChangeResult>,
+    },
+    /// The batch will get no answer: put its entries back (or fail them after too many tries).
+    AbandonUpload { entries: Vec<u64>, error: String },
+    /// Apply these log entries and advance the download cursor to `through`, durably and in one
+    /// step, then call [`DeviceSession::applied`].
+    Apply {
+        after: u64,
+        through: u64,
+        entries: Vec<LogEntry>,
+    },
+}
+
+/// What a device session reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// The relay accepted the device: initialization is over.
+    Authenticated {
+        version: u16,
+        relay_time_ms: u64,
+        relay_head: u64,
+    },
+    /// A batch was uploaded and its results recorded.
+    Uploaded {
+        batch: u64,
+        stored: usize,
+        duplicate: usize,
+        rejected: usize,
+    },
+    /// Log entries were applied; the cursor is now `through`.
+    Downloaded {
+        through: u64,
+        relay_head: u64,
+        entries: usize,
+    },
+    /// Nothing to upload and nothing known to download: this device holds everything the relay
+    /// had announced, and the relay holds every local change.
+    Idle {
+        cursor: u64,
+    },
+    Closed {
+        error: Option<SessionError>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handshake {
+    AwaitChallenge,
+    AwaitWelcome,
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Upload {
+    Idle,
+    Loading,
+    InFlight {
+        batch: u64,
+        entries: Vec<u64>,
+        deadline: u64,
+    },
+    Recording,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Download {
+    Idle,
+    InFlight { since: u64, deadline: u64 },
+    Applying { through: u64, entries: usize },
+}
+
+struct Pushed {
+    after: u64,
+    through: u64,
+    entries: Vec<LogEntry>,
+}
+
+/// A device's side of one connection to the relay.
+pub struct DeviceSession {
+    config: SessionConfig,
+    key: SigningKey,
+    space: String,
+    channel_binding: Vec<u8>,
+    handshake: Handshake,
+    handshake_deadline: u64,
+    upload: Upload,
+    /// Local changes arrived since the last batch was loaded.
+    upload_dirty: bool,
+    upload_drained: bool,
+    next_batch: u64,
+    download: Download,
+    /// Everything up to here is applied and durable.
+    cursor: u64,
+    /// The relay's last announced head.
+    relay_head: u64,
+    pushes: VecDeque<Pushed>,
+    /// A push was missed or dropped: download once the current work is done.
+    resync: bool,
+    idle_reported: bool,
+    transmits: VecDeque<Message>,
+    effects: VecDeque<DeviceEffect>,
+    events: VecDeque<DeviceEvent>,
+}
+
+impl DeviceSession {
+    /// Starts a session on a fresh connection: `cursor` is the device's durable download cursor,
+    /// `channel_binding` the connection's TLS exporter value.
+    pub fn new(
+        config: SessionConfig,
+        key: SigningKey,
+        space: String,
+        channel_binding: Vec<u8>,
+        cursor: u64,
+        now: u64,
+    ) -> Self {
+        let hello = Message::Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            public_key: key.verifying_key().to_bytes(),
+            space: space.clone(),
+            time_ms: now,
+        };
+        DeviceSession {
+            handshake_deadline: now.saturating_add(config.handshake_timeout_ms),
+            config,
+            key,
+            space,
+            channel_binding,
+            handshake: Handshake::AwaitChallenge,
+            upload: Upload::Idle,
+            upload_dirty: true,
+            upload_drained: false,
+            next_batch: 1,
+            download: Download::Idle,
+            cursor,
+            relay_head: 0,
+            pushes: VecDeque::new(),
+            resync: false,
+            idle_reported: false,
+            transmits: VecDeque::from([hello]),
+            effects: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.handshake == Handshake::Open
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.handshake == Handshake::Closed
+    }
+
+    /// The durable download cursor as this session knows it.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// The relay's head as last announced.
+    pub fn relay_head(&self) -> u64 {
+        self.relay_head
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Message> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_effect(&mut self) -> Option<DeviceEffect> {
+        self.effects.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<DeviceEvent> {
+        self.events.pop_front()
+    }
+
+    /// The earliest time at which `handle_timeout` has something to do.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match self.handshake {
+            Handshake::Closed => None,
+            Handshake::AwaitChallenge | Handshake::AwaitWelcome => Some(self.handshake_deadline),
+            Handshake::Open => {
+                let upload = match self.upload {
+                    Upload::InFlight { deadline, .. } => Some(deadline),
+                    _ => None,
+                };
+                let download = match self.download {
+                    Download::InFlight { deadline, .. } => Some(deadline),
+                    _ => None,
+                };
+                upload.into_iter().chain(download).min()
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: u64) {
+        let expired = |deadline: u64| now >= deadline;
+        let what = match (&self.handshake, &self.upload, &self.download) {
+            (Handshake::Closed, ..) => return,
+            (Handshake::AwaitChallenge | Handshake::AwaitWelcome, ..) => {
+                if !expired(self.handshake_deadline) {
+                    return;
+                }
+                "handshake"
+            }
+            (_, Upload::InFlight { deadline, .. }, _) if expired(*deadline) => "upload",
+            (_, _, Download::InFlight { deadline, .. }) if expired(*deadline) => "download",
+            _ => return,
+        };
+        self.close(SessionError::Timeout(what), Some(ErrorCode::Timeout));
+    }
+
+    /// New local writes are waiting: upload them once the current batch is done.
+    pub fn local_changes(&mut self) {
+        self.upload_dirty = true;
+        self.idle_reported = false;
+        self.start_upload();
+    }
+
+    /// Sync now: upload what is pending and ask the relay for anything new, then report `Idle`.
+    pub fn sync_now(&mut self, now: u64) {
+        self.local_changes();
+        self.resync = true;
+        self.start_download(now);
+    }
+
+    /// The connection failed under the session.
+    pub fn connection_lost(&mut self, reason: String) {
+        self.close(SessionError::ConnectionLost(reason), None);
+    }
+
+    /// Ends the session from this side (the daemon stops, for example).
+    pub fn shut_down(&mut self) {
+        self.close(SessionError::Ended, None);
+    }
+
+    /// The answer to `LoadUploadBatch`: the entries now marked processing.
+    pub fn upload(&mut self, changes: Vec<UploadChange>, now: u64) {
+        if self.upload != Upload::Loading || self.handshake != Handshake::Open {
+            // The session closed while the batch was loading: hand the entries straight back.
+            if !changes.is_empty() {
+                self.effects.push_back(DeviceEffect::AbandonUpload {
+                    entries: changes.iter().map(|c| c.entry).collect(),
+                    error: self.closed_reason(),
+                });
+            }
+            return;
+        }
+        if changes.is_empty() {
+            self.upload = Upload::Idle;
+            if self.upload_dirty {
+                self.start_upload();
+            } else {
+                self.upload_drained = true;
+                self.check_idle();
+            }
+            return;
+        }
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        self.upload = Upload::InFlight {
+            batch,
+            entries: changes.iter().map(|c| c.entry).collect(),
+            deadline: now.saturating_add(self.config.request_timeout_ms),
+        };
+        self.transmits.push_back(Message::Upload { batch, changes });
+    }
+
+    /// The answer to `RecordUploadResults`.
+    pub fn upload_recorded(&mut self) {
+        if self.upload == Upload::Recording {
+            self.upload = Upload::Idle;
+            self.upload_dirty = true;
+            self.start_upload();
+        }
+    }
+
+    /// The answer to `Apply`: the entries up to `through` are durable.
+    pub fn applied(&mut self, through: u64, now: u64) {
+        let Download::Applying {
+            through: expected,
+            entries,
+        } = self.download
+        else {
+            return;
+        };
+        if expected != through {
+            return;
+        }
+        self.cursor = through;
+        self.download = Download::Idle;
+        self.events.push_back(DeviceEvent::Downloaded {
+            through,
+            relay_head: self.relay_head,
+            entries,
+        });
+        while let Some(push) = self.pushes.pop_front() {
+            if push.through <= self.cursor {
+                continue;
+            }
+            if push.after == self.cursor {
+                self.begin_apply(push.after, push.through, push.entries);
+                return;
+            }
+            self.resync = true;
+            self.pushes.clear();
+        }
+        self.start_download(now);
+        self.check_idle();
+    }
+
+    pub fn handle_message(&mut self, message: Message, now: u64) {
+        match (self.handshake, message) {
+            (Handshake::Closed, _) => {}
+            (_, Message::Error { code, message }) => {
+                self.close(SessionError::Remote { code, message }, None);
+            }
+            (
+                Handshake::AwaitChallenge,
+                Message::Challenge {
+                    version,
+                    nonce,
+                    time_ms: _,
+                },
+            ) => {
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+                    return self.violation(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "the relay chose protocol version {version}, this device speaks \
+                             {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+                        ),
+                    );
+                }
+                let public_key = self.key.verifying_key().to_bytes();
+                let transcript =
+                    auth_transcript(&nonce, &self.channel_binding, &self.space, &public_key);
+                let signature = self.key.sign(&transcript).to_bytes();
+                self.transmits
+                    .push_back(Message::Authenticate { signature });
+                self.handshake = Handshake::AwaitWelcome;
+            }
+            (
+                Handshake::AwaitWelcome,
+                Message::Welcome {
+                    time_ms,
+                    head,
+                    max_batch_changes,
+                    max_frame_bytes,
+                },
+            ) => {
+                self.handshake = Handshake::Open;
+                self.relay_head = head;
+                self.config.max_batch_changes =
+                    self.config.max_batch_changes.min(max_batch_changes).max(1);
+                // Leave room in the frame for the message around the change bytes.
+                let frame_room = (max_frame_bytes as usize) / 2;
+                self.config.max_batch_bytes = self.config.max_batch_bytes.min(frame_room).max(1);
+                self.events.push_back(DeviceEvent::Authenticated {
+                    version: PROTOCOL_VERSION,
+                    relay_time_ms: time_ms,
+                    relay_head: head,
+                });
+                self.start_upload();
+                self.resync = true;
+                self.start_download(now);
+            }
+            (Handshake::Open, Message::UploadAck { batch, results }) => {
+                self.handle_upload_ack(batch, results);
+            }
+            (
+                Handshake::Open,
+                Message::Changes {
+                    after,
+                    through,
+                    head,
+                    pushed,
+                    entries,
+                },
+            ) => {
+                if let Err(problem) = check_slice(after, through, &entries) {
+                    return self.violation(ErrorCode::Malformed, problem);
+                }
+                self.relay_head = head.max(through);
+                if pushed {
+                    self.handle_push(after, through, entries, now);
+                } else {
+                    self.handle_download_answer(after, through, entries);
+                }
+            }
+            (_, other) => self.violation(
+                ErrorCode::UnexpectedMessage,
+                format!(
+                    "{} is not expected at this point of the session",
+                    other.name()
+                ),
+            ),
+        }
+    }
+
+    fn handle_upload_ack(&mut self, batch: u64, results: Vec<ChangeResult>) {
+        let Upload::InFlight {
+            batch: expected,
+            entries,
+            ..
+        } = &self.upload
+        else {
+            return self.violation(
+                ErrorCode::UnexpectedMessage,
+                format!("UploadAck for batch {batch}, but no upload is waiting for an answer"),
+            );
+        };
+        let matches = results.len() == entries.len()
+            && results.iter().zip(entries).all(|(r, e)| r.entry == *e);
+        if batch != *expected || !matches {
+            return self.violation(
+                ErrorCode::Malformed,
+                format!(
+                    "UploadAck for batch {batch} does not answer batch {expected} entry for entry"
+                ),
+            );
+        }
+        let count =
+            |f: fn(&ChangeOutcome) -> bool| results.iter().filter(|r| f(&r.outcome)).count();
+        self.events.push_back(DeviceEvent::Uploaded {
+            batch,
+            stored: count(|o| matches!(o, ChangeOutcome::Stored { .. })),
+            duplicate: count(|o| matches!(o, ChangeOutcome::Duplicate { .. })),
+            rejected: count(|o| matches!(o, ChangeOutcome::Rejected { .. })),
+        });
+        self.upload = Upload::Recording;
+        self.effects
+            .push_back(DeviceEffect::RecordUploadResults { batch, results });
+    }
+
+    fn handle_download_answer(&mut self, after: u64, through: u64, entries: Vec<LogEntry>) {
+        match self.download {
+            Download::InFlight { since, .. } if since == after => {
+                self.begin_apply(after, through, entries);
+            }
+            _ => self.violation(
+                ErrorCode::UnexpectedMessage,
+                format!("Changes after {after} do not answer a Download of this session"),
+            ),
+        }
+    }
+
+    fn handle_push(&mut self, after: u64, through: u64, entries: Vec<LogEntry>, now: u64) {
+        let expected = match self.download {
+            Download::Idle => self.cursor,
+            Download::Applying { through, .. } => self.pushes.back().map_or(through, |p| p.through),
+            // The relay sent this before it saw the download: the answer on its way starts at
+            // the cursor and covers it.
+            Download::InFlight { .. } => return,
+        };
+        if through <= expected {
+            return;
+        }
+        if after != expected {
+            self.resync = true;
+            self.start_download(now);
+            return;
+        }
+        self.idle_reported = false;
+        match self.download {
+            Download::Idle => self.begin_apply(after, through, entries),
+            _ if self.pushes.len() < self.config.max_buffered_pushes => {
+                self.pushes.push_back(Pushed {
+                    after,
+                    through,
+                    entries,
+                })
+            }
+            _ => {
+                self.pushes.clear();
+                self.resync = true;
+            }
+        }
+    }
+
+    fn begin_apply(&mut self, after: u64, through: u64, entries: Vec<LogEntry>) {
+        self.idle_reported = false;
+        self.download = Download::Applying {
+            through,
+            entries: entries.len(),
+        };
+        self.effects.push_back(DeviceEffect::Apply {
+            after,
+            through,
+            entries,
+        });
+    }
+
+    fn start_upload(&mut self) {
+        if self.handshake != Handshake::Open || self.upload != Upload::Idle || !self.upload_dirty {
+            return;
+        }
+        self.upload_dirty = false;
+        self.upload_drained = false;
+        self.upload = Upload::Loading;
+        self.effects.push_back(DeviceEffect::LoadUploadBatch {
+            max_changes: self.config.max_batch_changes,
+            max_bytes: self.config.max_batch_bytes,
+        });
+    }
+
+    /// Asks for the log after the cursor if the relay announced more, or a resync is due.
+    fn start_download(&mut self, now: u64) {
+        if self.handshake != Handshake::Open || self.download != Download::Idle {
+            return;
+        }
+        if !(self.resync || self.cursor < self.relay_head) {
+            return;
+        }
+        self.resync = false;
+        self.idle_reported = false;
+        self.download = Download::InFlight {
+            since: self.cursor,
+            deadline: now.saturating_add(self.config.request_timeout_ms),
+        };
+        self.transmits.push_back(Message::Download {
+            since: self.cursor,
+            max_changes: self.config.max_download_changes,
+        });
+    }
+
+    fn check_idle(&mut self) {
+        let idle = self.handshake == Handshake::Open
+            && self.upload == Upload::Idle
+            && self.upload_drained
+            && !self.upload_dirty
+            && self.download == Download::Idle
+            && self.cursor >= self.relay_head
+            && !self.resync;
+        if idle && !self.idle_reported {
+            self.idle_reported = true;
+            self.events.push_back(DeviceEvent::Idle {
+                cursor: self.cursor,
+            });
+        }
+    }
+
+    fn violation(&mut self, code: ErrorCode, message: String) {
+        self.transmits.push_back(Message::Error {
+            code,
+            message: message.clone(),
+        });
+        self.close(SessionError::Protocol { code, message }, None);
+    }
+
+    fn closed_reason(&self) -> String {
+        "connection closed before the relay answered".into()
+    }
+
+    fn close(&mut self, error: SessionError, tell_peer: Option<ErrorCode>) {
+        if self.handshake == Handshake::Closed {
+            return;
+        }
+        if let Some(code) = tell_peer {
+            self.transmits.push_back(Message::Error {
+                code,
+                message: error.to_string(),
+            });
+        }
+        self.handshake = Handshake::Closed;
+        if let Upload::InFlight { entries, .. } = std::mem::replace(&mut self.upload, Upload::Idle)
+        {
+            self.effects.push_back(DeviceEffect::AbandonUpload {
+                entries,
+                error: error.describe(),
+            });
+        }
+        self.pushes.clear();
+        self.events
+            .push_back(DeviceEvent::Closed { error: Some(error) });
+    }
+}
+
+/// Checks the shape of a `Changes`: a range that does not go backwards, and entries inside it in
+/// strictly increasing order.
+fn check_slice(after: u64, through: u64, entries: &[LogEntry]) -> Result<(), String> {
+    if through < after {
+        return Err(format!(
+            "Changes through {through} ends before it starts ({after})"
+        ));
+    }
+    let mut last = after;
+    for entry in entries {
+        if entry.seq <= last || entry.seq > through {
+            return Err(format!(
+                "Changes after {after} through {through} holds entry {} out of order",
+                entry.seq
+            ));
+        }
+        last = entry.seq;
+    }
+    Ok(())
+}
+
+/// Work a relay session asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEffect {
+    /// Decide whether this device may use this space; answer with [`RelaySession::authorized`]
+    /// (giving the space's head) or [`RelaySession::refused`].
+    Authorize {
+        device: String,
+        public_key: [u8; 32],
+        space: String,
+    },
+    /// Append the changes to the space's log, durably, and answer with [`RelaySession::stored`].
+    Store {
+        batch: u64,
+        changes: Vec<UploadChange>,
+    },
+    /// Read the space's log after `since` (at most `max_changes` entries, leaving out the device's
+    /// own changes) and answer with [`RelaySession::read`].
+    Read { since: u64, max_changes: u32 },
+}
+
+/// What a relay session reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEvent {
+    Authenticated { device: String, space: String },
+    Closed { error: Option<SessionError> },
+}
+
+/// A slice of a space's log, as the relay's store returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSlice {
+    pub after: u64,
+    /// The last seq looked at (entries left out still count).
+    pub through: u64,
+    /// The space's last seq.
+    pub head: u64,
+    pub entries: Vec<LogEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RelayState {
+    AwaitHello,
+    AwaitAuthenticate { public_key: [u8; 32], space: String },
+    Authorizing,
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadFor {
+    Download { since: u64 },
+    Push { since: u64 },
+}
+
+/// The relay's side of one device connection.
+pub struct RelaySession {
+    config: SessionConfig,
+    nonce: [u8; 32],
+    channel_binding: Vec<u8>,
+    state: RelayState,
+    deadline: u64,
+    version: u16,
+    storing: Option<u64>,
+    reading: Option<ReadFor>,
+    /// A download that arrived while a push read was out: it is read once that one is back.
+    queued_download: Option<(u64, u32)>,
+    /// Everything up to here has been sent to the device (as an answer or a push).
+    sent_through: u64,
+    /// The device has caught up once, so new entries are pushed to it.
+    live: bool,
+    /// The space's head as last heard from the store.
+    known_head: u64,
+    transmits: VecDeque<Message>,
+    effects: VecDeque<RelayEffect>,
+    events: VecDeque<RelayEvent>,
+}
+
+impl RelaySession {
+    /// Starts a session for a new connection; `nonce` must be fresh random bytes.
+    pub fn new(config: SessionConfig, nonce: [u8; 32], channel_binding: Vec<u8>, now: u64) -> Self {
+        RelaySession {
+            deadline: now.saturating_add(config.handshake_timeout_ms),
+            config,
+            nonce,
+            channel_binding,
+            state: RelayState::AwaitHello,
+            version: PROTOCOL_VERSION,
+            storing: None,
+            reading: None,
+            queued_download: None,
+            sent_through: 0,
+            live: false,
+            known_head: 0,
+            transmits: VecDeque::new(),
+            effects: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.state == RelayState::Open
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == RelayState::Closed
+    }
+
+    /// Whether new entries are pushed to this device as they arrive.
+    pub fn is_live(&self) -> bool {
+        self.live
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Message> {
+        self.transmits.pop_front()
+    }
+
+    /// Effects, in order. A push read is only asked for once every earlier message has been
+    /// taken for sending, so a slow device holds back its own pushes, not the relay's memory.
+    pub fn poll_effect(&mut self) -> Option<RelayEffect> {
+        if let Some(effect) = self.effects.pop_front() {
+            return Some(effect);
+        }
+        if self.state == RelayState::Open
+            && self.live
+            && self.reading.is_none()
+            && self.transmits.is_empty()
+            && self.known_head > self.sent_through
+        {
+            let since = self.sent_through;
+            self.reading = Some(ReadFor::Push { since });
+            return Some(RelayEffect::Read {
+                since,
+                max_changes: self.config.max_download_changes,
+            });
+        }
+        None
+    }
+
+    pub fn poll_event(&mut self) -> Option<RelayEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match self.state {
+            RelayState::AwaitHello
+            | RelayState::AwaitAuthenticate { .. }
+            | RelayState::Authorizing => Some(self.deadline),
+            RelayState::Open | RelayState::Closed => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: u64) {
+        if now >= self.deadline && self.poll_timeout().is_some() {
+            self.fail(
+                ErrorCode::Timeout,
+                "the handshake did not finish in time".into(),
+            );
+        }
+    }
+
+    /// The space's log grew to `head`.
+    pub fn appended(&mut self, head: u64) {
+        self.known_head = self.known_head.max(head);
+    }
+
+    pub fn connection_lost(&mut self, reason: String) {
+        self.close(Some(SessionError::ConnectionLost(reason)));
+    }
+
+    /// The relay is stopping: tell the device, so it reconnects later rather than at once.
+    pub fn shut_down(&mut self) {
+        self.fail(ErrorCode::ShuttingDown, "the relay is shutting down".into());
+    }
+
+    /// The answer to `Authorize`: the device may use the space, whose log ends at `head`.
+    pub fn authorized(&mut self, head: u64, now: u64) {
+        if self.state != RelayState::Authorizing {
+            return;
+        }
+        self.state = RelayState::Open;
+        self.known_head = head;
+        self.transmits.push_back(Message::Welcome {
+            time_ms: now,
+            head,
+            max_batch_changes: self.config.max_batch_changes,
+            max_frame_bytes: self.config.max_frame_bytes,
+        });
+    }
+
+    /// The answer to `Authorize`: the device may not use the space.
+    pub fn refused(&mut self, message: String) {
+        if self.state == RelayState::Authorizing {
+            self.fail(ErrorCode::Forbidden, message);
+        }
+    }
+
+    /// The answer to `Store`.
+    pub fn stored(&mut self, batch: u64, results: Vec<ChangeResult>, head: u64) {
+        if self.storing != Some(batch) {
+            return;
+        }
+        self.storing = None;
+        self.known_head = self.known_head.max(head);
+        if self.state == RelayState::Open {
+            self.transmits
+                .push_back(Message::UploadAck { batch, results });
+        }
+    }
+
+    /// The store could not carry out an effect: the session ends, the device will retry.
+    pub fn failed(&mut self, message: String) {
+        self.fail(ErrorCode::Internal, message);
+    }
+
+    /// The answer to `Read`.
+    pub fn read(&mut self, slice: LogSlice) {
+        let Some(purpose) = self.reading.take() else {
+            return;
+        };
+        self.known_head = self.known_head.max(slice.head);
+        if self.state != RelayState::Open {
+            return;
+        }
+        if let Some((since, max_changes)) = self.queued_download.take() {
+            // The device asked to download, so the push would not follow on its cursor.
+            self.start_read(since, max_changes);
+            return;
+        }
+        let (since, pushed) = match purpose {
+            ReadFor::Download { since } => (since, false),
+            ReadFor::Push { since } => (since, true),
+        };
+        if pushed && slice.through <= since {
+            // The store has nothing after `since` after all: stop pushing until the device
+            // downloads again, rather than asking for the same read forever.
+            self.live = false;
+            return;
+        }
+        // A push of only the device's own changes has no entries but is still sent, so that the
+        // device's cursor passes them.
+        self.sent_through = slice.through;
+        self.live = slice.through >= slice.head;
+        self.transmits.push_back(Message::Changes {
+            after: since,
+            through: slice.through,
+            head: slice.head,
+            pushed,
+            entries: slice.entries,
+        });
+    }
+
+    pub fn handle_message(&mut self, message: Message, now: u64) {
+        let _ = now;
+        match (&self.state, message) {
+            (RelayState::Closed, _) => {}
+            (_, Message::Error { code, message }) => {
+                self.close(Some(SessionError::Remote { code, message }));
+            }
+            (
+                RelayState::AwaitHello,
+                Message::Hello {
+                    min_version,
+                    max_version,
+                    public_key,
+                    space,
+                    time_ms: _,
+                },
+            ) => {
+                let version = max_version.min(PROTOCOL_VERSION);
+                if version < min_version.max(MIN_PROTOCOL_VERSION) {
+                    return self.fail(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "the device speaks protocol {min_version} to {max_version}, this \
+                             relay {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}: upgrade the older side"
+                        ),
+                    );
+                }
+                if let Err(problem) = check_space(&space) {
+                    return self.fail(ErrorCode::Forbidden, problem);
+                }
+                self.version = version;
+                self.transmits.push_back(Message::Challenge {
+                    version,
+                    nonce: self.nonce,
+                    time_ms: now,
+                });
+                self.state = RelayState::AwaitAuthenticate { public_key, space };
+            }
+            (RelayState::AwaitAuthenticate { .. }, Message::Authenticate { signature }) => {
+                let RelayState::AwaitAuthenticate { public_key, space } =
+                    std::mem::replace(&mut self.state, RelayState::Authorizing)
+                else {
+                    return;
+                };
+                let transcript =
+                    auth_transcript(&self.nonce, &self.channel_binding, &space, &public_key);
+                let verified = VerifyingKey::from_bytes(&public_key).is_ok_and(|key| {
+                    key.verify_strict(&transcript, &Signature::from_bytes(&signature))
+                        .is_ok()
+                });
+                if !verified {
+                    return self.fail(
+                        ErrorCode::AuthenticationFailed,
+                        "the signature does not match the device's key for this connection".into(),
+                    );
+                }
+                let device = device_id(&public_key);
+                self.events.push_back(RelayEvent::Authenticated {
+                    device: device.clone(),
+                    space: space.clone(),
+                });
+                self.effects.push_back(RelayEffect::Authorize {
+                    device,
+                    public_key,
+                    space,
+                });
+            }
+            (RelayState::Open, Message::Upload { batch, changes }) => {
+                if self.storing.is_some() {
+                    return self.fail(
+                        ErrorCode::UnexpectedMessage,
+                        "an Upload arrived before the previous one was answered".into(),
+                    );
+                }
+                if changes.len() > self.config.max_batch_changes as usize {
+                    return self.fail(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "an Upload of {} changes is over the limit of {}",
+                            changes.len(),
+                            self.config.max_batch_changes
+                        ),
+                    );
+                }
+                self.storing = Some(batch);
+                self.effects
+                    .push_back(RelayEffect::Store { batch, changes });
+            }
+            (RelayState::Open, Message::Download { since, max_changes }) => {
+                if matches!(self.reading, Some(ReadFor::Download { .. }))
+                    || self.queued_download.is_some()
+                {
+                    return self.fail(
+                        ErrorCode::UnexpectedMessage,
+                        "a Download arrived before the previous one was answered".into(),
+                    );
+                }
+                self.live = false;
+                if self.reading.is_some() {
+                    self.queued_download = Some((since, max_changes));
+                } else {
+                    self.start_read(since, max_changes);
+                }
+            }
+            (_, other) => self.fail(
+                ErrorCode::UnexpectedMessage,
+                format!(
+                    "{} is not expected at this point of the session",
+                    other.name()
+                ),
+            ),
+        }
+    }
+
+    fn start_read(&mut self, since: u64, max_changes: u32) {
+        self.reading = Some(ReadFor::Download { since });
+        self.effects.push_back(RelayEffect::Read {
+            since,
+            max_changes: max_changes.clamp(1, self.config.max_download_changes),
+        });
+    }
+
+    fn fail(&mut self, code: ErrorCode, message: String) {
+        if self.state == RelayState::Closed {
+            return;
+        }
+        self.transmits.push_back(Message::Error {
+            code,
+            message: message.clone(),
+        });
+        self.close(Some(SessionError::Protocol { code, message }));
+    }
+
+    fn close(&mut self, error: Option<SessionError>) {
+        if self.state == RelayState::Closed {
+            return;
+        }
+        self.state = RelayState::Closed;
+        self.events.push_back(RelayEvent::Closed { error });
+    }
+}
+
+fn check_space(space: &str) -> Result<(), String> {
+    let valid = !space.is_empty()
+        && space.len() <= MAX_SPACE_BYTES
+        && space
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "space name {space:?} is not valid: use 1 to {MAX_SPACE_BYTES} letters, digits, '-', '_' or '.'"
+        ))
+    }
+}

@@ -1,0 +1,488 @@
+//! The session state machines against each other, with the store's side played by plain vectors:
+//! the handshake and its failures, upload and download, pushes, limits and timeouts.
+
+use ed25519_dalek::SigningKey;
+use ferry_proto::session::{
+    DeviceEffect, DeviceEvent, DeviceSession, LogSlice, RelayEffect, RelayEvent, RelaySession,
+    SessionConfig, SessionError, device_id,
+};
+use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, LogEntry, Message, UploadChange};
+
+const BINDING: &[u8] = b"channel-binding-of-this-connection";
+
+/// A relay log shared by all sessions, and a device's pending queue.
+#[derive(Default)]
+struct World {
+    log: Vec<(String, LogEntry)>,
+    pending: Vec<UploadChange>,
+    uploaded: Vec<u64>,
+    applied: Vec<LogEntry>,
+    cursor: u64,
+    abandoned: Vec<u64>,
+}
+
+impl World {
+    fn head(&self) -> u64 {
+        self.log.len() as u64
+    }
+
+    fn read(&self, device: &str, since: u64, max: u32) -> LogSlice {
+        let mut entries = Vec::new();
+        let mut through = since;
+        for (origin, entry) in self.log.iter().skip(since as usize).take(max as usize) {
+            through = entry.seq;
+            if origin != device {
+                entries.push(entry.clone());
+            }
+        }
+        LogSlice {
+            after: since,
+            through,
+            head: self.head(),
+            entries,
+        }
+    }
+
+    fn append(&mut self, origin: &str, changes: &[UploadChange]) -> Vec<ChangeResult> {
+        changes
+            .iter()
+            .map(|c| {
+                let seq = self.head() + 1;
+                self.log.push((
+                    origin.to_string(),
+                    LogEntry {
+                        seq,
+                        collection: c.collection.clone(),
+                        record: c.record.clone(),
+                        change: c.change.clone(),
+                    },
+                ));
+                ChangeResult {
+                    entry: c.entry,
+                    outcome: ChangeOutcome::Stored { seq },
+                }
+            })
+            .collect()
+    }
+}
+
+fn change(entry: u64) -> UploadChange {
+    UploadChange {
+        entry,
+        collection: "Customer".into(),
+        record: format!("r{entry}"),
+        change: vec![entry as u8; 10],
+    }
+}
+
+struct Pair {
+    device: DeviceSession,
+    relay: RelaySession,
+    device_id: String,
+    device_events: Vec<DeviceEvent>,
+    relay_events: Vec<RelayEvent>,
+}
+
+impl Pair {
+    fn new(key: [u8; 32], cursor: u64) -> Self {
+        let key = SigningKey::from_bytes(&key);
+        let device_id = device_id(&key.verifying_key().to_bytes());
+        Pair {
+            device: DeviceSession::new(
+                SessionConfig::default(),
+                key,
+                "team".into(),
+                BINDING.to_vec(),
+                cursor,
+                0,
+            ),
+            relay: RelaySession::new(SessionConfig::default(), [9; 32], BINDING.to_vec(), 0),
+            device_id,
+            device_events: Vec::new(),
+            relay_events: Vec::new(),
+        }
+    }
+
+    /// Runs both sides, with `world` answering every effect, until nothing moves.
+    fn run(&mut self, world: &mut World) {
+        loop {
+            let mut moved = false;
+            while let Some(m) = self.device.poll_transmit() {
+                moved = true;
+                self.relay.handle_message(m, 1);
+            }
+            while let Some(m) = self.relay.poll_transmit() {
+                moved = true;
+                self.device.handle_message(m, 1);
+            }
+            while let Some(effect) = self.relay.poll_effect() {
+                moved = true;
+                match effect {
+                    RelayEffect::Authorize { .. } => self.relay.authorized(world.head(), 1),
+                    RelayEffect::Store { batch, changes } => {
+                        let results = world.append(&self.device_id, &changes);
+                        self.relay.stored(batch, results, world.head());
+                    }
+                    RelayEffect::Read { since, max_changes } => {
+                        self.relay
+                            .read(world.read(&self.device_id, since, max_changes))
+                    }
+                }
+            }
+            while let Some(effect) = self.device.poll_effect() {
+                moved = true;
+                match effect {
+                    DeviceEffect::LoadUploadBatch { max_changes, .. } => {
+                        let n = world.pending.len().min(max_changes as usize);
+                        let batch: Vec<_> = world.pending.drain(..n).collect();
+                        self.device.upload(batch, 1);
+                    }
+                    DeviceEffect::RecordUploadResults { results, .. } => {
+                        world.uploaded.extend(results.iter().map(|r| r.entry));
+                        self.device.upload_recorded();
+                    }
+                    DeviceEffect::AbandonUpload { entries, .. } => world.abandoned.extend(entries),
+                    DeviceEffect::Apply {
+                        through, entries, ..
+                    } => {
+                        world.applied.extend(entries);
+                        world.cursor = through;
+                        self.device.applied(through, 1);
+                    }
+                }
+            }
+            self.device_events
+                .extend(std::iter::from_fn(|| self.device.poll_event()));
+            self.relay_events
+                .extend(std::iter::from_fn(|| self.relay.poll_event()));
+            if !moved {
+                return;
+            }
+        }
+    }
+}
+
+fn closed_with(events: &[DeviceEvent]) -> Option<&SessionError> {
+    events.iter().find_map(|e| match e {
+        DeviceEvent::Closed { error } => error.as_ref(),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_device_uploads_its_queue_and_downloads_what_others_wrote() {
+    let mut world = World::default();
+    world.append("someone-else", &[change(100), change(101)]);
+    world.pending = (1..=5).map(change).collect();
+    let mut pair = Pair::new([1; 32], 0);
+    pair.run(&mut world);
+
+    assert!(pair.device.is_open() && pair.relay.is_open());
+    assert_eq!(world.uploaded, vec![1, 2, 3, 4, 5]);
+    // The device gets the other device's two entries, not its own five, but its cursor covers all.
+    assert_eq!(world.applied.len(), 2);
+    assert_eq!(world.cursor, 7);
+    assert!(matches!(
+        pair.device_events.last(),
+        Some(DeviceEvent::Idle { cursor: 7 })
+    ));
+    assert!(pair.relay.is_live());
+}
+
+#[test]
+fn new_entries_are_pushed_to_a_live_device_and_follow_on_its_cursor() {
+    let mut world = World::default();
+    let mut pair = Pair::new([2; 32], 0);
+    pair.run(&mut world);
+    assert!(pair.relay.is_live());
+
+    world.append("other", &[change(1), change(2)]);
+    pair.relay.appended(world.head());
+    pair.run(&mut world);
+    assert_eq!(world.cursor, 2);
+    assert_eq!(world.applied.len(), 2);
+
+    // A push that does not follow on the cursor is ignored and a download fetches the gap.
+    pair.device.handle_message(
+        Message::Changes {
+            after: 5,
+            through: 6,
+            head: 6,
+            pushed: true,
+            entries: vec![],
+        },
+        1,
+    );
+    world.append("other", &[change(3)]);
+    pair.run(&mut world);
+    assert_eq!(world.cursor, 3);
+    assert!(pair.device.is_open());
+}
+
+#[test]
+fn large_logs_download_in_pages() {
+    let mut world = World::default();
+    let changes: Vec<_> = (1..=5_000).map(change).collect();
+    world.append("other", &changes);
+    let mut pair = Pair::new([3; 32], 0);
+    pair.run(&mut world);
+    assert_eq!(world.cursor, 5_000);
+    let pages = pair
+        .device_events
+        .iter()
+        .filter(|e| matches!(e, DeviceEvent::Downloaded { .. }))
+        .count();
+    assert_eq!(
+        pages,
+        5_000usize.div_ceil(SessionConfig::default().max_download_changes as usize)
+    );
+}
+
+#[test]
+fn a_resumed_device_starts_from_its_cursor() {
+    let mut world = World::default();
+    world.append("other", &(1..=10).map(change).collect::<Vec<_>>());
+    let mut pair = Pair::new([4; 32], 6);
+    pair.run(&mut world);
+    let seqs: Vec<u64> = world.applied.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![7, 8, 9, 10]);
+}
+
+#[test]
+fn a_signature_for_another_connection_is_refused() {
+    let key = SigningKey::from_bytes(&[5; 32]);
+    let mut device = DeviceSession::new(
+        SessionConfig::default(),
+        key,
+        "team".into(),
+        b"binding-of-connection-A".to_vec(),
+        0,
+        0,
+    );
+    let mut relay = RelaySession::new(
+        SessionConfig::default(),
+        [1; 32],
+        b"binding-of-connection-B".to_vec(),
+        0,
+    );
+    for _ in 0..3 {
+        while let Some(m) = device.poll_transmit() {
+            relay.handle_message(m, 0);
+        }
+        while let Some(m) = relay.poll_transmit() {
+            device.handle_message(m, 0);
+        }
+    }
+    assert!(relay.is_closed() && device.is_closed());
+    assert_eq!(relay.poll_effect(), None, "nothing is authorized");
+    let events: Vec<_> = std::iter::from_fn(|| device.poll_event()).collect();
+    assert!(matches!(
+        closed_with(&events),
+        Some(SessionError::Remote {
+            code: ErrorCode::AuthenticationFailed,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn no_common_version_and_bad_spaces_are_refused_with_a_reason() {
+    let mut relay = RelaySession::new(SessionConfig::default(), [1; 32], vec![], 0);
+    relay.handle_message(
+        Message::Hello {
+            min_version: 7,
+            max_version: 9,
+            public_key: [0; 32],
+            space: "team".into(),
+            time_ms: 0,
+        },
+        0,
+    );
+    assert!(matches!(
+        relay.poll_transmit(),
+        Some(Message::Error {
+            code: ErrorCode::UnsupportedVersion,
+            ..
+        })
+    ));
+    assert!(relay.is_closed());
+
+    let mut relay = RelaySession::new(SessionConfig::default(), [1; 32], vec![], 0);
+    relay.handle_message(
+        Message::Hello {
+            min_version: 1,
+            max_version: 1,
+            public_key: [0; 32],
+            space: "../etc".into(),
+            time_ms: 0,
+        },
+        0,
+    );
+    assert!(matches!(
+        relay.poll_transmit(),
+        Some(Message::Error {
+            code: ErrorCode::Forbidden,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn messages_out_of_order_end_the_session_with_unexpected_message() {
+    let mut relay = RelaySession::new(SessionConfig::default(), [1; 32], vec![], 0);
+    relay.handle_message(
+        Message::Download {
+            since: 0,
+            max_changes: 10,
+        },
+        0,
+    );
+    assert!(matches!(
+        relay.poll_transmit(),
+        Some(Message::Error {
+            code: ErrorCode::UnexpectedMessage,
+            ..
+        })
+    ));
+    assert_eq!(relay.poll_effect(), None);
+
+    // An open session refuses a second upload before the first is answered.
+    let mut world = World::default();
+    let mut pair = Pair::new([6; 32], 0);
+    pair.run(&mut world);
+    pair.relay.handle_message(
+        Message::Upload {
+            batch: 50,
+            changes: vec![change(1)],
+        },
+        1,
+    );
+    pair.relay.handle_message(
+        Message::Upload {
+            batch: 51,
+            changes: vec![change(2)],
+        },
+        1,
+    );
+    assert!(pair.relay.is_closed());
+}
+
+#[test]
+fn an_upload_over_the_batch_limit_is_refused() {
+    let mut world = World::default();
+    let mut pair = Pair::new([7; 32], 0);
+    pair.run(&mut world);
+    let limit = SessionConfig::default().max_batch_changes as u64;
+    pair.relay.handle_message(
+        Message::Upload {
+            batch: 1,
+            changes: (0..=limit).map(change).collect(),
+        },
+        1,
+    );
+    assert!(matches!(
+        pair.relay.poll_transmit(),
+        Some(Message::Error {
+            code: ErrorCode::TooLarge,
+            ..
+        })
+    ));
+    assert_eq!(pair.relay.poll_effect(), None, "nothing was stored");
+}
+
+#[test]
+fn an_upload_without_an_answer_times_out_and_hands_its_entries_back() {
+    let key = SigningKey::from_bytes(&[8; 32]);
+    let config = SessionConfig::default();
+    let timeout = config.request_timeout_ms;
+    let mut device = DeviceSession::new(config, key, "team".into(), vec![], 0, 0);
+    let _hello = device.poll_transmit();
+    device.handle_message(
+        Message::Challenge {
+            version: 1,
+            nonce: [0; 32],
+            time_ms: 0,
+        },
+        0,
+    );
+    let _auth = device.poll_transmit();
+    device.handle_message(
+        Message::Welcome {
+            time_ms: 0,
+            head: 0,
+            max_batch_changes: 100,
+            max_frame_bytes: 1 << 20,
+        },
+        10,
+    );
+    assert!(matches!(
+        device.poll_transmit(),
+        Some(Message::Download { since: 0, .. })
+    ));
+    assert_eq!(
+        device.poll_effect(),
+        Some(DeviceEffect::LoadUploadBatch {
+            max_changes: 100,
+            max_bytes: 1 << 19
+        })
+    );
+    device.upload(vec![change(1), change(2)], 10);
+    assert_eq!(device.poll_timeout(), Some(10 + timeout));
+    device.handle_timeout(10 + timeout - 1);
+    assert!(device.is_open());
+    device.handle_timeout(10 + timeout);
+    assert!(device.is_closed());
+    assert!(matches!(
+        device.poll_effect(),
+        Some(DeviceEffect::AbandonUpload { entries, error }) if entries == vec![1, 2] && error.starts_with("timeout")
+    ));
+}
+
+#[test]
+fn a_batch_loaded_after_the_session_closed_is_handed_back() {
+    let mut world = World::default();
+    let mut pair = Pair::new([10; 32], 0);
+    pair.run(&mut world);
+    world.pending = vec![change(1)];
+    pair.device.local_changes();
+    assert!(matches!(
+        pair.device.poll_effect(),
+        Some(DeviceEffect::LoadUploadBatch { .. })
+    ));
+    pair.device.connection_lost("reset".into());
+    pair.device.upload(vec![change(1)], 2);
+    assert!(matches!(
+        pair.device.poll_effect(),
+        Some(DeviceEffect::AbandonUpload { entries, .. }) if entries == vec![1]
+    ));
+}
+
+#[test]
+fn the_handshake_has_a_deadline_on_both_sides() {
+    let config = SessionConfig::default();
+    let mut relay = RelaySession::new(config.clone(), [1; 32], vec![], 100);
+    assert_eq!(
+        relay.poll_timeout(),
+        Some(100 + config.handshake_timeout_ms)
+    );
+    relay.handle_timeout(100 + config.handshake_timeout_ms);
+    assert!(relay.is_closed());
+    assert!(matches!(
+        relay.poll_transmit(),
+        Some(Message::Error {
+            code: ErrorCode::Timeout,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_relay_error_ends_the_device_session_with_its_kind() {
+    let mut world = World::default();
+    let mut pair = Pair::new([11; 32], 0);
+    pair.run(&mut world);
+    pair.relay.shut_down();
+    pair.run(&mut world);
+    let error = closed_with(&pair.device_events).expect("closed with an error");
+    assert_eq!(error.kind().as_str(), "server");
+}
