@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Below this a frame could not carry one record's change.
+const MIN_FRAME_BYTES: u32 = 64 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -26,6 +29,8 @@ pub struct Config {
     pub limits: Limits,
     pub ipc: IpcConfig,
     pub log: LogConfig,
+    pub sync: SyncConfig,
+    pub relay: RelayConfig,
     /// Per-collection settings, keyed by collection name.
     pub collections: BTreeMap<String, CollectionConfig>,
 }
@@ -96,6 +101,110 @@ impl Default for LogConfig {
     }
 }
 
+/// How this device syncs with a relay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// The relay's `host:port`; empty: this device does not sync.
+    pub relay: String,
+    /// The name the relay's certificate is checked against.
+    pub server_name: String,
+    /// SHA-256 fingerprint of the relay's certificate, as `ferry relay` prints it.
+    pub fingerprint: String,
+    /// PEM file of CA certificates for a CA-issued relay certificate (when no fingerprint).
+    pub ca_file: String,
+    /// The space: the set of records that this device shares with others.
+    pub space: String,
+    /// Sync at least this often, even when nothing happened, in seconds.
+    pub interval_secs: u64,
+    /// Wait after a local write before uploading, so that a burst goes in one batch, in ms.
+    pub debounce_ms: u64,
+    /// Upload attempts per queue entry before it is marked failed.
+    pub max_retries: u32,
+    /// First wait before reconnecting, in ms; it doubles (with jitter) up to `backoff_max_ms`.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Most changes in one upload batch (the relay may ask for fewer).
+    pub batch_changes: u32,
+    /// Most log entries in one download page.
+    pub download_changes: u32,
+    /// Largest frame sent or accepted, in bytes.
+    pub max_frame_bytes: u32,
+    /// Longest wait for the relay to answer a request, in ms.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        let session = ferry_proto::session::SessionConfig::default();
+        SyncConfig {
+            relay: String::new(),
+            server_name: "localhost".into(),
+            fingerprint: String::new(),
+            ca_file: String::new(),
+            space: "default".into(),
+            interval_secs: 60,
+            debounce_ms: 50,
+            max_retries: 10,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 60_000,
+            batch_changes: session.max_batch_changes,
+            download_changes: session.max_download_changes,
+            max_frame_bytes: session.max_frame_bytes,
+            request_timeout_ms: session.request_timeout_ms,
+        }
+    }
+}
+
+/// How `ferry relay` serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// UDP address to listen on.
+    pub listen: String,
+    /// Names and IP addresses in the self-signed certificate made on first start.
+    pub certificate_names: Vec<String>,
+    /// A CA-issued certificate chain and its key (PEM), used instead of the self-signed one.
+    pub cert_file: String,
+    pub key_file: String,
+    /// Most devices connected at once; more are refused with `Overloaded`.
+    pub max_connections: usize,
+    /// Most changes a device may upload in one batch.
+    pub max_batch_changes: u32,
+    /// Largest frame sent or accepted, in bytes.
+    pub max_frame_bytes: u32,
+    /// Most log entries sent in one `Changes`.
+    pub max_download_changes: u32,
+    /// Documents kept loaded in memory.
+    pub cache_docs: usize,
+    /// sled's page cache, in MiB.
+    pub sled_cache_mb: u64,
+    /// From connection to an authenticated session, in ms.
+    pub handshake_timeout_ms: u64,
+    /// A connection silent this long is closed, in ms.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        let session = ferry_proto::session::SessionConfig::default();
+        RelayConfig {
+            listen: "127.0.0.1:7443".into(),
+            certificate_names: vec!["localhost".into(), "127.0.0.1".into()],
+            cert_file: String::new(),
+            key_file: String::new(),
+            max_connections: 1024,
+            max_batch_changes: session.max_batch_changes,
+            max_frame_bytes: session.max_frame_bytes,
+            max_download_changes: session.max_download_changes,
+            cache_docs: 4096,
+            sled_cache_mb: 64,
+            handshake_timeout_ms: session.handshake_timeout_ms,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CollectionConfig {
@@ -144,7 +253,32 @@ impl Config {
             ("ipc.max_list_limit", self.ipc.max_list_limit),
             ("limits.max_depth", self.limits.max_depth),
             ("limits.max_record_bytes", self.limits.max_record_bytes),
+            ("sync.interval_secs", self.sync.interval_secs as usize),
+            ("sync.max_retries", self.sync.max_retries as usize),
+            ("sync.backoff_initial_ms", self.sync.backoff_initial_ms as usize),
+            ("sync.batch_changes", self.sync.batch_changes as usize),
+            ("sync.download_changes", self.sync.download_changes as usize),
+            ("sync.request_timeout_ms", self.sync.request_timeout_ms as usize),
+            ("relay.max_connections", self.relay.max_connections),
+            ("relay.max_batch_changes", self.relay.max_batch_changes as usize),
+            ("relay.max_download_changes", self.relay.max_download_changes as usize),
+            ("relay.cache_docs", self.relay.cache_docs),
+            ("relay.handshake_timeout_ms", self.relay.handshake_timeout_ms as usize),
         ];
+        if self.sync.backoff_max_ms < self.sync.backoff_initial_ms {
+            return Err("sync.backoff_max_ms must be at least sync.backoff_initial_ms".into());
+        }
+        for (key, bytes) in [
+            ("sync.max_frame_bytes", self.sync.max_frame_bytes),
+            ("relay.max_frame_bytes", self.relay.max_frame_bytes),
+        ] {
+            if bytes < MIN_FRAME_BYTES {
+                return Err(format!("{key} must be at least {MIN_FRAME_BYTES}"));
+            }
+        }
+        if self.relay.cert_file.is_empty() != self.relay.key_file.is_empty() {
+            return Err("relay.cert_file and relay.key_file go together: set both or neither".into());
+        }
         match positive.iter().find(|(_, v)| *v == 0) {
             Some((key, _)) => Err(format!("{key} must be at least 1")),
             None => Ok(()),
