@@ -507,3 +507,57 @@ async fn sender_refuses_a_frame_over_its_limit_and_stays_usable() {
     assert_eq!(within("recv", rx.recv()).await.unwrap(), Some(hello));
     assert_eq!(within("recv", rx.recv()).await.unwrap(), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_the_pinned_certificate_without_its_key_is_refused() {
+    install_crypto_provider();
+    let genuine = tempfile::tempdir().unwrap();
+    let cert = RelayCertificate::load_or_create(genuine.path(), &[]).unwrap();
+    let impostor = tempfile::tempdir().unwrap();
+    RelayCertificate::load_or_create(impostor.path(), &[]).unwrap();
+
+    // The genuine certificate served with another key: the handshake signature cannot match.
+    let chain: Vec<_> =
+        rustls::pki_types::CertificateDer::pem_file_iter(genuine.path().join(CERT_FILE_NAME))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(impostor.path().join(KEY_FILE_NAME))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let signer = provider.key_provider.load_private_key(key).unwrap();
+    let stolen = rustls::sign::CertifiedKey::new(chain, signer);
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(stolen)));
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let server = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(quic)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let accept = server.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = accept.accept().await {
+            tokio::spawn(async move {
+                let _ = incoming.await;
+            });
+        }
+    });
+
+    let endpoint = client_endpoint(addr).unwrap();
+    let trust = ServerTrust::Pinned(cert.fingerprint());
+    let opts = TransportOptions::default();
+    let err = within(
+        "connect",
+        connect(&endpoint, addr, "localhost", &trust, &opts),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, TransportError::Tls(_)), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::Authentication);
+}
