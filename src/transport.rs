@@ -102,6 +102,7 @@ impl TransportError {
             | TransportError::InvalidServerName(_)
             | TransportError::Connect { .. }
             | TransportError::ConnectionLost(_) => ErrorKind::Network,
+            // Certificate and trust files decide whom a connection trusts.
             TransportError::CertificateIo { .. }
             | TransportError::CertificateInvalid { .. }
             | TransportError::KeyExposed { .. }
@@ -268,7 +269,8 @@ impl RelayCertificate {
     /// Loads `relay-cert.pem` and `relay-key.pem` from `dir`, creating a self-signed pair for
     /// `names` (DNS names or IP addresses; `localhost`, 127.0.0.1 and ::1 when empty) the first
     /// time. The certificate is renamed into place last, so a start interrupted while creating
-    /// leaves no certificate and the next start creates both again.
+    /// leaves no certificate and the next start creates both again. A key file that other
+    /// users can read is refused.
     pub fn load_or_create(dir: &Path, names: &[String]) -> Result<Self, TransportError> {
         let cert_path = dir.join(CERT_FILE_NAME);
         let key_path = dir.join(KEY_FILE_NAME);
