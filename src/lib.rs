@@ -11,3 +11,4 @@ pub mod ipc;
 pub mod record;
 pub mod service;
 pub mod store;
+pub mod transport;
