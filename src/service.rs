@@ -72,7 +72,10 @@ impl From<StoreError> for ApiError {
             StoreError::Address(_) | StoreError::Record(RecordError::ReservedField { .. }) => {
                 code::INVALID_PARAMS
             }
-            StoreError::Record(RecordError::TooDeep { .. }) => code::INVALID_PARAMS,
+            StoreError::Record(RecordError::TooDeep { .. } | RecordError::InvalidChange(_)) => {
+                code::INVALID_PARAMS
+            }
+            StoreError::Record(RecordError::MissingDependencies { .. }) => code::INVALID_STATE,
             StoreError::Storage(KvError::DiskFull(_)) => code::DISK_FULL,
             StoreError::Storage(KvError::Corrupt(_))
             | StoreError::Decode { .. }
