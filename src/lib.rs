@@ -9,5 +9,6 @@ pub mod demo;
 pub mod fuzzing;
 pub mod ipc;
 pub mod record;
+pub mod relay;
 pub mod service;
 pub mod store;
