@@ -246,13 +246,16 @@ impl Store {
         let mut order: Vec<CacheKey> = Vec::new();
         let mut groups: HashMap<CacheKey, Vec<&LogEntry>> = HashMap::new();
         for entry in entries {
+            let invalid = |reason: String| StoreError::RemoteEntry {
+                seq: entry.seq,
+                address: format!("{}/{}", entry.collection, entry.record),
+                reason,
+            };
             validate_collection(&entry.collection, &self.options.limits)
                 .and_then(|()| validate_record_id(&entry.record, &self.options.limits))
-                .map_err(|e| StoreError::RemoteEntry {
-                    seq: entry.seq,
-                    address: format!("{}/{}", entry.collection, entry.record),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| invalid(e.to_string()))?;
+            // Decoded here as well as when applied, so that a malformed entry is named exactly.
+            decode_change(&entry.change).map_err(|e| invalid(e.to_string()))?;
             let key = (entry.collection.clone(), entry.record.clone());
             groups
                 .entry(key.clone())
@@ -276,6 +279,8 @@ impl Store {
             let (existed, was_deleted) = (record.exists(), record.is_deleted());
             let changes: Vec<Vec<u8>> = group.iter().map(|e| e.change.clone()).collect();
             let changed = record.apply_changes(&changes).map_err(|e| {
+                // Every entry decoded, so this is a dependency missing from the record's
+                // changes as a whole: name the record's first entry.
                 let first = group.first().map_or(0, |e| e.seq);
                 StoreError::RemoteEntry {
                     seq: first,
