@@ -526,7 +526,8 @@ impl RelayStore {
             .range(&start, &prefix_end(&prefix), limit)?
             .into_iter()
             .map(|(k, _)| {
-                k.get(prefix.len()..)
+                // The id part ends with the `\0` every key part ends with.
+                k.get(prefix.len()..k.len().saturating_sub(1))
                     .and_then(|id| String::from_utf8(id.to_vec()).ok())
                     .ok_or(RelayStoreError::Corrupt {
                         what: "record key",
