@@ -9,6 +9,7 @@ pub mod demo;
 pub mod fuzzing;
 pub mod ipc;
 pub mod record;
+pub mod relay;
 pub mod service;
 pub mod store;
 pub mod transport;

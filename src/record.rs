@@ -37,6 +37,12 @@ pub enum RecordError {
     Corrupt(String),
     #[error("Automerge refused the operation: {0}")]
     Automerge(#[from] automerge::AutomergeError),
+    #[error("received bytes are not a valid Automerge change ({0}): fetch the change again")]
+    InvalidChange(String),
+    #[error(
+        "{count} change(s) depend on changes this document does not hold (first missing: {first}): apply those first"
+    )]
+    MissingDependencies { count: usize, first: String },
 }
 
 const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
@@ -127,6 +133,21 @@ fn decode_untrusted<T>(
             "the Automerge decoder failed on malformed bytes".into(),
         )),
     }
+}
+
+/// Decodes one change received from another device or the relay. Only an uncompressed change
+/// chunk is accepted, for the same reasons `check_chunks` gives for documents.
+pub fn decode_change(bytes: &[u8]) -> Result<Change, RecordError> {
+    check_chunks(bytes, &[CHUNK_CHANGE]).map_err(|e| RecordError::InvalidChange(e.to_string()))?;
+    let change = std::panic::catch_unwind(|| Change::try_from(bytes)).map_err(|_| {
+        RecordError::InvalidChange("the Automerge decoder failed on malformed bytes".into())
+    })?;
+    change.map_err(|e| RecordError::InvalidChange(e.to_string()))
+}
+
+/// The hash that names a change, from its raw bytes.
+pub fn change_hash(bytes: &[u8]) -> Result<[u8; 32], RecordError> {
+    Ok(decode_change(bytes)?.hash().0)
 }
 
 /// The result of a write that changed the record.
@@ -353,6 +374,61 @@ impl Record {
             }
         }
         names.into_iter().collect()
+    }
+
+    /// Applies changes received from elsewhere, in any order. Changes already in the document are
+    /// skipped, so applying the same changes twice is harmless. Returns whether the document
+    /// changed. On any error the document is left exactly as it was: every change is decoded and
+    /// its dependencies are checked (against the document and the other changes given) before
+    /// Automerge sees any of them, because Automerge would otherwise keep a change with missing
+    /// dependencies queued out of sight instead of refusing it.
+    pub fn apply_changes(&mut self, changes: &[Vec<u8>]) -> Result<bool, RecordError> {
+        let decoded = changes
+            .iter()
+            .map(|bytes| decode_change(bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        let fresh: Vec<Change> = decoded
+            .into_iter()
+            .filter(|c| self.doc.get_change_meta_by_hash(&c.hash()).is_none())
+            .collect();
+        if fresh.is_empty() {
+            return Ok(false);
+        }
+        let incoming: std::collections::HashSet<ChangeHash> =
+            fresh.iter().map(Change::hash).collect();
+        let mut missing = Vec::new();
+        for change in &fresh {
+            for dep in change.deps() {
+                if !incoming.contains(dep) && self.doc.get_change_meta_by_hash(dep).is_none() {
+                    missing.push(*dep);
+                }
+            }
+        }
+        if let Some(first) = missing.first() {
+            return Err(RecordError::MissingDependencies {
+                count: missing.len(),
+                first: first.to_string(),
+            });
+        }
+        let before = self.doc.get_heads();
+        if let Err(e) = self.doc.apply_changes(fresh) {
+            self.restore(&before)?;
+            return Err(e.into());
+        }
+        Ok(self.doc.get_heads() != before)
+    }
+
+    /// Puts the document back to `heads` after Automerge failed half way through applying
+    /// changes. Rebuilding from the change graph is slow but only runs on this error path.
+    fn restore(&mut self, heads: &[ChangeHash]) -> Result<(), RecordError> {
+        let actor = self.doc.get_actor().clone();
+        let doc = if heads.is_empty() {
+            AutoCommit::new()
+        } else {
+            self.doc.fork_at(heads)?
+        };
+        self.doc = doc.with_actor(actor);
+        Ok(())
     }
 
     /// The Automerge document itself, for callers that need Automerge's own API.
@@ -717,6 +793,58 @@ mod tests {
         assert!(check_chunks(&[], &[CHUNK_DOCUMENT]).is_err());
         assert_eq!(read_uleb128(&uleb128(300)), Some((300, 2)));
         assert_eq!(read_uleb128(&[0x80; 11]), None);
+    }
+
+    fn change_bytes(w: Option<Written>) -> Vec<u8> {
+        w.unwrap().change.raw_bytes().to_vec()
+    }
+
+    #[test]
+    fn remote_changes_apply_in_any_order_once() {
+        let mut a = Record::new(&actor(1));
+        let first = change_bytes(a.put(&obj(json!({"n": 1})), 1).unwrap());
+        let second = change_bytes(a.patch(&obj(json!({"m": 2})), &[], 2).unwrap());
+        let mut b = Record::new(&actor(2));
+        assert!(b.apply_changes(&[second.clone(), first.clone()]).unwrap());
+        assert_eq!(b.heads(), a.heads());
+        assert_eq!(b.fields(), a.fields());
+        assert!(!b.apply_changes(&[first, second]).unwrap(), "already held");
+        assert_eq!(b.save(), a.save());
+    }
+
+    #[test]
+    fn a_change_with_missing_dependencies_leaves_the_document_as_it_was() {
+        let mut a = Record::new(&actor(1));
+        let first = change_bytes(a.put(&obj(json!({"n": 1})), 1).unwrap());
+        let second = change_bytes(a.patch(&obj(json!({"m": 2})), &[], 2).unwrap());
+        let third = change_bytes(a.patch(&obj(json!({"k": 3})), &[], 3).unwrap());
+        let mut b = Record::new(&actor(2));
+        b.apply_changes(std::slice::from_ref(&first)).unwrap();
+        let before = b.save();
+        let err = b.apply_changes(std::slice::from_ref(&third)).unwrap_err();
+        assert!(
+            matches!(err, RecordError::MissingDependencies { count: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(b.save(), before);
+        assert!(b.apply_changes(&[third, second]).unwrap());
+        assert_eq!(b.heads(), a.heads());
+    }
+
+    #[test]
+    fn malformed_change_bytes_are_refused() {
+        let mut a = Record::new(&actor(1));
+        let change = change_bytes(a.put(&obj(json!({"n": 1})), 1).unwrap());
+        let mut b = Record::new(&actor(2));
+        for bad in [vec![], change[..change.len() - 1].to_vec(), a.save()] {
+            assert!(matches!(
+                b.apply_changes(&[change.clone(), bad.clone()]),
+                Err(RecordError::InvalidChange(_))
+            ));
+            assert!(change_hash(&bad).is_err());
+        }
+        assert!(!b.exists(), "nothing applied");
+        assert_eq!(change_hash(&change).unwrap(), a.heads()[0].0);
     }
 
     #[test]

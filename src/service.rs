@@ -10,8 +10,10 @@
 
 use crate::record::Fields;
 use crate::store::kv::KvError;
+use crate::store::sync::RemoteApplied;
 use crate::store::{Applied, QueueAction, Store, StoreError, Write};
 use base64::Engine as _;
+use ferry_proto::wire::LogEntry;
 use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -72,13 +74,16 @@ impl From<StoreError> for ApiError {
             StoreError::Address(_) | StoreError::Record(RecordError::ReservedField { .. }) => {
                 code::INVALID_PARAMS
             }
-            StoreError::Record(RecordError::TooDeep { .. }) => code::INVALID_PARAMS,
+            StoreError::Record(RecordError::TooDeep { .. } | RecordError::InvalidChange(_)) => {
+                code::INVALID_PARAMS
+            }
+            StoreError::Record(RecordError::MissingDependencies { .. }) => code::INVALID_STATE,
             StoreError::Storage(KvError::DiskFull(_)) => code::DISK_FULL,
             StoreError::Storage(KvError::Corrupt(_))
             | StoreError::Decode { .. }
             | StoreError::Record(RecordError::Corrupt(_)) => code::CORRUPT,
             StoreError::Storage(KvError::Io(_)) => code::STORAGE,
-            StoreError::Transition(_) => code::INVALID_STATE,
+            StoreError::Transition(_) | StoreError::RemoteEntry { .. } => code::INVALID_STATE,
             StoreError::WrongDevice { .. }
             | StoreError::UnsupportedFormat(_)
             | StoreError::Record(RecordError::Automerge(_)) => code::INTERNAL,
@@ -87,7 +92,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// A record changed, locally or (later) by sync. Sent to subscribers after the change is durable.
+/// A record changed, locally or by sync. Sent to subscribers after the change is durable.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChangeEvent {
     pub collection: String,
@@ -96,6 +101,15 @@ pub struct ChangeEvent {
     pub heads: Vec<String>,
     /// The device that wrote the change.
     pub device: String,
+    /// Whether an app on this device made the change or sync brought it.
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Local,
+    Remote,
 }
 
 /// How writes become durable.
@@ -109,9 +123,57 @@ enum Committer {
     },
 }
 
-struct Job {
-    writes: Vec<Write>,
-    reply: mpsc::Sender<Result<Vec<Applied>, StoreError>>,
+/// Work for the committer: local writes, or relay log entries with the cursor they move to. Both
+/// go through the one thread so that they are serialised and share its group flush.
+enum Job {
+    Writes {
+        writes: Vec<Write>,
+        reply: mpsc::Sender<Result<Vec<Applied>, StoreError>>,
+    },
+    Remote {
+        entries: Vec<LogEntry>,
+        through: u64,
+        reply: mpsc::Sender<Result<Vec<RemoteApplied>, StoreError>>,
+    },
+}
+
+/// What is left of a job once it has run: answering its caller, once the group's flush says
+/// whether its work is durable.
+type Answer = Box<dyn FnOnce(&Result<(), StoreError>)>;
+
+impl Job {
+    fn run(self, store: &Store) -> Answer {
+        // The caller may have gone away; its work stands either way.
+        match self {
+            Job::Writes { writes, reply } => {
+                let result = store.write_all(writes);
+                Box::new(move |flushed| {
+                    let _ = reply.send(after_flush(flushed, result));
+                })
+            }
+            Job::Remote {
+                entries,
+                through,
+                reply,
+            } => {
+                let result = store.apply_remote(&entries, through);
+                Box::new(move |flushed| {
+                    let _ = reply.send(after_flush(flushed, result));
+                })
+            }
+        }
+    }
+}
+
+fn after_flush<T>(
+    flushed: &Result<(), StoreError>,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match (flushed, result) {
+        (Ok(()), result) => result,
+        (Err(e), Ok(_)) => Err(StoreError::Storage(not_durable(e))),
+        (Err(_), Err(e)) => Err(e),
+    }
 }
 
 fn run_committer(store: Arc<Store>, jobs: mpsc::Receiver<Job>, group_max: usize) {
@@ -124,19 +186,10 @@ fn run_committer(store: Arc<Store>, jobs: mpsc::Receiver<Job>, group_max: usize)
             }
         }
         let _span = tracing::debug_span!("group_commit", jobs = group.len()).entered();
-        let results: Vec<_> = group
-            .iter_mut()
-            .map(|job| store.write_all(std::mem::take(&mut job.writes)))
-            .collect();
+        let answers: Vec<Answer> = group.into_iter().map(|job| job.run(&store)).collect();
         let flushed = store.flush();
-        for (job, result) in group.into_iter().zip(results) {
-            let answer = match (&flushed, result) {
-                (Ok(()), result) => result,
-                (Err(e), Ok(_)) => Err(StoreError::Storage(not_durable(e))),
-                (Err(_), Err(e)) => Err(e),
-            };
-            // The caller may have gone away; its write stands either way.
-            let _ = job.reply.send(answer);
+        for answer in answers {
+            answer(&flushed);
         }
     }
 }
@@ -234,7 +287,7 @@ impl Service {
                 let (reply, answer) = mpsc::channel();
                 let unavailable =
                     || ApiError::new(code::UNAVAILABLE, "the daemon is shutting down: try again");
-                jobs.send(Job { writes, reply })
+                jobs.send(Job::Writes { writes, reply })
                     .map_err(|_| unavailable())?;
                 answer.recv().map_err(|_| unavailable())??
             }
@@ -248,8 +301,49 @@ impl Service {
                     operation,
                     heads: a.heads.clone(),
                     device: self.store.device_id().to_owned(),
+                    origin: Origin::Local,
                 });
             }
+        }
+        Ok(applied)
+    }
+
+    /// Applies entries of the relay's log and moves the download cursor to `through`, serialised
+    /// with local writes; returns once both are durable, after which subscribers hear of every
+    /// record that changed.
+    pub fn apply_remote(
+        &self,
+        entries: Vec<LogEntry>,
+        through: u64,
+    ) -> Result<Vec<RemoteApplied>, ApiError> {
+        let applied = match &self.committer {
+            Committer::Direct => {
+                let applied = self.store.apply_remote(&entries, through)?;
+                self.store.flush()?;
+                applied
+            }
+            Committer::Grouped { jobs, .. } => {
+                let (reply, answer) = mpsc::channel();
+                let unavailable =
+                    || ApiError::new(code::UNAVAILABLE, "the daemon is shutting down: try again");
+                jobs.send(Job::Remote {
+                    entries,
+                    through,
+                    reply,
+                })
+                .map_err(|_| unavailable())?;
+                answer.recv().map_err(|_| unavailable())??
+            }
+        };
+        for a in &applied {
+            let _ = self.events.send(ChangeEvent {
+                collection: a.collection.clone(),
+                id: a.id.clone(),
+                operation: a.operation,
+                heads: a.heads.clone(),
+                device: a.device.clone(),
+                origin: Origin::Remote,
+            });
         }
         Ok(applied)
     }

@@ -2,8 +2,9 @@
 //!
 //! A queue entry is born `Pending` with the local change it carries. The uploader marks it
 //! `Processing` when it goes into a batch, then `Completed` once the relay has stored it, or back to
-//! `Pending` with the error recorded (`Failed` after too many tries). A person may put a `Failed`
-//! entry back to `Pending` (retry). No other moves exist: each is checked here.
+//! `Pending` with the error recorded (`Failed` after too many tries, or at once when the relay
+//! refuses the change for good). A person may put a `Failed` entry back to `Pending` (retry).
+//! No other moves exist: each is checked here.
 
 use serde::{Deserialize, Serialize};
 
@@ -138,6 +139,14 @@ impl SyncQueueEntry {
         Ok(())
     }
 
+    /// The relay refused the change for good (a non-retryable error): trying again cannot help,
+    /// so the entry goes straight to `Failed` with the reason, whatever its retry count.
+    pub fn reject(&mut self, error: impl Into<String>, now_ms: u64) -> Result<(), TransitionError> {
+        self.transition(&[QueueStatus::Processing], QueueStatus::Failed, now_ms)?;
+        self.last_error = Some(error.into());
+        Ok(())
+    }
+
     /// A person asked to try a failed entry again; its retry count starts over.
     pub fn retry(&mut self, now_ms: u64) -> Result<(), TransitionError> {
         self.transition(&[QueueStatus::Failed], QueueStatus::Pending, now_ms)?;
@@ -253,6 +262,19 @@ mod tests {
         assert!(e.retry(50).is_err());
         assert!(e.requeue_interrupted(50).is_err());
         assert_eq!(e, before);
+    }
+
+    #[test]
+    fn a_rejected_entry_fails_at_once_and_only_from_processing() {
+        let mut e = entry();
+        assert!(e.reject("validation: bad", 0).is_err(), "not in an upload");
+        e.start(1).unwrap();
+        e.reject("validation: invalid change", 2).unwrap();
+        assert_eq!(e.status, QueueStatus::Failed);
+        assert_eq!(e.retry_count, 0);
+        assert_eq!(e.last_error.as_deref(), Some("validation: invalid change"));
+        assert_eq!(e.updated_at, 2);
+        assert!(e.reject("again", 3).is_err());
     }
 
     #[test]

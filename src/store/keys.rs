@@ -3,6 +3,9 @@
 //! - `d\0{collection}\0{id}`: a record's Automerge document (ids never hold control characters,
 //!   so `\0` cannot occur inside one, and keys of one collection are contiguous and id-ordered).
 //! - `q{u64 big-endian}`: a SyncQueue entry; `l{u64 big-endian}`: a SyncLog entry.
+//! - `p{!priority, order-preserving, u32 big-endian}{id u64 big-endian}` → empty: the pending
+//!   index, one key per `Pending` queue entry, so that the next upload batch (highest priority
+//!   first, then oldest first) is a range read rather than a scan of the whole queue.
 //! - `m{name}`: metadata; `c{name}`: a sync cursor.
 
 use super::StoreError;
@@ -12,6 +15,10 @@ pub const QUEUE: &[u8] = b"q";
 pub const LOG: &[u8] = b"l";
 pub const META_DEVICE: &[u8] = b"mdevice";
 pub const META_FORMAT: &[u8] = b"mformat";
+/// Present once the pending index covers every pending entry (stores made before the index
+/// existed get it built when they are opened).
+pub const META_PENDING_INDEX: &[u8] = b"mpending_index";
+pub const PENDING: &[u8] = b"p";
 pub const CURSOR: &[u8] = b"c";
 
 pub fn cursor(name: &str) -> Vec<u8> {
@@ -73,6 +80,21 @@ pub fn log(id: u64) -> Vec<u8> {
     seq_key(LOG, id)
 }
 
+/// The pending-index key of a queue entry: keys sort by priority, highest first, then by id.
+pub fn pending(priority: i32, id: u64) -> Vec<u8> {
+    // Flipping the sign bit maps i32 order onto u32 order; inverting all bits reverses it.
+    let rank = !((priority as u32) ^ 0x8000_0000);
+    let mut key = PENDING.to_vec();
+    key.extend_from_slice(&rank.to_be_bytes());
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// The queue id a pending-index key points at.
+pub fn pending_id(key: &[u8]) -> Result<u64, StoreError> {
+    seq_of(key, PENDING.len() + 4)
+}
+
 pub fn seq_of(key: &[u8], prefix_len: usize) -> Result<u64, StoreError> {
     key.get(prefix_len..)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
@@ -114,5 +136,15 @@ mod tests {
         assert_eq!(prefix_end(b"d\0C\0"), b"d\0C\x01");
         assert_eq!(seq_of(&queue(258), 1).unwrap(), 258);
         assert!(queue(1) < queue(256));
+        let order = [
+            pending(i32::MAX, 9),
+            pending(5, 1),
+            pending(5, 2),
+            pending(0, 1),
+            pending(-1, 0),
+            pending(i32::MIN, 0),
+        ];
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+        assert_eq!(pending_id(&pending(-3, 77)).unwrap(), 77);
     }
 }

@@ -39,6 +39,16 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+
+    /// The value this batch will leave at `key`, if it writes one: its last put, unless a later
+    /// remove undoes it.
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.ops
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.as_deref())
+    }
 }
 
 pub type Pair = (Vec<u8>, Vec<u8>);

@@ -9,6 +9,7 @@
 
 pub mod keys;
 pub mod kv;
+pub mod sync;
 
 use crate::record::{Fields, HistoryEntry, Record, RecordError, validate_fields};
 use automerge::ActorId;
@@ -48,6 +49,14 @@ pub enum StoreError {
     QueueEntryNotFound(u64),
     #[error(transparent)]
     Transition(#[from] TransitionError),
+    #[error(
+        "log entry {seq} for {address} cannot be applied ({reason}): nothing was applied; download the log again from the cursor"
+    )]
+    RemoteEntry {
+        seq: u64,
+        address: String,
+        reason: String,
+    },
     #[error("stored {what} cannot be decoded ({detail}): the store is damaged")]
     Decode { what: &'static str, detail: String },
 }
@@ -162,6 +171,9 @@ pub struct Store {
     ids: Mutex<IdGenerator>,
     next_queue_id: AtomicU64,
     next_log_id: AtomicU64,
+    /// Held by every read-then-write of existing queue entries, so two uploaders or an uploader
+    /// and a retry never move the same entry from the same old state twice.
+    queue_lock: Mutex<()>,
 }
 
 impl Store {
@@ -186,6 +198,7 @@ impl Store {
                 let mut batch = Batch::default();
                 batch.put(keys::META_DEVICE.to_vec(), device_id.as_bytes().to_vec());
                 batch.put(keys::META_FORMAT.to_vec(), FORMAT_VERSION.to_vec());
+                batch.put(keys::META_PENDING_INDEX.to_vec(), Vec::new());
                 kv.apply(batch)?;
                 kv.flush()?;
             }
@@ -197,6 +210,7 @@ impl Store {
                 return Err(StoreError::UnsupportedFormat(found.unwrap_or_default()));
             }
         }
+        sync::ensure_pending_index(kv.as_ref())?;
         let next_queue_id = next_seq(kv.as_ref(), keys::QUEUE)?;
         let next_log_id = next_seq(kv.as_ref(), keys::LOG)?;
         let capacity = NonZeroUsize::new(options.cache_docs.max(1)).unwrap_or(NonZeroUsize::MIN);
@@ -210,11 +224,17 @@ impl Store {
             ids: Mutex::new(IdGenerator::new()),
             next_queue_id: AtomicU64::new(next_queue_id),
             next_log_id: AtomicU64::new(next_log_id),
+            queue_lock: Mutex::new(()),
         })
     }
 
     pub fn device_id(&self) -> &str {
         &self.device_id
+    }
+
+    fn lock_queue(&self) -> MutexGuard<'_, ()> {
+        // The guard protects no data of its own, only the order of queue updates.
+        self.queue_lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_cache(&self) -> MutexGuard<'_, LruCache<CacheKey, Record>> {
@@ -416,7 +436,7 @@ impl Store {
             updated_at: now,
             priority: self.priority(&collection),
         };
-        batch.put(keys::queue(queue_id), encode(&entry));
+        stage_entry(batch, None, &entry);
         Applied {
             collection,
             id,
@@ -666,6 +686,7 @@ impl Store {
         ids: &[u64],
         action: &QueueAction,
     ) -> Result<Vec<SyncQueueEntry>, StoreError> {
+        let _queue = self.lock_queue();
         let now = self.clock.now_ms();
         let mut batch = Batch::default();
         let mut updated = Vec::with_capacity(ids.len());
@@ -676,6 +697,7 @@ impl Store {
                 .get(&keys::queue(id))?
                 .ok_or(StoreError::QueueEntryNotFound(id))?;
             let mut entry: SyncQueueEntry = decode(&bytes, "queue entry")?;
+            let old = entry.status;
             match action {
                 QueueAction::Start => entry.start(now),
                 QueueAction::Complete => entry.complete(now),
@@ -685,7 +707,7 @@ impl Store {
                 QueueAction::Retry => entry.retry(now),
                 QueueAction::RequeueInterrupted => entry.requeue_interrupted(now),
             }?;
-            batch.put(keys::queue(id), encode(&entry));
+            stage_entry(&mut batch, Some(old), &entry);
             updated.push(entry);
         }
         if !batch.is_empty() {
@@ -852,6 +874,19 @@ fn mutate(
     let heads = record.heads().iter().map(|h| h.to_string()).collect();
     let written = written.map(|w| (w.operation, w.change.raw_bytes().to_vec(), record.save()));
     Ok(Staged { written, heads })
+}
+
+/// Adds a queue entry, whose status was `old` (`None` for a new entry), to the batch together with
+/// the pending index change its move calls for, so the index never disagrees with the queue.
+fn stage_entry(batch: &mut Batch, old: Option<QueueStatus>, entry: &SyncQueueEntry) {
+    let was_pending = old == Some(QueueStatus::Pending);
+    let is_pending = entry.status == QueueStatus::Pending;
+    if was_pending && !is_pending {
+        batch.remove(keys::pending(entry.priority, entry.id));
+    } else if is_pending && !was_pending {
+        batch.put(keys::pending(entry.priority, entry.id), Vec::new());
+    }
+    batch.put(keys::queue(entry.id), encode(entry));
 }
 
 fn view(collection: &str, id: &str, record: &mut Record) -> RecordView {

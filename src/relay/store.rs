@@ -1,0 +1,607 @@
+//! The relay's durable state: per space, a totally ordered change log and every record's document.
+//!
+//! Owns: the relay key layout, appending uploaded changes (validation, deduplication by change
+//! hash, the causal-closure rule, sequence numbers, one atomic and flushed batch per call), reading
+//! the log, and materialising documents on demand into a bounded cache.
+//!
+//! Must not touch: the network, sessions or authentication (the caller has decided that `origin`
+//! may write to `space`), and the device's store.
+//!
+//! Key layout, in one ordered keyspace (a space name holds no control characters, so `\0` ends it;
+//! collection names and record ids hold none either):
+//! - `l{space}\0{seq u64 BE}` → a log entry: collection, record, origin device, change bytes.
+//! - `h{space}\0{change hash, 32 bytes}` → `{seq u64 BE}{collection}\0{record}`: the dedup index,
+//!   also used to check that a change's dependencies are in the log, and for the same record.
+//! - `b{space}\0{collection}\0{record}` → the record's base: Automerge chunks (a saved document, or
+//!   the record's first change), loadable as they are.
+//! - `t{space}\0{collection}\0{record}\0{seq u64 BE}` → empty: a change appended to the record
+//!   since its base was written; its bytes are in the log at `seq`. Once a record has
+//!   `compact_after` of these, its document is saved as the new base and they are removed, so
+//!   appending never re-saves a whole document per change.
+
+use crate::record::{Fields, Record, RecordError, decode_change};
+use crate::store::kv::{Batch, Kv, KvError};
+use automerge::ActorId;
+use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, LogEntry, UploadChange};
+use ferry_proto::{AddressError, Limits, validate_collection, validate_record_id};
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Longest space name accepted.
+pub const MAX_SPACE_BYTES: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayStoreError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("stored {what} cannot be decoded ({detail}): the relay's store is damaged")]
+    Corrupt { what: &'static str, detail: String },
+    #[error(
+        "space name {0:?} is empty, longer than {MAX_SPACE_BYTES} bytes or holds a control character: use a printable name"
+    )]
+    InvalidSpace(String),
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    #[error("the stored document cannot be loaded: {0}")]
+    Record(#[from] RecordError),
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayStoreOptions {
+    /// How many documents stay loaded in memory.
+    pub doc_cache_docs: usize,
+    /// Appended changes per record after which its document is saved as a new base.
+    pub compact_after: usize,
+    pub limits: Limits,
+}
+
+impl Default for RelayStoreOptions {
+    fn default() -> Self {
+        RelayStoreOptions {
+            doc_cache_docs: 1024,
+            compact_after: 32,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A run of a space's log, as `read_since` returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSlice {
+    pub after: u64,
+    /// The last seq looked at (sent or left out); the next read starts after it.
+    pub through: u64,
+    /// The last seq in the space when the read was made.
+    pub head: u64,
+    pub entries: Vec<LogEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredEntry {
+    collection: String,
+    record: String,
+    origin: String,
+    change: Vec<u8>,
+}
+
+type DocKey = (String, String, String);
+
+pub struct RelayStore {
+    kv: Arc<dyn Kv>,
+    options: RelayStoreOptions,
+    /// The relay never writes changes itself; its documents need an actor all the same.
+    actor: ActorId,
+    /// Each space's head; its lock serialises appends to the space.
+    spaces: Mutex<HashMap<String, Arc<Mutex<u64>>>>,
+    cache: Mutex<LruCache<DocKey, Record>>,
+}
+
+impl RelayStore {
+    pub fn open(kv: Arc<dyn Kv>, options: RelayStoreOptions) -> Result<Self, RelayStoreError> {
+        let capacity = NonZeroUsize::new(options.doc_cache_docs).unwrap_or(NonZeroUsize::MIN);
+        Ok(RelayStore {
+            kv,
+            options,
+            actor: ActorId::from(&[0u8; 16][..]),
+            spaces: Mutex::new(HashMap::new()),
+            cache: Mutex::new(LruCache::new(capacity)),
+        })
+    }
+
+    /// The space's head and append lock, reading the head from storage on first use.
+    fn space(&self, space: &str) -> Result<Arc<Mutex<u64>>, RelayStoreError> {
+        check_space(space)?;
+        let mut spaces = lock(&self.spaces);
+        if let Some(state) = spaces.get(space) {
+            return Ok(state.clone());
+        }
+        let prefix = key(b'l', &[space]);
+        let head = match self.kv.last_key(&prefix, &prefix_end(&prefix))? {
+            Some(k) => seq_at(&k, prefix.len())?,
+            None => 0,
+        };
+        let state = Arc::new(Mutex::new(head));
+        spaces.insert(space.to_owned(), state.clone());
+        Ok(state)
+    }
+
+    /// The last seq of the space's log (0 when empty).
+    pub fn head(&self, space: &str) -> Result<u64, RelayStoreError> {
+        let state = self.space(space)?;
+        let head = *lock(&state);
+        Ok(head)
+    }
+
+    /// Appends uploaded changes to the space's log, in order, and answers each. The whole call is
+    /// one atomic batch, flushed before returning: a `Stored` answer is durable. A change whose
+    /// dependencies are not in the log (for its record) nor earlier in this call is refused with
+    /// `MissingDependencies`, so a device reading the log in order can always apply it.
+    pub fn append(
+        &self,
+        space: &str,
+        origin: &str,
+        changes: &[UploadChange],
+    ) -> Result<Vec<ChangeResult>, RelayStoreError> {
+        let state = self.space(space)?;
+        let mut head = lock(&state);
+        let mut batch = Batch::default();
+        let mut next = *head + 1;
+        // Changes stored earlier in this call: hash → (seq, collection, record).
+        let mut added: HashMap<[u8; 32], (u64, String, String)> = HashMap::new();
+        // Records touched in this call, with how many appended changes each has now.
+        let mut tails: HashMap<(String, String), Vec<u64>> = HashMap::new();
+        let mut results = Vec::with_capacity(changes.len());
+        for upload in changes {
+            let outcome = self.stage(
+                space, origin, upload, next, &mut added, &mut tails, &mut batch,
+            )?;
+            if matches!(outcome, ChangeOutcome::Stored { .. }) {
+                next += 1;
+            }
+            results.push(ChangeResult {
+                entry: upload.entry,
+                outcome,
+            });
+        }
+        for ((collection, record), tail) in &tails {
+            if tail.len() >= self.options.compact_after.max(1) {
+                match self.compact(space, collection, record, tail, &mut batch) {
+                    Ok(()) => {}
+                    // The changes are in the log either way; the record keeps its tail and is
+                    // tried again on its next append.
+                    Err(RelayStoreError::Record(e)) => {
+                        tracing::warn!(space, collection, record, error = %e, "compaction failed");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        {
+            // The documents these changes touch are read again from storage when next needed.
+            let mut cache = lock(&self.cache);
+            for (collection, record) in tails.keys() {
+                cache.pop(&(space.to_owned(), collection.clone(), record.clone()));
+            }
+        }
+        if !batch.is_empty() {
+            self.kv.apply(batch)?;
+            self.kv.flush()?;
+        }
+        *head = next - 1;
+        Ok(results)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &self,
+        space: &str,
+        origin: &str,
+        upload: &UploadChange,
+        seq: u64,
+        added: &mut HashMap<[u8; 32], (u64, String, String)>,
+        tails: &mut HashMap<(String, String), Vec<u64>>,
+        batch: &mut Batch,
+    ) -> Result<ChangeOutcome, RelayStoreError> {
+        let rejected = |code: ErrorCode, message: String| ChangeOutcome::Rejected { code, message };
+        let limits = &self.options.limits;
+        if let Err(e) = validate_collection(&upload.collection, limits)
+            .and_then(|()| validate_record_id(&upload.record, limits))
+        {
+            return Ok(rejected(ErrorCode::InvalidChange, e.to_string()));
+        }
+        let change = match decode_change(&upload.change) {
+            Ok(c) => c,
+            Err(e) => return Ok(rejected(ErrorCode::InvalidChange, e.to_string())),
+        };
+        let hash = change.hash().0;
+        let address = (upload.collection.as_str(), upload.record.as_str());
+        if let Some((seq, ..)) = added.get(&hash) {
+            return Ok(ChangeOutcome::Duplicate { seq: *seq });
+        }
+        if let Some((seq, ..)) = self.indexed(space, &hash)? {
+            return Ok(ChangeOutcome::Duplicate { seq });
+        }
+        for dep in change.deps() {
+            let found = match added.get(&dep.0) {
+                Some((seq, c, r)) => Some((*seq, c.clone(), r.clone())),
+                None => self.indexed(space, &dep.0)?,
+            };
+            match found {
+                None => {
+                    return Ok(rejected(
+                        ErrorCode::MissingDependencies,
+                        format!("the change depends on {dep}, which the relay does not hold"),
+                    ));
+                }
+                Some((_, c, r)) if (c.as_str(), r.as_str()) != address => {
+                    return Ok(rejected(
+                        ErrorCode::InvalidChange,
+                        format!(
+                            "the change depends on {dep}, a change of another record ({c}/{r})"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let entry = StoredEntry {
+            collection: upload.collection.clone(),
+            record: upload.record.clone(),
+            origin: origin.to_owned(),
+            change: upload.change.clone(),
+        };
+        batch.put(seq_key(b'l', &[space], seq), encode(&entry));
+        let mut indexed = seq.to_be_bytes().to_vec();
+        indexed.extend_from_slice(upload.collection.as_bytes());
+        indexed.push(0);
+        indexed.extend_from_slice(upload.record.as_bytes());
+        batch.put(hash_key(space, &hash), indexed);
+        added.insert(
+            hash,
+            (seq, upload.collection.clone(), upload.record.clone()),
+        );
+        let record_key = (upload.collection.clone(), upload.record.clone());
+        let tail = match tails.get_mut(&record_key) {
+            Some(tail) => tail,
+            None => {
+                let base = key(b'b', &[space, &upload.collection, &upload.record]);
+                let tail = if self.kv.get(&base)?.is_some() {
+                    self.tail_seqs(space, &upload.collection, &upload.record)?
+                } else {
+                    // A new record's first change is its base, as it is: no tail key needed.
+                    batch.put(base, upload.change.clone());
+                    tails.insert(record_key, Vec::new());
+                    return Ok(ChangeOutcome::Stored { seq });
+                };
+                tails.entry(record_key).or_insert(tail)
+            }
+        };
+        batch.put(
+            seq_key(b't', &[space, &upload.collection, &upload.record], seq),
+            Vec::new(),
+        );
+        tail.push(seq);
+        Ok(ChangeOutcome::Stored { seq })
+    }
+
+    /// The dedup index entry of a change hash: its seq and record.
+    fn indexed(
+        &self,
+        space: &str,
+        hash: &[u8; 32],
+    ) -> Result<Option<(u64, String, String)>, RelayStoreError> {
+        let Some(value) = self.kv.get(&hash_key(space, hash))? else {
+            return Ok(None);
+        };
+        let corrupt = || RelayStoreError::Corrupt {
+            what: "change index entry",
+            detail: "too short or not text".into(),
+        };
+        let (seq, address) = value.split_at_checked(8).ok_or_else(corrupt)?;
+        let seq = u64::from_be_bytes(seq.try_into().map_err(|_| corrupt())?);
+        let address = std::str::from_utf8(address).map_err(|_| corrupt())?;
+        let (c, r) = address.split_once('\0').ok_or_else(corrupt)?;
+        Ok(Some((seq, c.to_owned(), r.to_owned())))
+    }
+
+    fn tail_seqs(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Vec<u64>, RelayStoreError> {
+        let prefix = key(b't', &[space, collection, record]);
+        self.kv
+            .range(&prefix, &prefix_end(&prefix), usize::MAX)?
+            .iter()
+            .map(|(k, _)| seq_at(k, prefix.len()))
+            .collect()
+    }
+
+    /// Writes the record's document, including this batch's changes, as its new base and drops
+    /// its tail keys (those stored and those `tail` adds in this batch).
+    fn compact(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+        tail: &[u64],
+        batch: &mut Batch,
+    ) -> Result<(), RelayStoreError> {
+        let base = self
+            .kv
+            .get(&key(b'b', &[space, collection, record]))?
+            .unwrap_or_default();
+        let mut doc = Record::load(&base, &self.actor)?;
+        let mut changes = Vec::with_capacity(tail.len());
+        for &seq in tail {
+            changes.push(self.change_at(space, seq, batch)?);
+        }
+        doc.apply_changes(&changes)?;
+        batch.put(key(b'b', &[space, collection, record]), doc.save());
+        for &seq in tail {
+            batch.remove(seq_key(b't', &[space, collection, record], seq));
+        }
+        Ok(())
+    }
+
+    /// The change bytes at `seq`, from the batch being built or from storage.
+    fn change_at(&self, space: &str, seq: u64, batch: &Batch) -> Result<Vec<u8>, RelayStoreError> {
+        let key = seq_key(b'l', &[space], seq);
+        let bytes = match batch.get(&key) {
+            Some(bytes) => bytes.to_vec(),
+            None => self.kv.get(&key)?.ok_or(RelayStoreError::Corrupt {
+                what: "log entry",
+                detail: format!("seq {seq} is named by a record but missing"),
+            })?,
+        };
+        Ok(decode::<StoredEntry>(&bytes, "log entry")?.change)
+    }
+
+    /// Log entries with seq > `after`, in order, up to `max_changes` entries and `max_bytes` of
+    /// change data (at least one entry). Entries written by `exclude_origin` are left out but
+    /// still count towards `through`, so a device is not sent its own changes. At most
+    /// `4 * max_changes` entries are looked at per call, so a long run of excluded entries ends
+    /// the call early; `through` says how far it got.
+    pub fn read_since(
+        &self,
+        space: &str,
+        after: u64,
+        max_changes: usize,
+        max_bytes: usize,
+        exclude_origin: Option<&str>,
+    ) -> Result<LogSlice, RelayStoreError> {
+        let head = self.head(space)?;
+        let max_changes = max_changes.max(1);
+        let mut scan_left = max_changes.saturating_mul(4);
+        let prefix = key(b'l', &[space]);
+        let end = prefix_end(&prefix);
+        let mut start = seq_key(b'l', &[space], after.saturating_add(1));
+        let mut slice = LogSlice {
+            after,
+            through: after,
+            head,
+            entries: Vec::new(),
+        };
+        let mut bytes = 0usize;
+        'scan: while scan_left > 0 && slice.entries.len() < max_changes {
+            let page = self.kv.range(&start, &end, scan_left.min(256))?;
+            let Some((last, _)) = page.last() else { break };
+            start = after_key(last);
+            for (k, v) in page {
+                let seq = seq_at(&k, prefix.len())?;
+                let entry: StoredEntry = decode(&v, "log entry")?;
+                if exclude_origin != Some(entry.origin.as_str()) {
+                    if !slice.entries.is_empty()
+                        && bytes.saturating_add(entry.change.len()) > max_bytes
+                    {
+                        break 'scan;
+                    }
+                    bytes = bytes.saturating_add(entry.change.len());
+                    slice.entries.push(LogEntry {
+                        seq,
+                        collection: entry.collection,
+                        record: entry.record,
+                        change: entry.change,
+                    });
+                }
+                slice.through = seq;
+                scan_left -= 1;
+                if scan_left == 0 || slice.entries.len() == max_changes {
+                    break 'scan;
+                }
+            }
+        }
+        slice.head = slice.head.max(slice.through);
+        Ok(slice)
+    }
+
+    /// Runs `f` on the record's document, loading it into the cache if needed.
+    fn with_doc<T>(
+        &self,
+        space: &str,
+        collection: &str,
+        id: &str,
+        f: impl FnOnce(&mut Record) -> T,
+    ) -> Result<Option<T>, RelayStoreError> {
+        check_space(space)?;
+        validate_collection(collection, &self.options.limits)?;
+        validate_record_id(id, &self.options.limits)?;
+        let doc_key = (space.to_owned(), collection.to_owned(), id.to_owned());
+        // The space's lock keeps an append from landing between reading the base and the tail.
+        let state = self.space(space)?;
+        let _appends = lock(&state);
+        let mut cache = lock(&self.cache);
+        if let Some(doc) = cache.get_mut(&doc_key) {
+            return Ok(Some(f(doc)));
+        }
+        let Some(base) = self.kv.get(&key(b'b', &[space, collection, id]))? else {
+            return Ok(None);
+        };
+        let mut doc = Record::load(&base, &self.actor)?;
+        let mut changes = Vec::new();
+        for seq in self.tail_seqs(space, collection, id)? {
+            changes.push(self.change_at(space, seq, &Batch::default())?);
+        }
+        doc.apply_changes(&changes)?;
+        let out = f(&mut doc);
+        cache.put(doc_key, doc);
+        Ok(Some(out))
+    }
+
+    /// A live record's fields; `None` if it does not exist or is deleted.
+    pub fn record(
+        &self,
+        space: &str,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<Fields>, RelayStoreError> {
+        Ok(self
+            .with_doc(space, collection, id, |doc| {
+                doc.is_live().then(|| doc.fields())
+            })?
+            .flatten())
+    }
+
+    /// The record's whole document, as Automerge saves it.
+    pub fn document_bytes(
+        &self,
+        space: &str,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<Vec<u8>>, RelayStoreError> {
+        self.with_doc(space, collection, id, Record::save)
+    }
+
+    /// The record's heads, hex.
+    pub fn heads(
+        &self,
+        space: &str,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<Vec<String>>, RelayStoreError> {
+        self.with_doc(space, collection, id, |doc| {
+            doc.heads().iter().map(|h| h.to_string()).collect()
+        })
+    }
+
+    /// Collections of the space with their record counts (deleted records included).
+    pub fn collections(&self, space: &str) -> Result<Vec<(String, u64)>, RelayStoreError> {
+        check_space(space)?;
+        let all = key(b'b', &[space]);
+        let end = prefix_end(&all);
+        let mut start = all.clone();
+        let mut out = Vec::new();
+        while let Some((k, _)) = self.kv.range(&start, &end, 1)?.pop() {
+            let rest = k.get(all.len()..).unwrap_or_default();
+            let name_len = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            let name = String::from_utf8_lossy(&rest[..name_len]).into_owned();
+            let prefix = key(b'b', &[space, &name]);
+            let after_collection = prefix_end(&prefix);
+            out.push((name, self.kv.count(&prefix, &after_collection)?));
+            start = after_collection;
+        }
+        Ok(out)
+    }
+
+    /// Record ids of a collection in id order, after `after`.
+    pub fn records(
+        &self,
+        space: &str,
+        collection: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, RelayStoreError> {
+        check_space(space)?;
+        validate_collection(collection, &self.options.limits)?;
+        let prefix = key(b'b', &[space, collection]);
+        let start = match after {
+            Some(id) => after_key(&key(b'b', &[space, collection, id])),
+            None => prefix.clone(),
+        };
+        self.kv
+            .range(&start, &prefix_end(&prefix), limit)?
+            .into_iter()
+            .map(|(k, _)| {
+                // The id part ends with the `\0` every key part ends with.
+                k.get(prefix.len()..k.len().saturating_sub(1))
+                    .and_then(|id| String::from_utf8(id.to_vec()).ok())
+                    .ok_or(RelayStoreError::Corrupt {
+                        what: "record key",
+                        detail: "the id is not text".into(),
+                    })
+            })
+            .collect()
+    }
+}
+
+fn check_space(space: &str) -> Result<(), RelayStoreError> {
+    if space.is_empty() || space.len() > MAX_SPACE_BYTES || space.chars().any(char::is_control) {
+        return Err(RelayStoreError::InvalidSpace(space.to_owned()));
+    }
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every holder leaves the data whole before anything can panic (heads are set after their
+    // batch lands; cached documents are replaced, not edited, on append).
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `{kind}{part}\0{part}\0...`: each part ends with `\0`, so one part's keys are contiguous.
+fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
+    let mut k = vec![kind];
+    for part in parts {
+        k.extend_from_slice(part.as_bytes());
+        k.push(0);
+    }
+    k
+}
+
+fn seq_key(kind: u8, parts: &[&str], seq: u64) -> Vec<u8> {
+    let mut k = key(kind, parts);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn hash_key(space: &str, hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = key(b'h', &[space]);
+    k.extend_from_slice(hash);
+    k
+}
+
+fn seq_at(key: &[u8], prefix_len: usize) -> Result<u64, RelayStoreError> {
+    key.get(prefix_len..)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or(RelayStoreError::Corrupt {
+            what: "log key",
+            detail: "sequence of the wrong length".into(),
+        })
+}
+
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    crate::store::keys::prefix_end(prefix)
+}
+
+fn after_key(key: &[u8]) -> Vec<u8> {
+    crate::store::keys::after(key)
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain structs into a Vec cannot fail.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, RelayStoreError> {
+    postcard::from_bytes(bytes).map_err(|e| RelayStoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}

@@ -1,0 +1,430 @@
+//! The relay's store: appending (stored, duplicate, missing dependencies, invalid), reading the
+//! log in pages without echoing a device's own changes, surviving a reopen from disk with its
+//! documents compacted, and, as a property, that any upload order yields a causally closed log
+//! whose replay gives every document's merged heads.
+
+mod common;
+
+use automerge::ActorId;
+use common::{open_sled, proptest_config};
+use ferry::record::{Fields, Record};
+use ferry::relay::store::{RelayStore, RelayStoreError, RelayStoreOptions};
+use ferry::store::kv::{Kv, MemoryKv};
+use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const SPACE: &str = "team";
+
+fn fields(v: Value) -> Fields {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("fields must be an object, not {other}"),
+    }
+}
+
+fn actor(n: u8) -> ActorId {
+    ActorId::from(&[n; 16][..])
+}
+
+/// A record written on one device, keeping every change's bytes.
+struct Writer {
+    record: Record,
+    changes: Vec<Vec<u8>>,
+}
+
+impl Writer {
+    fn new(n: u8) -> Writer {
+        Writer {
+            record: Record::new(&actor(n)),
+            changes: Vec::new(),
+        }
+    }
+
+    fn put(&mut self, v: Value) -> Vec<u8> {
+        let w = self.record.put(&fields(v), 1).unwrap().unwrap();
+        self.changes.push(w.change.raw_bytes().to_vec());
+        self.changes.last().unwrap().clone()
+    }
+
+    fn patch(&mut self, v: Value) -> Vec<u8> {
+        let w = self.record.patch(&fields(v), &[], 2).unwrap().unwrap();
+        self.changes.push(w.change.raw_bytes().to_vec());
+        self.changes.last().unwrap().clone()
+    }
+}
+
+fn upload(entry: u64, record: &str, change: &[u8]) -> UploadChange {
+    UploadChange {
+        entry,
+        collection: "Doc".into(),
+        record: record.into(),
+        change: change.to_vec(),
+    }
+}
+
+fn memory_relay(options: RelayStoreOptions) -> RelayStore {
+    RelayStore::open(Arc::new(MemoryKv::new()), options).unwrap()
+}
+
+fn outcomes(results: &[ferry_proto::wire::ChangeResult]) -> Vec<ChangeOutcome> {
+    results.iter().map(|r| r.outcome.clone()).collect()
+}
+
+fn code(outcome: &ChangeOutcome) -> Option<ErrorCode> {
+    match outcome {
+        ChangeOutcome::Rejected { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+#[test]
+fn appends_store_deduplicate_and_refuse_what_cannot_be_applied() {
+    let relay = memory_relay(RelayStoreOptions::default());
+    let mut a = Writer::new(1);
+    let a1 = a.put(json!({"n": 1}));
+    let a2 = a.patch(json!({"m": 2}));
+    let a3 = a.patch(json!({"k": 3}));
+    let r = relay
+        .append(SPACE, "dev1", &[upload(10, "a", &a1), upload(11, "a", &a2)])
+        .unwrap();
+    assert_eq!(r[0].entry, 10);
+    assert_eq!(
+        outcomes(&r),
+        [
+            ChangeOutcome::Stored { seq: 1 },
+            ChangeOutcome::Stored { seq: 2 }
+        ]
+    );
+    let r = relay
+        .append(
+            SPACE,
+            "dev1",
+            &[
+                upload(11, "a", &a2),
+                upload(12, "a", &a3),
+                upload(12, "a", &a3),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        outcomes(&r),
+        [
+            ChangeOutcome::Duplicate { seq: 2 },
+            ChangeOutcome::Stored { seq: 3 },
+            ChangeOutcome::Duplicate { seq: 3 }
+        ]
+    );
+    assert_eq!(relay.head(SPACE).unwrap(), 3);
+
+    let mut b = Writer::new(2);
+    let b1 = b.put(json!({"x": 1}));
+    let b2 = b.patch(json!({"y": 2}));
+    // A dependency later in the same call is not good enough: the log must stay in causal order.
+    let r = relay
+        .append(SPACE, "dev2", &[upload(1, "b", &b2), upload(2, "b", &b1)])
+        .unwrap();
+    assert_eq!(code(&r[0].outcome), Some(ErrorCode::MissingDependencies));
+    assert!(ErrorCode::MissingDependencies.is_retryable());
+    assert_eq!(r[1].outcome, ChangeOutcome::Stored { seq: 4 });
+
+    let mut truncated = b2.clone();
+    truncated.pop();
+    let bad_address = UploadChange {
+        collection: "1-not-a-name".into(),
+        ..upload(5, "b", &b2)
+    };
+    let r = relay
+        .append(
+            SPACE,
+            "dev2",
+            &[
+                upload(3, "b", &truncated),
+                upload(4, "b", b"not automerge"),
+                bad_address,
+                // b2 names b1 as its dependency, which the log holds for record b, not c.
+                upload(6, "c", &b2),
+            ],
+        )
+        .unwrap();
+    for outcome in outcomes(&r) {
+        assert_eq!(
+            code(&outcome),
+            Some(ErrorCode::InvalidChange),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(relay.head(SPACE).unwrap(), 4, "nothing refused is logged");
+    let r = relay.append(SPACE, "dev2", &[upload(7, "b", &b2)]).unwrap();
+    assert_eq!(r[0].outcome, ChangeOutcome::Stored { seq: 5 });
+
+    assert_eq!(
+        relay.record(SPACE, "Doc", "a").unwrap(),
+        Some(a.record.fields())
+    );
+    assert_eq!(
+        relay.heads(SPACE, "Doc", "b").unwrap().unwrap(),
+        b.record
+            .heads()
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(relay.record(SPACE, "Doc", "zzz").unwrap(), None);
+    assert_eq!(relay.collections(SPACE).unwrap(), [("Doc".to_owned(), 2)]);
+    assert_eq!(relay.records(SPACE, "Doc", Some("a"), 10).unwrap(), ["b"]);
+    assert_eq!(relay.head("other space").unwrap(), 0, "spaces are apart");
+    assert!(matches!(
+        relay.append("bad\0space", "dev1", &[]),
+        Err(RelayStoreError::InvalidSpace(_))
+    ));
+}
+
+#[test]
+fn reads_page_through_the_log_and_leave_out_the_readers_own_changes() {
+    let relay = memory_relay(RelayStoreOptions::default());
+    let mut one = Writer::new(1);
+    let mut two = Writer::new(2);
+    let append = |origin: &str, record: &str, change: Vec<u8>| {
+        let r = relay
+            .append(SPACE, origin, &[upload(0, record, &change)])
+            .unwrap();
+        assert!(matches!(r[0].outcome, ChangeOutcome::Stored { .. }));
+    };
+    // seq 1-3 by dev1, 4-5 by dev2, 6-15 by dev1.
+    append("dev1", "one", one.put(json!({"n": 0})));
+    for n in 1..3 {
+        append("dev1", "one", one.patch(json!({"n": n})));
+    }
+    append("dev2", "two", two.put(json!({"n": 0})));
+    append("dev2", "two", two.patch(json!({"n": 1})));
+    for n in 3..13 {
+        append("dev1", "one", one.patch(json!({"n": n})));
+    }
+    let seqs = |s: &ferry::relay::store::LogSlice| -> Vec<u64> {
+        s.entries.iter().map(|e| e.seq).collect()
+    };
+    let page = relay.read_since(SPACE, 0, 2, usize::MAX, None).unwrap();
+    assert_eq!((seqs(&page), page.through, page.head), (vec![1, 2], 2, 15));
+    assert_eq!(page.entries[0].change, one.changes[0]);
+    assert_eq!(page.entries[0].record, "one");
+
+    let page = relay
+        .read_since(SPACE, 2, 10, usize::MAX, Some("dev1"))
+        .unwrap();
+    assert_eq!(seqs(&page), [4, 5]);
+    assert_eq!(
+        page.through, 15,
+        "dev1's own changes are skipped but passed"
+    );
+
+    // One wanted entry allows four looked at: a run of excluded ones ends the read early.
+    let page = relay
+        .read_since(SPACE, 5, 1, usize::MAX, Some("dev1"))
+        .unwrap();
+    assert_eq!((seqs(&page), page.through), (vec![], 9));
+
+    // A byte limit smaller than one change still gives one.
+    let page = relay.read_since(SPACE, 0, 10, 1, None).unwrap();
+    assert_eq!((seqs(&page), page.through), (vec![1], 1));
+    let page = relay.read_since(SPACE, 15, 10, usize::MAX, None).unwrap();
+    assert_eq!((seqs(&page), page.through, page.head), (vec![], 15, 15));
+}
+
+#[test]
+fn a_reopened_relay_keeps_its_log_and_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = RelayStoreOptions {
+        compact_after: 4,
+        doc_cache_docs: 1,
+        ..RelayStoreOptions::default()
+    };
+    let mut w = Writer::new(1);
+    let mut other = Writer::new(2);
+    let first = w.put(json!({"n": 0}));
+    {
+        let relay = RelayStore::open(Arc::new(open_sled(dir.path())), options.clone()).unwrap();
+        relay
+            .append(SPACE, "dev1", &[upload(1, "r", &first)])
+            .unwrap();
+        // Single appends and one batch that crosses the compaction threshold by itself.
+        for n in 1..6 {
+            let c = w.patch(json!({"n": n}));
+            relay.append(SPACE, "dev1", &[upload(1, "r", &c)]).unwrap();
+            assert_eq!(
+                relay.record(SPACE, "Doc", "r").unwrap(),
+                Some(w.record.fields())
+            );
+        }
+        let batch: Vec<UploadChange> = (6..16)
+            .map(|n| upload(n, "r", &w.patch(json!({"n": n}))))
+            .collect();
+        relay.append(SPACE, "dev1", &batch).unwrap();
+        relay
+            .append(
+                SPACE,
+                "dev2",
+                &[upload(1, "s", &other.put(json!({"s": 1})))],
+            )
+            .unwrap();
+    }
+    let kv = Arc::new(open_sled(dir.path()));
+    let relay = RelayStore::open(kv.clone(), options).unwrap();
+    assert_eq!(relay.head(SPACE).unwrap(), 17);
+    let all = relay.read_since(SPACE, 0, 100, usize::MAX, None).unwrap();
+    let logged: Vec<Vec<u8>> = all.entries.iter().map(|e| e.change.clone()).collect();
+    let mut expected = w.changes.clone();
+    expected.push(other.changes[0].clone());
+    assert_eq!(logged, expected);
+    assert_eq!(
+        relay.record(SPACE, "Doc", "r").unwrap(),
+        Some(w.record.fields())
+    );
+    let saved = relay.document_bytes(SPACE, "Doc", "r").unwrap().unwrap();
+    assert_eq!(
+        Record::load(&saved, &actor(9)).unwrap().heads(),
+        w.record.heads()
+    );
+    // Compaction keeps the tail of changes after the last saved base short.
+    let tail_prefix = format!("t{SPACE}\0Doc\0r\0").into_bytes();
+    let mut tail_end = tail_prefix.clone();
+    tail_end.push(0xff);
+    assert!(kv.count(&tail_prefix, &tail_end).unwrap() < 4);
+    // Deduplication and numbering carry on where they were.
+    let r = relay
+        .append(
+            SPACE,
+            "dev1",
+            &[
+                upload(1, "r", &first),
+                upload(2, "r", &w.patch(json!({"n": 99}))),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        outcomes(&r),
+        [
+            ChangeOutcome::Duplicate { seq: 1 },
+            ChangeOutcome::Stored { seq: 18 }
+        ]
+    );
+}
+
+/// One step of building concurrent histories: a replica of a document writes, or merges in the
+/// other replica.
+#[derive(Debug, Clone)]
+enum Step {
+    Write {
+        doc: usize,
+        replica: usize,
+        field: u8,
+        value: i64,
+    },
+    Merge {
+        doc: usize,
+        into: usize,
+    },
+}
+
+fn step(docs: usize) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0..docs, 0..2usize, 0..4u8, any::<i64>()).prop_map(|(doc, replica, field, value)| {
+            Step::Write { doc, replica, field, value }
+        }),
+        1 => (0..docs, 0..2usize).prop_map(|(doc, into)| Step::Merge { doc, into }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(proptest_config(48))]
+
+    /// Changes of 2-3 documents, written concurrently on two replicas each, uploaded in a random
+    /// order and random batches, with refused ones uploaded again the way a device retries:
+    /// everything ends up stored once, the log replays in order without a missing dependency,
+    /// and every replayed document has the heads of merging both replicas.
+    #[test]
+    fn any_upload_order_gives_a_causally_closed_log(
+        docs in 2..=3usize,
+        steps in proptest::collection::vec(step(3), 1..30),
+        order in proptest::collection::vec(any::<u32>(), 64),
+        batch in 1..6usize,
+    ) {
+        let mut replicas: Vec<[Record; 2]> = (0..docs)
+            .map(|d| {
+                let mut first = Record::new(&actor(1));
+                first.put(&fields(json!({"doc": d})), 1).unwrap();
+                let second = Record::load(&first.save(), &actor(2)).unwrap();
+                [first, second]
+            })
+            .collect();
+        for s in steps {
+            match s {
+                Step::Write { doc, replica, field, value } => {
+                    let r = &mut replicas[doc % docs][replica];
+                    r.patch(&fields(json!({ format!("f{field}"): value })), &[], 2).unwrap();
+                }
+                Step::Merge { doc, into } => {
+                    let [a, b] = &mut replicas[doc % docs];
+                    let (to, from) = if into == 0 { (a, b) } else { (b, a) };
+                    to.doc_mut().merge(from.doc_mut()).unwrap();
+                }
+            }
+        }
+        let mut merged = Vec::new();
+        let mut pending = Vec::new();
+        for (d, [a, b]) in replicas.iter_mut().enumerate() {
+            a.doc_mut().merge(b.doc_mut()).unwrap();
+            for change in a.doc_mut().get_changes(&[]) {
+                pending.push(upload(0, &format!("d{d}"), change.raw_bytes()));
+            }
+            merged.push(a.heads());
+        }
+        let total = pending.len();
+        let mut key = order.iter().cycle();
+        let mut keyed: Vec<(u32, UploadChange)> =
+            pending.drain(..).map(|u| (*key.next().unwrap(), u)).collect();
+        keyed.sort_by_key(|(k, _)| *k);
+        pending = keyed.into_iter().map(|(_, u)| u).collect();
+
+        let relay = memory_relay(RelayStoreOptions { compact_after: 3, ..RelayStoreOptions::default() });
+        let mut rounds = 0;
+        while !pending.is_empty() {
+            rounds += 1;
+            prop_assert!(rounds <= total + 1, "uploads stopped making progress");
+            let mut refused = Vec::new();
+            for chunk in pending.chunks(batch) {
+                let results = relay.append(SPACE, "dev", chunk).unwrap();
+                for (u, r) in chunk.iter().zip(results) {
+                    match r.outcome {
+                        ChangeOutcome::Stored { .. } => {}
+                        ChangeOutcome::Rejected { code: ErrorCode::MissingDependencies, .. } => {
+                            refused.push(u.clone());
+                        }
+                        other => prop_assert!(false, "unexpected {other:?}"),
+                    }
+                }
+            }
+            pending = refused;
+        }
+        prop_assert_eq!(relay.head(SPACE).unwrap(), total as u64);
+
+        let log = relay.read_since(SPACE, 0, usize::MAX / 8, usize::MAX, None).unwrap();
+        prop_assert_eq!(log.entries.len(), total);
+        let mut replayed: BTreeMap<String, Record> = BTreeMap::new();
+        for entry in &log.entries {
+            let doc = replayed.entry(entry.record.clone()).or_insert_with(|| Record::new(&actor(7)));
+            prop_assert!(doc.apply_changes(std::slice::from_ref(&entry.change)).is_ok(),
+                "entry {} cannot be applied in log order", entry.seq);
+        }
+        for (d, heads) in merged.iter().enumerate() {
+            let id = format!("d{d}");
+            let mut replay = replayed.remove(&id).unwrap();
+            prop_assert_eq!(&replay.heads(), heads);
+            let relay_heads = relay.heads(SPACE, "Doc", &id).unwrap().unwrap();
+            let expected: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
+            prop_assert_eq!(relay_heads, expected);
+        }
+    }
+}

@@ -1,0 +1,545 @@
+//! The store's side of sync: upload batches in priority order within their limits, the relay's
+//! answers and lost connections moving queue entries, recovery after a crash, and remote changes
+//! applied idempotently, atomically with the download cursor, convergently between devices, and
+//! without losing a local write made at the same time.
+
+mod common;
+
+use common::{Engine, StepClock, TestStore, open_test_store};
+use ferry::record::Fields;
+use ferry::service::{Origin, Service, ServiceOptions};
+use ferry::store::kv::{Batch, Kv, MemoryKv};
+use ferry::store::sync::UploadSummary;
+use ferry::store::{Store, StoreError, StoreOptions, Write, keys};
+use ferry_proto::QueueStatus;
+use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, LogEntry};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const OTHER_DEVICE: &str = "fedcba9876543210fedcba9876543210";
+
+fn fields(v: Value) -> Fields {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("fields must be an object, not {other}"),
+    }
+}
+
+fn put(collection: &str, id: &str, v: Value) -> Write {
+    Write::Put {
+        collection: collection.into(),
+        id: Some(id.into()),
+        fields: fields(v),
+    }
+}
+
+fn patch(collection: &str, id: &str, v: Value) -> Write {
+    Write::Patch {
+        collection: collection.into(),
+        id: id.into(),
+        set: fields(v),
+        unset: Vec::new(),
+    }
+}
+
+fn queue_id(store: &Store, write: Write) -> u64 {
+    store
+        .write(write)
+        .expect("write")
+        .queue_id
+        .expect("a change")
+}
+
+fn ids(entries: &[ferry_proto::SyncQueueEntry]) -> Vec<u64> {
+    entries.iter().map(|e| e.id).collect()
+}
+
+fn status_of(store: &Store, id: u64) -> ferry_proto::SyncQueueEntry {
+    store
+        .queue(None, Some(id - 1), 1)
+        .expect("queue")
+        .into_iter()
+        .find(|e| e.id == id)
+        .unwrap_or_else(|| panic!("entry {id} missing"))
+}
+
+fn other_store(kv: &MemoryKv) -> Store {
+    Store::open(
+        Box::new(kv.clone()),
+        OTHER_DEVICE,
+        StoreOptions::default(),
+        StepClock::new(),
+    )
+    .expect("open the other device's store")
+}
+
+/// A store's queued changes from entry `after` on, as a relay log would carry them.
+fn as_log(store: &Store, after: u64, first_seq: u64) -> Vec<LogEntry> {
+    store
+        .queue(None, Some(after), usize::MAX)
+        .expect("queue")
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| LogEntry {
+            seq: first_seq + i as u64,
+            collection: e.model_name,
+            record: e.object_id,
+            change: e.data,
+        })
+        .collect()
+}
+
+fn rejected(entry: u64, code: ErrorCode) -> ChangeResult {
+    ChangeResult {
+        entry,
+        outcome: ChangeOutcome::Rejected {
+            code,
+            message: format!("{code:?}"),
+        },
+    }
+}
+
+fn stored(entry: u64, seq: u64) -> ChangeResult {
+    ChangeResult {
+        entry,
+        outcome: ChangeOutcome::Stored { seq },
+    }
+}
+
+#[test]
+fn upload_batches_take_priority_then_age_within_their_limits() {
+    let options = StoreOptions {
+        priorities: BTreeMap::from([("Urgent".into(), 10), ("Later".into(), -5)]),
+        ..StoreOptions::default()
+    };
+    let t = TestStore::new(Engine::Memory, options);
+    let s = t.store();
+    let a = queue_id(s, put("Job", "a", json!({"n": 1})));
+    let later = queue_id(s, put("Later", "l", json!({"n": 2})));
+    let x = queue_id(s, put("Urgent", "x", json!({"n": 3})));
+    let b = queue_id(s, put("Job", "b", json!({"n": 4})));
+    let z = queue_id(s, put("Urgent", "z", json!({"n": 5})));
+
+    let first = s.next_upload_batch(2, usize::MAX).unwrap();
+    assert_eq!(ids(&first), [x, z]);
+    assert!(first.iter().all(|e| e.status == QueueStatus::Processing));
+    // A byte limit smaller than any change still lets one entry through.
+    let second = s.next_upload_batch(10, 1).unwrap();
+    assert_eq!(ids(&second), [a]);
+    let size = second[0].data.len();
+    let third = s.next_upload_batch(10, 2 * size + size / 2).unwrap();
+    assert_eq!(ids(&third), [b, later]);
+    assert!(s.next_upload_batch(10, usize::MAX).unwrap().is_empty());
+    let counts = s.queue_counts().unwrap();
+    assert_eq!((counts.pending, counts.processing), (0, 5));
+    assert_eq!(status_of(s, x).status, QueueStatus::Processing);
+}
+
+#[test]
+fn finishing_an_upload_settles_each_outcome_in_one_go() {
+    let t = TestStore::new(Engine::Memory, StoreOptions::default());
+    let s = t.store();
+    let entries: Vec<u64> = (0..4)
+        .map(|n| queue_id(s, put("Job", &n.to_string(), json!({"n": n}))))
+        .collect();
+    let waiting = queue_id(s, put("Job", "waiting", json!({})));
+    let batch = s.next_upload_batch(4, usize::MAX).unwrap();
+    assert_eq!(ids(&batch), entries);
+
+    let results = [
+        stored(entries[0], 1),
+        ChangeResult {
+            entry: entries[1],
+            outcome: ChangeOutcome::Duplicate { seq: 1 },
+        },
+        rejected(entries[2], ErrorCode::MissingDependencies),
+        rejected(entries[3], ErrorCode::InvalidChange),
+        stored(999, 2),
+        stored(waiting, 3),
+    ];
+    let summary = s.finish_upload(&results, 5).unwrap();
+    assert_eq!(
+        summary,
+        UploadSummary {
+            completed: 2,
+            failed: 1,
+            retrying: 1,
+            ignored: vec![999, waiting],
+        }
+    );
+    assert_eq!(status_of(s, entries[0]).status, QueueStatus::Completed);
+    assert_eq!(status_of(s, entries[1]).status, QueueStatus::Completed);
+    let retry = status_of(s, entries[2]);
+    assert_eq!((retry.status, retry.retry_count), (QueueStatus::Pending, 1));
+    assert_eq!(
+        retry.last_error.as_deref(),
+        Some("validation: MissingDependencies")
+    );
+    let refused = status_of(s, entries[3]);
+    assert_eq!(
+        (refused.status, refused.retry_count),
+        (QueueStatus::Failed, 0)
+    );
+    assert_eq!(
+        refused.last_error.as_deref(),
+        Some("validation: InvalidChange")
+    );
+    assert_eq!(status_of(s, waiting).status, QueueStatus::Pending);
+    assert_eq!(
+        ids(&s.next_upload_batch(10, usize::MAX).unwrap()),
+        [entries[2], waiting],
+        "the retried entry keeps its place by age"
+    );
+    // An answer that arrives twice changes nothing the second time.
+    let again = s.finish_upload(&results[..1], 5).unwrap();
+    assert_eq!(again.ignored, [entries[0]]);
+}
+
+#[test]
+fn an_abandoned_upload_goes_back_until_it_runs_out_of_retries() {
+    let t = TestStore::new(Engine::Memory, StoreOptions::default());
+    let s = t.store();
+    let id = queue_id(s, put("Job", "1", json!({})));
+    let pending = queue_id(s, put("Job", "2", json!({})));
+    assert_eq!(ids(&s.next_upload_batch(1, usize::MAX).unwrap()), [id]);
+    let summary = s
+        .abandon_upload(&[id, pending], "network: reset", 2)
+        .unwrap();
+    assert_eq!((summary.retrying, summary.failed), (1, 0));
+    assert_eq!(summary.ignored, [pending], "not in an upload: skipped");
+    let e = status_of(s, id);
+    assert_eq!((e.status, e.retry_count), (QueueStatus::Pending, 1));
+    assert_eq!(e.last_error.as_deref(), Some("network: reset"));
+    assert_eq!(status_of(s, pending).retry_count, 0);
+
+    assert_eq!(ids(&s.next_upload_batch(1, usize::MAX).unwrap()), [id]);
+    let summary = s.abandon_upload(&[id], "timeout: no answer", 2).unwrap();
+    assert_eq!((summary.retrying, summary.failed), (0, 1));
+    let e = status_of(s, id);
+    assert_eq!((e.status, e.retry_count), (QueueStatus::Failed, 2));
+    assert_eq!(
+        ids(&s.next_upload_batch(10, usize::MAX).unwrap()),
+        [pending],
+        "a failed entry is not uploaded again"
+    );
+}
+
+#[test]
+fn uploads_cut_off_by_a_crash_are_uploaded_again() {
+    let mut t = TestStore::new(Engine::Memory, StoreOptions::default());
+    let a = queue_id(t.store(), put("Job", "a", json!({})));
+    let b = queue_id(t.store(), put("Job", "b", json!({})));
+    t.store().flush().unwrap();
+    // Taken but never flushed: the crash forgets the move.
+    assert_eq!(
+        ids(&t.store().next_upload_batch(1, usize::MAX).unwrap()),
+        [a]
+    );
+    assert!(t.crash());
+    assert_eq!(
+        ids(&t.store().next_upload_batch(1, usize::MAX).unwrap()),
+        [a]
+    );
+    t.store().flush().unwrap();
+    assert!(t.crash());
+    assert_eq!(status_of(t.store(), a).status, QueueStatus::Processing);
+    assert_eq!(t.store().recover_interrupted().unwrap(), 1);
+    assert_eq!(
+        ids(&t.store().next_upload_batch(10, usize::MAX).unwrap()),
+        [a, b]
+    );
+}
+
+#[test]
+fn a_store_from_before_the_pending_index_gets_one_when_opened() {
+    let kv = MemoryKv::new();
+    let clock = StepClock::new();
+    let store = open_test_store(Box::new(kv.clone()), StoreOptions::default(), &clock);
+    let a = queue_id(&store, put("Job", "a", json!({})));
+    let b = queue_id(&store, put("Job", "b", json!({})));
+    store.flush().unwrap();
+    drop(store);
+    let mut strip = Batch::default();
+    for (key, _) in kv
+        .range(keys::PENDING, &keys::prefix_end(keys::PENDING), usize::MAX)
+        .unwrap()
+    {
+        strip.remove(key);
+    }
+    strip.remove(keys::META_PENDING_INDEX.to_vec());
+    kv.apply(strip).unwrap();
+    let store = open_test_store(Box::new(kv.clone()), StoreOptions::default(), &clock);
+    assert_eq!(
+        ids(&store.next_upload_batch(10, usize::MAX).unwrap()),
+        [a, b]
+    );
+}
+
+#[test]
+fn remote_changes_apply_once_and_make_no_queue_entries() {
+    let t = TestStore::new(Engine::Memory, StoreOptions::default());
+    let origin = t.store();
+    origin
+        .write(put("Note", "n", json!({"text": "hi"})))
+        .unwrap();
+    origin
+        .write(patch("Note", "n", json!({"more": 1})))
+        .unwrap();
+    origin
+        .write(Write::Delete {
+            collection: "Note".into(),
+            id: "n".into(),
+        })
+        .unwrap();
+    origin.write(put("Note", "m", json!({"x": 1}))).unwrap();
+    let log = as_log(origin, 0, 1);
+
+    let receiver = other_store(&MemoryKv::new());
+    assert_eq!(receiver.sync_cursor().unwrap(), 0);
+    let applied = receiver.apply_remote(&log[..2], 2).unwrap();
+    assert_eq!(applied.len(), 1, "two changes, one record");
+    assert_eq!(applied[0].operation, ferry_proto::Operation::Create);
+    assert_eq!(applied[0].device, common::TEST_DEVICE);
+    let applied = receiver.apply_remote(&log, 4).unwrap();
+    let summary: Vec<_> = applied
+        .iter()
+        .map(|a| (a.id.as_str(), a.operation, a.deleted))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("n", ferry_proto::Operation::Delete, true),
+            ("m", ferry_proto::Operation::Create, false)
+        ]
+    );
+    assert!(
+        receiver.apply_remote(&log, 4).unwrap().is_empty(),
+        "idempotent"
+    );
+    assert_eq!(receiver.sync_cursor().unwrap(), 4);
+    assert!(receiver.queue(None, None, 10).unwrap().is_empty());
+    for id in ["n", "m"] {
+        assert_eq!(
+            receiver.export_doc("Note", id).unwrap(),
+            origin.export_doc("Note", id).unwrap()
+        );
+    }
+    assert!(matches!(
+        receiver.get("Note", "n"),
+        Err(StoreError::NotFound { .. })
+    ));
+    // An older answer arriving late does not move the cursor back.
+    receiver.apply_remote(&log[..1], 1).unwrap();
+    assert_eq!(receiver.sync_cursor().unwrap(), 4);
+}
+
+#[test]
+fn two_devices_exchanging_changes_converge() {
+    let t = TestStore::new(Engine::Memory, StoreOptions::default());
+    let a = t.store();
+    let b = other_store(&MemoryKv::new());
+    a.write(put("Doc", "shared", json!({"title": "a", "n": 1})))
+        .unwrap();
+    b.apply_remote(&as_log(a, 0, 1), 1).unwrap();
+    let (a_mark, b_mark) = (a.queue(None, None, 100).unwrap().len() as u64, 0);
+    // Concurrent edits, including to the same field, and records only one side has.
+    a.write(patch(
+        "Doc",
+        "shared",
+        json!({"title": "from a", "a": true}),
+    ))
+    .unwrap();
+    a.write(put("Doc", "only-a", json!({"v": 1}))).unwrap();
+    b.write(patch(
+        "Doc",
+        "shared",
+        json!({"title": "from b", "b": true}),
+    ))
+    .unwrap();
+    b.write(put("Doc", "only-b", json!({"v": 2}))).unwrap();
+    b.apply_remote(&as_log(a, a_mark, 2), 3).unwrap();
+    a.apply_remote(&as_log(&b, b_mark, 4), 5).unwrap();
+    // Same heads, fields and set of changes. The saved bytes may still differ: Automerge saves
+    // concurrent changes in the order each document received them.
+    for id in ["shared", "only-a", "only-b"] {
+        assert_eq!(a.get("Doc", id).unwrap(), b.get("Doc", id).unwrap(), "{id}");
+        let changes = |s: &Store| {
+            let mut hashes: Vec<String> = s
+                .history("Doc", id)
+                .unwrap()
+                .into_iter()
+                .map(|h| h.hash)
+                .collect();
+            hashes.sort();
+            hashes
+        };
+        assert_eq!(changes(a), changes(&b), "{id}");
+    }
+    let shared = a.get("Doc", "shared").unwrap().fields;
+    assert_eq!(
+        (shared["a"].clone(), shared["b"].clone()),
+        (json!(true), json!(true))
+    );
+}
+
+#[test]
+fn the_cursor_lands_with_the_documents_or_not_at_all() {
+    let origin = TestStore::new(Engine::Memory, StoreOptions::default());
+    origin
+        .store()
+        .write(put("Note", "1", json!({"a": 1})))
+        .unwrap();
+    origin
+        .store()
+        .write(patch("Note", "1", json!({"b": 2})))
+        .unwrap();
+    let log = as_log(origin.store(), 0, 1);
+    let kv = MemoryKv::new();
+    let receiver = other_store(&kv);
+    receiver.apply_remote(&log, 2).unwrap();
+    kv.crash();
+    let receiver = other_store(&kv);
+    assert_eq!(
+        receiver.sync_cursor().unwrap(),
+        0,
+        "not flushed: cursor gone"
+    );
+    assert!(
+        receiver.export_doc("Note", "1").is_err(),
+        "and so is the record"
+    );
+
+    // An entry that cannot be applied stops the whole download, cursor included.
+    let mut broken = log.clone();
+    broken[1].change.pop();
+    let err = receiver.apply_remote(&broken, 2).unwrap_err();
+    assert!(
+        matches!(err, StoreError::RemoteEntry { seq: 2, .. }),
+        "{err}"
+    );
+    let err = receiver.apply_remote(&log[1..], 2).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::RemoteEntry { reason, .. } if reason.contains("depend")),
+        "{err}"
+    );
+    assert_eq!(receiver.sync_cursor().unwrap(), 0);
+    assert!(receiver.export_doc("Note", "1").is_err());
+
+    receiver.apply_remote(&log, 2).unwrap();
+    receiver.flush().unwrap();
+    kv.crash();
+    let receiver = other_store(&kv);
+    assert_eq!(receiver.sync_cursor().unwrap(), 2);
+    assert_eq!(
+        receiver.get("Note", "1").unwrap().fields,
+        fields(json!({"a": 1, "b": 2}))
+    );
+}
+
+#[test]
+fn a_local_write_during_a_remote_apply_keeps_both() {
+    const ROUNDS: u64 = 50;
+    let origin = TestStore::new(Engine::Memory, StoreOptions::default());
+    let o = origin.store();
+    o.write(put("Doc", "r", json!({"remote": 0}))).unwrap();
+    for n in 1..=ROUNDS {
+        o.write(patch("Doc", "r", json!({"remote": n}))).unwrap();
+    }
+    let log = as_log(o, 0, 1);
+    let options = StoreOptions {
+        cache_docs: 1,
+        ..StoreOptions::default()
+    };
+    let device = Store::open(
+        Box::new(MemoryKv::new()),
+        OTHER_DEVICE,
+        options,
+        StepClock::new(),
+    )
+    .unwrap();
+    device.apply_remote(&log[..1], 1).unwrap();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for (i, entry) in log.iter().enumerate().skip(1) {
+                device
+                    .apply_remote(std::slice::from_ref(entry), i as u64 + 1)
+                    .unwrap();
+            }
+        });
+        scope.spawn(|| {
+            for n in 1..=ROUNDS {
+                device
+                    .write(patch("Doc", "r", json!({"local": n})))
+                    .unwrap();
+                // Another record between, so the small cache has to evict `r`.
+                device.write(put("Doc", "other", json!({"n": n}))).unwrap();
+            }
+        });
+    });
+    let r = device.get("Doc", "r").unwrap().fields;
+    assert_eq!(r, fields(json!({"remote": ROUNDS, "local": ROUNDS})));
+    let history = device.history("Doc", "r").unwrap();
+    assert_eq!(history.len() as u64, 1 + ROUNDS + ROUNDS);
+    let queued = device
+        .queue(None, None, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.object_id == "r")
+        .count();
+    assert_eq!(queued as u64, ROUNDS, "only the local changes are queued");
+}
+
+#[test]
+fn the_service_applies_remote_changes_through_its_committer_and_says_so() {
+    let origin = TestStore::new(Engine::Memory, StoreOptions::default());
+    origin
+        .store()
+        .write(put("Note", "1", json!({"a": 1})))
+        .unwrap();
+    let log = as_log(origin.store(), 0, 7);
+    let kv = MemoryKv::new();
+    let service = Service::new(
+        Arc::new(other_store(&kv)),
+        ServiceOptions {
+            data_dir: "unused".into(),
+            socket: "unused".into(),
+            max_import_records: 10,
+            max_list_limit: 10,
+            group_commit_max: 8,
+            daemon: true,
+        },
+    );
+    let mut events = service.subscribe_events();
+    let applied = service.apply_remote(log.clone(), 7).unwrap();
+    assert_eq!(applied.len(), 1);
+    kv.crash();
+    assert_eq!(
+        service.store().sync_cursor().unwrap(),
+        7,
+        "durable when answered"
+    );
+    let event = events.try_recv().unwrap();
+    assert_eq!(event.origin, Origin::Remote);
+    assert_eq!(event.device, common::TEST_DEVICE);
+    assert_eq!(
+        serde_json::to_value(&event).unwrap()["origin"],
+        json!("remote")
+    );
+    service
+        .call(
+            "patch",
+            json!({"collection": "Note", "id": "1", "fields": {"b": 2}}),
+        )
+        .unwrap();
+    let event = events.try_recv().unwrap();
+    assert_eq!(
+        (event.origin, event.device.as_str()),
+        (Origin::Local, OTHER_DEVICE)
+    );
+    assert!(service.apply_remote(log, 7).unwrap().is_empty());
+    assert!(events.try_recv().is_err(), "nothing changed, nothing said");
+    let queue = service.call("queue", json!({})).unwrap();
+    assert_eq!(queue["counts"]["pending"], json!(1));
+    service.shutdown().unwrap();
+}
