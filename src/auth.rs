@@ -102,10 +102,12 @@ impl Identity {
 
     /// Hex of the first 16 bytes of the public key.
     pub fn device_id(&self) -> String {
-        self.key.verifying_key().as_bytes()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        ferry_proto::session::device_id(self.key.verifying_key().as_bytes())
+    }
+
+    /// The key that signs the relay's challenge.
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
     }
 }
 

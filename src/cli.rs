@@ -121,8 +121,22 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// Device, store and queue state
+    /// Device, store, queue and sync state: connection, last sync, whether this device holds
+    /// everything the relay has
     Status,
+    /// Sync with the relay now and wait until done, showing progress (needs the daemon)
+    Sync {
+        /// First put failed queue entries back to pending, so they are uploaded again
+        #[arg(long)]
+        retry_failed: bool,
+    },
+    /// Run the relay in the foreground: stores every space's change log and serves devices over
+    /// QUIC; prints the certificate fingerprint that devices pin (stops cleanly on SIGINT/SIGTERM)
+    Relay {
+        /// UDP address to listen on [default: relay.listen from the config]
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Print record changes as they happen (needs the daemon)
     Watch {
         collection: Option<String>,
@@ -250,7 +264,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let config_path = cli.config.clone().unwrap_or_else(|| dir.config_path());
     let config = Config::load(&config_path, cli.config.is_some())
         .map_err(|e| Failure::failed(e.to_string()))?;
-    let quiet = !matches!(cli.command, Command::Daemon | Command::Demo { .. });
+    let quiet = !matches!(
+        cli.command,
+        Command::Daemon | Command::Demo { .. } | Command::Relay { .. }
+    );
     init_logging(&config, quiet);
     let ctx = Context {
         dir,
@@ -267,6 +284,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             count,
         } => watch(&ctx, collection, id, count),
         Command::Import { file, batch } => import(&ctx, file.as_deref(), batch),
+        Command::Sync { retry_failed } => sync(&ctx, retry_failed),
+        Command::Relay { listen } => run_relay(&ctx, listen.as_deref()),
         Command::Export {
             target,
             format,
@@ -319,6 +338,72 @@ fn run_daemon(ctx: &Context) -> Result<(), Failure> {
         })
         .await
     })?;
+    Ok(())
+}
+
+fn run_relay(ctx: &Context, listen: Option<&str>) -> Result<(), Failure> {
+    let json = ctx.json;
+    runtime()?
+        .block_on(async {
+            crate::relay::run(&ctx.dir, &ctx.config, listen, stop_signal(), |ready| {
+                if json {
+                    print_json(&json!(ready));
+                } else {
+                    println!("ferry relay listening on {} (QUIC)", ready.listen);
+                    println!("certificate fingerprint (sha256): {}", ready.fingerprint);
+                    println!(
+                        "devices pin it: set sync.fingerprint = \"{}\" in their config",
+                        ready.fingerprint
+                    );
+                }
+                // Whoever started the relay may be waiting for these lines.
+                let _ = std::io::stdout().flush();
+            })
+            .await
+        })
+        .map_err(|e| Failure::failed(e.to_string()))
+}
+
+fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {
+    let socket = daemon::socket_path(&ctx.dir, &ctx.config);
+    let mut client = Client::connect(&socket).map_err(|_| {
+        Failure::failed(format!(
+            "no daemon is listening on {}: start `ferry daemon` (it syncs in the background)",
+            socket.display()
+        ))
+    })?;
+    let progress = (!ctx.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    });
+    let result =
+        client.call_with_notifications("sync", json!({ "retry_failed": retry_failed }), |note| {
+            if let Some(bar) = &progress {
+                let s = &note["params"];
+                bar.set_message(format!(
+                    "{} · uploaded {} · downloaded {} · log {}/{}",
+                    s["state"].as_str().unwrap_or(""),
+                    s["uploaded"],
+                    s["downloaded"],
+                    s["cursor"],
+                    s["relay_head"]
+                ));
+            }
+        });
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    let r = result?;
+    if ctx.json {
+        print_json(&r);
+    } else {
+        let report = &r["report"];
+        println!(
+            "in sync: uploaded {} changes, downloaded {}, at {} of the relay's {}",
+            report["uploaded"], report["downloaded"], report["cursor"], report["relay_head"]
+        );
+    }
     Ok(())
 }
 
@@ -626,6 +711,8 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         | Command::Demo { .. }
         | Command::Watch { .. }
         | Command::Import { .. }
+        | Command::Sync { .. }
+        | Command::Relay { .. }
         | Command::Export { .. } => unreachable!("handled in run()"),
     }
     Ok(())

@@ -255,15 +255,30 @@ impl Config {
             ("limits.max_record_bytes", self.limits.max_record_bytes),
             ("sync.interval_secs", self.sync.interval_secs as usize),
             ("sync.max_retries", self.sync.max_retries as usize),
-            ("sync.backoff_initial_ms", self.sync.backoff_initial_ms as usize),
+            (
+                "sync.backoff_initial_ms",
+                self.sync.backoff_initial_ms as usize,
+            ),
             ("sync.batch_changes", self.sync.batch_changes as usize),
             ("sync.download_changes", self.sync.download_changes as usize),
-            ("sync.request_timeout_ms", self.sync.request_timeout_ms as usize),
+            (
+                "sync.request_timeout_ms",
+                self.sync.request_timeout_ms as usize,
+            ),
             ("relay.max_connections", self.relay.max_connections),
-            ("relay.max_batch_changes", self.relay.max_batch_changes as usize),
-            ("relay.max_download_changes", self.relay.max_download_changes as usize),
+            (
+                "relay.max_batch_changes",
+                self.relay.max_batch_changes as usize,
+            ),
+            (
+                "relay.max_download_changes",
+                self.relay.max_download_changes as usize,
+            ),
             ("relay.cache_docs", self.relay.cache_docs),
-            ("relay.handshake_timeout_ms", self.relay.handshake_timeout_ms as usize),
+            (
+                "relay.handshake_timeout_ms",
+                self.relay.handshake_timeout_ms as usize,
+            ),
         ];
         if self.sync.backoff_max_ms < self.sync.backoff_initial_ms {
             return Err("sync.backoff_max_ms must be at least sync.backoff_initial_ms".into());
@@ -277,7 +292,9 @@ impl Config {
             }
         }
         if self.relay.cert_file.is_empty() != self.relay.key_file.is_empty() {
-            return Err("relay.cert_file and relay.key_file go together: set both or neither".into());
+            return Err(
+                "relay.cert_file and relay.key_file go together: set both or neither".into(),
+            );
         }
         match positive.iter().find(|(_, v)| *v == 0) {
             Some((key, _)) => Err(format!("{key} must be at least 1")),

@@ -1,5 +1,5 @@
 //! `ferry daemon`: owns the data directory while it runs, opens the store, serves the IPC socket,
-//! and shuts down cleanly (every acknowledged write is already durable; the committer drains and
+//! starts the sync loop when a relay is configured, and shuts down cleanly (every acknowledged write is already durable; the committer drains and
 //! the store is flushed once more).
 //!
 //! Owns: process lifecycle, the data directory lock, the socket file.
@@ -7,6 +7,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::datadir::{DataDir, DataDirError, DirLock};
+use crate::engine::{self, EngineError, SyncSettings};
 use crate::ipc::{self, ServerOptions};
 use crate::service::{Service, ServiceOptions};
 use crate::store::keys;
@@ -26,6 +27,8 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot start syncing: {0}")]
+    Sync(#[from] EngineError),
     #[error("could not flush the store while stopping: {0}")]
     Shutdown(StoreError),
     #[error("cannot listen on socket {path}: {source}")]
@@ -133,12 +136,28 @@ pub async fn run(
         service_options(dir, config, true),
     ));
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let sync = match SyncSettings::from_config(&config.sync)? {
+        Some(settings) => {
+            let key = dir.identity()?.signing_key().clone();
+            Some(engine::spawn(
+                service.clone(),
+                key,
+                settings,
+                stopped.clone(),
+            ))
+        }
+        None => {
+            tracing::info!("no relay configured (sync.relay): working offline only");
+            None
+        }
+    };
     let server = tokio::spawn(ipc::serve(
         listener,
         service.clone(),
         ServerOptions {
             max_message_bytes: config.ipc.max_message_bytes,
             max_connections: config.ipc.max_connections,
+            sync: sync.as_ref().map(|(handle, _)| handle.clone()),
         },
         stopped,
     ));
@@ -153,6 +172,11 @@ pub async fn run(
     let _ = stop.send(true);
     if let Err(e) = server.await {
         tracing::error!(error = %e, "socket server stopped abnormally");
+    }
+    if let Some((_, task)) = sync
+        && let Err(e) = task.await
+    {
+        tracing::error!(error = %e, "sync loop stopped abnormally");
     }
     let _ = std::fs::remove_file(&socket);
     match Arc::try_unwrap(service) {

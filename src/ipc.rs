@@ -8,6 +8,7 @@
 //!
 //! Windows would serve the same protocol over a named pipe; only the Unix socket is built so far.
 
+use crate::engine::SyncHandle;
 use crate::service::{ApiError, ChangeEvent, Service, code};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
@@ -27,11 +28,15 @@ use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 pub const CHANGE_NOTIFICATION: &str = "change";
 /// Sent when a subscriber fell so far behind that events were dropped: re-read what it watches.
 pub const LAGGED_NOTIFICATION: &str = "lagged";
+/// Sent while a `sync` call runs: the sync status, each time it changes.
+pub const SYNC_PROGRESS: &str = "sync.progress";
 
 #[derive(Clone)]
 pub struct ServerOptions {
     pub max_message_bytes: usize,
     pub max_connections: usize,
+    /// The daemon's sync loop, when a relay is configured.
+    pub sync: Option<SyncHandle>,
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -223,6 +228,7 @@ impl Connection {
             match request.method.as_str() {
                 "subscribe" => self.subscribe(request.params, out),
                 "unsubscribe" => self.unsubscribe(request.params),
+                "sync" => self.sync(request.params, out).await,
                 _ => {
                     let service = self.service.clone();
                     let method = request.method.clone();
@@ -235,11 +241,73 @@ impl Connection {
                     })
                 }
             };
+        let result = match (request.method.as_str(), result, &self.options.sync) {
+            ("status", Ok(mut status), Some(sync)) => {
+                status["sync"] = json!(sync.status());
+                Ok(status)
+            }
+            (_, result, _) => result,
+        };
         let id = request.id?;
         Some(match result {
             Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
             Err(err) => error_response(id, &err),
         })
+    }
+
+    /// Syncs now and answers when done, sending `sync.progress` notifications meanwhile.
+    async fn sync(&mut self, params: Value, out: &mpsc::Sender<String>) -> Result<Value, ApiError> {
+        #[derive(Deserialize, Default)]
+        #[serde(deny_unknown_fields, default)]
+        struct SyncParams {
+            retry_failed: bool,
+        }
+        let params: SyncParams = if params.is_null() {
+            SyncParams::default()
+        } else {
+            serde_json::from_value(params).map_err(ApiError::invalid_params)?
+        };
+        let Some(sync) = self.options.sync.clone() else {
+            return Err(ApiError::new(
+                code::UNAVAILABLE,
+                crate::engine::EngineError::NotConfigured.to_string(),
+            ));
+        };
+        let mut retried = Value::Null;
+        if params.retry_failed {
+            let service = self.service.clone();
+            retried =
+                tokio::task::spawn_blocking(move || {
+                    service.call("retry", json!({ "all_failed": true }))
+                })
+                .await
+                .map_err(|_| {
+                    ApiError::new(code::INTERNAL, "internal error: see the daemon log")
+                })??["retried"]
+                    .clone();
+        }
+        let mut progress = sync.watch();
+        let wait = sync.sync_now();
+        tokio::pin!(wait);
+        let report = loop {
+            tokio::select! {
+                report = &mut wait => break report,
+                Ok(()) = progress.changed() => {
+                    let status = progress.borrow_and_update().clone();
+                    let note = json!({ "jsonrpc": "2.0", "method": SYNC_PROGRESS, "params": status });
+                    let _ = out.try_send(note.to_string());
+                }
+            }
+        };
+        match report {
+            Ok(report) => {
+                Ok(json!({ "report": report, "retried": retried, "status": sync.status() }))
+            }
+            Err(failure) => Err(ApiError::new(
+                code::SYNC_FAILED,
+                format!("sync failed ({}): {}", failure.kind, failure.message),
+            )),
+        }
     }
 
     fn subscribe(&mut self, params: Value, out: &mpsc::Sender<String>) -> Result<Value, ApiError> {
@@ -436,6 +504,20 @@ impl Client {
     }
 
     pub fn call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
+        let mut held = std::mem::take(&mut self.pending_notifications);
+        let result = self.call_with_notifications(method, params, |n| held.push_back(n));
+        self.pending_notifications = held;
+        result
+    }
+
+    /// Calls `method`, handing every notification that arrives before the answer to
+    /// `on_notification` (progress of a `sync`, for example).
+    pub fn call_with_notifications(
+        &mut self,
+        method: &str,
+        params: Value,
+        mut on_notification: impl FnMut(Value),
+    ) -> Result<Value, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         let request = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
@@ -443,7 +525,7 @@ impl Client {
         loop {
             let message = self.read_message()?;
             if message.get("method").is_some() {
-                self.pending_notifications.push_back(message);
+                on_notification(message);
                 continue;
             }
             // An error with id null answers whatever was sent last: the daemon could not tie it

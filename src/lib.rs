@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod datadir;
 pub mod demo;
+pub mod engine;
 pub mod fuzzing;
 pub mod ipc;
 pub mod record;

@@ -41,6 +41,9 @@ pub mod code {
     pub const UNAVAILABLE: i64 = -32007;
     pub const INVALID_STATE: i64 = -32008;
     pub const BUSY: i64 = -32009;
+    /// A sync with the relay did not complete; the message names the kind (network,
+    /// authentication, validation, server, timeout).
+    pub const SYNC_FAILED: i64 = -32010;
 }
 
 /// An error as apps see it: a stable code and a message that says what to do.
@@ -429,16 +432,16 @@ impl Service {
                 let _: Empty = parse(params)?;
                 self.status()
             }
-            "subscribe" | "unsubscribe" => Err(ApiError::new(
+            "subscribe" | "unsubscribe" | "sync" => Err(ApiError::new(
                 code::UNAVAILABLE,
-                "subscriptions need the daemon: start `ferry daemon` and use its socket",
+                format!("{method} needs the daemon: start `ferry daemon` and use its socket"),
             )),
             other => Err(ApiError::new(
                 code::METHOD_NOT_FOUND,
                 format!(
                     "unknown method {other:?}: the methods are put, patch, delete, get, list, \
                      collections, history, import, export, subscribe, unsubscribe, queue, retry, \
-                     log, status"
+                     log, status, sync"
                 ),
             )),
         }

@@ -166,6 +166,11 @@ impl SyncQueueEntry {
 pub enum Direction {
     Upload,
     Download,
+    /// Connecting, authenticating, agreeing on a version (sync phase 1).
+    Initialization,
+    /// Recording the outcome and telling subscribers (sync phase 4), or a session that ended
+    /// with an error.
+    Finalization,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -983,7 +983,7 @@ impl RelaySession {
                         ),
                     );
                 }
-                if let Err(problem) = check_space(&space) {
+                if let Err(problem) = validate_space(&space) {
                     return self.fail(ErrorCode::Forbidden, problem);
                 }
                 self.version = version;
@@ -1098,7 +1098,8 @@ impl RelaySession {
     }
 }
 
-fn check_space(space: &str) -> Result<(), String> {
+/// Checks a space name: 1 to [`MAX_SPACE_BYTES`] ASCII letters, digits, `-`, `_` or `.`.
+pub fn validate_space(space: &str) -> Result<(), String> {
     let valid = !space.is_empty()
         && space.len() <= MAX_SPACE_BYTES
         && space

@@ -1,6 +1,123 @@
 //! The relay: the server that devices of a space upload their changes to and download the
 //! space's change log from.
 //!
-//! Owns: the relay's durable state (`store`). Must not touch the device's store or its socket.
+//! Owns: the relay's durable state (`store`), its QUIC server (`server`), and the process around
+//! them (`run`: data directory, certificate, endpoint, clean shutdown).
+//! Must not touch: the device's store or its socket.
 
+pub mod server;
 pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::datadir::{DataDir, DataDirError};
+use crate::store::kv::{KvError, SledKv};
+use crate::transport::{self, Fingerprint, RelayCertificate, TransportError, TransportOptions};
+use ferry_proto::session::SessionConfig;
+use server::RelayOptions;
+use store::{RelayStore, RelayStoreError, RelayStoreOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("relay.listen {0:?} is not an address such as 127.0.0.1:7443")]
+    Listen(String),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot open the relay's store: {0}")]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Store(#[from] RelayStoreError),
+}
+
+/// What `ferry relay` tells its operator once it serves.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Listening {
+    pub listen: SocketAddr,
+    /// Devices pin this (`sync.fingerprint`).
+    pub fingerprint: Fingerprint,
+}
+
+/// Runs the relay until `shutdown` completes: every acknowledged change is already durable, and
+/// the store is flushed once more on the way out.
+pub async fn run(
+    dir: &DataDir,
+    config: &Config,
+    listen: Option<&str>,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(&Listening),
+) -> Result<(), RelayError> {
+    let relay = &config.relay;
+    let listen = listen.unwrap_or(&relay.listen);
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|_| RelayError::Listen(listen.to_string()))?;
+    // Owner-only, like a device's: the relay's key and every space's data live here.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir.path())
+        .map_err(|e| {
+            RelayError::DataDir(DataDirError::Io {
+                path: dir.path().to_owned(),
+                source: e,
+            })
+        })?;
+    let _lock = dir.lock()?;
+    transport::install_crypto_provider();
+    let certificate = if relay.cert_file.is_empty() {
+        RelayCertificate::load_or_create(dir.path(), &relay.certificate_names)?
+    } else {
+        RelayCertificate::from_pem_files(relay.cert_file.as_ref(), relay.key_file.as_ref())?
+    };
+    let kv = Arc::new(SledKv::open(
+        &dir.path().join("relay.db"),
+        relay.sled_cache_mb * 1024 * 1024,
+    )?);
+    let store = Arc::new(RelayStore::open(
+        kv,
+        RelayStoreOptions {
+            doc_cache_docs: relay.cache_docs,
+            limits: config.limits,
+            ..RelayStoreOptions::default()
+        },
+    )?);
+    let transport_options = TransportOptions {
+        max_concurrent_connections: relay.max_connections,
+        idle_timeout: Duration::from_millis(relay.idle_timeout_ms),
+        max_frame_bytes: relay.max_frame_bytes as usize,
+        ..TransportOptions::default()
+    };
+    let endpoint = transport::server_endpoint(addr, &certificate, &transport_options)?;
+    let listening = Listening {
+        listen: endpoint.local_addr().unwrap_or(addr),
+        fingerprint: certificate.fingerprint(),
+    };
+    let options = RelayOptions {
+        session: SessionConfig {
+            handshake_timeout_ms: relay.handshake_timeout_ms,
+            max_batch_changes: relay.max_batch_changes,
+            max_frame_bytes: relay.max_frame_bytes,
+            max_download_changes: relay.max_download_changes,
+            ..SessionConfig::default()
+        },
+        transport: transport_options,
+        max_connections: relay.max_connections,
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(server::serve(endpoint, store.clone(), options, stopped));
+    tracing::info!(listen = %listening.listen, fingerprint = %listening.fingerprint, "relay ready");
+    ready(&listening);
+    shutdown.await;
+    tracing::info!("relay shutting down");
+    let _ = stop.send(true);
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "relay server stopped abnormally");
+    }
+    store.flush()?;
+    tracing::info!("relay stopped; everything flushed");
+    Ok(())
+}

@@ -31,7 +31,6 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Longest space name accepted.
-pub const MAX_SPACE_BYTES: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayStoreError {
@@ -39,9 +38,7 @@ pub enum RelayStoreError {
     Kv(#[from] KvError),
     #[error("stored {what} cannot be decoded ({detail}): the relay's store is damaged")]
     Corrupt { what: &'static str, detail: String },
-    #[error(
-        "space name {0:?} is empty, longer than {MAX_SPACE_BYTES} bytes or holds a control character: use a printable name"
-    )]
+    #[error("{0}")]
     InvalidSpace(String),
     #[error(transparent)]
     Address(#[from] AddressError),
@@ -68,16 +65,7 @@ impl Default for RelayStoreOptions {
     }
 }
 
-/// A run of a space's log, as `read_since` returns it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogSlice {
-    pub after: u64,
-    /// The last seq looked at (sent or left out); the next read starts after it.
-    pub through: u64,
-    /// The last seq in the space when the read was made.
-    pub head: u64,
-    pub entries: Vec<LogEntry>,
-}
+pub use ferry_proto::session::LogSlice;
 
 #[derive(Serialize, Deserialize)]
 struct StoredEntry {
@@ -126,6 +114,11 @@ impl RelayStore {
         let state = Arc::new(Mutex::new(head));
         spaces.insert(space.to_owned(), state.clone());
         Ok(state)
+    }
+
+    /// Makes everything appended durable (`append` already does before it returns).
+    pub fn flush(&self) -> Result<(), RelayStoreError> {
+        Ok(self.kv.flush()?)
     }
 
     /// The last seq of the space's log (0 when empty).
@@ -539,10 +532,7 @@ impl RelayStore {
 }
 
 fn check_space(space: &str) -> Result<(), RelayStoreError> {
-    if space.is_empty() || space.len() > MAX_SPACE_BYTES || space.chars().any(char::is_control) {
-        return Err(RelayStoreError::InvalidSpace(space.to_owned()));
-    }
-    Ok(())
+    ferry_proto::session::validate_space(space).map_err(RelayStoreError::InvalidSpace)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1,0 +1,800 @@
+//! The device's sync loop. It connects to the relay, drives a [`DeviceSession`] over the
+//! connection, carries out the session's effects against the local service, reconnects with
+//! backoff, and publishes a [`SyncStatus`] that `status` and `ferry sync` read.
+//!
+//! The four phases of a sync are tracing spans and SyncLog entries: initialization (connect,
+//! TLS, authentication, protocol version, relay time), upload (queue batches in priority order),
+//! download (log pages since the cursor, applied and made durable before the cursor moves) and
+//! finalization (status, SyncLog, subscribers told).
+//!
+//! Must not touch: the wire format or what to send when (that is `ferry_proto::session`), the
+//! store's layout (that is `store`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::SigningKey;
+use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig};
+use ferry_proto::wire::{ErrorKind, Message, UploadChange};
+use ferry_proto::{Direction, SyncLogEntry, SyncOutcome};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::SyncConfig;
+use crate::service::{Origin, Service};
+use crate::store::StoreError;
+use crate::transport::{self, Fingerprint, FrameSender, ServerTrust, TransportError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("sync.relay {0:?} is not host:port, or the host does not resolve: {1}")]
+    RelayAddress(String, String),
+    #[error("sync.fingerprint is not valid: {0}")]
+    Fingerprint(String),
+    #[error(
+        "sync.relay is set but neither sync.fingerprint nor sync.ca_file is: copy the fingerprint \
+         `ferry relay` printed into sync.fingerprint"
+    )]
+    NoTrust,
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot apply the relay's changes: {0}")]
+    Apply(#[from] crate::service::ApiError),
+    #[error("the sync loop has stopped: the daemon is shutting down")]
+    Stopped,
+    #[error("sync is not configured: set sync.relay and sync.fingerprint in the config file")]
+    NotConfigured,
+}
+
+/// The class of a sync failure, as status, logs and the SyncLog show it: the five kinds of the
+/// protocol, plus the device's own storage.
+pub fn error_kind(error: &EngineError) -> &'static str {
+    match error {
+        EngineError::Transport(e) => e.kind().as_str(),
+        EngineError::Store(_) | EngineError::Apply(_) => "storage",
+        EngineError::RelayAddress(..) | EngineError::Fingerprint(_) | EngineError::NoTrust => {
+            ErrorKind::Validation.as_str()
+        }
+        EngineError::Stopped | EngineError::NotConfigured => ErrorKind::Network.as_str(),
+    }
+}
+
+/// Everything the sync loop needs from the config, checked.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    pub relay: String,
+    pub server_name: String,
+    pub trust: ServerTrust,
+    pub space: String,
+    pub session: SessionConfig,
+    pub interval: Duration,
+    pub debounce: Duration,
+    pub max_retries: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl SyncSettings {
+    /// `None` when no relay is configured: the device works offline only.
+    pub fn from_config(config: &SyncConfig) -> Result<Option<Self>, EngineError> {
+        if config.relay.is_empty() {
+            return Ok(None);
+        }
+        let trust = if !config.fingerprint.is_empty() {
+            let pin: Fingerprint =
+                config
+                    .fingerprint
+                    .parse()
+                    .map_err(|e: transport::FingerprintParseError| {
+                        EngineError::Fingerprint(e.to_string())
+                    })?;
+            ServerTrust::Pinned(pin)
+        } else if !config.ca_file.is_empty() {
+            ServerTrust::CaFile(config.ca_file.clone().into())
+        } else {
+            return Err(EngineError::NoTrust);
+        };
+        let session = SessionConfig {
+            request_timeout_ms: config.request_timeout_ms,
+            max_batch_changes: config.batch_changes,
+            max_frame_bytes: config.max_frame_bytes,
+            max_batch_bytes: (config.max_frame_bytes as usize) / 2,
+            max_download_changes: config.download_changes,
+            ..SessionConfig::default()
+        };
+        Ok(Some(SyncSettings {
+            relay: config.relay.clone(),
+            server_name: config.server_name.clone(),
+            trust,
+            space: config.space.clone(),
+            session,
+            interval: Duration::from_secs(config.interval_secs),
+            debounce: Duration::from_millis(config.debounce_ms),
+            max_retries: config.max_retries,
+            backoff_initial: Duration::from_millis(config.backoff_initial_ms),
+            backoff_max: Duration::from_millis(config.backoff_max_ms),
+        }))
+    }
+
+    fn transport_options(&self) -> transport::TransportOptions {
+        transport::TransportOptions {
+            max_frame_bytes: self.session.max_frame_bytes as usize,
+            ..transport::TransportOptions::default()
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: each wait is random in `[d/2, d]` where `d` doubles
+/// from `initial` up to `max`. The random numbers are passed in.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next wait; `random` is any u64 (uniform).
+    pub fn next_wait(&mut self, random: u64) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        let ceiling = self.initial.saturating_mul(factor).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = ceiling / 2;
+        let spread = ceiling.saturating_sub(half).as_millis() as u64;
+        half + Duration::from_millis(random % spread.max(1))
+    }
+}
+
+/// Where the connection to the relay is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionState {
+    Connecting,
+    Connected,
+    /// Waiting before the next attempt.
+    Offline,
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SyncFailure {
+    pub kind: String,
+    pub message: String,
+    pub at_ms: u64,
+}
+
+/// The device's sync status, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SyncStatus {
+    pub state: ConnectionState,
+    pub relay: String,
+    pub space: String,
+    /// When a sync last finished with nothing left to do.
+    pub last_sync_ms: Option<u64>,
+    pub last_error: Option<SyncFailure>,
+    /// How far this device has applied the relay's log, and how far the log goes.
+    pub cursor: u64,
+    pub relay_head: u64,
+    /// This device holds everything the relay had when it last said.
+    pub up_to_date: bool,
+    /// Changes uploaded and log entries applied since the daemon started.
+    pub uploaded: u64,
+    pub downloaded: u64,
+    /// When the next connection attempt is due (while offline).
+    pub next_attempt_ms: Option<u64>,
+}
+
+/// What one `ferry sync` achieved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SyncReport {
+    pub uploaded: u64,
+    pub downloaded: u64,
+    pub cursor: u64,
+    pub relay_head: u64,
+}
+
+enum Command {
+    SyncNow {
+        reply: oneshot::Sender<Result<SyncReport, SyncFailure>>,
+    },
+}
+
+/// The daemon's handle on its sync loop.
+#[derive(Clone)]
+pub struct SyncHandle {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<SyncStatus>,
+}
+
+impl SyncHandle {
+    pub fn status(&self) -> SyncStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Status changes, for progress displays.
+    pub fn watch(&self) -> watch::Receiver<SyncStatus> {
+        self.status.clone()
+    }
+
+    /// Syncs now (connecting at once if offline) and waits until nothing is left to upload and
+    /// the device holds what the relay has, or the attempt fails.
+    pub async fn sync_now(&self) -> Result<SyncReport, SyncFailure> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || SyncFailure {
+            kind: ErrorKind::Network.as_str().into(),
+            message: EngineError::Stopped.to_string(),
+            at_ms: now_ms(),
+        };
+        self.commands
+            .send(Command::SyncNow { reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // Without OS randomness the waits lose their jitter but stay bounded.
+    let _ = getrandom::fill(&mut bytes);
+    u64::from_le_bytes(bytes)
+}
+
+/// Starts the sync loop; it runs until `shutdown` turns true.
+pub fn spawn(
+    service: Arc<Service>,
+    key: SigningKey,
+    settings: SyncSettings,
+    shutdown: watch::Receiver<bool>,
+) -> (SyncHandle, tokio::task::JoinHandle<()>) {
+    let (commands_tx, commands) = mpsc::channel(16);
+    let initial = SyncStatus {
+        state: ConnectionState::Connecting,
+        relay: settings.relay.clone(),
+        space: settings.space.clone(),
+        last_sync_ms: None,
+        last_error: None,
+        cursor: service.store().sync_cursor().unwrap_or(0),
+        relay_head: 0,
+        up_to_date: false,
+        uploaded: 0,
+        downloaded: 0,
+        next_attempt_ms: None,
+    };
+    let (status_tx, status) = watch::channel(initial);
+    let engine = Engine {
+        service,
+        key,
+        settings,
+        commands,
+        status: status_tx,
+        shutdown,
+        waiters: Vec::new(),
+        round: Round::default(),
+    };
+    let task = tokio::spawn(engine.run());
+    (
+        SyncHandle {
+            commands: commands_tx,
+            status,
+        },
+        task,
+    )
+}
+
+/// What happened since the last finalization, for the SyncLog.
+#[derive(Default)]
+struct Round {
+    uploaded: u64,
+    rejected: u64,
+    downloaded: u64,
+    started: Option<Instant>,
+}
+
+struct Engine {
+    service: Arc<Service>,
+    key: SigningKey,
+    settings: SyncSettings,
+    commands: mpsc::Receiver<Command>,
+    status: watch::Sender<SyncStatus>,
+    shutdown: watch::Receiver<bool>,
+    waiters: Vec<oneshot::Sender<Result<SyncReport, SyncFailure>>>,
+    round: Round,
+}
+
+type Incoming = Result<Message, TransportError>;
+/// A connection to the relay with its session stream: the sender, and the frames received.
+type Link = (
+    quinn::Endpoint,
+    quinn::Connection,
+    FrameSender,
+    mpsc::Receiver<Incoming>,
+);
+
+impl Engine {
+    async fn run(mut self) {
+        transport::install_crypto_provider();
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        while !*self.shutdown.borrow() {
+            self.status.send_modify(|s| {
+                s.state = ConnectionState::Connecting;
+                s.next_attempt_ms = None;
+            });
+            match self.connect().await {
+                Ok((endpoint, connection, sender, receiver)) => {
+                    if self.run_session(&connection, sender, receiver).await {
+                        backoff.reset();
+                    }
+                    connection.close(0u32.into(), b"session over");
+                    endpoint.wait_idle().await;
+                }
+                Err(e) => self.failed(&e, Direction::Initialization),
+            }
+            if !self.wait_before_retry(&mut backoff).await {
+                break;
+            }
+        }
+        self.stopped();
+    }
+
+    fn stopped(&mut self) {
+        self.status
+            .send_modify(|s| s.state = ConnectionState::Stopped);
+        self.fail_waiters(&SyncFailure {
+            kind: ErrorKind::Network.as_str().into(),
+            message: EngineError::Stopped.to_string(),
+            at_ms: now_ms(),
+        });
+    }
+
+    /// Waits out the backoff, or less if someone asks to sync now. False when shutting down.
+    async fn wait_before_retry(&mut self, backoff: &mut Backoff) -> bool {
+        let wait = backoff.next_wait(random_u64());
+        self.status.send_modify(|s| {
+            s.state = ConnectionState::Offline;
+            s.next_attempt_ms = Some(now_ms() + wait.as_millis() as u64);
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            command = self.commands.recv() => match command {
+                Some(Command::SyncNow { reply }) => {
+                    self.waiters.push(reply);
+                    true
+                }
+                None => false,
+            },
+            _ = self.shutdown.changed() => false,
+        }
+    }
+
+    #[tracing::instrument(name = "sync.initialization", skip_all, fields(relay = %self.settings.relay))]
+    async fn connect(&mut self) -> Result<Link, EngineError> {
+        let addr = resolve(&self.settings.relay).await?;
+        let options = self.settings.transport_options();
+        let endpoint = transport::client_endpoint(addr)?;
+        let connection = transport::connect(
+            &endpoint,
+            addr,
+            &self.settings.server_name,
+            &self.settings.trust,
+            &options,
+        )
+        .await?;
+        let (sender, mut receiver) = transport::open_session(&connection, &options).await?;
+        // Frames are read by their own task, so that the loop can wait on them next to timers
+        // and commands without cutting a frame in half.
+        let (frames, incoming) = mpsc::channel::<Incoming>(16);
+        tokio::spawn(async move {
+            loop {
+                let next = match receiver.recv().await {
+                    Ok(Some(message)) => Ok(message),
+                    Ok(None) => Err(TransportError::ConnectionLost(
+                        "the relay closed the session".into(),
+                    )),
+                    Err(e) => Err(e),
+                };
+                let last = next.is_err();
+                if frames.send(next).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok((endpoint, connection, sender, incoming))
+    }
+
+    /// Drives one session until it closes. True if it got as far as authentication.
+    async fn run_session(
+        &mut self,
+        connection: &quinn::Connection,
+        mut sender: FrameSender,
+        mut incoming: mpsc::Receiver<Incoming>,
+    ) -> bool {
+        let binding = match transport::channel_binding(connection) {
+            Ok(binding) => binding,
+            Err(e) => {
+                self.failed(&e.into(), Direction::Initialization);
+                return false;
+            }
+        };
+        let cursor = match self.service.store().sync_cursor() {
+            Ok(cursor) => cursor,
+            Err(e) => {
+                self.failed(&e.into(), Direction::Initialization);
+                return false;
+            }
+        };
+        let mut session = DeviceSession::new(
+            self.settings.session.clone(),
+            self.key.clone(),
+            self.settings.space.clone(),
+            binding.to_vec(),
+            cursor,
+            now_ms(),
+        );
+        let mut local = self.service.subscribe_events();
+        let mut debounce: Option<tokio::time::Instant> = None;
+        let mut interval = tokio::time::interval(self.settings.interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.reset();
+        let mut authenticated = false;
+        self.round = Round {
+            started: Some(Instant::now()),
+            ..Round::default()
+        };
+        loop {
+            authenticated |= self.pump(&mut session, &mut sender).await;
+            if session.is_closed() {
+                break;
+            }
+            let deadline = session.poll_timeout().map(deadline_instant);
+            tokio::select! {
+                frame = incoming.recv() => match frame {
+                    Some(Ok(message)) => session.handle_message(message, now_ms()),
+                    Some(Err(e)) => session.connection_lost(e.to_string()),
+                    None => session.connection_lost("the connection's reader stopped".into()),
+                },
+                event = local.recv() => match event {
+                    Ok(event) if event.origin == Origin::Remote => {}
+                    // A local write, or so many that some were skipped: upload soon.
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        debounce.get_or_insert_with(|| {
+                            tokio::time::Instant::now() + self.settings.debounce
+                        });
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => session.shut_down(),
+                },
+                _ = sleep_until(debounce) => {
+                    debounce = None;
+                    session.local_changes();
+                }
+                _ = sleep_until(deadline) => session.handle_timeout(now_ms()),
+                _ = interval.tick() => session.sync_now(now_ms()),
+                command = self.commands.recv() => match command {
+                    Some(Command::SyncNow { reply }) => {
+                        self.waiters.push(reply);
+                        session.sync_now(now_ms());
+                    }
+                    None => session.shut_down(),
+                },
+                _ = self.shutdown.changed() => session.shut_down(),
+            }
+        }
+        // Hand back whatever the closed session still holds (a batch it was uploading).
+        self.pump(&mut session, &mut sender).await;
+        let _ = sender.finish();
+        authenticated
+    }
+
+    /// Carries out everything the session has to do, sends what it has to send and reports its
+    /// events, until it is quiet. True if the session authenticated meanwhile.
+    async fn pump(&mut self, session: &mut DeviceSession, sender: &mut FrameSender) -> bool {
+        let mut authenticated = false;
+        loop {
+            let mut moved = false;
+            while let Some(effect) = session.poll_effect() {
+                moved = true;
+                let service = self.service.clone();
+                let max_retries = self.settings.max_retries;
+                let result = tokio::task::block_in_place(|| {
+                    carry_out(&service, max_retries, session, effect)
+                });
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "sync stopped: the local store failed");
+                    self.record_failure(&e);
+                    session.shut_down();
+                }
+            }
+            while let Some(message) = session.poll_transmit() {
+                moved = true;
+                if let Err(e) = sender.send(&message).await {
+                    session.connection_lost(e.to_string());
+                }
+            }
+            while let Some(event) = session.poll_event() {
+                moved = true;
+                authenticated |= matches!(event, DeviceEvent::Authenticated { .. });
+                self.on_event(event);
+            }
+            if !moved {
+                return authenticated;
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: DeviceEvent) {
+        match event {
+            DeviceEvent::Authenticated {
+                version,
+                relay_time_ms,
+                relay_head,
+            } => {
+                let skew_ms = relay_time_ms as i64 - now_ms() as i64;
+                tracing::info!(version, skew_ms, relay_head, "connected to the relay");
+                self.log(Direction::Initialization, 0, SyncOutcome::Success, None);
+                self.status.send_modify(|s| {
+                    s.state = ConnectionState::Connected;
+                    s.relay_head = relay_head;
+                    s.up_to_date = s.cursor >= relay_head;
+                    s.next_attempt_ms = None;
+                });
+            }
+            DeviceEvent::Uploaded {
+                batch,
+                stored,
+                duplicate,
+                rejected,
+            } => {
+                let _span = tracing::info_span!("sync.upload", batch).entered();
+                tracing::debug!(stored, duplicate, rejected, "batch uploaded");
+                let done = (stored + duplicate) as u64;
+                self.round.uploaded += done;
+                self.round.rejected += rejected as u64;
+                self.status.send_modify(|s| s.uploaded += done);
+            }
+            DeviceEvent::Downloaded {
+                through,
+                relay_head,
+                entries,
+            } => {
+                self.round.downloaded += entries as u64;
+                self.status.send_modify(|s| {
+                    s.cursor = through;
+                    s.relay_head = relay_head;
+                    s.up_to_date = through >= relay_head;
+                    s.downloaded += entries as u64;
+                });
+            }
+            DeviceEvent::Idle { cursor } => self.finalize(cursor),
+            DeviceEvent::Closed { error } => {
+                if let Some(error) = error {
+                    let failure = SyncFailure {
+                        kind: error.kind().as_str().into(),
+                        message: error.to_string(),
+                        at_ms: now_ms(),
+                    };
+                    tracing::warn!(kind = %failure.kind, error = %failure.message, "sync session ended");
+                    self.log(
+                        Direction::Finalization,
+                        0,
+                        SyncOutcome::Failed,
+                        Some(format!("{}: {}", failure.kind, failure.message)),
+                    );
+                    self.status
+                        .send_modify(|s| s.last_error = Some(failure.clone()));
+                    self.fail_waiters(&failure);
+                }
+            }
+        }
+    }
+
+    #[tracing::instrument(name = "sync.finalization", skip(self))]
+    fn finalize(&mut self, cursor: u64) {
+        let round = std::mem::take(&mut self.round);
+        let upload_outcome = if round.rejected == 0 {
+            SyncOutcome::Success
+        } else {
+            SyncOutcome::Partial
+        };
+        if round.uploaded + round.rejected > 0 {
+            let error = (round.rejected > 0).then(|| {
+                format!(
+                    "{} changes were rejected: see `ferry queue --status failed`",
+                    round.rejected
+                )
+            });
+            self.log(Direction::Upload, round.uploaded, upload_outcome, error);
+        }
+        if round.downloaded > 0 {
+            self.log(
+                Direction::Download,
+                round.downloaded,
+                SyncOutcome::Success,
+                None,
+            );
+        }
+        let at = now_ms();
+        self.status.send_modify(|s| {
+            s.cursor = cursor;
+            s.up_to_date = cursor >= s.relay_head;
+            s.last_sync_ms = Some(at);
+            s.last_error = None;
+        });
+        tracing::info!(
+            uploaded = round.uploaded,
+            downloaded = round.downloaded,
+            cursor,
+            took_ms = round.started.map_or(0, |t| t.elapsed().as_millis() as u64),
+            "in sync with the relay"
+        );
+        let status = self.status.borrow().clone();
+        let report = SyncReport {
+            uploaded: round.uploaded,
+            downloaded: round.downloaded,
+            cursor,
+            relay_head: status.relay_head,
+        };
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Ok(report.clone()));
+        }
+        self.round.started = Some(Instant::now());
+    }
+
+    fn failed(&mut self, error: &EngineError, phase: Direction) {
+        tracing::warn!(kind = error_kind(error), error = %error, "cannot sync");
+        let failure = self.record_failure(error);
+        self.log(
+            phase,
+            0,
+            SyncOutcome::Failed,
+            Some(format!("{}: {}", failure.kind, failure.message)),
+        );
+        self.fail_waiters(&failure);
+    }
+
+    fn record_failure(&mut self, error: &EngineError) -> SyncFailure {
+        let failure = SyncFailure {
+            kind: error_kind(error).into(),
+            message: error.to_string(),
+            at_ms: now_ms(),
+        };
+        self.status
+            .send_modify(|s| s.last_error = Some(failure.clone()));
+        failure
+    }
+
+    fn fail_waiters(&mut self, failure: &SyncFailure) {
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Err(failure.clone()));
+        }
+    }
+
+    fn log(
+        &self,
+        direction: Direction,
+        records_processed: u64,
+        status: SyncOutcome,
+        error_message: Option<String>,
+    ) {
+        let store = self.service.store();
+        let entry = SyncLogEntry {
+            id: 0,
+            timestamp: now_ms(),
+            direction,
+            records_processed,
+            status,
+            error_message,
+            user_id: None,
+            device_id: store.device_id().to_string(),
+        };
+        if let Err(e) = store.log_append(entry) {
+            tracing::warn!(error = %e, "cannot write the SyncLog entry");
+        }
+    }
+}
+
+/// Carries out one effect of a device session against the local service, and tells the session
+/// it is done. The daemon's loop and the simulation both use it.
+pub fn carry_out(
+    service: &Service,
+    max_retries: u32,
+    session: &mut DeviceSession,
+    effect: DeviceEffect,
+) -> Result<(), EngineError> {
+    let store = service.store();
+    match effect {
+        DeviceEffect::LoadUploadBatch {
+            max_changes,
+            max_bytes,
+        } => {
+            let entries = store.next_upload_batch(max_changes as usize, max_bytes)?;
+            let changes = entries
+                .into_iter()
+                .map(|e| UploadChange {
+                    entry: e.id,
+                    collection: e.model_name,
+                    record: e.object_id,
+                    change: e.data,
+                })
+                .collect();
+            session.upload(changes, now_ms());
+        }
+        DeviceEffect::RecordUploadResults { results, .. } => {
+            store.finish_upload(&results, max_retries)?;
+            session.upload_recorded();
+        }
+        DeviceEffect::AbandonUpload { entries, error } => {
+            store.abandon_upload(&entries, &error, max_retries)?;
+        }
+        DeviceEffect::Apply {
+            through, entries, ..
+        } => {
+            let _span =
+                tracing::info_span!("sync.download", through, entries = entries.len()).entered();
+            service.apply_remote(entries, through)?;
+            session.applied(through, now_ms());
+        }
+    }
+    Ok(())
+}
+
+async fn resolve(relay: &str) -> Result<SocketAddr, EngineError> {
+    let mut addrs = tokio::net::lookup_host(relay)
+        .await
+        .map_err(|e| EngineError::RelayAddress(relay.into(), e.to_string()))?;
+    addrs
+        .next()
+        .ok_or_else(|| EngineError::RelayAddress(relay.into(), "no address".into()))
+}
+
+/// The tokio instant of a unix-milliseconds deadline.
+pub(crate) fn deadline_instant(at_ms: u64) -> tokio::time::Instant {
+    let wait = at_ms.saturating_sub(now_ms());
+    tokio::time::Instant::now() + Duration::from_millis(wait)
+}
+
+/// Sleeps until `deadline`, or forever without one (a `select!` branch that never fires).
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_ceiling() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let waits: Vec<_> = (0..6).map(|i| b.next_wait(i * 7919)).collect();
+        let ceilings = [100, 200, 400, 800, 1000, 1000];
+        for (wait, ceiling) in waits.iter().zip(ceilings) {
+            let ms = wait.as_millis() as u64;
+            assert!(ms >= ceiling / 2 && ms <= ceiling, "{ms} vs {ceiling}");
+        }
+        b.reset();
+        assert!(b.next_wait(u64::MAX) <= Duration::from_millis(100));
+    }
+}

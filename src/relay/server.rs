@@ -1,0 +1,339 @@
+//! `ferry relay`'s QUIC server: accepts device connections, drives one [`RelaySession`] per
+//! connection against the [`RelayStore`], and fans new log entries out to every live session of
+//! the space at once.
+//!
+//! Bounded everywhere: connections (extra ones get `Overloaded`), frame size (checked before a
+//! body is read), upload batch size and download page size (in the session), and per-connection
+//! queues (one read in flight, a small channel of decoded frames).
+//!
+//! Must not touch: what a session sends when (that is `ferry_proto::session`), the store's layout.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_proto::session::{RelayEffect, RelayEvent, RelaySession, SessionConfig};
+use ferry_proto::wire::{ErrorCode, Message};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use super::store::{RelayStore, RelayStoreError};
+use crate::engine::{deadline_instant, now_ms, sleep_until};
+use crate::transport::{self, FrameSender, TransportError};
+
+/// How long a closing session waits for the device to read its last message.
+const LINGER: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    pub session: SessionConfig,
+    pub transport: transport::TransportOptions,
+    pub max_connections: usize,
+}
+
+/// The head of each space's log, watched by that space's sessions.
+#[derive(Default)]
+pub struct Spaces {
+    heads: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+impl Spaces {
+    fn sender(&self, space: &str, head: u64) -> watch::Sender<u64> {
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        heads
+            .entry(space.to_string())
+            .or_insert_with(|| watch::channel(head).0)
+            .clone()
+    }
+
+    pub fn subscribe(&self, space: &str, head: u64) -> watch::Receiver<u64> {
+        self.sender(space, head).subscribe()
+    }
+
+    pub fn publish(&self, space: &str, head: u64) {
+        self.sender(space, head).send_if_modified(|current| {
+            let grew = head > *current;
+            *current = (*current).max(head);
+            grew
+        });
+    }
+}
+
+/// Who is at the other end of a session, once it has said.
+#[derive(Debug, Default, Clone)]
+pub struct Peer {
+    pub device: String,
+    pub space: String,
+}
+
+/// Carries out one effect of a relay session against the store and tells the session. Returns
+/// the space's new head when changes were appended, for the driver to announce. The server and
+/// the simulation both use it.
+pub fn carry_out(
+    store: &RelayStore,
+    peer: &mut Peer,
+    session: &mut RelaySession,
+    effect: RelayEffect,
+    max_read_bytes: usize,
+) -> Result<Option<u64>, RelayStoreError> {
+    match effect {
+        RelayEffect::Authorize { device, space, .. } => {
+            let head = store.head(&space)?;
+            *peer = Peer { device, space };
+            session.authorized(head, now_ms());
+            Ok(None)
+        }
+        RelayEffect::Store { batch, changes } => {
+            let _span =
+                tracing::info_span!("relay.store", batch, changes = changes.len()).entered();
+            let results = store.append(&peer.space, &peer.device, &changes)?;
+            let head = store.head(&peer.space)?;
+            session.stored(batch, results, head);
+            Ok(Some(head))
+        }
+        RelayEffect::Read { since, max_changes } => {
+            let slice = store.read_since(
+                &peer.space,
+                since,
+                max_changes as usize,
+                max_read_bytes,
+                Some(&peer.device),
+            )?;
+            session.read(slice);
+            Ok(None)
+        }
+    }
+}
+
+/// Serves until `shutdown` turns true, then tells every device and waits for the sessions.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    store: Arc<RelayStore>,
+    options: RelayOptions,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let spaces = Arc::new(Spaces::default());
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let mut sessions = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let permit = slots.clone().try_acquire_owned().ok();
+                let context = Context {
+                    store: store.clone(),
+                    spaces: spaces.clone(),
+                    options: options.clone(),
+                    shutdown: shutdown.clone(),
+                };
+                sessions.spawn(async move {
+                    let remote = incoming.remote_address();
+                    let connection = match incoming.await {
+                        Ok(connection) => connection,
+                        Err(e) => {
+                            tracing::debug!(%remote, error = %e, "handshake failed");
+                            return;
+                        }
+                    };
+                    match permit {
+                        Some(_permit) => context.run(connection, remote).await,
+                        None => refuse(connection, &context.options).await,
+                    }
+                });
+            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    }
+    while sessions.join_next().await.is_some() {}
+    endpoint.close(0u32.into(), b"relay stopping");
+    endpoint.wait_idle().await;
+}
+
+/// Tells a device over the connection limit to come back later.
+async fn refuse(connection: quinn::Connection, options: &RelayOptions) {
+    if let Ok(Ok((mut sender, _))) = tokio::time::timeout(
+        Duration::from_millis(options.session.handshake_timeout_ms),
+        transport::accept_session(&connection, &options.transport),
+    )
+    .await
+    {
+        let _ = sender
+            .send(&Message::Error {
+                code: ErrorCode::Overloaded,
+                message: "the relay is at its connection limit: try again later".into(),
+            })
+            .await;
+        let _ = sender.finish();
+        let _ = tokio::time::timeout(LINGER, connection.closed()).await;
+    }
+    connection.close(1u32.into(), b"overloaded");
+}
+
+struct Context {
+    store: Arc<RelayStore>,
+    spaces: Arc<Spaces>,
+    options: RelayOptions,
+    shutdown: watch::Receiver<bool>,
+}
+
+type Incoming = Result<Message, TransportError>;
+
+impl Context {
+    #[tracing::instrument(name = "relay.session", skip_all, fields(%remote, device = tracing::field::Empty))]
+    async fn run(mut self, connection: quinn::Connection, remote: SocketAddr) {
+        let binding = match transport::channel_binding(&connection) {
+            Ok(binding) => binding,
+            Err(e) => {
+                tracing::warn!(error = %e, "no channel binding");
+                return;
+            }
+        };
+        let accepted = tokio::time::timeout(
+            Duration::from_millis(self.options.session.handshake_timeout_ms),
+            transport::accept_session(&connection, &self.options.transport),
+        )
+        .await;
+        let (mut sender, mut receiver) = match accepted {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "no session stream");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("no session stream before the handshake deadline");
+                connection.close(2u32.into(), b"handshake timeout");
+                return;
+            }
+        };
+        let (frames, mut incoming) = mpsc::channel::<Incoming>(8);
+        let reader = tokio::spawn(async move {
+            loop {
+                let next = match receiver.recv().await {
+                    Ok(Some(message)) => Ok(message),
+                    Ok(None) => Err(TransportError::ConnectionLost(
+                        "the device closed the session".into(),
+                    )),
+                    Err(e) => Err(e),
+                };
+                let last = next.is_err();
+                if frames.send(next).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        let mut nonce = [0u8; 32];
+        if let Err(e) = getrandom::fill(&mut nonce) {
+            tracing::error!(error = %e, "no randomness for a challenge nonce");
+            return;
+        }
+        let mut session = RelaySession::new(
+            self.options.session.clone(),
+            nonce,
+            binding.to_vec(),
+            now_ms(),
+        );
+        let mut peer = Peer::default();
+        let mut head: Option<watch::Receiver<u64>> = None;
+        loop {
+            self.pump(&mut session, &mut peer, &mut head, &mut sender)
+                .await;
+            if session.is_closed() {
+                break;
+            }
+            let deadline = session.poll_timeout().map(deadline_instant);
+            tokio::select! {
+                frame = incoming.recv() => match frame {
+                    Some(Ok(message)) => session.handle_message(message, now_ms()),
+                    Some(Err(TransportError::Frame(e))) => {
+                        // The stream can no longer be trusted to be at a frame boundary.
+                        let _ = sender.send(&Message::Error { code: e.code(), message: e.to_string() }).await;
+                        session.connection_lost(e.to_string());
+                    }
+                    Some(Err(e)) => session.connection_lost(e.to_string()),
+                    None => session.connection_lost("the reader stopped".into()),
+                },
+                changed = changed(&mut head) => match changed {
+                    Some(new_head) => session.appended(new_head),
+                    None => head = None,
+                },
+                _ = sleep_until(deadline) => session.handle_timeout(now_ms()),
+                _ = self.shutdown.changed() => session.shut_down(),
+            }
+        }
+        self.pump(&mut session, &mut peer, &mut head, &mut sender)
+            .await;
+        let _ = sender.finish();
+        // Give the device a moment to read the last message (an error, say) before closing.
+        let _ = tokio::time::timeout(LINGER, connection.closed()).await;
+        connection.close(0u32.into(), b"session over");
+        reader.abort();
+    }
+
+    async fn pump(
+        &mut self,
+        session: &mut RelaySession,
+        peer: &mut Peer,
+        head: &mut Option<watch::Receiver<u64>>,
+        sender: &mut FrameSender,
+    ) {
+        let max_read_bytes = (self.options.session.max_frame_bytes as usize) / 2;
+        loop {
+            let mut moved = false;
+            while let Some(message) = session.poll_transmit() {
+                moved = true;
+                if let Err(e) = sender.send(&message).await {
+                    session.connection_lost(e.to_string());
+                }
+            }
+            // Effects after transmits: a push read is only asked for once the previous
+            // message is on its way.
+            if let Some(effect) = session.poll_effect() {
+                moved = true;
+                let authorizing = matches!(effect, RelayEffect::Authorize { .. });
+                let result = tokio::task::block_in_place(|| {
+                    carry_out(&self.store, peer, session, effect, max_read_bytes)
+                });
+                match result {
+                    Ok(Some(new_head)) => self.spaces.publish(&peer.space, new_head),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "relay store failed");
+                        session.failed(format!("the relay's store failed: {e}"));
+                    }
+                }
+                if authorizing && session.is_open() {
+                    tracing::Span::current().record("device", peer.device.as_str());
+                    let current = self.store.head(&peer.space).unwrap_or(0);
+                    *head = Some(self.spaces.subscribe(&peer.space, current));
+                }
+            }
+            while let Some(event) = session.poll_event() {
+                moved = true;
+                match event {
+                    RelayEvent::Authenticated { device, space } => {
+                        tracing::info!(%device, %space, "device authenticated");
+                    }
+                    RelayEvent::Closed { error: Some(error) } => {
+                        tracing::info!(kind = %error.kind(), %error, "session ended");
+                    }
+                    RelayEvent::Closed { error: None } => tracing::debug!("session ended"),
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+}
+
+/// The next head of the space, or `None` when there is no subscription (yet) or it ended.
+async fn changed(head: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
+    match head {
+        Some(receiver) => match receiver.changed().await {
+            Ok(()) => Some(*receiver.borrow_and_update()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
+}
