@@ -117,7 +117,8 @@ pub struct SyncConfig {
     pub space: String,
     /// Sync at least this often, even when nothing happened, in seconds.
     pub interval_secs: u64,
-    /// Wait after a local write before uploading, so that a burst goes in one batch, in ms.
+    /// Wait after a local write before uploading, in ms. 0 uploads at once; writes made while
+    /// a batch is on its way go in the next batch either way.
     pub debounce_ms: u64,
     /// Upload attempts per queue entry before it is marked failed.
     pub max_retries: u32,
@@ -144,7 +145,7 @@ impl Default for SyncConfig {
             ca_file: String::new(),
             space: "default".into(),
             interval_secs: 60,
-            debounce_ms: 50,
+            debounce_ms: 0,
             max_retries: 10,
             backoff_initial_ms: 500,
             backoff_max_ms: 60_000,

@@ -197,6 +197,10 @@ pub struct SyncStatus {
     pub downloaded: u64,
     /// When the next connection attempt is due (while offline).
     pub next_attempt_ms: Option<u64>,
+    /// UDP payload bytes sent to and received from the relay since the daemon started (QUIC
+    /// and TLS overhead included), updated at each finalization and when a session ends.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 /// What one `ferry sync` achieved.
@@ -281,6 +285,8 @@ pub fn spawn(
         uploaded: 0,
         downloaded: 0,
         next_attempt_ms: None,
+        bytes_sent: 0,
+        bytes_received: 0,
     };
     let (status_tx, status) = watch::channel(initial);
     let engine = Engine {
@@ -292,6 +298,7 @@ pub fn spawn(
         shutdown,
         waiters: Vec::new(),
         round: Round::default(),
+        counted: (0, 0),
     };
     let task = tokio::spawn(engine.run());
     (
@@ -321,6 +328,8 @@ struct Engine {
     shutdown: watch::Receiver<bool>,
     waiters: Vec<oneshot::Sender<Result<SyncReport, SyncFailure>>>,
     round: Round,
+    /// The current connection's byte counts already added to the status.
+    counted: (u64, u64),
 }
 
 type Incoming = Result<Message, TransportError>;
@@ -347,6 +356,8 @@ impl Engine {
                         backoff.reset();
                     }
                     connection.close(0u32.into(), b"session over");
+                    self.count_bytes(&connection);
+                    self.counted = Default::default();
                     endpoint.wait_idle().await;
                 }
                 Err(e) => self.failed(&e, Direction::Initialization),
@@ -463,7 +474,7 @@ impl Engine {
             ..Round::default()
         };
         loop {
-            authenticated |= self.pump(&mut session, &mut sender).await;
+            authenticated |= self.pump(&mut session, &mut sender, connection).await;
             if session.is_closed() {
                 break;
             }
@@ -478,9 +489,13 @@ impl Engine {
                     Ok(event) if event.origin == Origin::Remote => {}
                     // A local write, or so many that some were skipped: upload soon.
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        debounce.get_or_insert_with(|| {
-                            tokio::time::Instant::now() + self.settings.debounce
-                        });
+                        if self.settings.debounce.is_zero() {
+                            session.local_changes();
+                        } else {
+                            debounce.get_or_insert_with(|| {
+                                tokio::time::Instant::now() + self.settings.debounce
+                            });
+                        }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => session.shut_down(),
                 },
@@ -501,14 +516,19 @@ impl Engine {
             }
         }
         // Hand back whatever the closed session still holds (a batch it was uploading).
-        self.pump(&mut session, &mut sender).await;
+        self.pump(&mut session, &mut sender, connection).await;
         let _ = sender.finish();
         authenticated
     }
 
     /// Carries out everything the session has to do, sends what it has to send and reports its
     /// events, until it is quiet. True if the session authenticated meanwhile.
-    async fn pump(&mut self, session: &mut DeviceSession, sender: &mut FrameSender) -> bool {
+    async fn pump(
+        &mut self,
+        session: &mut DeviceSession,
+        sender: &mut FrameSender,
+        connection: &quinn::Connection,
+    ) -> bool {
         let mut authenticated = false;
         loop {
             let mut moved = false;
@@ -534,7 +554,7 @@ impl Engine {
             while let Some(event) = session.poll_event() {
                 moved = true;
                 authenticated |= matches!(event, DeviceEvent::Authenticated { .. });
-                self.on_event(event);
+                self.on_event(event, connection);
             }
             if !moved {
                 return authenticated;
@@ -542,7 +562,18 @@ impl Engine {
         }
     }
 
-    fn on_event(&mut self, event: DeviceEvent) {
+    fn count_bytes(&mut self, connection: &quinn::Connection) {
+        let stats = connection.stats();
+        let (sent, received) = (stats.udp_tx.bytes, stats.udp_rx.bytes);
+        let (counted_sent, counted_received) = self.counted;
+        self.status.send_modify(|s| {
+            s.bytes_sent += sent.saturating_sub(counted_sent);
+            s.bytes_received += received.saturating_sub(counted_received);
+        });
+        self.counted = (sent, received);
+    }
+
+    fn on_event(&mut self, event: DeviceEvent, connection: &quinn::Connection) {
         match event {
             DeviceEvent::Authenticated {
                 version,
@@ -585,7 +616,10 @@ impl Engine {
                     s.downloaded += entries as u64;
                 });
             }
-            DeviceEvent::Idle { cursor } => self.finalize(cursor),
+            DeviceEvent::Idle { cursor } => {
+                self.count_bytes(connection);
+                self.finalize(cursor)
+            }
             DeviceEvent::Closed { error } => {
                 if let Some(error) = error {
                     let failure = SyncFailure {
