@@ -537,7 +537,7 @@ impl Engine {
                 let service = self.service.clone();
                 let max_retries = self.settings.max_retries;
                 let result = tokio::task::block_in_place(|| {
-                    carry_out(&service, max_retries, session, effect)
+                    carry_out(&service, max_retries, session, effect, now_ms())
                 });
                 if let Err(e) = result {
                     tracing::error!(error = %e, "sync stopped: the local store failed");
@@ -754,6 +754,7 @@ pub fn carry_out(
     max_retries: u32,
     session: &mut DeviceSession,
     effect: DeviceEffect,
+    now: u64,
 ) -> Result<(), EngineError> {
     let store = service.store();
     match effect {
@@ -771,7 +772,7 @@ pub fn carry_out(
                     change: e.data,
                 })
                 .collect();
-            session.upload(changes, now_ms());
+            session.upload(changes, now);
         }
         DeviceEffect::RecordUploadResults { results, .. } => {
             store.finish_upload(&results, max_retries)?;
@@ -786,7 +787,7 @@ pub fn carry_out(
             let _span =
                 tracing::info_span!("sync.download", through, entries = entries.len()).entered();
             service.apply_remote(entries, through)?;
-            session.applied(through, now_ms());
+            session.applied(through, now);
         }
     }
     Ok(())

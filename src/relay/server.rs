@@ -75,12 +75,13 @@ pub fn carry_out(
     session: &mut RelaySession,
     effect: RelayEffect,
     max_read_bytes: usize,
+    now: u64,
 ) -> Result<Option<u64>, RelayStoreError> {
     match effect {
         RelayEffect::Authorize { device, space, .. } => {
             let head = store.head(&space)?;
             *peer = Peer { device, space };
-            session.authorized(head, now_ms());
+            session.authorized(head, now);
             Ok(None)
         }
         RelayEffect::Store { batch, changes } => {
@@ -292,7 +293,7 @@ impl Context {
                 moved = true;
                 let authorizing = matches!(effect, RelayEffect::Authorize { .. });
                 let result = tokio::task::block_in_place(|| {
-                    carry_out(&self.store, peer, session, effect, max_read_bytes)
+                    carry_out(&self.store, peer, session, effect, max_read_bytes, now_ms())
                 });
                 match result {
                     Ok(Some(new_head)) => self.spaces.publish(&peer.space, new_head),

@@ -1,0 +1,673 @@
+//! Deterministic simulation of sync: K devices (2 to 8) and a relay in one process, driven through
+//! the real session state machines and the real effect drivers (`engine::carry_out`,
+//! `relay::server::carry_out`) over in-memory stores, with a seeded RNG and a virtual clock.
+//!
+//! Random puts, patches and deletes happen while devices go offline and online, messages are
+//! dropped, duplicated, delayed and reordered, devices and the relay restart from their durable
+//! state (unflushed writes lost). Then the network heals, and every device and the relay must
+//! hold the same documents (same heads, same fields), with every acknowledged write present and
+//! every queue drained.
+//!
+//! `FERRY_SIM_SEEDS=N` runs N seeds (default 500); `FERRY_SIM_SEED=S` replays one seed;
+//! `FERRY_SIM_FIRST=S` starts the range elsewhere. A failure prints the seed to replay.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ed25519_dalek::SigningKey;
+use ferry::engine;
+use ferry::record::Record;
+use ferry::relay::server::{self as relay_server, Peer};
+use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry::service::{Service, ServiceOptions};
+use ferry::store::kv::MemoryKv;
+use ferry::store::{Clock, Store, StoreOptions};
+use ferry_proto::session::{
+    DeviceEvent, DeviceSession, RelayEvent, RelaySession, SessionConfig, device_id,
+};
+use ferry_proto::wire::Message;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde_json::{Value, json};
+
+const SPACE: &str = "sim";
+const COLLECTIONS: [&str; 2] = ["Customer", "Invoice"];
+const IDS: usize = 6;
+const FIELDS: [&str; 4] = ["name", "city", "total", "tags"];
+/// High enough that no entry fails for good during the chaos; failing for good is tested in
+/// tests/store_sync.rs.
+const MAX_RETRIES: u32 = 1_000_000;
+const HEAL_ROUNDS: usize = 200_000;
+
+/// The virtual clock every store and session of a run reads.
+#[derive(Clone, Default)]
+struct SimClock(Arc<AtomicU64>);
+
+impl SimClock {
+    fn now(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for SimClock {
+    fn now_ms(&self) -> u64 {
+        self.now()
+    }
+}
+
+struct Device {
+    key: SigningKey,
+    id: String,
+    kv: MemoryKv,
+    service: Service,
+}
+
+impl Device {
+    fn open(key: SigningKey, kv: MemoryKv, clock: &SimClock) -> Device {
+        let id = device_id(&key.verifying_key().to_bytes());
+        let store = Store::open(
+            Box::new(kv.clone()),
+            &id,
+            StoreOptions::default(),
+            Arc::new(clock.clone()),
+        )
+        .expect("open device store");
+        store.recover_interrupted().expect("recover");
+        let service = Service::new(
+            Arc::new(store),
+            ServiceOptions {
+                data_dir: "sim".into(),
+                socket: "sim.sock".into(),
+                max_import_records: 1000,
+                max_list_limit: 1000,
+                group_commit_max: 1,
+                daemon: false,
+            },
+        );
+        Device {
+            key,
+            id,
+            kv,
+            service,
+        }
+    }
+
+    fn restart(self, clock: &SimClock) -> Device {
+        let Device { key, kv, .. } = self;
+        kv.crash();
+        Device::open(key, kv, clock)
+    }
+}
+
+/// A message on its way, and when it arrives.
+struct InFlight {
+    at: u64,
+    order: u64,
+    to_relay: bool,
+    message: Message,
+}
+
+struct Link {
+    device: usize,
+    session: DeviceSession,
+    relay: RelaySession,
+    peer: Peer,
+    wire: Vec<InFlight>,
+}
+
+struct Faults {
+    drop: f64,
+    duplicate: f64,
+    reorder: f64,
+}
+
+const CHAOS: Faults = Faults {
+    drop: 0.01,
+    duplicate: 0.01,
+    reorder: 0.05,
+};
+const HEALED: Faults = Faults {
+    drop: 0.0,
+    duplicate: 0.0,
+    reorder: 0.0,
+};
+
+/// A write a device acknowledged: its record must end up holding these heads' changes.
+struct Acked {
+    collection: String,
+    id: String,
+    heads: Vec<String>,
+}
+
+struct World {
+    rng: StdRng,
+    clock: SimClock,
+    config: SessionConfig,
+    devices: Vec<Option<Device>>,
+    relay_kv: MemoryKv,
+    relay: Option<RelayStore>,
+    links: Vec<Link>,
+    next_order: u64,
+    acked: Vec<Acked>,
+    trace: Vec<String>,
+    healing: bool,
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let clock = SimClock::default();
+        clock.advance(1_700_000_000_000);
+        let k = rng.random_range(2..=8usize);
+        let devices = (0..k)
+            .map(|_| {
+                let key = SigningKey::from_bytes(&rng.random());
+                Some(Device::open(key, MemoryKv::new(), &clock))
+            })
+            .collect();
+        let relay_kv = MemoryKv::new();
+        let config = SessionConfig {
+            // Small pages and batches, so that paging and batching happen with few records.
+            max_batch_changes: rng.random_range(1..=8),
+            max_download_changes: rng.random_range(1..=8),
+            max_buffered_pushes: rng.random_range(1..=4),
+            ..SessionConfig::default()
+        };
+        World {
+            rng,
+            relay: Some(open_relay(&relay_kv)),
+            relay_kv,
+            clock,
+            config,
+            devices,
+            links: Vec::new(),
+            next_order: 0,
+            acked: Vec::new(),
+            trace: Vec::new(),
+            healing: false,
+        }
+    }
+
+    fn device(&self, i: usize) -> &Device {
+        self.devices[i].as_ref().expect("device present")
+    }
+
+    fn note(&mut self, what: String) {
+        self.trace.push(format!("t={} {what}", self.clock.now()));
+    }
+
+    fn local_write(&mut self, i: usize) {
+        let collection = COLLECTIONS[self.rng.random_range(0..COLLECTIONS.len())];
+        let id = format!("r{}", self.rng.random_range(0..IDS));
+        let (method, params) = match self.rng.random_range(0..10) {
+            0..=3 => ("put", json!({ "collection": collection, "id": id, "fields": self.fields() })),
+            4..=8 => ("patch", json!({ "collection": collection, "id": id, "fields": self.fields() })),
+            _ => ("delete", json!({ "collection": collection, "id": id })),
+        };
+        self.note(format!("device {i} {method} {collection}/{id}"));
+        match self.device(i).service.call(method, params) {
+            Ok(result) => {
+                let heads = result["heads"]
+                    .as_array()
+                    .map(|h| h.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                    .unwrap_or_default();
+                self.acked.push(Acked {
+                    collection: collection.into(),
+                    id,
+                    heads,
+                });
+            }
+            // Patching or deleting a record this device has not seen is refused: nothing to ack.
+            Err(e) => self.note(format!("  refused: {}", e.message)),
+        }
+    }
+
+    fn fields(&mut self) -> Value {
+        let mut fields = serde_json::Map::new();
+        for name in FIELDS {
+            if self.rng.random_bool(0.5) {
+                let value = match name {
+                    "total" => json!(self.rng.random_range(0..1000)),
+                    "tags" => json!([self.rng.random_range(0..5), "t"]),
+                    _ => json!(format!("v{}", self.rng.random_range(0..100))),
+                };
+                fields.insert(name.into(), value);
+            }
+        }
+        if fields.is_empty() {
+            fields.insert("name".into(), json!("x"));
+        }
+        Value::Object(fields)
+    }
+
+    fn online(&self, i: usize) -> bool {
+        self.links.iter().any(|l| l.device == i)
+    }
+
+    fn connect(&mut self, i: usize) {
+        if self.relay.is_none() || self.online(i) {
+            return;
+        }
+        self.note(format!("device {i} connects"));
+        let now = self.clock.now();
+        let binding: [u8; 32] = self.rng.random();
+        let nonce: [u8; 32] = self.rng.random();
+        let device = self.device(i);
+        let cursor = device.service.store().sync_cursor().expect("cursor");
+        let session = DeviceSession::new(
+            self.config.clone(),
+            device.key.clone(),
+            SPACE.into(),
+            binding.to_vec(),
+            cursor,
+            now,
+        );
+        let relay = RelaySession::new(self.config.clone(), nonce, binding.to_vec(), now);
+        self.links.push(Link {
+            device: i,
+            session,
+            relay,
+            peer: Peer::default(),
+            wire: Vec::new(),
+        });
+    }
+
+    /// The connection breaks: both sides see it and hand back what they hold.
+    fn disconnect(&mut self, link: usize) {
+        let mut link = self.links.remove(link);
+        self.note(format!("device {} disconnects", link.device));
+        link.session.connection_lost("simulated disconnect".into());
+        link.relay.connection_lost("simulated disconnect".into());
+        self.pump_link(&mut link);
+    }
+
+    /// The device's process dies: no cleanup on its side, unflushed writes gone.
+    fn crash_device(&mut self, i: usize) {
+        self.note(format!("device {i} crashes and restarts"));
+        if let Some(pos) = self.links.iter().position(|l| l.device == i) {
+            let mut link = self.links.remove(pos);
+            link.relay.connection_lost("device crashed".into());
+            while link.relay.poll_effect().is_some() {}
+        }
+        let device = self.devices[i].take().expect("device present");
+        self.devices[i] = Some(device.restart(&self.clock));
+    }
+
+    fn restart_relay(&mut self) {
+        self.note("relay crashes and restarts".into());
+        while !self.links.is_empty() {
+            let mut link = self.links.remove(0);
+            link.session.connection_lost("relay crashed".into());
+            self.pump_device(&mut link);
+        }
+        self.relay = None;
+        self.relay_kv.crash();
+        self.relay = Some(open_relay(&self.relay_kv));
+    }
+
+    fn send(&mut self, link: &mut Link, to_relay: bool, message: Message, faults: &Faults) {
+        if self.rng.random_bool(faults.drop) {
+            return;
+        }
+        let copies = if self.rng.random_bool(faults.duplicate) {
+            2
+        } else {
+            1
+        };
+        let now = self.clock.now();
+        // In order unless reordered: after the last message already on its way this direction.
+        let last = link
+            .wire
+            .iter()
+            .filter(|m| m.to_relay == to_relay)
+            .map(|m| m.at)
+            .max()
+            .unwrap_or(now);
+        for _ in 0..copies {
+            let at = if self.rng.random_bool(faults.reorder) {
+                now + self.rng.random_range(0..50)
+            } else {
+                last.max(now) + 1
+            };
+            self.next_order += 1;
+            link.wire.push(InFlight {
+                at,
+                order: self.next_order,
+                to_relay,
+                message: message.clone(),
+            });
+        }
+    }
+
+    fn pump_device(&mut self, link: &mut Link) {
+        let now = self.clock.now();
+        while let Some(effect) = link.session.poll_effect() {
+            let device = self.devices[link.device].as_ref().expect("device present");
+            engine::carry_out(&device.service, MAX_RETRIES, &mut link.session, effect, now)
+                .expect("device store");
+        }
+        while let Some(event) = link.session.poll_event() {
+            if let DeviceEvent::Closed { error } = event {
+                self.note(format!("  device {} session closed: {error:?}", link.device));
+            }
+        }
+    }
+
+    /// Runs one link until both sides are quiet; returns the heads appended to the relay.
+    fn pump_link(&mut self, link: &mut Link) -> Vec<u64> {
+        let faults = if self.healing { HEALED } else { CHAOS };
+        let mut appended = Vec::new();
+        loop {
+            let mut moved = false;
+            self.pump_device(link);
+            while let Some(message) = link.session.poll_transmit() {
+                moved = true;
+                self.send(link, true, message, &faults);
+            }
+            let now = self.clock.now();
+            if let Some(relay) = &self.relay {
+                while let Some(effect) = link.relay.poll_effect() {
+                    moved = true;
+                    let head = relay_server::carry_out(
+                        relay,
+                        &mut link.peer,
+                        &mut link.relay,
+                        effect,
+                        1 << 20,
+                        now,
+                    )
+                    .expect("relay store");
+                    appended.extend(head);
+                }
+            }
+            while let Some(message) = link.relay.poll_transmit() {
+                moved = true;
+                self.send(link, false, message, &faults);
+            }
+            while let Some(event) = link.relay.poll_event() {
+                if let RelayEvent::Closed { error } = event {
+                    self.note(format!("  relay side of {} closed: {error:?}", link.device));
+                }
+            }
+            if !moved && link.session.poll_effect().is_none() {
+                return appended;
+            }
+        }
+    }
+
+    /// Pumps every link, announces appends to every session, and drops links whose sessions
+    /// ended (the other side sees the connection go).
+    fn pump_all(&mut self) {
+        loop {
+            let mut heads = Vec::new();
+            let mut links = std::mem::take(&mut self.links);
+            for link in &mut links {
+                heads.extend(self.pump_link(link));
+            }
+            let announce = heads.iter().max().copied();
+            if let Some(head) = announce {
+                for link in &mut links {
+                    link.relay.appended(head);
+                }
+            }
+            let mut closed = Vec::new();
+            for (i, link) in links.iter().enumerate() {
+                if link.session.is_closed() || link.relay.is_closed() {
+                    closed.push(i);
+                }
+            }
+            self.links = links;
+            for i in closed.into_iter().rev() {
+                self.disconnect(i);
+            }
+            let quiet = self.links.iter_mut().all(|l| {
+                l.relay.poll_effect().map_or(true, |e| {
+                    // Put it back by handling it on the next round: effects are only peeked here.
+                    panic!("effect left after pumping: {e:?}")
+                })
+            });
+            if announce.is_none() && quiet {
+                return;
+            }
+        }
+    }
+
+    /// Delivers the next message due (earliest first); false when none is on its way.
+    fn deliver_next(&mut self) -> bool {
+        let next = self
+            .links
+            .iter()
+            .enumerate()
+            .flat_map(|(l, link)| link.wire.iter().enumerate().map(move |(m, f)| ((f.at, f.order), l, m)))
+            .min();
+        let Some(((at, _), l, m)) = next else {
+            return false;
+        };
+        if at > self.clock.now() {
+            self.clock.advance(at - self.clock.now());
+        }
+        let now = self.clock.now();
+        let link = &mut self.links[l];
+        let flight = link.wire.remove(m);
+        if flight.to_relay {
+            link.relay.handle_message(flight.message, now);
+        } else {
+            link.session.handle_message(flight.message, now);
+        }
+        self.pump_all();
+        true
+    }
+
+    fn timeouts(&mut self) {
+        let now = self.clock.now();
+        for link in &mut self.links {
+            link.session.handle_timeout(now);
+            link.relay.handle_timeout(now);
+        }
+        self.pump_all();
+    }
+
+    fn step(&mut self) {
+        let k = self.devices.len();
+        let i = self.rng.random_range(0..k);
+        match self.rng.random_range(0..100) {
+            0..=29 => {
+                self.local_write(i);
+                if let Some(link) = self.links.iter_mut().find(|l| l.device == i) {
+                    link.session.local_changes();
+                }
+                self.pump_all();
+            }
+            30..=64 => {
+                if !self.deliver_next() {
+                    self.clock.advance(1);
+                }
+            }
+            65..=71 => {
+                let ms = self.rng.random_range(1..40_000);
+                self.clock.advance(ms);
+                self.timeouts();
+            }
+            72..=81 => {
+                self.connect(i);
+                self.pump_all();
+            }
+            82..=87 => {
+                if let Some(pos) = self.links.iter().position(|l| l.device == i) {
+                    self.disconnect(pos);
+                    self.pump_all();
+                }
+            }
+            88..=90 => {
+                self.crash_device(i);
+                self.pump_all();
+            }
+            91 => {
+                self.restart_relay();
+                self.pump_all();
+            }
+            _ => {
+                let now = self.clock.now();
+                if let Some(link) = self.links.iter_mut().find(|l| l.device == i) {
+                    link.session.sync_now(now);
+                }
+                self.pump_all();
+            }
+        }
+    }
+
+    /// Perfect network from here on: everyone connects and syncs until nothing moves.
+    fn heal(&mut self) {
+        self.healing = true;
+        self.note("network heals".into());
+        for link in &mut self.links {
+            // Whatever was already on the wire may still be out of order: drop the links.
+            link.wire.clear();
+        }
+        while !self.links.is_empty() {
+            self.disconnect(0);
+        }
+        for round in 0..3 {
+            for i in 0..self.devices.len() {
+                self.connect(i);
+            }
+            self.pump_all();
+            let mut deliveries = 0;
+            while self.deliver_next() {
+                deliveries += 1;
+                assert!(deliveries < HEAL_ROUNDS, "no convergence after {HEAL_ROUNDS} deliveries");
+                for i in 0..self.devices.len() {
+                    self.connect(i);
+                }
+            }
+            let now = self.clock.now();
+            if round < 2 {
+                for link in &mut self.links {
+                    link.session.sync_now(now);
+                }
+                self.pump_all();
+            }
+        }
+    }
+
+    fn check(&self) {
+        let relay = self.relay.as_ref().expect("relay up after healing");
+        for collection in COLLECTIONS {
+            for n in 0..IDS {
+                let id = format!("r{n}");
+                let relay_heads = relay.heads(SPACE, collection, &id).expect("relay heads");
+                let relay_doc = relay.document_bytes(SPACE, collection, &id).expect("relay doc");
+                for (i, device) in self.devices.iter().enumerate() {
+                    let device = device.as_ref().expect("device present");
+                    let doc = device.service.store().export_doc(collection, &id).ok();
+                    let heads = doc.as_ref().map(|bytes| {
+                        let mut record = Record::load(bytes, &automerge::ActorId::random())
+                            .expect("device doc loads");
+                        let mut heads: Vec<String> =
+                            record.heads().iter().map(|h| h.to_string()).collect();
+                        heads.sort();
+                        heads
+                    });
+                    let mut want = relay_heads.clone();
+                    if let Some(w) = want.as_mut() {
+                        w.sort();
+                    }
+                    assert_eq!(
+                        heads, want,
+                        "device {i} and the relay disagree on {collection}/{id}"
+                    );
+                    let fields = |bytes: &[u8]| {
+                        Record::load(bytes, &automerge::ActorId::random())
+                            .expect("loads")
+                            .fields()
+                    };
+                    if let (Some(mine), Some(theirs)) = (&doc, &relay_doc) {
+                        assert_eq!(fields(mine), fields(theirs), "fields of {collection}/{id}");
+                    }
+                }
+            }
+        }
+        for acked in &self.acked {
+            let bytes = relay
+                .document_bytes(SPACE, &acked.collection, &acked.id)
+                .expect("relay doc")
+                .unwrap_or_else(|| panic!("acknowledged {}/{} missing", acked.collection, acked.id));
+            let mut record = Record::load(&bytes, &automerge::ActorId::random()).expect("loads");
+            for head in &acked.heads {
+                let hash: automerge::ChangeHash = head.parse().expect("hash");
+                assert!(
+                    record.doc_mut().get_change_by_hash(&hash).is_some(),
+                    "acknowledged change {head} of {}/{} is missing",
+                    acked.collection,
+                    acked.id
+                );
+            }
+        }
+        for (i, device) in self.devices.iter().enumerate() {
+            let counts = device
+                .as_ref()
+                .expect("device present")
+                .service
+                .store()
+                .queue_counts()
+                .expect("counts");
+            assert_eq!(
+                (counts.pending, counts.processing, counts.failed),
+                (0, 0, 0),
+                "device {i}'s queue is not drained"
+            );
+        }
+    }
+}
+
+fn open_relay(kv: &MemoryKv) -> RelayStore {
+    RelayStore::open(
+        Arc::new(kv.clone()),
+        RelayStoreOptions {
+            // Tiny, so that eviction and reload happen all the time.
+            doc_cache_docs: 3,
+            ..RelayStoreOptions::default()
+        },
+    )
+    .expect("open relay store")
+}
+
+fn run_seed(seed: u64) {
+    let mut world = World::new(seed);
+    let steps = world.rng.random_range(50..300);
+    for _ in 0..steps {
+        world.step();
+    }
+    world.heal();
+    world.check();
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn devices_converge_through_the_relay_whatever_the_network_does() {
+    let seeds: Vec<u64> = match env_u64("FERRY_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => {
+            let first = env_u64("FERRY_SIM_FIRST").unwrap_or(0);
+            let count = env_u64("FERRY_SIM_SEEDS").unwrap_or(500);
+            (first..first + count).collect()
+        }
+    };
+    for seed in seeds {
+        let outcome = std::panic::catch_unwind(|| run_seed(seed));
+        if outcome.is_err() {
+            panic!(
+                "simulation seed {seed} failed: replay it with \
+                 FERRY_SIM_SEED={seed} cargo test --test simulation"
+            );
+        }
+    }
+}
