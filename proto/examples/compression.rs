@@ -1,7 +1,8 @@
 //! Measures what frame compression buys on a realistic download: a `Changes` message of 1,000
 //! Automerge changes, each creating a record of 10 fields (5 strings of about 20 characters and
-//! 5 integers). Prints the body size raw, with zstd level 1 (what `encode_frame` uses) and with
-//! gzip level 6, and the time to compress and decompress it with each.
+//! 5 integers). Prints the body size raw, with zstd level 1 (what `encode_frame` uses), zstd
+//! level 3, gzip level 6 (its usual default) and gzip level 1, and the time to compress and
+//! decompress it with each.
 //!
 //! `cargo run --release -p ferry-proto --example compression`
 
@@ -128,45 +129,58 @@ fn fastest<T>(mut f: impl FnMut() -> T) -> (T, Duration) {
     (out.expect("ROUNDS > 0"), best)
 }
 
+fn zstd_codec(level: i32) -> impl Fn(&[u8]) -> (Vec<u8>, Duration, Duration) {
+    move |raw| {
+        let (packed, c) = fastest(|| zstd::bulk::compress(raw, level).expect("zstd compress"));
+        let (back, d) =
+            fastest(|| zstd::bulk::decompress(&packed, raw.len()).expect("zstd decompress"));
+        assert_eq!(back, raw);
+        (packed, c, d)
+    }
+}
+
+fn gzip_codec(level: u32) -> impl Fn(&[u8]) -> (Vec<u8>, Duration, Duration) {
+    move |raw| {
+        let (packed, c) = fastest(|| {
+            let mut e = GzEncoder::new(Vec::new(), Compression::new(level));
+            e.write_all(raw).expect("gzip compress");
+            e.finish().expect("gzip finish")
+        });
+        let (back, d) = fastest(|| {
+            let mut out = Vec::with_capacity(raw.len());
+            GzDecoder::new(&packed[..])
+                .read_to_end(&mut out)
+                .expect("gzip decompress");
+            out
+        });
+        assert_eq!(back, raw);
+        (packed, c, d)
+    }
+}
+
 fn main() {
     let raw = body();
-    let changes_bytes: usize = raw.len();
-    println!("Changes body of {RECORDS} record changes: {changes_bytes} bytes");
-
-    let (zstd_packed, zstd_c) = fastest(|| zstd::bulk::compress(&raw, 1).expect("zstd compress"));
-    let (zstd_back, zstd_d) =
-        fastest(|| zstd::bulk::decompress(&zstd_packed, raw.len()).expect("zstd decompress"));
-    assert_eq!(zstd_back, raw);
-
-    let (gzip_packed, gzip_c) = fastest(|| {
-        let mut e = GzEncoder::new(Vec::new(), Compression::new(6));
-        e.write_all(&raw).expect("gzip compress");
-        e.finish().expect("gzip finish")
-    });
-    let (gzip_back, gzip_d) = fastest(|| {
-        let mut out = Vec::with_capacity(raw.len());
-        GzDecoder::new(&gzip_packed[..])
-            .read_to_end(&mut out)
-            .expect("gzip decompress");
-        out
-    });
-    assert_eq!(gzip_back, raw);
-
-    let pct = |n: usize| 100.0 * n as f64 / raw.len() as f64;
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "Changes body of {RECORDS} record changes: {} bytes",
+        raw.len()
+    );
     println!("| codec | bytes | % of raw | compress | decompress |");
     println!("|---|---:|---:|---:|---:|");
     println!("| none | {} | 100% | - | - |", raw.len());
-    for (name, packed, c, d) in [
-        ("zstd level 1", &zstd_packed, zstd_c, zstd_d),
-        ("gzip level 6", &gzip_packed, gzip_c, gzip_d),
-    ] {
+    let codecs: [(&str, Box<dyn Fn(&[u8]) -> _>); 4] = [
+        ("zstd level 1 (used)", Box::new(zstd_codec(1))),
+        ("zstd level 3", Box::new(zstd_codec(3))),
+        ("gzip level 6", Box::new(gzip_codec(6))),
+        ("gzip level 1", Box::new(gzip_codec(1))),
+    ];
+    for (name, codec) in codecs {
+        let (packed, c, d) = codec(&raw);
         println!(
             "| {name} | {} | {:.1}% | {:.0} us | {:.0} us |",
             packed.len(),
-            pct(packed.len()),
-            us(c),
-            us(d)
+            100.0 * packed.len() as f64 / raw.len() as f64,
+            c.as_secs_f64() * 1e6,
+            d.as_secs_f64() * 1e6,
         );
     }
 }
