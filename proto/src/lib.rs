@@ -2,9 +2,9 @@
 //!
 //! Owns: record addressing and its validation, time-ordered id generation, the SyncQueue and
 //! SyncLog entry types with their state transitions, and the sync protocol's messages and framing
-//! (`wire`, specified in `PROTOCOL.md`, pinned by `tests/vectors/`). Everything here is plain data and pure
-//! functions: no sockets, files, threads, clocks or global randomness. Time and random bytes are
-//! passed in by the caller, so the same inputs always give the same outputs.
+//! (`wire`, specified in `PROTOCOL.md`, pinned by `tests/vectors/`). Everything here is plain data
+//! and pure functions: no sockets, files, threads, clocks or global randomness. Time and random
+//! bytes are passed in by the caller, so the same inputs always give the same outputs.
 //!
 //! Must not touch: tokio, sled, the filesystem, `SystemTime::now`, OS randomness.
 
