@@ -1,16 +1,18 @@
 //! Entry points that feed arbitrary bytes to each decoder Ferry has: IPC messages (and the
-//! methods they call), stored record documents, stored queue and log entries, and config files.
+//! methods they call), stored record documents, stored queue and log entries, config files and
+//! sync protocol frames.
 //! The fuzz targets in `fuzz/` call these, and `tests/fuzz_regressions.rs` replays the checked-in
 //! seeds and past crashers through them, so a fixed crash stays fixed.
 //!
 //! Each function must return normally for every input: an `Err` is fine, a panic is a bug.
 
 use crate::config::Config;
-use crate::ipc::{Message, decode_message};
+use crate::ipc::{self, decode_message};
 use crate::record::Record;
 use crate::service::{Service, ServiceOptions};
 use crate::store::kv::MemoryKv;
 use crate::store::{Store, StoreOptions, SystemClock};
+use ferry_proto::wire::{FrameReader, Message, decode_frame_body, encode_frame, frame_length};
 use ferry_proto::{SyncLogEntry, SyncQueueEntry};
 use std::sync::Arc;
 
@@ -23,9 +25,9 @@ pub fn ipc_line(data: &[u8]) {
         return;
     };
     let requests = match decode_message(line) {
-        Message::Empty | Message::Invalid(_) => return,
-        Message::Single(r) => vec![r],
-        Message::Batch(rs) => rs,
+        ipc::Message::Empty | ipc::Message::Invalid(_) => return,
+        ipc::Message::Single(r) => vec![r],
+        ipc::Message::Batch(rs) => rs,
     };
     let service = small_service();
     for request in requests.into_iter().flatten() {
@@ -84,6 +86,60 @@ pub fn config_file(data: &[u8]) {
     }
 }
 
+/// A frame limit small enough that the fuzzer reaches it, large enough for several messages.
+const FUZZ_MAX_FRAME_BYTES: usize = 4096;
+/// How many leading bytes choose the piece sizes the stream is cut into.
+const SPLIT_BYTES: usize = 4;
+
+/// Sync frames off the network. The first bytes choose the sizes of the pieces the rest arrives
+/// in, as a QUIC stream may deliver it; each piece goes to a `FrameReader` with a small frame
+/// limit. The rest, after the four bytes a length would take, is also decoded as one frame body. Every message that decodes must encode and
+/// decode back to itself, or a peer would read something other than what was sent.
+pub fn sync_frame(data: &[u8]) {
+    let (split, stream) = data.split_at(data.len().min(SPLIT_BYTES));
+    let mut reader = FrameReader::new(FUZZ_MAX_FRAME_BYTES);
+    let mut sizes = split.iter().map(|&b| usize::from(b) + 1).cycle();
+    let mut rest = stream;
+    'stream: while !rest.is_empty() {
+        let size = sizes.next().unwrap_or(rest.len()).min(rest.len());
+        let (piece, tail) = rest.split_at(size);
+        rest = tail;
+        reader.push(piece);
+        loop {
+            match reader.next_message() {
+                Ok(Some(message)) => assert_round_trip(&message),
+                Ok(None) => break,
+                Err(_) => break 'stream,
+            }
+        }
+    }
+    if let Some(Ok(message)) = stream
+        .get(4..)
+        .map(|body| decode_frame_body(body, FUZZ_MAX_FRAME_BYTES))
+    {
+        assert_round_trip(&message);
+    }
+}
+
+fn assert_round_trip(message: &Message) {
+    let frame = encode_frame(message);
+    // A decoded body is at most the limit and re-encodes no longer (postcard writes the shortest
+    // varints), but it may lose its compression: the flags byte can then be one over.
+    let limit = FUZZ_MAX_FRAME_BYTES + 1;
+    let Some((header, body)) = frame.split_first_chunk::<4>() else {
+        panic!(
+            "encode_frame wrote {} bytes, less than a header",
+            frame.len()
+        );
+    };
+    assert_eq!(
+        frame_length(*header, limit),
+        Ok(body.len()),
+        "header of {message:?}"
+    );
+    assert_eq!(decode_frame_body(body, limit).as_ref(), Ok(message));
+}
+
 /// A decoder entry point: must return for every input.
 pub type EntryPoint = fn(&[u8]);
 
@@ -93,4 +149,5 @@ pub const TARGETS: &[(&str, EntryPoint)] = &[
     ("record_document", record_document),
     ("stored_entries", stored_entries),
     ("config_file", config_file),
+    ("sync_frame", sync_frame),
 ];

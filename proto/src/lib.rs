@@ -1,11 +1,11 @@
 //! Ferry's wire types and the deterministic, I/O-free parts of sync.
 //!
 //! Owns: record addressing and its validation, time-ordered id generation, the SyncQueue and
-//! SyncLog entry types with their state transitions, the wire format (`wire`) and the sync
-//! session state machines that both the daemon and the relay drive (`session`). Everything here
-//! is plain data and pure functions: no sockets, files, threads, clocks or global randomness.
-//! Time and random bytes are passed in by the caller, so the same inputs always give the same
-//! outputs.
+//! SyncLog entry types with their state transitions, the sync protocol's messages and framing
+//! (`wire`, specified in `PROTOCOL.md`, pinned by `tests/vectors/`), and the session state
+//! machines that both the daemon and the relay drive (`session`). Everything here is plain data
+//! and pure functions: no sockets, files, threads, clocks or global randomness. Time and random
+//! bytes are passed in by the caller, so the same inputs always give the same outputs.
 //!
 //! Must not touch: tokio, sled, the filesystem, `SystemTime::now`, OS randomness.
 

@@ -336,6 +336,17 @@ pub fn decode_frame_body(frame: &[u8], max_frame_bytes: usize) -> Result<Message
     }
     let unpacked;
     let body = if flags & FLAG_ZSTD != 0 {
+        // A body that says it unpacks to more than the limit is refused as too large, not as
+        // malformed, so the sender learns to send smaller batches. The declared size is only a
+        // claim: the decompression below stops at the limit whatever it says.
+        if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(body)
+            && declared > max_frame_bytes as u64
+        {
+            return Err(FrameError::TooLarge {
+                len: usize::try_from(declared).unwrap_or(usize::MAX),
+                max: max_frame_bytes,
+            });
+        }
         unpacked = zstd::bulk::decompress(body, max_frame_bytes)
             .map_err(|e| FrameError::Decompress(e.to_string()))?;
         &unpacked[..]
@@ -455,8 +466,26 @@ mod tests {
         let wire_len = frame.len() - 4;
         assert!(matches!(
             decode_frame_body(&frame[4..], wire_len + 10),
+            Err(FrameError::TooLarge { .. })
+        ));
+        // A body that hides its size (a streaming encoder) is still cut off at the limit.
+        let raw = postcard::to_stdvec(&sample_changes(200)).unwrap();
+        let mut hidden = vec![FLAG_ZSTD];
+        let mut encoder = zstd::stream::write::Encoder::new(&mut hidden, 1).unwrap();
+        std::io::Write::write_all(&mut encoder, &raw).unwrap();
+        encoder.finish().unwrap();
+        assert!(matches!(
+            zstd::zstd_safe::get_frame_content_size(&hidden[1..]),
+            Ok(None)
+        ));
+        assert!(matches!(
+            decode_frame_body(&hidden, raw.len() - 1),
             Err(FrameError::Decompress(_))
         ));
+        assert_eq!(
+            decode_frame_body(&hidden, raw.len()),
+            Ok(sample_changes(200))
+        );
     }
 
     #[test]
