@@ -11,7 +11,6 @@
 //! `FERRY_SIM_SEEDS=N` runs N seeds (default 500); `FERRY_SIM_SEED=S` replays one seed;
 //! `FERRY_SIM_FIRST=S` starts the range elsewhere. A failure prints the seed to replay.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -62,7 +61,6 @@ impl Clock for SimClock {
 
 struct Device {
     key: SigningKey,
-    id: String,
     kv: MemoryKv,
     service: Service,
 }
@@ -89,12 +87,7 @@ impl Device {
                 daemon: false,
             },
         );
-        Device {
-            key,
-            id,
-            kv,
-            service,
-        }
+        Device { key, kv, service }
     }
 
     fn restart(self, clock: &SimClock) -> Device {
@@ -205,8 +198,14 @@ impl World {
         let collection = COLLECTIONS[self.rng.random_range(0..COLLECTIONS.len())];
         let id = format!("r{}", self.rng.random_range(0..IDS));
         let (method, params) = match self.rng.random_range(0..10) {
-            0..=3 => ("put", json!({ "collection": collection, "id": id, "fields": self.fields() })),
-            4..=8 => ("patch", json!({ "collection": collection, "id": id, "fields": self.fields() })),
+            0..=3 => (
+                "put",
+                json!({ "collection": collection, "id": id, "fields": self.fields() }),
+            ),
+            4..=8 => (
+                "patch",
+                json!({ "collection": collection, "id": id, "fields": self.fields() }),
+            ),
             _ => ("delete", json!({ "collection": collection, "id": id })),
         };
         self.note(format!("device {i} {method} {collection}/{id}"));
@@ -214,7 +213,11 @@ impl World {
             Ok(result) => {
                 let heads = result["heads"]
                     .as_array()
-                    .map(|h| h.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                    .map(|h| {
+                        h.iter()
+                            .filter_map(|v| v.as_str().map(String::from))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 self.acked.push(Acked {
                     collection: collection.into(),
@@ -353,15 +356,20 @@ impl World {
         }
         while let Some(event) = link.session.poll_event() {
             if let DeviceEvent::Closed { error } = event {
-                self.note(format!("  device {} session closed: {error:?}", link.device));
+                self.note(format!(
+                    "  device {} session closed: {error:?}",
+                    link.device
+                ));
             }
         }
     }
 
-    /// Runs one link until both sides are quiet; returns the heads appended to the relay.
-    fn pump_link(&mut self, link: &mut Link) -> Vec<u64> {
+    /// Runs one link until both sides are quiet; returns whether anything happened and the
+    /// heads appended to the relay.
+    fn pump_link(&mut self, link: &mut Link) -> (bool, Vec<u64>) {
         let faults = if self.healing { HEALED } else { CHAOS };
         let mut appended = Vec::new();
+        let mut any = false;
         loop {
             let mut moved = false;
             self.pump_device(link);
@@ -394,9 +402,10 @@ impl World {
                     self.note(format!("  relay side of {} closed: {error:?}", link.device));
                 }
             }
-            if !moved && link.session.poll_effect().is_none() {
-                return appended;
+            if !moved {
+                return (any, appended);
             }
+            any = true;
         }
     }
 
@@ -405,9 +414,12 @@ impl World {
     fn pump_all(&mut self) {
         loop {
             let mut heads = Vec::new();
+            let mut moved = false;
             let mut links = std::mem::take(&mut self.links);
             for link in &mut links {
-                heads.extend(self.pump_link(link));
+                let (any, appended) = self.pump_link(link);
+                moved |= any;
+                heads.extend(appended);
             }
             let announce = heads.iter().max().copied();
             if let Some(head) = announce {
@@ -425,13 +437,7 @@ impl World {
             for i in closed.into_iter().rev() {
                 self.disconnect(i);
             }
-            let quiet = self.links.iter_mut().all(|l| {
-                l.relay.poll_effect().map_or(true, |e| {
-                    // Put it back by handling it on the next round: effects are only peeked here.
-                    panic!("effect left after pumping: {e:?}")
-                })
-            });
-            if announce.is_none() && quiet {
+            if !moved && announce.is_none() {
                 return;
             }
         }
@@ -443,7 +449,12 @@ impl World {
             .links
             .iter()
             .enumerate()
-            .flat_map(|(l, link)| link.wire.iter().enumerate().map(move |(m, f)| ((f.at, f.order), l, m)))
+            .flat_map(|(l, link)| {
+                link.wire
+                    .iter()
+                    .enumerate()
+                    .map(move |(m, f)| ((f.at, f.order), l, m))
+            })
             .min();
         let Some(((at, _), l, m)) = next else {
             return false;
@@ -540,7 +551,10 @@ impl World {
             let mut deliveries = 0;
             while self.deliver_next() {
                 deliveries += 1;
-                assert!(deliveries < HEAL_ROUNDS, "no convergence after {HEAL_ROUNDS} deliveries");
+                assert!(
+                    deliveries < HEAL_ROUNDS,
+                    "no convergence after {HEAL_ROUNDS} deliveries"
+                );
                 for i in 0..self.devices.len() {
                     self.connect(i);
                 }
@@ -557,11 +571,34 @@ impl World {
 
     fn check(&self) {
         let relay = self.relay.as_ref().expect("relay up after healing");
+        for (i, device) in self.devices.iter().enumerate() {
+            let counts = device
+                .as_ref()
+                .expect("device present")
+                .service
+                .store()
+                .queue_counts()
+                .expect("counts");
+            let failed = device
+                .as_ref()
+                .expect("device present")
+                .service
+                .store()
+                .queue(Some(ferry_proto::QueueStatus::Failed), None, 10)
+                .expect("queue");
+            assert_eq!(
+                (counts.pending, counts.processing, counts.failed),
+                (0, 0, 0),
+                "device {i}'s queue is not drained; failed: {failed:?}"
+            );
+        }
         for collection in COLLECTIONS {
             for n in 0..IDS {
                 let id = format!("r{n}");
                 let relay_heads = relay.heads(SPACE, collection, &id).expect("relay heads");
-                let relay_doc = relay.document_bytes(SPACE, collection, &id).expect("relay doc");
+                let relay_doc = relay
+                    .document_bytes(SPACE, collection, &id)
+                    .expect("relay doc");
                 for (i, device) in self.devices.iter().enumerate() {
                     let device = device.as_ref().expect("device present");
                     let doc = device.service.store().export_doc(collection, &id).ok();
@@ -596,7 +633,9 @@ impl World {
             let bytes = relay
                 .document_bytes(SPACE, &acked.collection, &acked.id)
                 .expect("relay doc")
-                .unwrap_or_else(|| panic!("acknowledged {}/{} missing", acked.collection, acked.id));
+                .unwrap_or_else(|| {
+                    panic!("acknowledged {}/{} missing", acked.collection, acked.id)
+                });
             let mut record = Record::load(&bytes, &automerge::ActorId::random()).expect("loads");
             for head in &acked.heads {
                 let hash: automerge::ChangeHash = head.parse().expect("hash");
@@ -607,20 +646,6 @@ impl World {
                     acked.id
                 );
             }
-        }
-        for (i, device) in self.devices.iter().enumerate() {
-            let counts = device
-                .as_ref()
-                .expect("device present")
-                .service
-                .store()
-                .queue_counts()
-                .expect("counts");
-            assert_eq!(
-                (counts.pending, counts.processing, counts.failed),
-                (0, 0, 0),
-                "device {i}'s queue is not drained"
-            );
         }
     }
 }
@@ -640,11 +665,23 @@ fn open_relay(kv: &MemoryKv) -> RelayStore {
 fn run_seed(seed: u64) {
     let mut world = World::new(seed);
     let steps = world.rng.random_range(50..300);
-    for _ in 0..steps {
-        world.step();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for _ in 0..steps {
+            world.step();
+        }
+        world.heal();
+        world.check();
+    }));
+    if let Err(panic) = outcome {
+        if std::env::var_os("FERRY_SIM_TRACE").is_some() {
+            for line in &world.trace {
+                eprintln!("{line}");
+            }
+        } else {
+            eprintln!("(set FERRY_SIM_TRACE=1 to see what happened, step by step)");
+        }
+        std::panic::resume_unwind(panic);
     }
-    world.heal();
-    world.check();
 }
 
 fn env_u64(name: &str) -> Option<u64> {

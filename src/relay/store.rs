@@ -10,8 +10,9 @@
 //! Key layout, in one ordered keyspace (a space name holds no control characters, so `\0` ends it;
 //! collection names and record ids hold none either):
 //! - `l{space}\0{seq u64 BE}` → a log entry: collection, record, origin device, change bytes.
-//! - `h{space}\0{change hash, 32 bytes}` → `{seq u64 BE}{collection}\0{record}`: the dedup index,
-//!   also used to check that a change's dependencies are in the log, and for the same record.
+//! - `h{space}\0{collection}\0{record}\0{change hash, 32 bytes}` → `{seq u64 BE}`: the dedup
+//!   index, per record (two records may hold byte-identical changes), also used to check that a
+//!   change's dependencies are already in the record's log.
 //! - `b{space}\0{collection}\0{record}` → the record's base: Automerge chunks (a saved document, or
 //!   the record's first change), loadable as they are.
 //! - `t{space}\0{collection}\0{record}\0{seq u64 BE}` → empty: a change appended to the record
@@ -143,7 +144,7 @@ impl RelayStore {
         let mut batch = Batch::default();
         let mut next = *head + 1;
         // Changes stored earlier in this call: hash → (seq, collection, record).
-        let mut added: HashMap<[u8; 32], (u64, String, String)> = HashMap::new();
+        let mut added: HashMap<ChangeKey, u64> = HashMap::new();
         // Records touched in this call, with how many appended changes each has now.
         let mut tails: HashMap<(String, String), Vec<u64>> = HashMap::new();
         let mut results = Vec::with_capacity(changes.len());
@@ -194,7 +195,7 @@ impl RelayStore {
         origin: &str,
         upload: &UploadChange,
         seq: u64,
-        added: &mut HashMap<[u8; 32], (u64, String, String)>,
+        added: &mut HashMap<ChangeKey, u64>,
         tails: &mut HashMap<(String, String), Vec<u64>>,
         batch: &mut Batch,
     ) -> Result<ChangeOutcome, RelayStoreError> {
@@ -209,35 +210,29 @@ impl RelayStore {
             Ok(c) => c,
             Err(e) => return Ok(rejected(ErrorCode::InvalidChange, e.to_string())),
         };
+        // Changes are identified per record: two records can hold byte-identical changes (the
+        // same device creating both with the same fields in the same millisecond), and each
+        // record's document needs its own.
+        let (collection, record) = (upload.collection.as_str(), upload.record.as_str());
+        let change_key = |hash: [u8; 32]| (collection.to_owned(), record.to_owned(), hash);
         let hash = change.hash().0;
-        let address = (upload.collection.as_str(), upload.record.as_str());
-        if let Some((seq, ..)) = added.get(&hash) {
+        if let Some(seq) = added.get(&change_key(hash)) {
             return Ok(ChangeOutcome::Duplicate { seq: *seq });
         }
-        if let Some((seq, ..)) = self.indexed(space, &hash)? {
+        if let Some(seq) = self.indexed(space, collection, record, &hash)? {
             return Ok(ChangeOutcome::Duplicate { seq });
         }
         for dep in change.deps() {
-            let found = match added.get(&dep.0) {
-                Some((seq, c, r)) => Some((*seq, c.clone(), r.clone())),
-                None => self.indexed(space, &dep.0)?,
-            };
-            match found {
-                None => {
-                    return Ok(rejected(
-                        ErrorCode::MissingDependencies,
-                        format!("the change depends on {dep}, which the relay does not hold"),
-                    ));
-                }
-                Some((_, c, r)) if (c.as_str(), r.as_str()) != address => {
-                    return Ok(rejected(
-                        ErrorCode::InvalidChange,
-                        format!(
-                            "the change depends on {dep}, a change of another record ({c}/{r})"
-                        ),
-                    ));
-                }
-                Some(_) => {}
+            let held = added.contains_key(&change_key(dep.0))
+                || self.indexed(space, collection, record, &dep.0)?.is_some();
+            if !held {
+                return Ok(rejected(
+                    ErrorCode::MissingDependencies,
+                    format!(
+                        "the change depends on {dep}, which the relay does not hold for \
+                         {collection}/{record}"
+                    ),
+                ));
             }
         }
         let entry = StoredEntry {
@@ -247,15 +242,11 @@ impl RelayStore {
             change: upload.change.clone(),
         };
         batch.put(seq_key(b'l', &[space], seq), encode(&entry));
-        let mut indexed = seq.to_be_bytes().to_vec();
-        indexed.extend_from_slice(upload.collection.as_bytes());
-        indexed.push(0);
-        indexed.extend_from_slice(upload.record.as_bytes());
-        batch.put(hash_key(space, &hash), indexed);
-        added.insert(
-            hash,
-            (seq, upload.collection.clone(), upload.record.clone()),
+        batch.put(
+            hash_key(space, collection, record, &hash),
+            seq.to_be_bytes().to_vec(),
         );
+        added.insert(change_key(hash), seq);
         let record_key = (upload.collection.clone(), upload.record.clone());
         let tail = match tails.get_mut(&record_key) {
             Some(tail) => tail,
@@ -281,23 +272,22 @@ impl RelayStore {
     }
 
     /// The dedup index entry of a change hash: its seq and record.
+    /// The seq at which the record's change `hash` was stored, if it was.
     fn indexed(
         &self,
         space: &str,
+        collection: &str,
+        record: &str,
         hash: &[u8; 32],
-    ) -> Result<Option<(u64, String, String)>, RelayStoreError> {
-        let Some(value) = self.kv.get(&hash_key(space, hash))? else {
+    ) -> Result<Option<u64>, RelayStoreError> {
+        let Some(value) = self.kv.get(&hash_key(space, collection, record, hash))? else {
             return Ok(None);
         };
-        let corrupt = || RelayStoreError::Corrupt {
+        let seq = <[u8; 8]>::try_from(value.as_slice()).map_err(|_| RelayStoreError::Corrupt {
             what: "change index entry",
-            detail: "too short or not text".into(),
-        };
-        let (seq, address) = value.split_at_checked(8).ok_or_else(corrupt)?;
-        let seq = u64::from_be_bytes(seq.try_into().map_err(|_| corrupt())?);
-        let address = std::str::from_utf8(address).map_err(|_| corrupt())?;
-        let (c, r) = address.split_once('\0').ok_or_else(corrupt)?;
-        Ok(Some((seq, c.to_owned(), r.to_owned())))
+            detail: format!("{} bytes instead of 8", value.len()),
+        })?;
+        Ok(Some(u64::from_be_bytes(seq)))
     }
 
     fn tail_seqs(
@@ -557,8 +547,11 @@ fn seq_key(kind: u8, parts: &[&str], seq: u64) -> Vec<u8> {
     k
 }
 
-fn hash_key(space: &str, hash: &[u8; 32]) -> Vec<u8> {
-    let mut k = key(b'h', &[space]);
+/// A change as the relay identifies it: the record it belongs to and its hash.
+type ChangeKey = (String, String, [u8; 32]);
+
+fn hash_key(space: &str, collection: &str, record: &str, hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = key(b'h', &[space, collection, record]);
     k.extend_from_slice(hash);
     k
 }
