@@ -1,7 +1,9 @@
 //! `ferry demo`: the main job, end to end on the embedded default. It starts a real daemon on a
 //! data directory, drives it through its socket like an app would (bulk import, single writes,
 //! patch, delete, reads, history, a subscriber), stops it cleanly, reopens the store and checks
-//! that every acknowledged write is there. It prints what it measured and fails loudly otherwise.
+//! that every acknowledged write is there. Then it starts a relay on loopback, restarts the daemon
+//! syncing with it next to a second, empty device, and checks that the second device receives
+//! everything and sees a new write live. It prints what it measured and fails loudly otherwise.
 //!
 //! Must not touch: anything the daemon's own code paths do not; it is a client only.
 
@@ -9,48 +11,105 @@ use crate::config::Config;
 use crate::daemon;
 use crate::datadir::DataDir;
 use crate::ipc::Client;
+use crate::relay;
 use crate::service::Service;
 use serde_json::{Value, json};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A server (daemon or relay) running on its own thread and runtime, until stopped.
+struct Running<T> {
+    ready: T,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+}
+
+impl<T: Send + 'static> Running<T> {
+    /// Runs `serve(stop, ready)` on a new thread and waits until it says it is ready.
+    fn start<F, Fut>(what: &str, serve: F) -> Result<Self, String>
+    where
+        F: FnOnce(tokio::sync::oneshot::Receiver<()>, std::sync::mpsc::Sender<T>) -> Fut
+            + Send
+            + 'static,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || -> Result<(), String> {
+            let rt = daemon::runtime().map_err(|e| e.to_string())?;
+            rt.block_on(serve(stop_rx, ready_tx))
+        });
+        match ready_rx.recv_timeout(START_TIMEOUT) {
+            Ok(ready) => Ok(Running {
+                ready,
+                stop,
+                thread,
+            }),
+            Err(_) => Err(match thread.join() {
+                Ok(Err(e)) => format!("the {what} did not start: {e}"),
+                _ => format!("the {what} did not start within {START_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    fn stop(self, what: &str) -> Result<(), String> {
+        let _ = self.stop.send(());
+        self.thread
+            .join()
+            .map_err(|_| format!("the {what} thread panicked"))?
+            .map_err(|e| format!("the {what} did not stop cleanly: {e}"))
+    }
+}
+
+fn start_daemon(dir: &DataDir, config: &Config) -> Result<Running<PathBuf>, String> {
+    dir.init(EXAMPLE_CONFIG).map_err(|e| e.to_string())?;
+    let (dir, config) = (dir.clone(), config.clone());
+    Running::start("daemon", move |stop, ready| async move {
+        daemon::run(
+            &dir,
+            &config,
+            async {
+                let _ = stop.await;
+            },
+            |socket| {
+                let _ = ready.send(socket.to_owned());
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())
+    })
+}
+
+fn start_relay(dir: &DataDir, config: &Config) -> Result<Running<relay::Listening>, String> {
+    let (dir, config) = (dir.clone(), config.clone());
+    Running::start("relay", move |stop, ready| async move {
+        relay::run(
+            &dir,
+            &config,
+            Some("127.0.0.1:0"),
+            async {
+                let _ = stop.await;
+            },
+            |listening| {
+                let _ = ready.send(listening.clone());
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())
+    })
+}
 
 pub fn run(dir: &DataDir, config: &Config, records: usize, as_json: bool) -> Result<(), String> {
     let records = records.max(1);
-    dir.init(include_str!("../config.example.toml"))
-        .map_err(|e| e.to_string())?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon_dir = dir.clone();
-    let daemon_config = config.clone();
-    let daemon = std::thread::spawn(move || -> Result<(), String> {
-        let rt = daemon::runtime().map_err(|e| e.to_string())?;
-        rt.block_on(daemon::run(
-            &daemon_dir,
-            &daemon_config,
-            async {
-                let _ = stop_rx.await;
-            },
-            |socket| {
-                let _ = ready_tx.send(socket.to_owned());
-            },
-        ))
-        .map_err(|e| e.to_string())
-    });
-    let socket = match ready_rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(socket) => socket,
-        Err(_) => {
-            return Err(match daemon.join() {
-                Ok(Err(e)) => format!("the daemon did not start: {e}"),
-                _ => "the daemon did not start within 30 s".into(),
-            });
-        }
-    };
-    let outcome = drive(&socket, records);
-    let _ = stop_tx.send(());
-    let stopped = daemon
-        .join()
-        .map_err(|_| "the daemon thread panicked".to_string())?;
+    let daemon = start_daemon(dir, config)?;
+    let outcome = drive(&daemon.ready, records);
+    let stopped = daemon.stop("daemon");
     let mut report = outcome?;
-    stopped.map_err(|e| format!("the daemon did not stop cleanly: {e}"))?;
+    stopped?;
 
     // Reopen the store without the daemon: everything acknowledged must be on disk.
     let open = daemon::open_store(dir, config).map_err(|e| e.to_string())?;
@@ -75,6 +134,9 @@ pub fn run(dir: &DataDir, config: &Config, records: usize, as_json: bool) -> Res
     }
     report["after_restart"] = json!({ "documents": status["documents"], "pending_changes": pending,
                                       "store_bytes": status["store_bytes"] });
+    drop(service);
+    drop(open.lock);
+    report["sync"] = sync(dir, config, expected_docs)?;
     if as_json {
         println!("{report}");
     } else {
@@ -181,6 +243,91 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Value, String> {
     }))
 }
 
+/// A relay on loopback; this device syncing with it, and a second, empty device next to it.
+fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Value, String> {
+    let resolve =
+        |name: &str| DataDir::resolve(Some(&dir.path().join(name))).map_err(|e| e.to_string());
+    let relay = start_relay(&resolve("relay")?, config)?;
+    let mut synced = config.clone();
+    synced.sync.relay = relay.ready.listen.to_string();
+    synced.sync.fingerprint = relay.ready.fingerprint.to_string();
+    let started = Instant::now();
+    let a = start_daemon(dir, &synced)?;
+    let b = start_daemon(&resolve("device-b")?, &synced)?;
+    let outcome = watch_sync(&a.ready, &b.ready, expected_docs, started);
+    let fingerprint = relay.ready.fingerprint.to_string();
+    let stopped = [
+        b.stop("second daemon"),
+        a.stop("daemon"),
+        relay.stop("relay"),
+    ];
+    let mut report = outcome?;
+    stopped.into_iter().collect::<Result<Vec<()>, String>>()?;
+    report["relay_fingerprint"] = json!(fingerprint);
+    Ok(report)
+}
+
+fn watch_sync(
+    a_socket: &std::path::Path,
+    b_socket: &std::path::Path,
+    expected_docs: u64,
+    started: Instant,
+) -> Result<Value, String> {
+    let connect =
+        |s: &std::path::Path| Client::connect(s).map_err(|e| format!("cannot connect: {e}"));
+    let (mut a, mut b, mut watcher) = (connect(a_socket)?, connect(b_socket)?, connect(b_socket)?);
+    let status = |c: &mut Client| {
+        c.call("status", json!({}))
+            .map_err(|e| format!("status: {e}"))
+    };
+    let deadline = Instant::now() + SYNC_TIMEOUT;
+    let b_status = loop {
+        let s = status(&mut b)?;
+        if s["documents"].as_u64() == Some(expected_docs) && s["sync"]["up_to_date"] == json!(true)
+        {
+            break s;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the second device holds {} of {expected_docs} records after {SYNC_TIMEOUT:?}: {}",
+                s["documents"], s["sync"]
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let initial_sync_secs = started.elapsed().as_secs_f64();
+    watcher
+        .call("subscribe", json!({ "collection": "Customer" }))
+        .map_err(|e| format!("subscribe: {e}"))?;
+    watcher
+        .set_read_timeout(Some(SYNC_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let written = Instant::now();
+    a.call(
+        "patch",
+        json!({ "collection": "Customer", "id": "demo-1", "fields": { "tier": "platinum" } }),
+    )
+    .map_err(|e| format!("patch: {e}"))?;
+    let seen = watcher
+        .next_notification()
+        .map_err(|e| format!("the second device was not told of the new write: {e}"))?;
+    let propagation_ms = written.elapsed().as_secs_f64() * 1000.0;
+    let got = b
+        .call("get", json!({ "collection": "Customer", "id": "demo-1" }))
+        .map_err(|e| format!("get: {e}"))?;
+    if got["fields"]["tier"] != json!("platinum") || seen["params"]["origin"] != json!("remote") {
+        return Err(format!("the second device saw {seen} and holds {got}"));
+    }
+    let a_status = status(&mut a)?;
+    Ok(json!({
+        "initial_sync_seconds": initial_sync_secs,
+        "initial_sync_records_per_second": expected_docs as f64 / initial_sync_secs.max(1e-9),
+        "propagation_ms": propagation_ms,
+        "device_a": a_status["sync"],
+        "device_b": b_status["sync"],
+    }))
+}
+
 fn invoice(n: usize) -> Value {
     json!({
         "number": format!("INV-{n:08}"), "customer": format!("customer-{}", n % 997),
@@ -219,6 +366,26 @@ fn print_report(r: &Value) {
     println!(
         "  after a clean stop and reopen: {} documents, {} changes queued for upload, {} bytes on disk",
         a["documents"], a["pending_changes"], a["store_bytes"]
+    );
+    let s = &r["sync"];
+    println!(
+        "  sync through a relay on {} (fingerprint {}…):",
+        s["device_a"]["relay"].as_str().unwrap_or(""),
+        s["relay_fingerprint"]
+            .as_str()
+            .unwrap_or("")
+            .get(..23)
+            .unwrap_or("")
+    );
+    println!(
+        "    a second, empty device held all {} records {:.2}s after both started ({:.0} records/s)",
+        r["after_restart"]["documents"],
+        s["initial_sync_seconds"].as_f64().unwrap_or(0.0),
+        s["initial_sync_records_per_second"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "    a new write on the first device reached the second's subscriber in {:.1} ms",
+        s["propagation_ms"].as_f64().unwrap_or(0.0)
     );
     println!("demo OK");
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
-use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig};
+use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig, SessionError};
 use ferry_proto::wire::{ErrorKind, Message, UploadChange};
 use ferry_proto::{Direction, SyncLogEntry, SyncOutcome};
 use serde::Serialize;
@@ -621,7 +621,7 @@ impl Engine {
                 self.finalize(cursor)
             }
             DeviceEvent::Closed { error } => {
-                if let Some(error) = error {
+                if let Some(error) = error.filter(|e| *e != SessionError::Ended) {
                     let failure = SyncFailure {
                         kind: error.kind().as_str().into(),
                         message: error.to_string(),
