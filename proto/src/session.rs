@@ -937,6 +937,17 @@ impl RelaySession {
             ReadFor::Download { since } => (since, false),
             ReadFor::Push { since } => (since, true),
         };
+        if since > slice.head {
+            return self.fail(
+                ErrorCode::UnexpectedMessage,
+                format!(
+                    "this device has read the log up to {since} but it ends at {}: the relay \
+                     lost part of its log (restored from an older backup?); its operator must \
+                     restore it",
+                    slice.head
+                ),
+            );
+        }
         if pushed && slice.through <= since {
             // The store has nothing after `since` after all: stop pushing until the device
             // downloads again, rather than asking for the same read forever.
@@ -1030,6 +1041,9 @@ impl RelaySession {
                         "an Upload arrived before the previous one was answered".into(),
                     );
                 }
+                if changes.is_empty() {
+                    return self.fail(ErrorCode::Malformed, "an Upload holds no changes".into());
+                }
                 if changes.len() > self.config.max_batch_changes as usize {
                     return self.fail(
                         ErrorCode::TooLarge,
@@ -1045,6 +1059,12 @@ impl RelaySession {
                     .push_back(RelayEffect::Store { batch, changes });
             }
             (RelayState::Open, Message::Download { since, max_changes }) => {
+                if max_changes == 0 {
+                    return self.fail(
+                        ErrorCode::Malformed,
+                        "a Download asks for no changes (max_changes 0)".into(),
+                    );
+                }
                 if matches!(self.reading, Some(ReadFor::Download { .. }))
                     || self.queued_download.is_some()
                 {
@@ -1074,7 +1094,7 @@ impl RelaySession {
         self.reading = Some(ReadFor::Download { since });
         self.effects.push_back(RelayEffect::Read {
             since,
-            max_changes: max_changes.clamp(1, self.config.max_download_changes),
+            max_changes: max_changes.min(self.config.max_download_changes),
         });
     }
 

@@ -486,3 +486,48 @@ fn a_relay_error_ends_the_device_session_with_its_kind() {
     let error = closed_with(&pair.device_events).expect("closed with an error");
     assert_eq!(error.kind().as_str(), "server");
 }
+
+#[test]
+fn empty_uploads_empty_downloads_and_cursors_beyond_the_log_are_refused() {
+    let mut world = World::default();
+    let mut pair = Pair::new([12; 32], 0);
+    pair.run(&mut world);
+    pair.relay.handle_message(
+        Message::Upload {
+            batch: 9,
+            changes: vec![],
+        },
+        1,
+    );
+    assert!(matches!(
+        pair.relay.poll_transmit(),
+        Some(Message::Error {
+            code: ErrorCode::Malformed,
+            ..
+        })
+    ));
+
+    let mut pair = Pair::new([13; 32], 0);
+    pair.run(&mut world);
+    pair.relay.handle_message(
+        Message::Download {
+            since: 0,
+            max_changes: 0,
+        },
+        1,
+    );
+    assert!(pair.relay.is_closed());
+
+    // A device whose cursor is past the relay's head: the relay lost part of its log.
+    world.append("other", &[change(1)]);
+    let mut pair = Pair::new([14; 32], 5);
+    pair.run(&mut world);
+    assert!(matches!(
+        closed_with(&pair.device_events),
+        Some(SessionError::Remote {
+            code: ErrorCode::UnexpectedMessage,
+            ..
+        })
+    ));
+    assert_eq!(world.applied.len(), 0);
+}
