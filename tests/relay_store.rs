@@ -312,6 +312,40 @@ fn a_reopened_relay_keeps_its_log_and_documents() {
     );
 }
 
+#[test]
+fn a_failed_flush_is_not_acknowledged_and_its_seqs_are_not_reused() {
+    let kv = common::FaultyKv::new(usize::MAX);
+    let relay = RelayStore::open(Arc::new(kv.clone()), RelayStoreOptions::default()).unwrap();
+    let mut w = Writer::new(1);
+    let first = w.put(json!({"n": 1}));
+    let second = w.patch(json!({"n": 2}));
+    kv.disk
+        .flush_fails
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(
+        relay.append(SPACE, "dev1", &[upload(1, "r", &first)]),
+        Err(RelayStoreError::Kv(_))
+    ));
+    kv.disk
+        .flush_fails
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let r = relay
+        .append(
+            SPACE,
+            "dev1",
+            &[upload(1, "r", &first), upload(2, "r", &second)],
+        )
+        .unwrap();
+    assert_eq!(
+        outcomes(&r),
+        [
+            ChangeOutcome::Duplicate { seq: 1 },
+            ChangeOutcome::Stored { seq: 2 }
+        ],
+        "the retried change is found, and numbering goes on after it"
+    );
+}
+
 /// One step of building concurrent histories: a replica of a document writes, or merges in the
 /// other replica.
 #[derive(Debug, Clone)]

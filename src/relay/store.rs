@@ -188,9 +188,11 @@ impl RelayStore {
         }
         if !batch.is_empty() {
             self.kv.apply(batch)?;
+            // The entries are in the log from here on, flushed or not: the next call must
+            // number after them, never over them.
+            *head = next - 1;
             self.kv.flush()?;
         }
-        *head = next - 1;
         Ok(results)
     }
 
