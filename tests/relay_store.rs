@@ -265,21 +265,18 @@ fn a_reopened_relay_keeps_its_log_and_documents() {
             .map(|n| upload(n, "r", &w.patch(json!({"n": n}))))
             .collect();
         relay.append(SPACE, "dev1", &batch).unwrap();
-        relay
-            .append(
-                SPACE,
-                "dev2",
-                &[upload(1, "s", &other.put(json!({"s": 1})))],
-            )
-            .unwrap();
+        // A new record whose first batch alone crosses the threshold.
+        let mut created = vec![upload(1, "s", &other.put(json!({"s": 0})))];
+        created.extend((1..6).map(|n| upload(n, "s", &other.patch(json!({"s": n})))));
+        relay.append(SPACE, "dev2", &created).unwrap();
     }
     let kv = Arc::new(open_sled(dir.path()));
     let relay = RelayStore::open(kv.clone(), options).unwrap();
-    assert_eq!(relay.head(SPACE).unwrap(), 17);
+    assert_eq!(relay.head(SPACE).unwrap(), 22);
     let all = relay.read_since(SPACE, 0, 100, usize::MAX, None).unwrap();
     let logged: Vec<Vec<u8>> = all.entries.iter().map(|e| e.change.clone()).collect();
     let mut expected = w.changes.clone();
-    expected.push(other.changes[0].clone());
+    expected.extend(other.changes.iter().cloned());
     assert_eq!(logged, expected);
     assert_eq!(
         relay.record(SPACE, "Doc", "r").unwrap(),
@@ -291,10 +288,16 @@ fn a_reopened_relay_keeps_its_log_and_documents() {
         w.record.heads()
     );
     // Compaction keeps the tail of changes after the last saved base short.
-    let tail_prefix = format!("t{SPACE}\0Doc\0r\0").into_bytes();
-    let mut tail_end = tail_prefix.clone();
-    tail_end.push(0xff);
-    assert!(kv.count(&tail_prefix, &tail_end).unwrap() < 4);
+    for (id, writer) in [("r", &w), ("s", &other)] {
+        assert_eq!(
+            relay.record(SPACE, "Doc", id).unwrap(),
+            Some(writer.record.fields())
+        );
+        let tail_prefix = format!("t{SPACE}\0Doc\0{id}\0").into_bytes();
+        let mut tail_end = tail_prefix.clone();
+        tail_end.push(0xff);
+        assert!(kv.count(&tail_prefix, &tail_end).unwrap() < 4, "{id}");
+    }
     // Deduplication and numbering carry on where they were.
     let r = relay
         .append(
@@ -310,8 +313,42 @@ fn a_reopened_relay_keeps_its_log_and_documents() {
         outcomes(&r),
         [
             ChangeOutcome::Duplicate { seq: 1 },
-            ChangeOutcome::Stored { seq: 18 }
+            ChangeOutcome::Stored { seq: 23 }
         ]
+    );
+}
+
+#[test]
+fn a_failed_flush_is_not_acknowledged_and_its_seqs_are_not_reused() {
+    let kv = common::FaultyKv::new(usize::MAX);
+    let relay = RelayStore::open(Arc::new(kv.clone()), RelayStoreOptions::default()).unwrap();
+    let mut w = Writer::new(1);
+    let first = w.put(json!({"n": 1}));
+    let second = w.patch(json!({"n": 2}));
+    kv.disk
+        .flush_fails
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(
+        relay.append(SPACE, "dev1", &[upload(1, "r", &first)]),
+        Err(RelayStoreError::Kv(_))
+    ));
+    kv.disk
+        .flush_fails
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let r = relay
+        .append(
+            SPACE,
+            "dev1",
+            &[upload(1, "r", &first), upload(2, "r", &second)],
+        )
+        .unwrap();
+    assert_eq!(
+        outcomes(&r),
+        [
+            ChangeOutcome::Duplicate { seq: 1 },
+            ChangeOutcome::Stored { seq: 2 }
+        ],
+        "the retried change is found, and numbering goes on after it"
     );
 }
 

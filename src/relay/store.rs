@@ -182,9 +182,11 @@ impl RelayStore {
         }
         if !batch.is_empty() {
             self.kv.apply(batch)?;
+            // The entries are in the log from here on, flushed or not: the next call must
+            // number after them, never over them.
+            *head = next - 1;
             self.kv.flush()?;
         }
-        *head = next - 1;
         Ok(results)
     }
 
@@ -314,17 +316,19 @@ impl RelayStore {
         tail: &[u64],
         batch: &mut Batch,
     ) -> Result<(), RelayStoreError> {
-        let base = self
-            .kv
-            .get(&key(b'b', &[space, collection, record]))?
-            .unwrap_or_default();
+        let base_key = key(b'b', &[space, collection, record]);
+        // A record created in this batch has its base only in the batch so far.
+        let base = match batch.get(&base_key) {
+            Some(bytes) => bytes.to_vec(),
+            None => self.kv.get(&base_key)?.unwrap_or_default(),
+        };
         let mut doc = Record::load(&base, &self.actor)?;
         let mut changes = Vec::with_capacity(tail.len());
         for &seq in tail {
             changes.push(self.change_at(space, seq, batch)?);
         }
         doc.apply_changes(&changes)?;
-        batch.put(key(b'b', &[space, collection, record]), doc.save());
+        batch.put(base_key, doc.save());
         for &seq in tail {
             batch.remove(seq_key(b't', &[space, collection, record], seq));
         }

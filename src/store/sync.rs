@@ -265,8 +265,10 @@ impl Store {
                 })
                 .push(entry);
         }
-        let cursor = self.sync_cursor()?.max(through);
+        // Read under the cache lock, which every apply holds, so two applies cannot both move
+        // the cursor from the same old value.
         let mut cache = self.lock_cache();
+        let cursor = self.sync_cursor()?.max(through);
         let mut working = WorkingSet::default();
         for key in &order {
             working.uses.insert(key.clone(), 1);
