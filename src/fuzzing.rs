@@ -1,6 +1,6 @@
 //! Entry points that feed arbitrary bytes to each decoder Ferry has: IPC messages (and the
-//! methods they call), stored record documents, stored queue and log entries, config files and
-//! sync protocol frames.
+//! methods they call), stored record documents, stored queue and log entries, config files, sync
+//! protocol frames and the relay's stored state.
 //! The fuzz targets in `fuzz/` call these, and `tests/fuzz_regressions.rs` replays the checked-in
 //! seeds and past crashers through them, so a fixed crash stays fixed.
 //!
@@ -9,8 +9,9 @@
 use crate::config::Config;
 use crate::ipc::{self, decode_message};
 use crate::record::Record;
+use crate::relay::store::{RelayStore, RelayStoreOptions};
 use crate::service::{Service, ServiceOptions};
-use crate::store::kv::MemoryKv;
+use crate::store::kv::{Kv as _, MemoryKv};
 use crate::store::{Store, StoreOptions, SystemClock};
 use ferry_proto::wire::{FrameReader, Message, decode_frame_body, encode_frame, frame_length};
 use ferry_proto::{SyncLogEntry, SyncQueueEntry};
@@ -150,4 +151,68 @@ pub const TARGETS: &[(&str, EntryPoint)] = &[
     ("stored_entries", stored_entries),
     ("config_file", config_file),
     ("sync_frame", sync_frame),
+    ("relay_store", relay_store),
 ];
+
+/// The relay's store with one of its stored values replaced by arbitrary bytes: a space holding
+/// changes of two records (one compacted into a base, one with a tail), then one stored value,
+/// chosen by the first byte, overwritten with the rest; the store is reopened and read and
+/// appended to. Damage must come back as errors.
+pub fn relay_store(data: &[u8]) {
+    const SPACE: &str = "fuzz";
+    let Some((&pick, damage)) = data.split_first() else {
+        return;
+    };
+    let kv = MemoryKv::new();
+    let options = RelayStoreOptions {
+        doc_cache_docs: 1,
+        compact_after: 2,
+        ..RelayStoreOptions::default()
+    };
+    let open = |kv: &MemoryKv| match RelayStore::open(Arc::new(kv.clone()), options.clone()) {
+        Ok(store) => store,
+        Err(e) => panic!("an in-memory relay store must open: {e}"),
+    };
+    let changes = relay_fixture_changes();
+    let _ = open(&kv).append(SPACE, DEVICE, &changes);
+    let Ok(stored) = kv.range(&[], &[0xff; 8], usize::MAX) else {
+        return;
+    };
+    if let Some((key, _)) = stored.get(pick as usize % stored.len().max(1)) {
+        let mut batch = crate::store::kv::Batch::default();
+        batch.put(key.clone(), damage.to_vec());
+        let _ = kv.apply(batch);
+    }
+    let store = open(&kv);
+    let _ = store.head(SPACE);
+    let _ = store.read_since(SPACE, 0, 100, 1 << 20, None);
+    for record in ["a", "b"] {
+        let _ = store.record(SPACE, "Doc", record);
+        let _ = store.document_bytes(SPACE, "Doc", record);
+    }
+    let _ = store.collections(SPACE);
+    let _ = store.records(SPACE, "Doc", None, 10);
+    let _ = store.append(SPACE, DEVICE, &changes);
+}
+
+/// Three changes of record `a` (enough to compact it) and one of record `b`.
+fn relay_fixture_changes() -> Vec<ferry_proto::wire::UploadChange> {
+    let actor = automerge::ActorId::from(&[7u8; 16][..]);
+    let mut changes = Vec::new();
+    for (record, values) in [("a", &[1, 2, 3][..]), ("b", &[4][..])] {
+        let mut doc = Record::new(&actor);
+        for &n in values {
+            let mut fields = crate::record::Fields::new();
+            fields.insert("n".into(), serde_json::json!(n));
+            if let Ok(Some(written)) = doc.put(&fields, n) {
+                changes.push(ferry_proto::wire::UploadChange {
+                    entry: changes.len() as u64 + 1,
+                    collection: "Doc".into(),
+                    record: record.into(),
+                    change: written.change.raw_bytes().to_vec(),
+                });
+            }
+        }
+    }
+    changes
+}
