@@ -674,13 +674,13 @@ impl Engine {
             s.last_sync_ms = Some(at);
             s.last_error = None;
         });
-        tracing::info!(
-            uploaded = round.uploaded,
-            downloaded = round.downloaded,
-            cursor,
-            took_ms = round.started.map_or(0, |t| t.elapsed().as_millis() as u64),
-            "in sync with the relay"
-        );
+        let took_ms = round.started.map_or(0, |t| t.elapsed().as_millis() as u64);
+        let (uploaded, downloaded) = (round.uploaded, round.downloaded);
+        if uploaded + downloaded > 0 {
+            tracing::info!(uploaded, downloaded, cursor, took_ms, "in sync with the relay");
+        } else {
+            tracing::debug!(cursor, took_ms, "in sync with the relay");
+        }
         let status = self.status.borrow().clone();
         let report = SyncReport {
             uploaded: round.uploaded,
