@@ -363,7 +363,12 @@ async fn messages_out_of_order_are_unexpected() {
             max_changes: 10,
         };
         send(&mut tx, &download).await;
-        expect_error(&mut rx, ErrorCode::UnexpectedMessage, "Download is not expected").await;
+        expect_error(
+            &mut rx,
+            ErrorCode::UnexpectedMessage,
+            "Download is not expected",
+        )
+        .await;
 
         let (_conn, mut tx, mut rx) = relay.session().await;
         send(&mut tx, &hello(&key)).await;
@@ -378,13 +383,23 @@ async fn messages_out_of_order_are_unexpected() {
             }],
         };
         send(&mut tx, &upload).await;
-        expect_error(&mut rx, ErrorCode::UnexpectedMessage, "Upload is not expected").await;
+        expect_error(
+            &mut rx,
+            ErrorCode::UnexpectedMessage,
+            "Upload is not expected",
+        )
+        .await;
 
         let (_conn, mut tx, mut rx) = relay.session().await;
         send(&mut tx, &hello(&key)).await;
         challenge(&mut rx).await;
         send(&mut tx, &hello(&key)).await;
-        expect_error(&mut rx, ErrorCode::UnexpectedMessage, "Hello is not expected").await;
+        expect_error(
+            &mut rx,
+            ErrorCode::UnexpectedMessage,
+            "Hello is not expected",
+        )
+        .await;
         relay
     })
     .await;

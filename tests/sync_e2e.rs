@@ -68,8 +68,7 @@ fn status(daemon: &Daemon) -> Value {
 }
 
 fn count(v: &Value) -> u64 {
-    v.as_u64()
-        .unwrap_or_else(|| panic!("{v} is not a count"))
+    v.as_u64().unwrap_or_else(|| panic!("{v} is not a count"))
 }
 
 /// Queue entries not yet settled: pending or being uploaded.
@@ -160,11 +159,7 @@ fn wait_mid_upload(daemon: &Daemon) {
 fn assert_many_arrived_once(a: &Daemon, b: &Daemon) {
     wait_converged(&[a, b], MANY);
     let status_a = status(a);
-    assert_eq!(
-        status_a["queue"]["completed"],
-        json!(MANY),
-        "{status_a}"
-    );
+    assert_eq!(status_a["queue"]["completed"], json!(MANY), "{status_a}");
     assert_same_records(a, b, "Item", MANY as usize);
     let device_a = status_a["device_id"].as_str().expect("device id");
     for i in (0..MANY).step_by(97) {
@@ -356,14 +351,20 @@ fn assert_sync_fails(device: &Device, kinds: &[&str], words: &str) {
         .filter(|e| e["status"] == json!("failed"))
         .collect();
     assert!(
-        failed.iter().any(|e| kinds
+        failed
             .iter()
-            .any(|k| e["error_message"].as_str().is_some_and(|m| m.starts_with(k)))),
+            .any(|e| kinds.iter().any(|k| e["error_message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(k)))),
         "no failed SyncLog entry of kind {kinds:?}: {log}"
     );
 
     let out = device.ferry(&["sync"]);
-    assert!(!out.status.success(), "ferry sync succeeded: {}", stdout(&out));
+    assert!(
+        !out.status.success(),
+        "ferry sync succeeded: {}",
+        stdout(&out)
+    );
     let message = stderr(&out);
     assert!(
         message.contains("sync failed") && message.contains(words),
@@ -387,7 +388,11 @@ fn sync_errors_are_visible_in_status_log_and_cli() {
         .port();
     let nobody = Device::new();
     nobody.set_sync(&format!("127.0.0.1:{port}"), &relay.fingerprint);
-    assert_sync_fails(&nobody, &["timeout", "network"], &format!("127.0.0.1:{port}"));
+    assert_sync_fails(
+        &nobody,
+        &["timeout", "network"],
+        &format!("127.0.0.1:{port}"),
+    );
 }
 
 #[test]
@@ -413,11 +418,14 @@ fn ferry_sync_reports_and_retries_failed() {
 
     wait_converged(&[&da, &db], 1);
     let out = b.ferry(&["--json", "sync", "--retry-failed"]);
-    assert!(out.status.success(), "ferry sync --retry-failed: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "ferry sync --retry-failed: {}",
+        stderr(&out)
+    );
     let reply: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(reply["retried"], json!([]), "{reply}");
     assert_eq!(reply["report"]["cursor"], json!(1), "{reply}");
     assert_eq!(reply["report"]["relay_head"], json!(1), "{reply}");
     assert_eq!(reply["status"]["up_to_date"], json!(true), "{reply}");
 }
-

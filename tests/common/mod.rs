@@ -165,16 +165,27 @@ impl Device {
 pub fn sync_config(config: &str, relay: &str, fingerprint: &str) -> String {
     let replaced = [
         ("\nrelay = \"\"", format!("\nrelay = \"{relay}\"")),
-        ("\nfingerprint = \"\"", format!("\nfingerprint = \"{fingerprint}\"")),
-        ("\nbackoff_initial_ms = 500", "\nbackoff_initial_ms = 50".into()),
+        (
+            "\nfingerprint = \"\"",
+            format!("\nfingerprint = \"{fingerprint}\""),
+        ),
+        (
+            "\nbackoff_initial_ms = 500",
+            "\nbackoff_initial_ms = 50".into(),
+        ),
         ("\nbackoff_max_ms = 60000", "\nbackoff_max_ms = 500".into()),
         // Bounds a connection attempt to a relay that is down, so reconnects are quick too.
-        ("\nrequest_timeout_ms = 30000", "\nrequest_timeout_ms = 2000".into()),
+        (
+            "\nrequest_timeout_ms = 30000",
+            "\nrequest_timeout_ms = 2000".into(),
+        ),
     ];
-    replaced.iter().fold(config.to_string(), |text, (from, to)| {
-        assert!(text.contains(from), "the config has no line {from:?}");
-        text.replacen(from, to, 1)
-    })
+    replaced
+        .iter()
+        .fold(config.to_string(), |text, (from, to)| {
+            assert!(text.contains(from), "the config has no line {from:?}");
+            text.replacen(from, to, 1)
+        })
 }
 
 impl Device {
@@ -230,7 +241,9 @@ impl Relay {
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(append_log(&data_dir.with_file_name("relay.log"))))
+            .stderr(Stdio::from(append_log(
+                &data_dir.with_file_name("relay.log"),
+            )))
             .spawn()
             .expect("spawn ferry relay");
         let stdout = child.stdout.take().expect("relay stdout");
