@@ -239,6 +239,16 @@ fn a_relay_killed_mid_upload_loses_and_duplicates_nothing() {
 
     let _relay = home.start(Some(relay.port));
     assert_many_arrived_once(&da, &db);
+    // B had nothing to send when the relay died, so only the restarted relay could tell it that
+    // its connection was gone (a stateless reset), rather than its idle timeout.
+    let log = call(&db, "log", json!({ "limit": 10000 }));
+    let reset = log["entries"].as_array().expect("entries").iter().any(|e| {
+        e["status"] == json!("failed")
+            && e["error_message"]
+                .as_str()
+                .is_some_and(|m| m.contains("reset"))
+    });
+    assert!(reset, "B's SyncLog shows no reset connection: {log}");
 }
 
 #[test]
