@@ -113,8 +113,19 @@ impl TestRelay {
         ((conn, send), FrameReceiver::new(recv, max))
     }
 
-    async fn stop(self) {
+    /// Stops the relay: each of `devices` is told it is shutting down, then leaves.
+    async fn stop(self, devices: Vec<GoodDevice>) {
         let _ = self.stop.send(());
+        for mut device in devices {
+            match device.answer().await {
+                Message::Error {
+                    code: ErrorCode::ShuttingDown,
+                    ..
+                } => {}
+                other => panic!("expected ShuttingDown, got {other:?}"),
+            }
+            // Dropping the device closes its connection, which the relay waits for.
+        }
         let result = within("the relay to stop", self.task)
             .await
             .expect("the relay task");
@@ -311,7 +322,7 @@ where
     // A device that connects afterwards is served too.
     let mut late = GoodDevice::connect(&relay, 2).await;
     assert_eq!(late.round_trip().await, 3);
-    relay.stop().await;
+    relay.stop(vec![good, late]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,5 +453,5 @@ async fn connections_over_the_limit_are_overloaded() {
     .await;
     assert_eq!(third.round_trip().await, 2);
     assert_eq!(first.round_trip().await, 3);
-    relay.stop().await;
+    relay.stop(vec![first, third]).await;
 }
