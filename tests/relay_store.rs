@@ -175,7 +175,7 @@ fn appends_store_deduplicate_and_refuse_what_cannot_be_applied() {
     assert_eq!(relay.record(SPACE, "Doc", "zzz").unwrap(), None);
     assert_eq!(relay.collections(SPACE).unwrap(), [("Doc".to_owned(), 2)]);
     assert_eq!(relay.records(SPACE, "Doc", Some("a"), 10).unwrap(), ["b"]);
-    assert_eq!(relay.head("other space").unwrap(), 0, "spaces are apart");
+    assert_eq!(relay.head("other-space").unwrap(), 0, "spaces are apart");
     assert!(matches!(
         relay.append("bad\0space", "dev1", &[]),
         Err(RelayStoreError::InvalidSpace(_))
