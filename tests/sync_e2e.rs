@@ -19,9 +19,6 @@ use std::process::{Child, Stdio};
 
 /// Records written in one go by the tests that interrupt an upload: enough for dozens of batches.
 const MANY: u64 = 3000;
-/// Upload batch size of the interrupted tests, small so that an upload takes many round trips and
-/// a kill lands in the middle of one.
-const SMALL_BATCH: &str = "\nbatch_changes = 20";
 
 /// A relay's data directory, which outlives relay processes so a test can kill one and start
 /// another on the same data and port.
@@ -52,8 +49,12 @@ fn devices(relay: &Relay, edit: impl Fn(&str) -> String) -> (Device, Device) {
     pair
 }
 
+/// Upload batches of 20 changes, so that an upload takes many round trips and a kill lands in
+/// the middle of one.
 fn small_batches(config: &str) -> String {
-    config.replacen("\nbatch_changes = 1000", SMALL_BATCH, 1)
+    let default = "\nbatch_changes = 1000";
+    assert!(config.contains(default), "no {default:?} in the config");
+    config.replacen(default, "\nbatch_changes = 20", 1)
 }
 
 fn call(daemon: &Daemon, method: &str, params: Value) -> Value {

@@ -162,7 +162,7 @@ impl Device {
 
 /// Sync settings for a device in a test: its relay, the fingerprint it pins, and reconnects
 /// quick enough that a test does not wait on a backoff meant for real networks.
-pub fn sync_config(config: &str, relay: &str, fingerprint: &str) -> String {
+fn sync_config(config: &str, relay: &str, fingerprint: &str) -> String {
     let replaced = [
         ("\nrelay = \"\"", format!("\nrelay = \"{relay}\"")),
         (
@@ -219,7 +219,6 @@ fn append_log(path: &std::path::Path) -> std::fs::File {
 /// `relay.log` beside its data directory.
 pub struct Relay {
     child: Child,
-    pub data_dir: PathBuf,
     /// `127.0.0.1:PORT`, as devices are configured with it.
     pub addr: String,
     pub port: u16,
@@ -277,7 +276,6 @@ impl Relay {
             .expect("a port in the listen address");
         Relay {
             child,
-            data_dir: data_dir.to_owned(),
             addr,
             port,
             fingerprint,
