@@ -131,7 +131,7 @@ pub struct SyncConfig {
     pub download_changes: u32,
     /// Largest frame sent or accepted, in bytes.
     pub max_frame_bytes: u32,
-    /// Longest wait for the relay to answer a request, in ms.
+    /// Longest wait for the relay to answer a connection attempt or a request, in ms.
     pub request_timeout_ms: u64,
 }
 

@@ -404,14 +404,19 @@ impl Engine {
         let addr = resolve(&self.settings.relay).await?;
         let options = self.settings.transport_options();
         let endpoint = transport::client_endpoint(addr)?;
-        let connection = transport::connect(
+        let connecting = transport::connect(
             &endpoint,
             addr,
             &self.settings.server_name,
             &self.settings.trust,
             &options,
-        )
-        .await?;
+        );
+        // Nothing answers for a relay that is down, and QUIC alone would wait out its whole idle
+        // timeout; meanwhile `ferry sync` and shutdown would wait too.
+        let timeout = Duration::from_millis(self.settings.session.request_timeout_ms);
+        let connection = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| TransportError::ConnectTimeout { addr })??;
         let (sender, mut receiver) = transport::open_session(&connection, &options).await?;
         // Frames are read by their own task, so that the loop can wait on them next to timers
         // and commands without cutting a frame in half.

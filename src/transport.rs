@@ -263,6 +263,10 @@ impl<'de> serde::Deserialize<'de> for Fingerprint {
 pub struct RelayCertificate {
     key: Arc<CertifiedKey>,
     fingerprint: Fingerprint,
+    /// Keys the relay's stateless resets and its connection ids; derived from the private key so
+    /// that they are the same after a restart.
+    reset_key: ring::hmac::Key,
+    connection_id_key: u64,
 }
 
 impl RelayCertificate {
@@ -330,6 +334,15 @@ impl RelayCertificate {
         let key_pem = read_file(key)?;
         let key_der =
             PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| invalid(key, e.to_string()))?;
+        let derive = |label: &[u8]| {
+            sha2::Sha256::new()
+                .chain_update(label)
+                .chain_update(key_der.secret_der())
+                .finalize()
+        };
+        let reset_secret = derive(b"ferry stateless reset v1\0");
+        let mut connection_id_key = [0u8; 8];
+        connection_id_key.copy_from_slice(&derive(b"ferry connection ids v1\0")[..8]);
         let certified = CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| {
             invalid(
                 key,
@@ -342,6 +355,8 @@ impl RelayCertificate {
         Ok(RelayCertificate {
             key: Arc::new(certified),
             fingerprint,
+            reset_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_secret),
+            connection_id_key: u64::from_le_bytes(connection_id_key),
         })
     }
 
@@ -441,7 +456,22 @@ pub fn server_endpoint(
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport_config(opts, SESSION_STREAMS));
-    quinn::Endpoint::server(config, addr).map_err(|source| TransportError::Bind { addr, source })
+    // A relay killed and started again answers packets of its previous connections with a
+    // stateless reset only if it still recognises their connection ids, and the daemons accept
+    // the reset only if it is keyed as before. With quinn's random keys per start they would
+    // hold dead connections until their idle timeout.
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(cert.reset_key.clone()));
+    let connection_id_key = cert.connection_id_key;
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(
+            connection_id_key,
+        ))
+    });
+    let bind = |source| TransportError::Bind { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind(std::io::Error::other("no tokio runtime is running")))?;
+    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind)
 }
 
 /// A daemon endpoint on an ephemeral port of the same address family as `server_addr`.

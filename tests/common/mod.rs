@@ -18,12 +18,32 @@ pub fn ferry_bin() -> &'static str {
 
 /// Polls `condition` until it holds; panics with `what` after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    wait_for_ok(what, timeout, || {
+        if condition() {
+            Ok(())
+        } else {
+            Err("the condition does not hold".to_string())
+        }
+    })
+}
+
+/// Polls `probe` until it gives `Ok`, and returns that; panics with `what` and the last `Err`
+/// (what was seen instead) after `timeout`.
+pub fn wait_for_ok<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
-    while !condition() {
+    loop {
+        let seen = match probe() {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
         assert!(
             Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
+            "timed out after {timeout:?} waiting for {what}; last seen: {seen}"
         );
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(50));
@@ -105,7 +125,22 @@ impl Device {
 
     /// Starts `ferry daemon` and waits until its socket answers.
     pub fn start_daemon(&self) -> Daemon {
-        let mut daemon = self.spawn_daemon(Stdio::piped());
+        self.start_daemon_with(Stdio::piped())
+    }
+
+    /// Starts `ferry daemon` with its log appended to `daemon.log` beside the data directory,
+    /// where nothing has to read it for the daemon to keep going (a pipe would fill up) and it
+    /// is still there to look at when a test fails.
+    pub fn start_daemon_logged(&self) -> Daemon {
+        self.start_daemon_with(Stdio::from(append_log(&self.log_path())))
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.with_file_name("daemon.log")
+    }
+
+    fn start_daemon_with(&self, stderr: Stdio) -> Daemon {
+        let mut daemon = self.spawn_daemon(stderr);
         let socket = daemon.socket.clone();
         let deadline = Instant::now() + TIMEOUT;
         loop {
@@ -122,6 +157,141 @@ impl Device {
             std::thread::sleep(Duration::from_millis(5));
         }
         daemon
+    }
+}
+
+/// Sync settings for a device in a test: its relay, the fingerprint it pins, and reconnects
+/// quick enough that a test does not wait on a backoff meant for real networks.
+fn sync_config(config: &str, relay: &str, fingerprint: &str) -> String {
+    let replaced = [
+        ("\nrelay = \"\"", format!("\nrelay = \"{relay}\"")),
+        (
+            "\nfingerprint = \"\"",
+            format!("\nfingerprint = \"{fingerprint}\""),
+        ),
+        (
+            "\nbackoff_initial_ms = 500",
+            "\nbackoff_initial_ms = 50".into(),
+        ),
+        ("\nbackoff_max_ms = 60000", "\nbackoff_max_ms = 500".into()),
+        // Bounds a connection attempt to a relay that is down, so reconnects are quick too.
+        (
+            "\nrequest_timeout_ms = 30000",
+            "\nrequest_timeout_ms = 2000".into(),
+        ),
+    ];
+    replaced
+        .iter()
+        .fold(config.to_string(), |text, (from, to)| {
+            assert!(text.contains(from), "the config has no line {from:?}");
+            text.replacen(from, to, 1)
+        })
+}
+
+impl Device {
+    /// Points this device at `relay` (it must not be running a daemon yet).
+    pub fn join(&self, relay: &Relay) {
+        self.set_sync(&relay.addr, &relay.fingerprint);
+    }
+
+    /// Points this device at `addr`, pinning `fingerprint`.
+    pub fn set_sync(&self, addr: &str, fingerprint: &str) {
+        self.edit_config(|text| sync_config(text, addr, fingerprint));
+    }
+
+    /// Rewrites the device's config file.
+    pub fn edit_config(&self, edit: impl FnOnce(&str) -> String) {
+        let path = self.data_dir.join("config.toml");
+        let text = std::fs::read_to_string(&path).expect("read config.toml");
+        std::fs::write(&path, edit(&text)).expect("write config.toml");
+    }
+}
+
+fn append_log(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open a log file")
+}
+
+/// A running `ferry relay` process; killed with SIGKILL when dropped. Its log goes to
+/// `relay.log` beside its data directory.
+pub struct Relay {
+    child: Child,
+    /// `127.0.0.1:PORT`, as devices are configured with it.
+    pub addr: String,
+    pub port: u16,
+    pub fingerprint: String,
+}
+
+impl Relay {
+    /// Starts `ferry relay` on `data_dir` (created if missing) and waits for the line it prints
+    /// once it serves. `port: None` picks a free port; give the port of an earlier relay to
+    /// restart it where its devices look for it.
+    pub fn start(data_dir: &std::path::Path, port: Option<u16>) -> Relay {
+        use std::io::BufRead as _;
+        let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
+        let mut child = Command::new(ferry_bin())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--json", "relay", "--listen", &listen])
+            .env_remove("FERRY_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(append_log(
+                &data_dir.with_file_name("relay.log"),
+            )))
+            .spawn()
+            .expect("spawn ferry relay");
+        let stdout = child.stdout.take().expect("relay stdout");
+        // The line is read on its own thread so that a relay that never prints cannot hang the
+        // test past its timeout.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("ferry relay did not say it serves within {TIMEOUT:?}");
+            }
+        };
+        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+            let status = child.try_wait();
+            panic!("ferry relay printed {line:?} ({e}); exit status {status:?}")
+        });
+        let addr = ready["listen"].as_str().expect("listen").to_string();
+        let fingerprint = ready["fingerprint"]
+            .as_str()
+            .expect("fingerprint")
+            .to_string();
+        let port = addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .expect("a port in the listen address");
+        Relay {
+            child,
+            addr,
+            port,
+            fingerprint,
+        }
+    }
+
+    /// SIGKILL: whatever the relay had not made durable is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -1,0 +1,442 @@
+//! Sync end to end with real processes on 127.0.0.1: `ferry relay` and two `ferry daemon`s (A and
+//! B) in temp dirs. Writes made while the relay is down, a relay or a daemon killed with SIGKILL
+//! in the middle of an upload, concurrent offline edits of one record, deletes, the errors a
+//! device shows when it cannot sync, and `ferry sync` itself.
+//!
+//! Convergence means: both devices report `up_to_date` at the relay's head, their queues hold
+//! nothing pending, processing or failed, and they hold the same records with the same heads.
+//! The relay's head counts its log entries, so a head equal to the number of changes written
+//! shows that no change was logged twice.
+
+mod common;
+
+use common::{
+    Daemon, Device, Relay, TIMEOUT, assert_json_same, stderr, stdout, wait_for, wait_for_ok,
+};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+
+/// Records written in one go by the tests that interrupt an upload: enough for dozens of batches.
+const MANY: u64 = 3000;
+
+/// A relay's data directory, which outlives relay processes so a test can kill one and start
+/// another on the same data and port.
+struct RelayHome {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl RelayHome {
+    fn new() -> RelayHome {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("relay");
+        RelayHome { _tmp: tmp, dir }
+    }
+
+    fn start(&self, port: Option<u16>) -> Relay {
+        Relay::start(&self.dir, port)
+    }
+}
+
+/// Two devices pointed at one relay, with `edit` applied to both configs.
+fn devices(relay: &Relay, edit: impl Fn(&str) -> String) -> (Device, Device) {
+    let pair = (Device::new(), Device::new());
+    for device in [&pair.0, &pair.1] {
+        device.join(relay);
+        device.edit_config(&edit);
+    }
+    pair
+}
+
+/// Upload batches of 20 changes, so that an upload takes many round trips and a kill lands in
+/// the middle of one.
+fn small_batches(config: &str) -> String {
+    let default = "\nbatch_changes = 1000";
+    assert!(config.contains(default), "no {default:?} in the config");
+    config.replacen(default, "\nbatch_changes = 20", 1)
+}
+
+fn call(daemon: &Daemon, method: &str, params: Value) -> Value {
+    daemon
+        .client()
+        .call(method, params.clone())
+        .unwrap_or_else(|e| panic!("{method} {params}: {e}"))
+}
+
+fn status(daemon: &Daemon) -> Value {
+    call(daemon, "status", json!({}))
+}
+
+fn count(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("{v} is not a count"))
+}
+
+/// Queue entries not yet settled: pending or being uploaded.
+fn unsent(status: &Value) -> u64 {
+    count(&status["queue"]["pending"]) + count(&status["queue"]["processing"])
+}
+
+/// Whether the device holds the relay's whole log, which ends at `head`, and has nothing left
+/// to upload.
+fn caught_up(status: &Value, head: u64) -> bool {
+    let sync = &status["sync"];
+    sync["up_to_date"] == json!(true)
+        && sync["cursor"] == json!(head)
+        && sync["relay_head"] == json!(head)
+        && unsent(status) == 0
+        && status["queue"]["failed"] == json!(0)
+}
+
+/// Waits until every daemon is caught up with a relay log of exactly `head` entries.
+fn wait_converged(daemons: &[&Daemon], head: u64) {
+    wait_for_ok(
+        &format!("every device in sync at relay head {head}"),
+        TIMEOUT,
+        || {
+            let seen: Vec<Value> = daemons.iter().map(|d| status(d)).collect();
+            if seen.iter().all(|s| caught_up(s, head)) {
+                Ok(())
+            } else {
+                let brief: Vec<Value> = seen
+                    .iter()
+                    .map(|s| json!({ "queue": s["queue"], "sync": s["sync"] }))
+                    .collect();
+                Err(Value::Array(brief).to_string())
+            }
+        },
+    );
+}
+
+/// Every live record of `collection`, in id order, as `list` pages them.
+fn records(daemon: &Daemon, collection: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after = Value::Null;
+    loop {
+        let page = call(
+            daemon,
+            "list",
+            json!({ "collection": collection, "limit": 1000, "after": after }),
+        );
+        all.extend(page["records"].as_array().expect("records").iter().cloned());
+        after = page["next"].clone();
+        if after.is_null() {
+            return all;
+        }
+    }
+}
+
+/// The same records, fields and heads (so the same Automerge history) on both devices.
+fn assert_same_records(a: &Daemon, b: &Daemon, collection: &str, expected: usize) {
+    let on_a = records(a, collection);
+    assert_eq!(on_a.len(), expected, "records of {collection} on A");
+    assert_json_same(
+        &Value::Array(records(b, collection)),
+        &Value::Array(on_a),
+        &format!("{collection} on B vs A"),
+    );
+}
+
+fn jsonl(n: u64) -> String {
+    (0..n)
+        .map(|i| {
+            json!({ "collection": "Item", "id": format!("item-{i:05}"), "fields": { "n": i } })
+                .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+/// Waits until `daemon` has uploaded part of its queue but not all of it: an upload is under way.
+fn wait_mid_upload(daemon: &Daemon) {
+    wait_for("the upload to be under way", TIMEOUT, || {
+        let s = status(daemon);
+        count(&s["sync"]["uploaded"]) > 0 && unsent(&s) > 0
+    });
+}
+
+/// After an interrupted upload of `MANY` records from A: the relay logged each change once, B
+/// has exactly A's records, and each record on B has the one change A wrote.
+fn assert_many_arrived_once(a: &Daemon, b: &Daemon) {
+    wait_converged(&[a, b], MANY);
+    let status_a = status(a);
+    assert_eq!(status_a["queue"]["completed"], json!(MANY), "{status_a}");
+    assert_same_records(a, b, "Item", MANY as usize);
+    let device_a = status_a["device_id"].as_str().expect("device id");
+    for i in (0..MANY).step_by(97) {
+        let id = format!("item-{i:05}");
+        let history = call(b, "history", json!({ "collection": "Item", "id": id }));
+        let changes = history["changes"].as_array().expect("changes");
+        assert_eq!(changes.len(), 1, "history of {id} on B: {history}");
+        assert_eq!(changes[0]["device"], json!(device_a), "{history}");
+    }
+}
+
+fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let mut exit = None;
+    wait_for(what, TIMEOUT, || {
+        exit = child.try_wait().expect("wait for a child");
+        exit.is_some()
+    });
+    exit.expect("exited")
+}
+
+#[test]
+fn writes_made_while_the_relay_is_down_reach_the_other_device() {
+    let home = RelayHome::new();
+    let mut relay = home.start(None);
+    let (a, b) = devices(&relay, str::to_string);
+    let port = relay.port;
+    relay.kill();
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+
+    for i in 0..20 {
+        call(
+            &da,
+            "put",
+            json!({ "collection": "Note", "id": format!("n{i:02}"), "fields": { "i": i } }),
+        );
+    }
+    call(
+        &da,
+        "patch",
+        json!({ "collection": "Note", "id": "n00", "fields": { "done": true } }),
+    );
+    wait_for("A to report that the relay is unreachable", TIMEOUT, || {
+        let s = status(&da);
+        let kind = &s["sync"]["last_error"]["kind"];
+        (*kind == json!("timeout") || *kind == json!("network")) && unsent(&s) == 21
+    });
+
+    let _relay = home.start(Some(port));
+    wait_converged(&[&da, &db], 21);
+    assert_same_records(&da, &db, "Note", 20);
+    let n00 = call(&db, "get", json!({ "collection": "Note", "id": "n00" }));
+    assert_eq!(n00["fields"], json!({ "i": 0, "done": true }), "{n00}");
+}
+
+#[test]
+fn a_relay_killed_mid_upload_loses_and_duplicates_nothing() {
+    let home = RelayHome::new();
+    let mut relay = home.start(None);
+    let (a, b) = devices(&relay, small_batches);
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+
+    let input = a.data_dir.with_file_name("items.jsonl");
+    std::fs::write(&input, jsonl(MANY)).expect("write the import file");
+    let mut import = a
+        .command(&["import", input.to_str().expect("utf-8 path")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ferry import");
+    wait_mid_upload(&da);
+    relay.kill();
+    let exit = wait_exit(&mut import, "ferry import to finish");
+    assert!(exit.success(), "ferry import: {exit}");
+
+    let _relay = home.start(Some(relay.port));
+    assert_many_arrived_once(&da, &db);
+    // B had nothing to send when the relay died, so only the restarted relay could tell it that
+    // its connection was gone (a stateless reset), rather than its idle timeout.
+    let log = call(&db, "log", json!({ "limit": 10000 }));
+    let reset = log["entries"].as_array().expect("entries").iter().any(|e| {
+        e["status"] == json!("failed")
+            && e["error_message"]
+                .as_str()
+                .is_some_and(|m| m.contains("reset"))
+    });
+    assert!(reset, "B's SyncLog shows no reset connection: {log}");
+}
+
+#[test]
+fn a_daemon_killed_mid_upload_loses_and_duplicates_nothing() {
+    let home = RelayHome::new();
+    let relay = home.start(None);
+    let (a, b) = devices(&relay, small_batches);
+    // Written with no daemon running: acknowledged and durable, all waiting for the upload.
+    let out = a.ferry_with_input(&["import"], jsonl(MANY).as_bytes());
+    assert!(out.status.success(), "import: {}", stderr(&out));
+    let db = b.start_daemon_logged();
+
+    let mut da = a.start_daemon_logged();
+    wait_mid_upload(&da);
+    da.kill();
+    let da = a.start_daemon_logged();
+    assert_many_arrived_once(&da, &db);
+}
+
+#[test]
+fn concurrent_offline_edits_of_one_record_merge() {
+    let home = RelayHome::new();
+    let mut relay = home.start(None);
+    let (a, b) = devices(&relay, str::to_string);
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+    call(
+        &da,
+        "put",
+        json!({ "collection": "Doc", "id": "shared", "fields": { "title": "draft" } }),
+    );
+    wait_converged(&[&da, &db], 1);
+
+    relay.kill();
+    call(
+        &da,
+        "patch",
+        json!({ "collection": "Doc", "id": "shared", "fields": { "x": 1 } }),
+    );
+    call(
+        &db,
+        "patch",
+        json!({ "collection": "Doc", "id": "shared", "fields": { "y": 2 } }),
+    );
+
+    let _relay = home.start(Some(relay.port));
+    wait_converged(&[&da, &db], 3);
+    let address = json!({ "collection": "Doc", "id": "shared" });
+    let on_a = call(&da, "get", address.clone());
+    assert_eq!(
+        on_a["fields"],
+        json!({ "title": "draft", "x": 1, "y": 2 }),
+        "{on_a}"
+    );
+    // Two concurrent changes: the merged document has both as heads, on both devices.
+    assert_eq!(on_a["heads"].as_array().map(Vec::len), Some(2), "{on_a}");
+    assert_json_same(&call(&db, "get", address), &on_a, "the record on B vs A");
+}
+
+#[test]
+fn a_delete_reaches_the_other_device() {
+    let home = RelayHome::new();
+    let relay = home.start(None);
+    let (a, b) = devices(&relay, str::to_string);
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+    let address = json!({ "collection": "Doc", "id": "gone" });
+    call(
+        &da,
+        "put",
+        json!({ "collection": "Doc", "id": "gone", "fields": { "v": 1 } }),
+    );
+    wait_converged(&[&da, &db], 1);
+
+    call(&db, "delete", address.clone());
+    wait_converged(&[&da, &db], 2);
+    match da.client().call("get", address.clone()) {
+        Err(ferry::ipc::ClientError::Api(e)) => {
+            assert_eq!(e.code, ferry::service::code::NOT_FOUND, "{e:?}")
+        }
+        other => panic!("get of a deleted record on A: {other:?}"),
+    }
+    assert_eq!(records(&da, "Doc"), Vec::<Value>::new());
+    let history = call(&da, "history", address);
+    let operations: Vec<_> = history["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| c["operation"].clone())
+        .collect();
+    assert_eq!(operations, [json!("create"), json!("delete")], "{history}");
+}
+
+/// A device whose daemon cannot sync: the kind of error its status shows, a failed SyncLog entry,
+/// and `ferry sync` failing with a message that names the problem.
+fn assert_sync_fails(device: &Device, kinds: &[&str], words: &str) {
+    let daemon = device.start_daemon_logged();
+    let mut last = Value::Null;
+    wait_for(&format!("a sync error of kind {kinds:?}"), TIMEOUT, || {
+        last = status(&daemon)["sync"]["last_error"].clone();
+        kinds.iter().any(|k| last["kind"] == json!(k))
+    });
+    let log = device.ferry(&["--json", "log"]);
+    assert!(log.status.success(), "ferry log: {}", stderr(&log));
+    let log: Value = serde_json::from_slice(&log.stdout).expect("ferry log --json is JSON");
+    let failed: Vec<_> = log["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["status"] == json!("failed"))
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|e| kinds.iter().any(|k| e["error_message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(k)))),
+        "no failed SyncLog entry of kind {kinds:?}: {log}"
+    );
+
+    let out = device.ferry(&["sync"]);
+    assert!(
+        !out.status.success(),
+        "ferry sync succeeded: {}",
+        stdout(&out)
+    );
+    let message = stderr(&out);
+    assert!(
+        message.contains("sync failed") && message.contains(words),
+        "ferry sync said: {message}"
+    );
+}
+
+#[test]
+fn sync_errors_are_visible_in_status_log_and_cli() {
+    let home = RelayHome::new();
+    let relay = home.start(None);
+
+    let wrong_pin = Device::new();
+    wrong_pin.set_sync(&relay.addr, &"00".repeat(32));
+    assert_sync_fails(&wrong_pin, &["authentication"], "fingerprint");
+
+    // A port nothing listens on: bound once to find a free one, then let go.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let nobody = Device::new();
+    nobody.set_sync(&format!("127.0.0.1:{port}"), &relay.fingerprint);
+    assert_sync_fails(
+        &nobody,
+        &["timeout", "network"],
+        &format!("127.0.0.1:{port}"),
+    );
+}
+
+#[test]
+fn ferry_sync_reports_and_retries_failed() {
+    let home = RelayHome::new();
+    let relay = home.start(None);
+    let (a, b) = devices(&relay, str::to_string);
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+    call(
+        &da,
+        "put",
+        json!({ "collection": "Doc", "id": "one", "fields": { "v": 1 } }),
+    );
+
+    let out = a.ferry(&["sync"]);
+    assert!(out.status.success(), "ferry sync: {}", stderr(&out));
+    let said = stdout(&out);
+    assert!(
+        said.starts_with("in sync: uploaded ") && said.contains("of the relay's 1"),
+        "{said}"
+    );
+
+    wait_converged(&[&da, &db], 1);
+    let out = b.ferry(&["--json", "sync", "--retry-failed"]);
+    assert!(
+        out.status.success(),
+        "ferry sync --retry-failed: {}",
+        stderr(&out)
+    );
+    let reply: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(reply["retried"], json!([]), "{reply}");
+    assert_eq!(reply["report"]["cursor"], json!(1), "{reply}");
+    assert_eq!(reply["report"]["relay_head"], json!(1), "{reply}");
+    assert_eq!(reply["status"]["up_to_date"], json!(true), "{reply}");
+}
