@@ -682,7 +682,13 @@ impl Engine {
         let took_ms = round.started.map_or(0, |t| t.elapsed().as_millis() as u64);
         let (uploaded, downloaded) = (round.uploaded, round.downloaded);
         if uploaded + downloaded > 0 {
-            tracing::info!(uploaded, downloaded, cursor, took_ms, "in sync with the relay");
+            tracing::info!(
+                uploaded,
+                downloaded,
+                cursor,
+                took_ms,
+                "in sync with the relay"
+            );
         } else {
             tracing::debug!(cursor, took_ms, "in sync with the relay");
         }
