@@ -105,7 +105,13 @@ impl Device {
 
     /// Starts `ferry daemon` and waits until its socket answers.
     pub fn start_daemon(&self) -> Daemon {
-        let mut daemon = self.spawn_daemon(Stdio::piped());
+        self.start_daemon_with_stderr(Stdio::piped())
+    }
+
+    /// Starts `ferry daemon` with its standard error (its log) going to `stderr`, and waits
+    /// until its socket answers.
+    pub fn start_daemon_with_stderr(&self, stderr: Stdio) -> Daemon {
+        let mut daemon = self.spawn_daemon(stderr);
         let socket = daemon.socket.clone();
         let deadline = Instant::now() + TIMEOUT;
         loop {
