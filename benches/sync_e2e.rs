@@ -754,7 +754,7 @@ fn offline_edits(m: u64, o: &Options) -> Value {
         // log (which then holds every edit), as far as both know its head to be.
         let mut clients = [&a, &b].map(Running::client);
         poll_until("A and B to converge", CONVERGE_TIMEOUT, POLL, || {
-            let [sa, sb] = clients.each_mut().map(|c| Status::of(c));
+            let [sa, sb] = clients.each_mut().map(Status::of);
             sa.caught_up()
                 && sb.caught_up()
                 && sa.cursor == sb.cursor
