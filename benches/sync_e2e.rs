@@ -53,6 +53,9 @@ const IMPORT_BATCH: u64 = 5000;
 const POLL: Duration = Duration::from_millis(10);
 /// The longest any one workload may take to converge before the benchmark gives up.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long W3's devices may take to converge once the relay is back, before the benchmark
+/// fails and says how far they got.
+const W3_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, PartialEq)]
 enum Workload {
@@ -618,11 +621,21 @@ fn propagation(updates: u64, o: &Options) -> Value {
         let params =
             json!({ "collection": COLLECTION, "id": id, "fields": { "s1": format!("w2-{k}") } });
         let t0 = Instant::now();
-        call(&mut a, "patch", params);
+        let reply = call(&mut a, "patch", params);
         acknowledged.push(t0.elapsed());
+        assert!(
+            reply["heads"].is_array(),
+            "patch reply without heads: {reply}"
+        );
+        // B's event for this patch leaves the record at A's new heads. Matching on them, not on
+        // the id alone, skips any late event for the record's import.
         loop {
             match subscriber.next() {
-                Event::Change(c) if is_remote(&c) && c["id"] == id.as_str() => break,
+                Event::Change(c)
+                    if is_remote(&c) && c["id"] == id.as_str() && c["heads"] == reply["heads"] =>
+                {
+                    break;
+                }
                 Event::Change(_) => {}
                 Event::Lagged(missed) => panic!("B's subscriber missed {missed} changes"),
             }
@@ -743,17 +756,32 @@ fn offline_edits(m: u64, o: &Options) -> Value {
         for n in nudges {
             n.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         }
-        // Converged: nothing left to upload anywhere, and both have applied the relay's whole
-        // log (which then holds every edit), as far as both know its head to be.
+        // Converged: nothing left to upload anywhere, both have applied the relay's log as far
+        // as they know its head to be, and (checked only then, as it reads every record) every
+        // record on both carries both edits. A head that is not yet known would otherwise let
+        // the status alone say so too early.
         let mut clients = [&a, &b].map(Running::client);
-        poll_until("A and B to converge", CONVERGE_TIMEOUT, POLL, || {
+        let deadline = Instant::now() + W3_TIMEOUT;
+        loop {
+            check_interrupted();
             let [sa, sb] = clients.each_mut().map(Status::of);
-            sa.caught_up()
+            let settled = sa.caught_up()
                 && sb.caught_up()
                 && sa.cursor == sb.cursor
                 && sa.relay_head == sb.relay_head
-                && sa.cursor == sa.relay_head
-        })
+                && sa.cursor == sa.relay_head;
+            if settled && [with_both_edits(&a), with_both_edits(&b)] == [m, m] {
+                break Instant::now();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "A and B have not converged after {W3_TIMEOUT:?}: records with both edits: \
+                 A {}, B {} of {m}; A {sa:?}; B {sb:?}",
+                with_both_edits(&a),
+                with_both_edits(&b),
+            );
+            std::thread::sleep(POLL);
+        }
     });
     let converge = converged - t0;
     let both = [with_both_edits(&a), with_both_edits(&b)];
