@@ -753,25 +753,30 @@ fn offline_edits(m: u64, o: &Options) -> Value {
                 call(c, "sync", json!({}));
             })
         });
-        for n in nudges {
-            n.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        }
         // Converged: nothing left to upload anywhere, both have applied the relay's log as far
         // as they know its head to be, and (checked only then, as it reads every record) every
         // record on both carries both edits. A head that is not yet known would otherwise let
         // the status alone say so too early.
         let mut clients = [&a, &b].map(Running::client);
         let deadline = Instant::now() + W3_TIMEOUT;
+        let mut reconnected = None;
         loop {
             check_interrupted();
             let [sa, sb] = clients.each_mut().map(Status::of);
+            if sa.connected && sb.connected {
+                reconnected.get_or_insert_with(Instant::now);
+            }
             let settled = sa.caught_up()
                 && sb.caught_up()
                 && sa.cursor == sb.cursor
                 && sa.relay_head == sb.relay_head
                 && sa.cursor == sa.relay_head;
             if settled && [with_both_edits(&a), with_both_edits(&b)] == [m, m] {
-                break Instant::now();
+                let converged = Instant::now();
+                for n in nudges {
+                    n.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                }
+                break (reconnected.unwrap_or(converged), converged);
             }
             assert!(
                 Instant::now() < deadline,
@@ -783,6 +788,7 @@ fn offline_edits(m: u64, o: &Options) -> Value {
             std::thread::sleep(POLL);
         }
     });
+    let (reconnected, converged) = converged;
     let converge = converged - t0;
     let both = [with_both_edits(&a), with_both_edits(&b)];
     assert_eq!(
@@ -798,6 +804,7 @@ fn offline_edits(m: u64, o: &Options) -> Value {
         "records": m,
         "offline_edits": { "seconds": secs(edit_time), "patches": 2 * m },
         "relay_ready_seconds": secs(ready),
+        "both_connected_seconds": secs(reconnected - t0),
         "converge": { "seconds": secs(converge), "changes_per_s": per_second(2 * m, converge) },
         "records_with_both_edits": { "a": both[0], "b": both[1] },
     })
@@ -866,13 +873,15 @@ fn summarize(r: &Value) {
         Some("w3") => format!(
             "== W3 concurrent offline edits, {} records ({} build) ==\n\
              edits while offline: {} patches in {} s\n\
-             relay restart to ready: {} s; to both converged: {} s ({} changes/s)\n\
+             relay restart to ready: {} s; to both reconnected: {} s; to both converged: {} s \
+             ({} changes/s)\n\
              records with both edits: A {}, B {}",
             r["records"],
             r["build"].as_str().unwrap_or("?"),
             r["offline_edits"]["patches"],
             r["offline_edits"]["seconds"],
             r["relay_ready_seconds"],
+            r["both_connected_seconds"],
             r["converge"]["seconds"],
             r["converge"]["changes_per_s"],
             r["records_with_both_edits"]["a"],
