@@ -771,8 +771,10 @@ fn offline_edits(m: u64, o: &Options) -> Value {
                 && sa.cursor == sb.cursor
                 && sa.relay_head == sb.relay_head
                 && sa.cursor == sa.relay_head;
+            // The time is when the status said so; reading every record only confirms it.
+            let at = Instant::now();
             if settled && [with_both_edits(&a), with_both_edits(&b)] == [m, m] {
-                let converged = Instant::now();
+                let converged = at;
                 for n in nudges {
                     n.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
                 }
