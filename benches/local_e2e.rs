@@ -17,16 +17,19 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod harness;
 mod workload;
 
-use common::{Daemon, Device};
+use common::Device;
 use ferry::ipc::Client;
+use harness::{
+    Running, call, check_interrupted, disk_usage, install_signal_handlers, latency, memory_kib,
+    per_second, secs,
+};
 use serde_json::{Value, json};
 use std::io::Write as _;
 use std::path::Path;
-use std::process::ExitStatus;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use workload::{COLLECTION, Rng, import_record, record_fields, record_id};
 
 const USAGE: &str = "\
@@ -165,165 +168,6 @@ fn main() {
         println!("{result}");
         summarize(&result);
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Daemons that cannot outlive the benchmark.
-
-/// Pids of running daemons, for the signal handler. Zero is a free slot.
-static DAEMON_PIDS: [AtomicI32; 8] = [const { AtomicI32::new(0) }; 8];
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-    for slot in &DAEMON_PIDS {
-        let pid = slot.load(Ordering::SeqCst);
-        if pid > 0 {
-            // SAFETY: kill(2) is async-signal-safe; the pid is a child we have not reaped yet.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
-    }
-}
-
-/// On SIGINT, SIGTERM or SIGHUP every daemon is asked to stop; the benchmark then fails at its
-/// next step and unwinds, which waits for the daemons and removes the temp dirs.
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only touches atomics and calls kill(2), both async-signal-safe.
-        unsafe {
-            libc::signal(
-                sig,
-                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            );
-        }
-    }
-}
-
-fn check_interrupted() {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        panic!("interrupted by a signal: stopping (the daemons were asked to stop)");
-    }
-}
-
-/// A running daemon, registered with the signal handler; killed when dropped.
-struct Running {
-    daemon: Option<Daemon>,
-    slot: usize,
-}
-
-impl Running {
-    fn start(device: &Device) -> Running {
-        check_interrupted();
-        let daemon = device.start_daemon();
-        let pid = daemon.child.id() as i32;
-        let slot = DAEMON_PIDS
-            .iter()
-            .position(|s| {
-                s.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-            })
-            .expect("a free daemon slot");
-        Running {
-            daemon: Some(daemon),
-            slot,
-        }
-    }
-
-    fn daemon(&self) -> &Daemon {
-        self.daemon.as_ref().expect("running")
-    }
-
-    fn pid(&self) -> u32 {
-        self.daemon().child.id()
-    }
-
-    fn client(&self) -> Client {
-        self.daemon().client()
-    }
-
-    /// SIGTERM and wait for the clean exit (the store is flushed).
-    fn stop(mut self) -> ExitStatus {
-        DAEMON_PIDS[self.slot].store(0, Ordering::SeqCst);
-        self.daemon.take().expect("running").terminate()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        DAEMON_PIDS[self.slot].store(0, Ordering::SeqCst);
-        // Dropping the daemon SIGKILLs it and reaps it.
-        drop(self.daemon.take());
-    }
-}
-
-/// One JSON-RPC call that must succeed.
-fn call(client: &mut Client, method: &str, params: Value) -> Value {
-    match client.call(method, params) {
-        Ok(v) => v,
-        Err(e) => {
-            check_interrupted();
-            panic!("{method} failed: {e}");
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Measurements.
-
-/// Latency percentiles in microseconds (nearest rank).
-fn latency(samples: &mut [Duration]) -> Value {
-    assert!(!samples.is_empty(), "no samples");
-    samples.sort_unstable();
-    let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
-    let rank =
-        |p: f64| samples[((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1];
-    let total: Duration = samples.iter().sum();
-    json!({
-        "p50": us(rank(0.50)),
-        "p99": us(rank(0.99)),
-        "max": us(samples[samples.len() - 1]),
-        "mean": us(total / samples.len() as u32),
-    })
-}
-
-fn per_second(count: u64, elapsed: Duration) -> u64 {
-    (count as f64 / elapsed.as_secs_f64().max(1e-9)).round() as u64
-}
-
-fn secs(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0).round() / 1000.0
-}
-
-/// (VmRSS, VmHWM) of a process, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// (bytes allocated on disk, as `du` counts them; apparent bytes) of a directory tree.
-fn disk_usage(path: &Path) -> (u64, u64) {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::symlink_metadata(path)
-        .unwrap_or_else(|e| panic!("cannot stat {}: {e}", path.display()));
-    let mut total = (meta.blocks() * 512, meta.len());
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path).expect("read dir") {
-            let (du, apparent) = disk_usage(&entry.expect("dir entry").path());
-            total.0 += du;
-            total.1 += apparent;
-        }
-    }
-    total
 }
 
 fn documents(client: &mut Client) -> (u64, u64) {

@@ -301,13 +301,30 @@ fn init_logging(config: &Config, quiet: bool) {
     } else {
         config.log.level.as_str()
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(default))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let parse = |text: &str| tracing_subscriber::EnvFilter::try_new(log_filter(text)).ok();
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|text| parse(&text))
+        .or_else(|| parse(default))
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(log_filter("info")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// The tracing filter for a `log.level` (or `RUST_LOG`) text. Automerge marks its parsing
+/// functions `#[instrument]`, which is the info level: under a plain "info" filter every change
+/// parsed, loaded or applied would build a span and format its fields, which took about a tenth
+/// of a syncing daemon's CPU. Automerge's own logs and spans show only when the filter names it.
+fn log_filter(text: &str) -> String {
+    if text.contains("automerge") {
+        text.to_string()
+    } else if text.trim().is_empty() {
+        "automerge=warn".to_string()
+    } else {
+        format!("{text},automerge=warn")
+    }
 }
 
 fn init(ctx: &Context) -> Result<(), Failure> {
@@ -1085,6 +1102,21 @@ impl Drop for TempDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_filter_quiets_automerge_unless_named() {
+        assert_eq!(log_filter("info"), "info,automerge=warn");
+        assert_eq!(
+            log_filter("ferry=debug,sled=warn"),
+            "ferry=debug,sled=warn,automerge=warn"
+        );
+        assert_eq!(log_filter("debug,automerge=trace"), "debug,automerge=trace");
+        assert_eq!(log_filter(" "), "automerge=warn");
+        for text in ["info", "ferry=debug", ""] {
+            let filter = tracing_subscriber::EnvFilter::try_new(log_filter(text));
+            assert!(filter.is_ok(), "{text:?}: {filter:?}");
+        }
+    }
 
     #[test]
     fn addresses() {

@@ -350,7 +350,10 @@ impl Engine {
                 s.state = ConnectionState::Connecting;
                 s.next_attempt_ms = None;
             });
-            match self.connect().await {
+            let Some(attempt) = self.attempt_connection().await else {
+                break;
+            };
+            match attempt {
                 Ok((endpoint, connection, sender, receiver)) => {
                     if self.run_session(&connection, sender, receiver).await {
                         backoff.reset();
@@ -399,44 +402,21 @@ impl Engine {
         }
     }
 
-    #[tracing::instrument(name = "sync.initialization", skip_all, fields(relay = %self.settings.relay))]
-    async fn connect(&mut self) -> Result<Link, EngineError> {
-        let addr = resolve(&self.settings.relay).await?;
-        let options = self.settings.transport_options();
-        let endpoint = transport::client_endpoint(addr)?;
-        let connecting = transport::connect(
-            &endpoint,
-            addr,
-            &self.settings.server_name,
-            &self.settings.trust,
-            &options,
-        );
-        // Nothing answers for a relay that is down, and QUIC alone would wait out its whole idle
-        // timeout; meanwhile `ferry sync` and shutdown would wait too.
-        let timeout = Duration::from_millis(self.settings.session.request_timeout_ms);
-        let connection = tokio::time::timeout(timeout, connecting)
-            .await
-            .map_err(|_| TransportError::ConnectTimeout { addr })??;
-        let (sender, mut receiver) = transport::open_session(&connection, &options).await?;
-        // Frames are read by their own task, so that the loop can wait on them next to timers
-        // and commands without cutting a frame in half.
-        let (frames, incoming) = mpsc::channel::<Incoming>(16);
-        tokio::spawn(async move {
-            loop {
-                let next = match receiver.recv().await {
-                    Ok(Some(message)) => Ok(message),
-                    Ok(None) => Err(TransportError::ConnectionLost(
-                        "the relay closed the session".into(),
-                    )),
-                    Err(e) => Err(e),
-                };
-                let last = next.is_err();
-                if frames.send(next).await.is_err() || last {
-                    return;
-                }
+    /// Connects to the relay; `None` when the daemon shuts down meanwhile. A request to sync
+    /// now starts the attempt over: an attempt made while the relay was down waits for QUIC to
+    /// send its first packet again (about a second later), and the request usually means the
+    /// relay is back.
+    async fn attempt_connection(&mut self) -> Option<Result<Link, EngineError>> {
+        loop {
+            tokio::select! {
+                linked = connect(&self.settings) => return Some(linked),
+                command = self.commands.recv() => match command {
+                    Some(Command::SyncNow { reply }) => self.waiters.push(reply),
+                    None => return None,
+                },
+                _ = self.shutdown.changed() => return None,
             }
-        });
-        Ok((endpoint, connection, sender, incoming))
+        }
     }
 
     /// Drives one session until it closes. True if it got as far as authentication.
@@ -802,6 +782,46 @@ pub fn carry_out(
         }
     }
     Ok(())
+}
+
+#[tracing::instrument(name = "sync.initialization", skip_all, fields(relay = %settings.relay))]
+async fn connect(settings: &SyncSettings) -> Result<Link, EngineError> {
+    let addr = resolve(&settings.relay).await?;
+    let options = settings.transport_options();
+    let endpoint = transport::client_endpoint(addr)?;
+    let connecting = transport::connect(
+        &endpoint,
+        addr,
+        &settings.server_name,
+        &settings.trust,
+        &options,
+    );
+    // Nothing answers for a relay that is down, and QUIC alone would wait out its whole idle
+    // timeout; meanwhile `ferry sync` and shutdown would wait too.
+    let timeout = Duration::from_millis(settings.session.request_timeout_ms);
+    let connection = tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| TransportError::ConnectTimeout { addr })??;
+    let (sender, mut receiver) = transport::open_session(&connection, &options).await?;
+    // Frames are read by their own task, so that the loop can wait on them next to timers
+    // and commands without cutting a frame in half.
+    let (frames, incoming) = mpsc::channel::<Incoming>(16);
+    tokio::spawn(async move {
+        loop {
+            let next = match receiver.recv().await {
+                Ok(Some(message)) => Ok(message),
+                Ok(None) => Err(TransportError::ConnectionLost(
+                    "the relay closed the session".into(),
+                )),
+                Err(e) => Err(e),
+            };
+            let last = next.is_err();
+            if frames.send(next).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    Ok((endpoint, connection, sender, incoming))
 }
 
 async fn resolve(relay: &str) -> Result<SocketAddr, EngineError> {

@@ -125,21 +125,23 @@ impl Device {
 
     /// Starts `ferry daemon` and waits until its socket answers.
     pub fn start_daemon(&self) -> Daemon {
-        self.start_daemon_with(Stdio::piped())
+        self.start_daemon_with_stderr(Stdio::piped())
     }
 
     /// Starts `ferry daemon` with its log appended to `daemon.log` beside the data directory,
     /// where nothing has to read it for the daemon to keep going (a pipe would fill up) and it
     /// is still there to look at when a test fails.
     pub fn start_daemon_logged(&self) -> Daemon {
-        self.start_daemon_with(Stdio::from(append_log(&self.log_path())))
+        self.start_daemon_with_stderr(Stdio::from(append_log(&self.log_path())))
     }
 
     pub fn log_path(&self) -> PathBuf {
         self.data_dir.with_file_name("daemon.log")
     }
 
-    fn start_daemon_with(&self, stderr: Stdio) -> Daemon {
+    /// Starts `ferry daemon` with its standard error (its log) going to `stderr`, and waits
+    /// until its socket answers.
+    pub fn start_daemon_with_stderr(&self, stderr: Stdio) -> Daemon {
         let mut daemon = self.spawn_daemon(stderr);
         let socket = daemon.socket.clone();
         let deadline = Instant::now() + TIMEOUT;

@@ -1,0 +1,266 @@
+//! What the real-process benchmarks share: child processes that cannot outlive the benchmark
+//! (guards that kill them when dropped, and signal handlers that stop them), JSON-RPC calls
+//! that must succeed, and the measurements (latency percentiles, rates, memory, disk use).
+//!
+//! Must not touch: the workloads themselves (each benchmark target owns its phases) and the
+//! record shape (that is `workload`).
+#![allow(dead_code)]
+
+use crate::common::{self, Daemon, Device};
+use ferry::ipc::Client;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::{Child, ExitStatus};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// Processes that cannot outlive the benchmark.
+
+/// Pids of running children (daemons, relays), for the signal handler. Zero is a free slot.
+static CHILD_PIDS: [AtomicI32; 8] = [const { AtomicI32::new(0) }; 8];
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    for slot in &CHILD_PIDS {
+        let pid = slot.load(Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: kill(2) is async-signal-safe; the pid is a child we have not reaped yet.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP every child is asked to stop; the benchmark then fails at its
+/// next step and unwinds, which waits for the children and removes the temp dirs.
+pub fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only touches atomics and calls kill(2), both async-signal-safe.
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
+}
+
+pub fn check_interrupted() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        panic!("interrupted by a signal: stopping (the child processes were asked to stop)");
+    }
+}
+
+/// A child's pid held in the signal handler's table while the child runs.
+struct Registration(usize);
+
+impl Registration {
+    fn new(pid: u32) -> Registration {
+        let slot = CHILD_PIDS
+            .iter()
+            .position(|s| {
+                s.compare_exchange(0, pid as i32, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            })
+            .expect("a free child slot");
+        Registration(slot)
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        CHILD_PIDS[self.0].store(0, Ordering::SeqCst);
+    }
+}
+
+/// A running daemon, registered with the signal handler; killed when dropped.
+pub struct Running {
+    // Field order matters: the registration goes before the daemon is killed and reaped, so
+    // the handler never signals a pid that may have been reused.
+    registration: Option<Registration>,
+    daemon: Option<Daemon>,
+}
+
+impl Running {
+    pub fn start(device: &Device) -> Running {
+        Running::adopt(device.start_daemon())
+    }
+
+    /// Starts the daemon with its standard error (its log) going to `log`.
+    pub fn start_logging(device: &Device, log: &Path) -> Running {
+        let file = std::fs::File::create(log)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        Running::adopt(device.start_daemon_with_stderr(file.into()))
+    }
+
+    fn adopt(daemon: Daemon) -> Running {
+        check_interrupted();
+        Running {
+            registration: Some(Registration::new(daemon.child.id())),
+            daemon: Some(daemon),
+        }
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("running")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.daemon().child.id()
+    }
+
+    pub fn client(&self) -> Client {
+        self.daemon().client()
+    }
+
+    /// SIGTERM and wait for the clean exit (the store is flushed).
+    pub fn stop(mut self) -> ExitStatus {
+        self.registration = None;
+        self.daemon.take().expect("running").terminate()
+    }
+}
+
+/// Any other child process, registered with the signal handler; SIGKILLed and reaped when
+/// dropped.
+pub struct Guarded {
+    registration: Option<Registration>,
+    child: Option<Child>,
+}
+
+impl Guarded {
+    pub fn new(child: Child) -> Guarded {
+        let registration = Registration::new(child.id());
+        Guarded {
+            registration: Some(registration),
+            child: Some(child),
+        }
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("running")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM and wait (boundedly) for the exit.
+    pub fn stop(mut self) -> ExitStatus {
+        self.registration = None;
+        let mut child = self.child.take().expect("running");
+        common::signal(child.id(), libc::SIGTERM);
+        let mut status = None;
+        common::wait_for(
+            "a child process to stop after SIGTERM",
+            common::TIMEOUT,
+            || {
+                status = child.try_wait().expect("wait for a child");
+                status.is_some()
+            },
+        );
+        status.expect("exited")
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.registration = None;
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One JSON-RPC call that must succeed.
+pub fn call(client: &mut Client, method: &str, params: Value) -> Value {
+    match client.call(method, params) {
+        Ok(v) => v,
+        Err(e) => {
+            check_interrupted();
+            panic!("{method} failed: {e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements.
+
+/// Latency percentiles in microseconds (nearest rank).
+pub fn latency(samples: &mut [Duration]) -> Value {
+    assert!(!samples.is_empty(), "no samples");
+    samples.sort_unstable();
+    let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
+    let rank =
+        |p: f64| samples[((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1];
+    let total: Duration = samples.iter().sum();
+    json!({
+        "p50": us(rank(0.50)),
+        "p99": us(rank(0.99)),
+        "max": us(samples[samples.len() - 1]),
+        "mean": us(total / samples.len() as u32),
+    })
+}
+
+pub fn per_second(count: u64, elapsed: Duration) -> u64 {
+    (count as f64 / elapsed.as_secs_f64().max(1e-9)).round() as u64
+}
+
+pub fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+/// (VmRSS, VmHWM) of a process, in KiB.
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// (bytes allocated on disk, as `du` counts them; apparent bytes) of a directory tree.
+pub fn disk_usage(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("cannot stat {}: {e}", path.display()));
+    let mut total = (meta.blocks() * 512, meta.len());
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).expect("read dir") {
+            let (du, apparent) = disk_usage(&entry.expect("dir entry").path());
+            total.0 += du;
+            total.1 += apparent;
+        }
+    }
+    total
+}
+
+/// Waits until `condition` holds, checking every `pause`; panics with `what` after `timeout`.
+/// Returns when it first held, as seen by the check.
+pub fn poll_until(
+    what: &str,
+    timeout: Duration,
+    pause: Duration,
+    mut condition: impl FnMut() -> bool,
+) -> Instant {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted();
+        if condition() {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(pause);
+    }
+}

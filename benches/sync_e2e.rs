@@ -1,0 +1,895 @@
+//! End-to-end sync benchmark: a real `ferry relay` and real `ferry daemon` processes syncing over
+//! QUIC on loopback, each on its own sled store in a temp dir, driven through their Unix sockets
+//! exactly as apps drive them.
+//!
+//! - W1 initial sync: device A holds N records written offline; with the relay and an empty
+//!   device B running, A's daemon starts with its sync config; the time until B holds all N.
+//! - W2 propagation latency: single-field `patch`es on A, one at a time; the time until B's
+//!   subscriber hears of each.
+//! - W3 concurrent offline edits: with the relay stopped, A and B edit different fields of the
+//!   same records; the relay comes back and both must converge on both edits of every record.
+//!
+//! `cargo bench --bench sync_e2e [-- --records N --updates N --w3-records N --only w1|w2|w3]`
+//! prints one JSON object per workload and size on standard output and a summary on standard
+//! error; see benches/README.md. Without `--bench` (as `cargo test --all-targets` runs it) it
+//! does a quick smoke run of every workload on a few records.
+//!
+//! Child processes never outlive the benchmark: each one is a guard that kills it when dropped
+//! (also while a panic unwinds), and SIGINT/SIGTERM/SIGHUP stop them all before the benchmark
+//! itself stops.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod harness;
+mod workload;
+
+use common::{Device, TIMEOUT};
+use ferry::ipc::{CHANGE_NOTIFICATION, Client, LAGGED_NOTIFICATION};
+use harness::{
+    Guarded, Running, call, check_interrupted, disk_usage, install_signal_handlers, latency,
+    memory_kib, per_second, poll_until, secs,
+};
+use serde_json::{Value, json};
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+use workload::{COLLECTION, import_record, record_id};
+
+const USAGE: &str = "\
+usage: cargo bench --bench sync_e2e -- [OPTIONS]
+
+  --records N       W1 records; repeat for several runs (default: 10000 and 100000)
+  --updates N       W2 patches, one at a time (default 200)
+  --w3-records N    W3 records edited on both devices while offline (default 1000)
+  --only W          run only workload W: w1, w2 or w3
+  --log FILTER      log filter for the relay and the daemons (default: info)
+  --log-dir DIR     keep the relay's and the daemons' logs in DIR (default: in the temp dirs,
+                    removed at the end)";
+
+/// Records per `import` call (at most the daemon's `ipc.max_import_records`, 10,000).
+const IMPORT_BATCH: u64 = 5000;
+/// How often the waits for a sync condition look at `status`: the resolution of those times.
+const POLL: Duration = Duration::from_millis(10);
+/// The longest any one workload may take to converge before the benchmark gives up.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long W3's devices may take to converge once the relay is back, before the benchmark
+/// fails and says how far they got.
+const W3_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    W1,
+    W2,
+    W3,
+}
+
+struct Options {
+    records: Vec<u64>,
+    updates: u64,
+    w3_records: u64,
+    only: Option<Workload>,
+    log: String,
+    log_dir: Option<PathBuf>,
+    smoke: bool,
+}
+
+impl Options {
+    fn parse() -> Result<Options, String> {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        // `cargo bench` passes `--bench`; without it this is a test run: a quick smoke pass.
+        let smoke = !args.iter().any(|a| a == "--bench");
+        let mut o = Options {
+            records: Vec::new(),
+            updates: 200,
+            w3_records: 1000,
+            only: None,
+            log: "info".into(),
+            log_dir: None,
+            smoke,
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut text = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+            let number = |name: &str, v: &String| -> Result<u64, String> {
+                v.parse()
+                    .map_err(|_| format!("{name} {v:?}: expected a whole number"))
+            };
+            match arg.as_str() {
+                "--bench" => {}
+                "--records" => o.records.push(number(arg, text(arg)?)?),
+                "--updates" => o.updates = number(arg, text(arg)?)?,
+                "--w3-records" => o.w3_records = number(arg, text(arg)?)?,
+                "--only" => {
+                    o.only = Some(match text(arg)?.as_str() {
+                        "w1" => Workload::W1,
+                        "w2" => Workload::W2,
+                        "w3" => Workload::W3,
+                        other => return Err(format!("--only {other:?}: expected w1, w2 or w3")),
+                    })
+                }
+                "--log" => o.log = text(arg)?.clone(),
+                "--log-dir" => {
+                    let dir = PathBuf::from(text(arg)?);
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| format!("--log-dir {}: {e}", dir.display()))?;
+                    o.log_dir = Some(dir);
+                }
+                "--help" | "-h" => return Err(String::new()),
+                // A test run may get the test harness's own arguments: not ours to refuse.
+                _ if smoke => eprintln!("sync_e2e: ignoring argument {arg:?} in a test run"),
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        if o.smoke {
+            o.records = vec![300];
+            o.updates = o.updates.min(20);
+            o.w3_records = o.w3_records.min(50);
+        } else if o.records.is_empty() {
+            o.records = vec![10_000, 100_000];
+        }
+        if o.records.contains(&0) || o.updates == 0 || o.w3_records == 0 {
+            return Err("--records, --updates and --w3-records must be at least 1".into());
+        }
+        Ok(o)
+    }
+
+    fn runs(&self, w: Workload) -> bool {
+        self.only.is_none_or(|only| only == w)
+    }
+}
+
+fn main() {
+    let options = match Options::parse() {
+        Ok(o) => o,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("sync_e2e: {e}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    install_signal_handlers();
+    eprintln!(
+        "sync_e2e: {} build, ferry binary {}",
+        if cfg!(debug_assertions) {
+            "DEBUG (numbers are not meaningful)"
+        } else {
+            "release"
+        },
+        common::ferry_bin(),
+    );
+    let emit = |mut result: Value| {
+        result["build"] = json!(if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        });
+        result["cpus"] = json!(std::thread::available_parallelism().map_or(0, |p| p.get()));
+        println!("{result}");
+        summarize(&result);
+    };
+    if options.runs(Workload::W1) {
+        for &n in &options.records {
+            emit(initial_sync(n, &options));
+        }
+    }
+    if options.runs(Workload::W2) {
+        emit(propagation(options.updates, &options));
+    }
+    if options.runs(Workload::W3) {
+        emit(offline_edits(options.w3_records, &options));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The processes.
+
+/// A running `ferry relay`; killed when dropped.
+struct Relay {
+    process: Guarded,
+    /// The address it serves on, as devices write it in `sync.relay`.
+    listen: String,
+    fingerprint: String,
+    /// Kept open: the relay may write to its standard output again.
+    _stdout: std::io::BufReader<ChildStdout>,
+}
+
+impl Relay {
+    /// Starts a relay on `dir` listening on `listen`, and waits until it serves.
+    fn start(dir: &Path, listen: &str, o: &Options, log: &Path) -> Relay {
+        check_interrupted();
+        let log_file = std::fs::File::create(log)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let child = Command::new(common::ferry_bin())
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--json", "relay", "--listen", listen])
+            .env_remove("FERRY_CONFIG")
+            .env("RUST_LOG", &o.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn ferry relay");
+        let mut process = Guarded::new(child);
+        let stdout = process.child().stdout.take().expect("the relay's stdout");
+        // Read on a thread so that a relay that never gets ready cannot hang the benchmark.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(stdout);
+            let mut line = String::new();
+            let read = reader.read_line(&mut line);
+            let _ = tx.send((read, line, reader));
+        });
+        let (read, line, reader) = rx
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|_| panic!("ferry relay not ready after {TIMEOUT:?}"));
+        match read {
+            Ok(n) if n > 0 => {}
+            _ => panic!(
+                "ferry relay exited before it was ready; its log: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            ),
+        }
+        let ready: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("relay ready line {line:?}: {e}"));
+        let field = |name: &str| {
+            ready[name]
+                .as_str()
+                .unwrap_or_else(|| panic!("relay ready line without {name}: {line}"))
+                .to_string()
+        };
+        Relay {
+            listen: field("listen"),
+            fingerprint: field("fingerprint"),
+            process,
+            _stdout: reader,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// SIGTERM and wait for the clean exit (the relay flushes its store).
+    fn stop(self) {
+        let status = self.process.stop();
+        assert!(status.success(), "relay exit: {status}");
+    }
+}
+
+/// A relay's data directory, which the relay creates (owner-only) in a temp dir.
+struct RelayDir {
+    _tmp: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl RelayDir {
+    fn new() -> RelayDir {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let path = tmp.path().join("relay");
+        RelayDir { _tmp: tmp, path }
+    }
+}
+
+/// Where the processes of one run write their logs.
+struct Logs {
+    dir: PathBuf,
+    prefix: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Logs {
+    fn new(o: &Options, run: &str) -> Logs {
+        match &o.log_dir {
+            Some(dir) => Logs {
+                dir: dir.clone(),
+                prefix: format!("{run}-"),
+                _tmp: None,
+            },
+            None => {
+                let tmp = tempfile::tempdir().expect("temp dir");
+                Logs {
+                    dir: tmp.path().to_owned(),
+                    prefix: String::new(),
+                    _tmp: Some(tmp),
+                }
+            }
+        }
+    }
+
+    fn path(&self, process: &str) -> PathBuf {
+        self.dir.join(format!("{}{process}.log", self.prefix))
+    }
+}
+
+/// A fresh device whose daemon logs at the benchmark's level.
+fn new_device(o: &Options) -> Device {
+    let device = Device::new();
+    edit_config(
+        &device,
+        "\nlevel = \"info\"",
+        &format!("\nlevel = {:?}", o.log),
+    );
+    device
+}
+
+/// Points the device at the relay: `sync.relay` and `sync.fingerprint`.
+fn join_relay(device: &Device, relay: &Relay) {
+    edit_config(
+        device,
+        "\nrelay = \"\"",
+        &format!("\nrelay = {:?}", relay.listen),
+    );
+    edit_config(
+        device,
+        "\nfingerprint = \"\"",
+        &format!("\nfingerprint = {:?}", relay.fingerprint),
+    );
+}
+
+/// Replaces the first `from` in the device's config.toml (the keys `ferry init` wrote).
+fn edit_config(device: &Device, from: &str, to: &str) {
+    let path = device.data_dir.join("config.toml");
+    let text = std::fs::read_to_string(&path).expect("read config.toml");
+    assert!(text.contains(from), "config.toml has no {from:?}");
+    std::fs::write(&path, text.replacen(from, to, 1)).expect("write config.toml");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading a device's state.
+
+/// The parts of `status` the workloads wait on.
+#[derive(Debug)]
+struct Status {
+    documents: u64,
+    /// Queue entries not yet acknowledged by the relay (pending or being uploaded).
+    unsent: u64,
+    failed: u64,
+    connected: bool,
+    cursor: u64,
+    relay_head: u64,
+    up_to_date: bool,
+    synced_once: bool,
+    uploaded: u64,
+    bytes_sent: u64,
+    bytes_received: u64,
+}
+
+impl Status {
+    fn of(client: &mut Client) -> Status {
+        let s = call(client, "status", json!({}));
+        let num = |v: &Value| {
+            v.as_u64()
+                .unwrap_or_else(|| panic!("status without a number where expected: {s}"))
+        };
+        let sync = &s["sync"];
+        assert!(
+            sync.is_object(),
+            "status without sync (no relay configured?): {s}"
+        );
+        Status {
+            documents: num(&s["documents"]),
+            unsent: num(&s["queue"]["pending"]) + num(&s["queue"]["processing"]),
+            failed: num(&s["queue"]["failed"]),
+            connected: sync["state"] == "connected",
+            cursor: num(&sync["cursor"]),
+            relay_head: num(&sync["relay_head"]),
+            up_to_date: sync["up_to_date"] == true,
+            synced_once: !sync["last_sync_ms"].is_null(),
+            uploaded: num(&sync["uploaded"]),
+            bytes_sent: num(&sync["bytes_sent"]),
+            bytes_received: num(&sync["bytes_received"]),
+        }
+    }
+
+    /// Connected, nothing left to upload, and everything the relay said it has is applied.
+    fn caught_up(&self) -> bool {
+        assert_eq!(self.failed, 0, "queue entries failed to upload: {self:?}");
+        self.connected && self.unsent == 0 && self.up_to_date && self.synced_once
+    }
+}
+
+/// Waits until both devices hold `documents` records and are caught up with the relay.
+fn wait_caught_up(what: &str, devices: [&Running; 2], documents: u64) -> Instant {
+    let mut clients = devices.map(Running::client);
+    poll_until(what, CONVERGE_TIMEOUT, POLL, || {
+        clients.iter_mut().all(|c| {
+            let s = Status::of(c);
+            s.documents == documents && s.caught_up()
+        })
+    })
+}
+
+/// `n` records imported through `client`, numbered from 0.
+fn import(client: &mut Client, n: u64) {
+    let mut next = 0;
+    while next < n {
+        check_interrupted();
+        let end = (next + IMPORT_BATCH).min(n);
+        let records: Vec<Value> = (next..end).map(import_record).collect();
+        let r = call(client, "import", json!({ "records": records }));
+        assert_eq!(r["imported"], json!(end - next), "import reply: {r}");
+        next = end;
+    }
+}
+
+/// A notification on a subscribed connection.
+enum Event {
+    Change(Value),
+    /// The daemon dropped this many change notifications for a slow reader.
+    Lagged(u64),
+}
+
+/// A connection subscribed to every change of the benchmark's collection on one device.
+struct Subscriber(Client);
+
+impl Subscriber {
+    fn new(daemon: &Running) -> Subscriber {
+        let mut client = daemon.client();
+        call(
+            &mut client,
+            "subscribe",
+            json!({ "collection": COLLECTION }),
+        );
+        client
+            .set_read_timeout(Some(CONVERGE_TIMEOUT))
+            .expect("set read timeout");
+        Subscriber(client)
+    }
+
+    fn next(&mut self) -> Event {
+        let n = self.0.next_notification().unwrap_or_else(|e| {
+            check_interrupted();
+            panic!("no change notification: {e}")
+        });
+        match n["method"].as_str() {
+            Some(CHANGE_NOTIFICATION) => Event::Change(n["params"].clone()),
+            Some(LAGGED_NOTIFICATION) => Event::Lagged(
+                n["params"]["missed"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("lagged notification without missed: {n}")),
+            ),
+            _ => panic!("unexpected notification: {n}"),
+        }
+    }
+}
+
+fn is_remote(change: &Value) -> bool {
+    change["origin"] == "remote"
+}
+
+/// Peak RSS (VmHWM) of a process, in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    memory_kib(pid).1
+}
+
+// ---------------------------------------------------------------------------------------------
+// W1: initial sync.
+
+fn initial_sync(n: u64, o: &Options) -> Value {
+    eprintln!("sync_e2e: W1 initial sync, N = {n}");
+    let logs = Logs::new(o, &format!("w1-{n}"));
+    let (a, b) = (new_device(o), new_device(o));
+
+    eprintln!("  A imports {n} records offline ...");
+    let offline = Running::start_logging(&a, &logs.path("a-offline"));
+    let started = Instant::now();
+    import(&mut offline.client(), n);
+    let import_time = started.elapsed();
+    let status = offline.stop();
+    assert!(status.success(), "A's offline daemon exit: {status}");
+
+    let relay_dir = RelayDir::new();
+    let relay = Relay::start(&relay_dir.path, "127.0.0.1:0", o, &logs.path("relay"));
+    join_relay(&a, &relay);
+    join_relay(&b, &relay);
+    let b_daemon = Running::start_logging(&b, &logs.path("b"));
+    let mut b_client = b_daemon.client();
+    poll_until("B to connect to the relay", TIMEOUT, POLL, || {
+        Status::of(&mut b_client).caught_up()
+    });
+
+    // B's subscriber counts the records as they land; `lagged` counts those whose notification
+    // the daemon dropped because this reader fell behind, which still landed.
+    let mut subscriber = Subscriber::new(&b_daemon);
+    let counter = std::thread::spawn(move || {
+        let (mut changes, mut lagged) = (0, 0);
+        while changes + lagged < n {
+            match subscriber.next() {
+                Event::Change(c) => changes += u64::from(is_remote(&c)),
+                Event::Lagged(missed) => lagged += missed,
+            }
+        }
+        (Instant::now(), changes, lagged)
+    });
+
+    eprintln!("  A's daemon starts with the relay configured ...");
+    let t0 = Instant::now();
+    let a_daemon = Running::start_logging(&a, &logs.path("a"));
+    let mut a_client = a_daemon.client();
+    // `sync` answers once A has nothing left to upload, and costs A nothing while it waits
+    // (polling `status` would: each call counts A's whole queue).
+    let uploaded_at = loop {
+        call(&mut a_client, "sync", json!({}));
+        let at = Instant::now();
+        let s = Status::of(&mut a_client);
+        if s.uploaded >= n && s.unsent == 0 {
+            break at;
+        }
+    };
+    let (landed_at, changes, lagged) = counter
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    let end_to_end = landed_at - t0;
+    let upload = uploaded_at - t0;
+    wait_caught_up("A and B to settle", [&a_daemon, &b_daemon], n);
+    let (sa, sb) = (Status::of(&mut a_client), Status::of(&mut b_client));
+    let peaks = (
+        peak_kib(relay.pid()),
+        peak_kib(a_daemon.pid()),
+        peak_kib(b_daemon.pid()),
+    );
+    drop((a_client, b_client));
+    for (name, daemon) in [("A", a_daemon), ("B", b_daemon)] {
+        let status = daemon.stop();
+        assert!(status.success(), "{name}'s daemon exit: {status}");
+    }
+    relay.stop();
+    let du = |p: &Path| disk_usage(p).0;
+    let (a_disk, b_disk, relay_disk) = (
+        du(&a.data_dir.join("store")),
+        du(&b.data_dir.join("store")),
+        du(&relay_dir.path),
+    );
+    let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
+    json!({
+        "workload": "w1",
+        "records": n,
+        "offline_import": { "seconds": secs(import_time), "records_per_s": per_second(n, import_time) },
+        "end_to_end": { "seconds": secs(end_to_end), "records_per_s": per_second(n, end_to_end) },
+        "upload": {
+            "seconds": secs(upload),
+            "records_per_s": per_second(n, upload),
+        },
+        "b_change_events": { "received": changes, "dropped_for_slow_reader": lagged },
+        "wire": {
+            "a_bytes_sent": sa.bytes_sent,
+            "a_bytes_received": sa.bytes_received,
+            "b_bytes_sent": sb.bytes_sent,
+            "b_bytes_received": sb.bytes_received,
+            "a_sent_per_record": sa.bytes_sent / n,
+            "b_received_per_record": sb.bytes_received / n,
+        },
+        "peak_rss_mib": { "relay": mib(peaks.0), "a": mib(peaks.1), "b": mib(peaks.2) },
+        "disk_bytes_after_clean_stop": {
+            "a_store": a_disk,
+            "b_store": b_disk,
+            "relay_dir": relay_disk,
+            "a_per_record": a_disk / n,
+            "b_per_record": b_disk / n,
+            "relay_per_record": relay_disk / n,
+        },
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// W2: propagation latency.
+
+/// Two devices syncing through a relay, caught up on `records` records A imported.
+struct Pair {
+    relay: Relay,
+    relay_dir: RelayDir,
+    a: Running,
+    b: Running,
+    _devices: (Device, Device),
+}
+
+impl Pair {
+    fn start(records: u64, o: &Options, logs: &Logs) -> Pair {
+        let relay_dir = RelayDir::new();
+        let relay = Relay::start(&relay_dir.path, "127.0.0.1:0", o, &logs.path("relay"));
+        let (a, b) = (new_device(o), new_device(o));
+        join_relay(&a, &relay);
+        join_relay(&b, &relay);
+        let a_daemon = Running::start_logging(&a, &logs.path("a"));
+        let b_daemon = Running::start_logging(&b, &logs.path("b"));
+        import(&mut a_daemon.client(), records);
+        wait_caught_up("B to receive A's records", [&a_daemon, &b_daemon], records);
+        Pair {
+            relay,
+            relay_dir,
+            a: a_daemon,
+            b: b_daemon,
+            _devices: (a, b),
+        }
+    }
+}
+
+fn propagation(updates: u64, o: &Options) -> Value {
+    eprintln!("sync_e2e: W2 propagation latency, {updates} patches");
+    let logs = Logs::new(o, "w2");
+    let pair = Pair::start(updates, o, &logs);
+    let mut subscriber = Subscriber::new(&pair.b);
+    let mut a = pair.a.client();
+    let (mut propagated, mut acknowledged) = (Vec::new(), Vec::new());
+    for k in 0..updates {
+        check_interrupted();
+        let id = record_id(k);
+        let params =
+            json!({ "collection": COLLECTION, "id": id, "fields": { "s1": format!("w2-{k}") } });
+        let t0 = Instant::now();
+        let reply = call(&mut a, "patch", params);
+        acknowledged.push(t0.elapsed());
+        assert!(
+            reply["heads"].is_array(),
+            "patch reply without heads: {reply}"
+        );
+        // B's event for this patch leaves the record at A's new heads. Matching on them, not on
+        // the id alone, skips any late event for the record's import.
+        loop {
+            match subscriber.next() {
+                Event::Change(c)
+                    if is_remote(&c) && c["id"] == id.as_str() && c["heads"] == reply["heads"] =>
+                {
+                    break;
+                }
+                Event::Change(_) => {}
+                Event::Lagged(missed) => panic!("B's subscriber missed {missed} changes"),
+            }
+        }
+        propagated.push(t0.elapsed());
+    }
+    let last = record_id(updates - 1);
+    let got = call(
+        &mut pair.b.client(),
+        "get",
+        json!({ "collection": COLLECTION, "id": last }),
+    );
+    assert_eq!(
+        got["fields"]["s1"],
+        json!(format!("w2-{}", updates - 1)),
+        "B's copy of {last}: {got}"
+    );
+    json!({
+        "workload": "w2",
+        "patches": updates,
+        "propagation_us": latency(&mut propagated),
+        "patch_acknowledged_us": latency(&mut acknowledged),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// W3: concurrent offline edits.
+
+/// The values each side writes in W3: A sets s1, B sets i1.
+fn a_edit(k: u64) -> Value {
+    json!(format!("w3-a-{k}"))
+}
+
+fn b_edit(k: u64) -> Value {
+    json!(-(k as i64) - 1)
+}
+
+/// Patches one field of records `0..m` on one device, one call at a time.
+fn patch_all(daemon: &Running, m: u64, field: &str, value: fn(u64) -> Value) {
+    let mut client = daemon.client();
+    for k in 0..m {
+        let params =
+            json!({ "collection": COLLECTION, "id": record_id(k), "fields": { field: value(k) } });
+        call(&mut client, "patch", params);
+    }
+}
+
+/// Records on the device that carry both sides' edits.
+fn with_both_edits(daemon: &Running) -> u64 {
+    let mut client = daemon.client();
+    let mut after = Value::Null;
+    let mut both = 0;
+    loop {
+        let mut params = json!({ "collection": COLLECTION, "limit": 1000 });
+        if !after.is_null() {
+            params["after"] = after.clone();
+        }
+        let page = call(&mut client, "list", params);
+        for r in page["records"].as_array().expect("list.records") {
+            // i2 is 7 k and neither side edits it: it says which record this is.
+            let k = r["fields"]["i2"].as_u64().expect("i2") / 7;
+            both += u64::from(r["fields"]["s1"] == a_edit(k) && r["fields"]["i1"] == b_edit(k));
+        }
+        after = page["next"].clone();
+        if after.is_null() {
+            return both;
+        }
+    }
+}
+
+fn offline_edits(m: u64, o: &Options) -> Value {
+    eprintln!("sync_e2e: W3 concurrent offline edits, {m} records");
+    let logs = Logs::new(o, "w3");
+    let Pair {
+        relay,
+        relay_dir,
+        a,
+        b,
+        _devices,
+    } = Pair::start(m, o, &logs);
+    let listen = relay.listen.clone();
+    relay.stop();
+    let mut clients = [&a, &b].map(Running::client);
+    poll_until("A and B to notice the relay left", TIMEOUT, POLL, || {
+        clients.iter_mut().all(|c| !Status::of(c).connected)
+    });
+
+    eprintln!("  A edits s1 and B edits i1 of every record, offline ...");
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let edits = [
+            s.spawn(|| patch_all(&a, m, "s1", a_edit)),
+            s.spawn(|| patch_all(&b, m, "i1", b_edit)),
+        ];
+        for e in edits {
+            e.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        }
+    });
+    let edit_time = started.elapsed();
+    for c in &mut clients {
+        let s = Status::of(c);
+        assert_eq!(s.unsent, m, "edits waiting for the relay: {s:?}");
+    }
+
+    eprintln!("  the relay restarts on {listen} ...");
+    let t0 = Instant::now();
+    let relay = Relay::start(&relay_dir.path, &listen, o, &logs.path("relay-restarted"));
+    let ready = t0.elapsed();
+    // Ask both to sync now, as an app does when it knows the relay is back: otherwise each
+    // waits out its reconnect backoff (up to sync.backoff_max_ms) and that is what would be
+    // measured.
+    let converged = std::thread::scope(|s| {
+        let nudges = clients.each_mut().map(|c| {
+            s.spawn(move || {
+                call(c, "sync", json!({}));
+            })
+        });
+        // Converged: nothing left to upload anywhere, both have applied the relay's log as far
+        // as they know its head to be, and (checked only then, as it reads every record) every
+        // record on both carries both edits. A head that is not yet known would otherwise let
+        // the status alone say so too early.
+        let mut clients = [&a, &b].map(Running::client);
+        let deadline = Instant::now() + W3_TIMEOUT;
+        let mut reconnected = None;
+        loop {
+            check_interrupted();
+            let [sa, sb] = clients.each_mut().map(Status::of);
+            if sa.connected && sb.connected {
+                reconnected.get_or_insert_with(Instant::now);
+            }
+            let settled = sa.caught_up()
+                && sb.caught_up()
+                && sa.cursor == sb.cursor
+                && sa.relay_head == sb.relay_head
+                && sa.cursor == sa.relay_head;
+            // The time is when the status said so; reading every record only confirms it.
+            let at = Instant::now();
+            if settled && [with_both_edits(&a), with_both_edits(&b)] == [m, m] {
+                let converged = at;
+                for n in nudges {
+                    n.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                }
+                break (reconnected.unwrap_or(converged), converged);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "A and B have not converged after {W3_TIMEOUT:?}: records with both edits: \
+                 A {}, B {} of {m}; A {sa:?}; B {sb:?}",
+                with_both_edits(&a),
+                with_both_edits(&b),
+            );
+            std::thread::sleep(POLL);
+        }
+    });
+    let (reconnected, converged) = converged;
+    let converge = converged - t0;
+    let both = [with_both_edits(&a), with_both_edits(&b)];
+    assert_eq!(
+        both,
+        [m, m],
+        "records with both edits on [A, B]: every one of the {m} must have both"
+    );
+    drop(clients);
+    drop((a, b));
+    relay.stop();
+    json!({
+        "workload": "w3",
+        "records": m,
+        "offline_edits": { "seconds": secs(edit_time), "patches": 2 * m },
+        "relay_ready_seconds": secs(ready),
+        "both_connected_seconds": secs(reconnected - t0),
+        "converge": { "seconds": secs(converge), "changes_per_s": per_second(2 * m, converge) },
+        "records_with_both_edits": { "a": both[0], "b": both[1] },
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The summary.
+
+/// The human-readable summary of one result, on standard error, with the targets' verdicts.
+fn summarize(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let ms = |v: &Value| f(v) / 1000.0;
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let text = match r["workload"].as_str() {
+        Some("w1") => {
+            let n = f(&r["records"]);
+            let rate = f(&r["end_to_end"]["records_per_s"]);
+            let relay_mb = f(&r["peak_rss_mib"]["relay"]) * 1.048_576;
+            let mut t = format!(
+                "== W1 initial sync, {n} records ({} build) ==\n\
+                 end to end (A's daemon start to B holding all): {rate} records/s ({} s)\n\
+                 A's upload done after: {} s ({} records/s)\n\
+                 on the wire: A sent {} B/record, B received {} B/record\n\
+                 peak RSS MiB: relay {}, A {}, B {}\n\
+                 on disk after a clean stop, bytes/record: A {}, B {}, relay {}",
+                r["build"].as_str().unwrap_or("?"),
+                r["end_to_end"]["seconds"],
+                r["upload"]["seconds"],
+                r["upload"]["records_per_s"],
+                r["wire"]["a_sent_per_record"],
+                r["wire"]["b_received_per_record"],
+                r["peak_rss_mib"]["relay"],
+                r["peak_rss_mib"]["a"],
+                r["peak_rss_mib"]["b"],
+                r["disk_bytes_after_clean_stop"]["a_per_record"],
+                r["disk_bytes_after_clean_stop"]["b_per_record"],
+                r["disk_bytes_after_clean_stop"]["relay_per_record"],
+            );
+            if n >= 100_000.0 {
+                t += &format!(
+                    "\ntargets: >= 20,000 records/s: {}; relay RSS < 300 MB: {} ({relay_mb:.1} MB)",
+                    verdict(rate >= 20_000.0),
+                    verdict(relay_mb < 300.0)
+                );
+            }
+            t
+        }
+        Some("w2") => {
+            let p = &r["propagation_us"];
+            let a = &r["patch_acknowledged_us"];
+            format!(
+                "== W2 propagation, {} patches ({} build) ==\n\
+                 A's patch to B's remote change event: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n\
+                 A's patch acknowledged (durable on A): p50 {:.2} ms, p99 {:.2} ms\n\
+                 target: p99 < 10 ms: {}",
+                r["patches"],
+                r["build"].as_str().unwrap_or("?"),
+                ms(&p["p50"]),
+                ms(&p["p99"]),
+                ms(&p["max"]),
+                ms(&a["p50"]),
+                ms(&a["p99"]),
+                verdict(ms(&p["p99"]) < 10.0)
+            )
+        }
+        Some("w3") => format!(
+            "== W3 concurrent offline edits, {} records ({} build) ==\n\
+             edits while offline: {} patches in {} s\n\
+             relay restart to ready: {} s; to both reconnected: {} s; to both converged: {} s \
+             ({} changes/s)\n\
+             records with both edits: A {}, B {}",
+            r["records"],
+            r["build"].as_str().unwrap_or("?"),
+            r["offline_edits"]["patches"],
+            r["offline_edits"]["seconds"],
+            r["relay_ready_seconds"],
+            r["both_connected_seconds"],
+            r["converge"]["seconds"],
+            r["converge"]["changes_per_s"],
+            r["records_with_both_edits"]["a"],
+            r["records_with_both_edits"]["b"],
+        ),
+        _ => format!("{r}"),
+    };
+    eprintln!("\n{text}");
+}
