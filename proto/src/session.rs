@@ -160,16 +160,37 @@ enum Handshake {
     Closed,
 }
 
+/// How many `Upload`s may wait for their answer at once. Two let the device prepare the next
+/// batch while the relay stores the previous one.
+pub const MAX_UPLOADS_IN_FLIGHT: usize = 2;
+
+/// An upload waiting for its answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Upload {
-    Idle,
-    Loading,
-    InFlight {
-        batch: u64,
-        entries: Vec<u64>,
-        deadline: u64,
-    },
-    Recording,
+struct SentBatch {
+    batch: u64,
+    entries: Vec<u64>,
+    deadline: u64,
+}
+
+/// The upload side of a device session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Upload {
+    /// A `LoadUploadBatch` is out.
+    loading: bool,
+    /// Sent, oldest first; answers come in this order.
+    sent: VecDeque<SentBatch>,
+    /// Answered, with `RecordUploadResults` out.
+    recording: usize,
+}
+
+impl Upload {
+    fn is_quiet(&self) -> bool {
+        !self.loading && self.sent.is_empty() && self.recording == 0
+    }
+
+    fn has_room(&self) -> bool {
+        !self.loading && self.sent.len() + self.recording < MAX_UPLOADS_IN_FLIGHT
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,7 +258,7 @@ impl DeviceSession {
             space,
             channel_binding,
             handshake: Handshake::AwaitChallenge,
-            upload: Upload::Idle,
+            upload: Upload::default(),
             upload_dirty: true,
             upload_drained: false,
             next_batch: 1,
@@ -289,10 +310,7 @@ impl DeviceSession {
             Handshake::Closed => None,
             Handshake::AwaitChallenge | Handshake::AwaitWelcome => Some(self.handshake_deadline),
             Handshake::Open => {
-                let upload = match self.upload {
-                    Upload::InFlight { deadline, .. } => Some(deadline),
-                    _ => None,
-                };
+                let upload = self.upload.sent.iter().map(|b| b.deadline).min();
                 let download = match self.download {
                     Download::InFlight { deadline, .. } => Some(deadline),
                     _ => None,
@@ -312,7 +330,7 @@ impl DeviceSession {
                 }
                 "handshake"
             }
-            (_, Upload::InFlight { deadline, .. }, _) if expired(*deadline) => "upload",
+            (_, upload, _) if upload.sent.iter().any(|b| expired(b.deadline)) => "upload",
             (_, _, Download::InFlight { deadline, .. }) if expired(*deadline) => "download",
             _ => return,
         };
@@ -345,7 +363,7 @@ impl DeviceSession {
 
     /// The answer to `LoadUploadBatch`: the entries now marked processing.
     pub fn upload(&mut self, changes: Vec<UploadChange>, now: u64) {
-        if self.upload != Upload::Loading || self.handshake != Handshake::Open {
+        if !self.upload.loading || self.handshake != Handshake::Open {
             // The session closed while the batch was loading: hand the entries straight back.
             if !changes.is_empty() {
                 self.effects.push_back(DeviceEffect::AbandonUpload {
@@ -355,8 +373,8 @@ impl DeviceSession {
             }
             return;
         }
+        self.upload.loading = false;
         if changes.is_empty() {
-            self.upload = Upload::Idle;
             if self.upload_dirty {
                 self.start_upload();
             } else {
@@ -367,20 +385,24 @@ impl DeviceSession {
         }
         let batch = self.next_batch;
         self.next_batch += 1;
-        self.upload = Upload::InFlight {
+        self.upload.sent.push_back(SentBatch {
             batch,
             entries: changes.iter().map(|c| c.entry).collect(),
             deadline: now.saturating_add(self.config.request_timeout_ms),
-        };
+        });
         self.transmits.push_back(Message::Upload { batch, changes });
+        // The queue may hold more: load the next batch while this one is on its way.
+        self.upload_dirty = true;
+        self.start_upload();
     }
 
     /// The answer to `RecordUploadResults`.
     pub fn upload_recorded(&mut self) {
-        if self.upload == Upload::Recording {
-            self.upload = Upload::Idle;
+        if self.upload.recording > 0 {
+            self.upload.recording -= 1;
             self.upload_dirty = true;
             self.start_upload();
+            self.check_idle();
         }
     }
 
@@ -508,11 +530,11 @@ impl DeviceSession {
     }
 
     fn handle_upload_ack(&mut self, batch: u64, results: Vec<ChangeResult>) {
-        let Upload::InFlight {
+        let Some(SentBatch {
             batch: expected,
             entries,
             ..
-        } = &self.upload
+        }) = self.upload.sent.front()
         else {
             return self.violation(
                 ErrorCode::UnexpectedMessage,
@@ -537,7 +559,8 @@ impl DeviceSession {
             duplicate: count(|o| matches!(o, ChangeOutcome::Duplicate { .. })),
             rejected: count(|o| matches!(o, ChangeOutcome::Rejected { .. })),
         });
-        self.upload = Upload::Recording;
+        self.upload.sent.pop_front();
+        self.upload.recording += 1;
         self.effects
             .push_back(DeviceEffect::RecordUploadResults { batch, results });
     }
@@ -601,12 +624,12 @@ impl DeviceSession {
     }
 
     fn start_upload(&mut self) {
-        if self.handshake != Handshake::Open || self.upload != Upload::Idle || !self.upload_dirty {
+        if self.handshake != Handshake::Open || !self.upload.has_room() || !self.upload_dirty {
             return;
         }
         self.upload_dirty = false;
         self.upload_drained = false;
-        self.upload = Upload::Loading;
+        self.upload.loading = true;
         self.effects.push_back(DeviceEffect::LoadUploadBatch {
             max_changes: self.config.max_batch_changes,
             max_bytes: self.config.max_batch_bytes,
@@ -635,7 +658,7 @@ impl DeviceSession {
 
     fn check_idle(&mut self) {
         let idle = self.handshake == Handshake::Open
-            && self.upload == Upload::Idle
+            && self.upload.is_quiet()
             && self.upload_drained
             && !self.upload_dirty
             && self.download == Download::Idle
@@ -672,8 +695,11 @@ impl DeviceSession {
             });
         }
         self.handshake = Handshake::Closed;
-        if let Upload::InFlight { entries, .. } = std::mem::replace(&mut self.upload, Upload::Idle)
-        {
+        let entries: Vec<u64> = std::mem::take(&mut self.upload.sent)
+            .into_iter()
+            .flat_map(|b| b.entries)
+            .collect();
+        if !entries.is_empty() {
             self.effects.push_back(DeviceEffect::AbandonUpload {
                 entries,
                 error: error.describe(),
@@ -767,7 +793,8 @@ pub struct RelaySession {
     state: RelayState,
     deadline: u64,
     version: u16,
-    storing: Option<u64>,
+    /// Uploads being stored, oldest first.
+    storing: VecDeque<u64>,
     reading: Option<ReadFor>,
     /// A download that arrived while a push read was out: it is read once that one is back.
     queued_download: Option<(u64, u32)>,
@@ -792,7 +819,7 @@ impl RelaySession {
             channel_binding,
             state: RelayState::AwaitHello,
             version: PROTOCOL_VERSION,
-            storing: None,
+            storing: VecDeque::new(),
             reading: None,
             queued_download: None,
             sent_through: 0,
@@ -903,10 +930,10 @@ impl RelaySession {
 
     /// The answer to `Store`.
     pub fn stored(&mut self, batch: u64, results: Vec<ChangeResult>, head: u64) {
-        if self.storing != Some(batch) {
+        if self.storing.front() != Some(&batch) {
             return;
         }
-        self.storing = None;
+        self.storing.pop_front();
         self.known_head = self.known_head.max(head);
         if self.state == RelayState::Open {
             self.transmits
@@ -1035,10 +1062,12 @@ impl RelaySession {
                 });
             }
             (RelayState::Open, Message::Upload { batch, changes }) => {
-                if self.storing.is_some() {
+                if self.storing.len() >= MAX_UPLOADS_IN_FLIGHT {
                     return self.fail(
                         ErrorCode::UnexpectedMessage,
-                        "an Upload arrived before the previous one was answered".into(),
+                        format!(
+                            "more than {MAX_UPLOADS_IN_FLIGHT} Uploads are waiting for an answer"
+                        ),
                     );
                 }
                 if changes.is_empty() {
@@ -1054,7 +1083,7 @@ impl RelaySession {
                         ),
                     );
                 }
-                self.storing = Some(batch);
+                self.storing.push_back(batch);
                 self.effects
                     .push_back(RelayEffect::Store { batch, changes });
             }

@@ -3,8 +3,8 @@
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{
-    DeviceEffect, DeviceEvent, DeviceSession, LogSlice, RelayEffect, RelayEvent, RelaySession,
-    SessionConfig, SessionError, device_id,
+    DeviceEffect, DeviceEvent, DeviceSession, LogSlice, MAX_UPLOADS_IN_FLIGHT, RelayEffect,
+    RelayEvent, RelaySession, SessionConfig, SessionError, device_id,
 };
 use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, LogEntry, Message, UploadChange};
 
@@ -346,25 +346,102 @@ fn messages_out_of_order_end_the_session_with_unexpected_message() {
     ));
     assert_eq!(relay.poll_effect(), None);
 
-    // An open session refuses a second upload before the first is answered.
+    // An open session takes a second upload before the first is answered, not a third.
     let mut world = World::default();
     let mut pair = Pair::new([6; 32], 0);
     pair.run(&mut world);
+    for batch in 50..50 + MAX_UPLOADS_IN_FLIGHT as u64 {
+        pair.relay.handle_message(
+            Message::Upload {
+                batch,
+                changes: vec![change(batch)],
+            },
+            1,
+        );
+    }
+    assert!(pair.relay.is_open());
     pair.relay.handle_message(
         Message::Upload {
-            batch: 50,
-            changes: vec![change(1)],
-        },
-        1,
-    );
-    pair.relay.handle_message(
-        Message::Upload {
-            batch: 51,
-            changes: vec![change(2)],
+            batch: 99,
+            changes: vec![change(99)],
         },
         1,
     );
     assert!(pair.relay.is_closed());
+}
+
+#[test]
+fn a_device_keeps_two_uploads_in_flight_and_records_them_in_order() {
+    let key = SigningKey::from_bytes(&[15; 32]);
+    let mut device = DeviceSession::new(SessionConfig::default(), key, "team".into(), vec![], 0, 0);
+    let _hello = device.poll_transmit();
+    device.handle_message(
+        Message::Challenge {
+            version: 1,
+            nonce: [0; 32],
+            time_ms: 0,
+        },
+        0,
+    );
+    let _auth = device.poll_transmit();
+    device.handle_message(
+        Message::Welcome {
+            time_ms: 0,
+            head: 0,
+            max_batch_changes: 1,
+            max_frame_bytes: 1 << 20,
+        },
+        0,
+    );
+    let _download = device.poll_transmit();
+    let mut sent = Vec::new();
+    for entry in 1..=3 {
+        match device.poll_effect() {
+            Some(DeviceEffect::LoadUploadBatch { .. }) => device.upload(vec![change(entry)], 0),
+            other => panic!("expected a batch to load, got {other:?}"),
+        }
+        if let Some(Message::Upload { batch, .. }) = device.poll_transmit() {
+            sent.push(batch);
+        }
+        if sent.len() == MAX_UPLOADS_IN_FLIGHT {
+            break;
+        }
+    }
+    assert_eq!(sent, vec![1, 2]);
+    assert_eq!(
+        device.poll_effect(),
+        None,
+        "no third batch before an answer"
+    );
+    // Answers must come in the order of the uploads.
+    let ack = |batch: u64, entry: u64| Message::UploadAck {
+        batch,
+        results: vec![ChangeResult {
+            entry,
+            outcome: ChangeOutcome::Stored { seq: entry },
+        }],
+    };
+    device.handle_message(ack(1, 1), 0);
+    assert!(matches!(
+        device.poll_effect(),
+        Some(DeviceEffect::RecordUploadResults { batch: 1, .. })
+    ));
+    device.upload_recorded();
+    assert!(matches!(
+        device.poll_effect(),
+        Some(DeviceEffect::LoadUploadBatch { .. })
+    ));
+    device.upload(vec![change(3)], 0);
+    // Closing hands back every batch still waiting for its answer.
+    device.connection_lost("gone".into());
+    let abandoned: Vec<_> = std::iter::from_fn(|| device.poll_effect()).collect();
+    assert_eq!(
+        abandoned,
+        vec![DeviceEffect::AbandonUpload {
+            entries: vec![2, 3],
+            error: "network: the connection was lost: gone".into()
+        }]
+    );
 }
 
 #[test]
@@ -427,6 +504,12 @@ fn an_upload_without_an_answer_times_out_and_hands_its_entries_back() {
         })
     );
     device.upload(vec![change(1), change(2)], 10);
+    // The next batch is loaded while this one is on its way; the queue has no more.
+    assert!(matches!(
+        device.poll_effect(),
+        Some(DeviceEffect::LoadUploadBatch { .. })
+    ));
+    device.upload(vec![], 10);
     assert_eq!(device.poll_timeout(), Some(10 + timeout));
     device.handle_timeout(10 + timeout - 1);
     assert!(device.is_open());
