@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig, SessionError};
-use ferry_proto::wire::{ErrorKind, Message, UploadChange};
+use ferry_proto::wire::{ErrorKind, UploadChange};
 use ferry_proto::{Direction, SyncLogEntry, SyncOutcome};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -332,13 +332,12 @@ struct Engine {
     counted: (u64, u64),
 }
 
-type Incoming = Result<Message, TransportError>;
 /// A connection to the relay with its session stream: the sender, and the frames received.
 type Link = (
     quinn::Endpoint,
     quinn::Connection,
     FrameSender,
-    mpsc::Receiver<Incoming>,
+    transport::Received,
 );
 
 impl Engine {
@@ -424,7 +423,7 @@ impl Engine {
         &mut self,
         connection: &quinn::Connection,
         mut sender: FrameSender,
-        mut incoming: mpsc::Receiver<Incoming>,
+        mut incoming: transport::Received,
     ) -> bool {
         let binding = match transport::channel_binding(connection) {
             Ok(binding) => binding,
@@ -802,25 +801,8 @@ async fn connect(settings: &SyncSettings) -> Result<Link, EngineError> {
     let connection = tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| TransportError::ConnectTimeout { addr })??;
-    let (sender, mut receiver) = transport::open_session(&connection, &options).await?;
-    // Frames are read by their own task, so that the loop can wait on them next to timers
-    // and commands without cutting a frame in half.
-    let (frames, incoming) = mpsc::channel::<Incoming>(16);
-    tokio::spawn(async move {
-        loop {
-            let next = match receiver.recv().await {
-                Ok(Some(message)) => Ok(message),
-                Ok(None) => Err(TransportError::ConnectionLost(
-                    "the relay closed the session".into(),
-                )),
-                Err(e) => Err(e),
-            };
-            let last = next.is_err();
-            if frames.send(next).await.is_err() || last {
-                return;
-            }
-        }
-    });
+    let (sender, receiver) = transport::open_session(&connection, &options).await?;
+    let (incoming, _reader) = receiver.into_channel(16, "relay");
     Ok((endpoint, connection, sender, incoming))
 }
 

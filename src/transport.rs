@@ -702,7 +702,39 @@ pub struct FrameReceiver {
     buffer: Vec<u8>,
 }
 
+/// Messages received on a session, in order; the last item is the error that ended the stream
+/// (a clean finish arrives as `ConnectionLost`).
+pub type Received = tokio::sync::mpsc::Receiver<Result<Message, TransportError>>;
+
 impl FrameReceiver {
+    /// Reads frames on a task of their own into a channel of `capacity` messages, so that a
+    /// session loop can wait on them next to timers and commands without cutting a frame in
+    /// half (`recv` is not cancel-safe), and a slow loop holds back the peer through QUIC flow
+    /// control rather than growing memory. `peer` names the other side in the end-of-stream error.
+    pub fn into_channel(
+        mut self,
+        capacity: usize,
+        peer: &'static str,
+    ) -> (Received, tokio::task::JoinHandle<()>) {
+        let (frames, received) = tokio::sync::mpsc::channel(capacity);
+        let task = tokio::spawn(async move {
+            loop {
+                let next = match self.recv().await {
+                    Ok(Some(message)) => Ok(message),
+                    Ok(None) => Err(TransportError::ConnectionLost(format!(
+                        "the {peer} closed the session"
+                    ))),
+                    Err(e) => Err(e),
+                };
+                let last = next.is_err();
+                if frames.send(next).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        (received, task)
+    }
+
     pub fn new(stream: quinn::RecvStream, max_frame_bytes: usize) -> Self {
         FrameReceiver {
             stream,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ferry_proto::session::{RelayEffect, RelayEvent, RelaySession, SessionConfig};
 use ferry_proto::wire::{ErrorCode, Message};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 
 use super::store::{RelayStore, RelayStoreError};
 use crate::engine::{deadline_instant, now_ms, sleep_until};
@@ -178,8 +178,6 @@ struct Context {
     shutdown: watch::Receiver<bool>,
 }
 
-type Incoming = Result<Message, TransportError>;
-
 impl Context {
     #[tracing::instrument(name = "relay.session", skip_all, fields(%remote, device = tracing::field::Empty))]
     async fn run(mut self, connection: quinn::Connection, remote: SocketAddr) {
@@ -195,7 +193,7 @@ impl Context {
             transport::accept_session(&connection, &self.options.transport),
         )
         .await;
-        let (mut sender, mut receiver) = match accepted {
+        let (mut sender, receiver) = match accepted {
             Ok(Ok(streams)) => streams,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "no session stream");
@@ -207,22 +205,7 @@ impl Context {
                 return;
             }
         };
-        let (frames, mut incoming) = mpsc::channel::<Incoming>(8);
-        let reader = tokio::spawn(async move {
-            loop {
-                let next = match receiver.recv().await {
-                    Ok(Some(message)) => Ok(message),
-                    Ok(None) => Err(TransportError::ConnectionLost(
-                        "the device closed the session".into(),
-                    )),
-                    Err(e) => Err(e),
-                };
-                let last = next.is_err();
-                if frames.send(next).await.is_err() || last {
-                    return;
-                }
-            }
-        });
+        let (mut incoming, reader) = receiver.into_channel(8, "device");
         let mut nonce = [0u8; 32];
         if let Err(e) = getrandom::fill(&mut nonce) {
             tracing::error!(error = %e, "no randomness for a challenge nonce");
