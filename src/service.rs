@@ -280,21 +280,11 @@ impl Service {
 
     /// Applies writes atomically and returns once they are durable.
     pub fn commit(&self, writes: Vec<Write>) -> Result<Vec<Applied>, ApiError> {
-        let applied = match &self.committer {
-            Committer::Direct => {
-                let applied = self.store.write_all(writes)?;
-                self.store.flush()?;
-                applied
-            }
-            Committer::Grouped { jobs, .. } => {
-                let (reply, answer) = mpsc::channel();
-                let unavailable =
-                    || ApiError::new(code::UNAVAILABLE, "the daemon is shutting down: try again");
-                jobs.send(Job::Writes { writes, reply })
-                    .map_err(|_| unavailable())?;
-                answer.recv().map_err(|_| unavailable())??
-            }
-        };
+        let applied = self.durably(
+            writes,
+            |store, writes| store.write_all(writes),
+            |writes, reply| Job::Writes { writes, reply },
+        )?;
         for a in &applied {
             if let Some(operation) = a.operation {
                 // No subscribers is fine: nobody is listening.
@@ -319,25 +309,15 @@ impl Service {
         entries: Vec<LogEntry>,
         through: u64,
     ) -> Result<Vec<RemoteApplied>, ApiError> {
-        let applied = match &self.committer {
-            Committer::Direct => {
-                let applied = self.store.apply_remote(&entries, through)?;
-                self.store.flush()?;
-                applied
-            }
-            Committer::Grouped { jobs, .. } => {
-                let (reply, answer) = mpsc::channel();
-                let unavailable =
-                    || ApiError::new(code::UNAVAILABLE, "the daemon is shutting down: try again");
-                jobs.send(Job::Remote {
-                    entries,
-                    through,
-                    reply,
-                })
-                .map_err(|_| unavailable())?;
-                answer.recv().map_err(|_| unavailable())??
-            }
-        };
+        let applied = self.durably(
+            entries,
+            |store, entries| store.apply_remote(&entries, through),
+            |entries, reply| Job::Remote {
+                entries,
+                through,
+                reply,
+            },
+        )?;
         for a in &applied {
             let _ = self.events.send(ChangeEvent {
                 collection: a.collection.clone(),
@@ -349,6 +329,31 @@ impl Service {
             });
         }
         Ok(applied)
+    }
+
+    /// Runs `work` on the store and returns once it is durable: here, then a flush, when the
+    /// CLI works on the store directly; on the committer thread, in a group commit, in the
+    /// daemon.
+    fn durably<P, T>(
+        &self,
+        payload: P,
+        work: impl FnOnce(&Store, P) -> Result<T, StoreError>,
+        job: impl FnOnce(P, mpsc::Sender<Result<T, StoreError>>) -> Job,
+    ) -> Result<T, ApiError> {
+        match &self.committer {
+            Committer::Direct => {
+                let done = work(&self.store, payload)?;
+                self.store.flush()?;
+                Ok(done)
+            }
+            Committer::Grouped { jobs, .. } => {
+                let (reply, answer) = mpsc::channel();
+                let unavailable =
+                    || ApiError::new(code::UNAVAILABLE, "the daemon is shutting down: try again");
+                jobs.send(job(payload, reply)).map_err(|_| unavailable())?;
+                Ok(answer.recv().map_err(|_| unavailable())??)
+            }
+        }
     }
 
     /// Runs one method. Blocking: call it off the async runtime.

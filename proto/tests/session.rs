@@ -162,6 +162,38 @@ impl Pair {
     }
 }
 
+/// A device session taken through the handshake by hand (the relay's side not checked), the
+/// `Welcome` at time `now` allowing `max_batch_changes`.
+fn opened_by_hand(
+    config: SessionConfig,
+    key: [u8; 32],
+    max_batch_changes: u32,
+    now: u64,
+) -> DeviceSession {
+    let key = SigningKey::from_bytes(&key);
+    let mut device = DeviceSession::new(config, key, "team".into(), vec![], 0, 0);
+    let _hello = device.poll_transmit();
+    device.handle_message(
+        Message::Challenge {
+            version: 1,
+            nonce: [0; 32],
+            time_ms: 0,
+        },
+        0,
+    );
+    let _auth = device.poll_transmit();
+    device.handle_message(
+        Message::Welcome {
+            time_ms: 0,
+            head: 0,
+            max_batch_changes,
+            max_frame_bytes: 1 << 20,
+        },
+        now,
+    );
+    device
+}
+
 fn closed_with(events: &[DeviceEvent]) -> Option<&SessionError> {
     events.iter().find_map(|e| match e {
         DeviceEvent::Closed { error } => error.as_ref(),
@@ -372,27 +404,7 @@ fn messages_out_of_order_end_the_session_with_unexpected_message() {
 
 #[test]
 fn a_device_keeps_two_uploads_in_flight_and_records_them_in_order() {
-    let key = SigningKey::from_bytes(&[15; 32]);
-    let mut device = DeviceSession::new(SessionConfig::default(), key, "team".into(), vec![], 0, 0);
-    let _hello = device.poll_transmit();
-    device.handle_message(
-        Message::Challenge {
-            version: 1,
-            nonce: [0; 32],
-            time_ms: 0,
-        },
-        0,
-    );
-    let _auth = device.poll_transmit();
-    device.handle_message(
-        Message::Welcome {
-            time_ms: 0,
-            head: 0,
-            max_batch_changes: 1,
-            max_frame_bytes: 1 << 20,
-        },
-        0,
-    );
+    let mut device = opened_by_hand(SessionConfig::default(), [15; 32], 1, 0);
     let _download = device.poll_transmit();
     let mut sent = Vec::new();
     for entry in 1..=3 {
@@ -469,29 +481,9 @@ fn an_upload_over_the_batch_limit_is_refused() {
 
 #[test]
 fn an_upload_without_an_answer_times_out_and_hands_its_entries_back() {
-    let key = SigningKey::from_bytes(&[8; 32]);
     let config = SessionConfig::default();
     let timeout = config.request_timeout_ms;
-    let mut device = DeviceSession::new(config, key, "team".into(), vec![], 0, 0);
-    let _hello = device.poll_transmit();
-    device.handle_message(
-        Message::Challenge {
-            version: 1,
-            nonce: [0; 32],
-            time_ms: 0,
-        },
-        0,
-    );
-    let _auth = device.poll_transmit();
-    device.handle_message(
-        Message::Welcome {
-            time_ms: 0,
-            head: 0,
-            max_batch_changes: 100,
-            max_frame_bytes: 1 << 20,
-        },
-        10,
-    );
+    let mut device = opened_by_hand(config, [8; 32], 100, 10);
     assert!(matches!(
         device.poll_transmit(),
         Some(Message::Download { since: 0, .. })
