@@ -298,6 +298,8 @@ pub fn spawn(
         shutdown,
         waiters: Vec::new(),
         round: Round::default(),
+        unlogged: Round::default(),
+        last_logged: None,
         counted: (0, 0),
     };
     let task = tokio::spawn(engine.run());
@@ -309,6 +311,9 @@ pub fn spawn(
         task,
     )
 }
+
+/// Rounds of sync that end closer together than this share their SyncLog entries.
+const SYNC_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// What happened since the last finalization, for the SyncLog.
 #[derive(Default)]
@@ -328,6 +333,9 @@ struct Engine {
     shutdown: watch::Receiver<bool>,
     waiters: Vec<oneshot::Sender<Result<SyncReport, SyncFailure>>>,
     round: Round,
+    /// Finished rounds not yet in the SyncLog, and when it was last written.
+    unlogged: Round,
+    last_logged: Option<Instant>,
     /// The current connection's byte counts already added to the status.
     counted: (u64, u64),
 }
@@ -501,6 +509,7 @@ impl Engine {
         }
         // Hand back whatever the closed session still holds (a batch it was uploading).
         self.pump(&mut session, &mut sender, connection).await;
+        self.write_sync_log();
         let _ = sender.finish();
         authenticated
     }
@@ -629,27 +638,17 @@ impl Engine {
     #[tracing::instrument(name = "sync.finalization", skip(self))]
     fn finalize(&mut self, cursor: u64) {
         let round = std::mem::take(&mut self.round);
-        let upload_outcome = if round.rejected == 0 {
-            SyncOutcome::Success
-        } else {
-            SyncOutcome::Partial
-        };
-        if round.uploaded + round.rejected > 0 {
-            let error = (round.rejected > 0).then(|| {
-                format!(
-                    "{} changes were rejected: see `ferry queue --status failed`",
-                    round.rejected
-                )
-            });
-            self.log(Direction::Upload, round.uploaded, upload_outcome, error);
-        }
-        if round.downloaded > 0 {
-            self.log(
-                Direction::Download,
-                round.downloaded,
-                SyncOutcome::Success,
-                None,
-            );
+        self.unlogged.uploaded += round.uploaded;
+        self.unlogged.rejected += round.rejected;
+        self.unlogged.downloaded += round.downloaded;
+        // A live device finishes a round at every push; one SyncLog entry per push would bury
+        // the log, so rounds close together share their entries (someone waiting on a sync
+        // always gets them written).
+        let due = self
+            .last_logged
+            .is_none_or(|at| at.elapsed() >= SYNC_LOG_EVERY);
+        if due || !self.waiters.is_empty() {
+            self.write_sync_log();
         }
         let at = now_ms();
         self.status.send_modify(|s| {
@@ -682,6 +681,34 @@ impl Engine {
             let _ = waiter.send(Ok(report.clone()));
         }
         self.round.started = Some(Instant::now());
+    }
+
+    /// Writes the SyncLog entries for the rounds not logged yet.
+    fn write_sync_log(&mut self) {
+        let totals = std::mem::take(&mut self.unlogged);
+        self.last_logged = Some(Instant::now());
+        if totals.uploaded + totals.rejected > 0 {
+            let (outcome, error) = if totals.rejected == 0 {
+                (SyncOutcome::Success, None)
+            } else {
+                (
+                    SyncOutcome::Partial,
+                    Some(format!(
+                        "{} changes were rejected: see `ferry queue --status failed`",
+                        totals.rejected
+                    )),
+                )
+            };
+            self.log(Direction::Upload, totals.uploaded, outcome, error);
+        }
+        if totals.downloaded > 0 {
+            self.log(
+                Direction::Download,
+                totals.downloaded,
+                SyncOutcome::Success,
+                None,
+            );
+        }
     }
 
     fn failed(&mut self, error: &EngineError, phase: Direction) {
