@@ -205,7 +205,9 @@ impl Context {
                 return;
             }
         };
-        let (mut incoming, reader) = receiver.into_channel(8, "device");
+        // Two decoded frames ahead at most: with the session's own limits (two uploads being
+        // stored) a device can make the relay hold only a few frames, whatever it sends.
+        let (mut incoming, reader) = receiver.into_channel(2, "device");
         let mut nonce = [0u8; 32];
         if let Err(e) = getrandom::fill(&mut nonce) {
             tracing::error!(error = %e, "no randomness for a challenge nonce");
