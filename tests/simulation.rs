@@ -76,6 +76,9 @@ impl Device {
         )
         .expect("open device store");
         store.recover_interrupted().expect("recover");
+        // From here on the store keeps its queue counts up to date; `check` compares them with
+        // a count of every entry.
+        store.queue_counts().expect("counts");
         let service = Service::new(
             Arc::new(store),
             ServiceOptions {
@@ -586,6 +589,22 @@ impl World {
                 .store()
                 .queue(Some(ferry_proto::QueueStatus::Failed), None, 10)
                 .expect("queue");
+            let entries = device
+                .as_ref()
+                .expect("device present")
+                .service
+                .store()
+                .queue(None, None, usize::MAX)
+                .expect("queue");
+            let completed = entries
+                .iter()
+                .filter(|e| e.status == ferry_proto::QueueStatus::Completed)
+                .count() as u64;
+            assert_eq!(
+                (counts.completed, entries.len() as u64),
+                (completed, completed),
+                "device {i}'s kept queue counts disagree with its queue"
+            );
             assert_eq!(
                 (counts.pending, counts.processing, counts.failed),
                 (0, 0, 0),

@@ -543,3 +543,70 @@ fn the_service_applies_remote_changes_through_its_committer_and_says_so() {
     assert_eq!(queue["counts"]["pending"], json!(1));
     service.shutdown().unwrap();
 }
+
+/// The queue counts as a count of every entry would give them.
+fn counted(store: &Store) -> ferry::store::QueueCounts {
+    let mut counts = ferry::store::QueueCounts::default();
+    for entry in store.queue(None, None, usize::MAX).unwrap() {
+        *match entry.status {
+            QueueStatus::Pending => &mut counts.pending,
+            QueueStatus::Processing => &mut counts.processing,
+            QueueStatus::Completed => &mut counts.completed,
+            QueueStatus::Failed => &mut counts.failed,
+        } += 1;
+    }
+    counts
+}
+
+#[test]
+fn queue_counts_stay_right_through_every_kind_of_move() {
+    let t = TestStore::new(Engine::Memory, StoreOptions::default());
+    let s = t.store();
+    assert_eq!(s.queue_counts().unwrap(), counted(s), "the first ask scans");
+    let entries: Vec<u64> = (0..6)
+        .map(|n| queue_id(s, put("Job", &n.to_string(), json!({"n": n}))))
+        .collect();
+    assert_eq!(s.queue_counts().unwrap(), counted(s), "after local writes");
+    s.next_upload_batch(4, usize::MAX).unwrap();
+    assert_eq!(
+        s.queue_counts().unwrap(),
+        counted(s),
+        "after taking a batch"
+    );
+    s.finish_upload(
+        &[
+            stored(entries[0], 1),
+            rejected(entries[1], ErrorCode::InvalidChange),
+            rejected(entries[2], ErrorCode::Overloaded),
+        ],
+        5,
+    )
+    .unwrap();
+    assert_eq!(
+        s.queue_counts().unwrap(),
+        counted(s),
+        "after an upload's answers"
+    );
+    s.abandon_upload(&[entries[3]], "network: gone", 5).unwrap();
+    assert_eq!(
+        s.queue_counts().unwrap(),
+        counted(s),
+        "after an abandoned upload"
+    );
+    s.queue_transition(&[entries[1]], &ferry::store::QueueAction::Retry)
+        .unwrap();
+    assert_eq!(s.queue_counts().unwrap(), counted(s), "after a retry");
+    s.next_upload_batch(10, usize::MAX).unwrap();
+    s.recover_interrupted().unwrap();
+    let counts = s.queue_counts().unwrap();
+    assert_eq!(counts, counted(s), "after recovering interrupted uploads");
+    assert_eq!(
+        (
+            counts.pending,
+            counts.processing,
+            counts.completed,
+            counts.failed
+        ),
+        (5, 0, 1, 0)
+    );
+}

@@ -141,7 +141,7 @@ pub struct RecordView {
     pub heads: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct QueueCounts {
     pub pending: u64,
     pub processing: u64,
@@ -173,7 +173,10 @@ pub struct Store {
     next_log_id: AtomicU64,
     /// Held by every read-then-write of existing queue entries, so two uploaders or an uploader
     /// and a retry never move the same entry from the same old state twice.
-    queue_lock: Mutex<()>,
+    /// Taken by every batch that moves queue entries, so that moves happen in order. It holds
+    /// the queue's counts by status once `queue_counts` has scanned them (then each such batch
+    /// keeps them up to date), so that asking for them is not a scan of the whole queue.
+    queue_lock: Mutex<Option<QueueCounts>>,
 }
 
 impl Store {
@@ -224,7 +227,7 @@ impl Store {
             ids: Mutex::new(IdGenerator::new()),
             next_queue_id: AtomicU64::new(next_queue_id),
             next_log_id: AtomicU64::new(next_log_id),
-            queue_lock: Mutex::new(()),
+            queue_lock: Mutex::new(None),
         })
     }
 
@@ -232,9 +235,26 @@ impl Store {
         &self.device_id
     }
 
-    fn lock_queue(&self) -> MutexGuard<'_, ()> {
-        // The guard protects no data of its own, only the order of queue updates.
+    fn lock_queue(&self) -> MutexGuard<'_, Option<QueueCounts>> {
         self.queue_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a batch that moves queue entries, and `delta` (its moves) to the counts, under the
+    /// queue lock the caller holds.
+    fn apply_queue_batch(
+        &self,
+        counts: &mut Option<QueueCounts>,
+        batch: Batch,
+        delta: CountDelta,
+    ) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.kv.apply(batch)?;
+        if let Some(counts) = counts {
+            delta.apply_to(counts);
+        }
+        Ok(())
     }
 
     fn lock_cache(&self) -> MutexGuard<'_, LruCache<CacheKey, Record>> {
@@ -259,15 +279,15 @@ impl Store {
         let mut cache = self.lock_cache();
         let (resolved, invalid) = self.resolve_all(writes, now);
         let mut working = WorkingSet::default();
-        let (batch, applied) = self.stage_all(&mut cache, &mut working, resolved, now)?;
+        let (batch, delta, applied) = self.stage_all(&mut cache, &mut working, resolved, now)?;
         // Errors are reported in batch order: an invalid write counts only if every write
         // before it could be staged.
         if let Some(e) = invalid {
             return Err(e);
         }
-        if !batch.is_empty() {
-            self.kv.apply(batch)?;
-        }
+        let mut queue = self.lock_queue();
+        self.apply_queue_batch(&mut queue, batch, delta)?;
+        drop(queue);
         // Only now that the batch has landed may its documents serve later writes. On any error
         // above they are dropped with the working set instead, so the next write starts from what
         // is stored.
@@ -324,12 +344,13 @@ impl Store {
         working: &mut WorkingSet,
         resolved: Vec<Resolved>,
         now: u64,
-    ) -> Result<(Batch, Vec<Applied>), StoreError> {
+    ) -> Result<(Batch, CountDelta, Vec<Applied>), StoreError> {
         for r in &resolved {
             *working.uses.entry(r.key.clone()).or_insert(0) += 1;
         }
         let mut fresh = self.build_fresh(cache, working, &resolved, now)?;
         let mut batch = Batch::default();
+        let mut delta = CountDelta::default();
         let mut applied = Vec::with_capacity(resolved.len());
         for (index, Resolved { key, change }) in resolved.into_iter().enumerate() {
             let staged = match fresh.remove(&index) {
@@ -341,9 +362,9 @@ impl Store {
                     staged
                 }
             };
-            applied.push(self.finish(key, staged, now, &mut batch));
+            applied.push(self.finish(key, staged, now, &mut batch, &mut delta));
         }
-        Ok((batch, applied))
+        Ok((batch, delta, applied))
     }
 
     /// Builds, in parallel, the documents of puts that create records absent from both the cache
@@ -410,7 +431,14 @@ impl Store {
     }
 
     /// Adds a staged write's document and queue entry to the batch.
-    fn finish(&self, key: CacheKey, staged: Staged, now: u64, batch: &mut Batch) -> Applied {
+    fn finish(
+        &self,
+        key: CacheKey,
+        staged: Staged,
+        now: u64,
+        batch: &mut Batch,
+        delta: &mut CountDelta,
+    ) -> Applied {
         let (collection, id) = key;
         let Some((operation, change, doc)) = staged.written else {
             return Applied {
@@ -436,7 +464,7 @@ impl Store {
             updated_at: now,
             priority: self.priority(&collection),
         };
-        stage_entry(batch, None, &entry);
+        stage_entry(batch, delta, None, &entry);
         Applied {
             collection,
             id,
@@ -641,7 +669,19 @@ impl Store {
     }
 
     /// Counts entries by status, reading the queue a page at a time.
+    /// Counts entries by status: a scan of the queue the first time, then kept up to date.
     pub fn queue_counts(&self) -> Result<QueueCounts, StoreError> {
+        let mut queue = self.lock_queue();
+        if let Some(counts) = *queue {
+            return Ok(counts);
+        }
+        let counts = self.scan_queue_counts()?;
+        *queue = Some(counts);
+        Ok(counts)
+    }
+
+    /// Counts entries by status, reading the queue a page at a time.
+    fn scan_queue_counts(&self) -> Result<QueueCounts, StoreError> {
         let mut counts = QueueCounts::default();
         self.scan_queue(None, |entry| {
             *match entry.status {
@@ -686,9 +726,10 @@ impl Store {
         ids: &[u64],
         action: &QueueAction,
     ) -> Result<Vec<SyncQueueEntry>, StoreError> {
-        let _queue = self.lock_queue();
+        let mut queue = self.lock_queue();
         let now = self.clock.now_ms();
         let mut batch = Batch::default();
+        let mut delta = CountDelta::default();
         let mut updated = Vec::with_capacity(ids.len());
         let mut seen = BTreeSet::new();
         for &id in ids.iter().filter(|&&id| seen.insert(id)) {
@@ -707,12 +748,10 @@ impl Store {
                 QueueAction::Retry => entry.retry(now),
                 QueueAction::RequeueInterrupted => entry.requeue_interrupted(now),
             }?;
-            stage_entry(&mut batch, Some(old), &entry);
+            stage_entry(&mut batch, &mut delta, Some(old), &entry);
             updated.push(entry);
         }
-        if !batch.is_empty() {
-            self.kv.apply(batch)?;
-        }
+        self.apply_queue_batch(&mut queue, batch, delta)?;
         Ok(updated)
     }
 
@@ -876,9 +915,47 @@ fn mutate(
     Ok(Staged { written, heads })
 }
 
+/// How a batch moves the queue's counts by status.
+#[derive(Debug, Default)]
+struct CountDelta {
+    pending: i64,
+    processing: i64,
+    completed: i64,
+    failed: i64,
+}
+
+impl CountDelta {
+    fn slot(&mut self, status: QueueStatus) -> &mut i64 {
+        match status {
+            QueueStatus::Pending => &mut self.pending,
+            QueueStatus::Processing => &mut self.processing,
+            QueueStatus::Completed => &mut self.completed,
+            QueueStatus::Failed => &mut self.failed,
+        }
+    }
+
+    fn apply_to(&self, counts: &mut QueueCounts) {
+        let add = |count: &mut u64, by: i64| *count = count.saturating_add_signed(by);
+        add(&mut counts.pending, self.pending);
+        add(&mut counts.processing, self.processing);
+        add(&mut counts.completed, self.completed);
+        add(&mut counts.failed, self.failed);
+    }
+}
+
 /// Adds a queue entry, whose status was `old` (`None` for a new entry), to the batch together with
-/// the pending index change its move calls for, so the index never disagrees with the queue.
-fn stage_entry(batch: &mut Batch, old: Option<QueueStatus>, entry: &SyncQueueEntry) {
+/// the pending index change its move calls for, so the index never disagrees with the queue, and
+/// counts the move in `delta`.
+fn stage_entry(
+    batch: &mut Batch,
+    delta: &mut CountDelta,
+    old: Option<QueueStatus>,
+    entry: &SyncQueueEntry,
+) {
+    if let Some(old) = old {
+        *delta.slot(old) -= 1;
+    }
+    *delta.slot(entry.status) += 1;
     let was_pending = old == Some(QueueStatus::Pending);
     let is_pending = entry.status == QueueStatus::Pending;
     if was_pending && !is_pending {

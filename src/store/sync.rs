@@ -10,7 +10,7 @@
 //! and durable only after `Store::flush`; the caller decides when to flush.
 
 use super::kv::{Batch, Kv};
-use super::{CacheKey, Store, StoreError, WorkingSet, decode, keys, stage_entry};
+use super::{CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry};
 use crate::record::decode_change;
 use ferry_proto::wire::{ChangeOutcome, ChangeResult, LogEntry};
 use ferry_proto::{
@@ -86,7 +86,7 @@ impl Store {
         max_changes: usize,
         max_bytes: usize,
     ) -> Result<Vec<SyncQueueEntry>, StoreError> {
-        let _queue = self.lock_queue();
+        let mut queue = self.lock_queue();
         let now = self.clock.now_ms();
         let mut picked = Vec::new();
         let mut bytes = 0usize;
@@ -114,13 +114,12 @@ impl Store {
             }
         }
         let mut batch = Batch::default();
+        let mut delta = CountDelta::default();
         for entry in &mut picked {
             entry.start(now)?;
-            stage_entry(&mut batch, Some(QueueStatus::Pending), entry);
+            stage_entry(&mut batch, &mut delta, Some(QueueStatus::Pending), entry);
         }
-        if !batch.is_empty() {
-            self.kv.apply(batch)?;
-        }
+        self.apply_queue_batch(&mut queue, batch, delta)?;
         Ok(picked)
     }
 
@@ -187,10 +186,11 @@ impl Store {
             &mut UploadSummary,
         ) -> Result<(), ferry_proto::TransitionError>,
     ) -> Result<UploadSummary, StoreError> {
-        let _queue = self.lock_queue();
+        let mut queue = self.lock_queue();
         let now = self.clock.now_ms();
         let mut summary = UploadSummary::default();
         let mut batch = Batch::default();
+        let mut delta = CountDelta::default();
         let mut seen = BTreeSet::new();
         for (id, item) in items {
             if !seen.insert(id) {
@@ -205,11 +205,14 @@ impl Store {
                 continue;
             };
             settle(&mut entry, item, now, &mut summary)?;
-            stage_entry(&mut batch, Some(QueueStatus::Processing), &entry);
+            stage_entry(
+                &mut batch,
+                &mut delta,
+                Some(QueueStatus::Processing),
+                &entry,
+            );
         }
-        if !batch.is_empty() {
-            self.kv.apply(batch)?;
-        }
+        self.apply_queue_batch(&mut queue, batch, delta)?;
         Ok(summary)
     }
 
