@@ -6,8 +6,8 @@
 mod common;
 
 use automerge::ActorId;
-use common::{open_sled, proptest_config};
-use ferry::record::{Fields, Record};
+use common::{fields, open_sled, proptest_config};
+use ferry::record::Record;
 use ferry::relay::store::{RelayStore, RelayStoreError, RelayStoreOptions};
 use ferry::store::kv::{Kv, MemoryKv};
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
@@ -17,13 +17,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 const SPACE: &str = "team";
-
-fn fields(v: Value) -> Fields {
-    match v {
-        Value::Object(m) => m,
-        other => panic!("fields must be an object, not {other}"),
-    }
-}
 
 fn actor(n: u8) -> ActorId {
     ActorId::from(&[n; 16][..])

@@ -7,7 +7,8 @@
 mod common;
 
 use common::{
-    Engine, FaultyKv, StepClock, TestStore, assert_queue_matches_history, open_test_store,
+    Engine, FaultyKv, StepClock, TestStore, assert_queue_matches_history, fields, open_test_store,
+    put,
 };
 use ferry::record::{Fields, RecordError};
 use ferry::store::{QueueAction, Store, StoreError, StoreOptions, Write};
@@ -15,21 +16,6 @@ use ferry_proto::{
     Direction, Operation, QueueStatus, SyncLogEntry, SyncOutcome, SyncQueueEntry, TransitionError,
 };
 use serde_json::{Value, json};
-
-fn fields(v: Value) -> Fields {
-    match v {
-        Value::Object(m) => m,
-        other => panic!("fields must be an object, not {other}"),
-    }
-}
-
-fn put(collection: &str, id: &str, v: Value) -> Write {
-    Write::Put {
-        collection: collection.into(),
-        id: Some(id.into()),
-        fields: fields(v),
-    }
-}
 
 fn patch(collection: &str, id: &str, set: Value, unset: &[&str]) -> Write {
     Write::Patch {

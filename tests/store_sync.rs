@@ -5,8 +5,7 @@
 
 mod common;
 
-use common::{Engine, StepClock, TestStore, open_test_store};
-use ferry::record::Fields;
+use common::{Engine, StepClock, TestStore, fields, open_test_store, put};
 use ferry::service::{Origin, Service, ServiceOptions};
 use ferry::store::kv::{Batch, Kv, MemoryKv};
 use ferry::store::sync::UploadSummary;
@@ -18,21 +17,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 const OTHER_DEVICE: &str = "fedcba9876543210fedcba9876543210";
-
-fn fields(v: Value) -> Fields {
-    match v {
-        Value::Object(m) => m,
-        other => panic!("fields must be an object, not {other}"),
-    }
-}
-
-fn put(collection: &str, id: &str, v: Value) -> Write {
-    Write::Put {
-        collection: collection.into(),
-        id: Some(id.into()),
-        fields: fields(v),
-    }
-}
 
 fn patch(collection: &str, id: &str, v: Value) -> Write {
     Write::Patch {

@@ -702,3 +702,20 @@ impl Kv for FaultyKv {
         self.inner.size_on_disk()
     }
 }
+
+/// A JSON object as record fields (tests write them as `json!({...})`).
+pub fn fields(v: serde_json::Value) -> ferry::record::Fields {
+    match v {
+        serde_json::Value::Object(m) => m,
+        other => panic!("fields must be an object, not {other}"),
+    }
+}
+
+/// A put of `v` as the record `collection/id`.
+pub fn put(collection: &str, id: &str, v: serde_json::Value) -> ferry::store::Write {
+    ferry::store::Write::Put {
+        collection: collection.into(),
+        id: Some(id.into()),
+        fields: fields(v),
+    }
+}
