@@ -178,6 +178,20 @@ pub struct SyncFailure {
     pub at_ms: u64,
 }
 
+impl SyncFailure {
+    fn new(kind: &str, message: impl std::fmt::Display) -> Self {
+        SyncFailure {
+            kind: kind.into(),
+            message: message.to_string(),
+            at_ms: now_ms(),
+        }
+    }
+
+    fn stopped() -> Self {
+        SyncFailure::new(ErrorKind::Network.as_str(), EngineError::Stopped)
+    }
+}
+
 /// The device's sync status, as `status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SyncStatus {
@@ -239,16 +253,11 @@ impl SyncHandle {
     /// the device holds what the relay has, or the attempt fails.
     pub async fn sync_now(&self) -> Result<SyncReport, SyncFailure> {
         let (reply, answer) = oneshot::channel();
-        let stopped = || SyncFailure {
-            kind: ErrorKind::Network.as_str().into(),
-            message: EngineError::Stopped.to_string(),
-            at_ms: now_ms(),
-        };
         self.commands
             .send(Command::SyncNow { reply })
             .await
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+            .map_err(|_| SyncFailure::stopped())?;
+        answer.await.map_err(|_| SyncFailure::stopped())?
     }
 }
 
@@ -382,11 +391,7 @@ impl Engine {
     fn stopped(&mut self) {
         self.status
             .send_modify(|s| s.state = ConnectionState::Stopped);
-        self.fail_waiters(&SyncFailure {
-            kind: ErrorKind::Network.as_str().into(),
-            message: EngineError::Stopped.to_string(),
-            at_ms: now_ms(),
-        });
+        self.fail_waiters(&SyncFailure::stopped());
     }
 
     /// Waits out the backoff, or less if someone asks to sync now. False when shutting down.
@@ -527,14 +532,12 @@ impl Engine {
             let mut moved = false;
             while let Some(effect) = session.poll_effect() {
                 moved = true;
-                let service = self.service.clone();
-                let max_retries = self.settings.max_retries;
+                let (service, max_retries) = (&self.service, self.settings.max_retries);
                 let result = tokio::task::block_in_place(|| {
-                    carry_out(&service, max_retries, session, effect, now_ms())
+                    carry_out(service, max_retries, session, effect, now_ms())
                 });
                 if let Err(e) = result {
-                    tracing::error!(error = %e, "sync stopped: the local store failed");
-                    self.record_failure(&e);
+                    self.failed(&e, Direction::Finalization);
                     session.shut_down();
                 }
             }
@@ -615,21 +618,8 @@ impl Engine {
             }
             DeviceEvent::Closed { error } => {
                 if let Some(error) = error.filter(|e| *e != SessionError::Ended) {
-                    let failure = SyncFailure {
-                        kind: error.kind().as_str().into(),
-                        message: error.to_string(),
-                        at_ms: now_ms(),
-                    };
-                    tracing::warn!(kind = %failure.kind, error = %failure.message, "sync session ended");
-                    self.log(
-                        Direction::Finalization,
-                        0,
-                        SyncOutcome::Failed,
-                        Some(format!("{}: {}", failure.kind, failure.message)),
-                    );
-                    self.status
-                        .send_modify(|s| s.last_error = Some(failure.clone()));
-                    self.fail_waiters(&failure);
+                    let failure = SyncFailure::new(error.kind().as_str(), &error);
+                    self.report(failure, Direction::Finalization);
                 }
             }
         }
@@ -712,26 +702,21 @@ impl Engine {
     }
 
     fn failed(&mut self, error: &EngineError, phase: Direction) {
-        tracing::warn!(kind = error_kind(error), error = %error, "cannot sync");
-        let failure = self.record_failure(error);
+        self.report(SyncFailure::new(error_kind(error), error), phase);
+    }
+
+    /// A sync failed: the log, the SyncLog, the status and whoever waits on a sync hear of it.
+    fn report(&mut self, failure: SyncFailure, phase: Direction) {
+        tracing::warn!(kind = %failure.kind, error = %failure.message, "cannot sync");
         self.log(
             phase,
             0,
             SyncOutcome::Failed,
             Some(format!("{}: {}", failure.kind, failure.message)),
         );
-        self.fail_waiters(&failure);
-    }
-
-    fn record_failure(&mut self, error: &EngineError) -> SyncFailure {
-        let failure = SyncFailure {
-            kind: error_kind(error).into(),
-            message: error.to_string(),
-            at_ms: now_ms(),
-        };
         self.status
             .send_modify(|s| s.last_error = Some(failure.clone()));
-        failure
+        self.fail_waiters(&failure);
     }
 
     fn fail_waiters(&mut self, failure: &SyncFailure) {
