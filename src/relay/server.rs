@@ -21,6 +21,9 @@ use super::store::{RelayStore, RelayStoreError};
 use crate::engine::{deadline_instant, now_ms, sleep_until};
 use crate::transport::{self, FrameSender, TransportError};
 
+/// Over-limit connections told `Overloaded` at once; more are refused without a handshake.
+const MAX_POLITE_REFUSALS: usize = 16;
+
 /// How long a closing session waits for the device to read its last message.
 const LINGER: Duration = Duration::from_secs(2);
 
@@ -115,13 +118,25 @@ pub async fn serve(
 ) {
     let spaces = Arc::new(Spaces::default());
     let slots = Arc::new(Semaphore::new(options.max_connections));
+    // Devices over the limit are told so (`Overloaded`) a few at a time; past that they are
+    // refused before the TLS handshake, so a flood costs no more than a refusal packet each.
+    let refusals = Arc::new(Semaphore::new(MAX_POLITE_REFUSALS));
     let mut sessions = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let permit = slots.clone().try_acquire_owned().ok();
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(permit) => Ok(permit),
+                    Err(_) => match refusals.clone().try_acquire_owned() {
+                        Ok(refusal) => Err(refusal),
+                        Err(_) => {
+                            incoming.refuse();
+                            continue;
+                        }
+                    },
+                };
                 let context = Context {
                     store: store.clone(),
                     spaces: spaces.clone(),
@@ -138,8 +153,8 @@ pub async fn serve(
                         }
                     };
                     match permit {
-                        Some(_permit) => context.run(connection, remote).await,
-                        None => refuse(connection, &context.options).await,
+                        Ok(_permit) => context.run(connection, remote).await,
+                        Err(_refusal) => refuse(connection, &context.options).await,
                     }
                 });
             }
