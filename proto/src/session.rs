@@ -155,7 +155,10 @@ pub enum DeviceEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Handshake {
     AwaitChallenge,
-    AwaitWelcome,
+    /// The relay chose `version` in its challenge.
+    AwaitWelcome {
+        version: u16,
+    },
     Open,
     Closed,
 }
@@ -282,16 +285,6 @@ impl DeviceSession {
         self.handshake == Handshake::Closed
     }
 
-    /// The durable download cursor as this session knows it.
-    pub fn cursor(&self) -> u64 {
-        self.cursor
-    }
-
-    /// The relay's head as last announced.
-    pub fn relay_head(&self) -> u64 {
-        self.relay_head
-    }
-
     pub fn poll_transmit(&mut self) -> Option<Message> {
         self.transmits.pop_front()
     }
@@ -308,7 +301,9 @@ impl DeviceSession {
     pub fn poll_timeout(&self) -> Option<u64> {
         match self.handshake {
             Handshake::Closed => None,
-            Handshake::AwaitChallenge | Handshake::AwaitWelcome => Some(self.handshake_deadline),
+            Handshake::AwaitChallenge | Handshake::AwaitWelcome { .. } => {
+                Some(self.handshake_deadline)
+            }
             Handshake::Open => {
                 let upload = self.upload.sent.iter().map(|b| b.deadline).min();
                 let download = match self.download {
@@ -324,7 +319,7 @@ impl DeviceSession {
         let expired = |deadline: u64| now >= deadline;
         let what = match (&self.handshake, &self.upload, &self.download) {
             (Handshake::Closed, ..) => return,
-            (Handshake::AwaitChallenge | Handshake::AwaitWelcome, ..) => {
+            (Handshake::AwaitChallenge | Handshake::AwaitWelcome { .. }, ..) => {
                 if !expired(self.handshake_deadline) {
                     return;
                 }
@@ -469,10 +464,10 @@ impl DeviceSession {
                 let signature = self.key.sign(&transcript).to_bytes();
                 self.transmits
                     .push_back(Message::Authenticate { signature });
-                self.handshake = Handshake::AwaitWelcome;
+                self.handshake = Handshake::AwaitWelcome { version };
             }
             (
-                Handshake::AwaitWelcome,
+                Handshake::AwaitWelcome { version },
                 Message::Welcome {
                     time_ms,
                     head,
@@ -488,7 +483,7 @@ impl DeviceSession {
                 let frame_room = (max_frame_bytes as usize) / 2;
                 self.config.max_batch_bytes = self.config.max_batch_bytes.min(frame_room).max(1);
                 self.events.push_back(DeviceEvent::Authenticated {
-                    version: PROTOCOL_VERSION,
+                    version,
                     relay_time_ms: time_ms,
                     relay_head: head,
                 });
@@ -792,7 +787,6 @@ pub struct RelaySession {
     channel_binding: Vec<u8>,
     state: RelayState,
     deadline: u64,
-    version: u16,
     /// Uploads being stored, oldest first.
     storing: VecDeque<u64>,
     reading: Option<ReadFor>,
@@ -818,7 +812,6 @@ impl RelaySession {
             nonce,
             channel_binding,
             state: RelayState::AwaitHello,
-            version: PROTOCOL_VERSION,
             storing: VecDeque::new(),
             reading: None,
             queued_download: None,
@@ -1024,7 +1017,6 @@ impl RelaySession {
                 if let Err(problem) = validate_space(&space) {
                     return self.fail(ErrorCode::Forbidden, problem);
                 }
-                self.version = version;
                 self.transmits.push_back(Message::Challenge {
                     version,
                     nonce: self.nonce,
