@@ -145,11 +145,6 @@ pub fn decode_change(bytes: &[u8]) -> Result<Change, RecordError> {
     change.map_err(|e| RecordError::InvalidChange(e.to_string()))
 }
 
-/// The hash that names a change, from its raw bytes.
-pub fn change_hash(bytes: &[u8]) -> Result<[u8; 32], RecordError> {
-    Ok(decode_change(bytes)?.hash().0)
-}
-
 /// The result of a write that changed the record.
 #[derive(Debug)]
 pub struct Written {
@@ -387,7 +382,12 @@ impl Record {
             .iter()
             .map(|bytes| decode_change(bytes))
             .collect::<Result<Vec<_>, _>>()?;
-        let fresh: Vec<Change> = decoded
+        self.apply_decoded(decoded)
+    }
+
+    /// As `apply_changes`, for changes already decoded (with `decode_change`).
+    pub fn apply_decoded(&mut self, changes: Vec<Change>) -> Result<bool, RecordError> {
+        let fresh: Vec<Change> = changes
             .into_iter()
             .filter(|c| self.doc.get_change_meta_by_hash(&c.hash()).is_none())
             .collect();
@@ -841,10 +841,10 @@ mod tests {
                 b.apply_changes(&[change.clone(), bad.clone()]),
                 Err(RecordError::InvalidChange(_))
             ));
-            assert!(change_hash(&bad).is_err());
+            assert!(decode_change(&bad).is_err());
         }
         assert!(!b.exists(), "nothing applied");
-        assert_eq!(change_hash(&change).unwrap(), a.heads()[0].0);
+        assert_eq!(decode_change(&change).unwrap().hash(), a.heads()[0]);
     }
 
     #[test]

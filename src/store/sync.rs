@@ -12,6 +12,7 @@
 use super::kv::{Batch, Kv};
 use super::{CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry};
 use crate::record::decode_change;
+use automerge::Change;
 use ferry_proto::wire::{ChangeOutcome, ChangeResult, LogEntry};
 use ferry_proto::{
     Operation, QueueStatus, SyncQueueEntry, validate_collection, validate_record_id,
@@ -247,7 +248,9 @@ impl Store {
         through: u64,
     ) -> Result<Vec<RemoteApplied>, StoreError> {
         let mut order: Vec<CacheKey> = Vec::new();
-        let mut groups: HashMap<CacheKey, Vec<&LogEntry>> = HashMap::new();
+        // Each record's changes, decoded once, with the seq of its first entry (named if the
+        // record's changes cannot be applied).
+        let mut groups: HashMap<CacheKey, (u64, Vec<Change>)> = HashMap::new();
         for entry in entries {
             let invalid = |reason: String| StoreError::RemoteEntry {
                 seq: entry.seq,
@@ -257,16 +260,16 @@ impl Store {
             validate_collection(&entry.collection, &self.options.limits)
                 .and_then(|()| validate_record_id(&entry.record, &self.options.limits))
                 .map_err(|e| invalid(e.to_string()))?;
-            // Decoded here as well as when applied, so that a malformed entry is named exactly.
-            decode_change(&entry.change).map_err(|e| invalid(e.to_string()))?;
+            let change = decode_change(&entry.change).map_err(|e| invalid(e.to_string()))?;
             let key = (entry.collection.clone(), entry.record.clone());
             groups
                 .entry(key.clone())
                 .or_insert_with(|| {
                     order.push(key);
-                    Vec::new()
+                    (entry.seq, Vec::new())
                 })
-                .push(entry);
+                .1
+                .push(change);
         }
         // Read under the cache lock, which every apply holds, so two applies cannot both move
         // the cursor from the same old value.
@@ -279,14 +282,17 @@ impl Store {
         let mut batch = Batch::default();
         let mut applied = Vec::new();
         for key in order {
-            let group = groups.remove(&key).unwrap_or_default();
+            let (first, changes) = groups.remove(&key).unwrap_or_default();
+            // The device that wrote the last of the changes, as subscribers are told.
+            let device = changes
+                .last()
+                .map(|c| c.actor_id().to_hex_string())
+                .unwrap_or_default();
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
             let (existed, was_deleted) = (record.exists(), record.is_deleted());
-            let changes: Vec<Vec<u8>> = group.iter().map(|e| e.change.clone()).collect();
-            let changed = record.apply_changes(&changes).map_err(|e| {
+            let changed = record.apply_decoded(changes).map_err(|e| {
                 // Every entry decoded, so this is a dependency missing from the record's
                 // changes as a whole: name the record's first entry.
-                let first = group.first().map_or(0, |e| e.seq);
                 StoreError::RemoteEntry {
                     seq: first,
                     address: format!("{}/{}", key.0, key.1),
@@ -302,11 +308,6 @@ impl Store {
                 } else {
                     Operation::Update
                 };
-                let device = group
-                    .last()
-                    .and_then(|e| decode_change(&e.change).ok())
-                    .map(|c| c.actor_id().to_hex_string())
-                    .unwrap_or_default();
                 batch.put(keys::doc(&key.0, &key.1), record.save());
                 applied.push(RemoteApplied {
                     collection: key.0.clone(),
