@@ -60,7 +60,7 @@ fn main() {
     let (mut after, mut read) = (0, 0usize);
     loop {
         let slice = relay
-            .read_since("bench", after, 1000, 4 << 20, None)
+            .read_since("bench", after, 1000, 4 << 20)
             .expect("read");
         if slice.entries.is_empty() {
             break;

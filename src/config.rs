@@ -211,6 +211,28 @@ impl Default for RelayConfig {
 pub struct CollectionConfig {
     /// Upload order: higher first.
     pub priority: i32,
+    /// How concurrent writes are settled: `merge`, `lww` or `manual`.
+    pub strategy: crate::resolve::Strategy,
+    /// What a record shows when a delete and an update were concurrent: `keep_update`,
+    /// `keep_delete`, `latest` or `queue`; unset means the strategy's default.
+    pub on_delete: Option<crate::resolve::DeleteRule>,
+    /// Unique constraints, each a list of top-level fields (one field, or several together).
+    pub unique: Vec<Vec<String>>,
+    /// Top-level string fields merged character by character (Automerge text).
+    pub text: Vec<String>,
+}
+
+impl CollectionConfig {
+    pub fn policy(&self) -> crate::resolve::Policy {
+        crate::resolve::Policy {
+            strategy: self.strategy,
+            on_delete: self
+                .on_delete
+                .unwrap_or(crate::resolve::DeleteRule::default_for(self.strategy)),
+            unique: self.unique.clone(),
+            text: std::sync::Arc::new(self.text.iter().cloned().collect()),
+        }
+    }
 }
 
 impl Config {
@@ -241,9 +263,18 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
-        for name in self.collections.keys() {
+        for (name, collection) in &self.collections {
             ferry_proto::validate_collection(name, &self.limits)
                 .map_err(|e| format!("[collections.{name}]: {e}"))?;
+            if let Some(fields) = collection
+                .unique
+                .iter()
+                .find(|f| f.is_empty() || f.iter().any(|n| n.is_empty() || n.starts_with('$')))
+            {
+                return Err(format!(
+                    "[collections.{name}] unique: {fields:?} must name one or more fields, none starting with `$`"
+                ));
+            }
         }
         let positive = [
             ("store.cache_docs", self.store.cache_docs),
@@ -314,6 +345,14 @@ impl Config {
                 .collect(),
             declared_collections: (!self.store.allow_undeclared_collections)
                 .then(|| self.collections.keys().cloned().collect()),
+            policies: crate::resolve::Policies {
+                default: crate::resolve::Policy::default(),
+                collections: self
+                    .collections
+                    .iter()
+                    .map(|(name, c)| (name.clone(), c.policy()))
+                    .collect(),
+            },
         }
     }
 }

@@ -185,7 +185,7 @@ pub fn relay_store(data: &[u8]) {
     }
     let store = open(&kv);
     let _ = store.head(SPACE);
-    let _ = store.read_since(SPACE, 0, 100, 1 << 20, None);
+    let _ = store.read_since(SPACE, 0, 100, 1 << 20);
     for record in ["a", "b"] {
         let _ = store.record(SPACE, "Doc", record);
         let _ = store.document_bytes(SPACE, "Doc", record);

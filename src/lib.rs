@@ -11,6 +11,7 @@ pub mod fuzzing;
 pub mod ipc;
 pub mod record;
 pub mod relay;
+pub mod resolve;
 pub mod service;
 pub mod store;
 pub mod transport;

@@ -11,16 +11,23 @@
 //! tombstone). Writes that use them are refused, and reads never show them.
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, AutoCommit, Change, ChangeHash, ObjId, ObjType, PatchAction, Prop};
+use automerge::{
+    ActorId, AutoCommit, Automerge, Change, ChangeHash, ObjId, ObjType, PatchAction, Prop,
+};
 use automerge::{ROOT, ReadDoc, ScalarValue, Value as AmValue};
 use ferry_proto::{Limits, Operation};
 use serde::Serialize;
 use serde_json::{Map, Number, Value};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// Root key whose value `true` marks a deleted record. A delete is a change like any other, so a
 /// concurrent update elsewhere meets it and the conflict can be seen.
 pub const DELETED_KEY: &str = "$deleted";
+
+/// Root key every resolution writes (the conflict's id), so that a resolution is a change even
+/// where it keeps the record exactly as it was.
+pub const RESOLVED_KEY: &str = "$resolved";
 
 /// The JSON object form of a record's fields.
 pub type Fields = Map<String, Value>;
@@ -93,6 +100,30 @@ pub fn check_chunks(mut bytes: &[u8], allowed: &[u8]) -> Result<(), RecordError>
         bytes = &bytes[start + data.len()..];
     }
     Ok(())
+}
+
+/// The hash (hex) of one Automerge change given as its raw bytes: the SHA-256 its chunk header's
+/// checksum is the start of, which is how Automerge names the change. `None` for anything but
+/// one well-formed change chunk.
+pub fn chunk_hash(bytes: &[u8]) -> Option<String> {
+    use sha2::Digest as _;
+    check_chunks(bytes, &[CHUNK_CHANGE]).ok()?;
+    let (len, len_bytes) = read_uleb128(bytes.get(9..)?)?;
+    let data = bytes.get(9 + len_bytes..)?;
+    if data.len() as u64 != len {
+        return None;
+    }
+    let mut hasher = sha2::Sha256::new();
+    hasher.update([CHUNK_CHANGE]);
+    hasher.update(uleb128(len));
+    hasher.update(data);
+    Some(
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
@@ -206,6 +237,8 @@ fn check_depth(value: &Value, depth: usize, max: usize) -> Result<(), RecordErro
 /// A record document, loaded in memory.
 pub struct Record {
     doc: AutoCommit,
+    /// Top-level fields written as Automerge text (character-level merging).
+    text: Arc<BTreeSet<String>>,
 }
 
 impl Record {
@@ -213,6 +246,7 @@ impl Record {
     pub fn new(actor: &ActorId) -> Self {
         Record {
             doc: AutoCommit::new().with_actor(actor.clone()),
+            text: Arc::default(),
         }
     }
 
@@ -221,7 +255,19 @@ impl Record {
         let doc = decode_untrusted(|| AutoCommit::load(bytes))?;
         Ok(Record {
             doc: doc.with_actor(actor.clone()),
+            text: Arc::default(),
         })
+    }
+
+    /// Writes the named top-level string fields as Automerge text from now on.
+    pub fn with_text_fields(mut self, text: Arc<BTreeSet<String>>) -> Self {
+        self.text = text;
+        self
+    }
+
+    /// The document for reading, with nothing uncommitted.
+    pub fn automerge(&mut self) -> &Automerge {
+        self.doc.document()
     }
 
     /// The whole document with its history, in Automerge's binary format.
@@ -261,8 +307,15 @@ impl Record {
     /// are written, so a replace that changes one field conflicts with nobody else's fields.
     pub fn put(&mut self, fields: &Fields, now_ms: u64) -> Result<Option<Written>, RecordError> {
         let operation = self.begin_write();
-        write_map(&mut self.doc, &ROOT, fields, Replace::RootFields)?;
-        self.commit(operation, now_ms)
+        let text = Arc::clone(&self.text);
+        write_map(
+            &mut self.doc,
+            &ROOT,
+            fields,
+            Replace::RootFields,
+            style(false, &text),
+        )?;
+        self.commit(operation.as_str(), operation, now_ms)
     }
 
     /// Merge `set` into the record's fields and remove the fields named in `unset`. The record
@@ -283,15 +336,55 @@ impl Record {
                 self.doc.delete(ROOT, key.as_str())?;
             }
         }
-        write_map(&mut self.doc, &ROOT, set, Replace::No)?;
-        self.commit(Operation::Update, now_ms)
+        let text = Arc::clone(&self.text);
+        write_map(&mut self.doc, &ROOT, set, Replace::No, style(false, &text))?;
+        self.commit("update", Operation::Update, now_ms)
     }
 
     /// Mark the record deleted. Its fields stay in the document, so that a concurrent update can
     /// bring the record back whole.
     pub fn delete(&mut self, now_ms: u64) -> Result<Option<Written>, RecordError> {
         self.doc.put(ROOT, DELETED_KEY, true)?;
-        self.commit(Operation::Delete, now_ms)
+        self.commit("delete", Operation::Delete, now_ms)
+    }
+
+    /// Makes the document hold exactly `fields` and the `deleted` state, whatever Automerge's own
+    /// merge shows now: keys still holding concurrent values are written even where the value
+    /// Automerge picks is already right, so that the change settles them. Used when the record
+    /// shows a state its strategy chose over Automerge's merge (the write must build on what the
+    /// writer saw), and for resolutions, whose `message` names the conflict; a resolution always
+    /// makes a change (it writes `RESOLVED_KEY`).
+    pub fn materialize(
+        &mut self,
+        fields: &Fields,
+        deleted: bool,
+        operation: Operation,
+        resolution: Option<(&str, String)>,
+        now_ms: u64,
+    ) -> Result<Option<Written>, RecordError> {
+        let text = Arc::clone(&self.text);
+        let style = style(true, &text);
+        if deleted {
+            // A tombstone keeps its fields, so that a concurrent update can bring it back whole.
+            write_map(&mut self.doc, &ROOT, fields, Replace::No, style)?;
+        } else {
+            write_map(&mut self.doc, &ROOT, fields, Replace::RootFields, style)?;
+        }
+        write_at_key(
+            &mut self.doc,
+            &ROOT,
+            DELETED_KEY,
+            &Value::Bool(deleted),
+            style,
+        )?;
+        let message = match resolution {
+            Some((conflict, message)) => {
+                self.doc.put(ROOT, RESOLVED_KEY, conflict)?;
+                message
+            }
+            None => operation.as_str().to_owned(),
+        };
+        self.commit(&message, operation, now_ms)
     }
 
     /// Starts a put: a put on a missing or deleted record is a create, and clears the tombstone.
@@ -306,12 +399,13 @@ impl Record {
 
     fn commit(
         &mut self,
+        message: &str,
         operation: Operation,
         now_ms: u64,
     ) -> Result<Option<Written>, RecordError> {
         let time = i64::try_from(now_ms).unwrap_or(i64::MAX);
         let options = CommitOptions::default()
-            .with_message(operation.as_str())
+            .with_message(message)
             .with_time(time);
         if self.doc.commit_with(options).is_none() {
             return Ok(None);
@@ -340,7 +434,7 @@ impl Record {
                     device: change.actor_id().to_hex_string(),
                     seq: change.seq(),
                     time: change.timestamp(),
-                    operation: change.message().unwrap_or("unknown").to_owned(),
+                    operation: crate::resolve::operation_of(change.message()).to_owned(),
                     fields,
                 }
             })
@@ -448,11 +542,35 @@ enum Replace {
     RootFields,
 }
 
+/// How values are written.
+#[derive(Clone, Copy)]
+struct Style<'a> {
+    /// Write keys that hold concurrent values even when the value Automerge shows is equal, so
+    /// that the change settles them.
+    settle: bool,
+    /// String fields of this map to write as Automerge text (only the record's top level has any).
+    text: Option<&'a BTreeSet<String>>,
+}
+
+fn style(settle: bool, text: &BTreeSet<String>) -> Style<'_> {
+    Style {
+        settle,
+        text: Some(text),
+    }
+}
+
+impl Style<'_> {
+    fn nested(self) -> Self {
+        Style { text: None, ..self }
+    }
+}
+
 fn write_map(
     doc: &mut AutoCommit,
     obj: &ObjId,
     fields: &Fields,
     replace: Replace,
+    style: Style<'_>,
 ) -> Result<(), RecordError> {
     if replace != Replace::No {
         let stale: Vec<String> = doc
@@ -465,7 +583,7 @@ fn write_map(
         }
     }
     for (key, value) in fields {
-        write_at_key(doc, obj, key, value)?;
+        write_at_key(doc, obj, key, value, style)?;
     }
     Ok(())
 }
@@ -477,15 +595,22 @@ fn write_at_key(
     obj: &ObjId,
     key: &str,
     value: &Value,
+    style: Style<'_>,
 ) -> Result<(), RecordError> {
-    let existing = doc.get(obj, key)?.map(|(v, id)| (v.to_owned(), id));
+    let existing = if style.settle && doc.get_all(obj, key)?.len() > 1 {
+        // Treat the key as empty, so the value is written and replaces every concurrent one.
+        None
+    } else {
+        doc.get(obj, key)?.map(|(v, id)| (v.to_owned(), id))
+    };
+    let nested = style.nested();
     match (value, existing) {
         (Value::Object(map), Some((AmValue::Object(ObjType::Map), id))) => {
-            write_map(doc, &id, map, Replace::All)
+            write_map(doc, &id, map, Replace::All, nested)
         }
         (Value::Object(map), _) => {
             let id = doc.put_object(obj, key, ObjType::Map)?;
-            write_map(doc, &id, map, Replace::All)
+            write_map(doc, &id, map, Replace::All, nested)
         }
         (Value::Array(items), existing) => {
             if let Some((AmValue::Object(ObjType::List), id)) = &existing
@@ -494,7 +619,17 @@ fn write_at_key(
                 return Ok(());
             }
             let id = doc.put_object(obj, key, ObjType::List)?;
-            insert_items(doc, &id, items)
+            insert_items(doc, &id, items, nested)
+        }
+        (Value::String(text), existing) if style.text.is_some_and(|t| t.contains(key)) => {
+            let id = match existing {
+                Some((AmValue::Object(ObjType::Text), id)) => id,
+                _ => doc.put_object(obj, key, ObjType::Text)?,
+            };
+            // Only the characters that differ are written, so concurrent edits to other parts
+            // of the text both survive.
+            doc.update_text(&id, text)?;
+            Ok(())
         }
         (scalar, existing) => {
             let new = to_scalar(scalar);
@@ -540,16 +675,21 @@ fn same_values(a: &[Value], b: &[Value]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y))
 }
 
-fn insert_items(doc: &mut AutoCommit, list: &ObjId, items: &[Value]) -> Result<(), RecordError> {
+fn insert_items(
+    doc: &mut AutoCommit,
+    list: &ObjId,
+    items: &[Value],
+    style: Style<'_>,
+) -> Result<(), RecordError> {
     for (index, item) in items.iter().enumerate() {
         match item {
             Value::Object(map) => {
                 let id = doc.insert_object(list, index, ObjType::Map)?;
-                write_map(doc, &id, map, Replace::All)?;
+                write_map(doc, &id, map, Replace::All, style)?;
             }
             Value::Array(inner) => {
                 let id = doc.insert_object(list, index, ObjType::List)?;
-                insert_items(doc, &id, inner)?;
+                insert_items(doc, &id, inner, style)?;
             }
             scalar => doc.insert(list, index, to_scalar(scalar))?,
         }
@@ -604,7 +744,7 @@ fn read_value(doc: &AutoCommit, value: AmValue<'_>, id: &ObjId) -> Value {
 
 /// Automerge scalar to JSON. Types Ferry never writes (bytes, counters, timestamps) come from
 /// other Automerge programs and map to the nearest JSON value.
-fn from_scalar(value: &ScalarValue) -> Value {
+pub(crate) fn from_scalar(value: &ScalarValue) -> Value {
     match value {
         ScalarValue::Null | ScalarValue::Unknown { .. } => Value::Null,
         ScalarValue::Boolean(b) => Value::Bool(*b),
@@ -845,6 +985,8 @@ mod tests {
         }
         assert!(!b.exists(), "nothing applied");
         assert_eq!(decode_change(&change).unwrap().hash(), a.heads()[0]);
+        assert_eq!(chunk_hash(&change), Some(a.heads()[0].to_string()));
+        assert_eq!(chunk_hash(&a.save()), None);
     }
 
     #[test]

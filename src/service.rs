@@ -9,8 +9,10 @@
 //! Must not touch: sockets and framing (that is `ipc`), process lifecycle (that is `daemon`).
 
 use crate::record::Fields;
+use crate::resolve::{Conflict, ConflictKind, ConflictStatus, Take};
+use crate::store::conflicts::ResolveOutcome;
 use crate::store::kv::KvError;
-use crate::store::sync::RemoteApplied;
+use crate::store::sync::RemoteOutcome;
 use crate::store::{Applied, QueueAction, Store, StoreError, Write};
 use base64::Engine as _;
 use ferry_proto::wire::LogEntry;
@@ -44,6 +46,9 @@ pub mod code {
     /// A sync with the relay did not complete; the message names the kind (network,
     /// authentication, validation, server, timeout).
     pub const SYNC_FAILED: i64 = -32010;
+    /// The conflict was already resolved (here or on another device), or settled by its
+    /// collection's strategy.
+    pub const CONFLICT_SETTLED: i64 = -32011;
 }
 
 /// An error as apps see it: a stable code and a message that says what to do.
@@ -71,7 +76,11 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         use crate::record::RecordError;
         let code = match &e {
-            StoreError::NotFound { .. } | StoreError::QueueEntryNotFound(_) => code::NOT_FOUND,
+            StoreError::NotFound { .. }
+            | StoreError::QueueEntryNotFound(_)
+            | StoreError::ConflictNotFound(_) => code::NOT_FOUND,
+            StoreError::ConflictSettled { .. } => code::CONFLICT_SETTLED,
+            StoreError::MergeNeedsData(_) => code::INVALID_PARAMS,
             StoreError::UnknownCollection(_) => code::UNKNOWN_COLLECTION,
             StoreError::Record(RecordError::TooLarge { .. }) => code::TOO_LARGE,
             StoreError::Address(_) | StoreError::Record(RecordError::ReservedField { .. }) => {
@@ -136,8 +145,21 @@ enum Job {
     Remote {
         entries: Vec<LogEntry>,
         through: u64,
-        reply: mpsc::Sender<Result<Vec<RemoteApplied>, StoreError>>,
+        reply: mpsc::Sender<Result<RemoteOutcome, StoreError>>,
     },
+    Resolve {
+        request: ResolveRequest,
+        reply: mpsc::Sender<Result<ResolveOutcome, StoreError>>,
+    },
+}
+
+/// A conflict resolution, as an app asks for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveRequest {
+    pub id: String,
+    pub take: Take,
+    pub data: Option<Fields>,
 }
 
 /// What is left of a job once it has run: answering its caller, once the group's flush says
@@ -160,6 +182,12 @@ impl Job {
                 reply,
             } => {
                 let result = store.apply_remote(&entries, through);
+                Box::new(move |flushed| {
+                    let _ = reply.send(after_flush(flushed, result));
+                })
+            }
+            Job::Resolve { request, reply } => {
+                let result = store.resolve_conflict(&request.id, request.take, request.data);
                 Box::new(move |flushed| {
                     let _ = reply.send(after_flush(flushed, result));
                 })
@@ -226,6 +254,7 @@ pub struct Service {
     store: Arc<Store>,
     committer: Committer,
     events: broadcast::Sender<ChangeEvent>,
+    conflict_events: broadcast::Sender<ConflictEvent>,
     options: ServiceOptions,
     started: Instant,
 }
@@ -250,10 +279,12 @@ impl Service {
             Committer::Direct
         };
         let (events, _) = broadcast::channel(4096);
+        let (conflict_events, _) = broadcast::channel(1024);
         Service {
             store,
             committer,
             events,
+            conflict_events,
             options,
             started: Instant::now(),
         }
@@ -265,6 +296,17 @@ impl Service {
 
     pub fn subscribe_events(&self) -> broadcast::Receiver<ChangeEvent> {
         self.events.subscribe()
+    }
+
+    /// Conflicts as they are found and resolved, once durable.
+    pub fn subscribe_conflicts(&self) -> broadcast::Receiver<ConflictEvent> {
+        self.conflict_events.subscribe()
+    }
+
+    fn announce_conflicts<'a>(&self, conflicts: impl IntoIterator<Item = &'a Conflict>) {
+        for conflict in conflicts {
+            let _ = self.conflict_events.send(ConflictEvent::from(conflict));
+        }
     }
 
     /// Stops the committer after it has answered every write it was given.
@@ -285,7 +327,12 @@ impl Service {
             |store, writes| store.write_all(writes),
             |writes, reply| Job::Writes { writes, reply },
         )?;
-        for a in &applied {
+        self.announce_local(&applied);
+        Ok(applied)
+    }
+
+    fn announce_local(&self, applied: &[Applied]) {
+        for a in applied {
             if let Some(operation) = a.operation {
                 // No subscribers is fine: nobody is listening.
                 let _ = self.events.send(ChangeEvent {
@@ -298,7 +345,6 @@ impl Service {
                 });
             }
         }
-        Ok(applied)
     }
 
     /// Applies entries of the relay's log and moves the download cursor to `through`, serialised
@@ -308,8 +354,8 @@ impl Service {
         &self,
         entries: Vec<LogEntry>,
         through: u64,
-    ) -> Result<Vec<RemoteApplied>, ApiError> {
-        let applied = self.durably(
+    ) -> Result<RemoteOutcome, ApiError> {
+        let outcome = self.durably(
             entries,
             |store, entries| store.apply_remote(&entries, through),
             |entries, reply| Job::Remote {
@@ -318,7 +364,7 @@ impl Service {
                 reply,
             },
         )?;
-        for a in &applied {
+        for a in &outcome.applied {
             let _ = self.events.send(ChangeEvent {
                 collection: a.collection.clone(),
                 id: a.id.clone(),
@@ -328,7 +374,21 @@ impl Service {
                 origin: Origin::Remote,
             });
         }
-        Ok(applied)
+        self.announce_conflicts(&outcome.conflicts);
+        Ok(outcome)
+    }
+
+    /// Resolves an open conflict (see `Store::resolve_conflict`); returns once the resolving
+    /// changes are durable. Subscribers hear of the records written and of the conflict.
+    pub fn resolve_conflict(&self, request: ResolveRequest) -> Result<ResolveOutcome, ApiError> {
+        let outcome = self.durably(
+            request,
+            |store, r| store.resolve_conflict(&r.id, r.take, r.data),
+            |request, reply| Job::Resolve { request, reply },
+        )?;
+        self.announce_local(&outcome.writes);
+        self.announce_conflicts([&outcome.conflict]);
+        Ok(outcome)
     }
 
     /// Runs `work` on the store and returns once it is durable: here, then a flush, when the
@@ -437,6 +497,15 @@ impl Service {
                 let _: Empty = parse(params)?;
                 self.status()
             }
+            "conflicts.list" => self.conflicts(parse(params)?),
+            "conflicts.get" => {
+                let p: ConflictId = parse(params)?;
+                match self.store.conflict(&p.id)? {
+                    Some(conflict) => to_value(conflict),
+                    None => Err(StoreError::ConflictNotFound(p.id).into()),
+                }
+            }
+            "conflicts.resolve" => to_value(self.resolve_conflict(parse(params)?)?),
             "subscribe" | "unsubscribe" | "sync" => Err(ApiError::new(
                 code::UNAVAILABLE,
                 format!("{method} needs the daemon: start `ferry daemon` and use its socket"),
@@ -446,7 +515,7 @@ impl Service {
                 format!(
                     "unknown method {other:?}: the methods are put, patch, delete, get, list, \
                      collections, history, import, export, subscribe, unsubscribe, queue, retry, \
-                     log, status, sync"
+                     log, status, sync, conflicts.list, conflicts.get, conflicts.resolve"
                 ),
             )),
         }
@@ -501,8 +570,41 @@ impl Service {
         let entries = self
             .store
             .queue(status, p.after, p.limit.unwrap_or(100).min(10_000))?;
-        let views: Vec<QueueView> = entries.iter().map(QueueView::from).collect();
+        let views = entries
+            .iter()
+            .map(|e| {
+                let mut view = QueueView::from(e);
+                view.conflict = self.store.change_conflict(&e.data)?;
+                Ok(view)
+            })
+            .collect::<Result<Vec<QueueView>, StoreError>>()?;
         Ok(json!({ "entries": views, "counts": self.store.queue_counts()? }))
+    }
+
+    fn conflicts(&self, p: ConflictsParams) -> Result<Value, ApiError> {
+        let status = match p.status.as_deref() {
+            None => Some(ConflictStatus::Open),
+            Some("all") => None,
+            Some(s) => Some(ConflictStatus::parse(s).ok_or_else(|| {
+                ApiError::invalid_params(format!(
+                    "status {s:?}: use open, resolved, auto_resolved or all"
+                ))
+            })?),
+        };
+        let limit = p.limit.unwrap_or(100);
+        if limit == 0 || limit > self.options.max_list_limit {
+            return Err(ApiError::invalid_params(format!(
+                "limit must be 1 to {}",
+                self.options.max_list_limit
+            )));
+        }
+        let conflicts =
+            self.store
+                .conflicts(status, p.collection.as_deref(), p.after.as_deref(), limit)?;
+        let next = (conflicts.len() == limit)
+            .then(|| conflicts.last().map(|c| c.id.clone()))
+            .flatten();
+        Ok(json!({ "conflicts": conflicts, "next": next }))
     }
 
     fn retry(&self, p: RetryParams) -> Result<Value, ApiError> {
@@ -534,6 +636,10 @@ impl Service {
             "documents": documents,
             "collections": collections.len(),
             "queue": self.store.queue_counts()?,
+            "conflicts": {
+                "open": self.store.open_conflicts()?,
+                "counts": self.store.conflict_counts()?,
+            },
             "store_bytes": self.store.size_on_disk()?,
         }))
     }
@@ -554,6 +660,8 @@ pub struct QueueView {
     pub created_at: u64,
     pub updated_at: u64,
     pub priority: i32,
+    /// The conflict this change brought when it met the relay's log, if any.
+    pub conflict: Option<String>,
 }
 
 impl From<&SyncQueueEntry> for QueueView {
@@ -573,6 +681,34 @@ impl From<&SyncQueueEntry> for QueueView {
             created_at: e.created_at,
             updated_at: e.updated_at,
             priority: e.priority,
+            conflict: None,
+        }
+    }
+}
+
+/// A conflict found or resolved, as subscribers hear of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConflictEvent {
+    pub id: String,
+    pub kind: ConflictKind,
+    pub collection: String,
+    pub record: String,
+    pub status: ConflictStatus,
+    pub winner: Option<Take>,
+    /// True while only this device's resolution exists (not yet back from the relay).
+    pub resolving: bool,
+}
+
+impl From<&Conflict> for ConflictEvent {
+    fn from(c: &Conflict) -> Self {
+        ConflictEvent {
+            id: c.id.clone(),
+            kind: c.kind,
+            collection: c.collection.clone(),
+            record: c.record.clone(),
+            status: c.status,
+            winner: c.winner,
+            resolving: c.resolving.is_some(),
         }
     }
 }
@@ -658,6 +794,22 @@ struct ImportParams {
 struct QueueParams {
     status: Option<String>,
     after: Option<u64>,
+    limit: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConflictId {
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConflictsParams {
+    /// open (the default), resolved, auto_resolved, or all.
+    status: Option<String>,
+    collection: Option<String>,
+    after: Option<String>,
     limit: Option<usize>,
 }
 

@@ -202,30 +202,22 @@ fn reads_page_through_the_log_and_leave_out_the_readers_own_changes() {
     let seqs = |s: &ferry::relay::store::LogSlice| -> Vec<u64> {
         s.entries.iter().map(|e| e.seq).collect()
     };
-    let page = relay.read_since(SPACE, 0, 2, usize::MAX, None).unwrap();
+    let page = relay.read_since(SPACE, 0, 2, usize::MAX).unwrap();
     assert_eq!((seqs(&page), page.through, page.head), (vec![1, 2], 2, 15));
     assert_eq!(page.entries[0].change, one.changes[0]);
     assert_eq!(page.entries[0].record, "one");
 
-    let page = relay
-        .read_since(SPACE, 2, 10, usize::MAX, Some("dev1"))
-        .unwrap();
-    assert_eq!(seqs(&page), [4, 5]);
+    let page = relay.read_since(SPACE, 2, 3, usize::MAX).unwrap();
+    assert_eq!((seqs(&page), page.through), (vec![3, 4, 5], 5));
     assert_eq!(
-        page.through, 15,
-        "dev1's own changes are skipped but passed"
+        page.entries[1].record, "two",
+        "every device's changes are read"
     );
 
-    // One wanted entry allows four looked at: a run of excluded ones ends the read early.
-    let page = relay
-        .read_since(SPACE, 5, 1, usize::MAX, Some("dev1"))
-        .unwrap();
-    assert_eq!((seqs(&page), page.through), (vec![], 9));
-
     // A byte limit smaller than one change still gives one.
-    let page = relay.read_since(SPACE, 0, 10, 1, None).unwrap();
+    let page = relay.read_since(SPACE, 0, 10, 1).unwrap();
     assert_eq!((seqs(&page), page.through), (vec![1], 1));
-    let page = relay.read_since(SPACE, 15, 10, usize::MAX, None).unwrap();
+    let page = relay.read_since(SPACE, 15, 10, usize::MAX).unwrap();
     assert_eq!((seqs(&page), page.through, page.head), (vec![], 15, 15));
 }
 
@@ -266,7 +258,7 @@ fn a_reopened_relay_keeps_its_log_and_documents() {
     let kv = Arc::new(open_sled(dir.path()));
     let relay = RelayStore::open(kv.clone(), options).unwrap();
     assert_eq!(relay.head(SPACE).unwrap(), 22);
-    let all = relay.read_since(SPACE, 0, 100, usize::MAX, None).unwrap();
+    let all = relay.read_since(SPACE, 0, 100, usize::MAX).unwrap();
     let logged: Vec<Vec<u8>> = all.entries.iter().map(|e| e.change.clone()).collect();
     let mut expected = w.changes.clone();
     expected.extend(other.changes.iter().cloned());
@@ -443,7 +435,7 @@ proptest! {
         }
         prop_assert_eq!(relay.head(SPACE).unwrap(), total as u64);
 
-        let log = relay.read_since(SPACE, 0, usize::MAX / 8, usize::MAX, None).unwrap();
+        let log = relay.read_since(SPACE, 0, usize::MAX / 8, usize::MAX).unwrap();
         prop_assert_eq!(log.entries.len(), total);
         let mut replayed: BTreeMap<String, Record> = BTreeMap::new();
         for entry in &log.entries {

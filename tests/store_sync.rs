@@ -281,11 +281,11 @@ fn remote_changes_apply_once_and_make_no_queue_entries() {
 
     let receiver = other_store(&MemoryKv::new());
     assert_eq!(receiver.sync_cursor().unwrap(), 0);
-    let applied = receiver.apply_remote(&log[..2], 2).unwrap();
+    let applied = receiver.apply_remote(&log[..2], 2).unwrap().applied;
     assert_eq!(applied.len(), 1, "two changes, one record");
     assert_eq!(applied[0].operation, ferry_proto::Operation::Create);
     assert_eq!(applied[0].device, common::TEST_DEVICE);
-    let applied = receiver.apply_remote(&log, 4).unwrap();
+    let applied = receiver.apply_remote(&log, 4).unwrap().applied;
     let summary: Vec<_> = applied
         .iter()
         .map(|a| (a.id.as_str(), a.operation, a.deleted))
@@ -298,7 +298,7 @@ fn remote_changes_apply_once_and_make_no_queue_entries() {
         ]
     );
     assert!(
-        receiver.apply_remote(&log, 4).unwrap().is_empty(),
+        receiver.apply_remote(&log, 4).unwrap().applied.is_empty(),
         "idempotent"
     );
     assert_eq!(receiver.sync_cursor().unwrap(), 4);
@@ -495,7 +495,7 @@ fn the_service_applies_remote_changes_through_its_committer_and_says_so() {
         },
     );
     let mut events = service.subscribe_events();
-    let applied = service.apply_remote(log.clone(), 7).unwrap();
+    let applied = service.apply_remote(log.clone(), 7).unwrap().applied;
     assert_eq!(applied.len(), 1);
     kv.crash();
     assert_eq!(
@@ -521,7 +521,7 @@ fn the_service_applies_remote_changes_through_its_committer_and_says_so() {
         (event.origin, event.device.as_str()),
         (Origin::Local, OTHER_DEVICE)
     );
-    assert!(service.apply_remote(log, 7).unwrap().is_empty());
+    assert!(service.apply_remote(log, 7).unwrap().applied.is_empty());
     assert!(events.try_recv().is_err(), "nothing changed, nothing said");
     let queue = service.call("queue", json!({})).unwrap();
     assert_eq!(queue["counts"]["pending"], json!(1));

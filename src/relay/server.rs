@@ -96,13 +96,8 @@ pub fn carry_out(
             Ok(Some(head))
         }
         RelayEffect::Read { since, max_changes } => {
-            let slice = store.read_since(
-                &peer.space,
-                since,
-                max_changes as usize,
-                max_read_bytes,
-                Some(&peer.device),
-            )?;
+            let slice =
+                store.read_since(&peer.space, since, max_changes as usize, max_read_bytes)?;
             session.read(slice);
             Ok(None)
         }

@@ -349,21 +349,17 @@ impl RelayStore {
     }
 
     /// Log entries with seq > `after`, in order, up to `max_changes` entries and `max_bytes` of
-    /// change data (at least one entry). Entries written by `exclude_origin` are left out but
-    /// still count towards `through`, so a device is not sent its own changes. At most
-    /// `4 * max_changes` entries are looked at per call, so a long run of excluded entries ends
-    /// the call early; `through` says how far it got.
+    /// change data (at least one entry). A device is sent its own changes too: where they sit in
+    /// the log decides, on every device alike, which side of a conflict was first.
     pub fn read_since(
         &self,
         space: &str,
         after: u64,
         max_changes: usize,
         max_bytes: usize,
-        exclude_origin: Option<&str>,
     ) -> Result<LogSlice, RelayStoreError> {
         let head = self.head(space)?;
         let max_changes = max_changes.max(1);
-        let mut scan_left = max_changes.saturating_mul(4);
         let prefix = key(b'l', &[space]);
         let end = prefix_end(&prefix);
         let mut start = seq_key(b'l', &[space], after.saturating_add(1));
@@ -374,30 +370,28 @@ impl RelayStore {
             entries: Vec::new(),
         };
         let mut bytes = 0usize;
-        'scan: while scan_left > 0 && slice.entries.len() < max_changes {
-            let page = self.kv.range(&start, &end, scan_left.min(256))?;
+        'scan: while slice.entries.len() < max_changes {
+            let page = self
+                .kv
+                .range(&start, &end, (max_changes - slice.entries.len()).min(256))?;
             let Some((last, _)) = page.last() else { break };
             start = after_key(last);
             for (k, v) in page {
                 let seq = seq_at(&k, prefix.len())?;
                 let entry: StoredEntry = decode(&v, "log entry")?;
-                if exclude_origin != Some(entry.origin.as_str()) {
-                    if !slice.entries.is_empty()
-                        && bytes.saturating_add(entry.change.len()) > max_bytes
-                    {
-                        break 'scan;
-                    }
-                    bytes = bytes.saturating_add(entry.change.len());
-                    slice.entries.push(LogEntry {
-                        seq,
-                        collection: entry.collection,
-                        record: entry.record,
-                        change: entry.change,
-                    });
+                if !slice.entries.is_empty() && bytes.saturating_add(entry.change.len()) > max_bytes
+                {
+                    break 'scan;
                 }
+                bytes = bytes.saturating_add(entry.change.len());
+                slice.entries.push(LogEntry {
+                    seq,
+                    collection: entry.collection,
+                    record: entry.record,
+                    change: entry.change,
+                });
                 slice.through = seq;
-                scan_left -= 1;
-                if scan_left == 0 || slice.entries.len() == max_changes {
+                if slice.entries.len() == max_changes {
                     break 'scan;
                 }
             }

@@ -7,6 +7,14 @@
 //!   index, one key per `Pending` queue entry, so that the next upload batch (highest priority
 //!   first, then oldest first) is a range read rather than a scan of the whole queue.
 //! - `m{name}`: metadata; `c{name}`: a sync cursor.
+//! - `h{collection}\0{id}`: the heads of the record's changes applied from the relay's log (the
+//!   "logged" state every device agrees on; conflicts are found against it).
+//! - `xe{conflict id}`: a conflict entry (JSON); `xo{id}` → empty: one per open conflict;
+//!   `xr{collection}\0{record}\0{id}` → empty: the open conflicts that flag a record;
+//!   `xc{change hash}` → conflict id: the conflict a change brought.
+//! - `uv{collection}\0{constraint u32 big-endian}{value JSON}`: the records holding a unique value
+//!   (and the open clashes over it); `ur{collection}\0{id}`: the unique values a record holds.
+//! - `k{counter}\0{kind}\0{collection}` → u64 big-endian: conflict counters.
 
 use super::StoreError;
 
@@ -20,6 +28,60 @@ pub const META_FORMAT: &[u8] = b"mformat";
 pub const META_PENDING_INDEX: &[u8] = b"mpending_index";
 pub const PENDING: &[u8] = b"p";
 pub const CURSOR: &[u8] = b"c";
+pub const CONFLICT: &[u8] = b"xe";
+pub const CONFLICT_OPEN: &[u8] = b"xo";
+pub const CONFLICT_COUNTER: &[u8] = b"k";
+
+/// `{prefix}{a}\0{b}`: the layout of every per-record key.
+fn record_key(prefix: &[u8], collection: &str, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + collection.len() + id.len() + 1);
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(collection.as_bytes());
+    key.push(0);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+pub fn logged_heads(collection: &str, id: &str) -> Vec<u8> {
+    record_key(b"h", collection, id)
+}
+
+pub fn conflict(id: &str) -> Vec<u8> {
+    [CONFLICT, id.as_bytes()].concat()
+}
+
+pub fn conflict_open(id: &str) -> Vec<u8> {
+    [CONFLICT_OPEN, id.as_bytes()].concat()
+}
+
+/// Prefix of the open conflicts that flag one record.
+pub fn record_conflicts(collection: &str, id: &str) -> Vec<u8> {
+    let mut key = record_key(b"xr", collection, id);
+    key.push(0);
+    key
+}
+
+pub fn change_conflict(hash: &str) -> Vec<u8> {
+    [b"xc".as_slice(), hash.as_bytes()].concat()
+}
+
+pub fn unique_value(collection: &str, constraint: usize, value: &[u8]) -> Vec<u8> {
+    let mut key = record_key(b"uv", collection, "");
+    key.extend_from_slice(&u32::try_from(constraint).unwrap_or(u32::MAX).to_be_bytes());
+    key.extend_from_slice(value);
+    key
+}
+
+pub fn unique_held(collection: &str, id: &str) -> Vec<u8> {
+    record_key(b"ur", collection, id)
+}
+
+pub fn conflict_counter(counter: &str, kind: &str, collection: &str) -> Vec<u8> {
+    let mut key = record_key(CONFLICT_COUNTER, counter, kind);
+    key.push(0);
+    key.extend_from_slice(collection.as_bytes());
+    key
+}
 
 pub fn cursor(name: &str) -> Vec<u8> {
     let mut key = CURSOR.to_vec();

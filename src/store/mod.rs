@@ -7,11 +7,13 @@
 //!
 //! Must not touch: sockets, JSON-RPC, the CLI. It knows records only through `record`.
 
+pub mod conflicts;
 pub mod keys;
 pub mod kv;
 pub mod sync;
 
 use crate::record::{Fields, HistoryEntry, Record, RecordError, validate_fields};
+use crate::resolve::{self, Policies};
 use automerge::ActorId;
 use ferry_proto::{
     AddressError, IdGenerator, Limits, Operation, QueueStatus, SyncLogEntry, SyncQueueEntry,
@@ -47,6 +49,14 @@ pub enum StoreError {
     UnsupportedFormat(String),
     #[error("queue entry {0} not found")]
     QueueEntryNotFound(u64),
+    #[error("conflict {0} not found: `ferry conflicts` lists the open ones")]
+    ConflictNotFound(String),
+    #[error("conflict {id} is already {status}: there is nothing left to resolve")]
+    ConflictSettled { id: String, status: &'static str },
+    #[error(
+        "resolving conflict {0} with `merge` needs the resolved fields: pass them as data (--data JSON)"
+    )]
+    MergeNeedsData(String),
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error(
@@ -86,6 +96,8 @@ pub struct StoreOptions {
     pub priorities: BTreeMap<String, i32>,
     /// When set, only these collections may be written.
     pub declared_collections: Option<BTreeSet<String>>,
+    /// How each collection settles conflicts.
+    pub policies: Policies,
 }
 
 impl Default for StoreOptions {
@@ -95,6 +107,7 @@ impl Default for StoreOptions {
             cache_docs: 1024,
             priorities: BTreeMap::new(),
             declared_collections: None,
+            policies: Policies::default(),
         }
     }
 }
@@ -139,6 +152,8 @@ pub struct RecordView {
     pub id: String,
     pub fields: Fields,
     pub heads: Vec<String>,
+    /// Open conflicts that flag the record (its fields are then a provisional value).
+    pub conflicts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
@@ -357,7 +372,8 @@ impl Store {
                 Some(staged) => staged,
                 None => {
                     let record = working.take(&key, cache, || self.load_or_new(&key))?;
-                    let staged = mutate(record, &key, change, now, &self.options.limits)?;
+                    let policy = self.options.policies.of(&key.0);
+                    let staged = mutate(record, &key, change, now, &self.options.limits, policy)?;
                     working.used(&key);
                     staged
                 }
@@ -402,9 +418,16 @@ impl Store {
                             .iter()
                             .map(|&i| {
                                 let r = &resolved[i];
-                                let mut record = Record::new(&self.actor);
-                                let staged =
-                                    mutate(&mut record, &r.key, r.change.clone(), now, limits)?;
+                                let mut record = self.new_record(&r.key.0);
+                                let policy = self.policy(&r.key.0);
+                                let staged = mutate(
+                                    &mut record,
+                                    &r.key,
+                                    r.change.clone(),
+                                    now,
+                                    limits,
+                                    policy,
+                                )?;
                                 Ok((i, staged))
                             })
                             .collect()
@@ -508,16 +531,30 @@ impl Store {
     }
 
     fn load_or_new(&self, key: &CacheKey) -> Result<Record, StoreError> {
-        Ok(self
-            .load(&key.0, &key.1)?
-            .unwrap_or_else(|| Record::new(&self.actor)))
+        match self.load(&key.0, &key.1)? {
+            Some(record) => Ok(record),
+            None => Ok(self.new_record(&key.0)),
+        }
+    }
+
+    fn new_record(&self, collection: &str) -> Record {
+        Record::new(&self.actor).with_text_fields(self.policy(collection).text.clone())
     }
 
     fn load(&self, collection: &str, id: &str) -> Result<Option<Record>, StoreError> {
         match self.kv.get(&keys::doc(collection, id))? {
-            Some(bytes) => Ok(Some(Record::load(&bytes, &self.actor)?)),
+            Some(bytes) => Ok(Some(self.parse(collection, &bytes)?)),
             None => Ok(None),
         }
+    }
+
+    fn parse(&self, collection: &str, bytes: &[u8]) -> Result<Record, StoreError> {
+        let record = Record::load(bytes, &self.actor)?;
+        Ok(record.with_text_fields(self.policy(collection).text.clone()))
+    }
+
+    fn policy(&self, collection: &str) -> &resolve::Policy {
+        self.options.policies.of(collection)
     }
 
     /// Runs `f` on the record without disturbing the cache's contents on a miss, so that scans
@@ -546,11 +583,13 @@ impl Store {
         validate_collection(collection, &self.options.limits)?;
         validate_record_id(id, &self.options.limits)?;
         let key = (collection.to_owned(), id.to_owned());
-        self.with_record(collection, id, |r| {
-            r.is_live().then(|| view(collection, id, r))
-        })?
-        .flatten()
-        .ok_or_else(|| not_found(&key))
+        let policy = self.policy(collection);
+        let mut found = self
+            .with_record(collection, id, |r| view(collection, id, r, policy))?
+            .flatten()
+            .ok_or_else(|| not_found(&key))?;
+        found.conflicts = self.record_conflicts(collection, id)?;
+        Ok(found)
     }
 
     /// Live records of a collection in id order, starting after `after`. The second value is the
@@ -578,15 +617,15 @@ impl Store {
             for (key, bytes) in page {
                 let id = keys::doc_id(&key, prefix.len())?;
                 let key = (collection.to_owned(), id.to_owned());
+                let policy = self.policy(collection);
                 let mut cache = self.lock_cache();
                 let live = match cache.get_mut(&key) {
-                    Some(r) => r.is_live().then(|| view(collection, id, r)),
-                    None => {
-                        let mut r = Record::load(&bytes, &self.actor)?;
-                        r.is_live().then(|| view(collection, id, &mut r))
-                    }
+                    Some(r) => view(collection, id, r, policy),
+                    None => view(collection, id, &mut self.parse(collection, &bytes)?, policy),
                 };
-                if let Some(v) = live {
+                drop(cache);
+                if let Some(mut v) = live {
+                    v.conflicts = self.record_conflicts(collection, id)?;
                     out.push(v);
                     if out.len() == wanted {
                         break;
@@ -880,34 +919,51 @@ struct Staged {
     heads: Vec<String>,
 }
 
-/// Applies one change to a record in memory. On error the record is rolled back; the batch it
-/// belongs to is abandoned with its working set.
+/// Applies one change to a record in memory, on top of what the record shows under its policy:
+/// where that differs from Automerge's own merge (a conflict settled at read time), the write
+/// makes the whole shown state explicit, so it builds on what the writer saw. On error the record
+/// is rolled back; the batch it belongs to is abandoned with its working set.
 fn mutate(
     record: &mut Record,
     key: &CacheKey,
     change: Change,
     now: u64,
     limits: &Limits,
+    policy: &resolve::Policy,
 ) -> Result<Staged, StoreError> {
+    let shown = resolve::view(record, policy);
+    let live = shown.is_live();
     let written = match change {
-        Change::Put(fields) => record.put(&fields, now),
+        Change::Put(fields) if shown.exact => record.put(&fields, now),
+        Change::Put(fields) => {
+            let operation = if live {
+                Operation::Update
+            } else {
+                Operation::Create
+            };
+            record.materialize(&fields, false, operation, None, now)
+        }
+        Change::Patch(..) | Change::Delete if !live => return Err(not_found(key)),
         Change::Patch(set, unset) => {
-            if !record.is_live() {
-                return Err(not_found(key));
-            }
-            record.patch(&set, &unset, now).and_then(|w| {
+            let written = if shown.exact {
+                record.patch(&set, &unset, now)
+            } else {
+                let mut fields = shown.fields;
+                for name in &unset {
+                    fields.remove(name);
+                }
+                fields.extend(set);
+                record.materialize(&fields, false, Operation::Update, None, now)
+            };
+            written.and_then(|w| {
                 if w.is_some() {
                     validate_fields(&record.fields(), limits)?;
                 }
                 Ok(w)
             })
         }
-        Change::Delete => {
-            if !record.is_live() {
-                return Err(not_found(key));
-            }
-            record.delete(now)
-        }
+        Change::Delete if shown.exact => record.delete(now),
+        Change::Delete => record.materialize(&shown.fields, true, Operation::Delete, None, now),
     };
     let written = written.inspect_err(|_| record.rollback())?;
     let heads = record.heads().iter().map(|h| h.to_string()).collect();
@@ -966,13 +1022,21 @@ fn stage_entry(
     batch.put(keys::queue(entry.id), encode(entry));
 }
 
-fn view(collection: &str, id: &str, record: &mut Record) -> RecordView {
-    RecordView {
+/// A live record as its collection's policy shows it; `None` for a missing or deleted one.
+fn view(
+    collection: &str,
+    id: &str,
+    record: &mut Record,
+    policy: &resolve::Policy,
+) -> Option<RecordView> {
+    let shown = resolve::view(record, policy);
+    shown.is_live().then(|| RecordView {
         collection: collection.to_owned(),
         id: id.to_owned(),
-        fields: record.fields(),
+        fields: shown.fields,
         heads: record.heads().iter().map(|h| h.to_string()).collect(),
-    }
+        conflicts: Vec::new(),
+    })
 }
 
 fn not_found(key: &CacheKey) -> StoreError {

@@ -51,6 +51,15 @@ pub struct RemoteApplied {
     pub device: String,
 }
 
+/// What applying part of the relay's log did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RemoteOutcome {
+    /// The records whose documents changed.
+    pub applied: Vec<RemoteApplied>,
+    /// Conflicts found, or changed (resolved), by these entries, in log order.
+    pub conflicts: Vec<crate::resolve::Conflict>,
+}
+
 /// Builds the pending index for a store made before it existed. Runs once: the marker key is
 /// written in the same batch as the index.
 pub(super) fn ensure_pending_index(kv: &dyn Kv) -> Result<(), StoreError> {
@@ -233,8 +242,11 @@ impl Store {
     /// Applies entries of the relay's log to the local documents and moves the download cursor to
     /// `through`, all in one atomic batch: after a crash either both are there or neither, so a
     /// device may read a change twice (harmless: applying is idempotent) but never skips one.
-    /// Records that do not exist yet are created; no queue entries are made. Returns the records
-    /// that changed. Durable after `flush`.
+    /// Records that do not exist yet are created; no queue entries are made. Each change then
+    /// meets, in log order, the record's changes logged before it, and the conflicts that brings
+    /// are recorded in the same batch (see `conflicts`). This device's own changes come back in
+    /// the log too: they change no document but take their place in that order. Returns the
+    /// records that changed and the conflicts found or resolved. Durable after `flush`.
     ///
     /// If any entry cannot be applied (malformed, or its dependencies are missing), nothing is
     /// written and the error names it. Skipping it instead would move the cursor past a change
@@ -246,8 +258,11 @@ impl Store {
         &self,
         entries: &[LogEntry],
         through: u64,
-    ) -> Result<Vec<RemoteApplied>, StoreError> {
+    ) -> Result<RemoteOutcome, StoreError> {
         let mut order: Vec<CacheKey> = Vec::new();
+        // Every entry, in log order, for conflict detection.
+        let mut logged: Vec<(CacheKey, automerge::ChangeHash, u64)> =
+            Vec::with_capacity(entries.len());
         // Each record's changes, decoded once, with the seq of its first entry (named if the
         // record's changes cannot be applied).
         let mut groups: HashMap<CacheKey, (u64, Vec<Change>)> = HashMap::new();
@@ -262,6 +277,7 @@ impl Store {
                 .map_err(|e| invalid(e.to_string()))?;
             let change = decode_change(&entry.change).map_err(|e| invalid(e.to_string()))?;
             let key = (entry.collection.clone(), entry.record.clone());
+            logged.push((key.clone(), change.hash(), entry.seq));
             groups
                 .entry(key.clone())
                 .or_insert_with(|| {
@@ -276,8 +292,9 @@ impl Store {
         let mut cache = self.lock_cache();
         let cursor = self.sync_cursor()?.max(through);
         let mut working = WorkingSet::default();
-        for key in &order {
-            working.uses.insert(key.clone(), 1);
+        // One use to apply a record's changes, and one per entry to detect conflicts.
+        for (key, _, _) in &logged {
+            *working.uses.entry(key.clone()).or_insert(1) += 1;
         }
         let mut batch = Batch::default();
         let mut applied = Vec::new();
@@ -320,13 +337,14 @@ impl Store {
             }
             working.used(&key);
         }
+        let conflicts = self.detect_in_log_order(&logged, &mut working, &mut cache, &mut batch)?;
         batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
         self.kv.apply(batch)?;
         // As in `write_all`: the documents go back into the cache only once their batch landed.
         for (key, record) in working.into_cacheable() {
             cache.put(key, record);
         }
-        Ok(applied)
+        Ok(RemoteOutcome { applied, conflicts })
     }
 }
 

@@ -1,0 +1,796 @@
+//! The store's side of conflicts: detection run in the relay's log order as remote changes are
+//! applied, the conflict entries and their indexes, each record's logged heads, the unique-value
+//! index, the conflict counters, and resolutions written as local changes.
+//!
+//! Owns: everything under the `h`, `x`, `u` and `k` keys (see `keys`). What counts as a conflict
+//! and what a record shows are `resolve`'s rules; this module keeps their results, in the same
+//! atomic batch as the changes that caused them, so a crash can repeat an apply but never half-do
+//! it.
+//!
+//! Must not touch: the network, sessions, the IPC shapes.
+
+use super::kv::Batch;
+use super::{
+    CacheKey, CountDelta, Staged, Store, StoreError, WorkingSet, keys, not_found, validate_fields,
+};
+use crate::record::{Fields, Record};
+use crate::resolve::{
+    self, Conflict, ConflictKind, ConflictStatus, LogPosition, Policy, Resolution, Take,
+    UniqueClash,
+};
+use automerge::ChangeHash;
+use ferry_proto::Operation;
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+
+/// The counters kept per conflict kind and collection.
+pub const COUNTERS: [&str; 4] = ["detected", "auto_resolved", "queued", "resolved_manually"];
+
+/// Conflict counts for one kind in one collection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ConflictCounts {
+    pub kind: String,
+    pub collection: String,
+    pub detected: u64,
+    pub auto_resolved: u64,
+    pub queued: u64,
+    pub resolved_manually: u64,
+}
+
+/// What a resolution wrote.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ResolveOutcome {
+    pub conflict: Conflict,
+    pub writes: Vec<super::Applied>,
+}
+
+/// The records holding one unique value, in the order they took it, and the open clashes over it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Holders {
+    records: Vec<String>,
+    /// (conflict id, the two records it is about).
+    open: Vec<(String, String, String)>,
+}
+
+/// The conflict state one apply reads and changes, loaded on first use and written into the
+/// apply's batch at the end, so later entries of the same apply see what earlier ones did.
+#[derive(Default)]
+pub(super) struct Ledger {
+    heads: HashMap<CacheKey, Vec<ChangeHash>>,
+    conflicts: BTreeMap<String, Option<Conflict>>,
+    dirty: Vec<String>,
+    held: HashMap<CacheKey, Vec<(usize, Vec<Value>)>>,
+    holders: HashMap<Vec<u8>, Holders>,
+    counters: BTreeMap<Vec<u8>, u64>,
+    /// Conflicts found or changed, in the order it happened, for subscribers.
+    pub changed: Vec<Conflict>,
+}
+
+impl Store {
+    fn stored_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.kv.get(key)? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Decode {
+                        what,
+                        detail: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    /// One conflict entry.
+    pub fn conflict(&self, id: &str) -> Result<Option<Conflict>, StoreError> {
+        self.stored_json(&keys::conflict(id), "conflict entry")
+    }
+
+    /// Conflict entries in id order after `after`, those with `status` only when given.
+    pub fn conflicts(
+        &self,
+        status: Option<ConflictStatus>,
+        collection: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Conflict>, StoreError> {
+        // Open ones have their own index; the others are found by scanning every entry.
+        let (prefix, from_index) = match status {
+            Some(ConflictStatus::Open) => (keys::CONFLICT_OPEN, true),
+            _ => (keys::CONFLICT, false),
+        };
+        let mut start = match after {
+            Some(id) => keys::after(&[prefix, id.as_bytes()].concat()),
+            None => prefix.to_vec(),
+        };
+        let end = keys::prefix_end(prefix);
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let page = self.kv.range(&start, &end, 256)?;
+            let Some((last, _)) = page.last() else { break };
+            start = keys::after(last);
+            for (key, bytes) in page {
+                let conflict: Conflict = if from_index {
+                    let id = std::str::from_utf8(&key[prefix.len()..]).unwrap_or_default();
+                    match self.conflict(id)? {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                } else {
+                    serde_json::from_slice(&bytes).map_err(|e| StoreError::Decode {
+                        what: "conflict entry",
+                        detail: e.to_string(),
+                    })?
+                };
+                if status.is_some_and(|s| s != conflict.status)
+                    || collection.is_some_and(|c| c != conflict.collection)
+                {
+                    continue;
+                }
+                out.push(conflict);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many conflicts are open.
+    pub fn open_conflicts(&self) -> Result<u64, StoreError> {
+        let prefix = keys::CONFLICT_OPEN;
+        Ok(self.kv.count(prefix, &keys::prefix_end(prefix))?)
+    }
+
+    /// The open conflicts that flag a record.
+    pub fn record_conflicts(&self, collection: &str, id: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = keys::record_conflicts(collection, id);
+        let rows = self.kv.range(&prefix, &keys::prefix_end(&prefix), 64)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(k, _)| String::from_utf8(k[prefix.len()..].to_vec()).ok())
+            .collect())
+    }
+
+    /// The conflict a change (by the hash of its bytes) brought, if any: how a SyncQueue entry
+    /// shows that its change hit one.
+    pub fn change_conflict(&self, change: &[u8]) -> Result<Option<String>, StoreError> {
+        let Some(hash) = crate::record::chunk_hash(change) else {
+            return Ok(None);
+        };
+        Ok(self
+            .kv
+            .get(&keys::change_conflict(&hash))?
+            .and_then(|v| String::from_utf8(v).ok()))
+    }
+
+    /// Every conflict counter, by kind and collection.
+    pub fn conflict_counts(&self) -> Result<Vec<ConflictCounts>, StoreError> {
+        let prefix = keys::CONFLICT_COUNTER;
+        let rows = self
+            .kv
+            .range(prefix, &keys::prefix_end(prefix), usize::MAX)?;
+        let mut by_key: BTreeMap<(String, String), ConflictCounts> = BTreeMap::new();
+        for (key, value) in rows {
+            let text = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let mut parts = text.splitn(3, '\0');
+            let (Some(counter), Some(kind), Some(collection)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let n = <[u8; 8]>::try_from(value.as_slice()).map_or(0, u64::from_be_bytes);
+            let row = by_key
+                .entry((kind.to_owned(), collection.to_owned()))
+                .or_insert_with(|| ConflictCounts {
+                    kind: kind.to_owned(),
+                    collection: collection.to_owned(),
+                    ..ConflictCounts::default()
+                });
+            match counter {
+                "detected" => row.detected = n,
+                "auto_resolved" => row.auto_resolved = n,
+                "queued" => row.queued = n,
+                "resolved_manually" => row.resolved_manually = n,
+                _ => {}
+            }
+        }
+        Ok(by_key.into_values().collect())
+    }
+
+    /// Runs conflict detection for applied log entries, in log order: each change meets the
+    /// record's changes logged before it. Stages the logged heads, new and changed conflict
+    /// entries, unique-value index and counters into `batch`. Every record named must be in
+    /// `working` (one use each entry).
+    pub(super) fn detect_in_log_order(
+        &self,
+        order: &[(CacheKey, ChangeHash, u64)],
+        working: &mut WorkingSet,
+        cache: &mut LruCache<CacheKey, Record>,
+        batch: &mut Batch,
+    ) -> Result<Vec<Conflict>, StoreError> {
+        let mut ledger = Ledger::default();
+        for (key, hash, seq) in order {
+            let policy = self.options.policies.of(&key.0).clone();
+            let logged = self.logged_heads(&mut ledger, key)?;
+            let record = working.take(key, cache, || self.load_or_new(key))?;
+            let doc = record.automerge();
+            let at = LogPosition {
+                seq: *seq,
+                collection: &key.0,
+                record: &key.1,
+            };
+            let detection = resolve::detect(doc, &logged, hash, at, &policy);
+            let time = resolve::change_stamp(doc, hash).time;
+            let logged_view = (!policy.unique.is_empty())
+                .then(|| resolve::view_at(doc, Some(&detection.logged_heads), &policy));
+            ledger.heads.insert(key.clone(), detection.logged_heads);
+            if let Some(conflict) = detection.conflict {
+                self.record_conflict(&mut ledger, batch, conflict)?;
+            }
+            if let Some((id, resolution)) = detection.resolves {
+                self.settle_conflict(&mut ledger, batch, &id, resolution)?;
+            }
+            if let Some(view) = logged_view {
+                let values = resolve::unique_values(&view, &policy);
+                let clash = UniqueCheck {
+                    key,
+                    seq: *seq,
+                    time,
+                    policy: &policy,
+                };
+                self.check_unique(&mut ledger, batch, clash, values, working, cache)?;
+            }
+            working.used(key);
+        }
+        self.finish_ledger(&mut ledger, batch)?;
+        Ok(ledger.changed)
+    }
+
+    fn logged_heads(
+        &self,
+        ledger: &mut Ledger,
+        key: &CacheKey,
+    ) -> Result<Vec<ChangeHash>, StoreError> {
+        if let Some(heads) = ledger.heads.get(key) {
+            return Ok(heads.clone());
+        }
+        let stored = self.kv.get(&keys::logged_heads(&key.0, &key.1))?;
+        let heads = stored
+            .unwrap_or_default()
+            .chunks(32)
+            .filter_map(|c| ChangeHash::try_from(c).ok())
+            .collect::<Vec<_>>();
+        ledger.heads.insert(key.clone(), heads.clone());
+        Ok(heads)
+    }
+
+    fn load_conflict(&self, ledger: &mut Ledger, id: &str) -> Result<Option<Conflict>, StoreError> {
+        if let Some(c) = ledger.conflicts.get(id) {
+            return Ok(c.clone());
+        }
+        let conflict = self.conflict(id)?;
+        ledger.conflicts.insert(id.to_owned(), conflict.clone());
+        Ok(conflict)
+    }
+
+    fn put_conflict(&self, ledger: &mut Ledger, conflict: Conflict) {
+        ledger.dirty.push(conflict.id.clone());
+        ledger.changed.push(conflict.clone());
+        ledger.conflicts.insert(conflict.id.clone(), Some(conflict));
+    }
+
+    fn count(ledger: &mut Ledger, counter: &str, conflict: &Conflict) {
+        *ledger
+            .counters
+            .entry(keys::conflict_counter(
+                counter,
+                conflict.kind.as_str(),
+                &conflict.collection,
+            ))
+            .or_insert(0) += 1;
+    }
+
+    /// A new conflict: counted, indexed if open. One found before (the same entries applied
+    /// again after a crash) is left as it is.
+    fn record_conflict(
+        &self,
+        ledger: &mut Ledger,
+        batch: &mut Batch,
+        conflict: Conflict,
+    ) -> Result<(), StoreError> {
+        if self.load_conflict(ledger, &conflict.id)?.is_some() {
+            return Ok(());
+        }
+        Self::count(ledger, "detected", &conflict);
+        if conflict.status == ConflictStatus::Open {
+            Self::count(ledger, "queued", &conflict);
+            batch.put(keys::conflict_open(&conflict.id), Vec::new());
+            let mut flag = keys::record_conflicts(&conflict.collection, &conflict.record);
+            flag.extend_from_slice(conflict.id.as_bytes());
+            batch.put(flag, Vec::new());
+        } else {
+            Self::count(ledger, "auto_resolved", &conflict);
+        }
+        if conflict.kind != ConflictKind::Unique
+            && let Some(change) = conflict.client.changes.first()
+        {
+            batch.put(
+                keys::change_conflict(change),
+                conflict.id.as_bytes().to_vec(),
+            );
+        }
+        self.put_conflict(ledger, conflict);
+        Ok(())
+    }
+
+    /// A resolution of `id` reached the log: an open conflict is resolved; of two resolutions
+    /// of one conflict the later one (change time, then device) stands.
+    fn settle_conflict(
+        &self,
+        ledger: &mut Ledger,
+        batch: &mut Batch,
+        id: &str,
+        resolution: Resolution,
+    ) -> Result<(), StoreError> {
+        let Some(mut conflict) = self.load_conflict(ledger, id)? else {
+            return Ok(());
+        };
+        let later = |old: &Resolution| {
+            old.take.is_none() || (resolution.time, &resolution.device) > (old.time, &old.device)
+        };
+        match (&conflict.status, &conflict.resolution) {
+            (ConflictStatus::Open, _) => {
+                Self::count(ledger, "resolved_manually", &conflict);
+                self.close(batch, &conflict);
+            }
+            (ConflictStatus::Resolved, Some(old)) if later(old) => {}
+            _ => return Ok(()),
+        }
+        conflict.status = ConflictStatus::Resolved;
+        conflict.resolution = Some(resolution);
+        conflict.resolving = None;
+        self.put_conflict(ledger, conflict);
+        Ok(())
+    }
+
+    /// Removes an open conflict's indexes.
+    fn close(&self, batch: &mut Batch, conflict: &Conflict) {
+        batch.remove(keys::conflict_open(&conflict.id));
+        let mut flag = keys::record_conflicts(&conflict.collection, &conflict.record);
+        flag.extend_from_slice(conflict.id.as_bytes());
+        batch.remove(flag);
+    }
+
+    fn holders(&self, ledger: &mut Ledger, key: &[u8]) -> Result<Holders, StoreError> {
+        if let Some(h) = ledger.holders.get(key) {
+            return Ok(h.clone());
+        }
+        Ok(self
+            .stored_json(key, "unique value index")?
+            .unwrap_or_default())
+    }
+
+    /// Moves a record's unique values in the index to what its logged state now holds: a value
+    /// another live record already holds is a clash (a conflict flagging this record, the later
+    /// one); a clash ends when either record stops holding the value.
+    fn check_unique(
+        &self,
+        ledger: &mut Ledger,
+        batch: &mut Batch,
+        at: UniqueCheck<'_>,
+        values: Vec<(usize, Vec<Value>)>,
+        working: &mut WorkingSet,
+        cache: &mut LruCache<CacheKey, Record>,
+    ) -> Result<(), StoreError> {
+        let key = at.key;
+        let before: Vec<(usize, Vec<Value>)> = match ledger.held.get(key) {
+            Some(held) => held.clone(),
+            None => self
+                .stored_json(&keys::unique_held(&key.0, &key.1), "unique values")?
+                .unwrap_or_default(),
+        };
+        if before == values {
+            return Ok(());
+        }
+        for (constraint, value) in before.iter().filter(|v| !values.contains(v)) {
+            let value_key = keys::unique_value(&key.0, *constraint, &canonical(value));
+            let mut holders = self.holders(ledger, &value_key)?;
+            holders.records.retain(|r| *r != key.1);
+            let (ended, open): (Vec<_>, Vec<_>) = holders
+                .open
+                .drain(..)
+                .partition(|(_, a, b)| *a == key.1 || *b == key.1);
+            holders.open = open;
+            for (id, _, _) in ended {
+                self.end_clash(ledger, batch, &id, at.time)?;
+            }
+            ledger.holders.insert(value_key, holders);
+        }
+        for (constraint, value) in values.iter().filter(|v| !before.contains(v)) {
+            let value_key = keys::unique_value(&key.0, *constraint, &canonical(value));
+            let mut holders = self.holders(ledger, &value_key)?;
+            if let Some(first) = holders.records.first().cloned() {
+                let clash = UniqueClash {
+                    fields: at.policy.unique[*constraint].clone(),
+                    value: value.clone(),
+                };
+                let conflict = self.unique_conflict(ledger, &at, &first, clash, working, cache)?;
+                holders
+                    .open
+                    .push((conflict.id.clone(), first, key.1.clone()));
+                self.record_conflict(ledger, batch, conflict)?;
+            }
+            holders.records.push(key.1.clone());
+            ledger.holders.insert(value_key, holders);
+        }
+        ledger.held.insert(key.clone(), values);
+        Ok(())
+    }
+
+    fn unique_conflict(
+        &self,
+        ledger: &mut Ledger,
+        at: &UniqueCheck<'_>,
+        first: &str,
+        clash: UniqueClash,
+        working: &mut WorkingSet,
+        cache: &mut LruCache<CacheKey, Record>,
+    ) -> Result<Conflict, StoreError> {
+        let key = at.key;
+        let mut sides = Vec::with_capacity(2);
+        for id in [first, key.1.as_str()] {
+            let record_key = (key.0.clone(), id.to_owned());
+            let heads = self.logged_heads(ledger, &record_key)?;
+            let record = working.take(&record_key, cache, || self.load_or_new(&record_key))?;
+            let doc = record.automerge();
+            let view = resolve::view_at(doc, Some(&heads), at.policy);
+            sides.push(resolve::side(doc, id, &heads, view));
+        }
+        let (Some(client), Some(server)) = (sides.pop(), sides.pop()) else {
+            return Err(not_found(key));
+        };
+        let value = canonical(&clash.value);
+        let constraint = clash.fields.join(",");
+        Ok(Conflict {
+            id: resolve::conflict_id(&[
+                ConflictKind::Unique.as_str().as_bytes(),
+                key.0.as_bytes(),
+                constraint.as_bytes(),
+                &value,
+                first.as_bytes(),
+                key.1.as_bytes(),
+            ]),
+            kind: ConflictKind::Unique,
+            collection: key.0.clone(),
+            record: key.1.clone(),
+            strategy: at.policy.strategy,
+            status: ConflictStatus::Open,
+            seq: at.seq,
+            fields: resolve::differing_fields(&server.fields, &client.fields),
+            server,
+            client,
+            winner: None,
+            unique: Some(clash),
+            resolution: None,
+            resolving: None,
+        })
+    }
+
+    /// A unique clash ended because one of its records no longer holds the value.
+    fn end_clash(
+        &self,
+        ledger: &mut Ledger,
+        batch: &mut Batch,
+        id: &str,
+        time: i64,
+    ) -> Result<(), StoreError> {
+        let Some(mut conflict) = self.load_conflict(ledger, id)? else {
+            return Ok(());
+        };
+        if conflict.status != ConflictStatus::Open {
+            return Ok(());
+        }
+        Self::count(ledger, "resolved_manually", &conflict);
+        self.close(batch, &conflict);
+        conflict.status = ConflictStatus::Resolved;
+        conflict.resolution = Some(Resolution {
+            take: None,
+            device: None,
+            time,
+            change: None,
+        });
+        conflict.resolving = None;
+        self.put_conflict(ledger, conflict);
+        Ok(())
+    }
+
+    fn finish_ledger(&self, ledger: &mut Ledger, batch: &mut Batch) -> Result<(), StoreError> {
+        for (key, heads) in &ledger.heads {
+            let bytes: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
+            batch.put(keys::logged_heads(&key.0, &key.1), bytes);
+        }
+        ledger.dirty.sort();
+        ledger.dirty.dedup();
+        for id in &ledger.dirty {
+            if let Some(Some(conflict)) = ledger.conflicts.get(id) {
+                batch.put(keys::conflict(id), to_json(conflict));
+            }
+        }
+        for (key, held) in &ledger.held {
+            batch.put(keys::unique_held(&key.0, &key.1), to_json(held));
+        }
+        for (key, holders) in &ledger.holders {
+            if holders.records.is_empty() {
+                batch.remove(key.clone());
+            } else {
+                batch.put(key.clone(), to_json(holders));
+            }
+        }
+        for (key, add) in &ledger.counters {
+            let now = self
+                .kv
+                .get(key)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map_or(0, u64::from_be_bytes);
+            batch.put(key.clone(), (now + add).to_be_bytes().to_vec());
+        }
+        Ok(())
+    }
+
+    /// Resolves an open conflict by writing the chosen version as a local change (for a unique
+    /// clash: keeping one record and deleting the other), which syncs like any write; every
+    /// device marks the conflict resolved when that change comes back in the relay's log. The
+    /// changes and the conflict's `resolving` note land in one atomic batch; durable after
+    /// `flush`.
+    pub fn resolve_conflict(
+        &self,
+        id: &str,
+        take: Take,
+        data: Option<Fields>,
+    ) -> Result<ResolveOutcome, StoreError> {
+        let now = self.clock.now_ms();
+        let mut cache = self.lock_cache();
+        let mut conflict = self
+            .conflict(id)?
+            .ok_or_else(|| StoreError::ConflictNotFound(id.to_owned()))?;
+        if conflict.status != ConflictStatus::Open || conflict.resolving.is_some() {
+            return Err(StoreError::ConflictSettled {
+                id: id.to_owned(),
+                status: if conflict.resolving.is_some() {
+                    "resolved on this device (waiting to sync)"
+                } else {
+                    conflict.status.as_str()
+                },
+            });
+        }
+        if let Some(data) = &data {
+            validate_fields(data, &self.options.limits)?;
+        }
+        if take == Take::Merge && data.is_none() && conflict.kind != ConflictKind::Unique {
+            return Err(StoreError::MergeNeedsData(id.to_owned()));
+        }
+        let policy = self.options.policies.of(&conflict.collection).clone();
+        let mut working = WorkingSet::default();
+        let targets =
+            self.resolution_targets(&conflict, take, data, &policy, &mut working, &mut cache)?;
+        let mut batch = Batch::default();
+        let mut delta = CountDelta::default();
+        let mut writes = Vec::new();
+        let mut change = None;
+        for target in targets {
+            let key = (conflict.collection.clone(), target.record);
+            let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
+            let message = resolve::resolution_message(target.operation.as_str(), id, take);
+            let written = record
+                .materialize(
+                    &target.fields,
+                    target.deleted,
+                    target.operation,
+                    Some((id, message)),
+                    now,
+                )
+                .inspect_err(|_| record.rollback())?;
+            let heads = record.heads().iter().map(ToString::to_string).collect();
+            if change.is_none() {
+                change = written.as_ref().map(|w| w.change.hash().to_string());
+            }
+            let written =
+                written.map(|w| (w.operation, w.change.raw_bytes().to_vec(), record.save()));
+            let staged = Staged { written, heads };
+            writes.push(self.finish(key, staged, now, &mut batch, &mut delta));
+        }
+        conflict.resolving = Some(Resolution {
+            take: Some(take),
+            device: Some(self.device_id.clone()),
+            time: i64::try_from(now).unwrap_or(i64::MAX),
+            change,
+        });
+        batch.put(keys::conflict(id), to_json(&conflict));
+        let mut queue = self.lock_queue();
+        self.apply_queue_batch(&mut queue, batch, delta)?;
+        drop(queue);
+        for (key, record) in working.into_cacheable() {
+            cache.put(key, record);
+        }
+        Ok(ResolveOutcome { conflict, writes })
+    }
+
+    /// The records a resolution writes, and what each becomes.
+    fn resolution_targets(
+        &self,
+        conflict: &Conflict,
+        take: Take,
+        data: Option<Fields>,
+        policy: &Policy,
+        working: &mut WorkingSet,
+        cache: &mut LruCache<CacheKey, Record>,
+    ) -> Result<Vec<Target>, StoreError> {
+        let mut current = |id: &str| -> Result<resolve::View, StoreError> {
+            let key = (conflict.collection.clone(), id.to_owned());
+            let record = working.take(&key, cache, || self.load_or_new(&key))?;
+            Ok(resolve::view(record, policy))
+        };
+        if conflict.kind == ConflictKind::Unique {
+            let (server, client) = (&conflict.server.record, &conflict.client.record);
+            let (keep, drop) = match take {
+                Take::Server | Take::Merge => (server, client),
+                Take::Client => (client, server),
+            };
+            let kept = current(keep)?;
+            let dropped = current(drop)?;
+            let fields = match (take, data) {
+                (Take::Merge, Some(data)) => data,
+                (Take::Merge, None) => {
+                    let mut merged = dropped.fields.clone();
+                    merged.extend(kept.fields.clone());
+                    merged
+                }
+                _ => kept.fields.clone(),
+            };
+            return Ok(vec![
+                Target::of(keep, fields, false, &kept),
+                Target::of(drop, dropped.fields.clone(), true, &dropped),
+            ]);
+        }
+        let now = current(&conflict.record)?;
+        let side = match take {
+            Take::Server => Some(&conflict.server),
+            Take::Client => Some(&conflict.client),
+            Take::Merge => None,
+        };
+        let mut fields = if now.is_live() {
+            now.fields.clone()
+        } else {
+            side.map_or_else(|| conflict.client.fields.clone(), |s| s.fields.clone())
+        };
+        let deleted = side.is_some_and(|s| s.deleted);
+        match (take, data) {
+            (Take::Merge, Some(data)) => fields.extend(data),
+            (_, _) if conflict.kind == ConflictKind::UpdateUpdate => {
+                for field in &conflict.fields {
+                    let value = match take {
+                        Take::Server => field.server.clone(),
+                        _ => field.client.clone(),
+                    };
+                    set_path(&mut fields, &field.path, value);
+                }
+            }
+            _ => {}
+        }
+        Ok(vec![Target::of(&conflict.record, fields, deleted, &now)])
+    }
+}
+
+/// Where a unique check is in the log, and under which policy.
+struct UniqueCheck<'a> {
+    key: &'a CacheKey,
+    seq: u64,
+    time: i64,
+    policy: &'a Policy,
+}
+
+/// What one record becomes in a resolution.
+struct Target {
+    record: String,
+    fields: Fields,
+    deleted: bool,
+    operation: Operation,
+}
+
+impl Target {
+    fn of(record: &str, fields: Fields, deleted: bool, now: &resolve::View) -> Self {
+        let operation = if deleted {
+            Operation::Delete
+        } else if now.is_live() {
+            Operation::Update
+        } else {
+            Operation::Create
+        };
+        Target {
+            record: record.to_owned(),
+            fields,
+            deleted,
+            operation,
+        }
+    }
+}
+
+/// Sets (or with `None` removes) the value at `path` (field names and list indexes).
+fn set_path(fields: &mut Fields, path: &[Value], value: Option<Value>) {
+    let Some((Value::String(first), rest)) = path.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        match value {
+            Some(v) => {
+                fields.insert(first.clone(), v);
+            }
+            None => {
+                fields.remove(first);
+            }
+        }
+        return;
+    }
+    let mut slot = match fields.get_mut(first) {
+        Some(v) => v,
+        None => return,
+    };
+    for (i, step) in rest.iter().enumerate() {
+        let last = i + 1 == rest.len();
+        slot = match (slot, step) {
+            (Value::Object(map), Value::String(k)) if last => {
+                match value {
+                    Some(v) => {
+                        map.insert(k.clone(), v);
+                    }
+                    None => {
+                        map.remove(k);
+                    }
+                }
+                return;
+            }
+            (Value::Array(items), Value::Number(n)) if last => {
+                if let (Some(slot), Some(v)) = (
+                    n.as_u64()
+                        .and_then(|n| items.get_mut(usize::try_from(n).ok()?)),
+                    value,
+                ) {
+                    *slot = v;
+                }
+                return;
+            }
+            (Value::Object(map), Value::String(k)) => match map.get_mut(k) {
+                Some(v) => v,
+                None => return,
+            },
+            (Value::Array(items), Value::Number(n)) => {
+                match n
+                    .as_u64()
+                    .and_then(|n| items.get_mut(usize::try_from(n).ok()?))
+                {
+                    Some(v) => v,
+                    None => return,
+                }
+            }
+            _ => return,
+        };
+    }
+}
+
+/// A value's bytes as the unique index keys it: compact JSON, which serde_json writes the same
+/// way for equal values.
+fn canonical(value: &[Value]) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain data types cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
