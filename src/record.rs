@@ -370,13 +370,12 @@ impl Record {
         } else {
             write_map(&mut self.doc, &ROOT, fields, Replace::RootFields, style)?;
         }
-        write_at_key(
-            &mut self.doc,
-            &ROOT,
-            DELETED_KEY,
-            &Value::Bool(deleted),
-            style,
-        )?;
+        // Written afresh even when equal: a delete that an update outlived is settled only by a
+        // delete made after both.
+        if self.doc.get(ROOT, DELETED_KEY)?.is_some() {
+            self.doc.delete(ROOT, DELETED_KEY)?;
+        }
+        self.doc.put(ROOT, DELETED_KEY, deleted)?;
         let message = match resolution {
             Some((conflict, message)) => {
                 self.doc.put(ROOT, RESOLVED_KEY, conflict)?;

@@ -739,6 +739,13 @@ pub fn detect(
             resolves,
         };
     }
+    if ancestors(doc, logged).contains(change) {
+        // Logged already (the same entries applied again after a crash): nothing new.
+        return Detection {
+            logged_heads: logged.to_vec(),
+            ..Detection::default()
+        };
+    }
     let seen = ancestors(doc, std::slice::from_ref(change));
     let mut logged_heads: Vec<ChangeHash> = logged
         .iter()

@@ -421,7 +421,8 @@ impl Store {
                     fields: at.policy.unique[*constraint].clone(),
                     value: value.clone(),
                 };
-                let conflict = self.unique_conflict(ledger, &at, &first, clash, working, cache)?;
+                let conflict =
+                    self.unique_conflict(ledger, batch, &at, &first, clash, working, cache)?;
                 holders
                     .open
                     .push((conflict.id.clone(), first, key.1.clone()));
@@ -437,6 +438,7 @@ impl Store {
     fn unique_conflict(
         &self,
         ledger: &mut Ledger,
+        batch: &Batch,
         at: &UniqueCheck<'_>,
         first: &str,
         clash: UniqueClash,
@@ -448,7 +450,12 @@ impl Store {
         for id in [first, key.1.as_str()] {
             let record_key = (key.0.clone(), id.to_owned());
             let heads = self.logged_heads(ledger, &record_key)?;
-            let record = working.take(&record_key, cache, || self.load_or_new(&record_key))?;
+            // The other record may have been applied earlier in this batch, not yet stored.
+            let staged = batch.get(&keys::doc(&record_key.0, &record_key.1));
+            let record = working.take(&record_key, cache, || match staged {
+                Some(bytes) => self.parse(&record_key.0, bytes),
+                None => self.load_or_new(&record_key),
+            })?;
             let doc = record.automerge();
             let view = resolve::view_at(doc, Some(&heads), at.policy);
             sides.push(resolve::side(doc, id, &heads, view));
