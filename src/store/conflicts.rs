@@ -422,7 +422,7 @@ impl Store {
                     value: value.clone(),
                 };
                 let conflict =
-                    self.unique_conflict(ledger, batch, &at, &first, clash, working, cache)?;
+                    self.unique_conflict(ledger, batch, &at, (&first, clash), working, cache)?;
                 holders
                     .open
                     .push((conflict.id.clone(), first, key.1.clone()));
@@ -440,8 +440,7 @@ impl Store {
         ledger: &mut Ledger,
         batch: &Batch,
         at: &UniqueCheck<'_>,
-        first: &str,
-        clash: UniqueClash,
+        (first, clash): (&str, UniqueClash),
         working: &mut WorkingSet,
         cache: &mut LruCache<CacheKey, Record>,
     ) -> Result<Conflict, StoreError> {
