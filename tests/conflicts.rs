@@ -328,7 +328,7 @@ fn manual_queues_and_a_resolution_syncs_everywhere() {
         "provisional: the later write"
     );
     let flagged = net.store(2).get("Customer", "c1").unwrap();
-    assert_eq!(flagged.conflicts, [open[0].id.clone()]);
+    assert_eq!(flagged.conflicts, vec![open[0].id.clone()]);
 
     // The third device resolves it: keep the relay's version.
     let outcome = net
@@ -501,7 +501,7 @@ fn unique_clashes_keep_both_records_flag_the_later_and_end_when_resolved() {
     assert_eq!(c.unique.as_ref().unwrap().value, [json!("x@y")]);
     assert_eq!(
         net.store(0).get("Customer", "b").unwrap().conflicts,
-        [c.id.clone()]
+        vec![c.id.clone()]
     );
     assert!(
         net.store(0)
