@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::SyncConfig;
+use crate::resolve::ConflictStatus;
 use crate::service::{Origin, Service};
 use crate::store::StoreError;
 use crate::transport::{self, Fingerprint, FrameSender, ServerTrust, TransportError};
@@ -193,7 +194,7 @@ impl SyncFailure {
 }
 
 /// The device's sync status, as `status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SyncStatus {
     pub state: ConnectionState,
     pub relay: String,
@@ -209,6 +210,10 @@ pub struct SyncStatus {
     /// Changes uploaded and log entries applied since the daemon started.
     pub uploaded: u64,
     pub downloaded: u64,
+    /// Conflicts found in the log entries applied since the daemon started.
+    pub conflicts: u64,
+    /// Conflicts per applied log entry in the last sync round that applied any.
+    pub last_conflict_rate: f64,
     /// When the next connection attempt is due (while offline).
     pub next_attempt_ms: Option<u64>,
     /// UDP payload bytes sent to and received from the relay since the daemon started (QUIC
@@ -222,6 +227,8 @@ pub struct SyncStatus {
 pub struct SyncReport {
     pub uploaded: u64,
     pub downloaded: u64,
+    /// Conflicts found in the downloaded changes.
+    pub conflicts: u64,
     pub cursor: u64,
     pub relay_head: u64,
 }
@@ -293,6 +300,8 @@ pub fn spawn(
         up_to_date: false,
         uploaded: 0,
         downloaded: 0,
+        conflicts: 0,
+        last_conflict_rate: 0.0,
         next_attempt_ms: None,
         bytes_sent: 0,
         bytes_received: 0,
@@ -330,6 +339,8 @@ struct Round {
     uploaded: u64,
     rejected: u64,
     downloaded: u64,
+    /// Conflicts found applying the downloaded changes.
+    conflicts: u64,
     started: Option<Instant>,
 }
 
@@ -536,9 +547,15 @@ impl Engine {
                 let result = tokio::task::block_in_place(|| {
                     carry_out(service, max_retries, session, effect, now_ms())
                 });
-                if let Err(e) = result {
-                    self.failed(&e, Direction::Finalization);
-                    session.shut_down();
+                match result {
+                    Ok(found) => {
+                        self.round.conflicts += found;
+                        self.status.send_modify(|s| s.conflicts += found);
+                    }
+                    Err(e) => {
+                        self.failed(&e, Direction::Finalization);
+                        session.shut_down();
+                    }
                 }
             }
             while let Some(message) = session.poll_transmit() {
@@ -631,6 +648,7 @@ impl Engine {
         self.unlogged.uploaded += round.uploaded;
         self.unlogged.rejected += round.rejected;
         self.unlogged.downloaded += round.downloaded;
+        self.unlogged.conflicts += round.conflicts;
         // A live device finishes a round at every push; one SyncLog entry per push would bury
         // the log, so rounds close together share their entries (someone waiting on a sync
         // always gets them written).
@@ -644,6 +662,9 @@ impl Engine {
         self.status.send_modify(|s| {
             s.cursor = cursor;
             s.up_to_date = cursor >= s.relay_head;
+            if round.downloaded > 0 {
+                s.last_conflict_rate = round.conflicts as f64 / round.downloaded as f64;
+            }
             s.last_sync_ms = Some(at);
             s.last_error = None;
         });
@@ -664,6 +685,7 @@ impl Engine {
         let report = SyncReport {
             uploaded: round.uploaded,
             downloaded: round.downloaded,
+            conflicts: round.conflicts,
             cursor,
             relay_head: status.relay_head,
         };
@@ -692,11 +714,12 @@ impl Engine {
             self.log(Direction::Upload, totals.uploaded, outcome, error);
         }
         if totals.downloaded > 0 {
-            self.log(
+            self.log_phase(
                 Direction::Download,
                 totals.downloaded,
                 SyncOutcome::Success,
                 None,
+                totals.conflicts,
             );
         }
     }
@@ -732,6 +755,17 @@ impl Engine {
         status: SyncOutcome,
         error_message: Option<String>,
     ) {
+        self.log_phase(direction, records_processed, status, error_message, 0);
+    }
+
+    fn log_phase(
+        &self,
+        direction: Direction,
+        records_processed: u64,
+        status: SyncOutcome,
+        error_message: Option<String>,
+        conflicts: u64,
+    ) {
         let store = self.service.store();
         let entry = SyncLogEntry {
             id: 0,
@@ -742,6 +776,7 @@ impl Engine {
             error_message,
             user_id: None,
             device_id: store.device_id().to_string(),
+            conflicts,
         };
         if let Err(e) = store.log_append(entry) {
             tracing::warn!(error = %e, "cannot write the SyncLog entry");
@@ -750,14 +785,16 @@ impl Engine {
 }
 
 /// Carries out one effect of a device session against the local service, and tells the session
-/// it is done. The daemon's loop and the simulation both use it.
+/// it is done. Returns how many conflicts applying remote changes found. The daemon's loop and
+/// the simulation both use it.
 pub fn carry_out(
     service: &Service,
     max_retries: u32,
     session: &mut DeviceSession,
     effect: DeviceEffect,
     now: u64,
-) -> Result<(), EngineError> {
+) -> Result<u64, EngineError> {
+    let mut found = 0;
     let store = service.store();
     match effect {
         DeviceEffect::LoadUploadBatch {
@@ -788,11 +825,19 @@ pub fn carry_out(
         } => {
             let _span =
                 tracing::info_span!("sync.download", through, entries = entries.len()).entered();
-            service.apply_remote(entries, through)?;
+            let outcome = service.apply_remote(entries, through)?;
+            found = outcome
+                .conflicts
+                .iter()
+                .filter(|c| c.status != ConflictStatus::Resolved)
+                .count() as u64;
+            if found > 0 {
+                tracing::info!(conflicts = found, "conflicts found in the relay's changes");
+            }
             session.applied(through, now);
         }
     }
-    Ok(())
+    Ok(found)
 }
 
 #[tracing::instrument(name = "sync.initialization", skip_all, fields(relay = %settings.relay))]

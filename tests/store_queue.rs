@@ -355,6 +355,7 @@ fn log_entry(n: u64) -> SyncLogEntry {
         error_message: (n % 3 == 2).then(|| format!("error {n}")),
         user_id: (n % 2 == 1).then(|| "user-1".to_owned()),
         device_id: common::TEST_DEVICE.into(),
+        conflicts: n / 2,
     }
 }
 

@@ -193,6 +193,19 @@ pub struct SyncLogEntry {
     pub error_message: Option<String>,
     pub user_id: Option<String>,
     pub device_id: String,
+    /// Conflicts the phase's changes brought (downloads: found while applying the relay's log).
+    pub conflicts: u64,
+}
+
+impl SyncLogEntry {
+    /// Conflicts per change processed: the conflict rate of the phase.
+    pub fn conflict_rate(&self) -> f64 {
+        if self.records_processed == 0 {
+            0.0
+        } else {
+            self.conflicts as f64 / self.records_processed as f64
+        }
+    }
 }
 
 #[cfg(test)]

@@ -821,7 +821,7 @@ impl Store {
                 break;
             };
             if let Some(bytes) = self.kv.get(&key)? {
-                out.push(decode(&bytes, "log entry")?);
+                out.push(decode_log_entry(&bytes)?);
             }
             end = key;
         }
@@ -1066,6 +1066,16 @@ fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A SyncLog entry, also in the layout written before conflicts were counted (the same fields
+/// without the last), which reads as no conflicts.
+fn decode_log_entry(bytes: &[u8]) -> Result<SyncLogEntry, StoreError> {
+    decode(bytes, "log entry").or_else(|e| {
+        let mut padded = bytes.to_vec();
+        padded.push(0);
+        postcard::from_bytes(&padded).map_err(|_| e)
+    })
+}
+
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
@@ -1221,6 +1231,28 @@ mod tests {
         kv.crash();
         let store = open(&kv);
         assert_eq!(store.cursor("relay").unwrap().as_deref(), Some(&b"41"[..]));
+    }
+
+    #[test]
+    fn log_entries_written_before_conflicts_were_counted_still_read() {
+        use ferry_proto::{Direction, SyncOutcome};
+        let old = postcard::to_stdvec(&(
+            3u64,
+            1_000u64,
+            Direction::Download,
+            5u64,
+            SyncOutcome::Success,
+            None::<String>,
+            None::<String>,
+            "dev".to_owned(),
+        ))
+        .unwrap();
+        let entry = decode_log_entry(&old).unwrap();
+        assert_eq!(
+            (entry.id, entry.records_processed, entry.conflicts),
+            (3, 5, 0)
+        );
+        assert!(decode_log_entry(&old[..old.len() - 1]).is_err());
     }
 
     #[test]
