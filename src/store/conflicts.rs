@@ -217,7 +217,7 @@ impl Store {
     ) -> Result<Vec<Conflict>, StoreError> {
         let mut ledger = Ledger::default();
         for (key, hash, seq) in order {
-            let policy = self.options.policies.of(&key.0).clone();
+            let policy = self.options.policies.of(&key.0);
             let logged = self.logged_heads(&mut ledger, key)?;
             let record = working.take(key, cache, || self.load_or_new(key))?;
             let doc = record.automerge();
@@ -226,10 +226,11 @@ impl Store {
                 collection: &key.0,
                 record: &key.1,
             };
-            let detection = resolve::detect(doc, &logged, hash, at, &policy);
-            let time = resolve::change_stamp(doc, hash).time;
-            let logged_view = (!policy.unique.is_empty())
-                .then(|| resolve::view_at(doc, Some(&detection.logged_heads), &policy));
+            let detection = resolve::detect(doc, &logged, hash, at, policy);
+            let unique = (!policy.unique.is_empty()).then(|| {
+                let view = resolve::view_at(doc, Some(&detection.logged_heads), policy);
+                (view, resolve::change_stamp(doc, hash).time)
+            });
             ledger.heads.insert(key.clone(), detection.logged_heads);
             if let Some(conflict) = detection.conflict {
                 self.record_conflict(&mut ledger, batch, conflict)?;
@@ -237,13 +238,13 @@ impl Store {
             if let Some((id, resolution)) = detection.resolves {
                 self.settle_conflict(&mut ledger, batch, &id, resolution)?;
             }
-            if let Some(view) = logged_view {
-                let values = resolve::unique_values(&view, &policy);
+            if let Some((view, time)) = unique {
+                let values = resolve::unique_values(&view, policy);
                 let clash = UniqueCheck {
                     key,
                     seq: *seq,
                     time,
-                    policy: &policy,
+                    policy,
                 };
                 self.check_unique(&mut ledger, batch, clash, values, working, cache)?;
             }
