@@ -277,33 +277,47 @@ fn is_true(value: &AmValue<'_>) -> bool {
     matches!(value, AmValue::Scalar(s) if matches!(s.as_ref(), ScalarValue::Boolean(true)))
 }
 
-/// Whether the record is deleted, and whether that overrides what Automerge's merge shows (a
-/// delete that a concurrent update outlives).
+/// Whether the record is deleted, and whether that overrides what the latest `$deleted` value
+/// says (a delete that a concurrent update outlives, or the reverse). Every delete among the
+/// key's concurrent values counts, not only the latest: an update made concurrently may have
+/// written `$deleted = false` (a create, or a write that made a shown state explicit), and the
+/// collection's delete rule, not the clocks, decides between the two.
 fn deleted_state(doc: &Automerge, reader: &mut Reader<'_>, policy: &Policy) -> (bool, bool) {
-    let Some((value, op)) = reader.winner(&ROOT, DELETED_KEY) else {
+    let values = reader.all(&ROOT, Prop::Map(DELETED_KEY.to_owned()));
+    if values.len() > 1 {
+        reader.multi = true;
+    }
+    let stamped: Vec<(bool, Stamp, &ObjId)> = values
+        .iter()
+        .map(|(v, op)| (is_true(v), op_stamp(doc, op), op))
+        .collect();
+    let latest_says = stamped
+        .iter()
+        .max_by(|a, b| a.1.cmp(&b.1))
+        .is_some_and(|(deleted, _, _)| *deleted);
+    if policy.strategy == Strategy::Lww {
+        // Under lww the head shown was already chosen by the delete rule.
+        return (latest_says, false);
+    }
+    let Some(delete) = stamped
+        .iter()
+        .filter(|(deleted, _, _)| *deleted)
+        .max_by(|a, b| a.1.cmp(&b.1))
+        .and_then(|(_, _, op)| doc.hash_for_opid(op))
+    else {
         return (false, false);
     };
-    if !is_true(&value) || policy.strategy == Strategy::Lww {
-        // Under lww the head shown was already chosen by the delete rule.
-        return (is_true(&value), false);
-    }
-    let Some(delete) = doc.hash_for_opid(&op) else {
-        return (true, false);
-    };
-    let updates = concurrent_changes(doc, &delete, reader.at)
+    let latest_update = concurrent_changes(doc, &delete, reader.at)
         .into_iter()
         .filter(|(_, operation, _)| operation != "delete")
         .map(|(_, _, stamp)| stamp)
         .max();
-    let Some(latest_update) = updates else {
-        return (true, false);
+    let deleted = match (latest_update, policy.on_delete) {
+        (None, _) | (Some(_), DeleteRule::KeepDelete) => true,
+        (Some(_), DeleteRule::KeepUpdate | DeleteRule::Queue) => false,
+        (Some(update), DeleteRule::Latest) => change_stamp(doc, &delete) > update,
     };
-    match policy.on_delete {
-        DeleteRule::KeepDelete => (true, false),
-        DeleteRule::KeepUpdate | DeleteRule::Queue => (false, true),
-        DeleteRule::Latest if change_stamp(doc, &delete) > latest_update => (true, false),
-        DeleteRule::Latest => (false, true),
-    }
+    (deleted, deleted != latest_says)
 }
 
 /// The changes (hash, operation, stamp) that are neither ancestors nor descendants of `change`,
