@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::ipc::{self, decode_message};
 use crate::record::Record;
 use crate::relay::store::{RelayStore, RelayStoreOptions};
+use crate::resolve::{self, Policy, Strategy};
 use crate::service::{Service, ServiceOptions};
 use crate::store::kv::{Kv as _, MemoryKv};
 use crate::store::{Store, StoreOptions, SystemClock};
@@ -64,20 +65,41 @@ fn small_service() -> Service {
     )
 }
 
-/// A stored record document, as read back from disk.
+/// A stored record document, as read back from disk, read under every strategy (which settles
+/// concurrent values by reading the change graph), and its changes run through conflict
+/// detection one by one as if logged in order.
 pub fn record_document(data: &[u8]) {
     let actor = automerge::ActorId::from(&[1u8; 16][..]);
+    let _ = crate::record::chunk_hash(data);
     if let Ok(mut record) = Record::load(data, &actor) {
         let _ = record.fields();
         let _ = record.is_live();
         let _ = record.history();
+        for strategy in [Strategy::Merge, Strategy::Lww, Strategy::Manual] {
+            let policy = Policy {
+                unique: vec![vec!["a".into()]],
+                ..Policy::of(strategy)
+            };
+            let _ = resolve::unique_values(&resolve::view(&mut record, &policy), &policy);
+            let doc = record.automerge();
+            let mut logged = Vec::new();
+            for meta in doc.get_changes_meta(&[]) {
+                let at = resolve::LogPosition {
+                    seq: 1,
+                    collection: "C",
+                    record: "r",
+                };
+                logged = resolve::detect(doc, &logged, &meta.hash, at, &policy).logged_heads;
+            }
+        }
     }
 }
 
-/// Stored SyncQueue and SyncLog entries.
+/// Stored SyncQueue and SyncLog entries, and conflict entries.
 pub fn stored_entries(data: &[u8]) {
     let _ = postcard::from_bytes::<SyncQueueEntry>(data);
     let _ = postcard::from_bytes::<SyncLogEntry>(data);
+    let _ = serde_json::from_slice::<resolve::Conflict>(data);
 }
 
 /// A config file.
