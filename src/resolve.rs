@@ -176,6 +176,16 @@ pub fn view(record: &mut Record, policy: &Policy) -> View {
     view_at(record.automerge(), None, policy)
 }
 
+/// Whether the record, as its policy shows it, is deleted: `view`'s answer without reading the
+/// fields.
+pub fn is_deleted(record: &mut Record, policy: &Policy) -> bool {
+    let doc = record.automerge();
+    let heads = doc.get_heads();
+    let visible = visible_heads(doc, &heads, policy);
+    let mut reader = Reader::new(doc, visible.as_deref());
+    deleted_state(doc, &mut reader, policy).0
+}
+
 /// The record as its policy shows it, counting only the changes up to `heads` (all of them when
 /// `None`).
 pub fn view_at(doc: &Automerge, heads: Option<&[ChangeHash]>, policy: &Policy) -> View {

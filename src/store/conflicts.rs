@@ -204,41 +204,58 @@ impl Store {
         Ok(by_key.into_values().collect())
     }
 
-    /// Runs conflict detection for applied log entries, in log order: each change meets the
-    /// record's changes logged before it. Stages the logged heads, new and changed conflict
-    /// entries, unique-value index and counters into `batch`. Every record named must be in
-    /// `working` (one use each entry).
+    /// Runs conflict detection for one applied log entry: the change meets the record's changes
+    /// logged before it. Stages the new logged heads, a conflict found and a resolution seen.
+    /// Returns the record's logged view and the change's time when its collection has unique
+    /// constraints, for `check_unique`.
+    pub(super) fn detect_entry(
+        &self,
+        ledger: &mut Ledger,
+        batch: &mut Batch,
+        key: &CacheKey,
+        (hash, seq): (ChangeHash, u64),
+        record: &mut Record,
+    ) -> Result<Option<(resolve::View, i64)>, StoreError> {
+        let policy = self.options.policies.of(&key.0);
+        let logged = self.logged_heads(ledger, key)?;
+        let doc = record.automerge();
+        let at = LogPosition {
+            seq,
+            collection: &key.0,
+            record: &key.1,
+        };
+        let detection = resolve::detect(doc, &logged, &hash, at, policy);
+        let unique = (!policy.unique.is_empty()).then(|| {
+            let view = resolve::view_at(doc, Some(&detection.logged_heads), policy);
+            (view, resolve::change_stamp(doc, &hash).time)
+        });
+        ledger.heads.insert(key.clone(), detection.logged_heads);
+        if let Some(conflict) = detection.conflict {
+            self.record_conflict(ledger, batch, conflict)?;
+        }
+        if let Some((id, resolution)) = detection.resolves {
+            self.settle_conflict(ledger, batch, &id, resolution)?;
+        }
+        Ok(unique)
+    }
+
+    /// Runs detection, in log order, for applied entries of collections with unique constraints:
+    /// a clash is between records, so which record took a value first is the log's order across
+    /// records. Every record named must be in `working` (one use per entry).
     pub(super) fn detect_in_log_order(
         &self,
+        ledger: &mut Ledger,
         order: &[(CacheKey, ChangeHash, u64)],
         working: &mut WorkingSet,
         cache: &mut LruCache<CacheKey, Record>,
         batch: &mut Batch,
-    ) -> Result<Vec<Conflict>, StoreError> {
-        let mut ledger = Ledger::default();
+    ) -> Result<(), StoreError> {
         for (key, hash, seq) in order {
-            let policy = self.options.policies.of(&key.0);
-            let logged = self.logged_heads(&mut ledger, key)?;
             let record = working.take(key, cache, || self.load_or_new(key))?;
-            let doc = record.automerge();
-            let at = LogPosition {
-                seq: *seq,
-                collection: &key.0,
-                record: &key.1,
-            };
-            let detection = resolve::detect(doc, &logged, hash, at, policy);
-            let unique = (!policy.unique.is_empty()).then(|| {
-                let view = resolve::view_at(doc, Some(&detection.logged_heads), policy);
-                (view, resolve::change_stamp(doc, hash).time)
-            });
-            ledger.heads.insert(key.clone(), detection.logged_heads);
-            if let Some(conflict) = detection.conflict {
-                self.record_conflict(&mut ledger, batch, conflict)?;
-            }
-            if let Some((id, resolution)) = detection.resolves {
-                self.settle_conflict(&mut ledger, batch, &id, resolution)?;
-            }
-            if let Some((view, time)) = unique {
+            if let Some((view, time)) =
+                self.detect_entry(ledger, batch, key, (*hash, *seq), record)?
+            {
+                let policy = self.options.policies.of(&key.0);
                 let values = resolve::unique_values(&view, policy);
                 let clash = UniqueCheck {
                     key,
@@ -246,12 +263,11 @@ impl Store {
                     time,
                     policy,
                 };
-                self.check_unique(&mut ledger, batch, clash, values, working, cache)?;
+                self.check_unique(ledger, batch, clash, values, working, cache)?;
             }
             working.used(key);
         }
-        self.finish_ledger(&mut ledger, batch)?;
-        Ok(ledger.changed)
+        Ok(())
     }
 
     fn logged_heads(
@@ -518,7 +534,12 @@ impl Store {
         Ok(())
     }
 
-    fn finish_ledger(&self, ledger: &mut Ledger, batch: &mut Batch) -> Result<(), StoreError> {
+    /// Stages what the ledger holds into the apply's batch.
+    pub(super) fn finish_ledger(
+        &self,
+        ledger: &mut Ledger,
+        batch: &mut Batch,
+    ) -> Result<(), StoreError> {
         for (key, heads) in &ledger.heads {
             let bytes: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
             batch.put(keys::logged_heads(&key.0, &key.1), bytes);

@@ -9,9 +9,11 @@
 //! Must not touch: the network, sessions, timers or threads. Every operation here is synchronous
 //! and durable only after `Store::flush`; the caller decides when to flush.
 
+use super::conflicts::Ledger;
 use super::kv::{Batch, Kv};
 use super::{CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry};
 use crate::record::decode_change;
+use crate::resolve;
 use automerge::Change;
 use ferry_proto::wire::{ChangeOutcome, ChangeResult, LogEntry};
 use ferry_proto::{
@@ -260,12 +262,11 @@ impl Store {
         through: u64,
     ) -> Result<RemoteOutcome, StoreError> {
         let mut order: Vec<CacheKey> = Vec::new();
-        // Every entry, in log order, for conflict detection.
-        let mut logged: Vec<(CacheKey, automerge::ChangeHash, u64)> =
-            Vec::with_capacity(entries.len());
-        // Each record's changes, decoded once, with the seq of its first entry (named if the
-        // record's changes cannot be applied).
-        let mut groups: HashMap<CacheKey, (u64, Vec<Change>)> = HashMap::new();
+        // Entries of collections with unique constraints, in log order: they are checked against
+        // each other once every record is applied.
+        let mut across_records: Vec<(CacheKey, automerge::ChangeHash, u64)> = Vec::new();
+        // Each record's changes, decoded once, with their seqs.
+        let mut groups: HashMap<CacheKey, Vec<(u64, Change)>> = HashMap::new();
         for entry in entries {
             let invalid = |reason: String| StoreError::RemoteEntry {
                 seq: entry.seq,
@@ -277,36 +278,46 @@ impl Store {
                 .map_err(|e| invalid(e.to_string()))?;
             let change = decode_change(&entry.change).map_err(|e| invalid(e.to_string()))?;
             let key = (entry.collection.clone(), entry.record.clone());
-            logged.push((key.clone(), change.hash(), entry.seq));
+            if !self.policy(&key.0).unique.is_empty() {
+                across_records.push((key.clone(), change.hash(), entry.seq));
+            }
             groups
                 .entry(key.clone())
                 .or_insert_with(|| {
                     order.push(key);
-                    (entry.seq, Vec::new())
+                    Vec::new()
                 })
-                .1
-                .push(change);
+                .push((entry.seq, change));
         }
         // Read under the cache lock, which every apply holds, so two applies cannot both move
         // the cursor from the same old value.
         let mut cache = self.lock_cache();
         let cursor = self.sync_cursor()?.max(through);
         let mut working = WorkingSet::default();
-        // One use to apply a record's changes, and one per entry to detect conflicts.
-        for (key, _, _) in &logged {
+        for key in &order {
+            working.uses.insert(key.clone(), 1);
+        }
+        for (key, _, _) in &across_records {
             *working.uses.entry(key.clone()).or_insert(1) += 1;
         }
         let mut batch = Batch::default();
+        let mut ledger = Ledger::default();
         let mut applied = Vec::new();
         for key in order {
-            let (first, changes) = groups.remove(&key).unwrap_or_default();
+            let group = groups.remove(&key).unwrap_or_default();
+            let first = group.first().map_or(0, |(seq, _)| *seq);
+            let positions: Vec<(automerge::ChangeHash, u64)> =
+                group.iter().map(|(seq, c)| (c.hash(), *seq)).collect();
             // The device that wrote the last of the changes, as subscribers are told.
-            let device = changes
+            let device = group
                 .last()
-                .map(|c| c.actor_id().to_hex_string())
+                .map(|(_, c)| c.actor_id().to_hex_string())
                 .unwrap_or_default();
+            let changes = group.into_iter().map(|(_, c)| c).collect();
+            let policy = self.options.policies.of(&key.0);
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
-            let (existed, was_deleted) = (record.exists(), record.is_deleted());
+            let existed = record.exists();
+            let was_deleted = existed && resolve::is_deleted(record, policy);
             let changed = record.apply_decoded(changes).map_err(|e| {
                 // Every entry decoded, so this is a dependency missing from the record's
                 // changes as a whole: name the record's first entry.
@@ -317,7 +328,7 @@ impl Store {
                 }
             })?;
             if changed {
-                let deleted = record.is_deleted();
+                let deleted = resolve::is_deleted(record, policy);
                 let operation = if deleted {
                     Operation::Delete
                 } else if !existed || was_deleted {
@@ -335,15 +346,29 @@ impl Store {
                     device,
                 });
             }
+            if policy.unique.is_empty() {
+                // Detection within one record needs only that record's order.
+                for position in positions {
+                    self.detect_entry(&mut ledger, &mut batch, &key, position, record)?;
+                }
+            }
             working.used(&key);
         }
-        let conflicts = self.detect_in_log_order(&logged, &mut working, &mut cache, &mut batch)?;
+        self.detect_in_log_order(
+            &mut ledger,
+            &across_records,
+            &mut working,
+            &mut cache,
+            &mut batch,
+        )?;
+        self.finish_ledger(&mut ledger, &mut batch)?;
         batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
         self.kv.apply(batch)?;
         // As in `write_all`: the documents go back into the cache only once their batch landed.
         for (key, record) in working.into_cacheable() {
             cache.put(key, record);
         }
+        let conflicts = ledger.changed;
         Ok(RemoteOutcome { applied, conflicts })
     }
 }
