@@ -600,3 +600,22 @@ fn text_fields_merge_concurrent_edits_character_by_character() {
         "different characters: no conflict"
     );
 }
+
+#[test]
+fn a_delete_that_an_update_outlives_is_not_announced_as_a_delete() {
+    let mut net = two_devices(Policy::of(Strategy::Merge));
+    net.write(0, delete("c1"));
+    net.write(1, patch("c1", json!({"tier": 3})));
+    net.upload(0);
+    net.upload(1);
+    let outcome = net.download(1);
+    let seen: Vec<_> = outcome
+        .applied
+        .iter()
+        .map(|a| (a.operation, a.deleted))
+        .collect();
+    assert_eq!(seen, [(ferry_proto::Operation::Update, false)]);
+    assert_eq!(outcome.conflicts.len(), 1);
+    let outcome = net.download(0);
+    assert_eq!(outcome.applied[0].operation, ferry_proto::Operation::Create);
+}
