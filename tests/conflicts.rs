@@ -619,3 +619,26 @@ fn a_delete_that_an_update_outlives_is_not_announced_as_a_delete() {
     let outcome = net.download(0);
     assert_eq!(outcome.applied[0].operation, ferry_proto::Operation::Create);
 }
+
+#[test]
+fn the_same_two_records_can_clash_again_after_a_clash_ended() {
+    let policy = Policy {
+        unique: vec![vec!["email".into()]],
+        ..Policy::of(Strategy::Merge)
+    };
+    let mut net = Net::new(2, policy);
+    net.write(0, put("Customer", "a", json!({"email": "x@y"})));
+    net.write(1, put("Customer", "b", json!({"email": "x@y"})));
+    net.sync();
+    net.write(1, patch("b", json!({"email": "z@y"})));
+    net.sync();
+    net.write(1, patch("b", json!({"email": "x@y"})));
+    net.sync();
+    let conflicts = net.conflicts();
+    let statuses: Vec<_> = conflicts.iter().map(|c| c.status).collect();
+    assert_eq!(conflicts.len(), 2, "{conflicts:#?}");
+    assert!(
+        statuses.contains(&ConflictStatus::Resolved) && statuses.contains(&ConflictStatus::Open)
+    );
+    assert_eq!(net.store(0).open_conflicts().unwrap(), 1);
+}

@@ -489,6 +489,9 @@ impl Store {
                 &value,
                 first.as_bytes(),
                 key.1.as_bytes(),
+                // The same two records can clash again on the same value after a clash ended:
+                // that is a new conflict.
+                &at.seq.to_be_bytes(),
             ]),
             kind: ConflictKind::Unique,
             collection: key.0.clone(),
