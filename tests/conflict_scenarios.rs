@@ -215,7 +215,8 @@ fn field_names(conflict: &Value) -> Vec<Value> {
 }
 
 /// Checks the parts of a conflict every scenario pins down: kind, status, winner, the record,
-/// which device's change is which side, and B's change being the relay's third entry.
+/// which device's change is which side, B's change being the relay's third entry, and which
+/// queue entries name the conflict.
 fn assert_conflict(
     conflict: &Value,
     (kind, status, winner): (&str, &str, Value),
@@ -233,6 +234,28 @@ fn assert_conflict(
         "B wrote after A: {conflict}"
     );
     assert_eq!(conflict["resolution"], Value::Null, "{conflict}");
+    // A unique clash is about two records, not one change: no queue entry names it.
+    let brought = match conflict["kind"].as_str() {
+        Some("unique") => Value::Null,
+        _ => conflict["id"].clone(),
+    };
+    assert_eq!(queued_conflicts(db), [brought], "B's change");
+    assert_eq!(
+        queued_conflicts(da),
+        [Value::Null, Value::Null],
+        "A's changes"
+    );
+}
+
+/// The conflict each of the device's queue entries brought, oldest entry first.
+fn queued_conflicts(daemon: &Daemon) -> Vec<Value> {
+    let queue = call(daemon, "queue", json!({ "limit": 100 }));
+    queue["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["conflict"].clone())
+        .collect()
 }
 
 /// Resolves `conflict` on `daemon` taking `take` (with `data` for a merge); the reply shows it
