@@ -103,16 +103,29 @@ impl Scenario {
         (da, db)
     }
 
-    /// Runs `with` against `device`'s daemon started with no relay configured, so the one change
-    /// it writes waits in the queue; the daemon stops afterwards and the device is pointed back
+    /// As `sync_a_then_b` with the devices' parts swapped: B's offline changes are logged first.
+    fn sync_b_then_a(&self, b_head: u64, head: u64) -> (Daemon, Daemon) {
+        let db = self.b.start_daemon_logged();
+        wait_converged(&[&db], b_head);
+        let da = self.a.start_daemon_logged();
+        wait_converged(&[&da, &db], head);
+        (da, db)
+    }
+
+    /// Runs `with` against `device`'s daemon started with no relay configured, so the `changes`
+    /// it writes wait in the queue; the daemon stops afterwards and the device is pointed back
     /// at the relay.
-    fn offline<T>(&self, device: &Device, with: impl FnOnce(&Daemon) -> T) -> T {
+    fn offline<T>(&self, device: &Device, changes: u64, with: impl FnOnce(&Daemon) -> T) -> T {
         let online = format!("\nrelay = \"{}\"", self.relay.relay.addr);
         device.edit_config(|text| replace_once(text, &online, "\nrelay = \"\""));
         let daemon = device.start_daemon_logged();
         let result = with(&daemon);
         let seen = status(&daemon);
-        assert_eq!(unsent(&seen), 1, "the change waits to be uploaded: {seen}");
+        assert_eq!(
+            unsent(&seen),
+            changes,
+            "the changes wait to be uploaded: {seen}"
+        );
         stop(daemon);
         device.edit_config(|text| replace_once(text, "\nrelay = \"\"", &online));
         result
@@ -628,27 +641,48 @@ fn unique_under_manual_is_queued_and_a_merge_keeps_one_record_of_both() {
     assert_eq!(agreed_fields(&da, &db, "b"), None);
 }
 
-#[test]
-fn concurrent_resolutions_of_one_conflict_converge_on_the_later_one() {
-    let (s, da, db) = update_update("resolve-twice", "manual");
-    let c = agreed_conflict(&da, &db);
-    assert_eq!(c["status"], json!("open"), "{c}");
-    let (a_id, b_id) = (device_id(&da), device_id(&db));
+/// Which device's offline changes the relay logs first.
+#[derive(Clone, Copy)]
+enum First {
+    A,
+    B,
+}
+
+/// Both devices resolve `c` offline and differently, A taking `a_take` and then B `b_take`, so B's
+/// is the later resolution; each resolution writes `changes` changes, to a log of `head`
+/// entries. Then they sync, `first` uploading first; the conflict must end resolved by B's
+/// resolution on both devices, with no other conflict found.
+fn resolve_on_both_offline(
+    s: &Scenario,
+    (da, db): (Daemon, Daemon),
+    c: &Value,
+    (a_take, b_take): (&str, &str),
+    (changes, head): (u64, u64),
+    first: First,
+) -> (Daemon, Daemon) {
+    let b_id = device_id(&db);
     stop(da);
     stop(db);
-
-    // Each device resolves it offline, differently; B resolves it later.
-    s.offline(&s.a, |d| resolve(d, &c, "client", None));
-    s.offline(&s.b, |d| resolve(d, &c, "server", None));
-    let (da, db) = s.sync_a_then_b(4, 5);
-
+    s.offline(&s.a, changes, |d| resolve(d, c, a_take, None));
+    s.offline(&s.b, changes, |d| resolve(d, c, b_take, None));
+    let (da, db) = match first {
+        First::A => s.sync_a_then_b(head + changes, head + 2 * changes),
+        First::B => s.sync_b_then_a(head + changes, head + 2 * changes),
+    };
     let after = agreed_conflict(&da, &db);
     assert_eq!(after["id"], c["id"]);
     assert_eq!(after["status"], json!("resolved"), "{after}");
-    assert_eq!(after["resolution"]["take"], json!("server"), "{after}");
+    assert_eq!(after["resolution"]["take"], json!(b_take), "{after}");
     assert_eq!(after["resolution"]["device"], b_id, "{after}");
-    assert_ne!(a_id, b_id);
     assert_eq!(status(&da)["conflicts"]["open"], json!(0));
+    (da, db)
+}
+
+fn concurrent_resolutions_of_one_update_conflict(space: &str, first: First) {
+    let (s, da, db) = update_update(space, "manual");
+    let c = agreed_conflict(&da, &db);
+    assert_eq!(c["status"], json!("open"), "{c}");
+    let (da, db) = resolve_on_both_offline(&s, (da, db), &c, ("client", "server"), (1, 3), first);
     let c1 = agreed_record(&da, &db, "c1").expect("c1");
     assert_eq!(
         c1["fields"],
@@ -669,6 +703,36 @@ fn concurrent_resolutions_of_one_conflict_converge_on_the_later_one() {
         Some(json!({ "name": "Ada A", "city": "Bergen", "tier": 5 }))
     );
     assert_eq!(agreed_conflict(&da, &db)["id"], c["id"]);
+}
+
+#[test]
+fn concurrent_resolutions_of_one_conflict_converge_on_the_later_one() {
+    concurrent_resolutions_of_one_update_conflict("resolve-twice", First::A);
+}
+
+#[test]
+fn concurrent_resolutions_converge_on_the_later_one_whichever_the_relay_logs_first() {
+    concurrent_resolutions_of_one_update_conflict("resolve-twice-reversed", First::B);
+}
+
+#[test]
+fn concurrent_resolutions_of_a_unique_clash_converge_on_the_later_one() {
+    let (s, da, db) = unique("unique-resolve-twice", "manual");
+    let c = assert_unique_clash(&da, &db, "manual");
+    // A keeps `a` and deletes `b`; B, later, keeps `b` and deletes `a`: two changes each.
+    let (da, db) =
+        resolve_on_both_offline(&s, (da, db), &c, ("server", "client"), (2, 3), First::A);
+    assert_eq!(
+        agreed_fields(&da, &db, "a"),
+        None,
+        "B's resolution deletes a"
+    );
+    let b = agreed_record(&da, &db, "b").expect("B's resolution keeps b");
+    assert_eq!(
+        b["fields"],
+        json!({ "email": "x@example.com", "name": "B" })
+    );
+    assert_eq!(b["conflicts"], json!([]), "{b}");
 }
 
 #[test]
