@@ -473,6 +473,29 @@ fn update_update_under_lww_shows_the_later_writer_whole() {
         field_names(&c),
         [json!("city"), json!("name"), json!("tier")]
     );
+    assert_write_on_top_keeps(
+        (&da, &db),
+        json!({ "name": "Ada B", "city": "Oslo", "tier": 5 }),
+        "A's overwritten city does not come back",
+    );
+}
+
+/// A's write on top of a settled conflict (`tier` = 5) builds on what the record shows, giving
+/// `expected` on both devices, and brings no new conflict.
+fn assert_write_on_top_keeps((da, db): (&Daemon, &Daemon), expected: Value, why: &str) {
+    let before = agreed_conflict(da, db);
+    call(
+        da,
+        "patch",
+        json!({ "collection": COLLECTION, "id": "c1", "fields": { "tier": 5 } }),
+    );
+    wait_converged(&[da, db], 4);
+    assert_eq!(agreed_fields(da, db, "c1"), Some(expected), "{why}");
+    assert_json_same(
+        &agreed_conflict(da, db),
+        &before,
+        "the conflict after a write",
+    );
 }
 
 #[test]
@@ -515,6 +538,11 @@ fn update_delete_under_merge_keeps_the_update() {
     );
     assert_eq!(c["server"]["deleted"], json!(true), "{c}");
     assert_eq!(c["client"]["deleted"], json!(false), "{c}");
+    assert_write_on_top_keeps(
+        (&da, &db),
+        json!({ "name": "Ada", "city": "Oslo", "tier": 5 }),
+        "A's own delete does not come back",
+    );
 }
 
 #[test]
@@ -733,6 +761,34 @@ fn concurrent_resolutions_of_a_unique_clash_converge_on_the_later_one() {
         json!({ "email": "x@example.com", "name": "B" })
     );
     assert_eq!(b["conflicts"], json!([]), "{b}");
+}
+
+#[test]
+fn a_unique_clash_ends_on_both_devices_when_the_later_record_changes_its_value() {
+    let (_s, da, db) = unique("unique-edit", "lww");
+    let c = assert_unique_clash(&da, &db, "lww");
+    call(
+        &db,
+        "patch",
+        json!({ "collection": COLLECTION, "id": "b", "fields": { "email": "y@example.com" } }),
+    );
+    wait_converged(&[&da, &db], 4);
+    let after = agreed_conflict(&da, &db);
+    assert_eq!(after["id"], c["id"]);
+    assert_eq!(after["status"], json!("resolved"), "{after}");
+    assert_eq!(
+        after["resolution"]["take"],
+        Value::Null,
+        "ended by an edit: {after}"
+    );
+    assert_eq!(status(&da)["conflicts"]["open"], json!(0));
+    let b = agreed_record(&da, &db, "b").expect("b");
+    assert_eq!(
+        b["fields"],
+        json!({ "email": "y@example.com", "name": "B" })
+    );
+    assert_eq!(b["conflicts"], json!([]), "{b}");
+    assert_settled(&db, &c);
 }
 
 #[test]
