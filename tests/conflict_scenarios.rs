@@ -4,7 +4,8 @@
 //! changes are concurrent), and device A syncs before device B starts, so the relay logs A's side
 //! first (the `server` side) and B's second (the `client` side), and B's change is the later one.
 //! Each test then checks, on both devices, the record its strategy promises and identical conflict
-//! entries; queued conflicts are resolved on one device and must end resolved on both.
+//! entries; queued conflicts are resolved on one device and must end resolved on both, and two
+//! devices resolving one conflict differently while offline must agree on one resolution.
 //!
 //! The relay is shared by the tests that run at the same time; each test syncs in a space of its
 //! own, so the relay's head in that space counts exactly the test's changes.
@@ -46,6 +47,13 @@ fn shared_relay() -> Arc<SharedRelay> {
 fn replace_once(text: &str, from: &str, to: &str) -> String {
     assert!(text.contains(from), "the config has no {from:?}");
     text.replacen(from, to, 1)
+}
+
+/// Which device's offline changes the relay logs first.
+#[derive(Clone, Copy)]
+enum First {
+    A,
+    B,
 }
 
 /// Two devices syncing in a space of their own, with `Customer` configured by `settings`.
@@ -92,34 +100,33 @@ impl Scenario {
         stop(db);
     }
 
-    /// Starts A's daemon and waits until the relay has logged its offline changes and A holds
-    /// the log through `a_head`; only then starts B's, and waits until both hold the log through
-    /// `head`. So A's side of every conflict is the one the relay logged first.
-    fn sync_a_then_b(&self, a_head: u64, head: u64) -> (Daemon, Daemon) {
-        let da = self.a.start_daemon_logged();
-        wait_converged(&[&da], a_head);
-        let db = self.b.start_daemon_logged();
-        wait_converged(&[&da, &db], head);
-        (da, db)
-    }
-
-    /// As `sync_a_then_b` with the devices' parts swapped: B's offline changes are logged first.
-    fn sync_b_then_a(&self, b_head: u64, head: u64) -> (Daemon, Daemon) {
-        let db = self.b.start_daemon_logged();
-        wait_converged(&[&db], b_head);
-        let da = self.a.start_daemon_logged();
-        wait_converged(&[&da, &db], head);
-        (da, db)
+    /// Starts the `first` device's daemon and waits until the relay has logged its offline
+    /// changes and it holds the log through `first_head`; only then starts the other's, and
+    /// waits until both hold the log through `head`. So the first device's side of every
+    /// conflict is the one the relay logged first. Returns A's daemon, then B's.
+    fn sync(&self, first: First, first_head: u64, head: u64) -> (Daemon, Daemon) {
+        let (one, other) = match first {
+            First::A => (&self.a, &self.b),
+            First::B => (&self.b, &self.a),
+        };
+        let d_one = one.start_daemon_logged();
+        wait_converged(&[&d_one], first_head);
+        let d_other = other.start_daemon_logged();
+        wait_converged(&[&d_one, &d_other], head);
+        match first {
+            First::A => (d_one, d_other),
+            First::B => (d_other, d_one),
+        }
     }
 
     /// Runs `with` against `device`'s daemon started with no relay configured, so the `changes`
     /// it writes wait in the queue; the daemon stops afterwards and the device is pointed back
     /// at the relay.
-    fn offline<T>(&self, device: &Device, changes: u64, with: impl FnOnce(&Daemon) -> T) -> T {
+    fn offline(&self, device: &Device, changes: u64, with: impl FnOnce(&Daemon)) {
         let online = format!("\nrelay = \"{}\"", self.relay.relay.addr);
         device.edit_config(|text| replace_once(text, &online, "\nrelay = \"\""));
         let daemon = device.start_daemon_logged();
-        let result = with(&daemon);
+        with(&daemon);
         let seen = status(&daemon);
         assert_eq!(
             unsent(&seen),
@@ -128,7 +135,6 @@ impl Scenario {
         );
         stop(daemon);
         device.edit_config(|text| replace_once(text, "\nrelay = \"\"", &online));
-        result
     }
 }
 
@@ -146,10 +152,6 @@ fn offline_cli(device: &Device, args: &[&str]) {
         "ferry {args:?}: {}",
         common::stderr(&out)
     );
-}
-
-fn address(id: &str) -> String {
-    format!("{COLLECTION}/{id}")
 }
 
 /// The record as `get` gives it, or `None` when it does not exist or is deleted.
@@ -328,79 +330,84 @@ fn assert_resolved(da: &Daemon, db: &Daemon, before: &Value, take: &str, resolve
     }
 }
 
-/// Both devices hold `c1`; offline, A sets a new name and city and B a new name and a tier.
-fn update_update(space: &str, strategy: &str) -> (Scenario, Daemon, Daemon) {
-    let s = Scenario::new(space, &format!("strategy = \"{strategy}\""));
+/// Both devices hold `c1` = {name: Ada, city: Oslo}; offline, A runs the `ferry` command `on_a`
+/// and then B runs `on_b`; A syncs first, then B.
+fn concurrent(
+    space: &str,
+    settings: &str,
+    on_a: &[&str],
+    on_b: &[&str],
+) -> (Scenario, Daemon, Daemon) {
+    let s = Scenario::new(space, settings);
     s.share(&[("c1", json!({ "name": "Ada", "city": "Oslo" }))]);
-    offline_cli(
-        &s.a,
+    offline_cli(&s.a, on_a);
+    offline_cli(&s.b, on_b);
+    let (da, db) = s.sync(First::A, 2, 3);
+    (s, da, db)
+}
+
+fn strategy(name: &str) -> String {
+    format!("strategy = \"{name}\"")
+}
+
+/// A sets a new name and city, B a new name and a tier.
+fn update_update(space: &str, name: &str) -> (Scenario, Daemon, Daemon) {
+    concurrent(
+        space,
+        &strategy(name),
         &[
             "patch",
-            &address("c1"),
+            "Customer/c1",
             "--data",
             r#"{"name": "Ada A", "city": "Bergen"}"#,
         ],
-    );
-    offline_cli(
-        &s.b,
         &[
             "patch",
-            &address("c1"),
+            "Customer/c1",
             "--data",
             r#"{"name": "Ada B", "tier": 2}"#,
         ],
-    );
-    let (da, db) = s.sync_a_then_b(2, 3);
-    (s, da, db)
+    )
 }
 
-/// Both devices hold `c1`; offline, A deletes it and B adds a tier.
-fn update_delete(space: &str, strategy: &str) -> (Scenario, Daemon, Daemon) {
-    let s = Scenario::new(space, &format!("strategy = \"{strategy}\""));
-    s.share(&[("c1", json!({ "name": "Ada", "city": "Oslo" }))]);
-    offline_cli(&s.a, &["rm", &address("c1")]);
-    offline_cli(&s.b, &["patch", &address("c1"), "--data", r#"{"tier": 3}"#]);
-    let (da, db) = s.sync_a_then_b(2, 3);
-    (s, da, db)
-}
-
-/// Both devices hold `c1`; offline, A adds a tier and B deletes it.
-fn delete_update(space: &str, strategy: &str) -> (Scenario, Daemon, Daemon) {
-    let s = Scenario::new(space, &format!("strategy = \"{strategy}\""));
-    s.share(&[("c1", json!({ "name": "Ada", "city": "Oslo" }))]);
-    offline_cli(&s.a, &["patch", &address("c1"), "--data", r#"{"tier": 3}"#]);
-    offline_cli(&s.b, &["rm", &address("c1")]);
-    let (da, db) = s.sync_a_then_b(2, 3);
-    (s, da, db)
-}
-
-/// Both devices hold `c1`; offline, A creates `a` and B creates `b` with the same unique email.
-fn unique(space: &str, strategy: &str) -> (Scenario, Daemon, Daemon) {
-    let s = Scenario::new(
+/// A deletes `c1`, B adds a tier.
+fn update_delete(space: &str, name: &str) -> (Scenario, Daemon, Daemon) {
+    concurrent(
         space,
-        &format!("strategy = \"{strategy}\"\nunique = [[\"email\"]]"),
-    );
-    s.share(&[("c1", json!({ "name": "Ada", "email": "ada@example.com" }))]);
-    offline_cli(
-        &s.a,
+        &strategy(name),
+        &["rm", "Customer/c1"],
+        &["patch", "Customer/c1", "--data", r#"{"tier": 3}"#],
+    )
+}
+
+/// A adds a tier, B deletes `c1`.
+fn delete_update(space: &str, name: &str) -> (Scenario, Daemon, Daemon) {
+    concurrent(
+        space,
+        &strategy(name),
+        &["patch", "Customer/c1", "--data", r#"{"tier": 3}"#],
+        &["rm", "Customer/c1"],
+    )
+}
+
+/// A creates `a` and B creates `b`, with the same email, which is unique.
+fn unique(space: &str, name: &str) -> (Scenario, Daemon, Daemon) {
+    concurrent(
+        space,
+        &format!("{}\nunique = [[\"email\"]]", strategy(name)),
         &[
             "put",
-            &address("a"),
+            "Customer/a",
             "--data",
             r#"{"email": "x@example.com", "name": "A"}"#,
         ],
-    );
-    offline_cli(
-        &s.b,
         &[
             "put",
-            &address("b"),
+            "Customer/b",
             "--data",
             r#"{"email": "x@example.com", "name": "B"}"#,
         ],
-    );
-    let (da, db) = s.sync_a_then_b(2, 3);
-    (s, da, db)
+    )
 }
 
 /// A unique clash is queued under every strategy: both records are kept, and only the later
@@ -669,13 +676,6 @@ fn unique_under_manual_is_queued_and_a_merge_keeps_one_record_of_both() {
     assert_eq!(agreed_fields(&da, &db, "b"), None);
 }
 
-/// Which device's offline changes the relay logs first.
-#[derive(Clone, Copy)]
-enum First {
-    A,
-    B,
-}
-
 /// Both devices resolve `c` offline and differently, A taking `a_take` and then B `b_take`, so B's
 /// is the later resolution; each resolution writes `changes` changes, to a log of `head`
 /// entries. Then they sync, `first` uploading first; the conflict must end resolved by B's
@@ -693,10 +693,7 @@ fn resolve_on_both_offline(
     stop(db);
     s.offline(&s.a, changes, |d| resolve(d, c, a_take, None));
     s.offline(&s.b, changes, |d| resolve(d, c, b_take, None));
-    let (da, db) = match first {
-        First::A => s.sync_a_then_b(head + changes, head + 2 * changes),
-        First::B => s.sync_b_then_a(head + changes, head + 2 * changes),
-    };
+    let (da, db) = s.sync(first, head + changes, head + 2 * changes);
     let after = agreed_conflict(&da, &db);
     assert_eq!(after["id"], c["id"]);
     assert_eq!(after["status"], json!("resolved"), "{after}");
@@ -743,13 +740,11 @@ fn concurrent_resolutions_converge_on_the_later_one_whichever_the_relay_logs_fir
     concurrent_resolutions_of_one_update_conflict("resolve-twice-reversed", First::B);
 }
 
-#[test]
-fn concurrent_resolutions_of_a_unique_clash_converge_on_the_later_one() {
-    let (s, da, db) = unique("unique-resolve-twice", "manual");
+fn concurrent_resolutions_of_a_unique_clash(space: &str, first: First) {
+    let (s, da, db) = unique(space, "manual");
     let c = assert_unique_clash(&da, &db, "manual");
     // A keeps `a` and deletes `b`; B, later, keeps `b` and deletes `a`: two changes each.
-    let (da, db) =
-        resolve_on_both_offline(&s, (da, db), &c, ("server", "client"), (2, 3), First::A);
+    let (da, db) = resolve_on_both_offline(&s, (da, db), &c, ("server", "client"), (2, 3), first);
     assert_eq!(
         agreed_fields(&da, &db, "a"),
         None,
@@ -761,6 +756,16 @@ fn concurrent_resolutions_of_a_unique_clash_converge_on_the_later_one() {
         json!({ "email": "x@example.com", "name": "B" })
     );
     assert_eq!(b["conflicts"], json!([]), "{b}");
+}
+
+#[test]
+fn concurrent_resolutions_of_a_unique_clash_converge_on_the_later_one() {
+    concurrent_resolutions_of_a_unique_clash("unique-resolve-twice", First::A);
+}
+
+#[test]
+fn concurrent_resolutions_of_a_unique_clash_converge_whichever_the_relay_logs_first() {
+    concurrent_resolutions_of_a_unique_clash("unique-resolve-twice-reversed", First::B);
 }
 
 #[test]
