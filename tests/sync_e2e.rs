@@ -11,7 +11,8 @@
 mod common;
 
 use common::{
-    Daemon, Device, Relay, TIMEOUT, assert_json_same, stderr, stdout, wait_for, wait_for_ok,
+    Daemon, Device, Relay, TIMEOUT, assert_json_same, call, count, status, stderr, stdout, unsent,
+    wait_converged, wait_for,
 };
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -55,57 +56,6 @@ fn small_batches(config: &str) -> String {
     let default = "\nbatch_changes = 1000";
     assert!(config.contains(default), "no {default:?} in the config");
     config.replacen(default, "\nbatch_changes = 20", 1)
-}
-
-fn call(daemon: &Daemon, method: &str, params: Value) -> Value {
-    daemon
-        .client()
-        .call(method, params.clone())
-        .unwrap_or_else(|e| panic!("{method} {params}: {e}"))
-}
-
-fn status(daemon: &Daemon) -> Value {
-    call(daemon, "status", json!({}))
-}
-
-fn count(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("{v} is not a count"))
-}
-
-/// Queue entries not yet settled: pending or being uploaded.
-fn unsent(status: &Value) -> u64 {
-    count(&status["queue"]["pending"]) + count(&status["queue"]["processing"])
-}
-
-/// Whether the device holds the relay's whole log, which ends at `head`, and has nothing left
-/// to upload.
-fn caught_up(status: &Value, head: u64) -> bool {
-    let sync = &status["sync"];
-    sync["up_to_date"] == json!(true)
-        && sync["cursor"] == json!(head)
-        && sync["relay_head"] == json!(head)
-        && unsent(status) == 0
-        && status["queue"]["failed"] == json!(0)
-}
-
-/// Waits until every daemon is caught up with a relay log of exactly `head` entries.
-fn wait_converged(daemons: &[&Daemon], head: u64) {
-    wait_for_ok(
-        &format!("every device in sync at relay head {head}"),
-        TIMEOUT,
-        || {
-            let seen: Vec<Value> = daemons.iter().map(|d| status(d)).collect();
-            if seen.iter().all(|s| caught_up(s, head)) {
-                Ok(())
-            } else {
-                let brief: Vec<Value> = seen
-                    .iter()
-                    .map(|s| json!({ "queue": s["queue"], "sync": s["sync"] }))
-                    .collect();
-                Err(Value::Array(brief).to_string())
-            }
-        },
-    );
 }
 
 /// Every live record of `collection`, in id order, as `list` pages them.

@@ -4,6 +4,7 @@
 
 use ferry::ipc::Client;
 use ferry::store::kv::{Batch, Kv, KvError, MemoryKv, Pair};
+use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -335,6 +336,58 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Calls `method` on the daemon's socket; panics with the method, its params and the error.
+pub fn call(daemon: &Daemon, method: &str, params: Value) -> Value {
+    daemon
+        .client()
+        .call(method, params.clone())
+        .unwrap_or_else(|e| panic!("{method} {params}: {e}"))
+}
+
+pub fn status(daemon: &Daemon) -> Value {
+    call(daemon, "status", json!({}))
+}
+
+pub fn count(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("{v} is not a count"))
+}
+
+/// Queue entries not yet settled: pending or being uploaded.
+pub fn unsent(status: &Value) -> u64 {
+    count(&status["queue"]["pending"]) + count(&status["queue"]["processing"])
+}
+
+/// Whether the device holds the relay's whole log, which ends at `head`, and has nothing left
+/// to upload.
+pub fn caught_up(status: &Value, head: u64) -> bool {
+    let sync = &status["sync"];
+    sync["up_to_date"] == json!(true)
+        && sync["cursor"] == json!(head)
+        && sync["relay_head"] == json!(head)
+        && unsent(status) == 0
+        && status["queue"]["failed"] == json!(0)
+}
+
+/// Waits until every daemon is caught up with a relay log of exactly `head` entries.
+pub fn wait_converged(daemons: &[&Daemon], head: u64) {
+    wait_for_ok(
+        &format!("every device in sync at relay head {head}"),
+        TIMEOUT,
+        || {
+            let seen: Vec<Value> = daemons.iter().map(|d| status(d)).collect();
+            if seen.iter().all(|s| caught_up(s, head)) {
+                Ok(())
+            } else {
+                let brief: Vec<Value> = seen
+                    .iter()
+                    .map(|s| json!({ "queue": s["queue"], "sync": s["sync"] }))
+                    .collect();
+                Err(Value::Array(brief).to_string())
+            }
+        },
+    );
 }
 
 pub fn signal(pid: u32, sig: i32) {
