@@ -797,9 +797,6 @@ fn a_unique_clash_ends_on_both_devices_when_the_later_record_changes_its_value()
 }
 
 #[test]
-#[ignore = "fails on main: a unique clash's id is derived from the collection, constraint, value \
-            and the two record ids only, so a second clash of the same two records on the same \
-            value gets the id of the first, is taken for a replay of it, and is never recorded"]
 fn the_same_two_records_clashing_again_after_a_resolution_are_queued_again() {
     let (_s, da, db) = unique("unique-again", "merge");
     let first = assert_unique_clash(&da, &db, "merge");
