@@ -249,12 +249,8 @@ fn assert_conflict(
         "B wrote after A: {conflict}"
     );
     assert_eq!(conflict["resolution"], Value::Null, "{conflict}");
-    // A unique clash is about two records, not one change: no queue entry names it.
-    let brought = match conflict["kind"].as_str() {
-        Some("unique") => Value::Null,
-        _ => conflict["id"].clone(),
-    };
-    assert_eq!(queued_conflicts(db), [brought], "B's change");
+    // For a unique clash too, the change that gave the later record the value names it.
+    assert_eq!(queued_conflicts(db), [conflict["id"].clone()], "B's change");
     assert_eq!(
         queued_conflicts(da),
         [Value::Null, Value::Null],

@@ -259,6 +259,7 @@ impl Store {
                 let values = resolve::unique_values(&view, policy);
                 let clash = UniqueCheck {
                     key,
+                    change: *hash,
                     seq: *seq,
                     time,
                     policy,
@@ -335,9 +336,7 @@ impl Store {
         } else {
             Self::count(ledger, "auto_resolved", &conflict);
         }
-        if conflict.kind != ConflictKind::Unique
-            && let Some(change) = conflict.client.changes.first()
-        {
+        if let Some(change) = conflict.client.changes.first() {
             batch.put(
                 keys::change_conflict(change),
                 conflict.id.as_bytes().to_vec(),
@@ -476,9 +475,11 @@ impl Store {
             let view = resolve::view_at(doc, Some(&heads), at.policy);
             sides.push(resolve::side(doc, id, &heads, view));
         }
-        let (Some(client), Some(server)) = (sides.pop(), sides.pop()) else {
+        let (Some(mut client), Some(server)) = (sides.pop(), sides.pop()) else {
             return Err(not_found(key));
         };
+        // As for the other kinds, the client side names the change that brought the conflict.
+        client.changes = vec![at.change.to_string()];
         let value = canonical(&clash.value);
         let constraint = clash.fields.join(",");
         Ok(Conflict {
@@ -726,6 +727,8 @@ impl Store {
 /// Where a unique check is in the log, and under which policy.
 struct UniqueCheck<'a> {
     key: &'a CacheKey,
+    /// The change that gave the record its values, and its place in the log.
+    change: ChangeHash,
     seq: u64,
     time: i64,
     policy: &'a Policy,
