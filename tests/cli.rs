@@ -3,8 +3,8 @@
 mod common;
 
 use common::{Device, OTHER_DEVICE, stderr, stdout};
-use std::process::Output;
 use serde_json::{Value, json};
+use std::process::Output;
 
 #[test]
 fn put_get_round_trip_without_and_with_a_daemon() {
@@ -143,17 +143,29 @@ fn conflicts_are_listed_shown_and_resolved_on_the_store() {
 
     let table = succeeded(&dev.ferry(&["conflicts"]));
     let header = table.lines().next().unwrap_or_default();
-    for column in ["ID", "KIND", "RECORD", "STATUS", "STRATEGY", "FIELDS", "SERVER", "CLIENT"] {
+    for column in [
+        "ID", "KIND", "RECORD", "STATUS", "STRATEGY", "FIELDS", "SERVER", "CLIENT",
+    ] {
         assert!(header.contains(column), "{column} in {header:?}");
     }
     let row = line_with(&table, &[&id]);
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(
         cells[..6],
-        [id.as_str(), "update_update", "Customer/1", "open", "manual", "name"],
+        [
+            id.as_str(),
+            "update_update",
+            "Customer/1",
+            "open",
+            "manual",
+            "name"
+        ],
         "{row}"
     );
-    assert!(row.contains(&OTHER_DEVICE[..8]), "the server side's device: {row}");
+    assert!(
+        row.contains(&OTHER_DEVICE[..8]),
+        "the server side's device: {row}"
+    );
     assert_eq!(table.lines().count(), 2, "{table}");
 
     let listed = json_of(&dev.ferry(&["--json", "conflicts", "--collection", "Customer"]));
@@ -184,7 +196,11 @@ fn conflicts_are_listed_shown_and_resolved_on_the_store() {
     line_with(&text, &["client", "Customer/1"]);
     line_with(&text, &["PATH", "SERVER", "CLIENT", "SHOWN"]);
     let field: Vec<&str> = line_with(&text, &["\"Bea\""]).split_whitespace().collect();
-    assert_eq!(field, ["name", "\"Bea\"", "\"Grace\"", shown_side(&dev)], "{text}");
+    assert_eq!(
+        field,
+        ["name", "\"Bea\"", "\"Grace\"", shown_side(&dev)],
+        "{text}"
+    );
     assert!(!text.contains("resolution"), "{text}");
 
     let status = succeeded(&dev.ferry(&["status"]));
@@ -213,11 +229,23 @@ fn conflicts_are_listed_shown_and_resolved_on_the_store() {
         &["--data"],
     );
     failed_with(
-        &dev.ferry(&["conflicts", "resolve", &id, "--take", "merge", "--data", "{bad"]),
+        &dev.ferry(&[
+            "conflicts",
+            "resolve",
+            &id,
+            "--take",
+            "merge",
+            "--data",
+            "{bad",
+        ]),
         2,
         &["not valid JSON"],
     );
-    failed_with(&dev.ferry(&["conflicts", "--status", "closed"]), 2, &["closed"]);
+    failed_with(
+        &dev.ferry(&["conflicts", "--status", "closed"]),
+        2,
+        &["closed"],
+    );
 
     let resolved = succeeded(&dev.ferry(&["conflicts", "resolve", &id, "--take", "server"]));
     line_with(&resolved, &[&format!("resolved {id}: took server")]);

@@ -788,7 +788,9 @@ impl Relayed {
             ))
             .expect("create on the other device");
         self.sync(local, &mut apply);
-        self.other.write(set("Bea")).expect("the other device's edit");
+        self.other
+            .write(set("Bea"))
+            .expect("the other device's edit");
         local.write(set("Grace")).expect("the local edit");
         self.sync(local, &mut apply);
     }
