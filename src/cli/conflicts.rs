@@ -14,15 +14,15 @@ use serde_json::{Value, json};
 pub(super) enum Action {
     /// Both sides of a conflict field by field, which one the record shows, and the resolution
     Show { id: String },
-    /// Settle a conflict by keeping one side, or fields given with --data; the choice is written
-    /// as a change that syncs
+    /// Settle a conflict by keeping one side, or by setting the fields given with --data; the
+    /// choice is written as a change that syncs
     Resolve {
         id: String,
         /// server: the version the relay logged first; client: the one that arrived later;
         /// merge: the fields given with --data
         #[arg(long, value_enum)]
         take: Take,
-        /// The record's fields as a JSON object (with --take merge); `-` reads standard input
+        /// Fields to set, as a JSON object (with --take merge); `-` reads standard input
         #[arg(long)]
         data: Option<String>,
     },
