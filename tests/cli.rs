@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Device, OTHER_DEVICE, stderr, stdout};
+use common::{Device, OTHER_DEVICE, Relayed, put, stderr, stdout};
 use serde_json::{Value, json};
 use std::process::Output;
 
@@ -294,4 +294,70 @@ fn conflicts_resolve_through_the_daemon_with_merged_fields() {
     let table = succeeded(&dev.ferry(&["conflicts"]));
     line_with(&table, &[&id, "open (resolving)"]);
     assert!(daemon.terminate().success());
+}
+
+#[test]
+fn a_unique_clash_shows_both_records_and_resolves_to_one() {
+    let dev = Device::new();
+    dev.edit_config(|text| format!("{text}\n[collections.Customer]\nunique = [[\"email\"]]\n"));
+    let email = json!({"email": "x@example.com"});
+    let id = dev.with_store(|store| {
+        let mut relayed = Relayed::new(ferry::store::StoreOptions::default());
+        relayed
+            .other
+            .write(put(
+                "Customer",
+                "a",
+                json!({"name": "Ada", "email": email["email"]}),
+            ))
+            .expect("the other device's record");
+        store
+            .write(put(
+                "Customer",
+                "b",
+                json!({"name": "Bea", "email": email["email"]}),
+            ))
+            .expect("the local record");
+        relayed.sync(store, |entries, through| {
+            store.apply_remote(entries, through).expect("apply the log");
+        });
+        let ids = store.record_conflicts("Customer", "b").expect("conflicts");
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        ids[0].clone()
+    });
+
+    let listed = json_of(&dev.ferry(&["--json", "conflicts"]));
+    let conflict = &listed["conflicts"][0];
+    assert_eq!(conflict["id"], json!(id), "{listed}");
+    assert_eq!(conflict["kind"], "unique");
+    assert_eq!(conflict["server"]["record"], "a");
+    assert_eq!(conflict["client"]["record"], "b");
+    let row = line_with(&succeeded(&dev.ferry(&["conflicts"])), &[&id]).to_owned();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..3], ["unique", "Customer/b"], "{row}");
+    assert_eq!(cells[5], "email", "the constraint's fields: {row}");
+
+    let text = succeeded(&dev.ferry(&["conflicts", "show", &id]));
+    line_with(&text, &["server", "Customer/a", OTHER_DEVICE]);
+    line_with(&text, &["client", "Customer/b"]);
+    line_with(
+        &text,
+        &[
+            "unique",
+            "email",
+            "x@example.com",
+            "first by Customer/a, then by Customer/b",
+        ],
+    );
+    let differing: Vec<&str> = line_with(&text, &["\"Ada\""]).split_whitespace().collect();
+    assert_eq!(differing, ["name", "\"Ada\"", "\"Bea\""], "{text}");
+
+    let resolved = succeeded(&dev.ferry(&["conflicts", "resolve", &id, "--take", "client"]));
+    line_with(&resolved, &["delete Customer/a"]);
+    assert_eq!(dev.ferry(&["get", "Customer/a"]).status.code(), Some(3));
+    let kept = json_of(&dev.ferry(&["--json", "get", "Customer/b"]));
+    assert_eq!(
+        kept["fields"],
+        json!({"name": "Bea", "email": "x@example.com"})
+    );
 }

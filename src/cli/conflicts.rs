@@ -170,7 +170,22 @@ fn show(ctx: &Context, backend: &mut Backend, id: &str) -> Result<(), Failure> {
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default();
-    if !fields.is_empty() {
+    if !fields.is_empty() && c["unique"].is_object() {
+        // Two records: where they differ, each shows its own value.
+        let rows: Vec<Vec<String>> = fields
+            .iter()
+            .map(|f| {
+                let path = f["path"].as_array().map(Vec::as_slice).unwrap_or_default();
+                vec![
+                    path_text(path),
+                    side_value(&f["server"]),
+                    side_value(&f["client"]),
+                ]
+            })
+            .collect();
+        println!();
+        print_table(&["PATH", "SERVER", "CLIENT"], &rows);
+    } else if !fields.is_empty() {
         // What the record shows now, to say which side each field holds.
         let now = match backend.call("get", json!({ "collection": collection, "id": record })) {
             Ok(r) => Some(r["fields"].clone()),
@@ -260,20 +275,21 @@ fn status(c: &Value) -> String {
     }
 }
 
-/// The fields a conflict is about: the paths both sides wrote, or a unique constraint's fields.
+/// The fields a conflict is about: a unique constraint's fields, or the paths both sides wrote.
 fn fields_involved(c: &Value) -> String {
+    if c["unique"].is_object() {
+        return joined(&c["unique"]["fields"], "+");
+    }
     let paths: Vec<String> = c["fields"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|f| path_text(f["path"].as_array().map(Vec::as_slice).unwrap_or_default()))
         .collect();
-    if !paths.is_empty() {
-        paths.join(",")
-    } else if c["unique"].is_object() {
-        joined(&c["unique"]["fields"], "+")
-    } else {
+    if paths.is_empty() {
         "-".to_owned()
+    } else {
+        paths.join(",")
     }
 }
 
