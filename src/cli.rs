@@ -118,8 +118,10 @@ enum Command {
     Conflicts {
         #[command(subcommand)]
         action: Option<conflicts::Action>,
+        /// Which conflicts to list: waiting ones, settled by someone, settled by the strategy
         #[arg(long, value_enum, default_value_t = conflicts::StatusFilter::Open)]
         status: conflicts::StatusFilter,
+        /// Only this collection's conflicts
         #[arg(long)]
         collection: Option<String>,
         #[arg(long, default_value_t = 100)]
@@ -160,7 +162,7 @@ enum Command {
         collection: Option<String>,
         #[arg(long)]
         id: Option<String>,
-        /// Stop after this many changes
+        /// Stop after this many notifications
         #[arg(long)]
         count: Option<usize>,
     },

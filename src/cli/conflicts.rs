@@ -117,7 +117,10 @@ fn list_conflicts(ctx: &Context, backend: &mut Backend, list: ListArgs) -> Resul
         })
         .collect();
     if rows.is_empty() {
-        eprintln!("no {} conflicts", list.status.as_str().replace('_', "-"));
+        match list.status {
+            StatusFilter::All => eprintln!("no conflicts"),
+            other => eprintln!("no {} conflicts", other.as_str().replace('_', "-")),
+        }
     } else {
         print_table(&header, &rows);
     }
