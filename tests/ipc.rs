@@ -1637,6 +1637,42 @@ fn subscriptions_deliver_conflicts_through_their_filter() {
     let (mut everything, everything_id) = subscriber(json!({}));
     let (mut record_2, record_2_id) = subscriber(json!({"collection": "Customer", "id": "2"}));
     let (mut invoices, _) = subscriber(json!({"collection": "Invoice"}));
+    // `ferry watch` on one record, through the same socket.
+    let watch_config = tmp.path().join("watch.toml");
+    std::fs::write(
+        &watch_config,
+        format!("[ipc]\nsocket = {:?}\n", socket.display().to_string()),
+    )
+    .expect("write the watcher's config");
+    let mut watch = Command::new(ferry_bin())
+        .arg("--data-dir")
+        .arg(tmp.path().join("watcher"))
+        .arg("--config")
+        .arg(&watch_config)
+        .args(["watch", "Customer", "--id", "2"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry watch");
+    let watch_err = stderr_lines(&mut watch);
+    let watch_out = {
+        let pipe = watch.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    if watch_err.recv_timeout(TIMEOUT).as_deref() != Ok("watching") {
+        let _ = watch.kill();
+        panic!("ferry watch did not start: {}", rest(&watch_err));
+    }
 
     let mut relayed = Relayed::new(StoreOptions::default());
     let apply = |entries: &[ferry_proto::wire::LogEntry], through| {
@@ -1666,7 +1702,7 @@ fn subscriptions_deliver_conflicts_through_their_filter() {
             json!({
                 "subscription": everything_id, "id": id, "kind": "update_update",
                 "collection": "Customer", "record": record, "status": "open",
-                "winner": n["params"]["winner"], "resolving": false,
+                "winner": null, "resolving": false,
             }),
             "{n}"
         );
@@ -1683,6 +1719,33 @@ fn subscriptions_deliver_conflicts_through_their_filter() {
             "a notification past the filter: {n}"
         );
         assert_eq!(n["params"]["subscription"], record_2_id, "{n}");
+    }
+
+    let mut printed = Vec::new();
+    while !printed
+        .last()
+        .is_some_and(|l: &String| l.starts_with("conflict "))
+    {
+        match watch_out.recv_timeout(TIMEOUT) {
+            Ok(line) => printed.push(line),
+            Err(_) => {
+                let _ = watch.kill();
+                panic!("ferry watch printed no conflict: {printed:?}");
+            }
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(
+        printed.last(),
+        Some(&format!("conflict open update_update Customer/2 {second}")),
+        "{printed:?}"
+    );
+    for line in &printed[..printed.len() - 1] {
+        assert!(
+            line.starts_with("change ") && line.contains(" Customer/2 by "),
+            "{printed:?}"
+        );
     }
 
     // Resolving on another connection: the record's subscriber hears that it is resolving.
