@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod conflicts;
+
 const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
 
 #[derive(Parser, Debug)]
@@ -110,6 +112,24 @@ enum Command {
         #[arg(long)]
         after: Option<u64>,
     },
+    /// Conflicts between concurrent changes: list them (open ones by default), or `show` or
+    /// `resolve` one
+    #[command(args_conflicts_with_subcommands = true)]
+    Conflicts {
+        #[command(subcommand)]
+        action: Option<conflicts::Action>,
+        /// Which conflicts to list: waiting ones, settled by someone, settled by the strategy
+        #[arg(long, value_enum, default_value_t = conflicts::StatusFilter::Open)]
+        status: conflicts::StatusFilter,
+        /// Only this collection's conflicts
+        #[arg(long)]
+        collection: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this conflict id (the `next` of the previous page)
+        #[arg(long)]
+        after: Option<String>,
+    },
     /// Put failed queue entries back to pending
     Retry {
         ids: Vec<u64>,
@@ -137,12 +157,12 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
-    /// Print record changes as they happen (needs the daemon)
+    /// Print record changes and conflicts as they happen (needs the daemon)
     Watch {
         collection: Option<String>,
         #[arg(long)]
         id: Option<String>,
-        /// Stop after this many changes
+        /// Stop after this many notifications
         #[arg(long)]
         count: Option<usize>,
     },
@@ -285,6 +305,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => watch(&ctx, collection, id, count),
         Command::Import { file, batch } => import(&ctx, file.as_deref(), batch),
         Command::Sync { retry_failed } => sync(&ctx, retry_failed),
+        Command::Conflicts {
+            action,
+            status,
+            collection,
+            limit,
+            after,
+        } => conflicts::run(
+            &ctx,
+            action,
+            conflicts::ListArgs {
+                status,
+                collection,
+                limit,
+                after,
+            },
+        ),
         Command::Relay { listen } => run_relay(&ctx, listen.as_deref()),
         Command::Export {
             target,
@@ -662,8 +698,12 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
                 print_json(&r);
             } else {
                 for e in r["entries"].as_array().into_iter().flatten() {
+                    let conflict = e["conflict"]
+                        .as_str()
+                        .map(|c| format!("conflict={c}\t"))
+                        .unwrap_or_default();
                     println!(
-                        "{}\t{}\t{}\t{}/{}\tretries={}\t{}",
+                        "{}\t{}\t{}\t{}/{}\tretries={}\t{conflict}{}",
                         e["id"],
                         e["status"].as_str().unwrap_or(""),
                         e["operation"].as_str().unwrap_or(""),
@@ -716,10 +756,17 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
                 print_json(&r);
             } else if let Value::Object(map) = &r {
                 for (k, v) in map {
+                    if k == "conflicts" {
+                        println!("conflicts: {} open", v["open"]);
+                        continue;
+                    }
                     println!(
                         "{k}: {}",
                         v.as_str().map_or_else(|| v.to_string(), str::to_owned)
                     );
+                }
+                if r["conflicts"]["open"].as_u64().is_some_and(|n| n > 0) {
+                    eprintln!("see them with `ferry conflicts`");
                 }
             }
         }
@@ -729,6 +776,7 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         | Command::Watch { .. }
         | Command::Import { .. }
         | Command::Sync { .. }
+        | Command::Conflicts { .. }
         | Command::Relay { .. }
         | Command::Export { .. } => unreachable!("handled in run()"),
     }
@@ -1054,14 +1102,25 @@ fn watch(
             print_json(&n);
         } else {
             let p = &n["params"];
-            println!(
-                "{} {} {}/{} by {}",
-                n["method"].as_str().unwrap_or(""),
-                p["operation"].as_str().unwrap_or(""),
-                p["collection"].as_str().unwrap_or(""),
-                p["id"].as_str().unwrap_or(""),
-                p["device"].as_str().unwrap_or("")
-            );
+            let method = n["method"].as_str().unwrap_or("");
+            if method == crate::ipc::CONFLICT_NOTIFICATION {
+                println!(
+                    "{method} {} {} {}/{} {}",
+                    p["status"].as_str().unwrap_or(""),
+                    p["kind"].as_str().unwrap_or(""),
+                    p["collection"].as_str().unwrap_or(""),
+                    p["record"].as_str().unwrap_or(""),
+                    p["id"].as_str().unwrap_or("")
+                );
+            } else {
+                println!(
+                    "{method} {} {}/{} by {}",
+                    p["operation"].as_str().unwrap_or(""),
+                    p["collection"].as_str().unwrap_or(""),
+                    p["id"].as_str().unwrap_or(""),
+                    p["device"].as_str().unwrap_or("")
+                );
+            }
         }
         std::io::stdout().flush()?;
         seen += 1;

@@ -9,9 +9,9 @@
 //! Windows would serve the same protocol over a named pipe; only the Unix socket is built so far.
 
 use crate::engine::SyncHandle;
-use crate::service::{ApiError, ChangeEvent, Service, code};
+use crate::service::{ApiError, Service, code};
 use futures_util::{SinkExt as _, StreamExt as _};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -26,6 +26,9 @@ use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 
 /// The notification method carrying a `ChangeEvent` to a subscriber.
 pub const CHANGE_NOTIFICATION: &str = "change";
+/// The notification method carrying a `ConflictEvent` (a conflict found or resolved) to a
+/// subscriber; the filter's `id` matches the conflict's `record`.
+pub const CONFLICT_NOTIFICATION: &str = "conflict";
 /// Sent when a subscriber fell so far behind that events were dropped: re-read what it watches.
 pub const LAGGED_NOTIFICATION: &str = "lagged";
 /// Sent while a `sync` call runs: the sync status, each time it changes.
@@ -311,28 +314,27 @@ impl Connection {
     }
 
     fn subscribe(&mut self, params: Value, out: &mpsc::Sender<String>) -> Result<Value, ApiError> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Filter {
-            collection: Option<String>,
-            id: Option<String>,
-        }
         let filter: Filter = crate::service::parse(params)?;
         let subscription = self.next_subscription;
         self.next_subscription += 1;
         let mut events = self.service.subscribe_events();
+        let mut conflicts = self.service.subscribe_conflicts();
         let out = out.clone();
         let task = tokio::spawn(async move {
             loop {
-                let notification = match events.recv().await {
-                    Ok(event) => {
-                        if !matches(&filter.collection, &event.collection)
-                            || !matches(&filter.id, &event.id)
-                        {
-                            continue;
-                        }
-                        change_notification(subscription, &event)
-                    }
+                let received = tokio::select! {
+                    event = events.recv() => event.map(|event| {
+                        (filter.admits(&event.collection, &event.id))
+                            .then(|| notification(CHANGE_NOTIFICATION, subscription, &event))
+                    }),
+                    conflict = conflicts.recv() => conflict.map(|conflict| {
+                        (filter.admits(&conflict.collection, &conflict.record))
+                            .then(|| notification(CONFLICT_NOTIFICATION, subscription, &conflict))
+                    }),
+                };
+                let notification = match received {
+                    Ok(Some(notification)) => notification,
+                    Ok(None) => continue,
                     Err(broadcast::error::RecvError::Lagged(missed)) => json!({
                         "jsonrpc": "2.0", "method": LAGGED_NOTIFICATION,
                         "params": { "subscription": subscription, "missed": missed },
@@ -368,16 +370,29 @@ impl Connection {
     }
 }
 
-fn matches(filter: &Option<String>, value: &str) -> bool {
-    filter.as_deref().is_none_or(|f| f == value)
+/// What a subscription watches: a collection, one record, or everything.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Filter {
+    collection: Option<String>,
+    id: Option<String>,
 }
 
-fn change_notification(subscription: u64, event: &ChangeEvent) -> Value {
+impl Filter {
+    fn admits(&self, collection: &str, id: &str) -> bool {
+        let matches =
+            |filter: &Option<String>, value: &str| filter.as_deref().is_none_or(|f| f == value);
+        matches(&self.collection, collection) && matches(&self.id, id)
+    }
+}
+
+/// A notification for a subscriber: the event's own fields plus `subscription`.
+fn notification(method: &str, subscription: u64, event: &impl Serialize) -> Value {
     let mut params = serde_json::to_value(event).unwrap_or_else(|_| json!({}));
     if let Value::Object(map) = &mut params {
         map.insert("subscription".into(), subscription.into());
     }
-    json!({ "jsonrpc": "2.0", "method": CHANGE_NOTIFICATION, "params": params })
+    json!({ "jsonrpc": "2.0", "method": method, "params": params })
 }
 
 fn error_response(id: Value, err: &ApiError) -> Value {

@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::{Device, stderr, stdout};
+use common::{Device, OTHER_DEVICE, Relayed, put, stderr, stdout};
 use serde_json::{Value, json};
+use std::process::Output;
 
 #[test]
 fn put_get_round_trip_without_and_with_a_daemon() {
@@ -96,4 +97,267 @@ fn input_is_bounded_by_the_message_limit_and_import_splits_calls_to_fit() {
         stderr(&out)
     );
     assert!(daemon.terminate().success());
+}
+
+#[track_caller]
+fn succeeded(out: &Output) -> String {
+    assert!(out.status.success(), "{}", stderr(out));
+    stdout(out)
+}
+
+#[track_caller]
+fn json_of(out: &Output) -> Value {
+    serde_json::from_str(&succeeded(out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(out)))
+}
+
+/// `out` failed with exit code `code` and its error names each of `words`.
+#[track_caller]
+fn failed_with(out: &Output, code: i32, words: &[&str]) {
+    assert_eq!(out.status.code(), Some(code), "{}", stderr(out));
+    for word in words {
+        assert!(stderr(out).contains(word), "{word:?} in {}", stderr(out));
+    }
+}
+
+/// The line of `text` that holds every one of `words`.
+#[track_caller]
+fn line_with<'a>(text: &'a str, words: &[&str]) -> &'a str {
+    text.lines()
+        .find(|l| words.iter().all(|w| l.contains(w)))
+        .unwrap_or_else(|| panic!("no line with {words:?} in:\n{text}"))
+}
+
+/// Which side of the `name` conflict (server "Bea", client "Grace") the record shows now.
+fn shown_side(dev: &Device) -> &'static str {
+    match json_of(&dev.ferry(&["--json", "get", "Customer/1"]))["fields"]["name"].as_str() {
+        Some("Grace") => "client",
+        Some("Bea") => "server",
+        other => panic!("Customer/1 shows name {other:?}"),
+    }
+}
+
+#[test]
+fn conflicts_are_listed_shown_and_resolved_on_the_store() {
+    let (dev, id) = Device::with_conflict();
+
+    let table = succeeded(&dev.ferry(&["conflicts"]));
+    let header = table.lines().next().unwrap_or_default();
+    for column in [
+        "ID", "KIND", "RECORD", "STATUS", "STRATEGY", "FIELDS", "SERVER", "CLIENT",
+    ] {
+        assert!(header.contains(column), "{column} in {header:?}");
+    }
+    let row = line_with(&table, &[&id]);
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells[..6],
+        [
+            id.as_str(),
+            "update_update",
+            "Customer/1",
+            "open",
+            "manual",
+            "name"
+        ],
+        "{row}"
+    );
+    assert!(
+        row.contains(&OTHER_DEVICE[..8]),
+        "the server side's device: {row}"
+    );
+    assert_eq!(table.lines().count(), 2, "{table}");
+
+    let listed = json_of(&dev.ferry(&["--json", "conflicts", "--collection", "Customer"]));
+    assert_eq!(listed["conflicts"][0]["id"], json!(id), "{listed}");
+    assert_eq!(listed["conflicts"].as_array().map(Vec::len), Some(1));
+    assert_eq!(listed["next"], Value::Null);
+    let none = dev.ferry(&["conflicts", "--status", "resolved"]);
+    assert_eq!(succeeded(&none), "", "no resolved conflicts yet");
+    let elsewhere = json_of(&dev.ferry(&["--json", "conflicts", "--collection", "Invoice"]));
+    assert_eq!(elsewhere["conflicts"], json!([]));
+    let all = json_of(&dev.ferry(&["--json", "conflicts", "--status", "all"]));
+    assert_eq!(all["conflicts"].as_array().map(Vec::len), Some(1), "{all}");
+
+    let shown = json_of(&dev.ferry(&["--json", "conflicts", "show", &id]));
+    assert_eq!(shown["kind"], "update_update");
+    assert_eq!(shown["status"], "open");
+    assert_eq!(shown["fields"].as_array().map(Vec::len), Some(1), "{shown}");
+    assert_eq!(shown["fields"][0]["path"], json!(["name"]));
+    assert_eq!(shown["fields"][0]["server"], "Bea");
+    assert_eq!(shown["fields"][0]["client"], "Grace");
+    assert_eq!(shown["server"]["device"], OTHER_DEVICE);
+    assert_eq!(shown["client"]["record"], "1");
+
+    let text = succeeded(&dev.ferry(&["conflicts", "show", &id]));
+    assert!(text.starts_with(&format!("conflict {id}\n")), "{text}");
+    line_with(&text, &["kind", "update_update"]);
+    line_with(&text, &["server", "Customer/1", OTHER_DEVICE]);
+    line_with(&text, &["client", "Customer/1"]);
+    line_with(&text, &["PATH", "SERVER", "CLIENT", "SHOWN"]);
+    let field: Vec<&str> = line_with(&text, &["\"Bea\""]).split_whitespace().collect();
+    assert_eq!(
+        field,
+        ["name", "\"Bea\"", "\"Grace\"", shown_side(&dev)],
+        "{text}"
+    );
+    assert!(!text.contains("resolution"), "{text}");
+
+    let status = succeeded(&dev.ferry(&["status"]));
+    line_with(&status, &["conflicts: 1 open"]);
+    let queue = succeeded(&dev.ferry(&["queue"]));
+    line_with(&queue, &["Customer/1", &format!("conflict={id}")]);
+    let queue = json_of(&dev.ferry(&["--json", "queue"]));
+    assert_eq!(queue["entries"][0]["conflict"], json!(id), "{queue}");
+
+    // Bad input: an unknown id is "not found" (3); a bad --take, merge without fields and
+    // fields that are not JSON are usage errors (2).
+    failed_with(&dev.ferry(&["conflicts", "show", "nope"]), 3, &["nope"]);
+    failed_with(
+        &dev.ferry(&["conflicts", "resolve", "nope", "--take", "server"]),
+        3,
+        &["nope"],
+    );
+    failed_with(
+        &dev.ferry(&["conflicts", "resolve", &id, "--take", "sideways"]),
+        2,
+        &["sideways", "server", "client", "merge"],
+    );
+    failed_with(
+        &dev.ferry(&["conflicts", "resolve", &id, "--take", "merge"]),
+        2,
+        &["--data"],
+    );
+    failed_with(
+        &dev.ferry(&[
+            "conflicts",
+            "resolve",
+            &id,
+            "--take",
+            "merge",
+            "--data",
+            "{bad",
+        ]),
+        2,
+        &["not valid JSON"],
+    );
+    failed_with(
+        &dev.ferry(&["conflicts", "--status", "closed"]),
+        2,
+        &["closed"],
+    );
+
+    let resolved = succeeded(&dev.ferry(&["conflicts", "resolve", &id, "--take", "server"]));
+    line_with(&resolved, &[&format!("resolved {id}: took server")]);
+    line_with(&resolved, &["update Customer/1"]);
+    assert_eq!(shown_side(&dev), "server");
+    let text = succeeded(&dev.ferry(&["conflicts", "show", &id]));
+    line_with(&text, &["status", "open (resolving)"]);
+    line_with(&text, &["resolving: took server by"]);
+    failed_with(
+        &dev.ferry(&["conflicts", "resolve", &id, "--take", "client"]),
+        1,
+        &[&id, "already"],
+    );
+}
+
+#[test]
+fn conflicts_resolve_through_the_daemon_with_merged_fields() {
+    let (dev, id) = Device::with_conflict();
+    let daemon = dev.start_daemon();
+
+    let listed = json_of(&dev.ferry(&["--json", "conflicts"]));
+    assert_eq!(listed["conflicts"][0]["id"], json!(id), "{listed}");
+    let status = json_of(&dev.ferry(&["--json", "status"]));
+    assert_eq!(status["daemon"], json!(true));
+    assert_eq!(status["conflicts"]["open"], json!(1), "{status}");
+
+    let merged = json!({"name": "Bea Grace", "email": "bg@example.com"});
+    let r = json_of(&dev.ferry(&[
+        "--json",
+        "conflicts",
+        "resolve",
+        &id,
+        "--take",
+        "merge",
+        "--data",
+        &merged.to_string(),
+    ]));
+    assert_eq!(r["conflict"]["id"], json!(id), "{r}");
+    assert_eq!(r["conflict"]["resolving"]["take"], "merge", "{r}");
+    assert_eq!(r["writes"][0]["collection"], "Customer", "{r}");
+    assert_eq!(r["writes"][0]["id"], "1", "{r}");
+    assert_eq!(r["writes"][0]["operation"], "update", "{r}");
+    let record = json_of(&dev.ferry(&["--json", "get", "Customer/1"]));
+    assert_eq!(record["fields"], merged);
+
+    let table = succeeded(&dev.ferry(&["conflicts"]));
+    line_with(&table, &[&id, "open (resolving)"]);
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn a_unique_clash_shows_both_records_and_resolves_to_one() {
+    let dev = Device::new();
+    dev.edit_config(|text| format!("{text}\n[collections.Customer]\nunique = [[\"email\"]]\n"));
+    let email = json!({"email": "x@example.com"});
+    let id = dev.with_store(|store| {
+        let mut relayed = Relayed::new(ferry::store::StoreOptions::default());
+        relayed
+            .other
+            .write(put(
+                "Customer",
+                "a",
+                json!({"name": "Ada", "email": email["email"]}),
+            ))
+            .expect("the other device's record");
+        store
+            .write(put(
+                "Customer",
+                "b",
+                json!({"name": "Bea", "email": email["email"]}),
+            ))
+            .expect("the local record");
+        relayed.sync(store, |entries, through| {
+            store.apply_remote(entries, through).expect("apply the log");
+        });
+        let ids = store.record_conflicts("Customer", "b").expect("conflicts");
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        ids[0].clone()
+    });
+
+    let listed = json_of(&dev.ferry(&["--json", "conflicts"]));
+    let conflict = &listed["conflicts"][0];
+    assert_eq!(conflict["id"], json!(id), "{listed}");
+    assert_eq!(conflict["kind"], "unique");
+    assert_eq!(conflict["server"]["record"], "a");
+    assert_eq!(conflict["client"]["record"], "b");
+    let row = line_with(&succeeded(&dev.ferry(&["conflicts"])), &[&id]).to_owned();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..3], ["unique", "Customer/b"], "{row}");
+    assert_eq!(cells[5], "email", "the constraint's fields: {row}");
+
+    let text = succeeded(&dev.ferry(&["conflicts", "show", &id]));
+    line_with(&text, &["server", "Customer/a", OTHER_DEVICE]);
+    line_with(&text, &["client", "Customer/b"]);
+    line_with(
+        &text,
+        &[
+            "unique",
+            "email",
+            "x@example.com",
+            "first by Customer/a, then by Customer/b",
+        ],
+    );
+    let differing: Vec<&str> = line_with(&text, &["\"Ada\""]).split_whitespace().collect();
+    assert_eq!(differing, ["name", "\"Ada\"", "\"Bea\""], "{text}");
+
+    let resolved = succeeded(&dev.ferry(&["conflicts", "resolve", &id, "--take", "client"]));
+    line_with(&resolved, &["delete Customer/a"]);
+    assert_eq!(dev.ferry(&["get", "Customer/a"]).status.code(), Some(3));
+    let kept = json_of(&dev.ferry(&["--json", "get", "Customer/b"]));
+    assert_eq!(
+        kept["fields"],
+        json!({"name": "Bea", "email": "x@example.com"})
+    );
 }

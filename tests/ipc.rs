@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Device, FaultyKv, TIMEOUT, ferry_bin, signal, stderr, stdout, wait_for};
+use common::{Device, FaultyKv, Relayed, TIMEOUT, ferry_bin, signal, stderr, stdout, wait_for};
 use ferry::service::{Service, ServiceOptions, code};
 use ferry::store::{Store, StoreOptions, SystemClock};
 use serde_json::{Value, json};
@@ -1443,4 +1443,343 @@ fn a_full_disk_with_the_real_store() {
     assert_eq!(r["operation"], "create");
     drop(raw);
     assert!(daemon.terminate().success());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conflicts
+
+/// The three conflict methods over a daemon's socket: a conflict is listed and read as every
+/// device records it, bad requests name their problem with a stable code, and a resolution
+/// writes the chosen side once; a second one is refused as settled.
+#[test]
+fn conflict_methods_answer_over_the_socket_and_refuse_bad_requests() {
+    let (dev, id) = Device::with_conflict();
+    let daemon = dev.start_daemon();
+    let mut raw = Raw::connect(&daemon.socket);
+
+    let listed = raw.ok("conflicts.list", json!({}));
+    assert_eq!(
+        listed["conflicts"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    assert_eq!(listed["conflicts"][0]["id"], json!(id));
+    assert_eq!(listed["next"], Value::Null);
+    for (params, count) in [
+        (json!({"status": "all"}), 1),
+        (json!({"status": "resolved"}), 0),
+        (json!({"collection": "Invoice"}), 0),
+        (json!({"after": id}), 0),
+    ] {
+        let r = raw.ok("conflicts.list", params.clone());
+        assert_eq!(
+            r["conflicts"].as_array().map(Vec::len),
+            Some(count),
+            "{params}: {r}"
+        );
+    }
+    let conflict = raw.ok("conflicts.get", json!({"id": id}));
+    assert_eq!(conflict, listed["conflicts"][0]);
+    assert_eq!(conflict["kind"], "update_update");
+    assert_eq!(conflict["collection"], "Customer");
+    assert_eq!(conflict["record"], "1");
+    assert_eq!(conflict["status"], "open");
+    assert_eq!(conflict["fields"][0]["server"], "Bea");
+    assert_eq!(conflict["fields"][0]["client"], "Grace");
+    let status = raw.ok("status", json!({}));
+    assert_eq!(status["conflicts"]["open"], json!(1), "{status}");
+
+    let bad = code::INVALID_PARAMS;
+    raw.refused(
+        "conflicts.list",
+        json!({"status": "closed"}),
+        bad,
+        &["closed", "open"],
+    );
+    raw.refused("conflicts.list", json!({"limit": 0}), bad, &["limit"]);
+    raw.refused("conflicts.get", json!({}), bad, &["id"]);
+    raw.refused(
+        "conflicts.get",
+        json!({"id": "nope"}),
+        code::NOT_FOUND,
+        &["nope"],
+    );
+    raw.refused(
+        "conflicts.resolve",
+        json!({"id": "nope", "take": "server"}),
+        code::NOT_FOUND,
+        &["nope"],
+    );
+    raw.refused(
+        "conflicts.resolve",
+        json!({"id": id, "take": "merge"}),
+        bad,
+        &[&id, "data"],
+    );
+    raw.refused(
+        "conflicts.resolve",
+        json!({"id": id, "take": "sideways"}),
+        bad,
+        &["take", "sideways"],
+    );
+    raw.refused(
+        "conflicts.resolve",
+        json!({"id": id, "take": "merge", "data": [1]}),
+        bad,
+        &["data"],
+    );
+    // None of the refusals wrote anything.
+    assert_eq!(raw.ok("conflicts.get", json!({"id": id})), conflict);
+
+    let resolved = raw.ok("conflicts.resolve", json!({"id": id, "take": "client"}));
+    assert_eq!(resolved["conflict"]["id"], json!(id), "{resolved}");
+    assert_eq!(resolved["conflict"]["resolving"]["take"], "client");
+    assert_eq!(resolved["writes"][0]["collection"], "Customer");
+    assert_eq!(resolved["writes"][0]["id"], "1");
+    let record = raw.ok("get", json!({"collection": "Customer", "id": "1"}));
+    assert_eq!(record["fields"]["name"], "Grace", "{record}");
+    assert_eq!(record["conflicts"], json!([id]), "{record}");
+    raw.refused(
+        "conflicts.resolve",
+        json!({"id": id, "take": "server"}),
+        code::CONFLICT_SETTLED,
+        &[&id, "already"],
+    );
+    raw.still_works();
+    assert!(daemon.terminate().success());
+}
+
+/// The next notification on `client` that satisfies `wanted`, and every one before it.
+fn notifications_until(
+    client: &mut ferry::ipc::Client,
+    wanted: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let n = client
+            .next_notification()
+            .unwrap_or_else(|e| panic!("no notification after {seen:?}: {e}"));
+        let done = wanted(&n);
+        seen.push(n);
+        if done {
+            return seen;
+        }
+    }
+}
+
+fn is_conflict_on(record: &'static str) -> impl Fn(&Value) -> bool {
+    move |n| n["method"] == "conflict" && n["params"]["record"] == record
+}
+
+/// A subscription hears of conflicts as sync finds them and as they are resolved, through the
+/// same filter as changes: a subscriber to one record gets nothing about another. The socket
+/// server runs in this process, so the relay's log entries can be applied through its service as
+/// the sync engine applies them.
+#[test]
+fn subscriptions_deliver_conflicts_through_their_filter() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut collections = BTreeMap::new();
+    collections.insert(
+        "Customer".to_owned(),
+        ferry::resolve::Policy::of(ferry::resolve::Strategy::Manual),
+    );
+    let options = StoreOptions {
+        policies: ferry::resolve::Policies {
+            default: ferry::resolve::Policy::default(),
+            collections,
+        },
+        ..StoreOptions::default()
+    };
+    let store = Arc::new(
+        Store::open(
+            Box::new(ferry::store::kv::MemoryKv::new()),
+            DEVICE,
+            options,
+            Arc::new(SystemClock),
+        )
+        .expect("open the store"),
+    );
+    let socket = tmp.path().join("ferry.sock");
+    let service = Arc::new(Service::new(
+        store.clone(),
+        ServiceOptions {
+            data_dir: tmp.path().to_owned(),
+            socket: socket.clone(),
+            max_import_records: 100,
+            max_list_limit: 1000,
+            group_commit_max: 16,
+            daemon: true,
+        },
+    ));
+    let runtime = ferry::daemon::runtime().expect("a runtime");
+    let listener = runtime
+        .block_on(async { tokio::net::UnixListener::bind(&socket) })
+        .expect("bind the socket");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let server = runtime.spawn(ferry::ipc::serve(
+        listener,
+        service.clone(),
+        ferry::ipc::ServerOptions {
+            max_message_bytes: 1 << 20,
+            max_connections: 8,
+            sync: None,
+        },
+        stopped,
+    ));
+    let subscriber = |filter: Value| {
+        let mut client = ferry::ipc::Client::connect(&socket).expect("connect");
+        client
+            .set_read_timeout(Some(TIMEOUT))
+            .expect("read timeout");
+        let r = client.call("subscribe", filter).expect("subscribe");
+        (client, r["subscription"].clone())
+    };
+    let (mut everything, everything_id) = subscriber(json!({}));
+    let (mut record_2, record_2_id) = subscriber(json!({"collection": "Customer", "id": "2"}));
+    let (mut invoices, _) = subscriber(json!({"collection": "Invoice"}));
+    // `ferry watch` on one record, through the same socket.
+    let watch_config = tmp.path().join("watch.toml");
+    std::fs::write(
+        &watch_config,
+        format!("[ipc]\nsocket = {:?}\n", socket.display().to_string()),
+    )
+    .expect("write the watcher's config");
+    let mut watch = Command::new(ferry_bin())
+        .arg("--data-dir")
+        .arg(tmp.path().join("watcher"))
+        .arg("--config")
+        .arg(&watch_config)
+        .args(["watch", "Customer", "--id", "2"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry watch");
+    let watch_err = stderr_lines(&mut watch);
+    let watch_out = {
+        let pipe = watch.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    if watch_err.recv_timeout(TIMEOUT).as_deref() != Ok("watching") {
+        let _ = watch.kill();
+        panic!("ferry watch did not start: {}", rest(&watch_err));
+    }
+
+    let mut relayed = Relayed::new(StoreOptions::default());
+    let apply = |entries: &[ferry_proto::wire::LogEntry], through| {
+        service
+            .apply_remote(entries.to_vec(), through)
+            .expect("apply the log");
+    };
+    relayed.same_field_conflict(&store, "Customer", "1", "name", apply);
+    relayed.same_field_conflict(&store, "Customer", "2", "name", apply);
+    let conflict_of = |record| {
+        let ids = store
+            .record_conflicts("Customer", record)
+            .expect("conflicts");
+        assert_eq!(ids.len(), 1, "Customer/{record}: {ids:?}");
+        ids[0].clone()
+    };
+    let (first, second) = (conflict_of("1"), conflict_of("2"));
+
+    let heard: Vec<Value> = notifications_until(&mut everything, is_conflict_on("2"))
+        .into_iter()
+        .filter(|n| n["method"] == "conflict")
+        .collect();
+    assert_eq!(heard.len(), 2, "{heard:?}");
+    for (n, (id, record)) in heard.iter().zip([(&first, "1"), (&second, "2")]) {
+        assert_eq!(
+            n["params"],
+            json!({
+                "subscription": everything_id, "id": id, "kind": "update_update",
+                "collection": "Customer", "record": record, "status": "open",
+                "winner": null, "resolving": false,
+            }),
+            "{n}"
+        );
+    }
+
+    for n in notifications_until(&mut record_2, is_conflict_on("2")) {
+        let about = if n["method"] == "conflict" {
+            "record"
+        } else {
+            "id"
+        };
+        assert_eq!(
+            n["params"][about], "2",
+            "a notification past the filter: {n}"
+        );
+        assert_eq!(n["params"]["subscription"], record_2_id, "{n}");
+    }
+
+    let mut printed = Vec::new();
+    while !printed
+        .last()
+        .is_some_and(|l: &String| l.starts_with("conflict "))
+    {
+        match watch_out.recv_timeout(TIMEOUT) {
+            Ok(line) => printed.push(line),
+            Err(_) => {
+                let _ = watch.kill();
+                panic!("ferry watch printed no conflict: {printed:?}");
+            }
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(
+        printed.last(),
+        Some(&format!("conflict open update_update Customer/2 {second}")),
+        "{printed:?}"
+    );
+    for line in &printed[..printed.len() - 1] {
+        assert!(
+            line.starts_with("change ") && line.contains(" Customer/2 by "),
+            "{printed:?}"
+        );
+    }
+
+    // Resolving on another connection: the record's subscriber hears that it is resolving.
+    let mut app = ferry::ipc::Client::connect(&socket).expect("connect");
+    app.call("conflicts.resolve", json!({"id": second, "take": "server"}))
+        .expect("resolve");
+    let resolving = notifications_until(&mut record_2, is_conflict_on("2"));
+    let last = resolving.last().map(|n| &n["params"]);
+    assert_eq!(
+        last.map(|p| &p["id"]),
+        Some(&json!(second)),
+        "{resolving:?}"
+    );
+    assert_eq!(
+        last.map(|p| &p["resolving"]),
+        Some(&json!(true)),
+        "{resolving:?}"
+    );
+
+    // Nothing reached the subscriber to another collection: the first notification it gets is
+    // for the invoice written now.
+    app.call(
+        "put",
+        json!({"collection": "Invoice", "id": "9", "fields": {"n": 9}}),
+    )
+    .expect("put");
+    let n = invoices.next_notification().expect("a notification");
+    assert_eq!(
+        (&n["method"], &n["params"]["id"]),
+        (&json!("change"), &json!("9")),
+        "{n}"
+    );
+
+    let _ = stop.send(true);
+    drop((everything, record_2, invoices, app));
+    runtime.block_on(server).expect("the server stops");
 }

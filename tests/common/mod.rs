@@ -772,3 +772,154 @@ pub fn put(collection: &str, id: &str, v: serde_json::Value) -> ferry::store::Wr
         fields: fields(v),
     }
 }
+
+/// The device id of the second store `Relayed` writes with.
+pub const OTHER_DEVICE: &str = "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b";
+
+/// A second device and the relay's log between it and a device under test: each `sync` logs the
+/// other device's pending changes, then the local device's, and hands the local device every
+/// entry it has not seen (its own included, as the relay sends them back).
+pub struct Relayed {
+    pub other: ferry::store::Store,
+    pub log: Vec<ferry_proto::wire::LogEntry>,
+    /// How much of the log the local device has applied.
+    cursor: usize,
+}
+
+impl Relayed {
+    pub fn new(options: ferry::store::StoreOptions) -> Relayed {
+        let other = ferry::store::Store::open(
+            Box::new(MemoryKv::new()),
+            OTHER_DEVICE,
+            options,
+            Arc::new(ferry::store::SystemClock),
+        )
+        .expect("open the other device's store");
+        Relayed {
+            other,
+            log: Vec::new(),
+            cursor: 0,
+        }
+    }
+
+    /// Logs the other device's changes, then `local`'s, and gives `apply` the entries `local`
+    /// has not applied yet with the log position they reach.
+    pub fn sync(
+        &mut self,
+        local: &ferry::store::Store,
+        apply: impl FnOnce(&[ferry_proto::wire::LogEntry], u64),
+    ) {
+        upload(&mut self.log, &self.other);
+        upload(&mut self.log, local);
+        apply(&self.log[self.cursor..], self.log.len() as u64);
+        self.cursor = self.log.len();
+    }
+
+    /// A same-field conflict on `collection/id`: the other device creates the record with
+    /// `field` = "Ada", `local` receives it, then the other device sets `field` to "Bea" and
+    /// `local` to "Grace" concurrently, and the relay logs the other device's change first.
+    /// The conflict's server side is "Bea", its client side "Grace".
+    pub fn same_field_conflict(
+        &mut self,
+        local: &ferry::store::Store,
+        collection: &str,
+        id: &str,
+        field: &str,
+        mut apply: impl FnMut(&[ferry_proto::wire::LogEntry], u64),
+    ) {
+        let set = |value: &str| ferry::store::Write::Patch {
+            collection: collection.into(),
+            id: id.into(),
+            set: fields(serde_json::json!({ field: value })),
+            unset: Vec::new(),
+        };
+        self.other
+            .write(put(
+                collection,
+                id,
+                serde_json::json!({ field: "Ada", "email": "ada@example.com" }),
+            ))
+            .expect("create on the other device");
+        self.sync(local, &mut apply);
+        self.other
+            .write(set("Bea"))
+            .expect("the other device's edit");
+        local.write(set("Grace")).expect("the local edit");
+        self.sync(local, &mut apply);
+    }
+}
+
+/// Appends `store`'s pending changes to `log`, as the relay stores an upload.
+fn upload(log: &mut Vec<ferry_proto::wire::LogEntry>, store: &ferry::store::Store) {
+    use ferry_proto::wire::{ChangeOutcome, ChangeResult, LogEntry};
+    let batch = store
+        .next_upload_batch(10_000, usize::MAX)
+        .expect("an upload batch");
+    let mut results = Vec::new();
+    for entry in batch {
+        let seq = log.len() as u64 + 1;
+        log.push(LogEntry {
+            seq,
+            collection: entry.model_name.clone(),
+            record: entry.object_id.clone(),
+            change: entry.data.clone(),
+        });
+        results.push(ChangeResult {
+            entry: entry.id,
+            outcome: ChangeOutcome::Stored { seq },
+        });
+    }
+    store.finish_upload(&results, 5).expect("finish the upload");
+}
+
+impl Device {
+    /// Lets `f` work on this device's store in this process (no daemon may be running), then
+    /// closes it and waits until the store's files are free for a `ferry` process to open.
+    pub fn with_store<T>(&self, f: impl FnOnce(&ferry::store::Store) -> T) -> T {
+        let dir = ferry::datadir::DataDir::resolve(Some(&self.data_dir)).expect("data dir");
+        let config =
+            ferry::config::Config::load(&dir.config_path(), true).expect("load the config");
+        let open = ferry::daemon::open_store(&dir, &config).expect("open the device's store");
+        let result = f(&open.store);
+        open.store.flush().expect("flush the store");
+        drop(open);
+        // sled lets go of its lock on `db` once its background work is done with the file; a
+        // lock taken and dropped here shows that it has.
+        let db = dir.store_path().join("db");
+        wait_for("sled to release the store", TIMEOUT, || {
+            use std::os::fd::AsRawFd as _;
+            let file = std::fs::File::open(&db).expect("open the store's db file");
+            // SAFETY: flock on a descriptor this function owns; the lock goes with the file.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+        });
+        result
+    }
+
+    /// Makes `collection` settle conflicts by hand (`strategy = "manual"`), so they stay open.
+    pub fn manual_collection(&self, collection: &str) {
+        self.edit_config(|text| {
+            format!("{text}\n[collections.{collection}]\nstrategy = \"manual\"\n")
+        });
+    }
+}
+
+impl Device {
+    /// A device whose store holds one open same-field conflict on `Customer/1` (see
+    /// `Relayed::same_field_conflict`: server "Bea", client "Grace" in `name`), and its id.
+    pub fn with_conflict() -> (Device, String) {
+        let dev = Device::new();
+        dev.manual_collection("Customer");
+        let id = dev.with_store(|store| {
+            let mut relayed = Relayed::new(ferry::store::StoreOptions::default());
+            relayed.same_field_conflict(store, "Customer", "1", "name", |entries, through| {
+                store.apply_remote(entries, through).expect("apply the log");
+            });
+            let ids = store
+                .record_conflicts("Customer", "1")
+                .expect("the record's conflicts");
+            assert_eq!(ids.len(), 1, "one conflict on Customer/1: {ids:?}");
+            ids[0].clone()
+        });
+        (dev, id)
+    }
+}
