@@ -677,11 +677,12 @@ impl Store {
             };
             let kept = current(keep)?;
             let dropped = current(drop)?;
-            let fields = match (take, data) {
-                (Take::Merge, Some(data)) => data,
-                (Take::Merge, None) => {
+            // As for one record, `data` is set over the merged fields.
+            let fields = match take {
+                Take::Merge => {
                     let mut merged = dropped.fields.clone();
                     merged.extend(kept.fields.clone());
+                    merged.extend(data.unwrap_or_default());
                     merged
                 }
                 _ => kept.fields.clone(),
