@@ -660,9 +660,13 @@ impl Store {
                 }
                 _ => kept.fields.clone(),
             };
+            // The dropped record first: when two devices resolved the clash at once, each
+            // record shows the later resolution once it is logged, so the later resolution's
+            // kept record can only come alive after its other record is gone, and the two
+            // resolutions never make both records live (a new clash) in between.
             return Ok(vec![
-                Target::of(keep, fields, false, &kept),
                 Target::of(drop, dropped.fields.clone(), true, &dropped),
+                Target::of(keep, fields, false, &kept),
             ]);
         }
         let now = current(&conflict.record)?;
