@@ -691,6 +691,25 @@ impl World {
         }
     }
 
+    /// After healing every device has found every conflict so far. They go offline, then
+    /// resolve some of them while writes and faults go on, so that two devices often resolve one
+    /// conflict before either hears of the other.
+    fn settle(&mut self, steps: usize) {
+        self.healing = false;
+        while !self.links.is_empty() {
+            self.disconnect(0);
+        }
+        for _ in 0..steps {
+            if self.rng.random_bool(0.5) {
+                let i = self.rng.random_range(0..self.devices.len());
+                self.resolve_some(i);
+                self.pump_all();
+            } else {
+                self.step();
+            }
+        }
+    }
+
     /// Perfect network from here on: everyone connects and syncs until nothing moves.
     fn heal(&mut self) {
         self.healing = true;
@@ -1148,7 +1167,7 @@ fn open_relay(kv: &MemoryKv) -> RelayStore {
 
 fn run_seed(seed: u64) {
     let mut world = World::new(seed);
-    let steps = world.rng.random_range(50..300);
+    let steps = world.rng.random_range(30..200);
     let policies = format!("{:?}", world.options.policies.collections);
     world.note(format!(
         "{} devices; policies {policies}",
@@ -1159,51 +1178,9 @@ fn run_seed(seed: u64) {
             world.step();
         }
         world.heal();
-        // Every device has now found every conflict so far: they settle some while the network
-        // misbehaves again and writes go on.
-        world.healing = false;
-        for _ in 0..steps / 2 {
-            if world.rng.random_bool(0.3) {
-                let i = world.rng.random_range(0..world.devices.len());
-                world.resolve_some(i);
-                world.pump_all();
-            } else {
-                world.step();
-            }
-        }
+        world.settle(steps / 5);
         world.heal();
         world.check();
-        if std::env::var_os("STATS").is_some() {
-            let store = world.device(0).store();
-            let counts = store.conflict_counts().unwrap();
-            let mut checked = 0;
-            for w in &world.field_writes {
-                if world.options.policies.of(&w.collection).strategy == Strategy::Merge {
-                    checked += 1;
-                }
-            }
-            let conc = world.resolutions.values().filter(|r| r.len() > 1).count();
-            eprintln!(
-                "STATS seed {seed} k={} counts={:?} resolutions={} concurrent={} merge_writes={} field_writes={} touches={}",
-                world.devices.len(),
-                counts
-                    .iter()
-                    .map(|c| (
-                        c.kind.clone(),
-                        c.collection.clone(),
-                        c.detected,
-                        c.auto_resolved,
-                        c.queued,
-                        c.resolved_manually
-                    ))
-                    .collect::<Vec<_>>(),
-                world.resolutions.len(),
-                conc,
-                checked,
-                world.field_writes.len(),
-                world.touches.len()
-            );
-        }
     }));
     if let Err(panic) = outcome {
         if std::env::var_os("FERRY_SIM_TRACE").is_some() {
