@@ -7,12 +7,14 @@
 //! state (unflushed writes lost). Devices edit the same few records while apart, so their writes
 //! conflict (same fields, different fields, deletes against updates, values that clash on a
 //! unique constraint); each run gives every collection a strategy, delete rule and unique
-//! constraints from its seed, and devices resolve open conflicts at random moments, sometimes one
+//! constraints from its seed. The network heals once, so every device finds every conflict so
+//! far; then the devices go apart again and resolve open conflicts at random moments, often one
 //! conflict on two devices at once. Then the network heals, and every device and the relay must
 //! hold the same documents (same heads, same fields), with every acknowledged write present and
 //! every queue drained; every device must show the same records and hold the same conflict
-//! entries and counters; and under `merge` no acknowledged write to a field that nothing else
-//! wrote concurrently may be lost.
+//! entries and counters, whose counts add up; under `merge` no acknowledged write to a field that
+//! nothing else wrote concurrently may be lost; and a resolved conflict ends with one of its
+//! resolutions, concurrent ones bringing no new conflict between them.
 //!
 //! `FERRY_SIM_SEEDS=N` runs N seeds (default 500); `FERRY_SIM_SEED=S` replays one seed;
 //! `FERRY_SIM_FIRST=S` starts the range elsewhere. A failure prints the seed to replay.
@@ -903,9 +905,10 @@ impl World {
     }
 
     /// Under `merge`, an acknowledged write's value for a field stays unless another change
-    /// that did not build on it (a later or a concurrent one, by the record's change graph, which
-    /// holds what each device had when it wrote) wrote that field, or created, deleted or
-    /// resolved the record.
+    /// that did not build on it (a later or a concurrent one, by the record's change graph, whose
+    /// dependencies are what each device held when it wrote) wrote that field, by its writer's
+    /// request or by settling the field's concurrent values, or created, deleted or resolved the
+    /// record.
     fn check_merge_writes(&self) {
         let store = self.device(0).store();
         let mut graphs: HashMap<(String, String), Graph> = HashMap::new();
