@@ -523,6 +523,42 @@ fn unique_clashes_keep_both_records_flag_the_later_and_end_when_resolved() {
 }
 
 #[test]
+fn concurrent_resolutions_of_a_unique_clash_bring_no_new_clash() {
+    let policy = Policy {
+        unique: vec![vec!["email".into()]],
+        ..Policy::of(Strategy::Merge)
+    };
+    let mut net = Net::new(2, policy);
+    net.write(0, put("Customer", "a", json!({"email": "x@y"})));
+    net.write(1, put("Customer", "b", json!({"email": "x@y"})));
+    net.sync();
+    let id = net.conflicts()[0].id.clone();
+    // Opposite choices; device 1 resolves later, and its changes reach the log after device 0's.
+    net.store(0)
+        .resolve_conflict(&id, Take::Client, None)
+        .unwrap();
+    net.store(1)
+        .resolve_conflict(&id, Take::Server, None)
+        .unwrap();
+    net.sync();
+    assert!(net.agreed("a").is_some(), "the later resolution keeps `a`");
+    assert_eq!(net.agreed("b"), None);
+    let conflicts = net.conflicts();
+    assert_eq!(
+        conflicts.len(),
+        1,
+        "no clash between the two resolutions: {conflicts:#?}"
+    );
+    assert_eq!(conflicts[0].status, ConflictStatus::Resolved);
+    assert_eq!(
+        conflicts[0].resolution.as_ref().unwrap().device.as_deref(),
+        Some(DEVICES[1])
+    );
+    let counts = net.store(0).conflict_counts().unwrap();
+    assert_eq!((counts[0].detected, counts[0].resolved_manually), (1, 1));
+}
+
+#[test]
 fn a_unique_clash_ends_when_a_value_is_changed() {
     let policy = Policy {
         unique: vec![vec!["first".into(), "last".into()]],

@@ -4,24 +4,37 @@
 //!
 //! Random puts, patches and deletes happen while devices go offline and online, messages are
 //! dropped, duplicated, delayed and reordered, devices and the relay restart from their durable
-//! state (unflushed writes lost). Then the network heals, and every device and the relay must
+//! state (unflushed writes lost). Devices edit the same few records while apart, so their writes
+//! conflict (same fields, different fields, deletes against updates, values that clash on a
+//! unique constraint); each run gives every collection a strategy, delete rule and unique
+//! constraints from its seed. The network heals once, so every device finds every conflict so
+//! far; then the devices go apart again and resolve open conflicts at random moments, often one
+//! conflict on two devices at once. Then the network heals, and every device and the relay must
 //! hold the same documents (same heads, same fields), with every acknowledged write present and
-//! every queue drained.
+//! every queue drained; every device must show the same records and hold the same conflict
+//! entries and counters, whose counts add up; under `merge` no acknowledged write to a field that
+//! nothing else wrote concurrently may be lost; and a resolved conflict ends with one of its
+//! resolutions, concurrent ones bringing no new conflict between them.
 //!
 //! `FERRY_SIM_SEEDS=N` runs N seeds (default 500); `FERRY_SIM_SEED=S` replays one seed;
 //! `FERRY_SIM_FIRST=S` starts the range elsewhere. A failure prints the seed to replay.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use automerge::legacy::{Key, ObjectId, OpId, OpType};
 use ed25519_dalek::SigningKey;
 use ferry::engine;
-use ferry::record::Record;
+use ferry::record::{Fields, Record};
 use ferry::relay::server::{self as relay_server, Peer};
 use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry::resolve::{
+    Conflict, ConflictKind, ConflictStatus, DeleteRule, Policies, Policy, Strategy, Take,
+};
 use ferry::service::{Service, ServiceOptions};
 use ferry::store::kv::MemoryKv;
-use ferry::store::{Clock, Store, StoreOptions};
+use ferry::store::{Clock, Store, StoreError, StoreOptions};
 use ferry_proto::session::{
     DeviceEvent, DeviceSession, RelayEvent, RelaySession, SessionConfig, device_id,
 };
@@ -34,6 +47,9 @@ const SPACE: &str = "sim";
 const COLLECTIONS: [&str; 2] = ["Customer", "Invoice"];
 const IDS: usize = 6;
 const FIELDS: [&str; 4] = ["name", "city", "total", "tags"];
+/// Few enough string values that devices often write equal ones, and that records clash on a
+/// unique constraint.
+const STRING_VALUES: u32 = 8;
 /// High enough that no entry fails for good during the chaos; failing for good is tested in
 /// tests/store_sync.rs.
 const MAX_RETRIES: u32 = 1_000_000;
@@ -66,12 +82,12 @@ struct Device {
 }
 
 impl Device {
-    fn open(key: SigningKey, kv: MemoryKv, clock: &SimClock) -> Device {
+    fn open(key: SigningKey, kv: MemoryKv, clock: &SimClock, options: &StoreOptions) -> Device {
         let id = device_id(&key.verifying_key().to_bytes());
         let store = Store::open(
             Box::new(kv.clone()),
             &id,
-            StoreOptions::default(),
+            options.clone(),
             Arc::new(clock.clone()),
         )
         .expect("open device store");
@@ -93,10 +109,14 @@ impl Device {
         Device { key, kv, service }
     }
 
-    fn restart(self, clock: &SimClock) -> Device {
+    fn restart(self, clock: &SimClock, options: &StoreOptions) -> Device {
         let Device { key, kv, .. } = self;
         kv.crash();
-        Device::open(key, kv, clock)
+        Device::open(key, kv, clock, options)
+    }
+
+    fn store(&self) -> &Store {
+        self.service.store()
     }
 }
 
@@ -140,16 +160,45 @@ struct Acked {
     heads: Vec<String>,
 }
 
+/// Which fields of its record a change may have written, as the device that made it asked.
+enum Touch {
+    Fields(BTreeSet<String>),
+    /// A create, a delete or a resolution: any field, and whether the record is live.
+    Whole,
+}
+
+/// An acknowledged put or patch, by the change it made: the values it gave its fields (`None`
+/// for a field a put removed).
+struct FieldWrite {
+    collection: String,
+    id: String,
+    change: String,
+    values: BTreeMap<String, Option<Value>>,
+}
+
+/// A resolution a device wrote: the changes it made.
+struct Resolving {
+    device: usize,
+    /// (record id, change hash).
+    changes: Vec<(String, String)>,
+}
+
 struct World {
     rng: StdRng,
     clock: SimClock,
     config: SessionConfig,
+    options: StoreOptions,
     devices: Vec<Option<Device>>,
     relay_kv: MemoryKv,
     relay: Option<RelayStore>,
     links: Vec<Link>,
     next_order: u64,
     acked: Vec<Acked>,
+    /// Every change an acknowledged write or resolution made, by hash.
+    touches: HashMap<String, Touch>,
+    field_writes: Vec<FieldWrite>,
+    /// By conflict id.
+    resolutions: BTreeMap<String, Vec<Resolving>>,
     trace: Vec<String>,
     healing: bool,
 }
@@ -160,10 +209,14 @@ impl World {
         let clock = SimClock::default();
         clock.advance(1_700_000_000_000);
         let k = rng.random_range(2..=8usize);
+        let options = StoreOptions {
+            policies: pick_policies(&mut rng),
+            ..StoreOptions::default()
+        };
         let devices = (0..k)
             .map(|_| {
                 let key = SigningKey::from_bytes(&rng.random());
-                Some(Device::open(key, MemoryKv::new(), &clock))
+                Some(Device::open(key, MemoryKv::new(), &clock, &options))
             })
             .collect();
         let relay_kv = MemoryKv::new();
@@ -180,10 +233,14 @@ impl World {
             relay_kv,
             clock,
             config,
+            options,
             devices,
             links: Vec::new(),
             next_order: 0,
             acked: Vec::new(),
+            touches: HashMap::new(),
+            field_writes: Vec::new(),
+            resolutions: BTreeMap::new(),
             trace: Vec::new(),
             healing: false,
         }
@@ -211,17 +268,19 @@ impl World {
             ),
             _ => ("delete", json!({ "collection": collection, "id": id })),
         };
-        self.note(format!("device {i} {method} {collection}/{id}"));
-        match self.device(i).service.call(method, params) {
+        self.note(format!(
+            "device {i} {method} {collection}/{id} {}",
+            params["fields"]
+        ));
+        let before = shown(self.device(i).store(), collection, &id);
+        match self.device(i).service.call(method, params.clone()) {
             Ok(result) => {
-                let heads = result["heads"]
-                    .as_array()
-                    .map(|h| {
-                        h.iter()
-                            .filter_map(|v| v.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let heads = strings(&result["heads"]);
+                if !result["operation"].is_null()
+                    && let [change] = heads.as_slice()
+                {
+                    self.track(method, &params, before, change.clone());
+                }
                 self.acked.push(Acked {
                     collection: collection.into(),
                     id,
@@ -233,6 +292,101 @@ impl World {
         }
     }
 
+    /// Notes what an acknowledged write's change wrote, for `check_merge_writes`.
+    fn track(&mut self, method: &str, params: &Value, before: Option<Fields>, change: String) {
+        let given = params["fields"].as_object().cloned().unwrap_or_default();
+        let mut values: BTreeMap<String, Option<Value>> = given
+            .into_iter()
+            .map(|(name, value)| (name, Some(value)))
+            .collect();
+        let touch = match (method, before) {
+            ("patch", Some(_)) => Touch::Fields(values.keys().cloned().collect()),
+            ("put", Some(before)) => {
+                // A put replaces the record: the fields it leaves out are removed.
+                for name in before.keys() {
+                    values.entry(name.clone()).or_insert(None);
+                }
+                Touch::Fields(values.keys().cloned().collect())
+            }
+            _ => Touch::Whole,
+        };
+        if matches!(touch, Touch::Fields(_)) {
+            self.field_writes.push(FieldWrite {
+                collection: params["collection"].as_str().unwrap_or_default().into(),
+                id: params["id"].as_str().unwrap_or_default().into(),
+                change: change.clone(),
+                values,
+            });
+        }
+        self.touches.insert(change, touch);
+    }
+
+    /// Device `i` resolves one of its open conflicts; sometimes another device that holds the
+    /// same conflict open resolves it too, before either hears of the other.
+    fn resolve_some(&mut self, i: usize) {
+        let open = open_conflicts(self.device(i).store());
+        if open.is_empty() {
+            return;
+        }
+        let conflict = open[self.rng.random_range(0..open.len())].clone();
+        let mut resolvers = vec![i];
+        if self.rng.random_bool(0.3) {
+            let also: Vec<usize> = (0..self.devices.len())
+                .filter(|&j| j != i)
+                .filter(|&j| {
+                    open_conflicts(self.device(j).store())
+                        .iter()
+                        .any(|c| c.id == conflict.id)
+                })
+                .collect();
+            if !also.is_empty() {
+                resolvers.push(also[self.rng.random_range(0..also.len())]);
+            }
+        }
+        for d in resolvers {
+            self.resolve(d, &conflict);
+            if let Some(link) = self.links.iter_mut().find(|l| l.device == d) {
+                link.session.local_changes();
+            }
+        }
+    }
+
+    fn resolve(&mut self, d: usize, conflict: &Conflict) {
+        let take = [Take::Server, Take::Client, Take::Merge][self.rng.random_range(0..3)];
+        let mut params = json!({ "id": conflict.id, "take": take });
+        if take == Take::Merge
+            && (conflict.kind != ConflictKind::Unique || self.rng.random_bool(0.5))
+        {
+            params["data"] = self.fields();
+        }
+        self.note(format!(
+            "device {d} resolves {} ({} {}/{}) {params}",
+            conflict.id,
+            conflict.kind.as_str(),
+            conflict.collection,
+            conflict.record
+        ));
+        match self.device(d).service.call("conflicts.resolve", params) {
+            Ok(result) => {
+                let mut changes = Vec::new();
+                for write in result["writes"].as_array().into_iter().flatten() {
+                    if let [change] = strings(&write["heads"]).as_slice()
+                        && !write["operation"].is_null()
+                    {
+                        self.touches.insert(change.clone(), Touch::Whole);
+                        let record = write["id"].as_str().unwrap_or_default().to_owned();
+                        changes.push((record, change.clone()));
+                    }
+                }
+                self.resolutions
+                    .entry(conflict.id.clone())
+                    .or_default()
+                    .push(Resolving { device: d, changes });
+            }
+            Err(e) => self.note(format!("  refused: {}", e.message)),
+        }
+    }
+
     fn fields(&mut self) -> Value {
         let mut fields = serde_json::Map::new();
         for name in FIELDS {
@@ -240,7 +394,7 @@ impl World {
                 let value = match name {
                     "total" => json!(self.rng.random_range(0..1000)),
                     "tags" => json!([self.rng.random_range(0..5), "t"]),
-                    _ => json!(format!("v{}", self.rng.random_range(0..100))),
+                    _ => json!(format!("v{}", self.rng.random_range(0..STRING_VALUES))),
                 };
                 fields.insert(name.into(), value);
             }
@@ -301,7 +455,7 @@ impl World {
             while link.relay.poll_effect().is_some() {}
         }
         let device = self.devices[i].take().expect("device present");
-        self.devices[i] = Some(device.restart(&self.clock));
+        self.devices[i] = Some(device.restart(&self.clock, &self.options));
     }
 
     fn restart_relay(&mut self) {
@@ -525,12 +679,35 @@ impl World {
                 self.restart_relay();
                 self.pump_all();
             }
+            92..=95 => {
+                self.resolve_some(i);
+                self.pump_all();
+            }
             _ => {
                 let now = self.clock.now();
                 if let Some(link) = self.links.iter_mut().find(|l| l.device == i) {
                     link.session.sync_now(now);
                 }
                 self.pump_all();
+            }
+        }
+    }
+
+    /// After healing every device has found every conflict so far. They go offline, then
+    /// resolve some of them while writes and faults go on, so that two devices often resolve one
+    /// conflict before either hears of the other.
+    fn settle(&mut self, steps: usize) {
+        self.healing = false;
+        while !self.links.is_empty() {
+            self.disconnect(0);
+        }
+        for _ in 0..steps {
+            if self.rng.random_bool(0.5) {
+                let i = self.rng.random_range(0..self.devices.len());
+                self.resolve_some(i);
+                self.pump_all();
+            } else {
+                self.step();
             }
         }
     }
@@ -666,7 +843,317 @@ impl World {
                 );
             }
         }
+        self.check_records();
+        self.check_conflicts();
+        self.check_merge_writes();
+        self.check_resolutions();
     }
+
+    /// Every device shows the same records, through `list` and `get` alike.
+    fn check_records(&self) {
+        let first = self.device(0).store();
+        for collection in COLLECTIONS {
+            let (records, _) = first.list(collection, None, usize::MAX).expect("list");
+            for i in 1..self.devices.len() {
+                let store = self.device(i).store();
+                let (theirs, _) = store.list(collection, None, usize::MAX).expect("list");
+                assert_eq!(
+                    theirs, records,
+                    "device {i} and device 0 list {collection} apart"
+                );
+                for n in 0..IDS {
+                    let id = format!("r{n}");
+                    assert_eq!(
+                        store.get(collection, &id).ok(),
+                        first.get(collection, &id).ok(),
+                        "device {i} and device 0 show {collection}/{id} apart"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every device holds the same conflict entries and counters, and the counters add up.
+    fn check_conflicts(&self) {
+        let first = self.device(0).store();
+        let entries = conflict_entries(first);
+        let counts = first.conflict_counts().expect("conflict counts");
+        for i in 1..self.devices.len() {
+            let store = self.device(i).store();
+            assert_eq!(
+                conflict_entries(store),
+                entries,
+                "device {i} and device 0 hold other conflicts"
+            );
+            assert_eq!(
+                store.conflict_counts().expect("conflict counts"),
+                counts,
+                "device {i} and device 0 count conflicts apart"
+            );
+        }
+        for row in &counts {
+            assert_eq!(
+                row.detected,
+                row.auto_resolved + row.queued,
+                "detected conflicts are not auto-resolved plus queued: {row:?}"
+            );
+            assert!(
+                row.resolved_manually <= row.queued,
+                "more conflicts resolved than queued: {row:?}"
+            );
+        }
+    }
+
+    /// Under `merge`, an acknowledged write's value for a field stays unless another change
+    /// that did not build on it (a later or a concurrent one, by the record's change graph, whose
+    /// dependencies are what each device held when it wrote) wrote that field, by its writer's
+    /// request or by settling the field's concurrent values, or created, deleted or resolved the
+    /// record.
+    fn check_merge_writes(&self) {
+        let store = self.device(0).store();
+        let mut graphs: HashMap<(String, String), Graph> = HashMap::new();
+        for write in &self.field_writes {
+            if self.options.policies.of(&write.collection).strategy != Strategy::Merge {
+                continue;
+            }
+            let graph = graphs
+                .entry((write.collection.clone(), write.id.clone()))
+                .or_insert_with(|| self.change_graph(&write.collection, &write.id));
+            let built_on = ancestors(&graph.deps, std::slice::from_ref(&write.change));
+            let mut overwritten: BTreeSet<&String> = BTreeSet::new();
+            let mut whole = false;
+            for hash in graph.deps.keys().filter(|h| !built_on.contains(*h)) {
+                match self.touches.get(hash) {
+                    Some(Touch::Fields(names)) => overwritten.extend(names),
+                    _ => whole = true,
+                }
+                // A write on a record whose shown state differs from Automerge's merge also
+                // writes the keys holding concurrent values, with the values shown then; such a
+                // write competes with a concurrent write to those keys like any other.
+                overwritten.extend(graph.fields.get(hash).into_iter().flatten());
+            }
+            if whole {
+                continue;
+            }
+            let now = shown(store, &write.collection, &write.id);
+            for (name, value) in &write.values {
+                if overwritten.contains(name) {
+                    continue;
+                }
+                assert_eq!(
+                    now.as_ref().and_then(|f| f.get(name)),
+                    value.as_ref(),
+                    "merge lost `{name}` as change {} wrote it to {}/{}, which shows {now:?}",
+                    write.change,
+                    write.collection,
+                    write.id
+                );
+            }
+        }
+    }
+
+    /// A record's changes, on the relay (which every device matches by now).
+    fn change_graph(&self, collection: &str, id: &str) -> Graph {
+        let relay = self.relay.as_ref().expect("relay up after healing");
+        let bytes = relay
+            .document_bytes(SPACE, collection, id)
+            .expect("relay doc")
+            .unwrap_or_else(|| panic!("{collection}/{id} was written but is not on the relay"));
+        let mut record = Record::load(&bytes, &automerge::ActorId::random()).expect("loads");
+        let mut graph = Graph::default();
+        // The top-level field each object lives under, by the operation that made it.
+        let mut owner: HashMap<(u64, automerge::ActorId), String> = HashMap::new();
+        // In causal order, so an object is made before anything is written into it.
+        for change in record.doc_mut().get_changes(&[]) {
+            let hash = change.hash().to_string();
+            let change = change.decode();
+            let mut fields = BTreeSet::new();
+            for (n, op) in (0u64..).zip(&change.operations) {
+                let field = match (&op.obj, &op.key) {
+                    (ObjectId::Root, Key::Map(name)) => Some(name.to_string()),
+                    (ObjectId::Id(OpId(counter, actor)), _) => {
+                        owner.get(&(*counter, actor.clone())).cloned()
+                    }
+                    (ObjectId::Root, Key::Seq(_)) => None,
+                };
+                let Some(field) = field else { continue };
+                if matches!(op.action, OpType::Make(_)) {
+                    let made = (change.start_op.get() + n, change.actor_id.clone());
+                    owner.insert(made, field.clone());
+                }
+                if !field.starts_with('$') {
+                    fields.insert(field);
+                }
+            }
+            let deps = change.deps.iter().map(ToString::to_string).collect();
+            graph.deps.insert(hash.clone(), deps);
+            graph.fields.insert(hash, fields);
+        }
+        graph
+    }
+
+    /// Whether the resolutions of one conflict were, on each record they wrote, the only changes
+    /// concurrent with any of them: every other change came before all of them or after all of
+    /// them. Only then can a conflict between their changes be blamed on the resolutions alone
+    /// (an update concurrent with a resolution's delete may well bring the record back and clash).
+    fn only_resolutions_concurrent(&self, collection: &str, resolvings: &[Resolving]) -> bool {
+        let mut by_record: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
+        for (record, change) in resolvings.iter().flat_map(|r| &r.changes) {
+            by_record.entry(record).or_default().push(change);
+        }
+        by_record.into_iter().all(|(record, resolving)| {
+            let deps = self.change_graph(collection, record).deps;
+            let before: Vec<HashSet<String>> = resolving
+                .iter()
+                .map(|h| ancestors(&deps, std::slice::from_ref(*h)))
+                .collect();
+            deps.keys().all(|hash| {
+                let after = ancestors(&deps, std::slice::from_ref(hash));
+                resolving.contains(&hash)
+                    || before.iter().all(|b| b.contains(hash))
+                    || resolving.iter().all(|h| after.contains(*h))
+            })
+        })
+    }
+
+    /// A conflict someone resolved ends resolved, by one of its resolutions; when devices
+    /// resolved it at once and nothing else was written concurrently, their resolutions bring
+    /// no new conflict between them.
+    fn check_resolutions(&self) {
+        let entries: HashMap<String, Conflict> = conflict_entries(self.device(0).store())
+            .into_iter()
+            .map(|c| (c.id.clone(), c))
+            .collect();
+        for (id, resolvings) in &self.resolutions {
+            let conflict = entries
+                .get(id)
+                .unwrap_or_else(|| panic!("resolved conflict {id} is gone"));
+            assert_eq!(
+                conflict.status,
+                ConflictStatus::Resolved,
+                "conflict {id} was resolved on devices {:?}",
+                resolvings.iter().map(|r| r.device).collect::<Vec<_>>()
+            );
+            let changes: HashSet<&String> = resolvings
+                .iter()
+                .flat_map(|r| r.changes.iter().map(|(_, change)| change))
+                .collect();
+            let chosen = conflict.resolution.as_ref().and_then(|r| r.change.as_ref());
+            assert!(
+                chosen.is_some_and(|c| changes.contains(c)),
+                "conflict {id} ends with {:?}, none of its resolutions",
+                conflict.resolution
+            );
+            if resolvings.len() < 2
+                || !self.only_resolutions_concurrent(&conflict.collection, resolvings)
+            {
+                continue;
+            }
+            for other in entries.values() {
+                let involves = |side: &[String]| side.iter().any(|h| changes.contains(h));
+                assert!(
+                    !(involves(&other.client.changes) && involves(&other.server.changes)),
+                    "the concurrent resolutions of {id} brought a new conflict: {other:#?}"
+                );
+            }
+        }
+    }
+}
+
+/// Each collection's strategy, delete rule and unique constraints for a run.
+fn pick_policies(rng: &mut StdRng) -> Policies {
+    let mut collections = BTreeMap::new();
+    for name in COLLECTIONS {
+        let strategy = [Strategy::Merge, Strategy::Lww, Strategy::Manual][rng.random_range(0..3)];
+        let on_delete = match rng.random_range(0..6) {
+            0 => DeleteRule::KeepUpdate,
+            1 => DeleteRule::KeepDelete,
+            2 => DeleteRule::Latest,
+            3 => DeleteRule::Queue,
+            _ => DeleteRule::default_for(strategy),
+        };
+        let unique = match rng.random_range(0..4) {
+            0 => vec![vec!["name".to_owned()]],
+            1 => vec![vec!["name".to_owned(), "city".to_owned()]],
+            _ => Vec::new(),
+        };
+        collections.insert(
+            name.to_owned(),
+            Policy {
+                strategy,
+                on_delete,
+                unique,
+                text: Arc::default(),
+            },
+        );
+    }
+    Policies {
+        default: Policy::default(),
+        collections,
+    }
+}
+
+/// A record's fields as the store shows them, `None` when it is not live.
+fn shown(store: &Store, collection: &str, id: &str) -> Option<Fields> {
+    match store.get(collection, id) {
+        Ok(view) => Some(view.fields),
+        Err(StoreError::NotFound { .. }) => None,
+        Err(e) => panic!("get {collection}/{id}: {e}"),
+    }
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The open conflicts a device has not resolved itself yet.
+fn open_conflicts(store: &Store) -> Vec<Conflict> {
+    store
+        .conflicts(Some(ConflictStatus::Open), None, None, usize::MAX)
+        .expect("open conflicts")
+        .into_iter()
+        .filter(|c| c.resolving.is_none())
+        .collect()
+}
+
+/// Every conflict entry a device holds, without its own `resolving` notes.
+fn conflict_entries(store: &Store) -> Vec<Conflict> {
+    let mut all = store
+        .conflicts(None, None, None, usize::MAX)
+        .expect("conflicts");
+    for c in &mut all {
+        c.resolving = None;
+    }
+    all
+}
+
+/// A record's change graph.
+#[derive(Default)]
+struct Graph {
+    /// What each change depends on, by hash.
+    deps: HashMap<String, Vec<String>>,
+    /// The top-level fields each change's operations wrote (nested values included).
+    fields: HashMap<String, BTreeSet<String>>,
+}
+
+/// `heads` and every change they depend on.
+fn ancestors(deps: &HashMap<String, Vec<String>>, heads: &[String]) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    let mut stack = heads.to_vec();
+    while let Some(hash) = stack.pop() {
+        if seen.insert(hash.clone()) {
+            stack.extend(deps.get(&hash).into_iter().flatten().cloned());
+        }
+    }
+    seen
 }
 
 fn open_relay(kv: &MemoryKv) -> RelayStore {
@@ -683,11 +1170,18 @@ fn open_relay(kv: &MemoryKv) -> RelayStore {
 
 fn run_seed(seed: u64) {
     let mut world = World::new(seed);
-    let steps = world.rng.random_range(50..300);
+    let steps = world.rng.random_range(30..200);
+    let policies = format!("{:?}", world.options.policies.collections);
+    world.note(format!(
+        "{} devices; policies {policies}",
+        world.devices.len()
+    ));
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for _ in 0..steps {
             world.step();
         }
+        world.heal();
+        world.settle(steps / 5);
         world.heal();
         world.check();
     }));
