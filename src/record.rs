@@ -344,8 +344,64 @@ impl Record {
     /// Mark the record deleted. Its fields stay in the document, so that a concurrent update can
     /// bring the record back whole.
     pub fn delete(&mut self, now_ms: u64) -> Result<Option<Written>, RecordError> {
-        self.doc.put(ROOT, DELETED_KEY, true)?;
+        self.write_deleted(true)?;
         self.commit("delete", Operation::Delete, now_ms)
+    }
+
+    /// Writes `$deleted` as a new operation even when the value is already there: a delete (or
+    /// a re-create) must come after every write it saw, or a delete an update outlived would
+    /// still be outlived by that update.
+    fn write_deleted(&mut self, deleted: bool) -> Result<(), RecordError> {
+        if self.doc.get(ROOT, DELETED_KEY)?.is_some() {
+            self.doc.delete(ROOT, DELETED_KEY)?;
+        }
+        self.doc.put(ROOT, DELETED_KEY, deleted)?;
+        Ok(())
+    }
+
+    /// A write on a record whose shown state (`shown`, as its strategy settles concurrent values)
+    /// is not what Automerge's merge gives: only the fields whose shown value differs from the
+    /// wanted one are written (each then replaces every concurrent value it saw), and fields
+    /// absent from `target` are removed only when `replace` (a put) or named in `unset`. Fields
+    /// the write leaves alone keep their concurrent values, so a value written elsewhere at the
+    /// same time is never overwritten by a write that did not ask for that field.
+    pub fn write_over(
+        &mut self,
+        shown: &Fields,
+        shown_live: bool,
+        target: &Fields,
+        removal: Removal<'_>,
+        now_ms: u64,
+    ) -> Result<Option<Written>, RecordError> {
+        let operation = if shown_live {
+            Operation::Update
+        } else {
+            self.write_deleted(false)?;
+            Operation::Create
+        };
+        let removed: Vec<&String> = match removal {
+            Removal::Absent => shown.keys().filter(|k| !target.contains_key(*k)).collect(),
+            Removal::Named(names) => names
+                .iter()
+                .filter(|k| !target.contains_key(*k) && shown.contains_key(*k))
+                .collect(),
+        };
+        for key in removed {
+            if key.starts_with('$') {
+                return Err(RecordError::ReservedField { name: key.clone() });
+            }
+            self.doc.delete(ROOT, key.as_str())?;
+        }
+        let text = Arc::clone(&self.text);
+        for (key, value) in target {
+            let unchanged = shown
+                .get(key)
+                .is_some_and(|old| same_values(std::slice::from_ref(old), std::slice::from_ref(value)));
+            if !unchanged {
+                write_at_key(&mut self.doc, &ROOT, key, value, style(true, &text))?;
+            }
+        }
+        self.commit(operation.as_str(), operation, now_ms)
     }
 
     /// Makes the document hold exactly `fields` and the `deleted` state, whatever Automerge's own
@@ -370,12 +426,7 @@ impl Record {
         } else {
             write_map(&mut self.doc, &ROOT, fields, Replace::RootFields, style)?;
         }
-        // Written afresh even when equal: a delete that an update outlived is settled only by a
-        // delete made after both.
-        if self.doc.get(ROOT, DELETED_KEY)?.is_some() {
-            self.doc.delete(ROOT, DELETED_KEY)?;
-        }
-        self.doc.put(ROOT, DELETED_KEY, deleted)?;
+        self.write_deleted(deleted)?;
         let message = match resolution {
             Some((conflict, message)) => {
                 self.doc.put(ROOT, RESOLVED_KEY, conflict)?;
@@ -528,6 +579,15 @@ impl Record {
     pub fn doc_mut(&mut self) -> &mut AutoCommit {
         &mut self.doc
     }
+}
+
+/// Which fields a `write_over` removes.
+#[derive(Clone, Copy)]
+pub enum Removal<'a> {
+    /// Every shown field the target does not hold (a put: the record becomes the target).
+    Absent,
+    /// These fields (a patch's `unset`).
+    Named(&'a [String]),
 }
 
 /// How `write_map` treats keys that the new value does not mention.

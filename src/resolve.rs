@@ -163,6 +163,10 @@ pub struct View {
     /// True when the document as Automerge merges it already shows exactly this: no conflict is
     /// being settled at read time, so a write can be the plain minimal diff.
     pub exact: bool,
+    /// True when this is the state of some of the record's heads only (under `lww`, or where
+    /// concurrent resolutions of a conflict lost): a write must then make the whole shown state
+    /// explicit, or merging the heads would bring the hidden ones back.
+    pub partial: bool,
 }
 
 impl View {
@@ -199,6 +203,7 @@ pub fn view_at(doc: &Automerge, heads: Option<&[ChangeHash]>, policy: &Policy) -
             deleted: false,
             exists: false,
             exact: true,
+            partial: false,
         };
     }
     let visible = visible_heads(doc, &all_heads, policy);
@@ -212,6 +217,7 @@ pub fn view_at(doc: &Automerge, heads: Option<&[ChangeHash]>, policy: &Policy) -
         deleted,
         exists: true,
         exact: visible.is_none() && !reader.multi && !overridden,
+        partial: visible.is_some(),
     }
 }
 

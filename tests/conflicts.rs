@@ -678,3 +678,23 @@ fn the_same_two_records_can_clash_again_after_a_clash_ended() {
     );
     assert_eq!(net.store(0).open_conflicts().unwrap(), 1);
 }
+
+#[test]
+fn merge_never_rewrites_a_contested_field_a_write_did_not_ask_for() {
+    let mut net = two_devices(Policy::of(Strategy::Merge));
+    // Enough writes on device 0 that Automerge's own pick between the two `city` values below
+    // (by operation counter) is not the one the later time shows.
+    for n in 0..5 {
+        net.write(0, patch("c1", json!({ "tier": n })));
+    }
+    net.write(0, patch("c1", json!({"city": "A"})));
+    net.write(1, patch("c1", json!({"city": "B"})));
+    net.sync();
+    assert_eq!(net.agreed("c1").unwrap()["city"], "B");
+    net.write(0, patch("c1", json!({"city": "C"})));
+    net.write(1, patch("c1", json!({"name": "N"})));
+    net.sync();
+    let record = net.agreed("c1").unwrap();
+    assert_eq!(record["city"], "C", "device 1 asked only for `name`: {record}");
+    assert_eq!(record["name"], "N");
+}

@@ -12,7 +12,7 @@ pub mod keys;
 pub mod kv;
 pub mod sync;
 
-use crate::record::{Fields, HistoryEntry, Record, RecordError, validate_fields};
+use crate::record::{Fields, HistoryEntry, Record, RecordError, Removal, validate_fields};
 use crate::resolve::{self, Policies};
 use automerge::ActorId;
 use ferry_proto::{
@@ -919,10 +919,12 @@ struct Staged {
     heads: Vec<String>,
 }
 
-/// Applies one change to a record in memory, on top of what the record shows under its policy:
-/// where that differs from Automerge's own merge (a conflict settled at read time), the write
-/// makes the whole shown state explicit, so it builds on what the writer saw. On error the record
-/// is rolled back; the batch it belongs to is abandoned with its working set.
+/// Applies one change to a record in memory, on top of what the record shows under its policy.
+/// Where that is Automerge's own merge (the usual case) the write is the plain minimal diff.
+/// Where the strategy settles concurrent values at read time, the write changes only the fields
+/// it asks for, each relative to its shown value; where the record shows some of its heads only
+/// (lww), the write makes the whole shown state explicit. On error the record is rolled back; the
+/// batch it belongs to is abandoned with its working set.
 fn mutate(
     record: &mut Record,
     key: &CacheKey,
@@ -933,37 +935,44 @@ fn mutate(
 ) -> Result<Staged, StoreError> {
     let shown = resolve::view(record, policy);
     let live = shown.is_live();
+    let operation = if live {
+        Operation::Update
+    } else {
+        Operation::Create
+    };
     let written = match change {
+        Change::Patch(..) | Change::Delete if !live => return Err(not_found(key)),
         Change::Put(fields) if shown.exact => record.put(&fields, now),
-        Change::Put(fields) => {
-            let operation = if live {
-                Operation::Update
-            } else {
-                Operation::Create
-            };
+        Change::Put(fields) if shown.partial => {
             record.materialize(&fields, false, operation, None, now)
         }
-        Change::Patch(..) | Change::Delete if !live => return Err(not_found(key)),
+        Change::Put(fields) => {
+            record.write_over(&shown.fields, live, &fields, Removal::Absent, now)
+        }
         Change::Patch(set, unset) => {
             let written = if shown.exact {
                 record.patch(&set, &unset, now)
-            } else {
+            } else if shown.partial {
                 let mut fields = shown.fields;
                 for name in &unset {
                     fields.remove(name);
                 }
                 fields.extend(set);
                 record.materialize(&fields, false, Operation::Update, None, now)
+            } else {
+                record.write_over(&shown.fields, live, &set, Removal::Named(&unset), now)
             };
             written.and_then(|w| {
                 if w.is_some() {
-                    validate_fields(&record.fields(), limits)?;
+                    validate_fields(&resolve::view(record, policy).fields, limits)?;
                 }
                 Ok(w)
             })
         }
-        Change::Delete if shown.exact => record.delete(now),
-        Change::Delete => record.materialize(&shown.fields, true, Operation::Delete, None, now),
+        Change::Delete if shown.partial => {
+            record.materialize(&shown.fields, true, Operation::Delete, None, now)
+        }
+        Change::Delete => record.delete(now),
     };
     let written = written.inspect_err(|_| record.rollback())?;
     let heads = record.heads().iter().map(|h| h.to_string()).collect();
