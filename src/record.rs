@@ -394,9 +394,9 @@ impl Record {
         }
         let text = Arc::clone(&self.text);
         for (key, value) in target {
-            let unchanged = shown
-                .get(key)
-                .is_some_and(|old| same_values(std::slice::from_ref(old), std::slice::from_ref(value)));
+            let unchanged = shown.get(key).is_some_and(|old| {
+                same_values(std::slice::from_ref(old), std::slice::from_ref(value))
+            });
             if !unchanged {
                 write_at_key(&mut self.doc, &ROOT, key, value, style(true, &text))?;
             }

@@ -695,6 +695,9 @@ fn merge_never_rewrites_a_contested_field_a_write_did_not_ask_for() {
     net.write(1, patch("c1", json!({"name": "N"})));
     net.sync();
     let record = net.agreed("c1").unwrap();
-    assert_eq!(record["city"], "C", "device 1 asked only for `name`: {record}");
+    assert_eq!(
+        record["city"], "C",
+        "device 1 asked only for `name`: {record}"
+    );
     assert_eq!(record["name"], "N");
 }

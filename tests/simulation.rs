@@ -23,7 +23,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use automerge::legacy::{Key, ObjectId, OpId, OpType};
 use ed25519_dalek::SigningKey;
 use ferry::engine;
 use ferry::record::{Fields, Record};
@@ -911,26 +910,22 @@ impl World {
     /// record.
     fn check_merge_writes(&self) {
         let store = self.device(0).store();
-        let mut graphs: HashMap<(String, String), Graph> = HashMap::new();
+        let mut graphs: HashMap<(String, String), HashMap<String, Vec<String>>> = HashMap::new();
         for write in &self.field_writes {
             if self.options.policies.of(&write.collection).strategy != Strategy::Merge {
                 continue;
             }
-            let graph = graphs
+            let deps = graphs
                 .entry((write.collection.clone(), write.id.clone()))
                 .or_insert_with(|| self.change_graph(&write.collection, &write.id));
-            let built_on = ancestors(&graph.deps, std::slice::from_ref(&write.change));
+            let built_on = ancestors(deps, std::slice::from_ref(&write.change));
             let mut overwritten: BTreeSet<&String> = BTreeSet::new();
             let mut whole = false;
-            for hash in graph.deps.keys().filter(|h| !built_on.contains(*h)) {
+            for hash in deps.keys().filter(|h| !built_on.contains(*h)) {
                 match self.touches.get(hash) {
                     Some(Touch::Fields(names)) => overwritten.extend(names),
                     _ => whole = true,
                 }
-                // A write on a record whose shown state differs from Automerge's merge also
-                // writes the keys holding concurrent values, with the values shown then; such a
-                // write competes with a concurrent write to those keys like any other.
-                overwritten.extend(graph.fields.get(hash).into_iter().flatten());
             }
             if whole {
                 continue;
@@ -952,44 +947,24 @@ impl World {
         }
     }
 
-    /// A record's changes, on the relay (which every device matches by now).
-    fn change_graph(&self, collection: &str, id: &str) -> Graph {
+    /// Each change of a record (on the relay, which every device matches by now) with the
+    /// changes it depends on, by hash.
+    fn change_graph(&self, collection: &str, id: &str) -> HashMap<String, Vec<String>> {
         let relay = self.relay.as_ref().expect("relay up after healing");
         let bytes = relay
             .document_bytes(SPACE, collection, id)
             .expect("relay doc")
             .unwrap_or_else(|| panic!("{collection}/{id} was written but is not on the relay"));
         let mut record = Record::load(&bytes, &automerge::ActorId::random()).expect("loads");
-        let mut graph = Graph::default();
-        // The top-level field each object lives under, by the operation that made it.
-        let mut owner: HashMap<(u64, automerge::ActorId), String> = HashMap::new();
-        // In causal order, so an object is made before anything is written into it.
-        for change in record.doc_mut().get_changes(&[]) {
-            let hash = change.hash().to_string();
-            let change = change.decode();
-            let mut fields = BTreeSet::new();
-            for (n, op) in (0u64..).zip(&change.operations) {
-                let field = match (&op.obj, &op.key) {
-                    (ObjectId::Root, Key::Map(name)) => Some(name.to_string()),
-                    (ObjectId::Id(OpId(counter, actor)), _) => {
-                        owner.get(&(*counter, actor.clone())).cloned()
-                    }
-                    (ObjectId::Root, Key::Seq(_)) => None,
-                };
-                let Some(field) = field else { continue };
-                if matches!(op.action, OpType::Make(_)) {
-                    let made = (change.start_op.get() + n, change.actor_id.clone());
-                    owner.insert(made, field.clone());
-                }
-                if !field.starts_with('$') {
-                    fields.insert(field);
-                }
-            }
-            let deps = change.deps.iter().map(ToString::to_string).collect();
-            graph.deps.insert(hash.clone(), deps);
-            graph.fields.insert(hash, fields);
-        }
-        graph
+        record
+            .automerge()
+            .get_changes_meta(&[])
+            .into_iter()
+            .map(|m| {
+                let deps = m.deps.iter().map(ToString::to_string).collect();
+                (m.hash.to_string(), deps)
+            })
+            .collect()
     }
 
     /// Whether the resolutions of one conflict were, on each record they wrote, the only changes
@@ -1002,7 +977,7 @@ impl World {
             by_record.entry(record).or_default().push(change);
         }
         by_record.into_iter().all(|(record, resolving)| {
-            let deps = self.change_graph(collection, record).deps;
+            let deps = self.change_graph(collection, record);
             let before: Vec<HashSet<String>> = resolving
                 .iter()
                 .map(|h| ancestors(&deps, std::slice::from_ref(*h)))
@@ -1133,15 +1108,6 @@ fn conflict_entries(store: &Store) -> Vec<Conflict> {
         c.resolving = None;
     }
     all
-}
-
-/// A record's change graph.
-#[derive(Default)]
-struct Graph {
-    /// What each change depends on, by hash.
-    deps: HashMap<String, Vec<String>>,
-    /// The top-level fields each change's operations wrote (nested values included).
-    fields: HashMap<String, BTreeSet<String>>,
 }
 
 /// `heads` and every change they depend on.
