@@ -972,7 +972,7 @@ fn summarize(r: &Value) {
              records with both edits: A {}, B {}; with one edit: A {}, B {}\n\
              conflicts found: A {} ({} open), B {} ({} open)",
             r["records"],
-            r["strategy"],
+            r["strategy"].as_str().unwrap_or("?"),
             r["build"].as_str().unwrap_or("?"),
             r["offline_edits"]["patches"],
             r["offline_edits"]["seconds"],

@@ -36,7 +36,7 @@
 //!   document the first time they are needed, and kept from then on.
 //! - `c{space}\0{conflict kind}\0{collection}` → `{count u64 BE}`: conflicts found in the space.
 
-use crate::record::{Fields, Record, RecordError, decode_change};
+use crate::record::{Fields, Record, RecordError, chunk_hash, decode_change};
 use crate::resolve::{self, ConflictKind, LogPosition, Policy};
 use crate::store::kv::{Batch, Kv, KvError};
 use automerge::{ActorId, Change, ChangeHash};
@@ -451,8 +451,13 @@ impl RelayStore {
         };
         // A base that is one change (not a saved document) with no tail is the record's only
         // change.
-        if only_base && let Some(first) = base.as_deref().and_then(|b| decode_change(b).ok()) {
-            return Ok(vec![first.hash()]);
+        // Hashing the chunk is all that takes, not decoding the change.
+        let first = base
+            .as_deref()
+            .and_then(chunk_hash)
+            .and_then(|h| h.parse::<ChangeHash>().ok());
+        if only_base && let Some(first) = first {
+            return Ok(vec![first]);
         }
         let mut doc = self.record_doc(space, record_key, staging, batch)?;
         let heads = doc.heads();
