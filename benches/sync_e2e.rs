@@ -7,7 +7,10 @@
 //! - W2 propagation latency: single-field `patch`es on A, one at a time; the time until B's
 //!   subscriber hears of each.
 //! - W3 concurrent offline edits: with the relay stopped, A and B edit different fields of the
-//!   same records; the relay comes back and both must converge on both edits of every record.
+//!   same records; the relay comes back and both must converge: on both edits of every record
+//!   under the `merge` and `manual` strategies, on the later writer's whole record under `lww`.
+//!   Run once per strategy (`[collections.Customer] strategy` on both devices), counting the
+//!   conflicts each device found.
 //!
 //! `cargo bench --bench sync_e2e [-- --records N --updates N --w3-records N --only w1|w2|w3]`
 //! prints one JSON object per workload and size on standard output and a summary on standard
@@ -43,6 +46,8 @@ usage: cargo bench --bench sync_e2e -- [OPTIONS]
   --updates N       W2 patches, one at a time (default 200)
   --w3-records N    W3 records edited on both devices while offline (default 1000)
   --only W          run only workload W: w1, w2 or w3
+  --w3-strategy S   W3 under collection strategy S (merge, lww or manual); repeat for several
+                    (default: all three)
   --log FILTER      log filter for the relay and the daemons (default: info)
   --log-dir DIR     keep the relay's and the daemons' logs in DIR (default: in the temp dirs,
                     removed at the end)";
@@ -68,6 +73,7 @@ struct Options {
     records: Vec<u64>,
     updates: u64,
     w3_records: u64,
+    w3_strategies: Vec<String>,
     only: Option<Workload>,
     log: String,
     log_dir: Option<PathBuf>,
@@ -83,6 +89,7 @@ impl Options {
             records: Vec::new(),
             updates: 200,
             w3_records: 1000,
+            w3_strategies: Vec::new(),
             only: None,
             log: "info".into(),
             log_dir: None,
@@ -100,6 +107,15 @@ impl Options {
                 "--records" => o.records.push(number(arg, text(arg)?)?),
                 "--updates" => o.updates = number(arg, text(arg)?)?,
                 "--w3-records" => o.w3_records = number(arg, text(arg)?)?,
+                "--w3-strategy" => {
+                    let strategy = text(arg)?;
+                    if !["merge", "lww", "manual"].contains(&strategy.as_str()) {
+                        return Err(format!(
+                            "--w3-strategy {strategy:?}: expected merge, lww or manual"
+                        ));
+                    }
+                    o.w3_strategies.push(strategy.clone());
+                }
                 "--only" => {
                     o.only = Some(match text(arg)?.as_str() {
                         "w1" => Workload::W1,
@@ -127,6 +143,9 @@ impl Options {
             o.w3_records = o.w3_records.min(50);
         } else if o.records.is_empty() {
             o.records = vec![10_000, 100_000];
+        }
+        if o.w3_strategies.is_empty() {
+            o.w3_strategies = ["merge", "lww", "manual"].map(String::from).to_vec();
         }
         if o.records.contains(&0) || o.updates == 0 || o.w3_records == 0 {
             return Err("--records, --updates and --w3-records must be at least 1".into());
@@ -179,7 +198,9 @@ fn main() {
         emit(propagation(options.updates, &options));
     }
     if options.runs(Workload::W3) {
-        emit(offline_edits(options.w3_records, &options));
+        for strategy in &options.w3_strategies {
+            emit(offline_edits(options.w3_records, strategy, &options));
+        }
     }
 }
 
@@ -328,6 +349,15 @@ fn join_relay(device: &Device, relay: &Relay) {
         "\nfingerprint = \"\"",
         &format!("\nfingerprint = {:?}", relay.fingerprint),
     );
+}
+
+/// Gives the benchmark collection the conflict strategy `strategy` (the `[collections]` table
+/// `ferry init` writes comes last in config.toml).
+fn set_strategy(device: &Device, strategy: &str) {
+    let path = device.data_dir.join("config.toml");
+    let mut text = std::fs::read_to_string(&path).expect("read config.toml");
+    text += &format!("\n[collections.{COLLECTION}]\nstrategy = {strategy:?}\n");
+    std::fs::write(&path, text).expect("write config.toml");
 }
 
 /// Replaces the first `from` in the device's config.toml (the keys `ferry init` wrote).
@@ -588,12 +618,17 @@ struct Pair {
 }
 
 impl Pair {
-    fn start(records: u64, o: &Options, logs: &Logs) -> Pair {
+    /// `strategy`, when given, is the benchmark collection's conflict strategy on both devices.
+    fn start(records: u64, strategy: Option<&str>, o: &Options, logs: &Logs) -> Pair {
         let relay_dir = RelayDir::new();
         let relay = Relay::start(&relay_dir.path, "127.0.0.1:0", o, &logs.path("relay"));
         let (a, b) = (new_device(o), new_device(o));
-        join_relay(&a, &relay);
-        join_relay(&b, &relay);
+        for device in [&a, &b] {
+            join_relay(device, &relay);
+            if let Some(strategy) = strategy {
+                set_strategy(device, strategy);
+            }
+        }
         let a_daemon = Running::start_logging(&a, &logs.path("a"));
         let b_daemon = Running::start_logging(&b, &logs.path("b"));
         import(&mut a_daemon.client(), records);
@@ -611,7 +646,7 @@ impl Pair {
 fn propagation(updates: u64, o: &Options) -> Value {
     eprintln!("sync_e2e: W2 propagation latency, {updates} patches");
     let logs = Logs::new(o, "w2");
-    let pair = Pair::start(updates, o, &logs);
+    let pair = Pair::start(updates, None, o, &logs);
     let mut subscriber = Subscriber::new(&pair.b);
     let mut a = pair.a.client();
     let (mut propagated, mut acknowledged) = (Vec::new(), Vec::new());
@@ -683,11 +718,25 @@ fn patch_all(daemon: &Running, m: u64, field: &str, value: fn(u64) -> Value) {
     }
 }
 
-/// Records on the device that carry both sides' edits.
-fn with_both_edits(daemon: &Running) -> u64 {
+/// What W3's records look like on one device.
+#[derive(Debug, PartialEq)]
+struct Edits {
+    /// Each record's (s1, i1), in id order.
+    values: Vec<(Value, Value)>,
+    /// Records carrying both sides' edits.
+    both: u64,
+    /// Records carrying exactly one side's edit.
+    one: u64,
+}
+
+fn edits(daemon: &Running) -> Edits {
     let mut client = daemon.client();
     let mut after = Value::Null;
-    let mut both = 0;
+    let mut out = Edits {
+        values: Vec::new(),
+        both: 0,
+        one: 0,
+    };
     loop {
         let mut params = json!({ "collection": COLLECTION, "limit": 1000 });
         if !after.is_null() {
@@ -697,25 +746,60 @@ fn with_both_edits(daemon: &Running) -> u64 {
         for r in page["records"].as_array().expect("list.records") {
             // i2 is 7 k and neither side edits it: it says which record this is.
             let k = r["fields"]["i2"].as_u64().expect("i2") / 7;
-            both += u64::from(r["fields"]["s1"] == a_edit(k) && r["fields"]["i1"] == b_edit(k));
+            let (s1, i1) = (&r["fields"]["s1"], &r["fields"]["i1"]);
+            let (a, b) = (*s1 == a_edit(k), *i1 == b_edit(k));
+            out.both += u64::from(a && b);
+            out.one += u64::from(a != b);
+            out.values.push((s1.clone(), i1.clone()));
         }
         after = page["next"].clone();
         if after.is_null() {
-            return both;
+            return out;
         }
     }
 }
 
-fn offline_edits(m: u64, o: &Options) -> Value {
-    eprintln!("sync_e2e: W3 concurrent offline edits, {m} records");
-    let logs = Logs::new(o, "w3");
+/// Whether both devices show the same records, each as the strategy settles W3's edits: both
+/// edits under `merge` and `manual` (they touch different fields), one whole side under `lww`.
+impl Edits {
+    fn both_and_one(&self) -> (u64, u64) {
+        (self.both, self.one)
+    }
+}
+
+fn settled_as(strategy: &str, m: u64, a: &Edits, b: &Edits) -> bool {
+    let each = |e: &Edits| match strategy {
+        "lww" => e.one == m,
+        _ => e.both == m,
+    };
+    a.values == b.values && each(a) && each(b)
+}
+
+/// The conflicts a device found, from `status.conflicts`: (detected, open).
+fn conflicts_found(daemon: &Running) -> (u64, u64) {
+    let s = call(&mut daemon.client(), "status", json!({}));
+    let detected = s["conflicts"]["counts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status without conflicts.counts: {s}"))
+        .iter()
+        .map(|c| c["detected"].as_u64().unwrap_or(0))
+        .sum();
+    let open = s["conflicts"]["open"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status without conflicts.open: {s}"));
+    (detected, open)
+}
+
+fn offline_edits(m: u64, strategy: &str, o: &Options) -> Value {
+    eprintln!("sync_e2e: W3 concurrent offline edits, {m} records, strategy {strategy}");
+    let logs = Logs::new(o, &format!("w3-{strategy}"));
     let Pair {
         relay,
         relay_dir,
         a,
         b,
         _devices,
-    } = Pair::start(m, o, &logs);
+    } = Pair::start(m, Some(strategy), o, &logs);
     let listen = relay.listen.clone();
     relay.stop();
     let mut clients = [&a, &b].map(Running::client);
@@ -754,8 +838,8 @@ fn offline_edits(m: u64, o: &Options) -> Value {
             })
         });
         // Converged: nothing left to upload anywhere, both have applied the relay's log as far
-        // as they know its head to be, and (checked only then, as it reads every record) every
-        // record on both carries both edits. A head that is not yet known would otherwise let
+        // as they know its head to be, and (checked only then, as it reads every record) both
+        // show the same records, settled as the strategy settles them. A head that is not yet known would otherwise let
         // the status alone say so too early.
         let mut clients = [&a, &b].map(Running::client);
         let deadline = Instant::now() + W3_TIMEOUT;
@@ -773,7 +857,7 @@ fn offline_edits(m: u64, o: &Options) -> Value {
                 && sa.cursor == sa.relay_head;
             // The time is when the status said so; reading every record only confirms it.
             let at = Instant::now();
-            if settled && [with_both_edits(&a), with_both_edits(&b)] == [m, m] {
+            if settled && settled_as(strategy, m, &edits(&a), &edits(&b)) {
                 let converged = at;
                 for n in nudges {
                     n.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
@@ -782,33 +866,41 @@ fn offline_edits(m: u64, o: &Options) -> Value {
             }
             assert!(
                 Instant::now() < deadline,
-                "A and B have not converged after {W3_TIMEOUT:?}: records with both edits: \
-                 A {}, B {} of {m}; A {sa:?}; B {sb:?}",
-                with_both_edits(&a),
-                with_both_edits(&b),
+                "A and B have not converged under {strategy} after {W3_TIMEOUT:?}: records with \
+                 both edits / one edit: A {:?}, B {:?} of {m}; A {sa:?}; B {sb:?}",
+                edits(&a).both_and_one(),
+                edits(&b).both_and_one(),
             );
             std::thread::sleep(POLL);
         }
     });
     let (reconnected, converged) = converged;
     let converge = converged - t0;
-    let both = [with_both_edits(&a), with_both_edits(&b)];
-    assert_eq!(
-        both,
-        [m, m],
-        "records with both edits on [A, B]: every one of the {m} must have both"
+    let (ea, eb) = (edits(&a), edits(&b));
+    assert!(
+        settled_as(strategy, m, &ea, &eb),
+        "records with both edits / one edit under {strategy}: A {:?}, B {:?} of {m}",
+        ea.both_and_one(),
+        eb.both_and_one(),
     );
+    let (found_a, found_b) = (conflicts_found(&a), conflicts_found(&b));
     drop(clients);
     drop((a, b));
     relay.stop();
     json!({
         "workload": "w3",
+        "strategy": strategy,
         "records": m,
         "offline_edits": { "seconds": secs(edit_time), "patches": 2 * m },
         "relay_ready_seconds": secs(ready),
         "both_connected_seconds": secs(reconnected - t0),
         "converge": { "seconds": secs(converge), "changes_per_s": per_second(2 * m, converge) },
-        "records_with_both_edits": { "a": both[0], "b": both[1] },
+        "records_with_both_edits": { "a": ea.both, "b": eb.both },
+        "records_with_one_edit": { "a": ea.one, "b": eb.one },
+        "conflicts": {
+            "a": { "detected": found_a.0, "open": found_a.1 },
+            "b": { "detected": found_b.0, "open": found_b.1 },
+        },
     })
 }
 
@@ -873,12 +965,14 @@ fn summarize(r: &Value) {
             )
         }
         Some("w3") => format!(
-            "== W3 concurrent offline edits, {} records ({} build) ==\n\
+            "== W3 concurrent offline edits, {} records, strategy {} ({} build) ==\n\
              edits while offline: {} patches in {} s\n\
              relay restart to ready: {} s; to both reconnected: {} s; to both converged: {} s \
              ({} changes/s)\n\
-             records with both edits: A {}, B {}",
+             records with both edits: A {}, B {}; with one edit: A {}, B {}\n\
+             conflicts found: A {} ({} open), B {} ({} open)",
             r["records"],
+            r["strategy"].as_str().unwrap_or("?"),
             r["build"].as_str().unwrap_or("?"),
             r["offline_edits"]["patches"],
             r["offline_edits"]["seconds"],
@@ -888,6 +982,12 @@ fn summarize(r: &Value) {
             r["converge"]["changes_per_s"],
             r["records_with_both_edits"]["a"],
             r["records_with_both_edits"]["b"],
+            r["records_with_one_edit"]["a"],
+            r["records_with_one_edit"]["b"],
+            r["conflicts"]["a"]["detected"],
+            r["conflicts"]["a"]["open"],
+            r["conflicts"]["b"]["detected"],
+            r["conflicts"]["b"]["open"],
         ),
         _ => format!("{r}"),
     };

@@ -1,14 +1,17 @@
 //! The relay's store: appending (stored, duplicate, missing dependencies, invalid), reading the
 //! log in pages without echoing a device's own changes, surviving a reopen from disk with its
 //! documents compacted, and, as a property, that any upload order yields a causally closed log
-//! whose replay gives every document's merged heads.
+//! whose replay gives every document's merged heads; and the relay's conflict counts: concurrent
+//! writes to one field count once, to different fields not at all, the counts survive a reopen,
+//! and a change that fast-forwards its record loads no document.
 
 mod common;
 
 use automerge::ActorId;
 use common::{fields, open_sled, proptest_config};
 use ferry::record::Record;
-use ferry::relay::store::{RelayStore, RelayStoreError, RelayStoreOptions};
+use ferry::relay::store::{RelayConflictCount, RelayStore, RelayStoreError, RelayStoreOptions};
+use ferry::resolve::ConflictKind;
 use ferry::store::kv::{Kv, MemoryKv};
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
 use proptest::prelude::*;
@@ -489,5 +492,128 @@ fn identical_changes_of_two_records_are_both_stored() {
     assert_eq!(
         relay.heads(SPACE, "Doc", "b").unwrap(),
         Some(b.record.heads().iter().map(|h| h.to_string()).collect())
+    );
+}
+
+/// Two devices holding the same record, created by the first.
+fn two_writers() -> (Writer, Writer, Vec<u8>) {
+    let mut a = Writer::new(1);
+    let mut b = Writer::new(2);
+    let created = a.put(json!({"title": "draft", "n": 0}));
+    b.record
+        .apply_changes(std::slice::from_ref(&created))
+        .unwrap();
+    (a, b, created)
+}
+
+#[test]
+fn concurrent_writes_to_one_field_count_as_one_update_update_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b, created) = two_writers();
+    let a1 = a.patch(json!({"title": "from a"}));
+    let b1 = b.patch(json!({"title": "from b"}));
+    {
+        let relay = RelayStore::open(
+            Arc::new(open_sled(dir.path())),
+            RelayStoreOptions::default(),
+        )
+        .unwrap();
+        relay
+            .append(
+                SPACE,
+                "dev1",
+                &[upload(1, "r", &created), upload(2, "r", &a1)],
+            )
+            .unwrap();
+        assert_eq!(relay.conflict_counts(SPACE).unwrap(), []);
+        let r = relay.append(SPACE, "dev2", &[upload(1, "r", &b1)]).unwrap();
+        assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: 3 }]);
+        // Sent again, the change is a duplicate and is not counted twice.
+        relay.append(SPACE, "dev2", &[upload(1, "r", &b1)]).unwrap();
+        assert_eq!(
+            relay.conflict_counts(SPACE).unwrap(),
+            [RelayConflictCount {
+                kind: ConflictKind::UpdateUpdate,
+                collection: "Doc".into(),
+                detected: 1,
+            }]
+        );
+        assert_eq!(relay.conflict_counts("other").unwrap(), []);
+    }
+    // Counted in the append's batch: a reopened relay has the count, and a later conflict on
+    // the same record (b writes the field again, still without a's change) adds to it.
+    let relay = RelayStore::open(
+        Arc::new(open_sled(dir.path())),
+        RelayStoreOptions::default(),
+    )
+    .unwrap();
+    let b2 = b.patch(json!({"title": "from b again"}));
+    relay.append(SPACE, "dev2", &[upload(1, "r", &b2)]).unwrap();
+    let counts = relay.conflict_counts(SPACE).unwrap();
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    assert_eq!(counts[0].detected, 2, "{counts:?}");
+}
+
+#[test]
+fn concurrent_writes_to_different_fields_are_no_conflict() {
+    let relay = memory_relay(RelayStoreOptions::default());
+    let (mut a, mut b, created) = two_writers();
+    let a1 = a.patch(json!({"title": "from a"}));
+    let b1 = b.patch(json!({"n": 7}));
+    relay
+        .append(
+            SPACE,
+            "dev1",
+            &[upload(1, "r", &created), upload(2, "r", &a1)],
+        )
+        .unwrap();
+    relay.append(SPACE, "dev2", &[upload(1, "r", &b1)]).unwrap();
+    assert_eq!(relay.conflict_counts(SPACE).unwrap(), []);
+    // The relay's document holds both writes all the same.
+    assert_eq!(
+        relay.record(SPACE, "Doc", "r").unwrap(),
+        Some(fields(json!({"title": "from a", "n": 7})))
+    );
+}
+
+#[test]
+fn a_change_that_fast_forwards_its_record_loads_no_document() {
+    let relay = memory_relay(RelayStoreOptions::default());
+    let (mut a, mut b, created) = two_writers();
+    let mut a_changes = vec![upload(1, "r", &created)];
+    a_changes.extend((1..4).map(|n| upload(n + 1, "r", &a.patch(json!({"n": n})))));
+    relay.append(SPACE, "dev1", &a_changes[..2]).unwrap();
+    relay.append(SPACE, "dev1", &a_changes[2..]).unwrap();
+    // b catches up, then writes after everything logged: a fast-forward too.
+    b.record.apply_changes(&a.changes).unwrap();
+    let b1 = b.patch(json!({"n": 10}));
+    relay.append(SPACE, "dev2", &[upload(1, "r", &b1)]).unwrap();
+    let mut other = Writer::new(3);
+    let created_s = other.put(json!({"s": 1}));
+    relay
+        .append(SPACE, "dev3", &[upload(1, "s", &created_s)])
+        .unwrap();
+    assert_eq!(relay.documents_loaded(), 0);
+    assert_eq!(relay.conflict_counts(SPACE).unwrap(), []);
+    // A change that did not see b's is concurrent with it: its document is loaded to check.
+    let a4 = a.patch(json!({"n": 11}));
+    relay.append(SPACE, "dev1", &[upload(1, "r", &a4)]).unwrap();
+    assert_eq!(relay.documents_loaded(), 1);
+    assert_eq!(relay.conflict_counts(SPACE).unwrap().len(), 1);
+    // b writes after a4 (a fast-forward, no load); a, still without b's change, writes twice in
+    // one call: both are concurrent with b's, and the document is loaded once for both.
+    b.record.apply_changes(std::slice::from_ref(&a4)).unwrap();
+    let b2 = b.patch(json!({"title": "final"}));
+    relay.append(SPACE, "dev2", &[upload(1, "r", &b2)]).unwrap();
+    assert_eq!(relay.documents_loaded(), 1);
+    let a5 = a.patch(json!({"n": 12}));
+    let a6 = a.patch(json!({"n": 13}));
+    relay
+        .append(SPACE, "dev1", &[upload(1, "r", &a5), upload(2, "r", &a6)])
+        .unwrap();
+    assert_eq!(relay.documents_loaded(), 2);
+    assert_eq!(
+        relay.record(SPACE, "Doc", "r").unwrap(),
+        Some(fields(json!({"title": "final", "n": 13})))
     );
 }

@@ -2,7 +2,16 @@
 //!
 //! Owns: the relay key layout, appending uploaded changes (validation, deduplication by change
 //! hash, the causal-closure rule, sequence numbers, one atomic and flushed batch per call), reading
-//! the log, and materialising documents on demand into a bounded cache.
+//! the log, materialising documents on demand into a bounded cache, and counting the conflicts
+//! changes bring as they meet in the log.
+//!
+//! Conflict detection on the relay is a count for operators, not a decision: devices detect and
+//! settle conflicts themselves, with their collections' policies. The relay has no per-collection
+//! configuration, so it classifies every change under the `merge` policy and never checks unique
+//! constraints (those span records and depend on a device's configuration). It is cheap by design:
+//! a change whose dependencies are exactly the record's logged heads (a fast-forward, the common
+//! case) conflicts with nothing and loads no document; only a change concurrent with logged ones
+//! has its record's document loaded and `resolve::detect` run against the heads before it.
 //!
 //! Must not touch: the network, sessions or authentication (the caller has decided that `origin`
 //! may write to `space`), and the device's store.
@@ -19,19 +28,26 @@
 //!   since its base was written; its bytes are in the log at `seq`. Once a record has
 //!   `compact_after` of these, its document is saved as the new base and they are removed, so
 //!   appending never re-saves a whole document per change.
+//! - `r{space}\0{collection}\0{record}` → the record's logged heads, 32 bytes each, sorted: the heads
+//!   before a change, compared with its dependencies to tell a fast-forward from a concurrent
+//!   change. Written from a record's second change on: a record with one change has that change
+//!   as its base and as its only head, so an initial upload of many records writes none of these
+//!   keys. Records logged before this key existed have none; their heads are read from their
+//!   document the first time they are needed, and kept from then on.
+//! - `c{space}\0{conflict kind}\0{collection}` → `{count u64 BE}`: conflicts found in the space.
 
-use crate::record::{Fields, Record, RecordError, decode_change};
+use crate::record::{Fields, Record, RecordError, chunk_hash, decode_change};
+use crate::resolve::{self, ConflictKind, LogPosition, Policy};
 use crate::store::kv::{Batch, Kv, KvError};
-use automerge::ActorId;
+use automerge::{ActorId, Change, ChangeHash};
 use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, LogEntry, UploadChange};
 use ferry_proto::{AddressError, Limits, validate_collection, validate_record_id};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-
-/// Longest space name accepted.
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayStoreError {
@@ -78,6 +94,32 @@ struct StoredEntry {
 
 type DocKey = (String, String, String);
 
+/// A record within a space: (collection, record id).
+type RecordKey = (String, String);
+
+/// Conflicts of one kind found in one collection of a space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RelayConflictCount {
+    pub kind: ConflictKind,
+    pub collection: String,
+    pub detected: u64,
+}
+
+/// What one `append` call has staged so far, so later changes of the call see earlier ones.
+#[derive(Default)]
+struct Staging {
+    /// Changes stored earlier in this call, by record and hash, with their seq.
+    added: HashMap<ChangeKey, u64>,
+    /// Records touched in this call, with their appended (tail) seqs, this call's included.
+    tails: HashMap<RecordKey, Vec<u64>>,
+    /// Records touched in this call, with their logged heads after this call's changes.
+    heads: HashMap<RecordKey, Vec<ChangeHash>>,
+    /// Documents loaded in this call for detection, kept current with its changes.
+    docs: HashMap<RecordKey, Record>,
+    /// Conflicts found in this call, by kind and collection.
+    conflicts: BTreeMap<(ConflictKind, String), u64>,
+}
+
 pub struct RelayStore {
     kv: Arc<dyn Kv>,
     options: RelayStoreOptions,
@@ -86,6 +128,8 @@ pub struct RelayStore {
     /// Each space's head; its lock serialises appends to the space.
     spaces: Mutex<HashMap<String, Arc<Mutex<u64>>>>,
     cache: Mutex<LruCache<DocKey, Record>>,
+    /// Documents read from storage (base and tail) since the store was opened.
+    docs_loaded: AtomicU64,
 }
 
 impl RelayStore {
@@ -97,6 +141,7 @@ impl RelayStore {
             actor: ActorId::from(&[0u8; 16][..]),
             spaces: Mutex::new(HashMap::new()),
             cache: Mutex::new(LruCache::new(capacity)),
+            docs_loaded: AtomicU64::new(0),
         })
     }
 
@@ -143,15 +188,10 @@ impl RelayStore {
         let mut head = lock(&state);
         let mut batch = Batch::default();
         let mut next = *head + 1;
-        // Changes stored earlier in this call: hash → (seq, collection, record).
-        let mut added: HashMap<ChangeKey, u64> = HashMap::new();
-        // Records touched in this call, with how many appended changes each has now.
-        let mut tails: HashMap<(String, String), Vec<u64>> = HashMap::new();
+        let mut staging = Staging::default();
         let mut results = Vec::with_capacity(changes.len());
         for upload in changes {
-            let outcome = self.stage(
-                space, origin, upload, next, &mut added, &mut tails, &mut batch,
-            )?;
+            let outcome = self.stage(space, origin, upload, next, &mut staging, &mut batch)?;
             if matches!(outcome, ChangeOutcome::Stored { .. }) {
                 next += 1;
             }
@@ -160,9 +200,10 @@ impl RelayStore {
                 outcome,
             });
         }
-        for ((collection, record), tail) in &tails {
+        for ((collection, record), tail) in &staging.tails {
             if tail.len() >= self.options.compact_after.max(1) {
-                match self.compact(space, collection, record, tail, &mut batch) {
+                let loaded = staging.docs.get_mut(&(collection.clone(), record.clone()));
+                match self.compact(space, collection, record, tail, loaded, &mut batch) {
                     Ok(()) => {}
                     // The changes are in the log either way; the record keeps its tail and is
                     // tried again on its next append.
@@ -173,10 +214,25 @@ impl RelayStore {
                 }
             }
         }
+        for ((collection, record), heads) in &staging.heads {
+            batch.put(
+                key(b'r', &[space, collection, record]),
+                heads.iter().flat_map(|h| h.0).collect(),
+            );
+        }
+        for ((kind, collection), found) in &staging.conflicts {
+            let counter = key(b'c', &[space, kind.as_str(), collection]);
+            let before = self.counter(&counter)?;
+            batch.put(
+                counter,
+                before.saturating_add(*found).to_be_bytes().to_vec(),
+            );
+        }
         {
-            // The documents these changes touch are read again from storage when next needed.
+            // The documents these changes touch are read again from storage when next needed,
+            // unless detection loaded them: those hold every change of this call.
             let mut cache = lock(&self.cache);
-            for (collection, record) in tails.keys() {
+            for (collection, record) in staging.tails.keys() {
                 cache.pop(&(space.to_owned(), collection.clone(), record.clone()));
             }
         }
@@ -185,20 +241,23 @@ impl RelayStore {
             // The entries are in the log from here on, flushed or not: the next call must
             // number after them, never over them.
             *head = next - 1;
+            let mut cache = lock(&self.cache);
+            for ((collection, record), doc) in staging.docs {
+                cache.put((space.to_owned(), collection, record), doc);
+            }
+            drop(cache);
             self.kv.flush()?;
         }
         Ok(results)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn stage(
         &self,
         space: &str,
         origin: &str,
         upload: &UploadChange,
         seq: u64,
-        added: &mut HashMap<ChangeKey, u64>,
-        tails: &mut HashMap<(String, String), Vec<u64>>,
+        staging: &mut Staging,
         batch: &mut Batch,
     ) -> Result<ChangeOutcome, RelayStoreError> {
         let rejected = |code: ErrorCode, message: String| ChangeOutcome::Rejected { code, message };
@@ -218,14 +277,14 @@ impl RelayStore {
         let (collection, record) = (upload.collection.as_str(), upload.record.as_str());
         let change_key = |hash: [u8; 32]| (collection.to_owned(), record.to_owned(), hash);
         let hash = change.hash().0;
-        if let Some(seq) = added.get(&change_key(hash)) {
+        if let Some(seq) = staging.added.get(&change_key(hash)) {
             return Ok(ChangeOutcome::Duplicate { seq: *seq });
         }
         if let Some(seq) = self.indexed(space, collection, record, &hash)? {
             return Ok(ChangeOutcome::Duplicate { seq });
         }
         for dep in change.deps() {
-            let held = added.contains_key(&change_key(dep.0))
+            let held = staging.added.contains_key(&change_key(dep.0))
                 || self.indexed(space, collection, record, &dep.0)?.is_some();
             if !held {
                 return Ok(rejected(
@@ -237,9 +296,46 @@ impl RelayStore {
                 ));
             }
         }
+        let record_key = (upload.collection.clone(), upload.record.clone());
+        if !staging.tails.contains_key(&record_key) {
+            let base = key(b'b', &[space, collection, record]);
+            let tail = if self.kv.get(&base)?.is_some() {
+                self.tail_seqs(space, collection, record)?
+            } else {
+                // A new record's first change is its base, as it is: no tail key needed. It has
+                // no dependencies (none can be held yet), so it meets nothing.
+                batch.put(base, upload.change.clone());
+                staging.tails.insert(record_key, Vec::new());
+                self.log(space, origin, upload, seq, hash, staging, batch);
+                return Ok(ChangeOutcome::Stored { seq });
+            };
+            staging.tails.insert(record_key.clone(), tail);
+        }
+        self.meet(space, seq, &record_key, change, staging, batch)?;
+        self.log(space, origin, upload, seq, hash, staging, batch);
+        batch.put(seq_key(b't', &[space, collection, record], seq), Vec::new());
+        if let Some(tail) = staging.tails.get_mut(&record_key) {
+            tail.push(seq);
+        }
+        Ok(ChangeOutcome::Stored { seq })
+    }
+
+    /// Stages the log entry and the dedup index entry of a stored change.
+    #[allow(clippy::too_many_arguments)]
+    fn log(
+        &self,
+        space: &str,
+        origin: &str,
+        upload: &UploadChange,
+        seq: u64,
+        hash: [u8; 32],
+        staging: &mut Staging,
+        batch: &mut Batch,
+    ) {
+        let (collection, record) = (&upload.collection, &upload.record);
         let entry = StoredEntry {
-            collection: upload.collection.clone(),
-            record: upload.record.clone(),
+            collection: collection.clone(),
+            record: record.clone(),
             origin: origin.to_owned(),
             change: upload.change.clone(),
         };
@@ -248,29 +344,243 @@ impl RelayStore {
             hash_key(space, collection, record, &hash),
             seq.to_be_bytes().to_vec(),
         );
-        added.insert(change_key(hash), seq);
-        let record_key = (upload.collection.clone(), upload.record.clone());
-        let tail = match tails.get_mut(&record_key) {
-            Some(tail) => tail,
-            None => {
-                let base = key(b'b', &[space, &upload.collection, &upload.record]);
-                let tail = if self.kv.get(&base)?.is_some() {
-                    self.tail_seqs(space, &upload.collection, &upload.record)?
-                } else {
-                    // A new record's first change is its base, as it is: no tail key needed.
-                    batch.put(base, upload.change.clone());
-                    tails.insert(record_key, Vec::new());
-                    return Ok(ChangeOutcome::Stored { seq });
-                };
-                tails.entry(record_key).or_insert(tail)
-            }
+        staging
+            .added
+            .insert((collection.clone(), record.clone(), hash), seq);
+    }
+
+    /// Meets an existing record's new change with the changes logged before it: moves the
+    /// record's heads, and counts the conflict it brings, if any. A change built on exactly the
+    /// logged heads touches no document.
+    fn meet(
+        &self,
+        space: &str,
+        seq: u64,
+        record_key: &RecordKey,
+        change: Change,
+        staging: &mut Staging,
+        batch: &Batch,
+    ) -> Result<(), RelayStoreError> {
+        let (collection, record) = (record_key.0.as_str(), record_key.1.as_str());
+        let before = match staging.heads.get(record_key) {
+            Some(heads) => heads.clone(),
+            None => self.logged_heads(space, record_key, staging, batch)?,
         };
-        batch.put(
-            seq_key(b't', &[space, &upload.collection, &upload.record], seq),
-            Vec::new(),
-        );
-        tail.push(seq);
-        Ok(ChangeOutcome::Stored { seq })
+        let hash = change.hash();
+        let deps: BTreeSet<ChangeHash> = change.deps().iter().copied().collect();
+        // A dependency is logged, so it can no longer be a head; a head that is not a dependency
+        // stays one, as the change did not see it.
+        let mut after: Vec<ChangeHash> = before
+            .iter()
+            .filter(|h| !deps.contains(h))
+            .copied()
+            .chain([hash])
+            .collect();
+        after.sort();
+        staging.heads.insert(record_key.clone(), after);
+        let fast_forward = deps == before.iter().copied().collect::<BTreeSet<_>>();
+        if fast_forward && !staging.docs.contains_key(record_key) {
+            return Ok(());
+        }
+        let mut doc = match staging.docs.remove(record_key) {
+            Some(doc) => doc,
+            None => self.record_doc(space, record_key, staging, batch)?,
+        };
+        if let Err(e) = doc.apply_decoded(vec![change]) {
+            // The change is logged all the same (devices refuse it the same way when they apply
+            // it); the document is dropped as it no longer follows the log.
+            tracing::warn!(space, collection, record, seq, error = %e,
+                "a logged change cannot be applied to its record's document: not checked for conflicts");
+            return Ok(());
+        }
+        if !fast_forward {
+            let at = LogPosition {
+                seq,
+                collection,
+                record,
+            };
+            let detection =
+                resolve::detect(doc.automerge(), &before, &hash, at, &Policy::default());
+            if let Some(conflict) = detection.conflict {
+                tracing::info!(
+                    space,
+                    collection,
+                    record,
+                    seq,
+                    kind = conflict.kind.as_str(),
+                    conflict = %conflict.id,
+                    fields = conflict.fields.len(),
+                    "conflict found"
+                );
+                *staging
+                    .conflicts
+                    .entry((conflict.kind, collection.to_owned()))
+                    .or_insert(0) += 1;
+            }
+        }
+        staging.docs.insert(record_key.clone(), doc);
+        Ok(())
+    }
+
+    /// The record's logged heads as stored; for a record with one change (whose heads are not
+    /// stored, see the key layout) that change; for a record logged before heads were kept, as
+    /// its document has them.
+    fn logged_heads(
+        &self,
+        space: &str,
+        record_key: &RecordKey,
+        staging: &mut Staging,
+        batch: &Batch,
+    ) -> Result<Vec<ChangeHash>, RelayStoreError> {
+        let (collection, record) = (record_key.0.as_str(), record_key.1.as_str());
+        if let Some(bytes) = self.kv.get(&key(b'r', &[space, collection, record]))? {
+            return bytes
+                .chunks(32)
+                .map(ChangeHash::try_from)
+                .collect::<Result<_, _>>()
+                .map_err(|e| RelayStoreError::Corrupt {
+                    what: "record heads",
+                    detail: e.to_string(),
+                });
+        }
+        let only_base = staging.tails.get(record_key).is_none_or(Vec::is_empty);
+        let base_key = key(b'b', &[space, collection, record]);
+        let base = match batch.get(&base_key) {
+            Some(bytes) => Some(bytes.to_vec()),
+            None => self.kv.get(&base_key)?,
+        };
+        // A base that is one change (not a saved document) with no tail is the record's only
+        // change.
+        // Hashing the chunk is all that takes, not decoding the change.
+        let first = base
+            .as_deref()
+            .and_then(chunk_hash)
+            .and_then(|h| h.parse::<ChangeHash>().ok());
+        if only_base && let Some(first) = first {
+            return Ok(vec![first]);
+        }
+        let mut doc = self.record_doc(space, record_key, staging, batch)?;
+        let heads = doc.heads();
+        staging.docs.insert(record_key.clone(), doc);
+        Ok(heads)
+    }
+
+    /// The record's document with every change logged so far, this call's staged ones included:
+    /// from the cache when it holds it, otherwise loaded from its base and tail.
+    fn record_doc(
+        &self,
+        space: &str,
+        record_key: &RecordKey,
+        staging: &Staging,
+        batch: &Batch,
+    ) -> Result<Record, RelayStoreError> {
+        let (collection, record) = (record_key.0.as_str(), record_key.1.as_str());
+        let tail = staging
+            .tails
+            .get(record_key)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let cached =
+            lock(&self.cache).pop(&(space.to_owned(), record_key.0.clone(), record_key.1.clone()));
+        match cached {
+            // A cached document holds what storage holds; this call's changes are added to it.
+            Some(mut doc) => {
+                let staged = tail
+                    .iter()
+                    .filter(|seq| batch.get(&seq_key(b'l', &[space], **seq)).is_some())
+                    .map(|&seq| self.change_at(space, seq, batch))
+                    .collect::<Result<Vec<_>, _>>()?;
+                doc.apply_changes(&staged)?;
+                Ok(doc)
+            }
+            None => self
+                .load_doc(space, collection, record, tail, batch)?
+                .ok_or(RelayStoreError::Corrupt {
+                    what: "record base",
+                    detail: format!("{collection}/{record} has logged changes but no base"),
+                }),
+        }
+    }
+
+    /// Loads a record's document from its base and the tail changes `tail`, reading both from
+    /// the batch being built or from storage. `None` when the record has no base.
+    fn load_doc(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+        tail: &[u64],
+        batch: &Batch,
+    ) -> Result<Option<Record>, RelayStoreError> {
+        let base_key = key(b'b', &[space, collection, record]);
+        // A record created in this batch has its base only in the batch so far.
+        let base = match batch.get(&base_key) {
+            Some(bytes) => bytes.to_vec(),
+            None => match self.kv.get(&base_key)? {
+                Some(bytes) => bytes,
+                None => return Ok(None),
+            },
+        };
+        self.docs_loaded.fetch_add(1, Ordering::Relaxed);
+        let mut doc = Record::load(&base, &self.actor)?;
+        let changes = tail
+            .iter()
+            .map(|&seq| self.change_at(space, seq, batch))
+            .collect::<Result<Vec<_>, _>>()?;
+        doc.apply_changes(&changes)?;
+        Ok(Some(doc))
+    }
+
+    /// Documents read from storage (base and tail) since the store was opened. Appends that only
+    /// fast-forward records load none.
+    pub fn documents_loaded(&self) -> u64 {
+        self.docs_loaded.load(Ordering::Relaxed)
+    }
+
+    fn counter(&self, key: &[u8]) -> Result<u64, RelayStoreError> {
+        let Some(value) = self.kv.get(key)? else {
+            return Ok(0);
+        };
+        <[u8; 8]>::try_from(value.as_slice())
+            .map(u64::from_be_bytes)
+            .map_err(|_| RelayStoreError::Corrupt {
+                what: "conflict counter",
+                detail: format!("{} bytes instead of 8", value.len()),
+            })
+    }
+
+    /// The conflicts found in the space's log so far, per kind and collection, under the relay's
+    /// `merge` policy (unique constraints are not checked on the relay).
+    pub fn conflict_counts(&self, space: &str) -> Result<Vec<RelayConflictCount>, RelayStoreError> {
+        check_space(space)?;
+        let prefix = key(b'c', &[space]);
+        self.kv
+            .range(&prefix, &prefix_end(&prefix), usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| {
+                let corrupt = || RelayStoreError::Corrupt {
+                    what: "conflict counter key",
+                    detail: String::from_utf8_lossy(&k).into_owned(),
+                };
+                let rest = k
+                    .get(prefix.len()..k.len().saturating_sub(1))
+                    .ok_or_else(corrupt)?;
+                let text = std::str::from_utf8(rest).map_err(|_| corrupt())?;
+                let (kind, collection) = text.split_once('\0').ok_or_else(corrupt)?;
+                let kind = ConflictKind::ALL
+                    .into_iter()
+                    .find(|k| k.as_str() == kind)
+                    .ok_or_else(corrupt)?;
+                let detected = <[u8; 8]>::try_from(v.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| corrupt())?;
+                Ok(RelayConflictCount {
+                    kind,
+                    collection: collection.to_owned(),
+                    detected,
+                })
+            })
+            .collect()
     }
 
     /// The dedup index entry of a change hash: its seq and record.
@@ -307,28 +617,28 @@ impl RelayStore {
     }
 
     /// Writes the record's document, including this batch's changes, as its new base and drops
-    /// its tail keys (those stored and those `tail` adds in this batch).
+    /// its tail keys (those stored and those `tail` adds in this batch). `loaded` is the document
+    /// detection already holds with all of them, if it does.
     fn compact(
         &self,
         space: &str,
         collection: &str,
         record: &str,
         tail: &[u64],
+        loaded: Option<&mut Record>,
         batch: &mut Batch,
     ) -> Result<(), RelayStoreError> {
-        let base_key = key(b'b', &[space, collection, record]);
-        // A record created in this batch has its base only in the batch so far.
-        let base = match batch.get(&base_key) {
-            Some(bytes) => bytes.to_vec(),
-            None => self.kv.get(&base_key)?.unwrap_or_default(),
+        let saved = match loaded {
+            Some(doc) => doc.save(),
+            None => self
+                .load_doc(space, collection, record, tail, batch)?
+                .ok_or(RelayStoreError::Corrupt {
+                    what: "record base",
+                    detail: format!("{collection}/{record} has logged changes but no base"),
+                })?
+                .save(),
         };
-        let mut doc = Record::load(&base, &self.actor)?;
-        let mut changes = Vec::with_capacity(tail.len());
-        for &seq in tail {
-            changes.push(self.change_at(space, seq, batch)?);
-        }
-        doc.apply_changes(&changes)?;
-        batch.put(base_key, doc.save());
+        batch.put(key(b'b', &[space, collection, record]), saved);
         for &seq in tail {
             batch.remove(seq_key(b't', &[space, collection, record], seq));
         }
@@ -419,15 +729,10 @@ impl RelayStore {
         if let Some(doc) = cache.get_mut(&doc_key) {
             return Ok(Some(f(doc)));
         }
-        let Some(base) = self.kv.get(&key(b'b', &[space, collection, id]))? else {
+        let tail = self.tail_seqs(space, collection, id)?;
+        let Some(mut doc) = self.load_doc(space, collection, id, &tail, &Batch::default())? else {
             return Ok(None);
         };
-        let mut doc = Record::load(&base, &self.actor)?;
-        let mut changes = Vec::new();
-        for seq in self.tail_seqs(space, collection, id)? {
-            changes.push(self.change_at(space, seq, &Batch::default())?);
-        }
-        doc.apply_changes(&changes)?;
         let out = f(&mut doc);
         cache.put(doc_key, doc);
         Ok(Some(out))
