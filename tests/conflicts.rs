@@ -9,7 +9,7 @@ use common::{StepClock, fields, put};
 use ferry::resolve::{ConflictKind, ConflictStatus, DeleteRule, Policies, Policy, Strategy, Take};
 use ferry::store::kv::MemoryKv;
 use ferry::store::{Store, StoreError, StoreOptions, Write};
-use ferry_proto::wire::{ChangeOutcome, ChangeResult, LogEntry};
+use ferry_proto::wire::LogEntry;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -67,23 +67,7 @@ impl Net {
     }
 
     fn upload(&mut self, device: usize) {
-        let store = &self.devices[device].0;
-        let batch = store.next_upload_batch(10_000, usize::MAX).expect("batch");
-        let mut results = Vec::new();
-        for entry in batch {
-            let seq = self.log.len() as u64 + 1;
-            self.log.push(LogEntry {
-                seq,
-                collection: entry.model_name.clone(),
-                record: entry.object_id.clone(),
-                change: entry.data.clone(),
-            });
-            results.push(ChangeResult {
-                entry: entry.id,
-                outcome: ChangeOutcome::Stored { seq },
-            });
-        }
-        store.finish_upload(&results, 5).expect("finish upload");
+        common::upload(&mut self.log, &self.devices[device].0);
     }
 
     fn download(&mut self, device: usize) -> ferry::store::sync::RemoteOutcome {
@@ -160,6 +144,19 @@ fn delete(id: &str) -> Write {
         collection: "Customer".into(),
         id: id.into(),
     }
+}
+
+/// Two devices whose records `a` and `b` clash on a unique `email` (merge strategy).
+fn email_clash() -> Net {
+    let policy = Policy {
+        unique: vec![vec!["email".into()]],
+        ..Policy::of(Strategy::Merge)
+    };
+    let mut net = Net::new(2, policy);
+    net.write(0, put("Customer", "a", json!({"email": "x@y"})));
+    net.write(1, put("Customer", "b", json!({"email": "x@y"})));
+    net.sync();
+    net
 }
 
 /// Two devices that both hold `c1` = {name: "Ada", city: "Oslo"}.
@@ -524,14 +521,7 @@ fn unique_clashes_keep_both_records_flag_the_later_and_end_when_resolved() {
 
 #[test]
 fn concurrent_resolutions_of_a_unique_clash_bring_no_new_clash() {
-    let policy = Policy {
-        unique: vec![vec!["email".into()]],
-        ..Policy::of(Strategy::Merge)
-    };
-    let mut net = Net::new(2, policy);
-    net.write(0, put("Customer", "a", json!({"email": "x@y"})));
-    net.write(1, put("Customer", "b", json!({"email": "x@y"})));
-    net.sync();
+    let mut net = email_clash();
     let id = net.conflicts()[0].id.clone();
     // Opposite choices; device 1 resolves later, and its changes reach the log after device 0's.
     net.store(0)
@@ -658,14 +648,7 @@ fn a_delete_that_an_update_outlives_is_not_announced_as_a_delete() {
 
 #[test]
 fn the_same_two_records_can_clash_again_after_a_clash_ended() {
-    let policy = Policy {
-        unique: vec![vec!["email".into()]],
-        ..Policy::of(Strategy::Merge)
-    };
-    let mut net = Net::new(2, policy);
-    net.write(0, put("Customer", "a", json!({"email": "x@y"})));
-    net.write(1, put("Customer", "b", json!({"email": "x@y"})));
-    net.sync();
+    let mut net = email_clash();
     net.write(1, patch("b", json!({"email": "z@y"})));
     net.sync();
     net.write(1, patch("b", json!({"email": "x@y"})));

@@ -850,7 +850,7 @@ impl Relayed {
 }
 
 /// Appends `store`'s pending changes to `log`, as the relay stores an upload.
-fn upload(log: &mut Vec<ferry_proto::wire::LogEntry>, store: &ferry::store::Store) {
+pub fn upload(log: &mut Vec<ferry_proto::wire::LogEntry>, store: &ferry::store::Store) {
     use ferry_proto::wire::{ChangeOutcome, ChangeResult, LogEntry};
     let batch = store
         .next_upload_batch(10_000, usize::MAX)
