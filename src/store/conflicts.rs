@@ -23,7 +23,7 @@ use ferry_proto::Operation;
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// The counters kept per conflict kind and collection.
 pub const COUNTERS: [&str; 4] = ["detected", "auto_resolved", "queued", "resolved_manually"];
@@ -58,7 +58,12 @@ struct Holders {
 /// apply's batch at the end, so later entries of the same apply see what earlier ones did.
 #[derive(Default)]
 pub(super) struct Ledger {
+    /// Each record's logged heads, as far as the apply has got.
     heads: HashMap<CacheKey, Vec<ChangeHash>>,
+    /// Each record's document heads once the apply is done.
+    pub documents: HashMap<CacheKey, Vec<ChangeHash>>,
+    /// The records that have an `h` key stored.
+    unlogged: HashSet<CacheKey>,
     conflicts: BTreeMap<String, Option<Conflict>>,
     dirty: Vec<String>,
     held: HashMap<CacheKey, Vec<(usize, Vec<Value>)>>,
@@ -217,7 +222,8 @@ impl Store {
         record: &mut Record,
     ) -> Result<Option<(resolve::View, i64)>, StoreError> {
         let policy = self.options.policies.of(&key.0);
-        let logged = self.logged_heads(ledger, key)?;
+        self.seed_logged(ledger, key, record)?;
+        let logged = ledger.heads.get(key).cloned().unwrap_or_default();
         let doc = record.automerge();
         let at = LogPosition {
             seq,
@@ -271,22 +277,97 @@ impl Store {
         Ok(())
     }
 
-    fn logged_heads(
+    /// The `h` key of a record: present while it has local changes the relay has not logged back.
+    fn logged_state(&self, key: &CacheKey) -> Result<Option<LoggedState>, StoreError> {
+        match self.kv.get(&keys::logged_heads(&key.0, &key.1))? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(super::decode(&bytes, "logged heads")?)),
+        }
+    }
+
+    /// Puts a record's logged heads into the ledger before the apply changes its document: the
+    /// `h` key's, or, without one (every change of the record is logged), its heads now.
+    pub(super) fn seed_logged(
         &self,
         ledger: &mut Ledger,
         key: &CacheKey,
-    ) -> Result<Vec<ChangeHash>, StoreError> {
-        if let Some(heads) = ledger.heads.get(key) {
-            return Ok(heads.clone());
+        record: &mut Record,
+    ) -> Result<(), StoreError> {
+        if ledger.heads.contains_key(key) {
+            return Ok(());
         }
-        let stored = self.kv.get(&keys::logged_heads(&key.0, &key.1))?;
-        let heads = stored
-            .unwrap_or_default()
-            .chunks(32)
-            .filter_map(|c| ChangeHash::try_from(c).ok())
-            .collect::<Vec<_>>();
-        ledger.heads.insert(key.clone(), heads.clone());
-        Ok(heads)
+        let (logged, document) = match self.logged_state(key)? {
+            Some(state) => {
+                ledger.unlogged.insert(key.clone());
+                (state.logged(), state.document())
+            }
+            None => {
+                let heads = record.heads();
+                (heads.clone(), heads)
+            }
+        };
+        ledger.heads.insert(key.clone(), logged);
+        ledger.documents.entry(key.clone()).or_insert(document);
+        Ok(())
+    }
+
+    /// This device's own changes coming back in the log, each building on the logged heads
+    /// before it (the usual case): their place in the log is all they add, since the document
+    /// already holds them, so it is not even loaded. False, with nothing done, for anything else
+    /// (another device's change, a resolution, a change concurrent with logged ones).
+    pub(super) fn fast_forward_own(
+        &self,
+        ledger: &mut Ledger,
+        key: &CacheKey,
+        changes: &[(u64, automerge::Change)],
+    ) -> Result<bool, StoreError> {
+        let own = changes.iter().all(|(_, c)| {
+            *c.actor_id() == self.actor && resolve::resolution_of(c.message()).is_none()
+        });
+        if !own || ledger.heads.contains_key(key) {
+            return Ok(false);
+        }
+        let Some(state) = self.logged_state(key)? else {
+            return Ok(false);
+        };
+        let mut logged = state.logged();
+        for (_, change) in changes {
+            let deps: BTreeSet<&ChangeHash> = change.deps().iter().collect();
+            if deps != logged.iter().collect() {
+                return Ok(false);
+            }
+            logged = vec![change.hash()];
+        }
+        ledger.heads.insert(key.clone(), logged);
+        ledger.documents.insert(key.clone(), state.document());
+        ledger.unlogged.insert(key.clone());
+        Ok(true)
+    }
+
+    /// Stages, with a local write, that the record has a change the relay has not logged back:
+    /// its logged heads stay those before its first such change. `unlogged` holds the logged
+    /// heads of records already written in the same batch.
+    pub(super) fn stage_unlogged(
+        &self,
+        unlogged: &mut HashMap<CacheKey, Vec<ChangeHash>>,
+        batch: &mut Batch,
+        key: &CacheKey,
+        staged: &Staged,
+    ) -> Result<(), StoreError> {
+        if staged.written.is_none() {
+            return Ok(());
+        }
+        let logged = match unlogged.get(key) {
+            Some(logged) => logged.clone(),
+            None => match self.logged_state(key)? {
+                Some(state) => state.logged(),
+                None => staged.before.clone(),
+            },
+        };
+        let state = LoggedState::new(&logged, &staged.after);
+        batch.put(keys::logged_heads(&key.0, &key.1), super::encode(&state));
+        unlogged.insert(key.clone(), logged);
+        Ok(())
     }
 
     fn load_conflict(&self, ledger: &mut Ledger, id: &str) -> Result<Option<Conflict>, StoreError> {
@@ -464,13 +545,14 @@ impl Store {
         let mut sides = Vec::with_capacity(2);
         for id in [first, key.1.as_str()] {
             let record_key = (key.0.clone(), id.to_owned());
-            let heads = self.logged_heads(ledger, &record_key)?;
             // The other record may have been applied earlier in this batch, not yet stored.
             let staged = batch.get(&keys::doc(&record_key.0, &record_key.1));
             let record = working.take(&record_key, cache, || match staged {
                 Some(bytes) => self.parse(&record_key.0, bytes),
                 None => self.load_or_new(&record_key),
             })?;
+            self.seed_logged(ledger, &record_key, record)?;
+            let heads = ledger.heads.get(&record_key).cloned().unwrap_or_default();
             let doc = record.automerge();
             let view = resolve::view_at(doc, Some(&heads), at.policy);
             sides.push(resolve::side(doc, id, &heads, view));
@@ -544,9 +626,18 @@ impl Store {
         ledger: &mut Ledger,
         batch: &mut Batch,
     ) -> Result<(), StoreError> {
-        for (key, heads) in &ledger.heads {
-            let bytes: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
-            batch.put(keys::logged_heads(&key.0, &key.1), bytes);
+        for (key, logged) in &ledger.heads {
+            let h = keys::logged_heads(&key.0, &key.1);
+            let document = ledger.documents.get(key).map_or(&[][..], Vec::as_slice);
+            let same: BTreeSet<&ChangeHash> = logged.iter().collect();
+            if same == document.iter().collect() {
+                // Everything the record holds is logged: the usual state needs no key.
+                if ledger.unlogged.contains(key) {
+                    batch.remove(h);
+                }
+            } else {
+                batch.put(h, super::encode(&LoggedState::new(logged, document)));
+            }
         }
         ledger.dirty.sort();
         ledger.dirty.dedup();
@@ -615,10 +706,12 @@ impl Store {
         let mut batch = Batch::default();
         let mut delta = CountDelta::default();
         let mut writes = Vec::new();
+        let mut unlogged = HashMap::new();
         let mut change = None;
         for target in targets {
             let key = (conflict.collection.clone(), target.record);
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
+            let before = record.heads();
             let message = resolve::resolution_message(target.operation.as_str(), id, take);
             let written = record
                 .materialize(
@@ -629,13 +722,11 @@ impl Store {
                     now,
                 )
                 .inspect_err(|_| record.rollback())?;
-            let heads = record.heads().iter().map(ToString::to_string).collect();
             if change.is_none() {
                 change = written.as_ref().map(|w| w.change.hash().to_string());
             }
-            let written =
-                written.map(|w| (w.operation, w.change.raw_bytes().to_vec(), record.save()));
-            let staged = Staged { written, heads };
+            let staged = Staged::of(record, before, written);
+            self.stage_unlogged(&mut unlogged, &mut batch, &key, &staged)?;
             writes.push(self.finish(key, staged, now, &mut batch, &mut delta));
         }
         conflict.resolving = Some(Resolution {
@@ -722,6 +813,32 @@ impl Store {
             _ => {}
         }
         Ok(vec![Target::of(&conflict.record, fields, deleted, &now)])
+    }
+}
+
+/// The value of a record's `h` key.
+#[derive(Serialize, Deserialize)]
+struct LoggedState {
+    /// The heads of the record's changes the relay has logged back.
+    logged: Vec<[u8; 32]>,
+    /// The heads of its document (some changes not logged yet).
+    document: Vec<[u8; 32]>,
+}
+
+impl LoggedState {
+    fn new(logged: &[ChangeHash], document: &[ChangeHash]) -> Self {
+        LoggedState {
+            logged: logged.iter().map(|h| h.0).collect(),
+            document: document.iter().map(|h| h.0).collect(),
+        }
+    }
+
+    fn logged(&self) -> Vec<ChangeHash> {
+        self.logged.iter().copied().map(ChangeHash).collect()
+    }
+
+    fn document(&self) -> Vec<ChangeHash> {
+        self.document.iter().copied().map(ChangeHash).collect()
     }
 }
 

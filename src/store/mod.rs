@@ -14,7 +14,7 @@ pub mod sync;
 
 use crate::record::{Fields, HistoryEntry, Record, RecordError, Removal, validate_fields};
 use crate::resolve::{self, Policies};
-use automerge::ActorId;
+use automerge::{ActorId, ChangeHash};
 use ferry_proto::{
     AddressError, IdGenerator, Limits, Operation, QueueStatus, SyncLogEntry, SyncQueueEntry,
     TransitionError, validate_collection, validate_record_id,
@@ -367,6 +367,7 @@ impl Store {
         let mut batch = Batch::default();
         let mut delta = CountDelta::default();
         let mut applied = Vec::with_capacity(resolved.len());
+        let mut unlogged = HashMap::new();
         for (index, Resolved { key, change }) in resolved.into_iter().enumerate() {
             let staged = match fresh.remove(&index) {
                 Some(staged) => staged,
@@ -378,6 +379,7 @@ impl Store {
                     staged
                 }
             };
+            self.stage_unlogged(&mut unlogged, &mut batch, &key, &staged)?;
             applied.push(self.finish(key, staged, now, &mut batch, &mut delta));
         }
         Ok((batch, delta, applied))
@@ -917,6 +919,27 @@ struct Staged {
     /// Operation, the change's bytes, and the whole document saved; `None` if nothing changed.
     written: Option<(Operation, Vec<u8>, Vec<u8>)>,
     heads: Vec<String>,
+    /// The record's heads before and after the write.
+    before: Vec<ChangeHash>,
+    after: Vec<ChangeHash>,
+}
+
+impl Staged {
+    /// Stages a written record's document and its heads; `before` are the heads it had.
+    fn of(
+        record: &mut Record,
+        before: Vec<ChangeHash>,
+        written: Option<crate::record::Written>,
+    ) -> Self {
+        let after = record.heads();
+        let written = written.map(|w| (w.operation, w.change.raw_bytes().to_vec(), record.save()));
+        Staged {
+            written,
+            heads: after.iter().map(ToString::to_string).collect(),
+            before,
+            after,
+        }
+    }
 }
 
 /// Applies one change to a record in memory, on top of what the record shows under its policy.
@@ -933,6 +956,7 @@ fn mutate(
     limits: &Limits,
     policy: &resolve::Policy,
 ) -> Result<Staged, StoreError> {
+    let before = record.heads();
     let shown = resolve::view(record, policy);
     let live = shown.is_live();
     let operation = if live {
@@ -975,9 +999,7 @@ fn mutate(
         Change::Delete => record.delete(now),
     };
     let written = written.inspect_err(|_| record.rollback())?;
-    let heads = record.heads().iter().map(|h| h.to_string()).collect();
-    let written = written.map(|w| (w.operation, w.change.raw_bytes().to_vec(), record.save()));
-    Ok(Staged { written, heads })
+    Ok(Staged::of(record, before, written))
 }
 
 /// How a batch moves the queue's counts by status.

@@ -313,9 +313,13 @@ impl Store {
                 .last()
                 .map(|(_, c)| c.actor_id().to_hex_string())
                 .unwrap_or_default();
-            let changes = group.into_iter().map(|(_, c)| c).collect();
             let policy = self.options.policies.of(&key.0);
+            if policy.unique.is_empty() && self.fast_forward_own(&mut ledger, &key, &group)? {
+                continue;
+            }
+            let changes = group.into_iter().map(|(_, c)| c).collect();
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
+            self.seed_logged(&mut ledger, &key, record)?;
             let existed = record.exists();
             let was_deleted = existed && resolve::is_deleted(record, policy);
             let changed = record.apply_decoded(changes).map_err(|e| {
@@ -346,6 +350,7 @@ impl Store {
                     device,
                 });
             }
+            ledger.documents.insert(key.clone(), record.heads());
             if policy.unique.is_empty() {
                 // Detection within one record needs only that record's order.
                 for position in positions {
