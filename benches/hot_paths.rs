@@ -1,11 +1,13 @@
 //! Criterion benchmarks of the local write and read hot paths: building a record document,
-//! saving and loading it, and a store write on the in-memory engine and on sled. Records have the
+//! saving and loading it, reading it as its strategy shows it, decoding a received change and
+//! running conflict detection on it, and a store write on the in-memory engine and on sled. Records have the
 //! shape every benchmark uses (`workload::record_fields`).
 
 mod workload;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use ferry::record::{Fields, Record};
+use ferry::resolve::{self, Policy};
 use ferry::store::kv::{MemoryKv, SledKv};
 use ferry::store::{Store, StoreOptions, SystemClock, Write};
 use serde_json::json;
@@ -34,8 +36,33 @@ fn record_benches(c: &mut Criterion) {
     c.bench_function("record/load", |b| {
         b.iter(|| black_box(Record::load(&bytes, &actor()).unwrap()))
     });
-    let loaded = Record::load(&bytes, &actor()).unwrap();
+    let mut loaded = Record::load(&bytes, &actor()).unwrap();
     c.bench_function("record/to_json", |b| b.iter(|| black_box(loaded.fields())));
+    let merge = Policy::default();
+    c.bench_function("resolve/view_merge", |b| {
+        b.iter(|| black_box(resolve::view(&mut loaded, &merge)))
+    });
+    let change = loaded.heads()[0];
+    let change_bytes = loaded
+        .doc_mut()
+        .get_change_by_hash(&change)
+        .unwrap()
+        .raw_bytes()
+        .to_vec();
+    c.bench_function("record/decode_change", |b| {
+        b.iter(|| black_box(ferry::record::decode_change(&change_bytes).unwrap()))
+    });
+    c.bench_function("resolve/detect_fast_forward", |b| {
+        let doc = loaded.automerge();
+        b.iter(|| {
+            let at = resolve::LogPosition {
+                seq: 1,
+                collection: "C",
+                record: "r",
+            };
+            black_box(resolve::detect(doc, &[], &change, at, &merge))
+        })
+    });
     c.bench_function("record/update_one_field", |b| {
         b.iter_batched(
             || Record::load(&bytes, &actor()).unwrap(),
