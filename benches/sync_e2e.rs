@@ -48,6 +48,8 @@ usage: cargo bench --bench sync_e2e -- [OPTIONS]
   --only W          run only workload W: w1, w2 or w3
   --w3-strategy S   W3 under collection strategy S (merge, lww or manual); repeat for several
                     (default: all three)
+  --w3-same-field   W3 with both devices editing the same field (s1) of every record, so that
+                    every record is an update-update conflict; runs after the usual W3
   --log FILTER      log filter for the relay and the daemons (default: info)
   --log-dir DIR     keep the relay's and the daemons' logs in DIR (default: in the temp dirs,
                     removed at the end)";
@@ -74,6 +76,8 @@ struct Options {
     updates: u64,
     w3_records: u64,
     w3_strategies: Vec<String>,
+    /// Also run W3 with both sides editing one field.
+    w3_same_field: bool,
     only: Option<Workload>,
     log: String,
     log_dir: Option<PathBuf>,
@@ -90,6 +94,7 @@ impl Options {
             updates: 200,
             w3_records: 1000,
             w3_strategies: Vec::new(),
+            w3_same_field: false,
             only: None,
             log: "info".into(),
             log_dir: None,
@@ -116,6 +121,7 @@ impl Options {
                     }
                     o.w3_strategies.push(strategy.clone());
                 }
+                "--w3-same-field" => o.w3_same_field = true,
                 "--only" => {
                     o.only = Some(match text(arg)?.as_str() {
                         "w1" => Workload::W1,
@@ -198,8 +204,18 @@ fn main() {
         emit(propagation(options.updates, &options));
     }
     if options.runs(Workload::W3) {
-        for strategy in &options.w3_strategies {
-            emit(offline_edits(options.w3_records, strategy, &options));
+        for same_field in [false, true] {
+            if same_field && !options.w3_same_field {
+                continue;
+            }
+            for strategy in &options.w3_strategies {
+                emit(offline_edits(
+                    options.w3_records,
+                    strategy,
+                    same_field,
+                    &options,
+                ));
+            }
         }
     }
 }
@@ -708,6 +724,11 @@ fn b_edit(k: u64) -> Value {
     json!(-(k as i64) - 1)
 }
 
+/// B's value when it edits s1 too (the same-field variant).
+fn b_same_field_edit(k: u64) -> Value {
+    json!(format!("w3-b-{k}"))
+}
+
 /// Patches one field of records `0..m` on one device, one call at a time.
 fn patch_all(daemon: &Running, m: u64, field: &str, value: fn(u64) -> Value) {
     let mut client = daemon.client();
@@ -729,7 +750,8 @@ struct Edits {
     one: u64,
 }
 
-fn edits(daemon: &Running) -> Edits {
+/// `same_field`: B edited s1 (one side's value wins each record) rather than i1.
+fn edits(daemon: &Running, same_field: bool) -> Edits {
     let mut client = daemon.client();
     let mut after = Value::Null;
     let mut out = Edits {
@@ -747,7 +769,12 @@ fn edits(daemon: &Running) -> Edits {
             // i2 is 7 k and neither side edits it: it says which record this is.
             let k = r["fields"]["i2"].as_u64().expect("i2") / 7;
             let (s1, i1) = (&r["fields"]["s1"], &r["fields"]["i1"]);
-            let (a, b) = (*s1 == a_edit(k), *i1 == b_edit(k));
+            let b = if same_field {
+                *s1 == b_same_field_edit(k)
+            } else {
+                *i1 == b_edit(k)
+            };
+            let a = *s1 == a_edit(k);
             out.both += u64::from(a && b);
             out.one += u64::from(a != b);
             out.values.push((s1.clone(), i1.clone()));
@@ -760,15 +787,17 @@ fn edits(daemon: &Running) -> Edits {
 }
 
 /// Whether both devices show the same records, each as the strategy settles W3's edits: both
-/// edits under `merge` and `manual` (they touch different fields), one whole side under `lww`.
+/// edits under `merge` and `manual` (they touch different fields), one whole side under `lww`;
+/// in the same-field variant one side's value under every strategy.
 impl Edits {
     fn both_and_one(&self) -> (u64, u64) {
         (self.both, self.one)
     }
 }
 
-fn settled_as(strategy: &str, m: u64, a: &Edits, b: &Edits) -> bool {
+fn settled_as(strategy: &str, same_field: bool, m: u64, a: &Edits, b: &Edits) -> bool {
     let each = |e: &Edits| match strategy {
+        _ if same_field => e.one == m,
         "lww" => e.one == m,
         _ => e.both == m,
     };
@@ -790,9 +819,13 @@ fn conflicts_found(daemon: &Running) -> (u64, u64) {
     (detected, open)
 }
 
-fn offline_edits(m: u64, strategy: &str, o: &Options) -> Value {
-    eprintln!("sync_e2e: W3 concurrent offline edits, {m} records, strategy {strategy}");
-    let logs = Logs::new(o, &format!("w3-{strategy}"));
+fn offline_edits(m: u64, strategy: &str, same_field: bool, o: &Options) -> Value {
+    let variant = if same_field { ", same field" } else { "" };
+    eprintln!("sync_e2e: W3 concurrent offline edits, {m} records, strategy {strategy}{variant}");
+    let logs = Logs::new(
+        o,
+        &format!("w3-{strategy}{}", if same_field { "-same" } else { "" }),
+    );
     let Pair {
         relay,
         relay_dir,
@@ -807,12 +840,17 @@ fn offline_edits(m: u64, strategy: &str, o: &Options) -> Value {
         clients.iter_mut().all(|c| !Status::of(c).connected)
     });
 
-    eprintln!("  A edits s1 and B edits i1 of every record, offline ...");
+    let (b_field, b_value): (&str, fn(u64) -> Value) = if same_field {
+        ("s1", b_same_field_edit)
+    } else {
+        ("i1", b_edit)
+    };
+    eprintln!("  A edits s1 and B edits {b_field} of every record, offline ...");
     let started = Instant::now();
     std::thread::scope(|s| {
         let edits = [
             s.spawn(|| patch_all(&a, m, "s1", a_edit)),
-            s.spawn(|| patch_all(&b, m, "i1", b_edit)),
+            s.spawn(|| patch_all(&b, m, b_field, b_value)),
         ];
         for e in edits {
             e.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
@@ -857,7 +895,15 @@ fn offline_edits(m: u64, strategy: &str, o: &Options) -> Value {
                 && sa.cursor == sa.relay_head;
             // The time is when the status said so; reading every record only confirms it.
             let at = Instant::now();
-            if settled && settled_as(strategy, m, &edits(&a), &edits(&b)) {
+            if settled
+                && settled_as(
+                    strategy,
+                    same_field,
+                    m,
+                    &edits(&a, same_field),
+                    &edits(&b, same_field),
+                )
+            {
                 let converged = at;
                 for n in nudges {
                     n.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
@@ -868,17 +914,17 @@ fn offline_edits(m: u64, strategy: &str, o: &Options) -> Value {
                 Instant::now() < deadline,
                 "A and B have not converged under {strategy} after {W3_TIMEOUT:?}: records with \
                  both edits / one edit: A {:?}, B {:?} of {m}; A {sa:?}; B {sb:?}",
-                edits(&a).both_and_one(),
-                edits(&b).both_and_one(),
+                edits(&a, same_field).both_and_one(),
+                edits(&b, same_field).both_and_one(),
             );
             std::thread::sleep(POLL);
         }
     });
     let (reconnected, converged) = converged;
     let converge = converged - t0;
-    let (ea, eb) = (edits(&a), edits(&b));
+    let (ea, eb) = (edits(&a, same_field), edits(&b, same_field));
     assert!(
-        settled_as(strategy, m, &ea, &eb),
+        settled_as(strategy, same_field, m, &ea, &eb),
         "records with both edits / one edit under {strategy}: A {:?}, B {:?} of {m}",
         ea.both_and_one(),
         eb.both_and_one(),
@@ -890,6 +936,7 @@ fn offline_edits(m: u64, strategy: &str, o: &Options) -> Value {
     json!({
         "workload": "w3",
         "strategy": strategy,
+        "same_field": same_field,
         "records": m,
         "offline_edits": { "seconds": secs(edit_time), "patches": 2 * m },
         "relay_ready_seconds": secs(ready),
@@ -965,7 +1012,7 @@ fn summarize(r: &Value) {
             )
         }
         Some("w3") => format!(
-            "== W3 concurrent offline edits, {} records, strategy {} ({} build) ==\n\
+            "== W3 concurrent offline edits, {} records, strategy {}{} ({} build) ==\n\
              edits while offline: {} patches in {} s\n\
              relay restart to ready: {} s; to both reconnected: {} s; to both converged: {} s \
              ({} changes/s)\n\
@@ -973,6 +1020,11 @@ fn summarize(r: &Value) {
              conflicts found: A {} ({} open), B {} ({} open)",
             r["records"],
             r["strategy"].as_str().unwrap_or("?"),
+            if r["same_field"] == true {
+                ", both on one field"
+            } else {
+                ""
+            },
             r["build"].as_str().unwrap_or("?"),
             r["offline_edits"]["patches"],
             r["offline_edits"]["seconds"],

@@ -184,10 +184,7 @@ pub fn view(record: &mut Record, policy: &Policy) -> View {
 /// fields.
 pub fn is_deleted(record: &mut Record, policy: &Policy) -> bool {
     let doc = record.automerge();
-    let heads = doc.get_heads();
-    let visible = visible_heads(doc, &heads, policy);
-    let mut reader = Reader::new(doc, visible.as_deref());
-    deleted_state(doc, &mut reader, policy).0
+    deleted_at(doc, &doc.get_heads(), policy)
 }
 
 /// The record as its policy shows it, counting only the changes up to `heads` (all of them when
@@ -280,6 +277,13 @@ fn visible_heads(
         return Some(vec![chosen]);
     }
     (remaining.len() != before).then(|| remaining.into_iter().map(|(h, _)| h).collect())
+}
+
+/// Whether the record is deleted as its policy shows it at `heads`.
+fn deleted_at(doc: &Automerge, heads: &[ChangeHash], policy: &Policy) -> bool {
+    let visible = visible_heads(doc, heads, policy);
+    let mut reader = Reader::new(doc, Some(visible.as_deref().unwrap_or(heads)));
+    deleted_state(doc, &mut reader, policy).0
 }
 
 fn raw_deleted(doc: &Automerge, heads: Option<&[ChangeHash]>) -> bool {
@@ -861,9 +865,6 @@ fn classify(
             (*h, operation.to_owned(), change_stamp(doc, h))
         })
         .collect();
-    let server_view = view_at(doc, Some(logged), policy);
-    let client_heads = [*change];
-    let client_view = view_at(doc, Some(&client_heads), &Policy::of(Strategy::Merge));
     let change_operation = doc
         .get_change_meta_by_hash(change)
         .map(|m| operation_of(m.message.as_deref()).to_owned())
@@ -871,20 +872,26 @@ fn classify(
     let client_deletes = change_operation == "delete";
     let unseen_deletes = operations.iter().any(|(_, op, _)| op == "delete");
     let unseen_updates = operations.iter().any(|(_, op, _)| op != "delete");
-    let kind = if client_deletes && !server_view.deleted && unseen_updates {
+    let server_deleted = deleted_at(doc, logged, policy);
+    let kind = if client_deletes && !server_deleted && unseen_updates {
         ConflictKind::DeleteUpdate
-    } else if !client_deletes && server_view.deleted && unseen_deletes {
+    } else if !client_deletes && server_deleted && unseen_deletes {
         ConflictKind::UpdateDelete
     } else {
         ConflictKind::UpdateUpdate
     };
-    let fields = match (kind, policy.strategy) {
-        (ConflictKind::UpdateUpdate, Strategy::Lww) => {
-            differing_fields(&server_view.fields, &client_view.fields)
-        }
-        (ConflictKind::UpdateUpdate, _) => contested(doc, logged_heads, change, unseen),
-        _ => differing_fields(&server_view.fields, &client_view.fields),
-    };
+    // Concurrent writes to different fields (the usual case) are settled by the field-level
+    // walk alone, before either side's whole record is read.
+    let contested_fields = (kind == ConflictKind::UpdateUpdate && policy.strategy != Strategy::Lww)
+        .then(|| contested(doc, logged_heads, change, unseen));
+    if contested_fields.as_ref().is_some_and(Vec::is_empty) {
+        return None;
+    }
+    let server_view = view_at(doc, Some(logged), policy);
+    let client_heads = [*change];
+    let client_view = view_at(doc, Some(&client_heads), &Policy::of(Strategy::Merge));
+    let fields = contested_fields
+        .unwrap_or_else(|| differing_fields(&server_view.fields, &client_view.fields));
     if kind == ConflictKind::UpdateUpdate && fields.is_empty() {
         return None;
     }
@@ -899,7 +906,6 @@ fn classify(
         change.as_ref(),
         unseen_sorted.join(",").as_bytes(),
     ]);
-    let shown = view_at(doc, Some(logged_heads), policy);
     let (status, winner) = match (kind, policy.strategy, policy.on_delete) {
         (ConflictKind::UpdateUpdate, Strategy::Manual, _) => (ConflictStatus::Open, None),
         (ConflictKind::UpdateUpdate, Strategy::Lww, _) => (
@@ -920,7 +926,7 @@ fn classify(
         }
         (_, _, DeleteRule::Queue) => (ConflictStatus::Open, None),
         _ => {
-            let client_wins = shown.deleted == client_view.deleted;
+            let client_wins = deleted_at(doc, logged_heads, policy) == client_view.deleted;
             (
                 ConflictStatus::AutoResolved,
                 Some(if client_wins {
