@@ -617,3 +617,66 @@ fn a_change_that_fast_forwards_its_record_loads_no_document() {
         Some(fields(json!({"title": "final", "n": 13})))
     );
 }
+
+#[test]
+fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
+    let relay = memory_relay(RelayStoreOptions {
+        unique: BTreeMap::from([("Doc".to_owned(), vec![vec!["email".to_owned()]])]),
+        ..RelayStoreOptions::default()
+    });
+    let mut a = Writer::new(1);
+    let mut b = Writer::new(2);
+    let mut c = Writer::new(3);
+    let first = a.put(json!({"email": "x@y", "n": 1}));
+    let clash = b.put(json!({"email": "x@y", "n": 2}));
+    let other = c.put(json!({"email": "z@y"}));
+    relay
+        .append(
+            SPACE,
+            "dev1",
+            &[upload(1, "a", &first), upload(2, "c", &other)],
+        )
+        .unwrap();
+    assert_eq!(relay.conflict_counts(SPACE).unwrap(), []);
+    relay
+        .append(SPACE, "dev2", &[upload(1, "b", &clash)])
+        .unwrap();
+    let unique = |detected| {
+        vec![RelayConflictCount {
+            kind: ConflictKind::Unique,
+            collection: "Doc".into(),
+            detected,
+        }]
+    };
+    assert_eq!(relay.conflict_counts(SPACE).unwrap(), unique(1));
+    // b moves away and back: a second clash. A change that keeps the value counts nothing.
+    let away = b.patch(json!({"email": "w@y"}));
+    let back = b.patch(json!({"email": "x@y"}));
+    let same = b.patch(json!({"n": 3}));
+    relay
+        .append(
+            SPACE,
+            "dev2",
+            &[
+                upload(2, "b", &away),
+                upload(3, "b", &back),
+                upload(4, "b", &same),
+            ],
+        )
+        .unwrap();
+    assert_eq!(relay.conflict_counts(SPACE).unwrap(), unique(2));
+    // Another collection's equal values are not checked.
+    let mut d = Writer::new(4);
+    let elsewhere = d.put(json!({"email": "x@y"}));
+    relay
+        .append(
+            SPACE,
+            "dev4",
+            &[UploadChange {
+                collection: "Note".into(),
+                ..upload(1, "d", &elsewhere)
+            }],
+        )
+        .unwrap();
+    assert_eq!(relay.conflict_counts(SPACE).unwrap(), unique(2));
+}

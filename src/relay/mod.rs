@@ -82,6 +82,12 @@ pub async fn run(
         RelayStoreOptions {
             doc_cache_docs: relay.cache_docs,
             limits: config.limits,
+            unique: config
+                .collections
+                .iter()
+                .filter(|(_, c)| !c.unique.is_empty())
+                .map(|(name, c)| (name.clone(), c.unique.clone()))
+                .collect(),
             ..RelayStoreOptions::default()
         },
     )?);

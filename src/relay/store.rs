@@ -6,9 +6,10 @@
 //! changes bring as they meet in the log.
 //!
 //! Conflict detection on the relay is a count for operators, not a decision: devices detect and
-//! settle conflicts themselves, with their collections' policies. The relay has no per-collection
-//! configuration, so it classifies every change under the `merge` policy and never checks unique
-//! constraints (those span records and depend on a device's configuration). It is cheap by design:
+//! settle conflicts themselves, with their collections' policies. The relay classifies every
+//! change under the `merge` policy, and checks unique constraints only for the collections its
+//! own config declares them for (every change to such a collection loads its record's document,
+//! to read the values). It is cheap by design:
 //! a change whose dependencies are exactly the record's logged heads (a fast-forward, the common
 //! case) conflicts with nothing and loads no document; only a change concurrent with logged ones
 //! has its record's document loaded and `resolve::detect` run against the heads before it.
@@ -35,6 +36,9 @@
 //!   keys. Records logged before this key existed have none; their heads are read from their
 //!   document the first time they are needed, and kept from then on.
 //! - `c{space}\0{conflict kind}\0{collection}` → `{count u64 BE}`: conflicts found in the space.
+//! - `u{space}\0{collection}\0{constraint index}\0{value JSON}` → the records holding that unique
+//!   value (JSON list, in the order they took it); `v{space}\0{collection}\0{record}` → the unique
+//!   values a record holds (JSON). Only for collections with unique constraints.
 
 use crate::record::{Fields, Record, RecordError, chunk_hash, decode_change};
 use crate::resolve::{self, ConflictKind, LogPosition, Policy};
@@ -70,6 +74,10 @@ pub struct RelayStoreOptions {
     /// Appended changes per record after which its document is saved as a new base.
     pub compact_after: usize,
     pub limits: Limits,
+    /// Unique constraints by collection (the relay config's `[collections]`), checked as changes
+    /// are logged: a record taking a value another live record holds is counted as a `unique`
+    /// conflict.
+    pub unique: BTreeMap<String, Vec<Vec<String>>>,
 }
 
 impl Default for RelayStoreOptions {
@@ -78,6 +86,7 @@ impl Default for RelayStoreOptions {
             doc_cache_docs: 1024,
             compact_after: 32,
             limits: Limits::default(),
+            unique: BTreeMap::new(),
         }
     }
 }
@@ -118,6 +127,10 @@ struct Staging {
     docs: HashMap<RecordKey, Record>,
     /// Conflicts found in this call, by kind and collection.
     conflicts: BTreeMap<(ConflictKind, String), u64>,
+    /// Unique-value index entries read or changed in this call: the records holding a value.
+    holders: HashMap<Vec<u8>, Vec<String>>,
+    /// The unique values each record touched in this call holds, by constraint.
+    held: HashMap<RecordKey, Vec<(usize, Vec<serde_json::Value>)>>,
 }
 
 pub struct RelayStore {
@@ -220,6 +233,19 @@ impl RelayStore {
                 heads.iter().flat_map(|h| h.0).collect(),
             );
         }
+        for (k, holders) in &staging.holders {
+            if holders.is_empty() {
+                batch.remove(k.clone());
+            } else {
+                batch.put(k.clone(), serde_json::to_vec(holders).unwrap_or_default());
+            }
+        }
+        for ((collection, record), held) in &staging.held {
+            batch.put(
+                key(b'v', &[space, collection, record]),
+                serde_json::to_vec(held).unwrap_or_default(),
+            );
+        }
         for ((kind, collection), found) in &staging.conflicts {
             let counter = key(b'c', &[space, kind.as_str(), collection]);
             let before = self.counter(&counter)?;
@@ -305,8 +331,9 @@ impl RelayStore {
                 // A new record's first change is its base, as it is: no tail key needed. It has
                 // no dependencies (none can be held yet), so it meets nothing.
                 batch.put(base, upload.change.clone());
-                staging.tails.insert(record_key, Vec::new());
+                staging.tails.insert(record_key.clone(), Vec::new());
                 self.log(space, origin, upload, seq, hash, staging, batch);
+                self.check_unique(space, seq, &record_key, staging, batch)?;
                 return Ok(ChangeOutcome::Stored { seq });
             };
             staging.tails.insert(record_key.clone(), tail);
@@ -317,7 +344,98 @@ impl RelayStore {
         if let Some(tail) = staging.tails.get_mut(&record_key) {
             tail.push(seq);
         }
+        self.check_unique(space, seq, &record_key, staging, batch)?;
         Ok(ChangeOutcome::Stored { seq })
+    }
+
+    /// For a collection with unique constraints: moves the record's values in the relay's
+    /// unique index to what its document (all logged changes, this one included) now holds, and
+    /// counts a `unique` conflict for each value another live record already holds. Devices find
+    /// the same clashes, with their own constraints; the relay's count is for operators.
+    fn check_unique(
+        &self,
+        space: &str,
+        seq: u64,
+        record_key: &RecordKey,
+        staging: &mut Staging,
+        batch: &Batch,
+    ) -> Result<(), RelayStoreError> {
+        let Some(constraints) = self.options.unique.get(&record_key.0) else {
+            return Ok(());
+        };
+        let (collection, record) = (record_key.0.as_str(), record_key.1.as_str());
+        let mut doc = match staging.docs.remove(record_key) {
+            Some(doc) => doc,
+            None => self.record_doc(space, record_key, staging, batch)?,
+        };
+        let policy = Policy {
+            unique: constraints.clone(),
+            ..Policy::default()
+        };
+        let values = resolve::unique_values(&resolve::view(&mut doc, &policy), &policy);
+        staging.docs.insert(record_key.clone(), doc);
+        let before = match staging.held.get(record_key) {
+            Some(held) => held.clone(),
+            None => self
+                .stored_json(&key(b'v', &[space, collection, record]), "unique values")?
+                .unwrap_or_default(),
+        };
+        if before == values {
+            return Ok(());
+        }
+        let value_key = |(constraint, value): &(usize, Vec<serde_json::Value>)| {
+            let value = serde_json::to_string(value).unwrap_or_default();
+            key(b'u', &[space, collection, &constraint.to_string(), &value])
+        };
+        for gone in before.iter().filter(|v| !values.contains(v)) {
+            let k = value_key(gone);
+            let mut holders = self.holders(staging, &k)?;
+            holders.retain(|r| r != record);
+            staging.holders.insert(k, holders);
+        }
+        for new in values.iter().filter(|v| !before.contains(v)) {
+            let k = value_key(new);
+            let mut holders = self.holders(staging, &k)?;
+            if let Some(first) = holders.first() {
+                tracing::info!(space, collection, record, seq, holder = %first,
+                    "conflict found: a unique value another record holds");
+                *staging
+                    .conflicts
+                    .entry((ConflictKind::Unique, collection.to_owned()))
+                    .or_insert(0) += 1;
+            }
+            holders.push(record.to_owned());
+            staging.holders.insert(k, holders);
+        }
+        staging.held.insert(record_key.clone(), values);
+        Ok(())
+    }
+
+    fn holders(&self, staging: &Staging, key: &[u8]) -> Result<Vec<String>, RelayStoreError> {
+        match staging.holders.get(key) {
+            Some(holders) => Ok(holders.clone()),
+            None => Ok(self
+                .stored_json(key, "unique value index")?
+                .unwrap_or_default()),
+        }
+    }
+
+    fn stored_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, RelayStoreError> {
+        match self.kv.get(key)? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| RelayStoreError::Corrupt {
+                        what,
+                        detail: e.to_string(),
+                    })
+            }
+        }
     }
 
     /// Stages the log entry and the dedup index entry of a stored change.
