@@ -24,6 +24,7 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 
 /// The counters kept per conflict kind and collection.
 pub const COUNTERS: [&str; 4] = ["detected", "auto_resolved", "queued", "resolved_manually"];
@@ -71,6 +72,9 @@ pub(super) struct Ledger {
     counters: BTreeMap<Vec<u8>, u64>,
     /// Conflicts found or changed, in the order it happened, for subscribers.
     pub changed: Vec<Conflict>,
+    /// Conflicts this apply opens and closes.
+    opened: u64,
+    closed: u64,
 }
 
 impl Store {
@@ -149,12 +153,22 @@ impl Store {
 
     /// How many conflicts are open.
     pub fn open_conflicts(&self) -> Result<u64, StoreError> {
-        let prefix = keys::CONFLICT_OPEN;
-        Ok(self.kv.count(prefix, &keys::prefix_end(prefix))?)
+        Ok(self.open_conflicts.load(Ordering::SeqCst))
+    }
+
+    /// Counts, once its batch has landed, the conflicts an apply opened and closed.
+    pub(super) fn count_open(&self, ledger: &Ledger) {
+        self.open_conflicts
+            .fetch_add(ledger.opened, Ordering::SeqCst);
+        self.open_conflicts
+            .fetch_sub(ledger.closed, Ordering::SeqCst);
     }
 
     /// The open conflicts that flag a record.
     pub fn record_conflicts(&self, collection: &str, id: &str) -> Result<Vec<String>, StoreError> {
+        if self.open_conflicts.load(Ordering::SeqCst) == 0 {
+            return Ok(Vec::new());
+        }
         let prefix = keys::record_conflicts(collection, id);
         let rows = self.kv.range(&prefix, &keys::prefix_end(&prefix), 64)?;
         Ok(rows
@@ -409,6 +423,7 @@ impl Store {
         }
         Self::count(ledger, "detected", &conflict);
         if conflict.status == ConflictStatus::Open {
+            ledger.opened += 1;
             Self::count(ledger, "queued", &conflict);
             batch.put(keys::conflict_open(&conflict.id), Vec::new());
             let mut flag = keys::record_conflicts(&conflict.collection, &conflict.record);
@@ -445,7 +460,7 @@ impl Store {
         match (&conflict.status, &conflict.resolution) {
             (ConflictStatus::Open, _) => {
                 Self::count(ledger, "resolved_manually", &conflict);
-                self.close(batch, &conflict);
+                self.close(ledger, batch, &conflict);
             }
             (ConflictStatus::Resolved, Some(old)) if later(old) => {}
             _ => return Ok(()),
@@ -458,7 +473,8 @@ impl Store {
     }
 
     /// Removes an open conflict's indexes.
-    fn close(&self, batch: &mut Batch, conflict: &Conflict) {
+    fn close(&self, ledger: &mut Ledger, batch: &mut Batch, conflict: &Conflict) {
+        ledger.closed += 1;
         batch.remove(keys::conflict_open(&conflict.id));
         let mut flag = keys::record_conflicts(&conflict.collection, &conflict.record);
         flag.extend_from_slice(conflict.id.as_bytes());
@@ -607,7 +623,7 @@ impl Store {
             return Ok(());
         }
         Self::count(ledger, "resolved_manually", &conflict);
-        self.close(batch, &conflict);
+        self.close(ledger, batch, &conflict);
         conflict.status = ConflictStatus::Resolved;
         conflict.resolution = Some(Resolution {
             take: None,

@@ -192,6 +192,9 @@ pub struct Store {
     /// the queue's counts by status once `queue_counts` has scanned them (then each such batch
     /// keeps them up to date), so that asking for them is not a scan of the whole queue.
     queue_lock: Mutex<Option<QueueCounts>>,
+    /// How many conflicts are open, kept with every batch that opens or closes one, so that
+    /// reading a record (which names its open conflicts) reads nothing more when none is open.
+    open_conflicts: AtomicU64,
 }
 
 impl Store {
@@ -231,6 +234,8 @@ impl Store {
         sync::ensure_pending_index(kv.as_ref())?;
         let next_queue_id = next_seq(kv.as_ref(), keys::QUEUE)?;
         let next_log_id = next_seq(kv.as_ref(), keys::LOG)?;
+        let open_conflicts =
+            kv.count(keys::CONFLICT_OPEN, &keys::prefix_end(keys::CONFLICT_OPEN))?;
         let capacity = NonZeroUsize::new(options.cache_docs.max(1)).unwrap_or(NonZeroUsize::MIN);
         Ok(Store {
             kv,
@@ -243,6 +248,7 @@ impl Store {
             next_queue_id: AtomicU64::new(next_queue_id),
             next_log_id: AtomicU64::new(next_log_id),
             queue_lock: Mutex::new(None),
+            open_conflicts: AtomicU64::new(open_conflicts),
         })
     }
 

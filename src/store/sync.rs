@@ -369,6 +369,7 @@ impl Store {
         self.finish_ledger(&mut ledger, &mut batch)?;
         batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
         self.kv.apply(batch)?;
+        self.count_open(&ledger);
         // As in `write_all`: the documents go back into the cache only once their batch landed.
         for (key, record) in working.into_cacheable() {
             cache.put(key, record);
