@@ -373,6 +373,8 @@ impl Store {
         }
         let logged = match unlogged.get(key) {
             Some(logged) => logged.clone(),
+            // A record with no change before this write has no key to read (the bulk-import case).
+            None if staged.before.is_empty() => Vec::new(),
             None => match self.logged_state(key)? {
                 Some(state) => state.logged(),
                 None => staged.before.clone(),
