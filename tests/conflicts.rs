@@ -146,6 +146,16 @@ fn delete(id: &str) -> Write {
     }
 }
 
+/// Checks that the devices hold one conflict, resolved by `device`'s resolution: two concurrent
+/// resolutions end as one, not as a new conflict.
+fn resolved_once_by(net: &Net, device: &str) {
+    let conflicts = net.conflicts();
+    assert_eq!(conflicts.len(), 1, "no new conflict: {conflicts:#?}");
+    assert_eq!(conflicts[0].status, ConflictStatus::Resolved);
+    let resolution = conflicts[0].resolution.as_ref().expect("a resolution");
+    assert_eq!(resolution.device.as_deref(), Some(device));
+}
+
 /// Two devices whose records `a` and `b` clash on a unique `email` (merge strategy).
 fn email_clash() -> Net {
     let policy = Policy {
@@ -397,17 +407,7 @@ fn concurrent_resolutions_converge_on_the_later_one() {
         record["name"], "A",
         "B resolved later, taking the server side"
     );
-    let conflicts = net.conflicts();
-    assert_eq!(
-        conflicts.len(),
-        1,
-        "no new conflict from the two resolutions"
-    );
-    assert_eq!(conflicts[0].status, ConflictStatus::Resolved);
-    assert_eq!(
-        conflicts[0].resolution.as_ref().unwrap().device.as_deref(),
-        Some(DEVICES[1])
-    );
+    resolved_once_by(&net, DEVICES[1]);
     // And the record goes on normally.
     net.write(0, patch("c1", json!({"tier": 1})));
     net.sync();
@@ -533,17 +533,7 @@ fn concurrent_resolutions_of_a_unique_clash_bring_no_new_clash() {
     net.sync();
     assert!(net.agreed("a").is_some(), "the later resolution keeps `a`");
     assert_eq!(net.agreed("b"), None);
-    let conflicts = net.conflicts();
-    assert_eq!(
-        conflicts.len(),
-        1,
-        "no clash between the two resolutions: {conflicts:#?}"
-    );
-    assert_eq!(conflicts[0].status, ConflictStatus::Resolved);
-    assert_eq!(
-        conflicts[0].resolution.as_ref().unwrap().device.as_deref(),
-        Some(DEVICES[1])
-    );
+    resolved_once_by(&net, DEVICES[1]);
     let counts = net.store(0).conflict_counts().unwrap();
     assert_eq!((counts[0].detected, counts[0].resolved_manually), (1, 1));
 }
