@@ -2,7 +2,10 @@
 //! directory. The device id (and Automerge actor id) is the first 16 bytes of the public key, so
 //! every change a device writes can later be tied to the key that may sign for it.
 //!
-//! Must not touch: the store, sockets, tokens (those come with the relay handshake).
+//! Must not touch: the store, sockets, the relay's access and refresh tokens (`token` owns
+//! those).
+
+pub mod token;
 
 use ed25519_dalek::SigningKey;
 use std::fs::OpenOptions;
