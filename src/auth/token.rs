@@ -363,9 +363,9 @@ pub fn verify_access(
     let header_json = B64
         .decode(header_b64)
         .map_err(|_| TokenError::Malformed("header is not base64url"))?;
-    let header: Header = serde_json::from_slice(&header_json).map_err(|_| {
-        TokenError::Malformed("header is not JSON or has an unknown, repeated or mistyped field")
-    })?;
+    let header: Header = object(&header_json).ok_or(TokenError::Malformed(
+        "header is not a JSON object of known, distinct, well-typed fields",
+    ))?;
     if header.alg.as_deref() != Some(ALGORITHM) {
         return Err(TokenError::Algorithm);
     }
@@ -402,8 +402,9 @@ pub fn verify_access(
     let payload = B64
         .decode(payload_b64)
         .map_err(|_| TokenError::Malformed("payload is not base64url"))?;
-    let claims: Claims = serde_json::from_slice(&payload)
-        .map_err(|_| TokenError::InvalidClaim("payload does not hold exactly the claims"))?;
+    let claims: Claims = object(&payload).ok_or(TokenError::InvalidClaim(
+        "payload is not a JSON object of exactly the expected claims",
+    ))?;
     if claims.iss != policy.issuer {
         return Err(TokenError::WrongIssuer);
     }
@@ -419,6 +420,15 @@ pub fn verify_access(
     }
     check_shape(&claims)?;
     Ok(claims)
+}
+
+/// A JSON object into `T`. serde's derived structs would also take a JSON array of the field
+/// values in order; a JOSE header or claim set is an object, so anything else is refused.
+fn object<T: serde::de::DeserializeOwned>(json: &[u8]) -> Option<T> {
+    if json.first() != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice(json).ok()
 }
 
 /// What every token, issued or presented, must satisfy beyond its times and parties.
