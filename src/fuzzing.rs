@@ -1,11 +1,12 @@
 //! Entry points that feed arbitrary bytes to each decoder Ferry has: IPC messages (and the
 //! methods they call), stored record documents, stored queue and log entries, config files, sync
-//! protocol frames and the relay's stored state.
+//! protocol frames, the relay's stored state, and access and refresh tokens.
 //! The fuzz targets in `fuzz/` call these, and `tests/fuzz_regressions.rs` replays the checked-in
 //! seeds and past crashers through them, so a fixed crash stays fixed.
 //!
 //! Each function must return normally for every input: an `Err` is fine, a panic is a bug.
 
+use crate::auth::token::{KeyRing, RefreshToken, SigningKeyEntry, TokenPolicy};
 use crate::config::Config;
 use crate::ipc::{self, decode_message};
 use crate::record::Record;
@@ -174,7 +175,39 @@ pub const TARGETS: &[(&str, EntryPoint)] = &[
     ("config_file", config_file),
     ("sync_frame", sync_frame),
     ("relay_store", relay_store),
+    ("token_verify", token_verify),
 ];
+
+/// The time every fuzzed token is verified at, and issued at by the fixture.
+const TOKEN_NOW: u64 = 1_700_000_000;
+
+/// An access token and a refresh token off the network, from the same bytes. The access token
+/// is verified against a fixed key ring at a fixed time: only the fixture's own token can
+/// verify, so whatever verifies must carry exactly its claims. A refresh token that parses must
+/// encode back to the same text, or two texts would name one token.
+pub fn token_verify(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let policy = TokenPolicy::default();
+    let mut ring = KeyRing::default();
+    ring.insert(SigningKeyEntry::from_seed("fuzz".into(), [1; 32], 0));
+    let issued = crate::auth::token::issue_access(
+        &ring, &policy, "fuzz", DEVICE, DEVICE, TOKEN_NOW, [2; 16],
+    );
+    let issued = match issued {
+        Ok((_, claims)) => claims,
+        Err(e) => panic!("the fixture's token must issue: {e}"),
+    };
+    if let Ok(claims) = crate::auth::token::verify_access(&ring, &policy, &text, TOKEN_NOW) {
+        assert_eq!(claims, issued, "a token verified to claims nobody issued");
+    }
+    if let Ok(refresh) = RefreshToken::parse(&text) {
+        assert_eq!(
+            refresh.encode(),
+            text,
+            "a refresh token parsed from another text"
+        );
+    }
+}
 
 /// The relay's store with one of its stored values replaced by arbitrary bytes: a space holding
 /// changes of two records (one compacted into a base, one with a tail), then one stored value,
