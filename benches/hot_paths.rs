@@ -1,7 +1,8 @@
 //! Criterion benchmarks of the local write and read hot paths: building a record document,
 //! saving and loading it, reading it as its strategy shows it, decoding a received change and
 //! running conflict detection on it, and a store write on the in-memory engine and on sled. Records have the
-//! shape every benchmark uses (`workload::record_fields`).
+//! shape every benchmark uses (`workload::record_fields`). Also issuing and verifying an access
+//! token, which the relay does on every connection.
 
 mod workload;
 
@@ -116,9 +117,29 @@ fn store_benches(c: &mut Criterion) {
     });
 }
 
+fn token_benches(c: &mut Criterion) {
+    use ferry::auth::token::{KeyRing, SigningKeyEntry, TokenPolicy, issue_access, verify_access};
+    const NOW: u64 = 1_700_000_000;
+    let policy = TokenPolicy::default();
+    let mut ring = KeyRing::default();
+    // A ring after a rotation: the lookup walks past a retired key.
+    ring.insert(SigningKeyEntry::from_seed("k1".into(), [1; 32], NOW - 10));
+    ring.rotate(
+        SigningKeyEntry::from_seed("k2".into(), [2; 32], NOW),
+        NOW,
+        &policy,
+    );
+    let issue = || issue_access(&ring, &policy, "alice", DEVICE, DEVICE, NOW, [3; 16]).unwrap();
+    c.bench_function("token/issue_access", |b| b.iter(|| black_box(issue())));
+    let (token, _) = issue();
+    c.bench_function("token/verify_access", |b| {
+        b.iter(|| black_box(verify_access(&ring, &policy, &token, NOW).unwrap()))
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(3));
-    targets = record_benches, store_benches
+    targets = record_benches, store_benches, token_benches
 }
 criterion_main!(benches);
