@@ -2,9 +2,10 @@
 //! directory. The device id (and Automerge actor id) is the first 16 bytes of the public key, so
 //! every change a device writes can later be tied to the key that may sign for it.
 //!
-//! Must not touch: the store, sockets, the relay's access and refresh tokens (`token` owns
-//! those).
+//! Must not touch: the store, sockets. The relay's access and refresh tokens are `token`'s; the
+//! tokens a device holds between connections are `credentials`'.
 
+pub mod credentials;
 pub mod token;
 
 use ed25519_dalek::SigningKey;

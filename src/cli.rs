@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod accounts;
 mod conflicts;
 
 const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
@@ -156,6 +157,28 @@ enum Command {
         /// UDP address to listen on [default: relay.listen from the config]
         #[arg(long)]
         listen: Option<String>,
+        /// Manage the relay's accounts and devices instead (works while the relay runs)
+        #[command(subcommand)]
+        action: Option<accounts::RelayAction>,
+    },
+    /// Register this device in an account of a relay, with a one-time code from the relay's
+    /// operator (`ferry relay enrol ACCOUNT`); the daemon then syncs with that relay
+    Register {
+        /// The relay, as HOST:PORT
+        #[arg(long)]
+        relay: String,
+        /// The SHA-256 fingerprint of the relay's certificate, as `ferry relay` printed it
+        #[arg(long, required_unless_present = "ca_file")]
+        fingerprint: Option<String>,
+        /// A PEM file of CA certificates, for a relay with a CA-issued certificate
+        #[arg(long)]
+        ca_file: Option<String>,
+        /// The name the relay's certificate is checked against
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// The enrolment code (ACCOUNT/SECRET); `-` reads it from standard input
+        #[arg(long)]
+        code: String,
     },
     /// Print record changes and conflicts as they happen (needs the daemon)
     Watch {
@@ -286,7 +309,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         .map_err(|e| Failure::failed(e.to_string()))?;
     let quiet = !matches!(
         cli.command,
-        Command::Daemon | Command::Demo { .. } | Command::Relay { .. }
+        Command::Daemon | Command::Demo { .. } | Command::Relay { action: None, .. }
     );
     init_logging(&config, quiet);
     let ctx = Context {
@@ -321,7 +344,30 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 after,
             },
         ),
-        Command::Relay { listen } => run_relay(&ctx, listen.as_deref()),
+        Command::Relay {
+            listen,
+            action: None,
+        } => run_relay(&ctx, listen.as_deref()),
+        Command::Relay {
+            action: Some(action),
+            ..
+        } => accounts::relay_admin(&ctx, action),
+        Command::Register {
+            relay,
+            fingerprint,
+            ca_file,
+            server_name,
+            code,
+        } => accounts::register(
+            &ctx,
+            accounts::RegisterArgs {
+                relay,
+                fingerprint,
+                ca_file,
+                server_name,
+                code,
+            },
+        ),
         Command::Export {
             target,
             format,
@@ -778,6 +824,7 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         | Command::Sync { .. }
         | Command::Conflicts { .. }
         | Command::Relay { .. }
+        | Command::Register { .. }
         | Command::Export { .. } => unreachable!("handled in run()"),
     }
     Ok(())

@@ -105,7 +105,9 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
-    /// The relay's `host:port`; empty: this device does not sync.
+    /// False: this device does not sync, whatever relay it is registered with or configured for.
+    pub enabled: bool,
+    /// The relay's `host:port`; empty: the relay `ferry register` joined, if any.
     pub relay: String,
     /// The name the relay's certificate is checked against.
     pub server_name: String,
@@ -139,6 +141,7 @@ impl Default for SyncConfig {
     fn default() -> Self {
         let session = ferry_proto::session::SessionConfig::default();
         SyncConfig {
+            enabled: true,
             relay: String::new(),
             server_name: "localhost".into(),
             fingerprint: String::new(),
@@ -184,6 +187,21 @@ pub struct RelayConfig {
     pub handshake_timeout_ms: u64,
     /// A connection silent this long is closed, in ms.
     pub idle_timeout_ms: u64,
+    /// How long an access token (and a session opened with it) lasts, in seconds.
+    pub access_token_secs: u64,
+    /// How long a refresh token lasts unused, in days.
+    pub refresh_token_days: u64,
+    /// A new token signing key is made this often, in hours.
+    pub signing_key_rotation_hours: u64,
+    /// How long a replaced signing key still verifies tokens, in seconds (at least
+    /// `access_token_secs`, so tokens it signed live out their lifetime).
+    pub signing_key_overlap_secs: u64,
+    /// Sign-in attempts one client address may make per minute.
+    pub sign_ins_per_minute: u32,
+    /// Attempts with an enrolment code one client address may make per minute.
+    pub enrolments_per_minute: u32,
+    /// How long a code from `ferry relay enrol` stays valid, in hours (unless `--hours` says).
+    pub enrolment_code_hours: u64,
 }
 
 impl Default for RelayConfig {
@@ -202,6 +220,13 @@ impl Default for RelayConfig {
             sled_cache_mb: 64,
             handshake_timeout_ms: session.handshake_timeout_ms,
             idle_timeout_ms: 30_000,
+            access_token_secs: 600,
+            refresh_token_days: 30,
+            signing_key_rotation_hours: 24,
+            signing_key_overlap_secs: 3600,
+            sign_ins_per_minute: 60,
+            enrolments_per_minute: 5,
+            enrolment_code_hours: 24,
         }
     }
 }
@@ -220,6 +245,17 @@ pub struct CollectionConfig {
     pub unique: Vec<Vec<String>>,
     /// Top-level string fields merged character by character (Automerge text).
     pub text: Vec<String>,
+}
+
+impl RelayConfig {
+    pub fn token_policy(&self) -> crate::auth::token::TokenPolicy {
+        crate::auth::token::TokenPolicy {
+            access_ttl_s: self.access_token_secs,
+            refresh_ttl_s: self.refresh_token_days.saturating_mul(86_400),
+            overlap_s: self.signing_key_overlap_secs,
+            ..crate::auth::token::TokenPolicy::default()
+        }
+    }
 }
 
 impl CollectionConfig {
@@ -311,7 +347,38 @@ impl Config {
                 "relay.handshake_timeout_ms",
                 self.relay.handshake_timeout_ms as usize,
             ),
+            (
+                "relay.access_token_secs",
+                self.relay.access_token_secs as usize,
+            ),
+            (
+                "relay.refresh_token_days",
+                self.relay.refresh_token_days as usize,
+            ),
+            (
+                "relay.signing_key_rotation_hours",
+                self.relay.signing_key_rotation_hours as usize,
+            ),
+            (
+                "relay.sign_ins_per_minute",
+                self.relay.sign_ins_per_minute as usize,
+            ),
+            (
+                "relay.enrolments_per_minute",
+                self.relay.enrolments_per_minute as usize,
+            ),
+            (
+                "relay.enrolment_code_hours",
+                self.relay.enrolment_code_hours as usize,
+            ),
         ];
+        if self.relay.signing_key_overlap_secs < self.relay.access_token_secs {
+            return Err(
+                "relay.signing_key_overlap_secs must be at least relay.access_token_secs: a \
+                 replaced key must verify the tokens it signed until they expire"
+                    .into(),
+            );
+        }
         if self.sync.backoff_max_ms < self.sync.backoff_initial_ms {
             return Err("sync.backoff_max_ms must be at least sync.backoff_initial_ms".into());
         }

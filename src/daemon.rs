@@ -5,6 +5,7 @@
 //! Owns: process lifecycle, the data directory lock, the socket file.
 //! Must not touch: method semantics (that is `service`), framing (that is `ipc`).
 
+use crate::auth::credentials::{CredentialsError, Registration, TokenFile};
 use crate::config::{Config, ConfigError};
 use crate::datadir::{DataDir, DataDirError, DirLock};
 use crate::engine::{self, EngineError, SyncSettings};
@@ -29,6 +30,8 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error("cannot start syncing: {0}")]
     Sync(#[from] EngineError),
+    #[error("cannot read this device's registration: {0}")]
+    Credentials(#[from] CredentialsError),
     #[error("could not flush the store while stopping: {0}")]
     Shutdown(StoreError),
     #[error("cannot listen on socket {path}: {source}")]
@@ -136,18 +139,23 @@ pub async fn run(
         service_options(dir, config, true),
     ));
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let sync = match SyncSettings::from_config(&config.sync)? {
+    let registration = Registration::load(dir.path())?;
+    let sync_config = Registration::apply(registration.as_ref(), &config.sync);
+    let sync = match SyncSettings::from_config(&sync_config)? {
         Some(settings) => {
             let key = dir.identity()?.signing_key().clone();
             Some(engine::spawn(
                 service.clone(),
                 key,
+                TokenFile::new(dir.path()),
                 settings,
                 stopped.clone(),
             ))
         }
         None => {
-            tracing::info!("no relay configured (sync.relay): working offline only");
+            tracing::info!(
+                "no relay (sync.enabled is false, or neither sync.relay nor a registration names one): working offline only"
+            );
             None
         }
     };

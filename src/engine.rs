@@ -16,11 +16,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig, SessionError};
-use ferry_proto::wire::{ErrorKind, UploadChange};
+use ferry_proto::wire::{Credential, ErrorCode, ErrorKind, UploadChange};
 use ferry_proto::{Direction, SyncLogEntry, SyncOutcome};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::auth::credentials::{self, TokenFile};
 use crate::config::SyncConfig;
 use crate::resolve::ConflictStatus;
 use crate::service::{Origin, Service};
@@ -48,6 +49,8 @@ pub enum EngineError {
     Stopped,
     #[error("sync is not configured: set sync.relay and sync.fingerprint in the config file")]
     NotConfigured,
+    #[error("the relay refused the registration: {0}")]
+    Refused(SessionError),
 }
 
 /// The class of a sync failure, as status, logs and the SyncLog show it: the five kinds of the
@@ -60,6 +63,7 @@ pub fn error_kind(error: &EngineError) -> &'static str {
             ErrorKind::Validation.as_str()
         }
         EngineError::Stopped | EngineError::NotConfigured => ErrorKind::Network.as_str(),
+        EngineError::Refused(e) => e.kind().as_str(),
     }
 }
 
@@ -79,9 +83,9 @@ pub struct SyncSettings {
 }
 
 impl SyncSettings {
-    /// `None` when no relay is configured: the device works offline only.
+    /// `None` when sync is off or no relay is named: the device works offline only.
     pub fn from_config(config: &SyncConfig) -> Result<Option<Self>, EngineError> {
-        if config.relay.is_empty() {
+        if !config.enabled || config.relay.is_empty() {
             return Ok(None);
         }
         let trust = if !config.fingerprint.is_empty() {
@@ -285,6 +289,7 @@ fn random_u64() -> u64 {
 pub fn spawn(
     service: Arc<Service>,
     key: SigningKey,
+    tokens: TokenFile,
     settings: SyncSettings,
     shutdown: watch::Receiver<bool>,
 ) -> (SyncHandle, tokio::task::JoinHandle<()>) {
@@ -310,6 +315,10 @@ pub fn spawn(
     let engine = Engine {
         service,
         key,
+        tokens,
+        shown: Credential::Key,
+        signed_in: false,
+        fallback: credentials::Fallback::default(),
         settings,
         commands,
         status: status_tx,
@@ -347,6 +356,13 @@ struct Round {
 struct Engine {
     service: Arc<Service>,
     key: SigningKey,
+    /// The tokens the relay issued to this device, kept for the next connection.
+    tokens: TokenFile,
+    /// What the current session showed the relay, whether it let the device in, and when to
+    /// give up on the tokens.
+    shown: Credential,
+    signed_in: bool,
+    fallback: credentials::Fallback,
     settings: SyncSettings,
     commands: mpsc::Receiver<Command>,
     status: watch::Sender<SyncStatus>,
@@ -463,12 +479,21 @@ impl Engine {
                 return false;
             }
         };
+        let held = self.tokens.load().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "signing in with the device key");
+            None
+        });
+        let (credential, refresh) = credentials::choose(held.as_ref(), now_ms());
+        self.shown = credential.clone();
+        self.signed_in = false;
         let mut session = DeviceSession::new(
             self.settings.session.clone(),
             self.key.clone(),
             self.settings.space.clone(),
             binding.to_vec(),
             cursor,
+            credential,
+            refresh,
             now_ms(),
         );
         let mut local = self.service.subscribe_events();
@@ -593,6 +618,7 @@ impl Engine {
                 relay_time_ms,
                 relay_head,
             } => {
+                self.signed_in = true;
                 let skew_ms = relay_time_ms as i64 - now_ms() as i64;
                 tracing::info!(version, skew_ms, relay_head, "connected to the relay");
                 self.log(Direction::Initialization, 0, SyncOutcome::Success, None);
@@ -633,7 +659,23 @@ impl Engine {
                 self.count_bytes(connection);
                 self.finalize(cursor)
             }
+            DeviceEvent::Tokens { tokens } => {
+                if let Err(e) = tokio::task::block_in_place(|| self.tokens.save(&tokens)) {
+                    // The session goes on; the next connection signs in with the key.
+                    tracing::warn!(error = %e, "cannot keep the tokens the relay issued");
+                }
+            }
             DeviceEvent::Closed { error } => {
+                if self
+                    .fallback
+                    .session_ended(&self.shown, self.signed_in, error.as_ref())
+                {
+                    tracing::info!(credential = self.shown.name(), error = ?error,
+                        "the relay did not take the tokens: the next connection signs in with the key");
+                    if let Err(e) = self.tokens.clear() {
+                        tracing::warn!(error = %e, "cannot forget the refused tokens");
+                    }
+                }
                 if let Some(error) = error.filter(|e| *e != SessionError::Ended) {
                     let failure = SyncFailure::new(error.kind().as_str(), &error);
                     self.report(failure, Direction::Finalization);
@@ -841,6 +883,68 @@ pub fn carry_out(
 }
 
 #[tracing::instrument(name = "sync.initialization", skip_all, fields(relay = %settings.relay))]
+/// Registers this device (its `key`) in the account `settings.space` with a one-time enrolment
+/// code, and returns the tokens the relay issues. Only the handshake is run: nothing syncs.
+pub async fn register(
+    settings: &SyncSettings,
+    key: SigningKey,
+    code: ferry_proto::wire::Secret,
+) -> Result<ferry_proto::wire::Tokens, EngineError> {
+    transport::install_crypto_provider();
+    let (endpoint, connection, mut sender, mut incoming) = connect(settings).await?;
+    let binding = transport::channel_binding(&connection)?;
+    let mut session = DeviceSession::new(
+        settings.session.clone(),
+        key,
+        settings.space.clone(),
+        binding.to_vec(),
+        0,
+        Credential::Enrol(code),
+        None,
+        now_ms(),
+    );
+    let mut tokens = None;
+    let mut refusal = None;
+    loop {
+        while let Some(event) = session.poll_event() {
+            match event {
+                DeviceEvent::Tokens { tokens: issued } => tokens = Some(issued),
+                DeviceEvent::Closed { error } => refusal = error,
+                _ => {}
+            }
+        }
+        // Once in, stop: what the open session would send next (a download) is not wanted.
+        if session.is_open() || session.is_closed() {
+            break;
+        }
+        while let Some(message) = session.poll_transmit() {
+            if let Err(e) = sender.send(&message).await {
+                session.connection_lost(e.to_string());
+            }
+        }
+        let deadline = session.poll_timeout().map(deadline_instant);
+        tokio::select! {
+            frame = incoming.recv() => match frame {
+                Some(Ok(message)) => session.handle_message(message, now_ms()),
+                Some(Err(e)) => session.connection_lost(e.to_string()),
+                None => session.connection_lost("the connection's reader stopped".into()),
+            },
+            _ = sleep_until(deadline) => session.handle_timeout(now_ms()),
+        }
+    }
+    let _ = sender.finish();
+    connection.close(0u32.into(), b"registered");
+    endpoint.wait_idle().await;
+    match (tokens, refusal) {
+        (Some(tokens), _) => Ok(tokens),
+        (None, Some(error)) => Err(EngineError::Refused(error)),
+        (None, None) => Err(EngineError::Refused(SessionError::Protocol {
+            code: ErrorCode::Malformed,
+            message: "the relay let the device in without issuing tokens".into(),
+        })),
+    }
+}
+
 async fn connect(settings: &SyncSettings) -> Result<Link, EngineError> {
     let addr = resolve(&settings.relay).await?;
     let options = settings.transport_options();

@@ -71,15 +71,8 @@ impl Scenario {
             relay: shared_relay(),
         };
         for device in [&scenario.a, &scenario.b] {
-            device.join(&scenario.relay.relay);
-            device.edit_config(|text| {
-                let text = replace_once(
-                    text,
-                    "\nspace = \"default\"",
-                    &format!("\nspace = \"{space}\""),
-                );
-                format!("{text}\n[collections.{COLLECTION}]\n{settings}\n")
-            });
+            device.join_account(&scenario.relay.relay, space);
+            device.edit_config(|text| format!("{text}\n[collections.{COLLECTION}]\n{settings}\n"));
         }
         scenario
     }
@@ -123,8 +116,8 @@ impl Scenario {
     /// it writes wait in the queue; the daemon stops afterwards and the device is pointed back
     /// at the relay.
     fn offline(&self, device: &Device, changes: u64, with: impl FnOnce(&Daemon)) {
-        let online = format!("\nrelay = \"{}\"", self.relay.relay.addr);
-        device.edit_config(|text| replace_once(text, &online, "\nrelay = \"\""));
+        let (online, offline) = ("\nenabled = true", "\nenabled = false");
+        device.edit_config(|text| replace_once(text, online, offline));
         let daemon = device.start_daemon_logged();
         with(&daemon);
         let seen = status(&daemon);
@@ -134,7 +127,7 @@ impl Scenario {
             "the changes wait to be uploaded: {seen}"
         );
         stop(daemon);
-        device.edit_config(|text| replace_once(text, "\nrelay = \"\"", &online));
+        device.edit_config(|text| replace_once(text, offline, online));
     }
 }
 

@@ -12,8 +12,8 @@ use ferry::transport::{
     client_endpoint, connect, install_crypto_provider, open_session,
 };
 use ferry_proto::wire::{
-    ChangeOutcome, ErrorCode, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, UploadChange,
-    auth_transcript, encode_frame,
+    ChangeOutcome, Credential, ErrorCode, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Secret,
+    UploadChange, auth_transcript, encode_frame,
 };
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,6 +37,8 @@ type Raw = (quinn::Connection, quinn::SendStream);
 struct TestRelay {
     addr: SocketAddr,
     trust: ServerTrust,
+    /// The relay operator's socket.
+    admin: std::path::PathBuf,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), RelayError>>,
     _dir: tempfile::TempDir,
@@ -46,8 +48,12 @@ impl TestRelay {
     async fn start(max_connections: usize) -> TestRelay {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = DataDir::resolve(Some(&tmp.path().join("relay"))).expect("data dir");
+        let admin = tmp.path().join("relay").join("relay.sock");
         let mut config = Config::default();
         config.relay.max_connections = max_connections;
+        // Every good device here enrols anew on each connection, all from one address.
+        config.relay.enrolments_per_minute = 100_000;
+        config.relay.sign_ins_per_minute = 100_000;
         let (ready_tx, ready) = oneshot::channel::<Listening>();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -62,13 +68,43 @@ impl TestRelay {
         let listening = within("the relay to start", ready)
             .await
             .expect("the relay started");
-        TestRelay {
+        let relay = TestRelay {
             addr: listening.listen,
             trust: ServerTrust::Pinned(listening.fingerprint),
+            admin,
             stop,
             task,
             _dir: tmp,
-        }
+        };
+        relay
+            .operator("account.add", serde_json::json!({ "name": SPACE }))
+            .await;
+        relay
+    }
+
+    /// Calls the relay operator's socket.
+    async fn operator(&self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let socket = self.admin.clone();
+        let method = method.to_string();
+        within(
+            "the operator's call",
+            tokio::task::spawn_blocking(move || {
+                ferry::ipc::Client::connect(&socket)
+                    .expect("operator socket")
+                    .call(&method, params)
+                    .expect("operator call")
+            }),
+        )
+        .await
+        .expect("operator task")
+    }
+
+    /// A fresh enrolment code for the test's account.
+    async fn code(&self) -> Credential {
+        let code = self
+            .operator("enrol", serde_json::json!({ "account": SPACE }))
+            .await;
+        Credential::Enrol(Secret::new(code["code"].as_str().expect("code")))
     }
 
     async fn connect(&self) -> quinn::Connection {
@@ -230,7 +266,15 @@ impl GoodDevice {
         let public_key = key.verifying_key().to_bytes();
         let transcript = auth_transcript(&nonce, &binding, SPACE, &public_key);
         let signature = key.sign(&transcript).to_bytes();
-        send(&mut tx, &Message::Authenticate { signature }).await;
+        let credential = relay.code().await;
+        send(
+            &mut tx,
+            &Message::Authenticate {
+                signature,
+                credential,
+            },
+        )
+        .await;
         match recv(&mut rx).await {
             Message::Welcome { .. } => {}
             other => panic!("expected Welcome, got {other:?}"),
@@ -422,7 +466,14 @@ async fn a_bad_signature_fails_authentication() {
         let (_conn, mut tx, mut rx) = relay.session().await;
         send(&mut tx, &hello(&SigningKey::from_bytes(&[5; 32]))).await;
         challenge(&mut rx).await;
-        send(&mut tx, &Message::Authenticate { signature: [0; 64] }).await;
+        send(
+            &mut tx,
+            &Message::Authenticate {
+                signature: [0; 64],
+                credential: Credential::Key,
+            },
+        )
+        .await;
         expect_error(&mut rx, ErrorCode::AuthenticationFailed, "signature").await;
         relay
     })

@@ -24,8 +24,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ed25519_dalek::SigningKey;
+use ferry::auth::credentials;
+use ferry::auth::token::TokenPolicy;
 use ferry::engine;
 use ferry::record::{Fields, Record};
+use ferry::relay::accounts::{Accounts, RandomSource};
 use ferry::relay::server::{self as relay_server, Peer};
 use ferry::relay::store::{RelayStore, RelayStoreOptions};
 use ferry::resolve::{
@@ -37,7 +40,7 @@ use ferry::store::{Clock, Store, StoreError, StoreOptions};
 use ferry_proto::session::{
     DeviceEvent, DeviceSession, RelayEvent, RelaySession, SessionConfig, device_id,
 };
-use ferry_proto::wire::Message;
+use ferry_proto::wire::{Credential, Message, Tokens};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
@@ -129,6 +132,9 @@ struct InFlight {
 
 struct Link {
     device: usize,
+    /// What the device showed the relay on this connection, and whether it was let in.
+    shown: Credential,
+    signed_in: bool,
     session: DeviceSession,
     relay: RelaySession,
     peer: Peer,
@@ -189,7 +195,12 @@ struct World {
     options: StoreOptions,
     devices: Vec<Option<Device>>,
     relay_kv: MemoryKv,
-    relay: Option<RelayStore>,
+    relay: Option<(RelayStore, Accounts)>,
+    /// The relay's random bytes: seeded, so that tokens replay too.
+    relay_random: RandomSource,
+    /// The tokens each device holds (kept on disk, so they survive its crashes).
+    tokens: Vec<Option<Tokens>>,
+    fallbacks: Vec<credentials::Fallback>,
     links: Vec<Link>,
     next_order: u64,
     acked: Vec<Acked>,
@@ -219,6 +230,11 @@ impl World {
             })
             .collect();
         let relay_kv = MemoryKv::new();
+        let relay_rng = std::sync::Mutex::new(StdRng::seed_from_u64(rng.random()));
+        let relay_random: RandomSource = Arc::new(move |bytes: &mut [u8]| {
+            relay_rng.lock().map_err(|e| e.to_string())?.fill(bytes);
+            Ok(())
+        });
         let config = SessionConfig {
             // Small pages and batches, so that paging and batching happen with few records.
             max_batch_changes: rng.random_range(1..=8),
@@ -228,7 +244,10 @@ impl World {
         };
         World {
             rng,
-            relay: Some(open_relay(&relay_kv)),
+            relay: Some(open_relay(&relay_kv, &relay_random, clock.now())),
+            relay_random,
+            tokens: vec![None; k],
+            fallbacks: (0..k).map(|_| credentials::Fallback::default()).collect(),
             relay_kv,
             clock,
             config,
@@ -418,17 +437,38 @@ impl World {
         let nonce: [u8; 32] = self.rng.random();
         let device = self.device(i);
         let cursor = device.service.store().sync_cursor().expect("cursor");
+        let id = device_id(&device.key.verifying_key().to_bytes());
+        let key = device.key.clone();
+        let (_, accounts) = self.relay.as_ref().expect("relay up");
+        // A device the relay does not know (its enrolment was lost on the way) is given a new
+        // code, as an operator would.
+        let (credential, refresh) = if accounts.devices(Some(SPACE)).iter().any(|d| d.device == id)
+        {
+            credentials::choose(self.tokens[i].as_ref(), now)
+        } else {
+            let code = accounts
+                .enrol(SPACE, 3_600_000, now)
+                .expect("enrolment code");
+            (
+                Credential::Enrol(ferry_proto::wire::Secret::new(code.code)),
+                None,
+            )
+        };
         let session = DeviceSession::new(
             self.config.clone(),
-            device.key.clone(),
+            key,
             SPACE.into(),
             binding.to_vec(),
             cursor,
+            credential.clone(),
+            refresh,
             now,
         );
         let relay = RelaySession::new(self.config.clone(), nonce, binding.to_vec(), now);
         self.links.push(Link {
             device: i,
+            shown: credential,
+            signed_in: false,
             session,
             relay,
             peer: Peer::default(),
@@ -466,7 +506,11 @@ impl World {
         }
         self.relay = None;
         self.relay_kv.crash();
-        self.relay = Some(open_relay(&self.relay_kv));
+        self.relay = Some(open_relay(
+            &self.relay_kv,
+            &self.relay_random,
+            self.clock.now(),
+        ));
     }
 
     fn send(&mut self, link: &mut Link, to_relay: bool, message: Message, faults: &Faults) {
@@ -511,11 +555,25 @@ impl World {
                 .expect("device store");
         }
         while let Some(event) = link.session.poll_event() {
-            if let DeviceEvent::Closed { error } = event {
-                self.note(format!(
-                    "  device {} session closed: {error:?}",
-                    link.device
-                ));
+            match event {
+                DeviceEvent::Authenticated { .. } => link.signed_in = true,
+                DeviceEvent::Tokens { tokens } => self.tokens[link.device] = Some(tokens),
+                DeviceEvent::Closed { error } => {
+                    // As the daemon does: tokens the relay refused are dropped, and the next
+                    // connection signs in with the key.
+                    if self.fallbacks[link.device].session_ended(
+                        &link.shown,
+                        link.signed_in,
+                        error.as_ref(),
+                    ) {
+                        self.tokens[link.device] = None;
+                    }
+                    self.note(format!(
+                        "  device {} session closed: {error:?}",
+                        link.device
+                    ));
+                }
+                _ => {}
             }
         }
     }
@@ -534,11 +592,12 @@ impl World {
                 self.send(link, true, message, &faults);
             }
             let now = self.clock.now();
-            if let Some(relay) = &self.relay {
+            if let Some((relay, accounts)) = &self.relay {
                 while let Some(effect) = link.relay.poll_effect() {
                     moved = true;
                     let head = relay_server::carry_out(
                         relay,
+                        accounts,
                         &mut link.peer,
                         &mut link.relay,
                         effect,
@@ -749,7 +808,7 @@ impl World {
     }
 
     fn check(&self) {
-        let relay = self.relay.as_ref().expect("relay up after healing");
+        let (relay, _) = self.relay.as_ref().expect("relay up after healing");
         for (i, device) in self.devices.iter().enumerate() {
             let counts = device
                 .as_ref()
@@ -950,7 +1009,7 @@ impl World {
     /// Each change of a record (on the relay, which every device matches by now) with the
     /// changes it depends on, by hash.
     fn change_graph(&self, collection: &str, id: &str) -> HashMap<String, Vec<String>> {
-        let relay = self.relay.as_ref().expect("relay up after healing");
+        let (relay, _) = self.relay.as_ref().expect("relay up after healing");
         let bytes = relay
             .document_bytes(SPACE, collection, id)
             .expect("relay doc")
@@ -1122,8 +1181,8 @@ fn ancestors(deps: &HashMap<String, Vec<String>>, heads: &[String]) -> HashSet<S
     seen
 }
 
-fn open_relay(kv: &MemoryKv) -> RelayStore {
-    RelayStore::open(
+fn open_relay(kv: &MemoryKv, random: &RandomSource, now: u64) -> (RelayStore, Accounts) {
+    let store = RelayStore::open(
         Arc::new(kv.clone()),
         RelayStoreOptions {
             // Tiny, so that eviction and reload happen all the time.
@@ -1131,7 +1190,23 @@ fn open_relay(kv: &MemoryKv) -> RelayStore {
             ..RelayStoreOptions::default()
         },
     )
-    .expect("open relay store")
+    .expect("open relay store");
+    let accounts = Accounts::open(
+        Arc::new(kv.clone()),
+        TokenPolicy {
+            // Short, so that sessions are refreshed and expire within a run.
+            access_ttl_s: 60,
+            overlap_s: 60,
+            ..TokenPolicy::default()
+        },
+        random.clone(),
+        now,
+    )
+    .expect("open accounts");
+    if accounts.accounts().expect("accounts").is_empty() {
+        accounts.add_account(SPACE, now).expect("account");
+    }
+    (store, accounts)
 }
 
 fn run_seed(seed: u64) {

@@ -448,7 +448,10 @@ async fn receiver_handles_raw_bytes_from_a_misbehaving_peer() {
         since: 3,
         max_changes: 10,
     };
-    let second = Message::Authenticate { signature: [1; 64] };
+    let second = Message::Authenticate {
+        signature: [1; 64],
+        credential: ferry_proto::wire::Credential::Key,
+    };
     let mut two = encode_frame(&first);
     two.extend(encode_frame(&second));
     let results = receive_raw(&mut relay, &two, true, max).await;

@@ -17,8 +17,8 @@ use std::collections::VecDeque;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::wire::{
-    ChangeOutcome, ChangeResult, ErrorCode, ErrorKind, LogEntry, MIN_PROTOCOL_VERSION, Message,
-    PROTOCOL_VERSION, UploadChange, auth_transcript,
+    ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, LogEntry, MAX_CREDENTIAL_BYTES,
+    MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Secret, Tokens, UploadChange, auth_transcript,
 };
 
 /// The longest space name the relay accepts, in bytes.
@@ -142,6 +142,11 @@ pub enum DeviceEvent {
         relay_head: u64,
         entries: usize,
     },
+    /// The relay issued new tokens (in `Welcome` or `Refreshed`): keep them for the next
+    /// connection; the refresh token they replace is no longer valid.
+    Tokens {
+        tokens: Tokens,
+    },
     /// Nothing to upload and nothing known to download: this device holds everything the relay
     /// had announced, and the relay holds every local change.
     Idle {
@@ -215,6 +220,14 @@ pub struct DeviceSession {
     key: SigningKey,
     space: String,
     channel_binding: Vec<u8>,
+    /// Shown with the signature; taken when `Authenticate` is sent.
+    credential: Option<Credential>,
+    /// The refresh token this device holds, for refreshing the session before it expires.
+    refresh: Option<Secret>,
+    /// When to refresh (this device's clock), while the session is open.
+    refresh_at: Option<u64>,
+    /// A `Refresh` is out: its answer is due by then.
+    refresh_deadline: Option<u64>,
     handshake: Handshake,
     handshake_deadline: u64,
     upload: Upload,
@@ -238,13 +251,17 @@ pub struct DeviceSession {
 
 impl DeviceSession {
     /// Starts a session on a fresh connection: `cursor` is the device's durable download cursor,
-    /// `channel_binding` the connection's TLS exporter value.
+    /// `channel_binding` the connection's TLS exporter value, `credential` what it shows beside
+    /// its signature and `refresh` the refresh token it holds (for keeping the session alive).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: SessionConfig,
         key: SigningKey,
         space: String,
         channel_binding: Vec<u8>,
         cursor: u64,
+        credential: Credential,
+        refresh: Option<Secret>,
         now: u64,
     ) -> Self {
         let hello = Message::Hello {
@@ -260,6 +277,10 @@ impl DeviceSession {
             key,
             space,
             channel_binding,
+            credential: Some(credential),
+            refresh,
+            refresh_at: None,
+            refresh_deadline: None,
             handshake: Handshake::AwaitChallenge,
             upload: Upload::default(),
             upload_dirty: true,
@@ -310,13 +331,24 @@ impl DeviceSession {
                     Download::InFlight { deadline, .. } => Some(deadline),
                     _ => None,
                 };
-                upload.into_iter().chain(download).min()
+                let refresh = self.refresh_deadline.or(self.refresh_at);
+                upload.into_iter().chain(download).chain(refresh).min()
             }
         }
     }
 
     pub fn handle_timeout(&mut self, now: u64) {
         let expired = |deadline: u64| now >= deadline;
+        if self.handshake == Handshake::Open
+            && self.refresh_deadline.is_none()
+            && self.refresh_at.is_some_and(expired)
+        {
+            self.refresh_at = None;
+            if let Some(refresh) = self.refresh.clone() {
+                self.transmits.push_back(Message::Refresh { refresh });
+                self.refresh_deadline = Some(now.saturating_add(self.config.request_timeout_ms));
+            }
+        }
         let what = match (&self.handshake, &self.upload, &self.download) {
             (Handshake::Closed, ..) => return,
             (Handshake::AwaitChallenge | Handshake::AwaitWelcome { .. }, ..) => {
@@ -326,6 +358,7 @@ impl DeviceSession {
                 "handshake"
             }
             (_, upload, _) if upload.sent.iter().any(|b| expired(b.deadline)) => "upload",
+            _ if self.refresh_deadline.is_some_and(expired) => "refresh",
             (_, _, Download::InFlight { deadline, .. }) if expired(*deadline) => "download",
             _ => return,
         };
@@ -462,8 +495,11 @@ impl DeviceSession {
                 let transcript =
                     auth_transcript(&nonce, &self.channel_binding, &self.space, &public_key);
                 let signature = self.key.sign(&transcript).to_bytes();
-                self.transmits
-                    .push_back(Message::Authenticate { signature });
+                let credential = self.credential.take().unwrap_or(Credential::Key);
+                self.transmits.push_back(Message::Authenticate {
+                    signature,
+                    credential,
+                });
                 self.handshake = Handshake::AwaitWelcome { version };
             }
             (
@@ -473,9 +509,12 @@ impl DeviceSession {
                     head,
                     max_batch_changes,
                     max_frame_bytes,
+                    expires_ms,
+                    tokens,
                 },
             ) => {
                 self.handshake = Handshake::Open;
+                self.session_granted(time_ms, expires_ms, tokens, now);
                 self.relay_head = head;
                 self.config.max_batch_changes =
                     self.config.max_batch_changes.min(max_batch_changes).max(1);
@@ -493,6 +532,17 @@ impl DeviceSession {
             }
             (Handshake::Open, Message::UploadAck { batch, results }) => {
                 self.handle_upload_ack(batch, results);
+            }
+            (
+                Handshake::Open,
+                Message::Refreshed {
+                    time_ms,
+                    expires_ms,
+                    tokens,
+                },
+            ) if self.refresh_deadline.is_some() => {
+                self.refresh_deadline = None;
+                self.session_granted(time_ms, expires_ms, Some(tokens), now);
             }
             (
                 Handshake::Open,
@@ -522,6 +572,26 @@ impl DeviceSession {
                 ),
             ),
         }
+    }
+
+    /// The relay let the session run until `expires_ms` (its clock, `relay_time` now): refresh
+    /// three quarters of the way there, when there is a refresh token to do it with.
+    fn session_granted(
+        &mut self,
+        relay_time: u64,
+        expires_ms: u64,
+        tokens: Option<Tokens>,
+        now: u64,
+    ) {
+        if let Some(tokens) = tokens {
+            self.refresh = Some(tokens.refresh.clone());
+            self.events.push_back(DeviceEvent::Tokens { tokens });
+        }
+        let lifetime = expires_ms.saturating_sub(relay_time);
+        self.refresh_at = self
+            .refresh
+            .as_ref()
+            .map(|_| now.saturating_add(lifetime / 4 * 3));
     }
 
     fn handle_upload_ack(&mut self, batch: u64, results: Vec<ChangeResult>) {
@@ -736,7 +806,11 @@ pub enum RelayEffect {
         device: String,
         public_key: [u8; 32],
         space: String,
+        credential: Credential,
     },
+    /// Rotate the refresh token of the session's device and answer with
+    /// [`RelaySession::refreshed`] or [`RelaySession::refused`].
+    Refresh { refresh: Secret },
     /// Append the changes to the space's log, durably, and answer with [`RelaySession::stored`].
     Store {
         batch: u64,
@@ -765,6 +839,15 @@ pub struct LogSlice {
     pub entries: Vec<LogEntry>,
 }
 
+/// What the relay grants a device that it lets in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The session ends then (unless refreshed), relay clock.
+    pub expires_ms: u64,
+    /// New tokens for the device, when it did not come in with a valid access token.
+    pub tokens: Option<Tokens>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum RelayState {
     AwaitHello,
@@ -786,7 +869,10 @@ pub struct RelaySession {
     nonce: [u8; 32],
     channel_binding: Vec<u8>,
     state: RelayState,
+    /// The handshake deadline, then the session's expiry.
     deadline: u64,
+    /// A `Refresh` effect is out.
+    refreshing: bool,
     /// Uploads being stored, oldest first.
     storing: VecDeque<u64>,
     reading: Option<ReadFor>,
@@ -812,6 +898,7 @@ impl RelaySession {
             nonce,
             channel_binding,
             state: RelayState::AwaitHello,
+            refreshing: false,
             storing: VecDeque::new(),
             reading: None,
             queued_download: None,
@@ -871,17 +958,26 @@ impl RelaySession {
         match self.state {
             RelayState::AwaitHello
             | RelayState::AwaitAuthenticate { .. }
-            | RelayState::Authorizing => Some(self.deadline),
-            RelayState::Open | RelayState::Closed => None,
+            | RelayState::Authorizing
+            | RelayState::Open => Some(self.deadline),
+            RelayState::Closed => None,
         }
     }
 
     pub fn handle_timeout(&mut self, now: u64) {
-        if now >= self.deadline && self.poll_timeout().is_some() {
-            self.fail(
+        if now < self.deadline {
+            return;
+        }
+        match self.state {
+            RelayState::Closed => {}
+            RelayState::Open => self.fail(
+                ErrorCode::TokenExpired,
+                "the session's access token expired: reconnect and sign in again".into(),
+            ),
+            _ => self.fail(
                 ErrorCode::Timeout,
                 "the handshake did not finish in time".into(),
-            );
+            ),
         }
     }
 
@@ -900,25 +996,52 @@ impl RelaySession {
     }
 
     /// The answer to `Authorize`: the device may use the space, whose log ends at `head`.
-    pub fn authorized(&mut self, head: u64, now: u64) {
+    pub fn authorized(&mut self, head: u64, grant: Grant, now: u64) {
         if self.state != RelayState::Authorizing {
             return;
         }
         self.state = RelayState::Open;
         self.known_head = head;
+        self.deadline = grant.expires_ms;
         self.transmits.push_back(Message::Welcome {
             time_ms: now,
             head,
             max_batch_changes: self.config.max_batch_changes,
             max_frame_bytes: self.config.max_frame_bytes,
+            expires_ms: grant.expires_ms,
+            tokens: grant.tokens,
         });
     }
 
-    /// The answer to `Authorize`: the device may not use the space.
-    pub fn refused(&mut self, message: String) {
-        if self.state == RelayState::Authorizing {
-            self.fail(ErrorCode::Forbidden, message);
+    /// The answer to `Refresh`: the session now runs until `expires_ms`.
+    pub fn refreshed(&mut self, expires_ms: u64, tokens: Tokens, now: u64) {
+        if !self.refreshing {
+            return;
         }
+        self.refreshing = false;
+        if self.state == RelayState::Open {
+            self.deadline = expires_ms;
+            self.transmits.push_back(Message::Refreshed {
+                time_ms: now,
+                expires_ms,
+                tokens,
+            });
+        }
+    }
+
+    /// The answer to `Authorize` or `Refresh`: the device may not go on (`code` says why:
+    /// `AuthenticationFailed`, `Forbidden` or `RateLimited`).
+    pub fn refused(&mut self, code: ErrorCode, message: String) {
+        if self.state == RelayState::Authorizing || self.refreshing {
+            self.refreshing = false;
+            self.fail(code, message);
+        }
+    }
+
+    /// The device's access was withdrawn (revoked by the operator, or its token family
+    /// revoked): the session ends now.
+    pub fn revoked(&mut self, message: String) {
+        self.fail(ErrorCode::Forbidden, message);
     }
 
     /// The answer to `Store`.
@@ -1024,7 +1147,13 @@ impl RelaySession {
                 });
                 self.state = RelayState::AwaitAuthenticate { public_key, space };
             }
-            (RelayState::AwaitAuthenticate { .. }, Message::Authenticate { signature }) => {
+            (
+                RelayState::AwaitAuthenticate { .. },
+                Message::Authenticate {
+                    signature,
+                    credential,
+                },
+            ) => {
                 let RelayState::AwaitAuthenticate { public_key, space } =
                     std::mem::replace(&mut self.state, RelayState::Authorizing)
                 else {
@@ -1042,6 +1171,9 @@ impl RelaySession {
                         "the signature does not match the device's key for this connection".into(),
                     );
                 }
+                if let Some(problem) = oversized(&credential) {
+                    return self.fail(ErrorCode::TooLarge, problem);
+                }
                 let device = device_id(&public_key);
                 self.events.push_back(RelayEvent::Authenticated {
                     device: device.clone(),
@@ -1051,7 +1183,21 @@ impl RelaySession {
                     device,
                     public_key,
                     space,
+                    credential,
                 });
+            }
+            (RelayState::Open, Message::Refresh { refresh }) => {
+                if self.refreshing {
+                    return self.fail(
+                        ErrorCode::UnexpectedMessage,
+                        "a Refresh arrived before the previous one was answered".into(),
+                    );
+                }
+                if let Some(problem) = oversized(&Credential::Refresh(refresh.clone())) {
+                    return self.fail(ErrorCode::TooLarge, problem);
+                }
+                self.refreshing = true;
+                self.effects.push_back(RelayEffect::Refresh { refresh });
             }
             (RelayState::Open, Message::Upload { batch, changes }) => {
                 if self.storing.len() >= MAX_UPLOADS_IN_FLIGHT {
@@ -1137,6 +1283,17 @@ impl RelaySession {
         self.state = RelayState::Closed;
         self.events.push_back(RelayEvent::Closed { error });
     }
+}
+
+/// Why a credential is refused unread: it is longer than any token or code the relay issues.
+fn oversized(credential: &Credential) -> Option<String> {
+    let len = credential.secret().map_or(0, |s| s.expose().len());
+    (len > MAX_CREDENTIAL_BYTES).then(|| {
+        format!(
+            "the {} is {len} bytes, over the limit of {MAX_CREDENTIAL_BYTES}",
+            credential.name()
+        )
+    })
 }
 
 /// Checks a space name: 1 to [`MAX_SPACE_BYTES`] ASCII letters, digits, `-`, `_` or `.`.

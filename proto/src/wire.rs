@@ -8,9 +8,13 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The oldest protocol version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this build still speaks. Version 1 had no accounts or tokens:
+/// a relay that requires them cannot let a version 1 device in.
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// Longest credential string (token or enrolment code) a session accepts, in bytes; longer ones
+/// are refused before anything looks inside them.
+pub const MAX_CREDENTIAL_BYTES: usize = 4096;
 /// Bytes before the body: the length and the flags.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Bodies smaller than this are sent as they are: compressing them costs more than it saves.
@@ -87,6 +91,10 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The peer did not answer in time.
     Timeout,
+    /// The session's access token expired before the device refreshed it: reconnect.
+    TokenExpired,
+    /// Too many attempts from this address: wait, then try again.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -99,22 +107,27 @@ impl ErrorCode {
                 | ErrorCode::Internal
                 | ErrorCode::ShuttingDown
                 | ErrorCode::Timeout
+                | ErrorCode::TokenExpired
+                | ErrorCode::RateLimited
         )
     }
 
     /// The class of failure shown in status, logs and the SyncLog.
     pub fn kind(self) -> ErrorKind {
         match self {
-            ErrorCode::AuthenticationFailed | ErrorCode::Forbidden => ErrorKind::Authentication,
+            ErrorCode::AuthenticationFailed | ErrorCode::Forbidden | ErrorCode::TokenExpired => {
+                ErrorKind::Authentication
+            }
             ErrorCode::Malformed
             | ErrorCode::UnsupportedVersion
             | ErrorCode::TooLarge
             | ErrorCode::UnexpectedMessage
             | ErrorCode::InvalidChange
             | ErrorCode::MissingDependencies => ErrorKind::Validation,
-            ErrorCode::Overloaded | ErrorCode::Internal | ErrorCode::ShuttingDown => {
-                ErrorKind::Server
-            }
+            ErrorCode::Overloaded
+            | ErrorCode::Internal
+            | ErrorCode::ShuttingDown
+            | ErrorCode::RateLimited => ErrorKind::Server,
             ErrorCode::Timeout => ErrorKind::Timeout,
         }
     }
@@ -149,6 +162,69 @@ impl std::fmt::Display for ErrorKind {
     }
 }
 
+/// A token or code. Its `Debug` shows only its length, so no log or error message can carry it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: impl Into<String>) -> Self {
+        Secret(text.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+/// What a device shows, beside its key's signature, to be let in (PROTOCOL.md, section 5.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Credential {
+    /// The key alone: a registered device gets a new token family.
+    Key,
+    /// An access token the relay issued to this device and that has not expired: no new tokens.
+    Access(Secret),
+    /// The current refresh token of the device's family: it is rotated, and new tokens issued.
+    Refresh(Secret),
+    /// A one-time enrolment code of the account named in `Hello`: registers the device.
+    Enrol(Secret),
+}
+
+impl Credential {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Credential::Key => "key",
+            Credential::Access(_) => "access token",
+            Credential::Refresh(_) => "refresh token",
+            Credential::Enrol(_) => "enrolment code",
+        }
+    }
+
+    /// The secret it carries, if any.
+    pub fn secret(&self) -> Option<&Secret> {
+        match self {
+            Credential::Key => None,
+            Credential::Access(s) | Credential::Refresh(s) | Credential::Enrol(s) => Some(s),
+        }
+    }
+}
+
+/// Tokens the relay issues: a short-lived access token (a JWT) and the next refresh token of
+/// the device's family. Times are the relay's clock, unix milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tokens {
+    pub access: Secret,
+    pub access_expires_ms: u64,
+    pub refresh: Secret,
+    pub refresh_expires_ms: u64,
+}
+
 /// Every message of the protocol. New variants are only ever added at the end, so that the
 /// postcard tags of the existing ones never change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,10 +245,11 @@ pub enum Message {
         nonce: [u8; 32],
         time_ms: u64,
     },
-    /// Device → relay: an ed25519 signature over [`auth_transcript`].
+    /// Device → relay: an ed25519 signature over [`auth_transcript`], and the credential.
     Authenticate {
         #[serde(with = "signature_bytes")]
         signature: [u8; 64],
+        credential: Credential,
     },
     /// Relay → device: the session is open.
     Welcome {
@@ -183,6 +260,10 @@ pub enum Message {
         max_batch_changes: u32,
         /// Largest frame the relay accepts, in bytes.
         max_frame_bytes: u32,
+        /// The session ends then (relay clock) unless the device refreshes before.
+        expires_ms: u64,
+        /// New tokens, unless the device came in with a valid access token.
+        tokens: Option<Tokens>,
     },
     /// Device → relay: store these changes, in this order.
     Upload {
@@ -208,6 +289,14 @@ pub enum Message {
     },
     /// Either side: the session ends because of this.
     Error { code: ErrorCode, message: String },
+    /// Device → relay: rotate this refresh token and extend the session.
+    Refresh { refresh: Secret },
+    /// Relay → device: the answer to `Refresh`.
+    Refreshed {
+        time_ms: u64,
+        expires_ms: u64,
+        tokens: Tokens,
+    },
 }
 
 impl Message {
@@ -222,6 +311,8 @@ impl Message {
             Message::Download { .. } => "Download",
             Message::Changes { .. } => "Changes",
             Message::Error { .. } => "Error",
+            Message::Refresh { .. } => "Refresh",
+            Message::Refreshed { .. } => "Refreshed",
         }
     }
 }
@@ -426,7 +517,20 @@ mod tests {
                 max_changes: 100,
             },
             sample_changes(50),
-            Message::Authenticate { signature: [9; 64] },
+            Message::Authenticate {
+                signature: [9; 64],
+                credential: Credential::Refresh(Secret::new("rt1.family.secret")),
+            },
+            Message::Refreshed {
+                time_ms: 5,
+                expires_ms: 600_005,
+                tokens: Tokens {
+                    access: Secret::new("header.claims.signature"),
+                    access_expires_ms: 600_005,
+                    refresh: Secret::new("rt1.family.next"),
+                    refresh_expires_ms: 9_000_000,
+                },
+            },
         ];
         let bytes: Vec<u8> = messages.iter().flat_map(encode_frame).collect();
         for step in [1, 3, 7, 1000] {
@@ -440,6 +544,17 @@ mod tests {
             }
             assert_eq!(got, messages);
         }
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let message = Message::Authenticate {
+            signature: [1; 64],
+            credential: Credential::Enrol(Secret::new("acme/SECRETCODE")),
+        };
+        let shown = format!("{message:?}");
+        assert!(!shown.contains("SECRETCODE"), "{shown}");
+        assert!(shown.contains("Secret(15 bytes)"), "{shown}");
     }
 
     #[test]

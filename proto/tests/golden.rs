@@ -6,8 +6,8 @@
 //! `FERRY_BLESS=1 cargo test -p ferry-proto --test golden` rewrites the files.
 
 use ferry_proto::wire::{
-    ChangeOutcome, ChangeResult, ErrorCode, LogEntry, MIN_PROTOCOL_VERSION, Message,
-    PROTOCOL_VERSION, UploadChange, decode_frame_body, encode_frame, frame_length,
+    ChangeOutcome, ChangeResult, Credential, ErrorCode, LogEntry, MIN_PROTOCOL_VERSION, Message,
+    PROTOCOL_VERSION, Secret, Tokens, UploadChange, decode_frame_body, encode_frame, frame_length,
 };
 use std::path::{Path, PathBuf};
 
@@ -17,7 +17,7 @@ const MAX_FRAME_BYTES: usize = 8 << 20;
 
 /// Every error code, in tag order. `error_code_tag` makes adding a variant without a vector a
 /// compile error.
-const ERROR_CODES: [ErrorCode; 12] = [
+const ERROR_CODES: [ErrorCode; 14] = [
     ErrorCode::Malformed,
     ErrorCode::UnsupportedVersion,
     ErrorCode::AuthenticationFailed,
@@ -30,6 +30,8 @@ const ERROR_CODES: [ErrorCode; 12] = [
     ErrorCode::Internal,
     ErrorCode::ShuttingDown,
     ErrorCode::Timeout,
+    ErrorCode::TokenExpired,
+    ErrorCode::RateLimited,
 ];
 
 fn error_code_tag(code: ErrorCode) -> u8 {
@@ -46,6 +48,8 @@ fn error_code_tag(code: ErrorCode) -> u8 {
         ErrorCode::Internal => 9,
         ErrorCode::ShuttingDown => 10,
         ErrorCode::Timeout => 11,
+        ErrorCode::TokenExpired => 12,
+        ErrorCode::RateLimited => 13,
     }
 }
 
@@ -60,10 +64,21 @@ fn message_tag(message: &Message) -> u8 {
         Message::Download { .. } => 6,
         Message::Changes { .. } => 7,
         Message::Error { .. } => 8,
+        Message::Refresh { .. } => 9,
+        Message::Refreshed { .. } => 10,
     }
 }
 
-const MESSAGE_VARIANTS: u8 = 9;
+const MESSAGE_VARIANTS: u8 = 11;
+
+fn sample_tokens() -> Tokens {
+    Tokens {
+        access: Secret::new("eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhY21lIn0.c2ln"),
+        access_expires_ms: 1_764_000_600_300,
+        refresh: Secret::new("rt1.00112233445566778899aabbccddeeff.cmVmcmVzaA"),
+        refresh_expires_ms: 1_766_592_000_300,
+    }
+}
 
 /// Bytes that count up from `start`, so that a swapped or shifted field shows in a hex dump.
 fn counting<const N: usize>(start: u8) -> [u8; N] {
@@ -124,7 +139,7 @@ fn vectors() -> Vec<(&'static str, Message)> {
         (
             "challenge",
             Message::Challenge {
-                version: 1,
+                version: 2,
                 nonce: counting(0x80),
                 time_ms: 1_764_000_000_250,
             },
@@ -133,6 +148,28 @@ fn vectors() -> Vec<(&'static str, Message)> {
             "authenticate",
             Message::Authenticate {
                 signature: counting(0xc0),
+                credential: Credential::Key,
+            },
+        ),
+        (
+            "authenticate_enrol",
+            Message::Authenticate {
+                signature: counting(0xc0),
+                credential: Credential::Enrol(Secret::new("acme-sales/K7Q2M9XH4PDA3WZE")),
+            },
+        ),
+        (
+            "authenticate_access",
+            Message::Authenticate {
+                signature: counting(0xc0),
+                credential: Credential::Access(sample_tokens().access),
+            },
+        ),
+        (
+            "authenticate_refresh",
+            Message::Authenticate {
+                signature: counting(0xc0),
+                credential: Credential::Refresh(sample_tokens().refresh),
             },
         ),
         (
@@ -142,6 +179,19 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 head: 1234,
                 max_batch_changes: 1000,
                 max_frame_bytes: 8 << 20,
+                expires_ms: 1_764_000_600_300,
+                tokens: Some(sample_tokens()),
+            },
+        ),
+        (
+            "welcome_resumed",
+            Message::Welcome {
+                time_ms: 1_764_000_000_300,
+                head: 1234,
+                max_batch_changes: 1000,
+                max_frame_bytes: 8 << 20,
+                expires_ms: 1_764_000_500_000,
+                tokens: None,
             },
         ),
         (
@@ -223,6 +273,20 @@ fn vectors() -> Vec<(&'static str, Message)> {
                         change: change_bytes(seq),
                     })
                     .collect(),
+            },
+        ),
+        (
+            "refresh",
+            Message::Refresh {
+                refresh: sample_tokens().refresh,
+            },
+        ),
+        (
+            "refreshed",
+            Message::Refreshed {
+                time_ms: 1_764_000_450_000,
+                expires_ms: 1_764_001_050_000,
+                tokens: sample_tokens(),
             },
         ),
         (

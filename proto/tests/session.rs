@@ -3,10 +3,13 @@
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{
-    DeviceEffect, DeviceEvent, DeviceSession, LogSlice, MAX_UPLOADS_IN_FLIGHT, RelayEffect,
+    DeviceEffect, DeviceEvent, DeviceSession, Grant, LogSlice, MAX_UPLOADS_IN_FLIGHT, RelayEffect,
     RelayEvent, RelaySession, SessionConfig, SessionError, device_id,
 };
-use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, LogEntry, Message, UploadChange};
+use ferry_proto::wire::{
+    ChangeOutcome, ChangeResult, Credential, ErrorCode, LogEntry, MAX_CREDENTIAL_BYTES, Message,
+    Secret, Tokens, UploadChange,
+};
 
 const BINDING: &[u8] = b"channel-binding-of-this-connection";
 
@@ -75,16 +78,45 @@ fn change(entry: u64) -> UploadChange {
     }
 }
 
+/// The session lifetime the test relay grants: ten minutes.
+const LIFETIME_MS: u64 = 600_000;
+
+/// Tokens numbered `n`, so a test can tell which were issued when.
+fn tokens(n: u32, now: u64) -> Tokens {
+    Tokens {
+        access: Secret::new(format!("access-{n}")),
+        access_expires_ms: now + LIFETIME_MS,
+        refresh: Secret::new(format!("refresh-{n}")),
+        refresh_expires_ms: now + 100 * LIFETIME_MS,
+    }
+}
+
 struct Pair {
     device: DeviceSession,
     relay: RelaySession,
     device_id: String,
     device_events: Vec<DeviceEvent>,
     relay_events: Vec<RelayEvent>,
+    /// The time both sides are told.
+    now: u64,
+    /// Credentials the relay was shown, in order.
+    shown: Vec<Credential>,
+    issued: u32,
+    /// The relay's answer to a credential: `None` lets it in.
+    refuse: Option<(ErrorCode, String)>,
 }
 
 impl Pair {
     fn new(key: [u8; 32], cursor: u64) -> Self {
+        Pair::with_credential(key, cursor, Credential::Key, None)
+    }
+
+    fn with_credential(
+        key: [u8; 32],
+        cursor: u64,
+        credential: Credential,
+        refresh: Option<Secret>,
+    ) -> Self {
         let key = SigningKey::from_bytes(&key);
         let device_id = device_id(&key.verifying_key().to_bytes());
         Pair {
@@ -94,12 +126,35 @@ impl Pair {
                 "team".into(),
                 BINDING.to_vec(),
                 cursor,
+                credential,
+                refresh,
                 0,
             ),
             relay: RelaySession::new(SessionConfig::default(), [9; 32], BINDING.to_vec(), 0),
             device_id,
             device_events: Vec::new(),
             relay_events: Vec::new(),
+            now: 1,
+            shown: Vec::new(),
+            issued: 0,
+            refuse: None,
+        }
+    }
+
+    /// Both sides' clocks move to `now`, and each handles its timeouts.
+    fn advance(&mut self, now: u64, world: &mut World) {
+        self.now = now;
+        self.device.handle_timeout(now);
+        self.relay.handle_timeout(now);
+        self.run(world);
+    }
+
+    fn grant(&mut self, credential: &Credential) -> Grant {
+        let issue = !matches!(credential, Credential::Access(_));
+        self.issued += u32::from(issue);
+        Grant {
+            expires_ms: self.now + LIFETIME_MS,
+            tokens: issue.then(|| tokens(self.issued, self.now)),
         }
     }
 
@@ -107,18 +162,40 @@ impl Pair {
     fn run(&mut self, world: &mut World) {
         loop {
             let mut moved = false;
+            let now = self.now;
             while let Some(m) = self.device.poll_transmit() {
                 moved = true;
-                self.relay.handle_message(m, 1);
+                self.relay.handle_message(m, now);
             }
             while let Some(m) = self.relay.poll_transmit() {
                 moved = true;
-                self.device.handle_message(m, 1);
+                self.device.handle_message(m, now);
             }
             while let Some(effect) = self.relay.poll_effect() {
                 moved = true;
                 match effect {
-                    RelayEffect::Authorize { .. } => self.relay.authorized(world.head(), 1),
+                    RelayEffect::Authorize { credential, .. } => {
+                        self.shown.push(credential.clone());
+                        match self.refuse.clone() {
+                            Some((code, message)) => self.relay.refused(code, message),
+                            None => {
+                                let grant = self.grant(&credential);
+                                self.relay.authorized(world.head(), grant, now);
+                            }
+                        }
+                    }
+                    RelayEffect::Refresh { refresh } => {
+                        let credential = Credential::Refresh(refresh);
+                        self.shown.push(credential.clone());
+                        match self.refuse.clone() {
+                            Some((code, message)) => self.relay.refused(code, message),
+                            None => {
+                                let grant = self.grant(&credential);
+                                let issued = grant.tokens.unwrap_or_else(|| tokens(0, now));
+                                self.relay.refreshed(grant.expires_ms, issued, now);
+                            }
+                        }
+                    }
                     RelayEffect::Store { batch, changes } => {
                         let results = world.append(&self.device_id, &changes);
                         self.relay.stored(batch, results, world.head());
@@ -171,11 +248,20 @@ fn opened_by_hand(
     now: u64,
 ) -> DeviceSession {
     let key = SigningKey::from_bytes(&key);
-    let mut device = DeviceSession::new(config, key, "team".into(), vec![], 0, 0);
+    let mut device = DeviceSession::new(
+        config,
+        key,
+        "team".into(),
+        vec![],
+        0,
+        Credential::Key,
+        None,
+        0,
+    );
     let _hello = device.poll_transmit();
     device.handle_message(
         Message::Challenge {
-            version: 1,
+            version: 2,
             nonce: [0; 32],
             time_ms: 0,
         },
@@ -188,6 +274,8 @@ fn opened_by_hand(
             head: 0,
             max_batch_changes,
             max_frame_bytes: 1 << 20,
+            expires_ms: LIFETIME_MS,
+            tokens: None,
         },
         now,
     );
@@ -289,6 +377,8 @@ fn a_signature_for_another_connection_is_refused() {
         "team".into(),
         b"binding-of-connection-A".to_vec(),
         0,
+        Credential::Key,
+        None,
         0,
     );
     let mut relay = RelaySession::new(
@@ -342,8 +432,8 @@ fn no_common_version_and_bad_spaces_are_refused_with_a_reason() {
     let mut relay = RelaySession::new(SessionConfig::default(), [1; 32], vec![], 0);
     relay.handle_message(
         Message::Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: 2,
+            max_version: 2,
             public_key: [0; 32],
             space: "../etc".into(),
             time_ms: 0,
@@ -605,4 +695,192 @@ fn empty_uploads_empty_downloads_and_cursors_beyond_the_log_are_refused() {
         })
     ));
     assert_eq!(world.applied.len(), 0);
+}
+
+fn issued_tokens(events: &[DeviceEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            DeviceEvent::Tokens { tokens } => Some(tokens.refresh.expose().to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_credential_reaches_the_relay_and_new_tokens_reach_the_device() {
+    let mut world = World::default();
+    let mut pair = Pair::with_credential(
+        [20; 32],
+        0,
+        Credential::Enrol(Secret::new("team/CODE")),
+        None,
+    );
+    pair.run(&mut world);
+    assert!(pair.device.is_open());
+    assert_eq!(
+        pair.shown,
+        vec![Credential::Enrol(Secret::new("team/CODE"))]
+    );
+    assert_eq!(issued_tokens(&pair.device_events), vec!["refresh-1"]);
+}
+
+#[test]
+fn a_device_with_a_refresh_token_refreshes_its_session_before_it_expires() {
+    let mut world = World::default();
+    let mut pair = Pair::with_credential(
+        [21; 32],
+        0,
+        Credential::Access(Secret::new("access-0")),
+        Some(Secret::new("refresh-0")),
+    );
+    pair.run(&mut world);
+    assert!(pair.device.is_open());
+    assert!(
+        issued_tokens(&pair.device_events).is_empty(),
+        "a valid access token gets no new tokens"
+    );
+    // Three quarters of the way to expiry the device refreshes with the token it holds, then
+    // with the one it was given, and the session outlives many lifetimes.
+    for round in 1..=5u64 {
+        let refresh_at = pair.device.poll_timeout().expect("a refresh is scheduled");
+        assert!(
+            refresh_at < pair.now + LIFETIME_MS,
+            "refreshes before expiry"
+        );
+        pair.advance(refresh_at, &mut world);
+        assert!(
+            pair.device.is_open() && pair.relay.is_open(),
+            "round {round}"
+        );
+    }
+    let refreshes: Vec<_> = pair
+        .shown
+        .iter()
+        .filter_map(|c| match c {
+            Credential::Refresh(s) => Some(s.expose().to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refreshes,
+        vec![
+            "refresh-0",
+            "refresh-1",
+            "refresh-2",
+            "refresh-3",
+            "refresh-4"
+        ]
+    );
+    assert_eq!(issued_tokens(&pair.device_events).len(), 5);
+}
+
+#[test]
+fn a_session_that_is_not_refreshed_ends_at_expiry_with_a_retryable_code() {
+    let mut world = World::default();
+    // No refresh token: the device cannot refresh, so the relay ends the session on time.
+    let mut pair = Pair::with_credential(
+        [22; 32],
+        0,
+        Credential::Access(Secret::new("access-0")),
+        None,
+    );
+    pair.run(&mut world);
+    assert!(pair.device.is_open());
+    assert_eq!(pair.device.poll_timeout(), None, "nothing to refresh with");
+    pair.advance(LIFETIME_MS, &mut world);
+    assert!(pair.relay.is_open(), "open until the expiry itself");
+    pair.advance(LIFETIME_MS + 1, &mut world);
+    assert!(pair.relay.is_closed() && pair.device.is_closed());
+    let error = closed_with(&pair.device_events).expect("closed with an error");
+    assert!(matches!(
+        error,
+        SessionError::Remote {
+            code: ErrorCode::TokenExpired,
+            ..
+        }
+    ));
+    assert!(ErrorCode::TokenExpired.is_retryable());
+}
+
+#[test]
+fn a_refused_credential_or_refresh_ends_the_session_with_the_relays_reason() {
+    let mut world = World::default();
+    let mut pair = Pair::with_credential(
+        [23; 32],
+        0,
+        Credential::Refresh(Secret::new("refresh-old")),
+        None,
+    );
+    pair.refuse = Some((
+        ErrorCode::AuthenticationFailed,
+        "refresh token reused".into(),
+    ));
+    pair.run(&mut world);
+    assert!(pair.device.is_closed());
+    assert!(matches!(
+        closed_with(&pair.device_events),
+        Some(SessionError::Remote { code: ErrorCode::AuthenticationFailed, message })
+            if message == "refresh token reused"
+    ));
+
+    // Let in, then the refresh is refused: the session ends then.
+    let mut pair =
+        Pair::with_credential([24; 32], 0, Credential::Key, Some(Secret::new("refresh-0")));
+    pair.run(&mut world);
+    assert!(pair.device.is_open());
+    pair.refuse = Some((ErrorCode::Forbidden, "family revoked".into()));
+    let refresh_at = pair.device.poll_timeout().expect("a refresh is scheduled");
+    pair.advance(refresh_at, &mut world);
+    assert!(pair.device.is_closed() && pair.relay.is_closed());
+}
+
+#[test]
+fn a_revoked_device_is_cut_off_at_once() {
+    let mut world = World::default();
+    let mut pair = Pair::new([25; 32], 0);
+    pair.run(&mut world);
+    assert!(pair.relay.is_open());
+    pair.relay.revoked("this device was revoked".into());
+    pair.run(&mut world);
+    assert!(pair.device.is_closed());
+    assert!(matches!(
+        closed_with(&pair.device_events),
+        Some(SessionError::Remote {
+            code: ErrorCode::Forbidden,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn an_oversized_credential_is_refused_unread() {
+    let mut world = World::default();
+    let huge = "x".repeat(MAX_CREDENTIAL_BYTES + 1);
+    let mut pair = Pair::with_credential([26; 32], 0, Credential::Access(Secret::new(huge)), None);
+    pair.run(&mut world);
+    assert!(pair.shown.is_empty(), "never handed to the relay's checks");
+    assert!(matches!(
+        closed_with(&pair.device_events),
+        Some(SessionError::Remote {
+            code: ErrorCode::TooLarge,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn an_unasked_refreshed_is_a_protocol_violation() {
+    let mut world = World::default();
+    let mut pair = Pair::new([27; 32], 0);
+    pair.run(&mut world);
+    pair.device.handle_message(
+        Message::Refreshed {
+            time_ms: 1,
+            expires_ms: 2,
+            tokens: tokens(9, 1),
+        },
+        1,
+    );
+    assert!(pair.device.is_closed());
 }

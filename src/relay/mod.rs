@@ -1,10 +1,13 @@
 //! The relay: the server that devices of a space upload their changes to and download the
 //! space's change log from.
 //!
-//! Owns: the relay's durable state (`store`), its QUIC server (`server`), and the process around
-//! them (`run`: data directory, certificate, endpoint, clean shutdown).
+//! Owns: the relay's durable state (`store`: change logs; `accounts`: accounts, devices, tokens),
+//! its QUIC server (`server`), the operator's socket (`admin`), and the process around them
+//! (`run`: data directory, certificate, endpoint, signing key rotation, clean shutdown).
 //! Must not touch: the device's store or its socket.
 
+pub mod accounts;
+pub mod admin;
 pub mod server;
 pub mod store;
 
@@ -33,6 +36,13 @@ pub enum RelayError {
     Kv(#[from] KvError),
     #[error(transparent)]
     Store(#[from] RelayStoreError),
+    #[error(transparent)]
+    Accounts(#[from] accounts::AccountError),
+    #[error("cannot serve the operator's socket {path}: {source}")]
+    Admin {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What `ferry relay` tells its operator once it serves.
@@ -73,9 +83,15 @@ pub async fn run(
     } else {
         RelayCertificate::from_pem_files(relay.cert_file.as_ref(), relay.key_file.as_ref())?
     };
-    let kv = Arc::new(SledKv::open(
+    let kv: Arc<dyn crate::store::kv::Kv> = Arc::new(SledKv::open(
         &dir.path().join("relay.db"),
         relay.sled_cache_mb * 1024 * 1024,
+    )?);
+    let accounts = Arc::new(accounts::Accounts::open(
+        kv.clone(),
+        relay.token_policy(),
+        accounts::os_random(),
+        crate::engine::now_ms(),
     )?);
     let store = Arc::new(RelayStore::open(
         kv,
@@ -112,9 +128,35 @@ pub async fn run(
         },
         transport: transport_options,
         max_connections: relay.max_connections,
+        sign_ins_per_minute: relay.sign_ins_per_minute,
+        enrolments_per_minute: relay.enrolments_per_minute,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(server::serve(endpoint, store.clone(), options, stopped));
+    let admin_socket = admin::socket_path(dir);
+    let admin_listener = admin::bind(&admin_socket).map_err(|source| RelayError::Admin {
+        path: admin_socket.clone(),
+        source,
+    })?;
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        accounts.clone(),
+        admin::AdminOptions {
+            enrolment_code_hours: relay.enrolment_code_hours,
+        },
+        stopped.clone(),
+    ));
+    let rotation = tokio::spawn(rotate_signing_keys(
+        accounts.clone(),
+        Duration::from_secs(relay.signing_key_rotation_hours.saturating_mul(3600)),
+        stopped.clone(),
+    ));
+    let server = tokio::spawn(server::serve(
+        endpoint,
+        store.clone(),
+        accounts,
+        options,
+        stopped,
+    ));
     tracing::info!(listen = %listening.listen, fingerprint = %listening.fingerprint, "relay ready");
     ready(&listening);
     shutdown.await;
@@ -123,7 +165,36 @@ pub async fn run(
     if let Err(e) = server.await {
         tracing::error!(error = %e, "relay server stopped abnormally");
     }
+    for (what, task) in [("operator socket", admin), ("key rotation", rotation)] {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "relay {what} stopped abnormally");
+        }
+    }
+    let _ = std::fs::remove_file(&admin_socket);
     store.flush()?;
     tracing::info!("relay stopped; everything flushed");
     Ok(())
+}
+
+/// Makes a new token signing key whenever the current one is `every` old, until `shutdown`.
+async fn rotate_signing_keys(
+    accounts: Arc<accounts::Accounts>,
+    every: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let age = Duration::from_secs(accounts.signing_key_age_s(crate::engine::now_ms()));
+        let wait = every.saturating_sub(age);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = accounts.rotate_signing_key(crate::engine::now_ms()) {
+            tracing::error!(error = %e, "cannot rotate the token signing key; retrying in a minute");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }

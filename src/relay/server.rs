@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::session::{RelayEffect, RelayEvent, RelaySession, SessionConfig};
-use ferry_proto::wire::{ErrorCode, Message};
-use tokio::sync::{Semaphore, watch};
+use ferry_proto::wire::{Credential, ErrorCode, Message};
+use tokio::sync::{Semaphore, broadcast, watch};
 
+use super::accounts::{Accounts, Revocation};
 use super::store::{RelayStore, RelayStoreError};
 use crate::engine::{deadline_instant, now_ms, sleep_until};
 use crate::transport::{self, FrameSender, TransportError};
@@ -32,6 +33,54 @@ pub struct RelayOptions {
     pub session: SessionConfig,
     pub transport: transport::TransportOptions,
     pub max_connections: usize,
+    /// Sign-in attempts (any credential) one address may make per minute.
+    pub sign_ins_per_minute: u32,
+    /// Of those, attempts with an enrolment code.
+    pub enrolments_per_minute: u32,
+}
+
+/// Token buckets per client address: each bucket holds up to a minute's worth of attempts and
+/// refills continuously. Bounded: past `MAX_TRACKED` addresses, full buckets are forgotten first
+/// (they are the same as a new one), then the whole table.
+#[derive(Debug)]
+pub struct AttemptLimiter {
+    per_minute: u32,
+    buckets: HashMap<std::net::IpAddr, (f64, u64)>,
+}
+
+impl AttemptLimiter {
+    const MAX_TRACKED: usize = 65_536;
+
+    pub fn new(per_minute: u32) -> Self {
+        AttemptLimiter {
+            per_minute,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes one attempt for `ip` at `now_ms`; false when its bucket is empty.
+    pub fn allow(&mut self, ip: std::net::IpAddr, now_ms: u64) -> bool {
+        let capacity = f64::from(self.per_minute);
+        if self.buckets.len() >= Self::MAX_TRACKED {
+            let rate = capacity / 60_000.0;
+            self.buckets.retain(|_, (level, at)| {
+                *level + now_ms.saturating_sub(*at) as f64 * rate < capacity
+            });
+            if self.buckets.len() >= Self::MAX_TRACKED {
+                self.buckets.clear();
+            }
+        }
+        let (level, at) = self.buckets.entry(ip).or_insert((capacity, now_ms));
+        let refilled = now_ms.saturating_sub(*at) as f64 * capacity / 60_000.0;
+        *level = (*level + refilled).min(capacity);
+        *at = now_ms;
+        if *level >= 1.0 {
+            *level -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The head of each space's log, watched by that space's sessions.
@@ -62,11 +111,13 @@ impl Spaces {
     }
 }
 
-/// Who is at the other end of a session, once it has said.
+/// Who is at the other end of a session, once it has signed in.
 #[derive(Debug, Default, Clone)]
 pub struct Peer {
     pub device: String,
     pub space: String,
+    /// The token family of the session's access token.
+    pub family: String,
 }
 
 /// Carries out one effect of a relay session against the store and tells the session. Returns
@@ -74,6 +125,7 @@ pub struct Peer {
 /// the simulation both use it.
 pub fn carry_out(
     store: &RelayStore,
+    accounts: &Accounts,
     peer: &mut Peer,
     session: &mut RelaySession,
     effect: RelayEffect,
@@ -81,10 +133,44 @@ pub fn carry_out(
     now: u64,
 ) -> Result<Option<u64>, RelayStoreError> {
     match effect {
-        RelayEffect::Authorize { device, space, .. } => {
-            let head = store.head(&space)?;
-            *peer = Peer { device, space };
-            session.authorized(head, now);
+        RelayEffect::Authorize {
+            device,
+            public_key,
+            space,
+            credential,
+        } => {
+            let _span = tracing::info_span!("relay.sign_in", %device, %space,
+                credential = credential.name())
+            .entered();
+            match accounts.admit(public_key, &device, &space, &credential, now) {
+                Ok(admitted) => {
+                    let head = store.head(&space)?;
+                    *peer = Peer {
+                        device,
+                        space,
+                        family: admitted.family,
+                    };
+                    session.authorized(head, admitted.grant, now);
+                }
+                Err(denied) => {
+                    tracing::warn!(reason = denied.reason(), "sign-in refused");
+                    session.refused(denied.code(), denied.to_string());
+                }
+            }
+            Ok(None)
+        }
+        RelayEffect::Refresh { refresh } => {
+            let _span = tracing::info_span!("relay.refresh", device = %peer.device).entered();
+            match accounts.refresh(&peer.device, &peer.space, &refresh, now) {
+                Ok((family, tokens)) => {
+                    peer.family = family;
+                    session.refreshed(tokens.access_expires_ms, tokens, now);
+                }
+                Err(denied) => {
+                    tracing::warn!(reason = denied.reason(), "refresh refused");
+                    session.refused(denied.code(), denied.to_string());
+                }
+            }
             Ok(None)
         }
         RelayEffect::Store { batch, changes } => {
@@ -108,10 +194,15 @@ pub fn carry_out(
 pub async fn serve(
     endpoint: quinn::Endpoint,
     store: Arc<RelayStore>,
+    accounts: Arc<Accounts>,
     options: RelayOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let spaces = Arc::new(Spaces::default());
+    let limiters = Arc::new(Limiters {
+        sign_ins: Mutex::new(AttemptLimiter::new(options.sign_ins_per_minute)),
+        enrolments: Mutex::new(AttemptLimiter::new(options.enrolments_per_minute)),
+    });
     let slots = Arc::new(Semaphore::new(options.max_connections));
     // Devices over the limit are told so (`Overloaded`) a few at a time; past that they are
     // refused before the TLS handshake, so a flood costs no more than a refusal packet each.
@@ -134,6 +225,8 @@ pub async fn serve(
                 };
                 let context = Context {
                     store: store.clone(),
+                    accounts: accounts.clone(),
+                    limiters: limiters.clone(),
                     spaces: spaces.clone(),
                     options: options.clone(),
                     shutdown: shutdown.clone(),
@@ -181,8 +274,26 @@ async fn refuse(connection: quinn::Connection, options: &RelayOptions) {
     connection.close(1u32.into(), b"overloaded");
 }
 
+struct Limiters {
+    sign_ins: Mutex<AttemptLimiter>,
+    enrolments: Mutex<AttemptLimiter>,
+}
+
+impl Limiters {
+    /// Whether `ip` may make this sign-in attempt now: every attempt counts against the
+    /// sign-in limit, enrolments against theirs too.
+    fn allow(&self, ip: std::net::IpAddr, credential: &Credential, now: u64) -> bool {
+        let lock =
+            |m: &Mutex<AttemptLimiter>| m.lock().unwrap_or_else(|e| e.into_inner()).allow(ip, now);
+        lock(&self.sign_ins)
+            && (!matches!(credential, Credential::Enrol(_)) || lock(&self.enrolments))
+    }
+}
+
 struct Context {
     store: Arc<RelayStore>,
+    accounts: Arc<Accounts>,
+    limiters: Arc<Limiters>,
     spaces: Arc<Spaces>,
     options: RelayOptions,
     shutdown: watch::Receiver<bool>,
@@ -231,8 +342,9 @@ impl Context {
         );
         let mut peer = Peer::default();
         let mut head: Option<watch::Receiver<u64>> = None;
+        let mut revocations = self.accounts.subscribe_revocations();
         loop {
-            self.pump(&mut session, &mut peer, &mut head, &mut sender)
+            self.pump(&mut session, &mut peer, &mut head, &mut sender, remote)
                 .await;
             if session.is_closed() {
                 break;
@@ -255,9 +367,27 @@ impl Context {
                 },
                 _ = sleep_until(deadline) => session.handle_timeout(now_ms()),
                 _ = self.shutdown.changed() => session.shut_down(),
+                revocation = revocations.recv() => match revocation {
+                    Ok(Revocation::Device(device)) if device == peer.device => {
+                        session.revoked("this device was revoked by the relay's operator".into());
+                    }
+                    Ok(Revocation::Family(family)) if family == peer.family => session.revoked(
+                        "this session's tokens were revoked (a refresh token was used twice): \
+                         sign in again with the device key"
+                            .into(),
+                    ),
+                    Ok(_) => {}
+                    // Revocations were missed: check this session's standing directly.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if session.is_open() && !self.accounts.still_admitted(&peer.device, &peer.family) {
+                            session.revoked("this device's access was revoked".into());
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {}
+                },
             }
         }
-        self.pump(&mut session, &mut peer, &mut head, &mut sender)
+        self.pump(&mut session, &mut peer, &mut head, &mut sender, remote)
             .await;
         let _ = sender.finish();
         // Give the device a moment to read the last message (an error, say) before closing.
@@ -272,6 +402,7 @@ impl Context {
         peer: &mut Peer,
         head: &mut Option<watch::Receiver<u64>>,
         sender: &mut FrameSender,
+        remote: SocketAddr,
     ) {
         let max_read_bytes = (self.options.session.max_frame_bytes as usize) / 2;
         loop {
@@ -287,8 +418,27 @@ impl Context {
             if let Some(effect) = session.poll_effect() {
                 moved = true;
                 let authorizing = matches!(effect, RelayEffect::Authorize { .. });
+                if let RelayEffect::Authorize { credential, .. } = &effect
+                    && !self.limiters.allow(remote.ip(), credential, now_ms())
+                {
+                    tracing::warn!(%remote, credential = credential.name(), "sign-in rate limited");
+                    session.refused(
+                        ErrorCode::RateLimited,
+                        "too many sign-in attempts from this address: wait a minute, then try again"
+                            .into(),
+                    );
+                    continue;
+                }
                 let result = tokio::task::block_in_place(|| {
-                    carry_out(&self.store, peer, session, effect, max_read_bytes, now_ms())
+                    carry_out(
+                        &self.store,
+                        &self.accounts,
+                        peer,
+                        session,
+                        effect,
+                        max_read_bytes,
+                        now_ms(),
+                    )
                 });
                 match result {
                     Ok(Some(new_head)) => self.spaces.publish(&peer.space, new_head),
@@ -331,5 +481,23 @@ async fn changed(head: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
             Err(_) => None,
         },
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_are_limited_per_address_and_refill_over_a_minute() {
+        let mut limiter = AttemptLimiter::new(3);
+        let a: std::net::IpAddr = [10, 0, 0, 1].into();
+        let b: std::net::IpAddr = [10, 0, 0, 2].into();
+        assert!((0..3).all(|_| limiter.allow(a, 0)));
+        assert!(!limiter.allow(a, 0), "a's bucket is empty");
+        assert!(limiter.allow(b, 0), "b has its own");
+        assert!(!limiter.allow(a, 19_000), "not a whole attempt back yet");
+        assert!(limiter.allow(a, 21_000), "one attempt per 20 s comes back");
+        assert!(!limiter.allow(a, 21_000));
     }
 }

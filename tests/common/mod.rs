@@ -192,9 +192,42 @@ fn sync_config(config: &str, relay: &str, fingerprint: &str) -> String {
 }
 
 impl Device {
-    /// Points this device at `relay` (it must not be running a daemon yet).
+    /// Points this device at `relay` and registers it in the relay's `default` account (it must
+    /// not be running a daemon yet).
     pub fn join(&self, relay: &Relay) {
+        self.join_account(relay, "default");
+    }
+
+    /// Points this device at `relay` and registers it in `account` (created if missing), the
+    /// space it then syncs.
+    pub fn join_account(&self, relay: &Relay, account: &str) {
         self.set_sync(&relay.addr, &relay.fingerprint);
+        if account != "default" {
+            relay.add_account(account);
+            self.edit_config(|text| {
+                text.replacen(
+                    "\nspace = \"default\"",
+                    &format!("\nspace = \"{account}\""),
+                    1,
+                )
+            });
+        }
+        self.register(relay, account);
+    }
+
+    /// Registers this device in `relay`'s `account` with a fresh enrolment code.
+    pub fn register(&self, relay: &Relay, account: &str) {
+        let code = relay.enrol(account);
+        let out = self.ferry(&[
+            "register",
+            "--relay",
+            &relay.addr,
+            "--fingerprint",
+            &relay.fingerprint,
+            "--code",
+            &code,
+        ]);
+        assert!(out.status.success(), "ferry register failed: {out:?}");
     }
 
     /// Points this device at `addr`, pinning `fingerprint`.
@@ -222,6 +255,7 @@ fn append_log(path: &std::path::Path) -> std::fs::File {
 /// `relay.log` beside its data directory.
 pub struct Relay {
     child: Child,
+    pub data_dir: PathBuf,
     /// `127.0.0.1:PORT`, as devices are configured with it.
     pub addr: String,
     pub port: u16,
@@ -235,6 +269,18 @@ impl Relay {
     pub fn start(data_dir: &std::path::Path, port: Option<u16>) -> Relay {
         use std::io::BufRead as _;
         let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
+        // Tests register many devices from one address: the default limits are for the internet.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(data_dir)
+            .expect("relay data dir");
+        let config = data_dir.join("config.toml");
+        if !config.exists() {
+            std::fs::write(
+                &config,
+                "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n",
+            )
+            .expect("write the relay's config");
+        }
         let mut child = Command::new(ferry_bin())
             .arg("--data-dir")
             .arg(data_dir)
@@ -277,12 +323,47 @@ impl Relay {
             .rsplit_once(':')
             .and_then(|(_, p)| p.parse().ok())
             .expect("a port in the listen address");
-        Relay {
+        let relay = Relay {
             child,
+            data_dir: data_dir.to_owned(),
             addr,
             port,
             fingerprint,
-        }
+        };
+        relay.add_account("default");
+        relay
+    }
+
+    /// Creates `account` unless it exists (a restarted relay has its accounts already).
+    pub fn add_account(&self, account: &str) {
+        let out = self.ferry(&["relay", "account", "add", account]);
+        assert!(
+            out.status.success() || stderr(&out).contains("already exists"),
+            "creating the relay's account failed: {out:?}"
+        );
+    }
+
+    /// Runs a `ferry` command on the relay's data directory (operator commands reach the
+    /// running relay through its socket).
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(ferry_bin())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .env_remove("FERRY_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ferry")
+    }
+
+    /// A one-time code that registers one device in `account`.
+    pub fn enrol(&self, account: &str) -> String {
+        let out = self.ferry(&["--json", "relay", "enrol", account]);
+        assert!(out.status.success(), "ferry relay enrol failed: {out:?}");
+        let answer: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("enrol prints JSON");
+        answer["code"].as_str().expect("a code").to_string()
     }
 
     /// SIGKILL: whatever the relay had not made durable is gone.

@@ -1,0 +1,727 @@
+//! The relay's accounts: who may use which space. Each account owns one space (named like the
+//! account); devices join an account with a one-time enrolment code, then sign in on every
+//! connection with their key and get short-lived access tokens and rotating refresh tokens.
+//!
+//! Owns: accounts, enrolment codes (only their hashes are stored), registered devices and their
+//! revocation, refresh-token families (reuse of a rotated token revokes the family), the token
+//! signing keys and their rotation, and the decision to let a device in (`admit`).
+//! Must not touch: the change log (`relay::store`), sessions and sockets (`relay::server` asks
+//! and carries out the answer), the token format itself (`auth::token`).
+//!
+//! Key layout, in the relay's keyspace beside `relay::store`'s (whose prefixes are lower-case):
+//! - `A{account}` → [`AccountRecord`]
+//! - `D{device}` → [`DeviceRecord`]
+//! - `E{SHA-256 of the code's secret}` → [`EnrolmentRecord`]: removed when used.
+//! - `F{family id}` → `auth::token::Family`
+//! - `K{kid}` → [`StoredKey`]: token signing keys, current and retired.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ferry_proto::session::{Grant, validate_space};
+use ferry_proto::wire::{Credential, ErrorCode, Secret, Tokens};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use tokio::sync::broadcast;
+
+use crate::auth::token::{
+    self, Claims, Family, KeyRing, RefreshError, RefreshToken, SigningKeyEntry, TokenError,
+    TokenPolicy,
+};
+use crate::store::kv::{Batch, Kv, KvError};
+
+/// Characters of an enrolment code's secret: base32 without look-alikes' confusion (no padding).
+const CODE_ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+/// Random bytes in an enrolment code's secret (120 bits: 24 characters).
+const CODE_BYTES: usize = 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("stored {what} cannot be decoded ({detail}): the relay's store is damaged")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("account name {0:?} is not valid: use 1 to 128 letters, digits, '-', '_' or '.'")]
+    InvalidName(String),
+    #[error("account {0:?} already exists")]
+    Exists(String),
+    #[error("there is no account {0:?}: create it with `ferry relay account add {0}`")]
+    NoAccount(String),
+    #[error("no device {0:?} is registered: `ferry relay devices` lists them")]
+    NoDevice(String),
+    #[error("no randomness from the operating system: {0}")]
+    Entropy(String),
+    #[error("cannot sign tokens: {0}")]
+    Signing(#[from] TokenError),
+}
+
+/// Why a device was not let in. `Display` is what the device is told: it never says whether
+/// an account or a record exists; `reason` is the short word the relay logs.
+#[derive(Debug, thiserror::Error)]
+pub enum Denied {
+    #[error("the access token was refused ({0})")]
+    Token(TokenError),
+    #[error("the refresh token was refused ({0})")]
+    Refresh(RefreshError),
+    #[error(
+        "this device is not registered in this account: register it with `ferry register` and \
+         an enrolment code from the relay's operator"
+    )]
+    NotRegistered,
+    #[error("this device was revoked by the relay's operator: it can no longer sync")]
+    Revoked,
+    #[error(
+        "the enrolment code is not valid (unknown, expired or already used): ask the relay's \
+         operator for a new one (`ferry relay enrol ACCOUNT`)"
+    )]
+    Enrolment,
+    #[error(
+        "this device is registered in another account: revoke it there before enrolling it here"
+    )]
+    OtherAccount,
+    #[error("the relay could not check the credential: {0}")]
+    Store(#[from] AccountError),
+}
+
+impl Denied {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Denied::Token(_) | Denied::Refresh(_) | Denied::Enrolment => {
+                ErrorCode::AuthenticationFailed
+            }
+            Denied::NotRegistered | Denied::Revoked | Denied::OtherAccount => ErrorCode::Forbidden,
+            Denied::Store(_) => ErrorCode::Internal,
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denied::Token(e) => e.reason(),
+            Denied::Refresh(e) => e.reason(),
+            Denied::NotRegistered => "not_registered",
+            Denied::Revoked => "device_revoked",
+            Denied::Enrolment => "bad_enrolment_code",
+            Denied::OtherAccount => "other_account",
+            Denied::Store(_) => "store",
+        }
+    }
+}
+
+/// Access withdrawn while devices may be connected: their sessions end at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revocation {
+    Device(String),
+    Family(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    pub name: String,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub device: String,
+    pub account: String,
+    pub public_key: [u8; 32],
+    pub registered_ms: u64,
+    pub revoked_ms: Option<u64>,
+    /// When it last signed in with its key, a refresh token or an enrolment code (signing in
+    /// with a still valid access token writes nothing).
+    pub last_sign_in_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct EnrolmentRecord {
+    account: String,
+    expires_ms: u64,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct StoredKey {
+    kid: String,
+    seed: [u8; 32],
+    created_s: u64,
+    retired_s: Option<u64>,
+}
+
+/// A new enrolment code: `ACCOUNT/SECRET`, shown once to the operator, never stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnrolmentCode {
+    pub code: String,
+    pub account: String,
+    pub expires_ms: u64,
+}
+
+/// A device let in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub account: String,
+    pub device: String,
+    /// The token family the session's access token belongs to.
+    pub family: String,
+    pub grant: Grant,
+}
+
+/// Where the relay's random bytes come from: the operating system, or a seeded generator in
+/// simulations.
+pub type RandomSource = Arc<dyn Fn(&mut [u8]) -> Result<(), String> + Send + Sync>;
+
+pub fn os_random() -> RandomSource {
+    Arc::new(|bytes: &mut [u8]| getrandom::fill(bytes).map_err(|e| e.to_string()))
+}
+
+struct State {
+    ring: KeyRing,
+    devices: HashMap<String, DeviceRecord>,
+    /// Families revoked since the relay started or stored as revoked: checked on every access
+    /// token, so a revoked family's tokens stop working at once.
+    revoked_families: HashSet<String>,
+}
+
+pub struct Accounts {
+    kv: Arc<dyn Kv>,
+    policy: TokenPolicy,
+    random: RandomSource,
+    state: Mutex<State>,
+    revocations: broadcast::Sender<Revocation>,
+}
+
+fn key(prefix: u8, name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(prefix);
+    k.extend_from_slice(name);
+    k
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+fn decode<T: for<'a> Deserialize<'a>>(what: &'static str, bytes: &[u8]) -> Result<T, AccountError> {
+    postcard::from_bytes(bytes).map_err(|e| AccountError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn code_hash(secret: &str) -> [u8; 32] {
+    sha2::Sha256::digest(secret.as_bytes()).into()
+}
+
+impl Accounts {
+    /// Opens the accounts kept in `kv`, making a first token signing key if there is none.
+    pub fn open(
+        kv: Arc<dyn Kv>,
+        policy: TokenPolicy,
+        random: RandomSource,
+        now_ms: u64,
+    ) -> Result<Self, AccountError> {
+        let mut ring = KeyRing::default();
+        for (_, value) in kv.range(b"K", b"L", usize::MAX)? {
+            let stored: StoredKey = decode("signing key", &value)?;
+            let mut entry = SigningKeyEntry::from_seed(stored.kid, stored.seed, stored.created_s);
+            entry.retired_s = stored.retired_s;
+            ring.insert(entry);
+        }
+        let mut devices = HashMap::new();
+        for (_, value) in kv.range(b"D", b"E", usize::MAX)? {
+            let device: DeviceRecord = decode("device", &value)?;
+            devices.insert(device.device.clone(), device);
+        }
+        let mut revoked_families = HashSet::new();
+        for (_, value) in kv.range(b"F", b"G", usize::MAX)? {
+            let family: Family = decode("token family", &value)?;
+            if family.revoked {
+                revoked_families.insert(family.id);
+            }
+        }
+        let accounts = Accounts {
+            kv,
+            policy,
+            random,
+            state: Mutex::new(State {
+                ring,
+                devices,
+                revoked_families,
+            }),
+            revocations: broadcast::channel(256).0,
+        };
+        if accounts.lock().ring.current().is_none() {
+            accounts.rotate_signing_key(now_ms)?;
+        }
+        Ok(accounts)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn random<const N: usize>(&self) -> Result<[u8; N], AccountError> {
+        let mut bytes = [0u8; N];
+        (self.random)(&mut bytes).map_err(AccountError::Entropy)?;
+        Ok(bytes)
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), AccountError> {
+        self.kv.apply(batch)?;
+        self.kv.flush()?;
+        Ok(())
+    }
+
+    pub fn policy(&self) -> &TokenPolicy {
+        &self.policy
+    }
+
+    /// Sessions listen here to end at once when their device or token family is revoked.
+    pub fn subscribe_revocations(&self) -> broadcast::Receiver<Revocation> {
+        self.revocations.subscribe()
+    }
+
+    pub fn add_account(&self, name: &str, now_ms: u64) -> Result<AccountRecord, AccountError> {
+        validate_space(name).map_err(|_| AccountError::InvalidName(name.to_string()))?;
+        let k = key(b'A', name.as_bytes());
+        if self.kv.get(&k)?.is_some() {
+            return Err(AccountError::Exists(name.to_string()));
+        }
+        let record = AccountRecord {
+            name: name.to_string(),
+            created_ms: now_ms,
+        };
+        let mut batch = Batch::default();
+        batch.put(k, encode(&record));
+        self.commit(batch)?;
+        tracing::info!(account = name, "account created");
+        Ok(record)
+    }
+
+    pub fn accounts(&self) -> Result<Vec<AccountRecord>, AccountError> {
+        self.kv
+            .range(b"A", b"B", usize::MAX)?
+            .iter()
+            .map(|(_, v)| decode("account", v))
+            .collect()
+    }
+
+    fn account_exists(&self, name: &str) -> Result<bool, AccountError> {
+        Ok(self.kv.get(&key(b'A', name.as_bytes()))?.is_some())
+    }
+
+    /// A one-time code that registers one device in `account` until `now_ms + ttl_ms`.
+    pub fn enrol(
+        &self,
+        account: &str,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<EnrolmentCode, AccountError> {
+        if !self.account_exists(account)? {
+            return Err(AccountError::NoAccount(account.to_string()));
+        }
+        let bytes: [u8; CODE_BYTES] = self.random()?;
+        let secret: String = bytes
+            .chunks(5)
+            .flat_map(|chunk| {
+                let bits = chunk.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+                (0..8)
+                    .rev()
+                    .map(move |i| CODE_ALPHABET[((bits >> (i * 5)) & 31) as usize] as char)
+            })
+            .collect();
+        let expires_ms = now_ms.saturating_add(ttl_ms);
+        let mut batch = Batch::default();
+        batch.put(
+            key(b'E', &code_hash(&secret)),
+            encode(&EnrolmentRecord {
+                account: account.to_string(),
+                expires_ms,
+            }),
+        );
+        self.commit(batch)?;
+        tracing::info!(account, expires_ms, "enrolment code issued");
+        Ok(EnrolmentCode {
+            code: format!("{account}/{secret}"),
+            account: account.to_string(),
+            expires_ms,
+        })
+    }
+
+    /// Registered devices, of one account or all, in device id order.
+    pub fn devices(&self, account: Option<&str>) -> Vec<DeviceRecord> {
+        let mut devices: Vec<_> = self
+            .lock()
+            .devices
+            .values()
+            .filter(|d| account.is_none_or(|a| d.account == a))
+            .cloned()
+            .collect();
+        devices.sort_by(|a, b| a.device.cmp(&b.device));
+        devices
+    }
+
+    /// Cuts a device off: it can no longer sign in, its token families are revoked, and its
+    /// open sessions end at once.
+    pub fn revoke(&self, device: &str, now_ms: u64) -> Result<DeviceRecord, AccountError> {
+        let mut state = self.lock();
+        let mut record = state
+            .devices
+            .get(device)
+            .cloned()
+            .ok_or_else(|| AccountError::NoDevice(device.to_string()))?;
+        record.revoked_ms.get_or_insert(now_ms);
+        let mut batch = Batch::default();
+        batch.put(key(b'D', device.as_bytes()), encode(&record));
+        let mut families = Vec::new();
+        for (k, v) in self.kv.range(b"F", b"G", usize::MAX)? {
+            let mut family: Family = decode("token family", &v)?;
+            if family.device == device && !family.revoked {
+                family.revoked = true;
+                batch.put(k, encode(&family));
+                families.push(family.id);
+            }
+        }
+        self.commit(batch)?;
+        state.devices.insert(device.to_string(), record.clone());
+        state.revoked_families.extend(families);
+        drop(state);
+        let _ = self
+            .revocations
+            .send(Revocation::Device(device.to_string()));
+        tracing::info!(device, account = record.account, "device revoked");
+        Ok(record)
+    }
+
+    /// Makes a new signing key current; the one it replaces still verifies tokens for the
+    /// policy's overlap window, then is dropped.
+    pub fn rotate_signing_key(&self, now_ms: u64) -> Result<String, AccountError> {
+        let now_s = now_ms / 1000;
+        let seed: [u8; 32] = self.random()?;
+        let kid: [u8; 8] = self.random()?;
+        let entry = SigningKeyEntry::from_seed(hex(&kid), seed, now_s);
+        let kid = entry.kid.clone();
+        let mut state = self.lock();
+        let mut ring = state.ring.clone();
+        ring.rotate(entry, now_s, &self.policy);
+        let mut batch = Batch::default();
+        for dropped in state.ring.entries().map(|e| e.kid.clone()) {
+            if !ring.entries().any(|e| e.kid == dropped) {
+                batch.remove(key(b'K', dropped.as_bytes()));
+            }
+        }
+        for entry in ring.entries() {
+            let stored = StoredKey {
+                kid: entry.kid.clone(),
+                seed: entry.seed(),
+                created_s: entry.created_s,
+                retired_s: entry.retired_s,
+            };
+            batch.put(key(b'K', entry.kid.as_bytes()), encode(&stored));
+        }
+        self.commit(batch)?;
+        state.ring = ring;
+        tracing::info!(kid, "token signing key rotated");
+        Ok(kid)
+    }
+
+    /// How old the current signing key is, in seconds.
+    pub fn signing_key_age_s(&self, now_ms: u64) -> u64 {
+        self.lock()
+            .ring
+            .current()
+            .map_or(u64::MAX, |k| (now_ms / 1000).saturating_sub(k.created_s))
+    }
+
+    /// Checks an access token, including that its device and family are not revoked: for
+    /// sessions resuming with one, and for the HTTP API.
+    pub fn check_access(&self, token: &str, now_ms: u64) -> Result<Claims, Denied> {
+        let state = self.lock();
+        let claims = token::verify_access(&state.ring, &self.policy, token, now_ms / 1000)
+            .map_err(Denied::Token)?;
+        let device = state
+            .devices
+            .get(&claims.device)
+            .filter(|d| d.account == claims.sub)
+            .ok_or(Denied::NotRegistered)?;
+        if device.revoked_ms.is_some() {
+            return Err(Denied::Revoked);
+        }
+        if state.revoked_families.contains(&claims.fam) {
+            return Err(Denied::Refresh(RefreshError::Revoked));
+        }
+        Ok(claims)
+    }
+
+    /// Whether a session signed in as `device` with a token of `family` may go on.
+    pub fn still_admitted(&self, device: &str, family: &str) -> bool {
+        let state = self.lock();
+        let device_ok = state
+            .devices
+            .get(device)
+            .is_some_and(|d| d.revoked_ms.is_none());
+        device_ok && !state.revoked_families.contains(family)
+    }
+
+    /// Decides whether the device with `public_key` (whose signature the session checked) may
+    /// use `space`, given its credential.
+    pub fn admit(
+        &self,
+        public_key: [u8; 32],
+        device: &str,
+        space: &str,
+        credential: &Credential,
+        now_ms: u64,
+    ) -> Result<Admitted, Denied> {
+        match credential {
+            Credential::Enrol(code) => self.register(public_key, device, space, code, now_ms),
+            Credential::Access(token) => {
+                let claims = self.check_access(token.expose(), now_ms)?;
+                claims.require_device(device).map_err(Denied::Token)?;
+                if claims.sub != space {
+                    return Err(Denied::NotRegistered);
+                }
+                self.seen(device, now_ms);
+                Ok(Admitted {
+                    account: claims.sub,
+                    device: device.to_string(),
+                    family: claims.fam,
+                    grant: Grant {
+                        expires_ms: claims.exp.saturating_mul(1000),
+                        tokens: None,
+                    },
+                })
+            }
+            Credential::Refresh(refresh) => {
+                self.member(device, space)?;
+                let (family, tokens) = self.rotate(refresh, device, now_ms)?;
+                Ok(self.admitted(space, device, family, tokens))
+            }
+            Credential::Key => {
+                self.member(device, space)?;
+                let (family, tokens) = self.start_family(space, device, now_ms)?;
+                Ok(self.admitted(space, device, family, tokens))
+            }
+        }
+    }
+
+    /// A session's refresh: the device rotates its refresh token and gets new tokens.
+    pub fn refresh(
+        &self,
+        device: &str,
+        space: &str,
+        refresh: &Secret,
+        now_ms: u64,
+    ) -> Result<(String, Tokens), Denied> {
+        self.member(device, space)?;
+        self.rotate(refresh, device, now_ms)
+    }
+
+    fn admitted(&self, account: &str, device: &str, family: String, tokens: Tokens) -> Admitted {
+        Admitted {
+            account: account.to_string(),
+            device: device.to_string(),
+            family,
+            grant: Grant {
+                expires_ms: tokens.access_expires_ms,
+                tokens: Some(tokens),
+            },
+        }
+    }
+
+    fn seen(&self, device: &str, now_ms: u64) {
+        if let Some(record) = self.lock().devices.get_mut(device) {
+            record.last_sign_in_ms = record.last_sign_in_ms.max(now_ms);
+        }
+    }
+
+    /// The device is registered in `space` and not revoked. An unknown account and a device of
+    /// another account get the same answer.
+    fn member(&self, device: &str, space: &str) -> Result<(), Denied> {
+        match self.lock().devices.get(device) {
+            Some(d) if d.account != space => Err(Denied::NotRegistered),
+            Some(d) if d.revoked_ms.is_some() => Err(Denied::Revoked),
+            Some(_) => Ok(()),
+            None => Err(Denied::NotRegistered),
+        }
+    }
+
+    fn register(
+        &self,
+        public_key: [u8; 32],
+        device: &str,
+        space: &str,
+        code: &Secret,
+        now_ms: u64,
+    ) -> Result<Admitted, Denied> {
+        let (account, secret) = code.expose().split_once('/').ok_or(Denied::Enrolment)?;
+        if account != space {
+            return Err(Denied::Enrolment);
+        }
+        let code_key = key(b'E', &code_hash(secret));
+        let enrolment: EnrolmentRecord = match self.kv.get(&code_key).map_err(AccountError::from)? {
+            Some(bytes) => decode("enrolment code", &bytes)?,
+            None => return Err(Denied::Enrolment),
+        };
+        if enrolment.account != account || enrolment.expires_ms <= now_ms {
+            return Err(Denied::Enrolment);
+        }
+        let mut state = self.lock();
+        if let Some(existing) = state.devices.get(device)
+            && existing.account != account
+            && existing.revoked_ms.is_none()
+        {
+            return Err(Denied::OtherAccount);
+        }
+        let record = DeviceRecord {
+            device: device.to_string(),
+            account: account.to_string(),
+            public_key,
+            registered_ms: now_ms,
+            revoked_ms: None,
+            last_sign_in_ms: now_ms,
+        };
+        let mut batch = Batch::default();
+        batch.remove(code_key);
+        batch.put(key(b'D', device.as_bytes()), encode(&record));
+        let (family, tokens, family_record) = self.new_family(&state, account, device, now_ms)?;
+        batch.put(key(b'F', family.as_bytes()), encode(&family_record));
+        self.commit(batch)?;
+        state.devices.insert(device.to_string(), record);
+        drop(state);
+        tracing::info!(device, account, "device registered");
+        Ok(self.admitted(account, device, family, tokens))
+    }
+
+    fn new_family(
+        &self,
+        state: &State,
+        account: &str,
+        device: &str,
+        now_ms: u64,
+    ) -> Result<(String, Tokens, Family), AccountError> {
+        let now_s = now_ms / 1000;
+        let family = hex(&self.random::<16>()?);
+        let refresh = RefreshToken::new(family.clone(), self.random()?)?;
+        let record = Family::start(
+            family.clone(),
+            account.to_string(),
+            device.to_string(),
+            &refresh,
+            now_s,
+            self.policy.refresh_ttl_s,
+        );
+        let tokens = self.issue(
+            state,
+            account,
+            device,
+            &family,
+            &refresh,
+            record.expires_s,
+            now_ms,
+        )?;
+        Ok((family, tokens, record))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn issue(
+        &self,
+        state: &State,
+        account: &str,
+        device: &str,
+        family: &str,
+        refresh: &RefreshToken,
+        refresh_expires_s: u64,
+        now_ms: u64,
+    ) -> Result<Tokens, AccountError> {
+        let (access, claims) = token::issue_access(
+            &state.ring,
+            &self.policy,
+            account,
+            device,
+            family,
+            now_ms / 1000,
+            self.random()?,
+        )?;
+        Ok(Tokens {
+            access: Secret::new(access),
+            access_expires_ms: claims.exp.saturating_mul(1000),
+            refresh: Secret::new(refresh.encode()),
+            refresh_expires_ms: refresh_expires_s.saturating_mul(1000),
+        })
+    }
+
+    fn start_family(
+        &self,
+        account: &str,
+        device: &str,
+        now_ms: u64,
+    ) -> Result<(String, Tokens), Denied> {
+        let mut state = self.lock();
+        let (family, tokens, record) = self.new_family(&state, account, device, now_ms)?;
+        let mut batch = Batch::default();
+        batch.put(key(b'F', family.as_bytes()), encode(&record));
+        if let Some(device_record) = state.devices.get_mut(device) {
+            device_record.last_sign_in_ms = now_ms;
+            batch.put(key(b'D', device.as_bytes()), encode(&*device_record));
+        }
+        self.commit(batch)?;
+        Ok((family, tokens))
+    }
+
+    fn rotate(
+        &self,
+        presented: &Secret,
+        device: &str,
+        now_ms: u64,
+    ) -> Result<(String, Tokens), Denied> {
+        let presented = RefreshToken::parse(presented.expose())
+            .map_err(|_| Denied::Refresh(RefreshError::Unknown))?;
+        let family_key = key(b'F', presented.family.as_bytes());
+        let mut state = self.lock();
+        let mut family: Family = match self.kv.get(&family_key).map_err(AccountError::from)? {
+            Some(bytes) => decode("token family", &bytes)?,
+            None => return Err(Denied::Refresh(RefreshError::Unknown)),
+        };
+        let next =
+            RefreshToken::new(family.id.clone(), self.random()?).map_err(AccountError::from)?;
+        let now_s = now_ms / 1000;
+        match family.rotate(&presented, &next, device, now_s, self.policy.refresh_ttl_s) {
+            Ok(()) => {}
+            Err(RefreshError::Reused) => {
+                let mut batch = Batch::default();
+                batch.put(family_key, encode(&family));
+                self.commit(batch)?;
+                state.revoked_families.insert(family.id.clone());
+                drop(state);
+                let _ = self.revocations.send(Revocation::Family(family.id.clone()));
+                tracing::warn!(
+                    device,
+                    family = family.id,
+                    "a rotated refresh token was used again: its family is revoked"
+                );
+                return Err(Denied::Refresh(RefreshError::Reused));
+            }
+            Err(e) => return Err(Denied::Refresh(e)),
+        }
+        let tokens = self.issue(
+            &state,
+            &family.account,
+            device,
+            &family.id,
+            &next,
+            family.expires_s,
+            now_ms,
+        )?;
+        let mut batch = Batch::default();
+        batch.put(family_key, encode(&family));
+        if let Some(device_record) = state.devices.get_mut(device) {
+            device_record.last_sign_in_ms = now_ms;
+            batch.put(key(b'D', device.as_bytes()), encode(&*device_record));
+        }
+        self.commit(batch)?;
+        Ok((family.id, tokens))
+    }
+}
