@@ -226,6 +226,8 @@ fn main() {
 /// A running `ferry relay`; killed when dropped.
 struct Relay {
     process: Guarded,
+    /// Its data directory, where the operator's commands find it.
+    dir: PathBuf,
     /// The address it serves on, as devices write it in `sync.relay`.
     listen: String,
     fingerprint: String,
@@ -279,6 +281,7 @@ impl Relay {
                 .to_string()
         };
         Relay {
+            dir: dir.to_owned(),
             listen: field("listen"),
             fingerprint: field("fingerprint"),
             process,
@@ -353,8 +356,12 @@ fn new_device(o: &Options) -> Device {
     device
 }
 
-/// Points the device at the relay: `sync.relay` and `sync.fingerprint`.
+/// Points the device at the relay (`sync.relay` and `sync.fingerprint`) and registers it in
+/// the `default` account.
 fn join_relay(device: &Device, relay: &Relay) {
+    let operator = common::Operator(&relay.dir);
+    operator.add_account("default");
+    device.register_at(&operator, &relay.listen, &relay.fingerprint, "default");
     edit_config(
         device,
         "\nrelay = \"\"",

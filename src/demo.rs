@@ -247,13 +247,39 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Value, String> {
 fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Value, String> {
     let resolve =
         |name: &str| DataDir::resolve(Some(&dir.path().join(name))).map_err(|e| e.to_string());
-    let relay = start_relay(&resolve("relay")?, config)?;
+    let relay_dir = resolve("relay")?;
+    let relay = start_relay(&relay_dir, config)?;
     let mut synced = config.clone();
     synced.sync.relay = relay.ready.listen.to_string();
     synced.sync.fingerprint = relay.ready.fingerprint.to_string();
+    let device_b = resolve("device-b")?;
+    device_b.init(EXAMPLE_CONFIG).map_err(|e| e.to_string())?;
+    // As an operator and two users would: an account, a code each, and `ferry register`.
+    let mut operator = Client::connect(&relay::admin::socket_path(&relay_dir))
+        .map_err(|e| format!("cannot reach the relay's operator socket: {e}"))?;
+    let account = synced.sync.space.clone();
+    operator
+        .call("account.add", json!({ "name": account }))
+        .map_err(|e| format!("account.add: {e}"))?;
+    for device in [dir, &device_b] {
+        let code = operator
+            .call("enrol", json!({ "account": account }))
+            .map_err(|e| format!("enrol: {e}"))?;
+        let key = device.identity().map_err(|e| e.to_string())?;
+        let code = ferry_proto::wire::Secret::new(code["code"].as_str().unwrap_or_default());
+        daemon::runtime()
+            .map_err(|e| e.to_string())?
+            .block_on(crate::engine::register_device(
+                device.path(),
+                key.signing_key().clone(),
+                &synced.sync,
+                code,
+            ))
+            .map_err(|e| format!("registering {}: {e}", device.path().display()))?;
+    }
     let started = Instant::now();
     let a = start_daemon(dir, &synced)?;
-    let b = start_daemon(&resolve("device-b")?, &synced)?;
+    let b = start_daemon(&device_b, &synced)?;
     let outcome = watch_sync(&a.ready, &b.ready, expected_docs, started);
     let fingerprint = relay.ready.fingerprint.to_string();
     let stopped = [

@@ -51,6 +51,8 @@ pub enum EngineError {
     NotConfigured,
     #[error("the relay refused the registration: {0}")]
     Refused(SessionError),
+    #[error("registered, but {0}")]
+    Credentials(#[from] credentials::CredentialsError),
 }
 
 /// The class of a sync failure, as status, logs and the SyncLog show it: the five kinds of the
@@ -64,6 +66,7 @@ pub fn error_kind(error: &EngineError) -> &'static str {
         }
         EngineError::Stopped | EngineError::NotConfigured => ErrorKind::Network.as_str(),
         EngineError::Refused(e) => e.kind().as_str(),
+        EngineError::Credentials(_) => "storage",
     }
 }
 
@@ -882,10 +885,35 @@ pub fn carry_out(
     Ok(found)
 }
 
-#[tracing::instrument(name = "sync.initialization", skip_all, fields(relay = %settings.relay))]
+/// Registers the device whose data directory is `data_dir` (and whose key is `key`) with the
+/// relay `sync` names, in the account `sync.space`, with a one-time enrolment code; keeps the
+/// registration and the tokens the relay issues in the data directory for the daemon.
+pub async fn register_device(
+    data_dir: &std::path::Path,
+    key: SigningKey,
+    sync: &SyncConfig,
+    code: ferry_proto::wire::Secret,
+) -> Result<credentials::Registration, EngineError> {
+    let settings = SyncSettings::from_config(sync)?.ok_or(EngineError::NotConfigured)?;
+    let device = ferry_proto::session::device_id(key.verifying_key().as_bytes());
+    let tokens = register(&settings, key, code).await?;
+    let registration = credentials::Registration {
+        relay: sync.relay.clone(),
+        server_name: sync.server_name.clone(),
+        fingerprint: sync.fingerprint.clone(),
+        ca_file: sync.ca_file.clone(),
+        account: sync.space.clone(),
+        device,
+        registered_ms: now_ms(),
+    };
+    TokenFile::new(data_dir).save(&tokens)?;
+    registration.save(data_dir)?;
+    Ok(registration)
+}
+
 /// Registers this device (its `key`) in the account `settings.space` with a one-time enrolment
 /// code, and returns the tokens the relay issues. Only the handshake is run: nothing syncs.
-pub async fn register(
+async fn register(
     settings: &SyncSettings,
     key: SigningKey,
     code: ferry_proto::wire::Secret,
@@ -945,6 +973,7 @@ pub async fn register(
     }
 }
 
+#[tracing::instrument(name = "sync.initialization", skip_all, fields(relay = %settings.relay))]
 async fn connect(settings: &SyncSettings) -> Result<Link, EngineError> {
     let addr = resolve(&settings.relay).await?;
     let options = settings.transport_options();

@@ -6,9 +6,8 @@
 //! Must not touch: accounts' storage; sessions beyond `engine::register`.
 
 use super::{Context, Failure, format_ms, print_json, runtime};
-use crate::auth::credentials::{Registration, TokenFile};
 use crate::config::SyncConfig;
-use crate::engine::{self, SyncSettings};
+use crate::engine::{self, EngineError};
 use crate::ipc::{Client, ClientError};
 use crate::relay::accounts::{Accounts, os_random};
 use crate::relay::admin::{self, AdminOptions};
@@ -189,38 +188,29 @@ pub(super) fn register(ctx: &Context, args: RegisterArgs) -> Result<(), Failure>
         ));
     };
     let sync = SyncConfig {
-        relay: args.relay.clone(),
-        server_name: args.server_name.clone(),
-        fingerprint: args.fingerprint.clone().unwrap_or_default(),
-        ca_file: args.ca_file.clone().unwrap_or_default(),
+        enabled: true,
+        relay: args.relay,
+        server_name: args.server_name,
+        fingerprint: args.fingerprint.unwrap_or_default(),
+        ca_file: args.ca_file.unwrap_or_default(),
         space: account.to_string(),
         ..ctx.config.sync.clone()
     };
-    let settings = SyncSettings::from_config(&sync)
-        .map_err(|e| Failure::usage(e.to_string()))?
-        .ok_or_else(|| Failure::usage("--relay must name the relay as HOST:PORT"))?;
     let identity = ctx.dir.identity()?;
     let device = identity.device_id();
-    let tokens = runtime()?
-        .block_on(engine::register(
-            &settings,
+    let registration = runtime()?
+        .block_on(engine::register_device(
+            ctx.dir.path(),
             identity.signing_key().clone(),
+            &sync,
             Secret::new(code.clone()),
         ))
-        .map_err(|e| Failure::failed(e.to_string()))?;
-    let registration = Registration {
-        relay: args.relay,
-        server_name: args.server_name,
-        fingerprint: sync.fingerprint,
-        ca_file: sync.ca_file,
-        account: account.to_string(),
-        device: device.clone(),
-        registered_ms: engine::now_ms(),
-    };
-    let saved = TokenFile::new(ctx.dir.path())
-        .save(&tokens)
-        .and_then(|()| registration.save(ctx.dir.path()));
-    saved.map_err(|e| Failure::failed(format!("registered, but {e}")))?;
+        .map_err(|e| match e {
+            EngineError::NotConfigured
+            | EngineError::RelayAddress(..)
+            | EngineError::Fingerprint(_) => Failure::usage(e.to_string()),
+            other => Failure::failed(other.to_string()),
+        })?;
     if ctx.json {
         print_json(&json!({ "device": device, "account": account, "relay": registration.relay }));
     } else {

@@ -203,7 +203,7 @@ impl Device {
     pub fn join_account(&self, relay: &Relay, account: &str) {
         self.set_sync(&relay.addr, &relay.fingerprint);
         if account != "default" {
-            relay.add_account(account);
+            relay.operator().add_account(account);
             self.edit_config(|text| {
                 text.replacen(
                     "\nspace = \"default\"",
@@ -217,13 +217,19 @@ impl Device {
 
     /// Registers this device in `relay`'s `account` with a fresh enrolment code.
     pub fn register(&self, relay: &Relay, account: &str) {
-        let code = relay.enrol(account);
+        self.register_at(&relay.operator(), &relay.addr, &relay.fingerprint, account);
+    }
+
+    /// Registers this device with the relay at `addr` (pinning `fingerprint`) in `account`,
+    /// with a code `operator` makes.
+    pub fn register_at(&self, operator: &Operator, addr: &str, fingerprint: &str, account: &str) {
+        let code = operator.enrol(account);
         let out = self.ferry(&[
             "register",
             "--relay",
-            &relay.addr,
+            addr,
             "--fingerprint",
-            &relay.fingerprint,
+            fingerprint,
             "--code",
             &code,
         ]);
@@ -249,6 +255,42 @@ fn append_log(path: &std::path::Path) -> std::fs::File {
         .append(true)
         .open(path)
         .expect("open a log file")
+}
+
+/// The relay operator's commands, on a relay's data directory (they reach a running relay
+/// through its socket).
+pub struct Operator<'a>(pub &'a std::path::Path);
+
+impl Operator<'_> {
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(ferry_bin())
+            .arg("--data-dir")
+            .arg(self.0)
+            .args(args)
+            .env_remove("FERRY_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ferry")
+    }
+
+    /// Creates `account` unless it exists (a restarted relay has its accounts already).
+    pub fn add_account(&self, account: &str) {
+        let out = self.ferry(&["relay", "account", "add", account]);
+        assert!(
+            out.status.success() || stderr(&out).contains("already exists"),
+            "creating the relay's account failed: {out:?}"
+        );
+    }
+
+    /// A one-time code that registers one device in `account`.
+    pub fn enrol(&self, account: &str) -> String {
+        let out = self.ferry(&["--json", "relay", "enrol", account]);
+        assert!(out.status.success(), "ferry relay enrol failed: {out:?}");
+        let answer: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("enrol prints JSON");
+        answer["code"].as_str().expect("a code").to_string()
+    }
 }
 
 /// A running `ferry relay` process; killed with SIGKILL when dropped. Its log goes to
@@ -330,40 +372,12 @@ impl Relay {
             port,
             fingerprint,
         };
-        relay.add_account("default");
+        relay.operator().add_account("default");
         relay
     }
 
-    /// Creates `account` unless it exists (a restarted relay has its accounts already).
-    pub fn add_account(&self, account: &str) {
-        let out = self.ferry(&["relay", "account", "add", account]);
-        assert!(
-            out.status.success() || stderr(&out).contains("already exists"),
-            "creating the relay's account failed: {out:?}"
-        );
-    }
-
-    /// Runs a `ferry` command on the relay's data directory (operator commands reach the
-    /// running relay through its socket).
-    pub fn ferry(&self, args: &[&str]) -> Output {
-        Command::new(ferry_bin())
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(args)
-            .env_remove("FERRY_CONFIG")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run ferry")
-    }
-
-    /// A one-time code that registers one device in `account`.
-    pub fn enrol(&self, account: &str) -> String {
-        let out = self.ferry(&["--json", "relay", "enrol", account]);
-        assert!(out.status.success(), "ferry relay enrol failed: {out:?}");
-        let answer: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("enrol prints JSON");
-        answer["code"].as_str().expect("a code").to_string()
+    pub fn operator(&self) -> Operator<'_> {
+        Operator(&self.data_dir)
     }
 
     /// SIGKILL: whatever the relay had not made durable is gone.
