@@ -49,7 +49,7 @@ pub enum EngineError {
     Stopped,
     #[error("sync is not configured: set sync.relay and sync.fingerprint in the config file")]
     NotConfigured,
-    #[error("the relay refused the registration: {0}")]
+    #[error("the relay did not let the device in: {0}")]
     Refused(SessionError),
     #[error("registered, but {0}")]
     Credentials(#[from] credentials::CredentialsError),
@@ -896,7 +896,15 @@ pub async fn register_device(
 ) -> Result<credentials::Registration, EngineError> {
     let settings = SyncSettings::from_config(sync)?.ok_or(EngineError::NotConfigured)?;
     let device = ferry_proto::session::device_id(key.verifying_key().as_bytes());
-    let tokens = register(&settings, key, code).await?;
+    let signed_in = sign_in(&settings, key, Credential::Enrol(code)).await?;
+    let tokens = signed_in.tokens.clone();
+    signed_in.closed().await;
+    let tokens = tokens.ok_or_else(|| {
+        EngineError::Refused(SessionError::Protocol {
+            code: ErrorCode::Malformed,
+            message: "the relay registered the device without issuing tokens".into(),
+        })
+    })?;
     let registration = credentials::Registration {
         relay: sync.relay.clone(),
         server_name: sync.server_name.clone(),
@@ -911,13 +919,27 @@ pub async fn register_device(
     Ok(registration)
 }
 
-/// Registers this device (its `key`) in the account `settings.space` with a one-time enrolment
-/// code, and returns the tokens the relay issues. Only the handshake is run: nothing syncs.
-async fn register(
+/// A finished sign-in: the tokens the relay issued (none for a still valid access token), and the
+/// connection, closed but still telling the relay so.
+pub struct SignedIn {
+    pub tokens: Option<ferry_proto::wire::Tokens>,
+    endpoint: quinn::Endpoint,
+}
+
+impl SignedIn {
+    /// Waits until the relay has been told the connection is closed (before a process exits).
+    pub async fn closed(self) {
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Signs in to the relay as the device with `key`, in the account `settings.space`, showing
+/// `credential`. Only the handshake is run: nothing syncs.
+pub async fn sign_in(
     settings: &SyncSettings,
     key: SigningKey,
-    code: ferry_proto::wire::Secret,
-) -> Result<ferry_proto::wire::Tokens, EngineError> {
+    credential: Credential,
+) -> Result<SignedIn, EngineError> {
     transport::install_crypto_provider();
     let (endpoint, connection, mut sender, mut incoming) = connect(settings).await?;
     let binding = transport::channel_binding(&connection)?;
@@ -927,16 +949,18 @@ async fn register(
         settings.space.clone(),
         binding.to_vec(),
         0,
-        Credential::Enrol(code),
+        credential,
         None,
         now_ms(),
     );
     let mut tokens = None;
+    let mut signed_in = false;
     let mut refusal = None;
     loop {
         while let Some(event) = session.poll_event() {
             match event {
                 DeviceEvent::Tokens { tokens: issued } => tokens = Some(issued),
+                DeviceEvent::Authenticated { .. } => signed_in = true,
                 DeviceEvent::Closed { error } => refusal = error,
                 _ => {}
             }
@@ -961,15 +985,13 @@ async fn register(
         }
     }
     let _ = sender.finish();
-    connection.close(0u32.into(), b"registered");
-    endpoint.wait_idle().await;
-    match (tokens, refusal) {
-        (Some(tokens), _) => Ok(tokens),
-        (None, Some(error)) => Err(EngineError::Refused(error)),
-        (None, None) => Err(EngineError::Refused(SessionError::Protocol {
-            code: ErrorCode::Malformed,
-            message: "the relay let the device in without issuing tokens".into(),
-        })),
+    connection.close(0u32.into(), b"signed in");
+    match (signed_in, refusal) {
+        (true, _) => Ok(SignedIn { tokens, endpoint }),
+        (false, error) => {
+            endpoint.wait_idle().await;
+            Err(EngineError::Refused(error.unwrap_or(SessionError::Ended)))
+        }
     }
 }
 
