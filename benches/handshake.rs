@@ -136,7 +136,7 @@ fn main() {
                     &endpoint,
                     addr,
                     "localhost",
-                    &transport::ServerTrust::Pinned(listening.fingerprint.clone()),
+                    &transport::ServerTrust::Pinned(listening.fingerprint),
                     &options,
                 )
                 .await
