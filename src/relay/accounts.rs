@@ -396,7 +396,8 @@ impl Accounts {
     }
 
     /// Makes a new signing key current; the one it replaces still verifies tokens for the
-    /// policy's overlap window, then is dropped.
+    /// policy's overlap window, then is dropped. Token families past their expiry are removed
+    /// at the same time: nothing they issued can verify any more.
     pub fn rotate_signing_key(&self, now_ms: u64) -> Result<String, AccountError> {
         let now_s = now_ms / 1000;
         let seed: [u8; 32] = self.random()?;
@@ -412,6 +413,14 @@ impl Accounts {
                 batch.remove(key(b'K', dropped.as_bytes()));
             }
         }
+        let mut expired = Vec::new();
+        for (k, v) in self.kv.range(b"F", b"G", usize::MAX)? {
+            let family: Family = decode("token family", &v)?;
+            if family.expires_s <= now_s {
+                batch.remove(k);
+                expired.push(family.id);
+            }
+        }
         for entry in ring.entries() {
             let stored = StoredKey {
                 kid: entry.kid.clone(),
@@ -423,7 +432,14 @@ impl Accounts {
         }
         self.commit(batch)?;
         state.ring = ring;
-        tracing::info!(kid, "token signing key rotated");
+        for id in &expired {
+            state.revoked_families.remove(id);
+        }
+        tracing::info!(
+            kid,
+            expired_families = expired.len(),
+            "token signing key rotated"
+        );
         Ok(kid)
     }
 
@@ -723,5 +739,116 @@ impl Accounts {
         }
         self.commit(batch)?;
         Ok((family.id, tokens))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::kv::MemoryKv;
+
+    const DAY_MS: u64 = 86_400_000;
+
+    fn open(kv: &MemoryKv, now_ms: u64) -> Accounts {
+        let counter = std::sync::atomic::AtomicU8::new(0);
+        let random: RandomSource = Arc::new(move |bytes: &mut [u8]| {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            bytes
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = n ^ i as u8);
+            Ok(())
+        });
+        Accounts::open(Arc::new(kv.clone()), TokenPolicy::default(), random, now_ms).unwrap()
+    }
+
+    fn families(kv: &MemoryKv) -> usize {
+        kv.range(b"F", b"G", usize::MAX).unwrap().len()
+    }
+
+    #[test]
+    fn a_registered_device_signs_in_and_expired_families_go_at_the_next_rotation() {
+        let kv = MemoryKv::new();
+        let accounts = open(&kv, 0);
+        accounts.add_account("team", 0).unwrap();
+        let code = accounts.enrol("team", DAY_MS, 0).unwrap();
+        let device = "00112233445566778899aabbccddeeff";
+        let enrolled = accounts
+            .admit(
+                [1; 32],
+                device,
+                "team",
+                &Credential::Enrol(Secret::new(code.code.clone())),
+                0,
+            )
+            .unwrap();
+        assert!(enrolled.grant.tokens.is_some());
+        // The code is spent.
+        assert!(matches!(
+            accounts.admit(
+                [1; 32],
+                device,
+                "team",
+                &Credential::Enrol(Secret::new(code.code)),
+                0
+            ),
+            Err(Denied::Enrolment)
+        ));
+        accounts
+            .admit([1; 32], device, "team", &Credential::Key, 1_000)
+            .unwrap();
+        assert_eq!(families(&kv), 2);
+
+        // Reopened (a restarted relay): the device and its families are still there.
+        let accounts = open(&kv, 2_000);
+        accounts
+            .admit([1; 32], device, "team", &Credential::Key, 2_000)
+            .unwrap();
+        assert_eq!(families(&kv), 3);
+        let ttl_ms = TokenPolicy::default().refresh_ttl_s * 1000;
+        accounts.rotate_signing_key(ttl_ms + 2_000).unwrap();
+        assert_eq!(families(&kv), 0, "every family had expired");
+        assert_eq!(accounts.devices(Some("team")).len(), 1, "the device stays");
+    }
+
+    #[test]
+    fn revoking_a_device_revokes_its_families_and_tells_live_sessions() {
+        let kv = MemoryKv::new();
+        let accounts = open(&kv, 0);
+        accounts.add_account("team", 0).unwrap();
+        let code = accounts.enrol("team", DAY_MS, 0).unwrap();
+        let device = "ffeeddccbbaa99887766554433221100";
+        let admitted = accounts
+            .admit(
+                [2; 32],
+                device,
+                "team",
+                &Credential::Enrol(Secret::new(code.code)),
+                0,
+            )
+            .unwrap();
+        let mut revocations = accounts.subscribe_revocations();
+        assert!(accounts.still_admitted(device, &admitted.family));
+        accounts.revoke(device, 5).unwrap();
+        assert_eq!(
+            revocations.try_recv().unwrap(),
+            Revocation::Device(device.into())
+        );
+        assert!(!accounts.still_admitted(device, &admitted.family));
+        let access = admitted.grant.tokens.unwrap().access;
+        assert!(matches!(
+            accounts.admit([2; 32], device, "team", &Credential::Access(access), 6),
+            Err(Denied::Revoked)
+        ));
+        assert!(matches!(
+            accounts.admit([2; 32], device, "team", &Credential::Key, 6),
+            Err(Denied::Revoked)
+        ));
+        // Revocation survives a restart.
+        let accounts = open(&kv, 7);
+        assert!(matches!(
+            accounts.admit([2; 32], device, "team", &Credential::Key, 7),
+            Err(Denied::Revoked)
+        ));
     }
 }
