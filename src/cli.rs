@@ -22,6 +22,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 mod conflicts;
+mod key;
 
 const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
 
@@ -129,6 +130,11 @@ enum Command {
         /// Start after this conflict id (the `next` of the previous page)
         #[arg(long)]
         after: Option<String>,
+    },
+    /// The account key that encrypts the fields collections declare `encrypted`
+    Key {
+        #[command(subcommand)]
+        action: key::Action,
     },
     /// Put failed queue entries back to pending
     Retry {
@@ -322,6 +328,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             },
         ),
         Command::Relay { listen } => run_relay(&ctx, listen.as_deref()),
+        Command::Key { action } => key::run(&ctx, action),
         Command::Export {
             target,
             format,
@@ -778,6 +785,7 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         | Command::Sync { .. }
         | Command::Conflicts { .. }
         | Command::Relay { .. }
+        | Command::Key { .. }
         | Command::Export { .. } => unreachable!("handled in run()"),
     }
     Ok(())

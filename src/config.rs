@@ -220,6 +220,9 @@ pub struct CollectionConfig {
     pub unique: Vec<Vec<String>>,
     /// Top-level string fields merged character by character (Automerge text).
     pub text: Vec<String>,
+    /// Top-level fields encrypted on the device with the account key (`ferry key set`): the
+    /// relay stores and forwards them but cannot read them. Not allowed in `unique` or `text`.
+    pub encrypted: Vec<String>,
 }
 
 impl CollectionConfig {
@@ -231,6 +234,7 @@ impl CollectionConfig {
                 .unwrap_or(crate::resolve::DeleteRule::default_for(self.strategy)),
             unique: self.unique.clone(),
             text: std::sync::Arc::new(self.text.iter().cloned().collect()),
+            encrypted: std::sync::Arc::new(self.encrypted.iter().cloned().collect()),
         }
     }
 }
@@ -273,6 +277,22 @@ impl Config {
             {
                 return Err(format!(
                     "[collections.{name}] unique: {fields:?} must name one or more fields, none starting with `$`"
+                ));
+            }
+            if let Some(field) = collection
+                .encrypted
+                .iter()
+                .find(|f| f.is_empty() || f.starts_with('$'))
+            {
+                return Err(format!(
+                    "[collections.{name}] encrypted: {field:?} is not a field name (empty or starting with `$`)"
+                ));
+            }
+            if let Some(field) = collection.encrypted.iter().find(|f| {
+                collection.text.contains(f) || collection.unique.iter().any(|u| u.contains(f))
+            }) {
+                return Err(format!(
+                    "[collections.{name}] field {field:?} is both encrypted and in `unique` or `text`: an encrypted value is opaque to the relay and merged as a whole, so remove it from one of the lists"
                 ));
             }
         }
@@ -353,6 +373,7 @@ impl Config {
                     .map(|(name, c)| (name.clone(), c.policy()))
                     .collect(),
             },
+            keyring: Default::default(),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! Must not touch: method semantics (that is `service`), framing (that is `ipc`).
 
 use crate::config::{Config, ConfigError};
+use crate::crypt::{AccountKey, KeyError, Keyring};
 use crate::datadir::{DataDir, DataDirError, DirLock};
 use crate::engine::{self, EngineError, SyncSettings};
 use crate::ipc::{self, ServerOptions};
@@ -27,6 +28,8 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("cannot start syncing: {0}")]
     Sync(#[from] EngineError),
     #[error("could not flush the store while stopping: {0}")]
@@ -90,10 +93,12 @@ pub fn open_store(dir: &DataDir, config: &Config) -> Result<OpenStore, DaemonErr
         )))
         .into());
     }
+    let mut options = config.store_options();
+    options.keyring = Arc::new(Keyring::with(AccountKey::load(&dir.account_key_path())?));
     let store = Store::open(
         Box::new(kv),
         &identity.device_id(),
-        config.store_options(),
+        options,
         Arc::new(SystemClock),
     )?;
     Ok(OpenStore {

@@ -21,6 +21,8 @@ use serde_json::{Map, Number, Value};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use crate::crypt::SEALED_KEY;
+
 /// Root key whose value `true` marks a deleted record. A delete is a change like any other, so a
 /// concurrent update elsewhere meets it and the conflict can be seen.
 pub const DELETED_KEY: &str = "$deleted";
@@ -205,6 +207,17 @@ pub fn validate_fields(fields: &Fields, limits: &Limits) -> Result<(), RecordErr
     if let Some(name) = fields.keys().find(|k| k.starts_with('$')) {
         return Err(RecordError::ReservedField { name: name.clone() });
     }
+    if fields.values().any(crate::crypt::refuses_sealed) {
+        return Err(RecordError::ReservedField {
+            name: SEALED_KEY.into(),
+        });
+    }
+    validate_shape(fields, limits)
+}
+
+/// `validate_fields` without the checks on names: for a record's whole state after a write,
+/// which holds encrypted fields as markers.
+pub fn validate_shape(fields: &Fields, limits: &Limits) -> Result<(), RecordError> {
     // The record's own object is level 1.
     for value in fields.values() {
         check_depth(value, 2, limits.max_depth)?;
@@ -664,6 +677,16 @@ fn write_at_key(
     };
     let nested = style.nested();
     match (value, existing) {
+        (Value::Object(map), existing) if style.text.is_some() && map.contains_key(SEALED_KEY) => {
+            // An encrypted field: its envelope is one bytes scalar, so concurrent writes settle
+            // it as a whole value like any scalar.
+            let Some(bytes) = crate::crypt::marker_bytes(value) else {
+                return Err(RecordError::Corrupt(format!(
+                    "field {key:?} holds a malformed encrypted-value marker"
+                )));
+            };
+            write_scalar(doc, obj, key, ScalarValue::Bytes(bytes), existing)
+        }
         (Value::Object(map), Some((AmValue::Object(ObjType::Map), id))) => {
             write_map(doc, &id, map, Replace::All, nested)
         }
@@ -690,22 +713,29 @@ fn write_at_key(
             doc.update_text(&id, text)?;
             Ok(())
         }
-        (scalar, existing) => {
-            let new = to_scalar(scalar);
-            if let Some((AmValue::Scalar(old), _)) = &existing {
-                if same_scalar(old.as_ref(), &new) {
-                    return Ok(());
-                }
-                if old.as_ref() == &new {
-                    // Automerge skips a put of a value equal to the current one, and `0.0 ==
-                    // -0.0`: remove the old value first so that the new sign is written.
-                    doc.delete(obj, key)?;
-                }
-            }
-            doc.put(obj, key, new)?;
-            Ok(())
+        (scalar, existing) => write_scalar(doc, obj, key, to_scalar(scalar), existing),
+    }
+}
+
+fn write_scalar(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    key: &str,
+    new: ScalarValue,
+    existing: Option<(AmValue<'_>, ObjId)>,
+) -> Result<(), RecordError> {
+    if let Some((AmValue::Scalar(old), _)) = &existing {
+        if same_scalar(old.as_ref(), &new) {
+            return Ok(());
+        }
+        if old.as_ref() == &new {
+            // Automerge skips a put of a value equal to the current one, and `0.0 ==
+            // -0.0`: remove the old value first so that the new sign is written.
+            doc.delete(obj, key)?;
         }
     }
+    doc.put(obj, key, new)?;
+    Ok(())
 }
 
 /// Scalar equality as JSON sees it: `==` on floats would take `0.0` and `-0.0` for the same value
@@ -801,8 +831,9 @@ fn read_value(doc: &AutoCommit, value: AmValue<'_>, id: &ObjId) -> Value {
     }
 }
 
-/// Automerge scalar to JSON. Types Ferry never writes (bytes, counters, timestamps) come from
-/// other Automerge programs and map to the nearest JSON value.
+/// Automerge scalar to JSON. An encrypted field's envelope becomes its marker, which the store
+/// opens before anyone reads it. Types Ferry never writes (other bytes, counters, timestamps)
+/// come from other Automerge programs and map to the nearest JSON value.
 pub(crate) fn from_scalar(value: &ScalarValue) -> Value {
     match value {
         ScalarValue::Null | ScalarValue::Unknown { .. } => Value::Null,
@@ -812,6 +843,7 @@ pub(crate) fn from_scalar(value: &ScalarValue) -> Value {
         ScalarValue::Uint(u) => Value::Number((*u).into()),
         ScalarValue::F64(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
         ScalarValue::Counter(c) => Value::Number(i64::from(c).into()),
+        ScalarValue::Bytes(b) if crate::crypt::is_envelope(b) => crate::crypt::marker(b),
         ScalarValue::Bytes(b) => Value::Array(b.iter().map(|x| Value::from(*x)).collect()),
     }
 }

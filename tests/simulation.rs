@@ -1059,6 +1059,7 @@ fn pick_policies(rng: &mut StdRng) -> Policies {
                 on_delete,
                 unique,
                 text: Arc::default(),
+                encrypted: Arc::default(),
             },
         );
     }
