@@ -70,6 +70,8 @@ pub struct OpenStore {
 pub fn open_store(dir: &DataDir, config: &Config) -> Result<OpenStore, DaemonError> {
     let lock = dir.lock()?;
     let identity = dir.identity()?;
+    // Checked before the store is opened: a refusal must leave nothing behind.
+    let account_key = AccountKey::load(&dir.account_key_path())?;
     let store_path = dir.store_path();
     // sled reads an unreadable log as a torn write and opens it empty. A store whose log file
     // holds bytes but no device stamp has lost its contents: refuse it rather than start afresh
@@ -94,7 +96,7 @@ pub fn open_store(dir: &DataDir, config: &Config) -> Result<OpenStore, DaemonErr
         .into());
     }
     let mut options = config.store_options();
-    options.keyring = Arc::new(Keyring::with(AccountKey::load(&dir.account_key_path())?));
+    options.keyring = Arc::new(Keyring::with(account_key));
     let store = Store::open(
         Box::new(kv),
         &identity.device_id(),

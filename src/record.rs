@@ -831,9 +831,9 @@ fn read_value(doc: &AutoCommit, value: AmValue<'_>, id: &ObjId) -> Value {
     }
 }
 
-/// Automerge scalar to JSON. An encrypted field's envelope becomes its marker, which the store
-/// opens before anyone reads it. Types Ferry never writes (other bytes, counters, timestamps)
-/// come from other Automerge programs and map to the nearest JSON value.
+/// Automerge scalar to JSON. A bytes value (an encrypted field's envelope) becomes its marker,
+/// which the store opens before anyone reads it. Types Ferry never writes (counters,
+/// timestamps) come from other Automerge programs and map to the nearest JSON value.
 pub(crate) fn from_scalar(value: &ScalarValue) -> Value {
     match value {
         ScalarValue::Null | ScalarValue::Unknown { .. } => Value::Null,
@@ -843,8 +843,9 @@ pub(crate) fn from_scalar(value: &ScalarValue) -> Value {
         ScalarValue::Uint(u) => Value::Number((*u).into()),
         ScalarValue::F64(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
         ScalarValue::Counter(c) => Value::Number(i64::from(c).into()),
-        ScalarValue::Bytes(b) if crate::crypt::is_envelope(b) => crate::crypt::marker(b),
-        ScalarValue::Bytes(b) => Value::Array(b.iter().map(|x| Value::from(*x)).collect()),
+        // Ferry writes bytes for encrypted fields only, so every bytes value is taken for one: a
+        // damaged or foreign one then fails to decrypt visibly instead of passing for data.
+        ScalarValue::Bytes(b) => crate::crypt::marker(b),
     }
 }
 
