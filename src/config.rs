@@ -426,6 +426,46 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_collection_example_parses_and_names_every_key() {
+        let section: String = EXAMPLE
+            .lines()
+            .skip_while(|l| !l.starts_with("# [collections."))
+            .take_while(|l| l.starts_with('#'))
+            .filter(|l| !l.starts_with("# #") && l.len() > 2)
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        let c = Config::parse(&section, Path::new("example")).unwrap();
+        let (_, collection) = c.collections.iter().next().unwrap();
+        let keys = toml::Value::try_from(collection).unwrap();
+        for key in keys.as_table().unwrap().keys() {
+            assert!(
+                section.contains(&format!("\n{key} = ")),
+                "{key} not in the example"
+            );
+        }
+        assert_eq!(collection.encrypted, ["iban"]);
+    }
+
+    #[test]
+    fn an_encrypted_field_cannot_be_unique_or_text() {
+        for clash in ["unique = [[\"iban\", \"bic\"]]", "text = [\"iban\"]"] {
+            let text = format!("[collections.People]\nencrypted = [\"iban\"]\n{clash}\n");
+            let err = Config::parse(&text, Path::new("c.toml")).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains("collections.People") && message.contains("\"iban\""),
+                "{message}"
+            );
+        }
+        let err = Config::parse(
+            "[collections.People]\nencrypted = [\"$x\"]\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("encrypted"), "{err}");
+    }
+
+    #[test]
     fn declared_collections_and_priorities() {
         let c = Config::parse(
             "[store]\nallow_undeclared_collections = false\n[collections.Invoice]\npriority = 10\n",

@@ -706,3 +706,63 @@ fn exposed_data_directories_and_key_files_are_refused() {
     let err = refused_relay(&relay_dir);
     assert!(err.contains("chmod 600"), "{err}");
 }
+
+#[test]
+fn conflicts_show_encrypted_values_in_plaintext_and_resolve_with_new_ones() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let relay = Relay::start(&home.path().join("relay"), None);
+    let vault = "\n[collections.Vault]\nstrategy = \"manual\"\nencrypted = [\"secret\"]\n";
+    let (a, b) = (device(), device());
+    for d in [&a, &b] {
+        d.edit_config(|text| format!("{text}{vault}"));
+        d.join(&relay);
+        set_key(d, PASSPHRASE);
+    }
+    for (d, value) in [(&a, "from-a"), (&b, "from-b")] {
+        let data = json!({"secret": value, "label": "v"}).to_string();
+        let out = d.ferry(&["put", "Vault/v1", "--data", &data]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let daemon_a = a.start_daemon();
+    let daemon_b = b.start_daemon();
+    wait_converged(&[&daemon_a, &daemon_b], 2);
+
+    let listed = call(&daemon_a, "conflicts.list", json!({}));
+    let text = listed.to_string();
+    assert!(
+        !text.contains("$sealed") && !text.contains("$encrypted"),
+        "{text}"
+    );
+    let conflict = &listed["conflicts"][0];
+    let sides = [
+        conflict["server"]["fields"]["secret"].clone(),
+        conflict["client"]["fields"]["secret"].clone(),
+    ];
+    assert!(
+        sides.contains(&json!("from-a")) && sides.contains(&json!("from-b")),
+        "{conflict}"
+    );
+    let id = conflict["id"].as_str().expect("id").to_owned();
+    let got = call(&daemon_b, "conflicts.get", json!({ "id": id }));
+    let field = got["fields"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["path"] == json!(["secret"])))
+        .unwrap_or_else(|| panic!("the secret field is in conflict: {got}"));
+    let values = [field["server"].clone(), field["client"].clone()];
+    assert!(
+        values.contains(&json!("from-a")) && values.contains(&json!("from-b")),
+        "{got}"
+    );
+
+    let resolved = call(
+        &daemon_a,
+        "conflicts.resolve",
+        json!({"id": id, "take": "merge", "data": {"secret": "settled"}}),
+    );
+    assert!(!resolved.to_string().contains("$sealed"), "{resolved}");
+    wait_converged(&[&daemon_a, &daemon_b], 3);
+    for d in [&daemon_a, &daemon_b] {
+        let got = call(d, "get", json!({"collection": "Vault", "id": "v1"}));
+        assert_eq!(got["fields"], json!({"secret": "settled", "label": "v"}));
+    }
+}
