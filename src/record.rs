@@ -677,15 +677,17 @@ fn write_at_key(
     };
     let nested = style.nested();
     match (value, existing) {
-        (Value::Object(map), existing) if style.text.is_some() && map.contains_key(SEALED_KEY) => {
+        (Value::Object(map), existing) if map.contains_key(SEALED_KEY) => {
             // An encrypted field: its envelope is one bytes scalar, so concurrent writes settle
-            // it as a whole value like any scalar.
-            let Some(bytes) = crate::crypt::marker_bytes(value) else {
-                return Err(RecordError::Corrupt(format!(
-                    "field {key:?} holds a malformed encrypted-value marker"
-                )));
-            };
-            write_scalar(doc, obj, key, ScalarValue::Bytes(bytes), existing)
+            // it as a whole value like any scalar. (Users cannot write the marker; it comes from
+            // a read of the document, and a bytes value read anywhere is written back as one.)
+            write_scalar(
+                doc,
+                obj,
+                key,
+                ScalarValue::Bytes(sealed_bytes(value)?),
+                existing,
+            )
         }
         (Value::Object(map), Some((AmValue::Object(ObjType::Map), id))) => {
             write_map(doc, &id, map, Replace::All, nested)
@@ -764,6 +766,13 @@ fn same_values(a: &[Value], b: &[Value]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y))
 }
 
+/// The bytes a marker (`crate::crypt::marker`) stands for.
+fn sealed_bytes(marker: &Value) -> Result<Vec<u8>, RecordError> {
+    crate::crypt::marker_bytes(marker).ok_or_else(|| {
+        RecordError::Corrupt("a value holds a malformed encrypted-value marker".into())
+    })
+}
+
 fn insert_items(
     doc: &mut AutoCommit,
     list: &ObjId,
@@ -772,6 +781,9 @@ fn insert_items(
 ) -> Result<(), RecordError> {
     for (index, item) in items.iter().enumerate() {
         match item {
+            Value::Object(map) if map.contains_key(SEALED_KEY) => {
+                doc.insert(list, index, ScalarValue::Bytes(sealed_bytes(item)?))?
+            }
             Value::Object(map) => {
                 let id = doc.insert_object(list, index, ObjType::Map)?;
                 write_map(doc, &id, map, Replace::All, style)?;
@@ -886,6 +898,35 @@ mod tests {
             serde_json::to_string(&back.fields()).unwrap(),
             serde_json::to_string(&fields).unwrap()
         );
+    }
+
+    #[test]
+    fn bytes_values_read_as_markers_are_written_back_as_bytes_at_any_depth() {
+        let mut r = Record::new(&actor(1));
+        r.put(&obj(json!({"list": [0], "map": {"k": 0}})), 1)
+            .unwrap();
+        let doc = r.doc_mut();
+        doc.put(ROOT, "top", ScalarValue::Bytes(vec![1, 2, 3]))
+            .unwrap();
+        let (_, list) = doc.get(ROOT, "list").unwrap().unwrap();
+        doc.put(&list, 0, ScalarValue::Bytes(vec![4])).unwrap();
+        let (_, map) = doc.get(ROOT, "map").unwrap().unwrap();
+        doc.put(&map, "k", ScalarValue::Bytes(vec![5])).unwrap();
+        doc.commit();
+        let read = r.fields();
+        assert_eq!(read["top"], crate::crypt::marker(&[1, 2, 3]));
+        let mut copy = Record::new(&actor(2));
+        copy.materialize(&read, false, Operation::Create, None, 1)
+            .unwrap();
+        let saved = copy.save();
+        let loaded = Record::load(&saved, &actor(2)).unwrap();
+        assert_eq!(loaded.fields(), read);
+        let (value, _) = loaded.doc.get(ROOT, "top").unwrap().unwrap();
+        assert!(matches!(value, AmValue::Scalar(s) if matches!(s.as_ref(), ScalarValue::Bytes(_))));
+        assert!(matches!(
+            validate_fields(&read, &Limits::default()),
+            Err(RecordError::ReservedField { .. })
+        ));
     }
 
     #[test]
