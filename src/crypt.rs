@@ -113,8 +113,10 @@ pub enum FieldError {
         field: String,
         reason: &'static str,
     },
-    #[error("no randomness available from the operating system to encrypt a field: {0}")]
-    Entropy(String),
+    #[error(
+        "encrypting a field failed ({0}): retry the write; if it persists, the system's randomness source is broken"
+    )]
+    Seal(String),
 }
 
 /// Where an encrypted value belongs; bound into its ciphertext as associated data.
@@ -298,7 +300,7 @@ impl AccountKey {
     pub fn seal(&self, at: FieldAt<'_>, value: &Value) -> Result<Vec<u8>, FieldError> {
         let plaintext = Zeroizing::new(serde_json::to_vec(value).unwrap_or_default());
         let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce).map_err(|e| FieldError::Entropy(e.to_string()))?;
+        getrandom::fill(&mut nonce).map_err(|e| FieldError::Seal(e.to_string()))?;
         let aad = at.aad();
         let ciphertext = self
             .cipher()
@@ -309,7 +311,7 @@ impl AccountKey {
                     aad: &aad,
                 },
             )
-            .map_err(|_| FieldError::Entropy("the cipher refused the value".into()))?;
+            .map_err(|_| FieldError::Seal("the cipher refused the value".into()))?;
         let mut out = Vec::with_capacity(1 + NONCE_LEN + ciphertext.len());
         out.push(ENVELOPE_V1);
         out.extend_from_slice(&nonce);

@@ -86,7 +86,7 @@ impl From<StoreError> for ApiError {
             StoreError::Field(FieldError::WrongKey { .. } | FieldError::Damaged { .. }) => {
                 code::UNDECRYPTABLE
             }
-            StoreError::Field(FieldError::Entropy(_)) => code::INTERNAL,
+            StoreError::Field(FieldError::Seal(_)) => code::INTERNAL,
             StoreError::NotFound { .. }
             | StoreError::QueueEntryNotFound(_)
             | StoreError::ConflictNotFound(_) => code::NOT_FOUND,
