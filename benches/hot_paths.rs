@@ -22,6 +22,27 @@ fn actor() -> automerge::ActorId {
     automerge::ActorId::from(&[7u8; 16][..])
 }
 
+/// Encrypting and decrypting one field value (a 20-character string, as the benchmark records
+/// hold), with its associated data.
+fn crypt_benches(c: &mut Criterion) {
+    use ferry::crypt::{AccountKey, FieldAt};
+    // Derived once, outside the measurement: Argon2id is meant to be slow.
+    let key = AccountKey::derive(b"benchmark passphrase", "default").unwrap();
+    let at = FieldAt {
+        collection: "Customer",
+        id: "c000000001",
+        field: "s5",
+    };
+    let value = fields(1)["s5"].clone();
+    c.bench_function("crypt/seal_field", |b| {
+        b.iter(|| black_box(key.seal(at, &value).unwrap()))
+    });
+    let sealed = key.seal(at, &value).unwrap();
+    c.bench_function("crypt/open_field", |b| {
+        b.iter(|| black_box(key.open(at, &sealed).unwrap()))
+    });
+}
+
 fn record_benches(c: &mut Criterion) {
     let f = fields(1);
     c.bench_function("record/create_10_fields", |b| {
@@ -140,6 +161,6 @@ fn token_benches(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(3));
-    targets = record_benches, store_benches, token_benches
+    targets = crypt_benches, record_benches, store_benches, token_benches
 }
 criterion_main!(benches);

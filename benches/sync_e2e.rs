@@ -50,6 +50,8 @@ usage: cargo bench --bench sync_e2e -- [OPTIONS]
                     (default: all three)
   --w3-same-field   W3 with both devices editing the same field (s1) of every record, so that
                     every record is an update-update conflict; runs after the usual W3
+  --encrypt-fields K  W1 with K of the 10 fields declared `encrypted` on both devices, which
+                    have an account key set (default 0)
   --log FILTER      log filter for the relay and the daemons (default: info)
   --log-dir DIR     keep the relay's and the daemons' logs in DIR (default: in the temp dirs,
                     removed at the end)";
@@ -79,6 +81,8 @@ struct Options {
     /// Also run W3 with both sides editing one field.
     w3_same_field: bool,
     only: Option<Workload>,
+    /// W1's fields declared encrypted.
+    encrypt_fields: usize,
     log: String,
     log_dir: Option<PathBuf>,
     smoke: bool,
@@ -96,6 +100,7 @@ impl Options {
             w3_strategies: Vec::new(),
             w3_same_field: false,
             only: None,
+            encrypt_fields: 0,
             log: "info".into(),
             log_dir: None,
             smoke,
@@ -122,6 +127,13 @@ impl Options {
                     o.w3_strategies.push(strategy.clone());
                 }
                 "--w3-same-field" => o.w3_same_field = true,
+                "--encrypt-fields" => {
+                    let k = number(arg, text(arg)?)?;
+                    if k > 10 {
+                        return Err(format!("--encrypt-fields {k}: a record has 10 fields"));
+                    }
+                    o.encrypt_fields = k as usize;
+                }
                 "--only" => {
                     o.only = Some(match text(arg)?.as_str() {
                         "w1" => Workload::W1,
@@ -383,6 +395,33 @@ fn set_strategy(device: &Device, strategy: &str) {
     std::fs::write(&path, text).expect("write config.toml");
 }
 
+/// Declares `k` of the benchmark record's fields `encrypted` on each device and sets the same
+/// account key on each; returns the fields' names.
+fn encrypt_fields(devices: &[&Device], k: usize) -> Vec<String> {
+    let names: Vec<String> = workload::record_fields(0)
+        .keys()
+        .rev()
+        .take(k)
+        .cloned()
+        .collect();
+    if names.is_empty() {
+        return names;
+    }
+    for device in devices {
+        let path = device.data_dir.join("config.toml");
+        let mut text = std::fs::read_to_string(&path).expect("read config.toml");
+        text += &format!("\n[collections.{COLLECTION}]\nencrypted = {names:?}\n");
+        std::fs::write(&path, text).expect("write config.toml");
+        let out = device
+            .command(&["key", "set"])
+            .env("FERRY_PASSPHRASE", "benchmark passphrase")
+            .output()
+            .expect("run ferry key set");
+        assert!(out.status.success(), "ferry key set: {out:?}");
+    }
+    names
+}
+
 /// Replaces the first `from` in the device's config.toml (the keys `ferry init` wrote).
 fn edit_config(device: &Device, from: &str, to: &str) {
     let path = device.data_dir.join("config.toml");
@@ -526,6 +565,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
     eprintln!("sync_e2e: W1 initial sync, N = {n}");
     let logs = Logs::new(o, &format!("w1-{n}"));
     let (a, b) = (new_device(o), new_device(o));
+    let encrypted = encrypt_fields(&[&a, &b], o.encrypt_fields);
 
     eprintln!("  A imports {n} records offline ...");
     let offline = Running::start_logging(&a, &logs.path("a-offline"));
@@ -601,6 +641,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
     json!({
         "workload": "w1",
         "records": n,
+        "encrypted_fields": encrypted,
         "offline_import": { "seconds": secs(import_time), "records_per_s": per_second(n, import_time) },
         "end_to_end": { "seconds": secs(end_to_end), "records_per_s": per_second(n, end_to_end) },
         "upload": {

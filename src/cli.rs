@@ -23,6 +23,7 @@ use std::time::Instant;
 
 mod accounts;
 mod conflicts;
+mod key;
 
 const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
 
@@ -130,6 +131,11 @@ enum Command {
         /// Start after this conflict id (the `next` of the previous page)
         #[arg(long)]
         after: Option<String>,
+    },
+    /// The account key that encrypts the fields collections declare `encrypted`
+    Key {
+        #[command(subcommand)]
+        action: key::Action,
     },
     /// Put failed queue entries back to pending
     Retry {
@@ -368,6 +374,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 code,
             },
         ),
+        Command::Key { action } => key::run(&ctx, action),
         Command::Export {
             target,
             format,
@@ -825,6 +832,7 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         | Command::Conflicts { .. }
         | Command::Relay { .. }
         | Command::Register { .. }
+        | Command::Key { .. }
         | Command::Export { .. } => unreachable!("handled in run()"),
     }
     Ok(())

@@ -245,6 +245,9 @@ pub struct CollectionConfig {
     pub unique: Vec<Vec<String>>,
     /// Top-level string fields merged character by character (Automerge text).
     pub text: Vec<String>,
+    /// Top-level fields encrypted on the device with the account key (`ferry key set`): the
+    /// relay stores and forwards them but cannot read them. Not allowed in `unique` or `text`.
+    pub encrypted: Vec<String>,
 }
 
 impl RelayConfig {
@@ -267,6 +270,7 @@ impl CollectionConfig {
                 .unwrap_or(crate::resolve::DeleteRule::default_for(self.strategy)),
             unique: self.unique.clone(),
             text: std::sync::Arc::new(self.text.iter().cloned().collect()),
+            encrypted: std::sync::Arc::new(self.encrypted.iter().cloned().collect()),
         }
     }
 }
@@ -309,6 +313,22 @@ impl Config {
             {
                 return Err(format!(
                     "[collections.{name}] unique: {fields:?} must name one or more fields, none starting with `$`"
+                ));
+            }
+            if let Some(field) = collection
+                .encrypted
+                .iter()
+                .find(|f| f.is_empty() || f.starts_with('$'))
+            {
+                return Err(format!(
+                    "[collections.{name}] encrypted: {field:?} is not a field name (empty or starting with `$`)"
+                ));
+            }
+            if let Some(field) = collection.encrypted.iter().find(|f| {
+                collection.text.contains(f) || collection.unique.iter().any(|u| u.contains(f))
+            }) {
+                return Err(format!(
+                    "[collections.{name}] field {field:?} is both encrypted and in `unique` or `text`: an encrypted value is opaque to the relay and merged as a whole, so remove it from one of the lists"
                 ));
             }
         }
@@ -420,6 +440,7 @@ impl Config {
                     .map(|(name, c)| (name.clone(), c.policy()))
                     .collect(),
             },
+            keyring: Default::default(),
         }
     }
 }
@@ -469,6 +490,46 @@ mod tests {
         assert!(err.to_string().contains("ipc.max_connections"), "{err}");
         let err = Config::parse("[collections.\"a b\"]\n", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("collections.a b"), "{err}");
+    }
+
+    #[test]
+    fn the_commented_collection_example_parses_and_names_every_key() {
+        let section: String = EXAMPLE
+            .lines()
+            .skip_while(|l| !l.starts_with("# [collections."))
+            .take_while(|l| l.starts_with('#'))
+            .filter(|l| !l.starts_with("# #") && l.len() > 2)
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        let c = Config::parse(&section, Path::new("example")).unwrap();
+        let (_, collection) = c.collections.iter().next().unwrap();
+        let keys = toml::Value::try_from(collection).unwrap();
+        for key in keys.as_table().unwrap().keys() {
+            assert!(
+                section.contains(&format!("\n{key} = ")),
+                "{key} not in the example"
+            );
+        }
+        assert_eq!(collection.encrypted, ["iban"]);
+    }
+
+    #[test]
+    fn an_encrypted_field_cannot_be_unique_or_text() {
+        for clash in ["unique = [[\"iban\", \"bic\"]]", "text = [\"iban\"]"] {
+            let text = format!("[collections.People]\nencrypted = [\"iban\"]\n{clash}\n");
+            let err = Config::parse(&text, Path::new("c.toml")).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains("collections.People") && message.contains("\"iban\""),
+                "{message}"
+            );
+        }
+        let err = Config::parse(
+            "[collections.People]\nencrypted = [\"$x\"]\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("encrypted"), "{err}");
     }
 
     #[test]

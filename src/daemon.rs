@@ -7,6 +7,7 @@
 
 use crate::auth::credentials::{CredentialsError, Registration, TokenFile};
 use crate::config::{Config, ConfigError};
+use crate::crypt::{AccountKey, KeyError, Keyring};
 use crate::datadir::{DataDir, DataDirError, DirLock};
 use crate::engine::{self, EngineError, SyncSettings};
 use crate::ipc::{self, ServerOptions};
@@ -28,6 +29,8 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("cannot start syncing: {0}")]
     Sync(#[from] EngineError),
     #[error("cannot read this device's registration: {0}")]
@@ -70,6 +73,8 @@ pub struct OpenStore {
 pub fn open_store(dir: &DataDir, config: &Config) -> Result<OpenStore, DaemonError> {
     let lock = dir.lock()?;
     let identity = dir.identity()?;
+    // Checked before the store is opened: a refusal must leave nothing behind.
+    let account_key = AccountKey::load(&dir.account_key_path())?;
     let store_path = dir.store_path();
     // sled reads an unreadable log as a torn write and opens it empty. A store whose log file
     // holds bytes but no device stamp has lost its contents: refuse it rather than start afresh
@@ -93,10 +98,12 @@ pub fn open_store(dir: &DataDir, config: &Config) -> Result<OpenStore, DaemonErr
         )))
         .into());
     }
+    let mut options = config.store_options();
+    options.keyring = Arc::new(Keyring::with(account_key));
     let store = Store::open(
         Box::new(kv),
         &identity.device_id(),
-        config.store_options(),
+        options,
         Arc::new(SystemClock),
     )?;
     Ok(OpenStore {

@@ -1,8 +1,8 @@
 //! The data directory: where it is, what is in it, who may use it. One process at a time holds
 //! its lock (the daemon, or a CLI command working on the store directly).
 //!
-//! Layout: `config.toml`, `identity.key` (0600), `store/` (sled), `ferry.sock` (0600),
-//! `ferry.lock` (holds the owner's pid).
+//! Layout: `config.toml`, `identity.key` (0600), `account.key` (0600, when an account key is
+//! set), `store/` (sled), `ferry.sock` (0600), `ferry.lock` (holds the owner's pid).
 //!
 //! Must not touch: the contents of the store.
 
@@ -75,6 +75,10 @@ impl DataDir {
 
     pub fn identity_path(&self) -> PathBuf {
         self.path.join("identity.key")
+    }
+
+    pub fn account_key_path(&self) -> PathBuf {
+        account_key_path(&self.path)
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -163,6 +167,11 @@ impl DataDir {
         write!(file, "{}", std::process::id()).map_err(|e| self.io(e))?;
         Ok(DirLock { _file: file })
     }
+}
+
+/// The account key's file (`crate::crypt`) in the data directory at `dir`.
+pub fn account_key_path(dir: &Path) -> PathBuf {
+    dir.join("account.key")
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod crypt;
 pub mod daemon;
 pub mod datadir;
 pub mod demo;

@@ -21,6 +21,8 @@ use serde_json::{Map, Number, Value};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use crate::crypt::SEALED_KEY;
+
 /// Root key whose value `true` marks a deleted record. A delete is a change like any other, so a
 /// concurrent update elsewhere meets it and the conflict can be seen.
 pub const DELETED_KEY: &str = "$deleted";
@@ -205,6 +207,17 @@ pub fn validate_fields(fields: &Fields, limits: &Limits) -> Result<(), RecordErr
     if let Some(name) = fields.keys().find(|k| k.starts_with('$')) {
         return Err(RecordError::ReservedField { name: name.clone() });
     }
+    if fields.values().any(crate::crypt::refuses_sealed) {
+        return Err(RecordError::ReservedField {
+            name: SEALED_KEY.into(),
+        });
+    }
+    validate_shape(fields, limits)
+}
+
+/// `validate_fields` without the checks on names: for a record's whole state after a write,
+/// which holds encrypted fields as markers.
+pub fn validate_shape(fields: &Fields, limits: &Limits) -> Result<(), RecordError> {
     // The record's own object is level 1.
     for value in fields.values() {
         check_depth(value, 2, limits.max_depth)?;
@@ -664,6 +677,18 @@ fn write_at_key(
     };
     let nested = style.nested();
     match (value, existing) {
+        (Value::Object(map), existing) if map.contains_key(SEALED_KEY) => {
+            // An encrypted field: its envelope is one bytes scalar, so concurrent writes settle
+            // it as a whole value like any scalar. (Users cannot write the marker; it comes from
+            // a read of the document, and a bytes value read anywhere is written back as one.)
+            write_scalar(
+                doc,
+                obj,
+                key,
+                ScalarValue::Bytes(sealed_bytes(value)?),
+                existing,
+            )
+        }
         (Value::Object(map), Some((AmValue::Object(ObjType::Map), id))) => {
             write_map(doc, &id, map, Replace::All, nested)
         }
@@ -690,22 +715,29 @@ fn write_at_key(
             doc.update_text(&id, text)?;
             Ok(())
         }
-        (scalar, existing) => {
-            let new = to_scalar(scalar);
-            if let Some((AmValue::Scalar(old), _)) = &existing {
-                if same_scalar(old.as_ref(), &new) {
-                    return Ok(());
-                }
-                if old.as_ref() == &new {
-                    // Automerge skips a put of a value equal to the current one, and `0.0 ==
-                    // -0.0`: remove the old value first so that the new sign is written.
-                    doc.delete(obj, key)?;
-                }
-            }
-            doc.put(obj, key, new)?;
-            Ok(())
+        (scalar, existing) => write_scalar(doc, obj, key, to_scalar(scalar), existing),
+    }
+}
+
+fn write_scalar(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    key: &str,
+    new: ScalarValue,
+    existing: Option<(AmValue<'_>, ObjId)>,
+) -> Result<(), RecordError> {
+    if let Some((AmValue::Scalar(old), _)) = &existing {
+        if same_scalar(old.as_ref(), &new) {
+            return Ok(());
+        }
+        if old.as_ref() == &new {
+            // Automerge skips a put of a value equal to the current one, and `0.0 ==
+            // -0.0`: remove the old value first so that the new sign is written.
+            doc.delete(obj, key)?;
         }
     }
+    doc.put(obj, key, new)?;
+    Ok(())
 }
 
 /// Scalar equality as JSON sees it: `==` on floats would take `0.0` and `-0.0` for the same value
@@ -734,6 +766,13 @@ fn same_values(a: &[Value], b: &[Value]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y))
 }
 
+/// The bytes a marker (`crate::crypt::marker`) stands for.
+fn sealed_bytes(marker: &Value) -> Result<Vec<u8>, RecordError> {
+    crate::crypt::marker_bytes(marker).ok_or_else(|| {
+        RecordError::Corrupt("a value holds a malformed encrypted-value marker".into())
+    })
+}
+
 fn insert_items(
     doc: &mut AutoCommit,
     list: &ObjId,
@@ -742,6 +781,9 @@ fn insert_items(
 ) -> Result<(), RecordError> {
     for (index, item) in items.iter().enumerate() {
         match item {
+            Value::Object(map) if map.contains_key(SEALED_KEY) => {
+                doc.insert(list, index, ScalarValue::Bytes(sealed_bytes(item)?))?
+            }
             Value::Object(map) => {
                 let id = doc.insert_object(list, index, ObjType::Map)?;
                 write_map(doc, &id, map, Replace::All, style)?;
@@ -801,8 +843,9 @@ fn read_value(doc: &AutoCommit, value: AmValue<'_>, id: &ObjId) -> Value {
     }
 }
 
-/// Automerge scalar to JSON. Types Ferry never writes (bytes, counters, timestamps) come from
-/// other Automerge programs and map to the nearest JSON value.
+/// Automerge scalar to JSON. A bytes value (an encrypted field's envelope) becomes its marker,
+/// which the store opens before anyone reads it. Types Ferry never writes (counters,
+/// timestamps) come from other Automerge programs and map to the nearest JSON value.
 pub(crate) fn from_scalar(value: &ScalarValue) -> Value {
     match value {
         ScalarValue::Null | ScalarValue::Unknown { .. } => Value::Null,
@@ -812,7 +855,9 @@ pub(crate) fn from_scalar(value: &ScalarValue) -> Value {
         ScalarValue::Uint(u) => Value::Number((*u).into()),
         ScalarValue::F64(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
         ScalarValue::Counter(c) => Value::Number(i64::from(c).into()),
-        ScalarValue::Bytes(b) => Value::Array(b.iter().map(|x| Value::from(*x)).collect()),
+        // Ferry writes bytes for encrypted fields only, so every bytes value is taken for one: a
+        // damaged or foreign one then fails to decrypt visibly instead of passing for data.
+        ScalarValue::Bytes(b) => crate::crypt::marker(b),
     }
 }
 
@@ -853,6 +898,35 @@ mod tests {
             serde_json::to_string(&back.fields()).unwrap(),
             serde_json::to_string(&fields).unwrap()
         );
+    }
+
+    #[test]
+    fn bytes_values_read_as_markers_are_written_back_as_bytes_at_any_depth() {
+        let mut r = Record::new(&actor(1));
+        r.put(&obj(json!({"list": [0], "map": {"k": 0}})), 1)
+            .unwrap();
+        let doc = r.doc_mut();
+        doc.put(ROOT, "top", ScalarValue::Bytes(vec![1, 2, 3]))
+            .unwrap();
+        let (_, list) = doc.get(ROOT, "list").unwrap().unwrap();
+        doc.put(&list, 0, ScalarValue::Bytes(vec![4])).unwrap();
+        let (_, map) = doc.get(ROOT, "map").unwrap().unwrap();
+        doc.put(&map, "k", ScalarValue::Bytes(vec![5])).unwrap();
+        doc.commit();
+        let read = r.fields();
+        assert_eq!(read["top"], crate::crypt::marker(&[1, 2, 3]));
+        let mut copy = Record::new(&actor(2));
+        copy.materialize(&read, false, Operation::Create, None, 1)
+            .unwrap();
+        let saved = copy.save();
+        let loaded = Record::load(&saved, &actor(2)).unwrap();
+        assert_eq!(loaded.fields(), read);
+        let (value, _) = loaded.doc.get(ROOT, "top").unwrap().unwrap();
+        assert!(matches!(value, AmValue::Scalar(s) if matches!(s.as_ref(), ScalarValue::Bytes(_))));
+        assert!(matches!(
+            validate_fields(&read, &Limits::default()),
+            Err(RecordError::ReservedField { .. })
+        ));
     }
 
     #[test]

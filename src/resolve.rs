@@ -80,6 +80,9 @@ pub struct Policy {
     /// Top-level fields stored as Automerge text, so concurrent edits merge character by
     /// character instead of one replacing the other.
     pub text: Arc<BTreeSet<String>>,
+    /// Top-level fields stored encrypted with the account key (`crate::crypt`). Each is one
+    /// bytes value, so concurrent writes settle it as a whole value under every strategy.
+    pub encrypted: Arc<BTreeSet<String>>,
 }
 
 impl Default for Policy {
@@ -95,6 +98,7 @@ impl Policy {
             on_delete: DeleteRule::default_for(strategy),
             unique: Vec::new(),
             text: Arc::default(),
+            encrypted: Arc::default(),
         }
     }
 }

@@ -8,6 +8,7 @@
 //!
 //! Must not touch: sockets and framing (that is `ipc`), process lifecycle (that is `daemon`).
 
+use crate::crypt::FieldError;
 use crate::record::Fields;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus, Take};
 use crate::store::conflicts::ResolveOutcome;
@@ -49,6 +50,11 @@ pub mod code {
     /// The conflict was already resolved (here or on another device), or settled by its
     /// collection's strategy.
     pub const CONFLICT_SETTLED: i64 = -32011;
+    /// An encrypted field was written or read and no account key is set on this device.
+    pub const NO_KEY: i64 = -32012;
+    /// An encrypted value does not decrypt: another account key, another record or field, or
+    /// damaged bytes.
+    pub const UNDECRYPTABLE: i64 = -32013;
 }
 
 /// An error as apps see it: a stable code and a message that says what to do.
@@ -76,6 +82,11 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         use crate::record::RecordError;
         let code = match &e {
+            StoreError::Field(FieldError::NoKey { .. }) => code::NO_KEY,
+            StoreError::Field(FieldError::WrongKey { .. } | FieldError::Damaged { .. }) => {
+                code::UNDECRYPTABLE
+            }
+            StoreError::Field(FieldError::Seal(_)) => code::INTERNAL,
             StoreError::NotFound { .. }
             | StoreError::QueueEntryNotFound(_)
             | StoreError::ConflictNotFound(_) => code::NOT_FOUND,
@@ -501,11 +512,22 @@ impl Service {
             "conflicts.get" => {
                 let p: ConflictId = parse(params)?;
                 match self.store.conflict(&p.id)? {
-                    Some(conflict) => to_value(conflict),
+                    Some(mut conflict) => {
+                        self.store.open_conflict(&mut conflict);
+                        to_value(conflict)
+                    }
                     None => Err(StoreError::ConflictNotFound(p.id).into()),
                 }
             }
-            "conflicts.resolve" => to_value(self.resolve_conflict(parse(params)?)?),
+            "conflicts.resolve" => {
+                let mut outcome = self.resolve_conflict(parse(params)?)?;
+                self.store.open_conflict(&mut outcome.conflict);
+                to_value(outcome)
+            }
+            "key.reload" => {
+                let _: Empty = parse(params)?;
+                self.reload_key()
+            }
             "subscribe" | "unsubscribe" | "sync" => Err(ApiError::new(
                 code::UNAVAILABLE,
                 format!("{method} needs the daemon: start `ferry daemon` and use its socket"),
@@ -515,7 +537,7 @@ impl Service {
                 format!(
                     "unknown method {other:?}: the methods are put, patch, delete, get, list, \
                      collections, history, import, export, subscribe, unsubscribe, queue, retry, \
-                     log, status, sync, conflicts.list, conflicts.get, conflicts.resolve"
+                     log, status, sync, conflicts.list, conflicts.get, conflicts.resolve, key.reload"
                 ),
             )),
         }
@@ -598,13 +620,27 @@ impl Service {
                 self.options.max_list_limit
             )));
         }
-        let conflicts =
+        let mut conflicts =
             self.store
                 .conflicts(status, p.collection.as_deref(), p.after.as_deref(), limit)?;
+        for conflict in &mut conflicts {
+            self.store.open_conflict(conflict);
+        }
         let next = (conflicts.len() == limit)
             .then(|| conflicts.last().map(|c| c.id.clone()))
             .flatten();
         Ok(json!({ "conflicts": conflicts, "next": next }))
+    }
+
+    /// Reads `account.key` again, so that a key set or imported with the CLI while the daemon
+    /// runs is used at once. The key itself never crosses the socket: only its fingerprint.
+    fn reload_key(&self) -> Result<Value, ApiError> {
+        let path = crate::datadir::account_key_path(&self.options.data_dir);
+        let key = crate::crypt::AccountKey::load(&path)
+            .map_err(|e| ApiError::new(code::INVALID_STATE, e.to_string()))?;
+        let fingerprint = key.as_ref().map(|k| k.fingerprint());
+        self.store.keyring().set(key);
+        Ok(json!({ "set": fingerprint.is_some(), "fingerprint": fingerprint }))
     }
 
     fn retry(&self, p: RetryParams) -> Result<Value, ApiError> {

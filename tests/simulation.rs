@@ -1118,6 +1118,7 @@ fn pick_policies(rng: &mut StdRng) -> Policies {
                 on_delete,
                 unique,
                 text: Arc::default(),
+                encrypted: Arc::default(),
             },
         );
     }

@@ -96,6 +96,26 @@ impl Store {
         }
     }
 
+    /// A conflict entry as a reader sees it: the encrypted fields of its sides and of its
+    /// field-level values decrypted (a value that does not decrypt shows as a placeholder).
+    /// Entries are stored with encrypted values, as the documents are.
+    pub fn open_conflict(&self, conflict: &mut Conflict) {
+        let keyring = &self.options.keyring;
+        let collection = conflict.collection.as_str();
+        for side in [&mut conflict.server, &mut conflict.client] {
+            // Lenient: cannot fail.
+            let _ = keyring.open_fields(collection, &side.record, &mut side.fields, false);
+        }
+        for field in &mut conflict.fields {
+            let [Value::String(name)] = field.path.as_slice() else {
+                continue;
+            };
+            for value in [&mut field.server, &mut field.client].into_iter().flatten() {
+                keyring.open_value(collection, &conflict.record, name, value);
+            }
+        }
+    }
+
     /// One conflict entry.
     pub fn conflict(&self, id: &str) -> Result<Option<Conflict>, StoreError> {
         self.stored_json(&keys::conflict(id), "conflict entry")
@@ -711,8 +731,22 @@ impl Store {
                 },
             });
         }
-        if let Some(data) = &data {
+        let mut data = data;
+        if let Some(data) = &mut data {
             validate_fields(data, &self.options.limits)?;
+            // The record `data` lands in: for a unique clash the kept one.
+            let target = match (conflict.kind, take) {
+                (ConflictKind::Unique, Take::Client) => &conflict.client.record,
+                (ConflictKind::Unique, _) => &conflict.server.record,
+                _ => &conflict.record,
+            };
+            self.options.keyring.seal_fields(
+                &self.options.policies.of(&conflict.collection).encrypted,
+                &conflict.collection,
+                target,
+                &Fields::new(),
+                data,
+            )?;
         }
         if take == Take::Merge && data.is_none() && conflict.kind != ConflictKind::Unique {
             return Err(StoreError::MergeNeedsData(id.to_owned()));

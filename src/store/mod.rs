@@ -12,7 +12,10 @@ pub mod keys;
 pub mod kv;
 pub mod sync;
 
-use crate::record::{Fields, HistoryEntry, Record, RecordError, Removal, validate_fields};
+use crate::crypt::Keyring;
+use crate::record::{
+    Fields, HistoryEntry, Record, RecordError, Removal, validate_fields, validate_shape,
+};
 use crate::resolve::{self, Policies};
 use automerge::{ActorId, ChangeHash};
 use ferry_proto::{
@@ -69,6 +72,8 @@ pub enum StoreError {
     },
     #[error("stored {what} cannot be decoded ({detail}): the store is damaged")]
     Decode { what: &'static str, detail: String },
+    #[error(transparent)]
+    Field(#[from] crate::crypt::FieldError),
 }
 
 /// Source of the current time, so tests can run on a fake clock.
@@ -98,6 +103,8 @@ pub struct StoreOptions {
     pub declared_collections: Option<BTreeSet<String>>,
     /// How each collection settles conflicts.
     pub policies: Policies,
+    /// The account key encrypted fields are sealed and opened with; shared with whoever sets it.
+    pub keyring: Arc<crate::crypt::Keyring>,
 }
 
 impl Default for StoreOptions {
@@ -108,6 +115,7 @@ impl Default for StoreOptions {
             priorities: BTreeMap::new(),
             declared_collections: None,
             policies: Policies::default(),
+            keyring: Arc::default(),
         }
     }
 }
@@ -380,7 +388,15 @@ impl Store {
                 None => {
                     let record = working.take(&key, cache, || self.load_or_new(&key))?;
                     let policy = self.options.policies.of(&key.0);
-                    let staged = mutate(record, &key, change, now, &self.options.limits, policy)?;
+                    let staged = mutate(
+                        record,
+                        &key,
+                        change,
+                        now,
+                        &self.options.limits,
+                        policy,
+                        &self.options.keyring,
+                    )?;
                     working.used(&key);
                     staged
                 }
@@ -435,6 +451,7 @@ impl Store {
                                     now,
                                     limits,
                                     policy,
+                                    &self.options.keyring,
                                 )?;
                                 Ok((i, staged))
                             })
@@ -586,6 +603,11 @@ impl Store {
         Ok(self.kv.flush()?)
     }
 
+    /// The account key this store seals and opens encrypted fields with.
+    pub fn keyring(&self) -> &Keyring {
+        &self.options.keyring
+    }
+
     /// A live record.
     pub fn get(&self, collection: &str, id: &str) -> Result<RecordView, StoreError> {
         validate_collection(collection, &self.options.limits)?;
@@ -593,7 +615,10 @@ impl Store {
         let key = (collection.to_owned(), id.to_owned());
         let policy = self.policy(collection);
         let mut found = self
-            .with_record(collection, id, |r| view(collection, id, r, policy))?
+            .with_record(collection, id, |r| {
+                view(collection, id, r, policy, &self.options.keyring, true)
+            })?
+            .transpose()?
             .flatten()
             .ok_or_else(|| not_found(&key))?;
         found.conflicts = self.record_conflicts(collection, id)?;
@@ -627,10 +652,14 @@ impl Store {
                 let key = (collection.to_owned(), id.to_owned());
                 let policy = self.policy(collection);
                 let mut cache = self.lock_cache();
+                let keyring = &self.options.keyring;
                 let live = match cache.get_mut(&key) {
-                    Some(r) => view(collection, id, r, policy),
-                    None => view(collection, id, &mut self.parse(collection, &bytes)?, policy),
-                };
+                    Some(r) => view(collection, id, r, policy, keyring, false),
+                    None => {
+                        let mut record = self.parse(collection, &bytes)?;
+                        view(collection, id, &mut record, policy, keyring, false)
+                    }
+                }?;
                 drop(cache);
                 if let Some(mut v) = live {
                     v.conflicts = self.record_conflicts(collection, id)?;
@@ -961,10 +990,25 @@ fn mutate(
     now: u64,
     limits: &Limits,
     policy: &resolve::Policy,
+    keyring: &Keyring,
 ) -> Result<Staged, StoreError> {
     let before = record.heads();
     let shown = resolve::view(record, policy);
     let live = shown.is_live();
+    let seal = |fields: &mut Fields| {
+        keyring.seal_fields(&policy.encrypted, &key.0, &key.1, &shown.fields, fields)
+    };
+    let change = match change {
+        Change::Put(mut fields) => {
+            seal(&mut fields)?;
+            Change::Put(fields)
+        }
+        Change::Patch(mut set, unset) => {
+            seal(&mut set)?;
+            Change::Patch(set, unset)
+        }
+        Change::Delete => Change::Delete,
+    };
     let operation = if live {
         Operation::Update
     } else {
@@ -994,7 +1038,7 @@ fn mutate(
             };
             written.and_then(|w| {
                 if w.is_some() {
-                    validate_fields(&resolve::view(record, policy).fields, limits)?;
+                    validate_shape(&resolve::view(record, policy).fields, limits)?;
                 }
                 Ok(w)
             })
@@ -1060,20 +1104,28 @@ fn stage_entry(
 }
 
 /// A live record as its collection's policy shows it; `None` for a missing or deleted one.
+/// Its encrypted fields are decrypted; one that does not decrypt fails the read when `strict`
+/// and is shown as a placeholder otherwise (see `Keyring::open_fields`).
 fn view(
     collection: &str,
     id: &str,
     record: &mut Record,
     policy: &resolve::Policy,
-) -> Option<RecordView> {
-    let shown = resolve::view(record, policy);
-    shown.is_live().then(|| RecordView {
+    keyring: &Keyring,
+    strict: bool,
+) -> Result<Option<RecordView>, StoreError> {
+    let mut shown = resolve::view(record, policy);
+    if !shown.is_live() {
+        return Ok(None);
+    }
+    keyring.open_fields(collection, id, &mut shown.fields, strict)?;
+    Ok(Some(RecordView {
         collection: collection.to_owned(),
         id: id.to_owned(),
         fields: shown.fields,
         heads: record.heads().iter().map(|h| h.to_string()).collect(),
         conflicts: Vec::new(),
-    })
+    }))
 }
 
 fn not_found(key: &CacheKey) -> StoreError {
