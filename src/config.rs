@@ -46,6 +46,10 @@ pub struct StoreConfig {
     pub allow_undeclared_collections: bool,
     /// Most writes made durable by one flush (group commit).
     pub group_commit_max: usize,
+    /// Completed queue entries are forgotten this many days after they completed (0: kept).
+    pub keep_completed_days: u64,
+    /// SyncLog entries are forgotten after this many days (0: kept).
+    pub keep_log_days: u64,
 }
 
 impl Default for StoreConfig {
@@ -55,6 +59,8 @@ impl Default for StoreConfig {
             sled_cache_mb: 32,
             allow_undeclared_collections: true,
             group_commit_max: 256,
+            keep_completed_days: 30,
+            keep_log_days: 90,
         }
     }
 }

@@ -166,6 +166,12 @@ pub async fn run(
             None
         }
     };
+    let pruning = tokio::spawn(prune_history(
+        open.store.clone(),
+        config.store.keep_completed_days,
+        config.store.keep_log_days,
+        stopped.clone(),
+    ));
     let server = tokio::spawn(ipc::serve(
         listener,
         service.clone(),
@@ -188,6 +194,9 @@ pub async fn run(
     if let Err(e) = server.await {
         tracing::error!(error = %e, "socket server stopped abnormally");
     }
+    if let Err(e) = pruning.await {
+        tracing::error!(error = %e, "history pruning stopped abnormally");
+    }
     if let Some((_, task)) = sync
         && let Err(e) = task.await
     {
@@ -201,6 +210,60 @@ pub async fn run(
     tracing::info!("stopped; everything flushed");
     drop(open.lock);
     Ok(())
+}
+
+/// How often the daemon forgets completed queue entries and SyncLog entries past their days.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Entries removed per batch, so a first pruning of a long history does not hold the queue.
+const PRUNE_BATCH: usize = 10_000;
+
+/// Forgets completed queue entries and SyncLog entries older than their configured days, at
+/// start and then every hour, until `shutdown`. 0 days keeps that history for ever.
+async fn prune_history(
+    store: Arc<Store>,
+    keep_completed_days: u64,
+    keep_log_days: u64,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    if keep_completed_days == 0 && keep_log_days == 0 {
+        return;
+    }
+    let cutoff = |days: u64| match days {
+        0 => 0,
+        days => crate::engine::now_ms().saturating_sub(days.saturating_mul(86_400_000)),
+    };
+    loop {
+        let store = store.clone();
+        let (queue_cutoff, log_cutoff) = (cutoff(keep_completed_days), cutoff(keep_log_days));
+        let pruned = tokio::task::spawn_blocking(move || {
+            let mut total = (0, 0);
+            loop {
+                let (queue, log) = store.prune_history(queue_cutoff, log_cutoff, PRUNE_BATCH)?;
+                store.flush()?;
+                total = (total.0 + queue, total.1 + log);
+                if queue < PRUNE_BATCH && log < PRUNE_BATCH {
+                    return Ok::<_, StoreError>(total);
+                }
+            }
+        })
+        .await;
+        match pruned {
+            Ok(Ok((0, 0))) => {}
+            Ok(Ok((queue, log))) => {
+                tracing::info!(
+                    queue,
+                    log,
+                    "forgot completed queue entries and old SyncLog entries"
+                )
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not prune the queue's history"),
+            Err(e) => tracing::error!(error = %e, "history pruning failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {

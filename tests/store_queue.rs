@@ -681,3 +681,64 @@ fn a_batch_touching_more_records_than_the_cache_holds_keeps_every_change() {
         }
     }
 }
+
+#[test]
+fn old_completed_entries_and_old_log_entries_are_forgotten_and_nothing_else() {
+    let m = sled();
+    let store = m.store();
+    let ids: Vec<u64> = (0..6).map(|n| new_entry(store, &format!("j{n}"))).collect();
+    // j0..j3 complete early; j4 stays pending, j5 fails for good.
+    store
+        .queue_transition(&ids[..4], &QueueAction::Start)
+        .unwrap();
+    store
+        .queue_transition(&ids[..4], &QueueAction::Complete)
+        .unwrap();
+    store
+        .queue_transition(&ids[5..], &QueueAction::Start)
+        .unwrap();
+    store
+        .queue_transition(
+            &ids[5..],
+            &QueueAction::Fail {
+                error: "validation: refused".into(),
+                max_retries: 0,
+            },
+        )
+        .unwrap();
+    for n in 0..3 {
+        store.log_append(log_entry(n)).unwrap();
+    }
+    let cutoff = m.clock.peek();
+    let late = new_entry(store, "late");
+    store
+        .queue_transition(&[late], &QueueAction::Start)
+        .unwrap();
+    store
+        .queue_transition(&[late], &QueueAction::Complete)
+        .unwrap();
+    store
+        .log_append(SyncLogEntry {
+            timestamp: cutoff + 10,
+            ..log_entry(3)
+        })
+        .unwrap();
+
+    // At most two at a time, oldest first.
+    assert_eq!(store.prune_history(cutoff, cutoff, 2).unwrap(), (2, 2));
+    assert_eq!(store.prune_history(cutoff, cutoff, 100).unwrap(), (2, 1));
+    assert_eq!(store.prune_history(cutoff, cutoff, 100).unwrap(), (0, 0));
+    let left: Vec<u64> = queue(store).iter().map(|e| e.id).collect();
+    assert_eq!(
+        left,
+        vec![ids[4], ids[5], late],
+        "pending, failed and recent stay"
+    );
+    let counts = store.queue_counts().unwrap();
+    assert_eq!((counts.pending, counts.failed, counts.completed), (1, 1, 1));
+    let logs = store.log(None, 10).unwrap();
+    assert_eq!(logs.len(), 1);
+    assert_eq!(logs[0].timestamp, cutoff + 10);
+    // The records keep their changes: only the queue's copies went.
+    assert_eq!(store.history("Job", "j0").unwrap().len(), 1);
+}

@@ -831,6 +831,60 @@ impl Store {
         Ok(updated)
     }
 
+    /// Forgets completed queue entries last updated before `cutoff_ms`, and SyncLog entries
+    /// older than `log_cutoff_ms`, at most `max` of each per call (oldest first), so that a
+    /// device's history does not grow for ever. Pending, processing and failed entries are never
+    /// touched. Returns how many queue and log entries went. Durable after `flush`.
+    pub fn prune_history(
+        &self,
+        cutoff_ms: u64,
+        log_cutoff_ms: u64,
+        max: usize,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut queue = self.lock_queue();
+        let mut batch = Batch::default();
+        let mut delta = CountDelta::default();
+        let mut start = keys::QUEUE.to_vec();
+        let end = keys::prefix_end(keys::QUEUE);
+        let mut pruned = 0;
+        'scan: loop {
+            let page = self.kv.range(&start, &end, 1024)?;
+            let Some((last, _)) = page.last() else { break };
+            start = [last.as_slice(), &[0]].concat();
+            for (key, bytes) in &page {
+                let entry: SyncQueueEntry = decode(bytes, "queue entry")?;
+                // Ids grow with time: past the cutoff, nothing later can be older.
+                if entry.created_at >= cutoff_ms || pruned == max {
+                    break 'scan;
+                }
+                if entry.status == QueueStatus::Completed && entry.updated_at < cutoff_ms {
+                    batch.remove(key.clone());
+                    *delta.slot(QueueStatus::Completed) -= 1;
+                    pruned += 1;
+                }
+            }
+        }
+        self.apply_queue_batch(&mut queue, batch, delta)?;
+        drop(queue);
+        let mut batch = Batch::default();
+        let old_logs = self
+            .kv
+            .range(keys::LOG, &keys::prefix_end(keys::LOG), max)?;
+        let mut logs_pruned = 0;
+        for (key, bytes) in &old_logs {
+            let entry: SyncLogEntry = decode(bytes, "SyncLog entry")?;
+            if entry.timestamp >= log_cutoff_ms {
+                break;
+            }
+            batch.remove(key.clone());
+            logs_pruned += 1;
+        }
+        if !batch.is_empty() {
+            self.kv.apply(batch)?;
+        }
+        Ok((pruned, logs_pruned))
+    }
+
     /// After an unclean stop, entries caught mid-upload go back to pending. Returns how many.
     pub fn recover_interrupted(&self) -> Result<usize, StoreError> {
         let ids = self.queue_ids(QueueStatus::Processing)?;
