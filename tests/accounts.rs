@@ -19,7 +19,7 @@ use ferry::auth::token::{
     TokenPolicy, issue_access,
 };
 use ferry::relay::accounts::{Accounts, Admitted, Denied, RandomSource};
-use ferry::store::kv::{Kv, MemoryKv, Pair};
+use ferry::store::kv::{Batch, Kv, KvError, MemoryKv, Pair};
 use ferry_proto::session::device_id;
 use ferry_proto::wire::{Credential, Secret, Tokens};
 use proptest::prelude::*;
@@ -743,6 +743,91 @@ fn enrolment_codes_work_once_in_time_and_only_for_their_account() {
         "other_account",
         enrol("alice", relay.code("alice", HOUR, NOW), NOW + SECOND),
     );
+}
+
+/// Something another session does while this one is inside the store.
+type Meanwhile = Box<dyn FnOnce() + Send>;
+
+/// A `MemoryKv` that, the first time an enrolment code is looked up, reads it, then runs
+/// `meanwhile` before answering with what it read: another session acting at that very moment, the interleaving a busy relay makes.
+#[derive(Default)]
+struct Interleaved {
+    kv: MemoryKv,
+    meanwhile: Mutex<Option<Meanwhile>>,
+}
+
+impl Kv for Interleaved {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        let value = self.kv.get(key)?;
+        if key.first() == Some(&b'E') {
+            let meanwhile = self.meanwhile.lock().expect("hook").take();
+            if let Some(meanwhile) = meanwhile {
+                meanwhile();
+            }
+        }
+        Ok(value)
+    }
+    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {
+        self.kv.range(start, end, limit)
+    }
+    fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.kv.last_key(start, end)
+    }
+    fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError> {
+        self.kv.count(start, end)
+    }
+    fn apply(&self, batch: Batch) -> Result<(), KvError> {
+        self.kv.apply(batch)
+    }
+    fn flush(&self) -> Result<(), KvError> {
+        self.kv.flush()
+    }
+    fn size_on_disk(&self) -> Result<u64, KvError> {
+        self.kv.size_on_disk()
+    }
+}
+
+#[test]
+fn an_enrolment_code_shown_by_two_sessions_at_once_registers_one_device() {
+    let kv = Arc::new(Interleaved::default());
+    let accounts =
+        Arc::new(Accounts::open(kv.clone(), TokenPolicy::default(), seeded(1), NOW).expect("open"));
+    accounts.add_account("alice", NOW).expect("account");
+    let code = accounts.enrol("alice", HOUR, NOW).expect("enrol").code;
+    let enrol = move |accounts: &Accounts, seed: u8| {
+        let public_key = SigningKey::from_bytes(&[seed; 32])
+            .verifying_key()
+            .to_bytes();
+        let credential = Credential::Enrol(Secret::new(code.clone()));
+        accounts.admit(
+            public_key,
+            &device_id(&public_key),
+            "alice",
+            &credential,
+            NOW,
+        )
+    };
+    let second = Arc::new(Mutex::new(None));
+    *kv.meanwhile.lock().expect("hook") = Some(Box::new({
+        let (accounts, second, enrol) = (accounts.clone(), second.clone(), enrol.clone());
+        move || *second.lock().expect("result") = Some(enrol(&accounts, 2))
+    }));
+    let first = enrol(&accounts, 1);
+    let second = second
+        .lock()
+        .expect("result")
+        .take()
+        .expect("the second session ran while the first looked the code up");
+    let registered: Vec<_> = accounts
+        .devices(Some("alice"))
+        .into_iter()
+        .map(|d| d.device)
+        .collect();
+    assert_eq!(registered.len(), 1, "one code registered {registered:?}");
+    match (&first, &second) {
+        (Ok(_), Err(Denied::Enrolment)) | (Err(Denied::Enrolment), Ok(_)) => {}
+        other => panic!("expected one registration and one refusal, got {other:?}"),
+    }
 }
 
 /// One edit of a token's text.

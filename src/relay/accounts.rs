@@ -569,6 +569,16 @@ impl Accounts {
             return Err(Denied::Enrolment);
         }
         let mut state = self.lock();
+        // Read again under the lock: another session may have used the code since, and a code
+        // registers one device only.
+        if self
+            .kv
+            .get(&code_key)
+            .map_err(AccountError::from)?
+            .is_none()
+        {
+            return Err(Denied::Enrolment);
+        }
         if let Some(existing) = state.devices.get(device)
             && existing.account != account
             && existing.revoked_ms.is_none()
