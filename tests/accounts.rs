@@ -562,6 +562,12 @@ fn a_reused_refresh_token_revokes_exactly_its_family() {
             |_| alice.admit(&relay, Credential::Access(token.clone()), later),
         );
     }
+    relay.refused(
+        "the current refresh token on an open session",
+        Denied::Refresh(RefreshError::Revoked),
+        "revoked",
+        |a| a.refresh(&alice.device, "alice", &alice.tokens.refresh, later),
+    );
     assert!(!relay.accounts.still_admitted(&alice.device, &alice.family));
 
     // The device's other family goes on.
@@ -749,7 +755,8 @@ fn enrolment_codes_work_once_in_time_and_only_for_their_account() {
 type Meanwhile = Box<dyn FnOnce() + Send>;
 
 /// A `MemoryKv` that, the first time an enrolment code is looked up, reads it, then runs
-/// `meanwhile` before answering with what it read: another session acting at that very moment, the interleaving a busy relay makes.
+/// `meanwhile` before answering with what it read: another session acting at that very moment,
+/// the interleaving a busy relay makes.
 #[derive(Default)]
 struct Interleaved {
     kv: MemoryKv,
