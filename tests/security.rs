@@ -358,6 +358,7 @@ fn revoking_a_connected_device_ends_its_session_at_once() {
     wait_caught_up(&dg, 1);
     wait_caught_up(&dk, 1);
 
+    let held = device_tokens(&gone);
     let out = relay.operator().ferry(&["relay", "revoke", &gone_id]);
     assert!(out.status.success(), "ferry relay revoke: {}", stderr(&out));
     let error = wait_for_ok("the revoked device's session to end", TIMEOUT, || {
@@ -413,18 +414,18 @@ fn revoking_a_connected_device_ends_its_session_at_once() {
         TIMEOUT,
         || relay.log().contains("reason=\"device_revoked\""),
     );
-    assert_no_secret_logged(&relay, &gone);
+    assert_not_logged(&relay, &gone, &[&held.access, &held.refresh]);
 }
 
-/// The relay's log holds none of the device's tokens.
-fn assert_no_secret_logged(relay: &Relay, device: &Device) {
-    let log = relay.log();
-    if let Ok(tokens) = std::fs::read(device.data_dir.join("tokens.json")) {
-        let tokens: Tokens = serde_json::from_slice(&tokens).expect("tokens");
-        for secret in [&tokens.access, &tokens.refresh] {
+/// Neither the relay's log nor the device's holds any of `secrets`.
+fn assert_not_logged(relay: &Relay, device: &Device, secrets: &[&Secret]) {
+    let daemon_log = std::fs::read_to_string(device.log_path()).expect("the daemon's log");
+    for (whose, log) in [("relay", relay.log()), ("daemon", daemon_log)] {
+        assert!(!log.is_empty(), "the {whose} logged nothing");
+        for secret in secrets {
             assert!(
                 !log.contains(secret.expose()),
-                "a token is in the relay's log"
+                "a token is in the {whose}'s log"
             );
         }
     }
@@ -478,14 +479,19 @@ fn a_refresh_token_used_twice_on_the_wire_revokes_its_family() {
         assert_eq!(code, ErrorCode::AuthenticationFailed, "{what}: {message}");
         assert!(message.contains("revoked"), "{what}: {message}");
     }
-    let log = relay.log();
-    for secret in [&held.access, &held.refresh, &stolen.access, &stolen.refresh] {
-        assert!(
-            !log.contains(secret.expose()),
-            "a token is in the relay's log"
-        );
-    }
-    assert_no_secret_logged(&relay, &device);
+    let now_held = device_tokens(&device);
+    assert_not_logged(
+        &relay,
+        &device,
+        &[
+            &held.access,
+            &held.refresh,
+            &stolen.access,
+            &stolen.refresh,
+            &now_held.access,
+            &now_held.refresh,
+        ],
+    );
 }
 
 #[test]
