@@ -408,6 +408,7 @@ fn revoking_a_connected_device_ends_its_session_at_once() {
     expected.sort();
     assert_eq!(revoked, expected);
 
+    assert!(relay.log().contains("device signed in"));
     // Its reconnections are refused, logged by reason, with no token in the log.
     wait_for(
         "the relay to log a revoked device's sign-in",
@@ -538,6 +539,11 @@ fn enrolment_attempts_are_rate_limited_per_address() {
     });
     let log = relay.log();
     assert!(log.contains("reason=\"bad_enrolment_code\""), "{log}");
+    // Every attempt was turned away: the log must not say any device got in.
+    assert!(
+        !log.contains("device authenticated") && !log.contains("device signed in"),
+        "{log}"
+    );
     assert!(!log.contains(&code) && !log.contains(&guessed["default/".len()..]));
 }
 
