@@ -634,6 +634,30 @@ fn a_refresh_token_shown_by_another_device_is_refused_without_revoking() {
 }
 
 #[test]
+fn another_key_under_a_registered_device_id_is_refused() {
+    let relay = Relay::open();
+    let alice = relay.join(1, "alice");
+    let impostor = SigningKey::from_bytes(&[0x1e; 32])
+        .verifying_key()
+        .to_bytes();
+    for (what, credential) in [
+        ("the key alone", Credential::Key),
+        ("alice's access token", alice.access()),
+        ("alice's refresh token", alice.refresh()),
+    ] {
+        relay.refused(
+            &format!("another key as alice's device, with {what}"),
+            Denied::NotRegistered,
+            "not_registered",
+            |a| a.admit(impostor, &alice.device, "alice", &credential, NOW),
+        );
+    }
+    alice
+        .admit(&relay, alice.refresh(), NOW)
+        .expect("alice's own key and tokens still work");
+}
+
+#[test]
 fn a_revoked_device_is_refused_whatever_it_shows() {
     let relay = Relay::open();
     let alice = relay.join(1, "alice");

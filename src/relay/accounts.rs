@@ -475,6 +475,14 @@ impl Accounts {
         credential: &Credential,
         now_ms: u64,
     ) -> Result<Admitted, Denied> {
+        // The device id is only a prefix of the key: a registered device is the whole key it
+        // registered with.
+        let other_key = |d: &DeviceRecord| d.public_key != public_key;
+        if !matches!(credential, Credential::Enrol(_))
+            && self.lock().devices.get(device).is_some_and(other_key)
+        {
+            return Err(Denied::NotRegistered);
+        }
         match credential {
             Credential::Enrol(code) => self.register(public_key, device, space, code, now_ms),
             Credential::Access(token) => {
