@@ -116,10 +116,10 @@ impl RawClient {
         }
     }
 
-    /// The whole log of the session's space, from the start.
-    async fn download_all(&mut self) -> Vec<LogEntry> {
+    /// The log of the session's space after `since`, in one answer: its head and entries.
+    async fn download(&mut self, since: u64) -> (u64, Vec<LogEntry>) {
         self.send(Message::Download {
-            since: 0,
+            since,
             max_changes: 10_000,
         })
         .await;
@@ -127,19 +127,23 @@ impl RawClient {
             match self.recv().await {
                 Message::Changes {
                     pushed: false,
-                    after: 0,
-                    through,
+                    after,
                     head,
                     entries,
+                    ..
                 } => {
-                    assert_eq!(through, head, "the whole log fits in one answer");
-                    return entries;
+                    assert_eq!(after, since, "the answer starts where asked");
+                    return (head, entries);
                 }
                 Message::Changes { pushed: true, .. } => {}
                 other => panic!("expected the Download's Changes, got {other:?}"),
             }
         }
     }
+}
+
+fn seqs_and_ids(entries: &[LogEntry]) -> Vec<(u64, String)> {
+    entries.iter().map(|e| (e.seq, e.record.clone())).collect()
 }
 
 fn welcome_tokens(answer: Message) -> Option<Tokens> {
@@ -256,9 +260,16 @@ fn accounts_never_see_each_others_records() {
         RawClient::sign_in(&relay, &beta_key, "beta", enrolment(&relay, "beta")),
     );
     let beta_tokens = welcome_tokens(answer).expect("tokens for a new device");
-    let log = rt.run("beta's download", beta_raw.download_all());
-    let records: Vec<_> = log.iter().map(|e| (e.seq, e.record.as_str())).collect();
-    assert_eq!(records, [(1, "shared"), (2, "alpha-only"), (3, "r1")]);
+    let (head, log) = rt.run("beta's download", beta_raw.download(0));
+    assert_eq!(head, 3);
+    assert_eq!(
+        seqs_and_ids(&log),
+        [
+            (1, "shared".into()),
+            (2, "alpha-only".into()),
+            (3, "r1".into())
+        ]
+    );
 
     // Alpha writes while beta listens; then beta's daemon writes. The only push beta's raw
     // session gets is beta's write: the stream is ordered, so nothing of alpha's came first.
@@ -272,12 +283,28 @@ fn accounts_never_see_each_others_records() {
             head,
             ..
         } => {
-            let pushed: Vec<_> = entries.iter().map(|e| (e.seq, e.record.as_str())).collect();
-            assert_eq!(pushed, [(4, "beta-later")]);
+            assert_eq!(seqs_and_ids(&entries), [(4, "beta-later".into())]);
             assert_eq!(head, 4);
         }
         other => panic!("expected a push of beta's write, got {other:?}"),
     }
+    // From a cursor inside beta's log: beta's entries only. From one past it (where alpha's
+    // longer log would go on): the relay says beta's log ends at beta's head, and stops.
+    let (head, log) = rt.run("beta's download from 2", beta_raw.download(2));
+    assert_eq!(
+        (head, seqs_and_ids(&log)),
+        (4, vec![(3, "r1".into()), (4, "beta-later".into())])
+    );
+    rt.run(
+        "a download past beta's log",
+        beta_raw.send(Message::Download {
+            since: 5,
+            max_changes: 10,
+        }),
+    );
+    let (code, message) = refusal(rt.run("the answer past beta's log", beta_raw.recv()));
+    assert_eq!(code, ErrorCode::UnexpectedMessage, "{message}");
+    assert!(message.contains("up to 5 but it ends at 4"), "{message}");
     wait_caught_up(&db1, 4);
     wait_caught_up(&da1, 3);
 
