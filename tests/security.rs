@@ -308,24 +308,27 @@ fn accounts_never_see_each_others_records() {
     wait_caught_up(&db1, 4);
     wait_caught_up(&da1, 3);
 
-    let alpha = |owner: &str| json!({ "owner": owner });
+    let owned_by = |owner: &str| json!({ "owner": owner });
     let expected_alpha = vec![
-        ("alpha-later".to_string(), alpha("alpha")),
-        ("alpha-only".to_string(), alpha("alpha")),
-        ("shared".to_string(), alpha("alpha")),
+        ("alpha-later".to_string(), owned_by("alpha")),
+        ("alpha-only".to_string(), owned_by("alpha")),
+        ("shared".to_string(), owned_by("alpha")),
     ];
     assert_eq!(docs(&da1), expected_alpha);
     assert_eq!(docs(&da2), expected_alpha);
     assert_eq!(
         docs(&db1),
         vec![
-            ("alpha-only".to_string(), alpha("beta")),
-            ("beta-later".to_string(), alpha("beta")),
-            ("r1".to_string(), alpha("beta")),
-            ("shared".to_string(), alpha("beta")),
+            ("alpha-only".to_string(), owned_by("beta")),
+            ("beta-later".to_string(), owned_by("beta")),
+            ("r1".to_string(), owned_by("beta")),
+            ("shared".to_string(), owned_by("beta")),
         ]
     );
-    assert_eq!(docs(&dc1), vec![("gamma-only".to_string(), alpha("gamma"))]);
+    assert_eq!(
+        docs(&dc1),
+        vec![("gamma-only".to_string(), owned_by("gamma"))]
+    );
 
     // Saying alpha's space in Hello gets exactly the answer a space that does not exist gets,
     // whatever beta's device shows; so does a device nobody registered.
