@@ -399,6 +399,8 @@ fn init_logging(config: &Config, quiet: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes in a log file or pipe split `field="value"` apart for whoever searches it.
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 

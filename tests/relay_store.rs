@@ -222,6 +222,9 @@ fn reads_page_through_the_log_and_leave_out_the_readers_own_changes() {
     assert_eq!((seqs(&page), page.through), (vec![1], 1));
     let page = relay.read_since(SPACE, 15, 10, usize::MAX).unwrap();
     assert_eq!((seqs(&page), page.through, page.head), (vec![], 15, 15));
+    // A cursor past the log leaves the head where the log ends.
+    let page = relay.read_since(SPACE, 20, 10, usize::MAX).unwrap();
+    assert_eq!((seqs(&page), page.through, page.head), (vec![], 20, 15));
 }
 
 #[test]

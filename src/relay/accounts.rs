@@ -491,6 +491,14 @@ impl Accounts {
         credential: &Credential,
         now_ms: u64,
     ) -> Result<Admitted, Denied> {
+        // The device id is only a prefix of the key: a registered device is the whole key it
+        // registered with.
+        let other_key = |d: &DeviceRecord| d.public_key != public_key;
+        if !matches!(credential, Credential::Enrol(_))
+            && self.lock().devices.get(device).is_some_and(other_key)
+        {
+            return Err(Denied::NotRegistered);
+        }
         match credential {
             Credential::Enrol(code) => self.register(public_key, device, space, code, now_ms),
             Credential::Access(token) => {
@@ -585,6 +593,16 @@ impl Accounts {
             return Err(Denied::Enrolment);
         }
         let mut state = self.lock();
+        // Read again under the lock: another session may have used the code since, and a code
+        // registers one device only.
+        if self
+            .kv
+            .get(&code_key)
+            .map_err(AccountError::from)?
+            .is_none()
+        {
+            return Err(Denied::Enrolment);
+        }
         if let Some(existing) = state.devices.get(device)
             && existing.account != account
             && existing.revoked_ms.is_none()

@@ -144,6 +144,7 @@ pub fn carry_out(
             .entered();
             match accounts.admit(public_key, &device, &space, &credential, now) {
                 Ok(admitted) => {
+                    tracing::info!(account = %admitted.account, "device signed in");
                     let head = store.head(&space)?;
                     *peer = Peer {
                         device,
@@ -457,8 +458,10 @@ impl Context {
             while let Some(event) = session.poll_event() {
                 moved = true;
                 match event {
+                    // Only the key is proven here: whether the device gets in is logged when
+                    // its credential is decided ("signed in" or "sign-in refused").
                     RelayEvent::Authenticated { device, space } => {
-                        tracing::info!(%device, %space, "device authenticated");
+                        tracing::debug!(%device, %space, "device proved its key");
                     }
                     RelayEvent::Closed { error: Some(error) } => {
                         tracing::info!(kind = %error.kind(), %error, "session ended");

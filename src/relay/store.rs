@@ -824,7 +824,11 @@ impl RelayStore {
                 }
             }
         }
-        slice.head = slice.head.max(slice.through);
+        // Entries appended since the head was read raise it; a cursor past the log does not,
+        // so that the session can tell the device the relay lost part of its log.
+        if let Some(last) = slice.entries.last() {
+            slice.head = slice.head.max(last.seq);
+        }
         Ok(slice)
     }
 

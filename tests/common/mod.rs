@@ -309,20 +309,33 @@ impl Relay {
     /// once it serves. `port: None` picks a free port; give the port of an earlier relay to
     /// restart it where its devices look for it.
     pub fn start(data_dir: &std::path::Path, port: Option<u16>) -> Relay {
-        use std::io::BufRead as _;
-        let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
         // Tests register many devices from one address: the default limits are for the internet.
+        if !data_dir.join("config.toml").exists() {
+            Relay::write_config(
+                data_dir,
+                "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n",
+            );
+        }
+        Relay::launch(data_dir, port)
+    }
+
+    /// Starts `ferry relay` on `data_dir` (created if missing) with `config` as its
+    /// config.toml, replacing any there.
+    pub fn start_with_config(data_dir: &std::path::Path, port: Option<u16>, config: &str) -> Relay {
+        Relay::write_config(data_dir, config);
+        Relay::launch(data_dir, port)
+    }
+
+    fn write_config(data_dir: &std::path::Path, config: &str) {
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
             .create(data_dir)
             .expect("relay data dir");
-        let config = data_dir.join("config.toml");
-        if !config.exists() {
-            std::fs::write(
-                &config,
-                "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n",
-            )
-            .expect("write the relay's config");
-        }
+        std::fs::write(data_dir.join("config.toml"), config).expect("write the relay's config");
+    }
+
+    fn launch(data_dir: &std::path::Path, port: Option<u16>) -> Relay {
+        use std::io::BufRead as _;
+        let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
         let mut child = Command::new(ferry_bin())
             .arg("--data-dir")
             .arg(data_dir)
@@ -378,6 +391,11 @@ impl Relay {
 
     pub fn operator(&self) -> Operator<'_> {
         Operator(&self.data_dir)
+    }
+
+    /// What the relay has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_file_name("relay.log")).unwrap_or_default()
     }
 
     /// SIGKILL: whatever the relay had not made durable is gone.
