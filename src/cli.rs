@@ -458,6 +458,9 @@ fn run_relay(ctx: &Context, listen: Option<&str>) -> Result<(), Failure> {
                     print_json(&json!(ready));
                 } else {
                     println!("ferry relay listening on {} (QUIC)", ready.listen);
+                    if let Some(http) = ready.http {
+                        println!("HTTPS API on https://{http}/api (same certificate)");
+                    }
                     println!("certificate fingerprint (sha256): {}", ready.fingerprint);
                     println!(
                         "devices pin it: set sync.fingerprint = \"{}\" in their config",

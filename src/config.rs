@@ -208,6 +208,16 @@ pub struct RelayConfig {
     pub enrolments_per_minute: u32,
     /// How long a code from `ferry relay enrol` stays valid, in hours (unless `--hours` says).
     pub enrolment_code_hours: u64,
+    /// The TCP address of the HTTPS API; empty: no HTTP API.
+    pub http_listen: String,
+    /// Largest HTTP request body, in bytes.
+    pub http_max_body_bytes: usize,
+    /// Most records in one page of `GET /api/sync/download`.
+    pub http_max_page: usize,
+    /// The oldest app version `POST /api/sync/initialize` calls compatible; empty: any.
+    pub min_app_version: String,
+    /// Password sign-ins (`POST /api/auth/login`) one client address may try per minute.
+    pub logins_per_minute: u32,
 }
 
 impl Default for RelayConfig {
@@ -233,6 +243,11 @@ impl Default for RelayConfig {
             sign_ins_per_minute: 60,
             enrolments_per_minute: 5,
             enrolment_code_hours: 24,
+            http_listen: String::new(),
+            http_max_body_bytes: 4 << 20,
+            http_max_page: 1000,
+            min_app_version: String::new(),
+            logins_per_minute: 10,
         }
     }
 }
@@ -397,6 +412,12 @@ impl Config {
                 "relay.enrolment_code_hours",
                 self.relay.enrolment_code_hours as usize,
             ),
+            ("relay.http_max_body_bytes", self.relay.http_max_body_bytes),
+            ("relay.http_max_page", self.relay.http_max_page),
+            (
+                "relay.logins_per_minute",
+                self.relay.logins_per_minute as usize,
+            ),
         ];
         if self.relay.signing_key_overlap_secs < self.relay.access_token_secs {
             return Err(
@@ -427,6 +448,18 @@ impl Config {
         }
     }
 
+    /// Each collection's conflict policy (`[collections.NAME]`), the default for the others.
+    pub fn policies(&self) -> crate::resolve::Policies {
+        crate::resolve::Policies {
+            default: crate::resolve::Policy::default(),
+            collections: self
+                .collections
+                .iter()
+                .map(|(name, c)| (name.clone(), c.policy()))
+                .collect(),
+        }
+    }
+
     pub fn store_options(&self) -> crate::store::StoreOptions {
         crate::store::StoreOptions {
             limits: self.limits,
@@ -438,14 +471,7 @@ impl Config {
                 .collect(),
             declared_collections: (!self.store.allow_undeclared_collections)
                 .then(|| self.collections.keys().cloned().collect()),
-            policies: crate::resolve::Policies {
-                default: crate::resolve::Policy::default(),
-                collections: self
-                    .collections
-                    .iter()
-                    .map(|(name, c)| (name.clone(), c.policy()))
-                    .collect(),
-            },
+            policies: self.policies(),
             keyring: Default::default(),
         }
     }

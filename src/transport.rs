@@ -441,6 +441,26 @@ fn transport_config(opts: &TransportOptions, bidi_streams: u32) -> Arc<quinn::Tr
     Arc::new(config)
 }
 
+/// The TLS configuration of the relay's HTTPS API: TLS 1.3 only, the relay's certificate (the
+/// one devices pin), HTTP/2 or HTTP/1.1.
+pub fn https_server_config(
+    cert: &RelayCertificate,
+) -> Result<Arc<rustls::ServerConfig>, TransportError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(cert.key.clone())));
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// A TLS 1.3 client configuration that trusts the relay as `trust` says, without an ALPN (for
+/// HTTPS clients of the relay's API: tests, tools).
+pub fn client_tls(trust: &ServerTrust) -> Result<rustls::ClientConfig, TransportError> {
+    client_rustls(trust, &Arc::new(OnceLock::new()))
+}
+
 /// A relay endpoint listening on `addr` with `cert`.
 pub fn server_endpoint(
     addr: SocketAddr,
@@ -563,16 +583,15 @@ impl ServerCertVerifier for PinnedVerifier {
     }
 }
 
-fn client_config(
+fn client_rustls(
     trust: &ServerTrust,
-    opts: &TransportOptions,
     mismatch: &Arc<OnceLock<Fingerprint>>,
-) -> Result<quinn::ClientConfig, TransportError> {
+) -> Result<rustls::ClientConfig, TransportError> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?;
-    let mut tls = match trust {
+    let tls = match trust {
         ServerTrust::Pinned(expected) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
@@ -605,6 +624,15 @@ fn client_config(
             builder.with_root_certificates(roots).with_no_client_auth()
         }
     };
+    Ok(tls)
+}
+
+fn client_config(
+    trust: &ServerTrust,
+    opts: &TransportOptions,
+    mismatch: &Arc<OnceLock<Fingerprint>>,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let mut tls = client_rustls(trust, mismatch)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(Arc::new(tls))
         .map_err(|e| TransportError::Tls(e.to_string()))?;

@@ -45,7 +45,14 @@ pub(super) enum RelayAction {
 
 #[derive(Subcommand, Debug)]
 pub(super) enum AccountAction {
-    Add { name: String },
+    Add {
+        name: String,
+    },
+    /// Set the password people and HTTP-only clients sign in with (POST /api/auth/login); read
+    /// from standard input (one line) or FERRY_PASSWORD, never from the command line
+    Password {
+        name: String,
+    },
     List,
 }
 
@@ -55,6 +62,12 @@ pub(super) fn relay_admin(ctx: &Context, action: RelayAction) -> Result<(), Fail
         RelayAction::Account {
             action: AccountAction::Add { name },
         } => ("account.add", json!({ "name": name })),
+        RelayAction::Account {
+            action: AccountAction::Password { name },
+        } => (
+            "account.password",
+            json!({ "name": name, "password": read_password()? }),
+        ),
         RelayAction::Account {
             action: AccountAction::List,
         } => ("account.list", json!({})),
@@ -76,6 +89,9 @@ pub(super) fn relay_admin(ctx: &Context, action: RelayAction) -> Result<(), Fail
         } => {
             println!("account {name} created: `ferry relay enrol {name}` gives its devices a code")
         }
+        RelayAction::Account {
+            action: AccountAction::Password { name },
+        } => println!("password of account {name} set: it signs in with POST /api/auth/login"),
         RelayAction::Account {
             action: AccountAction::List,
         } => {
@@ -120,6 +136,25 @@ pub(super) fn relay_admin(ctx: &Context, action: RelayAction) -> Result<(), Fail
         ),
     }
     Ok(())
+}
+
+/// The password from FERRY_PASSWORD, or one line of standard input.
+fn read_password() -> Result<String, Failure> {
+    if let Ok(password) = std::env::var("FERRY_PASSWORD") {
+        return Ok(password);
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| Failure::failed(format!("cannot read the password: {e}")))?;
+    let password = line.trim_end_matches(['\r', '\n']).to_string();
+    if password.is_empty() {
+        return Err(Failure::usage(
+            "no password: give it on standard input (one line) or in FERRY_PASSWORD",
+        ));
+    }
+    Ok(password)
 }
 
 fn call_relay(ctx: &Context, method: &str, params: Value) -> Result<Value, Failure> {

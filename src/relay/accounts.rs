@@ -14,6 +14,8 @@
 //! - `E{SHA-256 of the code's secret}` → [`EnrolmentRecord`]: removed when used.
 //! - `F{family id}` → `auth::token::Family`
 //! - `K{kid}` → [`StoredKey`]: token signing keys, current and retired.
+//! - `P{account}` → the account's password, as an Argon2id PHC string (for people and HTTP-only
+//!   clients, `login`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,6 +55,8 @@ pub enum AccountError {
     Entropy(String),
     #[error("cannot sign tokens: {0}")]
     Signing(#[from] TokenError),
+    #[error("the password cannot be used: {0}")]
+    Password(String),
 }
 
 /// Why a device was not let in. `Display` is what the device is told: it never says whether
@@ -79,6 +83,8 @@ pub enum Denied {
         "this device is registered in another account: revoke it there before enrolling it here"
     )]
     OtherAccount,
+    #[error("the account name or the password is wrong")]
+    Login,
     #[error("the relay could not check the credential: {0}")]
     Store(#[from] AccountError),
 }
@@ -86,7 +92,7 @@ pub enum Denied {
 impl Denied {
     pub fn code(&self) -> ErrorCode {
         match self {
-            Denied::Token(_) | Denied::Refresh(_) | Denied::Enrolment => {
+            Denied::Token(_) | Denied::Refresh(_) | Denied::Enrolment | Denied::Login => {
                 ErrorCode::AuthenticationFailed
             }
             Denied::NotRegistered | Denied::Revoked | Denied::OtherAccount => ErrorCode::Forbidden,
@@ -102,6 +108,7 @@ impl Denied {
             Denied::Revoked => "device_revoked",
             Denied::Enrolment => "bad_enrolment_code",
             Denied::OtherAccount => "other_account",
+            Denied::Login => "bad_login",
             Denied::Store(_) => "store",
         }
     }
@@ -120,10 +127,24 @@ pub struct AccountRecord {
     pub created_ms: u64,
 }
 
+/// What kind of client a registered device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientKind {
+    /// A daemon: signs in with its ed25519 key on every connection.
+    Device,
+    /// A person or an HTTP-only client signed in with the account's password (`login`); it
+    /// holds tokens only.
+    Web,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub device: String,
     pub account: String,
+    pub kind: ClientKind,
+    /// What the client called itself at login (web clients).
+    pub label: String,
     pub public_key: [u8; 32],
     pub registered_ms: u64,
     pub revoked_ms: Option<u64>,
@@ -531,6 +552,101 @@ impl Accounts {
         }
     }
 
+    /// Sets the account's password (for `login`), hashed with Argon2id.
+    pub fn set_password(&self, account: &str, password: &Secret) -> Result<(), AccountError> {
+        use argon2::password_hash::PasswordHasher as _;
+        if !self.account_exists(account)? {
+            return Err(AccountError::NoAccount(account.to_string()));
+        }
+        if password.expose().chars().count() < 8 {
+            return Err(AccountError::Password(
+                "it is shorter than 8 characters".into(),
+            ));
+        }
+        let salt: [u8; 16] = self.random()?;
+        let hash: argon2::password_hash::phc::PasswordHash = argon2::Argon2::default()
+            .hash_password_with_salt(password.expose().as_bytes(), &salt)
+            .map_err(|e| AccountError::Password(e.to_string()))?;
+        let hash = hash.to_string();
+        let mut batch = Batch::default();
+        batch.put(key(b'P', account.as_bytes()), hash.into_bytes());
+        self.commit(batch)?;
+        tracing::info!(account, "account password set");
+        Ok(())
+    }
+
+    /// A person or an HTTP-only client signs in with the account's password: it is registered
+    /// as a `web` client of the account (listed, and revocable, like a device) and gets tokens.
+    /// A wrong password and an unknown account get the same answer.
+    pub fn login(
+        &self,
+        account: &str,
+        password: &Secret,
+        label: &str,
+        now_ms: u64,
+    ) -> Result<(String, Tokens), Denied> {
+        use argon2::password_hash::PasswordVerifier as _;
+        use argon2::password_hash::phc::PasswordHash;
+        let stored = self
+            .kv
+            .get(&key(b'P', account.as_bytes()))
+            .map_err(AccountError::from)?;
+        let verified = stored.as_deref().is_some_and(|bytes| {
+            std::str::from_utf8(bytes)
+                .ok()
+                .and_then(|text| PasswordHash::new(text).ok())
+                .is_some_and(|hash| {
+                    argon2::Argon2::default()
+                        .verify_password(password.expose().as_bytes(), &hash)
+                        .is_ok()
+                })
+        });
+        if !verified {
+            return Err(Denied::Login);
+        }
+        let device = hex(&self.random::<16>()?);
+        let record = DeviceRecord {
+            device: device.clone(),
+            account: account.to_string(),
+            kind: ClientKind::Web,
+            label: label.chars().take(64).collect(),
+            public_key: [0; 32],
+            registered_ms: now_ms,
+            revoked_ms: None,
+            last_sign_in_ms: now_ms,
+        };
+        let mut state = self.lock();
+        let (family, tokens, family_record) = self.new_family(&state, account, &device, now_ms)?;
+        let mut batch = Batch::default();
+        batch.put(key(b'D', device.as_bytes()), encode(&record));
+        batch.put(key(b'F', family.as_bytes()), encode(&family_record));
+        self.commit(batch)?;
+        state.devices.insert(device.clone(), record);
+        drop(state);
+        tracing::info!(account, device, label, "web client signed in");
+        Ok((device, tokens))
+    }
+
+    /// A bearer's refresh (HTTP): the refresh token alone names its family, device and account.
+    pub fn refresh_bearer(
+        &self,
+        refresh: &Secret,
+        now_ms: u64,
+    ) -> Result<(String, String, Tokens), Denied> {
+        let presented = RefreshToken::parse(refresh.expose())
+            .map_err(|_| Denied::Refresh(RefreshError::Unknown))?;
+        let family: Family = match self
+            .kv
+            .get(&key(b'F', presented.family.as_bytes()))
+            .map_err(AccountError::from)?
+        {
+            Some(bytes) => decode("token family", &bytes)?,
+            None => return Err(Denied::Refresh(RefreshError::Unknown)),
+        };
+        let (_, tokens) = self.refresh(&family.device, &family.account, refresh, now_ms)?;
+        Ok((family.account, family.device, tokens))
+    }
+
     /// A session's refresh: the device rotates its refresh token and gets new tokens.
     pub fn refresh(
         &self,
@@ -612,6 +728,8 @@ impl Accounts {
         let record = DeviceRecord {
             device: device.to_string(),
             account: account.to_string(),
+            kind: ClientKind::Device,
+            label: String::new(),
             public_key,
             registered_ms: now_ms,
             revoked_ms: None,

@@ -55,6 +55,7 @@ impl From<AccountError> for ApiError {
             AccountError::NoAccount(_) | AccountError::NoDevice(_) => code::NOT_FOUND,
             AccountError::Corrupt { .. } => code::CORRUPT,
             AccountError::Kv(_) => code::STORAGE,
+            AccountError::Password(_) => code::INVALID_PARAMS,
             AccountError::Entropy(_) | AccountError::Signing(_) => code::INTERNAL,
         };
         ApiError::new(code, e.to_string())
@@ -74,6 +75,13 @@ struct NoParams {}
 #[serde(deny_unknown_fields)]
 struct Named {
     name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordParams {
+    name: String,
+    password: String,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +115,11 @@ pub fn dispatch(
         "account.add" => {
             let p: Named = params(raw)?;
             Ok(to_json(&accounts.add_account(&p.name, now_ms)?))
+        }
+        "account.password" => {
+            let p: PasswordParams = params(raw)?;
+            accounts.set_password(&p.name, &ferry_proto::wire::Secret::new(p.password))?;
+            Ok(json!({ "name": p.name, "password_set": true }))
         }
         "account.list" => {
             params::<NoParams>(raw)?;
@@ -144,6 +157,8 @@ pub fn dispatch(
                     json!({
                         "device": d.device,
                         "account": d.account,
+                        "kind": d.kind,
+                        "label": d.label,
                         "registered_ms": d.registered_ms,
                         "last_sign_in_ms": d.last_sign_in_ms,
                         "revoked_ms": d.revoked_ms,
@@ -164,8 +179,8 @@ pub fn dispatch(
         other => Err(ApiError::new(
             code::METHOD_NOT_FOUND,
             format!(
-                "unknown method {other:?}: the relay's socket serves account.add, account.list, \
-                 enrol, devices, revoke and keys.rotate"
+                "unknown method {other:?}: the relay's socket serves account.add, \
+                 account.password, account.list, enrol, devices, revoke and keys.rotate"
             ),
         )),
     }

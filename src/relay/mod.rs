@@ -8,6 +8,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod http;
 pub mod server;
 pub mod store;
 
@@ -38,6 +39,11 @@ pub enum RelayError {
     Store(#[from] RelayStoreError),
     #[error(transparent)]
     Accounts(#[from] accounts::AccountError),
+    #[error("cannot listen for HTTPS on {address} (relay.http_listen): {source}")]
+    HttpListen {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("cannot serve the operator's socket {path}: {source}")]
     Admin {
         path: std::path::PathBuf,
@@ -51,6 +57,8 @@ pub struct Listening {
     pub listen: SocketAddr,
     /// Devices pin this (`sync.fingerprint`).
     pub fingerprint: Fingerprint,
+    /// The HTTPS API's address, when it serves one (`relay.http_listen`).
+    pub http: Option<SocketAddr>,
 }
 
 /// Runs the relay until `shutdown` completes: every acknowledged change is already durable, and
@@ -114,9 +122,10 @@ pub async fn run(
         ..TransportOptions::default()
     };
     let endpoint = transport::server_endpoint(addr, &certificate, &transport_options)?;
-    let listening = Listening {
+    let mut listening = Listening {
         listen: endpoint.local_addr().unwrap_or(addr),
         fingerprint: certificate.fingerprint(),
+        http: None,
     };
     let options = RelayOptions {
         session: SessionConfig {
@@ -132,6 +141,36 @@ pub async fn run(
         enrolments_per_minute: relay.enrolments_per_minute,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let http_server = match relay.http_listen.as_str() {
+        "" => None,
+        address => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| RelayError::HttpListen {
+                    address: address.to_string(),
+                    source,
+                })?;
+            listening.http = listener.local_addr().ok();
+            let state = http::ApiState::new(
+                accounts.clone(),
+                store.clone(),
+                Arc::new(config.policies()),
+                http::HttpOptions {
+                    max_body_bytes: relay.http_max_body_bytes,
+                    max_page: relay.http_max_page,
+                    min_app_version: relay.min_app_version.clone(),
+                    logins_per_minute: relay.logins_per_minute,
+                },
+            );
+            let tls = transport::https_server_config(&certificate)?;
+            Some(tokio::spawn(http::serve(
+                listener,
+                tls,
+                http::router(state),
+                stopped.clone(),
+            )))
+        }
+    };
     let admin_socket = admin::socket_path(dir);
     let admin_listener = admin::bind(&admin_socket).map_err(|source| RelayError::Admin {
         path: admin_socket.clone(),
@@ -164,6 +203,11 @@ pub async fn run(
     let _ = stop.send(true);
     if let Err(e) = server.await {
         tracing::error!(error = %e, "relay server stopped abnormally");
+    }
+    if let Some(task) = http_server
+        && let Err(e) = task.await
+    {
+        tracing::error!(error = %e, "relay HTTPS API stopped abnormally");
     }
     for (what, task) in [("operator socket", admin), ("key rotation", rotation)] {
         if let Err(e) = task.await {

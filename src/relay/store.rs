@@ -874,6 +874,21 @@ impl RelayStore {
             .flatten())
     }
 
+    /// The record as `policy` shows it (the same view a device with that policy shows), with
+    /// its heads; `None` if the space has no such record.
+    pub fn view(
+        &self,
+        space: &str,
+        collection: &str,
+        id: &str,
+        policy: &Policy,
+    ) -> Result<Option<(resolve::View, Vec<String>)>, RelayStoreError> {
+        self.with_doc(space, collection, id, |doc| {
+            let heads = doc.heads().iter().map(|h| h.to_string()).collect();
+            (resolve::view(doc, policy), heads)
+        })
+    }
+
     /// The record's whole document, as Automerge saves it.
     pub fn document_bytes(
         &self,

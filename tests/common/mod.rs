@@ -262,16 +262,21 @@ fn append_log(path: &std::path::Path) -> std::fs::File {
 pub struct Operator<'a>(pub &'a std::path::Path);
 
 impl Operator<'_> {
-    pub fn ferry(&self, args: &[&str]) -> Output {
-        Command::new(ferry_bin())
+    /// A `ferry` command on the relay's data directory, not yet started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(ferry_bin());
+        command
             .arg("--data-dir")
             .arg(self.0)
             .args(args)
             .env_remove("FERRY_CONFIG")
             .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run ferry")
+            .stdin(Stdio::null());
+        command
+    }
+
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run ferry")
     }
 
     /// Creates `account` unless it exists (a restarted relay has its accounts already).
@@ -302,6 +307,8 @@ pub struct Relay {
     pub addr: String,
     pub port: u16,
     pub fingerprint: String,
+    /// The HTTPS API's `127.0.0.1:PORT`, when the relay's config asks for one.
+    pub http: Option<String>,
 }
 
 impl Relay {
@@ -384,6 +391,7 @@ impl Relay {
             addr,
             port,
             fingerprint,
+            http: ready["http"].as_str().map(str::to_string),
         };
         relay.operator().add_account("default");
         relay

@@ -1,0 +1,623 @@
+//! The relay's HTTPS API: JSON over HTTP/1.1 and HTTP/2, TLS 1.3 only with the relay's own
+//! certificate (the one devices pin), for clients that cannot run the daemon and for the web
+//! interface. Requests carry the same access tokens as QUIC sessions (`Authorization: Bearer`),
+//! checked by `Accounts::check_access`; every handler reads and writes only the token's
+//! account's space, and another account's records answer exactly like missing ones.
+//!
+//! Owns: routes, request and response shapes, the mapping of errors to HTTP statuses, ETags and
+//! the cache of download pages. Must not touch: the log's layout (`relay::store`), the token
+//! rules (`auth::token`, `relay::accounts`), sessions over QUIC.
+//!
+//! Endpoints (docs/HTTP.md has the shapes):
+//! - `POST /api/auth/login` {account, password, label?}: a person or an HTTP-only client signs
+//!   in with the account's password; it is registered as a `web` client of the account (listed
+//!   and revocable like a device) and gets tokens.
+//! - `POST /api/auth/refresh` {refresh_token}: rotates a refresh token (reuse revokes its family).
+//! - `POST /api/sync/initialize` {device_id, app_version, last_sync}: server time, the log's
+//!   head, how much changed since `last_sync`, protocol and app version compatibility.
+//! - `GET /api/sync/download?since=CURSOR&limit=N`: the records changed after the cursor, as
+//!   JSON, one page at a time, with an `ETag` (`304 Not Modified` when it matches) and gzip
+//!   when the client accepts it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ferry_proto::wire::{PROTOCOL_VERSION, Secret};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::accounts::{Accounts, Denied};
+use super::server::AttemptLimiter;
+use super::store::{RelayStore, RelayStoreError};
+use crate::engine::now_ms;
+use crate::resolve::Policies;
+
+/// Pages of `download` kept rendered: a page is the same bytes until the log grows.
+const CACHED_PAGES: usize = 256;
+/// A TLS handshake must finish within this long.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Largest request body, in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Most records in one `download` page.
+    pub max_page: usize,
+    /// The oldest app version `initialize` calls compatible ("" accepts all).
+    pub min_app_version: String,
+    /// Password sign-ins one client address may try per minute.
+    pub logins_per_minute: u32,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct ApiState {
+    pub accounts: Arc<Accounts>,
+    pub store: Arc<RelayStore>,
+    pub policies: Arc<Policies>,
+    pub options: HttpOptions,
+    logins: Arc<Mutex<AttemptLimiter>>,
+    pages: Arc<Mutex<lru::LruCache<PageKey, Bytes>>>,
+}
+
+type PageKey = (String, u64, usize, u64);
+
+impl ApiState {
+    pub fn new(
+        accounts: Arc<Accounts>,
+        store: Arc<RelayStore>,
+        policies: Arc<Policies>,
+        options: HttpOptions,
+    ) -> Self {
+        ApiState {
+            logins: Arc::new(Mutex::new(AttemptLimiter::new(options.logins_per_minute))),
+            pages: Arc::new(Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(CACHED_PAGES).unwrap_or(std::num::NonZeroUsize::MIN),
+            ))),
+            accounts,
+            store,
+            policies,
+            options,
+        }
+    }
+}
+
+/// The client's address, put on each request by the connection it came on.
+#[derive(Debug, Clone, Copy)]
+struct Remote(SocketAddr);
+
+/// An error as an HTTP client sees it: a status and `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct Failure {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Failure {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Failure::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ferry\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<Denied> for Failure {
+    fn from(denied: Denied) -> Self {
+        tracing::info!(reason = denied.reason(), "HTTP request refused");
+        match denied {
+            Denied::Store(e) => Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("the relay could not check the credential: {e}"),
+            ),
+            Denied::Revoked | Denied::NotRegistered | Denied::OtherAccount => {
+                Failure::new(StatusCode::FORBIDDEN, "forbidden", denied.to_string())
+            }
+            other => Failure::new(StatusCode::UNAUTHORIZED, "unauthorized", other.to_string()),
+        }
+    }
+}
+
+impl From<RelayStoreError> for Failure {
+    fn from(e: RelayStoreError) -> Self {
+        match e {
+            RelayStoreError::Address(e) => Failure::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such record: {e}"),
+            ),
+            other => {
+                tracing::error!(error = %other, "the relay's store failed an HTTP request");
+                Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the relay's store failed: try again later",
+                )
+            }
+        }
+    }
+}
+
+/// A JSON body of type `T`: a body that is not JSON, or not `T`, is a 400 naming the field.
+pub struct JsonBody<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: for<'de> Deserialize<'de>,
+    S: Send + Sync,
+{
+    type Rejection = Failure;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Failure> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Failure::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    "the request body is over the relay's limit (relay.http_max_body_bytes): \
+                     send fewer operations per request",
+                )
+            } else {
+                Failure::bad_request(format!("cannot read the request body: {e}"))
+            }
+        })?;
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(&mut de)
+            .map(JsonBody)
+            .map_err(|e| {
+                let at = e.path().to_string();
+                let inner = e.into_inner();
+                if inner.is_syntax() || inner.is_eof() {
+                    Failure::bad_request(format!("the body is not valid JSON: {inner}"))
+                } else if at == "." {
+                    Failure::bad_request(format!(
+                        "the body does not have the expected shape: {inner}"
+                    ))
+                } else {
+                    Failure::bad_request(format!("field `{at}`: {inner}"))
+                }
+            })
+    }
+}
+
+/// Who a request comes from: its access token's account and client.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub account: String,
+    pub device: String,
+}
+
+impl FromRequestParts<ApiState> for Principal {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Failure> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                Failure::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "no access token: send `Authorization: Bearer TOKEN` (POST /api/auth/login)",
+                )
+            })?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| {
+                Failure::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "the Authorization header must be `Bearer TOKEN`",
+                )
+            })?
+            .trim();
+        let claims = state.accounts.check_access(token, now_ms())?;
+        Ok(Principal {
+            account: claims.sub,
+            device: claims.device,
+        })
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    let limit = state.options.max_body_bytes;
+    Router::new()
+        .route("/api/auth/login", post(login))
+        .route("/api/auth/refresh", post(refresh))
+        .route("/api/sync/initialize", post(initialize))
+        .route("/api/sync/download", get(download))
+        .fallback(|| async {
+            Failure::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint: see docs/HTTP.md",
+            )
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    account: String,
+    password: String,
+    /// What this client is, as `ferry relay devices` lists it ("web" when absent).
+    label: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TokenResponse {
+    access_token: String,
+    access_expires_ms: u64,
+    refresh_token: String,
+    refresh_expires_ms: u64,
+    account: String,
+    device: String,
+    token_type: &'static str,
+}
+
+impl TokenResponse {
+    fn new(account: String, device: String, tokens: ferry_proto::wire::Tokens) -> Self {
+        TokenResponse {
+            access_token: tokens.access.expose().to_string(),
+            access_expires_ms: tokens.access_expires_ms,
+            refresh_token: tokens.refresh.expose().to_string(),
+            refresh_expires_ms: tokens.refresh_expires_ms,
+            account,
+            device,
+            token_type: "Bearer",
+        }
+    }
+}
+
+fn remote_ip(parts: &axum::http::Extensions) -> std::net::IpAddr {
+    parts
+        .get::<Remote>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |r| r.0.ip())
+}
+
+async fn login(
+    State(state): State<ApiState>,
+    extensions: axum::http::Extensions,
+    JsonBody(request): JsonBody<LoginRequest>,
+) -> Result<axum::Json<TokenResponse>, Failure> {
+    let allowed = state
+        .logins
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .allow(remote_ip(&extensions), now_ms());
+    if !allowed {
+        return Err(Failure::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many sign-in attempts from this address: wait a minute, then try again",
+        ));
+    }
+    let label = request.label.unwrap_or_else(|| "web".into());
+    let (device, tokens) = tokio::task::block_in_place(|| {
+        state.accounts.login(
+            &request.account,
+            &Secret::new(request.password),
+            &label,
+            now_ms(),
+        )
+    })?;
+    Ok(axum::Json(TokenResponse::new(
+        request.account,
+        device,
+        tokens,
+    )))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshRequest {
+    refresh_token: String,
+}
+
+async fn refresh(
+    State(state): State<ApiState>,
+    JsonBody(request): JsonBody<RefreshRequest>,
+) -> Result<axum::Json<TokenResponse>, Failure> {
+    let (account, device, tokens) = tokio::task::block_in_place(|| {
+        state
+            .accounts
+            .refresh_bearer(&Secret::new(request.refresh_token), now_ms())
+    })?;
+    Ok(axum::Json(TokenResponse::new(account, device, tokens)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InitializeRequest {
+    /// The client's own name for itself, for the relay's logs.
+    device_id: String,
+    app_version: String,
+    /// The cursor the client synced up to last time (`null` or absent: never).
+    last_sync: Option<u64>,
+}
+
+/// Compares versions as major.minor.patch numbers ("1.10.2" is after "1.9"; missing parts are
+/// 0; a pre-release or build suffix is ignored). A version that is not numbers is not
+/// compatible with any minimum.
+fn version_at_least(version: &str, minimum: &str) -> bool {
+    let parts = |v: &str| -> Option<[u64; 3]> {
+        let core = v.trim_start_matches('v').split(['-', '+']).next()?;
+        let mut numbers = [0u64; 3];
+        for (slot, part) in numbers.iter_mut().zip(core.split('.')) {
+            *slot = part.parse().ok()?;
+        }
+        (core.split('.').count() <= 3).then_some(numbers)
+    };
+    match (parts(version), parts(minimum)) {
+        (Some(v), Some(m)) => v >= m,
+        _ => false,
+    }
+}
+
+async fn initialize(
+    State(state): State<ApiState>,
+    principal: Principal,
+    JsonBody(request): JsonBody<InitializeRequest>,
+) -> Result<axum::Json<Value>, Failure> {
+    if request.device_id.is_empty() || request.device_id.len() > 256 {
+        return Err(Failure::bad_request(
+            "field `device_id`: give the client's name for itself, 1 to 256 bytes",
+        ));
+    }
+    let head = tokio::task::block_in_place(|| state.store.head(&principal.account))?;
+    let since = request.last_sync.unwrap_or(0);
+    if since > head {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "cursor_ahead",
+            format!(
+                "last_sync {since} is past the account's log, which ends at {head}: the relay \
+                 lost part of its log (restored from a backup?); sync from 0"
+            ),
+        ));
+    }
+    let minimum = &state.options.min_app_version;
+    let compatible = minimum.is_empty() || version_at_least(&request.app_version, minimum);
+    tracing::info!(
+        account = principal.account,
+        client = request.device_id,
+        app_version = request.app_version,
+        "HTTP client initialised"
+    );
+    Ok(axum::Json(json!({
+        "server_time_ms": now_ms(),
+        "account": principal.account,
+        "cursor": head,
+        "changes_since_last_sync": head - since,
+        "protocol_version": PROTOCOL_VERSION,
+        "app_version": { "compatible": compatible, "minimum": minimum },
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DownloadQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// One record in a download page: its state now, and the last log position in the page that
+/// changed it.
+#[derive(Serialize)]
+struct DownloadedRecord {
+    collection: String,
+    id: String,
+    seq: u64,
+    deleted: bool,
+    fields: BTreeMap<String, Value>,
+    heads: Vec<String>,
+}
+
+async fn download(
+    State(state): State<ApiState>,
+    principal: Principal,
+    query: Result<Query<DownloadQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let Query(query) = query.map_err(|e| {
+        Failure::bad_request(format!(
+            "{}: `since` and `limit` are whole numbers",
+            e.body_text()
+        ))
+    })?;
+    let since = query.since.unwrap_or(0);
+    let limit = query
+        .limit
+        .unwrap_or(state.options.max_page)
+        .clamp(1, state.options.max_page);
+    let head = tokio::task::block_in_place(|| state.store.head(&principal.account))?;
+    let etag = format!("\"{head}-{since}-{limit}\"");
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|tag| tag.trim() == etag || tag.trim() == "*")
+        });
+    if not_modified {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let key = (principal.account.clone(), since, limit, head);
+    let cached = state
+        .pages
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let body = match cached {
+        Some(body) => body,
+        None => {
+            let body =
+                tokio::task::block_in_place(|| render_page(&state, &principal, since, limit))?;
+            state
+                .pages
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(key, body.clone());
+            body
+        }
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json".to_string()),
+            (header::ETAG, etag),
+            (header::CACHE_CONTROL, "private, no-cache".to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+fn render_page(
+    state: &ApiState,
+    principal: &Principal,
+    since: u64,
+    limit: usize,
+) -> Result<Bytes, Failure> {
+    let head = state.store.head(&principal.account)?;
+    if since > head {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "cursor_ahead",
+            format!("since {since} is past the account's log, which ends at {head}: sync from 0"),
+        ));
+    }
+    let slice = state
+        .store
+        .read_since(&principal.account, since, limit, usize::MAX)?;
+    // The newest position of each record in the page, in log order.
+    let mut last_seq: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for entry in &slice.entries {
+        last_seq.insert((entry.collection.clone(), entry.record.clone()), entry.seq);
+    }
+    let mut order: Vec<_> = last_seq.into_iter().collect();
+    order.sort_by_key(|(_, seq)| *seq);
+    let mut records = Vec::with_capacity(order.len());
+    for ((collection, id), seq) in order {
+        let policy = state.policies.of(&collection);
+        let Some((view, heads)) = state
+            .store
+            .view(&principal.account, &collection, &id, policy)?
+        else {
+            continue;
+        };
+        records.push(DownloadedRecord {
+            collection,
+            id,
+            seq,
+            deleted: view.deleted,
+            fields: view.fields.into_iter().collect(),
+            heads,
+        });
+    }
+    let next = (slice.through < slice.head).then_some(slice.through);
+    let page = json!({
+        "since": since,
+        "through": slice.through,
+        "head": slice.head,
+        "next": next,
+        "records": records,
+    });
+    Ok(Bytes::from(page.to_string()))
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => {
+                let Ok((tcp, remote)) = accepted else { continue };
+                let acceptor = acceptor.clone();
+                let app = app.clone();
+                connections.spawn(async move {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                    else {
+                        tracing::debug!(%remote, "HTTPS handshake failed");
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                            request.extensions_mut().insert(Remote(remote));
+                            tower::ServiceExt::oneshot(app.clone(), request)
+                        },
+                    );
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    if let Err(e) = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await
+                    {
+                        tracing::debug!(%remote, error = %e, "HTTPS connection ended");
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    connections.abort_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_versions_compare_by_number() {
+        assert!(version_at_least("1.10.0", "1.9.3"));
+        assert!(version_at_least("v2.0", "2.0.0"));
+        assert!(version_at_least("2.0.1-beta", "2.0.1"));
+        assert!(!version_at_least("1.2.9", "1.3"));
+        assert!(!version_at_least("banana", "1.0"));
+        assert!(!version_at_least("1.2.3.4", "1.0"));
+    }
+}
