@@ -29,6 +29,7 @@ pub struct Config {
     pub limits: Limits,
     pub ipc: IpcConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub sync: SyncConfig,
     pub relay: RelayConfig,
     /// Per-collection settings, keyed by collection name.
@@ -105,6 +106,14 @@ impl Default for LogConfig {
             level: "info".into(),
         }
     }
+}
+
+/// The daemon's Prometheus metrics endpoint.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served in plain HTTP, such as `127.0.0.1:9464`; empty: nowhere.
+    pub listen: String,
 }
 
 /// How this device syncs with a relay.

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::credentials::{self, TokenFile};
 use crate::config::SyncConfig;
+use crate::metrics::DaemonMetrics;
 use crate::resolve::ConflictStatus;
 use crate::service::{Origin, Service};
 use crate::store::StoreError;
@@ -294,6 +295,7 @@ pub fn spawn(
     key: SigningKey,
     tokens: TokenFile,
     settings: SyncSettings,
+    metrics: Arc<DaemonMetrics>,
     shutdown: watch::Receiver<bool>,
 ) -> (SyncHandle, tokio::task::JoinHandle<()>) {
     let (commands_tx, commands) = mpsc::channel(16);
@@ -331,6 +333,7 @@ pub fn spawn(
         unlogged: Round::default(),
         last_logged: None,
         counted: (0, 0),
+        metrics,
     };
     let task = tokio::spawn(engine.run());
     (
@@ -377,6 +380,7 @@ struct Engine {
     last_logged: Option<Instant>,
     /// The current connection's byte counts already added to the status.
     counted: (u64, u64),
+    metrics: Arc<DaemonMetrics>,
 }
 
 /// A connection to the relay with its session stream: the sender, and the frames received.
@@ -713,7 +717,9 @@ impl Engine {
             s.last_sync_ms = Some(at);
             s.last_error = None;
         });
-        let took_ms = round.started.map_or(0, |t| t.elapsed().as_millis() as u64);
+        let took = round.started.map_or(Duration::ZERO, |t| t.elapsed());
+        self.metrics.round_succeeded(took);
+        let took_ms = took.as_millis() as u64;
         let (uploaded, downloaded) = (round.uploaded, round.downloaded);
         if uploaded + downloaded > 0 {
             tracing::info!(
@@ -776,6 +782,7 @@ impl Engine {
     /// A sync failed: the log, the SyncLog, the status and whoever waits on a sync hear of it.
     fn report(&mut self, failure: SyncFailure, phase: Direction) {
         tracing::warn!(kind = %failure.kind, error = %failure.message, "cannot sync");
+        self.metrics.round_failed(&failure.kind);
         self.log(
             phase,
             0,

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::datadir::{DataDir, DataDirError};
+use crate::metrics::{RelayMetrics, RelayScrape};
 use crate::store::kv::{KvError, SledKv};
 use crate::transport::{self, Fingerprint, RelayCertificate, TransportError, TransportOptions};
 use ferry_proto::session::SessionConfig;
@@ -51,6 +52,9 @@ pub struct Listening {
     pub listen: SocketAddr,
     /// Devices pin this (`sync.fingerprint`).
     pub fingerprint: Fingerprint,
+    /// The relay's metrics, for a `GET /metrics` route.
+    #[serde(skip)]
+    pub metrics: RelayScrape,
 }
 
 /// Runs the relay until `shutdown` completes: every acknowledged change is already durable, and
@@ -114,9 +118,11 @@ pub async fn run(
         ..TransportOptions::default()
     };
     let endpoint = transport::server_endpoint(addr, &certificate, &transport_options)?;
+    let metrics = Arc::new(RelayMetrics::default());
     let listening = Listening {
         listen: endpoint.local_addr().unwrap_or(addr),
         fingerprint: certificate.fingerprint(),
+        metrics: RelayScrape::new(metrics.clone(), store.clone()),
     };
     let options = RelayOptions {
         session: SessionConfig {
@@ -154,6 +160,7 @@ pub async fn run(
         endpoint,
         store.clone(),
         accounts,
+        metrics,
         options,
         stopped,
     ));
