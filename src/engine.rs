@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig, SessionError};
-use ferry_proto::wire::{Credential, ErrorCode, ErrorKind, UploadChange};
+use ferry_proto::wire::{Credential, ErrorCode, ErrorKind, Message, UploadChange};
 use ferry_proto::{Direction, SyncLogEntry, SyncOutcome};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -575,6 +575,9 @@ impl Engine {
             let mut moved = false;
             while let Some(effect) = session.poll_effect() {
                 moved = true;
+                // A round starts when the idle session has something to do again, so its
+                // duration leaves out the time spent idle in between.
+                self.round.started.get_or_insert_with(Instant::now);
                 let (service, max_retries) = (&self.service, self.settings.max_retries);
                 let result = tokio::task::block_in_place(|| {
                     carry_out(service, max_retries, session, effect, now_ms())
@@ -592,6 +595,10 @@ impl Engine {
             }
             while let Some(message) = session.poll_transmit() {
                 moved = true;
+                // A token refresh is no sync work: it must not start the clock of a round.
+                if matches!(message, Message::Download { .. }) {
+                    self.round.started.get_or_insert_with(Instant::now);
+                }
                 if let Err(e) = sender.send(&message).await {
                     session.connection_lost(e.to_string());
                 }
@@ -743,7 +750,6 @@ impl Engine {
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(Ok(report.clone()));
         }
-        self.round.started = Some(Instant::now());
     }
 
     /// Writes the SyncLog entries for the rounds not logged yet.

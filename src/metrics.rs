@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use crate::engine::{ConnectionState, SyncHandle, SyncStatus};
 use crate::relay::store::RelayStore;
+use crate::resolve::ConflictKind;
 use crate::store::Store;
 
 /// The `Content-Type` of a rendered exposition.
@@ -512,7 +513,7 @@ impl DaemonMetrics {
                     "ferry_conflicts_total",
                     "Conflicts detected in this device's store, by kind.",
                     "kind",
-                    &[],
+                    &ConflictKind::ALL.map(ConflictKind::as_str),
                     &by_kind,
                 );
             }
