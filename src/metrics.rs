@@ -85,11 +85,6 @@ impl CounterVec {
         }
     }
 
-    pub fn get(&self, label: &str) -> u64 {
-        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        counts.get(label).copied().unwrap_or(0)
-    }
-
     fn snapshot(&self) -> Vec<(String, u64)> {
         let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
         counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
@@ -127,10 +122,6 @@ impl Histogram {
         }
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         self.sum_us.fetch_add(micros, Ordering::Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 }
 

@@ -556,8 +556,28 @@ fn the_relays_metrics_count_stored_changes_sign_ins_and_sessions() {
     assert!(live.get("ferry_relay_bytes_sent_total", &[]) > 0.0);
     assert!(live.get("ferry_relay_storage_bytes", &[]) > 0.0);
 
+    assert_eq!(live.get("ferry_relay_conflicts_total", UPDATE_UPDATE), 0.0);
+
+    // B changes a field offline that A changes too: the relay finds the conflict.
+    assert!(db.terminate().success());
+    patch(&da, "r0", json!({ "n": 100 }));
+    let out = b.ferry(&["patch", "Note/r0", "--data", r#"{"n": 200}"#]);
+    assert!(out.status.success(), "{out:?}");
+    let db = b.start_daemon_logged();
+    wait_converged(&[&da, &db], N + 2);
+    let conflicted = relay.scrape();
+    assert_eq!(
+        conflicted.get("ferry_relay_conflicts_total", UPDATE_UPDATE),
+        1.0,
+        "{conflicted:?}"
+    );
+    assert_eq!(
+        conflicted.get("ferry_relay_changes_stored_total", &[]),
+        (N + 2) as f64
+    );
+
     // Sessions that end are counted by outcome, and the devices are no longer connected.
-    let sessions_before = live.sum("ferry_relay_sessions_total");
+    let sessions_before = conflicted.sum("ferry_relay_sessions_total");
     for daemon in [da, db] {
         assert!(daemon.terminate().success());
     }
