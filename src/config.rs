@@ -29,6 +29,7 @@ pub struct Config {
     pub limits: Limits,
     pub ipc: IpcConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub sync: SyncConfig,
     pub relay: RelayConfig,
     /// Per-collection settings, keyed by collection name.
@@ -105,6 +106,14 @@ impl Default for LogConfig {
             level: "info".into(),
         }
     }
+}
+
+/// The daemon's Prometheus metrics endpoint.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served in plain HTTP, such as `127.0.0.1:9464`; empty: nowhere.
+    pub listen: String,
 }
 
 /// How this device syncs with a relay.
@@ -218,6 +227,9 @@ pub struct RelayConfig {
     pub min_app_version: String,
     /// Password sign-ins (`POST /api/auth/login`) one client address may try per minute.
     pub logins_per_minute: u32,
+    /// The bearer token a Prometheus scraper shows for `GET /metrics` on the HTTPS API; empty:
+    /// no metrics served.
+    pub metrics_token: String,
 }
 
 impl Default for RelayConfig {
@@ -248,6 +260,7 @@ impl Default for RelayConfig {
             http_max_page: 1000,
             min_app_version: String::new(),
             logins_per_minute: 10,
+            metrics_token: String::new(),
         }
     }
 }

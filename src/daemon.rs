@@ -11,6 +11,7 @@ use crate::crypt::{AccountKey, KeyError, Keyring};
 use crate::datadir::{DataDir, DataDirError, DirLock};
 use crate::engine::{self, EngineError, SyncSettings};
 use crate::ipc::{self, ServerOptions};
+use crate::metrics::{self, DaemonMetrics, MetricsError};
 use crate::service::{Service, ServiceOptions};
 use crate::store::keys;
 use crate::store::kv::{Kv as _, KvError, SledKv};
@@ -37,6 +38,8 @@ pub enum DaemonError {
     Credentials(#[from] CredentialsError),
     #[error("could not flush the store while stopping: {0}")]
     Shutdown(StoreError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("cannot listen on socket {path}: {source}")]
     Socket {
         path: PathBuf,
@@ -145,6 +148,12 @@ pub async fn run(
         open.store.clone(),
         service_options(dir, config, true),
     ));
+    // Bound before the daemon reports ready, so a taken or mistyped address stops the start.
+    let metrics_listener = match config.metrics.listen.as_str() {
+        "" => None,
+        listen => Some(metrics::bind(listen).await?),
+    };
+    let daemon_metrics = Arc::new(DaemonMetrics::default());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let registration = Registration::load(dir.path())?;
     let sync_config = Registration::apply(registration.as_ref(), &config.sync);
@@ -156,6 +165,7 @@ pub async fn run(
                 key,
                 TokenFile::new(dir.path()),
                 settings,
+                daemon_metrics.clone(),
                 stopped.clone(),
             ))
         }
@@ -172,6 +182,18 @@ pub async fn run(
         config.store.keep_log_days,
         stopped.clone(),
     ));
+    let metrics_server = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving metrics at /metrics");
+        }
+        tokio::spawn(metrics::serve_daemon(
+            listener,
+            daemon_metrics,
+            open.store.clone(),
+            sync.as_ref().map(|(handle, _)| handle.clone()),
+            stopped.clone(),
+        ))
+    });
     let server = tokio::spawn(ipc::serve(
         listener,
         service.clone(),
@@ -196,6 +218,11 @@ pub async fn run(
     }
     if let Err(e) = pruning.await {
         tracing::error!(error = %e, "history pruning stopped abnormally");
+    }
+    if let Some(task) = metrics_server
+        && let Err(e) = task.await
+    {
+        tracing::error!(error = %e, "metrics server stopped abnormally");
     }
     if let Some((_, task)) = sync
         && let Err(e) = task.await

@@ -16,13 +16,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig, SessionError};
-use ferry_proto::wire::{Credential, ErrorCode, ErrorKind, UploadChange};
+use ferry_proto::wire::{Credential, ErrorCode, ErrorKind, Message, UploadChange};
 use ferry_proto::{Direction, SyncLogEntry, SyncOutcome};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::credentials::{self, TokenFile};
 use crate::config::SyncConfig;
+use crate::metrics::DaemonMetrics;
 use crate::resolve::ConflictStatus;
 use crate::service::{Origin, Service};
 use crate::store::StoreError;
@@ -294,6 +295,7 @@ pub fn spawn(
     key: SigningKey,
     tokens: TokenFile,
     settings: SyncSettings,
+    metrics: Arc<DaemonMetrics>,
     shutdown: watch::Receiver<bool>,
 ) -> (SyncHandle, tokio::task::JoinHandle<()>) {
     let (commands_tx, commands) = mpsc::channel(16);
@@ -331,6 +333,7 @@ pub fn spawn(
         unlogged: Round::default(),
         last_logged: None,
         counted: (0, 0),
+        metrics,
     };
     let task = tokio::spawn(engine.run());
     (
@@ -377,6 +380,7 @@ struct Engine {
     last_logged: Option<Instant>,
     /// The current connection's byte counts already added to the status.
     counted: (u64, u64),
+    metrics: Arc<DaemonMetrics>,
 }
 
 /// A connection to the relay with its session stream: the sender, and the frames received.
@@ -571,6 +575,9 @@ impl Engine {
             let mut moved = false;
             while let Some(effect) = session.poll_effect() {
                 moved = true;
+                // A round starts when the idle session has something to do again, so its
+                // duration leaves out the time spent idle in between.
+                self.round.started.get_or_insert_with(Instant::now);
                 let (service, max_retries) = (&self.service, self.settings.max_retries);
                 let result = tokio::task::block_in_place(|| {
                     carry_out(service, max_retries, session, effect, now_ms())
@@ -588,6 +595,10 @@ impl Engine {
             }
             while let Some(message) = session.poll_transmit() {
                 moved = true;
+                // A token refresh is no sync work: it must not start the clock of a round.
+                if matches!(message, Message::Download { .. }) {
+                    self.round.started.get_or_insert_with(Instant::now);
+                }
                 if let Err(e) = sender.send(&message).await {
                     session.connection_lost(e.to_string());
                 }
@@ -713,7 +724,9 @@ impl Engine {
             s.last_sync_ms = Some(at);
             s.last_error = None;
         });
-        let took_ms = round.started.map_or(0, |t| t.elapsed().as_millis() as u64);
+        let took = round.started.map_or(Duration::ZERO, |t| t.elapsed());
+        self.metrics.round_succeeded(took);
+        let took_ms = took.as_millis() as u64;
         let (uploaded, downloaded) = (round.uploaded, round.downloaded);
         if uploaded + downloaded > 0 {
             tracing::info!(
@@ -737,7 +750,6 @@ impl Engine {
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(Ok(report.clone()));
         }
-        self.round.started = Some(Instant::now());
     }
 
     /// Writes the SyncLog entries for the rounds not logged yet.
@@ -776,6 +788,7 @@ impl Engine {
     /// A sync failed: the log, the SyncLog, the status and whoever waits on a sync hear of it.
     fn report(&mut self, failure: SyncFailure, phase: Direction) {
         tracing::warn!(kind = %failure.kind, error = %failure.message, "cannot sync");
+        self.metrics.round_failed(&failure.kind);
         self.log(
             phase,
             0,

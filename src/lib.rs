@@ -10,6 +10,7 @@ pub mod demo;
 pub mod engine;
 pub mod fuzzing;
 pub mod ipc;
+pub mod metrics;
 pub mod record;
 pub mod relay;
 pub mod resolve;

@@ -7,6 +7,7 @@
 //! Must not touch: the session state machines (what the frames mean), the store, the data
 //! directory layout beyond the two certificate files it is told to keep.
 
+use crate::metrics::Counter;
 use ferry_proto::wire::{
     ErrorKind, FRAME_HEADER_BYTES, FrameError, Message, decode_frame_body, encode_frame,
     frame_length,
@@ -685,6 +686,8 @@ pub fn channel_binding(conn: &quinn::Connection) -> Result<[u8; 32], TransportEr
 pub struct FrameSender {
     stream: quinn::SendStream,
     max_frame_bytes: usize,
+    /// Where the bytes of each frame sent are added, if anywhere.
+    sent: Option<Arc<Counter>>,
 }
 
 impl FrameSender {
@@ -692,7 +695,13 @@ impl FrameSender {
         FrameSender {
             stream,
             max_frame_bytes,
+            sent: None,
         }
+    }
+
+    /// Adds the bytes of every frame sent from now on (length prefix included) to `sent`.
+    pub fn count_into(&mut self, sent: Arc<Counter>) {
+        self.sent = Some(sent);
     }
 
     /// Sends one message as one frame; a message whose frame would be over `max_frame_bytes` is
@@ -709,7 +718,11 @@ impl FrameSender {
         self.stream
             .write_all(&frame)
             .await
-            .map_err(TransportError::from_write)
+            .map_err(TransportError::from_write)?;
+        if let Some(sent) = &self.sent {
+            sent.inc_by(frame.len() as u64);
+        }
+        Ok(())
     }
 
     /// Tells the peer no more frames follow; its receiver then returns `Ok(None)`.
@@ -728,6 +741,8 @@ pub struct FrameReceiver {
     max_frame_bytes: usize,
     /// Reused for every frame body; it grows to the largest frame seen, never past the limit.
     buffer: Vec<u8>,
+    /// Where the bytes of each whole frame received are added, if anywhere.
+    received: Option<Arc<Counter>>,
 }
 
 /// Messages received on a session, in order; the last item is the error that ended the stream
@@ -768,7 +783,14 @@ impl FrameReceiver {
             stream,
             max_frame_bytes,
             buffer: Vec::new(),
+            received: None,
         }
+    }
+
+    /// Adds the bytes of every whole frame received from now on (length prefix included) to
+    /// `received`.
+    pub fn count_into(&mut self, received: Arc<Counter>) {
+        self.received = Some(received);
     }
 
     /// The next message, or `None` when the peer finished the stream between frames.
@@ -795,6 +817,9 @@ impl FrameReceiver {
                 return Err(TransportError::Truncated { expected: len, got });
             }
             Err(quinn::ReadExactError::ReadError(e)) => return Err(TransportError::from_read(e)),
+        }
+        if let Some(received) = &self.received {
+            received.inc_by((LENGTH_PREFIX_BYTES + len) as u64);
         }
         Ok(Some(decode_frame_body(&self.buffer, self.max_frame_bytes)?))
     }

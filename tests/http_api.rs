@@ -135,7 +135,8 @@ fn start_relay(dir: &std::path::Path) -> Relay {
         dir,
         None,
         "[relay]\nhttp_listen = \"127.0.0.1:0\"\nhttp_max_body_bytes = 65536\nhttp_max_page = 50\n\
-         min_app_version = \"1.2.0\"\nlogins_per_minute = 1000\nenrolments_per_minute = 1000\n",
+         min_app_version = \"1.2.0\"\nlogins_per_minute = 1000\nenrolments_per_minute = 1000\n\
+         metrics_token = \"scrape-token-for-tests\"\n",
     );
     for account in ["default", "other"] {
         relay.operator().add_account(account);
@@ -419,4 +420,27 @@ fn refresh_rotates_reuse_revokes_and_a_revoked_client_is_refused() {
     );
     let access = third["access_token"].as_str().expect("token");
     assert_eq!(download(access), 403);
+}
+
+#[test]
+fn metrics_are_served_to_a_scraper_with_the_token_only() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay(&home.path().join("relay"));
+    let api = Api::new(&relay);
+    let device = Device::new();
+    device.join(&relay);
+    let refused = api.get("/metrics", "wrong-token", &[]);
+    assert_eq!(refused.status, 401);
+    let scraped = api.get("/metrics", "scrape-token-for-tests", &[]);
+    assert_eq!(scraped.status, 200);
+    assert_eq!(
+        scraped.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = String::from_utf8(scraped.body).expect("text");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ferry_relay_sign_ins_total{result=\"ok\"} ")),
+        "the registration's sign-in is counted:\n{text}"
+    );
 }

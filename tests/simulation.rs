@@ -582,6 +582,7 @@ impl World {
     /// heads appended to the relay.
     fn pump_link(&mut self, link: &mut Link) -> (bool, Vec<u64>) {
         let faults = if self.healing { HEALED } else { CHAOS };
+        let metrics = ferry::metrics::RelayMetrics::default();
         let mut appended = Vec::new();
         let mut any = false;
         loop {
@@ -598,6 +599,7 @@ impl World {
                     let head = relay_server::carry_out(
                         relay,
                         accounts,
+                        &metrics,
                         &mut link.peer,
                         &mut link.relay,
                         effect,

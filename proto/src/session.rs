@@ -817,8 +817,13 @@ pub enum RelayEffect {
         changes: Vec<UploadChange>,
     },
     /// Read the space's log after `since` (at most `max_changes` entries, leaving out the device's
-    /// own changes) and answer with [`RelaySession::read`].
-    Read { since: u64, max_changes: u32 },
+    /// own changes) and answer with [`RelaySession::read`]. `push` is true when the session reads
+    /// on its own to push new entries to a live device, false for a `Download` the device asked for.
+    Read {
+        since: u64,
+        max_changes: u32,
+        push: bool,
+    },
 }
 
 /// What a relay session reports.
@@ -945,6 +950,7 @@ impl RelaySession {
             return Some(RelayEffect::Read {
                 since,
                 max_changes: self.config.max_download_changes,
+                push: true,
             });
         }
         None
@@ -1262,6 +1268,7 @@ impl RelaySession {
         self.effects.push_back(RelayEffect::Read {
             since,
             max_changes: max_changes.min(self.config.max_download_changes),
+            push: false,
         });
     }
 

@@ -98,6 +98,26 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// A stable snake_case name, for metrics labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::AuthenticationFailed => "authentication_failed",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::UnexpectedMessage => "unexpected_message",
+            ErrorCode::InvalidChange => "invalid_change",
+            ErrorCode::MissingDependencies => "missing_dependencies",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Internal => "internal",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::RateLimited => "rate_limited",
+        }
+    }
+
     /// Whether sending the same thing again later may succeed.
     pub fn is_retryable(self) -> bool {
         matches!(

@@ -200,10 +200,11 @@ impl Pair {
                         let results = world.append(&self.device_id, &changes);
                         self.relay.stored(batch, results, world.head());
                     }
-                    RelayEffect::Read { since, max_changes } => {
-                        self.relay
-                            .read(world.read(&self.device_id, since, max_changes))
-                    }
+                    RelayEffect::Read {
+                        since, max_changes, ..
+                    } => self
+                        .relay
+                        .read(world.read(&self.device_id, since, max_changes)),
                 }
             }
             while let Some(effect) = self.device.poll_effect() {

@@ -18,6 +18,8 @@
 //! - `GET /api/sync/download?since=CURSOR&limit=N`: the records changed after the cursor, as
 //!   JSON, one page at a time, with an `ETag` (`304 Not Modified` when it matches) and gzip
 //!   when the client accepts it.
+//! - `GET /metrics`: the relay's Prometheus metrics, for a scraper that shows
+//!   `relay.metrics_token` as its bearer token (served only when that is set).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -66,6 +68,8 @@ pub struct ApiState {
     pub store: Arc<RelayStore>,
     pub policies: Arc<Policies>,
     pub options: HttpOptions,
+    /// The relay's metrics and the token a scraper must show; `None`: no `/metrics`.
+    pub metrics: Option<(Arc<crate::metrics::RelayScrape>, Secret)>,
     logins: Arc<Mutex<AttemptLimiter>>,
     pages: Arc<Mutex<lru::LruCache<PageKey, Bytes>>>,
 }
@@ -78,8 +82,10 @@ impl ApiState {
         store: Arc<RelayStore>,
         policies: Arc<Policies>,
         options: HttpOptions,
+        metrics: Option<(Arc<crate::metrics::RelayScrape>, Secret)>,
     ) -> Self {
         ApiState {
+            metrics,
             logins: Arc::new(Mutex::new(AttemptLimiter::new(options.logins_per_minute))),
             pages: Arc::new(Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(CACHED_PAGES).unwrap_or(std::num::NonZeroUsize::MIN),
@@ -258,6 +264,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/auth/refresh", post(refresh))
         .route("/api/sync/initialize", post(initialize))
         .route("/api/sync/download", get(download))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             Failure::new(
                 StatusCode::NOT_FOUND,
@@ -559,6 +566,40 @@ fn render_page(
         "records": records,
     });
     Ok(Bytes::from(page.to_string()))
+}
+
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, Failure> {
+    let Some((scrape, token)) = state.metrics.clone() else {
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this relay serves no metrics: set relay.metrics_token",
+        ));
+    };
+    let shown = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let matches: bool =
+        subtle::ConstantTimeEq::ct_eq(shown.as_bytes(), token.expose().as_bytes()).into();
+    if !matches {
+        return Err(Failure::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "scraping needs `Authorization: Bearer` with relay.metrics_token",
+        ));
+    }
+    let text = tokio::task::spawn_blocking(move || scrape.render())
+        .await
+        .map_err(|e| {
+            Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("rendering the metrics failed: {e}"),
+            )
+        })?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 /// Serves `app` over TLS on `listener` until `shutdown` turns true.

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::datadir::{DataDir, DataDirError};
+use crate::metrics::{RelayMetrics, RelayScrape};
 use crate::store::kv::{KvError, SledKv};
 use crate::transport::{self, Fingerprint, RelayCertificate, TransportError, TransportOptions};
 use ferry_proto::session::SessionConfig;
@@ -59,6 +60,9 @@ pub struct Listening {
     pub fingerprint: Fingerprint,
     /// The HTTPS API's address, when it serves one (`relay.http_listen`).
     pub http: Option<SocketAddr>,
+    /// The relay's metrics, for a `GET /metrics` route.
+    #[serde(skip)]
+    pub metrics: RelayScrape,
 }
 
 /// Runs the relay until `shutdown` completes: every acknowledged change is already durable, and
@@ -122,10 +126,12 @@ pub async fn run(
         ..TransportOptions::default()
     };
     let endpoint = transport::server_endpoint(addr, &certificate, &transport_options)?;
+    let metrics = Arc::new(RelayMetrics::default());
     let mut listening = Listening {
         listen: endpoint.local_addr().unwrap_or(addr),
         fingerprint: certificate.fingerprint(),
         http: None,
+        metrics: RelayScrape::new(metrics.clone(), store.clone()),
     };
     let options = RelayOptions {
         session: SessionConfig {
@@ -161,6 +167,12 @@ pub async fn run(
                     min_app_version: relay.min_app_version.clone(),
                     logins_per_minute: relay.logins_per_minute,
                 },
+                (!relay.metrics_token.is_empty()).then(|| {
+                    (
+                        Arc::new(listening.metrics.clone()),
+                        ferry_proto::wire::Secret::new(relay.metrics_token.clone()),
+                    )
+                }),
             );
             let tls = transport::https_server_config(&certificate)?;
             Some(tokio::spawn(http::serve(
@@ -193,6 +205,7 @@ pub async fn run(
         endpoint,
         store.clone(),
         accounts,
+        metrics,
         options,
         stopped,
     ));

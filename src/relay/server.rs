@@ -14,12 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::session::{RelayEffect, RelayEvent, RelaySession, SessionConfig};
-use ferry_proto::wire::{Credential, ErrorCode, Message};
+use ferry_proto::wire::{ChangeOutcome, Credential, ErrorCode, Message};
 use tokio::sync::{Semaphore, broadcast, watch};
 
 use super::accounts::{Accounts, Revocation};
 use super::store::{RelayStore, RelayStoreError};
 use crate::engine::{deadline_instant, now_ms, sleep_until};
+use crate::metrics::{RelayMetrics, RequestKind};
 use crate::transport::{self, FrameSender, TransportError};
 
 /// Over-limit connections told `Overloaded` at once; more are refused without a handshake.
@@ -123,9 +124,11 @@ pub struct Peer {
 /// Carries out one effect of a relay session against the store and tells the session. Returns
 /// the space's new head when changes were appended, for the driver to announce. The server and
 /// the simulation both use it.
+#[allow(clippy::too_many_arguments)]
 pub fn carry_out(
     store: &RelayStore,
     accounts: &Accounts,
+    metrics: &RelayMetrics,
     peer: &mut Peer,
     session: &mut RelaySession,
     effect: RelayEffect,
@@ -144,6 +147,7 @@ pub fn carry_out(
             .entered();
             match accounts.admit(public_key, &device, &space, &credential, now) {
                 Ok(admitted) => {
+                    metrics.sign_in("ok");
                     tracing::info!(account = %admitted.account, "device signed in");
                     let head = store.head(&space)?;
                     *peer = Peer {
@@ -155,6 +159,7 @@ pub fn carry_out(
                 }
                 Err(denied) => {
                     tracing::warn!(reason = denied.reason(), "sign-in refused");
+                    metrics.sign_in(denied.reason());
                     session.refused(denied.code(), denied.to_string());
                 }
             }
@@ -177,14 +182,35 @@ pub fn carry_out(
         RelayEffect::Store { batch, changes } => {
             let _span =
                 tracing::info_span!("relay.store", batch, changes = changes.len()).entered();
+            let started = std::time::Instant::now();
             let results = store.append(&peer.space, &peer.device, &changes)?;
             let head = store.head(&peer.space)?;
+            metrics.request(RequestKind::Upload, started.elapsed());
+            for result in &results {
+                match &result.outcome {
+                    ChangeOutcome::Stored { .. } => metrics.change_stored(),
+                    ChangeOutcome::Duplicate { .. } => metrics.change_duplicate(),
+                    ChangeOutcome::Rejected { code, .. } => metrics.change_rejected(*code),
+                }
+            }
             session.stored(batch, results, head);
             Ok(Some(head))
         }
-        RelayEffect::Read { since, max_changes } => {
+        RelayEffect::Read {
+            since,
+            max_changes,
+            push,
+        } => {
+            let started = std::time::Instant::now();
             let slice =
                 store.read_since(&peer.space, since, max_changes as usize, max_read_bytes)?;
+            let kind = if push {
+                RequestKind::Push
+            } else {
+                RequestKind::Download
+            };
+            metrics.request(kind, started.elapsed());
+            metrics.log_entries_sent(slice.entries.len() as u64);
             session.read(slice);
             Ok(None)
         }
@@ -196,6 +222,7 @@ pub async fn serve(
     endpoint: quinn::Endpoint,
     store: Arc<RelayStore>,
     accounts: Arc<Accounts>,
+    metrics: Arc<RelayMetrics>,
     options: RelayOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -227,6 +254,7 @@ pub async fn serve(
                 let context = Context {
                     store: store.clone(),
                     accounts: accounts.clone(),
+                    metrics: metrics.clone(),
                     limiters: limiters.clone(),
                     spaces: spaces.clone(),
                     options: options.clone(),
@@ -294,6 +322,7 @@ impl Limiters {
 struct Context {
     store: Arc<RelayStore>,
     accounts: Arc<Accounts>,
+    metrics: Arc<RelayMetrics>,
     limiters: Arc<Limiters>,
     spaces: Arc<Spaces>,
     options: RelayOptions,
@@ -315,7 +344,7 @@ impl Context {
             transport::accept_session(&connection, &self.options.transport),
         )
         .await;
-        let (mut sender, receiver) = match accepted {
+        let (mut sender, mut receiver) = match accepted {
             Ok(Ok(streams)) => streams,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "no session stream");
@@ -327,6 +356,8 @@ impl Context {
                 return;
             }
         };
+        sender.count_into(self.metrics.bytes_sent.clone());
+        receiver.count_into(self.metrics.bytes_received.clone());
         // Two decoded frames ahead at most: with the session's own limits (two uploads being
         // stored) a device can make the relay hold only a few frames, whatever it sends.
         let (mut incoming, reader) = receiver.into_channel(2, "device");
@@ -344,9 +375,14 @@ impl Context {
         let mut peer = Peer::default();
         let mut head: Option<watch::Receiver<u64>> = None;
         let mut revocations = self.accounts.subscribe_revocations();
+        // Counts the device as connected from its sign-in until this function returns.
+        let mut connected = None;
         loop {
             self.pump(&mut session, &mut peer, &mut head, &mut sender, remote)
                 .await;
+            if connected.is_none() && session.is_open() && !peer.device.is_empty() {
+                connected = Some(self.metrics.device_connected());
+            }
             if session.is_closed() {
                 break;
             }
@@ -423,6 +459,7 @@ impl Context {
                     && !self.limiters.allow(remote.ip(), credential, now_ms())
                 {
                     tracing::warn!(%remote, credential = credential.name(), "sign-in rate limited");
+                    self.metrics.sign_in("rate_limited");
                     session.refused(
                         ErrorCode::RateLimited,
                         "too many sign-in attempts from this address: wait a minute, then try again"
@@ -434,6 +471,7 @@ impl Context {
                     carry_out(
                         &self.store,
                         &self.accounts,
+                        &self.metrics,
                         peer,
                         session,
                         effect,
@@ -465,8 +503,12 @@ impl Context {
                     }
                     RelayEvent::Closed { error: Some(error) } => {
                         tracing::info!(kind = %error.kind(), %error, "session ended");
+                        self.metrics.session_ended(error.kind().as_str());
                     }
-                    RelayEvent::Closed { error: None } => tracing::debug!("session ended"),
+                    RelayEvent::Closed { error: None } => {
+                        tracing::debug!("session ended");
+                        self.metrics.session_ended("ok");
+                    }
                 }
             }
             if !moved {

@@ -143,6 +143,9 @@ pub struct RelayStore {
     cache: Mutex<LruCache<DocKey, Record>>,
     /// Documents read from storage (base and tail) since the store was opened.
     docs_loaded: AtomicU64,
+    /// Conflicts found in appended changes since the store was opened, in `ConflictKind::ALL`
+    /// order (the per-space counters on disk are the durable record).
+    conflicts_found: [AtomicU64; ConflictKind::ALL.len()],
 }
 
 impl RelayStore {
@@ -155,6 +158,7 @@ impl RelayStore {
             spaces: Mutex::new(HashMap::new()),
             cache: Mutex::new(LruCache::new(capacity)),
             docs_loaded: AtomicU64::new(0),
+            conflicts_found: Default::default(),
         })
     }
 
@@ -272,6 +276,13 @@ impl RelayStore {
                 cache.put((space.to_owned(), collection, record), doc);
             }
             drop(cache);
+            for ((kind, _), found) in &staging.conflicts {
+                if let Some(i) = ConflictKind::ALL.iter().position(|k| k == kind)
+                    && let Some(counter) = self.conflicts_found.get(i)
+                {
+                    counter.fetch_add(*found, Ordering::Relaxed);
+                }
+            }
             self.kv.flush()?;
         }
         Ok(results)
@@ -653,6 +664,20 @@ impl RelayStore {
     /// fast-forward records load none.
     pub fn documents_loaded(&self) -> u64 {
         self.docs_loaded.load(Ordering::Relaxed)
+    }
+
+    /// Conflicts found in appended changes since the store was opened, per kind, all spaces.
+    pub fn conflicts_found(&self) -> [(ConflictKind, u64); ConflictKind::ALL.len()] {
+        let mut found = ConflictKind::ALL.map(|kind| (kind, 0));
+        for ((_, n), counter) in found.iter_mut().zip(&self.conflicts_found) {
+            *n = counter.load(Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64, RelayStoreError> {
+        Ok(self.kv.size_on_disk()?)
     }
 
     fn counter(&self, key: &[u8]) -> Result<u64, RelayStoreError> {
