@@ -520,11 +520,7 @@ impl Engine {
             }
             let deadline = session.poll_timeout().map(deadline_instant);
             tokio::select! {
-                frame = incoming.recv() => match frame {
-                    Some(Ok(message)) => session.handle_message(message, now_ms()),
-                    Some(Err(e)) => session.connection_lost(e.to_string()),
-                    None => session.connection_lost("the connection's reader stopped".into()),
-                },
+                frame = incoming.recv() => deliver(&mut session, frame),
                 event = local.recv() => match event {
                     Ok(event) if event.origin == Origin::Remote => {}
                     // A local write, or so many that some were skipped: upload soon.
@@ -932,6 +928,18 @@ pub async fn register_device(
     Ok(registration)
 }
 
+/// Hands the session what the connection's reader produced: a message, or why it stopped.
+fn deliver(
+    session: &mut DeviceSession,
+    frame: Option<Result<ferry_proto::wire::Message, TransportError>>,
+) {
+    match frame {
+        Some(Ok(message)) => session.handle_message(message, now_ms()),
+        Some(Err(e)) => session.connection_lost(e.to_string()),
+        None => session.connection_lost("the connection's reader stopped".into()),
+    }
+}
+
 /// A finished sign-in: the tokens the relay issued (none for a still valid access token), and the
 /// connection, closed but still telling the relay so.
 pub struct SignedIn {
@@ -989,11 +997,7 @@ pub async fn sign_in(
         }
         let deadline = session.poll_timeout().map(deadline_instant);
         tokio::select! {
-            frame = incoming.recv() => match frame {
-                Some(Ok(message)) => session.handle_message(message, now_ms()),
-                Some(Err(e)) => session.connection_lost(e.to_string()),
-                None => session.connection_lost("the connection's reader stopped".into()),
-            },
+            frame = incoming.recv() => deliver(&mut session, frame),
             _ = sleep_until(deadline) => session.handle_timeout(now_ms()),
         }
     }
