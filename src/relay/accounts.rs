@@ -418,7 +418,9 @@ impl Accounts {
 
     /// Makes a new signing key current; the one it replaces still verifies tokens for the
     /// policy's overlap window, then is dropped. Token families past their expiry are removed
-    /// at the same time: nothing they issued can verify any more.
+    /// at the same time: nothing they issued can verify any more; so are web clients that have
+    /// not signed in or refreshed for that long (they can no longer, and each password login
+    /// makes a new one).
     pub fn rotate_signing_key(&self, now_ms: u64) -> Result<String, AccountError> {
         let now_s = now_ms / 1000;
         let seed: [u8; 32] = self.random()?;
@@ -442,6 +444,19 @@ impl Accounts {
                 expired.push(family.id);
             }
         }
+        let web_expiry_ms = self.policy.refresh_ttl_s.saturating_mul(1000);
+        let gone_web: Vec<String> = state
+            .devices
+            .values()
+            .filter(|d| {
+                d.kind == ClientKind::Web
+                    && d.last_sign_in_ms.saturating_add(web_expiry_ms) <= now_ms
+            })
+            .map(|d| d.device.clone())
+            .collect();
+        for device in &gone_web {
+            batch.remove(key(b'D', device.as_bytes()));
+        }
         for entry in ring.entries() {
             let stored = StoredKey {
                 kid: entry.kid.clone(),
@@ -456,9 +471,13 @@ impl Accounts {
         for id in &expired {
             state.revoked_families.remove(id);
         }
+        for device in &gone_web {
+            state.devices.remove(device);
+        }
         tracing::info!(
             kid,
             expired_families = expired.len(),
+            expired_web_clients = gone_web.len(),
             "token signing key rotated"
         );
         Ok(kid)
@@ -945,6 +964,59 @@ mod tests {
         accounts.rotate_signing_key(ttl_ms + 2_000).unwrap();
         assert_eq!(families(&kv), 0, "every family had expired");
         assert_eq!(accounts.devices(Some("team")).len(), 1, "the device stays");
+    }
+
+    #[test]
+    fn web_clients_sign_in_with_the_password_and_go_when_their_tokens_can_no_longer_renew() {
+        let kv = MemoryKv::new();
+        let accounts = open(&kv, 0);
+        accounts.add_account("team", 0).unwrap();
+        let password = Secret::new("correct horse battery");
+        assert!(
+            matches!(
+                accounts.login("team", &password, "web", 0),
+                Err(Denied::Login)
+            ),
+            "no password set yet"
+        );
+        assert!(matches!(
+            accounts.set_password("team", &Secret::new("short")),
+            Err(AccountError::Password(_))
+        ));
+        accounts.set_password("team", &password).unwrap();
+        let (device, tokens) = accounts.login("team", &password, "browser", 1_000).unwrap();
+        assert!(matches!(
+            accounts.login("team", &Secret::new("wrong password"), "web", 1_000),
+            Err(Denied::Login)
+        ));
+        assert!(matches!(
+            accounts.login("nobody", &password, "web", 1_000),
+            Err(Denied::Login)
+        ));
+        let claims = accounts
+            .check_access(tokens.access.expose(), 2_000)
+            .unwrap();
+        assert_eq!(
+            (claims.sub.as_str(), claims.device.as_str()),
+            ("team", device.as_str())
+        );
+        let (account, refreshed_device, _) =
+            accounts.refresh_bearer(&tokens.refresh, 3_000).unwrap();
+        assert_eq!(
+            (account.as_str(), refreshed_device),
+            ("team", device.clone())
+        );
+        assert_eq!(accounts.devices(Some("team")).len(), 1);
+        // A refresh token's lifetime after its last use, the web client is gone.
+        let ttl_ms = TokenPolicy::default().refresh_ttl_s * 1000;
+        accounts.rotate_signing_key(3_000 + ttl_ms - 1).unwrap();
+        assert_eq!(accounts.devices(Some("team")).len(), 1, "not yet");
+        accounts.rotate_signing_key(3_000 + ttl_ms).unwrap();
+        assert!(accounts.devices(Some("team")).is_empty());
+        assert!(
+            open(&kv, 3_000 + ttl_ms).devices(None).is_empty(),
+            "gone for good"
+        );
     }
 
     #[test]
