@@ -20,10 +20,14 @@ use std::io::{BufRead as _, IsTerminal as _, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
+use zeroize::Zeroizing;
 
 mod accounts;
 mod conflicts;
 mod key;
+
+/// The longest secret line (passphrase, key line, password) read from standard input.
+const MAX_SECRET_LINE: u64 = 4096;
 
 const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
 
@@ -1215,6 +1219,58 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The first line of standard input. On a terminal it is asked for with `prompt` (on standard
+/// error) and not echoed, since it is a secret.
+pub(super) fn read_secret_line(prompt: &str) -> Result<Zeroizing<String>, Failure> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("{prompt}");
+        let _quiet = NoEcho::start();
+        let mut line = Zeroizing::new(String::new());
+        stdin.lock().take(MAX_SECRET_LINE).read_line(&mut line)?;
+        eprintln!();
+        return Ok(Zeroizing::new(
+            line.trim_end_matches(['\r', '\n']).to_owned(),
+        ));
+    }
+    let mut text = Zeroizing::new(String::new());
+    stdin.take(MAX_SECRET_LINE).read_to_string(&mut text)?;
+    let line = text.lines().next().unwrap_or_default();
+    Ok(Zeroizing::new(line.to_owned()))
+}
+
+/// Turns the terminal's echo off until dropped.
+struct NoEcho(Option<libc::termios>);
+
+impl NoEcho {
+    fn start() -> NoEcho {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios we own; failures leave echo on.
+        unsafe {
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut saved) != 0 {
+                return NoEcho(None);
+            }
+            let mut quiet = saved;
+            quiet.c_lflag &= !libc::ECHO;
+            if libc::tcsetattr(0, libc::TCSANOW, &quiet) != 0 {
+                return NoEcho(None);
+            }
+            NoEcho(Some(saved))
+        }
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        if let Some(saved) = self.0 {
+            // SAFETY: restores the settings read in `start`.
+            unsafe {
+                libc::tcsetattr(0, libc::TCSANOW, &saved);
+            }
+        }
     }
 }
 

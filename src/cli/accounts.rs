@@ -5,7 +5,7 @@
 //! open its store and call the same `relay::admin::dispatch`.
 //! Must not touch: accounts' storage; sessions beyond `engine::register`.
 
-use super::{Context, Failure, format_ms, print_json, runtime};
+use super::{Context, Failure, format_ms, print_json, read_secret_line, runtime};
 use crate::config::SyncConfig;
 use crate::engine::{self, EngineError};
 use crate::ipc::{Client, ClientError};
@@ -138,23 +138,19 @@ pub(super) fn relay_admin(ctx: &Context, action: RelayAction) -> Result<(), Fail
     Ok(())
 }
 
-/// The password from FERRY_PASSWORD, or one line of standard input.
+/// The password from FERRY_PASSWORD, or one line of standard input (asked for without echo on
+/// a terminal).
 fn read_password() -> Result<String, Failure> {
     if let Ok(password) = std::env::var("FERRY_PASSWORD") {
         return Ok(password);
     }
-    let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| Failure::failed(format!("cannot read the password: {e}")))?;
-    let password = line.trim_end_matches(['\r', '\n']).to_string();
+    let password = read_secret_line("password: ")?;
     if password.is_empty() {
         return Err(Failure::usage(
             "no password: give it on standard input (one line) or in FERRY_PASSWORD",
         ));
     }
-    Ok(password)
+    Ok(password.to_string())
 }
 
 fn call_relay(ctx: &Context, method: &str, params: Value) -> Result<Value, Failure> {

@@ -8,22 +8,22 @@
 //! Must not touch: the store. Never prints the key except for `export`, whose job that is, and
 //! never takes a secret from the command line (argv is visible to other users).
 
-use super::{Context, Failure, print_json};
+use super::{Context, Failure, print_json, read_secret_line};
+use crate::auth::credentials::Registration;
 use crate::crypt::{AccountKey, KeyError};
 use crate::daemon;
 use crate::ipc::Client;
 use clap::Subcommand;
 use serde_json::json;
-use std::io::Read as _;
 use zeroize::Zeroizing;
 
 /// Longest line read for a passphrase or an export line.
-const MAX_LINE: u64 = 4096;
 
 #[derive(Subcommand, Debug)]
 pub enum Action {
-    /// Derive the key from a passphrase (one line on stdin, or FERRY_PASSPHRASE): every device
-    /// of the account (same `sync.space`) that is given the same passphrase gets the same key
+    /// Derive the key from a passphrase (asked for without echo on a terminal, else one line of
+    /// stdin, or FERRY_PASSPHRASE): every device of the account (its registration's, or
+    /// `sync.space`) given the same passphrase gets the same key; run it after `ferry register`
     Set {
         /// Replace a different key already set (values written with it will no longer decrypt)
         #[arg(long)]
@@ -59,13 +59,21 @@ pub(super) fn run(ctx: &Context, action: Action) -> Result<(), Failure> {
         Action::Set { replace } => {
             let passphrase = match std::env::var("FERRY_PASSPHRASE") {
                 Ok(p) if !p.is_empty() => Zeroizing::new(p),
-                _ => read_stdin_line()?,
+                _ => read_secret_line("passphrase: ")?,
             };
-            let key = AccountKey::derive(passphrase.as_bytes(), &ctx.config.sync.space)?;
+            // The account this device syncs (its registration's, unless the config names a
+            // relay): every device of the account derives the same key from the passphrase.
+            let registration =
+                Registration::load(ctx.dir.path()).map_err(|e| Failure::failed(e.to_string()))?;
+            let account = Registration::apply(registration.as_ref(), &ctx.config.sync).space;
+            let key = AccountKey::derive(passphrase.as_bytes(), &account)?;
+            if !ctx.json {
+                eprintln!("key derived for account {account}");
+            }
             install(ctx, &key, replace)
         }
         Action::Import { replace } => {
-            let line = read_stdin_line()?;
+            let line = read_secret_line("key line (from `ferry key export`): ")?;
             let key = AccountKey::from_export_line(&line)?;
             install(ctx, &key, replace)
         }
@@ -112,11 +120,4 @@ fn install(ctx: &Context, key: &AccountKey, replace: bool) -> Result<(), Failure
         }
     }
     Ok(())
-}
-
-fn read_stdin_line() -> Result<Zeroizing<String>, Failure> {
-    let mut text = Zeroizing::new(String::new());
-    std::io::stdin().take(MAX_LINE).read_to_string(&mut text)?;
-    let line = text.lines().next().unwrap_or_default();
-    Ok(Zeroizing::new(line.to_owned()))
 }
