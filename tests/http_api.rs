@@ -39,11 +39,13 @@ impl Answer {
     }
 }
 
-/// A minimal HTTPS client pinned to the relay's certificate: one connection per request.
+/// A minimal HTTPS client pinned to the relay's certificate: one connection per request. It
+/// keeps every answer, so a test can check them all against `docs/openapi.json`.
 struct Api {
     addr: String,
     tls: Arc<rustls::ClientConfig>,
     runtime: tokio::runtime::Runtime,
+    answered: std::cell::RefCell<Vec<(String, String, u16, Vec<u8>, bool)>>,
 }
 
 impl Api {
@@ -58,6 +60,36 @@ impl Api {
                 .enable_all()
                 .build()
                 .expect("runtime"),
+            answered: Default::default(),
+        }
+    }
+
+    /// Every answer so far is one `docs/openapi.json` lists for its route, with a body its schema
+    /// allows. Routes the file does not have (the 404 fallback) are skipped.
+    fn check_against_spec(&self) {
+        let spec = openapi();
+        for (method, path, status, body, zipped) in self.answered.borrow().iter() {
+            let Some(operation) = spec["paths"][path.as_str()].get(method.to_lowercase()) else {
+                assert_eq!(
+                    *status, 404,
+                    "{method} {path} answered {status} but is not in the spec"
+                );
+                continue;
+            };
+            let response = operation["responses"]
+                .get(status.to_string())
+                .unwrap_or_else(|| panic!("{method} {path}: status {status} is not in the spec"));
+            let Some(schema) = response
+                .pointer("/content/application~1json/schema")
+                .filter(|_| !*zipped)
+            else {
+                continue;
+            };
+            let value: Value = serde_json::from_slice(body)
+                .unwrap_or_else(|e| panic!("{method} {path} {status}: not JSON ({e})"));
+            if let Err(problem) = conforms(&spec, schema, &value, "$") {
+                panic!("{method} {path} {status}: {problem}\n{value}");
+            }
         }
     }
 
@@ -94,6 +126,13 @@ impl Api {
                 .expect("body")
                 .to_bytes()
                 .to_vec();
+            self.answered.borrow_mut().push((
+                method.to_string(),
+                path.split('?').next().unwrap_or(path).to_string(),
+                status,
+                body.clone(),
+                headers.contains_key("content-encoding"),
+            ));
             Answer {
                 status,
                 headers,
@@ -128,6 +167,67 @@ impl Api {
         assert_eq!(answer.status, 200, "login: {}", answer.json());
         answer.json()
     }
+}
+
+fn openapi() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("docs/openapi.json"))
+        .expect("docs/openapi.json is JSON")
+}
+
+/// Whether `value` fits `schema`, for the part of JSON Schema the spec uses: `$ref`, `type`
+/// (one or several), `required`, `properties`, `additionalProperties: false`, `items`.
+fn conforms(spec: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    if let Some(reference) = schema["$ref"].as_str() {
+        let target = spec
+            .pointer(reference.trim_start_matches('#'))
+            .ok_or_else(|| format!("{at}: unknown $ref {reference}"))?;
+        return conforms(spec, target, value, at);
+    }
+    let kind = |v: &Value| match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    let allowed: Vec<&str> = match &schema["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    if !allowed.is_empty() && !allowed.contains(&kind(value)) {
+        return Err(format!(
+            "{at}: a {} where the spec says {allowed:?}",
+            kind(value)
+        ));
+    }
+    if let Value::Object(object) = value {
+        for name in schema["required"].as_array().into_iter().flatten() {
+            let name = name.as_str().unwrap_or_default();
+            if !object.contains_key(name) {
+                return Err(format!("{at}: `{name}` is missing"));
+            }
+        }
+        let properties = schema["properties"].as_object();
+        for (name, field) in object {
+            match properties.and_then(|p| p.get(name)) {
+                Some(field_schema) => conforms(spec, field_schema, field, &format!("{at}.{name}"))?,
+                None if schema["additionalProperties"] == json!(false) => {
+                    return Err(format!("{at}: `{name}` is not in the spec"));
+                }
+                None => {}
+            }
+        }
+    }
+    if let (Value::Array(items), Some(item_schema)) = (value, schema.get("items")) {
+        for (i, item) in items.iter().enumerate() {
+            conforms(spec, item_schema, item, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
 }
 
 fn start_relay(dir: &std::path::Path) -> Relay {
@@ -286,6 +386,7 @@ fn sign_in_initialize_and_download_records_a_daemon_wrote() {
     assert_eq!(theirs.status, 200);
     assert_eq!(theirs.json()["records"], json!([]));
     assert_eq!(theirs.json()["head"], 0);
+    api.check_against_spec();
     drop(daemon);
 }
 
@@ -366,6 +467,7 @@ fn bad_requests_get_their_status_and_say_what_is_wrong() {
     assert_eq!(bad_query.status, 400);
     let nowhere = api.get("/api/nowhere", access, &[]);
     assert_eq!(nowhere.status, 404);
+    api.check_against_spec();
 }
 
 #[test]
@@ -420,6 +522,7 @@ fn refresh_rotates_reuse_revokes_and_a_revoked_client_is_refused() {
     );
     let access = third["access_token"].as_str().expect("token");
     assert_eq!(download(access), 403);
+    api.check_against_spec();
 }
 
 #[test]
@@ -443,4 +546,31 @@ fn metrics_are_served_to_a_scraper_with_the_token_only() {
             .any(|l| l.starts_with("ferry_relay_sign_ins_total{result=\"ok\"} ")),
         "the registration's sign-in is counted:\n{text}"
     );
+    api.check_against_spec();
+}
+
+#[test]
+fn the_openapi_file_is_valid_json_that_names_every_route_the_relay_serves() {
+    let spec = openapi();
+    assert_eq!(spec["openapi"], "3.1.0");
+    let home = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay(&home.path().join("relay"));
+    let api = Api::new(&relay);
+    let paths = spec["paths"].as_object().expect("paths");
+    assert_eq!(paths.len(), 5);
+    for (path, operations) in paths {
+        for method in operations.as_object().expect("operations").keys() {
+            // Without a token or a body, each route answers its own error, never the fallback.
+            let answer = api.send(&method.to_uppercase(), path, &[], Vec::new());
+            assert_ne!(
+                answer.status, 404,
+                "{method} {path} is in the spec but not served"
+            );
+        }
+    }
+    // And the schemas check what they say: a page missing `records` does not conform.
+    let page = json!({ "since": 0, "through": 0, "head": 0, "next": null });
+    let schema = json!({ "$ref": "#/components/schemas/DownloadPage" });
+    assert!(conforms(&spec, &schema, &page, "$").is_err());
+    api.check_against_spec();
 }
