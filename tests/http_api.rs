@@ -45,7 +45,16 @@ struct Api {
     addr: String,
     tls: Arc<rustls::ClientConfig>,
     runtime: tokio::runtime::Runtime,
-    answered: std::cell::RefCell<Vec<(String, String, u16, Vec<u8>, bool)>>,
+    answered: std::cell::RefCell<Vec<Answered>>,
+}
+
+/// What one request got, as `check_against_spec` needs it.
+struct Answered {
+    method: String,
+    path: String,
+    status: u16,
+    body: Vec<u8>,
+    compressed: bool,
 }
 
 impl Api {
@@ -68,7 +77,14 @@ impl Api {
     /// allows. Routes the file does not have (the 404 fallback) are skipped.
     fn check_against_spec(&self) {
         let spec = openapi();
-        for (method, path, status, body, zipped) in self.answered.borrow().iter() {
+        for answered in self.answered.borrow().iter() {
+            let Answered {
+                method,
+                path,
+                status,
+                body,
+                compressed,
+            } = answered;
             let Some(operation) = spec["paths"][path.as_str()].get(method.to_lowercase()) else {
                 assert_eq!(
                     *status, 404,
@@ -81,7 +97,7 @@ impl Api {
                 .unwrap_or_else(|| panic!("{method} {path}: status {status} is not in the spec"));
             let Some(schema) = response
                 .pointer("/content/application~1json/schema")
-                .filter(|_| !*zipped)
+                .filter(|_| !*compressed)
             else {
                 continue;
             };
@@ -126,13 +142,13 @@ impl Api {
                 .expect("body")
                 .to_bytes()
                 .to_vec();
-            self.answered.borrow_mut().push((
-                method.to_string(),
-                path.split('?').next().unwrap_or(path).to_string(),
+            self.answered.borrow_mut().push(Answered {
+                method: method.to_string(),
+                path: path.split('?').next().unwrap_or(path).to_string(),
                 status,
-                body.clone(),
-                headers.contains_key("content-encoding"),
-            ));
+                body: body.clone(),
+                compressed: headers.contains_key("content-encoding"),
+            });
             Answer {
                 status,
                 headers,
