@@ -1039,7 +1039,7 @@ fn after_key(key: &[u8]) -> Vec<u8> {
     crate::store::keys::after(key)
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serialising these plain structs into a Vec cannot fail.
     postcard::to_stdvec(value).unwrap_or_default()
 }
