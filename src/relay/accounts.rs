@@ -26,9 +26,10 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use tokio::sync::broadcast;
 
+use super::store::encode;
 use crate::auth::token::{
     self, Claims, Family, KeyRing, RefreshError, RefreshToken, SigningKeyEntry, TokenError,
-    TokenPolicy,
+    TokenPolicy, hex,
 };
 use crate::store::kv::{Batch, Kv, KvError};
 
@@ -216,19 +217,11 @@ fn key(prefix: u8, name: &[u8]) -> Vec<u8> {
     k
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).unwrap_or_default()
-}
-
 fn decode<T: for<'a> Deserialize<'a>>(what: &'static str, bytes: &[u8]) -> Result<T, AccountError> {
     postcard::from_bytes(bytes).map_err(|e| AccountError::Corrupt {
         what,
         detail: e.to_string(),
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn code_hash(secret: &str) -> [u8; 32] {
@@ -604,22 +597,29 @@ impl Accounts {
         label: &str,
         now_ms: u64,
     ) -> Result<(String, Tokens), Denied> {
-        use argon2::password_hash::PasswordVerifier as _;
         use argon2::password_hash::phc::PasswordHash;
+        use argon2::password_hash::{PasswordHasher as _, PasswordVerifier as _};
         let stored = self
             .kv
             .get(&key(b'P', account.as_bytes()))
             .map_err(AccountError::from)?;
-        let verified = stored.as_deref().is_some_and(|bytes| {
-            std::str::from_utf8(bytes)
-                .ok()
-                .and_then(|text| PasswordHash::new(text).ok())
-                .is_some_and(|hash| {
-                    argon2::Argon2::default()
-                        .verify_password(password.expose().as_bytes(), &hash)
-                        .is_ok()
-                })
-        });
+        let hash = stored
+            .as_deref()
+            .and_then(|bytes| std::str::from_utf8(bytes).ok())
+            .and_then(|text| PasswordHash::new(text).ok());
+        let argon2 = argon2::Argon2::default();
+        let verified = match hash {
+            Some(hash) => argon2
+                .verify_password(password.expose().as_bytes(), &hash)
+                .is_ok(),
+            None => {
+                // As long as a real check, so the time taken does not tell which accounts
+                // exist or have a password.
+                let _: Result<PasswordHash, _> =
+                    argon2.hash_password_with_salt(password.expose().as_bytes(), &[0; 16]);
+                false
+            }
+        };
         if !verified {
             return Err(Denied::Login);
         }
