@@ -69,7 +69,7 @@ pub struct ApiState {
     pub policies: Arc<Policies>,
     pub options: HttpOptions,
     /// The relay's metrics and the token a scraper must show; `None`: no `/metrics`.
-    pub metrics: Option<(Arc<crate::metrics::RelayScrape>, Secret)>,
+    pub metrics: Option<(crate::metrics::RelayScrape, Secret)>,
     logins: Arc<Mutex<AttemptLimiter>>,
     pages: Arc<Mutex<lru::LruCache<PageKey, Bytes>>>,
 }
@@ -82,7 +82,7 @@ impl ApiState {
         store: Arc<RelayStore>,
         policies: Arc<Policies>,
         options: HttpOptions,
-        metrics: Option<(Arc<crate::metrics::RelayScrape>, Secret)>,
+        metrics: Option<(crate::metrics::RelayScrape, Secret)>,
     ) -> Self {
         ApiState {
             metrics,
@@ -473,6 +473,13 @@ async fn download(
         .unwrap_or(state.options.max_page)
         .clamp(1, state.options.max_page);
     let head = tokio::task::block_in_place(|| state.store.head(&principal.account))?;
+    if since > head {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "cursor_ahead",
+            format!("since {since} is past the account's log, which ends at {head}: sync from 0"),
+        ));
+    }
     let etag = format!("\"{head}-{since}-{limit}\"");
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
@@ -496,6 +503,8 @@ async fn download(
         None => {
             let body =
                 tokio::task::block_in_place(|| render_page(&state, &principal, since, limit))?;
+            // Cached under the head the ETag names: a page read after a later append is newer
+            // than that, never older, and the next request's ETag moves on anyway.
             state
                 .pages
                 .lock()
@@ -521,14 +530,6 @@ fn render_page(
     since: u64,
     limit: usize,
 ) -> Result<Bytes, Failure> {
-    let head = state.store.head(&principal.account)?;
-    if since > head {
-        return Err(Failure::new(
-            StatusCode::CONFLICT,
-            "cursor_ahead",
-            format!("since {since} is past the account's log, which ends at {head}: sync from 0"),
-        ));
-    }
     let slice = state
         .store
         .read_since(&principal.account, since, limit, usize::MAX)?;
@@ -602,23 +603,32 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Result<Re
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` turns true.
+/// Serves `app` over TLS on `listener` until `shutdown` turns true, at most `max_connections`
+/// connections at once: past that, new ones are closed unread, so a flood of connections costs
+/// the relay no more than that many tasks and buffers.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Router,
+    max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => {
                 let Ok((tcp, remote)) = accepted else { continue };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::debug!(%remote, "HTTPS connection refused: at the connection limit");
+                    continue;
+                };
                 let acceptor = acceptor.clone();
                 let app = app.clone();
                 connections.spawn(async move {
+                    let _slot = slot;
                     let Ok(Ok(stream)) =
                         tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                     else {

@@ -169,7 +169,7 @@ pub async fn run(
                 },
                 (!relay.metrics_token.is_empty()).then(|| {
                     (
-                        Arc::new(listening.metrics.clone()),
+                        listening.metrics.clone(),
                         ferry_proto::wire::Secret::new(relay.metrics_token.clone()),
                     )
                 }),
@@ -179,6 +179,7 @@ pub async fn run(
                 listener,
                 tls,
                 http::router(state),
+                relay.max_connections,
                 stopped.clone(),
             )))
         }
