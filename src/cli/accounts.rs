@@ -15,7 +15,6 @@ use crate::store::kv::SledKv;
 use clap::Subcommand;
 use ferry_proto::wire::Secret;
 use serde_json::{Value, json};
-use std::io::BufRead as _;
 use std::sync::Arc;
 
 #[derive(Subcommand, Debug)]
@@ -204,11 +203,7 @@ pub(super) struct RegisterArgs {
 pub(super) fn register(ctx: &Context, args: RegisterArgs) -> Result<(), Failure> {
     ctx.dir.init(super::EXAMPLE_CONFIG)?;
     let code = if args.code == "-" {
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).map_err(|e| {
-            Failure::failed(format!("cannot read the code from standard input: {e}"))
-        })?;
-        line.trim().to_string()
+        read_secret_line("enrolment code: ")?.trim().to_string()
     } else {
         args.code
     };
