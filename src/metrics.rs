@@ -239,6 +239,8 @@ pub struct RelayMetrics {
     sessions: CounterVec,
     sign_ins: CounterVec,
     connected_devices: Gauge,
+    /// Each space's sync log and per-minute totals, for the web interface.
+    pub activity: crate::relay::activity::Activity,
 }
 
 impl Default for RelayMetrics {
@@ -256,6 +258,7 @@ impl Default for RelayMetrics {
             sessions: CounterVec::default(),
             sign_ins: CounterVec::default(),
             connected_devices: Gauge::default(),
+            activity: Default::default(),
         }
     }
 }

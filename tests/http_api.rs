@@ -85,7 +85,9 @@ impl Api {
                 body,
                 compressed,
             } = answered;
-            let Some(operation) = spec["paths"][path.as_str()].get(method.to_lowercase()) else {
+            let Some(operation) = spec_path(&spec, path)
+                .and_then(|template| spec["paths"][template.as_str()].get(method.to_lowercase()))
+            else {
                 assert_eq!(
                     *status, 404,
                     "{method} {path} answered {status} but is not in the spec"
@@ -183,6 +185,24 @@ impl Api {
         assert_eq!(answer.status, 200, "login: {}", answer.json());
         answer.json()
     }
+}
+
+/// The spec's path that `path` is an instance of (`/api/records/{collection}/{id}` for
+/// `/api/records/Customer/c1`).
+fn spec_path(spec: &Value, path: &str) -> Option<String> {
+    let segments: Vec<&str> = path.split('/').collect();
+    spec["paths"]
+        .as_object()?
+        .keys()
+        .find(|template| {
+            let parts: Vec<&str> = template.split('/').collect();
+            parts.len() == segments.len()
+                && parts
+                    .iter()
+                    .zip(&segments)
+                    .all(|(t, s)| t == s || (t.starts_with('{') && t.ends_with('}')))
+        })
+        .cloned()
 }
 
 fn openapi() -> Value {
@@ -573,11 +593,12 @@ fn the_openapi_file_is_valid_json_that_names_every_route_the_relay_serves() {
     let relay = start_relay(&home.path().join("relay"));
     let api = Api::new(&relay);
     let paths = spec["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 5);
-    for (path, operations) in paths {
+    assert_eq!(paths.len(), 16);
+    for (template, operations) in paths {
+        let path = template.replace(['{', '}'], "");
         for method in operations.as_object().expect("operations").keys() {
             // Without a token or a body, each route answers its own error, never the fallback.
-            let answer = api.send(&method.to_uppercase(), path, &[], Vec::new());
+            let answer = api.send(&method.to_uppercase(), &path, &[], Vec::new());
             assert_ne!(
                 answer.status, 404,
                 "{method} {path} is in the spec but not served"
@@ -588,5 +609,304 @@ fn the_openapi_file_is_valid_json_that_names_every_route_the_relay_serves() {
     let page = json!({ "since": 0, "through": 0, "head": 0, "next": null });
     let schema = json!({ "$ref": "#/components/schemas/DownloadPage" });
     assert!(conforms(&spec, &schema, &page, "$").is_err());
+    api.check_against_spec();
+}
+
+/// An open `GET /api/events` stream.
+struct Events<'a> {
+    api: &'a Api,
+    body: hyper::body::Incoming,
+    buffer: String,
+}
+
+impl Events<'_> {
+    /// The next event's name and data, waiting at most 20 s; comments (keep-alives) skipped.
+    fn next(&mut self) -> (String, Value) {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut name = String::new();
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if !name.is_empty() {
+                    return (
+                        name,
+                        serde_json::from_str(&data).expect("event data is JSON"),
+                    );
+                }
+                continue;
+            }
+            let frame = self.api.runtime.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(20), self.body.frame())
+                    .await
+                    .expect("an event within 20 s")
+            });
+            let frame = frame.expect("the stream is open").expect("a frame");
+            if let Ok(data) = frame.into_data() {
+                self.buffer
+                    .push_str(std::str::from_utf8(&data).expect("UTF-8"));
+            }
+        }
+    }
+}
+
+impl Api {
+    fn events(&self, token: &str) -> Events<'_> {
+        let body = self.runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(&self.addr)
+                .await
+                .expect("connect");
+            let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let stream = connector.connect(name, tcp).await.expect("TLS");
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .expect("HTTP handshake");
+            tokio::spawn(connection);
+            let request = hyper::Request::builder()
+                .uri("/api/events")
+                .header("host", "localhost")
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let response = sender.send_request(request).await.expect("response");
+            assert_eq!(response.status(), 200);
+            assert_eq!(
+                response.headers()["content-type"],
+                "text/event-stream",
+                "an event stream"
+            );
+            response.into_body()
+        });
+        Events {
+            api: self,
+            body,
+            buffer: String::new(),
+        }
+    }
+}
+
+#[test]
+fn web_routes_show_records_history_devices_the_sync_log_and_stream_changes() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay(&home.path().join("relay"));
+    let api = Api::new(&relay);
+    let device = Device::new();
+    device.join(&relay);
+    let daemon = device.start_daemon_logged();
+    let device_id = common::status(&daemon)["device_id"]
+        .as_str()
+        .expect("device id")
+        .to_string();
+    call(
+        &daemon,
+        "put",
+        json!({ "collection": "Customer", "id": "c1", "fields": { "name": "Ada" } }),
+    );
+    call(
+        &daemon,
+        "patch",
+        json!({ "collection": "Customer", "id": "c1", "fields": { "city": "Paris" } }),
+    );
+    call(
+        &daemon,
+        "put",
+        json!({ "collection": "Customer", "id": "c2", "fields": { "name": "Bo" } }),
+    );
+    wait_converged(&[&daemon], 3);
+    let tokens = api.login("default");
+    let access = tokens["access_token"].as_str().expect("access token");
+    let web_id = tokens["device"].as_str().expect("web client id");
+    let other = api.login("other");
+    let other_access = other["access_token"].as_str().expect("access token");
+
+    // The page and its files, with a policy that runs no inline or foreign code.
+    let page = api.send("GET", "/", &[], Vec::new());
+    assert_eq!(page.status, 200);
+    assert!(
+        page.header("content-type")
+            .unwrap_or("")
+            .starts_with("text/html")
+    );
+    let csp = page.header("content-security-policy").unwrap_or("");
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    assert!(String::from_utf8_lossy(&page.body).contains("/ui/app.js"));
+    for asset in ["/ui/app.js", "/ui/style.css"] {
+        assert_eq!(
+            api.send("GET", asset, &[], Vec::new()).status,
+            200,
+            "{asset}"
+        );
+    }
+
+    let collections = api.get("/api/collections", access, &[]).json();
+    assert_eq!(
+        collections["collections"],
+        json!([{ "name": "Customer", "records": 2, "strategy": "merge" }])
+    );
+    assert_eq!(
+        api.get("/api/collections", other_access, &[]).json()["collections"],
+        json!([]),
+        "another account has none of them"
+    );
+
+    // Pages by id.
+    let first = api
+        .get("/api/records?collection=Customer&limit=1", access, &[])
+        .json();
+    assert_eq!(first["records"][0]["id"], "c1");
+    assert_eq!(
+        first["records"][0]["fields"],
+        json!({ "name": "Ada", "city": "Paris" })
+    );
+    assert_eq!(first["next"], "c1");
+    let second = api
+        .get(
+            "/api/records?collection=Customer&limit=1&after=c1",
+            access,
+            &[],
+        )
+        .json();
+    assert_eq!(second["records"][0]["id"], "c2");
+    let last = api
+        .get(
+            "/api/records?collection=Customer&limit=5&after=c2",
+            access,
+            &[],
+        )
+        .json();
+    assert_eq!(
+        (last["records"].clone(), last["next"].clone()),
+        (json!([]), Value::Null)
+    );
+    let missing_collection = api.get("/api/records", access, &[]);
+    assert_eq!(missing_collection.status, 400);
+    assert!(
+        missing_collection.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("collection")
+    );
+
+    // One record with its history: who wrote what, in order.
+    let one = api.get("/api/records/Customer/c1", access, &[]).json();
+    assert_eq!(one["record"]["fields"]["city"], "Paris");
+    let history = one["history"].as_array().expect("history");
+    let operations: Vec<&str> = history
+        .iter()
+        .map(|c| c["operation"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(operations, ["create", "update"]);
+    assert!(history.iter().all(|c| c["device"] == device_id.as_str()));
+    assert_eq!(history[1]["fields"], json!(["city"]));
+    for (token, path) in [
+        (access, "/api/records/Customer/nope"),
+        (other_access, "/api/records/Customer/c1"),
+    ] {
+        let answer = api.get(path, token, &[]);
+        assert_eq!(
+            (answer.status, answer.error()),
+            (404, "not_found".into()),
+            "{path}"
+        );
+    }
+
+    // Devices: the daemon with its last sync and nothing pending, and this browser.
+    common::wait_for(
+        "the daemon's sync shown",
+        std::time::Duration::from_secs(20),
+        || {
+            let devices = api.get("/api/devices", access, &[]).json();
+            devices["devices"].as_array().is_some_and(|all| {
+                all.iter().any(|d| {
+                    d["id"] == device_id.as_str()
+                        && d["kind"] == "device"
+                        && d["last_sync_ms"].is_u64()
+                        && d["pending"] == 0
+                }) && all
+                    .iter()
+                    .any(|d| d["id"] == web_id && d["current"] == true)
+            })
+        },
+    );
+    let other_devices = api.get("/api/devices", other_access, &[]).json();
+    assert!(
+        other_devices["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .all(|d| d["id"] != device_id.as_str()),
+        "{other_devices}"
+    );
+
+    // The sync log names the daemon's uploads; the minute totals count its changes.
+    let log = api.get("/api/sync-log?limit=100", access, &[]).json();
+    let uploaded: u64 = log["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["kind"] == "upload" && e["device"] == device_id.as_str())
+        .map(|e| e["changes"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(uploaded, 3, "{log}");
+    let stats = api.get("/api/stats?minutes=10", access, &[]).json();
+    let up: u64 = stats["minutes"]
+        .as_array()
+        .expect("minutes")
+        .iter()
+        .map(|m| m["changes_up"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(up, 3, "{stats}");
+    assert_eq!(api.get("/api/sync-log?limit=x", access, &[]).status, 400);
+    assert_eq!(
+        api.get("/api/sync-log", other_access, &[]).json()["entries"],
+        json!([])
+    );
+
+    // Live: a write on the daemon reaches an open event stream, naming the record.
+    let mut events = api.events(access);
+    let (name, hello) = events.next();
+    assert_eq!((name.as_str(), hello["head"].as_u64()), ("hello", Some(3)));
+    call(
+        &daemon,
+        "put",
+        json!({ "collection": "Invoice", "id": "i1", "fields": { "total": 12 } }),
+    );
+    let (name, change) = events.next();
+    assert_eq!(name, "change");
+    assert_eq!(
+        change,
+        json!({ "head": 4, "records": [{ "seq": 4, "collection": "Invoice", "id": "i1" }], "more": false })
+    );
+
+    // Revoking: not another account's device; this account's daemon is cut off.
+    let foreign = api.post(
+        &format!("/api/devices/{device_id}/revoke"),
+        Some(other_access),
+        &json!({}),
+    );
+    assert_eq!((foreign.status, foreign.error()), (404, "not_found".into()));
+    let revoked = api.post(
+        &format!("/api/devices/{device_id}/revoke"),
+        Some(access),
+        &json!({}),
+    );
+    assert_eq!(revoked.status, 200, "{}", revoked.json());
+    assert!(revoked.json()["device"]["revoked_ms"].is_u64());
+    common::wait_for(
+        "the daemon cut off",
+        std::time::Duration::from_secs(20),
+        || {
+            let error = &common::status(&daemon)["sync"]["last_error"];
+            error["kind"] == "authentication" && error.to_string().contains("revoked")
+        },
+    );
     api.check_against_spec();
 }

@@ -70,8 +70,17 @@ pub struct ApiState {
     pub options: HttpOptions,
     /// The relay's metrics and the token a scraper must show; `None`: no `/metrics`.
     pub metrics: Option<(crate::metrics::RelayScrape, Secret)>,
+    pub live: Live,
     logins: Arc<Mutex<AttemptLimiter>>,
     pages: Arc<Mutex<lru::LruCache<PageKey, Bytes>>>,
+}
+
+/// What the relay's QUIC side shares with the API: each space's log head as it moves, and what
+/// devices did (`RelayMetrics::activity`).
+#[derive(Clone)]
+pub struct Live {
+    pub spaces: Arc<super::server::Spaces>,
+    pub metrics: Arc<crate::metrics::RelayMetrics>,
 }
 
 type PageKey = (String, u64, usize, u64);
@@ -83,9 +92,11 @@ impl ApiState {
         policies: Arc<Policies>,
         options: HttpOptions,
         metrics: Option<(crate::metrics::RelayScrape, Secret)>,
+        live: Live,
     ) -> Self {
         ApiState {
             metrics,
+            live,
             logins: Arc::new(Mutex::new(AttemptLimiter::new(options.logins_per_minute))),
             pages: Arc::new(Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(CACHED_PAGES).unwrap_or(std::num::NonZeroUsize::MIN),
@@ -111,7 +122,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Failure {
             status,
             code,
@@ -119,7 +130,7 @@ impl Failure {
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(super) fn bad_request(message: impl Into<String>) -> Self {
         Failure::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 }
@@ -222,6 +233,10 @@ where
 pub struct Principal {
     pub account: String,
     pub device: String,
+    /// When the access token expires, ms since the epoch.
+    pub expires_ms: u64,
+    /// The token family, which a revocation may end.
+    pub family: String,
 }
 
 impl FromRequestParts<ApiState> for Principal {
@@ -253,6 +268,8 @@ impl FromRequestParts<ApiState> for Principal {
         Ok(Principal {
             account: claims.sub,
             device: claims.device,
+            expires_ms: claims.exp.saturating_mul(1000),
+            family: claims.fam,
         })
     }
 }
@@ -265,6 +282,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/sync/initialize", post(initialize))
         .route("/api/sync/download", get(download))
         .route("/metrics", get(metrics))
+        .merge(super::web::routes())
         .fallback(|| async {
             Failure::new(
                 StatusCode::NOT_FOUND,

@@ -7,10 +7,12 @@
 //! Must not touch: the device's store or its socket.
 
 pub mod accounts;
+pub mod activity;
 pub mod admin;
 pub mod http;
 pub mod server;
 pub mod store;
+pub mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -146,6 +148,7 @@ pub async fn run(
         sign_ins_per_minute: relay.sign_ins_per_minute,
         enrolments_per_minute: relay.enrolments_per_minute,
     };
+    let spaces = Arc::new(server::Spaces::default());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let http_server = match relay.http_listen.as_str() {
         "" => None,
@@ -173,6 +176,10 @@ pub async fn run(
                         ferry_proto::wire::Secret::new(relay.metrics_token.clone()),
                     )
                 }),
+                http::Live {
+                    spaces: spaces.clone(),
+                    metrics: metrics.clone(),
+                },
             );
             let tls = transport::https_server_config(&certificate)?;
             Some(tokio::spawn(http::serve(
@@ -207,6 +214,7 @@ pub async fn run(
         store.clone(),
         accounts,
         metrics,
+        spaces,
         options,
         stopped,
     ));

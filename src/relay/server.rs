@@ -18,6 +18,7 @@ use ferry_proto::wire::{ChangeOutcome, Credential, ErrorCode, Message};
 use tokio::sync::{Semaphore, broadcast, watch};
 
 use super::accounts::{Accounts, Revocation};
+use super::activity::{SyncEvent, SyncKind};
 use super::store::{RelayStore, RelayStoreError};
 use crate::engine::{deadline_instant, now_ms, sleep_until};
 use crate::metrics::{RelayMetrics, RequestKind};
@@ -183,16 +184,30 @@ pub fn carry_out(
             let _span =
                 tracing::info_span!("relay.store", batch, changes = changes.len()).entered();
             let started = std::time::Instant::now();
+            let conflicts_before = space_conflicts(store, &peer.space)?;
             let results = store.append(&peer.space, &peer.device, &changes)?;
             let head = store.head(&peer.space)?;
-            metrics.request(RequestKind::Upload, started.elapsed());
+            let took = started.elapsed();
+            metrics.request(RequestKind::Upload, took);
+            let mut event = sync_event(peer, SyncKind::Upload, now, took);
             for result in &results {
                 match &result.outcome {
-                    ChangeOutcome::Stored { .. } => metrics.change_stored(),
-                    ChangeOutcome::Duplicate { .. } => metrics.change_duplicate(),
-                    ChangeOutcome::Rejected { code, .. } => metrics.change_rejected(*code),
+                    ChangeOutcome::Stored { .. } => {
+                        metrics.change_stored();
+                        event.changes += 1;
+                    }
+                    ChangeOutcome::Duplicate { .. } => {
+                        metrics.change_duplicate();
+                        event.duplicates += 1;
+                    }
+                    ChangeOutcome::Rejected { code, .. } => {
+                        metrics.change_rejected(*code);
+                        event.rejected += 1;
+                    }
                 }
             }
+            event.conflicts = space_conflicts(store, &peer.space)?.saturating_sub(conflicts_before);
+            metrics.activity.record(&peer.space, event, Some(head));
             session.stored(batch, results, head);
             Ok(Some(head))
         }
@@ -209,11 +224,47 @@ pub fn carry_out(
             } else {
                 RequestKind::Download
             };
-            metrics.request(kind, started.elapsed());
+            let took = started.elapsed();
+            metrics.request(kind, took);
             metrics.log_entries_sent(slice.entries.len() as u64);
+            let sync_kind = if push {
+                SyncKind::Push
+            } else {
+                SyncKind::Download
+            };
+            let mut event = sync_event(peer, sync_kind, now, took);
+            event.changes = slice.entries.len() as u64;
+            metrics
+                .activity
+                .record(&peer.space, event, Some(slice.through));
             session.read(slice);
             Ok(None)
         }
+    }
+}
+
+/// Conflicts found in the space so far.
+fn space_conflicts(store: &RelayStore, space: &str) -> Result<u64, RelayStoreError> {
+    Ok(store
+        .conflict_counts(space)?
+        .iter()
+        .map(|c| c.detected)
+        .sum())
+}
+
+/// A successful sync log entry for the peer, with nothing counted yet.
+fn sync_event(peer: &Peer, kind: SyncKind, now: u64, took: Duration) -> SyncEvent {
+    SyncEvent {
+        time_ms: now,
+        device: peer.device.clone(),
+        kind,
+        changes: 0,
+        duplicates: 0,
+        rejected: 0,
+        conflicts: 0,
+        outcome: "ok".into(),
+        error: None,
+        duration_ms: took.as_secs_f64() * 1e3,
     }
 }
 
@@ -223,10 +274,10 @@ pub async fn serve(
     store: Arc<RelayStore>,
     accounts: Arc<Accounts>,
     metrics: Arc<RelayMetrics>,
+    spaces: Arc<Spaces>,
     options: RelayOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let spaces = Arc::new(Spaces::default());
     let limiters = Arc::new(Limiters {
         sign_ins: Mutex::new(AttemptLimiter::new(options.sign_ins_per_minute)),
         enrolments: Mutex::new(AttemptLimiter::new(options.enrolments_per_minute)),
@@ -504,6 +555,13 @@ impl Context {
                     RelayEvent::Closed { error: Some(error) } => {
                         tracing::info!(kind = %error.kind(), %error, "session ended");
                         self.metrics.session_ended(error.kind().as_str());
+                        if !peer.space.is_empty() {
+                            let mut event =
+                                sync_event(peer, SyncKind::Session, now_ms(), Duration::ZERO);
+                            event.outcome = error.kind().as_str().to_owned();
+                            event.error = Some(error.to_string());
+                            self.metrics.activity.record(&peer.space, event, None);
+                        }
                     }
                     RelayEvent::Closed { error: None } => {
                         tracing::debug!("session ended");

@@ -914,6 +914,16 @@ impl RelayStore {
         })
     }
 
+    /// The record's changes, oldest first; `None` if the space has no such record.
+    pub fn history(
+        &self,
+        space: &str,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<Vec<crate::record::HistoryEntry>>, RelayStoreError> {
+        self.with_doc(space, collection, id, Record::history)
+    }
+
     /// The record's whole document, as Automerge saves it.
     pub fn document_bytes(
         &self,
