@@ -284,7 +284,7 @@ async function loadConflictCount() {
   const badge = document.getElementById("conflict-count");
   try {
     const data = await api("/api/conflicts?status=open");
-    const n = (data.conflicts || []).length;
+    const n = (data.conflicts || []).filter((c) => !c.resolving).length;
     badge.textContent = String(n);
     badge.hidden = n === 0;
   } catch (_) {
@@ -362,10 +362,13 @@ async function recordPage(collection, id) {
 
 async function conflicts() {
   const data = await api("/api/conflicts?status=open");
-  const open = data.conflicts || [];
-  const cards = open.map(conflictCard);
+  // A conflict resolved here stays open until the relay's log holds the resolution.
+  const all = data.conflicts || [];
+  const open = all.filter((c) => !c.resolving);
+  const waiting = all.length - open.length;
   setPage(h("h2", {}, "Conflict queue"),
-    open.length ? h("div", {}, cards) : h("p", { class: "muted", id: "no-conflicts" }, "No open conflicts."));
+    open.length ? h("div", {}, open.map(conflictCard)) : h("p", { class: "muted", id: "no-conflicts" }, "No open conflicts."),
+    waiting ? h("p", { class: "muted" }, waiting + " resolved, waiting to be logged.") : null);
 }
 
 function conflictCard(c) {
