@@ -910,3 +910,73 @@ fn web_routes_show_records_history_devices_the_sync_log_and_stream_changes() {
     );
     api.check_against_spec();
 }
+
+#[test]
+fn an_expired_access_token_is_refused_on_every_route_and_its_refresh_token_renews_it() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let dir = home.path().join("relay");
+    let mut relay = start_relay(&dir);
+    relay.kill();
+    // Tokens issued two hours ago, by the relay's own accounts and signing key: the access token
+    // expired long ago (and past the allowed skew), the refresh token has weeks left.
+    let issued_at = ferry::engine::now_ms() - 2 * 3_600_000;
+    let tokens = {
+        let kv: Arc<dyn ferry::store::kv::Kv> = Arc::new(
+            ferry::store::kv::SledKv::open(&dir.join("relay.db"), 8 << 20).expect("relay.db"),
+        );
+        let accounts = ferry::relay::accounts::Accounts::open(
+            kv,
+            ferry::auth::token::TokenPolicy::default(),
+            ferry::relay::accounts::os_random(),
+            issued_at,
+        )
+        .expect("accounts");
+        accounts
+            .login(
+                "default",
+                &ferry_proto::wire::Secret::new(PASSWORD.to_string()),
+                "stale",
+                issued_at,
+            )
+            .expect("login")
+            .1
+    };
+    let relay = Relay::start(&dir, None);
+    let api = Api::new(&relay);
+    let expired = tokens.access.expose();
+    for path in [
+        "/api/collections",
+        "/api/records?collection=Customer",
+        "/api/devices",
+        "/api/sync-log",
+        "/api/stats",
+        "/api/events",
+        "/api/sync/download",
+    ] {
+        let answer = api.get(path, expired, &[]);
+        assert_eq!(
+            (answer.status, answer.error()),
+            (401, "unauthorized".into()),
+            "{path}"
+        );
+        assert!(
+            answer.json()["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("expired")),
+            "{path}: {}",
+            answer.json()
+        );
+    }
+    let renewed = api.post(
+        "/api/auth/refresh",
+        None,
+        &json!({ "refresh_token": tokens.refresh.expose() }),
+    );
+    assert_eq!(renewed.status, 200, "{}", renewed.json());
+    let fresh = renewed.json()["access_token"]
+        .as_str()
+        .expect("access token")
+        .to_string();
+    assert_eq!(api.get("/api/collections", &fresh, &[]).status, 200);
+    api.check_against_spec();
+}
