@@ -5,8 +5,8 @@
 //! reaches both daemons. A screenshot of each page is saved under the test's temporary
 //! directory (`target/tmp/web-ui/`) as the run's artifacts.
 //!
-//! Needs `chromium` (Debian package) and `npm ci --prefix tests/browser`; `.ci/run` installs
-//! both.
+//! Needs Debian's `chromium` package and Node.js with npm (`.ci/run` installs them); the test
+//! runs `npm ci --prefix tests/browser` itself when `playwright-core` is not installed yet.
 
 mod common;
 
@@ -33,12 +33,20 @@ fn chromium() -> String {
         Path::new(&path).exists(),
         "no Chromium at {path}: install Debian's `chromium` package (.ci/run does) or set CHROMIUM"
     );
-    let modules =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/node_modules/playwright-core");
-    assert!(
-        modules.exists(),
-        "playwright-core is not installed: run `npm ci --prefix tests/browser` (.ci/run does)"
-    );
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    if !browser_dir.join("node_modules/playwright-core").exists() {
+        // The version package-lock.json pins, from the npm registry.
+        let out = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&browser_dir)
+            .output()
+            .expect("npm runs (install Node.js and npm)");
+        assert!(
+            out.status.success(),
+            "`npm ci --prefix tests/browser` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     path
 }
 
