@@ -9,8 +9,10 @@
 pub mod accounts;
 pub mod admin;
 pub mod http;
+pub mod mirror;
 pub mod server;
 pub mod store;
+mod web_write;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -106,7 +108,7 @@ pub async fn run(
         crate::engine::now_ms(),
     )?);
     let store = Arc::new(RelayStore::open(
-        kv,
+        kv.clone(),
         RelayStoreOptions {
             doc_cache_docs: relay.cache_docs,
             limits: config.limits,
@@ -146,6 +148,7 @@ pub async fn run(
         sign_ins_per_minute: relay.sign_ins_per_minute,
         enrolments_per_minute: relay.enrolments_per_minute,
     };
+    let spaces = Arc::new(server::Spaces::default());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let http_server = match relay.http_listen.as_str() {
         "" => None,
@@ -157,10 +160,22 @@ pub async fn run(
                     source,
                 })?;
             listening.http = listener.local_addr().ok();
+            let policies = Arc::new(config.policies());
+            let mirrors = Arc::new(mirror::Mirrors::new(
+                kv.clone(),
+                store.clone(),
+                spaces.clone(),
+                policies.clone(),
+                mirror::MirrorOptions {
+                    limits: config.limits,
+                    max_retries: config.sync.max_retries,
+                    ..mirror::MirrorOptions::default()
+                },
+            ));
             let state = http::ApiState::new(
                 accounts.clone(),
                 store.clone(),
-                Arc::new(config.policies()),
+                policies,
                 http::HttpOptions {
                     max_body_bytes: relay.http_max_body_bytes,
                     max_page: relay.http_max_page,
@@ -173,6 +188,7 @@ pub async fn run(
                         ferry_proto::wire::Secret::new(relay.metrics_token.clone()),
                     )
                 }),
+                mirrors,
             );
             let tls = transport::https_server_config(&certificate)?;
             Some(tokio::spawn(http::serve(
@@ -207,6 +223,7 @@ pub async fn run(
         store.clone(),
         accounts,
         metrics,
+        spaces,
         options,
         stopped,
     ));

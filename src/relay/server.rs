@@ -223,10 +223,10 @@ pub async fn serve(
     store: Arc<RelayStore>,
     accounts: Arc<Accounts>,
     metrics: Arc<RelayMetrics>,
+    spaces: Arc<Spaces>,
     options: RelayOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let spaces = Arc::new(Spaces::default());
     let limiters = Arc::new(Limiters {
         sign_ins: Mutex::new(AttemptLimiter::new(options.sign_ins_per_minute)),
         enrolments: Mutex::new(AttemptLimiter::new(options.enrolments_per_minute)),

@@ -625,6 +625,17 @@ impl Store {
         Ok(found)
     }
 
+    /// Whether the record exists and is not deleted, as its collection's strategy shows it. Reads
+    /// no field values, so it needs no account key.
+    pub fn is_live(&self, collection: &str, id: &str) -> Result<bool, StoreError> {
+        validate_collection(collection, &self.options.limits)?;
+        validate_record_id(id, &self.options.limits)?;
+        let policy = self.policy(collection);
+        Ok(self
+            .with_record(collection, id, |r| resolve::view(r, policy).is_live())?
+            .unwrap_or(false))
+    }
+
     /// Live records of a collection in id order, starting after `after`. The second value is the
     /// `after` of the next page, or `None` when this page is the last.
     pub fn list(
