@@ -1049,6 +1049,83 @@ fn an_http_client_and_two_daemons_edit_the_same_records_and_converge() {
                     .is_ok_and(|c| c["status"] == "resolved")
         });
     }
+
+    // An update made on an older version meets the change made since like an offline edit.
+    let version = resolved["writes"][0]["version"].clone();
+    call(
+        &daemon_a,
+        "patch",
+        json!({ "collection": "Task", "id": "t1", "fields": { "title": "A's" } }),
+    );
+    common::wait_for("A's edit to reach the relay", common::TIMEOUT, || {
+        common::unsent(&common::status(&daemon_a)) == 0
+    });
+    let mut late = op("update", "Task", "t1", json!({ "title": "the web's" }), me);
+    late["base"] = version;
+    let mut bad_base = op("update", "Task", "t1", json!({ "title": "x" }), me);
+    bad_base["base"] = json!("not-a-version");
+    let mut unknown_base = op("update", "Task", "t1", json!({ "title": "x" }), me);
+    unknown_base["base"] = json!("00".repeat(32));
+    let mut create_at = op("create", "Task", "t2", json!({ "title": "x" }), me);
+    create_at["base"] = json!("00".repeat(32));
+    let answer = api.post(
+        "/api/sync/upload",
+        Some(access),
+        &json!([late, bad_base, unknown_base, create_at]),
+    );
+    let codes: Vec<(String, String)> = statuses(&answer)
+        .into_iter()
+        .map(|(_, status, code)| (status, code))
+        .collect();
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        codes,
+        vec![
+            pair("conflict", ""),
+            pair("rejected", "bad_version"),
+            pair("rejected", "invalid"),
+            pair("rejected", "invalid"),
+        ],
+        "{}",
+        answer.json()
+    );
+    let second = answer.json()["results"][0]["conflict_id"]
+        .as_str()
+        .expect("conflict id")
+        .to_string();
+    let listed = api.get("/api/conflicts", access, &[]).json();
+    assert_eq!(listed["conflicts"][0]["id"], second.as_str());
+    for daemon in [&daemon_a, &daemon_b] {
+        common::wait_for(
+            "the second conflict on each daemon",
+            common::TIMEOUT,
+            || {
+                daemon
+                    .client()
+                    .call("conflicts.get", json!({ "id": second }))
+                    .is_ok_and(|c| c["status"] == "open")
+            },
+        );
+    }
+    let kept = api.post(
+        resolve,
+        Some(access),
+        &json!({ "conflict_id": second, "resolution": "server" }),
+    );
+    assert_eq!(kept.status, 200, "{}", kept.json());
+    for daemon in [&daemon_a, &daemon_b] {
+        common::wait_for(
+            "the relay's first version kept everywhere",
+            common::TIMEOUT,
+            || {
+                daemon_get(daemon, "Task", "t1").is_some_and(|t| t["title"] == "A's")
+                    && daemon
+                        .client()
+                        .call("conflicts.get", json!({ "id": second }))
+                        .is_ok_and(|c| c["status"] == "resolved")
+            },
+        );
+    }
     let head = api
         .post(
             "/api/sync/initialize",

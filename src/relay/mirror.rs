@@ -31,6 +31,7 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use automerge::ChangeHash;
 use ferry_proto::Limits;
 use ferry_proto::wire::{ChangeOutcome, UploadChange};
 use serde::Serialize;
@@ -241,6 +242,9 @@ pub struct WebWrite {
     pub id: String,
     /// The fields a create sets, or the top-level fields an update sets.
     pub fields: Fields,
+    /// The record's version (heads) the client made an update or delete on, when it may be
+    /// older than the record's current one: the write is then made concurrently at that version.
+    pub base: Option<Vec<ChangeHash>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -421,7 +425,7 @@ impl Mirror {
         let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
         // Whether each record is live as the writes before it in this request leave it.
         let mut live: HashMap<(String, String), bool> = HashMap::new();
-        let mut accepted: Vec<(usize, Write)> = Vec::new();
+        let mut accepted: Vec<(usize, Write, Option<Vec<ChangeHash>>)> = Vec::new();
         for (index, write) in writes.into_iter().enumerate() {
             let key = (write.collection.clone(), write.id.clone());
             let refuse =
@@ -449,8 +453,20 @@ impl Mirror {
                 );
                 continue;
             }
+            if write.base.is_some() && write.operation == WebOperation::Create {
+                outcomes[index] = refuse(
+                    "invalid",
+                    "`base` is the version an update or delete was made on: leave it out of a \
+                     create"
+                        .into(),
+                );
+                continue;
+            }
             let was_live = match live.get(&key) {
                 Some(live) => *live,
+                // Made on an older version: whether the record was live there is the store's
+                // to tell, at that version.
+                None if write.base.is_some() => true,
                 None => match store.is_live(&key.0, &key.1) {
                     Ok(live) => live,
                     Err(e) => {
@@ -459,6 +475,7 @@ impl Mirror {
                     }
                 },
             };
+            let base = write.base;
             let (write, now_live) = match (write.operation, was_live) {
                 (WebOperation::Create, true) => {
                     outcomes[index] = refuse(
@@ -500,13 +517,16 @@ impl Mirror {
                 ),
             };
             live.insert(key, now_live);
-            accepted.push((index, write));
+            accepted.push((index, write, base));
         }
         let applied = self.commit(accepted)?;
         let sent = self.pump()?;
         self.catch_up_locked()?;
         for (index, id, result) in applied {
             outcomes[index] = Some(match result {
+                Err(e) if e.code == code::NOT_FOUND => {
+                    WriteOutcome::rejected(&id, "not_found", e.message)
+                }
                 Err(e) => WriteOutcome::rejected(&id, "invalid", e.message),
                 Ok(applied) => self.outcome(applied, &sent)?,
             });
@@ -518,28 +538,37 @@ impl Mirror {
     }
 
     /// Commits the writes together, or each alone when the whole is refused for what a write
-    /// holds; an error of the store itself (storage) is the caller's.
+    /// holds; an error of the store itself (storage) is the caller's. Returns once durable.
     #[allow(clippy::type_complexity)]
     fn commit(
         &self,
-        accepted: Vec<(usize, Write)>,
+        accepted: Vec<(usize, Write, Option<Vec<ChangeHash>>)>,
     ) -> Result<Vec<(usize, String, Result<Applied, ApiError>)>, MirrorError> {
         if accepted.is_empty() {
             return Ok(Vec::new());
         }
-        let writes: Vec<Write> = accepted.iter().map(|(_, w)| w.clone()).collect();
-        match self.service.commit(writes) {
+        let store = self.service.store();
+        let durably = |writes| -> Result<Vec<Applied>, ApiError> {
+            let applied = store.write_all_at(writes)?;
+            store.flush()?;
+            Ok(applied)
+        };
+        let writes = accepted
+            .iter()
+            .map(|(_, w, base)| (w.clone(), base.clone()))
+            .collect();
+        match durably(writes) {
             Ok(applied) => Ok(accepted
                 .into_iter()
                 .zip(applied)
-                .map(|((index, _), a)| (index, a.id.clone(), Ok(a)))
+                .map(|((index, _, _), a)| (index, a.id.clone(), Ok(a)))
                 .collect()),
             Err(e) if !is_input_error(&e) => Err(e.into()),
             Err(_) => accepted
                 .into_iter()
-                .map(|(index, write)| {
+                .map(|(index, write, base)| {
                     let id = write_id(&write);
-                    match self.service.commit(vec![write]) {
+                    match durably(vec![(write, base)]) {
                         Ok(mut applied) if !applied.is_empty() => {
                             Ok((index, id, Ok(applied.remove(0))))
                         }

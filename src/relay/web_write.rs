@@ -82,6 +82,9 @@ struct UploadOperation {
     timestamp: u64,
     /// The client's id, as its access token names it.
     device_id: String,
+    /// The record's `version` (as `download` or an earlier upload gave it) the client made an
+    /// update or delete on.
+    base: Option<String>,
 }
 
 async fn upload(
@@ -127,12 +130,24 @@ async fn upload(
         } else {
             None
         };
+        let base = match op.base.as_deref().map(parse_version).transpose() {
+            Ok(base) => base,
+            Err(reason) => {
+                outcomes.push(Some(WriteOutcome::rejected(
+                    &op.object_id,
+                    "bad_version",
+                    reason,
+                )));
+                continue;
+            }
+        };
         if rejected.is_none() {
             writes.push(WebWrite {
                 operation: op.operation,
                 collection: op.model,
                 id: op.object_id,
                 fields,
+                base,
             });
         }
         outcomes.push(rejected);
@@ -148,6 +163,21 @@ async fn upload(
         .filter_map(|outcome| outcome.or_else(|| written.next()))
         .collect();
     Ok(axum::Json(json!({ "results": results })))
+}
+
+/// A `version`: the record's heads, hex, comma-joined.
+fn parse_version(version: &str) -> Result<Vec<automerge::ChangeHash>, String> {
+    version
+        .split(',')
+        .map(|head| {
+            head.trim().parse().map_err(|_| {
+                format!(
+                    "base {version:?} is not a record version (change hashes, 64 hex digits \
+                     each, comma-joined): send the `version` download gave"
+                )
+            })
+        })
+        .collect()
 }
 
 #[derive(Deserialize)]
