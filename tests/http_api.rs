@@ -939,6 +939,9 @@ fn an_http_client_and_two_daemons_edit_the_same_records_and_converge() {
         ])),
         [applied("t1"), applied("c1")].concat()
     );
+    common::wait_for("the HTTP creates on daemon A", common::TIMEOUT, || {
+        daemon_get(&daemon_a, "Customer", "c1").is_some()
+    });
     // Merge collection: a daemon and the HTTP client set different fields at once.
     call(
         &daemon_a,
