@@ -588,6 +588,33 @@ impl Record {
         Ok(())
     }
 
+    /// Whether the record holds the change `hash`.
+    pub fn has_change(&mut self, hash: &ChangeHash) -> bool {
+        self.doc.get_change_by_hash(hash).is_some()
+    }
+
+    /// The record as it was at `heads` (every change they cover, and no other), writing as the
+    /// same actor: a write to it is concurrent with the changes made since. Each of `heads` must
+    /// be one of the record's changes (`has_change`).
+    pub fn fork_at(&mut self, heads: &[ChangeHash]) -> Result<Record, RecordError> {
+        let actor = self.doc.get_actor().clone();
+        Ok(Record {
+            doc: self.doc.fork_at(heads)?.with_actor(actor),
+            text: self.text.clone(),
+        })
+    }
+
+    /// The latest change this record holds from its own actor (the one it writes as), if any.
+    pub fn own_last_change(&mut self) -> Option<ChangeHash> {
+        let actor = self.doc.get_actor().clone();
+        self.doc
+            .get_changes(&[])
+            .into_iter()
+            .filter(|c| c.actor_id() == &actor)
+            .max_by_key(|c| c.seq())
+            .map(|c| c.hash())
+    }
+
     /// The Automerge document itself, for callers that need Automerge's own API.
     pub fn doc_mut(&mut self) -> &mut AutoCommit {
         &mut self.doc

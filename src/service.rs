@@ -91,7 +91,9 @@ impl From<StoreError> for ApiError {
             | StoreError::QueueEntryNotFound(_)
             | StoreError::ConflictNotFound(_) => code::NOT_FOUND,
             StoreError::ConflictSettled { .. } => code::CONFLICT_SETTLED,
-            StoreError::MergeNeedsData(_) => code::INVALID_PARAMS,
+            StoreError::MergeNeedsData(_) | StoreError::UnknownVersion { .. } => {
+                code::INVALID_PARAMS
+            }
             StoreError::UnknownCollection(_) => code::UNKNOWN_COLLECTION,
             StoreError::Record(RecordError::TooLarge { .. }) => code::TOO_LARGE,
             StoreError::Address(_) | StoreError::Record(RecordError::ReservedField { .. }) => {

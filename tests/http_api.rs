@@ -85,9 +85,8 @@ impl Api {
                 body,
                 compressed,
             } = answered;
-            let Some(operation) = spec_path(&spec, path)
-                .and_then(|template| spec["paths"][template.as_str()].get(method.to_lowercase()))
-            else {
+            let route = spec_route(&spec, path);
+            let Some(operation) = spec["paths"][route.as_str()].get(method.to_lowercase()) else {
                 assert_eq!(
                     *status, 404,
                     "{method} {path} answered {status} but is not in the spec"
@@ -187,22 +186,24 @@ impl Api {
     }
 }
 
-/// The spec's path that `path` is an instance of (`/api/records/{collection}/{id}` for
-/// `/api/records/Customer/c1`).
-fn spec_path(spec: &Value, path: &str) -> Option<String> {
+/// The spec's route a request path falls under: itself, or a route with `{name}` segments that
+/// match any one segment.
+fn spec_route(spec: &Value, path: &str) -> String {
     let segments: Vec<&str> = path.split('/').collect();
     spec["paths"]
-        .as_object()?
-        .keys()
-        .find(|template| {
-            let parts: Vec<&str> = template.split('/').collect();
-            parts.len() == segments.len()
-                && parts
-                    .iter()
-                    .zip(&segments)
-                    .all(|(t, s)| t == s || (t.starts_with('{') && t.ends_with('}')))
+        .as_object()
+        .and_then(|paths| {
+            paths.keys().find(|route| {
+                let parts: Vec<&str> = route.split('/').collect();
+                parts.len() == segments.len()
+                    && parts
+                        .iter()
+                        .zip(&segments)
+                        .all(|(p, s)| p == s || (p.starts_with('{') && p.ends_with('}')))
+            })
         })
         .cloned()
+        .unwrap_or_else(|| path.to_string())
 }
 
 fn openapi() -> Value {
@@ -267,12 +268,25 @@ fn conforms(spec: &Value, schema: &Value, value: &Value, at: &str) -> Result<(),
 }
 
 fn start_relay(dir: &std::path::Path) -> Relay {
+    start_relay_with(dir, "")
+}
+
+/// The collections the write tests declare on the relay (and, for `Task`, on their devices).
+const COLLECTIONS: &str = "[collections.Customer]\n[collections.Task]\nstrategy = \"manual\"\n\
+                           [collections.Vault]\nencrypted = [\"pin\"]\n";
+
+/// A relay with the tests' HTTP settings and `collections` (TOML) in its config, and the
+/// accounts `default` and `other` with `PASSWORD`.
+fn start_relay_with(dir: &std::path::Path, collections: &str) -> Relay {
     let relay = Relay::start_with_config(
         dir,
         None,
-        "[relay]\nhttp_listen = \"127.0.0.1:0\"\nhttp_max_body_bytes = 65536\nhttp_max_page = 50\n\
-         min_app_version = \"1.2.0\"\nlogins_per_minute = 1000\nenrolments_per_minute = 1000\n\
-         metrics_token = \"scrape-token-for-tests\"\n",
+        &format!(
+            "[relay]\nhttp_listen = \"127.0.0.1:0\"\nhttp_max_body_bytes = 65536\n\
+             http_max_page = 50\nmin_app_version = \"1.2.0\"\nlogins_per_minute = 1000\n\
+             enrolments_per_minute = 1000\nmetrics_token = \"scrape-token-for-tests\"\n\
+             {collections}"
+        ),
     );
     for account in ["default", "other"] {
         relay.operator().add_account(account);
@@ -593,7 +607,7 @@ fn the_openapi_file_is_valid_json_that_names_every_route_the_relay_serves() {
     let relay = start_relay(&home.path().join("relay"));
     let api = Api::new(&relay);
     let paths = spec["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 16);
+    assert_eq!(paths.len(), 20);
     for (template, operations) in paths {
         let path = template.replace(['{', '}'], "");
         for method in operations.as_object().expect("operations").keys() {
@@ -609,6 +623,525 @@ fn the_openapi_file_is_valid_json_that_names_every_route_the_relay_serves() {
     let page = json!({ "since": 0, "through": 0, "head": 0, "next": null });
     let schema = json!({ "$ref": "#/components/schemas/DownloadPage" });
     assert!(conforms(&spec, &schema, &page, "$").is_err());
+    api.check_against_spec();
+}
+
+/// An upload operation made now by `device`.
+fn op(operation: &str, model: &str, id: &str, data: Value, device: &str) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    json!({ "operation": operation, "model": model, "object_id": id, "data": data,
+            "timestamp": now, "device_id": device })
+}
+
+/// The `(object_id, status, code)` of each upload result, in order.
+fn statuses(answer: &Answer) -> Vec<(String, String, String)> {
+    assert_eq!(answer.status, 200, "{}", answer.json());
+    answer.json()["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+            (text("object_id"), text("status"), text("code"))
+        })
+        .collect()
+}
+
+/// The record as the daemon shows it, or `None` when it does not exist (or is deleted).
+fn daemon_get(daemon: &common::Daemon, collection: &str, id: &str) -> Option<Value> {
+    daemon
+        .client()
+        .call("get", json!({ "collection": collection, "id": id }))
+        .ok()
+        .map(|r| r["fields"].clone())
+}
+
+#[test]
+fn http_writes_reach_a_live_daemon_and_each_bad_operation_is_rejected_alone() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay_with(&home.path().join("relay"), COLLECTIONS);
+    let api = Api::new(&relay);
+    let device = Device::new();
+    device.join(&relay);
+    let daemon = device.start_daemon_logged();
+    let tokens = api.login("default");
+    let access = tokens["access_token"].as_str().expect("token");
+    let me = tokens["device"].as_str().expect("client id");
+
+    let mut stale = op("create", "Customer", "c3", json!({ "name": "Old" }), me);
+    stale["timestamp"] = json!(5);
+    let answer = api.post(
+        "/api/sync/upload",
+        Some(access),
+        &json!([
+            op("create", "Customer", "c1", json!({ "name": "Ada" }), me),
+            op("update", "Customer", "c1", json!({ "tier": "gold" }), me),
+            op("create", "Customer", "c1", json!({ "name": "Again" }), me),
+            op("delete", "Customer", "missing", Value::Null, me),
+            op("update", "Customer", "missing", json!({ "name": "x" }), me),
+            op("create", "Planet", "p1", json!({ "name": "Mars" }), me),
+            op("create", "Vault", "v1", json!({ "pin": "1234" }), me),
+            op(
+                "create",
+                "Customer",
+                "c2",
+                json!({ "name": "Bo" }),
+                "someone-else"
+            ),
+            stale,
+            op(
+                "create",
+                "Customer",
+                "bad\u{1}id",
+                json!({ "name": "x" }),
+                me
+            ),
+            op("create", "Customer", "c4", json!({ "name": "Cy" }), me),
+        ]),
+    );
+    let expected: Vec<(String, String, String)> = [
+        ("c1", "applied", ""),
+        ("c1", "applied", ""),
+        ("c1", "rejected", "exists"),
+        ("missing", "rejected", "not_found"),
+        ("missing", "rejected", "not_found"),
+        ("p1", "rejected", "unknown_model"),
+        ("v1", "rejected", "encrypted_field"),
+        ("c2", "rejected", "wrong_device"),
+        ("c3", "rejected", "bad_timestamp"),
+        ("bad\u{1}id", "rejected", "invalid"),
+        ("c4", "applied", ""),
+    ]
+    .iter()
+    .map(|(id, status, code)| (id.to_string(), status.to_string(), code.to_string()))
+    .collect();
+    assert_eq!(statuses(&answer), expected, "{}", answer.json());
+    let results = answer.json()["results"].clone();
+    assert!(
+        results[9]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("record id")),
+        "a rejection says what is wrong: {}",
+        results[9]
+    );
+
+    // The daemon was live: the writes reach it without it asking.
+    common::wait_for(
+        "the HTTP writes to reach the daemon",
+        common::TIMEOUT,
+        || {
+            daemon_get(&daemon, "Customer", "c1") == Some(json!({ "name": "Ada", "tier": "gold" }))
+                && daemon_get(&daemon, "Customer", "c4").is_some()
+        },
+    );
+    // The version an upload answers is the one download shows.
+    let page = api.get("/api/sync/download?since=0", access, &[]).json();
+    let c1 = page["records"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["id"] == "c1"))
+        .expect("c1 in the download")
+        .clone();
+    assert_eq!(c1["version"], results[1]["version"]);
+    assert_eq!(
+        c1["version"].as_str(),
+        c1["heads"]
+            .as_array()
+            .map(|h| h
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(","))
+            .as_deref()
+    );
+
+    // A daemon's write and an HTTP delete meet in the log like two devices' changes.
+    call(
+        &daemon,
+        "patch",
+        json!({ "collection": "Customer", "id": "c4", "fields": { "tier": "silver" } }),
+    );
+    common::wait_for(
+        "the daemon's write to reach the relay",
+        common::TIMEOUT,
+        || common::unsent(&common::status(&daemon)) == 0,
+    );
+    let deleted = api.post(
+        "/api/sync/upload",
+        Some(access),
+        &json!([op("delete", "Customer", "c4", Value::Null, me)]),
+    );
+    assert_eq!(
+        statuses(&deleted),
+        vec![("c4".to_string(), "applied".to_string(), String::new())]
+    );
+    common::wait_for(
+        "the HTTP delete to reach the daemon",
+        common::TIMEOUT,
+        || daemon_get(&daemon, "Customer", "c4").is_none(),
+    );
+    api.check_against_spec();
+}
+
+#[test]
+fn write_and_conflict_routes_refuse_bad_requests_with_their_status() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay_with(&home.path().join("relay"), COLLECTIONS);
+    let api = Api::new(&relay);
+    let tokens = api.login("default");
+    let access = tokens["access_token"].as_str().expect("token");
+    let me = tokens["device"].as_str().expect("client id");
+    let upload = "/api/sync/upload";
+    let bearer = format!("Bearer {access}");
+
+    let not_json = api.send(
+        "POST",
+        upload,
+        &[("authorization", &bearer)],
+        b"[{oops".to_vec(),
+    );
+    assert_eq!(
+        (not_json.status, not_json.error()),
+        (400, "bad_request".into())
+    );
+    let message = |a: &Answer| {
+        a.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        message(&not_json).contains("not valid JSON"),
+        "{}",
+        message(&not_json)
+    );
+    let object = api.post(upload, Some(access), &json!({ "operations": [] }));
+    assert_eq!(object.status, 400);
+    let mut no_time = op("create", "Customer", "c1", json!({}), me);
+    no_time.as_object_mut().expect("object").remove("timestamp");
+    let missing = api.post(upload, Some(access), &json!([no_time]));
+    assert_eq!(missing.status, 400);
+    assert!(
+        message(&missing).contains("timestamp"),
+        "{}",
+        message(&missing)
+    );
+    let mut wrong = op("create", "Customer", "c1", json!({}), me);
+    wrong["timestamp"] = json!("soon");
+    let wrong_type = api.post(upload, Some(access), &json!([wrong]));
+    assert_eq!(wrong_type.status, 400);
+    assert!(
+        message(&wrong_type).contains("[0].timestamp"),
+        "{}",
+        message(&wrong_type)
+    );
+    let upsert = api.post(
+        upload,
+        Some(access),
+        &json!([op("upsert", "Customer", "c1", json!({}), me)]),
+    );
+    assert_eq!(upsert.status, 400);
+    let no_data = api.post(
+        upload,
+        Some(access),
+        &json!([op("update", "Customer", "c1", Value::Null, me)]),
+    );
+    assert_eq!(no_data.status, 400);
+    assert!(message(&no_data).contains("data"), "{}", message(&no_data));
+    let oversized = api.post(
+        upload,
+        Some(access),
+        &json!([op(
+            "create",
+            "Customer",
+            "c1",
+            json!({ "note": "x".repeat(70_000) }),
+            me
+        )]),
+    );
+    assert_eq!(
+        (oversized.status, oversized.error()),
+        (413, "too_large".into())
+    );
+    assert_eq!(api.post(upload, None, &json!([])).status, 401);
+    assert_eq!(
+        api.post(upload, Some("not.a.token"), &json!([])).status,
+        401
+    );
+    // Nothing above was written.
+    let empty = api.get("/api/sync/download?since=0", access, &[]).json();
+    assert_eq!(empty["head"], 0);
+
+    assert_eq!(
+        api.get("/api/conflicts?status=bogus", access, &[]).status,
+        400
+    );
+    assert_eq!(api.get("/api/conflicts?limit=0", access, &[]).status, 400);
+    assert_eq!(
+        api.get("/api/conflicts?limit=many", access, &[]).status,
+        400
+    );
+    let listed = api.get("/api/conflicts?status=all", access, &[]);
+    assert_eq!(listed.status, 200);
+    assert_eq!(listed.json(), json!({ "conflicts": [], "next": null }));
+    let unknown = api.get("/api/conflicts/c0ffee", access, &[]);
+    assert_eq!((unknown.status, unknown.error()), (404, "not_found".into()));
+    let resolve = "/api/sync/resolve-conflict";
+    let nowhere = api.post(
+        resolve,
+        Some(access),
+        &json!({ "conflict_id": "c0ffee", "resolution": "server" }),
+    );
+    assert_eq!(nowhere.status, 404);
+    let mine = api.post(
+        resolve,
+        Some(access),
+        &json!({ "conflict_id": "c0ffee", "resolution": "mine" }),
+    );
+    assert_eq!(mine.status, 400);
+    assert_eq!(
+        api.get("/api/conflicts", "not.a.token", &[]).status,
+        401,
+        "conflicts need a token too"
+    );
+    api.check_against_spec();
+}
+
+#[test]
+fn an_http_client_and_two_daemons_edit_the_same_records_and_converge() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay_with(&home.path().join("relay"), COLLECTIONS);
+    let api = Api::new(&relay);
+    let tokens = api.login("default");
+    let access = tokens["access_token"].as_str().expect("token");
+    let me = tokens["device"].as_str().expect("client id");
+    let (a, b) = (Device::new(), Device::new());
+    for device in [&a, &b] {
+        device.manual_collection("Task");
+        device.join(&relay);
+    }
+    let daemon_a = a.start_daemon_logged();
+    let daemon_b = b.start_daemon_logged();
+    let upload = |ops: Value| statuses(&api.post("/api/sync/upload", Some(access), &ops));
+    let applied = |id: &str| vec![(id.to_string(), "applied".to_string(), String::new())];
+
+    assert_eq!(
+        upload(json!([
+            op(
+                "create",
+                "Task",
+                "t1",
+                json!({ "title": "draft", "done": false }),
+                me
+            ),
+            op("create", "Customer", "c1", json!({ "name": "Ada" }), me),
+        ])),
+        [applied("t1"), applied("c1")].concat()
+    );
+    common::wait_for("the HTTP creates on daemon A", common::TIMEOUT, || {
+        daemon_get(&daemon_a, "Customer", "c1").is_some()
+    });
+    // Merge collection: a daemon and the HTTP client set different fields at once.
+    call(
+        &daemon_a,
+        "patch",
+        json!({ "collection": "Customer", "id": "c1", "fields": { "name": "Ada L" } }),
+    );
+    assert_eq!(
+        upload(json!([op(
+            "update",
+            "Customer",
+            "c1",
+            json!({ "tier": "gold" }),
+            me
+        )])),
+        applied("c1")
+    );
+    for daemon in [&daemon_a, &daemon_b] {
+        common::wait_for("both edits of c1 on every daemon", common::TIMEOUT, || {
+            daemon_get(daemon, "Customer", "c1") == Some(json!({ "name": "Ada L", "tier": "gold" }))
+                && daemon_get(daemon, "Task", "t1").is_some()
+        });
+    }
+
+    // Manual collection: B edits offline while the HTTP client edits the same field.
+    assert!(daemon_b.terminate().success());
+    let offline = b.ferry(&["patch", "Task/t1", "--data", r#"{"title":"from B"}"#]);
+    assert!(offline.status.success(), "{}", common::stderr(&offline));
+    assert_eq!(
+        upload(json!([op(
+            "update",
+            "Task",
+            "t1",
+            json!({ "title": "from the web" }),
+            me
+        )])),
+        applied("t1")
+    );
+    let daemon_b = b.start_daemon_logged();
+    let conflict = common::wait_for_ok("the conflict listed over HTTP", common::TIMEOUT, || {
+        let listed = api.get("/api/conflicts", access, &[]).json();
+        match listed["conflicts"].as_array().map(Vec::as_slice) {
+            Some([one]) => Ok(one.clone()),
+            _ => Err(listed.to_string()),
+        }
+    });
+    let id = conflict["id"].as_str().expect("conflict id").to_string();
+    assert_eq!(
+        (&conflict["record"], &conflict["status"]),
+        (&json!("t1"), &json!("open"))
+    );
+    // Every device holds the same conflict under the same id.
+    for daemon in [&daemon_a, &daemon_b] {
+        common::wait_for("the conflict on each daemon", common::TIMEOUT, || {
+            daemon
+                .client()
+                .call("conflicts.get", json!({ "id": id }))
+                .is_ok_and(|c| c["status"] == "open")
+        });
+    }
+    let one = api.get(&format!("/api/conflicts/{id}"), access, &[]);
+    assert_eq!(one.status, 200);
+    assert_eq!(one.json()["id"], id.as_str());
+
+    // Another account: the same answer as an id that does not exist.
+    let other = api.login("other");
+    let theirs = other["access_token"].as_str().expect("token");
+    assert_eq!(
+        api.get(&format!("/api/conflicts/{id}"), theirs, &[]).status,
+        404
+    );
+    let resolve = "/api/sync/resolve-conflict";
+    let foreign = api.post(
+        resolve,
+        Some(theirs),
+        &json!({ "conflict_id": id, "resolution": "server" }),
+    );
+    assert_eq!((foreign.status, foreign.error()), (404, "not_found".into()));
+
+    let no_data = api.post(
+        resolve,
+        Some(access),
+        &json!({ "conflict_id": id, "resolution": "merge" }),
+    );
+    assert_eq!(no_data.status, 400);
+    let resolved = api.post(
+        resolve,
+        Some(access),
+        &json!({ "conflict_id": id, "resolution": "merge",
+                 "resolved_data": { "title": "agreed" } }),
+    );
+    assert_eq!(resolved.status, 200, "{}", resolved.json());
+    let resolved = resolved.json();
+    assert_eq!(resolved["conflict"]["status"], "resolved");
+    assert_eq!(resolved["writes"][0]["id"], "t1");
+    let again = api.post(
+        resolve,
+        Some(access),
+        &json!({ "conflict_id": id, "resolution": "client" }),
+    );
+    assert_eq!((again.status, again.error()), (409, "settled".into()));
+
+    for daemon in [&daemon_a, &daemon_b] {
+        common::wait_for("the resolution on each daemon", common::TIMEOUT, || {
+            daemon_get(daemon, "Task", "t1").is_some_and(|t| t["title"] == "agreed")
+                && daemon
+                    .client()
+                    .call("conflicts.get", json!({ "id": id }))
+                    .is_ok_and(|c| c["status"] == "resolved")
+        });
+    }
+
+    // An update made on an older version meets the change made since like an offline edit.
+    let version = resolved["writes"][0]["version"].clone();
+    call(
+        &daemon_a,
+        "patch",
+        json!({ "collection": "Task", "id": "t1", "fields": { "title": "A's" } }),
+    );
+    common::wait_for("A's edit to reach the relay", common::TIMEOUT, || {
+        common::unsent(&common::status(&daemon_a)) == 0
+    });
+    let mut late = op("update", "Task", "t1", json!({ "title": "the web's" }), me);
+    late["base"] = version;
+    let mut bad_base = op("update", "Task", "t1", json!({ "title": "x" }), me);
+    bad_base["base"] = json!("not-a-version");
+    let mut unknown_base = op("update", "Task", "t1", json!({ "title": "x" }), me);
+    unknown_base["base"] = json!("00".repeat(32));
+    let mut create_at = op("create", "Task", "t2", json!({ "title": "x" }), me);
+    create_at["base"] = json!("00".repeat(32));
+    let answer = api.post(
+        "/api/sync/upload",
+        Some(access),
+        &json!([late, bad_base, unknown_base, create_at]),
+    );
+    let codes: Vec<(String, String)> = statuses(&answer)
+        .into_iter()
+        .map(|(_, status, code)| (status, code))
+        .collect();
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        codes,
+        vec![
+            pair("conflict", ""),
+            pair("rejected", "bad_version"),
+            pair("rejected", "invalid"),
+            pair("rejected", "invalid"),
+        ],
+        "{}",
+        answer.json()
+    );
+    let second = answer.json()["results"][0]["conflict_id"]
+        .as_str()
+        .expect("conflict id")
+        .to_string();
+    let listed = api.get("/api/conflicts", access, &[]).json();
+    assert_eq!(listed["conflicts"][0]["id"], second.as_str());
+    for daemon in [&daemon_a, &daemon_b] {
+        common::wait_for(
+            "the second conflict on each daemon",
+            common::TIMEOUT,
+            || {
+                daemon
+                    .client()
+                    .call("conflicts.get", json!({ "id": second }))
+                    .is_ok_and(|c| c["status"] == "open")
+            },
+        );
+    }
+    let kept = api.post(
+        resolve,
+        Some(access),
+        &json!({ "conflict_id": second, "resolution": "server" }),
+    );
+    assert_eq!(kept.status, 200, "{}", kept.json());
+    for daemon in [&daemon_a, &daemon_b] {
+        common::wait_for(
+            "the relay's first version kept everywhere",
+            common::TIMEOUT,
+            || {
+                daemon_get(daemon, "Task", "t1").is_some_and(|t| t["title"] == "A's")
+                    && daemon
+                        .client()
+                        .call("conflicts.get", json!({ "id": second }))
+                        .is_ok_and(|c| c["status"] == "resolved")
+            },
+        );
+    }
+    let head = api
+        .post(
+            "/api/sync/initialize",
+            Some(access),
+            &json!({ "device_id": "web", "app_version": "1.3.0" }),
+        )
+        .json()["cursor"]
+        .as_u64()
+        .expect("cursor");
+    wait_converged(&[&daemon_a, &daemon_b], head);
+    let open = api.get("/api/conflicts", access, &[]).json();
+    assert_eq!(open["conflicts"], json!([]));
     api.check_against_spec();
 }
 

@@ -18,6 +18,9 @@
 //! - `GET /api/sync/download?since=CURSOR&limit=N`: the records changed after the cursor, as
 //!   JSON, one page at a time, with an `ETag` (`304 Not Modified` when it matches) and gzip
 //!   when the client accepts it.
+//! - `POST /api/sync/upload`, `GET /api/conflicts`, `GET /api/conflicts/{id}`,
+//!   `POST /api/sync/resolve-conflict`: writes and conflict resolutions as the space's web actor
+//!   (`relay::web_write`, `relay::mirror`).
 //! - `GET /metrics`: the relay's Prometheus metrics, for a scraper that shows
 //!   `relay.metrics_token` as its bearer token (served only when that is set).
 
@@ -39,6 +42,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::accounts::{Accounts, Denied};
+use super::mirror::{Mirror, MirrorError, Mirrors};
 use super::server::AttemptLimiter;
 use super::store::{RelayStore, RelayStoreError};
 use crate::engine::now_ms;
@@ -71,6 +75,8 @@ pub struct ApiState {
     /// The relay's metrics and the token a scraper must show; `None`: no `/metrics`.
     pub metrics: Option<(crate::metrics::RelayScrape, Secret)>,
     pub live: Live,
+    /// Each space's web actor, for the write and conflict routes (`relay::mirror`).
+    pub mirrors: Arc<Mirrors>,
     logins: Arc<Mutex<AttemptLimiter>>,
     pages: Arc<Mutex<lru::LruCache<PageKey, Bytes>>>,
 }
@@ -86,6 +92,13 @@ pub struct Live {
 type PageKey = (String, u64, usize, u64);
 
 impl ApiState {
+    /// The space's mirror (opened if needed; each of its calls catches it up first). Blocking.
+    pub fn mirror(&self, space: &str) -> Result<Arc<Mirror>, MirrorError> {
+        self.mirrors.mirror(space)
+    }
+}
+
+impl ApiState {
     pub fn new(
         accounts: Arc<Accounts>,
         store: Arc<RelayStore>,
@@ -93,10 +106,12 @@ impl ApiState {
         options: HttpOptions,
         metrics: Option<(crate::metrics::RelayScrape, Secret)>,
         live: Live,
+        mirrors: Arc<Mirrors>,
     ) -> Self {
         ApiState {
             metrics,
             live,
+            mirrors,
             logins: Arc::new(Mutex::new(AttemptLimiter::new(options.logins_per_minute))),
             pages: Arc::new(Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(CACHED_PAGES).unwrap_or(std::num::NonZeroUsize::MIN),
@@ -283,6 +298,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/sync/download", get(download))
         .route("/metrics", get(metrics))
         .merge(super::web::routes())
+        .merge(super::web_write::routes())
         .fallback(|| async {
             Failure::new(
                 StatusCode::NOT_FOUND,
@@ -471,6 +487,8 @@ struct DownloadedRecord {
     deleted: bool,
     fields: BTreeMap<String, Value>,
     heads: Vec<String>,
+    /// The heads comma-joined: what `upload` answers as a record's version.
+    version: String,
 }
 
 async fn download(
@@ -573,6 +591,7 @@ fn render_page(
             seq,
             deleted: view.deleted,
             fields: view.fields.into_iter().collect(),
+            version: super::mirror::version(&heads),
             heads,
         });
     }

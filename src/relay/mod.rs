@@ -10,9 +10,11 @@ pub mod accounts;
 pub mod activity;
 pub mod admin;
 pub mod http;
+pub mod mirror;
 pub mod server;
 pub mod store;
 pub mod web;
+mod web_write;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -108,7 +110,7 @@ pub async fn run(
         crate::engine::now_ms(),
     )?);
     let store = Arc::new(RelayStore::open(
-        kv,
+        kv.clone(),
         RelayStoreOptions {
             doc_cache_docs: relay.cache_docs,
             limits: config.limits,
@@ -160,10 +162,22 @@ pub async fn run(
                     source,
                 })?;
             listening.http = listener.local_addr().ok();
+            let policies = Arc::new(config.policies());
+            let mirrors = Arc::new(mirror::Mirrors::new(
+                kv.clone(),
+                store.clone(),
+                spaces.clone(),
+                policies.clone(),
+                mirror::MirrorOptions {
+                    limits: config.limits,
+                    max_retries: config.sync.max_retries,
+                    ..mirror::MirrorOptions::default()
+                },
+            ));
             let state = http::ApiState::new(
                 accounts.clone(),
                 store.clone(),
-                Arc::new(config.policies()),
+                policies,
                 http::HttpOptions {
                     max_body_bytes: relay.http_max_body_bytes,
                     max_page: relay.http_max_page,
@@ -180,6 +194,7 @@ pub async fn run(
                     spaces: spaces.clone(),
                     metrics: metrics.clone(),
                 },
+                mirrors,
             );
             let tls = transport::https_server_config(&certificate)?;
             Some(tokio::spawn(http::serve(

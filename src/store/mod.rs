@@ -74,6 +74,15 @@ pub enum StoreError {
     Decode { what: &'static str, detail: String },
     #[error(transparent)]
     Field(#[from] crate::crypt::FieldError),
+    #[error(
+        "version {version} is not one of {collection}/{id}'s changes: read the record again and \
+         use the version it has now"
+    )]
+    UnknownVersion {
+        collection: String,
+        id: String,
+        version: String,
+    },
 }
 
 /// Source of the current time, so tests can run on a fake clock.
@@ -304,6 +313,18 @@ impl Store {
     /// Records that do not exist yet (the bulk-import case) are built on all cores; everything
     /// else runs in order under the cache lock.
     pub fn write_all(&self, writes: Vec<Write>) -> Result<Vec<Applied>, StoreError> {
+        self.write_all_at(writes.into_iter().map(|w| (w, None)).collect())
+    }
+
+    /// `write_all`, where a write may name the version (the heads) of its record it was made
+    /// on: it is then built on the record as it was at that version, so it meets every change
+    /// made since as a concurrent one, through the same detection as a device's offline edit.
+    /// (The record's own actor's latest change is kept under it too: an actor's changes must
+    /// follow one another.)
+    pub fn write_all_at(
+        &self,
+        writes: Vec<(Write, Option<Vec<ChangeHash>>)>,
+    ) -> Result<Vec<Applied>, StoreError> {
         let now = self.clock.now_ms();
         let mut cache = self.lock_cache();
         let (resolved, invalid) = self.resolve_all(writes, now);
@@ -328,11 +349,15 @@ impl Store {
 
     /// Gives every write its address (generating ids) and checks addresses and fields, up to the
     /// first invalid write, which is returned beside the writes before it.
-    fn resolve_all(&self, writes: Vec<Write>, now: u64) -> (Vec<Resolved>, Option<StoreError>) {
+    fn resolve_all(
+        &self,
+        writes: Vec<(Write, Option<Vec<ChangeHash>>)>,
+        now: u64,
+    ) -> (Vec<Resolved>, Option<StoreError>) {
         let mut resolved = Vec::with_capacity(writes.len());
-        for write in writes {
+        for (write, base) in writes {
             match self.resolve(write, now) {
-                Ok(r) => resolved.push(r),
+                Ok(r) => resolved.push(Resolved { base, ..r }),
                 Err(e) => return (resolved, Some(e)),
             }
         }
@@ -364,6 +389,7 @@ impl Store {
         Ok(Resolved {
             key: (collection, id),
             change,
+            base: None,
         })
     }
 
@@ -382,21 +408,20 @@ impl Store {
         let mut delta = CountDelta::default();
         let mut applied = Vec::with_capacity(resolved.len());
         let mut unlogged = HashMap::new();
-        for (index, Resolved { key, change }) in resolved.into_iter().enumerate() {
+        for (index, Resolved { key, change, base }) in resolved.into_iter().enumerate() {
             let staged = match fresh.remove(&index) {
                 Some(staged) => staged,
                 None => {
                     let record = working.take(&key, cache, || self.load_or_new(&key))?;
                     let policy = self.options.policies.of(&key.0);
-                    let staged = mutate(
-                        record,
-                        &key,
-                        change,
-                        now,
-                        &self.options.limits,
-                        policy,
-                        &self.options.keyring,
-                    )?;
+                    let limits = &self.options.limits;
+                    let keyring = &self.options.keyring;
+                    let staged = match base {
+                        Some(base) => {
+                            mutate_at(record, &key, change, &base, now, limits, policy, keyring)?
+                        }
+                        None => mutate(record, &key, change, now, limits, policy, keyring)?,
+                    };
                     working.used(&key);
                     staged
                 }
@@ -423,6 +448,7 @@ impl Store {
         let mut candidates = Vec::new();
         for (index, r) in resolved.iter().enumerate() {
             if matches!(r.change, Change::Put(_))
+                && r.base.is_none()
                 && working.uses.get(&r.key) == Some(&1)
                 && !cache.contains(&r.key)
                 && self.kv.get(&keys::doc(&r.key.0, &r.key.1))?.is_none()
@@ -623,6 +649,17 @@ impl Store {
             .ok_or_else(|| not_found(&key))?;
         found.conflicts = self.record_conflicts(collection, id)?;
         Ok(found)
+    }
+
+    /// Whether the record exists and is not deleted, as its collection's strategy shows it. Reads
+    /// no field values, so it needs no account key.
+    pub fn is_live(&self, collection: &str, id: &str) -> Result<bool, StoreError> {
+        validate_collection(collection, &self.options.limits)?;
+        validate_record_id(id, &self.options.limits)?;
+        let policy = self.policy(collection);
+        Ok(self
+            .with_record(collection, id, |r| resolve::view(r, policy).is_live())?
+            .unwrap_or(false))
     }
 
     /// Live records of a collection in id order, starting after `after`. The second value is the
@@ -994,6 +1031,8 @@ impl WorkingSet {
 struct Resolved {
     key: CacheKey,
     change: Change,
+    /// The version the write was made on, when not the record's current one.
+    base: Option<Vec<ChangeHash>>,
 }
 
 #[derive(Clone)]
@@ -1104,6 +1143,54 @@ fn mutate(
     };
     let written = written.inspect_err(|_| record.rollback())?;
     Ok(Staged::of(record, before, written))
+}
+
+/// `mutate` on the record as it was at `base` (with its own actor's latest change): the change
+/// is built there, then applied to the record, beside the changes made since.
+#[allow(clippy::too_many_arguments)]
+fn mutate_at(
+    record: &mut Record,
+    key: &CacheKey,
+    change: Change,
+    base: &[ChangeHash],
+    now: u64,
+    limits: &Limits,
+    policy: &resolve::Policy,
+    keyring: &Keyring,
+) -> Result<Staged, StoreError> {
+    if let Some(unknown) = base.iter().find(|h| !record.has_change(h)) {
+        return Err(StoreError::UnknownVersion {
+            collection: key.0.clone(),
+            id: key.1.clone(),
+            version: unknown.to_string(),
+        });
+    }
+    let before = record.heads();
+    let mut at: Vec<ChangeHash> = base.to_vec();
+    at.extend(record.own_last_change());
+    at.sort();
+    at.dedup();
+    if at == before {
+        return mutate(record, key, change, now, limits, policy, keyring);
+    }
+    let mut fork = record.fork_at(&at)?;
+    let staged = mutate(&mut fork, key, change, now, limits, policy, keyring)?;
+    let Some((operation, change, _)) = staged.written else {
+        return Ok(Staged {
+            written: None,
+            heads: before.iter().map(ToString::to_string).collect(),
+            after: before.clone(),
+            before,
+        });
+    };
+    record.apply_changes(std::slice::from_ref(&change))?;
+    let after = record.heads();
+    Ok(Staged {
+        written: Some((operation, change, record.save())),
+        heads: after.iter().map(ToString::to_string).collect(),
+        before,
+        after,
+    })
 }
 
 /// How a batch moves the queue's counts by status.

@@ -1,0 +1,243 @@
+//! The HTTPS API's write and conflict routes, which act through the space's mirror
+//! (`relay::mirror`): `POST /api/sync/upload`, `GET /api/conflicts`, `GET /api/conflicts/{id}`
+//! and `POST /api/sync/resolve-conflict` (docs/HTTP.md has the shapes).
+//!
+//! Owns: these routes' request and response shapes and the mapping of the mirror's errors to
+//! HTTP statuses. Must not touch: the mirror's store or the log directly (only through
+//! `Mirror`), tokens (the `Principal` extractor has checked them).
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::http::{ApiState, Failure, JsonBody, Principal};
+use super::mirror::{Mirror, MirrorError, WebOperation, WebWrite, WriteOutcome};
+use crate::engine::now_ms;
+use crate::record::Fields;
+use crate::resolve::Take;
+use crate::service::code;
+
+/// The earliest `timestamp` an operation may carry (2000-01-01): anything before is a clock
+/// that was never set, or seconds sent as milliseconds.
+const EARLIEST_TIMESTAMP_MS: u64 = 946_684_800_000;
+/// How far ahead of the relay's clock an operation's `timestamp` may be.
+const MAX_CLOCK_AHEAD_MS: u64 = 24 * 3600 * 1000;
+
+pub(super) fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/api/sync/upload", post(upload))
+        .route("/api/conflicts", get(list_conflicts))
+        .route("/api/conflicts/{id}", get(get_conflict))
+        .route("/api/sync/resolve-conflict", post(resolve_conflict))
+}
+
+impl From<MirrorError> for Failure {
+    fn from(e: MirrorError) -> Self {
+        match e {
+            MirrorError::Log(e) => e.into(),
+            MirrorError::Refused(e) => match e.code {
+                code::NOT_FOUND => Failure::new(StatusCode::NOT_FOUND, "not_found", e.message),
+                code::CONFLICT_SETTLED => Failure::new(StatusCode::CONFLICT, "settled", e.message),
+                code::INVALID_PARAMS => Failure::bad_request(e.message),
+                _ => unavailable(&e),
+            },
+            open @ MirrorError::Open { .. } => unavailable(&open),
+        }
+    }
+}
+
+fn unavailable(e: &dyn std::fmt::Display) -> Failure {
+    tracing::error!(error = %e, "the space's mirror failed an HTTP request");
+    Failure::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the relay's copy of the account failed: try again later",
+    )
+}
+
+/// Runs `work` on the principal's space's mirror, off the async runtime's threads.
+fn with_mirror<T>(
+    state: &ApiState,
+    principal: &Principal,
+    work: impl FnOnce(&Mirror) -> Result<T, MirrorError>,
+) -> Result<T, Failure> {
+    tokio::task::block_in_place(|| {
+        let mirror = state.mirror(&principal.account)?;
+        Ok(work(&mirror)?)
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadOperation {
+    operation: WebOperation,
+    model: String,
+    object_id: String,
+    /// A create's fields, or the top-level fields an update sets; absent for a delete.
+    data: Option<Fields>,
+    /// When the client made the change (ms since the epoch): checked, then only logged.
+    timestamp: u64,
+    /// The client's id, as its access token names it.
+    device_id: String,
+    /// The record's `version` (as `download` or an earlier upload gave it) the client made an
+    /// update or delete on.
+    base: Option<String>,
+}
+
+async fn upload(
+    State(state): State<ApiState>,
+    principal: Principal,
+    JsonBody(operations): JsonBody<Vec<UploadOperation>>,
+) -> Result<axum::Json<Value>, Failure> {
+    let now = now_ms();
+    let mut outcomes: Vec<Option<WriteOutcome>> = Vec::with_capacity(operations.len());
+    let mut writes = Vec::new();
+    for (index, op) in operations.into_iter().enumerate() {
+        let fields = match (op.operation, op.data) {
+            (WebOperation::Delete, _) => Fields::new(),
+            (_, Some(fields)) => fields,
+            (_, None) => {
+                return Err(Failure::bad_request(format!(
+                    "operation [{index}]: `data` is required for create and update"
+                )));
+            }
+        };
+        let rejected = if op.device_id != principal.device {
+            Some(WriteOutcome::rejected(
+                &op.object_id,
+                "wrong_device",
+                format!(
+                    "device_id {:?} is not the client the access token was issued to ({}): send \
+                     the `device` the sign-in answered",
+                    op.device_id, principal.device
+                ),
+            ))
+        } else if op.timestamp < EARLIEST_TIMESTAMP_MS
+            || op.timestamp > now.saturating_add(MAX_CLOCK_AHEAD_MS)
+        {
+            Some(WriteOutcome::rejected(
+                &op.object_id,
+                "bad_timestamp",
+                format!(
+                    "timestamp {} is not a time in milliseconds since 1970 near the relay's \
+                     clock: check the client's clock and units",
+                    op.timestamp
+                ),
+            ))
+        } else {
+            None
+        };
+        let base = match op.base.as_deref().map(parse_version).transpose() {
+            Ok(base) => base,
+            Err(reason) => {
+                outcomes.push(Some(WriteOutcome::rejected(
+                    &op.object_id,
+                    "bad_version",
+                    reason,
+                )));
+                continue;
+            }
+        };
+        if rejected.is_none() {
+            writes.push(WebWrite {
+                operation: op.operation,
+                collection: op.model,
+                id: op.object_id,
+                fields,
+                base,
+            });
+        }
+        outcomes.push(rejected);
+    }
+    let written = if writes.is_empty() {
+        Vec::new()
+    } else {
+        with_mirror(&state, &principal, |mirror| mirror.write(writes))?
+    };
+    let mut written = written.into_iter();
+    let results: Vec<WriteOutcome> = outcomes
+        .into_iter()
+        .filter_map(|outcome| outcome.or_else(|| written.next()))
+        .collect();
+    Ok(axum::Json(json!({ "results": results })))
+}
+
+/// A `version`: the record's heads, hex, comma-joined.
+fn parse_version(version: &str) -> Result<Vec<automerge::ChangeHash>, String> {
+    version
+        .split(',')
+        .map(|head| {
+            head.trim().parse().map_err(|_| {
+                format!(
+                    "base {version:?} is not a record version (change hashes, 64 hex digits \
+                     each, comma-joined): send the `version` download gave"
+                )
+            })
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConflictsQuery {
+    /// open (the default), resolved, auto_resolved or all.
+    status: Option<String>,
+    /// The `next` of the previous page.
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_conflicts(
+    State(state): State<ApiState>,
+    principal: Principal,
+    query: Result<Query<ConflictsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Value>, Failure> {
+    let Query(query) = query.map_err(|e| {
+        Failure::bad_request(format!(
+            "{}: `status` is open, resolved, auto_resolved or all; `limit` a whole number",
+            e.body_text()
+        ))
+    })?;
+    let list = with_mirror(&state, &principal, |mirror| {
+        mirror.conflicts(query.status.as_deref(), query.after.as_deref(), query.limit)
+    })?;
+    Ok(axum::Json(list))
+}
+
+async fn get_conflict(
+    State(state): State<ApiState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, Failure> {
+    let conflict = with_mirror(&state, &principal, |mirror| mirror.conflict(&id))?;
+    Ok(axum::Json(conflict))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveConflictRequest {
+    conflict_id: String,
+    resolution: Take,
+    /// The fields a `merge` sets over the record as it is now.
+    resolved_data: Option<Fields>,
+}
+
+async fn resolve_conflict(
+    State(state): State<ApiState>,
+    principal: Principal,
+    JsonBody(request): JsonBody<ResolveConflictRequest>,
+) -> Result<axum::Json<Value>, Failure> {
+    let resolved = with_mirror(&state, &principal, |mirror| {
+        mirror.resolve(
+            &request.conflict_id,
+            request.resolution,
+            request.resolved_data,
+        )
+    })?;
+    serde_json::to_value(resolved)
+        .map(axum::Json)
+        .map_err(|e| unavailable(&e))
+}
