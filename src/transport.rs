@@ -85,6 +85,10 @@ pub enum TransportError {
     TimedOut,
     #[error("connection lost: {0}: reconnect")]
     ConnectionLost(String),
+    /// The peer ended the session on purpose (finished its stream, or closed the connection
+    /// with code 0): not a failure.
+    #[error("the session was closed: {0}")]
+    PeerClosed(String),
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("message of {len} bytes is over the frame limit of {max}: send smaller batches")]
@@ -102,7 +106,8 @@ impl TransportError {
             TransportError::Bind { .. }
             | TransportError::InvalidServerName(_)
             | TransportError::Connect { .. }
-            | TransportError::ConnectionLost(_) => ErrorKind::Network,
+            | TransportError::ConnectionLost(_)
+            | TransportError::PeerClosed(_) => ErrorKind::Network,
             // Certificate and trust files decide whom a connection trusts.
             TransportError::CertificateIo { .. }
             | TransportError::CertificateInvalid { .. }
@@ -121,6 +126,11 @@ impl TransportError {
     fn from_connection(e: quinn::ConnectionError) -> Self {
         match e {
             quinn::ConnectionError::TimedOut => TransportError::TimedOut,
+            quinn::ConnectionError::ApplicationClosed(ref close)
+                if close.error_code == quinn::VarInt::from_u32(0) =>
+            {
+                TransportError::PeerClosed(e.to_string())
+            }
             other => TransportError::ConnectionLost(other.to_string()),
         }
     }
@@ -746,7 +756,7 @@ pub struct FrameReceiver {
 }
 
 /// Messages received on a session, in order; the last item is the error that ended the stream
-/// (a clean finish arrives as `ConnectionLost`).
+/// (a clean finish arrives as `PeerClosed`).
 pub type Received = tokio::sync::mpsc::Receiver<Result<Message, TransportError>>;
 
 impl FrameReceiver {
@@ -764,8 +774,8 @@ impl FrameReceiver {
             loop {
                 let next = match self.recv().await {
                     Ok(Some(message)) => Ok(message),
-                    Ok(None) => Err(TransportError::ConnectionLost(format!(
-                        "the {peer} closed the session"
+                    Ok(None) => Err(TransportError::PeerClosed(format!(
+                        "the {peer} finished its stream"
                     ))),
                     Err(e) => Err(e),
                 };

@@ -196,7 +196,10 @@ async fn recv(rx: &mut FrameReceiver) -> Message {
 async fn assert_ended(rx: &mut FrameReceiver) {
     let end = within("the end of the session", rx.recv()).await;
     assert!(
-        matches!(end, Ok(None) | Err(TransportError::ConnectionLost(_))),
+        matches!(
+            end,
+            Ok(None) | Err(TransportError::ConnectionLost(_) | TransportError::PeerClosed(_))
+        ),
         "{end:?}"
     );
 }

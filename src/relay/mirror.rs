@@ -40,6 +40,7 @@ use tokio::sync::broadcast;
 
 use super::server::Spaces;
 use super::store::{RelayStore, RelayStoreError};
+use crate::metrics::RelayMetrics;
 use crate::record::Fields;
 use crate::resolve::{Conflict, Policies, Take};
 use crate::service::{ApiError, ConflictEvent, ResolveRequest, Service, ServiceOptions, code};
@@ -104,6 +105,7 @@ pub struct Mirrors {
     kv: Arc<dyn Kv>,
     log: Arc<RelayStore>,
     spaces: Arc<Spaces>,
+    metrics: Arc<RelayMetrics>,
     policies: Arc<Policies>,
     options: MirrorOptions,
     open: Mutex<Open>,
@@ -122,6 +124,7 @@ impl Mirrors {
         kv: Arc<dyn Kv>,
         log: Arc<RelayStore>,
         spaces: Arc<Spaces>,
+        metrics: Arc<RelayMetrics>,
         policies: Arc<Policies>,
         options: MirrorOptions,
     ) -> Self {
@@ -130,6 +133,7 @@ impl Mirrors {
             kv,
             log,
             spaces,
+            metrics,
             policies,
             options,
             open: Mutex::new(Open {
@@ -191,6 +195,7 @@ impl Mirrors {
             service,
             log: self.log.clone(),
             spaces: self.spaces.clone(),
+            metrics: self.metrics.clone(),
             events: self.sender(space),
             policies: self.policies.clone(),
             max_retries: self.options.max_retries,
@@ -312,6 +317,7 @@ pub struct Mirror {
     service: Service,
     log: Arc<RelayStore>,
     spaces: Arc<Spaces>,
+    metrics: Arc<RelayMetrics>,
     events: broadcast::Sender<ConflictEvent>,
     policies: Arc<Policies>,
     max_retries: u32,
@@ -382,8 +388,16 @@ impl Mirror {
                     change: e.data,
                 })
                 .collect();
-            let results = match self.log.append(&self.space, &self.web_actor, &changes) {
-                Ok(results) => results,
+            let appended = super::server::append_counted(
+                &self.log,
+                &self.metrics,
+                &self.space,
+                &self.web_actor,
+                &changes,
+                crate::engine::now_ms(),
+            );
+            let results = match appended {
+                Ok((results, _)) => results,
                 Err(e) => {
                     let ids: Vec<u64> = changes.iter().map(|c| c.entry).collect();
                     store.abandon_upload(&ids, &e.to_string(), self.max_retries)?;

@@ -167,6 +167,7 @@ pub async fn run(
                 kv.clone(),
                 store.clone(),
                 spaces.clone(),
+                metrics.clone(),
                 policies.clone(),
                 mirror::MirrorOptions {
                     limits: config.limits,

@@ -184,31 +184,8 @@ pub fn carry_out(
         RelayEffect::Store { batch, changes } => {
             let _span =
                 tracing::info_span!("relay.store", batch, changes = changes.len()).entered();
-            let started = std::time::Instant::now();
-            let conflicts_before = space_conflicts(store, &peer.space)?;
-            let results = store.append(&peer.space, &peer.device, &changes)?;
-            let head = store.head(&peer.space)?;
-            let took = started.elapsed();
-            metrics.request(RequestKind::Upload, took);
-            let mut event = sync_event(peer, SyncKind::Upload, now, took);
-            for result in &results {
-                match &result.outcome {
-                    ChangeOutcome::Stored { .. } => {
-                        metrics.change_stored();
-                        event.changes += 1;
-                    }
-                    ChangeOutcome::Duplicate { .. } => {
-                        metrics.change_duplicate();
-                        event.duplicates += 1;
-                    }
-                    ChangeOutcome::Rejected { code, .. } => {
-                        metrics.change_rejected(*code);
-                        event.rejected += 1;
-                    }
-                }
-            }
-            event.conflicts = space_conflicts(store, &peer.space)?.saturating_sub(conflicts_before);
-            metrics.activity.record(&peer.space, event, Some(head));
+            let (results, head) =
+                append_counted(store, metrics, &peer.space, &peer.device, &changes, now)?;
             session.stored(batch, results, head);
             Ok(Some(head))
         }
@@ -233,7 +210,7 @@ pub fn carry_out(
             } else {
                 SyncKind::Download
             };
-            let mut event = sync_event(peer, sync_kind, now, took);
+            let mut event = sync_event(&peer.device, sync_kind, now, took);
             event.changes = slice.entries.len() as u64;
             metrics
                 .activity
@@ -242,6 +219,45 @@ pub fn carry_out(
             Ok(None)
         }
     }
+}
+
+/// Appends `changes` from `device` to the space's log (`RelayStore::append`) and counts them:
+/// the metrics, and an upload entry in the space's sync log. Returns the answers and the
+/// space's head after them. Devices' sessions and the web actor both append through this.
+pub fn append_counted(
+    store: &RelayStore,
+    metrics: &RelayMetrics,
+    space: &str,
+    device: &str,
+    changes: &[ferry_proto::wire::UploadChange],
+    now: u64,
+) -> Result<(Vec<ferry_proto::wire::ChangeResult>, u64), RelayStoreError> {
+    let started = std::time::Instant::now();
+    let conflicts_before = space_conflicts(store, space)?;
+    let results = store.append(space, device, changes)?;
+    let head = store.head(space)?;
+    let took = started.elapsed();
+    metrics.request(RequestKind::Upload, took);
+    let mut event = sync_event(device, SyncKind::Upload, now, took);
+    for result in &results {
+        match &result.outcome {
+            ChangeOutcome::Stored { .. } => {
+                metrics.change_stored();
+                event.changes += 1;
+            }
+            ChangeOutcome::Duplicate { .. } => {
+                metrics.change_duplicate();
+                event.duplicates += 1;
+            }
+            ChangeOutcome::Rejected { code, .. } => {
+                metrics.change_rejected(*code);
+                event.rejected += 1;
+            }
+        }
+    }
+    event.conflicts = space_conflicts(store, space)?.saturating_sub(conflicts_before);
+    metrics.activity.record(space, event, Some(head));
+    Ok((results, head))
 }
 
 /// Conflicts found in the space so far.
@@ -253,11 +269,11 @@ fn space_conflicts(store: &RelayStore, space: &str) -> Result<u64, RelayStoreErr
         .sum())
 }
 
-/// A successful sync log entry for the peer, with nothing counted yet.
-fn sync_event(peer: &Peer, kind: SyncKind, now: u64, took: Duration) -> SyncEvent {
+/// A successful sync log entry for `device`, with nothing counted yet.
+fn sync_event(device: &str, kind: SyncKind, now: u64, took: Duration) -> SyncEvent {
     SyncEvent {
         time_ms: now,
-        device: peer.device.clone(),
+        device: device.to_owned(),
         kind,
         changes: 0,
         duplicates: 0,
@@ -311,6 +327,7 @@ pub async fn serve(
                     spaces: spaces.clone(),
                     options: options.clone(),
                     shutdown: shutdown.clone(),
+                    closed_cleanly: false,
                 };
                 sessions.spawn(async move {
                     let remote = incoming.remote_address();
@@ -379,6 +396,8 @@ struct Context {
     spaces: Arc<Spaces>,
     options: RelayOptions,
     shutdown: watch::Receiver<bool>,
+    /// The device ended the session on purpose: its end is not a failure in the sync log.
+    closed_cleanly: bool,
 }
 
 impl Context {
@@ -447,7 +466,10 @@ impl Context {
                         let _ = sender.send(&Message::Error { code: e.code(), message: e.to_string() }).await;
                         session.connection_lost(e.to_string());
                     }
-                    Some(Err(e)) => session.connection_lost(e.to_string()),
+                    Some(Err(e)) => {
+                        self.closed_cleanly = matches!(e, TransportError::PeerClosed(_));
+                        session.connection_lost(e.to_string());
+                    }
                     None => session.connection_lost("the reader stopped".into()),
                 },
                 changed = changed(&mut head) => match changed {
@@ -556,9 +578,13 @@ impl Context {
                     RelayEvent::Closed { error: Some(error) } => {
                         tracing::info!(kind = %error.kind(), %error, "session ended");
                         self.metrics.session_ended(error.kind().as_str());
-                        if !peer.space.is_empty() {
-                            let mut event =
-                                sync_event(peer, SyncKind::Session, now_ms(), Duration::ZERO);
+                        if !peer.space.is_empty() && !self.closed_cleanly {
+                            let mut event = sync_event(
+                                &peer.device,
+                                SyncKind::Session,
+                                now_ms(),
+                                Duration::ZERO,
+                            );
                             event.outcome = error.kind().as_str().to_owned();
                             event.error = Some(error.to_string());
                             self.metrics.activity.record(&peer.space, event, None);

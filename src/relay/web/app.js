@@ -45,7 +45,7 @@ function show(value) {
 
 function setPage(...children) {
   const page = document.getElementById("page");
-  page.replaceChildren(...children);
+  page.replaceChildren(...children.filter((c) => c !== null && c !== undefined));
 }
 
 function status(text, isError) {
@@ -516,7 +516,14 @@ function chart(title, minutes, series, line) {
 
 async function activity() {
   const data = await api("/api/stats?minutes=60");
-  const m = data.minutes;
+  // One slot per minute of the hour, empty where there was no traffic.
+  const byStart = new Map(data.minutes.map((x) => [x.start_ms, x]));
+  const first = Math.floor(data.since_ms / 60000) * 60000 + 60000;
+  const m = Array.from({ length: 60 }, (_, i) => byStart.get(first + i * 60000) || {
+    start_ms: first + i * 60000, uploads: 0, downloads: 0, changes_up: 0, changes_down: 0,
+    succeeded: 0, failed: 0, conflicts: 0, duration_ms: 0,
+  });
+  const traffic = data.minutes.length > 0;
   const requests = (x) => x.uploads + x.downloads;
   const totals = m.reduce((t, x) => ({
     up: t.up + x.changes_up, down: t.down + x.changes_down, ok: t.ok + x.succeeded,
@@ -530,7 +537,7 @@ async function activity() {
       h("tr", {}, h("th", {}, "conflicts per 100 changes up"), h("td", { class: "num" },
         totals.up ? (100 * totals.conflicts / totals.up).toFixed(2) : "—"))));
   setPage(h("h2", {}, "Activity (last hour, per minute)"), summary,
-    m.length ? h("div", {},
+    traffic ? h("div", {},
       chart("Sync volume (changes)", m, [
         { name: "up", class: "bar-up", value: (x) => x.changes_up },
         { name: "down", class: "bar-down", value: (x) => x.changes_down },
