@@ -2,6 +2,9 @@
 //! account holding N records (written by a real daemon and synced over QUIC), and HTTP/1.1
 //! clients on kept-alive TLS connections.
 //!
+//! - upload: U records created through `POST /api/sync/upload`, B operations per request, as
+//!   the account's web actor (after one first request that brings the web actor's copy of the
+//!   account up to the log, timed on its own). Records/s.
 //! - download: every record through `GET /api/sync/download?since=0` one page (1,000 records)
 //!   at a time, twice: the first pass renders each page, the second is served from the page
 //!   cache (the log has not moved). Records/s, and with `Accept-Encoding: gzip`.
@@ -11,7 +14,8 @@
 //!   seconds while a daemon writes one record every W ms; the share of polls answered
 //!   `304 Not Modified`.
 //!
-//! `cargo bench --bench http_api [-- --records N --pollers P --poll-ms I --write-ms W --secs T]`
+//! `cargo bench --bench http_api [-- --records N --uploads U --batch B --pollers P --poll-ms I
+//! --write-ms W --secs T]`
 //! prints one JSON object per phase on standard output; see benches/README.md. Without `--bench`
 //! (as `cargo test --all-targets` runs it) it does a quick smoke run on a few records.
 
@@ -33,6 +37,8 @@ const PAGE: u64 = 1000;
 
 struct Options {
     records: u64,
+    uploads: u64,
+    batch: u64,
     pollers: usize,
     poll_ms: u64,
     write_ms: u64,
@@ -45,6 +51,8 @@ fn options() -> Options {
     let mut o = if bench {
         Options {
             records: 100_000,
+            uploads: 20_000,
+            batch: 500,
             pollers: 20,
             poll_ms: 100,
             write_ms: 1000,
@@ -54,6 +62,8 @@ fn options() -> Options {
     } else {
         Options {
             records: 300,
+            uploads: 100,
+            batch: 20,
             pollers: 2,
             poll_ms: 50,
             write_ms: 200,
@@ -70,6 +80,8 @@ fn options() -> Options {
         };
         match arg.as_str() {
             "--records" => o.records = value(),
+            "--uploads" => o.uploads = value(),
+            "--batch" => o.batch = value(),
             "--pollers" => o.pollers = value() as usize,
             "--poll-ms" => o.poll_ms = value(),
             "--write-ms" => o.write_ms = value(),
@@ -169,7 +181,38 @@ impl Https {
     }
 }
 
-fn login(runtime: &Arc<tokio::runtime::Runtime>, relay: &Relay) -> String {
+/// The upload body creating records `from..to` of the `WebOrder` collection.
+fn creates(device: &str, from: u64, to: u64) -> Vec<u8> {
+    let now = ferry::engine::now_ms();
+    let operations: Vec<Value> = (from..to)
+        .map(|n| {
+            json!({
+                "operation": "create", "model": "WebOrder", "object_id": format!("w{n:08}"),
+                "data": { "customer": format!("c{}", n % 997), "total": n % 10_000, "status": "new",
+                          "note": "created over HTTP by the benchmark" },
+                "timestamp": now, "device_id": device,
+            })
+        })
+        .collect();
+    serde_json::to_vec(&operations).expect("JSON")
+}
+
+fn upload(api: &mut Https, body: Vec<u8>, expected: u64) {
+    let answer = api.send("POST", "/api/sync/upload", &[], body);
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let results: Value = serde_json::from_slice(&answer.body).expect("results");
+    let applied = results["results"]
+        .as_array()
+        .map_or(0, |r| r.iter().filter(|r| r["status"] == "applied").count());
+    assert_eq!(applied as u64, expected, "every create applied");
+}
+
+fn login(runtime: &Arc<tokio::runtime::Runtime>, relay: &Relay) -> (String, String) {
     let mut anonymous = Https::connect(runtime.clone(), relay, "");
     let answer = anonymous.send(
         "POST",
@@ -181,7 +224,10 @@ fn login(runtime: &Arc<tokio::runtime::Runtime>, relay: &Relay) -> String {
     );
     assert_eq!(answer.status, 200, "login");
     let tokens: Value = serde_json::from_slice(&answer.body).expect("tokens");
-    tokens["access_token"].as_str().expect("token").to_string()
+    (
+        tokens["access_token"].as_str().expect("token").to_string(),
+        tokens["device"].as_str().expect("device").to_string(),
+    )
 }
 
 /// Pages through the whole log; returns the records seen and the bytes received.
@@ -263,8 +309,36 @@ fn main() {
             .build()
             .expect("runtime"),
     );
-    let token = login(&runtime, &relay);
+    let (token, web_client) = login(&runtime, &relay);
     let mut api = Https::connect(runtime.clone(), &relay, &token);
+
+    // Upload: the first request also brings the web actor's copy of the account up to the log.
+    let started = Instant::now();
+    upload(&mut api, creates(&web_client, 0, 1), 1);
+    let first = started.elapsed();
+    let started = Instant::now();
+    let mut next = 1;
+    while next < o.uploads {
+        let end = (next + o.batch).min(o.uploads);
+        upload(&mut api, creates(&web_client, next, end), end - next);
+        next = end;
+    }
+    let took = started.elapsed();
+    println!(
+        "{}",
+        json!({
+            "phase": "upload", "records": o.uploads.saturating_sub(1), "batch": o.batch,
+            "records_per_s": per_second(o.uploads.saturating_sub(1), took), "secs": took.as_secs_f64(),
+            "first_request_catch_up_secs": first.as_secs_f64(), "log_before": o.records,
+        })
+    );
+    let total = o.records + o.uploads;
+    poll_until(
+        "the daemon holds the uploaded records",
+        Duration::from_secs(600),
+        Duration::from_millis(100),
+        || common::caught_up(&call(&mut client, "status", json!({})), total),
+    );
 
     // Download throughput: rendered, then cached, then cached with gzip.
     for (pass, gzip) in [
@@ -275,7 +349,7 @@ fn main() {
         let started = Instant::now();
         let (records, bytes) = download_all(&mut api, gzip);
         let took = started.elapsed();
-        assert_eq!(records, o.records, "every record downloaded");
+        assert_eq!(records, total, "every record downloaded");
         println!(
             "{}",
             json!({
@@ -290,7 +364,7 @@ fn main() {
     let mut rng = Rng::new(7);
     let mut samples = Vec::with_capacity(o.since_samples);
     for _ in 0..o.since_samples {
-        let since = rng.below(o.records.saturating_sub(100).max(1));
+        let since = rng.below(total.saturating_sub(100).max(1));
         let started = Instant::now();
         let answer = api.get(&format!("/api/sync/download?since={since}&limit=100"), &[]);
         samples.push(started.elapsed());
@@ -298,12 +372,12 @@ fn main() {
     }
     println!(
         "{}",
-        json!({ "phase": "since_latency", "records": o.records, "limit": 100,
+        json!({ "phase": "since_latency", "records": total, "limit": 100,
                 "samples": samples.len(), "latency_us": latency(&mut samples) })
     );
 
     // Polling with If-None-Match while a daemon writes.
-    let head = o.records;
+    let head = total;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pollers: Vec<_> = (0..o.pollers)
         .map(|_| {
