@@ -70,6 +70,8 @@ pub struct ApiState {
     pub options: HttpOptions,
     /// The relay's metrics and the token a scraper must show; `None`: no `/metrics`.
     pub metrics: Option<(crate::metrics::RelayScrape, Secret)>,
+    /// The relay's alerts: `alerts.active(space)` for the token's account.
+    pub alerts: Arc<super::alerts::RelayAlerts>,
     logins: Arc<Mutex<AttemptLimiter>>,
     pages: Arc<Mutex<lru::LruCache<PageKey, Bytes>>>,
 }
@@ -83,9 +85,11 @@ impl ApiState {
         policies: Arc<Policies>,
         options: HttpOptions,
         metrics: Option<(crate::metrics::RelayScrape, Secret)>,
+        alerts: Arc<super::alerts::RelayAlerts>,
     ) -> Self {
         ApiState {
             metrics,
+            alerts,
             logins: Arc::new(Mutex::new(AttemptLimiter::new(options.logins_per_minute))),
             pages: Arc::new(Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(CACHED_PAGES).unwrap_or(std::num::NonZeroUsize::MIN),

@@ -18,6 +18,7 @@ use ferry_proto::wire::{ChangeOutcome, Credential, ErrorCode, Message};
 use tokio::sync::{Semaphore, broadcast, watch};
 
 use super::accounts::{Accounts, Revocation};
+use super::alerts::RelayAlerts;
 use super::store::{RelayStore, RelayStoreError};
 use crate::engine::{deadline_instant, now_ms, sleep_until};
 use crate::metrics::{RelayMetrics, RequestKind};
@@ -196,6 +197,17 @@ pub fn carry_out(
             session.stored(batch, results, head);
             Ok(Some(head))
         }
+        RelayEffect::DigestHeads { after, max_records } => {
+            let page = store.heads_digest(&peer.space, after.as_ref(), max_records)?;
+            session.heads_digest(
+                page.head,
+                page.records,
+                page.last,
+                page.complete,
+                page.digest,
+            );
+            Ok(None)
+        }
         RelayEffect::Read {
             since,
             max_changes,
@@ -223,6 +235,7 @@ pub async fn serve(
     store: Arc<RelayStore>,
     accounts: Arc<Accounts>,
     metrics: Arc<RelayMetrics>,
+    alerts: Arc<RelayAlerts>,
     options: RelayOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -255,6 +268,7 @@ pub async fn serve(
                     store: store.clone(),
                     accounts: accounts.clone(),
                     metrics: metrics.clone(),
+                    alerts: alerts.clone(),
                     limiters: limiters.clone(),
                     spaces: spaces.clone(),
                     options: options.clone(),
@@ -323,6 +337,7 @@ struct Context {
     store: Arc<RelayStore>,
     accounts: Arc<Accounts>,
     metrics: Arc<RelayMetrics>,
+    alerts: Arc<RelayAlerts>,
     limiters: Arc<Limiters>,
     spaces: Arc<Spaces>,
     options: RelayOptions,
@@ -480,7 +495,12 @@ impl Context {
                     )
                 });
                 match result {
-                    Ok(Some(new_head)) => self.spaces.publish(&peer.space, new_head),
+                    Ok(Some(new_head)) => {
+                        self.spaces.publish(&peer.space, new_head);
+                        tokio::task::block_in_place(|| {
+                            self.alerts.appended(&self.store, &peer.space)
+                        });
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         tracing::error!(error = %e, "relay store failed");
