@@ -151,13 +151,20 @@ fn human_status(device: &Device) -> String {
 }
 
 fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create the copy");
+    // Owner-only, as the relay requires of its data directory.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(to)
+        .expect("create the copy");
     for entry in std::fs::read_dir(from).expect("read the directory") {
         let entry = entry.expect("an entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("its type").is_dir() {
+        let (target, kind) = (
+            to.join(entry.file_name()),
+            entry.file_type().expect("its type"),
+        );
+        // The operator's socket is the running relay's, not data.
+        if kind.is_dir() {
             copy_dir(&entry.path(), &target);
-        } else {
+        } else if kind.is_file() {
             std::fs::copy(entry.path(), &target).expect("copy a file");
         }
     }
