@@ -400,6 +400,9 @@ struct HeadsCheck {
     last_sent: Option<Instant>,
     /// A sync reached `Idle` since the last check was sent.
     due: bool,
+    /// Every page of the current pass over the space agreed so far: only a whole pass that
+    /// agrees clears the alert, not one page that does.
+    pass_agrees: bool,
 }
 
 impl HeadsCheck {
@@ -706,10 +709,18 @@ impl Engine {
             ),
         };
         tracing::debug!(matched, %range, cursor, "compared record heads with the relay");
-        self.heads_check.after = if complete { None } else { last };
-        self.alerts.observe("", now_ms(), |a, now| {
-            a.heads_compared(matched, &range, now)
-        });
+        let check = &mut self.heads_check;
+        if after.is_none() {
+            check.pass_agrees = true;
+        }
+        check.pass_agrees &= matched;
+        let judged = !matched || (complete && check.pass_agrees);
+        check.after = if complete { None } else { last };
+        if judged {
+            self.alerts.observe("", now_ms(), |a, now| {
+                a.heads_compared(matched, &range, now)
+            });
+        }
     }
 
     fn count_bytes(&mut self, connection: &quinn::Connection) {

@@ -132,7 +132,7 @@ fn put(daemon: &Daemon, id: &str, fields: Value) {
     );
 }
 
-/// Waits until the daemon has uploaded everything and last synced after `after_ms`.
+/// Waits until the daemon has uploaded everything and holds what the relay announced.
 fn wait_synced(daemon: &Daemon, what: &str) {
     wait_for_ok(what, TIMEOUT, || {
         let s = status(daemon);
@@ -148,6 +148,25 @@ fn human_status(device: &Device) -> String {
     let out = device.ferry(&["status"]);
     assert!(out.status.success(), "{out:?}");
     common::stdout(&out)
+}
+
+/// The daemon's `GET /metrics` body.
+fn get_metrics(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics server");
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .expect("a read timeout");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    response
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -330,11 +349,28 @@ fn disk_free_fires_under_the_threshold_and_clears_under_a_lower_one() {
     // More free space than any disk has.
     keys.push(("min_disk_free_mb", "1000000000000".into()));
     set_alerts(&device, &keys);
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|probe| probe.local_addr())
+        .expect("a free port")
+        .to_string();
+    device.edit_config(|text| {
+        let start = text.find("[metrics]\n").expect("a [metrics] section");
+        let (before, after) = text.split_at(start);
+        format!(
+            "{before}{}",
+            after.replacen("\nlisten = \"\"", &format!("\nlisten = \"{metrics}\""), 1)
+        )
+    });
     let daemon = device.start_daemon_logged();
     wait_alerts(&daemon, "disk_free active", &["disk_free"]);
     let fired = hook.wait("disk_free", "fired");
     assert_eq!(fired["threshold"], json!(1_000_000_000_000.0));
     assert!(human_status(&device).contains("alert disk_free: "));
+    let scraped = get_metrics(&metrics);
+    for (kind, active) in [("disk_free", 1), ("sync_failures", 0)] {
+        let line = format!("ferry_alerts_active{{kind=\"{kind}\"}} {active}\n");
+        assert!(scraped.contains(&line), "{line} in {scraped}");
+    }
     drop(daemon);
 
     // A lower threshold, and a data-directory quota of one byte to show the check ran.

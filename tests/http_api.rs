@@ -313,7 +313,10 @@ fn sign_in_initialize_and_download_records_a_daemon_wrote() {
     assert_eq!(init["cursor"], 5);
     assert_eq!(init["changes_since_last_sync"], 3);
     assert_eq!(init["app_version"]["compatible"], true);
-    assert_eq!(init["protocol_version"], 2);
+    assert_eq!(
+        init["protocol_version"],
+        ferry_proto::wire::PROTOCOL_VERSION
+    );
     let old_app = api.post(
         "/api/sync/initialize",
         Some(access),
