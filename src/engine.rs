@@ -694,18 +694,14 @@ impl Engine {
             Ok((_, ours)) => ours == digest,
             Err(e) => return tracing::warn!(error = %e, "cannot digest this device's heads"),
         };
+        let name = |n: &RecordName| format!("{}/{}", n.collection, n.record);
         let range = match (&after, until) {
             (None, None) => "all records".to_string(),
             (a, u) => format!(
-                "records after {} through {}",
-                a.as_ref().map_or("the first".into(), |n| format!(
-                    "{}/{}",
-                    n.collection, n.record
-                )),
-                u.map_or("the last".into(), |n| format!(
-                    "{}/{}",
-                    n.collection, n.record
-                ))
+                "records {} through {}",
+                a.as_ref()
+                    .map_or("from the first".into(), |n| format!("after {}", name(n))),
+                u.map_or("the last".into(), name)
             ),
         };
         tracing::debug!(matched, %range, cursor, "compared record heads with the relay");
