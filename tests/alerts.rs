@@ -2,7 +2,8 @@
 //! transition reaches `ferry status`, the log and a webhook receiver on loopback.
 //!
 //! - `sync_failures`: the relay is killed, then started again on its port.
-//! - `conflict_rate`: a device edits the same records offline that another edited online.
+//! - `conflict_rate`: a device edits the same records offline that another edited online; the
+//!   device that applies the edits and the relay (for the account) both see it.
 //! - `inconsistency`: the relay's data directory is restored from an older copy and takes a new
 //!   change under a sequence number the device had already read; then the latest copy is put
 //!   back.
@@ -50,11 +51,20 @@ impl Hook {
 
     /// Waits for a post about `kind` in `state` ("fired" or "cleared"), and returns it.
     fn wait(&self, kind: &str, state: &str) -> Value {
+        self.wait_from(None, kind, state)
+    }
+
+    /// Waits for a post from `device` (any: `None`) about `kind` in `state`.
+    fn wait_from(&self, device: Option<&str>, kind: &str, state: &str) -> Value {
         wait_for_ok(&format!("a webhook post: {kind} {state}"), TIMEOUT, || {
             let posts = self.posts.lock().expect("posts");
             posts
                 .iter()
-                .find(|p| p["kind"] == kind && p["state"] == state)
+                .find(|p| {
+                    p["kind"] == kind
+                        && p["state"] == state
+                        && device.is_none_or(|d| p["device"] == d)
+                })
                 .cloned()
                 .ok_or_else(|| format!("{posts:?}"))
         })
@@ -236,7 +246,17 @@ fn sync_failures_fire_while_the_relay_is_down_and_clear_when_it_is_back() {
 fn the_conflict_rate_fires_on_concurrent_offline_edits_and_clears_on_clean_ones() {
     let hook = Hook::start();
     let home = tempfile::tempdir().expect("temp dir");
-    let relay = Relay::start(&home.path().join("relay"), None);
+    // The relay counts the same conflicts per account, as the changes reach its log.
+    let relay = Relay::start_with_config(
+        &home.path().join("relay"),
+        None,
+        &format!(
+            "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n\
+             [alerts]\nwebhook = {:?}\nmin_disk_free_mb = 0\nconflict_rate = 0.5\n\
+             conflict_window = 2\n",
+            hook.url
+        ),
+    );
     let (online, offline) = (Device::new(), Device::new());
     online.join(&relay);
     offline.join(&relay);
@@ -263,19 +283,22 @@ fn the_conflict_rate_fires_on_concurrent_offline_edits_and_clears_on_clean_ones(
 
     let editor = offline.start_daemon_logged();
     wait_alerts(&watcher, "conflict_rate active", &["conflict_rate"]);
-    let fired = hook.wait("conflict_rate", "fired");
-    assert_eq!(
-        fired["value"],
-        json!(1.0),
-        "both changes conflicted: {fired}"
-    );
+    let device_id = status(&watcher)["device_id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    let fired = hook.wait_from(Some(&device_id), "conflict_rate", "fired");
+    assert_eq!(fired["value"], json!(1.0), "both conflicted: {fired}");
+    let on_relay = hook.wait_from(Some("relay"), "conflict_rate", "fired");
+    assert_eq!(on_relay["space"], "default", "{on_relay}");
 
     for id in ["t3", "t4"] {
         put(&editor, id, json!({ "title": "new" }));
     }
     wait_alerts(&watcher, "conflict_rate cleared", &[]);
-    let cleared = hook.wait("conflict_rate", "cleared");
+    let cleared = hook.wait_from(Some(&device_id), "conflict_rate", "cleared");
     assert_eq!(cleared["value"], json!(0.0), "{cleared}");
+    hook.wait_from(Some("relay"), "conflict_rate", "cleared");
 }
 
 #[test]
