@@ -185,10 +185,6 @@ impl Alerts {
         }
     }
 
-    pub fn config(&self) -> &AlertsConfig {
-        &self.config
-    }
-
     pub fn active(&self) -> Vec<Alert> {
         self.active.values().cloned().collect()
     }
