@@ -822,6 +822,10 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
                         println!("conflicts: {} open", v["open"]);
                         continue;
                     }
+                    if k == "alerts" {
+                        print_alerts(v);
+                        continue;
+                    }
                     println!(
                         "{k}: {}",
                         v.as_str().map_or_else(|| v.to_string(), str::to_owned)
@@ -845,6 +849,22 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         | Command::Export { .. } => unreachable!("handled in run()"),
     }
     Ok(())
+}
+
+/// One line per active alert: its kind, since when, and what to do.
+fn print_alerts(alerts: &Value) {
+    let alerts = alerts.as_array().map_or(&[][..], Vec::as_slice);
+    if alerts.is_empty() {
+        println!("alerts: none");
+    }
+    for a in alerts {
+        println!(
+            "alert {}: {} (since {})",
+            a["kind"].as_str().unwrap_or("?"),
+            a["message"].as_str().unwrap_or(""),
+            format_ms(a["since_ms"].as_i64().unwrap_or(0))
+        );
+    }
 }
 
 fn print_write(ctx: &Context, r: &Value) {

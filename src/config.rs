@@ -32,6 +32,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub sync: SyncConfig,
     pub relay: RelayConfig,
+    pub alerts: crate::alerts::AlertsConfig,
     /// Per-collection settings, keyed by collection name.
     pub collections: BTreeMap<String, CollectionConfig>,
 }
@@ -337,6 +338,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        self.alerts.validate()?;
         for (name, collection) in &self.collections {
             ferry_proto::validate_collection(name, &self.limits)
                 .map_err(|e| format!("[collections.{name}]: {e}"))?;

@@ -5,6 +5,7 @@
 //! Owns: process lifecycle, the data directory lock, the socket file.
 //! Must not touch: method semantics (that is `service`), framing (that is `ipc`).
 
+use crate::alerting::{self, Monitor};
 use crate::auth::credentials::{CredentialsError, Registration, TokenFile};
 use crate::config::{Config, ConfigError};
 use crate::crypt::{AccountKey, KeyError, Keyring};
@@ -154,6 +155,7 @@ pub async fn run(
         listen => Some(metrics::bind(listen).await?),
     };
     let daemon_metrics = Arc::new(DaemonMetrics::default());
+    let alerts = Monitor::new(config.alerts.clone(), open.store.device_id());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let registration = Registration::load(dir.path())?;
     let sync_config = Registration::apply(registration.as_ref(), &config.sync);
@@ -166,6 +168,7 @@ pub async fn run(
                 TokenFile::new(dir.path()),
                 settings,
                 daemon_metrics.clone(),
+                alerts.clone(),
                 stopped.clone(),
             ))
         }
@@ -182,6 +185,11 @@ pub async fn run(
         config.store.keep_log_days,
         stopped.clone(),
     ));
+    let storage_checks = tokio::spawn(check_storage(
+        dir.path().to_owned(),
+        alerts.clone(),
+        stopped.clone(),
+    ));
     let metrics_server = metrics_listener.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving metrics at /metrics");
@@ -189,6 +197,7 @@ pub async fn run(
         tokio::spawn(metrics::serve_daemon(
             listener,
             daemon_metrics,
+            alerts.clone(),
             open.store.clone(),
             sync.as_ref().map(|(handle, _)| handle.clone()),
             stopped.clone(),
@@ -201,6 +210,7 @@ pub async fn run(
             max_message_bytes: config.ipc.max_message_bytes,
             max_connections: config.ipc.max_connections,
             sync: sync.as_ref().map(|(handle, _)| handle.clone()),
+            alerts: Some(alerts),
         },
         stopped,
     ));
@@ -215,6 +225,9 @@ pub async fn run(
     let _ = stop.send(true);
     if let Err(e) = server.await {
         tracing::error!(error = %e, "socket server stopped abnormally");
+    }
+    if let Err(e) = storage_checks.await {
+        tracing::error!(error = %e, "storage checks stopped abnormally");
     }
     if let Err(e) = pruning.await {
         tracing::error!(error = %e, "history pruning stopped abnormally");
@@ -240,6 +253,38 @@ pub async fn run(
 }
 
 /// How often the daemon forgets completed queue entries and SyncLog entries past their days.
+/// Measures the data directory's size and its disk's free space for the alerts, now and every
+/// `alerts.check_interval_secs`, until shutdown.
+async fn check_storage(
+    data_dir: PathBuf,
+    alerts: Arc<Monitor>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let every = std::time::Duration::from_secs(alerts.config().check_interval_secs);
+    loop {
+        let (dir, monitor) = (data_dir.clone(), alerts.clone());
+        let measured = tokio::task::spawn_blocking(move || {
+            let now = crate::engine::now_ms();
+            match alerting::dir_size(&dir) {
+                Ok(bytes) => monitor.observe("", now, |a, now| a.storage_used(bytes, now)),
+                Err(e) => tracing::warn!(error = %e, "cannot measure the data directory's size"),
+            }
+            match alerting::disk_free(&dir) {
+                Ok(free) => monitor.observe("", now, |a, now| a.disk_free(free, now)),
+                Err(e) => tracing::warn!(error = %e, "cannot read the free space of the data directory's disk"),
+            }
+        })
+        .await;
+        if let Err(e) = measured {
+            tracing::error!(error = %e, "measuring storage failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Entries removed per batch, so a first pruning of a long history does not hold the queue.
 const PRUNE_BATCH: usize = 10_000;

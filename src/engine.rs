@@ -16,11 +16,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig, SessionError};
-use ferry_proto::wire::{Credential, ErrorCode, ErrorKind, Message, UploadChange};
+use ferry_proto::wire::{Credential, ErrorCode, ErrorKind, Message, RecordName, UploadChange};
 use ferry_proto::{Direction, SyncLogEntry, SyncOutcome};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::alerting::Monitor;
 use crate::auth::credentials::{self, TokenFile};
 use crate::config::SyncConfig;
 use crate::metrics::DaemonMetrics;
@@ -296,6 +297,7 @@ pub fn spawn(
     tokens: TokenFile,
     settings: SyncSettings,
     metrics: Arc<DaemonMetrics>,
+    alerts: Arc<Monitor>,
     shutdown: watch::Receiver<bool>,
 ) -> (SyncHandle, tokio::task::JoinHandle<()>) {
     let (commands_tx, commands) = mpsc::channel(16);
@@ -334,6 +336,8 @@ pub fn spawn(
         last_logged: None,
         counted: (0, 0),
         metrics,
+        alerts,
+        heads_check: HeadsCheck::default(),
     };
     let task = tokio::spawn(engine.run());
     (
@@ -381,6 +385,32 @@ struct Engine {
     /// The current connection's byte counts already added to the status.
     counted: (u64, u64),
     metrics: Arc<DaemonMetrics>,
+    alerts: Arc<Monitor>,
+    heads_check: HeadsCheck,
+}
+
+/// Records compared per heads check: each check digests the next page of the space.
+const HEADS_CHECK_RECORDS: u32 = 1000;
+
+/// Where the comparison of this device's record heads with the relay's is.
+#[derive(Default)]
+struct HeadsCheck {
+    /// The next check starts after this record (`None`: from the first).
+    after: Option<RecordName>,
+    last_sent: Option<Instant>,
+    /// A sync reached `Idle` since the last check was sent.
+    due: bool,
+    /// Every page of the current pass over the space agreed so far: only a whole pass that
+    /// agrees clears the alert, not one page that does.
+    pass_agrees: bool,
+}
+
+impl HeadsCheck {
+    /// When a due check waiting out its interval may be sent.
+    fn wake_at(&self, every: Duration) -> Option<tokio::time::Instant> {
+        let last = self.last_sent.filter(|_| self.due)?;
+        Some(tokio::time::Instant::from_std(last + every))
+    }
 }
 
 /// A connection to the relay with its session stream: the sender, and the frames received.
@@ -519,8 +549,11 @@ impl Engine {
                 break;
             }
             let deadline = session.poll_timeout().map(deadline_instant);
+            let heads_check = self.heads_check.wake_at(self.heads_check_every());
             tokio::select! {
                 frame = incoming.recv() => deliver(&mut session, frame),
+                // The pump sends the check that was waiting for its interval.
+                _ = sleep_until(heads_check) => {}
                 event = local.recv() => match event {
                     Ok(event) if event.origin == Origin::Remote => {}
                     // A local write, or so many that some were skipped: upload soon.
@@ -604,9 +637,85 @@ impl Engine {
                 authenticated |= matches!(event, DeviceEvent::Authenticated { .. });
                 self.on_event(event, connection);
             }
+            moved |= self.maybe_check_heads(session);
             if !moved {
                 return authenticated;
             }
+        }
+    }
+
+    /// After a sync that left nothing to do, asks the relay for the next page of its heads
+    /// digest, at most every `alerts.check_interval_secs`. True if a check was sent.
+    fn maybe_check_heads(&mut self, session: &mut DeviceSession) -> bool {
+        let every = self.heads_check_every();
+        let check = &mut self.heads_check;
+        if !check.due || check.last_sent.is_some_and(|at| at.elapsed() < every) {
+            return false;
+        }
+        check.due = false;
+        let sent = session.check_heads(check.after.clone(), HEADS_CHECK_RECORDS, now_ms());
+        if sent {
+            check.last_sent = Some(Instant::now());
+        }
+        sent
+    }
+
+    fn heads_check_every(&self) -> Duration {
+        Duration::from_secs(self.alerts.config().check_interval_secs)
+    }
+
+    /// Compares the relay's digest with this device's over the same records. Only a digest as
+    /// of this device's cursor says anything: a relay whose log moved on is checked next time.
+    fn compare_heads(
+        &mut self,
+        head: u64,
+        last: Option<RecordName>,
+        complete: bool,
+        digest: [u8; 32],
+    ) {
+        let store = self.service.store();
+        let cursor = match store.sync_cursor() {
+            Ok(cursor) => cursor,
+            Err(e) => return tracing::warn!(error = %e, "cannot read the cursor to compare heads"),
+        };
+        if head != cursor {
+            tracing::debug!(
+                head,
+                cursor,
+                "the relay's log moved on: heads compared later"
+            );
+            self.heads_check.due = true;
+            return;
+        }
+        let until = if complete { None } else { last.as_ref() };
+        let after = self.heads_check.after.take();
+        let ours = tokio::task::block_in_place(|| store.heads_digest(after.as_ref(), until));
+        let matched = match ours {
+            Ok((_, ours)) => ours == digest,
+            Err(e) => return tracing::warn!(error = %e, "cannot digest this device's heads"),
+        };
+        let name = |n: &RecordName| format!("{}/{}", n.collection, n.record);
+        let range = match (&after, until) {
+            (None, None) => "all records".to_string(),
+            (a, u) => format!(
+                "records {} through {}",
+                a.as_ref()
+                    .map_or("from the first".into(), |n| format!("after {}", name(n))),
+                u.map_or("the last".into(), name)
+            ),
+        };
+        tracing::debug!(matched, %range, cursor, "compared record heads with the relay");
+        let check = &mut self.heads_check;
+        if after.is_none() {
+            check.pass_agrees = true;
+        }
+        check.pass_agrees &= matched;
+        let judged = !matched || (complete && check.pass_agrees);
+        check.after = if complete { None } else { last };
+        if judged {
+            self.alerts.observe("", now_ms(), |a, now| {
+                a.heads_compared(matched, &range, now)
+            });
         }
     }
 
@@ -667,8 +776,16 @@ impl Engine {
             }
             DeviceEvent::Idle { cursor } => {
                 self.count_bytes(connection);
+                self.heads_check.due = self.alerts.config().check_consistency;
                 self.finalize(cursor)
             }
+            DeviceEvent::HeadsDigest {
+                head,
+                last,
+                complete,
+                digest,
+                ..
+            } => self.compare_heads(head, last, complete, digest),
             DeviceEvent::Tokens { tokens } => {
                 if let Err(e) = tokio::task::block_in_place(|| self.tokens.save(&tokens)) {
                     // The session goes on; the next connection signs in with the key.
@@ -722,6 +839,10 @@ impl Engine {
         });
         let took = round.started.map_or(Duration::ZERO, |t| t.elapsed());
         self.metrics.round_succeeded(took);
+        self.alerts.observe("", at, |a, now| a.round_succeeded(now));
+        self.alerts.observe("", at, |a, now| {
+            a.changes_applied(round.downloaded, round.conflicts, now)
+        });
         let took_ms = took.as_millis() as u64;
         let (uploaded, downloaded) = (round.uploaded, round.downloaded);
         if uploaded + downloaded > 0 {
@@ -785,6 +906,8 @@ impl Engine {
     fn report(&mut self, failure: SyncFailure, phase: Direction) {
         tracing::warn!(kind = %failure.kind, error = %failure.message, "cannot sync");
         self.metrics.round_failed(&failure.kind);
+        self.alerts
+            .observe("", failure.at_ms, |a, now| a.round_failed(now));
         self.log(
             phase,
             0,

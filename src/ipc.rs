@@ -40,6 +40,8 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// The daemon's sync loop, when a relay is configured.
     pub sync: Option<SyncHandle>,
+    /// The daemon's alerts, shown by `status`.
+    pub alerts: Option<std::sync::Arc<crate::alerting::Monitor>>,
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -244,12 +246,17 @@ impl Connection {
                     })
                 }
             };
-        let result = match (request.method.as_str(), result, &self.options.sync) {
-            ("status", Ok(mut status), Some(sync)) => {
-                status["sync"] = json!(sync.status());
+        let result = match (request.method.as_str(), result) {
+            ("status", Ok(mut status)) => {
+                if let Some(sync) = &self.options.sync {
+                    status["sync"] = json!(sync.status());
+                }
+                if let Some(alerts) = &self.options.alerts {
+                    status["alerts"] = json!(alerts.active(""));
+                }
                 Ok(status)
             }
-            (_, result, _) => result,
+            (_, result) => result,
         };
         let id = request.id?;
         Some(match result {

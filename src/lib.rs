@@ -1,5 +1,7 @@
 //! Ferry: an offline-first sync daemon. See ARCHITECTURE.md for the map.
 
+pub mod alerting;
+pub mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;

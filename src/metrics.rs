@@ -21,7 +21,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::alerting::Monitor;
 use crate::engine::{ConnectionState, SyncHandle, SyncStatus};
+use crate::relay::alerts::RelayAlerts;
 use crate::relay::store::RelayStore;
 use crate::resolve::ConflictKind;
 use crate::store::Store;
@@ -410,17 +412,32 @@ impl RelayMetrics {
 pub struct RelayScrape {
     metrics: Arc<RelayMetrics>,
     store: Arc<RelayStore>,
+    alerts: Arc<RelayAlerts>,
 }
 
 impl RelayScrape {
-    pub fn new(metrics: Arc<RelayMetrics>, store: Arc<RelayStore>) -> Self {
-        RelayScrape { metrics, store }
+    pub fn new(
+        metrics: Arc<RelayMetrics>,
+        store: Arc<RelayStore>,
+        alerts: Arc<RelayAlerts>,
+    ) -> Self {
+        RelayScrape {
+            metrics,
+            store,
+            alerts,
+        }
     }
 
     /// The exposition ([`CONTENT_TYPE`]). Reads the store (its size): call it off the async
     /// threads (`spawn_blocking`).
     pub fn render(&self) -> String {
-        self.metrics.render(&self.store)
+        let mut text = self.metrics.render(&self.store);
+        text.push_str(&render_alerts(
+            "ferry_relay_alerts_active",
+            "Accounts with the alert of this kind active (disk_free: the relay itself).",
+            self.alerts.monitor(),
+        ));
+        text
     }
 }
 
@@ -548,6 +565,17 @@ impl DaemonMetrics {
     }
 }
 
+/// One gauge per alert kind: how many scopes (the daemon: 0 or 1; the relay: accounts, and the
+/// relay as a whole) have it active.
+pub fn render_alerts(name: &str, help: &str, alerts: &Monitor) -> String {
+    let mut out = Exposition::default();
+    out.header(name, help, "gauge");
+    for (kind, n) in alerts.active_counts() {
+        out.sample(name, &[("kind", kind.as_str())], n);
+    }
+    out.0
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error("metrics.listen {0:?} is not an address such as 127.0.0.1:9464")]
@@ -572,6 +600,7 @@ pub async fn bind(listen: &str) -> Result<tokio::net::TcpListener, MetricsError>
 #[derive(Clone)]
 struct DaemonScrape {
     metrics: Arc<DaemonMetrics>,
+    alerts: Arc<Monitor>,
     store: Arc<Store>,
     sync: Option<SyncHandle>,
 }
@@ -580,6 +609,7 @@ struct DaemonScrape {
 pub async fn serve_daemon(
     listener: tokio::net::TcpListener,
     metrics: Arc<DaemonMetrics>,
+    alerts: Arc<Monitor>,
     store: Arc<Store>,
     sync: Option<SyncHandle>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -588,6 +618,7 @@ pub async fn serve_daemon(
         .route("/metrics", axum::routing::get(scrape_daemon))
         .with_state(DaemonScrape {
             metrics,
+            alerts,
             store,
             sync,
         });
@@ -612,9 +643,16 @@ async fn scrape_daemon(
     use axum::response::IntoResponse;
     let status = scrape.sync.as_ref().map(SyncHandle::status);
     // Reading the store's counters and size can touch the disk.
-    let rendered =
-        tokio::task::spawn_blocking(move || scrape.metrics.render(status.as_ref(), &scrape.store))
-            .await;
+    let rendered = tokio::task::spawn_blocking(move || {
+        let mut text = scrape.metrics.render(status.as_ref(), &scrape.store);
+        text.push_str(&render_alerts(
+            "ferry_alerts_active",
+            "1 while the alert of this kind is active, else 0.",
+            &scrape.alerts,
+        ));
+        text
+    })
+    .await;
     match rendered {
         Ok(text) => ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
         Err(e) => {

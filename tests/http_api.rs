@@ -347,7 +347,10 @@ fn sign_in_initialize_and_download_records_a_daemon_wrote() {
     assert_eq!(init["cursor"], 5);
     assert_eq!(init["changes_since_last_sync"], 3);
     assert_eq!(init["app_version"]["compatible"], true);
-    assert_eq!(init["protocol_version"], 2);
+    assert_eq!(
+        init["protocol_version"],
+        ferry_proto::wire::PROTOCOL_VERSION
+    );
     let old_app = api.post(
         "/api/sync/initialize",
         Some(access),
@@ -607,7 +610,7 @@ fn the_openapi_file_is_valid_json_that_names_every_route_the_relay_serves() {
     let relay = start_relay(&home.path().join("relay"));
     let api = Api::new(&relay);
     let paths = spec["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 20);
+    assert_eq!(paths.len(), 21);
     for (template, operations) in paths {
         let path = template.replace(['{', '}'], "");
         for method in operations.as_object().expect("operations").keys() {
@@ -1511,5 +1514,65 @@ fn an_expired_access_token_is_refused_on_every_route_and_its_refresh_token_renew
         .expect("access token")
         .to_string();
     assert_eq!(api.get("/api/collections", &fresh, &[]).status, 200);
+    api.check_against_spec();
+}
+
+#[test]
+fn an_account_over_its_quota_sees_the_alert_and_another_account_does_not() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let relay = start_relay_with(
+        &home.path().join("relay"),
+        "[alerts]\naccount_quota_bytes = 600\nmin_disk_free_mb = 0\n",
+    );
+    let api = Api::new(&relay);
+    let access = api.login("default")["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let other = api.login("other")["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    assert_eq!(
+        api.get("/api/alerts", &access, &[]).json()["alerts"],
+        json!([])
+    );
+
+    let device = Device::new();
+    device.join(&relay);
+    let daemon = device.start_daemon_logged();
+    for n in 0..5 {
+        call(
+            &daemon,
+            "put",
+            json!({ "collection": "Customer", "id": format!("c{n}"), "fields": { "note": "x".repeat(200) } }),
+        );
+    }
+    wait_converged(&[&daemon], 5);
+    let alerts = common::wait_for_ok(
+        "the quota alert",
+        std::time::Duration::from_secs(20),
+        || {
+            let alerts = api.get("/api/alerts", &access, &[]).json();
+            if alerts["alerts"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|a| a["kind"] == "storage_quota"))
+            {
+                Ok(alerts)
+            } else {
+                Err(alerts.to_string())
+            }
+        },
+    );
+    let quota = &alerts["alerts"][0];
+    assert_eq!(quota["threshold"], 600.0);
+    assert!(
+        quota["value"].as_f64().is_some_and(|v| v > 600.0),
+        "{quota}"
+    );
+    assert_eq!(
+        api.get("/api/alerts", &other, &[]).json()["alerts"],
+        json!([])
+    );
     api.check_against_spec();
 }

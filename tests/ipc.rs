@@ -1623,6 +1623,7 @@ fn subscriptions_deliver_conflicts_through_their_filter() {
             max_message_bytes: 1 << 20,
             max_connections: 8,
             sync: None,
+            alerts: None,
         },
         stopped,
     ));

@@ -3,7 +3,8 @@
 //! documents compacted, and, as a property, that any upload order yields a causally closed log
 //! whose replay gives every document's merged heads; and the relay's conflict counts: concurrent
 //! writes to one field count once, to different fields not at all, the counts survive a reopen,
-//! and a change that fast-forwards its record loads no document.
+//! and a change that fast-forwards its record loads no document; the bytes each space's log holds
+//! (its quota), and the digests of records' logged heads a device compares with its own.
 
 mod common;
 
@@ -682,4 +683,85 @@ fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
         )
         .unwrap();
     assert_eq!(relay.conflict_counts(SPACE).unwrap(), unique(2));
+}
+
+#[test]
+fn log_bytes_grow_with_each_stored_change_and_a_log_without_the_count_is_measured() {
+    let kv = Arc::new(MemoryKv::new());
+    let relay = RelayStore::open(kv.clone(), RelayStoreOptions::default()).unwrap();
+    assert_eq!(relay.log_bytes(SPACE).unwrap(), 0);
+    let mut w = Writer::new(1);
+    let first = w.put(json!({"title": "a"}));
+    relay
+        .append(SPACE, "dev-a", &[upload(1, "r1", &first)])
+        .unwrap();
+    let one = relay.log_bytes(SPACE).unwrap();
+    assert!(one > first.len() as u64, "{one}");
+    // A duplicate stores nothing, so it counts nothing.
+    relay
+        .append(SPACE, "dev-a", &[upload(2, "r1", &first)])
+        .unwrap();
+    assert_eq!(relay.log_bytes(SPACE).unwrap(), one);
+    let second = w.patch(json!({"title": "b"}));
+    relay
+        .append(SPACE, "dev-a", &[upload(3, "r1", &second)])
+        .unwrap();
+    let two = relay.log_bytes(SPACE).unwrap();
+    assert!(two > one + second.len() as u64 - 1, "{one} then {two}");
+    assert_eq!(relay.log_bytes("another").unwrap(), 0);
+
+    // A log kept before the count existed is measured by reading it, to the same total.
+    let mut batch = ferry::store::kv::Batch::default();
+    batch.remove(format!("s{SPACE}\0").into_bytes());
+    kv.apply(batch).unwrap();
+    let reopened = RelayStore::open(kv, RelayStoreOptions::default()).unwrap();
+    assert_eq!(reopened.log_bytes(SPACE).unwrap(), two);
+}
+
+#[test]
+fn heads_digests_page_through_the_space_in_record_order() {
+    use ferry_proto::wire::{HeadsHasher, RecordName};
+    let relay = memory_relay(RelayStoreOptions::default());
+    let mut writers: Vec<(String, Writer)> = Vec::new();
+    for (n, id) in ["c", "a", "b"].into_iter().enumerate() {
+        let mut w = Writer::new(n as u8 + 1);
+        let change = w.put(json!({ "n": n }));
+        relay
+            .append(SPACE, "dev", &[upload(n as u64, id, &change)])
+            .unwrap();
+        writers.push((id.to_string(), w));
+    }
+    // One record gets a second change, so its heads are kept under their own key.
+    let (_, b) = writers.iter_mut().find(|(id, _)| id == "b").unwrap();
+    let later = b.patch(json!({ "n": 9 }));
+    relay
+        .append(SPACE, "dev", &[upload(9, "b", &later)])
+        .unwrap();
+
+    let mut expected = HeadsHasher::default();
+    for id in ["a", "b", "c"] {
+        let (_, w) = writers.iter_mut().find(|(i, _)| i == id).unwrap();
+        let mut heads: Vec<[u8; 32]> = w.record.heads().iter().map(|h| h.0).collect();
+        expected.record("Doc", id, &mut heads);
+    }
+    let (_, expected) = expected.finish();
+
+    let whole = relay.heads_digest(SPACE, None, 10).unwrap();
+    assert_eq!(
+        (whole.head, whole.records, whole.complete, whole.digest),
+        (4, 3, true, expected)
+    );
+    let first = relay.heads_digest(SPACE, None, 2).unwrap();
+    let name = |id: &str| RecordName {
+        collection: "Doc".into(),
+        record: id.into(),
+    };
+    assert_eq!((first.records, first.complete), (2, false));
+    assert_eq!(first.last, Some(name("b")));
+    let rest = relay.heads_digest(SPACE, first.last.as_ref(), 2).unwrap();
+    assert_eq!((rest.records, rest.complete), (1, true));
+    assert_eq!(rest.last, Some(name("c")));
+    assert_ne!(first.digest, whole.digest);
+    let past_the_end = relay.heads_digest(SPACE, rest.last.as_ref(), 2).unwrap();
+    assert_eq!((past_the_end.records, past_the_end.complete), (0, true));
 }

@@ -2,7 +2,7 @@
 //! (`tests/browser/web_ui.mjs`, `playwright-core` from npm), against a real relay and two real
 //! daemons. A person signs in, sees a record a daemon wrote and its history, sees a record
 //! appear live as a daemon writes it, resolves a queued conflict by clicking, and the resolution
-//! reaches both daemons. A screenshot of each page is saved under the test's temporary
+//! reaches both daemons; the account's storage alert is shown. A screenshot of each page is saved under the test's temporary
 //! directory (`target/tmp/web-ui/`) as the run's artifacts.
 //!
 //! Needs Debian's `chromium` package and Node.js with npm (`.ci/run` installs them); the test
@@ -70,7 +70,8 @@ fn a_person_signs_in_sees_records_live_and_resolves_a_conflict_that_reaches_the_
         None,
         &format!(
             "[relay]\nhttp_listen = \"127.0.0.1:0\"\nlogins_per_minute = 1000\n\
-             enrolments_per_minute = 1000\nsign_ins_per_minute = 100000\n{manual}"
+             enrolments_per_minute = 1000\nsign_ins_per_minute = 100000\n{manual}\
+             [alerts]\naccount_quota_bytes = 300\nmin_disk_free_mb = 0\n"
         ),
     );
     relay.operator().add_account("default");
@@ -127,6 +128,8 @@ fn a_person_signs_in_sees_records_live_and_resolves_a_conflict_that_reaches_the_
         "record": { "collection": "Customer", "id": "c1", "field": "name", "value": "Ada Lovelace" },
         "live_id": "c9",
         "conflict_values": ["Printer jam (A)", "Printer jam (B)"],
+        // The account's log is over its 300-byte quota.
+        "alert": "storage_quota",
     });
     let mut browser = Command::new("node")
         .arg(browser_script())

@@ -17,8 +17,9 @@ use std::collections::VecDeque;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::wire::{
-    ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, LogEntry, MAX_CREDENTIAL_BYTES,
-    MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Secret, Tokens, UploadChange, auth_transcript,
+    ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, HEADS_CHECK_VERSION, LogEntry,
+    MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RecordName, Secret,
+    Tokens, UploadChange, auth_transcript,
 };
 
 /// The longest space name the relay accepts, in bytes.
@@ -152,6 +153,15 @@ pub enum DeviceEvent {
     Idle {
         cursor: u64,
     },
+    /// The answer to [`DeviceSession::check_heads`]: the relay's digest of a range of records'
+    /// logged heads, as of its log's `head` (fields as in `Message::HeadsDigest`).
+    HeadsDigest {
+        head: u64,
+        records: u32,
+        last: Option<RecordName>,
+        complete: bool,
+        digest: [u8; 32],
+    },
     Closed {
         error: Option<SessionError>,
     },
@@ -228,6 +238,10 @@ pub struct DeviceSession {
     refresh_at: Option<u64>,
     /// A `Refresh` is out: its answer is due by then.
     refresh_deadline: Option<u64>,
+    /// A `CheckHeads` is out: its answer is due by then.
+    heads_deadline: Option<u64>,
+    /// The protocol version the relay chose (0 before its challenge).
+    version: u16,
     handshake: Handshake,
     handshake_deadline: u64,
     upload: Upload,
@@ -281,6 +295,8 @@ impl DeviceSession {
             refresh,
             refresh_at: None,
             refresh_deadline: None,
+            heads_deadline: None,
+            version: 0,
             handshake: Handshake::AwaitChallenge,
             upload: Upload::default(),
             upload_dirty: true,
@@ -332,7 +348,12 @@ impl DeviceSession {
                     _ => None,
                 };
                 let refresh = self.refresh_deadline.or(self.refresh_at);
-                upload.into_iter().chain(download).chain(refresh).min()
+                upload
+                    .into_iter()
+                    .chain(download)
+                    .chain(refresh)
+                    .chain(self.heads_deadline)
+                    .min()
             }
         }
     }
@@ -359,6 +380,7 @@ impl DeviceSession {
             }
             (_, upload, _) if upload.sent.iter().any(|b| expired(b.deadline)) => "upload",
             _ if self.refresh_deadline.is_some_and(expired) => "refresh",
+            _ if self.heads_deadline.is_some_and(expired) => "heads check",
             (_, _, Download::InFlight { deadline, .. }) if expired(*deadline) => "download",
             _ => return,
         };
@@ -377,6 +399,24 @@ impl DeviceSession {
         self.local_changes();
         self.resync = true;
         self.start_download(now);
+    }
+
+    /// Asks the relay for the digest of up to `max_records` records' logged heads after
+    /// `after`; the answer comes as [`DeviceEvent::HeadsDigest`]. False (nothing sent) unless
+    /// the session is open, the relay speaks a version with the check, and no check is out.
+    pub fn check_heads(&mut self, after: Option<RecordName>, max_records: u32, now: u64) -> bool {
+        if self.handshake != Handshake::Open
+            || self.version < HEADS_CHECK_VERSION
+            || self.heads_deadline.is_some()
+        {
+            return false;
+        }
+        self.heads_deadline = Some(now.saturating_add(self.config.request_timeout_ms));
+        self.transmits.push_back(Message::CheckHeads {
+            after,
+            max_records: max_records.max(1),
+        });
+        true
     }
 
     /// The connection failed under the session.
@@ -514,6 +554,7 @@ impl DeviceSession {
                 },
             ) => {
                 self.handshake = Handshake::Open;
+                self.version = version;
                 self.session_granted(time_ms, expires_ms, tokens, now);
                 self.relay_head = head;
                 self.config.max_batch_changes =
@@ -543,6 +584,25 @@ impl DeviceSession {
             ) if self.refresh_deadline.is_some() => {
                 self.refresh_deadline = None;
                 self.session_granted(time_ms, expires_ms, Some(tokens), now);
+            }
+            (
+                Handshake::Open,
+                Message::HeadsDigest {
+                    head,
+                    records,
+                    last,
+                    complete,
+                    digest,
+                },
+            ) if self.heads_deadline.is_some() => {
+                self.heads_deadline = None;
+                self.events.push_back(DeviceEvent::HeadsDigest {
+                    head,
+                    records,
+                    last,
+                    complete,
+                    digest,
+                });
             }
             (
                 Handshake::Open,
@@ -776,6 +836,16 @@ impl DeviceSession {
     }
 }
 
+/// Why a record name from the device is too long to look up (the relay's limits are far lower).
+fn oversized_name(name: &RecordName) -> Option<String> {
+    (name.collection.len() + name.record.len() > MAX_CREDENTIAL_BYTES).then(|| {
+        format!(
+            "CheckHeads names a record of {} bytes: no record name is that long",
+            name.collection.len() + name.record.len()
+        )
+    })
+}
+
 /// Checks the shape of a `Changes`: a range that does not go backwards, and entries inside it in
 /// strictly increasing order.
 fn check_slice(after: u64, through: u64, entries: &[LogEntry]) -> Result<(), String> {
@@ -823,6 +893,12 @@ pub enum RelayEffect {
         since: u64,
         max_changes: u32,
         push: bool,
+    },
+    /// Digest the logged heads of up to `max_records` records of the space after `after`, as of
+    /// one log head, and answer with [`RelaySession::heads_digest`].
+    DigestHeads {
+        after: Option<RecordName>,
+        max_records: u32,
     },
 }
 
@@ -878,6 +954,8 @@ pub struct RelaySession {
     deadline: u64,
     /// A `Refresh` effect is out.
     refreshing: bool,
+    /// A `DigestHeads` effect is out.
+    digesting: bool,
     /// Uploads being stored, oldest first.
     storing: VecDeque<u64>,
     reading: Option<ReadFor>,
@@ -904,6 +982,7 @@ impl RelaySession {
             channel_binding,
             state: RelayState::AwaitHello,
             refreshing: false,
+            digesting: false,
             storing: VecDeque::new(),
             reading: None,
             queued_download: None,
@@ -1060,6 +1139,30 @@ impl RelaySession {
         if self.state == RelayState::Open {
             self.transmits
                 .push_back(Message::UploadAck { batch, results });
+        }
+    }
+
+    /// The answer to `DigestHeads`: the digest as of the log's `head`.
+    pub fn heads_digest(
+        &mut self,
+        head: u64,
+        records: u32,
+        last: Option<RecordName>,
+        complete: bool,
+        digest: [u8; 32],
+    ) {
+        if !self.digesting {
+            return;
+        }
+        self.digesting = false;
+        if self.state == RelayState::Open {
+            self.transmits.push_back(Message::HeadsDigest {
+                head,
+                records,
+                last,
+                complete,
+                digest,
+            });
         }
     }
 
@@ -1252,6 +1355,22 @@ impl RelaySession {
                 } else {
                     self.start_read(since, max_changes);
                 }
+            }
+            (RelayState::Open, Message::CheckHeads { after, max_records }) => {
+                if self.digesting {
+                    return self.fail(
+                        ErrorCode::UnexpectedMessage,
+                        "a CheckHeads arrived before the previous one was answered".into(),
+                    );
+                }
+                if let Some(problem) = after.as_ref().and_then(oversized_name) {
+                    return self.fail(ErrorCode::TooLarge, problem);
+                }
+                self.digesting = true;
+                self.effects.push_back(RelayEffect::DigestHeads {
+                    after,
+                    max_records: max_records.clamp(1, self.config.max_download_changes.max(1)),
+                });
             }
             (_, other) => self.fail(
                 ErrorCode::UnexpectedMessage,

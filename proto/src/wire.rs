@@ -8,7 +8,9 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The first version with `CheckHeads` / `HeadsDigest`.
+pub const HEADS_CHECK_VERSION: u16 = 3;
 /// The oldest protocol version this build still speaks. Version 1 had no accounts or tokens:
 /// a relay that requires them cannot let a version 1 device in.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
@@ -317,6 +319,69 @@ pub enum Message {
         expires_ms: u64,
         tokens: Tokens,
     },
+    /// Device → relay (version 3): digest the logged heads of up to `max_records` records of
+    /// the space, in key order, after the record `after` (`None`: from the first).
+    CheckHeads {
+        after: Option<RecordName>,
+        max_records: u32,
+    },
+    /// Relay → device: the answer to `CheckHeads`, as of the log's `head`: `records` records
+    /// digested, the last of them `last`; `complete` when none follow it.
+    HeadsDigest {
+        head: u64,
+        records: u32,
+        last: Option<RecordName>,
+        complete: bool,
+        digest: [u8; 32],
+    },
+}
+
+/// A record of a space: its collection and id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RecordName {
+    pub collection: String,
+    pub record: String,
+}
+
+/// The digest of `HeadsDigest`: SHA-256 over, for each record in order, `collection`, a zero
+/// byte, `record`, a zero byte, the number of heads (u32 big-endian) and the heads (32 bytes
+/// each, sorted). Two stores over the same log prefix give the same digest for the same range.
+pub struct HeadsHasher {
+    hasher: sha2::Sha256,
+    records: u32,
+}
+
+impl Default for HeadsHasher {
+    fn default() -> Self {
+        HeadsHasher {
+            hasher: <sha2::Sha256 as sha2::Digest>::new(),
+            records: 0,
+        }
+    }
+}
+
+impl HeadsHasher {
+    /// Adds the next record (in key order) with its logged heads.
+    pub fn record(&mut self, collection: &str, record: &str, heads: &mut [[u8; 32]]) {
+        use sha2::Digest;
+        heads.sort_unstable();
+        self.hasher.update(collection.as_bytes());
+        self.hasher.update([0]);
+        self.hasher.update(record.as_bytes());
+        self.hasher.update([0]);
+        self.hasher
+            .update(u32::try_from(heads.len()).unwrap_or(u32::MAX).to_be_bytes());
+        for head in heads.iter() {
+            self.hasher.update(head);
+        }
+        self.records = self.records.saturating_add(1);
+    }
+
+    /// The record count and the digest.
+    pub fn finish(self) -> (u32, [u8; 32]) {
+        use sha2::Digest;
+        (self.records, self.hasher.finalize().into())
+    }
 }
 
 impl Message {
@@ -333,6 +398,8 @@ impl Message {
             Message::Error { .. } => "Error",
             Message::Refresh { .. } => "Refresh",
             Message::Refreshed { .. } => "Refreshed",
+            Message::CheckHeads { .. } => "CheckHeads",
+            Message::HeadsDigest { .. } => "HeadsDigest",
         }
     }
 }

@@ -7,7 +7,8 @@
 
 use ferry_proto::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, LogEntry, MIN_PROTOCOL_VERSION, Message,
-    PROTOCOL_VERSION, Secret, Tokens, UploadChange, decode_frame_body, encode_frame, frame_length,
+    PROTOCOL_VERSION, RecordName, Secret, Tokens, UploadChange, decode_frame_body, encode_frame,
+    frame_length,
 };
 use std::path::{Path, PathBuf};
 
@@ -66,10 +67,12 @@ fn message_tag(message: &Message) -> u8 {
         Message::Error { .. } => 8,
         Message::Refresh { .. } => 9,
         Message::Refreshed { .. } => 10,
+        Message::CheckHeads { .. } => 11,
+        Message::HeadsDigest { .. } => 12,
     }
 }
 
-const MESSAGE_VARIANTS: u8 = 11;
+const MESSAGE_VARIANTS: u8 = 13;
 
 fn sample_tokens() -> Tokens {
     Tokens {
@@ -287,6 +290,29 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 time_ms: 1_764_000_450_000,
                 expires_ms: 1_764_001_050_000,
                 tokens: sample_tokens(),
+            },
+        ),
+        (
+            "check_heads",
+            Message::CheckHeads {
+                after: Some(RecordName {
+                    collection: "Invoice".into(),
+                    record: "inv-0042".into(),
+                }),
+                max_records: 1000,
+            },
+        ),
+        (
+            "heads_digest",
+            Message::HeadsDigest {
+                head: 4711,
+                records: 2,
+                last: Some(RecordName {
+                    collection: "Invoice".into(),
+                    record: "inv-0044".into(),
+                }),
+                complete: true,
+                digest: counting(0x40),
             },
         ),
         (

@@ -8,7 +8,7 @@ use ferry_proto::session::{
 };
 use ferry_proto::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, LogEntry, MAX_CREDENTIAL_BYTES, Message,
-    Secret, Tokens, UploadChange,
+    RecordName, Secret, Tokens, UploadChange,
 };
 
 const BINDING: &[u8] = b"channel-binding-of-this-connection";
@@ -104,7 +104,12 @@ struct Pair {
     issued: u32,
     /// The relay's answer to a credential: `None` lets it in.
     refuse: Option<(ErrorCode, String)>,
+    /// The heads checks the relay was asked for.
+    digests_asked: Vec<(Option<RecordName>, u32)>,
 }
+
+/// The digest the test relay answers every heads check with.
+const DIGEST: [u8; 32] = [7; 32];
 
 impl Pair {
     fn new(key: [u8; 32], cursor: u64) -> Self {
@@ -138,6 +143,7 @@ impl Pair {
             shown: Vec::new(),
             issued: 0,
             refuse: None,
+            digests_asked: Vec::new(),
         }
     }
 
@@ -205,6 +211,10 @@ impl Pair {
                     } => self
                         .relay
                         .read(world.read(&self.device_id, since, max_changes)),
+                    RelayEffect::DigestHeads { after, max_records } => {
+                        self.digests_asked.push((after, max_records));
+                        self.relay.heads_digest(world.head(), 1, None, true, DIGEST);
+                    }
                 }
             }
             while let Some(effect) = self.device.poll_effect() {
@@ -884,4 +894,85 @@ fn an_unasked_refreshed_is_a_protocol_violation() {
         1,
     );
     assert!(pair.device.is_closed());
+}
+
+#[test]
+fn a_heads_check_is_answered_one_at_a_time_as_of_the_logs_head() {
+    let mut world = World::default();
+    world.append("someone-else", &[change(1), change(2)]);
+    let mut pair = Pair::new([28; 32], 0);
+    pair.run(&mut world);
+    let after = RecordName {
+        collection: "Customer".into(),
+        record: "r1".into(),
+    };
+    assert!(pair.device.check_heads(Some(after.clone()), 50, pair.now));
+    assert!(
+        !pair.device.check_heads(None, 50, pair.now),
+        "one check at a time"
+    );
+    pair.run(&mut world);
+    assert_eq!(pair.digests_asked, [(Some(after), 50)]);
+    let answers: Vec<_> = pair
+        .device_events
+        .iter()
+        .filter_map(|e| match e {
+            DeviceEvent::HeadsDigest { head, digest, .. } => Some((*head, *digest)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, [(2, DIGEST)]);
+    assert!(
+        pair.device.check_heads(None, 50, pair.now),
+        "answered: the next may go"
+    );
+}
+
+#[test]
+fn a_heads_check_needs_version_3_and_an_answer_in_time() {
+    let old = opened_by_hand(SessionConfig::default(), [29; 32], 100, 10);
+    let mut old = old;
+    while old.poll_transmit().is_some() {}
+    assert!(
+        !old.check_heads(None, 10, 10),
+        "a version 2 relay is not asked"
+    );
+    assert_eq!(old.poll_transmit(), None);
+
+    let mut world = World::default();
+    let mut pair = Pair::new([30; 32], 0);
+    pair.run(&mut world);
+    assert!(pair.device.check_heads(None, 10, 100));
+    let deadline = pair.device.poll_timeout().expect("the answer is due");
+    assert_eq!(deadline, 100 + SessionConfig::default().request_timeout_ms);
+    pair.device.handle_timeout(deadline);
+    let events: Vec<_> = std::iter::from_fn(|| pair.device.poll_event()).collect();
+    assert!(
+        matches!(
+            closed_with(&events),
+            Some(SessionError::Timeout("heads check"))
+        ),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_second_heads_check_before_the_answer_ends_the_relays_session() {
+    let mut world = World::default();
+    let mut pair = Pair::new([31; 32], 0);
+    pair.run(&mut world);
+    let check = Message::CheckHeads {
+        after: None,
+        max_records: 10,
+    };
+    pair.relay.handle_message(check.clone(), pair.now);
+    pair.relay.handle_message(check, pair.now);
+    assert!(pair.relay.is_closed());
+    assert!(matches!(
+        pair.relay.poll_transmit(),
+        Some(Message::Error {
+            code: ErrorCode::UnexpectedMessage,
+            ..
+        })
+    ));
 }

@@ -77,6 +77,8 @@ pub struct ApiState {
     pub live: Live,
     /// Each space's web actor, for the write and conflict routes (`relay::mirror`).
     pub mirrors: Arc<Mirrors>,
+    /// The relay's alerts: `alerts.active(space)` for the token's account.
+    pub alerts: Arc<super::alerts::RelayAlerts>,
     logins: Arc<Mutex<AttemptLimiter>>,
     pages: Arc<Mutex<lru::LruCache<PageKey, Bytes>>>,
 }
@@ -107,11 +109,13 @@ impl ApiState {
         metrics: Option<(crate::metrics::RelayScrape, Secret)>,
         live: Live,
         mirrors: Arc<Mirrors>,
+        alerts: Arc<super::alerts::RelayAlerts>,
     ) -> Self {
         ApiState {
             metrics,
             live,
             mirrors,
+            alerts,
             logins: Arc::new(Mutex::new(AttemptLimiter::new(options.logins_per_minute))),
             pages: Arc::new(Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(CACHED_PAGES).unwrap_or(std::num::NonZeroUsize::MIN),

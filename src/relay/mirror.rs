@@ -38,6 +38,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use super::alerts::RelayAlerts;
 use super::server::Spaces;
 use super::store::{RelayStore, RelayStoreError};
 use crate::metrics::RelayMetrics;
@@ -106,6 +107,7 @@ pub struct Mirrors {
     log: Arc<RelayStore>,
     spaces: Arc<Spaces>,
     metrics: Arc<RelayMetrics>,
+    alerts: Arc<RelayAlerts>,
     policies: Arc<Policies>,
     options: MirrorOptions,
     open: Mutex<Open>,
@@ -125,6 +127,7 @@ impl Mirrors {
         log: Arc<RelayStore>,
         spaces: Arc<Spaces>,
         metrics: Arc<RelayMetrics>,
+        alerts: Arc<RelayAlerts>,
         policies: Arc<Policies>,
         options: MirrorOptions,
     ) -> Self {
@@ -134,6 +137,7 @@ impl Mirrors {
             log,
             spaces,
             metrics,
+            alerts,
             policies,
             options,
             open: Mutex::new(Open {
@@ -196,6 +200,7 @@ impl Mirrors {
             log: self.log.clone(),
             spaces: self.spaces.clone(),
             metrics: self.metrics.clone(),
+            alerts: self.alerts.clone(),
             events: self.sender(space),
             policies: self.policies.clone(),
             max_retries: self.options.max_retries,
@@ -318,6 +323,7 @@ pub struct Mirror {
     log: Arc<RelayStore>,
     spaces: Arc<Spaces>,
     metrics: Arc<RelayMetrics>,
+    alerts: Arc<RelayAlerts>,
     events: broadcast::Sender<ConflictEvent>,
     policies: Arc<Policies>,
     max_retries: u32,
@@ -416,6 +422,7 @@ impl Mirror {
                 .max();
             if let Some(head) = head {
                 self.spaces.publish(&self.space, head);
+                self.alerts.appended(&self.log, &self.space);
             }
             let mut changes: HashMap<u64, Vec<u8>> =
                 changes.into_iter().map(|c| (c.entry, c.change)).collect();

@@ -9,6 +9,7 @@
 pub mod accounts;
 pub mod activity;
 pub mod admin;
+pub mod alerts;
 pub mod http;
 pub mod mirror;
 pub mod server;
@@ -67,6 +68,9 @@ pub struct Listening {
     /// The relay's metrics, for a `GET /metrics` route.
     #[serde(skip)]
     pub metrics: RelayScrape,
+    /// The relay's alerts, per account.
+    #[serde(skip)]
+    pub alerts: Arc<alerts::RelayAlerts>,
 }
 
 /// Runs the relay until `shutdown` completes: every acknowledged change is already durable, and
@@ -131,11 +135,13 @@ pub async fn run(
     };
     let endpoint = transport::server_endpoint(addr, &certificate, &transport_options)?;
     let metrics = Arc::new(RelayMetrics::default());
+    let alerts = alerts::RelayAlerts::new(config.alerts.clone());
     let mut listening = Listening {
         listen: endpoint.local_addr().unwrap_or(addr),
         fingerprint: certificate.fingerprint(),
         http: None,
-        metrics: RelayScrape::new(metrics.clone(), store.clone()),
+        metrics: RelayScrape::new(metrics.clone(), store.clone(), alerts.clone()),
+        alerts: alerts.clone(),
     };
     let options = RelayOptions {
         session: SessionConfig {
@@ -168,6 +174,7 @@ pub async fn run(
                 store.clone(),
                 spaces.clone(),
                 metrics.clone(),
+                alerts.clone(),
                 policies.clone(),
                 mirror::MirrorOptions {
                     limits: config.limits,
@@ -196,6 +203,7 @@ pub async fn run(
                     metrics: metrics.clone(),
                 },
                 mirrors,
+                alerts.clone(),
             );
             let tls = transport::https_server_config(&certificate)?;
             Some(tokio::spawn(http::serve(
@@ -225,12 +233,18 @@ pub async fn run(
         Duration::from_secs(relay.signing_key_rotation_hours.saturating_mul(3600)),
         stopped.clone(),
     ));
+    let disk_checks = tokio::spawn(
+        alerts
+            .clone()
+            .check_disk(dir.path().to_owned(), stopped.clone()),
+    );
     let server = tokio::spawn(server::serve(
         endpoint,
         store.clone(),
         accounts,
         metrics,
         spaces,
+        alerts,
         options,
         stopped,
     ));
@@ -247,7 +261,11 @@ pub async fn run(
     {
         tracing::error!(error = %e, "relay HTTPS API stopped abnormally");
     }
-    for (what, task) in [("operator socket", admin), ("key rotation", rotation)] {
+    for (what, task) in [
+        ("operator socket", admin),
+        ("key rotation", rotation),
+        ("disk checks", disk_checks),
+    ] {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "relay {what} stopped abnormally");
         }

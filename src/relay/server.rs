@@ -19,6 +19,7 @@ use tokio::sync::{Semaphore, broadcast, watch};
 
 use super::accounts::{Accounts, Revocation};
 use super::activity::{SyncEvent, SyncKind};
+use super::alerts::RelayAlerts;
 use super::store::{RelayStore, RelayStoreError};
 use crate::engine::{deadline_instant, now_ms, sleep_until};
 use crate::metrics::{RelayMetrics, RequestKind};
@@ -189,6 +190,17 @@ pub fn carry_out(
             session.stored(batch, results, head);
             Ok(Some(head))
         }
+        RelayEffect::DigestHeads { after, max_records } => {
+            let page = store.heads_digest(&peer.space, after.as_ref(), max_records)?;
+            session.heads_digest(
+                page.head,
+                page.records,
+                page.last,
+                page.complete,
+                page.digest,
+            );
+            Ok(None)
+        }
         RelayEffect::Read {
             since,
             max_changes,
@@ -292,6 +304,7 @@ pub async fn serve(
     accounts: Arc<Accounts>,
     metrics: Arc<RelayMetrics>,
     spaces: Arc<Spaces>,
+    alerts: Arc<RelayAlerts>,
     options: RelayOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -323,6 +336,7 @@ pub async fn serve(
                     store: store.clone(),
                     accounts: accounts.clone(),
                     metrics: metrics.clone(),
+                    alerts: alerts.clone(),
                     limiters: limiters.clone(),
                     spaces: spaces.clone(),
                     options: options.clone(),
@@ -392,6 +406,7 @@ struct Context {
     store: Arc<RelayStore>,
     accounts: Arc<Accounts>,
     metrics: Arc<RelayMetrics>,
+    alerts: Arc<RelayAlerts>,
     limiters: Arc<Limiters>,
     spaces: Arc<Spaces>,
     options: RelayOptions,
@@ -554,7 +569,12 @@ impl Context {
                     )
                 });
                 match result {
-                    Ok(Some(new_head)) => self.spaces.publish(&peer.space, new_head),
+                    Ok(Some(new_head)) => {
+                        self.spaces.publish(&peer.space, new_head);
+                        tokio::task::block_in_place(|| {
+                            self.alerts.appended(&self.store, &peer.space)
+                        });
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         tracing::error!(error = %e, "relay store failed");

@@ -36,6 +36,7 @@
 //!   keys. Records logged before this key existed have none; their heads are read from their
 //!   document the first time they are needed, and kept from then on.
 //! - `c{space}\0{conflict kind}\0{collection}` → `{count u64 BE}`: conflicts found in the space.
+//! - `s{space}\0` → `{bytes u64 BE}`: bytes of the space's log entries (the account's quota).
 //! - `u{space}\0{collection}\0{constraint index}\0{value JSON}` → the records holding that unique
 //!   value (JSON list, in the order they took it); `v{space}\0{collection}\0{record}` → the unique
 //!   values a record holds (JSON). Only for collections with unique constraints.
@@ -44,7 +45,9 @@ use crate::record::{Fields, Record, RecordError, chunk_hash, decode_change};
 use crate::resolve::{self, ConflictKind, LogPosition, Policy};
 use crate::store::kv::{Batch, Kv, KvError};
 use automerge::{ActorId, Change, ChangeHash};
-use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, LogEntry, UploadChange};
+use ferry_proto::wire::{
+    ChangeOutcome, ChangeResult, ErrorCode, HeadsHasher, LogEntry, RecordName, UploadChange,
+};
 use ferry_proto::{AddressError, Limits, validate_collection, validate_record_id};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
@@ -106,6 +109,19 @@ type DocKey = (String, String, String);
 /// A record within a space: (collection, record id).
 type RecordKey = (String, String);
 
+/// A digest of a range of a space's records' logged heads (see `ferry_proto::wire::HeadsHasher`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadsPage {
+    /// The log's head the digest is as of.
+    pub head: u64,
+    pub records: u32,
+    /// The last record digested.
+    pub last: Option<RecordName>,
+    /// No record follows `last`.
+    pub complete: bool,
+    pub digest: [u8; 32],
+}
+
 /// Conflicts of one kind found in one collection of a space.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RelayConflictCount {
@@ -131,6 +147,8 @@ struct Staging {
     holders: HashMap<Vec<u8>, Vec<String>>,
     /// The unique values each record touched in this call holds, by constraint.
     held: HashMap<RecordKey, Vec<(usize, Vec<serde_json::Value>)>>,
+    /// Bytes of the log entries this call adds.
+    log_bytes: u64,
 }
 
 pub struct RelayStore {
@@ -256,6 +274,16 @@ impl RelayStore {
             batch.put(
                 counter,
                 before.saturating_add(*found).to_be_bytes().to_vec(),
+            );
+        }
+        if staging.log_bytes > 0 {
+            let before = self.log_bytes(space)?;
+            batch.put(
+                key(b's', &[space]),
+                before
+                    .saturating_add(staging.log_bytes)
+                    .to_be_bytes()
+                    .to_vec(),
             );
         }
         {
@@ -468,7 +496,9 @@ impl RelayStore {
             origin: origin.to_owned(),
             change: upload.change.clone(),
         };
-        batch.put(seq_key(b'l', &[space], seq), encode(&entry));
+        let encoded = encode(&entry);
+        staging.log_bytes += encoded.len() as u64;
+        batch.put(seq_key(b'l', &[space], seq), encoded);
         batch.put(
             hash_key(space, collection, record, &hash),
             seq.to_be_bytes().to_vec(),
@@ -680,6 +710,94 @@ impl RelayStore {
         Ok(self.kv.size_on_disk()?)
     }
 
+    /// Digests the logged heads of up to `max_records` records of the space after `after`, in
+    /// key order (the answer to a device's `CheckHeads`). Appends to the space wait meanwhile,
+    /// so the digest is of one log prefix: `head`'s. Reads no document, except for records
+    /// logged before their heads were kept.
+    pub fn heads_digest(
+        &self,
+        space: &str,
+        after: Option<&RecordName>,
+        max_records: u32,
+    ) -> Result<HeadsPage, RelayStoreError> {
+        let state = self.space(space)?;
+        let head = lock(&state);
+        let all = key(b'b', &[space]);
+        let end = prefix_end(&all);
+        let start = match after {
+            Some(name) => [key(b'b', &[space, &name.collection, &name.record]), vec![0]].concat(),
+            None => all.clone(),
+        };
+        let wanted = max_records.max(1) as usize;
+        let mut page = self.kv.range(&start, &end, wanted + 1)?;
+        let complete = page.len() <= wanted;
+        page.truncate(wanted);
+        let mut hasher = HeadsHasher::default();
+        let mut last = None;
+        for (k, _) in &page {
+            let mut parts = k.get(all.len()..).unwrap_or_default().split(|&b| b == 0);
+            let (Some(collection), Some(record)) = (parts.next(), parts.next()) else {
+                return Err(RelayStoreError::Corrupt {
+                    what: "record key",
+                    detail: "a base key without collection and record".into(),
+                });
+            };
+            let name = RecordName {
+                collection: String::from_utf8_lossy(collection).into_owned(),
+                record: String::from_utf8_lossy(record).into_owned(),
+            };
+            let record_key = (name.collection.clone(), name.record.clone());
+            let heads = self.logged_heads(
+                space,
+                &record_key,
+                &mut Staging::default(),
+                &Batch::default(),
+            )?;
+            let mut heads: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
+            hasher.record(&name.collection, &name.record, &mut heads);
+            last = Some(name);
+        }
+        let (records, digest) = hasher.finish();
+        Ok(HeadsPage {
+            head: *head,
+            records,
+            last,
+            complete,
+            digest,
+        })
+    }
+
+    /// Bytes of the space's log entries: what the account's quota is measured against. A log
+    /// written before this count was kept is measured once, by reading it.
+    pub fn log_bytes(&self, space: &str) -> Result<u64, RelayStoreError> {
+        check_space(space)?;
+        if self.kv.get(&key(b's', &[space]))?.is_some() {
+            return self.counter(&key(b's', &[space]));
+        }
+        let prefix = key(b'l', &[space]);
+        let end = prefix_end(&prefix);
+        let (mut start, mut total) = (prefix.clone(), 0u64);
+        loop {
+            let page = self.kv.range(&start, &end, 1024)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(total);
+            };
+            start = [last.as_slice(), &[0]].concat();
+            total = page
+                .iter()
+                .fold(total, |t, (_, v)| t.saturating_add(v.len() as u64));
+        }
+    }
+
+    /// Conflicts found in the space's log so far, all kinds and collections together.
+    pub fn conflicts_total(&self, space: &str) -> Result<u64, RelayStoreError> {
+        Ok(self
+            .conflict_counts(space)?
+            .iter()
+            .map(|c| c.detected)
+            .sum())
+    }
+
     fn counter(&self, key: &[u8]) -> Result<u64, RelayStoreError> {
         let Some(value) = self.kv.get(key)? else {
             return Ok(0);
@@ -687,7 +805,7 @@ impl RelayStore {
         <[u8; 8]>::try_from(value.as_slice())
             .map(u64::from_be_bytes)
             .map_err(|_| RelayStoreError::Corrupt {
-                what: "conflict counter",
+                what: "counter",
                 detail: format!("{} bytes instead of 8", value.len()),
             })
     }

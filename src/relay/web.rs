@@ -1,7 +1,8 @@
 //! The relay's web interface: the page, its script and style (shipped inside the binary, no
 //! build step), and the read-only routes it needs beside the sync API: collections, records
 //! with their history, the account's devices (with a revoke action), the sync log, per-minute
-//! totals for the charts, and a stream of server-sent events as the account's log grows.
+//! totals for the charts, the account's active alerts, and a stream of server-sent events as the
+//! account's log grows.
 //!
 //! Every route takes the same bearer token as the sync API and reads only the token's account:
 //! another account's records and devices answer exactly like missing ones.
@@ -59,6 +60,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/api/devices/{id}/revoke", post(revoke))
         .route("/api/sync-log", get(sync_log))
         .route("/api/stats", get(stats))
+        .route("/api/alerts", get(alerts))
         .route("/api/events", get(events))
 }
 
@@ -346,6 +348,17 @@ async fn stats(
         "since_ms": since,
         "minutes": totals,
     })))
+}
+
+/// The account's active alerts (`relay::alerts`): its storage quota and conflict rate, and the
+/// relay's disk.
+async fn alerts(
+    State(state): State<ApiState>,
+    principal: Principal,
+) -> Result<axum::Json<Value>, Failure> {
+    Ok(axum::Json(
+        json!({ "alerts": state.alerts.active(&principal.account) }),
+    ))
 }
 
 /// What an event stream waits on between events.

@@ -20,6 +20,7 @@ use crate::resolve::{
 };
 use automerge::ChangeHash;
 use ferry_proto::Operation;
+use ferry_proto::wire::{HeadsHasher, RecordName};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -865,6 +866,52 @@ impl Store {
             _ => {}
         }
         Ok(vec![Target::of(&conflict.record, fields, deleted, &now)])
+    }
+}
+
+impl Store {
+    /// Digests the logged heads of this device's records after `after` and up to `last`
+    /// (through the end when `None`), as `ferry_proto::wire::HeadsHasher` does: the same
+    /// digest the relay gives for the same range over the same log prefix. Records none of
+    /// whose changes the relay logged yet are left out, as the relay has none of them.
+    pub fn heads_digest(
+        &self,
+        after: Option<&RecordName>,
+        last: Option<&RecordName>,
+    ) -> Result<(u32, [u8; 32]), StoreError> {
+        let mut start = match after {
+            Some(name) => [keys::doc(&name.collection, &name.record), vec![0]].concat(),
+            None => keys::DOC_ALL.to_vec(),
+        };
+        let end = match last {
+            Some(name) => [keys::doc(&name.collection, &name.record), vec![0]].concat(),
+            None => keys::prefix_end(keys::DOC_ALL),
+        };
+        let mut hasher = HeadsHasher::default();
+        loop {
+            let page = self.kv.range(&start, &end, 256)?;
+            let Some((final_key, _)) = page.last() else {
+                break;
+            };
+            start = [final_key.as_slice(), &[0]].concat();
+            for (key, _) in &page {
+                let collection = keys::doc_collection(key)?;
+                let id = keys::doc_id(key, keys::doc_prefix(collection).len())?;
+                let cache_key = (collection.to_owned(), id.to_owned());
+                let logged = match self.logged_state(&cache_key)? {
+                    Some(state) => state.logged(),
+                    None => self
+                        .with_record(collection, id, |r| r.heads())?
+                        .unwrap_or_default(),
+                };
+                if logged.is_empty() {
+                    continue;
+                }
+                let mut heads: Vec<[u8; 32]> = logged.iter().map(|h| h.0).collect();
+                hasher.record(collection, id, &mut heads);
+            }
+        }
+        Ok(hasher.finish())
     }
 }
 

@@ -65,6 +65,7 @@ try {
   await page.getByRole("button", { name: "Sign in" }).click();
   await page.locator("#nav").waitFor({ state: "visible" });
   await page.locator(".live.on").waitFor();
+  await page.locator(`.alert[data-alert="${expect.alert}"]`).waitFor();
 
   // The record a daemon wrote, in its collection's list and on its own page with its history.
   const { collection, id, field, value } = expect.record;

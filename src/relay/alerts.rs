@@ -1,0 +1,108 @@
+//! The relay's alerts: per account, its log's bytes against `alerts.account_quota_bytes` and the
+//! rate of conflicts its appended changes bring; for the whole relay, the free space of the disk
+//! holding its data directory. [`RelayAlerts::active`] is what the web interface shows for an
+//! account.
+//!
+//! Owns: turning the store's per-space totals into observations for the account's alerts.
+//! Must not touch: the log (it only reads the store's counters), sessions, HTTP routes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::store::{RelayStore, RelayStoreError};
+use crate::alerting::{self, Monitor};
+use crate::alerts::{Alert, AlertsConfig};
+use crate::engine::now_ms;
+
+/// The relay's alert state, shared by the sessions, the disk check and the HTTPS API.
+pub struct RelayAlerts {
+    monitor: Arc<Monitor>,
+    /// Per space: the log's head and the conflicts counted when last observed, so each append
+    /// feeds only what it added.
+    seen: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+impl std::fmt::Debug for RelayAlerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayAlerts").finish_non_exhaustive()
+    }
+}
+
+impl RelayAlerts {
+    /// Call inside the tokio runtime (a configured webhook gets its sender task).
+    pub fn new(config: AlertsConfig) -> Arc<Self> {
+        Arc::new(RelayAlerts {
+            monitor: Monitor::new(config, "relay"),
+            seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The alerts active for the account whose space is `space`, and the relay's own.
+    pub fn active(&self, space: &str) -> Vec<Alert> {
+        self.monitor.active(space)
+    }
+
+    pub fn monitor(&self) -> &Monitor {
+        &self.monitor
+    }
+
+    /// After changes were appended to `space`: its storage and conflict rate. Reads the store.
+    pub fn appended(&self, store: &RelayStore, space: &str) {
+        if let Err(e) = self.observe_space(store, space) {
+            tracing::warn!(space, error = %e, "cannot measure the account for its alerts");
+        }
+    }
+
+    fn observe_space(&self, store: &RelayStore, space: &str) -> Result<(), RelayStoreError> {
+        let now = now_ms();
+        let bytes = store.log_bytes(space)?;
+        self.monitor
+            .observe(space, now, |a, now| a.storage_used(bytes, now));
+        let (head, conflicts) = (store.head(space)?, store.conflicts_total(space)?);
+        let before = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = seen.entry(space.to_string()).or_insert((head, conflicts));
+            let before = *entry;
+            *entry = (head.max(before.0), conflicts.max(before.1));
+            before
+        };
+        let (added, found) = (
+            head.saturating_sub(before.0),
+            conflicts.saturating_sub(before.1),
+        );
+        self.monitor
+            .observe(space, now, |a, now| a.changes_applied(added, found, now));
+        Ok(())
+    }
+
+    /// Measures the data directory's disk now and every `alerts.check_interval_secs`, until
+    /// `shutdown` turns true.
+    pub async fn check_disk(
+        self: Arc<Self>,
+        data_dir: PathBuf,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let every = Duration::from_secs(self.monitor.config().check_interval_secs);
+        loop {
+            let (dir, alerts) = (data_dir.clone(), self.clone());
+            let measured = tokio::task::spawn_blocking(move || match alerting::disk_free(&dir) {
+                Ok(free) => alerts
+                    .monitor
+                    .observe("", now_ms(), |a, now| a.disk_free(free, now)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the free space of the relay's disk")
+                }
+            })
+            .await;
+            if let Err(e) = measured {
+                tracing::error!(error = %e, "measuring the relay's disk failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
