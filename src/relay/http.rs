@@ -102,26 +102,26 @@ impl ApiState {
 
 impl ApiState {
     pub fn new(
-        accounts: Arc<Accounts>,
-        store: Arc<RelayStore>,
+        shared: &super::server::Shared,
         policies: Arc<Policies>,
         options: HttpOptions,
         metrics: Option<(crate::metrics::RelayScrape, Secret)>,
-        live: Live,
         mirrors: Arc<Mirrors>,
-        alerts: Arc<super::alerts::RelayAlerts>,
     ) -> Self {
         ApiState {
+            accounts: shared.accounts.clone(),
+            store: shared.store.clone(),
+            live: Live {
+                spaces: shared.spaces.clone(),
+                metrics: shared.metrics.clone(),
+            },
+            alerts: shared.alerts.clone(),
             metrics,
-            live,
             mirrors,
-            alerts,
             logins: Arc::new(Mutex::new(AttemptLimiter::new(options.logins_per_minute))),
             pages: Arc::new(Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(CACHED_PAGES).unwrap_or(std::num::NonZeroUsize::MIN),
             ))),
-            accounts,
-            store,
             policies,
             options,
         }

@@ -39,7 +39,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use super::alerts::RelayAlerts;
-use super::server::Spaces;
+use super::server::{Shared, Spaces};
 use super::store::{RelayStore, RelayStoreError};
 use crate::metrics::RelayMetrics;
 use crate::record::Fields;
@@ -124,20 +124,17 @@ struct Open {
 impl Mirrors {
     pub fn new(
         kv: Arc<dyn Kv>,
-        log: Arc<RelayStore>,
-        spaces: Arc<Spaces>,
-        metrics: Arc<RelayMetrics>,
-        alerts: Arc<RelayAlerts>,
+        shared: &Shared,
         policies: Arc<Policies>,
         options: MirrorOptions,
     ) -> Self {
         let capacity = NonZeroUsize::new(options.max_open).unwrap_or(NonZeroUsize::MIN);
         Mirrors {
             kv,
-            log,
-            spaces,
-            metrics,
-            alerts,
+            log: shared.store.clone(),
+            spaces: shared.spaces.clone(),
+            metrics: shared.metrics.clone(),
+            alerts: shared.alerts.clone(),
             policies,
             options,
             open: Mutex::new(Open {

@@ -156,7 +156,13 @@ pub async fn run(
         sign_ins_per_minute: relay.sign_ins_per_minute,
         enrolments_per_minute: relay.enrolments_per_minute,
     };
-    let spaces = Arc::new(server::Spaces::default());
+    let shared = server::Shared {
+        store: store.clone(),
+        accounts: accounts.clone(),
+        metrics,
+        spaces: Arc::new(server::Spaces::default()),
+        alerts: alerts.clone(),
+    };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let http_server = match relay.http_listen.as_str() {
         "" => None,
@@ -171,10 +177,7 @@ pub async fn run(
             let policies = Arc::new(config.policies());
             let mirrors = Arc::new(mirror::Mirrors::new(
                 kv.clone(),
-                store.clone(),
-                spaces.clone(),
-                metrics.clone(),
-                alerts.clone(),
+                &shared,
                 policies.clone(),
                 mirror::MirrorOptions {
                     limits: config.limits,
@@ -183,8 +186,7 @@ pub async fn run(
                 },
             ));
             let state = http::ApiState::new(
-                accounts.clone(),
-                store.clone(),
+                &shared,
                 policies,
                 http::HttpOptions {
                     max_body_bytes: relay.http_max_body_bytes,
@@ -198,12 +200,7 @@ pub async fn run(
                         ferry_proto::wire::Secret::new(relay.metrics_token.clone()),
                     )
                 }),
-                http::Live {
-                    spaces: spaces.clone(),
-                    metrics: metrics.clone(),
-                },
                 mirrors,
-                alerts.clone(),
             );
             let tls = transport::https_server_config(&certificate)?;
             Some(tokio::spawn(http::serve(
@@ -238,16 +235,7 @@ pub async fn run(
             .clone()
             .check_disk(dir.path().to_owned(), stopped.clone()),
     );
-    let server = tokio::spawn(server::serve(
-        endpoint,
-        store.clone(),
-        accounts,
-        metrics,
-        spaces,
-        alerts,
-        options,
-        stopped,
-    ));
+    let server = tokio::spawn(server::serve(endpoint, shared, options, stopped));
     tracing::info!(listen = %listening.listen, fingerprint = %listening.fingerprint, "relay ready");
     ready(&listening);
     shutdown.await;

@@ -297,17 +297,30 @@ fn sync_event(device: &str, kind: SyncKind, now: u64, took: Duration) -> SyncEve
     }
 }
 
+/// What the relay's QUIC sessions and its HTTPS API share.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Arc<RelayStore>,
+    pub accounts: Arc<Accounts>,
+    pub metrics: Arc<RelayMetrics>,
+    pub spaces: Arc<Spaces>,
+    pub alerts: Arc<RelayAlerts>,
+}
+
 /// Serves until `shutdown` turns true, then tells every device and waits for the sessions.
 pub async fn serve(
     endpoint: quinn::Endpoint,
-    store: Arc<RelayStore>,
-    accounts: Arc<Accounts>,
-    metrics: Arc<RelayMetrics>,
-    spaces: Arc<Spaces>,
-    alerts: Arc<RelayAlerts>,
+    shared: Shared,
     options: RelayOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Shared {
+        store,
+        accounts,
+        metrics,
+        spaces,
+        alerts,
+    } = shared;
     let limiters = Arc::new(Limiters {
         sign_ins: Mutex::new(AttemptLimiter::new(options.sign_ins_per_minute)),
         enrolments: Mutex::new(AttemptLimiter::new(options.enrolments_per_minute)),
