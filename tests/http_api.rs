@@ -411,6 +411,23 @@ fn sign_in_initialize_and_download_records_a_daemon_wrote() {
         serde_json::from_slice::<Value>(&unzipped).expect("JSON"),
         first.json()
     );
+    // The gzip body is another representation, with its own ETag; `q=0` refuses gzip.
+    let zipped_etag = zipped.header("etag").expect("an ETag").to_string();
+    assert_ne!(zipped_etag, etag);
+    assert_eq!(zipped.header("vary"), Some("accept-encoding"));
+    let zipped_again = api.get(
+        "/api/sync/download?since=0",
+        access,
+        &[("accept-encoding", "gzip"), ("if-none-match", &zipped_etag)],
+    );
+    assert_eq!(zipped_again.status, 304);
+    let refused = api.get(
+        "/api/sync/download?since=0",
+        access,
+        &[("accept-encoding", "gzip;q=0, identity")],
+    );
+    assert_eq!(refused.header("content-encoding"), None);
+    assert_eq!(refused.json(), first.json());
 
     // A new write changes the page: the old ETag no longer matches.
     call(

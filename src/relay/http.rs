@@ -91,7 +91,8 @@ pub struct Live {
     pub metrics: Arc<crate::metrics::RelayMetrics>,
 }
 
-type PageKey = (String, u64, usize, u64);
+/// (account, since, limit, head, gzip).
+type PageKey = (String, u64, usize, u64, bool);
 
 impl ApiState {
     /// The space's mirror (opened if needed; each of its calls catches it up first). Blocking.
@@ -520,7 +521,12 @@ async fn download(
             format!("since {since} is past the account's log, which ends at {head}: sync from 0"),
         ));
     }
-    let etag = format!("\"{head}-{since}-{limit}\"");
+    // A gzip body is another representation of the page: its own ETag, its own cache entry.
+    let gzip = accepts_gzip(&headers);
+    let etag = format!(
+        "\"{head}-{since}-{limit}{}\"",
+        if gzip { "-gz" } else { "" }
+    );
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -531,37 +537,95 @@ async fn download(
     if not_modified {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let key = (principal.account.clone(), since, limit, head);
-    let cached = state
-        .pages
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .cloned();
-    let body = match cached {
-        Some(body) => body,
-        None => {
-            let body =
-                tokio::task::block_in_place(|| render_page(&state, &principal, since, limit))?;
-            // Cached under the head the ETag names: a page read after a later append is newer
-            // than that, never older, and the next request's ETag moves on anyway.
-            state
-                .pages
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .put(key, body.clone());
-            body
-        }
-    };
-    Ok((
+    let body =
+        tokio::task::block_in_place(|| page_body(&state, &principal, (since, limit, head), gzip))?;
+    let mut response = (
         [
             (header::CONTENT_TYPE, "application/json".to_string()),
             (header::ETAG, etag),
             (header::CACHE_CONTROL, "private, no-cache".to_string()),
+            (header::VARY, "accept-encoding".to_string()),
         ],
         body,
     )
-        .into_response())
+        .into_response();
+    if gzip {
+        // Already compressed: the compression layer leaves a response with an encoding alone.
+        response
+            .headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    Ok(response)
+}
+
+/// Whether the request accepts a gzip body (`Accept-Encoding: gzip`, not with `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            parts
+                .next()
+                .is_some_and(|name| name.eq_ignore_ascii_case("gzip"))
+                && parts.all(|p| p.replace(' ', "") != "q=0" && p.replace(' ', "") != "q=0.0")
+        })
+}
+
+/// A download page's body, from the page cache or rendered (and compressed) now. Pages are
+/// cached under the head the ETag names: a page read after a later append is newer than that,
+/// never older, and the next request's ETag moves on anyway.
+fn page_body(
+    state: &ApiState,
+    principal: &Principal,
+    (since, limit, head): (u64, usize, u64),
+    gzip: bool,
+) -> Result<Bytes, Failure> {
+    let key = |gzip| (principal.account.clone(), since, limit, head, gzip);
+    let cached = |gzip| {
+        state
+            .pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key(gzip))
+            .cloned()
+    };
+    let keep = |gzip, body: &Bytes| {
+        state
+            .pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(key(gzip), body.clone());
+    };
+    if let Some(body) = cached(gzip) {
+        return Ok(body);
+    }
+    let plain = match cached(false) {
+        Some(body) => body,
+        None => {
+            let body = render_page(state, principal, since, limit)?;
+            keep(false, &body);
+            body
+        }
+    };
+    if !gzip {
+        return Ok(plain);
+    }
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let compressed = std::io::Write::write_all(&mut encoder, &plain)
+        .and_then(|()| encoder.finish())
+        .map_err(|e| {
+            Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("compressing the page failed: {e}"),
+            )
+        })?;
+    let body = Bytes::from(compressed);
+    keep(true, &body);
+    Ok(body)
 }
 
 fn render_page(
