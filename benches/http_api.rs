@@ -274,14 +274,9 @@ fn main() {
         "[relay]\nhttp_listen = \"127.0.0.1:0\"\nhttp_max_page = 1000\nlogins_per_minute = 100000\n\
          enrolments_per_minute = 1000\nsign_ins_per_minute = 100000\nhttp_max_body_bytes = 8388608\n",
     );
-    relay.operator().add_account("default");
-    let out = relay
+    relay
         .operator()
-        .command(&["relay", "account", "password", "default"])
-        .env("FERRY_PASSWORD", PASSWORD)
-        .output()
-        .expect("ferry relay account password");
-    assert!(out.status.success(), "setting the password: {out:?}");
+        .add_account_with_password("default", PASSWORD);
 
     // The account's records, written by a daemon and synced over QUIC.
     let device = Device::new();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig, SessionError};
-use ferry_proto::wire::{Credential, ErrorCode, ErrorKind, Message, RecordName, UploadChange};
+use ferry_proto::wire::{Credential, ErrorCode, ErrorKind, Message, RecordName};
 use ferry_proto::{Direction, SyncLogEntry, SyncOutcome};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -981,12 +981,7 @@ pub fn carry_out(
             let entries = store.next_upload_batch(max_changes as usize, max_bytes)?;
             let changes = entries
                 .into_iter()
-                .map(|e| UploadChange {
-                    entry: e.id,
-                    collection: e.model_name,
-                    record: e.object_id,
-                    change: e.data,
-                })
+                .map(ferry_proto::SyncQueueEntry::into_upload)
                 .collect();
             session.upload(changes, now);
         }

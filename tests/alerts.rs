@@ -11,10 +11,9 @@
 
 mod common;
 
-use common::{Daemon, Device, Relay, TIMEOUT, call, status, unsent, wait_for_ok};
+use common::{Daemon, Device, InProcessRelay, Relay, TIMEOUT, call, status, unsent, wait_for_ok};
 use ferry::config::Config;
 use ferry::datadir::DataDir;
-use ferry::relay::{self, Listening};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -410,63 +409,24 @@ fn disk_free_fires_under_the_threshold_and_clears_under_a_lower_one() {
     assert_eq!(hook.count("disk_free", "fired"), 1);
 }
 
-/// A relay run in this test's process, so its alerts can be read as the web interface will.
-struct InProcessRelay {
-    listening: Listening,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), relay::RelayError>>,
-    runtime: tokio::runtime::Runtime,
+/// The relay's active alerts for the account `default`, as the web interface reads them.
+fn active(relay: &InProcessRelay) -> Vec<String> {
+    relay
+        .listening
+        .alerts
+        .active("default")
+        .iter()
+        .map(|a| a.kind.as_str().to_string())
+        .collect()
 }
 
-impl InProcessRelay {
-    fn start(dir: &DataDir, listen: &str, alerts: ferry::alerts::AlertsConfig) -> InProcessRelay {
-        let mut config = Config::default();
-        config.relay.enrolments_per_minute = 10_000;
-        config.relay.sign_ins_per_minute = 10_000;
-        config.alerts = alerts;
-        let runtime = ferry::daemon::runtime().expect("runtime");
-        let (ready_tx, ready) = std::sync::mpsc::channel::<Listening>();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (relay_dir, listen) = (dir.clone(), listen.to_string());
-        let task = runtime.spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            relay::run(&relay_dir, &config, Some(&listen), shutdown, |l| {
-                let _ = ready_tx.send(l.clone());
-            })
-            .await
-        });
-        let listening = ready.recv_timeout(TIMEOUT).expect("the relay serves");
-        InProcessRelay {
-            listening,
-            stop: Some(stop),
-            task,
-            runtime,
-        }
-    }
-
-    fn active(&self) -> Vec<String> {
-        self.listening
-            .alerts
-            .active("default")
-            .iter()
-            .map(|a| a.kind.as_str().to_string())
-            .collect()
-    }
-
-    fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let stopped = self
-            .runtime
-            .block_on(async { tokio::time::timeout(TIMEOUT, &mut self.task).await });
-        stopped
-            .expect("the relay stops in time")
-            .expect("the relay task")
-            .expect("the relay stops cleanly");
-    }
+/// A relay in this process with `alerts` as its thresholds.
+fn relay_with(dir: &DataDir, listen: &str, alerts: ferry::alerts::AlertsConfig) -> InProcessRelay {
+    let config = Config {
+        alerts,
+        ..Config::default()
+    };
+    InProcessRelay::start(dir, listen, config)
 }
 
 #[test]
@@ -481,7 +441,7 @@ fn the_relay_raises_an_accounts_quota_and_its_disk_free_and_clears_with_new_thre
         check_interval_secs: 1,
         ..Default::default()
     };
-    let relay = InProcessRelay::start(&dir, "127.0.0.1:0", tight);
+    let relay = relay_with(&dir, "127.0.0.1:0", tight);
     let operator = common::Operator(dir.path());
     operator.add_account("default");
     let addr = relay.listening.listen.to_string();
@@ -491,7 +451,7 @@ fn the_relay_raises_an_accounts_quota_and_its_disk_free_and_clears_with_new_thre
     device.register_at(&operator, &addr, &fingerprint, "default");
     let daemon = device.start_daemon_logged();
     wait_for_ok("the relay's disk_free", TIMEOUT, || {
-        let active = relay.active();
+        let active = active(&relay);
         (active == ["disk_free"])
             .then_some(())
             .ok_or(format!("{active:?}"))
@@ -518,7 +478,7 @@ fn the_relay_raises_an_accounts_quota_and_its_disk_free_and_clears_with_new_thre
         (&json!("relay"), &json!("default"))
     );
     assert!(quota["value"].as_f64().expect("bytes") >= 600.0, "{quota}");
-    assert_eq!(relay.active(), ["disk_free", "storage_quota"]);
+    assert_eq!(active(&relay), ["disk_free", "storage_quota"]);
     let metrics = relay.listening.metrics.render();
     assert!(
         metrics.contains("ferry_relay_alerts_active{kind=\"storage_quota\"} 1"),
@@ -533,7 +493,7 @@ fn the_relay_raises_an_accounts_quota_and_its_disk_free_and_clears_with_new_thre
         min_disk_free_mb: 1,
         ..Default::default()
     };
-    let relay = InProcessRelay::start(&dir, &addr, raised);
+    let relay = relay_with(&dir, &addr, raised);
     put(&daemon, "after", json!({ "text": "y" }));
     wait_synced(&daemon, "a write after the restart");
     let metrics = relay.listening.metrics.render();
@@ -541,6 +501,6 @@ fn the_relay_raises_an_accounts_quota_and_its_disk_free_and_clears_with_new_thre
         metrics.contains("ferry_relay_alerts_active{kind=\"storage_quota\"} 0"),
         "{metrics}"
     );
-    assert!(relay.active().is_empty(), "{:?}", relay.active());
+    assert!(active(&relay).is_empty(), "{:?}", active(&relay));
     relay.stop();
 }

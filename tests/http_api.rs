@@ -289,14 +289,9 @@ fn start_relay_with(dir: &std::path::Path, collections: &str) -> Relay {
         ),
     );
     for account in ["default", "other"] {
-        relay.operator().add_account(account);
-        let out = relay
+        relay
             .operator()
-            .command(&["relay", "account", "password", account])
-            .env("FERRY_PASSWORD", PASSWORD)
-            .output()
-            .expect("ferry relay account password");
-        assert!(out.status.success(), "setting the password: {out:?}");
+            .add_account_with_password(account, PASSWORD);
     }
     relay
 }

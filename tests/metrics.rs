@@ -5,10 +5,9 @@
 
 mod common;
 
-use common::{Daemon, Device, Operator, Relay, TIMEOUT, call, wait_converged, wait_for_ok};
+use common::{Daemon, Device, InProcessRelay, Relay, TIMEOUT, call, wait_converged, wait_for_ok};
 use ferry::config::Config;
 use ferry::datadir::DataDir;
-use ferry::relay::{self, Listening};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -412,91 +411,36 @@ fn a_bad_metrics_address_stops_the_daemons_start() {
     );
 }
 
-/// A relay on this test's runtime, as `ferry relay` runs it, with its metrics at hand.
-struct InProcessRelay {
-    listening: Listening,
-    dir: DataDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), relay::RelayError>>,
-    runtime: tokio::runtime::Runtime,
-    _home: tempfile::TempDir,
+/// Registers `device` in the in-process relay's account `default` (created if missing).
+fn register(relay: &InProcessRelay, device: &Device) {
+    relay.operator().add_account("default");
+    device.register_at(
+        &relay.operator(),
+        &relay.listening.listen.to_string(),
+        &relay.listening.fingerprint.to_string(),
+        "default",
+    );
 }
 
-impl InProcessRelay {
-    fn start() -> InProcessRelay {
-        let home = tempfile::tempdir().expect("temp dir");
-        let dir = DataDir::resolve(Some(&home.path().join("relay"))).expect("data dir");
-        let mut config = Config::default();
-        config.relay.enrolments_per_minute = 10_000;
-        config.relay.sign_ins_per_minute = 10_000;
-        let runtime = ferry::daemon::runtime().expect("runtime");
-        let (ready_tx, ready) = std::sync::mpsc::channel::<Listening>();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let relay_dir = dir.clone();
-        let task = runtime.spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            relay::run(&relay_dir, &config, Some("127.0.0.1:0"), shutdown, |l| {
-                let _ = ready_tx.send(l.clone());
-            })
-            .await
-        });
-        let listening = ready.recv_timeout(TIMEOUT).expect("the relay serves");
-        InProcessRelay {
-            listening,
-            dir,
-            stop: Some(stop),
-            task,
-            runtime,
-            _home: home,
-        }
-    }
-
-    fn operator(&self) -> Operator<'_> {
-        Operator(self.dir.path())
-    }
-
-    fn register(&self, device: &Device) {
-        self.operator().add_account("default");
-        device.register_at(
-            &self.operator(),
-            &self.listening.listen.to_string(),
-            &self.listening.fingerprint.to_string(),
-            "default",
-        );
-    }
-
-    fn scrape(&self) -> Scrape {
-        let text = self.listening.metrics.render();
-        Scrape::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
-    }
-
-    fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let stopped = self
-            .runtime
-            .block_on(async { tokio::time::timeout(TIMEOUT, &mut self.task).await });
-        stopped
-            .expect("the relay stops in time")
-            .expect("the relay task")
-            .expect("the relay stops cleanly");
-    }
+/// The relay's metrics as a scraper gets them, parsed strictly.
+fn scrape_relay(relay: &InProcessRelay) -> Scrape {
+    let text = relay.listening.metrics.render();
+    Scrape::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
 #[test]
 fn the_relays_metrics_count_stored_changes_sign_ins_and_sessions() {
-    let relay = InProcessRelay::start();
-    let empty = relay.scrape();
+    let home = tempfile::tempdir().expect("temp dir");
+    let dir = DataDir::resolve(Some(&home.path().join("relay"))).expect("data dir");
+    let relay = InProcessRelay::start(&dir, "127.0.0.1:0", Config::default());
+    let empty = scrape_relay(&relay);
     assert_eq!(empty.get("ferry_relay_changes_stored_total", &[]), 0.0);
     assert_eq!(empty.get("ferry_relay_connected_devices", &[]), 0.0);
     assert!(empty.get("ferry_relay_storage_bytes", &[]) > 0.0);
 
     let (a, b) = (Device::new(), Device::new());
-    relay.register(&a);
-    relay.register(&b);
+    register(&relay, &a);
+    register(&relay, &b);
     // A code works once: a second device showing it is refused.
     let code = relay.operator().enrol("default");
     let addr = relay.listening.listen.to_string();
@@ -514,7 +458,7 @@ fn the_relays_metrics_count_stored_changes_sign_ins_and_sessions() {
     };
     assert!(register(&Device::new()).status.success());
     assert!(!register(&Device::new()).status.success());
-    let signed_up = relay.scrape();
+    let signed_up = scrape_relay(&relay);
     assert_eq!(
         signed_up.get("ferry_relay_sign_ins_total", &[("result", "ok")]),
         3.0
@@ -533,7 +477,7 @@ fn the_relays_metrics_count_stored_changes_sign_ins_and_sessions() {
         put(&da, &format!("r{i}"), json!({ "n": i }));
     }
     wait_converged(&[&da, &db], N);
-    let live = relay.scrape();
+    let live = scrape_relay(&relay);
     assert_eq!(live.get("ferry_relay_changes_stored_total", &[]), N as f64);
     assert_eq!(live.get("ferry_relay_changes_duplicate_total", &[]), 0.0);
     assert_eq!(live.get("ferry_relay_connected_devices", &[]), 2.0);
@@ -565,7 +509,7 @@ fn the_relays_metrics_count_stored_changes_sign_ins_and_sessions() {
     assert!(out.status.success(), "{out:?}");
     let db = b.start_daemon_logged();
     wait_converged(&[&da, &db], N + 2);
-    let conflicted = relay.scrape();
+    let conflicted = scrape_relay(&relay);
     assert_eq!(
         conflicted.get("ferry_relay_conflicts_total", UPDATE_UPDATE),
         1.0,
@@ -582,7 +526,7 @@ fn the_relays_metrics_count_stored_changes_sign_ins_and_sessions() {
         assert!(daemon.terminate().success());
     }
     let gone = wait_for_ok("the sessions end", TIMEOUT, || {
-        let s = relay.scrape();
+        let s = scrape_relay(&relay);
         if s.get("ferry_relay_connected_devices", &[]) == 0.0 {
             Ok(s)
         } else {

@@ -74,14 +74,9 @@ fn a_person_signs_in_sees_records_live_and_resolves_a_conflict_that_reaches_the_
              [alerts]\naccount_quota_bytes = 300\nmin_disk_free_mb = 0\n"
         ),
     );
-    relay.operator().add_account("default");
-    let out = relay
+    relay
         .operator()
-        .command(&["relay", "account", "password", "default"])
-        .env("FERRY_PASSWORD", PASSWORD)
-        .output()
-        .expect("ferry relay account password");
-    assert!(out.status.success(), "setting the password: {out:?}");
+        .add_account_with_password("default", PASSWORD);
 
     // Two devices share a customer and a ticket, then edit the ticket's title while offline: a
     // queued conflict under `manual`, A's side logged first (server), B's second (client).

@@ -81,6 +81,18 @@ pub struct SyncQueueEntry {
     pub priority: i32,
 }
 
+impl SyncQueueEntry {
+    /// The change as an upload carries it.
+    pub fn into_upload(self) -> crate::wire::UploadChange {
+        crate::wire::UploadChange {
+            entry: self.id,
+            collection: self.model_name,
+            record: self.object_id,
+            change: self.data,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("queue entry {id} cannot go from {from} to {to}")]
 pub struct TransitionError {

@@ -384,12 +384,7 @@ impl Mirror {
             }
             let changes: Vec<UploadChange> = entries
                 .into_iter()
-                .map(|e| UploadChange {
-                    entry: e.id,
-                    collection: e.model_name,
-                    record: e.object_id,
-                    change: e.data,
-                })
+                .map(ferry_proto::SyncQueueEntry::into_upload)
                 .collect();
             let appended = super::server::append_counted(
                 &self.log,

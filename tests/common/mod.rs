@@ -289,6 +289,17 @@ impl Operator<'_> {
     }
 
     /// A one-time code that registers one device in `account`.
+    /// Creates `account` and sets its password for the HTTPS API and the web interface.
+    pub fn add_account_with_password(&self, account: &str, password: &str) {
+        self.add_account(account);
+        let out = self
+            .command(&["relay", "account", "password", account])
+            .env("FERRY_PASSWORD", password)
+            .output()
+            .expect("ferry relay account password");
+        assert!(out.status.success(), "setting the password: {out:?}");
+    }
+
     pub fn enrol(&self, account: &str) -> String {
         let out = self.ferry(&["--json", "relay", "enrol", account]);
         assert!(out.status.success(), "ferry relay enrol failed: {out:?}");
@@ -1042,5 +1053,67 @@ impl Device {
             ids[0].clone()
         });
         (dev, id)
+    }
+}
+
+/// A relay run in the test's own process, as `ferry relay` runs it, so its state (metrics,
+/// alerts) can be read directly.
+pub struct InProcessRelay {
+    pub listening: ferry::relay::Listening,
+    pub dir: ferry::datadir::DataDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), ferry::relay::RelayError>>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl InProcessRelay {
+    /// Starts a relay on `dir` listening on `listen` with `config` (sign-in and enrolment limits
+    /// raised for tests), and waits until it serves.
+    pub fn start(
+        dir: &ferry::datadir::DataDir,
+        listen: &str,
+        mut config: ferry::config::Config,
+    ) -> InProcessRelay {
+        config.relay.enrolments_per_minute = 10_000;
+        config.relay.sign_ins_per_minute = 10_000;
+        let runtime = ferry::daemon::runtime().expect("runtime");
+        let (ready_tx, ready) = std::sync::mpsc::channel::<ferry::relay::Listening>();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (relay_dir, listen) = (dir.clone(), listen.to_string());
+        let task = runtime.spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            ferry::relay::run(&relay_dir, &config, Some(&listen), shutdown, |l| {
+                let _ = ready_tx.send(l.clone());
+            })
+            .await
+        });
+        let listening = ready.recv_timeout(TIMEOUT).expect("the relay serves");
+        InProcessRelay {
+            listening,
+            dir: dir.clone(),
+            stop: Some(stop),
+            task,
+            runtime,
+        }
+    }
+
+    pub fn operator(&self) -> Operator<'_> {
+        Operator(self.dir.path())
+    }
+
+    /// Stops the relay and waits for its clean exit.
+    pub fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let stopped = self
+            .runtime
+            .block_on(async { tokio::time::timeout(TIMEOUT, &mut self.task).await });
+        stopped
+            .expect("the relay stops in time")
+            .expect("the relay task")
+            .expect("the relay stops cleanly");
     }
 }
