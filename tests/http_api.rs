@@ -30,6 +30,13 @@ impl Answer {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// Whether a JSON error answer's message mentions `what`.
+    fn says(&self, what: &str) -> bool {
+        self.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(what))
+    }
+
     /// The error code of a JSON error answer.
     fn error(&self) -> String {
         self.json()["error"]["code"]
@@ -480,33 +487,17 @@ fn bad_requests_get_their_status_and_say_what_is_wrong() {
         b"{not json".to_vec(),
     );
     assert_eq!(not_json.status, 400);
-    assert!(
-        not_json.json()["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("not valid JSON"))
-    );
+    assert!(not_json.says("not valid JSON"));
     let missing = api.post(init, Some(access), &json!({ "device_id": "x" }));
     assert_eq!(missing.status, 400);
-    assert!(
-        missing.json()["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("app_version")),
-        "{}",
-        missing.json()
-    );
+    assert!(missing.says("app_version"), "{}", missing.json());
     let wrong_type = api.post(
         init,
         Some(access),
         &json!({ "device_id": "x", "app_version": "1.2.0", "last_sync": "yesterday" }),
     );
     assert_eq!(wrong_type.status, 400);
-    assert!(
-        wrong_type.json()["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("last_sync")),
-        "{}",
-        wrong_type.json()
-    );
+    assert!(wrong_type.says("last_sync"), "{}", wrong_type.json());
     let unknown_field = api.post(
         init,
         Some(access),
@@ -1507,13 +1498,7 @@ fn an_expired_access_token_is_refused_on_every_route_and_its_refresh_token_renew
             (401, "unauthorized".into()),
             "{path}"
         );
-        assert!(
-            answer.json()["error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("expired")),
-            "{path}: {}",
-            answer.json()
-        );
+        assert!(answer.says("expired"), "{path}: {}", answer.json());
     }
     let renewed = api.post(
         "/api/auth/refresh",
