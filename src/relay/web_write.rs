@@ -162,6 +162,16 @@ async fn upload(
         .into_iter()
         .filter_map(|outcome| outcome.or_else(|| written.next()))
         .collect();
+    let count = |f: fn(&WriteOutcome) -> bool| results.iter().filter(|r| f(r)).count();
+    // The changes carry the web actor's id; this line says which client made them.
+    tracing::info!(
+        account = principal.account,
+        client = principal.device,
+        applied = count(|r| matches!(r, WriteOutcome::Applied { .. })),
+        conflicts = count(|r| matches!(r, WriteOutcome::Conflict { .. })),
+        rejected = count(|r| matches!(r, WriteOutcome::Rejected { .. })),
+        "HTTP upload"
+    );
     Ok(axum::Json(json!({ "results": results })))
 }
 
