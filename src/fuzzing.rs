@@ -1,6 +1,7 @@
 //! Entry points that feed arbitrary bytes to each decoder Ferry has: IPC messages (and the
 //! methods they call), stored record documents, stored queue and log entries, config files, sync
-//! protocol frames, the relay's stored state, and access and refresh tokens.
+//! protocol frames, the relay's stored state, access and refresh tokens, and the HTTPS API's
+//! upload bodies.
 //! The fuzz targets in `fuzz/` call these, and `tests/fuzz_regressions.rs` replays the checked-in
 //! seeds and past crashers through them, so a fixed crash stays fixed.
 //!
@@ -176,6 +177,7 @@ pub const TARGETS: &[(&str, EntryPoint)] = &[
     ("sync_frame", sync_frame),
     ("relay_store", relay_store),
     ("token_verify", token_verify),
+    ("http_upload", http_upload),
 ];
 
 /// The time every fuzzed token is verified at, and issued at by the fixture.
@@ -270,4 +272,71 @@ fn relay_fixture_changes() -> Vec<ferry_proto::wire::UploadChange> {
         }
     }
     changes
+}
+
+/// An HTTPS upload body, decoded as the route decodes it and, if it is operations, checked and
+/// written by a web actor over an in-memory relay (twice, so the second meets the first), with a
+/// fixed client id and clock.
+pub fn http_upload(data: &[u8]) {
+    use crate::relay::web_write::{Planned, UploadOperation, merge, plan};
+    const CLIENT: &str = "0f0e0d0c0b0a09080706050403020100";
+    const NOW: u64 = 1_750_000_000_000;
+    let Ok(operations) = serde_json::from_slice::<Vec<UploadOperation>>(data) else {
+        return;
+    };
+    let kv: Arc<dyn crate::store::kv::Kv> = Arc::new(MemoryKv::new());
+    let store = match RelayStore::open(kv.clone(), RelayStoreOptions::default()) {
+        Ok(store) => Arc::new(store),
+        Err(e) => panic!("an in-memory relay store must open: {e}"),
+    };
+    let accounts = crate::relay::accounts::Accounts::open(
+        kv.clone(),
+        TokenPolicy::default(),
+        Arc::new(|bytes: &mut [u8]| {
+            bytes.fill(7);
+            Ok(())
+        }),
+        NOW,
+    );
+    let accounts = match accounts {
+        Ok(accounts) => Arc::new(accounts),
+        Err(e) => panic!("in-memory accounts must open: {e}"),
+    };
+    let shared = crate::relay::server::Shared {
+        store,
+        accounts,
+        metrics: Arc::default(),
+        spaces: Arc::default(),
+        alerts: crate::relay::alerts::RelayAlerts::new(crate::alerts::AlertsConfig::default()),
+    };
+    let policies = resolve::Policies {
+        collections: [("Ticket".to_owned(), Policy::of(Strategy::Manual))].into(),
+        ..resolve::Policies::default()
+    };
+    let mirrors = crate::relay::mirror::Mirrors::new(
+        kv,
+        &shared,
+        Arc::new(policies),
+        crate::relay::mirror::MirrorOptions {
+            cache_docs: 2,
+            ..crate::relay::mirror::MirrorOptions::default()
+        },
+    );
+    let mirror = match mirrors.mirror("fuzz") {
+        Ok(mirror) => mirror,
+        Err(e) => panic!("a mirror over an empty in-memory relay must open: {e}"),
+    };
+    for _ in 0..2 {
+        let Ok(Planned { outcomes, writes }) = plan(operations.clone(), CLIENT, NOW) else {
+            return;
+        };
+        let expected = outcomes.len();
+        if let Ok(written) = mirror.write(writes) {
+            assert_eq!(
+                merge(outcomes, written).len(),
+                expected,
+                "one result per operation"
+            );
+        }
+    }
 }

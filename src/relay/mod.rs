@@ -15,7 +15,7 @@ pub mod mirror;
 pub mod server;
 pub mod store;
 pub mod web;
-mod web_write;
+pub(crate) mod web_write;
 
 use std::future::Future;
 use std::net::SocketAddr;

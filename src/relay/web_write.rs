@@ -70,9 +70,9 @@ fn with_mirror<T>(
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UploadOperation {
+pub(crate) struct UploadOperation {
     operation: WebOperation,
     model: String,
     object_id: String,
@@ -92,7 +92,40 @@ async fn upload(
     principal: Principal,
     JsonBody(operations): JsonBody<Vec<UploadOperation>>,
 ) -> Result<axum::Json<Value>, Failure> {
-    let now = now_ms();
+    let Planned { outcomes, writes } = plan(operations, &principal.device, now_ms())?;
+    let written = if writes.is_empty() {
+        Vec::new()
+    } else {
+        with_mirror(&state, &principal, |mirror| mirror.write(writes))?
+    };
+    let results = merge(outcomes, written);
+    let count = |f: fn(&WriteOutcome) -> bool| results.iter().filter(|r| f(r)).count();
+    // The changes carry the web actor's id; this line says which client made them.
+    tracing::info!(
+        account = principal.account,
+        client = principal.device,
+        applied = count(|r| matches!(r, WriteOutcome::Applied { .. })),
+        conflicts = count(|r| matches!(r, WriteOutcome::Conflict { .. })),
+        rejected = count(|r| matches!(r, WriteOutcome::Rejected { .. })),
+        "HTTP upload"
+    );
+    Ok(axum::Json(json!({ "results": results })))
+}
+
+/// An upload's operations checked against the client and the clock: a rejection for each one
+/// that fails (in order, `None` where it goes on), and the writes for the web actor.
+pub(crate) struct Planned {
+    pub outcomes: Vec<Option<WriteOutcome>>,
+    pub writes: Vec<WebWrite>,
+}
+
+/// Checks each operation of an upload by `device` at `now`; an operation that cannot be
+/// understood at all (an update without `data`) fails the whole request.
+pub(crate) fn plan(
+    operations: Vec<UploadOperation>,
+    device: &str,
+    now: u64,
+) -> Result<Planned, Failure> {
     let mut outcomes: Vec<Option<WriteOutcome>> = Vec::with_capacity(operations.len());
     let mut writes = Vec::new();
     for (index, op) in operations.into_iter().enumerate() {
@@ -105,14 +138,14 @@ async fn upload(
                 )));
             }
         };
-        let rejected = if op.device_id != principal.device {
+        let rejected = if op.device_id != device {
             Some(WriteOutcome::rejected(
                 &op.object_id,
                 "wrong_device",
                 format!(
-                    "device_id {:?} is not the client the access token was issued to ({}): send \
-                     the `device` the sign-in answered",
-                    op.device_id, principal.device
+                    "device_id {:?} is not the client the access token was issued to ({device}): \
+                     send the `device` the sign-in answered",
+                    op.device_id
                 ),
             ))
         } else if op.timestamp < EARLIEST_TIMESTAMP_MS
@@ -152,27 +185,19 @@ async fn upload(
         }
         outcomes.push(rejected);
     }
-    let written = if writes.is_empty() {
-        Vec::new()
-    } else {
-        with_mirror(&state, &principal, |mirror| mirror.write(writes))?
-    };
+    Ok(Planned { outcomes, writes })
+}
+
+/// Each operation's result in order: its rejection, or the next write's outcome.
+pub(crate) fn merge(
+    outcomes: Vec<Option<WriteOutcome>>,
+    written: Vec<WriteOutcome>,
+) -> Vec<WriteOutcome> {
     let mut written = written.into_iter();
-    let results: Vec<WriteOutcome> = outcomes
+    outcomes
         .into_iter()
         .filter_map(|outcome| outcome.or_else(|| written.next()))
-        .collect();
-    let count = |f: fn(&WriteOutcome) -> bool| results.iter().filter(|r| f(r)).count();
-    // The changes carry the web actor's id; this line says which client made them.
-    tracing::info!(
-        account = principal.account,
-        client = principal.device,
-        applied = count(|r| matches!(r, WriteOutcome::Applied { .. })),
-        conflicts = count(|r| matches!(r, WriteOutcome::Conflict { .. })),
-        rejected = count(|r| matches!(r, WriteOutcome::Rejected { .. })),
-        "HTTP upload"
-    );
-    Ok(axum::Json(json!({ "results": results })))
+        .collect()
 }
 
 /// A `version`: the record's heads, hex, comma-joined.
