@@ -56,6 +56,9 @@ try {
 
   // Sign in: a wrong password is refused with a message, the right one shows the records.
   await page.goto(url);
+  await page.getByRole("button", { name: "Sign in" }).waitFor();
+  check(!(await page.locator("#nav").isVisible()), "the sections are hidden until signed in");
+  check(!(await page.getByRole("button", { name: "Sign out" }).isVisible()), "no sign-out before sign-in");
   await page.getByLabel("Account").fill(expect.account);
   await page.getByLabel("Password").fill("not the password");
   await page.getByRole("button", { name: "Sign in" }).click();
