@@ -108,28 +108,11 @@ struct Answer {
 
 impl Https {
     fn connect(runtime: Arc<tokio::runtime::Runtime>, relay: &Relay, token: &str) -> Https {
-        let fingerprint: ferry::transport::Fingerprint =
-            relay.fingerprint.parse().expect("fingerprint");
-        let mut tls =
-            ferry::transport::client_tls(&ferry::transport::ServerTrust::Pinned(fingerprint))
-                .expect("tls");
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let addr = relay.http.clone().expect("HTTPS API");
-        let sender = runtime.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(&addr)
-                .await
-                .expect("connect");
-            tcp.set_nodelay(true).expect("nodelay");
-            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-            let stream = connector.connect(name, tcp).await.expect("TLS");
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .expect("HTTP handshake");
-            tokio::spawn(connection);
-            sender
-        });
+        let (addr, tls) = (
+            relay.http.clone().expect("HTTPS API"),
+            common::https_tls(relay),
+        );
+        let sender = runtime.block_on(common::https_connect(&addr, tls));
         Https {
             runtime,
             sender,

@@ -6,7 +6,6 @@
 mod common;
 
 use common::{Device, Relay, call, wait_converged};
-use ferry::transport::{Fingerprint, ServerTrust, client_tls};
 use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -66,12 +65,9 @@ struct Answered {
 
 impl Api {
     fn new(relay: &Relay) -> Api {
-        let fingerprint: Fingerprint = relay.fingerprint.parse().expect("fingerprint");
-        let mut tls = client_tls(&ServerTrust::Pinned(fingerprint)).expect("tls");
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Api {
             addr: relay.http.clone().expect("the relay serves HTTPS"),
-            tls: Arc::new(tls),
+            tls: common::https_tls(relay),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -119,17 +115,7 @@ impl Api {
 
     fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Answer {
         self.runtime.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(&self.addr)
-                .await
-                .expect("connect");
-            let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
-            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-            let stream = connector.connect(name, tcp).await.expect("TLS");
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .expect("HTTP handshake");
-            tokio::spawn(connection);
+            let mut sender = common::https_connect(&self.addr, self.tls.clone()).await;
             let mut request = hyper::Request::builder()
                 .method(method)
                 .uri(path)
@@ -1198,22 +1184,12 @@ impl Events<'_> {
 impl Api {
     fn events(&self, token: &str) -> Events<'_> {
         let body = self.runtime.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(&self.addr)
-                .await
-                .expect("connect");
-            let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
-            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-            let stream = connector.connect(name, tcp).await.expect("TLS");
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .expect("HTTP handshake");
-            tokio::spawn(connection);
+            let mut sender = common::https_connect(&self.addr, self.tls.clone()).await;
             let request = hyper::Request::builder()
                 .uri("/api/events")
                 .header("host", "localhost")
                 .header("authorization", format!("Bearer {token}"))
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
                 .expect("request");
             let response = sender.send_request(request).await.expect("response");
             assert_eq!(response.status(), 200);

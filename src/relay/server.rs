@@ -245,7 +245,7 @@ pub fn append_counted(
     now: u64,
 ) -> Result<(Vec<ferry_proto::wire::ChangeResult>, u64), RelayStoreError> {
     let started = std::time::Instant::now();
-    let conflicts_before = space_conflicts(store, space)?;
+    let conflicts_before = store.conflicts_total(space)?;
     let results = store.append(space, device, changes)?;
     let head = store.head(space)?;
     let took = started.elapsed();
@@ -267,18 +267,9 @@ pub fn append_counted(
             }
         }
     }
-    event.conflicts = space_conflicts(store, space)?.saturating_sub(conflicts_before);
+    event.conflicts = store.conflicts_total(space)?.saturating_sub(conflicts_before);
     metrics.activity.record(space, event, Some(head));
     Ok((results, head))
-}
-
-/// Conflicts found in the space so far.
-fn space_conflicts(store: &RelayStore, space: &str) -> Result<u64, RelayStoreError> {
-    Ok(store
-        .conflict_counts(space)?
-        .iter()
-        .map(|c| c.detected)
-        .sum())
 }
 
 /// A successful sync log entry for `device`, with nothing counted yet.

@@ -1117,3 +1117,31 @@ impl InProcessRelay {
             .expect("the relay stops cleanly");
     }
 }
+
+/// A client TLS config for the relay's HTTPS API: its certificate pinned, HTTP/1.1.
+pub fn https_tls(relay: &Relay) -> Arc<rustls::ClientConfig> {
+    let fingerprint: ferry::transport::Fingerprint =
+        relay.fingerprint.parse().expect("fingerprint");
+    let mut tls = ferry::transport::client_tls(&ferry::transport::ServerTrust::Pinned(fingerprint))
+        .expect("tls");
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(tls)
+}
+
+/// One kept-alive HTTP/1.1 connection to the HTTPS API at `addr` (run on a tokio runtime).
+pub async fn https_connect(
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let stream = connector.connect(name, tcp).await.expect("TLS");
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+    tokio::spawn(connection);
+    sender
+}
