@@ -267,7 +267,9 @@ pub fn append_counted(
             }
         }
     }
-    event.conflicts = store.conflicts_total(space)?.saturating_sub(conflicts_before);
+    event.conflicts = store
+        .conflicts_total(space)?
+        .saturating_sub(conflicts_before);
     metrics.activity.record(space, event, Some(head));
     Ok((results, head))
 }
