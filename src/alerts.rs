@@ -31,15 +31,18 @@ pub enum AlertKind {
     StorageQuota,
     /// The disk holding the data directory is running out of space.
     DiskFree,
+    /// Relay log entries this device could not apply were set aside.
+    Quarantined,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 5] = [
+    pub const ALL: [AlertKind; 6] = [
         AlertKind::SyncFailures,
         AlertKind::ConflictRate,
         AlertKind::Inconsistency,
         AlertKind::StorageQuota,
         AlertKind::DiskFree,
+        AlertKind::Quarantined,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +52,7 @@ impl AlertKind {
             AlertKind::Inconsistency => "inconsistency",
             AlertKind::StorageQuota => "storage_quota",
             AlertKind::DiskFree => "disk_free",
+            AlertKind::Quarantined => "quarantined",
         }
     }
 }
@@ -272,6 +276,23 @@ impl Alerts {
                  the relay may have been restored from an older copy; see the README's Alerts section"
             )
         })
+    }
+
+    /// `count` relay log entries are quarantined on this device (none: the alert clears).
+    pub fn quarantined(&mut self, count: u64, now_ms: u64) -> Option<Transition> {
+        self.judge(
+            AlertKind::Quarantined,
+            count as f64,
+            1.0,
+            Bad::Above,
+            now_ms,
+            || {
+                format!(
+                    "{count} relay log entries could not be applied and were set aside: see \
+                     `ferry status` (quarantined) and the relay's version"
+                )
+            },
+        )
     }
 
     pub fn storage_used(&mut self, bytes: u64, now_ms: u64) -> Option<Transition> {

@@ -826,6 +826,10 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
                         print_alerts(v);
                         continue;
                     }
+                    if k == "quarantined" {
+                        print_quarantined(v);
+                        continue;
+                    }
                     println!(
                         "{k}: {}",
                         v.as_str().map_or_else(|| v.to_string(), str::to_owned)
@@ -849,6 +853,20 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         | Command::Export { .. } => unreachable!("handled in run()"),
     }
     Ok(())
+}
+
+/// How many relay log entries this device could not apply, and one line for each listed.
+fn print_quarantined(quarantined: &Value) {
+    println!("quarantined: {} log entries", quarantined["count"]);
+    for q in quarantined["entries"].as_array().into_iter().flatten() {
+        println!(
+            "  seq {} {}/{}: {}",
+            q["seq"],
+            q["collection"].as_str().unwrap_or(""),
+            q["record"].as_str().unwrap_or(""),
+            q["reason"].as_str().unwrap_or("")
+        );
+    }
 }
 
 /// One line per active alert: its kind, since when, and what to do.

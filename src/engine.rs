@@ -843,6 +843,10 @@ impl Engine {
         self.alerts.observe("", at, |a, now| {
             a.changes_applied(round.downloaded, round.conflicts, now)
         });
+        match self.service.store().quarantined(0) {
+            Ok((count, _)) => self.alerts.observe("", at, |a, now| a.quarantined(count, now)),
+            Err(e) => tracing::warn!(error = %e, "cannot count quarantined log entries"),
+        }
         let took_ms = took.as_millis() as u64;
         let (uploaded, downloaded) = (round.uploaded, round.downloaded);
         if uploaded + downloaded > 0 {
@@ -943,21 +947,40 @@ impl Engine {
         error_message: Option<String>,
         conflicts: u64,
     ) {
-        let store = self.service.store();
-        let entry = SyncLogEntry {
-            id: 0,
-            timestamp: now_ms(),
+        append_sync_log(
+            self.service.store(),
             direction,
             records_processed,
             status,
             error_message,
-            user_id: None,
-            device_id: store.device_id().to_string(),
             conflicts,
-        };
-        if let Err(e) = store.log_append(entry) {
-            tracing::warn!(error = %e, "cannot write the SyncLog entry");
-        }
+        );
+    }
+}
+
+/// Appends one phase's entry to the device's SyncLog (a failure to is logged, not raised: the
+/// SyncLog is a record of sync, not part of it).
+fn append_sync_log(
+    store: &crate::store::Store,
+    direction: Direction,
+    records_processed: u64,
+    status: SyncOutcome,
+    error_message: Option<String>,
+    conflicts: u64,
+) {
+    let entry = SyncLogEntry {
+        id: 0,
+        timestamp: now_ms(),
+        direction,
+        records_processed,
+        status,
+        error_message,
+        user_id: None,
+        device_id: store.device_id().to_string(),
+        conflicts,
+    };
+    if let Err(e) = store.log_append(entry) {
+        tracing::warn!(error = %e, "cannot write the SyncLog entry");
     }
 }
 
@@ -1006,10 +1029,36 @@ pub fn carry_out(
             if found > 0 {
                 tracing::info!(conflicts = found, "conflicts found in the relay's changes");
             }
+            if !outcome.quarantined.is_empty() {
+                log_quarantined(store, &outcome.quarantined);
+            }
             session.applied(through, now);
         }
     }
     Ok(found)
+}
+
+/// Tells the SyncLog (and the log) of relay log entries `apply_remote` set aside.
+fn log_quarantined(store: &crate::store::Store, quarantined: &[crate::store::sync::Quarantined]) {
+    let listed: Vec<String> = quarantined
+        .iter()
+        .map(|q| format!("seq {} {}/{}: {}", q.seq, q.collection, q.record, q.reason))
+        .collect();
+    tracing::warn!(count = quarantined.len(), entries = %listed.join("; "),
+        "relay log entries could not be applied: quarantined, the device moves past them");
+    let message = format!(
+        "{} log entries could not be applied and were quarantined (see `ferry status`): {}",
+        quarantined.len(),
+        listed.join("; ")
+    );
+    append_sync_log(
+        store,
+        Direction::Download,
+        quarantined.len() as u64,
+        SyncOutcome::Partial,
+        Some(message),
+        0,
+    );
 }
 
 /// Registers the device whose data directory is `data_dir` (and whose key is `key`) with the

@@ -553,6 +553,14 @@ impl DaemonMetrics {
             "1 while the daemon holds a session with its relay, else 0.",
             i64::from(status.is_some_and(|s| s.state == ConnectionState::Connected)),
         );
+        match store.quarantined(0) {
+            Ok((count, _)) => out.gauge(
+                "ferry_quarantined_entries",
+                "Relay log entries this device could not apply and set aside.",
+                i64::try_from(count).unwrap_or(i64::MAX),
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot count quarantined entries for metrics"),
+        }
         match store.size_on_disk() {
             Ok(bytes) => out.gauge(
                 "ferry_storage_bytes",

@@ -52,6 +52,10 @@ pub enum RecordError {
         "{count} change(s) depend on changes this document does not hold (first missing: {first}): apply those first"
     )]
     MissingDependencies { count: usize, first: String },
+    #[error(
+        "Automerge failed applying the change ({0}): the change is malformed; the record must be loaded again"
+    )]
+    ApplyPanicked(String),
 }
 
 const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
@@ -166,6 +170,15 @@ fn decode_untrusted<T>(
             "the Automerge decoder failed on malformed bytes".into(),
         )),
     }
+}
+
+/// The text a panic carried, for an error message.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned())
 }
 
 /// Decodes one change received from another device or the relay. Only an uncompressed change
@@ -568,11 +581,35 @@ impl Record {
             });
         }
         let before = self.doc.get_heads();
-        if let Err(e) = self.doc.apply_changes(fresh) {
-            self.restore(&before)?;
-            return Err(e.into());
+        // Automerge 0.12 panics on some changes that decode fine, such as an operation on an
+        // object the document does not have ("Missing from Index"). After a panic the document's
+        // state is unknown, so it is replaced by an empty one and the caller loads it again.
+        let doc = &mut self.doc;
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            doc.apply_changes(fresh)
+        }));
+        match applied {
+            Ok(Ok(())) => Ok(self.doc.get_heads() != before),
+            Ok(Err(e)) => {
+                self.restore(&before)?;
+                Err(e.into())
+            }
+            Err(panic) => {
+                let actor = self.doc.get_actor().clone();
+                self.doc = AutoCommit::new().with_actor(actor);
+                Err(RecordError::ApplyPanicked(panic_message(panic.as_ref())))
+            }
         }
-        Ok(self.doc.get_heads() != before)
+    }
+
+    /// The sequence number of `actor`'s latest change to this record (0 when it has none): the
+    /// next change of that actor must have this plus one.
+    pub fn last_seq_of(&mut self, actor: &ActorId) -> u64 {
+        let own = self.doc.get_actor().clone();
+        self.doc.set_actor(actor.clone());
+        let seq = self.doc.get_last_local_change().map_or(0, |c| c.seq());
+        self.doc.set_actor(own);
+        seq
     }
 
     /// Puts the document back to `heads` after Automerge failed half way through applying

@@ -108,10 +108,13 @@ impl From<StoreError> for ApiError {
             | StoreError::Decode { .. }
             | StoreError::Record(RecordError::Corrupt(_)) => code::CORRUPT,
             StoreError::Storage(KvError::Io(_)) => code::STORAGE,
-            StoreError::Transition(_) | StoreError::RemoteEntry { .. } => code::INVALID_STATE,
+            StoreError::Transition(_) => code::INVALID_STATE,
             StoreError::WrongDevice { .. }
             | StoreError::UnsupportedFormat(_)
-            | StoreError::Record(RecordError::Automerge(_)) => code::INTERNAL,
+            | StoreError::Panicked { .. }
+            | StoreError::Record(RecordError::Automerge(_) | RecordError::ApplyPanicked(_)) => {
+                code::INTERNAL
+            }
         };
         ApiError::new(code, e.to_string())
     }
@@ -184,7 +187,7 @@ impl Job {
         // The caller may have gone away; its work stands either way.
         match self {
             Job::Writes { writes, reply } => {
-                let result = store.write_all(writes);
+                let result = supervised("a write", || store.write_all(writes));
                 Box::new(move |flushed| {
                     let _ = reply.send(after_flush(flushed, result));
                 })
@@ -194,19 +197,38 @@ impl Job {
                 through,
                 reply,
             } => {
-                let result = store.apply_remote(&entries, through);
+                let result = supervised("applying the relay's changes", || {
+                    store.apply_remote(&entries, through)
+                });
                 Box::new(move |flushed| {
                     let _ = reply.send(after_flush(flushed, result));
                 })
             }
             Job::Resolve { request, reply } => {
-                let result = store.resolve_conflict(&request.id, request.take, request.data);
+                let result = supervised("a conflict resolution", || {
+                    store.resolve_conflict(&request.id, request.take, request.data)
+                });
                 Box::new(move |flushed| {
                     let _ = reply.send(after_flush(flushed, result));
                 })
             }
         }
     }
+}
+
+/// Runs one job's work so that a panic in it fails that job only, never the committer thread
+/// (and with it every later write). The store stages a job's work in a batch it applies at the
+/// end, and takes documents out of its cache while it works on them, so an unwound job leaves
+/// nothing half-written behind.
+fn supervised<T>(
+    work: &'static str,
+    run: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+        let message = crate::record::panic_message(panic.as_ref());
+        tracing::error!(work, message, "a committer job panicked; the daemon goes on");
+        Err(StoreError::Panicked { work, message })
+    })
 }
 
 fn after_flush<T>(
@@ -415,7 +437,7 @@ impl Service {
     ) -> Result<T, ApiError> {
         match &self.committer {
             Committer::Direct => {
-                let done = work(&self.store, payload)?;
+                let done = supervised("a store operation", || work(&self.store, payload))?;
                 self.store.flush()?;
                 Ok(done)
             }
@@ -660,6 +682,27 @@ impl Service {
         Ok(json!({ "retried": ids }))
     }
 
+    /// The relay log entries this device could not apply (`Store::apply_remote`): how many,
+    /// and the first of them, each with its log position, record, change hash and reason.
+    fn quarantined(&self) -> Result<Value, ApiError> {
+        const LISTED: usize = 20;
+        let (count, entries) = self.store.quarantined(LISTED)?;
+        let entries: Vec<Value> = entries
+            .iter()
+            .map(|q| {
+                json!({
+                    "seq": q.seq,
+                    "collection": q.collection,
+                    "record": q.record,
+                    "hash": q.hash,
+                    "reason": q.reason,
+                    "at_ms": q.at_ms,
+                })
+            })
+            .collect();
+        Ok(json!({ "count": count, "entries": entries }))
+    }
+
     fn status(&self) -> Result<Value, ApiError> {
         let collections = self.store.collections()?;
         let documents: u64 = collections.iter().map(|(_, n)| n).sum();
@@ -679,6 +722,7 @@ impl Service {
                 "counts": self.store.conflict_counts()?,
             },
             "store_bytes": self.store.size_on_disk()?,
+            "quarantined": self.quarantined()?,
         }))
     }
 }

@@ -5,14 +5,21 @@
 //! the log, materialising documents on demand into a bounded cache, and counting the conflicts
 //! changes bring as they meet in the log.
 //!
+//! Validation: a change is logged only if it is written under the uploader's own actor (its
+//! device id; the web actor's for the relay's HTTP writes), its sequence number is exactly one
+//! more than that actor's last on the record (no gap, no reuse), and it applies to the record's
+//! document (the relay's own copy, kept current in the cache) without error or panic. So every
+//! logged change can be applied by every device, in log order. A refused change is answered
+//! `Rejected{InvalidChange}` with a message starting `validation:` and the reason; nothing of it
+//! is written, and a later change of the same upload built on it is refused with it.
+//!
 //! Conflict detection on the relay is a count for operators, not a decision: devices detect and
 //! settle conflicts themselves, with their collections' policies. The relay classifies every
 //! change under the `merge` policy, and checks unique constraints only for the collections its
-//! own config declares them for (every change to such a collection loads its record's document,
-//! to read the values). It is cheap by design:
-//! a change whose dependencies are exactly the record's logged heads (a fast-forward, the common
-//! case) conflicts with nothing and loads no document; only a change concurrent with logged ones
-//! has its record's document loaded and `resolve::detect` run against the heads before it.
+//! own config declares them for (reading the values from the record's document). It is cheap
+//! by design: a change whose dependencies are exactly the record's logged heads (a fast-forward,
+//! the common case) conflicts with nothing; only a change concurrent with logged ones has
+//! `resolve::detect` run against the heads before it.
 //!
 //! Must not touch: the network, sessions or authentication (the caller has decided that `origin`
 //! may write to `space`), and the device's store.
@@ -135,11 +142,14 @@ pub struct RelayConflictCount {
 struct Staging {
     /// Changes stored earlier in this call, by record and hash, with their seq.
     added: HashMap<ChangeKey, u64>,
+    /// Changes refused in this call for what they are (not for a missing dependency), by
+    /// record and hash, with the reason: a later change of the call built on one is refused too.
+    refused: HashMap<ChangeKey, String>,
     /// Records touched in this call, with their appended (tail) seqs, this call's included.
     tails: HashMap<RecordKey, Vec<u64>>,
     /// Records touched in this call, with their logged heads after this call's changes.
     heads: HashMap<RecordKey, Vec<ChangeHash>>,
-    /// Documents loaded in this call for detection, kept current with its changes.
+    /// Documents of the records this call touched, kept current with its stored changes.
     docs: HashMap<RecordKey, Record>,
     /// Conflicts found in this call, by kind and collection.
     conflicts: BTreeMap<(ConflictKind, String), u64>,
@@ -287,23 +297,28 @@ impl RelayStore {
             );
         }
         {
-            // The documents these changes touch are read again from storage when next needed,
-            // unless detection loaded them: those hold every change of this call.
+            // A touched record's document comes back below from `staging.docs`, which holds every
+            // change of this call; one dropped after a failed apply is read again when needed.
             let mut cache = lock(&self.cache);
             for (collection, record) in staging.tails.keys() {
                 cache.pop(&(space.to_owned(), collection.clone(), record.clone()));
             }
         }
-        if !batch.is_empty() {
+        let appended = !batch.is_empty();
+        if appended {
             self.kv.apply(batch)?;
             // The entries are in the log from here on, flushed or not: the next call must
             // number after them, never over them.
             *head = next - 1;
-            let mut cache = lock(&self.cache);
-            for ((collection, record), doc) in staging.docs {
-                cache.put((space.to_owned(), collection, record), doc);
-            }
-            drop(cache);
+        }
+        // Validation loaded every document the call touched, each holding what storage now
+        // holds: they stay cached for the next change to the same records.
+        let mut cache = lock(&self.cache);
+        for ((collection, record), doc) in staging.docs {
+            cache.put((space.to_owned(), collection, record), doc);
+        }
+        drop(cache);
+        if appended {
             for ((kind, _), found) in &staging.conflicts {
                 if let Some(i) = ConflictKind::ALL.iter().position(|k| k == kind)
                     && let Some(counter) = self.conflicts_found.get(i)
@@ -336,6 +351,19 @@ impl RelayStore {
             Ok(c) => c,
             Err(e) => return Ok(rejected(ErrorCode::InvalidChange, e.to_string())),
         };
+        // A device writes every change under its own actor (its device id), so a change under
+        // another actor is someone else's change passed off as the uploader's, or a change its
+        // author never uploaded: either way not the uploader's to log.
+        let actor = change.actor_id().to_hex_string();
+        if actor != origin {
+            return Ok(rejected(
+                ErrorCode::InvalidChange,
+                format!(
+                    "validation: the change is written under actor {actor}, not under the \
+                     uploading device's own ({origin}): a device uploads only its own changes"
+                ),
+            ));
+        }
         // Changes are identified per record: two records can hold byte-identical changes (the
         // same device creating both with the same fields in the same millisecond), and each
         // record's document needs its own.
@@ -348,7 +376,18 @@ impl RelayStore {
         if let Some(seq) = self.indexed(space, collection, record, &hash)? {
             return Ok(ChangeOutcome::Duplicate { seq });
         }
+        let refuse = |staging: &mut Staging, reason: String| {
+            staging.refused.insert(change_key(hash), reason.clone());
+            Ok(rejected(
+                ErrorCode::InvalidChange,
+                format!("validation: {reason}"),
+            ))
+        };
         for dep in change.deps() {
+            if let Some(reason) = staging.refused.get(&change_key(dep.0)) {
+                let reason = format!("the change depends on {dep}, refused in this upload ({reason})");
+                return refuse(staging, reason);
+            }
             let held = staging.added.contains_key(&change_key(dep.0))
                 || self.indexed(space, collection, record, &dep.0)?.is_some();
             if !held {
@@ -362,22 +401,66 @@ impl RelayStore {
             }
         }
         let record_key = (upload.collection.clone(), upload.record.clone());
-        if !staging.tails.contains_key(&record_key) {
-            let base = key(b'b', &[space, collection, record]);
-            let tail = if self.kv.get(&base)?.is_some() {
-                self.tail_seqs(space, collection, record)?
+        let new_record = match staging.tails.get(&record_key) {
+            Some(_) => false,
+            None => {
+                let base = key(b'b', &[space, collection, record]);
+                if self.kv.get(&base)?.is_some() {
+                    let tail = self.tail_seqs(space, collection, record)?;
+                    staging.tails.insert(record_key.clone(), tail);
+                    false
+                } else {
+                    true
+                }
+            }
+        };
+        let mut doc = match staging.docs.remove(&record_key) {
+            Some(doc) => doc,
+            None if new_record => Record::new(&self.actor),
+            None => self.record_doc(space, &record_key, staging, batch)?,
+        };
+        let last = doc.last_seq_of(change.actor_id());
+        if change.seq() != last + 1 {
+            staging.docs.insert(record_key, doc);
+            let reason = if change.seq() <= last {
+                format!(
+                    "the change has sequence number {}, which its actor already used on \
+                     {collection}/{record} (its last is {last})",
+                    change.seq()
+                )
             } else {
-                // A new record's first change is its base, as it is: no tail key needed. It has
-                // no dependencies (none can be held yet), so it meets nothing.
-                batch.put(base, upload.change.clone());
-                staging.tails.insert(record_key.clone(), Vec::new());
-                self.log(space, origin, upload, seq, hash, staging, batch);
-                self.check_unique(space, seq, &record_key, staging, batch)?;
-                return Ok(ChangeOutcome::Stored { seq });
+                format!(
+                    "the change has sequence number {}, but its actor's last change to \
+                     {collection}/{record} is number {last}: a change must follow the one before",
+                    change.seq()
+                )
             };
-            staging.tails.insert(record_key.clone(), tail);
+            return refuse(staging, reason);
         }
-        self.meet(space, seq, &record_key, change, staging, batch)?;
+        // Applied on the relay's own copy of the document before anything is logged, so that
+        // every logged change is one every device can apply.
+        let before = doc.heads();
+        if let Err(e) = doc.apply_decoded(vec![change.clone()]) {
+            if !matches!(e, RecordError::ApplyPanicked(_)) {
+                staging.docs.insert(record_key, doc);
+            }
+            return refuse(
+                staging,
+                format!("the change cannot be applied to {collection}/{record}: {e}"),
+            );
+        }
+        if new_record {
+            // A new record's first change is its base, as it is: no tail key needed. It has no
+            // dependencies (none can be held yet), so it meets nothing.
+            batch.put(key(b'b', &[space, collection, record]), upload.change.clone());
+            staging.tails.insert(record_key.clone(), Vec::new());
+            staging.docs.insert(record_key.clone(), doc);
+            self.log(space, origin, upload, seq, hash, staging, batch);
+            self.check_unique(space, seq, &record_key, staging, batch)?;
+            return Ok(ChangeOutcome::Stored { seq });
+        }
+        self.meet(space, seq, &record_key, &change, before, &mut doc, staging);
+        staging.docs.insert(record_key.clone(), doc);
         self.log(space, origin, upload, seq, hash, staging, batch);
         batch.put(seq_key(b't', &[space, collection, record], seq), Vec::new());
         if let Some(tail) = staging.tails.get_mut(&record_key) {
@@ -508,77 +591,49 @@ impl RelayStore {
             .insert((collection.clone(), record.clone(), hash), seq);
     }
 
-    /// Meets an existing record's new change with the changes logged before it: moves the
-    /// record's heads, and counts the conflict it brings, if any. A change built on exactly the
-    /// logged heads touches no document.
+    /// Meets an existing record's new change, already applied to `doc`, with the changes logged
+    /// before it (whose heads are `before`): moves the record's heads, and counts the conflict
+    /// it brings, if any. A change built on exactly the logged heads conflicts with nothing.
+    #[allow(clippy::too_many_arguments)]
     fn meet(
         &self,
         space: &str,
         seq: u64,
         record_key: &RecordKey,
-        change: Change,
+        change: &Change,
+        before: Vec<ChangeHash>,
+        doc: &mut Record,
         staging: &mut Staging,
-        batch: &Batch,
-    ) -> Result<(), RelayStoreError> {
+    ) {
         let (collection, record) = (record_key.0.as_str(), record_key.1.as_str());
-        let before = match staging.heads.get(record_key) {
-            Some(heads) => heads.clone(),
-            None => self.logged_heads(space, record_key, staging, batch)?,
-        };
         let hash = change.hash();
         let deps: BTreeSet<ChangeHash> = change.deps().iter().copied().collect();
-        // A dependency is logged, so it can no longer be a head; a head that is not a dependency
-        // stays one, as the change did not see it.
-        let mut after: Vec<ChangeHash> = before
-            .iter()
-            .filter(|h| !deps.contains(h))
-            .copied()
-            .chain([hash])
-            .collect();
-        after.sort();
-        staging.heads.insert(record_key.clone(), after);
-        let fast_forward = deps == before.iter().copied().collect::<BTreeSet<_>>();
-        if fast_forward && !staging.docs.contains_key(record_key) {
-            return Ok(());
+        staging.heads.insert(record_key.clone(), doc.heads());
+        if deps == before.iter().copied().collect::<BTreeSet<_>>() {
+            return;
         }
-        let mut doc = match staging.docs.remove(record_key) {
-            Some(doc) => doc,
-            None => self.record_doc(space, record_key, staging, batch)?,
+        let at = LogPosition {
+            seq,
+            collection,
+            record,
         };
-        if let Err(e) = doc.apply_decoded(vec![change]) {
-            // The change is logged all the same (devices refuse it the same way when they apply
-            // it); the document is dropped as it no longer follows the log.
-            tracing::warn!(space, collection, record, seq, error = %e,
-                "a logged change cannot be applied to its record's document: not checked for conflicts");
-            return Ok(());
-        }
-        if !fast_forward {
-            let at = LogPosition {
-                seq,
+        let detection = resolve::detect(doc.automerge(), &before, &hash, at, &Policy::default());
+        if let Some(conflict) = detection.conflict {
+            tracing::info!(
+                space,
                 collection,
                 record,
-            };
-            let detection =
-                resolve::detect(doc.automerge(), &before, &hash, at, &Policy::default());
-            if let Some(conflict) = detection.conflict {
-                tracing::info!(
-                    space,
-                    collection,
-                    record,
-                    seq,
-                    kind = conflict.kind.as_str(),
-                    conflict = %conflict.id,
-                    fields = conflict.fields.len(),
-                    "conflict found"
-                );
-                *staging
-                    .conflicts
-                    .entry((conflict.kind, collection.to_owned()))
-                    .or_insert(0) += 1;
-            }
+                seq,
+                kind = conflict.kind.as_str(),
+                conflict = %conflict.id,
+                fields = conflict.fields.len(),
+                "conflict found"
+            );
+            *staging
+                .conflicts
+                .entry((conflict.kind, collection.to_owned()))
+                .or_insert(0) += 1;
         }
-        staging.docs.insert(record_key.clone(), doc);
-        Ok(())
     }
 
     /// The record's logged heads as stored; for a record with one change (whose heads are not
@@ -686,7 +741,27 @@ impl RelayStore {
             .iter()
             .map(|&seq| self.change_at(space, seq, batch))
             .collect::<Result<Vec<_>, _>>()?;
-        doc.apply_changes(&changes)?;
+        if doc.apply_changes(&changes).is_ok() {
+            return Ok(Some(doc));
+        }
+        // A log written before every change was validated may hold changes that cannot be
+        // applied. The document is then what the others make, as on devices, which quarantine
+        // such entries: one bad change must not make the record unusable.
+        let mut doc = Record::load(&base, &self.actor)?;
+        let mut applied = Vec::with_capacity(changes.len());
+        for (change, seq) in changes.into_iter().zip(tail) {
+            match doc.apply_changes(std::slice::from_ref(&change)) {
+                Ok(_) => applied.push(change),
+                Err(e) => {
+                    tracing::warn!(space, collection, record, seq, error = %e,
+                        "a logged change cannot be applied to its record's document: left out");
+                    if matches!(e, RecordError::ApplyPanicked(_)) {
+                        doc = Record::load(&base, &self.actor)?;
+                        doc.apply_changes(&applied)?;
+                    }
+                }
+            }
+        }
         Ok(Some(doc))
     }
 

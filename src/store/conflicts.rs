@@ -349,7 +349,9 @@ impl Store {
     /// This device's own changes coming back in the log, each building on the logged heads
     /// before it (the usual case): their place in the log is all they add, since the document
     /// already holds them, so it is not even loaded. False, with nothing done, for anything else
-    /// (another device's change, a resolution, a change concurrent with logged ones).
+    /// (another device's change, a resolution, a change concurrent with logged ones, or one
+    /// under this device's actor that it does not hold: someone else's change passed off as its
+    /// own is applied, or refused, like any other).
     pub(super) fn fast_forward_own(
         &self,
         ledger: &mut Ledger,
@@ -365,6 +367,15 @@ impl Store {
         let Some(state) = self.logged_state(key)? else {
             return Ok(false);
         };
+        // The last change is held when it is one of the document's heads, and the chain checked
+        // below (each change built on the one before) makes the others its ancestors, which a
+        // change's hash covers. Otherwise the document is loaded and tells.
+        let held = changes
+            .last()
+            .is_some_and(|(_, last)| state.document().contains(&last.hash()));
+        if !held {
+            return Ok(false);
+        }
         let mut logged = state.logged();
         for (_, change) in changes {
             let deps: BTreeSet<&ChangeHash> = change.deps().iter().collect();

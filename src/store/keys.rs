@@ -15,6 +15,8 @@
 //! - `uv{collection}\0{constraint u32 big-endian}{value JSON}`: the records holding a unique value
 //!   (and the open clashes over it); `ur{collection}\0{id}`: the unique values a record holds.
 //! - `k{counter}\0{kind}\0{collection}` → u64 big-endian: conflict counters.
+//! - `z{seq u64 big-endian}`: a relay log entry this device could not apply, kept with why
+//!   (`sync::Quarantined`).
 
 use super::StoreError;
 
@@ -31,6 +33,7 @@ pub const CURSOR: &[u8] = b"c";
 pub const CONFLICT: &[u8] = b"xe";
 pub const CONFLICT_OPEN: &[u8] = b"xo";
 pub const CONFLICT_COUNTER: &[u8] = b"k";
+pub const QUARANTINE: &[u8] = b"z";
 
 /// `{prefix}{a}\0{b}`: the layout of every per-record key.
 fn record_key(prefix: &[u8], collection: &str, id: &str) -> Vec<u8> {
@@ -136,6 +139,10 @@ fn seq_key(prefix: &[u8], n: u64) -> Vec<u8> {
 
 pub fn queue(id: u64) -> Vec<u8> {
     seq_key(QUEUE, id)
+}
+
+pub fn quarantine(seq: u64) -> Vec<u8> {
+    [QUARANTINE, &seq.to_be_bytes()].concat()
 }
 
 pub fn log(id: u64) -> Vec<u8> {

@@ -63,13 +63,9 @@ pub enum StoreError {
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error(
-        "log entry {seq} for {address} cannot be applied ({reason}): nothing was applied; download the log again from the cursor"
+        "{work} failed unexpectedly ({message}): nothing of it was written; the daemon goes on, please report this as a bug"
     )]
-    RemoteEntry {
-        seq: u64,
-        address: String,
-        reason: String,
-    },
+    Panicked { work: &'static str, message: String },
     #[error("stored {what} cannot be decoded ({detail}): the store is damaged")]
     Decode { what: &'static str, detail: String },
     #[error(transparent)]
@@ -1017,6 +1013,12 @@ impl WorkingSet {
         {
             self.records.remove(key);
         }
+    }
+
+    /// Forgets the record's document (one a failed apply may have left broken): the next
+    /// `take` loads it from storage again.
+    fn discard(&mut self, key: &CacheKey) {
+        self.records.remove(key);
     }
 
     /// The documents to put back into the cache once the batch has landed.

@@ -12,15 +12,16 @@
 use super::conflicts::Ledger;
 use super::kv::{Batch, Kv};
 use super::{CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry};
-use crate::record::decode_change;
+use crate::record::{Record, RecordError, decode_change};
 use crate::resolve;
 use automerge::Change;
 use ferry_proto::wire::{ChangeOutcome, ChangeResult, LogEntry};
 use ferry_proto::{
     Operation, QueueStatus, SyncQueueEntry, validate_collection, validate_record_id,
 };
-use serde::Serialize;
-use std::collections::{BTreeSet, HashMap};
+use serde::{Deserialize, Serialize};
+use lru::LruCache;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// The cursor name under which the relay's log position is kept.
 pub const RELAY_CURSOR: &str = "relay";
@@ -60,6 +61,41 @@ pub struct RemoteOutcome {
     pub applied: Vec<RemoteApplied>,
     /// Conflicts found, or changed (resolved), by these entries, in log order.
     pub conflicts: Vec<crate::resolve::Conflict>,
+    /// Entries that could not be applied, kept aside; the cursor moved past them.
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// A relay log entry this device could not apply (malformed, its dependencies missing, or
+/// refused by Automerge): kept with its position and why, so that it can be looked at, while
+/// the rest of the log goes on being applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quarantined {
+    /// Its position in the relay's log.
+    pub seq: u64,
+    pub collection: String,
+    pub record: String,
+    /// The change's hash (hex), when its bytes are one change.
+    pub hash: Option<String>,
+    /// Why it was not applied.
+    pub reason: String,
+    /// When it was quarantined (unix ms).
+    pub at_ms: u64,
+    /// The entry's change bytes, as the relay sent them.
+    pub change: Vec<u8>,
+}
+
+impl Quarantined {
+    fn new(entry: &LogEntry, reason: String, at_ms: u64) -> Self {
+        Quarantined {
+            seq: entry.seq,
+            collection: entry.collection.clone(),
+            record: entry.record.clone(),
+            hash: crate::record::chunk_hash(&entry.change),
+            reason,
+            at_ms,
+            change: entry.change.clone(),
+        }
+    }
 }
 
 /// Builds the pending index for a store made before it existed. Runs once: the marker key is
@@ -228,6 +264,19 @@ impl Store {
         Ok(summary)
     }
 
+    /// How many relay log entries are quarantined, and the first `limit` of them (oldest first).
+    pub fn quarantined(&self, limit: usize) -> Result<(u64, Vec<Quarantined>), StoreError> {
+        let end = keys::prefix_end(keys::QUARANTINE);
+        let count = self.kv.count(keys::QUARANTINE, &end)?;
+        let entries = self
+            .kv
+            .range(keys::QUARANTINE, &end, limit)?
+            .iter()
+            .map(|(_, bytes)| decode(bytes, "quarantined entry"))
+            .collect::<Result<_, _>>()?;
+        Ok((count, entries))
+    }
+
     /// How far this device has applied the relay's log (0 before the first download).
     pub fn sync_cursor(&self) -> Result<u64, StoreError> {
         match self.cursor(RELAY_CURSOR)? {
@@ -247,13 +296,15 @@ impl Store {
     /// Records that do not exist yet are created; no queue entries are made. Each change then
     /// meets, in log order, the record's changes logged before it, and the conflicts that brings
     /// are recorded in the same batch (see `conflicts`). This device's own changes come back in
-    /// the log too: they change no document but take their place in that order. Returns the
-    /// records that changed and the conflicts found or resolved. Durable after `flush`.
+    /// the log too: those it holds (same hash) change no document but take their place in that
+    /// order. Returns the records that changed, the conflicts found or resolved, and the entries
+    /// quarantined. Durable after `flush`.
     ///
-    /// If any entry cannot be applied (malformed, or its dependencies are missing), nothing is
-    /// written and the error names it. Skipping it instead would move the cursor past a change
-    /// this device never got; the relay's log is causally closed, so such an entry means the
-    /// download was damaged or incomplete, and reading again from the cursor is the fix.
+    /// An entry that cannot be applied (malformed, its dependencies missing, refused by
+    /// Automerge, or making it panic) is quarantined: kept under its seq with the reason, in the
+    /// same batch, and left out, as is any later entry built on it. The relay validates every
+    /// change before logging it, so this only happens with a log written by an older relay or a
+    /// faulty one; moving past it keeps one bad entry from blocking the rest of the space.
     ///
     /// The cursor never moves backwards: a late answer to an older download cannot rewind it.
     pub fn apply_remote(
@@ -261,6 +312,8 @@ impl Store {
         entries: &[LogEntry],
         through: u64,
     ) -> Result<RemoteOutcome, StoreError> {
+        let now = self.clock.now_ms();
+        let mut quarantined = Vec::new();
         let mut order: Vec<CacheKey> = Vec::new();
         // Entries of collections with unique constraints, in log order: they are checked against
         // each other once every record is applied.
@@ -268,15 +321,17 @@ impl Store {
         // Each record's changes, decoded once, with their seqs.
         let mut groups: HashMap<CacheKey, Vec<(u64, Change)>> = HashMap::new();
         for entry in entries {
-            let invalid = |reason: String| StoreError::RemoteEntry {
-                seq: entry.seq,
-                address: format!("{}/{}", entry.collection, entry.record),
-                reason,
-            };
-            validate_collection(&entry.collection, &self.options.limits)
+            let decoded = validate_collection(&entry.collection, &self.options.limits)
                 .and_then(|()| validate_record_id(&entry.record, &self.options.limits))
-                .map_err(|e| invalid(e.to_string()))?;
-            let change = decode_change(&entry.change).map_err(|e| invalid(e.to_string()))?;
+                .map_err(|e| e.to_string())
+                .and_then(|()| decode_change(&entry.change).map_err(|e| e.to_string()));
+            let change = match decoded {
+                Ok(change) => change,
+                Err(reason) => {
+                    quarantined.push(Quarantined::new(entry, reason, now));
+                    continue;
+                }
+            };
             let key = (entry.collection.clone(), entry.record.clone());
             if !self.policy(&key.0).unique.is_empty() {
                 across_records.push((key.clone(), change.hash(), entry.seq));
@@ -305,32 +360,37 @@ impl Store {
         let mut applied = Vec::new();
         for key in order {
             let group = groups.remove(&key).unwrap_or_default();
-            let first = group.first().map_or(0, |(seq, _)| *seq);
-            let positions: Vec<(automerge::ChangeHash, u64)> =
-                group.iter().map(|(seq, c)| (c.hash(), *seq)).collect();
+            let policy = self.options.policies.of(&key.0);
+            if policy.unique.is_empty() && self.fast_forward_own(&mut ledger, &key, &group)? {
+                continue;
+            }
+            let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
+            self.seed_logged(&mut ledger, &key, record)?;
+            let existed = record.exists();
+            let was_deleted = existed && resolve::is_deleted(record, policy);
+            let changes = group.iter().map(|(_, c)| c.clone()).collect();
+            let (group, changed) = match record.apply_decoded(changes) {
+                Ok(changed) => (group, changed),
+                Err(_) => {
+                    let mut refused = Vec::new();
+                    let kept =
+                        self.apply_each(&key, group, &mut working, &mut cache, &mut refused)?;
+                    for (seq, reason) in refused {
+                        if let Some(entry) = entries.iter().find(|e| e.seq == seq) {
+                            tracing::warn!(seq, collection = %key.0, record = %key.1, %reason,
+                                "a log entry cannot be applied: quarantined");
+                            quarantined.push(Quarantined::new(entry, reason, now));
+                        }
+                    }
+                    kept
+                }
+            };
+            let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
             // The device that wrote the last of the changes, as subscribers are told.
             let device = group
                 .last()
                 .map(|(_, c)| c.actor_id().to_hex_string())
                 .unwrap_or_default();
-            let policy = self.options.policies.of(&key.0);
-            if policy.unique.is_empty() && self.fast_forward_own(&mut ledger, &key, &group)? {
-                continue;
-            }
-            let changes = group.into_iter().map(|(_, c)| c).collect();
-            let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
-            self.seed_logged(&mut ledger, &key, record)?;
-            let existed = record.exists();
-            let was_deleted = existed && resolve::is_deleted(record, policy);
-            let changed = record.apply_decoded(changes).map_err(|e| {
-                // Every entry decoded, so this is a dependency missing from the record's
-                // changes as a whole: name the record's first entry.
-                StoreError::RemoteEntry {
-                    seq: first,
-                    address: format!("{}/{}", key.0, key.1),
-                    reason: e.to_string(),
-                }
-            })?;
             if changed {
                 let deleted = resolve::is_deleted(record, policy);
                 let operation = if deleted {
@@ -353,11 +413,15 @@ impl Store {
             ledger.documents.insert(key.clone(), record.heads());
             if policy.unique.is_empty() {
                 // Detection within one record needs only that record's order.
-                for position in positions {
-                    self.detect_entry(&mut ledger, &mut batch, &key, position, record)?;
+                for (seq, change) in &group {
+                    self.detect_entry(&mut ledger, &mut batch, &key, (change.hash(), *seq), record)?;
                 }
             }
             working.used(&key);
+        }
+        if !quarantined.is_empty() {
+            let left_out: HashSet<u64> = quarantined.iter().map(|q| q.seq).collect();
+            across_records.retain(|(_, _, seq)| !left_out.contains(seq));
         }
         self.detect_in_log_order(
             &mut ledger,
@@ -367,6 +431,9 @@ impl Store {
             &mut batch,
         )?;
         self.finish_ledger(&mut ledger, &mut batch)?;
+        for entry in &quarantined {
+            batch.put(keys::quarantine(entry.seq), super::encode(entry));
+        }
         batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
         self.kv.apply(batch)?;
         self.count_open(&ledger);
@@ -375,7 +442,46 @@ impl Store {
             cache.put(key, record);
         }
         let conflicts = ledger.changed;
-        Ok(RemoteOutcome { applied, conflicts })
+        Ok(RemoteOutcome {
+            applied,
+            conflicts,
+            quarantined,
+        })
+    }
+
+    /// Applies a record's changes one at a time, in log order, to its document as stored, after
+    /// applying them together failed: returns those that applied, and puts each that did not
+    /// with its reason in `refused` (a change built on a refused one is refused in turn, its
+    /// dependency missing). Only this error path pays for it.
+    fn apply_each(
+        &self,
+        key: &CacheKey,
+        group: Vec<(u64, Change)>,
+        working: &mut WorkingSet,
+        cache: &mut LruCache<CacheKey, Record>,
+        refused: &mut Vec<(u64, String)>,
+    ) -> Result<(Vec<(u64, Change)>, bool), StoreError> {
+        working.discard(key);
+        let mut kept: Vec<(u64, Change)> = Vec::with_capacity(group.len());
+        let mut changed = false;
+        for (seq, change) in group {
+            let record = working.take(key, cache, || self.load_or_new(key))?;
+            match record.apply_decoded(vec![change.clone()]) {
+                Ok(did) => {
+                    changed |= did;
+                    kept.push((seq, change));
+                }
+                Err(e) => {
+                    refused.push((seq, e.to_string()));
+                    if matches!(e, RecordError::ApplyPanicked(_)) {
+                        working.discard(key);
+                        let record = working.take(key, cache, || self.load_or_new(key))?;
+                        record.apply_decoded(kept.iter().map(|(_, c)| c.clone()).collect())?;
+                    }
+                }
+            }
+        }
+        Ok((kept, changed))
     }
 }
 
