@@ -22,6 +22,14 @@ use std::sync::Arc;
 
 const DEVICE: &str = "00112233445566778899aabbccddeeff";
 
+/// The Automerge actor `DEVICE` writes as.
+fn device_actor() -> automerge::ActorId {
+    match automerge::ActorId::try_from(DEVICE) {
+        Ok(actor) => actor,
+        Err(e) => panic!("DEVICE is hex: {e}"),
+    }
+}
+
 /// One line from the socket, decoded and, if it holds requests, executed against an in-memory
 /// store with small limits.
 pub fn ipc_line(data: &[u8]) {
@@ -211,6 +219,69 @@ pub fn token_verify(data: &[u8]) {
     }
 }
 
+/// A way to bend a valid change into one a hostile or broken device might upload. The result is
+/// a well-formed change (with its own hash) that says something false or cannot be applied.
+#[derive(Debug, Clone)]
+pub enum Forgery {
+    /// Written under another actor (passed off as that device's).
+    Actor(automerge::ActorId),
+    /// With another sequence number (a gap, or one already used).
+    Seq(u64),
+    /// Built on other dependencies (none, or hashes nobody logged).
+    Deps(Vec<automerge::ChangeHash>),
+    /// Another time: a new change that says the same (same actor and sequence number).
+    Time(i64),
+    /// Every operation writes into an object the document does not have: Automerge 0.12
+    /// panics applying it ("Missing from Index").
+    MissingObject,
+}
+
+/// `change` bent by `forgery`, as the bytes a device would upload; `None` if Automerge cannot
+/// encode the result.
+pub fn forge(change: &automerge::Change, forgery: Forgery) -> Option<Vec<u8>> {
+    use automerge::legacy::{ObjectId, OpId};
+    let mut expanded = change.decode();
+    expanded.hash = None;
+    match forgery {
+        Forgery::Actor(actor) => {
+            let own = expanded.actor_id.clone();
+            for op in &mut expanded.operations {
+                if let ObjectId::Id(OpId(counter, a)) = &op.obj
+                    && *a == own
+                {
+                    op.obj = ObjectId::Id(OpId(*counter, actor.clone()));
+                }
+            }
+            expanded.actor_id = actor;
+        }
+        Forgery::Seq(seq) => expanded.seq = seq,
+        Forgery::Deps(deps) => expanded.deps = deps,
+        Forgery::Time(time) => expanded.time = time,
+        Forgery::MissingObject => {
+            let missing = ObjectId::Id(OpId(u64::from(u32::MAX), expanded.actor_id.clone()));
+            for op in &mut expanded.operations {
+                op.obj = missing.clone();
+            }
+        }
+    }
+    let forged = std::panic::catch_unwind(|| automerge::Change::from(expanded)).ok()?;
+    Some(forged.raw_bytes().to_vec())
+}
+
+/// One of `Forgery`'s ways, picked by `pick`, with `other` as the actor or dependency it names:
+/// the random mutations a hostile participant makes of valid changes.
+pub fn mutate_change(change: &automerge::Change, pick: u64, other: [u8; 16]) -> Option<Vec<u8>> {
+    let forgery = match pick % 6 {
+        0 => Forgery::Actor(automerge::ActorId::from(&other[..])),
+        1 => Forgery::Seq(change.seq() + 1 + pick / 6 % 1000),
+        2 => Forgery::Seq(1),
+        3 => Forgery::Deps(vec![automerge::ChangeHash([other[0]; 32])]),
+        4 => Forgery::Time(change.timestamp().wrapping_add(1 + (pick / 6) as i64 % 1000)),
+        _ => Forgery::MissingObject,
+    };
+    forge(change, forgery)
+}
+
 /// The relay's store with one of its stored values replaced by arbitrary bytes: a space holding
 /// changes of two records (one compacted into a base, one with a tail), then one stored value,
 /// chosen by the first byte, overwritten with the rest; the store is reopened and read and
@@ -252,9 +323,9 @@ pub fn relay_store(data: &[u8]) {
     let _ = store.append(SPACE, DEVICE, &changes);
 }
 
-/// Three changes of record `a` (enough to compact it) and one of record `b`.
+/// Three changes of record `a` (enough to compact it) and one of record `b`, by `DEVICE`.
 fn relay_fixture_changes() -> Vec<ferry_proto::wire::UploadChange> {
-    let actor = automerge::ActorId::from(&[7u8; 16][..]);
+    let actor = device_actor();
     let mut changes = Vec::new();
     for (record, values) in [("a", &[1, 2, 3][..]), ("b", &[4][..])] {
         let mut doc = Record::new(&actor);

@@ -3,7 +3,8 @@
 //! documents compacted, and, as a property, that any upload order yields a causally closed log
 //! whose replay gives every document's merged heads; and the relay's conflict counts: concurrent
 //! writes to one field count once, to different fields not at all, the counts survive a reopen,
-//! and a change that fast-forwards its record loads no document; the bytes each space's log holds
+//! and validating a change loads its record's document only when the cache lost it; the bytes
+//! each space's log holds
 //! (its quota), and the digests of records' logged heads a device compares with its own.
 
 mod common;
@@ -24,6 +25,31 @@ const SPACE: &str = "team";
 
 fn actor(n: u8) -> ActorId {
     ActorId::from(&[n; 16][..])
+}
+
+/// The device id of the device writing as `actor(n)`: the relay logs a change only from the
+/// device whose actor wrote it.
+fn dev(n: u8) -> String {
+    actor(n).to_hex_string()
+}
+
+/// Appends uploads by several writers in order, each run of one writer's changes under its
+/// own device id.
+fn append_by_author(
+    relay: &RelayStore,
+    uploads: &[UploadChange],
+) -> Vec<ferry_proto::wire::ChangeResult> {
+    let author = |u: &UploadChange| {
+        ferry::record::decode_change(&u.change)
+            .unwrap()
+            .actor_id()
+            .to_hex_string()
+    };
+    let mut results = Vec::new();
+    for run in uploads.chunk_by(|a, b| author(a) == author(b)) {
+        results.extend(relay.append(SPACE, &author(&run[0]), run).unwrap());
+    }
+    results
 }
 
 /// A record written on one device, keeping every change's bytes.
@@ -85,7 +111,7 @@ fn appends_store_deduplicate_and_refuse_what_cannot_be_applied() {
     let a2 = a.patch(json!({"m": 2}));
     let a3 = a.patch(json!({"k": 3}));
     let r = relay
-        .append(SPACE, "dev1", &[upload(10, "a", &a1), upload(11, "a", &a2)])
+        .append(SPACE, &dev(1), &[upload(10, "a", &a1), upload(11, "a", &a2)])
         .unwrap();
     assert_eq!(r[0].entry, 10);
     assert_eq!(
@@ -98,7 +124,7 @@ fn appends_store_deduplicate_and_refuse_what_cannot_be_applied() {
     let r = relay
         .append(
             SPACE,
-            "dev1",
+            &dev(1),
             &[
                 upload(11, "a", &a2),
                 upload(12, "a", &a3),
@@ -121,7 +147,7 @@ fn appends_store_deduplicate_and_refuse_what_cannot_be_applied() {
     let b2 = b.patch(json!({"y": 2}));
     // A dependency later in the same call is not good enough: the log must stay in causal order.
     let r = relay
-        .append(SPACE, "dev2", &[upload(1, "b", &b2), upload(2, "b", &b1)])
+        .append(SPACE, &dev(2), &[upload(1, "b", &b2), upload(2, "b", &b1)])
         .unwrap();
     assert_eq!(code(&r[0].outcome), Some(ErrorCode::MissingDependencies));
     assert!(ErrorCode::MissingDependencies.is_retryable());
@@ -136,7 +162,7 @@ fn appends_store_deduplicate_and_refuse_what_cannot_be_applied() {
     let r = relay
         .append(
             SPACE,
-            "dev2",
+            &dev(2),
             &[
                 upload(3, "b", &truncated),
                 upload(4, "b", b"not automerge"),
@@ -157,7 +183,7 @@ fn appends_store_deduplicate_and_refuse_what_cannot_be_applied() {
         ]
     );
     assert_eq!(relay.head(SPACE).unwrap(), 4, "nothing refused is logged");
-    let r = relay.append(SPACE, "dev2", &[upload(7, "b", &b2)]).unwrap();
+    let r = relay.append(SPACE, &dev(2), &[upload(7, "b", &b2)]).unwrap();
     assert_eq!(r[0].outcome, ChangeOutcome::Stored { seq: 5 });
 
     assert_eq!(
@@ -177,7 +203,7 @@ fn appends_store_deduplicate_and_refuse_what_cannot_be_applied() {
     assert_eq!(relay.records(SPACE, "Doc", Some("a"), 10).unwrap(), ["b"]);
     assert_eq!(relay.head("other-space").unwrap(), 0, "spaces are apart");
     assert!(matches!(
-        relay.append("bad\0space", "dev1", &[]),
+        relay.append("bad\0space", &dev(1), &[]),
         Err(RelayStoreError::InvalidSpace(_))
     ));
 }
@@ -194,14 +220,14 @@ fn reads_page_through_the_log_and_leave_out_the_readers_own_changes() {
         assert!(matches!(r[0].outcome, ChangeOutcome::Stored { .. }));
     };
     // seq 1-3 by dev1, 4-5 by dev2, 6-15 by dev1.
-    append("dev1", "one", one.put(json!({"n": 0})));
+    append(&dev(1), "one", one.put(json!({"n": 0})));
     for n in 1..3 {
-        append("dev1", "one", one.patch(json!({"n": n})));
+        append(&dev(1), "one", one.patch(json!({"n": n})));
     }
-    append("dev2", "two", two.put(json!({"n": 0})));
-    append("dev2", "two", two.patch(json!({"n": 1})));
+    append(&dev(2), "two", two.put(json!({"n": 0})));
+    append(&dev(2), "two", two.patch(json!({"n": 1})));
     for n in 3..13 {
-        append("dev1", "one", one.patch(json!({"n": n})));
+        append(&dev(1), "one", one.patch(json!({"n": n})));
     }
     let seqs = |s: &ferry::relay::store::LogSlice| -> Vec<u64> {
         s.entries.iter().map(|e| e.seq).collect()
@@ -242,12 +268,12 @@ fn a_reopened_relay_keeps_its_log_and_documents() {
     {
         let relay = RelayStore::open(Arc::new(open_sled(dir.path())), options.clone()).unwrap();
         relay
-            .append(SPACE, "dev1", &[upload(1, "r", &first)])
+            .append(SPACE, &dev(1), &[upload(1, "r", &first)])
             .unwrap();
         // Single appends and one batch that crosses the compaction threshold by itself.
         for n in 1..6 {
             let c = w.patch(json!({"n": n}));
-            relay.append(SPACE, "dev1", &[upload(1, "r", &c)]).unwrap();
+            relay.append(SPACE, &dev(1), &[upload(1, "r", &c)]).unwrap();
             assert_eq!(
                 relay.record(SPACE, "Doc", "r").unwrap(),
                 Some(w.record.fields())
@@ -256,11 +282,11 @@ fn a_reopened_relay_keeps_its_log_and_documents() {
         let batch: Vec<UploadChange> = (6..16)
             .map(|n| upload(n, "r", &w.patch(json!({"n": n}))))
             .collect();
-        relay.append(SPACE, "dev1", &batch).unwrap();
+        relay.append(SPACE, &dev(1), &batch).unwrap();
         // A new record whose first batch alone crosses the threshold.
         let mut created = vec![upload(1, "s", &other.put(json!({"s": 0})))];
         created.extend((1..6).map(|n| upload(n, "s", &other.patch(json!({"s": n})))));
-        relay.append(SPACE, "dev2", &created).unwrap();
+        relay.append(SPACE, &dev(2), &created).unwrap();
     }
     let kv = Arc::new(open_sled(dir.path()));
     let relay = RelayStore::open(kv.clone(), options).unwrap();
@@ -294,7 +320,7 @@ fn a_reopened_relay_keeps_its_log_and_documents() {
     let r = relay
         .append(
             SPACE,
-            "dev1",
+            &dev(1),
             &[
                 upload(1, "r", &first),
                 upload(2, "r", &w.patch(json!({"n": 99}))),
@@ -321,7 +347,7 @@ fn a_failed_flush_is_not_acknowledged_and_its_seqs_are_not_reused() {
         .flush_fails
         .store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(matches!(
-        relay.append(SPACE, "dev1", &[upload(1, "r", &first)]),
+        relay.append(SPACE, &dev(1), &[upload(1, "r", &first)]),
         Err(RelayStoreError::Kv(_))
     ));
     kv.disk
@@ -330,7 +356,7 @@ fn a_failed_flush_is_not_acknowledged_and_its_seqs_are_not_reused() {
     let r = relay
         .append(
             SPACE,
-            "dev1",
+            &dev(1),
             &[upload(1, "r", &first), upload(2, "r", &second)],
         )
         .unwrap();
@@ -427,7 +453,7 @@ proptest! {
             prop_assert!(rounds <= total + 1, "uploads stopped making progress");
             let mut refused = Vec::new();
             for chunk in pending.chunks(batch) {
-                let results = relay.append(SPACE, "dev", chunk).unwrap();
+                let results = append_by_author(&relay, chunk);
                 for (u, r) in chunk.iter().zip(results) {
                     match r.outcome {
                         ChangeOutcome::Stored { .. } => {}
@@ -473,7 +499,7 @@ fn identical_changes_of_two_records_are_both_stored() {
     let r = relay
         .append(
             SPACE,
-            "dev1",
+            &dev(1),
             &[upload(1, "a", &first_a), upload(2, "b", &first_b)],
         )
         .unwrap();
@@ -486,11 +512,11 @@ fn identical_changes_of_two_records_are_both_stored() {
     );
     let later_b = b.patch(json!({"city": "Oslo"}));
     let r = relay
-        .append(SPACE, "dev1", &[upload(3, "b", &later_b)])
+        .append(SPACE, &dev(1), &[upload(3, "b", &later_b)])
         .unwrap();
     assert_eq!(outcomes(&r), vec![ChangeOutcome::Stored { seq: 3 }]);
     let r = relay
-        .append(SPACE, "dev1", &[upload(4, "a", &first_a)])
+        .append(SPACE, &dev(1), &[upload(4, "a", &first_a)])
         .unwrap();
     assert_eq!(outcomes(&r), vec![ChangeOutcome::Duplicate { seq: 1 }]);
     assert_eq!(
@@ -525,15 +551,15 @@ fn concurrent_writes_to_one_field_count_as_one_update_update_conflict() {
         relay
             .append(
                 SPACE,
-                "dev1",
+                &dev(1),
                 &[upload(1, "r", &created), upload(2, "r", &a1)],
             )
             .unwrap();
         assert_eq!(relay.conflict_counts(SPACE).unwrap(), []);
-        let r = relay.append(SPACE, "dev2", &[upload(1, "r", &b1)]).unwrap();
+        let r = relay.append(SPACE, &dev(2), &[upload(1, "r", &b1)]).unwrap();
         assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: 3 }]);
         // Sent again, the change is a duplicate and is not counted twice.
-        relay.append(SPACE, "dev2", &[upload(1, "r", &b1)]).unwrap();
+        relay.append(SPACE, &dev(2), &[upload(1, "r", &b1)]).unwrap();
         assert_eq!(
             relay.conflict_counts(SPACE).unwrap(),
             [RelayConflictCount {
@@ -552,7 +578,7 @@ fn concurrent_writes_to_one_field_count_as_one_update_update_conflict() {
     )
     .unwrap();
     let b2 = b.patch(json!({"title": "from b again"}));
-    relay.append(SPACE, "dev2", &[upload(1, "r", &b2)]).unwrap();
+    relay.append(SPACE, &dev(2), &[upload(1, "r", &b2)]).unwrap();
     let counts = relay.conflict_counts(SPACE).unwrap();
     assert_eq!(counts.len(), 1, "{counts:?}");
     assert_eq!(counts[0].detected, 2, "{counts:?}");
@@ -567,11 +593,11 @@ fn concurrent_writes_to_different_fields_are_no_conflict() {
     relay
         .append(
             SPACE,
-            "dev1",
+            &dev(1),
             &[upload(1, "r", &created), upload(2, "r", &a1)],
         )
         .unwrap();
-    relay.append(SPACE, "dev2", &[upload(1, "r", &b1)]).unwrap();
+    relay.append(SPACE, &dev(2), &[upload(1, "r", &b1)]).unwrap();
     assert_eq!(relay.conflict_counts(SPACE).unwrap(), []);
     // The relay's document holds both writes all the same.
     assert_eq!(
@@ -581,41 +607,44 @@ fn concurrent_writes_to_different_fields_are_no_conflict() {
 }
 
 #[test]
-fn a_change_that_fast_forwards_its_record_loads_no_document() {
-    let relay = memory_relay(RelayStoreOptions::default());
+fn validating_a_change_loads_its_document_only_when_the_cache_lost_it() {
+    // One document cached: records r and s evict each other.
+    let relay = memory_relay(RelayStoreOptions {
+        doc_cache_docs: 1,
+        ..RelayStoreOptions::default()
+    });
     let (mut a, mut b, created) = two_writers();
     let mut a_changes = vec![upload(1, "r", &created)];
     a_changes.extend((1..4).map(|n| upload(n + 1, "r", &a.patch(json!({"n": n})))));
-    relay.append(SPACE, "dev1", &a_changes[..2]).unwrap();
-    relay.append(SPACE, "dev1", &a_changes[2..]).unwrap();
-    // b catches up, then writes after everything logged: a fast-forward too.
+    relay.append(SPACE, &dev(1), &a_changes[..2]).unwrap();
+    relay.append(SPACE, &dev(1), &a_changes[2..]).unwrap();
+    // b catches up, then writes after everything logged: a fast-forward.
     b.record.apply_changes(&a.changes).unwrap();
     let b1 = b.patch(json!({"n": 10}));
-    relay.append(SPACE, "dev2", &[upload(1, "r", &b1)]).unwrap();
+    relay.append(SPACE, &dev(2), &[upload(1, "r", &b1)]).unwrap();
+    // A change that did not see b's is concurrent with it, and counted.
+    let a4 = a.patch(json!({"n": 11}));
+    relay.append(SPACE, &dev(1), &[upload(1, "r", &a4)]).unwrap();
+    assert_eq!(relay.documents_loaded(), 0, "r was validated on its cached document");
+    assert_eq!(relay.conflict_counts(SPACE).unwrap().len(), 1);
+    // A new record's document is made, not loaded, and takes r's place in the cache.
     let mut other = Writer::new(3);
     let created_s = other.put(json!({"s": 1}));
     relay
-        .append(SPACE, "dev3", &[upload(1, "s", &created_s)])
+        .append(SPACE, &dev(3), &[upload(1, "s", &created_s)])
         .unwrap();
     assert_eq!(relay.documents_loaded(), 0);
-    assert_eq!(relay.conflict_counts(SPACE).unwrap(), []);
-    // A change that did not see b's is concurrent with it: its document is loaded to check.
-    let a4 = a.patch(json!({"n": 11}));
-    relay.append(SPACE, "dev1", &[upload(1, "r", &a4)]).unwrap();
-    assert_eq!(relay.documents_loaded(), 1);
-    assert_eq!(relay.conflict_counts(SPACE).unwrap().len(), 1);
-    // b writes after a4 (a fast-forward, no load); a, still without b's change, writes twice in
-    // one call: both are concurrent with b's, and the document is loaded once for both.
+    // r's next change loads its document once; the changes after it find it cached.
     b.record.apply_changes(std::slice::from_ref(&a4)).unwrap();
     let b2 = b.patch(json!({"title": "final"}));
-    relay.append(SPACE, "dev2", &[upload(1, "r", &b2)]).unwrap();
+    relay.append(SPACE, &dev(2), &[upload(1, "r", &b2)]).unwrap();
     assert_eq!(relay.documents_loaded(), 1);
     let a5 = a.patch(json!({"n": 12}));
     let a6 = a.patch(json!({"n": 13}));
     relay
-        .append(SPACE, "dev1", &[upload(1, "r", &a5), upload(2, "r", &a6)])
+        .append(SPACE, &dev(1), &[upload(1, "r", &a5), upload(2, "r", &a6)])
         .unwrap();
-    assert_eq!(relay.documents_loaded(), 2);
+    assert_eq!(relay.documents_loaded(), 1);
     assert_eq!(
         relay.record(SPACE, "Doc", "r").unwrap(),
         Some(fields(json!({"title": "final", "n": 13})))
@@ -634,16 +663,10 @@ fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
     let first = a.put(json!({"email": "x@y", "n": 1}));
     let clash = b.put(json!({"email": "x@y", "n": 2}));
     let other = c.put(json!({"email": "z@y"}));
-    relay
-        .append(
-            SPACE,
-            "dev1",
-            &[upload(1, "a", &first), upload(2, "c", &other)],
-        )
-        .unwrap();
+    append_by_author(&relay, &[upload(1, "a", &first), upload(2, "c", &other)]);
     assert_eq!(relay.conflict_counts(SPACE).unwrap(), []);
     relay
-        .append(SPACE, "dev2", &[upload(1, "b", &clash)])
+        .append(SPACE, &dev(2), &[upload(1, "b", &clash)])
         .unwrap();
     let unique = |detected| {
         vec![RelayConflictCount {
@@ -660,7 +683,7 @@ fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
     relay
         .append(
             SPACE,
-            "dev2",
+            &dev(2),
             &[
                 upload(2, "b", &away),
                 upload(3, "b", &back),
@@ -675,7 +698,7 @@ fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
     relay
         .append(
             SPACE,
-            "dev4",
+            &dev(4),
             &[UploadChange {
                 collection: "Note".into(),
                 ..upload(1, "d", &elsewhere)
@@ -693,18 +716,18 @@ fn log_bytes_grow_with_each_stored_change_and_a_log_without_the_count_is_measure
     let mut w = Writer::new(1);
     let first = w.put(json!({"title": "a"}));
     relay
-        .append(SPACE, "dev-a", &[upload(1, "r1", &first)])
+        .append(SPACE, &dev(1), &[upload(1, "r1", &first)])
         .unwrap();
     let one = relay.log_bytes(SPACE).unwrap();
     assert!(one > first.len() as u64, "{one}");
     // A duplicate stores nothing, so it counts nothing.
     relay
-        .append(SPACE, "dev-a", &[upload(2, "r1", &first)])
+        .append(SPACE, &dev(1), &[upload(2, "r1", &first)])
         .unwrap();
     assert_eq!(relay.log_bytes(SPACE).unwrap(), one);
     let second = w.patch(json!({"title": "b"}));
     relay
-        .append(SPACE, "dev-a", &[upload(3, "r1", &second)])
+        .append(SPACE, &dev(1), &[upload(3, "r1", &second)])
         .unwrap();
     let two = relay.log_bytes(SPACE).unwrap();
     assert!(two > one + second.len() as u64 - 1, "{one} then {two}");
@@ -726,17 +749,13 @@ fn heads_digests_page_through_the_space_in_record_order() {
     for (n, id) in ["c", "a", "b"].into_iter().enumerate() {
         let mut w = Writer::new(n as u8 + 1);
         let change = w.put(json!({ "n": n }));
-        relay
-            .append(SPACE, "dev", &[upload(n as u64, id, &change)])
-            .unwrap();
+        append_by_author(&relay, &[upload(n as u64, id, &change)]);
         writers.push((id.to_string(), w));
     }
     // One record gets a second change, so its heads are kept under their own key.
     let (_, b) = writers.iter_mut().find(|(id, _)| id == "b").unwrap();
     let later = b.patch(json!({ "n": 9 }));
-    relay
-        .append(SPACE, "dev", &[upload(9, "b", &later)])
-        .unwrap();
+    append_by_author(&relay, &[upload(9, "b", &later)]);
 
     let mut expected = HeadsHasher::default();
     for id in ["a", "b", "c"] {
@@ -764,4 +783,92 @@ fn heads_digests_page_through_the_space_in_record_order() {
     assert_ne!(first.digest, whole.digest);
     let past_the_end = relay.heads_digest(SPACE, rest.last.as_ref(), 2).unwrap();
     assert_eq!((past_the_end.records, past_the_end.complete), (0, true));
+}
+
+/// The message of a refusal for what the change is (not retryable), or why it was not one.
+fn refusal(outcome: &ChangeOutcome) -> String {
+    match outcome {
+        ChangeOutcome::Rejected {
+            code: ErrorCode::InvalidChange,
+            message,
+        } => message.clone(),
+        other => panic!("expected a validation refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_change_is_logged_only_under_its_uploaders_actor_in_sequence_and_if_it_applies() {
+    use ferry::fuzzing::{Forgery, forge};
+    use ferry::record::decode_change;
+    let relay = memory_relay(RelayStoreOptions::default());
+    let (mut a, mut b, created) = two_writers();
+    relay
+        .append(SPACE, &dev(1), &[upload(1, "r", &created)])
+        .unwrap();
+    let b1 = b.patch(json!({"title": "from b"}));
+    let parsed = |bytes: &[u8]| decode_change(bytes).unwrap();
+
+    // b's change uploaded by device 1, and device 1's change under b's actor: not device 1's.
+    let r = relay.append(SPACE, &dev(1), &[upload(1, "r", &b1)]).unwrap();
+    assert!(refusal(&r[0].outcome).contains("not under the uploading device's own"));
+    let a1 = a.patch(json!({"n": 1}));
+    let as_b = forge(&parsed(&a1), Forgery::Actor(actor(2))).unwrap();
+    let r = relay.append(SPACE, &dev(1), &[upload(1, "r", &as_b)]).unwrap();
+    assert!(refusal(&r[0].outcome).contains("not under the uploading device's own"));
+
+    // A sequence number used already, or far ahead.
+    let reused = forge(&parsed(&a1), Forgery::Seq(1)).unwrap();
+    let jump = forge(&parsed(&a1), Forgery::Seq(1_000_000)).unwrap();
+    let r = relay
+        .append(
+            SPACE,
+            &dev(1),
+            &[upload(1, "r", &reused), upload(2, "r", &jump)],
+        )
+        .unwrap();
+    assert!(refusal(&r[0].outcome).contains("already used"));
+    assert!(refusal(&r[1].outcome).contains("must follow the one before"));
+
+    // A change Automerge panics on, a change built on it, and good changes around them in one
+    // upload: the good ones are logged, the others refused with the reason.
+    let broken = forge(&parsed(&a1), Forgery::MissingObject).unwrap();
+    let mut on_broken = Writer::new(1);
+    on_broken.record.apply_changes(&[created.clone()]).unwrap();
+    let built_on = forge(
+        &parsed(&on_broken.patch(json!({"x": 1}))),
+        Forgery::Deps(vec![parsed(&broken).hash()]),
+    )
+    .unwrap();
+    let mut s = Writer::new(1);
+    let s1 = s.put(json!({"s": 1}));
+    let r = relay
+        .append(
+            SPACE,
+            &dev(1),
+            &[
+                upload(1, "s", &s1),
+                upload(2, "r", &broken),
+                upload(3, "r", &built_on),
+                upload(4, "r", &a1),
+            ],
+        )
+        .unwrap();
+    assert_eq!(r[0].outcome, ChangeOutcome::Stored { seq: 2 });
+    assert!(refusal(&r[1].outcome).contains("cannot be applied"));
+    assert!(refusal(&r[2].outcome).contains("refused in this upload"));
+    assert_eq!(r[3].outcome, ChangeOutcome::Stored { seq: 3 });
+
+    // Nothing of the refused changes is in the log, and the record goes on taking changes.
+    let r = relay.append(SPACE, &dev(2), &[upload(1, "r", &b1)]).unwrap();
+    assert_eq!(r[0].outcome, ChangeOutcome::Stored { seq: 4 });
+    let logged: Vec<Vec<u8>> = relay
+        .read_since(SPACE, 0, 100, usize::MAX)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.change)
+        .collect();
+    a.record.apply_changes(std::slice::from_ref(&b1)).unwrap();
+    assert_eq!(logged, [created, s1, a1, b1]);
+    assert_eq!(relay.record(SPACE, "Doc", "r").unwrap(), Some(a.record.fields()));
 }
