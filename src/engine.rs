@@ -844,7 +844,9 @@ impl Engine {
             a.changes_applied(round.downloaded, round.conflicts, now)
         });
         match self.service.store().quarantined(0) {
-            Ok((count, _)) => self.alerts.observe("", at, |a, now| a.quarantined(count, now)),
+            Ok((count, _)) => self
+                .alerts
+                .observe("", at, |a, now| a.quarantined(count, now)),
             Err(e) => tracing::warn!(error = %e, "cannot count quarantined log entries"),
         }
         let took_ms = took.as_millis() as u64;

@@ -276,7 +276,11 @@ pub fn mutate_change(change: &automerge::Change, pick: u64, other: [u8; 16]) -> 
         1 => Forgery::Seq(change.seq() + 1 + pick / 6 % 1000),
         2 => Forgery::Seq(1),
         3 => Forgery::Deps(vec![automerge::ChangeHash([other[0]; 32])]),
-        4 => Forgery::Time(change.timestamp().wrapping_add(1 + (pick / 6) as i64 % 1000)),
+        4 => Forgery::Time(
+            change
+                .timestamp()
+                .wrapping_add(1 + (pick / 6) as i64 % 1000),
+        ),
         _ => Forgery::MissingObject,
     };
     forge(change, forgery)

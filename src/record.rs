@@ -585,9 +585,8 @@ impl Record {
         // object the document does not have ("Missing from Index"). After a panic the document's
         // state is unknown, so it is replaced by an empty one and the caller loads it again.
         let doc = &mut self.doc;
-        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            doc.apply_changes(fresh)
-        }));
+        let applied =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.apply_changes(fresh)));
         match applied {
             Ok(Ok(())) => Ok(self.doc.get_heads() != before),
             Ok(Err(e)) => {

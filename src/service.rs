@@ -226,7 +226,11 @@ fn supervised<T>(
 ) -> Result<T, StoreError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|panic| {
         let message = crate::record::panic_message(panic.as_ref());
-        tracing::error!(work, message, "a committer job panicked; the daemon goes on");
+        tracing::error!(
+            work,
+            message,
+            "a committer job panicked; the daemon goes on"
+        );
         Err(StoreError::Panicked { work, message })
     })
 }

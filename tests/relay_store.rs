@@ -111,7 +111,11 @@ fn appends_store_deduplicate_and_refuse_what_cannot_be_applied() {
     let a2 = a.patch(json!({"m": 2}));
     let a3 = a.patch(json!({"k": 3}));
     let r = relay
-        .append(SPACE, &dev(1), &[upload(10, "a", &a1), upload(11, "a", &a2)])
+        .append(
+            SPACE,
+            &dev(1),
+            &[upload(10, "a", &a1), upload(11, "a", &a2)],
+        )
         .unwrap();
     assert_eq!(r[0].entry, 10);
     assert_eq!(
@@ -183,7 +187,9 @@ fn appends_store_deduplicate_and_refuse_what_cannot_be_applied() {
         ]
     );
     assert_eq!(relay.head(SPACE).unwrap(), 4, "nothing refused is logged");
-    let r = relay.append(SPACE, &dev(2), &[upload(7, "b", &b2)]).unwrap();
+    let r = relay
+        .append(SPACE, &dev(2), &[upload(7, "b", &b2)])
+        .unwrap();
     assert_eq!(r[0].outcome, ChangeOutcome::Stored { seq: 5 });
 
     assert_eq!(
@@ -556,10 +562,14 @@ fn concurrent_writes_to_one_field_count_as_one_update_update_conflict() {
             )
             .unwrap();
         assert_eq!(relay.conflict_counts(SPACE).unwrap(), []);
-        let r = relay.append(SPACE, &dev(2), &[upload(1, "r", &b1)]).unwrap();
+        let r = relay
+            .append(SPACE, &dev(2), &[upload(1, "r", &b1)])
+            .unwrap();
         assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: 3 }]);
         // Sent again, the change is a duplicate and is not counted twice.
-        relay.append(SPACE, &dev(2), &[upload(1, "r", &b1)]).unwrap();
+        relay
+            .append(SPACE, &dev(2), &[upload(1, "r", &b1)])
+            .unwrap();
         assert_eq!(
             relay.conflict_counts(SPACE).unwrap(),
             [RelayConflictCount {
@@ -578,7 +588,9 @@ fn concurrent_writes_to_one_field_count_as_one_update_update_conflict() {
     )
     .unwrap();
     let b2 = b.patch(json!({"title": "from b again"}));
-    relay.append(SPACE, &dev(2), &[upload(1, "r", &b2)]).unwrap();
+    relay
+        .append(SPACE, &dev(2), &[upload(1, "r", &b2)])
+        .unwrap();
     let counts = relay.conflict_counts(SPACE).unwrap();
     assert_eq!(counts.len(), 1, "{counts:?}");
     assert_eq!(counts[0].detected, 2, "{counts:?}");
@@ -597,7 +609,9 @@ fn concurrent_writes_to_different_fields_are_no_conflict() {
             &[upload(1, "r", &created), upload(2, "r", &a1)],
         )
         .unwrap();
-    relay.append(SPACE, &dev(2), &[upload(1, "r", &b1)]).unwrap();
+    relay
+        .append(SPACE, &dev(2), &[upload(1, "r", &b1)])
+        .unwrap();
     assert_eq!(relay.conflict_counts(SPACE).unwrap(), []);
     // The relay's document holds both writes all the same.
     assert_eq!(
@@ -621,11 +635,19 @@ fn validating_a_change_loads_its_document_only_when_the_cache_lost_it() {
     // b catches up, then writes after everything logged: a fast-forward.
     b.record.apply_changes(&a.changes).unwrap();
     let b1 = b.patch(json!({"n": 10}));
-    relay.append(SPACE, &dev(2), &[upload(1, "r", &b1)]).unwrap();
+    relay
+        .append(SPACE, &dev(2), &[upload(1, "r", &b1)])
+        .unwrap();
     // A change that did not see b's is concurrent with it, and counted.
     let a4 = a.patch(json!({"n": 11}));
-    relay.append(SPACE, &dev(1), &[upload(1, "r", &a4)]).unwrap();
-    assert_eq!(relay.documents_loaded(), 0, "r was validated on its cached document");
+    relay
+        .append(SPACE, &dev(1), &[upload(1, "r", &a4)])
+        .unwrap();
+    assert_eq!(
+        relay.documents_loaded(),
+        0,
+        "r was validated on its cached document"
+    );
     assert_eq!(relay.conflict_counts(SPACE).unwrap().len(), 1);
     // A new record's document is made, not loaded, and takes r's place in the cache.
     let mut other = Writer::new(3);
@@ -637,7 +659,9 @@ fn validating_a_change_loads_its_document_only_when_the_cache_lost_it() {
     // r's next change loads its document once; the changes after it find it cached.
     b.record.apply_changes(std::slice::from_ref(&a4)).unwrap();
     let b2 = b.patch(json!({"title": "final"}));
-    relay.append(SPACE, &dev(2), &[upload(1, "r", &b2)]).unwrap();
+    relay
+        .append(SPACE, &dev(2), &[upload(1, "r", &b2)])
+        .unwrap();
     assert_eq!(relay.documents_loaded(), 1);
     let a5 = a.patch(json!({"n": 12}));
     let a6 = a.patch(json!({"n": 13}));
@@ -809,11 +833,15 @@ fn a_change_is_logged_only_under_its_uploaders_actor_in_sequence_and_if_it_appli
     let parsed = |bytes: &[u8]| decode_change(bytes).unwrap();
 
     // b's change uploaded by device 1, and device 1's change under b's actor: not device 1's.
-    let r = relay.append(SPACE, &dev(1), &[upload(1, "r", &b1)]).unwrap();
+    let r = relay
+        .append(SPACE, &dev(1), &[upload(1, "r", &b1)])
+        .unwrap();
     assert!(refusal(&r[0].outcome).contains("not under the uploading device's own"));
     let a1 = a.patch(json!({"n": 1}));
     let as_b = forge(&parsed(&a1), Forgery::Actor(actor(2))).unwrap();
-    let r = relay.append(SPACE, &dev(1), &[upload(1, "r", &as_b)]).unwrap();
+    let r = relay
+        .append(SPACE, &dev(1), &[upload(1, "r", &as_b)])
+        .unwrap();
     assert!(refusal(&r[0].outcome).contains("not under the uploading device's own"));
 
     // A sequence number used already, or far ahead.
@@ -859,7 +887,9 @@ fn a_change_is_logged_only_under_its_uploaders_actor_in_sequence_and_if_it_appli
     assert_eq!(r[3].outcome, ChangeOutcome::Stored { seq: 3 });
 
     // Nothing of the refused changes is in the log, and the record goes on taking changes.
-    let r = relay.append(SPACE, &dev(2), &[upload(1, "r", &b1)]).unwrap();
+    let r = relay
+        .append(SPACE, &dev(2), &[upload(1, "r", &b1)])
+        .unwrap();
     assert_eq!(r[0].outcome, ChangeOutcome::Stored { seq: 4 });
     let logged: Vec<Vec<u8>> = relay
         .read_since(SPACE, 0, 100, usize::MAX)
@@ -870,5 +900,8 @@ fn a_change_is_logged_only_under_its_uploaders_actor_in_sequence_and_if_it_appli
         .collect();
     a.record.apply_changes(std::slice::from_ref(&b1)).unwrap();
     assert_eq!(logged, [created, s1, a1, b1]);
-    assert_eq!(relay.record(SPACE, "Doc", "r").unwrap(), Some(a.record.fields()));
+    assert_eq!(
+        relay.record(SPACE, "Doc", "r").unwrap(),
+        Some(a.record.fields())
+    );
 }

@@ -394,22 +394,6 @@ fn the_cursor_lands_with_the_documents_or_not_at_all() {
         "and so is the record"
     );
 
-    // An entry that cannot be applied stops the whole download, cursor included.
-    let mut broken = log.clone();
-    broken[1].change.pop();
-    let err = receiver.apply_remote(&broken, 2).unwrap_err();
-    assert!(
-        matches!(err, StoreError::RemoteEntry { seq: 2, .. }),
-        "{err}"
-    );
-    let err = receiver.apply_remote(&log[1..], 2).unwrap_err();
-    assert!(
-        matches!(&err, StoreError::RemoteEntry { reason, .. } if reason.contains("depend")),
-        "{err}"
-    );
-    assert_eq!(receiver.sync_cursor().unwrap(), 0);
-    assert!(receiver.export_doc("Note", "1").is_err());
-
     receiver.apply_remote(&log, 2).unwrap();
     receiver.flush().unwrap();
     kv.crash();
@@ -593,4 +577,206 @@ fn queue_counts_stay_right_through_every_kind_of_move() {
         ),
         (5, 0, 1, 0)
     );
+}
+
+/// Log entries as a relay that did not validate uploads could have logged them (see
+/// `a_log_entry_that_cannot_be_applied_is_quarantined_and_the_rest_applied`).
+fn forged(entry: &LogEntry, seq: u64, forgery: ferry::fuzzing::Forgery) -> LogEntry {
+    let change = ferry::record::decode_change(&entry.change).unwrap();
+    LogEntry {
+        seq,
+        change: ferry::fuzzing::forge(&change, forgery).unwrap(),
+        ..entry.clone()
+    }
+}
+
+fn renumbered(entry: &LogEntry, seq: u64) -> LogEntry {
+    LogEntry {
+        seq,
+        ..entry.clone()
+    }
+}
+
+#[test]
+fn a_log_entry_that_cannot_be_applied_is_quarantined_and_the_rest_applied() {
+    use ferry::fuzzing::Forgery;
+    let origin = TestStore::new(Engine::Memory, StoreOptions::default());
+    origin
+        .store()
+        .write(put("Note", "1", json!({"a": 1})))
+        .unwrap();
+    origin
+        .store()
+        .write(patch("Note", "1", json!({"b": 2})))
+        .unwrap();
+    origin
+        .store()
+        .write(put("Note", "2", json!({"c": 3})))
+        .unwrap();
+    let good = as_log(origin.store(), 0, 1);
+    let mut truncated = renumbered(&good[2], 5);
+    truncated.change.pop();
+    let kills = forged(&good[1], 2, Forgery::MissingObject);
+    let log = vec![
+        renumbered(&good[0], 1),
+        // Automerge panics applying it.
+        kills.clone(),
+        renumbered(&good[1], 3),
+        // The same actor and sequence number as the entry before: a second "seq 2".
+        forged(&good[1], 4, Forgery::Time(1)),
+        // Not a change at all.
+        truncated,
+        renumbered(&good[2], 6),
+        // Built on the entry that could not be applied.
+        forged(
+            &good[1],
+            7,
+            Forgery::Deps(vec![
+                ferry::record::decode_change(&kills.change).unwrap().hash(),
+            ]),
+        ),
+    ];
+    let kv = MemoryKv::new();
+    let receiver = other_store(&kv);
+    let outcome = receiver.apply_remote(&log, 7).unwrap();
+    let seqs: Vec<u64> = outcome.quarantined.iter().map(|q| q.seq).collect();
+    assert_eq!(
+        seqs,
+        [5, 2, 4, 7],
+        "decoding first, then per record in log order"
+    );
+    for q in &outcome.quarantined {
+        assert!(!q.reason.is_empty());
+        assert_eq!(q.collection, "Note");
+    }
+    receiver.flush().unwrap();
+    kv.crash();
+    let receiver = other_store(&kv);
+    assert_eq!(
+        receiver.sync_cursor().unwrap(),
+        7,
+        "the device moved past them"
+    );
+    assert_eq!(
+        receiver.get("Note", "1").unwrap().fields,
+        fields(json!({"a": 1, "b": 2}))
+    );
+    assert_eq!(
+        receiver.get("Note", "2").unwrap().fields,
+        fields(json!({"c": 3}))
+    );
+    let (count, kept) = receiver.quarantined(10).unwrap();
+    assert_eq!(count, 4);
+    assert_eq!(
+        kept.iter()
+            .map(|q| (q.seq, q.record.as_str()))
+            .collect::<Vec<_>>(),
+        [(2, "1"), (4, "1"), (5, "2"), (7, "1")]
+    );
+    assert_eq!(kept[0].change, kills.change, "kept as the relay sent it");
+    assert!(
+        kept[0].reason.contains("Automerge failed"),
+        "{}",
+        kept[0].reason
+    );
+
+    // Later entries apply as usual.
+    origin
+        .store()
+        .write(patch("Note", "1", json!({"d": 4})))
+        .unwrap();
+    let next = as_log(origin.store(), 3, 8);
+    let outcome = receiver.apply_remote(&next, 8).unwrap();
+    assert!(outcome.quarantined.is_empty());
+    assert_eq!(
+        receiver.get("Note", "1").unwrap().fields,
+        fields(json!({"a": 1, "b": 2, "d": 4}))
+    );
+}
+
+#[test]
+fn a_change_under_this_devices_actor_that_it_does_not_hold_is_not_taken_for_its_own() {
+    use ferry::fuzzing::Forgery;
+    // The other device writes Note/1 and, offline, changes it; someone else uploaded a change
+    // under its actor with the same sequence number first, which an old relay logged.
+    let kv = MemoryKv::new();
+    let device = other_store(&kv);
+    device.write(put("Note", "1", json!({"a": 1}))).unwrap();
+    let created = as_log(&device, 0, 1);
+    device.apply_remote(&created, 1).unwrap();
+    device.write(patch("Note", "1", json!({"a": 2}))).unwrap();
+    let own = as_log(&device, 1, 3);
+    let impostor = forged(&own[0], 2, Forgery::Time(1));
+    let outcome = device
+        .apply_remote(&[impostor.clone(), own[0].clone()], 3)
+        .unwrap();
+    let seqs: Vec<u64> = outcome.quarantined.iter().map(|q| q.seq).collect();
+    assert_eq!(seqs, [2], "the impostor is not its own write coming back");
+    assert_eq!(
+        device.get("Note", "1").unwrap().fields,
+        fields(json!({"a": 2}))
+    );
+
+    // A device that never wrote applies the impostor, and quarantines the real change: both
+    // devices say which entry they left out.
+    let kv = MemoryKv::new();
+    let other = Store::open(
+        Box::new(kv.clone()),
+        common::OTHER_DEVICE,
+        StoreOptions::default(),
+        StepClock::new(),
+    )
+    .unwrap();
+    let outcome = other
+        .apply_remote(&[created[0].clone(), impostor, own[0].clone()], 3)
+        .unwrap();
+    let seqs: Vec<u64> = outcome.quarantined.iter().map(|q| q.seq).collect();
+    assert_eq!(seqs, [3]);
+}
+
+#[test]
+fn a_change_automerge_panics_on_leaves_the_committer_and_later_writes_working() {
+    let origin = TestStore::new(Engine::Memory, StoreOptions::default());
+    origin
+        .store()
+        .write(put("Note", "1", json!({"a": 1})))
+        .unwrap();
+    origin
+        .store()
+        .write(patch("Note", "1", json!({"b": 2})))
+        .unwrap();
+    let good = as_log(origin.store(), 0, 1);
+    let kills = forged(&good[1], 2, ferry::fuzzing::Forgery::MissingObject);
+    let service = Service::new(
+        Arc::new(other_store(&MemoryKv::new())),
+        ServiceOptions {
+            data_dir: "unused".into(),
+            socket: "unused".into(),
+            max_import_records: 10,
+            max_list_limit: 10,
+            group_commit_max: 8,
+            daemon: true,
+        },
+    );
+    let outcome = service
+        .apply_remote(vec![good[0].clone(), kills], 2)
+        .unwrap();
+    assert_eq!(outcome.quarantined.len(), 1);
+    // The committer thread lives on: local writes and the rest of the log go through it.
+    service
+        .call(
+            "patch",
+            json!({"collection": "Note", "id": "1", "fields": {"c": 3}}),
+        )
+        .unwrap();
+    service
+        .apply_remote(vec![renumbered(&good[1], 3)], 3)
+        .unwrap();
+    let status = service.call("status", json!({})).unwrap();
+    assert_eq!(status["quarantined"]["count"], 1);
+    assert_eq!(status["quarantined"]["entries"][0]["seq"], 2);
+    let record = service
+        .call("get", json!({"collection": "Note", "id": "1"}))
+        .unwrap();
+    assert_eq!(record["fields"], json!({"a": 1, "b": 2, "c": 3}));
 }

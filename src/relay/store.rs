@@ -385,7 +385,8 @@ impl RelayStore {
         };
         for dep in change.deps() {
             if let Some(reason) = staging.refused.get(&change_key(dep.0)) {
-                let reason = format!("the change depends on {dep}, refused in this upload ({reason})");
+                let reason =
+                    format!("the change depends on {dep}, refused in this upload ({reason})");
                 return refuse(staging, reason);
             }
             let held = staging.added.contains_key(&change_key(dep.0))
@@ -452,7 +453,10 @@ impl RelayStore {
         if new_record {
             // A new record's first change is its base, as it is: no tail key needed. It has no
             // dependencies (none can be held yet), so it meets nothing.
-            batch.put(key(b'b', &[space, collection, record]), upload.change.clone());
+            batch.put(
+                key(b'b', &[space, collection, record]),
+                upload.change.clone(),
+            );
             staging.tails.insert(record_key.clone(), Vec::new());
             staging.docs.insert(record_key.clone(), doc);
             self.log(space, origin, upload, seq, hash, staging, batch);

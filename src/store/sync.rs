@@ -19,8 +19,8 @@ use ferry_proto::wire::{ChangeOutcome, ChangeResult, LogEntry};
 use ferry_proto::{
     Operation, QueueStatus, SyncQueueEntry, validate_collection, validate_record_id,
 };
-use serde::{Deserialize, Serialize};
 use lru::LruCache;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// The cursor name under which the relay's log position is kept.
@@ -414,7 +414,13 @@ impl Store {
             if policy.unique.is_empty() {
                 // Detection within one record needs only that record's order.
                 for (seq, change) in &group {
-                    self.detect_entry(&mut ledger, &mut batch, &key, (change.hash(), *seq), record)?;
+                    self.detect_entry(
+                        &mut ledger,
+                        &mut batch,
+                        &key,
+                        (change.hash(), *seq),
+                        record,
+                    )?;
                 }
             }
             working.used(&key);
