@@ -8,139 +8,14 @@
 
 mod common;
 
-use common::{Device, Relay, TIMEOUT, call, caught_up, status, stderr, wait_for, wait_for_ok};
-use ed25519_dalek::{Signer as _, SigningKey};
-use ferry::datadir::DataDir;
-use ferry::transport::{
-    FrameReceiver, FrameSender, ServerTrust, TransportOptions, channel_binding, client_endpoint,
-    connect, install_crypto_provider, open_session,
+use common::{
+    Device, RawClient, Relay, Runtime, TIMEOUT, call, device_key, docs, enrolment, status, stderr,
+    wait_caught_up, wait_for, wait_for_ok,
 };
+use ed25519_dalek::SigningKey;
 use ferry_proto::session::device_id;
-use ferry_proto::wire::{
-    Credential, ErrorCode, LogEntry, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Secret,
-    Tokens, auth_transcript,
-};
+use ferry_proto::wire::{Credential, ErrorCode, LogEntry, Message, Secret, Tokens};
 use serde_json::{Value, json};
-use std::future::Future;
-
-/// Runs the raw clients of one test; their connections live as long as it.
-struct Runtime(tokio::runtime::Runtime);
-
-impl Runtime {
-    fn new() -> Runtime {
-        install_crypto_provider();
-        Runtime(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("a tokio runtime"),
-        )
-    }
-
-    fn run<T>(&self, what: &str, fut: impl Future<Output = T>) -> T {
-        self.0
-            .block_on(async { tokio::time::timeout(TIMEOUT, fut).await })
-            .unwrap_or_else(|_| panic!("{what} did not finish within {TIMEOUT:?}"))
-    }
-}
-
-/// A device speaking the protocol by hand, on its own connection to the relay.
-struct RawClient {
-    _endpoint: quinn::Endpoint,
-    _conn: quinn::Connection,
-    tx: FrameSender,
-    rx: FrameReceiver,
-}
-
-impl RawClient {
-    /// Says `Hello` for `space` with `key`, signs the challenge and shows `credential`; returns
-    /// the client and the relay's answer (`Welcome` or `Error`).
-    async fn sign_in(
-        relay: &Relay,
-        key: &SigningKey,
-        space: &str,
-        credential: Credential,
-    ) -> (RawClient, Message) {
-        let addr = relay.addr.parse().expect("the relay's address");
-        let trust = ServerTrust::Pinned(relay.fingerprint.parse().expect("a fingerprint"));
-        let endpoint = client_endpoint(addr).expect("client endpoint");
-        let options = TransportOptions::default();
-        let conn = connect(&endpoint, addr, "localhost", &trust, &options)
-            .await
-            .expect("connected");
-        let (tx, rx) = open_session(&conn, &options).await.expect("session stream");
-        let mut client = RawClient {
-            _endpoint: endpoint,
-            _conn: conn.clone(),
-            tx,
-            rx,
-        };
-        let public_key = key.verifying_key().to_bytes();
-        client
-            .send(Message::Hello {
-                min_version: MIN_PROTOCOL_VERSION,
-                max_version: PROTOCOL_VERSION,
-                public_key,
-                space: space.into(),
-                time_ms: 0,
-            })
-            .await;
-        let nonce = match client.recv().await {
-            Message::Challenge { nonce, .. } => nonce,
-            other => panic!("expected a Challenge, got {other:?}"),
-        };
-        let binding = channel_binding(&conn).expect("channel binding");
-        let transcript = auth_transcript(&nonce, &binding, space, &public_key);
-        client
-            .send(Message::Authenticate {
-                signature: key.sign(&transcript).to_bytes(),
-                credential,
-            })
-            .await;
-        let answer = client.recv().await;
-        (client, answer)
-    }
-
-    async fn send(&mut self, message: Message) {
-        self.tx
-            .send(&message)
-            .await
-            .unwrap_or_else(|e| panic!("send {}: {e}", message.name()));
-    }
-
-    async fn recv(&mut self) -> Message {
-        match self.rx.recv().await {
-            Ok(Some(message)) => message,
-            other => panic!("expected a message, got {other:?}"),
-        }
-    }
-
-    /// The log of the session's space after `since`, in one answer: its head and entries.
-    async fn download(&mut self, since: u64) -> (u64, Vec<LogEntry>) {
-        self.send(Message::Download {
-            since,
-            max_changes: 10_000,
-        })
-        .await;
-        loop {
-            match self.recv().await {
-                Message::Changes {
-                    pushed: false,
-                    after,
-                    head,
-                    entries,
-                    ..
-                } => {
-                    assert_eq!(after, since, "the answer starts where asked");
-                    return (head, entries);
-                }
-                Message::Changes { pushed: true, .. } => {}
-                other => panic!("expected the Download's Changes, got {other:?}"),
-            }
-        }
-    }
-}
 
 fn seqs_and_ids(entries: &[LogEntry]) -> Vec<(u64, String)> {
     entries.iter().map(|e| (e.seq, e.record.clone())).collect()
@@ -160,19 +35,6 @@ fn refusal(answer: Message) -> (ErrorCode, String) {
     }
 }
 
-fn enrolment(relay: &Relay, account: &str) -> Credential {
-    Credential::Enrol(Secret::new(relay.operator().enrol(account)))
-}
-
-/// The key a device's data directory holds, so a raw client can act as that device.
-fn device_key(device: &Device) -> SigningKey {
-    DataDir::resolve(Some(&device.data_dir))
-        .and_then(|dir| dir.identity())
-        .expect("the device's identity")
-        .signing_key()
-        .clone()
-}
-
 fn device_tokens(device: &Device) -> Tokens {
     let text = std::fs::read(device.data_dir.join("tokens.json")).expect("tokens.json");
     serde_json::from_slice(&text).expect("tokens.json holds tokens")
@@ -184,37 +46,6 @@ fn put(daemon: &common::Daemon, id: &str, fields: Value) {
         "put",
         json!({ "collection": "Doc", "id": id, "fields": fields }),
     );
-}
-
-/// `(id, fields)` of every Doc record the daemon holds, in id order.
-fn docs(daemon: &common::Daemon) -> Vec<(String, Value)> {
-    let page = call(
-        daemon,
-        "list",
-        json!({ "collection": "Doc", "limit": 1000 }),
-    );
-    page["records"]
-        .as_array()
-        .expect("records")
-        .iter()
-        .map(|r| {
-            (
-                r["id"].as_str().expect("an id").to_string(),
-                r["fields"].clone(),
-            )
-        })
-        .collect()
-}
-
-fn wait_caught_up(daemon: &common::Daemon, head: u64) {
-    wait_for_ok(&format!("caught up at {head}"), TIMEOUT, || {
-        let s = status(daemon);
-        if caught_up(&s, head) {
-            Ok(())
-        } else {
-            Err(s["sync"].to_string())
-        }
-    });
 }
 
 #[test]

@@ -10,8 +10,8 @@
 //! more than that actor's last on the record (no gap, no reuse), and it applies to the record's
 //! document (the relay's own copy, kept current in the cache) without error or panic. So every
 //! logged change can be applied by every device, in log order. A refused change is answered
-//! `Rejected{InvalidChange}` with a message starting `validation:` and the reason; nothing of it
-//! is written, and a later change of the same upload built on it is refused with it.
+//! `Rejected{InvalidChange}` (kind `validation`) with the reason as its message; nothing of it is
+//! written, and a later change of the same upload built on it is refused with that reason.
 //!
 //! Conflict detection on the relay is a count for operators, not a decision: devices detect and
 //! settle conflicts themselves, with their collections' policies. The relay classifies every
@@ -359,7 +359,7 @@ impl RelayStore {
             return Ok(rejected(
                 ErrorCode::InvalidChange,
                 format!(
-                    "validation: the change is written under actor {actor}, not under the \
+                    "the change is written under actor {actor}, not under the \
                      uploading device's own ({origin}): a device uploads only its own changes"
                 ),
             ));
@@ -378,10 +378,7 @@ impl RelayStore {
         }
         let refuse = |staging: &mut Staging, reason: String| {
             staging.refused.insert(change_key(hash), reason.clone());
-            Ok(rejected(
-                ErrorCode::InvalidChange,
-                format!("validation: {reason}"),
-            ))
+            Ok(rejected(ErrorCode::InvalidChange, reason))
         };
         for dep in change.deps() {
             if let Some(reason) = staging.refused.get(&change_key(dep.0)) {
