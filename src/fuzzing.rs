@@ -231,6 +231,8 @@ pub enum Forgery {
     Deps(Vec<automerge::ChangeHash>),
     /// Another time: a new change that says the same (same actor and sequence number).
     Time(i64),
+    /// Another message (the operation it names, or a resolution's conflict).
+    Message(Option<String>),
     /// Every operation writes into an object the document does not have: Automerge 0.12
     /// panics applying it ("Missing from Index").
     MissingObject,
@@ -257,6 +259,7 @@ pub fn forge(change: &automerge::Change, forgery: Forgery) -> Option<Vec<u8>> {
         Forgery::Seq(seq) => expanded.seq = seq,
         Forgery::Deps(deps) => expanded.deps = deps,
         Forgery::Time(time) => expanded.time = time,
+        Forgery::Message(message) => expanded.message = message,
         Forgery::MissingObject => {
             let missing = ObjectId::Id(OpId(u64::from(u32::MAX), expanded.actor_id.clone()));
             for op in &mut expanded.operations {

@@ -14,7 +14,9 @@
 //! every queue drained; every device must show the same records and hold the same conflict
 //! entries and counters, whose counts add up; under `merge` no acknowledged write to a field that
 //! nothing else wrote concurrently may be lost; and a resolved conflict ends with one of its
-//! resolutions, concurrent ones bringing no new conflict between them.
+//! resolutions, concurrent ones bringing no new conflict between them. A hostile participant
+//! uploads random mutations of logged changes all along: the relay logs only those that are its
+//! own, in sequence, and apply, and no honest device ever quarantines an entry or stalls.
 //!
 //! `FERRY_SIM_SEEDS=N` runs N seeds (default 500); `FERRY_SIM_SEED=S` replays one seed;
 //! `FERRY_SIM_FIRST=S` starts the range elsewhere. A failure prints the seed to replay.
@@ -27,7 +29,8 @@ use ed25519_dalek::SigningKey;
 use ferry::auth::credentials;
 use ferry::auth::token::TokenPolicy;
 use ferry::engine;
-use ferry::record::{Fields, Record};
+use ferry::fuzzing::{Forgery, forge, mutate_change};
+use ferry::record::{Fields, Record, decode_change};
 use ferry::relay::accounts::{Accounts, RandomSource};
 use ferry::relay::server::{self as relay_server, Peer};
 use ferry::relay::store::{RelayStore, RelayStoreOptions};
@@ -40,7 +43,7 @@ use ferry::store::{Clock, Store, StoreError, StoreOptions};
 use ferry_proto::session::{
     DeviceEvent, DeviceSession, RelayEvent, RelaySession, SessionConfig, device_id,
 };
-use ferry_proto::wire::{Credential, Message, Tokens};
+use ferry_proto::wire::{ChangeOutcome, Credential, Message, Tokens, UploadChange};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
@@ -211,6 +214,8 @@ struct World {
     resolutions: BTreeMap<String, Vec<Resolving>>,
     trace: Vec<String>,
     healing: bool,
+    /// The hostile participant's last logged sequence number per record.
+    hostile_seqs: HashMap<(String, String), u64>,
 }
 
 impl World {
@@ -261,6 +266,7 @@ impl World {
             resolutions: BTreeMap::new(),
             trace: Vec::new(),
             healing: false,
+            hostile_seqs: HashMap::new(),
         }
     }
 
@@ -743,12 +749,104 @@ impl World {
                 self.resolve_some(i);
                 self.pump_all();
             }
+            96..=97 => {
+                self.hostile_upload();
+                self.pump_all();
+            }
             _ => {
                 let now = self.clock.now();
                 if let Some(link) = self.links.iter_mut().find(|l| l.device == i) {
                     link.session.sync_now(now);
                 }
                 self.pump_all();
+            }
+        }
+    }
+
+    /// The hostile participant: a device registered in the space like the others (its
+    /// session's uploads reach `RelayStore::append` under its device id, which is where this
+    /// one's go) that uploads random mutations of changes it read in the log: another device's
+    /// actor, a gap or a reuse in a sequence, dependencies nobody logged, a new time for an old
+    /// sequence number, an operation on a missing object; some under its own actor, in
+    /// sequence, which the relay logs like any device's.
+    fn hostile_upload(&mut self) {
+        let Some((relay, _)) = &self.relay else {
+            return;
+        };
+        let head = relay.head(SPACE).expect("relay head");
+        if head == 0 {
+            return;
+        }
+        let at = self.rng.random_range(1..=head);
+        let slice = relay
+            .read_since(SPACE, at - 1, 1, usize::MAX)
+            .expect("read");
+        let Some(entry) = slice.entries.into_iter().next() else {
+            return;
+        };
+        let change = decode_change(&entry.change).expect("a logged change decodes");
+        let record = (entry.collection.clone(), entry.record.clone());
+        let next = self.hostile_seqs.get(&record).copied().unwrap_or(0) + 1;
+        let own = [
+            Forgery::Actor(hostile_actor()),
+            Forgery::Seq(next),
+            Forgery::Message(None),
+        ]
+        .into_iter()
+        .try_fold(change.raw_bytes().to_vec(), |bytes, forgery| {
+            forge(&decode_change(&bytes).ok()?, forgery)
+        });
+        let honest = self.rng.random_range(0..self.devices.len());
+        let honest_actor: [u8; 16] = automerge::ActorId::try_from(
+            device_id(&self.device(honest).key.verifying_key().to_bytes()).as_str(),
+        )
+        .expect("a device id is hex")
+        .to_bytes()
+        .try_into()
+        .expect("16 bytes");
+        let pick: u64 = self.rng.random();
+        let upload = match (self.rng.random_range(0..3), own) {
+            (0, Some(own)) => Some(own),
+            (1, Some(own)) => {
+                mutate_change(&decode_change(&own).expect("decodes"), pick, honest_actor)
+            }
+            _ => mutate_change(&change, pick, honest_actor),
+        };
+        let Some(bytes) = upload else {
+            return;
+        };
+        let results = relay
+            .append(
+                SPACE,
+                &hostile_actor().to_hex_string(),
+                &[UploadChange {
+                    entry: 0,
+                    collection: record.0.clone(),
+                    record: record.1.clone(),
+                    change: bytes.clone(),
+                }],
+            )
+            .expect("the relay's store works");
+        let outcome = &results[0].outcome;
+        self.note(format!(
+            "hostile upload to {}/{}: {outcome:?}",
+            record.0, record.1
+        ));
+        if let ChangeOutcome::Stored { seq } = outcome {
+            let stored = decode_change(&bytes).expect("a stored change decodes");
+            assert_eq!(
+                stored.actor_id(),
+                &hostile_actor(),
+                "the relay stored a change the hostile device passed off as another's"
+            );
+            assert_eq!(
+                stored.seq(),
+                next,
+                "the relay stored a change out of sequence"
+            );
+            self.hostile_seqs.insert(record, next);
+            for link in &mut self.links {
+                link.relay.appended(*seq);
             }
         }
     }
@@ -846,6 +944,17 @@ impl World {
                 (counts.pending, counts.processing, counts.failed),
                 (0, 0, 0),
                 "device {i}'s queue is not drained; failed: {failed:?}"
+            );
+            let (quarantined, _) = device
+                .as_ref()
+                .expect("device present")
+                .service
+                .store()
+                .quarantined(0)
+                .expect("quarantined");
+            assert_eq!(
+                quarantined, 0,
+                "device {i} met a logged change it cannot apply"
             );
         }
         for collection in COLLECTIONS {
@@ -1182,6 +1291,11 @@ fn ancestors(deps: &HashMap<String, Vec<String>>, heads: &[String]) -> HashSet<S
         }
     }
     seen
+}
+
+/// The hostile participant's Automerge actor (and, in hex, its device id).
+fn hostile_actor() -> automerge::ActorId {
+    automerge::ActorId::from(&[0x66; 16][..])
 }
 
 fn open_relay(kv: &MemoryKv, random: &RandomSource, now: u64) -> (RelayStore, Accounts) {
