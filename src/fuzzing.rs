@@ -1,7 +1,9 @@
 //! Entry points that feed arbitrary bytes to each decoder Ferry has: IPC messages (and the
 //! methods they call), stored record documents, stored queue and log entries, config files, sync
-//! protocol frames, the relay's stored state, access and refresh tokens, and the HTTPS API's
-//! upload bodies.
+//! protocol frames, the relay's stored state, access and refresh tokens, the HTTPS API's
+//! upload bodies, and changes from elsewhere applied to record documents (on a device and on the
+//! relay). `forge` and `mutate_change` bend valid changes the way a hostile device would, for
+//! the tests and the simulation.
 //! The fuzz targets in `fuzz/` call these, and `tests/fuzz_regressions.rs` replays the checked-in
 //! seeds and past crashers through them, so a fixed crash stays fixed.
 //!
@@ -186,6 +188,7 @@ pub const TARGETS: &[(&str, EntryPoint)] = &[
     ("relay_store", relay_store),
     ("token_verify", token_verify),
     ("http_upload", http_upload),
+    ("remote_change", remote_change),
 ];
 
 /// The time every fuzzed token is verified at, and issued at by the fixture.
@@ -217,6 +220,68 @@ pub fn token_verify(data: &[u8]) {
             "a refresh token parsed from another text"
         );
     }
+}
+
+/// Arbitrary change bytes applied to an arbitrary record document, on both paths that apply
+/// changes from elsewhere: a device applying a relay log entry (`Store::apply_remote`, with the
+/// document stored as the record's) and the relay validating an upload (`RelayStore::append`,
+/// with the document stored as the record's base, uploaded by the change's own actor so that
+/// it gets past the authorship check). The input is the document's length (u16, big-endian),
+/// the document (none: a new record), then the change.
+pub fn remote_change(data: &[u8]) {
+    const SPACE: &str = "fuzz";
+    let Some((len, rest)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let (document, change) = rest.split_at(usize::from(u16::from_be_bytes(*len)).min(rest.len()));
+    let stored = |key: Vec<u8>| {
+        let kv = MemoryKv::new();
+        if !document.is_empty() {
+            let mut batch = crate::store::kv::Batch::default();
+            batch.put(key, document.to_vec());
+            if let Err(e) = kv.apply(batch) {
+                panic!("an in-memory store takes a write: {e}");
+            }
+        }
+        kv
+    };
+
+    let kv = stored(crate::store::keys::doc("Doc", "r"));
+    let store = match Store::open(
+        Box::new(kv),
+        DEVICE,
+        StoreOptions::default(),
+        Arc::new(SystemClock),
+    ) {
+        Ok(store) => store,
+        Err(e) => panic!("an in-memory store must open: {e}"),
+    };
+    let entry = ferry_proto::wire::LogEntry {
+        seq: 1,
+        collection: "Doc".into(),
+        record: "r".into(),
+        change: change.to_vec(),
+    };
+    let _ = store.apply_remote(&[entry], 1);
+    let _ = store.get("Doc", "r");
+    let _ = store.history("Doc", "r");
+
+    let kv = stored(format!("b{SPACE}\0Doc\0r\0").into_bytes());
+    let relay = match RelayStore::open(Arc::new(kv), RelayStoreOptions::default()) {
+        Ok(relay) => relay,
+        Err(e) => panic!("an in-memory relay store must open: {e}"),
+    };
+    let origin = crate::record::decode_change(change)
+        .map_or_else(|_| DEVICE.to_owned(), |c| c.actor_id().to_hex_string());
+    let upload = ferry_proto::wire::UploadChange {
+        entry: 1,
+        collection: "Doc".into(),
+        record: "r".into(),
+        change: change.to_vec(),
+    };
+    let _ = relay.append(SPACE, &origin, &[upload]);
+    let _ = relay.record(SPACE, "Doc", "r");
+    let _ = relay.history(SPACE, "Doc", "r");
 }
 
 /// A way to bend a valid change into one a hostile or broken device might upload. The result is
