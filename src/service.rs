@@ -4,7 +4,8 @@
 //! paths cannot drift apart.
 //!
 //! Owns: parameter validation, the error codes apps see, group commit (a write is answered only
-//! after the flush that makes it durable), and change events for subscribers.
+//! after the flush that makes it durable; a job that panics fails alone, the committer goes on),
+//! and change events for subscribers.
 //!
 //! Must not touch: sockets and framing (that is `ipc`), process lifecycle (that is `daemon`).
 

@@ -2,9 +2,10 @@
 //! relay said about it, and applying the relay's change log to the local documents together with
 //! the download cursor.
 //!
-//! Owns: the pending index's upkeep and use, the upload state moves of queue entries, and the rule
+//! Owns: the pending index's upkeep and use, the upload state moves of queue entries, the rule
 //! that remote changes and the cursor that covers them land in one atomic batch (with no queue
-//! entries: a remote change is not this device's to upload).
+//! entries: a remote change is not this device's to upload), and the quarantine of log entries
+//! that cannot be applied (kept in that same batch, so the cursor passes them).
 //!
 //! Must not touch: the network, sessions, timers or threads. Every operation here is synchronous
 //! and durable only after `Store::flush`; the caller decides when to flush.
