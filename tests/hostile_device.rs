@@ -112,11 +112,6 @@ fn put(daemon: &common::Daemon, id: &str, fields: Value) {
     );
 }
 
-/// Every Doc record the daemon holds with its fields, in id order.
-fn records(daemon: &common::Daemon) -> Vec<(String, Value)> {
-    common::docs(daemon)
-}
-
 #[test]
 fn a_hostile_device_cannot_forge_stall_or_crash_the_others() {
     let tmp = tempfile::tempdir().expect("temp dir");
@@ -269,8 +264,8 @@ fn a_hostile_device_cannot_forge_stall_or_crash_the_others() {
     let db = b.start_daemon_logged();
     put(&da, "after", json!({ "by": "a" }));
     wait_converged(&[&da, &db], 6);
-    let on_a = records(&da);
-    assert_eq!(on_a, records(&db));
+    let on_a = docs(&da);
+    assert_eq!(on_a, docs(&db));
     let x_fields = &on_a.iter().find(|(id, _)| id == "x").expect("x").1;
     assert_eq!(
         x_fields,

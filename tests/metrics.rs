@@ -286,10 +286,12 @@ fn a_daemons_metrics_follow_writes_syncs_and_a_conflict() {
         "ferry_sync_records_uploaded_total",
         "ferry_queue_entries",
         "ferry_storage_bytes",
+        "ferry_quarantined_entries",
     ] {
         assert!(before_a.has(family), "{family} missing: {before_a:?}");
     }
     assert!(before_a.get("ferry_storage_bytes", &[]) > 0.0);
+    assert_eq!(before_a.get("ferry_quarantined_entries", &[]), 0.0);
 
     const N: u64 = 3;
     for i in 0..N {

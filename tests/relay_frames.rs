@@ -225,9 +225,13 @@ async fn challenge(rx: &mut FrameReceiver) -> [u8; 32] {
 }
 
 /// One Automerge change, the first of a new record, so it depends on nothing.
-fn first_change(value: u64) -> Vec<u8> {
+/// A new record's first change, written by the device whose key is `key` (the relay logs only a
+/// device's own changes).
+fn first_change(key: &SigningKey, value: u64) -> Vec<u8> {
     use automerge::transaction::Transactable as _;
-    let mut doc = automerge::AutoCommit::new();
+    let device = ferry_proto::session::device_id(&key.verifying_key().to_bytes());
+    let actor = automerge::ActorId::try_from(device.as_str()).expect("a device id is hex");
+    let mut doc = automerge::AutoCommit::new().with_actor(actor);
     doc.put(automerge::ROOT, "n", value).expect("put");
     doc.commit();
     let change = doc.get_last_local_change().expect("a change");
@@ -236,6 +240,7 @@ fn first_change(value: u64) -> Vec<u8> {
 
 /// A device that follows the protocol, on its own connection.
 struct GoodDevice {
+    key: SigningKey,
     _conn: quinn::Connection,
     tx: FrameSender,
     rx: FrameReceiver,
@@ -283,6 +288,7 @@ impl GoodDevice {
             other => panic!("expected Welcome, got {other:?}"),
         }
         Some(GoodDevice {
+            key,
             _conn: conn,
             tx,
             rx,
@@ -310,7 +316,7 @@ impl GoodDevice {
             entry: batch,
             collection: "Doc".into(),
             record: format!("r{batch}"),
-            change: first_change(batch),
+            change: first_change(&self.key, batch),
         };
         send(
             &mut self.tx,
@@ -437,7 +443,7 @@ async fn messages_out_of_order_are_unexpected() {
                 entry: 1,
                 collection: "Doc".into(),
                 record: "sneaky".into(),
-                change: first_change(7),
+                change: first_change(&key, 7),
             }],
         };
         send(&mut tx, &upload).await;

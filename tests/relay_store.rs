@@ -856,6 +856,12 @@ fn a_change_is_logged_only_under_its_uploaders_actor_in_sequence_and_if_it_appli
         .unwrap();
     assert!(refusal(&r[0].outcome).contains("already used"));
     assert!(refusal(&r[1].outcome).contains("must follow the one before"));
+    // A new record whose first change is refused does not come to exist.
+    let r = relay
+        .append(SPACE, &dev(1), &[upload(1, "n", &jump)])
+        .unwrap();
+    assert!(refusal(&r[0].outcome).contains("must follow the one before"));
+    assert_eq!(relay.heads(SPACE, "Doc", "n").unwrap(), None);
 
     // A change Automerge panics on, a change built on it, and good changes around them in one
     // upload: the good ones are logged, the others refused with the reason.

@@ -58,6 +58,15 @@ fn other_store(kv: &MemoryKv) -> Store {
     .expect("open the other device's store")
 }
 
+/// A device's store after `writes`, each its own change.
+fn written(writes: Vec<Write>) -> TestStore {
+    let origin = TestStore::new(Engine::Memory, StoreOptions::default());
+    for write in writes {
+        origin.store().write(write).unwrap();
+    }
+    origin
+}
+
 /// A store's queued changes from entry `after` on, as a relay log would carry them.
 fn as_log(store: &Store, after: u64, first_seq: u64) -> Vec<LogEntry> {
     store
@@ -369,15 +378,10 @@ fn two_devices_exchanging_changes_converge() {
 
 #[test]
 fn the_cursor_lands_with_the_documents_or_not_at_all() {
-    let origin = TestStore::new(Engine::Memory, StoreOptions::default());
-    origin
-        .store()
-        .write(put("Note", "1", json!({"a": 1})))
-        .unwrap();
-    origin
-        .store()
-        .write(patch("Note", "1", json!({"b": 2})))
-        .unwrap();
+    let origin = written(vec![
+        put("Note", "1", json!({"a": 1})),
+        patch("Note", "1", json!({"b": 2})),
+    ]);
     let log = as_log(origin.store(), 0, 1);
     let kv = MemoryKv::new();
     let receiver = other_store(&kv);
@@ -600,19 +604,11 @@ fn renumbered(entry: &LogEntry, seq: u64) -> LogEntry {
 #[test]
 fn a_log_entry_that_cannot_be_applied_is_quarantined_and_the_rest_applied() {
     use ferry::fuzzing::Forgery;
-    let origin = TestStore::new(Engine::Memory, StoreOptions::default());
-    origin
-        .store()
-        .write(put("Note", "1", json!({"a": 1})))
-        .unwrap();
-    origin
-        .store()
-        .write(patch("Note", "1", json!({"b": 2})))
-        .unwrap();
-    origin
-        .store()
-        .write(put("Note", "2", json!({"c": 3})))
-        .unwrap();
+    let origin = written(vec![
+        put("Note", "1", json!({"a": 1})),
+        patch("Note", "1", json!({"b": 2})),
+        put("Note", "2", json!({"c": 3})),
+    ]);
     let good = as_log(origin.store(), 0, 1);
     let mut truncated = renumbered(&good[2], 5);
     truncated.change.pop();
@@ -736,15 +732,10 @@ fn a_change_under_this_devices_actor_that_it_does_not_hold_is_not_taken_for_its_
 
 #[test]
 fn a_change_automerge_panics_on_leaves_the_committer_and_later_writes_working() {
-    let origin = TestStore::new(Engine::Memory, StoreOptions::default());
-    origin
-        .store()
-        .write(put("Note", "1", json!({"a": 1})))
-        .unwrap();
-    origin
-        .store()
-        .write(patch("Note", "1", json!({"b": 2})))
-        .unwrap();
+    let origin = written(vec![
+        put("Note", "1", json!({"a": 1})),
+        patch("Note", "1", json!({"b": 2})),
+    ]);
     let good = as_log(origin.store(), 0, 1);
     let kills = forged(&good[1], 2, ferry::fuzzing::Forgery::MissingObject);
     let service = Service::new(

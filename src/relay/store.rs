@@ -419,7 +419,11 @@ impl RelayStore {
         };
         let last = doc.last_seq_of(change.actor_id());
         if change.seq() != last + 1 {
-            staging.docs.insert(record_key, doc);
+            // Only a logged record's document is kept: a cached empty one would make a record
+            // that does not exist look as if it did.
+            if !new_record {
+                staging.docs.insert(record_key, doc);
+            }
             let reason = if change.seq() <= last {
                 format!(
                     "the change has sequence number {}, which its actor already used on \
@@ -439,7 +443,7 @@ impl RelayStore {
         // every logged change is one every device can apply.
         let before = doc.heads();
         if let Err(e) = doc.apply_decoded(vec![change.clone()]) {
-            if !matches!(e, RecordError::ApplyPanicked(_)) {
+            if !new_record && !matches!(e, RecordError::ApplyPanicked(_)) {
                 staging.docs.insert(record_key, doc);
             }
             return refuse(

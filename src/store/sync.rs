@@ -369,12 +369,28 @@ impl Store {
             self.seed_logged(&mut ledger, &key, record)?;
             let existed = record.exists();
             let was_deleted = existed && resolve::is_deleted(record, policy);
-            let changes = group.iter().map(|(_, c)| c.clone()).collect();
-            let (group, changed) = match record.apply_decoded(changes) {
-                Ok(changed) => (group, changed),
+            let mut positions: Vec<(automerge::ChangeHash, u64)> =
+                group.iter().map(|(seq, c)| (c.hash(), *seq)).collect();
+            // The device that wrote the last of the changes, as subscribers are told.
+            let last_writer = |group: &[(u64, Change)]| {
+                group
+                    .last()
+                    .map(|(_, c)| c.actor_id().to_hex_string())
+                    .unwrap_or_default()
+            };
+            let mut device = last_writer(&group);
+            let changes = group.into_iter().map(|(_, c)| c).collect();
+            let changed = match record.apply_decoded(changes) {
+                Ok(changed) => changed,
                 Err(_) => {
+                    // Decoded again from the entries: only this error path pays for it.
+                    let group = entries
+                        .iter()
+                        .filter(|e| e.collection == key.0 && e.record == key.1)
+                        .filter_map(|e| Some((e.seq, decode_change(&e.change).ok()?)))
+                        .collect();
                     let mut refused = Vec::new();
-                    let kept =
+                    let (kept, changed) =
                         self.apply_each(&key, group, &mut working, &mut cache, &mut refused)?;
                     for (seq, reason) in refused {
                         if let Some(entry) = entries.iter().find(|e| e.seq == seq) {
@@ -383,15 +399,12 @@ impl Store {
                             quarantined.push(Quarantined::new(entry, reason, now));
                         }
                     }
-                    kept
+                    positions = kept.iter().map(|(seq, c)| (c.hash(), *seq)).collect();
+                    device = last_writer(&kept);
+                    changed
                 }
             };
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
-            // The device that wrote the last of the changes, as subscribers are told.
-            let device = group
-                .last()
-                .map(|(_, c)| c.actor_id().to_hex_string())
-                .unwrap_or_default();
             if changed {
                 let deleted = resolve::is_deleted(record, policy);
                 let operation = if deleted {
@@ -414,14 +427,8 @@ impl Store {
             ledger.documents.insert(key.clone(), record.heads());
             if policy.unique.is_empty() {
                 // Detection within one record needs only that record's order.
-                for (seq, change) in &group {
-                    self.detect_entry(
-                        &mut ledger,
-                        &mut batch,
-                        &key,
-                        (change.hash(), *seq),
-                        record,
-                    )?;
+                for position in positions {
+                    self.detect_entry(&mut ledger, &mut batch, &key, position, record)?;
                 }
             }
             working.used(&key);
