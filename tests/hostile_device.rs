@@ -301,3 +301,94 @@ fn a_hostile_device_cannot_forge_stall_or_crash_the_others() {
         );
     }
 }
+
+/// A relay log entry as the relay stores it (`relay::store`: postcard, fields in this order).
+#[derive(serde::Serialize)]
+struct StoredEntry<'a> {
+    collection: &'a str,
+    record: &'a str,
+    origin: &'a str,
+    change: &'a [u8],
+}
+
+#[test]
+fn a_bad_entry_an_older_relay_logged_is_quarantined_and_synced_past() {
+    use base64::Engine as _;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let relay_dir = tmp.path().join("relay");
+    let mut relay = Relay::start(&relay_dir, None);
+    let (a, b) = (Device::new(), Device::new());
+    a.join(&relay);
+    b.join(&relay);
+    let (da, db) = (a.start_daemon_logged(), b.start_daemon_logged());
+    put(&da, "x", json!({ "n": 1 }));
+    wait_converged(&[&da, &db], 1);
+
+    // A change to x that Automerge panics on, logged at seq 2 by a relay that did not check it.
+    let exported = call(&da, "export", json!({ "collection": "Doc", "id": "x" }));
+    let document = base64::engine::general_purpose::STANDARD
+        .decode(exported["automerge_base64"].as_str().expect("the document"))
+        .expect("base64");
+    let intruder = ActorId::from(&[0x4d; 16][..]);
+    let mut x = Record::load(&document, &intruder).expect("x loads");
+    let bad = bent(
+        &patched(&mut x, json!({ "n": 2 })),
+        [Forgery::MissingObject],
+    );
+    relay.kill();
+    let kv = common::open_sled(&relay_dir.join("relay.db"));
+    let mut batch = ferry::store::kv::Batch::default();
+    let mut key = b"ldefault\0".to_vec();
+    key.extend_from_slice(&2u64.to_be_bytes());
+    let entry = StoredEntry {
+        collection: "Doc",
+        record: "x",
+        origin: &intruder.to_hex_string(),
+        change: &bad,
+    };
+    batch.put(key, postcard::to_stdvec(&entry).expect("encode"));
+    ferry::store::kv::Kv::apply(&kv, batch).expect("write the old relay's entry");
+    ferry::store::kv::Kv::flush(&kv).expect("flush");
+    drop(kv);
+    common::wait_sled_released(&relay_dir.join("relay.db"));
+    let relay = Relay::start(&relay_dir, Some(relay.port));
+
+    // Both devices pass the entry and go on syncing what comes after it.
+    put(&db, "y", json!({ "n": 3 }));
+    wait_converged(&[&da, &db], 3);
+    assert_eq!(docs(&da), docs(&db));
+    assert_eq!(
+        docs(&da),
+        [
+            ("x".to_owned(), json!({ "n": 1 })),
+            ("y".to_owned(), json!({ "n": 3 }))
+        ]
+    );
+    for (daemon, device) in [(&da, &a), (&db, &b)] {
+        let quarantined = &status(daemon)["quarantined"];
+        assert_eq!(quarantined["count"], 1, "{quarantined}");
+        assert_eq!(quarantined["entries"][0]["seq"], 2);
+        assert_eq!(quarantined["entries"][0]["record"], "x");
+        let log = call(daemon, "log", json!({ "limit": 20 }));
+        assert!(
+            log["entries"].as_array().expect("entries").iter().any(|e| {
+                e["status"] == "partial"
+                    && e["error_message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("quarantined") && m.contains("seq 2"))
+            }),
+            "the SyncLog names the entry: {log}"
+        );
+        common::wait_for("the quarantined alert", common::TIMEOUT, || {
+            status(daemon)["alerts"]
+                .as_array()
+                .is_some_and(|alerts| alerts.iter().any(|a| a["kind"] == "quarantined"))
+        });
+        let out = device.ferry(&["status"]);
+        assert!(
+            common::stdout(&out).contains("quarantined: 1 log entries"),
+            "{out:?}"
+        );
+    }
+    drop(relay);
+}

@@ -686,6 +686,19 @@ pub fn open_sled(path: &std::path::Path) -> ferry::store::kv::SledKv {
     opened.expect("opened")
 }
 
+/// Waits until the sled database at `path`, closed in this process, is free for a `ferry`
+/// process to open: sled lets go of its lock on `db` once its background work is done with the
+/// file, and a lock taken and dropped here shows that it has.
+pub fn wait_sled_released(path: &std::path::Path) {
+    let db = path.join("db");
+    wait_for("sled to release the store", TIMEOUT, || {
+        use std::os::fd::AsRawFd as _;
+        let file = std::fs::File::open(&db).expect("open the store's db file");
+        // SAFETY: flock on a descriptor this function owns; the lock goes with the file.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    });
+}
+
 /// Each record's history is exactly the changes its SyncQueue entries carry, in the same order
 /// and with the same operations: a change is never stored without its entry, nor the reverse.
 pub fn assert_queue_matches_history(store: &ferry::store::Store, addresses: &[(&str, &str)]) {
@@ -1025,15 +1038,7 @@ impl Device {
         let result = f(&open.store);
         open.store.flush().expect("flush the store");
         drop(open);
-        // sled lets go of its lock on `db` once its background work is done with the file; a
-        // lock taken and dropped here shows that it has.
-        let db = dir.store_path().join("db");
-        wait_for("sled to release the store", TIMEOUT, || {
-            use std::os::fd::AsRawFd as _;
-            let file = std::fs::File::open(&db).expect("open the store's db file");
-            // SAFETY: flock on a descriptor this function owns; the lock goes with the file.
-            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
-        });
+        wait_sled_released(&dir.store_path());
         result
     }
 
