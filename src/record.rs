@@ -601,6 +601,24 @@ impl Record {
         }
     }
 
+    /// Checks that `change` applies as the first change of a new record, without keeping the
+    /// record: a bare Automerge document is the cheapest to apply it to (`apply_decoded`
+    /// explains the guard).
+    pub fn check_first(change: Change) -> Result<(), RecordError> {
+        if let Some(dep) = change.deps().first() {
+            return Err(RecordError::MissingDependencies {
+                count: change.deps().len(),
+                first: dep.to_string(),
+            });
+        }
+        let mut doc = Automerge::new();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.apply_changes([change])))
+        {
+            Ok(applied) => Ok(applied?),
+            Err(panic) => Err(RecordError::ApplyPanicked(panic_message(panic.as_ref()))),
+        }
+    }
+
     /// The sequence number of `actor`'s latest change to this record (0 when it has none): the
     /// next change of that actor must have this plus one.
     pub fn last_seq_of(&mut self, actor: &ActorId) -> u64 {

@@ -630,7 +630,10 @@ fn validating_a_change_loads_its_document_only_when_the_cache_lost_it() {
     let (mut a, mut b, created) = two_writers();
     let mut a_changes = vec![upload(1, "r", &created)];
     a_changes.extend((1..4).map(|n| upload(n + 1, "r", &a.patch(json!({"n": n})))));
+    // A first change is checked on a document made for it and not kept; the change after it in
+    // the same upload reads the record from its base, once.
     relay.append(SPACE, &dev(1), &a_changes[..2]).unwrap();
+    assert_eq!(relay.documents_loaded(), 1);
     relay.append(SPACE, &dev(1), &a_changes[2..]).unwrap();
     // b catches up, then writes after everything logged: a fast-forward.
     b.record.apply_changes(&a.changes).unwrap();
@@ -645,30 +648,34 @@ fn validating_a_change_loads_its_document_only_when_the_cache_lost_it() {
         .unwrap();
     assert_eq!(
         relay.documents_loaded(),
-        0,
+        1,
         "r was validated on its cached document"
     );
     assert_eq!(relay.conflict_counts(SPACE).unwrap().len(), 1);
-    // A new record's document is made, not loaded, and takes r's place in the cache.
+    // Another record, changed twice, takes r's place in the cache.
     let mut other = Writer::new(3);
-    let created_s = other.put(json!({"s": 1}));
+    let s_changes = [other.put(json!({"s": 1})), other.patch(json!({"s": 2}))];
     relay
-        .append(SPACE, &dev(3), &[upload(1, "s", &created_s)])
+        .append(
+            SPACE,
+            &dev(3),
+            &[upload(1, "s", &s_changes[0]), upload(2, "s", &s_changes[1])],
+        )
         .unwrap();
-    assert_eq!(relay.documents_loaded(), 0);
-    // r's next change loads its document once; the changes after it find it cached.
+    assert_eq!(relay.documents_loaded(), 2);
+    // r's next change loads its document again; the changes after it find it cached.
     b.record.apply_changes(std::slice::from_ref(&a4)).unwrap();
     let b2 = b.patch(json!({"title": "final"}));
     relay
         .append(SPACE, &dev(2), &[upload(1, "r", &b2)])
         .unwrap();
-    assert_eq!(relay.documents_loaded(), 1);
+    assert_eq!(relay.documents_loaded(), 3);
     let a5 = a.patch(json!({"n": 12}));
     let a6 = a.patch(json!({"n": 13}));
     relay
         .append(SPACE, &dev(1), &[upload(1, "r", &a5), upload(2, "r", &a6)])
         .unwrap();
-    assert_eq!(relay.documents_loaded(), 1);
+    assert_eq!(relay.documents_loaded(), 3);
     assert_eq!(
         relay.record(SPACE, "Doc", "r").unwrap(),
         Some(fields(json!({"title": "final", "n": 13})))
@@ -857,10 +864,18 @@ fn a_change_is_logged_only_under_its_uploaders_actor_in_sequence_and_if_it_appli
     assert!(refusal(&r[0].outcome).contains("already used"));
     assert!(refusal(&r[1].outcome).contains("must follow the one before"));
     // A new record whose first change is refused does not come to exist.
+    let lone = parsed(&Writer::new(1).put(json!({"n": 1})));
+    let second = forge(&lone, Forgery::Seq(2)).unwrap();
+    let missing = forge(&lone, Forgery::MissingObject).unwrap();
     let r = relay
-        .append(SPACE, &dev(1), &[upload(1, "n", &jump)])
+        .append(
+            SPACE,
+            &dev(1),
+            &[upload(1, "n", &second), upload(2, "n", &missing)],
+        )
         .unwrap();
     assert!(refusal(&r[0].outcome).contains("must follow the one before"));
+    assert!(refusal(&r[1].outcome).contains("cannot be applied"));
     assert_eq!(relay.heads(SPACE, "Doc", "n").unwrap(), None);
 
     // A change Automerge panics on, a change built on it, and good changes around them in one

@@ -412,57 +412,46 @@ impl RelayStore {
                 }
             }
         };
+        let refused_for =
+            |e: RecordError| format!("the change cannot be applied to {collection}/{record}: {e}");
+        if new_record {
+            // A new record's first change is its base, as it is: no tail key needed. It has no
+            // dependencies (none can be held yet), so it meets nothing. Its document is not
+            // kept: loading it again from its base costs no more than keeping it would.
+            if change.seq() != 1 {
+                let reason = sequence_refusal(collection, record, change.seq(), 0);
+                return refuse(staging, reason);
+            }
+            if let Err(e) = Record::check_first(change) {
+                return refuse(staging, refused_for(e));
+            }
+            batch.put(
+                key(b'b', &[space, collection, record]),
+                upload.change.clone(),
+            );
+            staging.tails.insert(record_key.clone(), Vec::new());
+            self.log(space, origin, upload, seq, hash, staging, batch);
+            self.check_unique(space, seq, &record_key, staging, batch)?;
+            return Ok(ChangeOutcome::Stored { seq });
+        }
         let mut doc = match staging.docs.remove(&record_key) {
             Some(doc) => doc,
-            None if new_record => Record::new(&self.actor),
             None => self.record_doc(space, &record_key, staging, batch)?,
         };
         let last = doc.last_seq_of(change.actor_id());
         if change.seq() != last + 1 {
-            // Only a logged record's document is kept: a cached empty one would make a record
-            // that does not exist look as if it did.
-            if !new_record {
-                staging.docs.insert(record_key, doc);
-            }
-            let reason = if change.seq() <= last {
-                format!(
-                    "the change has sequence number {}, which its actor already used on \
-                     {collection}/{record} (its last is {last})",
-                    change.seq()
-                )
-            } else {
-                format!(
-                    "the change has sequence number {}, but its actor's last change to \
-                     {collection}/{record} is number {last}: a change must follow the one before",
-                    change.seq()
-                )
-            };
+            staging.docs.insert(record_key, doc);
+            let reason = sequence_refusal(collection, record, change.seq(), last);
             return refuse(staging, reason);
         }
         // Applied on the relay's own copy of the document before anything is logged, so that
         // every logged change is one every device can apply.
         let before = doc.heads();
         if let Err(e) = doc.apply_decoded(vec![change.clone()]) {
-            if !new_record && !matches!(e, RecordError::ApplyPanicked(_)) {
+            if !matches!(e, RecordError::ApplyPanicked(_)) {
                 staging.docs.insert(record_key, doc);
             }
-            return refuse(
-                staging,
-                format!("the change cannot be applied to {collection}/{record}: {e}"),
-            );
-        }
-        if new_record {
-            // A new record's first change is its base, as it is: no tail key needed. It has no
-            // dependencies (none can be held yet), so it meets nothing.
-            batch.put(
-                key(b'b', &[space, collection, record]),
-                upload.change.clone(),
-            );
-            staging.tails.insert(record_key.clone(), Vec::new());
-            staging.docs.insert(record_key.clone(), doc);
-            self.log(space, origin, upload, seq, hash, staging, batch);
-            self.check_unique(space, seq, &record_key, staging, batch)?;
-            return Ok(ChangeOutcome::Stored { seq });
+            return refuse(staging, refused_for(e));
         }
         self.meet(space, seq, &record_key, &change, before, &mut doc, staging);
         staging.docs.insert(record_key.clone(), doc);
@@ -1191,6 +1180,21 @@ impl RelayStore {
                     })
             })
             .collect()
+    }
+}
+
+/// Why a change with sequence number `seq` does not follow its actor's `last` on the record.
+fn sequence_refusal(collection: &str, record: &str, seq: u64, last: u64) -> String {
+    if seq <= last {
+        format!(
+            "the change has sequence number {seq}, which its actor already used on \
+             {collection}/{record} (its last is {last})"
+        )
+    } else {
+        format!(
+            "the change has sequence number {seq}, but its actor's last change to \
+             {collection}/{record} is number {last}: a change must follow the one before"
+        )
     }
 }
 
