@@ -8,7 +8,7 @@
 mod common;
 
 use automerge::{ActorId, Change, ChangeHash};
-use common::{Device, RawClient, Relay, Runtime, call, enrolment, status, wait_converged};
+use common::{Device, RawClient, Relay, Runtime, call, docs, enrolment, status, wait_converged};
 use ed25519_dalek::SigningKey;
 use ferry::fuzzing::{Forgery, forge};
 use ferry::record::{Fields, Record, decode_change};
