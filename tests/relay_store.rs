@@ -882,7 +882,10 @@ fn a_change_is_logged_only_under_its_uploaders_actor_in_sequence_and_if_it_appli
     // upload: the good ones are logged, the others refused with the reason.
     let broken = forge(&parsed(&a1), Forgery::MissingObject).unwrap();
     let mut on_broken = Writer::new(1);
-    on_broken.record.apply_changes(&[created.clone()]).unwrap();
+    on_broken
+        .record
+        .apply_changes(std::slice::from_ref(&created))
+        .unwrap();
     let built_on = forge(
         &parsed(&on_broken.patch(json!({"x": 1}))),
         Forgery::Deps(vec![parsed(&broken).hash()]),
