@@ -226,8 +226,9 @@ pub fn token_verify(data: &[u8]) {
 /// changes from elsewhere: a device applying a relay log entry (`Store::apply_remote`, with the
 /// document stored as the record's) and the relay validating an upload (`RelayStore::append`,
 /// with the document stored as the record's base, uploaded by the change's own actor so that
-/// it gets past the authorship check). The input is the document's length (u16, big-endian),
-/// the document (none: a new record), then the change.
+/// it gets past the authorship check), and the relay's shortcut check of a new record's first
+/// change compared with applying it. The input is the document's length (u16, big-endian), the
+/// document (none: a new record), then the change.
 pub fn remote_change(data: &[u8]) {
     const SPACE: &str = "fuzz";
     let Some((len, rest)) = data.split_first_chunk::<2>() else {
@@ -282,6 +283,16 @@ pub fn remote_change(data: &[u8]) {
     let _ = relay.append(SPACE, &origin, &[upload]);
     let _ = relay.record(SPACE, "Doc", "r");
     let _ = relay.history(SPACE, "Doc", "r");
+
+    // The relay's shortcut for a new record's first change must agree with applying it.
+    if let Ok(change) = crate::record::decode_change(change)
+        && Record::check_first(change.clone()).is_ok()
+    {
+        assert!(
+            Record::apply_first(change).is_ok(),
+            "a first change passed the relay's check but does not apply"
+        );
+    }
 }
 
 /// A way to bend a valid change into one a hostile or broken device might upload. The result is
