@@ -8,7 +8,8 @@
 //! Validation: a change is logged only if it is written under the uploader's own actor (its
 //! device id; the web actor's for the relay's HTTP writes), its sequence number is exactly one
 //! more than that actor's last on the record (no gap, no reuse), and it applies to the record's
-//! document (the relay's own copy, kept current in the cache) without error or panic. So every
+//! document (the relay's own copy, kept current in the cache; a new record's first change is
+//! checked on its own, `Record::check_first`) without error or panic. So every
 //! logged change can be applied by every device, in log order. A refused change is answered
 //! `Rejected{InvalidChange}` (kind `validation`) with the reason as its message; nothing of it is
 //! written, and a later change of the same upload built on it is refused with that reason.
