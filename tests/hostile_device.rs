@@ -8,7 +8,9 @@
 mod common;
 
 use automerge::{ActorId, Change, ChangeHash};
-use common::{Device, RawClient, Relay, Runtime, call, docs, enrolment, status, wait_converged};
+use common::{
+    Device, RawClient, Relay, Runtime, call, docs, enrolment, put_doc, status, wait_converged,
+};
 use ed25519_dalek::SigningKey;
 use ferry::fuzzing::{Forgery, forge};
 use ferry::record::{Fields, Record, decode_change};
@@ -104,14 +106,6 @@ fn stored(result: &ChangeResult) {
     );
 }
 
-fn put(daemon: &common::Daemon, id: &str, fields: Value) {
-    call(
-        daemon,
-        "put",
-        json!({ "collection": "Doc", "id": id, "fields": fields }),
-    );
-}
-
 #[test]
 fn a_hostile_device_cannot_forge_stall_or_crash_the_others() {
     let tmp = tempfile::tempdir().expect("temp dir");
@@ -121,7 +115,7 @@ fn a_hostile_device_cannot_forge_stall_or_crash_the_others() {
     b.join(&relay);
     let da = a.start_daemon_logged();
     let mut db = b.start_daemon_logged();
-    put(&da, "x", json!({ "title": "from a" }));
+    put_doc(&da, "x", json!({ "title": "from a" }));
     wait_converged(&[&da, &db], 1);
     call(
         &db,
@@ -262,7 +256,7 @@ fn a_hostile_device_cannot_forge_stall_or_crash_the_others() {
 
     // B comes back with its offline write, A writes on: everything syncs everywhere.
     let db = b.start_daemon_logged();
-    put(&da, "after", json!({ "by": "a" }));
+    put_doc(&da, "after", json!({ "by": "a" }));
     wait_converged(&[&da, &db], 6);
     let on_a = docs(&da);
     assert_eq!(on_a, docs(&db));
@@ -321,7 +315,7 @@ fn a_bad_entry_an_older_relay_logged_is_quarantined_and_synced_past() {
     a.join(&relay);
     b.join(&relay);
     let (da, db) = (a.start_daemon_logged(), b.start_daemon_logged());
-    put(&da, "x", json!({ "n": 1 }));
+    put_doc(&da, "x", json!({ "n": 1 }));
     wait_converged(&[&da, &db], 1);
 
     // A change to x that Automerge panics on, logged at seq 2 by a relay that did not check it.
@@ -354,7 +348,7 @@ fn a_bad_entry_an_older_relay_logged_is_quarantined_and_synced_past() {
     let relay = Relay::start(&relay_dir, Some(relay.port));
 
     // Both devices pass the entry and go on syncing what comes after it.
-    put(&db, "y", json!({ "n": 3 }));
+    put_doc(&db, "y", json!({ "n": 3 }));
     wait_converged(&[&da, &db], 3);
     assert_eq!(docs(&da), docs(&db));
     assert_eq!(

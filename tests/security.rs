@@ -9,8 +9,8 @@
 mod common;
 
 use common::{
-    Device, RawClient, Relay, Runtime, TIMEOUT, call, device_key, docs, enrolment, status, stderr,
-    wait_caught_up, wait_for, wait_for_ok,
+    Device, RawClient, Relay, Runtime, TIMEOUT, device_key, docs, enrolment, put_doc, status,
+    stderr, wait_caught_up, wait_for, wait_for_ok,
 };
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::device_id;
@@ -40,14 +40,6 @@ fn device_tokens(device: &Device) -> Tokens {
     serde_json::from_slice(&text).expect("tokens.json holds tokens")
 }
 
-fn put(daemon: &common::Daemon, id: &str, fields: Value) {
-    call(
-        daemon,
-        "put",
-        json!({ "collection": "Doc", "id": id, "fields": fields }),
-    );
-}
-
 #[test]
 fn accounts_never_see_each_others_records() {
     let tmp = tempfile::tempdir().expect("temp dir");
@@ -71,16 +63,16 @@ fn accounts_never_see_each_others_records() {
         c1.start_daemon_logged(),
     );
 
-    put(&da1, "shared", json!({ "owner": "alpha" }));
-    put(&da1, "alpha-only", json!({ "owner": "alpha" }));
+    put_doc(&da1, "shared", json!({ "owner": "alpha" }));
+    put_doc(&da1, "alpha-only", json!({ "owner": "alpha" }));
     wait_caught_up(&da1, 2);
     wait_caught_up(&da2, 2);
     // Beta writes alpha's ids (it could know them) and a guessed one; gamma its own.
-    put(&db1, "shared", json!({ "owner": "beta" }));
-    put(&db1, "alpha-only", json!({ "owner": "beta" }));
-    put(&db1, "r1", json!({ "owner": "beta" }));
+    put_doc(&db1, "shared", json!({ "owner": "beta" }));
+    put_doc(&db1, "alpha-only", json!({ "owner": "beta" }));
+    put_doc(&db1, "r1", json!({ "owner": "beta" }));
     wait_caught_up(&db1, 3);
-    put(&dc1, "gamma-only", json!({ "owner": "gamma" }));
+    put_doc(&dc1, "gamma-only", json!({ "owner": "gamma" }));
     wait_caught_up(&dc1, 1);
 
     // A raw device of beta: it downloads beta's log from the start and listens for pushes.
@@ -104,9 +96,9 @@ fn accounts_never_see_each_others_records() {
 
     // Alpha writes while beta listens; then beta's daemon writes. The only push beta's raw
     // session gets is beta's write: the stream is ordered, so nothing of alpha's came first.
-    put(&da1, "alpha-later", json!({ "owner": "alpha" }));
+    put_doc(&da1, "alpha-later", json!({ "owner": "alpha" }));
     wait_caught_up(&da2, 3);
-    put(&db1, "beta-later", json!({ "owner": "beta" }));
+    put_doc(&db1, "beta-later", json!({ "owner": "beta" }));
     match rt.run("beta's push", beta_raw.recv()) {
         Message::Changes {
             pushed: true,
@@ -201,7 +193,7 @@ fn accounts_never_see_each_others_records() {
         );
     }
     // None of that changed alpha's log.
-    put(&da2, "alpha-last", json!({ "owner": "alpha" }));
+    put_doc(&da2, "alpha-last", json!({ "owner": "alpha" }));
     wait_caught_up(&da1, 4);
     assert_eq!(docs(&da1).len(), 4);
 }
@@ -215,7 +207,7 @@ fn revoking_a_connected_device_ends_its_session_at_once() {
     kept.join(&relay);
     let gone_id = device_id(&device_key(&gone).verifying_key().to_bytes());
     let (dg, dk) = (gone.start_daemon_logged(), kept.start_daemon_logged());
-    put(&dg, "before", json!({ "n": 1 }));
+    put_doc(&dg, "before", json!({ "n": 1 }));
     wait_caught_up(&dg, 1);
     wait_caught_up(&dk, 1);
 
@@ -233,7 +225,7 @@ fn revoking_a_connected_device_ends_its_session_at_once() {
     assert!(error.to_string().contains("revoked"), "{error}");
 
     // Its writes no longer reach the relay: `ferry sync` fails, saying why.
-    put(&dg, "after", json!({ "n": 2 }));
+    put_doc(&dg, "after", json!({ "n": 2 }));
     let out = gone.ferry(&["sync"]);
     assert!(
         !out.status.success(),
@@ -241,7 +233,7 @@ fn revoking_a_connected_device_ends_its_session_at_once() {
     );
     assert!(stderr(&out).contains("revoked"), "{}", stderr(&out));
     // The other device goes on; the relay's log holds its write right after the first.
-    put(&dk, "kept", json!({ "n": 3 }));
+    put_doc(&dk, "kept", json!({ "n": 3 }));
     wait_caught_up(&dk, 2);
     let ids: Vec<_> = docs(&dk).into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids, ["before", "kept"]);
@@ -323,7 +315,7 @@ fn a_refresh_token_used_twice_on_the_wire_revokes_its_family() {
     // The device shows the refresh token it holds, already rotated: the family is revoked,
     // and the device signs in with its key instead and syncs.
     let daemon = device.start_daemon_logged();
-    put(&daemon, "still-syncs", json!({ "n": 1 }));
+    put_doc(&daemon, "still-syncs", json!({ "n": 1 }));
     wait_caught_up(&daemon, 1);
     wait_for("the relay to log the reuse", TIMEOUT, || {
         relay.log().contains("reason=\"reused\"")

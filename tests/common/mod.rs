@@ -1316,6 +1316,15 @@ pub fn docs(daemon: &Daemon) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// Writes `Doc/id` with `fields` through the daemon.
+pub fn put_doc(daemon: &Daemon, id: &str, fields: Value) {
+    call(
+        daemon,
+        "put",
+        json!({ "collection": "Doc", "id": id, "fields": fields }),
+    );
+}
+
 /// Waits until the daemon is caught up with a relay log of exactly `head` entries.
 pub fn wait_caught_up(daemon: &Daemon, head: u64) {
     wait_for_ok(&format!("caught up at {head}"), TIMEOUT, || {
