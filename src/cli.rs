@@ -25,6 +25,7 @@ use zeroize::Zeroizing;
 mod accounts;
 mod conflicts;
 mod key;
+mod status;
 
 /// The longest secret line (passphrase, key line, password) read from standard input.
 const MAX_SECRET_LINE: u64 = 4096;
@@ -510,16 +511,38 @@ fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {
         bar.finish_and_clear();
     }
     let r = result?;
+    let report: crate::engine::SyncReport = serde_json::from_value(r["report"].clone())
+        .map_err(|e| Failure::failed(format!("the daemon's sync report cannot be read: {e}")))?;
+    let status: crate::engine::SyncStatus = serde_json::from_value(r["status"].clone())
+        .map_err(|e| Failure::failed(format!("the daemon's sync status cannot be read: {e}")))?;
     if ctx.json {
         print_json(&r);
     } else {
-        let report = &r["report"];
-        println!(
-            "in sync: uploaded {} changes, downloaded {}, at {} of the relay's {}",
-            report["uploaded"], report["downloaded"], report["cursor"], report["relay_head"]
+        let done = format!(
+            "uploaded {} changes, downloaded {}, at {} of the relay's {}",
+            report.uploaded, report.downloaded, report.cursor, report.relay_head
         );
+        if status.up_to_date {
+            println!("in sync: {done}");
+        } else {
+            println!("not in sync: {done}");
+            for line in status.summary(crate::engine::now_ms()) {
+                println!("  {line}");
+            }
+        }
+        for refused in &report.refused {
+            eprintln!("{}", refused.describe());
+        }
     }
-    Ok(())
+    match (report.refused.len(), status.up_to_date) {
+        (0, true) => Ok(()),
+        (0, false) => Err(Failure::failed(
+            "the sync ended with the device not up to date (see above)",
+        )),
+        (n, _) => Err(Failure::failed(format!(
+            "{n} local changes were refused: see `ferry queue --status failed`"
+        ))),
+    }
 }
 
 async fn stop_signal() {
@@ -813,27 +836,16 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
             }
         }
         Command::Status => {
-            let r = backend.call("status", json!({}))?;
+            let mut r = backend.call("status", json!({}))?;
+            if let Backend::Local { service, .. } = &backend
+                && let Some(sync) = status::last_known(ctx, service)?
+            {
+                r["sync"] = sync;
+            }
             if ctx.json {
                 print_json(&r);
-            } else if let Value::Object(map) = &r {
-                for (k, v) in map {
-                    if k == "conflicts" {
-                        println!("conflicts: {} open", v["open"]);
-                        continue;
-                    }
-                    if k == "alerts" {
-                        print_alerts(v);
-                        continue;
-                    }
-                    println!(
-                        "{k}: {}",
-                        v.as_str().map_or_else(|| v.to_string(), str::to_owned)
-                    );
-                }
-                if r["conflicts"]["open"].as_u64().is_some_and(|n| n > 0) {
-                    eprintln!("see them with `ferry conflicts`");
-                }
+            } else {
+                status::print(&r);
             }
         }
         Command::Init

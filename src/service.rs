@@ -663,14 +663,12 @@ impl Service {
     fn status(&self) -> Result<Value, ApiError> {
         let collections = self.store.collections()?;
         let documents: u64 = collections.iter().map(|(_, n)| n).sum();
-        Ok(json!({
+        let mut status = json!({
             "version": env!("CARGO_PKG_VERSION"),
             "device_id": self.store.device_id(),
             "data_dir": self.options.data_dir,
             "socket": self.options.socket,
             "daemon": self.options.daemon,
-            "pid": std::process::id(),
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
             "documents": documents,
             "collections": collections.len(),
             "queue": self.store.queue_counts()?,
@@ -679,7 +677,13 @@ impl Service {
                 "counts": self.store.conflict_counts()?,
             },
             "store_bytes": self.store.size_on_disk()?,
-        }))
+        });
+        // Only a daemon's own process says anything about the daemon.
+        if self.options.daemon {
+            status["pid"] = json!(std::process::id());
+            status["uptime_ms"] = json!(self.started.elapsed().as_millis() as u64);
+        }
+        Ok(status)
     }
 }
 

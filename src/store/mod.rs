@@ -12,6 +12,8 @@ pub mod keys;
 pub mod kv;
 pub mod sync;
 
+pub use sync::{BatchLimits, LastKnownSync, RefusedEntry, RetryPolicy, UploadBatch};
+
 use crate::crypt::Keyring;
 use crate::record::{
     Fields, HistoryEntry, Record, RecordError, Removal, validate_fields, validate_shape,
@@ -209,6 +211,8 @@ pub struct Store {
     /// the queue's counts by status once `queue_counts` has scanned them (then each such batch
     /// keeps them up to date), so that asking for them is not a scan of the whole queue.
     queue_lock: Mutex<Option<QueueCounts>>,
+    /// Entries held apart after failed uploads. Taken after `queue_lock` when both are held.
+    upload_holds: Mutex<sync::UploadHolds>,
     /// How many conflicts are open, kept with every batch that opens or closes one, so that
     /// reading a record (which names its open conflicts) reads nothing more when none is open.
     open_conflicts: AtomicU64,
@@ -265,6 +269,7 @@ impl Store {
             next_queue_id: AtomicU64::new(next_queue_id),
             next_log_id: AtomicU64::new(next_log_id),
             queue_lock: Mutex::new(None),
+            upload_holds: Mutex::new(sync::UploadHolds::default()),
             open_conflicts: AtomicU64::new(open_conflicts),
         })
     }
@@ -275,6 +280,10 @@ impl Store {
 
     fn lock_queue(&self) -> MutexGuard<'_, Option<QueueCounts>> {
         self.queue_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_holds(&self) -> MutexGuard<'_, sync::UploadHolds> {
+        self.upload_holds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Applies a batch that moves queue entries, and `delta` (its moves) to the counts, under the
@@ -858,7 +867,10 @@ impl Store {
                 QueueAction::Fail { error, max_retries } => {
                     entry.fail(error.clone(), *max_retries, now)
                 }
-                QueueAction::Retry => entry.retry(now),
+                QueueAction::Retry => {
+                    self.lock_holds().release(id);
+                    entry.retry(now)
+                }
                 QueueAction::RequeueInterrupted => entry.requeue_interrupted(now),
             }?;
             stage_entry(&mut batch, &mut delta, Some(old), &entry);

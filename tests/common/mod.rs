@@ -640,6 +640,11 @@ impl StepClock {
     pub fn peek(&self) -> u64 {
         self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
+
+    /// Moves the time forward by `ms`.
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl ferry::store::Clock for StepClock {
@@ -783,6 +788,10 @@ impl TestStore {
 
     pub fn store(&self) -> &ferry::store::Store {
         self.store.as_ref().expect("the store is open")
+    }
+
+    pub fn clock(&self) -> &StepClock {
+        &self.clock
     }
 
     /// A clean stop (flush, close) and a new store over the same data.
@@ -983,12 +992,13 @@ impl Relayed {
 
 /// Appends `store`'s pending changes to `log`, as the relay stores an upload.
 pub fn upload(log: &mut Vec<ferry_proto::wire::LogEntry>, store: &ferry::store::Store) {
+    use ferry::store::{BatchLimits, RetryPolicy};
     use ferry_proto::wire::{ChangeOutcome, ChangeResult, LogEntry};
     let batch = store
-        .next_upload_batch(10_000, usize::MAX)
+        .next_upload_batch(BatchLimits::of(10_000, usize::MAX))
         .expect("an upload batch");
     let mut results = Vec::new();
-    for entry in batch {
+    for entry in batch.entries {
         let seq = log.len() as u64 + 1;
         log.push(LogEntry {
             seq,
@@ -1001,7 +1011,9 @@ pub fn upload(log: &mut Vec<ferry_proto::wire::LogEntry>, store: &ferry::store::
             outcome: ChangeOutcome::Stored { seq },
         });
     }
-    store.finish_upload(&results, 5).expect("finish the upload");
+    store
+        .finish_upload(&results, &RetryPolicy::immediate(5))
+        .expect("finish the upload");
 }
 
 impl Device {
