@@ -504,6 +504,9 @@ impl Config {
                 .then(|| self.collections.keys().cloned().collect()),
             policies: self.policies(),
             keyring: Default::default(),
+            max_change_bytes: ferry_proto::wire::max_change_bytes(
+                self.sync.max_frame_bytes as usize,
+            ),
         }
     }
 }

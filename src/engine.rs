@@ -331,6 +331,7 @@ pub fn spawn(
         round: Round::default(),
         rounds_finished: 0,
         applied_conflicts: 0,
+        showing_refusal: false,
         counted: (0, 0),
         metrics,
         alerts,
@@ -379,6 +380,8 @@ struct Engine {
     rounds_finished: u64,
     /// Conflicts found by the last `Apply`, for its SyncLog entry.
     applied_conflicts: u64,
+    /// `last_error` is a refused change's.
+    showing_refusal: bool,
     /// The current connection's byte counts already added to the status.
     counted: (u64, u64),
     metrics: Arc<DaemonMetrics>,
@@ -712,6 +715,7 @@ impl Engine {
             .map_or(ErrorKind::Validation.as_str(), |(kind, _)| kind);
         let failure = SyncFailure::new(kind, message);
         self.status.send_modify(|s| s.last_error = Some(failure));
+        self.showing_refusal = true;
         self.round.refused.push(refused);
     }
 
@@ -916,11 +920,18 @@ impl Engine {
                 s.last_conflict_rate = round.conflicts as f64 / round.downloaded as f64;
             }
             s.last_sync_ms = Some(at);
-            // A refusal stays the last error until a round goes by without one.
-            if round.refused.is_empty() {
-                s.last_error = None;
-            }
         });
+        // A clean round clears a failure of the connection; a refusal stays shown while a
+        // refused change waits in the queue for someone to retry it.
+        let failed_waiting = self
+            .service
+            .store()
+            .queue_counts()
+            .map_or(true, |counts| counts.failed > 0);
+        if round.refused.is_empty() && !(self.showing_refusal && failed_waiting) {
+            self.showing_refusal = false;
+            self.status.send_modify(|s| s.last_error = None);
+        }
         self.save_last_known();
         let took = round.started.map_or(Duration::ZERO, |t| t.elapsed());
         self.metrics.round_succeeded(took);
@@ -993,6 +1004,7 @@ impl Engine {
         );
         self.status
             .send_modify(|s| s.last_error = Some(failure.clone()));
+        self.showing_refusal = false;
         self.fail_waiters(&failure);
     }
 

@@ -95,7 +95,8 @@ impl From<StoreError> for ApiError {
                 code::INVALID_PARAMS
             }
             StoreError::UnknownCollection(_) => code::UNKNOWN_COLLECTION,
-            StoreError::Record(RecordError::TooLarge { .. }) => code::TOO_LARGE,
+            StoreError::Record(RecordError::TooLarge { .. })
+            | StoreError::ChangeTooLarge { .. } => code::TOO_LARGE,
             StoreError::Address(_) | StoreError::Record(RecordError::ReservedField { .. }) => {
                 code::INVALID_PARAMS
             }

@@ -62,6 +62,17 @@ pub enum StoreError {
         "resolving conflict {0} with `merge` needs the resolved fields: pass them as data (--data JSON)"
     )]
     MergeNeedsData(String),
+    #[error(
+        "writing {address} makes a change of {len} bytes, over the {max} bytes one sync frame \
+         carries (sync.max_frame_bytes): it could never reach other devices, so nothing was \
+         written; write the record in smaller parts, or raise sync.max_frame_bytes on every \
+         device and relay.max_frame_bytes on the relay"
+    )]
+    ChangeTooLarge {
+        address: String,
+        len: usize,
+        max: usize,
+    },
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error(
@@ -116,6 +127,9 @@ pub struct StoreOptions {
     pub policies: Policies,
     /// The account key encrypted fields are sealed and opened with; shared with whoever sets it.
     pub keyring: Arc<crate::crypt::Keyring>,
+    /// The largest change a local write may make: one a sync frame can carry. A larger change
+    /// could never reach the relay, so the write is refused instead of being queued for ever.
+    pub max_change_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -127,6 +141,9 @@ impl Default for StoreOptions {
             declared_collections: None,
             policies: Policies::default(),
             keyring: Arc::default(),
+            max_change_bytes: ferry_proto::wire::max_change_bytes(
+                ferry_proto::session::SessionConfig::default().max_frame_bytes as usize,
+            ),
         }
     }
 }
@@ -435,6 +452,15 @@ impl Store {
                     staged
                 }
             };
+            if let Some((_, change, _)) = &staged.written
+                && change.len() > self.options.max_change_bytes
+            {
+                return Err(StoreError::ChangeTooLarge {
+                    address: format!("{}/{}", key.0, key.1),
+                    len: change.len(),
+                    max: self.options.max_change_bytes,
+                });
+            }
             self.stage_unlogged(&mut unlogged, &mut batch, &key, &staged)?;
             applied.push(self.finish(key, staged, now, &mut batch, &mut delta));
         }
