@@ -248,3 +248,64 @@ fn a_refused_or_oversized_change_fails_alone() {
         },
     );
 }
+
+/// Each phase of a sync has its own SyncLog entry, stamped when it happened and written then:
+/// initialization, upload, download and finalization; two syncs in the same second keep their
+/// own entries.
+#[test]
+fn every_sync_phase_is_logged_when_it_happens() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let relay = Relay::start(&tmp.path().join("relay"), None);
+    let a = Device::new();
+    a.join(&relay);
+    let daemon = a.start_daemon();
+    for n in 0..2 {
+        put(&daemon, "Note", &format!("n{n}"), json!({"n": n}));
+        let out = a.ferry(&["sync"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let log = call(&daemon, "log", json!({"limit": 100}));
+    let mut entries: Vec<Value> = log["entries"].as_array().expect("entries").clone();
+    entries.reverse();
+    let phases: Vec<(String, String, u64)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["direction"].as_str().unwrap_or_default().to_owned(),
+                e["status"].as_str().unwrap_or_default().to_owned(),
+                e["records_processed"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let uploads: Vec<_> = phases
+        .iter()
+        .filter(|(d, s, _)| d == "upload" && s == "success")
+        .collect();
+    assert_eq!(uploads.len(), 2, "one upload entry per sync: {phases:?}");
+    assert!(uploads.iter().all(|(_, _, n)| *n == 1), "{phases:?}");
+    for phase in ["initialization", "download", "finalization"] {
+        assert!(
+            phases.iter().any(|(d, s, _)| d == phase && s == "success"),
+            "no successful {phase} entry: {phases:?}"
+        );
+    }
+    let times: Vec<u64> = entries
+        .iter()
+        .map(|e| e["timestamp"].as_u64().expect("timestamp"))
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "entries are stamped in the order they happened: {times:?}"
+    );
+    // The upload of each sync comes before that sync's finalization.
+    let first_upload = phases
+        .iter()
+        .position(|(d, _, _)| d == "upload")
+        .expect("an upload");
+    assert!(
+        phases[first_upload..]
+            .iter()
+            .any(|(d, _, _)| d == "finalization"),
+        "{phases:?}"
+    );
+}
