@@ -821,6 +821,9 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
             limit,
             after,
         } => {
+            if limit == 0 {
+                return Err(Failure::usage("--limit must be at least 1"));
+            }
             let mut records = Vec::new();
             let mut next = after;
             let page = ctx.config.ipc.max_list_limit.max(1);
