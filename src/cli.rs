@@ -498,9 +498,14 @@ fn run_daemon(ctx: &Context) -> Result<(), Failure> {
     Ok(())
 }
 
+/// How long the relay's process waits, once everything is flushed, for blocking tasks still
+/// running (a disk measurement, a metrics scrape) before it exits anyway.
+const RELAY_EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 fn run_relay(ctx: &Context, listen: Option<&str>) -> Result<(), Failure> {
     let json = ctx.json;
-    runtime()?
+    let runtime = runtime()?;
+    let ran = runtime
         .block_on(async {
             crate::relay::run(&ctx.dir, &ctx.config, listen, stop_signal(), |ready| {
                 if json {
@@ -521,7 +526,10 @@ fn run_relay(ctx: &Context, listen: Option<&str>) -> Result<(), Failure> {
             })
             .await
         })
-        .map_err(|e| Failure::failed(e.to_string()))
+        .map_err(|e| Failure::failed(e.to_string()));
+    // Dropping the runtime would wait for every blocking task however long it takes.
+    runtime.shutdown_timeout(RELAY_EXIT_GRACE);
+    ran
 }
 
 /// How long `register` and `sync` wait for the relay before saying they are waiting.
