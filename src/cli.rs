@@ -107,7 +107,7 @@ enum Command {
     Import {
         /// File to read; `-` or absent reads standard input
         file: Option<PathBuf>,
-        /// Records per call (at most ipc.max_import_records)
+        /// Records per call (at most ipc.max_import_records; with --atomic, the whole file)
         #[arg(long, default_value_t = 2000)]
         batch: usize,
         /// All or nothing: import the whole file in one call, or no line of it if any is refused

@@ -4,7 +4,8 @@
 //!
 //! Bounded everywhere: connections (extra ones get `Overloaded`), frame size (checked before a
 //! body is read), upload batch size and download page size (in the session), and per-connection
-//! queues (one read in flight, a small channel of decoded frames).
+//! queues (one read in flight, a small channel of decoded frames), and stopping (sessions get
+//! `SHUTDOWN_GRACE` to tell their devices, the endpoint `CLOSE_GRACE` to tell peers).
 //!
 //! Must not touch: what a session sends when (that is `ferry_proto::session`), the store's layout.
 
