@@ -34,6 +34,8 @@ enum Fate {
     Refused,
     /// Not imported for another line's sake (`--atomic`) or because the import stopped.
     NotImported,
+    /// Sent in a call that got no answer: the daemon may have imported them before it stopped.
+    Unconfirmed,
 }
 
 /// Records read but not sent yet, with their line numbers.
@@ -71,9 +73,9 @@ impl Outcomes {
         self.refusals.push((line, why));
     }
 
-    fn not_imported(&mut self, records: &[(u64, Value)]) {
+    fn settle(&mut self, records: &[(u64, Value)], fate: Fate) {
         self.fates
-            .extend(records.iter().map(|(line, _)| (*line, Fate::NotImported)));
+            .extend(records.iter().map(|(line, _)| (*line, fate)));
     }
 
     /// Imports `records` in one call. With `split`, a call refused for a record's sake is split
@@ -93,8 +95,7 @@ impl Outcomes {
             Ok(r) => {
                 self.imported += r["imported"].as_u64().unwrap_or(0);
                 self.changed += r["changed"].as_u64().unwrap_or(0);
-                self.fates
-                    .extend(records.iter().map(|(line, _)| (*line, Fate::Imported)));
+                self.settle(&records, Fate::Imported);
                 if let Some(bar) = &self.progress {
                     bar.set_message(format!("{} records", self.imported));
                 }
@@ -111,7 +112,12 @@ impl Outcomes {
                 self.send(backend, second, split)
             }
             Err(e) => {
-                self.not_imported(&records);
+                // An error answer means the call applied nothing; no answer tells nothing.
+                let fate = match e {
+                    ClientError::Api(_) => Fate::NotImported,
+                    _ => Fate::Unconfirmed,
+                };
+                self.settle(&records, fate);
                 Err(e.into())
             }
         }
@@ -262,7 +268,7 @@ pub(super) fn run(ctx: &Context, args: ImportArgs) -> Result<(), Failure> {
         let full = pending.records.len() == batch
             || pending.bytes + line.len() + ENVELOPE_BYTES > max_bytes;
         if full && args.atomic {
-            outcomes.not_imported(&pending.take());
+            outcomes.settle(&pending.take(), Fate::NotImported);
             stopped = Some(Failure::usage(format!(
                 "--atomic imports the file in one call, and line {n} takes it past the limit \
                  of one call ({max_records} records, ipc.max_import_records, and {max_bytes} \
@@ -272,7 +278,14 @@ pub(super) fn run(ctx: &Context, args: ImportArgs) -> Result<(), Failure> {
             break;
         }
         if full && let Err(e) = outcomes.send(&mut backend, pending.take(), true) {
-            stopped = Some(e);
+            stopped = Some(Failure {
+                message: format!(
+                    "{}; the import stopped there: line {n} and the lines after it were not \
+                     imported either",
+                    e.message
+                ),
+                ..e
+            });
             break;
         }
         pending.push(n, record, line.len());
@@ -289,7 +302,7 @@ pub(super) fn run(ctx: &Context, args: ImportArgs) -> Result<(), Failure> {
                     ..f
                 }),
             (true, false) => {
-                outcomes.not_imported(&records);
+                outcomes.settle(&records, Fate::NotImported);
                 Ok(())
             }
         };
@@ -312,6 +325,7 @@ fn report(
     let imported_lines = outcomes.ranges(Fate::Imported);
     let refused_lines = outcomes.ranges(Fate::Refused);
     let not_imported = outcomes.ranges(Fate::NotImported);
+    let unconfirmed = outcomes.ranges(Fate::Unconfirmed);
     outcomes.refusals.sort_unstable_by_key(|(line, _)| *line);
     if ctx.json {
         let refused: Vec<Value> = outcomes
@@ -326,6 +340,7 @@ fn report(
             "imported_lines": imported_lines,
             "refused": refused,
             "not_imported_lines": not_imported,
+            "unconfirmed_lines": unconfirmed,
         }));
     } else {
         for (line, why) in &outcomes.refusals {
@@ -344,6 +359,13 @@ fn report(
         }
         if !not_imported.is_empty() {
             println!("not imported: lines {}", show_ranges(&not_imported));
+        }
+        if !unconfirmed.is_empty() {
+            println!(
+                "not confirmed: lines {} (the daemon may have imported them before it stopped \
+                 answering)",
+                show_ranges(&unconfirmed)
+            );
         }
     }
     if let Some(failure) = stopped {
