@@ -665,7 +665,23 @@ impl Backend {
         if let Ok(client) = Client::connect(&socket) {
             return Ok(Backend::Daemon(client));
         }
-        let open = daemon::open_store(&ctx.dir, &ctx.config)?;
+        // The lock is held by a daemon that is starting (its socket answers in a moment), or by
+        // another command working on the store: wait for either.
+        let mut daemon = None;
+        let mut told = false;
+        let lock = ctx.dir.lock_within(daemon::LOCK_PATIENCE, |pid| {
+            daemon = Client::connect(&socket).ok();
+            if daemon.is_none() && !told {
+                told = true;
+                let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                eprintln!("waiting for the data directory, in use by another ferry process{pid} …");
+            }
+            daemon.is_none()
+        });
+        if let Some(client) = daemon {
+            return Ok(Backend::Daemon(client));
+        }
+        let open = daemon::open_locked_store(lock?, &ctx.dir, &ctx.config)?;
         let service = Service::new(
             open.store,
             daemon::service_options(&ctx.dir, &ctx.config, false),

@@ -142,21 +142,20 @@ impl DataDir {
     }
 
     /// `lock`, waiting up to `patience` for another process (a CLI command working on the store
-    /// directly, say) to release it. `waiting` is told the holder's pid once, if it has to wait.
+    /// directly, say) to release it. While it waits, `keep_waiting` is asked with the holder's
+    /// pid at each attempt; `false` gives up at once (with the `Locked` error).
     pub fn lock_within(
         &self,
         patience: Duration,
-        waiting: impl FnOnce(Option<u32>),
+        mut keep_waiting: impl FnMut(Option<u32>) -> bool,
     ) -> Result<DirLock, DataDirError> {
         const POLL: Duration = Duration::from_millis(50);
         let deadline = Instant::now() + patience;
-        let mut waiting = Some(waiting);
         loop {
             match self.lock() {
-                Err(DataDirError::Locked { pid, .. }) if Instant::now() < deadline => {
-                    if let Some(tell) = waiting.take() {
-                        tell(pid);
-                    }
+                Err(DataDirError::Locked { pid, .. })
+                    if Instant::now() < deadline && keep_waiting(pid) =>
+                {
                     std::thread::sleep(POLL);
                 }
                 taken => return taken,
@@ -223,6 +222,7 @@ mod tests {
             std::thread::spawn(move || {
                 dir.lock_within(Duration::from_secs(30), |pid| {
                     let _ = told.send(pid);
+                    true
                 })
             })
         };
@@ -231,7 +231,7 @@ mod tests {
         drop(lock);
         let lock = patient.join().unwrap().unwrap();
         assert!(matches!(
-            dir.lock_within(Duration::ZERO, |_| {}),
+            dir.lock_within(Duration::from_secs(30), |_| false),
             Err(DataDirError::Locked { .. })
         ));
         drop(lock);

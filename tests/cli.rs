@@ -521,40 +521,70 @@ fn dead_relay_address() -> String {
 const UNKNOWN_FINGERPRINT: &str = "00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd:ee:ff:\
      00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd:ee:ff";
 
-/// Starts `command`, waits (bounded) for a line of its standard error holding `words`, then
-/// kills it; returns that line.
-fn stderr_line_of(mut command: std::process::Command, words: &[&str]) -> String {
-    use std::io::BufRead as _;
-    let mut child = command
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn ferry");
-    let lines = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
+/// A running `ferry` command whose standard error is read line by line; killed when dropped.
+struct Watched {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Watched {
+    fn start(mut command: std::process::Command) -> Watched {
+        use std::io::BufRead as _;
+        let mut child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
             }
+        });
+        Watched {
+            child,
+            lines,
+            seen: Vec::new(),
         }
-    });
-    let mut seen = Vec::new();
-    let found = common::wait_for_ok(
-        &format!("a line with {words:?} on standard error"),
-        common::TIMEOUT,
-        || {
-            seen.extend(rx.try_iter());
-            seen.iter()
-                .find(|l| words.iter().all(|w| l.contains(w)))
-                .cloned()
-                .ok_or_else(|| seen.join("\n"))
-        },
-    );
-    let _ = child.kill();
-    let _ = child.wait();
-    found
+    }
+
+    /// Waits (bounded) for a line of standard error holding every one of `words`.
+    fn line_with(&mut self, words: &[&str]) -> String {
+        common::wait_for_ok(
+            &format!("a line with {words:?} on standard error"),
+            common::TIMEOUT,
+            || {
+                self.seen.extend(self.lines.try_iter());
+                self.seen
+                    .iter()
+                    .find(|l| words.iter().all(|w| l.contains(w)))
+                    .cloned()
+                    .ok_or_else(|| self.seen.join("\n"))
+            },
+        )
+    }
+
+    /// Waits (bounded) for the command to exit.
+    fn exit(&mut self) -> std::process::ExitStatus {
+        common::wait_for_ok("the command to exit", common::TIMEOUT, || {
+            match self.child.try_wait().expect("wait for ferry") {
+                Some(status) => Ok(status),
+                None => Err("still running".into()),
+            }
+        })
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
@@ -570,7 +600,7 @@ fn register_and_sync_say_they_wait_for_a_relay_that_does_not_answer() {
         "--code",
         "default/K7Q2",
     ]);
-    stderr_line_of(register, &["waiting for relay", &relay]);
+    Watched::start(register).line_with(&["waiting for relay", &relay]);
 
     dev.edit_config(|text| {
         text.replacen("\nrelay = \"\"", &format!("\nrelay = \"{relay}\""), 1)
@@ -581,7 +611,7 @@ fn register_and_sync_say_they_wait_for_a_relay_that_does_not_answer() {
             )
     });
     let _daemon = dev.start_daemon_logged();
-    stderr_line_of(dev.command(&["sync"]), &["waiting for relay", &relay]);
+    Watched::start(dev.command(&["sync"])).line_with(&["waiting for relay", &relay]);
 }
 
 #[test]
@@ -610,4 +640,16 @@ fn a_daemon_starting_while_a_command_holds_the_data_directory_waits_for_it() {
     let out = dev.ferry(&["put", "Note/1", "--data", "{}"]);
     succeeded(&out);
     daemon.kill();
+}
+
+#[test]
+fn a_command_waits_while_another_holds_the_data_directory() {
+    let dev = Device::new();
+    let dir = ferry::datadir::DataDir::resolve(Some(&dev.data_dir)).unwrap();
+    let held = dir.lock().expect("the test takes the lock, as a CLI command would");
+    let mut put = Watched::start(dev.command(&["put", "Note/1", "--data", "{}"]));
+    put.line_with(&["waiting for the data directory", "in use by another ferry process"]);
+    drop(held);
+    assert!(put.exit().success(), "{:?}", put.seen);
+    succeeded(&dev.ferry(&["get", "Note/1"]));
 }
