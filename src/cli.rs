@@ -225,8 +225,8 @@ enum Command {
     Watch {
         /// Only this collection's records; absent: every collection
         collection: Option<String>,
-        /// Only the record with this id (of COLLECTION)
-        #[arg(long, requires = "collection")]
+        /// Only records with this id (in COLLECTION, or in any collection)
+        #[arg(long)]
         id: Option<String>,
         /// Stop after this many notifications
         #[arg(long)]
