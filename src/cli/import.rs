@@ -377,14 +377,14 @@ fn report(
     let refused = outcomes.refusals.len();
     let lines = if refused == 1 { "line" } else { "lines" };
     let others = if atomic {
-        "so nothing was imported (--atomic)"
+        ", so nothing was imported (--atomic)"
     } else {
-        "every other line was imported"
+        "; every other line was imported"
     };
     Err(Failure {
         exit: EXIT_USAGE,
         message: format!(
-            "{refused} {lines} refused ({}): {others}",
+            "{refused} {lines} refused ({}){others}",
             show_ranges(&refused_lines)
         ),
     })
