@@ -646,9 +646,14 @@ fn a_daemon_starting_while_a_command_holds_the_data_directory_waits_for_it() {
 fn a_command_waits_while_another_holds_the_data_directory() {
     let dev = Device::new();
     let dir = ferry::datadir::DataDir::resolve(Some(&dev.data_dir)).unwrap();
-    let held = dir.lock().expect("the test takes the lock, as a CLI command would");
+    let held = dir
+        .lock()
+        .expect("the test takes the lock, as a CLI command would");
     let mut put = Watched::start(dev.command(&["put", "Note/1", "--data", "{}"]));
-    put.line_with(&["waiting for the data directory", "in use by another ferry process"]);
+    put.line_with(&[
+        "waiting for the data directory",
+        "in use by another ferry process",
+    ]);
     drop(held);
     assert!(put.exit().success(), "{:?}", put.seen);
     succeeded(&dev.ferry(&["get", "Note/1"]));
