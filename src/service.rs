@@ -73,8 +73,10 @@ impl ApiError {
         }
     }
 
+    /// The code says the params are at fault; the message says how, in words a person can act
+    /// on (a CLI user never typed the params, so no protocol prefix).
     pub fn invalid_params(message: impl std::fmt::Display) -> Self {
-        Self::new(code::INVALID_PARAMS, format!("invalid params: {message}"))
+        Self::new(code::INVALID_PARAMS, message.to_string())
     }
 }
 
@@ -592,9 +594,16 @@ impl Service {
                 })
             })
             .transpose()?;
-        let entries = self
-            .store
-            .queue(status, p.after, p.limit.unwrap_or(100).min(10_000))?;
+        let limit = p.limit.unwrap_or(100).min(10_000);
+        let entries = match (p.newest_first || p.before.is_some(), p.after) {
+            (true, Some(_)) => {
+                return Err(ApiError::invalid_params(
+                    "`after` pages oldest first and `before` newest first: give one of them",
+                ));
+            }
+            (true, None) => self.store.queue_newest(status, p.before, limit)?,
+            (false, after) => self.store.queue(status, after, limit)?,
+        };
         let views = entries
             .iter()
             .map(|e| {
@@ -757,7 +766,7 @@ impl From<&Conflict> for ConflictEvent {
 }
 
 /// Reads a method's params (an object, or null for none). An error names the param at fault, e.g.
-/// "invalid params: `collection`: invalid type: integer `5`, expected a string".
+/// "`collection`: invalid type: integer `5`, expected a string".
 pub(crate) fn parse<T: DeserializeOwned>(params: Value) -> Result<T, ApiError> {
     let params = if params.is_null() { json!({}) } else { params };
     if !params.is_object() {
@@ -836,7 +845,12 @@ struct ImportParams {
 #[serde(deny_unknown_fields)]
 struct QueueParams {
     status: Option<String>,
+    /// Oldest first, from after this id (the default order).
     after: Option<u64>,
+    /// Newest first, from before this id; `newest_first` without it starts at the newest.
+    before: Option<u64>,
+    #[serde(default)]
+    newest_first: bool,
     limit: Option<usize>,
 }
 

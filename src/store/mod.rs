@@ -132,6 +132,33 @@ pub struct StoreOptions {
     pub max_change_bytes: usize,
 }
 
+impl StoreOptions {
+    /// Checks a write before it touches any document: its address, that its collection may be
+    /// written, and its fields' names, depth and size. Needs nothing but the options, so a client
+    /// with the same config (`ferry import`) finds the records at fault before it sends any.
+    /// `id: None` stands for an id still to be generated, which is always valid.
+    pub fn check_write(
+        &self,
+        collection: &str,
+        id: Option<&str>,
+        fields: Option<&Fields>,
+    ) -> Result<(), StoreError> {
+        validate_collection(collection, &self.limits)?;
+        if let Some(id) = id {
+            validate_record_id(id, &self.limits)?;
+        }
+        if let Some(declared) = &self.declared_collections
+            && !declared.contains(collection)
+        {
+            return Err(StoreError::UnknownCollection(collection.to_owned()));
+        }
+        if let Some(fields) = fields {
+            validate_fields(fields, &self.limits)?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
@@ -408,10 +435,11 @@ impl Store {
             } => (collection, id, Change::Patch(set, unset)),
             Write::Delete { collection, id } => (collection, id, Change::Delete),
         };
-        self.check_address(&collection, &id)?;
-        if let Change::Put(fields) | Change::Patch(fields, _) = &change {
-            validate_fields(fields, &self.options.limits)?;
-        }
+        let fields = match &change {
+            Change::Put(fields) | Change::Patch(fields, _) => Some(fields),
+            Change::Delete => None,
+        };
+        self.options.check_write(&collection, Some(&id), fields)?;
         Ok(Resolved {
             key: (collection, id),
             change,
@@ -599,21 +627,6 @@ impl Store {
             .get(collection)
             .copied()
             .unwrap_or(0)
-    }
-
-    fn check_address(&self, collection: &str, id: &str) -> Result<(), StoreError> {
-        validate_collection(collection, &self.options.limits)?;
-        validate_record_id(id, &self.options.limits)?;
-        self.check_declared(collection)
-    }
-
-    fn check_declared(&self, collection: &str) -> Result<(), StoreError> {
-        match &self.options.declared_collections {
-            Some(declared) if !declared.contains(collection) => {
-                Err(StoreError::UnknownCollection(collection.to_owned()))
-            }
-            _ => Ok(()),
-        }
     }
 
     fn load_or_new(&self, key: &CacheKey) -> Result<Record, StoreError> {
@@ -804,6 +817,47 @@ impl Store {
         Ok(out)
     }
 
+    /// Queue entries newest first, optionally of one status, older than `before`.
+    pub fn queue_newest(
+        &self,
+        status: Option<QueueStatus>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<SyncQueueEntry>, StoreError> {
+        let mut out = Vec::new();
+        let end = before.map_or_else(|| keys::prefix_end(keys::QUEUE), keys::queue);
+        self.scan_back(keys::QUEUE, end, limit, |bytes| {
+            let entry: SyncQueueEntry = decode(bytes, "queue entry")?;
+            if status.is_none_or(|s| s == entry.status) {
+                out.push(entry);
+            }
+            Ok(out.len())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `visit` on the values under `prefix` with keys below `end`, greatest key first,
+    /// until it says it holds `limit` of them.
+    fn scan_back(
+        &self,
+        prefix: &[u8],
+        mut end: Vec<u8>,
+        limit: usize,
+        mut visit: impl FnMut(&[u8]) -> Result<usize, StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut held = 0;
+        while held < limit {
+            let Some(key) = self.kv.last_key(prefix, &end)? else {
+                break;
+            };
+            if let Some(bytes) = self.kv.get(&key)? {
+                held = visit(&bytes)?;
+            }
+            end = key;
+        }
+        Ok(())
+    }
+
     /// The ids of every entry in `status`.
     pub fn queue_ids(&self, status: QueueStatus) -> Result<Vec<u64>, StoreError> {
         let mut ids = Vec::new();
@@ -981,16 +1035,10 @@ impl Store {
     pub fn log(&self, before: Option<u64>, limit: usize) -> Result<Vec<SyncLogEntry>, StoreError> {
         let end = before.map_or_else(|| keys::prefix_end(keys::LOG), keys::log);
         let mut out = Vec::new();
-        let mut end = end;
-        while out.len() < limit {
-            let Some(key) = self.kv.last_key(keys::LOG, &end)? else {
-                break;
-            };
-            if let Some(bytes) = self.kv.get(&key)? {
-                out.push(decode_log_entry(&bytes)?);
-            }
-            end = key;
-        }
+        self.scan_back(keys::LOG, end, limit, |bytes| {
+            out.push(decode_log_entry(bytes)?);
+            Ok(out.len())
+        })?;
         Ok(out)
     }
 

@@ -417,6 +417,17 @@ impl Relay {
         std::fs::read_to_string(self.data_dir.with_file_name("relay.log")).unwrap_or_default()
     }
 
+    /// SIGTERM, then waits (bounded) for the relay to exit; returns its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        signal(self.child.id(), libc::SIGTERM);
+        wait_for_ok("the relay to exit after SIGTERM", TIMEOUT, || {
+            match self.child.try_wait().expect("wait for the relay") {
+                Some(status) => Ok(status),
+                None => Err("still running".into()),
+            }
+        })
+    }
+
     /// SIGKILL: whatever the relay had not made durable is gone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
