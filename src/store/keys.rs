@@ -28,6 +28,8 @@ pub const META_FORMAT: &[u8] = b"mformat";
 /// Present once the pending index covers every pending entry (stores made before the index
 /// existed get it built when they are opened).
 pub const META_PENDING_INDEX: &[u8] = b"mpending_index";
+/// What the daemon last knew of its sync (JSON), for `ferry status` while no daemon runs.
+pub const META_SYNC_STATE: &[u8] = b"msync_state";
 pub const PENDING: &[u8] = b"p";
 pub const CURSOR: &[u8] = b"c";
 pub const CONFLICT: &[u8] = b"xe";
