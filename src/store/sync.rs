@@ -116,7 +116,7 @@ impl Store {
                     .kv
                     .get(&keys::queue(id))?
                     .ok_or(StoreError::QueueEntryNotFound(id))?;
-                let entry: SyncQueueEntry = decode(&stored, "queue entry")?;
+                let entry = self.with_change(decode(&stored, "queue entry")?)?;
                 let size = entry.data.len();
                 if !picked.is_empty() && bytes.saturating_add(size) > max_bytes {
                     break 'scan;

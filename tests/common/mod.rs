@@ -886,6 +886,10 @@ impl Kv for FaultyKv {
     fn size_on_disk(&self) -> Result<u64, KvError> {
         self.inner.size_on_disk()
     }
+
+    fn live_bytes(&self) -> Result<u64, KvError> {
+        self.inner.live_bytes()
+    }
 }
 
 /// A JSON object as record fields (tests write them as `json!({...})`).
@@ -1017,7 +1021,9 @@ impl Device {
         drop(open);
         // sled lets go of its lock on `db` once its background work is done with the file; a
         // lock taken and dropped here shows that it has.
-        let db = dir.store_path().join("db");
+        let db = ferry::store::kv::SledKv::current_dir(&dir.store_path())
+            .expect("the store's directory")
+            .join("db");
         wait_for("sled to release the store", TIMEOUT, || {
             use std::os::fd::AsRawFd as _;
             let file = std::fs::File::open(&db).expect("open the store's db file");

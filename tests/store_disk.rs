@@ -1,0 +1,239 @@
+//! Disk use of the real store (sled in a temp dir) against the data it holds, under churn: large
+//! records rewritten many times, their queue entries retried (status rewritten again and again),
+//! records deleted and the history pruned. The store must stay within `SPACE_FACTOR` times its
+//! live data (the bytes of every key and value) plus a small fixed floor, while it runs and
+//! across a reopen.
+
+mod common;
+
+use common::{Engine, TestStore, fields};
+use ferry::store::{SPACE_FACTOR, SPACE_FLOOR_BYTES, StoreOptions, Write};
+use ferry_proto::Limits;
+use ferry_proto::wire::{ChangeOutcome, ChangeResult};
+use serde_json::json;
+
+/// Text that does not compress much, so sizes measure the data and not the compressor.
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+fn large_store() -> TestStore {
+    TestStore::new(
+        Engine::Sled,
+        StoreOptions {
+            limits: Limits {
+                max_record_bytes: 16 << 20,
+                ..Limits::default()
+            },
+            ..StoreOptions::default()
+        },
+    )
+}
+
+struct Sizes {
+    on_disk: u64,
+    live: u64,
+}
+
+impl Sizes {
+    /// The sizes after the store has checked its space, as the daemon has it do now and then.
+    fn of(t: &TestStore) -> Sizes {
+        let store = t.store();
+        store.flush().expect("flush");
+        if let Some(c) = store.bound_space().expect("bound the space") {
+            println!(
+                "compacted: {} -> {} bytes on disk for {} live",
+                c.before.store_bytes, c.after.store_bytes, c.after.live_bytes
+            );
+        }
+        Sizes {
+            on_disk: store.size_on_disk().expect("size on disk"),
+            live: store.live_bytes().expect("live bytes"),
+        }
+    }
+
+    fn within_bound(&self) -> bool {
+        self.on_disk <= SPACE_FACTOR * self.live + SPACE_FLOOR_BYTES
+    }
+}
+
+impl std::fmt::Display for Sizes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = |b: u64| b as f64 / (1 << 20) as f64;
+        write!(
+            f,
+            "{:.1} MB on disk for {:.1} MB live ({:.2}x)",
+            mb(self.on_disk),
+            mb(self.live),
+            self.on_disk as f64 / self.live.max(1) as f64
+        )
+    }
+}
+
+/// Every pending entry goes into an upload that is lost `times` times (each a move to
+/// processing and back to pending).
+fn retry_uploads(t: &TestStore, times: usize) {
+    let store = t.store();
+    for _ in 0..times {
+        let batch = store.next_upload_batch(1000, 64 << 20).expect("batch");
+        let ids: Vec<u64> = batch.iter().map(|e| e.id).collect();
+        store
+            .abandon_upload(&ids, "network: connection lost", u32::MAX)
+            .expect("abandon");
+        store.flush().expect("flush");
+    }
+}
+
+/// Every pending entry is uploaded and stored by the relay.
+fn complete_uploads(t: &TestStore) {
+    let store = t.store();
+    loop {
+        let batch = store.next_upload_batch(1000, 64 << 20).expect("batch");
+        if batch.is_empty() {
+            break;
+        }
+        let results: Vec<ChangeResult> = batch
+            .iter()
+            .enumerate()
+            .map(|(seq, e)| ChangeResult {
+                entry: e.id,
+                outcome: ChangeOutcome::Stored { seq: seq as u64 },
+            })
+            .collect();
+        store.finish_upload(&results, 10).expect("finish");
+    }
+    store.flush().expect("flush");
+}
+
+/// The churn, with the sizes after each phase (and the worst ratio seen).
+fn churn(
+    t: &mut TestStore,
+    records: u64,
+    record_bytes: usize,
+    rounds: u64,
+) -> Vec<(String, Sizes)> {
+    let mut seen = Vec::new();
+    for round in 0..rounds {
+        for r in 0..records {
+            let write = Write::Put {
+                collection: "Big".into(),
+                id: Some(format!("r{r}")),
+                fields: fields(json!({ "body": noise(round * 1000 + r, record_bytes) })),
+            };
+            t.store().write(write).expect("write a large record");
+            t.store().flush().expect("flush");
+        }
+        retry_uploads(t, 10);
+        seen.push((
+            format!("round {round}: rewritten and retried"),
+            Sizes::of(t),
+        ));
+    }
+    complete_uploads(t);
+    for r in 0..records {
+        t.store()
+            .write(Write::Delete {
+                collection: "Big".into(),
+                id: format!("r{r}"),
+            })
+            .expect("delete");
+    }
+    complete_uploads(t);
+    t.store()
+        .prune_history(u64::MAX, u64::MAX, usize::MAX)
+        .expect("prune");
+    seen.push(("deleted and pruned".into(), Sizes::of(t)));
+    t.reopen();
+    seen.push(("reopened".into(), Sizes::of(t)));
+    seen
+}
+
+fn report(name: &str, seen: &[(String, Sizes)]) {
+    for (phase, sizes) in seen {
+        println!("{name}: {phase}: {sizes}");
+    }
+}
+
+/// The case seen on a device: one record of 9,000,000 bytes whose upload failed ten times.
+#[test]
+fn one_large_record_retried_stays_within_the_bound() {
+    let mut t = large_store();
+    let seen = churn(&mut t, 1, 9_000_000, 1);
+    report("9 MB record retried", &seen);
+    for (phase, sizes) in &seen {
+        assert!(sizes.within_bound(), "{phase}: {sizes}");
+    }
+}
+
+/// Several records of megabytes, each rewritten many times and retried after each rewrite,
+/// then deleted and their history pruned.
+#[test]
+fn large_records_rewritten_retried_and_deleted_stay_within_the_bound() {
+    let mut t = large_store();
+    let seen = churn(&mut t, 3, 2_000_000, 6);
+    report("3 x 2 MB records, 6 rounds", &seen);
+    for (phase, sizes) in &seen {
+        assert!(sizes.within_bound(), "{phase}: {sizes}");
+    }
+}
+
+#[test]
+#[ignore]
+fn scratch_amplification() {
+    use ferry::store::kv::{Batch, Kv, SledKv};
+    let dir = tempfile::tempdir().unwrap();
+    let kv = SledKv::open(dir.path(), 8 << 20).unwrap();
+    let mut n = 0u64;
+    for b in 0..20u64 {
+        let mut batch = Batch::default();
+        for i in 0..1000u64 {
+            n += 1;
+            batch.put(
+                format!("d\0C\0{:08}", b * 1000 + i).into_bytes(),
+                noise(n, 300).into_bytes(),
+            );
+        }
+        kv.apply(batch).unwrap();
+    }
+    kv.flush().unwrap();
+    println!(
+        "small: {} on disk, {} live",
+        kv.size_on_disk().unwrap(),
+        kv.live_bytes().unwrap()
+    );
+    let t = std::time::Instant::now();
+    for _ in 0..1 {
+        let _ = kv.live_bytes().unwrap();
+    }
+    println!("scan of 20k: {:?}", t.elapsed());
+    let mut batch = Batch::default();
+    batch.put(b"zbig".to_vec(), noise(7, 9_000_000).into_bytes());
+    kv.apply(batch).unwrap();
+    kv.flush().unwrap();
+    println!(
+        "+big: {} on disk, {} live",
+        kv.size_on_disk().unwrap(),
+        kv.live_bytes().unwrap()
+    );
+    kv.compact().unwrap();
+    println!(
+        "compacted: {} on disk, {} live",
+        kv.size_on_disk().unwrap(),
+        kv.live_bytes().unwrap()
+    );
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    kv.flush().unwrap();
+    println!(
+        "5s later: {} on disk, {} live",
+        kv.size_on_disk().unwrap(),
+        kv.live_bytes().unwrap()
+    );
+}
