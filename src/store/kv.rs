@@ -886,6 +886,159 @@ impl Kv for PrefixKv {
 mod tests {
     use super::*;
 
+    fn value(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn put(kv: &dyn Kv, key: &[u8], value: Vec<u8>) {
+        let mut batch = Batch::default();
+        batch.put(key.to_vec(), value);
+        kv.apply(batch).unwrap();
+    }
+
+    /// Every pair of the store, as its `range` reads it.
+    fn all(kv: &dyn Kv) -> Vec<Pair> {
+        kv.range(b"", &[0xff; 4], usize::MAX).unwrap()
+    }
+
+    /// How many keys sled holds in the engine's reserved range (the chunks).
+    fn chunks(kv: &SledKv) -> usize {
+        kv.read().db().unwrap().range([RESERVED]..).count()
+    }
+
+    #[test]
+    fn long_values_are_kept_in_chunks_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        let sizes = [0, 1, CHUNK - 8, CHUNK, CHUNK + 1, 3 * CHUNK + 17, 100_000];
+        let mut expected = BTreeMap::new();
+        let mut batch = Batch::default();
+        for (n, len) in sizes.iter().enumerate() {
+            // `k1` is a prefix of `k10`...: their chunks must not meet.
+            let key = format!("k{n}").into_bytes();
+            batch.put(key.clone(), value(*len, n as u8));
+            batch.put([key.clone(), b"0".to_vec()].concat(), value(*len, 7));
+            expected.insert(key.clone(), value(*len, n as u8));
+            expected.insert([key, b"0".to_vec()].concat(), value(*len, 7));
+        }
+        kv.apply(batch).unwrap();
+        let pairs: Vec<Pair> = expected.clone().into_iter().collect();
+        assert_eq!(all(&kv), pairs);
+        for (key, v) in &expected {
+            assert_eq!(kv.get(key).unwrap().as_ref(), Some(v));
+        }
+        let live: u64 = pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+        assert_eq!(kv.live_bytes().unwrap(), live);
+        assert_eq!(kv.count(b"", &[0xff]).unwrap(), pairs.len() as u64);
+        assert_eq!(
+            kv.last_key(b"", &[0xff, 0xff]).unwrap(),
+            Some(b"k60".to_vec())
+        );
+
+        // A long value made shorter, long made short, and removed: no chunk is left behind.
+        put(&kv, b"k6", value(2 * CHUNK, 9));
+        assert_eq!(kv.get(b"k6").unwrap(), Some(value(2 * CHUNK, 9)));
+        put(&kv, b"k5", value(10, 9));
+        assert_eq!(kv.get(b"k5").unwrap(), Some(value(10, 9)));
+        let mut batch = Batch::default();
+        for key in expected.keys() {
+            batch.remove(key.clone());
+        }
+        // The last write of a key in a batch wins, as in sled.
+        batch.put(b"k6".to_vec(), value(CHUNK * 2 + 5, 1));
+        batch.remove(b"k6".to_vec());
+        batch.remove(b"k4".to_vec());
+        batch.put(b"k4".to_vec(), value(CHUNK * 2 + 5, 1));
+        kv.apply(batch).unwrap();
+        assert_eq!(all(&kv), vec![(b"k4".to_vec(), value(CHUNK * 2 + 5, 1))]);
+        assert_eq!(chunks(&kv), 3);
+        let mut batch = Batch::default();
+        batch.put(vec![RESERVED, 1], b"x".to_vec());
+        assert!(matches!(kv.apply(batch), Err(KvError::Io(_))));
+    }
+
+    #[test]
+    fn a_long_value_stored_whole_by_an_older_version_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        db.insert(b"old", value(50_000, 3)).unwrap();
+        db.flush().unwrap();
+        drop(db);
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(kv.get(b"old").unwrap(), Some(value(50_000, 3)));
+        assert_eq!(all(&kv), vec![(b"old".to_vec(), value(50_000, 3))]);
+    }
+
+    #[test]
+    fn a_compaction_keeps_every_pair_and_leaves_only_the_new_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        for round in 0..20u8 {
+            put(&kv, b"big", value(200_000, round));
+            put(&kv, &[b's', round], value(100, round));
+        }
+        let before = all(&kv);
+        kv.compact().unwrap();
+        assert_eq!(all(&kv), before);
+        assert_eq!(
+            SledKv::current_dir(dir.path()).unwrap(),
+            dir.path().join("gen-1")
+        );
+        assert!(
+            !dir.path().join("db").exists(),
+            "the old generation is gone"
+        );
+        put(&kv, b"after", b"1".to_vec());
+        kv.compact().unwrap();
+        assert!(!dir.path().join("gen-1").exists());
+        kv.flush().unwrap();
+        drop(kv);
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        let mut expected = before;
+        expected.insert(0, (b"after".to_vec(), b"1".to_vec()));
+        assert_eq!(all(&kv), expected);
+    }
+
+    /// A crash at any point of a compaction: before `CURRENT` names the new generation, the old
+    /// one is whole and the half-made copy goes at the next open; after, the new one is whole
+    /// and what is left of the old one goes.
+    #[test]
+    fn an_interrupted_compaction_leaves_the_old_or_the_new_store_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        put(&kv, b"a", value(10_000, 1));
+        kv.flush().unwrap();
+        drop(kv);
+        // Crashed while copying: a generation no `CURRENT` names, and a `CURRENT` being written.
+        std::fs::create_dir_all(dir.path().join("gen-1/blobs")).unwrap();
+        std::fs::write(dir.path().join("gen-1/db"), b"half a copy").unwrap();
+        std::fs::write(dir.path().join("CURRENT.new"), b"gen-1\n").unwrap();
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(kv.get(b"a").unwrap(), Some(value(10_000, 1)));
+        assert!(!dir.path().join("gen-1").exists());
+        assert!(!dir.path().join("CURRENT.new").exists());
+        kv.compact().unwrap();
+        drop(kv);
+        // Crashed after the switch, before the old generation was removed.
+        std::fs::write(dir.path().join("db"), b"the old log").unwrap();
+        std::fs::write(dir.path().join("conf"), b"the old conf").unwrap();
+        std::fs::create_dir_all(dir.path().join("blobs")).unwrap();
+        std::fs::write(dir.path().join("snap.0001"), b"an old snapshot").unwrap();
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(all(&kv), vec![(b"a".to_vec(), value(10_000, 1))]);
+        for old in ["db", "conf", "blobs", "snap.0001"] {
+            assert!(!dir.path().join(old).exists(), "{old} is left");
+        }
+        drop(kv);
+        std::fs::write(dir.path().join("CURRENT"), b"nonsense").unwrap();
+        assert!(matches!(
+            SledKv::open(dir.path(), 1 << 20),
+            Err(KvError::Corrupt(_))
+        ));
+    }
+
     #[test]
     fn a_prefixed_keyspace_sees_only_its_own_keys() {
         let engine = Arc::new(MemoryKv::new());

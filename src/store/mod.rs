@@ -1000,6 +1000,11 @@ impl Store {
         if !batch.is_empty() {
             self.kv.apply(batch)?;
         }
+        if pruned + logs_pruned > 0 {
+            // The live data shrank (the one way it does): the next `bound_space` measures it
+            // again rather than judge the size on disk against the old figure.
+            *self.lock_space() = None;
+        }
         Ok((pruned, logs_pruned))
     }
 
@@ -1661,6 +1666,62 @@ mod tests {
             batched.collections().unwrap(),
             single.collections().unwrap()
         );
+    }
+
+    /// A long change is kept under its own key, written once: moving its entry rewrites only the
+    /// entry's small value. A store whose entries hold long changes inline (as older versions
+    /// wrote them) gets them moved when it is opened, and reads the same.
+    #[test]
+    fn a_long_change_is_kept_apart_from_its_entry_and_older_stores_are_moved_over() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        let mut x = 7u32;
+        let text: String = (0..4 * INLINE_CHANGE_BYTES)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                char::from(b'a' + (x >> 16) as u8 % 26)
+            })
+            .collect();
+        let applied = store
+            .write(Write::Put {
+                collection: "C".into(),
+                id: Some("long".into()),
+                fields: fields(serde_json::json!({ "text": text })),
+            })
+            .unwrap();
+        let id = applied.queue_id.unwrap();
+        let entry = store.queue(None, None, 10).unwrap().remove(0);
+        assert!(entry.data.len() > INLINE_CHANGE_BYTES);
+        let stored = |kv: &MemoryKv| -> SyncQueueEntry {
+            decode(&kv.get(&keys::queue(id)).unwrap().unwrap(), "queue entry").unwrap()
+        };
+        assert!(stored(&kv).data.is_empty());
+        assert_eq!(
+            kv.get(&keys::queue_change(id)).unwrap(),
+            Some(entry.data.clone())
+        );
+        store.queue_transition(&[id], &QueueAction::Start).unwrap();
+        assert!(
+            stored(&kv).data.is_empty(),
+            "a move leaves the change where it is"
+        );
+        let moved = store.queue(None, None, 10).unwrap().remove(0);
+        assert_eq!(
+            (moved.status, &moved.data),
+            (QueueStatus::Processing, &entry.data)
+        );
+
+        let mut older = Batch::default();
+        older.put(keys::queue(id), encode(&moved));
+        older.remove(keys::queue_change(id));
+        older.remove(keys::META_QUEUE_CHANGES.to_vec());
+        kv.apply(older).unwrap();
+        drop(store);
+        let store = open(&kv);
+        assert_eq!(store.queue(None, None, 10).unwrap(), vec![moved.clone()]);
+        assert!(stored(&kv).data.is_empty());
+        assert_eq!(kv.get(&keys::queue_change(id)).unwrap(), Some(moved.data));
+        assert!(kv.get(keys::META_QUEUE_CHANGES).unwrap().is_some());
     }
 
     #[test]
