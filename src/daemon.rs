@@ -2,7 +2,8 @@
 //! starts the sync loop when a relay is configured, and shuts down cleanly (every acknowledged write is already durable; the committer drains and
 //! the store is flushed once more).
 //!
-//! Owns: process lifecycle, the data directory lock, the socket file.
+//! Owns: process lifecycle, the data directory lock, the socket file, and when the store's space
+//! is checked (compaction) and writes resumed after a full disk.
 //! Must not touch: method semantics (that is `service`), framing (that is `ipc`).
 
 use crate::alerting::{self, Monitor};

@@ -1,7 +1,9 @@
 //! The device's durable state: record documents, the SyncQueue, the SyncLog and metadata.
 //!
 //! Owns: key layout, the rule that a local write and its queue entry land in one atomic batch,
-//! the bounded cache of loaded documents, and queue/log bookkeeping. Durability is explicit:
+//! the bounded cache of loaded documents, queue/log bookkeeping, the space bound (live bytes
+//! measured, compaction asked of the engine), and going back to what is durable after a flush
+//! failed for lack of space. Durability is explicit:
 //! `write` makes a change visible, `flush` makes everything written so far durable, and callers
 //! acknowledge a write only after the flush that covers it (see `daemon::committer`).
 //!
