@@ -520,8 +520,7 @@ impl Kv for SledKv {
             .and_then(|fresh| {
                 copy_all(old, &fresh)?;
                 fresh.flush().map_err(from_sled)?;
-                sync_dir(&dir)?;
-                sync_dir(&dir.join("blobs"))?;
+                sync_all(&dir)?;
                 Ok(fresh)
             });
         // A copy that runs out of space fails alone: the store in use is untouched.
@@ -625,6 +624,12 @@ impl Generations {
             }
         }
         if current != 0 {
+            if !self.dir(current).join("db").exists() {
+                return Err(KvError::Corrupt(format!(
+                    "{} names gen-{current}, which holds no store",
+                    self.root.join("CURRENT").display()
+                )));
+            }
             self.remove(0)?;
         }
         Ok(current)
@@ -670,6 +675,22 @@ fn remove_all(path: &Path) -> Result<(), KvError> {
         Err(e) => Err(e),
     };
     removed.map_err(from_io)
+}
+
+/// Syncs every file under `dir` (sled syncs its log, not necessarily its config file or the
+/// directories' entries), then `dir` itself.
+fn sync_all(dir: &Path) -> Result<(), KvError> {
+    for entry in std::fs::read_dir(dir).map_err(from_io)? {
+        let path = entry.map_err(from_io)?.path();
+        if path.is_dir() {
+            sync_all(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|file| file.sync_all())
+                .map_err(from_io)?;
+        }
+    }
+    sync_dir(dir)
 }
 
 fn sync_dir(path: &Path) -> Result<(), KvError> {
@@ -1033,6 +1054,11 @@ mod tests {
             assert!(!dir.path().join(old).exists(), "{old} is left");
         }
         drop(kv);
+        std::fs::rename(dir.path().join("gen-1"), dir.path().join("elsewhere")).unwrap();
+        assert!(matches!(
+            SledKv::open(dir.path(), 1 << 20),
+            Err(KvError::Corrupt(_))
+        ));
         std::fs::write(dir.path().join("CURRENT"), b"nonsense").unwrap();
         assert!(matches!(
             SledKv::open(dir.path(), 1 << 20),
