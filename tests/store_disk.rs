@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::{Engine, TestStore, fields};
-use ferry::store::{SPACE_FACTOR, SPACE_FLOOR_BYTES, StoreOptions, Write};
+use common::{Device, Engine, TIMEOUT, TestStore, fields, status, wait_for};
+use ferry::store::{SPACE_FACTOR, SPACE_FLOOR_BYTES, Store, StoreOptions, Write};
 use ferry_proto::Limits;
 use ferry_proto::wire::{ChangeOutcome, ChangeResult};
 use serde_json::json;
@@ -93,8 +93,7 @@ fn retry_uploads(t: &TestStore, times: usize) {
 }
 
 /// Every pending entry is uploaded and stored by the relay.
-fn complete_uploads(t: &TestStore) {
-    let store = t.store();
+fn complete_uploads(store: &Store) {
     loop {
         let batch = store.next_upload_batch(1000, 64 << 20).expect("batch");
         if batch.is_empty() {
@@ -137,7 +136,7 @@ fn churn(
             Sizes::of(t),
         ));
     }
-    complete_uploads(t);
+    complete_uploads(t.store());
     for r in 0..records {
         t.store()
             .write(Write::Delete {
@@ -146,7 +145,7 @@ fn churn(
             })
             .expect("delete");
     }
-    complete_uploads(t);
+    complete_uploads(t.store());
     t.store()
         .prune_history(u64::MAX, u64::MAX, usize::MAX)
         .expect("prune");
@@ -183,4 +182,54 @@ fn large_records_rewritten_retried_and_deleted_stay_within_the_bound() {
     for (phase, sizes) in &seen {
         assert!(sizes.within_bound(), "{phase}: {sizes}");
     }
+}
+
+/// A store over its bound when the daemon starts (its large history pruned: the live data
+/// shrank, its files did not) is compacted by the daemon without being asked, and `status`
+/// shows the size on disk, the live bytes and when they were measured.
+#[test]
+fn the_daemon_compacts_a_store_over_its_bound_when_it_starts() {
+    let dev = Device::new();
+    let before = dev.with_store(|store| {
+        for round in 0..8 {
+            for r in 0..3u64 {
+                let write = Write::Put {
+                    collection: "Big".into(),
+                    id: Some(format!("r{r}")),
+                    fields: fields(json!({ "body": noise(round * 10 + r, 900_000) })),
+                };
+                store.write(write).expect("write a large record");
+                store.flush().expect("flush");
+            }
+        }
+        complete_uploads(store);
+        store
+            .prune_history(u64::MAX, u64::MAX, usize::MAX)
+            .expect("prune");
+        store.flush().expect("flush");
+        store.measure_space().expect("measure")
+    });
+    assert!(
+        before.over_bound(),
+        "the churn left the store within its bound: {before:?}"
+    );
+    let daemon = dev.start_daemon();
+    let mut last = serde_json::Value::Null;
+    wait_for("the daemon to compact the store", TIMEOUT, || {
+        last = status(&daemon);
+        let (Some(on_disk), Some(live)) =
+            (last["store_bytes"].as_u64(), last["live_bytes"].as_u64())
+        else {
+            return false;
+        };
+        on_disk <= SPACE_FACTOR * live + SPACE_FLOOR_BYTES
+    });
+    assert_eq!(
+        last["live_bytes"].as_u64(),
+        Some(before.live_bytes),
+        "{last}"
+    );
+    assert!(last["live_bytes_measured_ms"].as_u64().is_some(), "{last}");
+    assert_eq!(last["storage"], json!({"state": "ok"}), "{last}");
+    assert!(daemon.terminate().success());
 }
