@@ -19,12 +19,13 @@ use serde_json::{Value, json};
 use std::io::{BufRead as _, IsTerminal as _, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 use zeroize::Zeroizing;
 
 mod accounts;
 mod conflicts;
+mod import;
 mod key;
+mod status;
 
 /// The longest secret line (passphrase, key line, password) read from standard input.
 const MAX_SECRET_LINE: u64 = 4096;
@@ -60,6 +61,7 @@ enum Command {
     /// Create or replace a record: `ferry put Customer/42 --data '{"name":"Ada"}'`;
     /// without an id (`ferry put Customer`) one is generated
     Put {
+        /// COLLECTION/ID of the record, or COLLECTION alone to generate a time-ordered id
         address: String,
         /// The record's fields as a JSON object; `-` or absent reads standard input
         #[arg(long)]
@@ -67,6 +69,7 @@ enum Command {
     },
     /// Merge fields into a record
     Patch {
+        /// COLLECTION/ID of the record
         address: String,
         /// Fields to set, as a JSON object
         #[arg(long)]
@@ -76,10 +79,15 @@ enum Command {
         unset: Vec<String>,
     },
     /// Print a record
-    Get { address: String },
+    Get {
+        /// COLLECTION/ID of the record
+        address: String,
+    },
     /// List collections, or the records of one collection
     Ls {
+        /// The collection whose records to list; absent: list the collections
         collection: Option<String>,
+        /// How many records to print at most (fetched in as many calls as needed)
         #[arg(long, default_value_t = 100)]
         limit: usize,
         /// Start after this id (the `next` of the previous page)
@@ -87,34 +95,53 @@ enum Command {
         after: Option<String>,
     },
     /// Delete a record (a tombstone that syncs)
-    Rm { address: String },
+    Rm {
+        /// COLLECTION/ID of the record
+        address: String,
+    },
     /// The changes of a record: when, which device, what fields
-    History { address: String },
+    History {
+        /// COLLECTION/ID of the record
+        address: String,
+    },
     /// Load records from JSON Lines: {"collection": ..., "id": ..., "fields": {...}} per line
     Import {
         /// File to read; `-` or absent reads standard input
         file: Option<PathBuf>,
-        /// Records per call (at most ipc.max_import_records)
+        /// Records per call (at most ipc.max_import_records; with --atomic, the whole file)
         #[arg(long, default_value_t = 2000)]
         batch: usize,
+        /// All or nothing: import the whole file in one call, or no line of it if any is refused
+        /// (the file must fit in one call: ipc.max_import_records, ipc.max_message_bytes)
+        #[arg(long)]
+        atomic: bool,
     },
     /// Export records as JSON, JSON Lines, or Automerge binary documents
     Export {
         /// A collection, or `collection/id` for one record; absent exports everything
         target: Option<String>,
+        /// json: one array; jsonl: one record per line; automerge: the binary documents
         #[arg(long, value_enum, default_value_t = ExportFormat::Json)]
         format: ExportFormat,
         /// Output file (or directory, for several Automerge documents); absent: standard output
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Show SyncQueue entries
+    /// Show SyncQueue entries, newest first
     Queue {
         /// pending, processing, completed or failed
         #[arg(long)]
         status: Option<String>,
+        /// How many entries to print at most
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Only entries older than this id (the `more:` hint of the previous page)
+        #[arg(long, conflicts_with_all = ["after", "oldest_first"])]
+        before: Option<u64>,
+        /// List the oldest entries first
+        #[arg(long)]
+        oldest_first: bool,
+        /// Only entries newer than this id, oldest first
         #[arg(long)]
         after: Option<u64>,
     },
@@ -130,6 +157,7 @@ enum Command {
         /// Only this collection's conflicts
         #[arg(long)]
         collection: Option<String>,
+        /// How many conflicts to print at most
         #[arg(long, default_value_t = 100)]
         limit: usize,
         /// Start after this conflict id (the `next` of the previous page)
@@ -143,12 +171,16 @@ enum Command {
     },
     /// Put failed queue entries back to pending
     Retry {
+        /// Ids of the queue entries to retry (as `ferry queue` shows them)
+        #[arg(required_unless_present = "all_failed")]
         ids: Vec<u64>,
-        #[arg(long)]
+        /// Retry every entry that failed for good, instead of the ones named
+        #[arg(long, conflicts_with = "ids")]
         all_failed: bool,
     },
     /// Show SyncLog entries, newest first
     Log {
+        /// How many entries to print at most
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
@@ -192,7 +224,9 @@ enum Command {
     },
     /// Print record changes and conflicts as they happen (needs the daemon)
     Watch {
+        /// Only this collection's records; absent: every collection
         collection: Option<String>,
+        /// Only records with this id (in COLLECTION, or in any collection)
         #[arg(long)]
         id: Option<String>,
         /// Stop after this many notifications
@@ -202,6 +236,7 @@ enum Command {
     /// Run the main job end to end: a daemon on a fresh data directory, writes and reads through
     /// its socket, a subscriber, a clean stop, and a check that everything is on disk
     Demo {
+        /// How many records to import through the daemon's socket
         #[arg(long, default_value_t = 10_000)]
         records: usize,
     },
@@ -336,7 +371,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             id,
             count,
         } => watch(&ctx, collection, id, count),
-        Command::Import { file, batch } => import(&ctx, file.as_deref(), batch),
+        Command::Import {
+            file,
+            batch,
+            atomic,
+        } => import::run(
+            &ctx,
+            import::ImportArgs {
+                file,
+                batch,
+                atomic,
+            },
+        ),
         Command::Sync { retry_failed } => sync(&ctx, retry_failed),
         Command::Conflicts {
             action,
@@ -453,9 +499,14 @@ fn run_daemon(ctx: &Context) -> Result<(), Failure> {
     Ok(())
 }
 
+/// How long the relay's process waits, once everything is flushed, for blocking tasks still
+/// running (a disk measurement, a metrics scrape) before it exits anyway.
+const RELAY_EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 fn run_relay(ctx: &Context, listen: Option<&str>) -> Result<(), Failure> {
     let json = ctx.json;
-    runtime()?
+    let runtime = runtime()?;
+    let ran = runtime
         .block_on(async {
             crate::relay::run(&ctx.dir, &ctx.config, listen, stop_signal(), |ready| {
                 if json {
@@ -476,7 +527,67 @@ fn run_relay(ctx: &Context, listen: Option<&str>) -> Result<(), Failure> {
             })
             .await
         })
-        .map_err(|e| Failure::failed(e.to_string()))
+        .map_err(|e| Failure::failed(e.to_string()));
+    // Dropping the runtime would wait for every blocking task however long it takes.
+    runtime.shutdown_timeout(RELAY_EXIT_GRACE);
+    ran
+}
+
+/// How long `register` and `sync` wait for the relay before saying they are waiting.
+const RELAY_WAIT_NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Says on standard error that the relay has not answered yet, once `RELAY_WAIT_NOTICE` has
+/// passed with no answer, so that a dead relay address does not look like a hung command.
+/// A command answered sooner prints nothing.
+struct RelayWait {
+    answered: Option<std::sync::mpsc::Sender<()>>,
+    notice: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RelayWait {
+    fn start(relay: &str) -> RelayWait {
+        let (answered, answer) = std::sync::mpsc::channel::<()>();
+        let relay = if relay.is_empty() {
+            "the relay".to_owned()
+        } else {
+            format!("relay {relay}")
+        };
+        let notice = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                answer.recv_timeout(RELAY_WAIT_NOTICE)
+            {
+                eprintln!("waiting for {relay} … (no answer yet; Ctrl-C stops)");
+            }
+        });
+        RelayWait {
+            answered: Some(answered),
+            notice: Some(notice),
+        }
+    }
+
+    /// The relay answered: no notice is due any more.
+    fn answered(&mut self) {
+        if let Some(answered) = self.answered.take() {
+            let _ = answered.send(());
+        }
+    }
+}
+
+impl Drop for RelayWait {
+    fn drop(&mut self) {
+        self.answered();
+        if let Some(notice) = self.notice.take() {
+            let _ = notice.join();
+        }
+    }
+}
+
+/// The relay this device syncs with: its registration's, unless the config names one.
+fn sync_relay(ctx: &Context) -> String {
+    let registration = crate::auth::credentials::Registration::load(ctx.dir.path())
+        .ok()
+        .flatten();
+    crate::auth::credentials::Registration::apply(registration.as_ref(), &ctx.config.sync).relay
 }
 
 fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {
@@ -492,8 +603,12 @@ fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
         bar
     });
+    let mut waiting = RelayWait::start(&sync_relay(ctx));
     let result =
         client.call_with_notifications("sync", json!({ "retry_failed": retry_failed }), |note| {
+            if note["params"]["state"] == "connected" {
+                waiting.answered();
+            }
             if let Some(bar) = &progress {
                 let s = &note["params"];
                 bar.set_message(format!(
@@ -506,20 +621,43 @@ fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {
                 ));
             }
         });
+    drop(waiting);
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
     let r = result?;
+    let report: crate::engine::SyncReport = serde_json::from_value(r["report"].clone())
+        .map_err(|e| Failure::failed(format!("the daemon's sync report cannot be read: {e}")))?;
+    let status: crate::engine::SyncStatus = serde_json::from_value(r["status"].clone())
+        .map_err(|e| Failure::failed(format!("the daemon's sync status cannot be read: {e}")))?;
     if ctx.json {
         print_json(&r);
     } else {
-        let report = &r["report"];
-        println!(
-            "in sync: uploaded {} changes, downloaded {}, at {} of the relay's {}",
-            report["uploaded"], report["downloaded"], report["cursor"], report["relay_head"]
+        let done = format!(
+            "uploaded {} changes, downloaded {}, at {} of the relay's {}",
+            report.uploaded, report.downloaded, report.cursor, report.relay_head
         );
+        if status.up_to_date {
+            println!("in sync: {done}");
+        } else {
+            println!("not in sync: {done}");
+            for line in status.summary(crate::engine::now_ms()) {
+                println!("  {line}");
+            }
+        }
+        for refused in &report.refused {
+            eprintln!("{}", refused.describe());
+        }
     }
-    Ok(())
+    match (report.refused.len(), status.up_to_date) {
+        (0, true) => Ok(()),
+        (0, false) => Err(Failure::failed(
+            "the sync ended with the device not up to date (see above)",
+        )),
+        (n, _) => Err(Failure::failed(format!(
+            "{n} local changes were refused: see `ferry queue --status failed`"
+        ))),
+    }
 }
 
 async fn stop_signal() {
@@ -550,7 +688,23 @@ impl Backend {
         if let Ok(client) = Client::connect(&socket) {
             return Ok(Backend::Daemon(client));
         }
-        let open = daemon::open_store(&ctx.dir, &ctx.config)?;
+        // The lock is held by a daemon that is starting (its socket answers in a moment), or by
+        // another command working on the store: wait for either.
+        let mut daemon = None;
+        let mut told = false;
+        let lock = ctx.dir.lock_within(daemon::LOCK_PATIENCE, |pid| {
+            daemon = Client::connect(&socket).ok();
+            if daemon.is_none() && !told {
+                told = true;
+                let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                eprintln!("waiting for the data directory, in use by another ferry process{pid} …");
+            }
+            daemon.is_none()
+        });
+        if let Some(client) = daemon {
+            return Ok(Backend::Daemon(client));
+        }
+        let open = daemon::open_locked_store(lock?, &ctx.dir, &ctx.config)?;
         let service = Service::new(
             open.store,
             daemon::service_options(&ctx.dir, &ctx.config, false),
@@ -562,8 +716,13 @@ impl Backend {
     }
 
     fn call(&mut self, method: &str, params: Value) -> Result<Value, Failure> {
+        Ok(self.try_call(method, params)?)
+    }
+
+    /// `call`, with the error as the daemon gave it (its code tells what went wrong).
+    fn try_call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
         match self {
-            Backend::Daemon(client) => Ok(client.call(method, params)?),
+            Backend::Daemon(client) => client.call(method, params),
             Backend::Local { service, .. } => Ok(service.call(method, params)?),
         }
     }
@@ -709,17 +868,34 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
             limit,
             after,
         } => {
-            let r = backend.call(
-                "list",
-                json!({ "collection": collection, "limit": limit, "after": after }),
-            )?;
+            if limit == 0 {
+                return Err(Failure::usage("--limit must be at least 1"));
+            }
+            let mut records = Vec::new();
+            let mut next = after;
+            let page = ctx.config.ipc.max_list_limit.max(1);
+            // One call returns at most `ipc.max_list_limit` records: ask for the rest page by page.
+            while records.len() < limit {
+                let wanted = (limit - records.len()).min(page);
+                let mut r = backend.call(
+                    "list",
+                    json!({ "collection": collection, "limit": wanted, "after": next }),
+                )?;
+                if let Value::Array(got) = r["records"].take() {
+                    records.extend(got);
+                }
+                next = r["next"].as_str().map(str::to_owned);
+                if next.is_none() {
+                    break;
+                }
+            }
             if ctx.json {
-                print_json(&r);
+                print_json(&json!({ "records": records, "next": next }));
             } else {
-                for rec in r["records"].as_array().into_iter().flatten() {
+                for rec in &records {
                     println!("{}\t{}", rec["id"].as_str().unwrap_or(""), rec["fields"]);
                 }
-                if let Some(next) = r["next"].as_str() {
+                if let Some(next) = next {
                     eprintln!("more: ferry ls {collection} --after {next}");
                 }
             }
@@ -750,11 +926,20 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         Command::Queue {
             status,
             limit,
+            before,
+            oldest_first,
             after,
         } => {
+            let newest_first = !oldest_first && after.is_none();
             let r = backend.call(
                 "queue",
-                json!({ "status": status, "limit": limit, "after": after }),
+                json!({
+                    "status": status,
+                    "limit": limit,
+                    "after": after,
+                    "before": before,
+                    "newest_first": newest_first,
+                }),
             )?;
             if ctx.json {
                 print_json(&r);
@@ -774,6 +959,15 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
                         e["retry_count"],
                         e["last_error"].as_str().unwrap_or("")
                     );
+                }
+                let entries = r["entries"].as_array().map_or(&[][..], Vec::as_slice);
+                if let Some(last) = entries.last().filter(|_| entries.len() == limit) {
+                    let flag = if newest_first { "--before" } else { "--after" };
+                    let status = status
+                        .as_deref()
+                        .map(|s| format!(" --status {s}"))
+                        .unwrap_or_default();
+                    eprintln!("more: ferry queue{status} {flag} {}", last["id"]);
                 }
                 let c = &r["counts"];
                 eprintln!(
@@ -813,27 +1007,16 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
             }
         }
         Command::Status => {
-            let r = backend.call("status", json!({}))?;
+            let mut r = backend.call("status", json!({}))?;
+            if let Backend::Local { service, .. } = &backend
+                && let Some(sync) = status::last_known(ctx, service)?
+            {
+                r["sync"] = sync;
+            }
             if ctx.json {
                 print_json(&r);
-            } else if let Value::Object(map) = &r {
-                for (k, v) in map {
-                    if k == "conflicts" {
-                        println!("conflicts: {} open", v["open"]);
-                        continue;
-                    }
-                    if k == "alerts" {
-                        print_alerts(v);
-                        continue;
-                    }
-                    println!(
-                        "{k}: {}",
-                        v.as_str().map_or_else(|| v.to_string(), str::to_owned)
-                    );
-                }
-                if r["conflicts"]["open"].as_u64().is_some_and(|n| n > 0) {
-                    eprintln!("see them with `ferry conflicts`");
-                }
+            } else {
+                status::print(&r);
             }
         }
         Command::Init
@@ -911,124 +1094,6 @@ fn format_ms(ms: i64) -> String {
         rem % 60,
         ms.rem_euclid(1000)
     )
-}
-
-fn import(ctx: &Context, file: Option<&Path>, batch: usize) -> Result<(), Failure> {
-    let batch = batch.clamp(1, ctx.config.ipc.max_import_records);
-    let (reader, total_bytes): (Box<dyn std::io::BufRead>, Option<u64>) = match file {
-        Some(p) if p != Path::new("-") => {
-            let f = std::fs::File::open(p)
-                .map_err(|e| Failure::failed(format!("cannot open {}: {e}", p.display())))?;
-            let len = f.metadata().ok().map(|m| m.len());
-            (Box::new(std::io::BufReader::new(f)), len)
-        }
-        _ => (Box::new(std::io::BufReader::new(std::io::stdin())), None),
-    };
-    let progress = (!ctx.json && std::io::stderr().is_terminal()).then(|| {
-        let bar = match total_bytes {
-            Some(n) => indicatif::ProgressBar::new(n),
-            None => indicatif::ProgressBar::new_spinner(),
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
-    let mut backend = Backend::connect(ctx)?;
-    let started = Instant::now();
-    let mut records = Vec::with_capacity(batch);
-    let mut totals = ImportTotals::default();
-    let max_bytes = ctx.config.ipc.max_message_bytes;
-    let mut reader = reader;
-    let mut line = Vec::new();
-    let mut batch_bytes = 0;
-    for n in 1.. {
-        match read_line_bounded(reader.as_mut(), &mut line, max_bytes)? {
-            LineRead::End => break,
-            LineRead::Line => {}
-            LineRead::TooLong => return Err(too_long(&format!("line {n}"), max_bytes)),
-        }
-        if let Some(bar) = &progress {
-            bar.inc(line.len() as u64 + 1);
-        }
-        if line.trim_ascii().is_empty() {
-            continue;
-        }
-        let record: Value = serde_json::from_slice(&line).map_err(|e| {
-            Failure::usage(format!(
-                "line {n}: not valid JSON ({e}); {} records before it were imported",
-                totals.imported
-            ))
-        })?;
-        if !record.is_object() {
-            return Err(Failure::usage(format!(
-                "line {n}: expected {{\"collection\": ..., \"id\": ..., \"fields\": {{...}}}}"
-            )));
-        }
-        // Keep each call within the daemon's message limit (with room for the envelope).
-        if batch_bytes + line.len() + 1024 > max_bytes {
-            totals.send(&mut backend, &mut records, progress.as_ref())?;
-            batch_bytes = 0;
-        }
-        batch_bytes += line.len() + 1;
-        records.push(record);
-        if records.len() == batch {
-            totals.send(&mut backend, &mut records, progress.as_ref())?;
-            batch_bytes = 0;
-        }
-    }
-    totals.send(&mut backend, &mut records, progress.as_ref())?;
-    let ImportTotals { imported, changed } = totals;
-    if let Some(bar) = &progress {
-        bar.finish_and_clear();
-    }
-    let secs = started.elapsed().as_secs_f64();
-    if ctx.json {
-        print_json(&json!({ "imported": imported, "changed": changed, "seconds": secs }));
-    } else {
-        println!(
-            "imported {imported} records ({changed} changed) in {secs:.2}s, {:.0} records/s",
-            imported as f64 / secs.max(1e-9)
-        );
-    }
-    Ok(())
-}
-
-#[derive(Default)]
-struct ImportTotals {
-    imported: u64,
-    changed: u64,
-}
-
-impl ImportTotals {
-    fn send(
-        &mut self,
-        backend: &mut Backend,
-        records: &mut Vec<Value>,
-        progress: Option<&indicatif::ProgressBar>,
-    ) -> Result<(), Failure> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let r = backend
-            .call("import", json!({ "records": std::mem::take(records) }))
-            .map_err(|f| Failure {
-                message: format!(
-                    "{} ({} records were imported before this batch)",
-                    f.message, self.imported
-                ),
-                ..f
-            })?;
-        self.imported += r["imported"].as_u64().unwrap_or(0);
-        self.changed += r["changed"].as_u64().unwrap_or(0);
-        if let Some(bar) = progress {
-            bar.set_message(format!("{} records", self.imported));
-        }
-        Ok(())
-    }
 }
 
 fn export(
@@ -1311,6 +1376,29 @@ mod tests {
             let filter = tracing_subscriber::EnvFilter::try_new(log_filter(text));
             assert!(filter.is_ok(), "{text:?}: {filter:?}");
         }
+    }
+
+    #[test]
+    fn every_command_and_argument_says_what_it_is() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut command = <Cli as clap::CommandFactory>::command();
+        command.build();
+        let mut missing = Vec::new();
+        walk(&command, "ferry", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 
     #[test]

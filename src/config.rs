@@ -151,6 +151,11 @@ pub struct SyncConfig {
     pub max_frame_bytes: u32,
     /// Longest wait for the relay to answer a connection attempt or a request, in ms.
     pub request_timeout_ms: u64,
+    /// A quiet connection to the relay is pinged this often, in ms.
+    pub keep_alive_ms: u64,
+    /// A connection that hears nothing from the relay (pings included) for this long is taken
+    /// for dead, in ms: this bounds how long status can call a dead relay connected.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -172,6 +177,8 @@ impl Default for SyncConfig {
             download_changes: session.max_download_changes,
             max_frame_bytes: session.max_frame_bytes,
             request_timeout_ms: session.request_timeout_ms,
+            keep_alive_ms: 1_000,
+            idle_timeout_ms: 5_000,
         }
     }
 }
@@ -389,6 +396,8 @@ impl Config {
                 "sync.request_timeout_ms",
                 self.sync.request_timeout_ms as usize,
             ),
+            ("sync.keep_alive_ms", self.sync.keep_alive_ms as usize),
+            ("sync.idle_timeout_ms", self.sync.idle_timeout_ms as usize),
             ("relay.max_connections", self.relay.max_connections),
             (
                 "relay.max_batch_changes",
@@ -457,6 +466,13 @@ impl Config {
                 "relay.cert_file and relay.key_file go together: set both or neither".into(),
             );
         }
+        if self.sync.keep_alive_ms >= self.sync.idle_timeout_ms {
+            return Err(format!(
+                "sync.keep_alive_ms ({}) must be shorter than sync.idle_timeout_ms ({}), or a \
+                 quiet connection would be taken for dead between two pings",
+                self.sync.keep_alive_ms, self.sync.idle_timeout_ms
+            ));
+        }
         match positive.iter().find(|(_, v)| *v == 0) {
             Some((key, _)) => Err(format!("{key} must be at least 1")),
             None => Ok(()),
@@ -488,6 +504,9 @@ impl Config {
                 .then(|| self.collections.keys().cloned().collect()),
             policies: self.policies(),
             keyring: Default::default(),
+            max_change_bytes: ferry_proto::wire::max_change_bytes(
+                self.sync.max_frame_bytes as usize,
+            ),
         }
     }
 }

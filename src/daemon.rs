@@ -73,10 +73,23 @@ pub struct OpenStore {
     pub lock: DirLock,
 }
 
-/// Takes the data directory's lock and opens its store. Used by the daemon and by CLI commands
-/// that run without one.
+/// How long a starting daemon waits for the data directory's lock: a CLI command that found no
+/// daemon yet works on the store directly for a moment, and the daemon comes up after it. (A
+/// CLI command waits as long for a daemon that is starting, or for another command.)
+pub const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Takes the data directory's lock and opens its store. Used by CLI commands that run without a
+/// daemon.
 pub fn open_store(dir: &DataDir, config: &Config) -> Result<OpenStore, DaemonError> {
-    let lock = dir.lock()?;
+    open_locked_store(dir.lock()?, dir, config)
+}
+
+/// Opens the store of the data directory whose `lock` the caller holds.
+pub fn open_locked_store(
+    lock: DirLock,
+    dir: &DataDir,
+    config: &Config,
+) -> Result<OpenStore, DaemonError> {
     let identity = dir.identity()?;
     // Checked before the store is opened: a refusal must leave nothing behind.
     let account_key = AccountKey::load(&dir.account_key_path())?;
@@ -139,7 +152,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(&Path),
 ) -> Result<(), DaemonError> {
-    let open = open_store(dir, config)?;
+    let socket = socket_path(dir, config);
+    let mut told = false;
+    let lock = dir.lock_within(LOCK_PATIENCE, |pid| {
+        if !told {
+            told = true;
+            tracing::info!(
+                pid,
+                "the data directory is in use by another ferry process (a command working on \
+                 the store?); waiting up to {} s for it",
+                LOCK_PATIENCE.as_secs()
+            );
+        }
+        // A daemon that answers on the socket is there to stay: no use waiting for it.
+        std::os::unix::net::UnixStream::connect(&socket).is_err()
+    })?;
+    let open = open_locked_store(lock, dir, config)?;
     let requeued = open.store.recover_interrupted()?;
     if requeued > 0 {
         tracing::info!(
@@ -147,7 +175,6 @@ pub async fn run(
             "queue entries interrupted mid-upload are pending again"
         );
     }
-    let socket = socket_path(dir, config);
     let listener = bind(&socket)?;
     let service = Arc::new(Service::new(
         open.store.clone(),

@@ -11,6 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
@@ -140,6 +141,28 @@ impl DataDir {
         Ok(Identity::load(&self.identity_path())?)
     }
 
+    /// `lock`, waiting up to `patience` for another process (a CLI command working on the store
+    /// directly, say) to release it. While it waits, `keep_waiting` is asked with the holder's
+    /// pid at each attempt; `false` gives up at once (with the `Locked` error).
+    pub fn lock_within(
+        &self,
+        patience: Duration,
+        mut keep_waiting: impl FnMut(Option<u32>) -> bool,
+    ) -> Result<DirLock, DataDirError> {
+        const POLL: Duration = Duration::from_millis(50);
+        let deadline = Instant::now() + patience;
+        loop {
+            match self.lock() {
+                Err(DataDirError::Locked { pid, .. })
+                    if Instant::now() < deadline && keep_waiting(pid) =>
+                {
+                    std::thread::sleep(POLL);
+                }
+                taken => return taken,
+            }
+        }
+    }
+
     /// Takes the directory's lock without waiting, writing this process's pid into it.
     pub fn lock(&self) -> Result<DirLock, DataDirError> {
         self.check()?;
@@ -192,8 +215,26 @@ mod tests {
             Err(DataDirError::Locked { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
             other => panic!("expected Locked, got {other:?}"),
         }
+        // A patient taker waits while the lock is held, and gets it once it is released.
+        let (told, waiting) = std::sync::mpsc::channel();
+        let patient = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                dir.lock_within(Duration::from_secs(30), |pid| {
+                    let _ = told.send(pid);
+                    true
+                })
+            })
+        };
+        let holder = waiting.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(holder, Some(std::process::id()));
         drop(lock);
-        dir.lock().unwrap();
+        let lock = patient.join().unwrap().unwrap();
+        assert!(matches!(
+            dir.lock_within(Duration::from_secs(30), |_| false),
+            Err(DataDirError::Locked { .. })
+        ));
+        drop(lock);
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(matches!(dir.check(), Err(DataDirError::Exposed { .. })));
     }

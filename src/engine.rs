@@ -18,7 +18,7 @@ use ed25519_dalek::SigningKey;
 use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig, SessionError};
 use ferry_proto::wire::{Credential, ErrorCode, ErrorKind, Message, RecordName};
 use ferry_proto::{Direction, SyncLogEntry, SyncOutcome};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::alerting::Monitor;
@@ -28,7 +28,11 @@ use crate::metrics::DaemonMetrics;
 use crate::resolve::ConflictStatus;
 use crate::service::{Origin, Service};
 use crate::store::StoreError;
+use crate::store::{BatchLimits, RefusedEntry, RetryPolicy, Store};
 use crate::transport::{self, Fingerprint, FrameSender, ServerTrust, TransportError};
+
+mod status;
+pub use status::{Behind, ConnectionState, SyncFailure, SyncStatus, relative};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -82,7 +86,12 @@ pub struct SyncSettings {
     pub session: SessionConfig,
     pub interval: Duration,
     pub debounce: Duration,
-    pub max_retries: u32,
+    /// How a queue entry whose upload fails is tried again.
+    pub retries: RetryPolicy,
+    /// How often a quiet connection is pinged, and how long without an answer means the relay
+    /// is gone.
+    pub keep_alive: Duration,
+    pub idle_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
@@ -123,7 +132,13 @@ impl SyncSettings {
             session,
             interval: Duration::from_secs(config.interval_secs),
             debounce: Duration::from_millis(config.debounce_ms),
-            max_retries: config.max_retries,
+            retries: RetryPolicy {
+                max_retries: config.max_retries,
+                backoff_initial_ms: config.backoff_initial_ms,
+                backoff_max_ms: config.backoff_max_ms,
+            },
+            keep_alive: Duration::from_millis(config.keep_alive_ms),
+            idle_timeout: Duration::from_millis(config.idle_timeout_ms),
             backoff_initial: Duration::from_millis(config.backoff_initial_ms),
             backoff_max: Duration::from_millis(config.backoff_max_ms),
         }))
@@ -132,6 +147,8 @@ impl SyncSettings {
     fn transport_options(&self) -> transport::TransportOptions {
         transport::TransportOptions {
             max_frame_bytes: self.session.max_frame_bytes as usize,
+            keep_alive: self.keep_alive,
+            idle_timeout: self.idle_timeout,
             ..transport::TransportOptions::default()
         }
     }
@@ -170,24 +187,6 @@ impl Backoff {
     }
 }
 
-/// Where the connection to the relay is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ConnectionState {
-    Connecting,
-    Connected,
-    /// Waiting before the next attempt.
-    Offline,
-    Stopped,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SyncFailure {
-    pub kind: String,
-    pub message: String,
-    pub at_ms: u64,
-}
-
 impl SyncFailure {
     fn new(kind: &str, message: impl std::fmt::Display) -> Self {
         SyncFailure {
@@ -202,37 +201,8 @@ impl SyncFailure {
     }
 }
 
-/// The device's sync status, as `status` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SyncStatus {
-    pub state: ConnectionState,
-    pub relay: String,
-    pub space: String,
-    /// When a sync last finished with nothing left to do.
-    pub last_sync_ms: Option<u64>,
-    pub last_error: Option<SyncFailure>,
-    /// How far this device has applied the relay's log, and how far the log goes.
-    pub cursor: u64,
-    pub relay_head: u64,
-    /// This device holds everything the relay had when it last said.
-    pub up_to_date: bool,
-    /// Changes uploaded and log entries applied since the daemon started.
-    pub uploaded: u64,
-    pub downloaded: u64,
-    /// Conflicts found in the log entries applied since the daemon started.
-    pub conflicts: u64,
-    /// Conflicts per applied log entry in the last sync round that applied any.
-    pub last_conflict_rate: f64,
-    /// When the next connection attempt is due (while offline).
-    pub next_attempt_ms: Option<u64>,
-    /// UDP payload bytes sent to and received from the relay since the daemon started (QUIC
-    /// and TLS overhead included), updated at each finalization and when a session ends.
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-}
-
 /// What one `ferry sync` achieved.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncReport {
     pub uploaded: u64,
     pub downloaded: u64,
@@ -240,12 +210,17 @@ pub struct SyncReport {
     pub conflicts: u64,
     pub cursor: u64,
     pub relay_head: u64,
+    /// Local changes refused during the sync (by the relay, or as too large for any frame),
+    /// with why: they are not on the relay.
+    pub refused: Vec<RefusedEntry>,
 }
 
 enum Command {
     SyncNow {
         reply: oneshot::Sender<Result<SyncReport, SyncFailure>>,
     },
+    /// Queue entries became ready to upload outside a write (a retry): upload them now.
+    Upload,
 }
 
 /// The daemon's handle on its sync loop.
@@ -253,14 +228,18 @@ enum Command {
 pub struct SyncHandle {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<SyncStatus>,
+    store: Arc<Store>,
 }
 
 impl SyncHandle {
+    /// The status as of now: the loop's view of the relay, judged against the queue.
     pub fn status(&self) -> SyncStatus {
-        self.status.borrow().clone()
+        let mut status = self.status.borrow().clone();
+        judge(&mut status, &self.store);
+        status
     }
 
-    /// Status changes, for progress displays.
+    /// Status changes, for progress displays (not judged against the queue: see `status`).
     pub fn watch(&self) -> watch::Receiver<SyncStatus> {
         self.status.clone()
     }
@@ -274,6 +253,24 @@ impl SyncHandle {
             .await
             .map_err(|_| SyncFailure::stopped())?;
         answer.await.map_err(|_| SyncFailure::stopped())?
+    }
+
+    /// Starts uploading what the queue holds now, without waiting for the outcome.
+    pub fn upload_now(&self) {
+        // A full channel already holds a command that will look at the queue.
+        let _ = self.commands.try_send(Command::Upload);
+    }
+}
+
+/// Fills in the queue's side of `status` (see [`SyncStatus::judge`]). The queue's counts are
+/// kept in memory, so this reads no storage unless they were never counted.
+fn judge(status: &mut SyncStatus, store: &Store) {
+    match store.queue_counts() {
+        Ok(counts) => status.judge(&counts, store.next_upload_due()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot count the queue for the sync status");
+            status.up_to_date = false;
+        }
     }
 }
 
@@ -301,23 +298,23 @@ pub fn spawn(
     shutdown: watch::Receiver<bool>,
 ) -> (SyncHandle, tokio::task::JoinHandle<()>) {
     let (commands_tx, commands) = mpsc::channel(16);
-    let initial = SyncStatus {
-        state: ConnectionState::Connecting,
-        relay: settings.relay.clone(),
-        space: settings.space.clone(),
-        last_sync_ms: None,
-        last_error: None,
-        cursor: service.store().sync_cursor().unwrap_or(0),
-        relay_head: 0,
-        up_to_date: false,
-        uploaded: 0,
-        downloaded: 0,
-        conflicts: 0,
-        last_conflict_rate: 0.0,
-        next_attempt_ms: None,
-        bytes_sent: 0,
-        bytes_received: 0,
-    };
+    let store = service.store().clone();
+    let mut initial = SyncStatus::new(
+        settings.relay.clone(),
+        settings.space.clone(),
+        store.sync_cursor().unwrap_or(0),
+    );
+    // Until the relay says otherwise, what the last run knew of it.
+    match store.last_known_sync() {
+        Ok(Some(known)) => {
+            initial.relay_head = known.relay_head;
+            initial.relay_head_at_ms = known.relay_head_at_ms;
+            initial.last_sync_ms = known.last_sync_ms;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the last known sync state"),
+    }
+    initial.disconnected_since_ms = Some(now_ms());
     let (status_tx, status) = watch::channel(initial);
     let engine = Engine {
         service,
@@ -332,8 +329,9 @@ pub fn spawn(
         shutdown,
         waiters: Vec::new(),
         round: Round::default(),
-        unlogged: Round::default(),
-        last_logged: None,
+        rounds_finished: 0,
+        applied_conflicts: 0,
+        showing_refusal: false,
         counted: (0, 0),
         metrics,
         alerts,
@@ -344,22 +342,21 @@ pub fn spawn(
         SyncHandle {
             commands: commands_tx,
             status,
+            store,
         },
         task,
     )
 }
 
-/// Rounds of sync that end closer together than this share their SyncLog entries.
-const SYNC_LOG_EVERY: Duration = Duration::from_secs(1);
-
-/// What happened since the last finalization, for the SyncLog.
+/// What happened since the last finalization.
 #[derive(Default)]
 struct Round {
     uploaded: u64,
-    rejected: u64,
     downloaded: u64,
     /// Conflicts found applying the downloaded changes.
     conflicts: u64,
+    /// Local changes refused.
+    refused: Vec<RefusedEntry>,
     started: Option<Instant>,
 }
 
@@ -379,9 +376,12 @@ struct Engine {
     shutdown: watch::Receiver<bool>,
     waiters: Vec<oneshot::Sender<Result<SyncReport, SyncFailure>>>,
     round: Round,
-    /// Finished rounds not yet in the SyncLog, and when it was last written.
-    unlogged: Round,
-    last_logged: Option<Instant>,
+    /// Rounds that ended with nothing left to do, since the daemon started.
+    rounds_finished: u64,
+    /// Conflicts found by the last `Apply`, for its SyncLog entry.
+    applied_conflicts: u64,
+    /// `last_error` is a refused change's.
+    showing_refusal: bool,
     /// The current connection's byte counts already added to the status.
     counted: (u64, u64),
     metrics: Arc<DaemonMetrics>,
@@ -435,15 +435,23 @@ impl Engine {
             };
             match attempt {
                 Ok((endpoint, connection, sender, receiver)) => {
-                    if self.run_session(&connection, sender, receiver).await {
+                    // Only a session that got its work done resets the backoff: one that signs
+                    // in and then fails every time must not reconnect at full speed.
+                    let rounds = self.rounds_finished;
+                    self.run_session(&connection, sender, receiver).await;
+                    if self.rounds_finished > rounds {
                         backoff.reset();
                     }
                     connection.close(0u32.into(), b"session over");
                     self.count_bytes(&connection);
                     self.counted = Default::default();
+                    self.disconnected();
                     endpoint.wait_idle().await;
                 }
-                Err(e) => self.failed(&e, Direction::Initialization),
+                Err(e) => {
+                    self.disconnected();
+                    self.failed(&e, Direction::Initialization);
+                }
             }
             if !self.wait_before_retry(&mut backoff).await {
                 break;
@@ -453,12 +461,35 @@ impl Engine {
     }
 
     fn stopped(&mut self) {
-        self.status
-            .send_modify(|s| s.state = ConnectionState::Stopped);
+        self.status.send_modify(|s| {
+            s.state = ConnectionState::Stopped;
+            s.syncing = false;
+        });
+        self.save_last_known();
         self.fail_waiters(&SyncFailure::stopped());
     }
 
-    /// Waits out the backoff, or less if someone asks to sync now. False when shutting down.
+    /// No session is open any more (or none could be opened).
+    fn disconnected(&mut self) {
+        self.status.send_modify(|s| {
+            s.state = ConnectionState::Connecting;
+            s.syncing = false;
+            s.disconnected_since_ms.get_or_insert_with(now_ms);
+        });
+        self.save_last_known();
+    }
+
+    /// Keeps the status in the store for `ferry status` while no daemon runs. It lands with the
+    /// store's next flush; losing the latest copy in a crash loses nothing but that view.
+    fn save_last_known(&self) {
+        let known = self.status.borrow().to_last_known();
+        if let Err(e) = self.service.store().save_last_known_sync(&known) {
+            tracing::warn!(error = %e, "cannot keep the sync state for `ferry status`");
+        }
+    }
+
+    /// Waits out the backoff, or less if someone asks to sync or upload now. False when
+    /// shutting down.
     async fn wait_before_retry(&mut self, backoff: &mut Backoff) -> bool {
         let wait = backoff.next_wait(random_u64());
         self.status.send_modify(|s| {
@@ -472,6 +503,7 @@ impl Engine {
                     self.waiters.push(reply);
                     true
                 }
+                Some(Command::Upload) => true,
                 None => false,
             },
             _ = self.shutdown.changed() => false,
@@ -488,6 +520,8 @@ impl Engine {
                 linked = connect(&self.settings) => return Some(linked),
                 command = self.commands.recv() => match command {
                     Some(Command::SyncNow { reply }) => self.waiters.push(reply),
+                    // The session about to open uploads whatever is pending.
+                    Some(Command::Upload) => {}
                     None => return None,
                 },
                 _ = self.shutdown.changed() => return None,
@@ -495,26 +529,20 @@ impl Engine {
         }
     }
 
-    /// Drives one session until it closes. True if it got as far as authentication.
+    /// Drives one session until it closes.
     async fn run_session(
         &mut self,
         connection: &quinn::Connection,
         mut sender: FrameSender,
         mut incoming: transport::Received,
-    ) -> bool {
+    ) {
         let binding = match transport::channel_binding(connection) {
             Ok(binding) => binding,
-            Err(e) => {
-                self.failed(&e.into(), Direction::Initialization);
-                return false;
-            }
+            Err(e) => return self.failed(&e.into(), Direction::Initialization),
         };
         let cursor = match self.service.store().sync_cursor() {
             Ok(cursor) => cursor,
-            Err(e) => {
-                self.failed(&e.into(), Direction::Initialization);
-                return false;
-            }
+            Err(e) => return self.failed(&e.into(), Direction::Initialization),
         };
         let held = self.tokens.load().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "signing in with the device key");
@@ -538,18 +566,18 @@ impl Engine {
         let mut interval = tokio::time::interval(self.settings.interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval.reset();
-        let mut authenticated = false;
         self.round = Round {
             started: Some(Instant::now()),
             ..Round::default()
         };
         loop {
-            authenticated |= self.pump(&mut session, &mut sender, connection).await;
+            self.pump(&mut session, &mut sender, connection).await;
             if session.is_closed() {
                 break;
             }
             let deadline = session.poll_timeout().map(deadline_instant);
             let heads_check = self.heads_check.wake_at(self.heads_check_every());
+            let retry_due = self.service.store().next_upload_due().map(deadline_instant);
             tokio::select! {
                 frame = incoming.recv() => deliver(&mut session, frame),
                 // The pump sends the check that was waiting for its interval.
@@ -573,12 +601,15 @@ impl Engine {
                     session.local_changes();
                 }
                 _ = sleep_until(deadline) => session.handle_timeout(now_ms()),
+                // An entry waiting out its backoff may go now.
+                _ = sleep_until(retry_due) => session.local_changes(),
                 _ = interval.tick() => session.sync_now(now_ms()),
                 command = self.commands.recv() => match command {
                     Some(Command::SyncNow { reply }) => {
                         self.waiters.push(reply);
                         session.sync_now(now_ms());
                     }
+                    Some(Command::Upload) => session.local_changes(),
                     None => session.shut_down(),
                 },
                 _ = self.shutdown.changed() => session.shut_down(),
@@ -586,20 +617,17 @@ impl Engine {
         }
         // Hand back whatever the closed session still holds (a batch it was uploading).
         self.pump(&mut session, &mut sender, connection).await;
-        self.write_sync_log();
         let _ = sender.finish();
-        authenticated
     }
 
     /// Carries out everything the session has to do, sends what it has to send and reports its
-    /// events, until it is quiet. True if the session authenticated meanwhile.
+    /// events, until it is quiet; then publishes where the session is.
     async fn pump(
         &mut self,
         session: &mut DeviceSession,
         sender: &mut FrameSender,
         connection: &quinn::Connection,
-    ) -> bool {
-        let mut authenticated = false;
+    ) {
         loop {
             let mut moved = false;
             while let Some(effect) = session.poll_effect() {
@@ -607,15 +635,12 @@ impl Engine {
                 // A round starts when the idle session has something to do again, so its
                 // duration leaves out the time spent idle in between.
                 self.round.started.get_or_insert_with(Instant::now);
-                let (service, max_retries) = (&self.service, self.settings.max_retries);
+                let (service, retries) = (&self.service, &self.settings.retries);
                 let result = tokio::task::block_in_place(|| {
-                    carry_out(service, max_retries, session, effect, now_ms())
+                    carry_out(service, retries, session, effect, now_ms())
                 });
                 match result {
-                    Ok(found) => {
-                        self.round.conflicts += found;
-                        self.status.send_modify(|s| s.conflicts += found);
-                    }
+                    Ok(done) => self.carried_out(done),
                     Err(e) => {
                         self.failed(&e, Direction::Finalization);
                         session.shut_down();
@@ -634,14 +659,64 @@ impl Engine {
             }
             while let Some(event) = session.poll_event() {
                 moved = true;
-                authenticated |= matches!(event, DeviceEvent::Authenticated { .. });
                 self.on_event(event, connection);
             }
             moved |= self.maybe_check_heads(session);
             if !moved {
-                return authenticated;
+                break;
             }
         }
+        let (idle, relay_head, open) = (session.is_idle(), session.relay_head(), session.is_open());
+        self.status.send_if_modified(|s| {
+            let before = (s.syncing, s.relay_head);
+            s.syncing = open && !idle;
+            if open && relay_head > s.relay_head {
+                // A push announced more of the log than has been applied.
+                s.relay_head = relay_head;
+                s.relay_head_at_ms = Some(now_ms());
+            }
+            before != (s.syncing, s.relay_head)
+        });
+    }
+
+    /// Takes in what carrying out one effect did.
+    fn carried_out(&mut self, done: CarriedOut) {
+        self.round.conflicts += done.conflicts;
+        self.applied_conflicts = done.conflicts;
+        self.status.send_modify(|s| {
+            s.conflicts += done.conflicts;
+            s.rejected += done.refused.len() as u64;
+        });
+        for refused in done.refused {
+            self.refused(refused);
+        }
+    }
+
+    /// A local change was refused: the log, the SyncLog, the status and `ferry sync` hear of it
+    /// at once. The rest of the queue goes on.
+    fn refused(&mut self, refused: RefusedEntry) {
+        tracing::warn!(
+            entry = refused.entry,
+            record = %format!("{}/{}", refused.collection, refused.record),
+            failed = refused.failed,
+            error = %refused.error,
+            "a local change was refused"
+        );
+        let message = refused.describe();
+        self.log(
+            Direction::Upload,
+            0,
+            SyncOutcome::Failed,
+            Some(message.clone()),
+        );
+        let kind = refused
+            .error
+            .split_once(": ")
+            .map_or(ErrorKind::Validation.as_str(), |(kind, _)| kind);
+        let failure = SyncFailure::new(kind, message);
+        self.status.send_modify(|s| s.last_error = Some(failure));
+        self.showing_refusal = true;
+        self.round.refused.push(refused);
     }
 
     /// After a sync that left nothing to do, asks the relay for the next page of its heads
@@ -744,9 +819,11 @@ impl Engine {
                 self.status.send_modify(|s| {
                     s.state = ConnectionState::Connected;
                     s.relay_head = relay_head;
-                    s.up_to_date = s.cursor >= relay_head;
+                    s.relay_head_at_ms = Some(now_ms());
+                    s.disconnected_since_ms = None;
                     s.next_attempt_ms = None;
                 });
+                self.save_last_known();
             }
             DeviceEvent::Uploaded {
                 batch,
@@ -758,8 +835,19 @@ impl Engine {
                 tracing::debug!(stored, duplicate, rejected, "batch uploaded");
                 let done = (stored + duplicate) as u64;
                 self.round.uploaded += done;
-                self.round.rejected += rejected as u64;
                 self.status.send_modify(|s| s.uploaded += done);
+                let (outcome, error) = match rejected {
+                    0 => (SyncOutcome::Success, None),
+                    n => (
+                        SyncOutcome::Partial,
+                        Some(format!(
+                            "{n} of {} changes refused: see the entries that follow and `ferry \
+                             queue --status failed`",
+                            n + stored + duplicate
+                        )),
+                    ),
+                };
+                self.log(Direction::Upload, done, outcome, error);
             }
             DeviceEvent::Downloaded {
                 through,
@@ -769,10 +857,18 @@ impl Engine {
                 self.round.downloaded += entries as u64;
                 self.status.send_modify(|s| {
                     s.cursor = through;
-                    s.relay_head = relay_head;
-                    s.up_to_date = through >= relay_head;
+                    s.relay_head = s.relay_head.max(relay_head);
+                    s.relay_head_at_ms = Some(now_ms());
                     s.downloaded += entries as u64;
                 });
+                let conflicts = std::mem::take(&mut self.applied_conflicts);
+                self.log_phase(
+                    Direction::Download,
+                    entries as u64,
+                    SyncOutcome::Success,
+                    None,
+                    conflicts,
+                );
             }
             DeviceEvent::Idle { cursor } => {
                 self.count_bytes(connection);
@@ -814,29 +910,29 @@ impl Engine {
     #[tracing::instrument(name = "sync.finalization", skip(self))]
     fn finalize(&mut self, cursor: u64) {
         let round = std::mem::take(&mut self.round);
-        self.unlogged.uploaded += round.uploaded;
-        self.unlogged.rejected += round.rejected;
-        self.unlogged.downloaded += round.downloaded;
-        self.unlogged.conflicts += round.conflicts;
-        // A live device finishes a round at every push; one SyncLog entry per push would bury
-        // the log, so rounds close together share their entries (someone waiting on a sync
-        // always gets them written).
-        let due = self
-            .last_logged
-            .is_none_or(|at| at.elapsed() >= SYNC_LOG_EVERY);
-        if due || !self.waiters.is_empty() {
-            self.write_sync_log();
-        }
+        self.rounds_finished += 1;
         let at = now_ms();
         self.status.send_modify(|s| {
             s.cursor = cursor;
-            s.up_to_date = cursor >= s.relay_head;
+            s.syncing = false;
+            s.relay_head_at_ms = Some(at);
             if round.downloaded > 0 {
                 s.last_conflict_rate = round.conflicts as f64 / round.downloaded as f64;
             }
             s.last_sync_ms = Some(at);
-            s.last_error = None;
         });
+        // A clean round clears a failure of the connection; a refusal stays shown while a
+        // refused change waits in the queue for someone to retry it.
+        let failed_waiting = self
+            .service
+            .store()
+            .queue_counts()
+            .map_or(true, |counts| counts.failed > 0);
+        if round.refused.is_empty() && !(self.showing_refusal && failed_waiting) {
+            self.showing_refusal = false;
+            self.status.send_modify(|s| s.last_error = None);
+        }
+        self.save_last_known();
         let took = round.started.map_or(Duration::ZERO, |t| t.elapsed());
         self.metrics.round_succeeded(took);
         self.alerts.observe("", at, |a, now| a.round_succeeded(now));
@@ -845,56 +941,48 @@ impl Engine {
         });
         let took_ms = took.as_millis() as u64;
         let (uploaded, downloaded) = (round.uploaded, round.downloaded);
-        if uploaded + downloaded > 0 {
+        let worked = uploaded + downloaded > 0 || !round.refused.is_empty();
+        if worked {
             tracing::info!(
                 uploaded,
                 downloaded,
+                refused = round.refused.len(),
                 cursor,
                 took_ms,
-                "in sync with the relay"
+                "sync round finished"
             );
         } else {
-            tracing::debug!(cursor, took_ms, "in sync with the relay");
+            tracing::debug!(cursor, took_ms, "sync round finished: nothing to do");
         }
-        let status = self.status.borrow().clone();
+        // A quiet periodic check is not worth an entry; a round that moved anything, or that
+        // someone asked for, is.
+        if worked || !self.waiters.is_empty() {
+            let (outcome, error) = match round.refused.len() {
+                0 => (SyncOutcome::Success, None),
+                n => (
+                    SyncOutcome::Partial,
+                    Some(format!("{n} local changes were refused in this round")),
+                ),
+            };
+            self.log_phase(
+                Direction::Finalization,
+                uploaded + downloaded,
+                outcome,
+                error,
+                round.conflicts,
+            );
+        }
+        let relay_head = self.status.borrow().relay_head;
         let report = SyncReport {
-            uploaded: round.uploaded,
-            downloaded: round.downloaded,
+            uploaded,
+            downloaded,
             conflicts: round.conflicts,
             cursor,
-            relay_head: status.relay_head,
+            relay_head,
+            refused: round.refused,
         };
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(Ok(report.clone()));
-        }
-    }
-
-    /// Writes the SyncLog entries for the rounds not logged yet.
-    fn write_sync_log(&mut self) {
-        let totals = std::mem::take(&mut self.unlogged);
-        self.last_logged = Some(Instant::now());
-        if totals.uploaded + totals.rejected > 0 {
-            let (outcome, error) = if totals.rejected == 0 {
-                (SyncOutcome::Success, None)
-            } else {
-                (
-                    SyncOutcome::Partial,
-                    Some(format!(
-                        "{} changes were rejected: see `ferry queue --status failed`",
-                        totals.rejected
-                    )),
-                )
-            };
-            self.log(Direction::Upload, totals.uploaded, outcome, error);
-        }
-        if totals.downloaded > 0 {
-            self.log_phase(
-                Direction::Download,
-                totals.downloaded,
-                SyncOutcome::Success,
-                None,
-                totals.conflicts,
-            );
         }
     }
 
@@ -916,6 +1004,7 @@ impl Engine {
         );
         self.status
             .send_modify(|s| s.last_error = Some(failure.clone()));
+        self.showing_refusal = false;
         self.fail_waiters(&failure);
     }
 
@@ -961,36 +1050,55 @@ impl Engine {
     }
 }
 
+/// What carrying out one effect did, beyond what the session hears.
+#[derive(Debug, Default)]
+pub struct CarriedOut {
+    /// Conflicts found applying remote changes.
+    pub conflicts: u64,
+    /// Local changes refused (by the relay, or before sending as too large for a frame).
+    pub refused: Vec<RefusedEntry>,
+}
+
 /// Carries out one effect of a device session against the local service, and tells the session
-/// it is done. Returns how many conflicts applying remote changes found. The daemon's loop and
-/// the simulation both use it.
+/// it is done. The daemon's loop and the simulation both use it.
 pub fn carry_out(
     service: &Service,
-    max_retries: u32,
+    retries: &RetryPolicy,
     session: &mut DeviceSession,
     effect: DeviceEffect,
     now: u64,
-) -> Result<u64, EngineError> {
-    let mut found = 0;
+) -> Result<CarriedOut, EngineError> {
+    let mut done = CarriedOut::default();
     let store = service.store();
     match effect {
         DeviceEffect::LoadUploadBatch {
             max_changes,
             max_bytes,
+            max_change_bytes,
         } => {
-            let entries = store.next_upload_batch(max_changes as usize, max_bytes)?;
-            let changes = entries
+            let batch = store.next_upload_batch(BatchLimits {
+                max_changes: max_changes as usize,
+                max_bytes,
+                max_change_bytes,
+            })?;
+            done.refused = batch.refused.iter().map(RefusedEntry::of).collect();
+            let changes = batch
+                .entries
                 .into_iter()
                 .map(ferry_proto::SyncQueueEntry::into_upload)
                 .collect();
             session.upload(changes, now);
         }
         DeviceEffect::RecordUploadResults { results, .. } => {
-            store.finish_upload(&results, max_retries)?;
+            done.refused = store.finish_upload(&results, retries)?.refused;
             session.upload_recorded();
         }
-        DeviceEffect::AbandonUpload { entries, error } => {
-            store.abandon_upload(&entries, &error, max_retries)?;
+        DeviceEffect::AbandonUpload {
+            entries,
+            error,
+            kind,
+        } => {
+            store.abandon_upload(&entries, &error, kind, retries)?;
         }
         DeviceEffect::Apply {
             through, entries, ..
@@ -998,18 +1106,21 @@ pub fn carry_out(
             let _span =
                 tracing::info_span!("sync.download", through, entries = entries.len()).entered();
             let outcome = service.apply_remote(entries, through)?;
-            found = outcome
+            done.conflicts = outcome
                 .conflicts
                 .iter()
                 .filter(|c| c.status != ConflictStatus::Resolved)
                 .count() as u64;
-            if found > 0 {
-                tracing::info!(conflicts = found, "conflicts found in the relay's changes");
+            if done.conflicts > 0 {
+                tracing::info!(
+                    conflicts = done.conflicts,
+                    "conflicts found in the relay's changes"
+                );
             }
             session.applied(through, now);
         }
     }
-    Ok(found)
+    Ok(done)
 }
 
 /// Registers the device whose data directory is `data_dir` (and whose key is `key`) with the

@@ -256,6 +256,12 @@ impl Connection {
                 }
                 Ok(status)
             }
+            ("retry", Ok(retried)) => {
+                if let Some(sync) = &self.options.sync {
+                    sync.upload_now();
+                }
+                Ok(retried)
+            }
             (_, result) => result,
         };
         let id = request.id?;

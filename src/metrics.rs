@@ -365,7 +365,8 @@ impl RelayMetrics {
         );
         out.counters(
             "ferry_relay_sessions_total",
-            "Device sessions ended, by outcome: ok or the kind of error that ended them.",
+            "Device sessions ended, by outcome: ok, shutdown (the relay stopped) or the kind of \
+             error that ended them.",
             "outcome",
             &["ok"],
             &self.sessions.snapshot(),

@@ -73,8 +73,10 @@ impl ApiError {
         }
     }
 
+    /// The code says the params are at fault; the message says how, in words a person can act
+    /// on (a CLI user never typed the params, so no protocol prefix).
     pub fn invalid_params(message: impl std::fmt::Display) -> Self {
-        Self::new(code::INVALID_PARAMS, format!("invalid params: {message}"))
+        Self::new(code::INVALID_PARAMS, message.to_string())
     }
 }
 
@@ -95,7 +97,8 @@ impl From<StoreError> for ApiError {
                 code::INVALID_PARAMS
             }
             StoreError::UnknownCollection(_) => code::UNKNOWN_COLLECTION,
-            StoreError::Record(RecordError::TooLarge { .. }) => code::TOO_LARGE,
+            StoreError::Record(RecordError::TooLarge { .. })
+            | StoreError::ChangeTooLarge { .. } => code::TOO_LARGE,
             StoreError::Address(_) | StoreError::Record(RecordError::ReservedField { .. }) => {
                 code::INVALID_PARAMS
             }
@@ -591,9 +594,16 @@ impl Service {
                 })
             })
             .transpose()?;
-        let entries = self
-            .store
-            .queue(status, p.after, p.limit.unwrap_or(100).min(10_000))?;
+        let limit = p.limit.unwrap_or(100).min(10_000);
+        let entries = match (p.newest_first || p.before.is_some(), p.after) {
+            (true, Some(_)) => {
+                return Err(ApiError::invalid_params(
+                    "`after` pages oldest first and `before` newest first: give one of them",
+                ));
+            }
+            (true, None) => self.store.queue_newest(status, p.before, limit)?,
+            (false, after) => self.store.queue(status, after, limit)?,
+        };
         let views = entries
             .iter()
             .map(|e| {
@@ -677,8 +687,6 @@ impl Service {
             "data_dir": self.options.data_dir,
             "socket": self.options.socket,
             "daemon": self.options.daemon,
-            "pid": std::process::id(),
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
             "store_bytes": self.store.size_on_disk().ok(),
             "live_bytes": space.map(|s| s.live_bytes),
             "live_bytes_measured_ms": space.map(|s| s.measured_at_ms),
@@ -697,6 +705,11 @@ impl Service {
             // the status still says so.
             Err(_) if disk_full_since.is_some() => {}
             Err(e) => return Err(e),
+        }
+        // Only a daemon's own process says anything about the daemon.
+        if self.options.daemon {
+            status["pid"] = json!(std::process::id());
+            status["uptime_ms"] = json!(self.started.elapsed().as_millis() as u64);
         }
         Ok(status)
     }
@@ -786,7 +799,7 @@ impl From<&Conflict> for ConflictEvent {
 }
 
 /// Reads a method's params (an object, or null for none). An error names the param at fault, e.g.
-/// "invalid params: `collection`: invalid type: integer `5`, expected a string".
+/// "`collection`: invalid type: integer `5`, expected a string".
 pub(crate) fn parse<T: DeserializeOwned>(params: Value) -> Result<T, ApiError> {
     let params = if params.is_null() { json!({}) } else { params };
     if !params.is_object() {
@@ -865,7 +878,12 @@ struct ImportParams {
 #[serde(deny_unknown_fields)]
 struct QueueParams {
     status: Option<String>,
+    /// Oldest first, from after this id (the default order).
     after: Option<u64>,
+    /// Newest first, from before this id; `newest_first` without it starts at the newest.
+    before: Option<u64>,
+    #[serde(default)]
+    newest_first: bool,
     limit: Option<usize>,
 }
 

@@ -83,7 +83,7 @@ fn input_is_bounded_by_the_message_limit_and_import_splits_calls_to_fit() {
     let out = dev.ferry_with_input(&["import", "-"], format!("{long_line}\n").as_bytes());
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("line 1 is over 4096 bytes"),
+        stderr(&out).contains("line 1 refused: it is over 4096 bytes"),
         "{}",
         stderr(&out)
     );
@@ -360,4 +360,301 @@ fn a_unique_clash_shows_both_records_and_resolves_to_one() {
         kept["fields"],
         json!({"name": "Bea", "email": "x@example.com"})
     );
+}
+
+/// JSON Lines of `count` Note records, `n1` to `n{count}`, line `bad` (1-based) replaced by
+/// `bad_line`.
+fn note_lines(count: usize, bad: usize, bad_line: &Value) -> String {
+    (1..=count)
+        .map(|n| {
+            let line = if n == bad {
+                bad_line.clone()
+            } else {
+                json!({"collection": "Note", "id": format!("n{n}"), "fields": {"n": n}})
+            };
+            format!("{line}\n")
+        })
+        .collect()
+}
+
+fn listed(dev: &Device, collection: &str) -> usize {
+    let out = dev.ferry(&["--json", "ls", collection, "--limit", "100000"]);
+    json_of(&out)["records"].as_array().map_or(0, Vec::len)
+}
+
+#[test]
+fn import_names_file_lines_and_says_which_landed() {
+    let dev = Device::new();
+    // Vault's field needs an account key this device does not have: only the daemon finds
+    // that out, so the refused line must be found by splitting the calls.
+    dev.edit_config(|text| format!("{text}\n[collections.Vault]\nencrypted = [\"iban\"]\n"));
+    let daemon = dev.start_daemon();
+
+    // A line the CLI itself can check: a reserved field name on line 2501 of 3000.
+    let reserved = json!({"collection": "Note", "id": "bad", "fields": {"$x": 1}});
+    let file = dev.data_dir.with_file_name("notes.jsonl");
+    std::fs::write(&file, note_lines(3000, 2501, &reserved)).unwrap();
+    let out = dev.ferry(&["import", file.to_str().unwrap()]);
+    failed_with(
+        &out,
+        2,
+        &["line 2501 refused", "reserved", "1 line refused (2501)"],
+    );
+    line_with(
+        &stdout(&out),
+        &["imported lines 1-2500, 2502-3000", "2999 records"],
+    );
+    assert_eq!(
+        listed(&dev, "Note"),
+        2999,
+        "ls pages past the per-call limit"
+    );
+
+    // A line only the daemon refuses, in the middle of a call; a blank line and bad JSON too.
+    let secret = json!({"collection": "Vault", "id": "v", "fields": {"iban": "DE00"}});
+    let mut text = note_lines(40, 17, &secret);
+    text = text
+        .replacen("\n", "\n\n", 1)
+        .replace(r#"{"n":30},"#, r#"{"n":30,"#);
+    let out = dev.ferry_with_input(&["--json", "import", "-", "--batch", "25"], text.as_bytes());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["imported"], 39 - 1, "{report}");
+    assert_eq!(
+        report["imported_lines"],
+        json!([[1, 17], [19, 30], [32, 41]]),
+        "line 2 is blank: the file's lines are shifted by one after it; {report}"
+    );
+    let refused: Vec<(u64, &str)> = report["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["line"].as_u64().unwrap(), r["error"].as_str().unwrap()))
+        .collect();
+    assert_eq!(refused.len(), 2, "{report}");
+    assert_eq!(refused[0].0, 18, "{report}");
+    assert!(refused[0].1.contains("account key"), "{report}");
+    assert_eq!(refused[1].0, 31, "{report}");
+    assert!(refused[1].1.contains("not valid JSON"), "{report}");
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn import_atomic_imports_the_whole_file_or_nothing() {
+    let dev = Device::new();
+    let reserved = json!({"collection": "Note", "id": "bad", "fields": {"$x": 1}});
+    let out = dev.ferry_with_input(
+        &["import", "--atomic", "--batch", "100"],
+        note_lines(3000, 2501, &reserved).as_bytes(),
+    );
+    failed_with(
+        &out,
+        2,
+        &["line 2501 refused", "nothing was imported (--atomic)"],
+    );
+    line_with(&stdout(&out), &["not imported: lines 1-2500, 2502-3000"]);
+    assert_eq!(dev.ferry(&["ls", "Note"]).status.code(), Some(0));
+    assert_eq!(listed(&dev, "Note"), 0, "{}", stdout(&out));
+
+    let good = json!({"collection": "Note", "id": "n2501", "fields": {"n": 2501}});
+    let out = dev.ferry_with_input(
+        &["import", "--atomic"],
+        note_lines(3000, 2501, &good).as_bytes(),
+    );
+    line_with(&succeeded(&out), &["imported lines 1-3000", "3000 records"]);
+    assert_eq!(listed(&dev, "Note"), 3000);
+}
+
+#[test]
+fn queue_lists_newest_first_and_pages_both_ways() {
+    let dev = Device::new();
+    for n in 1..=5 {
+        let data = json!({"n": n}).to_string();
+        succeeded(&dev.ferry(&["put", &format!("Note/n{n}"), "--data", &data]));
+    }
+    let ids = |out: &Output| -> Vec<String> {
+        succeeded(out)
+            .lines()
+            .map(|l| l.split('\t').nth(3).unwrap_or_default().to_owned())
+            .collect()
+    };
+    let newest = dev.ferry(&["queue", "--limit", "2"]);
+    assert_eq!(ids(&newest), ["Note/n5", "Note/n4"]);
+    let more = line_with(&stderr(&newest), &["more: ferry queue --before"]).to_owned();
+    let before = more.rsplit(' ').next().unwrap();
+    assert_eq!(
+        ids(&dev.ferry(&["queue", "--before", before])),
+        ["Note/n3", "Note/n2", "Note/n1"]
+    );
+    assert_eq!(
+        ids(&dev.ferry(&["queue", "--oldest-first", "--limit", "2"])),
+        ["Note/n1", "Note/n2"]
+    );
+    let json = json_of(&dev.ferry(&["--json", "queue", "--status", "pending"]));
+    assert_eq!(json["entries"][0]["object_id"], "n5", "{json}");
+}
+
+#[test]
+fn errors_speak_to_people_without_protocol_prefixes() {
+    let dev = Device::new();
+    let out = dev.ferry(&["queue", "--status", "bogus"]);
+    failed_with(
+        &out,
+        2,
+        &["bogus", "use pending, processing, completed or failed"],
+    );
+    assert!(!stderr(&out).contains("invalid params"), "{}", stderr(&out));
+    let out = dev.ferry(&["put", "bad name/1", "--data", "{}"]);
+    failed_with(&out, 2, &["collection name"]);
+    assert!(!stderr(&out).contains("invalid params"), "{}", stderr(&out));
+}
+
+/// A loopback UDP port with nothing listening on it.
+fn dead_relay_address() -> String {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
+    let addr = socket.local_addr().expect("its address");
+    drop(socket);
+    addr.to_string()
+}
+
+/// A well-formed certificate fingerprint no relay has.
+const UNKNOWN_FINGERPRINT: &str = "00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd:ee:ff:\
+     00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd:ee:ff";
+
+/// A running `ferry` command whose standard error is read line by line; killed when dropped.
+struct Watched {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Watched {
+    fn start(mut command: std::process::Command) -> Watched {
+        use std::io::BufRead as _;
+        let mut child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Watched {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for a line of standard error holding every one of `words`.
+    fn line_with(&mut self, words: &[&str]) -> String {
+        common::wait_for_ok(
+            &format!("a line with {words:?} on standard error"),
+            common::TIMEOUT,
+            || {
+                self.seen.extend(self.lines.try_iter());
+                self.seen
+                    .iter()
+                    .find(|l| words.iter().all(|w| l.contains(w)))
+                    .cloned()
+                    .ok_or_else(|| self.seen.join("\n"))
+            },
+        )
+    }
+
+    /// Waits (bounded) for the command to exit.
+    fn exit(&mut self) -> std::process::ExitStatus {
+        common::wait_for_ok("the command to exit", common::TIMEOUT, || {
+            match self.child.try_wait().expect("wait for ferry") {
+                Some(status) => Ok(status),
+                None => Err("still running".into()),
+            }
+        })
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn register_and_sync_say_they_wait_for_a_relay_that_does_not_answer() {
+    let relay = dead_relay_address();
+    let dev = Device::new();
+    let register = dev.command(&[
+        "register",
+        "--relay",
+        &relay,
+        "--fingerprint",
+        UNKNOWN_FINGERPRINT,
+        "--code",
+        "default/K7Q2",
+    ]);
+    Watched::start(register).line_with(&["waiting for relay", &relay]);
+
+    dev.edit_config(|text| {
+        text.replacen("\nrelay = \"\"", &format!("\nrelay = \"{relay}\""), 1)
+            .replacen(
+                "\nfingerprint = \"\"",
+                &format!("\nfingerprint = \"{UNKNOWN_FINGERPRINT}\""),
+                1,
+            )
+    });
+    let _daemon = dev.start_daemon_logged();
+    Watched::start(dev.command(&["sync"])).line_with(&["waiting for relay", &relay]);
+}
+
+#[test]
+fn a_daemon_starting_while_a_command_holds_the_data_directory_waits_for_it() {
+    let dev = Device::new();
+    let dir = ferry::datadir::DataDir::resolve(Some(&dev.data_dir)).unwrap();
+    let held = dir
+        .lock()
+        .expect("the test takes the lock, as a CLI command would");
+    let mut daemon = dev.spawn_daemon(std::process::Stdio::from(
+        std::fs::File::create(dev.log_path()).unwrap(),
+    ));
+    common::wait_for(
+        "the daemon to say it waits for the lock",
+        common::TIMEOUT,
+        || std::fs::read_to_string(dev.log_path()).is_ok_and(|log| log.contains("waiting up to")),
+    );
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon exited instead of waiting"
+    );
+    drop(held);
+    common::wait_for("the daemon's socket", common::TIMEOUT, || {
+        ferry::ipc::Client::connect(&dev.socket()).is_ok()
+    });
+    let out = dev.ferry(&["put", "Note/1", "--data", "{}"]);
+    succeeded(&out);
+    daemon.kill();
+}
+
+#[test]
+fn a_command_waits_while_another_holds_the_data_directory() {
+    let dev = Device::new();
+    let dir = ferry::datadir::DataDir::resolve(Some(&dev.data_dir)).unwrap();
+    let held = dir
+        .lock()
+        .expect("the test takes the lock, as a CLI command would");
+    let mut put = Watched::start(dev.command(&["put", "Note/1", "--data", "{}"]));
+    put.line_with(&[
+        "waiting for the data directory",
+        "in use by another ferry process",
+    ]);
+    drop(held);
+    assert!(put.exit().success(), "{:?}", put.seen);
+    succeeded(&dev.ferry(&["get", "Note/1"]));
 }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ed25519_dalek::SigningKey;
 use ferry::auth::credentials;
 use ferry::auth::token::TokenPolicy;
-use ferry::engine;
+use ferry::engine::{self, ConnectionState, SyncStatus};
 use ferry::record::{Fields, Record};
 use ferry::relay::accounts::{Accounts, RandomSource};
 use ferry::relay::server::{self as relay_server, Peer};
@@ -36,7 +36,7 @@ use ferry::resolve::{
 };
 use ferry::service::{Service, ServiceOptions};
 use ferry::store::kv::MemoryKv;
-use ferry::store::{Clock, Store, StoreError, StoreOptions};
+use ferry::store::{Clock, RetryPolicy, Store, StoreError, StoreOptions};
 use ferry_proto::session::{
     DeviceEvent, DeviceSession, RelayEvent, RelaySession, SessionConfig, device_id,
 };
@@ -54,7 +54,11 @@ const FIELDS: [&str; 4] = ["name", "city", "total", "tags"];
 const STRING_VALUES: u32 = 8;
 /// High enough that no entry fails for good during the chaos; failing for good is tested in
 /// tests/store_sync.rs.
-const MAX_RETRIES: u32 = 1_000_000;
+const RETRIES: RetryPolicy = RetryPolicy {
+    max_retries: 1_000_000,
+    backoff_initial_ms: 0,
+    backoff_max_ms: 0,
+};
 const HEAL_ROUNDS: usize = 200_000;
 
 /// The virtual clock every store and session of a run reads.
@@ -551,7 +555,7 @@ impl World {
         let now = self.clock.now();
         while let Some(effect) = link.session.poll_effect() {
             let device = self.devices[link.device].as_ref().expect("device present");
-            engine::carry_out(&device.service, MAX_RETRIES, &mut link.session, effect, now)
+            engine::carry_out(&device.service, &RETRIES, &mut link.session, effect, now)
                 .expect("device store");
         }
         while let Some(event) = link.session.poll_event() {
@@ -809,8 +813,54 @@ impl World {
         }
     }
 
+    /// The sync status a daemon would show for `device` now, as the engine builds it from its
+    /// session and judges it against the queue.
+    fn sync_view(&self, device: usize) -> SyncStatus {
+        let store = self.device(device).store();
+        let mut view = SyncStatus::new(
+            "relay".into(),
+            SPACE.into(),
+            store.sync_cursor().expect("cursor"),
+        );
+        if let Some(link) = self.links.iter().find(|l| l.device == device)
+            && link.session.is_open()
+        {
+            view.state = ConnectionState::Connected;
+            view.relay_head = link.session.relay_head();
+            view.relay_head_at_ms = Some(self.clock.now());
+            view.syncing = !link.session.is_idle();
+        }
+        view.judge(
+            &store.queue_counts().expect("counts"),
+            store.next_upload_due(),
+        );
+        view
+    }
+
     fn check(&self) {
         let (relay, _) = self.relay.as_ref().expect("relay up after healing");
+        let head = relay.head(SPACE).expect("relay head");
+        for i in 0..self.devices.len() {
+            let view = self.sync_view(i);
+            let counts = self.device(i).store().queue_counts().expect("counts");
+            if view.up_to_date {
+                assert_eq!(
+                    (
+                        counts.pending,
+                        counts.processing,
+                        counts.failed,
+                        view.cursor
+                    ),
+                    (0, 0, 0, head),
+                    "device {i} says it is up to date, but its queue or cursor say otherwise"
+                );
+            }
+            assert!(
+                view.up_to_date,
+                "device {i} is not up to date after healing: {:?}",
+                view.reasons
+            );
+        }
         for (i, device) in self.devices.iter().enumerate() {
             let counts = device
                 .as_ref()

@@ -7,9 +7,10 @@
 mod common;
 
 use common::{Device, Engine, TIMEOUT, TestStore, fields, status, wait_for};
+use ferry::store::sync::{BatchLimits, RetryPolicy};
 use ferry::store::{SPACE_FACTOR, SPACE_FLOOR_BYTES, Store, StoreOptions, Write};
 use ferry_proto::Limits;
-use ferry_proto::wire::{ChangeOutcome, ChangeResult};
+use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorKind};
 use serde_json::json;
 
 /// Text that does not compress much, so sizes measure the data and not the compressor.
@@ -33,6 +34,8 @@ fn large_store() -> TestStore {
                 max_record_bytes: 16 << 20,
                 ..Limits::default()
             },
+            // As with `sync.max_frame_bytes` raised: changes this large are then written.
+            max_change_bytes: 16 << 20,
             ..StoreOptions::default()
         },
     )
@@ -78,15 +81,27 @@ impl std::fmt::Display for Sizes {
     }
 }
 
+/// Uploads as the daemon makes them, up to a frame of 64 MiB.
+const LIMITS: BatchLimits = BatchLimits {
+    max_changes: 1000,
+    max_bytes: 64 << 20,
+    max_change_bytes: 64 << 20,
+};
+
 /// Every pending entry goes into an upload that is lost `times` times (each a move to
 /// processing and back to pending).
 fn retry_uploads(t: &TestStore, times: usize) {
     let store = t.store();
     for _ in 0..times {
-        let batch = store.next_upload_batch(1000, 64 << 20).expect("batch");
-        let ids: Vec<u64> = batch.iter().map(|e| e.id).collect();
+        let batch = store.next_upload_batch(LIMITS).expect("batch");
+        let ids: Vec<u64> = batch.entries.iter().map(|e| e.id).collect();
         store
-            .abandon_upload(&ids, "network: connection lost", u32::MAX)
+            .abandon_upload(
+                &ids,
+                "network: connection lost",
+                ErrorKind::Network,
+                &RetryPolicy::immediate(u32::MAX),
+            )
             .expect("abandon");
         store.flush().expect("flush");
     }
@@ -95,7 +110,7 @@ fn retry_uploads(t: &TestStore, times: usize) {
 /// Every pending entry is uploaded and stored by the relay.
 fn complete_uploads(store: &Store) {
     loop {
-        let batch = store.next_upload_batch(1000, 64 << 20).expect("batch");
+        let batch = store.next_upload_batch(LIMITS).expect("batch").entries;
         if batch.is_empty() {
             break;
         }
@@ -107,7 +122,9 @@ fn complete_uploads(store: &Store) {
                 outcome: ChangeOutcome::Stored { seq: seq as u64 },
             })
             .collect();
-        store.finish_upload(&results, 10).expect("finish");
+        store
+            .finish_upload(&results, &RetryPolicy::immediate(10))
+            .expect("finish");
     }
     store.flush().expect("flush");
 }

@@ -8,10 +8,10 @@ mod common;
 use common::{Engine, StepClock, TestStore, fields, open_test_store, put};
 use ferry::service::{Origin, Service, ServiceOptions};
 use ferry::store::kv::{Batch, Kv, MemoryKv};
-use ferry::store::sync::UploadSummary;
-use ferry::store::{Store, StoreError, StoreOptions, Write, keys};
+use ferry::store::sync::{RefusedEntry, UploadSummary};
+use ferry::store::{BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, Write, keys};
 use ferry_proto::QueueStatus;
-use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, LogEntry};
+use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, ErrorKind, LogEntry};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -105,16 +105,27 @@ fn upload_batches_take_priority_then_age_within_their_limits() {
     let b = queue_id(s, put("Job", "b", json!({"n": 4})));
     let z = queue_id(s, put("Urgent", "z", json!({"n": 5})));
 
-    let first = s.next_upload_batch(2, usize::MAX).unwrap();
+    let first = s
+        .next_upload_batch(BatchLimits::of(2, usize::MAX))
+        .unwrap()
+        .entries;
     assert_eq!(ids(&first), [x, z]);
     assert!(first.iter().all(|e| e.status == QueueStatus::Processing));
     // A byte limit smaller than any change still lets one entry through.
-    let second = s.next_upload_batch(10, 1).unwrap();
+    let second = s.next_upload_batch(BatchLimits::of(10, 1)).unwrap().entries;
     assert_eq!(ids(&second), [a]);
     let size = second[0].data.len();
-    let third = s.next_upload_batch(10, 2 * size + size / 2).unwrap();
+    let third = s
+        .next_upload_batch(BatchLimits::of(10, 2 * size + size / 2))
+        .unwrap()
+        .entries;
     assert_eq!(ids(&third), [b, later]);
-    assert!(s.next_upload_batch(10, usize::MAX).unwrap().is_empty());
+    assert!(
+        s.next_upload_batch(BatchLimits::of(10, usize::MAX))
+            .unwrap()
+            .entries
+            .is_empty()
+    );
     let counts = s.queue_counts().unwrap();
     assert_eq!((counts.pending, counts.processing), (0, 5));
     assert_eq!(status_of(s, x).status, QueueStatus::Processing);
@@ -128,7 +139,10 @@ fn finishing_an_upload_settles_each_outcome_in_one_go() {
         .map(|n| queue_id(s, put("Job", &n.to_string(), json!({"n": n}))))
         .collect();
     let waiting = queue_id(s, put("Job", "waiting", json!({})));
-    let batch = s.next_upload_batch(4, usize::MAX).unwrap();
+    let batch = s
+        .next_upload_batch(BatchLimits::of(4, usize::MAX))
+        .unwrap()
+        .entries;
     assert_eq!(ids(&batch), entries);
 
     let results = [
@@ -142,7 +156,9 @@ fn finishing_an_upload_settles_each_outcome_in_one_go() {
         stored(999, 2),
         stored(waiting, 3),
     ];
-    let summary = s.finish_upload(&results, 5).unwrap();
+    let summary = s
+        .finish_upload(&results, &RetryPolicy::immediate(5))
+        .unwrap();
     assert_eq!(
         summary,
         UploadSummary {
@@ -150,6 +166,22 @@ fn finishing_an_upload_settles_each_outcome_in_one_go() {
             failed: 1,
             retrying: 1,
             ignored: vec![999, waiting],
+            refused: vec![
+                RefusedEntry {
+                    entry: entries[2],
+                    collection: "Job".into(),
+                    record: "2".into(),
+                    error: "validation: MissingDependencies".into(),
+                    failed: false,
+                },
+                RefusedEntry {
+                    entry: entries[3],
+                    collection: "Job".into(),
+                    record: "3".into(),
+                    error: "validation: InvalidChange".into(),
+                    failed: true,
+                },
+            ],
         }
     );
     assert_eq!(status_of(s, entries[0]).status, QueueStatus::Completed);
@@ -171,42 +203,204 @@ fn finishing_an_upload_settles_each_outcome_in_one_go() {
     );
     assert_eq!(status_of(s, waiting).status, QueueStatus::Pending);
     assert_eq!(
-        ids(&s.next_upload_batch(10, usize::MAX).unwrap()),
+        ids(&s
+            .next_upload_batch(BatchLimits::of(10, usize::MAX))
+            .unwrap()
+            .entries),
         [entries[2], waiting],
         "the retried entry keeps its place by age"
     );
     // An answer that arrives twice changes nothing the second time.
-    let again = s.finish_upload(&results[..1], 5).unwrap();
+    let again = s
+        .finish_upload(&results[..1], &RetryPolicy::immediate(5))
+        .unwrap();
     assert_eq!(again.ignored, [entries[0]]);
 }
 
 #[test]
-fn an_abandoned_upload_goes_back_until_it_runs_out_of_retries() {
+fn an_abandoned_upload_blames_only_an_entry_that_was_alone() {
     let t = TestStore::new(Engine::Memory, StoreOptions::default());
     let s = t.store();
+    let retries = RetryPolicy::immediate(2);
     let id = queue_id(s, put("Job", "1", json!({})));
-    let pending = queue_id(s, put("Job", "2", json!({})));
-    assert_eq!(ids(&s.next_upload_batch(1, usize::MAX).unwrap()), [id]);
+    let other = queue_id(s, put("Job", "2", json!({})));
+    let waiting = queue_id(s, put("Job", "3", json!({})));
+    let next = |n| {
+        ids(&s
+            .next_upload_batch(BatchLimits::of(n, usize::MAX))
+            .unwrap()
+            .entries)
+    };
+    assert_eq!(next(2), [id, other]);
+    // A batch of two gets no answer: neither is to blame, and each goes alone next time.
     let summary = s
-        .abandon_upload(&[id, pending], "network: reset", 2)
+        .abandon_upload(
+            &[id, other, waiting],
+            "timeout: no answer",
+            ErrorKind::Timeout,
+            &retries,
+        )
         .unwrap();
-    assert_eq!((summary.retrying, summary.failed), (1, 0));
-    assert_eq!(summary.ignored, [pending], "not in an upload: skipped");
+    assert_eq!((summary.retrying, summary.failed), (2, 0));
+    assert_eq!(summary.ignored, [waiting], "not in an upload: skipped");
     let e = status_of(s, id);
-    assert_eq!((e.status, e.retry_count), (QueueStatus::Pending, 1));
-    assert_eq!(e.last_error.as_deref(), Some("network: reset"));
-    assert_eq!(status_of(s, pending).retry_count, 0);
-
-    assert_eq!(ids(&s.next_upload_batch(1, usize::MAX).unwrap()), [id]);
-    let summary = s.abandon_upload(&[id], "timeout: no answer", 2).unwrap();
+    assert_eq!((e.status, e.retry_count), (QueueStatus::Pending, 0));
+    assert_eq!(e.last_error.as_deref(), Some("timeout: no answer"));
+    assert_eq!(next(10), [id], "a suspect goes alone");
+    // The network failing under it is not its fault either.
+    s.abandon_upload(&[id], "network: reset", ErrorKind::Network, &retries)
+        .unwrap();
+    assert_eq!(status_of(s, id).retry_count, 0);
+    assert_eq!(next(10), [id]);
+    // Alone and not answered: one retry counted, then failed once they run out.
+    s.abandon_upload(&[id], "timeout: no answer", ErrorKind::Timeout, &retries)
+        .unwrap();
+    assert_eq!(status_of(s, id).retry_count, 1);
+    assert_eq!(next(10), [id]);
+    let summary = s
+        .abandon_upload(&[id], "timeout: no answer", ErrorKind::Timeout, &retries)
+        .unwrap();
     assert_eq!((summary.retrying, summary.failed), (0, 1));
     let e = status_of(s, id);
     assert_eq!((e.status, e.retry_count), (QueueStatus::Failed, 2));
     assert_eq!(
-        ids(&s.next_upload_batch(10, usize::MAX).unwrap()),
-        [pending],
-        "a failed entry is not uploaded again"
+        next(10),
+        [other],
+        "a failed entry is not uploaded again; the other suspect still goes alone"
     );
+    s.finish_upload(&[stored(other, 1)], &retries).unwrap();
+    assert_eq!(next(10), [waiting], "the rest goes in full batches again");
+}
+
+#[test]
+fn a_batch_that_keeps_failing_is_halved_until_the_culprit_is_alone() {
+    let t = TestStore::new(Engine::Memory, StoreOptions::default());
+    let s = t.store();
+    let retries = RetryPolicy::immediate(10);
+    let entries: Vec<u64> = (0..8)
+        .map(|n| queue_id(s, put("Job", &n.to_string(), json!({"n": n}))))
+        .collect();
+    let culprit = entries[5];
+    let mut sizes = Vec::new();
+    let mut stored_count = 0;
+    for seq in 1.. {
+        let batch = ids(&s
+            .next_upload_batch(BatchLimits::of(100, usize::MAX))
+            .unwrap()
+            .entries);
+        if batch.is_empty() {
+            break;
+        }
+        assert!(seq < 40, "the culprit was never isolated: {sizes:?}");
+        sizes.push(batch.len());
+        if batch.contains(&culprit) {
+            // Whatever holds the culprit breaks the connection.
+            s.abandon_upload(&batch, "server: closed", ErrorKind::Server, &retries)
+                .unwrap();
+        } else {
+            let results: Vec<_> = batch.iter().map(|&e| stored(e, seq)).collect();
+            stored_count += s.finish_upload(&results, &retries).unwrap().completed;
+        }
+    }
+    assert_eq!(
+        stored_count, 7,
+        "every innocent entry got through: {sizes:?}"
+    );
+    let e = status_of(s, culprit);
+    assert_eq!((e.status, e.retry_count), (QueueStatus::Failed, 10));
+    // 8 fail; 4 pass and 4 fail; 2 fail; 1 passes and the culprit fails alone until it runs out
+    // of retries; the last 2 pass.
+    let mut expected = vec![8, 4, 4, 2, 1];
+    expected.extend([1; 10]);
+    expected.push(2);
+    assert_eq!(sizes, expected);
+}
+
+#[test]
+fn a_refused_entry_backs_off_exponentially_without_holding_back_others() {
+    let t = TestStore::new(Engine::Memory, StoreOptions::default());
+    let s = t.store();
+    let retries = RetryPolicy {
+        max_retries: 5,
+        backoff_initial_ms: 1_000,
+        backoff_max_ms: 8_000,
+    };
+    let a = queue_id(s, put("Job", "x", json!({"v": 1})));
+    let a_later = queue_id(s, put("Job", "x", json!({"v": 2})));
+    let other = queue_id(s, put("Job", "y", json!({"v": 1})));
+    let next = || {
+        ids(&s
+            .next_upload_batch(BatchLimits::of(100, usize::MAX))
+            .unwrap()
+            .entries)
+    };
+    let mut waits = Vec::new();
+    for attempt in 1..=4u32 {
+        let batch = next();
+        assert_eq!(batch[0], a, "attempt {attempt}: {batch:?}");
+        let mut results = vec![rejected(a, ErrorCode::Overloaded)];
+        // What follows `a` on its record waits with it; it is handed back.
+        results.extend(
+            batch[1..]
+                .iter()
+                .map(|&e| rejected(e, ErrorCode::Overloaded)),
+        );
+        let now = t.clock().peek();
+        s.finish_upload(&results[..1], &retries).unwrap();
+        let back: Vec<u64> = batch[1..].to_vec();
+        if !back.is_empty() {
+            s.abandon_upload(&back, "network: gone", ErrorKind::Network, &retries)
+                .unwrap();
+        }
+        let due = s.next_upload_due().expect("a retry is due later");
+        waits.push(due - now);
+        // While `a` waits, the other record's entry goes; `a`'s later change waits with it.
+        let meanwhile = next();
+        assert!(
+            !meanwhile.contains(&a) && !meanwhile.contains(&a_later),
+            "{meanwhile:?}"
+        );
+        if !meanwhile.is_empty() {
+            let results: Vec<_> = meanwhile.iter().map(|&e| stored(e, 1)).collect();
+            s.finish_upload(&results, &retries).unwrap();
+        }
+        t.clock().advance(due - t.clock().peek() + 1);
+    }
+    assert_eq!(status_of(s, other).status, QueueStatus::Completed);
+    // [d/2, d] with d = 1, 2, 4, 8 (the ceiling) seconds.
+    for (wait, ceiling) in waits.iter().zip([1_000, 2_000, 4_000, 8_000]) {
+        assert!(
+            (ceiling / 2..=ceiling + 2).contains(wait),
+            "{waits:?} against a ceiling of {ceiling}"
+        );
+    }
+}
+
+#[test]
+fn a_change_no_frame_can_carry_is_refused_and_the_rest_goes() {
+    let t = TestStore::new(Engine::Memory, StoreOptions::default());
+    let s = t.store();
+    let small = queue_id(s, put("Job", "a", json!({"v": 1})));
+    let big = queue_id(s, put("Job", "b", json!({"blob": "x".repeat(4_000)})));
+    let after = queue_id(s, put("Job", "c", json!({"v": 1})));
+    let batch = s
+        .next_upload_batch(BatchLimits {
+            max_changes: 100,
+            max_bytes: usize::MAX,
+            max_change_bytes: 2_000,
+        })
+        .unwrap();
+    assert_eq!(ids(&batch.entries), [small, after]);
+    assert_eq!(ids(&batch.refused), [big]);
+    let e = status_of(s, big);
+    assert_eq!(e.status, QueueStatus::Failed);
+    let error = e.last_error.unwrap_or_default();
+    assert!(
+        error.starts_with("validation: the change is") && error.contains("sync.max_frame_bytes"),
+        "{error}"
+    );
+    let counts = s.queue_counts().unwrap();
+    assert_eq!((counts.processing, counts.failed), (2, 1));
 }
 
 #[test]
@@ -217,12 +411,20 @@ fn uploads_cut_off_by_a_crash_are_uploaded_again() {
     t.store().flush().unwrap();
     // Taken but never flushed: the crash forgets the move.
     assert_eq!(
-        ids(&t.store().next_upload_batch(1, usize::MAX).unwrap()),
+        ids(&t
+            .store()
+            .next_upload_batch(BatchLimits::of(1, usize::MAX))
+            .unwrap()
+            .entries),
         [a]
     );
     assert!(t.crash());
     assert_eq!(
-        ids(&t.store().next_upload_batch(1, usize::MAX).unwrap()),
+        ids(&t
+            .store()
+            .next_upload_batch(BatchLimits::of(1, usize::MAX))
+            .unwrap()
+            .entries),
         [a]
     );
     t.store().flush().unwrap();
@@ -230,7 +432,11 @@ fn uploads_cut_off_by_a_crash_are_uploaded_again() {
     assert_eq!(status_of(t.store(), a).status, QueueStatus::Processing);
     assert_eq!(t.store().recover_interrupted().unwrap(), 1);
     assert_eq!(
-        ids(&t.store().next_upload_batch(10, usize::MAX).unwrap()),
+        ids(&t
+            .store()
+            .next_upload_batch(BatchLimits::of(10, usize::MAX))
+            .unwrap()
+            .entries),
         [a, b]
     );
 }
@@ -255,7 +461,10 @@ fn a_store_from_before_the_pending_index_gets_one_when_opened() {
     kv.apply(strip).unwrap();
     let store = open_test_store(Box::new(kv.clone()), StoreOptions::default(), &clock);
     assert_eq!(
-        ids(&store.next_upload_batch(10, usize::MAX).unwrap()),
+        ids(&store
+            .next_upload_batch(BatchLimits::of(10, usize::MAX))
+            .unwrap()
+            .entries),
         [a, b]
     );
 }
@@ -551,7 +760,7 @@ fn queue_counts_stay_right_through_every_kind_of_move() {
         .map(|n| queue_id(s, put("Job", &n.to_string(), json!({"n": n}))))
         .collect();
     assert_eq!(s.queue_counts().unwrap(), counted(s), "after local writes");
-    s.next_upload_batch(4, usize::MAX).unwrap();
+    s.next_upload_batch(BatchLimits::of(4, usize::MAX)).unwrap();
     assert_eq!(
         s.queue_counts().unwrap(),
         counted(s),
@@ -563,7 +772,7 @@ fn queue_counts_stay_right_through_every_kind_of_move() {
             rejected(entries[1], ErrorCode::InvalidChange),
             rejected(entries[2], ErrorCode::Overloaded),
         ],
-        5,
+        &RetryPolicy::immediate(5),
     )
     .unwrap();
     assert_eq!(
@@ -571,7 +780,13 @@ fn queue_counts_stay_right_through_every_kind_of_move() {
         counted(s),
         "after an upload's answers"
     );
-    s.abandon_upload(&[entries[3]], "network: gone", 5).unwrap();
+    s.abandon_upload(
+        &[entries[3]],
+        "timeout: no answer",
+        ErrorKind::Timeout,
+        &RetryPolicy::immediate(5),
+    )
+    .unwrap();
     assert_eq!(
         s.queue_counts().unwrap(),
         counted(s),
@@ -580,7 +795,8 @@ fn queue_counts_stay_right_through_every_kind_of_move() {
     s.queue_transition(&[entries[1]], &ferry::store::QueueAction::Retry)
         .unwrap();
     assert_eq!(s.queue_counts().unwrap(), counted(s), "after a retry");
-    s.next_upload_batch(10, usize::MAX).unwrap();
+    s.next_upload_batch(BatchLimits::of(10, usize::MAX))
+        .unwrap();
     s.recover_interrupted().unwrap();
     let counts = s.queue_counts().unwrap();
     assert_eq!(counts, counted(s), "after recovering interrupted uploads");

@@ -151,6 +151,19 @@ impl SyncQueueEntry {
         Ok(())
     }
 
+    /// The upload got no answer for a reason this entry cannot be blamed for (the network
+    /// failed, or another entry of its batch broke it): back to `Pending` with the error noted,
+    /// its retry count unchanged.
+    pub fn requeue(
+        &mut self,
+        error: impl Into<String>,
+        now_ms: u64,
+    ) -> Result<(), TransitionError> {
+        self.transition(&[QueueStatus::Processing], QueueStatus::Pending, now_ms)?;
+        self.last_error = Some(error.into());
+        Ok(())
+    }
+
     /// The relay refused the change for good (a non-retryable error): trying again cannot help,
     /// so the entry goes straight to `Failed` with the reason, whatever its retry count.
     pub fn reject(&mut self, error: impl Into<String>, now_ms: u64) -> Result<(), TransitionError> {

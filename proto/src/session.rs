@@ -102,16 +102,28 @@ impl SessionError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceEffect {
     /// Take the next pending queue entries (highest priority first), mark them processing, and
-    /// hand them to [`DeviceSession::upload`] (an empty batch means the queue is drained).
-    LoadUploadBatch { max_changes: u32, max_bytes: usize },
+    /// hand them to [`DeviceSession::upload`] (an empty batch means nothing is ready to go).
+    /// An entry whose change is over `max_change_bytes` can never be sent: the driver refuses it
+    /// on its own (failed, with the reason) instead of putting it in any batch.
+    LoadUploadBatch {
+        max_changes: u32,
+        max_bytes: usize,
+        max_change_bytes: usize,
+    },
     /// Record the relay's answer for each entry of the batch, durably, then call
     /// [`DeviceSession::upload_recorded`].
     RecordUploadResults {
         batch: u64,
         results: Vec<ChangeResult>,
     },
-    /// The batch will get no answer: put its entries back (or fail them after too many tries).
-    AbandonUpload { entries: Vec<u64>, error: String },
+    /// The batches holding `entries` will get no answer (`kind` says why): put the entries back
+    /// (or fail them after too many tries). Sent one batch at a time, so the driver knows which
+    /// entries went together.
+    AbandonUpload {
+        entries: Vec<u64>,
+        error: String,
+        kind: ErrorKind,
+    },
     /// Apply these log entries and advance the download cursor to `through`, durably and in one
     /// step, then call [`DeviceSession::applied`].
     Apply {
@@ -437,6 +449,7 @@ impl DeviceSession {
                 self.effects.push_back(DeviceEffect::AbandonUpload {
                     entries: changes.iter().map(|c| c.entry).collect(),
                     error: self.closed_reason(),
+                    kind: ErrorKind::Network,
                 });
             }
             return;
@@ -562,6 +575,7 @@ impl DeviceSession {
                 // Leave room in the frame for the message around the change bytes.
                 let frame_room = (max_frame_bytes as usize) / 2;
                 self.config.max_batch_bytes = self.config.max_batch_bytes.min(frame_room).max(1);
+                self.config.max_frame_bytes = self.config.max_frame_bytes.min(max_frame_bytes);
                 self.events.push_back(DeviceEvent::Authenticated {
                     version,
                     relay_time_ms: time_ms,
@@ -758,6 +772,7 @@ impl DeviceSession {
         self.effects.push_back(DeviceEffect::LoadUploadBatch {
             max_changes: self.config.max_batch_changes,
             max_bytes: self.config.max_batch_bytes,
+            max_change_bytes: crate::wire::max_change_bytes(self.config.max_frame_bytes as usize),
         });
     }
 
@@ -781,14 +796,24 @@ impl DeviceSession {
         });
     }
 
-    fn check_idle(&mut self) {
-        let idle = self.handshake == Handshake::Open
+    /// Open, with nothing to upload and nothing known to download: what `Idle` reports.
+    pub fn is_idle(&self) -> bool {
+        self.handshake == Handshake::Open
             && self.upload.is_quiet()
             && self.upload_drained
             && !self.upload_dirty
             && self.download == Download::Idle
             && self.cursor >= self.relay_head
-            && !self.resync;
+            && !self.resync
+    }
+
+    /// The relay's head as it last announced it (at sign-in, in a page or a push).
+    pub fn relay_head(&self) -> u64 {
+        self.relay_head
+    }
+
+    fn check_idle(&mut self) {
+        let idle = self.is_idle();
         if idle && !self.idle_reported {
             self.idle_reported = true;
             self.events.push_back(DeviceEvent::Idle {
@@ -820,14 +845,11 @@ impl DeviceSession {
             });
         }
         self.handshake = Handshake::Closed;
-        let entries: Vec<u64> = std::mem::take(&mut self.upload.sent)
-            .into_iter()
-            .flat_map(|b| b.entries)
-            .collect();
-        if !entries.is_empty() {
+        for sent in std::mem::take(&mut self.upload.sent) {
             self.effects.push_back(DeviceEffect::AbandonUpload {
-                entries,
+                entries: sent.entries,
                 error: error.describe(),
+                kind: error.kind(),
             });
         }
         self.pushes.clear();

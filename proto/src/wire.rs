@@ -28,6 +28,16 @@ const FLAG_ZSTD: u8 = 1;
 /// A space is the set of records that a group of devices share; each has its own change log.
 pub type Space = String;
 
+/// Room a frame keeps beside one change's bytes for the message around it (names, positions and
+/// the frame header, in an `Upload` or in a `Changes` page), far more than they can take.
+pub const CHANGE_ENVELOPE_BYTES: usize = 4096;
+
+/// The largest change a frame of `max_frame_bytes` can carry, alone in an `Upload` or in a page
+/// of `Changes`: a larger change can never sync, so devices refuse to make one.
+pub fn max_change_bytes(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_sub(CHANGE_ENVELOPE_BYTES)
+}
+
 /// One Automerge change of one record, as a device uploads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadChange {

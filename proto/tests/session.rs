@@ -7,8 +7,8 @@ use ferry_proto::session::{
     RelayEvent, RelaySession, SessionConfig, SessionError, device_id,
 };
 use ferry_proto::wire::{
-    ChangeOutcome, ChangeResult, Credential, ErrorCode, LogEntry, MAX_CREDENTIAL_BYTES, Message,
-    RecordName, Secret, Tokens, UploadChange,
+    ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, LogEntry, MAX_CREDENTIAL_BYTES,
+    Message, RecordName, Secret, Tokens, UploadChange,
 };
 
 const BINDING: &[u8] = b"channel-binding-of-this-connection";
@@ -545,16 +545,15 @@ fn a_device_keeps_two_uploads_in_flight_and_records_them_in_order() {
         Some(DeviceEffect::LoadUploadBatch { .. })
     ));
     device.upload(vec![change(3)], 0);
-    // Closing hands back every batch still waiting for its answer.
+    // Closing hands back every batch still waiting for its answer, each on its own.
     device.connection_lost("gone".into());
     let abandoned: Vec<_> = std::iter::from_fn(|| device.poll_effect()).collect();
-    assert_eq!(
-        abandoned,
-        vec![DeviceEffect::AbandonUpload {
-            entries: vec![2, 3],
-            error: "network: the connection was lost: gone".into()
-        }]
-    );
+    let handed_back = |entry| DeviceEffect::AbandonUpload {
+        entries: vec![entry],
+        error: "network: the connection was lost: gone".into(),
+        kind: ErrorKind::Network,
+    };
+    assert_eq!(abandoned, vec![handed_back(2), handed_back(3)]);
 }
 
 #[test]
@@ -593,7 +592,8 @@ fn an_upload_without_an_answer_times_out_and_hands_its_entries_back() {
         device.poll_effect(),
         Some(DeviceEffect::LoadUploadBatch {
             max_changes: 100,
-            max_bytes: 1 << 19
+            max_bytes: 1 << 19,
+            max_change_bytes: (1 << 20) - ferry_proto::wire::CHANGE_ENVELOPE_BYTES,
         })
     );
     device.upload(vec![change(1), change(2)], 10);
@@ -610,7 +610,7 @@ fn an_upload_without_an_answer_times_out_and_hands_its_entries_back() {
     assert!(device.is_closed());
     assert!(matches!(
         device.poll_effect(),
-        Some(DeviceEffect::AbandonUpload { entries, error }) if entries == vec![1, 2] && error.starts_with("timeout")
+        Some(DeviceEffect::AbandonUpload { entries, error, kind: ErrorKind::Timeout }) if entries == vec![1, 2] && error.starts_with("timeout")
     ));
 }
 

@@ -26,6 +26,7 @@ pub(super) enum RelayAction {
     },
     /// Print a one-time code that registers one device in ACCOUNT (`ferry register --code`)
     Enrol {
+        /// The account the device joins
         account: String,
         /// How long the code stays valid [default: relay.enrolment_code_hours]
         #[arg(long)]
@@ -33,25 +34,33 @@ pub(super) enum RelayAction {
     },
     /// Registered devices, with their account, last sign-in and revocation
     Devices {
+        /// Only this account's devices
         #[arg(long)]
         account: Option<String>,
     },
     /// Cut a device off at once: its sessions end and its tokens stop working
-    Revoke { device: String },
+    Revoke {
+        /// The device's id, as `ferry relay devices` lists it
+        device: String,
+    },
     /// Make a new token signing key now (the old one still verifies for the overlap window)
     RotateKey,
 }
 
 #[derive(Subcommand, Debug)]
 pub(super) enum AccountAction {
+    /// Create an account, with its own space of records
     Add {
+        /// The account's name (devices join it with `ferry relay enrol NAME`'s code)
         name: String,
     },
     /// Set the password people and HTTP-only clients sign in with (POST /api/auth/login); read
     /// from standard input (one line) or FERRY_PASSWORD, never from the command line
     Password {
+        /// The account's name
         name: String,
     },
+    /// The accounts, with their devices
     List,
 }
 
@@ -224,6 +233,7 @@ pub(super) fn register(ctx: &Context, args: RegisterArgs) -> Result<(), Failure>
     };
     let identity = ctx.dir.identity()?;
     let device = identity.device_id();
+    let waiting = super::RelayWait::start(&sync.relay);
     let registration = runtime()?
         .block_on(engine::register_device(
             ctx.dir.path(),
@@ -236,7 +246,9 @@ pub(super) fn register(ctx: &Context, args: RegisterArgs) -> Result<(), Failure>
             | EngineError::RelayAddress(..)
             | EngineError::Fingerprint(_) => Failure::usage(e.to_string()),
             other => Failure::failed(other.to_string()),
-        })?;
+        });
+    drop(waiting);
+    let registration = registration?;
     if ctx.json {
         print_json(&json!({ "device": device, "account": account, "relay": registration.relay }));
     } else {

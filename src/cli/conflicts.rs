@@ -13,10 +13,14 @@ use serde_json::{Value, json};
 #[derive(Subcommand, Debug)]
 pub(super) enum Action {
     /// Both sides of a conflict field by field, which one the record shows, and the resolution
-    Show { id: String },
+    Show {
+        /// The conflict's id, as `ferry conflicts` lists it
+        id: String,
+    },
     /// Settle a conflict by keeping one side, or by setting the fields given with --data; the
     /// choice is written as a change that syncs
     Resolve {
+        /// The conflict's id, as `ferry conflicts` lists it
         id: String,
         /// server: the version the relay logged first; client: the one that arrived later;
         /// merge: the fields given with --data

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use automerge::ChangeHash;
 use ferry_proto::Limits;
-use ferry_proto::wire::{ChangeOutcome, UploadChange};
+use ferry_proto::wire::{ChangeOutcome, ErrorKind, UploadChange};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -46,7 +46,9 @@ use crate::record::Fields;
 use crate::resolve::{Conflict, Policies, Take};
 use crate::service::{ApiError, ConflictEvent, ResolveRequest, Service, ServiceOptions, code};
 use crate::store::kv::{Kv, PrefixKv};
-use crate::store::{Applied, Store, StoreError, StoreOptions, SystemClock, Write, keys};
+use crate::store::{
+    Applied, BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, SystemClock, Write, keys,
+};
 
 /// Log entries applied per read while catching up.
 const CATCH_UP_CHANGES: usize = 1024;
@@ -374,11 +376,14 @@ impl Mirror {
     /// Returns each uploaded queue entry's change and what the log did with it.
     fn pump(&self) -> Result<HashMap<u64, (Vec<u8>, ChangeOutcome)>, MirrorError> {
         let store = self.service.store();
+        let retries = RetryPolicy::immediate(self.max_retries);
         let mut sent = HashMap::new();
         loop {
             // A change refused for a retryable reason comes back as pending with one more retry
             // counted, and is marked failed after `max_retries`: the loop ends.
-            let entries = store.next_upload_batch(PUMP_CHANGES, PUMP_BYTES)?;
+            let entries = store
+                .next_upload_batch(BatchLimits::of(PUMP_CHANGES, PUMP_BYTES))?
+                .entries;
             if entries.is_empty() {
                 return Ok(sent);
             }
@@ -398,12 +403,12 @@ impl Mirror {
                 Ok((results, _)) => results,
                 Err(e) => {
                     let ids: Vec<u64> = changes.iter().map(|c| c.entry).collect();
-                    store.abandon_upload(&ids, &e.to_string(), self.max_retries)?;
+                    store.abandon_upload(&ids, &e.to_string(), ErrorKind::Server, &retries)?;
                     store.flush()?;
                     return Err(e.into());
                 }
             };
-            store.finish_upload(&results, self.max_retries)?;
+            store.finish_upload(&results, &retries)?;
             store.flush()?;
             let head = results
                 .iter()

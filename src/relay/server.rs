@@ -4,7 +4,8 @@
 //!
 //! Bounded everywhere: connections (extra ones get `Overloaded`), frame size (checked before a
 //! body is read), upload batch size and download page size (in the session), and per-connection
-//! queues (one read in flight, a small channel of decoded frames).
+//! queues (one read in flight, a small channel of decoded frames), and stopping (sessions get
+//! `SHUTDOWN_GRACE` to tell their devices, the endpoint `CLOSE_GRACE` to tell peers).
 //!
 //! Must not touch: what a session sends when (that is `ferry_proto::session`), the store's layout.
 
@@ -13,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_proto::session::{RelayEffect, RelayEvent, RelaySession, SessionConfig};
+use ferry_proto::session::{RelayEffect, RelayEvent, RelaySession, SessionConfig, SessionError};
 use ferry_proto::wire::{ChangeOutcome, Credential, ErrorCode, Message};
 use tokio::sync::{Semaphore, broadcast, watch};
 
@@ -30,6 +31,14 @@ const MAX_POLITE_REFUSALS: usize = 16;
 
 /// How long a closing session waits for the device to read its last message.
 const LINGER: Duration = Duration::from_secs(2);
+
+/// How long sessions have, once the relay is told to stop, to tell their devices and close. A
+/// device that does not answer (gone, or behind a lossy link) must not hold the relay, or its
+/// data directory, for longer: its session is dropped after this.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1000);
+
+/// How long the endpoint then has to tell the remaining peers it closed.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
@@ -367,9 +376,23 @@ pub async fn serve(
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
         }
     }
-    while sessions.join_next().await.is_some() {}
+    let drain = async { while sessions.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        tracing::warn!(
+            sessions = sessions.len(),
+            "sessions still open {} ms after the relay was told to stop: dropping them",
+            SHUTDOWN_GRACE.as_millis()
+        );
+        sessions.abort_all();
+        while sessions.join_next().await.is_some() {}
+    }
     endpoint.close(0u32.into(), b"relay stopping");
-    endpoint.wait_idle().await;
+    if tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::debug!("peers did not acknowledge the close in time");
+    }
 }
 
 /// Tells a device over the connection limit to come back later.
@@ -600,6 +623,17 @@ impl Context {
                     // its credential is decided ("signed in" or "sign-in refused").
                     RelayEvent::Authenticated { device, space } => {
                         tracing::debug!(%device, %space, "device proved its key");
+                    }
+                    // The relay itself is stopping: a shutdown, not a failure of the session.
+                    RelayEvent::Closed {
+                        error:
+                            Some(SessionError::Protocol {
+                                code: ErrorCode::ShuttingDown,
+                                ..
+                            }),
+                    } => {
+                        tracing::info!("session closed: the relay is shutting down");
+                        self.metrics.session_ended("shutdown");
                     }
                     RelayEvent::Closed { error: Some(error) } => {
                         tracing::info!(kind = %error.kind(), %error, "session ended");

@@ -14,6 +14,8 @@ pub mod keys;
 pub mod kv;
 pub mod sync;
 
+pub use sync::{BatchLimits, LastKnownSync, RefusedEntry, RetryPolicy, UploadBatch};
+
 use crate::crypt::Keyring;
 use crate::record::{
     Fields, HistoryEntry, Record, RecordError, Removal, validate_fields, validate_shape,
@@ -65,6 +67,17 @@ pub enum StoreError {
         "resolving conflict {0} with `merge` needs the resolved fields: pass them as data (--data JSON)"
     )]
     MergeNeedsData(String),
+    #[error(
+        "writing {address} makes a change of {len} bytes, over the {max} bytes one sync frame \
+         carries (sync.max_frame_bytes): it could never reach other devices, so nothing was \
+         written; write the record in smaller parts, or raise sync.max_frame_bytes on every \
+         device and relay.max_frame_bytes on the relay"
+    )]
+    ChangeTooLarge {
+        address: String,
+        len: usize,
+        max: usize,
+    },
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error(
@@ -119,6 +132,36 @@ pub struct StoreOptions {
     pub policies: Policies,
     /// The account key encrypted fields are sealed and opened with; shared with whoever sets it.
     pub keyring: Arc<crate::crypt::Keyring>,
+    /// The largest change a local write may make: one a sync frame can carry. A larger change
+    /// could never reach the relay, so the write is refused instead of being queued for ever.
+    pub max_change_bytes: usize,
+}
+
+impl StoreOptions {
+    /// Checks a write before it touches any document: its address, that its collection may be
+    /// written, and its fields' names, depth and size. Needs nothing but the options, so a client
+    /// with the same config (`ferry import`) finds the records at fault before it sends any.
+    /// `id: None` stands for an id still to be generated, which is always valid.
+    pub fn check_write(
+        &self,
+        collection: &str,
+        id: Option<&str>,
+        fields: Option<&Fields>,
+    ) -> Result<(), StoreError> {
+        validate_collection(collection, &self.limits)?;
+        if let Some(id) = id {
+            validate_record_id(id, &self.limits)?;
+        }
+        if let Some(declared) = &self.declared_collections
+            && !declared.contains(collection)
+        {
+            return Err(StoreError::UnknownCollection(collection.to_owned()));
+        }
+        if let Some(fields) = fields {
+            validate_fields(fields, &self.limits)?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for StoreOptions {
@@ -130,6 +173,9 @@ impl Default for StoreOptions {
             declared_collections: None,
             policies: Policies::default(),
             keyring: Arc::default(),
+            max_change_bytes: ferry_proto::wire::max_change_bytes(
+                ferry_proto::session::SessionConfig::default().max_frame_bytes as usize,
+            ),
         }
     }
 }
@@ -259,6 +305,8 @@ pub struct Store {
     /// the queue's counts by status once `queue_counts` has scanned them (then each such batch
     /// keeps them up to date), so that asking for them is not a scan of the whole queue.
     queue_lock: Mutex<Option<QueueCounts>>,
+    /// Entries held apart after failed uploads. Taken after `queue_lock` when both are held.
+    upload_holds: Mutex<sync::UploadHolds>,
     /// How many conflicts are open, kept with every batch that opens or closes one, so that
     /// reading a record (which names its open conflicts) reads nothing more when none is open.
     open_conflicts: AtomicU64,
@@ -321,6 +369,7 @@ impl Store {
             next_queue_id: AtomicU64::new(next_queue_id),
             next_log_id: AtomicU64::new(next_log_id),
             queue_lock: Mutex::new(None),
+            upload_holds: Mutex::new(sync::UploadHolds::default()),
             open_conflicts: AtomicU64::new(open_conflicts),
             space: Mutex::new(None),
             compacted_to: AtomicU64::new(0),
@@ -333,6 +382,10 @@ impl Store {
 
     fn lock_queue(&self) -> MutexGuard<'_, Option<QueueCounts>> {
         self.queue_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_holds(&self) -> MutexGuard<'_, sync::UploadHolds> {
+        self.upload_holds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Applies a batch that moves queue entries, and `delta` (its moves) to the counts, under the
@@ -440,10 +493,11 @@ impl Store {
             } => (collection, id, Change::Patch(set, unset)),
             Write::Delete { collection, id } => (collection, id, Change::Delete),
         };
-        self.check_address(&collection, &id)?;
-        if let Change::Put(fields) | Change::Patch(fields, _) = &change {
-            validate_fields(fields, &self.options.limits)?;
-        }
+        let fields = match &change {
+            Change::Put(fields) | Change::Patch(fields, _) => Some(fields),
+            Change::Delete => None,
+        };
+        self.options.check_write(&collection, Some(&id), fields)?;
         Ok(Resolved {
             key: (collection, id),
             change,
@@ -484,6 +538,15 @@ impl Store {
                     staged
                 }
             };
+            if let Some((_, change, _)) = &staged.written
+                && change.len() > self.options.max_change_bytes
+            {
+                return Err(StoreError::ChangeTooLarge {
+                    address: format!("{}/{}", key.0, key.1),
+                    len: change.len(),
+                    max: self.options.max_change_bytes,
+                });
+            }
             self.stage_unlogged(&mut unlogged, &mut batch, &key, &staged)?;
             applied.push(self.finish(key, staged, now, &mut batch, &mut delta));
         }
@@ -622,21 +685,6 @@ impl Store {
             .get(collection)
             .copied()
             .unwrap_or(0)
-    }
-
-    fn check_address(&self, collection: &str, id: &str) -> Result<(), StoreError> {
-        validate_collection(collection, &self.options.limits)?;
-        validate_record_id(id, &self.options.limits)?;
-        self.check_declared(collection)
-    }
-
-    fn check_declared(&self, collection: &str) -> Result<(), StoreError> {
-        match &self.options.declared_collections {
-            Some(declared) if !declared.contains(collection) => {
-                Err(StoreError::UnknownCollection(collection.to_owned()))
-            }
-            _ => Ok(()),
-        }
     }
 
     fn load_or_new(&self, key: &CacheKey) -> Result<Record, StoreError> {
@@ -851,6 +899,47 @@ impl Store {
         Ok(entry)
     }
 
+    /// Queue entries newest first, optionally of one status, older than `before`.
+    pub fn queue_newest(
+        &self,
+        status: Option<QueueStatus>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<SyncQueueEntry>, StoreError> {
+        let mut out = Vec::new();
+        let end = before.map_or_else(|| keys::prefix_end(keys::QUEUE), keys::queue);
+        self.scan_back(keys::QUEUE, end, limit, |bytes| {
+            let entry: SyncQueueEntry = decode(bytes, "queue entry")?;
+            if status.is_none_or(|s| s == entry.status) {
+                out.push(entry);
+            }
+            Ok(out.len())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `visit` on the values under `prefix` with keys below `end`, greatest key first,
+    /// until it says it holds `limit` of them.
+    fn scan_back(
+        &self,
+        prefix: &[u8],
+        mut end: Vec<u8>,
+        limit: usize,
+        mut visit: impl FnMut(&[u8]) -> Result<usize, StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut held = 0;
+        while held < limit {
+            let Some(key) = self.kv.last_key(prefix, &end)? else {
+                break;
+            };
+            if let Some(bytes) = self.kv.get(&key)? {
+                held = visit(&bytes)?;
+            }
+            end = key;
+        }
+        Ok(())
+    }
+
     /// The ids of every entry in `status`.
     pub fn queue_ids(&self, status: QueueStatus) -> Result<Vec<u64>, StoreError> {
         let mut ids = Vec::new();
@@ -940,7 +1029,10 @@ impl Store {
                 QueueAction::Fail { error, max_retries } => {
                     entry.fail(error.clone(), *max_retries, now)
                 }
-                QueueAction::Retry => entry.retry(now),
+                QueueAction::Retry => {
+                    self.lock_holds().release(id);
+                    entry.retry(now)
+                }
                 QueueAction::RequeueInterrupted => entry.requeue_interrupted(now),
             }?;
             stage_entry(&mut batch, &mut delta, Some(old), &entry);
@@ -1031,16 +1123,10 @@ impl Store {
     pub fn log(&self, before: Option<u64>, limit: usize) -> Result<Vec<SyncLogEntry>, StoreError> {
         let end = before.map_or_else(|| keys::prefix_end(keys::LOG), keys::log);
         let mut out = Vec::new();
-        let mut end = end;
-        while out.len() < limit {
-            let Some(key) = self.kv.last_key(keys::LOG, &end)? else {
-                break;
-            };
-            if let Some(bytes) = self.kv.get(&key)? {
-                out.push(decode_log_entry(&bytes)?);
-            }
-            end = key;
-        }
+        self.scan_back(keys::LOG, end, limit, |bytes| {
+            out.push(decode_log_entry(bytes)?);
+            Ok(out.len())
+        })?;
         Ok(out)
     }
 

@@ -15,15 +15,129 @@ use super::{CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, s
 use crate::record::decode_change;
 use crate::resolve;
 use automerge::Change;
-use ferry_proto::wire::{ChangeOutcome, ChangeResult, LogEntry};
+use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorKind, LogEntry};
 use ferry_proto::{
     Operation, QueueStatus, SyncQueueEntry, validate_collection, validate_record_id,
 };
-use serde::Serialize;
-use std::collections::{BTreeSet, HashMap};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// The cursor name under which the relay's log position is kept.
 pub const RELAY_CURSOR: &str = "relay";
+
+/// How far the next upload batch may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_changes: usize,
+    /// Change bytes in one batch (one entry always goes, if it is under `max_change_bytes`).
+    pub max_bytes: usize,
+    /// The largest change a frame can carry: larger entries are refused, never sent.
+    pub max_change_bytes: usize,
+}
+
+impl BatchLimits {
+    /// Limits with no bound on one change's size.
+    pub fn of(max_changes: usize, max_bytes: usize) -> Self {
+        BatchLimits {
+            max_changes,
+            max_bytes,
+            max_change_bytes: usize::MAX,
+        }
+    }
+}
+
+/// The next upload batch, and the entries refused on the way because no frame can carry them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UploadBatch {
+    /// Now `Processing`, in upload order.
+    pub entries: Vec<SyncQueueEntry>,
+    /// Now `Failed`, with the reason in `last_error`.
+    pub refused: Vec<SyncQueueEntry>,
+}
+
+/// How often, and how patiently, a queue entry whose upload fails is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Failed attempts before the entry is marked `Failed`.
+    pub max_retries: u32,
+    /// The wait after the first failure; it doubles (with jitter) up to `backoff_max_ms`.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl RetryPolicy {
+    /// `max_retries` attempts, each allowed at once.
+    pub fn immediate(max_retries: u32) -> Self {
+        RetryPolicy {
+            max_retries,
+            backoff_initial_ms: 0,
+            backoff_max_ms: 0,
+        }
+    }
+
+    /// The wait before `entry`'s next attempt, after its `retry_count` failures: exponential,
+    /// with a jitter taken from the entry and the attempt so that entries failing together spread
+    /// out, and the same inputs always wait the same.
+    fn wait_ms(&self, entry: &SyncQueueEntry) -> u64 {
+        let (id, failures) = (entry.id, entry.retry_count);
+        let ceiling = self
+            .backoff_initial_ms
+            .saturating_mul(1u64 << failures.saturating_sub(1).min(30))
+            .min(self.backoff_max_ms);
+        let half = ceiling / 2;
+        half + splitmix64(id ^ (u64::from(failures) << 40)) % (ceiling - half + 1)
+    }
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Queue entries whose uploads went wrong, held apart so that none of them can take another
+/// entry down with it: each goes in batches of at most `batch_limit` entries (halved each time a
+/// batch holding it gets no answer, down to a batch of its own) and, once it fails alone, waits
+/// out an exponential backoff. In memory: a restart gives every entry a fresh start (its retry
+/// count, which is durable, still bounds its attempts).
+#[derive(Debug, Default)]
+pub(super) struct UploadHolds {
+    held: HashMap<u64, Hold>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    batch_limit: usize,
+    not_before_ms: u64,
+}
+
+impl UploadHolds {
+    pub(super) fn release(&mut self, id: u64) {
+        self.held.remove(&id);
+    }
+
+    /// The earliest time an entry waiting out its backoff may go again, if one waits past `now`.
+    fn next_due(&self, now: u64) -> Option<u64> {
+        self.held
+            .values()
+            .map(|h| h.not_before_ms)
+            .filter(|&at| at > now)
+            .min()
+    }
+}
+
+/// What the daemon last knew of its sync, kept in the store so that `ferry status` can show it
+/// while no daemon runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastKnownSync {
+    pub relay_head: u64,
+    pub relay_head_at_ms: Option<u64>,
+    pub last_sync_ms: Option<u64>,
+    /// Kind, message and time of the last failure.
+    pub last_error: Option<(String, String, u64)>,
+    pub disconnected_since_ms: Option<u64>,
+}
 
 /// What `finish_upload` or `abandon_upload` did with the entries it was given.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -36,6 +150,49 @@ pub struct UploadSummary {
     pub retrying: u64,
     /// Ids that were not in `Processing` (unknown, or already settled): left untouched.
     pub ignored: Vec<u64>,
+    /// The entries the relay refused, with why.
+    pub refused: Vec<RefusedEntry>,
+}
+
+/// A local change that was refused: by the relay, or before sending, as too large for a frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedEntry {
+    pub entry: u64,
+    pub collection: String,
+    pub record: String,
+    /// `"<kind>: <message>"`.
+    pub error: String,
+    /// True when the entry is now `Failed` (refused for good, or out of retries); false when it
+    /// will be tried again.
+    pub failed: bool,
+}
+
+impl RefusedEntry {
+    pub fn of(entry: &SyncQueueEntry) -> Self {
+        RefusedEntry {
+            entry: entry.id,
+            collection: entry.model_name.clone(),
+            record: entry.object_id.clone(),
+            error: entry.last_error.clone().unwrap_or_default(),
+            failed: entry.status == QueueStatus::Failed,
+        }
+    }
+
+    /// One line for people: which change, what happened to it, and why.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}/{} (queue entry {}) {}: {}",
+            self.collection,
+            self.record,
+            self.entry,
+            if self.failed {
+                "refused"
+            } else {
+                "refused, will be retried"
+            },
+            self.error
+        )
+    }
 }
 
 /// A record that changed because of remote changes.
@@ -93,21 +250,25 @@ impl Store {
     /// a priority, up to `max_changes` entries and `max_bytes` of change data (but always at least
     /// one entry, however large, so a big change cannot block the queue). They move to
     /// `Processing` in one atomic batch; durable after `flush`.
-    pub fn next_upload_batch(
-        &self,
-        max_changes: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<SyncQueueEntry>, StoreError> {
+    ///
+    /// Entries held apart after failed uploads (see `UploadHolds`) keep their batch small, and
+    /// one waiting out its backoff is passed over with every later entry of its record (which
+    /// depends on it). An entry whose change is over `max_change_bytes` can never be sent: it is
+    /// failed with the reason in the same batch and returned as refused.
+    pub fn next_upload_batch(&self, limits: BatchLimits) -> Result<UploadBatch, StoreError> {
+        // The queue lock first, then the holds: the order every path takes them in.
         let mut queue = self.lock_queue();
+        let holds = self.lock_holds();
         let now = self.clock.now_ms();
-        let mut picked = Vec::new();
+        let mut picked: Vec<SyncQueueEntry> = Vec::new();
+        let mut refused = Vec::new();
+        let mut waiting_records: HashSet<(String, String)> = HashSet::new();
+        let mut cap = limits.max_changes;
         let mut bytes = 0usize;
         let mut start = keys::PENDING.to_vec();
         let end = keys::prefix_end(keys::PENDING);
-        'scan: while picked.len() < max_changes {
-            let page = self
-                .kv
-                .range(&start, &end, (max_changes - picked.len()).min(256))?;
+        'scan: while picked.len() < cap {
+            let page = self.kv.range(&start, &end, 256)?;
             let Some((last, _)) = page.last() else { break };
             start = keys::after(last);
             for (key, _) in page {
@@ -116,71 +277,124 @@ impl Store {
                     .kv
                     .get(&keys::queue(id))?
                     .ok_or(StoreError::QueueEntryNotFound(id))?;
-                let entry = self.with_change(decode(&stored, "queue entry")?)?;
+                let entry: SyncQueueEntry = decode(&stored, "queue entry")?;
+                let record = (entry.model_name.clone(), entry.object_id.clone());
+                let hold = holds.held.get(&id).copied();
+                if waiting_records.contains(&record) || hold.is_some_and(|h| h.not_before_ms > now)
+                {
+                    waiting_records.insert(record);
+                    continue;
+                }
+                let mut entry = self.with_change(entry)?;
                 let size = entry.data.len();
-                if !picked.is_empty() && bytes.saturating_add(size) > max_bytes {
+                if size > limits.max_change_bytes {
+                    entry.start(now)?;
+                    entry.reject(too_large(size, limits.max_change_bytes), now)?;
+                    refused.push(entry);
+                    waiting_records.insert(record);
+                    continue;
+                }
+                let limit = hold.map_or(usize::MAX, |h| h.batch_limit);
+                let over_bytes =
+                    !picked.is_empty() && bytes.saturating_add(size) > limits.max_bytes;
+                if over_bytes || picked.len() >= limit {
                     break 'scan;
                 }
+                cap = cap.min(limit);
                 bytes = bytes.saturating_add(size);
                 picked.push(entry);
+                if picked.len() >= cap {
+                    break 'scan;
+                }
             }
         }
+        drop(holds);
         let mut batch = Batch::default();
         let mut delta = CountDelta::default();
         for entry in &mut picked {
             entry.start(now)?;
             stage_entry(&mut batch, &mut delta, Some(QueueStatus::Pending), entry);
         }
+        for entry in &refused {
+            stage_entry(&mut batch, &mut delta, Some(QueueStatus::Pending), entry);
+        }
         self.apply_queue_batch(&mut queue, batch, delta)?;
-        Ok(picked)
+        Ok(UploadBatch {
+            entries: picked,
+            refused,
+        })
+    }
+
+    /// When the next entry waiting out its backoff may be uploaded, if any waits.
+    pub fn next_upload_due(&self) -> Option<u64> {
+        self.lock_holds().next_due(self.clock.now_ms())
     }
 
     /// Records the relay's answer to an upload, in one atomic batch: stored and duplicate changes
-    /// are completed; a change refused with a retryable code is failed (back to `Pending`, or
-    /// `Failed` once `max_retries` is reached); one refused for good goes straight to `Failed`.
-    /// The error kept is `"<kind>: <message>"`. Results for entries not in `Processing` are
-    /// ignored and listed in the summary. Durable after `flush`.
+    /// are completed; a change refused with a retryable code is failed (back to `Pending` after a
+    /// backoff, or `Failed` once `max_retries` is reached); one refused for good goes straight to
+    /// `Failed`. The error kept is `"<kind>: <message>"`. Results for entries not in `Processing`
+    /// are ignored and listed in the summary. Durable after `flush`.
     pub fn finish_upload(
         &self,
         results: &[ChangeResult],
-        max_retries: u32,
+        policy: &RetryPolicy,
     ) -> Result<UploadSummary, StoreError> {
         self.settle(
             results.iter().map(|r| (r.entry, &r.outcome)),
             |entry, outcome, now, summary| match outcome {
                 ChangeOutcome::Stored { .. } | ChangeOutcome::Duplicate { .. } => {
                     summary.completed += 1;
+                    self.lock_holds().release(entry.id);
                     entry.complete(now)
                 }
                 ChangeOutcome::Rejected { code, message } => {
                     let error = format!("{}: {message}", code.kind().as_str());
                     if code.is_retryable() {
-                        entry.fail(error, max_retries, now)?;
+                        entry.fail(error, policy.max_retries, now)?;
+                        // Answered on its own, it harmed no other entry: it only waits.
+                        let wait = policy.wait_ms(entry);
+                        hold_back(&mut self.lock_holds(), entry, usize::MAX, wait, now);
                         count_failure(entry, summary);
-                        Ok(())
                     } else {
                         summary.failed += 1;
-                        entry.reject(error, now)
+                        self.lock_holds().release(entry.id);
+                        entry.reject(error, now)?;
                     }
+                    summary.refused.push(RefusedEntry::of(entry));
+                    Ok(())
                 }
             },
         )
     }
 
-    /// The connection was lost before the relay answered: the entries go back to `Pending` with
-    /// `error` recorded and one more retry counted (`Failed` once `max_retries` is reached).
-    /// Entries not in `Processing` are skipped. Durable after `flush`.
+    /// The batch `ids` got no answer (`kind` says why): its entries go back to `Pending` with
+    /// `error` recorded. An entry that was not alone in its batch cannot be blamed: it counts no
+    /// retry, and its next batches are half as large, until it goes alone. An entry that was
+    /// alone counts one more retry (`Failed` once `max_retries` is reached) and waits out a
+    /// backoff first, unless the network failed under it. Entries not in `Processing` are
+    /// skipped. Durable after `flush`.
     pub fn abandon_upload(
         &self,
         ids: &[u64],
         error: &str,
-        max_retries: u32,
+        kind: ErrorKind,
+        policy: &RetryPolicy,
     ) -> Result<UploadSummary, StoreError> {
+        let alone = ids.len() == 1;
         self.settle(
             ids.iter().map(|&id| (id, &())),
             |entry, (), now, summary| {
-                entry.fail(error, max_retries, now)?;
-                count_failure(entry, summary);
+                let mut holds = self.lock_holds();
+                if alone && kind != ErrorKind::Network {
+                    entry.fail(error, policy.max_retries, now)?;
+                    hold_back(&mut holds, entry, 1, policy.wait_ms(entry), now);
+                    count_failure(entry, summary);
+                } else {
+                    entry.requeue(error, now)?;
+                    hold_back(&mut holds, entry, (ids.len() / 2).max(1), 0, now);
+                    summary.retrying += 1;
+                }
                 Ok(())
             },
         )
@@ -238,6 +452,33 @@ impl Store {
                     what: "sync cursor",
                     detail: format!("{} bytes instead of 8", bytes.len()),
                 }),
+        }
+    }
+
+    /// Keeps what the daemon knows of its sync for `ferry status` while no daemon runs. Durable
+    /// with the next flush.
+    pub fn save_last_known_sync(&self, known: &LastKnownSync) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        let bytes = serde_json::to_vec(known).map_err(|e| StoreError::Decode {
+            what: "sync state",
+            detail: e.to_string(),
+        })?;
+        batch.put(keys::META_SYNC_STATE.to_vec(), bytes);
+        Ok(self.kv.apply(batch)?)
+    }
+
+    /// What the daemon last knew of its sync; `None` before its first connection.
+    pub fn last_known_sync(&self) -> Result<Option<LastKnownSync>, StoreError> {
+        match self.kv.get(keys::META_SYNC_STATE)? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Decode {
+                        what: "sync state",
+                        detail: e.to_string(),
+                    })
+            }
         }
     }
 
@@ -377,6 +618,36 @@ impl Store {
         let conflicts = ledger.changed;
         Ok(RemoteOutcome { applied, conflicts })
     }
+}
+
+/// Holds `entry` apart after a failed upload: its batches at most `batch_limit` entries, and no
+/// new attempt for `wait_ms`.
+fn hold_back(
+    holds: &mut UploadHolds,
+    entry: &SyncQueueEntry,
+    batch_limit: usize,
+    wait_ms: u64,
+    now: u64,
+) {
+    if entry.status == QueueStatus::Failed {
+        holds.release(entry.id);
+        return;
+    }
+    let hold = holds.held.entry(entry.id).or_insert(Hold {
+        batch_limit,
+        not_before_ms: 0,
+    });
+    hold.batch_limit = hold.batch_limit.min(batch_limit);
+    hold.not_before_ms = now.saturating_add(wait_ms);
+}
+
+fn too_large(size: usize, max: usize) -> String {
+    format!(
+        "{}: the change is {size} bytes, over the {max} bytes one sync frame can carry: it \
+         cannot be uploaded; raise sync.max_frame_bytes (and relay.max_frame_bytes) above it, \
+         or write the record in smaller parts",
+        ErrorKind::Validation.as_str()
+    )
 }
 
 /// Counts an entry that `fail` moved: back to pending or, out of retries, failed.

@@ -417,6 +417,17 @@ impl Relay {
         std::fs::read_to_string(self.data_dir.with_file_name("relay.log")).unwrap_or_default()
     }
 
+    /// SIGTERM, then waits (bounded) for the relay to exit; returns its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        signal(self.child.id(), libc::SIGTERM);
+        wait_for_ok("the relay to exit after SIGTERM", TIMEOUT, || {
+            match self.child.try_wait().expect("wait for the relay") {
+                Some(status) => Ok(status),
+                None => Err("still running".into()),
+            }
+        })
+    }
+
     /// SIGKILL: whatever the relay had not made durable is gone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -640,6 +651,11 @@ impl StepClock {
     pub fn peek(&self) -> u64 {
         self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
+
+    /// Moves the time forward by `ms`.
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl ferry::store::Clock for StepClock {
@@ -783,6 +799,10 @@ impl TestStore {
 
     pub fn store(&self) -> &ferry::store::Store {
         self.store.as_ref().expect("the store is open")
+    }
+
+    pub fn clock(&self) -> &StepClock {
+        &self.clock
     }
 
     /// A clean stop (flush, close) and a new store over the same data.
@@ -987,12 +1007,13 @@ impl Relayed {
 
 /// Appends `store`'s pending changes to `log`, as the relay stores an upload.
 pub fn upload(log: &mut Vec<ferry_proto::wire::LogEntry>, store: &ferry::store::Store) {
+    use ferry::store::{BatchLimits, RetryPolicy};
     use ferry_proto::wire::{ChangeOutcome, ChangeResult, LogEntry};
     let batch = store
-        .next_upload_batch(10_000, usize::MAX)
+        .next_upload_batch(BatchLimits::of(10_000, usize::MAX))
         .expect("an upload batch");
     let mut results = Vec::new();
-    for entry in batch {
+    for entry in batch.entries {
         let seq = log.len() as u64 + 1;
         log.push(LogEntry {
             seq,
@@ -1005,7 +1026,9 @@ pub fn upload(log: &mut Vec<ferry_proto::wire::LogEntry>, store: &ferry::store::
             outcome: ChangeOutcome::Stored { seq },
         });
     }
-    store.finish_upload(&results, 5).expect("finish the upload");
+    store
+        .finish_upload(&results, &RetryPolicy::immediate(5))
+        .expect("finish the upload");
 }
 
 impl Device {
