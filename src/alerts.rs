@@ -170,6 +170,8 @@ pub struct Alerts {
     failures_in_a_row: u64,
     /// (changes, conflicts) per observation, newest last, covering at least the window.
     applied: VecDeque<(u64, u64)>,
+    /// The active `disk_free` alert is for writes refused on a full disk (not for low space).
+    writes_refused: bool,
 }
 
 /// Whether a measured value is bad when high (a count, a size) or when low (free space).
@@ -186,6 +188,7 @@ impl Alerts {
             active: BTreeMap::new(),
             failures_in_a_row: 0,
             applied: VecDeque::new(),
+            writes_refused: false,
         }
     }
 
@@ -311,7 +314,40 @@ impl Alerts {
         )
     }
 
+    /// The store refuses writes because the disk is full (`Some(since)`, in unix ms), or no
+    /// longer does (`None`). A full disk fires `disk_free` whatever its threshold (even off),
+    /// taking the place of a low-space alert; it clears once writes are taken again.
+    pub fn writes_refused(&mut self, since_ms: Option<u64>) -> Option<Transition> {
+        match (since_ms, self.writes_refused) {
+            (Some(since), false) => {
+                self.writes_refused = true;
+                let alert = Alert {
+                    kind: AlertKind::DiskFree,
+                    message: format!(
+                        "the data directory's disk is full: writes are refused since {since} \
+                         (unix ms); free some space and they resume by themselves"
+                    ),
+                    since_ms: since,
+                    value: 0.0,
+                    threshold: self.config.min_disk_free_mb as f64,
+                };
+                self.active.insert(AlertKind::DiskFree, alert.clone());
+                Some(Transition::Fired(alert))
+            }
+            (None, true) => {
+                self.writes_refused = false;
+                let mut alert = self.active.remove(&AlertKind::DiskFree)?;
+                alert.message = format!("{}; writes are taken again", alert.message);
+                Some(Transition::Cleared(alert))
+            }
+            _ => None,
+        }
+    }
+
     pub fn disk_free(&mut self, free_bytes: u64, now_ms: u64) -> Option<Transition> {
+        if self.writes_refused {
+            return None;
+        }
         let min_mb = self.config.min_disk_free_mb;
         let free_mb = free_bytes / (1024 * 1024);
         self.judge(
@@ -452,6 +488,31 @@ mod tests {
         cleared(a.heads_compared(true, "", 4));
         let mut off = alerts(|c| c.check_consistency = false);
         assert_eq!(off.heads_compared(false, "x", 1), None);
+    }
+
+    #[test]
+    fn a_full_disk_fires_disk_free_even_when_it_is_off_and_clears_when_writes_resume() {
+        let mib = 1024 * 1024;
+        for min_mb in [0, 100] {
+            let mut a = alerts(|c| c.min_disk_free_mb = min_mb);
+            if min_mb > 0 {
+                fired(a.disk_free(0, 1));
+            }
+            let alert = fired(a.writes_refused(Some(2)));
+            assert_eq!((alert.kind, alert.since_ms), (AlertKind::DiskFree, 2));
+            assert!(alert.message.contains("disk is full"), "{}", alert.message);
+            assert_eq!(a.writes_refused(Some(2)), None, "fires once");
+            assert_eq!(
+                a.disk_free(500 * mib, 5),
+                None,
+                "space alone does not clear it"
+            );
+            assert_eq!(a.active().len(), 1);
+            let alert = cleared(a.writes_refused(None));
+            assert!(alert.message.contains("taken again"), "{}", alert.message);
+            assert!(a.active().is_empty());
+            assert_eq!(a.writes_refused(None), None);
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! starts the sync loop when a relay is configured, and shuts down cleanly (every acknowledged write is already durable; the committer drains and
 //! the store is flushed once more).
 //!
-//! Owns: process lifecycle, the data directory lock, the socket file.
+//! Owns: process lifecycle, the data directory lock, the socket file, and when the store's space
+//! is checked (compaction) and writes resumed after a full disk.
 //! Must not touch: method semantics (that is `service`), framing (that is `ipc`).
 
 use crate::alerting::{self, Monitor};
@@ -96,7 +97,10 @@ pub fn open_locked_store(
     // sled reads an unreadable log as a torn write and opens it empty. A store whose log file
     // holds bytes but no device stamp has lost its contents: refuse it rather than start afresh
     // on top of it. (The stamp is the first thing written to a new store.)
-    let had_log = std::fs::metadata(store_path.join("db")).is_ok_and(|m| m.len() > 0);
+    let log_file = SledKv::current_dir(&store_path)
+        .map_err(StoreError::from)?
+        .join("db");
+    let had_log = std::fs::metadata(log_file).is_ok_and(|m| m.len() > 0);
     let kv = SledKv::open(
         &store_path,
         config.store.sled_cache_mb.saturating_mul(1024 * 1024),
@@ -217,6 +221,12 @@ pub async fn run(
         alerts.clone(),
         stopped.clone(),
     ));
+    let storage_care = tokio::spawn(look_after_storage(
+        open.store.clone(),
+        dir.store_path(),
+        alerts.clone(),
+        stopped.clone(),
+    ));
     let metrics_server = metrics_listener.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving metrics at /metrics");
@@ -255,6 +265,9 @@ pub async fn run(
     }
     if let Err(e) = storage_checks.await {
         tracing::error!(error = %e, "storage checks stopped abnormally");
+    }
+    if let Err(e) = storage_care.await {
+        tracing::error!(error = %e, "looking after the store's storage stopped abnormally");
     }
     if let Err(e) = pruning.await {
         tracing::error!(error = %e, "history pruning stopped abnormally");
@@ -309,6 +322,87 @@ async fn check_storage(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// How often the daemon looks whether a full disk has room again.
+const DISK_FULL_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often it checks that the store keeps within its space bound (cheap unless it does not).
+const SPACE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// Free space the store's disk needs before writes are tried again after it filled up: a few
+/// of sled's log segments.
+const RESUME_FREE_BYTES: u64 = 4 << 20;
+
+/// Looks after the store's storage until shutdown. At start and every `SPACE_CHECK_EVERY` it keeps
+/// the store within its space bound (`Store::bound_space`, which compacts it when it is over).
+/// While writes are refused for a full disk, it reopens the store as soon as the disk has room
+/// again, so writes resume without a restart; the alerts hear of both.
+async fn look_after_storage(
+    store: Arc<Store>,
+    store_dir: PathBuf,
+    alerts: Arc<Monitor>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut space_checked: Option<std::time::Instant> = None;
+    loop {
+        let check_space = space_checked.is_none_or(|at| at.elapsed() >= SPACE_CHECK_EVERY);
+        if check_space {
+            space_checked = Some(std::time::Instant::now());
+        }
+        let (store, dir, alerts) = (store.clone(), store_dir.clone(), alerts.clone());
+        let looked = tokio::task::spawn_blocking(move || {
+            if store.disk_full_since().is_some() {
+                resume_when_room(&store, &dir);
+            }
+            let refused = store.disk_full_since();
+            alerts.observe("", crate::engine::now_ms(), |a, _| {
+                a.writes_refused(refused)
+            });
+            if check_space {
+                bound_space(&store);
+            }
+        })
+        .await;
+        if let Err(e) = looked {
+            tracing::error!(error = %e, "looking after the store's storage failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DISK_FULL_RETRY_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Takes a store whose writes were refused for a full disk back to what is durable (if a failed
+/// flush did not already), and lets writes through once the disk has room.
+fn resume_when_room(store: &Store, dir: &Path) {
+    if let Err(e) = store.reopen_storage() {
+        tracing::warn!(error = %e, "the store could not go back to what is durable yet");
+    }
+    match alerting::disk_free(dir) {
+        Ok(free) if free >= RESUME_FREE_BYTES => match store.resume_writes() {
+            Ok(requeued) => tracing::info!(
+                free,
+                requeued,
+                "the store's disk has room again: writes are taken again"
+            ),
+            Err(e) => tracing::warn!(error = %e, "the store could not be opened again yet"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the free space of the store's disk"),
+    }
+}
+
+fn bound_space(store: &Store) {
+    match store.bound_space() {
+        Ok(Some(c)) => tracing::info!(
+            before = c.before.store_bytes,
+            after = c.after.store_bytes,
+            live = c.after.live_bytes,
+            "compacted the store: it took more than its bound"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "could not check or compact the store's size"),
     }
 }
 

@@ -719,14 +719,54 @@ impl Service {
     }
 
     fn status(&self) -> Result<Value, ApiError> {
-        let collections = self.store.collections()?;
-        let documents: u64 = collections.iter().map(|(_, n)| n).sum();
+        let disk_full_since = self.store.disk_full_since();
+        // The daemon measures live bytes (a full scan) at start and then now and then; a CLI
+        // working on the store directly measures them now.
+        let space = match self.store.last_space() {
+            Some(space) => Some(space),
+            None if !self.options.daemon && disk_full_since.is_none() => {
+                Some(self.store.measure_space()?)
+            }
+            None => None,
+        };
         let mut status = json!({
             "version": env!("CARGO_PKG_VERSION"),
             "device_id": self.store.device_id(),
             "data_dir": self.options.data_dir,
             "socket": self.options.socket,
             "daemon": self.options.daemon,
+            "store_bytes": self.store.size_on_disk().ok(),
+            "live_bytes": space.map(|s| s.live_bytes),
+            "live_bytes_measured_ms": space.map(|s| s.measured_at_ms),
+            "storage": match disk_full_since {
+                Some(since) => json!({ "state": "disk_full", "since_ms": since }),
+                None => json!({ "state": "ok" }),
+            },
+        });
+        match self.contents() {
+            Ok(contents) => {
+                if let (Value::Object(status), Value::Object(contents)) = (&mut status, contents) {
+                    status.extend(contents);
+                }
+            }
+            // sled cannot even be read after a disk filled up until it has some room again:
+            // the status still says so.
+            Err(_) if disk_full_since.is_some() => {}
+            Err(e) => return Err(e),
+        }
+        // Only a daemon's own process says anything about the daemon.
+        if self.options.daemon {
+            status["pid"] = json!(std::process::id());
+            status["uptime_ms"] = json!(self.started.elapsed().as_millis() as u64);
+        }
+        Ok(status)
+    }
+
+    /// What the store holds, for `status`.
+    fn contents(&self) -> Result<Value, ApiError> {
+        let collections = self.store.collections()?;
+        let documents: u64 = collections.iter().map(|(_, n)| n).sum();
+        Ok(json!({
             "documents": documents,
             "collections": collections.len(),
             "queue": self.store.queue_counts()?,
@@ -734,15 +774,8 @@ impl Service {
                 "open": self.store.open_conflicts()?,
                 "counts": self.store.conflict_counts()?,
             },
-            "store_bytes": self.store.size_on_disk()?,
             "quarantined": self.quarantined()?,
-        });
-        // Only a daemon's own process says anything about the daemon.
-        if self.options.daemon {
-            status["pid"] = json!(std::process::id());
-            status["uptime_ms"] = json!(self.started.elapsed().as_millis() as u64);
-        }
-        Ok(status)
+        }))
     }
 }
 

@@ -816,6 +816,9 @@ impl Kv for Interleaved {
     fn size_on_disk(&self) -> Result<u64, KvError> {
         self.kv.size_on_disk()
     }
+    fn live_bytes(&self) -> Result<u64, KvError> {
+        self.kv.live_bytes()
+    }
 }
 
 #[test]

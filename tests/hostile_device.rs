@@ -344,7 +344,10 @@ fn a_bad_entry_an_older_relay_logged_is_quarantined_and_synced_past() {
     ferry::store::kv::Kv::apply(&kv, batch).expect("write the old relay's entry");
     ferry::store::kv::Kv::flush(&kv).expect("flush");
     drop(kv);
-    common::wait_sled_released(&relay_dir.join("relay.db"));
+    common::wait_sled_released(
+        &ferry::store::kv::SledKv::current_dir(&relay_dir.join("relay.db"))
+            .expect("the relay's store directory"),
+    );
     let relay = Relay::start(&relay_dir, Some(relay.port));
 
     // Both devices pass the entry and go on syncing what comes after it.

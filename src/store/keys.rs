@@ -3,6 +3,9 @@
 //! - `d\0{collection}\0{id}`: a record's Automerge document (ids never hold control characters,
 //!   so `\0` cannot occur inside one, and keys of one collection are contiguous and id-ordered).
 //! - `q{u64 big-endian}`: a SyncQueue entry; `l{u64 big-endian}`: a SyncLog entry.
+//! - `b{u64 big-endian}`: the change of the queue entry with that id, when it is longer than
+//!   `store::INLINE_CHANGE_BYTES` (the entry then holds no data): written once with the entry,
+//!   so that moving the entry between states rewrites only its small value.
 //! - `p{!priority, order-preserving, u32 big-endian}{id u64 big-endian}` → empty: the pending
 //!   index, one key per `Pending` queue entry, so that the next upload batch (highest priority
 //!   first, then oldest first) is a range read rather than a scan of the whole queue.
@@ -28,6 +31,10 @@ pub const META_FORMAT: &[u8] = b"mformat";
 /// Present once the pending index covers every pending entry (stores made before the index
 /// existed get it built when they are opened).
 pub const META_PENDING_INDEX: &[u8] = b"mpending_index";
+/// Present once every long queue change is under its own key (stores made before that get
+/// them moved when they are opened).
+pub const META_QUEUE_CHANGES: &[u8] = b"mqueue_changes";
+pub const QUEUE_CHANGE: &[u8] = b"b";
 /// What the daemon last knew of its sync (JSON), for `ferry status` while no daemon runs.
 pub const META_SYNC_STATE: &[u8] = b"msync_state";
 pub const PENDING: &[u8] = b"p";
@@ -144,7 +151,11 @@ pub fn queue(id: u64) -> Vec<u8> {
 }
 
 pub fn quarantine(seq: u64) -> Vec<u8> {
-    [QUARANTINE, &seq.to_be_bytes()].concat()
+    seq_key(QUARANTINE, seq)
+}
+
+pub fn queue_change(id: u64) -> Vec<u8> {
+    seq_key(QUEUE_CHANGE, id)
 }
 
 pub fn log(id: u64) -> Vec<u8> {

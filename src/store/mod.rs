@@ -1,7 +1,9 @@
 //! The device's durable state: record documents, the SyncQueue, the SyncLog and metadata.
 //!
 //! Owns: key layout, the rule that a local write and its queue entry land in one atomic batch,
-//! the bounded cache of loaded documents, and queue/log bookkeeping. Durability is explicit:
+//! the bounded cache of loaded documents, queue/log bookkeeping, the space bound (live bytes
+//! measured, compaction asked of the engine), and going back to what is durable after a flush
+//! failed for lack of space. Durability is explicit:
 //! `write` makes a change visible, `flush` makes everything written so far durable, and callers
 //! acknowledge a write only after the flush that covers it (see `daemon::committer`).
 //!
@@ -33,6 +35,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 const FORMAT_VERSION: &[u8] = b"1";
+
+/// A queue entry's change longer than this is kept under its own key (`keys::queue_change`).
+pub const INLINE_CHANGE_BYTES: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -215,6 +220,51 @@ pub struct RecordView {
     pub conflicts: Vec<String>,
 }
 
+/// What the store takes on disk against the data it holds.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct SpaceUse {
+    /// The engine's files.
+    pub store_bytes: u64,
+    /// Every key and value held: what a fresh copy of the store would hold.
+    pub live_bytes: u64,
+    /// When both were measured (Unix ms).
+    pub measured_at_ms: u64,
+}
+
+impl SpaceUse {
+    /// Whether the store takes more than `SPACE_FACTOR` times its live data plus
+    /// `SPACE_FLOOR_BYTES`.
+    pub fn over_bound(&self) -> bool {
+        self.store_bytes > space_bound(self.live_bytes)
+    }
+}
+
+/// How many times its live data the store may take on disk before it is compacted. sled needs
+/// about 2.3 to 2.7 times the live data even right after a compaction (its log holds each node's
+/// link fragments beside the node rewritten, until segment cleaning), so a bound of 2 would
+/// compact for ever without getting under it.
+pub const SPACE_FACTOR: u64 = 3;
+
+/// What a store may take beyond `SPACE_FACTOR` times its live data before it is compacted: the
+/// engine's own files and log segments in use, which a tiny store needs too.
+pub const SPACE_FLOOR_BYTES: u64 = 8 << 20;
+
+/// Live bytes are measured again (a full scan) at least this often when the space is checked.
+const MEASURE_SPACE_EVERY_MS: u64 = 10 * 60 * 1000;
+
+fn space_bound(live_bytes: u64) -> u64 {
+    live_bytes
+        .saturating_mul(SPACE_FACTOR)
+        .saturating_add(SPACE_FLOOR_BYTES)
+}
+
+/// A compaction `Store::bound_space` made.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Compacted {
+    pub before: SpaceUse,
+    pub after: SpaceUse,
+}
+
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct QueueCounts {
     pub pending: u64,
@@ -256,6 +306,10 @@ pub struct Store {
     /// How many conflicts are open, kept with every batch that opens or closes one, so that
     /// reading a record (which names its open conflicts) reads nothing more when none is open.
     open_conflicts: AtomicU64,
+    /// The last measure of the space used (live bytes take a full scan).
+    space: Mutex<Option<SpaceUse>>,
+    /// The size on disk right after the last compaction (0 before any).
+    compacted_to: AtomicU64,
 }
 
 impl Store {
@@ -281,6 +335,7 @@ impl Store {
                 batch.put(keys::META_DEVICE.to_vec(), device_id.as_bytes().to_vec());
                 batch.put(keys::META_FORMAT.to_vec(), FORMAT_VERSION.to_vec());
                 batch.put(keys::META_PENDING_INDEX.to_vec(), Vec::new());
+                batch.put(keys::META_QUEUE_CHANGES.to_vec(), Vec::new());
                 kv.apply(batch)?;
                 kv.flush()?;
             }
@@ -293,6 +348,7 @@ impl Store {
             }
         }
         sync::ensure_pending_index(kv.as_ref())?;
+        move_long_changes(kv.as_ref())?;
         let next_queue_id = next_seq(kv.as_ref(), keys::QUEUE)?;
         let next_log_id = next_seq(kv.as_ref(), keys::LOG)?;
         let open_conflicts =
@@ -311,6 +367,8 @@ impl Store {
             queue_lock: Mutex::new(None),
             upload_holds: Mutex::new(sync::UploadHolds::default()),
             open_conflicts: AtomicU64::new(open_conflicts),
+            space: Mutex::new(None),
+            compacted_to: AtomicU64::new(0),
         })
     }
 
@@ -668,9 +726,16 @@ impl Store {
         Ok(self.load(collection, id)?.map(|mut r| f(&mut r)))
     }
 
-    /// Makes every write so far durable.
+    /// Makes every write so far durable. When that fails for lack of space, the store goes
+    /// back to what was durable (see `reopen_storage`) and refuses writes until `resume_writes`.
     pub fn flush(&self) -> Result<(), StoreError> {
-        Ok(self.kv.flush()?)
+        let flushed = self.kv.flush();
+        if let Err(KvError::DiskFull(_)) = &flushed
+            && let Err(e) = self.reopen_storage()
+        {
+            tracing::warn!(error = %e, "the store could not go back to what is durable yet");
+        }
+        Ok(flushed?)
     }
 
     /// The account key this store seals and opens encrypted fields with.
@@ -810,7 +875,24 @@ impl Store {
             }
             out.len() < limit
         })?;
-        Ok(out)
+        out.into_iter().map(|e| self.with_change(e)).collect()
+    }
+
+    /// The entry with its change, when that is kept under its own key.
+    pub(crate) fn with_change(
+        &self,
+        mut entry: SyncQueueEntry,
+    ) -> Result<SyncQueueEntry, StoreError> {
+        if entry.data.is_empty() {
+            entry.data =
+                self.kv
+                    .get(&keys::queue_change(entry.id))?
+                    .ok_or_else(|| StoreError::Decode {
+                        what: "queue entry",
+                        detail: format!("entry {} has no change", entry.id),
+                    })?;
+        }
+        Ok(entry)
     }
 
     /// Queue entries newest first, optionally of one status, older than `before`.
@@ -984,6 +1066,7 @@ impl Store {
                 }
                 if entry.status == QueueStatus::Completed && entry.updated_at < cutoff_ms {
                     batch.remove(key.clone());
+                    batch.remove(keys::queue_change(entry.id));
                     *delta.slot(QueueStatus::Completed) -= 1;
                     pruned += 1;
                 }
@@ -1006,6 +1089,11 @@ impl Store {
         }
         if !batch.is_empty() {
             self.kv.apply(batch)?;
+        }
+        if pruned + logs_pruned > 0 {
+            // The live data shrank (the one way it does): the next `bound_space` measures it
+            // again rather than judge the size on disk against the old figure.
+            *self.lock_space() = None;
         }
         Ok((pruned, logs_pruned))
     }
@@ -1053,6 +1141,110 @@ impl Store {
 
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.kv.size_on_disk()?)
+    }
+
+    pub fn live_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.kv.live_bytes()?)
+    }
+
+    /// Measures the space the store takes and the live data it holds (a full scan).
+    pub fn measure_space(&self) -> Result<SpaceUse, StoreError> {
+        let live_bytes = self.kv.live_bytes()?;
+        let space = SpaceUse {
+            store_bytes: self.kv.size_on_disk()?,
+            live_bytes,
+            measured_at_ms: self.clock.now_ms(),
+        };
+        *self.lock_space() = Some(space);
+        Ok(space)
+    }
+
+    /// The last measure of `measure_space`, if any.
+    pub fn last_space(&self) -> Option<SpaceUse> {
+        *self.lock_space()
+    }
+
+    fn lock_space(&self) -> MutexGuard<'_, Option<SpaceUse>> {
+        self.space.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the store within `SPACE_FACTOR` times its live data plus `SPACE_FLOOR_BYTES`: when
+    /// it takes more, its engine rewrites it compactly (a pause for every other call of the
+    /// store, about as long as copying the live data), unless it has not grown by the floor since
+    /// the last compaction (which could not do better). Cheap otherwise: the size on disk is
+    /// compared with the live bytes last measured, which are measured again when that bound is
+    /// passed or the measure is old. Never while the disk is full (that would make writes
+    /// durable that were refused).
+    pub fn bound_space(&self) -> Result<Option<Compacted>, StoreError> {
+        if self.kv.disk_full_since().is_some() {
+            return Ok(None);
+        }
+        let now = self.clock.now_ms();
+        let fresh = self
+            .last_space()
+            .filter(|last| now.saturating_sub(last.measured_at_ms) < MEASURE_SPACE_EVERY_MS);
+        if let Some(last) = fresh
+            && self.kv.size_on_disk()? <= space_bound(last.live_bytes)
+        {
+            return Ok(None);
+        }
+        let before = self.measure_space()?;
+        let compacted_to = self.compacted_to.load(Ordering::SeqCst);
+        if !before.over_bound()
+            || (compacted_to > 0
+                && before.store_bytes <= compacted_to.saturating_add(SPACE_FLOOR_BYTES))
+        {
+            return Ok(None);
+        }
+        self.kv.compact()?;
+        let after = self.measure_space()?;
+        self.compacted_to.store(after.store_bytes, Ordering::SeqCst);
+        Ok(Some(Compacted { before, after }))
+    }
+
+    /// Whether writes are refused because the disk is full, and since when (Unix ms).
+    pub fn disk_full_since(&self) -> Option<u64> {
+        self.kv.disk_full_since()
+    }
+
+    /// After a write failed for lack of space: opens what is durable again and rebuilds from it
+    /// everything the store keeps in memory (loaded documents, next ids, queue counts, open
+    /// conflicts, the space measure), so reads show only what was acknowledged: what was applied
+    /// but never flushed was never acknowledged, and goes. Writes stay refused until
+    /// `resume_writes`. Does nothing unless writes are refused for a full disk.
+    pub fn reopen_storage(&self) -> Result<(), StoreError> {
+        let mut cache = self.lock_cache();
+        let mut queue = self.lock_queue();
+        if self.kv.disk_full_since().is_none() {
+            return Ok(());
+        }
+        // What is held in memory may show writes that never became durable: it goes whether or
+        // not the engine opens again (sled cannot open on a disk with no room at all; reads
+        // then fail too until there is some).
+        cache.clear();
+        *queue = None;
+        *self.lock_space() = None;
+        if !self.kv.reopen()? {
+            return Ok(());
+        }
+        let kv = self.kv.as_ref();
+        self.next_queue_id
+            .store(next_seq(kv, keys::QUEUE)?, Ordering::SeqCst);
+        self.next_log_id
+            .store(next_seq(kv, keys::LOG)?, Ordering::SeqCst);
+        let open = kv.count(keys::CONFLICT_OPEN, &keys::prefix_end(keys::CONFLICT_OPEN))?;
+        self.open_conflicts.store(open, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Takes writes again after the disk filled up (call it once the disk has room). Entries
+    /// caught mid-upload go back to pending, as after an unclean stop: an upload in flight when
+    /// the store went back to what was durable may have been recorded or not, and uploading a
+    /// change twice is harmless. Returns how many were requeued.
+    pub fn resume_writes(&self) -> Result<usize, StoreError> {
+        self.reopen_storage()?;
+        self.kv.resume_writes()?;
+        self.recover_interrupted()
     }
 }
 
@@ -1329,7 +1521,58 @@ fn stage_entry(
     } else if is_pending && !was_pending {
         batch.put(keys::pending(entry.priority, entry.id), Vec::new());
     }
-    batch.put(keys::queue(entry.id), encode(entry));
+    if entry.data.len() <= INLINE_CHANGE_BYTES {
+        batch.put(keys::queue(entry.id), encode(entry));
+        return;
+    }
+    // A long change is written once, with its new entry; a move rewrites the rest only.
+    if old.is_none() {
+        batch.put(keys::queue_change(entry.id), entry.data.clone());
+    }
+    batch.put(keys::queue(entry.id), encode(&without_change(entry)));
+}
+
+/// The entry as stored when its change is under its own key.
+fn without_change(entry: &SyncQueueEntry) -> SyncQueueEntry {
+    SyncQueueEntry {
+        data: Vec::new(),
+        model_name: entry.model_name.clone(),
+        object_id: entry.object_id.clone(),
+        last_error: entry.last_error.clone(),
+        ..*entry
+    }
+}
+
+/// Moves the long changes of a store made before they had their own keys out of their entries.
+/// Runs once: the marker key is written in the same batch.
+fn move_long_changes(kv: &dyn Kv) -> Result<(), StoreError> {
+    if kv.get(keys::META_QUEUE_CHANGES)?.is_some() {
+        return Ok(());
+    }
+    const PAGE: usize = 512;
+    let mut start = keys::QUEUE.to_vec();
+    let end = keys::prefix_end(keys::QUEUE);
+    loop {
+        let page = kv.range(&start, &end, PAGE)?;
+        let Some((last, _)) = page.last() else { break };
+        start = keys::after(last);
+        let mut batch = Batch::default();
+        for (key, bytes) in page {
+            let entry: SyncQueueEntry = decode(&bytes, "queue entry")?;
+            if entry.data.len() > INLINE_CHANGE_BYTES {
+                batch.put(keys::queue_change(entry.id), entry.data.clone());
+                batch.put(key, encode(&without_change(&entry)));
+            }
+        }
+        // Each page lands whole; a page moved before a crash is simply found moved again.
+        if !batch.is_empty() {
+            kv.apply(batch)?;
+        }
+    }
+    let mut batch = Batch::default();
+    batch.put(keys::META_QUEUE_CHANGES.to_vec(), Vec::new());
+    kv.apply(batch)?;
+    Ok(kv.flush()?)
 }
 
 /// A live record as its collection's policy shows it; `None` for a missing or deleted one.
@@ -1513,6 +1756,62 @@ mod tests {
             batched.collections().unwrap(),
             single.collections().unwrap()
         );
+    }
+
+    /// A long change is kept under its own key, written once: moving its entry rewrites only the
+    /// entry's small value. A store whose entries hold long changes inline (as older versions
+    /// wrote them) gets them moved when it is opened, and reads the same.
+    #[test]
+    fn a_long_change_is_kept_apart_from_its_entry_and_older_stores_are_moved_over() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        let mut x = 7u32;
+        let text: String = (0..4 * INLINE_CHANGE_BYTES)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                char::from(b'a' + (x >> 16) as u8 % 26)
+            })
+            .collect();
+        let applied = store
+            .write(Write::Put {
+                collection: "C".into(),
+                id: Some("long".into()),
+                fields: fields(serde_json::json!({ "text": text })),
+            })
+            .unwrap();
+        let id = applied.queue_id.unwrap();
+        let entry = store.queue(None, None, 10).unwrap().remove(0);
+        assert!(entry.data.len() > INLINE_CHANGE_BYTES);
+        let stored = |kv: &MemoryKv| -> SyncQueueEntry {
+            decode(&kv.get(&keys::queue(id)).unwrap().unwrap(), "queue entry").unwrap()
+        };
+        assert!(stored(&kv).data.is_empty());
+        assert_eq!(
+            kv.get(&keys::queue_change(id)).unwrap(),
+            Some(entry.data.clone())
+        );
+        store.queue_transition(&[id], &QueueAction::Start).unwrap();
+        assert!(
+            stored(&kv).data.is_empty(),
+            "a move leaves the change where it is"
+        );
+        let moved = store.queue(None, None, 10).unwrap().remove(0);
+        assert_eq!(
+            (moved.status, &moved.data),
+            (QueueStatus::Processing, &entry.data)
+        );
+
+        let mut older = Batch::default();
+        older.put(keys::queue(id), encode(&moved));
+        older.remove(keys::queue_change(id));
+        older.remove(keys::META_QUEUE_CHANGES.to_vec());
+        kv.apply(older).unwrap();
+        drop(store);
+        let store = open(&kv);
+        assert_eq!(store.queue(None, None, 10).unwrap(), vec![moved.clone()]);
+        assert!(stored(&kv).data.is_empty());
+        assert_eq!(kv.get(&keys::queue_change(id)).unwrap(), Some(moved.data));
+        assert!(kv.get(keys::META_QUEUE_CHANGES).unwrap().is_some());
     }
 
     #[test]

@@ -314,7 +314,7 @@ impl Store {
                     .kv
                     .get(&keys::queue(id))?
                     .ok_or(StoreError::QueueEntryNotFound(id))?;
-                let mut entry: SyncQueueEntry = decode(&stored, "queue entry")?;
+                let entry: SyncQueueEntry = decode(&stored, "queue entry")?;
                 let record = (entry.model_name.clone(), entry.object_id.clone());
                 let hold = holds.held.get(&id).copied();
                 if waiting_records.contains(&record) || hold.is_some_and(|h| h.not_before_ms > now)
@@ -322,6 +322,7 @@ impl Store {
                     waiting_records.insert(record);
                     continue;
                 }
+                let mut entry = self.with_change(entry)?;
                 let size = entry.data.len();
                 if size > limits.max_change_bytes {
                     entry.start(now)?;

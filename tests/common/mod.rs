@@ -702,8 +702,8 @@ pub fn open_sled(path: &std::path::Path) -> ferry::store::kv::SledKv {
     opened.expect("opened")
 }
 
-/// Waits until the sled database at `path`, closed in this process, is free for a `ferry`
-/// process to open: sled lets go of its lock on `db` once its background work is done with the
+/// Waits until the sled database in `path` (a store's current generation directory), closed in
+/// this process, is free for a `ferry` process to open: sled lets go of its lock on `db` once its background work is done with the
 /// file, and a lock taken and dropped here shows that it has.
 pub fn wait_sled_released(path: &std::path::Path) {
     let db = path.join("db");
@@ -929,6 +929,10 @@ impl Kv for FaultyKv {
     fn size_on_disk(&self) -> Result<u64, KvError> {
         self.inner.size_on_disk()
     }
+
+    fn live_bytes(&self) -> Result<u64, KvError> {
+        self.inner.live_bytes()
+    }
 }
 
 /// A JSON object as record fields (tests write them as `json!({...})`).
@@ -1061,7 +1065,10 @@ impl Device {
         let result = f(&open.store);
         open.store.flush().expect("flush the store");
         drop(open);
-        wait_sled_released(&dir.store_path());
+        wait_sled_released(
+            &ferry::store::kv::SledKv::current_dir(&dir.store_path())
+                .expect("the store's directory"),
+        );
         result
     }
 
