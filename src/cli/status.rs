@@ -7,7 +7,7 @@
 use serde_json::{Value, json};
 
 use crate::auth::credentials::Registration;
-use crate::engine::{SyncSettings, SyncStatus, now_ms};
+use crate::engine::{SyncSettings, SyncStatus, now_ms, relative};
 use crate::service::Service;
 
 use super::{Context, Failure, print_alerts};
@@ -48,17 +48,39 @@ pub(super) fn print(status: &Value) {
         println!(
             "device {device} · ferry {version} · daemon running (pid {}, started {})",
             status["pid"],
-            crate::engine::relative(now, now.saturating_sub(uptime))
+            relative(now, now.saturating_sub(uptime))
         );
     } else {
         println!("device {device} · ferry {version} · daemon not running");
     }
+    let live = match (
+        status["live_bytes"].as_u64(),
+        status["live_bytes_measured_ms"].as_u64(),
+    ) {
+        (Some(live), Some(at)) => format!(
+            " for {} of live data (counted {})",
+            bytes(live),
+            relative(now, at)
+        ),
+        _ => String::new(),
+    };
     println!(
-        "data: {} records in {} collections · {} on disk",
+        "data: {} records in {} collections · {} on disk{live}",
         status["documents"],
         status["collections"],
-        bytes(status["store_bytes"].as_u64().unwrap_or(0))
+        status["store_bytes"]
+            .as_u64()
+            .map_or_else(|| "unknown".into(), bytes)
     );
+    if status["storage"]["state"] == json!("disk_full") {
+        let since = status["storage"]["since_ms"]
+            .as_u64()
+            .map_or(String::new(), |at| format!(" since {}", relative(now, at)));
+        println!(
+            "storage: the disk is full{since}: writes are refused until space is freed, then \
+             they resume by themselves"
+        );
+    }
     let queue = &status["queue"];
     println!(
         "queue: {} pending, {} uploading, {} failed, {} completed",
