@@ -2,7 +2,7 @@
 //! in-memory map for tests. The trait is deliberately narrow (ordered keys, atomic batches, an
 //! explicit durability point) so that another engine can replace sled without touching the store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -128,6 +128,10 @@ struct Engine {
     /// `None` only after a reopen failed; the next `reopen` tries again.
     db: Option<sled::Db>,
     generation: u64,
+    /// The keys whose values `db` holds in chunks, so that writing any other key needs no look
+    /// for old chunks to remove; `None` when not known (after a batch failed), and every write
+    /// looks.
+    chunked: Mutex<Option<HashSet<Vec<u8>>>>,
 }
 
 /// Values longer than this are stored as chunks of this size. Small enough that a node of 16
@@ -178,6 +182,7 @@ impl SledKv {
             generations,
             cache_bytes,
             engine: RwLock::new(Engine {
+                chunked: Mutex::new(chunked_keys(&db).ok()),
                 db: Some(db),
                 generation,
             }),
@@ -345,20 +350,25 @@ fn value_len(db: &sled::Db, key: &[u8], stored: &[u8]) -> Result<u64, KvError> {
 }
 
 /// Adds `key = value` to `batch`, chunked when long, removing the chunks the key held before.
+/// Stages writing `value` (or removing, for `None`) under `key`, removing the chunks of its old
+/// value first when it may have had some (`had_chunks`). True when the new value is chunked.
 fn stage_put(
     db: &sled::Db,
     batch: &mut sled::Batch,
     key: &[u8],
     value: Option<&[u8]>,
-) -> Result<(), KvError> {
+    had_chunks: bool,
+) -> Result<bool, KvError> {
     if key.first() == Some(&RESERVED) {
         return Err(KvError::Io(format!(
             "keys starting with byte {RESERVED:#x} are the engine's own: {key:?} cannot be written"
         )));
     }
     let prefix = chunk_prefix(key);
-    for old in db.scan_prefix(&prefix).keys() {
-        batch.remove(old.map_err(from_sled)?);
+    if had_chunks {
+        for old in db.scan_prefix(&prefix).keys() {
+            batch.remove(old.map_err(from_sled)?);
+        }
     }
     match value {
         None => batch.remove(key),
@@ -372,9 +382,25 @@ fn stage_put(
             for (n, chunk) in value[split..].chunks(CHUNK).enumerate() {
                 batch.insert(chunk_key(&prefix, n + 1), chunk);
             }
+            return Ok(true);
         }
     }
-    Ok(())
+    Ok(false)
+}
+
+/// The keys whose values `db` holds in chunks, read from the chunks' own keys.
+fn chunked_keys(db: &sled::Db) -> Result<HashSet<Vec<u8>>, KvError> {
+    let mut keys = HashSet::new();
+    for chunk in db.range([RESERVED]..).keys() {
+        let chunk = chunk.map_err(from_sled)?;
+        let Some((len, rest)) = chunk[1..].split_first_chunk::<4>() else {
+            continue;
+        };
+        if let Some(key) = rest.get(..u32::from_be_bytes(*len) as usize) {
+            keys.insert(key.to_vec());
+        }
+    }
+    Ok(keys)
 }
 
 fn from_sled(e: sled::Error) -> KvError {
@@ -454,10 +480,27 @@ impl Kv for SledKv {
         for (key, value) in &batch.ops {
             last.insert(key, value.as_deref());
         }
-        for (key, value) in last {
-            stage_put(db, &mut sled_batch, key, value)?;
+        let mut chunked = engine.chunked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut now_chunked = Vec::new();
+        for (key, value) in &last {
+            let had_chunks = chunked.as_ref().is_none_or(|keys| keys.contains(*key));
+            if stage_put(db, &mut sled_batch, key, *value, had_chunks)? {
+                now_chunked.push(*key);
+            }
         }
-        self.watch(db.apply_batch(sled_batch).map_err(from_sled))
+        let applied = self.watch(db.apply_batch(sled_batch).map_err(from_sled));
+        match (&applied, chunked.as_mut()) {
+            (Ok(()), Some(keys)) => {
+                for key in last.keys() {
+                    keys.remove(*key);
+                }
+                keys.extend(now_chunked.into_iter().map(<[u8]>::to_vec));
+            }
+            (Ok(()), None) => {}
+            // What the failed batch left is not known: look at every write until it is again.
+            (Err(_), _) => *chunked = None,
+        }
+        applied
     }
 
     fn flush(&self) -> Result<(), KvError> {
@@ -494,7 +537,9 @@ impl Kv for SledKv {
         let dir = self.generations.dir(engine.generation);
         // The failed database goes first: sled allows one open instance of a directory.
         engine.db = None;
-        engine.db = Some(open_db(&dir, self.cache_bytes)?);
+        let db = open_db(&dir, self.cache_bytes)?;
+        engine.chunked = Mutex::new(chunked_keys(&db).ok());
+        engine.db = Some(db);
         if let Some(failure) = self.lock_failure().as_mut() {
             failure.reopened = true;
         }
@@ -535,6 +580,7 @@ impl Kv for SledKv {
             let _ = remove_all(&dir);
         })?;
         let previous = engine.generation;
+        engine.chunked = Mutex::new(chunked_keys(&fresh).ok());
         engine.db = Some(fresh);
         engine.generation = next;
         drop(engine);
@@ -555,7 +601,8 @@ fn copy_all(from: &sled::Db, to: &sled::Db) -> Result<(), KvError> {
         let (key, stored) = pair.map_err(from_sled)?;
         let value = read_value(from, &key, stored)?;
         bytes += key.len() + value.len();
-        stage_put(to, &mut batch, &key, Some(&value))?;
+        // `to` is a fresh copy: no key in it has old chunks.
+        stage_put(to, &mut batch, &key, Some(&value), false)?;
         if bytes >= COPY_BATCH_BYTES {
             to.apply_batch(std::mem::take(&mut batch))
                 .map_err(from_sled)?;
