@@ -584,10 +584,8 @@ impl Drop for RelayWait {
 
 /// The relay this device syncs with: its registration's, unless the config names one.
 fn sync_relay(ctx: &Context) -> String {
-    let registration = crate::auth::credentials::Registration::load(ctx.dir.path())
-        .ok()
-        .flatten();
-    crate::auth::credentials::Registration::apply(registration.as_ref(), &ctx.config.sync).relay
+    crate::auth::credentials::Registration::sync_config(ctx.dir.path(), &ctx.config.sync)
+        .map_or_else(|_| ctx.config.sync.relay.clone(), |sync| sync.relay)
 }
 
 fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {

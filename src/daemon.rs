@@ -188,8 +188,7 @@ pub async fn run(
     let daemon_metrics = Arc::new(DaemonMetrics::default());
     let alerts = Monitor::new(config.alerts.clone(), open.store.device_id());
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let registration = Registration::load(dir.path())?;
-    let sync_config = Registration::apply(registration.as_ref(), &config.sync);
+    let sync_config = Registration::sync_config(dir.path(), &config.sync)?;
     let sync = match SyncSettings::from_config(&sync_config)? {
         Some(settings) => {
             let key = dir.identity()?.signing_key().clone();

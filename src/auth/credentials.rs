@@ -143,6 +143,14 @@ impl Registration {
         write_owner_only(&Self::path(data_dir), self)
     }
 
+    /// The sync settings of the device in `data_dir`: `apply` with its registration, if any.
+    pub fn sync_config(
+        data_dir: &Path,
+        config: &crate::config::SyncConfig,
+    ) -> Result<crate::config::SyncConfig, CredentialsError> {
+        Ok(Self::apply(Self::load(data_dir)?.as_ref(), config))
+    }
+
     /// The sync settings to use: the config's when it names a relay, else this registration's.
     pub fn apply(
         registration: Option<&Registration>,

@@ -63,9 +63,9 @@ pub(super) fn run(ctx: &Context, action: Action) -> Result<(), Failure> {
             };
             // The account this device syncs (its registration's, unless the config names a
             // relay): every device of the account derives the same key from the passphrase.
-            let registration =
-                Registration::load(ctx.dir.path()).map_err(|e| Failure::failed(e.to_string()))?;
-            let account = Registration::apply(registration.as_ref(), &ctx.config.sync).space;
+            let account = Registration::sync_config(ctx.dir.path(), &ctx.config.sync)
+                .map_err(|e| Failure::failed(e.to_string()))?
+                .space;
             let key = AccountKey::derive(passphrase.as_bytes(), &account)?;
             if !ctx.json {
                 eprintln!("key derived for account {account}");

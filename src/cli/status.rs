@@ -15,10 +15,9 @@ use super::{Context, Failure, print_alerts};
 /// The sync section `status` shows with no daemon running: the last state the daemon kept, or
 /// `None` when this device does not sync.
 pub(super) fn last_known(ctx: &Context, service: &Service) -> Result<Option<Value>, Failure> {
-    let registration = Registration::load(ctx.dir.path())
+    let config = Registration::sync_config(ctx.dir.path(), &ctx.config.sync)
         .map_err(|e| Failure::failed(format!("cannot read this device's registration: {e}")))?;
-    let config = Registration::apply(registration.as_ref(), &ctx.config.sync);
-    // A sync section that does not parse still says the device means to sync.
+    // Sync that is off, or configured so that the daemon would not start it, has no state.
     let Ok(Some(settings)) = SyncSettings::from_config(&config) else {
         return Ok(None);
     };

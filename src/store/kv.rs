@@ -137,6 +137,8 @@ struct Engine {
 /// Values longer than this are stored as chunks of this size. Small enough that a node of 16
 /// chunks stays well under sled's blob threshold (a quarter of its 512 KiB segment).
 const CHUNK: usize = 4096;
+/// The most a chunked value's read reserves before its chunks are there to fill it.
+const MAX_UPFRONT_BYTES: usize = 16 << 20;
 /// Keys from this byte on hold chunks; the store's layouts never start a key with it.
 const RESERVED: u8 = 0xff;
 /// A batch of the copy `compact` makes. Small batches leave the copy compact (a 100,000-record
@@ -310,7 +312,8 @@ fn read_value(db: &sled::Db, key: &[u8], stored: sled::IVec) -> Result<Vec<u8>, 
                 let total = u64::from_be_bytes(*head);
                 let total = usize::try_from(total)
                     .map_err(|_| KvError::Corrupt(format!("a chunked value of {total} bytes")))?;
-                value.reserve_exact(total);
+                // The length comes from the disk: a damaged one must not size the allocation.
+                value.reserve_exact(total.min(MAX_UPFRONT_BYTES));
                 len = Some(total);
                 body
             }

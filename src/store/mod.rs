@@ -1543,19 +1543,32 @@ fn without_change(entry: &SyncQueueEntry) -> SyncQueueEntry {
     }
 }
 
+/// Calls `visit` with the raw queue entries a page at a time, in id order: for the one-time
+/// upgrades `open` runs on the KV before a `Store` exists.
+fn queue_pages(
+    kv: &dyn Kv,
+    mut visit: impl FnMut(Vec<kv::Pair>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    const PAGE: usize = 512;
+    let mut start = keys::QUEUE.to_vec();
+    let end = keys::prefix_end(keys::QUEUE);
+    loop {
+        let page = kv.range(&start, &end, PAGE)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        start = keys::after(last);
+        visit(page)?;
+    }
+}
+
 /// Moves the long changes of a store made before they had their own keys out of their entries.
 /// Runs once: the marker key is written in the same batch.
 fn move_long_changes(kv: &dyn Kv) -> Result<(), StoreError> {
     if kv.get(keys::META_QUEUE_CHANGES)?.is_some() {
         return Ok(());
     }
-    const PAGE: usize = 512;
-    let mut start = keys::QUEUE.to_vec();
-    let end = keys::prefix_end(keys::QUEUE);
-    loop {
-        let page = kv.range(&start, &end, PAGE)?;
-        let Some((last, _)) = page.last() else { break };
-        start = keys::after(last);
+    queue_pages(kv, |page| {
         let mut batch = Batch::default();
         for (key, bytes) in page {
             let entry: SyncQueueEntry = decode(&bytes, "queue entry")?;
@@ -1568,7 +1581,8 @@ fn move_long_changes(kv: &dyn Kv) -> Result<(), StoreError> {
         if !batch.is_empty() {
             kv.apply(batch)?;
         }
-    }
+        Ok(())
+    })?;
     let mut batch = Batch::default();
     batch.put(keys::META_QUEUE_CHANGES.to_vec(), Vec::new());
     kv.apply(batch)?;

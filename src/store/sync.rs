@@ -262,21 +262,16 @@ pub(super) fn ensure_pending_index(kv: &dyn Kv) -> Result<(), StoreError> {
     if kv.get(keys::META_PENDING_INDEX)?.is_some() {
         return Ok(());
     }
-    const PAGE: usize = 512;
     let mut batch = Batch::default();
-    let mut start = keys::QUEUE.to_vec();
-    let end = keys::prefix_end(keys::QUEUE);
-    loop {
-        let page = kv.range(&start, &end, PAGE)?;
-        let Some((last, _)) = page.last() else { break };
-        start = keys::after(last);
+    super::queue_pages(kv, |page| {
         for (_, bytes) in page {
             let entry: SyncQueueEntry = decode(&bytes, "queue entry")?;
             if entry.status == QueueStatus::Pending {
                 batch.put(keys::pending(entry.priority, entry.id), Vec::new());
             }
         }
-    }
+        Ok(())
+    })?;
     batch.put(keys::META_PENDING_INDEX.to_vec(), Vec::new());
     kv.apply(batch)?;
     Ok(kv.flush()?)
@@ -315,11 +310,13 @@ impl Store {
                     .get(&keys::queue(id))?
                     .ok_or(StoreError::QueueEntryNotFound(id))?;
                 let entry: SyncQueueEntry = decode(&stored, "queue entry")?;
-                let record = (entry.model_name.clone(), entry.object_id.clone());
+                let record = || (entry.model_name.clone(), entry.object_id.clone());
                 let hold = holds.held.get(&id).copied();
-                if waiting_records.contains(&record) || hold.is_some_and(|h| h.not_before_ms > now)
-                {
-                    waiting_records.insert(record);
+                // Nothing waits in the usual case: then no key is built.
+                let record_waits =
+                    !waiting_records.is_empty() && waiting_records.contains(&record());
+                if record_waits || hold.is_some_and(|h| h.not_before_ms > now) {
+                    waiting_records.insert(record());
                     continue;
                 }
                 let mut entry = self.with_change(entry)?;
@@ -327,8 +324,8 @@ impl Store {
                 if size > limits.max_change_bytes {
                     entry.start(now)?;
                     entry.reject(too_large(size, limits.max_change_bytes), now)?;
+                    waiting_records.insert((entry.model_name.clone(), entry.object_id.clone()));
                     refused.push(entry);
-                    waiting_records.insert(record);
                     continue;
                 }
                 let limit = hold.map_or(usize::MAX, |h| h.batch_limit);
