@@ -11,6 +11,7 @@
 //! store's layout (that is `store`).
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,7 +32,9 @@ use crate::store::StoreError;
 use crate::store::{BatchLimits, RefusedEntry, RetryPolicy, Store};
 use crate::transport::{self, Fingerprint, FrameSender, ServerTrust, TransportError};
 
+pub mod drive;
 mod status;
+use drive::{Io, drive};
 pub use status::{Behind, ConnectionState, SyncFailure, SyncStatus, relative};
 
 #[derive(Debug, thiserror::Error)]
@@ -629,40 +632,13 @@ impl Engine {
         connection: &quinn::Connection,
     ) {
         loop {
-            let mut moved = false;
-            while let Some(effect) = session.poll_effect() {
-                moved = true;
-                // A round starts when the idle session has something to do again, so its
-                // duration leaves out the time spent idle in between.
-                self.round.started.get_or_insert_with(Instant::now);
-                let (service, retries) = (&self.service, &self.settings.retries);
-                let result = tokio::task::block_in_place(|| {
-                    carry_out(service, retries, session, effect, now_ms())
-                });
-                match result {
-                    Ok(done) => self.carried_out(done),
-                    Err(e) => {
-                        self.failed(&e, Direction::Finalization);
-                        session.shut_down();
-                    }
-                }
-            }
-            while let Some(message) = session.poll_transmit() {
-                moved = true;
-                // A token refresh is no sync work: it must not start the clock of a round.
-                if matches!(message, Message::Download { .. }) {
-                    self.round.started.get_or_insert_with(Instant::now);
-                }
-                if let Err(e) = sender.send(&message).await {
-                    session.connection_lost(e.to_string());
-                }
-            }
-            while let Some(event) = session.poll_event() {
-                moved = true;
-                self.on_event(event, connection);
-            }
-            moved |= self.maybe_check_heads(session);
-            if !moved {
+            let mut io = Connected {
+                engine: self,
+                sender,
+                connection,
+            };
+            drive(session, &mut io).await;
+            if !self.maybe_check_heads(session) {
                 break;
             }
         }
@@ -1049,6 +1025,48 @@ impl Engine {
     }
 }
 
+/// The daemon's side of a live session's output: frames to the relay, effects against the
+/// service, events into the status, the SyncLog and whoever waits on a sync.
+struct Connected<'a> {
+    engine: &'a mut Engine,
+    sender: &'a mut FrameSender,
+    connection: &'a quinn::Connection,
+}
+
+impl Io<DeviceSession> for Connected<'_> {
+    type SendError = TransportError;
+
+    async fn transmit(&mut self, message: Message) -> Result<(), TransportError> {
+        // A token refresh is no sync work: it must not start the clock of a round.
+        if matches!(message, Message::Download { .. }) {
+            self.engine.round.started.get_or_insert_with(Instant::now);
+        }
+        self.sender.send(&message).await
+    }
+
+    fn carry_out(&mut self, session: &mut DeviceSession, effect: DeviceEffect) {
+        let engine = &mut *self.engine;
+        // A round starts when the idle session has something to do again, so its duration
+        // leaves out the time spent idle in between.
+        engine.round.started.get_or_insert_with(Instant::now);
+        let (service, retries) = (&engine.service, &engine.settings.retries);
+        let result =
+            tokio::task::block_in_place(|| carry_out(service, retries, session, effect, now_ms()));
+        match result {
+            Ok(done) => engine.carried_out(done),
+            Err(e) => {
+                engine.failed(&e, Direction::Finalization);
+                session.shut_down();
+            }
+        }
+    }
+
+    fn report(&mut self, event: DeviceEvent) -> ControlFlow<()> {
+        self.engine.on_event(event, self.connection);
+        ControlFlow::Continue(())
+    }
+}
+
 /// Appends one phase's entry to the device's SyncLog (a failure to is logged, not raised: the
 /// SyncLog is a record of sync, not part of it).
 fn append_sync_log(
@@ -1254,26 +1272,16 @@ pub async fn sign_in(
         None,
         now_ms(),
     );
-    let mut tokens = None;
-    let mut signed_in = false;
-    let mut refusal = None;
+    let mut io = SigningIn {
+        sender: &mut sender,
+        tokens: None,
+        signed_in: false,
+        refusal: None,
+    };
     loop {
-        while let Some(event) = session.poll_event() {
-            match event {
-                DeviceEvent::Tokens { tokens: issued } => tokens = Some(issued),
-                DeviceEvent::Authenticated { .. } => signed_in = true,
-                DeviceEvent::Closed { error } => refusal = error,
-                _ => {}
-            }
-        }
-        // Once in, stop: what the open session would send next (a download) is not wanted.
-        if session.is_open() || session.is_closed() {
+        drive(&mut session, &mut io).await;
+        if io.signed_in || session.is_closed() {
             break;
-        }
-        while let Some(message) = session.poll_transmit() {
-            if let Err(e) = sender.send(&message).await {
-                session.connection_lost(e.to_string());
-            }
         }
         let deadline = session.poll_timeout().map(deadline_instant);
         tokio::select! {
@@ -1281,6 +1289,12 @@ pub async fn sign_in(
             _ = sleep_until(deadline) => session.handle_timeout(now_ms()),
         }
     }
+    let SigningIn {
+        tokens,
+        signed_in,
+        refusal,
+        ..
+    } = io;
     let _ = sender.finish();
     connection.close(0u32.into(), b"signed in");
     match (signed_in, refusal) {
@@ -1289,6 +1303,40 @@ pub async fn sign_in(
             endpoint.wait_idle().await;
             Err(EngineError::Refused(error.unwrap_or(SessionError::Ended)))
         }
+    }
+}
+
+/// A sign-in's side of the session's output: frames to the relay, and what the handshake gave.
+struct SigningIn<'a> {
+    sender: &'a mut FrameSender,
+    tokens: Option<ferry_proto::wire::Tokens>,
+    signed_in: bool,
+    refusal: Option<SessionError>,
+}
+
+impl Io<DeviceSession> for SigningIn<'_> {
+    type SendError = TransportError;
+
+    async fn transmit(&mut self, message: Message) -> Result<(), TransportError> {
+        self.sender.send(&message).await
+    }
+
+    /// A session asks for store work only once it is open, and signing in stops there.
+    fn carry_out(&mut self, _: &mut DeviceSession, _: DeviceEffect) {}
+
+    fn report(&mut self, event: DeviceEvent) -> ControlFlow<()> {
+        match event {
+            DeviceEvent::Tokens { tokens } => self.tokens = Some(tokens),
+            // Once in, stop: what the open session would do next (upload, download) is not
+            // wanted.
+            DeviceEvent::Authenticated { .. } => {
+                self.signed_in = true;
+                return ControlFlow::Break(());
+            }
+            DeviceEvent::Closed { error } => self.refusal = error,
+            _ => {}
+        }
+        ControlFlow::Continue(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! Deterministic simulation of sync: K devices (2 to 8) and a relay in one process, driven through
-//! the real session state machines and the real effect drivers (`engine::carry_out`,
-//! `relay::server::carry_out`) over in-memory stores, with a seeded RNG and a virtual clock.
+//! the real session state machines, the daemon's and the relay's own drive loop
+//! (`engine::drive::drive`) and effect drivers (`engine::carry_out`, `relay::server::carry_out`)
+//! over in-memory stores and an in-memory wire, with a seeded RNG and a virtual clock.
 //!
 //! Random puts, patches and deletes happen while devices go offline and online, messages are
 //! dropped, duplicated, delayed and reordered, devices and the relay restart from their durable
@@ -22,14 +23,18 @@
 //! `FERRY_SIM_FIRST=S` starts the range elsewhere. A failure prints the seed to replay.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::convert::Infallible;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ed25519_dalek::SigningKey;
 use ferry::auth::credentials;
 use ferry::auth::token::TokenPolicy;
+use ferry::engine::drive::{Io, drive};
 use ferry::engine::{self, ConnectionState, SyncStatus};
 use ferry::fuzzing::{Forgery, forge, mutate_change};
+use ferry::metrics::RelayMetrics;
 use ferry::record::{Fields, Record, decode_change};
 use ferry::relay::accounts::{Accounts, RandomSource};
 use ferry::relay::server::{self as relay_server, Peer};
@@ -41,7 +46,8 @@ use ferry::service::{Service, ServiceOptions};
 use ferry::store::kv::MemoryKv;
 use ferry::store::{Clock, RetryPolicy, Store, StoreError, StoreOptions};
 use ferry_proto::session::{
-    DeviceEvent, DeviceSession, RelayEvent, RelaySession, SessionConfig, device_id,
+    DeviceEffect, DeviceEvent, DeviceSession, RelayEffect, RelayEvent, RelaySession, SessionConfig,
+    device_id,
 };
 use ferry_proto::wire::{ChangeOutcome, Credential, Message, Tokens, UploadChange};
 use rand::rngs::StdRng;
@@ -501,7 +507,8 @@ impl World {
         if let Some(pos) = self.links.iter().position(|l| l.device == i) {
             let mut link = self.links.remove(pos);
             link.relay.connection_lost("device crashed".into());
-            while link.relay.poll_effect().is_some() {}
+            // What the relay side sends now goes nowhere: the link is dropped with it.
+            self.drive_relay(&mut link, &RelayMetrics::default(), &mut Vec::new());
         }
         let device = self.devices[i].take().expect("device present");
         self.devices[i] = Some(device.restart(&self.clock, &self.options));
@@ -512,7 +519,7 @@ impl World {
         while !self.links.is_empty() {
             let mut link = self.links.remove(0);
             link.session.connection_lost("relay crashed".into());
-            self.pump_device(&mut link);
+            self.drive_device(&mut link);
         }
         self.relay = None;
         self.relay_kv.crash();
@@ -523,117 +530,84 @@ impl World {
         ));
     }
 
-    fn send(&mut self, link: &mut Link, to_relay: bool, message: Message, faults: &Faults) {
-        if self.rng.random_bool(faults.drop) {
-            return;
-        }
-        let copies = if self.rng.random_bool(faults.duplicate) {
-            2
-        } else {
-            1
-        };
-        let now = self.clock.now();
-        // In order unless reordered: after the last message already on its way this direction.
-        let last = link
-            .wire
-            .iter()
-            .filter(|m| m.to_relay == to_relay)
-            .map(|m| m.at)
-            .max()
-            .unwrap_or(now);
-        for _ in 0..copies {
-            let at = if self.rng.random_bool(faults.reorder) {
-                now + self.rng.random_range(0..50)
-            } else {
-                last.max(now) + 1
-            };
-            self.next_order += 1;
-            link.wire.push(InFlight {
-                at,
-                order: self.next_order,
-                to_relay,
-                message: message.clone(),
-            });
+    /// The link's wire, with this moment's faults.
+    fn net<'a>(
+        rng: &'a mut StdRng,
+        next_order: &'a mut u64,
+        wire: &'a mut Vec<InFlight>,
+        now: u64,
+        healing: bool,
+    ) -> Net<'a> {
+        Net {
+            rng,
+            next_order,
+            wire,
+            now,
+            faults: if healing { &HEALED } else { &CHAOS },
         }
     }
 
-    fn pump_device(&mut self, link: &mut Link) {
+    /// Runs the device's side of a link through the daemon's drive loop until it is quiet.
+    fn drive_device(&mut self, link: &mut Link) -> bool {
         let now = self.clock.now();
-        while let Some(effect) = link.session.poll_effect() {
-            let device = self.devices[link.device].as_ref().expect("device present");
-            engine::carry_out(&device.service, &RETRIES, &mut link.session, effect, now)
-                .expect("device store");
-        }
-        while let Some(event) = link.session.poll_event() {
-            match event {
-                DeviceEvent::Authenticated { .. } => link.signed_in = true,
-                DeviceEvent::Tokens { tokens } => self.tokens[link.device] = Some(tokens),
-                DeviceEvent::Closed { error } => {
-                    // As the daemon does: tokens the relay refused are dropped, and the next
-                    // connection signs in with the key.
-                    if self.fallbacks[link.device].session_ended(
-                        &link.shown,
-                        link.signed_in,
-                        error.as_ref(),
-                    ) {
-                        self.tokens[link.device] = None;
-                    }
-                    self.note(format!(
-                        "  device {} session closed: {error:?}",
-                        link.device
-                    ));
-                }
-                _ => {}
-            }
-        }
+        let device = self.devices[link.device].as_ref().expect("device present");
+        let mut io = DeviceIo {
+            net: World::net(
+                &mut self.rng,
+                &mut self.next_order,
+                &mut link.wire,
+                now,
+                self.healing,
+            ),
+            service: &device.service,
+            device: link.device,
+            tokens: &mut self.tokens[link.device],
+            fallback: &mut self.fallbacks[link.device],
+            shown: &link.shown,
+            signed_in: &mut link.signed_in,
+            trace: &mut self.trace,
+        };
+        at_once(drive(&mut link.session, &mut io))
+    }
+
+    /// Runs the relay's side of a link through the relay's drive loop until it is quiet,
+    /// collecting the heads its appends reached.
+    fn drive_relay(
+        &mut self,
+        link: &mut Link,
+        metrics: &RelayMetrics,
+        appended: &mut Vec<u64>,
+    ) -> bool {
+        let now = self.clock.now();
+        let (store, accounts) = self.relay.as_ref().expect("relay up while a link is");
+        let mut io = RelayIo {
+            net: World::net(
+                &mut self.rng,
+                &mut self.next_order,
+                &mut link.wire,
+                now,
+                self.healing,
+            ),
+            store,
+            accounts,
+            metrics,
+            peer: &mut link.peer,
+            appended,
+            device: link.device,
+            trace: &mut self.trace,
+        };
+        at_once(drive(&mut link.relay, &mut io))
     }
 
     /// Runs one link until both sides are quiet; returns whether anything happened and the
-    /// heads appended to the relay.
+    /// heads appended to the relay. Each side only puts messages on the wire, so one pass each
+    /// leaves both quiet.
     fn pump_link(&mut self, link: &mut Link) -> (bool, Vec<u64>) {
-        let faults = if self.healing { HEALED } else { CHAOS };
-        let metrics = ferry::metrics::RelayMetrics::default();
+        let metrics = RelayMetrics::default();
         let mut appended = Vec::new();
-        let mut any = false;
-        loop {
-            let mut moved = false;
-            self.pump_device(link);
-            while let Some(message) = link.session.poll_transmit() {
-                moved = true;
-                self.send(link, true, message, &faults);
-            }
-            let now = self.clock.now();
-            if let Some((relay, accounts)) = &self.relay {
-                while let Some(effect) = link.relay.poll_effect() {
-                    moved = true;
-                    let head = relay_server::carry_out(
-                        relay,
-                        accounts,
-                        &metrics,
-                        &mut link.peer,
-                        &mut link.relay,
-                        effect,
-                        1 << 20,
-                        now,
-                    )
-                    .expect("relay store");
-                    appended.extend(head);
-                }
-            }
-            while let Some(message) = link.relay.poll_transmit() {
-                moved = true;
-                self.send(link, false, message, &faults);
-            }
-            while let Some(event) = link.relay.poll_event() {
-                if let RelayEvent::Closed { error } = event {
-                    self.note(format!("  relay side of {} closed: {error:?}", link.device));
-                }
-            }
-            if !moved {
-                return (any, appended);
-            }
-            any = true;
-        }
+        let device = self.drive_device(link);
+        let relay = self.drive_relay(link, &metrics, &mut appended);
+        (device || relay, appended)
     }
 
     /// Pumps every link, announces appends to every session, and drops links whose sessions
@@ -1346,6 +1320,158 @@ fn ancestors(deps: &HashMap<String, Vec<String>>, heads: &[String]) -> HashSet<S
 /// The hostile participant's Automerge actor (and, in hex, its device id).
 fn hostile_actor() -> automerge::ActorId {
     automerge::ActorId::from(&[0x66; 16][..])
+}
+
+/// A link's wire seen from one side: messages put on it may be dropped, duplicated or
+/// reordered, as the faults of the moment say.
+struct Net<'a> {
+    rng: &'a mut StdRng,
+    next_order: &'a mut u64,
+    wire: &'a mut Vec<InFlight>,
+    now: u64,
+    faults: &'a Faults,
+}
+
+impl Net<'_> {
+    fn send(&mut self, to_relay: bool, message: Message) {
+        if self.rng.random_bool(self.faults.drop) {
+            return;
+        }
+        let copies = if self.rng.random_bool(self.faults.duplicate) {
+            2
+        } else {
+            1
+        };
+        let now = self.now;
+        // In order unless reordered: after the last message already on its way this direction.
+        let last = self
+            .wire
+            .iter()
+            .filter(|m| m.to_relay == to_relay)
+            .map(|m| m.at)
+            .max()
+            .unwrap_or(now);
+        for _ in 0..copies {
+            let at = if self.rng.random_bool(self.faults.reorder) {
+                now + self.rng.random_range(0..50)
+            } else {
+                last.max(now) + 1
+            };
+            *self.next_order += 1;
+            self.wire.push(InFlight {
+                at,
+                order: *self.next_order,
+                to_relay,
+                message: message.clone(),
+            });
+        }
+    }
+}
+
+/// A device's side of a link, as the daemon's engine has it: messages onto the wire, effects
+/// through `engine::carry_out`, tokens kept (and dropped when the relay refused them).
+struct DeviceIo<'a> {
+    net: Net<'a>,
+    service: &'a Service,
+    device: usize,
+    tokens: &'a mut Option<Tokens>,
+    fallback: &'a mut credentials::Fallback,
+    shown: &'a Credential,
+    signed_in: &'a mut bool,
+    trace: &'a mut Vec<String>,
+}
+
+impl Io<DeviceSession> for DeviceIo<'_> {
+    type SendError = Infallible;
+
+    async fn transmit(&mut self, message: Message) -> Result<(), Infallible> {
+        self.net.send(true, message);
+        Ok(())
+    }
+
+    fn carry_out(&mut self, session: &mut DeviceSession, effect: DeviceEffect) {
+        engine::carry_out(self.service, &RETRIES, session, effect, self.net.now)
+            .expect("device store");
+    }
+
+    fn report(&mut self, event: DeviceEvent) -> ControlFlow<()> {
+        match event {
+            DeviceEvent::Authenticated { .. } => *self.signed_in = true,
+            DeviceEvent::Tokens { tokens } => *self.tokens = Some(tokens),
+            DeviceEvent::Closed { error } => {
+                // As the daemon does: tokens the relay refused are dropped, and the next
+                // connection signs in with the key.
+                if self
+                    .fallback
+                    .session_ended(self.shown, *self.signed_in, error.as_ref())
+                {
+                    *self.tokens = None;
+                }
+                self.trace.push(format!(
+                    "t={}   device {} session closed: {error:?}",
+                    self.net.now, self.device
+                ));
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The relay's side of a link: messages onto the wire, effects through
+/// `relay::server::carry_out`, the heads appends reached kept for announcing.
+struct RelayIo<'a> {
+    net: Net<'a>,
+    store: &'a RelayStore,
+    accounts: &'a Accounts,
+    metrics: &'a RelayMetrics,
+    peer: &'a mut Peer,
+    appended: &'a mut Vec<u64>,
+    device: usize,
+    trace: &'a mut Vec<String>,
+}
+
+impl Io<RelaySession> for RelayIo<'_> {
+    type SendError = Infallible;
+
+    async fn transmit(&mut self, message: Message) -> Result<(), Infallible> {
+        self.net.send(false, message);
+        Ok(())
+    }
+
+    fn carry_out(&mut self, session: &mut RelaySession, effect: RelayEffect) {
+        let head = relay_server::carry_out(
+            self.store,
+            self.accounts,
+            self.metrics,
+            self.peer,
+            session,
+            effect,
+            1 << 20,
+            self.net.now,
+        )
+        .expect("relay store");
+        self.appended.extend(head);
+    }
+
+    fn report(&mut self, event: RelayEvent) -> ControlFlow<()> {
+        if let RelayEvent::Closed { error } = event {
+            self.trace.push(format!(
+                "t={}   relay side of {} closed: {error:?}",
+                self.net.now, self.device
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Runs a drive loop whose I/O is all in memory: it never waits, so one poll finishes it.
+fn at_once(future: impl std::future::Future<Output = bool>) -> bool {
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(future).poll(&mut context) {
+        std::task::Poll::Ready(moved) => moved,
+        std::task::Poll::Pending => panic!("the drive loop waited on in-memory I/O"),
+    }
 }
 
 fn open_relay(kv: &MemoryKv, random: &RandomSource, now: u64) -> (RelayStore, Accounts) {

@@ -4,10 +4,12 @@
 //!
 //! Both are driven the same way: feed them what happened (`handle_message` for a message received,
 //! `handle_timeout` with the current time, and the answers to the effects they asked for), then
-//! drain `poll_transmit` (messages to send, in order), `poll_effect` (work for the driver: load an
-//! upload batch, record its results, apply or read log entries, store changes) and `poll_event`
-//! (things to report). `poll_timeout` says when to call `handle_timeout` next. Every answer to an
-//! effect must be given, even after the session closed, so that no queue entry is left behind.
+//! drain `poll_output`: one queue, in the order the session produced them, of messages to send,
+//! effects (work for the driver: load an upload batch, record its results, apply or read log
+//! entries, store changes) and events (things to report). An effect's answer is expected before
+//! the next output is taken: what follows may depend on it. `poll_timeout` says when to call
+//! `handle_timeout` next. Every answer to an effect must be given, even after the session closed,
+//! so that no queue entry is left behind.
 //!
 //! Must not touch: sockets, storage, clocks, threads or randomness. Time (`now`, unix
 //! milliseconds) and the relay's nonce are arguments, so a whole multi-device run replays exactly.
@@ -97,6 +99,23 @@ impl SessionError {
         format!("{}: {self}", self.kind())
     }
 }
+
+/// One thing a session wants done, in the order it wants them done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output<Effect, Event> {
+    /// Send this message to the peer.
+    Transmit(Message),
+    /// Carry this out and give the session its answer before taking the next output.
+    Effect(Effect),
+    /// Report this.
+    Event(Event),
+}
+
+/// What a [`DeviceSession`] puts out.
+pub type DeviceOutput = Output<DeviceEffect, DeviceEvent>;
+
+/// What a [`RelaySession`] puts out.
+pub type RelayOutput = Output<RelayEffect, RelayEvent>;
 
 /// Work a device session asks its driver to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,9 +289,7 @@ pub struct DeviceSession {
     /// A push was missed or dropped: download once the current work is done.
     resync: bool,
     idle_reported: bool,
-    transmits: VecDeque<Message>,
-    effects: VecDeque<DeviceEffect>,
-    events: VecDeque<DeviceEvent>,
+    outputs: VecDeque<DeviceOutput>,
 }
 
 impl DeviceSession {
@@ -320,9 +337,7 @@ impl DeviceSession {
             pushes: VecDeque::new(),
             resync: false,
             idle_reported: false,
-            transmits: VecDeque::from([hello]),
-            effects: VecDeque::new(),
-            events: VecDeque::new(),
+            outputs: VecDeque::from([Output::Transmit(hello)]),
         }
     }
 
@@ -334,16 +349,21 @@ impl DeviceSession {
         self.handshake == Handshake::Closed
     }
 
-    pub fn poll_transmit(&mut self) -> Option<Message> {
-        self.transmits.pop_front()
+    /// The next thing to do, in the order the session produced them.
+    pub fn poll_output(&mut self) -> Option<DeviceOutput> {
+        self.outputs.pop_front()
     }
 
-    pub fn poll_effect(&mut self) -> Option<DeviceEffect> {
-        self.effects.pop_front()
+    fn transmit(&mut self, message: Message) {
+        self.outputs.push_back(Output::Transmit(message));
     }
 
-    pub fn poll_event(&mut self) -> Option<DeviceEvent> {
-        self.events.pop_front()
+    fn effect(&mut self, effect: DeviceEffect) {
+        self.outputs.push_back(Output::Effect(effect));
+    }
+
+    fn event(&mut self, event: DeviceEvent) {
+        self.outputs.push_back(Output::Event(event));
     }
 
     /// The earliest time at which `handle_timeout` has something to do.
@@ -378,7 +398,7 @@ impl DeviceSession {
         {
             self.refresh_at = None;
             if let Some(refresh) = self.refresh.clone() {
-                self.transmits.push_back(Message::Refresh { refresh });
+                self.transmit(Message::Refresh { refresh });
                 self.refresh_deadline = Some(now.saturating_add(self.config.request_timeout_ms));
             }
         }
@@ -424,7 +444,7 @@ impl DeviceSession {
             return false;
         }
         self.heads_deadline = Some(now.saturating_add(self.config.request_timeout_ms));
-        self.transmits.push_back(Message::CheckHeads {
+        self.transmit(Message::CheckHeads {
             after,
             max_records: max_records.max(1),
         });
@@ -446,7 +466,7 @@ impl DeviceSession {
         if !self.upload.loading || self.handshake != Handshake::Open {
             // The session closed while the batch was loading: hand the entries straight back.
             if !changes.is_empty() {
-                self.effects.push_back(DeviceEffect::AbandonUpload {
+                self.effect(DeviceEffect::AbandonUpload {
                     entries: changes.iter().map(|c| c.entry).collect(),
                     error: self.closed_reason(),
                     kind: ErrorKind::Network,
@@ -471,7 +491,7 @@ impl DeviceSession {
             entries: changes.iter().map(|c| c.entry).collect(),
             deadline: now.saturating_add(self.config.request_timeout_ms),
         });
-        self.transmits.push_back(Message::Upload { batch, changes });
+        self.transmit(Message::Upload { batch, changes });
         // The queue may hold more: load the next batch while this one is on its way.
         self.upload_dirty = true;
         self.start_upload();
@@ -501,7 +521,7 @@ impl DeviceSession {
         }
         self.cursor = through;
         self.download = Download::Idle;
-        self.events.push_back(DeviceEvent::Downloaded {
+        self.event(DeviceEvent::Downloaded {
             through,
             relay_head: self.relay_head,
             entries,
@@ -549,7 +569,7 @@ impl DeviceSession {
                     auth_transcript(&nonce, &self.channel_binding, &self.space, &public_key);
                 let signature = self.key.sign(&transcript).to_bytes();
                 let credential = self.credential.take().unwrap_or(Credential::Key);
-                self.transmits.push_back(Message::Authenticate {
+                self.transmit(Message::Authenticate {
                     signature,
                     credential,
                 });
@@ -576,7 +596,7 @@ impl DeviceSession {
                 let frame_room = (max_frame_bytes as usize) / 2;
                 self.config.max_batch_bytes = self.config.max_batch_bytes.min(frame_room).max(1);
                 self.config.max_frame_bytes = self.config.max_frame_bytes.min(max_frame_bytes);
-                self.events.push_back(DeviceEvent::Authenticated {
+                self.event(DeviceEvent::Authenticated {
                     version,
                     relay_time_ms: time_ms,
                     relay_head: head,
@@ -610,7 +630,7 @@ impl DeviceSession {
                 },
             ) if self.heads_deadline.is_some() => {
                 self.heads_deadline = None;
-                self.events.push_back(DeviceEvent::HeadsDigest {
+                self.event(DeviceEvent::HeadsDigest {
                     head,
                     records,
                     last,
@@ -659,7 +679,7 @@ impl DeviceSession {
     ) {
         if let Some(tokens) = tokens {
             self.refresh = Some(tokens.refresh.clone());
-            self.events.push_back(DeviceEvent::Tokens { tokens });
+            self.event(DeviceEvent::Tokens { tokens });
         }
         let lifetime = expires_ms.saturating_sub(relay_time);
         self.refresh_at = self
@@ -692,16 +712,17 @@ impl DeviceSession {
         }
         let count =
             |f: fn(&ChangeOutcome) -> bool| results.iter().filter(|r| f(&r.outcome)).count();
-        self.events.push_back(DeviceEvent::Uploaded {
+        let uploaded = DeviceEvent::Uploaded {
             batch,
             stored: count(|o| matches!(o, ChangeOutcome::Stored { .. })),
             duplicate: count(|o| matches!(o, ChangeOutcome::Duplicate { .. })),
             rejected: count(|o| matches!(o, ChangeOutcome::Rejected { .. })),
-        });
+        };
         self.upload.sent.pop_front();
         self.upload.recording += 1;
-        self.effects
-            .push_back(DeviceEffect::RecordUploadResults { batch, results });
+        self.effect(DeviceEffect::RecordUploadResults { batch, results });
+        // Reported once the results are recorded, which the driver does before taking this.
+        self.event(uploaded);
     }
 
     fn handle_download_answer(&mut self, after: u64, through: u64, entries: Vec<LogEntry>) {
@@ -755,7 +776,7 @@ impl DeviceSession {
             through,
             entries: entries.len(),
         };
-        self.effects.push_back(DeviceEffect::Apply {
+        self.effect(DeviceEffect::Apply {
             after,
             through,
             entries,
@@ -769,7 +790,7 @@ impl DeviceSession {
         self.upload_dirty = false;
         self.upload_drained = false;
         self.upload.loading = true;
-        self.effects.push_back(DeviceEffect::LoadUploadBatch {
+        self.effect(DeviceEffect::LoadUploadBatch {
             max_changes: self.config.max_batch_changes,
             max_bytes: self.config.max_batch_bytes,
             max_change_bytes: crate::wire::max_change_bytes(self.config.max_frame_bytes as usize),
@@ -790,7 +811,7 @@ impl DeviceSession {
             since: self.cursor,
             deadline: now.saturating_add(self.config.request_timeout_ms),
         };
-        self.transmits.push_back(Message::Download {
+        self.transmit(Message::Download {
             since: self.cursor,
             max_changes: self.config.max_download_changes,
         });
@@ -816,14 +837,14 @@ impl DeviceSession {
         let idle = self.is_idle();
         if idle && !self.idle_reported {
             self.idle_reported = true;
-            self.events.push_back(DeviceEvent::Idle {
+            self.event(DeviceEvent::Idle {
                 cursor: self.cursor,
             });
         }
     }
 
     fn violation(&mut self, code: ErrorCode, message: String) {
-        self.transmits.push_back(Message::Error {
+        self.transmit(Message::Error {
             code,
             message: message.clone(),
         });
@@ -839,22 +860,21 @@ impl DeviceSession {
             return;
         }
         if let Some(code) = tell_peer {
-            self.transmits.push_back(Message::Error {
+            self.transmit(Message::Error {
                 code,
                 message: error.to_string(),
             });
         }
         self.handshake = Handshake::Closed;
         for sent in std::mem::take(&mut self.upload.sent) {
-            self.effects.push_back(DeviceEffect::AbandonUpload {
+            self.effect(DeviceEffect::AbandonUpload {
                 entries: sent.entries,
                 error: error.describe(),
                 kind: error.kind(),
             });
         }
         self.pushes.clear();
-        self.events
-            .push_back(DeviceEvent::Closed { error: Some(error) });
+        self.event(DeviceEvent::Closed { error: Some(error) });
     }
 }
 
@@ -989,9 +1009,7 @@ pub struct RelaySession {
     live: bool,
     /// The space's head as last heard from the store.
     known_head: u64,
-    transmits: VecDeque<Message>,
-    effects: VecDeque<RelayEffect>,
-    events: VecDeque<RelayEvent>,
+    outputs: VecDeque<RelayOutput>,
 }
 
 impl RelaySession {
@@ -1011,9 +1029,7 @@ impl RelaySession {
             sent_through: 0,
             live: false,
             known_head: 0,
-            transmits: VecDeque::new(),
-            effects: VecDeque::new(),
-            events: VecDeque::new(),
+            outputs: VecDeque::new(),
         }
     }
 
@@ -1030,35 +1046,39 @@ impl RelaySession {
         self.live
     }
 
-    pub fn poll_transmit(&mut self) -> Option<Message> {
-        self.transmits.pop_front()
-    }
-
-    /// Effects, in order. A push read is only asked for once every earlier message has been
-    /// taken for sending, so a slow device holds back its own pushes, not the relay's memory.
-    pub fn poll_effect(&mut self) -> Option<RelayEffect> {
-        if let Some(effect) = self.effects.pop_front() {
-            return Some(effect);
+    /// The next thing to do, in the order the session produced them. A push read is only asked
+    /// for once every earlier output has been taken (its message handed over for sending), so a
+    /// slow device holds back its own pushes, not the relay's memory.
+    pub fn poll_output(&mut self) -> Option<RelayOutput> {
+        if let Some(output) = self.outputs.pop_front() {
+            return Some(output);
         }
         if self.state == RelayState::Open
             && self.live
             && self.reading.is_none()
-            && self.transmits.is_empty()
             && self.known_head > self.sent_through
         {
             let since = self.sent_through;
             self.reading = Some(ReadFor::Push { since });
-            return Some(RelayEffect::Read {
+            return Some(Output::Effect(RelayEffect::Read {
                 since,
                 max_changes: self.config.max_download_changes,
                 push: true,
-            });
+            }));
         }
         None
     }
 
-    pub fn poll_event(&mut self) -> Option<RelayEvent> {
-        self.events.pop_front()
+    fn transmit(&mut self, message: Message) {
+        self.outputs.push_back(Output::Transmit(message));
+    }
+
+    fn effect(&mut self, effect: RelayEffect) {
+        self.outputs.push_back(Output::Effect(effect));
+    }
+
+    fn event(&mut self, event: RelayEvent) {
+        self.outputs.push_back(Output::Event(event));
     }
 
     pub fn poll_timeout(&self) -> Option<u64> {
@@ -1110,7 +1130,7 @@ impl RelaySession {
         self.state = RelayState::Open;
         self.known_head = head;
         self.deadline = grant.expires_ms;
-        self.transmits.push_back(Message::Welcome {
+        self.transmit(Message::Welcome {
             time_ms: now,
             head,
             max_batch_changes: self.config.max_batch_changes,
@@ -1128,7 +1148,7 @@ impl RelaySession {
         self.refreshing = false;
         if self.state == RelayState::Open {
             self.deadline = expires_ms;
-            self.transmits.push_back(Message::Refreshed {
+            self.transmit(Message::Refreshed {
                 time_ms: now,
                 expires_ms,
                 tokens,
@@ -1159,8 +1179,7 @@ impl RelaySession {
         self.storing.pop_front();
         self.known_head = self.known_head.max(head);
         if self.state == RelayState::Open {
-            self.transmits
-                .push_back(Message::UploadAck { batch, results });
+            self.transmit(Message::UploadAck { batch, results });
         }
     }
 
@@ -1178,7 +1197,7 @@ impl RelaySession {
         }
         self.digesting = false;
         if self.state == RelayState::Open {
-            self.transmits.push_back(Message::HeadsDigest {
+            self.transmit(Message::HeadsDigest {
                 head,
                 records,
                 last,
@@ -1232,7 +1251,7 @@ impl RelaySession {
         // device's cursor passes them.
         self.sent_through = slice.through;
         self.live = slice.through >= slice.head;
-        self.transmits.push_back(Message::Changes {
+        self.transmit(Message::Changes {
             after: since,
             through: slice.through,
             head: slice.head,
@@ -1271,7 +1290,7 @@ impl RelaySession {
                 if let Err(problem) = validate_space(&space) {
                     return self.fail(ErrorCode::Forbidden, problem);
                 }
-                self.transmits.push_back(Message::Challenge {
+                self.transmit(Message::Challenge {
                     version,
                     nonce: self.nonce,
                     time_ms: now,
@@ -1306,11 +1325,11 @@ impl RelaySession {
                     return self.fail(ErrorCode::TooLarge, problem);
                 }
                 let device = device_id(&public_key);
-                self.events.push_back(RelayEvent::Authenticated {
+                self.event(RelayEvent::Authenticated {
                     device: device.clone(),
                     space: space.clone(),
                 });
-                self.effects.push_back(RelayEffect::Authorize {
+                self.effect(RelayEffect::Authorize {
                     device,
                     public_key,
                     space,
@@ -1328,7 +1347,7 @@ impl RelaySession {
                     return self.fail(ErrorCode::TooLarge, problem);
                 }
                 self.refreshing = true;
-                self.effects.push_back(RelayEffect::Refresh { refresh });
+                self.effect(RelayEffect::Refresh { refresh });
             }
             (RelayState::Open, Message::Upload { batch, changes }) => {
                 if self.storing.len() >= MAX_UPLOADS_IN_FLIGHT {
@@ -1353,8 +1372,7 @@ impl RelaySession {
                     );
                 }
                 self.storing.push_back(batch);
-                self.effects
-                    .push_back(RelayEffect::Store { batch, changes });
+                self.effect(RelayEffect::Store { batch, changes });
             }
             (RelayState::Open, Message::Download { since, max_changes }) => {
                 if max_changes == 0 {
@@ -1389,7 +1407,7 @@ impl RelaySession {
                     return self.fail(ErrorCode::TooLarge, problem);
                 }
                 self.digesting = true;
-                self.effects.push_back(RelayEffect::DigestHeads {
+                self.effect(RelayEffect::DigestHeads {
                     after,
                     max_records: max_records.clamp(1, self.config.max_download_changes.max(1)),
                 });
@@ -1406,7 +1424,7 @@ impl RelaySession {
 
     fn start_read(&mut self, since: u64, max_changes: u32) {
         self.reading = Some(ReadFor::Download { since });
-        self.effects.push_back(RelayEffect::Read {
+        self.effect(RelayEffect::Read {
             since,
             max_changes: max_changes.min(self.config.max_download_changes),
             push: false,
@@ -1417,7 +1435,7 @@ impl RelaySession {
         if self.state == RelayState::Closed {
             return;
         }
-        self.transmits.push_back(Message::Error {
+        self.transmit(Message::Error {
             code,
             message: message.clone(),
         });
@@ -1429,7 +1447,7 @@ impl RelaySession {
             return;
         }
         self.state = RelayState::Closed;
-        self.events.push_back(RelayEvent::Closed { error });
+        self.event(RelayEvent::Closed { error });
     }
 }
 

@@ -3,8 +3,9 @@
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{
-    DeviceEffect, DeviceEvent, DeviceSession, Grant, LogSlice, MAX_UPLOADS_IN_FLIGHT, RelayEffect,
-    RelayEvent, RelaySession, SessionConfig, SessionError, device_id,
+    DeviceEffect, DeviceEvent, DeviceOutput, DeviceSession, Grant, LogSlice, MAX_UPLOADS_IN_FLIGHT,
+    Output, RelayEffect, RelayEvent, RelayOutput, RelaySession, SessionConfig, SessionError,
+    device_id,
 };
 use ferry_proto::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, LogEntry, MAX_CREDENTIAL_BYTES,
@@ -164,90 +165,132 @@ impl Pair {
         }
     }
 
-    /// Runs both sides, with `world` answering every effect, until nothing moves.
+    /// Runs both sides, with `world` answering every effect, until nothing moves. Each side's
+    /// output is taken in order, each effect answered before the next output.
     fn run(&mut self, world: &mut World) {
         loop {
             let mut moved = false;
-            let now = self.now;
-            while let Some(m) = self.device.poll_transmit() {
+            while let Some(output) = self.device.poll_output() {
                 moved = true;
-                self.relay.handle_message(m, now);
+                self.device_output(output, world);
             }
-            while let Some(m) = self.relay.poll_transmit() {
+            while let Some(output) = self.relay.poll_output() {
                 moved = true;
-                self.device.handle_message(m, now);
+                self.relay_output(output, world);
             }
-            while let Some(effect) = self.relay.poll_effect() {
-                moved = true;
-                match effect {
-                    RelayEffect::Authorize { credential, .. } => {
-                        self.shown.push(credential.clone());
-                        match self.refuse.clone() {
-                            Some((code, message)) => self.relay.refused(code, message),
-                            None => {
-                                let grant = self.grant(&credential);
-                                self.relay.authorized(world.head(), grant, now);
-                            }
-                        }
-                    }
-                    RelayEffect::Refresh { refresh } => {
-                        let credential = Credential::Refresh(refresh);
-                        self.shown.push(credential.clone());
-                        match self.refuse.clone() {
-                            Some((code, message)) => self.relay.refused(code, message),
-                            None => {
-                                let grant = self.grant(&credential);
-                                let issued = grant.tokens.unwrap_or_else(|| tokens(0, now));
-                                self.relay.refreshed(grant.expires_ms, issued, now);
-                            }
-                        }
-                    }
-                    RelayEffect::Store { batch, changes } => {
-                        let results = world.append(&self.device_id, &changes);
-                        self.relay.stored(batch, results, world.head());
-                    }
-                    RelayEffect::Read {
-                        since, max_changes, ..
-                    } => self
-                        .relay
-                        .read(world.read(&self.device_id, since, max_changes)),
-                    RelayEffect::DigestHeads { after, max_records } => {
-                        self.digests_asked.push((after, max_records));
-                        self.relay.heads_digest(world.head(), 1, None, true, DIGEST);
-                    }
-                }
-            }
-            while let Some(effect) = self.device.poll_effect() {
-                moved = true;
-                match effect {
-                    DeviceEffect::LoadUploadBatch { max_changes, .. } => {
-                        let n = world.pending.len().min(max_changes as usize);
-                        let batch: Vec<_> = world.pending.drain(..n).collect();
-                        self.device.upload(batch, 1);
-                    }
-                    DeviceEffect::RecordUploadResults { results, .. } => {
-                        world.uploaded.extend(results.iter().map(|r| r.entry));
-                        self.device.upload_recorded();
-                    }
-                    DeviceEffect::AbandonUpload { entries, .. } => world.abandoned.extend(entries),
-                    DeviceEffect::Apply {
-                        through, entries, ..
-                    } => {
-                        world.applied.extend(entries);
-                        world.cursor = through;
-                        self.device.applied(through, 1);
-                    }
-                }
-            }
-            self.device_events
-                .extend(std::iter::from_fn(|| self.device.poll_event()));
-            self.relay_events
-                .extend(std::iter::from_fn(|| self.relay.poll_event()));
             if !moved {
                 return;
             }
         }
     }
+
+    fn relay_output(&mut self, output: RelayOutput, world: &mut World) {
+        let now = self.now;
+        let effect = match output {
+            Output::Transmit(m) => return self.device.handle_message(m, now),
+            Output::Event(event) => return self.relay_events.push(event),
+            Output::Effect(effect) => effect,
+        };
+        match effect {
+            RelayEffect::Authorize { credential, .. } => {
+                self.shown.push(credential.clone());
+                match self.refuse.clone() {
+                    Some((code, message)) => self.relay.refused(code, message),
+                    None => {
+                        let grant = self.grant(&credential);
+                        self.relay.authorized(world.head(), grant, now);
+                    }
+                }
+            }
+            RelayEffect::Refresh { refresh } => {
+                let credential = Credential::Refresh(refresh);
+                self.shown.push(credential.clone());
+                match self.refuse.clone() {
+                    Some((code, message)) => self.relay.refused(code, message),
+                    None => {
+                        let grant = self.grant(&credential);
+                        let issued = grant.tokens.unwrap_or_else(|| tokens(0, now));
+                        self.relay.refreshed(grant.expires_ms, issued, now);
+                    }
+                }
+            }
+            RelayEffect::Store { batch, changes } => {
+                let results = world.append(&self.device_id, &changes);
+                self.relay.stored(batch, results, world.head());
+            }
+            RelayEffect::Read {
+                since, max_changes, ..
+            } => self
+                .relay
+                .read(world.read(&self.device_id, since, max_changes)),
+            RelayEffect::DigestHeads { after, max_records } => {
+                self.digests_asked.push((after, max_records));
+                self.relay.heads_digest(world.head(), 1, None, true, DIGEST);
+            }
+        }
+    }
+
+    fn device_output(&mut self, output: DeviceOutput, world: &mut World) {
+        let effect = match output {
+            Output::Transmit(m) => return self.relay.handle_message(m, self.now),
+            Output::Event(event) => return self.device_events.push(event),
+            Output::Effect(effect) => effect,
+        };
+        match effect {
+            DeviceEffect::LoadUploadBatch { max_changes, .. } => {
+                let n = world.pending.len().min(max_changes as usize);
+                let batch: Vec<_> = world.pending.drain(..n).collect();
+                self.device.upload(batch, 1);
+            }
+            DeviceEffect::RecordUploadResults { results, .. } => {
+                world.uploaded.extend(results.iter().map(|r| r.entry));
+                self.device.upload_recorded();
+            }
+            DeviceEffect::AbandonUpload { entries, .. } => world.abandoned.extend(entries),
+            DeviceEffect::Apply {
+                through, entries, ..
+            } => {
+                world.applied.extend(entries);
+                world.cursor = through;
+                self.device.applied(through, 1);
+            }
+        }
+    }
+}
+
+/// Everything a session has put out and nobody took yet, in order.
+fn taken<E, V>(mut poll: impl FnMut() -> Option<Output<E, V>>) -> Vec<Output<E, V>> {
+    std::iter::from_fn(|| poll()).collect()
+}
+
+fn effects<E, V>(outputs: Vec<Output<E, V>>) -> Vec<E> {
+    outputs
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Effect(effect) => Some(effect),
+            _ => None,
+        })
+        .collect()
+}
+
+fn events<E, V>(outputs: Vec<Output<E, V>>) -> Vec<V> {
+    outputs
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Event(event) => Some(event),
+            _ => None,
+        })
+        .collect()
+}
+
+fn transmits<E, V>(outputs: Vec<Output<E, V>>) -> Vec<Message> {
+    outputs
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Transmit(message) => Some(message),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A device session taken through the handshake by hand (the relay's side not checked), the
@@ -269,7 +312,7 @@ fn opened_by_hand(
         None,
         0,
     );
-    let _hello = device.poll_transmit();
+    let _hello = device.poll_output();
     device.handle_message(
         Message::Challenge {
             version: 2,
@@ -278,7 +321,7 @@ fn opened_by_hand(
         },
         0,
     );
-    let _auth = device.poll_transmit();
+    let _auth = device.poll_output();
     device.handle_message(
         Message::Welcome {
             time_ms: 0,
@@ -398,17 +441,26 @@ fn a_signature_for_another_connection_is_refused() {
         b"binding-of-connection-B".to_vec(),
         0,
     );
+    let (mut device_events, mut relay_effects) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        while let Some(m) = device.poll_transmit() {
-            relay.handle_message(m, 0);
+        while let Some(output) = device.poll_output() {
+            match output {
+                Output::Transmit(m) => relay.handle_message(m, 0),
+                Output::Event(event) => device_events.push(event),
+                Output::Effect(effect) => panic!("no store work before sign-in: {effect:?}"),
+            }
         }
-        while let Some(m) = relay.poll_transmit() {
-            device.handle_message(m, 0);
+        while let Some(output) = relay.poll_output() {
+            match output {
+                Output::Transmit(m) => device.handle_message(m, 0),
+                Output::Effect(effect) => relay_effects.push(effect),
+                Output::Event(_) => {}
+            }
         }
     }
     assert!(relay.is_closed() && device.is_closed());
-    assert_eq!(relay.poll_effect(), None, "nothing is authorized");
-    let events: Vec<_> = std::iter::from_fn(|| device.poll_event()).collect();
+    assert_eq!(relay_effects, vec![], "nothing is authorized");
+    let events = device_events;
     assert!(matches!(
         closed_with(&events),
         Some(SessionError::Remote {
@@ -432,11 +484,11 @@ fn no_common_version_and_bad_spaces_are_refused_with_a_reason() {
         0,
     );
     assert!(matches!(
-        relay.poll_transmit(),
-        Some(Message::Error {
+        relay.poll_output(),
+        Some(Output::Transmit(Message::Error {
             code: ErrorCode::UnsupportedVersion,
             ..
-        })
+        }))
     ));
     assert!(relay.is_closed());
 
@@ -452,11 +504,11 @@ fn no_common_version_and_bad_spaces_are_refused_with_a_reason() {
         0,
     );
     assert!(matches!(
-        relay.poll_transmit(),
-        Some(Message::Error {
+        relay.poll_output(),
+        Some(Output::Transmit(Message::Error {
             code: ErrorCode::Forbidden,
             ..
-        })
+        }))
     ));
 }
 
@@ -471,13 +523,15 @@ fn messages_out_of_order_end_the_session_with_unexpected_message() {
         0,
     );
     assert!(matches!(
-        relay.poll_transmit(),
-        Some(Message::Error {
-            code: ErrorCode::UnexpectedMessage,
-            ..
-        })
+        taken(|| relay.poll_output()).as_slice(),
+        [
+            Output::Transmit(Message::Error {
+                code: ErrorCode::UnexpectedMessage,
+                ..
+            }),
+            Output::Event(RelayEvent::Closed { .. }),
+        ]
     ));
-    assert_eq!(relay.poll_effect(), None);
 
     // An open session takes a second upload before the first is answered, not a third.
     let mut world = World::default();
@@ -506,26 +560,21 @@ fn messages_out_of_order_end_the_session_with_unexpected_message() {
 #[test]
 fn a_device_keeps_two_uploads_in_flight_and_records_them_in_order() {
     let mut device = opened_by_hand(SessionConfig::default(), [15; 32], 1, 0);
-    let _download = device.poll_transmit();
-    let mut sent = Vec::new();
-    for entry in 1..=3 {
-        match device.poll_effect() {
-            Some(DeviceEffect::LoadUploadBatch { .. }) => device.upload(vec![change(entry)], 0),
-            other => panic!("expected a batch to load, got {other:?}"),
-        }
-        if let Some(Message::Upload { batch, .. }) = device.poll_transmit() {
-            sent.push(batch);
-        }
-        if sent.len() == MAX_UPLOADS_IN_FLIGHT {
-            break;
+    let (mut loaded, mut sent) = (0, Vec::new());
+    while let Some(output) = device.poll_output() {
+        match output {
+            Output::Effect(DeviceEffect::LoadUploadBatch { .. }) => {
+                loaded += 1;
+                device.upload(vec![change(loaded)], 0);
+            }
+            Output::Transmit(Message::Upload { batch, .. }) => sent.push(batch),
+            Output::Transmit(Message::Download { .. })
+            | Output::Event(DeviceEvent::Authenticated { .. }) => {}
+            other => panic!("unexpected {other:?}"),
         }
     }
     assert_eq!(sent, vec![1, 2]);
-    assert_eq!(
-        device.poll_effect(),
-        None,
-        "no third batch before an answer"
-    );
+    assert_eq!(loaded, 2, "no third batch before an answer");
     // Answers must come in the order of the uploads.
     let ack = |batch: u64, entry: u64| Message::UploadAck {
         batch,
@@ -536,18 +585,29 @@ fn a_device_keeps_two_uploads_in_flight_and_records_them_in_order() {
     };
     device.handle_message(ack(1, 1), 0);
     assert!(matches!(
-        device.poll_effect(),
-        Some(DeviceEffect::RecordUploadResults { batch: 1, .. })
+        device.poll_output(),
+        Some(Output::Effect(DeviceEffect::RecordUploadResults {
+            batch: 1,
+            ..
+        }))
     ));
     device.upload_recorded();
+    // Reported once recorded; then the freed room is filled.
     assert!(matches!(
-        device.poll_effect(),
-        Some(DeviceEffect::LoadUploadBatch { .. })
+        taken(|| device.poll_output()).as_slice(),
+        [
+            Output::Event(DeviceEvent::Uploaded {
+                batch: 1,
+                stored: 1,
+                ..
+            }),
+            Output::Effect(DeviceEffect::LoadUploadBatch { .. }),
+        ]
     ));
     device.upload(vec![change(3)], 0);
     // Closing hands back every batch still waiting for its answer, each on its own.
     device.connection_lost("gone".into());
-    let abandoned: Vec<_> = std::iter::from_fn(|| device.poll_effect()).collect();
+    let abandoned = effects(taken(|| device.poll_output()));
     let handed_back = |entry| DeviceEffect::AbandonUpload {
         entries: vec![entry],
         error: "network: the connection was lost: gone".into(),
@@ -569,14 +629,15 @@ fn an_upload_over_the_batch_limit_is_refused() {
         },
         1,
     );
+    let outputs = taken(|| pair.relay.poll_output());
     assert!(matches!(
-        pair.relay.poll_transmit(),
-        Some(Message::Error {
+        outputs.first(),
+        Some(Output::Transmit(Message::Error {
             code: ErrorCode::TooLarge,
             ..
-        })
+        }))
     ));
-    assert_eq!(pair.relay.poll_effect(), None, "nothing was stored");
+    assert_eq!(effects(outputs), vec![], "nothing was stored");
 }
 
 #[test]
@@ -585,22 +646,26 @@ fn an_upload_without_an_answer_times_out_and_hands_its_entries_back() {
     let timeout = config.request_timeout_ms;
     let mut device = opened_by_hand(config, [8; 32], 100, 10);
     assert!(matches!(
-        device.poll_transmit(),
-        Some(Message::Download { since: 0, .. })
+        taken(|| device.poll_output()).as_slice(),
+        [
+            Output::Event(DeviceEvent::Authenticated { .. }),
+            Output::Effect(DeviceEffect::LoadUploadBatch {
+                max_changes: 100,
+                max_bytes,
+                max_change_bytes,
+            }),
+            Output::Transmit(Message::Download { since: 0, .. }),
+        ] if *max_bytes == 1 << 19
+            && *max_change_bytes == (1 << 20) - ferry_proto::wire::CHANGE_ENVELOPE_BYTES
     ));
-    assert_eq!(
-        device.poll_effect(),
-        Some(DeviceEffect::LoadUploadBatch {
-            max_changes: 100,
-            max_bytes: 1 << 19,
-            max_change_bytes: (1 << 20) - ferry_proto::wire::CHANGE_ENVELOPE_BYTES,
-        })
-    );
     device.upload(vec![change(1), change(2)], 10);
     // The next batch is loaded while this one is on its way; the queue has no more.
     assert!(matches!(
-        device.poll_effect(),
-        Some(DeviceEffect::LoadUploadBatch { .. })
+        taken(|| device.poll_output()).as_slice(),
+        [
+            Output::Transmit(Message::Upload { batch: 1, .. }),
+            Output::Effect(DeviceEffect::LoadUploadBatch { .. }),
+        ]
     ));
     device.upload(vec![], 10);
     assert_eq!(device.poll_timeout(), Some(10 + timeout));
@@ -609,8 +674,8 @@ fn an_upload_without_an_answer_times_out_and_hands_its_entries_back() {
     device.handle_timeout(10 + timeout);
     assert!(device.is_closed());
     assert!(matches!(
-        device.poll_effect(),
-        Some(DeviceEffect::AbandonUpload { entries, error, kind: ErrorKind::Timeout }) if entries == vec![1, 2] && error.starts_with("timeout")
+        effects(taken(|| device.poll_output())).as_slice(),
+        [DeviceEffect::AbandonUpload { entries, error, kind: ErrorKind::Timeout }] if *entries == vec![1, 2] && error.starts_with("timeout")
     ));
 }
 
@@ -622,14 +687,14 @@ fn a_batch_loaded_after_the_session_closed_is_handed_back() {
     world.pending = vec![change(1)];
     pair.device.local_changes();
     assert!(matches!(
-        pair.device.poll_effect(),
-        Some(DeviceEffect::LoadUploadBatch { .. })
+        pair.device.poll_output(),
+        Some(Output::Effect(DeviceEffect::LoadUploadBatch { .. }))
     ));
     pair.device.connection_lost("reset".into());
     pair.device.upload(vec![change(1)], 2);
     assert!(matches!(
-        pair.device.poll_effect(),
-        Some(DeviceEffect::AbandonUpload { entries, .. }) if entries == vec![1]
+        effects(taken(|| pair.device.poll_output())).as_slice(),
+        [DeviceEffect::AbandonUpload { entries, .. }] if *entries == vec![1]
     ));
 }
 
@@ -644,11 +709,11 @@ fn the_handshake_has_a_deadline_on_both_sides() {
     relay.handle_timeout(100 + config.handshake_timeout_ms);
     assert!(relay.is_closed());
     assert!(matches!(
-        relay.poll_transmit(),
-        Some(Message::Error {
+        relay.poll_output(),
+        Some(Output::Transmit(Message::Error {
             code: ErrorCode::Timeout,
             ..
-        })
+        }))
     ));
 }
 
@@ -676,11 +741,11 @@ fn empty_uploads_empty_downloads_and_cursors_beyond_the_log_are_refused() {
         1,
     );
     assert!(matches!(
-        pair.relay.poll_transmit(),
-        Some(Message::Error {
+        pair.relay.poll_output(),
+        Some(Output::Transmit(Message::Error {
             code: ErrorCode::Malformed,
             ..
-        })
+        }))
     ));
 
     let mut pair = Pair::new([13; 32], 0);
@@ -932,12 +997,12 @@ fn a_heads_check_is_answered_one_at_a_time_as_of_the_logs_head() {
 fn a_heads_check_needs_version_3_and_an_answer_in_time() {
     let old = opened_by_hand(SessionConfig::default(), [29; 32], 100, 10);
     let mut old = old;
-    while old.poll_transmit().is_some() {}
+    taken(|| old.poll_output());
     assert!(
         !old.check_heads(None, 10, 10),
         "a version 2 relay is not asked"
     );
-    assert_eq!(old.poll_transmit(), None);
+    assert_eq!(old.poll_output(), None);
 
     let mut world = World::default();
     let mut pair = Pair::new([30; 32], 0);
@@ -946,7 +1011,7 @@ fn a_heads_check_needs_version_3_and_an_answer_in_time() {
     let deadline = pair.device.poll_timeout().expect("the answer is due");
     assert_eq!(deadline, 100 + SessionConfig::default().request_timeout_ms);
     pair.device.handle_timeout(deadline);
-    let events: Vec<_> = std::iter::from_fn(|| pair.device.poll_event()).collect();
+    let events = events(taken(|| pair.device.poll_output()));
     assert!(
         matches!(
             closed_with(&events),
@@ -969,10 +1034,10 @@ fn a_second_heads_check_before_the_answer_ends_the_relays_session() {
     pair.relay.handle_message(check, pair.now);
     assert!(pair.relay.is_closed());
     assert!(matches!(
-        pair.relay.poll_transmit(),
-        Some(Message::Error {
+        transmits(taken(|| pair.relay.poll_output())).as_slice(),
+        [Message::Error {
             code: ErrorCode::UnexpectedMessage,
             ..
-        })
+        }]
     ));
 }

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use super::accounts::{Accounts, Revocation};
 use super::activity::{SyncEvent, SyncKind};
 use super::alerts::RelayAlerts;
 use super::store::{RelayStore, RelayStoreError};
+use crate::engine::drive::{Io, drive};
 use crate::engine::{deadline_instant, now_ms, sleep_until};
 use crate::metrics::{RelayMetrics, RequestKind};
 use crate::transport::{self, FrameSender, TransportError};
@@ -493,8 +495,14 @@ impl Context {
         // Counts the device as connected from its sign-in until this function returns.
         let mut connected = None;
         loop {
-            self.pump(&mut session, &mut peer, &mut head, &mut sender, remote)
-                .await;
+            let mut io = Serving {
+                context: &self,
+                peer: &mut peer,
+                head: &mut head,
+                sender: &mut sender,
+                remote,
+            };
+            drive(&mut session, &mut io).await;
             if connected.is_none() && session.is_open() && !peer.device.is_empty() {
                 connected = Some(self.metrics.device_connected());
             }
@@ -542,124 +550,132 @@ impl Context {
                 },
             }
         }
-        self.pump(&mut session, &mut peer, &mut head, &mut sender, remote)
-            .await;
+        let mut io = Serving {
+            context: &self,
+            peer: &mut peer,
+            head: &mut head,
+            sender: &mut sender,
+            remote,
+        };
+        drive(&mut session, &mut io).await;
         let _ = sender.finish();
         // Give the device a moment to read the last message (an error, say) before closing.
         let _ = tokio::time::timeout(LINGER, connection.closed()).await;
         connection.close(0u32.into(), b"session over");
         reader.abort();
     }
+}
 
-    async fn pump(
-        &mut self,
-        session: &mut RelaySession,
-        peer: &mut Peer,
-        head: &mut Option<watch::Receiver<u64>>,
-        sender: &mut FrameSender,
-        remote: SocketAddr,
-    ) {
-        let max_read_bytes = (self.options.session.max_frame_bytes as usize) / 2;
-        loop {
-            let mut moved = false;
-            while let Some(message) = session.poll_transmit() {
-                moved = true;
-                if let Err(e) = sender.send(&message).await {
-                    session.connection_lost(e.to_string());
-                }
-            }
-            // Effects after transmits: a push read is only asked for once the previous
-            // message is on its way.
-            if let Some(effect) = session.poll_effect() {
-                moved = true;
-                let authorizing = matches!(effect, RelayEffect::Authorize { .. });
-                if let RelayEffect::Authorize { credential, .. } = &effect
-                    && !self.limiters.allow(remote.ip(), credential, now_ms())
-                {
-                    tracing::warn!(%remote, credential = credential.name(), "sign-in rate limited");
-                    self.metrics.sign_in("rate_limited");
-                    session.refused(
-                        ErrorCode::RateLimited,
-                        "too many sign-in attempts from this address: wait a minute, then try again"
-                            .into(),
-                    );
-                    continue;
-                }
-                let result = tokio::task::block_in_place(|| {
-                    carry_out(
-                        &self.store,
-                        &self.accounts,
-                        &self.metrics,
-                        peer,
-                        session,
-                        effect,
-                        max_read_bytes,
-                        now_ms(),
-                    )
+/// The relay's side of a session's output: frames to the device, effects against the store and
+/// the accounts (sign-ins rate limited per address), new heads published to the space's
+/// sessions, events into the metrics and the space's sync log.
+struct Serving<'a> {
+    context: &'a Context,
+    peer: &'a mut Peer,
+    head: &'a mut Option<watch::Receiver<u64>>,
+    sender: &'a mut FrameSender,
+    remote: SocketAddr,
+}
+
+impl Io<RelaySession> for Serving<'_> {
+    type SendError = TransportError;
+
+    async fn transmit(&mut self, message: Message) -> Result<(), TransportError> {
+        self.sender.send(&message).await
+    }
+
+    fn carry_out(&mut self, session: &mut RelaySession, effect: RelayEffect) {
+        let context = self.context;
+        let authorizing = matches!(effect, RelayEffect::Authorize { .. });
+        if let RelayEffect::Authorize { credential, .. } = &effect
+            && !context
+                .limiters
+                .allow(self.remote.ip(), credential, now_ms())
+        {
+            tracing::warn!(remote = %self.remote, credential = credential.name(), "sign-in rate limited");
+            context.metrics.sign_in("rate_limited");
+            session.refused(
+                ErrorCode::RateLimited,
+                "too many sign-in attempts from this address: wait a minute, then try again".into(),
+            );
+            return;
+        }
+        let max_read_bytes = (context.options.session.max_frame_bytes as usize) / 2;
+        let result = tokio::task::block_in_place(|| {
+            carry_out(
+                &context.store,
+                &context.accounts,
+                &context.metrics,
+                self.peer,
+                session,
+                effect,
+                max_read_bytes,
+                now_ms(),
+            )
+        });
+        match result {
+            Ok(Some(new_head)) => {
+                context.spaces.publish(&self.peer.space, new_head);
+                tokio::task::block_in_place(|| {
+                    context.alerts.appended(&context.store, &self.peer.space)
                 });
-                match result {
-                    Ok(Some(new_head)) => {
-                        self.spaces.publish(&peer.space, new_head);
-                        tokio::task::block_in_place(|| {
-                            self.alerts.appended(&self.store, &peer.space)
-                        });
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "relay store failed");
-                        session.failed(format!("the relay's store failed: {e}"));
-                    }
-                }
-                if authorizing && session.is_open() {
-                    tracing::Span::current().record("device", peer.device.as_str());
-                    let current = self.store.head(&peer.space).unwrap_or(0);
-                    *head = Some(self.spaces.subscribe(&peer.space, current));
-                }
             }
-            while let Some(event) = session.poll_event() {
-                moved = true;
-                match event {
-                    // Only the key is proven here: whether the device gets in is logged when
-                    // its credential is decided ("signed in" or "sign-in refused").
-                    RelayEvent::Authenticated { device, space } => {
-                        tracing::debug!(%device, %space, "device proved its key");
-                    }
-                    // The relay itself is stopping: a shutdown, not a failure of the session.
-                    RelayEvent::Closed {
-                        error:
-                            Some(SessionError::Protocol {
-                                code: ErrorCode::ShuttingDown,
-                                ..
-                            }),
-                    } => {
-                        tracing::info!("session closed: the relay is shutting down");
-                        self.metrics.session_ended("shutdown");
-                    }
-                    RelayEvent::Closed { error: Some(error) } => {
-                        tracing::info!(kind = %error.kind(), %error, "session ended");
-                        self.metrics.session_ended(error.kind().as_str());
-                        if !peer.space.is_empty() && !self.closed_cleanly {
-                            let mut event = sync_event(
-                                &peer.device,
-                                SyncKind::Session,
-                                now_ms(),
-                                Duration::ZERO,
-                            );
-                            event.outcome = error.kind().as_str().to_owned();
-                            event.error = Some(error.to_string());
-                            self.metrics.activity.record(&peer.space, event, None);
-                        }
-                    }
-                    RelayEvent::Closed { error: None } => {
-                        tracing::debug!("session ended");
-                        self.metrics.session_ended("ok");
-                    }
-                }
-            }
-            if !moved {
-                return;
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "relay store failed");
+                session.failed(format!("the relay's store failed: {e}"));
             }
         }
+        if authorizing && session.is_open() {
+            tracing::Span::current().record("device", self.peer.device.as_str());
+            let current = context.store.head(&self.peer.space).unwrap_or(0);
+            *self.head = Some(context.spaces.subscribe(&self.peer.space, current));
+        }
+    }
+
+    fn report(&mut self, event: RelayEvent) -> ControlFlow<()> {
+        let context = self.context;
+        match event {
+            // Only the key is proven here: whether the device gets in is logged when its
+            // credential is decided ("signed in" or "sign-in refused").
+            RelayEvent::Authenticated { device, space } => {
+                tracing::debug!(%device, %space, "device proved its key");
+            }
+            // The relay itself is stopping: a shutdown, not a failure of the session.
+            RelayEvent::Closed {
+                error:
+                    Some(SessionError::Protocol {
+                        code: ErrorCode::ShuttingDown,
+                        ..
+                    }),
+            } => {
+                tracing::info!("session closed: the relay is shutting down");
+                context.metrics.session_ended("shutdown");
+            }
+            RelayEvent::Closed { error: Some(error) } => {
+                tracing::info!(kind = %error.kind(), %error, "session ended");
+                context.metrics.session_ended(error.kind().as_str());
+                if !self.peer.space.is_empty() && !context.closed_cleanly {
+                    let mut event = sync_event(
+                        &self.peer.device,
+                        SyncKind::Session,
+                        now_ms(),
+                        Duration::ZERO,
+                    );
+                    event.outcome = error.kind().as_str().to_owned();
+                    event.error = Some(error.to_string());
+                    context
+                        .metrics
+                        .activity
+                        .record(&self.peer.space, event, None);
+                }
+            }
+            RelayEvent::Closed { error: None } => {
+                tracing::debug!("session ended");
+                context.metrics.session_ended("ok");
+            }
+        }
+        ControlFlow::Continue(())
     }
 }
 
