@@ -1,6 +1,7 @@
 //! The device's sync loop. It connects to the relay, drives a [`DeviceSession`] over the
-//! connection, carries out the session's effects against the local service, reconnects with
-//! backoff, and publishes a [`SyncStatus`] that `status` and `ferry sync` read.
+//! connection (through [`drive::drive`], the loop the relay and the simulation run too),
+//! carries out the session's effects against the local service, reconnects with backoff, and
+//! publishes a [`SyncStatus`] that `status` and `ferry sync` read.
 //!
 //! The four phases of a sync are tracing spans and SyncLog entries: initialization (connect,
 //! TLS, authentication, protocol version, relay time), upload (queue batches in priority order),

@@ -259,8 +259,8 @@ impl Pair {
 }
 
 /// Everything a session has put out and nobody took yet, in order.
-fn taken<E, V>(mut poll: impl FnMut() -> Option<Output<E, V>>) -> Vec<Output<E, V>> {
-    std::iter::from_fn(|| poll()).collect()
+fn taken<E, V>(poll: impl FnMut() -> Option<Output<E, V>>) -> Vec<Output<E, V>> {
+    std::iter::from_fn(poll).collect()
 }
 
 fn effects<E, V>(outputs: Vec<Output<E, V>>) -> Vec<E> {

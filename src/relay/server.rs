@@ -1,6 +1,6 @@
 //! `ferry relay`'s QUIC server: accepts device connections, drives one [`RelaySession`] per
-//! connection against the [`RelayStore`], and fans new log entries out to every live session of
-//! the space at once.
+//! connection against the [`RelayStore`] (through `engine::drive`, the loop the daemon and the
+//! simulation run too), and fans new log entries out to every live session of the space at once.
 //!
 //! Bounded everywhere: connections (extra ones get `Overloaded`), frame size (checked before a
 //! body is read), upload batch size and download page size (in the session), and per-connection
