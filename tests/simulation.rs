@@ -1,6 +1,6 @@
 //! Deterministic simulation of sync: K devices (2 to 8) and a relay in one process, driven through
 //! the real session state machines, the daemon's and the relay's own drive loop
-//! (`engine::drive::drive`) and effect drivers (`engine::carry_out`, `relay::server::carry_out`)
+//! (`drive::drive`) and effect drivers (`engine::carry_out`, `relay::server::carry_out`)
 //! over in-memory stores and an in-memory wire, with a seeded RNG and a virtual clock.
 //!
 //! Random puts, patches and deletes happen while devices go offline and online, messages are
@@ -31,12 +31,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ed25519_dalek::SigningKey;
 use ferry::auth::credentials;
 use ferry::auth::token::TokenPolicy;
-use ferry::engine::drive::{Io, drive};
+use ferry::clock::Clock;
+use ferry::drive::{Io, drive};
 use ferry::engine::{self, ConnectionState, SyncStatus};
 use ferry::fuzzing::{Forgery, forge, mutate_change};
-use ferry::metrics::RelayMetrics;
 use ferry::record::{Fields, Record, decode_change};
 use ferry::relay::accounts::{Accounts, RandomSource};
+use ferry::relay::activity::Activity;
+use ferry::relay::metrics::RelayMetrics;
 use ferry::relay::server::{self as relay_server, Peer};
 use ferry::relay::store::{RelayStore, RelayStoreOptions};
 use ferry::resolve::{
@@ -44,7 +46,7 @@ use ferry::resolve::{
 };
 use ferry::service::{Service, ServiceOptions};
 use ferry::store::kv::MemoryKv;
-use ferry::store::{Clock, RetryPolicy, Store, StoreError, StoreOptions};
+use ferry::store::{RetryPolicy, Store, StoreError, StoreOptions};
 use ferry_proto::session::{
     DeviceEffect, DeviceEvent, DeviceSession, RelayEffect, RelayEvent, RelaySession, SessionConfig,
     device_id,
@@ -508,7 +510,8 @@ impl World {
             let mut link = self.links.remove(pos);
             link.relay.connection_lost("device crashed".into());
             // What the relay side sends now goes nowhere: the link is dropped with it.
-            self.drive_relay(&mut link, &RelayMetrics::default(), &mut Vec::new());
+            let (metrics, activity) = (RelayMetrics::default(), Activity::default());
+            self.drive_relay(&mut link, &metrics, &activity, &mut Vec::new());
         }
         let device = self.devices[i].take().expect("device present");
         self.devices[i] = Some(device.restart(&self.clock, &self.options));
@@ -576,6 +579,7 @@ impl World {
         &mut self,
         link: &mut Link,
         metrics: &RelayMetrics,
+        activity: &Activity,
         appended: &mut Vec<u64>,
     ) -> bool {
         let now = self.clock.now();
@@ -591,6 +595,7 @@ impl World {
             store,
             accounts,
             metrics,
+            activity,
             peer: &mut link.peer,
             appended,
             device: link.device,
@@ -603,10 +608,10 @@ impl World {
     /// heads appended to the relay. Each side only puts messages on the wire, so one pass each
     /// leaves both quiet.
     fn pump_link(&mut self, link: &mut Link) -> (bool, Vec<u64>) {
-        let metrics = RelayMetrics::default();
+        let (metrics, activity) = (RelayMetrics::default(), Activity::default());
         let mut appended = Vec::new();
         let device = self.drive_device(link);
-        let relay = self.drive_relay(link, &metrics, &mut appended);
+        let relay = self.drive_relay(link, &metrics, &activity, &mut appended);
         (device || relay, appended)
     }
 
@@ -1425,6 +1430,7 @@ struct RelayIo<'a> {
     store: &'a RelayStore,
     accounts: &'a Accounts,
     metrics: &'a RelayMetrics,
+    activity: &'a Activity,
     peer: &'a mut Peer,
     appended: &'a mut Vec<u64>,
     device: usize,
@@ -1444,6 +1450,7 @@ impl Io<RelaySession> for RelayIo<'_> {
             self.store,
             self.accounts,
             self.metrics,
+            self.activity,
             self.peer,
             session,
             effect,

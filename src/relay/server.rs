@@ -1,5 +1,5 @@
 //! `ferry relay`'s QUIC server: accepts device connections, drives one [`RelaySession`] per
-//! connection against the [`RelayStore`] (through `engine::drive`, the loop the daemon and the
+//! connection against the [`RelayStore`] (through `drive`, the loop the daemon and the
 //! simulation run too), and fans new log entries out to every live session of the space at once.
 //!
 //! Bounded everywhere: connections (extra ones get `Overloaded`), frame size (checked before a
@@ -20,12 +20,12 @@ use ferry_proto::wire::{ChangeOutcome, Credential, ErrorCode, Message};
 use tokio::sync::{Semaphore, broadcast, watch};
 
 use super::accounts::{Accounts, Revocation};
-use super::activity::{SyncEvent, SyncKind};
+use super::activity::{Activity, SyncEvent, SyncKind};
 use super::alerts::RelayAlerts;
+use super::metrics::{RelayMetrics, RequestKind};
 use super::store::{RelayStore, RelayStoreError};
-use crate::engine::drive::{Io, drive};
-use crate::engine::{deadline_instant, now_ms, sleep_until};
-use crate::metrics::{RelayMetrics, RequestKind};
+use crate::clock::{deadline_instant, now_ms, sleep_until};
+use crate::drive::{Io, drive};
 use crate::transport::{self, FrameSender, TransportError};
 
 /// Over-limit connections told `Overloaded` at once; more are refused without a handshake.
@@ -143,6 +143,7 @@ pub fn carry_out(
     store: &RelayStore,
     accounts: &Accounts,
     metrics: &RelayMetrics,
+    activity: &Activity,
     peer: &mut Peer,
     session: &mut RelaySession,
     effect: RelayEffect,
@@ -196,8 +197,15 @@ pub fn carry_out(
         RelayEffect::Store { batch, changes } => {
             let _span =
                 tracing::info_span!("relay.store", batch, changes = changes.len()).entered();
-            let (results, head) =
-                append_counted(store, metrics, &peer.space, &peer.device, &changes, now)?;
+            let (results, head) = append_counted(
+                store,
+                metrics,
+                activity,
+                &peer.space,
+                &peer.device,
+                &changes,
+                now,
+            )?;
             session.stored(batch, results, head);
             Ok(Some(head))
         }
@@ -235,9 +243,7 @@ pub fn carry_out(
             };
             let mut event = sync_event(&peer.device, sync_kind, now, took);
             event.changes = slice.entries.len() as u64;
-            metrics
-                .activity
-                .record(&peer.space, event, Some(slice.through));
+            activity.record(&peer.space, event, Some(slice.through));
             session.read(slice);
             Ok(None)
         }
@@ -250,6 +256,7 @@ pub fn carry_out(
 pub fn append_counted(
     store: &RelayStore,
     metrics: &RelayMetrics,
+    activity: &Activity,
     space: &str,
     device: &str,
     changes: &[ferry_proto::wire::UploadChange],
@@ -281,7 +288,7 @@ pub fn append_counted(
     event.conflicts = store
         .conflicts_total(space)?
         .saturating_sub(conflicts_before);
-    metrics.activity.record(space, event, Some(head));
+    activity.record(space, event, Some(head));
     Ok((results, head))
 }
 
@@ -307,6 +314,8 @@ pub struct Shared {
     pub store: Arc<RelayStore>,
     pub accounts: Arc<Accounts>,
     pub metrics: Arc<RelayMetrics>,
+    /// Each space's sync log and per-minute totals, for the web interface.
+    pub activity: Arc<Activity>,
     pub spaces: Arc<Spaces>,
     pub alerts: Arc<RelayAlerts>,
 }
@@ -322,6 +331,7 @@ pub async fn serve(
         store,
         accounts,
         metrics,
+        activity,
         spaces,
         alerts,
     } = shared;
@@ -353,6 +363,7 @@ pub async fn serve(
                     store: store.clone(),
                     accounts: accounts.clone(),
                     metrics: metrics.clone(),
+                    activity: activity.clone(),
                     alerts: alerts.clone(),
                     limiters: limiters.clone(),
                     spaces: spaces.clone(),
@@ -437,6 +448,7 @@ struct Context {
     store: Arc<RelayStore>,
     accounts: Arc<Accounts>,
     metrics: Arc<RelayMetrics>,
+    activity: Arc<Activity>,
     alerts: Arc<RelayAlerts>,
     limiters: Arc<Limiters>,
     spaces: Arc<Spaces>,
@@ -606,6 +618,7 @@ impl Io<RelaySession> for Serving<'_> {
                 &context.store,
                 &context.accounts,
                 &context.metrics,
+                &context.activity,
                 self.peer,
                 session,
                 effect,
@@ -664,10 +677,7 @@ impl Io<RelaySession> for Serving<'_> {
                     );
                     event.outcome = error.kind().as_str().to_owned();
                     event.error = Some(error.to_string());
-                    context
-                        .metrics
-                        .activity
-                        .record(&self.peer.space, event, None);
+                    context.activity.record(&self.peer.space, event, None);
                 }
             }
             RelayEvent::Closed { error: None } => {
