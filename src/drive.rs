@@ -92,3 +92,157 @@ pub async fn drive<S: Session, I: Io<S>>(session: &mut S, io: &mut I) -> bool {
     }
     moved
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use ferry_proto::session::SessionConfig;
+    use ferry_proto::wire::{Credential, UploadChange};
+
+    /// Keeps what it was given, in order; answers batch loads from `queue`, refuses to send once
+    /// `fail_sends` is set, and stops at `Authenticated` when `stop_when_in` is.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Vec<String>,
+        queue: Vec<UploadChange>,
+        fail_sends: bool,
+        stop_when_in: bool,
+    }
+
+    impl Io<DeviceSession> for Recorder {
+        type SendError = &'static str;
+
+        async fn transmit(&mut self, message: Message) -> Result<(), &'static str> {
+            self.seen.push(format!("send {}", message.name()));
+            if self.fail_sends {
+                return Err("the stream is gone");
+            }
+            Ok(())
+        }
+
+        fn carry_out(&mut self, session: &mut DeviceSession, effect: DeviceEffect) {
+            self.seen.push(match effect {
+                DeviceEffect::LoadUploadBatch { .. } => {
+                    session.upload(std::mem::take(&mut self.queue), 0);
+                    "load".into()
+                }
+                other => format!("{other:?}"),
+            });
+        }
+
+        fn report(&mut self, event: DeviceEvent) -> ControlFlow<()> {
+            let authenticated = matches!(event, DeviceEvent::Authenticated { .. });
+            self.seen.push(match event {
+                DeviceEvent::Authenticated { .. } => "authenticated".into(),
+                DeviceEvent::Idle { .. } => "idle".into(),
+                DeviceEvent::Closed { error } => format!("closed: {error:?}"),
+                other => format!("{other:?}"),
+            });
+            if authenticated && self.stop_when_in {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+    }
+
+    /// A device session let in by hand: its next outputs are `Authenticated`, a batch to load
+    /// and a `Download`.
+    fn let_in() -> DeviceSession {
+        let mut session = DeviceSession::new(
+            SessionConfig::default(),
+            SigningKey::from_bytes(&[3; 32]),
+            "team".into(),
+            Vec::new(),
+            0,
+            Credential::Key,
+            None,
+            0,
+        );
+        session.handle_message(
+            Message::Challenge {
+                version: ferry_proto::wire::PROTOCOL_VERSION,
+                nonce: [0; 32],
+                time_ms: 0,
+            },
+            0,
+        );
+        session.handle_message(
+            Message::Welcome {
+                time_ms: 0,
+                head: 0,
+                max_batch_changes: 10,
+                max_frame_bytes: 1 << 20,
+                expires_ms: 600_000,
+                tokens: None,
+            },
+            0,
+        );
+        session
+    }
+
+    #[tokio::test]
+    async fn outputs_are_taken_in_order_and_each_effect_answered_before_the_next() {
+        let mut session = let_in();
+        let mut io = Recorder {
+            queue: vec![UploadChange {
+                entry: 1,
+                collection: "Customer".into(),
+                record: "r1".into(),
+                change: vec![1; 10],
+            }],
+            ..Recorder::default()
+        };
+        assert!(drive(&mut session, &mut io).await);
+        // The load was answered when it was taken: the upload it made, and the next load, come
+        // right after what the session had queued behind it (the download).
+        assert_eq!(
+            io.seen,
+            [
+                "send Hello",
+                "send Authenticate",
+                "authenticated",
+                "load",
+                "send Download",
+                "send Upload",
+                "load",
+            ]
+        );
+        assert!(!drive(&mut session, &mut io).await, "nothing left");
+    }
+
+    #[tokio::test]
+    async fn a_stop_at_an_event_leaves_the_rest_untaken() {
+        let mut session = let_in();
+        let mut io = Recorder {
+            stop_when_in: true,
+            ..Recorder::default()
+        };
+        drive(&mut session, &mut io).await;
+        assert_eq!(io.seen.last().map(String::as_str), Some("authenticated"));
+        assert!(matches!(
+            session.poll_output(),
+            Some(Output::Effect(DeviceEffect::LoadUploadBatch { .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_failed_send_ends_the_session_as_a_lost_connection() {
+        let mut session = let_in();
+        let mut io = Recorder {
+            fail_sends: true,
+            ..Recorder::default()
+        };
+        drive(&mut session, &mut io).await;
+        assert!(session.is_closed());
+        assert_eq!(io.seen.first().map(String::as_str), Some("send Hello"));
+        assert!(
+            io.seen.last().is_some_and(
+                |s| s.starts_with("closed: Some(ConnectionLost(\"the stream is gone\"")
+            ),
+            "{:?}",
+            io.seen
+        );
+    }
+}
