@@ -13,6 +13,7 @@ pub mod alerts;
 pub mod http;
 pub mod mirror;
 pub mod server;
+pub mod storage;
 pub mod store;
 pub mod web;
 pub(crate) mod web_write;
@@ -107,14 +108,15 @@ pub async fn run(
         &dir.path().join("relay.db"),
         relay.sled_cache_mb * 1024 * 1024,
     )?);
+    let storage = Arc::new(storage::KvStorage::new(kv.clone()));
     let accounts = Arc::new(accounts::Accounts::open(
-        kv.clone(),
+        storage.clone(),
         relay.token_policy(),
         accounts::os_random(),
         crate::engine::now_ms(),
     )?);
     let store = Arc::new(RelayStore::open(
-        kv.clone(),
+        storage,
         RelayStoreOptions {
             doc_cache_docs: relay.cache_docs,
             limits: config.limits,
@@ -126,7 +128,7 @@ pub async fn run(
                 .collect(),
             ..RelayStoreOptions::default()
         },
-    )?);
+    ));
     let transport_options = TransportOptions {
         max_concurrent_connections: relay.max_connections,
         idle_timeout: Duration::from_millis(relay.idle_timeout_ms),
