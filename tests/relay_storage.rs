@@ -463,7 +463,7 @@ fn accounts_devices_codes_families_keys_and_passwords_commit_whole(engine: &dyn 
         ]),
         Err(StorageError::AccountExists(name)) if name == "alice"
     ));
-    assert_eq!(storage.accounts().unwrap(), [alice.clone()]);
+    assert_eq!(storage.accounts().unwrap(), [alice]);
     assert_eq!(storage.devices().unwrap(), []);
 
     // A code registers one device: the second commit consuming it is refused whole.

@@ -269,7 +269,8 @@ impl Accounts {
                 let bits = chunk.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
                 (0..8)
                     .rev()
-                    .map(move |i| CODE_ALPHABET[((bits >> (i * 5)) & 31) as usize] as char)
+                    .filter_map(move |i| CODE_ALPHABET.get(((bits >> (i * 5)) & 31) as usize))
+                    .map(|&c| char::from(c))
             })
             .collect();
         let expires_ms = now_ms.saturating_add(ttl_ms);
