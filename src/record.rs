@@ -210,6 +210,28 @@ pub fn decode_change(bytes: &[u8]) -> Result<Change, RecordError> {
     change.map_err(|e| RecordError::InvalidChange(e.to_string()))
 }
 
+/// A change's message: its operation (`put`, `patch`, `delete`, ...) on the first line; a
+/// conflict's resolution adds a second line, `resolve <conflict id> <take>`, which every device
+/// reads back to know the conflict settled.
+pub fn operation_of(message: Option<&str>) -> &str {
+    message.and_then(|m| m.lines().next()).unwrap_or("unknown")
+}
+
+/// The conflict id and the take word a resolution's message names (see [`operation_of`]).
+pub fn resolved_conflict(message: Option<&str>) -> Option<(&str, &str)> {
+    let line = message?.lines().nth(1)?;
+    let mut words = line.split(' ');
+    if words.next()? != "resolve" {
+        return None;
+    }
+    Some((words.next()?, words.next()?))
+}
+
+/// The message of a change made by `operation` that resolves `conflict` taking `take`.
+pub fn resolution_message(operation: &str, conflict: &str, take: &str) -> String {
+    format!("{operation}\nresolve {conflict} {take}")
+}
+
 /// The result of a write that changed the record.
 #[derive(Debug)]
 pub struct Written {
@@ -529,7 +551,7 @@ impl Record {
                     device: change.actor_id().to_hex_string(),
                     seq: change.seq(),
                     time: change.timestamp(),
-                    operation: crate::resolve::operation_of(change.message()).to_owned(),
+                    operation: operation_of(change.message()).to_owned(),
                     fields,
                 }
             })

@@ -11,7 +11,7 @@
 //! Must not touch: storage, the network, clocks. Unique constraints span records, so their index
 //! lives in `store::conflicts`; only a record's own unique values are computed here.
 
-use crate::record::{DELETED_KEY, Fields, Record, from_scalar};
+use crate::record::{DELETED_KEY, Fields, Record, from_scalar, operation_of, resolved_conflict};
 use automerge::Value as AmValue;
 use automerge::{Automerge, ChangeHash, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue};
 use serde::{Deserialize, Serialize};
@@ -134,27 +134,10 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The first line of a change's message is its operation; a resolution adds a second line,
-/// `resolve <conflict id> <take>`.
-pub fn operation_of(message: Option<&str>) -> &str {
-    message.and_then(|m| m.lines().next()).unwrap_or("unknown")
-}
-
-/// The conflict a change resolves, from its message.
+/// The conflict a change resolves and how, from its message (`record::resolved_conflict`).
 pub fn resolution_of(message: Option<&str>) -> Option<(&str, Take)> {
-    let line = message?.lines().nth(1)?;
-    let mut words = line.split(' ');
-    if words.next()? != "resolve" {
-        return None;
-    }
-    let id = words.next()?;
-    let take = Take::parse(words.next()?)?;
-    Some((id, take))
-}
-
-/// The message of a change that resolves `conflict`.
-pub fn resolution_message(operation: &str, conflict: &str, take: Take) -> String {
-    format!("{operation}\nresolve {conflict} {}", take.as_str())
+    let (id, take) = resolved_conflict(message)?;
+    Some((id, Take::parse(take)?))
 }
 
 /// What a record shows, after its collection's strategy has settled any conflicts.
