@@ -1,7 +1,8 @@
 //! The relay: the server that devices of a space upload their changes to and download the
 //! space's change log from.
 //!
-//! Owns: the relay's durable state (`store`: change logs; `accounts`: accounts, devices, tokens),
+//! Owns: the relay's durable state (`store`: change logs; `accounts`: accounts, devices, tokens;
+//! `storage`: how both are kept),
 //! its QUIC server (`server`), the operator's socket (`admin`), and the process around them
 //! (`run`: data directory, certificate, endpoint, signing key rotation, clean shutdown).
 //! Must not touch: the device's store or its socket.

@@ -523,7 +523,7 @@ impl RelayStore {
 
     /// The record's logged heads as stored; for a record with one change (whose heads are not
     /// stored) that change; for a record logged before heads were kept, as its document has
-    /// them. Runs under the space's lock.
+    /// them (read into the cache). Runs under the space's lock.
     fn logged_heads(
         &self,
         space: &str,
@@ -533,17 +533,16 @@ impl RelayStore {
         if let Some(heads) = self.storage.record_heads(space, collection, record)? {
             return Ok(heads);
         }
-        // A base that is one change (not a saved document) with no tail is the record's only
-        // change. Hashing the chunk is all that takes, not decoding the change.
+        // A base that is one change (not a saved document) is the record's only change: a
+        // record with a tail has its heads stored. Hashing the chunk is all that takes, not
+        // decoding the change.
         let first = self
             .storage
             .base(space, collection, record)?
             .as_deref()
             .and_then(chunk_hash)
             .and_then(|h| h.parse::<ChangeHash>().ok());
-        if let Some(first) = first
-            && self.storage.tail(space, collection, record)?.is_empty()
-        {
+        if let Some(first) = first {
             return Ok(vec![first.0]);
         }
         Ok(self
