@@ -131,8 +131,8 @@ impl KvStorage {
             .collect()
     }
 
-    /// The stages of an append, in the order the relay built them: a compaction's base and tail
-    /// removals come after the tail keys they replace.
+    /// The one batch of an append. A compaction's base and tail removals come after the created
+    /// bases and tail keys of the same append, which they replace.
     fn batch(&self, space: &str, append: Append) -> Result<Batch, StorageError> {
         let mut batch = Batch::default();
         for ((collection, record), base) in append.created {

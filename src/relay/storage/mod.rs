@@ -13,8 +13,9 @@
 //! whole or not at all and is durable when the call returns `Ok`. An append states the head it
 //! was staged against; an engine refuses it with [`StorageError::HeadMoved`] if the log moved on
 //! meanwhile (another relay appended), so that the change is staged again on what is logged.
-//! Counters (conflicts, log bytes) are sent as increments, which commits made by several relays
-//! add up correctly.
+//! Counters are kept by the engine as sums: an append carries the conflicts it found, and the
+//! engine adds those and its entries' bytes (the space's quota) to what is stored, so commits
+//! made by several relays add up.
 
 pub mod kv;
 
