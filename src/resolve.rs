@@ -233,35 +233,31 @@ fn visible_heads(
         resolution_of_head.push(id);
     }
     let before = remaining.len();
-    let mut index = 0;
+    let mut resolutions = resolution_of_head.iter();
     remaining.retain(|(_, stamp)| {
-        let keep = resolution_of_head[index]
-            .as_ref()
-            .is_none_or(|id| best_resolution.get(id) == Some(stamp));
-        index += 1;
-        keep
+        resolutions
+            .next()
+            .and_then(Option::as_ref)
+            .is_none_or(|id| best_resolution.get(id) == Some(stamp))
     });
     if policy.strategy == Strategy::Lww && remaining.len() > 1 {
         remaining.sort_by(|a, b| b.1.cmp(&a.1));
         let deleted_at = |h: &ChangeHash| raw_deleted(doc, Some(std::slice::from_ref(h)));
+        let latest = remaining.first().map(|(h, _)| *h);
         let chosen = match policy.on_delete {
-            DeleteRule::Latest | DeleteRule::Queue => remaining[0].0,
-            DeleteRule::KeepUpdate => {
-                remaining
-                    .iter()
-                    .find(|(h, _)| !deleted_at(h))
-                    .unwrap_or(&remaining[0])
-                    .0
-            }
-            DeleteRule::KeepDelete => {
-                remaining
-                    .iter()
-                    .find(|(h, _)| deleted_at(h))
-                    .unwrap_or(&remaining[0])
-                    .0
-            }
+            DeleteRule::Latest | DeleteRule::Queue => latest,
+            DeleteRule::KeepUpdate => remaining
+                .iter()
+                .find(|(h, _)| !deleted_at(h))
+                .map(|(h, _)| *h)
+                .or(latest),
+            DeleteRule::KeepDelete => remaining
+                .iter()
+                .find(|(h, _)| deleted_at(h))
+                .map(|(h, _)| *h)
+                .or(latest),
         };
-        return Some(vec![chosen]);
+        return chosen.map(|h| vec![h]);
     }
     (remaining.len() != before).then(|| remaining.into_iter().map(|(h, _)| h).collect())
 }
@@ -673,7 +669,9 @@ pub fn conflict_id(parts: &[&[u8]]) -> String {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part);
     }
-    hex(&hasher.finalize()[..8])
+    let digest: [u8; 32] = hasher.finalize().into();
+    let (id, _) = digest.split_first_chunk::<8>().unwrap_or((&[0; 8], &[]));
+    hex(id)
 }
 
 /// What meeting the changes logged before it means for one change.

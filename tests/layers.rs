@@ -210,3 +210,63 @@ fn the_checker_sees_paths_the_way_rust_resolves_them() {
         "a "
     );
 }
+
+/// Each invariant in ARCHITECTURE.md names the tests that check it; those tests must exist.
+#[test]
+fn every_invariant_names_tests_that_exist() {
+    let map = std::fs::read_to_string(Path::new(ROOT).join("ARCHITECTURE.md"))
+        .expect("ARCHITECTURE.md is readable");
+    let section = map
+        .split("\n## Invariants")
+        .nth(1)
+        .expect("ARCHITECTURE.md has an `## Invariants` section");
+    let invariants: Vec<&str> = section.split("\n- ").skip(1).collect();
+    assert!(!invariants.is_empty(), "no invariants found");
+    let tests = Path::new(ROOT).join("tests");
+    let mut problems = Vec::new();
+    for invariant in invariants {
+        let mut named = 0;
+        for quoted in invariant.split('`').skip(1).step_by(2) {
+            if let Some(file) = quoted.strip_suffix(".rs") {
+                if tests.join(quoted).is_file() {
+                    named += 1;
+                } else if !file.contains('/') {
+                    problems.push(format!("tests/{quoted} does not exist"));
+                }
+                continue;
+            }
+            let Some((file, test)) = quoted.split_once("::") else {
+                continue;
+            };
+            let is_test_name = |s: &str| {
+                !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            };
+            if !is_test_name(file) || !is_test_name(test) {
+                continue;
+            }
+            let test_file = tests.join(format!("{file}.rs"));
+            if test_file.is_file() {
+                let text = std::fs::read_to_string(&test_file).expect("test file is readable");
+                if text.contains(&format!("fn {test}(")) {
+                    named += 1;
+                } else {
+                    problems.push(format!("tests/{file}.rs has no test {test}"));
+                }
+            } else if Path::new(ROOT)
+                .join("src")
+                .join(file)
+                .join(format!("{test}.rs"))
+                .is_file()
+            {
+                named += 1; // a module's own unit tests
+            }
+        }
+        if named == 0 {
+            let first = invariant.lines().next().unwrap_or_default();
+            problems.push(format!("the invariant \"{first}...\" names no test"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
