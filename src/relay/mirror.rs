@@ -35,7 +35,6 @@ use automerge::ChangeHash;
 use ferry_proto::Limits;
 use ferry_proto::wire::{ChangeOutcome, ErrorKind, UploadChange};
 use serde::Serialize;
-use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use super::alerts::RelayAlerts;
@@ -44,7 +43,8 @@ use super::store::{RelayStore, RelayStoreError};
 use crate::metrics::RelayMetrics;
 use crate::record::Fields;
 use crate::resolve::{Conflict, Policies, Take};
-use crate::service::{ApiError, ConflictEvent, ResolveRequest, Service, ServiceOptions, code};
+use crate::service::api::{ConflictId, ConflictPage, ConflictsParams, ResolveRequest};
+use crate::service::{ApiError, ConflictEvent, Service, ServiceOptions, code};
 use crate::store::kv::{Kv, PrefixKv};
 use crate::store::{
     Applied, BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, SystemClock, Write, keys,
@@ -633,25 +633,17 @@ impl Mirror {
     }
 
     /// The mirror's conflicts, as a device's `conflicts.list` gives them.
-    pub fn conflicts(
-        &self,
-        status: Option<&str>,
-        after: Option<&str>,
-        limit: Option<usize>,
-    ) -> Result<Value, MirrorError> {
+    pub fn conflicts(&self, query: ConflictsParams) -> Result<ConflictPage, MirrorError> {
         let _busy = self.lock();
         self.catch_up_locked()?;
-        Ok(self.service.call(
-            "conflicts.list",
-            json!({ "status": status, "after": after, "limit": limit }),
-        )?)
+        Ok(self.service.call(query)?)
     }
 
     /// One conflict, as a device's `conflicts.get` gives it.
-    pub fn conflict(&self, id: &str) -> Result<Value, MirrorError> {
+    pub fn conflict(&self, id: String) -> Result<Conflict, MirrorError> {
         let _busy = self.lock();
         self.catch_up_locked()?;
-        Ok(self.service.call("conflicts.get", json!({ "id": id }))?)
+        Ok(self.service.call(ConflictId { id })?)
     }
 
     /// Resolves an open conflict as the web actor (see `Store::resolve_conflict`), appends the

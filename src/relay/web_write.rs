@@ -10,14 +10,14 @@ use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use super::http::{ApiState, Failure, JsonBody, Principal};
-use super::mirror::{Mirror, MirrorError, WebOperation, WebWrite, WriteOutcome};
+use super::mirror::{Mirror, MirrorError, Resolved, WebOperation, WebWrite, WriteOutcome};
 use crate::engine::now_ms;
 use crate::record::Fields;
-use crate::resolve::Take;
+use crate::resolve::{Conflict, Take};
+use crate::service::api::{ConflictPage, ConflictsParams};
 use crate::service::code;
 
 /// The earliest `timestamp` an operation may carry (2000-01-01): anything before is a clock
@@ -91,7 +91,7 @@ async fn upload(
     State(state): State<ApiState>,
     principal: Principal,
     JsonBody(operations): JsonBody<Vec<UploadOperation>>,
-) -> Result<axum::Json<Value>, Failure> {
+) -> Result<axum::Json<Uploaded>, Failure> {
     let Planned { outcomes, writes } = plan(operations, &principal.device, now_ms())?;
     let written = if writes.is_empty() {
         Vec::new()
@@ -109,7 +109,13 @@ async fn upload(
         rejected = count(|r| matches!(r, WriteOutcome::Rejected { .. })),
         "HTTP upload"
     );
-    Ok(axum::Json(json!({ "results": results })))
+    Ok(axum::Json(Uploaded { results }))
+}
+
+/// An upload's answer: one result per operation, in order.
+#[derive(Serialize)]
+struct Uploaded {
+    results: Vec<WriteOutcome>,
 }
 
 /// An upload's operations checked against the client and the clock: a rejection for each one
@@ -229,16 +235,20 @@ async fn list_conflicts(
     State(state): State<ApiState>,
     principal: Principal,
     query: Result<Query<ConflictsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<axum::Json<Value>, Failure> {
+) -> Result<axum::Json<ConflictPage>, Failure> {
     let Query(query) = query.map_err(|e| {
         Failure::bad_request(format!(
             "{}: `status` is open, resolved, auto_resolved or all; `limit` a whole number",
             e.body_text()
         ))
     })?;
-    let list = with_mirror(&state, &principal, |mirror| {
-        mirror.conflicts(query.status.as_deref(), query.after.as_deref(), query.limit)
-    })?;
+    let query = ConflictsParams {
+        status: query.status,
+        collection: None,
+        after: query.after,
+        limit: query.limit,
+    };
+    let list = with_mirror(&state, &principal, |mirror| mirror.conflicts(query))?;
     Ok(axum::Json(list))
 }
 
@@ -246,8 +256,8 @@ async fn get_conflict(
     State(state): State<ApiState>,
     principal: Principal,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Failure> {
-    let conflict = with_mirror(&state, &principal, |mirror| mirror.conflict(&id))?;
+) -> Result<axum::Json<Conflict>, Failure> {
+    let conflict = with_mirror(&state, &principal, |mirror| mirror.conflict(id))?;
     Ok(axum::Json(conflict))
 }
 
@@ -264,7 +274,7 @@ async fn resolve_conflict(
     State(state): State<ApiState>,
     principal: Principal,
     JsonBody(request): JsonBody<ResolveConflictRequest>,
-) -> Result<axum::Json<Value>, Failure> {
+) -> Result<axum::Json<Resolved>, Failure> {
     let resolved = with_mirror(&state, &principal, |mirror| {
         mirror.resolve(
             &request.conflict_id,
@@ -272,7 +282,5 @@ async fn resolve_conflict(
             request.resolved_data,
         )
     })?;
-    serde_json::to_value(resolved)
-        .map(axum::Json)
-        .map_err(|e| unavailable(&e))
+    Ok(axum::Json(resolved))
 }

@@ -28,7 +28,7 @@ use ferry_proto::{
 };
 use kv::{Batch, Kv, KvError};
 use lru::LruCache;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -198,7 +198,7 @@ pub enum Write {
 }
 
 /// What a write did.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Applied {
     pub collection: String,
     pub id: String,
@@ -210,7 +210,7 @@ pub struct Applied {
     pub queue_id: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RecordView {
     pub collection: String,
     pub id: String,
@@ -265,7 +265,7 @@ pub struct Compacted {
     pub after: SpaceUse,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct QueueCounts {
     pub pending: u64,
     pub processing: u64,

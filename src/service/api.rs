@@ -1,0 +1,505 @@
+//! The local API's shapes: one request type per method (its params) and one answer type per
+//! method, serialised exactly as the socket carries them (docs/IPC.md). `Request` is the closed
+//! set of methods; `Method` ties each request type to its answer.
+//!
+//! Owns: field names and JSON shapes. Must not touch: what a method does (that is
+//! `service::Service`), JSON-RPC envelopes and framing (that is `ipc`).
+
+use std::path::PathBuf;
+
+use ferry_proto::SyncLogEntry;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, ChangeEvent, ConflictEvent, QueueView, Service};
+use crate::alerts::Alert;
+use crate::engine::{SyncReport, SyncStatus};
+use crate::record::{Fields, HistoryEntry};
+use crate::resolve::{Conflict, Take};
+use crate::store::conflicts::{ConflictCounts, ResolveOutcome};
+use crate::store::{Applied, QueueCounts, RecordView};
+
+/// A method's name on the socket, given by `methods!`.
+pub trait Named {
+    const NAME: &'static str;
+}
+
+/// A method's params, typed: the answer it gets and how the service runs it.
+pub trait Method: Named + Into<Request> {
+    type Answer: Serialize + serde::de::DeserializeOwned;
+
+    /// Runs the method. Blocking: call it off the async runtime.
+    fn run(self, service: &Service) -> Result<Self::Answer, ApiError>;
+}
+
+/// Declares every method once: its name, its request variant and params type, and its answer
+/// type. From that list come `Request`, `Answer`, the decoding of a JSON-RPC method and params,
+/// and the dispatch of a request to its `Method::run`.
+macro_rules! methods {
+    ($($name:literal => $variant:ident($params:ident) -> $answer:ty, decoded by $decode:path;)*) => {
+        /// One call of the local API: the method and its params.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "method", content = "params")]
+        pub enum Request {
+            $(#[serde(rename = $name)] $variant($params),)*
+        }
+
+        /// What a method answers, one variant per method.
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        #[serde(untagged)]
+        pub enum Answer {
+            $($variant($answer),)*
+        }
+
+        $(
+            impl From<$params> for Request {
+                fn from(params: $params) -> Self {
+                    Request::$variant(params)
+                }
+            }
+
+            impl Named for $params {
+                const NAME: &'static str = $name;
+            }
+        )*
+
+        impl Request {
+            /// The method's name on the socket.
+            pub fn method(&self) -> &'static str {
+                match self {
+                    $(Request::$variant(_) => $name,)*
+                }
+            }
+
+            /// Reads a JSON-RPC method and its params (an object, or null for none). An unknown
+            /// method is `METHOD_NOT_FOUND`; params that do not fit name the one at fault.
+            pub fn decode(method: &str, params: serde_json::Value) -> Result<Request, ApiError> {
+                match method {
+                    $($name => Ok(Request::$variant($decode(params)?)),)*
+                    other => Err(ApiError::new(
+                        super::code::METHOD_NOT_FOUND,
+                        format!(
+                            "unknown method {other:?}: the methods are put, patch, delete, get, \
+                             list, collections, history, import, export, subscribe, \
+                             unsubscribe, queue, retry, log, status, sync, conflicts.list, \
+                             conflicts.get, conflicts.resolve, key.reload"
+                        ),
+                    )),
+                }
+            }
+        }
+
+        impl Service {
+            /// Runs any method. Blocking: call it off the async runtime.
+            pub fn handle(&self, request: Request) -> Result<Answer, ApiError> {
+                match request {
+                    $(Request::$variant(params) => self.call(params).map(Answer::$variant),)*
+                }
+            }
+        }
+    };
+}
+
+methods! {
+    "put" => Put(PutParams) -> Applied, decoded by super::parse;
+    "patch" => Patch(PatchParams) -> Applied, decoded by super::parse;
+    "delete" => Delete(DeleteParams) -> Applied, decoded by super::parse;
+    "get" => Get(GetParams) -> RecordView, decoded by super::parse;
+    "list" => List(ListParams) -> RecordPage, decoded by super::parse;
+    "collections" => Collections(CollectionsParams) -> CollectionList, decoded by super::parse;
+    "history" => History(HistoryParams) -> RecordHistory, decoded by super::parse;
+    "import" => Import(ImportParams) -> Imported, decoded by super::parse;
+    "export" => Export(ExportParams) -> Exported, decoded by super::parse;
+    "subscribe" => Subscribe(SubscribeParams) -> Subscribed, decoded by super::parse;
+    "unsubscribe" => Unsubscribe(UnsubscribeParams) -> Unsubscribed, decoded by super::parse;
+    "queue" => Queue(QueueParams) -> QueuePage, decoded by super::parse;
+    "retry" => Retry(RetryParams) -> Retried, decoded by super::parse;
+    "log" => Log(LogParams) -> LogPage, decoded by super::parse;
+    "status" => Status(StatusParams) -> StatusAnswer, decoded by super::parse;
+    "sync" => Sync(SyncParams) -> Synced, decoded by SyncParams::decode;
+    "conflicts.list" => ConflictsList(ConflictsParams) -> ConflictPage, decoded by super::parse;
+    "conflicts.get" => ConflictsGet(ConflictId) -> Conflict, decoded by super::parse;
+    "conflicts.resolve" => ConflictsResolve(ResolveRequest) -> ResolveOutcome, decoded by super::parse;
+    "key.reload" => KeyReload(KeyReloadParams) -> KeyReloaded, decoded by super::parse;
+}
+
+/// A record address, as `delete`, `get`, `history` and `export` take it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Address {
+    pub collection: String,
+    pub id: String,
+}
+
+/// Declares a method's params as a record address.
+macro_rules! address_params {
+    ($($(#[$doc:meta])* $name:ident;)*) => {$(
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Address);
+
+        impl $name {
+            pub fn new(collection: impl Into<String>, id: impl Into<String>) -> Self {
+                $name(Address { collection: collection.into(), id: id.into() })
+            }
+        }
+    )*};
+}
+
+address_params! {
+    /// `delete`: the record to delete.
+    DeleteParams;
+    /// `get`: the record to read.
+    GetParams;
+    /// `history`: the record whose changes to list.
+    HistoryParams;
+    /// `export`: the record whose Automerge document to give.
+    ExportParams;
+}
+
+/// Declares a method that takes no params.
+macro_rules! no_params {
+    ($($(#[$doc:meta])* $name:ident;)*) => {$(
+        $(#[$doc])*
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {}
+    )*};
+}
+
+no_params! {
+    /// `collections`: no params.
+    CollectionsParams;
+    /// `status`: no params.
+    StatusParams;
+    /// `key.reload`: no params.
+    KeyReloadParams;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutParams {
+    pub collection: String,
+    /// `None`: the store makes a time-ordered id.
+    pub id: Option<String>,
+    pub fields: Fields,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchParams {
+    pub collection: String,
+    pub id: String,
+    #[serde(default)]
+    pub fields: Fields,
+    /// Top-level fields to remove.
+    #[serde(default)]
+    pub unset: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub collection: String,
+    pub limit: Option<usize>,
+    /// The `next` of the previous page.
+    pub after: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportRecord {
+    pub collection: String,
+    pub id: Option<String>,
+    pub fields: Fields,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportParams {
+    pub records: Vec<ImportRecord>,
+}
+
+/// What a subscription watches: a collection, one record, or everything.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeParams {
+    pub collection: Option<String>,
+    pub id: Option<String>,
+}
+
+impl SubscribeParams {
+    pub fn admits(&self, collection: &str, id: &str) -> bool {
+        let matches =
+            |filter: &Option<String>, value: &str| filter.as_deref().is_none_or(|f| f == value);
+        matches(&self.collection, collection) && matches(&self.id, id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnsubscribeParams {
+    pub subscription: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueParams {
+    /// pending, processing, completed or failed; every status when absent.
+    pub status: Option<String>,
+    /// Oldest first, from after this id (the default order).
+    pub after: Option<u64>,
+    /// Newest first, from before this id; `newest_first` without it starts at the newest.
+    pub before: Option<u64>,
+    #[serde(default)]
+    pub newest_first: bool,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryParams {
+    pub ids: Option<Vec<u64>>,
+    #[serde(default)]
+    pub all_failed: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogParams {
+    pub before: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncParams {
+    /// Retry every failed queue entry first.
+    pub retry_failed: bool,
+}
+
+impl SyncParams {
+    /// `sync`'s params read as a whole (null for none): a bad one is named by serde's message.
+    fn decode(params: serde_json::Value) -> Result<SyncParams, ApiError> {
+        if params.is_null() {
+            return Ok(SyncParams::default());
+        }
+        serde_json::from_value(params).map_err(ApiError::invalid_params)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictsParams {
+    /// open (the default), resolved, auto_resolved, or all.
+    pub status: Option<String>,
+    pub collection: Option<String>,
+    /// The `next` of the previous page.
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictId {
+    pub id: String,
+}
+
+/// A conflict resolution, as an app asks for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveRequest {
+    pub id: String,
+    pub take: Take,
+    /// The fields a `merge` sets over the record as it is now.
+    pub data: Option<Fields>,
+}
+
+/// `list`: a page of live records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordPage {
+    pub records: Vec<RecordView>,
+    /// The `after` of the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionList {
+    pub collections: Vec<CollectionSize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionSize {
+    pub name: String,
+    pub documents: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordHistory {
+    pub collection: String,
+    pub id: String,
+    pub changes: Vec<HistoryEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Imported {
+    pub imported: usize,
+    /// Records whose content changed (the others already held exactly this).
+    pub changed: usize,
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exported {
+    pub collection: String,
+    pub id: String,
+    /// The record's whole Automerge document.
+    pub automerge_base64: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subscribed {
+    pub subscription: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unsubscribed {
+    pub unsubscribed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueuePage {
+    pub entries: Vec<QueueView>,
+    pub counts: QueueCounts,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Retried {
+    pub retried: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogPage {
+    pub entries: Vec<SyncLogEntry>,
+}
+
+/// `status`: what the store holds, where, and, from the daemon, its sync and alerts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusAnswer {
+    pub version: String,
+    pub device_id: String,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Whether a daemon answered.
+    pub daemon: bool,
+    pub store_bytes: Option<u64>,
+    pub live_bytes: Option<u64>,
+    pub live_bytes_measured_ms: Option<u64>,
+    pub storage: Storage,
+    /// `None` only when a full disk keeps the store from being read.
+    #[serde(flatten)]
+    pub contents: Option<Contents>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    /// The daemon's sync status, or the last one it kept when no daemon runs; `None` when this
+    /// device does not sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
+    /// The daemon's active alerts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Vec<Alert>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Storage {
+    Ok,
+    /// Writes are refused until the disk has room again.
+    DiskFull {
+        since_ms: u64,
+    },
+}
+
+/// What the store holds, for `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contents {
+    pub documents: u64,
+    pub collections: usize,
+    pub queue: QueueCounts,
+    pub conflicts: ConflictSummary,
+    pub quarantined: QuarantinedSummary,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictSummary {
+    pub open: u64,
+    pub counts: Vec<ConflictCounts>,
+}
+
+/// The relay log entries this device could not apply: how many, and the first of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantinedSummary {
+    pub count: u64,
+    pub entries: Vec<QuarantinedEntry>,
+}
+
+/// A quarantined log entry without its change bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantinedEntry {
+    pub seq: u64,
+    pub collection: String,
+    pub record: String,
+    pub hash: Option<String>,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// `sync`: what the sync did and where the device stands after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Synced {
+    pub report: SyncReport,
+    /// The failed entries retried first, with `retry_failed`.
+    pub retried: Option<Vec<u64>>,
+    pub status: SyncStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictPage {
+    pub conflicts: Vec<Conflict>,
+    /// The `after` of the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyReloaded {
+    pub set: bool,
+    pub fingerprint: Option<String>,
+}
+
+/// A notification's params for a subscriber: the event's own fields plus `subscription`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForSubscription<E> {
+    pub subscription: u64,
+    #[serde(flatten)]
+    pub event: E,
+}
+
+/// What the daemon sends unasked on a connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", content = "params")]
+pub enum Notification {
+    /// A record changed (after the change is durable).
+    #[serde(rename = "change")]
+    Change(ForSubscription<ChangeEvent>),
+    /// A conflict was found or resolved; the filter's `id` matches its `record`.
+    #[serde(rename = "conflict")]
+    Conflict(ForSubscription<ConflictEvent>),
+    /// The subscriber fell so far behind that events were dropped: re-read what it watches.
+    #[serde(rename = "lagged")]
+    Lagged { subscription: u64, missed: u64 },
+    /// While a `sync` call runs: the sync status, each time it changes.
+    #[serde(rename = "sync.progress")]
+    SyncProgress(SyncStatus),
+}
