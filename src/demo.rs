@@ -333,7 +333,9 @@ fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Synced, St
             .call("enrol", json!({ "account": account }))
             .map_err(|e| format!("enrol: {e}"))?;
         let key = device.identity().map_err(|e| e.to_string())?;
-        let code = ferry_proto::wire::Secret::new(code["code"].as_str().unwrap_or_default());
+        let code = ferry_proto::wire::Secret::new(
+            code.get("code").and_then(Value::as_str).unwrap_or_default(),
+        );
         daemon::runtime()
             .map_err(|e| e.to_string())?
             .block_on(crate::engine::register_device(

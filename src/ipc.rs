@@ -347,14 +347,14 @@ impl Connection {
             loop {
                 let received = tokio::select! {
                     event = events.recv() => event.map(|event| {
-                        filter.admits(&event.collection, &event.id).then(|| {
-                            Notification::Change(ForSubscription { subscription, event })
-                        })
+                        filter.admits(&event.collection, &event.id).then_some(
+                            Notification::Change(ForSubscription { subscription, event }),
+                        )
                     }),
                     conflict = conflicts.recv() => conflict.map(|event| {
-                        filter.admits(&event.collection, &event.record).then(|| {
-                            Notification::Conflict(ForSubscription { subscription, event })
-                        })
+                        filter.admits(&event.collection, &event.record).then_some(
+                            Notification::Conflict(ForSubscription { subscription, event }),
+                        )
                     }),
                 };
                 let note = match received {

@@ -8,11 +8,10 @@
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
-use super::http::{ApiState, Failure, JsonBody, Principal};
+use super::http::{ApiState, ErrorCode, Failure, JsonBody, Principal};
 use super::mirror::{Mirror, MirrorError, Resolved, WebOperation, WebWrite, WriteOutcome};
 use crate::engine::now_ms;
 use crate::record::Fields;
@@ -39,8 +38,8 @@ impl From<MirrorError> for Failure {
         match e {
             MirrorError::Log(e) => e.into(),
             MirrorError::Refused(e) => match e.code {
-                code::NOT_FOUND => Failure::new(StatusCode::NOT_FOUND, "not_found", e.message),
-                code::CONFLICT_SETTLED => Failure::new(StatusCode::CONFLICT, "settled", e.message),
+                code::NOT_FOUND => Failure::new(ErrorCode::NotFound, e.message),
+                code::CONFLICT_SETTLED => Failure::new(ErrorCode::Settled, e.message),
                 code::INVALID_PARAMS => Failure::bad_request(e.message),
                 _ => unavailable(&e),
             },
@@ -52,8 +51,7 @@ impl From<MirrorError> for Failure {
 fn unavailable(e: &dyn std::fmt::Display) -> Failure {
     tracing::error!(error = %e, "the space's mirror failed an HTTP request");
     Failure::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
+        ErrorCode::Unavailable,
         "the relay's copy of the account failed: try again later",
     )
 }

@@ -503,3 +503,136 @@ pub enum Notification {
     #[serde(rename = "sync.progress")]
     SyncProgress(SyncStatus),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    /// A request as the socket carries it reads back as the same request, through the decoding
+    /// `ipc` does: the typed shapes are the wire's.
+    #[test]
+    fn requests_read_back_from_their_wire_form() {
+        let fields = json!({ "name": "Ada" }).as_object().cloned().unwrap();
+        let requests: Vec<Request> = vec![
+            PutParams {
+                collection: "C".into(),
+                id: None,
+                fields: fields.clone(),
+            }
+            .into(),
+            PatchParams {
+                collection: "C".into(),
+                id: "1".into(),
+                fields: fields.clone(),
+                unset: vec!["old".into()],
+            }
+            .into(),
+            DeleteParams::new("C", "1").into(),
+            GetParams::new("C", "1").into(),
+            ListParams {
+                collection: "C".into(),
+                limit: Some(3),
+                after: Some("1".into()),
+            }
+            .into(),
+            CollectionsParams {}.into(),
+            HistoryParams::new("C", "1").into(),
+            ImportParams {
+                records: vec![ImportRecord {
+                    collection: "C".into(),
+                    id: Some("1".into()),
+                    fields,
+                }],
+            }
+            .into(),
+            ExportParams::new("C", "1").into(),
+            SubscribeParams {
+                collection: Some("C".into()),
+                id: None,
+            }
+            .into(),
+            UnsubscribeParams { subscription: 2 }.into(),
+            QueueParams {
+                status: Some("failed".into()),
+                newest_first: true,
+                ..QueueParams::default()
+            }
+            .into(),
+            RetryParams {
+                ids: Some(vec![4]),
+                all_failed: false,
+            }
+            .into(),
+            LogParams {
+                before: Some(9),
+                limit: None,
+            }
+            .into(),
+            StatusParams {}.into(),
+            SyncParams { retry_failed: true }.into(),
+            ConflictsParams {
+                status: Some("all".into()),
+                ..ConflictsParams::default()
+            }
+            .into(),
+            ConflictId { id: "c1".into() }.into(),
+            ResolveRequest {
+                id: "c1".into(),
+                take: Take::Merge,
+                data: None,
+            }
+            .into(),
+            KeyReloadParams {}.into(),
+        ];
+        let mut methods: Vec<&str> = Vec::new();
+        for request in requests {
+            let wire = serde_json::to_value(&request).unwrap();
+            let method = wire["method"].as_str().unwrap();
+            assert_eq!(method, request.method());
+            let decoded = Request::decode(method, wire["params"].clone());
+            assert_eq!(decoded.as_ref(), Ok(&request), "{wire}");
+            methods.push(request.method());
+        }
+        // Every method once.
+        let mut unique = methods.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), methods.len());
+        assert_eq!(methods.len(), 20);
+    }
+
+    #[test]
+    fn params_errors_name_the_param_and_unknown_methods_list_the_methods() {
+        let e = Request::decode("get", json!({ "collection": 5, "id": "1" })).unwrap_err();
+        assert_eq!(e.code, super::super::code::INVALID_PARAMS);
+        assert!(e.message.starts_with("`collection`: invalid type"), "{e:?}");
+        let e = Request::decode("status", json!({ "x": 1 })).unwrap_err();
+        assert_eq!(e.code, super::super::code::INVALID_PARAMS);
+        let e = Request::decode("nope", Value::Null).unwrap_err();
+        assert_eq!(e.code, super::super::code::METHOD_NOT_FOUND);
+        assert!(e.message.contains("conflicts.resolve, key.reload"), "{e:?}");
+        assert_eq!(
+            Request::decode("status", Value::Null),
+            Ok(StatusParams {}.into())
+        );
+        assert_eq!(
+            Request::decode("sync", Value::Null),
+            Ok(SyncParams::default().into())
+        );
+    }
+
+    #[test]
+    fn notifications_carry_the_event_beside_the_subscription() {
+        let note = Notification::Lagged {
+            subscription: 3,
+            missed: 7,
+        };
+        let wire = serde_json::to_value(&note).unwrap();
+        assert_eq!(
+            wire,
+            json!({ "method": "lagged", "params": { "subscription": 3, "missed": 7 } })
+        );
+        assert_eq!(serde_json::from_value::<Notification>(wire).unwrap(), note);
+    }
+}
