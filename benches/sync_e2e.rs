@@ -27,8 +27,7 @@ mod harness;
 mod workload;
 
 use common::{Device, TIMEOUT};
-use ferry::ipc::Client;
-use ferry::service::api::Notification;
+use ferry::ipc::{Client, Notification};
 use ferry::service::{ChangeEvent, Origin};
 use harness::{
     Guarded, Running, call, check_interrupted, disk_usage, install_signal_handlers, latency,

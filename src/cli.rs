@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::daemon::{self, DaemonError};
 use crate::datadir::{DataDir, DataDirError, DirLock};
 use crate::engine::ConnectionState;
-use crate::ipc::{Client, ClientError};
+use crate::ipc::{Client, ClientError, DaemonStatus, Notification};
 use crate::record::Fields;
 use crate::service::api::{self, Method};
 use crate::service::{ApiError, Service, code};
@@ -607,10 +607,7 @@ fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {
         bar
     });
     let mut waiting = RelayWait::start(&sync_relay(ctx));
-    let result = client.request_with_notifications(api::SyncParams { retry_failed }, |note| {
-        let api::Notification::SyncProgress(s) = note else {
-            return;
-        };
+    let result = client.sync(api::SyncParams { retry_failed }, |s| {
         if s.state == ConnectionState::Connected {
             waiting.answered();
         }
@@ -642,7 +639,7 @@ fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {
             println!("in sync: {done}");
         } else {
             println!("not in sync: {done}");
-            for line in status.summary(crate::engine::now_ms()) {
+            for line in status.summary(crate::clock::now_ms()) {
                 println!("  {line}");
             }
         }
@@ -1010,10 +1007,14 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
             }
         }
         Command::Status => {
-            let mut r = backend.call(api::StatusParams {})?;
-            if let Backend::Local { service, .. } = &backend {
-                r.sync = status::last_known(ctx, service)?;
-            }
+            let r = match &mut backend {
+                Backend::Daemon(client) => client.status()?,
+                Backend::Local { service, .. } => DaemonStatus {
+                    status: service.call(api::StatusParams {})?,
+                    sync: status::last_known(ctx, service)?,
+                    alerts: None,
+                },
+            };
             if ctx.json {
                 print_json(&r);
             } else {
@@ -1261,7 +1262,7 @@ fn watch(
             print_json(&crate::ipc::notification(&note));
         } else {
             match &note {
-                api::Notification::Conflict(c) => {
+                Notification::Conflict(c) => {
                     let c = &c.event;
                     println!(
                         "conflict {} {} {}/{} {}",
@@ -1272,7 +1273,7 @@ fn watch(
                         c.id
                     );
                 }
-                api::Notification::Change(c) => {
+                Notification::Change(c) => {
                     let c = &c.event;
                     println!(
                         "change {} {}/{} by {}",
@@ -1282,10 +1283,10 @@ fn watch(
                         c.device
                     );
                 }
-                api::Notification::Lagged { missed, .. } => {
+                Notification::Lagged { missed, .. } => {
                     println!("lagged {missed} events were dropped: read the records again");
                 }
-                api::Notification::SyncProgress(s) => println!("sync.progress {}", label(&s.state)),
+                Notification::SyncProgress(s) => println!("sync.progress {}", label(&s.state)),
             }
         }
         std::io::stdout().flush()?;

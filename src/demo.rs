@@ -12,9 +12,10 @@ use crate::daemon;
 use crate::datadir::DataDir;
 use crate::engine::SyncStatus;
 use crate::ipc::Client;
+use crate::ipc::{DaemonStatus, Notification};
 use crate::record::{Fields, HistoryEntry};
 use crate::relay;
-use crate::service::api::{self, Method, StatusAnswer};
+use crate::service::api::{self, Method};
 use crate::service::{Origin, Service};
 use ferry_proto::Operation;
 use serde::Serialize;
@@ -127,7 +128,7 @@ struct Local {
     read_ms: f64,
     history: Vec<HistoryEntry>,
     subscriber_saw: Vec<Operation>,
-    status: StatusAnswer,
+    status: DaemonStatus,
 }
 
 /// The store reopened without the daemon.
@@ -288,7 +289,7 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Local, String> {
         let note = watcher
             .next_event()
             .map_err(|e| format!("the subscriber was not told of a change: {e}"))?;
-        if let api::Notification::Change(change) = note {
+        if let Notification::Change(change) = note {
             notified.push(change.event.operation);
         }
     }
@@ -297,7 +298,7 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Local, String> {
             "the subscriber saw {notified:?}, expected create then update"
         ));
     }
-    let status = call(&mut app, api::StatusParams {})?;
+    let status = app.status().map_err(|e| format!("status: {e}"))?;
     Ok(Local {
         records_imported: imported,
         import_seconds: import_secs,
@@ -371,14 +372,11 @@ fn watch_sync(
     let connect =
         |s: &std::path::Path| Client::connect(s).map_err(|e| format!("cannot connect: {e}"));
     let (mut a, mut b, mut watcher) = (connect(a_socket)?, connect(b_socket)?, connect(b_socket)?);
-    let status = |c: &mut Client| {
-        c.request(api::StatusParams {})
-            .map_err(|e| format!("status: {e}"))
-    };
+    let status = |c: &mut Client| c.status().map_err(|e| format!("status: {e}"));
     let deadline = Instant::now() + SYNC_TIMEOUT;
     let b_status = loop {
         let s = status(&mut b)?;
-        let documents = s.contents.as_ref().map_or(0, |c| c.documents);
+        let documents = s.status.contents.as_ref().map_or(0, |c| c.documents);
         if documents == expected_docs && s.sync.as_ref().is_some_and(|s| s.up_to_date) {
             break s;
         }
@@ -415,7 +413,7 @@ fn watch_sync(
     let got = b
         .request(api::GetParams::new("Customer", "demo-1"))
         .map_err(|e| format!("get: {e}"))?;
-    let remote = matches!(&seen, api::Notification::Change(c) if c.event.origin == Origin::Remote);
+    let remote = matches!(&seen, Notification::Change(c) if c.event.origin == Origin::Remote);
     if got.fields.get("tier") != Some(&json!("platinum")) || !remote {
         return Err(format!(
             "the second device saw {seen:?} and holds {:?}",
@@ -454,8 +452,8 @@ fn print_report(r: &Report) {
     let local = &r.local;
     println!(
         "ferry demo: a daemon on {} (device {})",
-        local.status.data_dir.display(),
-        local.status.device_id
+        local.status.status.data_dir.display(),
+        local.status.status.device_id
     );
     println!(
         "  imported {} records of 10 fields in {:.2}s ({:.0} records/s)",

@@ -8,11 +8,15 @@
 //!
 //! Windows would serve the same protocol over a named pipe; only the Unix socket is built so far.
 
+use crate::alerts::Alert;
 use crate::engine::SyncHandle;
-use crate::service::api::{self, ForSubscription, Method, Notification};
-use crate::service::{ApiError, Service, code};
+use crate::engine::{SyncReport, SyncStatus};
+use crate::service::api::{self, Method};
+use crate::service::{ApiError, ChangeEvent, ConflictEvent, Service, code};
 use futures_util::{SinkExt as _, StreamExt as _};
+use serde::Deserialize;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -33,6 +37,56 @@ pub struct ServerOptions {
     pub sync: Option<SyncHandle>,
     /// The daemon's alerts, shown by `status`.
     pub alerts: Option<std::sync::Arc<crate::alerting::Monitor>>,
+}
+
+/// `status` as the daemon answers it: the service's status, with the sync loop's status and the
+/// active alerts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    #[serde(flatten)]
+    pub status: api::StatusAnswer,
+    /// The daemon's sync status, or the last one it kept when no daemon runs; `None` when this
+    /// device does not sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
+    /// The daemon's active alerts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Vec<Alert>>,
+}
+
+/// `sync`'s answer: what the sync did and where the device stands after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Synced {
+    pub report: SyncReport,
+    /// The failed entries retried first, with `retry_failed`.
+    pub retried: Option<Vec<u64>>,
+    pub status: SyncStatus,
+}
+
+/// A notification's params for a subscriber: the event's own fields plus `subscription`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForSubscription<E> {
+    pub subscription: u64,
+    #[serde(flatten)]
+    pub event: E,
+}
+
+/// What the daemon sends unasked on a connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", content = "params")]
+pub enum Notification {
+    /// A record changed (after the change is durable).
+    #[serde(rename = "change")]
+    Change(ForSubscription<ChangeEvent>),
+    /// A conflict was found or resolved; the filter's `id` matches its `record`.
+    #[serde(rename = "conflict")]
+    Conflict(ForSubscription<ConflictEvent>),
+    /// The subscriber fell so far behind that events were dropped: re-read what it watches.
+    #[serde(rename = "lagged")]
+    Lagged { subscription: u64, missed: u64 },
+    /// While a `sync` call runs: the sync status, each time it changes.
+    #[serde(rename = "sync.progress")]
+    SyncProgress(SyncStatus),
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -242,14 +296,12 @@ impl Connection {
             api::Request::Unsubscribe(p) => encode(self.unsubscribe(p)),
             api::Request::Sync(p) => encode(self.sync(p, out).await),
             api::Request::Status(p) => {
-                let mut status = self.run_blocking(p).await?;
-                if let Some(sync) = &self.options.sync {
-                    status.sync = Some(sync.status());
-                }
-                if let Some(alerts) = &self.options.alerts {
-                    status.alerts = Some(alerts.active(""));
-                }
-                encode(Ok(status))
+                let status = self.run_blocking(p).await?;
+                encode(Ok(DaemonStatus {
+                    status,
+                    sync: self.options.sync.as_ref().map(SyncHandle::status),
+                    alerts: self.options.alerts.as_ref().map(|a| a.active("")),
+                }))
             }
             api::Request::Retry(p) => {
                 let retried = self.run_blocking(p).await;
@@ -291,7 +343,7 @@ impl Connection {
         &mut self,
         params: api::SyncParams,
         out: &mpsc::Sender<String>,
-    ) -> Result<api::Synced, ApiError> {
+    ) -> Result<Synced, ApiError> {
         let Some(sync) = self.options.sync.clone() else {
             return Err(ApiError::new(
                 code::UNAVAILABLE,
@@ -321,7 +373,7 @@ impl Connection {
             }
         };
         match report {
-            Ok(report) => Ok(api::Synced {
+            Ok(report) => Ok(Synced {
                 report,
                 retried,
                 status: sync.status(),
@@ -553,36 +605,52 @@ impl Client {
     /// Calls a method of the local API and reads its typed answer. Notifications that arrive
     /// before it are kept for `next_event`.
     pub fn request<M: Method>(&mut self, params: M) -> Result<M::Answer, ClientError> {
-        let mut held = std::mem::take(&mut self.pending_notifications);
-        let result = self.typed_exchange(params, |n| held.push_back(n));
-        self.pending_notifications = held;
-        result
+        self.held(params.into())
     }
 
-    /// `request`, handing every notification that arrives before the answer to
-    /// `on_notification` (progress of a `sync`, for example).
-    pub fn request_with_notifications<M: Method>(
+    /// `status` with what only the daemon knows: its sync and alerts.
+    pub fn status(&mut self) -> Result<DaemonStatus, ClientError> {
+        self.held(api::StatusParams {}.into())
+    }
+
+    /// Syncs now, handing each `sync.progress` notification to `on_progress`.
+    pub fn sync(
         &mut self,
-        params: M,
-        mut on_notification: impl FnMut(Notification),
-    ) -> Result<M::Answer, ClientError> {
+        params: api::SyncParams,
+        mut on_progress: impl FnMut(SyncStatus),
+    ) -> Result<Synced, ClientError> {
         let mut unread = Ok(());
-        let result = self.typed_exchange(params, |note| match serde_json::from_value(note) {
-            Ok(note) => on_notification(note),
-            Err(e) => unread = Err(ClientError::Protocol(e.to_string())),
+        let result = self.typed_exchange(params.into(), |note| {
+            match serde_json::from_value(note) {
+                Ok(Notification::SyncProgress(status)) => on_progress(status),
+                // Another subscription's news on this connection is not the sync's.
+                Ok(_) => {}
+                Err(e) => unread = Err(ClientError::Protocol(e.to_string())),
+            }
         })?;
         unread.map(|()| result)
     }
 
-    fn typed_exchange<M: Method>(
+    /// A typed exchange whose notifications are kept for `next_event`.
+    fn held<A: DeserializeOwned>(&mut self, request: api::Request) -> Result<A, ClientError> {
+        let mut held = std::mem::take(&mut self.pending_notifications);
+        let result = self.typed_exchange(request, |n| held.push_back(n));
+        self.pending_notifications = held;
+        result
+    }
+
+    fn typed_exchange<A: DeserializeOwned>(
         &mut self,
-        params: M,
+        request: api::Request,
         on_notification: impl FnMut(Value),
-    ) -> Result<M::Answer, ClientError> {
-        let line = encode_request(self.next_id, &params.into())?;
+    ) -> Result<A, ClientError> {
+        let line = encode_request(self.next_id, &request)?;
         let result = self.exchange(line, on_notification)?;
         serde_json::from_value(result).map_err(|e| {
-            ClientError::Protocol(format!("the answer to {} does not read: {e}", M::NAME))
+            ClientError::Protocol(format!(
+                "the answer to {} does not read: {e}",
+                request.method()
+            ))
         })
     }
 
@@ -666,5 +734,25 @@ impl Client {
             )));
         }
         serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_carry_the_event_beside_the_subscription() {
+        let note = Notification::Lagged {
+            subscription: 3,
+            missed: 7,
+        };
+        let wire = notification(&note);
+        assert_eq!(
+            wire,
+            json!({ "jsonrpc": "2.0", "method": "lagged",
+                    "params": { "subscription": 3, "missed": 7 } })
+        );
+        assert_eq!(serde_json::from_value::<Notification>(wire).unwrap(), note);
     }
 }

@@ -36,8 +36,8 @@ use api::{
     HistoryParams, ImportParams, Imported, KeyReloadParams, KeyReloaded, ListParams, LogPage,
     LogParams, Method, Named as _, PatchParams, PutParams, QuarantinedEntry, QuarantinedSummary,
     QueuePage, QueueParams, RecordHistory, RecordPage, ResolveRequest, Retried, RetryParams,
-    StatusAnswer, StatusParams, Storage, SubscribeParams, Subscribed, SyncParams, Synced,
-    UnsubscribeParams, Unsubscribed,
+    StatusAnswer, StatusParams, Storage, SubscribeParams, Subscribed, UnsubscribeParams,
+    Unsubscribed,
 };
 
 /// Stable JSON-RPC error codes. The standard ones are JSON-RPC 2.0's own.
@@ -748,8 +748,6 @@ impl Method for StatusParams {
             contents,
             pid: daemon.then(std::process::id),
             uptime_ms: daemon.then(|| service.started.elapsed().as_millis() as u64),
-            sync: None,
-            alerts: None,
         })
     }
 }
@@ -841,13 +839,6 @@ impl Method for SubscribeParams {
 impl Method for UnsubscribeParams {
     type Answer = Unsubscribed;
     fn run(self, _: &Service) -> Result<Unsubscribed, ApiError> {
-        Err(needs_daemon(Self::NAME))
-    }
-}
-
-impl Method for SyncParams {
-    type Answer = Synced;
-    fn run(self, _: &Service) -> Result<Synced, ApiError> {
         Err(needs_daemon(Self::NAME))
     }
 }

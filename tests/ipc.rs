@@ -6,8 +6,9 @@
 mod common;
 
 use common::{Device, FaultyKv, Relayed, TIMEOUT, ferry_bin, signal, stderr, stdout, wait_for};
+use ferry::clock::SystemClock;
 use ferry::service::{Service, ServiceOptions, api, code};
-use ferry::store::{Store, StoreOptions, SystemClock};
+use ferry::store::{Store, StoreOptions};
 use ferry_proto::Operation;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;

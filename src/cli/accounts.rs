@@ -192,7 +192,7 @@ fn call_relay(ctx: &Context, method: &str, params: Value) -> Result<Value, Failu
         Arc::new(kv),
         ctx.config.relay.token_policy(),
         os_random(),
-        engine::now_ms(),
+        crate::clock::now_ms(),
     )
     .map_err(|e| Failure::failed(e.to_string()))?;
     let options = AdminOptions {
@@ -203,7 +203,7 @@ fn call_relay(ctx: &Context, method: &str, params: Value) -> Result<Value, Failu
         &options,
         method,
         params,
-        engine::now_ms(),
+        crate::clock::now_ms(),
     )?)
 }
 

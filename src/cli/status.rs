@@ -5,9 +5,11 @@
 //! Must not touch: the store's contents (it only reads).
 
 use crate::auth::credentials::Registration;
-use crate::engine::{SyncSettings, SyncStatus, now_ms, relative};
+use crate::clock::now_ms;
+use crate::engine::{SyncSettings, SyncStatus, relative};
+use crate::ipc::DaemonStatus;
 use crate::service::Service;
-use crate::service::api::{QuarantinedSummary, StatusAnswer, Storage};
+use crate::service::api::{QuarantinedSummary, Storage};
 
 use super::{Context, Failure, print_alerts};
 
@@ -41,7 +43,8 @@ pub(super) fn last_known(ctx: &Context, service: &Service) -> Result<Option<Sync
 }
 
 /// The human form of `status`'s answer.
-pub(super) fn print(status: &StatusAnswer) {
+pub(super) fn print(daemon: &DaemonStatus) {
+    let status = &daemon.status;
     let now = now_ms();
     let device = &status.device_id;
     let version = &status.version;
@@ -85,7 +88,7 @@ pub(super) fn print(status: &StatusAnswer) {
             queue.pending, queue.processing, queue.failed, queue.completed
         );
     }
-    match &status.sync {
+    match &daemon.sync {
         Some(sync) => {
             for line in sync.summary(now) {
                 println!("sync: {line}");
@@ -108,7 +111,7 @@ pub(super) fn print(status: &StatusAnswer) {
             print_quarantined(&c.quarantined);
         }
     }
-    if let Some(alerts) = &status.alerts {
+    if let Some(alerts) = &daemon.alerts {
         print_alerts(alerts);
     }
 }

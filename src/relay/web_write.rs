@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{ApiState, ErrorCode, Failure, JsonBody, Principal};
 use super::mirror::{Mirror, MirrorError, Resolved, WebOperation, WebWrite, WriteOutcome};
-use crate::engine::now_ms;
+use crate::clock::now_ms;
 use crate::record::Fields;
 use crate::resolve::{Conflict, Take};
 use crate::service::api::{ConflictPage, ConflictsParams};

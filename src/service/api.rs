@@ -10,9 +10,7 @@ use std::path::PathBuf;
 use ferry_proto::SyncLogEntry;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, ChangeEvent, ConflictEvent, QueueView, Service};
-use crate::alerts::Alert;
-use crate::engine::{SyncReport, SyncStatus};
+use super::{ApiError, QueueView, Service};
 use crate::record::{Fields, HistoryEntry};
 use crate::resolve::{Conflict, Take};
 use crate::store::conflicts::{ConflictCounts, ResolveOutcome};
@@ -33,14 +31,20 @@ pub trait Method: Named + Into<Request> {
 
 /// Declares every method once: its name, its request variant and params type, and its answer
 /// type. From that list come `Request`, `Answer`, the decoding of a JSON-RPC method and params,
-/// and the dispatch of a request to its `Method::run`.
+/// and the dispatch of a request to its `Method::run`. The methods after `daemon only` need the
+/// daemon's sync loop: `ipc` answers them, the service alone refuses them.
 macro_rules! methods {
-    ($($name:literal => $variant:ident($params:ident) -> $answer:ty, decoded by $decode:path;)*) => {
+    (
+        $($name:literal => $variant:ident($params:ident) -> $answer:ty, decoded by $decode:path;)*
+        daemon only:
+        $($d_name:literal => $d_variant:ident($d_params:ident), decoded by $d_decode:path;)*
+    ) => {
         /// One call of the local API: the method and its params.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(tag = "method", content = "params")]
         pub enum Request {
             $(#[serde(rename = $name)] $variant($params),)*
+            $(#[serde(rename = $d_name)] $d_variant($d_params),)*
         }
 
         /// What a method answers, one variant per method.
@@ -61,12 +65,20 @@ macro_rules! methods {
                 const NAME: &'static str = $name;
             }
         )*
+        $(
+            impl From<$d_params> for Request {
+                fn from(params: $d_params) -> Self {
+                    Request::$d_variant(params)
+                }
+            }
+        )*
 
         impl Request {
             /// The method's name on the socket.
             pub fn method(&self) -> &'static str {
                 match self {
                     $(Request::$variant(_) => $name,)*
+                    $(Request::$d_variant(_) => $d_name,)*
                 }
             }
 
@@ -75,6 +87,7 @@ macro_rules! methods {
             pub fn decode(method: &str, params: serde_json::Value) -> Result<Request, ApiError> {
                 match method {
                     $($name => Ok(Request::$variant($decode(params)?)),)*
+                    $($d_name => Ok(Request::$d_variant($d_decode(params)?)),)*
                     other => Err(ApiError::new(
                         super::code::METHOD_NOT_FOUND,
                         format!(
@@ -93,6 +106,7 @@ macro_rules! methods {
             pub fn handle(&self, request: Request) -> Result<Answer, ApiError> {
                 match request {
                     $(Request::$variant(params) => self.call(params).map(Answer::$variant),)*
+                    $(Request::$d_variant(_) => Err(super::needs_daemon($d_name)),)*
                 }
             }
         }
@@ -115,11 +129,12 @@ methods! {
     "retry" => Retry(RetryParams) -> Retried, decoded by super::parse;
     "log" => Log(LogParams) -> LogPage, decoded by super::parse;
     "status" => Status(StatusParams) -> StatusAnswer, decoded by super::parse;
-    "sync" => Sync(SyncParams) -> Synced, decoded by SyncParams::decode;
     "conflicts.list" => ConflictsList(ConflictsParams) -> ConflictPage, decoded by super::parse;
     "conflicts.get" => ConflictsGet(ConflictId) -> Conflict, decoded by super::parse;
     "conflicts.resolve" => ConflictsResolve(ResolveRequest) -> ResolveOutcome, decoded by super::parse;
     "key.reload" => KeyReload(KeyReloadParams) -> KeyReloaded, decoded by super::parse;
+    daemon only:
+    "sync" => Sync(SyncParams), decoded by SyncParams::decode;
 }
 
 /// A record address, as `delete`, `get`, `history` and `export` take it.
@@ -383,7 +398,8 @@ pub struct LogPage {
     pub entries: Vec<SyncLogEntry>,
 }
 
-/// `status`: what the store holds, where, and, from the daemon, its sync and alerts.
+/// `status`: what the store holds and where (`ipc::DaemonStatus` adds the daemon's sync and
+/// alerts).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusAnswer {
     pub version: String,
@@ -403,13 +419,6 @@ pub struct StatusAnswer {
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uptime_ms: Option<u64>,
-    /// The daemon's sync status, or the last one it kept when no daemon runs; `None` when this
-    /// device does not sync.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sync: Option<SyncStatus>,
-    /// The daemon's active alerts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub alerts: Option<Vec<Alert>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -456,15 +465,6 @@ pub struct QuarantinedEntry {
     pub at_ms: u64,
 }
 
-/// `sync`: what the sync did and where the device stands after it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Synced {
-    pub report: SyncReport,
-    /// The failed entries retried first, with `retry_failed`.
-    pub retried: Option<Vec<u64>>,
-    pub status: SyncStatus,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConflictPage {
     pub conflicts: Vec<Conflict>,
@@ -476,32 +476,6 @@ pub struct ConflictPage {
 pub struct KeyReloaded {
     pub set: bool,
     pub fingerprint: Option<String>,
-}
-
-/// A notification's params for a subscriber: the event's own fields plus `subscription`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ForSubscription<E> {
-    pub subscription: u64,
-    #[serde(flatten)]
-    pub event: E,
-}
-
-/// What the daemon sends unasked on a connection.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "method", content = "params")]
-pub enum Notification {
-    /// A record changed (after the change is durable).
-    #[serde(rename = "change")]
-    Change(ForSubscription<ChangeEvent>),
-    /// A conflict was found or resolved; the filter's `id` matches its `record`.
-    #[serde(rename = "conflict")]
-    Conflict(ForSubscription<ConflictEvent>),
-    /// The subscriber fell so far behind that events were dropped: re-read what it watches.
-    #[serde(rename = "lagged")]
-    Lagged { subscription: u64, missed: u64 },
-    /// While a `sync` call runs: the sync status, each time it changes.
-    #[serde(rename = "sync.progress")]
-    SyncProgress(SyncStatus),
 }
 
 #[cfg(test)]
@@ -620,19 +594,5 @@ mod tests {
             Request::decode("sync", Value::Null),
             Ok(SyncParams::default().into())
         );
-    }
-
-    #[test]
-    fn notifications_carry_the_event_beside_the_subscription() {
-        let note = Notification::Lagged {
-            subscription: 3,
-            missed: 7,
-        };
-        let wire = serde_json::to_value(&note).unwrap();
-        assert_eq!(
-            wire,
-            json!({ "method": "lagged", "params": { "subscription": 3, "missed": 7 } })
-        );
-        assert_eq!(serde_json::from_value::<Notification>(wire).unwrap(), note);
     }
 }
