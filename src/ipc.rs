@@ -1,8 +1,10 @@
 //! The local socket apps talk to: JSON-RPC 2.0, one message per line, over a Unix domain socket
 //! (mode 0600) in the data directory. Any language with a socket and a JSON parser can use it.
 //!
-//! Owns: framing (bounded lines), JSON-RPC envelopes, batches, per-connection subscriptions and
-//! their notifications, the connection limit, and the blocking client the CLI uses.
+//! Owns: framing (bounded lines), JSON-RPC envelopes, batches, the JSON of each call (a method
+//! and its params decoded into a typed `service::api::Request`, its typed answer encoded),
+//! per-connection subscriptions and their notifications, `sync` and the daemon's `status`, the
+//! connection limit, and the blocking client (typed requests and answers) the CLI uses.
 //!
 //! Must not touch: the store directly: every method goes through `service::Service`.
 //!

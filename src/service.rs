@@ -1,13 +1,15 @@
 //! The local API: the methods apps call (put, patch, delete, get, list, history, import, queue,
-//! log, status, ...), their parameters, results and error codes. The daemon serves it over the
-//! IPC socket; the CLI calls it in-process when no daemon runs. One dispatch for both, so the two
-//! paths cannot drift apart.
+//! log, status, ...), each a typed request with a typed answer (`api`), and their error codes.
+//! The daemon serves it over the IPC socket; the CLI calls it in-process when no daemon runs, and
+//! the relay's web actor calls it on its own store. One `Method::run` per method for all of them,
+//! so the paths cannot drift apart.
 //!
-//! Owns: parameter validation, the error codes apps see, group commit (a write is answered only
-//! after the flush that makes it durable; a job that panics fails alone, the committer goes on),
-//! and change events for subscribers.
+//! Owns: what each method does, parameter validation, the error codes apps see, group commit (a
+//! write is answered only after the flush that makes it durable; a job that panics fails alone,
+//! the committer goes on), and change events for subscribers.
 //!
-//! Must not touch: sockets and framing (that is `ipc`), process lifecycle (that is `daemon`).
+//! Must not touch: JSON-RPC, sockets and framing (that is `ipc`), process lifecycle (that is
+//! `daemon`).
 
 use crate::crypt::FieldError;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus, Take};
