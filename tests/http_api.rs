@@ -7,6 +7,8 @@ mod common;
 
 use common::{Device, Relay, call, wait_converged};
 use ferry::relay::http::ErrorCode;
+use ferry::relay::mirror::RejectCode;
+use ferry_proto::wire::ErrorKind;
 use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -674,6 +676,83 @@ fn http_error_codes_are_pinned_and_documented() {
         spec_codes,
         &json!(names),
         "docs/openapi.json's Error.code enum"
+    );
+}
+
+/// The codes of rejected upload operations are pinned the same way: each is in docs/HTTP.md's
+/// list of rejection codes, and docs/openapi.json's WriteResult.code enum holds exactly these
+/// and the kinds of the log's refusals.
+#[test]
+fn upload_rejection_codes_are_pinned_and_documented() {
+    // Exhaustive: a new code fails to compile here until it is pinned.
+    fn pinned(code: RejectCode) -> &'static str {
+        match code {
+            RejectCode::WrongDevice => "wrong_device",
+            RejectCode::BadTimestamp => "bad_timestamp",
+            RejectCode::BadVersion => "bad_version",
+            RejectCode::UnknownModel => "unknown_model",
+            RejectCode::EncryptedField => "encrypted_field",
+            RejectCode::Exists => "exists",
+            RejectCode::NotFound => "not_found",
+            RejectCode::Invalid => "invalid",
+            RejectCode::Log(kind) => match kind {
+                ErrorKind::Network => "network",
+                ErrorKind::Authentication => "authentication",
+                ErrorKind::Validation => "validation",
+                ErrorKind::Server => "server",
+                ErrorKind::Timeout => "timeout",
+            },
+        }
+    }
+    let own = [
+        RejectCode::WrongDevice,
+        RejectCode::BadTimestamp,
+        RejectCode::BadVersion,
+        RejectCode::UnknownModel,
+        RejectCode::EncryptedField,
+        RejectCode::Exists,
+        RejectCode::NotFound,
+        RejectCode::Invalid,
+    ];
+    let kinds = [
+        ErrorKind::Network,
+        ErrorKind::Authentication,
+        ErrorKind::Validation,
+        ErrorKind::Server,
+        ErrorKind::Timeout,
+    ];
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/HTTP.md"))
+        .expect("docs/HTTP.md");
+    let listed = doc
+        .split("Rejection\ncodes:")
+        .nth(1)
+        .or_else(|| doc.split("Rejection codes:").nth(1))
+        .and_then(|rest| rest.split("\n\n").next())
+        .expect("docs/HTTP.md lists the rejection codes")
+        .replace('\n', " ");
+    let mut names = Vec::new();
+    for code in own.into_iter().chain(kinds.map(RejectCode::Log)) {
+        let name = pinned(code);
+        assert_eq!(serde_json::to_value(code).unwrap(), json!(name));
+        assert_eq!(
+            serde_json::from_value::<RejectCode>(json!(name)).unwrap(),
+            code
+        );
+        names.push(name);
+    }
+    for code in own {
+        let name = pinned(code);
+        assert!(
+            listed.contains(&format!("`{name}`")),
+            "docs/HTTP.md lists {name}"
+        );
+    }
+    let spec = openapi();
+    let spec_codes = &spec["components"]["schemas"]["WriteResult"]["properties"]["code"]["enum"];
+    assert_eq!(
+        spec_codes,
+        &json!(names),
+        "docs/openapi.json's WriteResult.code enum"
     );
 }
 

@@ -12,7 +12,9 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
 use super::http::{ApiState, ErrorCode, Failure, JsonBody, Principal};
-use super::mirror::{Mirror, MirrorError, Resolved, WebOperation, WebWrite, WriteOutcome};
+use super::mirror::{
+    Mirror, MirrorError, RejectCode, Resolved, WebOperation, WebWrite, WriteOutcome,
+};
 use crate::clock::now_ms;
 use crate::record::Fields;
 use crate::resolve::{Conflict, Take};
@@ -145,7 +147,7 @@ pub(crate) fn plan(
         let rejected = if op.device_id != device {
             Some(WriteOutcome::rejected(
                 &op.object_id,
-                "wrong_device",
+                RejectCode::WrongDevice,
                 format!(
                     "device_id {:?} is not the client the access token was issued to ({device}): \
                      send the `device` the sign-in answered",
@@ -157,7 +159,7 @@ pub(crate) fn plan(
         {
             Some(WriteOutcome::rejected(
                 &op.object_id,
-                "bad_timestamp",
+                RejectCode::BadTimestamp,
                 format!(
                     "timestamp {} is not a time in milliseconds since 1970 near the relay's \
                      clock: check the client's clock and units",
@@ -172,7 +174,7 @@ pub(crate) fn plan(
             Err(reason) => {
                 outcomes.push(Some(WriteOutcome::rejected(
                     &op.object_id,
-                    "bad_version",
+                    RejectCode::BadVersion,
                     reason,
                 )));
                 continue;
