@@ -13,7 +13,7 @@ use crate::datadir::DataDir;
 use crate::ipc::Client;
 use crate::relay;
 use crate::service::Service;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -118,25 +118,32 @@ pub fn run(dir: &DataDir, config: &Config, records: usize, as_json: bool) -> Res
         .call("status", json!({}))
         .map_err(|e| e.to_string())?;
     let expected_docs = records as u64 + 1;
-    let pending = status["queue"]["pending"].as_u64().unwrap_or(0);
+    let pending = at(&status, "/queue/pending").as_u64().unwrap_or(0);
     let expected_queue = records as u64 + 3;
-    if status["documents"].as_u64() != Some(expected_docs) || pending != expected_queue {
+    let documents = at(&status, "/documents");
+    if documents.as_u64() != Some(expected_docs) || pending != expected_queue {
         return Err(format!(
-            "after restart the store holds {} documents and {pending} pending changes; expected {expected_docs} and {expected_queue}",
-            status["documents"]
+            "after restart the store holds {documents} documents and {pending} pending changes; expected {expected_docs} and {expected_queue}",
         ));
     }
     let sample = service
         .call("get", json!({ "collection": "Customer", "id": "demo-1" }))
         .map_err(|e| e.to_string())?;
-    if sample["fields"]["tier"] != json!("gold") {
+    if at(&sample, "/fields/tier") != "gold" {
         return Err(format!("demo-1 lost its patch after restart: {sample}"));
     }
-    report["after_restart"] = json!({ "documents": status["documents"], "pending_changes": pending,
-                                      "store_bytes": status["store_bytes"] });
+    report.insert(
+        "after_restart".into(),
+        json!({ "documents": documents, "pending_changes": pending,
+                "store_bytes": at(&status, "/store_bytes") }),
+    );
     drop(service);
     drop(open.lock);
-    report["sync"] = sync(dir, config, expected_docs)?;
+    report.insert(
+        "sync".into(),
+        Value::Object(sync(dir, config, expected_docs)?),
+    );
+    let report = Value::Object(report);
     if as_json {
         println!("{report}");
     } else {
@@ -145,7 +152,7 @@ pub fn run(dir: &DataDir, config: &Config, records: usize, as_json: bool) -> Res
     Ok(())
 }
 
-fn drive(socket: &std::path::Path, records: usize) -> Result<Value, String> {
+fn drive(socket: &std::path::Path, records: usize) -> Result<Map<String, Value>, String> {
     let connect = || Client::connect(socket).map_err(|e| format!("cannot connect: {e}"));
     let mut app = connect()?;
     let mut watcher = connect()?;
@@ -164,7 +171,7 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Value, String> {
             .map(|n| json!({ "collection": "Invoice", "id": format!("inv-{n:06}"), "fields": invoice(*n) }))
             .collect();
         let r = call(&mut app, "import", json!({ "records": batch }))?;
-        imported += r["imported"].as_u64().unwrap_or(0);
+        imported += at(&r, "/imported").as_u64().unwrap_or(0);
     }
     let import_secs = started.elapsed().as_secs_f64();
 
@@ -195,7 +202,7 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Value, String> {
         json!({ "collection": "Customer", "id": "demo-1" }),
     )?;
     let read_ms = started.elapsed().as_secs_f64() * 1000.0;
-    if got["fields"]["tier"] != json!("gold") || got["fields"]["tags"] != json!(["vip"]) {
+    if at(&got, "/fields/tier") != "gold" || at(&got, "/fields/tags") != &json!(["vip"]) {
         return Err(format!("read back something else: {got}"));
     }
     let history = call(
@@ -208,11 +215,9 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Value, String> {
         "list",
         json!({ "collection": "Invoice", "limit": 3 }),
     )?;
-    if page["records"][0]["id"] != json!("inv-000001") {
-        return Err(format!(
-            "the deleted invoice still lists: {}",
-            page["records"][0]
-        ));
+    let first = at(&page, "/records/0");
+    if at(first, "/id") != "inv-000001" {
+        return Err(format!("the deleted invoice still lists: {first}"));
     }
 
     watcher
@@ -223,7 +228,12 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Value, String> {
         let n = watcher
             .next_notification()
             .map_err(|e| format!("the subscriber was not told of a change: {e}"))?;
-        notified.push(n["params"]["operation"].as_str().unwrap_or("").to_owned());
+        notified.push(
+            at(&n, "/params/operation")
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        );
     }
     if notified != ["create", "update"] {
         return Err(format!(
@@ -231,20 +241,23 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Value, String> {
         ));
     }
     let status = call(&mut app, "status", json!({}))?;
-    Ok(json!({
-        "records_imported": imported,
-        "import_seconds": import_secs,
-        "import_records_per_second": imported as f64 / import_secs.max(1e-9),
-        "single_write_ms": single_write_ms,
-        "read_ms": read_ms,
-        "history": history["changes"],
-        "subscriber_saw": notified,
-        "status": status,
-    }))
+    Ok(Map::from_iter([
+        ("records_imported".into(), json!(imported)),
+        ("import_seconds".into(), json!(import_secs)),
+        (
+            "import_records_per_second".into(),
+            json!(imported as f64 / import_secs.max(1e-9)),
+        ),
+        ("single_write_ms".into(), json!(single_write_ms)),
+        ("read_ms".into(), json!(read_ms)),
+        ("history".into(), at(&history, "/changes").clone()),
+        ("subscriber_saw".into(), json!(notified)),
+        ("status".into(), status),
+    ]))
 }
 
 /// A relay on loopback; this device syncing with it, and a second, empty device next to it.
-fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Value, String> {
+fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Map<String, Value>, String> {
     let resolve =
         |name: &str| DataDir::resolve(Some(&dir.path().join(name))).map_err(|e| e.to_string());
     let relay_dir = resolve("relay")?;
@@ -266,7 +279,7 @@ fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Value, Str
             .call("enrol", json!({ "account": account }))
             .map_err(|e| format!("enrol: {e}"))?;
         let key = device.identity().map_err(|e| e.to_string())?;
-        let code = ferry_proto::wire::Secret::new(code["code"].as_str().unwrap_or_default());
+        let code = ferry_proto::wire::Secret::new(at(&code, "/code").as_str().unwrap_or_default());
         daemon::runtime()
             .map_err(|e| e.to_string())?
             .block_on(crate::engine::register_device(
@@ -289,7 +302,7 @@ fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Value, Str
     ];
     let mut report = outcome?;
     stopped.into_iter().collect::<Result<Vec<()>, String>>()?;
-    report["relay_fingerprint"] = json!(fingerprint);
+    report.insert("relay_fingerprint".into(), json!(fingerprint));
     Ok(report)
 }
 
@@ -298,7 +311,7 @@ fn watch_sync(
     b_socket: &std::path::Path,
     expected_docs: u64,
     started: Instant,
-) -> Result<Value, String> {
+) -> Result<Map<String, Value>, String> {
     let connect =
         |s: &std::path::Path| Client::connect(s).map_err(|e| format!("cannot connect: {e}"));
     let (mut a, mut b, mut watcher) = (connect(a_socket)?, connect(b_socket)?, connect(b_socket)?);
@@ -309,14 +322,16 @@ fn watch_sync(
     let deadline = Instant::now() + SYNC_TIMEOUT;
     let b_status = loop {
         let s = status(&mut b)?;
-        if s["documents"].as_u64() == Some(expected_docs) && s["sync"]["up_to_date"] == json!(true)
+        let documents = at(&s, "/documents");
+        if documents.as_u64() == Some(expected_docs)
+            && at(&s, "/sync/up_to_date").as_bool() == Some(true)
         {
             break s;
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "the second device holds {} of {expected_docs} records after {SYNC_TIMEOUT:?}: {}",
-                s["documents"], s["sync"]
+                "the second device holds {documents} of {expected_docs} records after {SYNC_TIMEOUT:?}: {}",
+                at(&s, "/sync")
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -341,17 +356,26 @@ fn watch_sync(
     let got = b
         .call("get", json!({ "collection": "Customer", "id": "demo-1" }))
         .map_err(|e| format!("get: {e}"))?;
-    if got["fields"]["tier"] != json!("platinum") || seen["params"]["origin"] != json!("remote") {
+    if at(&got, "/fields/tier") != "platinum" || at(&seen, "/params/origin") != "remote" {
         return Err(format!("the second device saw {seen} and holds {got}"));
     }
     let a_status = status(&mut a)?;
-    Ok(json!({
-        "initial_sync_seconds": initial_sync_secs,
-        "initial_sync_records_per_second": expected_docs as f64 / initial_sync_secs.max(1e-9),
-        "propagation_ms": propagation_ms,
-        "device_a": a_status["sync"],
-        "device_b": b_status["sync"],
-    }))
+    Ok(Map::from_iter([
+        ("initial_sync_seconds".into(), json!(initial_sync_secs)),
+        (
+            "initial_sync_records_per_second".into(),
+            json!(expected_docs as f64 / initial_sync_secs.max(1e-9)),
+        ),
+        ("propagation_ms".into(), json!(propagation_ms)),
+        ("device_a".into(), at(&a_status, "/sync").clone()),
+        ("device_b".into(), at(&b_status, "/sync").clone()),
+    ]))
+}
+
+/// What `value` holds at `pointer`, `Null` when nothing is there: what indexing a `Value` reads,
+/// with no way to panic.
+fn at<'a>(value: &'a Value, pointer: &str) -> &'a Value {
+    value.pointer(pointer).unwrap_or(&Value::Null)
 }
 
 fn invoice(n: usize) -> Value {
@@ -366,38 +390,40 @@ fn invoice(n: usize) -> Value {
 fn print_report(r: &Value) {
     println!(
         "ferry demo: a daemon on {} (device {})",
-        r["status"]["data_dir"].as_str().unwrap_or(""),
-        r["status"]["device_id"].as_str().unwrap_or("")
+        at(r, "/status/data_dir").as_str().unwrap_or(""),
+        at(r, "/status/device_id").as_str().unwrap_or("")
     );
     println!(
         "  imported {} records of 10 fields in {:.2}s ({:.0} records/s)",
-        r["records_imported"],
-        r["import_seconds"].as_f64().unwrap_or(0.0),
-        r["import_records_per_second"].as_f64().unwrap_or(0.0)
+        at(r, "/records_imported"),
+        at(r, "/import_seconds").as_f64().unwrap_or(0.0),
+        at(r, "/import_records_per_second").as_f64().unwrap_or(0.0)
     );
     println!(
         "  single durable write {:.2} ms, read {:.2} ms",
-        r["single_write_ms"].as_f64().unwrap_or(0.0),
-        r["read_ms"].as_f64().unwrap_or(0.0)
+        at(r, "/single_write_ms").as_f64().unwrap_or(0.0),
+        at(r, "/read_ms").as_f64().unwrap_or(0.0)
     );
-    for c in r["history"].as_array().into_iter().flatten() {
+    for c in at(r, "/history").as_array().into_iter().flatten() {
         println!(
             "  history of Customer/demo-1: {} {}",
-            c["operation"].as_str().unwrap_or(""),
-            c["fields"]
+            at(c, "/operation").as_str().unwrap_or(""),
+            at(c, "/fields")
         );
     }
-    println!("  subscriber saw: {}", r["subscriber_saw"]);
-    let a = &r["after_restart"];
+    println!("  subscriber saw: {}", at(r, "/subscriber_saw"));
+    let a = at(r, "/after_restart");
     println!(
         "  after a clean stop and reopen: {} documents, {} changes queued for upload, {} bytes on disk",
-        a["documents"], a["pending_changes"], a["store_bytes"]
+        at(a, "/documents"),
+        at(a, "/pending_changes"),
+        at(a, "/store_bytes")
     );
-    let s = &r["sync"];
+    let s = at(r, "/sync");
     println!(
         "  sync through a relay on {} (fingerprint {}…):",
-        s["device_a"]["relay"].as_str().unwrap_or(""),
-        s["relay_fingerprint"]
+        at(s, "/device_a/relay").as_str().unwrap_or(""),
+        at(s, "/relay_fingerprint")
             .as_str()
             .unwrap_or("")
             .get(..23)
@@ -405,13 +431,15 @@ fn print_report(r: &Value) {
     );
     println!(
         "    a second, empty device held all {} records {:.2}s after both started ({:.0} records/s)",
-        r["after_restart"]["documents"],
-        s["initial_sync_seconds"].as_f64().unwrap_or(0.0),
-        s["initial_sync_records_per_second"].as_f64().unwrap_or(0.0)
+        at(r, "/after_restart/documents"),
+        at(s, "/initial_sync_seconds").as_f64().unwrap_or(0.0),
+        at(s, "/initial_sync_records_per_second")
+            .as_f64()
+            .unwrap_or(0.0)
     );
     println!(
         "    a new write on the first device reached the second's subscriber in {:.1} ms",
-        s["propagation_ms"].as_f64().unwrap_or(0.0)
+        at(s, "/propagation_ms").as_f64().unwrap_or(0.0)
     );
     println!("demo OK");
 }

@@ -238,7 +238,9 @@ fn new_actor_id() -> String {
     // which are key hashes; the time makes that so.
     if getrandom::fill(&mut bytes).is_err() {
         let now = crate::engine::now_ms().to_be_bytes();
-        bytes[..now.len()].copy_from_slice(&now);
+        for (byte, time) in bytes.iter_mut().zip(now) {
+            *byte = time;
+        }
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -440,7 +442,8 @@ impl Mirror {
         let _busy = self.lock();
         self.catch_up_locked()?;
         let store = self.service.store();
-        let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
+        // One slot per write, in order: a refusal now, or `None` until its commit answers.
+        let mut outcomes: Vec<Option<WriteOutcome>> = Vec::with_capacity(writes.len());
         // Whether each record is live as the writes before it in this request leave it.
         let mut live: HashMap<(String, String), bool> = HashMap::new();
         let mut accepted: Vec<(usize, Write, Option<Vec<ChangeHash>>)> = Vec::new();
@@ -449,35 +452,35 @@ impl Mirror {
             let refuse =
                 |code, reason: String| Some(WriteOutcome::rejected(&write.id, code, reason));
             if declared.is_some_and(|d| !d.contains_key(&write.collection)) {
-                outcomes[index] = refuse(
+                outcomes.push(refuse(
                     "unknown_model",
                     format!(
                         "model {:?} is not declared in the relay's config: add a [collections.{}] \
                          section there (as on the devices)",
                         write.collection, write.collection
                     ),
-                );
+                ));
                 continue;
             }
             let encrypted = &policies.of(&write.collection).encrypted;
             if let Some(field) = write.fields.keys().find(|f| encrypted.contains(*f)) {
-                outcomes[index] = refuse(
+                outcomes.push(refuse(
                     "encrypted_field",
                     format!(
                         "field {field:?} of {} is encrypted with the account key, which the relay \
                          does not have: write it from a device",
                         write.collection
                     ),
-                );
+                ));
                 continue;
             }
             if write.base.is_some() && write.operation == WebOperation::Create {
-                outcomes[index] = refuse(
+                outcomes.push(refuse(
                     "invalid",
                     "`base` is the version an update or delete was made on: leave it out of a \
                      create"
                         .into(),
-                );
+                ));
                 continue;
             }
             let was_live = match live.get(&key) {
@@ -488,7 +491,7 @@ impl Mirror {
                 None => match store.is_live(&key.0, &key.1) {
                     Ok(live) => live,
                     Err(e) => {
-                        outcomes[index] = refuse("invalid", e.to_string());
+                        outcomes.push(refuse("invalid", e.to_string()));
                         continue;
                     }
                 },
@@ -496,17 +499,17 @@ impl Mirror {
             let base = write.base;
             let (write, now_live) = match (write.operation, was_live) {
                 (WebOperation::Create, true) => {
-                    outcomes[index] = refuse(
+                    outcomes.push(refuse(
                         "exists",
                         format!("{}/{} already exists: update it instead", key.0, key.1),
-                    );
+                    ));
                     continue;
                 }
                 (WebOperation::Update | WebOperation::Delete, false) => {
-                    outcomes[index] = refuse(
+                    outcomes.push(refuse(
                         "not_found",
                         format!("{}/{} does not exist (or is deleted)", key.0, key.1),
-                    );
+                    ));
                     continue;
                 }
                 (WebOperation::Create, false) => (
@@ -536,18 +539,22 @@ impl Mirror {
             };
             live.insert(key, now_live);
             accepted.push((index, write, base));
+            outcomes.push(None);
         }
         let applied = self.commit(accepted)?;
         let sent = self.pump()?;
         self.catch_up_locked()?;
         for (index, id, result) in applied {
-            outcomes[index] = Some(match result {
+            let outcome = match result {
                 Err(e) if e.code == code::NOT_FOUND => {
                     WriteOutcome::rejected(&id, "not_found", e.message)
                 }
                 Err(e) => WriteOutcome::rejected(&id, "invalid", e.message),
                 Ok(applied) => self.outcome(applied, &sent)?,
-            });
+            };
+            if let Some(slot) = outcomes.get_mut(index) {
+                *slot = Some(outcome);
+            }
         }
         Ok(outcomes
             .into_iter()
