@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod datadir;
 pub mod demo;
 pub mod engine;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod ipc;
 pub mod metrics;
