@@ -16,10 +16,11 @@
 mod workload;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use ferry::clock::SystemClock;
 use ferry::record::{Fields, Record};
 use ferry::resolve::{self, Policy};
 use ferry::store::kv::{MemoryKv, SledKv};
-use ferry::store::{Store, StoreOptions, SystemClock, Write};
+use ferry::store::{Store, StoreOptions, Write};
 use serde_json::json;
 use std::hint::black_box;
 use std::sync::Arc;

@@ -175,7 +175,7 @@ impl Https {
 
 /// The upload body creating records `from..to` of the `WebOrder` collection.
 fn creates(device: &str, from: u64, to: u64) -> Vec<u8> {
-    let now = ferry::engine::now_ms();
+    let now = ferry::clock::now_ms();
     let operations: Vec<Value> = (from..to)
         .map(|n| {
             json!({

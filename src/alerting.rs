@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::alerts::{Alert, AlertKind, Alerts, AlertsConfig, Transition};
+use crate::metrics::Exposition;
 
 /// Posts waiting for the webhook; more are dropped (and logged).
 const WEBHOOK_QUEUE: usize = 256;
@@ -75,6 +76,17 @@ impl std::fmt::Debug for Monitor {
 }
 
 impl Monitor {
+    /// One gauge per alert kind in the metrics exposition: how many scopes (the daemon: 0 or 1;
+    /// the relay: accounts, and the relay as a whole) have it active.
+    pub fn render_metrics(&self, name: &str, help: &str) -> String {
+        let mut out = Exposition::default();
+        out.header(name, help, "gauge");
+        for (kind, n) in self.active_counts() {
+            out.sample(name, &[("kind", kind.as_str())], n);
+        }
+        out.finish()
+    }
+
     /// `source` names this process in webhook posts (a device id, or `relay`). With a webhook
     /// configured, this starts its sender task: call it inside the tokio runtime.
     pub fn new(config: AlertsConfig, source: impl Into<String>) -> Arc<Self> {

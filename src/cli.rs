@@ -642,7 +642,7 @@ fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {
             println!("in sync: {done}");
         } else {
             println!("not in sync: {done}");
-            for line in status.summary(crate::engine::now_ms()) {
+            for line in status.summary(crate::clock::now_ms()) {
                 println!("  {line}");
             }
         }

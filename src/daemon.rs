@@ -8,22 +8,24 @@
 
 use crate::alerting::{self, Monitor};
 use crate::auth::credentials::{CredentialsError, Registration, TokenFile};
+use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
 use crate::crypt::{AccountKey, KeyError, Keyring};
 use crate::datadir::{DataDir, DataDirError, DirLock};
-use crate::engine::{self, EngineError, SyncSettings};
+use crate::engine::{self, DaemonMetrics, EngineError, SyncSettings};
 use crate::ipc::{self, ServerOptions};
-use crate::metrics::{self, DaemonMetrics, MetricsError};
 use crate::service::{Service, ServiceOptions};
 use crate::store::keys;
 use crate::store::kv::{Kv as _, KvError, SledKv};
-use crate::store::{Store, StoreError, SystemClock};
+use crate::store::{Store, StoreError};
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::UnixListener;
 
+mod metrics;
+pub use metrics::MetricsError;
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
@@ -303,7 +305,7 @@ async fn check_storage(
     loop {
         let (dir, monitor) = (data_dir.clone(), alerts.clone());
         let measured = tokio::task::spawn_blocking(move || {
-            let now = crate::engine::now_ms();
+            let now = crate::clock::now_ms();
             match alerting::dir_size(&dir) {
                 Ok(bytes) => monitor.observe("", now, |a, now| a.storage_used(bytes, now)),
                 Err(e) => tracing::warn!(error = %e, "cannot measure the data directory's size"),
@@ -354,9 +356,7 @@ async fn look_after_storage(
                 resume_when_room(&store, &dir);
             }
             let refused = store.disk_full_since();
-            alerts.observe("", crate::engine::now_ms(), |a, _| {
-                a.writes_refused(refused)
-            });
+            alerts.observe("", crate::clock::now_ms(), |a, _| a.writes_refused(refused));
             if check_space {
                 bound_space(&store);
             }
@@ -422,7 +422,7 @@ async fn prune_history(
     }
     let cutoff = |days: u64| match days {
         0 => 0,
-        days => crate::engine::now_ms().saturating_sub(days.saturating_mul(86_400_000)),
+        days => crate::clock::now_ms().saturating_sub(days.saturating_mul(86_400_000)),
     };
     loop {
         let store = store.clone();

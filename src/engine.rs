@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig, SessionError};
@@ -23,15 +23,17 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::alerting::Monitor;
 use crate::auth::credentials::{self, TokenFile};
+use crate::clock::{deadline_instant, now_ms, sleep_until};
 use crate::config::SyncConfig;
-use crate::metrics::DaemonMetrics;
 use crate::resolve::ConflictStatus;
 use crate::service::{Origin, Service};
 use crate::store::StoreError;
 use crate::store::{BatchLimits, RefusedEntry, RetryPolicy, Store};
 use crate::transport::{self, Fingerprint, FrameSender, ServerTrust, TransportError};
 
+mod metrics;
 mod status;
+pub use metrics::DaemonMetrics;
 pub use status::{Behind, ConnectionState, SyncFailure, SyncStatus, relative};
 
 #[derive(Debug, thiserror::Error)]
@@ -272,12 +274,6 @@ fn judge(status: &mut SyncStatus, store: &Store) {
             status.up_to_date = false;
         }
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn random_u64() -> u64 {
@@ -1322,20 +1318,6 @@ async fn resolve(relay: &str) -> Result<SocketAddr, EngineError> {
     addrs
         .next()
         .ok_or_else(|| EngineError::RelayAddress(relay.into(), "no address".into()))
-}
-
-/// The tokio instant of a unix-milliseconds deadline.
-pub(crate) fn deadline_instant(at_ms: u64) -> tokio::time::Instant {
-    let wait = at_ms.saturating_sub(now_ms());
-    tokio::time::Instant::now() + Duration::from_millis(wait)
-}
-
-/// Sleeps until `deadline`, or forever without one (a `select!` branch that never fires).
-pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 #![allow(clippy::panic)]
 
 use crate::auth::token::{KeyRing, RefreshToken, SigningKeyEntry, TokenPolicy};
+use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::ipc::{self, decode_message};
 use crate::record::Record;
@@ -25,7 +26,7 @@ use crate::relay::store::{RelayStore, RelayStoreOptions};
 use crate::resolve::{self, Policy, Strategy};
 use crate::service::{Service, ServiceOptions};
 use crate::store::kv::{Kv as _, MemoryKv};
-use crate::store::{Store, StoreOptions, SystemClock};
+use crate::store::{Store, StoreOptions};
 use ferry_proto::wire::{FrameReader, Message, decode_frame_body, encode_frame, frame_length};
 use ferry_proto::{SyncLogEntry, SyncQueueEntry};
 use std::sync::Arc;
@@ -471,6 +472,7 @@ pub fn http_upload(data: &[u8]) {
         store,
         accounts,
         metrics: Arc::default(),
+        activity: Arc::default(),
         spaces: Arc::default(),
         alerts: crate::relay::alerts::RelayAlerts::new(crate::alerts::AlertsConfig::default()),
     };

@@ -4,6 +4,7 @@ pub mod alerting;
 pub mod alerts;
 pub mod auth;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod crypt;
 pub mod daemon;

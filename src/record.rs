@@ -10,9 +10,6 @@
 //! Reserved names: top-level fields whose name starts with `$` belong to Ferry (`$deleted` marks a
 //! tombstone). Writes that use them are refused, and reads never show them.
 
-// Lint fixes for this module land with its rewrite.
-#![allow(clippy::indexing_slicing)]
-
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
     ActorId, AutoCommit, Automerge, Change, ChangeHash, ObjId, ObjType, PatchAction, Prop,
@@ -79,23 +76,28 @@ pub fn check_chunks(mut bytes: &[u8], allowed: &[u8]) -> Result<(), RecordError>
         return corrupt("no Automerge data".into());
     }
     while !bytes.is_empty() {
-        if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
+        // A chunk header: 4 magic bytes, a 4-byte checksum, the type, then the length.
+        let Some((magic, rest)) = bytes.split_first_chunk::<4>() else {
             return corrupt("not an Automerge chunk (bad magic bytes)".into());
-        }
-        let checksum = &bytes[4..8];
-        let chunk_type = bytes[8];
+        };
+        let (Some((checksum, rest)), true) = (rest.split_first_chunk::<4>(), *magic == CHUNK_MAGIC)
+        else {
+            return corrupt("not an Automerge chunk (bad magic bytes)".into());
+        };
+        let Some((&chunk_type, after_type)) = rest.split_first() else {
+            return corrupt("not an Automerge chunk (bad magic bytes)".into());
+        };
         if !allowed.contains(&chunk_type) {
             return corrupt(format!(
                 "Automerge chunk type {chunk_type} is not accepted here"
             ));
         }
-        let Some((len, len_bytes)) = read_uleb128(&bytes[9..]) else {
+        let Some((len, len_bytes)) = read_uleb128(after_type) else {
             return corrupt("Automerge chunk length is malformed".into());
         };
-        let start = 9 + len_bytes;
-        let Some(data) = usize::try_from(len)
+        let Some((data, next)) = usize::try_from(len)
             .ok()
-            .and_then(|len| bytes.get(start..start.checked_add(len)?))
+            .and_then(|len| after_type.get(len_bytes..)?.split_at_checked(len))
         else {
             return corrupt(format!("Automerge chunk of {len} bytes is truncated"));
         };
@@ -103,10 +105,10 @@ pub fn check_chunks(mut bytes: &[u8], allowed: &[u8]) -> Result<(), RecordError>
         hasher.update([chunk_type]);
         hasher.update(uleb128(data.len() as u64));
         hasher.update(data);
-        if hasher.finalize()[..4] != *checksum {
+        if hasher.finalize().get(..4) != Some(&checksum[..]) {
             return corrupt("Automerge chunk checksum does not match its contents".into());
         }
-        bytes = &bytes[start + data.len()..];
+        bytes = next;
     }
     Ok(())
 }
@@ -211,6 +213,28 @@ pub fn decode_change(bytes: &[u8]) -> Result<Change, RecordError> {
         RecordError::InvalidChange("the Automerge decoder failed on malformed bytes".into())
     })?;
     change.map_err(|e| RecordError::InvalidChange(e.to_string()))
+}
+
+/// A change's message: its operation (`put`, `patch`, `delete`, ...) on the first line; a
+/// conflict's resolution adds a second line, `resolve <conflict id> <take>`, which every device
+/// reads back to know the conflict settled.
+pub fn operation_of(message: Option<&str>) -> &str {
+    message.and_then(|m| m.lines().next()).unwrap_or("unknown")
+}
+
+/// The conflict id and the take word a resolution's message names (see [`operation_of`]).
+pub fn resolved_conflict(message: Option<&str>) -> Option<(&str, &str)> {
+    let line = message?.lines().nth(1)?;
+    let mut words = line.split(' ');
+    if words.next()? != "resolve" {
+        return None;
+    }
+    Some((words.next()?, words.next()?))
+}
+
+/// The message of a change made by `operation` that resolves `conflict` taking `take`.
+pub fn resolution_message(operation: &str, conflict: &str, take: &str) -> String {
+    format!("{operation}\nresolve {conflict} {take}")
 }
 
 /// The result of a write that changed the record.
@@ -532,7 +556,7 @@ impl Record {
                     device: change.actor_id().to_hex_string(),
                     seq: change.seq(),
                     time: change.timestamp(),
-                    operation: crate::resolve::operation_of(change.message()).to_owned(),
+                    operation: operation_of(change.message()).to_owned(),
                     fields,
                 }
             })

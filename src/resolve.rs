@@ -11,10 +11,7 @@
 //! Must not touch: storage, the network, clocks. Unique constraints span records, so their index
 //! lives in `store::conflicts`; only a record's own unique values are computed here.
 
-// Lint fixes for this module land with its rewrite.
-#![allow(clippy::indexing_slicing)]
-
-use crate::record::{DELETED_KEY, Fields, Record, from_scalar};
+use crate::record::{DELETED_KEY, Fields, Record, from_scalar, operation_of, resolved_conflict};
 use automerge::Value as AmValue;
 use automerge::{Automerge, ChangeHash, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue};
 use serde::{Deserialize, Serialize};
@@ -137,27 +134,10 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The first line of a change's message is its operation; a resolution adds a second line,
-/// `resolve <conflict id> <take>`.
-pub fn operation_of(message: Option<&str>) -> &str {
-    message.and_then(|m| m.lines().next()).unwrap_or("unknown")
-}
-
-/// The conflict a change resolves, from its message.
+/// The conflict a change resolves and how, from its message (`record::resolved_conflict`).
 pub fn resolution_of(message: Option<&str>) -> Option<(&str, Take)> {
-    let line = message?.lines().nth(1)?;
-    let mut words = line.split(' ');
-    if words.next()? != "resolve" {
-        return None;
-    }
-    let id = words.next()?;
-    let take = Take::parse(words.next()?)?;
-    Some((id, take))
-}
-
-/// The message of a change that resolves `conflict`.
-pub fn resolution_message(operation: &str, conflict: &str, take: Take) -> String {
-    format!("{operation}\nresolve {conflict} {}", take.as_str())
+    let (id, take) = resolved_conflict(message)?;
+    Some((id, Take::parse(take)?))
 }
 
 /// What a record shows, after its collection's strategy has settled any conflicts.
@@ -253,35 +233,31 @@ fn visible_heads(
         resolution_of_head.push(id);
     }
     let before = remaining.len();
-    let mut index = 0;
+    let mut resolutions = resolution_of_head.iter();
     remaining.retain(|(_, stamp)| {
-        let keep = resolution_of_head[index]
-            .as_ref()
-            .is_none_or(|id| best_resolution.get(id) == Some(stamp));
-        index += 1;
-        keep
+        resolutions
+            .next()
+            .and_then(Option::as_ref)
+            .is_none_or(|id| best_resolution.get(id) == Some(stamp))
     });
     if policy.strategy == Strategy::Lww && remaining.len() > 1 {
         remaining.sort_by(|a, b| b.1.cmp(&a.1));
         let deleted_at = |h: &ChangeHash| raw_deleted(doc, Some(std::slice::from_ref(h)));
+        let latest = remaining.first().map(|(h, _)| *h);
         let chosen = match policy.on_delete {
-            DeleteRule::Latest | DeleteRule::Queue => remaining[0].0,
-            DeleteRule::KeepUpdate => {
-                remaining
-                    .iter()
-                    .find(|(h, _)| !deleted_at(h))
-                    .unwrap_or(&remaining[0])
-                    .0
-            }
-            DeleteRule::KeepDelete => {
-                remaining
-                    .iter()
-                    .find(|(h, _)| deleted_at(h))
-                    .unwrap_or(&remaining[0])
-                    .0
-            }
+            DeleteRule::Latest | DeleteRule::Queue => latest,
+            DeleteRule::KeepUpdate => remaining
+                .iter()
+                .find(|(h, _)| !deleted_at(h))
+                .map(|(h, _)| *h)
+                .or(latest),
+            DeleteRule::KeepDelete => remaining
+                .iter()
+                .find(|(h, _)| deleted_at(h))
+                .map(|(h, _)| *h)
+                .or(latest),
         };
-        return Some(vec![chosen]);
+        return chosen.map(|h| vec![h]);
     }
     (remaining.len() != before).then(|| remaining.into_iter().map(|(h, _)| h).collect())
 }
@@ -693,7 +669,9 @@ pub fn conflict_id(parts: &[&[u8]]) -> String {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part);
     }
-    hex(&hasher.finalize()[..8])
+    let digest: [u8; 32] = hasher.finalize().into();
+    let (id, _) = digest.split_first_chunk::<8>().unwrap_or((&[0; 8], &[]));
+    hex(id)
 }
 
 /// What meeting the changes logged before it means for one change.

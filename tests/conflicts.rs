@@ -38,7 +38,7 @@ impl Net {
         Net::with_clock(count, policy, StepClock::new())
     }
 
-    fn with_clock(count: usize, policy: Policy, clock: Arc<dyn ferry::store::Clock>) -> Net {
+    fn with_clock(count: usize, policy: Policy, clock: Arc<dyn ferry::clock::Clock>) -> Net {
         let mut collections = std::collections::BTreeMap::new();
         collections.insert("Customer".to_owned(), policy);
         let options = StoreOptions {
@@ -240,7 +240,7 @@ fn merge_tie_on_time_is_broken_by_device_id_the_same_way_everywhere() {
 /// Every write at the same moment.
 struct FixedClock;
 
-impl ferry::store::Clock for FixedClock {
+impl ferry::clock::Clock for FixedClock {
     fn now_ms(&self) -> u64 {
         1_700_000_000_000
     }

@@ -1443,7 +1443,7 @@ fn an_expired_access_token_is_refused_on_every_route_and_its_refresh_token_renew
     relay.kill();
     // Tokens issued two hours ago, by the relay's own accounts and signing key: the access token
     // expired long ago (and past the allowed skew), the refresh token has weeks left.
-    let issued_at = ferry::engine::now_ms() - 2 * 3_600_000;
+    let issued_at = ferry::clock::now_ms() - 2 * 3_600_000;
     let tokens = {
         let kv: Arc<dyn ferry::store::kv::Kv> = Arc::new(
             ferry::store::kv::SledKv::open(&dir.join("relay.db"), 8 << 20).expect("relay.db"),

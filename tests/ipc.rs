@@ -15,8 +15,9 @@
 mod common;
 
 use common::{Device, FaultyKv, Relayed, TIMEOUT, ferry_bin, signal, stderr, stdout, wait_for};
+use ferry::clock::SystemClock;
 use ferry::service::{Service, ServiceOptions, code};
-use ferry::store::{Store, StoreOptions, SystemClock};
+use ferry::store::{Store, StoreOptions};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};

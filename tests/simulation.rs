@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ed25519_dalek::SigningKey;
 use ferry::auth::credentials;
 use ferry::auth::token::TokenPolicy;
+use ferry::clock::Clock;
 use ferry::engine::{self, ConnectionState, SyncStatus};
 use ferry::fuzzing::{Forgery, forge, mutate_change};
 use ferry::record::{Fields, Record, decode_change};
@@ -48,7 +49,7 @@ use ferry::resolve::{
 };
 use ferry::service::{Service, ServiceOptions};
 use ferry::store::kv::MemoryKv;
-use ferry::store::{Clock, RetryPolicy, Store, StoreError, StoreOptions};
+use ferry::store::{RetryPolicy, Store, StoreError, StoreOptions};
 use ferry_proto::session::{
     DeviceEvent, DeviceSession, RelayEvent, RelaySession, SessionConfig, device_id,
 };
@@ -601,7 +602,8 @@ impl World {
     /// heads appended to the relay.
     fn pump_link(&mut self, link: &mut Link) -> (bool, Vec<u64>) {
         let faults = if self.healing { HEALED } else { CHAOS };
-        let metrics = ferry::metrics::RelayMetrics::default();
+        let metrics = ferry::relay::metrics::RelayMetrics::default();
+        let activity = ferry::relay::activity::Activity::default();
         let mut appended = Vec::new();
         let mut any = false;
         loop {
@@ -619,6 +621,7 @@ impl World {
                         relay,
                         accounts,
                         &metrics,
+                        &activity,
                         &mut link.peer,
                         &mut link.relay,
                         effect,

@@ -187,7 +187,7 @@ fn call_relay(ctx: &Context, method: &str, params: Value) -> Result<Value, Failu
         Arc::new(kv),
         ctx.config.relay.token_policy(),
         os_random(),
-        engine::now_ms(),
+        crate::clock::now_ms(),
     )
     .map_err(|e| Failure::failed(e.to_string()))?;
     let options = AdminOptions {
@@ -198,7 +198,7 @@ fn call_relay(ctx: &Context, method: &str, params: Value) -> Result<Value, Failu
         &options,
         method,
         params,
-        engine::now_ms(),
+        crate::clock::now_ms(),
     )?)
 }
 

@@ -10,7 +10,8 @@
 use serde_json::{Value, json};
 
 use crate::auth::credentials::Registration;
-use crate::engine::{SyncSettings, SyncStatus, now_ms, relative};
+use crate::clock::now_ms;
+use crate::engine::{SyncSettings, SyncStatus, relative};
 use crate::service::Service;
 
 use super::{Context, Failure, print_alerts};

@@ -246,7 +246,7 @@ fn answer(accounts: &Accounts, options: &AdminOptions, line: &str) -> Option<Val
                     options,
                     &request.method,
                     request.params,
-                    crate::engine::now_ms(),
+                    crate::clock::now_ms(),
                 )
             });
             tracing::info!(

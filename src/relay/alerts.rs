@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::store::{RelayStore, RelayStoreError};
 use crate::alerting::{self, Monitor};
 use crate::alerts::{Alert, AlertsConfig};
-use crate::engine::now_ms;
+use crate::clock::now_ms;
 
 /// The relay's alert state, shared by the sessions, the disk check and the HTTPS API.
 pub struct RelayAlerts {

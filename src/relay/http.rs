@@ -45,7 +45,7 @@ use super::accounts::{Accounts, Denied};
 use super::mirror::{Mirror, MirrorError, Mirrors};
 use super::server::AttemptLimiter;
 use super::store::{RelayStore, RelayStoreError};
-use crate::engine::now_ms;
+use crate::clock::now_ms;
 use crate::resolve::Policies;
 
 /// Pages of `download` kept rendered: a page is the same bytes until the log grows.
@@ -73,7 +73,7 @@ pub struct ApiState {
     pub policies: Arc<Policies>,
     pub options: HttpOptions,
     /// The relay's metrics and the token a scraper must show; `None`: no `/metrics`.
-    pub metrics: Option<(crate::metrics::RelayScrape, Secret)>,
+    pub metrics: Option<(super::metrics::RelayScrape, Secret)>,
     pub live: Live,
     /// Each space's web actor, for the write and conflict routes (`relay::mirror`).
     pub mirrors: Arc<Mirrors>,
@@ -84,11 +84,11 @@ pub struct ApiState {
 }
 
 /// What the relay's QUIC side shares with the API: each space's log head as it moves, and what
-/// devices did (`RelayMetrics::activity`).
+/// devices did (`activity::Activity`).
 #[derive(Clone)]
 pub struct Live {
     pub spaces: Arc<super::server::Spaces>,
-    pub metrics: Arc<crate::metrics::RelayMetrics>,
+    pub activity: Arc<super::activity::Activity>,
 }
 
 /// (account, since, limit, head, gzip).
@@ -106,7 +106,7 @@ impl ApiState {
         shared: &super::server::Shared,
         policies: Arc<Policies>,
         options: HttpOptions,
-        metrics: Option<(crate::metrics::RelayScrape, Secret)>,
+        metrics: Option<(super::metrics::RelayScrape, Secret)>,
         mirrors: Arc<Mirrors>,
     ) -> Self {
         ApiState {
@@ -114,7 +114,7 @@ impl ApiState {
             store: shared.store.clone(),
             live: Live {
                 spaces: shared.spaces.clone(),
-                metrics: shared.metrics.clone(),
+                activity: shared.activity.clone(),
             },
             alerts: shared.alerts.clone(),
             metrics,

@@ -38,16 +38,18 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use super::activity::Activity;
 use super::alerts::RelayAlerts;
+use super::metrics::RelayMetrics;
 use super::server::{Shared, Spaces};
 use super::store::{RelayStore, RelayStoreError};
-use crate::metrics::RelayMetrics;
+use crate::clock::SystemClock;
 use crate::record::Fields;
 use crate::resolve::{Conflict, Policies, Take};
 use crate::service::{ApiError, ConflictEvent, ResolveRequest, Service, ServiceOptions, code};
 use crate::store::kv::{Kv, PrefixKv};
 use crate::store::{
-    Applied, BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, SystemClock, Write, keys,
+    Applied, BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, Write, keys,
 };
 
 /// Log entries applied per read while catching up.
@@ -109,6 +111,7 @@ pub struct Mirrors {
     log: Arc<RelayStore>,
     spaces: Arc<Spaces>,
     metrics: Arc<RelayMetrics>,
+    activity: Arc<Activity>,
     alerts: Arc<RelayAlerts>,
     policies: Arc<Policies>,
     options: MirrorOptions,
@@ -136,6 +139,7 @@ impl Mirrors {
             log: shared.store.clone(),
             spaces: shared.spaces.clone(),
             metrics: shared.metrics.clone(),
+            activity: shared.activity.clone(),
             alerts: shared.alerts.clone(),
             policies,
             options,
@@ -199,6 +203,7 @@ impl Mirrors {
             log: self.log.clone(),
             spaces: self.spaces.clone(),
             metrics: self.metrics.clone(),
+            activity: self.activity.clone(),
             alerts: self.alerts.clone(),
             events: self.sender(space),
             policies: self.policies.clone(),
@@ -237,7 +242,7 @@ fn new_actor_id() -> String {
     // Without OS randomness the id still only has to differ from the space's devices' ids,
     // which are key hashes; the time makes that so.
     if getrandom::fill(&mut bytes).is_err() {
-        let now = crate::engine::now_ms().to_be_bytes();
+        let now = crate::clock::now_ms().to_be_bytes();
         for (byte, time) in bytes.iter_mut().zip(now) {
             *byte = time;
         }
@@ -324,6 +329,7 @@ pub struct Mirror {
     log: Arc<RelayStore>,
     spaces: Arc<Spaces>,
     metrics: Arc<RelayMetrics>,
+    activity: Arc<Activity>,
     alerts: Arc<RelayAlerts>,
     events: broadcast::Sender<ConflictEvent>,
     policies: Arc<Policies>,
@@ -396,10 +402,11 @@ impl Mirror {
             let appended = super::server::append_counted(
                 &self.log,
                 &self.metrics,
+                &self.activity,
                 &self.space,
                 &self.web_actor,
                 &changes,
-                crate::engine::now_ms(),
+                crate::clock::now_ms(),
             );
             let results = match appended {
                 Ok((results, _)) => results,

@@ -11,6 +11,7 @@ pub mod activity;
 pub mod admin;
 pub mod alerts;
 pub mod http;
+pub mod metrics;
 pub mod mirror;
 pub mod server;
 pub mod store;
@@ -24,10 +25,10 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::datadir::{DataDir, DataDirError};
-use crate::metrics::{RelayMetrics, RelayScrape};
 use crate::store::kv::{KvError, SledKv};
 use crate::transport::{self, Fingerprint, RelayCertificate, TransportError, TransportOptions};
 use ferry_proto::session::SessionConfig;
+use metrics::{RelayMetrics, RelayScrape};
 use server::RelayOptions;
 use store::{RelayStore, RelayStoreError, RelayStoreOptions};
 
@@ -111,7 +112,7 @@ pub async fn run(
         kv.clone(),
         relay.token_policy(),
         accounts::os_random(),
-        crate::engine::now_ms(),
+        crate::clock::now_ms(),
     )?);
     let store = Arc::new(RelayStore::open(
         kv.clone(),
@@ -160,6 +161,7 @@ pub async fn run(
         store: store.clone(),
         accounts: accounts.clone(),
         metrics,
+        activity: Arc::default(),
         spaces: Arc::new(server::Spaces::default()),
         alerts: alerts.clone(),
     };
@@ -271,13 +273,13 @@ async fn rotate_signing_keys(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let age = Duration::from_secs(accounts.signing_key_age_s(crate::engine::now_ms()));
+        let age = Duration::from_secs(accounts.signing_key_age_s(crate::clock::now_ms()));
         let wait = every.saturating_sub(age);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
-        if let Err(e) = accounts.rotate_signing_key(crate::engine::now_ms()) {
+        if let Err(e) = accounts.rotate_signing_key(crate::clock::now_ms()) {
             tracing::error!(error = %e, "cannot rotate the token signing key; retrying in a minute");
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(60)) => {}

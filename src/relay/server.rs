@@ -19,11 +19,11 @@ use ferry_proto::wire::{ChangeOutcome, Credential, ErrorCode, Message};
 use tokio::sync::{Semaphore, broadcast, watch};
 
 use super::accounts::{Accounts, Revocation};
-use super::activity::{SyncEvent, SyncKind};
+use super::activity::{Activity, SyncEvent, SyncKind};
 use super::alerts::RelayAlerts;
+use super::metrics::{RelayMetrics, RequestKind};
 use super::store::{RelayStore, RelayStoreError};
-use crate::engine::{deadline_instant, now_ms, sleep_until};
-use crate::metrics::{RelayMetrics, RequestKind};
+use crate::clock::{deadline_instant, now_ms, sleep_until};
 use crate::transport::{self, FrameSender, TransportError};
 
 /// Over-limit connections told `Overloaded` at once; more are refused without a handshake.
@@ -141,6 +141,7 @@ pub fn carry_out(
     store: &RelayStore,
     accounts: &Accounts,
     metrics: &RelayMetrics,
+    activity: &Activity,
     peer: &mut Peer,
     session: &mut RelaySession,
     effect: RelayEffect,
@@ -194,8 +195,15 @@ pub fn carry_out(
         RelayEffect::Store { batch, changes } => {
             let _span =
                 tracing::info_span!("relay.store", batch, changes = changes.len()).entered();
-            let (results, head) =
-                append_counted(store, metrics, &peer.space, &peer.device, &changes, now)?;
+            let (results, head) = append_counted(
+                store,
+                metrics,
+                activity,
+                &peer.space,
+                &peer.device,
+                &changes,
+                now,
+            )?;
             session.stored(batch, results, head);
             Ok(Some(head))
         }
@@ -233,9 +241,7 @@ pub fn carry_out(
             };
             let mut event = sync_event(&peer.device, sync_kind, now, took);
             event.changes = slice.entries.len() as u64;
-            metrics
-                .activity
-                .record(&peer.space, event, Some(slice.through));
+            activity.record(&peer.space, event, Some(slice.through));
             session.read(slice);
             Ok(None)
         }
@@ -248,6 +254,7 @@ pub fn carry_out(
 pub fn append_counted(
     store: &RelayStore,
     metrics: &RelayMetrics,
+    activity: &Activity,
     space: &str,
     device: &str,
     changes: &[ferry_proto::wire::UploadChange],
@@ -279,7 +286,7 @@ pub fn append_counted(
     event.conflicts = store
         .conflicts_total(space)?
         .saturating_sub(conflicts_before);
-    metrics.activity.record(space, event, Some(head));
+    activity.record(space, event, Some(head));
     Ok((results, head))
 }
 
@@ -305,6 +312,8 @@ pub struct Shared {
     pub store: Arc<RelayStore>,
     pub accounts: Arc<Accounts>,
     pub metrics: Arc<RelayMetrics>,
+    /// Each space's sync log and per-minute totals, for the web interface.
+    pub activity: Arc<Activity>,
     pub spaces: Arc<Spaces>,
     pub alerts: Arc<RelayAlerts>,
 }
@@ -320,6 +329,7 @@ pub async fn serve(
         store,
         accounts,
         metrics,
+        activity,
         spaces,
         alerts,
     } = shared;
@@ -351,6 +361,7 @@ pub async fn serve(
                     store: store.clone(),
                     accounts: accounts.clone(),
                     metrics: metrics.clone(),
+                    activity: activity.clone(),
                     alerts: alerts.clone(),
                     limiters: limiters.clone(),
                     spaces: spaces.clone(),
@@ -435,6 +446,7 @@ struct Context {
     store: Arc<RelayStore>,
     accounts: Arc<Accounts>,
     metrics: Arc<RelayMetrics>,
+    activity: Arc<Activity>,
     alerts: Arc<RelayAlerts>,
     limiters: Arc<Limiters>,
     spaces: Arc<Spaces>,
@@ -590,6 +602,7 @@ impl Context {
                         &self.store,
                         &self.accounts,
                         &self.metrics,
+                        &self.activity,
                         peer,
                         session,
                         effect,
@@ -647,7 +660,7 @@ impl Context {
                             );
                             event.outcome = error.kind().as_str().to_owned();
                             event.error = Some(error.to_string());
-                            self.metrics.activity.record(&peer.space, event, None);
+                            self.activity.record(&peer.space, event, None);
                         }
                     }
                     RelayEvent::Closed { error: None } => {

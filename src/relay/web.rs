@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, watch};
 use super::accounts::{AccountError, DeviceRecord, Revocation};
 use super::activity::{DeviceSync, SyncEvent};
 use super::http::{ApiState, Failure, Principal};
-use crate::engine::now_ms;
+use crate::clock::now_ms;
 
 /// Records in one page of `GET /api/records` when the client does not say.
 const RECORDS_PAGE: usize = 50;
@@ -242,11 +242,8 @@ async fn devices(
         .devices(Some(&principal.account))
         .into_iter()
         .map(|d| {
-            let synced: Option<DeviceSync> = state
-                .live
-                .metrics
-                .activity
-                .device(&principal.account, &d.device);
+            let synced: Option<DeviceSync> =
+                state.live.activity.device(&principal.account, &d.device);
             DeviceView {
                 current: d.device == principal.device,
                 last_sync_ms: synced.as_ref().map(|s| s.last_sync_ms),
@@ -315,7 +312,7 @@ async fn sync_log(
 ) -> Result<axum::Json<Value>, Failure> {
     let Query(query) = query.map_err(|e| query_failure(e, "`limit` is a whole number"))?;
     let limit = query.limit.unwrap_or(100).min(super::activity::LOG_ENTRIES);
-    let entries: Vec<SyncEvent> = state.live.metrics.activity.log(&principal.account, limit);
+    let entries: Vec<SyncEvent> = state.live.activity.log(&principal.account, limit);
     Ok(axum::Json(json!({ "entries": entries })))
 }
 
@@ -338,11 +335,7 @@ async fn stats(
         .clamp(1, super::activity::MINUTES as u64);
     let now = now_ms();
     let since = now.saturating_sub(minutes * 60_000);
-    let totals = state
-        .live
-        .metrics
-        .activity
-        .minutes(&principal.account, since);
+    let totals = state.live.activity.minutes(&principal.account, since);
     Ok(axum::Json(json!({
         "now_ms": now,
         "since_ms": since,

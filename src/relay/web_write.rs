@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::http::{ApiState, Failure, JsonBody, Principal};
 use super::mirror::{Mirror, MirrorError, WebOperation, WebWrite, WriteOutcome};
-use crate::engine::now_ms;
+use crate::clock::now_ms;
 use crate::record::Fields;
 use crate::resolve::Take;
 use crate::service::code;

@@ -13,7 +13,7 @@ use super::kv::Batch;
 use super::{
     CacheKey, CountDelta, Staged, Store, StoreError, WorkingSet, keys, not_found, validate_fields,
 };
-use crate::record::{Fields, Record};
+use crate::record::{Fields, Record, resolution_message};
 use crate::resolve::{
     self, Conflict, ConflictKind, ConflictStatus, LogPosition, Policy, Resolution, Take,
     UniqueClash,
@@ -793,7 +793,7 @@ impl Store {
             let key = (conflict.collection.clone(), target.record);
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
             let before = record.heads();
-            let message = resolve::resolution_message(target.operation.as_str(), id, take);
+            let message = resolution_message(target.operation.as_str(), id, take.as_str());
             let written = record
                 .materialize(
                     &target.fields,

@@ -16,6 +16,7 @@ pub mod sync;
 
 pub use sync::{BatchLimits, LastKnownSync, RefusedEntry, RetryPolicy, UploadBatch};
 
+use crate::clock::Clock;
 use crate::crypt::Keyring;
 use crate::record::{
     Fields, HistoryEntry, Record, RecordError, Removal, validate_fields, validate_shape,
@@ -101,21 +102,6 @@ pub enum StoreError {
         id: String,
         version: String,
     },
-}
-
-/// Source of the current time, so tests can run on a fake clock.
-pub trait Clock: Send + Sync {
-    fn now_ms(&self) -> u64;
-}
-
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    }
 }
 
 /// Per-store settings, from the config.
@@ -1673,6 +1659,7 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
     use kv::MemoryKv;
 
     const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";

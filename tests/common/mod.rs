@@ -668,7 +668,7 @@ impl StepClock {
     }
 }
 
-impl ferry::store::Clock for StepClock {
+impl ferry::clock::Clock for StepClock {
     fn now_ms(&self) -> u64 {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     }
@@ -971,7 +971,7 @@ impl Relayed {
             Box::new(MemoryKv::new()),
             OTHER_DEVICE,
             options,
-            Arc::new(ferry::store::SystemClock),
+            Arc::new(ferry::clock::SystemClock),
         )
         .expect("open the other device's store");
         Relayed {
