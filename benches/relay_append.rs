@@ -19,6 +19,7 @@ mod workload;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ferry::record::Record;
+use ferry::relay::storage::KvStorage;
 use ferry::relay::store::{RelayStore, RelayStoreOptions};
 use ferry::store::kv::SledKv;
 use ferry_proto::wire::{ChangeOutcome, UploadChange};
@@ -105,7 +106,8 @@ fn append_all(relay: &RelayStore, space: &str, changes: &[UploadChange]) {
 fn open_relay() -> (tempfile::TempDir, RelayStore) {
     let dir = tempfile::tempdir().expect("temp dir");
     let kv = SledKv::open(dir.path(), 64 << 20).expect("open sled");
-    let relay = RelayStore::open(Arc::new(kv), RelayStoreOptions::default()).expect("open relay");
+    let storage = Arc::new(KvStorage::new(Arc::new(kv)));
+    let relay = RelayStore::open(storage, RelayStoreOptions::default());
     (dir, relay)
 }
 

@@ -22,6 +22,7 @@ use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::ipc::{self, decode_message};
 use crate::record::Record;
+use crate::relay::storage::KvStorage;
 use crate::relay::store::{RelayStore, RelayStoreOptions};
 use crate::resolve::{self, Policy, Strategy};
 use crate::service::{Service, ServiceOptions};
@@ -280,10 +281,10 @@ pub fn remote_change(data: &[u8]) {
     let _ = store.history("Doc", "r");
 
     let kv = stored(format!("b{SPACE}\0Doc\0r\0").into_bytes());
-    let relay = match RelayStore::open(Arc::new(kv), RelayStoreOptions::default()) {
-        Ok(relay) => relay,
-        Err(e) => panic!("an in-memory relay store must open: {e}"),
-    };
+    let relay = RelayStore::open(
+        Arc::new(KvStorage::new(Arc::new(kv))),
+        RelayStoreOptions::default(),
+    );
     let origin = crate::record::decode_change(change)
         .map_or_else(|_| DEVICE.to_owned(), |c| c.actor_id().to_hex_string());
     let upload = ferry_proto::wire::UploadChange {
@@ -392,9 +393,11 @@ pub fn relay_store(data: &[u8]) {
         compact_after: 2,
         ..RelayStoreOptions::default()
     };
-    let open = |kv: &MemoryKv| match RelayStore::open(Arc::new(kv.clone()), options.clone()) {
-        Ok(store) => store,
-        Err(e) => panic!("an in-memory relay store must open: {e}"),
+    let open = |kv: &MemoryKv| {
+        RelayStore::open(
+            Arc::new(KvStorage::new(Arc::new(kv.clone()))),
+            options.clone(),
+        )
     };
     let changes = relay_fixture_changes();
     let _ = open(&kv).append(SPACE, DEVICE, &changes);
@@ -451,12 +454,13 @@ pub fn http_upload(data: &[u8]) {
         return;
     };
     let kv: Arc<dyn crate::store::kv::Kv> = Arc::new(MemoryKv::new());
-    let store = match RelayStore::open(kv.clone(), RelayStoreOptions::default()) {
-        Ok(store) => Arc::new(store),
-        Err(e) => panic!("an in-memory relay store must open: {e}"),
-    };
+    let storage = Arc::new(KvStorage::new(kv.clone()));
+    let store = Arc::new(RelayStore::open(
+        storage.clone(),
+        RelayStoreOptions::default(),
+    ));
     let accounts = crate::relay::accounts::Accounts::open(
-        kv.clone(),
+        storage,
         TokenPolicy::default(),
         Arc::new(|bytes: &mut [u8]| {
             bytes.fill(7);

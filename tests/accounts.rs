@@ -28,6 +28,7 @@ use ferry::auth::token::{
     TokenPolicy, issue_access,
 };
 use ferry::relay::accounts::{Accounts, Admitted, Denied, RandomSource};
+use ferry::relay::storage::KvStorage;
 use ferry::store::kv::{Batch, Kv, KvError, MemoryKv, Pair};
 use ferry_proto::session::device_id;
 use ferry_proto::wire::{Credential, Secret, Tokens};
@@ -98,8 +99,13 @@ impl Relay {
     /// Accounts `alice` and `bob` on an empty store.
     fn open() -> Relay {
         let kv = MemoryKv::new();
-        let accounts = Accounts::open(Arc::new(kv.clone()), TokenPolicy::default(), seeded(1), NOW)
-            .expect("open the accounts");
+        let accounts = Accounts::open(
+            Arc::new(KvStorage::new(Arc::new(kv.clone()))),
+            TokenPolicy::default(),
+            seeded(1),
+            NOW,
+        )
+        .expect("open the accounts");
         for name in ["alice", "bob"] {
             accounts.add_account(name, NOW).expect("add an account");
         }
@@ -833,8 +839,15 @@ impl Kv for Interleaved {
 #[test]
 fn an_enrolment_code_shown_by_two_sessions_at_once_registers_one_device() {
     let kv = Arc::new(Interleaved::default());
-    let accounts =
-        Arc::new(Accounts::open(kv.clone(), TokenPolicy::default(), seeded(1), NOW).expect("open"));
+    let accounts = Arc::new(
+        Accounts::open(
+            Arc::new(KvStorage::new(kv.clone())),
+            TokenPolicy::default(),
+            seeded(1),
+            NOW,
+        )
+        .expect("open"),
+    );
     accounts.add_account("alice", NOW).expect("account");
     let code = accounts.enrol("alice", HOUR, NOW).expect("enrol").code;
     let enrol = move |accounts: &Accounts, seed: u8| {

@@ -1449,7 +1449,7 @@ fn an_expired_access_token_is_refused_on_every_route_and_its_refresh_token_renew
             ferry::store::kv::SledKv::open(&dir.join("relay.db"), 8 << 20).expect("relay.db"),
         );
         let accounts = ferry::relay::accounts::Accounts::open(
-            kv,
+            Arc::new(ferry::relay::storage::KvStorage::new(kv)),
             ferry::auth::token::TokenPolicy::default(),
             ferry::relay::accounts::os_random(),
             issued_at,

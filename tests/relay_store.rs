@@ -1,11 +1,12 @@
-//! The relay's store: appending (stored, duplicate, missing dependencies, invalid), reading the
-//! log in pages without echoing a device's own changes, surviving a reopen from disk with its
-//! documents compacted, and, as a property, that any upload order yields a causally closed log
-//! whose replay gives every document's merged heads; and the relay's conflict counts: concurrent
-//! writes to one field count once, to different fields not at all, the counts survive a reopen,
-//! and validating a change loads its record's document only when the cache lost it; the bytes
-//! each space's log holds
-//! (its quota), and the digests of records' logged heads a device compares with its own.
+//! The relay's store over the embedded storage: appending (stored, duplicate, missing
+//! dependencies, invalid), reading the log in pages without echoing a device's own changes,
+//! surviving a reopen from disk with its documents compacted (existing data directories' key
+//! layout included); and the relay's conflict counts: concurrent writes to one field count once,
+//! to different fields not at all, the counts survive a reopen, and validating a change loads its
+//! record's document only when the cache lost it; the bytes each space's log holds (its quota),
+//! and the digests of records' logged heads a device compares with its own. The property that
+//! any upload order yields a causally closed log runs against every storage engine, in
+//! `relay_storage.rs`.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
 #![allow(
@@ -17,92 +18,27 @@
 )]
 
 mod common;
+mod relay_fixtures;
 
-use automerge::ActorId;
-use common::{fields, open_sled, proptest_config};
+use common::{fields, open_sled};
 use ferry::record::Record;
+use ferry::relay::storage::{KvStorage, StorageError};
 use ferry::relay::store::{RelayConflictCount, RelayStore, RelayStoreError, RelayStoreOptions};
 use ferry::resolve::ConflictKind;
 use ferry::store::kv::{Kv, MemoryKv};
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
-use proptest::prelude::*;
-use serde_json::{Value, json};
+use relay_fixtures::{SPACE, Writer, actor, append_by_author, dev, outcomes, upload};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-const SPACE: &str = "team";
-
-fn actor(n: u8) -> ActorId {
-    ActorId::from(&[n; 16][..])
-}
-
-/// The device id of the device writing as `actor(n)`: the relay logs a change only from the
-/// device whose actor wrote it.
-fn dev(n: u8) -> String {
-    actor(n).to_hex_string()
-}
-
-/// Appends uploads by several writers in order, each run of one writer's changes under its
-/// own device id.
-fn append_by_author(
-    relay: &RelayStore,
-    uploads: &[UploadChange],
-) -> Vec<ferry_proto::wire::ChangeResult> {
-    let author = |u: &UploadChange| {
-        ferry::record::decode_change(&u.change)
-            .unwrap()
-            .actor_id()
-            .to_hex_string()
-    };
-    let mut results = Vec::new();
-    for run in uploads.chunk_by(|a, b| author(a) == author(b)) {
-        results.extend(relay.append(SPACE, &author(&run[0]), run).unwrap());
-    }
-    results
-}
-
-/// A record written on one device, keeping every change's bytes.
-struct Writer {
-    record: Record,
-    changes: Vec<Vec<u8>>,
-}
-
-impl Writer {
-    fn new(n: u8) -> Writer {
-        Writer {
-            record: Record::new(&actor(n)),
-            changes: Vec::new(),
-        }
-    }
-
-    fn put(&mut self, v: Value) -> Vec<u8> {
-        let w = self.record.put(&fields(v), 1).unwrap().unwrap();
-        self.changes.push(w.change.raw_bytes().to_vec());
-        self.changes.last().unwrap().clone()
-    }
-
-    fn patch(&mut self, v: Value) -> Vec<u8> {
-        let w = self.record.patch(&fields(v), &[], 2).unwrap().unwrap();
-        self.changes.push(w.change.raw_bytes().to_vec());
-        self.changes.last().unwrap().clone()
-    }
-}
-
-fn upload(entry: u64, record: &str, change: &[u8]) -> UploadChange {
-    UploadChange {
-        entry,
-        collection: "Doc".into(),
-        record: record.into(),
-        change: change.to_vec(),
-    }
+/// The relay store over the embedded storage on `kv`.
+fn relay_on(kv: Arc<dyn Kv>, options: RelayStoreOptions) -> RelayStore {
+    RelayStore::open(Arc::new(KvStorage::new(kv)), options)
 }
 
 fn memory_relay(options: RelayStoreOptions) -> RelayStore {
-    RelayStore::open(Arc::new(MemoryKv::new()), options).unwrap()
-}
-
-fn outcomes(results: &[ferry_proto::wire::ChangeResult]) -> Vec<ChangeOutcome> {
-    results.iter().map(|r| r.outcome.clone()).collect()
+    relay_on(Arc::new(MemoryKv::new()), options)
 }
 
 fn code(outcome: &ChangeOutcome) -> Option<ErrorCode> {
@@ -281,7 +217,7 @@ fn a_reopened_relay_keeps_its_log_and_documents() {
     let mut other = Writer::new(2);
     let first = w.put(json!({"n": 0}));
     {
-        let relay = RelayStore::open(Arc::new(open_sled(dir.path())), options.clone()).unwrap();
+        let relay = relay_on(Arc::new(open_sled(dir.path())), options.clone());
         relay
             .append(SPACE, &dev(1), &[upload(1, "r", &first)])
             .unwrap();
@@ -304,7 +240,7 @@ fn a_reopened_relay_keeps_its_log_and_documents() {
         relay.append(SPACE, &dev(2), &created).unwrap();
     }
     let kv = Arc::new(open_sled(dir.path()));
-    let relay = RelayStore::open(kv.clone(), options).unwrap();
+    let relay = relay_on(kv.clone(), options);
     assert_eq!(relay.head(SPACE).unwrap(), 22);
     let all = relay.read_since(SPACE, 0, 100, usize::MAX).unwrap();
     let logged: Vec<Vec<u8>> = all.entries.iter().map(|e| e.change.clone()).collect();
@@ -354,7 +290,7 @@ fn a_reopened_relay_keeps_its_log_and_documents() {
 #[test]
 fn a_failed_flush_is_not_acknowledged_and_its_seqs_are_not_reused() {
     let kv = common::FaultyKv::new(usize::MAX);
-    let relay = RelayStore::open(Arc::new(kv.clone()), RelayStoreOptions::default()).unwrap();
+    let relay = relay_on(Arc::new(kv.clone()), RelayStoreOptions::default());
     let mut w = Writer::new(1);
     let first = w.put(json!({"n": 1}));
     let second = w.patch(json!({"n": 2}));
@@ -363,7 +299,7 @@ fn a_failed_flush_is_not_acknowledged_and_its_seqs_are_not_reused() {
         .store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(matches!(
         relay.append(SPACE, &dev(1), &[upload(1, "r", &first)]),
-        Err(RelayStoreError::Kv(_))
+        Err(RelayStoreError::Storage(StorageError::Engine(_)))
     ));
     kv.disk
         .flush_fails
@@ -385,128 +321,11 @@ fn a_failed_flush_is_not_acknowledged_and_its_seqs_are_not_reused() {
     );
 }
 
-/// One step of building concurrent histories: a replica of a document writes, or merges in the
-/// other replica.
-#[derive(Debug, Clone)]
-enum Step {
-    Write {
-        doc: usize,
-        replica: usize,
-        field: u8,
-        value: i64,
-    },
-    Merge {
-        doc: usize,
-        into: usize,
-    },
-}
-
-fn step(docs: usize) -> impl Strategy<Value = Step> {
-    prop_oneof![
-        3 => (0..docs, 0..2usize, 0..4u8, any::<i64>()).prop_map(|(doc, replica, field, value)| {
-            Step::Write { doc, replica, field, value }
-        }),
-        1 => (0..docs, 0..2usize).prop_map(|(doc, into)| Step::Merge { doc, into }),
-    ]
-}
-
-proptest! {
-    #![proptest_config(proptest_config(48))]
-
-    /// Changes of 2-3 documents, written concurrently on two replicas each, uploaded in a random
-    /// order and random batches, with refused ones uploaded again the way a device retries:
-    /// everything ends up stored once, the log replays in order without a missing dependency,
-    /// and every replayed document has the heads of merging both replicas.
-    #[test]
-    fn any_upload_order_gives_a_causally_closed_log(
-        docs in 2..=3usize,
-        steps in proptest::collection::vec(step(3), 1..30),
-        order in proptest::collection::vec(any::<u32>(), 64),
-        batch in 1..6usize,
-    ) {
-        let mut replicas: Vec<[Record; 2]> = (0..docs)
-            .map(|d| {
-                let mut first = Record::new(&actor(1));
-                first.put(&fields(json!({"doc": d})), 1).unwrap();
-                let second = Record::load(&first.save(), &actor(2)).unwrap();
-                [first, second]
-            })
-            .collect();
-        for s in steps {
-            match s {
-                Step::Write { doc, replica, field, value } => {
-                    let r = &mut replicas[doc % docs][replica];
-                    r.patch(&fields(json!({ format!("f{field}"): value })), &[], 2).unwrap();
-                }
-                Step::Merge { doc, into } => {
-                    let [a, b] = &mut replicas[doc % docs];
-                    let (to, from) = if into == 0 { (a, b) } else { (b, a) };
-                    to.doc_mut().merge(from.doc_mut()).unwrap();
-                }
-            }
-        }
-        let mut merged = Vec::new();
-        let mut pending = Vec::new();
-        for (d, [a, b]) in replicas.iter_mut().enumerate() {
-            a.doc_mut().merge(b.doc_mut()).unwrap();
-            for change in a.doc_mut().get_changes(&[]) {
-                pending.push(upload(0, &format!("d{d}"), change.raw_bytes()));
-            }
-            merged.push(a.heads());
-        }
-        let total = pending.len();
-        let mut key = order.iter().cycle();
-        let mut keyed: Vec<(u32, UploadChange)> =
-            pending.drain(..).map(|u| (*key.next().unwrap(), u)).collect();
-        keyed.sort_by_key(|(k, _)| *k);
-        pending = keyed.into_iter().map(|(_, u)| u).collect();
-
-        let relay = memory_relay(RelayStoreOptions { compact_after: 3, ..RelayStoreOptions::default() });
-        let mut rounds = 0;
-        while !pending.is_empty() {
-            rounds += 1;
-            prop_assert!(rounds <= total + 1, "uploads stopped making progress");
-            let mut refused = Vec::new();
-            for chunk in pending.chunks(batch) {
-                let results = append_by_author(&relay, chunk);
-                for (u, r) in chunk.iter().zip(results) {
-                    match r.outcome {
-                        ChangeOutcome::Stored { .. } => {}
-                        ChangeOutcome::Rejected { code: ErrorCode::MissingDependencies, .. } => {
-                            refused.push(u.clone());
-                        }
-                        other => prop_assert!(false, "unexpected {other:?}"),
-                    }
-                }
-            }
-            pending = refused;
-        }
-        prop_assert_eq!(relay.head(SPACE).unwrap(), total as u64);
-
-        let log = relay.read_since(SPACE, 0, usize::MAX / 8, usize::MAX).unwrap();
-        prop_assert_eq!(log.entries.len(), total);
-        let mut replayed: BTreeMap<String, Record> = BTreeMap::new();
-        for entry in &log.entries {
-            let doc = replayed.entry(entry.record.clone()).or_insert_with(|| Record::new(&actor(7)));
-            prop_assert!(doc.apply_changes(std::slice::from_ref(&entry.change)).is_ok(),
-                "entry {} cannot be applied in log order", entry.seq);
-        }
-        for (d, heads) in merged.iter().enumerate() {
-            let id = format!("d{d}");
-            let mut replay = replayed.remove(&id).unwrap();
-            prop_assert_eq!(&replay.heads(), heads);
-            let relay_heads = relay.heads(SPACE, "Doc", &id).unwrap().unwrap();
-            let expected: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
-            prop_assert_eq!(relay_heads, expected);
-        }
-    }
-}
-
 /// One device creating two records with the same fields in the same millisecond writes
 /// byte-identical first changes: each record must still get its own, and its later changes too.
 #[test]
 fn identical_changes_of_two_records_are_both_stored() {
-    let relay = RelayStore::open(Arc::new(MemoryKv::new()), RelayStoreOptions::default()).unwrap();
+    let relay = memory_relay(RelayStoreOptions::default());
     let (mut a, mut b) = (Writer::new(1), Writer::new(1));
     let first_a = a.put(json!({"name": "same"}));
     let first_b = b.put(json!({"name": "same"}));
@@ -558,11 +377,10 @@ fn concurrent_writes_to_one_field_count_as_one_update_update_conflict() {
     let a1 = a.patch(json!({"title": "from a"}));
     let b1 = b.patch(json!({"title": "from b"}));
     {
-        let relay = RelayStore::open(
+        let relay = relay_on(
             Arc::new(open_sled(dir.path())),
             RelayStoreOptions::default(),
-        )
-        .unwrap();
+        );
         relay
             .append(
                 SPACE,
@@ -591,11 +409,10 @@ fn concurrent_writes_to_one_field_count_as_one_update_update_conflict() {
     }
     // Counted in the append's batch: a reopened relay has the count, and a later conflict on
     // the same record (b writes the field again, still without a's change) adds to it.
-    let relay = RelayStore::open(
+    let relay = relay_on(
         Arc::new(open_sled(dir.path())),
         RelayStoreOptions::default(),
-    )
-    .unwrap();
+    );
     let b2 = b.patch(json!({"title": "from b again"}));
     relay
         .append(SPACE, &dev(2), &[upload(1, "r", &b2)])
@@ -751,7 +568,7 @@ fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
 #[test]
 fn log_bytes_grow_with_each_stored_change_and_a_log_without_the_count_is_measured() {
     let kv = Arc::new(MemoryKv::new());
-    let relay = RelayStore::open(kv.clone(), RelayStoreOptions::default()).unwrap();
+    let relay = relay_on(kv.clone(), RelayStoreOptions::default());
     assert_eq!(relay.log_bytes(SPACE).unwrap(), 0);
     let mut w = Writer::new(1);
     let first = w.put(json!({"title": "a"}));
@@ -777,7 +594,7 @@ fn log_bytes_grow_with_each_stored_change_and_a_log_without_the_count_is_measure
     let mut batch = ferry::store::kv::Batch::default();
     batch.remove(format!("s{SPACE}\0").into_bytes());
     kv.apply(batch).unwrap();
-    let reopened = RelayStore::open(kv, RelayStoreOptions::default()).unwrap();
+    let reopened = relay_on(kv, RelayStoreOptions::default());
     assert_eq!(reopened.log_bytes(SPACE).unwrap(), two);
 }
 

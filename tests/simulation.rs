@@ -43,6 +43,7 @@ use ferry::fuzzing::{Forgery, forge, mutate_change};
 use ferry::record::{Fields, Record, decode_change};
 use ferry::relay::accounts::{Accounts, RandomSource};
 use ferry::relay::server::{self as relay_server, Peer};
+use ferry::relay::storage::KvStorage;
 use ferry::relay::store::{RelayStore, RelayStoreOptions};
 use ferry::resolve::{
     Conflict, ConflictKind, ConflictStatus, DeleteRule, Policies, Policy, Strategy, Take,
@@ -1361,17 +1362,17 @@ fn hostile_actor() -> automerge::ActorId {
 }
 
 fn open_relay(kv: &MemoryKv, random: &RandomSource, now: u64) -> (RelayStore, Accounts) {
+    let storage = Arc::new(KvStorage::new(Arc::new(kv.clone())));
     let store = RelayStore::open(
-        Arc::new(kv.clone()),
+        storage.clone(),
         RelayStoreOptions {
             // Tiny, so that eviction and reload happen all the time.
             doc_cache_docs: 3,
             ..RelayStoreOptions::default()
         },
-    )
-    .expect("open relay store");
+    );
     let accounts = Accounts::open(
-        Arc::new(kv.clone()),
+        storage,
         TokenPolicy {
             // Short, so that sessions are refreshed and expire within a run.
             access_ttl_s: 60,

@@ -14,6 +14,7 @@ use crate::engine::{self, EngineError};
 use crate::ipc::{Client, ClientError};
 use crate::relay::accounts::{Accounts, os_random};
 use crate::relay::admin::{self, AdminOptions};
+use crate::relay::storage::KvStorage;
 use crate::store::kv::SledKv;
 use clap::Subcommand;
 use ferry_proto::wire::Secret;
@@ -184,7 +185,7 @@ fn call_relay(ctx: &Context, method: &str, params: Value) -> Result<Value, Failu
     )
     .map_err(|e| Failure::failed(format!("cannot open the relay's store: {e}")))?;
     let accounts = Accounts::open(
-        Arc::new(kv),
+        Arc::new(KvStorage::new(Arc::new(kv))),
         ctx.config.relay.token_policy(),
         os_random(),
         crate::clock::now_ms(),

@@ -6,16 +6,8 @@
 //! revocation, refresh-token families (reuse of a rotated token revokes the family), the token
 //! signing keys and their rotation, and the decision to let a device in (`admit`).
 //! Must not touch: the change log (`relay::store`), sessions and sockets (`relay::server` asks
-//! and carries out the answer), the token format itself (`auth::token`).
-//!
-//! Key layout, in the relay's keyspace beside `relay::store`'s (whose prefixes are lower-case):
-//! - `A{account}` → [`AccountRecord`]
-//! - `D{device}` → [`DeviceRecord`]
-//! - `E{SHA-256 of the code's secret}` → [`EnrolmentRecord`]: removed when used.
-//! - `F{family id}` → `auth::token::Family`
-//! - `K{kid}` → [`StoredKey`]: token signing keys, current and retired.
-//! - `P{account}` → the account's password, as an Argon2id PHC string (for people and HTTP-only
-//!   clients, `login`).
+//! and carries out the answer), the token format itself (`auth::token`), and how any of it is
+//! kept (`relay::storage`: every read and write goes through `AccountStorage`).
 
 // Lint fixes for this module land with its rewrite.
 #![allow(clippy::indexing_slicing)]
@@ -25,16 +17,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_proto::session::{Grant, validate_space};
 use ferry_proto::wire::{Credential, ErrorCode, Secret, Tokens};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::Digest as _;
 use tokio::sync::broadcast;
 
-use super::store::encode;
+use super::storage::{AccountStorage, AccountWrite, EnrolmentRecord, StorageError, StoredKey};
 use crate::auth::token::{
     self, Claims, Family, KeyRing, RefreshError, RefreshToken, SigningKeyEntry, TokenError,
     TokenPolicy, hex,
 };
-use crate::store::kv::{Batch, Kv, KvError};
+
+pub use super::storage::{AccountRecord, ClientKind, DeviceRecord};
 
 /// Characters of an enrolment code's secret: base32 without look-alikes' confusion (no padding).
 const CODE_ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
@@ -44,9 +37,7 @@ const CODE_BYTES: usize = 15;
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
     #[error(transparent)]
-    Kv(#[from] KvError),
-    #[error("stored {what} cannot be decoded ({detail}): the relay's store is damaged")]
-    Corrupt { what: &'static str, detail: String },
+    Storage(StorageError),
     #[error("account name {0:?} is not valid: use 1 to 128 letters, digits, '-', '_' or '.'")]
     InvalidName(String),
     #[error("account {0:?} already exists")]
@@ -125,52 +116,6 @@ pub enum Revocation {
     Family(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AccountRecord {
-    pub name: String,
-    pub created_ms: u64,
-}
-
-/// What kind of client a registered device is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClientKind {
-    /// A daemon: signs in with its ed25519 key on every connection.
-    Device,
-    /// A person or an HTTP-only client signed in with the account's password (`login`); it
-    /// holds tokens only.
-    Web,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceRecord {
-    pub device: String,
-    pub account: String,
-    pub kind: ClientKind,
-    /// What the client called itself at login (web clients).
-    pub label: String,
-    pub public_key: [u8; 32],
-    pub registered_ms: u64,
-    pub revoked_ms: Option<u64>,
-    /// When it last signed in with its key, a refresh token or an enrolment code (signing in
-    /// with a still valid access token writes nothing).
-    pub last_sign_in_ms: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct EnrolmentRecord {
-    account: String,
-    expires_ms: u64,
-}
-
-#[derive(Clone, Serialize, Deserialize)]
-struct StoredKey {
-    kid: String,
-    seed: [u8; 32],
-    created_s: u64,
-    retired_s: Option<u64>,
-}
-
 /// A new enrolment code: `ACCOUNT/SECRET`, shown once to the operator, never stored.
 #[derive(Debug, Clone, Serialize)]
 pub struct EnrolmentCode {
@@ -206,25 +151,20 @@ struct State {
 }
 
 pub struct Accounts {
-    kv: Arc<dyn Kv>,
+    storage: Arc<dyn AccountStorage>,
     policy: TokenPolicy,
     random: RandomSource,
     state: Mutex<State>,
     revocations: broadcast::Sender<Revocation>,
 }
 
-fn key(prefix: u8, name: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + name.len());
-    k.push(prefix);
-    k.extend_from_slice(name);
-    k
-}
-
-fn decode<T: for<'a> Deserialize<'a>>(what: &'static str, bytes: &[u8]) -> Result<T, AccountError> {
-    postcard::from_bytes(bytes).map_err(|e| AccountError::Corrupt {
-        what,
-        detail: e.to_string(),
-    })
+impl From<StorageError> for AccountError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::AccountExists(name) => AccountError::Exists(name),
+            other => AccountError::Storage(other),
+        }
+    }
 }
 
 fn code_hash(secret: &str) -> [u8; 32] {
@@ -232,34 +172,32 @@ fn code_hash(secret: &str) -> [u8; 32] {
 }
 
 impl Accounts {
-    /// Opens the accounts kept in `kv`, making a first token signing key if there is none.
+    /// Opens the accounts kept in `storage`, making a first token signing key if there is none.
     pub fn open(
-        kv: Arc<dyn Kv>,
+        storage: Arc<dyn AccountStorage>,
         policy: TokenPolicy,
         random: RandomSource,
         now_ms: u64,
     ) -> Result<Self, AccountError> {
         let mut ring = KeyRing::default();
-        for (_, value) in kv.range(b"K", b"L", usize::MAX)? {
-            let stored: StoredKey = decode("signing key", &value)?;
+        for stored in storage.signing_keys()? {
             let mut entry = SigningKeyEntry::from_seed(stored.kid, stored.seed, stored.created_s);
             entry.retired_s = stored.retired_s;
             ring.insert(entry);
         }
-        let mut devices = HashMap::new();
-        for (_, value) in kv.range(b"D", b"E", usize::MAX)? {
-            let device: DeviceRecord = decode("device", &value)?;
-            devices.insert(device.device.clone(), device);
-        }
-        let mut revoked_families = HashSet::new();
-        for (_, value) in kv.range(b"F", b"G", usize::MAX)? {
-            let family: Family = decode("token family", &value)?;
-            if family.revoked {
-                revoked_families.insert(family.id);
-            }
-        }
+        let devices = storage
+            .devices()?
+            .into_iter()
+            .map(|device| (device.device.clone(), device))
+            .collect();
+        let revoked_families = storage
+            .families()?
+            .into_iter()
+            .filter(|family| family.revoked)
+            .map(|family| family.id)
+            .collect();
         let accounts = Accounts {
-            kv,
+            storage,
             policy,
             random,
             state: Mutex::new(State {
@@ -285,10 +223,8 @@ impl Accounts {
         Ok(bytes)
     }
 
-    fn commit(&self, batch: Batch) -> Result<(), AccountError> {
-        self.kv.apply(batch)?;
-        self.kv.flush()?;
-        Ok(())
+    fn commit(&self, writes: Vec<AccountWrite>) -> Result<(), AccountError> {
+        Ok(self.storage.write_accounts(writes)?)
     }
 
     pub fn policy(&self) -> &TokenPolicy {
@@ -302,31 +238,21 @@ impl Accounts {
 
     pub fn add_account(&self, name: &str, now_ms: u64) -> Result<AccountRecord, AccountError> {
         validate_space(name).map_err(|_| AccountError::InvalidName(name.to_string()))?;
-        let k = key(b'A', name.as_bytes());
-        if self.kv.get(&k)?.is_some() {
-            return Err(AccountError::Exists(name.to_string()));
-        }
         let record = AccountRecord {
             name: name.to_string(),
             created_ms: now_ms,
         };
-        let mut batch = Batch::default();
-        batch.put(k, encode(&record));
-        self.commit(batch)?;
+        self.commit(vec![AccountWrite::CreateAccount(record.clone())])?;
         tracing::info!(account = name, "account created");
         Ok(record)
     }
 
     pub fn accounts(&self) -> Result<Vec<AccountRecord>, AccountError> {
-        self.kv
-            .range(b"A", b"B", usize::MAX)?
-            .iter()
-            .map(|(_, v)| decode("account", v))
-            .collect()
+        Ok(self.storage.accounts()?)
     }
 
     fn account_exists(&self, name: &str) -> Result<bool, AccountError> {
-        Ok(self.kv.get(&key(b'A', name.as_bytes()))?.is_some())
+        Ok(self.storage.account(name)?.is_some())
     }
 
     /// A one-time code that registers one device in `account` until `now_ms + ttl_ms`.
@@ -346,19 +272,18 @@ impl Accounts {
                 let bits = chunk.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
                 (0..8)
                     .rev()
-                    .map(move |i| CODE_ALPHABET[((bits >> (i * 5)) & 31) as usize] as char)
+                    .filter_map(move |i| CODE_ALPHABET.get(((bits >> (i * 5)) & 31) as usize))
+                    .map(|&c| char::from(c))
             })
             .collect();
         let expires_ms = now_ms.saturating_add(ttl_ms);
-        let mut batch = Batch::default();
-        batch.put(
-            key(b'E', &code_hash(&secret)),
-            encode(&EnrolmentRecord {
+        self.commit(vec![AccountWrite::Enrolment {
+            code_hash: code_hash(&secret),
+            record: EnrolmentRecord {
                 account: account.to_string(),
                 expires_ms,
-            }),
-        );
-        self.commit(batch)?;
+            },
+        }])?;
         tracing::info!(account, expires_ms, "enrolment code issued");
         Ok(EnrolmentCode {
             code: format!("{account}/{secret}"),
@@ -390,18 +315,16 @@ impl Accounts {
             .cloned()
             .ok_or_else(|| AccountError::NoDevice(device.to_string()))?;
         record.revoked_ms.get_or_insert(now_ms);
-        let mut batch = Batch::default();
-        batch.put(key(b'D', device.as_bytes()), encode(&record));
+        let mut writes = vec![AccountWrite::Device(record.clone())];
         let mut families = Vec::new();
-        for (k, v) in self.kv.range(b"F", b"G", usize::MAX)? {
-            let mut family: Family = decode("token family", &v)?;
+        for mut family in self.storage.families()? {
             if family.device == device && !family.revoked {
                 family.revoked = true;
-                batch.put(k, encode(&family));
-                families.push(family.id);
+                families.push(family.id.clone());
+                writes.push(AccountWrite::Family(family));
             }
         }
-        self.commit(batch)?;
+        self.commit(writes)?;
         state.devices.insert(device.to_string(), record.clone());
         state.revoked_families.extend(families);
         drop(state);
@@ -426,17 +349,16 @@ impl Accounts {
         let mut state = self.lock();
         let mut ring = state.ring.clone();
         ring.rotate(entry, now_s, &self.policy);
-        let mut batch = Batch::default();
+        let mut writes = Vec::new();
         for dropped in state.ring.entries().map(|e| e.kid.clone()) {
             if !ring.entries().any(|e| e.kid == dropped) {
-                batch.remove(key(b'K', dropped.as_bytes()));
+                writes.push(AccountWrite::RemoveSigningKey(dropped));
             }
         }
         let mut expired = Vec::new();
-        for (k, v) in self.kv.range(b"F", b"G", usize::MAX)? {
-            let family: Family = decode("token family", &v)?;
+        for family in self.storage.families()? {
             if family.expires_s <= now_s {
-                batch.remove(k);
+                writes.push(AccountWrite::RemoveFamily(family.id.clone()));
                 expired.push(family.id);
             }
         }
@@ -451,18 +373,17 @@ impl Accounts {
             .map(|d| d.device.clone())
             .collect();
         for device in &gone_web {
-            batch.remove(key(b'D', device.as_bytes()));
+            writes.push(AccountWrite::RemoveDevice(device.clone()));
         }
         for entry in ring.entries() {
-            let stored = StoredKey {
+            writes.push(AccountWrite::SigningKey(StoredKey {
                 kid: entry.kid.clone(),
                 seed: entry.seed(),
                 created_s: entry.created_s,
                 retired_s: entry.retired_s,
-            };
-            batch.put(key(b'K', entry.kid.as_bytes()), encode(&stored));
+            }));
         }
-        self.commit(batch)?;
+        self.commit(writes)?;
         state.ring = ring;
         for id in &expired {
             state.revoked_families.remove(id);
@@ -582,10 +503,10 @@ impl Accounts {
         let hash: argon2::password_hash::phc::PasswordHash = argon2::Argon2::default()
             .hash_password_with_salt(password.expose().as_bytes(), &salt)
             .map_err(|e| AccountError::Password(e.to_string()))?;
-        let hash = hash.to_string();
-        let mut batch = Batch::default();
-        batch.put(key(b'P', account.as_bytes()), hash.into_bytes());
-        self.commit(batch)?;
+        self.commit(vec![AccountWrite::Password {
+            account: account.to_string(),
+            phc: hash.to_string(),
+        }])?;
         tracing::info!(account, "account password set");
         Ok(())
     }
@@ -602,13 +523,9 @@ impl Accounts {
     ) -> Result<(String, Tokens), Denied> {
         use argon2::password_hash::phc::PasswordHash;
         use argon2::password_hash::{PasswordHasher as _, PasswordVerifier as _};
-        let stored = self
-            .kv
-            .get(&key(b'P', account.as_bytes()))
-            .map_err(AccountError::from)?;
+        let stored = self.storage.password(account).map_err(AccountError::from)?;
         let hash = stored
             .as_deref()
-            .and_then(|bytes| std::str::from_utf8(bytes).ok())
             .and_then(|text| PasswordHash::new(text).ok());
         let argon2 = argon2::Argon2::default();
         let verified = match hash {
@@ -638,11 +555,11 @@ impl Accounts {
             last_sign_in_ms: now_ms,
         };
         let mut state = self.lock();
-        let (family, tokens, family_record) = self.new_family(&state, account, &device, now_ms)?;
-        let mut batch = Batch::default();
-        batch.put(key(b'D', device.as_bytes()), encode(&record));
-        batch.put(key(b'F', family.as_bytes()), encode(&family_record));
-        self.commit(batch)?;
+        let (_, tokens, family_record) = self.new_family(&state, account, &device, now_ms)?;
+        self.commit(vec![
+            AccountWrite::Device(record.clone()),
+            AccountWrite::Family(family_record),
+        ])?;
         state.devices.insert(device.clone(), record);
         drop(state);
         tracing::info!(account, device, label, "web client signed in");
@@ -657,14 +574,11 @@ impl Accounts {
     ) -> Result<(String, String, Tokens), Denied> {
         let presented = RefreshToken::parse(refresh.expose())
             .map_err(|_| Denied::Refresh(RefreshError::Unknown))?;
-        let family: Family = match self
-            .kv
-            .get(&key(b'F', presented.family.as_bytes()))
+        let family = self
+            .storage
+            .family(&presented.family)
             .map_err(AccountError::from)?
-        {
-            Some(bytes) => decode("token family", &bytes)?,
-            None => return Err(Denied::Refresh(RefreshError::Unknown)),
-        };
+            .ok_or(Denied::Refresh(RefreshError::Unknown))?;
         let (_, tokens) = self.refresh(&family.device, &family.account, refresh, now_ms)?;
         Ok((family.account, family.device, tokens))
     }
@@ -722,25 +636,16 @@ impl Accounts {
         if account != space {
             return Err(Denied::Enrolment);
         }
-        let code_key = key(b'E', &code_hash(secret));
-        let enrolment: EnrolmentRecord = match self.kv.get(&code_key).map_err(AccountError::from)? {
-            Some(bytes) => decode("enrolment code", &bytes)?,
-            None => return Err(Denied::Enrolment),
-        };
+        let code = code_hash(secret);
+        let enrolment = self
+            .storage
+            .enrolment(&code)
+            .map_err(AccountError::from)?
+            .ok_or(Denied::Enrolment)?;
         if enrolment.account != account || enrolment.expires_ms <= now_ms {
             return Err(Denied::Enrolment);
         }
         let mut state = self.lock();
-        // Read again under the lock: another session may have used the code since, and a code
-        // registers one device only.
-        if self
-            .kv
-            .get(&code_key)
-            .map_err(AccountError::from)?
-            .is_none()
-        {
-            return Err(Denied::Enrolment);
-        }
         if let Some(existing) = state.devices.get(device)
             && existing.account != account
             && existing.revoked_ms.is_none()
@@ -757,12 +662,19 @@ impl Accounts {
             revoked_ms: None,
             last_sign_in_ms: now_ms,
         };
-        let mut batch = Batch::default();
-        batch.remove(code_key);
-        batch.put(key(b'D', device.as_bytes()), encode(&record));
         let (family, tokens, family_record) = self.new_family(&state, account, device, now_ms)?;
-        batch.put(key(b'F', family.as_bytes()), encode(&family_record));
-        self.commit(batch)?;
+        // Another session may have used the code since it was read, and a code registers one
+        // device only: the commit consumes it or is refused whole.
+        match self.commit(vec![
+            AccountWrite::ConsumeEnrolment(code),
+            AccountWrite::Device(record.clone()),
+            AccountWrite::Family(family_record),
+        ]) {
+            Err(AccountError::Storage(StorageError::EnrolmentUsed)) => {
+                return Err(Denied::Enrolment);
+            }
+            other => other?,
+        }
         state.devices.insert(device.to_string(), record);
         drop(state);
         tracing::info!(device, account, "device registered");
@@ -835,13 +747,12 @@ impl Accounts {
     ) -> Result<(String, Tokens), Denied> {
         let mut state = self.lock();
         let (family, tokens, record) = self.new_family(&state, account, device, now_ms)?;
-        let mut batch = Batch::default();
-        batch.put(key(b'F', family.as_bytes()), encode(&record));
+        let mut writes = vec![AccountWrite::Family(record)];
         if let Some(device_record) = state.devices.get_mut(device) {
             device_record.last_sign_in_ms = now_ms;
-            batch.put(key(b'D', device.as_bytes()), encode(&*device_record));
+            writes.push(AccountWrite::Device(device_record.clone()));
         }
-        self.commit(batch)?;
+        self.commit(writes)?;
         Ok((family, tokens))
     }
 
@@ -853,21 +764,19 @@ impl Accounts {
     ) -> Result<(String, Tokens), Denied> {
         let presented = RefreshToken::parse(presented.expose())
             .map_err(|_| Denied::Refresh(RefreshError::Unknown))?;
-        let family_key = key(b'F', presented.family.as_bytes());
         let mut state = self.lock();
-        let mut family: Family = match self.kv.get(&family_key).map_err(AccountError::from)? {
-            Some(bytes) => decode("token family", &bytes)?,
-            None => return Err(Denied::Refresh(RefreshError::Unknown)),
-        };
+        let mut family = self
+            .storage
+            .family(&presented.family)
+            .map_err(AccountError::from)?
+            .ok_or(Denied::Refresh(RefreshError::Unknown))?;
         let next =
             RefreshToken::new(family.id.clone(), self.random()?).map_err(AccountError::from)?;
         let now_s = now_ms / 1000;
         match family.rotate(&presented, &next, device, now_s, self.policy.refresh_ttl_s) {
             Ok(()) => {}
             Err(RefreshError::Reused) => {
-                let mut batch = Batch::default();
-                batch.put(family_key, encode(&family));
-                self.commit(batch)?;
+                self.commit(vec![AccountWrite::Family(family.clone())])?;
                 state.revoked_families.insert(family.id.clone());
                 drop(state);
                 let _ = self.revocations.send(Revocation::Family(family.id.clone()));
@@ -889,20 +798,21 @@ impl Accounts {
             family.expires_s,
             now_ms,
         )?;
-        let mut batch = Batch::default();
-        batch.put(family_key, encode(&family));
+        let id = family.id.clone();
+        let mut writes = vec![AccountWrite::Family(family)];
         if let Some(device_record) = state.devices.get_mut(device) {
             device_record.last_sign_in_ms = now_ms;
-            batch.put(key(b'D', device.as_bytes()), encode(&*device_record));
+            writes.push(AccountWrite::Device(device_record.clone()));
         }
-        self.commit(batch)?;
-        Ok((family.id, tokens))
+        self.commit(writes)?;
+        Ok((id, tokens))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::storage::KvStorage;
     use crate::store::kv::MemoryKv;
 
     const DAY_MS: u64 = 86_400_000;
@@ -917,11 +827,15 @@ mod tests {
                 .for_each(|(i, b)| *b = n ^ i as u8);
             Ok(())
         });
-        Accounts::open(Arc::new(kv.clone()), TokenPolicy::default(), random, now_ms).unwrap()
+        let storage = Arc::new(KvStorage::new(Arc::new(kv.clone())));
+        Accounts::open(storage, TokenPolicy::default(), random, now_ms).unwrap()
     }
 
     fn families(kv: &MemoryKv) -> usize {
-        kv.range(b"F", b"G", usize::MAX).unwrap().len()
+        KvStorage::new(Arc::new(kv.clone()))
+            .families()
+            .unwrap()
+            .len()
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::codec::{Framed, LinesCodec};
 
 use super::accounts::{AccountError, Accounts};
+use super::storage::StorageError;
 use crate::datadir::DataDir;
 use crate::ipc::{Message, decode_message};
 use crate::service::{ApiError, code};
@@ -53,8 +54,8 @@ impl From<AccountError> for ApiError {
             AccountError::InvalidName(_) => code::INVALID_PARAMS,
             AccountError::Exists(_) => code::INVALID_STATE,
             AccountError::NoAccount(_) | AccountError::NoDevice(_) => code::NOT_FOUND,
-            AccountError::Corrupt { .. } => code::CORRUPT,
-            AccountError::Kv(_) => code::STORAGE,
+            AccountError::Storage(StorageError::Corrupt { .. }) => code::CORRUPT,
+            AccountError::Storage(_) => code::STORAGE,
             AccountError::Password(_) => code::INVALID_PARAMS,
             AccountError::Entropy(_) | AccountError::Signing(_) => code::INTERNAL,
         };

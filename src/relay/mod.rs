@@ -1,7 +1,8 @@
 //! The relay: the server that devices of a space upload their changes to and download the
 //! space's change log from.
 //!
-//! Owns: the relay's durable state (`store`: change logs; `accounts`: accounts, devices, tokens),
+//! Owns: the relay's durable state (`store`: change logs; `accounts`: accounts, devices, tokens;
+//! `storage`: how both are kept),
 //! its QUIC server (`server`), the operator's socket (`admin`), and the process around them
 //! (`run`: data directory, certificate, endpoint, signing key rotation, clean shutdown).
 //! Must not touch: the device's store or its socket.
@@ -14,6 +15,7 @@ pub mod http;
 pub mod metrics;
 pub mod mirror;
 pub mod server;
+pub mod storage;
 pub mod store;
 pub mod web;
 pub(crate) mod web_write;
@@ -108,14 +110,15 @@ pub async fn run(
         &dir.path().join("relay.db"),
         relay.sled_cache_mb * 1024 * 1024,
     )?);
+    let storage = Arc::new(storage::KvStorage::new(kv.clone()));
     let accounts = Arc::new(accounts::Accounts::open(
-        kv.clone(),
+        storage.clone(),
         relay.token_policy(),
         accounts::os_random(),
         crate::clock::now_ms(),
     )?);
     let store = Arc::new(RelayStore::open(
-        kv.clone(),
+        storage,
         RelayStoreOptions {
             doc_cache_docs: relay.cache_docs,
             limits: config.limits,
@@ -127,7 +130,7 @@ pub async fn run(
                 .collect(),
             ..RelayStoreOptions::default()
         },
-    )?);
+    ));
     let transport_options = TransportOptions {
         max_concurrent_connections: relay.max_connections,
         idle_timeout: Duration::from_millis(relay.idle_timeout_ms),

@@ -1,0 +1,642 @@
+//! The embedded relay storage: one ordered keyspace behind the `Kv` trait (sled in a data
+//! directory, or in memory), holding what earlier versions wrote in the same layout.
+//!
+//! Owns: the key layout below, the encoding of values, each space's head in memory (read from
+//! the log on first use; sled is opened by one process, so no one else appends), and turning a
+//! commit into one `Kv` batch. Must not touch: what the relay decides (`relay::store`,
+//! `relay::accounts`); the mirrors' keys (`M`, `relay::mirror`) in the same keyspace.
+//!
+//! Log keys (a space name holds no control characters, so `\0` ends it; collection names and
+//! record ids hold none either; every text part ends with `\0`):
+//! - `l{space}\0{seq u64 BE}` → a log entry: collection, record, origin device, change bytes.
+//! - `h{space}\0{collection}\0{record}\0{change hash, 32 bytes}` → `{seq u64 BE}`: the dedup
+//!   index, per record (two records may hold byte-identical changes), also used to check that a
+//!   change's dependencies are already in the record's log.
+//! - `b{space}\0{collection}\0{record}\0` → the record's base: Automerge chunks (a saved document,
+//!   or the record's first change), loadable as they are.
+//! - `t{space}\0{collection}\0{record}\0{seq u64 BE}` → empty: a change appended to the record
+//!   since its base was written; its bytes are in the log at `seq`.
+//! - `r{space}\0{collection}\0{record}\0` → the record's logged heads, 32 bytes each, sorted.
+//! - `c{space}\0{conflict kind}\0{collection}\0` → `{count u64 BE}`: conflicts found in the space.
+//! - `s{space}\0` → `{bytes u64 BE}`: bytes of the space's log entries (the account's quota); a
+//!   log kept before this count existed is measured once, by reading it.
+//! - `u{space}\0{collection}\0{constraint index}\0{value JSON}\0` → the records holding that
+//!   unique value (JSON list, in the order they took it); `v{space}\0{collection}\0{record}\0` →
+//!   the unique values a record holds (JSON).
+//!
+//! Account keys (upper-case prefixes):
+//! - `A{account}` → `AccountRecord`; `D{device}` → `DeviceRecord`;
+//!   `E{SHA-256 of the code's secret}` → `EnrolmentRecord` (removed when used);
+//!   `F{family id}` → `auth::token::Family`; `K{kid}` → `StoredKey`;
+//!   `P{account}` → the account's password, an Argon2id PHC string.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, LogStorage,
+    RelayConflictCount, StorageError, StoredKey, UniqueValue, UniqueValues,
+};
+use crate::auth::token::Family;
+use crate::resolve::ConflictKind;
+use crate::store::keys::{after as after_key, prefix_end};
+use crate::store::kv::{Batch, Kv};
+use ferry_proto::wire::{LogEntry, RecordName};
+
+/// A log entry as stored (postcard; field order is the format).
+#[derive(Serialize, Deserialize)]
+struct StoredEntry<'a> {
+    collection: std::borrow::Cow<'a, str>,
+    record: std::borrow::Cow<'a, str>,
+    origin: std::borrow::Cow<'a, str>,
+    change: std::borrow::Cow<'a, [u8]>,
+}
+
+pub struct KvStorage {
+    kv: Arc<dyn Kv>,
+    /// Each space's head, read from the log on first use; its lock serialises commits to it.
+    spaces: Mutex<HashMap<String, Arc<Mutex<u64>>>>,
+    /// Serialises account commits, whose checks (an account is new, a code unused) must hold
+    /// when their batch lands.
+    accounts: Mutex<()>,
+}
+
+impl KvStorage {
+    pub fn new(kv: Arc<dyn Kv>) -> Self {
+        KvStorage {
+            kv,
+            spaces: Mutex::new(HashMap::new()),
+            accounts: Mutex::new(()),
+        }
+    }
+
+    fn space(&self, space: &str) -> Result<Arc<Mutex<u64>>, StorageError> {
+        let mut spaces = lock(&self.spaces);
+        if let Some(state) = spaces.get(space) {
+            return Ok(state.clone());
+        }
+        let prefix = key(b'l', &[space]);
+        let head = match self.kv.last_key(&prefix, &prefix_end(&prefix))? {
+            Some(k) => seq_at(&k, prefix.len())?,
+            None => 0,
+        };
+        let state = Arc::new(Mutex::new(head));
+        spaces.insert(space.to_owned(), state.clone());
+        Ok(state)
+    }
+
+    fn counter(&self, key: &[u8]) -> Result<u64, StorageError> {
+        match self.kv.get(key)? {
+            Some(value) => be_u64(&value, "counter"),
+            None => Ok(0),
+        }
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, StorageError> {
+        match self.kv.get(key)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| corrupt(what, e)),
+        }
+    }
+
+    fn decoded<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, StorageError> {
+        match self.kv.get(key)? {
+            None => Ok(None),
+            Some(bytes) => decode(&bytes, what).map(Some),
+        }
+    }
+
+    /// Every value under the one-byte `prefix`, decoded.
+    fn all<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: u8,
+        what: &'static str,
+    ) -> Result<Vec<T>, StorageError> {
+        self.kv
+            .range(&[prefix], &[prefix.saturating_add(1)], usize::MAX)?
+            .iter()
+            .map(|(_, v)| decode(v, what))
+            .collect()
+    }
+
+    /// The one batch of an append. A compaction's base and tail removals come after the created
+    /// bases and tail keys of the same append, which they replace.
+    fn batch(&self, space: &str, append: Append) -> Result<Batch, StorageError> {
+        let mut batch = Batch::default();
+        for ((collection, record), base) in append.created {
+            batch.put(key(b'b', &[space, &collection, &record]), base);
+        }
+        let mut log_bytes = 0u64;
+        for (seq, entry) in (append.after.saturating_add(1)..).zip(&append.entries) {
+            let encoded = encode(&StoredEntry {
+                collection: entry.collection.as_str().into(),
+                record: entry.record.as_str().into(),
+                origin: entry.origin.as_str().into(),
+                change: entry.change.as_slice().into(),
+            });
+            log_bytes = log_bytes.saturating_add(encoded.len() as u64);
+            batch.put(seq_key(b'l', &[space], seq), encoded);
+            batch.put(
+                hash_key(space, &entry.collection, &entry.record, &entry.hash),
+                seq.to_be_bytes().to_vec(),
+            );
+        }
+        for ((collection, record), seq) in &append.tails {
+            batch.put(
+                seq_key(b't', &[space, collection, record], *seq),
+                Vec::new(),
+            );
+        }
+        for compaction in append.compactions {
+            let (collection, record) = &compaction.record;
+            batch.put(key(b'b', &[space, collection, record]), compaction.base);
+            for seq in compaction.tail {
+                batch.remove(seq_key(b't', &[space, collection, record], seq));
+            }
+        }
+        for ((collection, record), heads) in append.heads {
+            batch.put(key(b'r', &[space, &collection, &record]), heads.concat());
+        }
+        for (value, holders) in &append.holders {
+            let k = unique_key(space, value);
+            if holders.is_empty() {
+                batch.remove(k);
+            } else {
+                batch.put(k, serde_json::to_vec(holders).unwrap_or_default());
+            }
+        }
+        for ((collection, record), held) in &append.held {
+            batch.put(
+                key(b'v', &[space, collection, record]),
+                serde_json::to_vec(held).unwrap_or_default(),
+            );
+        }
+        for (kind, collection, found) in &append.conflicts {
+            let counter = key(b'c', &[space, kind.as_str(), collection]);
+            let before = self.counter(&counter)?;
+            batch.put(
+                counter,
+                before.saturating_add(*found).to_be_bytes().to_vec(),
+            );
+        }
+        if log_bytes > 0 {
+            let before = self.log_bytes(space)?;
+            batch.put(
+                key(b's', &[space]),
+                before.saturating_add(log_bytes).to_be_bytes().to_vec(),
+            );
+        }
+        Ok(batch)
+    }
+}
+
+impl LogStorage for KvStorage {
+    fn head(&self, space: &str) -> Result<u64, StorageError> {
+        let state = self.space(space)?;
+        let head = *lock(&state);
+        Ok(head)
+    }
+
+    fn append(&self, space: &str, append: Append) -> Result<(), StorageError> {
+        let state = self.space(space)?;
+        let mut head = lock(&state);
+        if *head != append.after {
+            return Err(StorageError::HeadMoved {
+                staged: append.after,
+                head: *head,
+            });
+        }
+        let next = append.next_seq();
+        let batch = self.batch(space, append)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.kv.apply(batch)?;
+        // The entries are in the log from here on, flushed or not: the next append must number
+        // after them, never over them.
+        *head = next.saturating_sub(1);
+        drop(head);
+        Ok(self.kv.flush()?)
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        Ok(self.kv.flush()?)
+    }
+
+    fn change_seq(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+        hash: &[u8; 32],
+    ) -> Result<Option<u64>, StorageError> {
+        match self.kv.get(&hash_key(space, collection, record, hash))? {
+            Some(value) => be_u64(&value, "change index entry").map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn change_at(&self, space: &str, seq: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.kv.get(&seq_key(b'l', &[space], seq))? {
+            Some(bytes) => Ok(Some(
+                decode::<StoredEntry>(&bytes, "log entry")?
+                    .change
+                    .into_owned(),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn read_log(
+        &self,
+        space: &str,
+        after: u64,
+        max_changes: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogEntry>, StorageError> {
+        let max_changes = max_changes.max(1);
+        let prefix = key(b'l', &[space]);
+        let end = prefix_end(&prefix);
+        let mut start = seq_key(b'l', &[space], after.saturating_add(1));
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        'scan: while entries.len() < max_changes {
+            let page = self
+                .kv
+                .range(&start, &end, (max_changes - entries.len()).min(256))?;
+            let Some((last, _)) = page.last() else { break };
+            start = after_key(last);
+            for (k, v) in page {
+                let seq = seq_at(&k, prefix.len())?;
+                let entry: StoredEntry = decode(&v, "log entry")?;
+                if !entries.is_empty() && bytes.saturating_add(entry.change.len()) > max_bytes {
+                    break 'scan;
+                }
+                bytes = bytes.saturating_add(entry.change.len());
+                entries.push(LogEntry {
+                    seq,
+                    collection: entry.collection.into_owned(),
+                    record: entry.record.into_owned(),
+                    change: entry.change.into_owned(),
+                });
+                if entries.len() == max_changes {
+                    break 'scan;
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    fn base(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.kv.get(&key(b'b', &[space, collection, record]))?)
+    }
+
+    fn tail(&self, space: &str, collection: &str, record: &str) -> Result<Vec<u64>, StorageError> {
+        let prefix = key(b't', &[space, collection, record]);
+        self.kv
+            .range(&prefix, &prefix_end(&prefix), usize::MAX)?
+            .iter()
+            .map(|(k, _)| seq_at(k, prefix.len()))
+            .collect()
+    }
+
+    fn record_heads(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<Vec<[u8; 32]>>, StorageError> {
+        let Some(bytes) = self.kv.get(&key(b'r', &[space, collection, record]))? else {
+            return Ok(None);
+        };
+        let (heads, rest) = bytes.as_chunks::<32>();
+        if !rest.is_empty() {
+            return Err(corrupt(
+                "record heads",
+                format!("{} bytes, not a multiple of 32", bytes.len()),
+            ));
+        }
+        Ok(Some(heads.to_vec()))
+    }
+
+    fn unique_values(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<UniqueValues>, StorageError> {
+        self.json(&key(b'v', &[space, collection, record]), "unique values")
+    }
+
+    fn unique_holders(
+        &self,
+        space: &str,
+        value: &UniqueValue,
+    ) -> Result<Vec<String>, StorageError> {
+        Ok(self
+            .json(&unique_key(space, value), "unique value index")?
+            .unwrap_or_default())
+    }
+
+    fn conflict_counts(&self, space: &str) -> Result<Vec<RelayConflictCount>, StorageError> {
+        let prefix = key(b'c', &[space]);
+        self.kv
+            .range(&prefix, &prefix_end(&prefix), usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| {
+                let bad = || corrupt("conflict counter key", String::from_utf8_lossy(&k));
+                let rest = k
+                    .get(prefix.len()..k.len().saturating_sub(1))
+                    .ok_or_else(bad)?;
+                let text = std::str::from_utf8(rest).map_err(|_| bad())?;
+                let (kind, collection) = text.split_once('\0').ok_or_else(bad)?;
+                let kind = ConflictKind::ALL
+                    .into_iter()
+                    .find(|k| k.as_str() == kind)
+                    .ok_or_else(bad)?;
+                let detected = <[u8; 8]>::try_from(v.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| bad())?;
+                Ok(RelayConflictCount {
+                    kind,
+                    collection: collection.to_owned(),
+                    detected,
+                })
+            })
+            .collect()
+    }
+
+    fn log_bytes(&self, space: &str) -> Result<u64, StorageError> {
+        let counter = key(b's', &[space]);
+        if let Some(value) = self.kv.get(&counter)? {
+            return be_u64(&value, "counter");
+        }
+        let prefix = key(b'l', &[space]);
+        let end = prefix_end(&prefix);
+        let (mut start, mut total) = (prefix.clone(), 0u64);
+        loop {
+            let page = self.kv.range(&start, &end, 1024)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(total);
+            };
+            start = after_key(last);
+            total = page
+                .iter()
+                .fold(total, |t, (_, v)| t.saturating_add(v.len() as u64));
+        }
+    }
+
+    fn collections(&self, space: &str) -> Result<Vec<(String, u64)>, StorageError> {
+        let all = key(b'b', &[space]);
+        let end = prefix_end(&all);
+        let mut start = all.clone();
+        let mut out = Vec::new();
+        while let Some((k, _)) = self.kv.range(&start, &end, 1)?.pop() {
+            let rest = k.get(all.len()..).unwrap_or_default();
+            let name = rest.split(|&b| b == 0).next().unwrap_or_default();
+            let name = String::from_utf8_lossy(name).into_owned();
+            let prefix = key(b'b', &[space, &name]);
+            let after_collection = prefix_end(&prefix);
+            out.push((name, self.kv.count(&prefix, &after_collection)?));
+            start = after_collection;
+        }
+        Ok(out)
+    }
+
+    fn records(
+        &self,
+        space: &str,
+        collection: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        let prefix = key(b'b', &[space, collection]);
+        let start = match after {
+            Some(id) => after_key(&key(b'b', &[space, collection, id])),
+            None => prefix.clone(),
+        };
+        self.kv
+            .range(&start, &prefix_end(&prefix), limit)?
+            .into_iter()
+            .map(|(k, _)| {
+                // The id part ends with the `\0` every key part ends with.
+                k.get(prefix.len()..k.len().saturating_sub(1))
+                    .and_then(|id| String::from_utf8(id.to_vec()).ok())
+                    .ok_or_else(|| corrupt("record key", "the id is not text"))
+            })
+            .collect()
+    }
+
+    fn record_names(
+        &self,
+        space: &str,
+        after: Option<&RecordName>,
+        limit: usize,
+    ) -> Result<Vec<RecordName>, StorageError> {
+        let all = key(b'b', &[space]);
+        let start = match after {
+            Some(name) => after_key(&key(b'b', &[space, &name.collection, &name.record])),
+            None => all.clone(),
+        };
+        self.kv
+            .range(&start, &prefix_end(&all), limit)?
+            .into_iter()
+            .map(|(k, _)| {
+                let mut parts = k.get(all.len()..).unwrap_or_default().split(|&b| b == 0);
+                let (Some(collection), Some(record)) = (parts.next(), parts.next()) else {
+                    return Err(corrupt(
+                        "record key",
+                        "a base key without collection and record",
+                    ));
+                };
+                Ok(RecordName {
+                    collection: String::from_utf8_lossy(collection).into_owned(),
+                    record: String::from_utf8_lossy(record).into_owned(),
+                })
+            })
+            .collect()
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StorageError> {
+        Ok(self.kv.size_on_disk()?)
+    }
+}
+
+impl AccountStorage for KvStorage {
+    fn account(&self, name: &str) -> Result<Option<AccountRecord>, StorageError> {
+        self.decoded(&account_key(b'A', name.as_bytes()), "account")
+    }
+
+    fn accounts(&self) -> Result<Vec<AccountRecord>, StorageError> {
+        self.all(b'A', "account")
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StorageError> {
+        self.all(b'D', "device")
+    }
+
+    fn enrolment(&self, code_hash: &[u8; 32]) -> Result<Option<EnrolmentRecord>, StorageError> {
+        self.decoded(&account_key(b'E', code_hash), "enrolment code")
+    }
+
+    fn family(&self, id: &str) -> Result<Option<Family>, StorageError> {
+        self.decoded(&account_key(b'F', id.as_bytes()), "token family")
+    }
+
+    fn families(&self) -> Result<Vec<Family>, StorageError> {
+        self.all(b'F', "token family")
+    }
+
+    fn signing_keys(&self) -> Result<Vec<StoredKey>, StorageError> {
+        self.all(b'K', "signing key")
+    }
+
+    fn password(&self, account: &str) -> Result<Option<String>, StorageError> {
+        Ok(self
+            .kv
+            .get(&account_key(b'P', account.as_bytes()))?
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    fn write_accounts(&self, writes: Vec<AccountWrite>) -> Result<(), StorageError> {
+        let _writing = lock(&self.accounts);
+        let mut batch = Batch::default();
+        for write in writes {
+            match write {
+                AccountWrite::CreateAccount(record) => {
+                    let k = account_key(b'A', record.name.as_bytes());
+                    if self.kv.get(&k)?.is_some() {
+                        return Err(StorageError::AccountExists(record.name));
+                    }
+                    batch.put(k, encode(&record));
+                }
+                AccountWrite::Device(record) => {
+                    batch.put(account_key(b'D', record.device.as_bytes()), encode(&record));
+                }
+                AccountWrite::RemoveDevice(device) => {
+                    batch.remove(account_key(b'D', device.as_bytes()));
+                }
+                AccountWrite::Enrolment { code_hash, record } => {
+                    batch.put(account_key(b'E', &code_hash), encode(&record));
+                }
+                AccountWrite::ConsumeEnrolment(code_hash) => {
+                    let k = account_key(b'E', &code_hash);
+                    if self.kv.get(&k)?.is_none() {
+                        return Err(StorageError::EnrolmentUsed);
+                    }
+                    batch.remove(k);
+                }
+                AccountWrite::Family(family) => {
+                    batch.put(account_key(b'F', family.id.as_bytes()), encode(&family));
+                }
+                AccountWrite::RemoveFamily(id) => {
+                    batch.remove(account_key(b'F', id.as_bytes()));
+                }
+                AccountWrite::SigningKey(stored) => {
+                    batch.put(account_key(b'K', stored.kid.as_bytes()), encode(&stored));
+                }
+                AccountWrite::RemoveSigningKey(kid) => {
+                    batch.remove(account_key(b'K', kid.as_bytes()));
+                }
+                AccountWrite::Password { account, phc } => {
+                    batch.put(account_key(b'P', account.as_bytes()), phc.into_bytes());
+                }
+            }
+        }
+        self.kv.apply(batch)?;
+        Ok(self.kv.flush()?)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every holder leaves the data whole before anything can panic (a head is set after its
+    // batch lands).
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn corrupt(what: &'static str, detail: impl ToString) -> StorageError {
+    StorageError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+/// `{kind}{part}\0{part}\0...`: each part ends with `\0`, so one part's keys are contiguous.
+fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
+    let mut k = vec![kind];
+    for part in parts {
+        k.extend_from_slice(part.as_bytes());
+        k.push(0);
+    }
+    k
+}
+
+fn seq_key(kind: u8, parts: &[&str], seq: u64) -> Vec<u8> {
+    let mut k = key(kind, parts);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn hash_key(space: &str, collection: &str, record: &str, hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = key(b'h', &[space, collection, record]);
+    k.extend_from_slice(hash);
+    k
+}
+
+fn unique_key(space: &str, value: &UniqueValue) -> Vec<u8> {
+    key(
+        b'u',
+        &[
+            space,
+            &value.collection,
+            &value.constraint.to_string(),
+            &value.value,
+        ],
+    )
+}
+
+fn account_key(prefix: u8, name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(prefix);
+    k.extend_from_slice(name);
+    k
+}
+
+fn seq_at(key: &[u8], prefix_len: usize) -> Result<u64, StorageError> {
+    key.get(prefix_len..)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt("log key", "sequence of the wrong length"))
+}
+
+fn be_u64(value: &[u8], what: &'static str) -> Result<u64, StorageError> {
+    <[u8; 8]>::try_from(value)
+        .map(u64::from_be_bytes)
+        .map_err(|_| corrupt(what, format!("{} bytes instead of 8", value.len())))
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain structs into a Vec cannot fail.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &'static str) -> Result<T, StorageError> {
+    postcard::from_bytes(bytes).map_err(|e| corrupt(what, e))
+}

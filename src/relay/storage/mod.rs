@@ -1,0 +1,340 @@
+//! The relay's storage boundary: everything the relay keeps goes through [`RelayStorage`] (the
+//! change logs and documents through [`LogStorage`], accounts through [`AccountStorage`]), so
+//! that another engine, such as a database several relays share, can sit beside the embedded
+//! one without touching the relay's logic.
+//!
+//! Owns: the traits, the types that cross them, and their error. `kv.rs` is the embedded engine
+//! over the ordered-KV trait (sled on disk, or in memory), in the key layout existing data
+//! directories hold. `tests/relay_storage.rs` is the conformance suite every engine must pass.
+//! Must not touch: validation, Automerge, conflict detection, tokens or caches: `relay::store` and
+//! `relay::accounts` decide, storage keeps what they decided and answers their reads.
+//!
+//! Writes are commits: an [`Append`] to one space's log, or a list of [`AccountWrite`]s, lands
+//! whole or not at all and is durable when the call returns `Ok`. An append states the head it
+//! was staged against; an engine refuses it with [`StorageError::HeadMoved`] if the log moved on
+//! meanwhile (another relay appended), so that the change is staged again on what is logged.
+//! Counters are kept by the engine as sums: an append carries the conflicts it found, and the
+//! engine adds those and its entries' bytes (the space's quota) to what is stored, so commits
+//! made by several relays add up.
+
+pub mod kv;
+
+use std::collections::HashMap;
+
+use crate::auth::token::Family;
+use crate::resolve::ConflictKind;
+use crate::store::kv::KvError;
+use ferry_proto::wire::{LogEntry, RecordName};
+use serde::{Deserialize, Serialize};
+
+pub use kv::KvStorage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The engine failed: a full disk, I/O, or damage the engine found itself.
+    #[error(transparent)]
+    Engine(#[from] KvError),
+    #[error("stored {what} cannot be decoded ({detail}): the relay's store is damaged")]
+    Corrupt { what: &'static str, detail: String },
+    #[error(
+        "the space's log moved on to seq {head} while an append was staged against seq {staged}: \
+         stage it again"
+    )]
+    HeadMoved { staged: u64, head: u64 },
+    #[error("account {0:?} already exists")]
+    AccountExists(String),
+    #[error("the enrolment code was already used")]
+    EnrolmentUsed,
+}
+
+/// A record within a space: (collection, record id).
+pub type RecordKey = (String, String);
+
+/// The unique values a record holds, per constraint (its index in the collection's list).
+pub type UniqueValues = Vec<(usize, Vec<serde_json::Value>)>;
+
+/// One value of a unique constraint of a collection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UniqueValue {
+    pub collection: String,
+    /// The constraint's index in the collection's list.
+    pub constraint: usize,
+    /// The constraint's field values, as JSON text.
+    pub value: String,
+}
+
+/// A change as the log holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedChange {
+    pub collection: String,
+    pub record: String,
+    /// The uploading device.
+    pub origin: String,
+    /// Its Automerge hash, the key of the per-record dedup index.
+    pub hash: [u8; 32],
+    pub change: Vec<u8>,
+}
+
+/// A record whose document is saved as a new base, with the tail seqs that base now holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compaction {
+    pub record: RecordKey,
+    pub base: Vec<u8>,
+    pub tail: Vec<u64>,
+}
+
+/// Conflicts of one kind found in one collection of a space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RelayConflictCount {
+    pub kind: ConflictKind,
+    pub collection: String,
+    pub detected: u64,
+}
+
+/// One atomic append to a space's log: the entries, numbered from `after + 1` on, and everything
+/// that moves with them.
+#[derive(Debug, Default)]
+pub struct Append {
+    /// The head the append was staged against.
+    pub after: u64,
+    /// The new entries; the first is at seq `after + 1`, each next one seq after.
+    pub entries: Vec<LoggedChange>,
+    /// Records this append creates, with their base: their first change, as it is.
+    pub created: HashMap<RecordKey, Vec<u8>>,
+    /// Changes appended to existing records since their base: (record, seq).
+    pub tails: Vec<(RecordKey, u64)>,
+    /// Documents saved as new bases (after `created`, whose bases they replace).
+    pub compactions: Vec<Compaction>,
+    /// Records' logged heads after this append, sorted.
+    pub heads: HashMap<RecordKey, Vec<[u8; 32]>>,
+    /// Unique values whose holders change, with all their holders now, in the order they took
+    /// the value (none: the value is free).
+    pub holders: HashMap<UniqueValue, Vec<String>>,
+    /// Records whose unique values change, with the values they hold now.
+    pub held: HashMap<RecordKey, UniqueValues>,
+    /// Conflicts found, to add to the space's counts.
+    pub conflicts: Vec<(ConflictKind, String, u64)>,
+}
+
+impl Append {
+    pub fn new(after: u64) -> Self {
+        Append {
+            after,
+            ..Append::default()
+        }
+    }
+
+    /// The seq the next entry gets.
+    pub fn next_seq(&self) -> u64 {
+        self.after
+            .saturating_add(self.entries.len() as u64)
+            .saturating_add(1)
+    }
+
+    /// The change this append logs at `seq`, if it logs one there.
+    pub fn change_at(&self, seq: u64) -> Option<&[u8]> {
+        let index = usize::try_from(seq.checked_sub(self.after)?.checked_sub(1)?).ok()?;
+        self.entries.get(index).map(|e| e.change.as_slice())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.compactions.is_empty()
+    }
+}
+
+/// A space's change logs, records' documents (base + tail), logged heads, unique-value index,
+/// conflict counts and log bytes.
+pub trait LogStorage: Send + Sync {
+    /// The last seq of the space's log (0 when empty).
+    fn head(&self, space: &str) -> Result<u64, StorageError>;
+
+    /// Commits `append` atomically and durably, or refuses it whole: with `HeadMoved` when the
+    /// space's head is no longer `append.after`. When the commit landed but could not be made
+    /// durable the error is the engine's, and the entries are visible all the same: the next
+    /// append numbers after them.
+    fn append(&self, space: &str, append: Append) -> Result<(), StorageError>;
+
+    /// Makes everything the engine holds durable (commits already are when they return).
+    fn flush(&self) -> Result<(), StorageError>;
+
+    /// The seq at which the record's change `hash` was logged, if it was. Per record: two
+    /// records may hold byte-identical changes.
+    fn change_seq(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+        hash: &[u8; 32],
+    ) -> Result<Option<u64>, StorageError>;
+
+    /// The change bytes logged at `seq`.
+    fn change_at(&self, space: &str, seq: u64) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Entries with seq > `after`, in order, up to `max_changes` (at least one) and `max_bytes`
+    /// of change data (at least one entry, whatever its size).
+    fn read_log(
+        &self,
+        space: &str,
+        after: u64,
+        max_changes: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogEntry>, StorageError>;
+
+    /// The record's base (Automerge chunks: a saved document, or its first change); `None` when
+    /// the space has no such record.
+    fn base(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// The seqs of the record's changes logged since its base, in order.
+    fn tail(&self, space: &str, collection: &str, record: &str) -> Result<Vec<u64>, StorageError>;
+
+    /// The record's logged heads as last stored; `None` when none were stored (a record with
+    /// one change, or logged before heads were kept).
+    fn record_heads(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<Vec<[u8; 32]>>, StorageError>;
+
+    /// The unique values the record holds, if any were stored.
+    fn unique_values(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<UniqueValues>, StorageError>;
+
+    /// The records holding `value`, in the order they took it.
+    fn unique_holders(&self, space: &str, value: &UniqueValue)
+    -> Result<Vec<String>, StorageError>;
+
+    /// The space's conflict counts, by kind and collection.
+    fn conflict_counts(&self, space: &str) -> Result<Vec<RelayConflictCount>, StorageError>;
+
+    /// Bytes of the space's log entries (the account's quota).
+    fn log_bytes(&self, space: &str) -> Result<u64, StorageError>;
+
+    /// The space's collections with their record counts, in name order.
+    fn collections(&self, space: &str) -> Result<Vec<(String, u64)>, StorageError>;
+
+    /// Up to `limit` record ids of a collection in id order, after `after`.
+    fn records(
+        &self,
+        space: &str,
+        collection: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StorageError>;
+
+    /// Up to `limit` records of the space in (collection, id) order, after `after`.
+    fn record_names(
+        &self,
+        space: &str,
+        after: Option<&RecordName>,
+        limit: usize,
+    ) -> Result<Vec<RecordName>, StorageError>;
+
+    /// Bytes the engine takes on disk.
+    fn size_on_disk(&self) -> Result<u64, StorageError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    pub name: String,
+    pub created_ms: u64,
+}
+
+/// What kind of client a registered device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientKind {
+    /// A daemon: signs in with its ed25519 key on every connection.
+    Device,
+    /// A person or an HTTP-only client signed in with the account's password (`login`); it
+    /// holds tokens only.
+    Web,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub device: String,
+    pub account: String,
+    pub kind: ClientKind,
+    /// What the client called itself at login (web clients).
+    pub label: String,
+    pub public_key: [u8; 32],
+    pub registered_ms: u64,
+    pub revoked_ms: Option<u64>,
+    /// When it last signed in with its key, a refresh token or an enrolment code (signing in
+    /// with a still valid access token writes nothing).
+    pub last_sign_in_ms: u64,
+}
+
+/// An enrolment code, kept under the SHA-256 of its secret (the secret itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolmentRecord {
+    pub account: String,
+    pub expires_ms: u64,
+}
+
+/// A token signing key, current or retired.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StoredKey {
+    pub kid: String,
+    pub seed: [u8; 32],
+    pub created_s: u64,
+    pub retired_s: Option<u64>,
+}
+
+/// One write of an account commit.
+#[derive(Clone)]
+pub enum AccountWrite {
+    /// Refused (`AccountExists`) when the name is taken.
+    CreateAccount(AccountRecord),
+    Device(DeviceRecord),
+    RemoveDevice(String),
+    Enrolment {
+        code_hash: [u8; 32],
+        record: EnrolmentRecord,
+    },
+    /// Removes the code; refused (`EnrolmentUsed`) when it is gone, so a code is used once.
+    ConsumeEnrolment([u8; 32]),
+    Family(Family),
+    RemoveFamily(String),
+    SigningKey(StoredKey),
+    RemoveSigningKey(String),
+    /// The account's password as an Argon2id PHC string.
+    Password {
+        account: String,
+        phc: String,
+    },
+}
+
+/// Accounts, devices, enrolment codes, token families, signing keys and passwords.
+pub trait AccountStorage: Send + Sync {
+    fn account(&self, name: &str) -> Result<Option<AccountRecord>, StorageError>;
+    /// Every account, in name order.
+    fn accounts(&self) -> Result<Vec<AccountRecord>, StorageError>;
+    /// Every registered device (revoked ones included), in id order.
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StorageError>;
+    fn enrolment(&self, code_hash: &[u8; 32]) -> Result<Option<EnrolmentRecord>, StorageError>;
+    fn family(&self, id: &str) -> Result<Option<Family>, StorageError>;
+    /// Every token family, in id order.
+    fn families(&self) -> Result<Vec<Family>, StorageError>;
+    /// Every signing key, in kid order.
+    fn signing_keys(&self) -> Result<Vec<StoredKey>, StorageError>;
+    /// The account's password as an Argon2id PHC string, if it has one.
+    fn password(&self, account: &str) -> Result<Option<String>, StorageError>;
+    /// Commits the writes in order, atomically and durably, or refuses them whole.
+    fn write_accounts(&self, writes: Vec<AccountWrite>) -> Result<(), StorageError>;
+}
+
+/// Everything the relay keeps.
+pub trait RelayStorage: LogStorage + AccountStorage {}
+
+impl<T: LogStorage + AccountStorage> RelayStorage for T {}

@@ -1,0 +1,866 @@
+//! The relay storage conformance suite: the properties every `RelayStorage` engine must have,
+//! written once, generic over the engine, and run against each one (the embedded engine on sled
+//! in a temporary directory and on the in-memory KV). An engine added later gets its own
+//! `conformance!` line.
+//!
+//! The log: appends numbered from the head they were staged against, read back in ranges and
+//! byte-bounded pages; an append staged against a head that moved is refused whole; the dedup
+//! index is per record (the same bytes under two records are two entries); the causal-closure
+//! check (through the relay store, as a property over random upload orders too); records' heads,
+//! base + tail and compaction; conflict counts and quota bytes as increments; the unique-value
+//! index. Accounts: accounts (a name taken once), devices, enrolment codes (consumed once),
+//! token families, signing keys, passwords, each commit whole or not at all. And reopening:
+//! everything committed is there after a restart.
+
+mod common;
+mod relay_fixtures;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::{fields, open_sled, proptest_config};
+use ferry::auth::token::Family;
+use ferry::record::Record;
+use ferry::relay::storage::{
+    AccountRecord, AccountWrite, Append, ClientKind, Compaction, DeviceRecord, EnrolmentRecord,
+    KvStorage, LoggedChange, RelayConflictCount, RelayStorage, StorageError, StoredKey,
+    UniqueValue,
+};
+use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry::resolve::ConflictKind;
+use ferry::store::kv::MemoryKv;
+use ferry_proto::wire::{ChangeOutcome, ErrorCode, RecordName, UploadChange};
+use proptest::prelude::*;
+use relay_fixtures::{SPACE, Writer, actor, append_by_author, dev, outcomes, upload};
+use serde_json::json;
+
+/// A storage engine under test.
+trait Engine {
+    /// The engine over this test's data: empty at first, then whatever was committed.
+    fn open(&self) -> Arc<dyn RelayStorage>;
+    /// The engine as a restart finds it: only what was durable. The caller drops what `open`
+    /// gave first.
+    fn reopen(&self) -> Arc<dyn RelayStorage>;
+}
+
+/// The embedded engine on the in-memory KV; a restart loses what was not flushed.
+struct Memory(MemoryKv);
+
+impl Memory {
+    fn new() -> Self {
+        Memory(MemoryKv::new())
+    }
+}
+
+impl Engine for Memory {
+    fn open(&self) -> Arc<dyn RelayStorage> {
+        Arc::new(KvStorage::new(Arc::new(self.0.clone())))
+    }
+
+    fn reopen(&self) -> Arc<dyn RelayStorage> {
+        self.0.crash();
+        self.open()
+    }
+}
+
+/// The embedded engine on sled in a temporary directory.
+struct Sled(tempfile::TempDir);
+
+impl Sled {
+    fn new() -> Self {
+        Sled(tempfile::tempdir().unwrap())
+    }
+}
+
+impl Engine for Sled {
+    fn open(&self) -> Arc<dyn RelayStorage> {
+        Arc::new(KvStorage::new(Arc::new(open_sled(self.0.path()))))
+    }
+
+    fn reopen(&self) -> Arc<dyn RelayStorage> {
+        self.open()
+    }
+}
+
+fn entry(record: &str, origin: &str, n: u8, change: &[u8]) -> LoggedChange {
+    LoggedChange {
+        collection: "Doc".into(),
+        record: record.into(),
+        origin: origin.into(),
+        hash: [n; 32],
+        change: change.to_vec(),
+    }
+}
+
+fn rec(id: &str) -> (String, String) {
+    ("Doc".to_owned(), id.to_owned())
+}
+
+/// Appends `changes` (record, change bytes) at the space's head, each under the hash `[n; 32]`
+/// for its position n, starting at `first_hash`.
+fn append_at_head(
+    storage: &dyn RelayStorage,
+    space: &str,
+    first_hash: u8,
+    changes: &[(&str, &[u8])],
+) {
+    let mut append = Append::new(storage.head(space).unwrap());
+    for (n, (record, change)) in (first_hash..).zip(changes) {
+        append.entries.push(entry(record, "dev", n, change));
+    }
+    storage.append(space, append).unwrap();
+}
+
+fn log_entries_number_from_the_head_and_read_back_in_ranges(engine: &dyn Engine) {
+    let storage = engine.open();
+    assert_eq!(storage.head(SPACE).unwrap(), 0);
+    assert_eq!(storage.read_log(SPACE, 0, 10, usize::MAX).unwrap(), []);
+    append_at_head(&*storage, SPACE, 1, &[("a", b"one"), ("b", b"two")]);
+    append_at_head(&*storage, SPACE, 3, &[("a", b"three"), ("a", b"four!")]);
+    assert_eq!(storage.head(SPACE).unwrap(), 4);
+    let seqs = |entries: &[ferry_proto::wire::LogEntry]| -> Vec<u64> {
+        entries.iter().map(|e| e.seq).collect()
+    };
+    let all = storage.read_log(SPACE, 0, 10, usize::MAX).unwrap();
+    assert_eq!(seqs(&all), [1, 2, 3, 4]);
+    assert_eq!(
+        (all[1].collection.as_str(), all[1].record.as_str()),
+        ("Doc", "b")
+    );
+    assert_eq!(all[3].change, b"four!");
+    assert_eq!(
+        seqs(&storage.read_log(SPACE, 1, 2, usize::MAX).unwrap()),
+        [2, 3]
+    );
+    assert_eq!(
+        seqs(&storage.read_log(SPACE, 4, 10, usize::MAX).unwrap()),
+        [0u64; 0]
+    );
+    // Bytes of change data bound a page, which still holds at least one entry.
+    assert_eq!(seqs(&storage.read_log(SPACE, 0, 10, 6).unwrap()), [1, 2]);
+    assert_eq!(seqs(&storage.read_log(SPACE, 2, 10, 1).unwrap()), [3]);
+    assert_eq!(
+        seqs(&storage.read_log(SPACE, 0, 0, usize::MAX).unwrap()),
+        [1]
+    );
+    assert_eq!(
+        storage.change_at(SPACE, 3).unwrap().as_deref(),
+        Some(&b"three"[..])
+    );
+    assert_eq!(storage.change_at(SPACE, 5).unwrap(), None);
+    // The dedup index answers per record.
+    assert_eq!(
+        storage.change_seq(SPACE, "Doc", "a", &[3; 32]).unwrap(),
+        Some(3)
+    );
+    assert_eq!(
+        storage.change_seq(SPACE, "Doc", "b", &[3; 32]).unwrap(),
+        None
+    );
+    // Spaces are apart, and so are spaces whose names share a prefix.
+    assert_eq!(storage.head("team2").unwrap(), 0);
+    append_at_head(&*storage, "team2", 1, &[("a", b"elsewhere")]);
+    assert_eq!(storage.head("team2").unwrap(), 1);
+    assert_eq!(storage.head(SPACE).unwrap(), 4);
+    assert_eq!(
+        storage.change_seq("team2", "Doc", "a", &[3; 32]).unwrap(),
+        None
+    );
+}
+
+fn an_append_staged_against_a_head_that_moved_is_refused_whole(engine: &dyn Engine) {
+    let storage = engine.open();
+    let staged = |n: u8| {
+        let mut append = Append::new(0);
+        append.entries.push(entry("r", "dev", n, &[n]));
+        append.created.insert(rec("r"), vec![n]);
+        append
+            .conflicts
+            .push((ConflictKind::UpdateUpdate, "Doc".into(), 1));
+        append
+    };
+    // Two relays staged against the same head: the first to commit wins.
+    let (first, second) = (staged(1), staged(2));
+    storage.append(SPACE, first).unwrap();
+    assert!(matches!(
+        storage.append(SPACE, second),
+        Err(StorageError::HeadMoved { staged: 0, head: 1 })
+    ));
+    assert_eq!(storage.head(SPACE).unwrap(), 1);
+    assert_eq!(storage.read_log(SPACE, 0, 10, usize::MAX).unwrap().len(), 1);
+    assert_eq!(
+        storage.change_seq(SPACE, "Doc", "r", &[2; 32]).unwrap(),
+        None
+    );
+    assert_eq!(storage.base(SPACE, "Doc", "r").unwrap(), Some(vec![1]));
+    assert_eq!(storage.conflict_counts(SPACE).unwrap()[0].detected, 1);
+    // A compaction alone states its head too.
+    let mut stale = Append::new(0);
+    stale.compactions.push(Compaction {
+        record: rec("r"),
+        base: vec![9],
+        tail: Vec::new(),
+    });
+    assert!(matches!(
+        storage.append(SPACE, stale),
+        Err(StorageError::HeadMoved { .. })
+    ));
+    assert_eq!(storage.base(SPACE, "Doc", "r").unwrap(), Some(vec![1]));
+}
+
+fn records_keep_a_base_a_tail_and_heads_and_compaction_replaces_the_tail(engine: &dyn Engine) {
+    let storage = engine.open();
+    let mut append = Append::new(0);
+    append.entries.push(entry("r", "dev", 1, b"first"));
+    append.created.insert(rec("r"), b"first".to_vec());
+    append.entries.push(entry("r", "dev", 2, b"second"));
+    append.tails.push((rec("r"), 2));
+    append.heads.insert(rec("r"), vec![[2; 32]]);
+    append.entries.push(entry("s", "dev", 3, b"other"));
+    append
+        .created
+        .insert(("Note".into(), "s".into()), b"other".to_vec());
+    storage.append(SPACE, append).unwrap();
+    assert_eq!(
+        storage.base(SPACE, "Doc", "r").unwrap(),
+        Some(b"first".to_vec())
+    );
+    assert_eq!(storage.tail(SPACE, "Doc", "r").unwrap(), [2]);
+    assert_eq!(
+        storage.record_heads(SPACE, "Doc", "r").unwrap(),
+        Some(vec![[2; 32]])
+    );
+    assert_eq!(storage.record_heads(SPACE, "Note", "s").unwrap(), None);
+    assert_eq!(storage.base(SPACE, "Doc", "nothing").unwrap(), None);
+    assert_eq!(storage.tail(SPACE, "Doc", "nothing").unwrap(), [0u64; 0]);
+
+    // More tail, then a compaction in the same append that takes all of it.
+    let mut append = Append::new(3);
+    append.entries.push(entry("r", "dev", 4, b"third"));
+    append.tails.push((rec("r"), 4));
+    append.heads.insert(rec("r"), vec![[4; 32], [5; 32]]);
+    append.compactions.push(Compaction {
+        record: rec("r"),
+        base: b"saved".to_vec(),
+        tail: vec![2, 4],
+    });
+    storage.append(SPACE, append).unwrap();
+    assert_eq!(
+        storage.base(SPACE, "Doc", "r").unwrap(),
+        Some(b"saved".to_vec())
+    );
+    assert_eq!(storage.tail(SPACE, "Doc", "r").unwrap(), [0u64; 0]);
+    assert_eq!(
+        storage.record_heads(SPACE, "Doc", "r").unwrap(),
+        Some(vec![[4; 32], [5; 32]])
+    );
+    // The log keeps every change whatever the bases.
+    assert_eq!(
+        storage.change_at(SPACE, 2).unwrap().as_deref(),
+        Some(&b"second"[..])
+    );
+
+    // Records are listed by collection, then id.
+    for id in ["q", "a"] {
+        let mut append = Append::new(storage.head(SPACE).unwrap());
+        append.entries.push(entry(id, "dev", 9, id.as_bytes()));
+        append.created.insert(rec(id), id.as_bytes().to_vec());
+        storage.append(SPACE, append).unwrap();
+    }
+    assert_eq!(
+        storage.collections(SPACE).unwrap(),
+        [("Doc".to_owned(), 3), ("Note".to_owned(), 1)]
+    );
+    assert_eq!(
+        storage.records(SPACE, "Doc", None, 10).unwrap(),
+        ["a", "q", "r"]
+    );
+    assert_eq!(storage.records(SPACE, "Doc", Some("a"), 1).unwrap(), ["q"]);
+    let name = |collection: &str, record: &str| RecordName {
+        collection: collection.into(),
+        record: record.into(),
+    };
+    assert_eq!(
+        storage.record_names(SPACE, None, 10).unwrap(),
+        [
+            name("Doc", "a"),
+            name("Doc", "q"),
+            name("Doc", "r"),
+            name("Note", "s")
+        ]
+    );
+    assert_eq!(
+        storage
+            .record_names(SPACE, Some(&name("Doc", "r")), 10)
+            .unwrap(),
+        [name("Note", "s")]
+    );
+    assert_eq!(storage.collections("empty").unwrap(), []);
+}
+
+fn conflict_counts_and_log_bytes_add_up_across_appends(engine: &dyn Engine) {
+    let storage = engine.open();
+    assert_eq!(storage.log_bytes(SPACE).unwrap(), 0);
+    let mut append = Append::new(0);
+    append.entries.push(entry("r", "dev", 1, &[7; 100]));
+    append.created.insert(rec("r"), vec![7; 100]);
+    append
+        .conflicts
+        .push((ConflictKind::UpdateUpdate, "Doc".into(), 2));
+    append
+        .conflicts
+        .push((ConflictKind::Unique, "Doc".into(), 1));
+    storage.append(SPACE, append).unwrap();
+    let one = storage.log_bytes(SPACE).unwrap();
+    assert!(one >= 100, "{one}");
+    let mut append = Append::new(1);
+    append.entries.push(entry("r", "dev", 2, &[8; 100]));
+    append.tails.push((rec("r"), 2));
+    append
+        .conflicts
+        .push((ConflictKind::UpdateUpdate, "Doc".into(), 3));
+    append
+        .conflicts
+        .push((ConflictKind::DeleteUpdate, "Note".into(), 1));
+    storage.append(SPACE, append).unwrap();
+    assert!(storage.log_bytes(SPACE).unwrap() >= one + 100);
+    let count = |kind, collection: &str, detected| RelayConflictCount {
+        kind,
+        collection: collection.into(),
+        detected,
+    };
+    let mut counts = storage.conflict_counts(SPACE).unwrap();
+    counts.sort_by_key(|c| (c.kind.as_str(), c.collection.clone()));
+    let mut expected = vec![
+        count(ConflictKind::UpdateUpdate, "Doc", 5),
+        count(ConflictKind::Unique, "Doc", 1),
+        count(ConflictKind::DeleteUpdate, "Note", 1),
+    ];
+    expected.sort_by_key(|c| (c.kind.as_str(), c.collection.clone()));
+    assert_eq!(counts, expected);
+    assert_eq!(storage.conflict_counts("other").unwrap(), []);
+    assert_eq!(storage.log_bytes("other").unwrap(), 0);
+}
+
+fn the_unique_index_holds_each_values_holders_in_order(engine: &dyn Engine) {
+    let storage = engine.open();
+    let email = UniqueValue {
+        collection: "Doc".into(),
+        constraint: 0,
+        value: r#"["x@y"]"#.into(),
+    };
+    let held = vec![(0usize, vec![json!("x@y")])];
+    let mut append = Append::new(0);
+    append.entries.push(entry("a", "dev", 1, b"a"));
+    append.created.insert(rec("a"), b"a".to_vec());
+    append
+        .holders
+        .insert(email.clone(), vec!["a".into(), "b".into()]);
+    append.held.insert(rec("a"), held.clone());
+    storage.append(SPACE, append).unwrap();
+    assert_eq!(storage.unique_holders(SPACE, &email).unwrap(), ["a", "b"]);
+    assert_eq!(
+        storage.unique_values(SPACE, "Doc", "a").unwrap(),
+        Some(held)
+    );
+    assert_eq!(storage.unique_values(SPACE, "Doc", "b").unwrap(), None);
+    let other_constraint = UniqueValue {
+        constraint: 1,
+        ..email.clone()
+    };
+    assert_eq!(
+        storage.unique_holders(SPACE, &other_constraint).unwrap(),
+        [""; 0]
+    );
+    // No holders left: the value is free.
+    let mut append = Append::new(1);
+    append.entries.push(entry("a", "dev", 2, b"a2"));
+    append.tails.push((rec("a"), 2));
+    append.holders.insert(email.clone(), Vec::new());
+    append.held.insert(rec("a"), Vec::new());
+    storage.append(SPACE, append).unwrap();
+    assert_eq!(storage.unique_holders(SPACE, &email).unwrap(), [""; 0]);
+    assert_eq!(
+        storage.unique_values(SPACE, "Doc", "a").unwrap(),
+        Some(Vec::new())
+    );
+}
+
+fn device(id: &str, account: &str) -> DeviceRecord {
+    DeviceRecord {
+        device: id.into(),
+        account: account.into(),
+        kind: ClientKind::Device,
+        label: String::new(),
+        public_key: [3; 32],
+        registered_ms: 1,
+        revoked_ms: None,
+        last_sign_in_ms: 1,
+    }
+}
+
+fn family(id: &str, device: &str) -> Family {
+    Family {
+        id: id.into(),
+        account: "alice".into(),
+        device: device.into(),
+        current: [4; 32],
+        generation: 0,
+        revoked: false,
+        expires_s: 100,
+    }
+}
+
+fn accounts_devices_codes_families_keys_and_passwords_commit_whole(engine: &dyn Engine) {
+    let storage = engine.open();
+    let alice = AccountRecord {
+        name: "alice".into(),
+        created_ms: 5,
+    };
+    let code = [6; 32];
+    storage
+        .write_accounts(vec![
+            AccountWrite::CreateAccount(alice.clone()),
+            AccountWrite::Enrolment {
+                code_hash: code,
+                record: EnrolmentRecord {
+                    account: "alice".into(),
+                    expires_ms: 50,
+                },
+            },
+            AccountWrite::SigningKey(StoredKey {
+                kid: "k1".into(),
+                seed: [1; 32],
+                created_s: 1,
+                retired_s: None,
+            }),
+            AccountWrite::Password {
+                account: "alice".into(),
+                phc: "$argon2id$stand-in".into(),
+            },
+        ])
+        .unwrap();
+    assert_eq!(storage.account("alice").unwrap(), Some(alice.clone()));
+    assert_eq!(storage.account("bob").unwrap(), None);
+    assert_eq!(
+        storage.password("alice").unwrap().as_deref(),
+        Some("$argon2id$stand-in")
+    );
+    assert_eq!(storage.password("bob").unwrap(), None);
+    assert_eq!(
+        storage.enrolment(&code).unwrap().map(|e| e.account),
+        Some("alice".to_owned())
+    );
+
+    // A name is taken once; the refused commit leaves nothing of its other writes.
+    assert!(matches!(
+        storage.write_accounts(vec![
+            AccountWrite::Device(device("d0", "alice")),
+            AccountWrite::CreateAccount(AccountRecord {
+                name: "alice".into(),
+                created_ms: 9,
+            }),
+        ]),
+        Err(StorageError::AccountExists(name)) if name == "alice"
+    ));
+    assert_eq!(storage.accounts().unwrap(), [alice]);
+    assert_eq!(storage.devices().unwrap(), []);
+
+    // A code registers one device: the second commit consuming it is refused whole.
+    let register = |id: &str| {
+        storage.write_accounts(vec![
+            AccountWrite::ConsumeEnrolment(code),
+            AccountWrite::Device(device(id, "alice")),
+            AccountWrite::Family(family(&format!("f-{id}"), id)),
+        ])
+    };
+    register("d1").unwrap();
+    assert!(matches!(register("d2"), Err(StorageError::EnrolmentUsed)));
+    assert_eq!(storage.enrolment(&code).unwrap(), None);
+    assert_eq!(storage.devices().unwrap(), [device("d1", "alice")]);
+    assert_eq!(storage.families().unwrap(), [family("f-d1", "d1")]);
+
+    // Updates replace, removals remove.
+    let mut revoked = family("f-d1", "d1");
+    revoked.revoked = true;
+    storage
+        .write_accounts(vec![
+            AccountWrite::Family(revoked.clone()),
+            AccountWrite::Family(family("f-d0", "d1")),
+            AccountWrite::SigningKey(StoredKey {
+                kid: "k2".into(),
+                seed: [2; 32],
+                created_s: 2,
+                retired_s: None,
+            }),
+            AccountWrite::RemoveSigningKey("k1".into()),
+            AccountWrite::Device(DeviceRecord {
+                revoked_ms: Some(7),
+                ..device("d1", "alice")
+            }),
+            AccountWrite::Device(device("d3", "alice")),
+        ])
+        .unwrap();
+    assert_eq!(storage.family("f-d1").unwrap(), Some(revoked.clone()));
+    assert_eq!(storage.family("nope").unwrap(), None);
+    assert_eq!(
+        storage.families().unwrap(),
+        [family("f-d0", "d1"), revoked.clone()],
+        "in id order"
+    );
+    let kids: Vec<String> = storage
+        .signing_keys()
+        .unwrap()
+        .into_iter()
+        .map(|k| k.kid)
+        .collect();
+    assert_eq!(kids, ["k2"]);
+    storage
+        .write_accounts(vec![
+            AccountWrite::RemoveFamily("f-d0".into()),
+            AccountWrite::RemoveDevice("d3".into()),
+        ])
+        .unwrap();
+    assert_eq!(storage.families().unwrap(), [revoked]);
+    let devices = storage.devices().unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].revoked_ms, Some(7));
+}
+
+fn everything_committed_is_there_after_a_restart(engine: &dyn Engine) {
+    let storage = engine.open();
+    let mut append = Append::new(0);
+    append.entries.push(entry("r", "dev", 1, b"first"));
+    append.created.insert(rec("r"), b"first".to_vec());
+    append.entries.push(entry("r", "dev", 2, b"second"));
+    append.tails.push((rec("r"), 2));
+    append.heads.insert(rec("r"), vec![[2; 32]]);
+    append
+        .conflicts
+        .push((ConflictKind::UpdateUpdate, "Doc".into(), 1));
+    storage.append(SPACE, append).unwrap();
+    storage
+        .write_accounts(vec![
+            AccountWrite::CreateAccount(AccountRecord {
+                name: "alice".into(),
+                created_ms: 5,
+            }),
+            AccountWrite::Device(device("d1", "alice")),
+        ])
+        .unwrap();
+    let log_bytes = storage.log_bytes(SPACE).unwrap();
+    drop(storage);
+
+    let storage = engine.reopen();
+    assert_eq!(storage.head(SPACE).unwrap(), 2);
+    assert_eq!(storage.read_log(SPACE, 0, 10, usize::MAX).unwrap().len(), 2);
+    assert_eq!(
+        storage.change_seq(SPACE, "Doc", "r", &[2; 32]).unwrap(),
+        Some(2)
+    );
+    assert_eq!(
+        storage.base(SPACE, "Doc", "r").unwrap(),
+        Some(b"first".to_vec())
+    );
+    assert_eq!(storage.tail(SPACE, "Doc", "r").unwrap(), [2]);
+    assert_eq!(
+        storage.record_heads(SPACE, "Doc", "r").unwrap(),
+        Some(vec![[2; 32]])
+    );
+    assert_eq!(storage.conflict_counts(SPACE).unwrap()[0].detected, 1);
+    assert_eq!(storage.log_bytes(SPACE).unwrap(), log_bytes);
+    assert!(storage.account("alice").unwrap().is_some());
+    assert_eq!(storage.devices().unwrap(), [device("d1", "alice")]);
+    // Numbering carries on after what was logged.
+    append_at_head(&*storage, SPACE, 3, &[("r", b"third")]);
+    assert_eq!(storage.head(SPACE).unwrap(), 3);
+}
+
+fn relay(storage: Arc<dyn RelayStorage>, compact_after: usize) -> RelayStore {
+    RelayStore::open(
+        storage,
+        RelayStoreOptions {
+            compact_after,
+            doc_cache_docs: 1,
+            ..RelayStoreOptions::default()
+        },
+    )
+}
+
+/// Through the relay store: the same bytes under two records are two entries, a change sent
+/// again is a duplicate, a change whose dependency is not logged for its record is refused, and
+/// documents read right across compactions and a restart.
+fn the_relay_store_deduplicates_per_record_and_keeps_the_log_causally_closed(engine: &dyn Engine) {
+    let relay_store = relay(engine.open(), 2);
+    let (mut a, mut b) = (Writer::new(1), Writer::new(1));
+    let first_a = a.put(json!({"name": "same"}));
+    let first_b = b.put(json!({"name": "same"}));
+    assert_eq!(first_a, first_b, "the two creations are the same bytes");
+    let second_a = a.patch(json!({"n": 1}));
+    let r = relay_store
+        .append(
+            SPACE,
+            &dev(1),
+            &[
+                upload(1, "b", &second_a),
+                upload(2, "a", &first_a),
+                upload(3, "b", &first_b),
+                upload(4, "a", &second_a),
+                upload(5, "a", &first_a),
+            ],
+        )
+        .unwrap();
+    let got = outcomes(&r);
+    assert!(matches!(
+        got[0],
+        ChangeOutcome::Rejected {
+            code: ErrorCode::MissingDependencies,
+            ..
+        }
+    ));
+    assert_eq!(
+        got[1..],
+        [
+            ChangeOutcome::Stored { seq: 1 },
+            ChangeOutcome::Stored { seq: 2 },
+            ChangeOutcome::Stored { seq: 3 },
+            ChangeOutcome::Duplicate { seq: 1 },
+        ]
+    );
+    for n in 2..6 {
+        let change = a.patch(json!({ "n": n }));
+        relay_store
+            .append(SPACE, &dev(1), &[upload(n, "a", &change)])
+            .unwrap();
+    }
+    assert_eq!(
+        relay_store.record(SPACE, "Doc", "a").unwrap(),
+        Some(a.record.fields())
+    );
+    drop(relay_store);
+    let relay_store = relay(engine.reopen(), 2);
+    assert_eq!(relay_store.head(SPACE).unwrap(), 7);
+    assert_eq!(
+        relay_store.record(SPACE, "Doc", "a").unwrap(),
+        Some(a.record.fields())
+    );
+    assert_eq!(
+        relay_store.record(SPACE, "Doc", "b").unwrap(),
+        Some(b.record.fields())
+    );
+    let r = relay_store
+        .append(SPACE, &dev(1), &[upload(1, "a", &first_a)])
+        .unwrap();
+    assert_eq!(outcomes(&r), [ChangeOutcome::Duplicate { seq: 1 }]);
+}
+
+/// One step of building concurrent histories: a replica of a document writes, or merges in the
+/// other replica.
+#[derive(Debug, Clone)]
+enum Step {
+    Write {
+        doc: usize,
+        replica: usize,
+        field: u8,
+        value: i64,
+    },
+    Merge {
+        doc: usize,
+        into: usize,
+    },
+}
+
+fn step(docs: usize) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0..docs, 0..2usize, 0..4u8, any::<i64>()).prop_map(|(doc, replica, field, value)| {
+            Step::Write { doc, replica, field, value }
+        }),
+        1 => (0..docs, 0..2usize).prop_map(|(doc, into)| Step::Merge { doc, into }),
+    ]
+}
+
+/// Changes of 2-3 documents, written concurrently on two replicas each, uploaded in a random
+/// order and random batches, with refused ones uploaded again the way a device retries:
+/// everything ends up stored once, the log replays in order without a missing dependency,
+/// and every replayed document has the heads of merging both replicas.
+fn any_upload_order_gives_a_causally_closed_log(
+    engine: &dyn Engine,
+    docs: usize,
+    steps: Vec<Step>,
+    order: Vec<u32>,
+    batch: usize,
+) -> Result<(), TestCaseError> {
+    let mut replicas: Vec<[Record; 2]> = (0..docs)
+        .map(|d| {
+            let mut first = Record::new(&actor(1));
+            first.put(&fields(json!({"doc": d})), 1).unwrap();
+            let second = Record::load(&first.save(), &actor(2)).unwrap();
+            [first, second]
+        })
+        .collect();
+    for s in steps {
+        match s {
+            Step::Write {
+                doc,
+                replica,
+                field,
+                value,
+            } => {
+                let r = &mut replicas[doc % docs][replica];
+                r.patch(&fields(json!({ format!("f{field}"): value })), &[], 2)
+                    .unwrap();
+            }
+            Step::Merge { doc, into } => {
+                let [a, b] = &mut replicas[doc % docs];
+                let (to, from) = if into == 0 { (a, b) } else { (b, a) };
+                to.doc_mut().merge(from.doc_mut()).unwrap();
+            }
+        }
+    }
+    let mut merged = Vec::new();
+    let mut pending = Vec::new();
+    for (d, [a, b]) in replicas.iter_mut().enumerate() {
+        a.doc_mut().merge(b.doc_mut()).unwrap();
+        for change in a.doc_mut().get_changes(&[]) {
+            pending.push(upload(0, &format!("d{d}"), change.raw_bytes()));
+        }
+        merged.push(a.heads());
+    }
+    let total = pending.len();
+    let mut key = order.iter().cycle();
+    let mut keyed: Vec<(u32, UploadChange)> = pending
+        .drain(..)
+        .map(|u| (*key.next().unwrap(), u))
+        .collect();
+    keyed.sort_by_key(|(k, _)| *k);
+    pending = keyed.into_iter().map(|(_, u)| u).collect();
+
+    let relay = RelayStore::open(
+        engine.open(),
+        RelayStoreOptions {
+            compact_after: 3,
+            ..RelayStoreOptions::default()
+        },
+    );
+    let mut rounds = 0;
+    while !pending.is_empty() {
+        rounds += 1;
+        prop_assert!(rounds <= total + 1, "uploads stopped making progress");
+        let mut refused = Vec::new();
+        for chunk in pending.chunks(batch) {
+            let results = append_by_author(&relay, chunk);
+            for (u, r) in chunk.iter().zip(results) {
+                match r.outcome {
+                    ChangeOutcome::Stored { .. } => {}
+                    ChangeOutcome::Rejected {
+                        code: ErrorCode::MissingDependencies,
+                        ..
+                    } => {
+                        refused.push(u.clone());
+                    }
+                    other => prop_assert!(false, "unexpected {other:?}"),
+                }
+            }
+        }
+        pending = refused;
+    }
+    prop_assert_eq!(relay.head(SPACE).unwrap(), total as u64);
+
+    let log = relay
+        .read_since(SPACE, 0, usize::MAX / 8, usize::MAX)
+        .unwrap();
+    prop_assert_eq!(log.entries.len(), total);
+    let mut replayed: BTreeMap<String, Record> = BTreeMap::new();
+    for entry in &log.entries {
+        let doc = replayed
+            .entry(entry.record.clone())
+            .or_insert_with(|| Record::new(&actor(7)));
+        prop_assert!(
+            doc.apply_changes(std::slice::from_ref(&entry.change))
+                .is_ok(),
+            "entry {} cannot be applied in log order",
+            entry.seq
+        );
+    }
+    for (d, heads) in merged.iter().enumerate() {
+        let id = format!("d{d}");
+        let mut replay = replayed.remove(&id).unwrap();
+        prop_assert_eq!(&replay.heads(), heads);
+        let relay_heads = relay.heads(SPACE, "Doc", &id).unwrap().unwrap();
+        let expected: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
+        prop_assert_eq!(relay_heads, expected);
+    }
+    Ok(())
+}
+
+/// The suite, run against one engine: `conformance!(module name, engine constructor)`.
+macro_rules! conformance {
+    ($name:ident, $engine:expr) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn log_entries_number_from_the_head_and_read_back_in_ranges() {
+                super::log_entries_number_from_the_head_and_read_back_in_ranges(&$engine);
+            }
+
+            #[test]
+            fn an_append_staged_against_a_head_that_moved_is_refused_whole() {
+                super::an_append_staged_against_a_head_that_moved_is_refused_whole(&$engine);
+            }
+
+            #[test]
+            fn records_keep_a_base_a_tail_and_heads_and_compaction_replaces_the_tail() {
+                super::records_keep_a_base_a_tail_and_heads_and_compaction_replaces_the_tail(
+                    &$engine,
+                );
+            }
+
+            #[test]
+            fn conflict_counts_and_log_bytes_add_up_across_appends() {
+                super::conflict_counts_and_log_bytes_add_up_across_appends(&$engine);
+            }
+
+            #[test]
+            fn the_unique_index_holds_each_values_holders_in_order() {
+                super::the_unique_index_holds_each_values_holders_in_order(&$engine);
+            }
+
+            #[test]
+            fn accounts_devices_codes_families_keys_and_passwords_commit_whole() {
+                super::accounts_devices_codes_families_keys_and_passwords_commit_whole(&$engine);
+            }
+
+            #[test]
+            fn everything_committed_is_there_after_a_restart() {
+                super::everything_committed_is_there_after_a_restart(&$engine);
+            }
+
+            #[test]
+            fn the_relay_store_deduplicates_per_record_and_keeps_the_log_causally_closed() {
+                super::the_relay_store_deduplicates_per_record_and_keeps_the_log_causally_closed(
+                    &$engine,
+                );
+            }
+
+            proptest! {
+                #![proptest_config(proptest_config(48))]
+
+                #[test]
+                fn any_upload_order_gives_a_causally_closed_log(
+                    docs in 2..=3usize,
+                    steps in proptest::collection::vec(step(3), 1..30),
+                    order in proptest::collection::vec(any::<u32>(), 64),
+                    batch in 1..6usize,
+                ) {
+                    super::any_upload_order_gives_a_causally_closed_log(
+                        &$engine, docs, steps, order, batch,
+                    )?;
+                }
+            }
+        }
+    };
+}
+
+conformance!(memory, Memory::new());
+conformance!(sled, Sled::new());
