@@ -9,9 +9,6 @@
 //! and carries out the answer), the token format itself (`auth::token`), and how any of it is
 //! kept (`relay::storage`: every read and write goes through `AccountStorage`).
 
-// Lint fixes for this module land with its rewrite.
-#![allow(clippy::indexing_slicing)]
-
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -34,9 +34,6 @@
 //! Must not touch: the network, sessions or authentication (the caller has decided that `origin`
 //! may write to `space`), the device's store, and storage keys or engines.
 
-// Lint fixes for this module land with its rewrite.
-#![allow(clippy::indexing_slicing)]
-
 use crate::record::{Fields, Record, RecordError, chunk_hash, decode_change};
 use crate::relay::storage::{
     Append, Compaction, LogStorage, LoggedChange, RecordKey, StorageError, UniqueValue,
