@@ -36,7 +36,8 @@ mod harness;
 mod workload;
 
 use common::{Device, TIMEOUT};
-use ferry::ipc::{CHANGE_NOTIFICATION, Client, LAGGED_NOTIFICATION};
+use ferry::ipc::{Client, Notification};
+use ferry::service::{ChangeEvent, Origin};
 use harness::{
     Guarded, Running, call, check_interrupted, disk_usage, install_signal_handlers, latency,
     memory_kib, per_second, poll_until, secs,
@@ -519,7 +520,7 @@ fn import(client: &mut Client, n: u64) {
 
 /// A notification on a subscribed connection.
 enum Event {
-    Change(Value),
+    Change(ChangeEvent),
     /// The daemon dropped this many change notifications for a slow reader.
     Lagged(u64),
 }
@@ -542,24 +543,20 @@ impl Subscriber {
     }
 
     fn next(&mut self) -> Event {
-        let n = self.0.next_notification().unwrap_or_else(|e| {
+        let n = self.0.next_event().unwrap_or_else(|e| {
             check_interrupted();
             panic!("no change notification: {e}")
         });
-        match n["method"].as_str() {
-            Some(CHANGE_NOTIFICATION) => Event::Change(n["params"].clone()),
-            Some(LAGGED_NOTIFICATION) => Event::Lagged(
-                n["params"]["missed"]
-                    .as_u64()
-                    .unwrap_or_else(|| panic!("lagged notification without missed: {n}")),
-            ),
-            _ => panic!("unexpected notification: {n}"),
+        match n {
+            Notification::Change(change) => Event::Change(change.event),
+            Notification::Lagged { missed, .. } => Event::Lagged(missed),
+            other => panic!("unexpected notification: {other:?}"),
         }
     }
 }
 
-fn is_remote(change: &Value) -> bool {
-    change["origin"] == "remote"
+fn is_remote(change: &ChangeEvent) -> bool {
+    change.origin == Origin::Remote
 }
 
 /// Peak RSS (VmHWM) of a process, in KiB.
@@ -740,7 +737,7 @@ fn propagation(updates: u64, o: &Options) -> Value {
         loop {
             match subscriber.next() {
                 Event::Change(c)
-                    if is_remote(&c) && c["id"] == id.as_str() && c["heads"] == reply["heads"] =>
+                    if is_remote(&c) && c.id == id && json!(c.heads) == reply["heads"] =>
                 {
                     break;
                 }

@@ -128,7 +128,7 @@ impl AlertsConfig {
 }
 
 /// An active alert, or the last state of one that cleared.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
     pub kind: AlertKind,
     pub message: String,

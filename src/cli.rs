@@ -8,14 +8,16 @@
 //!
 //! Must not touch: the store's internals; it uses the service's methods only.
 
-// Lint fixes for this module land with its rewrite.
-#![allow(clippy::indexing_slicing, clippy::unreachable)]
-
+use crate::alerts::Alert;
 use crate::config::Config;
 use crate::daemon::{self, DaemonError};
 use crate::datadir::{DataDir, DataDirError, DirLock};
-use crate::ipc::{Client, ClientError};
+use crate::engine::ConnectionState;
+use crate::ipc::{Client, ClientError, DaemonStatus, Notification};
+use crate::record::Fields;
+use crate::service::api::{self, Method};
 use crate::service::{ApiError, Service, code};
+use crate::store::{Applied, RecordView};
 use base64::Engine as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
@@ -605,32 +607,27 @@ fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {
         bar
     });
     let mut waiting = RelayWait::start(&sync_relay(ctx));
-    let result =
-        client.call_with_notifications("sync", json!({ "retry_failed": retry_failed }), |note| {
-            if note["params"]["state"] == "connected" {
-                waiting.answered();
-            }
-            if let Some(bar) = &progress {
-                let s = &note["params"];
-                bar.set_message(format!(
-                    "{} · uploaded {} · downloaded {} · log {}/{}",
-                    s["state"].as_str().unwrap_or(""),
-                    s["uploaded"],
-                    s["downloaded"],
-                    s["cursor"],
-                    s["relay_head"]
-                ));
-            }
-        });
+    let result = client.sync(api::SyncParams { retry_failed }, |s| {
+        if s.state == ConnectionState::Connected {
+            waiting.answered();
+        }
+        if let Some(bar) = &progress {
+            bar.set_message(format!(
+                "{} · uploaded {} · downloaded {} · log {}/{}",
+                label(&s.state),
+                s.uploaded,
+                s.downloaded,
+                s.cursor,
+                s.relay_head
+            ));
+        }
+    });
     drop(waiting);
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
     let r = result?;
-    let report: crate::engine::SyncReport = serde_json::from_value(r["report"].clone())
-        .map_err(|e| Failure::failed(format!("the daemon's sync report cannot be read: {e}")))?;
-    let status: crate::engine::SyncStatus = serde_json::from_value(r["status"].clone())
-        .map_err(|e| Failure::failed(format!("the daemon's sync status cannot be read: {e}")))?;
+    let (report, status) = (&r.report, &r.status);
     if ctx.json {
         print_json(&r);
     } else {
@@ -716,15 +713,15 @@ impl Backend {
         })
     }
 
-    fn call(&mut self, method: &str, params: Value) -> Result<Value, Failure> {
-        Ok(self.try_call(method, params)?)
+    fn call<M: Method>(&mut self, params: M) -> Result<M::Answer, Failure> {
+        Ok(self.try_call(params)?)
     }
 
     /// `call`, with the error as the daemon gave it (its code tells what went wrong).
-    fn try_call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
+    fn try_call<M: Method>(&mut self, params: M) -> Result<M::Answer, ClientError> {
         match self {
-            Backend::Daemon(client) => client.call(method, params),
-            Backend::Local { service, .. } => Ok(service.call(method, params)?),
+            Backend::Daemon(client) => client.request(params),
+            Backend::Local { service, .. } => Ok(service.call(params)?),
         }
     }
 }
@@ -746,7 +743,7 @@ fn full_address(address: &str) -> Result<(String, String), Failure> {
     }
 }
 
-fn read_fields(data: Option<&str>, max_bytes: usize) -> Result<Value, Failure> {
+fn read_fields(data: Option<&str>, max_bytes: usize) -> Result<Fields, Failure> {
     let text = match data {
         Some("-") | None => {
             if std::io::stdin().is_terminal() {
@@ -766,7 +763,7 @@ fn read_fields(data: Option<&str>, max_bytes: usize) -> Result<Value, Failure> {
         Some(text) => text.to_owned(),
     };
     match serde_json::from_str::<Value>(&text) {
-        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(Value::Object(fields)) => Ok(fields),
         Ok(_) => Err(Failure::usage(
             "the fields must be a JSON object, e.g. '{\"name\": \"Ada\"}'",
         )),
@@ -816,10 +813,11 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         Command::Put { address, data } => {
             let (collection, id) = split_address(&address);
             let fields = read_fields(data.as_deref(), ctx.config.ipc.max_message_bytes)?;
-            let r = backend.call(
-                "put",
-                json!({ "collection": collection, "id": id, "fields": fields }),
-            )?;
+            let r = backend.call(api::PutParams {
+                collection,
+                id,
+                fields,
+            })?;
             print_write(ctx, &r);
         }
         Command::Patch {
@@ -829,38 +827,40 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         } => {
             let (collection, id) = full_address(&address)?;
             let fields = match (&data, unset.is_empty()) {
-                (None, false) => json!({}),
+                (None, false) => Fields::new(),
                 _ => read_fields(data.as_deref(), ctx.config.ipc.max_message_bytes)?,
             };
-            let r = backend.call(
-                "patch",
-                json!({ "collection": collection, "id": id, "fields": fields, "unset": unset }),
-            )?;
+            let r = backend.call(api::PatchParams {
+                collection,
+                id,
+                fields,
+                unset,
+            })?;
             print_write(ctx, &r);
         }
         Command::Rm { address } => {
             let (collection, id) = full_address(&address)?;
-            let r = backend.call("delete", json!({ "collection": collection, "id": id }))?;
+            let r = backend.call(api::DeleteParams::new(collection, id))?;
             print_write(ctx, &r);
         }
         Command::Get { address } => {
             let (collection, id) = full_address(&address)?;
-            let r = backend.call("get", json!({ "collection": collection, "id": id }))?;
+            let r = backend.call(api::GetParams::new(collection, id))?;
             if ctx.json {
                 print_json(&r);
             } else {
-                print_pretty(&r["fields"]);
+                print_pretty(&r.fields);
             }
         }
         Command::Ls {
             collection: None, ..
         } => {
-            let r = backend.call("collections", json!({}))?;
+            let r = backend.call(api::CollectionsParams {})?;
             if ctx.json {
                 print_json(&r);
             } else {
-                for c in r["collections"].as_array().into_iter().flatten() {
-                    println!("{}\t{}", c["name"].as_str().unwrap_or(""), c["documents"]);
+                for c in &r.collections {
+                    println!("{}\t{}", c.name, c.documents);
                 }
             }
         }
@@ -878,23 +878,22 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
             // One call returns at most `ipc.max_list_limit` records: ask for the rest page by page.
             while records.len() < limit {
                 let wanted = (limit - records.len()).min(page);
-                let mut r = backend.call(
-                    "list",
-                    json!({ "collection": collection, "limit": wanted, "after": next }),
-                )?;
-                if let Value::Array(got) = r["records"].take() {
-                    records.extend(got);
-                }
-                next = r["next"].as_str().map(str::to_owned);
+                let r = backend.call(api::ListParams {
+                    collection: collection.clone(),
+                    limit: Some(wanted),
+                    after: next,
+                })?;
+                records.extend(r.records);
+                next = r.next;
                 if next.is_none() {
                     break;
                 }
             }
             if ctx.json {
-                print_json(&json!({ "records": records, "next": next }));
+                print_json(&api::RecordPage { records, next });
             } else {
                 for rec in &records {
-                    println!("{}\t{}", rec["id"].as_str().unwrap_or(""), rec["fields"]);
+                    println!("{}\t{}", rec.id, Value::Object(rec.fields.clone()));
                 }
                 if let Some(next) = next {
                     eprintln!("more: ferry ls {collection} --after {next}");
@@ -903,23 +902,17 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         }
         Command::History { address } => {
             let (collection, id) = full_address(&address)?;
-            let r = backend.call("history", json!({ "collection": collection, "id": id }))?;
+            let r = backend.call(api::HistoryParams::new(collection, id))?;
             if ctx.json {
                 print_json(&r);
             } else {
-                for c in r["changes"].as_array().into_iter().flatten() {
-                    let fields: Vec<&str> = c["fields"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .collect();
+                for c in &r.changes {
                     println!(
                         "{}\t{}\t{}\t{}",
-                        format_ms(c["time"].as_i64().unwrap_or(0)),
-                        c["device"].as_str().unwrap_or(""),
-                        c["operation"].as_str().unwrap_or(""),
-                        fields.join(",")
+                        format_ms(c.time),
+                        c.device,
+                        c.operation,
+                        c.fields.join(",")
                     );
                 }
             }
@@ -932,88 +925,96 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
             after,
         } => {
             let newest_first = !oldest_first && after.is_none();
-            let r = backend.call(
-                "queue",
-                json!({
-                    "status": status,
-                    "limit": limit,
-                    "after": after,
-                    "before": before,
-                    "newest_first": newest_first,
-                }),
-            )?;
+            let r = backend.call(api::QueueParams {
+                status: status.clone(),
+                limit: Some(limit),
+                after,
+                before,
+                newest_first,
+            })?;
             if ctx.json {
                 print_json(&r);
             } else {
-                for e in r["entries"].as_array().into_iter().flatten() {
-                    let conflict = e["conflict"]
-                        .as_str()
+                for e in &r.entries {
+                    let conflict = e
+                        .conflict
+                        .as_deref()
                         .map(|c| format!("conflict={c}\t"))
                         .unwrap_or_default();
                     println!(
                         "{}\t{}\t{}\t{}/{}\tretries={}\t{conflict}{}",
-                        e["id"],
-                        e["status"].as_str().unwrap_or(""),
-                        e["operation"].as_str().unwrap_or(""),
-                        e["model_name"].as_str().unwrap_or(""),
-                        e["object_id"].as_str().unwrap_or(""),
-                        e["retry_count"],
-                        e["last_error"].as_str().unwrap_or("")
+                        e.id,
+                        e.status.as_str(),
+                        e.operation.as_str(),
+                        e.model_name,
+                        e.object_id,
+                        e.retry_count,
+                        e.last_error.as_deref().unwrap_or("")
                     );
                 }
-                let entries = r["entries"].as_array().map_or(&[][..], Vec::as_slice);
-                if let Some(last) = entries.last().filter(|_| entries.len() == limit) {
+                if let Some(last) = r.entries.last().filter(|_| r.entries.len() == limit) {
                     let flag = if newest_first { "--before" } else { "--after" };
                     let status = status
                         .as_deref()
                         .map(|s| format!(" --status {s}"))
                         .unwrap_or_default();
-                    eprintln!("more: ferry queue{status} {flag} {}", last["id"]);
+                    eprintln!("more: ferry queue{status} {flag} {}", last.id);
                 }
-                let c = &r["counts"];
+                let c = &r.counts;
                 eprintln!(
                     "pending {} · processing {} · completed {} · failed {}",
-                    c["pending"], c["processing"], c["completed"], c["failed"]
+                    c.pending, c.processing, c.completed, c.failed
                 );
             }
         }
         Command::Retry { ids, all_failed } => {
             let params = if all_failed {
-                json!({ "all_failed": true })
+                api::RetryParams {
+                    ids: None,
+                    all_failed,
+                }
             } else {
-                json!({ "ids": ids })
+                api::RetryParams {
+                    ids: Some(ids),
+                    all_failed,
+                }
             };
-            let r = backend.call("retry", params)?;
+            let r = backend.call(params)?;
             if ctx.json {
                 print_json(&r);
             } else {
-                println!("retrying {}", r["retried"]);
+                println!("retrying {}", json!(r.retried));
             }
         }
         Command::Log { limit } => {
-            let r = backend.call("log", json!({ "limit": limit }))?;
+            let r = backend.call(api::LogParams {
+                before: None,
+                limit: Some(limit),
+            })?;
             if ctx.json {
                 print_json(&r);
             } else {
-                for e in r["entries"].as_array().into_iter().flatten() {
+                for e in &r.entries {
                     println!(
                         "{}\t{}\t{}\t{} records\t{}",
-                        format_ms(e["timestamp"].as_i64().unwrap_or(0)),
-                        e["direction"].as_str().unwrap_or(""),
-                        e["status"].as_str().unwrap_or(""),
-                        e["records_processed"],
-                        e["error_message"].as_str().unwrap_or("")
+                        format_ms(i64::try_from(e.timestamp).unwrap_or(i64::MAX)),
+                        label(&e.direction),
+                        label(&e.status),
+                        e.records_processed,
+                        e.error_message.as_deref().unwrap_or("")
                     );
                 }
             }
         }
         Command::Status => {
-            let mut r = backend.call("status", json!({}))?;
-            if let Backend::Local { service, .. } = &backend
-                && let Some(sync) = status::last_known(ctx, service)?
-            {
-                r["sync"] = sync;
-            }
+            let r = match &mut backend {
+                Backend::Daemon(client) => client.status()?,
+                Backend::Local { service, .. } => DaemonStatus {
+                    status: service.call(api::StatusParams {})?,
+                    sync: status::last_known(ctx, service)?,
+                    alerts: None,
+                },
+            };
             if ctx.json {
                 print_json(&r);
             } else {
@@ -1030,49 +1031,61 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         | Command::Relay { .. }
         | Command::Register { .. }
         | Command::Key { .. }
-        | Command::Export { .. } => unreachable!("handled in run()"),
+        | Command::Export { .. } => {
+            // `run` gives every other command to its own function.
+            return Err(Failure::failed(
+                "this command does not read or write records",
+            ));
+        }
     }
     Ok(())
 }
 
 /// One line per active alert: its kind, since when, and what to do.
-fn print_alerts(alerts: &Value) {
-    let alerts = alerts.as_array().map_or(&[][..], Vec::as_slice);
+fn print_alerts(alerts: &[Alert]) {
     if alerts.is_empty() {
         println!("alerts: none");
     }
     for a in alerts {
         println!(
             "alert {}: {} (since {})",
-            a["kind"].as_str().unwrap_or("?"),
-            a["message"].as_str().unwrap_or(""),
-            format_ms(a["since_ms"].as_i64().unwrap_or(0))
+            label(&a.kind),
+            a.message,
+            format_ms(i64::try_from(a.since_ms).unwrap_or(i64::MAX))
         );
     }
 }
 
-fn print_write(ctx: &Context, r: &Value) {
+fn print_write(ctx: &Context, r: &Applied) {
     if ctx.json {
         print_json(r);
         return;
     }
-    let what = r["operation"].as_str().unwrap_or("unchanged");
-    println!(
-        "{what} {}/{}",
-        r["collection"].as_str().unwrap_or(""),
-        r["id"].as_str().unwrap_or("")
-    );
+    let what = r.operation.map_or("unchanged", |o| o.as_str());
+    println!("{what} {}/{}", r.collection, r.id);
 }
 
-fn print_json(v: &Value) {
-    println!("{v}");
+fn print_json(v: &impl serde::Serialize) {
+    match serde_json::to_string(v) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("the answer cannot be written as JSON: {e}"),
+    }
 }
 
-fn print_pretty(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-    );
+fn print_pretty(v: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(v) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("the answer cannot be written as JSON: {e}"),
+    }
+}
+
+/// A value's name as the API spells it (an enum's serde name), for the human forms.
+fn label(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".to_owned(),
+    }
 }
 
 fn format_ms(ms: i64) -> String {
@@ -1107,11 +1120,11 @@ fn export(
     let single = target.map(split_address);
     let collections: Vec<String> = match &single {
         Some((c, _)) => vec![c.clone()],
-        None => backend.call("collections", json!({}))?["collections"]
-            .as_array()
+        None => backend
+            .call(api::CollectionsParams {})?
+            .collections
             .into_iter()
-            .flatten()
-            .filter_map(|c| c["name"].as_str().map(str::to_owned))
+            .map(|c| c.name)
             .collect(),
     };
     if format == ExportFormat::Automerge {
@@ -1122,9 +1135,8 @@ fn export(
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     let mut first = true;
-    let mut emit = |rec: &Value, sink: &mut dyn std::io::Write| -> std::io::Result<()> {
-        let line =
-            json!({ "collection": rec["collection"], "id": rec["id"], "fields": rec["fields"] });
+    let mut emit = |rec: &RecordView, sink: &mut dyn std::io::Write| -> std::io::Result<()> {
+        let line = json!({ "collection": rec.collection, "id": rec.id, "fields": rec.fields });
         match format {
             ExportFormat::Jsonl => writeln!(sink, "{line}"),
             _ => {
@@ -1135,7 +1147,7 @@ fn export(
         }
     };
     if let Some((collection, Some(id))) = &single {
-        let rec = backend.call("get", json!({ "collection": collection, "id": id }))?;
+        let rec = backend.call(api::GetParams::new(collection, id))?;
         emit(&rec, &mut sink)?;
     } else {
         for collection in &collections {
@@ -1152,19 +1164,20 @@ fn export(
 fn for_each_record(
     backend: &mut Backend,
     collection: &str,
-    mut f: impl FnMut(&Value) -> Result<(), Failure>,
+    mut f: impl FnMut(&RecordView) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
     let mut after: Option<String> = None;
     loop {
-        let page = backend.call(
-            "list",
-            json!({ "collection": collection, "limit": 1000, "after": after }),
-        )?;
-        for rec in page["records"].as_array().into_iter().flatten() {
+        let page = backend.call(api::ListParams {
+            collection: collection.to_owned(),
+            limit: Some(1000),
+            after,
+        })?;
+        for rec in &page.records {
             f(rec)?;
         }
-        match page["next"].as_str() {
-            Some(next) => after = Some(next.to_owned()),
+        match page.next {
+            Some(next) => after = Some(next),
             None => return Ok(()),
         }
     }
@@ -1177,9 +1190,9 @@ fn export_automerge(
     out: Option<&Path>,
 ) -> Result<(), Failure> {
     let fetch = |backend: &mut Backend, collection: &str, id: &str| -> Result<Vec<u8>, Failure> {
-        let r = backend.call("export", json!({ "collection": collection, "id": id }))?;
+        let r = backend.call(api::ExportParams::new(collection, id))?;
         base64::engine::general_purpose::STANDARD
-            .decode(r["automerge_base64"].as_str().unwrap_or(""))
+            .decode(r.automerge_base64)
             .map_err(|e| Failure::failed(format!("the daemon sent a bad document: {e}")))
     };
     if let Some((collection, Some(id))) = single {
@@ -1198,10 +1211,7 @@ fn export_automerge(
     let mut ids = Vec::new();
     for collection in collections {
         for_each_record(backend, collection, |rec| {
-            ids.push((
-                collection.clone(),
-                rec["id"].as_str().unwrap_or("").to_owned(),
-            ));
+            ids.push((collection.clone(), rec.id.clone()));
             Ok(())
         })?;
     }
@@ -1242,34 +1252,41 @@ fn watch(
             socket.display()
         ))
     })?;
-    client.call("subscribe", json!({ "collection": collection, "id": id }))?;
+    client.request(api::SubscribeParams { collection, id })?;
     // Tell whoever started us that the subscription is in place.
     eprintln!("watching");
     let mut seen = 0;
     while count.is_none_or(|c| seen < c) {
-        let n = client.next_notification()?;
+        let note = client.next_event()?;
         if ctx.json {
-            print_json(&n);
+            print_json(&crate::ipc::notification(&note));
         } else {
-            let p = &n["params"];
-            let method = n["method"].as_str().unwrap_or("");
-            if method == crate::ipc::CONFLICT_NOTIFICATION {
-                println!(
-                    "{method} {} {} {}/{} {}",
-                    p["status"].as_str().unwrap_or(""),
-                    p["kind"].as_str().unwrap_or(""),
-                    p["collection"].as_str().unwrap_or(""),
-                    p["record"].as_str().unwrap_or(""),
-                    p["id"].as_str().unwrap_or("")
-                );
-            } else {
-                println!(
-                    "{method} {} {}/{} by {}",
-                    p["operation"].as_str().unwrap_or(""),
-                    p["collection"].as_str().unwrap_or(""),
-                    p["id"].as_str().unwrap_or(""),
-                    p["device"].as_str().unwrap_or("")
-                );
+            match &note {
+                Notification::Conflict(c) => {
+                    let c = &c.event;
+                    println!(
+                        "conflict {} {} {}/{} {}",
+                        label(&c.status),
+                        label(&c.kind),
+                        c.collection,
+                        c.record,
+                        c.id
+                    );
+                }
+                Notification::Change(c) => {
+                    let c = &c.event;
+                    println!(
+                        "change {} {}/{} by {}",
+                        c.operation.as_str(),
+                        c.collection,
+                        c.id,
+                        c.device
+                    );
+                }
+                Notification::Lagged { missed, .. } => {
+                    println!("lagged {missed} events were dropped: read the records again");
+                }
+                Notification::SyncProgress(s) => println!("sync.progress {}", label(&s.state)),
             }
         }
         std::io::stdout().flush()?;

@@ -10,10 +10,16 @@
 use crate::config::Config;
 use crate::daemon;
 use crate::datadir::DataDir;
+use crate::engine::SyncStatus;
 use crate::ipc::Client;
+use crate::ipc::{DaemonStatus, Notification};
+use crate::record::{Fields, HistoryEntry};
 use crate::relay;
-use crate::service::Service;
-use serde_json::{Map, Value, json};
+use crate::service::api::{self, Method};
+use crate::service::{Origin, Service};
+use ferry_proto::Operation;
+use serde::Serialize;
+use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -103,121 +109,176 @@ fn start_relay(dir: &DataDir, config: &Config) -> Result<Running<relay::Listenin
     })
 }
 
+/// What the demo measured, printed for people or, with `--json`, as JSON.
+#[derive(Serialize)]
+struct Report {
+    #[serde(flatten)]
+    local: Local,
+    after_restart: AfterRestart,
+    sync: Synced,
+}
+
+/// The daemon driven through its socket.
+#[derive(Serialize)]
+struct Local {
+    records_imported: usize,
+    import_seconds: f64,
+    import_records_per_second: f64,
+    single_write_ms: f64,
+    read_ms: f64,
+    history: Vec<HistoryEntry>,
+    subscriber_saw: Vec<Operation>,
+    status: DaemonStatus,
+}
+
+/// The store reopened without the daemon.
+#[derive(Serialize)]
+struct AfterRestart {
+    documents: u64,
+    pending_changes: u64,
+    store_bytes: Option<u64>,
+}
+
+/// Two devices syncing through a relay on loopback.
+#[derive(Serialize)]
+struct Synced {
+    initial_sync_seconds: f64,
+    initial_sync_records_per_second: f64,
+    propagation_ms: f64,
+    device_a: Option<SyncStatus>,
+    device_b: Option<SyncStatus>,
+    relay_fingerprint: String,
+}
+
 pub fn run(dir: &DataDir, config: &Config, records: usize, as_json: bool) -> Result<(), String> {
     let records = records.max(1);
     let daemon = start_daemon(dir, config)?;
     let outcome = drive(&daemon.ready, records);
     let stopped = daemon.stop("daemon");
-    let mut report = outcome?;
+    let local = outcome?;
     stopped?;
 
     // Reopen the store without the daemon: everything acknowledged must be on disk.
     let open = daemon::open_store(dir, config).map_err(|e| e.to_string())?;
     let service = Service::new(open.store, daemon::service_options(dir, config, false));
     let status = service
-        .call("status", json!({}))
+        .call(api::StatusParams {})
         .map_err(|e| e.to_string())?;
     let expected_docs = records as u64 + 1;
-    let pending = at(&status, "/queue/pending").as_u64().unwrap_or(0);
     let expected_queue = records as u64 + 3;
-    let documents = at(&status, "/documents");
-    if documents.as_u64() != Some(expected_docs) || pending != expected_queue {
+    let (documents, pending) = status
+        .contents
+        .map_or((0, 0), |c| (c.documents, c.queue.pending));
+    if documents != expected_docs || pending != expected_queue {
         return Err(format!(
             "after restart the store holds {documents} documents and {pending} pending changes; expected {expected_docs} and {expected_queue}",
         ));
     }
     let sample = service
-        .call("get", json!({ "collection": "Customer", "id": "demo-1" }))
+        .call(api::GetParams::new("Customer", "demo-1"))
         .map_err(|e| e.to_string())?;
-    if at(&sample, "/fields/tier") != "gold" {
-        return Err(format!("demo-1 lost its patch after restart: {sample}"));
+    if sample.fields.get("tier") != Some(&json!("gold")) {
+        return Err(format!(
+            "demo-1 lost its patch after restart: {:?}",
+            sample.fields
+        ));
     }
-    report.insert(
-        "after_restart".into(),
-        json!({ "documents": documents, "pending_changes": pending,
-                "store_bytes": at(&status, "/store_bytes") }),
-    );
+    let after_restart = AfterRestart {
+        documents,
+        pending_changes: pending,
+        store_bytes: status.store_bytes,
+    };
     drop(service);
     drop(open.lock);
-    report.insert(
-        "sync".into(),
-        Value::Object(sync(dir, config, expected_docs)?),
-    );
-    let report = Value::Object(report);
+    let report = Report {
+        local,
+        after_restart,
+        sync: sync(dir, config, expected_docs)?,
+    };
     if as_json {
-        println!("{report}");
+        match serde_json::to_string(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => return Err(format!("the report cannot be written as JSON: {e}")),
+        }
     } else {
         print_report(&report);
     }
     Ok(())
 }
 
-fn drive(socket: &std::path::Path, records: usize) -> Result<Map<String, Value>, String> {
+fn drive(socket: &std::path::Path, records: usize) -> Result<Local, String> {
     let connect = || Client::connect(socket).map_err(|e| format!("cannot connect: {e}"));
     let mut app = connect()?;
     let mut watcher = connect()?;
-    let call = |c: &mut Client, m: &str, p: Value| c.call(m, p).map_err(|e| format!("{m}: {e}"));
+    fn call<M: Method>(c: &mut Client, params: M) -> Result<M::Answer, String> {
+        c.request(params).map_err(|e| format!("{}: {e}", M::NAME))
+    }
     call(
         &mut watcher,
-        "subscribe",
-        json!({ "collection": "Customer" }),
+        api::SubscribeParams {
+            collection: Some("Customer".into()),
+            id: None,
+        },
     )?;
 
     let started = Instant::now();
     let mut imported = 0;
     for chunk in (0..records).collect::<Vec<_>>().chunks(2000) {
-        let batch: Vec<Value> = chunk
+        let batch = chunk
             .iter()
-            .map(|n| json!({ "collection": "Invoice", "id": format!("inv-{n:06}"), "fields": invoice(*n) }))
+            .map(|n| api::ImportRecord {
+                collection: "Invoice".into(),
+                id: Some(format!("inv-{n:06}")),
+                fields: invoice(*n),
+            })
             .collect();
-        let r = call(&mut app, "import", json!({ "records": batch }))?;
-        imported += at(&r, "/imported").as_u64().unwrap_or(0);
+        imported += call(&mut app, api::ImportParams { records: batch })?.imported;
     }
     let import_secs = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
     call(
         &mut app,
-        "put",
-        json!({ "collection": "Customer", "id": "demo-1",
-        "fields": { "name": "Ada Lovelace", "email": "ada@example.com", "tags": ["vip"] } }),
+        api::PutParams {
+            collection: "Customer".into(),
+            id: Some("demo-1".into()),
+            fields: fields(
+                json!({ "name": "Ada Lovelace", "email": "ada@example.com", "tags": ["vip"] }),
+            ),
+        },
     )?;
     call(
         &mut app,
-        "patch",
-        json!({ "collection": "Customer", "id": "demo-1",
-        "fields": { "tier": "gold" } }),
+        api::PatchParams {
+            collection: "Customer".into(),
+            id: "demo-1".into(),
+            fields: fields(json!({ "tier": "gold" })),
+            unset: Vec::new(),
+        },
     )?;
     let single_write_ms = started.elapsed().as_secs_f64() * 500.0;
-    call(
-        &mut app,
-        "delete",
-        json!({ "collection": "Invoice", "id": "inv-000000" }),
-    )?;
+    call(&mut app, api::DeleteParams::new("Invoice", "inv-000000"))?;
 
     let started = Instant::now();
-    let got = call(
-        &mut app,
-        "get",
-        json!({ "collection": "Customer", "id": "demo-1" }),
-    )?;
+    let got = call(&mut app, api::GetParams::new("Customer", "demo-1"))?;
     let read_ms = started.elapsed().as_secs_f64() * 1000.0;
-    if at(&got, "/fields/tier") != "gold" || at(&got, "/fields/tags") != &json!(["vip"]) {
-        return Err(format!("read back something else: {got}"));
+    if got.fields.get("tier") != Some(&json!("gold"))
+        || got.fields.get("tags") != Some(&json!(["vip"]))
+    {
+        return Err(format!("read back something else: {:?}", got.fields));
     }
-    let history = call(
-        &mut app,
-        "history",
-        json!({ "collection": "Customer", "id": "demo-1" }),
-    )?;
+    let history = call(&mut app, api::HistoryParams::new("Customer", "demo-1"))?;
     let page = call(
         &mut app,
-        "list",
-        json!({ "collection": "Invoice", "limit": 3 }),
+        api::ListParams {
+            collection: "Invoice".into(),
+            limit: Some(3),
+            after: None,
+        },
     )?;
-    let first = at(&page, "/records/0");
-    if at(first, "/id") != "inv-000001" {
-        return Err(format!("the deleted invoice still lists: {first}"));
+    let first = page.records.first().map(|r| r.id.as_str());
+    if first != Some("inv-000001") {
+        return Err(format!("the deleted invoice still lists: {first:?}"));
     }
 
     watcher
@@ -225,39 +286,33 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Map<String, Value>,
         .map_err(|e| e.to_string())?;
     let mut notified = Vec::new();
     while notified.len() < 2 {
-        let n = watcher
-            .next_notification()
+        let note = watcher
+            .next_event()
             .map_err(|e| format!("the subscriber was not told of a change: {e}"))?;
-        notified.push(
-            at(&n, "/params/operation")
-                .as_str()
-                .unwrap_or("")
-                .to_owned(),
-        );
+        if let Notification::Change(change) = note {
+            notified.push(change.event.operation);
+        }
     }
-    if notified != ["create", "update"] {
+    if notified != [Operation::Create, Operation::Update] {
         return Err(format!(
             "the subscriber saw {notified:?}, expected create then update"
         ));
     }
-    let status = call(&mut app, "status", json!({}))?;
-    Ok(Map::from_iter([
-        ("records_imported".into(), json!(imported)),
-        ("import_seconds".into(), json!(import_secs)),
-        (
-            "import_records_per_second".into(),
-            json!(imported as f64 / import_secs.max(1e-9)),
-        ),
-        ("single_write_ms".into(), json!(single_write_ms)),
-        ("read_ms".into(), json!(read_ms)),
-        ("history".into(), at(&history, "/changes").clone()),
-        ("subscriber_saw".into(), json!(notified)),
-        ("status".into(), status),
-    ]))
+    let status = app.status().map_err(|e| format!("status: {e}"))?;
+    Ok(Local {
+        records_imported: imported,
+        import_seconds: import_secs,
+        import_records_per_second: imported as f64 / import_secs.max(1e-9),
+        single_write_ms,
+        read_ms,
+        history: history.changes,
+        subscriber_saw: notified,
+        status,
+    })
 }
 
 /// A relay on loopback; this device syncing with it, and a second, empty device next to it.
-fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Map<String, Value>, String> {
+fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Synced, String> {
     let resolve =
         |name: &str| DataDir::resolve(Some(&dir.path().join(name))).map_err(|e| e.to_string());
     let relay_dir = resolve("relay")?;
@@ -279,7 +334,9 @@ fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Map<String
             .call("enrol", json!({ "account": account }))
             .map_err(|e| format!("enrol: {e}"))?;
         let key = device.identity().map_err(|e| e.to_string())?;
-        let code = ferry_proto::wire::Secret::new(at(&code, "/code").as_str().unwrap_or_default());
+        let code = ferry_proto::wire::Secret::new(
+            code.get("code").and_then(Value::as_str).unwrap_or_default(),
+        );
         daemon::runtime()
             .map_err(|e| e.to_string())?
             .block_on(crate::engine::register_device(
@@ -293,16 +350,15 @@ fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Map<String
     let started = Instant::now();
     let a = start_daemon(dir, &synced)?;
     let b = start_daemon(&device_b, &synced)?;
-    let outcome = watch_sync(&a.ready, &b.ready, expected_docs, started);
     let fingerprint = relay.ready.fingerprint.to_string();
+    let outcome = watch_sync(&a.ready, &b.ready, expected_docs, started, fingerprint);
     let stopped = [
         b.stop("second daemon"),
         a.stop("daemon"),
         relay.stop("relay"),
     ];
-    let mut report = outcome?;
+    let report = outcome?;
     stopped.into_iter().collect::<Result<Vec<()>, String>>()?;
-    report.insert("relay_fingerprint".into(), json!(fingerprint));
     Ok(report)
 }
 
@@ -311,135 +367,130 @@ fn watch_sync(
     b_socket: &std::path::Path,
     expected_docs: u64,
     started: Instant,
-) -> Result<Map<String, Value>, String> {
+    relay_fingerprint: String,
+) -> Result<Synced, String> {
     let connect =
         |s: &std::path::Path| Client::connect(s).map_err(|e| format!("cannot connect: {e}"));
     let (mut a, mut b, mut watcher) = (connect(a_socket)?, connect(b_socket)?, connect(b_socket)?);
-    let status = |c: &mut Client| {
-        c.call("status", json!({}))
-            .map_err(|e| format!("status: {e}"))
-    };
+    let status = |c: &mut Client| c.status().map_err(|e| format!("status: {e}"));
     let deadline = Instant::now() + SYNC_TIMEOUT;
     let b_status = loop {
         let s = status(&mut b)?;
-        let documents = at(&s, "/documents");
-        if documents.as_u64() == Some(expected_docs)
-            && at(&s, "/sync/up_to_date").as_bool() == Some(true)
-        {
+        let documents = s.status.contents.as_ref().map_or(0, |c| c.documents);
+        if documents == expected_docs && s.sync.as_ref().is_some_and(|s| s.up_to_date) {
             break s;
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "the second device holds {documents} of {expected_docs} records after {SYNC_TIMEOUT:?}: {}",
-                at(&s, "/sync")
+                "the second device holds {documents} of {expected_docs} records after {SYNC_TIMEOUT:?}: {:?}",
+                s.sync
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     let initial_sync_secs = started.elapsed().as_secs_f64();
     watcher
-        .call("subscribe", json!({ "collection": "Customer" }))
+        .request(api::SubscribeParams {
+            collection: Some("Customer".into()),
+            id: None,
+        })
         .map_err(|e| format!("subscribe: {e}"))?;
     watcher
         .set_read_timeout(Some(SYNC_TIMEOUT))
         .map_err(|e| e.to_string())?;
     let written = Instant::now();
-    a.call(
-        "patch",
-        json!({ "collection": "Customer", "id": "demo-1", "fields": { "tier": "platinum" } }),
-    )
+    a.request(api::PatchParams {
+        collection: "Customer".into(),
+        id: "demo-1".into(),
+        fields: fields(json!({ "tier": "platinum" })),
+        unset: Vec::new(),
+    })
     .map_err(|e| format!("patch: {e}"))?;
     let seen = watcher
-        .next_notification()
+        .next_event()
         .map_err(|e| format!("the second device was not told of the new write: {e}"))?;
     let propagation_ms = written.elapsed().as_secs_f64() * 1000.0;
     let got = b
-        .call("get", json!({ "collection": "Customer", "id": "demo-1" }))
+        .request(api::GetParams::new("Customer", "demo-1"))
         .map_err(|e| format!("get: {e}"))?;
-    if at(&got, "/fields/tier") != "platinum" || at(&seen, "/params/origin") != "remote" {
-        return Err(format!("the second device saw {seen} and holds {got}"));
+    let remote = matches!(&seen, Notification::Change(c) if c.event.origin == Origin::Remote);
+    if got.fields.get("tier") != Some(&json!("platinum")) || !remote {
+        return Err(format!(
+            "the second device saw {seen:?} and holds {:?}",
+            got.fields
+        ));
     }
     let a_status = status(&mut a)?;
-    Ok(Map::from_iter([
-        ("initial_sync_seconds".into(), json!(initial_sync_secs)),
-        (
-            "initial_sync_records_per_second".into(),
-            json!(expected_docs as f64 / initial_sync_secs.max(1e-9)),
-        ),
-        ("propagation_ms".into(), json!(propagation_ms)),
-        ("device_a".into(), at(&a_status, "/sync").clone()),
-        ("device_b".into(), at(&b_status, "/sync").clone()),
-    ]))
+    Ok(Synced {
+        initial_sync_seconds: initial_sync_secs,
+        initial_sync_records_per_second: expected_docs as f64 / initial_sync_secs.max(1e-9),
+        propagation_ms,
+        device_a: a_status.sync,
+        device_b: b_status.sync,
+        relay_fingerprint,
+    })
 }
 
-/// What `value` holds at `pointer`, `Null` when nothing is there: what indexing a `Value` reads,
-/// with no way to panic.
-fn at<'a>(value: &'a Value, pointer: &str) -> &'a Value {
-    value.pointer(pointer).unwrap_or(&Value::Null)
+/// A JSON object literal as record fields.
+fn fields(value: Value) -> Fields {
+    match value {
+        Value::Object(fields) => fields,
+        _ => Fields::new(),
+    }
 }
 
-fn invoice(n: usize) -> Value {
-    json!({
+fn invoice(n: usize) -> Fields {
+    fields(json!({
         "number": format!("INV-{n:08}"), "customer": format!("customer-{}", n % 997),
         "currency": "EUR", "status": "open", "note": "net 30, thank you for your business",
         "amount_cents": (n * 137) % 1_000_000, "lines": n % 17, "year": 2026,
         "month": n % 12 + 1, "day": n % 28 + 1
-    })
+    }))
 }
 
-fn print_report(r: &Value) {
+fn print_report(r: &Report) {
+    let local = &r.local;
     println!(
         "ferry demo: a daemon on {} (device {})",
-        at(r, "/status/data_dir").as_str().unwrap_or(""),
-        at(r, "/status/device_id").as_str().unwrap_or("")
+        local.status.status.data_dir.display(),
+        local.status.status.device_id
     );
     println!(
         "  imported {} records of 10 fields in {:.2}s ({:.0} records/s)",
-        at(r, "/records_imported"),
-        at(r, "/import_seconds").as_f64().unwrap_or(0.0),
-        at(r, "/import_records_per_second").as_f64().unwrap_or(0.0)
+        local.records_imported, local.import_seconds, local.import_records_per_second
     );
     println!(
         "  single durable write {:.2} ms, read {:.2} ms",
-        at(r, "/single_write_ms").as_f64().unwrap_or(0.0),
-        at(r, "/read_ms").as_f64().unwrap_or(0.0)
+        local.single_write_ms, local.read_ms
     );
-    for c in at(r, "/history").as_array().into_iter().flatten() {
+    for c in &local.history {
         println!(
             "  history of Customer/demo-1: {} {}",
-            at(c, "/operation").as_str().unwrap_or(""),
-            at(c, "/fields")
+            c.operation,
+            json!(c.fields)
         );
     }
-    println!("  subscriber saw: {}", at(r, "/subscriber_saw"));
-    let a = at(r, "/after_restart");
+    println!("  subscriber saw: {}", json!(local.subscriber_saw));
+    let a = &r.after_restart;
     println!(
         "  after a clean stop and reopen: {} documents, {} changes queued for upload, {} bytes on disk",
-        at(a, "/documents"),
-        at(a, "/pending_changes"),
-        at(a, "/store_bytes")
+        a.documents,
+        a.pending_changes,
+        json!(a.store_bytes)
     );
-    let s = at(r, "/sync");
+    let s = &r.sync;
     println!(
         "  sync through a relay on {} (fingerprint {}…):",
-        at(s, "/device_a/relay").as_str().unwrap_or(""),
-        at(s, "/relay_fingerprint")
-            .as_str()
-            .unwrap_or("")
-            .get(..23)
-            .unwrap_or("")
+        s.device_a.as_ref().map_or("", |d| d.relay.as_str()),
+        s.relay_fingerprint.get(..23).unwrap_or("")
     );
     println!(
         "    a second, empty device held all {} records {:.2}s after both started ({:.0} records/s)",
-        at(r, "/after_restart/documents"),
-        at(s, "/initial_sync_seconds").as_f64().unwrap_or(0.0),
-        at(s, "/initial_sync_records_per_second")
-            .as_f64()
-            .unwrap_or(0.0)
+        a.documents, s.initial_sync_seconds, s.initial_sync_records_per_second
     );
     println!(
         "    a new write on the first device reached the second's subscriber in {:.1} ms",
-        at(s, "/propagation_ms").as_f64().unwrap_or(0.0)
+        s.propagation_ms
     );
     println!("demo OK");
 }

@@ -55,7 +55,7 @@ pub fn ipc_line(data: &[u8]) {
     };
     let service = small_service();
     for request in requests.into_iter().flatten() {
-        let _ = service.call(&request.method, request.params);
+        let _ = ipc::call_json(&service, &request.method, request.params);
     }
 }
 

@@ -16,7 +16,7 @@ use automerge::{
 };
 use automerge::{ROOT, ReadDoc, ScalarValue, Value as AmValue};
 use ferry_proto::{Limits, Operation};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -245,7 +245,7 @@ pub struct Written {
 }
 
 /// One entry of a record's history.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HistoryEntry {
     /// The change hash, hex.
     pub hash: String,

@@ -1,24 +1,22 @@
 //! The local API: the methods apps call (put, patch, delete, get, list, history, import, queue,
-//! log, status, ...), their parameters, results and error codes. The daemon serves it over the
-//! IPC socket; the CLI calls it in-process when no daemon runs. One dispatch for both, so the two
-//! paths cannot drift apart.
+//! log, status, ...), each a typed request with a typed answer (`api`), and their error codes.
+//! The daemon serves it over the IPC socket; the CLI calls it in-process when no daemon runs, and
+//! the relay's web actor calls it on its own store. One `Method::run` per method for all of them,
+//! so the paths cannot drift apart.
 //!
-//! Owns: parameter validation, the error codes apps see, group commit (a write is answered only
-//! after the flush that makes it durable; a job that panics fails alone, the committer goes on),
-//! and change events for subscribers.
+//! Owns: what each method does, parameter validation, the error codes apps see, group commit (a
+//! write is answered only after the flush that makes it durable; a job that panics fails alone,
+//! the committer goes on), and change events for subscribers.
 //!
-//! Must not touch: sockets and framing (that is `ipc`), process lifecycle (that is `daemon`).
-
-// Lint fixes for this module land with its rewrite.
-#![allow(clippy::indexing_slicing)]
+//! Must not touch: JSON-RPC, sockets and framing (that is `ipc`), process lifecycle (that is
+//! `daemon`).
 
 use crate::crypt::FieldError;
-use crate::record::Fields;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus, Take};
 use crate::store::conflicts::ResolveOutcome;
 use crate::store::kv::KvError;
 use crate::store::sync::RemoteOutcome;
-use crate::store::{Applied, QueueAction, Store, StoreError, Write};
+use crate::store::{Applied, QueueAction, RecordView, Store, StoreError, Write};
 use base64::Engine as _;
 use ferry_proto::wire::LogEntry;
 use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
@@ -31,6 +29,18 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 use tokio::sync::broadcast;
+
+pub mod api;
+
+use api::{
+    Address, CollectionList, CollectionSize, CollectionsParams, ConflictId, ConflictPage,
+    ConflictSummary, ConflictsParams, Contents, DeleteParams, ExportParams, Exported, GetParams,
+    HistoryParams, ImportParams, Imported, KeyReloadParams, KeyReloaded, ListParams, LogPage,
+    LogParams, Method, Named as _, PatchParams, PutParams, QuarantinedEntry, QuarantinedSummary,
+    QueuePage, QueueParams, RecordHistory, RecordPage, ResolveRequest, Retried, RetryParams,
+    StatusAnswer, StatusParams, Storage, SubscribeParams, Subscribed, UnsubscribeParams,
+    Unsubscribed,
+};
 
 /// Stable JSON-RPC error codes. The standard ones are JSON-RPC 2.0's own.
 pub mod code {
@@ -175,15 +185,6 @@ enum Job {
         request: ResolveRequest,
         reply: mpsc::Sender<Result<ResolveOutcome, StoreError>>,
     },
-}
-
-/// A conflict resolution, as an app asks for it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResolveRequest {
-    pub id: String,
-    pub take: Take,
-    pub data: Option<Fields>,
 }
 
 /// What is left of a job once it has run: answering its caller, once the group's flush says
@@ -464,141 +465,168 @@ impl Service {
     }
 
     /// Runs one method. Blocking: call it off the async runtime.
-    pub fn call(&self, method: &str, params: Value) -> Result<Value, ApiError> {
-        let _span = tracing::debug_span!("call", method).entered();
-        match method {
-            "put" => {
-                let p: PutParams = parse(params)?;
-                let write = Write::Put {
-                    collection: p.collection,
-                    id: p.id,
-                    fields: p.fields,
-                };
-                self.commit_one(write)
-            }
-            "patch" => {
-                let p: PatchParams = parse(params)?;
-                let write = Write::Patch {
-                    collection: p.collection,
-                    id: p.id,
-                    set: p.fields,
-                    unset: p.unset,
-                };
-                self.commit_one(write)
-            }
-            "delete" => {
-                let p: Address = parse(params)?;
-                self.commit_one(Write::Delete {
-                    collection: p.collection,
-                    id: p.id,
-                })
-            }
-            "import" => self.import(parse(params)?),
-            "get" => {
-                let p: Address = parse(params)?;
-                to_value(self.store.get(&p.collection, &p.id)?)
-            }
-            "list" => {
-                let p: ListParams = parse(params)?;
-                let limit = p.limit.unwrap_or(100);
-                if limit == 0 || limit > self.options.max_list_limit {
-                    return Err(ApiError::invalid_params(format!(
-                        "limit must be 1 to {}",
-                        self.options.max_list_limit
-                    )));
-                }
-                let (records, next) = self.store.list(&p.collection, p.after.as_deref(), limit)?;
-                Ok(json!({ "records": records, "next": next }))
-            }
-            "collections" => {
-                let _: Empty = parse(params)?;
-                let list: Vec<_> = self
-                    .store
-                    .collections()?
-                    .into_iter()
-                    .map(|(name, documents)| json!({ "name": name, "documents": documents }))
-                    .collect();
-                Ok(json!({ "collections": list }))
-            }
-            "history" => {
-                let p: Address = parse(params)?;
-                let changes = self.store.history(&p.collection, &p.id)?;
-                Ok(json!({ "collection": p.collection, "id": p.id, "changes": changes }))
-            }
-            "export" => {
-                let p: Address = parse(params)?;
-                let bytes = self.store.export_doc(&p.collection, &p.id)?;
-                let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
-                Ok(json!({ "collection": p.collection, "id": p.id, "automerge_base64": encoded }))
-            }
-            "queue" => self.queue(parse(params)?),
-            "retry" => self.retry(parse(params)?),
-            "log" => {
-                let p: LogParams = parse(params)?;
-                let entries = self
-                    .store
-                    .log(p.before, p.limit.unwrap_or(100).min(10_000))?;
-                Ok(json!({ "entries": entries }))
-            }
-            "status" => {
-                let _: Empty = parse(params)?;
-                self.status()
-            }
-            "conflicts.list" => self.conflicts(parse(params)?),
-            "conflicts.get" => {
-                let p: ConflictId = parse(params)?;
-                match self.store.conflict(&p.id)? {
-                    Some(mut conflict) => {
-                        self.store.open_conflict(&mut conflict);
-                        to_value(conflict)
-                    }
-                    None => Err(StoreError::ConflictNotFound(p.id).into()),
-                }
-            }
-            "conflicts.resolve" => {
-                let mut outcome = self.resolve_conflict(parse(params)?)?;
-                self.store.open_conflict(&mut outcome.conflict);
-                to_value(outcome)
-            }
-            "key.reload" => {
-                let _: Empty = parse(params)?;
-                self.reload_key()
-            }
-            "subscribe" | "unsubscribe" | "sync" => Err(ApiError::new(
-                code::UNAVAILABLE,
-                format!("{method} needs the daemon: start `ferry daemon` and use its socket"),
-            )),
-            other => Err(ApiError::new(
-                code::METHOD_NOT_FOUND,
-                format!(
-                    "unknown method {other:?}: the methods are put, patch, delete, get, list, \
-                     collections, history, import, export, subscribe, unsubscribe, queue, retry, \
-                     log, status, sync, conflicts.list, conflicts.get, conflicts.resolve, key.reload"
-                ),
-            )),
-        }
+    pub fn call<M: Method>(&self, params: M) -> Result<M::Answer, ApiError> {
+        let _span = tracing::debug_span!("call", method = M::NAME).entered();
+        params.run(self)
     }
 
-    fn commit_one(&self, write: Write) -> Result<Value, ApiError> {
+    fn commit_one(&self, write: Write) -> Result<Applied, ApiError> {
         let applied = self.commit(vec![write])?;
         applied
             .into_iter()
             .next()
-            .map_or_else(|| Err(ApiError::new(code::INTERNAL, "no result")), to_value)
+            .ok_or_else(|| ApiError::new(code::INTERNAL, "no result"))
     }
 
-    fn import(&self, p: ImportParams) -> Result<Value, ApiError> {
-        if p.records.len() > self.options.max_import_records {
+    fn check_limit(&self, limit: Option<usize>) -> Result<usize, ApiError> {
+        let limit = limit.unwrap_or(100);
+        if limit == 0 || limit > self.options.max_list_limit {
+            return Err(ApiError::invalid_params(format!(
+                "limit must be 1 to {}",
+                self.options.max_list_limit
+            )));
+        }
+        Ok(limit)
+    }
+
+    /// The relay log entries this device could not apply (`Store::apply_remote`): how many,
+    /// and the first of them, each with its log position, record, change hash and reason.
+    fn quarantined(&self) -> Result<QuarantinedSummary, ApiError> {
+        const LISTED: usize = 20;
+        let (count, entries) = self.store.quarantined(LISTED)?;
+        let entries = entries
+            .into_iter()
+            .map(|q| QuarantinedEntry {
+                seq: q.seq,
+                collection: q.collection,
+                record: q.record,
+                hash: q.hash,
+                reason: q.reason,
+                at_ms: q.at_ms,
+            })
+            .collect();
+        Ok(QuarantinedSummary { count, entries })
+    }
+
+    /// What the store holds, for `status`.
+    fn contents(&self) -> Result<Contents, ApiError> {
+        let collections = self.store.collections()?;
+        let documents: u64 = collections.iter().map(|(_, n)| n).sum();
+        Ok(Contents {
+            documents,
+            collections: collections.len(),
+            queue: self.store.queue_counts()?,
+            conflicts: ConflictSummary {
+                open: self.store.open_conflicts()?,
+                counts: self.store.conflict_counts()?,
+            },
+            quarantined: self.quarantined()?,
+        })
+    }
+}
+
+impl Method for PutParams {
+    type Answer = Applied;
+    fn run(self, service: &Service) -> Result<Applied, ApiError> {
+        service.commit_one(Write::Put {
+            collection: self.collection,
+            id: self.id,
+            fields: self.fields,
+        })
+    }
+}
+
+impl Method for PatchParams {
+    type Answer = Applied;
+    fn run(self, service: &Service) -> Result<Applied, ApiError> {
+        service.commit_one(Write::Patch {
+            collection: self.collection,
+            id: self.id,
+            set: self.fields,
+            unset: self.unset,
+        })
+    }
+}
+
+impl Method for DeleteParams {
+    type Answer = Applied;
+    fn run(self, service: &Service) -> Result<Applied, ApiError> {
+        let Address { collection, id } = self.0;
+        service.commit_one(Write::Delete { collection, id })
+    }
+}
+
+impl Method for GetParams {
+    type Answer = RecordView;
+    fn run(self, service: &Service) -> Result<RecordView, ApiError> {
+        Ok(service.store.get(&self.0.collection, &self.0.id)?)
+    }
+}
+
+impl Method for ListParams {
+    type Answer = RecordPage;
+    fn run(self, service: &Service) -> Result<RecordPage, ApiError> {
+        let limit = service.check_limit(self.limit)?;
+        let (records, next) = service
+            .store
+            .list(&self.collection, self.after.as_deref(), limit)?;
+        Ok(RecordPage { records, next })
+    }
+}
+
+impl Method for CollectionsParams {
+    type Answer = CollectionList;
+    fn run(self, service: &Service) -> Result<CollectionList, ApiError> {
+        let collections = service
+            .store
+            .collections()?
+            .into_iter()
+            .map(|(name, documents)| CollectionSize { name, documents })
+            .collect();
+        Ok(CollectionList { collections })
+    }
+}
+
+impl Method for HistoryParams {
+    type Answer = RecordHistory;
+    fn run(self, service: &Service) -> Result<RecordHistory, ApiError> {
+        let Address { collection, id } = self.0;
+        let changes = service.store.history(&collection, &id)?;
+        Ok(RecordHistory {
+            collection,
+            id,
+            changes,
+        })
+    }
+}
+
+impl Method for ExportParams {
+    type Answer = Exported;
+    fn run(self, service: &Service) -> Result<Exported, ApiError> {
+        let Address { collection, id } = self.0;
+        let bytes = service.store.export_doc(&collection, &id)?;
+        Ok(Exported {
+            collection,
+            id,
+            automerge_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+        })
+    }
+}
+
+impl Method for ImportParams {
+    type Answer = Imported;
+    fn run(self, service: &Service) -> Result<Imported, ApiError> {
+        let max = service.options.max_import_records;
+        if self.records.len() > max {
             return Err(ApiError::new(
                 code::TOO_LARGE,
                 format!(
-                    "import of {} records is over the limit of {} per call: split it into calls",
-                    p.records.len(),
-                    self.options.max_import_records
+                    "import of {} records is over the limit of {max} per call: split it into calls",
+                    self.records.len(),
                 ),
             ));
         }
-        let writes = p
+        let writes = self
             .records
             .into_iter()
             .map(|r| Write::Put {
@@ -607,14 +635,20 @@ impl Service {
                 fields: r.fields,
             })
             .collect();
-        let applied = self.commit(writes)?;
-        let changed = applied.iter().filter(|a| a.operation.is_some()).count();
-        let ids: Vec<&str> = applied.iter().map(|a| a.id.as_str()).collect();
-        Ok(json!({ "imported": applied.len(), "changed": changed, "ids": ids }))
+        let applied = service.commit(writes)?;
+        Ok(Imported {
+            imported: applied.len(),
+            changed: applied.iter().filter(|a| a.operation.is_some()).count(),
+            ids: applied.into_iter().map(|a| a.id).collect(),
+        })
     }
+}
 
-    fn queue(&self, p: QueueParams) -> Result<Value, ApiError> {
-        let status = p
+impl Method for QueueParams {
+    type Answer = QueuePage;
+    fn run(self, service: &Service) -> Result<QueuePage, ApiError> {
+        let store = &service.store;
+        let status = self
             .status
             .as_deref()
             .map(|s| {
@@ -625,29 +659,106 @@ impl Service {
                 })
             })
             .transpose()?;
-        let limit = p.limit.unwrap_or(100).min(10_000);
-        let entries = match (p.newest_first || p.before.is_some(), p.after) {
+        let limit = self.limit.unwrap_or(100).min(10_000);
+        let entries = match (self.newest_first || self.before.is_some(), self.after) {
             (true, Some(_)) => {
                 return Err(ApiError::invalid_params(
                     "`after` pages oldest first and `before` newest first: give one of them",
                 ));
             }
-            (true, None) => self.store.queue_newest(status, p.before, limit)?,
-            (false, after) => self.store.queue(status, after, limit)?,
+            (true, None) => store.queue_newest(status, self.before, limit)?,
+            (false, after) => store.queue(status, after, limit)?,
         };
-        let views = entries
+        let entries = entries
             .iter()
             .map(|e| {
                 let mut view = QueueView::from(e);
-                view.conflict = self.store.change_conflict(&e.data)?;
+                view.conflict = store.change_conflict(&e.data)?;
                 Ok(view)
             })
             .collect::<Result<Vec<QueueView>, StoreError>>()?;
-        Ok(json!({ "entries": views, "counts": self.store.queue_counts()? }))
+        Ok(QueuePage {
+            entries,
+            counts: store.queue_counts()?,
+        })
     }
+}
 
-    fn conflicts(&self, p: ConflictsParams) -> Result<Value, ApiError> {
-        let status = match p.status.as_deref() {
+impl Method for RetryParams {
+    type Answer = Retried;
+    fn run(self, service: &Service) -> Result<Retried, ApiError> {
+        let ids = match (self.ids, self.all_failed) {
+            (Some(ids), false) => ids,
+            (None, true) => service.store.queue_ids(QueueStatus::Failed)?,
+            _ => {
+                return Err(ApiError::invalid_params(
+                    "give either `ids` or `all_failed: true`",
+                ));
+            }
+        };
+        service.store.queue_transition(&ids, &QueueAction::Retry)?;
+        service.store.flush()?;
+        Ok(Retried { retried: ids })
+    }
+}
+
+impl Method for LogParams {
+    type Answer = LogPage;
+    fn run(self, service: &Service) -> Result<LogPage, ApiError> {
+        let limit = self.limit.unwrap_or(100).min(10_000);
+        Ok(LogPage {
+            entries: service.store.log(self.before, limit)?,
+        })
+    }
+}
+
+impl Method for StatusParams {
+    type Answer = StatusAnswer;
+    fn run(self, service: &Service) -> Result<StatusAnswer, ApiError> {
+        let store = &service.store;
+        let disk_full_since = store.disk_full_since();
+        // The daemon measures live bytes (a full scan) at start and then now and then; a CLI
+        // working on the store directly measures them now.
+        let space = match store.last_space() {
+            Some(space) => Some(space),
+            None if !service.options.daemon && disk_full_since.is_none() => {
+                Some(store.measure_space()?)
+            }
+            None => None,
+        };
+        let contents = match service.contents() {
+            Ok(contents) => Some(contents),
+            // sled cannot even be read after a disk filled up until it has some room again:
+            // the status still says so.
+            Err(_) if disk_full_since.is_some() => None,
+            Err(e) => return Err(e),
+        };
+        // Only a daemon's own process says anything about the daemon.
+        let daemon = service.options.daemon;
+        Ok(StatusAnswer {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            device_id: store.device_id().to_owned(),
+            data_dir: service.options.data_dir.clone(),
+            socket: service.options.socket.clone(),
+            daemon,
+            store_bytes: store.size_on_disk().ok(),
+            live_bytes: space.map(|s| s.live_bytes),
+            live_bytes_measured_ms: space.map(|s| s.measured_at_ms),
+            storage: match disk_full_since {
+                Some(since_ms) => Storage::DiskFull { since_ms },
+                None => Storage::Ok,
+            },
+            contents,
+            pid: daemon.then(std::process::id),
+            uptime_ms: daemon.then(|| service.started.elapsed().as_millis() as u64),
+        })
+    }
+}
+
+impl Method for ConflictsParams {
+    type Answer = ConflictPage;
+    fn run(self, service: &Service) -> Result<ConflictPage, ApiError> {
+        let status = match self.status.as_deref() {
             None => Some(ConflictStatus::Open),
             Some("all") => None,
             Some(s) => Some(ConflictStatus::parse(s).ok_or_else(|| {
@@ -656,135 +767,87 @@ impl Service {
                 ))
             })?),
         };
-        let limit = p.limit.unwrap_or(100);
-        if limit == 0 || limit > self.options.max_list_limit {
-            return Err(ApiError::invalid_params(format!(
-                "limit must be 1 to {}",
-                self.options.max_list_limit
-            )));
-        }
-        let mut conflicts =
-            self.store
-                .conflicts(status, p.collection.as_deref(), p.after.as_deref(), limit)?;
+        let limit = service.check_limit(self.limit)?;
+        let mut conflicts = service.store.conflicts(
+            status,
+            self.collection.as_deref(),
+            self.after.as_deref(),
+            limit,
+        )?;
         for conflict in &mut conflicts {
-            self.store.open_conflict(conflict);
+            service.store.open_conflict(conflict);
         }
         let next = (conflicts.len() == limit)
             .then(|| conflicts.last().map(|c| c.id.clone()))
             .flatten();
-        Ok(json!({ "conflicts": conflicts, "next": next }))
+        Ok(ConflictPage { conflicts, next })
     }
+}
 
+impl Method for ConflictId {
+    type Answer = Conflict;
+    fn run(self, service: &Service) -> Result<Conflict, ApiError> {
+        match service.store.conflict(&self.id)? {
+            Some(mut conflict) => {
+                service.store.open_conflict(&mut conflict);
+                Ok(conflict)
+            }
+            None => Err(StoreError::ConflictNotFound(self.id).into()),
+        }
+    }
+}
+
+impl Method for ResolveRequest {
+    type Answer = ResolveOutcome;
+    fn run(self, service: &Service) -> Result<ResolveOutcome, ApiError> {
+        let mut outcome = service.resolve_conflict(self)?;
+        service.store.open_conflict(&mut outcome.conflict);
+        Ok(outcome)
+    }
+}
+
+impl Method for KeyReloadParams {
+    type Answer = KeyReloaded;
     /// Reads `account.key` again, so that a key set or imported with the CLI while the daemon
     /// runs is used at once. The key itself never crosses the socket: only its fingerprint.
-    fn reload_key(&self) -> Result<Value, ApiError> {
-        let path = crate::datadir::account_key_path(&self.options.data_dir);
+    fn run(self, service: &Service) -> Result<KeyReloaded, ApiError> {
+        let path = crate::datadir::account_key_path(&service.options.data_dir);
         let key = crate::crypt::AccountKey::load(&path)
             .map_err(|e| ApiError::new(code::INVALID_STATE, e.to_string()))?;
         let fingerprint = key.as_ref().map(|k| k.fingerprint());
-        self.store.keyring().set(key);
-        Ok(json!({ "set": fingerprint.is_some(), "fingerprint": fingerprint }))
+        service.store.keyring().set(key);
+        Ok(KeyReloaded {
+            set: fingerprint.is_some(),
+            fingerprint,
+        })
     }
+}
 
-    fn retry(&self, p: RetryParams) -> Result<Value, ApiError> {
-        let ids = match (p.ids, p.all_failed) {
-            (Some(ids), false) => ids,
-            (None, true) => self.store.queue_ids(QueueStatus::Failed)?,
-            _ => {
-                return Err(ApiError::invalid_params(
-                    "give either `ids` or `all_failed: true`",
-                ));
-            }
-        };
-        self.store.queue_transition(&ids, &QueueAction::Retry)?;
-        self.store.flush()?;
-        Ok(json!({ "retried": ids }))
+/// The methods only a daemon serves (they live as long as its connection, or need its sync
+/// loop): `ipc` runs them; the service alone refuses them.
+fn needs_daemon(method: &str) -> ApiError {
+    ApiError::new(
+        code::UNAVAILABLE,
+        format!("{method} needs the daemon: start `ferry daemon` and use its socket"),
+    )
+}
+
+impl Method for SubscribeParams {
+    type Answer = Subscribed;
+    fn run(self, _: &Service) -> Result<Subscribed, ApiError> {
+        Err(needs_daemon(Self::NAME))
     }
+}
 
-    /// The relay log entries this device could not apply (`Store::apply_remote`): how many,
-    /// and the first of them, each with its log position, record, change hash and reason.
-    fn quarantined(&self) -> Result<Value, ApiError> {
-        const LISTED: usize = 20;
-        let (count, entries) = self.store.quarantined(LISTED)?;
-        let entries: Vec<Value> = entries
-            .iter()
-            .map(|q| {
-                json!({
-                    "seq": q.seq,
-                    "collection": q.collection,
-                    "record": q.record,
-                    "hash": q.hash,
-                    "reason": q.reason,
-                    "at_ms": q.at_ms,
-                })
-            })
-            .collect();
-        Ok(json!({ "count": count, "entries": entries }))
-    }
-
-    fn status(&self) -> Result<Value, ApiError> {
-        let disk_full_since = self.store.disk_full_since();
-        // The daemon measures live bytes (a full scan) at start and then now and then; a CLI
-        // working on the store directly measures them now.
-        let space = match self.store.last_space() {
-            Some(space) => Some(space),
-            None if !self.options.daemon && disk_full_since.is_none() => {
-                Some(self.store.measure_space()?)
-            }
-            None => None,
-        };
-        let mut status = json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "device_id": self.store.device_id(),
-            "data_dir": self.options.data_dir,
-            "socket": self.options.socket,
-            "daemon": self.options.daemon,
-            "store_bytes": self.store.size_on_disk().ok(),
-            "live_bytes": space.map(|s| s.live_bytes),
-            "live_bytes_measured_ms": space.map(|s| s.measured_at_ms),
-            "storage": match disk_full_since {
-                Some(since) => json!({ "state": "disk_full", "since_ms": since }),
-                None => json!({ "state": "ok" }),
-            },
-        });
-        match self.contents() {
-            Ok(contents) => {
-                if let (Value::Object(status), Value::Object(contents)) = (&mut status, contents) {
-                    status.extend(contents);
-                }
-            }
-            // sled cannot even be read after a disk filled up until it has some room again:
-            // the status still says so.
-            Err(_) if disk_full_since.is_some() => {}
-            Err(e) => return Err(e),
-        }
-        // Only a daemon's own process says anything about the daemon.
-        if self.options.daemon {
-            status["pid"] = json!(std::process::id());
-            status["uptime_ms"] = json!(self.started.elapsed().as_millis() as u64);
-        }
-        Ok(status)
-    }
-
-    /// What the store holds, for `status`.
-    fn contents(&self) -> Result<Value, ApiError> {
-        let collections = self.store.collections()?;
-        let documents: u64 = collections.iter().map(|(_, n)| n).sum();
-        Ok(json!({
-            "documents": documents,
-            "collections": collections.len(),
-            "queue": self.store.queue_counts()?,
-            "conflicts": {
-                "open": self.store.open_conflicts()?,
-                "counts": self.store.conflict_counts()?,
-            },
-            "quarantined": self.quarantined()?,
-        }))
+impl Method for UnsubscribeParams {
+    type Answer = Unsubscribed;
+    fn run(self, _: &Service) -> Result<Unsubscribed, ApiError> {
+        Err(needs_daemon(Self::NAME))
     }
 }
 
 /// A queue entry as apps see it: the change as its hash and size rather than raw bytes.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct QueueView {
     pub id: u64,
     pub operation: Operation,
@@ -869,104 +932,4 @@ pub(crate) fn parse<T: DeserializeOwned>(params: Value) -> Result<T, ApiError> {
             ApiError::invalid_params(format!("`{path}`: {inner}"))
         }
     })
-}
-
-fn to_value<T: Serialize>(v: T) -> Result<Value, ApiError> {
-    serde_json::to_value(v).map_err(|e| ApiError::new(code::INTERNAL, e.to_string()))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Empty {}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Address {
-    collection: String,
-    id: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PutParams {
-    collection: String,
-    id: Option<String>,
-    fields: Fields,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PatchParams {
-    collection: String,
-    id: String,
-    #[serde(default)]
-    fields: Fields,
-    #[serde(default)]
-    unset: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListParams {
-    collection: String,
-    limit: Option<usize>,
-    after: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImportRecord {
-    pub collection: String,
-    pub id: Option<String>,
-    pub fields: Fields,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImportParams {
-    records: Vec<ImportRecord>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct QueueParams {
-    status: Option<String>,
-    /// Oldest first, from after this id (the default order).
-    after: Option<u64>,
-    /// Newest first, from before this id; `newest_first` without it starts at the newest.
-    before: Option<u64>,
-    #[serde(default)]
-    newest_first: bool,
-    limit: Option<usize>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConflictId {
-    id: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConflictsParams {
-    /// open (the default), resolved, auto_resolved, or all.
-    status: Option<String>,
-    collection: Option<String>,
-    after: Option<String>,
-    limit: Option<usize>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RetryParams {
-    ids: Option<Vec<u64>>,
-    #[serde(default)]
-    all_failed: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogParams {
-    before: Option<u64>,
-    limit: Option<usize>,
 }

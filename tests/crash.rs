@@ -691,7 +691,7 @@ fn check_directly(
         open.store.clone(),
         ferry::daemon::service_options(&dir, &config, false),
     );
-    let mut call = |method: &str, params: Value| service.call(method, params);
+    let mut call = |method: &str, params: Value| ferry::ipc::call_json(&service, method, params);
     check(model, &mut call, scope, hint, stats);
     drop(service);
     drop(open);

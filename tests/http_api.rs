@@ -15,6 +15,9 @@
 mod common;
 
 use common::{Device, Relay, call, wait_converged};
+use ferry::relay::http::ErrorCode;
+use ferry::relay::mirror::RejectCode;
+use ferry_proto::wire::ErrorKind;
 use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -215,7 +218,7 @@ fn openapi() -> Value {
 }
 
 /// Whether `value` fits `schema`, for the part of JSON Schema the spec uses: `$ref`, `type`
-/// (one or several), `required`, `properties`, `additionalProperties: false`, `items`.
+/// (one or several), `enum`, `required`, `properties`, `additionalProperties: false`, `items`.
 fn conforms(spec: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
     if let Some(reference) = schema["$ref"].as_str() {
         let target = spec
@@ -242,6 +245,11 @@ fn conforms(spec: &Value, schema: &Value, value: &Value, at: &str) -> Result<(),
             "{at}: a {} where the spec says {allowed:?}",
             kind(value)
         ));
+    }
+    if let Some(values) = schema["enum"].as_array()
+        && !values.contains(value)
+    {
+        return Err(format!("{at}: {value} is not one of the spec's {values:?}"));
     }
     if let Value::Object(object) = value {
         for name in schema["required"].as_array().into_iter().flatten() {
@@ -625,6 +633,136 @@ fn the_openapi_file_is_valid_json_that_names_every_route_the_relay_serves() {
     let schema = json!({ "$ref": "#/components/schemas/DownloadPage" });
     assert!(conforms(&spec, &schema, &page, "$").is_err());
     api.check_against_spec();
+}
+
+/// The HTTP error codes are pinned: clients match on them, so renaming one, or sending it with
+/// another status, breaks this test. docs/HTTP.md's table and docs/openapi.json list exactly
+/// these.
+#[test]
+fn http_error_codes_are_pinned_and_documented() {
+    // Exhaustive: a new code fails to compile here until it is pinned.
+    fn pinned(code: ErrorCode) -> (&'static str, u16) {
+        match code {
+            ErrorCode::BadRequest => ("bad_request", 400),
+            ErrorCode::Unauthorized => ("unauthorized", 401),
+            ErrorCode::Forbidden => ("forbidden", 403),
+            ErrorCode::NotFound => ("not_found", 404),
+            ErrorCode::CursorAhead => ("cursor_ahead", 409),
+            ErrorCode::Settled => ("settled", 409),
+            ErrorCode::TooLarge => ("too_large", 413),
+            ErrorCode::RateLimited => ("rate_limited", 429),
+            ErrorCode::Unavailable => ("unavailable", 503),
+        }
+    }
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/HTTP.md"))
+        .expect("docs/HTTP.md");
+    let documented: Vec<(u16, String)> = doc
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let status = cells.get(1)?.parse().ok()?;
+            let code = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((status, code.to_owned()))
+        })
+        .collect();
+    let spec = openapi();
+    let spec_codes = &spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]
+        ["enum"];
+    let mut expected = Vec::new();
+    for code in ErrorCode::ALL {
+        let (name, status) = pinned(code);
+        assert_eq!(serde_json::to_value(code).unwrap(), json!(name));
+        assert_eq!(
+            serde_json::from_value::<ErrorCode>(json!(name)).unwrap(),
+            code
+        );
+        assert_eq!(code.status().as_u16(), status, "{name}");
+        expected.push((status, name.to_owned()));
+    }
+    assert_eq!(documented, expected, "docs/HTTP.md's error table");
+    let names: Vec<&str> = expected.iter().map(|(_, name)| name.as_str()).collect();
+    assert_eq!(
+        spec_codes,
+        &json!(names),
+        "docs/openapi.json's Error.code enum"
+    );
+}
+
+/// The codes of rejected upload operations are pinned the same way: each is in docs/HTTP.md's
+/// list of rejection codes, and docs/openapi.json's WriteResult.code enum holds exactly these
+/// and the kinds of the log's refusals.
+#[test]
+fn upload_rejection_codes_are_pinned_and_documented() {
+    // Exhaustive: a new code fails to compile here until it is pinned.
+    fn pinned(code: RejectCode) -> &'static str {
+        match code {
+            RejectCode::WrongDevice => "wrong_device",
+            RejectCode::BadTimestamp => "bad_timestamp",
+            RejectCode::BadVersion => "bad_version",
+            RejectCode::UnknownModel => "unknown_model",
+            RejectCode::EncryptedField => "encrypted_field",
+            RejectCode::Exists => "exists",
+            RejectCode::NotFound => "not_found",
+            RejectCode::Invalid => "invalid",
+            RejectCode::Log(kind) => match kind {
+                ErrorKind::Network => "network",
+                ErrorKind::Authentication => "authentication",
+                ErrorKind::Validation => "validation",
+                ErrorKind::Server => "server",
+                ErrorKind::Timeout => "timeout",
+            },
+        }
+    }
+    let own = [
+        RejectCode::WrongDevice,
+        RejectCode::BadTimestamp,
+        RejectCode::BadVersion,
+        RejectCode::UnknownModel,
+        RejectCode::EncryptedField,
+        RejectCode::Exists,
+        RejectCode::NotFound,
+        RejectCode::Invalid,
+    ];
+    let kinds = [
+        ErrorKind::Network,
+        ErrorKind::Authentication,
+        ErrorKind::Validation,
+        ErrorKind::Server,
+        ErrorKind::Timeout,
+    ];
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/HTTP.md"))
+        .expect("docs/HTTP.md");
+    let listed = doc
+        .split("Rejection\ncodes:")
+        .nth(1)
+        .or_else(|| doc.split("Rejection codes:").nth(1))
+        .and_then(|rest| rest.split("\n\n").next())
+        .expect("docs/HTTP.md lists the rejection codes")
+        .replace('\n', " ");
+    let mut names = Vec::new();
+    for code in own.into_iter().chain(kinds.map(RejectCode::Log)) {
+        let name = pinned(code);
+        assert_eq!(serde_json::to_value(code).unwrap(), json!(name));
+        assert_eq!(
+            serde_json::from_value::<RejectCode>(json!(name)).unwrap(),
+            code
+        );
+        names.push(name);
+    }
+    for code in own {
+        let name = pinned(code);
+        assert!(
+            listed.contains(&format!("`{name}`")),
+            "docs/HTTP.md lists {name}"
+        );
+    }
+    let spec = openapi();
+    let spec_codes = &spec["components"]["schemas"]["WriteResult"]["properties"]["code"]["enum"];
+    assert_eq!(
+        spec_codes,
+        &json!(names),
+        "docs/openapi.json's WriteResult.code enum"
+    );
 }
 
 /// An upload operation made now by `device`.

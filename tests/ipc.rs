@@ -16,8 +16,9 @@ mod common;
 
 use common::{Device, FaultyKv, Relayed, TIMEOUT, ferry_bin, signal, stderr, stdout, wait_for};
 use ferry::clock::SystemClock;
-use ferry::service::{Service, ServiceOptions, code};
+use ferry::service::{Service, ServiceOptions, api, code};
 use ferry::store::{Store, StoreOptions};
+use ferry_proto::Operation;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -1174,29 +1175,46 @@ fn open_service(kv: &FaultyKv, daemon: bool) -> Service {
 }
 
 #[track_caller]
-fn assert_disk_full(result: Result<Value, ferry::service::ApiError>) {
+fn assert_disk_full<T: std::fmt::Debug>(result: Result<T, ferry::service::ApiError>) {
     let err = result.expect_err("the write should hit the full disk");
     assert_eq!(err.code, code::DISK_FULL, "{err:?}");
     assert!(err.message.contains("disk is full"), "{err:?}");
     assert!(err.message.contains("No space left"), "{err:?}");
 }
 
+/// A JSON object literal as record fields.
+fn object(value: Value) -> ferry::record::Fields {
+    match value {
+        Value::Object(fields) => fields,
+        other => panic!("{other} is not an object"),
+    }
+}
+
+/// A `put` of a Note.
+fn note(id: &str, fields: Value) -> api::PutParams {
+    api::PutParams {
+        collection: "Note".into(),
+        id: Some(id.to_owned()),
+        fields: object(fields),
+    }
+}
+
 fn fields_of(service: &Service, id: &str) -> Option<Value> {
-    match service.call("get", json!({"collection": "Note", "id": id})) {
-        Ok(r) => Some(r["fields"].clone()),
+    match service.call(api::GetParams::new("Note", id)) {
+        Ok(r) => Some(Value::Object(r.fields)),
         Err(e) if e.code == code::NOT_FOUND => None,
         Err(e) => panic!("get Note/{id}: {e:?}"),
     }
 }
 
 fn queued_ids(service: &Service) -> Vec<String> {
-    let q = service.call("queue", json!({"limit": 10_000})).unwrap();
-    q["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["object_id"].as_str().unwrap().to_owned())
-        .collect()
+    let q = service
+        .call(api::QueueParams {
+            limit: Some(10_000),
+            ..Default::default()
+        })
+        .unwrap();
+    q.entries.into_iter().map(|e| e.object_id).collect()
 }
 
 /// The write that fills the disk gets -32004 "disk is full"; earlier acknowledged writes are
@@ -1221,14 +1239,13 @@ fn a_full_disk_refuses_the_write_and_keeps_everything_acknowledged() {
                         for i in 0..1000 {
                             let id = format!("w{w}-{i:04}");
                             let fields = json!({"i": i, "blob": blob});
-                            let params = json!({"collection": "Note", "id": id, "fields": fields});
-                            match service.call("put", params) {
+                            match service.call(note(&id, fields.clone())) {
                                 Ok(r) => {
-                                    assert_eq!(r["operation"], "create");
+                                    assert_eq!(r.operation, Some(Operation::Create));
                                     mine.push((id, fields));
                                 }
                                 Err(e) => {
-                                    assert_disk_full(Err(e));
+                                    assert_disk_full::<()>(Err(e));
                                     // Not half-created.
                                     assert_eq!(fields_of(service, &id), None);
                                     return mine;
@@ -1249,22 +1266,27 @@ fn a_full_disk_refuses_the_write_and_keeps_everything_acknowledged() {
         // While full: every kind of write is refused and changes nothing; reads go on.
         let (first, first_fields) = acked[0].clone();
         let heads = service
-            .call("get", json!({"collection": "Note", "id": first}))
-            .unwrap()["heads"]
-            .clone();
-        let patch =
-            json!({"collection": "Note", "id": first, "fields": {"i": -1}, "unset": ["blob"]});
-        assert_disk_full(service.call("patch", patch.clone()));
-        assert_disk_full(service.call("delete", json!({"collection": "Note", "id": first})));
-        assert_disk_full(service.call(
-            "import",
-            json!({"records": [{"collection": "Note", "id": "imp", "fields": {}}]}),
-        ));
-        let now = service
-            .call("get", json!({"collection": "Note", "id": first}))
-            .unwrap();
-        assert_eq!(now["fields"], first_fields);
-        assert_eq!(now["heads"], heads);
+            .call(api::GetParams::new("Note", &first))
+            .unwrap()
+            .heads;
+        let patch = api::PatchParams {
+            collection: "Note".into(),
+            id: first.clone(),
+            fields: object(json!({"i": -1})),
+            unset: vec!["blob".into()],
+        };
+        assert_disk_full(service.call(patch.clone()));
+        assert_disk_full(service.call(api::DeleteParams::new("Note", &first)));
+        assert_disk_full(service.call(api::ImportParams {
+            records: vec![api::ImportRecord {
+                collection: "Note".into(),
+                id: Some("imp".into()),
+                fields: Default::default(),
+            }],
+        }));
+        let now = service.call(api::GetParams::new("Note", &first)).unwrap();
+        assert_eq!(Value::Object(now.fields), first_fields);
+        assert_eq!(now.heads, heads);
         assert_eq!(fields_of(&service, "imp"), None);
         for (id, fields) in &acked {
             assert_eq!(fields_of(&service, id).as_ref(), Some(fields), "Note/{id}");
@@ -1275,39 +1297,28 @@ fn a_full_disk_refuses_the_write_and_keeps_everything_acknowledged() {
         expected.sort();
         assert_eq!(queued, expected, "one queue entry per acknowledged write");
         service
-            .call("status", json!({}))
+            .call(api::StatusParams {})
             .expect("status while full");
 
         // Space is freed: the refused patch applies to the stored record, as one new change.
         kv.free_space();
-        let r = service
-            .call("patch", patch)
-            .expect("patch after freeing space");
-        assert_eq!(r["operation"], "update");
+        let r = service.call(patch).expect("patch after freeing space");
+        assert_eq!(r.operation, Some(Operation::Update));
         assert_eq!(fields_of(&service, &first), Some(json!({"i": -1})));
         let history = service
-            .call("history", json!({"collection": "Note", "id": first}))
+            .call(api::HistoryParams::new("Note", &first))
             .unwrap();
+        assert_eq!(history.changes.len(), 2, "{history:?}");
+        let r = service.call(note("imp", json!({}))).unwrap();
         assert_eq!(
-            history["changes"].as_array().map(Vec::len),
-            Some(2),
-            "{history}"
-        );
-        let r = service
-            .call(
-                "put",
-                json!({"collection": "Note", "id": "imp", "fields": {}}),
-            )
-            .unwrap();
-        assert_eq!(
-            r["operation"], "create",
+            r.operation,
+            Some(Operation::Create),
             "the refused import left nothing behind"
         );
 
         // A flush that fails on a full disk is refused with the same code.
         kv.disk.flush_fails.store(true, Ordering::SeqCst);
-        let unflushed = json!({"collection": "Note", "id": "unflushed", "fields": {}});
-        let result = service.call("put", unflushed);
+        let result = service.call(note("unflushed", json!({})));
         if daemon {
             let message = result.as_ref().map_err(|e| e.message.clone()).unwrap_err();
             assert!(

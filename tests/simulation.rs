@@ -48,7 +48,7 @@ use ferry::relay::store::{RelayStore, RelayStoreOptions};
 use ferry::resolve::{
     Conflict, ConflictKind, ConflictStatus, DeleteRule, Policies, Policy, Strategy, Take,
 };
-use ferry::service::{Service, ServiceOptions};
+use ferry::service::{Service, ServiceOptions, api};
 use ferry::store::kv::MemoryKv;
 use ferry::store::{RetryPolicy, Store, StoreError, StoreOptions};
 use ferry_proto::session::{
@@ -296,34 +296,43 @@ impl World {
     fn local_write(&mut self, i: usize) {
         let collection = COLLECTIONS[self.rng.random_range(0..COLLECTIONS.len())];
         let id = format!("r{}", self.rng.random_range(0..IDS));
-        let (method, params) = match self.rng.random_range(0..10) {
-            0..=3 => (
-                "put",
-                json!({ "collection": collection, "id": id, "fields": self.fields() }),
-            ),
-            4..=8 => (
-                "patch",
-                json!({ "collection": collection, "id": id, "fields": self.fields() }),
-            ),
-            _ => ("delete", json!({ "collection": collection, "id": id })),
+        let (method, fields) = match self.rng.random_range(0..10) {
+            0..=3 => ("put", Some(self.fields())),
+            4..=8 => ("patch", Some(self.fields())),
+            _ => ("delete", None),
         };
         self.note(format!(
             "device {i} {method} {collection}/{id} {}",
-            params["fields"]
+            json!(fields)
         ));
         let before = shown(self.device(i).store(), collection, &id);
-        match self.device(i).service.call(method, params.clone()) {
-            Ok(result) => {
-                let heads = strings(&result["heads"]);
-                if !result["operation"].is_null()
-                    && let [change] = heads.as_slice()
+        let service = &self.device(i).service;
+        let written = match (method, fields.clone()) {
+            ("put", Some(fields)) => service.call(api::PutParams {
+                collection: collection.into(),
+                id: Some(id.clone()),
+                fields,
+            }),
+            ("patch", Some(fields)) => service.call(api::PatchParams {
+                collection: collection.into(),
+                id: id.clone(),
+                fields,
+                unset: Vec::new(),
+            }),
+            _ => service.call(api::DeleteParams::new(collection, &id)),
+        };
+        match written {
+            Ok(applied) => {
+                if applied.operation.is_some()
+                    && let [change] = applied.heads.as_slice()
                 {
-                    self.track(method, &params, before, change.clone());
+                    let given = fields.unwrap_or_default();
+                    self.track(method, collection, &id, given, before, change.clone());
                 }
                 self.acked.push(Acked {
                     collection: collection.into(),
                     id,
-                    heads,
+                    heads: applied.heads,
                 });
             }
             // Patching or deleting a record this device has not seen is refused: nothing to ack.
@@ -331,9 +340,17 @@ impl World {
         }
     }
 
-    /// Notes what an acknowledged write's change wrote, for `check_merge_writes`.
-    fn track(&mut self, method: &str, params: &Value, before: Option<Fields>, change: String) {
-        let given = params["fields"].as_object().cloned().unwrap_or_default();
+    /// What a local write touched: the fields a patch (or a put over a record) set or removed,
+    /// or the whole record.
+    fn track(
+        &mut self,
+        method: &str,
+        collection: &str,
+        id: &str,
+        given: Fields,
+        before: Option<Fields>,
+        change: String,
+    ) {
         let mut values: BTreeMap<String, Option<Value>> = given
             .into_iter()
             .map(|(name, value)| (name, Some(value)))
@@ -351,8 +368,8 @@ impl World {
         };
         if matches!(touch, Touch::Fields(_)) {
             self.field_writes.push(FieldWrite {
-                collection: params["collection"].as_str().unwrap_or_default().into(),
-                id: params["id"].as_str().unwrap_or_default().into(),
+                collection: collection.into(),
+                id: id.into(),
                 change: change.clone(),
                 values,
             });
@@ -392,29 +409,33 @@ impl World {
 
     fn resolve(&mut self, d: usize, conflict: &Conflict) {
         let take = [Take::Server, Take::Client, Take::Merge][self.rng.random_range(0..3)];
-        let mut params = json!({ "id": conflict.id, "take": take });
+        let mut request = api::ResolveRequest {
+            id: conflict.id.clone(),
+            take,
+            data: None,
+        };
         if take == Take::Merge
             && (conflict.kind != ConflictKind::Unique || self.rng.random_bool(0.5))
         {
-            params["data"] = self.fields();
+            request.data = Some(self.fields());
         }
         self.note(format!(
-            "device {d} resolves {} ({} {}/{}) {params}",
+            "device {d} resolves {} ({} {}/{}) {}",
             conflict.id,
             conflict.kind.as_str(),
             conflict.collection,
-            conflict.record
+            conflict.record,
+            json!(request)
         ));
-        match self.device(d).service.call("conflicts.resolve", params) {
-            Ok(result) => {
+        match self.device(d).service.call(request) {
+            Ok(outcome) => {
                 let mut changes = Vec::new();
-                for write in result["writes"].as_array().into_iter().flatten() {
-                    if let [change] = strings(&write["heads"]).as_slice()
-                        && !write["operation"].is_null()
+                for write in outcome.writes {
+                    if let [change] = write.heads.as_slice()
+                        && write.operation.is_some()
                     {
                         self.touches.insert(change.clone(), Touch::Whole);
-                        let record = write["id"].as_str().unwrap_or_default().to_owned();
-                        changes.push((record, change.clone()));
+                        changes.push((write.id, change.clone()));
                     }
                 }
                 self.resolutions
@@ -426,7 +447,7 @@ impl World {
         }
     }
 
-    fn fields(&mut self) -> Value {
+    fn fields(&mut self) -> Fields {
         let mut fields = serde_json::Map::new();
         for name in FIELDS {
             if self.rng.random_bool(0.5) {
@@ -441,7 +462,7 @@ impl World {
         if fields.is_empty() {
             fields.insert("name".into(), json!("x"));
         }
-        Value::Object(fields)
+        fields
     }
 
     fn online(&self, i: usize) -> bool {
@@ -1309,18 +1330,6 @@ fn shown(store: &Store, collection: &str, id: &str) -> Option<Fields> {
         Err(StoreError::NotFound { .. }) => None,
         Err(e) => panic!("get {collection}/{id}: {e}"),
     }
-}
-
-fn strings(value: &Value) -> Vec<String> {
-    value
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The open conflicts a device has not resolved itself yet.

@@ -15,7 +15,7 @@
 mod common;
 
 use common::{Engine, StepClock, TestStore, fields, open_test_store, put};
-use ferry::service::{Origin, Service, ServiceOptions};
+use ferry::service::{Origin, Service, ServiceOptions, api};
 use ferry::store::kv::{Batch, Kv, MemoryKv};
 use ferry::store::sync::{RefusedEntry, UploadSummary};
 use ferry::store::{BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, Write, keys};
@@ -716,12 +716,7 @@ fn the_service_applies_remote_changes_through_its_committer_and_says_so() {
         serde_json::to_value(&event).unwrap()["origin"],
         json!("remote")
     );
-    service
-        .call(
-            "patch",
-            json!({"collection": "Note", "id": "1", "fields": {"b": 2}}),
-        )
-        .unwrap();
+    service.call(patch_note(json!({"b": 2}))).unwrap();
     let event = events.try_recv().unwrap();
     assert_eq!(
         (event.origin, event.device.as_str()),
@@ -729,8 +724,8 @@ fn the_service_applies_remote_changes_through_its_committer_and_says_so() {
     );
     assert!(service.apply_remote(log, 7).unwrap().applied.is_empty());
     assert!(events.try_recv().is_err(), "nothing changed, nothing said");
-    let queue = service.call("queue", json!({})).unwrap();
-    assert_eq!(queue["counts"]["pending"], json!(1));
+    let queue = service.call(api::QueueParams::default()).unwrap();
+    assert_eq!(queue.counts.pending, 1);
     service.shutdown().unwrap();
 }
 
@@ -979,20 +974,27 @@ fn a_change_automerge_panics_on_leaves_the_committer_and_later_writes_working() 
         .unwrap();
     assert_eq!(outcome.quarantined.len(), 1);
     // The committer thread lives on: local writes and the rest of the log go through it.
-    service
-        .call(
-            "patch",
-            json!({"collection": "Note", "id": "1", "fields": {"c": 3}}),
-        )
-        .unwrap();
+    service.call(patch_note(json!({"c": 3}))).unwrap();
     service
         .apply_remote(vec![renumbered(&good[1], 3)], 3)
         .unwrap();
-    let status = service.call("status", json!({})).unwrap();
-    assert_eq!(status["quarantined"]["count"], 1);
-    assert_eq!(status["quarantined"]["entries"][0]["seq"], 2);
-    let record = service
-        .call("get", json!({"collection": "Note", "id": "1"}))
-        .unwrap();
-    assert_eq!(record["fields"], json!({"a": 1, "b": 2, "c": 3}));
+    let status = service.call(api::StatusParams {}).unwrap();
+    let quarantined = status.contents.expect("the store's contents").quarantined;
+    assert_eq!(quarantined.count, 1);
+    assert_eq!(quarantined.entries[0].seq, 2);
+    let record = service.call(api::GetParams::new("Note", "1")).unwrap();
+    assert_eq!(
+        Value::Object(record.fields),
+        json!({"a": 1, "b": 2, "c": 3})
+    );
+}
+
+/// A `patch` of Note/1 setting `set`.
+fn patch_note(set: Value) -> api::PatchParams {
+    api::PatchParams {
+        collection: "Note".into(),
+        id: "1".into(),
+        fields: set.as_object().cloned().expect("an object"),
+        unset: Vec::new(),
+    }
 }

@@ -5,9 +5,6 @@
 //! open its store and call the same `relay::admin::dispatch`.
 //! Must not touch: accounts' storage; sessions beyond `engine::register`.
 
-// Lint fixes for this module land with its rewrite.
-#![allow(clippy::indexing_slicing)]
-
 use super::{Context, Failure, format_ms, print_json, read_secret_line, runtime};
 use crate::config::SyncConfig;
 use crate::engine::{self, EngineError};
@@ -118,11 +115,19 @@ pub(super) fn relay_admin(ctx: &Context, action: RelayAction) -> Result<(), Fail
             }
         }
         RelayAction::Enrol { .. } => {
-            println!("{}", result["code"].as_str().unwrap_or(""));
+            println!(
+                "{}",
+                result.get("code").and_then(Value::as_str).unwrap_or("")
+            );
             eprintln!(
                 "one device may register with this code until {}: \
                  ferry register --relay HOST:PORT --fingerprint FINGERPRINT --code CODE",
-                format_ms(result["expires_ms"].as_i64().unwrap_or(0))
+                format_ms(
+                    result
+                        .get("expires_ms")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0)
+                )
             );
         }
         RelayAction::Devices { .. } => {
@@ -144,7 +149,7 @@ pub(super) fn relay_admin(ctx: &Context, action: RelayAction) -> Result<(), Fail
         }
         RelayAction::RotateKey => println!(
             "new token signing key {}",
-            result["kid"].as_str().unwrap_or("")
+            result.get("kid").and_then(Value::as_str).unwrap_or("")
         ),
     }
     Ok(())

@@ -6,12 +6,11 @@
 //! Must not touch: the store or the conflict rules; every call goes through the `conflicts.*`
 //! service methods, to the daemon or to the store opened here (see `Backend`).
 
-// Lint fixes for this module land with its rewrite.
-#![allow(clippy::indexing_slicing)]
-
-use super::{Backend, Context, Failure, format_ms, print_json, read_fields};
+use super::{Backend, Context, Failure, format_ms, label, print_json, read_fields};
+use crate::resolve::{self, Conflict, Resolution, Side};
+use crate::service::api;
 use clap::{Subcommand, ValueEnum};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 #[derive(Subcommand, Debug)]
 pub(super) enum Action {
@@ -63,11 +62,11 @@ pub(super) enum Take {
 }
 
 impl Take {
-    fn as_str(self) -> &'static str {
+    fn typed(self) -> resolve::Take {
         match self {
-            Take::Server => "server",
-            Take::Client => "client",
-            Take::Merge => "merge",
+            Take::Server => resolve::Take::Server,
+            Take::Client => resolve::Take::Client,
+            Take::Merge => resolve::Take::Merge,
         }
     }
 }
@@ -84,21 +83,18 @@ pub(super) fn run(ctx: &Context, action: Option<Action>, list: ListArgs) -> Resu
     let mut backend = Backend::connect(ctx)?;
     match action {
         None => list_conflicts(ctx, &mut backend, list),
-        Some(Action::Show { id }) => show(ctx, &mut backend, &id),
-        Some(Action::Resolve { id, take, data }) => resolve(ctx, &mut backend, &id, take, data),
+        Some(Action::Show { id }) => show(ctx, &mut backend, id),
+        Some(Action::Resolve { id, take, data }) => resolve(ctx, &mut backend, id, take, data),
     }
 }
 
 fn list_conflicts(ctx: &Context, backend: &mut Backend, list: ListArgs) -> Result<(), Failure> {
-    let r = backend.call(
-        "conflicts.list",
-        json!({
-            "status": list.status.as_str(),
-            "collection": list.collection,
-            "limit": list.limit,
-            "after": list.after,
-        }),
-    )?;
+    let r = backend.call(api::ConflictsParams {
+        status: Some(list.status.as_str().to_owned()),
+        collection: list.collection,
+        limit: Some(list.limit),
+        after: list.after,
+    })?;
     if ctx.json {
         print_json(&r);
         return Ok(());
@@ -106,20 +102,19 @@ fn list_conflicts(ctx: &Context, backend: &mut Backend, list: ListArgs) -> Resul
     let header = [
         "ID", "KIND", "RECORD", "STATUS", "STRATEGY", "FIELDS", "SERVER", "CLIENT",
     ];
-    let rows: Vec<Vec<String>> = r["conflicts"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rows: Vec<Vec<String>> = r
+        .conflicts
+        .iter()
         .map(|c| {
             vec![
-                text(&c["id"]),
-                text(&c["kind"]),
-                format!("{}/{}", text(&c["collection"]), text(&c["record"])),
+                c.id.clone(),
+                label(&c.kind),
+                format!("{}/{}", c.collection, c.record),
                 status(c),
-                text(&c["strategy"]),
+                label(&c.strategy),
                 fields_involved(c),
-                side_summary(&c["server"]),
-                side_summary(&c["client"]),
+                side_summary(&c.server),
+                side_summary(&c.client),
             ]
         })
         .collect();
@@ -131,7 +126,7 @@ fn list_conflicts(ctx: &Context, backend: &mut Backend, list: ListArgs) -> Resul
     } else {
         print_table(&header, &rows);
     }
-    if let Some(next) = r["next"].as_str() {
+    if let Some(next) = r.next {
         eprintln!(
             "more: ferry conflicts --status {} --after {next}",
             list.status.as_str()
@@ -140,91 +135,80 @@ fn list_conflicts(ctx: &Context, backend: &mut Backend, list: ListArgs) -> Resul
     Ok(())
 }
 
-fn show(ctx: &Context, backend: &mut Backend, id: &str) -> Result<(), Failure> {
-    let c = backend.call("conflicts.get", json!({ "id": id }))?;
+fn show(ctx: &Context, backend: &mut Backend, id: String) -> Result<(), Failure> {
+    let c = backend.call(api::ConflictId { id })?;
     if ctx.json {
         print_json(&c);
         return Ok(());
     }
-    let collection = text(&c["collection"]);
-    let record = text(&c["record"]);
-    println!("conflict {}", text(&c["id"]));
-    println!("  kind      {}", text(&c["kind"]));
+    let collection = &c.collection;
+    let record = &c.record;
+    println!("conflict {}", c.id);
+    println!("  kind      {}", label(&c.kind));
     println!("  record    {collection}/{record}");
     println!("  status    {}", status(&c));
-    println!("  strategy  {}", text(&c["strategy"]));
-    println!("  log seq   {}", c["seq"]);
-    for (name, side) in [("server", &c["server"]), ("client", &c["client"])] {
+    println!("  strategy  {}", label(&c.strategy));
+    println!("  log seq   {}", c.seq);
+    for (name, side) in [("server", &c.server), ("client", &c.client)] {
         println!(
             "  {name:<8}  {collection}/{} by {} at {}{}",
-            text(&side["record"]),
-            text(&side["device"]),
-            format_ms(side["time"].as_i64().unwrap_or(0)),
-            if side["deleted"] == json!(true) {
-                " (deleted)"
-            } else {
-                ""
-            }
+            side.record,
+            side.device,
+            format_ms(side.time),
+            if side.deleted { " (deleted)" } else { "" }
         );
     }
-    if let Some(unique) = c.get("unique").filter(|u| !u.is_null()) {
+    if let Some(unique) = &c.unique {
         println!(
             "  unique    {} = {} held first by {collection}/{}, then by {collection}/{}",
-            joined(&unique["fields"], ","),
-            unique["value"],
-            text(&c["server"]["record"]),
-            text(&c["client"]["record"]),
+            unique.fields.join(","),
+            Value::Array(unique.value.clone()),
+            c.server.record,
+            c.client.record,
         );
     }
-    let fields = c["fields"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    if !fields.is_empty() && c["unique"].is_object() {
+    if !c.fields.is_empty() && c.unique.is_some() {
         // Two records: where they differ, each shows its own value.
-        let rows: Vec<Vec<String>> = fields
+        let rows: Vec<Vec<String>> = c
+            .fields
             .iter()
             .map(|f| {
-                let path = f["path"].as_array().map(Vec::as_slice).unwrap_or_default();
                 vec![
-                    path_text(path),
-                    side_value(&f["server"]),
-                    side_value(&f["client"]),
+                    path_text(&f.path),
+                    side_value(f.server.as_ref()),
+                    side_value(f.client.as_ref()),
                 ]
             })
             .collect();
         println!();
         print_table(&["PATH", "SERVER", "CLIENT"], &rows);
-    } else if !fields.is_empty() {
+    } else if !c.fields.is_empty() {
         // What the record shows now, to say which side each field holds.
-        let now = match backend.call("get", json!({ "collection": collection, "id": record })) {
-            Ok(r) => Some(r["fields"].clone()),
+        let now = match backend.call(api::GetParams::new(collection.clone(), record.clone())) {
+            Ok(r) => Some(Value::Object(r.fields)),
             Err(f) if f.exit == super::EXIT_NOT_FOUND => None,
             Err(f) => return Err(f),
         };
-        let rows: Vec<Vec<String>> = fields
+        let rows: Vec<Vec<String>> = c
+            .fields
             .iter()
             .map(|f| {
-                let path = f["path"].as_array().map(Vec::as_slice).unwrap_or_default();
-                let current = now.as_ref().and_then(|fields| value_at(fields, path));
+                let current = now.as_ref().and_then(|fields| value_at(fields, &f.path));
                 vec![
-                    path_text(path),
-                    side_value(&f["server"]),
-                    side_value(&f["client"]),
-                    shown(current, &f["server"], &f["client"]).to_owned(),
+                    path_text(&f.path),
+                    side_value(f.server.as_ref()),
+                    side_value(f.client.as_ref()),
+                    shown(current, f.server.as_ref(), f.client.as_ref()).to_owned(),
                 ]
             })
             .collect();
         println!();
         print_table(&["PATH", "SERVER", "CLIENT", "SHOWN"], &rows);
     }
-    for (label, resolution) in [
-        ("resolution", &c["resolution"]),
-        ("resolving", &c["resolving"]),
-    ] {
-        if resolution.is_object() {
+    for (what, resolution) in [("resolution", &c.resolution), ("resolving", &c.resolving)] {
+        if let Some(resolution) = resolution {
             println!();
-            println!("{label}: {}", resolution_text(resolution));
+            println!("{what}: {}", resolution_text(resolution));
         }
     }
     Ok(())
@@ -233,69 +217,53 @@ fn show(ctx: &Context, backend: &mut Backend, id: &str) -> Result<(), Failure> {
 fn resolve(
     ctx: &Context,
     backend: &mut Backend,
-    id: &str,
+    id: String,
     take: Take,
     data: Option<String>,
 ) -> Result<(), Failure> {
     let data = data
         .map(|d| read_fields(Some(&d), ctx.config.ipc.max_message_bytes))
         .transpose()?;
-    let r = backend.call(
-        "conflicts.resolve",
-        json!({ "id": id, "take": take.as_str(), "data": data }),
-    )?;
+    let take = take.typed();
+    let r = backend.call(api::ResolveRequest {
+        id: id.clone(),
+        take,
+        data,
+    })?;
     if ctx.json {
         print_json(&r);
         return Ok(());
     }
     println!("resolved {id}: took {}", take.as_str());
-    for w in r["writes"].as_array().into_iter().flatten() {
+    for w in &r.writes {
         println!(
             "  {} {}/{}",
-            w["operation"].as_str().unwrap_or("unchanged"),
-            text(&w["collection"]),
-            text(&w["id"])
+            w.operation.map_or("unchanged", |o| o.as_str()),
+            w.collection,
+            w.id
         );
     }
-    if r["conflict"]["resolving"].is_object() {
+    if r.conflict.resolving.is_some() {
         eprintln!("the conflict shows as resolved on every device once the relay logs this change");
     }
     Ok(())
 }
 
-fn text(v: &Value) -> String {
-    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
-}
-
-fn joined(v: &Value, separator: &str) -> String {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .map(text)
-        .collect::<Vec<_>>()
-        .join(separator)
-}
-
-fn status(c: &Value) -> String {
-    let status = text(&c["status"]);
-    if c["resolving"].is_object() {
+fn status(c: &Conflict) -> String {
+    let status = c.status.as_str();
+    if c.resolving.is_some() {
         format!("{status} (resolving)")
     } else {
-        status
+        status.to_owned()
     }
 }
 
 /// The fields a conflict is about: a unique constraint's fields, or the paths both sides wrote.
-fn fields_involved(c: &Value) -> String {
-    if c["unique"].is_object() {
-        return joined(&c["unique"]["fields"], "+");
+fn fields_involved(c: &Conflict) -> String {
+    if let Some(unique) = &c.unique {
+        return unique.fields.join("+");
     }
-    let paths: Vec<String> = c["fields"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|f| path_text(f["path"].as_array().map(Vec::as_slice).unwrap_or_default()))
-        .collect();
+    let paths: Vec<String> = c.fields.iter().map(|f| path_text(&f.path)).collect();
     if paths.is_empty() {
         "-".to_owned()
     } else {
@@ -313,25 +281,25 @@ fn path_text(path: &[Value]) -> String {
                 if !out.is_empty() {
                     out.push('.');
                 }
-                out.push_str(&text(other));
+                out.push_str(
+                    &other
+                        .as_str()
+                        .map_or_else(|| other.to_string(), str::to_owned),
+                );
             }
         }
     }
     out
 }
 
-fn side_summary(side: &Value) -> String {
-    let device = text(&side["device"]);
-    let short = device.get(..8).unwrap_or(&device);
-    format!("{short} {}", format_ms(side["time"].as_i64().unwrap_or(0)))
+fn side_summary(side: &Side) -> String {
+    let short = side.device.get(..8).unwrap_or(&side.device);
+    format!("{short} {}", format_ms(side.time))
 }
 
-fn side_value(v: &Value) -> String {
-    if v.is_null() {
-        "(removed)".to_owned()
-    } else {
-        v.to_string()
-    }
+fn side_value(v: Option<&Value>) -> String {
+    v.filter(|v| !v.is_null())
+        .map_or_else(|| "(removed)".to_owned(), Value::to_string)
 }
 
 fn value_at<'a>(fields: &'a Value, path: &[Value]) -> Option<&'a Value> {
@@ -344,33 +312,33 @@ fn value_at<'a>(fields: &'a Value, path: &[Value]) -> Option<&'a Value> {
 
 /// Which side's value the record holds now: `server`, `client`, or `neither` when it was edited
 /// since (a removed field counts as null on both ends).
-fn shown(current: Option<&Value>, server: &Value, client: &Value) -> &'static str {
+fn shown(current: Option<&Value>, server: Option<&Value>, client: Option<&Value>) -> &'static str {
     let current = current.unwrap_or(&Value::Null);
-    if current == client {
+    if current == client.unwrap_or(&Value::Null) {
         "client"
-    } else if current == server {
+    } else if current == server.unwrap_or(&Value::Null) {
         "server"
     } else {
         "neither"
     }
 }
 
-fn resolution_text(r: &Value) -> String {
-    let take = r["take"]
-        .as_str()
-        .map_or_else(|| "ended by an edit".to_owned(), |t| format!("took {t}"));
-    let by = r["device"]
-        .as_str()
+fn resolution_text(r: &Resolution) -> String {
+    let take = r.take.map_or_else(
+        || "ended by an edit".to_owned(),
+        |t| format!("took {}", t.as_str()),
+    );
+    let by = r
+        .device
+        .as_deref()
         .map(|d| format!(" by {d}"))
         .unwrap_or_default();
-    let change = r["change"]
-        .as_str()
+    let change = r
+        .change
+        .as_deref()
         .map(|c| format!(" (change {c})"))
         .unwrap_or_default();
-    format!(
-        "{take}{by} at {}{change}",
-        format_ms(r["time"].as_i64().unwrap_or(0))
-    )
+    format!("{take}{by} at {}{change}", format_ms(r.time))
 }
 
 /// Columns padded to their widest cell, the last one left ragged.
@@ -397,6 +365,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn paths_read_as_written() {
@@ -412,23 +381,35 @@ mod tests {
         let fields = json!({ "name": "Bea", "tags": ["a", "b"] });
         let at = |path: &[Value]| value_at(&fields, path);
         assert_eq!(
-            shown(at(&[json!("name")]), &json!("Ada"), &json!("Bea")),
+            shown(
+                at(&[json!("name")]),
+                Some(&json!("Ada")),
+                Some(&json!("Bea"))
+            ),
             "client"
         );
         assert_eq!(
-            shown(at(&[json!("name")]), &json!("Bea"), &json!("Ada")),
+            shown(
+                at(&[json!("name")]),
+                Some(&json!("Bea")),
+                Some(&json!("Ada"))
+            ),
             "server"
         );
         assert_eq!(
-            shown(at(&[json!("tags"), json!(1)]), &json!("b"), &json!("c")),
+            shown(
+                at(&[json!("tags"), json!(1)]),
+                Some(&json!("b")),
+                Some(&json!("c"))
+            ),
             "server"
         );
         assert_eq!(
-            shown(at(&[json!("gone")]), &json!("x"), &Value::Null),
+            shown(at(&[json!("gone")]), Some(&json!("x")), None),
             "client"
         );
         assert_eq!(
-            shown(at(&[json!("name")]), &json!("x"), &json!("y")),
+            shown(at(&[json!("name")]), Some(&json!("x")), Some(&json!("y"))),
             "neither"
         );
     }

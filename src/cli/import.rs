@@ -9,12 +9,10 @@
 //!
 //! Must not touch: the store; it calls the `import` method only.
 
-// Lint fixes for this module land with its rewrite.
-#![allow(clippy::indexing_slicing)]
-
 use super::{Backend, Context, EXIT_USAGE, Failure, LineRead, print_json, read_line_bounded};
 use crate::ipc::ClientError;
-use crate::service::{ApiError, ImportRecord, code};
+use crate::service::api::{ImportParams, ImportRecord};
+use crate::service::{ApiError, code};
 use crate::store::StoreOptions;
 use serde_json::{Value, json};
 use std::io::{BufRead, IsTerminal as _};
@@ -44,17 +42,17 @@ enum Fate {
 /// Records read but not sent yet, with their line numbers.
 #[derive(Default)]
 struct Pending {
-    records: Vec<(u64, Value)>,
+    records: Vec<(u64, ImportRecord)>,
     bytes: usize,
 }
 
 impl Pending {
-    fn push(&mut self, line: u64, record: Value, bytes: usize) {
+    fn push(&mut self, line: u64, record: ImportRecord, bytes: usize) {
         self.records.push((line, record));
         self.bytes += bytes + 1;
     }
 
-    fn take(&mut self) -> Vec<(u64, Value)> {
+    fn take(&mut self) -> Vec<(u64, ImportRecord)> {
         self.bytes = 0;
         std::mem::take(&mut self.records)
     }
@@ -76,7 +74,7 @@ impl Outcomes {
         self.refusals.push((line, why));
     }
 
-    fn settle(&mut self, records: &[(u64, Value)], fate: Fate) {
+    fn settle(&mut self, records: &[(u64, ImportRecord)], fate: Fate) {
         self.fates
             .extend(records.iter().map(|(line, _)| (*line, fate)));
     }
@@ -87,17 +85,19 @@ impl Outcomes {
     fn send(
         &mut self,
         backend: &mut Backend,
-        records: Vec<(u64, Value)>,
+        records: Vec<(u64, ImportRecord)>,
         split: bool,
     ) -> Result<(), Failure> {
         if records.is_empty() {
             return Ok(());
         }
-        let params = json!({ "records": records.iter().map(|(_, r)| r).collect::<Vec<_>>() });
-        match backend.try_call("import", params) {
+        let params = ImportParams {
+            records: records.iter().map(|(_, r)| r.clone()).collect(),
+        };
+        match backend.try_call(params) {
             Ok(r) => {
-                self.imported += r["imported"].as_u64().unwrap_or(0);
-                self.changed += r["changed"].as_u64().unwrap_or(0);
+                self.imported += r.imported as u64;
+                self.changed += r.changed as u64;
                 self.settle(&records, Fate::Imported);
                 if let Some(bar) = &self.progress {
                     bar.set_message(format!("{} records", self.imported));
@@ -155,7 +155,7 @@ fn refuses_a_record(e: &ApiError) -> bool {
 }
 
 /// The record on `line`, or why the store would refuse it.
-fn check_record(line: &[u8], options: &StoreOptions) -> Result<Value, String> {
+fn check_record(line: &[u8], options: &StoreOptions) -> Result<ImportRecord, String> {
     let record: Value =
         serde_json::from_slice(line).map_err(|e| format!("not valid JSON ({e})"))?;
     if !record.is_object() {
@@ -163,7 +163,7 @@ fn check_record(line: &[u8], options: &StoreOptions) -> Result<Value, String> {
             "expected an object {\"collection\": ..., \"id\": ..., \"fields\": {...}}".into(),
         );
     }
-    let parsed: ImportRecord = crate::service::parse(record.clone()).map_err(|e| e.message)?;
+    let parsed: ImportRecord = crate::service::parse(record).map_err(|e| e.message)?;
     options
         .check_write(
             &parsed.collection,
@@ -171,7 +171,7 @@ fn check_record(line: &[u8], options: &StoreOptions) -> Result<Value, String> {
             Some(&parsed.fields),
         )
         .map_err(|e| e.to_string())?;
-    Ok(record)
+    Ok(parsed)
 }
 
 /// Skips what is left of a line that was too long to read.

@@ -13,6 +13,7 @@ use crate::auth::credentials::Registration;
 use crate::crypt::{AccountKey, KeyError};
 use crate::daemon;
 use crate::ipc::Client;
+use crate::service::api::KeyReloadParams;
 use clap::Subcommand;
 use serde_json::json;
 use zeroize::Zeroizing;
@@ -105,7 +106,7 @@ fn install(ctx: &Context, key: &AccountKey, replace: bool) -> Result<(), Failure
     let socket = daemon::socket_path(&ctx.dir, &ctx.config);
     let daemon = match Client::connect(&socket) {
         Ok(mut client) => {
-            client.call("key.reload", json!({}))?;
+            client.request(KeyReloadParams {})?;
             true
         }
         Err(_) => false,

@@ -4,21 +4,18 @@
 //!
 //! Must not touch: the store's contents (it only reads).
 
-// Lint fixes for this module land with its rewrite.
-#![allow(clippy::indexing_slicing)]
-
-use serde_json::{Value, json};
-
 use crate::auth::credentials::Registration;
 use crate::clock::now_ms;
 use crate::engine::{SyncSettings, SyncStatus, relative};
+use crate::ipc::DaemonStatus;
 use crate::service::Service;
+use crate::service::api::{QuarantinedSummary, Storage};
 
 use super::{Context, Failure, print_alerts};
 
 /// The sync section `status` shows with no daemon running: the last state the daemon kept, or
 /// `None` when this device does not sync.
-pub(super) fn last_known(ctx: &Context, service: &Service) -> Result<Option<Value>, Failure> {
+pub(super) fn last_known(ctx: &Context, service: &Service) -> Result<Option<SyncStatus>, Failure> {
     let config = Registration::sync_config(ctx.dir.path(), &ctx.config.sync)
         .map_err(|e| Failure::failed(format!("cannot read this device's registration: {e}")))?;
     // Sync that is off, or configured so that the daemon would not start it, has no state.
@@ -36,30 +33,32 @@ pub(super) fn last_known(ctx: &Context, service: &Service) -> Result<Option<Valu
     let queue = store
         .queue_counts()
         .map_err(|e| Failure::failed(e.to_string()))?;
-    let status = SyncStatus::last_known(settings.relay, settings.space, cursor, known, &queue);
-    Ok(Some(json!(status)))
+    Ok(Some(SyncStatus::last_known(
+        settings.relay,
+        settings.space,
+        cursor,
+        known,
+        &queue,
+    )))
 }
 
 /// The human form of `status`'s answer.
-pub(super) fn print(status: &Value) {
+pub(super) fn print(daemon: &DaemonStatus) {
+    let status = &daemon.status;
     let now = now_ms();
-    let running = status["daemon"] == json!(true);
-    let device = status["device_id"].as_str().unwrap_or("?");
-    let version = status["version"].as_str().unwrap_or("?");
-    if running {
-        let uptime = status["uptime_ms"].as_u64().unwrap_or(0);
-        println!(
-            "device {device} · ferry {version} · daemon running (pid {}, started {})",
-            status["pid"],
-            relative(now, now.saturating_sub(uptime))
-        );
-    } else {
-        println!("device {device} · ferry {version} · daemon not running");
+    let device = &status.device_id;
+    let version = &status.version;
+    match (status.daemon, status.pid) {
+        (true, Some(pid)) => {
+            let uptime = status.uptime_ms.unwrap_or(0);
+            println!(
+                "device {device} · ferry {version} · daemon running (pid {pid}, started {})",
+                relative(now, now.saturating_sub(uptime))
+            );
+        }
+        _ => println!("device {device} · ferry {version} · daemon not running"),
     }
-    let live = match (
-        status["live_bytes"].as_u64(),
-        status["live_bytes_measured_ms"].as_u64(),
-    ) {
+    let live = match (status.live_bytes, status.live_bytes_measured_ms) {
         (Some(live), Some(at)) => format!(
             " for {} of live data (counted {})",
             bytes(live),
@@ -67,66 +66,63 @@ pub(super) fn print(status: &Value) {
         ),
         _ => String::new(),
     };
-    println!(
-        "data: {} records in {} collections · {} on disk{live}",
-        status["documents"],
-        status["collections"],
-        status["store_bytes"]
-            .as_u64()
-            .map_or_else(|| "unknown".into(), bytes)
-    );
-    if status["storage"]["state"] == json!("disk_full") {
-        let since = status["storage"]["since_ms"]
-            .as_u64()
-            .map_or(String::new(), |at| format!(" since {}", relative(now, at)));
+    let on_disk = status.store_bytes.map_or_else(|| "unknown".into(), bytes);
+    match &status.contents {
+        Some(c) => println!(
+            "data: {} records in {} collections · {on_disk} on disk{live}",
+            c.documents, c.collections
+        ),
+        None => println!("data: unreadable until the disk has room · {on_disk} on disk{live}"),
+    }
+    if let Storage::DiskFull { since_ms } = status.storage {
         println!(
-            "storage: the disk is full{since}: writes are refused until space is freed, then \
-             they resume by themselves"
+            "storage: the disk is full since {}: writes are refused until space is freed, then \
+             they resume by themselves",
+            relative(now, since_ms)
         );
     }
-    let queue = &status["queue"];
-    println!(
-        "queue: {} pending, {} uploading, {} failed, {} completed",
-        queue["pending"], queue["processing"], queue["failed"], queue["completed"]
-    );
-    match serde_json::from_value::<SyncStatus>(status["sync"].clone()) {
-        Ok(sync) => {
+    if let Some(c) = &status.contents {
+        let queue = &c.queue;
+        println!(
+            "queue: {} pending, {} uploading, {} failed, {} completed",
+            queue.pending, queue.processing, queue.failed, queue.completed
+        );
+    }
+    match &daemon.sync {
+        Some(sync) => {
             for line in sync.summary(now) {
                 println!("sync: {line}");
             }
         }
-        Err(_) if status["sync"].is_null() => {
+        None => {
             println!("sync: off (no relay configured or registered): this device works offline");
         }
-        Err(e) => println!("sync: the daemon's sync status cannot be read ({e})"),
     }
-    let open = status["conflicts"]["open"].as_u64().unwrap_or(0);
-    if open > 0 {
-        println!("conflicts: {open} open: see them with `ferry conflicts`");
-    } else {
-        println!("conflicts: none open");
+    if let Some(c) = &status.contents {
+        if c.conflicts.open > 0 {
+            println!(
+                "conflicts: {} open: see them with `ferry conflicts`",
+                c.conflicts.open
+            );
+        } else {
+            println!("conflicts: none open");
+        }
+        if c.quarantined.count > 0 {
+            print_quarantined(&c.quarantined);
+        }
     }
-    if status["quarantined"]["count"]
-        .as_u64()
-        .is_some_and(|n| n > 0)
-    {
-        print_quarantined(&status["quarantined"]);
-    }
-    if !status["alerts"].is_null() {
-        print_alerts(&status["alerts"]);
+    if let Some(alerts) = &daemon.alerts {
+        print_alerts(alerts);
     }
 }
 
 /// How many relay log entries this device could not apply, and one line for each listed.
-fn print_quarantined(quarantined: &Value) {
-    println!("quarantined: {} log entries", quarantined["count"]);
-    for q in quarantined["entries"].as_array().into_iter().flatten() {
+fn print_quarantined(quarantined: &QuarantinedSummary) {
+    println!("quarantined: {} log entries", quarantined.count);
+    for q in &quarantined.entries {
         println!(
             "  seq {} {}/{}: {}",
-            q["seq"],
-            q["collection"].as_str().unwrap_or(""),
-            q["record"].as_str().unwrap_or(""),
-            q["reason"].as_str().unwrap_or("")
+            q.seq, q.collection, q.record, q.reason
         );
     }
 }

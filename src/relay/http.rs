@@ -133,33 +133,102 @@ impl ApiState {
 #[derive(Debug, Clone, Copy)]
 struct Remote(SocketAddr);
 
-/// An error as an HTTP client sees it: a status and `{"error": {"code", "message"}}`.
+/// The stable code of an HTTP error response, which clients match on; each goes with one status
+/// (docs/HTTP.md lists them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The body is not JSON or not the expected shape; a bad query.
+    BadRequest,
+    /// No token, a bad, expired or revoked one, or a wrong password.
+    Unauthorized,
+    /// The client was revoked by the operator.
+    Forbidden,
+    /// No such endpoint, record or conflict (another account's look the same).
+    NotFound,
+    /// A cursor past the end of the account's log.
+    CursorAhead,
+    /// The conflict is already resolved, auto-resolved or being resolved.
+    Settled,
+    /// The body is over `relay.http_max_body_bytes`.
+    TooLarge,
+    /// Too many sign-ins from one address.
+    RateLimited,
+    /// The relay's store failed: retry later.
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::CursorAhead,
+        ErrorCode::Settled,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+    ];
+
+    /// The HTTP status an error with this code is sent with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::CursorAhead | ErrorCode::Settled => StatusCode::CONFLICT,
+            ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// An error as an HTTP client sees it: its code's status and `{"error": {"code", "message"}}`.
 #[derive(Debug)]
 pub struct Failure {
-    status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
+/// The body of an error response.
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: ErrorCode,
+    message: &'a str,
+}
+
 impl Failure {
-    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Failure {
-            status,
             code,
             message: message.into(),
         }
     }
 
     pub(super) fn bad_request(message: impl Into<String>) -> Self {
-        Failure::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Failure::new(ErrorCode::BadRequest, message)
     }
 }
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
-        let mut response = (self.status, axum::Json(body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
+        let status = self.code.status();
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"ferry\""),
@@ -174,14 +243,13 @@ impl From<Denied> for Failure {
         tracing::info!(reason = denied.reason(), "HTTP request refused");
         match denied {
             Denied::Store(e) => Failure::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+                ErrorCode::Unavailable,
                 format!("the relay could not check the credential: {e}"),
             ),
             Denied::Revoked | Denied::NotRegistered | Denied::OtherAccount => {
-                Failure::new(StatusCode::FORBIDDEN, "forbidden", denied.to_string())
+                Failure::new(ErrorCode::Forbidden, denied.to_string())
             }
-            other => Failure::new(StatusCode::UNAUTHORIZED, "unauthorized", other.to_string()),
+            other => Failure::new(ErrorCode::Unauthorized, other.to_string()),
         }
     }
 }
@@ -189,16 +257,13 @@ impl From<Denied> for Failure {
 impl From<RelayStoreError> for Failure {
     fn from(e: RelayStoreError) -> Self {
         match e {
-            RelayStoreError::Address(e) => Failure::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no such record: {e}"),
-            ),
+            RelayStoreError::Address(e) => {
+                Failure::new(ErrorCode::NotFound, format!("no such record: {e}"))
+            }
             other => {
                 tracing::error!(error = %other, "the relay's store failed an HTTP request");
                 Failure::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
+                    ErrorCode::Unavailable,
                     "the relay's store failed: try again later",
                 )
             }
@@ -220,8 +285,7 @@ where
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 Failure::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
+                    ErrorCode::TooLarge,
                     "the request body is over the relay's limit (relay.http_max_body_bytes): \
                      send fewer operations per request",
                 )
@@ -269,8 +333,7 @@ impl FromRequestParts<ApiState> for Principal {
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| {
                 Failure::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
+                    ErrorCode::Unauthorized,
                     "no access token: send `Authorization: Bearer TOKEN` (POST /api/auth/login)",
                 )
             })?;
@@ -278,8 +341,7 @@ impl FromRequestParts<ApiState> for Principal {
             .strip_prefix("Bearer ")
             .ok_or_else(|| {
                 Failure::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
+                    ErrorCode::Unauthorized,
                     "the Authorization header must be `Bearer TOKEN`",
                 )
             })?
@@ -305,11 +367,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(super::web::routes())
         .merge(super::web_write::routes())
         .fallback(|| async {
-            Failure::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such endpoint: see docs/HTTP.md",
-            )
+            Failure::new(ErrorCode::NotFound, "no such endpoint: see docs/HTTP.md")
         })
         .layer(DefaultBodyLimit::max(limit))
         .layer(tower_http::compression::CompressionLayer::new().gzip(true))
@@ -368,8 +426,7 @@ async fn login(
         .allow(remote_ip(&extensions), now_ms());
     if !allowed {
         return Err(Failure::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            ErrorCode::RateLimited,
             "too many sign-in attempts from this address: wait a minute, then try again",
         ));
     }
@@ -449,8 +506,7 @@ async fn initialize(
     let since = request.last_sync.unwrap_or(0);
     if since > head {
         return Err(Failure::new(
-            StatusCode::CONFLICT,
-            "cursor_ahead",
+            ErrorCode::CursorAhead,
             format!(
                 "last_sync {since} is past the account's log, which ends at {head}: the relay \
                  lost part of its log (restored from a backup?); sync from 0"
@@ -516,8 +572,7 @@ async fn download(
     let head = tokio::task::block_in_place(|| state.store.head(&principal.account))?;
     if since > head {
         return Err(Failure::new(
-            StatusCode::CONFLICT,
-            "cursor_ahead",
+            ErrorCode::CursorAhead,
             format!("since {since} is past the account's log, which ends at {head}: sync from 0"),
         ));
     }
@@ -618,8 +673,7 @@ fn page_body(
         .and_then(|()| encoder.finish())
         .map_err(|e| {
             Failure::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+                ErrorCode::Unavailable,
                 format!("compressing the page failed: {e}"),
             )
         })?;
@@ -677,8 +731,7 @@ fn render_page(
 async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, Failure> {
     let Some((scrape, token)) = state.metrics.clone() else {
         return Err(Failure::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
+            ErrorCode::NotFound,
             "this relay serves no metrics: set relay.metrics_token",
         ));
     };
@@ -691,8 +744,7 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Result<Re
         subtle::ConstantTimeEq::ct_eq(shown.as_bytes(), token.expose().as_bytes()).into();
     if !matches {
         return Err(Failure::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "scraping needs `Authorization: Bearer` with relay.metrics_token",
         ));
     }
@@ -700,8 +752,7 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Result<Re
         .await
         .map_err(|e| {
             Failure::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+                ErrorCode::Unavailable,
                 format!("rendering the metrics failed: {e}"),
             )
         })?;

@@ -34,8 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use automerge::ChangeHash;
 use ferry_proto::Limits;
 use ferry_proto::wire::{ChangeOutcome, ErrorKind, UploadChange};
-use serde::Serialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::activity::Activity;
@@ -46,7 +45,8 @@ use super::store::{RelayStore, RelayStoreError};
 use crate::clock::SystemClock;
 use crate::record::Fields;
 use crate::resolve::{Conflict, Policies, Take};
-use crate::service::{ApiError, ConflictEvent, ResolveRequest, Service, ServiceOptions, code};
+use crate::service::api::{ConflictId, ConflictPage, ConflictsParams, ResolveRequest};
+use crate::service::{ApiError, ConflictEvent, Service, ServiceOptions, code};
 use crate::store::kv::{Kv, PrefixKv};
 use crate::store::{
     Applied, BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, Write, keys,
@@ -287,12 +287,37 @@ pub enum WriteOutcome {
     Rejected {
         object_id: String,
         reason: String,
-        code: &'static str,
+        code: RejectCode,
     },
 }
 
+/// Why an upload's operation was not written: a stable code clients match on (docs/HTTP.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// Another client's `device_id`.
+    WrongDevice,
+    /// Before 2000, or over a day ahead of the relay's clock.
+    BadTimestamp,
+    /// A `base` that is not a version.
+    BadVersion,
+    /// The relay's config declares collections, and not this one.
+    UnknownModel,
+    /// The field is encrypted with the account key, which the relay does not have.
+    EncryptedField,
+    /// A create of a live record.
+    Exists,
+    /// An update or delete of a missing or deleted record.
+    NotFound,
+    /// A bad id, field name or value, too large; a `base` that does not fit.
+    Invalid,
+    /// The log refused the change: the kind of its refusal.
+    #[serde(untagged)]
+    Log(ErrorKind),
+}
+
 impl WriteOutcome {
-    pub fn rejected(object_id: &str, code: &'static str, reason: impl Into<String>) -> Self {
+    pub fn rejected(object_id: &str, code: RejectCode, reason: impl Into<String>) -> Self {
         WriteOutcome::Rejected {
             object_id: object_id.to_owned(),
             reason: reason.into(),
@@ -460,7 +485,7 @@ impl Mirror {
                 |code, reason: String| Some(WriteOutcome::rejected(&write.id, code, reason));
             if declared.is_some_and(|d| !d.contains_key(&write.collection)) {
                 outcomes.push(refuse(
-                    "unknown_model",
+                    RejectCode::UnknownModel,
                     format!(
                         "model {:?} is not declared in the relay's config: add a [collections.{}] \
                          section there (as on the devices)",
@@ -472,7 +497,7 @@ impl Mirror {
             let encrypted = &policies.of(&write.collection).encrypted;
             if let Some(field) = write.fields.keys().find(|f| encrypted.contains(*f)) {
                 outcomes.push(refuse(
-                    "encrypted_field",
+                    RejectCode::EncryptedField,
                     format!(
                         "field {field:?} of {} is encrypted with the account key, which the relay \
                          does not have: write it from a device",
@@ -483,7 +508,7 @@ impl Mirror {
             }
             if write.base.is_some() && write.operation == WebOperation::Create {
                 outcomes.push(refuse(
-                    "invalid",
+                    RejectCode::Invalid,
                     "`base` is the version an update or delete was made on: leave it out of a \
                      create"
                         .into(),
@@ -498,7 +523,7 @@ impl Mirror {
                 None => match store.is_live(&key.0, &key.1) {
                     Ok(live) => live,
                     Err(e) => {
-                        outcomes.push(refuse("invalid", e.to_string()));
+                        outcomes.push(refuse(RejectCode::Invalid, e.to_string()));
                         continue;
                     }
                 },
@@ -507,14 +532,14 @@ impl Mirror {
             let (write, now_live) = match (write.operation, was_live) {
                 (WebOperation::Create, true) => {
                     outcomes.push(refuse(
-                        "exists",
+                        RejectCode::Exists,
                         format!("{}/{} already exists: update it instead", key.0, key.1),
                     ));
                     continue;
                 }
                 (WebOperation::Update | WebOperation::Delete, false) => {
                     outcomes.push(refuse(
-                        "not_found",
+                        RejectCode::NotFound,
                         format!("{}/{} does not exist (or is deleted)", key.0, key.1),
                     ));
                     continue;
@@ -554,9 +579,9 @@ impl Mirror {
         for (index, id, result) in applied {
             let outcome = match result {
                 Err(e) if e.code == code::NOT_FOUND => {
-                    WriteOutcome::rejected(&id, "not_found", e.message)
+                    WriteOutcome::rejected(&id, RejectCode::NotFound, e.message)
                 }
-                Err(e) => WriteOutcome::rejected(&id, "invalid", e.message),
+                Err(e) => WriteOutcome::rejected(&id, RejectCode::Invalid, e.message),
                 Ok(applied) => self.outcome(applied, &sent)?,
             };
             if let Some(slot) = outcomes.get_mut(index) {
@@ -565,7 +590,9 @@ impl Mirror {
         }
         Ok(outcomes
             .into_iter()
-            .map(|o| o.unwrap_or_else(|| WriteOutcome::rejected("", "invalid", "not written")))
+            .map(|o| {
+                o.unwrap_or_else(|| WriteOutcome::rejected("", RejectCode::Invalid, "not written"))
+            })
             .collect())
     }
 
@@ -633,7 +660,7 @@ impl Mirror {
             return Ok(WriteOutcome::Rejected {
                 object_id,
                 reason: format!("the log refused the change ({message})"),
-                code: code.kind().as_str(),
+                code: RejectCode::Log(code.kind()),
             });
         }
         Ok(match self.service.store().change_conflict(change)? {
@@ -647,25 +674,17 @@ impl Mirror {
     }
 
     /// The mirror's conflicts, as a device's `conflicts.list` gives them.
-    pub fn conflicts(
-        &self,
-        status: Option<&str>,
-        after: Option<&str>,
-        limit: Option<usize>,
-    ) -> Result<Value, MirrorError> {
+    pub fn conflicts(&self, query: ConflictsParams) -> Result<ConflictPage, MirrorError> {
         let _busy = self.lock();
         self.catch_up_locked()?;
-        Ok(self.service.call(
-            "conflicts.list",
-            json!({ "status": status, "after": after, "limit": limit }),
-        )?)
+        Ok(self.service.call(query)?)
     }
 
     /// One conflict, as a device's `conflicts.get` gives it.
-    pub fn conflict(&self, id: &str) -> Result<Value, MirrorError> {
+    pub fn conflict(&self, id: String) -> Result<Conflict, MirrorError> {
         let _busy = self.lock();
         self.catch_up_locked()?;
-        Ok(self.service.call("conflicts.get", json!({ "id": id }))?)
+        Ok(self.service.call(ConflictId { id })?)
     }
 
     /// Resolves an open conflict as the web actor (see `Store::resolve_conflict`), appends the

@@ -16,7 +16,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
@@ -25,7 +25,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::accounts::{AccountError, DeviceRecord, Revocation};
 use super::activity::{DeviceSync, SyncEvent};
-use super::http::{ApiState, Failure, Principal};
+use super::http::{ApiState, ErrorCode, Failure, Principal};
 use crate::clock::now_ms;
 
 /// Records in one page of `GET /api/records` when the client does not say.
@@ -139,8 +139,7 @@ fn view(state: &ApiState, space: &str, collection: &str, id: &str) -> Result<Rec
 
 fn no_record(collection: &str, id: &str) -> Failure {
     Failure::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
+        ErrorCode::NotFound,
         format!("no record {collection}/{id} in this account"),
     )
 }
@@ -262,8 +261,7 @@ async fn revoke(
 ) -> Result<axum::Json<Value>, Failure> {
     let missing = || {
         Failure::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
+            ErrorCode::NotFound,
             format!("no device {id} in this account"),
         )
     };
@@ -281,8 +279,7 @@ async fn revoke(
             other => {
                 tracing::error!(error = %other, "revoking a device over HTTP failed");
                 Failure::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
+                    ErrorCode::Unavailable,
                     format!("the relay could not revoke the device: {other}"),
                 )
             }

@@ -8,16 +8,17 @@
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::routing::{get, post};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
-use super::http::{ApiState, Failure, JsonBody, Principal};
-use super::mirror::{Mirror, MirrorError, WebOperation, WebWrite, WriteOutcome};
+use super::http::{ApiState, ErrorCode, Failure, JsonBody, Principal};
+use super::mirror::{
+    Mirror, MirrorError, RejectCode, Resolved, WebOperation, WebWrite, WriteOutcome,
+};
 use crate::clock::now_ms;
 use crate::record::Fields;
-use crate::resolve::Take;
+use crate::resolve::{Conflict, Take};
+use crate::service::api::{ConflictPage, ConflictsParams};
 use crate::service::code;
 
 /// The earliest `timestamp` an operation may carry (2000-01-01): anything before is a clock
@@ -39,8 +40,8 @@ impl From<MirrorError> for Failure {
         match e {
             MirrorError::Log(e) => e.into(),
             MirrorError::Refused(e) => match e.code {
-                code::NOT_FOUND => Failure::new(StatusCode::NOT_FOUND, "not_found", e.message),
-                code::CONFLICT_SETTLED => Failure::new(StatusCode::CONFLICT, "settled", e.message),
+                code::NOT_FOUND => Failure::new(ErrorCode::NotFound, e.message),
+                code::CONFLICT_SETTLED => Failure::new(ErrorCode::Settled, e.message),
                 code::INVALID_PARAMS => Failure::bad_request(e.message),
                 _ => unavailable(&e),
             },
@@ -52,8 +53,7 @@ impl From<MirrorError> for Failure {
 fn unavailable(e: &dyn std::fmt::Display) -> Failure {
     tracing::error!(error = %e, "the space's mirror failed an HTTP request");
     Failure::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
+        ErrorCode::Unavailable,
         "the relay's copy of the account failed: try again later",
     )
 }
@@ -91,7 +91,7 @@ async fn upload(
     State(state): State<ApiState>,
     principal: Principal,
     JsonBody(operations): JsonBody<Vec<UploadOperation>>,
-) -> Result<axum::Json<Value>, Failure> {
+) -> Result<axum::Json<Uploaded>, Failure> {
     let Planned { outcomes, writes } = plan(operations, &principal.device, now_ms())?;
     let written = if writes.is_empty() {
         Vec::new()
@@ -109,7 +109,13 @@ async fn upload(
         rejected = count(|r| matches!(r, WriteOutcome::Rejected { .. })),
         "HTTP upload"
     );
-    Ok(axum::Json(json!({ "results": results })))
+    Ok(axum::Json(Uploaded { results }))
+}
+
+/// An upload's answer: one result per operation, in order.
+#[derive(Serialize)]
+struct Uploaded {
+    results: Vec<WriteOutcome>,
 }
 
 /// An upload's operations checked against the client and the clock: a rejection for each one
@@ -141,7 +147,7 @@ pub(crate) fn plan(
         let rejected = if op.device_id != device {
             Some(WriteOutcome::rejected(
                 &op.object_id,
-                "wrong_device",
+                RejectCode::WrongDevice,
                 format!(
                     "device_id {:?} is not the client the access token was issued to ({device}): \
                      send the `device` the sign-in answered",
@@ -153,7 +159,7 @@ pub(crate) fn plan(
         {
             Some(WriteOutcome::rejected(
                 &op.object_id,
-                "bad_timestamp",
+                RejectCode::BadTimestamp,
                 format!(
                     "timestamp {} is not a time in milliseconds since 1970 near the relay's \
                      clock: check the client's clock and units",
@@ -168,7 +174,7 @@ pub(crate) fn plan(
             Err(reason) => {
                 outcomes.push(Some(WriteOutcome::rejected(
                     &op.object_id,
-                    "bad_version",
+                    RejectCode::BadVersion,
                     reason,
                 )));
                 continue;
@@ -229,16 +235,20 @@ async fn list_conflicts(
     State(state): State<ApiState>,
     principal: Principal,
     query: Result<Query<ConflictsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<axum::Json<Value>, Failure> {
+) -> Result<axum::Json<ConflictPage>, Failure> {
     let Query(query) = query.map_err(|e| {
         Failure::bad_request(format!(
             "{}: `status` is open, resolved, auto_resolved or all; `limit` a whole number",
             e.body_text()
         ))
     })?;
-    let list = with_mirror(&state, &principal, |mirror| {
-        mirror.conflicts(query.status.as_deref(), query.after.as_deref(), query.limit)
-    })?;
+    let query = ConflictsParams {
+        status: query.status,
+        collection: None,
+        after: query.after,
+        limit: query.limit,
+    };
+    let list = with_mirror(&state, &principal, |mirror| mirror.conflicts(query))?;
     Ok(axum::Json(list))
 }
 
@@ -246,8 +256,8 @@ async fn get_conflict(
     State(state): State<ApiState>,
     principal: Principal,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, Failure> {
-    let conflict = with_mirror(&state, &principal, |mirror| mirror.conflict(&id))?;
+) -> Result<axum::Json<Conflict>, Failure> {
+    let conflict = with_mirror(&state, &principal, |mirror| mirror.conflict(id))?;
     Ok(axum::Json(conflict))
 }
 
@@ -264,7 +274,7 @@ async fn resolve_conflict(
     State(state): State<ApiState>,
     principal: Principal,
     JsonBody(request): JsonBody<ResolveConflictRequest>,
-) -> Result<axum::Json<Value>, Failure> {
+) -> Result<axum::Json<Resolved>, Failure> {
     let resolved = with_mirror(&state, &principal, |mirror| {
         mirror.resolve(
             &request.conflict_id,
@@ -272,7 +282,5 @@ async fn resolve_conflict(
             request.resolved_data,
         )
     })?;
-    serde_json::to_value(resolved)
-        .map(axum::Json)
-        .map_err(|e| unavailable(&e))
+    Ok(axum::Json(resolved))
 }

@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering;
 pub const COUNTERS: [&str; 4] = ["detected", "auto_resolved", "queued", "resolved_manually"];
 
 /// Conflict counts for one kind in one collection.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConflictCounts {
     pub kind: String,
     pub collection: String,
@@ -42,7 +42,7 @@ pub struct ConflictCounts {
 }
 
 /// What a resolution wrote.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResolveOutcome {
     pub conflict: Conflict,
     pub writes: Vec<super::Applied>,

@@ -29,7 +29,7 @@ use ferry_proto::{
 };
 use kv::{Batch, Kv, KvError};
 use lru::LruCache;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -188,7 +188,7 @@ pub enum Write {
 }
 
 /// What a write did.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Applied {
     pub collection: String,
     pub id: String,
@@ -200,7 +200,7 @@ pub struct Applied {
     pub queue_id: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RecordView {
     pub collection: String,
     pub id: String,
@@ -255,7 +255,7 @@ pub struct Compacted {
     pub after: SpaceUse,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct QueueCounts {
     pub pending: u64,
     pub processing: u64,
