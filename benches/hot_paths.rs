@@ -4,6 +4,15 @@
 //! shape every benchmark uses (`workload::record_fields`). Also issuing and verifying an access
 //! token, which the relay does on every connection.
 
+// A benchmark stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod workload;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};

@@ -19,6 +19,15 @@
 //! prints one JSON object per phase on standard output; see benches/README.md. Without `--bench`
 //! (as `cargo test --all-targets` runs it) it does a quick smoke run on a few records.
 
+// A benchmark stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod harness;

@@ -6,6 +6,15 @@
 //! update_update conflict), and reading the log back in pages of 1,000. Appends go in batches of
 //! 500, each flushed, as devices upload them, each under its writer's own device id.
 
+// A benchmark stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod workload;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

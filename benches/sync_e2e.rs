@@ -21,6 +21,15 @@
 //! (also while a panic unwinds), and SIGINT/SIGTERM/SIGHUP stop them all before the benchmark
 //! itself stops.
 
+// A benchmark stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod harness;

@@ -36,6 +36,8 @@ pub enum WebhookError {
     Http(#[from] hyper::Error),
     #[error("the webhook request cannot be built: {0}")]
     Request(#[from] hyper::http::Error),
+    #[error("the webhook's body cannot be written as JSON ({0}): please report this as a bug")]
+    Body(#[from] serde_json::Error),
     #[error("the webhook answered {0}: check the receiver's logs")]
     Status(hyper::StatusCode),
 }
@@ -236,7 +238,7 @@ async fn post_json(url: &str, post: &WebhookPost) -> Result<(), WebhookError> {
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     let driver = tokio::spawn(connection);
-    let body = serde_json::to_string(post).unwrap_or_default();
+    let body = serde_json::to_string(post)?;
     let request = hyper::Request::post(path)
         .header(hyper::header::HOST, authority)
         .header(hyper::header::CONTENT_TYPE, "application/json")

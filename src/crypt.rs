@@ -117,6 +117,15 @@ pub enum FieldError {
         "encrypting a field failed ({0}): retry the write; if it persists, the system's randomness source is broken"
     )]
     Seal(String),
+    #[error(
+        "field {field:?} of {collection}/{id} cannot be written as JSON ({detail}): nothing was written; please report this as a bug"
+    )]
+    Encode {
+        collection: String,
+        id: String,
+        field: String,
+        detail: String,
+    },
 }
 
 /// Where an encrypted value belongs; bound into its ciphertext as associated data.
@@ -184,8 +193,9 @@ impl AccountKey {
 
     /// First 8 bytes of the key's SHA-256, hex: tells keys apart without revealing them.
     pub fn fingerprint(&self) -> String {
-        Sha256::digest(self.bytes.as_ref())[..8]
+        Sha256::digest(self.bytes.as_ref())
             .iter()
+            .take(8)
             .map(|b| format!("{b:02x}"))
             .collect()
     }
@@ -298,7 +308,15 @@ impl AccountKey {
     /// Encrypts one field's JSON value: `ENVELOPE_V1`, a random 24-byte nonce, the ciphertext
     /// with its tag.
     pub fn seal(&self, at: FieldAt<'_>, value: &Value) -> Result<Vec<u8>, FieldError> {
-        let plaintext = Zeroizing::new(serde_json::to_vec(value).unwrap_or_default());
+        let plaintext = serde_json::to_vec(value).map_err(|e| {
+            at.owned(|collection, id, field| FieldError::Encode {
+                collection,
+                id,
+                field,
+                detail: e.to_string(),
+            })
+        })?;
+        let plaintext = Zeroizing::new(plaintext);
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|e| FieldError::Seal(e.to_string()))?;
         let aad = at.aad();
@@ -329,21 +347,21 @@ impl AccountKey {
                 reason,
             })
         };
-        match envelope.first() {
-            Some(&ENVELOPE_V1) => {}
+        let sealed = match envelope.split_first() {
+            Some((&ENVELOPE_V1, sealed)) => sealed,
             _ => return Err(damaged("unknown version")),
-        }
+        };
         if envelope.len() < MIN_ENVELOPE {
             return Err(damaged("too short"));
         }
-        let (nonce, ciphertext) = envelope[1..].split_at(NONCE_LEN);
-        let mut nonce_bytes = [0u8; NONCE_LEN];
-        nonce_bytes.copy_from_slice(nonce);
+        let Some((nonce, ciphertext)) = sealed.split_first_chunk::<NONCE_LEN>() else {
+            return Err(damaged("too short"));
+        };
         let aad = at.aad();
         let plaintext = self
             .cipher()
             .decrypt(
-                &XNonce::from(nonce_bytes),
+                &XNonce::from(*nonce),
                 Payload {
                     msg: ciphertext,
                     aad: &aad,
@@ -367,8 +385,9 @@ fn checksum(key: &[u8]) -> String {
     Sha256::new()
         .chain_update(EXPORT_PREFIX.as_bytes())
         .chain_update(key)
-        .finalize()[..4]
+        .finalize()
         .iter()
+        .take(4)
         .map(|b| format!("{b:02x}"))
         .collect()
 }
@@ -463,7 +482,11 @@ impl Keyring {
                 key.open(at, old).is_ok_and(|old_plain| {
                     // Compared as JSON text: `0.0` and `-0.0` differ, as they do for plain
                     // fields.
-                    serde_json::to_vec(&old_plain).ok() == serde_json::to_vec(plain).ok()
+                    // A value that does not encode is never the same: `seal` reports it.
+                    matches!(
+                        (serde_json::to_vec(&old_plain), serde_json::to_vec(plain)),
+                        (Ok(old), Ok(new)) if old == new
+                    )
                 })
             });
             *plain = match kept {

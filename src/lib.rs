@@ -12,6 +12,7 @@ pub mod datadir;
 pub mod demo;
 pub mod drive;
 pub mod engine;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod ipc;
 pub mod metrics;

@@ -102,7 +102,7 @@ impl From<StoreError> for ApiError {
             StoreError::Field(FieldError::WrongKey { .. } | FieldError::Damaged { .. }) => {
                 code::UNDECRYPTABLE
             }
-            StoreError::Field(FieldError::Seal(_)) => code::INTERNAL,
+            StoreError::Field(FieldError::Seal(_) | FieldError::Encode { .. }) => code::INTERNAL,
             StoreError::NotFound { .. }
             | StoreError::QueueEntryNotFound(_)
             | StoreError::ConflictNotFound(_) => code::NOT_FOUND,
@@ -128,6 +128,7 @@ impl From<StoreError> for ApiError {
             StoreError::Transition(_) => code::INVALID_STATE,
             StoreError::WrongDevice { .. }
             | StoreError::UnsupportedFormat(_)
+            | StoreError::Encode { .. }
             | StoreError::Panicked { .. }
             | StoreError::Record(RecordError::Automerge(_) | RecordError::ApplyPanicked(_)) => {
                 code::INTERNAL

@@ -720,7 +720,7 @@ impl FrameSender {
     /// Sends one message as one frame; a message whose frame would be over `max_frame_bytes` is
     /// refused before anything is written, and the stream stays usable.
     pub async fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
-        let frame = encode_frame(msg);
+        let frame = encode_frame(msg)?;
         let len = frame.len().saturating_sub(LENGTH_PREFIX_BYTES);
         if len > self.max_frame_bytes {
             return Err(TransportError::FrameTooLarge {

@@ -9,6 +9,15 @@
 //!   back.
 //! - `storage_quota` and `disk_free`: thresholds below and above what the disk and the log hold.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Daemon, Device, InProcessRelay, Relay, TIMEOUT, call, status, unsent, wait_for_ok};

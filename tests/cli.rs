@@ -1,5 +1,14 @@
 //! The `ferry` binary as people use it, without a daemon and through one.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Device, OTHER_DEVICE, Relayed, put, stderr, stdout};

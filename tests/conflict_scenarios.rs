@@ -10,6 +10,15 @@
 //! The relay is shared by the tests that run at the same time; each test syncs in a space of its
 //! own, so the relay's head in that space counts exactly the test's changes.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Daemon, Device, Relay, assert_json_same, call, status, unsent, wait_converged};

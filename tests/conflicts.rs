@@ -3,6 +3,15 @@
 //! relay sends them), so every detection and resolution rule runs on real stores with one shared
 //! step clock: whatever a test does later has the later time.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{StepClock, fields, put};

@@ -13,6 +13,15 @@
 //! `FERRY_CRASH_KILLS=<n>` sets the number of kills (default 200). Where exactly a kill lands
 //! also depends on timing, so a replay hits the same kind of moments rather than the same bytes.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Daemon, Device, TIMEOUT};

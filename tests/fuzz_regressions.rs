@@ -3,6 +3,15 @@
 //! decoders are exercised on every CI run without a fuzzer. Set FERRY_FUZZ_SEED to replay a run,
 //! FERRY_FUZZ_ITERATIONS to run more.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 use ferry::fuzzing::TARGETS;
 use rand::rngs::StdRng;
 use rand::{RngExt as _, SeedableRng};

@@ -3,6 +3,15 @@
 //! with pages, ETag/304 and gzip, and every kind of bad request getting its status and a
 //! message that names the problem. Another account's token sees none of this account's records.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Device, Relay, call, wait_converged};

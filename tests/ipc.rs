@@ -3,6 +3,15 @@
 //! error that names the problem; none may lose or damage an acknowledged write, and none may
 //! reach a panic.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Device, FaultyKv, Relayed, TIMEOUT, ferry_bin, signal, stderr, stdout, wait_for};

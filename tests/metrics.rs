@@ -3,6 +3,15 @@
 //! from a relay run in-process that real daemons sync through. Every exposition is parsed
 //! strictly as the 0.0.4 text format; the tests compare counts, never durations.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Daemon, Device, InProcessRelay, Relay, TIMEOUT, call, wait_converged, wait_for_ok};

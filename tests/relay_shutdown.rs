@@ -3,6 +3,15 @@
 //! as a shutdown (not as a protocol failure), does not wait on the frozen device, exits, and
 //! frees its data directory for a new relay at once.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Device, Relay, call, signal, wait_converged};

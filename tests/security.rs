@@ -6,6 +6,15 @@
 //! cannot reach the local sockets; a wrong pinned fingerprint stops `ferry register` before
 //! anything is sent; enrolment attempts are rate limited per address.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{

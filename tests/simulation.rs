@@ -22,6 +22,15 @@
 //! `FERRY_SIM_SEEDS=N` runs N seeds (default 500); `FERRY_SIM_SEED=S` replays one seed;
 //! `FERRY_SIM_FIRST=S` starts the range elsewhere. A failure prints the seed to replay.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::ops::ControlFlow;

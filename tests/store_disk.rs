@@ -4,6 +4,15 @@
 //! live data (the bytes of every key and value) plus a small fixed floor, while it runs and
 //! across a reopen.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Device, Engine, TIMEOUT, TestStore, fields, status, wait_for};

@@ -7,6 +7,15 @@
 //! Replay a failure with the seed it prints: `PROPTEST_RNG_SEED=... cargo test --test store_model`.
 //! `PROPTEST_CASES` sets the number of cases.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Engine, TestStore, json_difference};

@@ -4,6 +4,15 @@
 //! order and paging, and writes that are lost in a crash, refused, or fail in the engine leaving
 //! no document, no queue entry and no cached trace behind.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{

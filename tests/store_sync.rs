@@ -3,6 +3,15 @@
 //! applied idempotently, atomically with the download cursor, convergently between devices, and
 //! without losing a local write made at the same time.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Engine, StepClock, TestStore, fields, open_test_store, put};

@@ -3,6 +3,15 @@
 //! on their own while the changes around them sync, with `ferry retry` and `ferry sync` telling
 //! what happened.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Device, Relay, TIMEOUT, call, status, stderr, stdout, wait_for, wait_for_ok};

@@ -2,6 +2,15 @@
 //! pinned and CA trust, the channel binding, and framing over a session stream, including what a
 //! misbehaving peer's raw bytes do to the receiver.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 use ferry::transport::{
     ALPN, CERT_FILE_NAME, FrameReceiver, KEY_FILE_NAME, RelayCertificate, ServerTrust,
     TransportError, TransportOptions, accept_session, channel_binding, client_endpoint, connect,
@@ -195,7 +204,7 @@ async fn pinned_session_carries_frames_both_ways() {
     });
 
     let big = big_changes();
-    let frame = encode_frame(&big);
+    let frame = encode_frame(&big).unwrap();
     assert!(frame.len() < 1 << 20, "big message not compressed");
     assert_eq!(frame[4] & 1, 1, "big message not compressed");
     assert!(postcard::to_stdvec(&big).unwrap().len() >= 1 << 20);
@@ -452,8 +461,8 @@ async fn receiver_handles_raw_bytes_from_a_misbehaving_peer() {
         signature: [1; 64],
         credential: ferry_proto::wire::Credential::Key,
     };
-    let mut two = encode_frame(&first);
-    two.extend(encode_frame(&second));
+    let mut two = encode_frame(&first).unwrap();
+    two.extend(encode_frame(&second).unwrap());
     let results = receive_raw(&mut relay, &two, true, max).await;
     assert!(
         matches!(
@@ -467,7 +476,7 @@ async fn receiver_handles_raw_bytes_from_a_misbehaving_peer() {
     assert!(matches!(results.as_slice(), [Ok(None)]), "{results:?}");
 
     // The limit the receiver was given applies, not the sender's idea of it.
-    let frame = encode_frame(&first);
+    let frame = encode_frame(&first).unwrap();
     let len = frame_length(frame[..4].try_into().unwrap(), usize::MAX).unwrap();
     let results = receive_raw(&mut relay, &frame, true, len - 1).await;
     assert!(

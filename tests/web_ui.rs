@@ -8,6 +8,15 @@
 //! Needs Debian's `chromium` package and Node.js with npm (`.ci/run` installs them); the test
 //! runs `npm ci --prefix tests/browser` itself when `playwright-core` is not installed yet.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 mod common;
 
 use common::{Device, Relay, call, wait_converged, wait_for};

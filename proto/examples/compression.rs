@@ -6,6 +6,15 @@
 //!
 //! `cargo run --release -p ferry-proto --example compression`
 
+// An example stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 use automerge::transaction::Transactable as _;
 use automerge::{ActorId, AutoCommit, ROOT};
 use ferry_proto::wire::{LogEntry, Message};

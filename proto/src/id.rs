@@ -30,6 +30,8 @@ impl IdGenerator {
     }
 }
 
+// `& 0x1F` keeps every index below 32, the length of `ALPHABET`, a `[u8; 32]`.
+#[allow(clippy::indexing_slicing)]
 fn encode(value: u128) -> String {
     (0..26)
         .rev()

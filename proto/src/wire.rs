@@ -463,22 +463,24 @@ pub enum FrameError {
     Decode(String),
     #[error("frame body has {0} bytes left over after the message")]
     TrailingBytes(usize),
+    #[error("message cannot be encoded ({0}): nothing was sent; please report this as a bug")]
+    Encode(String),
 }
 
 impl FrameError {
     pub fn code(&self) -> ErrorCode {
         match self {
             FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+            FrameError::Encode(_) => ErrorCode::Internal,
             _ => ErrorCode::Malformed,
         }
     }
 }
 
 /// Encodes `message` as one frame, compressed when that makes it at least 10% smaller.
-pub fn encode_frame(message: &Message) -> Vec<u8> {
-    let body = postcard::to_stdvec(message).expect("a Message always serializes");
+pub fn encode_frame(message: &Message) -> Result<Vec<u8>, FrameError> {
+    let mut body = postcard::to_stdvec(message).map_err(|e| FrameError::Encode(e.to_string()))?;
     let mut flags = 0;
-    let mut body = body;
     if body.len() >= COMPRESS_FROM_BYTES
         && let Ok(packed) = zstd::bulk::compress(&body, ZSTD_LEVEL)
         && packed.len() * 10 < body.len() * 9
@@ -486,11 +488,16 @@ pub fn encode_frame(message: &Message) -> Vec<u8> {
         body = packed;
         flags |= FLAG_ZSTD;
     }
+    let len = body.len() + 1;
+    let header = u32::try_from(len).map_err(|_| FrameError::TooLarge {
+        len,
+        max: u32::MAX as usize,
+    })?;
     let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
-    frame.extend_from_slice(&((body.len() + 1) as u32).to_be_bytes());
+    frame.extend_from_slice(&header.to_be_bytes());
     frame.push(flags);
     frame.extend_from_slice(&body);
-    frame
+    Ok(frame)
 }
 
 /// The length a frame header announces (flags and body), checked against `max_frame_bytes`, so
@@ -576,10 +583,10 @@ impl FrameReader {
             return Ok(None);
         };
         let len = frame_length(*header, self.max_frame_bytes)?;
-        if self.buffer.len() < 4 + len {
+        let Some(frame) = self.buffer.get(4..4 + len) else {
             return Ok(None);
-        }
-        let message = decode_frame_body(&self.buffer[4..4 + len], self.max_frame_bytes);
+        };
+        let message = decode_frame_body(frame, self.max_frame_bytes);
         self.buffer.drain(..4 + len);
         message.map(Some)
     }
@@ -629,7 +636,10 @@ mod tests {
                 },
             },
         ];
-        let bytes: Vec<u8> = messages.iter().flat_map(encode_frame).collect();
+        let bytes: Vec<u8> = messages
+            .iter()
+            .flat_map(|m| encode_frame(m).unwrap())
+            .collect();
         for step in [1, 3, 7, 1000] {
             let mut reader = FrameReader::new(1 << 20);
             let mut got = Vec::new();
@@ -656,20 +666,21 @@ mod tests {
 
     #[test]
     fn repetitive_bodies_are_compressed_small_ones_are_not() {
-        let big = encode_frame(&sample_changes(50));
+        let big = encode_frame(&sample_changes(50)).unwrap();
         assert_eq!(big[4], FLAG_ZSTD);
         let raw = postcard::to_stdvec(&sample_changes(50)).unwrap();
         assert!(big.len() * 3 < raw.len(), "{} vs {}", big.len(), raw.len());
         let small = encode_frame(&Message::Download {
             since: 1,
             max_changes: 2,
-        });
+        })
+        .unwrap();
         assert_eq!(small[4], 0);
     }
 
     #[test]
     fn limits_apply_before_and_after_decompression() {
-        let frame = encode_frame(&sample_changes(200));
+        let frame = encode_frame(&sample_changes(200)).unwrap();
         assert!(matches!(
             frame_length(frame[..4].try_into().unwrap(), 100),
             Err(FrameError::TooLarge { .. })
@@ -714,7 +725,8 @@ mod tests {
         let mut frame = encode_frame(&Message::Download {
             since: 1,
             max_changes: 2,
-        });
+        })
+        .unwrap();
         frame.push(0);
         assert_eq!(
             decode_frame_body(&frame[4..], 100),

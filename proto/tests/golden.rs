@@ -5,6 +5,15 @@
 //!
 //! `FERRY_BLESS=1 cargo test -p ferry-proto --test golden` rewrites the files.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 use ferry_proto::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, LogEntry, MIN_PROTOCOL_VERSION, Message,
     PROTOCOL_VERSION, RecordName, Secret, Tokens, UploadChange, decode_frame_body, encode_frame,
@@ -390,7 +399,7 @@ fn decode_whole_frame(frame: &[u8]) -> Result<Message, String> {
 
 /// Compares one vector; `None` when it matches, else what is wrong.
 fn check(name: &str, message: &Message, stored: &[u8]) -> Option<String> {
-    let encoded = encode_frame(message);
+    let encoded = encode_frame(message).unwrap();
     let compressed = |f: &[u8]| f.get(4).is_some_and(|flags| flags & FLAG_ZSTD != 0);
     let (expected, actual) = if compressed(stored) && compressed(&encoded) {
         match (plain_body(stored), plain_body(&encoded)) {
@@ -419,7 +428,7 @@ fn frames_match_the_checked_in_vectors() {
     for (name, message) in vectors() {
         let path = dir.join(format!("{name}.bin"));
         if bless {
-            std::fs::write(&path, encode_frame(&message))
+            std::fs::write(&path, encode_frame(&message).unwrap())
                 .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
             continue;
         }
@@ -463,7 +472,7 @@ fn every_variant_and_error_code_has_a_vector() {
 
     let compressed = vectors
         .iter()
-        .filter(|(_, m)| encode_frame(m)[4] & FLAG_ZSTD != 0)
+        .filter(|(_, m)| encode_frame(m).unwrap()[4] & FLAG_ZSTD != 0)
         .count();
     assert_eq!(compressed, 1, "exactly one vector is a compressed frame");
 }
@@ -473,14 +482,16 @@ fn every_variant_and_error_code_has_a_vector() {
 #[test]
 fn tags_are_the_variant_indices() {
     for (name, message) in vectors() {
-        let plain = plain_body(&encode_frame(&message)).expect("our own frame decompresses");
+        let plain =
+            plain_body(&encode_frame(&message).unwrap()).expect("our own frame decompresses");
         assert_eq!(plain[1], message_tag(&message), "{name}: first body byte");
     }
     for code in ERROR_CODES {
         let frame = encode_frame(&Message::Error {
             code,
             message: String::new(),
-        });
+        })
+        .unwrap();
         assert_eq!(
             &frame[4..],
             &[0, 8, error_code_tag(code), 0],

@@ -1,6 +1,15 @@
 //! The session state machines against each other, with the store's side played by plain vectors:
 //! the handshake and its failures, upload and download, pushes, limits and timeouts.
 
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{
     DeviceEffect, DeviceEvent, DeviceOutput, DeviceSession, Grant, LogSlice, MAX_UPLOADS_IN_FLIGHT,

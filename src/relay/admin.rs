@@ -115,7 +115,7 @@ pub fn dispatch(
     match method {
         "account.add" => {
             let p: Named = params(raw)?;
-            Ok(to_json(&accounts.add_account(&p.name, now_ms)?))
+            to_json(&accounts.add_account(&p.name, now_ms)?)
         }
         "account.password" => {
             let p: PasswordParams = params(raw)?;
@@ -147,7 +147,7 @@ pub fn dispatch(
                 return Err(ApiError::invalid_params("hours must be at least 1"));
             }
             let code = accounts.enrol(&p.account, hours.saturating_mul(3_600_000), now_ms)?;
-            Ok(to_json(&code))
+            to_json(&code)
         }
         "devices" => {
             let p: DevicesParams = params(raw)?;
@@ -187,8 +187,13 @@ pub fn dispatch(
     }
 }
 
-fn to_json(value: &impl serde::Serialize) -> Value {
-    serde_json::to_value(value).unwrap_or(Value::Null)
+fn to_json(value: &impl serde::Serialize) -> Result<Value, ApiError> {
+    serde_json::to_value(value).map_err(|e| {
+        ApiError::new(
+            code::INTERNAL,
+            format!("the answer cannot be written as JSON ({e}): please report this as a bug"),
+        )
+    })
 }
 
 /// Serves the operator's socket until `shutdown` turns true.

@@ -243,7 +243,9 @@ fn new_actor_id() -> String {
     // which are key hashes; the time makes that so.
     if getrandom::fill(&mut bytes).is_err() {
         let now = crate::clock::now_ms().to_be_bytes();
-        bytes[..now.len()].copy_from_slice(&now);
+        for (byte, time) in bytes.iter_mut().zip(now) {
+            *byte = time;
+        }
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -472,7 +474,8 @@ impl Mirror {
         let _busy = self.lock();
         self.catch_up_locked()?;
         let store = self.service.store();
-        let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
+        // One slot per write, in order: a refusal now, or `None` until its commit answers.
+        let mut outcomes: Vec<Option<WriteOutcome>> = Vec::with_capacity(writes.len());
         // Whether each record is live as the writes before it in this request leave it.
         let mut live: HashMap<(String, String), bool> = HashMap::new();
         let mut accepted: Vec<(usize, Write, Option<Vec<ChangeHash>>)> = Vec::new();
@@ -481,35 +484,35 @@ impl Mirror {
             let refuse =
                 |code, reason: String| Some(WriteOutcome::rejected(&write.id, code, reason));
             if declared.is_some_and(|d| !d.contains_key(&write.collection)) {
-                outcomes[index] = refuse(
+                outcomes.push(refuse(
                     RejectCode::UnknownModel,
                     format!(
                         "model {:?} is not declared in the relay's config: add a [collections.{}] \
                          section there (as on the devices)",
                         write.collection, write.collection
                     ),
-                );
+                ));
                 continue;
             }
             let encrypted = &policies.of(&write.collection).encrypted;
             if let Some(field) = write.fields.keys().find(|f| encrypted.contains(*f)) {
-                outcomes[index] = refuse(
+                outcomes.push(refuse(
                     RejectCode::EncryptedField,
                     format!(
                         "field {field:?} of {} is encrypted with the account key, which the relay \
                          does not have: write it from a device",
                         write.collection
                     ),
-                );
+                ));
                 continue;
             }
             if write.base.is_some() && write.operation == WebOperation::Create {
-                outcomes[index] = refuse(
+                outcomes.push(refuse(
                     RejectCode::Invalid,
                     "`base` is the version an update or delete was made on: leave it out of a \
                      create"
                         .into(),
-                );
+                ));
                 continue;
             }
             let was_live = match live.get(&key) {
@@ -520,7 +523,7 @@ impl Mirror {
                 None => match store.is_live(&key.0, &key.1) {
                     Ok(live) => live,
                     Err(e) => {
-                        outcomes[index] = refuse(RejectCode::Invalid, e.to_string());
+                        outcomes.push(refuse(RejectCode::Invalid, e.to_string()));
                         continue;
                     }
                 },
@@ -528,17 +531,17 @@ impl Mirror {
             let base = write.base;
             let (write, now_live) = match (write.operation, was_live) {
                 (WebOperation::Create, true) => {
-                    outcomes[index] = refuse(
+                    outcomes.push(refuse(
                         RejectCode::Exists,
                         format!("{}/{} already exists: update it instead", key.0, key.1),
-                    );
+                    ));
                     continue;
                 }
                 (WebOperation::Update | WebOperation::Delete, false) => {
-                    outcomes[index] = refuse(
+                    outcomes.push(refuse(
                         RejectCode::NotFound,
                         format!("{}/{} does not exist (or is deleted)", key.0, key.1),
-                    );
+                    ));
                     continue;
                 }
                 (WebOperation::Create, false) => (
@@ -568,18 +571,22 @@ impl Mirror {
             };
             live.insert(key, now_live);
             accepted.push((index, write, base));
+            outcomes.push(None);
         }
         let applied = self.commit(accepted)?;
         let sent = self.pump()?;
         self.catch_up_locked()?;
         for (index, id, result) in applied {
-            outcomes[index] = Some(match result {
+            let outcome = match result {
                 Err(e) if e.code == code::NOT_FOUND => {
                     WriteOutcome::rejected(&id, RejectCode::NotFound, e.message)
                 }
                 Err(e) => WriteOutcome::rejected(&id, RejectCode::Invalid, e.message),
                 Ok(applied) => self.outcome(applied, &sent)?,
-            });
+            };
+            if let Some(slot) = outcomes.get_mut(index) {
+                *slot = Some(outcome);
+            }
         }
         Ok(outcomes
             .into_iter()

@@ -147,7 +147,10 @@ impl Store {
             start = keys::after(last);
             for (key, bytes) in page {
                 let conflict: Conflict = if from_index {
-                    let id = std::str::from_utf8(&key[prefix.len()..]).unwrap_or_default();
+                    let id = key
+                        .get(prefix.len()..)
+                        .and_then(|id| std::str::from_utf8(id).ok())
+                        .unwrap_or_default();
                     match self.conflict(id)? {
                         Some(c) => c,
                         None => continue,
@@ -194,7 +197,7 @@ impl Store {
         let rows = self.kv.range(&prefix, &keys::prefix_end(&prefix), 64)?;
         Ok(rows
             .into_iter()
-            .filter_map(|(k, _)| String::from_utf8(k[prefix.len()..].to_vec()).ok())
+            .filter_map(|(k, _)| String::from_utf8(k.get(prefix.len()..)?.to_vec()).ok())
             .collect())
     }
 
@@ -218,7 +221,8 @@ impl Store {
             .range(prefix, &keys::prefix_end(prefix), usize::MAX)?;
         let mut by_key: BTreeMap<(String, String), ConflictCounts> = BTreeMap::new();
         for (key, value) in rows {
-            let text = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let text =
+                String::from_utf8_lossy(key.get(prefix.len()..).unwrap_or_default()).into_owned();
             let mut parts = text.splitn(3, '\0');
             let (Some(counter), Some(kind), Some(collection)) =
                 (parts.next(), parts.next(), parts.next())
@@ -413,7 +417,10 @@ impl Store {
             },
         };
         let state = LoggedState::new(&logged, &staged.after);
-        batch.put(keys::logged_heads(&key.0, &key.1), super::encode(&state));
+        batch.put(
+            keys::logged_heads(&key.0, &key.1),
+            super::encode(&state, "logged heads")?,
+        );
         unlogged.insert(key.clone(), logged);
         Ok(())
     }
@@ -547,7 +554,7 @@ impl Store {
             return Ok(());
         }
         for (constraint, value) in before.iter().filter(|v| !values.contains(v)) {
-            let value_key = keys::unique_value(&key.0, *constraint, &canonical(value));
+            let value_key = keys::unique_value(&key.0, *constraint, &canonical(value)?);
             let mut holders = self.holders(ledger, &value_key)?;
             holders.records.retain(|r| *r != key.1);
             let (ended, open): (Vec<_>, Vec<_>) = holders
@@ -561,11 +568,15 @@ impl Store {
             ledger.holders.insert(value_key, holders);
         }
         for (constraint, value) in values.iter().filter(|v| !before.contains(v)) {
-            let value_key = keys::unique_value(&key.0, *constraint, &canonical(value));
+            let value_key = keys::unique_value(&key.0, *constraint, &canonical(value)?);
             let mut holders = self.holders(ledger, &value_key)?;
-            if let Some(first) = holders.records.first().cloned() {
+            // `values` come from `resolve::unique_values` over this same policy, so every
+            // constraint index is one of its constraints.
+            if let Some(first) = holders.records.first().cloned()
+                && let Some(fields) = at.policy.unique.get(*constraint)
+            {
                 let clash = UniqueClash {
-                    fields: at.policy.unique[*constraint].clone(),
+                    fields: fields.clone(),
                     value: value.clone(),
                 };
                 let conflict =
@@ -612,7 +623,7 @@ impl Store {
         };
         // As for the other kinds, the client side names the change that brought the conflict.
         client.changes = vec![at.change.to_string()];
-        let value = canonical(&clash.value);
+        let value = canonical(&clash.value)?;
         let constraint = clash.fields.join(",");
         Ok(Conflict {
             id: resolve::conflict_id(&[
@@ -686,24 +697,30 @@ impl Store {
                     batch.remove(h);
                 }
             } else {
-                batch.put(h, super::encode(&LoggedState::new(logged, document)));
+                batch.put(
+                    h,
+                    super::encode(&LoggedState::new(logged, document), "logged heads")?,
+                );
             }
         }
         ledger.dirty.sort();
         ledger.dirty.dedup();
         for id in &ledger.dirty {
             if let Some(Some(conflict)) = ledger.conflicts.get(id) {
-                batch.put(keys::conflict(id), to_json(conflict));
+                batch.put(keys::conflict(id), to_json(conflict, "conflict")?);
             }
         }
         for (key, held) in &ledger.held {
-            batch.put(keys::unique_held(&key.0, &key.1), to_json(held));
+            batch.put(
+                keys::unique_held(&key.0, &key.1),
+                to_json(held, "unique values")?,
+            );
         }
         for (key, holders) in &ledger.holders {
             if holders.records.is_empty() {
                 batch.remove(key.clone());
             } else {
-                batch.put(key.clone(), to_json(holders));
+                batch.put(key.clone(), to_json(holders, "unique value holders")?);
             }
         }
         for (key, add) in &ledger.counters {
@@ -791,7 +808,7 @@ impl Store {
             }
             let staged = Staged::of(record, before, written);
             self.stage_unlogged(&mut unlogged, &mut batch, &key, &staged)?;
-            writes.push(self.finish(key, staged, now, &mut batch, &mut delta));
+            writes.push(self.finish(key, staged, now, &mut batch, &mut delta)?);
         }
         conflict.resolving = Some(Resolution {
             take: Some(take),
@@ -799,7 +816,7 @@ impl Store {
             time: i64::try_from(now).unwrap_or(i64::MAX),
             change,
         });
-        batch.put(keys::conflict(id), to_json(&conflict));
+        batch.put(keys::conflict(id), to_json(&conflict, "conflict")?);
         let mut queue = self.lock_queue();
         self.apply_queue_batch(&mut queue, batch, delta)?;
         drop(queue);
@@ -1052,11 +1069,13 @@ fn set_path(fields: &mut Fields, path: &[Value], value: Option<Value>) {
 
 /// A value's bytes as the unique index keys it: compact JSON, which serde_json writes the same
 /// way for equal values.
-fn canonical(value: &[Value]) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
+fn canonical(value: &[Value]) -> Result<Vec<u8>, StoreError> {
+    to_json(&value, "unique value")
 }
 
-fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
-    // Serialising these plain data types cannot fail.
-    serde_json::to_vec(value).unwrap_or_default()
+fn to_json<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Encode {
+        what,
+        detail: e.to_string(),
+    })
 }

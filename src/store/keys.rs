@@ -133,11 +133,12 @@ pub fn doc_collection(key: &[u8]) -> Result<&str, StoreError> {
     let rest = key
         .get(DOC_ALL.len()..)
         .ok_or_else(|| corrupt("short document key"))?;
-    let end = rest
+    let collection = rest
         .iter()
         .position(|&b| b == 0)
+        .and_then(|end| rest.get(..end))
         .ok_or_else(|| corrupt("document key without a collection"))?;
-    std::str::from_utf8(&rest[..end]).map_err(|_| corrupt("document key with a bad collection"))
+    std::str::from_utf8(collection).map_err(|_| corrupt("document key with a bad collection"))
 }
 
 fn seq_key(prefix: &[u8], n: u64) -> Vec<u8> {

@@ -373,22 +373,28 @@ fn stage_put(
             batch.remove(old.map_err(from_sled)?);
         }
     }
-    match value {
-        None => batch.remove(key),
-        Some(value) if value.len() <= CHUNK => batch.insert(key, value),
-        Some(value) => {
+    let Some(value) = value else {
+        batch.remove(key);
+        return Ok(false);
+    };
+    // A long value's first chunk holds its length, then as much of the value as fits.
+    let len_bytes = (value.len() as u64).to_be_bytes();
+    match value.split_at_checked(CHUNK - len_bytes.len()) {
+        Some((head, rest)) if value.len() > CHUNK => {
             batch.insert(key, sled::IVec::default());
-            let mut first = (value.len() as u64).to_be_bytes().to_vec();
-            let split = CHUNK - first.len();
-            first.extend_from_slice(&value[..split]);
+            let mut first = len_bytes.to_vec();
+            first.extend_from_slice(head);
             batch.insert(chunk_key(&prefix, 0), first);
-            for (n, chunk) in value[split..].chunks(CHUNK).enumerate() {
+            for (n, chunk) in rest.chunks(CHUNK).enumerate() {
                 batch.insert(chunk_key(&prefix, n + 1), chunk);
             }
-            return Ok(true);
+            Ok(true)
+        }
+        _ => {
+            batch.insert(key, value);
+            Ok(false)
         }
     }
-    Ok(false)
 }
 
 /// The keys whose values `db` holds in chunks, read from the chunks' own keys.
@@ -396,7 +402,7 @@ fn chunked_keys(db: &sled::Db) -> Result<HashSet<Vec<u8>>, KvError> {
     let mut keys = HashSet::new();
     for chunk in db.range([RESERVED]..).keys() {
         let chunk = chunk.map_err(from_sled)?;
-        let Some((len, rest)) = chunk[1..].split_first_chunk::<4>() else {
+        let Some((len, rest)) = chunk.get(1..).and_then(<[u8]>::split_first_chunk::<4>) else {
             continue;
         };
         if let Some(key) = rest.get(..u32::from_be_bytes(*len) as usize) {

@@ -87,6 +87,10 @@ pub enum StoreError {
     Panicked { work: &'static str, message: String },
     #[error("stored {what} cannot be decoded ({detail}): the store is damaged")]
     Decode { what: &'static str, detail: String },
+    #[error(
+        "{what} cannot be encoded ({detail}): nothing was written; please report this as a bug"
+    )]
+    Encode { what: &'static str, detail: String },
     #[error(transparent)]
     Field(#[from] crate::crypt::FieldError),
     #[error(
@@ -530,7 +534,7 @@ impl Store {
                 });
             }
             self.stage_unlogged(&mut unlogged, &mut batch, &key, &staged)?;
-            applied.push(self.finish(key, staged, now, &mut batch, &mut delta));
+            applied.push(self.finish(key, staged, now, &mut batch, &mut delta)?);
         }
         Ok((batch, delta, applied))
     }
@@ -556,7 +560,7 @@ impl Store {
                 && !cache.contains(&r.key)
                 && self.kv.get(&keys::doc(&r.key.0, &r.key.1))?.is_none()
             {
-                candidates.push(index);
+                candidates.push((index, r));
             }
         }
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -569,8 +573,7 @@ impl Store {
                     scope.spawn(move || {
                         indices
                             .iter()
-                            .map(|&i| {
-                                let r = &resolved[i];
+                            .map(|&(i, r)| {
                                 let mut record = self.new_record(&r.key.0);
                                 let policy = self.policy(&r.key.0);
                                 let staged = mutate(
@@ -615,16 +618,16 @@ impl Store {
         now: u64,
         batch: &mut Batch,
         delta: &mut CountDelta,
-    ) -> Applied {
+    ) -> Result<Applied, StoreError> {
         let (collection, id) = key;
         let Some((operation, change, doc)) = staged.written else {
-            return Applied {
+            return Ok(Applied {
                 collection,
                 id,
                 operation: None,
                 heads: staged.heads,
                 queue_id: None,
-            };
+            });
         };
         batch.put(keys::doc(&collection, &id), doc);
         let queue_id = self.next_queue_id.fetch_add(1, Ordering::SeqCst);
@@ -641,14 +644,14 @@ impl Store {
             updated_at: now,
             priority: self.priority(&collection),
         };
-        stage_entry(batch, delta, None, &entry);
-        Applied {
+        stage_entry(batch, delta, None, &entry)?;
+        Ok(Applied {
             collection,
             id,
             operation: Some(operation),
             heads: staged.heads,
             queue_id: Some(queue_id),
-        }
+        })
     }
 
     fn new_id(&self, now: u64) -> String {
@@ -1017,7 +1020,7 @@ impl Store {
                 }
                 QueueAction::RequeueInterrupted => entry.requeue_interrupted(now),
             }?;
-            stage_entry(&mut batch, &mut delta, Some(old), &entry);
+            stage_entry(&mut batch, &mut delta, Some(old), &entry)?;
             updated.push(entry);
         }
         self.apply_queue_batch(&mut queue, batch, delta)?;
@@ -1096,7 +1099,7 @@ impl Store {
     pub fn log_append(&self, mut entry: SyncLogEntry) -> Result<SyncLogEntry, StoreError> {
         entry.id = self.next_log_id.fetch_add(1, Ordering::SeqCst);
         let mut batch = Batch::default();
-        batch.put(keys::log(entry.id), encode(&entry));
+        batch.put(keys::log(entry.id), encode(&entry, "sync log entry")?);
         self.kv.apply(batch)?;
         Ok(entry)
     }
@@ -1495,7 +1498,7 @@ fn stage_entry(
     delta: &mut CountDelta,
     old: Option<QueueStatus>,
     entry: &SyncQueueEntry,
-) {
+) -> Result<(), StoreError> {
     if let Some(old) = old {
         *delta.slot(old) -= 1;
     }
@@ -1508,14 +1511,18 @@ fn stage_entry(
         batch.put(keys::pending(entry.priority, entry.id), Vec::new());
     }
     if entry.data.len() <= INLINE_CHANGE_BYTES {
-        batch.put(keys::queue(entry.id), encode(entry));
-        return;
+        batch.put(keys::queue(entry.id), encode(entry, "queue entry")?);
+        return Ok(());
     }
     // A long change is written once, with its new entry; a move rewrites the rest only.
     if old.is_none() {
         batch.put(keys::queue_change(entry.id), entry.data.clone());
     }
-    batch.put(keys::queue(entry.id), encode(&without_change(entry)));
+    batch.put(
+        keys::queue(entry.id),
+        encode(&without_change(entry), "queue entry")?,
+    );
+    Ok(())
 }
 
 /// The entry as stored when its change is under its own key.
@@ -1560,7 +1567,7 @@ fn move_long_changes(kv: &dyn Kv) -> Result<(), StoreError> {
             let entry: SyncQueueEntry = decode(&bytes, "queue entry")?;
             if entry.data.len() > INLINE_CHANGE_BYTES {
                 batch.put(keys::queue_change(entry.id), entry.data.clone());
-                batch.put(key, encode(&without_change(&entry)));
+                batch.put(key, encode(&without_change(&entry), "queue entry")?);
             }
         }
         // Each page lands whole; a page moved before a crash is simply found moved again.
@@ -1612,9 +1619,11 @@ fn next_seq(kv: &dyn Kv, prefix: &[u8]) -> Result<u64, StoreError> {
     last.map_or(Ok(1), |k| keys::seq_of(&k, prefix.len()).map(|n| n + 1))
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Serialising these plain structs into a Vec cannot fail.
-    postcard::to_stdvec(value).unwrap_or_default()
+fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(|e| StoreError::Encode {
+        what,
+        detail: e.to_string(),
+    })
 }
 
 fn decode<T: serde::de::DeserializeOwned>(
@@ -1803,7 +1812,7 @@ mod tests {
         );
 
         let mut older = Batch::default();
-        older.put(keys::queue(id), encode(&moved));
+        older.put(keys::queue(id), encode(&moved, "queue entry").unwrap());
         older.remove(keys::queue_change(id));
         older.remove(keys::META_QUEUE_CHANGES.to_vec());
         kv.apply(older).unwrap();

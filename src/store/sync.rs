@@ -347,10 +347,10 @@ impl Store {
         let mut delta = CountDelta::default();
         for entry in &mut picked {
             entry.start(now)?;
-            stage_entry(&mut batch, &mut delta, Some(QueueStatus::Pending), entry);
+            stage_entry(&mut batch, &mut delta, Some(QueueStatus::Pending), entry)?;
         }
         for entry in &refused {
-            stage_entry(&mut batch, &mut delta, Some(QueueStatus::Pending), entry);
+            stage_entry(&mut batch, &mut delta, Some(QueueStatus::Pending), entry)?;
         }
         self.apply_queue_batch(&mut queue, batch, delta)?;
         Ok(UploadBatch {
@@ -470,7 +470,7 @@ impl Store {
                 &mut delta,
                 Some(QueueStatus::Processing),
                 &entry,
-            );
+            )?;
         }
         self.apply_queue_batch(&mut queue, batch, delta)?;
         Ok(summary)
@@ -506,7 +506,7 @@ impl Store {
     /// with the next flush.
     pub fn save_last_known_sync(&self, known: &LastKnownSync) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        let bytes = serde_json::to_vec(known).map_err(|e| StoreError::Decode {
+        let bytes = serde_json::to_vec(known).map_err(|e| StoreError::Encode {
             what: "sync state",
             detail: e.to_string(),
         })?;
@@ -684,7 +684,10 @@ impl Store {
         )?;
         self.finish_ledger(&mut ledger, &mut batch)?;
         for entry in &quarantined {
-            batch.put(keys::quarantine(entry.seq), super::encode(entry));
+            batch.put(
+                keys::quarantine(entry.seq),
+                super::encode(entry, "quarantined entry")?,
+            );
         }
         batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
         self.kv.apply(batch)?;

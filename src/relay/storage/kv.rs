@@ -140,12 +140,15 @@ impl KvStorage {
         }
         let mut log_bytes = 0u64;
         for (seq, entry) in (append.after.saturating_add(1)..).zip(&append.entries) {
-            let encoded = encode(&StoredEntry {
-                collection: entry.collection.as_str().into(),
-                record: entry.record.as_str().into(),
-                origin: entry.origin.as_str().into(),
-                change: entry.change.as_slice().into(),
-            });
+            let encoded = encode(
+                &StoredEntry {
+                    collection: entry.collection.as_str().into(),
+                    record: entry.record.as_str().into(),
+                    origin: entry.origin.as_str().into(),
+                    change: entry.change.as_slice().into(),
+                },
+                "log entry",
+            )?;
             log_bytes = log_bytes.saturating_add(encoded.len() as u64);
             batch.put(seq_key(b'l', &[space], seq), encoded);
             batch.put(
@@ -174,13 +177,13 @@ impl KvStorage {
             if holders.is_empty() {
                 batch.remove(k);
             } else {
-                batch.put(k, serde_json::to_vec(holders).unwrap_or_default());
+                batch.put(k, to_json(holders, "unique value holders")?);
             }
         }
         for ((collection, record), held) in &append.held {
             batch.put(
                 key(b'v', &[space, collection, record]),
-                serde_json::to_vec(held).unwrap_or_default(),
+                to_json(held, "unique values")?,
             );
         }
         for (kind, collection, found) in &append.conflicts {
@@ -525,16 +528,19 @@ impl AccountStorage for KvStorage {
                     if self.kv.get(&k)?.is_some() {
                         return Err(StorageError::AccountExists(record.name));
                     }
-                    batch.put(k, encode(&record));
+                    batch.put(k, encode(&record, "account")?);
                 }
                 AccountWrite::Device(record) => {
-                    batch.put(account_key(b'D', record.device.as_bytes()), encode(&record));
+                    batch.put(
+                        account_key(b'D', record.device.as_bytes()),
+                        encode(&record, "device")?,
+                    );
                 }
                 AccountWrite::RemoveDevice(device) => {
                     batch.remove(account_key(b'D', device.as_bytes()));
                 }
                 AccountWrite::Enrolment { code_hash, record } => {
-                    batch.put(account_key(b'E', &code_hash), encode(&record));
+                    batch.put(account_key(b'E', &code_hash), encode(&record, "enrolment")?);
                 }
                 AccountWrite::ConsumeEnrolment(code_hash) => {
                     let k = account_key(b'E', &code_hash);
@@ -544,13 +550,19 @@ impl AccountStorage for KvStorage {
                     batch.remove(k);
                 }
                 AccountWrite::Family(family) => {
-                    batch.put(account_key(b'F', family.id.as_bytes()), encode(&family));
+                    batch.put(
+                        account_key(b'F', family.id.as_bytes()),
+                        encode(&family, "token family")?,
+                    );
                 }
                 AccountWrite::RemoveFamily(id) => {
                     batch.remove(account_key(b'F', id.as_bytes()));
                 }
                 AccountWrite::SigningKey(stored) => {
-                    batch.put(account_key(b'K', stored.kid.as_bytes()), encode(&stored));
+                    batch.put(
+                        account_key(b'K', stored.kid.as_bytes()),
+                        encode(&stored, "signing key")?,
+                    );
                 }
                 AccountWrite::RemoveSigningKey(kid) => {
                     batch.remove(account_key(b'K', kid.as_bytes()));
@@ -632,9 +644,18 @@ fn be_u64(value: &[u8], what: &'static str) -> Result<u64, StorageError> {
         .map_err(|_| corrupt(what, format!("{} bytes instead of 8", value.len())))
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Serialising these plain structs into a Vec cannot fail.
-    postcard::to_stdvec(value).unwrap_or_default()
+fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StorageError> {
+    postcard::to_stdvec(value).map_err(|e| StorageError::Encode {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn to_json<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(value).map_err(|e| StorageError::Encode {
+        what,
+        detail: e.to_string(),
+    })
 }
 
 fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &'static str) -> Result<T, StorageError> {

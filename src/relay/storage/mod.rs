@@ -37,6 +37,10 @@ pub enum StorageError {
     #[error("stored {what} cannot be decoded ({detail}): the relay's store is damaged")]
     Corrupt { what: &'static str, detail: String },
     #[error(
+        "{what} cannot be encoded ({detail}): nothing was written; please report this as a bug"
+    )]
+    Encode { what: &'static str, detail: String },
+    #[error(
         "the space's log moved on to seq {head} while an append was staged against seq {staged}: \
          stage it again"
     )]
