@@ -677,13 +677,18 @@ impl Record {
     }
 
     /// The sequence number of `actor`'s latest change to this record (0 when it has none): the
-    /// next change of that actor must have this plus one.
-    pub fn last_seq_of(&mut self, actor: &ActorId) -> u64 {
+    /// next change of that actor must have this plus one. Automerge 0.12 rebuilds the change
+    /// from the document's columns to answer, which can panic on a document some other device's
+    /// change left inconsistent (seen in release builds): that is `ApplyPanicked`, and the
+    /// document must be loaded again.
+    pub fn last_seq_of(&mut self, actor: &ActorId) -> Result<u64, RecordError> {
         let own = self.doc.get_actor().clone();
         self.doc.set_actor(actor.clone());
-        let seq = self.doc.get_last_local_change().map_or(0, |c| c.seq());
+        let seq = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.doc.get_last_local_change().map_or(0, |c| c.seq())
+        }));
         self.doc.set_actor(own);
-        seq
+        seq.map_err(|panic| RecordError::ApplyPanicked(panic_message(panic.as_ref())))
     }
 
     /// Puts the document back to `heads` after Automerge failed half way through applying

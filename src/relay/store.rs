@@ -371,7 +371,11 @@ impl RelayStore {
             Some(doc) => doc,
             None => self.record_doc(space, &record_key, staging)?,
         };
-        let last = doc.last_seq_of(change.actor_id());
+        let last = match doc.last_seq_of(change.actor_id()) {
+            Ok(last) => last,
+            // The document is dropped, not put back: the next change loads it again.
+            Err(e) => return refuse(staging, refused_for(e)),
+        };
         if change.seq() != last + 1 {
             staging.docs.insert(record_key, doc);
             let reason = sequence_refusal(collection, record, change.seq(), last);
