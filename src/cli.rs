@@ -1259,7 +1259,10 @@ fn watch(
     while count.is_none_or(|c| seen < c) {
         let note = client.next_event()?;
         if ctx.json {
-            print_json(&crate::ipc::notification(&note));
+            let wire = crate::ipc::notification(&note).map_err(|e| {
+                Failure::failed(format!("a notification cannot be printed as JSON: {e}"))
+            })?;
+            print_json(&wire);
         } else {
             match &note {
                 Notification::Conflict(c) => {

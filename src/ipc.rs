@@ -369,8 +369,10 @@ impl Connection {
                 report = &mut wait => break report,
                 Ok(()) = progress.changed() => {
                     let status = progress.borrow_and_update().clone();
-                    let note = notification(&Notification::SyncProgress(status));
-                    let _ = out.try_send(note.to_string());
+                    // Progress is a hint: one that cannot be encoded is left out.
+                    if let Ok(note) = notification(&Notification::SyncProgress(status)) {
+                        let _ = out.try_send(note.to_string());
+                    }
                 }
             }
         };
@@ -420,7 +422,8 @@ impl Connection {
                     },
                     Err(broadcast::error::RecvError::Closed) => break,
                 };
-                if out.send(notification(&note).to_string()).await.is_err() {
+                let wire = notification(&note).unwrap_or_else(|e| missed_one(subscription, &e));
+                if out.send(wire.to_string()).await.is_err() {
                     break;
                 }
             }
@@ -461,12 +464,20 @@ pub fn call_json(service: &Service, method: &str, params: Value) -> Result<Value
 }
 
 /// A notification as it goes on the socket.
-pub fn notification(note: &Notification) -> Value {
-    let mut message = serde_json::to_value(note).unwrap_or_else(|_| json!({}));
+pub fn notification(note: &Notification) -> Result<Value, serde_json::Error> {
+    let mut message = serde_json::to_value(note)?;
     if let Value::Object(map) = &mut message {
         map.insert("jsonrpc".into(), "2.0".into());
     }
-    message
+    Ok(message)
+}
+
+/// What a subscriber gets in place of a notification that could not be encoded: word that it
+/// missed one, as when it falls behind, rather than nothing.
+fn missed_one(subscription: u64, error: &serde_json::Error) -> Value {
+    tracing::error!(%error, subscription, "a notification cannot be encoded; the subscriber is told it missed one");
+    json!({ "jsonrpc": "2.0", "method": "lagged",
+            "params": { "subscription": subscription, "missed": 1 } })
 }
 
 fn error_response(id: Value, err: &ApiError) -> Value {
@@ -749,7 +760,7 @@ mod tests {
             subscription: 3,
             missed: 7,
         };
-        let wire = notification(&note);
+        let wire = notification(&note).unwrap();
         assert_eq!(
             wire,
             json!({ "jsonrpc": "2.0", "method": "lagged",

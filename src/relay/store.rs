@@ -436,19 +436,25 @@ impl RelayStore {
         if before == values {
             return Ok(());
         }
-        let unique_value = |(constraint, value): &(usize, Vec<serde_json::Value>)| UniqueValue {
-            collection: collection.to_owned(),
-            constraint: *constraint,
-            value: serde_json::to_string(value).unwrap_or_default(),
+        let unique_value = |(constraint, value): &(usize, Vec<serde_json::Value>)| {
+            let value = serde_json::to_string(value).map_err(|e| StorageError::Encode {
+                what: "a unique value",
+                detail: e.to_string(),
+            })?;
+            Ok::<_, RelayStoreError>(UniqueValue {
+                collection: collection.to_owned(),
+                constraint: *constraint,
+                value,
+            })
         };
         for gone in before.iter().filter(|v| !values.contains(v)) {
-            let value = unique_value(gone);
+            let value = unique_value(gone)?;
             let mut holders = self.holders(space, staging, &value)?;
             holders.retain(|r| r != record);
             staging.append.holders.insert(value, holders);
         }
         for new in values.iter().filter(|v| !before.contains(v)) {
-            let value = unique_value(new);
+            let value = unique_value(new)?;
             let mut holders = self.holders(space, staging, &value)?;
             if let Some(first) = holders.first() {
                 tracing::info!(space, collection, record, seq, holder = %first,
