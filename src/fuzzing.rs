@@ -322,6 +322,9 @@ pub enum Forgery {
     Time(i64),
     /// Another message (the operation it names, or a resolution's conflict).
     Message(Option<String>),
+    /// Another first operation counter (zero is not one), the operations numbered on from it:
+    /// below its actor's earlier operations, they are numbers that actor has used already.
+    StartOp(u64),
     /// Every operation writes into an object the document does not have: Automerge 0.12
     /// panics applying it ("Missing from Index").
     MissingObject,
@@ -349,6 +352,7 @@ pub fn forge(change: &automerge::Change, forgery: Forgery) -> Option<Vec<u8>> {
         Forgery::Deps(deps) => expanded.deps = deps,
         Forgery::Time(time) => expanded.time = time,
         Forgery::Message(message) => expanded.message = message,
+        Forgery::StartOp(start) => expanded.start_op = std::num::NonZeroU64::new(start)?,
         Forgery::MissingObject => {
             let missing = ObjectId::Id(OpId(u64::from(u32::MAX), expanded.actor_id.clone()));
             for op in &mut expanded.operations {

@@ -130,9 +130,11 @@ impl From<StoreError> for ApiError {
             | StoreError::UnsupportedFormat(_)
             | StoreError::Encode { .. }
             | StoreError::Panicked { .. }
-            | StoreError::Record(RecordError::Automerge(_) | RecordError::ApplyPanicked(_)) => {
-                code::INTERNAL
-            }
+            | StoreError::Record(
+                RecordError::Automerge(_)
+                | RecordError::ApplyPanicked(_)
+                | RecordError::NotReloadable(_),
+            ) => code::INTERNAL,
         };
         ApiError::new(code, e.to_string())
     }

@@ -755,3 +755,97 @@ fn a_change_is_logged_only_under_its_uploaders_actor_in_sequence_and_if_it_appli
         Some(a.record.fields())
     );
 }
+
+#[test]
+fn a_change_that_leaves_a_document_that_cannot_be_loaded_is_refused() {
+    use ferry::fuzzing::{Forgery, forge};
+    use ferry::record::decode_change;
+    let [created, first, second] = common::seed_14_changes();
+    let parsed = |bytes: &[u8]| decode_change(bytes).unwrap();
+    let bent = |bytes: &[u8], forgeries: Vec<Forgery>| {
+        forgeries
+            .into_iter()
+            .fold(bytes.to_vec(), |bytes, forgery| {
+                forge(&parsed(&bytes), forgery).unwrap()
+            })
+    };
+
+    // Automerge as the product ships it applies the hostile pair, and the document it then
+    // saves does not load.
+    let mut record = Record::new(&actor(9));
+    record
+        .apply_changes(&[created.clone(), first.clone(), second.clone()])
+        .expect("release Automerge takes the pair");
+    assert!(Record::load(&record.save(), &actor(9)).is_err());
+
+    let relay = memory_relay(RelayStoreOptions::default());
+    let by = |bytes: &[u8]| parsed(bytes).actor_id().to_hex_string();
+    let hostile = by(&first);
+    let r = relay
+        .append(SPACE, &by(&created), &[upload(1, "r", &created)])
+        .unwrap();
+    assert_eq!(r[0].outcome, ChangeOutcome::Stored { seq: 1 });
+    // The second is the hostile actor's own, next in its sequence, its dependencies logged
+    // (none), and it applies: only the document it leaves gives it away.
+    let r = relay
+        .append(
+            SPACE,
+            &hostile,
+            &[upload(1, "r", &first), upload(2, "r", &second)],
+        )
+        .unwrap();
+    assert_eq!(r[0].outcome, ChangeOutcome::Stored { seq: 2 });
+    assert!(
+        refusal(&r[1].outcome).contains("cannot load again"),
+        "{:?}",
+        r[1].outcome
+    );
+
+    // The same shapes told apart: numbered after the first yet not built on it; another
+    // actor's first change built on the record's first yet numbered within it.
+    let unbuilt = bent(&second, vec![Forgery::StartOp(4)]);
+    let renumbering = bent(
+        &first,
+        vec![
+            Forgery::Actor(actor(3)),
+            Forgery::Deps(vec![parsed(&created).hash()]),
+        ],
+    );
+    let r = relay
+        .append(SPACE, &hostile, &[upload(1, "r", &unbuilt)])
+        .unwrap();
+    assert!(refusal(&r[0].outcome).contains("cannot load again"));
+    let r = relay
+        .append(SPACE, &dev(3), &[upload(1, "r", &renumbering)])
+        .unwrap();
+    assert!(refusal(&r[0].outcome).contains("cannot load again"));
+
+    // Built on its first and numbered after it, the hostile actor's second change is logged,
+    // and the log makes a document that loads.
+    let built = bent(
+        &second,
+        vec![
+            Forgery::StartOp(4),
+            Forgery::Deps(vec![parsed(&first).hash()]),
+        ],
+    );
+    let r = relay
+        .append(SPACE, &hostile, &[upload(1, "r", &built)])
+        .unwrap();
+    assert_eq!(r[0].outcome, ChangeOutcome::Stored { seq: 3 });
+    let logged: Vec<Vec<u8>> = relay
+        .read_since(SPACE, 0, 100, usize::MAX)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.change)
+        .collect();
+    assert_eq!(logged, [created, first, built]);
+    let mut record = Record::new(&actor(9));
+    record.apply_changes(&logged).unwrap();
+    let loaded = Record::load(&record.save(), &actor(9)).expect("the log's document loads");
+    assert_eq!(
+        Some(loaded.fields()),
+        relay.record(SPACE, "Doc", "r").unwrap()
+    );
+}

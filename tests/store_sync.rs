@@ -998,3 +998,60 @@ fn patch_note(set: Value) -> api::PatchParams {
         unset: Vec::new(),
     }
 }
+
+#[test]
+fn an_entry_leaving_a_document_that_cannot_be_loaded_is_quarantined_and_the_record_stays_readable()
+{
+    // Simulation seed 14's log, as a relay that did not reload documents logged it: the second
+    // hostile change applies, but the document it leaves cannot be loaded once saved.
+    let [created, first, second] = common::seed_14_changes();
+    let entry = |seq: u64, change: &[u8]| LogEntry {
+        seq,
+        collection: "Note".into(),
+        record: "1".into(),
+        change: change.to_vec(),
+    };
+    let mut honest = ferry::record::Record::new(&automerge::ActorId::from(&[7u8; 16][..]));
+    honest
+        .apply_changes(&[created.clone(), first.clone()])
+        .unwrap();
+    let after = honest
+        .patch(&fields(json!({"total": 1})), &[], 1)
+        .unwrap()
+        .unwrap()
+        .change;
+    let log = [
+        entry(1, &created),
+        entry(2, &first),
+        entry(3, &second),
+        entry(4, after.raw_bytes()),
+    ];
+
+    // One device gets the whole log in one page, another one entry at a time: both leave the
+    // entry out, store a document that loads, and go on.
+    for pages in [vec![&log[..]], log.chunks(1).collect()] {
+        let kv = MemoryKv::new();
+        let receiver = other_store(&kv);
+        let mut quarantined = Vec::new();
+        for page in pages {
+            let through = page.last().unwrap().seq;
+            let outcome = receiver.apply_remote(page, through).unwrap();
+            quarantined.extend(outcome.quarantined);
+        }
+        assert_eq!(quarantined.iter().map(|q| q.seq).collect::<Vec<_>>(), [3]);
+        assert!(
+            quarantined[0].reason.contains("cannot load again"),
+            "{}",
+            quarantined[0].reason
+        );
+        receiver.flush().unwrap();
+        kv.crash();
+        let receiver = other_store(&kv);
+        assert_eq!(receiver.sync_cursor().unwrap(), 4);
+        assert_eq!(
+            receiver.get("Note", "1").unwrap().fields,
+            fields(json!({"city": "v2", "total": 1}))
+        );
+        assert_eq!(receiver.quarantined(10).unwrap().0, 1);
+    }
+}

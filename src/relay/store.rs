@@ -11,8 +11,9 @@
 //! device id; the web actor's for the relay's HTTP writes), its sequence number is exactly one
 //! more than that actor's last on the record (no gap, no reuse), and it applies to the record's
 //! document (the relay's own copy, kept current in the cache; a new record's first change is
-//! checked on its own, `Record::check_first`) without error or panic. So every
-//! logged change can be applied by every device, in log order. A refused change is answered
+//! checked on its own, `Record::check_first`) without error or panic, leaving a document that
+//! loads again once saved (`Record::apply_reloadable`). So every logged change can be applied by
+//! every device, in log order, and the documents it makes can be stored. A refused change is answered
 //! `Rejected{InvalidChange}` (kind `validation`) with the reason as its message; nothing of it is
 //! written, and a later change of the same upload built on it is refused with that reason.
 //!
@@ -382,10 +383,12 @@ impl RelayStore {
             return refuse(staging, reason);
         }
         // Applied on the relay's own copy of the document before anything is logged, so that
-        // every logged change is one every device can apply.
+        // every logged change is one every device can apply and keep: the document it leaves
+        // must load again once saved (`Record::apply_reloadable`).
         let before = doc.heads();
-        if let Err(e) = doc.apply_decoded(vec![change.clone()]) {
-            if !matches!(e, RecordError::ApplyPanicked(_)) {
+        if let Err(e) = doc.apply_reloadable(vec![change.clone()]) {
+            // A document left empty is dropped, not put back: the next change loads it again.
+            if !e.needs_reload() {
                 staging.docs.insert(record_key, doc);
             }
             return refuse(staging, refused_for(e));
@@ -641,7 +644,7 @@ impl RelayStore {
                 Err(e) => {
                     tracing::warn!(space, collection, record, seq, error = %e,
                         "a logged change cannot be applied to its record's document: left out");
-                    if matches!(e, RecordError::ApplyPanicked(_)) {
+                    if e.needs_reload() {
                         doc = Record::load(&base, &self.actor)?;
                         doc.apply_changes(&applied)?;
                     }

@@ -13,7 +13,7 @@
 use super::conflicts::Ledger;
 use super::kv::{Batch, Kv};
 use super::{CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry};
-use crate::record::{Record, RecordError, decode_change};
+use crate::record::{Record, decode_change};
 use crate::resolve;
 use automerge::Change;
 use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorKind, LogEntry};
@@ -540,7 +540,8 @@ impl Store {
     /// quarantined. Durable after `flush`.
     ///
     /// An entry that cannot be applied (malformed, its dependencies missing, refused by
-    /// Automerge, or making it panic) is quarantined: kept under its seq with the reason, in the
+    /// Automerge, making it panic, or leaving a document that does not load again once saved:
+    /// `Record::apply_reloadable`) is quarantined: kept under its seq with the reason, in the
     /// same batch, and left out, as is any later entry built on it. The relay validates every
     /// change before logging it, so this only happens with a log written by an older relay or a
     /// faulty one; moving past it keeps one bad entry from blocking the rest of the space.
@@ -618,7 +619,7 @@ impl Store {
             };
             let mut device = last_writer(&group);
             let changes = group.into_iter().map(|(_, c)| c).collect();
-            let changed = match record.apply_decoded(changes) {
+            let changed = match record.apply_reloadable(changes) {
                 Ok(changed) => changed,
                 Err(_) => {
                     // Decoded again from the entries: only this error path pays for it.
@@ -721,14 +722,14 @@ impl Store {
         let mut changed = false;
         for (seq, change) in group {
             let record = working.take(key, cache, || self.load_or_new(key))?;
-            match record.apply_decoded(vec![change.clone()]) {
+            match record.apply_reloadable(vec![change.clone()]) {
                 Ok(did) => {
                     changed |= did;
                     kept.push((seq, change));
                 }
                 Err(e) => {
                     refused.push((seq, e.to_string()));
-                    if matches!(e, RecordError::ApplyPanicked(_)) {
+                    if e.needs_reload() {
                         working.discard(key);
                         let record = working.take(key, cache, || self.load_or_new(key))?;
                         record.apply_decoded(kept.iter().map(|(_, c)| c.clone()).collect())?;

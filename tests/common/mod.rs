@@ -1366,3 +1366,32 @@ pub fn wait_caught_up(daemon: &Daemon, head: u64) {
         }
     });
 }
+
+/// Three changes to one record, as simulation seed 14's relay logged them (`Invoice/r0`): a
+/// device's first change (actor a8c28d2a...), then two changes the hostile participant uploaded
+/// under its own actor (6666...), seq 1 and seq 2, each a copy of the first: both depend on
+/// nothing and number their operations 1 to 3. Automerge 0.12 built as it ships applies all
+/// three, and saves a document it cannot load: the actor's second change reuses its first's
+/// operation numbers and is not built on it.
+pub fn seed_14_changes() -> [Vec<u8>; 3] {
+    const BODY: &str = "061515340142025604570470027d082464656c65746564046369747905746f74616c\
+                        0303017d0126247632cb010300";
+    let hex = |s: String| -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    };
+    [
+        hex(format!(
+            "856f4a83e95b47c801510010a8c28d2ac33d6d4988cc9afaa36c23a40101fec597ffbc3106\
+             63726561746500{BODY}"
+        )),
+        hex(format!(
+            "856f4a831b5f1a22014b0010666666666666666666666666666666660101fec597ffbc310000{BODY}"
+        )),
+        hex(format!(
+            "856f4a833e295911014b0010666666666666666666666666666666660201fec597ffbc310000{BODY}"
+        )),
+    ]
+}
