@@ -20,7 +20,7 @@
 //!   when the client accepts it.
 //! - `POST /api/sync/upload`, `GET /api/conflicts`, `GET /api/conflicts/{id}`,
 //!   `POST /api/sync/resolve-conflict`: writes and conflict resolutions as the space's web actor
-//!   (`relay::web_write`, `relay::mirror`).
+//!   (`relay::web_write`, `relay::web_actor`).
 //! - `GET /metrics`: the relay's Prometheus metrics, for a scraper that shows
 //!   `relay.metrics_token` as its bearer token (served only when that is set).
 
@@ -42,9 +42,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::accounts::{Accounts, Denied};
-use super::mirror::{Mirror, MirrorError, Mirrors};
 use super::server::AttemptLimiter;
 use super::store::{RelayStore, RelayStoreError};
+use super::web_actor::WebActors;
 use crate::clock::now_ms;
 use crate::resolve::Policies;
 
@@ -75,8 +75,8 @@ pub struct ApiState {
     /// The relay's metrics and the token a scraper must show; `None`: no `/metrics`.
     pub metrics: Option<(super::metrics::RelayScrape, Secret)>,
     pub live: Live,
-    /// Each space's web actor, for the write and conflict routes (`relay::mirror`).
-    pub mirrors: Arc<Mirrors>,
+    /// Each space's web actor, for the write and conflict routes (`relay::web_actor`).
+    pub web_actors: Arc<WebActors>,
     /// The relay's alerts: `alerts.active(space)` for the token's account.
     pub alerts: Arc<super::alerts::RelayAlerts>,
     logins: Arc<Mutex<AttemptLimiter>>,
@@ -95,19 +95,12 @@ pub struct Live {
 type PageKey = (String, u64, usize, u64, bool);
 
 impl ApiState {
-    /// The space's mirror (opened if needed; each of its calls catches it up first). Blocking.
-    pub fn mirror(&self, space: &str) -> Result<Arc<Mirror>, MirrorError> {
-        self.mirrors.mirror(space)
-    }
-}
-
-impl ApiState {
     pub fn new(
         shared: &super::server::Shared,
         policies: Arc<Policies>,
         options: HttpOptions,
         metrics: Option<(super::metrics::RelayScrape, Secret)>,
-        mirrors: Arc<Mirrors>,
+        web_actors: Arc<WebActors>,
     ) -> Self {
         ApiState {
             accounts: shared.accounts.clone(),
@@ -118,7 +111,7 @@ impl ApiState {
             },
             alerts: shared.alerts.clone(),
             metrics,
-            mirrors,
+            web_actors,
             logins: Arc::new(Mutex::new(AttemptLimiter::new(options.logins_per_minute))),
             pages: Arc::new(Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(CACHED_PAGES).unwrap_or(std::num::NonZeroUsize::MIN),
@@ -713,7 +706,7 @@ fn render_page(
             seq,
             deleted: view.deleted,
             fields: view.fields.into_iter().collect(),
-            version: super::mirror::version(&heads),
+            version: super::web_actor::version(&heads),
             heads,
         });
     }

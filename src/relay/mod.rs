@@ -13,11 +13,11 @@ pub mod admin;
 pub mod alerts;
 pub mod http;
 pub mod metrics;
-pub mod mirror;
 pub mod server;
 pub mod storage;
 pub mod store;
 pub mod web;
+pub mod web_actor;
 pub(crate) mod web_write;
 
 use std::future::Future;
@@ -33,6 +33,9 @@ use ferry_proto::session::SessionConfig;
 use metrics::{RelayMetrics, RelayScrape};
 use server::RelayOptions;
 use store::{RelayStore, RelayStoreError, RelayStoreOptions};
+
+/// Most conflicts one HTTP list request returns.
+const MAX_CONFLICTS_LISTED: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -110,7 +113,7 @@ pub async fn run(
         &dir.path().join("relay.db"),
         relay.sled_cache_mb * 1024 * 1024,
     )?);
-    let storage = Arc::new(storage::KvStorage::new(kv.clone()));
+    let storage = Arc::new(storage::KvStorage::new(kv));
     let accounts = Arc::new(accounts::Accounts::open(
         storage.clone(),
         relay.token_policy(),
@@ -122,12 +125,7 @@ pub async fn run(
         RelayStoreOptions {
             doc_cache_docs: relay.cache_docs,
             limits: config.limits,
-            unique: config
-                .collections
-                .iter()
-                .filter(|(_, c)| !c.unique.is_empty())
-                .map(|(name, c)| (name.clone(), c.unique.clone()))
-                .collect(),
+            policies: config.policies(),
             ..RelayStoreOptions::default()
         },
     ));
@@ -180,15 +178,16 @@ pub async fn run(
                 })?;
             listening.http = listener.local_addr().ok();
             let policies = Arc::new(config.policies());
-            let mirrors = Arc::new(mirror::Mirrors::new(
-                kv.clone(),
+            let web_actors = Arc::new(web_actor::WebActors::new(
                 &shared,
-                policies.clone(),
-                mirror::MirrorOptions {
+                crate::store::StoreOptions {
                     limits: config.limits,
-                    max_retries: config.sync.max_retries,
-                    ..mirror::MirrorOptions::default()
+                    declared_collections: (!policies.collections.is_empty())
+                        .then(|| policies.collections.keys().cloned().collect()),
+                    policies: (*policies).clone(),
+                    ..crate::store::StoreOptions::default()
                 },
+                MAX_CONFLICTS_LISTED,
             ));
             let state = http::ApiState::new(
                 &shared,
@@ -205,7 +204,7 @@ pub async fn run(
                         ferry_proto::wire::Secret::new(relay.metrics_token.clone()),
                     )
                 }),
-                mirrors,
+                web_actors,
             );
             let tls = transport::https_server_config(&certificate)?;
             Some(tokio::spawn(http::serve(

@@ -98,7 +98,7 @@ impl AttemptLimiter {
 }
 
 /// The head of each space's log, watched by that space's sessions; published by sessions that
-/// append and by the HTTP API's web actor (`relay::mirror`), so every write reaches them at once.
+/// append and by the HTTP API's web actor (`relay::web_actor`), so every write reaches them at once.
 #[derive(Default)]
 pub struct Spaces {
     heads: Mutex<HashMap<String, watch::Sender<u64>>>,
