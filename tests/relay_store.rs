@@ -511,16 +511,7 @@ fn validating_a_change_loads_its_document_only_when_the_cache_lost_it() {
 #[test]
 fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
     let relay = memory_relay(RelayStoreOptions {
-        policies: Policies {
-            collections: BTreeMap::from([(
-                "Doc".to_owned(),
-                Policy {
-                    unique: vec![vec!["email".to_owned()]],
-                    ..Policy::default()
-                },
-            )]),
-            ..Policies::default()
-        },
+        policies: unique_email(),
         ..RelayStoreOptions::default()
     });
     let mut a = Writer::new(1);
@@ -602,6 +593,51 @@ fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
         )
         .unwrap();
     assert_eq!(relay.conflict_counts(SPACE).unwrap(), unique(2));
+}
+
+/// Unique constraints on `Doc.email`.
+fn unique_email() -> Policies {
+    Policies {
+        collections: BTreeMap::from([(
+            "Doc".to_owned(),
+            Policy {
+                unique: vec![vec!["email".to_owned()]],
+                ..Policy::default()
+            },
+        )]),
+        ..Policies::default()
+    }
+}
+
+#[test]
+fn a_unique_clash_shows_the_record_that_held_the_value_as_logged_not_as_first_stored() {
+    // One cached document: the record holding the value is read back from storage, base and
+    // tail, when the clash is found.
+    let relay = memory_relay(RelayStoreOptions {
+        doc_cache_docs: 1,
+        compact_after: 100,
+        policies: unique_email(),
+        ..RelayStoreOptions::default()
+    });
+    let mut a = Writer::new(1);
+    let mut b = Writer::new(2);
+    let mut c = Writer::new(3);
+    let created = a.put(json!({"email": "x@y", "n": 1}));
+    let edited = a.patch(json!({"n": 2}));
+    append_by_author(&relay, &[upload(1, "a", &created), upload(2, "a", &edited)]);
+    let other = c.put(json!({"email": "z@y"}));
+    append_by_author(&relay, &[upload(1, "c", &other)]);
+    let clash = b.put(json!({"email": "x@y"}));
+    append_by_author(&relay, &[upload(1, "b", &clash)]);
+    let open = relay
+        .conflicts(SPACE, Some(ConflictStatus::Open), None, 10)
+        .unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].server.record, "a");
+    assert_eq!(
+        open[0].server.fields,
+        fields(json!({"email": "x@y", "n": 2}))
+    );
 }
 
 #[test]

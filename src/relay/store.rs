@@ -593,11 +593,16 @@ impl RelayStore {
         staging: &Staging,
     ) -> Result<Record, RelayStoreError> {
         let (collection, record) = (record_key.0.as_str(), record_key.1.as_str());
-        let tail = staging
-            .tails
-            .get(record_key)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        // A record this call has not written to (the other side of a unique clash) has its
+        // tail in storage only.
+        let stored;
+        let tail = match staging.tails.get(record_key) {
+            Some(tail) => tail.as_slice(),
+            None => {
+                stored = self.storage.tail(space, collection, record)?;
+                stored.as_slice()
+            }
+        };
         let cached =
             lock(&self.cache).pop(&(space.to_owned(), record_key.0.clone(), record_key.1.clone()));
         match cached {
