@@ -476,12 +476,16 @@ pub fn http_upload(data: &[u8]) {
         Err(e) => panic!("in-memory accounts must open: {e}"),
     };
     let shared = crate::relay::server::Shared {
+        clock: Arc::new(crate::clock::FixedClock(NOW)),
         store,
         accounts,
         metrics: Arc::default(),
         activity: Arc::default(),
         spaces: Arc::default(),
-        alerts: crate::relay::alerts::RelayAlerts::new(crate::alerts::AlertsConfig::default()),
+        alerts: crate::relay::alerts::RelayAlerts::new(
+            crate::alerts::AlertsConfig::default(),
+            Arc::new(crate::clock::FixedClock(NOW)),
+        ),
     };
     let policies = resolve::Policies {
         collections: [("Ticket".to_owned(), Policy::of(Strategy::Manual))].into(),

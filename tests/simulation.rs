@@ -283,7 +283,7 @@ impl World {
                 &relay_kv,
                 &relay_random,
                 &options.policies,
-                clock.now(),
+                &clock,
             )),
             web: {
                 let mut web = StdRng::seed_from_u64(seed ^ 0x5745_4220_4143_544f);
@@ -565,7 +565,7 @@ impl World {
             &self.relay_kv,
             &self.relay_random,
             &self.options.policies,
-            self.clock.now(),
+            &self.clock,
         ));
     }
 
@@ -1768,7 +1768,13 @@ struct SimRelay {
     web: WebActors,
 }
 
-fn open_relay(kv: &MemoryKv, random: &RandomSource, policies: &Policies, now: u64) -> SimRelay {
+fn open_relay(
+    kv: &MemoryKv,
+    random: &RandomSource,
+    policies: &Policies,
+    clock: &SimClock,
+) -> SimRelay {
+    let now = clock.now();
     let storage = Arc::new(KvStorage::new(Arc::new(kv.clone())));
     let store = Arc::new(RelayStore::open(
         storage.clone(),
@@ -1797,12 +1803,13 @@ fn open_relay(kv: &MemoryKv, random: &RandomSource, policies: &Policies, now: u6
     }
     let accounts = Arc::new(accounts);
     let shared = relay_server::Shared {
+        clock: Arc::new(clock.clone()),
         store: store.clone(),
         accounts: accounts.clone(),
         metrics: Arc::default(),
         activity: Arc::default(),
         spaces: Arc::default(),
-        alerts: RelayAlerts::new(AlertsConfig::default()),
+        alerts: RelayAlerts::new(AlertsConfig::default(), Arc::new(clock.clone())),
     };
     let web = WebActors::new(
         &shared,

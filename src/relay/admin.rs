@@ -19,6 +19,7 @@ use tokio_util::codec::{Framed, LinesCodec};
 
 use super::accounts::{AccountError, Accounts};
 use super::storage::StorageError;
+use crate::clock::Clock;
 use crate::datadir::DataDir;
 use crate::ipc::{Message, decode_message};
 use crate::service::{ApiError, code};
@@ -200,6 +201,7 @@ fn to_json(value: &impl serde::Serialize) -> Result<Value, ApiError> {
 pub async fn serve(
     listener: UnixListener,
     accounts: Arc<Accounts>,
+    clock: Arc<dyn Clock>,
     options: AdminOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -210,12 +212,13 @@ pub async fn serve(
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let accounts = accounts.clone();
+                let clock = clock.clone();
                 let options = options.clone();
                 connections.spawn(async move {
                     let mut framed =
                         Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
                     while let Some(Ok(line)) = framed.next().await {
-                        let reply = answer(&accounts, &options, &line);
+                        let reply = answer(&accounts, &options, &line, clock.now_ms());
                         if let Some(reply) = reply
                             && framed.send(reply.to_string()).await.is_err()
                         {
@@ -230,7 +233,7 @@ pub async fn serve(
     connections.abort_all();
 }
 
-fn answer(accounts: &Accounts, options: &AdminOptions, line: &str) -> Option<Value> {
+fn answer(accounts: &Accounts, options: &AdminOptions, line: &str, now_ms: u64) -> Option<Value> {
     let reply = |id: Value, result: Result<Value, ApiError>| match result {
         Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
         Err(e) => json!({"jsonrpc": "2.0", "id": id, "error": e}),
@@ -242,13 +245,7 @@ fn answer(accounts: &Accounts, options: &AdminOptions, line: &str) -> Option<Val
         Message::Single(Ok(request)) => {
             let id = request.id.clone().unwrap_or(Value::Null);
             let result = tokio::task::block_in_place(|| {
-                dispatch(
-                    accounts,
-                    options,
-                    &request.method,
-                    request.params,
-                    crate::clock::now_ms(),
-                )
+                dispatch(accounts, options, &request.method, request.params, now_ms)
             });
             tracing::info!(
                 method = request.method,

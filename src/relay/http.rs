@@ -45,7 +45,7 @@ use super::accounts::{Accounts, Denied};
 use super::server::AttemptLimiter;
 use super::store::{RelayStore, RelayStoreError};
 use super::web_actor::WebActors;
-use crate::clock::now_ms;
+use crate::clock::Clock;
 use crate::resolve::Policies;
 
 /// Pages of `download` kept rendered: a page is the same bytes until the log grows.
@@ -68,6 +68,7 @@ pub struct HttpOptions {
 /// What every handler shares.
 #[derive(Clone)]
 pub struct ApiState {
+    pub clock: Arc<dyn Clock>,
     pub accounts: Arc<Accounts>,
     pub store: Arc<RelayStore>,
     pub policies: Arc<Policies>,
@@ -103,6 +104,7 @@ impl ApiState {
         web_actors: Arc<WebActors>,
     ) -> Self {
         ApiState {
+            clock: shared.clock.clone(),
             accounts: shared.accounts.clone(),
             store: shared.store.clone(),
             live: Live {
@@ -339,7 +341,7 @@ impl FromRequestParts<ApiState> for Principal {
                 )
             })?
             .trim();
-        let claims = state.accounts.check_access(token, now_ms())?;
+        let claims = state.accounts.check_access(token, state.clock.now_ms())?;
         Ok(Principal {
             account: claims.sub,
             device: claims.device,
@@ -416,7 +418,7 @@ async fn login(
         .logins
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .allow(remote_ip(&extensions), now_ms());
+        .allow(remote_ip(&extensions), state.clock.now_ms());
     if !allowed {
         return Err(Failure::new(
             ErrorCode::RateLimited,
@@ -429,7 +431,7 @@ async fn login(
             &request.account,
             &Secret::new(request.password),
             &label,
-            now_ms(),
+            state.clock.now_ms(),
         )
     })?;
     Ok(axum::Json(TokenResponse::new(
@@ -452,7 +454,7 @@ async fn refresh(
     let (account, device, tokens) = tokio::task::block_in_place(|| {
         state
             .accounts
-            .refresh_bearer(&Secret::new(request.refresh_token), now_ms())
+            .refresh_bearer(&Secret::new(request.refresh_token), state.clock.now_ms())
     })?;
     Ok(axum::Json(TokenResponse::new(account, device, tokens)))
 }
@@ -515,7 +517,7 @@ async fn initialize(
         "HTTP client initialised"
     );
     Ok(axum::Json(json!({
-        "server_time_ms": now_ms(),
+        "server_time_ms": state.clock.now_ms(),
         "account": principal.account,
         "cursor": head,
         "changes_since_last_sync": head - since,

@@ -217,7 +217,10 @@ impl WebActors {
         if let Some(actor) = lock(&self.spaces).get(space) {
             return Ok(actor.clone());
         }
-        let id = self.shared.store.web_actor(space, &new_actor_id())?;
+        let id = self
+            .shared
+            .store
+            .web_actor(space, &new_actor_id(self.shared.clock.now_ms()))?;
         let actor = ActorId::from(hex_decode(&id).ok_or_else(|| {
             ApiError::new(
                 code::INTERNAL,
@@ -575,13 +578,12 @@ enum Built {
 }
 
 /// A random device id for a new web actor, in the form device ids take (hex).
-fn new_actor_id() -> String {
+fn new_actor_id(now_ms: u64) -> String {
     let mut bytes = [0u8; 16];
     // Without OS randomness the id still only has to differ from the space's devices' ids,
     // which are key hashes; the time makes that so.
     if getrandom::fill(&mut bytes).is_err() {
-        let now = crate::clock::now_ms().to_be_bytes();
-        for (byte, time) in bytes.iter_mut().zip(now) {
+        for (byte, time) in bytes.iter_mut().zip(now_ms.to_be_bytes()) {
             *byte = time;
         }
     }

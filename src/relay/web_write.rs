@@ -15,7 +15,6 @@ use super::http::{ApiState, ErrorCode, Failure, JsonBody, Principal};
 use super::web_actor::{
     RejectCode, Resolved, WebActorError, WebActors, WebOperation, WebWrite, WriteOutcome,
 };
-use crate::clock::now_ms;
 use crate::record::Fields;
 use crate::resolve::{Conflict, Take};
 use crate::service::api::{ConflictPage, ConflictsParams};
@@ -85,7 +84,7 @@ async fn upload(
     principal: Principal,
     JsonBody(operations): JsonBody<Vec<UploadOperation>>,
 ) -> Result<axum::Json<Uploaded>, Failure> {
-    let now = now_ms();
+    let now = state.clock.now_ms();
     let Planned { outcomes, writes } = plan(operations, &principal.device, now)?;
     let written = if writes.is_empty() {
         Vec::new()
@@ -277,7 +276,7 @@ async fn resolve_conflict(
             &request.conflict_id,
             request.resolution,
             request.resolved_data,
-            now_ms(),
+            state.clock.now_ms(),
         )
     })?;
     Ok(axum::Json(resolved))
