@@ -240,8 +240,9 @@ pub fn token_verify(data: &[u8]) {
 /// document stored as the record's) and the relay validating an upload (`RelayStore::append`,
 /// with the document stored as the record's base, uploaded by the change's own actor so that
 /// it gets past the authorship check), and the relay's shortcut check of a new record's first
-/// change compared with applying it. The input is the document's length (u16, big-endian), the
-/// document (none: a new record), then the change.
+/// change compared with applying it, and that a change it logs leaves a document that loads
+/// again. The input is the document's length (u16, big-endian), the document (none: a new
+/// record), then the change.
 pub fn remote_change(data: &[u8]) {
     const SPACE: &str = "fuzz";
     let Some((len, rest)) = data.split_first_chunk::<2>() else {
@@ -293,12 +294,28 @@ pub fn remote_change(data: &[u8]) {
         record: "r".into(),
         change: change.to_vec(),
     };
-    let _ = relay.append(SPACE, &origin, &[upload]);
+    let stored = relay
+        .append(SPACE, &origin, &[upload])
+        .is_ok_and(|results| {
+            results
+                .iter()
+                .all(|r| matches!(r.outcome, ferry_proto::wire::ChangeOutcome::Stored { .. }))
+        });
     let _ = relay.record(SPACE, "Doc", "r");
     let _ = relay.history(SPACE, "Doc", "r");
+    // A logged change leaves a document that loads again once saved (a new record's first
+    // change, which the relay does not reload, included).
+    if stored && let Ok(Some(saved)) = relay.document_bytes(SPACE, "Doc", "r") {
+        assert!(
+            Record::load(&saved, &device_actor()).is_ok(),
+            "the relay logged a change that leaves a document Automerge cannot load"
+        );
+    }
 
-    // The relay's shortcut for a new record's first change must agree with applying it.
+    // The relay's shortcut for a new record's first change must agree with applying it (the
+    // relay refuses a new record's change at any other sequence number than 1 before that).
     if let Ok(change) = crate::record::decode_change(change)
+        && change.seq() == 1
         && Record::check_first(change.clone()).is_ok()
     {
         assert!(
