@@ -8,9 +8,9 @@
 //! then the store is compacted (`Kv::compact`, what the daemon runs) and opened again. After
 //! each phase it reports sled's own size (`size_on_disk`), the blocks the directory takes (`du`)
 //! and the live bytes (`live_bytes`: every key and value). For the compaction it also reports
-//! the bytes the copy wrote (`/proc/self/io`), and after the reopen the bytes of sled's tree
-//! nodes as sled itself counts them (its `space_amplification`), which tells per-key and
-//! per-node overhead apart from old versions left in its log.
+//! the bytes the copy wrote (`/proc/self/io`) and how long it took, and after the reopen the
+//! bytes of sled's tree nodes as sled itself counts them (its `space_amplification`), which
+//! tells per-key and per-node overhead apart from old versions left in its log.
 //!
 //! `cargo bench --bench store_space [-- --mib 1 --mib 10 --mib 50 --runs 3]` prints one JSON
 //! object per phase on standard output and a table on standard error; see benches/README.md.
@@ -191,13 +191,18 @@ impl Run<'_> {
         self.write_all(&kv, 1);
         self.report("rewritten", &kv, &dir, json!({}));
         let before = written_bytes();
+        let started = std::time::Instant::now();
         kv.compact().expect("compact");
+        let took = started.elapsed();
         let copy = written_bytes() - before;
         self.report(
             "compacted",
             &kv,
             &dir,
-            json!({ "copy_wrote_x": (copy as f64 / self.live as f64 * 100.0).round() / 100.0 }),
+            json!({
+                "copy_wrote_x": (copy as f64 / self.live as f64 * 100.0).round() / 100.0,
+                "compact_ms": took.as_millis() as u64,
+            }),
         );
         drop(kv);
         let kv = SledKv::open(&dir, CACHE_BYTES).expect("reopen");
