@@ -73,14 +73,23 @@ fn main() {
         .expect("the relay serves");
     let mut operator =
         Client::connect(&relay::admin::socket_path(&dir)).expect("the operator's socket");
-    operator
-        .call("account.add", json!({ "name": ACCOUNT }))
-        .expect("account");
+    relay::admin::request(
+        &mut operator,
+        relay::admin::AccountAdd {
+            name: ACCOUNT.into(),
+        },
+    )
+    .expect("account");
     let mut code = || {
-        let answer = operator
-            .call("enrol", json!({ "account": ACCOUNT }))
-            .expect("enrolment code");
-        Secret::new(answer["code"].as_str().expect("code"))
+        let answer = relay::admin::request(
+            &mut operator,
+            relay::admin::Enrol {
+                account: ACCOUNT.into(),
+                hours: None,
+            },
+        )
+        .expect("enrolment code");
+        Secret::new(answer.code)
     };
     let settings = SyncSettings::from_config(&SyncConfig {
         relay: listening.listen.to_string(),

@@ -9,6 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Source of the current time, so tests can run on a fake clock.
 pub trait Clock: Send + Sync {
     fn now_ms(&self) -> u64;
+
+    /// The tokio instant of a unix-milliseconds deadline on this clock.
+    fn deadline(&self, at_ms: u64) -> tokio::time::Instant {
+        let wait = at_ms.saturating_sub(self.now_ms());
+        tokio::time::Instant::now() + Duration::from_millis(wait)
+    }
 }
 
 /// The system's wall clock.
@@ -21,6 +27,16 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock that always reads the same time: every write at one moment (fuzzing, tests).
+#[derive(Debug, Clone, Copy)]
+pub struct FixedClock(pub u64);
+
+impl Clock for FixedClock {
+    fn now_ms(&self) -> u64 {
+        self.0
+    }
+}
+
 /// The wall clock in unix milliseconds (0 before 1970, which only a broken clock reports).
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -30,8 +46,7 @@ pub fn now_ms() -> u64 {
 
 /// The tokio instant of a unix-milliseconds deadline on the wall clock.
 pub fn deadline_instant(at_ms: u64) -> tokio::time::Instant {
-    let wait = at_ms.saturating_sub(now_ms());
-    tokio::time::Instant::now() + Duration::from_millis(wait)
+    SystemClock.deadline(at_ms)
 }
 
 /// Sleeps until `deadline`, or forever without one (a `select!` branch that never fires).

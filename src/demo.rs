@@ -326,17 +326,24 @@ fn sync(dir: &DataDir, config: &Config, expected_docs: u64) -> Result<Synced, St
     let mut operator = Client::connect(&relay::admin::socket_path(&relay_dir))
         .map_err(|e| format!("cannot reach the relay's operator socket: {e}"))?;
     let account = synced.sync.space.clone();
-    operator
-        .call("account.add", json!({ "name": account }))
-        .map_err(|e| format!("account.add: {e}"))?;
+    relay::admin::request(
+        &mut operator,
+        relay::admin::AccountAdd {
+            name: account.clone(),
+        },
+    )
+    .map_err(|e| format!("account.add: {e}"))?;
     for device in [dir, &device_b] {
-        let code = operator
-            .call("enrol", json!({ "account": account }))
-            .map_err(|e| format!("enrol: {e}"))?;
+        let code = relay::admin::request(
+            &mut operator,
+            relay::admin::Enrol {
+                account: account.clone(),
+                hours: None,
+            },
+        )
+        .map_err(|e| format!("enrol: {e}"))?;
         let key = device.identity().map_err(|e| e.to_string())?;
-        let code = ferry_proto::wire::Secret::new(
-            code.get("code").and_then(Value::as_str).unwrap_or_default(),
-        );
+        let code = ferry_proto::wire::Secret::new(code.code);
         daemon::runtime()
             .map_err(|e| e.to_string())?
             .block_on(crate::engine::register_device(

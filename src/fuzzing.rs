@@ -454,10 +454,13 @@ pub fn http_upload(data: &[u8]) {
         return;
     };
     let kv: Arc<dyn crate::store::kv::Kv> = Arc::new(MemoryKv::new());
-    let storage = Arc::new(KvStorage::new(kv.clone()));
+    let storage = Arc::new(KvStorage::new(kv));
     let store = Arc::new(RelayStore::open(
         storage.clone(),
-        RelayStoreOptions::default(),
+        RelayStoreOptions {
+            doc_cache_docs: 2,
+            ..RelayStoreOptions::default()
+        },
     ));
     let accounts = crate::relay::accounts::Accounts::open(
         storage,
@@ -473,36 +476,35 @@ pub fn http_upload(data: &[u8]) {
         Err(e) => panic!("in-memory accounts must open: {e}"),
     };
     let shared = crate::relay::server::Shared {
+        clock: Arc::new(crate::clock::FixedClock(NOW)),
         store,
         accounts,
         metrics: Arc::default(),
         activity: Arc::default(),
         spaces: Arc::default(),
-        alerts: crate::relay::alerts::RelayAlerts::new(crate::alerts::AlertsConfig::default()),
+        alerts: crate::relay::alerts::RelayAlerts::new(
+            crate::alerts::AlertsConfig::default(),
+            Arc::new(crate::clock::FixedClock(NOW)),
+        ),
     };
     let policies = resolve::Policies {
         collections: [("Ticket".to_owned(), Policy::of(Strategy::Manual))].into(),
         ..resolve::Policies::default()
     };
-    let mirrors = crate::relay::mirror::Mirrors::new(
-        kv,
+    let actors = crate::relay::web_actor::WebActors::new(
         &shared,
-        Arc::new(policies),
-        crate::relay::mirror::MirrorOptions {
-            cache_docs: 2,
-            ..crate::relay::mirror::MirrorOptions::default()
+        crate::store::StoreOptions {
+            policies,
+            ..crate::store::StoreOptions::default()
         },
+        100,
     );
-    let mirror = match mirrors.mirror("fuzz") {
-        Ok(mirror) => mirror,
-        Err(e) => panic!("a mirror over an empty in-memory relay must open: {e}"),
-    };
     for _ in 0..2 {
         let Ok(Planned { outcomes, writes }) = plan(operations.clone(), CLIENT, NOW) else {
             return;
         };
         let expected = outcomes.len();
-        if let Ok(written) = mirror.write(writes) {
+        if let Ok(written) = actors.write("fuzz", writes, NOW) {
             assert_eq!(
                 merge(outcomes, written).len(),
                 expected,

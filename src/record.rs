@@ -720,6 +720,14 @@ impl Record {
         })
     }
 
+    /// A copy of the record (every change it holds) that writes as `actor`.
+    pub fn fork_as(&mut self, actor: &ActorId) -> Record {
+        Record {
+            doc: self.doc.fork().with_actor(actor.clone()),
+            text: self.text.clone(),
+        }
+    }
+
     /// The latest change this record holds from its own actor (the one it writes as), if any.
     pub fn own_last_change(&mut self) -> Option<ChangeHash> {
         let actor = self.doc.get_actor().clone();

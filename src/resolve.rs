@@ -8,8 +8,10 @@
 //! strategy writes anything to settle a conflict: the winner is computed where it is read, and a
 //! later local write on the record makes it explicit.
 //!
-//! Must not touch: storage, the network, clocks. Unique constraints span records, so their index
-//! lives in `store::conflicts`; only a record's own unique values are computed here.
+//! Must not touch: storage, the network, clocks. What a run of changes does to conflict entries
+//! and to the unique-value index (which spans records) is `ledger`'s; its keepers store it.
+
+pub mod ledger;
 
 use crate::record::{DELETED_KEY, Fields, Record, from_scalar, operation_of, resolved_conflict};
 use automerge::Value as AmValue;

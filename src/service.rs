@@ -479,14 +479,7 @@ impl Service {
     }
 
     fn check_limit(&self, limit: Option<usize>) -> Result<usize, ApiError> {
-        let limit = limit.unwrap_or(100);
-        if limit == 0 || limit > self.options.max_list_limit {
-            return Err(ApiError::invalid_params(format!(
-                "limit must be 1 to {}",
-                self.options.max_list_limit
-            )));
-        }
-        Ok(limit)
+        page_limit(limit, self.options.max_list_limit)
     }
 
     /// The relay log entries this device could not apply (`Store::apply_remote`): how many,
@@ -758,15 +751,7 @@ impl Method for StatusParams {
 impl Method for ConflictsParams {
     type Answer = ConflictPage;
     fn run(self, service: &Service) -> Result<ConflictPage, ApiError> {
-        let status = match self.status.as_deref() {
-            None => Some(ConflictStatus::Open),
-            Some("all") => None,
-            Some(s) => Some(ConflictStatus::parse(s).ok_or_else(|| {
-                ApiError::invalid_params(format!(
-                    "status {s:?}: use open, resolved, auto_resolved or all"
-                ))
-            })?),
-        };
+        let status = self.status_filter()?;
         let limit = service.check_limit(self.limit)?;
         let mut conflicts = service.store.conflicts(
             status,
@@ -782,6 +767,32 @@ impl Method for ConflictsParams {
             .flatten();
         Ok(ConflictPage { conflicts, next })
     }
+}
+
+impl ConflictsParams {
+    /// The status asked for: `None` for all.
+    pub fn status_filter(&self) -> Result<Option<ConflictStatus>, ApiError> {
+        match self.status.as_deref() {
+            None => Ok(Some(ConflictStatus::Open)),
+            Some("all") => Ok(None),
+            Some(s) => Ok(Some(ConflictStatus::parse(s).ok_or_else(|| {
+                ApiError::invalid_params(format!(
+                    "status {s:?}: use open, resolved, auto_resolved or all"
+                ))
+            })?)),
+        }
+    }
+}
+
+/// A list call's page size: `limit`, 100 by default, at most `max`.
+pub fn page_limit(limit: Option<usize>, max: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if limit == 0 || limit > max {
+        return Err(ApiError::invalid_params(format!(
+            "limit must be 1 to {max}"
+        )));
+    }
+    Ok(limit)
 }
 
 impl Method for ConflictId {

@@ -218,7 +218,7 @@ fn merge_keeps_both_fields_and_reports_the_overwritten_value() {
 #[test]
 fn merge_tie_on_time_is_broken_by_device_id_the_same_way_everywhere() {
     for b_first in [false, true] {
-        let mut net = Net::with_clock(2, Policy::of(Strategy::Merge), Arc::new(FixedClock));
+        let mut net = Net::with_clock(2, Policy::of(Strategy::Merge), Arc::new(FIXED_CLOCK));
         net.write(0, put("Customer", "c1", json!({"name": "Ada"})));
         net.sync();
         net.write(0, patch("c1", json!({"name": "A"})));
@@ -238,13 +238,7 @@ fn merge_tie_on_time_is_broken_by_device_id_the_same_way_everywhere() {
 }
 
 /// Every write at the same moment.
-struct FixedClock;
-
-impl ferry::clock::Clock for FixedClock {
-    fn now_ms(&self) -> u64 {
-        1_700_000_000_000
-    }
-}
+const FIXED_CLOCK: ferry::clock::FixedClock = ferry::clock::FixedClock(1_700_000_000_000);
 
 #[test]
 fn merge_keeps_an_update_that_met_a_delete() {

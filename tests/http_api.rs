@@ -16,7 +16,7 @@ mod common;
 
 use common::{Device, Relay, call, wait_converged};
 use ferry::relay::http::ErrorCode;
-use ferry::relay::mirror::RejectCode;
+use ferry::relay::web_actor::RejectCode;
 use ferry_proto::wire::ErrorKind;
 use http_body_util::BodyExt as _;
 use serde_json::{Value, json};

@@ -8,7 +8,8 @@
 //! index is per record (the same bytes under two records are two entries); the causal-closure
 //! check (through the relay store, as a property over random upload orders too); records' heads,
 //! base + tail and compaction; conflict counts and quota bytes as increments; the unique-value
-//! index. Accounts: accounts (a name taken once), devices, enrolment codes (consumed once),
+//! index (its holders and open clashes); conflict entries, their open index and the change that
+//! brought each; a space's web actor, chosen once. Accounts: accounts (a name taken once), devices, enrolment codes (consumed once),
 //! token families, signing keys, passwords, each commit whole or not at all. And reopening:
 //! everything committed is there after a restart.
 
@@ -32,11 +33,11 @@ use ferry::auth::token::Family;
 use ferry::record::Record;
 use ferry::relay::storage::{
     AccountRecord, AccountWrite, Append, ClientKind, Compaction, DeviceRecord, EnrolmentRecord,
-    KvStorage, LoggedChange, RelayConflictCount, RelayStorage, StorageError, StoredKey,
+    Holders, KvStorage, LoggedChange, RelayConflictCount, RelayStorage, StorageError, StoredKey,
     UniqueValue,
 };
 use ferry::relay::store::{RelayStore, RelayStoreOptions};
-use ferry::resolve::ConflictKind;
+use ferry::resolve::{self, Conflict, ConflictKind, ConflictStatus, Side};
 use ferry::store::kv::MemoryKv;
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, RecordName, UploadChange};
 use proptest::prelude::*;
@@ -359,15 +360,17 @@ fn the_unique_index_holds_each_values_holders_in_order(engine: &dyn Engine) {
         value: r#"["x@y"]"#.into(),
     };
     let held = vec![(0usize, vec![json!("x@y")])];
+    let holders = Holders {
+        records: vec!["a".into(), "b".into()],
+        open: vec![("c1".into(), "a".into(), "b".into())],
+    };
     let mut append = Append::new(0);
     append.entries.push(entry("a", "dev", 1, b"a"));
     append.created.insert(rec("a"), b"a".to_vec());
-    append
-        .holders
-        .insert(email.clone(), vec!["a".into(), "b".into()]);
+    append.holders.insert(email.clone(), holders.clone());
     append.held.insert(rec("a"), held.clone());
     storage.append(SPACE, append).unwrap();
-    assert_eq!(storage.unique_holders(SPACE, &email).unwrap(), ["a", "b"]);
+    assert_eq!(storage.unique_holders(SPACE, &email).unwrap(), holders);
     assert_eq!(
         storage.unique_values(SPACE, "Doc", "a").unwrap(),
         Some(held)
@@ -379,20 +382,145 @@ fn the_unique_index_holds_each_values_holders_in_order(engine: &dyn Engine) {
     };
     assert_eq!(
         storage.unique_holders(SPACE, &other_constraint).unwrap(),
-        [""; 0]
+        Holders::default()
     );
     // No holders left: the value is free.
     let mut append = Append::new(1);
     append.entries.push(entry("a", "dev", 2, b"a2"));
     append.tails.push((rec("a"), 2));
-    append.holders.insert(email.clone(), Vec::new());
+    append.holders.insert(email.clone(), Holders::default());
     append.held.insert(rec("a"), Vec::new());
     storage.append(SPACE, append).unwrap();
-    assert_eq!(storage.unique_holders(SPACE, &email).unwrap(), [""; 0]);
+    assert_eq!(
+        storage.unique_holders(SPACE, &email).unwrap(),
+        Holders::default()
+    );
     assert_eq!(
         storage.unique_values(SPACE, "Doc", "a").unwrap(),
         Some(Vec::new())
     );
+}
+
+/// A conflict entry as the ledger hands one over.
+fn conflict(id: &str, status: ConflictStatus, change: &str) -> Conflict {
+    let side = |record: &str, changes: Vec<String>| Side {
+        record: record.into(),
+        changes,
+        device: "dev".into(),
+        time: 1,
+        deleted: false,
+        fields: fields(json!({"title": id})),
+    };
+    Conflict {
+        id: id.into(),
+        kind: ConflictKind::UpdateUpdate,
+        collection: "Doc".into(),
+        record: "a".into(),
+        strategy: resolve::Strategy::Manual,
+        status,
+        seq: 2,
+        server: side("a", vec!["00".into()]),
+        client: side("a", vec![change.into()]),
+        winner: None,
+        fields: Vec::new(),
+        unique: None,
+        resolution: None,
+        resolving: None,
+    }
+}
+
+fn conflict_entries_are_listed_in_id_order_and_open_ones_by_their_own_index(engine: &dyn Engine) {
+    let storage = engine.open();
+    let mut append = Append::new(0);
+    append.entries.push(entry("a", "dev", 1, b"a"));
+    append.created.insert(rec("a"), b"a".to_vec());
+    for (id, status) in [
+        ("c3", ConflictStatus::Open),
+        ("c1", ConflictStatus::AutoResolved),
+        ("c2", ConflictStatus::Open),
+    ] {
+        append
+            .conflict_entries
+            .push(conflict(id, status, &format!("{id}-change")));
+        append
+            .conflict_changes
+            .push((format!("{id}-change"), id.to_owned()));
+    }
+    storage.append(SPACE, append).unwrap();
+    let ids = |list: Vec<Conflict>| list.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(storage.conflicts(SPACE, false, None, 10).unwrap()),
+        ["c1", "c2", "c3"]
+    );
+    assert_eq!(
+        ids(storage.conflicts(SPACE, true, None, 10).unwrap()),
+        ["c2", "c3"]
+    );
+    assert_eq!(
+        ids(storage.conflicts(SPACE, false, Some("c1"), 1).unwrap()),
+        ["c2"]
+    );
+    assert_eq!(
+        ids(storage.conflicts(SPACE, true, Some("c2"), 10).unwrap()),
+        ["c3"]
+    );
+    assert_eq!(
+        storage.conflict(SPACE, "c2").unwrap(),
+        Some(conflict("c2", ConflictStatus::Open, "c2-change"))
+    );
+    assert_eq!(storage.conflict(SPACE, "nope").unwrap(), None);
+    assert_eq!(
+        storage
+            .change_conflict(SPACE, "c3-change")
+            .unwrap()
+            .as_deref(),
+        Some("c3")
+    );
+    assert_eq!(storage.change_conflict(SPACE, "other").unwrap(), None);
+    assert_eq!(storage.conflicts("other", false, None, 10).unwrap(), []);
+    // Resolved: out of the open index, in the full list as it stands now.
+    let mut append = Append::new(1);
+    append.entries.push(entry("a", "dev", 2, b"a2"));
+    append.tails.push((rec("a"), 2));
+    append
+        .conflict_entries
+        .push(conflict("c3", ConflictStatus::Resolved, "c3-change"));
+    storage.append(SPACE, append).unwrap();
+    assert_eq!(
+        ids(storage.conflicts(SPACE, true, None, 10).unwrap()),
+        ["c2"]
+    );
+    assert_eq!(
+        storage.conflict(SPACE, "c3").unwrap().map(|c| c.status),
+        Some(ConflictStatus::Resolved)
+    );
+    // A refused append leaves no entry behind.
+    let mut stale = Append::new(1);
+    stale.entries.push(entry("a", "dev", 3, b"a3"));
+    stale
+        .conflict_entries
+        .push(conflict("c4", ConflictStatus::Open, "c4-change"));
+    assert!(matches!(
+        storage.append(SPACE, stale),
+        Err(StorageError::HeadMoved { .. })
+    ));
+    assert_eq!(storage.conflict(SPACE, "c4").unwrap(), None);
+    drop(storage);
+    let storage = engine.reopen();
+    assert_eq!(
+        ids(storage.conflicts(SPACE, false, None, 10).unwrap()),
+        ["c1", "c2", "c3"]
+    );
+}
+
+fn a_spaces_web_actor_is_chosen_once_and_kept(engine: &dyn Engine) {
+    let storage = engine.open();
+    assert_eq!(storage.web_actor(SPACE, "aa01").unwrap(), "aa01");
+    assert_eq!(storage.web_actor(SPACE, "bb02").unwrap(), "aa01");
+    assert_eq!(storage.web_actor("other", "cc03").unwrap(), "cc03");
+    drop(storage);
+    let storage = engine.reopen();
+    assert_eq!(storage.web_actor(SPACE, "dd04").unwrap(), "aa01");
 }
 
 fn device(id: &str, account: &str) -> DeviceRecord {
@@ -833,6 +961,18 @@ macro_rules! conformance {
             #[test]
             fn the_unique_index_holds_each_values_holders_in_order() {
                 super::the_unique_index_holds_each_values_holders_in_order(&$engine);
+            }
+
+            #[test]
+            fn conflict_entries_are_listed_in_id_order_and_open_ones_by_their_own_index() {
+                super::conflict_entries_are_listed_in_id_order_and_open_ones_by_their_own_index(
+                    &$engine,
+                );
+            }
+
+            #[test]
+            fn a_spaces_web_actor_is_chosen_once_and_kept() {
+                super::a_spaces_web_actor_is_chosen_once_and_kept(&$engine);
             }
 
             #[test]

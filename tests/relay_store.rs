@@ -24,7 +24,7 @@ use common::{fields, open_sled};
 use ferry::record::Record;
 use ferry::relay::storage::{KvStorage, StorageError};
 use ferry::relay::store::{RelayConflictCount, RelayStore, RelayStoreError, RelayStoreOptions};
-use ferry::resolve::ConflictKind;
+use ferry::resolve::{ConflictKind, ConflictStatus, Policies, Policy};
 use ferry::store::kv::{Kv, MemoryKv};
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
 use relay_fixtures::{SPACE, Writer, actor, append_by_author, dev, outcomes, upload};
@@ -511,7 +511,7 @@ fn validating_a_change_loads_its_document_only_when_the_cache_lost_it() {
 #[test]
 fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
     let relay = memory_relay(RelayStoreOptions {
-        unique: BTreeMap::from([("Doc".to_owned(), vec![vec!["email".to_owned()]])]),
+        policies: unique_email(),
         ..RelayStoreOptions::default()
     });
     let mut a = Writer::new(1);
@@ -519,6 +519,7 @@ fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
     let mut c = Writer::new(3);
     let first = a.put(json!({"email": "x@y", "n": 1}));
     let clash = b.put(json!({"email": "x@y", "n": 2}));
+    let clash_hash = ferry::record::chunk_hash(&clash).unwrap();
     let other = c.put(json!({"email": "z@y"}));
     append_by_author(&relay, &[upload(1, "a", &first), upload(2, "c", &other)]);
     assert_eq!(relay.conflict_counts(SPACE).unwrap(), []);
@@ -533,6 +534,27 @@ fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
         }]
     };
     assert_eq!(relay.conflict_counts(SPACE).unwrap(), unique(1));
+    // The clash is kept as devices keep it: open, flagging the record that took the value second.
+    let open = relay
+        .conflicts(SPACE, Some(ConflictStatus::Open), None, 10)
+        .unwrap();
+    assert_eq!(open.len(), 1);
+    let first_clash = open[0].clone();
+    assert_eq!(first_clash.kind, ConflictKind::Unique);
+    assert_eq!(
+        (
+            first_clash.server.record.as_str(),
+            first_clash.record.as_str()
+        ),
+        ("a", "b")
+    );
+    assert_eq!(
+        relay
+            .change_conflict(SPACE, &clash_hash)
+            .unwrap()
+            .as_deref(),
+        Some(first_clash.id.as_str())
+    );
     // b moves away and back: a second clash. A change that keeps the value counts nothing.
     let away = b.patch(json!({"email": "w@y"}));
     let back = b.patch(json!({"email": "x@y"}));
@@ -549,6 +571,14 @@ fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
         )
         .unwrap();
     assert_eq!(relay.conflict_counts(SPACE).unwrap(), unique(2));
+    // Moving away ended the first clash; coming back opened another.
+    let resolved = relay.conflict(SPACE, &first_clash.id).unwrap().unwrap();
+    assert_eq!(resolved.status, ConflictStatus::Resolved);
+    let open = relay
+        .conflicts(SPACE, Some(ConflictStatus::Open), None, 10)
+        .unwrap();
+    assert_eq!(open.len(), 1);
+    assert_ne!(open[0].id, first_clash.id);
     // Another collection's equal values are not checked.
     let mut d = Writer::new(4);
     let elsewhere = d.put(json!({"email": "x@y"}));
@@ -563,6 +593,51 @@ fn records_of_a_unique_collection_that_take_a_held_value_are_counted() {
         )
         .unwrap();
     assert_eq!(relay.conflict_counts(SPACE).unwrap(), unique(2));
+}
+
+/// Unique constraints on `Doc.email`.
+fn unique_email() -> Policies {
+    Policies {
+        collections: BTreeMap::from([(
+            "Doc".to_owned(),
+            Policy {
+                unique: vec![vec!["email".to_owned()]],
+                ..Policy::default()
+            },
+        )]),
+        ..Policies::default()
+    }
+}
+
+#[test]
+fn a_unique_clash_shows_the_record_that_held_the_value_as_logged_not_as_first_stored() {
+    // One cached document: the record holding the value is read back from storage, base and
+    // tail, when the clash is found.
+    let relay = memory_relay(RelayStoreOptions {
+        doc_cache_docs: 1,
+        compact_after: 100,
+        policies: unique_email(),
+        ..RelayStoreOptions::default()
+    });
+    let mut a = Writer::new(1);
+    let mut b = Writer::new(2);
+    let mut c = Writer::new(3);
+    let created = a.put(json!({"email": "x@y", "n": 1}));
+    let edited = a.patch(json!({"n": 2}));
+    append_by_author(&relay, &[upload(1, "a", &created), upload(2, "a", &edited)]);
+    let other = c.put(json!({"email": "z@y"}));
+    append_by_author(&relay, &[upload(1, "c", &other)]);
+    let clash = b.put(json!({"email": "x@y"}));
+    append_by_author(&relay, &[upload(1, "b", &clash)]);
+    let open = relay
+        .conflicts(SPACE, Some(ConflictStatus::Open), None, 10)
+        .unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].server.record, "a");
+    assert_eq!(
+        open[0].server.fields,
+        fields(json!({"email": "x@y", "n": 2}))
+    );
 }
 
 #[test]

@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ed25519_dalek::SigningKey;
+use ferry::alerts::AlertsConfig;
 use ferry::auth::credentials;
 use ferry::auth::token::TokenPolicy;
 use ferry::clock::Clock;
@@ -47,10 +48,12 @@ use ferry::fuzzing::{Forgery, forge, mutate_change};
 use ferry::record::{Fields, Record, decode_change};
 use ferry::relay::accounts::{Accounts, RandomSource};
 use ferry::relay::activity::Activity;
+use ferry::relay::alerts::RelayAlerts;
 use ferry::relay::metrics::RelayMetrics;
 use ferry::relay::server::{self as relay_server, Peer};
 use ferry::relay::storage::KvStorage;
 use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry::relay::web_actor::{WebActors, WebOperation, WebWrite, WriteOutcome};
 use ferry::resolve::{
     Conflict, ConflictKind, ConflictStatus, DeleteRule, Policies, Policy, Strategy, Take,
 };
@@ -220,7 +223,10 @@ struct World {
     options: StoreOptions,
     devices: Vec<Option<Device>>,
     relay_kv: MemoryKv,
-    relay: Option<(RelayStore, Accounts)>,
+    relay: Option<SimRelay>,
+    /// The HTTP client's choices, apart from the rest so that runs without one play out as
+    /// before; `None`: no HTTP client this run.
+    web: Option<StdRng>,
     /// The relay's random bytes: seeded, so that tokens replay too.
     relay_random: RandomSource,
     /// The tokens each device holds (kept on disk, so they survive its crashes).
@@ -238,6 +244,8 @@ struct World {
     healing: bool,
     /// The hostile participant's last logged sequence number per record.
     hostile_seqs: HashMap<(String, String), u64>,
+    /// Heads digests devices received, not looked at yet.
+    heads_checked: Vec<HeadsAnswer>,
 }
 
 impl World {
@@ -271,7 +279,16 @@ impl World {
         };
         World {
             rng,
-            relay: Some(open_relay(&relay_kv, &relay_random, clock.now())),
+            relay: Some(open_relay(
+                &relay_kv,
+                &relay_random,
+                &options.policies,
+                &clock,
+            )),
+            web: {
+                let mut web = StdRng::seed_from_u64(seed ^ 0x5745_4220_4143_544f);
+                web.random_bool(0.5).then_some(web)
+            },
             relay_random,
             tokens: vec![None; k],
             fallbacks: (0..k).map(|_| credentials::Fallback::default()).collect(),
@@ -289,6 +306,7 @@ impl World {
             trace: Vec::new(),
             healing: false,
             hostile_seqs: HashMap::new(),
+            heads_checked: Vec::new(),
         }
     }
 
@@ -455,21 +473,7 @@ impl World {
     }
 
     fn fields(&mut self) -> Fields {
-        let mut fields = serde_json::Map::new();
-        for name in FIELDS {
-            if self.rng.random_bool(0.5) {
-                let value = match name {
-                    "total" => json!(self.rng.random_range(0..1000)),
-                    "tags" => json!([self.rng.random_range(0..5), "t"]),
-                    _ => json!(format!("v{}", self.rng.random_range(0..STRING_VALUES))),
-                };
-                fields.insert(name.into(), value);
-            }
-        }
-        if fields.is_empty() {
-            fields.insert("name".into(), json!("x"));
-        }
-        fields
+        random_fields(&mut self.rng)
     }
 
     fn online(&self, i: usize) -> bool {
@@ -488,7 +492,7 @@ impl World {
         let cursor = device.service.store().sync_cursor().expect("cursor");
         let id = device_id(&device.key.verifying_key().to_bytes());
         let key = device.key.clone();
-        let (_, accounts) = self.relay.as_ref().expect("relay up");
+        let accounts = &self.relay.as_ref().expect("relay up").accounts;
         // A device the relay does not know (its enrolment was lost on the way) is given a new
         // code, as an operator would.
         let (credential, refresh) = if accounts.devices(Some(SPACE)).iter().any(|d| d.device == id)
@@ -560,7 +564,8 @@ impl World {
         self.relay = Some(open_relay(
             &self.relay_kv,
             &self.relay_random,
-            self.clock.now(),
+            &self.options.policies,
+            &self.clock,
         ));
     }
 
@@ -600,6 +605,7 @@ impl World {
             shown: &link.shown,
             signed_in: &mut link.signed_in,
             trace: &mut self.trace,
+            heads_checked: &mut self.heads_checked,
         };
         at_once(drive(&mut link.session, &mut io))
     }
@@ -614,7 +620,8 @@ impl World {
         appended: &mut Vec<u64>,
     ) -> bool {
         let now = self.clock.now();
-        let (store, accounts) = self.relay.as_ref().expect("relay up while a link is");
+        let relay = self.relay.as_ref().expect("relay up while a link is");
+        let (store, accounts) = (&*relay.store, &*relay.accounts);
         let mut io = RelayIo {
             net: World::net(
                 &mut self.rng,
@@ -721,6 +728,12 @@ impl World {
     }
 
     fn step(&mut self) {
+        if let Some(web) = self.web.as_mut()
+            && web.random_bool(0.1)
+        {
+            self.web_write();
+            self.pump_all();
+        }
         let k = self.devices.len();
         let i = self.rng.random_range(0..k);
         match self.rng.random_range(0..100) {
@@ -784,7 +797,7 @@ impl World {
     /// sequence number, an operation on a missing object; some under its own actor, in
     /// sequence, which the relay logs like any device's.
     fn hostile_upload(&mut self) {
-        let Some((relay, _)) = &self.relay else {
+        let Some(SimRelay { store: relay, .. }) = &self.relay else {
             return;
         };
         let head = relay.head(SPACE).expect("relay head");
@@ -865,6 +878,175 @@ impl World {
         }
     }
 
+    /// The HTTP client writes through the space's web actor: a create, update or delete,
+    /// sometimes made on the version of the record a device shows (as a client that was offline
+    /// would), so that it meets other changes as a concurrent one. What it was told was written
+    /// must end up on every device.
+    fn web_write(&mut self) {
+        let (Some(web), Some(relay)) = (self.web.as_mut(), self.relay.as_ref()) else {
+            return;
+        };
+        let collection = COLLECTIONS[web.random_range(0..COLLECTIONS.len())];
+        let id = format!("r{}", web.random_range(0..IDS));
+        let operation = [
+            WebOperation::Create,
+            WebOperation::Update,
+            WebOperation::Update,
+            WebOperation::Delete,
+        ][web.random_range(0..4)];
+        let fields = match operation {
+            WebOperation::Delete => Fields::new(),
+            _ => random_fields(web),
+        };
+        let base = (operation != WebOperation::Create && web.random_bool(0.3))
+            .then(|| {
+                let device = web.random_range(0..self.devices.len());
+                let store = self.devices[device].as_ref()?.store();
+                let view = store.get(collection, &id).ok()?;
+                view.heads
+                    .iter()
+                    .map(|h| h.parse().ok())
+                    .collect::<Option<Vec<automerge::ChangeHash>>>()
+            })
+            .flatten();
+        let write = WebWrite {
+            operation,
+            collection: collection.into(),
+            id: id.clone(),
+            fields: fields.clone(),
+            base: base.clone(),
+        };
+        let outcome = relay
+            .web
+            .write(SPACE, vec![write], self.clock.now())
+            .expect("the web actor works");
+        let head = relay.store.head(SPACE).expect("relay head");
+        self.note(format!(
+            "web {operation:?} {collection}/{id} {} at {:?}: {outcome:?}",
+            json!(fields),
+            base.map(|b| b.len())
+        ));
+        if let [WriteOutcome::Applied { version, .. } | WriteOutcome::Conflict { version, .. }] =
+            outcome.as_slice()
+        {
+            self.acked.push(Acked {
+                collection: collection.into(),
+                id,
+                heads: version.split(',').map(str::to_owned).collect(),
+            });
+        }
+        for link in &mut self.links {
+            link.relay.appended(head);
+        }
+    }
+
+    /// The HTTP client resolves one of the conflicts the relay lists open, as the web actor.
+    fn web_resolve(&mut self) {
+        let (Some(web), Some(relay)) = (self.web.as_mut(), self.relay.as_ref()) else {
+            return;
+        };
+        let open = relay
+            .web
+            .conflicts(SPACE, api::ConflictsParams::default())
+            .expect("the web actor lists conflicts")
+            .conflicts;
+        if open.is_empty() {
+            return;
+        }
+        let conflict = open[web.random_range(0..open.len())].clone();
+        let take = [Take::Server, Take::Client, Take::Merge][web.random_range(0..3)];
+        let data = (take == Take::Merge
+            && (conflict.kind != ConflictKind::Unique || web.random_bool(0.5)))
+        .then(|| random_fields(web));
+        let resolved = relay
+            .web
+            .resolve(SPACE, &conflict.id, take, data.clone(), self.clock.now());
+        let head = relay.store.head(SPACE).expect("relay head");
+        self.note(format!(
+            "web resolves {} ({} {}/{}) {take:?} {}: {}",
+            conflict.id,
+            conflict.kind.as_str(),
+            conflict.collection,
+            conflict.record,
+            json!(data),
+            match &resolved {
+                Ok(r) => format!("{:?}", r.conflict.status),
+                Err(e) => format!("refused: {e}"),
+            }
+        ));
+        let Ok(resolved) = resolved else {
+            return;
+        };
+        let mut changes = Vec::new();
+        for write in resolved.writes {
+            if !write.version.contains(',') {
+                self.touches.insert(write.version.clone(), Touch::Whole);
+                changes.push((write.id, write.version));
+            }
+        }
+        self.resolutions
+            .entry(conflict.id.clone())
+            .or_default()
+            .push(Resolving {
+                device: self.devices.len(),
+                changes,
+            });
+        for link in &mut self.links {
+            link.relay.appended(head);
+        }
+    }
+
+    /// Once all is synced, each device checks its records' heads against the relay's, through
+    /// its session and page by page, as the daemon does: every page's digest must match.
+    fn check_heads(&mut self) {
+        for link in 0..self.links.len() {
+            let device = self.links[link].device;
+            let mut after = None;
+            let mut pages = 0;
+            loop {
+                let now = self.clock.now();
+                assert!(
+                    self.links[link]
+                        .session
+                        .check_heads(after.clone(), 1000, now),
+                    "device {device}'s session does not send a heads check"
+                );
+                self.pump_all();
+                while self.deliver_next() {}
+                let answers = std::mem::take(&mut self.heads_checked);
+                let [answer] = answers.as_slice() else {
+                    panic!(
+                        "device {device} got {} heads digests for one check",
+                        answers.len()
+                    );
+                };
+                let store = self.device(device).store();
+                assert_eq!(
+                    answer.head,
+                    store.sync_cursor().expect("cursor"),
+                    "device {device}'s heads digest is of another log prefix"
+                );
+                let until = (!answer.complete).then_some(answer.last.as_ref()).flatten();
+                let (_, ours) = store
+                    .heads_digest(after.as_ref(), until)
+                    .expect("device digest");
+                assert_eq!(
+                    answer.digest, ours,
+                    "device {device}'s record heads differ from the relay's after {after:?}"
+                );
+                pages += 1;
+                assert!(
+                    pages <= 2 * IDS * COLLECTIONS.len(),
+                    "heads check never completes"
+                );
+                if answer.complete {
+                    break;
+                }
+                after = answer.last.clone();
+            }
+        }
+    }
+
     /// After healing every device has found every conflict so far. They go offline, then
     /// resolve some of them while writes and faults go on, so that two devices often resolve one
     /// conflict before either hears of the other.
@@ -874,6 +1056,12 @@ impl World {
             self.disconnect(0);
         }
         for _ in 0..steps {
+            if let Some(web) = self.web.as_mut()
+                && web.random_bool(0.2)
+            {
+                self.web_resolve();
+                self.pump_all();
+            }
             if self.rng.random_bool(0.5) {
                 let i = self.rng.random_range(0..self.devices.len());
                 self.resolve_some(i);
@@ -946,7 +1134,7 @@ impl World {
     }
 
     fn check(&self) {
-        let (relay, _) = self.relay.as_ref().expect("relay up after healing");
+        let relay = &self.relay.as_ref().expect("relay up after healing").store;
         let head = relay.head(SPACE).expect("relay head");
         for i in 0..self.devices.len() {
             let view = self.sync_view(i);
@@ -1102,11 +1290,44 @@ impl World {
         }
     }
 
-    /// Every device holds the same conflict entries and counters, and the counters add up.
+    /// Every device holds the same conflict entries and counters, and the counters add up; the
+    /// relay holds the same entries (the HTTP client's view of them) and counts as many found.
     fn check_conflicts(&self) {
         let first = self.device(0).store();
         let entries = conflict_entries(first);
         let counts = first.conflict_counts().expect("conflict counts");
+        let relay = &self.relay.as_ref().expect("relay up after healing").store;
+        let on_relay = relay
+            .conflicts(SPACE, None, None, usize::MAX)
+            .expect("relay conflicts");
+        let ids = |list: &[Conflict]| list.iter().map(|c| c.id.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&on_relay),
+            ids(&entries),
+            "the relay and device 0 hold other conflicts"
+        );
+        for (relay_entry, device_entry) in on_relay.iter().zip(&entries) {
+            assert_eq!(
+                relay_entry, device_entry,
+                "the relay and device 0 hold conflict {} apart",
+                device_entry.id
+            );
+        }
+        let detected = |kind: &str, collection: &str| {
+            counts
+                .iter()
+                .find(|c| c.kind == kind && c.collection == collection)
+                .map_or(0, |c| c.detected)
+        };
+        for row in relay.conflict_counts(SPACE).expect("relay counts") {
+            assert_eq!(
+                row.detected,
+                detected(row.kind.as_str(), &row.collection),
+                "the relay and device 0 count {} conflicts in {} apart",
+                row.kind.as_str(),
+                row.collection
+            );
+        }
         for i in 1..self.devices.len() {
             let store = self.device(i).store();
             assert_eq!(
@@ -1180,7 +1401,7 @@ impl World {
     /// Each change of a record (on the relay, which every device matches by now) with the
     /// changes it depends on, by hash.
     fn change_graph(&self, collection: &str, id: &str) -> HashMap<String, Vec<String>> {
-        let (relay, _) = self.relay.as_ref().expect("relay up after healing");
+        let relay = &self.relay.as_ref().expect("relay up after healing").store;
         let bytes = relay
             .document_bytes(SPACE, collection, id)
             .expect("relay doc")
@@ -1263,6 +1484,25 @@ impl World {
             }
         }
     }
+}
+
+/// Random fields, from a small set of names and values, so that writes meet.
+fn random_fields(rng: &mut StdRng) -> Fields {
+    let mut fields = serde_json::Map::new();
+    for name in FIELDS {
+        if rng.random_bool(0.5) {
+            let value = match name {
+                "total" => json!(rng.random_range(0..1000)),
+                "tags" => json!([rng.random_range(0..5), "t"]),
+                _ => json!(format!("v{}", rng.random_range(0..STRING_VALUES))),
+            };
+            fields.insert(name.into(), value);
+        }
+    }
+    if fields.is_empty() {
+        fields.insert("name".into(), json!("x"));
+    }
+    fields
 }
 
 /// Each collection's strategy, delete rule and unique constraints for a run.
@@ -1392,6 +1632,14 @@ impl Net<'_> {
     }
 }
 
+/// The relay's answer to a device's heads check.
+struct HeadsAnswer {
+    head: u64,
+    last: Option<ferry_proto::wire::RecordName>,
+    complete: bool,
+    digest: [u8; 32],
+}
+
 /// A device's side of a link, as the daemon's engine has it: messages onto the wire, effects
 /// through `engine::carry_out`, tokens kept (and dropped when the relay refused them).
 struct DeviceIo<'a> {
@@ -1403,6 +1651,7 @@ struct DeviceIo<'a> {
     shown: &'a Credential,
     signed_in: &'a mut bool,
     trace: &'a mut Vec<String>,
+    heads_checked: &'a mut Vec<HeadsAnswer>,
 }
 
 impl Io<DeviceSession> for DeviceIo<'_> {
@@ -1422,6 +1671,18 @@ impl Io<DeviceSession> for DeviceIo<'_> {
         match event {
             DeviceEvent::Authenticated { .. } => *self.signed_in = true,
             DeviceEvent::Tokens { tokens } => *self.tokens = Some(tokens),
+            DeviceEvent::HeadsDigest {
+                head,
+                last,
+                complete,
+                digest,
+                ..
+            } => self.heads_checked.push(HeadsAnswer {
+                head,
+                last,
+                complete,
+                digest,
+            }),
             DeviceEvent::Closed { error } => {
                 // As the daemon does: tokens the relay refused are dropped, and the next
                 // connection signs in with the key.
@@ -1500,16 +1761,31 @@ fn at_once(future: impl std::future::Future<Output = bool>) -> bool {
     }
 }
 
-fn open_relay(kv: &MemoryKv, random: &RandomSource, now: u64) -> (RelayStore, Accounts) {
+/// The relay: its store and accounts, and the web actors HTTP clients write through.
+struct SimRelay {
+    store: Arc<RelayStore>,
+    accounts: Arc<Accounts>,
+    web: WebActors,
+}
+
+fn open_relay(
+    kv: &MemoryKv,
+    random: &RandomSource,
+    policies: &Policies,
+    clock: &SimClock,
+) -> SimRelay {
+    let now = clock.now();
     let storage = Arc::new(KvStorage::new(Arc::new(kv.clone())));
-    let store = RelayStore::open(
+    let store = Arc::new(RelayStore::open(
         storage.clone(),
         RelayStoreOptions {
             // Tiny, so that eviction and reload happen all the time.
             doc_cache_docs: 3,
+            // As the devices': the relay keeps the conflicts they find.
+            policies: policies.clone(),
             ..RelayStoreOptions::default()
         },
-    );
+    ));
     let accounts = Accounts::open(
         storage,
         TokenPolicy {
@@ -1525,7 +1801,29 @@ fn open_relay(kv: &MemoryKv, random: &RandomSource, now: u64) -> (RelayStore, Ac
     if accounts.accounts().expect("accounts").is_empty() {
         accounts.add_account(SPACE, now).expect("account");
     }
-    (store, accounts)
+    let accounts = Arc::new(accounts);
+    let shared = relay_server::Shared {
+        clock: Arc::new(clock.clone()),
+        store: store.clone(),
+        accounts: accounts.clone(),
+        metrics: Arc::default(),
+        activity: Arc::default(),
+        spaces: Arc::default(),
+        alerts: RelayAlerts::new(AlertsConfig::default(), Arc::new(clock.clone())),
+    };
+    let web = WebActors::new(
+        &shared,
+        StoreOptions {
+            policies: policies.clone(),
+            ..StoreOptions::default()
+        },
+        1000,
+    );
+    SimRelay {
+        store,
+        accounts,
+        web,
+    }
 }
 
 fn run_seed(seed: u64) {
@@ -1543,6 +1841,7 @@ fn run_seed(seed: u64) {
         world.heal();
         world.settle(steps / 5);
         world.heal();
+        world.check_heads();
         world.check();
     }));
     if let Err(panic) = outcome {

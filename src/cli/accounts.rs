@@ -2,20 +2,21 @@
 //! `ferry register` (a device joining an account).
 //!
 //! Operator commands go to the running relay's socket (`relay::admin`), or, when no relay runs,
-//! open its store and call the same `relay::admin::dispatch`.
+//! open its store and run the same typed method (`relay::admin::AdminMethod`).
 //! Must not touch: accounts' storage; sessions beyond `engine::register`.
 
 use super::{Context, Failure, format_ms, print_json, read_secret_line, runtime};
 use crate::config::SyncConfig;
+use crate::datadir::DataDirError;
 use crate::engine::{self, EngineError};
 use crate::ipc::{Client, ClientError};
 use crate::relay::accounts::{Accounts, os_random};
-use crate::relay::admin::{self, AdminOptions};
+use crate::relay::admin::{self, AdminMethod, AdminOptions};
 use crate::relay::storage::KvStorage;
 use crate::store::kv::SledKv;
 use clap::Subcommand;
 use ferry_proto::wire::Secret;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::Arc;
 
 #[derive(Subcommand, Debug)]
@@ -67,92 +68,111 @@ pub(super) enum AccountAction {
 
 /// Runs an operator command against the running relay, or its store when none runs.
 pub(super) fn relay_admin(ctx: &Context, action: RelayAction) -> Result<(), Failure> {
-    let (method, params) = match &action {
-        RelayAction::Account {
-            action: AccountAction::Add { name },
-        } => ("account.add", json!({ "name": name })),
-        RelayAction::Account {
-            action: AccountAction::Password { name },
-        } => (
-            "account.password",
-            json!({ "name": name, "password": read_password()? }),
-        ),
-        RelayAction::Account {
-            action: AccountAction::List,
-        } => ("account.list", json!({})),
-        RelayAction::Enrol { account, hours } => {
-            ("enrol", json!({ "account": account, "hours": hours }))
-        }
-        RelayAction::Devices { account } => ("devices", json!({ "account": account })),
-        RelayAction::Revoke { device } => ("revoke", json!({ "device": device })),
-        RelayAction::RotateKey => ("keys.rotate", json!({})),
-    };
-    let result = call_relay(ctx, method, params)?;
-    if ctx.json {
-        print_json(&result);
-        return Ok(());
-    }
     match action {
         RelayAction::Account {
             action: AccountAction::Add { name },
         } => {
-            println!("account {name} created: `ferry relay enrol {name}` gives its devices a code")
+            let account = call_relay(ctx, admin::AccountAdd { name })?;
+            show(ctx, &account, |a| {
+                println!(
+                    "account {} created: `ferry relay enrol {}` gives its devices a code",
+                    a.name, a.name
+                )
+            })
         }
         RelayAction::Account {
             action: AccountAction::Password { name },
-        } => println!("password of account {name} set: it signs in with POST /api/auth/login"),
+        } => {
+            let password = read_password()?;
+            let set = call_relay(ctx, admin::AccountPassword { name, password })?;
+            show(ctx, &set, |s| {
+                println!(
+                    "password of account {} set: it signs in with POST /api/auth/login",
+                    s.name
+                )
+            })
+        }
         RelayAction::Account {
             action: AccountAction::List,
         } => {
-            for a in result.as_array().into_iter().flatten() {
-                println!(
-                    "{}  {} devices ({} revoked)  created {}",
-                    a["name"].as_str().unwrap_or(""),
-                    a["devices"],
-                    a["revoked_devices"],
-                    format_ms(a["created_ms"].as_i64().unwrap_or(0))
-                );
-            }
+            let accounts = call_relay(ctx, admin::AccountList {})?;
+            show(ctx, &accounts, |accounts| {
+                for a in accounts {
+                    println!(
+                        "{}  {} devices ({} revoked)  created {}",
+                        a.name,
+                        a.devices,
+                        a.revoked_devices,
+                        format_ms(ms(a.created_ms))
+                    );
+                }
+            })
         }
-        RelayAction::Enrol { .. } => {
-            println!(
-                "{}",
-                result.get("code").and_then(Value::as_str).unwrap_or("")
-            );
-            eprintln!(
-                "one device may register with this code until {}: \
-                 ferry register --relay HOST:PORT --fingerprint FINGERPRINT --code CODE",
-                format_ms(
-                    result
-                        .get("expires_ms")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(0)
-                )
-            );
-        }
-        RelayAction::Devices { .. } => {
-            for d in result.as_array().into_iter().flatten() {
-                let state = match d["revoked_ms"].as_i64() {
-                    Some(at) => format!("revoked {}", format_ms(at)),
-                    None => "active".into(),
-                };
-                println!(
-                    "{}  {}  last sign-in {}  {state}",
-                    d["device"].as_str().unwrap_or(""),
-                    d["account"].as_str().unwrap_or(""),
-                    format_ms(d["last_sign_in_ms"].as_i64().unwrap_or(0))
+        RelayAction::Enrol { account, hours } => {
+            let code = call_relay(ctx, admin::Enrol { account, hours })?;
+            show(ctx, &code, |code| {
+                println!("{}", code.code);
+                eprintln!(
+                    "one device may register with this code until {}: \
+                     ferry register --relay HOST:PORT --fingerprint FINGERPRINT --code CODE",
+                    format_ms(ms(code.expires_ms))
                 );
-            }
+            })
+        }
+        RelayAction::Devices { account } => {
+            let devices = call_relay(ctx, admin::Devices { account })?;
+            show(ctx, &devices, |devices| {
+                for d in devices {
+                    let state = match d.revoked_ms {
+                        Some(at) => format!("revoked {}", format_ms(ms(at))),
+                        None => "active".into(),
+                    };
+                    println!(
+                        "{}  {}  last sign-in {}  {state}",
+                        d.device,
+                        d.account,
+                        format_ms(ms(d.last_sign_in_ms))
+                    );
+                }
+            })
         }
         RelayAction::Revoke { device } => {
-            println!("device {device} revoked: its sessions ended and its tokens no longer work")
+            let revoked = call_relay(ctx, admin::Revoke { device })?;
+            show(ctx, &revoked, |r| {
+                println!(
+                    "device {} revoked: its sessions ended and its tokens no longer work",
+                    r.device
+                )
+            })
         }
-        RelayAction::RotateKey => println!(
-            "new token signing key {}",
-            result.get("kid").and_then(Value::as_str).unwrap_or("")
-        ),
+        RelayAction::RotateKey => {
+            let rotated = call_relay(ctx, admin::RotateKey {})?;
+            show(ctx, &rotated, |r| {
+                println!("new token signing key {}", r.kid)
+            })
+        }
+    }
+}
+
+/// Prints an answer: as JSON with `--json`, otherwise as `human` writes it.
+fn show<T: serde::Serialize>(
+    ctx: &Context,
+    answer: &T,
+    human: impl FnOnce(&T),
+) -> Result<(), Failure> {
+    if ctx.json {
+        let value = serde_json::to_value(answer)
+            .map_err(|e| Failure::failed(format!("the answer cannot be written as JSON: {e}")))?;
+        print_json(&value);
+    } else {
+        human(answer);
     }
     Ok(())
+}
+
+/// A time in unix milliseconds as `format_ms` takes it.
+fn ms(at: u64) -> i64 {
+    i64::try_from(at).unwrap_or(i64::MAX)
 }
 
 /// The password from FERRY_PASSWORD, or one line of standard input (asked for without echo on
@@ -170,42 +190,38 @@ fn read_password() -> Result<String, Failure> {
     Ok(password.to_string())
 }
 
-fn call_relay(ctx: &Context, method: &str, params: Value) -> Result<Value, Failure> {
+fn call_relay<M: AdminMethod>(ctx: &Context, params: M) -> Result<M::Answer, Failure> {
     let socket = admin::socket_path(&ctx.dir);
     if let Ok(mut client) = Client::connect(&socket) {
-        return client.call(method, params).map_err(|e| match e {
+        return admin::request(&mut client, params).map_err(|e| match e {
             ClientError::Api(e) => e.into(),
             other => Failure::failed(format!("the relay's socket failed: {other}")),
         });
     }
-    let _lock = ctx.dir.lock().map_err(|e| {
-        Failure::failed(format!(
+    let _lock = ctx.dir.lock().map_err(|e| match e {
+        DataDirError::Locked { .. } => Failure::failed(format!(
             "{e}; a relay seems to run on this data directory but its socket {} does not answer",
             socket.display()
-        ))
+        )),
+        other => Failure::failed(other.to_string()),
     })?;
     let kv = SledKv::open(
         &ctx.dir.path().join("relay.db"),
         ctx.config.relay.sled_cache_mb * 1024 * 1024,
     )
     .map_err(|e| Failure::failed(format!("cannot open the relay's store: {e}")))?;
+    let now = crate::clock::now_ms();
     let accounts = Accounts::open(
         Arc::new(KvStorage::new(Arc::new(kv))),
         ctx.config.relay.token_policy(),
         os_random(),
-        crate::clock::now_ms(),
+        now,
     )
     .map_err(|e| Failure::failed(e.to_string()))?;
     let options = AdminOptions {
         enrolment_code_hours: ctx.config.relay.enrolment_code_hours,
     };
-    Ok(admin::dispatch(
-        &accounts,
-        &options,
-        method,
-        params,
-        crate::clock::now_ms(),
-    )?)
+    Ok(params.run(&accounts, &options, now)?)
 }
 
 pub(super) struct RegisterArgs {

@@ -114,7 +114,7 @@ pub enum Revocation {
 }
 
 /// A new enrolment code: `ACCOUNT/SECRET`, shown once to the operator, never stored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct EnrolmentCode {
     pub code: String,
     pub account: String,

@@ -3,7 +3,8 @@
 //! own user reaches it), with the same JSON-RPC 2.0 lines as the device's socket. When no relay
 //! runs, the CLI opens the store and calls [`dispatch`] itself: both paths share it.
 //!
-//! Owns: the operator's methods and their parameters.
+//! Owns: the operator's methods, each a typed params struct with its answer type
+//! ([`AdminMethod`]), and [`request`], the typed call the CLI, the demo and tests use.
 //! Must not touch: accounts' storage (`relay::accounts`), devices' sessions.
 
 use std::os::unix::fs::PermissionsExt as _;
@@ -11,16 +12,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_util::codec::{Framed, LinesCodec};
 
-use super::accounts::{AccountError, Accounts};
-use super::storage::StorageError;
+use super::accounts::{AccountError, Accounts, EnrolmentCode};
+use super::storage::{AccountRecord, ClientKind, StorageError};
+use crate::clock::Clock;
 use crate::datadir::DataDir;
-use crate::ipc::{Message, decode_message};
+use crate::ipc::{Client, ClientError, Message, decode_message};
 use crate::service::{ApiError, code};
 
 /// Longest request line the operator's socket reads.
@@ -68,43 +70,215 @@ fn params<T: for<'de> Deserialize<'de>>(params: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(params).map_err(ApiError::invalid_params)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Named {
-    name: String,
+/// One operator method: its name on the socket, its params (this type) and its answer.
+pub trait AdminMethod: Serialize + for<'de> Deserialize<'de> {
+    const NAME: &'static str;
+    type Answer: Serialize + for<'de> Deserialize<'de>;
+    fn run(
+        self,
+        accounts: &Accounts,
+        options: &AdminOptions,
+        now_ms: u64,
+    ) -> Result<Self::Answer, ApiError>;
 }
 
-#[derive(Deserialize)]
+/// `account.add`: creates an account, with its own space.
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PasswordParams {
-    name: String,
-    password: String,
+pub struct AccountAdd {
+    pub name: String,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EnrolParams {
-    account: String,
-    hours: Option<u64>,
+impl AdminMethod for AccountAdd {
+    const NAME: &'static str = "account.add";
+    type Answer = AccountRecord;
+    fn run(
+        self,
+        accounts: &Accounts,
+        _: &AdminOptions,
+        now_ms: u64,
+    ) -> Result<AccountRecord, ApiError> {
+        Ok(accounts.add_account(&self.name, now_ms)?)
+    }
 }
 
-#[derive(Deserialize)]
+/// `account.password`: sets the password the account signs in with over HTTP.
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DevicesParams {
-    account: Option<String>,
+pub struct AccountPassword {
+    pub name: String,
+    pub password: String,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeviceParams {
-    device: String,
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PasswordSet {
+    pub name: String,
+    pub password_set: bool,
 }
 
-/// Runs one operator method.
+impl AdminMethod for AccountPassword {
+    const NAME: &'static str = "account.password";
+    type Answer = PasswordSet;
+    fn run(self, accounts: &Accounts, _: &AdminOptions, _: u64) -> Result<PasswordSet, ApiError> {
+        accounts.set_password(&self.name, &ferry_proto::wire::Secret::new(self.password))?;
+        Ok(PasswordSet {
+            name: self.name,
+            password_set: true,
+        })
+    }
+}
+
+/// `account.list`: the accounts, with how many devices each has.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountList {}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AccountSummary {
+    pub name: String,
+    pub created_ms: u64,
+    pub devices: usize,
+    pub revoked_devices: usize,
+}
+
+impl AdminMethod for AccountList {
+    const NAME: &'static str = "account.list";
+    type Answer = Vec<AccountSummary>;
+    fn run(self, accounts: &Accounts, _: &AdminOptions, _: u64) -> Result<Self::Answer, ApiError> {
+        let devices = accounts.devices(None);
+        Ok(accounts
+            .accounts()?
+            .into_iter()
+            .map(|a| {
+                let theirs = || devices.iter().filter(|d| d.account == a.name);
+                AccountSummary {
+                    devices: theirs().count(),
+                    revoked_devices: theirs().filter(|d| d.revoked_ms.is_some()).count(),
+                    name: a.name,
+                    created_ms: a.created_ms,
+                }
+            })
+            .collect())
+    }
+}
+
+/// `enrol`: a one-time code that registers one device in `account`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enrol {
+    pub account: String,
+    /// How long the code stays valid; the relay's `enrolment_code_hours` when absent.
+    pub hours: Option<u64>,
+}
+
+impl AdminMethod for Enrol {
+    const NAME: &'static str = "enrol";
+    type Answer = EnrolmentCode;
+    fn run(
+        self,
+        accounts: &Accounts,
+        options: &AdminOptions,
+        now_ms: u64,
+    ) -> Result<EnrolmentCode, ApiError> {
+        let hours = self.hours.unwrap_or(options.enrolment_code_hours);
+        if hours == 0 {
+            return Err(ApiError::invalid_params("hours must be at least 1"));
+        }
+        Ok(accounts.enrol(&self.account, hours.saturating_mul(3_600_000), now_ms)?)
+    }
+}
+
+/// `devices`: registered devices, all or one account's.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Devices {
+    pub account: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeviceSummary {
+    pub device: String,
+    pub account: String,
+    pub kind: ClientKind,
+    pub label: String,
+    pub registered_ms: u64,
+    pub last_sign_in_ms: u64,
+    pub revoked_ms: Option<u64>,
+}
+
+impl AdminMethod for Devices {
+    const NAME: &'static str = "devices";
+    type Answer = Vec<DeviceSummary>;
+    fn run(self, accounts: &Accounts, _: &AdminOptions, _: u64) -> Result<Self::Answer, ApiError> {
+        Ok(accounts
+            .devices(self.account.as_deref())
+            .into_iter()
+            .map(|d| DeviceSummary {
+                device: d.device,
+                account: d.account,
+                kind: d.kind,
+                label: d.label,
+                registered_ms: d.registered_ms,
+                last_sign_in_ms: d.last_sign_in_ms,
+                revoked_ms: d.revoked_ms,
+            })
+            .collect())
+    }
+}
+
+/// `revoke`: cuts a device off at once.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revoke {
+    pub device: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Revoked {
+    pub device: String,
+    pub account: String,
+    pub revoked_ms: Option<u64>,
+}
+
+impl AdminMethod for Revoke {
+    const NAME: &'static str = "revoke";
+    type Answer = Revoked;
+    fn run(self, accounts: &Accounts, _: &AdminOptions, now_ms: u64) -> Result<Revoked, ApiError> {
+        let d = accounts.revoke(&self.device, now_ms)?;
+        Ok(Revoked {
+            device: d.device,
+            account: d.account,
+            revoked_ms: d.revoked_ms,
+        })
+    }
+}
+
+/// `keys.rotate`: a new token signing key now.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeyRotated {
+    pub kid: String,
+}
+
+impl AdminMethod for RotateKey {
+    const NAME: &'static str = "keys.rotate";
+    type Answer = KeyRotated;
+    fn run(
+        self,
+        accounts: &Accounts,
+        _: &AdminOptions,
+        now_ms: u64,
+    ) -> Result<KeyRotated, ApiError> {
+        Ok(KeyRotated {
+            kid: accounts.rotate_signing_key(now_ms)?,
+        })
+    }
+}
+
+/// Runs one operator method given as JSON, answering in JSON (the socket's side).
 pub fn dispatch(
     accounts: &Accounts,
     options: &AdminOptions,
@@ -112,71 +286,22 @@ pub fn dispatch(
     raw: Value,
     now_ms: u64,
 ) -> Result<Value, ApiError> {
+    fn run<M: AdminMethod>(
+        raw: Value,
+        accounts: &Accounts,
+        options: &AdminOptions,
+        now_ms: u64,
+    ) -> Result<Value, ApiError> {
+        to_json(&params::<M>(raw)?.run(accounts, options, now_ms)?)
+    }
     match method {
-        "account.add" => {
-            let p: Named = params(raw)?;
-            to_json(&accounts.add_account(&p.name, now_ms)?)
-        }
-        "account.password" => {
-            let p: PasswordParams = params(raw)?;
-            accounts.set_password(&p.name, &ferry_proto::wire::Secret::new(p.password))?;
-            Ok(json!({ "name": p.name, "password_set": true }))
-        }
-        "account.list" => {
-            params::<NoParams>(raw)?;
-            let devices = accounts.devices(None);
-            let list: Vec<Value> = accounts
-                .accounts()?
-                .into_iter()
-                .map(|a| {
-                    let count = devices.iter().filter(|d| d.account == a.name).count();
-                    let revoked = devices
-                        .iter()
-                        .filter(|d| d.account == a.name && d.revoked_ms.is_some())
-                        .count();
-                    json!({"name": a.name, "created_ms": a.created_ms,
-                           "devices": count, "revoked_devices": revoked})
-                })
-                .collect();
-            Ok(json!(list))
-        }
-        "enrol" => {
-            let p: EnrolParams = params(raw)?;
-            let hours = p.hours.unwrap_or(options.enrolment_code_hours);
-            if hours == 0 {
-                return Err(ApiError::invalid_params("hours must be at least 1"));
-            }
-            let code = accounts.enrol(&p.account, hours.saturating_mul(3_600_000), now_ms)?;
-            to_json(&code)
-        }
-        "devices" => {
-            let p: DevicesParams = params(raw)?;
-            let list: Vec<Value> = accounts
-                .devices(p.account.as_deref())
-                .iter()
-                .map(|d| {
-                    json!({
-                        "device": d.device,
-                        "account": d.account,
-                        "kind": d.kind,
-                        "label": d.label,
-                        "registered_ms": d.registered_ms,
-                        "last_sign_in_ms": d.last_sign_in_ms,
-                        "revoked_ms": d.revoked_ms,
-                    })
-                })
-                .collect();
-            Ok(json!(list))
-        }
-        "revoke" => {
-            let p: DeviceParams = params(raw)?;
-            let d = accounts.revoke(&p.device, now_ms)?;
-            Ok(json!({"device": d.device, "account": d.account, "revoked_ms": d.revoked_ms}))
-        }
-        "keys.rotate" => {
-            params::<NoParams>(raw)?;
-            Ok(json!({"kid": accounts.rotate_signing_key(now_ms)?}))
-        }
+        AccountAdd::NAME => run::<AccountAdd>(raw, accounts, options, now_ms),
+        AccountPassword::NAME => run::<AccountPassword>(raw, accounts, options, now_ms),
+        AccountList::NAME => run::<AccountList>(raw, accounts, options, now_ms),
+        Enrol::NAME => run::<Enrol>(raw, accounts, options, now_ms),
+        Devices::NAME => run::<Devices>(raw, accounts, options, now_ms),
+        Revoke::NAME => run::<Revoke>(raw, accounts, options, now_ms),
+        RotateKey::NAME => run::<RotateKey>(raw, accounts, options, now_ms),
         other => Err(ApiError::new(
             code::METHOD_NOT_FOUND,
             format!(
@@ -185,6 +310,18 @@ pub fn dispatch(
             ),
         )),
     }
+}
+
+/// Calls an operator method on a running relay's socket and reads its typed answer.
+pub fn request<M: AdminMethod>(client: &mut Client, params: M) -> Result<M::Answer, ClientError> {
+    let params = serde_json::to_value(&params).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let answer = client.call(M::NAME, params)?;
+    serde_json::from_value(answer).map_err(|e| {
+        ClientError::Protocol(format!(
+            "the relay's answer to {} is not what it should be: {e}",
+            M::NAME
+        ))
+    })
 }
 
 fn to_json(value: &impl serde::Serialize) -> Result<Value, ApiError> {
@@ -200,6 +337,7 @@ fn to_json(value: &impl serde::Serialize) -> Result<Value, ApiError> {
 pub async fn serve(
     listener: UnixListener,
     accounts: Arc<Accounts>,
+    clock: Arc<dyn Clock>,
     options: AdminOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -210,12 +348,13 @@ pub async fn serve(
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let accounts = accounts.clone();
+                let clock = clock.clone();
                 let options = options.clone();
                 connections.spawn(async move {
                     let mut framed =
                         Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
                     while let Some(Ok(line)) = framed.next().await {
-                        let reply = answer(&accounts, &options, &line);
+                        let reply = answer(&accounts, &options, &line, clock.now_ms());
                         if let Some(reply) = reply
                             && framed.send(reply.to_string()).await.is_err()
                         {
@@ -230,7 +369,7 @@ pub async fn serve(
     connections.abort_all();
 }
 
-fn answer(accounts: &Accounts, options: &AdminOptions, line: &str) -> Option<Value> {
+fn answer(accounts: &Accounts, options: &AdminOptions, line: &str, now_ms: u64) -> Option<Value> {
     let reply = |id: Value, result: Result<Value, ApiError>| match result {
         Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
         Err(e) => json!({"jsonrpc": "2.0", "id": id, "error": e}),
@@ -242,13 +381,7 @@ fn answer(accounts: &Accounts, options: &AdminOptions, line: &str) -> Option<Val
         Message::Single(Ok(request)) => {
             let id = request.id.clone().unwrap_or(Value::Null);
             let result = tokio::task::block_in_place(|| {
-                dispatch(
-                    accounts,
-                    options,
-                    &request.method,
-                    request.params,
-                    crate::clock::now_ms(),
-                )
+                dispatch(accounts, options, &request.method, request.params, now_ms)
             });
             tracing::info!(
                 method = request.method,

@@ -14,10 +14,11 @@ use std::time::Duration;
 use super::store::{RelayStore, RelayStoreError};
 use crate::alerting::{self, Monitor};
 use crate::alerts::{Alert, AlertsConfig};
-use crate::clock::now_ms;
+use crate::clock::Clock;
 
 /// The relay's alert state, shared by the sessions, the disk check and the HTTPS API.
 pub struct RelayAlerts {
+    clock: Arc<dyn Clock>,
     monitor: Arc<Monitor>,
     /// Per space: the log's head and the conflicts counted when last observed, so each append
     /// feeds only what it added.
@@ -32,8 +33,9 @@ impl std::fmt::Debug for RelayAlerts {
 
 impl RelayAlerts {
     /// Call inside the tokio runtime (a configured webhook gets its sender task).
-    pub fn new(config: AlertsConfig) -> Arc<Self> {
+    pub fn new(config: AlertsConfig, clock: Arc<dyn Clock>) -> Arc<Self> {
         Arc::new(RelayAlerts {
+            clock,
             monitor: Monitor::new(config, "relay"),
             seen: Mutex::new(HashMap::new()),
         })
@@ -56,7 +58,7 @@ impl RelayAlerts {
     }
 
     fn observe_space(&self, store: &RelayStore, space: &str) -> Result<(), RelayStoreError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let bytes = store.log_bytes(space)?;
         self.monitor
             .observe(space, now, |a, now| a.storage_used(bytes, now));
@@ -90,7 +92,7 @@ impl RelayAlerts {
             let measured = tokio::task::spawn_blocking(move || match alerting::disk_free(&dir) {
                 Ok(free) => alerts
                     .monitor
-                    .observe("", now_ms(), |a, now| a.disk_free(free, now)),
+                    .observe("", alerts.clock.now_ms(), |a, now| a.disk_free(free, now)),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the free space of the relay's disk")
                 }

@@ -20,7 +20,7 @@
 //!   when the client accepts it.
 //! - `POST /api/sync/upload`, `GET /api/conflicts`, `GET /api/conflicts/{id}`,
 //!   `POST /api/sync/resolve-conflict`: writes and conflict resolutions as the space's web actor
-//!   (`relay::web_write`, `relay::mirror`).
+//!   (`relay::web_write`, `relay::web_actor`).
 //! - `GET /metrics`: the relay's Prometheus metrics, for a scraper that shows
 //!   `relay.metrics_token` as its bearer token (served only when that is set).
 
@@ -42,10 +42,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::accounts::{Accounts, Denied};
-use super::mirror::{Mirror, MirrorError, Mirrors};
 use super::server::AttemptLimiter;
 use super::store::{RelayStore, RelayStoreError};
-use crate::clock::now_ms;
+use super::web_actor::WebActors;
+use crate::clock::Clock;
 use crate::resolve::Policies;
 
 /// Pages of `download` kept rendered: a page is the same bytes until the log grows.
@@ -68,6 +68,7 @@ pub struct HttpOptions {
 /// What every handler shares.
 #[derive(Clone)]
 pub struct ApiState {
+    pub clock: Arc<dyn Clock>,
     pub accounts: Arc<Accounts>,
     pub store: Arc<RelayStore>,
     pub policies: Arc<Policies>,
@@ -75,8 +76,8 @@ pub struct ApiState {
     /// The relay's metrics and the token a scraper must show; `None`: no `/metrics`.
     pub metrics: Option<(super::metrics::RelayScrape, Secret)>,
     pub live: Live,
-    /// Each space's web actor, for the write and conflict routes (`relay::mirror`).
-    pub mirrors: Arc<Mirrors>,
+    /// Each space's web actor, for the write and conflict routes (`relay::web_actor`).
+    pub web_actors: Arc<WebActors>,
     /// The relay's alerts: `alerts.active(space)` for the token's account.
     pub alerts: Arc<super::alerts::RelayAlerts>,
     logins: Arc<Mutex<AttemptLimiter>>,
@@ -95,21 +96,15 @@ pub struct Live {
 type PageKey = (String, u64, usize, u64, bool);
 
 impl ApiState {
-    /// The space's mirror (opened if needed; each of its calls catches it up first). Blocking.
-    pub fn mirror(&self, space: &str) -> Result<Arc<Mirror>, MirrorError> {
-        self.mirrors.mirror(space)
-    }
-}
-
-impl ApiState {
     pub fn new(
         shared: &super::server::Shared,
         policies: Arc<Policies>,
         options: HttpOptions,
         metrics: Option<(super::metrics::RelayScrape, Secret)>,
-        mirrors: Arc<Mirrors>,
+        web_actors: Arc<WebActors>,
     ) -> Self {
         ApiState {
+            clock: shared.clock.clone(),
             accounts: shared.accounts.clone(),
             store: shared.store.clone(),
             live: Live {
@@ -118,7 +113,7 @@ impl ApiState {
             },
             alerts: shared.alerts.clone(),
             metrics,
-            mirrors,
+            web_actors,
             logins: Arc::new(Mutex::new(AttemptLimiter::new(options.logins_per_minute))),
             pages: Arc::new(Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(CACHED_PAGES).unwrap_or(std::num::NonZeroUsize::MIN),
@@ -346,7 +341,7 @@ impl FromRequestParts<ApiState> for Principal {
                 )
             })?
             .trim();
-        let claims = state.accounts.check_access(token, now_ms())?;
+        let claims = state.accounts.check_access(token, state.clock.now_ms())?;
         Ok(Principal {
             account: claims.sub,
             device: claims.device,
@@ -423,7 +418,7 @@ async fn login(
         .logins
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .allow(remote_ip(&extensions), now_ms());
+        .allow(remote_ip(&extensions), state.clock.now_ms());
     if !allowed {
         return Err(Failure::new(
             ErrorCode::RateLimited,
@@ -436,7 +431,7 @@ async fn login(
             &request.account,
             &Secret::new(request.password),
             &label,
-            now_ms(),
+            state.clock.now_ms(),
         )
     })?;
     Ok(axum::Json(TokenResponse::new(
@@ -459,7 +454,7 @@ async fn refresh(
     let (account, device, tokens) = tokio::task::block_in_place(|| {
         state
             .accounts
-            .refresh_bearer(&Secret::new(request.refresh_token), now_ms())
+            .refresh_bearer(&Secret::new(request.refresh_token), state.clock.now_ms())
     })?;
     Ok(axum::Json(TokenResponse::new(account, device, tokens)))
 }
@@ -522,7 +517,7 @@ async fn initialize(
         "HTTP client initialised"
     );
     Ok(axum::Json(json!({
-        "server_time_ms": now_ms(),
+        "server_time_ms": state.clock.now_ms(),
         "account": principal.account,
         "cursor": head,
         "changes_since_last_sync": head - since,
@@ -713,7 +708,7 @@ fn render_page(
             seq,
             deleted: view.deleted,
             fields: view.fields.into_iter().collect(),
-            version: super::mirror::version(&heads),
+            version: super::web_actor::version(&heads),
             heads,
         });
     }

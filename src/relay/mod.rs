@@ -13,11 +13,11 @@ pub mod admin;
 pub mod alerts;
 pub mod http;
 pub mod metrics;
-pub mod mirror;
 pub mod server;
 pub mod storage;
 pub mod store;
 pub mod web;
+pub mod web_actor;
 pub(crate) mod web_write;
 
 use std::future::Future;
@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::datadir::{DataDir, DataDirError};
 use crate::store::kv::{KvError, SledKv};
@@ -33,6 +34,9 @@ use ferry_proto::session::SessionConfig;
 use metrics::{RelayMetrics, RelayScrape};
 use server::RelayOptions;
 use store::{RelayStore, RelayStoreError, RelayStoreOptions};
+
+/// Most conflicts one HTTP list request returns.
+const MAX_CONFLICTS_LISTED: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -110,24 +114,20 @@ pub async fn run(
         &dir.path().join("relay.db"),
         relay.sled_cache_mb * 1024 * 1024,
     )?);
-    let storage = Arc::new(storage::KvStorage::new(kv.clone()));
+    let storage = Arc::new(storage::KvStorage::new(kv));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let accounts = Arc::new(accounts::Accounts::open(
         storage.clone(),
         relay.token_policy(),
         accounts::os_random(),
-        crate::clock::now_ms(),
+        clock.now_ms(),
     )?);
     let store = Arc::new(RelayStore::open(
         storage,
         RelayStoreOptions {
             doc_cache_docs: relay.cache_docs,
             limits: config.limits,
-            unique: config
-                .collections
-                .iter()
-                .filter(|(_, c)| !c.unique.is_empty())
-                .map(|(name, c)| (name.clone(), c.unique.clone()))
-                .collect(),
+            policies: config.policies(),
             ..RelayStoreOptions::default()
         },
     ));
@@ -139,7 +139,7 @@ pub async fn run(
     };
     let endpoint = transport::server_endpoint(addr, &certificate, &transport_options)?;
     let metrics = Arc::new(RelayMetrics::default());
-    let alerts = alerts::RelayAlerts::new(config.alerts.clone());
+    let alerts = alerts::RelayAlerts::new(config.alerts.clone(), clock.clone());
     let mut listening = Listening {
         listen: endpoint.local_addr().unwrap_or(addr),
         fingerprint: certificate.fingerprint(),
@@ -161,6 +161,7 @@ pub async fn run(
         enrolments_per_minute: relay.enrolments_per_minute,
     };
     let shared = server::Shared {
+        clock: clock.clone(),
         store: store.clone(),
         accounts: accounts.clone(),
         metrics,
@@ -180,15 +181,16 @@ pub async fn run(
                 })?;
             listening.http = listener.local_addr().ok();
             let policies = Arc::new(config.policies());
-            let mirrors = Arc::new(mirror::Mirrors::new(
-                kv.clone(),
+            let web_actors = Arc::new(web_actor::WebActors::new(
                 &shared,
-                policies.clone(),
-                mirror::MirrorOptions {
+                crate::store::StoreOptions {
                     limits: config.limits,
-                    max_retries: config.sync.max_retries,
-                    ..mirror::MirrorOptions::default()
+                    declared_collections: (!policies.collections.is_empty())
+                        .then(|| policies.collections.keys().cloned().collect()),
+                    policies: (*policies).clone(),
+                    ..crate::store::StoreOptions::default()
                 },
+                MAX_CONFLICTS_LISTED,
             ));
             let state = http::ApiState::new(
                 &shared,
@@ -205,7 +207,7 @@ pub async fn run(
                         ferry_proto::wire::Secret::new(relay.metrics_token.clone()),
                     )
                 }),
-                mirrors,
+                web_actors,
             );
             let tls = transport::https_server_config(&certificate)?;
             Some(tokio::spawn(http::serve(
@@ -225,6 +227,7 @@ pub async fn run(
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         accounts.clone(),
+        clock.clone(),
         admin::AdminOptions {
             enrolment_code_hours: relay.enrolment_code_hours,
         },
@@ -232,6 +235,7 @@ pub async fn run(
     ));
     let rotation = tokio::spawn(rotate_signing_keys(
         accounts.clone(),
+        clock.clone(),
         Duration::from_secs(relay.signing_key_rotation_hours.saturating_mul(3600)),
         stopped.clone(),
     ));
@@ -272,17 +276,18 @@ pub async fn run(
 /// Makes a new token signing key whenever the current one is `every` old, until `shutdown`.
 async fn rotate_signing_keys(
     accounts: Arc<accounts::Accounts>,
+    clock: Arc<dyn Clock>,
     every: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let age = Duration::from_secs(accounts.signing_key_age_s(crate::clock::now_ms()));
+        let age = Duration::from_secs(accounts.signing_key_age_s(clock.now_ms()));
         let wait = every.saturating_sub(age);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
-        if let Err(e) = accounts.rotate_signing_key(crate::clock::now_ms()) {
+        if let Err(e) = accounts.rotate_signing_key(clock.now_ms()) {
             tracing::error!(error = %e, "cannot rotate the token signing key; retrying in a minute");
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(60)) => {}

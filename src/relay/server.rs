@@ -24,7 +24,7 @@ use super::activity::{Activity, SyncEvent, SyncKind};
 use super::alerts::RelayAlerts;
 use super::metrics::{RelayMetrics, RequestKind};
 use super::store::{RelayStore, RelayStoreError};
-use crate::clock::{deadline_instant, now_ms, sleep_until};
+use crate::clock::{Clock, sleep_until};
 use crate::drive::{Io, drive};
 use crate::transport::{self, FrameSender, TransportError};
 
@@ -98,7 +98,7 @@ impl AttemptLimiter {
 }
 
 /// The head of each space's log, watched by that space's sessions; published by sessions that
-/// append and by the HTTP API's web actor (`relay::mirror`), so every write reaches them at once.
+/// append and by the HTTP API's web actor (`relay::web_actor`), so every write reaches them at once.
 #[derive(Default)]
 pub struct Spaces {
     heads: Mutex<HashMap<String, watch::Sender<u64>>>,
@@ -311,6 +311,8 @@ fn sync_event(device: &str, kind: SyncKind, now: u64, took: Duration) -> SyncEve
 /// What the relay's QUIC sessions and its HTTPS API share.
 #[derive(Clone)]
 pub struct Shared {
+    /// The time every part of the relay reads.
+    pub clock: Arc<dyn Clock>,
     pub store: Arc<RelayStore>,
     pub accounts: Arc<Accounts>,
     pub metrics: Arc<RelayMetrics>,
@@ -328,6 +330,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let Shared {
+        clock,
         store,
         accounts,
         metrics,
@@ -360,6 +363,7 @@ pub async fn serve(
                     },
                 };
                 let context = Context {
+                    clock: clock.clone(),
                     store: store.clone(),
                     accounts: accounts.clone(),
                     metrics: metrics.clone(),
@@ -445,6 +449,7 @@ impl Limiters {
 }
 
 struct Context {
+    clock: Arc<dyn Clock>,
     store: Arc<RelayStore>,
     accounts: Arc<Accounts>,
     metrics: Arc<RelayMetrics>,
@@ -499,7 +504,7 @@ impl Context {
             self.options.session.clone(),
             nonce,
             binding.to_vec(),
-            now_ms(),
+            self.clock.now_ms(),
         );
         let mut peer = Peer::default();
         let mut head: Option<watch::Receiver<u64>> = None;
@@ -521,10 +526,10 @@ impl Context {
             if session.is_closed() {
                 break;
             }
-            let deadline = session.poll_timeout().map(deadline_instant);
+            let deadline = session.poll_timeout().map(|at| self.clock.deadline(at));
             tokio::select! {
                 frame = incoming.recv() => match frame {
-                    Some(Ok(message)) => session.handle_message(message, now_ms()),
+                    Some(Ok(message)) => session.handle_message(message, self.clock.now_ms()),
                     Some(Err(TransportError::Frame(e))) => {
                         // The stream can no longer be trusted to be at a frame boundary.
                         let _ = sender.send(&Message::Error { code: e.code(), message: e.to_string() }).await;
@@ -540,7 +545,7 @@ impl Context {
                     Some(new_head) => session.appended(new_head),
                     None => head = None,
                 },
-                _ = sleep_until(deadline) => session.handle_timeout(now_ms()),
+                _ = sleep_until(deadline) => session.handle_timeout(self.clock.now_ms()),
                 _ = self.shutdown.changed() => session.shut_down(),
                 revocation = revocations.recv() => match revocation {
                     Ok(Revocation::Device(device)) if device == peer.device => {
@@ -602,7 +607,7 @@ impl Io<RelaySession> for Serving<'_> {
         if let RelayEffect::Authorize { credential, .. } = &effect
             && !context
                 .limiters
-                .allow(self.remote.ip(), credential, now_ms())
+                .allow(self.remote.ip(), credential, context.clock.now_ms())
         {
             tracing::warn!(remote = %self.remote, credential = credential.name(), "sign-in rate limited");
             context.metrics.sign_in("rate_limited");
@@ -623,7 +628,7 @@ impl Io<RelaySession> for Serving<'_> {
                 session,
                 effect,
                 max_read_bytes,
-                now_ms(),
+                context.clock.now_ms(),
             )
         });
         match result {
@@ -672,7 +677,7 @@ impl Io<RelaySession> for Serving<'_> {
                     let mut event = sync_event(
                         &self.peer.device,
                         SyncKind::Session,
-                        now_ms(),
+                        context.clock.now_ms(),
                         Duration::ZERO,
                     );
                     event.outcome = error.kind().as_str().to_owned();

@@ -16,13 +16,14 @@
 //! `Rejected{InvalidChange}` (kind `validation`) with the reason as its message; nothing of it is
 //! written, and a later change of the same upload built on it is refused with that reason.
 //!
-//! Conflict detection on the relay is a count for operators, not a decision: devices detect and
-//! settle conflicts themselves, with their collections' policies. The relay classifies every
-//! change under the `merge` policy, and checks unique constraints only for the collections its
-//! own config declares them for (reading the values from the record's document). It is cheap
-//! by design: a change whose dependencies are exactly the record's logged heads (a fast-forward,
-//! the common case) conflicts with nothing; only a change concurrent with logged ones has
-//! `resolve::detect` run against the heads before it.
+//! Conflicts: as each change is logged, the relay meets it with the changes logged before it,
+//! as every device does when it applies the log, through the same detection and the same
+//! ledger (`resolve::ledger`) under its config's collection policies; it keeps the entries (open,
+//! auto-resolved, resolved when a resolution is logged), the unique-value index and the counts in
+//! the same commit as the change. So the relay lists the conflicts devices hold, under the same
+//! ids, without replaying anything (the HTTP web actor's views). It is cheap by design: a change
+//! whose dependencies are exactly the record's logged heads (a fast-forward, the common case)
+//! conflicts with nothing, and is looked at only if its message makes it a resolution.
 //!
 //! What a record keeps: a base (a saved document, or its first change as it is), a tail (the
 //! seqs of the changes logged since, whose bytes are in the log; once `compact_after` of them
@@ -38,14 +39,17 @@ use crate::record::{Fields, Record, RecordError, chunk_hash, decode_change};
 use crate::relay::storage::{
     Append, Compaction, LogStorage, LoggedChange, RecordKey, StorageError, UniqueValue,
 };
-use crate::resolve::{self, ConflictKind, LogPosition, Policy};
+use crate::resolve::ledger::{
+    ConflictState, Counter, EncodeError, HeldValues, Holders, Ledger, UniqueCheck,
+};
+use crate::resolve::{self, Conflict, ConflictKind, ConflictStatus, LogPosition, Policies, Policy};
 use automerge::{ActorId, Change, ChangeHash};
 use ferry_proto::wire::{
     ChangeOutcome, ChangeResult, ErrorCode, HeadsHasher, RecordName, UploadChange,
 };
 use ferry_proto::{AddressError, Limits, validate_collection, validate_record_id};
 use lru::LruCache;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -71,10 +75,10 @@ pub struct RelayStoreOptions {
     /// Appended changes per record after which its document is saved as a new base.
     pub compact_after: usize,
     pub limits: Limits,
-    /// Unique constraints by collection (the relay config's `[collections]`), checked as changes
-    /// are logged: a record taking a value another live record holds is counted as a `unique`
-    /// conflict.
-    pub unique: BTreeMap<String, Vec<Vec<String>>>,
+    /// Each collection's conflict policy (the relay config's `[collections]`): the strategy and
+    /// delete rule detection classifies under, and the unique constraints checked as changes
+    /// are logged.
+    pub policies: Policies,
 }
 
 impl Default for RelayStoreOptions {
@@ -83,7 +87,7 @@ impl Default for RelayStoreOptions {
             doc_cache_docs: 1024,
             compact_after: 32,
             limits: Limits::default(),
-            unique: BTreeMap::new(),
+            policies: Policies::default(),
         }
     }
 }
@@ -121,8 +125,8 @@ struct Staging {
     tails: HashMap<RecordKey, Vec<u64>>,
     /// Documents of the records this call touched, kept current with its stored changes.
     docs: HashMap<RecordKey, Record>,
-    /// Conflicts found in this call, by kind and collection.
-    conflicts: BTreeMap<(ConflictKind, String), u64>,
+    /// Conflict entries, the unique index and the counts, as this call's changes move them.
+    ledger: Ledger,
 }
 
 impl Staging {
@@ -133,7 +137,7 @@ impl Staging {
             refused: HashMap::new(),
             tails: HashMap::new(),
             docs: HashMap::new(),
-            conflicts: BTreeMap::new(),
+            ledger: Ledger::default(),
         }
     }
 }
@@ -228,11 +232,7 @@ impl RelayStore {
                 }
             }
         }
-        staging.append.conflicts = staging
-            .conflicts
-            .iter()
-            .map(|((kind, collection), found)| (*kind, collection.clone(), *found))
-            .collect();
+        let found = take_ledger(space, &mut staging);
         {
             // A touched record's document comes back below from `staging.docs`, which holds every
             // change of this call; one dropped after a failed apply, or after a failed commit, is
@@ -253,11 +253,11 @@ impl RelayStore {
             cache.put((space.to_owned(), collection, record), doc);
         }
         drop(cache);
-        for ((kind, _), found) in &staging.conflicts {
-            if let Some(i) = ConflictKind::ALL.iter().position(|k| k == kind)
+        for (kind, found) in found {
+            if let Some(i) = ConflictKind::ALL.iter().position(|k| *k == kind)
                 && let Some(counter) = self.conflicts_found.get(i)
             {
-                counter.fetch_add(*found, Ordering::Relaxed);
+                counter.fetch_add(found, Ordering::Relaxed);
             }
         }
         Ok(results)
@@ -332,6 +332,7 @@ impl RelayStore {
             }
         }
         let record_key = (upload.collection.clone(), upload.record.clone());
+        let stamp = (change.hash(), change.timestamp());
         let new_record = match staging.tails.get(&record_key) {
             Some(_) => false,
             None => {
@@ -364,7 +365,7 @@ impl RelayStore {
                 .insert(record_key.clone(), upload.change.clone());
             staging.tails.insert(record_key.clone(), Vec::new());
             log(origin, upload, seq, hash, staging);
-            self.check_unique(space, seq, &record_key, staging)?;
+            self.check_unique(space, seq, &record_key, stamp, staging)?;
             return Ok(ChangeOutcome::Stored { seq });
         }
         let mut doc = match staging.docs.remove(&record_key) {
@@ -390,102 +391,82 @@ impl RelayStore {
             }
             return refuse(staging, refused_for(e));
         }
-        self.meet(space, seq, &record_key, &change, before, &mut doc, staging);
+        let met = self.meet(space, seq, &record_key, &change, before, &mut doc, staging);
         staging.docs.insert(record_key.clone(), doc);
+        met?;
         log(origin, upload, seq, hash, staging);
         staging.append.tails.push((record_key.clone(), seq));
         if let Some(tail) = staging.tails.get_mut(&record_key) {
             tail.push(seq);
         }
-        self.check_unique(space, seq, &record_key, staging)?;
+        self.check_unique(space, seq, &record_key, stamp, staging)?;
         Ok(ChangeOutcome::Stored { seq })
     }
 
     /// For a collection with unique constraints: moves the record's values in the relay's
-    /// unique index to what its document (all logged changes, this one included) now holds, and
-    /// counts a `unique` conflict for each value another live record already holds. Devices find
-    /// the same clashes, with their own constraints; the relay's count is for operators.
+    /// unique index to what its document (all logged changes, this one included) now holds; a
+    /// value another live record already holds is a `unique` conflict, found as devices find it.
     fn check_unique(
         &self,
         space: &str,
         seq: u64,
         record_key: &RecordKey,
+        (change, time): (ChangeHash, i64),
         staging: &mut Staging,
     ) -> Result<(), RelayStoreError> {
-        let Some(constraints) = self.options.unique.get(&record_key.0) else {
-            return Ok(());
-        };
-        let (collection, record) = (record_key.0.as_str(), record_key.1.as_str());
-        let mut doc = match staging.docs.remove(record_key) {
-            Some(doc) => doc,
-            None => self.record_doc(space, record_key, staging)?,
-        };
-        let policy = Policy {
-            unique: constraints.clone(),
-            ..Policy::default()
-        };
-        let values = resolve::unique_values(&resolve::view(&mut doc, &policy), &policy);
-        staging.docs.insert(record_key.clone(), doc);
-        let before = match staging.append.held.get(record_key) {
-            Some(held) => held.clone(),
-            None => self
-                .storage
-                .unique_values(space, collection, record)?
-                .unwrap_or_default(),
-        };
-        if before == values {
+        let policy = self.options.policies.of(&record_key.0);
+        if policy.unique.is_empty() {
             return Ok(());
         }
-        let unique_value = |(constraint, value): &(usize, Vec<serde_json::Value>)| {
-            let value = serde_json::to_string(value).map_err(|e| StorageError::Encode {
-                what: "a unique value",
-                detail: e.to_string(),
-            })?;
-            Ok::<_, RelayStoreError>(UniqueValue {
-                collection: collection.to_owned(),
-                constraint: *constraint,
-                value,
-            })
+        let values = {
+            let doc = self.staged_doc(space, record_key, staging)?;
+            resolve::unique_values(&resolve::view(doc, policy), policy)
         };
-        for gone in before.iter().filter(|v| !values.contains(v)) {
-            let value = unique_value(gone)?;
-            let mut holders = self.holders(space, staging, &value)?;
-            holders.retain(|r| r != record);
-            staging.append.holders.insert(value, holders);
-        }
-        for new in values.iter().filter(|v| !before.contains(v)) {
-            let value = unique_value(new)?;
-            let mut holders = self.holders(space, staging, &value)?;
-            if let Some(first) = holders.first() {
-                tracing::info!(space, collection, record, seq, holder = %first,
-                    "conflict found: a unique value another record holds");
-                *staging
-                    .conflicts
-                    .entry((ConflictKind::Unique, collection.to_owned()))
-                    .or_insert(0) += 1;
-            }
-            holders.push(record.to_owned());
-            staging.append.holders.insert(value, holders);
-        }
-        staging.append.held.insert(record_key.clone(), values);
-        Ok(())
+        let at = UniqueCheck {
+            key: record_key,
+            change,
+            seq,
+            time,
+            policy,
+        };
+        let mut ledger = std::mem::take(&mut staging.ledger);
+        let state = SpaceConflicts {
+            storage: self.storage.as_ref(),
+            space,
+        };
+        let moved = ledger.move_unique(&state, at, values, |id| {
+            let key = (record_key.0.clone(), id.to_owned());
+            let doc = self.staged_doc(space, &key, staging)?;
+            let heads = doc.heads();
+            let view = resolve::view(doc, policy);
+            Ok(resolve::side(doc.automerge(), id, &heads, view))
+        });
+        staging.ledger = ledger;
+        moved
     }
 
-    fn holders(
+    /// The record's document as this call has it so far, kept in `staging`.
+    fn staged_doc<'s>(
         &self,
         space: &str,
-        staging: &Staging,
-        value: &UniqueValue,
-    ) -> Result<Vec<String>, RelayStoreError> {
-        match staging.append.holders.get(value) {
-            Some(holders) => Ok(holders.clone()),
-            None => Ok(self.storage.unique_holders(space, value)?),
+        record_key: &RecordKey,
+        staging: &'s mut Staging,
+    ) -> Result<&'s mut Record, RelayStoreError> {
+        if !staging.docs.contains_key(record_key) {
+            let doc = self.record_doc(space, record_key, staging)?;
+            staging.docs.insert(record_key.clone(), doc);
         }
+        staging
+            .docs
+            .get_mut(record_key)
+            .ok_or_else(|| corrupt("record", format!("{record_key:?} was just loaded")).into())
     }
 
     /// Meets an existing record's new change, already applied to `doc`, with the changes logged
-    /// before it (whose heads are `before`): moves the record's heads, and counts the conflict
-    /// it brings, if any. A change built on exactly the logged heads conflicts with nothing.
+    /// before it (whose heads are `before`): moves the record's heads, and takes what detection
+    /// finds (under the collection's policy, as devices run it) into the ledger. A change built
+    /// on exactly the logged heads conflicts with nothing; it is looked at only if it is a
+    /// resolution.
     #[allow(clippy::too_many_arguments)]
     fn meet(
         &self,
@@ -496,7 +477,7 @@ impl RelayStore {
         before: Vec<ChangeHash>,
         doc: &mut Record,
         staging: &mut Staging,
-    ) {
+    ) -> Result<(), RelayStoreError> {
         let (collection, record) = (record_key.0.as_str(), record_key.1.as_str());
         let hash = change.hash();
         let deps: BTreeSet<ChangeHash> = change.deps().iter().copied().collect();
@@ -504,31 +485,72 @@ impl RelayStore {
             record_key.clone(),
             doc.heads().iter().map(|h| h.0).collect(),
         );
-        if deps == before.iter().copied().collect::<BTreeSet<_>>() {
-            return;
+        let fast_forward = deps == before.iter().copied().collect::<BTreeSet<_>>();
+        if fast_forward && resolve::resolution_of(change.message()).is_none() {
+            return Ok(());
         }
         let at = LogPosition {
             seq,
             collection,
             record,
         };
-        let detection = resolve::detect(doc.automerge(), &before, &hash, at, &Policy::default());
-        if let Some(conflict) = detection.conflict {
-            tracing::info!(
-                space,
-                collection,
-                record,
-                seq,
-                kind = conflict.kind.as_str(),
-                conflict = %conflict.id,
-                fields = conflict.fields.len(),
-                "conflict found"
+        let policy = self.options.policies.of(collection);
+        let detection = resolve::detect(doc.automerge(), &before, &hash, at, policy);
+        let state = SpaceConflicts {
+            storage: self.storage.as_ref(),
+            space,
+        };
+        staging.ledger.meet(&state, detection)
+    }
+
+    /// The space's conflict entries in id order after `after`, those with `status` only when
+    /// given, up to `limit`.
+    pub fn conflicts(
+        &self,
+        space: &str,
+        status: Option<ConflictStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Conflict>, RelayStoreError> {
+        check_space(space)?;
+        let open_only = status == Some(ConflictStatus::Open);
+        let mut out = Vec::new();
+        let mut after = after.map(str::to_owned);
+        while out.len() < limit {
+            let page = self
+                .storage
+                .conflicts(space, open_only, after.as_deref(), 256)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            out.extend(
+                page.into_iter()
+                    .filter(|c| status.is_none_or(|s| s == c.status))
+                    .take(limit - out.len()),
             );
-            *staging
-                .conflicts
-                .entry((conflict.kind, collection.to_owned()))
-                .or_insert(0) += 1;
         }
+        Ok(out)
+    }
+
+    /// The actor the space's HTTP writes are made under (see `LogStorage::web_actor`).
+    pub fn web_actor(&self, space: &str, candidate: &str) -> Result<String, RelayStoreError> {
+        check_space(space)?;
+        Ok(self.storage.web_actor(space, candidate)?)
+    }
+
+    /// One of the space's conflict entries.
+    pub fn conflict(&self, space: &str, id: &str) -> Result<Option<Conflict>, RelayStoreError> {
+        check_space(space)?;
+        Ok(self.storage.conflict(space, id)?)
+    }
+
+    /// The conflict a logged change (hex hash) brought, if any.
+    pub fn change_conflict(
+        &self,
+        space: &str,
+        change: &str,
+    ) -> Result<Option<String>, RelayStoreError> {
+        check_space(space)?;
+        Ok(self.storage.change_conflict(space, change)?)
     }
 
     /// The record's logged heads as stored; for a record with one change (whose heads are not
@@ -571,11 +593,16 @@ impl RelayStore {
         staging: &Staging,
     ) -> Result<Record, RelayStoreError> {
         let (collection, record) = (record_key.0.as_str(), record_key.1.as_str());
-        let tail = staging
-            .tails
-            .get(record_key)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        // A record this call has not written to (the other side of a unique clash) has its
+        // tail in storage only.
+        let stored;
+        let tail = match staging.tails.get(record_key) {
+            Some(tail) => tail.as_slice(),
+            None => {
+                stored = self.storage.tail(space, collection, record)?;
+                stored.as_slice()
+            }
+        };
         let cached =
             lock(&self.cache).pop(&(space.to_owned(), record_key.0.clone(), record_key.1.clone()));
         match cached {
@@ -867,6 +894,18 @@ impl RelayStore {
         })
     }
 
+    /// A copy of the record's document, every logged change in it, that writes as `actor`: what
+    /// the relay's web actor builds its changes on. `None` if the space has no such record.
+    pub fn fork_as(
+        &self,
+        space: &str,
+        collection: &str,
+        id: &str,
+        actor: &ActorId,
+    ) -> Result<Option<Record>, RelayStoreError> {
+        self.with_doc(space, collection, id, |doc| doc.fork_as(actor))
+    }
+
     /// The record's changes, oldest first; `None` if the space has no such record.
     pub fn history(
         &self,
@@ -917,6 +956,80 @@ impl RelayStore {
         validate_collection(collection, &self.options.limits)?;
         Ok(self.storage.records(space, collection, after, limit)?)
     }
+}
+
+/// The space's conflict state in storage, as the ledger reads it.
+struct SpaceConflicts<'a> {
+    storage: &'a dyn LogStorage,
+    space: &'a str,
+}
+
+impl ConflictState for SpaceConflicts<'_> {
+    type Error = RelayStoreError;
+
+    fn conflict(&self, id: &str) -> Result<Option<Conflict>, RelayStoreError> {
+        Ok(self.storage.conflict(self.space, id)?)
+    }
+
+    fn held(&self, record: &RecordKey) -> Result<HeldValues, RelayStoreError> {
+        Ok(self
+            .storage
+            .unique_values(self.space, &record.0, &record.1)?
+            .unwrap_or_default())
+    }
+
+    fn holders(&self, value: &UniqueValue) -> Result<Holders, RelayStoreError> {
+        Ok(self.storage.unique_holders(self.space, value)?)
+    }
+}
+
+impl From<EncodeError> for RelayStoreError {
+    fn from(e: EncodeError) -> Self {
+        RelayStoreError::Storage(StorageError::Encode {
+            what: "a unique value",
+            detail: e.0,
+        })
+    }
+}
+
+/// Moves what the call's ledger holds into its append; returns the conflicts found, by kind.
+fn take_ledger(space: &str, staging: &mut Staging) -> Vec<(ConflictKind, u64)> {
+    let ledger = std::mem::take(&mut staging.ledger);
+    let append = &mut staging.append;
+    for (conflict, found) in ledger.entries() {
+        if found {
+            tracing::info!(
+                space,
+                collection = conflict.collection,
+                record = conflict.record,
+                seq = conflict.seq,
+                kind = conflict.kind.as_str(),
+                conflict = %conflict.id,
+                fields = conflict.fields.len(),
+                "conflict found"
+            );
+            if let Some(change) = conflict.client.changes.first() {
+                append
+                    .conflict_changes
+                    .push((change.clone(), conflict.id.clone()));
+            }
+        }
+        append.conflict_entries.push(conflict.clone());
+    }
+    append
+        .held
+        .extend(ledger.held().map(|(k, v)| (k.clone(), v.clone())));
+    append
+        .holders
+        .extend(ledger.holders().map(|(k, v)| (k.clone(), v.clone())));
+    let mut found = Vec::new();
+    for (counter, kind, collection, n) in ledger.counters() {
+        if counter == Counter::Detected {
+            append.conflicts.push((kind, collection.to_owned(), n));
+            found.push((kind, n));
+        }
+    }
+    found
 }
 
 /// Stages a stored change's log entry (and with it its place in the dedup index).

@@ -26,7 +26,6 @@ use tokio::sync::{broadcast, watch};
 use super::accounts::{AccountError, DeviceRecord, Revocation};
 use super::activity::{DeviceSync, SyncEvent};
 use super::http::{ApiState, ErrorCode, Failure, Principal};
-use crate::clock::now_ms;
 
 /// Records in one page of `GET /api/records` when the client does not say.
 const RECORDS_PAGE: usize = 50;
@@ -273,8 +272,8 @@ async fn revoke(
     if !owned {
         return Err(missing());
     }
-    let revoked = tokio::task::block_in_place(|| state.accounts.revoke(&id, now_ms())).map_err(
-        |e| match e {
+    let revoked = tokio::task::block_in_place(|| state.accounts.revoke(&id, state.clock.now_ms()))
+        .map_err(|e| match e {
             AccountError::NoDevice(_) => missing(),
             other => {
                 tracing::error!(error = %other, "revoking a device over HTTP failed");
@@ -283,8 +282,7 @@ async fn revoke(
                     format!("the relay could not revoke the device: {other}"),
                 )
             }
-        },
-    )?;
+        })?;
     tracing::info!(
         account = principal.account,
         by = principal.device,
@@ -330,7 +328,7 @@ async fn stats(
         .minutes
         .unwrap_or(60)
         .clamp(1, super::activity::MINUTES as u64);
-    let now = now_ms();
+    let now = state.clock.now_ms();
     let since = now.saturating_sub(minutes * 60_000);
     let totals = state.live.activity.minutes(&principal.account, since);
     Ok(axum::Json(json!({
@@ -379,8 +377,11 @@ impl Stream {
             ));
         }
         loop {
-            let expires_in =
-                Duration::from_millis(self.principal.expires_ms.saturating_sub(now_ms()));
+            let expires_in = Duration::from_millis(
+                self.principal
+                    .expires_ms
+                    .saturating_sub(self.state.clock.now_ms()),
+            );
             tokio::select! {
                 changed = self.head.changed() => {
                     changed.ok()?;

@@ -1,10 +1,10 @@
-//! The HTTPS API's write and conflict routes, which act through the space's mirror
-//! (`relay::mirror`): `POST /api/sync/upload`, `GET /api/conflicts`, `GET /api/conflicts/{id}`
+//! The HTTPS API's write and conflict routes, which act through the space's web actor
+//! (`relay::web_actor`): `POST /api/sync/upload`, `GET /api/conflicts`, `GET /api/conflicts/{id}`
 //! and `POST /api/sync/resolve-conflict` (docs/HTTP.md has the shapes).
 //!
-//! Owns: these routes' request and response shapes and the mapping of the mirror's errors to
-//! HTTP statuses. Must not touch: the mirror's store or the log directly (only through
-//! `Mirror`), tokens (the `Principal` extractor has checked them).
+//! Owns: these routes' request and response shapes and the mapping of the web actor's errors to
+//! HTTP statuses. Must not touch: the log directly (only through `WebActors`), tokens (the
+//! `Principal` extractor has checked them).
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -12,10 +12,9 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
 use super::http::{ApiState, ErrorCode, Failure, JsonBody, Principal};
-use super::mirror::{
-    Mirror, MirrorError, RejectCode, Resolved, WebOperation, WebWrite, WriteOutcome,
+use super::web_actor::{
+    RejectCode, Resolved, WebActorError, WebActors, WebOperation, WebWrite, WriteOutcome,
 };
-use crate::clock::now_ms;
 use crate::record::Fields;
 use crate::resolve::{Conflict, Take};
 use crate::service::api::{ConflictPage, ConflictsParams};
@@ -35,39 +34,32 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/api/sync/resolve-conflict", post(resolve_conflict))
 }
 
-impl From<MirrorError> for Failure {
-    fn from(e: MirrorError) -> Self {
+impl From<WebActorError> for Failure {
+    fn from(e: WebActorError) -> Self {
         match e {
-            MirrorError::Log(e) => e.into(),
-            MirrorError::Refused(e) => match e.code {
+            WebActorError::Log(e) => e.into(),
+            WebActorError::Refused(e) => match e.code {
                 code::NOT_FOUND => Failure::new(ErrorCode::NotFound, e.message),
                 code::CONFLICT_SETTLED => Failure::new(ErrorCode::Settled, e.message),
                 code::INVALID_PARAMS => Failure::bad_request(e.message),
-                _ => unavailable(&e),
+                _ => {
+                    tracing::error!(error = %e, "the space's web actor failed an HTTP request");
+                    Failure::new(
+                        ErrorCode::Unavailable,
+                        "the relay could not write to the account: try again later",
+                    )
+                }
             },
-            open @ MirrorError::Open { .. } => unavailable(&open),
         }
     }
 }
 
-fn unavailable(e: &dyn std::fmt::Display) -> Failure {
-    tracing::error!(error = %e, "the space's mirror failed an HTTP request");
-    Failure::new(
-        ErrorCode::Unavailable,
-        "the relay's copy of the account failed: try again later",
-    )
-}
-
-/// Runs `work` on the principal's space's mirror, off the async runtime's threads.
-fn with_mirror<T>(
+/// Runs `work` with the web actors, off the async runtime's threads.
+fn with_web_actors<T>(
     state: &ApiState,
-    principal: &Principal,
-    work: impl FnOnce(&Mirror) -> Result<T, MirrorError>,
+    work: impl FnOnce(&WebActors) -> Result<T, WebActorError>,
 ) -> Result<T, Failure> {
-    tokio::task::block_in_place(|| {
-        let mirror = state.mirror(&principal.account)?;
-        Ok(work(&mirror)?)
-    })
+    tokio::task::block_in_place(|| Ok(work(&state.web_actors)?))
 }
 
 #[derive(Clone, Deserialize)]
@@ -92,11 +84,14 @@ async fn upload(
     principal: Principal,
     JsonBody(operations): JsonBody<Vec<UploadOperation>>,
 ) -> Result<axum::Json<Uploaded>, Failure> {
-    let Planned { outcomes, writes } = plan(operations, &principal.device, now_ms())?;
+    let now = state.clock.now_ms();
+    let Planned { outcomes, writes } = plan(operations, &principal.device, now)?;
     let written = if writes.is_empty() {
         Vec::new()
     } else {
-        with_mirror(&state, &principal, |mirror| mirror.write(writes))?
+        with_web_actors(&state, |actors| {
+            actors.write(&principal.account, writes, now)
+        })?
     };
     let results = merge(outcomes, written);
     let count = |f: fn(&WriteOutcome) -> bool| results.iter().filter(|r| f(r)).count();
@@ -248,7 +243,7 @@ async fn list_conflicts(
         after: query.after,
         limit: query.limit,
     };
-    let list = with_mirror(&state, &principal, |mirror| mirror.conflicts(query))?;
+    let list = with_web_actors(&state, |actors| actors.conflicts(&principal.account, query))?;
     Ok(axum::Json(list))
 }
 
@@ -257,7 +252,7 @@ async fn get_conflict(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Conflict>, Failure> {
-    let conflict = with_mirror(&state, &principal, |mirror| mirror.conflict(id))?;
+    let conflict = with_web_actors(&state, |actors| actors.conflict(&principal.account, &id))?;
     Ok(axum::Json(conflict))
 }
 
@@ -275,11 +270,13 @@ async fn resolve_conflict(
     principal: Principal,
     JsonBody(request): JsonBody<ResolveConflictRequest>,
 ) -> Result<axum::Json<Resolved>, Failure> {
-    let resolved = with_mirror(&state, &principal, |mirror| {
-        mirror.resolve(
+    let resolved = with_web_actors(&state, |actors| {
+        actors.resolve(
+            &principal.account,
             &request.conflict_id,
             request.resolution,
             request.resolved_data,
+            state.clock.now_ms(),
         )
     })?;
     Ok(axum::Json(resolved))

@@ -1,6 +1,8 @@
 //! The store's side of conflicts: detection run in the relay's log order as remote changes are
-//! applied, the conflict entries and their indexes, each record's logged heads, the unique-value
-//! index, the conflict counters, and resolutions written as local changes.
+//! applied (through `resolve::ledger`, which the relay runs too), where the conflict entries and
+//! their indexes, each record's logged heads, the unique-value index and the conflict counters
+//! are kept, and resolutions written as local changes (their checks, targets and change shared
+//! with the relay's web actor: `check_resolution`, `resolution_targets`, `write_resolution`).
 //!
 //! Owns: everything under the `h`, `x`, `u` and `k` keys (see `keys`). What counts as a conflict
 //! and what a record shows are `resolve`'s rules; this module keeps their results, in the same
@@ -10,15 +12,12 @@
 //! Must not touch: the network, sessions, the IPC shapes.
 
 use super::kv::Batch;
-use super::{
-    CacheKey, CountDelta, Staged, Store, StoreError, WorkingSet, keys, not_found, validate_fields,
-};
-use crate::record::{Fields, Record, resolution_message};
-use crate::resolve::{
-    self, Conflict, ConflictKind, ConflictStatus, LogPosition, Policy, Resolution, Take,
-    UniqueClash,
-};
+use super::{CacheKey, CountDelta, Staged, Store, StoreError, WorkingSet, keys, validate_fields};
+use crate::record::{Fields, Record, Written, resolution_message};
+use crate::resolve::ledger::{self, ConflictState, HeldValues, Holders, UniqueCheck, ValueKey};
+use crate::resolve::{self, Conflict, ConflictKind, ConflictStatus, LogPosition, Resolution, Take};
 use automerge::ChangeHash;
+use ferry_proto::Limits;
 use ferry_proto::Operation;
 use ferry_proto::wire::{HeadsHasher, RecordName};
 use lru::LruCache;
@@ -26,9 +25,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
-
-/// The counters kept per conflict kind and collection.
-pub const COUNTERS: [&str; 4] = ["detected", "auto_resolved", "queued", "resolved_manually"];
 
 /// Conflict counts for one kind in one collection.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,34 +44,62 @@ pub struct ResolveOutcome {
     pub writes: Vec<super::Applied>,
 }
 
-/// The records holding one unique value, in the order they took it, and the open clashes over it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Holders {
-    records: Vec<String>,
-    /// (conflict id, the two records it is about).
-    open: Vec<(String, String, String)>,
-}
-
 /// The conflict state one apply reads and changes, loaded on first use and written into the
 /// apply's batch at the end, so later entries of the same apply see what earlier ones did.
 #[derive(Default)]
 pub(super) struct Ledger {
+    pub logged: Logged,
+    /// Conflict entries, the unique index and the counters.
+    pub conflicts: ledger::Ledger,
+}
+
+/// Records' logged heads as an apply moves them.
+#[derive(Default)]
+pub(super) struct Logged {
     /// Each record's logged heads, as far as the apply has got.
     heads: HashMap<CacheKey, Vec<ChangeHash>>,
     /// Each record's document heads once the apply is done.
     pub documents: HashMap<CacheKey, Vec<ChangeHash>>,
     /// The records that have an `h` key stored.
     unlogged: HashSet<CacheKey>,
-    conflicts: BTreeMap<String, Option<Conflict>>,
-    dirty: Vec<String>,
-    held: HashMap<CacheKey, Vec<(usize, Vec<Value>)>>,
-    holders: HashMap<Vec<u8>, Holders>,
-    counters: BTreeMap<Vec<u8>, u64>,
-    /// Conflicts found or changed, in the order it happened, for subscribers.
-    pub changed: Vec<Conflict>,
-    /// Conflicts this apply opens and closes.
-    opened: u64,
-    closed: u64,
+}
+
+/// The store's conflict state, as the shared ledger reads it.
+struct Stored<'a>(&'a Store);
+
+impl ConflictState for Stored<'_> {
+    type Error = StoreError;
+
+    fn conflict(&self, id: &str) -> Result<Option<Conflict>, StoreError> {
+        self.0.conflict(id)
+    }
+
+    fn held(&self, record: &CacheKey) -> Result<HeldValues, StoreError> {
+        Ok(self
+            .0
+            .stored_json(&keys::unique_held(&record.0, &record.1), "unique values")?
+            .unwrap_or_default())
+    }
+
+    fn holders(&self, value: &ValueKey) -> Result<Holders, StoreError> {
+        Ok(self
+            .0
+            .stored_json(&unique_value_key(value), "unique value index")?
+            .unwrap_or_default())
+    }
+}
+
+impl From<ledger::EncodeError> for StoreError {
+    fn from(e: ledger::EncodeError) -> Self {
+        StoreError::Encode {
+            what: "unique value",
+            detail: e.0,
+        }
+    }
+}
+
+fn unique_value_key(value: &ValueKey) -> Vec<u8> {
+    keys::unique_value(&value.collection, value.constraint, value.value.as_bytes())
 }
 
 impl Store {
@@ -182,10 +206,9 @@ impl Store {
 
     /// Counts, once its batch has landed, the conflicts an apply opened and closed.
     pub(super) fn count_open(&self, ledger: &Ledger) {
-        self.open_conflicts
-            .fetch_add(ledger.opened, Ordering::SeqCst);
-        self.open_conflicts
-            .fetch_sub(ledger.closed, Ordering::SeqCst);
+        let (opened, closed) = ledger.conflicts.open_delta();
+        self.open_conflicts.fetch_add(opened, Ordering::SeqCst);
+        self.open_conflicts.fetch_sub(closed, Ordering::SeqCst);
     }
 
     /// The open conflicts that flag a record.
@@ -251,36 +274,33 @@ impl Store {
     /// Runs conflict detection for one applied log entry: the change meets the record's changes
     /// logged before it. Stages the new logged heads, a conflict found and a resolution seen.
     /// Returns the record's logged view and the change's time when its collection has unique
-    /// constraints, for `check_unique`.
+    /// constraints, for the unique check.
     pub(super) fn detect_entry(
         &self,
         ledger: &mut Ledger,
-        batch: &mut Batch,
         key: &CacheKey,
         (hash, seq): (ChangeHash, u64),
         record: &mut Record,
     ) -> Result<Option<(resolve::View, i64)>, StoreError> {
         let policy = self.options.policies.of(&key.0);
-        self.seed_logged(ledger, key, record)?;
-        let logged = ledger.heads.get(key).cloned().unwrap_or_default();
+        self.seed_logged(&mut ledger.logged, key, record)?;
+        let logged = ledger.logged.heads.get(key).cloned().unwrap_or_default();
         let doc = record.automerge();
         let at = LogPosition {
             seq,
             collection: &key.0,
             record: &key.1,
         };
-        let detection = resolve::detect(doc, &logged, &hash, at, policy);
+        let mut detection = resolve::detect(doc, &logged, &hash, at, policy);
         let unique = (!policy.unique.is_empty()).then(|| {
             let view = resolve::view_at(doc, Some(&detection.logged_heads), policy);
             (view, resolve::change_stamp(doc, &hash).time)
         });
-        ledger.heads.insert(key.clone(), detection.logged_heads);
-        if let Some(conflict) = detection.conflict {
-            self.record_conflict(ledger, batch, conflict)?;
-        }
-        if let Some((id, resolution)) = detection.resolves {
-            self.settle_conflict(ledger, batch, &id, resolution)?;
-        }
+        ledger
+            .logged
+            .heads
+            .insert(key.clone(), std::mem::take(&mut detection.logged_heads));
+        ledger.conflicts.meet(&Stored(self), detection)?;
         Ok(unique)
     }
 
@@ -293,23 +313,39 @@ impl Store {
         order: &[(CacheKey, ChangeHash, u64)],
         working: &mut WorkingSet,
         cache: &mut LruCache<CacheKey, Record>,
-        batch: &mut Batch,
+        batch: &Batch,
     ) -> Result<(), StoreError> {
         for (key, hash, seq) in order {
             let record = working.take(key, cache, || self.load_or_new(key))?;
-            if let Some((view, time)) =
-                self.detect_entry(ledger, batch, key, (*hash, *seq), record)?
-            {
+            if let Some((view, time)) = self.detect_entry(ledger, key, (*hash, *seq), record)? {
                 let policy = self.options.policies.of(&key.0);
                 let values = resolve::unique_values(&view, policy);
-                let clash = UniqueCheck {
+                let at = UniqueCheck {
                     key,
                     change: *hash,
                     seq: *seq,
                     time,
                     policy,
                 };
-                self.check_unique(ledger, batch, clash, values, working, cache)?;
+                let logged = &mut ledger.logged;
+                let side_of = |id: &str| {
+                    let record_key = (key.0.clone(), id.to_owned());
+                    // The other record may have been applied earlier in this batch, not yet
+                    // stored.
+                    let staged = batch.get(&keys::doc(&record_key.0, &record_key.1));
+                    let record = working.take(&record_key, cache, || match staged {
+                        Some(bytes) => self.parse(&record_key.0, bytes),
+                        None => self.load_or_new(&record_key),
+                    })?;
+                    self.seed_logged(logged, &record_key, record)?;
+                    let heads = logged.heads.get(&record_key).cloned().unwrap_or_default();
+                    let doc = record.automerge();
+                    let view = resolve::view_at(doc, Some(&heads), policy);
+                    Ok(resolve::side(doc, id, &heads, view))
+                };
+                ledger
+                    .conflicts
+                    .move_unique(&Stored(self), at, values, side_of)?;
             }
             working.used(key);
         }
@@ -328,16 +364,16 @@ impl Store {
     /// `h` key's, or, without one (every change of the record is logged), its heads now.
     pub(super) fn seed_logged(
         &self,
-        ledger: &mut Ledger,
+        logged: &mut Logged,
         key: &CacheKey,
         record: &mut Record,
     ) -> Result<(), StoreError> {
-        if ledger.heads.contains_key(key) {
+        if logged.heads.contains_key(key) {
             return Ok(());
         }
-        let (logged, document) = match self.logged_state(key)? {
+        let (heads, document) = match self.logged_state(key)? {
             Some(state) => {
-                ledger.unlogged.insert(key.clone());
+                logged.unlogged.insert(key.clone());
                 (state.logged(), state.document())
             }
             None => {
@@ -345,8 +381,8 @@ impl Store {
                 (heads.clone(), heads)
             }
         };
-        ledger.heads.insert(key.clone(), logged);
-        ledger.documents.entry(key.clone()).or_insert(document);
+        logged.heads.insert(key.clone(), heads);
+        logged.documents.entry(key.clone()).or_insert(document);
         Ok(())
     }
 
@@ -365,7 +401,7 @@ impl Store {
         let own = changes.iter().all(|(_, c)| {
             *c.actor_id() == self.actor && resolve::resolution_of(c.message()).is_none()
         });
-        if !own || ledger.heads.contains_key(key) {
+        if !own || ledger.logged.heads.contains_key(key) {
             return Ok(false);
         }
         let Some(state) = self.logged_state(key)? else {
@@ -388,9 +424,12 @@ impl Store {
             }
             logged = vec![change.hash()];
         }
-        ledger.heads.insert(key.clone(), logged);
-        ledger.documents.insert(key.clone(), state.document());
-        ledger.unlogged.insert(key.clone());
+        ledger.logged.heads.insert(key.clone(), logged);
+        ledger
+            .logged
+            .documents
+            .insert(key.clone(), state.document());
+        ledger.logged.unlogged.insert(key.clone());
         Ok(true)
     }
 
@@ -425,311 +464,68 @@ impl Store {
         Ok(())
     }
 
-    fn load_conflict(&self, ledger: &mut Ledger, id: &str) -> Result<Option<Conflict>, StoreError> {
-        if let Some(c) = ledger.conflicts.get(id) {
-            return Ok(c.clone());
-        }
-        let conflict = self.conflict(id)?;
-        ledger.conflicts.insert(id.to_owned(), conflict.clone());
-        Ok(conflict)
-    }
-
-    fn put_conflict(&self, ledger: &mut Ledger, conflict: Conflict) {
-        ledger.dirty.push(conflict.id.clone());
-        ledger.changed.push(conflict.clone());
-        ledger.conflicts.insert(conflict.id.clone(), Some(conflict));
-    }
-
-    fn count(ledger: &mut Ledger, counter: &str, conflict: &Conflict) {
-        *ledger
-            .counters
-            .entry(keys::conflict_counter(
-                counter,
-                conflict.kind.as_str(),
-                &conflict.collection,
-            ))
-            .or_insert(0) += 1;
-    }
-
-    /// A new conflict: counted, indexed if open. One found before (the same entries applied
-    /// again after a crash) is left as it is.
-    fn record_conflict(
-        &self,
-        ledger: &mut Ledger,
-        batch: &mut Batch,
-        conflict: Conflict,
-    ) -> Result<(), StoreError> {
-        if self.load_conflict(ledger, &conflict.id)?.is_some() {
-            return Ok(());
-        }
-        Self::count(ledger, "detected", &conflict);
-        if conflict.status == ConflictStatus::Open {
-            ledger.opened += 1;
-            Self::count(ledger, "queued", &conflict);
-            batch.put(keys::conflict_open(&conflict.id), Vec::new());
-            let mut flag = keys::record_conflicts(&conflict.collection, &conflict.record);
-            flag.extend_from_slice(conflict.id.as_bytes());
-            batch.put(flag, Vec::new());
-        } else {
-            Self::count(ledger, "auto_resolved", &conflict);
-        }
-        if let Some(change) = conflict.client.changes.first() {
-            batch.put(
-                keys::change_conflict(change),
-                conflict.id.as_bytes().to_vec(),
-            );
-        }
-        self.put_conflict(ledger, conflict);
-        Ok(())
-    }
-
-    /// A resolution of `id` reached the log: an open conflict is resolved; of two resolutions
-    /// of one conflict the later one (change time, then device) stands.
-    fn settle_conflict(
-        &self,
-        ledger: &mut Ledger,
-        batch: &mut Batch,
-        id: &str,
-        resolution: Resolution,
-    ) -> Result<(), StoreError> {
-        let Some(mut conflict) = self.load_conflict(ledger, id)? else {
-            return Ok(());
-        };
-        let later = |old: &Resolution| {
-            old.take.is_none() || (resolution.time, &resolution.device) > (old.time, &old.device)
-        };
-        match (&conflict.status, &conflict.resolution) {
-            (ConflictStatus::Open, _) => {
-                Self::count(ledger, "resolved_manually", &conflict);
-                self.close(ledger, batch, &conflict);
-            }
-            (ConflictStatus::Resolved, Some(old)) if later(old) => {}
-            _ => return Ok(()),
-        }
-        conflict.status = ConflictStatus::Resolved;
-        conflict.resolution = Some(resolution);
-        conflict.resolving = None;
-        self.put_conflict(ledger, conflict);
-        Ok(())
-    }
-
-    /// Removes an open conflict's indexes.
-    fn close(&self, ledger: &mut Ledger, batch: &mut Batch, conflict: &Conflict) {
-        ledger.closed += 1;
-        batch.remove(keys::conflict_open(&conflict.id));
-        let mut flag = keys::record_conflicts(&conflict.collection, &conflict.record);
-        flag.extend_from_slice(conflict.id.as_bytes());
-        batch.remove(flag);
-    }
-
-    fn holders(&self, ledger: &mut Ledger, key: &[u8]) -> Result<Holders, StoreError> {
-        if let Some(h) = ledger.holders.get(key) {
-            return Ok(h.clone());
-        }
-        Ok(self
-            .stored_json(key, "unique value index")?
-            .unwrap_or_default())
-    }
-
-    /// Moves a record's unique values in the index to what its logged state now holds: a value
-    /// another live record already holds is a clash (a conflict flagging this record, the later
-    /// one); a clash ends when either record stops holding the value.
-    fn check_unique(
-        &self,
-        ledger: &mut Ledger,
-        batch: &mut Batch,
-        at: UniqueCheck<'_>,
-        values: Vec<(usize, Vec<Value>)>,
-        working: &mut WorkingSet,
-        cache: &mut LruCache<CacheKey, Record>,
-    ) -> Result<(), StoreError> {
-        let key = at.key;
-        let before: Vec<(usize, Vec<Value>)> = match ledger.held.get(key) {
-            Some(held) => held.clone(),
-            None => self
-                .stored_json(&keys::unique_held(&key.0, &key.1), "unique values")?
-                .unwrap_or_default(),
-        };
-        if before == values {
-            return Ok(());
-        }
-        for (constraint, value) in before.iter().filter(|v| !values.contains(v)) {
-            let value_key = keys::unique_value(&key.0, *constraint, &canonical(value)?);
-            let mut holders = self.holders(ledger, &value_key)?;
-            holders.records.retain(|r| *r != key.1);
-            let (ended, open): (Vec<_>, Vec<_>) = holders
-                .open
-                .drain(..)
-                .partition(|(_, a, b)| *a == key.1 || *b == key.1);
-            holders.open = open;
-            for (id, _, _) in ended {
-                self.end_clash(ledger, batch, &id, at.time)?;
-            }
-            ledger.holders.insert(value_key, holders);
-        }
-        for (constraint, value) in values.iter().filter(|v| !before.contains(v)) {
-            let value_key = keys::unique_value(&key.0, *constraint, &canonical(value)?);
-            let mut holders = self.holders(ledger, &value_key)?;
-            // `values` come from `resolve::unique_values` over this same policy, so every
-            // constraint index is one of its constraints.
-            if let Some(first) = holders.records.first().cloned()
-                && let Some(fields) = at.policy.unique.get(*constraint)
-            {
-                let clash = UniqueClash {
-                    fields: fields.clone(),
-                    value: value.clone(),
-                };
-                let conflict =
-                    self.unique_conflict(ledger, batch, &at, (&first, clash), working, cache)?;
-                holders
-                    .open
-                    .push((conflict.id.clone(), first, key.1.clone()));
-                self.record_conflict(ledger, batch, conflict)?;
-            }
-            holders.records.push(key.1.clone());
-            ledger.holders.insert(value_key, holders);
-        }
-        ledger.held.insert(key.clone(), values);
-        Ok(())
-    }
-
-    fn unique_conflict(
-        &self,
-        ledger: &mut Ledger,
-        batch: &Batch,
-        at: &UniqueCheck<'_>,
-        (first, clash): (&str, UniqueClash),
-        working: &mut WorkingSet,
-        cache: &mut LruCache<CacheKey, Record>,
-    ) -> Result<Conflict, StoreError> {
-        let key = at.key;
-        let mut sides = Vec::with_capacity(2);
-        for id in [first, key.1.as_str()] {
-            let record_key = (key.0.clone(), id.to_owned());
-            // The other record may have been applied earlier in this batch, not yet stored.
-            let staged = batch.get(&keys::doc(&record_key.0, &record_key.1));
-            let record = working.take(&record_key, cache, || match staged {
-                Some(bytes) => self.parse(&record_key.0, bytes),
-                None => self.load_or_new(&record_key),
-            })?;
-            self.seed_logged(ledger, &record_key, record)?;
-            let heads = ledger.heads.get(&record_key).cloned().unwrap_or_default();
-            let doc = record.automerge();
-            let view = resolve::view_at(doc, Some(&heads), at.policy);
-            sides.push(resolve::side(doc, id, &heads, view));
-        }
-        let (Some(mut client), Some(server)) = (sides.pop(), sides.pop()) else {
-            return Err(not_found(key));
-        };
-        // As for the other kinds, the client side names the change that brought the conflict.
-        client.changes = vec![at.change.to_string()];
-        let value = canonical(&clash.value)?;
-        let constraint = clash.fields.join(",");
-        Ok(Conflict {
-            id: resolve::conflict_id(&[
-                ConflictKind::Unique.as_str().as_bytes(),
-                key.0.as_bytes(),
-                constraint.as_bytes(),
-                &value,
-                first.as_bytes(),
-                key.1.as_bytes(),
-                // The same two records can clash again on the same value after a clash ended:
-                // that is a new conflict.
-                &at.seq.to_be_bytes(),
-            ]),
-            kind: ConflictKind::Unique,
-            collection: key.0.clone(),
-            record: key.1.clone(),
-            strategy: at.policy.strategy,
-            status: ConflictStatus::Open,
-            seq: at.seq,
-            fields: resolve::differing_fields(&server.fields, &client.fields),
-            server,
-            client,
-            winner: None,
-            unique: Some(clash),
-            resolution: None,
-            resolving: None,
-        })
-    }
-
-    /// A unique clash ended because one of its records no longer holds the value.
-    fn end_clash(
-        &self,
-        ledger: &mut Ledger,
-        batch: &mut Batch,
-        id: &str,
-        time: i64,
-    ) -> Result<(), StoreError> {
-        let Some(mut conflict) = self.load_conflict(ledger, id)? else {
-            return Ok(());
-        };
-        if conflict.status != ConflictStatus::Open {
-            return Ok(());
-        }
-        Self::count(ledger, "resolved_manually", &conflict);
-        self.close(ledger, batch, &conflict);
-        conflict.status = ConflictStatus::Resolved;
-        conflict.resolution = Some(Resolution {
-            take: None,
-            device: None,
-            time,
-            change: None,
-        });
-        conflict.resolving = None;
-        self.put_conflict(ledger, conflict);
-        Ok(())
-    }
-
     /// Stages what the ledger holds into the apply's batch.
     pub(super) fn finish_ledger(
         &self,
-        ledger: &mut Ledger,
+        ledger: &Ledger,
         batch: &mut Batch,
     ) -> Result<(), StoreError> {
-        for (key, logged) in &ledger.heads {
+        let logged = &ledger.logged;
+        for (key, heads) in &logged.heads {
             let h = keys::logged_heads(&key.0, &key.1);
-            let document = ledger.documents.get(key).map_or(&[][..], Vec::as_slice);
-            let same: BTreeSet<&ChangeHash> = logged.iter().collect();
+            let document = logged.documents.get(key).map_or(&[][..], Vec::as_slice);
+            let same: BTreeSet<&ChangeHash> = heads.iter().collect();
             if same == document.iter().collect() {
                 // Everything the record holds is logged: the usual state needs no key.
-                if ledger.unlogged.contains(key) {
+                if logged.unlogged.contains(key) {
                     batch.remove(h);
                 }
             } else {
                 batch.put(
                     h,
-                    super::encode(&LoggedState::new(logged, document), "logged heads")?,
+                    super::encode(&LoggedState::new(heads, document), "logged heads")?,
                 );
             }
         }
-        ledger.dirty.sort();
-        ledger.dirty.dedup();
-        for id in &ledger.dirty {
-            if let Some(Some(conflict)) = ledger.conflicts.get(id) {
-                batch.put(keys::conflict(id), to_json(conflict, "conflict")?);
+        let conflicts = &ledger.conflicts;
+        for (conflict, found) in conflicts.entries() {
+            let id = &conflict.id;
+            batch.put(keys::conflict(id), to_json(conflict, "conflict")?);
+            let mut flag = keys::record_conflicts(&conflict.collection, &conflict.record);
+            flag.extend_from_slice(id.as_bytes());
+            if conflict.status == ConflictStatus::Open {
+                batch.put(keys::conflict_open(id), Vec::new());
+                batch.put(flag, Vec::new());
+            } else {
+                batch.remove(keys::conflict_open(id));
+                batch.remove(flag);
+            }
+            if found && let Some(change) = conflict.client.changes.first() {
+                batch.put(keys::change_conflict(change), id.as_bytes().to_vec());
             }
         }
-        for (key, held) in &ledger.held {
+        for (key, held) in conflicts.held() {
             batch.put(
                 keys::unique_held(&key.0, &key.1),
                 to_json(held, "unique values")?,
             );
         }
-        for (key, holders) in &ledger.holders {
+        for (value, holders) in conflicts.holders() {
+            let key = unique_value_key(value);
             if holders.records.is_empty() {
-                batch.remove(key.clone());
+                batch.remove(key);
             } else {
-                batch.put(key.clone(), to_json(holders, "unique value holders")?);
+                batch.put(key, to_json(holders, "unique value holders")?);
             }
         }
-        for (key, add) in &ledger.counters {
+        for (counter, kind, collection, add) in conflicts.counters() {
+            let key = keys::conflict_counter(counter.as_str(), kind.as_str(), collection);
             let now = self
                 .kv
-                .get(key)?
+                .get(&key)?
                 .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
                 .map_or(0, u64::from_be_bytes);
-            batch.put(key.clone(), (now + add).to_be_bytes().to_vec());
+            batch.put(key, (now + add).to_be_bytes().to_vec());
         }
         Ok(())
     }
@@ -750,19 +546,9 @@ impl Store {
         let mut conflict = self
             .conflict(id)?
             .ok_or_else(|| StoreError::ConflictNotFound(id.to_owned()))?;
-        if conflict.status != ConflictStatus::Open || conflict.resolving.is_some() {
-            return Err(StoreError::ConflictSettled {
-                id: id.to_owned(),
-                status: if conflict.resolving.is_some() {
-                    "resolved on this device (waiting to sync)"
-                } else {
-                    conflict.status.as_str()
-                },
-            });
-        }
         let mut data = data;
+        check_resolution(&conflict, take, data.as_ref(), &self.options.limits)?;
         if let Some(data) = &mut data {
-            validate_fields(data, &self.options.limits)?;
             // The record `data` lands in: for a unique clash the kept one.
             let target = match (conflict.kind, take) {
                 (ConflictKind::Unique, Take::Client) => &conflict.client.record,
@@ -777,32 +563,23 @@ impl Store {
                 data,
             )?;
         }
-        if take == Take::Merge && data.is_none() && conflict.kind != ConflictKind::Unique {
-            return Err(StoreError::MergeNeedsData(id.to_owned()));
-        }
         let policy = self.options.policies.of(&conflict.collection).clone();
         let mut working = WorkingSet::default();
-        let targets =
-            self.resolution_targets(&conflict, take, data, &policy, &mut working, &mut cache)?;
+        let targets = resolution_targets(&conflict, take, data, |id| {
+            let key = (conflict.collection.clone(), id.to_owned());
+            let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
+            Ok::<_, StoreError>(resolve::view(record, &policy))
+        })?;
         let mut batch = Batch::default();
         let mut delta = CountDelta::default();
         let mut writes = Vec::new();
         let mut unlogged = HashMap::new();
         let mut change = None;
         for target in targets {
-            let key = (conflict.collection.clone(), target.record);
+            let key = (conflict.collection.clone(), target.record.clone());
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
             let before = record.heads();
-            let message = resolution_message(target.operation.as_str(), id, take.as_str());
-            let written = record
-                .materialize(
-                    &target.fields,
-                    target.deleted,
-                    target.operation,
-                    Some((id, message)),
-                    now,
-                )
-                .inspect_err(|_| record.rollback())?;
+            let written = write_resolution(record, &target, id, take, now)?;
             if change.is_none() {
                 change = written.as_ref().map(|w| w.change.hash().to_string());
             }
@@ -824,76 +601,6 @@ impl Store {
             cache.put(key, record);
         }
         Ok(ResolveOutcome { conflict, writes })
-    }
-
-    /// The records a resolution writes, and what each becomes.
-    fn resolution_targets(
-        &self,
-        conflict: &Conflict,
-        take: Take,
-        data: Option<Fields>,
-        policy: &Policy,
-        working: &mut WorkingSet,
-        cache: &mut LruCache<CacheKey, Record>,
-    ) -> Result<Vec<Target>, StoreError> {
-        let mut current = |id: &str| -> Result<resolve::View, StoreError> {
-            let key = (conflict.collection.clone(), id.to_owned());
-            let record = working.take(&key, cache, || self.load_or_new(&key))?;
-            Ok(resolve::view(record, policy))
-        };
-        if conflict.kind == ConflictKind::Unique {
-            let (server, client) = (&conflict.server.record, &conflict.client.record);
-            let (keep, drop) = match take {
-                Take::Server | Take::Merge => (server, client),
-                Take::Client => (client, server),
-            };
-            let kept = current(keep)?;
-            let dropped = current(drop)?;
-            // As for one record, `data` is set over the merged fields.
-            let fields = match take {
-                Take::Merge => {
-                    let mut merged = dropped.fields.clone();
-                    merged.extend(kept.fields.clone());
-                    merged.extend(data.unwrap_or_default());
-                    merged
-                }
-                _ => kept.fields.clone(),
-            };
-            // The dropped record first: when two devices resolved the clash at once, each
-            // record shows the later resolution once it is logged, so the later resolution's
-            // kept record can only come alive after its other record is gone, and the two
-            // resolutions never make both records live (a new clash) in between.
-            return Ok(vec![
-                Target::of(drop, dropped.fields.clone(), true, &dropped),
-                Target::of(keep, fields, false, &kept),
-            ]);
-        }
-        let now = current(&conflict.record)?;
-        let side = match take {
-            Take::Server => Some(&conflict.server),
-            Take::Client => Some(&conflict.client),
-            Take::Merge => None,
-        };
-        let mut fields = if now.is_live() {
-            now.fields.clone()
-        } else {
-            side.map_or_else(|| conflict.client.fields.clone(), |s| s.fields.clone())
-        };
-        let deleted = side.is_some_and(|s| s.deleted);
-        match (take, data) {
-            (Take::Merge, Some(data)) => fields.extend(data),
-            (_, _) if conflict.kind == ConflictKind::UpdateUpdate => {
-                for field in &conflict.fields {
-                    let value = match take {
-                        Take::Server => field.server.clone(),
-                        _ => field.client.clone(),
-                    };
-                    set_path(&mut fields, &field.path, value);
-                }
-            }
-            _ => {}
-        }
-        Ok(vec![Target::of(&conflict.record, fields, deleted, &now)])
     }
 }
 
@@ -943,6 +650,117 @@ impl Store {
     }
 }
 
+/// The records a resolution writes, and what each becomes, given what each record shows now
+/// (`current`, by record id).
+pub fn resolution_targets<E>(
+    conflict: &Conflict,
+    take: Take,
+    data: Option<Fields>,
+    mut current: impl FnMut(&str) -> Result<resolve::View, E>,
+) -> Result<Vec<Target>, E> {
+    if conflict.kind == ConflictKind::Unique {
+        let (server, client) = (&conflict.server.record, &conflict.client.record);
+        let (keep, drop) = match take {
+            Take::Server | Take::Merge => (server, client),
+            Take::Client => (client, server),
+        };
+        let kept = current(keep)?;
+        let dropped = current(drop)?;
+        // As for one record, `data` is set over the merged fields.
+        let fields = match take {
+            Take::Merge => {
+                let mut merged = dropped.fields.clone();
+                merged.extend(kept.fields.clone());
+                merged.extend(data.unwrap_or_default());
+                merged
+            }
+            _ => kept.fields.clone(),
+        };
+        // The dropped record first: when two devices resolved the clash at once, each
+        // record shows the later resolution once it is logged, so the later resolution's
+        // kept record can only come alive after its other record is gone, and the two
+        // resolutions never make both records live (a new clash) in between.
+        return Ok(vec![
+            Target::of(drop, dropped.fields.clone(), true, &dropped),
+            Target::of(keep, fields, false, &kept),
+        ]);
+    }
+    let now = current(&conflict.record)?;
+    let side = match take {
+        Take::Server => Some(&conflict.server),
+        Take::Client => Some(&conflict.client),
+        Take::Merge => None,
+    };
+    let mut fields = if now.is_live() {
+        now.fields.clone()
+    } else {
+        side.map_or_else(|| conflict.client.fields.clone(), |s| s.fields.clone())
+    };
+    let deleted = side.is_some_and(|s| s.deleted);
+    match (take, data) {
+        (Take::Merge, Some(data)) => fields.extend(data),
+        (_, _) if conflict.kind == ConflictKind::UpdateUpdate => {
+            for field in &conflict.fields {
+                let value = match take {
+                    Take::Server => field.server.clone(),
+                    _ => field.client.clone(),
+                };
+                set_path(&mut fields, &field.path, value);
+            }
+        }
+        _ => {}
+    }
+    Ok(vec![Target::of(&conflict.record, fields, deleted, &now)])
+}
+
+/// Whether `take` (with `data`) may resolve `conflict`: it is open and not being resolved here
+/// already, `data` is valid fields, and a merge of one record brings them.
+pub fn check_resolution(
+    conflict: &Conflict,
+    take: Take,
+    data: Option<&Fields>,
+    limits: &Limits,
+) -> Result<(), StoreError> {
+    if conflict.status != ConflictStatus::Open || conflict.resolving.is_some() {
+        return Err(StoreError::ConflictSettled {
+            id: conflict.id.clone(),
+            status: if conflict.resolving.is_some() {
+                "resolved on this device (waiting to sync)"
+            } else {
+                conflict.status.as_str()
+            },
+        });
+    }
+    if let Some(data) = data {
+        validate_fields(data, limits)?;
+    }
+    if take == Take::Merge && data.is_none() && conflict.kind != ConflictKind::Unique {
+        return Err(StoreError::MergeNeedsData(conflict.id.clone()));
+    }
+    Ok(())
+}
+
+/// Writes one target of a resolution of conflict `id` to its record, as the change every device
+/// recognises as that resolution when it reaches the log. On error the record is rolled back.
+pub fn write_resolution(
+    record: &mut Record,
+    target: &Target,
+    id: &str,
+    take: Take,
+    now: u64,
+) -> Result<Option<Written>, StoreError> {
+    let message = resolution_message(target.operation.as_str(), id, take.as_str());
+    Ok(record
+        .materialize(
+            &target.fields,
+            target.deleted,
+            target.operation,
+            Some((id, message)),
+            now,
+        )
+        .inspect_err(|_| record.rollback())?)
+}
+
 /// The value of a record's `h` key.
 #[derive(Serialize, Deserialize)]
 struct LoggedState {
@@ -969,19 +787,9 @@ impl LoggedState {
     }
 }
 
-/// Where a unique check is in the log, and under which policy.
-struct UniqueCheck<'a> {
-    key: &'a CacheKey,
-    /// The change that gave the record its values, and its place in the log.
-    change: ChangeHash,
-    seq: u64,
-    time: i64,
-    policy: &'a Policy,
-}
-
 /// What one record becomes in a resolution.
-struct Target {
-    record: String,
+pub struct Target {
+    pub record: String,
     fields: Fields,
     deleted: bool,
     operation: Operation,
@@ -1065,12 +873,6 @@ fn set_path(fields: &mut Fields, path: &[Value], value: Option<Value>) {
             _ => return,
         };
     }
-}
-
-/// A value's bytes as the unique index keys it: compact JSON, which serde_json writes the same
-/// way for equal values.
-fn canonical(value: &[Value]) -> Result<Vec<u8>, StoreError> {
-    to_json(&value, "unique value")
 }
 
 fn to_json<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {

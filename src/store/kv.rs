@@ -891,98 +891,6 @@ impl Kv for MemoryKv {
     }
 }
 
-/// One keyspace inside another: every key is stored under `prefix`, and reads see only the keys
-/// under it, with the prefix taken off. Lets several stores share one engine (one sled database,
-/// one flush) without their key layouts meeting. `flush` and `size_on_disk` are the whole
-/// engine's.
-pub struct PrefixKv {
-    inner: Arc<dyn Kv>,
-    prefix: Vec<u8>,
-}
-
-impl PrefixKv {
-    /// `prefix` must not be a prefix of any other key the engine holds (end it with a byte the
-    /// other layouts never put there, as `relay::mirror` does with `\0`).
-    pub fn new(inner: Arc<dyn Kv>, prefix: Vec<u8>) -> Self {
-        PrefixKv { inner, prefix }
-    }
-
-    fn outer(&self, key: &[u8]) -> Vec<u8> {
-        let mut outer = Vec::with_capacity(self.prefix.len() + key.len());
-        outer.extend_from_slice(&self.prefix);
-        outer.extend_from_slice(key);
-        outer
-    }
-
-    fn inner_key(&self, mut key: Vec<u8>) -> Vec<u8> {
-        key.drain(..self.prefix.len().min(key.len()));
-        key
-    }
-}
-
-impl Kv for PrefixKv {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.inner.get(&self.outer(key))
-    }
-
-    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {
-        Ok(self
-            .inner
-            .range(&self.outer(start), &self.outer(end), limit)?
-            .into_iter()
-            .map(|(k, v)| (self.inner_key(k), v))
-            .collect())
-    }
-
-    fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        Ok(self
-            .inner
-            .last_key(&self.outer(start), &self.outer(end))?
-            .map(|k| self.inner_key(k)))
-    }
-
-    fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError> {
-        self.inner.count(&self.outer(start), &self.outer(end))
-    }
-
-    fn apply(&self, batch: Batch) -> Result<(), KvError> {
-        let ops = batch
-            .ops
-            .into_iter()
-            .map(|(k, v)| (self.outer(&k), v))
-            .collect();
-        self.inner.apply(Batch { ops })
-    }
-
-    fn flush(&self) -> Result<(), KvError> {
-        self.inner.flush()
-    }
-
-    fn size_on_disk(&self) -> Result<u64, KvError> {
-        self.inner.size_on_disk()
-    }
-
-    fn live_bytes(&self) -> Result<u64, KvError> {
-        self.inner.live_bytes()
-    }
-
-    fn disk_full_since(&self) -> Option<u64> {
-        self.inner.disk_full_since()
-    }
-
-    fn reopen(&self) -> Result<bool, KvError> {
-        self.inner.reopen()
-    }
-
-    fn resume_writes(&self) -> Result<(), KvError> {
-        self.inner.resume_writes()
-    }
-
-    fn compact(&self) -> Result<(), KvError> {
-        self.inner.compact()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1145,29 +1053,5 @@ mod tests {
             SledKv::open(dir.path(), 1 << 20),
             Err(KvError::Corrupt(_))
         ));
-    }
-
-    #[test]
-    fn a_prefixed_keyspace_sees_only_its_own_keys() {
-        let engine = Arc::new(MemoryKv::new());
-        let mut outside = Batch::default();
-        outside.put(b"a1".to_vec(), b"outside".to_vec());
-        outside.put(b"p\0a1".to_vec(), b"inside".to_vec());
-        outside.put(b"q".to_vec(), b"after".to_vec());
-        engine.apply(outside).unwrap();
-        let kv = PrefixKv::new(engine.clone(), b"p\0".to_vec());
-        assert_eq!(kv.get(b"a1").unwrap(), Some(b"inside".to_vec()));
-        let mut batch = Batch::default();
-        batch.put(b"a2".to_vec(), b"two".to_vec());
-        batch.remove(b"a1".to_vec());
-        kv.apply(batch).unwrap();
-        assert_eq!(
-            kv.range(b"", &[0xff], 10).unwrap(),
-            vec![(b"a2".to_vec(), b"two".to_vec())]
-        );
-        assert_eq!(kv.last_key(b"a", b"b").unwrap(), Some(b"a2".to_vec()));
-        assert_eq!(kv.count(b"", &[0xff]).unwrap(), 1);
-        assert_eq!(engine.get(b"a1").unwrap(), Some(b"outside".to_vec()));
-        assert_eq!(engine.get(b"p\0a2").unwrap(), Some(b"two".to_vec()));
     }
 }

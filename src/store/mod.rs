@@ -469,30 +469,11 @@ impl Store {
     }
 
     fn resolve(&self, write: Write, now: u64) -> Result<Resolved, StoreError> {
-        let (collection, id, change) = match write {
-            Write::Put {
-                collection,
-                id,
-                fields,
-            } => {
-                let id = id.unwrap_or_else(|| self.new_id(now));
-                (collection, id, Change::Put(fields))
-            }
-            Write::Patch {
-                collection,
-                id,
-                set,
-                unset,
-            } => (collection, id, Change::Patch(set, unset)),
-            Write::Delete { collection, id } => (collection, id, Change::Delete),
-        };
-        let fields = match &change {
-            Change::Put(fields) | Change::Patch(fields, _) => Some(fields),
-            Change::Delete => None,
-        };
-        self.options.check_write(&collection, Some(&id), fields)?;
+        let (key, change) = split_write(write, || self.new_id(now));
+        self.options
+            .check_write(&key.0, Some(&key.1), change.fields())?;
         Ok(Resolved {
-            key: (collection, id),
+            key,
             change,
             base: None,
         })
@@ -1318,6 +1299,61 @@ enum Change {
     Delete,
 }
 
+impl Change {
+    /// The fields the change sets.
+    fn fields(&self) -> Option<&Fields> {
+        match self {
+            Change::Put(fields) | Change::Patch(fields, _) => Some(fields),
+            Change::Delete => None,
+        }
+    }
+}
+
+/// A write's record and what it does to it; a put with no id gets `new_id()`.
+fn split_write(write: Write, new_id: impl FnOnce() -> String) -> (CacheKey, Change) {
+    match write {
+        Write::Put {
+            collection,
+            id,
+            fields,
+        } => {
+            let id = id.unwrap_or_else(new_id);
+            ((collection, id), Change::Put(fields))
+        }
+        Write::Patch {
+            collection,
+            id,
+            set,
+            unset,
+        } => ((collection, id), Change::Patch(set, unset)),
+        Write::Delete { collection, id } => ((collection, id), Change::Delete),
+    }
+}
+
+/// Builds one write as a change to `record`, a document its caller keeps and writes as its own
+/// actor (the relay's web actor, on its copy of a record): the change `write_all_at` makes for
+/// the same write, checked the same way, at `base` when given. A put must name its record.
+/// `None` when the record already holds what the write asks for.
+pub fn build_change(
+    record: &mut Record,
+    write: Write,
+    base: Option<&[ChangeHash]>,
+    now: u64,
+    options: &StoreOptions,
+) -> Result<Option<(Operation, Vec<u8>)>, StoreError> {
+    let (key, change) = split_write(write, String::new);
+    options.check_write(&key.0, Some(&key.1), change.fields())?;
+    let policy = options.policies.of(&key.0);
+    let (limits, keyring) = (&options.limits, &options.keyring);
+    let staged = match base {
+        Some(base) => mutate_at(record, &key, change, base, now, limits, policy, keyring)?,
+        None => mutate(record, &key, change, now, limits, policy, keyring)?,
+    };
+    Ok(staged
+        .written
+        .map(|(operation, change, _)| (operation, change)))
+}
+
 /// A write applied to its document, not yet in a batch.
 struct Staged {
     /// Operation, the change's bytes, and the whole document saved; `None` if nothing changed.
@@ -1653,7 +1689,8 @@ fn decode_log_entry(bytes: &[u8]) -> Result<SyncLogEntry, StoreError> {
     })
 }
 
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
+/// Bytes from hex text; `None` if it is not hex.
+pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }

@@ -604,7 +604,7 @@ impl Store {
                 continue;
             }
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
-            self.seed_logged(&mut ledger, &key, record)?;
+            self.seed_logged(&mut ledger.logged, &key, record)?;
             let existed = record.exists();
             let was_deleted = existed && resolve::is_deleted(record, policy);
             let mut positions: Vec<(automerge::ChangeHash, u64)> =
@@ -662,11 +662,11 @@ impl Store {
                     device,
                 });
             }
-            ledger.documents.insert(key.clone(), record.heads());
+            ledger.logged.documents.insert(key.clone(), record.heads());
             if policy.unique.is_empty() {
                 // Detection within one record needs only that record's order.
                 for position in positions {
-                    self.detect_entry(&mut ledger, &mut batch, &key, position, record)?;
+                    self.detect_entry(&mut ledger, &key, position, record)?;
                 }
             }
             working.used(&key);
@@ -680,9 +680,9 @@ impl Store {
             &across_records,
             &mut working,
             &mut cache,
-            &mut batch,
+            &batch,
         )?;
-        self.finish_ledger(&mut ledger, &mut batch)?;
+        self.finish_ledger(&ledger, &mut batch)?;
         for entry in &quarantined {
             batch.put(
                 keys::quarantine(entry.seq),
@@ -696,7 +696,7 @@ impl Store {
         for (key, record) in working.into_cacheable() {
             cache.put(key, record);
         }
-        let conflicts = ledger.changed;
+        let conflicts = ledger.conflicts.into_changed();
         Ok(RemoteOutcome {
             applied,
             conflicts,

@@ -298,7 +298,6 @@ impl Operator<'_> {
         );
     }
 
-    /// A one-time code that registers one device in `account`.
     /// Creates `account` and sets its password for the HTTPS API and the web interface.
     pub fn add_account_with_password(&self, account: &str, password: &str) {
         self.add_account(account);
@@ -310,6 +309,7 @@ impl Operator<'_> {
         assert!(out.status.success(), "setting the password: {out:?}");
     }
 
+    /// A one-time code that registers one device in `account`.
     pub fn enrol(&self, account: &str) -> String {
         let out = self.ferry(&["--json", "relay", "enrol", account]);
         assert!(out.status.success(), "ferry relay enrol failed: {out:?}");

@@ -4,7 +4,7 @@
 //! Owns: the key layout below, the encoding of values, each space's head in memory (read from
 //! the log on first use; sled is opened by one process, so no one else appends), and turning a
 //! commit into one `Kv` batch. Must not touch: what the relay decides (`relay::store`,
-//! `relay::accounts`); the mirrors' keys (`M`, `relay::mirror`) in the same keyspace.
+//! `relay::accounts`).
 //!
 //! Log keys (a space name holds no control characters, so `\0` ends it; collection names and
 //! record ids hold none either; every text part ends with `\0`):
@@ -21,8 +21,14 @@
 //! - `s{space}\0` → `{bytes u64 BE}`: bytes of the space's log entries (the account's quota); a
 //!   log kept before this count existed is measured once, by reading it.
 //! - `u{space}\0{collection}\0{constraint index}\0{value JSON}\0` → the records holding that
-//!   unique value (JSON list, in the order they took it); `v{space}\0{collection}\0{record}\0` →
-//!   the unique values a record holds (JSON).
+//!   unique value, in the order they took it, and the open clashes over it (JSON `Holders`; a
+//!   plain list of records where written before clashes were kept);
+//!   `v{space}\0{collection}\0{record}\0` → the unique values a record holds (JSON).
+//! - `x{space}\0{conflict id}\0` → a conflict entry (JSON); `o{space}\0{conflict id}\0` → empty:
+//!   the conflict is open; `k{space}\0{change hash, hex}\0` → the id of the conflict that change
+//!   brought.
+//! - `w{space}\0` → the space's web actor (the actor its HTTP writes are made under); spaces
+//!   whose web actor was kept by earlier versions have it under `M{space}\0` + `mdevice`.
 //!
 //! Account keys (upper-case prefixes):
 //! - `A{account}` → `AccountRecord`; `D{device}` → `DeviceRecord`;
@@ -36,14 +42,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, LogStorage,
-    RelayConflictCount, StorageError, StoredKey, UniqueValue, UniqueValues,
+    AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, Holders,
+    LogStorage, RelayConflictCount, StorageError, StoredKey, UniqueValue, UniqueValues,
 };
 use crate::auth::token::Family;
-use crate::resolve::ConflictKind;
+use crate::resolve::{Conflict, ConflictKind, ConflictStatus};
 use crate::store::keys::{after as after_key, prefix_end};
 use crate::store::kv::{Batch, Kv};
 use ferry_proto::wire::{LogEntry, RecordName};
+
+/// A unique value's holders as stored: earlier versions kept the records only.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredHolders {
+    Now(Holders),
+    Records(Vec<String>),
+}
 
 /// A log entry as stored (postcard; field order is the format).
 #[derive(Serialize, Deserialize)]
@@ -174,11 +188,26 @@ impl KvStorage {
         }
         for (value, holders) in &append.holders {
             let k = unique_key(space, value);
-            if holders.is_empty() {
+            if holders.records.is_empty() {
                 batch.remove(k);
             } else {
                 batch.put(k, to_json(holders, "unique value holders")?);
             }
+        }
+        for conflict in &append.conflict_entries {
+            let id = conflict.id.as_str();
+            batch.put(
+                key(b'x', &[space, id]),
+                to_json(conflict, "conflict entry")?,
+            );
+            if conflict.status == ConflictStatus::Open {
+                batch.put(key(b'o', &[space, id]), Vec::new());
+            } else {
+                batch.remove(key(b'o', &[space, id]));
+            }
+        }
+        for (change, id) in &append.conflict_changes {
+            batch.put(key(b'k', &[space, change]), id.as_bytes().to_vec());
         }
         for ((collection, record), held) in &append.held {
             batch.put(
@@ -348,14 +377,78 @@ impl LogStorage for KvStorage {
         self.json(&key(b'v', &[space, collection, record]), "unique values")
     }
 
-    fn unique_holders(
+    fn unique_holders(&self, space: &str, value: &UniqueValue) -> Result<Holders, StorageError> {
+        let stored: Option<StoredHolders> =
+            self.json(&unique_key(space, value), "unique value index")?;
+        Ok(match stored {
+            None => Holders::default(),
+            Some(StoredHolders::Now(holders)) => holders,
+            Some(StoredHolders::Records(records)) => Holders {
+                records,
+                open: Vec::new(),
+            },
+        })
+    }
+
+    fn conflict(&self, space: &str, id: &str) -> Result<Option<Conflict>, StorageError> {
+        self.json(&key(b'x', &[space, id]), "conflict entry")
+    }
+
+    fn conflicts(
         &self,
         space: &str,
-        value: &UniqueValue,
-    ) -> Result<Vec<String>, StorageError> {
+        open_only: bool,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Conflict>, StorageError> {
+        let kind = if open_only { b'o' } else { b'x' };
+        let prefix = key(kind, &[space]);
+        let start = match after {
+            Some(id) => after_key(&key(kind, &[space, id])),
+            None => prefix.clone(),
+        };
+        let rows = self.kv.range(&start, &prefix_end(&prefix), limit)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (k, value) in rows {
+            let conflict = if open_only {
+                let id = k
+                    .get(prefix.len()..k.len().saturating_sub(1))
+                    .and_then(|id| std::str::from_utf8(id).ok())
+                    .ok_or_else(|| corrupt("open conflict key", String::from_utf8_lossy(&k)))?;
+                self.conflict(space, id)?
+            } else {
+                Some(serde_json::from_slice(&value).map_err(|e| corrupt("conflict entry", e))?)
+            };
+            out.extend(conflict);
+        }
+        Ok(out)
+    }
+
+    fn change_conflict(&self, space: &str, change: &str) -> Result<Option<String>, StorageError> {
         Ok(self
-            .json(&unique_key(space, value), "unique value index")?
-            .unwrap_or_default())
+            .kv
+            .get(&key(b'k', &[space, change]))?
+            .map(|id| String::from_utf8_lossy(&id).into_owned()))
+    }
+
+    fn web_actor(&self, space: &str, candidate: &str) -> Result<String, StorageError> {
+        let state = self.space(space)?;
+        let _commits = lock(&state);
+        let k = key(b'w', &[space]);
+        if let Some(actor) = self.kv.get(&k)? {
+            return Ok(String::from_utf8_lossy(&actor).into_owned());
+        }
+        let mut legacy = key(b'M', &[space]);
+        legacy.extend_from_slice(crate::store::keys::META_DEVICE);
+        let actor = match self.kv.get(&legacy)? {
+            Some(actor) => String::from_utf8_lossy(&actor).into_owned(),
+            None => candidate.to_owned(),
+        };
+        let mut batch = Batch::default();
+        batch.put(k, actor.as_bytes().to_vec());
+        self.kv.apply(batch)?;
+        self.kv.flush()?;
+        Ok(actor)
     }
 
     fn conflict_counts(&self, space: &str) -> Result<Vec<RelayConflictCount>, StorageError> {

@@ -22,7 +22,7 @@ pub mod kv;
 use std::collections::HashMap;
 
 use crate::auth::token::Family;
-use crate::resolve::ConflictKind;
+use crate::resolve::{Conflict, ConflictKind};
 use crate::store::kv::KvError;
 use ferry_proto::wire::{LogEntry, RecordName};
 use serde::{Deserialize, Serialize};
@@ -57,15 +57,8 @@ pub type RecordKey = (String, String);
 /// The unique values a record holds, per constraint (its index in the collection's list).
 pub type UniqueValues = Vec<(usize, Vec<serde_json::Value>)>;
 
-/// One value of a unique constraint of a collection.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UniqueValue {
-    pub collection: String,
-    /// The constraint's index in the collection's list.
-    pub constraint: usize,
-    /// The constraint's field values, as JSON text.
-    pub value: String,
-}
+/// One value of a unique constraint of a collection, and the records holding it.
+pub use crate::resolve::ledger::{Holders, ValueKey as UniqueValue};
 
 /// A change as the log holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,12 +105,16 @@ pub struct Append {
     /// Records' logged heads after this append, sorted.
     pub heads: HashMap<RecordKey, Vec<[u8; 32]>>,
     /// Unique values whose holders change, with all their holders now, in the order they took
-    /// the value (none: the value is free).
-    pub holders: HashMap<UniqueValue, Vec<String>>,
+    /// the value, and the open clashes over it (no records: the value is free).
+    pub holders: HashMap<UniqueValue, Holders>,
     /// Records whose unique values change, with the values they hold now.
     pub held: HashMap<RecordKey, UniqueValues>,
     /// Conflicts found, to add to the space's counts.
     pub conflicts: Vec<(ConflictKind, String, u64)>,
+    /// Conflict entries found or changed, as they stand now (an open one is listed as open).
+    pub conflict_entries: Vec<Conflict>,
+    /// Changes (hex hash) that brought a conflict, with its id.
+    pub conflict_changes: Vec<(String, String)>,
 }
 
 impl Append {
@@ -213,9 +210,28 @@ pub trait LogStorage: Send + Sync {
         record: &str,
     ) -> Result<Option<UniqueValues>, StorageError>;
 
-    /// The records holding `value`, in the order they took it.
-    fn unique_holders(&self, space: &str, value: &UniqueValue)
-    -> Result<Vec<String>, StorageError>;
+    /// The records holding `value`, in the order they took it, and the open clashes over it.
+    fn unique_holders(&self, space: &str, value: &UniqueValue) -> Result<Holders, StorageError>;
+
+    /// One of the space's conflict entries.
+    fn conflict(&self, space: &str, id: &str) -> Result<Option<Conflict>, StorageError>;
+
+    /// Up to `limit` of the space's conflict entries in id order after `after`; only open ones
+    /// when `open_only`.
+    fn conflicts(
+        &self,
+        space: &str,
+        open_only: bool,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Conflict>, StorageError>;
+
+    /// The conflict the change (hex hash) brought, if it brought one.
+    fn change_conflict(&self, space: &str, change: &str) -> Result<Option<String>, StorageError>;
+
+    /// The actor the relay writes the space's HTTP changes under: the one kept, or, the first
+    /// time, `candidate`, kept from then on (durably, before this returns).
+    fn web_actor(&self, space: &str, candidate: &str) -> Result<String, StorageError>;
 
     /// The space's conflict counts, by kind and collection.
     fn conflict_counts(&self, space: &str) -> Result<Vec<RelayConflictCount>, StorageError>;
