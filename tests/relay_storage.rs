@@ -505,12 +505,28 @@ fn conflict_entries_are_listed_in_id_order_and_open_ones_by_their_own_index(engi
         Err(StorageError::HeadMoved { .. })
     ));
     assert_eq!(storage.conflict(SPACE, "c4").unwrap(), None);
+    // Conflict state alone (a rebuild from the log) moves no head, and marks the space's
+    // conflicts complete.
+    assert!(!storage.conflicts_complete(SPACE).unwrap());
+    let mut rebuilt = Append::new(2);
+    rebuilt
+        .conflict_entries
+        .push(conflict("c0", ConflictStatus::Open, "c0-change"));
+    rebuilt.conflicts_complete = true;
+    storage.append(SPACE, rebuilt).unwrap();
+    assert_eq!(storage.head(SPACE).unwrap(), 2);
+    assert!(storage.conflicts_complete(SPACE).unwrap());
+    assert_eq!(
+        ids(storage.conflicts(SPACE, true, None, 10).unwrap()),
+        ["c0", "c2"]
+    );
     drop(storage);
     let storage = engine.reopen();
     assert_eq!(
         ids(storage.conflicts(SPACE, false, None, 10).unwrap()),
-        ["c1", "c2", "c3"]
+        ["c0", "c1", "c2", "c3"]
     );
+    assert!(storage.conflicts_complete(SPACE).unwrap());
 }
 
 fn a_spaces_web_actor_is_chosen_once_and_kept(engine: &dyn Engine) {

@@ -641,6 +641,83 @@ fn a_unique_clash_shows_the_record_that_held_the_value_as_logged_not_as_first_st
 }
 
 #[test]
+fn a_log_kept_before_conflict_entries_is_rebuilt_into_the_entries_appends_keep() {
+    let kv = Arc::new(MemoryKv::new());
+    let options = || RelayStoreOptions {
+        doc_cache_docs: 2,
+        policies: Policies {
+            collections: BTreeMap::from([(
+                "Doc".to_owned(),
+                Policy {
+                    unique: vec![vec!["email".to_owned()]],
+                    ..Policy::of(ferry::resolve::Strategy::Manual)
+                },
+            )]),
+            ..Policies::default()
+        },
+        ..RelayStoreOptions::default()
+    };
+    let relay = relay_on(kv.clone(), options());
+    // Two devices edit one record apart (a same-field conflict), and two records clash on a
+    // unique value.
+    let mut a = Writer::new(1);
+    let mut b = Writer::new(2);
+    let created = a.put(json!({"title": "draft", "email": "a@x"}));
+    b.record
+        .apply_changes(std::slice::from_ref(&created))
+        .unwrap();
+    let mine = a.patch(json!({"title": "mine"}));
+    let theirs = b.patch(json!({"title": "theirs"}));
+    let mut c = Writer::new(3);
+    let clash = c.put(json!({"email": "a@x"}));
+    append_by_author(
+        &relay,
+        &[
+            upload(1, "r", &created),
+            upload(2, "r", &mine),
+            upload(1, "r", &theirs),
+            upload(1, "c", &clash),
+        ],
+    );
+    let kept = relay.conflicts(SPACE, None, None, 100).unwrap();
+    assert_eq!(kept.len(), 2, "{kept:#?}");
+    assert!(relay.conflicts_complete(SPACE).unwrap());
+    drop(relay);
+    // The same log as a relay that kept no conflict entries left it.
+    let mut forget = ferry::store::kv::Batch::default();
+    for prefix in [b'x', b'o', b'k', b'g', b'u', b'v'] {
+        for (key, _) in kv.range(&[prefix], &[prefix + 1], usize::MAX).unwrap() {
+            forget.remove(key);
+        }
+    }
+    kv.apply(forget).unwrap();
+    let relay = relay_on(kv.clone(), options());
+    assert!(!relay.conflicts_complete(SPACE).unwrap());
+    assert_eq!(relay.conflicts(SPACE, None, None, 100).unwrap(), []);
+    assert_eq!(relay.rebuild_conflicts(SPACE, || false).unwrap(), Some(2));
+    assert!(relay.conflicts_complete(SPACE).unwrap());
+    assert_eq!(relay.conflicts(SPACE, None, None, 100).unwrap(), kept);
+    let counts = relay.conflict_counts(SPACE).unwrap();
+    // The clash ends when c gives the value up, as it would have without the rebuild.
+    let away = c.patch(json!({"email": "c@x"}));
+    append_by_author(&relay, &[upload(2, "c", &away)]);
+    let clash_id = kept
+        .iter()
+        .find(|c| c.kind == ConflictKind::Unique)
+        .unwrap()
+        .id
+        .clone();
+    assert_eq!(
+        relay.conflict(SPACE, &clash_id).unwrap().unwrap().status,
+        ConflictStatus::Resolved
+    );
+    // The counts were kept all along: the rebuild does not count the conflicts again.
+    assert_eq!(relay.conflict_counts(SPACE).unwrap(), counts);
+    // A rebuild told to stop writes nothing.
+    assert_eq!(relay.rebuild_conflicts(SPACE, || true).unwrap(), None);
+}
+
+#[test]
 fn log_bytes_grow_with_each_stored_change_and_a_log_without_the_count_is_measured() {
     let kv = Arc::new(MemoryKv::new());
     let relay = relay_on(kv.clone(), RelayStoreOptions::default());

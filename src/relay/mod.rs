@@ -244,6 +244,10 @@ pub async fn run(
             .clone()
             .check_disk(dir.path().to_owned(), stopped.clone()),
     );
+    let rebuilds = {
+        let (store, accounts, stopped) = (store.clone(), accounts.clone(), stopped.clone());
+        tokio::task::spawn_blocking(move || rebuild_conflicts(&store, &accounts, &stopped))
+    };
     let server = tokio::spawn(server::serve(endpoint, shared, options, stopped));
     tracing::info!(listen = %listening.listen, fingerprint = %listening.fingerprint, "relay ready");
     ready(&listening);
@@ -262,6 +266,7 @@ pub async fn run(
         ("operator socket", admin),
         ("key rotation", rotation),
         ("disk checks", disk_checks),
+        ("conflict rebuild", rebuilds),
     ] {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "relay {what} stopped abnormally");
@@ -271,6 +276,47 @@ pub async fn run(
     store.flush()?;
     tracing::info!("relay stopped; everything flushed");
     Ok(())
+}
+
+/// Finds the conflicts of every account's log kept before the relay kept conflict entries
+/// (`RelayStore::rebuild_conflicts`), one account at a time, until done or `stopped`.
+fn rebuild_conflicts(
+    store: &RelayStore,
+    accounts: &accounts::Accounts,
+    stopped: &tokio::sync::watch::Receiver<bool>,
+) {
+    let spaces = match accounts.accounts() {
+        Ok(all) => all.into_iter().map(|a| a.name),
+        Err(e) => {
+            return tracing::error!(error = %e, "cannot list the accounts to rebuild their conflicts");
+        }
+    };
+    for space in spaces {
+        match store.conflicts_complete(&space) {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(space, error = %e, "cannot tell whether the account's conflicts are kept");
+                continue;
+            }
+        }
+        tracing::info!(
+            space,
+            "finding the conflicts of a log kept before the relay kept them"
+        );
+        let started = std::time::Instant::now();
+        match store.rebuild_conflicts(&space, || *stopped.borrow()) {
+            Ok(Some(found)) => tracing::info!(
+                space,
+                found,
+                secs = started.elapsed().as_secs_f64(),
+                "the account's conflicts are kept from now on"
+            ),
+            Ok(None) => return,
+            Err(e) => tracing::error!(space, error = %e,
+                "cannot rebuild the account's conflicts; the next start tries again"),
+        }
+    }
 }
 
 /// Makes a new token signing key whenever the current one is `every` old, until `shutdown`.

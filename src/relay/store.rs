@@ -42,10 +42,12 @@ use crate::relay::storage::{
 use crate::resolve::ledger::{
     ConflictState, Counter, EncodeError, HeldValues, Holders, Ledger, UniqueCheck,
 };
-use crate::resolve::{self, Conflict, ConflictKind, ConflictStatus, LogPosition, Policies, Policy};
+use crate::resolve::{
+    self, Conflict, ConflictKind, ConflictStatus, LogPosition, Policies, Policy, Side,
+};
 use automerge::{ActorId, Change, ChangeHash};
 use ferry_proto::wire::{
-    ChangeOutcome, ChangeResult, ErrorCode, HeadsHasher, RecordName, UploadChange,
+    ChangeOutcome, ChangeResult, ErrorCode, HeadsHasher, LogEntry, RecordName, UploadChange,
 };
 use ferry_proto::{AddressError, Limits, validate_collection, validate_record_id};
 use lru::LruCache;
@@ -205,7 +207,10 @@ impl RelayStore {
     ) -> Result<Vec<ChangeResult>, RelayStoreError> {
         let state = self.space(space)?;
         let _appending = lock(&state);
-        let mut staging = Staging::new(self.storage.head(space)?);
+        let head = self.storage.head(space)?;
+        let mut staging = Staging::new(head);
+        // A new space's conflict state is complete from its first change on.
+        staging.append.conflicts_complete = head == 0;
         let mut results = Vec::with_capacity(changes.len());
         for upload in changes {
             let outcome = self.stage(space, origin, upload, &mut staging)?;
@@ -232,7 +237,9 @@ impl RelayStore {
                 }
             }
         }
-        let found = take_ledger(space, &mut staging);
+        let ledger = std::mem::take(&mut staging.ledger);
+        let found = ledger_into_append(space, &ledger, &mut staging.append);
+        staging.append.conflicts.clone_from(&found);
         {
             // A touched record's document comes back below from `staging.docs`, which holds every
             // change of this call; one dropped after a failed apply, or after a failed commit, is
@@ -242,7 +249,7 @@ impl RelayStore {
                 cache.pop(&(space.to_owned(), collection.clone(), record.clone()));
             }
         }
-        if staging.append.is_empty() {
+        if staging.append.entries.is_empty() && staging.append.compactions.is_empty() {
             return Ok(results);
         }
         self.storage.append(space, staging.append)?;
@@ -253,7 +260,7 @@ impl RelayStore {
             cache.put((space.to_owned(), collection, record), doc);
         }
         drop(cache);
-        for (kind, found) in found {
+        for (kind, _, found) in found {
             if let Some(i) = ConflictKind::ALL.iter().position(|k| *k == kind)
                 && let Some(counter) = self.conflicts_found.get(i)
             {
@@ -436,10 +443,11 @@ impl RelayStore {
         };
         let moved = ledger.move_unique(&state, at, values, |id| {
             let key = (record_key.0.clone(), id.to_owned());
-            let doc = self.staged_doc(space, &key, staging)?;
-            let heads = doc.heads();
-            let view = resolve::view(doc, policy);
-            Ok(resolve::side(doc.automerge(), id, &heads, view))
+            Ok(logged_side(
+                self.staged_doc(space, &key, staging)?,
+                id,
+                policy,
+            ))
         });
         staging.ledger = ledger;
         moved
@@ -479,23 +487,19 @@ impl RelayStore {
         staging: &mut Staging,
     ) -> Result<(), RelayStoreError> {
         let (collection, record) = (record_key.0.as_str(), record_key.1.as_str());
-        let hash = change.hash();
-        let deps: BTreeSet<ChangeHash> = change.deps().iter().copied().collect();
         staging.append.heads.insert(
             record_key.clone(),
             doc.heads().iter().map(|h| h.0).collect(),
         );
-        let fast_forward = deps == before.iter().copied().collect::<BTreeSet<_>>();
-        if fast_forward && resolve::resolution_of(change.message()).is_none() {
-            return Ok(());
-        }
         let at = LogPosition {
             seq,
             collection,
             record,
         };
         let policy = self.options.policies.of(collection);
-        let detection = resolve::detect(doc.automerge(), &before, &hash, at, policy);
+        let Some(detection) = detection(doc, change, &before, at, policy) else {
+            return Ok(());
+        };
         let state = SpaceConflicts {
             storage: self.storage.as_ref(),
             space,
@@ -529,6 +533,115 @@ impl RelayStore {
             );
         }
         Ok(out)
+    }
+
+    /// Whether the space's conflict entries cover its whole log: false for a log kept before
+    /// the relay kept them, until `rebuild_conflicts` has run.
+    pub fn conflicts_complete(&self, space: &str) -> Result<bool, RelayStoreError> {
+        check_space(space)?;
+        Ok(self.storage.head(space)? == 0 || self.storage.conflicts_complete(space)?)
+    }
+
+    /// Finds the conflicts of the space's whole log, as devices found them, for a log kept
+    /// before the relay kept conflict entries: replays the log in order on fresh documents,
+    /// through the same detection and ledger as appends, and writes the entries and the unique
+    /// index it finds in one commit (the counts were kept all along). Appends go on meanwhile;
+    /// what they log is replayed too before the commit. Returns the conflicts found, or `None`
+    /// when `stop` turned true first (checked between pages; nothing is written). Holds every
+    /// document of the space in memory while it runs: a one-time cost per space.
+    pub fn rebuild_conflicts(
+        &self,
+        space: &str,
+        stop: impl Fn() -> bool,
+    ) -> Result<Option<usize>, RelayStoreError> {
+        check_space(space)?;
+        let mut replay = Replay::default();
+        loop {
+            let head = self.storage.head(space)?;
+            while replay.through < head {
+                if stop() {
+                    return Ok(None);
+                }
+                let entries = self
+                    .storage
+                    .read_log(space, replay.through, 1024, 8 << 20)?;
+                let Some(last) = entries.last().map(|e| e.seq) else {
+                    break;
+                };
+                for entry in entries {
+                    self.replay(&mut replay, entry)?;
+                }
+                replay.through = last;
+            }
+            let mut append = Append::new(replay.through);
+            ledger_into_append(space, &replay.ledger, &mut append);
+            append.conflicts_complete = true;
+            let found = replay.ledger.entries().filter(|(_, found)| *found).count();
+            match self.storage.append(space, append) {
+                Ok(()) => return Ok(Some(found)),
+                Err(StorageError::HeadMoved { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// One log entry of a rebuild: applied to its record's document, then met as an append
+    /// meets it. An entry that cannot be applied (a log written before every change was
+    /// validated) is left out, as devices leave it out.
+    fn replay(&self, replay: &mut Replay, entry: LogEntry) -> Result<(), RelayStoreError> {
+        let key = (entry.collection, entry.record);
+        if replay.unreadable.contains(&key) {
+            return Ok(());
+        }
+        let Ok(change) = decode_change(&entry.change) else {
+            return Ok(());
+        };
+        let policy = self.options.policies.of(&key.0);
+        let doc = replay
+            .docs
+            .entry(key.clone())
+            .or_insert_with(|| Record::new(&self.actor));
+        let before = doc.heads();
+        if let Err(e) = doc.apply_decoded(vec![change.clone()]) {
+            tracing::warn!(collection = key.0, record = key.1, seq = entry.seq, error = %e,
+                "a logged change cannot be applied while conflicts are rebuilt: left out");
+            if matches!(e, RecordError::ApplyPanicked(_)) {
+                // The document may be half-changed: its record's conflicts are not looked for.
+                replay.docs.remove(&key);
+                replay.unreadable.insert(key);
+            }
+            return Ok(());
+        }
+        let at = LogPosition {
+            seq: entry.seq,
+            collection: &key.0,
+            record: &key.1,
+        };
+        if let Some(detection) = detection(doc, &change, &before, at, policy) {
+            replay.ledger.meet(&NoConflicts, detection)?;
+        }
+        if policy.unique.is_empty() {
+            return Ok(());
+        }
+        let values = resolve::unique_values(&resolve::view(doc, policy), policy);
+        let at = UniqueCheck {
+            key: &key,
+            change: change.hash(),
+            seq: entry.seq,
+            time: change.timestamp(),
+            policy,
+        };
+        let Replay { docs, ledger, .. } = replay;
+        ledger.move_unique(&NoConflicts, at, values, |id| {
+            let other = (key.0.clone(), id.to_owned());
+            let doc = docs.get_mut(&other).ok_or_else(|| {
+                corrupt(
+                    "record",
+                    format!("{}/{id} holds a value but was never logged", key.0),
+                )
+            })?;
+            Ok(logged_side(doc, id, policy))
+        })
     }
 
     /// The actor the space's HTTP writes are made under (see `LogStorage::web_actor`).
@@ -992,10 +1105,13 @@ impl From<EncodeError> for RelayStoreError {
     }
 }
 
-/// Moves what the call's ledger holds into its append; returns the conflicts found, by kind.
-fn take_ledger(space: &str, staging: &mut Staging) -> Vec<(ConflictKind, u64)> {
-    let ledger = std::mem::take(&mut staging.ledger);
-    let append = &mut staging.append;
+/// Adds what `ledger` holds to `append` (the conflict entries, the changes that brought new ones,
+/// the unique index's moves); returns the conflicts found, by kind and collection.
+fn ledger_into_append(
+    space: &str,
+    ledger: &Ledger,
+    append: &mut Append,
+) -> Vec<(ConflictKind, String, u64)> {
     for (conflict, found) in ledger.entries() {
         if found {
             tracing::info!(
@@ -1022,14 +1138,71 @@ fn take_ledger(space: &str, staging: &mut Staging) -> Vec<(ConflictKind, u64)> {
     append
         .holders
         .extend(ledger.holders().map(|(k, v)| (k.clone(), v.clone())));
-    let mut found = Vec::new();
-    for (counter, kind, collection, n) in ledger.counters() {
-        if counter == Counter::Detected {
-            append.conflicts.push((kind, collection.to_owned(), n));
-            found.push((kind, n));
-        }
+    ledger
+        .counters()
+        .filter(|(counter, ..)| *counter == Counter::Detected)
+        .map(|(_, kind, collection, n)| (kind, collection.to_owned(), n))
+        .collect()
+}
+
+/// What detection finds for `change`, just applied to `doc`, against the record's changes
+/// logged before it (whose heads are `before`): nothing to look at for a change built on
+/// exactly those heads, unless its message makes it a resolution.
+fn detection(
+    doc: &mut Record,
+    change: &Change,
+    before: &[ChangeHash],
+    at: LogPosition<'_>,
+    policy: &Policy,
+) -> Option<resolve::Detection> {
+    let deps: BTreeSet<&ChangeHash> = change.deps().iter().collect();
+    let fast_forward = deps == before.iter().collect::<BTreeSet<_>>();
+    if fast_forward && resolve::resolution_of(change.message()).is_none() {
+        return None;
     }
-    found
+    Some(resolve::detect(
+        doc.automerge(),
+        before,
+        &change.hash(),
+        at,
+        policy,
+    ))
+}
+
+/// A record's side in a unique clash: as its document (every logged change) shows it.
+fn logged_side(doc: &mut Record, id: &str, policy: &Policy) -> Side {
+    let heads = doc.heads();
+    let view = resolve::view(doc, policy);
+    resolve::side(doc.automerge(), id, &heads, view)
+}
+
+/// A rebuild of a space's conflicts, as far as it has replayed the log.
+#[derive(Default)]
+struct Replay {
+    through: u64,
+    docs: HashMap<RecordKey, Record>,
+    /// Records a change left half-applied: their conflicts are not looked for.
+    unreadable: std::collections::HashSet<RecordKey>,
+    ledger: Ledger,
+}
+
+/// Conflict state that holds nothing: a rebuild starts from it.
+struct NoConflicts;
+
+impl ConflictState for NoConflicts {
+    type Error = RelayStoreError;
+
+    fn conflict(&self, _: &str) -> Result<Option<Conflict>, RelayStoreError> {
+        Ok(None)
+    }
+
+    fn held(&self, _: &RecordKey) -> Result<HeldValues, RelayStoreError> {
+        Ok(Vec::new())
+    }
+
+    fn holders(&self, _: &UniqueValue) -> Result<Holders, RelayStoreError> {
+        Ok(Holders::default())
+    }
 }
 
 /// Stages a stored change's log entry (and with it its place in the dedup index).

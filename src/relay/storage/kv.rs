@@ -27,6 +27,8 @@
 //! - `x{space}\0{conflict id}\0` → a conflict entry (JSON); `o{space}\0{conflict id}\0` → empty:
 //!   the conflict is open; `k{space}\0{change hash, hex}\0` → the id of the conflict that change
 //!   brought.
+//! - `g{space}\0` → empty: the conflict entries and unique index cover the space's whole log
+//!   (logs kept before the relay kept them lack it until rebuilt).
 //! - `w{space}\0` → the space's web actor (the actor its HTTP writes are made under); spaces
 //!   whose web actor was kept by earlier versions have it under `M{space}\0` + `mdevice`.
 //!
@@ -205,6 +207,9 @@ impl KvStorage {
             } else {
                 batch.remove(key(b'o', &[space, id]));
             }
+        }
+        if append.conflicts_complete {
+            batch.put(key(b'g', &[space]), Vec::new());
         }
         for (change, id) in &append.conflict_changes {
             batch.put(key(b'k', &[space, change]), id.as_bytes().to_vec());
@@ -422,6 +427,10 @@ impl LogStorage for KvStorage {
             out.extend(conflict);
         }
         Ok(out)
+    }
+
+    fn conflicts_complete(&self, space: &str) -> Result<bool, StorageError> {
+        Ok(self.kv.get(&key(b'g', &[space]))?.is_some())
     }
 
     fn change_conflict(&self, space: &str, change: &str) -> Result<Option<String>, StorageError> {

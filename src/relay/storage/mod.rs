@@ -115,6 +115,9 @@ pub struct Append {
     pub conflict_entries: Vec<Conflict>,
     /// Changes (hex hash) that brought a conflict, with its id.
     pub conflict_changes: Vec<(String, String)>,
+    /// The space's conflict entries and unique index cover its whole log from here on (its
+    /// first append, or a rebuild from the log).
+    pub conflicts_complete: bool,
 }
 
 impl Append {
@@ -138,8 +141,14 @@ impl Append {
         self.entries.get(index).map(|e| e.change.as_slice())
     }
 
+    /// Nothing to write: no entry, compaction or conflict state.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.compactions.is_empty()
+        self.entries.is_empty()
+            && self.compactions.is_empty()
+            && self.conflict_entries.is_empty()
+            && self.holders.is_empty()
+            && self.held.is_empty()
+            && !self.conflicts_complete
     }
 }
 
@@ -225,6 +234,10 @@ pub trait LogStorage: Send + Sync {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Conflict>, StorageError>;
+
+    /// Whether the space's conflict entries cover its whole log (see `Append::conflicts_complete`):
+    /// not for a log kept before the relay kept them, until it is rebuilt.
+    fn conflicts_complete(&self, space: &str) -> Result<bool, StorageError>;
 
     /// The conflict the change (hex hash) brought, if it brought one.
     fn change_conflict(&self, space: &str, change: &str) -> Result<Option<String>, StorageError>;
