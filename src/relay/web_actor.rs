@@ -471,13 +471,13 @@ impl WebActors {
                 .conflicts(space, status, after.as_deref(), limit)?;
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
-            let full = page.len() < limit;
+            let last_page = page.len() < limit;
             conflicts.extend(
                 page.into_iter()
                     .filter(|c| query.collection.as_ref().is_none_or(|q| *q == c.collection))
                     .take(limit - conflicts.len()),
             );
-            if full {
+            if last_page {
                 break;
             }
         }
