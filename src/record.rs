@@ -560,22 +560,32 @@ impl Record {
     }
 
     /// Every change of the record, oldest first, with the top-level fields each one touched.
-    pub fn history(&mut self) -> Vec<HistoryEntry> {
-        let changes = self.doc.get_changes(&[]);
-        changes
-            .iter()
-            .map(|change| {
-                let fields = self.fields_touched(change);
-                HistoryEntry {
-                    hash: change.hash().to_string(),
-                    device: change.actor_id().to_hex_string(),
-                    seq: change.seq(),
-                    time: change.timestamp(),
-                    operation: operation_of(change.message()).to_owned(),
-                    fields,
-                }
-            })
-            .collect()
+    pub fn history(&mut self) -> Result<Vec<HistoryEntry>, RecordError> {
+        // Automerge 0.12 can panic reading the changes of a document that loaded but holds
+        // inconsistent ones (a change logged before every change was checked).
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let changes = self.doc.get_changes(&[]);
+            changes
+                .iter()
+                .map(|change| {
+                    let fields = self.fields_touched(change);
+                    HistoryEntry {
+                        hash: change.hash().to_string(),
+                        device: change.actor_id().to_hex_string(),
+                        seq: change.seq(),
+                        time: change.timestamp(),
+                        operation: operation_of(change.message()).to_owned(),
+                        fields,
+                    }
+                })
+                .collect()
+        }))
+        .map_err(|panic| {
+            RecordError::Corrupt(format!(
+                "its changes cannot be read ({})",
+                panic_message(&*panic)
+            ))
+        })
     }
 
     fn fields_touched(&mut self, change: &Change) -> Vec<String> {
@@ -1198,7 +1208,12 @@ mod tests {
         assert_eq!(w.operation, Operation::Create);
         assert!(r.is_live());
         assert_eq!(r.fields(), obj(json!({"b": 2})));
-        let ops: Vec<_> = r.history().into_iter().map(|h| h.operation).collect();
+        let ops: Vec<_> = r
+            .history()
+            .unwrap()
+            .into_iter()
+            .map(|h| h.operation)
+            .collect();
         assert_eq!(ops, ["create", "delete", "create"]);
     }
 
@@ -1219,7 +1234,7 @@ mod tests {
         other
             .patch(&obj(json!({"email": "ada@x"})), &[], 200)
             .unwrap();
-        let h = other.history();
+        let h = other.history().unwrap();
         assert_eq!(h.len(), 2);
         assert_eq!(h[0].device, "01".repeat(16));
         assert_eq!(h[0].fields, ["email", "name"]);

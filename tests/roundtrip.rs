@@ -663,7 +663,7 @@ proptest! {
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         same(&reloaded.fields(), &b)?;
         check_document(reloaded.doc_mut(), &Value::Object(b.clone())).map_err(TestCaseError::fail)?;
-        prop_assert_eq!(reloaded.history().len(), changes);
+        prop_assert_eq!(reloaded.history().unwrap().len(), changes);
     }
 
     /// The depth check refuses exactly the records deeper than the limit.

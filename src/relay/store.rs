@@ -1029,7 +1029,9 @@ impl RelayStore {
         collection: &str,
         id: &str,
     ) -> Result<Option<Vec<crate::record::HistoryEntry>>, RelayStoreError> {
-        self.with_doc(space, collection, id, Record::history)
+        Ok(self
+            .with_doc(space, collection, id, Record::history)?
+            .transpose()?)
     }
 
     /// The record's whole document, as Automerge saves it.

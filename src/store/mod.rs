@@ -823,8 +823,9 @@ impl Store {
     pub fn history(&self, collection: &str, id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
         validate_collection(collection, &self.options.limits)?;
         validate_record_id(id, &self.options.limits)?;
-        self.with_record(collection, id, |r| r.history())?
-            .ok_or_else(|| not_found(&(collection.to_owned(), id.to_owned())))
+        Ok(self
+            .with_record(collection, id, |r| r.history())?
+            .ok_or_else(|| not_found(&(collection.to_owned(), id.to_owned())))??)
     }
 
     /// The record's Automerge document, as any Automerge implementation can load it.
