@@ -225,6 +225,7 @@ pub async fn run(
     let storage_care = tokio::spawn(look_after_storage(
         open.store.clone(),
         dir.store_path(),
+        sync.as_ref().map(|(handle, _)| handle.clone()),
         alerts.clone(),
         stopped.clone(),
     ));
@@ -335,20 +336,38 @@ const SPACE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(60
 const RESUME_FREE_BYTES: u64 = 4 << 20;
 
 /// Looks after the store's storage until shutdown. At start and every `SPACE_CHECK_EVERY` it keeps
-/// the store within its space bound (`Store::bound_space`, which compacts it when it is over).
+/// the store within its space bound (`Store::bound_space`, which compacts it when it is over),
+/// waiting up to `SPACE_CHECK_EVERY` for a sync in progress to finish first: a compaction copies
+/// the whole store, and a device that just started usually has an upload or download to do.
 /// While writes are refused for a full disk, it reopens the store as soon as the disk has room
 /// again, so writes resume without a restart; the alerts hear of both.
 async fn look_after_storage(
     store: Arc<Store>,
     store_dir: PathBuf,
+    sync: Option<engine::SyncHandle>,
     alerts: Arc<Monitor>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut space_checked: Option<std::time::Instant> = None;
+    let mut due_since: Option<std::time::Instant> = None;
     loop {
-        let check_space = space_checked.is_none_or(|at| at.elapsed() >= SPACE_CHECK_EVERY);
+        let due = space_checked.is_none_or(|at| at.elapsed() >= SPACE_CHECK_EVERY);
+        // Pending uploads count while the session still connects: that is when a device that
+        // worked offline starts.
+        let syncing = sync.as_ref().is_some_and(|s| {
+            let status = s.status();
+            status.syncing || status.pending_uploads > 0 || status.behind_by > 0
+        });
+        let waited = due_since
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed();
+        let check_space = due && (!syncing || waited >= SPACE_CHECK_EVERY);
+        if !due {
+            due_since = None;
+        }
         if check_space {
             space_checked = Some(std::time::Instant::now());
+            due_since = None;
         }
         let (store, dir, alerts) = (store.clone(), store_dir.clone(), alerts.clone());
         let looked = tokio::task::spawn_blocking(move || {
