@@ -352,19 +352,18 @@ async fn look_after_storage(
     let mut due_since: Option<std::time::Instant> = None;
     loop {
         let due = space_checked.is_none_or(|at| at.elapsed() >= SPACE_CHECK_EVERY);
-        // Pending uploads count while the session still connects: that is when a device that
-        // worked offline starts.
-        let syncing = sync.as_ref().is_some_and(|s| {
-            let status = s.status();
-            status.syncing || status.pending_uploads > 0 || status.behind_by > 0
-        });
-        let waited = due_since
-            .get_or_insert_with(std::time::Instant::now)
-            .elapsed();
-        let check_space = due && (!syncing || waited >= SPACE_CHECK_EVERY);
-        if !due {
-            due_since = None;
-        }
+        let check_space = due && {
+            let waited = due_since
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed();
+            // Pending uploads count while the session still connects: that is when a device
+            // that worked offline starts.
+            let syncing = sync.as_ref().is_some_and(|s| {
+                let status = s.status();
+                status.syncing || status.pending_uploads > 0 || status.behind_by > 0
+            });
+            !syncing || waited >= SPACE_CHECK_EVERY
+        };
         if check_space {
             space_checked = Some(std::time::Instant::now());
             due_since = None;

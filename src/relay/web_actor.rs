@@ -23,6 +23,7 @@
 //! accounts, HTTP shapes (`relay::http`, `relay::web_write`).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::{ActorId, ChangeHash};
@@ -185,19 +186,19 @@ struct Working<'a> {
 impl Working<'_> {
     fn record(&mut self, collection: &str, id: &str) -> Result<&mut Record, WebActorError> {
         let key = (collection.to_owned(), id.to_owned());
-        if !self.records.contains_key(&key) {
-            let text = self.actors.options.policies.of(collection).text.clone();
-            let record = self
-                .actors
-                .shared
-                .store
-                .fork_as(self.space, collection, id, self.actor)?
-                .unwrap_or_else(|| Record::new(self.actor))
-                .with_text_fields(text);
-            self.records.insert(key.clone(), record);
-        }
-        self.records.get_mut(&key).ok_or_else(|| {
-            ApiError::new(code::INTERNAL, "a record copy went missing while written").into()
+        Ok(match self.records.entry(key) {
+            Entry::Occupied(held) => held.into_mut(),
+            Entry::Vacant(slot) => {
+                let text = self.actors.options.policies.of(collection).text.clone();
+                let record = self
+                    .actors
+                    .shared
+                    .store
+                    .fork_as(self.space, collection, id, self.actor)?
+                    .unwrap_or_else(|| Record::new(self.actor))
+                    .with_text_fields(text);
+                slot.insert(record)
+            }
         })
     }
 }
@@ -262,19 +263,16 @@ impl WebActors {
         };
         let mut outcomes: Vec<WriteOutcome> = Vec::with_capacity(writes.len());
         let mut uploads = Vec::new();
-        // The version each uploaded write leaves its record at, by its index.
-        let mut versions = HashMap::new();
         for (index, write) in writes.into_iter().enumerate() {
             let object_id = write.id.clone();
             let built = self.build(&mut working, write, now);
             match built {
                 Ok(Built::Change(upload, version)) => {
-                    versions.insert(index as u64, version.clone());
                     uploads.push(UploadChange {
                         entry: index as u64,
                         ..upload
                     });
-                    // Answered once the log has it.
+                    // Answered once the log has it; meanwhile it holds the version the write left.
                     outcomes.push(WriteOutcome::Applied { object_id, version });
                 }
                 Ok(Built::Unchanged(version)) => {
@@ -301,7 +299,10 @@ impl WebActors {
                 continue;
             };
             let object_id = upload.record.clone();
-            let version = versions.remove(&upload.entry).unwrap_or_default();
+            let version = match slot {
+                WriteOutcome::Applied { version, .. } => std::mem::take(version),
+                _ => String::new(),
+            };
             *slot = match outcome {
                 ChangeOutcome::Rejected { code, message } => WriteOutcome::Rejected {
                     object_id,
