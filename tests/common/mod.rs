@@ -2,6 +2,8 @@
 //! and waiting for conditions with a bounded timeout.
 #![allow(dead_code)]
 
+pub mod link;
+
 use ed25519_dalek::{Signer as _, SigningKey};
 use ferry::datadir::DataDir;
 use ferry::ipc::Client;
