@@ -20,8 +20,8 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, HEADS_CHECK_VERSION, LogEntry,
-    MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RecordName, Secret,
-    Tokens, UploadChange, auth_transcript,
+    MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, PIPELINED_DOWNLOAD_VERSION,
+    PROTOCOL_VERSION, RecordName, Secret, Tokens, UploadChange, auth_transcript,
 };
 
 /// The longest space name the relay accepts, in bytes.
@@ -242,13 +242,25 @@ impl Upload {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Download {
-    Idle,
-    InFlight { since: u64, deadline: u64 },
-    Applying { through: u64, entries: usize },
+/// How many `Download`s a device keeps waiting for their answers at once, from protocol
+/// version 4 ([`PIPELINED_DOWNLOAD_VERSION`]): with one, an initial sync pays a round trip per
+/// page; with several the relay always has the next range to send while the device applies
+/// the last. Pages received and not yet applied count against it too, which bounds memory.
+pub const MAX_DOWNLOADS_IN_FLIGHT: usize = 4;
+
+/// A `Download` waiting for (the rest of) its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Asked {
+    /// Where the next `Changes` answering it starts.
+    next: u64,
+    /// The end of the range asked for (version 4); before, one `Changes` answers a `Download`.
+    end: Option<u64>,
+    /// Asked for after a range that came back short (the log ended): its answer may not follow
+    /// on what was received, so it is read and dropped, and the log is asked for again.
+    stale: bool,
 }
 
+/// Log entries received and waiting to be applied.
 struct Pushed {
     after: u64,
     through: u64,
@@ -280,11 +292,17 @@ pub struct DeviceSession {
     upload_dirty: bool,
     upload_drained: bool,
     next_batch: u64,
-    download: Download,
+    /// `Download`s sent and not fully answered, oldest first: answers come in this order.
+    asked: VecDeque<Asked>,
+    /// The next answer is due by then, while any `Download` is out.
+    download_deadline: Option<u64>,
+    /// An `Apply` is out for the entries up to `.0` (`.1` of them).
+    applying: Option<(u64, usize)>,
     /// Everything up to here is applied and durable.
     cursor: u64,
     /// The relay's last announced head.
     relay_head: u64,
+    /// Received after what is being applied, in log order, each following the one before.
     pushes: VecDeque<Pushed>,
     /// A push was missed or dropped: download once the current work is done.
     resync: bool,
@@ -331,7 +349,9 @@ impl DeviceSession {
             upload_dirty: true,
             upload_drained: false,
             next_batch: 1,
-            download: Download::Idle,
+            asked: VecDeque::new(),
+            download_deadline: None,
+            applying: None,
             cursor,
             relay_head: 0,
             pushes: VecDeque::new(),
@@ -375,10 +395,7 @@ impl DeviceSession {
             }
             Handshake::Open => {
                 let upload = self.upload.sent.iter().map(|b| b.deadline).min();
-                let download = match self.download {
-                    Download::InFlight { deadline, .. } => Some(deadline),
-                    _ => None,
-                };
+                let download = self.download_deadline;
                 let refresh = self.refresh_deadline.or(self.refresh_at);
                 upload
                     .into_iter()
@@ -402,7 +419,7 @@ impl DeviceSession {
                 self.refresh_deadline = Some(now.saturating_add(self.config.request_timeout_ms));
             }
         }
-        let what = match (&self.handshake, &self.upload, &self.download) {
+        let what = match (&self.handshake, &self.upload, self.download_deadline) {
             (Handshake::Closed, ..) => return,
             (Handshake::AwaitChallenge | Handshake::AwaitWelcome { .. }, ..) => {
                 if !expired(self.handshake_deadline) {
@@ -413,7 +430,7 @@ impl DeviceSession {
             (_, upload, _) if upload.sent.iter().any(|b| expired(b.deadline)) => "upload",
             _ if self.refresh_deadline.is_some_and(expired) => "refresh",
             _ if self.heads_deadline.is_some_and(expired) => "heads check",
-            (_, _, Download::InFlight { deadline, .. }) if expired(*deadline) => "download",
+            (_, _, Some(deadline)) if expired(deadline) => "download",
             _ => return,
         };
         self.close(SessionError::Timeout(what), Some(ErrorCode::Timeout));
@@ -509,18 +526,14 @@ impl DeviceSession {
 
     /// The answer to `Apply`: the entries up to `through` are durable.
     pub fn applied(&mut self, through: u64, now: u64) {
-        let Download::Applying {
-            through: expected,
-            entries,
-        } = self.download
-        else {
+        let Some((expected, entries)) = self.applying else {
             return;
         };
         if expected != through {
             return;
         }
         self.cursor = through;
-        self.download = Download::Idle;
+        self.applying = None;
         self.event(DeviceEvent::Downloaded {
             through,
             relay_head: self.relay_head,
@@ -532,7 +545,7 @@ impl DeviceSession {
             }
             if push.after == self.cursor {
                 self.begin_apply(push.after, push.through, push.entries);
-                return;
+                break;
             }
             self.resync = true;
             self.pushes.clear();
@@ -655,7 +668,7 @@ impl DeviceSession {
                 if pushed {
                     self.handle_push(after, through, entries, now);
                 } else {
-                    self.handle_download_answer(after, through, entries);
+                    self.handle_download_answer(after, through, head, entries, now);
                 }
             }
             (_, other) => self.violation(
@@ -725,57 +738,95 @@ impl DeviceSession {
         self.event(uploaded);
     }
 
-    fn handle_download_answer(&mut self, after: u64, through: u64, entries: Vec<LogEntry>) {
-        match self.download {
-            Download::InFlight { since, .. } if since == after => {
-                self.begin_apply(after, through, entries);
-            }
-            _ => self.violation(
+    fn handle_download_answer(
+        &mut self,
+        after: u64,
+        through: u64,
+        head: u64,
+        entries: Vec<LogEntry>,
+        now: u64,
+    ) {
+        let Some(asked) = self.asked.front_mut().filter(|a| a.next == after) else {
+            return self.violation(
                 ErrorCode::UnexpectedMessage,
                 format!("Changes after {after} do not answer a Download of this session"),
-            ),
+            );
+        };
+        asked.next = through;
+        let Asked { end, stale, .. } = *asked;
+        // A range is answered once covered, or once the log ends inside it.
+        if end.is_none_or(|end| through >= end) || through >= head {
+            self.asked.pop_front();
+            if end.is_some_and(|end| through < end) {
+                // The ranges asked after this one start past its end: what lies between is
+                // asked for again once they are drained.
+                self.asked.iter_mut().for_each(|a| a.stale = true);
+            }
         }
+        self.download_deadline =
+            (!self.asked.is_empty()).then(|| now.saturating_add(self.config.request_timeout_ms));
+        if !stale {
+            self.receive(after, through, entries);
+        }
+        self.start_download(now);
+        self.check_idle();
     }
 
-    fn handle_push(&mut self, after: u64, through: u64, entries: Vec<LogEntry>, now: u64) {
-        let expected = match self.download {
-            Download::Idle => self.cursor,
-            Download::Applying { through, .. } => self.pushes.back().map_or(through, |p| p.through),
-            // The relay sent this before it saw the download: the answer on its way starts at
-            // the cursor and covers it.
-            Download::InFlight { .. } => return,
-        };
+    /// Where what is received, applied or being applied ends.
+    fn received_through(&self) -> u64 {
+        self.pushes
+            .back()
+            .map(|p| p.through)
+            .or(self.applying.map(|(through, _)| through))
+            .unwrap_or(self.cursor)
+    }
+
+    /// Entries that follow on what was received: applied now, or queued behind the `Apply` out.
+    /// Anything else means something was dropped on the way: download again.
+    fn receive(&mut self, after: u64, through: u64, entries: Vec<LogEntry>) {
+        let expected = self.received_through();
         if through <= expected {
             return;
         }
         if after != expected {
-            self.resync = true;
-            self.start_download(now);
+            self.drop_received();
             return;
         }
         self.idle_reported = false;
-        match self.download {
-            Download::Idle => self.begin_apply(after, through, entries),
-            _ if self.pushes.len() < self.config.max_buffered_pushes => {
-                self.pushes.push_back(Pushed {
-                    after,
-                    through,
-                    entries,
-                })
-            }
-            _ => {
-                self.pushes.clear();
-                self.resync = true;
-            }
+        if self.applying.is_none() {
+            self.begin_apply(after, through, entries);
+        } else if self.pushes.len() < self.config.max_buffered_pushes {
+            self.pushes.push_back(Pushed {
+                after,
+                through,
+                entries,
+            });
+        } else {
+            self.drop_received();
         }
+    }
+
+    /// Forgets what is waiting to be applied and what the ranges still out would bring, and
+    /// downloads again from what is being applied once they are drained.
+    fn drop_received(&mut self) {
+        self.pushes.clear();
+        self.asked.iter_mut().for_each(|a| a.stale = true);
+        self.resync = true;
+    }
+
+    fn handle_push(&mut self, after: u64, through: u64, entries: Vec<LogEntry>, now: u64) {
+        if !self.asked.is_empty() {
+            // The relay pushed this before it saw the download: the answers on their way start
+            // at or before it and cover it.
+            return;
+        }
+        self.receive(after, through, entries);
+        self.start_download(now);
     }
 
     fn begin_apply(&mut self, after: u64, through: u64, entries: Vec<LogEntry>) {
         self.idle_reported = false;
-        self.download = Download::Applying {
-            through,
-            entries: entries.len(),
-        };
+        self.applying = Some((through, entries.len()));
         self.effect(DeviceEffect::Apply {
             after,
             through,
@@ -797,24 +848,47 @@ impl DeviceSession {
         });
     }
 
-    /// Asks for the log after the cursor if the relay announced more, or a resync is due.
+    /// Asks for the log after what was received if the relay announced more, or a resync is
+    /// due. From version 4 it asks for consecutive ranges, several at once, while the window
+    /// has room; before, for one page at a time once everything received is applied.
     fn start_download(&mut self, now: u64) {
-        if self.handshake != Handshake::Open || self.download != Download::Idle {
+        if self.handshake != Handshake::Open || self.asked.iter().any(|a| a.stale) {
             return;
         }
-        if !(self.resync || self.cursor < self.relay_head) {
-            return;
+        let ranges = self.version >= PIPELINED_DOWNLOAD_VERSION;
+        let page = self.config.max_download_changes.max(1);
+        loop {
+            let since = match self.asked.back() {
+                Some(Asked { end: Some(end), .. }) => *end,
+                Some(_) => return,
+                None => self.received_through(),
+            };
+            let wanted = since < self.relay_head || (self.resync && self.asked.is_empty());
+            let waiting =
+                self.asked.len() + self.pushes.len() + usize::from(self.applying.is_some());
+            let room = if ranges {
+                waiting < MAX_DOWNLOADS_IN_FLIGHT
+            } else {
+                waiting == 0
+            };
+            if !wanted || !room {
+                return;
+            }
+            self.resync = false;
+            self.idle_reported = false;
+            if self.asked.is_empty() {
+                self.download_deadline = Some(now.saturating_add(self.config.request_timeout_ms));
+            }
+            self.asked.push_back(Asked {
+                next: since,
+                end: ranges.then(|| since.saturating_add(u64::from(page))),
+                stale: false,
+            });
+            self.transmit(Message::Download {
+                since,
+                max_changes: page,
+            });
         }
-        self.resync = false;
-        self.idle_reported = false;
-        self.download = Download::InFlight {
-            since: self.cursor,
-            deadline: now.saturating_add(self.config.request_timeout_ms),
-        };
-        self.transmit(Message::Download {
-            since: self.cursor,
-            max_changes: self.config.max_download_changes,
-        });
     }
 
     /// Open, with nothing to upload and nothing known to download: what `Idle` reports.
@@ -823,7 +897,9 @@ impl DeviceSession {
             && self.upload.is_quiet()
             && self.upload_drained
             && !self.upload_dirty
-            && self.download == Download::Idle
+            && self.asked.is_empty()
+            && self.applying.is_none()
+            && self.pushes.is_empty()
             && self.cursor >= self.relay_head
             && !self.resync
     }
@@ -874,6 +950,8 @@ impl DeviceSession {
             });
         }
         self.pushes.clear();
+        self.asked.clear();
+        self.download_deadline = None;
         self.event(DeviceEvent::Closed { error: Some(error) });
     }
 }
@@ -982,8 +1060,14 @@ enum RelayState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReadFor {
-    Download { since: u64 },
-    Push { since: u64 },
+    /// For a `Download`, up to `end` when it asked for a range (version 4).
+    Download {
+        since: u64,
+        end: Option<u64>,
+    },
+    Push {
+        since: u64,
+    },
 }
 
 /// The relay's side of one device connection.
@@ -1001,8 +1085,10 @@ pub struct RelaySession {
     /// Uploads being stored, oldest first.
     storing: VecDeque<u64>,
     reading: Option<ReadFor>,
-    /// A download that arrived while a push read was out: it is read once that one is back.
-    queued_download: Option<(u64, u32)>,
+    /// `Download`s (since, max_changes) waiting for the read out to come back, oldest first.
+    queued_downloads: VecDeque<(u64, u32)>,
+    /// The protocol version chosen in the challenge.
+    version: u16,
     /// Everything up to here has been sent to the device (as an answer or a push).
     sent_through: u64,
     /// The device has caught up once, so new entries are pushed to it.
@@ -1025,7 +1111,8 @@ impl RelaySession {
             digesting: false,
             storing: VecDeque::new(),
             reading: None,
-            queued_download: None,
+            queued_downloads: VecDeque::new(),
+            version: 0,
             sent_through: 0,
             live: false,
             known_head: 0,
@@ -1221,15 +1308,16 @@ impl RelaySession {
         if self.state != RelayState::Open {
             return;
         }
-        if let Some((since, max_changes)) = self.queued_download.take() {
+        let (since, end) = match purpose {
+            ReadFor::Download { since, end } => (since, Some(end)),
+            ReadFor::Push { since } => (since, None),
+        };
+        let pushed = end.is_none();
+        if pushed && let Some((since, max_changes)) = self.queued_downloads.pop_front() {
             // The device asked to download, so the push would not follow on its cursor.
             self.start_read(since, max_changes);
             return;
         }
-        let (since, pushed) = match purpose {
-            ReadFor::Download { since } => (since, false),
-            ReadFor::Push { since } => (since, true),
-        };
         if since > slice.head {
             return self.fail(
                 ErrorCode::UnexpectedMessage,
@@ -1250,14 +1338,25 @@ impl RelaySession {
         // A push of only the device's own changes has no entries but is still sent, so that the
         // device's cursor passes them.
         self.sent_through = slice.through;
-        self.live = slice.through >= slice.head;
+        let (through, head) = (slice.through, slice.head);
         self.transmit(Message::Changes {
             after: since,
-            through: slice.through,
-            head: slice.head,
+            through,
+            head,
             pushed,
             entries: slice.entries,
         });
+        if let Some(Some(end)) = end
+            && through < end
+            && through < head
+        {
+            // The rest of the range, once this part is handed over for sending.
+            self.read_range(through, end);
+        } else if let Some((since, max_changes)) = self.queued_downloads.pop_front() {
+            self.start_read(since, max_changes);
+        } else {
+            self.live = through >= head;
+        }
     }
 
     pub fn handle_message(&mut self, message: Message, now: u64) {
@@ -1278,6 +1377,7 @@ impl RelaySession {
                 },
             ) => {
                 let version = max_version.min(PROTOCOL_VERSION);
+                self.version = version;
                 if version < min_version.max(MIN_PROTOCOL_VERSION) {
                     return self.fail(
                         ErrorCode::UnsupportedVersion,
@@ -1381,17 +1481,22 @@ impl RelaySession {
                         "a Download asks for no changes (max_changes 0)".into(),
                     );
                 }
-                if matches!(self.reading, Some(ReadFor::Download { .. }))
-                    || self.queued_download.is_some()
-                {
+                let waiting = self.queued_downloads.len()
+                    + usize::from(matches!(self.reading, Some(ReadFor::Download { .. })));
+                let allowed = if self.version >= PIPELINED_DOWNLOAD_VERSION {
+                    MAX_DOWNLOADS_IN_FLIGHT
+                } else {
+                    1
+                };
+                if waiting >= allowed {
                     return self.fail(
                         ErrorCode::UnexpectedMessage,
-                        "a Download arrived before the previous one was answered".into(),
+                        format!("more than {allowed} Downloads are waiting for an answer"),
                     );
                 }
                 self.live = false;
                 if self.reading.is_some() {
-                    self.queued_download = Some((since, max_changes));
+                    self.queued_downloads.push_back((since, max_changes));
                 } else {
                     self.start_read(since, max_changes);
                 }
@@ -1422,11 +1527,29 @@ impl RelaySession {
         }
     }
 
+    /// Reads for a `Download`: a range from version 4, one page before.
     fn start_read(&mut self, since: u64, max_changes: u32) {
-        self.reading = Some(ReadFor::Download { since });
+        if self.version >= PIPELINED_DOWNLOAD_VERSION {
+            return self.read_range(since, since.saturating_add(u64::from(max_changes)));
+        }
+        self.reading = Some(ReadFor::Download { since, end: None });
         self.effect(RelayEffect::Read {
             since,
             max_changes: max_changes.min(self.config.max_download_changes),
+            push: false,
+        });
+    }
+
+    /// Reads the next part of a range a `Download` asked for: at most a page of the relay's.
+    fn read_range(&mut self, since: u64, end: u64) {
+        let left = u32::try_from(end.saturating_sub(since)).unwrap_or(u32::MAX);
+        self.reading = Some(ReadFor::Download {
+            since,
+            end: Some(end),
+        });
+        self.effect(RelayEffect::Read {
+            since,
+            max_changes: left.min(self.config.max_download_changes).max(1),
             push: false,
         });
     }

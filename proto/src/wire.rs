@@ -8,9 +8,12 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The first version with `CheckHeads` / `HeadsDigest`.
 pub const HEADS_CHECK_VERSION: u16 = 3;
+/// The first version where a `Download` asks for a range, answered whole in one or more
+/// `Changes`, and several may wait for their answers at once (PROTOCOL.md, section 5.3).
+pub const PIPELINED_DOWNLOAD_VERSION: u16 = 4;
 /// The oldest protocol version this build still speaks. Version 1 had no accounts or tokens:
 /// a relay that requires them cannot let a version 1 device in.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;

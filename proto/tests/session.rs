@@ -12,9 +12,9 @@
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{
-    DeviceEffect, DeviceEvent, DeviceOutput, DeviceSession, Grant, LogSlice, MAX_UPLOADS_IN_FLIGHT,
-    Output, RelayEffect, RelayEvent, RelayOutput, RelaySession, SessionConfig, SessionError,
-    device_id,
+    DeviceEffect, DeviceEvent, DeviceOutput, DeviceSession, Grant, LogSlice,
+    MAX_DOWNLOADS_IN_FLIGHT, MAX_UPLOADS_IN_FLIGHT, Output, RelayEffect, RelayEvent, RelayOutput,
+    RelaySession, SessionConfig, SessionError, device_id,
 };
 use ferry_proto::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, LogEntry, MAX_CREDENTIAL_BYTES,
@@ -132,6 +132,17 @@ impl Pair {
         credential: Credential,
         refresh: Option<Secret>,
     ) -> Self {
+        Pair::configured(key, cursor, credential, refresh, SessionConfig::default())
+    }
+
+    /// A pair whose relay runs with `relay` as its limits.
+    fn configured(
+        key: [u8; 32],
+        cursor: u64,
+        credential: Credential,
+        refresh: Option<Secret>,
+        relay: SessionConfig,
+    ) -> Self {
         let key = SigningKey::from_bytes(&key);
         let device_id = device_id(&key.verifying_key().to_bytes());
         Pair {
@@ -145,7 +156,7 @@ impl Pair {
                 refresh,
                 0,
             ),
-            relay: RelaySession::new(SessionConfig::default(), [9; 32], BINDING.to_vec(), 0),
+            relay: RelaySession::new(relay, [9; 32], BINDING.to_vec(), 0),
             device_id,
             device_events: Vec::new(),
             relay_events: Vec::new(),
@@ -310,6 +321,19 @@ fn opened_by_hand(
     max_batch_changes: u32,
     now: u64,
 ) -> DeviceSession {
+    opened_at(config, key, max_batch_changes, 2, 0, now)
+}
+
+/// A device session taken through the handshake by hand with a relay that chose `version` and
+/// whose log ends at `head`.
+fn opened_at(
+    config: SessionConfig,
+    key: [u8; 32],
+    max_batch_changes: u32,
+    version: u16,
+    head: u64,
+    now: u64,
+) -> DeviceSession {
     let key = SigningKey::from_bytes(&key);
     let mut device = DeviceSession::new(
         config,
@@ -324,7 +348,7 @@ fn opened_by_hand(
     let _hello = device.poll_output();
     device.handle_message(
         Message::Challenge {
-            version: 2,
+            version,
             nonce: [0; 32],
             time_ms: 0,
         },
@@ -334,7 +358,7 @@ fn opened_by_hand(
     device.handle_message(
         Message::Welcome {
             time_ms: 0,
-            head: 0,
+            head,
             max_batch_changes,
             max_frame_bytes: 1 << 20,
             expires_ms: LIFETIME_MS,
@@ -1049,4 +1073,216 @@ fn a_second_heads_check_before_the_answer_ends_the_relays_session() {
             ..
         }]
     ));
+}
+
+/// The `since` of every `Download` among `messages`.
+fn downloads_asked(messages: &[Message]) -> Vec<u64> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::Download { since, .. } => Some(*since),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A `Changes` answering a download of `after..=through`, with an entry for each seq.
+fn answer(after: u64, through: u64, head: u64) -> Message {
+    Message::Changes {
+        after,
+        through,
+        head,
+        pushed: false,
+        entries: (after + 1..=through)
+            .map(|seq| LogEntry {
+                seq,
+                collection: "Customer".into(),
+                record: format!("r{seq}"),
+                change: vec![1],
+            })
+            .collect(),
+    }
+}
+
+/// The `(after, through)` of every `Apply` among `effects`.
+fn applies(effects: &[DeviceEffect]) -> Vec<(u64, u64)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            DeviceEffect::Apply { after, through, .. } => Some((*after, *through)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn from_version_4_a_device_keeps_several_ranges_asked_and_applies_them_in_order() {
+    let config = SessionConfig::default();
+    let page = u64::from(config.max_download_changes);
+    let mut device = opened_at(config, [40; 32], 100, 4, 10 * page, 1);
+    let out = taken(|| device.poll_output());
+    // The window fills at once: the initial sync does not wait a round trip per page.
+    let asked: Vec<u64> = (0..MAX_DOWNLOADS_IN_FLIGHT as u64)
+        .map(|k| k * page)
+        .collect();
+    assert_eq!(downloads_asked(&transmits(out)), asked);
+
+    // The first range arrives: it is applied, and nothing more is asked while it is (the
+    // window counts what waits to be applied).
+    device.handle_message(answer(0, page, 10 * page), 2);
+    let out = taken(|| device.poll_output());
+    assert_eq!(applies(&effects(out)), [(0, page)]);
+    // The second arrives while the first is applied: it waits its turn.
+    device.handle_message(answer(page, 2 * page, 10 * page), 3);
+    assert_eq!(applies(&effects(taken(|| device.poll_output()))), []);
+    // Applying the first starts the second and frees a place in the window for the next range.
+    device.applied(page, 4);
+    let out = taken(|| device.poll_output());
+    assert_eq!(applies(&effects(out.clone())), [(page, 2 * page)]);
+    assert_eq!(
+        downloads_asked(&transmits(out)),
+        [MAX_DOWNLOADS_IN_FLIGHT as u64 * page]
+    );
+    assert!(!device.is_idle());
+}
+
+#[test]
+fn a_relay_before_version_4_is_asked_one_page_at_a_time() {
+    let config = SessionConfig::default();
+    let page = u64::from(config.max_download_changes);
+    let mut device = opened_at(config, [41; 32], 100, 3, 10 * page, 1);
+    assert_eq!(
+        downloads_asked(&transmits(taken(|| device.poll_output()))),
+        [0]
+    );
+    // A version 3 relay answers with a page of its own size: the next ask starts there.
+    device.handle_message(answer(0, 700, 10 * page), 2);
+    assert_eq!(transmits(taken(|| device.poll_output())), []);
+    device.applied(700, 3);
+    assert_eq!(
+        downloads_asked(&transmits(taken(|| device.poll_output()))),
+        [700]
+    );
+}
+
+#[test]
+fn ranges_asked_past_the_end_of_the_log_are_dropped_and_asked_again() {
+    let config = SessionConfig::default();
+    let page = u64::from(config.max_download_changes);
+    let mut device = opened_at(config, [42; 32], 100, 4, page + 1, 1);
+    assert_eq!(
+        downloads_asked(&transmits(taken(|| device.poll_output()))),
+        [0, page]
+    );
+    // The first range comes back short (a relay whose head went back: restored, say), so the
+    // second one, asked from past its end, could leave a gap: its answer is not applied.
+    device.handle_message(answer(0, 500, 500), 2);
+    device.handle_message(answer(page, page + 1, page + 1), 3);
+    let out = taken(|| device.poll_output());
+    assert_eq!(applies(&effects(out.clone())), [(0, 500)]);
+    // Once that answer is drained the log is asked for again from where the first ended.
+    assert_eq!(downloads_asked(&transmits(out)), [500]);
+    device.handle_message(answer(500, page + 1, page + 1), 4);
+    device.applied(500, 5);
+    let out = taken(|| device.poll_output());
+    assert_eq!(applies(&effects(out)), [(500, page + 1)]);
+}
+
+#[test]
+fn from_version_4_a_relay_answers_a_range_in_pages_of_its_own_and_pipelined_downloads_converge() {
+    let mut world = World::default();
+    world.append("other", &(1..=5_000).map(change).collect::<Vec<_>>());
+    let relay = SessionConfig {
+        max_download_changes: 700,
+        ..SessionConfig::default()
+    };
+    let mut pair = Pair::configured([43; 32], 0, Credential::Key, None, relay);
+    pair.run(&mut world);
+    assert_eq!(world.cursor, 5_000);
+    let seqs: Vec<u64> = world.applied.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=5_000).collect::<Vec<_>>(),
+        "every entry once, in order"
+    );
+    // Ranges of 2,000 in parts of at most 700: 700 + 700 + 600, twice, then 700 + 300.
+    let pages: Vec<usize> = pair
+        .device_events
+        .iter()
+        .filter_map(|e| match e {
+            DeviceEvent::Downloaded { entries, .. } => Some(*entries),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pages, [700, 700, 600, 700, 700, 600, 700, 300]);
+    assert!(pair.relay.is_live());
+    assert!(matches!(
+        pair.device_events.last(),
+        Some(DeviceEvent::Idle { cursor: 5_000 })
+    ));
+}
+
+#[test]
+fn a_relay_takes_as_many_downloads_as_its_version_allows_and_no_more() {
+    for (key, version, allowed) in [(44, 4, MAX_DOWNLOADS_IN_FLIGHT), (45, 3, 1)] {
+        let mut world = World::default();
+        world.append("other", &(1..=10).map(change).collect::<Vec<_>>());
+        let mut relay = RelaySession::new(SessionConfig::default(), [9; 32], vec![], 0);
+        let key = SigningKey::from_bytes(&[key; 32]);
+        relay.handle_message(
+            Message::Hello {
+                min_version: 2,
+                max_version: version,
+                public_key: key.verifying_key().to_bytes(),
+                space: "team".into(),
+                time_ms: 0,
+            },
+            0,
+        );
+        let Some(Output::Transmit(Message::Challenge { nonce, .. })) = relay.poll_output() else {
+            panic!("no challenge");
+        };
+        let transcript = ferry_proto::wire::auth_transcript(
+            &nonce,
+            &[],
+            "team",
+            &key.verifying_key().to_bytes(),
+        );
+        use ed25519_dalek::Signer as _;
+        relay.handle_message(
+            Message::Authenticate {
+                signature: key.sign(&transcript).to_bytes(),
+                credential: Credential::Key,
+            },
+            0,
+        );
+        taken(|| relay.poll_output());
+        relay.authorized(
+            world.head(),
+            Grant {
+                expires_ms: LIFETIME_MS,
+                tokens: None,
+            },
+            0,
+        );
+        taken(|| relay.poll_output());
+        for since in 0..allowed as u64 {
+            relay.handle_message(
+                Message::Download {
+                    since: since * 2,
+                    max_changes: 2,
+                },
+                1,
+            );
+        }
+        assert!(relay.is_open(), "version {version}");
+        relay.handle_message(
+            Message::Download {
+                since: 8,
+                max_changes: 2,
+            },
+            1,
+        );
+        assert!(relay.is_closed(), "version {version}");
+    }
 }
