@@ -12,6 +12,10 @@
 //!   Run once per strategy (`[collections.Customer] strategy` on both devices), counting the
 //!   conflicts each device found.
 //!
+//! With `--profile NAME` every device reaches the relay through the link emulator
+//! (`tests/common/link.rs`: `lan`, `broadband`, `mobile`, `bad-3g`, `satellite`) instead of
+//! loopback, and W1 also times a third device's initial sync by download alone.
+//!
 //! `cargo bench --bench sync_e2e [-- --records N --updates N --w3-records N --only w1|w2|w3]`
 //! prints one JSON object per workload and size on standard output and a summary on standard
 //! error; see benches/README.md. Without `--bench` (as `cargo test --all-targets` runs it) it
@@ -35,6 +39,7 @@ mod common;
 mod harness;
 mod workload;
 
+use common::link::{Link, PROFILES, Profile};
 use common::{Device, TIMEOUT};
 use ferry::ipc::{Client, Notification};
 use ferry::service::{ChangeEvent, Origin};
@@ -62,6 +67,11 @@ usage: cargo bench --bench sync_e2e -- [OPTIONS]
                     every record is an update-update conflict; runs after the usual W3
   --encrypt-fields K  W1 with K of the 10 fields declared `encrypted` on both devices, which
                     have an account key set (default 0)
+  --profile P       devices reach the relay through the link emulator with profile P (lan,
+                    broadband, mobile, bad-3g, satellite; default: straight over loopback)
+  --seed N          the link emulator's seed (default 1)
+  --congestion C    QUIC congestion controller of the relay and the devices: cubic, bbr or
+                    new_reno (default: the config's, cubic)
   --log FILTER      log filter for the relay and the daemons (default: info)
   --log-dir DIR     keep the relay's and the daemons' logs in DIR (default: in the temp dirs,
                     removed at the end)";
@@ -95,6 +105,10 @@ struct Options {
     encrypt_fields: usize,
     log: String,
     log_dir: Option<PathBuf>,
+    /// The link between every device and the relay; `None`: loopback.
+    profile: Option<Profile>,
+    seed: u64,
+    congestion: Option<String>,
     smoke: bool,
 }
 
@@ -113,6 +127,9 @@ impl Options {
             encrypt_fields: 0,
             log: "info".into(),
             log_dir: None,
+            profile: None,
+            seed: 1,
+            congestion: None,
             smoke,
         };
         let mut it = args.iter();
@@ -151,6 +168,23 @@ impl Options {
                         "w3" => Workload::W3,
                         other => return Err(format!("--only {other:?}: expected w1, w2 or w3")),
                     })
+                }
+                "--profile" => {
+                    let name = text(arg)?;
+                    o.profile = Some(Profile::named(name).ok_or(format!(
+                        "--profile {name:?}: expected one of {}",
+                        PROFILES.join(", ")
+                    ))?);
+                }
+                "--seed" => o.seed = number(arg, text(arg)?)?,
+                "--congestion" => {
+                    let c = text(arg)?;
+                    if !["cubic", "bbr", "new_reno"].contains(&c.as_str()) {
+                        return Err(format!(
+                            "--congestion {c:?}: expected cubic, bbr or new_reno"
+                        ));
+                    }
+                    o.congestion = Some(c.clone());
                 }
                 "--log" => o.log = text(arg)?.clone(),
                 "--log-dir" => {
@@ -214,6 +248,15 @@ fn main() {
             "release"
         });
         result["cpus"] = json!(std::thread::available_parallelism().map_or(0, |p| p.get()));
+        result["link"] = options.profile.as_ref().map_or(json!(null), |p| {
+            json!({
+                "profile": p.name,
+                "rtt_ms": p.rtt().as_millis() as u64,
+                "bottleneck_bps": p.bottleneck_bps(),
+                "seed": options.seed,
+            })
+        });
+        result["congestion"] = json!(options.congestion.as_deref().unwrap_or("cubic"));
         println!("{result}");
         summarize(&result);
     };
@@ -253,6 +296,8 @@ struct Relay {
     /// The address it serves on, as devices write it in `sync.relay`.
     listen: String,
     fingerprint: String,
+    /// The link emulator devices reach it through, under `--profile`.
+    link: Option<Link>,
     /// Kept open: the relay may write to its standard output again.
     _stdout: std::io::BufReader<ChildStdout>,
 }
@@ -261,6 +306,19 @@ impl Relay {
     /// Starts a relay on `dir` listening on `listen`, and waits until it serves.
     fn start(dir: &Path, listen: &str, o: &Options, log: &Path) -> Relay {
         check_interrupted();
+        if let Some(congestion) = &o.congestion {
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(dir)
+            .expect("relay data dir");
+            std::fs::write(
+                dir.join("config.toml"),
+                format!("[relay]\ncongestion = {congestion:?}\n"),
+            )
+            .expect("write the relay's config");
+        }
         let log_file = std::fs::File::create(log)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let child = Command::new(common::ferry_bin())
@@ -302,10 +360,19 @@ impl Relay {
                 .unwrap_or_else(|| panic!("relay ready line without {name}: {line}"))
                 .to_string()
         };
+        let listen = field("listen");
+        let link = o.profile.clone().map(|profile| {
+            Link::start(
+                listen.parse().expect("the relay's address"),
+                profile,
+                o.seed,
+            )
+        });
         Relay {
             dir: dir.to_owned(),
-            listen: field("listen"),
+            listen,
             fingerprint: field("fingerprint"),
+            link,
             process,
             _stdout: reader,
         }
@@ -313,6 +380,14 @@ impl Relay {
 
     fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// Where devices send: the link emulator in front of the relay under `--profile`, else the
+    /// relay itself.
+    fn address(&self) -> String {
+        self.link
+            .as_ref()
+            .map_or_else(|| self.listen.clone(), |l| l.addr().to_string())
     }
 
     /// SIGTERM and wait for the clean exit (the relay flushes its store).
@@ -375,6 +450,13 @@ fn new_device(o: &Options) -> Device {
         "\nlevel = \"info\"",
         &format!("\nlevel = {:?}", o.log),
     );
+    if let Some(congestion) = &o.congestion {
+        edit_config(
+            &device,
+            "\ncongestion = \"cubic\"",
+            &format!("\ncongestion = {congestion:?}"),
+        );
+    }
     device
 }
 
@@ -387,7 +469,7 @@ fn join_relay(device: &Device, relay: &Relay) {
     edit_config(
         device,
         "\nrelay = \"\"",
-        &format!("\nrelay = {:?}", relay.listen),
+        &format!("\nrelay = {:?}", relay.address()),
     );
     edit_config(
         device,
@@ -631,6 +713,23 @@ fn initial_sync(n: u64, o: &Options) -> Value {
         peak_kib(a_daemon.pid()),
         peak_kib(b_daemon.pid()),
     );
+
+    // C joins once the relay holds everything: its initial sync is downloads alone.
+    eprintln!("  C joins and downloads the {n} records ...");
+    let c = new_device(o);
+    join_relay(&c, &relay);
+    let c_started = Instant::now();
+    let c_daemon = Running::start_logging(&c, &logs.path("c"));
+    let mut c_client = c_daemon.client();
+    poll_until("C to hold every record", CONVERGE_TIMEOUT, POLL, || {
+        let s = Status::of(&mut c_client);
+        s.documents == n && s.caught_up()
+    });
+    let c_download = c_started.elapsed();
+    let sc = Status::of(&mut c_client);
+    drop(c_client);
+    let status = c_daemon.stop();
+    assert!(status.success(), "C's daemon exit: {status}");
     drop((a_client, b_client));
     for (name, daemon) in [("A", a_daemon), ("B", b_daemon)] {
         let status = daemon.stop();
@@ -653,6 +752,11 @@ fn initial_sync(n: u64, o: &Options) -> Value {
         "upload": {
             "seconds": secs(upload),
             "records_per_s": per_second(n, upload),
+        },
+        "c_download": {
+            "seconds": secs(c_download),
+            "records_per_s": per_second(n, c_download),
+            "bytes_received": sc.bytes_received,
         },
         "b_change_events": { "received": changes, "dropped_for_slow_reader": lagged },
         "wire": {
@@ -888,6 +992,9 @@ fn offline_edits(m: u64, strategy: &str, same_field: bool, o: &Options) -> Value
         _devices,
     } = Pair::start(m, Some(strategy), o, &logs);
     let listen = relay.listen.clone();
+    let mut relay = relay;
+    // The link stays up while the relay is down, as a device's network does.
+    let link = relay.link.take();
     relay.stop();
     let mut clients = [&a, &b].map(Running::client);
     poll_until("A and B to notice the relay left", TIMEOUT, POLL, || {
@@ -918,7 +1025,8 @@ fn offline_edits(m: u64, strategy: &str, same_field: bool, o: &Options) -> Value
 
     eprintln!("  the relay restarts on {listen} ...");
     let t0 = Instant::now();
-    let relay = Relay::start(&relay_dir.path, &listen, o, &logs.path("relay-restarted"));
+    let mut relay = Relay::start(&relay_dir.path, &listen, o, &logs.path("relay-restarted"));
+    relay.link = link;
     let ready = t0.elapsed();
     // Ask both to sync now, as an app does when it knows the relay is back: otherwise each
     // waits out its reconnect backoff (up to sync.backoff_max_ms) and that is what would be
@@ -1008,6 +1116,26 @@ fn offline_edits(m: u64, strategy: &str, same_field: bool, o: &Options) -> Value
 // ---------------------------------------------------------------------------------------------
 // The summary.
 
+/// ", over the PROFILE link, CONGESTION", or nothing on loopback.
+fn on_link(r: &Value) -> String {
+    match r["link"]["profile"].as_str() {
+        Some(profile) => format!(
+            ", {profile} link, {}",
+            r["congestion"].as_str().unwrap_or("?")
+        ),
+        None => String::new(),
+    }
+}
+
+/// The emulated link's round trip (seconds) and bottleneck (bits per second) of a result.
+fn link_of(r: &Value) -> Option<(f64, f64)> {
+    let link = &r["link"];
+    Some((
+        link["rtt_ms"].as_f64()? / 1000.0,
+        link["bottleneck_bps"].as_f64()?,
+    ))
+}
+
 /// The human-readable summary of one result, on standard error, with the targets' verdicts.
 fn summarize(r: &Value) {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
@@ -1019,13 +1147,14 @@ fn summarize(r: &Value) {
             let rate = f(&r["end_to_end"]["records_per_s"]);
             let relay_mb = f(&r["peak_rss_mib"]["relay"]) * 1.048_576;
             let mut t = format!(
-                "== W1 initial sync, {n} records ({} build) ==\n\
+                "== W1 initial sync, {n} records ({} build{}) ==\n\
                  end to end (A's daemon start to B holding all): {rate} records/s ({} s)\n\
                  A's upload done after: {} s ({} records/s)\n\
                  on the wire: A sent {} B/record, B received {} B/record\n\
                  peak RSS MiB: relay {}, A {}, B {}\n\
                  on disk after a clean stop, bytes/record: A {}, B {}, relay {}",
                 r["build"].as_str().unwrap_or("?"),
+                on_link(r),
                 r["end_to_end"]["seconds"],
                 r["upload"]["seconds"],
                 r["upload"]["records_per_s"],
@@ -1038,7 +1167,32 @@ fn summarize(r: &Value) {
                 r["disk_bytes_after_clean_stop"]["b_per_record"],
                 r["disk_bytes_after_clean_stop"]["relay_per_record"],
             );
-            if n >= 100_000.0 {
+            t += &format!(
+                "\nC's initial sync by download alone: {} s ({} records/s, {} B received)",
+                r["c_download"]["seconds"],
+                r["c_download"]["records_per_s"],
+                r["c_download"]["bytes_received"],
+            );
+            if let Some((rtt, bps)) = link_of(r) {
+                // The link's floor: the bytes over the bottleneck, plus ten round trips.
+                let floor = |bytes: f64| bytes * 8.0 / bps + 10.0 * rtt;
+                let wire = f(&r["wire"]["a_bytes_sent"]).max(f(&r["wire"]["b_bytes_received"]));
+                let (e2e, c) = (
+                    f(&r["end_to_end"]["seconds"]),
+                    f(&r["c_download"]["seconds"]),
+                );
+                let (e2e_floor, c_floor) =
+                    (floor(wire), floor(f(&r["c_download"]["bytes_received"])));
+                t += &format!(
+                    "\nagainst the link (bytes / bandwidth + 10 RTT): end to end {e2e:.1} s = {:.2} x \
+                     {e2e_floor:.1} s; C's download {c:.1} s = {:.2} x {c_floor:.1} s; \
+                     target <= 1.5 x: {}",
+                    e2e / e2e_floor,
+                    c / c_floor,
+                    verdict(e2e <= 1.5 * e2e_floor && c <= 1.5 * c_floor),
+                );
+            }
+            if n >= 100_000.0 && link_of(r).is_none() {
                 t += &format!(
                     "\ntargets: >= 20,000 records/s: {}; relay RSS < 300 MB: {} ({relay_mb:.1} MB)",
                     verdict(rate >= 20_000.0),
@@ -1050,23 +1204,31 @@ fn summarize(r: &Value) {
         Some("w2") => {
             let p = &r["propagation_us"];
             let a = &r["patch_acknowledged_us"];
+            let target = match link_of(r) {
+                Some((rtt, _)) => format!(
+                    "target: p50 < RTT + 10 ms ({:.0} ms): {}",
+                    rtt * 1000.0 + 10.0,
+                    verdict(ms(&p["p50"]) < rtt * 1000.0 + 10.0)
+                ),
+                None => format!("target: p99 < 10 ms: {}", verdict(ms(&p["p99"]) < 10.0)),
+            };
             format!(
-                "== W2 propagation, {} patches ({} build) ==\n\
+                "== W2 propagation, {} patches ({} build{}) ==\n\
                  A's patch to B's remote change event: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n\
                  A's patch acknowledged (durable on A): p50 {:.2} ms, p99 {:.2} ms\n\
-                 target: p99 < 10 ms: {}",
+                 {target}",
                 r["patches"],
                 r["build"].as_str().unwrap_or("?"),
+                on_link(r),
                 ms(&p["p50"]),
                 ms(&p["p99"]),
                 ms(&p["max"]),
                 ms(&a["p50"]),
                 ms(&a["p99"]),
-                verdict(ms(&p["p99"]) < 10.0)
             )
         }
         Some("w3") => format!(
-            "== W3 concurrent offline edits, {} records, strategy {}{} ({} build) ==\n\
+            "== W3 concurrent offline edits, {} records, strategy {}{} ({} build{}) ==\n\
              edits while offline: {} patches in {} s\n\
              relay restart to ready: {} s; to both reconnected: {} s; to both converged: {} s \
              ({} changes/s)\n\
@@ -1080,6 +1242,7 @@ fn summarize(r: &Value) {
                 ""
             },
             r["build"].as_str().unwrap_or("?"),
+            on_link(r),
             r["offline_edits"]["patches"],
             r["offline_edits"]["seconds"],
             r["relay_ready_seconds"],

@@ -156,6 +156,19 @@ pub struct SyncConfig {
     /// A connection that hears nothing from the relay (pings included) for this long is taken
     /// for dead, in ms: this bounds how long status can call a dead relay connected.
     pub idle_timeout_ms: u64,
+    /// QUIC congestion controller for what this device sends.
+    pub congestion: Congestion,
+}
+
+/// QUIC congestion controllers (quinn's). Each side runs its own for what it sends: the relay's
+/// decides downloads and pushes, a device's its uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Congestion {
+    #[default]
+    Cubic,
+    Bbr,
+    NewReno,
 }
 
 impl Default for SyncConfig {
@@ -179,6 +192,7 @@ impl Default for SyncConfig {
             request_timeout_ms: session.request_timeout_ms,
             keep_alive_ms: 1_000,
             idle_timeout_ms: 5_000,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -210,6 +224,8 @@ pub struct RelayConfig {
     pub handshake_timeout_ms: u64,
     /// A connection silent this long is closed, in ms.
     pub idle_timeout_ms: u64,
+    /// QUIC congestion controller for what the relay sends.
+    pub congestion: Congestion,
     /// How long an access token (and a session opened with it) lasts, in seconds.
     pub access_token_secs: u64,
     /// How long a refresh token lasts unused, in days.
@@ -256,6 +272,7 @@ impl Default for RelayConfig {
             sled_cache_mb: 64,
             handshake_timeout_ms: session.handshake_timeout_ms,
             idle_timeout_ms: 30_000,
+            congestion: Congestion::default(),
             access_token_secs: 600,
             refresh_token_days: 30,
             signing_key_rotation_hours: 24,

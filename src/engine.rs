@@ -97,6 +97,7 @@ pub struct SyncSettings {
     /// is gone.
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
+    pub congestion: crate::config::Congestion,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
@@ -144,6 +145,7 @@ impl SyncSettings {
             },
             keep_alive: Duration::from_millis(config.keep_alive_ms),
             idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+            congestion: config.congestion,
             backoff_initial: Duration::from_millis(config.backoff_initial_ms),
             backoff_max: Duration::from_millis(config.backoff_max_ms),
         }))
@@ -154,6 +156,7 @@ impl SyncSettings {
             max_frame_bytes: self.session.max_frame_bytes as usize,
             keep_alive: self.keep_alive,
             idle_timeout: self.idle_timeout,
+            congestion: self.congestion,
             ..transport::TransportOptions::default()
         }
     }

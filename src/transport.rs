@@ -7,6 +7,7 @@
 //! Must not touch: the session state machines (what the frames mean), the store, the data
 //! directory layout beyond the two certificate files it is told to keep.
 
+use crate::config::Congestion;
 use crate::metrics::Counter;
 use ferry_proto::wire::{
     ErrorKind, FRAME_HEADER_BYTES, FrameError, Message, decode_frame_body, encode_frame,
@@ -429,6 +430,8 @@ pub struct TransportOptions {
     pub keep_alive: Duration,
     /// The largest frame either side sends or accepts.
     pub max_frame_bytes: usize,
+    /// The congestion controller for what this side sends.
+    pub congestion: Congestion,
 }
 
 impl Default for TransportOptions {
@@ -438,6 +441,7 @@ impl Default for TransportOptions {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             max_frame_bytes: 8 << 20,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -452,6 +456,13 @@ fn transport_config(opts: &TransportOptions, bidi_streams: u32) -> Arc<quinn::Tr
         .keep_alive_interval(Some(opts.keep_alive))
         .max_concurrent_bidi_streams(bidi_streams.into())
         .max_concurrent_uni_streams(0u32.into());
+    let controller: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> =
+        match opts.congestion {
+            Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+            Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+            Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+        };
+    config.congestion_controller_factory(controller);
     Arc::new(config)
 }
 

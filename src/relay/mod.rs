@@ -135,6 +135,7 @@ pub async fn run(
         max_concurrent_connections: relay.max_connections,
         idle_timeout: Duration::from_millis(relay.idle_timeout_ms),
         max_frame_bytes: relay.max_frame_bytes as usize,
+        congestion: relay.congestion,
         ..TransportOptions::default()
     };
     let endpoint = transport::server_endpoint(addr, &certificate, &transport_options)?;
