@@ -98,6 +98,8 @@ pub struct SyncSettings {
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
     pub congestion: crate::config::Congestion,
+    /// TLS sessions kept from one connection for the next (resumed, never with 0-RTT).
+    pub sessions: transport::SessionStore,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
@@ -146,6 +148,7 @@ impl SyncSettings {
             keep_alive: Duration::from_millis(config.keep_alive_ms),
             idle_timeout: Duration::from_millis(config.idle_timeout_ms),
             congestion: config.congestion,
+            sessions: transport::session_store(),
             backoff_initial: Duration::from_millis(config.backoff_initial_ms),
             backoff_max: Duration::from_millis(config.backoff_max_ms),
         }))
@@ -1344,12 +1347,13 @@ async fn connect(settings: &SyncSettings) -> Result<Link, EngineError> {
     let addr = resolve(&settings.relay).await?;
     let options = settings.transport_options();
     let endpoint = transport::client_endpoint(addr)?;
-    let connecting = transport::connect(
+    let connecting = transport::connect_resuming(
         &endpoint,
         addr,
         &settings.server_name,
         &settings.trust,
         &options,
+        &settings.sessions,
     );
     // Nothing answers for a relay that is down, and QUIC alone would wait out its whole idle
     // timeout; meanwhile `ferry sync` and shutdown would wait too.

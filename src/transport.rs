@@ -652,13 +652,30 @@ fn client_rustls(
     Ok(tls)
 }
 
+/// The TLS sessions a daemon keeps between its connections to the relay: a reconnect resumes
+/// one (no certificate sent or checked again, fewer bytes and less work on a slow link) where
+/// the relay still knows it, and falls back to a full handshake where it does not.
+pub type SessionStore = Arc<dyn rustls::client::ClientSessionStore>;
+
+/// An empty [`SessionStore`] for one process's connections to its relay.
+pub fn session_store() -> SessionStore {
+    // One relay per daemon; a few tickets cover reconnects that overlap.
+    Arc::new(rustls::client::ClientSessionMemoryCache::new(8))
+}
+
 fn client_config(
     trust: &ServerTrust,
     opts: &TransportOptions,
     mismatch: &Arc<OnceLock<Fingerprint>>,
+    sessions: &SessionStore,
 ) -> Result<quinn::ClientConfig, TransportError> {
     let mut tls = client_rustls(trust, mismatch)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.resumption = rustls::client::Resumption::store(sessions.clone());
+    // No 0-RTT: early data can be replayed by anyone on the path, and an upload is not
+    // idempotent. A resumed connection still waits for the handshake, and its channel binding
+    // (a TLS exporter) is its own.
+    tls.enable_early_data = false;
     let quic = QuicClientConfig::try_from(Arc::new(tls))
         .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
@@ -669,6 +686,7 @@ fn client_config(
 
 /// Connects to the relay at `addr` and completes the TLS handshake. `server_name` is checked
 /// against the certificate under [`ServerTrust::CaFile`] and only sent as SNI when pinned.
+/// Nothing is resumed: see [`connect_resuming`].
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
@@ -676,8 +694,21 @@ pub async fn connect(
     trust: &ServerTrust,
     opts: &TransportOptions,
 ) -> Result<quinn::Connection, TransportError> {
+    connect_resuming(endpoint, addr, server_name, trust, opts, &session_store()).await
+}
+
+/// [`connect`], resuming a TLS session from `sessions` when the relay still holds it, and
+/// keeping the session this connection makes there for the next one.
+pub async fn connect_resuming(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    trust: &ServerTrust,
+    opts: &TransportOptions,
+    sessions: &SessionStore,
+) -> Result<quinn::Connection, TransportError> {
     let mismatch = Arc::new(OnceLock::new());
-    let config = client_config(trust, opts, &mismatch)?;
+    let config = client_config(trust, opts, &mismatch, sessions)?;
     let connecting = endpoint
         .connect_with(config, addr, server_name)
         .map_err(|e| match e {

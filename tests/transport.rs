@@ -14,7 +14,7 @@
 use ferry::transport::{
     ALPN, CERT_FILE_NAME, FrameReceiver, KEY_FILE_NAME, RelayCertificate, ServerTrust,
     TransportError, TransportOptions, accept_session, channel_binding, client_endpoint, connect,
-    install_crypto_provider, open_session, server_endpoint,
+    connect_resuming, install_crypto_provider, open_session, server_endpoint, session_store,
 };
 use ferry_proto::wire::{
     ErrorCode, ErrorKind, FrameError, LogEntry, Message, encode_frame, frame_length,
@@ -572,4 +572,112 @@ async fn a_copy_of_the_pinned_certificate_without_its_key_is_refused() {
     .unwrap_err();
     assert!(matches!(err, TransportError::Tls(_)), "{err:?}");
     assert_eq!(err.kind(), ErrorKind::Authentication);
+}
+
+/// A session store that counts the tickets put in and taken out.
+#[derive(Debug)]
+struct CountingSessions {
+    inner: ferry::transport::SessionStore,
+    inserted: std::sync::atomic::AtomicUsize,
+    taken: std::sync::atomic::AtomicUsize,
+}
+
+impl rustls::client::ClientSessionStore for CountingSessions {
+    fn set_kx_hint(
+        &self,
+        server_name: rustls::pki_types::ServerName<'static>,
+        group: rustls::NamedGroup,
+    ) {
+        self.inner.set_kx_hint(server_name, group)
+    }
+
+    fn kx_hint(
+        &self,
+        server_name: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        server_name: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.inner.set_tls12_session(server_name, value)
+    }
+
+    fn tls12_session(
+        &self,
+        server_name: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &rustls::pki_types::ServerName<'static>) {
+        self.inner.remove_tls12_session(server_name)
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.inserted
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.insert_tls13_ticket(server_name, value)
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &rustls::pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        let ticket = self.inner.take_tls13_ticket(server_name);
+        if ticket.is_some() {
+            self.taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        ticket
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_offers_the_session_the_relay_issued_on_the_last_connection() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let relay = Relay::start();
+    let counting = Arc::new(CountingSessions {
+        inner: session_store(),
+        inserted: Default::default(),
+        taken: Default::default(),
+    });
+    let sessions: ferry::transport::SessionStore = counting.clone();
+    let endpoint = client_endpoint(relay.addr).unwrap();
+    let options = TransportOptions::default();
+    let trust = relay.pinned();
+    let connect = || {
+        connect_resuming(
+            &endpoint,
+            relay.addr,
+            "localhost",
+            &trust,
+            &options,
+            &sessions,
+        )
+    };
+    let first = within("connect", connect()).await.unwrap();
+    assert_eq!(counting.taken.load(SeqCst), 0, "nothing to resume yet");
+    // The relay's tickets come after the handshake.
+    within("a session ticket", async {
+        while counting.inserted.load(SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    first.close(0u32.into(), b"done");
+    let second = within("reconnect", connect()).await.unwrap();
+    assert_eq!(
+        counting.taken.load(SeqCst),
+        1,
+        "the reconnect offered the ticket"
+    );
+    // The channel binding is still the connection's own.
+    assert_ne!(channel_binding(&first).ok(), channel_binding(&second).ok());
 }
