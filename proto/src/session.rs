@@ -213,6 +213,19 @@ enum Handshake {
 /// batch while the relay stores the previous one.
 pub const MAX_UPLOADS_IN_FLIGHT: usize = 2;
 
+/// From protocol version 4 ([`PIPELINED_DOWNLOAD_VERSION`]): four, so that on a long round trip
+/// (a satellite's 600 ms) the batches in flight cover the link's bandwidth-delay product.
+pub const MAX_UPLOADS_IN_FLIGHT_PIPELINED: usize = 4;
+
+/// The `Upload`s that may wait for their answer at once under protocol `version`.
+pub fn uploads_in_flight(version: u16) -> usize {
+    if version >= PIPELINED_DOWNLOAD_VERSION {
+        MAX_UPLOADS_IN_FLIGHT_PIPELINED
+    } else {
+        MAX_UPLOADS_IN_FLIGHT
+    }
+}
+
 /// An upload waiting for its answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SentBatch {
@@ -237,8 +250,8 @@ impl Upload {
         !self.loading && self.sent.is_empty() && self.recording == 0
     }
 
-    fn has_room(&self) -> bool {
-        !self.loading && self.sent.len() + self.recording < MAX_UPLOADS_IN_FLIGHT
+    fn has_room(&self, version: u16) -> bool {
+        !self.loading && self.sent.len() + self.recording < uploads_in_flight(version)
     }
 }
 
@@ -835,7 +848,10 @@ impl DeviceSession {
     }
 
     fn start_upload(&mut self) {
-        if self.handshake != Handshake::Open || !self.upload.has_room() || !self.upload_dirty {
+        if self.handshake != Handshake::Open
+            || !self.upload.has_room(self.version)
+            || !self.upload_dirty
+        {
             return;
         }
         self.upload_dirty = false;
@@ -1450,12 +1466,11 @@ impl RelaySession {
                 self.effect(RelayEffect::Refresh { refresh });
             }
             (RelayState::Open, Message::Upload { batch, changes }) => {
-                if self.storing.len() >= MAX_UPLOADS_IN_FLIGHT {
+                let allowed = uploads_in_flight(self.version);
+                if self.storing.len() >= allowed {
                     return self.fail(
                         ErrorCode::UnexpectedMessage,
-                        format!(
-                            "more than {MAX_UPLOADS_IN_FLIGHT} Uploads are waiting for an answer"
-                        ),
+                        format!("more than {allowed} Uploads are waiting for an answer"),
                     );
                 }
                 if changes.is_empty() {

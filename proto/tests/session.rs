@@ -13,12 +13,13 @@
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{
     DeviceEffect, DeviceEvent, DeviceOutput, DeviceSession, Grant, LogSlice,
-    MAX_DOWNLOADS_IN_FLIGHT, MAX_UPLOADS_IN_FLIGHT, Output, RelayEffect, RelayEvent, RelayOutput,
-    RelaySession, SessionConfig, SessionError, device_id,
+    MAX_DOWNLOADS_IN_FLIGHT, MAX_UPLOADS_IN_FLIGHT, MAX_UPLOADS_IN_FLIGHT_PIPELINED, Output,
+    RelayEffect, RelayEvent, RelayOutput, RelaySession, SessionConfig, SessionError, device_id,
+    uploads_in_flight,
 };
 use ferry_proto::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, LogEntry, MAX_CREDENTIAL_BYTES,
-    Message, RecordName, Secret, Tokens, UploadChange,
+    Message, PROTOCOL_VERSION, RecordName, Secret, Tokens, UploadChange,
 };
 
 const BINDING: &[u8] = b"channel-binding-of-this-connection";
@@ -566,11 +567,17 @@ fn messages_out_of_order_end_the_session_with_unexpected_message() {
         ]
     ));
 
-    // An open session takes a second upload before the first is answered, not a third.
+    // An open session takes as many uploads before the first is answered as its version
+    // allows (two up to version 3, four from version 4), not one more.
     let mut world = World::default();
     let mut pair = Pair::new([6; 32], 0);
     pair.run(&mut world);
-    for batch in 50..50 + MAX_UPLOADS_IN_FLIGHT as u64 {
+    assert_eq!(
+        uploads_in_flight(PROTOCOL_VERSION),
+        MAX_UPLOADS_IN_FLIGHT_PIPELINED
+    );
+    assert_eq!(uploads_in_flight(3), MAX_UPLOADS_IN_FLIGHT);
+    for batch in 50..50 + uploads_in_flight(PROTOCOL_VERSION) as u64 {
         pair.relay.handle_message(
             Message::Upload {
                 batch,
