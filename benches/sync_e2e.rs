@@ -70,8 +70,8 @@ usage: cargo bench --bench sync_e2e -- [OPTIONS]
   --profile P       devices reach the relay through the link emulator with profile P (lan,
                     broadband, mobile, bad-3g, satellite; default: straight over loopback)
   --seed N          the link emulator's seed (default 1)
-  --congestion C    QUIC congestion controller of the relay and the devices: cubic, bbr or
-                    new_reno (default: the config's, cubic)
+  --congestion C    QUIC congestion controller of the relay and the devices: bbr, cubic or
+                    new_reno (default: the config's, bbr)
   --log FILTER      log filter for the relay and the daemons (default: info)
   --log-dir DIR     keep the relay's and the daemons' logs in DIR (default: in the temp dirs,
                     removed at the end)";
@@ -256,7 +256,7 @@ fn main() {
                 "seed": options.seed,
             })
         });
-        result["congestion"] = json!(options.congestion.as_deref().unwrap_or("cubic"));
+        result["congestion"] = json!(options.congestion.as_deref().unwrap_or("bbr"));
         println!("{result}");
         summarize(&result);
     };
@@ -453,7 +453,7 @@ fn new_device(o: &Options) -> Device {
     if let Some(congestion) = &o.congestion {
         edit_config(
             &device,
-            "\ncongestion = \"cubic\"",
+            "\ncongestion = \"bbr\"",
             &format!("\ncongestion = {congestion:?}"),
         );
     }
@@ -731,6 +731,16 @@ fn initial_sync(n: u64, o: &Options) -> Value {
     let status = c_daemon.stop();
     assert!(status.success(), "C's daemon exit: {status}");
     drop((a_client, b_client));
+    let link = relay.link.as_ref().map(Link::stats).map(|s| {
+        json!({
+            "packets_forwarded": s.forwarded,
+            "lost": s.lost,
+            "overflowed": s.overflowed,
+            "blacked_out": s.blacked_out,
+            "duplicated": s.duplicated,
+            "reordered": s.reordered,
+        })
+    });
     for (name, daemon) in [("A", a_daemon), ("B", b_daemon)] {
         let status = daemon.stop();
         assert!(status.success(), "{name}'s daemon exit: {status}");
@@ -759,6 +769,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
             "bytes_received": sc.bytes_received,
         },
         "b_change_events": { "received": changes, "dropped_for_slow_reader": lagged },
+        "link_stats": link,
         "wire": {
             "a_bytes_sent": sa.bytes_sent,
             "a_bytes_received": sa.bytes_received,
