@@ -14,14 +14,14 @@
 //! Must not touch: sockets, storage, clocks, threads or randomness. Time (`now`, unix
 //! milliseconds) and the relay's nonce are arguments, so a whole multi-device run replays exactly.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, HEADS_CHECK_VERSION, LogEntry,
-    MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RecordName, Secret,
-    Tokens, UploadChange, auth_transcript,
+    MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, OWN_ENTRIES_LEFT_OUT_VERSION,
+    PROTOCOL_VERSION, RecordName, Secret, Tokens, UploadChange, auth_transcript,
 };
 
 /// The longest space name the relay accepts, in bytes.
@@ -144,13 +144,28 @@ pub enum DeviceEffect {
         kind: ErrorKind,
     },
     /// Apply these log entries and advance the download cursor to `through`, durably and in one
-    /// step, then call [`DeviceSession::applied`].
+    /// step, then call [`DeviceSession::applied`]. `own` are the entries of that span the relay
+    /// left out because they are this device's own uploads: each one's seq and queue entry, whose
+    /// change is the logged one, to be met in its place like any other entry.
     Apply {
         after: u64,
         through: u64,
         entries: Vec<LogEntry>,
+        own: Vec<OwnEntry>,
     },
 }
+
+/// A log entry the relay left out of `Changes` because this device uploaded it: where it sits in
+/// the log, and the queue entry holding its change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnEntry {
+    pub seq: u64,
+    pub entry: u64,
+}
+
+/// The most log positions of its own uploads a relay session remembers for leaving them out of
+/// `Changes` (about 16 bytes each): past it, entries are sent whole.
+pub const MAX_OWN_ENTRIES_LEFT_OUT: usize = 100_000;
 
 /// What a device session reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +268,7 @@ struct Pushed {
     after: u64,
     through: u64,
     entries: Vec<LogEntry>,
+    own: Vec<OwnEntry>,
 }
 
 /// A device's side of one connection to the relay.
@@ -286,6 +302,9 @@ pub struct DeviceSession {
     /// The relay's last announced head.
     relay_head: u64,
     pushes: VecDeque<Pushed>,
+    /// Where the relay logged this session's uploads (seq to queue entry), until a `Changes`
+    /// passes them: the relay may leave exactly these out of its pages.
+    uploaded_at: BTreeMap<u64, u64>,
     /// A push was missed or dropped: download once the current work is done.
     resync: bool,
     idle_reported: bool,
@@ -335,6 +354,7 @@ impl DeviceSession {
             cursor,
             relay_head: 0,
             pushes: VecDeque::new(),
+            uploaded_at: BTreeMap::new(),
             resync: false,
             idle_reported: false,
             outputs: VecDeque::from([Output::Transmit(hello)]),
@@ -531,7 +551,7 @@ impl DeviceSession {
                 continue;
             }
             if push.after == self.cursor {
-                self.begin_apply(push.after, push.through, push.entries);
+                self.begin_apply(push.after, push.through, push.entries, push.own);
                 return;
             }
             self.resync = true;
@@ -651,11 +671,15 @@ impl DeviceSession {
                 if let Err(problem) = check_slice(after, through, &entries) {
                     return self.violation(ErrorCode::Malformed, problem);
                 }
+                let own = match self.left_out(after, through, &entries) {
+                    Ok(own) => own,
+                    Err(problem) => return self.violation(ErrorCode::Malformed, problem),
+                };
                 self.relay_head = head.max(through);
                 if pushed {
-                    self.handle_push(after, through, entries, now);
+                    self.handle_push(after, through, entries, own, now);
                 } else {
-                    self.handle_download_answer(after, through, entries);
+                    self.handle_download_answer(after, through, entries, own);
                 }
             }
             (_, other) => self.violation(
@@ -720,15 +744,61 @@ impl DeviceSession {
         };
         self.upload.sent.pop_front();
         self.upload.recording += 1;
+        for result in &results {
+            if let ChangeOutcome::Stored { seq } | ChangeOutcome::Duplicate { seq } = result.outcome
+            {
+                self.uploaded_at.insert(seq, result.entry);
+            }
+        }
         self.effect(DeviceEffect::RecordUploadResults { batch, results });
         // Reported once the results are recorded, which the driver does before taking this.
         self.event(uploaded);
     }
 
-    fn handle_download_answer(&mut self, after: u64, through: u64, entries: Vec<LogEntry>) {
+    /// The entries of `(after, through]` missing from `entries`, which must all be this
+    /// session's own uploads (the relay leaves out only those), and forgets the uploads up to
+    /// `through`: the relay does too once it sent this, so later pages hold them whole.
+    fn left_out(
+        &mut self,
+        after: u64,
+        through: u64,
+        entries: &[LogEntry],
+    ) -> Result<Vec<OwnEntry>, String> {
+        let missing = (through - after).saturating_sub(entries.len() as u64);
+        let mut own = Vec::new();
+        if missing > 0 {
+            // Both are in seq order: a walk through the two finds the uploads left out.
+            let mut present = entries.iter().map(|e| e.seq).peekable();
+            for (&seq, &entry) in self.uploaded_at.range(after.saturating_add(1)..=through) {
+                while present.next_if(|s| *s < seq).is_some() {}
+                if present.next_if_eq(&seq).is_none() {
+                    own.push(OwnEntry { seq, entry });
+                }
+            }
+        }
+        if own.len() as u64 != missing {
+            return Err(format!(
+                "Changes after {after} through {through} holds {} entries and leaves out {} of \
+                 this device's uploads: {} entries are missing that the device did not upload",
+                entries.len(),
+                own.len(),
+                missing - own.len() as u64
+            ));
+        }
+        self.uploaded_at = self.uploaded_at.split_off(&through.saturating_add(1));
+        Ok(own)
+    }
+
+    fn handle_download_answer(
+        &mut self,
+        after: u64,
+        through: u64,
+        entries: Vec<LogEntry>,
+        own: Vec<OwnEntry>,
+    ) {
         match self.download {
             Download::InFlight { since, .. } if since == after => {
-                self.begin_apply(after, through, entries);
+                self.begin_apply(after, through, entries, own);
             }
             _ => self.violation(
                 ErrorCode::UnexpectedMessage,
@@ -737,7 +807,14 @@ impl DeviceSession {
         }
     }
 
-    fn handle_push(&mut self, after: u64, through: u64, entries: Vec<LogEntry>, now: u64) {
+    fn handle_push(
+        &mut self,
+        after: u64,
+        through: u64,
+        entries: Vec<LogEntry>,
+        own: Vec<OwnEntry>,
+        now: u64,
+    ) {
         let expected = match self.download {
             Download::Idle => self.cursor,
             Download::Applying { through, .. } => self.pushes.back().map_or(through, |p| p.through),
@@ -755,12 +832,13 @@ impl DeviceSession {
         }
         self.idle_reported = false;
         match self.download {
-            Download::Idle => self.begin_apply(after, through, entries),
+            Download::Idle => self.begin_apply(after, through, entries, own),
             _ if self.pushes.len() < self.config.max_buffered_pushes => {
                 self.pushes.push_back(Pushed {
                     after,
                     through,
                     entries,
+                    own,
                 })
             }
             _ => {
@@ -770,7 +848,13 @@ impl DeviceSession {
         }
     }
 
-    fn begin_apply(&mut self, after: u64, through: u64, entries: Vec<LogEntry>) {
+    fn begin_apply(
+        &mut self,
+        after: u64,
+        through: u64,
+        entries: Vec<LogEntry>,
+        own: Vec<OwnEntry>,
+    ) {
         self.idle_reported = false;
         self.download = Download::Applying {
             through,
@@ -780,6 +864,7 @@ impl DeviceSession {
             after,
             through,
             entries,
+            own,
         });
     }
 
@@ -1009,6 +1094,11 @@ pub struct RelaySession {
     live: bool,
     /// The space's head as last heard from the store.
     known_head: u64,
+    /// The protocol version chosen (0 before `Hello`).
+    version: u16,
+    /// The seqs this session answered `Stored`/`Duplicate` for and has not sent a `Changes`
+    /// past (from version 4): left out of the pages, since the device holds them.
+    acked: BTreeSet<u64>,
     outputs: VecDeque<RelayOutput>,
 }
 
@@ -1029,6 +1119,8 @@ impl RelaySession {
             sent_through: 0,
             live: false,
             known_head: 0,
+            version: 0,
+            acked: BTreeSet::new(),
             outputs: VecDeque::new(),
         }
     }
@@ -1179,6 +1271,16 @@ impl RelaySession {
         self.storing.pop_front();
         self.known_head = self.known_head.max(head);
         if self.state == RelayState::Open {
+            if self.version >= OWN_ENTRIES_LEFT_OUT_VERSION {
+                for result in &results {
+                    if let ChangeOutcome::Stored { seq } | ChangeOutcome::Duplicate { seq } =
+                        result.outcome
+                        && self.acked.len() < MAX_OWN_ENTRIES_LEFT_OUT
+                    {
+                        self.acked.insert(seq);
+                    }
+                }
+            }
             self.transmit(Message::UploadAck { batch, results });
         }
     }
@@ -1247,8 +1349,14 @@ impl RelaySession {
             self.live = false;
             return;
         }
-        // A push of only the device's own changes has no entries but is still sent, so that the
-        // device's cursor passes them.
+        // The device's own uploads, answered earlier on this session, are left out: it has them.
+        // A push of only those has no entries but is still sent, so that the device's cursor
+        // passes them.
+        let mut entries = slice.entries;
+        if !self.acked.is_empty() {
+            entries.retain(|e| !self.acked.contains(&e.seq));
+            self.acked = self.acked.split_off(&slice.through.saturating_add(1));
+        }
         self.sent_through = slice.through;
         self.live = slice.through >= slice.head;
         self.transmit(Message::Changes {
@@ -1256,7 +1364,7 @@ impl RelaySession {
             through: slice.through,
             head: slice.head,
             pushed,
-            entries: slice.entries,
+            entries,
         });
     }
 
@@ -1278,6 +1386,7 @@ impl RelaySession {
                 },
             ) => {
                 let version = max_version.min(PROTOCOL_VERSION);
+                self.version = version;
                 if version < min_version.max(MIN_PROTOCOL_VERSION) {
                     return self.fail(
                         ErrorCode::UnsupportedVersion,

@@ -8,9 +8,12 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The first version with `CheckHeads` / `HeadsDigest`.
 pub const HEADS_CHECK_VERSION: u16 = 3;
+/// The first version in which `Changes` leaves out the entries the relay answered `Stored` or
+/// `Duplicate` for earlier in the same session: the device holds their bytes, and their seqs.
+pub const OWN_ENTRIES_LEFT_OUT_VERSION: u16 = 4;
 /// The oldest protocol version this build still speaks. Version 1 had no accounts or tokens:
 /// a relay that requires them cannot let a version 1 device in.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
@@ -311,9 +314,10 @@ pub enum Message {
     },
     /// Device → relay: send log entries after `since`.
     Download { since: u64, max_changes: u32 },
-    /// Relay → device: the log from just after `after` up to and including `through`, leaving
-    /// out the receiving device's own changes. Sent as the answer to `Download`
-    /// (`pushed == false`) or on its own when new changes arrive (`pushed == true`).
+    /// Relay → device: the log from just after `after` up to and including `through`. From
+    /// version 4 it leaves out the entries this session answered `Stored`/`Duplicate` for (the
+    /// device has them). Sent as the answer to `Download` (`pushed == false`) or on its own when
+    /// new changes arrive (`pushed == true`).
     Changes {
         after: u64,
         through: u64,
