@@ -1146,10 +1146,19 @@ pub fn carry_out(
             store.abandon_upload(&entries, &error, kind, retries)?;
         }
         DeviceEffect::Apply {
-            through, entries, ..
+            through,
+            entries,
+            own,
+            ..
         } => {
-            let _span =
-                tracing::info_span!("sync.download", through, entries = entries.len()).entered();
+            let _span = tracing::info_span!(
+                "sync.download",
+                through,
+                entries = entries.len(),
+                own = own.len()
+            )
+            .entered();
+            let entries = store.with_own_entries(entries, &own)?;
             let outcome = service.apply_remote(entries, through)?;
             done.conflicts = outcome
                 .conflicts

@@ -242,7 +242,8 @@ pub fn token_verify(data: &[u8]) {
 /// it gets past the authorship check), and the relay's shortcut check of a new record's first
 /// change compared with applying it, and that a change it logs leaves a document that loads
 /// again. The input is the document's length (u16, big-endian), the document (none: a new
-/// record), then the change.
+/// record), then the change. Also that the header of a change Automerge decodes reads the same
+/// by hand (`record::change_header`).
 pub fn remote_change(data: &[u8]) {
     const SPACE: &str = "fuzz";
     let Some((len, rest)) = data.split_first_chunk::<2>() else {
@@ -280,6 +281,22 @@ pub fn remote_change(data: &[u8]) {
     let _ = store.apply_remote(&[entry], 1);
     let _ = store.get("Doc", "r");
     let _ = store.history("Doc", "r");
+
+    // The header read by hand (how a device places its own changes without decoding them) says
+    // what Automerge says of every change Automerge decodes.
+    if let Ok(decoded) = crate::record::decode_change(change) {
+        match crate::record::change_header(change) {
+            Ok(header) => {
+                let same = header.hash == decoded.hash()
+                    && header.deps == decoded.deps()
+                    && &header.actor == decoded.actor_id()
+                    && header.seq == decoded.seq()
+                    && header.message.as_deref() == decoded.message();
+                assert!(same, "the change header {header:?} differs from the change");
+            }
+            Err(e) => panic!("Automerge decodes a change whose header is refused: {e}"),
+        }
+    }
 
     let kv = stored(format!("b{SPACE}\0Doc\0r\0").into_bytes());
     let relay = RelayStore::open(

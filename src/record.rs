@@ -230,6 +230,77 @@ pub fn decode_change(bytes: &[u8]) -> Result<Change, RecordError> {
     change.map_err(|e| RecordError::InvalidChange(e.to_string()))
 }
 
+/// What the header of one change says, read without decoding its operations: enough to place
+/// the change in a record's history (which changes it follows, whose it is) when nothing needs
+/// applying, as with a device's own changes coming back from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeHeader {
+    pub hash: ChangeHash,
+    pub deps: Vec<ChangeHash>,
+    pub actor: ActorId,
+    pub seq: u64,
+    pub message: Option<String>,
+}
+
+/// Reads the header of one uncompressed change chunk (the fields before its operation columns,
+/// in Automerge's order: dependencies, actor, sequence number, first operation, time, message)
+/// and its hash. Checks the chunk's framing and checksum as `decode_change` does, but not the
+/// operations: a change that passes here may still fail to decode.
+pub fn change_header(bytes: &[u8]) -> Result<ChangeHeader, RecordError> {
+    use sha2::Digest as _;
+    let invalid = |what: &str| RecordError::InvalidChange(format!("change header: {what}"));
+    check_chunks(bytes, &[CHUNK_CHANGE]).map_err(|e| RecordError::InvalidChange(e.to_string()))?;
+    // After the magic bytes, checksum and type (9 bytes): the body's length, then the body.
+    let (len, len_bytes) = bytes
+        .get(9..)
+        .and_then(read_uleb128)
+        .ok_or_else(|| invalid("no length"))?;
+    let body = bytes
+        .get(9 + len_bytes..)
+        .filter(|body| body.len() as u64 == len)
+        .ok_or_else(|| invalid("one change chunk expected"))?;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update([CHUNK_CHANGE]);
+    hasher.update(uleb128(len));
+    hasher.update(body);
+    let hash = ChangeHash(hasher.finalize().into());
+
+    let mut rest = body;
+    let uleb = |rest: &mut &[u8], what: &str| -> Result<u64, RecordError> {
+        let (value, used) = read_uleb128(rest).ok_or_else(|| invalid(what))?;
+        *rest = rest.get(used..).unwrap_or_default();
+        Ok(value)
+    };
+    let take = |rest: &mut &[u8], n: u64, what: &str| -> Result<Vec<u8>, RecordError> {
+        let n = usize::try_from(n).map_err(|_| invalid(what))?;
+        let (taken, after) = rest.split_at_checked(n).ok_or_else(|| invalid(what))?;
+        *rest = after;
+        Ok(taken.to_vec())
+    };
+    let dep_count = uleb(&mut rest, "dependency count")?;
+    let mut deps = Vec::new();
+    for _ in 0..dep_count {
+        let dep = take(&mut rest, 32, "dependency")?;
+        deps.push(ChangeHash::try_from(dep.as_slice()).map_err(|_| invalid("dependency"))?);
+    }
+    let actor_len = uleb(&mut rest, "actor length")?;
+    let actor = ActorId::from(take(&mut rest, actor_len, "actor")?);
+    let seq = uleb(&mut rest, "sequence number")?;
+    let _start_op = uleb(&mut rest, "first operation")?;
+    // The time is signed LEB128, which reads as unsigned just as far.
+    let _time = uleb(&mut rest, "time")?;
+    let message_len = uleb(&mut rest, "message length")?;
+    let message = String::from_utf8(take(&mut rest, message_len, "message")?)
+        .map_err(|_| invalid("the message is not UTF-8"))?;
+    Ok(ChangeHeader {
+        hash,
+        deps,
+        actor,
+        seq,
+        message: (!message.is_empty()).then_some(message),
+    })
+}
+
 /// A change's message: its operation (`put`, `patch`, `delete`, ...) on the first line; a
 /// conflict's resolution adds a second line, `resolve <conflict id> <take>`, which every device
 /// reads back to know the conflict settled.
@@ -1086,6 +1157,53 @@ mod tests {
             Value::Object(m) => m,
             _ => panic!("test value must be an object"),
         }
+    }
+
+    proptest::proptest! {
+        /// A change header read by hand says what Automerge reads in the whole change: for
+        /// creates, updates on top of several concurrent changes, deletes, resolutions' messages.
+        #[test]
+        fn a_change_header_matches_the_decoded_change(
+            writes in proptest::collection::vec(
+                (0u8..3, proptest::collection::btree_map("[a-z]{1,3}", 0i64..1000, 0..5), 0u8..4),
+                1..8,
+            ),
+        ) {
+            let mut devices = [Record::new(&actor(1)), Record::new(&actor(2)), Record::new(&actor(3))];
+            let mut now = 1_000;
+            for (device, fields, op) in writes {
+                now += 1;
+                let record = &mut devices[usize::from(device)];
+                let fields: Fields = fields.into_iter().map(|(k, v)| (k, json!(v))).collect();
+                let written = match op {
+                    0 => record.delete(now).unwrap(),
+                    _ => record.put(&fields, now).unwrap(),
+                };
+                let Some(written) = written else { continue };
+                let change = written.change;
+                let header = change_header(change.raw_bytes()).unwrap();
+                proptest::prop_assert_eq!(header.hash, change.hash());
+                proptest::prop_assert_eq!(&header.deps, &change.deps().to_vec());
+                proptest::prop_assert_eq!(&header.actor, change.actor_id());
+                proptest::prop_assert_eq!(header.seq, change.seq());
+                proptest::prop_assert_eq!(header.message.as_deref(), change.message());
+                // Everyone hears of it, so that later changes depend on several.
+                for other in devices.iter_mut() {
+                    other.apply_changes(&[change.raw_bytes().to_vec()]).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_change_header_refuses_what_is_not_one_change() {
+        let mut r = Record::new(&actor(1));
+        let change = r.put(&obj(json!({"a": 1})), 5).unwrap().unwrap().change;
+        let bytes = change.raw_bytes().to_vec();
+        assert!(change_header(&bytes[..bytes.len() - 1]).is_err());
+        assert!(change_header(&[bytes.clone(), bytes.clone()].concat()).is_err());
+        assert!(change_header(&r.save()).is_err());
+        assert!(change_header(&[]).is_err());
     }
 
     #[test]

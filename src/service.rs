@@ -125,7 +125,7 @@ impl From<StoreError> for ApiError {
             | StoreError::Decode { .. }
             | StoreError::Record(RecordError::Corrupt(_)) => code::CORRUPT,
             StoreError::Storage(KvError::Io(_)) => code::STORAGE,
-            StoreError::Transition(_) => code::INVALID_STATE,
+            StoreError::Transition(_) | StoreError::OwnEntryGone { .. } => code::INVALID_STATE,
             StoreError::WrongDevice { .. }
             | StoreError::UnsupportedFormat(_)
             | StoreError::Encode { .. }

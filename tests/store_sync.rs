@@ -20,6 +20,7 @@ use ferry::store::kv::{Batch, Kv, MemoryKv};
 use ferry::store::sync::{RefusedEntry, UploadSummary};
 use ferry::store::{BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, Write, keys};
 use ferry_proto::QueueStatus;
+use ferry_proto::session::OwnEntry;
 use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, ErrorKind, LogEntry};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -1054,4 +1055,36 @@ fn an_entry_leaving_a_document_that_cannot_be_loaded_is_quarantined_and_the_reco
         );
         assert_eq!(receiver.quarantined(10).unwrap().0, 1);
     }
+}
+
+#[test]
+fn own_entries_left_out_by_the_relay_are_rebuilt_from_the_queue_in_log_order() {
+    let device = written(vec![
+        put("Doc", "a", json!({"n": 1})),
+        put("Doc", "b", json!({"n": 2})),
+    ]);
+    let store = device.store();
+    let uploaded = as_log(store, 0, 2);
+    let first = uploaded[0].clone();
+    let second = uploaded[1].clone();
+    // The relay sent entry 1 (another device's) and 4, and left out 2 and 3, this device's.
+    let others = written(vec![
+        put("Doc", "c", json!({"n": 3})),
+        put("Doc", "d", json!({"n": 4})),
+    ]);
+    let mut from_relay = as_log(others.store(), 0, 1);
+    from_relay[1].seq = 4;
+    let own = [OwnEntry { seq: 2, entry: 1 }, OwnEntry { seq: 3, entry: 2 }];
+    let merged = store.with_own_entries(from_relay.clone(), &own).unwrap();
+    let seqs: Vec<u64> = merged.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!((&merged[1], &merged[2]), (&first, &second));
+    assert_eq!((&merged[0], &merged[3]), (&from_relay[0], &from_relay[1]));
+
+    // A queue entry that is gone cannot stand in for its log entry: the session must end.
+    let gone = OwnEntry { seq: 9, entry: 99 };
+    assert!(matches!(
+        store.with_own_entries(Vec::new(), &[gone]),
+        Err(StoreError::OwnEntryGone { seq: 9, entry: 99 })
+    ));
 }

@@ -14,14 +14,15 @@
 //! Must not touch: sockets, storage, clocks, threads or randomness. Time (`now`, unix
 //! milliseconds) and the relay's nonce are arguments, so a whole multi-device run replays exactly.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, HEADS_CHECK_VERSION, LogEntry,
-    MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, PIPELINED_DOWNLOAD_VERSION,
-    PROTOCOL_VERSION, RecordName, Secret, Tokens, UploadChange, auth_transcript,
+    MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, OWN_ENTRIES_LEFT_OUT_VERSION,
+    PIPELINED_DOWNLOAD_VERSION, PROTOCOL_VERSION, RecordName, Secret, Tokens, UploadChange,
+    auth_transcript,
 };
 
 /// The longest space name the relay accepts, in bytes.
@@ -144,13 +145,28 @@ pub enum DeviceEffect {
         kind: ErrorKind,
     },
     /// Apply these log entries and advance the download cursor to `through`, durably and in one
-    /// step, then call [`DeviceSession::applied`].
+    /// step, then call [`DeviceSession::applied`]. `own` are the entries of that span the relay
+    /// left out because they are this device's own uploads: each one's seq and queue entry, whose
+    /// change is the logged one, to be met in its place like any other entry.
     Apply {
         after: u64,
         through: u64,
         entries: Vec<LogEntry>,
+        own: Vec<OwnEntry>,
     },
 }
+
+/// A log entry the relay left out of `Changes` because this device uploaded it: where it sits in
+/// the log, and the queue entry holding its change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnEntry {
+    pub seq: u64,
+    pub entry: u64,
+}
+
+/// The most log positions of its own uploads a relay session remembers for leaving them out of
+/// `Changes` (about 16 bytes each): past it, entries are sent whole.
+pub const MAX_OWN_ENTRIES_LEFT_OUT: usize = 100_000;
 
 /// What a device session reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,6 +294,7 @@ struct Pushed {
     after: u64,
     through: u64,
     entries: Vec<LogEntry>,
+    own: Vec<OwnEntry>,
 }
 
 /// A device's side of one connection to the relay.
@@ -317,6 +334,9 @@ pub struct DeviceSession {
     relay_head: u64,
     /// Received after what is being applied, in log order, each following the one before.
     pushes: VecDeque<Pushed>,
+    /// Where the relay logged this session's uploads (seq to queue entry), until a `Changes`
+    /// passes them: the relay may leave exactly these out of its pages.
+    uploaded_at: BTreeMap<u64, u64>,
     /// A push was missed or dropped: download once the current work is done.
     resync: bool,
     idle_reported: bool,
@@ -368,6 +388,7 @@ impl DeviceSession {
             cursor,
             relay_head: 0,
             pushes: VecDeque::new(),
+            uploaded_at: BTreeMap::new(),
             resync: false,
             idle_reported: false,
             outputs: VecDeque::from([Output::Transmit(hello)]),
@@ -557,7 +578,7 @@ impl DeviceSession {
                 continue;
             }
             if push.after == self.cursor {
-                self.begin_apply(push.after, push.through, push.entries);
+                self.begin_apply(push.after, push.through, push.entries, push.own);
                 break;
             }
             self.resync = true;
@@ -677,11 +698,21 @@ impl DeviceSession {
                 if let Err(problem) = check_slice(after, through, &entries) {
                     return self.violation(ErrorCode::Malformed, problem);
                 }
+                let own = match self.left_out(after, through, &entries) {
+                    Ok(own) => own,
+                    Err(problem) => return self.violation(ErrorCode::Malformed, problem),
+                };
                 self.relay_head = head.max(through);
+                let page = Pushed {
+                    after,
+                    through,
+                    entries,
+                    own,
+                };
                 if pushed {
-                    self.handle_push(after, through, entries, now);
+                    self.handle_push(page, now);
                 } else {
-                    self.handle_download_answer(after, through, head, entries, now);
+                    self.handle_download_answer(page, head, now);
                 }
             }
             (_, other) => self.violation(
@@ -746,19 +777,53 @@ impl DeviceSession {
         };
         self.upload.sent.pop_front();
         self.upload.recording += 1;
+        for result in &results {
+            if let ChangeOutcome::Stored { seq } | ChangeOutcome::Duplicate { seq } = result.outcome
+            {
+                self.uploaded_at.insert(seq, result.entry);
+            }
+        }
         self.effect(DeviceEffect::RecordUploadResults { batch, results });
         // Reported once the results are recorded, which the driver does before taking this.
         self.event(uploaded);
     }
 
-    fn handle_download_answer(
+    /// The entries of `(after, through]` missing from `entries`, which must all be this
+    /// session's own uploads (the relay leaves out only those), and forgets the uploads up to
+    /// `through`: the relay does too once it sent this, so later pages hold them whole.
+    fn left_out(
         &mut self,
         after: u64,
         through: u64,
-        head: u64,
-        entries: Vec<LogEntry>,
-        now: u64,
-    ) {
+        entries: &[LogEntry],
+    ) -> Result<Vec<OwnEntry>, String> {
+        let missing = (through - after).saturating_sub(entries.len() as u64);
+        let mut own = Vec::new();
+        if missing > 0 {
+            // Both are in seq order: a walk through the two finds the uploads left out.
+            let mut present = entries.iter().map(|e| e.seq).peekable();
+            for (&seq, &entry) in self.uploaded_at.range(after.saturating_add(1)..=through) {
+                while present.next_if(|s| *s < seq).is_some() {}
+                if present.next_if_eq(&seq).is_none() {
+                    own.push(OwnEntry { seq, entry });
+                }
+            }
+        }
+        if own.len() as u64 != missing {
+            return Err(format!(
+                "Changes after {after} through {through} holds {} entries and leaves out {} of \
+                 this device's uploads: {} entries are missing that the device did not upload",
+                entries.len(),
+                own.len(),
+                missing - own.len() as u64
+            ));
+        }
+        self.uploaded_at = self.uploaded_at.split_off(&through.saturating_add(1));
+        Ok(own)
+    }
+
+    fn handle_download_answer(&mut self, page: Pushed, head: u64, now: u64) {
+        let (after, through) = (page.after, page.through);
         let Some(asked) = self.asked.front_mut().filter(|a| a.next == after) else {
             return self.violation(
                 ErrorCode::UnexpectedMessage,
@@ -779,7 +844,7 @@ impl DeviceSession {
         self.download_deadline =
             (!self.asked.is_empty()).then(|| now.saturating_add(self.config.request_timeout_ms));
         if !stale {
-            self.receive(after, through, entries);
+            self.receive(page);
         }
         self.start_download(now);
         self.check_idle();
@@ -796,24 +861,20 @@ impl DeviceSession {
 
     /// Entries that follow on what was received: applied now, or queued behind the `Apply` out.
     /// Anything else means something was dropped on the way: download again.
-    fn receive(&mut self, after: u64, through: u64, entries: Vec<LogEntry>) {
+    fn receive(&mut self, page: Pushed) {
         let expected = self.received_through();
-        if through <= expected {
+        if page.through <= expected {
             return;
         }
-        if after != expected {
+        if page.after != expected {
             self.drop_received();
             return;
         }
         self.idle_reported = false;
         if self.applying.is_none() {
-            self.begin_apply(after, through, entries);
+            self.begin_apply(page.after, page.through, page.entries, page.own);
         } else if self.pushes.len() < self.config.max_buffered_pushes {
-            self.pushes.push_back(Pushed {
-                after,
-                through,
-                entries,
-            });
+            self.pushes.push_back(page);
         } else {
             self.drop_received();
         }
@@ -827,23 +888,30 @@ impl DeviceSession {
         self.resync = true;
     }
 
-    fn handle_push(&mut self, after: u64, through: u64, entries: Vec<LogEntry>, now: u64) {
+    fn handle_push(&mut self, page: Pushed, now: u64) {
         if !self.asked.is_empty() {
             // The relay pushed this before it saw the download: the answers on their way start
             // at or before it and cover it.
             return;
         }
-        self.receive(after, through, entries);
+        self.receive(page);
         self.start_download(now);
     }
 
-    fn begin_apply(&mut self, after: u64, through: u64, entries: Vec<LogEntry>) {
+    fn begin_apply(
+        &mut self,
+        after: u64,
+        through: u64,
+        entries: Vec<LogEntry>,
+        own: Vec<OwnEntry>,
+    ) {
         self.idle_reported = false;
         self.applying = Some((through, entries.len()));
         self.effect(DeviceEffect::Apply {
             after,
             through,
             entries,
+            own,
         });
     }
 
@@ -1103,8 +1171,11 @@ pub struct RelaySession {
     reading: Option<ReadFor>,
     /// `Download`s (since, max_changes) waiting for the read out to come back, oldest first.
     queued_downloads: VecDeque<(u64, u32)>,
-    /// The protocol version chosen in the challenge.
+    /// The protocol version chosen (0 before `Hello`).
     version: u16,
+    /// The seqs this session answered `Stored`/`Duplicate` for and has not sent a `Changes`
+    /// past (from version 4): left out of the pages, since the device holds them.
+    acked: BTreeSet<u64>,
     /// Everything up to here has been sent to the device (as an answer or a push).
     sent_through: u64,
     /// The device has caught up once, so new entries are pushed to it.
@@ -1129,6 +1200,7 @@ impl RelaySession {
             reading: None,
             queued_downloads: VecDeque::new(),
             version: 0,
+            acked: BTreeSet::new(),
             sent_through: 0,
             live: false,
             known_head: 0,
@@ -1282,6 +1354,16 @@ impl RelaySession {
         self.storing.pop_front();
         self.known_head = self.known_head.max(head);
         if self.state == RelayState::Open {
+            if self.version >= OWN_ENTRIES_LEFT_OUT_VERSION {
+                for result in &results {
+                    if let ChangeOutcome::Stored { seq } | ChangeOutcome::Duplicate { seq } =
+                        result.outcome
+                        && self.acked.len() < MAX_OWN_ENTRIES_LEFT_OUT
+                    {
+                        self.acked.insert(seq);
+                    }
+                }
+            }
             self.transmit(Message::UploadAck { batch, results });
         }
     }
@@ -1351,8 +1433,14 @@ impl RelaySession {
             self.live = false;
             return;
         }
-        // A push of only the device's own changes has no entries but is still sent, so that the
-        // device's cursor passes them.
+        // The device's own uploads, answered earlier on this session, are left out: it has them.
+        // A push of only those has no entries but is still sent, so that the device's cursor
+        // passes them.
+        let mut entries = slice.entries;
+        if !self.acked.is_empty() {
+            entries.retain(|e| !self.acked.contains(&e.seq));
+            self.acked = self.acked.split_off(&slice.through.saturating_add(1));
+        }
         self.sent_through = slice.through;
         let (through, head) = (slice.through, slice.head);
         self.transmit(Message::Changes {
@@ -1360,7 +1448,7 @@ impl RelaySession {
             through,
             head,
             pushed,
-            entries: slice.entries,
+            entries,
         });
         if let Some(Some(end)) = end
             && through < end

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL_VERSION: u16 = 4;
 /// The first version with `CheckHeads` / `HeadsDigest`.
 pub const HEADS_CHECK_VERSION: u16 = 3;
+/// The first version in which `Changes` leaves out the entries the relay answered `Stored` or
+/// `Duplicate` for earlier in the same session: the device holds their bytes, and their seqs.
+pub const OWN_ENTRIES_LEFT_OUT_VERSION: u16 = 4;
 /// The first version where a `Download` asks for a range, answered whole in one or more
 /// `Changes`, and several may wait for their answers at once (PROTOCOL.md, section 5.3).
 pub const PIPELINED_DOWNLOAD_VERSION: u16 = 4;
@@ -314,9 +317,10 @@ pub enum Message {
     },
     /// Device → relay: send log entries after `since`.
     Download { since: u64, max_changes: u32 },
-    /// Relay → device: the log from just after `after` up to and including `through`, leaving
-    /// out the receiving device's own changes. Sent as the answer to `Download`
-    /// (`pushed == false`) or on its own when new changes arrive (`pushed == true`).
+    /// Relay → device: the log from just after `after` up to and including `through`. From
+    /// version 4 it leaves out the entries this session answered `Stored`/`Duplicate` for (the
+    /// device has them). Sent as the answer to `Download` (`pushed == false`) or on its own when
+    /// new changes arrive (`pushed == true`).
     Changes {
         after: u64,
         through: u64,

@@ -14,8 +14,8 @@ use ed25519_dalek::SigningKey;
 use ferry_proto::session::{
     DeviceEffect, DeviceEvent, DeviceOutput, DeviceSession, Grant, LogSlice,
     MAX_DOWNLOADS_IN_FLIGHT, MAX_UPLOADS_IN_FLIGHT, MAX_UPLOADS_IN_FLIGHT_PIPELINED, Output,
-    RelayEffect, RelayEvent, RelayOutput, RelaySession, SessionConfig, SessionError, device_id,
-    uploads_in_flight,
+    OwnEntry, RelayEffect, RelayEvent, RelayOutput, RelaySession, SessionConfig, SessionError,
+    device_id, uploads_in_flight,
 };
 use ferry_proto::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, LogEntry, MAX_CREDENTIAL_BYTES,
@@ -31,6 +31,8 @@ struct World {
     pending: Vec<UploadChange>,
     uploaded: Vec<u64>,
     applied: Vec<LogEntry>,
+    /// The device's own uploads the relay left out of its pages, as the device was told of them.
+    own: Vec<OwnEntry>,
     cursor: u64,
     abandoned: Vec<u64>,
 }
@@ -40,15 +42,15 @@ impl World {
         self.log.len() as u64
     }
 
-    fn read(&self, device: &str, since: u64, max: u32) -> LogSlice {
-        let mut entries = Vec::new();
-        let mut through = since;
-        for (origin, entry) in self.log.iter().skip(since as usize).take(max as usize) {
-            through = entry.seq;
-            if origin != device {
-                entries.push(entry.clone());
-            }
-        }
+    fn read(&self, since: u64, max: u32) -> LogSlice {
+        let entries: Vec<LogEntry> = self
+            .log
+            .iter()
+            .skip(since as usize)
+            .take(max as usize)
+            .map(|(_, entry)| entry.clone())
+            .collect();
+        let through = entries.last().map_or(since, |e| e.seq);
         LogSlice {
             after: since,
             through,
@@ -241,9 +243,7 @@ impl Pair {
             }
             RelayEffect::Read {
                 since, max_changes, ..
-            } => self
-                .relay
-                .read(world.read(&self.device_id, since, max_changes)),
+            } => self.relay.read(world.read(since, max_changes)),
             RelayEffect::DigestHeads { after, max_records } => {
                 self.digests_asked.push((after, max_records));
                 self.relay.heads_digest(world.head(), 1, None, true, DIGEST);
@@ -269,9 +269,13 @@ impl Pair {
             }
             DeviceEffect::AbandonUpload { entries, .. } => world.abandoned.extend(entries),
             DeviceEffect::Apply {
-                through, entries, ..
+                through,
+                entries,
+                own,
+                ..
             } => {
                 world.applied.extend(entries);
+                world.own.extend(own);
                 world.cursor = through;
                 self.device.applied(through, 1);
             }
@@ -387,9 +391,12 @@ fn a_device_uploads_its_queue_and_downloads_what_others_wrote() {
 
     assert!(pair.device.is_open() && pair.relay.is_open());
     assert_eq!(world.uploaded, vec![1, 2, 3, 4, 5]);
-    // The device gets the other device's two entries, not its own five, but its cursor covers all.
+    // The device gets the other device's two entries, not its own five, but its cursor covers
+    // all, and it is told where each of its own landed.
     assert_eq!(world.applied.len(), 2);
     assert_eq!(world.cursor, 7);
+    let own: Vec<(u64, u64)> = world.own.iter().map(|o| (o.seq, o.entry)).collect();
+    assert_eq!(own, vec![(3, 1), (4, 2), (5, 3), (6, 4), (7, 5)]);
     assert!(matches!(
         pair.device_events.last(),
         Some(DeviceEvent::Idle { cursor: 7 })
@@ -417,7 +424,12 @@ fn new_entries_are_pushed_to_a_live_device_and_follow_on_its_cursor() {
             through: 6,
             head: 6,
             pushed: true,
-            entries: vec![],
+            entries: vec![LogEntry {
+                seq: 6,
+                collection: "c".into(),
+                record: "r".into(),
+                change: vec![1],
+            }],
         },
         1,
     );
@@ -1291,5 +1303,97 @@ fn a_relay_takes_as_many_downloads_as_its_version_allows_and_no_more() {
             1,
         );
         assert!(relay.is_closed(), "version {version}");
+    }
+}
+
+#[test]
+fn own_uploads_are_left_out_only_for_the_session_that_uploaded_them() {
+    let mut world = World {
+        pending: (1..=3).map(change).collect(),
+        ..World::default()
+    };
+    let mut pair = Pair::new([5; 32], 0);
+    pair.run(&mut world);
+    assert_eq!(
+        (world.cursor, world.applied.len(), world.own.len()),
+        (3, 0, 3)
+    );
+
+    // Another session of the same device, from an older cursor: nothing was uploaded on it, so
+    // the relay sends the entries whole.
+    let mut world = World {
+        log: world.log,
+        ..World::default()
+    };
+    let mut pair = Pair::new([5; 32], 1);
+    pair.run(&mut world);
+    let seqs: Vec<u64> = world.applied.iter().map(|e| e.seq).collect();
+    assert_eq!((seqs, world.own.len(), world.cursor), (vec![2, 3], 0, 3));
+}
+
+#[test]
+fn a_version_3_device_gets_its_own_uploads_whole() {
+    let mut world = World {
+        pending: (1..=3).map(change).collect(),
+        ..World::default()
+    };
+    let mut pair = Pair::new([6; 32], 0);
+    // The device's `Hello`, as a build that speaks up to version 3 sends it.
+    let Some(Output::Transmit(Message::Hello {
+        min_version,
+        public_key,
+        space,
+        time_ms,
+        ..
+    })) = pair.device.poll_output()
+    else {
+        panic!("a device session starts with Hello");
+    };
+    let hello = Message::Hello {
+        min_version,
+        max_version: 3,
+        public_key,
+        space,
+        time_ms,
+    };
+    pair.relay.handle_message(hello, 1);
+    pair.run(&mut world);
+    assert!(
+        pair.device_events
+            .iter()
+            .any(|e| matches!(e, DeviceEvent::Authenticated { version: 3, .. })),
+        "{:?}",
+        pair.device_events
+    );
+    let seqs: Vec<u64> = world.applied.iter().map(|e| e.seq).collect();
+    assert_eq!((seqs, world.own.len(), world.cursor), (vec![1, 2, 3], 0, 3));
+}
+
+#[test]
+fn a_page_missing_entries_the_device_did_not_upload_ends_the_session() {
+    let mut device = opened_by_hand(SessionConfig::default(), [7; 32], 100, 1);
+    let _ = taken(|| device.poll_output());
+    device.handle_message(
+        Message::Changes {
+            after: 0,
+            through: 3,
+            head: 3,
+            pushed: false,
+            entries: vec![LogEntry {
+                seq: 2,
+                collection: "c".into(),
+                record: "r".into(),
+                change: vec![1],
+            }],
+        },
+        2,
+    );
+    let events = events(taken(|| device.poll_output()));
+    match closed_with(&events) {
+        Some(SessionError::Protocol { code, message }) => {
+            assert_eq!(*code, ErrorCode::Malformed);
+            assert!(message.contains("did not upload"), "{message}");
+        }
+        other => panic!("the session should end for the gap: {other:?}"),
     }
 }

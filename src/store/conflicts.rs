@@ -13,7 +13,7 @@
 
 use super::kv::Batch;
 use super::{CacheKey, CountDelta, Staged, Store, StoreError, WorkingSet, keys, validate_fields};
-use crate::record::{Fields, Record, Written, resolution_message};
+use crate::record::{ChangeHeader, Fields, Record, Written, resolution_message};
 use crate::resolve::ledger::{self, ConflictState, HeldValues, Holders, UniqueCheck, ValueKey};
 use crate::resolve::{self, Conflict, ConflictKind, ConflictStatus, LogPosition, Resolution, Take};
 use automerge::ChangeHash;
@@ -392,14 +392,14 @@ impl Store {
     /// (another device's change, a resolution, a change concurrent with logged ones, or one
     /// under this device's actor that it does not hold: someone else's change passed off as its
     /// own is applied, or refused, like any other).
-    pub(super) fn fast_forward_own(
+    pub(super) fn fast_forward_own<E>(
         &self,
         ledger: &mut Ledger,
         key: &CacheKey,
-        changes: &[(u64, automerge::Change)],
+        changes: &[(E, ChangeHeader)],
     ) -> Result<bool, StoreError> {
         let own = changes.iter().all(|(_, c)| {
-            *c.actor_id() == self.actor && resolve::resolution_of(c.message()).is_none()
+            c.actor == self.actor && resolve::resolution_of(c.message.as_deref()).is_none()
         });
         if !own || ledger.logged.heads.contains_key(key) {
             return Ok(false);
@@ -412,17 +412,17 @@ impl Store {
         // change's hash covers. Otherwise the document is loaded and tells.
         let held = changes
             .last()
-            .is_some_and(|(_, last)| state.document().contains(&last.hash()));
+            .is_some_and(|(_, last)| state.document().contains(&last.hash));
         if !held {
             return Ok(false);
         }
         let mut logged = state.logged();
         for (_, change) in changes {
-            let deps: BTreeSet<&ChangeHash> = change.deps().iter().collect();
+            let deps: BTreeSet<&ChangeHash> = change.deps.iter().collect();
             if deps != logged.iter().collect() {
                 return Ok(false);
             }
-            logged = vec![change.hash()];
+            logged = vec![change.hash];
         }
         ledger.logged.heads.insert(key.clone(), logged);
         ledger

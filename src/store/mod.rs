@@ -60,6 +60,12 @@ pub enum StoreError {
     UnsupportedFormat(String),
     #[error("queue entry {0} not found")]
     QueueEntryNotFound(u64),
+    #[error(
+        "the relay left log entry {seq} out as this device's own upload (queue entry {entry}), \
+         which the queue no longer holds: the session ends, and the next one downloads the \
+         entry whole"
+    )]
+    OwnEntryGone { seq: u64, entry: u64 },
     #[error("conflict {0} not found: `ferry conflicts` lists the open ones")]
     ConflictNotFound(String),
     #[error("conflict {id} is already {status}: there is nothing left to resolve")]

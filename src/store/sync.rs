@@ -13,9 +13,10 @@
 use super::conflicts::Ledger;
 use super::kv::{Batch, Kv};
 use super::{CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry};
-use crate::record::{Record, decode_change};
+use crate::record::{ChangeHeader, Record, change_header, decode_change};
 use crate::resolve;
 use automerge::Change;
+use ferry_proto::session::OwnEntry;
 use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorKind, LogEntry};
 use ferry_proto::{
     Operation, QueueStatus, SyncQueueEntry, validate_collection, validate_record_id,
@@ -530,6 +531,33 @@ impl Store {
         }
     }
 
+    /// The log entries the relay left out of a page because this device uploaded them, rebuilt
+    /// from its queue (the relay logs an upload's bytes as they came), and merged into `entries`
+    /// in log order.
+    pub fn with_own_entries(
+        &self,
+        mut entries: Vec<LogEntry>,
+        own: &[OwnEntry],
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        if own.is_empty() {
+            return Ok(entries);
+        }
+        entries.reserve(own.len());
+        for &OwnEntry { seq, entry } in own {
+            let gone = || StoreError::OwnEntryGone { seq, entry };
+            let stored = self.kv.get(&keys::queue(entry))?.ok_or_else(gone)?;
+            let queued = self.with_change(decode::<SyncQueueEntry>(&stored, "queue entry")?)?;
+            entries.push(LogEntry {
+                seq,
+                collection: queued.model_name,
+                record: queued.object_id,
+                change: queued.data,
+            });
+        }
+        entries.sort_unstable_by_key(|e| e.seq);
+        Ok(entries)
+    }
+
     /// Applies entries of the relay's log to the local documents and moves the download cursor to
     /// `through`, all in one atomic batch: after a crash either both are there or neither, so a
     /// device may read a change twice (harmless: applying is idempotent) but never skips one.
@@ -559,15 +587,16 @@ impl Store {
         // Entries of collections with unique constraints, in log order: they are checked against
         // each other once every record is applied.
         let mut across_records: Vec<(CacheKey, automerge::ChangeHash, u64)> = Vec::new();
-        // Each record's changes, decoded once, with their seqs.
-        let mut groups: HashMap<CacheKey, Vec<(u64, Change)>> = HashMap::new();
+        // Each record's entries with their headers; the changes are decoded only where they
+        // have to be applied (not this device's own coming back on top of the log).
+        let mut groups: HashMap<CacheKey, Vec<(&LogEntry, ChangeHeader)>> = HashMap::new();
         for entry in entries {
-            let decoded = validate_collection(&entry.collection, &self.options.limits)
+            let header = validate_collection(&entry.collection, &self.options.limits)
                 .and_then(|()| validate_record_id(&entry.record, &self.options.limits))
                 .map_err(|e| e.to_string())
-                .and_then(|()| decode_change(&entry.change).map_err(|e| e.to_string()));
-            let change = match decoded {
-                Ok(change) => change,
+                .and_then(|()| change_header(&entry.change).map_err(|e| e.to_string()));
+            let header = match header {
+                Ok(header) => header,
                 Err(reason) => {
                     quarantined.push(Quarantined::new(entry, reason, now));
                     continue;
@@ -575,7 +604,7 @@ impl Store {
             };
             let key = (entry.collection.clone(), entry.record.clone());
             if !self.policy(&key.0).unique.is_empty() {
-                across_records.push((key.clone(), change.hash(), entry.seq));
+                across_records.push((key.clone(), header.hash, entry.seq));
             }
             groups
                 .entry(key.clone())
@@ -583,7 +612,7 @@ impl Store {
                     order.push(key);
                     Vec::new()
                 })
-                .push((entry.seq, change));
+                .push((entry, header));
         }
         // Read under the cache lock, which every apply holds, so two applies cannot both move
         // the cursor from the same old value.
@@ -600,9 +629,19 @@ impl Store {
         let mut ledger = Ledger::default();
         let mut applied = Vec::new();
         for key in order {
-            let group = groups.remove(&key).unwrap_or_default();
+            let headers = groups.remove(&key).unwrap_or_default();
             let policy = self.options.policies.of(&key.0);
-            if policy.unique.is_empty() && self.fast_forward_own(&mut ledger, &key, &group)? {
+            if policy.unique.is_empty() && self.fast_forward_own(&mut ledger, &key, &headers)? {
+                continue;
+            }
+            let mut group: Vec<(u64, Change)> = Vec::with_capacity(headers.len());
+            for (entry, _) in headers {
+                match decode_change(&entry.change) {
+                    Ok(change) => group.push((entry.seq, change)),
+                    Err(e) => quarantined.push(Quarantined::new(entry, e.to_string(), now)),
+                }
+            }
+            if group.is_empty() {
                 continue;
             }
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
