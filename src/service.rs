@@ -129,6 +129,7 @@ impl From<StoreError> for ApiError {
             StoreError::WrongDevice { .. }
             | StoreError::UnsupportedFormat(_)
             | StoreError::Encode { .. }
+            | StoreError::Snapshot(_)
             | StoreError::Panicked { .. }
             | StoreError::Record(
                 RecordError::Automerge(_)

@@ -560,7 +560,15 @@ impl Store {
         let mut across_records: Vec<(CacheKey, automerge::ChangeHash, u64)> = Vec::new();
         // Each record's changes, decoded once, with their seqs.
         let mut groups: HashMap<CacheKey, Vec<(u64, Change)>> = HashMap::new();
+        // After a snapshot, an entry its page took the record past is in the document already,
+        // and its conflicts in the relay's entries the page brought.
+        let bootstrap = self.bootstrap()?.filter(|b| b.complete);
         for entry in entries {
+            if let Some(bootstrap) = &bootstrap
+                && entry.seq <= bootstrap.covered(&entry.collection, &entry.record)
+            {
+                continue;
+            }
             let decoded = validate_collection(&entry.collection, &self.options.limits)
                 .and_then(|()| validate_record_id(&entry.record, &self.options.limits))
                 .map_err(|e| e.to_string())
@@ -691,6 +699,9 @@ impl Store {
             );
         }
         batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
+        if bootstrap.is_some_and(|b| cursor >= b.end()) {
+            batch.remove(keys::cursor(super::snapshot::SNAPSHOT_CURSOR));
+        }
         self.kv.apply(batch)?;
         self.count_open(&ledger);
         // As in `write_all`: the documents go back into the cache only once their batch landed.

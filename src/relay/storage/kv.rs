@@ -26,7 +26,8 @@
 //!   `v{space}\0{collection}\0{record}\0` → the unique values a record holds (JSON).
 //! - `x{space}\0{conflict id}\0` → a conflict entry (JSON); `o{space}\0{conflict id}\0` → empty:
 //!   the conflict is open; `k{space}\0{change hash, hex}\0` → the id of the conflict that change
-//!   brought.
+//!   brought; `y{space}\0{collection}\0{record}\0{conflict id}\0` → empty: the conflict is on
+//!   that record (what a snapshot sends with the record's document).
 //! - `g{space}\0` → empty: the conflict entries and unique index cover the space's whole log
 //!   (logs kept before the relay kept them lack it until rebuilt).
 //! - `w{space}\0` → the space's web actor (the actor its HTTP writes are made under); spaces
@@ -201,6 +202,10 @@ impl KvStorage {
             batch.put(
                 key(b'x', &[space, id]),
                 to_json(conflict, "conflict entry")?,
+            );
+            batch.put(
+                key(b'y', &[space, &conflict.collection, &conflict.record, id]),
+                Vec::new(),
             );
             if conflict.status == ConflictStatus::Open {
                 batch.put(key(b'o', &[space, id]), Vec::new());
@@ -425,6 +430,24 @@ impl LogStorage for KvStorage {
                 Some(serde_json::from_slice(&value).map_err(|e| corrupt("conflict entry", e))?)
             };
             out.extend(conflict);
+        }
+        Ok(out)
+    }
+
+    fn record_conflicts(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Vec<Conflict>, StorageError> {
+        let prefix = key(b'y', &[space, collection, record]);
+        let mut out = Vec::new();
+        for (k, _) in self.kv.range(&prefix, &prefix_end(&prefix), usize::MAX)? {
+            let id = k
+                .get(prefix.len()..k.len().saturating_sub(1))
+                .and_then(|id| std::str::from_utf8(id).ok())
+                .ok_or_else(|| corrupt("record conflict key", String::from_utf8_lossy(&k)))?;
+            out.extend(self.conflict(space, id)?);
         }
         Ok(out)
     }
