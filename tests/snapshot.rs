@@ -131,7 +131,10 @@ impl Net {
 
     /// One snapshot page after what the device has taken; true once the last is in.
     fn snapshot_page(&self, store: &Store, max_records: u32) -> bool {
-        let after = store.bootstrap().unwrap().and_then(|b| b.resume_after());
+        let after = store
+            .snapshot_pages()
+            .unwrap()
+            .and_then(|b| b.resume_after());
         let page = self
             .relay
             .snapshot_page(SPACE, after.as_ref(), max_records, usize::MAX)
@@ -294,7 +297,11 @@ fn run(steps: &[Step], page: usize) -> Result<(), TestCaseError> {
     }
     net.download(&joiner, page);
     net.download(&replayer, page);
-    prop_assert_eq!(joiner.bootstrap().unwrap(), None, "the catch-up is over");
+    prop_assert_eq!(
+        joiner.snapshot_pages().unwrap(),
+        None,
+        "the catch-up is over"
+    );
     prop_assert_eq!(
         joiner.sync_cursor().unwrap(),
         replayer.sync_cursor().unwrap()

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The first version with `CheckHeads` / `HeadsDigest`.
 pub const HEADS_CHECK_VERSION: u16 = 3;
 /// The first version with `Snapshot` / `SnapshotPage` (PROTOCOL.md, section 5.8).

@@ -16,6 +16,7 @@ use crate::record::Record;
 use crate::resolve::{self, Conflict};
 use automerge::ChangeHash;
 use ferry_proto::Operation;
+use ferry_proto::session::Bootstrap;
 use ferry_proto::wire::{RecordName, SnapshotPage, SnapshotRecord};
 use ferry_proto::{validate_collection, validate_record_id};
 use serde::{Deserialize, Serialize};
@@ -28,14 +29,14 @@ pub const SNAPSHOT_CURSOR: &str = "snapshot";
 
 /// The pages of a snapshot taken so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Bootstrap {
+pub struct SnapshotPages {
     /// Each page in order: its last record (`None`: it held none) and the head it was taken at.
     pub pages: Vec<(Option<RecordName>, u64)>,
     /// The last page is in.
     pub complete: bool,
 }
 
-impl Bootstrap {
+impl SnapshotPages {
     /// Where the next page starts: after the last record taken (`None`: from the first).
     pub fn resume_after(&self) -> Option<RecordName> {
         self.pages.iter().rev().find_map(|(last, _)| last.clone())
@@ -81,14 +82,35 @@ pub struct SnapshotOutcome {
 impl Store {
     /// The bootstrap in progress or in its catch-up (the log not yet read past its last page),
     /// if any.
-    pub fn bootstrap(&self) -> Result<Option<Bootstrap>, StoreError> {
+    pub fn snapshot_pages(&self) -> Result<Option<SnapshotPages>, StoreError> {
         match self.kv.get(&keys::cursor(SNAPSHOT_CURSOR))? {
             None => Ok(None),
             Some(bytes) => Ok(Some(super::decode(&bytes, "snapshot pages")?)),
         }
     }
 
-    /// Takes in the next page of a snapshot (the one after `Bootstrap::resume_after`): each
+    /// How a session to the relay bootstraps: after the last page kept when a bootstrap was
+    /// interrupted; otherwise when the store has never read the log, unless a collection has
+    /// unique constraints (the unique-value index does not travel in a snapshot, so such a
+    /// space is read from its log).
+    pub fn session_bootstrap(&self) -> Result<Bootstrap, StoreError> {
+        if let Some(pages) = self.snapshot_pages()?
+            && !pages.complete
+        {
+            return Ok(Bootstrap::Resume(pages.resume_after()));
+        }
+        let policies = &self.options.policies;
+        let unique = std::iter::once(&policies.default)
+            .chain(policies.collections.values())
+            .any(|p| !p.unique.is_empty());
+        Ok(if unique {
+            Bootstrap::Off
+        } else {
+            Bootstrap::Fresh
+        })
+    }
+
+    /// Takes in the next page of a snapshot (the one after `SnapshotPages::resume_after`): each
     /// record's document merged into the local one (a record this device holds keeps every
     /// change it has; those the relay has not logged stay in the queue and upload as usual), its
     /// conflict entries as the relay holds them, and the page noted, all in one atomic batch.
@@ -98,7 +120,7 @@ impl Store {
     pub fn apply_snapshot_page(&self, page: &SnapshotPage) -> Result<SnapshotOutcome, StoreError> {
         let mut cache = self.lock_cache();
         let mut state = self
-            .bootstrap()?
+            .snapshot_pages()?
             .filter(|b| !b.complete)
             .unwrap_or_default();
         let mut batch = Batch::default();

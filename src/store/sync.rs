@@ -562,7 +562,7 @@ impl Store {
         let mut groups: HashMap<CacheKey, Vec<(u64, Change)>> = HashMap::new();
         // After a snapshot, an entry its page took the record past is in the document already,
         // and its conflicts in the relay's entries the page brought.
-        let bootstrap = self.bootstrap()?.filter(|b| b.complete);
+        let bootstrap = self.snapshot_pages()?.filter(|b| b.complete);
         for entry in entries {
             if let Some(bootstrap) = &bootstrap
                 && entry.seq <= bootstrap.covered(&entry.collection, &entry.record)
