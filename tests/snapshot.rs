@@ -1,7 +1,8 @@
 //! Snapshots at the store level (PROTOCOL.md, section 5.8): a device that bootstraps from the
-//! relay's snapshot pages, taken while other devices go on writing, and then reads the log after
-//! them, ends up with what a device replaying the whole log has: the same heads, fields,
-//! conflict entries (same ids) and counts. Real device stores and the real relay store; the log
+//! relay's snapshot pages, taken while other devices go on writing and while it writes and
+//! uploads itself, and then reads the log after them, ends up with what a device replaying the
+//! whole log has: the same heads, fields, conflict entries (same ids) and counts; none of its own
+//! writes is lost. Real device stores and the real relay store; the log
 //! is moved between them as the sessions would.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
@@ -172,8 +173,9 @@ enum Step {
     },
 }
 
+/// The joining device writes too: writer `WRITERS.len()`.
 fn step() -> impl Strategy<Value = Step> {
-    let writer = 0..WRITERS.len();
+    let writer = 0..=WRITERS.len();
     let collection = 0..COLLECTIONS.len();
     let record = 0..RECORDS;
     prop_oneof![
@@ -229,8 +231,12 @@ fn conflicts(store: &Store) -> Vec<ferry::resolve::Conflict> {
 
 fn run(steps: &[Step], page: usize) -> Result<(), TestCaseError> {
     let net = Net::new();
-    let writers: Vec<Store> = WRITERS.iter().map(|id| net.device(id)).collect();
-    let joiner = net.device(JOINER);
+    let writers: Vec<Store> = WRITERS
+        .iter()
+        .chain([&JOINER])
+        .map(|id| net.device(id))
+        .collect();
+    let joiner = &writers[WRITERS.len()];
     let replayer = net.device(REPLAYER);
     let mut bootstrapped = false;
     for step in steps {
@@ -276,11 +282,14 @@ fn run(steps: &[Step], page: usize) -> Result<(), TestCaseError> {
             ),
             Step::Sync { writer } => {
                 net.upload(&writers[writer]);
-                net.download(&writers[writer], page);
+                // The joining device uploads while it bootstraps, but reads the log only after.
+                if writer < WRITERS.len() || bootstrapped {
+                    net.download(&writers[writer], page);
+                }
             }
             Step::Page { records } => {
                 if !bootstrapped {
-                    bootstrapped = net.snapshot_page(&joiner, records);
+                    bootstrapped = net.snapshot_page(joiner, records);
                 }
             }
         }
@@ -288,15 +297,24 @@ fn run(steps: &[Step], page: usize) -> Result<(), TestCaseError> {
     // The pages left are taken as the writers upload what they have left, one page each.
     for writer in &writers {
         if !bootstrapped {
-            bootstrapped = net.snapshot_page(&joiner, 1);
+            bootstrapped = net.snapshot_page(joiner, 1);
         }
         net.upload(writer);
     }
     while !bootstrapped {
-        bootstrapped = net.snapshot_page(&joiner, 2);
+        bootstrapped = net.snapshot_page(joiner, 2);
     }
-    net.download(&joiner, page);
+    net.download(joiner, page);
+    // What it wrote after its last upload goes up now, and comes back in the log.
+    net.upload(joiner);
+    net.download(joiner, page);
     net.download(&replayer, page);
+    let queue = joiner.queue_counts().unwrap();
+    prop_assert_eq!(
+        (queue.pending, queue.processing, queue.failed),
+        (0, 0, 0),
+        "every write of the joining device was logged"
+    );
     prop_assert_eq!(
         joiner.snapshot_pages().unwrap(),
         None,
@@ -306,8 +324,8 @@ fn run(steps: &[Step], page: usize) -> Result<(), TestCaseError> {
         joiner.sync_cursor().unwrap(),
         replayer.sync_cursor().unwrap()
     );
-    prop_assert_eq!(records(&joiner), records(&replayer));
-    prop_assert_eq!(conflicts(&joiner), conflicts(&replayer));
+    prop_assert_eq!(records(joiner), records(&replayer));
+    prop_assert_eq!(conflicts(joiner), conflicts(&replayer));
     prop_assert_eq!(
         joiner.conflict_counts().unwrap(),
         replayer.conflict_counts().unwrap()
