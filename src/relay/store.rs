@@ -902,7 +902,9 @@ impl RelayStore {
     /// documents and entries, with at least one record. A record's base with no tail is sent as
     /// it is (a saved document, or its first change: both load as a document), so only records
     /// with changes since their base are loaded, and none is put in the cache: a snapshot of a
-    /// large space would otherwise push out the documents appends need.
+    /// large space would otherwise push out the documents appends need. While the space's
+    /// conflict entries are incomplete (see `conflicts_complete`) the answer is an empty last
+    /// page at head 0: the device reads the log.
     pub fn snapshot_page(
         &self,
         space: &str,
@@ -913,6 +915,18 @@ impl RelayStore {
         let state = self.space(space)?;
         let _appends = lock(&state);
         let head = self.storage.head(space)?;
+        if head > 0 && !self.storage.conflicts_complete(space)? {
+            // The conflict entries to send with the documents are not all kept yet (a log kept
+            // before, until `rebuild_conflicts` has run): the last page, empty, at head 0, so
+            // the device reads the whole log instead.
+            return Ok(SnapshotPage {
+                head: 0,
+                horizon: 0,
+                records: Vec::new(),
+                last: None,
+                complete: true,
+            });
+        }
         let wanted = max_records.max(1) as usize;
         let names = self
             .storage

@@ -29,7 +29,9 @@
 //!   brought; `y{space}\0{collection}\0{record}\0{conflict id}\0` → empty: the conflict is on
 //!   that record (what a snapshot sends with the record's document).
 //! - `g{space}\0` → empty: the conflict entries and unique index cover the space's whole log
-//!   (logs kept before the relay kept them lack it until rebuilt).
+//!   (logs kept before the relay kept them lack it until rebuilt); `i{space}\0` → empty: so
+//!   does the per-record index of the entries (`y`), which earlier versions did not keep: a
+//!   space without it counts as not complete, and is rebuilt once.
 //! - `w{space}\0` → the space's web actor (the actor its HTTP writes are made under); spaces
 //!   whose web actor was kept by earlier versions have it under `M{space}\0` + `mdevice`.
 //!
@@ -215,6 +217,7 @@ impl KvStorage {
         }
         if append.conflicts_complete {
             batch.put(key(b'g', &[space]), Vec::new());
+            batch.put(key(b'i', &[space]), Vec::new());
         }
         for (change, id) in &append.conflict_changes {
             batch.put(key(b'k', &[space, change]), id.as_bytes().to_vec());
@@ -453,7 +456,8 @@ impl LogStorage for KvStorage {
     }
 
     fn conflicts_complete(&self, space: &str) -> Result<bool, StorageError> {
-        Ok(self.kv.get(&key(b'g', &[space]))?.is_some())
+        Ok(self.kv.get(&key(b'g', &[space]))?.is_some()
+            && self.kv.get(&key(b'i', &[space]))?.is_some())
     }
 
     fn change_conflict(&self, space: &str, change: &str) -> Result<Option<String>, StorageError> {

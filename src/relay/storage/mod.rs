@@ -244,8 +244,9 @@ pub trait LogStorage: Send + Sync {
         record: &str,
     ) -> Result<Vec<Conflict>, StorageError>;
 
-    /// Whether the space's conflict entries cover its whole log (see `Append::conflicts_complete`):
-    /// not for a log kept before the relay kept them, until it is rebuilt.
+    /// Whether the space's conflict entries, and their index by record (`record_conflicts`),
+    /// cover its whole log (see `Append::conflicts_complete`): not for a log kept before the
+    /// relay kept them, or before it indexed them by record, until it is rebuilt.
     fn conflicts_complete(&self, space: &str) -> Result<bool, StorageError>;
 
     /// The conflict the change (hex hash) brought, if it brought one.
