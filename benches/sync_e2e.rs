@@ -39,8 +39,8 @@ use common::{Device, TIMEOUT};
 use ferry::ipc::{Client, Notification};
 use ferry::service::{ChangeEvent, Origin};
 use harness::{
-    Guarded, Running, call, check_interrupted, disk_usage, install_signal_handlers, latency,
-    memory_kib, per_second, poll_until, secs,
+    Guarded, Running, call, check_interrupted, cpu_us, disk_usage, install_signal_handlers,
+    latency, memory_kib, per_second, poll_until, secs,
 };
 use serde_json::{Value, json};
 use std::io::BufRead as _;
@@ -631,6 +631,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
         peak_kib(a_daemon.pid()),
         peak_kib(b_daemon.pid()),
     );
+    let cpu = [relay.pid(), a_daemon.pid(), b_daemon.pid()].map(cpu_us);
     drop((a_client, b_client));
     for (name, daemon) in [("A", a_daemon), ("B", b_daemon)] {
         let status = daemon.stop();
@@ -664,6 +665,14 @@ fn initial_sync(n: u64, o: &Options) -> Value {
             "b_received_per_record": sb.bytes_received / n,
         },
         "peak_rss_mib": { "relay": mib(peaks.0), "a": mib(peaks.1), "b": mib(peaks.2) },
+        // From each process's start until A and B settled (the relay's and B's include their
+        // idle wait before A starts, a few milliseconds).
+        "cpu_us_per_record": {
+            "relay": cpu[0] / n,
+            "a": cpu[1] / n,
+            "b": cpu[2] / n,
+            "total": cpu.iter().sum::<u64>() / n,
+        },
         "disk_bytes_after_clean_stop": {
             "a_store": a_disk,
             "b_store": b_disk,
@@ -1024,6 +1033,7 @@ fn summarize(r: &Value) {
                  A's upload done after: {} s ({} records/s)\n\
                  on the wire: A sent {} B/record, B received {} B/record\n\
                  peak RSS MiB: relay {}, A {}, B {}\n\
+                 CPU per record, us: relay {}, A {}, B {} (total {})\n\
                  on disk after a clean stop, bytes/record: A {}, B {}, relay {}",
                 r["build"].as_str().unwrap_or("?"),
                 r["end_to_end"]["seconds"],
@@ -1034,6 +1044,10 @@ fn summarize(r: &Value) {
                 r["peak_rss_mib"]["relay"],
                 r["peak_rss_mib"]["a"],
                 r["peak_rss_mib"]["b"],
+                r["cpu_us_per_record"]["relay"],
+                r["cpu_us_per_record"]["a"],
+                r["cpu_us_per_record"]["b"],
+                r["cpu_us_per_record"]["total"],
                 r["disk_bytes_after_clean_stop"]["a_per_record"],
                 r["disk_bytes_after_clean_stop"]["b_per_record"],
                 r["disk_bytes_after_clean_stop"]["relay_per_record"],

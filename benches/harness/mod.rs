@@ -227,6 +227,27 @@ pub fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// The CPU time a process has used so far, all its threads (those that ended too), user and
+/// system, in microseconds (`/proc/<pid>/stat`, in clock ticks of 10 ms, the kernel's
+/// `USER_HZ` on Linux): what a workload cost, apart from how busy the machine was.
+pub fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
+    // The command name, in parentheses, may hold spaces: fields are counted after it.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime, fields 14 and 15 of the line, so 12 and 13 after the name.
+    let ticks = |i: usize| -> u64 {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("no CPU time in /proc/{pid}/stat: {stat:?}"))
+    };
+    (ticks(11) + ticks(12)) * 10_000
+}
+
 /// (bytes allocated on disk, as `du` counts them; apparent bytes) of a directory tree.
 pub fn disk_usage(path: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt as _;

@@ -69,6 +69,7 @@ pub struct SyncQueueEntry {
     /// The record's id.
     pub object_id: String,
     /// The Automerge change, as its raw bytes.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     pub status: QueueStatus,
     pub retry_count: u32,

@@ -48,6 +48,7 @@ pub struct UploadChange {
     pub collection: String,
     pub record: String,
     /// Raw Automerge change bytes.
+    #[serde(with = "serde_bytes")]
     pub change: Vec<u8>,
 }
 
@@ -58,6 +59,7 @@ pub struct LogEntry {
     pub seq: u64,
     pub collection: String,
     pub record: String,
+    #[serde(with = "serde_bytes")]
     pub change: Vec<u8>,
 }
 

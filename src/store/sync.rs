@@ -239,6 +239,7 @@ pub struct Quarantined {
     /// When it was quarantined (unix ms).
     pub at_ms: u64,
     /// The entry's change bytes, as the relay sent them.
+    #[serde(with = "serde_bytes")]
     pub change: Vec<u8>,
 }
 

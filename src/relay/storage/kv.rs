@@ -70,6 +70,7 @@ struct StoredEntry<'a> {
     collection: std::borrow::Cow<'a, str>,
     record: std::borrow::Cow<'a, str>,
     origin: std::borrow::Cow<'a, str>,
+    #[serde(with = "serde_bytes", borrow)]
     change: std::borrow::Cow<'a, [u8]>,
 }
 
