@@ -384,9 +384,11 @@ pub struct SnapshotRecord {
     pub collection: String,
     pub record: String,
     /// The record's Automerge document, saved.
+    #[serde(with = "serde_bytes")]
     pub document: Vec<u8>,
     /// The record's conflict entries as the relay holds them, a JSON array (their shape is the
     /// conflict entry's, which this crate does not know).
+    #[serde(with = "serde_bytes")]
     pub conflicts: Vec<u8>,
 }
 
