@@ -21,7 +21,8 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use crate::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, HEADS_CHECK_VERSION, LogEntry,
     MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, OWN_ENTRIES_LEFT_OUT_VERSION,
-    PROTOCOL_VERSION, RecordName, Secret, Tokens, UploadChange, auth_transcript,
+    PROTOCOL_VERSION, RecordName, SNAPSHOT_VERSION, Secret, SnapshotPage, Tokens, UploadChange,
+    auth_transcript,
 };
 
 /// The longest space name the relay accepts, in bytes.
@@ -152,6 +153,37 @@ pub enum DeviceEffect {
         through: u64,
         entries: Vec<LogEntry>,
         own: Vec<OwnEntry>,
+    },
+    /// Take in this page of the relay's snapshot (documents and conflict entries, and the page
+    /// noted so that a bootstrap resumes after it), durably and in one step, then call
+    /// [`DeviceSession::snapshot_applied`].
+    ApplySnapshot { page: SnapshotPage },
+}
+
+/// Whether a device session bootstraps from the relay's snapshot (PROTOCOL.md, section 5.8)
+/// instead of reading the log from its cursor, when the relay speaks version 4.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Never: the log is read from the cursor.
+    Off,
+    /// When the cursor is 0 and the relay's log is not empty.
+    Fresh,
+    /// A bootstrap was interrupted: go on after this record (`None`: from the first).
+    Resume(Option<RecordName>),
+}
+
+/// Where a device session's bootstrap stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Snapshotting {
+    No,
+    /// A `Snapshot` is out: its answer is due by `deadline`.
+    InFlight {
+        deadline: u64,
+    },
+    /// An `ApplySnapshot` is out; the next page starts after `next`.
+    Applying {
+        next: Option<RecordName>,
+        complete: bool,
     },
 }
 
@@ -287,6 +319,8 @@ pub struct DeviceSession {
     refresh_deadline: Option<u64>,
     /// A `CheckHeads` is out: its answer is due by then.
     heads_deadline: Option<u64>,
+    bootstrap: Bootstrap,
+    snapshotting: Snapshotting,
     /// The protocol version the relay chose (0 before its challenge).
     version: u16,
     handshake: Handshake,
@@ -344,6 +378,8 @@ impl DeviceSession {
             refresh_at: None,
             refresh_deadline: None,
             heads_deadline: None,
+            bootstrap: Bootstrap::Off,
+            snapshotting: Snapshotting::No,
             version: 0,
             handshake: Handshake::AwaitChallenge,
             upload: Upload::default(),
@@ -363,6 +399,17 @@ impl DeviceSession {
 
     pub fn is_open(&self) -> bool {
         self.handshake == Handshake::Open
+    }
+
+    /// Whether the session bootstraps from a snapshot once it is open (before `Welcome`; `Off`
+    /// unless set).
+    pub fn set_bootstrap(&mut self, bootstrap: Bootstrap) {
+        self.bootstrap = bootstrap;
+    }
+
+    /// A bootstrap from the relay's snapshot is under way.
+    pub fn is_bootstrapping(&self) -> bool {
+        self.snapshotting != Snapshotting::No
     }
 
     pub fn is_closed(&self) -> bool {
@@ -395,8 +442,9 @@ impl DeviceSession {
             }
             Handshake::Open => {
                 let upload = self.upload.sent.iter().map(|b| b.deadline).min();
-                let download = match self.download {
-                    Download::InFlight { deadline, .. } => Some(deadline),
+                let download = match (&self.download, &self.snapshotting) {
+                    (Download::InFlight { deadline, .. }, _)
+                    | (_, Snapshotting::InFlight { deadline }) => Some(*deadline),
                     _ => None,
                 };
                 let refresh = self.refresh_deadline.or(self.refresh_at);
@@ -434,6 +482,9 @@ impl DeviceSession {
             _ if self.refresh_deadline.is_some_and(expired) => "refresh",
             _ if self.heads_deadline.is_some_and(expired) => "heads check",
             (_, _, Download::InFlight { deadline, .. }) if expired(*deadline) => "download",
+            _ if matches!(self.snapshotting, Snapshotting::InFlight { deadline } if expired(deadline)) => {
+                "snapshot"
+            }
             _ => return,
         };
         self.close(SessionError::Timeout(what), Some(ErrorCode::Timeout));
@@ -561,6 +612,38 @@ impl DeviceSession {
         self.check_idle();
     }
 
+    /// The answer to `ApplySnapshot`: the page is durable; after the last one the download
+    /// cursor is `cursor`, and the log is read from there.
+    pub fn snapshot_applied(&mut self, cursor: u64, now: u64) {
+        let Snapshotting::Applying { next, complete } = &self.snapshotting else {
+            return;
+        };
+        if !*complete {
+            let next = next.clone();
+            self.start_snapshot(next, now);
+            return;
+        }
+        self.snapshotting = Snapshotting::No;
+        self.cursor = self.cursor.max(cursor);
+        self.resync = true;
+        self.start_download(now);
+        self.check_idle();
+    }
+
+    fn start_snapshot(&mut self, after: Option<RecordName>, now: u64) {
+        if self.handshake != Handshake::Open {
+            return;
+        }
+        self.idle_reported = false;
+        self.snapshotting = Snapshotting::InFlight {
+            deadline: now.saturating_add(self.config.request_timeout_ms),
+        };
+        self.transmit(Message::Snapshot {
+            after,
+            max_records: self.config.max_download_changes,
+        });
+    }
+
     pub fn handle_message(&mut self, message: Message, now: u64) {
         match (self.handshake, message) {
             (Handshake::Closed, _) => {}
@@ -623,7 +706,15 @@ impl DeviceSession {
                 });
                 self.start_upload();
                 self.resync = true;
-                self.start_download(now);
+                let resume = match std::mem::replace(&mut self.bootstrap, Bootstrap::Off) {
+                    Bootstrap::Resume(after) => Some(after),
+                    Bootstrap::Fresh if self.cursor == 0 && head > 0 => Some(None),
+                    Bootstrap::Off | Bootstrap::Fresh => None,
+                };
+                match resume {
+                    Some(after) if version >= SNAPSHOT_VERSION => self.start_snapshot(after, now),
+                    _ => self.start_download(now),
+                }
             }
             (Handshake::Open, Message::UploadAck { batch, results }) => {
                 self.handle_upload_ack(batch, results);
@@ -656,6 +747,39 @@ impl DeviceSession {
                     last,
                     complete,
                     digest,
+                });
+            }
+            (
+                Handshake::Open,
+                Message::SnapshotPage {
+                    head,
+                    horizon,
+                    records,
+                    last,
+                    complete,
+                },
+            ) if matches!(self.snapshotting, Snapshotting::InFlight { .. }) => {
+                if records.is_empty() != last.is_none() || (records.is_empty() && !complete) {
+                    return self.violation(
+                        ErrorCode::Malformed,
+                        "a SnapshotPage must name its last record, and only an empty last page \
+                         holds none"
+                            .into(),
+                    );
+                }
+                self.relay_head = self.relay_head.max(head);
+                self.snapshotting = Snapshotting::Applying {
+                    next: last.clone(),
+                    complete,
+                };
+                self.effect(DeviceEffect::ApplySnapshot {
+                    page: SnapshotPage {
+                        head,
+                        horizon,
+                        records,
+                        last,
+                        complete,
+                    },
                 });
             }
             (
@@ -815,6 +939,10 @@ impl DeviceSession {
         own: Vec<OwnEntry>,
         now: u64,
     ) {
+        if self.is_bootstrapping() {
+            // The log is read after the snapshot, from where its pages leave the cursor.
+            return;
+        }
         let expected = match self.download {
             Download::Idle => self.cursor,
             Download::Applying { through, .. } => self.pushes.back().map_or(through, |p| p.through),
@@ -884,7 +1012,10 @@ impl DeviceSession {
 
     /// Asks for the log after the cursor if the relay announced more, or a resync is due.
     fn start_download(&mut self, now: u64) {
-        if self.handshake != Handshake::Open || self.download != Download::Idle {
+        if self.handshake != Handshake::Open
+            || self.download != Download::Idle
+            || self.is_bootstrapping()
+        {
             return;
         }
         if !(self.resync || self.cursor < self.relay_head) {
@@ -909,6 +1040,7 @@ impl DeviceSession {
             && self.upload_drained
             && !self.upload_dirty
             && self.download == Download::Idle
+            && !self.is_bootstrapping()
             && self.cursor >= self.relay_head
             && !self.resync
     }
@@ -1027,6 +1159,12 @@ pub enum RelayEffect {
         after: Option<RecordName>,
         max_records: u32,
     },
+    /// Read a page of the space's snapshot: up to `max_records` records after `after`, as of one
+    /// log head, and answer with [`RelaySession::snapshot_read`].
+    ReadSnapshot {
+        after: Option<RecordName>,
+        max_records: u32,
+    },
 }
 
 /// What a relay session reports.
@@ -1083,6 +1221,10 @@ pub struct RelaySession {
     refreshing: bool,
     /// A `DigestHeads` effect is out.
     digesting: bool,
+    /// A `ReadSnapshot` effect is out.
+    snapshotting: bool,
+    /// The protocol version chosen in the challenge.
+    version: u16,
     /// Uploads being stored, oldest first.
     storing: VecDeque<u64>,
     reading: Option<ReadFor>,
@@ -1094,8 +1236,6 @@ pub struct RelaySession {
     live: bool,
     /// The space's head as last heard from the store.
     known_head: u64,
-    /// The protocol version chosen (0 before `Hello`).
-    version: u16,
     /// The seqs this session answered `Stored`/`Duplicate` for and has not sent a `Changes`
     /// past (from version 4): left out of the pages, since the device holds them.
     acked: BTreeSet<u64>,
@@ -1113,13 +1253,14 @@ impl RelaySession {
             state: RelayState::AwaitHello,
             refreshing: false,
             digesting: false,
+            snapshotting: false,
+            version: 0,
             storing: VecDeque::new(),
             reading: None,
             queued_download: None,
             sent_through: 0,
             live: false,
             known_head: 0,
-            version: 0,
             acked: BTreeSet::new(),
             outputs: VecDeque::new(),
         }
@@ -1309,6 +1450,24 @@ impl RelaySession {
         }
     }
 
+    /// The answer to `ReadSnapshot`.
+    pub fn snapshot_read(&mut self, page: SnapshotPage) {
+        if !self.snapshotting {
+            return;
+        }
+        self.snapshotting = false;
+        self.known_head = self.known_head.max(page.head);
+        if self.state == RelayState::Open {
+            self.transmit(Message::SnapshotPage {
+                head: page.head,
+                horizon: page.horizon,
+                records: page.records,
+                last: page.last,
+                complete: page.complete,
+            });
+        }
+    }
+
     /// The store could not carry out an effect: the session ends, the device will retry.
     pub fn failed(&mut self, message: String) {
         self.fail(ErrorCode::Internal, message);
@@ -1386,7 +1545,6 @@ impl RelaySession {
                 },
             ) => {
                 let version = max_version.min(PROTOCOL_VERSION);
-                self.version = version;
                 if version < min_version.max(MIN_PROTOCOL_VERSION) {
                     return self.fail(
                         ErrorCode::UnsupportedVersion,
@@ -1399,6 +1557,7 @@ impl RelaySession {
                 if let Err(problem) = validate_space(&space) {
                     return self.fail(ErrorCode::Forbidden, problem);
                 }
+                self.version = version;
                 self.transmit(Message::Challenge {
                     version,
                     nonce: self.nonce,
@@ -1517,6 +1676,24 @@ impl RelaySession {
                 }
                 self.digesting = true;
                 self.effect(RelayEffect::DigestHeads {
+                    after,
+                    max_records: max_records.clamp(1, self.config.max_download_changes.max(1)),
+                });
+            }
+            (RelayState::Open, Message::Snapshot { after, max_records })
+                if self.version >= SNAPSHOT_VERSION =>
+            {
+                if self.snapshotting {
+                    return self.fail(
+                        ErrorCode::UnexpectedMessage,
+                        "a Snapshot arrived before the previous one was answered".into(),
+                    );
+                }
+                if let Some(problem) = after.as_ref().and_then(oversized_name) {
+                    return self.fail(ErrorCode::TooLarge, problem);
+                }
+                self.snapshotting = true;
+                self.effect(RelayEffect::ReadSnapshot {
                     after,
                     max_records: max_records.clamp(1, self.config.max_download_changes.max(1)),
                 });
