@@ -566,6 +566,10 @@ impl Engine {
             refresh,
             now_ms(),
         );
+        match self.service.store().session_bootstrap() {
+            Ok(bootstrap) => session.set_bootstrap(bootstrap),
+            Err(e) => return self.failed(&e.into(), Direction::Initialization),
+        }
         let mut local = self.service.subscribe_events();
         let mut debounce: Option<tokio::time::Instant> = None;
         let mut interval = tokio::time::interval(self.settings.interval);
@@ -1175,6 +1179,16 @@ pub fn carry_out(
                 log_quarantined(store, &outcome.quarantined);
             }
             session.applied(through, now);
+        }
+        DeviceEffect::ApplySnapshot { page } => {
+            let _span = tracing::info_span!(
+                "sync.snapshot",
+                head = page.head,
+                records = page.records.len()
+            )
+            .entered();
+            let outcome = service.apply_snapshot_page(page)?;
+            session.snapshot_applied(outcome.cursor, now);
         }
     }
     Ok(done)

@@ -15,10 +15,11 @@ use crate::crypt::FieldError;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus, Take};
 use crate::store::conflicts::ResolveOutcome;
 use crate::store::kv::KvError;
+use crate::store::snapshot::SnapshotOutcome;
 use crate::store::sync::RemoteOutcome;
 use crate::store::{Applied, QueueAction, RecordView, Store, StoreError, Write};
 use base64::Engine as _;
-use ferry_proto::wire::LogEntry;
+use ferry_proto::wire::{LogEntry, SnapshotPage};
 use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -129,6 +130,7 @@ impl From<StoreError> for ApiError {
             StoreError::WrongDevice { .. }
             | StoreError::UnsupportedFormat(_)
             | StoreError::Encode { .. }
+            | StoreError::Snapshot(_)
             | StoreError::Panicked { .. }
             | StoreError::Record(
                 RecordError::Automerge(_)
@@ -187,6 +189,10 @@ enum Job {
         request: ResolveRequest,
         reply: mpsc::Sender<Result<ResolveOutcome, StoreError>>,
     },
+    Snapshot {
+        page: SnapshotPage,
+        reply: mpsc::Sender<Result<SnapshotOutcome, StoreError>>,
+    },
 }
 
 /// What is left of a job once it has run: answering its caller, once the group's flush says
@@ -210,6 +216,14 @@ impl Job {
             } => {
                 let result = supervised("applying the relay's changes", || {
                     store.apply_remote(&entries, through)
+                });
+                Box::new(move |flushed| {
+                    let _ = reply.send(after_flush(flushed, result));
+                })
+            }
+            Job::Snapshot { page, reply } => {
+                let result = supervised("taking in the relay's snapshot", || {
+                    store.apply_snapshot_page(&page)
                 });
                 Box::new(move |flushed| {
                     let _ = reply.send(after_flush(flushed, result));
@@ -413,6 +427,28 @@ impl Service {
                 through,
                 reply,
             },
+        )?;
+        for a in &outcome.applied {
+            let _ = self.events.send(ChangeEvent {
+                collection: a.collection.clone(),
+                id: a.id.clone(),
+                operation: a.operation,
+                heads: a.heads.clone(),
+                device: a.device.clone(),
+                origin: Origin::Remote,
+            });
+        }
+        self.announce_conflicts(&outcome.conflicts);
+        Ok(outcome)
+    }
+
+    /// Takes in a page of the relay's snapshot (see `Store::apply_snapshot_page`); returns once
+    /// it is durable. Subscribers hear of the records it changed and the conflicts it brought.
+    pub fn apply_snapshot_page(&self, page: SnapshotPage) -> Result<SnapshotOutcome, ApiError> {
+        let outcome = self.durably(
+            page,
+            |store, page| store.apply_snapshot_page(&page),
+            |page, reply| Job::Snapshot { page, reply },
         )?;
         for a in &outcome.applied {
             let _ = self.events.send(ChangeEvent {

@@ -527,6 +527,24 @@ fn conflict_entries_are_listed_in_id_order_and_open_ones_by_their_own_index(engi
         ["c0", "c1", "c2", "c3"]
     );
     assert!(storage.conflicts_complete(SPACE).unwrap());
+    // Each record's entries as they stand now, by their own index (what a snapshot sends).
+    let mut on_b = Append::new(2);
+    let mut other = conflict("c5", ConflictStatus::Open, "c5-change");
+    other.record = "b".into();
+    on_b.conflict_entries.push(other.clone());
+    storage.append(SPACE, on_b).unwrap();
+    let on_a = storage.record_conflicts(SPACE, "Doc", "a").unwrap();
+    assert_eq!(ids(on_a.clone()), ["c0", "c1", "c2", "c3"]);
+    assert_eq!(
+        on_a.iter().find(|c| c.id == "c3").map(|c| c.status),
+        Some(ConflictStatus::Resolved)
+    );
+    assert_eq!(
+        storage.record_conflicts(SPACE, "Doc", "b").unwrap(),
+        [other]
+    );
+    assert_eq!(storage.record_conflicts(SPACE, "Doc", "c").unwrap(), []);
+    assert_eq!(storage.record_conflicts("other", "Doc", "a").unwrap(), []);
 }
 
 fn a_spaces_web_actor_is_chosen_once_and_kept(engine: &dyn Engine) {

@@ -685,7 +685,7 @@ fn a_log_kept_before_conflict_entries_is_rebuilt_into_the_entries_appends_keep()
     drop(relay);
     // The same log as a relay that kept no conflict entries left it.
     let mut forget = ferry::store::kv::Batch::default();
-    for prefix in [b'x', b'o', b'k', b'g', b'u', b'v'] {
+    for prefix in [b'x', b'o', b'k', b'g', b'i', b'y', b'u', b'v'] {
         for (key, _) in kv.range(&[prefix], &[prefix + 1], usize::MAX).unwrap() {
             forget.remove(key);
         }
@@ -748,6 +748,76 @@ fn log_bytes_grow_with_each_stored_change_and_a_log_without_the_count_is_measure
     kv.apply(batch).unwrap();
     let reopened = relay_on(kv, RelayStoreOptions::default());
     assert_eq!(reopened.log_bytes(SPACE).unwrap(), two);
+}
+
+#[test]
+fn snapshot_pages_hold_each_records_document_and_conflicts_once_the_entries_are_indexed() {
+    let kv = Arc::new(MemoryKv::new());
+    let relay = relay_on(kv.clone(), RelayStoreOptions::default());
+    let mut a = Writer::new(1);
+    let mut b = Writer::new(2);
+    let created = a.put(json!({"title": "draft"}));
+    b.record
+        .apply_changes(std::slice::from_ref(&created))
+        .unwrap();
+    let mine = a.patch(json!({"title": "mine"}));
+    let theirs = b.patch(json!({"title": "theirs"}));
+    let other = Writer::new(3).put(json!({"title": "other"}));
+    append_by_author(
+        &relay,
+        &[
+            upload(1, "r", &created),
+            upload(2, "r", &mine),
+            upload(1, "r", &theirs),
+            upload(1, "c", &other),
+        ],
+    );
+    let kept = relay.conflicts(SPACE, None, None, 100).unwrap();
+    assert_eq!(kept.len(), 1, "{kept:#?}");
+    let page = |relay: &RelayStore, after: Option<&str>| {
+        let after = after.map(|record| ferry_proto::wire::RecordName {
+            collection: "Doc".into(),
+            record: record.into(),
+        });
+        relay
+            .snapshot_page(SPACE, after.as_ref(), 1, usize::MAX)
+            .unwrap()
+    };
+    // In key order, one record a page, each page as of the head.
+    let first = page(&relay, None);
+    assert_eq!((first.head, first.complete), (4, false));
+    assert_eq!(first.records.len(), 1);
+    assert_eq!(first.records[0].record, "c");
+    assert_eq!(first.records[0].conflicts, b"[]");
+    let second = page(&relay, Some("c"));
+    assert_eq!((second.head, second.complete), (4, true));
+    let r = &second.records[0];
+    assert_eq!(r.record, "r");
+    let mut doc = Record::load(&r.document, &actor(9)).unwrap();
+    let heads: Vec<String> = doc.heads().iter().map(|h| h.to_string()).collect();
+    assert_eq!(Some(heads), relay.heads(SPACE, "Doc", "r").unwrap());
+    let sent: Vec<ferry::resolve::Conflict> = serde_json::from_slice(&r.conflicts).unwrap();
+    assert_eq!(sent, kept);
+    assert!(page(&relay, Some("r")).records.is_empty());
+    drop(relay);
+    // Entries kept without their index by record (an earlier relay): no snapshot, so that no
+    // device takes one without its conflicts, until the space is rebuilt.
+    let mut forget = ferry::store::kv::Batch::default();
+    for prefix in [b'i', b'y'] {
+        for (key, _) in kv.range(&[prefix], &[prefix + 1], usize::MAX).unwrap() {
+            forget.remove(key);
+        }
+    }
+    kv.apply(forget).unwrap();
+    let relay = relay_on(kv, RelayStoreOptions::default());
+    assert!(!relay.conflicts_complete(SPACE).unwrap());
+    let refused = page(&relay, None);
+    assert_eq!(
+        (refused.head, refused.complete, refused.records.len()),
+        (0, true, 0)
+    );
+    assert_eq!(relay.rebuild_conflicts(SPACE, || false).unwrap(), Some(1));
+    assert_eq!(page(&relay, Some("c")).records[0].conflicts, r.conflicts);
 }
 
 #[test]

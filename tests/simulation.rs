@@ -491,6 +491,13 @@ impl World {
         let nonce: [u8; 32] = self.rng.random();
         let device = self.device(i);
         let cursor = device.service.store().sync_cursor().expect("cursor");
+        // A device that has never read the log, or whose bootstrap broke off, bootstraps from
+        // the relay's snapshot, as the daemon does.
+        let bootstrap = device
+            .service
+            .store()
+            .session_bootstrap()
+            .expect("bootstrap");
         let id = device_id(&device.key.verifying_key().to_bytes());
         let key = device.key.clone();
         let accounts = &self.relay.as_ref().expect("relay up").accounts;
@@ -508,7 +515,7 @@ impl World {
                 None,
             )
         };
-        let session = DeviceSession::new(
+        let mut session = DeviceSession::new(
             self.config.clone(),
             key,
             SPACE.into(),
@@ -518,6 +525,7 @@ impl World {
             refresh,
             now,
         );
+        session.set_bootstrap(bootstrap);
         let relay = RelaySession::new(self.config.clone(), nonce, binding.to_vec(), now);
         self.links.push(Link {
             device: i,

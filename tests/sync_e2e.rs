@@ -228,6 +228,56 @@ fn a_daemon_killed_mid_upload_loses_and_duplicates_nothing() {
     assert_many_arrived_once(&da, &db);
 }
 
+/// Documents the daemon holds in `collection`.
+fn documents(daemon: &Daemon, collection: &str) -> u64 {
+    let list = call(daemon, "collections", json!({}));
+    list["collections"]
+        .as_array()
+        .expect("collections")
+        .iter()
+        .find(|c| c["name"] == json!(collection))
+        .map_or(0, |c| count(&c["documents"]))
+}
+
+#[test]
+fn a_new_device_killed_mid_bootstrap_resumes_from_the_snapshot_and_matches_a_replay() {
+    let home = RelayHome::new();
+    let relay = home.start(None);
+    let (a, b) = devices(&relay, str::to_string);
+    let out = a.ferry_with_input(&["import"], jsonl(MANY).as_bytes());
+    assert!(out.status.success(), "import: {}", stderr(&out));
+    let da = a.start_daemon_logged();
+    for i in (0..MANY).step_by(300) {
+        call(
+            &da,
+            "patch",
+            json!({ "collection": "Item", "id": format!("item-{i:05}"), "fields": { "seen": true } }),
+        );
+    }
+    let head = MANY + MANY.div_ceil(300);
+    // B replays the log; C joins later, in snapshot pages of five records.
+    let db = b.start_daemon_logged();
+    wait_converged(&[&da, &db], head);
+    let c = Device::new();
+    c.join(&relay);
+    c.edit_config(|config| {
+        let default = "\ndownload_changes = 2000";
+        assert!(config.contains(default), "no {default:?} in the config");
+        config.replacen(default, "\ndownload_changes = 5", 1)
+    });
+    let mut dc = c.start_daemon_logged();
+    // Records arrive while the cursor is still 0: only a snapshot page brings them so.
+    wait_for("C to be part way through its snapshot", TIMEOUT, || {
+        let taken = documents(&dc, "Item");
+        taken > 0 && taken < MANY && status(&dc)["sync"]["cursor"] == json!(0)
+    });
+    dc.kill();
+    let dc = c.start_daemon_logged();
+    wait_converged(&[&da, &db, &dc], head);
+    assert_same_records(&db, &dc, "Item", MANY as usize);
+    assert_same_records(&da, &dc, "Item", MANY as usize);
+}
+
 #[test]
 fn concurrent_offline_edits_of_one_record_merge() {
     let home = RelayHome::new();

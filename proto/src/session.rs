@@ -21,8 +21,8 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use crate::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, HEADS_CHECK_VERSION, LogEntry,
     MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, OWN_ENTRIES_LEFT_OUT_VERSION,
-    PIPELINED_DOWNLOAD_VERSION, PROTOCOL_VERSION, RecordName, Secret, Tokens, UploadChange,
-    auth_transcript,
+    PIPELINED_DOWNLOAD_VERSION, PROTOCOL_VERSION, RecordName, SNAPSHOT_VERSION, Secret,
+    SnapshotPage, Tokens, UploadChange, auth_transcript,
 };
 
 /// The longest space name the relay accepts, in bytes.
@@ -153,6 +153,37 @@ pub enum DeviceEffect {
         through: u64,
         entries: Vec<LogEntry>,
         own: Vec<OwnEntry>,
+    },
+    /// Take in this page of the relay's snapshot (documents and conflict entries, and the page
+    /// noted so that a bootstrap resumes after it), durably and in one step, then call
+    /// [`DeviceSession::snapshot_applied`].
+    ApplySnapshot { page: SnapshotPage },
+}
+
+/// Whether a device session bootstraps from the relay's snapshot (PROTOCOL.md, section 5.8)
+/// instead of reading the log from its cursor, when the relay speaks version 4.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Never: the log is read from the cursor.
+    Off,
+    /// When the cursor is 0 and the relay's log is not empty.
+    Fresh,
+    /// A bootstrap was interrupted: go on after this record (`None`: from the first).
+    Resume(Option<RecordName>),
+}
+
+/// Where a device session's bootstrap stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Snapshotting {
+    No,
+    /// A `Snapshot` is out: its answer is due by `deadline`.
+    InFlight {
+        deadline: u64,
+    },
+    /// An `ApplySnapshot` is out; the next page starts after `next`.
+    Applying {
+        next: Option<RecordName>,
+        complete: bool,
     },
 }
 
@@ -313,6 +344,8 @@ pub struct DeviceSession {
     refresh_deadline: Option<u64>,
     /// A `CheckHeads` is out: its answer is due by then.
     heads_deadline: Option<u64>,
+    bootstrap: Bootstrap,
+    snapshotting: Snapshotting,
     /// The protocol version the relay chose (0 before its challenge).
     version: u16,
     handshake: Handshake,
@@ -376,6 +409,8 @@ impl DeviceSession {
             refresh_at: None,
             refresh_deadline: None,
             heads_deadline: None,
+            bootstrap: Bootstrap::Off,
+            snapshotting: Snapshotting::No,
             version: 0,
             handshake: Handshake::AwaitChallenge,
             upload: Upload::default(),
@@ -397,6 +432,17 @@ impl DeviceSession {
 
     pub fn is_open(&self) -> bool {
         self.handshake == Handshake::Open
+    }
+
+    /// Whether the session bootstraps from a snapshot once it is open (before `Welcome`; `Off`
+    /// unless set).
+    pub fn set_bootstrap(&mut self, bootstrap: Bootstrap) {
+        self.bootstrap = bootstrap;
+    }
+
+    /// A bootstrap from the relay's snapshot is under way.
+    pub fn is_bootstrapping(&self) -> bool {
+        self.snapshotting != Snapshotting::No
     }
 
     pub fn is_closed(&self) -> bool {
@@ -429,7 +475,11 @@ impl DeviceSession {
             }
             Handshake::Open => {
                 let upload = self.upload.sent.iter().map(|b| b.deadline).min();
-                let download = self.download_deadline;
+                let snapshot = match self.snapshotting {
+                    Snapshotting::InFlight { deadline } => Some(deadline),
+                    _ => None,
+                };
+                let download = self.download_deadline.or(snapshot);
                 let refresh = self.refresh_deadline.or(self.refresh_at);
                 upload
                     .into_iter()
@@ -465,6 +515,9 @@ impl DeviceSession {
             _ if self.refresh_deadline.is_some_and(expired) => "refresh",
             _ if self.heads_deadline.is_some_and(expired) => "heads check",
             (_, _, Some(deadline)) if expired(deadline) => "download",
+            _ if matches!(self.snapshotting, Snapshotting::InFlight { deadline } if expired(deadline)) => {
+                "snapshot"
+            }
             _ => return,
         };
         self.close(SessionError::Timeout(what), Some(ErrorCode::Timeout));
@@ -588,6 +641,38 @@ impl DeviceSession {
         self.check_idle();
     }
 
+    /// The answer to `ApplySnapshot`: the page is durable; after the last one the download
+    /// cursor is `cursor`, and the log is read from there.
+    pub fn snapshot_applied(&mut self, cursor: u64, now: u64) {
+        let Snapshotting::Applying { next, complete } = &self.snapshotting else {
+            return;
+        };
+        if !*complete {
+            let next = next.clone();
+            self.start_snapshot(next, now);
+            return;
+        }
+        self.snapshotting = Snapshotting::No;
+        self.cursor = self.cursor.max(cursor);
+        self.resync = true;
+        self.start_download(now);
+        self.check_idle();
+    }
+
+    fn start_snapshot(&mut self, after: Option<RecordName>, now: u64) {
+        if self.handshake != Handshake::Open {
+            return;
+        }
+        self.idle_reported = false;
+        self.snapshotting = Snapshotting::InFlight {
+            deadline: now.saturating_add(self.config.request_timeout_ms),
+        };
+        self.transmit(Message::Snapshot {
+            after,
+            max_records: self.config.max_download_changes,
+        });
+    }
+
     pub fn handle_message(&mut self, message: Message, now: u64) {
         match (self.handshake, message) {
             (Handshake::Closed, _) => {}
@@ -650,7 +735,15 @@ impl DeviceSession {
                 });
                 self.start_upload();
                 self.resync = true;
-                self.start_download(now);
+                let resume = match std::mem::replace(&mut self.bootstrap, Bootstrap::Off) {
+                    Bootstrap::Resume(after) => Some(after),
+                    Bootstrap::Fresh if self.cursor == 0 && head > 0 => Some(None),
+                    Bootstrap::Off | Bootstrap::Fresh => None,
+                };
+                match resume {
+                    Some(after) if version >= SNAPSHOT_VERSION => self.start_snapshot(after, now),
+                    _ => self.start_download(now),
+                }
             }
             (Handshake::Open, Message::UploadAck { batch, results }) => {
                 self.handle_upload_ack(batch, results);
@@ -683,6 +776,39 @@ impl DeviceSession {
                     last,
                     complete,
                     digest,
+                });
+            }
+            (
+                Handshake::Open,
+                Message::SnapshotPage {
+                    head,
+                    horizon,
+                    records,
+                    last,
+                    complete,
+                },
+            ) if matches!(self.snapshotting, Snapshotting::InFlight { .. }) => {
+                if records.is_empty() != last.is_none() || (records.is_empty() && !complete) {
+                    return self.violation(
+                        ErrorCode::Malformed,
+                        "a SnapshotPage must name its last record, and only an empty last page \
+                         holds none"
+                            .into(),
+                    );
+                }
+                self.relay_head = self.relay_head.max(head);
+                self.snapshotting = Snapshotting::Applying {
+                    next: last.clone(),
+                    complete,
+                };
+                self.effect(DeviceEffect::ApplySnapshot {
+                    page: SnapshotPage {
+                        head,
+                        horizon,
+                        records,
+                        last,
+                        complete,
+                    },
                 });
             }
             (
@@ -889,6 +1015,10 @@ impl DeviceSession {
     }
 
     fn handle_push(&mut self, page: Pushed, now: u64) {
+        if self.is_bootstrapping() {
+            // The log is read after the snapshot, from where its pages leave the cursor.
+            return;
+        }
         if !self.asked.is_empty() {
             // The relay pushed this before it saw the download: the answers on their way start
             // at or before it and cover it.
@@ -936,7 +1066,10 @@ impl DeviceSession {
     /// due. From version 4 it asks for consecutive ranges, several at once, while the window
     /// has room; before, for one page at a time once everything received is applied.
     fn start_download(&mut self, now: u64) {
-        if self.handshake != Handshake::Open || self.asked.iter().any(|a| a.stale) {
+        if self.handshake != Handshake::Open
+            || self.asked.iter().any(|a| a.stale)
+            || self.is_bootstrapping()
+        {
             return;
         }
         let ranges = self.version >= PIPELINED_DOWNLOAD_VERSION;
@@ -984,6 +1117,7 @@ impl DeviceSession {
             && self.asked.is_empty()
             && self.applying.is_none()
             && self.pushes.is_empty()
+            && !self.is_bootstrapping()
             && self.cursor >= self.relay_head
             && !self.resync
     }
@@ -1104,6 +1238,12 @@ pub enum RelayEffect {
         after: Option<RecordName>,
         max_records: u32,
     },
+    /// Read a page of the space's snapshot: up to `max_records` records after `after`, as of one
+    /// log head, and answer with [`RelaySession::snapshot_read`].
+    ReadSnapshot {
+        after: Option<RecordName>,
+        max_records: u32,
+    },
 }
 
 /// What a relay session reports.
@@ -1166,6 +1306,8 @@ pub struct RelaySession {
     refreshing: bool,
     /// A `DigestHeads` effect is out.
     digesting: bool,
+    /// A `ReadSnapshot` effect is out.
+    snapshotting: bool,
     /// Uploads being stored, oldest first.
     storing: VecDeque<u64>,
     reading: Option<ReadFor>,
@@ -1196,6 +1338,7 @@ impl RelaySession {
             state: RelayState::AwaitHello,
             refreshing: false,
             digesting: false,
+            snapshotting: false,
             storing: VecDeque::new(),
             reading: None,
             queued_downloads: VecDeque::new(),
@@ -1392,6 +1535,24 @@ impl RelaySession {
         }
     }
 
+    /// The answer to `ReadSnapshot`.
+    pub fn snapshot_read(&mut self, page: SnapshotPage) {
+        if !self.snapshotting {
+            return;
+        }
+        self.snapshotting = false;
+        self.known_head = self.known_head.max(page.head);
+        if self.state == RelayState::Open {
+            self.transmit(Message::SnapshotPage {
+                head: page.head,
+                horizon: page.horizon,
+                records: page.records,
+                last: page.last,
+                complete: page.complete,
+            });
+        }
+    }
+
     /// The store could not carry out an effect: the session ends, the device will retry.
     pub fn failed(&mut self, message: String) {
         self.fail(ErrorCode::Internal, message);
@@ -1481,7 +1642,6 @@ impl RelaySession {
                 },
             ) => {
                 let version = max_version.min(PROTOCOL_VERSION);
-                self.version = version;
                 if version < min_version.max(MIN_PROTOCOL_VERSION) {
                     return self.fail(
                         ErrorCode::UnsupportedVersion,
@@ -1494,6 +1654,7 @@ impl RelaySession {
                 if let Err(problem) = validate_space(&space) {
                     return self.fail(ErrorCode::Forbidden, problem);
                 }
+                self.version = version;
                 self.transmit(Message::Challenge {
                     version,
                     nonce: self.nonce,
@@ -1616,6 +1777,24 @@ impl RelaySession {
                 }
                 self.digesting = true;
                 self.effect(RelayEffect::DigestHeads {
+                    after,
+                    max_records: max_records.clamp(1, self.config.max_download_changes.max(1)),
+                });
+            }
+            (RelayState::Open, Message::Snapshot { after, max_records })
+                if self.version >= SNAPSHOT_VERSION =>
+            {
+                if self.snapshotting {
+                    return self.fail(
+                        ErrorCode::UnexpectedMessage,
+                        "a Snapshot arrived before the previous one was answered".into(),
+                    );
+                }
+                if let Some(problem) = after.as_ref().and_then(oversized_name) {
+                    return self.fail(ErrorCode::TooLarge, problem);
+                }
+                self.snapshotting = true;
+                self.effect(RelayEffect::ReadSnapshot {
                     after,
                     max_records: max_records.clamp(1, self.config.max_download_changes.max(1)),
                 });

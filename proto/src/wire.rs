@@ -14,6 +14,8 @@ pub const HEADS_CHECK_VERSION: u16 = 3;
 /// The first version in which `Changes` leaves out the entries the relay answered `Stored` or
 /// `Duplicate` for earlier in the same session: the device holds their bytes, and their seqs.
 pub const OWN_ENTRIES_LEFT_OUT_VERSION: u16 = 4;
+/// The first version with `Snapshot` / `SnapshotPage` (PROTOCOL.md, section 5.8).
+pub const SNAPSHOT_VERSION: u16 = 4;
 /// The first version where a `Download` asks for a range, answered whole in one or more
 /// `Changes`, and several may wait for their answers at once (PROTOCOL.md, section 5.3).
 pub const PIPELINED_DOWNLOAD_VERSION: u16 = 4;
@@ -353,6 +355,48 @@ pub enum Message {
         complete: bool,
         digest: [u8; 32],
     },
+    /// Device → relay (version 4): send the documents of up to `max_records` records of the
+    /// space, in key order, after the record `after` (`None`: from the first).
+    Snapshot {
+        after: Option<RecordName>,
+        max_records: u32,
+    },
+    /// Relay → device: the answer to `Snapshot`, as of the log's `head` (no append in between):
+    /// each record's document with every change logged up to `head`; `horizon` the lowest
+    /// cursor the relay can still send the log after; `last` the last record of the page;
+    /// `complete` when none follows it.
+    SnapshotPage {
+        head: u64,
+        horizon: u64,
+        records: Vec<SnapshotRecord>,
+        last: Option<RecordName>,
+        complete: bool,
+    },
+}
+
+/// A page of a space's snapshot: the fields of `Message::SnapshotPage`, as the relay's store
+/// reads it and a device's store takes it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPage {
+    pub head: u64,
+    pub horizon: u64,
+    pub records: Vec<SnapshotRecord>,
+    pub last: Option<RecordName>,
+    pub complete: bool,
+}
+
+/// One record of a `SnapshotPage`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub collection: String,
+    pub record: String,
+    /// The record's Automerge document, saved.
+    #[serde(with = "serde_bytes")]
+    pub document: Vec<u8>,
+    /// The record's conflict entries as the relay holds them, a JSON array (their shape is the
+    /// conflict entry's, which this crate does not know).
+    #[serde(with = "serde_bytes")]
+    pub conflicts: Vec<u8>,
 }
 
 /// A record of a space: its collection and id.
@@ -419,6 +463,8 @@ impl Message {
             Message::Refreshed { .. } => "Refreshed",
             Message::CheckHeads { .. } => "CheckHeads",
             Message::HeadsDigest { .. } => "HeadsDigest",
+            Message::Snapshot { .. } => "Snapshot",
+            Message::SnapshotPage { .. } => "SnapshotPage",
         }
     }
 }

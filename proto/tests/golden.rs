@@ -16,8 +16,8 @@
 
 use ferry_proto::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, LogEntry, MIN_PROTOCOL_VERSION, Message,
-    PROTOCOL_VERSION, RecordName, Secret, Tokens, UploadChange, decode_frame_body, encode_frame,
-    frame_length,
+    PROTOCOL_VERSION, RecordName, Secret, SnapshotRecord, Tokens, UploadChange, decode_frame_body,
+    encode_frame, frame_length,
 };
 use std::path::{Path, PathBuf};
 
@@ -78,10 +78,12 @@ fn message_tag(message: &Message) -> u8 {
         Message::Refreshed { .. } => 10,
         Message::CheckHeads { .. } => 11,
         Message::HeadsDigest { .. } => 12,
+        Message::Snapshot { .. } => 13,
+        Message::SnapshotPage { .. } => 14,
     }
 }
 
-const MESSAGE_VARIANTS: u8 = 13;
+const MESSAGE_VARIANTS: u8 = 15;
 
 fn sample_tokens() -> Tokens {
     Tokens {
@@ -322,6 +324,34 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 }),
                 complete: true,
                 digest: counting(0x40),
+            },
+        ),
+        (
+            "snapshot",
+            Message::Snapshot {
+                after: Some(RecordName {
+                    collection: "Invoice".into(),
+                    record: "inv-0042".into(),
+                }),
+                max_records: 500,
+            },
+        ),
+        (
+            "snapshot_page",
+            Message::SnapshotPage {
+                head: 4711,
+                horizon: 4000,
+                records: vec![SnapshotRecord {
+                    collection: "Invoice".into(),
+                    record: "inv-0043".into(),
+                    document: change_bytes(43),
+                    conflicts: b"[]".to_vec(),
+                }],
+                last: Some(RecordName {
+                    collection: "Invoice".into(),
+                    record: "inv-0043".into(),
+                }),
+                complete: false,
             },
         ),
         (

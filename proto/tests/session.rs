@@ -12,14 +12,15 @@
 
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{
-    DeviceEffect, DeviceEvent, DeviceOutput, DeviceSession, Grant, LogSlice,
+    Bootstrap, DeviceEffect, DeviceEvent, DeviceOutput, DeviceSession, Grant, LogSlice,
     MAX_DOWNLOADS_IN_FLIGHT, MAX_UPLOADS_IN_FLIGHT, MAX_UPLOADS_IN_FLIGHT_PIPELINED, Output,
     OwnEntry, RelayEffect, RelayEvent, RelayOutput, RelaySession, SessionConfig, SessionError,
     device_id, uploads_in_flight,
 };
 use ferry_proto::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, LogEntry, MAX_CREDENTIAL_BYTES,
-    Message, PROTOCOL_VERSION, RecordName, Secret, Tokens, UploadChange,
+    Message, PROTOCOL_VERSION, RecordName, Secret, SnapshotPage, SnapshotRecord, Tokens,
+    UploadChange,
 };
 
 const BINDING: &[u8] = b"channel-binding-of-this-connection";
@@ -35,6 +36,9 @@ struct World {
     own: Vec<OwnEntry>,
     cursor: u64,
     abandoned: Vec<u64>,
+    /// Records a snapshot brought, and the heads of its pages.
+    snapshot: Vec<RecordName>,
+    snapshot_heads: Vec<u64>,
 }
 
 impl World {
@@ -56,6 +60,41 @@ impl World {
             through,
             head: self.head(),
             entries,
+        }
+    }
+
+    /// The log's records in key order after `after`, at most `max`, as of the head (a
+    /// document's bytes are its changes laid end to end).
+    fn snapshot_page(&self, after: Option<&RecordName>, max: u32) -> SnapshotPage {
+        let mut records: std::collections::BTreeMap<RecordName, Vec<u8>> = Default::default();
+        for (_, entry) in &self.log {
+            let name = RecordName {
+                collection: entry.collection.clone(),
+                record: entry.record.clone(),
+            };
+            if after.is_none_or(|a| name > *a) {
+                records
+                    .entry(name)
+                    .or_default()
+                    .extend_from_slice(&entry.change);
+            }
+        }
+        let complete = records.len() <= max as usize;
+        let records: Vec<_> = records.into_iter().take(max as usize).collect();
+        SnapshotPage {
+            head: self.head(),
+            horizon: 0,
+            last: records.last().map(|(name, _)| name.clone()),
+            records: records
+                .into_iter()
+                .map(|(name, document)| SnapshotRecord {
+                    collection: name.collection,
+                    record: name.record,
+                    document,
+                    conflicts: b"[]".to_vec(),
+                })
+                .collect(),
+            complete,
         }
     }
 
@@ -248,6 +287,9 @@ impl Pair {
                 self.digests_asked.push((after, max_records));
                 self.relay.heads_digest(world.head(), 1, None, true, DIGEST);
             }
+            RelayEffect::ReadSnapshot { after, max_records } => self
+                .relay
+                .snapshot_read(world.snapshot_page(after.as_ref(), max_records)),
         }
     }
 
@@ -278,6 +320,19 @@ impl Pair {
                 world.own.extend(own);
                 world.cursor = through;
                 self.device.applied(through, 1);
+            }
+            DeviceEffect::ApplySnapshot { page } => {
+                world
+                    .snapshot
+                    .extend(page.records.iter().map(|r| RecordName {
+                        collection: r.collection.clone(),
+                        record: r.record.clone(),
+                    }));
+                world.snapshot_heads.push(page.head);
+                if page.complete {
+                    world.cursor = world.snapshot_heads[0];
+                }
+                self.device.snapshot_applied(world.cursor, 1);
             }
         }
     }
@@ -466,6 +521,134 @@ fn a_resumed_device_starts_from_its_cursor() {
     pair.run(&mut world);
     let seqs: Vec<u64> = world.applied.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, vec![7, 8, 9, 10]);
+}
+
+fn name(record: &str) -> RecordName {
+    RecordName {
+        collection: "Customer".into(),
+        record: record.into(),
+    }
+}
+
+#[test]
+fn a_fresh_device_bootstraps_from_snapshot_pages_then_reads_the_log_after_them() {
+    let mut world = World::default();
+    // Five records, one of them written twice.
+    world.append("other", &(1..=5).map(change).collect::<Vec<_>>());
+    world.append("other", &[change(3)]);
+    let mut pair = Pair::new([21; 32], 0);
+    pair.device.set_bootstrap(Bootstrap::Fresh);
+    // Pages of two records.
+    pair.relay = RelaySession::new(
+        SessionConfig {
+            max_download_changes: 2,
+            ..SessionConfig::default()
+        },
+        [9; 32],
+        BINDING.to_vec(),
+        0,
+    );
+    pair.run(&mut world);
+    assert_eq!(
+        world.snapshot,
+        ["r1", "r2", "r3", "r4", "r5"].map(name).to_vec()
+    );
+    assert_eq!(world.snapshot_heads, [6, 6, 6]);
+    // Nothing was replayed: the log after the pages is empty.
+    assert_eq!(world.applied, []);
+    assert_eq!(world.cursor, 6);
+    assert!(matches!(
+        pair.device_events.last(),
+        Some(DeviceEvent::Idle { cursor: 6 })
+    ));
+    assert!(pair.relay.is_live(), "pushes follow, as after a download");
+    world.append("other", &[change(6)]);
+    pair.relay.appended(world.head());
+    pair.run(&mut world);
+    assert_eq!(world.cursor, 7);
+    assert_eq!(world.applied.len(), 1);
+}
+
+#[test]
+fn an_interrupted_bootstrap_resumes_after_its_last_page_and_a_known_device_reads_the_log() {
+    let mut world = World::default();
+    world.append("other", &(1..=4).map(change).collect::<Vec<_>>());
+    let mut pair = Pair::new([22; 32], 0);
+    pair.device
+        .set_bootstrap(Bootstrap::Resume(Some(name("r2"))));
+    pair.run(&mut world);
+    assert_eq!(world.snapshot, ["r3", "r4"].map(name).to_vec());
+    assert_eq!(world.cursor, 4);
+    // A device that has read the log before reads on from its cursor.
+    let mut world = World::default();
+    world.append("other", &(1..=4).map(change).collect::<Vec<_>>());
+    let mut pair = Pair::new([23; 32], 2);
+    pair.device.set_bootstrap(Bootstrap::Fresh);
+    pair.run(&mut world);
+    assert_eq!(world.snapshot, []);
+    assert_eq!(world.applied.len(), 2);
+}
+
+#[test]
+fn a_snapshot_page_that_names_no_last_record_is_a_protocol_error() {
+    let mut world = World::default();
+    world.append("other", &[change(1)]);
+    let mut pair = Pair::new([24; 32], 0);
+    pair.device.set_bootstrap(Bootstrap::Fresh);
+    let _ = taken(|| pair.device.poll_output());
+    // The handshake by hand, up to the device's Snapshot.
+    let mut relay_out = Vec::new();
+    pair.relay.handle_message(
+        Message::Hello {
+            min_version: 2,
+            max_version: ferry_proto::wire::PROTOCOL_VERSION,
+            public_key: SigningKey::from_bytes(&[24; 32]).verifying_key().to_bytes(),
+            space: "team".into(),
+            time_ms: 0,
+        },
+        0,
+    );
+    relay_out.extend(taken(|| pair.relay.poll_output()));
+    let challenge = transmits(relay_out).remove(0);
+    pair.device.handle_message(challenge, 0);
+    let authenticate = transmits(taken(|| pair.device.poll_output())).remove(0);
+    pair.relay.handle_message(authenticate, 0);
+    let _ = taken(|| pair.relay.poll_output());
+    pair.relay.authorized(
+        world.head(),
+        Grant {
+            expires_ms: LIFETIME_MS,
+            tokens: None,
+        },
+        0,
+    );
+    let welcome = transmits(taken(|| pair.relay.poll_output())).remove(0);
+    pair.device.handle_message(welcome, 0);
+    let sent = transmits(taken(|| pair.device.poll_output()));
+    assert!(
+        sent.iter()
+            .any(|m| matches!(m, Message::Snapshot { after: None, .. })),
+        "{sent:?}"
+    );
+    pair.device.handle_message(
+        Message::SnapshotPage {
+            head: 1,
+            horizon: 0,
+            records: vec![],
+            last: None,
+            complete: false,
+        },
+        0,
+    );
+    assert!(pair.device.is_closed());
+    let events = events(taken(|| pair.device.poll_output()));
+    assert!(matches!(
+        closed_with(&events),
+        Some(SessionError::Protocol {
+            code: ErrorCode::Malformed,
+            ..
+        })
+    ));
 }
 
 #[test]

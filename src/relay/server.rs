@@ -220,6 +220,13 @@ pub fn carry_out(
             );
             Ok(None)
         }
+        RelayEffect::ReadSnapshot { after, max_records } => {
+            let _span = tracing::info_span!("relay.snapshot", device = %peer.device).entered();
+            let page =
+                store.snapshot_page(&peer.space, after.as_ref(), max_records, max_read_bytes)?;
+            session.snapshot_read(page);
+            Ok(None)
+        }
         RelayEffect::Read {
             since,
             max_changes,

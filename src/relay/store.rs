@@ -48,7 +48,8 @@ use crate::resolve::{
 };
 use automerge::{ActorId, Change, ChangeHash};
 use ferry_proto::wire::{
-    ChangeOutcome, ChangeResult, ErrorCode, HeadsHasher, LogEntry, RecordName, UploadChange,
+    ChangeOutcome, ChangeResult, ErrorCode, HeadsHasher, LogEntry, RecordName, SnapshotPage,
+    SnapshotRecord, UploadChange,
 };
 use ferry_proto::{AddressError, Limits, validate_collection, validate_record_id};
 use lru::LruCache;
@@ -892,6 +893,111 @@ impl RelayStore {
             last,
             complete,
             digest,
+        })
+    }
+
+    /// Up to `max_records` records of the space after `after`, in (collection, id) order, each
+    /// with its document and its conflict entries: a page of a snapshot (PROTOCOL.md, 5.8), as
+    /// of `head`, appends to the space waiting meanwhile. The page stops before `max_bytes` of
+    /// documents and entries, with at least one record. A record's base with no tail is sent as
+    /// it is (a saved document, or its first change: both load as a document), so only records
+    /// with changes since their base are loaded, and none is put in the cache: a snapshot of a
+    /// large space would otherwise push out the documents appends need. While the space's
+    /// conflict entries are incomplete (see `conflicts_complete`) the answer is an empty last
+    /// page at head 0: the device reads the log.
+    pub fn snapshot_page(
+        &self,
+        space: &str,
+        after: Option<&RecordName>,
+        max_records: u32,
+        max_bytes: usize,
+    ) -> Result<SnapshotPage, RelayStoreError> {
+        let state = self.space(space)?;
+        let _appends = lock(&state);
+        let head = self.storage.head(space)?;
+        if head > 0 && !self.storage.conflicts_complete(space)? {
+            // The conflict entries to send with the documents are not all kept yet (a log kept
+            // before, until `rebuild_conflicts` has run): the last page, empty, at head 0, so
+            // the device reads the whole log instead.
+            return Ok(SnapshotPage {
+                head: 0,
+                horizon: 0,
+                records: Vec::new(),
+                last: None,
+                complete: true,
+            });
+        }
+        let wanted = max_records.max(1) as usize;
+        let names = self
+            .storage
+            .record_names(space, after, wanted.saturating_add(1))?;
+        let mut page = SnapshotPage {
+            head,
+            horizon: 0,
+            records: Vec::new(),
+            last: None,
+            complete: true,
+        };
+        let mut bytes = 0usize;
+        for name in names {
+            if page.records.len() >= wanted {
+                page.complete = false;
+                break;
+            }
+            let record = self.snapshot_record(space, &name)?;
+            bytes = bytes
+                .saturating_add(record.document.len())
+                .saturating_add(record.conflicts.len());
+            if bytes > max_bytes && !page.records.is_empty() {
+                page.complete = false;
+                break;
+            }
+            page.records.push(record);
+            page.last = Some(name);
+        }
+        Ok(page)
+    }
+
+    /// One record of a snapshot page, under the space's lock.
+    fn snapshot_record(
+        &self,
+        space: &str,
+        name: &RecordName,
+    ) -> Result<SnapshotRecord, RelayStoreError> {
+        let (collection, record) = (name.collection.as_str(), name.record.as_str());
+        let doc_key = (space.to_owned(), collection.to_owned(), record.to_owned());
+        let cached = lock(&self.cache).get_mut(&doc_key).map(|doc| doc.save());
+        let document = match cached {
+            Some(document) => document,
+            None => {
+                let tail = self.storage.tail(space, collection, record)?;
+                let missing = || {
+                    corrupt(
+                        "record base",
+                        format!("{collection}/{record} is listed but has no base"),
+                    )
+                };
+                if tail.is_empty() {
+                    self.storage
+                        .base(space, collection, record)?
+                        .ok_or_else(missing)?
+                } else {
+                    self.load_doc(space, collection, record, &tail, &Append::default())?
+                        .ok_or_else(missing)?
+                        .save()
+                }
+            }
+        };
+        let conflicts = self.storage.record_conflicts(space, collection, record)?;
+        let conflicts = serde_json::to_vec(&conflicts).map_err(|e| StorageError::Encode {
+            what: "conflict entries",
+            detail: e.to_string(),
+        })?;
+        Ok(SnapshotRecord {
+            collection: name.collection.clone(),
+            record: name.record.clone(),
+            document,
+            conflicts,
         })
     }
 

@@ -179,6 +179,40 @@ impl Ledger {
         Ok(())
     }
 
+    /// A conflict entry as the relay holds it, taken from a snapshot instead of met in the log:
+    /// kept as it stands and counted as meeting its changes would have (found; queued or
+    /// settled; resolved). One already held is brought to the snapshot's state, keeping this
+    /// device's own `resolving` note while it is still open.
+    pub fn adopt<S: ConflictState>(
+        &mut self,
+        state: &S,
+        mut conflict: Conflict,
+    ) -> Result<(), S::Error> {
+        let held = self.load(state, &conflict.id)?;
+        let was_open = match &held {
+            None => {
+                self.count(Counter::Detected, &conflict);
+                if conflict.status == ConflictStatus::AutoResolved {
+                    self.count(Counter::AutoResolved, &conflict);
+                } else {
+                    self.count(Counter::Queued, &conflict);
+                    self.opened += 1;
+                }
+                self.found.insert(conflict.id.clone());
+                true
+            }
+            Some(held) => held.status == ConflictStatus::Open,
+        };
+        if conflict.status == ConflictStatus::Open {
+            conflict.resolving = held.and_then(|h| h.resolving);
+        } else if was_open && conflict.status == ConflictStatus::Resolved {
+            self.count(Counter::ResolvedManually, &conflict);
+            self.closed += 1;
+        }
+        self.put(conflict);
+        Ok(())
+    }
+
     /// A resolution of `id` reached the log: an open conflict is resolved; of two resolutions
     /// of one conflict the later one (change time, then device) stands.
     fn resolved<S: ConflictState>(

@@ -464,6 +464,30 @@ impl Store {
         Ok(())
     }
 
+    /// Takes in a record as a snapshot page brings it: its logged heads are the snapshot's
+    /// (`logged`), its document's `document` (more when it holds changes of this device's the
+    /// relay has not logged), and its conflict entries are the relay's, as they stand.
+    pub(super) fn adopt_snapshot(
+        &self,
+        ledger: &mut Ledger,
+        key: &CacheKey,
+        logged: Vec<ChangeHash>,
+        document: Vec<ChangeHash>,
+        conflicts: Vec<Conflict>,
+    ) -> Result<(), StoreError> {
+        // Whether an `h` key is stored, so that `finish_ledger` removes one that is no longer
+        // needed.
+        if self.logged_state(key)?.is_some() {
+            ledger.logged.unlogged.insert(key.clone());
+        }
+        ledger.logged.heads.insert(key.clone(), logged);
+        ledger.logged.documents.insert(key.clone(), document);
+        for conflict in conflicts {
+            ledger.conflicts.adopt(&Stored(self), conflict)?;
+        }
+        Ok(())
+    }
+
     /// Stages what the ledger holds into the apply's batch.
     pub(super) fn finish_ledger(
         &self,

@@ -12,6 +12,7 @@
 pub mod conflicts;
 pub mod keys;
 pub mod kv;
+pub mod snapshot;
 pub mod sync;
 
 pub use sync::{BatchLimits, LastKnownSync, RefusedEntry, RetryPolicy, UploadBatch};
@@ -91,6 +92,11 @@ pub enum StoreError {
         "{work} failed unexpectedly ({message}): nothing of it was written; the daemon goes on, please report this as a bug"
     )]
     Panicked { work: &'static str, message: String },
+    #[error(
+        "the relay's snapshot page holds {0}: nothing of the page was kept; sync again, and \
+         report it if it happens again"
+    )]
+    Snapshot(String),
     #[error("stored {what} cannot be decoded ({detail}): the store is damaged")]
     Decode { what: &'static str, detail: String },
     #[error(

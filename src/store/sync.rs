@@ -590,7 +590,15 @@ impl Store {
         // Each record's entries with their headers; the changes are decoded only where they
         // have to be applied (not this device's own coming back on top of the log).
         let mut groups: HashMap<CacheKey, Vec<(&LogEntry, ChangeHeader)>> = HashMap::new();
+        // After a snapshot, an entry its page took the record past is in the document already,
+        // and its conflicts in the relay's entries the page brought.
+        let bootstrap = self.snapshot_pages()?.filter(|b| b.complete);
         for entry in entries {
+            if let Some(bootstrap) = &bootstrap
+                && entry.seq <= bootstrap.covered(&entry.collection, &entry.record)
+            {
+                continue;
+            }
             let header = validate_collection(&entry.collection, &self.options.limits)
                 .and_then(|()| validate_record_id(&entry.record, &self.options.limits))
                 .map_err(|e| e.to_string())
@@ -731,6 +739,9 @@ impl Store {
             );
         }
         batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
+        if bootstrap.is_some_and(|b| cursor >= b.end()) {
+            batch.remove(keys::cursor(super::snapshot::SNAPSHOT_CURSOR));
+        }
         self.kv.apply(batch)?;
         self.count_open(&ledger);
         // As in `write_all`: the documents go back into the cache only once their batch landed.

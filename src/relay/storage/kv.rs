@@ -26,9 +26,12 @@
 //!   `v{space}\0{collection}\0{record}\0` → the unique values a record holds (JSON).
 //! - `x{space}\0{conflict id}\0` → a conflict entry (JSON); `o{space}\0{conflict id}\0` → empty:
 //!   the conflict is open; `k{space}\0{change hash, hex}\0` → the id of the conflict that change
-//!   brought.
+//!   brought; `y{space}\0{collection}\0{record}\0{conflict id}\0` → empty: the conflict is on
+//!   that record (what a snapshot sends with the record's document).
 //! - `g{space}\0` → empty: the conflict entries and unique index cover the space's whole log
-//!   (logs kept before the relay kept them lack it until rebuilt).
+//!   (logs kept before the relay kept them lack it until rebuilt); `i{space}\0` → empty: so
+//!   does the per-record index of the entries (`y`), which earlier versions did not keep: a
+//!   space without it counts as not complete, and is rebuilt once.
 //! - `w{space}\0` → the space's web actor (the actor its HTTP writes are made under); spaces
 //!   whose web actor was kept by earlier versions have it under `M{space}\0` + `mdevice`.
 //!
@@ -203,6 +206,10 @@ impl KvStorage {
                 key(b'x', &[space, id]),
                 to_json(conflict, "conflict entry")?,
             );
+            batch.put(
+                key(b'y', &[space, &conflict.collection, &conflict.record, id]),
+                Vec::new(),
+            );
             if conflict.status == ConflictStatus::Open {
                 batch.put(key(b'o', &[space, id]), Vec::new());
             } else {
@@ -211,6 +218,7 @@ impl KvStorage {
         }
         if append.conflicts_complete {
             batch.put(key(b'g', &[space]), Vec::new());
+            batch.put(key(b'i', &[space]), Vec::new());
         }
         for (change, id) in &append.conflict_changes {
             batch.put(key(b'k', &[space, change]), id.as_bytes().to_vec());
@@ -430,8 +438,27 @@ impl LogStorage for KvStorage {
         Ok(out)
     }
 
+    fn record_conflicts(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Vec<Conflict>, StorageError> {
+        let prefix = key(b'y', &[space, collection, record]);
+        let mut out = Vec::new();
+        for (k, _) in self.kv.range(&prefix, &prefix_end(&prefix), usize::MAX)? {
+            let id = k
+                .get(prefix.len()..k.len().saturating_sub(1))
+                .and_then(|id| std::str::from_utf8(id).ok())
+                .ok_or_else(|| corrupt("record conflict key", String::from_utf8_lossy(&k)))?;
+            out.extend(self.conflict(space, id)?);
+        }
+        Ok(out)
+    }
+
     fn conflicts_complete(&self, space: &str) -> Result<bool, StorageError> {
-        Ok(self.kv.get(&key(b'g', &[space]))?.is_some())
+        Ok(self.kv.get(&key(b'g', &[space]))?.is_some()
+            && self.kv.get(&key(b'i', &[space]))?.is_some())
     }
 
     fn change_conflict(&self, space: &str, change: &str) -> Result<Option<String>, StorageError> {

@@ -235,8 +235,18 @@ pub trait LogStorage: Send + Sync {
         limit: usize,
     ) -> Result<Vec<Conflict>, StorageError>;
 
-    /// Whether the space's conflict entries cover its whole log (see `Append::conflicts_complete`):
-    /// not for a log kept before the relay kept them, until it is rebuilt.
+    /// The conflict entries on one record (`Conflict::record`), in id order: what a snapshot
+    /// sends with the record's document.
+    fn record_conflicts(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Vec<Conflict>, StorageError>;
+
+    /// Whether the space's conflict entries, and their index by record (`record_conflicts`),
+    /// cover its whole log (see `Append::conflicts_complete`): not for a log kept before the
+    /// relay kept them, or before it indexed them by record, until it is rebuilt.
     fn conflicts_complete(&self, space: &str) -> Result<bool, StorageError>;
 
     /// The conflict the change (hex hash) brought, if it brought one.

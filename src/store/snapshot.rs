@@ -1,0 +1,227 @@
+//! The store's side of a snapshot bootstrap (PROTOCOL.md, section 5.8): a page of the relay's
+//! documents merged into the local ones, with the relay's conflict entries for them, and which
+//! log entries the pages already hold, so that reading the log after them skips those.
+//!
+//! Owns: the `snapshot` cursor key (the pages taken so far: each one's last record and head),
+//! the rule that a page's documents, conflict entries and that key land in one atomic batch (an
+//! interrupted bootstrap resumes after the last page kept, and never keeps half a page), and the
+//! download cursor set once the last page is in.
+//!
+//! Must not touch: the network, sessions, timers. Detection is not run here: a page's entries
+//! are what the relay found meeting the same changes in the same order.
+
+use super::sync::{RELAY_CURSOR, RemoteApplied};
+use super::{CacheKey, Store, StoreError, keys};
+use crate::record::Record;
+use crate::resolve::{self, Conflict};
+use automerge::ChangeHash;
+use ferry_proto::Operation;
+use ferry_proto::session::Bootstrap;
+use ferry_proto::wire::{RecordName, SnapshotPage, SnapshotRecord};
+use ferry_proto::{validate_collection, validate_record_id};
+use serde::{Deserialize, Serialize};
+
+use super::conflicts::Ledger;
+use super::kv::Batch;
+
+/// The cursor name under which a bootstrap's pages are kept.
+pub const SNAPSHOT_CURSOR: &str = "snapshot";
+
+/// The pages of a snapshot taken so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPages {
+    /// Each page in order: its last record (`None`: it held none) and the head it was taken at.
+    pub pages: Vec<(Option<RecordName>, u64)>,
+    /// The last page is in.
+    pub complete: bool,
+}
+
+impl SnapshotPages {
+    /// Where the next page starts: after the last record taken (`None`: from the first).
+    pub fn resume_after(&self) -> Option<RecordName> {
+        self.pages.iter().rev().find_map(|(last, _)| last.clone())
+    }
+
+    /// The head of the page that holds the record's key range: its log entries up to there are
+    /// in the document the page brought. The last page covers every key after its own last.
+    pub fn covered(&self, collection: &str, record: &str) -> u64 {
+        for (last, head) in &self.pages {
+            if let Some(last) = last
+                && (collection, record) <= (last.collection.as_str(), last.record.as_str())
+            {
+                return *head;
+            }
+        }
+        self.end()
+    }
+
+    /// The cursor the log is read from once every page is in: the first page's head (heads
+    /// only grow from page to page).
+    pub fn start(&self) -> u64 {
+        self.pages.first().map_or(0, |(_, head)| *head)
+    }
+
+    /// The last page's head: entries after it are in no page.
+    pub fn end(&self) -> u64 {
+        self.pages.last().map_or(0, |(_, head)| *head)
+    }
+}
+
+/// What one snapshot page did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotOutcome {
+    /// Records whose document changed.
+    pub applied: Vec<RemoteApplied>,
+    /// Conflict entries taken in or changed.
+    pub conflicts: Vec<Conflict>,
+    /// The last page is in: the log is read from `cursor` on.
+    pub complete: bool,
+    pub cursor: u64,
+}
+
+impl Store {
+    /// The bootstrap in progress or in its catch-up (the log not yet read past its last page),
+    /// if any.
+    pub fn snapshot_pages(&self) -> Result<Option<SnapshotPages>, StoreError> {
+        match self.kv.get(&keys::cursor(SNAPSHOT_CURSOR))? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(super::decode(&bytes, "snapshot pages")?)),
+        }
+    }
+
+    /// How a session to the relay bootstraps: after the last page kept when a bootstrap was
+    /// interrupted; otherwise when the store has never read the log, unless a collection has
+    /// unique constraints (the unique-value index does not travel in a snapshot, so such a
+    /// space is read from its log).
+    pub fn session_bootstrap(&self) -> Result<Bootstrap, StoreError> {
+        if let Some(pages) = self.snapshot_pages()?
+            && !pages.complete
+        {
+            return Ok(Bootstrap::Resume(pages.resume_after()));
+        }
+        let policies = &self.options.policies;
+        let unique = std::iter::once(&policies.default)
+            .chain(policies.collections.values())
+            .any(|p| !p.unique.is_empty());
+        Ok(if unique {
+            Bootstrap::Off
+        } else {
+            Bootstrap::Fresh
+        })
+    }
+
+    /// Takes in the next page of a snapshot (the one after `SnapshotPages::resume_after`): each
+    /// record's document merged into the local one (a record this device holds keeps every
+    /// change it has; those the relay has not logged stay in the queue and upload as usual), its
+    /// conflict entries as the relay holds them, and the page noted, all in one atomic batch.
+    /// With the last page the download cursor moves to the first page's head (never back). A
+    /// page taken after a finished bootstrap starts a new one (a device that fell behind the
+    /// relay's horizon again). Durable after `flush`.
+    pub fn apply_snapshot_page(&self, page: &SnapshotPage) -> Result<SnapshotOutcome, StoreError> {
+        let mut cache = self.lock_cache();
+        let mut state = self
+            .snapshot_pages()?
+            .filter(|b| !b.complete)
+            .unwrap_or_default();
+        let mut batch = Batch::default();
+        let mut ledger = Ledger::default();
+        let mut applied = Vec::with_capacity(page.records.len());
+        let mut taken: Vec<(CacheKey, Record)> = Vec::with_capacity(page.records.len());
+        for record in &page.records {
+            let key = (record.collection.clone(), record.record.clone());
+            let (mut doc, changed, existed) = self.merge_snapshot(&key, record, &mut ledger)?;
+            if changed {
+                let policy = self.policy(&key.0);
+                let deleted = resolve::is_deleted(&mut doc, policy);
+                batch.put(keys::doc(&key.0, &key.1), doc.save());
+                applied.push(RemoteApplied {
+                    collection: key.0.clone(),
+                    id: key.1.clone(),
+                    operation: if deleted {
+                        Operation::Delete
+                    } else if existed {
+                        Operation::Update
+                    } else {
+                        Operation::Create
+                    },
+                    deleted,
+                    heads: doc.heads().iter().map(|h| h.to_string()).collect(),
+                    device: String::new(),
+                });
+            }
+            cache.pop(&key);
+            taken.push((key, doc));
+        }
+        state.pages.push((page.last.clone(), page.head));
+        state.complete = page.complete;
+        let mut cursor = self.sync_cursor()?;
+        if page.complete {
+            cursor = cursor.max(state.start());
+            batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
+        }
+        if page.complete && cursor >= state.end() {
+            // No log entry after the pages can be one they hold: nothing to skip.
+            batch.remove(keys::cursor(SNAPSHOT_CURSOR));
+        } else {
+            batch.put(
+                keys::cursor(SNAPSHOT_CURSOR),
+                super::encode(&state, "snapshot pages")?,
+            );
+        }
+        self.finish_ledger(&ledger, &mut batch)?;
+        self.kv.apply(batch)?;
+        self.count_open(&ledger);
+        for (key, doc) in taken {
+            cache.put(key, doc);
+        }
+        Ok(SnapshotOutcome {
+            applied,
+            conflicts: ledger.conflicts.into_changed(),
+            complete: page.complete,
+            cursor,
+        })
+    }
+
+    /// The record with the page's document merged in, whether that changed what this device
+    /// held, and whether it held the record; stages its logged heads and conflict entries in
+    /// `ledger`.
+    fn merge_snapshot(
+        &self,
+        key: &CacheKey,
+        record: &SnapshotRecord,
+        ledger: &mut Ledger,
+    ) -> Result<(Record, bool, bool), StoreError> {
+        validate_collection(&key.0, &self.options.limits)?;
+        validate_record_id(&key.1, &self.options.limits)?;
+        let invalid = |what: String| StoreError::Snapshot(format!("{}/{}: {what}", key.0, key.1));
+        let mut snapshot = self
+            .parse(&key.0, &record.document)
+            .map_err(|e| invalid(format!("a document that does not load ({e})")))?;
+        let conflicts: Vec<Conflict> = serde_json::from_slice(&record.conflicts)
+            .map_err(|e| invalid(format!("conflict entries that do not decode ({e})")))?;
+        if let Some(other) = conflicts
+            .iter()
+            .find(|c| c.collection != key.0 || c.record != key.1)
+        {
+            return Err(invalid(format!(
+                "conflict entry {} of another record",
+                other.id
+            )));
+        }
+        let logged: Vec<ChangeHash> = snapshot.heads();
+        let (mut doc, changed, existed) = match self.load(&key.0, &key.1)? {
+            None => (snapshot, true, false),
+            Some(mut local) => {
+                let have = local.heads();
+                let changes = snapshot.automerge().get_changes(&have);
+                let changed = local
+                    .apply_decoded(changes)
+                    .map_err(|e| invalid(format!("changes that do not apply here ({e})")))?;
+                (local, changed, true)
+            }
+        };
+        let document = doc.heads();
+        self.adopt_snapshot(ledger, key, logged, document, conflicts)?;
+        Ok((doc, changed, existed))
+    }
+}
