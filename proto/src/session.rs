@@ -1119,6 +1119,9 @@ impl DeviceSession {
             && self.pushes.is_empty()
             && !self.is_bootstrapping()
             && self.cursor >= self.relay_head
+            // An upload the relay stored past the cursor: the log reaches at least that far,
+            // whatever the head last announced says.
+            && self.uploaded_at.range(self.cursor.saturating_add(1)..).next().is_none()
             && !self.resync
     }
 

@@ -1580,3 +1580,79 @@ fn a_page_missing_entries_the_device_did_not_upload_ends_the_session() {
         other => panic!("the session should end for the gap: {other:?}"),
     }
 }
+
+/// Answers every effect the device asks for with nothing (no entries to upload, pages applied at
+/// once), and returns the messages it sent.
+fn settle_device(
+    device: &mut DeviceSession,
+    pending: &mut Vec<UploadChange>,
+    now: u64,
+) -> Vec<Message> {
+    let mut sent = Vec::new();
+    while let Some(output) = device.poll_output() {
+        match output {
+            Output::Transmit(m) => sent.push(m),
+            Output::Event(_) => {}
+            Output::Effect(DeviceEffect::LoadUploadBatch { .. }) => {
+                device.upload(std::mem::take(pending), now)
+            }
+            Output::Effect(DeviceEffect::RecordUploadResults { .. }) => device.upload_recorded(),
+            Output::Effect(DeviceEffect::Apply { through, .. }) => device.applied(through, now),
+            Output::Effect(other) => panic!("unexpected effect {other:?}"),
+        }
+    }
+    sent
+}
+
+#[test]
+fn a_device_is_not_idle_while_an_upload_it_saw_stored_is_past_its_cursor() {
+    let mut device = opened_by_hand(SessionConfig::default(), [8; 32], 100, 1);
+    let mut pending = vec![change(1)];
+    let mut sent = settle_device(&mut device, &mut pending, 1);
+    // Caught up with an empty log first.
+    assert!(
+        sent.iter().any(|m| matches!(m, Message::Download { .. })),
+        "{sent:?}"
+    );
+    device.handle_message(
+        Message::Changes {
+            after: 0,
+            through: 0,
+            head: 0,
+            pushed: false,
+            entries: vec![],
+        },
+        2,
+    );
+    sent.extend(settle_device(&mut device, &mut pending, 2));
+    let Some(Message::Upload { batch, .. }) =
+        sent.iter().find(|m| matches!(m, Message::Upload { .. }))
+    else {
+        panic!("the device uploads its change: {sent:?}");
+    };
+    device.handle_message(
+        Message::UploadAck {
+            batch: *batch,
+            results: vec![ChangeResult {
+                entry: 1,
+                outcome: ChangeOutcome::Stored { seq: 1 },
+            }],
+        },
+        3,
+    );
+    settle_device(&mut device, &mut pending, 3);
+    // The relay has the change at 1 and has not said so in a page yet: not up to date.
+    assert!(!device.is_idle());
+    device.handle_message(
+        Message::Changes {
+            after: 0,
+            through: 1,
+            head: 1,
+            pushed: true,
+            entries: vec![],
+        },
+        4,
+    );
+    settle_device(&mut device, &mut pending, 4);
+    assert!(device.is_idle());
+}
