@@ -16,7 +16,7 @@ use crate::resolve::{Conflict, ConflictKind, ConflictStatus, Take};
 use crate::store::conflicts::ResolveOutcome;
 use crate::store::kv::KvError;
 use crate::store::snapshot::SnapshotOutcome;
-use crate::store::sync::RemoteOutcome;
+use crate::store::sync::{RemoteApplied, RemoteOutcome};
 use crate::store::{Applied, QueueAction, RecordView, Store, StoreError, Write};
 use base64::Engine as _;
 use ferry_proto::wire::{LogEntry, SnapshotPage};
@@ -395,6 +395,22 @@ impl Service {
         Ok(applied)
     }
 
+    /// Subscribers hear of records another device's changes (or the relay's snapshot) changed,
+    /// and of the conflicts they brought.
+    fn announce_remote(&self, applied: &[RemoteApplied], conflicts: &[Conflict]) {
+        for a in applied {
+            let _ = self.events.send(ChangeEvent {
+                collection: a.collection.clone(),
+                id: a.id.clone(),
+                operation: a.operation,
+                heads: a.heads.clone(),
+                device: a.device.clone(),
+                origin: Origin::Remote,
+            });
+        }
+        self.announce_conflicts(conflicts);
+    }
+
     fn announce_local(&self, applied: &[Applied]) {
         for a in applied {
             if let Some(operation) = a.operation {
@@ -428,17 +444,7 @@ impl Service {
                 reply,
             },
         )?;
-        for a in &outcome.applied {
-            let _ = self.events.send(ChangeEvent {
-                collection: a.collection.clone(),
-                id: a.id.clone(),
-                operation: a.operation,
-                heads: a.heads.clone(),
-                device: a.device.clone(),
-                origin: Origin::Remote,
-            });
-        }
-        self.announce_conflicts(&outcome.conflicts);
+        self.announce_remote(&outcome.applied, &outcome.conflicts);
         Ok(outcome)
     }
 
@@ -450,17 +456,7 @@ impl Service {
             |store, page| store.apply_snapshot_page(&page),
             |page, reply| Job::Snapshot { page, reply },
         )?;
-        for a in &outcome.applied {
-            let _ = self.events.send(ChangeEvent {
-                collection: a.collection.clone(),
-                id: a.id.clone(),
-                operation: a.operation,
-                heads: a.heads.clone(),
-                device: a.device.clone(),
-                origin: Origin::Remote,
-            });
-        }
-        self.announce_conflicts(&outcome.conflicts);
+        self.announce_remote(&outcome.applied, &outcome.conflicts);
         Ok(outcome)
     }
 
