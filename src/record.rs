@@ -631,6 +631,19 @@ impl Record {
     }
 
     /// Every change of the record, oldest first, with the top-level fields each one touched.
+    /// The changes this document holds that `have` does not cover, in an order they apply in.
+    /// Inside `catch_unwind` for the reason `history` gives: the document may come from
+    /// elsewhere (a snapshot page).
+    pub fn changes_after(&mut self, have: &[ChangeHash]) -> Result<Vec<Change>, RecordError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.doc.get_changes(have)))
+            .map_err(|panic| {
+                RecordError::Corrupt(format!(
+                    "its changes cannot be read ({})",
+                    panic_message(&*panic)
+                ))
+            })
+    }
+
     pub fn history(&mut self) -> Result<Vec<HistoryEntry>, RecordError> {
         // Automerge 0.12 can panic reading the changes of a document that loaded but holds
         // inconsistent ones (a change logged before every change was checked).

@@ -213,7 +213,9 @@ impl Store {
             None => (snapshot, true, false),
             Some(mut local) => {
                 let have = local.heads();
-                let changes = snapshot.automerge().get_changes(&have);
+                let changes = snapshot.changes_after(&have).map_err(|e| {
+                    invalid(format!("a document whose changes cannot be read ({e})"))
+                })?;
                 let changed = local
                     .apply_decoded(changes)
                     .map_err(|e| invalid(format!("changes that do not apply here ({e})")))?;

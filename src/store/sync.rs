@@ -592,7 +592,11 @@ impl Store {
         let mut groups: HashMap<CacheKey, Vec<(&LogEntry, ChangeHeader)>> = HashMap::new();
         // After a snapshot, an entry its page took the record past is in the document already,
         // and its conflicts in the relay's entries the page brought.
-        let bootstrap = self.snapshot_pages()?.filter(|b| b.complete);
+        // Once the log is read past the last page's head no entry can be covered: the pages are
+        // not looked through for every entry of every later apply.
+        let bootstrap = self
+            .snapshot_pages()?
+            .filter(|b| b.complete && entries.first().is_some_and(|e| e.seq <= b.end()));
         for entry in entries {
             if let Some(bootstrap) = &bootstrap
                 && entry.seq <= bootstrap.covered(&entry.collection, &entry.record)
