@@ -33,10 +33,10 @@ use ferry::auth::token::Family;
 use ferry::record::Record;
 use ferry::relay::storage::{
     AccountRecord, AccountWrite, Append, ClientKind, Compaction, DeviceRecord, EnrolmentRecord,
-    Holders, KvStorage, LoggedChange, RelayConflictCount, RelayStorage, StorageError, StoredKey,
-    UniqueValue,
+    Holders, KvStorage, LogCompaction, LoggedChange, RelayConflictCount, RelayStorage,
+    StorageError, StoredKey, UniqueValue,
 };
-use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry::relay::store::{LogRetention, RelayStore, RelayStoreOptions};
 use ferry::resolve::{self, Conflict, ConflictKind, ConflictStatus, Side};
 use ferry::store::kv::MemoryKv;
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, RecordName, UploadChange};
@@ -747,6 +747,230 @@ fn everything_committed_is_there_after_a_restart(engine: &dyn Engine) {
     assert_eq!(storage.head(SPACE).unwrap(), 3);
 }
 
+/// Compaction drops the log up to the horizon only once bases hold it, keeps the dedup index,
+/// takes the bytes off the quota, and survives a restart (a log compacted through its head
+/// keeps its numbering).
+fn the_log_is_compacted_only_through_what_bases_hold(engine: &dyn Engine) {
+    let storage = engine.open();
+    let mut append = Append::new(0);
+    append.entries.push(entry("r", "dev", 1, b"first"));
+    append.created.insert(rec("r"), b"first".to_vec());
+    append.entries.push(entry("r", "dev", 2, b"second"));
+    append.tails.push((rec("r"), 2));
+    append.entries.push(entry("s", "dev", 3, b"other"));
+    append.created.insert(rec("s"), b"other".to_vec());
+    append.entries.push(entry("r", "dev", 4, b"fourth"));
+    append.tails.push((rec("r"), 4));
+    storage.append(SPACE, append).unwrap();
+    let bytes = storage.log_bytes(SPACE).unwrap();
+    assert_eq!(storage.horizon(SPACE).unwrap(), 0);
+    assert_eq!(storage.tails_through(SPACE, 1, 10).unwrap(), []);
+    assert_eq!(storage.tails_through(SPACE, 2, 10).unwrap(), [rec("r")]);
+
+    // Not while r's tail names seq 2, nor against a head that moved.
+    let through = |after: u64, horizon: u64| LogCompaction {
+        after,
+        horizon,
+        ..LogCompaction::default()
+    };
+    assert!(matches!(
+        storage.compact_log(SPACE, through(4, 3)),
+        Err(StorageError::Uncovered { seq: 2, .. })
+    ));
+    assert!(matches!(
+        storage.compact_log(SPACE, through(3, 1)),
+        Err(StorageError::HeadMoved { staged: 3, head: 4 })
+    ));
+    assert_eq!(storage.horizon(SPACE).unwrap(), 0);
+    assert_eq!(storage.read_log(SPACE, 0, 10, usize::MAX).unwrap().len(), 4);
+
+    // r's document saved as its base first: then seqs 1 to 3 go.
+    storage
+        .compact_log(
+            SPACE,
+            LogCompaction {
+                after: 4,
+                bases: vec![Compaction {
+                    record: rec("r"),
+                    base: b"saved".to_vec(),
+                    tail: vec![2, 4],
+                }],
+                horizon: 3,
+                mark: Some((1_000, 4)),
+            },
+        )
+        .unwrap();
+    let seqs = |after| -> Vec<u64> {
+        storage
+            .read_log(SPACE, after, 10, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect()
+    };
+    assert_eq!(storage.horizon(SPACE).unwrap(), 3);
+    assert_eq!(storage.head(SPACE).unwrap(), 4);
+    assert_eq!(seqs(3), [4]);
+    assert_eq!(storage.change_at(SPACE, 2).unwrap(), None);
+    assert_eq!(
+        storage.change_at(SPACE, 4).unwrap().as_deref(),
+        Some(&b"fourth"[..])
+    );
+    assert_eq!(
+        storage.change_seq(SPACE, "Doc", "r", &[2; 32]).unwrap(),
+        Some(2),
+        "the dedup index outlives the entries"
+    );
+    assert_eq!(
+        storage.base(SPACE, "Doc", "r").unwrap(),
+        Some(b"saved".to_vec())
+    );
+    assert_eq!(storage.tail(SPACE, "Doc", "r").unwrap(), [0u64; 0]);
+    let left = storage.log_bytes(SPACE).unwrap();
+    assert!(left > 0 && left < bytes, "{left} of {bytes}");
+    assert_eq!(storage.time_marks(SPACE).unwrap(), [(1_000, 4)]);
+    // A lower horizon is no step back.
+    storage.compact_log(SPACE, through(4, 1)).unwrap();
+    assert_eq!(storage.horizon(SPACE).unwrap(), 3);
+    drop(storage);
+
+    let storage = engine.reopen();
+    assert_eq!(storage.horizon(SPACE).unwrap(), 3);
+    assert_eq!(storage.head(SPACE).unwrap(), 4);
+    assert_eq!(storage.log_bytes(SPACE).unwrap(), left);
+    // Through the head: no entry is left, and no mark at or below the horizon.
+    storage.compact_log(SPACE, through(4, 4)).unwrap();
+    assert_eq!(storage.read_log(SPACE, 4, 10, usize::MAX).unwrap(), []);
+    assert_eq!(storage.log_bytes(SPACE).unwrap(), 0);
+    assert_eq!(storage.time_marks(SPACE).unwrap(), []);
+    drop(storage);
+
+    let storage = engine.reopen();
+    assert_eq!(
+        storage.head(SPACE).unwrap(),
+        4,
+        "numbering survives an empty log"
+    );
+    append_at_head(&*storage, SPACE, 5, &[("r", b"fifth")]);
+    assert_eq!(storage.head(SPACE).unwrap(), 5);
+    assert_eq!(
+        storage.read_log(SPACE, 4, 10, usize::MAX).unwrap()[0].seq,
+        5
+    );
+    assert_eq!(storage.horizon("other").unwrap(), 0);
+}
+
+/// Through the relay store: compaction by entries and by age keeps every document as it was,
+/// answers reads below the horizon with the horizon, still knows old changes as duplicates,
+/// and takes new changes on top.
+fn the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(engine: &dyn Engine) {
+    let relay_store = relay(engine.open(), 100);
+    let mut writers: Vec<Writer> = (0..4).map(|_| Writer::new(1)).collect();
+    let mut entry = 0;
+    let mut send = |relay_store: &RelayStore, writers: &mut Vec<Writer>, round: u64| {
+        for (i, writer) in writers.iter_mut().enumerate() {
+            let change = if round == 0 {
+                writer.put(json!({"n": 0, "id": i}))
+            } else {
+                writer.patch(json!({"n": round}))
+            };
+            entry += 1;
+            let r = relay_store
+                .append(SPACE, &dev(1), &[upload(entry, &format!("r{i}"), &change)])
+                .unwrap();
+            assert!(matches!(r[0].outcome, ChangeOutcome::Stored { .. }));
+        }
+    };
+    let day = 86_400_000u64;
+    let t0 = 100 * day;
+    let by_age = LogRetention {
+        keep_log_days: 2,
+        keep_log_entries: 0,
+    };
+    // Day 0: 3 rounds (12 entries), noted at day 0.
+    for round in 0..3 {
+        send(&relay_store, &mut writers, round);
+    }
+    assert_eq!(relay_store.compact_log(SPACE, t0, by_age).unwrap(), None);
+    // Day 1: 2 more rounds (20 entries), noted; at day 2.5 what day 0 noted is old enough,
+    // what day 1 noted is not.
+    for round in 3..5 {
+        send(&relay_store, &mut writers, round);
+    }
+    assert_eq!(
+        relay_store.compact_log(SPACE, t0 + day, by_age).unwrap(),
+        None
+    );
+    let docs = |relay_store: &RelayStore| -> Vec<_> {
+        (0..4)
+            .map(|i| {
+                let id = format!("r{i}");
+                (
+                    relay_store.heads(SPACE, "Doc", &id).unwrap().unwrap(),
+                    relay_store.record(SPACE, "Doc", &id).unwrap().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let before = docs(&relay_store);
+    let bytes = relay_store.log_bytes(SPACE).unwrap();
+    let done = relay_store
+        .compact_log(SPACE, t0 + 5 * day / 2, by_age)
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.horizon, 12, "the head day 0 noted");
+    assert_eq!(done.bases_saved, 4);
+    assert_eq!((done.bytes_before, done.bytes_after < bytes), (bytes, true));
+    assert_eq!(docs(&relay_store), before);
+    // Reads below the horizon say so; reads from it go on.
+    let slice = relay_store.read_since(SPACE, 5, 100, usize::MAX).unwrap();
+    assert_eq!((slice.horizon, slice.entries.len()), (12, 0));
+    let slice = relay_store.read_since(SPACE, 12, 100, usize::MAX).unwrap();
+    assert_eq!(slice.entries.len(), 8);
+    let page = relay_store
+        .snapshot_page(SPACE, None, 10, usize::MAX)
+        .unwrap();
+    assert_eq!((page.horizon, page.head, page.records.len()), (12, 20, 4));
+    // An old change sent again is still a duplicate, and edits go on on top.
+    let old = writers[0].changes[1].clone();
+    let r = relay_store
+        .append(SPACE, &dev(1), &[upload(900, "r0", &old)])
+        .unwrap();
+    assert_eq!(outcomes(&r), [ChangeOutcome::Duplicate { seq: 5 }]);
+    send(&relay_store, &mut writers, 5);
+    // By entries: the last 6 stay.
+    let by_entries = LogRetention {
+        keep_log_days: 0,
+        keep_log_entries: 6,
+    };
+    let done = relay_store
+        .compact_log(SPACE, t0 + 3 * day, by_entries)
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.horizon, 18);
+    assert_eq!(
+        relay_store
+            .read_since(SPACE, 18, 100, usize::MAX)
+            .unwrap()
+            .entries
+            .len(),
+        6
+    );
+    for i in 0..4 {
+        let fields = relay_store
+            .record(SPACE, "Doc", &format!("r{i}"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(fields.get("n"), Some(&json!(5)), "{fields:?}");
+    }
+    assert_eq!(
+        relay_store
+            .compact_log(SPACE, t0 + 3 * day, by_entries)
+            .unwrap(),
+        None
+    );
+}
+
 fn relay(storage: Arc<dyn RelayStorage>, compact_after: usize) -> RelayStore {
     RelayStore::open(
         storage,
@@ -1012,6 +1236,18 @@ macro_rules! conformance {
             #[test]
             fn accounts_devices_codes_families_keys_and_passwords_commit_whole() {
                 super::accounts_devices_codes_families_keys_and_passwords_commit_whole(&$engine);
+            }
+
+            #[test]
+            fn the_log_is_compacted_only_through_what_bases_hold() {
+                super::the_log_is_compacted_only_through_what_bases_hold(&$engine);
+            }
+
+            #[test]
+            fn the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole() {
+                super::the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(
+                    &$engine,
+                );
             }
 
             #[test]

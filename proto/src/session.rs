@@ -811,6 +811,11 @@ impl DeviceSession {
                     },
                 });
             }
+            (Handshake::Open, Message::Compacted { horizon })
+                if self.version >= SNAPSHOT_VERSION && !self.asked.is_empty() =>
+            {
+                self.handle_compacted(horizon, now);
+            }
             (
                 Handshake::Open,
                 Message::Changes {
@@ -974,6 +979,22 @@ impl DeviceSession {
         }
         self.start_download(now);
         self.check_idle();
+    }
+
+    /// The oldest `Download` was answered `Compacted`: the relay no longer keeps the log after
+    /// the cursor. What the later ranges bring is dropped, and the device bootstraps from a
+    /// snapshot (its queue untouched: local changes go on uploading meanwhile), after which the
+    /// log is read from the snapshot's head.
+    fn handle_compacted(&mut self, horizon: u64, now: u64) {
+        self.asked.pop_front();
+        self.asked.iter_mut().for_each(|a| a.stale = true);
+        self.pushes.clear();
+        self.download_deadline =
+            (!self.asked.is_empty()).then(|| now.saturating_add(self.config.request_timeout_ms));
+        self.relay_head = self.relay_head.max(horizon);
+        if !self.is_bootstrapping() {
+            self.start_snapshot(None, now);
+        }
     }
 
     /// Where what is received, applied or being applied ends.
@@ -1264,6 +1285,9 @@ pub struct LogSlice {
     pub through: u64,
     /// The space's last seq.
     pub head: u64,
+    /// The space's compaction horizon: entries up to it are no longer kept, so a read after a
+    /// lower `after` cannot be served (0: the whole log is kept).
+    pub horizon: u64,
     pub entries: Vec<LogEntry>,
 }
 
@@ -1591,6 +1615,9 @@ impl RelaySession {
                 ),
             );
         }
+        if since < slice.horizon {
+            return self.compacted(since, slice.head, slice.horizon, pushed);
+        }
         if pushed && slice.through <= since {
             // The store has nothing after `since` after all: stop pushing until the device
             // downloads again, rather than asking for the same read forever.
@@ -1624,6 +1651,38 @@ impl RelaySession {
             self.start_read(since, max_changes);
         } else {
             self.live = through >= head;
+        }
+    }
+
+    /// A read after `since` found the log compacted past it (PROTOCOL.md, section 5.8). A
+    /// `Download` is answered `Compacted`, which ends it whole; a push cannot say so, so it
+    /// carries no entries, only the head: the device, seeing the log ahead of its cursor,
+    /// downloads and is answered `Compacted` then.
+    fn compacted(&mut self, since: u64, head: u64, horizon: u64, pushed: bool) {
+        if pushed {
+            self.live = false;
+            self.transmit(Message::Changes {
+                after: since,
+                through: since,
+                head,
+                pushed: true,
+                entries: Vec::new(),
+            });
+            return;
+        }
+        if self.version < SNAPSHOT_VERSION {
+            return self.fail(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "the relay no longer keeps the log up to seq {horizon}, and this device \
+                     speaks protocol {}, which cannot bootstrap from a snapshot: upgrade it",
+                    self.version
+                ),
+            );
+        }
+        self.transmit(Message::Compacted { horizon });
+        if let Some((since, max_changes)) = self.queued_downloads.pop_front() {
+            self.start_read(since, max_changes);
         }
     }
 

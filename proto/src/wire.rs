@@ -372,6 +372,10 @@ pub enum Message {
         last: Option<RecordName>,
         complete: bool,
     },
+    /// Relay → device (version 4): the answer to a `Download` whose `since` lies below the
+    /// relay's compaction horizon: the log up to `horizon` is no longer kept, so the device
+    /// bootstraps from a snapshot instead (PROTOCOL.md, section 5.8).
+    Compacted { horizon: u64 },
 }
 
 /// A page of a space's snapshot: the fields of `Message::SnapshotPage`, as the relay's store
@@ -465,6 +469,7 @@ impl Message {
             Message::HeadsDigest { .. } => "HeadsDigest",
             Message::Snapshot { .. } => "Snapshot",
             Message::SnapshotPage { .. } => "SnapshotPage",
+            Message::Compacted { .. } => "Compacted",
         }
     }
 }

@@ -80,10 +80,11 @@ fn message_tag(message: &Message) -> u8 {
         Message::HeadsDigest { .. } => 12,
         Message::Snapshot { .. } => 13,
         Message::SnapshotPage { .. } => 14,
+        Message::Compacted { .. } => 15,
     }
 }
 
-const MESSAGE_VARIANTS: u8 = 15;
+const MESSAGE_VARIANTS: u8 = 16;
 
 fn sample_tokens() -> Tokens {
     Tokens {
@@ -354,6 +355,7 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 complete: false,
             },
         ),
+        ("compacted", Message::Compacted { horizon: 4000 }),
         (
             "error_unsupported_version",
             Message::Error {

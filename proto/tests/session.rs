@@ -39,6 +39,8 @@ struct World {
     /// Records a snapshot brought, and the heads of its pages.
     snapshot: Vec<RecordName>,
     snapshot_heads: Vec<u64>,
+    /// The relay's compaction horizon: the log up to it is no longer kept.
+    horizon: u64,
 }
 
 impl World {
@@ -59,6 +61,7 @@ impl World {
             after: since,
             through,
             head: self.head(),
+            horizon: self.horizon,
             entries,
         }
     }
@@ -587,6 +590,82 @@ fn an_interrupted_bootstrap_resumes_after_its_last_page_and_a_known_device_reads
     pair.run(&mut world);
     assert_eq!(world.snapshot, []);
     assert_eq!(world.applied.len(), 2);
+}
+
+#[test]
+fn a_device_behind_the_horizon_is_answered_compacted_and_bootstraps_keeping_its_queue() {
+    let mut world = World::default();
+    world.append("other", &(1..=6).map(change).collect::<Vec<_>>());
+    world.horizon = 4;
+    // The device read up to 2 and holds a local change.
+    world.pending = vec![change(50)];
+    let mut pair = Pair::new([24; 32], 2);
+    pair.device.set_bootstrap(Bootstrap::Fresh);
+    pair.run(&mut world);
+    assert_eq!(
+        world.applied,
+        [],
+        "nothing below the horizon is read as log"
+    );
+    assert!(
+        (1..=6).all(|n| world.snapshot.contains(&name(&format!("r{n}")))),
+        "every record of the log came in the snapshot: {:?}",
+        world.snapshot
+    );
+    assert_eq!(world.uploaded, [50], "the local change went up meanwhile");
+    // The snapshot was taken at 6, before or after the upload at 7: the log is read from it.
+    assert_eq!(world.cursor, 7);
+    assert!(matches!(
+        pair.device_events.last(),
+        Some(DeviceEvent::Idle { cursor: 7 })
+    ));
+    assert!(closed_with(&pair.device_events).is_none());
+
+    // A live device whose next push lies below a horizon that moved past what it was sent:
+    // the push brings the head only, the device downloads, is answered Compacted, bootstraps.
+    world.snapshot.clear();
+    world.snapshot_heads.clear();
+    world.append("other", &(7..=9).map(change).collect::<Vec<_>>());
+    world.horizon = 9;
+    pair.relay.appended(world.head());
+    pair.run(&mut world);
+    assert_eq!(world.applied, []);
+    assert_eq!(world.snapshot.len(), 10);
+    assert_eq!(world.cursor, 10);
+    assert!(closed_with(&pair.device_events).is_none());
+
+    // A device speaking version 3 cannot bootstrap: it is told to upgrade.
+    let mut world = World::default();
+    world.append("other", &(1..=3).map(change).collect::<Vec<_>>());
+    world.horizon = 2;
+    let mut pair = Pair::new([25; 32], 1);
+    let Some(Output::Transmit(Message::Hello {
+        min_version,
+        public_key,
+        space,
+        time_ms,
+        ..
+    })) = pair.device.poll_output()
+    else {
+        panic!("a device session starts with Hello");
+    };
+    let hello = Message::Hello {
+        min_version,
+        max_version: 3,
+        public_key,
+        space,
+        time_ms,
+    };
+    pair.relay.handle_message(hello, 1);
+    pair.run(&mut world);
+    match closed_with(&pair.device_events) {
+        Some(SessionError::Remote { code, message }) => {
+            assert_eq!(*code, ErrorCode::UnsupportedVersion);
+            assert!(message.contains("upgrade"), "{message}");
+        }
+        other => panic!("a version 3 device behind the horizon is refused: {other:?}"),
+    }
+    assert_eq!(world.applied, []);
 }
 
 #[test]

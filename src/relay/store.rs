@@ -38,7 +38,8 @@
 
 use crate::record::{Fields, Record, RecordError, chunk_hash, decode_change};
 use crate::relay::storage::{
-    Append, Compaction, LogStorage, LoggedChange, RecordKey, StorageError, UniqueValue,
+    Append, Compaction, LogCompaction, LogStorage, LoggedChange, RecordKey, StorageError,
+    UniqueValue,
 };
 use crate::resolve::ledger::{
     ConflictState, Counter, EncodeError, HeldValues, Holders, Ledger, UniqueCheck,
@@ -97,6 +98,37 @@ impl Default for RelayStoreOptions {
 }
 
 pub use ferry_proto::session::LogSlice;
+
+/// How much of a space's log the relay keeps (the relay config's `keep_log_days` and
+/// `keep_log_entries`; 0: no bound). An entry is kept while it is both younger than
+/// `keep_log_days` and among the last `keep_log_entries`; the rest, once the records' bases hold
+/// them, is dropped (PROTOCOL.md, section 5.8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogRetention {
+    pub keep_log_days: u64,
+    pub keep_log_entries: u64,
+}
+
+/// How often, at most, a space's head is noted with the time (what `keep_log_days` is measured
+/// by): an entry is dropped by age at most this much later than it could be.
+const TIME_MARK_EVERY_MS: u64 = 3_600_000;
+
+const DAY_MS: u64 = 86_400_000;
+
+/// Records whose bases one compaction step saves.
+const BASES_PER_STEP: usize = 256;
+
+/// What one compaction of a space did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogCompacted {
+    /// The space's horizon now.
+    pub horizon: u64,
+    /// Records whose documents were saved as their bases so that the entries could go.
+    pub bases_saved: usize,
+    /// The space's log bytes (its quota) before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
 
 type DocKey = (String, String, String);
 
@@ -933,7 +965,7 @@ impl RelayStore {
             .record_names(space, after, wanted.saturating_add(1))?;
         let mut page = SnapshotPage {
             head,
-            horizon: 0,
+            horizon: self.storage.horizon(space)?,
             records: Vec::new(),
             last: None,
             complete: true,
@@ -1001,6 +1033,134 @@ impl RelayStore {
         })
     }
 
+    /// Compacts the space's log as `retention` allows at `now_ms` (the relay's clock): notes
+    /// the head with the time (at most hourly), saves as their bases the documents of the
+    /// records whose tails reach below the new horizon, then drops the entries up to it (their
+    /// dedup index kept, so an old change uploaded again is still a `Duplicate`), taking their
+    /// bytes off the space's quota. `None` when nothing is to be dropped, or while the space's
+    /// conflict entries are being rebuilt from its whole log. Appends to the space wait only
+    /// while bases are saved, a few hundred records at a time.
+    pub fn compact_log(
+        &self,
+        space: &str,
+        now_ms: u64,
+        retention: LogRetention,
+    ) -> Result<Option<LogCompacted>, RelayStoreError> {
+        check_space(space)?;
+        if retention == LogRetention::default() || !self.conflicts_complete(space)? {
+            return Ok(None);
+        }
+        let head = self.storage.head(space)?;
+        let before = self.storage.horizon(space)?;
+        let marks = self.storage.time_marks(space)?;
+        let mark = (retention.keep_log_days > 0
+            && head > before
+            && marks.last().is_none_or(|&(time, at)| {
+                at < head && now_ms.saturating_sub(time) >= TIME_MARK_EVERY_MS
+            }))
+        .then_some((now_ms, head));
+        let by_entries = (retention.keep_log_entries > 0)
+            .then(|| head.saturating_sub(retention.keep_log_entries));
+        let by_age = (retention.keep_log_days > 0).then(|| {
+            let cutoff = now_ms.saturating_sub(retention.keep_log_days.saturating_mul(DAY_MS));
+            marks
+                .iter()
+                .filter(|(time, _)| *time <= cutoff)
+                .map(|&(_, at)| at)
+                .max()
+                .unwrap_or(0)
+        });
+        let target = by_entries.into_iter().chain(by_age).max().unwrap_or(0);
+        if target <= before {
+            if mark.is_some() {
+                self.storage.compact_log(
+                    space,
+                    LogCompaction {
+                        after: head,
+                        mark,
+                        ..LogCompaction::default()
+                    },
+                )?;
+            }
+            return Ok(None);
+        }
+        let bytes_before = self.storage.log_bytes(space)?;
+        let bases_saved = self.save_bases_through(space, target)?;
+        // Appends may land meanwhile: they only add entries above the head, so the step is
+        // staged again on the new head.
+        loop {
+            let step = LogCompaction {
+                after: self.storage.head(space)?,
+                bases: Vec::new(),
+                horizon: target,
+                mark,
+            };
+            match self.storage.compact_log(space, step) {
+                Ok(()) => break,
+                Err(StorageError::HeadMoved { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Some(LogCompacted {
+            horizon: self.storage.horizon(space)?,
+            bases_saved,
+            bytes_before,
+            bytes_after: self.storage.log_bytes(space)?,
+        }))
+    }
+
+    /// Saves as their bases the documents of the records whose tails name entries at or below
+    /// `seq`, a step at a time under the space's lock; returns how many.
+    fn save_bases_through(&self, space: &str, seq: u64) -> Result<usize, RelayStoreError> {
+        let state = self.space(space)?;
+        let mut saved = 0usize;
+        loop {
+            let _appends = lock(&state);
+            let records = self.storage.tails_through(space, seq, BASES_PER_STEP)?;
+            if records.is_empty() {
+                return Ok(saved);
+            }
+            let mut bases = Vec::with_capacity(records.len());
+            for (collection, record) in records {
+                let tail = self.storage.tail(space, &collection, &record)?;
+                let doc_key = (space.to_owned(), collection.clone(), record.clone());
+                let cached = lock(&self.cache).get_mut(&doc_key).map(|doc| doc.save());
+                let base = match cached {
+                    Some(base) => base,
+                    None => self
+                        .load_doc(space, &collection, &record, &tail, &Append::default())?
+                        .ok_or_else(|| {
+                            corrupt(
+                                "record base",
+                                format!("{collection}/{record} has a tail but no base"),
+                            )
+                        })?
+                        .save(),
+                };
+                bases.push(Compaction {
+                    record: (collection, record),
+                    base,
+                    tail,
+                });
+            }
+            saved = saved.saturating_add(bases.len());
+            self.storage.compact_log(
+                space,
+                LogCompaction {
+                    after: self.storage.head(space)?,
+                    bases,
+                    ..LogCompaction::default()
+                },
+            )?;
+        }
+    }
+
+    /// The space's compaction horizon: the log up to it is no longer kept (0: all of it is).
+    pub fn horizon(&self, space: &str) -> Result<u64, RelayStoreError> {
+        check_space(space)?;
+        Ok(self.storage.horizon(space)?)
+    }
+
     /// Bytes of the space's log entries: what the account's quota is measured against.
     pub fn log_bytes(&self, space: &str) -> Result<u64, RelayStoreError> {
         check_space(space)?;
@@ -1034,6 +1194,17 @@ impl RelayStore {
         max_bytes: usize,
     ) -> Result<LogSlice, RelayStoreError> {
         let head = self.head(space)?;
+        let horizon = self.storage.horizon(space)?;
+        if after < horizon {
+            // The entries after `after` are gone in part: the reader must bootstrap.
+            return Ok(LogSlice {
+                after,
+                through: after,
+                head,
+                horizon,
+                entries: Vec::new(),
+            });
+        }
         let entries = self
             .storage
             .read_log(space, after, max_changes, max_bytes)?;
@@ -1044,6 +1215,7 @@ impl RelayStore {
             after,
             through,
             head: entries.last().map_or(head, |e| head.max(e.seq)),
+            horizon,
             entries,
         })
     }

@@ -32,6 +32,9 @@
 //!   (logs kept before the relay kept them lack it until rebuilt); `i{space}\0` → empty: so
 //!   does the per-record index of the entries (`y`), which earlier versions did not keep: a
 //!   space without it counts as not complete, and is rebuilt once.
+//! - `z{space}\0` → `{seq u64 BE}`: the compaction horizon, the log's entries up to it dropped
+//!   (their `h` keys kept); `n{space}\0{time ms u64 BE}` → `{seq u64 BE}`: a time mark, the
+//!   log's head at that time, while it lies above the horizon.
 //! - `w{space}\0` → the space's web actor (the actor its HTTP writes are made under); spaces
 //!   whose web actor was kept by earlier versions have it under `M{space}\0` + `mdevice`.
 //!
@@ -48,7 +51,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, Holders,
-    LogStorage, RelayConflictCount, StorageError, StoredKey, UniqueValue, UniqueValues,
+    LogCompaction, LogStorage, RelayConflictCount, StorageError, StoredKey, UniqueValue,
+    UniqueValues,
 };
 use crate::auth::token::Family;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus};
@@ -98,13 +102,84 @@ impl KvStorage {
             return Ok(state.clone());
         }
         let prefix = key(b'l', &[space]);
-        let head = match self.kv.last_key(&prefix, &prefix_end(&prefix))? {
+        let last = match self.kv.last_key(&prefix, &prefix_end(&prefix))? {
             Some(k) => seq_at(&k, prefix.len())?,
             None => 0,
         };
+        // A log compacted through its head keeps no entry: its horizon is its head.
+        let head = last.max(self.horizon_of(space)?);
         let state = Arc::new(Mutex::new(head));
         spaces.insert(space.to_owned(), state.clone());
         Ok(state)
+    }
+
+    fn horizon_of(&self, space: &str) -> Result<u64, StorageError> {
+        self.counter(&key(b'z', &[space]))
+    }
+
+    /// The space's tail entries, `(record, seq)`, in key order, from `start` on (a `t` key of
+    /// the space), up to `limit`; with the key to go on from.
+    #[allow(clippy::type_complexity)]
+    fn tail_entries(
+        &self,
+        space: &str,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<(super::RecordKey, u64)>, Option<Vec<u8>>), StorageError> {
+        let prefix = key(b't', &[space]);
+        let rows = self.kv.range(start, &prefix_end(&prefix), limit)?;
+        let next = rows.last().map(|(k, _)| after_key(k));
+        let entries = rows
+            .iter()
+            .map(|(k, _)| {
+                let bad = || corrupt("tail key", String::from_utf8_lossy(k));
+                let rest = k.get(prefix.len()..).ok_or_else(bad)?;
+                let mut parts = rest.splitn(3, |&b| b == 0);
+                let (Some(collection), Some(record), Some(seq)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(bad());
+                };
+                let seq = <[u8; 8]>::try_from(seq)
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| bad())?;
+                let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| bad());
+                Ok(((text(collection)?, text(record)?), seq))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((entries, next))
+    }
+
+    /// Drops the space's log entries up to `horizon`, a part at a time (each part one batch,
+    /// its bytes taken off the quota under the space's commit lock, so appends go on between
+    /// parts): what a crash leaves lies below the horizon, and the next compaction drops it.
+    fn drop_entries(
+        &self,
+        space: &str,
+        state: &Mutex<u64>,
+        horizon: u64,
+    ) -> Result<(), StorageError> {
+        let prefix = key(b'l', &[space]);
+        let end = seq_key(b'l', &[space], horizon.saturating_add(1));
+        loop {
+            let _commits = lock(state);
+            let rows = self.kv.range(&prefix, &end, 4096)?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let mut batch = Batch::default();
+            let mut bytes = 0u64;
+            for (k, v) in rows {
+                bytes = bytes.saturating_add(v.len() as u64);
+                batch.remove(k);
+            }
+            let before = self.log_bytes(space)?;
+            batch.put(
+                key(b's', &[space]),
+                before.saturating_sub(bytes).to_be_bytes().to_vec(),
+            );
+            self.kv.apply(batch)?;
+        }
     }
 
     fn counter(&self, key: &[u8]) -> Result<u64, StorageError> {
@@ -609,6 +684,100 @@ impl LogStorage for KvStorage {
 
     fn size_on_disk(&self) -> Result<u64, StorageError> {
         Ok(self.kv.size_on_disk()?)
+    }
+
+    fn horizon(&self, space: &str) -> Result<u64, StorageError> {
+        self.horizon_of(space)
+    }
+
+    fn tails_through(
+        &self,
+        space: &str,
+        seq: u64,
+        limit: usize,
+    ) -> Result<Vec<super::RecordKey>, StorageError> {
+        let mut records: Vec<super::RecordKey> = Vec::new();
+        let mut start = Some(key(b't', &[space]));
+        while let Some(from) = start.take() {
+            if records.len() >= limit {
+                break;
+            }
+            let (entries, next) = self.tail_entries(space, &from, 4096)?;
+            start = next;
+            for (record, at) in entries {
+                if at <= seq && records.last() != Some(&record) && records.len() < limit {
+                    records.push(record);
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    fn time_marks(&self, space: &str) -> Result<Vec<(u64, u64)>, StorageError> {
+        let prefix = key(b'n', &[space]);
+        self.kv
+            .range(&prefix, &prefix_end(&prefix), usize::MAX)?
+            .iter()
+            .map(|(k, v)| Ok((seq_at(k, prefix.len())?, be_u64(v, "time mark")?)))
+            .collect()
+    }
+
+    fn compact_log(&self, space: &str, step: LogCompaction) -> Result<(), StorageError> {
+        let state = self.space(space)?;
+        let horizon = {
+            let head = lock(&state);
+            if *head != step.after {
+                return Err(StorageError::HeadMoved {
+                    staged: step.after,
+                    head: *head,
+                });
+            }
+            let before = self.horizon_of(space)?;
+            let horizon = step.horizon.min(step.after).max(before);
+            let mut batch = Batch::default();
+            let mut saved = std::collections::HashSet::new();
+            for compaction in step.bases {
+                let (collection, record) = &compaction.record;
+                batch.put(key(b'b', &[space, collection, record]), compaction.base);
+                for seq in compaction.tail {
+                    batch.remove(seq_key(b't', &[space, collection, record], seq));
+                    saved.insert((compaction.record.clone(), seq));
+                }
+            }
+            if horizon > before {
+                let mut start = Some(key(b't', &[space]));
+                while let Some(from) = start.take() {
+                    let (entries, next) = self.tail_entries(space, &from, 4096)?;
+                    start = next;
+                    if let Some((record, seq)) = entries
+                        .into_iter()
+                        .find(|entry| entry.1 <= horizon && !saved.contains(entry))
+                    {
+                        return Err(StorageError::Uncovered {
+                            horizon,
+                            record,
+                            seq,
+                        });
+                    }
+                }
+                batch.put(key(b'z', &[space]), horizon.to_be_bytes().to_vec());
+            }
+            let marks = key(b'n', &[space]);
+            if let Some((time, at)) = step.mark
+                && at > horizon
+            {
+                batch.put(seq_key(b'n', &[space], time), at.to_be_bytes().to_vec());
+            }
+            for (k, v) in self.kv.range(&marks, &prefix_end(&marks), usize::MAX)? {
+                if be_u64(&v, "time mark")? <= horizon {
+                    batch.remove(k);
+                }
+            }
+            self.kv.apply(batch)?;
+            horizon
+        };
+        self.drop_entries(space, &state, horizon)?;
+        Ok(self.kv.flush()?)
     }
 }
 

@@ -45,6 +45,15 @@ pub enum StorageError {
          stage it again"
     )]
     HeadMoved { staged: u64, head: u64 },
+    #[error(
+        "the log cannot be compacted through seq {horizon}: {record:?}'s base does not hold its \
+         change at seq {seq} yet (save the record's document as its base first)"
+    )]
+    Uncovered {
+        horizon: u64,
+        record: RecordKey,
+        seq: u64,
+    },
     #[error("account {0:?} already exists")]
     AccountExists(String),
     #[error("the enrolment code was already used")]
@@ -150,6 +159,22 @@ impl Append {
             && self.held.is_empty()
             && !self.conflicts_complete
     }
+}
+
+/// A step of a space's log compaction (PROTOCOL.md, section 5.8), one commit: records' documents
+/// saved as their bases, then the log entries up to `horizon` dropped, their dedup index kept.
+#[derive(Debug, Default)]
+pub struct LogCompaction {
+    /// The head the step was staged against (bases are read as of it).
+    pub after: u64,
+    /// Records whose document is saved as their new base, with the tail seqs it now holds.
+    pub bases: Vec<Compaction>,
+    /// Drop the log entries up to this seq (no higher than `after`); a horizon at or below the
+    /// space's current one drops nothing.
+    pub horizon: u64,
+    /// `(time_ms, head)`: the log's head at that time, kept so that a later horizon can be
+    /// found by age (`keep_log_days`); marks at or below the new horizon are dropped.
+    pub mark: Option<(u64, u64)>,
 }
 
 /// A space's change logs, records' documents (base + tail), logged heads, unique-value index,
@@ -284,6 +309,31 @@ pub trait LogStorage: Send + Sync {
 
     /// Bytes the engine takes on disk.
     fn size_on_disk(&self) -> Result<u64, StorageError>;
+
+    /// The space's compaction horizon: its log entries up to this seq are dropped (0: none).
+    /// `read_log` and `change_at` no longer find them; `change_seq` still does.
+    fn horizon(&self, space: &str) -> Result<u64, StorageError>;
+
+    /// Up to `limit` records, in key order, that have a tail entry at or below `seq`: the
+    /// records whose bases must be saved before the log can be compacted through `seq`.
+    fn tails_through(
+        &self,
+        space: &str,
+        seq: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordKey>, StorageError>;
+
+    /// The space's time marks `(time_ms, head)`, oldest first (see `LogCompaction::mark`).
+    fn time_marks(&self, space: &str) -> Result<Vec<(u64, u64)>, StorageError>;
+
+    /// Commits a compaction step: refused whole with `HeadMoved` when the space's head is no
+    /// longer `step.after`, and with `Uncovered` when, once `step.bases` are saved, a record's
+    /// tail still names an entry at or below `step.horizon` (an entry is dropped only once a
+    /// base holds it). The entries are dropped with their bytes taken off the space's quota
+    /// (`log_bytes`); an engine may drop them after the horizon is committed, a part at a time,
+    /// as long as a crash leaves only entries below the horizon behind, which a later step
+    /// drops. Durable when it returns.
+    fn compact_log(&self, space: &str, step: LogCompaction) -> Result<(), StorageError>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
