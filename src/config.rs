@@ -256,6 +256,13 @@ pub struct RelayConfig {
     /// The bearer token a Prometheus scraper shows for `GET /metrics` on the HTTPS API; empty:
     /// no metrics served.
     pub metrics_token: String,
+    /// A space's log entries older than this many days are dropped once the records' documents
+    /// hold them (0: no bound by age); a device that has not synced since bootstraps again.
+    pub keep_log_days: u64,
+    /// Only this many of a space's latest log entries are kept (0: no bound by count).
+    pub keep_log_entries: u64,
+    /// How often the relay compacts its spaces' logs, in seconds.
+    pub compact_interval_secs: u64,
 }
 
 impl Default for RelayConfig {
@@ -288,6 +295,9 @@ impl Default for RelayConfig {
             min_app_version: String::new(),
             logins_per_minute: 10,
             metrics_token: String::new(),
+            keep_log_days: 0,
+            keep_log_entries: 0,
+            compact_interval_secs: 3600,
         }
     }
 }
@@ -427,6 +437,10 @@ impl Config {
                 self.relay.max_download_changes as usize,
             ),
             ("relay.cache_docs", self.relay.cache_docs),
+            (
+                "relay.compact_interval_secs",
+                self.relay.compact_interval_secs as usize,
+            ),
             (
                 "relay.handshake_timeout_ms",
                 self.relay.handshake_timeout_ms as usize,

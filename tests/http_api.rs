@@ -648,6 +648,7 @@ fn http_error_codes_are_pinned_and_documented() {
             ErrorCode::Forbidden => ("forbidden", 403),
             ErrorCode::NotFound => ("not_found", 404),
             ErrorCode::CursorAhead => ("cursor_ahead", 409),
+            ErrorCode::Compacted => ("compacted", 410),
             ErrorCode::Settled => ("settled", 409),
             ErrorCode::TooLarge => ("too_large", 413),
             ErrorCode::RateLimited => ("rate_limited", 429),

@@ -23,7 +23,9 @@ mod relay_fixtures;
 use common::{fields, open_sled};
 use ferry::record::Record;
 use ferry::relay::storage::{KvStorage, StorageError};
-use ferry::relay::store::{RelayConflictCount, RelayStore, RelayStoreError, RelayStoreOptions};
+use ferry::relay::store::{
+    LogRetention, RelayConflictCount, RelayStore, RelayStoreError, RelayStoreOptions,
+};
 use ferry::resolve::{ConflictKind, ConflictStatus, Policies, Policy};
 use ferry::store::kv::{Kv, MemoryKv};
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
@@ -1070,4 +1072,60 @@ fn a_change_that_leaves_a_document_that_cannot_be_loaded_is_refused() {
         Some(loaded.fields()),
         relay.record(SPACE, "Doc", "r").unwrap()
     );
+}
+
+#[test]
+fn the_quota_alert_clears_once_compaction_brings_the_space_back_under_its_quota() {
+    let runtime = ferry::daemon::runtime().unwrap();
+    let _inside = runtime.enter();
+    let relay = RelayStore::open(
+        Arc::new(KvStorage::new(Arc::new(MemoryKv::new()))),
+        RelayStoreOptions::default(),
+    );
+    let alerts = ferry::relay::alerts::RelayAlerts::new(
+        ferry::alerts::AlertsConfig {
+            account_quota_bytes: 2000,
+            ..Default::default()
+        },
+        Arc::new(ferry::clock::FixedClock(1_000)),
+    );
+    let active = || -> Vec<String> {
+        alerts
+            .active(SPACE)
+            .iter()
+            .map(|a| a.kind.as_str().to_owned())
+            .collect()
+    };
+    let mut writer = Writer::new(1);
+    let mut n = 0;
+    while relay.log_bytes(SPACE).unwrap() < 2000 {
+        n += 1;
+        let change = if n == 1 {
+            writer.put(json!({"text": "x".repeat(100)}))
+        } else {
+            writer.patch(json!({"text": "y".repeat(100), "n": n}))
+        };
+        relay
+            .append(SPACE, &dev(1), &[upload(n, "r", &change)])
+            .unwrap();
+        alerts.appended(&relay, SPACE);
+    }
+    assert_eq!(active(), ["storage_quota"]);
+    let fields = relay.record(SPACE, "Doc", "r").unwrap();
+    let done = relay
+        .compact_log(
+            SPACE,
+            1_000,
+            LogRetention {
+                keep_log_days: 0,
+                keep_log_entries: 2,
+            },
+        )
+        .unwrap()
+        .unwrap();
+    assert!(done.bytes_after < 1000, "{done:?}");
+    assert_eq!(relay.log_bytes(SPACE).unwrap(), done.bytes_after);
+    alerts.compacted(&relay, SPACE);
+    assert_eq!(active(), Vec::<String>::new());
+    assert_eq!(relay.record(SPACE, "Doc", "r").unwrap(), fields);
 }

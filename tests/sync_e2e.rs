@@ -278,6 +278,104 @@ fn a_new_device_killed_mid_bootstrap_resumes_from_the_snapshot_and_matches_a_rep
     assert_same_records(&da, &dc, "Item", MANY as usize);
 }
 
+/// The highest horizon the relay's log says it compacted a log to.
+fn compacted_horizon(relay: &Relay) -> u64 {
+    relay
+        .log()
+        .lines()
+        .filter(|line| line.contains("log compacted"))
+        .filter_map(|line| {
+            let digits: String = line
+                .split_once("horizon=")?
+                .1
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_device_offline_past_the_horizon_bootstraps_again_and_loses_none_of_its_edits() {
+    let home = RelayHome::new();
+    // The relay keeps the last 10 entries of a log and compacts every second.
+    let relay = Relay::start_with_config(
+        &home.dir,
+        None,
+        "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n\
+         keep_log_entries = 10\ncompact_interval_secs = 1\n",
+    );
+    let (a, b) = devices(&relay, str::to_string);
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+    for i in 0..5 {
+        call(
+            &da,
+            "put",
+            json!({ "collection": "Doc", "id": format!("d{i}"), "fields": { "v": 0 } }),
+        );
+    }
+    wait_converged(&[&da, &db], 5);
+    let exit = db.terminate();
+    assert!(exit.success(), "ferry daemon exited with {exit}");
+
+    // B, offline at cursor 5: an edit A makes too (a conflict), one only B makes, a new record.
+    for (verb, address, data) in [
+        ("patch", "Doc/d0", r#"{"v": "b-offline"}"#),
+        ("patch", "Doc/d1", r#"{"note": "from b"}"#),
+        ("put", "Doc/fresh", r#"{"v": "new on b"}"#),
+    ] {
+        let out = b.ferry(&[verb, address, "--data", data]);
+        assert!(out.status.success(), "ferry {verb}: {}", stderr(&out));
+    }
+    // A goes on: 30 more entries, of which the relay keeps the last 10.
+    for round in 1..=6 {
+        for i in 0..5 {
+            call(
+                &da,
+                "patch",
+                json!({ "collection": "Doc", "id": format!("d{i}"), "fields": { "v": round } }),
+            );
+        }
+    }
+    wait_converged(&[&da], 35);
+    wait_for("the relay to compact the log to 25", TIMEOUT, || {
+        compacted_horizon(&relay) == 25
+    });
+
+    // B's cursor lies below the horizon: it takes the relay's documents, keeps its queue,
+    // uploads it, and ends where A does.
+    let db = b.start_daemon_logged();
+    wait_converged(&[&da, &db], 38);
+    assert_same_records(&da, &db, "Doc", 6);
+    let on_a = |id: &str| call(&da, "get", json!({ "collection": "Doc", "id": id }));
+    assert_eq!(on_a("d1")["fields"], json!({ "v": 6, "note": "from b" }));
+    assert_eq!(on_a("fresh")["fields"], json!({ "v": "new on b" }));
+    // B's edit of d0 met A's six: the same conflict entries, same ids, on both devices.
+    let conflicts = |daemon: &Daemon| {
+        call(
+            daemon,
+            "conflicts.list",
+            json!({ "status": "all", "limit": 1000 }),
+        )["conflicts"]
+            .clone()
+    };
+    let found = conflicts(&da);
+    assert!(
+        found.as_array().is_some_and(|c| !c.is_empty()),
+        "B's offline edit of d0 conflicts with A's: {found}"
+    );
+    assert_json_same(&conflicts(&db), &found, "conflicts on B vs A");
+    let history = call(&da, "history", json!({ "collection": "Doc", "id": "d0" }));
+    assert_eq!(
+        history["changes"].as_array().map(Vec::len),
+        Some(8),
+        "d0's history keeps every change, B's included: {history}"
+    );
+}
+
 #[test]
 fn concurrent_offline_edits_of_one_record_merge() {
     let home = RelayHome::new();

@@ -57,6 +57,14 @@ impl RelayAlerts {
         }
     }
 
+    /// After `space`'s log was compacted: its storage again, so a quota alert clears once the
+    /// log is back under the quota.
+    pub fn compacted(&self, store: &RelayStore, space: &str) {
+        if let Err(e) = self.observe_space(store, space) {
+            tracing::warn!(space, error = %e, "cannot measure the account for its alerts");
+        }
+    }
+
     fn observe_space(&self, store: &RelayStore, space: &str) -> Result<(), RelayStoreError> {
         let now = self.clock.now_ms();
         let bytes = store.log_bytes(space)?;

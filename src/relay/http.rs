@@ -143,6 +143,8 @@ pub enum ErrorCode {
     NotFound,
     /// A cursor past the end of the account's log.
     CursorAhead,
+    /// A cursor below the account's compaction horizon: the log after it is no longer kept.
+    Compacted,
     /// The conflict is already resolved, auto-resolved or being resolved.
     Settled,
     /// The body is over `relay.http_max_body_bytes`.
@@ -154,12 +156,13 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,
         ErrorCode::CursorAhead,
+        ErrorCode::Compacted,
         ErrorCode::Settled,
         ErrorCode::TooLarge,
         ErrorCode::RateLimited,
@@ -174,6 +177,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::CursorAhead | ErrorCode::Settled => StatusCode::CONFLICT,
+            ErrorCode::Compacted => StatusCode::GONE,
             ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -564,12 +568,21 @@ async fn download(
         .limit
         .unwrap_or(state.options.max_page)
         .clamp(1, state.options.max_page);
-    let head = tokio::task::block_in_place(|| state.store.head(&principal.account))?;
+    let (head, horizon) = tokio::task::block_in_place(|| {
+        let store = &state.store;
+        Ok::<_, RelayStoreError>((
+            store.head(&principal.account)?,
+            store.horizon(&principal.account)?,
+        ))
+    })?;
     if since > head {
         return Err(Failure::new(
             ErrorCode::CursorAhead,
             format!("since {since} is past the account's log, which ends at {head}: sync from 0"),
         ));
+    }
+    if since < horizon {
+        return Err(compacted(since, horizon));
     }
     // A gzip body is another representation of the page: its own ETag, its own cache entry.
     let gzip = accepts_gzip(&headers);
@@ -606,6 +619,18 @@ async fn download(
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
     Ok(response)
+}
+
+/// The answer to a cursor below the account's compaction horizon (PROTOCOL.md, section 5.8).
+fn compacted(since: u64, horizon: u64) -> Failure {
+    Failure::new(
+        ErrorCode::Compacted,
+        format!(
+            "the account's log up to {horizon} is no longer kept, so the changes after {since} \
+             cannot be listed: read every record again (GET /api/records) and download from \
+             since={horizon}"
+        ),
+    )
 }
 
 /// Whether the request accepts a gzip body (`Accept-Encoding: gzip`, not with `q=0`).
@@ -686,6 +711,10 @@ fn render_page(
     let slice = state
         .store
         .read_since(&principal.account, since, limit, usize::MAX)?;
+    if since < slice.horizon {
+        // Compacted since the cursor was checked.
+        return Err(compacted(since, slice.horizon));
+    }
     // The newest position of each record in the page, in log order.
     let mut last_seq: BTreeMap<(String, String), u64> = BTreeMap::new();
     for entry in &slice.entries {

@@ -33,7 +33,7 @@ use crate::transport::{self, Fingerprint, RelayCertificate, TransportError, Tran
 use ferry_proto::session::SessionConfig;
 use metrics::{RelayMetrics, RelayScrape};
 use server::RelayOptions;
-use store::{RelayStore, RelayStoreError, RelayStoreOptions};
+use store::{LogRetention, RelayStore, RelayStoreError, RelayStoreOptions};
 
 /// Most conflicts one HTTP list request returns.
 const MAX_CONFLICTS_LISTED: usize = 1000;
@@ -249,6 +249,20 @@ pub async fn run(
         let (store, accounts, stopped) = (store.clone(), accounts.clone(), stopped.clone());
         tokio::task::spawn_blocking(move || rebuild_conflicts(&store, &accounts, &stopped))
     };
+    let compactions = tokio::spawn(compact_logs(
+        Compactor {
+            store: store.clone(),
+            accounts: accounts.clone(),
+            alerts: alerts.clone(),
+            clock: clock.clone(),
+            retention: LogRetention {
+                keep_log_days: relay.keep_log_days,
+                keep_log_entries: relay.keep_log_entries,
+            },
+        },
+        Duration::from_secs(relay.compact_interval_secs.max(1)),
+        stopped.clone(),
+    ));
     let server = tokio::spawn(server::serve(endpoint, shared, options, stopped));
     tracing::info!(listen = %listening.listen, fingerprint = %listening.fingerprint, "relay ready");
     ready(&listening);
@@ -268,6 +282,7 @@ pub async fn run(
         ("key rotation", rotation),
         ("disk checks", disk_checks),
         ("conflict rebuild", rebuilds),
+        ("log compaction", compactions),
     ] {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "relay {what} stopped abnormally");
@@ -316,6 +331,77 @@ fn rebuild_conflicts(
             Ok(None) => return,
             Err(e) => tracing::error!(space, error = %e,
                 "cannot rebuild the account's conflicts; the next start tries again"),
+        }
+    }
+}
+
+/// What compacting the spaces' logs works with.
+struct Compactor {
+    store: Arc<RelayStore>,
+    accounts: Arc<accounts::Accounts>,
+    alerts: Arc<alerts::RelayAlerts>,
+    clock: Arc<dyn Clock>,
+    retention: LogRetention,
+}
+
+impl Compactor {
+    /// One pass over every account's log (`RelayStore::compact_log`), each measured again for
+    /// its alerts once compacted.
+    fn pass(&self, stopped: &tokio::sync::watch::Receiver<bool>) {
+        let spaces = match self.accounts.accounts() {
+            Ok(all) => all.into_iter().map(|a| a.name),
+            Err(e) => {
+                return tracing::error!(error = %e, "cannot list the accounts to compact their logs");
+            }
+        };
+        for space in spaces {
+            if *stopped.borrow() {
+                return;
+            }
+            let started = std::time::Instant::now();
+            match self
+                .store
+                .compact_log(&space, self.clock.now_ms(), self.retention)
+            {
+                Ok(Some(done)) => {
+                    tracing::info!(
+                        space,
+                        horizon = done.horizon,
+                        bases_saved = done.bases_saved,
+                        bytes_before = done.bytes_before,
+                        bytes_after = done.bytes_after,
+                        secs = started.elapsed().as_secs_f64(),
+                        "log compacted"
+                    );
+                    self.alerts.compacted(&self.store, &space);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(space, error = %e,
+                    "cannot compact the account's log; the next pass tries again"),
+            }
+        }
+    }
+}
+
+/// Compacts every account's log now and every `every` (see `relay.keep_log_days`), until
+/// `shutdown`. Does nothing when no retention is set.
+async fn compact_logs(
+    compactor: Compactor,
+    every: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    if compactor.retention == LogRetention::default() {
+        return;
+    }
+    let compactor = Arc::new(compactor);
+    loop {
+        let (pass, stopped) = (compactor.clone(), shutdown.clone());
+        if let Err(e) = tokio::task::spawn_blocking(move || pass.pass(&stopped)).await {
+            tracing::error!(error = %e, "a log compaction pass stopped abnormally");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }
