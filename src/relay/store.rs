@@ -1072,17 +1072,22 @@ impl RelayStore {
         });
         let target = by_entries.into_iter().chain(by_age).max().unwrap_or(0);
         if target <= before {
-            if mark.is_some() {
-                self.storage.compact_log(
+            let noted = match mark {
+                Some(_) => self.storage.compact_log(
                     space,
                     LogCompaction {
                         after: head,
                         mark,
                         ..LogCompaction::default()
                     },
-                )?;
-            }
-            return Ok(None);
+                ),
+                None => Ok(()),
+            };
+            return match noted {
+                // An append landed meanwhile: the next pass notes the head it left.
+                Ok(()) | Err(StorageError::HeadMoved { .. }) => Ok(None),
+                Err(e) => Err(e.into()),
+            };
         }
         let bytes_before = self.storage.log_bytes(space)?;
         let bases_saved = self.save_bases_through(space, target)?;
