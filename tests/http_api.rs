@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{Device, Relay, call, wait_converged};
+use common::{Device, Relay, TIMEOUT, call, wait_converged, wait_for_ok};
 use ferry::relay::http::ErrorCode;
 use ferry::relay::web_actor::RejectCode;
 use ferry_proto::wire::ErrorKind;
@@ -526,6 +526,49 @@ fn bad_requests_get_their_status_and_say_what_is_wrong() {
     assert_eq!(bad_query.status, 400);
     let nowhere = api.get("/api/nowhere", access, &[]);
     assert_eq!(nowhere.status, 404);
+    api.check_against_spec();
+}
+
+#[test]
+fn a_download_cursor_below_the_compaction_horizon_is_gone() {
+    let home = tempfile::tempdir().expect("temp dir");
+    // The relay keeps the last entry of a log, compacting every second.
+    let relay = start_relay_with(
+        &home.path().join("relay"),
+        "keep_log_entries = 1\ncompact_interval_secs = 1\n",
+    );
+    let api = Api::new(&relay);
+    let tokens = api.login("default");
+    let access = tokens["access_token"].as_str().expect("token");
+    let me = tokens["device"].as_str().expect("client id");
+    let written = api.post(
+        "/api/sync/upload",
+        Some(access),
+        &json!([
+            op("create", "Customer", "c1", json!({ "name": "Ada" }), me),
+            op("create", "Customer", "c2", json!({ "name": "Bo" }), me),
+            op("create", "Customer", "c3", json!({ "name": "Cy" }), me),
+        ]),
+    );
+    assert_eq!(written.status, 200, "{}", written.json());
+    let gone = wait_for_ok("the log to be compacted to 2", TIMEOUT, || {
+        let answer = api.get("/api/sync/download?since=1", access, &[]);
+        match answer.status {
+            410 => Ok(answer),
+            other => Err(format!("{other}: {}", answer.json())),
+        }
+    });
+    assert_eq!(gone.error(), "compacted");
+    assert!(gone.says("since=2"), "{}", gone.json());
+    let rest = api.get("/api/sync/download?since=2", access, &[]);
+    assert_eq!(rest.status, 200);
+    let ids: Vec<Value> = rest.json()["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!("c3")]);
     api.check_against_spec();
 }
 

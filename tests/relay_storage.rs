@@ -843,6 +843,13 @@ fn the_log_is_compacted_only_through_what_bases_hold(engine: &dyn Engine) {
     assert_eq!(storage.read_log(SPACE, 4, 10, usize::MAX).unwrap(), []);
     assert_eq!(storage.log_bytes(SPACE).unwrap(), 0);
     assert_eq!(storage.time_marks(SPACE).unwrap(), []);
+    // Freeing the disk the dropped entries took keeps everything else.
+    let (before, after) = storage.reclaim_space().unwrap();
+    assert!(after <= before, "{after} > {before}");
+    assert_eq!(
+        storage.base(SPACE, "Doc", "r").unwrap(),
+        Some(b"saved".to_vec())
+    );
     drop(storage);
 
     let storage = engine.reopen();

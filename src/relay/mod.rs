@@ -354,6 +354,7 @@ impl Compactor {
                 return tracing::error!(error = %e, "cannot list the accounts to compact their logs");
             }
         };
+        let mut compacted = false;
         for space in spaces {
             if *stopped.borrow() {
                 return;
@@ -374,11 +375,27 @@ impl Compactor {
                         "log compacted"
                     );
                     self.alerts.compacted(&self.store, &space);
+                    compacted = true;
                 }
                 Ok(None) => {}
                 Err(e) => tracing::error!(space, error = %e,
                     "cannot compact the account's log; the next pass tries again"),
             }
+        }
+        if !compacted {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match self.store.reclaim_space() {
+            Ok((before, after)) if after < before => tracing::info!(
+                before,
+                after,
+                secs = started.elapsed().as_secs_f64(),
+                "relay store rewritten without the compacted log entries"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e,
+                "cannot free the disk compacted log entries take; the next pass tries again"),
         }
     }
 }

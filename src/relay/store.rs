@@ -1160,6 +1160,12 @@ impl RelayStore {
         }
     }
 
+    /// After log compactions: has storage free the disk the dropped entries still take
+    /// (`LogStorage::reclaim_space`); returns the bytes on disk before and after.
+    pub fn reclaim_space(&self) -> Result<(u64, u64), RelayStoreError> {
+        Ok(self.storage.reclaim_space()?)
+    }
+
     /// The space's compaction horizon: the log up to it is no longer kept (0: all of it is).
     pub fn horizon(&self, space: &str) -> Result<u64, RelayStoreError> {
         check_space(space)?;

@@ -779,7 +779,28 @@ impl LogStorage for KvStorage {
         self.drop_entries(space, &state, horizon)?;
         Ok(self.kv.flush()?)
     }
+
+    fn reclaim_space(&self) -> Result<(u64, u64), StorageError> {
+        let before = self.kv.size_on_disk()?;
+        // sled keeps the segments of removed pairs until it happens to clean them, so a log
+        // compacted away frees nothing on disk by itself; a copy of the live pairs does. Worth
+        // its pause only when most of the files are garbage.
+        if before
+            <= self
+                .kv
+                .live_bytes()?
+                .saturating_mul(2)
+                .saturating_add(RECLAIM_FLOOR_BYTES)
+        {
+            return Ok((before, before));
+        }
+        self.kv.compact()?;
+        Ok((before, self.kv.size_on_disk()?))
+    }
 }
+
+/// Below this much garbage on disk the relay's store is not rewritten.
+const RECLAIM_FLOOR_BYTES: u64 = 64 << 20;
 
 impl AccountStorage for KvStorage {
     fn account(&self, name: &str) -> Result<Option<AccountRecord>, StorageError> {

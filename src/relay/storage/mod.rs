@@ -334,6 +334,12 @@ pub trait LogStorage: Send + Sync {
     /// as long as a crash leaves only entries below the horizon behind, which a later step
     /// drops. Durable when it returns.
     fn compact_log(&self, space: &str, step: LogCompaction) -> Result<(), StorageError>;
+
+    /// Frees the disk that removed data still takes (log entries compacted away), for an engine
+    /// whose files do not shrink as data is removed: it rewrites them when they hold much more
+    /// than the live data. A pause for every other call while it runs; durable and atomic.
+    /// Returns the bytes on disk before and after.
+    fn reclaim_space(&self) -> Result<(u64, u64), StorageError>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
