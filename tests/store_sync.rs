@@ -428,36 +428,35 @@ fn uploads_cut_off_by_a_crash_are_uploaded_again() {
     let a = queue_id(t.store(), put("Job", "a", json!({})));
     let b = queue_id(t.store(), put("Job", "b", json!({})));
     t.store().flush().unwrap();
-    // Taken but never flushed: the crash forgets the move.
-    assert_eq!(
+    let take = |t: &TestStore, max| {
         ids(&t
             .store()
-            .next_upload_batch(BatchLimits::of(1, usize::MAX))
+            .next_upload_batch(BatchLimits::of(max, usize::MAX))
             .unwrap()
-            .entries),
-        [a]
-    );
+            .entries)
+    };
+    assert_eq!(take(&t, 1), [a]);
+    // In flight: shown as such, and not taken again.
+    assert_eq!(status_of(t.store(), a).status, QueueStatus::Processing);
+    assert_eq!(take(&t, 10), [b]);
+    // Stored, an entry in flight stays pending, flushed or not: after a crash both go again.
+    t.store().flush().unwrap();
     assert!(t.crash());
-    assert_eq!(
-        ids(&t
-            .store()
-            .next_upload_batch(BatchLimits::of(1, usize::MAX))
-            .unwrap()
-            .entries),
-        [a]
-    );
+    assert_eq!(status_of(t.store(), a).status, QueueStatus::Pending);
+    assert_eq!(t.store().recover_interrupted().unwrap(), 0);
+    assert_eq!(take(&t, 10), [a, b]);
+
+    // A store that kept entries as `Processing` (an explicit move, or an earlier version) has
+    // them requeued when it opens after a crash.
+    assert!(t.crash());
+    t.store()
+        .queue_transition(&[a], &ferry::store::QueueAction::Start)
+        .unwrap();
     t.store().flush().unwrap();
     assert!(t.crash());
     assert_eq!(status_of(t.store(), a).status, QueueStatus::Processing);
     assert_eq!(t.store().recover_interrupted().unwrap(), 1);
-    assert_eq!(
-        ids(&t
-            .store()
-            .next_upload_batch(BatchLimits::of(10, usize::MAX))
-            .unwrap()
-            .entries),
-        [a, b]
-    );
+    assert_eq!(take(&t, 10), [a, b]);
 }
 
 #[test]
@@ -544,6 +543,52 @@ fn remote_changes_apply_once_and_make_no_queue_entries() {
     // An older answer arriving late does not move the cursor back.
     receiver.apply_remote(&log[..1], 1).unwrap();
     assert_eq!(receiver.sync_cursor().unwrap(), 4);
+}
+
+#[test]
+fn a_record_another_device_created_is_kept_as_its_change_and_behaves_as_any_other() {
+    let t = TestStore::new(Engine::Memory, StoreOptions::default());
+    let origin = t.store();
+    origin
+        .write(put("Doc", "d", json!({"title": "first", "n": 1})))
+        .unwrap();
+    let log = as_log(origin, 0, 1);
+    let kv = MemoryKv::new();
+    let receiver = other_store(&kv);
+    let applied = receiver.apply_remote(&log, 1).unwrap().applied;
+    assert_eq!(
+        (applied.len(), applied[0].operation, applied[0].deleted),
+        (1, ferry_proto::Operation::Create, false)
+    );
+    assert_eq!(applied[0].heads, origin.get("Doc", "d").unwrap().heads);
+    // Kept as it came: the change's own bytes are the record's document.
+    assert_eq!(
+        kv.get(&keys::doc("Doc", "d")).unwrap().as_deref(),
+        Some(&log[0].change[..])
+    );
+    assert_eq!(
+        receiver.get("Doc", "d").unwrap(),
+        origin.get("Doc", "d").unwrap()
+    );
+    assert_eq!(receiver.history("Doc", "d").unwrap().len(), 1);
+    // Both go on writing to it, concurrently, and meet each other's changes as usual.
+    receiver
+        .write(patch("Doc", "d", json!({"n": 2, "by_receiver": true})))
+        .unwrap();
+    origin
+        .write(patch("Doc", "d", json!({"title": "second"})))
+        .unwrap();
+    receiver.apply_remote(&as_log(origin, 1, 2), 2).unwrap();
+    origin.apply_remote(&as_log(&receiver, 0, 3), 3).unwrap();
+    let (a, b) = (
+        origin.get("Doc", "d").unwrap(),
+        receiver.get("Doc", "d").unwrap(),
+    );
+    assert_eq!(a, b);
+    assert_eq!(
+        (&a.fields["title"], &a.fields["n"], &a.fields["by_receiver"]),
+        (&json!("second"), &json!(2), &json!(true))
+    );
 }
 
 #[test]

@@ -12,8 +12,10 @@
 
 use super::conflicts::Ledger;
 use super::kv::{Batch, Kv};
-use super::{CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry};
-use crate::record::{ChangeHeader, Record, change_header, decode_change};
+use super::{
+    CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry, stage_landing,
+};
+use crate::record::{ChangeHeader, PlainFirst, Record, change_header, decode_change};
 use crate::resolve;
 use automerge::Change;
 use ferry_proto::session::OwnEntry;
@@ -282,8 +284,8 @@ pub(super) fn ensure_pending_index(kv: &dyn Kv) -> Result<(), StoreError> {
 impl Store {
     /// Takes the next pending entries to upload, highest priority first and oldest first within
     /// a priority, up to `max_changes` entries and `max_bytes` of change data (but always at least
-    /// one entry, however large, so a big change cannot block the queue). They move to
-    /// `Processing` in one atomic batch; durable after `flush`.
+    /// one entry, however large, so a big change cannot block the queue). They are `Processing`
+    /// from here on, in memory only: stored, they stay `Pending` (see `Store::in_flight`).
     ///
     /// Entries held apart after failed uploads (see `UploadHolds`) keep their batch small, and
     /// one waiting out its backoff is passed over with every later entry of its record (which
@@ -307,6 +309,9 @@ impl Store {
             start = keys::after(last);
             for (key, _) in page {
                 let id = keys::pending_id(&key)?;
+                if self.lock_in_flight().contains_key(&id) {
+                    continue;
+                }
                 let stored = self
                     .kv
                     .get(&keys::queue(id))?
@@ -347,14 +352,20 @@ impl Store {
         drop(holds);
         let mut batch = Batch::default();
         let mut delta = CountDelta::default();
-        for entry in &mut picked {
-            entry.start(now)?;
-            stage_entry(&mut batch, &mut delta, Some(QueueStatus::Pending), entry)?;
-        }
         for entry in &refused {
             stage_entry(&mut batch, &mut delta, Some(QueueStatus::Pending), entry)?;
         }
+        for entry in &mut picked {
+            entry.start(now)?;
+            *delta.slot(QueueStatus::Pending) -= 1;
+            *delta.slot(QueueStatus::Processing) += 1;
+        }
         self.apply_queue_batch(&mut queue, batch, delta)?;
+        let mut in_flight = self.lock_in_flight();
+        for entry in &picked {
+            in_flight.insert(entry.id, entry.clone());
+        }
+        drop(in_flight);
         Ok(UploadBatch {
             entries: picked,
             refused,
@@ -454,10 +465,20 @@ impl Store {
         let mut batch = Batch::default();
         let mut delta = CountDelta::default();
         let mut seen = BTreeSet::new();
+        let mut landed = Vec::new();
         for (id, item) in items {
             if !seen.insert(id) {
                 continue;
             }
+            let flying = self.lock_in_flight().get(&id).cloned();
+            if let Some(mut entry) = flying {
+                settle(&mut entry, item, now, &mut summary)?;
+                stage_landing(&mut batch, &mut delta, &entry)?;
+                landed.push(id);
+                continue;
+            }
+            // Moved to `Processing` in storage (`queue_transition`) rather than taken into
+            // an upload.
             let entry = match self.kv.get(&keys::queue(id))? {
                 Some(bytes) => Some(decode::<SyncQueueEntry>(&bytes, "queue entry")?),
                 None => None,
@@ -475,6 +496,7 @@ impl Store {
             )?;
         }
         self.apply_queue_batch(&mut queue, batch, delta)?;
+        self.land(&landed);
         Ok(summary)
     }
 
@@ -646,6 +668,10 @@ impl Store {
             if policy.unique.is_empty() && self.fast_forward_own(&mut ledger, &key, &headers)? {
                 continue;
             }
+            let only = match headers.as_slice() {
+                [(entry, _)] => Some(*entry),
+                _ => None,
+            };
             let mut group: Vec<(u64, Change)> = Vec::with_capacity(headers.len());
             for (entry, _) in headers {
                 match decode_change(&entry.change) {
@@ -654,6 +680,17 @@ impl Store {
                 }
             }
             if group.is_empty() {
+                continue;
+            }
+            if policy.unique.is_empty()
+                && let (Some(entry), [(_, change)]) = (only, group.as_slice())
+                && let Some(created) = self.created_as_is(&key, change, &ledger, &cache)?
+            {
+                // The record is new here and its one change is its document as it is: kept
+                // without building, applying and saving an Automerge document for it.
+                batch.put(keys::doc(&key.0, &key.1), entry.change.clone());
+                Store::log_created(&mut ledger, &key, change.hash());
+                applied.push(created);
                 continue;
             }
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
@@ -758,6 +795,43 @@ impl Store {
             conflicts,
             quarantined,
         })
+    }
+
+    /// What applying `change` would report when it creates a record this device does not hold
+    /// in any form (no document, no cached one, no logged state) as a plain first change
+    /// (`PlainFirst`): such a change applies to an empty document and meets no other, so the
+    /// change's bytes are the record's document and detection has nothing to find. `None`
+    /// for anything else, which is applied as usual.
+    fn created_as_is(
+        &self,
+        key: &CacheKey,
+        change: &Change,
+        ledger: &Ledger,
+        cache: &LruCache<CacheKey, Record>,
+    ) -> Result<Option<RemoteApplied>, StoreError> {
+        if cache.contains(key) || resolve::resolution_of(change.message()).is_some() {
+            return Ok(None);
+        }
+        let Some(plain) = PlainFirst::of(change) else {
+            return Ok(None);
+        };
+        if self.kv.get(&keys::doc(&key.0, &key.1))?.is_some()
+            || self.has_logged_state(ledger, key)?
+        {
+            return Ok(None);
+        }
+        Ok(Some(RemoteApplied {
+            collection: key.0.clone(),
+            id: key.1.clone(),
+            operation: if plain.deleted {
+                Operation::Delete
+            } else {
+                Operation::Create
+            },
+            deleted: plain.deleted,
+            heads: vec![change.hash().to_string()],
+            device: change.actor_id().to_hex_string(),
+        }))
     }
 
     /// Applies a record's changes one at a time, in log order, to its document as stored, after
