@@ -192,6 +192,13 @@ enum Command {
     /// Device, store, queue and sync state: connection, last sync, whether this device holds
     /// everything the relay has
     Status,
+    /// Read the whole store and say what is damaged or lost; `--repair` (daemon stopped)
+    /// removes damaged values, puts back unsynced changes the journal kept, and has the device
+    /// read the relay's data again where it needs to
+    Doctor {
+        #[arg(long)]
+        repair: bool,
+    },
     /// Sync with the relay now and wait until done, showing progress (needs the daemon)
     Sync {
         /// First put failed queue entries back to pending, so they are uploaded again
@@ -1019,6 +1026,20 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
                 print_json(&r);
             } else {
                 status::print(&r);
+            }
+        }
+        Command::Doctor { repair } => {
+            let r = backend.call(api::DoctorParams { repair })?;
+            if ctx.json {
+                print_json(&r);
+            } else {
+                status::print_doctor(&r);
+            }
+            if r.checkup.damage.is_some() && r.repaired.is_none() {
+                return Err(Failure::failed(
+                    "the store is damaged: `ferry doctor --repair` (with the daemon stopped) \
+                     repairs it",
+                ));
             }
         }
         Command::Init

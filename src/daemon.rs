@@ -108,7 +108,10 @@ pub fn open_locked_store(
         config.store.sled_cache_mb.saturating_mul(1024 * 1024),
     )
     .map_err(StoreError::from)?;
+    // Unless the journal says batches were lost: then the store opens damaged, and a repair
+    // puts back what the journal holds.
     if had_log
+        && kv.lost().is_none()
         && kv
             .get(keys::META_DEVICE)
             .map_err(StoreError::from)?
@@ -375,6 +378,10 @@ async fn look_after_storage(
             }
             let refused = store.disk_full_since();
             alerts.observe("", crate::clock::now_ms(), |a, _| a.writes_refused(refused));
+            let damage = store.damage().map(|d| d.summary());
+            alerts.observe("", crate::clock::now_ms(), |a, now| {
+                a.store_damaged(damage.as_deref(), now)
+            });
             if check_space {
                 bound_space(&store);
             }
