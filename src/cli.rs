@@ -196,6 +196,7 @@ enum Command {
     /// removes damaged values, puts back unsynced changes the journal kept, and has the device
     /// read the relay's data again where it needs to
     Doctor {
+        /// Repair what is found (the daemon must be stopped)
         #[arg(long)]
         repair: bool,
     },

@@ -7,6 +7,13 @@
 //! `write` makes a change visible, `flush` makes everything written so far durable, and callers
 //! acknowledge a write only after the flush that covers it (see `daemon::committer`).
 //!
+//! Damage (`health`): every new queue entry is also journaled outside sled with its batch, so an
+//! acknowledged change survives sled silently dropping the end of its log; why a journal rather
+//! than a sidecar that only counts: the count finds the loss, the journal also keeps the
+//! changes, for one extra `fdatasync` per flush (the group commit shares it, as it shares
+//! sled's). An open compares the journal with the data and records what is wrong (`mdamage`)
+//! until `repair`.
+//!
 //! Must not touch: sockets, JSON-RPC, the CLI. It knows records only through `record`.
 
 pub mod conflicts;
