@@ -336,9 +336,27 @@ pub fn remote_change(data: &[u8]) {
         && Record::check_first(change.clone()).is_ok()
     {
         assert!(
-            Record::apply_first(change).is_ok(),
+            Record::apply_first(change.clone()).is_ok(),
             "a first change passed the relay's check but does not apply"
         );
+    }
+
+    // A device keeps a plain first change's bytes as the new record's document, unapplied: they
+    // must load as the document holding that change, deleted exactly when it says so.
+    if let Ok(decoded) = crate::record::decode_change(change)
+        && let Some(plain) = crate::record::PlainFirst::of(&decoded)
+    {
+        let loaded = Record::load(change, &device_actor());
+        assert!(
+            loaded
+                .as_ref()
+                .is_ok_and(|r| r.is_deleted() == plain.deleted),
+            "a plain first change does not load as its record's document: {:?}",
+            loaded.err()
+        );
+        if let Ok(mut record) = loaded {
+            assert_eq!(record.heads(), vec![decoded.hash()]);
+        }
     }
 }
 

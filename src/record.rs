@@ -193,22 +193,53 @@ fn decode_untrusted<T>(
 }
 
 /// Whether every operation of `change` sets a scalar value (of a type Automerge knows) under a
-/// top-level key no other operation of it uses, with no earlier operation it overwrites. On an
-/// empty document such a change has nothing to refer to that could be missing, so it applies;
-/// the `remote_change` fuzz target checks that against applying it.
-fn sets_only_new_top_level_scalars(change: &Change) -> bool {
+/// top-level key no other operation of it uses, with no earlier operation it overwrites, and if
+/// so whether one of them sets `$deleted` to true. On an empty document such a change has nothing
+/// to refer to that could be missing, so it applies; the `remote_change` fuzz target checks that
+/// against applying it.
+fn top_level_scalars_only(change: &Change) -> Option<PlainFirst> {
     use automerge::legacy::{Key, ObjectId, OpType};
-    let Ok(expanded) = std::panic::catch_unwind(|| change.decode()) else {
-        return false;
-    };
+    let expanded = std::panic::catch_unwind(|| change.decode()).ok()?;
     let mut keys = std::collections::HashSet::with_capacity(expanded.operations.len());
-    expanded.operations.iter().all(|op| {
+    let mut deleted = false;
+    let plain = expanded.operations.iter().all(|op| {
+        let OpType::Put(value) = &op.action else {
+            return false;
+        };
+        let Key::Map(key) = &op.key else {
+            return false;
+        };
+        if key.as_str() == DELETED_KEY {
+            deleted = matches!(value, ScalarValue::Boolean(true));
+        }
         matches!(op.obj, ObjectId::Root)
             && !op.insert
             && op.pred.is_empty()
-            && matches!(&op.action, OpType::Put(value) if !matches!(value, ScalarValue::Unknown { .. }))
-            && matches!(&op.key, Key::Map(key) if keys.insert(key.clone()))
-    })
+            && !matches!(value, ScalarValue::Unknown { .. })
+            && keys.insert(key.clone())
+    });
+    plain.then_some(PlainFirst { deleted })
+}
+
+/// A new record's first change that only sets scalar values under distinct top-level keys (a
+/// record created with scalar fields: the bulk of an initial sync).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlainFirst {
+    /// It sets `$deleted` to true: the record it creates is a tombstone.
+    pub deleted: bool,
+}
+
+impl PlainFirst {
+    /// `change` as a plain first change: sequence number 1, no dependencies, and only new
+    /// top-level scalars (see `top_level_scalars_only`). Such a change applies to an empty
+    /// document, and its bytes are that document as they are: Automerge loads a change chunk
+    /// as the document holding that change, so a device keeps it without applying and saving it.
+    pub fn of(change: &Change) -> Option<PlainFirst> {
+        if change.seq() != 1 || !change.deps().is_empty() {
+            return None;
+        }
+        top_level_scalars_only(change)
+    }
 }
 
 /// The text a panic carried, for an error message.
@@ -795,7 +826,7 @@ impl Record {
     /// record. A change that only sets scalar values under distinct top-level keys, with
     /// nothing before them (a record created with scalar fields: the bulk of new records), is
     /// checked by its shape, which takes a sixth of the time applying it does (see
-    /// `sets_only_new_top_level_scalars`); any other is applied to a bare Automerge document
+    /// `top_level_scalars_only`); any other is applied to a bare Automerge document
     /// (`apply_decoded` explains the guard).
     pub fn check_first(change: Change) -> Result<(), RecordError> {
         if let Some(dep) = change.deps().first() {
@@ -804,7 +835,7 @@ impl Record {
                 first: dep.to_string(),
             });
         }
-        if sets_only_new_top_level_scalars(&change) {
+        if top_level_scalars_only(&change).is_some() {
             return Ok(());
         }
         Self::apply_first(change)

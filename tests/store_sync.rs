@@ -547,6 +547,52 @@ fn remote_changes_apply_once_and_make_no_queue_entries() {
 }
 
 #[test]
+fn a_record_another_device_created_is_kept_as_its_change_and_behaves_as_any_other() {
+    let t = TestStore::new(Engine::Memory, StoreOptions::default());
+    let origin = t.store();
+    origin
+        .write(put("Doc", "d", json!({"title": "first", "n": 1})))
+        .unwrap();
+    let log = as_log(origin, 0, 1);
+    let kv = MemoryKv::new();
+    let receiver = other_store(&kv);
+    let applied = receiver.apply_remote(&log, 1).unwrap().applied;
+    assert_eq!(
+        (applied.len(), applied[0].operation, applied[0].deleted),
+        (1, ferry_proto::Operation::Create, false)
+    );
+    assert_eq!(applied[0].heads, origin.get("Doc", "d").unwrap().heads);
+    // Kept as it came: the change's own bytes are the record's document.
+    assert_eq!(
+        kv.get(&keys::doc("Doc", "d")).unwrap().as_deref(),
+        Some(&log[0].change[..])
+    );
+    assert_eq!(
+        receiver.get("Doc", "d").unwrap(),
+        origin.get("Doc", "d").unwrap()
+    );
+    assert_eq!(receiver.history("Doc", "d").unwrap().len(), 1);
+    // Both go on writing to it, concurrently, and meet each other's changes as usual.
+    receiver
+        .write(patch("Doc", "d", json!({"n": 2, "by_receiver": true})))
+        .unwrap();
+    origin
+        .write(patch("Doc", "d", json!({"title": "second"})))
+        .unwrap();
+    receiver.apply_remote(&as_log(origin, 1, 2), 2).unwrap();
+    origin.apply_remote(&as_log(&receiver, 0, 3), 3).unwrap();
+    let (a, b) = (
+        origin.get("Doc", "d").unwrap(),
+        receiver.get("Doc", "d").unwrap(),
+    );
+    assert_eq!(a, b);
+    assert_eq!(
+        (&a.fields["title"], &a.fields["n"], &a.fields["by_receiver"]),
+        (&json!("second"), &json!(2), &json!(true))
+    );
+}
+
+#[test]
 fn two_devices_exchanging_changes_converge() {
     let t = TestStore::new(Engine::Memory, StoreOptions::default());
     let a = t.store();

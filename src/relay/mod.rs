@@ -13,6 +13,7 @@ pub mod admin;
 pub mod alerts;
 pub mod http;
 pub mod metrics;
+pub mod recent;
 pub mod server;
 pub mod storage;
 pub mod store;

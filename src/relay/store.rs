@@ -37,6 +37,7 @@
 //! may write to `space`), the device's store, and storage keys or engines.
 
 use crate::record::{Fields, Record, RecordError, chunk_hash, decode_change};
+use crate::relay::recent::RecentLogs;
 use crate::relay::storage::{
     Append, Compaction, LogStorage, LoggedChange, RecordKey, StorageError, UniqueValue,
 };
@@ -155,6 +156,8 @@ pub struct RelayStore {
     /// read between an append's commit and its cache update.
     spaces: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     cache: Mutex<LruCache<DocKey, Record>>,
+    /// The newest entries appended through this store, which live readers ask for next.
+    recent: RecentLogs,
     /// Documents read from storage (base and tail) since the store was opened.
     docs_loaded: AtomicU64,
     /// Conflicts found in appended changes since the store was opened, in `ConflictKind::ALL`
@@ -171,6 +174,7 @@ impl RelayStore {
             actor: ActorId::from(&[0u8; 16][..]),
             spaces: Mutex::new(HashMap::new()),
             cache: Mutex::new(LruCache::new(capacity)),
+            recent: RecentLogs::default(),
             docs_loaded: AtomicU64::new(0),
             conflicts_found: Default::default(),
         }
@@ -254,7 +258,17 @@ impl RelayStore {
         if staging.append.entries.is_empty() && staging.append.compactions.is_empty() {
             return Ok(results);
         }
+        let committed: Vec<LogEntry> = (staging.append.after.saturating_add(1)..)
+            .zip(&staging.append.entries)
+            .map(|(seq, entry)| LogEntry {
+                seq,
+                collection: entry.collection.clone(),
+                record: entry.record.clone(),
+                change: entry.change.clone(),
+            })
+            .collect();
         self.storage.append(space, staging.append)?;
+        self.recent.committed(space, committed);
         // Validation loaded every document the call touched, each holding what storage now
         // holds: they stay cached for the next change to the same records.
         let mut cache = lock(&self.cache);
@@ -1034,9 +1048,12 @@ impl RelayStore {
         max_bytes: usize,
     ) -> Result<LogSlice, RelayStoreError> {
         let head = self.head(space)?;
-        let entries = self
-            .storage
-            .read_log(space, after, max_changes, max_bytes)?;
+        let entries = match self.recent.read(space, after, max_changes, max_bytes) {
+            Some(entries) => entries,
+            None => self
+                .storage
+                .read_log(space, after, max_changes, max_bytes)?,
+        };
         let through = entries.last().map_or(after, |e| e.seq);
         // Entries appended since the head was read raise it; a cursor past the log does not,
         // so that the session can tell the device the relay lost part of its log.

@@ -386,6 +386,22 @@ impl Store {
         Ok(())
     }
 
+    /// Whether anything of the record's logged state is known, in this apply or stored.
+    pub(super) fn has_logged_state(
+        &self,
+        ledger: &Ledger,
+        key: &CacheKey,
+    ) -> Result<bool, StoreError> {
+        Ok(ledger.logged.heads.contains_key(key) || self.logged_state(key)?.is_some())
+    }
+
+    /// A record this device held nothing of, created by `hash` as its only change: its place in
+    /// the log is what detection would have recorded (a change on nothing meets nothing).
+    pub(super) fn log_created(ledger: &mut Ledger, key: &CacheKey, hash: ChangeHash) {
+        ledger.logged.heads.insert(key.clone(), vec![hash]);
+        ledger.logged.documents.insert(key.clone(), vec![hash]);
+    }
+
     /// This device's own changes coming back in the log, each building on the logged heads
     /// before it (the usual case): their place in the log is all they add, since the document
     /// already holds them, so it is not even loaded. False, with nothing done, for anything else

@@ -13,7 +13,7 @@
 use super::conflicts::Ledger;
 use super::kv::{Batch, Kv};
 use super::{CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry};
-use crate::record::{ChangeHeader, Record, change_header, decode_change};
+use crate::record::{ChangeHeader, PlainFirst, Record, change_header, decode_change};
 use crate::resolve;
 use automerge::Change;
 use ferry_proto::session::OwnEntry;
@@ -646,6 +646,10 @@ impl Store {
             if policy.unique.is_empty() && self.fast_forward_own(&mut ledger, &key, &headers)? {
                 continue;
             }
+            let only = match headers.as_slice() {
+                [(entry, _)] => Some(*entry),
+                _ => None,
+            };
             let mut group: Vec<(u64, Change)> = Vec::with_capacity(headers.len());
             for (entry, _) in headers {
                 match decode_change(&entry.change) {
@@ -654,6 +658,17 @@ impl Store {
                 }
             }
             if group.is_empty() {
+                continue;
+            }
+            if policy.unique.is_empty()
+                && let (Some(entry), [(_, change)]) = (only, group.as_slice())
+                && let Some(created) = self.created_as_is(&key, change, &ledger, &cache)?
+            {
+                // The record is new here and its one change is its document as it is: kept
+                // without building, applying and saving an Automerge document for it.
+                batch.put(keys::doc(&key.0, &key.1), entry.change.clone());
+                Store::log_created(&mut ledger, &key, change.hash());
+                applied.push(created);
                 continue;
             }
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
@@ -758,6 +773,43 @@ impl Store {
             conflicts,
             quarantined,
         })
+    }
+
+    /// What applying `change` would report when it creates a record this device does not hold
+    /// in any form (no document, no cached one, no logged state) as a plain first change
+    /// (`PlainFirst`): such a change applies to an empty document and meets no other, so the
+    /// change's bytes are the record's document and detection has nothing to find. `None`
+    /// for anything else, which is applied as usual.
+    fn created_as_is(
+        &self,
+        key: &CacheKey,
+        change: &Change,
+        ledger: &Ledger,
+        cache: &LruCache<CacheKey, Record>,
+    ) -> Result<Option<RemoteApplied>, StoreError> {
+        if cache.contains(key) || resolve::resolution_of(change.message()).is_some() {
+            return Ok(None);
+        }
+        let Some(plain) = PlainFirst::of(change) else {
+            return Ok(None);
+        };
+        if self.kv.get(&keys::doc(&key.0, &key.1))?.is_some()
+            || self.has_logged_state(ledger, key)?
+        {
+            return Ok(None);
+        }
+        Ok(Some(RemoteApplied {
+            collection: key.0.clone(),
+            id: key.1.clone(),
+            operation: if plain.deleted {
+                Operation::Delete
+            } else {
+                Operation::Create
+            },
+            deleted: plain.deleted,
+            heads: vec![change.hash().to_string()],
+            device: change.actor_id().to_hex_string(),
+        }))
     }
 
     /// Applies a record's changes one at a time, in log order, to its document as stored, after

@@ -17,6 +17,7 @@ use ferry_proto::wire::{
 };
 use serde_json::{Value, json};
 use std::future::Future;
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -152,6 +153,21 @@ impl Device {
         self.data_dir.with_file_name("daemon.log")
     }
 
+    /// What a daemon that exited early said: its piped standard error, or else the end of
+    /// `daemon.log`, so a failure shows why it stopped.
+    fn early_exit_log(&self, daemon: &mut Daemon) -> String {
+        let mut said = String::new();
+        if let Some(mut stderr) = daemon.child.stderr.take() {
+            let _ = stderr.read_to_string(&mut said);
+        }
+        if said.is_empty() {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            said = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+        }
+        said
+    }
+
     /// Starts `ferry daemon` with its standard error (its log) going to `stderr`, and waits
     /// until its socket answers.
     pub fn start_daemon_with_stderr(&self, stderr: Stdio) -> Daemon {
@@ -163,7 +179,10 @@ impl Device {
                 break;
             }
             if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("ferry daemon exited before it was ready: {status}");
+                panic!(
+                    "ferry daemon exited before it was ready: {status}\n{}",
+                    self.early_exit_log(&mut daemon)
+                );
             }
             assert!(
                 Instant::now() < deadline,
