@@ -302,17 +302,14 @@ impl Alerts {
         )
     }
 
-    /// What is wrong with the store, in a line, while something is (`None`: it is sound, or
-    /// repaired). Fires whatever the thresholds: damage is never normal.
-    pub fn store_damaged(&mut self, damage: Option<&str>, now_ms: u64) -> Option<Transition> {
-        match (damage, self.active.contains_key(&AlertKind::StoreDamaged)) {
-            (Some(what), false) => {
+    /// What is wrong with the store and what to do, while something is (`None`: it is sound,
+    /// or repaired). Fires whatever the thresholds: damage is never normal.
+    pub fn store_damaged(&mut self, message: Option<&str>, now_ms: u64) -> Option<Transition> {
+        match (message, self.active.contains_key(&AlertKind::StoreDamaged)) {
+            (Some(message), false) => {
                 let alert = Alert {
                     kind: AlertKind::StoreDamaged,
-                    message: format!(
-                        "the store is damaged ({what}): `ferry doctor` says what, and `ferry \
-                         doctor --repair` (with the daemon stopped) repairs it from the relay"
-                    ),
+                    message: message.to_owned(),
                     since_ms: now_ms,
                     value: 1.0,
                     threshold: 1.0,

@@ -378,7 +378,13 @@ async fn look_after_storage(
             }
             let refused = store.disk_full_since();
             alerts.observe("", crate::clock::now_ms(), |a, _| a.writes_refused(refused));
-            let damage = store.damage().map(|d| d.summary());
+            let damage = store.damage().map(|d| {
+                format!(
+                    "the store is damaged ({}): `ferry doctor` says what, and `ferry doctor \
+                     --repair` (with the daemon stopped) repairs it from the relay",
+                    d.summary()
+                )
+            });
             alerts.observe("", crate::clock::now_ms(), |a, now| {
                 a.store_damaged(damage.as_deref(), now)
             });

@@ -198,3 +198,131 @@ fn a_truncated_log_tail_is_found_and_nothing_acknowledged_is_lost() {
         truncate_tail(path, 4096)
     });
 }
+
+/// The relay's sled directory, to damage with the relay stopped.
+fn relay_sled_dir(relay_dir: &Path) -> PathBuf {
+    ferry::store::kv::SledKv::current_dir(&relay_dir.join("relay.db")).expect("relay store dir")
+}
+
+/// A relay whose stored values of one record (its document and its log entry) fail their
+/// checksum: a device reading them gets a session error naming the space and where, the relay
+/// logs it and fires its `store_damaged` alert, and nothing of that record is served.
+#[test]
+fn a_damaged_relay_document_or_log_entry_is_reported_and_never_served() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let relay_dir = tmp.path().join("relay");
+    let mut relay = Relay::start(&relay_dir, None);
+    let port = relay.port;
+    let a = Device::new();
+    a.join(&relay);
+    let daemon = a.start_daemon();
+    for id in 0..10 {
+        put(&daemon, id);
+    }
+    wait_converged(&[&daemon], 10);
+    assert!(daemon.terminate().success());
+    assert!(relay.terminate().success());
+
+    // Every value stored for record n003 (its document, its log entry) gets a byte flipped
+    // under sled, which takes it as any write: only the value's own checksum can tell.
+    let space = {
+        let db = sled::open(relay_sled_dir(&relay_dir)).expect("open the relay's sled");
+        let mut damaged = Vec::new();
+        for pair in db.iter() {
+            let (key, value) = pair.unwrap();
+            let holds_n003 = key.windows(b"\0n003\0".len()).any(|w| w == b"\0n003\0")
+                || (key.first() == Some(&b'l')
+                    && value.windows(b"n003".len()).any(|w| w == b"n003"));
+            if holds_n003 && matches!(key.first(), Some(b'l' | b'b' | b't')) && !value.is_empty() {
+                let mut bad = value.to_vec();
+                bad[0] ^= 0x20;
+                damaged.push((key.to_vec(), bad));
+            }
+        }
+        assert!(!damaged.is_empty(), "no stored value of n003 found");
+        let space = damaged
+            .iter()
+            .find(|(k, _)| k.first() == Some(&b'b'))
+            .map(|(k, _)| {
+                let rest = &k[1..];
+                String::from_utf8(rest[..rest.iter().position(|&c| c == 0).unwrap()].to_vec())
+                    .unwrap()
+            })
+            .expect("n003's document");
+        for (key, bad) in damaged {
+            db.insert(key, bad).unwrap();
+        }
+        db.flush().unwrap();
+        space
+    };
+
+    let relay = Relay::start(&relay_dir, Some(port));
+    let b = Device::new();
+    b.join(&relay);
+    let other = b.start_daemon();
+    let failure = wait_for_ok("B's sync to fail on the damaged record", TIMEOUT, || {
+        let s = status(&other);
+        match s["sync"]["last_error"]["message"].as_str() {
+            Some(message) if message.contains("is damaged") => Ok(message.to_owned()),
+            _ => Err(s["sync"].to_string()),
+        }
+    });
+    assert!(
+        failure.contains(&format!("space {space:?}")) && failure.contains("n003"),
+        "{failure}"
+    );
+    let got = other
+        .client()
+        .call("get", json!({"collection": "Note", "id": "n003"}));
+    assert!(got.is_err(), "n003 was served: {got:?}");
+    wait_for_ok("the relay's store_damaged alert", TIMEOUT, || {
+        let log = relay.log();
+        if log.contains("store_damaged") && log.contains("is damaged") {
+            Ok(())
+        } else {
+            Err(log.lines().rev().take(5).collect::<Vec<_>>().join("\n"))
+        }
+    });
+}
+
+/// A relay whose log sled's recovery cut short (bytes flipped in its file) refuses to start,
+/// saying which batches are gone: it would otherwise serve a log without changes it
+/// acknowledged.
+#[test]
+fn a_relay_whose_log_lost_acknowledged_batches_refuses_to_start() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let relay_dir = tmp.path().join("relay");
+    let mut relay = Relay::start(&relay_dir, None);
+    let a = Device::new();
+    a.join(&relay);
+    let daemon = a.start_daemon();
+    for id in 0..20 {
+        put(&daemon, id);
+    }
+    wait_converged(&[&daemon], 20);
+    assert!(daemon.terminate().success());
+    assert!(relay.terminate().success());
+    flip_bytes(&relay_sled_dir(&relay_dir).join("db"), 64, 3);
+
+    let mut child = std::process::Command::new(common::ferry_bin())
+        .arg("--data-dir")
+        .arg(&relay_dir)
+        .args(["--json", "relay", "--listen", "127.0.0.1:0"])
+        .env_remove("FERRY_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ferry relay");
+    let exit = wait_for_ok("the relay to refuse to start", TIMEOUT, || {
+        match child.try_wait().unwrap() {
+            Some(status) => Ok(status),
+            None => Err("still running".to_owned()),
+        }
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!exit.success(), "{stderr}");
+    assert!(stderr.contains("lost batches"), "{stderr}");
+}

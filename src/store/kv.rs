@@ -993,14 +993,39 @@ impl Journal {
             let mut staged = self.lock_staged();
             (std::mem::take(&mut staged.0), staged.1)
         };
-        flush_data()?;
-        if bytes.is_empty() && number <= file.1 {
-            return Ok(());
+        let records_len = bytes.len();
+        let appended = flush_data().and_then(|()| {
+            if records_len == 0 && number <= file.1 {
+                return Ok(());
+            }
+            frame(&mut bytes, MARK, &number.to_be_bytes());
+            let len = file.0.metadata().map_err(from_io)?.len();
+            // Records are synced before the flush returns, as the data is: a write is
+            // acknowledged after it. A mark alone is not: a mark the disk lost only finds a
+            // later loss less early, and a flush that wrote no local change costs no more sync.
+            std::io::Write::write_all(&mut file.0, &bytes)
+                .and_then(|()| {
+                    if records_len > 0 {
+                        file.0.sync_data()
+                    } else {
+                        Ok(())
+                    }
+                })
+                .map_err(|e| {
+                    // Half an append would read as damage once more is appended after it.
+                    let _ = file.0.set_len(len);
+                    from_io(e)
+                })
+        });
+        if let Err(e) = appended {
+            // Appended by the next flush that succeeds (or dropped with their batches, if the
+            // store goes back to what was durable).
+            bytes.truncate(records_len);
+            let mut staged = self.lock_staged();
+            bytes.append(&mut staged.0);
+            staged.0 = bytes;
+            return Err(e);
         }
-        frame(&mut bytes, MARK, &number.to_be_bytes());
-        std::io::Write::write_all(&mut file.0, &bytes)
-            .and_then(|()| file.0.sync_data())
-            .map_err(from_io)?;
         file.1 = file.1.max(number);
         Ok(())
     }
