@@ -173,7 +173,15 @@ pub async fn run(
         std::os::unix::net::UnixStream::connect(&socket).is_err()
     })?;
     let open = open_locked_store(lock, dir, config)?;
-    let requeued = open.store.recover_interrupted()?;
+    let requeued = match open.store.recover_interrupted() {
+        // A damaged store still starts, so that status and the alert say so; its damaged
+        // entries are never read as good ones, so never uploaded.
+        Err(e @ StoreError::Storage(KvError::Damaged(_))) => {
+            tracing::error!(error = %e, "queue entries interrupted mid-upload cannot all be read");
+            0
+        }
+        other => other?,
+    };
     if requeued > 0 {
         tracing::info!(
             requeued,

@@ -199,6 +199,26 @@ fn a_truncated_log_tail_is_found_and_nothing_acknowledged_is_lost() {
     });
 }
 
+/// Values damaged under sled, which takes them as any write (only their own checksums can
+/// tell): a synced record's document, an unsynced change's queue entry, and another unsynced
+/// change's pending-index key.
+#[test]
+fn a_damaged_document_queue_entry_and_index_key_are_found_and_nothing_acknowledged_is_lost() {
+    damaged_store_is_found_and_repaired("values damaged under sled", |path| {
+        let db = sled::open(path.parent().unwrap()).expect("open the device's sled");
+        let mut pending = b"p\x7f\xff\xff\xff".to_vec();
+        pending.extend_from_slice(&(SYNCED + 3).to_be_bytes());
+        let mut queue = b"q".to_vec();
+        queue.extend_from_slice(&(SYNCED + 2).to_be_bytes());
+        for key in [b"d\0Note\0n010".to_vec(), queue, pending] {
+            let mut value = db.get(&key).unwrap().expect("stored").to_vec();
+            value[0] ^= 0x20;
+            db.insert(key, value).unwrap();
+        }
+        db.flush().unwrap();
+    });
+}
+
 /// The relay's sled directory, to damage with the relay stopped.
 fn relay_sled_dir(relay_dir: &Path) -> PathBuf {
     ferry::store::kv::SledKv::current_dir(&relay_dir.join("relay.db")).expect("relay store dir")
