@@ -399,6 +399,11 @@ async fn look_after_storage(
             if check_space {
                 bound_space(&store);
             }
+            if refused.is_none()
+                && let Err(e) = store.bound_journal()
+            {
+                tracing::warn!(error = %e, "could not rewrite the journal of unsynced changes");
+            }
         })
         .await;
         if let Err(e) = looked {

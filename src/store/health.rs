@@ -720,6 +720,13 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps the journal from growing for ever: rewrites it with the queue entries not yet
+    /// completed once it has grown past its limit. A full read of the queue when it does, so
+    /// the daemon calls it beside its writes, not in their way.
+    pub fn bound_journal(&self) -> Result<(), StoreError> {
+        self.rotate_journal(false)
+    }
+
     /// Rewrites the journal with the queue entries not completed, once it has grown past its
     /// limit (or always, with `force`). Holds the queue lock, so no new entry is journaled
     /// meanwhile.

@@ -749,8 +749,7 @@ impl Store {
         {
             tracing::warn!(error = %e, "the store could not go back to what is durable yet");
         }
-        flushed?;
-        self.rotate_journal(false)
+        Ok(flushed?)
     }
 
     /// The account key this store seals and opens encrypted fields with.
