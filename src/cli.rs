@@ -443,6 +443,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
             format,
             out,
         } => export(&ctx, target.as_deref(), format, out.as_deref()),
+        Command::Doctor { repair: true } => {
+            let socket = daemon::socket_path(&ctx.dir, &ctx.config);
+            if Client::connect(&socket).is_err()
+                && let Some(aside) = daemon::set_aside_unreadable_store(&ctx.dir, &ctx.config)?
+            {
+                eprintln!(
+                    "the store cannot be opened at all: it is kept at {}, and a new one is made \
+                     from its journal of unsynced changes and, at the next sync, the relay",
+                    aside.display()
+                );
+            }
+            data_command(&ctx, Command::Doctor { repair: true })
+        }
         other => data_command(&ctx, other),
     }
 }

@@ -138,6 +138,33 @@ pub fn open_locked_store(
     })
 }
 
+/// When the data directory's store cannot be opened at all (sled refuses its files, or finds
+/// nothing in files that hold data), moves it aside and starts a new one holding its journal,
+/// whose unsynced changes a repair then puts back (the rest comes from the relay). Returns where
+/// the old store went; `None` when the store opens. For `ferry doctor --repair`, with no daemon.
+pub fn set_aside_unreadable_store(
+    dir: &DataDir,
+    config: &Config,
+) -> Result<Option<PathBuf>, DaemonError> {
+    match open_store(dir, config) {
+        Err(DaemonError::Store(StoreError::Storage(KvError::Corrupt(_)))) => {}
+        other => return other.map(|_| None),
+    }
+    let _lock = dir.lock()?;
+    let store = dir.store_path();
+    let aside = store.with_file_name(format!("store.unreadable-{}", crate::clock::now_ms()));
+    let io =
+        |e: std::io::Error| DaemonError::Store(StoreError::Storage(KvError::Io(e.to_string())));
+    std::fs::rename(&store, &aside).map_err(io)?;
+    std::fs::create_dir(&store).map_err(io)?;
+    match std::fs::copy(aside.join("journal"), store.join("journal")) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    Ok(Some(aside))
+}
+
 pub fn service_options(dir: &DataDir, config: &Config, daemon: bool) -> ServiceOptions {
     ServiceOptions {
         data_dir: dir.path().to_owned(),

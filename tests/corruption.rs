@@ -95,14 +95,11 @@ fn alert_kinds(status: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The steps: 50 records synced, 5 written while the relay is down (acknowledged,
-/// queued), the daemon stopped cleanly, then `damage` done to the stopped store. The damage
-/// must be found at the next start and reported; after `ferry doctor --repair` and with the
-/// relay back, the device and the relay hold all 55 records.
-fn damaged_store_is_found_and_repaired(what: &str, damage: impl FnOnce(&Path)) {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let relay_dir = tmp.path().join("relay");
-    let mut relay = Relay::start(&relay_dir, None);
+/// A device that synced `SYNCED` records through a relay in `relay_dir`, then wrote `OFFLINE`
+/// more while the relay was down (acknowledged, queued), and whose daemon stopped cleanly.
+/// Returns it with the relay's port, to start the relay there again.
+fn synced_then_offline(relay_dir: &Path) -> (Device, u16) {
+    let mut relay = Relay::start(relay_dir, None);
     let port = relay.port;
     let a = Device::new();
     a.join(&relay);
@@ -116,7 +113,17 @@ fn damaged_store_is_found_and_repaired(what: &str, damage: impl FnOnce(&Path)) {
         put(&daemon, id);
     }
     assert!(daemon.terminate().success());
+    (a, port)
+}
 
+/// The steps: 50 records synced, 5 written while the relay is down (acknowledged,
+/// queued), the daemon stopped cleanly, then `damage` done to the stopped store. The damage
+/// must be found at the next start and reported; after `ferry doctor --repair` and with the
+/// relay back, the device and the relay hold all 55 records.
+fn damaged_store_is_found_and_repaired(what: &str, damage: impl FnOnce(&Path)) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let relay_dir = tmp.path().join("relay");
+    let (a, port) = synced_then_offline(&relay_dir);
     damage(&sled_file(&a));
 
     // The daemon starts, and says the store is damaged: in status, and with an alert.
@@ -150,8 +157,13 @@ fn damaged_store_is_found_and_repaired(what: &str, damage: impl FnOnce(&Path)) {
     let (sound, after) = doctor(&a, false);
     assert!(sound, "{what}: sound after the repair: {after}");
 
-    // With the relay back, every record is there, on the device and in the relay's log.
-    let _relay = Relay::start(&relay_dir, Some(port));
+    all_records_everywhere(what, &a, &relay_dir, port);
+}
+
+/// With the relay back, every record is on the device and in the relay's log (a second device
+/// reads them all), and the device's store_damaged alert is gone.
+fn all_records_everywhere(what: &str, a: &Device, relay_dir: &Path, port: u16) {
+    let relay = Relay::start(relay_dir, Some(port));
     let daemon = a.start_daemon();
     wait_converged(&[&daemon], SYNCED + OFFLINE);
     let s = status(&daemon);
@@ -175,7 +187,7 @@ fn damaged_store_is_found_and_repaired(what: &str, damage: impl FnOnce(&Path)) {
     });
     // A second device reads the same 55 from the relay: nothing damaged was uploaded.
     let b = Device::new();
-    b.join(&_relay);
+    b.join(&relay);
     let other = b.start_daemon();
     wait_converged(&[&daemon, &other], SYNCED + OFFLINE);
     assert_eq!(status(&other)["documents"], json!(SYNCED + OFFLINE));
@@ -217,6 +229,46 @@ fn a_damaged_document_queue_entry_and_index_key_are_found_and_nothing_acknowledg
         }
         db.flush().unwrap();
     });
+}
+
+/// A store sled cannot open at all (its config file overwritten): the daemon refuses to start,
+/// `ferry doctor` says why, and `ferry doctor --repair` sets it aside and starts a new one from
+/// its journal, whose unsynced changes upload once the relay is back; the rest comes from it.
+#[test]
+fn a_store_that_cannot_be_opened_is_rebuilt_from_its_journal_and_the_relay() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let relay_dir = tmp.path().join("relay");
+    let (a, port) = synced_then_offline(&relay_dir);
+    let conf = sled_file(&a).with_file_name("conf");
+    std::fs::write(&conf, b"not sled's config at all").unwrap();
+
+    let refused = a.ferry(&["--json", "doctor"]);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        common::stderr(&refused).contains("cannot open the store"),
+        "{refused:?}"
+    );
+    let (repaired_ok, repaired) = doctor(&a, true);
+    assert!(repaired_ok, "{repaired}");
+    let restored = repaired["repaired"]["restored"].as_array().unwrap();
+    for id in SYNCED..SYNCED + OFFLINE {
+        let name = format!("n{id:03}");
+        assert!(
+            restored.iter().any(|c| c["id"] == json!(name)),
+            "{name} is not restored: {repaired}"
+        );
+    }
+    let aside: Vec<_> = std::fs::read_dir(&a.data_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("store.unreadable-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the old store is kept aside");
+    all_records_everywhere("an unreadable store", &a, &relay_dir, port);
 }
 
 /// The relay's sled directory, to damage with the relay stopped.
