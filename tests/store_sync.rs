@@ -428,36 +428,35 @@ fn uploads_cut_off_by_a_crash_are_uploaded_again() {
     let a = queue_id(t.store(), put("Job", "a", json!({})));
     let b = queue_id(t.store(), put("Job", "b", json!({})));
     t.store().flush().unwrap();
-    // Taken but never flushed: the crash forgets the move.
-    assert_eq!(
+    let take = |t: &TestStore, max| {
         ids(&t
             .store()
-            .next_upload_batch(BatchLimits::of(1, usize::MAX))
+            .next_upload_batch(BatchLimits::of(max, usize::MAX))
             .unwrap()
-            .entries),
-        [a]
-    );
+            .entries)
+    };
+    assert_eq!(take(&t, 1), [a]);
+    // In flight: shown as such, and not taken again.
+    assert_eq!(status_of(t.store(), a).status, QueueStatus::Processing);
+    assert_eq!(take(&t, 10), [b]);
+    // Stored, an entry in flight stays pending, flushed or not: after a crash both go again.
+    t.store().flush().unwrap();
     assert!(t.crash());
-    assert_eq!(
-        ids(&t
-            .store()
-            .next_upload_batch(BatchLimits::of(1, usize::MAX))
-            .unwrap()
-            .entries),
-        [a]
-    );
+    assert_eq!(status_of(t.store(), a).status, QueueStatus::Pending);
+    assert_eq!(t.store().recover_interrupted().unwrap(), 0);
+    assert_eq!(take(&t, 10), [a, b]);
+
+    // A store that kept entries as `Processing` (an explicit move, or an earlier version) has
+    // them requeued when it opens after a crash.
+    assert!(t.crash());
+    t.store()
+        .queue_transition(&[a], &ferry::store::QueueAction::Start)
+        .unwrap();
     t.store().flush().unwrap();
     assert!(t.crash());
     assert_eq!(status_of(t.store(), a).status, QueueStatus::Processing);
     assert_eq!(t.store().recover_interrupted().unwrap(), 1);
-    assert_eq!(
-        ids(&t
-            .store()
-            .next_upload_batch(BatchLimits::of(10, usize::MAX))
-            .unwrap()
-            .entries),
-        [a, b]
-    );
+    assert_eq!(take(&t, 10), [a, b]);
 }
 
 #[test]

@@ -320,6 +320,12 @@ pub struct Store {
     queue_lock: Mutex<Option<QueueCounts>>,
     /// Entries held apart after failed uploads. Taken after `queue_lock` when both are held.
     upload_holds: Mutex<sync::UploadHolds>,
+    /// Entries taken into an upload and not answered yet, as they are now (`Processing`),
+    /// by id. Stored, they stay `Pending`: an upload cut off by a crash is uploaded again
+    /// either way (the relay answers `Duplicate`), so a move to `Processing` and back would be
+    /// two writes of every entry that say nothing the next start needs. Every read of the
+    /// queue shows them as they are here. Taken after `queue_lock` and `upload_holds`.
+    in_flight: Mutex<HashMap<u64, SyncQueueEntry>>,
     /// How many conflicts are open, kept with every batch that opens or closes one, so that
     /// reading a record (which names its open conflicts) reads nothing more when none is open.
     open_conflicts: AtomicU64,
@@ -392,6 +398,7 @@ impl Store {
             next_log_id: AtomicU64::new(next_log_id),
             queue_lock: Mutex::new(None),
             upload_holds: Mutex::new(sync::UploadHolds::default()),
+            in_flight: Mutex::new(HashMap::new()),
             open_conflicts: AtomicU64::new(open_conflicts),
             space: Mutex::new(None),
             compacted_to: AtomicU64::new(0),
@@ -415,6 +422,30 @@ impl Store {
         self.upload_holds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_in_flight(&self) -> MutexGuard<'_, HashMap<u64, SyncQueueEntry>> {
+        // Entries go in and out whole under the lock: a poisoned map holds nothing half-done.
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Entries whose move out of flight has landed in storage.
+    fn land(&self, ids: &[u64]) {
+        let mut in_flight = self.lock_in_flight();
+        for id in ids {
+            in_flight.remove(id);
+        }
+    }
+
+    /// The entry as it is now: the in-flight version of one taken into an upload.
+    fn as_now(&self, entry: SyncQueueEntry) -> SyncQueueEntry {
+        match self.lock_in_flight().get(&entry.id) {
+            Some(flying) => SyncQueueEntry {
+                data: entry.data,
+                ..flying.clone()
+            },
+            None => entry,
+        }
+    }
+
     /// Applies a batch that moves queue entries, and `delta` (its moves) to the counts, under the
     /// queue lock the caller holds.
     fn apply_queue_batch(
@@ -423,10 +454,9 @@ impl Store {
         batch: Batch,
         delta: CountDelta,
     ) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
+        if !batch.is_empty() {
+            self.kv.apply(batch)?;
         }
-        self.kv.apply(batch)?;
         if let Some(counts) = counts {
             delta.apply_to(counts);
         }
@@ -920,7 +950,7 @@ impl Store {
         let mut out = Vec::new();
         let end = before.map_or_else(|| keys::prefix_end(keys::QUEUE), keys::queue);
         self.scan_back(keys::QUEUE, end, limit, |bytes| {
-            let entry: SyncQueueEntry = decode(bytes, "queue entry")?;
+            let entry = self.as_now(decode(bytes, "queue entry")?);
             if status.is_none_or(|s| s == entry.status) {
                 out.push(entry);
             }
@@ -1007,7 +1037,7 @@ impl Store {
             };
             start = keys::after(last);
             for (_, bytes) in page {
-                if !visit(decode(&bytes, "queue entry")?) {
+                if !visit(self.as_now(decode(&bytes, "queue entry")?)) {
                     return Ok(());
                 }
             }
@@ -1026,13 +1056,21 @@ impl Store {
         let mut batch = Batch::default();
         let mut delta = CountDelta::default();
         let mut updated = Vec::with_capacity(ids.len());
+        let mut landed = Vec::new();
         let mut seen = BTreeSet::new();
         for &id in ids.iter().filter(|&&id| seen.insert(id)) {
-            let bytes = self
-                .kv
-                .get(&keys::queue(id))?
-                .ok_or(StoreError::QueueEntryNotFound(id))?;
-            let mut entry: SyncQueueEntry = decode(&bytes, "queue entry")?;
+            let flying = self.lock_in_flight().get(&id).cloned();
+            let in_flight = flying.is_some();
+            let mut entry = match flying {
+                Some(entry) => entry,
+                None => {
+                    let bytes = self
+                        .kv
+                        .get(&keys::queue(id))?
+                        .ok_or(StoreError::QueueEntryNotFound(id))?;
+                    decode::<SyncQueueEntry>(&bytes, "queue entry")?
+                }
+            };
             let old = entry.status;
             match action {
                 QueueAction::Start => entry.start(now),
@@ -1046,10 +1084,16 @@ impl Store {
                 }
                 QueueAction::RequeueInterrupted => entry.requeue_interrupted(now),
             }?;
-            stage_entry(&mut batch, &mut delta, Some(old), &entry)?;
+            if in_flight {
+                stage_landing(&mut batch, &mut delta, &entry)?;
+                landed.push(id);
+            } else {
+                stage_entry(&mut batch, &mut delta, Some(old), &entry)?;
+            }
             updated.push(entry);
         }
         self.apply_queue_batch(&mut queue, batch, delta)?;
+        self.land(&landed);
         Ok(updated)
     }
 
@@ -1607,6 +1651,19 @@ fn stage_entry(
         keys::queue(entry.id),
         encode(&without_change(entry), "queue entry")?,
     );
+    Ok(())
+}
+
+/// Stages the move of an entry that was in flight: stored `Pending` (with its pending key),
+/// counted `Processing`.
+fn stage_landing(
+    batch: &mut Batch,
+    delta: &mut CountDelta,
+    entry: &SyncQueueEntry,
+) -> Result<(), StoreError> {
+    stage_entry(batch, delta, Some(QueueStatus::Pending), entry)?;
+    *delta.slot(QueueStatus::Pending) += 1;
+    *delta.slot(QueueStatus::Processing) -= 1;
     Ok(())
 }
 

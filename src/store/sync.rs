@@ -12,7 +12,9 @@
 
 use super::conflicts::Ledger;
 use super::kv::{Batch, Kv};
-use super::{CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry};
+use super::{
+    CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry, stage_landing,
+};
 use crate::record::{ChangeHeader, PlainFirst, Record, change_header, decode_change};
 use crate::resolve;
 use automerge::Change;
@@ -282,8 +284,8 @@ pub(super) fn ensure_pending_index(kv: &dyn Kv) -> Result<(), StoreError> {
 impl Store {
     /// Takes the next pending entries to upload, highest priority first and oldest first within
     /// a priority, up to `max_changes` entries and `max_bytes` of change data (but always at least
-    /// one entry, however large, so a big change cannot block the queue). They move to
-    /// `Processing` in one atomic batch; durable after `flush`.
+    /// one entry, however large, so a big change cannot block the queue). They are `Processing`
+    /// from here on, in memory only: stored, they stay `Pending` (see `Store::in_flight`).
     ///
     /// Entries held apart after failed uploads (see `UploadHolds`) keep their batch small, and
     /// one waiting out its backoff is passed over with every later entry of its record (which
@@ -307,6 +309,9 @@ impl Store {
             start = keys::after(last);
             for (key, _) in page {
                 let id = keys::pending_id(&key)?;
+                if self.lock_in_flight().contains_key(&id) {
+                    continue;
+                }
                 let stored = self
                     .kv
                     .get(&keys::queue(id))?
@@ -347,14 +352,20 @@ impl Store {
         drop(holds);
         let mut batch = Batch::default();
         let mut delta = CountDelta::default();
-        for entry in &mut picked {
-            entry.start(now)?;
-            stage_entry(&mut batch, &mut delta, Some(QueueStatus::Pending), entry)?;
-        }
         for entry in &refused {
             stage_entry(&mut batch, &mut delta, Some(QueueStatus::Pending), entry)?;
         }
+        for entry in &mut picked {
+            entry.start(now)?;
+            *delta.slot(QueueStatus::Pending) -= 1;
+            *delta.slot(QueueStatus::Processing) += 1;
+        }
         self.apply_queue_batch(&mut queue, batch, delta)?;
+        let mut in_flight = self.lock_in_flight();
+        for entry in &picked {
+            in_flight.insert(entry.id, entry.clone());
+        }
+        drop(in_flight);
         Ok(UploadBatch {
             entries: picked,
             refused,
@@ -454,10 +465,20 @@ impl Store {
         let mut batch = Batch::default();
         let mut delta = CountDelta::default();
         let mut seen = BTreeSet::new();
+        let mut landed = Vec::new();
         for (id, item) in items {
             if !seen.insert(id) {
                 continue;
             }
+            let flying = self.lock_in_flight().get(&id).cloned();
+            if let Some(mut entry) = flying {
+                settle(&mut entry, item, now, &mut summary)?;
+                stage_landing(&mut batch, &mut delta, &entry)?;
+                landed.push(id);
+                continue;
+            }
+            // Moved to `Processing` in storage (`queue_transition`) rather than taken into
+            // an upload.
             let entry = match self.kv.get(&keys::queue(id))? {
                 Some(bytes) => Some(decode::<SyncQueueEntry>(&bytes, "queue entry")?),
                 None => None,
@@ -475,6 +496,7 @@ impl Store {
             )?;
         }
         self.apply_queue_batch(&mut queue, batch, delta)?;
+        self.land(&landed);
         Ok(summary)
     }
 
