@@ -387,6 +387,7 @@ impl Engine {
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, KvError> {
     const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
     let started = std::time::Instant::now();
+    let mut unfinished_removed = false;
     loop {
         match try_open_db(dir, cache_bytes) {
             Err(KvError::Io(e))
@@ -394,9 +395,40 @@ fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, KvError> {
             {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
+            Err(KvError::Corrupt(e)) if !unfinished_removed => {
+                unfinished_removed = true;
+                if !remove_unfinished_snapshots(dir)? {
+                    return Err(KvError::Corrupt(e));
+                }
+            }
             other => return other,
         }
     }
+}
+
+/// Removes the snapshot files sled was still writing when its process died
+/// (`snap.{lsn}.generating`; a finished one is renamed to `snap.{lsn}`). sled 0.34 reads the
+/// last snapshot file by name, unfinished ones included, and refuses to open when that one is
+/// cut short; without it, it reads the last complete snapshot and the log after it. True when
+/// one was there. Called only after sled refused the directory, so no live `Db` writes it.
+fn remove_unfinished_snapshots(dir: &Path) -> Result<bool, KvError> {
+    let mut removed = false;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(from_io(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(from_io)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %name, "removing a snapshot sled did not finish writing");
+            remove_all(&entry.path())?;
+            removed = true;
+        }
+    }
+    Ok(removed)
 }
 
 fn try_open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, KvError> {
@@ -1700,5 +1732,29 @@ mod tests {
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
             }
         }
+    }
+
+    /// A snapshot file sled was writing when its process was killed is left as
+    /// `snap.{lsn}.generating`, which sled 0.34 reads as its latest snapshot and refuses as
+    /// corrupt: the store opens anyway, from the log, with everything it held.
+    #[test]
+    fn a_snapshot_sled_did_not_finish_writing_does_not_keep_the_store_shut() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        put(&kv, b"a", value(10, 1));
+        put(&kv, b"b", value(3 * CHUNK, 2));
+        kv.flush().unwrap();
+        drop(kv);
+        wait_released(dir.path());
+        let unfinished = dir.path().join("snap.FFFFFFFFFFFFFFFF.generating");
+        std::fs::write(&unfinished, b"half a snapshot, cut short by SIGKILL").unwrap();
+        assert!(matches!(
+            try_open_db(dir.path(), 1 << 20),
+            Err(KvError::Corrupt(_))
+        ));
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(kv.get(b"a").unwrap(), Some(value(10, 1)));
+        assert_eq!(kv.get(b"b").unwrap(), Some(value(3 * CHUNK, 2)));
+        assert!(!unfinished.exists());
     }
 }
