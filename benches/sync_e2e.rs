@@ -51,6 +51,7 @@ use serde_json::{Value, json};
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdout, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use workload::{COLLECTION, import_record, record_id};
 
@@ -649,6 +650,16 @@ fn peak_kib(pid: u32) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // W1: initial sync.
 
+/// CPU microseconds per record of the relay, A and B, and of the three together.
+fn per_record(cpu: [u64; 3], n: u64) -> Value {
+    json!({
+        "relay": cpu[0] / n,
+        "a": cpu[1] / n,
+        "b": cpu[2] / n,
+        "total": cpu.iter().sum::<u64>() / n,
+    })
+}
+
 fn initial_sync(n: u64, o: &Options) -> Value {
     eprintln!("sync_e2e: W1 initial sync, N = {n}");
     let logs = Logs::new(o, &format!("w1-{n}"));
@@ -676,20 +687,36 @@ fn initial_sync(n: u64, o: &Options) -> Value {
     // B's subscriber counts the records as they land; `lagged` counts those whose notification
     // the daemon dropped because this reader fell behind, which still landed.
     let mut subscriber = Subscriber::new(&b_daemon);
-    let counter = std::thread::spawn(move || {
-        let (mut changes, mut lagged) = (0, 0);
-        while changes + lagged < n {
-            match subscriber.next() {
-                Event::Change(c) => changes += u64::from(is_remote(&c)),
-                Event::Lagged(missed) => lagged += missed,
+    // Each process's CPU time over the timed window, read the moment B holds everything: what
+    // A does once it is done (compacting its store after the upload) is not the sync's.
+    let a_pid = Arc::new(std::sync::OnceLock::new());
+    let (relay_pid, b_pid) = (relay.pid(), b_daemon.pid());
+    let cpu_before = [cpu_us(relay_pid), cpu_us(b_pid)];
+    let counter = std::thread::spawn({
+        let a_pid = a_pid.clone();
+        move || {
+            let (mut changes, mut lagged) = (0, 0);
+            while changes + lagged < n {
+                match subscriber.next() {
+                    Event::Change(c) => changes += u64::from(is_remote(&c)),
+                    Event::Lagged(missed) => lagged += missed,
+                }
             }
+            let landed_at = Instant::now();
+            let a_cpu = a_pid.get().copied().map_or(0, cpu_us);
+            let cpu = [
+                cpu_us(relay_pid).saturating_sub(cpu_before[0]),
+                a_cpu,
+                cpu_us(b_pid).saturating_sub(cpu_before[1]),
+            ];
+            (landed_at, changes, lagged, cpu)
         }
-        (Instant::now(), changes, lagged)
     });
 
     eprintln!("  A's daemon starts with the relay configured ...");
     let t0 = Instant::now();
     let a_daemon = Running::start_logging(&a, &logs.path("a"));
+    let _ = a_pid.set(a_daemon.pid());
     let mut a_client = a_daemon.client();
     // `sync` answers once A has nothing left to upload, and costs A nothing while it waits
     // (polling `status` would: each call counts A's whole queue).
@@ -701,7 +728,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
             break at;
         }
     };
-    let (landed_at, changes, lagged) = counter
+    let (landed_at, changes, lagged, window_cpu) = counter
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p));
     let end_to_end = landed_at - t0;
@@ -780,14 +807,12 @@ fn initial_sync(n: u64, o: &Options) -> Value {
             "b_received_per_record": sb.bytes_received / n,
         },
         "peak_rss_mib": { "relay": mib(peaks.0), "a": mib(peaks.1), "b": mib(peaks.2) },
+        // Over the timed window: from A's start until B holds every record.
+        "cpu_us_per_record": per_record(window_cpu, n),
         // From each process's start until A and B settled (the relay's and B's include their
-        // idle wait before A starts, a few milliseconds).
-        "cpu_us_per_record": {
-            "relay": cpu[0] / n,
-            "a": cpu[1] / n,
-            "b": cpu[2] / n,
-            "total": cpu.iter().sum::<u64>() / n,
-        },
+        // idle wait before A starts, a few milliseconds; A's its store's compaction once its
+        // upload is done).
+        "cpu_us_per_record_until_settled": per_record(cpu, n),
         "disk_bytes_after_clean_stop": {
             "a_store": a_disk,
             "b_store": b_disk,

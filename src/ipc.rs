@@ -179,9 +179,17 @@ impl Connection {
         let codec = LinesCodec::new_with_max_length(self.options.max_message_bytes);
         let (mut sink, mut lines) = Framed::new(stream, codec).split();
         let (out, mut outbox) = mpsc::channel::<String>(1024);
+        // Lines queued behind the one at hand go out in the same write (a burst of
+        // notifications is one syscall, not one each); each is flushed before the writer waits.
         let writer = tokio::spawn(async move {
             while let Some(line) = outbox.recv().await {
-                if sink.send(line).await.is_err() {
+                let mut written = sink.feed(line).await;
+                while written.is_ok()
+                    && let Ok(more) = outbox.try_recv()
+                {
+                    written = sink.feed(more).await;
+                }
+                if written.is_err() || sink.flush().await.is_err() {
                     break;
                 }
             }
