@@ -1026,12 +1026,24 @@ impl Journal {
             (std::mem::take(&mut staged.0), staged.1)
         };
         let records_len = bytes.len();
-        let appended = flush_data().and_then(|()| {
-            if records_len == 0 && number <= file.1 {
-                return Ok(());
-            }
-            frame(&mut bytes, MARK, &number.to_be_bytes());
-            let len = file.0.metadata().map_err(from_io)?.len();
+        let restage = |mut bytes: Vec<u8>| {
+            // Appended by the next flush that succeeds (or dropped with their batches, if the
+            // store goes back to what was durable).
+            bytes.truncate(records_len);
+            let mut staged = self.lock_staged();
+            bytes.append(&mut staged.0);
+            staged.0 = bytes;
+        };
+        if let Err(e) = flush_data() {
+            restage(bytes);
+            return Err(e);
+        }
+        if records_len == 0 && number <= file.1 {
+            return Ok(());
+        }
+        frame(&mut bytes, MARK, &number.to_be_bytes());
+        let appended = file.0.metadata().map_err(from_io).and_then(|m| {
+            let len = m.len();
             // Records are synced before the flush returns, as the data is: a write is
             // acknowledged after it. A mark alone is not: a mark the disk lost only finds a
             // later loss less early, and a flush that wrote no local change costs no more sync.
@@ -1049,17 +1061,20 @@ impl Journal {
                     from_io(e)
                 })
         });
-        if let Err(e) = appended {
-            // Appended by the next flush that succeeds (or dropped with their batches, if the
-            // store goes back to what was durable).
-            bytes.truncate(records_len);
-            let mut staged = self.lock_staged();
-            bytes.append(&mut staged.0);
-            staged.0 = bytes;
-            return Err(e);
+        match appended {
+            Ok(()) => {
+                file.1 = file.1.max(number);
+                Ok(())
+            }
+            Err(e) => {
+                // The data is durable: the flush did what it is for, and failing it now would
+                // refuse writes that are there to stay. Only their copies wait, for the next
+                // append that succeeds.
+                tracing::warn!(error = %e, "the journal could not be appended to; it catches up at the next flush");
+                restage(bytes);
+                Ok(())
+            }
         }
-        file.1 = file.1.max(number);
-        Ok(())
     }
 
     fn records(&self) -> Result<(Vec<Vec<u8>>, bool), KvError> {
