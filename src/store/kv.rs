@@ -6,8 +6,8 @@
 //! on disk is refused when read (`KvError::Damaged`, naming its key) rather than returned. sled
 //! drops, without a word, everything after the first record of its log that fails its own
 //! checksum when it recovers; what it dropped cannot be read back, so the sled engine keeps a
-//! journal beside it (`Journal`): an append-only file, synced at every `flush`, holding the
-//! number of the last batch made durable (every batch writes its number into sled too) and the
+//! journal beside it (`Journal`): an append-only file, appended to by every `flush` (synced when
+//! it carries records), holding the number of the last batch made durable (every batch writes its number into sled too) and the
 //! records a batch asks to be kept outside sled (`Batch::journal`: the store's unsynced local
 //! changes). At open, a sled holding an older batch than the journal says was made durable has
 //! lost data (`Kv::lost`), and the journal's records are there to restore from.
