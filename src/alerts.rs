@@ -33,16 +33,19 @@ pub enum AlertKind {
     DiskFree,
     /// Relay log entries this device could not apply were set aside.
     Quarantined,
+    /// The store holds damaged or lost data (`ferry doctor`).
+    StoreDamaged,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 6] = [
+    pub const ALL: [AlertKind; 7] = [
         AlertKind::SyncFailures,
         AlertKind::ConflictRate,
         AlertKind::Inconsistency,
         AlertKind::StorageQuota,
         AlertKind::DiskFree,
         AlertKind::Quarantined,
+        AlertKind::StoreDamaged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +56,7 @@ impl AlertKind {
             AlertKind::StorageQuota => "storage_quota",
             AlertKind::DiskFree => "disk_free",
             AlertKind::Quarantined => "quarantined",
+            AlertKind::StoreDamaged => "store_damaged",
         }
     }
 }
@@ -296,6 +300,31 @@ impl Alerts {
                 )
             },
         )
+    }
+
+    /// What is wrong with the store and what to do, while something is (`None`: it is sound,
+    /// or repaired). Fires whatever the thresholds: damage is never normal.
+    pub fn store_damaged(&mut self, message: Option<&str>, now_ms: u64) -> Option<Transition> {
+        match (message, self.active.contains_key(&AlertKind::StoreDamaged)) {
+            (Some(message), false) => {
+                let alert = Alert {
+                    kind: AlertKind::StoreDamaged,
+                    message: message.to_owned(),
+                    since_ms: now_ms,
+                    value: 1.0,
+                    threshold: 1.0,
+                };
+                self.active.insert(AlertKind::StoreDamaged, alert.clone());
+                Some(Transition::Fired(alert))
+            }
+            (None, true) => {
+                let mut alert = self.active.remove(&AlertKind::StoreDamaged)?;
+                alert.message = format!("{}; it is repaired", alert.message);
+                alert.value = 0.0;
+                Some(Transition::Cleared(alert))
+            }
+            _ => None,
+        }
     }
 
     pub fn storage_used(&mut self, bytes: u64, now_ms: u64) -> Option<Transition> {

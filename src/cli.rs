@@ -192,6 +192,14 @@ enum Command {
     /// Device, store, queue and sync state: connection, last sync, whether this device holds
     /// everything the relay has
     Status,
+    /// Read the whole store and say what is damaged or lost; `--repair` (daemon stopped)
+    /// removes damaged values, puts back unsynced changes the journal kept, and has the device
+    /// read the relay's data again where it needs to
+    Doctor {
+        /// Repair what is found (the daemon must be stopped)
+        #[arg(long)]
+        repair: bool,
+    },
     /// Sync with the relay now and wait until done, showing progress (needs the daemon)
     Sync {
         /// First put failed queue entries back to pending, so they are uploaded again
@@ -435,6 +443,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
             format,
             out,
         } => export(&ctx, target.as_deref(), format, out.as_deref()),
+        Command::Doctor { repair: true } => {
+            let socket = daemon::socket_path(&ctx.dir, &ctx.config);
+            if Client::connect(&socket).is_err()
+                && let Some(aside) = daemon::set_aside_unreadable_store(&ctx.dir, &ctx.config)?
+            {
+                eprintln!(
+                    "the store cannot be opened at all: it is kept at {}, and a new one is made \
+                     from its journal of unsynced changes and, at the next sync, the relay",
+                    aside.display()
+                );
+            }
+            data_command(&ctx, Command::Doctor { repair: true })
+        }
         other => data_command(&ctx, other),
     }
 }
@@ -1019,6 +1040,20 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
                 print_json(&r);
             } else {
                 status::print(&r);
+            }
+        }
+        Command::Doctor { repair } => {
+            let r = backend.call(api::DoctorParams { repair })?;
+            if ctx.json {
+                print_json(&r);
+            } else {
+                status::print_doctor(&r);
+            }
+            if r.checkup.damage.is_some() && r.repaired.is_none() {
+                return Err(Failure::failed(
+                    "the store is damaged: `ferry doctor --repair` (with the daemon stopped) \
+                     repairs it",
+                ));
             }
         }
         Command::Init

@@ -108,7 +108,10 @@ pub fn open_locked_store(
         config.store.sled_cache_mb.saturating_mul(1024 * 1024),
     )
     .map_err(StoreError::from)?;
+    // Unless the journal says batches were lost: then the store opens damaged, and a repair
+    // puts back what the journal holds.
     if had_log
+        && kv.lost().is_none()
         && kv
             .get(keys::META_DEVICE)
             .map_err(StoreError::from)?
@@ -133,6 +136,33 @@ pub fn open_locked_store(
         store: Arc::new(store),
         lock,
     })
+}
+
+/// When the data directory's store cannot be opened at all (sled refuses its files, or finds
+/// nothing in files that hold data), moves it aside and starts a new one holding its journal,
+/// whose unsynced changes a repair then puts back (the rest comes from the relay). Returns where
+/// the old store went; `None` when the store opens. For `ferry doctor --repair`, with no daemon.
+pub fn set_aside_unreadable_store(
+    dir: &DataDir,
+    config: &Config,
+) -> Result<Option<PathBuf>, DaemonError> {
+    match open_store(dir, config) {
+        Err(DaemonError::Store(StoreError::Storage(KvError::Corrupt(_)))) => {}
+        other => return other.map(|_| None),
+    }
+    let _lock = dir.lock()?;
+    let store = dir.store_path();
+    let aside = store.with_file_name(format!("store.unreadable-{}", crate::clock::now_ms()));
+    let io =
+        |e: std::io::Error| DaemonError::Store(StoreError::Storage(KvError::Io(e.to_string())));
+    std::fs::rename(&store, &aside).map_err(io)?;
+    std::fs::create_dir(&store).map_err(io)?;
+    match std::fs::copy(aside.join("journal"), store.join("journal")) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    Ok(Some(aside))
 }
 
 pub fn service_options(dir: &DataDir, config: &Config, daemon: bool) -> ServiceOptions {
@@ -170,7 +200,15 @@ pub async fn run(
         std::os::unix::net::UnixStream::connect(&socket).is_err()
     })?;
     let open = open_locked_store(lock, dir, config)?;
-    let requeued = open.store.recover_interrupted()?;
+    let requeued = match open.store.recover_interrupted() {
+        // A damaged store still starts, so that status and the alert say so; its damaged
+        // entries are never read as good ones, so never uploaded.
+        Err(e @ StoreError::Storage(KvError::Damaged(_))) => {
+            tracing::error!(error = %e, "queue entries interrupted mid-upload cannot all be read");
+            0
+        }
+        other => other?,
+    };
     if requeued > 0 {
         tracing::info!(
             requeued,
@@ -375,8 +413,23 @@ async fn look_after_storage(
             }
             let refused = store.disk_full_since();
             alerts.observe("", crate::clock::now_ms(), |a, _| a.writes_refused(refused));
+            let damage = store.damage().map(|d| {
+                format!(
+                    "the store is damaged ({}): `ferry doctor` says what, and `ferry doctor \
+                     --repair` (with the daemon stopped) repairs it from the relay",
+                    d.summary()
+                )
+            });
+            alerts.observe("", crate::clock::now_ms(), |a, now| {
+                a.store_damaged(damage.as_deref(), now)
+            });
             if check_space {
                 bound_space(&store);
+            }
+            if refused.is_none()
+                && let Err(e) = store.bound_journal()
+            {
+                tracing::warn!(error = %e, "could not rewrite the journal of unsynced changes");
             }
         })
         .await;

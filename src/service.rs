@@ -35,12 +35,12 @@ pub mod api;
 
 use api::{
     Address, CollectionList, CollectionSize, CollectionsParams, ConflictId, ConflictPage,
-    ConflictSummary, ConflictsParams, Contents, DeleteParams, ExportParams, Exported, GetParams,
-    HistoryParams, ImportParams, Imported, KeyReloadParams, KeyReloaded, ListParams, LogPage,
-    LogParams, Method, Named as _, PatchParams, PutParams, QuarantinedEntry, QuarantinedSummary,
-    QueuePage, QueueParams, RecordHistory, RecordPage, ResolveRequest, Retried, RetryParams,
-    StatusAnswer, StatusParams, Storage, SubscribeParams, Subscribed, UnsubscribeParams,
-    Unsubscribed,
+    ConflictSummary, ConflictsParams, Contents, DeleteParams, DoctorAnswer, DoctorParams,
+    ExportParams, Exported, GetParams, HistoryParams, ImportParams, Imported, KeyReloadParams,
+    KeyReloaded, ListParams, LogPage, LogParams, Method, Named as _, PatchParams, PutParams,
+    QuarantinedEntry, QuarantinedSummary, QueuePage, QueueParams, RecordHistory, RecordPage,
+    ResolveRequest, Retried, RetryParams, StatusAnswer, StatusParams, Storage, SubscribeParams,
+    Subscribed, UnsubscribeParams, Unsubscribed,
 };
 
 /// Stable JSON-RPC error codes. The standard ones are JSON-RPC 2.0's own.
@@ -122,7 +122,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Record(RecordError::MissingDependencies { .. }) => code::INVALID_STATE,
             StoreError::Storage(KvError::DiskFull(_)) => code::DISK_FULL,
-            StoreError::Storage(KvError::Corrupt(_))
+            StoreError::Storage(KvError::Corrupt(_) | KvError::Damaged(_))
             | StoreError::Decode { .. }
             | StoreError::Record(RecordError::Corrupt(_)) => code::CORRUPT,
             StoreError::Storage(KvError::Io(_)) => code::STORAGE,
@@ -758,8 +758,11 @@ impl Method for StatusParams {
             // sled cannot even be read after a disk filled up until it has some room again:
             // the status still says so.
             Err(_) if disk_full_since.is_some() => None,
+            // A damaged value met on the way: the status says the store is damaged.
+            Err(_) if store.damage().is_some() => None,
             Err(e) => return Err(e),
         };
+        let damage = store.damage();
         // Only a daemon's own process says anything about the daemon.
         let daemon = service.options.daemon;
         Ok(StatusAnswer {
@@ -776,9 +779,31 @@ impl Method for StatusParams {
                 None => Storage::Ok,
             },
             contents,
+            damage,
             pid: daemon.then(std::process::id),
             uptime_ms: daemon.then(|| service.started.elapsed().as_millis() as u64),
         })
+    }
+}
+
+impl Method for DoctorParams {
+    type Answer = DoctorAnswer;
+    fn run(self, service: &Service) -> Result<DoctorAnswer, ApiError> {
+        if self.repair && service.options.daemon {
+            return Err(ApiError::new(
+                code::INVALID_STATE,
+                "a repair may have this device read the relay's data again from the start, \
+                 which a running sync must not meet half way: stop the daemon, run `ferry doctor \
+                 --repair`, then start the daemon again",
+            ));
+        }
+        let checkup = service.store.examine()?;
+        let repaired = if self.repair {
+            Some(service.store.repair()?)
+        } else {
+            None
+        };
+        Ok(DoctorAnswer { checkup, repaired })
     }
 }
 

@@ -834,6 +834,15 @@ impl Kv for Interleaved {
     fn live_bytes(&self) -> Result<u64, KvError> {
         self.kv.live_bytes()
     }
+    fn journal(&self) -> Result<(Vec<Vec<u8>>, bool), KvError> {
+        self.kv.journal()
+    }
+    fn journal_bytes(&self) -> u64 {
+        self.kv.journal_bytes()
+    }
+    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+        self.kv.rewrite_journal(keep)
+    }
 }
 
 #[test]

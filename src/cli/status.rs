@@ -9,7 +9,7 @@ use crate::clock::now_ms;
 use crate::engine::{SyncSettings, SyncStatus, relative};
 use crate::ipc::DaemonStatus;
 use crate::service::Service;
-use crate::service::api::{QuarantinedSummary, Storage};
+use crate::service::api::{DoctorAnswer, QuarantinedSummary, Storage};
 
 use super::{Context, Failure, print_alerts};
 
@@ -42,6 +42,59 @@ pub(super) fn last_known(ctx: &Context, service: &Service) -> Result<Option<Sync
     )))
 }
 
+/// The human form of `doctor`'s answer.
+pub(super) fn print_doctor(answer: &DoctorAnswer) {
+    let c = &answer.checkup;
+    let read = format!(
+        "{} keys, {} documents, {} queue entries, {} unsynced changes journaled",
+        c.keys, c.documents, c.queue_entries, c.journaled_changes
+    );
+    match &c.damage {
+        None => println!("store: sound ({read})"),
+        Some(damage) => {
+            println!("store: DAMAGED ({read}): {}", damage.summary());
+            if let Some(lost) = &damage.lost_batches {
+                println!(
+                    "  lost: batches {} to {} were made durable and are gone from the data",
+                    lost.found + 1,
+                    lost.durable
+                );
+            }
+            for value in &damage.damaged {
+                println!("  damaged {} {}: {}", value.kind, value.key, value.detail);
+            }
+            for change in &damage.recoverable {
+                println!(
+                    "  unsynced change {} ({:?} of {}/{}) is missing from the queue: the journal \
+                     keeps it",
+                    change.queue_id, change.operation, change.collection, change.id
+                );
+            }
+            for id in &damage.unrecoverable {
+                println!("  queue entry {id} is damaged and has no copy: its change is lost");
+            }
+        }
+    }
+    if let Some(r) = &answer.repaired {
+        println!(
+            "repaired: {} damaged values removed, {} unsynced changes put back into the queue{}",
+            r.removed.len(),
+            r.restored.len(),
+            if r.reads_relay_again {
+                "; the device reads the relay's data again at its next sync"
+            } else {
+                ""
+            }
+        );
+        if !r.unrecoverable.is_empty() {
+            println!(
+                "lost for good (unless they reached the relay before): queue entries {:?}",
+                r.unrecoverable
+            );
+        }
+    }
+}
+
 /// The human form of `status`'s answer.
 pub(super) fn print(daemon: &DaemonStatus) {
     let status = &daemon.status;
@@ -72,7 +125,18 @@ pub(super) fn print(daemon: &DaemonStatus) {
             "data: {} records in {} collections · {on_disk} on disk{live}",
             c.documents, c.collections
         ),
+        None if status.damage.is_some() => {
+            println!("data: partly unreadable, the store is damaged · {on_disk} on disk{live}")
+        }
         None => println!("data: unreadable until the disk has room · {on_disk} on disk{live}"),
+    }
+    if let Some(damage) = &status.damage {
+        println!(
+            "store: DAMAGED since {}: {}; `ferry doctor` says what, `ferry doctor --repair` \
+             (daemon stopped) repairs it",
+            relative(now, damage.since_ms),
+            damage.summary()
+        );
     }
     if let Storage::DiskFull { since_ms } = status.storage {
         println!(

@@ -87,6 +87,14 @@ impl RelayAlerts {
         Ok(())
     }
 
+    /// A stored value of `space` failed its checksum when read (`what` says which): it was not
+    /// served, and the account's alert stays until the relay restarts.
+    pub fn damaged(&self, space: &str, what: &str) {
+        self.monitor.observe(space, self.clock.now_ms(), |a, now| {
+            a.store_damaged(Some(what), now)
+        });
+    }
+
     /// Measures the data directory's disk now and every `alerts.check_interval_secs`, until
     /// `shutdown` turns true.
     pub async fn check_disk(

@@ -111,10 +111,23 @@ pub async fn run(
     } else {
         RelayCertificate::from_pem_files(relay.cert_file.as_ref(), relay.key_file.as_ref())?
     };
-    let kv: Arc<dyn crate::store::kv::Kv> = Arc::new(SledKv::open(
-        &dir.path().join("relay.db"),
-        relay.sled_cache_mb * 1024 * 1024,
-    )?);
+    let store_path = dir.path().join("relay.db");
+    let sled = SledKv::open(&store_path, relay.sled_cache_mb * 1024 * 1024)?;
+    // Serving a log without changes it acknowledged would have devices skip or reuse positions.
+    if let Some(lost) = crate::store::kv::Kv::lost(&sled) {
+        return Err(KvError::Corrupt(format!(
+            "{} lost batches {} to {}, which had been made durable (its log was damaged on \
+             disk and sled dropped everything after the damage): serving it would hand devices \
+             a log without changes it acknowledged storing. Restore the data directory from a \
+             backup; to serve what is left anyway, remove {}",
+            store_path.display(),
+            lost.found + 1,
+            lost.durable,
+            store_path.join("journal").display()
+        ))
+        .into());
+    }
+    let kv: Arc<dyn crate::store::kv::Kv> = Arc::new(sled);
     let storage = Arc::new(storage::KvStorage::new(kv));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let accounts = Arc::new(accounts::Accounts::open(

@@ -23,6 +23,7 @@ use super::accounts::{Accounts, Revocation};
 use super::activity::{Activity, SyncEvent, SyncKind};
 use super::alerts::RelayAlerts;
 use super::metrics::{RelayMetrics, RequestKind};
+use super::storage::StorageError;
 use super::store::{RelayStore, RelayStoreError};
 use crate::clock::{Clock, sleep_until};
 use crate::drive::{Io, drive};
@@ -648,6 +649,9 @@ impl Io<RelaySession> for Serving<'_> {
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(error = %e, "relay store failed");
+                if let RelayStoreError::Storage(StorageError::Damaged { .. }) = &e {
+                    context.alerts.damaged(&self.peer.space, &e.to_string());
+                }
                 session.failed(format!("the relay's store failed: {e}"));
             }
         }

@@ -14,6 +14,7 @@ use super::{ApiError, QueueView, Service};
 use crate::record::{Fields, HistoryEntry};
 use crate::resolve::{Conflict, Take};
 use crate::store::conflicts::{ConflictCounts, ResolveOutcome};
+use crate::store::health::{Checkup, Damage, Repaired};
 use crate::store::{Applied, QueueCounts, RecordView};
 
 /// A method's name on the socket, given by `methods!`.
@@ -94,7 +95,7 @@ macro_rules! methods {
                             "unknown method {other:?}: the methods are put, patch, delete, get, \
                              list, collections, history, import, export, subscribe, \
                              unsubscribe, queue, retry, log, status, sync, conflicts.list, \
-                             conflicts.get, conflicts.resolve, key.reload"
+                             conflicts.get, conflicts.resolve, key.reload, doctor"
                         ),
                     )),
                 }
@@ -133,6 +134,7 @@ methods! {
     "conflicts.get" => ConflictsGet(ConflictId) -> Conflict, decoded by super::parse;
     "conflicts.resolve" => ConflictsResolve(ResolveRequest) -> ResolveOutcome, decoded by super::parse;
     "key.reload" => KeyReload(KeyReloadParams) -> KeyReloaded, decoded by super::parse;
+    "doctor" => Doctor(DoctorParams) -> DoctorAnswer, decoded by super::parse;
     daemon only:
     "sync" => Sync(SyncParams), decoded by SyncParams::decode;
 }
@@ -415,10 +417,30 @@ pub struct StatusAnswer {
     /// `None` only when a full disk keeps the store from being read.
     #[serde(flatten)]
     pub contents: Option<Contents>,
+    /// What is known to be wrong with the store (`doctor` reads all of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damage: Option<Damage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uptime_ms: Option<u64>,
+}
+
+/// `doctor`: read the whole store and say what is damaged; with `repair`, repair it too (the
+/// daemon refuses a repair: it is run with the daemon stopped).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoctorParams {
+    #[serde(default)]
+    pub repair: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DoctorAnswer {
+    /// The store as read before any repair.
+    pub checkup: Checkup,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<Repaired>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -35,6 +35,8 @@ pub const META_PENDING_INDEX: &[u8] = b"mpending_index";
 /// them moved when they are opened).
 pub const META_QUEUE_CHANGES: &[u8] = b"mqueue_changes";
 pub const QUEUE_CHANGE: &[u8] = b"b";
+/// What is known to be wrong with the store (JSON, `health::Damage`), until a repair.
+pub const META_DAMAGE: &[u8] = b"mdamage";
 /// What the daemon last knew of its sync (JSON), for `ferry status` while no daemon runs.
 pub const META_SYNC_STATE: &[u8] = b"msync_state";
 pub const PENDING: &[u8] = b"p";

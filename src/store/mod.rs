@@ -7,9 +7,17 @@
 //! `write` makes a change visible, `flush` makes everything written so far durable, and callers
 //! acknowledge a write only after the flush that covers it (see `daemon::committer`).
 //!
+//! Damage (`health`): every new queue entry is also journaled outside sled with its batch, so an
+//! acknowledged change survives sled silently dropping the end of its log; why a journal rather
+//! than a sidecar that only counts: the count finds the loss, the journal also keeps the
+//! changes, for one extra `fdatasync` per flush (the group commit shares it, as it shares
+//! sled's). An open compares the journal with the data and records what is wrong (`mdamage`)
+//! until `repair`.
+//!
 //! Must not touch: sockets, JSON-RPC, the CLI. It knows records only through `record`.
 
 pub mod conflicts;
+pub mod health;
 pub mod keys;
 pub mod kv;
 pub mod snapshot;
@@ -325,6 +333,12 @@ pub struct Store {
     space: Mutex<Option<SpaceUse>>,
     /// The size on disk right after the last compaction (0 before any).
     compacted_to: AtomicU64,
+    /// What opens found wrong, until a repair (`health`).
+    damage: Mutex<Option<health::Damage>>,
+    /// Keys whose values failed their checksum when read.
+    seen_damaged: Arc<Mutex<BTreeSet<Vec<u8>>>>,
+    /// The journal's size past which it is rewritten.
+    journal_limit: AtomicU64,
 }
 
 impl Store {
@@ -364,13 +378,16 @@ impl Store {
         }
         sync::ensure_pending_index(kv.as_ref())?;
         move_long_changes(kv.as_ref())?;
-        let next_queue_id = next_seq(kv.as_ref(), keys::QUEUE)?;
+        let (found, after_journaled) = health::check_at_open(kv.as_ref(), clock.now_ms())?;
+        // An id the queue lost is still the journal's: it is never given to another change.
+        let next_queue_id = next_seq(kv.as_ref(), keys::QUEUE)?.max(after_journaled);
         let next_log_id = next_seq(kv.as_ref(), keys::LOG)?;
         let open_conflicts =
             kv.count(keys::CONFLICT_OPEN, &keys::prefix_end(keys::CONFLICT_OPEN))?;
         let capacity = NonZeroUsize::new(options.cache_docs.max(1)).unwrap_or(NonZeroUsize::MIN);
-        Ok(Store {
-            kv,
+        let (kv, seen_damaged) = health::Watched::new(kv);
+        let store = Store {
+            kv: Box::new(kv),
             actor,
             device_id: device_id.to_owned(),
             options,
@@ -385,7 +402,12 @@ impl Store {
             open_conflicts: AtomicU64::new(open_conflicts),
             space: Mutex::new(None),
             compacted_to: AtomicU64::new(0),
-        })
+            damage: Mutex::new(None),
+            seen_damaged,
+            journal_limit: AtomicU64::new(health::journal_start_limit()),
+        };
+        store.note_damage(found)?;
+        Ok(store)
     }
 
     pub fn device_id(&self) -> &str {
@@ -675,6 +697,9 @@ impl Store {
             priority: self.priority(&collection),
         };
         stage_entry(batch, delta, None, &entry)?;
+        // Kept outside the data too until it is uploaded: what a damaged data file loses is
+        // restored from there (`health`).
+        batch.journal(encode(&entry, "journaled change")?);
         Ok(Applied {
             collection,
             id,
@@ -1123,6 +1148,10 @@ impl Store {
         }
         if !batch.is_empty() {
             self.kv.apply(batch)?;
+        }
+        if pruned > 0 {
+            // The journal may hold entries pruned now: it must not take them for lost ones.
+            self.rotate_journal(true)?;
         }
         if pruned + logs_pruned > 0 {
             // The live data shrank (the one way it does): the next `bound_space` measures it

@@ -954,6 +954,15 @@ impl Kv for FaultyKv {
     fn live_bytes(&self) -> Result<u64, KvError> {
         self.inner.live_bytes()
     }
+    fn journal(&self) -> Result<(Vec<Vec<u8>>, bool), KvError> {
+        self.inner.journal()
+    }
+    fn journal_bytes(&self) -> u64 {
+        self.inner.journal_bytes()
+    }
+    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+        self.inner.rewrite_journal(keep)
+    }
 }
 
 /// A JSON object as record fields (tests write them as `json!({...})`).

@@ -920,6 +920,82 @@ fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
     k
 }
 
+/// What a damaged key of this layout held, in which space, and where: a log entry's seq, a
+/// record's name.
+pub(super) fn damaged(key: &[u8]) -> StorageError {
+    let Some((&kind, rest)) = key.split_first() else {
+        return named("value", "", "an empty key".into());
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let parts = |b: &[u8]| -> Vec<String> {
+        b.split(|&c| c == 0)
+            .filter(|p| !p.is_empty())
+            .map(text)
+            .collect()
+    };
+    let what = match kind {
+        b'l' => "log entry",
+        b'b' => "document",
+        b't' => "document's tail entry",
+        b'r' => "record heads",
+        b'h' => "change index entry",
+        b'x' | b'y' | b'o' | b'k' | b'c' | b'g' | b'i' => "conflict data",
+        b'v' | b'u' => "unique value",
+        b's' => "log size",
+        b'w' | b'M' => "web actor",
+        _ => "account data",
+    };
+    match kind {
+        b'l' | b't' => match split_seq(rest) {
+            Some((head, seq)) => {
+                let mut names = parts(head);
+                let space = if names.is_empty() {
+                    String::new()
+                } else {
+                    names.remove(0)
+                };
+                let record = names.join("/");
+                let position = if record.is_empty() {
+                    format!("seq {seq}")
+                } else {
+                    format!("record {record}, seq {seq}")
+                };
+                named(what, &space, position)
+            }
+            None => named(what, &text(rest), "an unreadable key".into()),
+        },
+        b'a'..=b'z' => {
+            let mut names = parts(rest);
+            let space = if names.is_empty() {
+                String::new()
+            } else {
+                names.remove(0)
+            };
+            named(what, &space, format!("key {}", names.join("/")))
+        }
+        _ => named(
+            what,
+            "",
+            format!("key {}", crate::store::kv::printable(key)),
+        ),
+    }
+}
+
+/// The parts of a seq key and its seq: its last 8 bytes.
+fn split_seq(key: &[u8]) -> Option<(&[u8], u64)> {
+    let at = key.len().checked_sub(8)?;
+    let seq = <[u8; 8]>::try_from(key.get(at..)?).ok()?;
+    Some((key.get(..at)?, u64::from_be_bytes(seq)))
+}
+
+fn named(what: &'static str, space: &str, position: String) -> StorageError {
+    StorageError::Damaged {
+        what,
+        space: space.to_owned(),
+        position,
+    }
+}
+
 fn seq_key(kind: u8, parts: &[&str], seq: u64) -> Vec<u8> {
     let mut k = key(kind, parts);
     k.extend_from_slice(&seq.to_be_bytes());

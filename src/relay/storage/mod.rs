@@ -33,7 +33,18 @@ pub use kv::KvStorage;
 pub enum StorageError {
     /// The engine failed: a full disk, I/O, or damage the engine found itself.
     #[error(transparent)]
-    Engine(#[from] KvError),
+    Engine(KvError),
+    /// A stored value failed its checksum: it is never read as good, so never served.
+    #[error(
+        "the relay's stored {what} of space {space:?} ({position}) is damaged: its checksum \
+         does not match, so it is not served; restore the relay's data directory from a \
+         backup"
+    )]
+    Damaged {
+        what: &'static str,
+        space: String,
+        position: String,
+    },
     #[error("stored {what} cannot be decoded ({detail}): the relay's store is damaged")]
     Corrupt { what: &'static str, detail: String },
     #[error(
@@ -58,6 +69,15 @@ pub enum StorageError {
     AccountExists(String),
     #[error("the enrolment code was already used")]
     EnrolmentUsed,
+}
+
+impl From<KvError> for StorageError {
+    fn from(e: KvError) -> Self {
+        match e {
+            KvError::Damaged(key) => kv::damaged(&key),
+            other => StorageError::Engine(other),
+        }
+    }
 }
 
 /// A record within a space: (collection, record id).

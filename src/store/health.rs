@@ -1,0 +1,951 @@
+//! Damage to the store: found at open, met at read, examined in full and repaired.
+//!
+//! Owns: the `mdamage` key (what was found, kept until a repair, so that every later open and
+//! `status` still says so), the journal of unsynced local changes (each new queue entry, whole,
+//! is journaled with the batch that writes it, `Batch::journal`, and the journal is rewritten
+//! with the entries not yet completed when it has grown, and before completed entries are
+//! pruned), the full examination `doctor` runs, and the repair.
+//!
+//! What counts as damage: a value whose checksum fails (`KvError::Damaged`), a document that
+//! does not load, a queue entry that does not decode or lost its change, a pending-index key
+//! that disagrees with the queue, batches the engine lost (`Kv::lost`), and journaled changes
+//! the queue no longer holds. A repair removes every damaged value, puts the journaled changes
+//! the queue lost back (pending, applied to their documents where these hold what they build
+//! on; the rest reach them through the relay's log once uploaded), rebuilds the pending index,
+//! and, when anything but the queue was damaged, forgets what the device had read of the relay
+//! (cursor, logged heads, conflict entries and counters, quarantine) so that it reads it all
+//! again: documents merge, so nothing local is lost. Damaged values are never uploaded: a
+//! queue entry that fails its check is never read as one.
+//!
+//! Must not touch: the network or sessions; the daemon decides when to repair.
+
+use super::kv::{Batch, Kv, KvError, Lost, Pair, printable};
+use super::{Store, StoreError, decode, encode, keys, stage_entry};
+use crate::record::Record;
+use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// What is known to be wrong with the store.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Damage {
+    /// When it was first found (Unix ms).
+    pub since_ms: u64,
+    /// Batches made durable that the data no longer holds: the engine's recovery dropped them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_batches: Option<LostBatches>,
+    /// Values that fail their checksum or cannot be read as what their key says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damaged: Vec<DamagedValue>,
+    /// Local changes acknowledged and not yet uploaded that the queue lost or holds damaged;
+    /// the journal has them whole, and a repair puts them back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recoverable: Vec<LostChange>,
+    /// Queue entries damaged with no copy in the journal: their changes are lost, unless they
+    /// reached the relay before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unrecoverable: Vec<u64>,
+    /// The journal itself holds damaged records (those past them still count).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub journal_damaged: bool,
+}
+
+impl Damage {
+    fn is_empty(&self) -> bool {
+        self.lost_batches.is_none()
+            && self.damaged.is_empty()
+            && self.recoverable.is_empty()
+            && self.unrecoverable.is_empty()
+            && !self.journal_damaged
+    }
+
+    /// One line saying what is wrong.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(lost) = &self.lost_batches {
+            parts.push(format!(
+                "the data lost {} batches written before it was last closed",
+                lost.durable.saturating_sub(lost.found)
+            ));
+        }
+        if !self.damaged.is_empty() {
+            parts.push(format!("{} damaged values", self.damaged.len()));
+        }
+        if !self.recoverable.is_empty() {
+            parts.push(format!(
+                "{} unsynced local changes missing from the queue (kept in the journal)",
+                self.recoverable.len()
+            ));
+        }
+        if !self.unrecoverable.is_empty() {
+            parts.push(format!(
+                "{} queue entries damaged with no copy",
+                self.unrecoverable.len()
+            ));
+        }
+        if self.journal_damaged {
+            parts.push("the journal of unsynced changes is damaged".into());
+        }
+        parts.join("; ")
+    }
+
+    fn merge(&mut self, other: Damage) {
+        self.lost_batches = self.lost_batches.take().or(other.lost_batches);
+        for value in other.damaged {
+            if !self.damaged.iter().any(|d| d.key == value.key) {
+                self.damaged.push(value);
+            }
+        }
+        for change in other.recoverable {
+            if !self
+                .recoverable
+                .iter()
+                .any(|c| c.queue_id == change.queue_id)
+            {
+                self.recoverable.push(change);
+            }
+        }
+        for id in other.unrecoverable {
+            if !self.unrecoverable.contains(&id) {
+                self.unrecoverable.push(id);
+            }
+        }
+        self.journal_damaged |= other.journal_damaged;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostBatches {
+    /// The last batch the journal says was made durable.
+    pub durable: u64,
+    /// The last batch the data holds.
+    pub found: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamagedValue {
+    /// What the key holds: document, queue entry, queue change, pending index, cursor, ...
+    pub kind: String,
+    /// The key, printable.
+    pub key: String,
+    pub detail: String,
+}
+
+/// A local change the journal holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostChange {
+    pub queue_id: u64,
+    pub collection: String,
+    pub id: String,
+    pub operation: Operation,
+}
+
+impl LostChange {
+    fn of(entry: &SyncQueueEntry) -> Self {
+        LostChange {
+            queue_id: entry.id,
+            collection: entry.model_name.clone(),
+            id: entry.object_id.clone(),
+            operation: entry.operation,
+        }
+    }
+}
+
+/// What `Store::examine` read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Checkup {
+    /// `None`: nothing is wrong.
+    pub damage: Option<Damage>,
+    pub keys: u64,
+    pub documents: u64,
+    pub queue_entries: u64,
+    pub journaled_changes: u64,
+}
+
+/// What `Store::repair` did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Repaired {
+    /// Damaged values removed (a document is then read again from the relay).
+    pub removed: Vec<DamagedValue>,
+    /// Local changes put back into the queue from the journal.
+    pub restored: Vec<LostChange>,
+    /// Queue entries whose changes are lost for good.
+    pub unrecoverable: Vec<u64>,
+    /// Whether the device reads the relay's data again from the start.
+    pub reads_relay_again: bool,
+}
+
+/// The journal is rewritten once it takes this much, or twice what it took after the last
+/// rewrite if that is more.
+const JOURNAL_MIN_LIMIT: u64 = 4 << 20;
+
+/// The keys a repair removes so that the device reads the relay's data again: its read
+/// position, the heads logged per record, conflict entries, unique values and counters,
+/// quarantined entries, and a bootstrap's pages.
+const READ_FROM_RELAY: [&[u8]; 6] = [b"c", b"h", b"x", b"u", b"k", b"z"];
+
+/// What a key holds, for reports.
+fn kind_of(key: &[u8]) -> &'static str {
+    match key.first() {
+        Some(b'd') => "document",
+        Some(b'q') => "queue entry",
+        Some(b'b') => "queue change",
+        Some(b'p') => "pending index",
+        Some(b'h') => "logged heads",
+        Some(b'x' | b'u' | b'k') => "conflict data",
+        Some(b'c') => "sync cursor",
+        Some(b'z') => "quarantined entry",
+        Some(b'l') => "sync log entry",
+        Some(b'm') => "metadata",
+        _ => "unknown",
+    }
+}
+
+fn damaged_value(key: &[u8], detail: impl Into<String>) -> DamagedValue {
+    DamagedValue {
+        kind: kind_of(key).into(),
+        key: printable(key),
+        detail: detail.into(),
+    }
+}
+
+/// The kinds of keys a repair may remove without reading the relay's data again.
+fn queue_only(key: &[u8]) -> bool {
+    matches!(key.first(), Some(b'q' | b'b' | b'p' | b'l'))
+}
+
+/// Notes the keys whose values failed their checksum when read, so that `status` says the
+/// store is damaged as soon as anything meets it.
+pub(super) struct Watched {
+    inner: Box<dyn Kv>,
+    seen: Arc<Mutex<BTreeSet<Vec<u8>>>>,
+}
+
+impl Watched {
+    pub(super) fn new(inner: Box<dyn Kv>) -> (Self, Arc<Mutex<BTreeSet<Vec<u8>>>>) {
+        let seen = Arc::default();
+        let watched = Watched {
+            inner,
+            seen: Arc::clone(&seen),
+        };
+        (watched, seen)
+    }
+
+    fn note<T>(&self, result: Result<T, KvError>) -> Result<T, KvError> {
+        if let Err(KvError::Damaged(key)) = &result {
+            lock(&self.seen).insert(key.clone());
+        }
+        result
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Kv for Watched {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.note(self.inner.get(key))
+    }
+    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {
+        self.note(self.inner.range(start, end, limit))
+    }
+    fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.inner.last_key(start, end)
+    }
+    fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError> {
+        self.inner.count(start, end)
+    }
+    fn apply(&self, batch: Batch) -> Result<(), KvError> {
+        self.note(self.inner.apply(batch))
+    }
+    fn flush(&self) -> Result<(), KvError> {
+        self.inner.flush()
+    }
+    fn size_on_disk(&self) -> Result<u64, KvError> {
+        self.inner.size_on_disk()
+    }
+    fn live_bytes(&self) -> Result<u64, KvError> {
+        self.note(self.inner.live_bytes())
+    }
+    fn disk_full_since(&self) -> Option<u64> {
+        self.inner.disk_full_since()
+    }
+    fn reopen(&self) -> Result<bool, KvError> {
+        self.inner.reopen()
+    }
+    fn resume_writes(&self) -> Result<(), KvError> {
+        self.inner.resume_writes()
+    }
+    fn compact(&self) -> Result<(), KvError> {
+        self.note(self.inner.compact())
+    }
+    fn lost(&self) -> Option<Lost> {
+        self.inner.lost()
+    }
+    fn journal(&self) -> Result<(Vec<Vec<u8>>, bool), KvError> {
+        self.inner.journal()
+    }
+    fn journal_bytes(&self) -> u64 {
+        self.inner.journal_bytes()
+    }
+    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+        self.inner.rewrite_journal(keep)
+    }
+}
+
+/// The journal's entries, the last copy of each id, and whether any record did not decode.
+fn journaled(kv: &dyn Kv) -> Result<(BTreeMap<u64, SyncQueueEntry>, bool), StoreError> {
+    let (records, mut damaged) = kv.journal()?;
+    let mut entries = BTreeMap::new();
+    for record in records {
+        match decode::<SyncQueueEntry>(&record, "journaled change") {
+            Ok(entry) => {
+                entries.insert(entry.id, entry);
+            }
+            Err(_) => damaged = true,
+        }
+    }
+    Ok((entries, damaged))
+}
+
+/// What the open finds cheaply: batches the engine lost, and journaled changes the queue does
+/// not hold (one read each: the journal holds the changes not uploaded yet).
+pub(super) fn check_at_open(kv: &dyn Kv, now: u64) -> Result<(Damage, u64), StoreError> {
+    let (entries, journal_damaged) = journaled(kv)?;
+    let mut damage = Damage {
+        since_ms: now,
+        lost_batches: kv.lost().map(|l| LostBatches {
+            durable: l.durable,
+            found: l.found,
+        }),
+        journal_damaged,
+        ..Damage::default()
+    };
+    for entry in entries.values() {
+        match kv.get(&keys::queue(entry.id)) {
+            Ok(Some(_)) => {}
+            Ok(None) => damage.recoverable.push(LostChange::of(entry)),
+            Err(KvError::Damaged(key)) => {
+                damage
+                    .damaged
+                    .push(damaged_value(&key, "checksum mismatch"));
+                damage.recoverable.push(LostChange::of(entry));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let next_id = entries.keys().next_back().map_or(0, |id| id + 1);
+    Ok((damage, next_id))
+}
+
+/// Everything a full read of the store found, for `examine` and `repair`.
+#[derive(Default)]
+struct Scan {
+    damaged: Vec<(Vec<u8>, String)>,
+    keys: u64,
+    documents: u64,
+    /// Entries that read, by id.
+    queue: BTreeMap<u64, SyncQueueEntry>,
+    /// Ids whose change is kept under its own key.
+    changes: BTreeSet<u64>,
+    /// Pending-index keys found.
+    pending: Vec<Vec<u8>>,
+}
+
+impl Scan {
+    /// Queue entries with a problem beyond their own value (their change missing), and
+    /// pending-index keys the queue disagrees with (pointing at no pending entry, or missing).
+    fn inconsistencies(&self) -> Vec<(Vec<u8>, String)> {
+        let mut found = Vec::new();
+        for (id, entry) in &self.queue {
+            if entry.data.is_empty() && !self.changes.contains(id) {
+                found.push((keys::queue(*id), "its change is missing".into()));
+            }
+        }
+        let indexed: BTreeSet<&Vec<u8>> = self.pending.iter().collect();
+        for key in &self.pending {
+            let points_at_pending = keys::pending_id(key)
+                .ok()
+                .and_then(|id| self.queue.get(&id))
+                .is_some_and(|e| {
+                    e.status == QueueStatus::Pending && keys::pending(e.priority, e.id) == *key
+                });
+            if !points_at_pending {
+                found.push((key.clone(), "points at no pending queue entry".into()));
+            }
+        }
+        for entry in self.queue.values() {
+            let key = keys::pending(entry.priority, entry.id);
+            if entry.status == QueueStatus::Pending && !indexed.contains(&key) {
+                found.push((
+                    key,
+                    "a pending queue entry is missing from the index".into(),
+                ));
+            }
+        }
+        found
+    }
+}
+
+impl Store {
+    pub(super) fn lock_damage(&self) -> MutexGuard<'_, Option<Damage>> {
+        lock(&self.damage)
+    }
+
+    /// Records what the open found, durably, beside what an earlier open found.
+    pub(super) fn note_damage(&self, found: Damage) -> Result<(), StoreError> {
+        let mut damage = self.lock_damage();
+        let stored = match self.kv.get(keys::META_DAMAGE) {
+            Ok(stored) => stored,
+            Err(KvError::Damaged(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mut known = match stored {
+            Some(bytes) => serde_json::from_slice::<Damage>(&bytes).unwrap_or_default(),
+            None => Damage::default(),
+        };
+        if known.is_empty() && found.is_empty() {
+            return Ok(());
+        }
+        if known.is_empty() {
+            known.since_ms = found.since_ms;
+        }
+        known.merge(found);
+        let bytes = serde_json::to_vec(&known).map_err(|e| StoreError::Encode {
+            what: "damage report",
+            detail: e.to_string(),
+        })?;
+        let mut batch = Batch::default();
+        batch.put(keys::META_DAMAGE.to_vec(), bytes);
+        self.kv.apply(batch)?;
+        self.kv.flush()?;
+        tracing::error!(damage = %known.summary(), "the store is damaged: see `ferry doctor`");
+        *damage = Some(known);
+        Ok(())
+    }
+
+    /// What is known to be wrong with the store: what opens found, and values met damaged
+    /// since. `None` when nothing is known to be (`examine` reads everything).
+    pub fn damage(&self) -> Option<Damage> {
+        let mut damage = self.lock_damage().clone();
+        let seen = lock(&self.seen_damaged).clone();
+        if !seen.is_empty() {
+            let now = self.clock.now_ms();
+            let met = damage.get_or_insert_with(|| Damage {
+                since_ms: now,
+                ..Damage::default()
+            });
+            met.merge(Damage {
+                damaged: seen
+                    .iter()
+                    .map(|key| damaged_value(key, "checksum mismatch, met at read"))
+                    .collect(),
+                ..Damage::default()
+            });
+        }
+        damage
+    }
+
+    /// Reads every key of the store, noting the values that fail their checksum and moving on.
+    fn scan(&self) -> Result<Scan, StoreError> {
+        const PAGE: usize = 256;
+        let mut scan = Scan::default();
+        let mut start = Vec::new();
+        let end = vec![u8::MAX];
+        // Past a damaged key, the pairs before it are read up to it, then reading goes on after.
+        let mut stop = end.clone();
+        loop {
+            match self.kv.range(&start, &stop, PAGE) {
+                Ok(page) => {
+                    let Some((last, _)) = page.last() else {
+                        if stop == end {
+                            break;
+                        }
+                        scan.damaged
+                            .push((stop.clone(), "checksum mismatch".into()));
+                        start = keys::after(&stop);
+                        stop = end.clone();
+                        continue;
+                    };
+                    start = keys::after(last);
+                    for (key, value) in page {
+                        self.look_at(&mut scan, key, value);
+                    }
+                }
+                Err(KvError::Damaged(key)) if key >= start => stop = key,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(scan)
+    }
+
+    fn look_at(&self, scan: &mut Scan, key: Vec<u8>, value: Vec<u8>) {
+        scan.keys += 1;
+        match key.first() {
+            Some(b'd') => {
+                scan.documents += 1;
+                if let Err(e) = Record::load(&value, &self.actor) {
+                    scan.damaged.push((key, e.to_string()));
+                }
+            }
+            Some(b'q') => match decode::<SyncQueueEntry>(&value, "queue entry") {
+                Ok(entry) if keys::queue(entry.id) == key => {
+                    scan.queue.insert(entry.id, entry);
+                }
+                Ok(_) => scan.damaged.push((key, "holds another queue entry".into())),
+                Err(e) => scan.damaged.push((key, e.to_string())),
+            },
+            Some(b'b') => {
+                if let Ok(id) = keys::seq_of(&key, keys::QUEUE_CHANGE.len()) {
+                    scan.changes.insert(id);
+                }
+            }
+            Some(b'p') => scan.pending.push(key),
+            _ => {}
+        }
+    }
+
+    /// Reads the whole store and the journal, and says what is wrong (what an open found and
+    /// no repair has mended yet included).
+    pub fn examine(&self) -> Result<Checkup, StoreError> {
+        let scan = self.scan()?;
+        let (journal, journal_damaged) = journaled(self.kv.as_ref())?;
+        let damage = self.judge(&scan, &journal, journal_damaged);
+        Ok(Checkup {
+            damage,
+            keys: scan.keys,
+            documents: scan.documents,
+            queue_entries: scan.queue.len() as u64,
+            journaled_changes: journal.len() as u64,
+        })
+    }
+
+    fn judge(
+        &self,
+        scan: &Scan,
+        journal: &BTreeMap<u64, SyncQueueEntry>,
+        journal_damaged: bool,
+    ) -> Option<Damage> {
+        let mut seen = BTreeSet::new();
+        let damaged: Vec<DamagedValue> = scan
+            .damaged
+            .iter()
+            .chain(&scan.inconsistencies())
+            .filter(|(key, _)| seen.insert(key.clone()))
+            .map(|(key, detail)| damaged_value(key, detail.clone()))
+            .collect();
+        let recoverable = journal
+            .values()
+            .filter(|e| !scan.queue.contains_key(&e.id))
+            .map(LostChange::of)
+            .collect();
+        let unrecoverable = scan
+            .damaged
+            .iter()
+            .filter_map(|(key, _)| {
+                (key.first() == Some(&b'q'))
+                    .then(|| keys::seq_of(key, keys::QUEUE.len()).ok())
+                    .flatten()
+            })
+            .filter(|id| !journal.contains_key(id))
+            .collect();
+        let mut found = Damage {
+            since_ms: self.clock.now_ms(),
+            damaged,
+            recoverable,
+            unrecoverable,
+            journal_damaged,
+            ..Damage::default()
+        };
+        if let Some(known) = self.lock_damage().clone() {
+            // What an open found stays until a repair: lost batches cannot be seen again.
+            found.lost_batches = known.lost_batches;
+            found.since_ms = known.since_ms;
+        }
+        (!found.is_empty()).then_some(found)
+    }
+
+    /// Repairs the store (see the module doc) and returns what it did. Everything lands in one
+    /// atomic batch, made durable before this returns; the journal is then rewritten.
+    pub fn repair(&self) -> Result<Repaired, StoreError> {
+        let mut cache = self.lock_cache();
+        let mut queue = self.lock_queue();
+        let scan = self.scan()?;
+        let (journal, journal_damaged) = journaled(self.kv.as_ref())?;
+        let Some(damage) = self.judge(&scan, &journal, journal_damaged) else {
+            drop(queue);
+            drop(cache);
+            self.clear_damage()?;
+            return Ok(Repaired::default());
+        };
+        let mut bad: Vec<(Vec<u8>, String)> = scan.damaged.clone();
+        bad.extend(scan.inconsistencies());
+        let mut batch = Batch::default();
+        let mut removed = Vec::new();
+        for (key, detail) in &bad {
+            batch.remove(key.clone());
+            if key.first() == Some(&b'q')
+                && let Ok(id) = keys::seq_of(key, keys::QUEUE.len())
+            {
+                batch.remove(keys::queue_change(id));
+            }
+            removed.push(damaged_value(key, detail.clone()));
+        }
+        let reads_relay_again =
+            damage.lost_batches.is_some() || bad.iter().any(|(key, _)| !queue_only(key));
+        if reads_relay_again {
+            for prefix in READ_FROM_RELAY {
+                self.remove_all(&mut batch, prefix)?;
+            }
+        }
+        // The queue as it stays, then the journaled changes it lost, pending again.
+        let damaged_keys: BTreeSet<&Vec<u8>> = bad.iter().map(|(key, _)| key).collect();
+        let mut entries: BTreeMap<u64, SyncQueueEntry> = scan
+            .queue
+            .iter()
+            .filter(|(id, _)| !damaged_keys.contains(&keys::queue(**id)))
+            .map(|(id, e)| (*id, e.clone()))
+            .collect();
+        let mut restored = Vec::new();
+        for (id, journaled) in &journal {
+            if entries.contains_key(id) {
+                continue;
+            }
+            let mut entry = journaled.clone();
+            entry.status = QueueStatus::Pending;
+            entry.retry_count = 0;
+            entry.last_error = None;
+            let doc = keys::doc(&entry.model_name, &entry.object_id);
+            if !damaged_keys.contains(&doc) {
+                self.apply_restored(&mut batch, &entry)?;
+            }
+            let mut delta = super::CountDelta::default();
+            stage_entry(&mut batch, &mut delta, None, &entry)?;
+            restored.push(LostChange::of(&entry));
+            entries.insert(*id, entry);
+        }
+        // The pending index, rebuilt from the queue.
+        for key in &scan.pending {
+            batch.remove(key.clone());
+        }
+        for entry in entries.values() {
+            if entry.status == QueueStatus::Pending {
+                batch.put(keys::pending(entry.priority, entry.id), Vec::new());
+            }
+        }
+        batch.remove(keys::META_DAMAGE.to_vec());
+        self.kv.apply(batch)?;
+        self.kv.flush()?;
+        let keep = entries
+            .values()
+            .filter(|e| e.status != QueueStatus::Completed)
+            .map(|e| {
+                self.with_change(e.clone())
+                    .and_then(|e| encode(&e, "journaled change"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.kv.rewrite_journal(keep)?;
+        // What memory holds came from the damaged store.
+        cache.clear();
+        *queue = None;
+        let kv = self.kv.as_ref();
+        let next = super::next_seq(kv, keys::QUEUE)?
+            .max(entries.keys().next_back().map_or(0, |id| id + 1));
+        self.next_queue_id.fetch_max(next, Ordering::SeqCst);
+        let open = kv.count(keys::CONFLICT_OPEN, &keys::prefix_end(keys::CONFLICT_OPEN))?;
+        self.open_conflicts.store(open, Ordering::SeqCst);
+        *self.lock_damage() = None;
+        lock(&self.seen_damaged).clear();
+        let repaired = Repaired {
+            removed,
+            restored,
+            unrecoverable: damage.unrecoverable,
+            reads_relay_again,
+        };
+        tracing::info!(
+            removed = repaired.removed.len(),
+            restored = repaired.restored.len(),
+            unrecoverable = repaired.unrecoverable.len(),
+            reads_relay_again,
+            "the store is repaired"
+        );
+        Ok(repaired)
+    }
+
+    fn clear_damage(&self) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        batch.remove(keys::META_DAMAGE.to_vec());
+        self.kv.apply(batch)?;
+        self.kv.flush()?;
+        *self.lock_damage() = None;
+        lock(&self.seen_damaged).clear();
+        Ok(())
+    }
+
+    /// Stages removing every key under `prefix` (keys only: a damaged value goes like the rest).
+    fn remove_all(&self, batch: &mut Batch, prefix: &[u8]) -> Result<(), StoreError> {
+        let mut below = keys::prefix_end(prefix);
+        while let Some(key) = self.kv.last_key(prefix, &below)? {
+            batch.remove(key.clone());
+            below = key;
+        }
+        Ok(())
+    }
+
+    /// Applies a journaled change to its document, when the document holds what it builds on.
+    /// One that does not is left to the relay's log: it comes back there once uploaded, after
+    /// the changes it builds on.
+    fn apply_restored(&self, batch: &mut Batch, entry: &SyncQueueEntry) -> Result<(), StoreError> {
+        let key = keys::doc(&entry.model_name, &entry.object_id);
+        let mut record = match batch.get(&key) {
+            Some(bytes) => self.parse(&entry.model_name, bytes)?,
+            None => match self.load(&entry.model_name, &entry.object_id) {
+                Ok(Some(record)) => record,
+                Ok(None) => self.new_record(&entry.model_name),
+                Err(e) => {
+                    tracing::warn!(error = %e, queue_id = entry.id, "a restored change's document cannot be read: the relay's log brings it");
+                    return Ok(());
+                }
+            },
+        };
+        match record.apply_changes(std::slice::from_ref(&entry.data)) {
+            Ok(true) => batch.put(key, record.save()),
+            Ok(false) => {}
+            Err(e) => tracing::info!(error = %e, queue_id = entry.id,
+                "a restored change waits for the relay's log to bring what it builds on"),
+        }
+        Ok(())
+    }
+
+    /// Keeps the journal from growing for ever: rewrites it with the queue entries not yet
+    /// completed once it has grown past its limit. A full read of the queue when it does, so
+    /// the daemon calls it beside its writes, not in their way.
+    pub fn bound_journal(&self) -> Result<(), StoreError> {
+        self.rotate_journal(false)
+    }
+
+    /// Rewrites the journal with the queue entries not completed, once it has grown past its
+    /// limit (or always, with `force`). Holds the queue lock, so no new entry is journaled
+    /// meanwhile.
+    pub(super) fn rotate_journal(&self, force: bool) -> Result<(), StoreError> {
+        let limit = self.journal_limit.load(Ordering::SeqCst);
+        if !force && self.kv.journal_bytes() <= limit {
+            return Ok(());
+        }
+        let _queue = self.lock_queue();
+        let mut keep = Vec::new();
+        let mut kept_bytes = 0u64;
+        let mut failed = None;
+        self.scan_queue(None, |entry| {
+            if entry.status == QueueStatus::Completed {
+                return true;
+            }
+            match self
+                .with_change(entry)
+                .and_then(|e| encode(&e, "journaled change"))
+            {
+                Ok(record) => {
+                    kept_bytes += record.len() as u64;
+                    keep.push(record);
+                    true
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        self.kv.rewrite_journal(keep)?;
+        self.journal_limit.store(
+            JOURNAL_MIN_LIMIT.max(kept_bytes.saturating_mul(2)),
+            Ordering::SeqCst,
+        );
+        Ok(())
+    }
+}
+
+/// The limit `rotate_journal` starts with.
+pub(super) const fn journal_start_limit() -> u64 {
+    JOURNAL_MIN_LIMIT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::store::kv::MemoryKv;
+    use crate::store::{QueueAction, StoreOptions, Write};
+
+    const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";
+
+    fn open(kv: &MemoryKv) -> Store {
+        Store::open(
+            Box::new(kv.clone()),
+            DEVICE,
+            StoreOptions::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap()
+    }
+
+    fn put(store: &Store, id: &str, n: u64) -> u64 {
+        let mut fields = crate::record::Fields::new();
+        fields.insert("n".into(), serde_json::json!(n));
+        store
+            .write(Write::Put {
+                collection: "Note".into(),
+                id: Some(id.into()),
+                fields,
+            })
+            .unwrap()
+            .queue_id
+            .unwrap()
+    }
+
+    fn kinds(damage: &Damage) -> Vec<String> {
+        let mut kinds: Vec<String> = damage.damaged.iter().map(|d| d.kind.clone()).collect();
+        kinds.sort();
+        kinds
+    }
+
+    /// A damaged document, a damaged unsynced queue entry, a lost one, and a damaged index key
+    /// are all found; a repair removes the damaged values, puts both unsynced changes back from
+    /// the journal, rebuilds the index, and has the device read the relay again (a document
+    /// went); nothing else is touched, and the store is then sound.
+    #[test]
+    fn damaged_and_lost_values_are_found_and_unsynced_changes_come_back_from_the_journal() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        let synced = put(&store, "a", 1);
+        let damaged_entry = put(&store, "b", 2);
+        let lost_entry = put(&store, "c", 3);
+        put(&store, "d", 4);
+        store
+            .queue_transition(&[synced], &QueueAction::Start)
+            .unwrap();
+        store
+            .queue_transition(&[synced], &QueueAction::Complete)
+            .unwrap();
+        store.set_cursor("relay", &7u64.to_be_bytes()).unwrap();
+        store.flush().unwrap();
+        assert_eq!(store.examine().unwrap().damage, None);
+        drop(store);
+
+        assert!(kv.damage(&keys::doc("Note", "a")));
+        assert!(kv.damage(&keys::queue(damaged_entry)));
+        // Gone as if the engine's recovery had dropped it, with its index key.
+        let mut batch = Batch::default();
+        batch.remove(keys::queue(lost_entry));
+        batch.remove(keys::pending(0, lost_entry));
+        kv.apply(batch).unwrap();
+        let d_index = keys::pending(0, 4);
+        assert!(kv.damage(&d_index));
+        kv.flush().unwrap();
+
+        let store = open(&kv);
+        // The open finds the lost entry and the damaged one it reads for the journal's sake.
+        let at_open = store.damage().expect("found at open");
+        let mut recoverable: Vec<u64> = at_open.recoverable.iter().map(|c| c.queue_id).collect();
+        recoverable.sort();
+        assert_eq!(recoverable, [damaged_entry, lost_entry]);
+        // A read meets a damaged document and says so.
+        assert!(matches!(
+            store.get("Note", "a"),
+            Err(StoreError::Storage(KvError::Damaged(_)))
+        ));
+        let checkup = store.examine().unwrap();
+        let damage = checkup.damage.expect("damage");
+        assert_eq!(
+            kinds(&damage),
+            ["document", "pending index", "pending index", "queue entry"],
+            "{damage:?}"
+        );
+        assert_eq!(damage.recoverable.len(), 2);
+        assert!(damage.unrecoverable.is_empty());
+
+        let repaired = store.repair().unwrap();
+        assert!(repaired.reads_relay_again);
+        let mut restored: Vec<u64> = repaired.restored.iter().map(|c| c.queue_id).collect();
+        restored.sort();
+        assert_eq!(restored, [damaged_entry, lost_entry]);
+        assert_eq!(store.examine().unwrap().damage, None);
+        assert_eq!(store.damage(), None);
+        assert_eq!(store.sync_cursor().unwrap(), 0, "the relay is read again");
+        let pending = store.queue_ids(QueueStatus::Pending).unwrap();
+        assert_eq!(pending, [damaged_entry, lost_entry, 4]);
+        assert!(matches!(
+            store.get("Note", "a"),
+            Err(StoreError::NotFound { .. })
+        ));
+        for id in ["b", "c", "d"] {
+            assert!(store.get("Note", id).is_ok(), "{id}");
+        }
+        // The next upload batch holds every unsynced change, each once.
+        let batch = store
+            .next_upload_batch(crate::store::BatchLimits::of(10, 1 << 20))
+            .unwrap();
+        let ids: Vec<u64> = batch.entries.iter().map(|e| e.id).collect();
+        assert_eq!(ids, [damaged_entry, lost_entry, 4]);
+        // A new write never takes a restored entry's id, and survives a reopen with the rest.
+        let next = put(&store, "e", 5);
+        assert!(next > 4);
+        store.flush().unwrap();
+        drop(store);
+        let store = open(&kv);
+        assert_eq!(store.damage(), None);
+        assert_eq!(store.examine().unwrap().damage, None);
+    }
+
+    /// Only queue data damaged: the repair keeps what the device read of the relay.
+    #[test]
+    fn a_repair_of_the_queue_alone_keeps_the_read_position() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        let entry = put(&store, "a", 1);
+        store.set_cursor("relay", &7u64.to_be_bytes()).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        assert!(kv.damage(&keys::queue(entry)));
+        let store = open(&kv);
+        let repaired = store.repair().unwrap();
+        assert!(!repaired.reads_relay_again);
+        assert_eq!(repaired.restored.len(), 1);
+        assert_eq!(store.sync_cursor().unwrap(), 7);
+        assert_eq!(store.queue_ids(QueueStatus::Pending).unwrap(), [entry]);
+    }
+
+    /// The journal keeps the changes not yet uploaded: completed ones go when it is rewritten,
+    /// and pruning them from the queue is not taken for a loss.
+    #[test]
+    fn the_journal_forgets_uploaded_changes_and_pruning_is_not_a_loss() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        let first = put(&store, "a", 1);
+        let second = put(&store, "b", 2);
+        store
+            .queue_transition(&[first], &QueueAction::Start)
+            .unwrap();
+        store
+            .queue_transition(&[first], &QueueAction::Complete)
+            .unwrap();
+        store.flush().unwrap();
+        assert_eq!(kv.journal().unwrap().0.len(), 2);
+        store.prune_history(u64::MAX, 0, 100).unwrap();
+        let (records, damaged) = kv.journal().unwrap();
+        assert!(!damaged);
+        let ids: Vec<u64> = records
+            .iter()
+            .map(|r| decode::<SyncQueueEntry>(r, "journaled change").unwrap().id)
+            .collect();
+        assert_eq!(ids, [second]);
+        drop(store);
+        let store = open(&kv);
+        assert_eq!(store.damage(), None);
+    }
+}
