@@ -395,10 +395,13 @@ async fn look_after_storage(
                 .get_or_insert_with(std::time::Instant::now)
                 .elapsed();
             // Pending uploads count while the session still connects: that is when a device
-            // that worked offline starts.
+            // that worked offline starts. Asked of the store's pending index, not of the queue's
+            // counts: counting a long queue at start would hold up its first upload.
             let syncing = sync.as_ref().is_some_and(|s| {
-                let status = s.status();
-                status.syncing || status.pending_uploads > 0 || status.behind_by > 0
+                let status = s.watch().borrow().clone();
+                status.syncing
+                    || status.relay_head > status.cursor
+                    || store.has_pending().unwrap_or(true)
             });
             !syncing || waited >= SPACE_CHECK_EVERY
         };

@@ -311,8 +311,40 @@ fn journaled(kv: &dyn Kv) -> Result<(BTreeMap<u64, SyncQueueEntry>, bool), Store
     Ok((entries, damaged))
 }
 
+/// The ids of `entries` the queue holds, read in one pass over the queue's keys from the first
+/// to the last (one point read per entry costs several times as much, and a device back from a
+/// long time offline journals every change it made). Empty when the pass meets a damaged value:
+/// each entry is then read on its own, which tells which.
+fn held_queue_ids(kv: &dyn Kv, entries: &BTreeMap<u64, SyncQueueEntry>) -> BTreeSet<u64> {
+    const PAGE: usize = 1024;
+    let mut held = BTreeSet::new();
+    let (Some(first), Some(last)) = (entries.keys().next(), entries.keys().next_back()) else {
+        return held;
+    };
+    let mut start = keys::queue(*first);
+    let end = keys::queue(last.saturating_add(1));
+    loop {
+        let page = match kv.range(&start, &end, PAGE) {
+            Ok(page) => page,
+            Err(_) => return BTreeSet::new(),
+        };
+        let Some((last_key, _)) = page.last() else {
+            return held;
+        };
+        start = keys::after(last_key);
+        for (key, _) in &page {
+            if let Ok(id) = keys::seq_of(key, keys::QUEUE.len()) {
+                held.insert(id);
+            }
+        }
+        if page.len() < PAGE {
+            return held;
+        }
+    }
+}
+
 /// What the open finds cheaply: batches the engine lost, and journaled changes the queue does
-/// not hold (one read each: the journal holds the changes not uploaded yet).
+/// not hold (the journal holds the changes not uploaded yet).
 pub(super) fn check_at_open(kv: &dyn Kv, now: u64) -> Result<(Damage, u64), StoreError> {
     let (entries, journal_damaged) = journaled(kv)?;
     let mut damage = Damage {
@@ -324,7 +356,11 @@ pub(super) fn check_at_open(kv: &dyn Kv, now: u64) -> Result<(Damage, u64), Stor
         journal_damaged,
         ..Damage::default()
     };
+    let held = held_queue_ids(kv, &entries);
     for entry in entries.values() {
+        if held.contains(&entry.id) {
+            continue;
+        }
         match kv.get(&keys::queue(entry.id)) {
             Ok(Some(_)) => {}
             Ok(None) => damage.recoverable.push(LostChange::of(entry)),
@@ -770,9 +806,12 @@ impl Store {
     }
 }
 
-/// The limit `rotate_journal` starts with.
-pub(super) const fn journal_start_limit() -> u64 {
-    JOURNAL_MIN_LIMIT
+/// The limit `rotate_journal` starts with, for a journal of `bytes` at open: twice that, as
+/// after a rewrite. A device that starts with a long queue (back from working offline) would
+/// otherwise rewrite every unsynced change at once, under the queue lock its first upload needs,
+/// only to keep them all.
+pub(super) fn journal_start_limit(bytes: u64) -> u64 {
+    JOURNAL_MIN_LIMIT.max(bytes.saturating_mul(2))
 }
 
 #[cfg(test)]

@@ -382,6 +382,7 @@ impl Store {
         // An id the queue lost is still the journal's: it is never given to another change.
         let next_queue_id = next_seq(kv.as_ref(), keys::QUEUE)?.max(after_journaled);
         let next_log_id = next_seq(kv.as_ref(), keys::LOG)?;
+        let kv_journal_bytes = kv.journal_bytes();
         let open_conflicts =
             kv.count(keys::CONFLICT_OPEN, &keys::prefix_end(keys::CONFLICT_OPEN))?;
         let capacity = NonZeroUsize::new(options.cache_docs.max(1)).unwrap_or(NonZeroUsize::MIN);
@@ -404,7 +405,7 @@ impl Store {
             compacted_to: AtomicU64::new(0),
             damage: Mutex::new(None),
             seen_damaged,
-            journal_limit: AtomicU64::new(health::journal_start_limit()),
+            journal_limit: AtomicU64::new(health::journal_start_limit(kv_journal_bytes)),
         };
         store.note_damage(found)?;
         Ok(store)

@@ -372,6 +372,13 @@ impl Store {
         })
     }
 
+    /// Whether any entry waits to be uploaded or is on its way (one key read, however long the
+    /// queue).
+    pub fn has_pending(&self) -> Result<bool, StoreError> {
+        let end = keys::prefix_end(keys::PENDING);
+        Ok(!self.kv.range(keys::PENDING, &end, 1)?.is_empty())
+    }
+
     /// When the next entry waiting out its backoff may be uploaded, if any waits.
     pub fn next_upload_due(&self) -> Option<u64> {
         self.lock_holds().next_due(self.clock.now_ms())
