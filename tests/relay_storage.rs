@@ -259,6 +259,10 @@ fn records_keep_a_base_a_tail_and_heads_and_compaction_replaces_the_tail(engine:
         storage.base(SPACE, "Doc", "r").unwrap(),
         Some(b"saved".to_vec())
     );
+    assert_eq!(
+        storage.base(SPACE, "Note", "s").unwrap(),
+        Some(b"other".to_vec())
+    );
     assert_eq!(storage.tail(SPACE, "Doc", "r").unwrap(), [0u64; 0]);
     assert_eq!(
         storage.record_heads(SPACE, "Doc", "r").unwrap(),
@@ -825,6 +829,12 @@ fn the_log_is_compacted_only_through_what_bases_hold(engine: &dyn Engine) {
         storage.base(SPACE, "Doc", "r").unwrap(),
         Some(b"saved".to_vec())
     );
+    // s was never changed after its first change, which is its base: that base outlives the
+    // log entry holding the same change.
+    assert_eq!(
+        storage.base(SPACE, "Doc", "s").unwrap(),
+        Some(b"other".to_vec())
+    );
     assert_eq!(storage.tail(SPACE, "Doc", "r").unwrap(), [0u64; 0]);
     let left = storage.log_bytes(SPACE).unwrap();
     assert!(left > 0 && left < bytes, "{left} of {bytes}");
@@ -849,6 +859,10 @@ fn the_log_is_compacted_only_through_what_bases_hold(engine: &dyn Engine) {
     assert_eq!(
         storage.base(SPACE, "Doc", "r").unwrap(),
         Some(b"saved".to_vec())
+    );
+    assert_eq!(
+        storage.base(SPACE, "Doc", "s").unwrap(),
+        Some(b"other".to_vec())
     );
     drop(storage);
 

@@ -171,6 +171,16 @@ impl KvStorage {
             let mut bytes = 0u64;
             for (k, v) in rows {
                 bytes = bytes.saturating_add(v.len() as u64);
+                // A base that names this entry (a record with no change since it was created)
+                // takes the change itself before the entry goes.
+                let seq = seq_at(&k, prefix.len())?;
+                let entry: StoredEntry = decode(&v, "log entry")?;
+                let base = key(b'b', &[space, &entry.collection, &entry.record]);
+                if let Some(stored) = self.kv.get(&base)?
+                    && logged_base(&stored) == Some(seq)
+                {
+                    batch.put(base, entry.change.into_owned());
+                }
                 batch.remove(k);
             }
             let before = self.log_bytes(space)?;
@@ -230,8 +240,30 @@ impl KvStorage {
     /// bases and tail keys of the same append, which they replace.
     fn batch(&self, space: &str, append: Append) -> Result<Batch, StorageError> {
         let mut batch = Batch::default();
-        for ((collection, record), base) in append.created {
-            batch.put(key(b'b', &[space, &collection, &record]), base);
+        // A new record's base is its first change, which its log entry holds too: the base
+        // names that entry rather than repeat the change (`BASE_IN_LOG`).
+        let mut creating: HashMap<(&str, &str), u64> = HashMap::new();
+        for (seq, entry) in (append.after.saturating_add(1)..).zip(&append.entries) {
+            creating
+                .entry((entry.collection.as_str(), entry.record.as_str()))
+                .or_insert(seq);
+        }
+        for ((collection, record), base) in &append.created {
+            let logged = creating
+                .get(&(collection.as_str(), record.as_str()))
+                .copied()
+                .filter(|seq| {
+                    let at = seq.saturating_sub(append.after.saturating_add(1));
+                    usize::try_from(at)
+                        .ok()
+                        .and_then(|i| append.entries.get(i))
+                        .is_some_and(|entry| entry.change == *base)
+                });
+            let value = match logged {
+                Some(seq) => base_in_log(seq),
+                None => base.clone(),
+            };
+            batch.put(key(b'b', &[space, collection, record]), value);
         }
         let mut log_bytes = 0u64;
         for (seq, entry) in (append.after.saturating_add(1)..).zip(&append.entries) {
@@ -426,7 +458,26 @@ impl LogStorage for KvStorage {
         collection: &str,
         record: &str,
     ) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.kv.get(&key(b'b', &[space, collection, record]))?)
+        let Some(stored) = self.kv.get(&key(b'b', &[space, collection, record]))? else {
+            return Ok(None);
+        };
+        let Some(seq) = logged_base(&stored) else {
+            return Ok(Some(stored));
+        };
+        match self.kv.get(&seq_key(b'l', &[space], seq))? {
+            Some(bytes) => Ok(Some(
+                decode::<StoredEntry>(&bytes, "log entry")?
+                    .change
+                    .into_owned(),
+            )),
+            None => Err(corrupt(
+                "document",
+                format!(
+                    "{collection}/{record}'s document is its first change, log entry {seq}, \
+                     which the log no longer holds"
+                ),
+            )),
+        }
     }
 
     fn tail(&self, space: &str, collection: &str, record: &str) -> Result<Vec<u64>, StorageError> {
@@ -911,6 +962,24 @@ fn corrupt(what: &'static str, detail: impl ToString) -> StorageError {
 }
 
 /// `{kind}{part}\0{part}\0...`: each part ends with `\0`, so one part's keys are contiguous.
+/// The first byte of a base that is a log entry's change (then the entry's seq, 8 bytes
+/// big-endian). A saved Automerge document or change starts with its magic bytes, never 0.
+const BASE_IN_LOG: u8 = 0;
+
+fn base_in_log(seq: u64) -> Vec<u8> {
+    let mut value = vec![BASE_IN_LOG];
+    value.extend_from_slice(&seq.to_be_bytes());
+    value
+}
+
+/// The seq of the log entry a stored base names, if it names one.
+fn logged_base(stored: &[u8]) -> Option<u64> {
+    match stored.split_first() {
+        Some((&BASE_IN_LOG, seq)) => <[u8; 8]>::try_from(seq).ok().map(u64::from_be_bytes),
+        _ => None,
+    }
+}
+
 fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
     let mut k = vec![kind];
     for part in parts {
