@@ -171,6 +171,28 @@ impl Pair {
         Pair::with_credential(key, cursor, Credential::Key, None)
     }
 
+    /// Hands the relay the device's `Hello` as a build that speaks up to version 3 sends it.
+    fn hello_as_version_3(&mut self) {
+        let Some(Output::Transmit(Message::Hello {
+            min_version,
+            public_key,
+            space,
+            time_ms,
+            ..
+        })) = self.device.poll_output()
+        else {
+            panic!("a device session starts with Hello");
+        };
+        let hello = Message::Hello {
+            min_version,
+            max_version: 3,
+            public_key,
+            space,
+            time_ms,
+        };
+        self.relay.handle_message(hello, 1);
+    }
+
     fn with_credential(
         key: [u8; 32],
         cursor: u64,
@@ -639,24 +661,7 @@ fn a_device_behind_the_horizon_is_answered_compacted_and_bootstraps_keeping_its_
     world.append("other", &(1..=3).map(change).collect::<Vec<_>>());
     world.horizon = 2;
     let mut pair = Pair::new([25; 32], 1);
-    let Some(Output::Transmit(Message::Hello {
-        min_version,
-        public_key,
-        space,
-        time_ms,
-        ..
-    })) = pair.device.poll_output()
-    else {
-        panic!("a device session starts with Hello");
-    };
-    let hello = Message::Hello {
-        min_version,
-        max_version: 3,
-        public_key,
-        space,
-        time_ms,
-    };
-    pair.relay.handle_message(hello, 1);
+    pair.hello_as_version_3();
     pair.run(&mut world);
     match closed_with(&pair.device_events) {
         Some(SessionError::Remote { code, message }) => {
@@ -1600,25 +1605,7 @@ fn a_version_3_device_gets_its_own_uploads_whole() {
         ..World::default()
     };
     let mut pair = Pair::new([6; 32], 0);
-    // The device's `Hello`, as a build that speaks up to version 3 sends it.
-    let Some(Output::Transmit(Message::Hello {
-        min_version,
-        public_key,
-        space,
-        time_ms,
-        ..
-    })) = pair.device.poll_output()
-    else {
-        panic!("a device session starts with Hello");
-    };
-    let hello = Message::Hello {
-        min_version,
-        max_version: 3,
-        public_key,
-        space,
-        time_ms,
-    };
-    pair.relay.handle_message(hello, 1);
+    pair.hello_as_version_3();
     pair.run(&mut world);
     assert!(
         pair.device_events
