@@ -817,21 +817,9 @@ pub(super) fn journal_start_limit(bytes: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::SystemClock;
     use crate::store::kv::MemoryKv;
-    use crate::store::{QueueAction, StoreOptions, Write};
-
-    const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";
-
-    fn open(kv: &MemoryKv) -> Store {
-        Store::open(
-            Box::new(kv.clone()),
-            DEVICE,
-            StoreOptions::default(),
-            Arc::new(SystemClock),
-        )
-        .unwrap()
-    }
+    use crate::store::tests::open;
+    use crate::store::{QueueAction, Write};
 
     fn put(store: &Store, id: &str, n: u64) -> u64 {
         let mut fields = crate::record::Fields::new();

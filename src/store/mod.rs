@@ -1808,7 +1808,8 @@ mod tests {
 
     const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";
 
-    fn open(kv: &MemoryKv) -> Store {
+    /// A store over `kv` with the default options (also for the other store modules' tests).
+    pub(in crate::store) fn open(kv: &MemoryKv) -> Store {
         Store::open(
             Box::new(kv.clone()),
             DEVICE,
