@@ -147,7 +147,8 @@ pub fn set_aside_unreadable_store(
     config: &Config,
 ) -> Result<Option<PathBuf>, DaemonError> {
     match open_store(dir, config) {
-        Err(DaemonError::Store(StoreError::Storage(KvError::Corrupt(_)))) => {}
+        Err(DaemonError::Store(StoreError::Storage(KvError::Corrupt(_) | KvError::Damaged(_)))) => {
+        }
         other => return other.map(|_| None),
     }
     let _lock = dir.lock()?;

@@ -753,16 +753,16 @@ impl Method for StatusParams {
             }
             None => None,
         };
+        let damage = store.damage();
         let contents = match service.contents() {
             Ok(contents) => Some(contents),
             // sled cannot even be read after a disk filled up until it has some room again:
             // the status still says so.
             Err(_) if disk_full_since.is_some() => None,
             // A damaged value met on the way: the status says the store is damaged.
-            Err(_) if store.damage().is_some() => None,
+            Err(_) if damage.is_some() => None,
             Err(e) => return Err(e),
         };
-        let damage = store.damage();
         // Only a daemon's own process says anything about the daemon.
         let daemon = service.options.daemon;
         Ok(StatusAnswer {

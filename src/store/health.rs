@@ -373,7 +373,10 @@ pub(super) fn check_at_open(kv: &dyn Kv, now: u64) -> Result<(Damage, u64), Stor
             Err(e) => return Err(e.into()),
         }
     }
-    let next_id = entries.keys().next_back().map_or(0, |id| id + 1);
+    let next_id = entries
+        .keys()
+        .next_back()
+        .map_or(0, |id| id.saturating_add(1));
     Ok((damage, next_id))
 }
 
@@ -443,7 +446,12 @@ impl Store {
             Some(bytes) => serde_json::from_slice::<Damage>(&bytes).unwrap_or_default(),
             None => Damage::default(),
         };
-        if known.is_empty() && found.is_empty() {
+        if found.is_empty() {
+            // Nothing new: what is on record stays as it is, with no write at every open.
+            if !known.is_empty() {
+                tracing::error!(damage = %known.summary(), "the store is damaged: see `ferry doctor`");
+            }
+            *damage = (!known.is_empty()).then_some(known);
             return Ok(());
         }
         if known.is_empty() {
@@ -674,7 +682,6 @@ impl Store {
         }
         batch.remove(keys::META_DAMAGE.to_vec());
         self.kv.apply(batch)?;
-        self.kv.flush()?;
         let keep = entries
             .values()
             .filter(|e| e.status != QueueStatus::Completed)
@@ -688,8 +695,12 @@ impl Store {
         cache.clear();
         *queue = None;
         let kv = self.kv.as_ref();
-        let next = super::next_seq(kv, keys::QUEUE)?
-            .max(entries.keys().next_back().map_or(0, |id| id + 1));
+        let next = super::next_seq(kv, keys::QUEUE)?.max(
+            entries
+                .keys()
+                .next_back()
+                .map_or(0, |id| id.saturating_add(1)),
+        );
         self.next_queue_id.fetch_max(next, Ordering::SeqCst);
         let open = kv.count(keys::CONFLICT_OPEN, &keys::prefix_end(keys::CONFLICT_OPEN))?;
         self.open_conflicts.store(open, Ordering::SeqCst);

@@ -691,7 +691,7 @@ impl Kv for SledKv {
                 now_chunked.push(*key);
             }
         }
-        let next = *number + 1;
+        let next = number.saturating_add(1);
         sled_batch.insert(BATCH_KEY, seal(BATCH_KEY, &next.to_be_bytes()));
         let applied = self.watch(db.apply_batch(sled_batch).map_err(from_sled));
         match (&applied, chunked.as_mut()) {
@@ -837,14 +837,16 @@ impl Kv for SledKv {
 }
 
 /// The number of the last batch `db` holds (0 for a store written before batches had one).
+/// A damaged number reads as none: the journal then says batches were lost, the store opens
+/// damaged rather than not at all, and the next batch writes the number again.
 fn batch_number(db: &sled::Db) -> Result<u64, KvError> {
     let Some(stored) = db.get(BATCH_KEY).map_err(from_sled)? else {
         return Ok(0);
     };
-    let bytes = unseal(BATCH_KEY, stored.to_vec())?;
-    <[u8; 8]>::try_from(bytes.as_slice())
-        .map(u64::from_be_bytes)
-        .map_err(|_| KvError::Damaged(BATCH_KEY.to_vec()))
+    Ok(unseal(BATCH_KEY, stored.to_vec())
+        .ok()
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes))
 }
 
 /// Copies every pair of `from` (its values sealed or not) into `to`, sealed, in flushed
