@@ -853,9 +853,10 @@ fn the_log_is_compacted_only_through_what_bases_hold(engine: &dyn Engine) {
     assert_eq!(storage.read_log(SPACE, 4, 10, usize::MAX).unwrap(), []);
     assert_eq!(storage.log_bytes(SPACE).unwrap(), 0);
     assert_eq!(storage.time_marks(SPACE).unwrap(), []);
-    // Freeing the disk the dropped entries took keeps everything else.
+    // Freeing the disk keeps everything else. A store this small is far under the garbage
+    // floor a rewrite waits for, so it is left as it is.
     let (before, after) = storage.reclaim_space().unwrap();
-    assert!(after <= before, "{after} > {before}");
+    assert_eq!(after, before);
     assert_eq!(
         storage.base(SPACE, "Doc", "r").unwrap(),
         Some(b"saved".to_vec())

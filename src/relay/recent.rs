@@ -42,7 +42,11 @@ impl Default for RecentLogs {
 impl RecentLogs {
     /// Remembers entries storage has just committed to `space`, in seq order. An entry that
     /// does not follow the run (another relay appended in between) starts a new one.
-    pub fn committed(&self, space: &str, entries: impl IntoIterator<Item = LogEntry>) {
+    pub fn committed(&self, space: &str, entries: Vec<LogEntry>) {
+        if entries.is_empty() {
+            // An append of compactions alone: nothing to keep, and no other space's run to evict.
+            return;
+        }
         let mut spaces = self.lock();
         let run = spaces.get_or_insert_mut(space.to_owned(), Run::default);
         for entry in entries {
@@ -120,7 +124,7 @@ mod tests {
     #[test]
     fn reads_start_inside_the_run_and_keep_the_limits() {
         let recent = RecentLogs::default();
-        recent.committed("s", (5..=9).map(|seq| entry(seq, 10)));
+        recent.committed("s", (5..=9).map(|seq| entry(seq, 10)).collect());
         assert_eq!(
             recent.read("s", 3, 10, usize::MAX),
             None,
@@ -153,9 +157,9 @@ mod tests {
     #[test]
     fn an_entry_that_does_not_follow_starts_a_new_run() {
         let recent = RecentLogs::default();
-        recent.committed("s", (1..=3).map(|seq| entry(seq, 10)));
+        recent.committed("s", (1..=3).map(|seq| entry(seq, 10)).collect());
         // Seqs 4 and 5 were appended through another relay.
-        recent.committed("s", [entry(6, 10)]);
+        recent.committed("s", vec![entry(6, 10)]);
         assert_eq!(recent.read("s", 2, 10, usize::MAX), None);
         assert_eq!(
             recent.read("s", 5, 10, usize::MAX).map(|e| seqs(&e)),
@@ -164,10 +168,20 @@ mod tests {
     }
 
     #[test]
+    fn an_append_with_no_entries_evicts_no_other_space() {
+        let recent = RecentLogs::default();
+        recent.committed("kept", vec![entry(1, 10)]);
+        for n in 0..SPACES {
+            recent.committed(&format!("empty{n}"), Vec::new());
+        }
+        assert!(recent.read("kept", 0, 10, usize::MAX).is_some());
+    }
+
+    #[test]
     fn the_oldest_entries_go_past_the_byte_bound() {
         let recent = RecentLogs::default();
         let big = SPACE_BYTES / 2;
-        recent.committed("s", (1..=3).map(|seq| entry(seq, big)));
+        recent.committed("s", (1..=3).map(|seq| entry(seq, big)).collect());
         assert_eq!(
             recent.read("s", 0, 10, usize::MAX),
             None,

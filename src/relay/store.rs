@@ -391,7 +391,7 @@ impl RelayStore {
         let new_record = match staging.tails.get(&record_key) {
             Some(_) => false,
             None => {
-                if self.storage.base(space, collection, record)?.is_some() {
+                if self.storage.has_base(space, collection, record)? {
                     let tail = self.storage.tail(space, collection, record)?;
                     staging.tails.insert(record_key.clone(), tail);
                     false
@@ -1219,6 +1219,14 @@ impl RelayStore {
         max_bytes: usize,
     ) -> Result<LogSlice, RelayStoreError> {
         let head = self.head(space)?;
+        let entries = match self.recent.read(space, after, max_changes, max_bytes) {
+            Some(entries) => entries,
+            None => self
+                .storage
+                .read_log(space, after, max_changes, max_bytes)?,
+        };
+        // Read after the entries: a compaction between the two raises the horizon, so entries
+        // read past a gap it left are never served as if nothing were missing.
         let horizon = self.storage.horizon(space)?;
         if after < horizon {
             // The entries after `after` are gone in part: the reader must bootstrap.
@@ -1230,12 +1238,6 @@ impl RelayStore {
                 entries: Vec::new(),
             });
         }
-        let entries = match self.recent.read(space, after, max_changes, max_bytes) {
-            Some(entries) => entries,
-            None => self
-                .storage
-                .read_log(space, after, max_changes, max_bytes)?,
-        };
         let through = entries.last().map_or(after, |e| e.seq);
         // Entries appended since the head was read raise it; a cursor past the log does not,
         // so that the session can tell the device the relay lost part of its log.

@@ -242,26 +242,16 @@ impl KvStorage {
         let mut batch = Batch::default();
         // A new record's base is its first change, which its log entry holds too: the base
         // names that entry rather than repeat the change (`BASE_IN_LOG`).
-        let mut creating: HashMap<(&str, &str), u64> = HashMap::new();
+        let mut creating: HashMap<(&str, &str), (u64, &[u8])> = HashMap::new();
         for (seq, entry) in (append.after.saturating_add(1)..).zip(&append.entries) {
             creating
                 .entry((entry.collection.as_str(), entry.record.as_str()))
-                .or_insert(seq);
+                .or_insert((seq, entry.change.as_slice()));
         }
         for ((collection, record), base) in &append.created {
-            let logged = creating
-                .get(&(collection.as_str(), record.as_str()))
-                .copied()
-                .filter(|seq| {
-                    let at = seq.saturating_sub(append.after.saturating_add(1));
-                    usize::try_from(at)
-                        .ok()
-                        .and_then(|i| append.entries.get(i))
-                        .is_some_and(|entry| entry.change == *base)
-                });
-            let value = match logged {
-                Some(seq) => base_in_log(seq),
-                None => base.clone(),
+            let value = match creating.get(&(collection.as_str(), record.as_str())) {
+                Some(&(seq, change)) if change == base.as_slice() => base_in_log(seq),
+                _ => base.clone(),
             };
             batch.put(key(b'b', &[space, collection, record]), value);
         }
@@ -478,6 +468,13 @@ impl LogStorage for KvStorage {
                 ),
             )),
         }
+    }
+
+    fn has_base(&self, space: &str, collection: &str, record: &str) -> Result<bool, StorageError> {
+        Ok(self
+            .kv
+            .get(&key(b'b', &[space, collection, record]))?
+            .is_some())
     }
 
     fn tail(&self, space: &str, collection: &str, record: &str) -> Result<Vec<u64>, StorageError> {
@@ -961,7 +958,6 @@ fn corrupt(what: &'static str, detail: impl ToString) -> StorageError {
     }
 }
 
-/// `{kind}{part}\0{part}\0...`: each part ends with `\0`, so one part's keys are contiguous.
 /// The first byte of a base that is a log entry's change (then the entry's seq, 8 bytes
 /// big-endian). A saved Automerge document or change starts with its magic bytes, never 0.
 const BASE_IN_LOG: u8 = 0;
@@ -980,6 +976,7 @@ fn logged_base(stored: &[u8]) -> Option<u64> {
     }
 }
 
+/// `{kind}{part}\0{part}\0...`: each part ends with `\0`, so one part's keys are contiguous.
 fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
     let mut k = vec![kind];
     for part in parts {
@@ -1012,6 +1009,8 @@ pub(super) fn damaged(key: &[u8]) -> StorageError {
         b'v' | b'u' => "unique value",
         b's' => "log size",
         b'w' | b'M' => "web actor",
+        b'z' => "compaction horizon",
+        b'n' => "compaction time mark",
         _ => "account data",
     };
     match kind {

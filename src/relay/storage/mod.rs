@@ -244,6 +244,11 @@ pub trait LogStorage: Send + Sync {
         record: &str,
     ) -> Result<Option<Vec<u8>>, StorageError>;
 
+    /// Whether the space holds the record (it has a base), without reading the base.
+    fn has_base(&self, space: &str, collection: &str, record: &str) -> Result<bool, StorageError> {
+        Ok(self.base(space, collection, record)?.is_some())
+    }
+
     /// The seqs of the record's changes logged since its base, in order.
     fn tail(&self, space: &str, collection: &str, record: &str) -> Result<Vec<u64>, StorageError>;
 
