@@ -399,11 +399,10 @@ async fn look_after_storage(
             // that worked offline starts. Asked of the store's pending index, not of the queue's
             // counts: counting a long queue at start would hold up its first upload.
             let syncing = sync.as_ref().is_some_and(|s| {
-                let status = s.watch().borrow().clone();
-                status.syncing
-                    || status.relay_head > status.cursor
-                    || store.has_pending().unwrap_or(true)
-            });
+                let watch = s.watch();
+                let status = watch.borrow();
+                status.syncing || status.relay_head > status.cursor
+            }) || (sync.is_some() && store.has_pending().unwrap_or(true));
             !syncing || waited >= SPACE_CHECK_EVERY
         };
         if check_space {
