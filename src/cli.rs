@@ -1036,8 +1036,13 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
                         .as_deref()
                         .map(|c| format!("conflict={c}\t"))
                         .unwrap_or_default();
+                    // Uploads go by priority first: shown when the collection has one.
+                    let priority = match e.priority {
+                        0 => String::new(),
+                        p => format!("priority={p}\t"),
+                    };
                     println!(
-                        "{}\t{}\t{}\t{}/{}\tretries={}\t{conflict}{}",
+                        "{}\t{}\t{}\t{}/{}\tretries={}\t{priority}{conflict}{}",
                         e.id,
                         e.status.as_str(),
                         e.operation.as_str(),

@@ -611,3 +611,69 @@ fn a_paused_device_syncs_nothing_until_resumed_and_a_remembered_pause_survives_a
     let db = b.start_daemon_logged();
     wait_for("B to start paused", TIMEOUT, || paused_status(&db));
 }
+
+/// A collection's `priority` orders uploads: changes to the higher-priority collection reach
+/// the relay's log, and so another device, before older changes of a lower one, batch by batch.
+#[test]
+fn higher_priority_collections_are_uploaded_first() {
+    let home = RelayHome::new();
+    let relay = home.start(None);
+    let (a, b) = devices(&relay, |config| {
+        small_batches(config) + "\n[collections.Invoice]\npriority = 10\n"
+    });
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+    // A writes while paused, oldest first: 40 notes, then 5 invoices.
+    let out = a.ferry(&["sync", "pause"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for i in 0..40 {
+        call(
+            &da,
+            "put",
+            json!({ "collection": "Note", "id": format!("n{i:02}"), "fields": { "i": i } }),
+        );
+    }
+    for i in 0..5 {
+        call(
+            &da,
+            "put",
+            json!({ "collection": "Invoice", "id": format!("i{i}"), "fields": { "i": i } }),
+        );
+    }
+    let queue = call(&da, "queue", json!({ "status": "pending", "limit": 100 }));
+    let priorities: Vec<_> = queue["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| (e["model_name"].clone(), e["priority"].clone()))
+        .collect();
+    assert!(
+        priorities.contains(&(json!("Invoice"), json!(10))),
+        "{queue}"
+    );
+    assert!(priorities.contains(&(json!("Note"), json!(0))), "{queue}");
+
+    // B hears of the changes in the relay's log order.
+    let mut watcher = db.client();
+    watcher
+        .call("subscribe", json!({}))
+        .expect("subscribe on B");
+    let out = a.ferry(&["sync", "resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_converged(&[&da, &db], 45);
+    let order: Vec<String> = (0..45)
+        .map(|_| {
+            let note = watcher.next_notification().expect("a change on B");
+            note["params"]["collection"]
+                .as_str()
+                .expect("collection")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        order[..5],
+        ["Invoice"; 5],
+        "the invoices reach the log first: {order:?}"
+    );
+    assert!(order[5..].iter().all(|c| c == "Note"), "{order:?}");
+}
