@@ -247,6 +247,12 @@ enum Command {
         /// Stop after this many notifications
         #[arg(long)]
         count: Option<usize>,
+        /// First print every change after this feed number (the `seq` of the last change seen)
+        #[arg(long)]
+        since: Option<u64>,
+        /// Print each changed record's fields too
+        #[arg(long)]
+        fields: bool,
     },
     /// Run the main job end to end: a daemon on a fresh data directory, writes and reads through
     /// its socket, a subscriber, a clean stop, and a check that everything is on disk
@@ -407,7 +413,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             collection,
             id,
             count,
-        } => watch(&ctx, collection, id, count),
+            since,
+            fields,
+        } => watch(
+            &ctx,
+            api::SubscribeParams {
+                collection,
+                id,
+                since,
+                fields,
+            },
+            count,
+        ),
         Command::Import {
             file,
             batch,
@@ -1357,8 +1374,7 @@ fn file_name(id: &str) -> String {
 
 fn watch(
     ctx: &Context,
-    collection: Option<String>,
-    id: Option<String>,
+    subscription: api::SubscribeParams,
     count: Option<usize>,
 ) -> Result<(), Failure> {
     let socket = daemon::socket_path(&ctx.dir, &ctx.config);
@@ -1368,7 +1384,7 @@ fn watch(
             socket.display()
         ))
     })?;
-    client.request(api::SubscribeParams { collection, id })?;
+    client.request(subscription)?;
     // Tell whoever started us that the subscription is in place.
     eprintln!("watching");
     let mut seen = 0;
@@ -1393,9 +1409,16 @@ fn watch(
                     );
                 }
                 Notification::Change(c) => {
-                    let c = &c.event;
+                    let fields = c
+                        .event
+                        .fields
+                        .as_ref()
+                        .map(|f| format!(" {f}"))
+                        .unwrap_or_default();
+                    let c = &c.event.change;
                     println!(
-                        "change {} {}/{} by {}",
+                        "change {} {} {}/{} by {}{fields}",
+                        c.seq,
                         c.operation.as_str(),
                         c.collection,
                         c.id,

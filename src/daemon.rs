@@ -252,8 +252,11 @@ pub async fn run(
     };
     let pruning = tokio::spawn(prune_history(
         open.store.clone(),
-        config.store.keep_completed_days,
-        config.store.keep_log_days,
+        Retention {
+            completed_days: config.store.keep_completed_days,
+            log_days: config.store.keep_log_days,
+            feed_changes: config.store.keep_feed_changes,
+        },
         stopped.clone(),
     ));
     let storage_checks = tokio::spawn(check_storage(
@@ -485,13 +488,19 @@ const PRUNE_BATCH: usize = 10_000;
 
 /// Forgets completed queue entries and SyncLog entries older than their configured days, at
 /// start and then every hour, until `shutdown`. 0 days keeps that history for ever.
+/// How much history the daemon keeps (0: all of that kind).
+struct Retention {
+    completed_days: u64,
+    log_days: u64,
+    feed_changes: u64,
+}
+
 async fn prune_history(
     store: Arc<Store>,
-    keep_completed_days: u64,
-    keep_log_days: u64,
+    keep: Retention,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    if keep_completed_days == 0 && keep_log_days == 0 {
+    if keep.completed_days == 0 && keep.log_days == 0 && keep.feed_changes == 0 {
         return;
     }
     let cutoff = |days: u64| match days {
@@ -500,7 +509,8 @@ async fn prune_history(
     };
     loop {
         let store = store.clone();
-        let (queue_cutoff, log_cutoff) = (cutoff(keep_completed_days), cutoff(keep_log_days));
+        let (queue_cutoff, log_cutoff) = (cutoff(keep.completed_days), cutoff(keep.log_days));
+        let feed_changes = keep.feed_changes;
         let pruned = tokio::task::spawn_blocking(move || {
             let mut total = (0, 0);
             loop {
@@ -508,18 +518,25 @@ async fn prune_history(
                 store.flush()?;
                 total = (total.0 + queue, total.1 + log);
                 if queue < PRUNE_BATCH && log < PRUNE_BATCH {
-                    return Ok::<_, StoreError>(total);
+                    break;
                 }
             }
+            let feed = match feed_changes {
+                0 => 0,
+                keep => store.prune_feed(keep, PRUNE_BATCH)?,
+            };
+            store.flush()?;
+            Ok::<_, StoreError>((total.0, total.1, feed))
         })
         .await;
         match pruned {
-            Ok(Ok((0, 0))) => {}
-            Ok(Ok((queue, log))) => {
+            Ok(Ok((0, 0, 0))) => {}
+            Ok(Ok((queue, log, feed))) => {
                 tracing::info!(
                     queue,
                     log,
-                    "forgot completed queue entries and old SyncLog entries"
+                    feed,
+                    "forgot completed queue entries, old SyncLog entries and old feed changes"
                 )
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "could not prune the queue's history"),

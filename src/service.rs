@@ -142,25 +142,9 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// A record changed, locally or by sync. Sent to subscribers after the change is durable.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ChangeEvent {
-    pub collection: String,
-    pub id: String,
-    pub operation: Operation,
-    pub heads: Vec<String>,
-    /// The device that wrote the change.
-    pub device: String,
-    /// Whether an app on this device made the change or sync brought it.
-    pub origin: Origin,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Origin {
-    Local,
-    Remote,
-}
+/// A record changed, locally or by sync: its entry in the store's change feed. Sent to
+/// subscribers after the change is durable.
+pub use crate::store::feed::{FeedChange as ChangeEvent, Origin};
 
 /// How writes become durable.
 enum Committer {
@@ -503,6 +487,7 @@ impl Service {
     fn announce_remote(&self, applied: &[RemoteApplied], conflicts: &[Conflict]) {
         for a in applied {
             let _ = self.events.send(ChangeEvent {
+                seq: a.seq,
                 collection: a.collection.clone(),
                 id: a.id.clone(),
                 operation: a.operation,
@@ -516,9 +501,10 @@ impl Service {
 
     fn announce_local(&self, applied: &[Applied]) {
         for a in applied {
-            if let Some(operation) = a.operation {
+            if let (Some(operation), Some(seq)) = (a.operation, a.seq) {
                 // No subscribers is fine: nobody is listening.
                 let _ = self.events.send(ChangeEvent {
+                    seq,
                     collection: a.collection.clone(),
                     id: a.id.clone(),
                     operation,

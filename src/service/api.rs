@@ -246,6 +246,14 @@ pub struct ImportParams {
 pub struct SubscribeParams {
     pub collection: Option<String>,
     pub id: Option<String>,
+    /// Also send every change after this feed number (the `seq` of the last change the app
+    /// saw) before the live ones: none is missed or sent twice.
+    #[serde(default)]
+    pub since: Option<u64>,
+    /// Each change notification carries the record's fields as they are when it is sent
+    /// (null once deleted).
+    #[serde(default)]
+    pub fields: bool,
 }
 
 impl SubscribeParams {
@@ -400,6 +408,9 @@ pub struct Exported {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Subscribed {
     pub subscription: u64,
+    /// The change feed's last number when the subscription started.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -569,6 +580,8 @@ mod tests {
             SubscribeParams {
                 collection: Some("C".into()),
                 id: None,
+                since: Some(7),
+                fields: true,
             }
             .into(),
             UnsubscribeParams { subscription: 2 }.into(),

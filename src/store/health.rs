@@ -198,6 +198,7 @@ fn kind_of(key: &[u8]) -> &'static str {
         Some(b'c') => "sync cursor",
         Some(b'z') => "quarantined entry",
         Some(b'l') => "sync log entry",
+        Some(b'f') => "feed entry",
         Some(b'm') => "metadata",
         _ => "unknown",
     }

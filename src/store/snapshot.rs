@@ -154,6 +154,7 @@ impl Store {
                     deleted,
                     heads: doc.heads().iter().map(|h| h.to_string()).collect(),
                     device: String::new(),
+                    seq: 0,
                 });
             }
             cache.pop(&key);
@@ -176,6 +177,9 @@ impl Store {
             );
         }
         self.finish_ledger(&ledger, &mut batch)?;
+        for change in &mut applied {
+            change.stage_feed(self, &mut batch)?;
+        }
         self.kv.apply(batch)?;
         self.count_open(&ledger);
         for (key, doc) in taken {

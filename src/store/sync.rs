@@ -11,6 +11,7 @@
 //! and durable only after `Store::flush`; the caller decides when to flush.
 
 use super::conflicts::Ledger;
+use super::feed::{FeedChange, Origin};
 use super::kv::{Batch, Kv};
 use super::{
     CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry, stage_landing,
@@ -213,6 +214,31 @@ pub struct RemoteApplied {
     pub heads: Vec<String>,
     /// The device (Automerge actor, hex) that wrote the last of the changes applied.
     pub device: String,
+    /// Its number in the change feed (given as its batch is staged).
+    pub seq: u64,
+}
+
+impl RemoteApplied {
+    /// Numbers the change in the feed, staging its entry in `batch`.
+    pub(crate) fn stage_feed(
+        &mut self,
+        store: &Store,
+        batch: &mut Batch,
+    ) -> Result<(), StoreError> {
+        self.seq = store.stage_feed(
+            batch,
+            FeedChange {
+                seq: 0,
+                collection: self.collection.clone(),
+                id: self.id.clone(),
+                operation: self.operation,
+                heads: self.heads.clone(),
+                device: self.device.clone(),
+                origin: Origin::Remote,
+            },
+        )?;
+        Ok(())
+    }
 }
 
 /// What applying part of the relay's log did.
@@ -775,6 +801,7 @@ impl Store {
                     deleted,
                     heads: record.heads().iter().map(|h| h.to_string()).collect(),
                     device,
+                    seq: 0,
                 });
             }
             ledger.logged.documents.insert(key.clone(), record.heads());
@@ -807,6 +834,9 @@ impl Store {
         batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
         if bootstrap.is_some_and(|b| cursor >= b.end()) {
             batch.remove(keys::cursor(super::snapshot::SNAPSHOT_CURSOR));
+        }
+        for change in &mut applied {
+            change.stage_feed(self, &mut batch)?;
         }
         self.kv.apply(batch)?;
         self.count_open(&ledger);
@@ -856,6 +886,7 @@ impl Store {
             deleted: plain.deleted,
             heads: vec![change.hash().to_string()],
             device: change.actor_id().to_hex_string(),
+            seq: 0,
         }))
     }
 

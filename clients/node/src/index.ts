@@ -20,6 +20,8 @@ export interface WriteResult {
   operation: "create" | "update" | "delete" | null;
   heads: string[];
   queue_id: number | null;
+  /** Its number in the change feed (null when nothing changed). */
+  seq: number | null;
 }
 
 export interface RecordView {
@@ -329,8 +331,14 @@ export class FerryClient {
     return this.call("doctor", { repair });
   }
 
-  /** Subscribes to changes and conflicts, optionally of one collection or record. */
-  async subscribe(filter: { collection?: string; id?: string } = {}): Promise<Subscription> {
+  /**
+   * Subscribes to changes and conflicts, optionally of one collection or record; with `since`
+   * (a change's `seq`), first every change after it; with `fields`, each change carries the
+   * record's fields.
+   */
+  async subscribe(
+    filter: { collection?: string; id?: string; since?: number; fields?: boolean } = {},
+  ): Promise<Subscription> {
     const answer = await this.call<{ subscription: number }>("subscribe", filter);
     const subscription = new Subscription(this, answer.subscription);
     for (const note of this.early.get(answer.subscription) ?? []) subscription.push(note);

@@ -320,8 +320,10 @@ class Client(_Methods):
                 answers.append(e)
         return answers
 
-    def subscribe(self, collection=None, id=None):
-        answer = self._call("subscribe", _params(collection=collection, id=id))
+    def subscribe(self, collection=None, id=None, since=None, fields=None):
+        """Changes (and conflicts) from now on; with `since` (a change's `seq`), first every
+        change after it; with `fields`, each change carries the record's fields."""
+        answer = self._call("subscribe", _params(collection=collection, id=id, since=since, fields=fields))
         return Subscription(self, answer["subscription"])
 
     def _next_notification(self, number):
@@ -428,8 +430,8 @@ class AsyncClient(_Methods):
     async def call(self, method, **params):
         return await self._call(method, params)
 
-    async def subscribe(self, collection=None, id=None):
-        answer = await self._call("subscribe", _params(collection=collection, id=id))
+    async def subscribe(self, collection=None, id=None, since=None, fields=None):
+        answer = await self._call("subscribe", _params(collection=collection, id=id, since=since, fields=fields))
         number = answer["subscription"]
         queue = asyncio.Queue()
         for message in self._early.pop(number, []):

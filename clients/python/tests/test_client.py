@@ -115,6 +115,10 @@ class BlockingClientTest(unittest.TestCase):
         self.assertEqual([(s["operation"], s["id"]) for s in seen], [("create", "w1"), ("delete", "w1")])
         self.assertEqual(seen[0]["origin"], "local")
         changes.close()
+        # Resuming from a change's number, with the records' fields.
+        again = watcher.subscribe(collection="Watched", since=seen[0]["seq"], fields=True)
+        resumed = next(again)["params"]
+        self.assertEqual((resumed["operation"], resumed["seq"], resumed["fields"]), ("delete", seen[1]["seq"], None))
 
 
 class AsyncClientTest(unittest.TestCase):
