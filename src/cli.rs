@@ -212,7 +212,8 @@ enum Command {
         /// UDP address to listen on [default: relay.listen from the config]
         #[arg(long)]
         listen: Option<String>,
-        /// Manage the relay's accounts and devices instead (works while the relay runs)
+        /// Manage the relay's accounts and devices, or rebuild a damaged record, instead (works
+        /// while the relay runs)
         #[command(subcommand)]
         action: Option<accounts::RelayAction>,
     },

@@ -276,6 +276,40 @@ fn relay_sled_dir(relay_dir: &Path) -> PathBuf {
     ferry::store::kv::SledKv::current_dir(&relay_dir.join("relay.db")).expect("relay store dir")
 }
 
+/// Flips a byte of every value the stopped relay in `relay_dir` stores for `record` under a key
+/// of one of `kinds` (the storage layout's first byte: `l` log entry, `b` document, `t` tail,
+/// `r` heads), under sled, which takes it as any write: only the value's own checksum can tell.
+/// Returns the record's space.
+fn damage_relay_record(relay_dir: &Path, record: &str, kinds: &[u8]) -> String {
+    let db = sled::open(relay_sled_dir(relay_dir)).expect("open the relay's sled");
+    let in_key = format!("\0{record}\0");
+    let mut damaged = Vec::new();
+    for pair in db.iter() {
+        let (key, value) = pair.unwrap();
+        let holds = key.windows(in_key.len()).any(|w| w == in_key.as_bytes())
+            || (key.first() == Some(&b'l')
+                && value.windows(record.len()).any(|w| w == record.as_bytes()));
+        if holds && key.first().is_some_and(|k| kinds.contains(k)) && !value.is_empty() {
+            let mut bad = value.to_vec();
+            bad[0] ^= 0x20;
+            damaged.push((key.to_vec(), bad));
+        }
+    }
+    let space = damaged
+        .iter()
+        .find(|(k, _)| k.first() == Some(&b'b'))
+        .map(|(k, _)| {
+            let rest = &k[1..];
+            String::from_utf8(rest[..rest.iter().position(|&c| c == 0).unwrap()].to_vec()).unwrap()
+        })
+        .unwrap_or_else(|| panic!("{record}'s document is not stored"));
+    for (key, bad) in damaged {
+        db.insert(key, bad).unwrap();
+    }
+    db.flush().unwrap();
+    space
+}
+
 /// A relay whose stored values of one record (its document and its log entry) fail their
 /// checksum: a device reading them gets a session error naming the space and where, the relay
 /// logs it and fires its `store_damaged` alert, and nothing of that record is served.
@@ -297,36 +331,7 @@ fn a_damaged_relay_document_or_log_entry_is_reported_and_never_served() {
 
     // Every value stored for record n003 (its document, its log entry) gets a byte flipped
     // under sled, which takes it as any write: only the value's own checksum can tell.
-    let space = {
-        let db = sled::open(relay_sled_dir(&relay_dir)).expect("open the relay's sled");
-        let mut damaged = Vec::new();
-        for pair in db.iter() {
-            let (key, value) = pair.unwrap();
-            let holds_n003 = key.windows(b"\0n003\0".len()).any(|w| w == b"\0n003\0")
-                || (key.first() == Some(&b'l')
-                    && value.windows(b"n003".len()).any(|w| w == b"n003"));
-            if holds_n003 && matches!(key.first(), Some(b'l' | b'b' | b't')) && !value.is_empty() {
-                let mut bad = value.to_vec();
-                bad[0] ^= 0x20;
-                damaged.push((key.to_vec(), bad));
-            }
-        }
-        assert!(!damaged.is_empty(), "no stored value of n003 found");
-        let space = damaged
-            .iter()
-            .find(|(k, _)| k.first() == Some(&b'b'))
-            .map(|(k, _)| {
-                let rest = &k[1..];
-                String::from_utf8(rest[..rest.iter().position(|&c| c == 0).unwrap()].to_vec())
-                    .unwrap()
-            })
-            .expect("n003's document");
-        for (key, bad) in damaged {
-            db.insert(key, bad).unwrap();
-        }
-        db.flush().unwrap();
-        space
-    };
+    let space = damage_relay_record(&relay_dir, "n003", b"lbt");
 
     let relay = Relay::start(&relay_dir, Some(port));
     let b = Device::new();
@@ -355,6 +360,93 @@ fn a_damaged_relay_document_or_log_entry_is_reported_and_never_served() {
             Err(log.lines().rev().take(5).collect::<Vec<_>>().join("\n"))
         }
     });
+}
+
+/// A relay whose document of one record (its base, tail and heads) fails its checksum: the
+/// session refuses it, `ferry relay rebuild-record` on the running relay rebuilds it from the
+/// log, the `store_damaged` alert clears, and a device then downloads the record as written.
+#[test]
+fn a_damaged_relay_document_is_rebuilt_from_the_log_and_served_right() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let relay_dir = tmp.path().join("relay");
+    let mut relay = Relay::start(&relay_dir, None);
+    let port = relay.port;
+    let a = Device::new();
+    a.join(&relay);
+    let daemon = a.start_daemon();
+    for id in 0..10 {
+        put(&daemon, id);
+    }
+    call(
+        &daemon,
+        "put",
+        json!({"collection": "Note", "id": "n003", "fields": {"n": 3, "edited": true}}),
+    );
+    // 11 log entries: n003's second change is its tail.
+    wait_converged(&[&daemon], 11);
+    assert!(daemon.terminate().success());
+    assert!(relay.terminate().success());
+    let space = damage_relay_record(&relay_dir, "n003", b"btr");
+
+    let relay = Relay::start(&relay_dir, Some(port));
+    let b = Device::new();
+    b.join(&relay);
+    let other = b.start_daemon();
+    let failure = wait_for_ok("B's sync to fail on the damaged record", TIMEOUT, || {
+        let s = status(&other);
+        match s["sync"]["last_error"]["message"].as_str() {
+            Some(message) if message.contains("is damaged") => Ok(message.to_owned()),
+            _ => Err(s["sync"].to_string()),
+        }
+    });
+    assert!(
+        failure.contains("rebuild-record") && failure.contains("n003"),
+        "{failure}"
+    );
+    let alert = |transition: &str| {
+        relay
+            .log()
+            .lines()
+            .any(|line| line.contains(transition) && line.contains("store_damaged"))
+    };
+    wait_for_ok("the relay's store_damaged alert", TIMEOUT, || {
+        if alert("alert fired") {
+            Ok(())
+        } else {
+            Err(relay.log())
+        }
+    });
+
+    let out = relay.operator().ferry(&[
+        "--json",
+        "relay",
+        "rebuild-record",
+        "--space",
+        &space,
+        "--collection",
+        "Note",
+        "--record",
+        "n003",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let rebuilt: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(rebuilt["changes"], json!(2), "{rebuilt}");
+    wait_for_ok("the store_damaged alert to clear", TIMEOUT, || {
+        if alert("alert cleared") {
+            Ok(())
+        } else {
+            Err(relay.log())
+        }
+    });
+
+    wait_converged(&[&other], 11);
+    assert_eq!(status(&other)["documents"], json!(10));
+    let record = call(&other, "get", json!({"collection": "Note", "id": "n003"}));
+    assert_eq!(
+        record["fields"],
+        json!({"n": 3, "edited": true}),
+        "{record}"
+    );
 }
 
 /// A relay whose log sled's recovery cut short (bytes flipped in its file) refuses to start,
