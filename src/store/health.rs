@@ -285,8 +285,8 @@ impl Kv for Watched {
     fn lost(&self) -> Option<Lost> {
         self.inner.lost()
     }
-    fn journal(&self) -> Result<(Vec<Vec<u8>>, bool), KvError> {
-        self.inner.journal()
+    fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError> {
+        self.inner.journal(each)
     }
     fn journal_bytes(&self) -> u64 {
         self.inner.journal_bytes()
@@ -296,31 +296,92 @@ impl Kv for Watched {
     }
 }
 
-/// The journal's entries, the last copy of each id, and whether any record did not decode.
-fn journaled(kv: &dyn Kv) -> Result<(BTreeMap<u64, SyncQueueEntry>, bool), StoreError> {
-    let (records, mut damaged) = kv.journal()?;
-    let mut entries = BTreeMap::new();
-    for record in records {
-        match decode::<SyncQueueEntry>(&record, "journaled change") {
-            Ok(entry) => {
-                entries.insert(entry.id, entry);
-            }
-            Err(_) => damaged = true,
-        }
-    }
-    Ok((entries, damaged))
+/// Journaled changes decoded and handed on at a time: what reading the journal holds in memory
+/// besides the changes a caller keeps.
+const JOURNAL_PAGE: usize = 1024;
+
+/// What a read of the whole journal found.
+#[derive(Default)]
+struct JournalRead {
+    /// Records read (a change journaled twice, before the journal is rewritten, counts twice).
+    records: u64,
+    /// The id after the highest journaled.
+    next_id: u64,
+    /// A record was damaged or did not decode.
+    damaged: bool,
 }
 
-/// The ids of `entries` the queue holds, read in one pass over the queue's keys from the first
-/// to the last (one point read per entry costs several times as much, and a device back from a
-/// long time offline journals every change it made). Empty when the pass meets a damaged value:
-/// each entry is then read on its own, which tells which.
-fn held_queue_ids(kv: &dyn Kv, entries: &BTreeMap<u64, SyncQueueEntry>) -> BTreeSet<u64> {
+/// Reads the journal a page of decoded changes at a time, handing each page to `page`: memory
+/// stays bounded however many unsynced changes it holds.
+fn journal_pages(
+    kv: &dyn Kv,
+    page: &mut dyn FnMut(Vec<SyncQueueEntry>) -> Result<(), StoreError>,
+) -> Result<JournalRead, StoreError> {
+    let mut read = JournalRead::default();
+    let mut entries = Vec::with_capacity(JOURNAL_PAGE);
+    let mut failed = None;
+    let mut undecodable = false;
+    let damaged = kv.journal(&mut |record| {
+        if failed.is_some() {
+            return;
+        }
+        read.records += 1;
+        match decode::<SyncQueueEntry>(record, "journaled change") {
+            Ok(entry) => {
+                read.next_id = read.next_id.max(entry.id.saturating_add(1));
+                entries.push(entry);
+            }
+            Err(_) => undecodable = true,
+        }
+        if entries.len() >= JOURNAL_PAGE
+            && let Err(e) = page(std::mem::take(&mut entries))
+        {
+            failed = Some(e);
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if !entries.is_empty() {
+        page(entries)?;
+    }
+    read.damaged = damaged || undecodable;
+    Ok(read)
+}
+
+/// The journaled changes `keep` says to keep (the last copy of each id), read a page at a time.
+fn journaled(
+    kv: &dyn Kv,
+    keep: impl Fn(u64) -> bool,
+) -> Result<(BTreeMap<u64, SyncQueueEntry>, JournalRead), StoreError> {
+    let mut kept = BTreeMap::new();
+    let read = journal_pages(kv, &mut |entries| {
+        for entry in entries {
+            if keep(entry.id) {
+                kept.insert(entry.id, entry);
+            }
+        }
+        Ok(())
+    })?;
+    Ok((kept, read))
+}
+
+/// The ids of a page of journaled `entries` the queue holds, read in one pass over the queue's
+/// keys from the page's first id to its last (one point read per entry costs several times as
+/// much, and a device back from a long time offline journals every change it made), or by
+/// point reads when the page's ids lie far apart. An entry the pass does not find (none, when it
+/// meets a damaged value) is read on its own by the caller, which tells which.
+fn held_queue_ids(kv: &dyn Kv, entries: &[SyncQueueEntry]) -> BTreeSet<u64> {
     const PAGE: usize = 1024;
+    let ids: BTreeSet<u64> = entries.iter().map(|e| e.id).collect();
     let mut held = BTreeSet::new();
-    let (Some(first), Some(last)) = (entries.keys().next(), entries.keys().next_back()) else {
+    let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
         return held;
     };
+    // Past this spread, the pass would read more of the queue than the page asks about.
+    if last.saturating_sub(*first) > (ids.len() as u64).saturating_mul(4) {
+        return held;
+    }
     let mut start = keys::queue(*first);
     let end = keys::queue(last.saturating_add(1));
     loop {
@@ -333,7 +394,9 @@ fn held_queue_ids(kv: &dyn Kv, entries: &BTreeMap<u64, SyncQueueEntry>) -> BTree
         };
         start = keys::after(last_key);
         for (key, _) in &page {
-            if let Ok(id) = keys::seq_of(key, keys::QUEUE.len()) {
+            if let Ok(id) = keys::seq_of(key, keys::QUEUE.len())
+                && ids.contains(&id)
+            {
                 held.insert(id);
             }
         }
@@ -344,40 +407,43 @@ fn held_queue_ids(kv: &dyn Kv, entries: &BTreeMap<u64, SyncQueueEntry>) -> BTree
 }
 
 /// What the open finds cheaply: batches the engine lost, and journaled changes the queue does
-/// not hold (the journal holds the changes not uploaded yet).
+/// not hold (the journal holds the changes not uploaded yet). Reads the journal a page at a
+/// time and keeps only the changes the queue lacks.
 pub(super) fn check_at_open(kv: &dyn Kv, now: u64) -> Result<(Damage, u64), StoreError> {
-    let (entries, journal_damaged) = journaled(kv)?;
-    let mut damage = Damage {
+    let mut missing: BTreeMap<u64, SyncQueueEntry> = BTreeMap::new();
+    let mut damaged: BTreeMap<u64, DamagedValue> = BTreeMap::new();
+    let read = journal_pages(kv, &mut |entries| {
+        let held = held_queue_ids(kv, &entries);
+        for entry in entries {
+            if held.contains(&entry.id) {
+                continue;
+            }
+            match kv.get(&keys::queue(entry.id)) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    missing.insert(entry.id, entry);
+                }
+                Err(KvError::Damaged(key)) => {
+                    damaged.insert(entry.id, damaged_value(&key, "checksum mismatch"));
+                    missing.insert(entry.id, entry);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    })?;
+    let damage = Damage {
         since_ms: now,
         lost_batches: kv.lost().map(|l| LostBatches {
             durable: l.durable,
             found: l.found,
         }),
-        journal_damaged,
+        journal_damaged: read.damaged,
+        damaged: damaged.into_values().collect(),
+        recoverable: missing.values().map(LostChange::of).collect(),
         ..Damage::default()
     };
-    let held = held_queue_ids(kv, &entries);
-    for entry in entries.values() {
-        if held.contains(&entry.id) {
-            continue;
-        }
-        match kv.get(&keys::queue(entry.id)) {
-            Ok(Some(_)) => {}
-            Ok(None) => damage.recoverable.push(LostChange::of(entry)),
-            Err(KvError::Damaged(key)) => {
-                damage
-                    .damaged
-                    .push(damaged_value(&key, "checksum mismatch"));
-                damage.recoverable.push(LostChange::of(entry));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let next_id = entries
-        .keys()
-        .next_back()
-        .map_or(0, |id| id.saturating_add(1));
-    Ok((damage, next_id))
+    Ok((damage, read.next_id))
 }
 
 /// Everything a full read of the store found, for `examine` and `repair`.
@@ -556,15 +622,41 @@ impl Store {
     /// no repair has mended yet included).
     pub fn examine(&self) -> Result<Checkup, StoreError> {
         let scan = self.scan()?;
-        let (journal, journal_damaged) = journaled(self.kv.as_ref())?;
-        let damage = self.judge(&scan, &journal, journal_damaged);
-        Ok(Checkup {
-            damage,
+        let (journal, read) = self.journal_beside(&scan)?;
+        Ok(self.checkup(&scan, &journal, &read))
+    }
+
+    /// The journaled changes the queue `scan` read does not hold whole (the only ones a
+    /// checkup or a repair needs), read a page at a time.
+    fn journal_beside(
+        &self,
+        scan: &Scan,
+    ) -> Result<(BTreeMap<u64, SyncQueueEntry>, JournalRead), StoreError> {
+        // Entries whose change is missing go too, and come back from the journal.
+        let damaged: BTreeSet<Vec<u8>> = scan
+            .damaged
+            .iter()
+            .chain(&scan.inconsistencies())
+            .map(|(key, _)| key.clone())
+            .collect();
+        journaled(self.kv.as_ref(), |id| {
+            !scan.queue.contains_key(&id) || damaged.contains(&keys::queue(id))
+        })
+    }
+
+    fn checkup(
+        &self,
+        scan: &Scan,
+        journal: &BTreeMap<u64, SyncQueueEntry>,
+        read: &JournalRead,
+    ) -> Checkup {
+        Checkup {
+            damage: self.judge(scan, journal, read.damaged),
             keys: scan.keys,
             documents: scan.documents,
             queue_entries: scan.queue.len() as u64,
-            journaled_changes: journal.len() as u64,
-        })
+            journaled_changes: read.records,
+        }
     }
 
     fn judge(
@@ -612,18 +704,20 @@ impl Store {
         (!found.is_empty()).then_some(found)
     }
 
-    /// Repairs the store (see the module doc) and returns what it did. Everything lands in one
+    /// Repairs the store (see the module doc) and returns what it found, as `examine` says it,
+    /// and what it did, from one read of the store and the journal. Everything lands in one
     /// atomic batch, made durable before this returns; the journal is then rewritten.
-    pub fn repair(&self) -> Result<Repaired, StoreError> {
+    pub fn repair(&self) -> Result<(Checkup, Repaired), StoreError> {
         let mut cache = self.lock_cache();
         let mut queue = self.lock_queue();
         let scan = self.scan()?;
-        let (journal, journal_damaged) = journaled(self.kv.as_ref())?;
-        let Some(damage) = self.judge(&scan, &journal, journal_damaged) else {
+        let (journal, read) = self.journal_beside(&scan)?;
+        let checkup = self.checkup(&scan, &journal, &read);
+        let Some(damage) = checkup.damage.clone() else {
             drop(queue);
             drop(cache);
             self.clear_damage()?;
-            return Ok(Repaired::default());
+            return Ok((checkup, Repaired::default()));
         };
         let mut bad: Vec<(Vec<u8>, String)> = scan.damaged.clone();
         bad.extend(scan.inconsistencies());
@@ -719,7 +813,7 @@ impl Store {
             reads_relay_again,
             "the store is repaired"
         );
-        Ok(repaired)
+        Ok((checkup, repaired))
     }
 
     fn clear_damage(&self) -> Result<(), StoreError> {
@@ -846,6 +940,18 @@ mod tests {
             .unwrap()
     }
 
+    /// The ids the journal holds, in its order; it must not be damaged.
+    fn journal_ids(kv: &dyn Kv) -> Vec<u64> {
+        let mut ids = Vec::new();
+        let read = journal_pages(kv, &mut |entries| {
+            ids.extend(entries.iter().map(|e| e.id));
+            Ok(())
+        })
+        .unwrap();
+        assert!(!read.damaged);
+        ids
+    }
+
     fn kinds(damage: &Damage) -> Vec<String> {
         let mut kinds: Vec<String> = damage.damaged.iter().map(|d| d.kind.clone()).collect();
         kinds.sort();
@@ -907,7 +1013,8 @@ mod tests {
         assert_eq!(damage.recoverable.len(), 2);
         assert!(damage.unrecoverable.is_empty());
 
-        let repaired = store.repair().unwrap();
+        let (before, repaired) = store.repair().unwrap();
+        assert_eq!(before.damage, Some(damage));
         assert!(repaired.reads_relay_again);
         let mut restored: Vec<u64> = repaired.restored.iter().map(|c| c.queue_id).collect();
         restored.sort();
@@ -951,7 +1058,7 @@ mod tests {
         drop(store);
         assert!(kv.damage(&keys::queue(entry)));
         let store = open(&kv);
-        let repaired = store.repair().unwrap();
+        let (_, repaired) = store.repair().unwrap();
         assert!(!repaired.reads_relay_again);
         assert_eq!(repaired.restored.len(), 1);
         assert_eq!(store.sync_cursor().unwrap(), 7);
@@ -973,15 +1080,9 @@ mod tests {
             .queue_transition(&[first], &QueueAction::Complete)
             .unwrap();
         store.flush().unwrap();
-        assert_eq!(kv.journal().unwrap().0.len(), 2);
+        assert_eq!(journal_ids(&kv), [first, second]);
         store.prune_history(u64::MAX, 0, 100).unwrap();
-        let (records, damaged) = kv.journal().unwrap();
-        assert!(!damaged);
-        let ids: Vec<u64> = records
-            .iter()
-            .map(|r| decode::<SyncQueueEntry>(r, "journaled change").unwrap().id)
-            .collect();
-        assert_eq!(ids, [second]);
+        assert_eq!(journal_ids(&kv), [second]);
         drop(store);
         let store = open(&kv);
         assert_eq!(store.damage(), None);
