@@ -49,16 +49,34 @@ impl Rng {
     }
 }
 
-/// Flips `count` bytes, chosen by `seed` among those the log holds data in (sled's file has
-/// long runs of zeros where nothing was written yet), each to another value.
-fn flip_bytes(path: &Path, count: usize, seed: u64) {
+/// Flips at least `count` bytes of `path`: one in every copy the file holds of the ids of
+/// records chosen by `seed` among `n000` to the last of `records` (keys, and values naming
+/// their record), records being chosen until that many bytes are flipped. Where sled put each
+/// copy depends on when it flushed, so offsets chosen in the file would hit different data on
+/// different runs; the records' every copy is the same data whatever the layout.
+fn flip_records(path: &Path, records: u64, count: usize, seed: u64) {
     let mut bytes = std::fs::read(path).unwrap();
-    let written: Vec<usize> = (0..bytes.len()).filter(|&i| bytes[i] != 0).collect();
-    assert!(written.len() > count, "{} bytes written", written.len());
     let mut rng = Rng(seed | 1);
-    for _ in 0..count {
-        let at = written[(rng.next() % written.len() as u64) as usize];
-        bytes[at] ^= (rng.next() % 255 + 1) as u8;
+    let mut ids: Vec<u64> = (0..records).collect();
+    let mut flipped = 0;
+    while flipped < count {
+        assert!(
+            !ids.is_empty(),
+            "only {flipped} bytes hold the records' ids"
+        );
+        let id = ids.swap_remove((rng.next() % ids.len() as u64) as usize);
+        let name = format!("n{id:03}");
+        let flip = (rng.next() % 255 + 1) as u8;
+        let copies: Vec<usize> = bytes
+            .windows(name.len())
+            .enumerate()
+            .filter(|(_, w)| *w == name.as_bytes())
+            .map(|(at, _)| at)
+            .collect();
+        for at in copies {
+            bytes[at + name.len() - 1] ^= flip;
+            flipped += 1;
+        }
     }
     std::fs::write(path, bytes).unwrap();
 }
@@ -193,12 +211,12 @@ fn all_records_everywhere(what: &str, a: &Device, relay_dir: &Path, port: u16) {
     assert_eq!(status(&other)["documents"], json!(SYNCED + OFFLINE));
 }
 
-/// The issue: 64 bytes flipped across the data file.
+/// The issue: 64 bytes flipped across the data file (in every copy of the records chosen).
 #[test]
 fn sixty_four_flipped_bytes_are_found_and_nothing_acknowledged_is_lost() {
     for seed in [1, 2] {
         damaged_store_is_found_and_repaired(&format!("64 bytes flipped, seed {seed}"), |path| {
-            flip_bytes(path, 64, seed)
+            flip_records(path, SYNCED + OFFLINE, 64, seed)
         });
     }
 }
@@ -466,7 +484,7 @@ fn a_relay_whose_log_lost_acknowledged_batches_refuses_to_start() {
     wait_converged(&[&daemon], 20);
     assert!(daemon.terminate().success());
     assert!(relay.terminate().success());
-    flip_bytes(&relay_sled_dir(&relay_dir).join("db"), 64, 3);
+    flip_records(&relay_sled_dir(&relay_dir).join("db"), 20, 32, 3);
 
     let mut child = std::process::Command::new(common::ferry_bin())
         .arg("--data-dir")

@@ -170,3 +170,44 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every holder leaves the map whole before anything can panic.
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::AlertKind;
+    use crate::clock::FixedClock;
+
+    fn store_damaged(alerts: &RelayAlerts) -> Option<String> {
+        alerts
+            .active("team")
+            .into_iter()
+            .find(|a| a.kind == AlertKind::StoreDamaged)
+            .map(|a| a.message)
+    }
+
+    /// A rebuilt record's damage is forgotten: the alert stays on what else was seen damaged
+    /// (another record's, or a value of no record), and clears once nothing is left.
+    #[test]
+    fn a_rebuild_clears_the_alert_once_no_damage_is_left() {
+        let alerts = RelayAlerts::new(AlertsConfig::default(), Arc::new(FixedClock(1)));
+        let record = |id: &str| ("Note".to_owned(), id.to_owned());
+        alerts.damaged("team", Some(&record("a")), "a is damaged");
+        alerts.damaged("team", Some(&record("b")), "b is damaged");
+        alerts.damaged("team", None, "log entry 7 is damaged");
+        assert_eq!(store_damaged(&alerts).as_deref(), Some("a is damaged"));
+        alerts.rebuilt("team", &record("a"));
+        assert_eq!(store_damaged(&alerts).as_deref(), Some("b is damaged"));
+        alerts.rebuilt("team", &record("b"));
+        assert_eq!(
+            store_damaged(&alerts).as_deref(),
+            Some("log entry 7 is damaged")
+        );
+        alerts.rebuilt("team", &record("c"));
+        assert!(store_damaged(&alerts).is_some(), "a log entry is no record");
+
+        let other = RelayAlerts::new(AlertsConfig::default(), Arc::new(FixedClock(1)));
+        other.damaged("team", Some(&record("a")), "a is damaged");
+        other.rebuilt("team", &record("a"));
+        assert_eq!(store_damaged(&other), None);
+    }
+}

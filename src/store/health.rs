@@ -865,18 +865,17 @@ impl Store {
     /// completed once it has grown past its limit. A full read of the queue when it does, so
     /// the daemon calls it beside its writes, not in their way.
     pub fn bound_journal(&self) -> Result<(), StoreError> {
-        self.rotate_journal(false)
-    }
-
-    /// Rewrites the journal with the queue entries not completed, once it has grown past its
-    /// limit (or always, with `force`). Holds the queue lock, so no new entry is journaled
-    /// meanwhile.
-    pub(super) fn rotate_journal(&self, force: bool) -> Result<(), StoreError> {
         let limit = self.journal_limit.load(Ordering::SeqCst);
-        if !force && self.kv.journal_bytes() <= limit {
+        if self.kv.journal_bytes() <= limit {
             return Ok(());
         }
         let _queue = self.lock_queue();
+        self.rewrite_journal_locked()
+    }
+
+    /// Rewrites the journal with the queue entries not completed; the caller holds the queue
+    /// lock, so no entry is journaled or moves meanwhile.
+    pub(super) fn rewrite_journal_locked(&self) -> Result<(), StoreError> {
         let mut keep = Vec::new();
         let mut kept_bytes = 0u64;
         let mut failed = None;
@@ -911,7 +910,7 @@ impl Store {
     }
 }
 
-/// The limit `rotate_journal` starts with, for a journal of `bytes` at open: twice that, as
+/// The limit `bound_journal` starts with, for a journal of `bytes` at open: twice that, as
 /// after a rewrite. A device that starts with a long queue (back from working offline) would
 /// otherwise rewrite every unsynced change at once, under the queue lock its first upload needs,
 /// only to keep them all.
@@ -1063,6 +1062,44 @@ mod tests {
         assert_eq!(repaired.restored.len(), 1);
         assert_eq!(store.sync_cursor().unwrap(), 7);
         assert_eq!(store.queue_ids(QueueStatus::Pending).unwrap(), [entry]);
+    }
+
+    /// Pruning rewrites the journal without the completed entries before they leave the queue:
+    /// stopped at either point (a rewrite that fails, as a crash there; a crash before the
+    /// removal is durable), the next open reports nothing, as the queue still holds whatever
+    /// the journal does. Removing them first let a later flush make the removal durable while
+    /// the journal still held them, which the next open took for lost unsynced changes.
+    #[test]
+    fn pruning_stopped_at_any_point_reports_no_lost_change() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        let first = put(&store, "a", 1);
+        let second = put(&store, "b", 2);
+        store
+            .queue_transition(&[first], &QueueAction::Start)
+            .unwrap();
+        store
+            .queue_transition(&[first], &QueueAction::Complete)
+            .unwrap();
+        store.flush().unwrap();
+        kv.refuse_journal_rewrite();
+        assert!(store.prune_history(u64::MAX, 0, 100).is_err());
+        // The committer's next flush makes durable whatever was applied.
+        store.flush().unwrap();
+        drop(store);
+        kv.crash();
+        let store = open(&kv);
+        assert_eq!(store.damage(), None);
+        assert_eq!(journal_ids(&kv), [first, second]);
+
+        // The journal rewritten, the removal not yet durable.
+        assert_eq!(store.prune_history(u64::MAX, 0, 100).unwrap(), (1, 0));
+        assert_eq!(journal_ids(&kv), [second]);
+        drop(store);
+        kv.crash();
+        let store = open(&kv);
+        assert_eq!(store.damage(), None);
+        assert_eq!(store.queue_ids(QueueStatus::Completed).unwrap(), [first]);
     }
 
     /// The journal keeps the changes not yet uploaded: completed ones go when it is rewritten,

@@ -1383,6 +1383,8 @@ struct MemoryState {
     durable: BTreeMap<Vec<u8>, Vec<u8>>,
     journal_staged: Vec<Vec<u8>>,
     journal: Vec<Vec<u8>>,
+    /// The next journal rewrite fails, doing nothing, as a crash before it would leave it.
+    refuse_rewrite: bool,
 }
 
 impl MemoryKv {
@@ -1395,6 +1397,11 @@ impl MemoryKv {
         let mut state = self.lock();
         state.visible = state.durable.clone();
         state.journal_staged.clear();
+    }
+
+    /// Has the next `rewrite_journal` fail before it does anything, as a crash there would.
+    pub fn refuse_journal_rewrite(&self) {
+        self.lock().refuse_rewrite = true;
     }
 
     /// Flips a bit of the value stored under `key`, as damage on a disk would (the value then
@@ -1505,6 +1512,9 @@ impl Kv for MemoryKv {
     }
 
     fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+        if std::mem::take(&mut self.lock().refuse_rewrite) {
+            return Err(KvError::Io("the journal rewrite was refused".into()));
+        }
         self.flush()?;
         self.lock().journal = keep;
         Ok(())
