@@ -1069,10 +1069,108 @@ fn scan_journal(
     }
 }
 
+/// A journal written before frames started with `SYNC`: the same frames without it. Read
+/// whole, once, by `Journal::open`, which writes it again in the current form.
+mod unsynced {
+    use super::{MARK, RECORD};
+
+    pub(super) const FRAME_HEAD: usize = 9;
+
+    fn unframe(bytes: &[u8]) -> Option<(u8, &[u8], usize)> {
+        let head = bytes.get(..FRAME_HEAD)?;
+        let tag = *head.first()?;
+        if tag != MARK && tag != RECORD {
+            return None;
+        }
+        let len_bytes = <[u8; 4]>::try_from(head.get(1..5)?).ok()?;
+        let crc = u32::from_le_bytes(<[u8; 4]>::try_from(head.get(5..9)?).ok()?);
+        let len = usize::try_from(u32::from_le_bytes(len_bytes)).ok()?;
+        let payload = bytes.get(FRAME_HEAD..FRAME_HEAD.checked_add(len)?)?;
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&[tag]);
+        hasher.update(&len_bytes);
+        hasher.update(payload);
+        (hasher.finalize() == crc).then_some((tag, payload, FRAME_HEAD + len))
+    }
+
+    /// Its records, the highest number marked, and whether it was damaged (past bytes that are
+    /// no frame, every later offset is tried: these frames have nothing to look for).
+    pub(super) fn parse(bytes: &[u8]) -> (Vec<&[u8]>, u64, bool) {
+        let (mut records, mut durable, mut damaged) = (Vec::new(), 0, false);
+        let mut at = 0;
+        while let Some(rest) = bytes.get(at..).filter(|r| !r.is_empty()) {
+            match unframe(rest) {
+                Some((tag, payload, len)) => {
+                    if tag == MARK {
+                        let n = <[u8; 8]>::try_from(payload).map_or(0, u64::from_be_bytes);
+                        durable = durable.max(n);
+                    } else {
+                        records.push(payload);
+                    }
+                    at += len;
+                }
+                None => match (1..rest.len())
+                    .find(|&skip| unframe(rest.get(skip..).unwrap_or_default()).is_some())
+                {
+                    Some(skip) => {
+                        damaged = true;
+                        at += skip;
+                    }
+                    None => break,
+                },
+            }
+        }
+        (records, durable, damaged)
+    }
+}
+
+/// Writes `bytes` as the file at `path`, atomically: aside, synced, renamed, directory synced.
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), KvError> {
+    let aside = path.with_extension("new");
+    let mut new = std::fs::File::create(&aside).map_err(from_io)?;
+    std::io::Write::write_all(&mut new, bytes)
+        .and_then(|()| new.sync_all())
+        .map_err(from_io)?;
+    std::fs::rename(&aside, path).map_err(from_io)?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Writes a journal of the earlier form (`unsynced`) again in the current one, with the same
+/// records and mark; damage it held stays visible as one byte that is no frame, before the mark.
+fn upgrade_journal(path: &Path) -> Result<(), KvError> {
+    let old = std::fs::read(path).map_err(from_io)?;
+    let (records, durable, damaged) = unsynced::parse(&old);
+    let mut bytes = Vec::new();
+    for record in records {
+        frame(&mut bytes, RECORD, record);
+    }
+    if damaged {
+        bytes.push(0);
+    }
+    frame(&mut bytes, MARK, &durable.to_be_bytes());
+    replace_file(path, &bytes)
+}
+
 impl Journal {
     /// Opens the journal at `path` (made empty if there is none), cutting off a torn append;
     /// returns it with the highest batch number it marks.
     fn open(path: &Path) -> Result<(Journal, u64), KvError> {
+        let mut start = [0u8; SYNC.len()];
+        let earlier_form = match std::fs::File::open(path) {
+            Ok(mut file) => match std::io::Read::read(&mut file, &mut start) {
+                Ok(0) => false,
+                Ok(_) => start != SYNC,
+                Err(e) => return Err(from_io(e)),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(from_io(e)),
+        };
+        if earlier_form {
+            upgrade_journal(path)?;
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .read(true)
@@ -1216,15 +1314,7 @@ impl Journal {
             frame(&mut bytes, RECORD, record);
         }
         frame(&mut bytes, MARK, &file.marked.to_be_bytes());
-        let aside = self.path.with_extension("new");
-        let mut new = std::fs::File::create(&aside).map_err(from_io)?;
-        std::io::Write::write_all(&mut new, &bytes)
-            .and_then(|()| new.sync_all())
-            .map_err(from_io)?;
-        std::fs::rename(&aside, &self.path).map_err(from_io)?;
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir)?;
-        }
+        replace_file(&self.path, &bytes)?;
         file.file = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
@@ -1914,6 +2004,38 @@ mod tests {
         let torn = bytes.get(..whole + 3).unwrap();
         let scanned = scan_journal(torn, torn.len() as u64, &mut |_| {}).unwrap();
         assert_eq!((scanned.valid_len, scanned.damaged), (whole as u64, false));
+    }
+
+    /// A journal written before frames started with sync bytes is written again in the
+    /// current form at open: the same records and mark, its damage still reported.
+    #[test]
+    fn a_journal_of_the_earlier_form_is_read_and_written_again() {
+        let earlier = |tag: u8, payload: &[u8]| {
+            let mut framed = Vec::new();
+            frame(&mut framed, tag, payload);
+            framed.split_off(SYNC.len())
+        };
+        for damaged in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("journal");
+            let mut bytes = earlier(RECORD, b"one");
+            if damaged {
+                bytes.extend_from_slice(&[RECORD, 1, 2]);
+            }
+            bytes.extend(earlier(RECORD, b"two"));
+            bytes.extend(earlier(MARK, &4u64.to_be_bytes()));
+            std::fs::write(&path, &bytes).unwrap();
+            let (journal, durable) = Journal::open(&path).unwrap();
+            assert_eq!(durable, 4);
+            let mut records = Vec::new();
+            let found = journal.records(&mut |r| records.push(r.to_vec())).unwrap();
+            assert_eq!(records, [b"one".to_vec(), b"two".to_vec()]);
+            assert_eq!(found, damaged);
+            assert_eq!(
+                std::fs::read(&path).unwrap().get(..SYNC.len()),
+                Some(&SYNC[..])
+            );
+        }
     }
 
     /// sled lets go of its directory's lock a moment after the last `Db` is dropped.
