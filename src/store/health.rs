@@ -446,14 +446,34 @@ pub(super) fn check_at_open(kv: &dyn Kv, now: u64) -> Result<(Damage, u64), Stor
     Ok((damage, read.next_id))
 }
 
+/// What a full read keeps of a queue entry.
+#[derive(Clone, Copy)]
+struct Queued {
+    status: QueueStatus,
+    priority: i32,
+    /// The change is in the entry's value, not under its own key.
+    inline_change: bool,
+}
+
+impl Queued {
+    fn of(entry: &SyncQueueEntry) -> Self {
+        Queued {
+            status: entry.status,
+            priority: entry.priority,
+            inline_change: !entry.data.is_empty(),
+        }
+    }
+}
+
 /// Everything a full read of the store found, for `examine` and `repair`.
 #[derive(Default)]
 struct Scan {
     damaged: Vec<(Vec<u8>, String)>,
     keys: u64,
     documents: u64,
-    /// Entries that read, by id.
-    queue: BTreeMap<u64, SyncQueueEntry>,
+    /// Entries that read, by id: what a checkup and a repair need of them, so that a full read
+    /// keeps a few bytes per entry rather than each entry.
+    queue: BTreeMap<u64, Queued>,
     /// Ids whose change is kept under its own key.
     changes: BTreeSet<u64>,
     /// Pending-index keys found.
@@ -466,7 +486,7 @@ impl Scan {
     fn inconsistencies(&self) -> Vec<(Vec<u8>, String)> {
         let mut found = Vec::new();
         for (id, entry) in &self.queue {
-            if entry.data.is_empty() && !self.changes.contains(id) {
+            if !entry.inline_change && !self.changes.contains(id) {
                 found.push((keys::queue(*id), "its change is missing".into()));
             }
         }
@@ -474,16 +494,16 @@ impl Scan {
         for key in &self.pending {
             let points_at_pending = keys::pending_id(key)
                 .ok()
-                .and_then(|id| self.queue.get(&id))
-                .is_some_and(|e| {
-                    e.status == QueueStatus::Pending && keys::pending(e.priority, e.id) == *key
+                .and_then(|id| Some((id, self.queue.get(&id)?)))
+                .is_some_and(|(id, e)| {
+                    e.status == QueueStatus::Pending && keys::pending(e.priority, id) == *key
                 });
             if !points_at_pending {
                 found.push((key.clone(), "points at no pending queue entry".into()));
             }
         }
-        for entry in self.queue.values() {
-            let key = keys::pending(entry.priority, entry.id);
+        for (&id, entry) in &self.queue {
+            let key = keys::pending(entry.priority, id);
             if entry.status == QueueStatus::Pending && !indexed.contains(&key) {
                 found.push((
                     key,
@@ -603,7 +623,7 @@ impl Store {
             }
             Some(b'q') => match decode::<SyncQueueEntry>(&value, "queue entry") {
                 Ok(entry) if keys::queue(entry.id) == key => {
-                    scan.queue.insert(entry.id, entry);
+                    scan.queue.insert(entry.id, Queued::of(&entry));
                 }
                 Ok(_) => scan.damaged.push((key, "holds another queue entry".into())),
                 Err(e) => scan.damaged.push((key, e.to_string())),
@@ -741,11 +761,11 @@ impl Store {
         }
         // The queue as it stays, then the journaled changes it lost, pending again.
         let damaged_keys: BTreeSet<&Vec<u8>> = bad.iter().map(|(key, _)| key).collect();
-        let mut entries: BTreeMap<u64, SyncQueueEntry> = scan
+        let mut entries: BTreeMap<u64, Queued> = scan
             .queue
             .iter()
             .filter(|(id, _)| !damaged_keys.contains(&keys::queue(**id)))
-            .map(|(id, e)| (*id, e.clone()))
+            .map(|(id, e)| (*id, *e))
             .collect();
         let mut restored = Vec::new();
         for (id, journaled) in &journal {
@@ -763,28 +783,21 @@ impl Store {
             let mut delta = super::CountDelta::default();
             stage_entry(&mut batch, &mut delta, None, &entry)?;
             restored.push(LostChange::of(&entry));
-            entries.insert(*id, entry);
+            entries.insert(*id, Queued::of(&entry));
         }
         // The pending index, rebuilt from the queue.
         for key in &scan.pending {
             batch.remove(key.clone());
         }
-        for entry in entries.values() {
+        for (&id, entry) in &entries {
             if entry.status == QueueStatus::Pending {
-                batch.put(keys::pending(entry.priority, entry.id), Vec::new());
+                batch.put(keys::pending(entry.priority, id), Vec::new());
             }
         }
         batch.remove(keys::META_DAMAGE.to_vec());
         self.kv.apply(batch)?;
-        let keep = entries
-            .values()
-            .filter(|e| e.status != QueueStatus::Completed)
-            .map(|e| {
-                self.with_change(e.clone())
-                    .and_then(|e| encode(&e, "journaled change"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.kv.rewrite_journal(keep)?;
+        // The journal, from the queue as it now stands (the queue lock is held).
+        self.rewrite_journal_locked()?;
         // What memory holds came from the damaged store.
         cache.clear();
         *queue = None;
