@@ -161,6 +161,8 @@ pub struct Checkup {
     pub keys: u64,
     pub documents: u64,
     pub queue_entries: u64,
+    /// Records the journal holds (one per unsynced change, until a change journaled again is
+    /// rewritten away).
     pub journaled_changes: u64,
 }
 
