@@ -15,7 +15,9 @@
 
 mod common;
 
-use common::{Daemon, Device, Relay, TIMEOUT, call, status, stdout, wait_converged, wait_for_ok};
+use common::{
+    Daemon, Device, Operator, Relay, TIMEOUT, call, status, stdout, wait_converged, wait_for_ok,
+};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -294,23 +296,26 @@ fn relay_sled_dir(relay_dir: &Path) -> PathBuf {
     ferry::store::kv::SledKv::current_dir(&relay_dir.join("relay.db")).expect("relay store dir")
 }
 
-/// Flips a byte of every value the stopped relay in `relay_dir` stores for `record` under a key
-/// of one of `kinds` (the storage layout's first byte: `l` log entry, `b` document, `t` tail,
-/// `r` heads), under sled, which takes it as any write: only the value's own checksum can tell.
-/// Returns the record's space.
-fn damage_relay_record(relay_dir: &Path, record: &str, kinds: &[u8]) -> String {
-    let db = sled::open(relay_sled_dir(relay_dir)).expect("open the relay's sled");
-    let in_key = format!("\0{record}\0");
+/// Flips a byte of every value the stopped relay in `relay_dir` stores for each record of
+/// `damage` under a key of one of its kinds (the storage layout's first byte: `l` log entry, `b`
+/// document, `t` tail, `r` heads), under sled, which takes it as any write: only the value's
+/// own checksum can tell. Returns the records' space, once sled has let go of its files.
+fn damage_relay_records(relay_dir: &Path, damage: &[(&str, &[u8])]) -> String {
+    let dir = relay_sled_dir(relay_dir);
+    let db = sled::open(&dir).expect("open the relay's sled");
     let mut damaged = Vec::new();
     for pair in db.iter() {
         let (key, value) = pair.unwrap();
-        let holds = key.windows(in_key.len()).any(|w| w == in_key.as_bytes())
-            || (key.first() == Some(&b'l')
-                && value.windows(record.len()).any(|w| w == record.as_bytes()));
-        if holds && key.first().is_some_and(|k| kinds.contains(k)) && !value.is_empty() {
-            let mut bad = value.to_vec();
-            bad[0] ^= 0x20;
-            damaged.push((key.to_vec(), bad));
+        for (record, kinds) in damage {
+            let in_key = format!("\0{record}\0");
+            let holds = key.windows(in_key.len()).any(|w| w == in_key.as_bytes())
+                || (key.first() == Some(&b'l')
+                    && value.windows(record.len()).any(|w| w == record.as_bytes()));
+            if holds && key.first().is_some_and(|k| kinds.contains(k)) && !value.is_empty() {
+                let mut bad = value.to_vec();
+                bad[0] ^= 0x20;
+                damaged.push((key.to_vec(), bad));
+            }
         }
     }
     let space = damaged
@@ -320,11 +325,13 @@ fn damage_relay_record(relay_dir: &Path, record: &str, kinds: &[u8]) -> String {
             let rest = &k[1..];
             String::from_utf8(rest[..rest.iter().position(|&c| c == 0).unwrap()].to_vec()).unwrap()
         })
-        .unwrap_or_else(|| panic!("{record}'s document is not stored"));
+        .expect("a damaged document");
     for (key, bad) in damaged {
         db.insert(key, bad).unwrap();
     }
     db.flush().unwrap();
+    drop(db);
+    common::wait_sled_released(&dir);
     space
 }
 
@@ -349,7 +356,7 @@ fn a_damaged_relay_document_or_log_entry_is_reported_and_never_served() {
 
     // Every value stored for record n003 (its document, its log entry) gets a byte flipped
     // under sled, which takes it as any write: only the value's own checksum can tell.
-    let space = damage_relay_record(&relay_dir, "n003", b"lbt");
+    let space = damage_relay_records(&relay_dir, &[("n003", b"lbt")]);
 
     let relay = Relay::start(&relay_dir, Some(port));
     let b = Device::new();
@@ -382,7 +389,8 @@ fn a_damaged_relay_document_or_log_entry_is_reported_and_never_served() {
 
 /// A relay whose document of one record (its base, tail and heads) fails its checksum: the
 /// session refuses it, `ferry relay rebuild-record` on the running relay rebuilds it from the
-/// log, the `store_damaged` alert clears, and a device then downloads the record as written.
+/// log, the `store_damaged` alert clears, and a device then downloads the record as written;
+/// another record's, rebuilt while the relay is stopped (the command opens its store), too.
 #[test]
 fn a_damaged_relay_document_is_rebuilt_from_the_log_and_served_right() {
     let tmp = tempfile::tempdir().expect("temp dir");
@@ -404,9 +412,27 @@ fn a_damaged_relay_document_is_rebuilt_from_the_log_and_served_right() {
     wait_converged(&[&daemon], 11);
     assert!(daemon.terminate().success());
     assert!(relay.terminate().success());
-    let space = damage_relay_record(&relay_dir, "n003", b"btr");
+    let space = damage_relay_records(&relay_dir, &[("n003", b"btr"), ("n007", b"b")]);
 
-    let relay = Relay::start(&relay_dir, Some(port));
+    let rebuild = |record: &str| {
+        let out = Operator(&relay_dir).ferry(&[
+            "--json",
+            "relay",
+            "rebuild-record",
+            "--space",
+            &space,
+            "--collection",
+            "Note",
+            "--record",
+            record,
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap()
+    };
+    // With the relay stopped, the command opens its store: n007's document first.
+    assert_eq!(rebuild("n007")["changes"], json!(1));
+
+    let mut relay = Relay::start(&relay_dir, Some(port));
     let b = Device::new();
     b.join(&relay);
     let other = b.start_daemon();
@@ -435,19 +461,8 @@ fn a_damaged_relay_document_is_rebuilt_from_the_log_and_served_right() {
         }
     });
 
-    let out = relay.operator().ferry(&[
-        "--json",
-        "relay",
-        "rebuild-record",
-        "--space",
-        &space,
-        "--collection",
-        "Note",
-        "--record",
-        "n003",
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let rebuilt: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    // On the running relay, through its socket.
+    let rebuilt = rebuild("n003");
     assert_eq!(rebuilt["changes"], json!(2), "{rebuilt}");
     wait_for_ok("the store_damaged alert to clear", TIMEOUT, || {
         if alert("alert cleared") {
@@ -465,6 +480,9 @@ fn a_damaged_relay_document_is_rebuilt_from_the_log_and_served_right() {
         json!({"n": 3, "edited": true}),
         "{record}"
     );
+    let record = call(&other, "get", json!({"collection": "Note", "id": "n007"}));
+    assert_eq!(record["fields"], json!({"n": 7}), "{record}");
+    assert!(relay.terminate().success());
 }
 
 /// A relay whose log sled's recovery cut short (bytes flipped in its file) refuses to start,
