@@ -840,7 +840,7 @@ impl Kv for Interleaved {
     fn journal_bytes(&self) -> u64 {
         self.kv.journal_bytes()
     }
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+    fn rewrite_journal(&self, keep: ferry::store::kv::JournalKeep<'_>) -> Result<(), KvError> {
         self.kv.rewrite_journal(keep)
     }
 }

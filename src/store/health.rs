@@ -19,7 +19,7 @@
 //!
 //! Must not touch: the network or sessions; the daemon decides when to repair.
 
-use super::kv::{Batch, Kv, KvError, Lost, Pair, printable};
+use super::kv::{Batch, JournalKeep, Kv, KvError, Lost, Pair, printable};
 use super::{Store, StoreError, decode, encode, keys, stage_entry};
 use crate::record::Record;
 use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
@@ -293,7 +293,7 @@ impl Kv for Watched {
     fn journal_bytes(&self) -> u64 {
         self.inner.journal_bytes()
     }
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+    fn rewrite_journal(&self, keep: JournalKeep<'_>) -> Result<(), KvError> {
         self.inner.rewrite_journal(keep)
     }
 }
@@ -891,32 +891,41 @@ impl Store {
     /// Rewrites the journal with the queue entries not completed; the caller holds the queue
     /// lock, so no entry is journaled or moves meanwhile.
     pub(super) fn rewrite_journal_locked(&self) -> Result<(), StoreError> {
-        let mut keep = Vec::new();
         let mut kept_bytes = 0u64;
         let mut failed = None;
-        self.scan_queue(None, |entry| {
-            if entry.status == QueueStatus::Completed {
-                return true;
-            }
-            match self
-                .with_change(entry)
-                .and_then(|e| encode(&e, "journaled change"))
-            {
-                Ok(record) => {
-                    kept_bytes += record.len() as u64;
-                    keep.push(record);
-                    true
+        // Each entry is written to the new journal as the queue is read, a page at a time.
+        let rewritten = self.kv.rewrite_journal(&mut |keep| {
+            let scanned = self.scan_queue(None, |entry| {
+                if entry.status == QueueStatus::Completed {
+                    return true;
                 }
-                Err(e) => {
-                    failed = Some(e);
-                    false
+                match self
+                    .with_change(entry)
+                    .and_then(|e| encode(&e, "journaled change"))
+                {
+                    Ok(record) => {
+                        kept_bytes += record.len() as u64;
+                        keep(&record);
+                        true
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
                 }
+            });
+            if let Err(e) = scanned {
+                failed = Some(e);
             }
-        })?;
+            match &failed {
+                Some(e) => Err(KvError::Io(format!("the queue could not be read: {e}"))),
+                None => Ok(()),
+            }
+        });
         if let Some(e) = failed {
             return Err(e);
         }
-        self.kv.rewrite_journal(keep)?;
+        rewritten?;
         self.journal_limit.store(
             JOURNAL_MIN_LIMIT.max(kept_bytes.saturating_mul(2)),
             Ordering::SeqCst,

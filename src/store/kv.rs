@@ -178,10 +178,15 @@ pub trait Kv: Send + Sync {
     fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError>;
     /// The bytes the journal takes.
     fn journal_bytes(&self) -> u64;
-    /// Makes everything applied durable, then replaces the journal's records with `keep`,
-    /// atomically.
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError>;
+    /// Makes everything applied durable, then replaces the journal's records, atomically, with
+    /// those `keep` hands to the function it is given, in order, each written as it comes
+    /// (never all held at once). The caller keeps records from being journaled meanwhile (the
+    /// store holds its queue lock), as they would not be in the new journal.
+    fn rewrite_journal(&self, keep: JournalKeep<'_>) -> Result<(), KvError>;
 }
+
+/// What `Kv::rewrite_journal` keeps: it calls the function it is given with each record.
+pub type JournalKeep<'a> = &'a mut dyn FnMut(&mut dyn FnMut(&[u8])) -> Result<(), KvError>;
 
 /// sled 0.34, one tree, keys prefixed by kind (see `store::keys`).
 ///
@@ -826,7 +831,7 @@ impl Kv for SledKv {
         self.journal.bytes()
     }
 
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+    fn rewrite_journal(&self, keep: JournalKeep<'_>) -> Result<(), KvError> {
         self.refuse_while_full()?;
         let engine = self.read();
         let db = engine.db()?;
@@ -1124,18 +1129,40 @@ mod unsynced {
     }
 }
 
-/// Writes `bytes` as the file at `path`, atomically: aside, synced, renamed, directory synced.
-fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), KvError> {
+/// Writes the file at `path` again with what `write` writes, atomically: aside, synced,
+/// renamed, directory synced. `finish`, called with the file aside before it is synced, may
+/// append to it. Returns its length.
+fn replace_file<T>(
+    path: &Path,
+    write: impl FnOnce(&mut dyn std::io::Write) -> Result<(), KvError>,
+    finish: impl FnOnce(&mut dyn std::io::Write) -> Result<T, KvError>,
+) -> Result<(T, u64), KvError> {
     let aside = path.with_extension("new");
-    let mut new = std::fs::File::create(&aside).map_err(from_io)?;
-    std::io::Write::write_all(&mut new, bytes)
-        .and_then(|()| new.sync_all())
-        .map_err(from_io)?;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&aside).map_err(from_io)?);
+    let finished = match write(&mut out).and_then(|()| finish(&mut out)) {
+        Ok(finished) => finished,
+        Err(e) => {
+            drop(out);
+            // A half-written copy is of no use: the file in place stays what it was.
+            let _ = std::fs::remove_file(&aside);
+            return Err(e);
+        }
+    };
+    let file = out.into_inner().map_err(|e| from_io(e.into_error()))?;
+    file.sync_all().map_err(from_io)?;
+    let len = file.metadata().map_err(from_io)?.len();
     std::fs::rename(&aside, path).map_err(from_io)?;
     if let Some(dir) = path.parent() {
         sync_dir(dir)?;
     }
-    Ok(())
+    Ok((finished, len))
+}
+
+/// Writes `payload` framed with `tag` to `out`.
+fn write_frame(out: &mut dyn std::io::Write, tag: u8, payload: &[u8]) -> Result<(), KvError> {
+    let mut framed = Vec::with_capacity(FRAME_HEAD + payload.len());
+    frame(&mut framed, tag, payload);
+    out.write_all(&framed).map_err(from_io)
 }
 
 /// Writes a journal of the earlier form (`unsynced`) again in the current one, with the same
@@ -1143,15 +1170,16 @@ fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), KvError> {
 fn upgrade_journal(path: &Path) -> Result<(), KvError> {
     let old = std::fs::read(path).map_err(from_io)?;
     let (records, durable, damaged) = unsynced::parse(&old);
-    let mut bytes = Vec::new();
-    for record in records {
-        frame(&mut bytes, RECORD, record);
-    }
-    if damaged {
-        bytes.push(0);
-    }
-    frame(&mut bytes, MARK, &durable.to_be_bytes());
-    replace_file(path, &bytes)
+    let write = |out: &mut dyn std::io::Write| {
+        for record in records {
+            write_frame(out, RECORD, record)?;
+        }
+        if damaged {
+            out.write_all(&[0]).map_err(from_io)?;
+        }
+        write_frame(out, MARK, &durable.to_be_bytes())
+    };
+    replace_file(path, write, |_| Ok(())).map(|_| ())
 }
 
 impl Journal {
@@ -1300,26 +1328,38 @@ impl Journal {
         self.lock_file().len
     }
 
-    /// Flushes as `flush` does, then replaces the file with `keep` and the last number marked
-    /// (written aside, synced, renamed). Records staged meanwhile stay staged.
+    /// Flushes as `flush` does, then replaces the file with the records `keep` gives, each
+    /// written aside as it comes, and the last number marked, taken once they are (synced,
+    /// renamed). Flushes go on while the records are written: the marks they append are
+    /// covered by the one the new file ends with. Records staged meanwhile stay staged.
     fn rewrite(
         &self,
-        keep: Vec<Vec<u8>>,
+        keep: JournalKeep<'_>,
         flush_data: impl FnOnce() -> Result<(), KvError>,
     ) -> Result<(), KvError> {
         self.flush(flush_data)?;
-        let mut file = self.lock_file();
-        let mut bytes = Vec::new();
-        for record in &keep {
-            frame(&mut bytes, RECORD, record);
-        }
-        frame(&mut bytes, MARK, &file.marked.to_be_bytes());
-        replace_file(&self.path, &bytes)?;
+        let write = |out: &mut dyn std::io::Write| {
+            let mut failed = None;
+            keep(&mut |record| {
+                if failed.is_none()
+                    && let Err(e) = write_frame(out, RECORD, record)
+                {
+                    failed = Some(e);
+                }
+            })?;
+            failed.map_or(Ok(()), Err)
+        };
+        let finish = |out: &mut dyn std::io::Write| {
+            let file = self.lock_file();
+            write_frame(out, MARK, &file.marked.to_be_bytes())?;
+            Ok(file)
+        };
+        let (mut file, len) = replace_file(&self.path, write, finish)?;
         file.file = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
             .map_err(from_io)?;
-        file.len = bytes.len() as u64;
+        file.len = len;
         Ok(())
     }
 }
@@ -1601,12 +1641,14 @@ impl Kv for MemoryKv {
         self.lock().journal.iter().map(|r| r.len() as u64).sum()
     }
 
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+    fn rewrite_journal(&self, keep: JournalKeep<'_>) -> Result<(), KvError> {
         if std::mem::take(&mut self.lock().refuse_rewrite) {
             return Err(KvError::Io("the journal rewrite was refused".into()));
         }
         self.flush()?;
-        self.lock().journal = keep;
+        let mut records = Vec::new();
+        keep(&mut |record| records.push(record.to_vec()))?;
+        self.lock().journal = records;
         Ok(())
     }
 
@@ -2004,6 +2046,46 @@ mod tests {
         let torn = bytes.get(..whole + 3).unwrap();
         let scanned = scan_journal(torn, torn.len() as u64, &mut |_| {}).unwrap();
         assert_eq!((scanned.valid_len, scanned.damaged), (whole as u64, false));
+    }
+
+    /// A rewrite keeps the records it is handed, written as they come, and the last mark;
+    /// appends go on after it, and the length kept in memory is the file's.
+    #[test]
+    fn a_rewritten_journal_keeps_what_it_is_handed_and_appends_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        for n in 0..3u8 {
+            let mut batch = Batch::default();
+            batch.journal(vec![b'j', n]);
+            kv.apply(batch).unwrap();
+        }
+        kv.flush().unwrap();
+        kv.rewrite_journal(&mut |keep| {
+            keep(b"j\x01");
+            keep(b"j\x02");
+            Ok(())
+        })
+        .unwrap();
+        let mut batch = Batch::default();
+        batch.journal(b"j\x03".to_vec());
+        kv.apply(batch).unwrap();
+        kv.flush().unwrap();
+        let path = dir.path().join("journal");
+        assert_eq!(kv.journal_bytes(), std::fs::metadata(&path).unwrap().len());
+        let kept = vec![b"j\x01".to_vec(), b"j\x02".to_vec(), b"j\x03".to_vec()];
+        assert_eq!(journal_of(&kv), (kept.clone(), false));
+        // A rewrite whose records cannot all be had leaves the journal as it was.
+        let refused = kv.rewrite_journal(&mut |keep| {
+            keep(b"only this");
+            Err(KvError::Io("the queue could not be read".into()))
+        });
+        assert!(refused.is_err());
+        assert!(!path.with_extension("new").exists());
+        drop(kv);
+        wait_released(dir.path());
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(journal_of(&kv), (kept, false));
+        assert_eq!(kv.lost(), None);
     }
 
     /// A journal written before frames started with sync bytes is written again in the

@@ -960,7 +960,7 @@ impl Kv for FaultyKv {
     fn journal_bytes(&self) -> u64 {
         self.inner.journal_bytes()
     }
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+    fn rewrite_journal(&self, keep: ferry::store::kv::JournalKeep<'_>) -> Result<(), KvError> {
         self.inner.rewrite_journal(keep)
     }
 }
