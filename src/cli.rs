@@ -202,6 +202,8 @@ enum Command {
     },
     /// Sync with the relay now and wait until done, showing progress (needs the daemon)
     Sync {
+        #[command(subcommand)]
+        action: Option<SyncAction>,
         /// First put failed queue entries back to pending, so they are uploaded again
         #[arg(long)]
         retry_failed: bool,
@@ -261,6 +263,19 @@ enum Command {
     },
     /// Print ferry's manual page (roff): `ferry man > ferry.1 && man ./ferry.1`
     Man,
+}
+
+#[derive(Subcommand, Debug)]
+enum SyncAction {
+    /// Stop syncing until `ferry sync resume`: the daemon ends its session and makes no
+    /// connection; local writes go on and wait in the queue
+    Pause {
+        /// Stay paused after the daemon restarts too (works with no daemon running)
+        #[arg(long)]
+        remember: bool,
+    },
+    /// Sync again after `ferry sync pause` (and forget a remembered pause)
+    Resume,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -406,7 +421,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 atomic,
             },
         ),
-        Command::Sync { retry_failed } => sync(&ctx, retry_failed),
+        Command::Sync {
+            action: None,
+            retry_failed,
+        } => sync(&ctx, retry_failed),
+        Command::Sync {
+            action: Some(action),
+            ..
+        } => pause_or_resume(&ctx, action),
         Command::Conflicts {
             action,
             status,
@@ -646,6 +668,31 @@ impl Drop for RelayWait {
 fn sync_relay(ctx: &Context) -> String {
     crate::auth::credentials::Registration::sync_config(ctx.dir.path(), &ctx.config.sync)
         .map_or_else(|_| ctx.config.sync.relay.clone(), |sync| sync.relay)
+}
+
+/// `ferry sync pause|resume`: through the daemon, or on the store when none runs (a
+/// remembered pause, which the daemon reads when it starts).
+fn pause_or_resume(ctx: &Context, action: SyncAction) -> Result<(), Failure> {
+    let mut backend = Backend::connect(ctx)?;
+    let now = match action {
+        SyncAction::Pause { remember } => backend.call(api::SyncPauseParams { remember })?,
+        SyncAction::Resume => backend.call(api::SyncResumeParams {})?,
+    };
+    if ctx.json {
+        print_json(&now);
+    } else if now.paused {
+        println!(
+            "sync paused{}: `ferry sync resume` resumes it",
+            if now.remembered {
+                ", also after a restart"
+            } else {
+                " until the daemon restarts"
+            }
+        );
+    } else {
+        println!("sync resumed");
+    }
+    Ok(())
 }
 
 fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {
@@ -1004,8 +1051,13 @@ fn run_data_command(ctx: &Context, mut backend: Backend, command: Command) -> Re
                         .as_deref()
                         .map(|c| format!("conflict={c}\t"))
                         .unwrap_or_default();
+                    // Uploads go by priority first: shown when the collection has one.
+                    let priority = match e.priority {
+                        0 => String::new(),
+                        p => format!("priority={p}\t"),
+                    };
                     println!(
-                        "{}\t{}\t{}\t{}/{}\tretries={}\t{conflict}{}",
+                        "{}\t{}\t{}\t{}/{}\tretries={}\t{priority}{conflict}{}",
                         e.id,
                         e.status.as_str(),
                         e.operation.as_str(),

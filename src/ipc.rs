@@ -444,6 +444,26 @@ impl Connection {
                     alerts: self.options.alerts.as_ref().map(|a| a.active("")),
                 }))
             }
+            api::Request::SyncPause(p) => match self.options.sync.clone() {
+                Some(sync) => encode(sync_moved(
+                    sync.pause(p.remember).await,
+                    api::SyncPaused {
+                        paused: true,
+                        remembered: p.remember,
+                    },
+                )),
+                None => encode(self.run_blocking(p).await),
+            },
+            api::Request::SyncResume(p) => match self.options.sync.clone() {
+                Some(sync) => encode(sync_moved(
+                    sync.resume().await,
+                    api::SyncPaused {
+                        paused: false,
+                        remembered: false,
+                    },
+                )),
+                None => encode(self.run_blocking(p).await),
+            },
             api::Request::Retry(p) => {
                 let retried = self.run_blocking(p).await;
                 if let (Ok(_), Some(sync)) = (&retried, &self.options.sync) {
@@ -585,6 +605,16 @@ impl Connection {
             )),
         }
     }
+}
+
+/// `now` once the sync loop took a pause or resume, or the failure it met.
+fn sync_moved(
+    taken: Result<(), crate::engine::SyncFailure>,
+    now: api::SyncPaused,
+) -> Result<api::SyncPaused, ApiError> {
+    taken
+        .map(|()| now)
+        .map_err(|failure| ApiError::new(code::UNAVAILABLE, failure.message))
 }
 
 /// A request's id and call, or the reply refusing it (none for a notification).

@@ -40,7 +40,7 @@ use api::{
     KeyReloaded, ListParams, LogPage, LogParams, Method, Named as _, PatchParams, PutParams,
     QuarantinedEntry, QuarantinedSummary, QueuePage, QueueParams, RecordHistory, RecordPage,
     ResolveRequest, Retried, RetryParams, StatusAnswer, StatusParams, Storage, SubscribeParams,
-    Subscribed, UnsubscribeParams, Unsubscribed,
+    Subscribed, SyncPauseParams, SyncPaused, SyncResumeParams, UnsubscribeParams, Unsubscribed,
 };
 
 /// Stable JSON-RPC error codes. The standard ones are JSON-RPC 2.0's own.
@@ -852,6 +852,37 @@ impl Method for RetryParams {
         service.store.queue_transition(&ids, &QueueAction::Retry)?;
         service.store.flush()?;
         Ok(Retried { retried: ids })
+    }
+}
+
+/// Without the daemon's sync loop only a remembered pause means anything: the daemon reads it
+/// when it starts.
+impl Method for SyncPauseParams {
+    type Answer = SyncPaused;
+    fn run(self, service: &Service) -> Result<SyncPaused, ApiError> {
+        if !self.remember {
+            return Err(ApiError::new(
+                code::UNAVAILABLE,
+                "no daemon runs, so nothing syncs now: pause with `remember` (`ferry sync pause \
+                 --remember`) to keep the daemon from syncing when it starts",
+            ));
+        }
+        service.store.remember_sync_paused(true)?;
+        Ok(SyncPaused {
+            paused: true,
+            remembered: true,
+        })
+    }
+}
+
+impl Method for SyncResumeParams {
+    type Answer = SyncPaused;
+    fn run(self, service: &Service) -> Result<SyncPaused, ApiError> {
+        service.store.remember_sync_paused(false)?;
+        Ok(SyncPaused {
+            paused: false,
+            remembered: false,
+        })
     }
 }
 

@@ -297,6 +297,49 @@ fn python_client_writes_reads_and_receives_its_changes() {
     assert!(status.success(), "daemon exit: {status}");
 }
 
+/// The Python client library (`clients/python`) passes its own tests against this build's
+/// daemon.
+#[test]
+fn the_python_client_library_passes_its_tests() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "unittest",
+        "discover",
+        "-s",
+        "clients/python/tests",
+        "-t",
+        "clients/python",
+    ])
+    .current_dir(root)
+    .env("FERRY_BIN", ferry_bin());
+    let out = run_bounded(cmd);
+    assert!(
+        out.status.success(),
+        "the Python client's tests failed:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+/// The Node.js client library (`clients/node`, TypeScript) compiles and passes its own tests
+/// against this build's daemon (`scripts/test` installs its compiler with `npm ci`).
+#[test]
+fn the_node_client_library_passes_its_tests() {
+    let mut cmd = Command::new("npm");
+    cmd.args(["--prefix", "clients/node", "test"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("FERRY_BIN", ferry_bin());
+    let out = run_bounded(cmd);
+    assert!(
+        out.status.success(),
+        "the Node.js client's tests failed:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
 /// `ferry watch --count N --json` as a real subscriber process prints exactly the N changes to
 /// its collection, in order, and exits 0.
 #[test]

@@ -94,8 +94,9 @@ macro_rules! methods {
                         format!(
                             "unknown method {other:?}: the methods are put, patch, delete, get, \
                              list, collections, history, import, export, subscribe, \
-                             unsubscribe, queue, retry, log, status, sync, conflicts.list, \
-                             conflicts.get, conflicts.resolve, key.reload, doctor"
+                              unsubscribe, queue, retry, log, status, sync, sync.pause, \
+                             sync.resume, conflicts.list, conflicts.get, conflicts.resolve, \
+                             key.reload, doctor"
                         ),
                     )),
                 }
@@ -135,6 +136,8 @@ methods! {
     "conflicts.resolve" => ConflictsResolve(ResolveRequest) -> ResolveOutcome, decoded by super::parse;
     "key.reload" => KeyReload(KeyReloadParams) -> KeyReloaded, decoded by super::parse;
     "doctor" => Doctor(DoctorParams) -> DoctorAnswer, decoded by super::parse;
+    "sync.pause" => SyncPause(SyncPauseParams) -> SyncPaused, decoded by super::parse;
+    "sync.resume" => SyncResume(SyncResumeParams) -> SyncPaused, decoded by super::parse;
     daemon only:
     "sync" => Sync(SyncParams), decoded by SyncParams::decode;
 }
@@ -286,6 +289,26 @@ pub struct RetryParams {
 pub struct LogParams {
     pub before: Option<u64>,
     pub limit: Option<usize>,
+}
+
+/// Pauses sync: the daemon ends its session and makes no connection until `sync.resume`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncPauseParams {
+    /// Stay paused after a restart too (until `sync.resume`).
+    pub remember: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncResumeParams {}
+
+/// Where sync stands after `sync.pause` or `sync.resume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncPaused {
+    pub paused: bool,
+    /// The pause holds across restarts.
+    pub remembered: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -39,6 +39,8 @@ pub const QUEUE_CHANGE: &[u8] = b"b";
 pub const META_DAMAGE: &[u8] = b"mdamage";
 /// What the daemon last knew of its sync (JSON), for `ferry status` while no daemon runs.
 pub const META_SYNC_STATE: &[u8] = b"msync_state";
+/// Present while sync is paused across restarts (`ferry sync pause --remember`).
+pub const META_SYNC_PAUSED: &[u8] = b"msync_paused";
 pub const PENDING: &[u8] = b"p";
 pub const CURSOR: &[u8] = b"c";
 pub const CONFLICT: &[u8] = b"xe";

@@ -545,6 +545,24 @@ impl Store {
         Ok(self.kv.apply(batch)?)
     }
 
+    /// Keeps sync paused across restarts (`true`), or lets the next start sync again; durable
+    /// when it returns.
+    pub fn remember_sync_paused(&self, paused: bool) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        if paused {
+            batch.put(keys::META_SYNC_PAUSED.to_vec(), vec![1]);
+        } else {
+            batch.remove(keys::META_SYNC_PAUSED.to_vec());
+        }
+        self.kv.apply(batch)?;
+        self.flush()
+    }
+
+    /// Whether sync was paused to stay paused across restarts.
+    pub fn sync_paused(&self) -> Result<bool, StoreError> {
+        Ok(self.kv.get(keys::META_SYNC_PAUSED)?.is_some())
+    }
+
     /// What the daemon last knew of its sync; `None` before its first connection.
     pub fn last_known_sync(&self) -> Result<Option<LastKnownSync>, StoreError> {
         match self.kv.get(keys::META_SYNC_STATE)? {
