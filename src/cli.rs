@@ -214,7 +214,8 @@ enum Command {
         /// UDP address to listen on [default: relay.listen from the config]
         #[arg(long)]
         listen: Option<String>,
-        /// Manage the relay's accounts and devices instead (works while the relay runs)
+        /// Manage the relay's accounts and devices, or rebuild a damaged record, instead (works
+        /// while the relay runs)
         #[command(subcommand)]
         action: Option<accounts::RelayAction>,
     },
@@ -493,16 +494,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => export(&ctx, target.as_deref(), format, out.as_deref()),
         Command::Doctor { repair: true } => {
             let socket = daemon::socket_path(&ctx.dir, &ctx.config);
-            if Client::connect(&socket).is_err()
-                && let Some(aside) = daemon::set_aside_unreadable_store(&ctx.dir, &ctx.config)?
-            {
-                eprintln!(
-                    "the store cannot be opened at all: it is kept at {}, and a new one is made \
-                     from its journal of unsynced changes and, at the next sync, the relay",
-                    aside.display()
-                );
-            }
-            data_command(&ctx, Command::Doctor { repair: true })
+            let backend = match Client::connect(&socket) {
+                Ok(client) => Backend::Daemon(client),
+                Err(_) => match daemon::open_or_set_aside(&ctx.dir, &ctx.config)? {
+                    daemon::OpenedOrSetAside::Opened(open) => Backend::local(&ctx, open),
+                    daemon::OpenedOrSetAside::SetAside(aside) => {
+                        eprintln!(
+                            "the store cannot be opened at all: it is kept at {}, and a new one \
+                             is made from its journal of unsynced changes and, at the next sync, \
+                             the relay",
+                            aside.display()
+                        );
+                        Backend::connect(&ctx)?
+                    }
+                },
+            };
+            run_data_command(&ctx, backend, Command::Doctor { repair: true })
         }
         other => data_command(&ctx, other),
     }
@@ -815,14 +822,19 @@ impl Backend {
             return Ok(Backend::Daemon(client));
         }
         let open = daemon::open_locked_store(lock?, &ctx.dir, &ctx.config)?;
+        Ok(Backend::local(ctx, open))
+    }
+
+    /// Works on a store this command opened.
+    fn local(ctx: &Context, open: daemon::OpenStore) -> Backend {
         let service = Service::new(
             open.store,
             daemon::service_options(&ctx.dir, &ctx.config, false),
         );
-        Ok(Backend::Local {
+        Backend::Local {
             service,
             _lock: open.lock,
-        })
+        }
     }
 
     fn call<M: Method>(&mut self, params: M) -> Result<M::Answer, Failure> {
@@ -920,7 +932,10 @@ fn read_line_bounded(
 }
 
 fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
-    let mut backend = Backend::connect(ctx)?;
+    run_data_command(ctx, Backend::connect(ctx)?, command)
+}
+
+fn run_data_command(ctx: &Context, mut backend: Backend, command: Command) -> Result<(), Failure> {
     match command {
         Command::Put { address, data } => {
             let (collection, id) = split_address(&address);

@@ -138,18 +138,23 @@ pub fn open_locked_store(
     })
 }
 
-/// When the data directory's store cannot be opened at all (sled refuses its files, or finds
-/// nothing in files that hold data), moves it aside and starts a new one holding its journal,
-/// whose unsynced changes a repair then puts back (the rest comes from the relay). Returns where
-/// the old store went; `None` when the store opens. For `ferry doctor --repair`, with no daemon.
-pub fn set_aside_unreadable_store(
-    dir: &DataDir,
-    config: &Config,
-) -> Result<Option<PathBuf>, DaemonError> {
+/// What `open_or_set_aside` did.
+pub enum OpenedOrSetAside {
+    /// The store opened (its lock held): the caller works on it as it is.
+    Opened(OpenStore),
+    /// The store could not be opened and went to this path; a new one holds its journal.
+    SetAside(PathBuf),
+}
+
+/// Opens the data directory's store, or, when it cannot be opened at all (sled refuses its
+/// files, or finds nothing in files that hold data), moves it aside and starts a new one
+/// holding its journal, whose unsynced changes a repair then puts back (the rest comes from the
+/// relay). For `ferry doctor --repair`, with no daemon: a store that opens is opened once.
+pub fn open_or_set_aside(dir: &DataDir, config: &Config) -> Result<OpenedOrSetAside, DaemonError> {
     match open_store(dir, config) {
         Err(DaemonError::Store(StoreError::Storage(KvError::Corrupt(_) | KvError::Damaged(_)))) => {
         }
-        other => return other.map(|_| None),
+        other => return other.map(OpenedOrSetAside::Opened),
     }
     let _lock = dir.lock()?;
     let store = dir.store_path();
@@ -163,7 +168,7 @@ pub fn set_aside_unreadable_store(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
-    Ok(Some(aside))
+    Ok(OpenedOrSetAside::SetAside(aside))
 }
 
 pub fn service_options(dir: &DataDir, config: &Config, daemon: bool) -> ServiceOptions {

@@ -940,13 +940,17 @@ impl Method for DoctorParams {
                  --repair`, then start the daemon again",
             ));
         }
-        let checkup = service.store.examine()?;
-        let repaired = if self.repair {
-            Some(service.store.repair()?)
-        } else {
-            None
-        };
-        Ok(DoctorAnswer { checkup, repaired })
+        if self.repair {
+            let (checkup, repaired) = service.store.repair()?;
+            return Ok(DoctorAnswer {
+                checkup,
+                repaired: Some(repaired),
+            });
+        }
+        Ok(DoctorAnswer {
+            checkup: service.store.examine()?,
+            repaired: None,
+        })
     }
 }
 

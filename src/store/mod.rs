@@ -1155,6 +1155,13 @@ impl Store {
                 }
             }
         }
+        if pruned > 0 {
+            // The journal goes first: once the entries leave the queue, a journal still holding
+            // them would have the next open take them for unsynced changes the queue lost. The
+            // rewrite makes what was applied before it durable; the removal is durable after
+            // the next flush, and until then the queue still holds what the journal left out.
+            self.rewrite_journal_locked()?;
+        }
         self.apply_queue_batch(&mut queue, batch, delta)?;
         drop(queue);
         let mut batch = Batch::default();
@@ -1172,10 +1179,6 @@ impl Store {
         }
         if !batch.is_empty() {
             self.kv.apply(batch)?;
-        }
-        if pruned > 0 {
-            // The journal may hold entries pruned now: it must not take them for lost ones.
-            self.rotate_journal(true)?;
         }
         if pruned + logs_pruned > 0 {
             // The live data shrank (the one way it does): the next `bound_space` measures it
