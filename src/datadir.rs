@@ -107,14 +107,18 @@ impl DataDir {
             .mode(0o700)
             .create(&self.path)
             .map_err(|e| self.io(e))?;
-        if let Err(DataDirError::Exposed { .. }) = self.check()
-            && std::fs::read_dir(&self.path)
-                .map_err(|e| self.io(e))?
-                .next()
-                .is_none()
-        {
+        if let Err(exposed @ DataDirError::Exposed { .. }) = self.check() {
+            // Closed first, then found empty: checked the other way round, someone else could
+            // put a key or config in between.
             std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| self.io(e))?;
+            let empty = std::fs::read_dir(&self.path)
+                .map_err(|e| self.io(e))?
+                .next()
+                .is_none();
+            if !empty {
+                return Err(exposed);
+            }
         }
         self.check()?;
         if self.identity_path().exists() {

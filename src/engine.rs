@@ -537,23 +537,28 @@ impl Engine {
         self.stopped();
     }
 
-    /// Takes a pause or a resume; the answer goes once a remembered pause is durable.
-    fn set_paused(
+    /// Takes a pause or a resume once what is remembered of it is durable (a pause or resume
+    /// that cannot be kept changes nothing). The caller answers.
+    fn set_paused(&mut self, paused: bool, remember: bool) -> Result<(), StoreError> {
+        if remember || !paused {
+            let store = self.service.store();
+            tokio::task::block_in_place(|| store.remember_sync_paused(paused))?;
+        }
+        self.paused = paused;
+        if paused {
+            self.fail_waiters(&SyncFailure::paused());
+        }
+        Ok(())
+    }
+
+    /// Takes a pause or a resume and answers it.
+    fn pause_or_resume(
         &mut self,
         paused: bool,
         remember: bool,
         reply: oneshot::Sender<Result<(), StoreError>>,
     ) {
-        self.paused = paused;
-        let kept = if paused && !remember {
-            Ok(())
-        } else {
-            self.service.store().remember_sync_paused(paused)
-        };
-        if paused {
-            self.fail_waiters(&SyncFailure::paused());
-        }
-        let _ = reply.send(kept);
+        let _ = reply.send(self.set_paused(paused, remember));
     }
 
     /// While paused: answers commands until a resume (true) or the daemon shuts down (false).
@@ -571,8 +576,8 @@ impl Engine {
                         let _ = reply.send(Err(SyncFailure::paused()));
                     }
                     Some(Command::Upload) => {}
-                    Some(Command::Pause { remember, reply }) => self.set_paused(true, remember, reply),
-                    Some(Command::Resume { reply }) => self.set_paused(false, false, reply),
+                    Some(Command::Pause { remember, reply }) => self.pause_or_resume(true, remember, reply),
+                    Some(Command::Resume { reply }) => self.pause_or_resume(false, false, reply),
                     None => return false,
                 },
                 _ = self.shutdown.changed() => return false,
@@ -626,11 +631,11 @@ impl Engine {
                 }
                 Some(Command::Upload) => true,
                 Some(Command::Pause { remember, reply }) => {
-                    self.set_paused(true, remember, reply);
+                    self.pause_or_resume(true, remember, reply);
                     true
                 }
                 Some(Command::Resume { reply }) => {
-                    self.set_paused(false, false, reply);
+                    self.pause_or_resume(false, false, reply);
                     true
                 }
                 None => false,
@@ -655,10 +660,12 @@ impl Engine {
                     // The session about to open uploads whatever is pending.
                     Some(Command::Upload) => {}
                     Some(Command::Pause { remember, reply }) => {
-                        self.set_paused(true, remember, reply);
-                        return Attempt::Paused;
+                        self.pause_or_resume(true, remember, reply);
+                        if self.paused {
+                            return Attempt::Paused;
+                        }
                     }
-                    Some(Command::Resume { reply }) => self.set_paused(false, false, reply),
+                    Some(Command::Resume { reply }) => self.pause_or_resume(false, false, reply),
                     None => return Attempt::ShuttingDown,
                 },
                 _ = self.shutdown.changed() => return Attempt::ShuttingDown,
@@ -703,6 +710,7 @@ impl Engine {
             Err(e) => return self.failed(&e.into(), Direction::Initialization),
         }
         let mut local = self.service.subscribe_events();
+        let mut pause_taken = None;
         let mut debounce: Option<tokio::time::Instant> = None;
         let mut interval = tokio::time::interval(self.settings.interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -751,11 +759,17 @@ impl Engine {
                         session.sync_now(now_ms());
                     }
                     Some(Command::Upload) => session.local_changes(),
-                    Some(Command::Pause { remember, reply }) => {
-                        self.set_paused(true, remember, reply);
-                        session.shut_down();
-                    }
-                    Some(Command::Resume { reply }) => self.set_paused(false, false, reply),
+                    Some(Command::Pause { remember, reply }) => match self.set_paused(true, remember) {
+                        // Answered once the session is over, as the pause promises.
+                        Ok(()) => {
+                            pause_taken = Some(reply);
+                            session.shut_down();
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    },
+                    Some(Command::Resume { reply }) => self.pause_or_resume(false, false, reply),
                     None => session.shut_down(),
                 },
                 _ = self.shutdown.changed() => session.shut_down(),
@@ -764,6 +778,9 @@ impl Engine {
         // Hand back whatever the closed session still holds (a batch it was uploading).
         self.pump(&mut session, &mut sender, connection).await;
         let _ = sender.finish();
+        if let Some(reply) = pause_taken {
+            let _ = reply.send(Ok(()));
+        }
     }
 
     /// Carries out everything the session has to do, sends what it has to send and reports its

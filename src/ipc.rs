@@ -178,9 +178,9 @@ const MAX_WRITES_IN_FLIGHT: usize = 1024;
 type Waiting = (Option<Value>, Submitted);
 
 /// A connection's writes handed to the committer and not yet answered (JSON-RPC lets an app
-/// send requests without waiting for the answers): a blocking thread waits for each one in
-/// the order they were handed over (the committer answers a whole group at once, so the
-/// order costs nothing) and sends its reply.
+/// send requests without waiting for the answers): a task awaits each one in the order they
+/// were handed over (the committer answers a whole group at once, so the order costs nothing)
+/// and sends its reply.
 struct Pipeline {
     out: mpsc::Sender<String>,
     /// Writes handed over and not yet answered.
@@ -205,22 +205,23 @@ impl Pipeline {
         let (waiting, _) = self.answerer.get_or_insert_with(|| {
             let (waiting, mut waiters) = mpsc::channel::<Waiting>(MAX_WRITES_IN_FLIGHT);
             let (out, answered) = (out.clone(), in_flight.clone());
-            let thread = tokio::task::spawn_blocking(move || {
-                while let Some((id, submitted)) = waiters.blocking_recv() {
-                    let result = encode(submitted());
+            let task = tokio::spawn(async move {
+                // Once the app is gone its answers go nowhere, but every write is still
+                // awaited: its change is announced to the other subscribers as it lands.
+                let mut gone = false;
+                while let Some((id, submitted)) = waiters.recv().await {
+                    let result = encode(submitted.await);
                     answered.send_modify(|n| *n = n.saturating_sub(1));
-                    if let Some(reply) = reply(id, result)
-                        && out.blocking_send(reply.to_string()).is_err()
-                    {
-                        break;
+                    if let Some(reply) = reply(id, result).filter(|_| !gone) {
+                        gone = out.send(reply.to_string()).await.is_err();
                     }
                 }
             });
-            (waiting, thread)
+            (waiting, task)
         });
         in_flight.send_modify(|n| *n += 1);
         if waiting.send((id, submitted)).await.is_err() {
-            // The answerer stopped: the connection's writer is gone, nobody reads a reply.
+            // The answerer stopped, which it does only once the connection is over.
             in_flight.send_modify(|n| *n = n.saturating_sub(1));
         }
     }
@@ -426,18 +427,13 @@ impl Connection {
             .into_iter()
             .map(|(place, id, call)| ((place, id), call))
             .unzip();
-        let begun = self.service.begin_writes(calls);
-        let results = tokio::task::spawn_blocking(move || {
-            begun
-                .into_iter()
-                .map(|begun| encode(begun.and_then(|submitted| submitted())))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_else(|e| {
-            tracing::error!(error = %e, "waiting for a batch's writes panicked");
-            places.iter().map(|_| Err(internal())).collect()
-        });
+        let mut results = Vec::with_capacity(places.len());
+        for begun in self.service.begin_writes(calls) {
+            results.push(encode(match begun {
+                Ok(submitted) => submitted.await,
+                Err(e) => Err(e),
+            }));
+        }
         for ((place, id), result) in places.into_iter().zip(results) {
             if let Some(slot) = replies.get_mut(place) {
                 *slot = reply(id, result);
@@ -470,6 +466,11 @@ impl Connection {
                         paused: true,
                         remembered: p.remember,
                     },
+                )),
+                // A daemon that does not sync: only a pause for when it does means anything.
+                None if !p.remember => Err(ApiError::new(
+                    code::UNAVAILABLE,
+                    crate::engine::EngineError::NotConfigured.to_string(),
                 )),
                 None => encode(self.run_blocking(p).await),
             },
@@ -579,6 +580,19 @@ impl Connection {
         let conflicts = self.service.subscribe_conflicts();
         let bounds = tokio::task::block_in_place(|| self.service.store().feed_bounds())?;
         if let Some(since) = filter.since
+            && since > bounds.last
+        {
+            return Err(ApiError::new(
+                code::INVALID_STATE,
+                format!(
+                    "there is no change {since} in this device's feed (its last is {}): `since` \
+                     must be a `seq` this device gave; re-read what you watch, then subscribe \
+                     with `since` set to this answer's `seq`",
+                    bounds.last
+                ),
+            ));
+        }
+        if let Some(since) = filter.since
             && since.saturating_add(1) < bounds.first
         {
             return Err(ApiError::new(
@@ -676,10 +690,7 @@ impl Feed {
             let sent = tokio::select! {
                 event = events.recv() => match event {
                     Ok(change) if change.seq <= self.sent => Ok(()),
-                    Ok(change) => {
-                        self.sent = change.seq;
-                        self.send_change(change).await
-                    }
+                    Ok(change) => self.live(change).await,
                     // The live events ran ahead: the feed still has what was dropped.
                     Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await,
                     Err(broadcast::error::RecvError::Closed) => return,
@@ -704,6 +715,19 @@ impl Feed {
                 return;
             }
         }
+    }
+
+    /// A live change. Changes are announced by whichever task waited for them, so they may come
+    /// out of order: one past a gap is sent after what the feed holds in the gap, in order.
+    async fn live(&mut self, change: ChangeEvent) -> Result<(), ()> {
+        if change.seq > self.sent.saturating_add(1) {
+            self.catch_up().await?;
+        }
+        if change.seq <= self.sent {
+            return Ok(());
+        }
+        self.sent = change.seq;
+        self.send_change(change).await
     }
 
     /// Sends what the feed holds after `sent`; `Err` once the subscriber is gone.

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
 pub mod api;
 
@@ -162,7 +162,7 @@ enum Committer {
 enum Job {
     Writes {
         writes: Vec<Write>,
-        reply: mpsc::Sender<Result<Vec<Applied>, StoreError>>,
+        reply: WritesReply,
     },
     Remote {
         entries: Vec<LogEntry>,
@@ -179,6 +179,27 @@ enum Job {
     },
     /// Jobs handed over together, run in order in one group: one flush covers them all.
     Group(Vec<Job>),
+}
+
+/// Where a write job's result goes: to a caller blocked on it, or to a task awaiting it (a
+/// pipelined write holds no thread while it waits).
+enum WritesReply {
+    Blocking(mpsc::Sender<Result<Vec<Applied>, StoreError>>),
+    Awaited(oneshot::Sender<Result<Vec<Applied>, StoreError>>),
+}
+
+impl WritesReply {
+    fn send(self, result: Result<Vec<Applied>, StoreError>) {
+        // The caller may have gone away; its work stands either way.
+        match self {
+            WritesReply::Blocking(reply) => {
+                let _ = reply.send(result);
+            }
+            WritesReply::Awaited(reply) => {
+                let _ = reply.send(result);
+            }
+        }
+    }
 }
 
 /// What is left of a job once it has run: answering its caller, once the group's flush says
@@ -203,9 +224,7 @@ impl Job {
             }
             Job::Writes { writes, reply } => {
                 let result = supervised("a write", || store.write_all(writes));
-                Box::new(move |flushed| {
-                    let _ = reply.send(after_flush(flushed, result));
-                })
+                Box::new(move |flushed| reply.send(after_flush(flushed, result)))
             }
             Job::Remote {
                 entries,
@@ -291,9 +310,9 @@ fn run_committer(store: Arc<Store>, jobs: mpsc::Receiver<Job>, group_max: usize)
 /// How a begun write's durable results become its method's answer.
 type AnswerOf = fn(Vec<Applied>) -> Result<Answer, ApiError>;
 
-/// A write handed to the committer by [`Service::begin_writes`]: blocks until it is durable
-/// and gives its answer.
-pub type Submitted = Box<dyn FnOnce() -> Result<Answer, ApiError> + Send>;
+/// A write handed to the committer by [`Service::begin_writes`]: done once it is durable, with
+/// its answer.
+pub type Submitted = futures_util::future::BoxFuture<'static, Result<Answer, ApiError>>;
 
 fn shutting_down() -> ApiError {
     ApiError::new(code::UNAVAILABLE, "the daemon is shutting down: try again")
@@ -407,7 +426,10 @@ impl Service {
         let applied = self.durably(
             writes,
             |store, writes| store.write_all(writes),
-            |writes, reply| Job::Writes { writes, reply },
+            |writes, reply| Job::Writes {
+                writes,
+                reply: WritesReply::Blocking(reply),
+            },
         )?;
         self.announce_local(&applied);
         Ok(applied)
@@ -462,11 +484,14 @@ impl Service {
                         ));
                     }
                 };
-                let (reply, answer) = mpsc::channel();
-                jobs.push(Job::Writes { writes, reply });
+                let (reply, answer) = oneshot::channel();
+                jobs.push(Job::Writes {
+                    writes,
+                    reply: WritesReply::Awaited(reply),
+                });
                 let service = self.clone();
-                let submitted: Submitted = Box::new(move || {
-                    let applied = answer.recv().map_err(|_| shutting_down())??;
+                let submitted: Submitted = Box::pin(async move {
+                    let applied = answer.await.map_err(|_| shutting_down())??;
                     service.announce_local(&applied);
                     shape(applied)
                 });

@@ -1044,6 +1044,32 @@ fn pipelined_requests_are_applied_in_order_and_each_answered_once() {
     assert_eq!(ids, [1001, 1002, 1003, 1004].map(|n| json!(n)).to_vec());
     assert_eq!(replies[2]["result"]["fields"], json!({"v": 1, "w": 2}));
 
+    // Many connections that each wrote stay open without holding anything that later
+    // writes or reads on other connections need.
+    let held: Vec<Raw> = (0..48)
+        .map(|n| {
+            let mut raw = Raw::connect(&daemon.socket);
+            raw.ok(
+                "put",
+                json!({"collection": "Held", "id": format!("h{n}"), "fields": {"n": n}}),
+            );
+            raw
+        })
+        .collect();
+    let mut last = Raw::connect(&daemon.socket);
+    last.ok(
+        "put",
+        json!({"collection": "Held", "id": "last", "fields": {}}),
+    );
+    assert_eq!(
+        last.ok("list", json!({"collection": "Held", "limit": 100}))["records"]
+            .as_array()
+            .unwrap()
+            .len(),
+        49
+    );
+    drop((held, last));
+
     // Everything answered was durable: a restart (SIGKILL) keeps it.
     daemon.kill();
     let daemon = dev.start_daemon();
@@ -1150,6 +1176,76 @@ fn a_subscriber_resumes_from_the_change_feed_without_missing_anything() {
         &["no longer kept", "re-read"],
     );
     raw.ok("subscribe", json!({"since": last}));
+    assert!(daemon.terminate().success());
+}
+
+/// Several connections pipelining writes at once: a subscriber hears of every acknowledged
+/// change exactly once, in feed order, though the writes are answered (and announced) by
+/// whichever connection waited for them; a `since` this device never gave is refused.
+#[test]
+fn a_subscriber_hears_of_every_acknowledged_change_once_and_in_order() {
+    const WRITERS: usize = 6;
+    const EACH: usize = 100;
+    let dev = Device::new();
+    let daemon = dev.start_daemon();
+    let mut watcher = Raw::connect(&daemon.socket);
+    let start = watcher.ok("subscribe", json!({}))["seq"].as_u64().unwrap();
+    let acked: Vec<u64> = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let socket = daemon.socket.clone();
+                s.spawn(move || {
+                    let mut raw = Raw::connect(&socket);
+                    let mut lines = String::new();
+                    for i in 0..EACH {
+                        let id = format!("w{w}-{i}");
+                        let put = json!({"collection": "Note", "id": id, "fields": {"i": i}});
+                        lines += &format!("{}\n", request(i as u64 + 1, "put", put));
+                    }
+                    raw.writer.write_all(lines.as_bytes()).unwrap();
+                    (0..EACH)
+                        .map(|_| {
+                            let reply = raw.reply();
+                            reply["result"]["seq"]
+                                .as_u64()
+                                .unwrap_or_else(|| panic!("{reply}"))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert_eq!(acked.len(), WRITERS * EACH);
+    let heard: Vec<u64> = (0..acked.len())
+        .map(|_| {
+            let note = watcher.read().expect("a notification");
+            assert_eq!(note["method"], json!("change"), "{note}");
+            note["params"]["seq"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(
+        heard.windows(2).all(|w| w[0] < w[1]),
+        "in feed order, none twice: {heard:?}"
+    );
+    let mut acked_sorted = acked.clone();
+    acked_sorted.sort_unstable();
+    assert_eq!(
+        heard, acked_sorted,
+        "every acknowledged change, and only those"
+    );
+    assert!(heard.iter().all(|&seq| seq > start));
+
+    let mut raw = Raw::connect(&daemon.socket);
+    raw.refused(
+        "subscribe",
+        json!({"since": heard[heard.len() - 1] + 1000}),
+        code::INVALID_STATE,
+        &["no change", "re-read"],
+    );
     assert!(daemon.terminate().success());
 }
 

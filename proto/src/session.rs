@@ -659,12 +659,20 @@ impl DeviceSession {
     /// cursor is `cursor`, and the log is read from there.
     pub fn snapshot_applied(&mut self, cursor: u64, now: u64) {
         let Snapshotting::Reading {
-            applying, complete, ..
+            asked,
+            applying,
+            complete,
+            ..
         } = &mut self.snapshotting
         else {
             return;
         };
         *applying = applying.saturating_sub(1);
+        // The page out was asked for before this one was applied: the time that took is not
+        // the relay's, so its answer gets a whole timeout from now.
+        if let Some(deadline) = asked {
+            *deadline = (*deadline).max(now.saturating_add(self.config.request_timeout_ms));
+        }
         if !(*complete && *applying == 0) {
             self.ask_for_page(now);
             return;

@@ -748,7 +748,13 @@ fn the_next_snapshot_page_is_asked_for_as_a_page_arrives_and_at_most_two_wait_to
         asked_after(taken(|| device.poll_output())),
         [Some(name("r4"))]
     );
-    device.snapshot_applied(0, 1);
+    // The second is applied long after the third was asked for: the third's answer is given
+    // a whole timeout from then, not from when it was asked for.
+    device.snapshot_applied(0, 20_000);
+    assert_eq!(
+        device.poll_timeout(),
+        Some(20_000 + SessionConfig::default().request_timeout_ms)
+    );
     device.handle_message(page_after(Some(&name("r4"))), 1);
     assert_eq!(
         asked_after(taken(|| device.poll_output())),

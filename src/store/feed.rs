@@ -58,19 +58,34 @@ impl Store {
         Ok(seq)
     }
 
-    /// Up to `limit` changes after `after`, in order.
+    /// Notes that the batch holding these feed numbers landed (durable with the next flush).
+    pub(crate) fn feed_landed(&self, seqs: impl Iterator<Item = u64>) {
+        if let Some(last) = seqs.max() {
+            self.feed_landed.fetch_max(last, Ordering::SeqCst);
+        }
+    }
+
+    /// Up to `limit` durable changes after `after`, in order. (A change that landed and is
+    /// not flushed yet is left for a later read: a failed flush takes it back.)
     pub fn feed_after(&self, after: u64, limit: usize) -> Result<Vec<FeedChange>, StoreError> {
+        let durable = self.feed_durable.load(Ordering::SeqCst);
+        if after >= durable {
+            return Ok(Vec::new());
+        }
         let start = keys::feed(after.saturating_add(1));
+        let end = keys::feed(durable.saturating_add(1));
         self.kv
-            .range(&start, &keys::prefix_end(keys::FEED), limit)?
+            .range(&start, &end, limit)?
             .into_iter()
             .map(|(_, value)| super::decode(&value, "feed entry"))
             .collect()
     }
 
-    /// The first change kept and the last one numbered.
+    /// The first change kept and the last one durable. A number given to a change whose batch
+    /// did not land is never durable, and may be given again after a restart: only durable
+    /// numbers are ever shown.
     pub fn feed_bounds(&self) -> Result<FeedBounds, StoreError> {
-        let last = self.next_feed_seq.load(Ordering::Relaxed).saturating_sub(1);
+        let last = self.feed_durable.load(Ordering::SeqCst);
         let first = match self
             .kv
             .range(keys::FEED, &keys::prefix_end(keys::FEED), 1)?

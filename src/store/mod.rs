@@ -319,6 +319,9 @@ pub struct Store {
     next_queue_id: AtomicU64,
     next_log_id: AtomicU64,
     next_feed_seq: AtomicU64,
+    /// The last feed number whose batch landed, and the last one a flush made durable since.
+    feed_landed: AtomicU64,
+    feed_durable: AtomicU64,
     /// Held by every read-then-write of existing queue entries, so two uploaders or an uploader
     /// and a retry never move the same entry from the same old state twice.
     /// Taken by every batch that moves queue entries, so that moves happen in order. It holds
@@ -406,6 +409,9 @@ impl Store {
             next_queue_id: AtomicU64::new(next_queue_id),
             next_log_id: AtomicU64::new(next_log_id),
             next_feed_seq: AtomicU64::new(next_feed_seq),
+            // What an open finds is what was durable.
+            feed_landed: AtomicU64::new(next_feed_seq.saturating_sub(1)),
+            feed_durable: AtomicU64::new(next_feed_seq.saturating_sub(1)),
             queue_lock: Mutex::new(None),
             upload_holds: Mutex::new(sync::UploadHolds::default()),
             in_flight: Mutex::new(HashMap::new()),
@@ -516,6 +522,7 @@ impl Store {
         let mut queue = self.lock_queue();
         self.apply_queue_batch(&mut queue, batch, delta)?;
         drop(queue);
+        self.feed_landed(applied.iter().filter_map(|a| a.seq));
         // Only now that the batch has landed may its documents serve later writes. On any error
         // above they are dropped with the working set instead, so the next write starts from what
         // is stored.
@@ -797,7 +804,12 @@ impl Store {
     /// Makes every write so far durable. When that fails for lack of space, the store goes
     /// back to what was durable (see `reopen_storage`) and refuses writes until `resume_writes`.
     pub fn flush(&self) -> Result<(), StoreError> {
+        // What had landed before the flush began is durable once it succeeds.
+        let landed = self.feed_landed.load(Ordering::SeqCst);
         let flushed = self.kv.flush();
+        if flushed.is_ok() {
+            self.feed_durable.fetch_max(landed, Ordering::SeqCst);
+        }
         if let Err(KvError::DiskFull(_)) = &flushed
             && let Err(e) = self.reopen_storage()
         {

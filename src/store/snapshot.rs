@@ -181,6 +181,7 @@ impl Store {
             change.stage_feed(self, &mut batch)?;
         }
         self.kv.apply(batch)?;
+        self.feed_landed(applied.iter().map(|a| a.seq));
         self.count_open(&ledger);
         for (key, doc) in taken {
             cache.put(key, doc);

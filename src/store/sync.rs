@@ -839,6 +839,7 @@ impl Store {
             change.stage_feed(self, &mut batch)?;
         }
         self.kv.apply(batch)?;
+        self.feed_landed(applied.iter().map(|a| a.seq));
         self.count_open(&ledger);
         // As in `write_all`: the documents go back into the cache only once their batch landed.
         for (key, record) in working.into_cacheable() {

@@ -177,6 +177,7 @@ export class Subscription implements AsyncIterable<Notification> {
 
   async close(): Promise<void> {
     await this.client.call("unsubscribe", { subscription: this.number });
+    this.client.forget(this.number);
   }
 }
 
@@ -185,7 +186,6 @@ export class FerryClient {
   private nextId = 1;
   private readonly pending = new Map<number, Waiter>();
   private readonly subscriptions = new Map<number, Subscription>();
-  private readonly early = new Map<number, Notification[]>();
   private buffered = "";
   private closedWith: Error | null = null;
 
@@ -213,6 +213,12 @@ export class FerryClient {
     this.socket.end();
   }
 
+  /** Drops a closed subscription. */
+  forget(subscription: number): void {
+    this.subscriptions.get(subscription)?.end(new Error("unsubscribed"));
+    this.subscriptions.delete(subscription);
+  }
+
   private receive(chunk: string): void {
     this.buffered += chunk;
     let newline: number;
@@ -220,7 +226,15 @@ export class FerryClient {
       const line = this.buffered.slice(0, newline);
       this.buffered = this.buffered.slice(newline + 1);
       if (line.trim() === "") continue;
-      this.dispatch(JSON.parse(line));
+      let message;
+      try {
+        message = JSON.parse(line);
+      } catch {
+        this.fail(new Error(`the daemon sent a line that is not JSON: ${line.slice(0, 200)}`));
+        this.socket.destroy();
+        return;
+      }
+      this.dispatch(message);
     }
   }
 
@@ -231,10 +245,14 @@ export class FerryClient {
     method?: string;
     params?: { subscription: number };
   }): void {
-    if (message.id !== undefined && message.id !== null) {
-      const waiter = this.pending.get(message.id);
+    if (message.id !== undefined) {
+      // An error with no id is about a line the daemon could not read (too long, say): it is
+      // the oldest request still unanswered.
+      const id = message.id ?? this.pending.keys().next().value;
+      if (id === undefined) return;
+      const waiter = this.pending.get(id);
       if (!waiter) return;
-      this.pending.delete(message.id);
+      this.pending.delete(id);
       if (message.error) waiter.reject(errorOf(message.error));
       else waiter.resolve(message.result ?? null);
       return;
@@ -242,9 +260,9 @@ export class FerryClient {
     if (message.method === "change" || message.method === "conflict" || message.method === "lagged") {
       const note = message as Notification;
       const number = note.params.subscription;
-      const subscription = this.subscriptions.get(number);
-      if (subscription) subscription.push(note);
-      else this.early.set(number, [...(this.early.get(number) ?? []), note]);
+      // The daemon sends a subscription's first notification after its answer: one for a
+      // subscription not held (closed) is dropped.
+      this.subscriptions.get(number)?.push(note);
     }
   }
 
@@ -341,8 +359,6 @@ export class FerryClient {
   ): Promise<Subscription> {
     const answer = await this.call<{ subscription: number }>("subscribe", filter);
     const subscription = new Subscription(this, answer.subscription);
-    for (const note of this.early.get(answer.subscription) ?? []) subscription.push(note);
-    this.early.delete(answer.subscription);
     this.subscriptions.set(answer.subscription, subscription);
     return subscription;
   }

@@ -226,7 +226,7 @@ class Subscription:
         return self.client._next_notification(self.number)
 
     def close(self):
-        self.client._call("unsubscribe", {"subscription": self.number})
+        self.client._unsubscribe(self.number)
 
 
 class Client(_Methods):
@@ -234,7 +234,9 @@ class Client(_Methods):
     pipelined on the one connection. `call_many` sends several requests before reading any
     answer."""
 
-    def __init__(self, path, timeout=30.0):
+    def __init__(self, path, timeout=None):
+        """`timeout` (seconds) bounds each wait for the daemon; None waits as long as it takes
+        (a subscription may be quiet for hours). After a timeout the connection is unusable."""
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         self._sock.connect(path)
@@ -242,11 +244,12 @@ class Client(_Methods):
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
         self._replies = {}
+        self._sent = []
         self._notes = {}
         self._reading = False
 
     @classmethod
-    def connect(cls, data_dir=None, socket=None, timeout=30.0):
+    def connect(cls, data_dir=None, socket=None, timeout=None):
         return cls(socket or socket_path(data_dir), timeout)
 
     def close(self):
@@ -263,6 +266,7 @@ class Client(_Methods):
         line = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
         with self._lock:
             self._sock.sendall(line.encode("utf-8") + b"\n")
+            self._sent.append(request_id)
         return request_id
 
     def _read_one(self):
@@ -271,10 +275,17 @@ class Client(_Methods):
             raise ConnectionError("the daemon closed the connection")
         message = json.loads(line)
         if "id" in message:
-            self._replies[message["id"]] = message
+            request_id = message["id"]
+            if request_id is None:
+                # An error about a line the daemon could not read (too long, say): it is the
+                # oldest request still unanswered.
+                waiting = [i for i in self._sent if i not in self._replies]
+                request_id = waiting[0] if waiting else None
+            self._replies[request_id] = message
         elif message.get("method") in ("change", "conflict", "lagged"):
             number = message.get("params", {}).get("subscription")
-            self._notes.setdefault(number, []).append(message)
+            if number in self._notes:
+                self._notes[number].append(message)
 
     def _wait(self, ready):
         """Reads messages (one thread at a time) until `ready()` holds; returns its value."""
@@ -297,6 +308,8 @@ class Client(_Methods):
 
     def _answer(self, request_id):
         reply = self._wait(lambda: self._replies.pop(request_id, None))
+        with self._lock:
+            self._sent.remove(request_id)
         if "error" in reply:
             raise _error(reply["error"])
         return reply["result"]
@@ -324,7 +337,14 @@ class Client(_Methods):
         """Changes (and conflicts) from now on; with `since` (a change's `seq`), first every
         change after it; with `fields`, each change carries the record's fields."""
         answer = self._call("subscribe", _params(collection=collection, id=id, since=since, fields=fields))
+        with self._lock:
+            self._notes[answer["subscription"]] = []
         return Subscription(self, answer["subscription"])
+
+    def _unsubscribe(self, number):
+        self._call("unsubscribe", {"subscription": number})
+        with self._lock:
+            self._notes.pop(number, None)
 
     def _next_notification(self, number):
         def ready():
@@ -353,6 +373,7 @@ class AsyncSubscription:
 
     async def close(self):
         await self.client._call("unsubscribe", {"subscription": self.number})
+        self.client._subscriptions.pop(self.number, None)
 
 
 class AsyncClient(_Methods):
@@ -365,7 +386,7 @@ class AsyncClient(_Methods):
         self._ids = itertools.count(1)
         self._pending = {}
         self._subscriptions = {}
-        self._early = {}
+        self._closed = None
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
@@ -396,19 +417,21 @@ class AsyncClient(_Methods):
                     break
                 message = json.loads(line)
                 if "id" in message:
-                    waiter = self._pending.pop(message["id"], None)
+                    request_id = message["id"]
+                    if request_id is None and self._pending:
+                        # An error about a line the daemon could not read: the oldest request.
+                        request_id = next(iter(self._pending))
+                    waiter = self._pending.pop(request_id, None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(message)
                 elif message.get("method") in ("change", "conflict", "lagged"):
                     number = message.get("params", {}).get("subscription")
                     queue = self._subscriptions.get(number)
-                    if queue is None:
-                        # A notification can come before the subscribe's answer is taken.
-                        self._early.setdefault(number, []).append(message)
-                    else:
+                    if queue is not None:
                         queue.put_nowait(message)
         except Exception as e:  # the connection broke: every waiter hears why
             failure = e
+        self._closed = failure
         for waiter in self._pending.values():
             if not waiter.done():
                 waiter.set_exception(failure)
@@ -416,6 +439,8 @@ class AsyncClient(_Methods):
             queue.put_nowait(failure)
 
     async def _call(self, method, params):
+        if self._closed is not None:
+            raise self._closed
         request_id = next(self._ids)
         waiter = asyncio.get_running_loop().create_future()
         self._pending[request_id] = waiter
@@ -434,7 +459,5 @@ class AsyncClient(_Methods):
         answer = await self._call("subscribe", _params(collection=collection, id=id, since=since, fields=fields))
         number = answer["subscription"]
         queue = asyncio.Queue()
-        for message in self._early.pop(number, []):
-            queue.put_nowait(message)
         self._subscriptions[number] = queue
         return AsyncSubscription(self, number, queue)
