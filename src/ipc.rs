@@ -170,6 +170,9 @@ async fn refuse(stream: UnixStream, max: usize) {
 /// How long a refused connection stays open for the app to read why.
 const REFUSED_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a connection still sends what it owes once the daemon is shutting down.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The most writes one connection has handed to the committer and not yet answered; past it
 /// the connection reads no further request until one is answered.
 const MAX_WRITES_IN_FLIGHT: usize = 1024;
@@ -293,7 +296,12 @@ impl Connection {
             let reply = match line {
                 None if std::mem::take(&mut resume_after_error) => continue,
                 None => break,
-                Some(Ok(line)) => self.handle_line(&line, &out, &mut pipeline).await,
+                // A client that stops reading can hold a line's handling back (its answers fill
+                // the outbox): shutting down does not wait for it.
+                Some(Ok(line)) => tokio::select! {
+                    _ = shutdown.changed() => break,
+                    reply = self.handle_line(&line, &out, &mut pipeline) => reply,
+                },
                 Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
                     // The codec drops the rest of the line; the connection goes on.
                     resume_after_error = true;
@@ -347,9 +355,17 @@ impl Connection {
         for (_, task) in self.subscriptions.drain() {
             task.abort();
         }
-        pipeline.finish().await;
-        drop(out);
-        let _ = writer.await;
+        let closing = async {
+            pipeline.finish().await;
+            drop(out);
+            let _ = writer.await;
+        };
+        if *shutdown.borrow() {
+            // The answers still owed go out if the client reads them soon.
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, closing).await;
+        } else {
+            closing.await;
+        }
     }
 
     /// One line: a request, a notification, or a batch of them. A write (put, patch, delete,
