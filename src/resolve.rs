@@ -942,6 +942,74 @@ fn classify(
     })
 }
 
+/// The message of the change that writes a purged record again as a new history (PROTOCOL.md,
+/// section 5.8): the fields a device showed, with unsynced edits the purge overtook.
+pub const RESTORE_OPERATION: &str = "restore";
+
+/// Whether `change`'s message makes it a purged record's restoration.
+pub fn is_restoration(message: Option<&str>) -> bool {
+    operation_of(message) == RESTORE_OPERATION
+}
+
+/// The conflict a restoration brings, as its record's first change after a purge entry (`change`,
+/// already in `doc`, which holds nothing else): an update that met a delete the relay purged.
+/// The server side is the purged record (deleted; its history is gone), the client side the
+/// restored fields; the restoring device wrote `$deleted` as its collection's delete rule
+/// settled its edit against the delete, so that is the winner, and `queue` leaves it open. A
+/// function of the change alone: every device and the relay find the same entry.
+pub fn restoration(
+    doc: &Automerge,
+    change: &ChangeHash,
+    at: LogPosition<'_>,
+    policy: &Policy,
+) -> Conflict {
+    let heads = [*change];
+    let client = side(
+        doc,
+        at.record,
+        &heads,
+        view_at(doc, Some(&heads), &Policy::of(Strategy::Merge)),
+    );
+    let server = Side {
+        record: at.record.to_owned(),
+        changes: Vec::new(),
+        device: String::new(),
+        time: 0,
+        deleted: true,
+        fields: Fields::new(),
+    };
+    let kind = ConflictKind::UpdateDelete;
+    let (status, winner) = if policy.on_delete == DeleteRule::Queue {
+        (ConflictStatus::Open, None)
+    } else if client.deleted {
+        (ConflictStatus::AutoResolved, Some(Take::Server))
+    } else {
+        (ConflictStatus::AutoResolved, Some(Take::Client))
+    };
+    Conflict {
+        id: conflict_id(&[
+            kind.as_str().as_bytes(),
+            at.collection.as_bytes(),
+            at.record.as_bytes(),
+            change.as_ref(),
+            RESTORE_OPERATION.as_bytes(),
+        ]),
+        kind,
+        collection: at.collection.to_owned(),
+        record: at.record.to_owned(),
+        strategy: policy.strategy,
+        status,
+        seq: at.seq,
+        fields: differing_fields(&server.fields, &client.fields),
+        server,
+        client,
+        winner,
+        unique: None,
+        resolution: None,
+        resolving: None,
+    }
+}
+
 /// Top-level fields whose values differ between two versions of a record.
 pub fn differing_fields(server: &Fields, client: &Fields) -> Vec<FieldConflict> {
     let names: BTreeSet<&String> = server.keys().chain(client.keys()).collect();

@@ -35,6 +35,10 @@
 //! - `z{space}\0` → `{seq u64 BE}`: the compaction horizon, the log's entries up to it dropped
 //!   (their `h` keys kept); `n{space}\0{time ms u64 BE}` → `{seq u64 BE}`: a time mark, the
 //!   log's head at that time, while it lies above the horizon.
+//! - `d{space}\0{seq u64 BE}` → a tombstone note (postcard `Tombstone`): the change at `seq` left
+//!   its record deleted; `p{space}\0{collection}\0{record}\0` → `{seq u64 BE}`: the purge
+//!   marker, the seq of the purge entry (an entry with an empty change, no `h` key) that last
+//!   ended the record's history.
 //! - `w{space}\0` → the space's web actor (the actor its HTTP writes are made under); spaces
 //!   whose web actor was kept by earlier versions have it under `M{space}\0` + `mdevice`.
 //!
@@ -51,8 +55,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, Holders,
-    LogCompaction, LogStorage, RelayConflictCount, StorageError, StoredKey, UniqueValue,
-    UniqueValues,
+    LogCompaction, LogStorage, RelayConflictCount, StorageError, StoredKey, Tombstone,
+    UniqueValue, UniqueValues,
 };
 use crate::auth::token::Family;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus};
@@ -192,6 +196,38 @@ impl KvStorage {
         }
     }
 
+    /// Removes what the space keeps of the record's history: base, tail, logged heads, unique
+    /// values and conflict entries.
+    fn purge_record(
+        &self,
+        batch: &mut Batch,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<(), StorageError> {
+        batch.remove(key(b'b', &[space, collection, record]));
+        batch.remove(key(b'r', &[space, collection, record]));
+        batch.remove(key(b'v', &[space, collection, record]));
+        let tails = key(b't', &[space, collection, record]);
+        for (k, _) in self.kv.range(&tails, &prefix_end(&tails), usize::MAX)? {
+            batch.remove(k);
+        }
+        let on_record = key(b'y', &[space, collection, record]);
+        for (k, _) in self
+            .kv
+            .range(&on_record, &prefix_end(&on_record), usize::MAX)?
+        {
+            let id = k
+                .get(on_record.len()..k.len().saturating_sub(1))
+                .and_then(|id| std::str::from_utf8(id).ok())
+                .ok_or_else(|| corrupt("record conflict key", String::from_utf8_lossy(&k)))?;
+            batch.remove(key(b'x', &[space, id]));
+            batch.remove(key(b'o', &[space, id]));
+            batch.remove(k);
+        }
+        Ok(())
+    }
+
     fn counter(&self, key: &[u8]) -> Result<u64, StorageError> {
         match self.kv.get(key)? {
             Some(value) => be_u64(&value, "counter"),
@@ -268,10 +304,29 @@ impl KvStorage {
             )?;
             log_bytes = log_bytes.saturating_add(encoded.len() as u64);
             batch.put(seq_key(b'l', &[space], seq), encoded);
+            // A purge entry is no change: nothing to deduplicate.
+            if !entry.change.is_empty() {
+                batch.put(
+                    hash_key(space, &entry.collection, &entry.record, &entry.hash),
+                    seq.to_be_bytes().to_vec(),
+                );
+            }
+        }
+        for ((collection, record), seq) in &append.purged {
+            self.purge_record(&mut batch, space, collection, record)?;
             batch.put(
-                hash_key(space, &entry.collection, &entry.record, &entry.hash),
+                key(b'p', &[space, collection, record]),
                 seq.to_be_bytes().to_vec(),
             );
+        }
+        for tombstone in &append.tombstones {
+            batch.put(
+                seq_key(b'd', &[space], tombstone.seq),
+                encode(tombstone, "tombstone note")?,
+            );
+        }
+        for seq in &append.tombstones_done {
+            batch.remove(seq_key(b'd', &[space], *seq));
         }
         for ((collection, record), seq) in &append.tails {
             batch.put(
@@ -828,6 +883,27 @@ impl LogStorage for KvStorage {
         Ok(self.kv.flush()?)
     }
 
+    fn tombstones(&self, space: &str, limit: usize) -> Result<Vec<Tombstone>, StorageError> {
+        let prefix = key(b'd', &[space]);
+        self.kv
+            .range(&prefix, &prefix_end(&prefix), limit)?
+            .iter()
+            .map(|(_, v)| decode::<Tombstone>(v, "tombstone note"))
+            .collect()
+    }
+
+    fn purged_at(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<u64>, StorageError> {
+        match self.kv.get(&key(b'p', &[space, collection, record]))? {
+            Some(value) => be_u64(&value, "purge marker").map(Some),
+            None => Ok(None),
+        }
+    }
+
     fn reclaim_space(&self) -> Result<(u64, u64), StorageError> {
         let before = self.kv.size_on_disk()?;
         // sled keeps the segments of removed pairs until it happens to clean them, so a log
@@ -1011,10 +1087,12 @@ pub(super) fn damaged(key: &[u8]) -> StorageError {
         b'w' | b'M' => "web actor",
         b'z' => "compaction horizon",
         b'n' => "compaction time mark",
+        b'd' => "tombstone note",
+        b'p' => "purge marker",
         _ => "account data",
     };
     match kind {
-        b'l' | b't' => match split_seq(rest) {
+        b'l' | b't' | b'd' => match split_seq(rest) {
             Some((head, seq)) => {
                 let mut names = parts(head);
                 let space = if names.is_empty() {
