@@ -13,7 +13,9 @@
 
 pub mod ledger;
 
-use crate::record::{DELETED_KEY, Fields, Record, from_scalar, operation_of, resolved_conflict};
+use crate::record::{
+    DELETED_KEY, Fields, RESTORE_OPERATION, Record, from_scalar, operation_of, resolved_conflict,
+};
 use automerge::Value as AmValue;
 use automerge::{Automerge, ChangeHash, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue};
 use serde::{Deserialize, Serialize};
@@ -941,10 +943,6 @@ fn classify(
         resolving: None,
     })
 }
-
-/// The message of the change that writes a purged record again as a new history (PROTOCOL.md,
-/// section 5.8): the fields a device showed, with unsynced edits the purge overtook.
-pub const RESTORE_OPERATION: &str = "restore";
 
 /// Whether `change`'s message makes it a purged record's restoration.
 pub fn is_restoration(message: Option<&str>) -> bool {
