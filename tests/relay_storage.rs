@@ -1038,16 +1038,20 @@ fn a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry(engine: &dyn Engi
         .unwrap();
     assert!(matches!(r[0].outcome, ChangeOutcome::Stored { seq: 3 }));
     assert_eq!(
-        relay_store
-            .conflicts(SPACE, None, None, 10)
-            .unwrap()
-            .len(),
+        relay_store.conflicts(SPACE, None, None, 10).unwrap().len(),
         1
     );
     a.record.apply_changes(&[b_edit]).unwrap();
     // What a device offline since the edits still holds.
     let mut late = Record::load(&a.record.save(), &actor(1)).unwrap();
-    let delete = a.record.delete(4).unwrap().unwrap().change.raw_bytes().to_vec();
+    let delete = a
+        .record
+        .delete(4)
+        .unwrap()
+        .unwrap()
+        .change
+        .raw_bytes()
+        .to_vec();
     assert_eq!(
         store(&relay_store, 4, "gone", &delete),
         ChangeOutcome::Stored { seq: 4 }
@@ -1055,7 +1059,14 @@ fn a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry(engine: &dyn Engi
     // "back": deleted, then written again; "kept": live.
     let mut back = Writer::new(1);
     store(&relay_store, 5, "back", &back.put(json!({"n": 0})));
-    let deleted = back.record.delete(5).unwrap().unwrap().change.raw_bytes().to_vec();
+    let deleted = back
+        .record
+        .delete(5)
+        .unwrap()
+        .unwrap()
+        .change
+        .raw_bytes()
+        .to_vec();
     store(&relay_store, 6, "back", &deleted);
     store(&relay_store, 7, "back", &back.put(json!({"n": 7})));
     let mut kept = Writer::new(1);
@@ -1064,11 +1075,31 @@ fn a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry(engine: &dyn Engi
     assert_eq!(head, 8);
 
     // Not old enough yet; never with 0 days.
-    assert_eq!(relay_store.purge_tombstones(SPACE, t0 + day / 2, 1).unwrap(), 0);
-    assert_eq!(relay_store.purge_tombstones(SPACE, t0 + 9 * day, 0).unwrap(), 0);
+    assert_eq!(
+        relay_store
+            .purge_tombstones(SPACE, t0 + day / 2, 1)
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        relay_store
+            .purge_tombstones(SPACE, t0 + 9 * day, 0)
+            .unwrap(),
+        0
+    );
     assert_eq!(relay_store.head(SPACE).unwrap(), head);
-    assert_eq!(relay_store.purge_tombstones(SPACE, t0 + 2 * day, 1).unwrap(), 1);
-    assert_eq!(relay_store.purge_tombstones(SPACE, t0 + 3 * day, 1).unwrap(), 0);
+    assert_eq!(
+        relay_store
+            .purge_tombstones(SPACE, t0 + 2 * day, 1)
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        relay_store
+            .purge_tombstones(SPACE, t0 + 3 * day, 1)
+            .unwrap(),
+        0
+    );
 
     let check = |relay_store: &RelayStore, storage: &dyn RelayStorage| {
         let slice = relay_store.read_since(SPACE, head, 10, usize::MAX).unwrap();
@@ -1087,7 +1118,12 @@ fn a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry(engine: &dyn Engi
                 .unwrap()
                 .is_empty()
         );
-        assert!(storage.conflicts(SPACE, false, None, 10).unwrap().is_empty());
+        assert!(
+            storage
+                .conflicts(SPACE, false, None, 10)
+                .unwrap()
+                .is_empty()
+        );
         assert!(storage.tombstones(SPACE, 10).unwrap().is_empty());
         let names: Vec<String> = storage
             .record_names(SPACE, None, 10)
@@ -1142,7 +1178,10 @@ fn a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry(engine: &dyn Engi
         store(&relay_store, 22, "gone", &change),
         ChangeOutcome::Stored { seq: 10 }
     );
-    assert_eq!(relay_store.record(SPACE, "Doc", "gone").unwrap(), Some(shown));
+    assert_eq!(
+        relay_store.record(SPACE, "Doc", "gone").unwrap(),
+        Some(shown)
+    );
     let conflicts = relay_store.conflicts(SPACE, None, None, 10).unwrap();
     assert_eq!(conflicts.len(), 1, "{conflicts:?}");
     let conflict = &conflicts[0];

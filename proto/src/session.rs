@@ -22,8 +22,7 @@ use crate::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, HEADS_CHECK_VERSION, LogEntry,
     MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, OWN_ENTRIES_LEFT_OUT_VERSION,
     PIPELINED_DOWNLOAD_VERSION, PROTOCOL_VERSION, PURGE_VERSION, RecordName, SNAPSHOT_VERSION,
-    Secret,
-    SnapshotPage, Tokens, UploadChange, auth_transcript,
+    Secret, SnapshotPage, Tokens, UploadChange, auth_transcript,
 };
 
 /// The longest space name the relay accepts, in bytes.

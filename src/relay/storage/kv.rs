@@ -55,8 +55,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, Holders,
-    LogCompaction, LogStorage, RelayConflictCount, StorageError, StoredKey, Tombstone,
-    UniqueValue, UniqueValues,
+    LogCompaction, LogStorage, RelayConflictCount, StorageError, StoredKey, Tombstone, UniqueValue,
+    UniqueValues,
 };
 use crate::auth::token::Family;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus};
