@@ -756,9 +756,12 @@ pub fn detect(
     });
     let logged_set: BTreeSet<ChangeHash> = logged.iter().copied().collect();
     if deps == logged_set {
+        // A purged record's first change after its purge entry, written as a restoration.
+        let restored = (logged.is_empty() && is_restoration(message.as_deref()))
+            .then(|| restoration(doc, change, at, policy));
         return Detection {
             logged_heads: vec![*change],
-            conflict: None,
+            conflict: restored,
             resolves,
         };
     }

@@ -452,7 +452,7 @@ impl RelayStore {
                         collection,
                         record,
                     };
-                    Some(restoration(&mut doc, &change, at, self.policy(collection)))
+                    detection(&mut doc, &change, &[], at, self.policy(collection))
                 }
                 None => None,
             };
@@ -780,12 +780,7 @@ impl RelayStore {
             collection: &key.0,
             record: &key.1,
         };
-        let detection = if before.is_empty() && resolve::is_restoration(change.message()) {
-            Some(restoration(doc, &change, at, policy))
-        } else {
-            detection(doc, &change, &before, at, policy)
-        };
-        if let Some(detection) = detection {
+        if let Some(detection) = detection(doc, &change, &before, at, policy) {
             replay.ledger.meet(&NoConflicts, detection)?;
         }
         if policy.unique.is_empty() {
@@ -1677,7 +1672,8 @@ fn detection(
 ) -> Option<resolve::Detection> {
     let deps: BTreeSet<&ChangeHash> = change.deps().iter().collect();
     let fast_forward = deps == before.iter().collect::<BTreeSet<_>>();
-    if fast_forward && resolve::resolution_of(change.message()).is_none() {
+    let restoration = before.is_empty() && resolve::is_restoration(change.message());
+    if fast_forward && resolve::resolution_of(change.message()).is_none() && !restoration {
         return None;
     }
     Some(resolve::detect(
@@ -1687,22 +1683,6 @@ fn detection(
         at,
         policy,
     ))
-}
-
-/// What a purged record's restoration brings: its `update_delete` conflict
-/// (`resolve::restoration`). `doc` holds the change and nothing else.
-fn restoration(
-    doc: &mut Record,
-    change: &Change,
-    at: LogPosition<'_>,
-    policy: &Policy,
-) -> resolve::Detection {
-    let hash = change.hash();
-    resolve::Detection {
-        logged_heads: vec![hash],
-        conflict: Some(resolve::restoration(doc.automerge(), &hash, at, policy)),
-        resolves: None,
-    }
 }
 
 /// The answer to a change built on a history the relay purged at seq `purged`.

@@ -395,6 +395,81 @@ impl Store {
         Ok(ledger.logged.heads.contains_key(key) || self.logged_state(key)?.is_some())
     }
 
+    /// Whether `record` holds local changes the relay has not logged: changes beyond its logged
+    /// heads and `logged_now` (changes met in the log since those were stored).
+    pub(super) fn holds_unlogged(
+        &self,
+        key: &CacheKey,
+        record: &mut Record,
+        logged_now: &[ChangeHash],
+    ) -> Result<bool, StoreError> {
+        let Some(state) = self.logged_state(key)? else {
+            return Ok(false);
+        };
+        let mut have = state.logged();
+        have.extend_from_slice(logged_now);
+        have.retain(|h| record.has_change(h));
+        Ok(!record.changes_after(&have)?.is_empty())
+    }
+
+    /// A record whose history a purge entry ended (PROTOCOL.md, section 5.8): nothing of it is
+    /// logged any more, and its document now holds `document` (a restoration of this device's,
+    /// not logged yet, or nothing).
+    pub(super) fn purge_logged(ledger: &mut Ledger, key: &CacheKey, document: Vec<ChangeHash>) {
+        ledger.logged.heads.insert(key.clone(), Vec::new());
+        ledger.logged.documents.insert(key.clone(), document);
+        // So that `finish_ledger` removes an `h` key the record no longer needs.
+        ledger.logged.unlogged.insert(key.clone());
+    }
+
+    /// Stages the removal of the conflict entries of purged records (each with the seq of its
+    /// purge entry) found before that seq, with their indexes. Returns how many of them were
+    /// open, to count once the batch has landed.
+    pub(super) fn purge_conflicts(
+        &self,
+        purged: &HashMap<CacheKey, u64>,
+        batch: &mut Batch,
+    ) -> Result<u64, StoreError> {
+        let mut open = 0;
+        let mut start = keys::CONFLICT.to_vec();
+        let end = keys::prefix_end(keys::CONFLICT);
+        loop {
+            let page = self.kv.range(&start, &end, 256)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(open);
+            };
+            start = keys::after(last);
+            for (key, bytes) in page {
+                let conflict: Conflict =
+                    serde_json::from_slice(&bytes).map_err(|e| StoreError::Decode {
+                        what: "conflict entry",
+                        detail: e.to_string(),
+                    })?;
+                let record = (conflict.collection.clone(), conflict.record.clone());
+                if purged.get(&record).is_none_or(|&seq| conflict.seq > seq) {
+                    continue;
+                }
+                let id = &conflict.id;
+                if conflict.status == ConflictStatus::Open {
+                    open += 1;
+                    batch.remove(keys::conflict_open(id));
+                    let mut flag = keys::record_conflicts(&conflict.collection, &conflict.record);
+                    flag.extend_from_slice(id.as_bytes());
+                    batch.remove(flag);
+                }
+                if let Some(change) = conflict.client.changes.first() {
+                    batch.remove(keys::change_conflict(change));
+                }
+                batch.remove(key);
+            }
+        }
+    }
+
+    /// Counts open conflict entries a purge removed, once its batch has landed.
+    pub(super) fn count_purged_open(&self, open: u64) {
+        self.open_conflicts.fetch_sub(open, Ordering::SeqCst);
+    }
+
     /// A record this device held nothing of, created by `hash` as its only change: its place in
     /// the log is what detection would have recorded (a change on nothing meets nothing).
     pub(super) fn log_created(ledger: &mut Ledger, key: &CacheKey, hash: ChangeHash) {
@@ -415,7 +490,9 @@ impl Store {
         changes: &[(E, ChangeHeader)],
     ) -> Result<bool, StoreError> {
         let own = changes.iter().all(|(_, c)| {
-            c.actor == self.actor && resolve::resolution_of(c.message.as_deref()).is_none()
+            c.actor == self.actor
+                && resolve::resolution_of(c.message.as_deref()).is_none()
+                && !resolve::is_restoration(c.message.as_deref())
         });
         if !own || ledger.logged.heads.contains_key(key) {
             return Ok(false);

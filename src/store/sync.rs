@@ -17,9 +17,9 @@ use super::{
 };
 use crate::record::{ChangeHeader, PlainFirst, Record, change_header, decode_change};
 use crate::resolve;
-use automerge::Change;
+use automerge::{Change, ChangeHash};
 use ferry_proto::session::OwnEntry;
-use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorKind, LogEntry};
+use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, ErrorKind, LogEntry};
 use ferry_proto::{
     Operation, QueueStatus, SyncQueueEntry, validate_collection, validate_record_id,
 };
@@ -224,6 +224,9 @@ pub struct RemoteOutcome {
     pub conflicts: Vec<crate::resolve::Conflict>,
     /// Entries that could not be applied, kept aside; the cursor moved past them.
     pub quarantined: Vec<Quarantined>,
+    /// Purged records this device had edits to that the relay had not logged, written again
+    /// as new histories: local changes, waiting to be uploaded.
+    pub restored: usize,
 }
 
 /// A relay log entry this device could not apply (malformed, its dependencies missing, or
@@ -394,10 +397,17 @@ impl Store {
         results: &[ChangeResult],
         policy: &RetryPolicy,
     ) -> Result<UploadSummary, StoreError> {
+        let superseded = self.superseded(results)?;
         self.settle(
             results.iter().map(|r| (r.entry, &r.outcome)),
             |entry, outcome, now, summary| match outcome {
                 ChangeOutcome::Stored { .. } | ChangeOutcome::Duplicate { .. } => {
+                    summary.completed += 1;
+                    self.lock_holds().release(entry.id);
+                    entry.complete(now)
+                }
+                ChangeOutcome::Rejected { .. } if superseded.contains(&entry.id) => {
+                    // Its record's restoration, a change of its own, carries what it wrote.
                     summary.completed += 1;
                     self.lock_holds().release(entry.id);
                     entry.complete(now)
@@ -420,6 +430,41 @@ impl Store {
                 }
             },
         )
+    }
+
+    /// The entries refused `RecordPurged` that this device has already met the purge entry of:
+    /// their record's document no longer holds their change, which its restoration (or its
+    /// purge, when it showed the record deleted) took over (PROTOCOL.md, section 5.8). The
+    /// others wait, retryable, until the download meets the purge entry.
+    fn superseded(&self, results: &[ChangeResult]) -> Result<HashSet<u64>, StoreError> {
+        let mut superseded = HashSet::new();
+        for result in results {
+            let ChangeOutcome::Rejected {
+                code: ErrorCode::RecordPurged,
+                ..
+            } = result.outcome
+            else {
+                continue;
+            };
+            let Some(stored) = self.kv.get(&keys::queue(result.entry))? else {
+                continue;
+            };
+            let entry = self.with_change(decode::<SyncQueueEntry>(&stored, "queue entry")?)?;
+            let hash = change_header(&entry.data)?.hash;
+            // Read from storage, not the cache: the queue lock is not held here, and the
+            // cache's is taken before it everywhere else.
+            let held = match self
+                .kv
+                .get(&keys::doc(&entry.model_name, &entry.object_id))?
+            {
+                Some(bytes) => self.parse(&entry.model_name, &bytes)?.has_change(&hash),
+                None => false,
+            };
+            if !held {
+                superseded.insert(result.entry);
+            }
+        }
+        Ok(superseded)
     }
 
     /// The batch `ids` got no answer (`kind` says why): its entries go back to `Pending` with
@@ -626,10 +671,29 @@ impl Store {
         let bootstrap = self
             .snapshot_pages()?
             .filter(|b| b.complete && entries.first().is_some_and(|e| e.seq <= b.end()));
+        // Records whose history a purge entry ends, with its seq, and what these entries
+        // brought of that history first.
+        let mut purges: HashMap<CacheKey, u64> = HashMap::new();
+        let mut purged_history: HashMap<CacheKey, Vec<&LogEntry>> = HashMap::new();
         for entry in entries {
             if let Some(bootstrap) = &bootstrap
                 && entry.seq <= bootstrap.covered(&entry.collection, &entry.record)
             {
+                continue;
+            }
+            if entry.is_purge() {
+                // What these entries brought of the record before goes with its history.
+                let key = (entry.collection.clone(), entry.record.clone());
+                across_records.retain(|(k, _, _)| *k != key);
+                let before = groups.entry(key.clone()).or_insert_with(|| {
+                    order.push(key.clone());
+                    Vec::new()
+                });
+                purged_history
+                    .entry(key.clone())
+                    .or_default()
+                    .extend(before.drain(..).map(|(e, _)| e));
+                purges.insert(key, entry.seq);
                 continue;
             }
             let header = validate_collection(&entry.collection, &self.options.limits)
@@ -669,6 +733,60 @@ impl Store {
         let mut batch = Batch::default();
         let mut ledger = Ledger::default();
         let mut applied = Vec::new();
+        let mut delta = CountDelta::default();
+        let mut restored = 0;
+        for key in purges.keys() {
+            let old = match cache.pop(key) {
+                Some(record) => Some(record),
+                None => self.load(&key.0, &key.1)?,
+            };
+            let mut fresh = self.new_record(&key.0);
+            let mut document = Vec::new();
+            if let Some(mut old) = old {
+                let history: Vec<Change> = purged_history
+                    .get(key)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| decode_change(&e.change).ok())
+                    .collect();
+                let logged_now: Vec<ChangeHash> = history.iter().map(Change::hash).collect();
+                // What does not apply is left out, as applying it would quarantine it.
+                if !history.is_empty() && old.apply_reloadable(history).is_err() {
+                    old = match self.load(&key.0, &key.1)? {
+                        Some(stored) => stored,
+                        None => self.new_record(&key.0),
+                    };
+                }
+                if self.holds_unlogged(key, &mut old, &logged_now)? {
+                    // Edits the relay never logged, overtaken by the purge: the record as this
+                    // device shows it, the delete met, becomes a new history, uploaded like
+                    // any local change, and every device meets it with an `update_delete`
+                    // conflict entry.
+                    let shown = resolve::view(&mut old, self.options.policies.of(&key.0));
+                    let written = fresh.restore_purged(&shown.fields, shown.deleted, now)?;
+                    let staged = super::Staged::of(&mut fresh, Vec::new(), written);
+                    if staged.written.is_some() {
+                        self.finish(key.clone(), staged, now, &mut batch, &mut delta)?;
+                        document = fresh.heads();
+                        restored += 1;
+                    }
+                }
+            }
+            let later = groups.get(key).is_some_and(|g| !g.is_empty());
+            if document.is_empty() {
+                batch.remove(keys::doc(&key.0, &key.1));
+            }
+            Store::purge_logged(&mut ledger, key, document.clone());
+            // The record's entries after the purge entry start from it.
+            if later || !document.is_empty() {
+                working.records.insert(key.clone(), (fresh, false));
+            }
+        }
+        let purged_open = if purges.is_empty() {
+            0
+        } else {
+            self.purge_conflicts(&purges, &mut batch)?
+        };
         for key in order {
             let headers = groups.remove(&key).unwrap_or_default();
             let policy = self.options.policies.of(&key.0);
@@ -790,8 +908,12 @@ impl Store {
         if bootstrap.is_some_and(|b| cursor >= b.end()) {
             batch.remove(keys::cursor(super::snapshot::SNAPSHOT_CURSOR));
         }
-        self.kv.apply(batch)?;
+        // Under the queue lock: a restoration queues a change.
+        let mut queue = self.lock_queue();
+        self.apply_queue_batch(&mut queue, batch, delta)?;
+        drop(queue);
         self.count_open(&ledger);
+        self.count_purged_open(purged_open);
         // As in `write_all`: the documents go back into the cache only once their batch landed.
         for (key, record) in working.into_cacheable() {
             cache.put(key, record);
@@ -801,6 +923,7 @@ impl Store {
             applied,
             conflicts,
             quarantined,
+            restored,
         })
     }
 
@@ -816,7 +939,10 @@ impl Store {
         ledger: &Ledger,
         cache: &LruCache<CacheKey, Record>,
     ) -> Result<Option<RemoteApplied>, StoreError> {
-        if cache.contains(key) || resolve::resolution_of(change.message()).is_some() {
+        if cache.contains(key)
+            || resolve::resolution_of(change.message()).is_some()
+            || resolve::is_restoration(change.message())
+        {
             return Ok(None);
         }
         let Some(plain) = PlainFirst::of(change) else {
