@@ -37,8 +37,10 @@ const T0: u64 = 100 * DAY;
 
 /// `Doc` keeps an update that met a delete (the default), `Kept` keeps the delete.
 fn policies() -> Policies {
-    let mut keep_delete = Policy::default();
-    keep_delete.on_delete = DeleteRule::KeepDelete;
+    let keep_delete = Policy {
+        on_delete: DeleteRule::KeepDelete,
+        ..Policy::default()
+    };
     Policies {
         default: Policy::default(),
         collections: BTreeMap::from([("Kept".to_owned(), keep_delete)]),
@@ -244,7 +246,7 @@ fn a_purged_records_late_edit_comes_back_as_a_new_history_on_every_device() {
                 "{name} (uploads first: {uploads_first}, page {page})"
             );
             let ids: Vec<String> = conflicts(device).into_iter().map(|c| c.id).collect();
-            assert_eq!(ids, [entry.id.clone()], "{name}");
+            assert_eq!(ids, std::slice::from_ref(&entry.id), "{name}");
             assert_eq!(shown(device, "Doc", "other"), Some(fields(json!({"n": 1}))));
         }
     }
