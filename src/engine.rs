@@ -1196,6 +1196,13 @@ pub fn carry_out(
             .entered();
             let outcome = service.apply_snapshot_page(page)?;
             session.snapshot_applied(outcome.cursor, now);
+            if outcome.restored > 0 {
+                tracing::info!(
+                    records = outcome.restored,
+                    "purged records this device had edited written again, to upload"
+                );
+                session.local_changes();
+            }
         }
     }
     Ok(done)

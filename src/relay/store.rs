@@ -1330,6 +1330,31 @@ impl RelayStore {
         }
     }
 
+    /// The seq of the purge entry that last ended the record's history, if one did.
+    pub fn purged_at(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<u64>, RelayStoreError> {
+        check_space(space)?;
+        Ok(self.storage.purged_at(space, collection, record)?)
+    }
+
+    /// The seq the record's change `hash` was logged at, if it was.
+    pub fn change_seq(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+        hash: &ChangeHash,
+    ) -> Result<Option<u64>, RelayStoreError> {
+        check_space(space)?;
+        Ok(self
+            .storage
+            .change_seq(space, collection, record, &hash.0)?)
+    }
+
     /// Saves as their bases the documents of the records whose tails name entries at or below
     /// `seq`, a step at a time under the space's lock; returns how many.
     fn save_bases_through(&self, space: &str, seq: u64) -> Result<usize, RelayStoreError> {

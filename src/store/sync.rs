@@ -432,15 +432,16 @@ impl Store {
         )
     }
 
-    /// The entries refused `RecordPurged` that this device has already met the purge entry of:
-    /// their record's document no longer holds their change, which its restoration (or its
-    /// purge, when it showed the record deleted) took over (PROTOCOL.md, section 5.8). The
-    /// others wait, retryable, until the download meets the purge entry.
+    /// The refused entries whose record's document no longer holds their change: this device
+    /// met the purge entry of the history they were built on, and the record's restoration (or
+    /// its purge, when it showed the record deleted) took them over (PROTOCOL.md, section 5.8).
+    /// Refused `RecordPurged` themselves, or, built on such a one, `MissingDependencies`. Until
+    /// the download meets the purge entry they wait, retryable.
     fn superseded(&self, results: &[ChangeResult]) -> Result<HashSet<u64>, StoreError> {
         let mut superseded = HashSet::new();
         for result in results {
             let ChangeOutcome::Rejected {
-                code: ErrorCode::RecordPurged,
+                code: ErrorCode::RecordPurged | ErrorCode::MissingDependencies,
                 ..
             } = result.outcome
             else {
@@ -740,37 +741,20 @@ impl Store {
                 Some(record) => Some(record),
                 None => self.load(&key.0, &key.1)?,
             };
+            let history: Vec<Change> = purged_history
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| decode_change(&e.change).ok())
+                .collect();
             let mut fresh = self.new_record(&key.0);
             let mut document = Vec::new();
-            if let Some(mut old) = old {
-                let history: Vec<Change> = purged_history
-                    .get(key)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|e| decode_change(&e.change).ok())
-                    .collect();
-                let logged_now: Vec<ChangeHash> = history.iter().map(Change::hash).collect();
-                // What does not apply is left out, as applying it would quarantine it.
-                if !history.is_empty() && old.apply_reloadable(history).is_err() {
-                    old = match self.load(&key.0, &key.1)? {
-                        Some(stored) => stored,
-                        None => self.new_record(&key.0),
-                    };
-                }
-                if self.holds_unlogged(key, &mut old, &logged_now)? {
-                    // Edits the relay never logged, overtaken by the purge: the record as this
-                    // device shows it, the delete met, becomes a new history, uploaded like
-                    // any local change, and every device meets it with an `update_delete`
-                    // conflict entry.
-                    let shown = resolve::view(&mut old, self.options.policies.of(&key.0));
-                    let written = fresh.restore_purged(&shown.fields, shown.deleted, now)?;
-                    let staged = super::Staged::of(&mut fresh, Vec::new(), written);
-                    if staged.written.is_some() {
-                        self.finish(key.clone(), staged, now, &mut batch, &mut delta)?;
-                        document = fresh.heads();
-                        restored += 1;
-                    }
-                }
+            if let Some(old) = old
+                && self
+                    .restore_purged(key, old, history, &mut fresh, now, &mut batch, &mut delta)?
+            {
+                document = fresh.heads();
+                restored += 1;
             }
             let later = groups.get(key).is_some_and(|g| !g.is_empty());
             if document.is_empty() {
@@ -785,7 +769,7 @@ impl Store {
         let purged_open = if purges.is_empty() {
             0
         } else {
-            self.purge_conflicts(&purges, &mut batch)?
+            self.purge_conflicts(&purges, &mut ledger, &mut batch)?
         };
         for key in order {
             let headers = groups.remove(&key).unwrap_or_default();
@@ -925,6 +909,58 @@ impl Store {
             quarantined,
             restored,
         })
+    }
+
+    /// A record whose history the relay purged, held here as `old`: when it holds edits the
+    /// relay never logged (beyond its logged heads and `history`, the changes of that history
+    /// met since, applied first), the record as this device shows it, the delete met, is written
+    /// on `fresh` (an empty document) as a new history, queued in `batch` like any local change,
+    /// and true is returned; every device meets it with an `update_delete` conflict entry
+    /// (PROTOCOL.md, section 5.8). False when there was nothing of this device's to keep.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn restore_purged(
+        &self,
+        key: &CacheKey,
+        mut old: Record,
+        history: Vec<Change>,
+        fresh: &mut Record,
+        now: u64,
+        batch: &mut Batch,
+        delta: &mut CountDelta,
+    ) -> Result<bool, StoreError> {
+        let logged_now: Vec<ChangeHash> = history.iter().map(Change::hash).collect();
+        // What does not apply is left out, as applying it would quarantine it.
+        if !history.is_empty() && old.apply_reloadable(history).is_err() {
+            old = match self.load(&key.0, &key.1)? {
+                Some(stored) => stored,
+                None => return Ok(false),
+            };
+        }
+        if !self.holds_unlogged(key, &mut old, &logged_now)? {
+            return Ok(false);
+        }
+        self.write_restoration(key, old, fresh, now, batch, delta)
+    }
+
+    /// Writes `old` as this device shows it on `fresh` as a purged record's new history, queued
+    /// in `batch`; false when that wrote nothing.
+    pub(super) fn write_restoration(
+        &self,
+        key: &CacheKey,
+        mut old: Record,
+        fresh: &mut Record,
+        now: u64,
+        batch: &mut Batch,
+        delta: &mut CountDelta,
+    ) -> Result<bool, StoreError> {
+        let shown = resolve::view(&mut old, self.options.policies.of(&key.0));
+        let written = fresh.restore_purged(&shown.fields, shown.deleted, now)?;
+        let staged = super::Staged::of(fresh, Vec::new(), written);
+        if staged.written.is_none() {
+            return Ok(false);
+        }
+        self.finish(key.clone(), staged, now, batch, delta)?;
+        Ok(true)
     }
 
     /// What applying `change` would report when it creates a record this device does not hold

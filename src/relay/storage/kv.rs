@@ -197,10 +197,12 @@ impl KvStorage {
     }
 
     /// Removes what the space keeps of the record's history: base, tail, logged heads, unique
-    /// values and conflict entries.
+    /// values and conflict entries, whose counts are taken off `counted` (counter key → the
+    /// count now).
     fn purge_record(
         &self,
         batch: &mut Batch,
+        counted: &mut HashMap<Vec<u8>, u64>,
         space: &str,
         collection: &str,
         record: &str,
@@ -221,6 +223,16 @@ impl KvStorage {
                 .get(on_record.len()..k.len().saturating_sub(1))
                 .and_then(|id| std::str::from_utf8(id).ok())
                 .ok_or_else(|| corrupt("record conflict key", String::from_utf8_lossy(&k)))?;
+            // Its count goes with it: the counts are those of the entries kept, as on a device
+            // that bootstraps from a snapshot after the purge.
+            if let Some(conflict) = self.conflict(space, id)? {
+                let counter = key(b'c', &[space, conflict.kind.as_str(), &conflict.collection]);
+                let before = counted
+                    .get(&counter)
+                    .copied()
+                    .map_or_else(|| self.counter(&counter), Ok)?;
+                counted.insert(counter, before.saturating_sub(1));
+            }
             batch.remove(key(b'x', &[space, id]));
             batch.remove(key(b'o', &[space, id]));
             batch.remove(k);
@@ -312,12 +324,19 @@ impl KvStorage {
                 );
             }
         }
+        let mut counted = HashMap::new();
         for ((collection, record), seq) in &append.purged {
-            self.purge_record(&mut batch, space, collection, record)?;
+            self.purge_record(&mut batch, &mut counted, space, collection, record)?;
             batch.put(
                 key(b'p', &[space, collection, record]),
                 seq.to_be_bytes().to_vec(),
             );
+        }
+        for (counter, value) in counted {
+            match value {
+                0 => batch.remove(counter),
+                value => batch.put(counter, value.to_be_bytes().to_vec()),
+            }
         }
         for tombstone in &append.tombstones {
             batch.put(
