@@ -9,7 +9,8 @@
 //! check (through the relay store, as a property over random upload orders too); records' heads,
 //! base + tail and compaction; conflict counts and quota bytes as increments; the unique-value
 //! index (its holders and open clashes); conflict entries, their open index and the change that
-//! brought each; a space's web actor, chosen once. Accounts: accounts (a name taken once), devices, enrolment codes (consumed once),
+//! brought each; tombstone purging (a purge entry, the marker, what goes and what stays); a
+//! space's web actor, chosen once. Accounts: accounts (a name taken once), devices, enrolment codes (consumed once),
 //! token families, signing keys, passwords, each commit whole or not at all. And reopening:
 //! everything committed is there after a restart.
 

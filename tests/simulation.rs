@@ -20,7 +20,11 @@
 //! own, in sequence, and apply, and no honest device ever quarantines an entry or stalls.
 //! The relay compacts its log at random moments, keeping as few as its last entry, so devices
 //! that were offline or slow are answered `Compacted` and bootstrap again with their queues
-//! (not in runs whose collections have unique constraints: a known limit, PROTOCOL.md 5.8).
+//! (not in runs whose collections have unique constraints: a known limit, PROTOCOL.md 5.8);
+//! before each compaction it purges every record deleted so far, so devices meet purge
+//! entries, or bootstrap past them, while holding edits to purged records: what they wrote
+//! comes back as a restoration, and only the changes of a purged history may be missing at the
+//! end.
 //!
 //! `FERRY_SIM_SEEDS=N` runs N seeds (default 500); `FERRY_SIM_SEED=S` replays one seed;
 //! `FERRY_SIM_FIRST=S` starts the range elsewhere. A failure prints the seed to replay. Seeds
@@ -1170,26 +1174,6 @@ impl World {
             let mut deliveries = 0;
             while self.deliver_next() {
                 deliveries += 1;
-                if deliveries == HEAL_ROUNDS - 1 && std::env::var_os("PURGE_DEBUG").is_some() {
-                    for (i, d) in self.devices.iter().enumerate() {
-                        let store = d.as_ref().unwrap().service.store();
-                        for e in store.queue_newest(None, None, 20).unwrap() {
-                            if e.status != ferry_proto::QueueStatus::Completed {
-                                eprintln!(
-                                    "DBG dev {i} {:?} {}/{} {:?} {:?}",
-                                    e.status, e.model_name, e.object_id, e.operation, e.last_error
-                                );
-                            }
-                        }
-                        eprintln!("DBG dev {i} cursor {}", store.sync_cursor().unwrap());
-                    }
-                    let relay = &self.relay.as_ref().unwrap().store;
-                    eprintln!(
-                        "DBG relay head {} horizon {}",
-                        relay.head(SPACE).unwrap(),
-                        relay.horizon(SPACE).unwrap()
-                    );
-                }
                 assert!(
                     deliveries < HEAL_ROUNDS,
                     "no convergence after {HEAL_ROUNDS} deliveries"

@@ -12,7 +12,7 @@
 
 use super::sync::{RELAY_CURSOR, RemoteApplied};
 use super::{CacheKey, Store, StoreError, keys};
-use crate::record::Record;
+use crate::record::{Record, change_header};
 use crate::resolve::{self, Conflict};
 use automerge::ChangeHash;
 use ferry_proto::Operation;
@@ -69,8 +69,14 @@ impl SnapshotPages {
 
 /// What a snapshot page's records purged: the records (each with the seq up to which its
 /// conflict entries went with its history), the restorations queued, and their documents.
+/// Per record: the changes of this device's the relay acknowledged, and whether one waits.
+type OwnUploads = std::collections::HashMap<CacheKey, (Vec<ChangeHash>, bool)>;
+
 #[derive(Default)]
 struct Purge {
+    /// This device's uploads, read when a record none of whose changes it met in the log needs
+    /// them: what the relay acknowledged of it is what it logged.
+    own: Option<OwnUploads>,
     records: std::collections::HashMap<CacheKey, u64>,
     restored: usize,
     restored_docs: Vec<(CacheKey, Record)>,
@@ -229,19 +235,34 @@ impl Store {
         })
     }
 
-    /// Per record with queue entries: whether the relay acknowledged one of them, and whether
+    /// Per record with queue entries: the changes the relay acknowledged logging, and whether
     /// one waits to be uploaded (or failed).
-    fn own_uploads(&self) -> Result<std::collections::HashMap<CacheKey, (bool, bool)>, StoreError> {
-        let mut own: std::collections::HashMap<CacheKey, (bool, bool)> =
-            std::collections::HashMap::new();
+    fn own_uploads(&self) -> Result<OwnUploads, StoreError> {
+        let mut own = OwnUploads::new();
+        let mut failed = None;
         self.scan_queue(None, |entry| {
             let done = entry.status == ferry_proto::QueueStatus::Completed;
-            let seen = own.entry((entry.model_name, entry.object_id)).or_default();
-            seen.0 |= done;
-            seen.1 |= !done;
+            let key = (entry.model_name.clone(), entry.object_id.clone());
+            if done {
+                match self
+                    .with_change(entry)
+                    .and_then(|e| Ok(change_header(&e.data)?.hash))
+                {
+                    Ok(hash) => own.entry(key).or_default().0.push(hash),
+                    Err(e) => {
+                        failed = Some(e);
+                        return false;
+                    }
+                }
+            } else {
+                own.entry(key).or_default().1 = true;
+            }
             true
         })?;
-        Ok(own)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(own),
+        }
     }
 
     /// The records this device holds in the page's key range (after `from`, through its last,
@@ -272,10 +293,6 @@ impl Store {
             .map(|r| (r.collection.as_str(), r.record.as_str()))
             .collect();
         let now = self.clock.now_ms();
-        // Records none of whose changes this device met in the log, by whether the relay
-        // acknowledged one of them (logged, then purged with the record) and whether any waits
-        // to be uploaded; looked up only when one is met.
-        let mut own: Option<std::collections::HashMap<CacheKey, (bool, bool)>> = None;
         loop {
             let rows = self.kv.range(&start, &end, 256)?;
             let Some((last, _)) = rows.last() else {
@@ -300,12 +317,14 @@ impl Store {
                 let old = self.parse(&key.0, &bytes)?;
                 let mut fresh = self.new_record(&key.0);
                 let restored = if self.never_logged(&key)? == Some(true) {
-                    if own.is_none() {
-                        own = Some(self.own_uploads()?);
+                    if purge.own.is_none() {
+                        purge.own = Some(self.own_uploads()?);
                     }
-                    let (acknowledged, waiting) = own
+                    let (acknowledged, waiting) = purge
+                        .own
                         .as_ref()
-                        .and_then(|own| own.get(&key).copied())
+                        .and_then(|own| own.get(&key))
+                        .map(|(acked, waiting)| (!acked.is_empty(), *waiting))
                         .unwrap_or_default();
                     if !acknowledged {
                         // The relay never logged any of it: this device's own new record.
@@ -377,7 +396,22 @@ impl Store {
         let logged: Vec<ChangeHash> = snapshot.heads();
         let mut local = self.load(&key.0, &key.1)?;
         if let Some(held) = local.as_mut() {
-            let seen = self.logged_heads_of(key, held)?;
+            let never_logged = self.never_logged(key)? == Some(true);
+            let seen = if never_logged {
+                // None of its changes met in the log yet: those the relay acknowledged are
+                // logged all the same.
+                if purge.own.is_none() {
+                    purge.own = Some(self.own_uploads()?);
+                }
+                purge
+                    .own
+                    .as_ref()
+                    .and_then(|own| own.get(key))
+                    .map(|(acked, _)| acked.clone())
+                    .unwrap_or_default()
+            } else {
+                self.logged_heads_of(key, held)?
+            };
             if !seen.iter().all(|h| snapshot.has_change(h)) {
                 // The relay no longer holds what this device saw logged: it purged the record,
                 // which was written again since (PROTOCOL.md, section 5.8). Its conflict
@@ -386,18 +420,36 @@ impl Store {
                 let before = first.map_or(u64::MAX, |seq| seq.saturating_sub(1));
                 purge.records.insert(key.clone(), before);
                 let mut fresh = self.new_record(&key.0);
-                let old = local.take();
-                if let Some(old) = old
-                    && self.restore_purged(
+                let now = self.clock.now_ms();
+                let waiting = purge
+                    .own
+                    .as_ref()
+                    .and_then(|own| own.get(key))
+                    .is_some_and(|(_, waiting)| *waiting);
+                let restored = match local.take() {
+                    Some(old) if never_logged => {
+                        waiting
+                            && self.write_restoration(
+                                key,
+                                old,
+                                &mut fresh,
+                                now,
+                                batch,
+                                &mut purge.delta,
+                            )?
+                    }
+                    Some(old) => self.restore_purged(
                         key,
                         old,
                         Vec::new(),
                         &mut fresh,
-                        self.clock.now_ms(),
+                        now,
                         batch,
                         &mut purge.delta,
-                    )?
-                {
+                    )?,
+                    None => false,
+                };
+                if restored {
                     purge.restored += 1;
                     local = Some(fresh);
                 }
