@@ -49,6 +49,7 @@ usage: cargo bench --bench local_e2e -- [OPTIONS]
   --singles N       single `put` calls, on one connection and again spread over the
                     concurrent connections (default: min(N, 10000))
   --connections N   concurrent connections for the group-commit run (default 4)
+  --in-flight N     puts each connection keeps unanswered in the pipelined runs (default 64)
   --reads N         random `get` calls (default 10000)
   --page N          records per `list` page (default 100)
   --seed N          seed of the random reads (default: FERRY_BENCH_SEED, else from the clock)
@@ -60,6 +61,7 @@ struct Options {
     batch: u64,
     singles: Option<u64>,
     connections: u64,
+    in_flight: u64,
     reads: u64,
     page: u64,
     seed: u64,
@@ -86,6 +88,7 @@ impl Options {
             batch: 2000,
             singles: None,
             connections: 4,
+            in_flight: 64,
             reads: 10_000,
             page: 100,
             seed,
@@ -106,6 +109,7 @@ impl Options {
                 "--batch" => o.batch = value(arg)?,
                 "--singles" => o.singles = Some(value(arg)?),
                 "--connections" => o.connections = value(arg)?,
+                "--in-flight" => o.in_flight = value(arg)?,
                 "--reads" => o.reads = value(arg)?,
                 "--page" => o.page = value(arg)?,
                 "--seed" => o.seed = value(arg)?,
@@ -140,9 +144,15 @@ impl Options {
         if !(1..=1000).contains(&o.page) {
             return Err("--page must be 1 to 1000 (the daemon's max_list_limit)".into());
         }
-        if o.connections == 0 || o.records.contains(&0) || o.reads == 0 || o.singles == Some(0) {
+        if o.connections == 0
+            || o.in_flight == 0
+            || o.records.contains(&0)
+            || o.reads == 0
+            || o.singles == Some(0)
+        {
             return Err(
-                "--records, --singles, --connections and --reads must be at least 1".into(),
+                "--records, --singles, --connections, --in-flight and --reads must be at least 1"
+                    .into(),
             );
         }
         Ok(o)
@@ -258,6 +268,84 @@ fn single_writes(daemon: &Running, first: u64, count: u64, connections: u64) -> 
     json!({
         "writes": count,
         "connections": connections,
+        "seconds": secs(elapsed),
+        "writes_per_s": per_second(count, elapsed),
+        "latency_us": latency(&mut samples),
+    })
+}
+
+/// `count` single `put`s of new records numbered from `first`, spread over `connections`
+/// connections at once, each keeping `in_flight` of them sent and not yet answered (JSON-RPC
+/// over the raw socket: the answers come by id, each once its write is durable).
+fn pipelined_writes(
+    daemon: &Running,
+    first: u64,
+    count: u64,
+    connections: u64,
+    in_flight: u64,
+) -> Value {
+    use std::io::BufRead as _;
+    check_interrupted();
+    let per = count.div_ceil(connections);
+    let streams: Vec<_> = (0..connections)
+        .map(|_| std::os::unix::net::UnixStream::connect(daemon.socket()).expect("connect"))
+        .collect();
+    let barrier = std::sync::Barrier::new(connections as usize + 1);
+    let (mut samples, elapsed) = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..connections)
+            .zip(streams)
+            .map(|(c, stream)| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let from = first + c * per;
+                    let to = (from + per).min(first + count);
+                    let mut reader =
+                        std::io::BufReader::new(stream.try_clone().expect("clone the stream"));
+                    let mut writer = std::io::BufWriter::new(stream);
+                    let mut sent_at = std::collections::HashMap::new();
+                    let mut samples = Vec::with_capacity(per as usize);
+                    let mut line = String::new();
+                    barrier.wait();
+                    let mut next = from;
+                    while samples.len() < (to - from) as usize {
+                        while next < to && sent_at.len() < in_flight as usize {
+                            let request = json!({
+                                "jsonrpc": "2.0", "id": next, "method": "put",
+                                "params": {
+                                    "collection": COLLECTION, "id": record_id(next),
+                                    "fields": record_fields(next)
+                                }
+                            });
+                            writeln!(writer, "{request}").expect("send a put");
+                            sent_at.insert(next, Instant::now());
+                            next += 1;
+                        }
+                        writer.flush().expect("send the puts");
+                        line.clear();
+                        reader.read_line(&mut line).expect("read an answer");
+                        let reply: Value = serde_json::from_str(&line).expect("a JSON answer");
+                        assert!(reply.get("result").is_some(), "put refused: {reply}");
+                        let id = reply["id"].as_u64().expect("the answer's id");
+                        let t = sent_at.remove(&id).expect("an answer to a put in flight");
+                        samples.push(t.elapsed());
+                    }
+                    samples
+                })
+            })
+            .collect();
+        barrier.wait();
+        let started = Instant::now();
+        let mut samples = Vec::new();
+        for w in workers {
+            samples.extend(w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        (samples, started.elapsed())
+    });
+    assert_eq!(samples.len() as u64, count, "every put was answered");
+    json!({
+        "writes": count,
+        "connections": connections,
+        "in_flight": in_flight,
         "seconds": secs(elapsed),
         "writes_per_s": per_second(count, elapsed),
         "latency_us": latency(&mut samples),
@@ -402,7 +490,17 @@ fn run(n: u64, o: &Options) -> Value {
     snapshot("put_1_connection");
     let concurrent = single_writes(&daemon, n + singles, singles, o.connections);
     snapshot("put_concurrent");
-    let total = n + 2 * singles;
+    let pipelined = pipelined_writes(&daemon, n + 2 * singles, singles, 1, o.in_flight);
+    snapshot("put_pipelined_1_connection");
+    let pipelined_concurrent = pipelined_writes(
+        &daemon,
+        n + 3 * singles,
+        singles,
+        o.connections,
+        o.in_flight,
+    );
+    snapshot("put_pipelined_concurrent");
+    let total = n + 4 * singles;
     let (docs_end, status_bytes_end) = documents(&mut client);
     assert_eq!(docs_end, total, "documents after the single writes");
     drop(client);
@@ -421,6 +519,8 @@ fn run(n: u64, o: &Options) -> Value {
         "list": list,
         "put_1_connection": single,
         "put_concurrent": concurrent,
+        "put_pipelined_1_connection": pipelined,
+        "put_pipelined_concurrent": pipelined_concurrent,
         "store": {
             "status_store_bytes_after_import": status_bytes,
             "status_bytes_per_record_after_import": status_bytes / n,
@@ -496,10 +596,22 @@ fn summarize(r: &Value) {
             );
         }
     }
-    for key in ["put_1_connection", "put_concurrent"] {
+    for key in [
+        "put_1_connection",
+        "put_concurrent",
+        "put_pipelined_1_connection",
+        "put_pipelined_concurrent",
+    ] {
         let p = &r[key];
+        let pipelined = match p["in_flight"].as_u64() {
+            Some(n) => format!(", {n} in flight each"),
+            None => String::new(),
+        };
         row(
-            format!("put x{}, {} connection(s)", p["writes"], p["connections"]),
+            format!(
+                "put x{}, {} connection(s){pipelined}",
+                p["writes"], p["connections"]
+            ),
             &p["writes_per_s"],
             "writes/s",
             lat(&p["latency_us"]),

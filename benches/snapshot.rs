@@ -161,7 +161,7 @@ fn bootstrap(relay: &RelayStore, space: &str, config: &SessionConfig) -> Joined 
             .snapshot_page(
                 space,
                 after.as_ref(),
-                config.max_download_changes,
+                config.max_snapshot_records,
                 config.max_frame_bytes as usize / 2,
             )
             .expect("read a snapshot page");

@@ -253,6 +253,13 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         records: usize,
     },
+    /// Print a completion script for a shell: `ferry completions bash > /etc/bash_completion.d/ferry`
+    Completions {
+        /// The shell to complete in
+        shell: clap_complete::Shell,
+    },
+    /// Print ferry's manual page (roff): `ferry man > ferry.1 && man ./ferry.1`
+    Man,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -377,6 +384,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Init => init(&ctx),
+        Command::Completions { shell } => completions(shell),
+        Command::Man => manual(),
         Command::Daemon => run_daemon(&ctx),
         Command::Demo { records } => demo(&ctx, cli.data_dir.is_some(), records),
         Command::Watch {
@@ -492,6 +501,24 @@ fn log_filter(text: &str) -> String {
     } else {
         format!("{text},automerge=warn")
     }
+}
+
+/// Writes the completion script for `shell` to standard output.
+fn completions(shell: clap_complete::Shell) -> Result<(), Failure> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut command, "ferry", &mut std::io::stdout());
+    Ok(())
+}
+
+/// Writes the manual page (options, commands, version) to standard output.
+fn manual() -> Result<(), Failure> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+        .render(&mut page)
+        .map_err(|e| Failure::failed(format!("cannot render the manual page: {e}")))?;
+    std::io::stdout()
+        .write_all(&page)
+        .map_err(|e| Failure::failed(format!("cannot write the manual page: {e}")))
 }
 
 fn init(ctx: &Context) -> Result<(), Failure> {
@@ -1066,7 +1093,9 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
         | Command::Relay { .. }
         | Command::Register { .. }
         | Command::Key { .. }
-        | Command::Export { .. } => {
+        | Command::Export { .. }
+        | Command::Completions { .. }
+        | Command::Man => {
             // `run` gives every other command to its own function.
             return Err(Failure::failed(
                 "this command does not read or write records",

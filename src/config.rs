@@ -147,6 +147,8 @@ pub struct SyncConfig {
     pub batch_changes: u32,
     /// Most log entries in one download page.
     pub download_changes: u32,
+    /// Most records in one page of the relay's snapshot.
+    pub snapshot_records: u32,
     /// Largest frame sent or accepted, in bytes.
     pub max_frame_bytes: u32,
     /// Longest wait for the relay to answer a connection attempt or a request, in ms.
@@ -190,6 +192,7 @@ impl Default for SyncConfig {
             backoff_max_ms: 60_000,
             batch_changes: session.max_batch_changes,
             download_changes: session.max_download_changes,
+            snapshot_records: session.max_snapshot_records,
             max_frame_bytes: session.max_frame_bytes,
             request_timeout_ms: session.request_timeout_ms,
             keep_alive_ms: 1_000,
@@ -218,6 +221,8 @@ pub struct RelayConfig {
     pub max_frame_bytes: u32,
     /// Most log entries sent in one `Changes`.
     pub max_download_changes: u32,
+    /// Most records sent in one snapshot page.
+    pub max_snapshot_records: u32,
     /// Documents kept loaded in memory.
     pub cache_docs: usize,
     /// sled's page cache, in MiB.
@@ -281,6 +286,7 @@ impl Default for RelayConfig {
             max_batch_changes: session.max_batch_changes,
             max_frame_bytes: session.max_frame_bytes,
             max_download_changes: session.max_download_changes,
+            max_snapshot_records: session.max_snapshot_records,
             cache_docs: 4096,
             sled_cache_mb: 64,
             handshake_timeout_ms: session.handshake_timeout_ms,
@@ -426,6 +432,7 @@ impl Config {
             ),
             ("sync.batch_changes", self.sync.batch_changes as usize),
             ("sync.download_changes", self.sync.download_changes as usize),
+            ("sync.snapshot_records", self.sync.snapshot_records as usize),
             (
                 "sync.request_timeout_ms",
                 self.sync.request_timeout_ms as usize,
@@ -440,6 +447,10 @@ impl Config {
             (
                 "relay.max_download_changes",
                 self.relay.max_download_changes as usize,
+            ),
+            (
+                "relay.max_snapshot_records",
+                self.relay.max_snapshot_records as usize,
             ),
             ("relay.cache_docs", self.relay.cache_docs),
             (

@@ -98,13 +98,24 @@ impl DataDir {
     }
 
     /// Creates the directory (0700), a config file with every default, and the identity key.
-    /// Returns false when it was already initialised (nothing is changed then).
+    /// An existing empty directory open to others (made with `mkdir`, say) is closed to them
+    /// first; one that holds anything is left as it is and refused. Returns false when it was
+    /// already initialised (nothing is changed then).
     pub fn init(&self, config_text: &str) -> Result<bool, DataDirError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.path)
             .map_err(|e| self.io(e))?;
+        if let Err(DataDirError::Exposed { .. }) = self.check()
+            && std::fs::read_dir(&self.path)
+                .map_err(|e| self.io(e))?
+                .next()
+                .is_none()
+        {
+            std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| self.io(e))?;
+        }
         self.check()?;
         if self.identity_path().exists() {
             return Ok(false);
@@ -237,5 +248,23 @@ mod tests {
         drop(lock);
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(matches!(dir.check(), Err(DataDirError::Exposed { .. })));
+        // Once it holds anything, init does not close it: it refuses it.
+        assert!(matches!(dir.init(""), Err(DataDirError::Exposed { .. })));
+    }
+
+    #[test]
+    fn init_closes_an_empty_directory_open_to_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("made-by-mkdir");
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&path)
+            .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = DataDir::resolve(Some(&path)).unwrap();
+        assert!(dir.init("").unwrap());
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        dir.check().unwrap();
     }
 }

@@ -130,6 +130,7 @@ impl SyncSettings {
             max_frame_bytes: config.max_frame_bytes,
             max_batch_bytes: (config.max_frame_bytes as usize) / 2,
             max_download_changes: config.download_changes,
+            max_snapshot_records: config.snapshot_records,
             ..SessionConfig::default()
         };
         Ok(Some(SyncSettings {

@@ -14,7 +14,7 @@ use crate::alerts::Alert;
 use crate::engine::SyncHandle;
 use crate::engine::{SyncReport, SyncStatus};
 use crate::service::api::{self, Method};
-use crate::service::{ApiError, ChangeEvent, ConflictEvent, Service, code};
+use crate::service::{ApiError, ChangeEvent, ConflictEvent, Service, Submitted, code};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
 use serde::Serialize;
@@ -158,6 +158,77 @@ async fn refuse(stream: UnixStream, max: usize) {
 /// How long a refused connection stays open for the app to read why.
 const REFUSED_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The most writes one connection has handed to the committer and not yet answered; past it
+/// the connection reads no further request until one is answered.
+const MAX_WRITES_IN_FLIGHT: usize = 1024;
+
+/// A write handed to the committer: the id to answer, and how to wait for the answer.
+type Waiting = (Option<Value>, Submitted);
+
+/// A connection's writes handed to the committer and not yet answered (JSON-RPC lets an app
+/// send requests without waiting for the answers): a blocking thread waits for each one in
+/// the order they were handed over (the committer answers a whole group at once, so the
+/// order costs nothing) and sends its reply.
+struct Pipeline {
+    out: mpsc::Sender<String>,
+    /// Writes handed over and not yet answered.
+    in_flight: Arc<watch::Sender<usize>>,
+    /// The answerer, started with the connection's first write (a connection that only reads
+    /// holds no thread).
+    answerer: Option<(mpsc::Sender<Waiting>, JoinHandle<()>)>,
+}
+
+impl Pipeline {
+    fn new(out: mpsc::Sender<String>) -> Self {
+        Pipeline {
+            out,
+            in_flight: Arc::new(watch::Sender::new(0)),
+            answerer: None,
+        }
+    }
+
+    /// Hands a begun write's answer to the answerer; waits while too many are in flight.
+    async fn push(&mut self, id: Option<Value>, submitted: Submitted) {
+        let (out, in_flight) = (&self.out, &self.in_flight);
+        let (waiting, _) = self.answerer.get_or_insert_with(|| {
+            let (waiting, mut waiters) = mpsc::channel::<Waiting>(MAX_WRITES_IN_FLIGHT);
+            let (out, answered) = (out.clone(), in_flight.clone());
+            let thread = tokio::task::spawn_blocking(move || {
+                while let Some((id, submitted)) = waiters.blocking_recv() {
+                    let result = encode(submitted());
+                    answered.send_modify(|n| *n = n.saturating_sub(1));
+                    if let Some(reply) = reply(id, result)
+                        && out.blocking_send(reply.to_string()).is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            (waiting, thread)
+        });
+        in_flight.send_modify(|n| *n += 1);
+        if waiting.send((id, submitted)).await.is_err() {
+            // The answerer stopped: the connection's writer is gone, nobody reads a reply.
+            in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        }
+    }
+
+    /// Waits until every write handed over is answered, so that what comes next sees them.
+    async fn drain(&self) {
+        let mut count = self.in_flight.subscribe();
+        // An error means the sender is gone, which it is not while `self` lives.
+        let _ = count.wait_for(|n| *n == 0).await;
+    }
+
+    /// Answers what is in flight, then stops.
+    async fn finish(self) {
+        if let Some((waiting, thread)) = self.answerer {
+            drop(waiting);
+            let _ = thread.await;
+        }
+    }
+}
+
 struct Connection {
     service: Arc<Service>,
     options: ServerOptions,
@@ -179,6 +250,7 @@ impl Connection {
         let codec = LinesCodec::new_with_max_length(self.options.max_message_bytes);
         let (mut sink, mut lines) = Framed::new(stream, codec).split();
         let (out, mut outbox) = mpsc::channel::<String>(1024);
+        let mut pipeline = Pipeline::new(out.clone());
         // Lines queued behind the one at hand go out in the same write (a burst of
         // notifications is one syscall, not one each); each is flushed before the writer waits.
         let writer = tokio::spawn(async move {
@@ -204,7 +276,7 @@ impl Connection {
             let reply = match line {
                 None if std::mem::take(&mut resume_after_error) => continue,
                 None => break,
-                Some(Ok(line)) => self.handle_line(&line, &out).await,
+                Some(Ok(line)) => self.handle_line(&line, &out, &mut pipeline).await,
                 Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
                     // The codec drops the rest of the line; the connection goes on.
                     resume_after_error = true;
@@ -255,44 +327,103 @@ impl Connection {
         for (_, task) in self.subscriptions.drain() {
             task.abort();
         }
+        pipeline.finish().await;
         drop(out);
         let _ = writer.await;
     }
 
-    /// One line: a request, a notification, or a batch of them.
-    async fn handle_line(&mut self, line: &str, out: &mpsc::Sender<String>) -> Option<Value> {
+    /// One line: a request, a notification, or a batch of them. A write (put, patch, delete,
+    /// import) on its own is handed to the committer and answered once durable, while the
+    /// connection reads on; anything else first waits for the writes before it, so that it
+    /// sees them. A batch is answered whole, its writes made durable together.
+    async fn handle_line(
+        &mut self,
+        line: &str,
+        out: &mpsc::Sender<String>,
+        pipeline: &mut Pipeline,
+    ) -> Option<Value> {
         match decode_message(line) {
             Message::Empty => None,
             Message::Invalid(reply) => Some(reply),
-            Message::Single(request) => self.handle_request(request, out).await,
-            Message::Batch(requests) => {
-                let mut replies = Vec::new();
-                for request in requests {
-                    replies.extend(self.handle_request(request, out).await);
+            Message::Single(request) => {
+                let (id, call) = match decode_call(request) {
+                    Ok(decoded) => decoded,
+                    Err(refusal) => return refusal,
+                };
+                if self.service.can_begin(&call) {
+                    for begun in self.service.begin_writes(vec![call]) {
+                        match begun {
+                            Ok(submitted) => pipeline.push(id.clone(), submitted).await,
+                            Err(e) => return reply(id, Err(e)),
+                        }
+                    }
+                    return None;
                 }
+                pipeline.drain().await;
+                let result = self.answer(call, out).await;
+                reply(id, result)
+            }
+            Message::Batch(requests) => {
+                pipeline.drain().await;
+                // Replies in the order of the requests; consecutive writes wait together.
+                let mut replies: Vec<Option<Value>> = Vec::with_capacity(requests.len());
+                let mut writes = Vec::new();
+                for request in requests {
+                    let (id, call) = match decode_call(request) {
+                        Ok(decoded) => decoded,
+                        Err(refusal) => {
+                            replies.push(refusal);
+                            continue;
+                        }
+                    };
+                    if self.service.can_begin(&call) {
+                        writes.push((replies.len(), id, call));
+                        replies.push(None);
+                        continue;
+                    }
+                    self.write_together(std::mem::take(&mut writes), &mut replies)
+                        .await;
+                    let result = self.answer(call, out).await;
+                    replies.push(reply(id, result));
+                }
+                self.write_together(writes, &mut replies).await;
+                let replies: Vec<Value> = replies.into_iter().flatten().collect();
                 (!replies.is_empty()).then_some(Value::Array(replies))
             }
         }
     }
 
-    async fn handle_request(
-        &mut self,
-        request: Result<Request, Value>,
-        out: &mpsc::Sender<String>,
-    ) -> Option<Value> {
-        let request = match request {
-            Ok(r) => r,
-            Err(reply) => return Some(reply),
-        };
-        let result = match api::Request::decode(&request.method, request.params) {
-            Ok(call) => self.answer(call, out).await,
-            Err(e) => Err(e),
-        };
-        let id = request.id?;
-        Some(match result {
-            Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
-            Err(err) => error_response(id, &err),
+    /// Hands `writes` to the committer together, waits until they are durable and puts each
+    /// one's reply at its place in `replies`.
+    async fn write_together(
+        &self,
+        writes: Vec<(usize, Option<Value>, api::Request)>,
+        replies: &mut [Option<Value>],
+    ) {
+        if writes.is_empty() {
+            return;
+        }
+        let (places, calls): (Vec<_>, Vec<_>) = writes
+            .into_iter()
+            .map(|(place, id, call)| ((place, id), call))
+            .unzip();
+        let begun = self.service.begin_writes(calls);
+        let results = tokio::task::spawn_blocking(move || {
+            begun
+                .into_iter()
+                .map(|begun| encode(begun.and_then(|submitted| submitted())))
+                .collect::<Vec<_>>()
         })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "waiting for a batch's writes panicked");
+            places.iter().map(|_| Err(internal())).collect()
+        });
+        for ((place, id), result) in places.into_iter().zip(results) {
+            if let Some(slot) = replies.get_mut(place) {
+                *slot = reply(id, result);
+            }
+        }
     }
 
     /// Runs one call: the connection's own methods here, the others on the service.
@@ -454,6 +585,26 @@ impl Connection {
             )),
         }
     }
+}
+
+/// A request's id and call, or the reply refusing it (none for a notification).
+fn decode_call(
+    request: Result<Request, Value>,
+) -> Result<(Option<Value>, api::Request), Option<Value>> {
+    let request = request.map_err(Some)?;
+    match api::Request::decode(&request.method, request.params) {
+        Ok(call) => Ok((request.id, call)),
+        Err(e) => Err(reply(request.id, Err(e))),
+    }
+}
+
+/// The reply to a request with this id (none for a notification).
+fn reply(id: Option<Value>, result: Result<Value, ApiError>) -> Option<Value> {
+    let id = id?;
+    Some(match result {
+        Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+        Err(err) => error_response(id, &err),
+    })
 }
 
 fn internal() -> ApiError {

@@ -34,7 +34,7 @@ use tokio::sync::broadcast;
 pub mod api;
 
 use api::{
-    Address, CollectionList, CollectionSize, CollectionsParams, ConflictId, ConflictPage,
+    Address, Answer, CollectionList, CollectionSize, CollectionsParams, ConflictId, ConflictPage,
     ConflictSummary, ConflictsParams, Contents, DeleteParams, DoctorAnswer, DoctorParams,
     ExportParams, Exported, GetParams, HistoryParams, ImportParams, Imported, KeyReloadParams,
     KeyReloaded, ListParams, LogPage, LogParams, Method, Named as _, PatchParams, PutParams,
@@ -193,16 +193,30 @@ enum Job {
         page: SnapshotPage,
         reply: mpsc::Sender<Result<SnapshotOutcome, StoreError>>,
     },
+    /// Jobs handed over together, run in order in one group: one flush covers them all.
+    Group(Vec<Job>),
 }
 
 /// What is left of a job once it has run: answering its caller, once the group's flush says
 /// whether its work is durable.
-type Answer = Box<dyn FnOnce(&Result<(), StoreError>)>;
+type AfterFlush = Box<dyn FnOnce(&Result<(), StoreError>)>;
 
 impl Job {
-    fn run(self, store: &Store) -> Answer {
+    /// The jobs this one stands for, in order.
+    fn flatten(self, into: &mut Vec<Job>) {
+        match self {
+            Job::Group(jobs) => jobs.into_iter().for_each(|job| job.flatten(into)),
+            job => into.push(job),
+        }
+    }
+
+    fn run(self, store: &Store) -> AfterFlush {
         // The caller may have gone away; its work stands either way.
         match self {
+            Job::Group(jobs) => {
+                let answers: Vec<AfterFlush> = jobs.into_iter().map(|job| job.run(store)).collect();
+                Box::new(move |flushed| answers.into_iter().for_each(|answer| answer(flushed)))
+            }
             Job::Writes { writes, reply } => {
                 let result = supervised("a write", || store.write_all(writes));
                 Box::new(move |flushed| {
@@ -273,20 +287,40 @@ fn after_flush<T>(
 
 fn run_committer(store: Arc<Store>, jobs: mpsc::Receiver<Job>, group_max: usize) {
     while let Ok(first) = jobs.recv() {
-        let mut group = vec![first];
+        let mut group = Vec::new();
+        first.flatten(&mut group);
         while group.len() < group_max {
             match jobs.try_recv() {
-                Ok(job) => group.push(job),
+                Ok(job) => job.flatten(&mut group),
                 Err(_) => break,
             }
         }
         let _span = tracing::debug_span!("group_commit", jobs = group.len()).entered();
-        let answers: Vec<Answer> = group.into_iter().map(|job| job.run(&store)).collect();
+        let answers: Vec<AfterFlush> = group.into_iter().map(|job| job.run(&store)).collect();
         let flushed = store.flush();
         for answer in answers {
             answer(&flushed);
         }
     }
+}
+
+/// How a begun write's durable results become its method's answer.
+type AnswerOf = fn(Vec<Applied>) -> Result<Answer, ApiError>;
+
+/// A write handed to the committer by [`Service::begin_writes`]: blocks until it is durable
+/// and gives its answer.
+pub type Submitted = Box<dyn FnOnce() -> Result<Answer, ApiError> + Send>;
+
+fn shutting_down() -> ApiError {
+    ApiError::new(code::UNAVAILABLE, "the daemon is shutting down: try again")
+}
+
+/// The result of a one-write commit.
+fn first_applied(applied: Vec<Applied>) -> Result<Applied, ApiError> {
+    applied
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::new(code::INTERNAL, "no result"))
 }
 
 /// Why a write applied in a group could not be acknowledged: its flush failed. A full disk stays a
@@ -395,6 +429,75 @@ impl Service {
         Ok(applied)
     }
 
+    /// Whether [`Service::begin_writes`] takes this request: a put, patch, delete or import, in
+    /// the daemon (where a committer thread makes writes durable in groups).
+    pub fn can_begin(&self, request: &api::Request) -> bool {
+        matches!(self.committer, Committer::Grouped { .. })
+            && matches!(
+                request,
+                api::Request::Put(_)
+                    | api::Request::Patch(_)
+                    | api::Request::Delete(_)
+                    | api::Request::Import(_)
+            )
+    }
+
+    /// Hands writes to the committer, in order and together (one flush covers them all),
+    /// without waiting for them, and gives for each the way to wait for its answer: the
+    /// answer comes once the write is durable, exactly as [`Service::handle`] would give it.
+    /// Writes begun one after the other are applied in that order, so a connection can go on
+    /// reading requests while earlier ones are made durable. Only for requests
+    /// [`Service::can_begin`] takes; any other is refused as `INVALID_STATE`.
+    pub fn begin_writes(
+        self: &Arc<Self>,
+        requests: Vec<api::Request>,
+    ) -> Vec<Result<Submitted, ApiError>> {
+        let mut jobs = Vec::new();
+        let begun = requests
+            .into_iter()
+            .map(|request| {
+                let (writes, shape): (Vec<Write>, AnswerOf) = match request {
+                    api::Request::Put(p) => {
+                        (vec![p.into_write()], |a| first_applied(a).map(Answer::Put))
+                    }
+                    api::Request::Patch(p) => (vec![p.into_write()], |a| {
+                        first_applied(a).map(Answer::Patch)
+                    }),
+                    api::Request::Delete(p) => (vec![p.into_write()], |a| {
+                        first_applied(a).map(Answer::Delete)
+                    }),
+                    api::Request::Import(p) => {
+                        (p.into_writes(self.options.max_import_records)?, |a| {
+                            Ok(Answer::Import(imported(a)))
+                        })
+                    }
+                    other => {
+                        return Err(ApiError::new(
+                            code::INVALID_STATE,
+                            format!("{} cannot be begun without waiting", other.method()),
+                        ));
+                    }
+                };
+                let (reply, answer) = mpsc::channel();
+                jobs.push(Job::Writes { writes, reply });
+                let service = self.clone();
+                let submitted: Submitted = Box::new(move || {
+                    let applied = answer.recv().map_err(|_| shutting_down())??;
+                    service.announce_local(&applied);
+                    shape(applied)
+                });
+                Ok(submitted)
+            })
+            .collect();
+        if let Committer::Grouped { jobs: queue, .. } = &self.committer
+            && !jobs.is_empty()
+        {
+            // A refused hand-over drops the replies: each waiter then reads "shutting down".
+            let _ = queue.send(Job::Group(jobs));
+        }
+        begun
+    }
+
     /// Subscribers hear of records another device's changes (or the relay's snapshot) changed,
     /// and of the conflicts they brought.
     fn announce_remote(&self, applied: &[RemoteApplied], conflicts: &[Conflict]) {
@@ -490,10 +593,9 @@ impl Service {
             }
             Committer::Grouped { jobs, .. } => {
                 let (reply, answer) = mpsc::channel();
-                let unavailable =
-                    || ApiError::new(code::UNAVAILABLE, "the daemon is shutting down: try again");
-                jobs.send(job(payload, reply)).map_err(|_| unavailable())?;
-                Ok(answer.recv().map_err(|_| unavailable())??)
+                jobs.send(job(payload, reply))
+                    .map_err(|_| shutting_down())?;
+                Ok(answer.recv().map_err(|_| shutting_down())??)
             }
         }
     }
@@ -505,11 +607,7 @@ impl Service {
     }
 
     fn commit_one(&self, write: Write) -> Result<Applied, ApiError> {
-        let applied = self.commit(vec![write])?;
-        applied
-            .into_iter()
-            .next()
-            .ok_or_else(|| ApiError::new(code::INTERNAL, "no result"))
+        first_applied(self.commit(vec![write])?)
     }
 
     fn check_limit(&self, limit: Option<usize>) -> Result<usize, ApiError> {
@@ -552,34 +650,52 @@ impl Service {
     }
 }
 
-impl Method for PutParams {
-    type Answer = Applied;
-    fn run(self, service: &Service) -> Result<Applied, ApiError> {
-        service.commit_one(Write::Put {
+impl PutParams {
+    fn into_write(self) -> Write {
+        Write::Put {
             collection: self.collection,
             id: self.id,
             fields: self.fields,
-        })
+        }
+    }
+}
+
+impl Method for PutParams {
+    type Answer = Applied;
+    fn run(self, service: &Service) -> Result<Applied, ApiError> {
+        service.commit_one(self.into_write())
+    }
+}
+
+impl PatchParams {
+    fn into_write(self) -> Write {
+        Write::Patch {
+            collection: self.collection,
+            id: self.id,
+            set: self.fields,
+            unset: self.unset,
+        }
     }
 }
 
 impl Method for PatchParams {
     type Answer = Applied;
     fn run(self, service: &Service) -> Result<Applied, ApiError> {
-        service.commit_one(Write::Patch {
-            collection: self.collection,
-            id: self.id,
-            set: self.fields,
-            unset: self.unset,
-        })
+        service.commit_one(self.into_write())
+    }
+}
+
+impl DeleteParams {
+    fn into_write(self) -> Write {
+        let Address { collection, id } = self.0;
+        Write::Delete { collection, id }
     }
 }
 
 impl Method for DeleteParams {
     type Answer = Applied;
     fn run(self, service: &Service) -> Result<Applied, ApiError> {
-        let Address { collection, id } = self.0;
-        service.commit_one(Write::Delete { collection, id })
+        service.commit_one(self.into_write())
     }
 }
 
@@ -643,7 +759,23 @@ impl Method for ExportParams {
 impl Method for ImportParams {
     type Answer = Imported;
     fn run(self, service: &Service) -> Result<Imported, ApiError> {
-        let max = service.options.max_import_records;
+        let writes = self.into_writes(service.options.max_import_records)?;
+        Ok(imported(service.commit(writes)?))
+    }
+}
+
+/// What an import answers once its writes are durable.
+fn imported(applied: Vec<Applied>) -> Imported {
+    Imported {
+        imported: applied.len(),
+        changed: applied.iter().filter(|a| a.operation.is_some()).count(),
+        ids: applied.into_iter().map(|a| a.id).collect(),
+    }
+}
+
+impl ImportParams {
+    /// The import's records as writes; refused over `max` records.
+    fn into_writes(self, max: usize) -> Result<Vec<Write>, ApiError> {
         if self.records.len() > max {
             return Err(ApiError::new(
                 code::TOO_LARGE,
@@ -653,7 +785,7 @@ impl Method for ImportParams {
                 ),
             ));
         }
-        let writes = self
+        Ok(self
             .records
             .into_iter()
             .map(|r| Write::Put {
@@ -661,13 +793,7 @@ impl Method for ImportParams {
                 id: r.id,
                 fields: r.fields,
             })
-            .collect();
-        let applied = service.commit(writes)?;
-        Ok(Imported {
-            imported: applied.len(),
-            changed: applied.iter().filter(|a| a.operation.is_some()).count(),
-            ids: applied.into_iter().map(|a| a.id).collect(),
-        })
+            .collect())
     }
 }
 

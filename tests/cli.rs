@@ -667,3 +667,76 @@ fn a_command_waits_while_another_holds_the_data_directory() {
     assert!(put.exit().success(), "{:?}", put.seen);
     succeeded(&dev.ferry(&["get", "Note/1"]));
 }
+
+/// Shell completions and the manual page come from the command line's own definitions, and
+/// need no data directory.
+#[test]
+fn completions_and_the_manual_page_describe_every_command() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::ferry_bin())
+            .args(args)
+            .env("FERRY_DATA_DIR", "/nonexistent/ferry-data")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run ferry")
+    };
+    let bash = succeeded(&run(&["completions", "bash"]));
+    for command in [
+        "import",
+        "export",
+        "conflicts",
+        "relay",
+        "doctor",
+        "completions",
+    ] {
+        assert!(bash.contains(command), "bash completion lacks {command}");
+    }
+    // The script is valid bash.
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("ferry.bash");
+    std::fs::write(&script, &bash).unwrap();
+    let checked = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("run bash -n");
+    assert!(checked.status.success(), "{}", stderr(&checked));
+    assert!(succeeded(&run(&["completions", "zsh"])).starts_with("#compdef ferry"));
+    assert!(succeeded(&run(&["completions", "fish"])).contains("complete -c ferry"));
+    failed_with(&run(&["completions", "tcsh"]), 2, &["tcsh", "bash"]);
+
+    let page = succeeded(&run(&["man"]));
+    assert!(page.contains(".TH ferry 1"), "{page}");
+    for command in ["import", "doctor", "completions", "man"] {
+        assert!(page.contains(command), "the manual page lacks {command}");
+    }
+}
+
+/// `ferry init` on an empty directory made beforehand (by `mkdir`, open to others) makes it
+/// owner-only and initialises it; a directory open to others that holds anything is refused.
+#[test]
+fn init_takes_an_empty_directory_made_beforehand() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let made = tmp.path().join("made");
+    std::fs::create_dir(&made).unwrap();
+    std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let init = |dir: &std::path::Path| {
+        std::process::Command::new(common::ferry_bin())
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("init")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run ferry init")
+    };
+    succeeded(&init(&made));
+    let mode = std::fs::metadata(&made).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+
+    let used = tmp.path().join("used");
+    std::fs::create_dir(&used).unwrap();
+    std::fs::write(used.join("notes.txt"), "mine").unwrap();
+    std::fs::set_permissions(&used, std::fs::Permissions::from_mode(0o755)).unwrap();
+    failed_with(&init(&used), 1, &["open to other users", "chmod 700"]);
+}

@@ -938,6 +938,84 @@ fn bad_input_on_the_socket_gets_clear_errors_and_loses_nothing() {
     }
 }
 
+/// An app may send many requests without waiting for the answers: writes are applied in the
+/// order they were sent and each is answered (by id, in any order) once durable; a read sent
+/// after writes sees them; a batch's writes are answered together with the batch.
+#[test]
+fn pipelined_requests_are_applied_in_order_and_each_answered_once() {
+    let dev = Device::new();
+    let mut daemon = dev.start_daemon();
+    let mut raw = Raw::connect(&daemon.socket);
+    const WRITES: u64 = 300;
+    // Many writes to one record, and one to a record each, sent without reading an answer;
+    // then a read of the record they all wrote.
+    let mut lines = String::new();
+    for n in 1..=WRITES {
+        let put =
+            |id: &str, fields: Value| json!({"collection": "Note", "id": id, "fields": fields});
+        lines += &format!("{}\n", request(n, "put", put("same", json!({"n": n}))));
+        lines += &format!(
+            "{}\n",
+            request(WRITES + n, "put", put(&format!("r{n}"), json!({"n": n})))
+        );
+    }
+    lines += &format!(
+        "{}\n",
+        request(0, "get", json!({"collection": "Note", "id": "same"}))
+    );
+    raw.writer.write_all(lines.as_bytes()).unwrap();
+    let mut answered = BTreeMap::new();
+    while answered.len() < 2 * WRITES as usize + 1 {
+        let reply = raw.reply();
+        assert!(reply.get("result").is_some(), "{reply}");
+        let id = reply["id"].as_u64().expect("a numeric id");
+        assert!(answered.insert(id, reply).is_none(), "{id} answered twice");
+    }
+    assert_eq!(
+        answered.keys().copied().collect::<Vec<_>>(),
+        (0..=2 * WRITES).collect::<Vec<_>>()
+    );
+    // The get was sent last: it sees the last of the writes to its record.
+    assert_eq!(answered[&0]["result"]["fields"], json!({"n": WRITES}));
+
+    // A batch mixing writes and a read: the read sees the writes before it.
+    let batch = json!([
+        request(
+            1001,
+            "put",
+            json!({"collection": "Note", "id": "b", "fields": {"v": 1}})
+        ),
+        request(
+            1002,
+            "patch",
+            json!({"collection": "Note", "id": "b", "fields": {"w": 2}})
+        ),
+        request(1003, "get", json!({"collection": "Note", "id": "b"})),
+        request(1004, "delete", json!({"collection": "Note", "id": "r1"})),
+    ]);
+    let replies = raw.exchange(batch.to_string());
+    let replies = replies
+        .as_array()
+        .expect("a batch is answered with an array");
+    let ids: Vec<_> = replies.iter().map(|r| r["id"].clone()).collect();
+    assert_eq!(ids, [1001, 1002, 1003, 1004].map(|n| json!(n)).to_vec());
+    assert_eq!(replies[2]["result"]["fields"], json!({"v": 1, "w": 2}));
+
+    // Everything answered was durable: a restart (SIGKILL) keeps it.
+    daemon.kill();
+    let daemon = dev.start_daemon();
+    let mut raw = Raw::connect(&daemon.socket);
+    let same = raw.ok("get", json!({"collection": "Note", "id": "same"}));
+    assert_eq!(same["fields"], json!({"n": WRITES}));
+    let page = raw.ok("list", json!({"collection": "Note", "limit": 1000}));
+    assert_eq!(
+        page["records"].as_array().unwrap().len(),
+        WRITES as usize + 1,
+        "every record but the deleted one, and 'same' and 'b'"
+    );
+    assert!(daemon.terminate().success());
+}
+
 /// Connections over ipc.max_connections are refused with a clear error, and the ones in use go
 /// on working; closing one makes room again.
 #[test]

@@ -303,6 +303,7 @@ impl World {
             // Small pages and batches, so that paging and batching happen with few records.
             max_batch_changes: rng.random_range(1..=8),
             max_download_changes: rng.random_range(1..=8),
+            max_snapshot_records: rng.random_range(1..=8),
             max_buffered_pushes: rng.random_range(1..=4),
             ..SessionConfig::default()
         };

@@ -261,9 +261,9 @@ fn a_new_device_killed_mid_bootstrap_resumes_from_the_snapshot_and_matches_a_rep
     let c = Device::new();
     c.join(&relay);
     c.edit_config(|config| {
-        let default = "\ndownload_changes = 2000";
+        let default = "\nsnapshot_records = 10000";
         assert!(config.contains(default), "no {default:?} in the config");
-        config.replacen(default, "\ndownload_changes = 5", 1)
+        config.replacen(default, "\nsnapshot_records = 5", 1)
     });
     let mut dc = c.start_daemon_logged();
     // Records arrive while the cursor is still 0: only a snapshot page brings them so.

@@ -116,6 +116,11 @@ impl Running {
         self.daemon().client()
     }
 
+    /// The daemon's socket, for a client that speaks to it directly.
+    pub fn socket(&self) -> &Path {
+        &self.daemon().socket
+    }
+
     /// SIGTERM and wait for the clean exit (the store is flushed).
     pub fn stop(mut self) -> ExitStatus {
         self.registration = None;

@@ -52,6 +52,10 @@ pub struct SessionConfig {
     pub max_frame_bytes: u32,
     /// Most log entries asked for (device) or sent (relay) in one `Changes`.
     pub max_download_changes: u32,
+    /// Most records asked for (device) or sent (relay) in one `SnapshotPage`. Larger than a
+    /// `Changes` page: a bootstrap pays about a round trip per page, and a page of documents is
+    /// still bounded by half a frame.
+    pub max_snapshot_records: u32,
     /// Pushes a device holds while it applies earlier changes; beyond this it drops them and
     /// downloads instead, so a slow disk cannot make memory grow.
     pub max_buffered_pushes: usize,
@@ -66,6 +70,7 @@ impl Default for SessionConfig {
             max_batch_bytes: 4 << 20,
             max_frame_bytes: 8 << 20,
             max_download_changes: 2_000,
+            max_snapshot_records: 10_000,
             max_buffered_pushes: 64,
         }
     }
@@ -176,16 +181,25 @@ pub enum Bootstrap {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Snapshotting {
     No,
-    /// A `Snapshot` is out: its answer is due by `deadline`.
-    InFlight {
-        deadline: u64,
-    },
-    /// An `ApplySnapshot` is out; the next page starts after `next`.
-    Applying {
+    /// Pages are read and applied. The next page is asked for as soon as the previous one
+    /// arrives, so that it crosses the link while that one is applied (a round trip per page
+    /// would otherwise bound a bootstrap over a slow link); at most
+    /// [`SNAPSHOT_PAGES_HELD`] pages are received and not yet applied.
+    Reading {
+        /// The `Snapshot` out, if any: its answer is due by this time.
+        asked: Option<u64>,
+        /// `ApplySnapshot` effects whose `snapshot_applied` is still to come.
+        applying: usize,
+        /// Where the next page starts.
         next: Option<RecordName>,
+        /// The last page has arrived.
         complete: bool,
     },
 }
+
+/// The most snapshot pages a device holds received and not yet applied: one being applied and
+/// one waiting, so memory stays bounded by pages while the link and the store both work.
+const SNAPSHOT_PAGES_HELD: usize = 2;
 
 /// A log entry the relay left out of `Changes` because this device uploaded it: where it sits in
 /// the log, and the queue entry holding its change.
@@ -476,8 +490,8 @@ impl DeviceSession {
             Handshake::Open => {
                 let upload = self.upload.sent.iter().map(|b| b.deadline).min();
                 let snapshot = match self.snapshotting {
-                    Snapshotting::InFlight { deadline } => Some(deadline),
-                    _ => None,
+                    Snapshotting::Reading { asked, .. } => asked,
+                    Snapshotting::No => None,
                 };
                 let download = self.download_deadline.or(snapshot);
                 let refresh = self.refresh_deadline.or(self.refresh_at);
@@ -515,7 +529,7 @@ impl DeviceSession {
             _ if self.refresh_deadline.is_some_and(expired) => "refresh",
             _ if self.heads_deadline.is_some_and(expired) => "heads check",
             (_, _, Some(deadline)) if expired(deadline) => "download",
-            _ if matches!(self.snapshotting, Snapshotting::InFlight { deadline } if expired(deadline)) => {
+            _ if matches!(self.snapshotting, Snapshotting::Reading { asked: Some(deadline), .. } if expired(deadline)) => {
                 "snapshot"
             }
             _ => return,
@@ -644,12 +658,15 @@ impl DeviceSession {
     /// The answer to `ApplySnapshot`: the page is durable; after the last one the download
     /// cursor is `cursor`, and the log is read from there.
     pub fn snapshot_applied(&mut self, cursor: u64, now: u64) {
-        let Snapshotting::Applying { next, complete } = &self.snapshotting else {
+        let Snapshotting::Reading {
+            applying, complete, ..
+        } = &mut self.snapshotting
+        else {
             return;
         };
-        if !*complete {
-            let next = next.clone();
-            self.start_snapshot(next, now);
+        *applying = applying.saturating_sub(1);
+        if !(*complete && *applying == 0) {
+            self.ask_for_page(now);
             return;
         }
         self.snapshotting = Snapshotting::No;
@@ -660,16 +677,39 @@ impl DeviceSession {
     }
 
     fn start_snapshot(&mut self, after: Option<RecordName>, now: u64) {
+        self.snapshotting = Snapshotting::Reading {
+            asked: None,
+            applying: 0,
+            next: after,
+            complete: false,
+        };
+        self.ask_for_page(now);
+    }
+
+    /// Sends the `Snapshot` for the next page when none is out, one is still to come and fewer
+    /// than [`SNAPSHOT_PAGES_HELD`] pages wait to be applied.
+    fn ask_for_page(&mut self, now: u64) {
         if self.handshake != Handshake::Open {
             return;
         }
-        self.idle_reported = false;
-        self.snapshotting = Snapshotting::InFlight {
-            deadline: now.saturating_add(self.config.request_timeout_ms),
+        let Snapshotting::Reading {
+            asked,
+            applying,
+            next,
+            complete,
+        } = &mut self.snapshotting
+        else {
+            return;
         };
+        if asked.is_some() || *complete || *applying >= SNAPSHOT_PAGES_HELD {
+            return;
+        }
+        *asked = Some(now.saturating_add(self.config.request_timeout_ms));
+        let after = next.clone();
+        self.idle_reported = false;
         self.transmit(Message::Snapshot {
             after,
-            max_records: self.config.max_download_changes,
+            max_records: self.config.max_snapshot_records,
         });
     }
 
@@ -787,7 +827,11 @@ impl DeviceSession {
                     last,
                     complete,
                 },
-            ) if matches!(self.snapshotting, Snapshotting::InFlight { .. }) => {
+            ) if matches!(
+                self.snapshotting,
+                Snapshotting::Reading { asked: Some(_), .. }
+            ) =>
+            {
                 if records.is_empty() != last.is_none() || (records.is_empty() && !complete) {
                     return self.violation(
                         ErrorCode::Malformed,
@@ -797,10 +841,19 @@ impl DeviceSession {
                     );
                 }
                 self.relay_head = self.relay_head.max(head);
-                self.snapshotting = Snapshotting::Applying {
-                    next: last.clone(),
-                    complete,
-                };
+                if let Snapshotting::Reading {
+                    asked,
+                    applying,
+                    next,
+                    complete: all_read,
+                } = &mut self.snapshotting
+                {
+                    *asked = None;
+                    *applying = applying.saturating_add(1);
+                    next.clone_from(&last);
+                    *all_read = complete;
+                }
+                self.ask_for_page(now);
                 self.effect(DeviceEffect::ApplySnapshot {
                     page: SnapshotPage {
                         head,
@@ -1881,7 +1934,7 @@ impl RelaySession {
                 self.snapshotting = true;
                 self.effect(RelayEffect::ReadSnapshot {
                     after,
-                    max_records: max_records.clamp(1, self.config.max_download_changes.max(1)),
+                    max_records: max_records.clamp(1, self.config.max_snapshot_records.max(1)),
                 });
             }
             (_, other) => self.fail(

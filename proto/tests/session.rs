@@ -419,10 +419,9 @@ fn opened_at(
     head: u64,
     now: u64,
 ) -> DeviceSession {
-    let key = SigningKey::from_bytes(&key);
-    let mut device = DeviceSession::new(
+    let device = DeviceSession::new(
         config,
-        key,
+        SigningKey::from_bytes(&key),
         "team".into(),
         vec![],
         0,
@@ -430,6 +429,17 @@ fn opened_at(
         None,
         0,
     );
+    welcomed(device, max_batch_changes, version, head, now)
+}
+
+/// `device` taken through the handshake by hand, as [`opened_at`].
+fn welcomed(
+    mut device: DeviceSession,
+    max_batch_changes: u32,
+    version: u16,
+    head: u64,
+    now: u64,
+) -> DeviceSession {
     let _hello = device.poll_output();
     device.handle_message(
         Message::Challenge {
@@ -566,7 +576,7 @@ fn a_fresh_device_bootstraps_from_snapshot_pages_then_reads_the_log_after_them()
     // Pages of two records.
     pair.relay = RelaySession::new(
         SessionConfig {
-            max_download_changes: 2,
+            max_snapshot_records: 2,
             ..SessionConfig::default()
         },
         [9; 32],
@@ -671,6 +681,93 @@ fn a_device_behind_the_horizon_is_answered_compacted_and_bootstraps_keeping_its_
         other => panic!("a version 3 device behind the horizon is refused: {other:?}"),
     }
     assert_eq!(world.applied, []);
+}
+
+#[test]
+fn the_next_snapshot_page_is_asked_for_as_a_page_arrives_and_at_most_two_wait_to_be_applied() {
+    let mut world = World::default();
+    world.append("other", &(1..=8).map(change).collect::<Vec<_>>());
+    let config = SessionConfig {
+        max_snapshot_records: 2,
+        ..SessionConfig::default()
+    };
+    let mut device = DeviceSession::new(
+        config,
+        SigningKey::from_bytes(&[26; 32]),
+        "team".into(),
+        vec![],
+        0,
+        Credential::Key,
+        None,
+        0,
+    );
+    device.set_bootstrap(Bootstrap::Fresh);
+    let mut device = welcomed(device, 10, PROTOCOL_VERSION, world.head(), 0);
+    let asked_after = |outputs: Vec<DeviceOutput>| -> Vec<Option<RecordName>> {
+        transmits(outputs)
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::Snapshot { after, .. } => Some(after),
+                _ => None,
+            })
+            .collect()
+    };
+    let page_after = |after: Option<&RecordName>| {
+        let page = world.snapshot_page(after, 2);
+        Message::SnapshotPage {
+            head: page.head,
+            horizon: page.horizon,
+            records: page.records,
+            last: page.last,
+            complete: page.complete,
+        }
+    };
+    assert_eq!(asked_after(taken(|| device.poll_output())), [None]);
+
+    // The first page arrives: the second is asked for before the first is applied.
+    device.handle_message(page_after(None), 0);
+    let outputs = taken(|| device.poll_output());
+    assert!(matches!(
+        outputs.as_slice(),
+        [
+            Output::Transmit(Message::Snapshot { .. }),
+            Output::Effect(DeviceEffect::ApplySnapshot { .. })
+        ]
+    ));
+    assert_eq!(asked_after(outputs), [Some(name("r2"))]);
+
+    // The second arrives while the first is still being applied: two wait, no third is asked.
+    device.handle_message(page_after(Some(&name("r2"))), 0);
+    let outputs = taken(|| device.poll_output());
+    assert_eq!(effects(outputs).len(), 1);
+    assert_eq!(device.poll_timeout(), None, "no Snapshot is out");
+
+    // The first is applied: the third is asked for.
+    device.snapshot_applied(0, 1);
+    assert_eq!(
+        asked_after(taken(|| device.poll_output())),
+        [Some(name("r4"))]
+    );
+    device.snapshot_applied(0, 1);
+    device.handle_message(page_after(Some(&name("r4"))), 1);
+    assert_eq!(
+        asked_after(taken(|| device.poll_output())),
+        [Some(name("r6"))]
+    );
+    // The last page arrives; the bootstrap ends once every page is applied, not before.
+    device.handle_message(page_after(Some(&name("r6"))), 1);
+    let outputs = taken(|| device.poll_output());
+    assert_eq!(asked_after(outputs), []);
+    device.snapshot_applied(0, 2);
+    assert!(device.is_bootstrapping());
+    device.snapshot_applied(8, 2);
+    assert!(!device.is_bootstrapping());
+    let sent = transmits(taken(|| device.poll_output()));
+    assert!(
+        sent.iter()
+            .any(|m| matches!(m, Message::Download { since: 8, .. })),
+        "the log is read from the cursor the last page left: {sent:?}"
+    );
 }
 
 #[test]

@@ -169,6 +169,7 @@ pub async fn run(
             max_batch_changes: relay.max_batch_changes,
             max_frame_bytes: relay.max_frame_bytes,
             max_download_changes: relay.max_download_changes,
+            max_snapshot_records: relay.max_snapshot_records,
             ..SessionConfig::default()
         },
         transport: transport_options,

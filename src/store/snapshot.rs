@@ -166,7 +166,14 @@ impl Store {
             if changed {
                 let policy = self.policy(&key.0);
                 let deleted = resolve::is_deleted(&mut doc, policy);
-                batch.put(keys::doc(&key.0, &key.1), doc.save());
+                // A record this device did not hold is the page's document, which just loaded:
+                // kept as the relay saved it rather than saved again.
+                let saved = if existed {
+                    doc.save()
+                } else {
+                    record.document.clone()
+                };
+                batch.put(keys::doc(&key.0, &key.1), saved);
                 applied.push(RemoteApplied {
                     collection: key.0.clone(),
                     id: key.1.clone(),
