@@ -939,7 +939,33 @@ impl Store {
         if !self.holds_unlogged(key, &mut old, &logged_now)? {
             return Ok(false);
         }
+        // Edits that build on nothing logged (a record this device created on its own, under
+        // the same id) are a new history already: kept as they are, they are logged after the
+        // purge entry like any first change, whether their upload is waiting or on its way.
+        if let Some(own) = self.own_history(key, &mut old, &logged_now)? {
+            fresh.apply_decoded(own)?;
+            return Ok(true);
+        }
         self.write_restoration(key, old, fresh, now, batch, delta)
+    }
+
+    /// The changes `record` holds beyond what the log brought (its logged heads and
+    /// `logged_now`), when none of them depends on a logged one.
+    fn own_history(
+        &self,
+        key: &CacheKey,
+        record: &mut Record,
+        logged_now: &[ChangeHash],
+    ) -> Result<Option<Vec<Change>>, StoreError> {
+        let mut have = self.logged_heads_of(key, record)?;
+        have.extend_from_slice(logged_now);
+        have.retain(|h| record.has_change(h));
+        let unlogged = record.changes_after(&have)?;
+        let own: HashSet<ChangeHash> = unlogged.iter().map(Change::hash).collect();
+        let independent = unlogged
+            .iter()
+            .all(|c| c.deps().iter().all(|d| own.contains(d)));
+        Ok(independent.then_some(unlogged))
     }
 
     /// Writes `old` as this device shows it on `fresh` as a purged record's new history, queued
@@ -959,7 +985,31 @@ impl Store {
         if staged.written.is_none() {
             return Ok(false);
         }
+        // The record's changes still waiting to be uploaded are the restoration's now: sent
+        // as well, one that depends on nothing would be logged as a new history beside it.
+        let mut replaced = Vec::new();
+        self.scan_queue(None, |entry| {
+            if entry.model_name == key.0
+                && entry.object_id == key.1
+                && matches!(entry.status, QueueStatus::Pending | QueueStatus::Failed)
+            {
+                replaced.push(entry);
+            }
+            true
+        })?;
         self.finish(key.clone(), staged, now, batch, delta)?;
+        for mut entry in replaced {
+            let was = entry.status;
+            entry.status = QueueStatus::Completed;
+            entry.updated_at = now;
+            entry.last_error = Some(format!(
+                "{}/{} was purged: this change is carried by the record's restoration",
+                key.0, key.1
+            ));
+            let entry = self.with_change(entry)?;
+            super::stage_entry(batch, delta, Some(was), &entry)?;
+            self.lock_holds().release(entry.id);
+        }
         Ok(true)
     }
 
