@@ -631,7 +631,7 @@ impl Subscriber {
             panic!("no change notification: {e}")
         });
         match n {
-            Notification::Change(change) => Event::Change(change.event),
+            Notification::Change(change) => Event::Change(change.event.change),
             Notification::Lagged { missed, .. } => Event::Lagged(missed),
             other => panic!("unexpected notification: {other:?}"),
         }

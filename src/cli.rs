@@ -202,6 +202,8 @@ enum Command {
     },
     /// Sync with the relay now and wait until done, showing progress (needs the daemon)
     Sync {
+        #[command(subcommand)]
+        action: Option<SyncAction>,
         /// First put failed queue entries back to pending, so they are uploaded again
         #[arg(long)]
         retry_failed: bool,
@@ -212,7 +214,8 @@ enum Command {
         /// UDP address to listen on [default: relay.listen from the config]
         #[arg(long)]
         listen: Option<String>,
-        /// Manage the relay's accounts and devices instead (works while the relay runs)
+        /// Manage the relay's accounts and devices, or rebuild a damaged record, instead (works
+        /// while the relay runs)
         #[command(subcommand)]
         action: Option<accounts::RelayAction>,
     },
@@ -245,6 +248,12 @@ enum Command {
         /// Stop after this many notifications
         #[arg(long)]
         count: Option<usize>,
+        /// First print every change after this feed number (the `seq` of the last change seen)
+        #[arg(long)]
+        since: Option<u64>,
+        /// Print each changed record's fields too
+        #[arg(long)]
+        fields: bool,
     },
     /// Run the main job end to end: a daemon on a fresh data directory, writes and reads through
     /// its socket, a subscriber, a clean stop, and a check that everything is on disk
@@ -260,6 +269,19 @@ enum Command {
     },
     /// Print ferry's manual page (roff): `ferry man > ferry.1 && man ./ferry.1`
     Man,
+}
+
+#[derive(Subcommand, Debug)]
+enum SyncAction {
+    /// Stop syncing until `ferry sync resume`: the daemon ends its session and makes no
+    /// connection; local writes go on and wait in the queue
+    Pause {
+        /// Stay paused after the daemon restarts too (works with no daemon running)
+        #[arg(long)]
+        remember: bool,
+    },
+    /// Sync again after `ferry sync pause` (and forget a remembered pause)
+    Resume,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -392,7 +414,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             collection,
             id,
             count,
-        } => watch(&ctx, collection, id, count),
+            since,
+            fields,
+        } => watch(
+            &ctx,
+            api::SubscribeParams {
+                collection,
+                id,
+                since,
+                fields,
+            },
+            count,
+        ),
         Command::Import {
             file,
             batch,
@@ -405,7 +438,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 atomic,
             },
         ),
-        Command::Sync { retry_failed } => sync(&ctx, retry_failed),
+        Command::Sync {
+            action: None,
+            retry_failed,
+        } => sync(&ctx, retry_failed),
+        Command::Sync {
+            action: Some(action),
+            ..
+        } => pause_or_resume(&ctx, action),
         Command::Conflicts {
             action,
             status,
@@ -454,16 +494,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => export(&ctx, target.as_deref(), format, out.as_deref()),
         Command::Doctor { repair: true } => {
             let socket = daemon::socket_path(&ctx.dir, &ctx.config);
-            if Client::connect(&socket).is_err()
-                && let Some(aside) = daemon::set_aside_unreadable_store(&ctx.dir, &ctx.config)?
-            {
-                eprintln!(
-                    "the store cannot be opened at all: it is kept at {}, and a new one is made \
-                     from its journal of unsynced changes and, at the next sync, the relay",
-                    aside.display()
-                );
-            }
-            data_command(&ctx, Command::Doctor { repair: true })
+            let backend = match Client::connect(&socket) {
+                Ok(client) => Backend::Daemon(client),
+                Err(_) => match daemon::open_or_set_aside(&ctx.dir, &ctx.config)? {
+                    daemon::OpenedOrSetAside::Opened(open) => Backend::local(&ctx, open),
+                    daemon::OpenedOrSetAside::SetAside(aside) => {
+                        eprintln!(
+                            "the store cannot be opened at all: it is kept at {}, and a new one \
+                             is made from its journal of unsynced changes and, at the next sync, \
+                             the relay",
+                            aside.display()
+                        );
+                        Backend::connect(&ctx)?
+                    }
+                },
+            };
+            run_data_command(&ctx, backend, Command::Doctor { repair: true })
         }
         other => data_command(&ctx, other),
     }
@@ -641,6 +687,31 @@ fn sync_relay(ctx: &Context) -> String {
         .map_or_else(|_| ctx.config.sync.relay.clone(), |sync| sync.relay)
 }
 
+/// `ferry sync pause|resume`: through the daemon, or on the store when none runs (a
+/// remembered pause, which the daemon reads when it starts).
+fn pause_or_resume(ctx: &Context, action: SyncAction) -> Result<(), Failure> {
+    let mut backend = Backend::connect(ctx)?;
+    let now = match action {
+        SyncAction::Pause { remember } => backend.call(api::SyncPauseParams { remember })?,
+        SyncAction::Resume => backend.call(api::SyncResumeParams {})?,
+    };
+    if ctx.json {
+        print_json(&now);
+    } else if now.paused {
+        println!(
+            "sync paused{}: `ferry sync resume` resumes it",
+            if now.remembered {
+                ", also after a restart"
+            } else {
+                " until the daemon restarts"
+            }
+        );
+    } else {
+        println!("sync resumed");
+    }
+    Ok(())
+}
+
 fn sync(ctx: &Context, retry_failed: bool) -> Result<(), Failure> {
     let socket = daemon::socket_path(&ctx.dir, &ctx.config);
     let mut client = Client::connect(&socket).map_err(|_| {
@@ -751,14 +822,19 @@ impl Backend {
             return Ok(Backend::Daemon(client));
         }
         let open = daemon::open_locked_store(lock?, &ctx.dir, &ctx.config)?;
+        Ok(Backend::local(ctx, open))
+    }
+
+    /// Works on a store this command opened.
+    fn local(ctx: &Context, open: daemon::OpenStore) -> Backend {
         let service = Service::new(
             open.store,
             daemon::service_options(&ctx.dir, &ctx.config, false),
         );
-        Ok(Backend::Local {
+        Backend::Local {
             service,
             _lock: open.lock,
-        })
+        }
     }
 
     fn call<M: Method>(&mut self, params: M) -> Result<M::Answer, Failure> {
@@ -856,7 +932,10 @@ fn read_line_bounded(
 }
 
 fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
-    let mut backend = Backend::connect(ctx)?;
+    run_data_command(ctx, Backend::connect(ctx)?, command)
+}
+
+fn run_data_command(ctx: &Context, mut backend: Backend, command: Command) -> Result<(), Failure> {
     match command {
         Command::Put { address, data } => {
             let (collection, id) = split_address(&address);
@@ -989,8 +1068,13 @@ fn data_command(ctx: &Context, command: Command) -> Result<(), Failure> {
                         .as_deref()
                         .map(|c| format!("conflict={c}\t"))
                         .unwrap_or_default();
+                    // Uploads go by priority first: shown when the collection has one.
+                    let priority = match e.priority {
+                        0 => String::new(),
+                        p => format!("priority={p}\t"),
+                    };
                     println!(
-                        "{}\t{}\t{}\t{}/{}\tretries={}\t{conflict}{}",
+                        "{}\t{}\t{}\t{}/{}\tretries={}\t{priority}{conflict}{}",
                         e.id,
                         e.status.as_str(),
                         e.operation.as_str(),
@@ -1305,8 +1389,7 @@ fn file_name(id: &str) -> String {
 
 fn watch(
     ctx: &Context,
-    collection: Option<String>,
-    id: Option<String>,
+    subscription: api::SubscribeParams,
     count: Option<usize>,
 ) -> Result<(), Failure> {
     let socket = daemon::socket_path(&ctx.dir, &ctx.config);
@@ -1316,7 +1399,7 @@ fn watch(
             socket.display()
         ))
     })?;
-    client.request(api::SubscribeParams { collection, id })?;
+    client.request(subscription)?;
     // Tell whoever started us that the subscription is in place.
     eprintln!("watching");
     let mut seen = 0;
@@ -1341,9 +1424,16 @@ fn watch(
                     );
                 }
                 Notification::Change(c) => {
-                    let c = &c.event;
+                    let fields = c
+                        .event
+                        .fields
+                        .as_ref()
+                        .map(|f| format!(" {f}"))
+                        .unwrap_or_default();
+                    let c = &c.event.change;
                     println!(
-                        "change {} {}/{} by {}",
+                        "change {} {} {}/{} by {}{fields}",
+                        c.seq,
                         c.operation.as_str(),
                         c.collection,
                         c.id,

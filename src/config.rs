@@ -52,6 +52,9 @@ pub struct StoreConfig {
     pub keep_completed_days: u64,
     /// SyncLog entries are forgotten after this many days (0: kept).
     pub keep_log_days: u64,
+    /// The change feed keeps this many of its newest changes (0: all), for subscribers that
+    /// resume with `since`.
+    pub keep_feed_changes: u64,
 }
 
 impl Default for StoreConfig {
@@ -63,6 +66,7 @@ impl Default for StoreConfig {
             group_commit_max: 256,
             keep_completed_days: 30,
             keep_log_days: 90,
+            keep_feed_changes: 1_000_000,
         }
     }
 }

@@ -138,18 +138,23 @@ pub fn open_locked_store(
     })
 }
 
-/// When the data directory's store cannot be opened at all (sled refuses its files, or finds
-/// nothing in files that hold data), moves it aside and starts a new one holding its journal,
-/// whose unsynced changes a repair then puts back (the rest comes from the relay). Returns where
-/// the old store went; `None` when the store opens. For `ferry doctor --repair`, with no daemon.
-pub fn set_aside_unreadable_store(
-    dir: &DataDir,
-    config: &Config,
-) -> Result<Option<PathBuf>, DaemonError> {
+/// What `open_or_set_aside` did.
+pub enum OpenedOrSetAside {
+    /// The store opened (its lock held): the caller works on it as it is.
+    Opened(OpenStore),
+    /// The store could not be opened and went to this path; a new one holds its journal.
+    SetAside(PathBuf),
+}
+
+/// Opens the data directory's store, or, when it cannot be opened at all (sled refuses its
+/// files, or finds nothing in files that hold data), moves it aside and starts a new one
+/// holding its journal, whose unsynced changes a repair then puts back (the rest comes from the
+/// relay). For `ferry doctor --repair`, with no daemon: a store that opens is opened once.
+pub fn open_or_set_aside(dir: &DataDir, config: &Config) -> Result<OpenedOrSetAside, DaemonError> {
     match open_store(dir, config) {
         Err(DaemonError::Store(StoreError::Storage(KvError::Corrupt(_) | KvError::Damaged(_)))) => {
         }
-        other => return other.map(|_| None),
+        other => return other.map(OpenedOrSetAside::Opened),
     }
     let _lock = dir.lock()?;
     let store = dir.store_path();
@@ -163,7 +168,7 @@ pub fn set_aside_unreadable_store(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
-    Ok(Some(aside))
+    Ok(OpenedOrSetAside::SetAside(aside))
 }
 
 pub fn service_options(dir: &DataDir, config: &Config, daemon: bool) -> ServiceOptions {
@@ -252,8 +257,11 @@ pub async fn run(
     };
     let pruning = tokio::spawn(prune_history(
         open.store.clone(),
-        config.store.keep_completed_days,
-        config.store.keep_log_days,
+        Retention {
+            completed_days: config.store.keep_completed_days,
+            log_days: config.store.keep_log_days,
+            feed_changes: config.store.keep_feed_changes,
+        },
         stopped.clone(),
     ));
     let storage_checks = tokio::spawn(check_storage(
@@ -485,13 +493,19 @@ const PRUNE_BATCH: usize = 10_000;
 
 /// Forgets completed queue entries and SyncLog entries older than their configured days, at
 /// start and then every hour, until `shutdown`. 0 days keeps that history for ever.
+/// How much history the daemon keeps (0: all of that kind).
+struct Retention {
+    completed_days: u64,
+    log_days: u64,
+    feed_changes: u64,
+}
+
 async fn prune_history(
     store: Arc<Store>,
-    keep_completed_days: u64,
-    keep_log_days: u64,
+    keep: Retention,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    if keep_completed_days == 0 && keep_log_days == 0 {
+    if keep.completed_days == 0 && keep.log_days == 0 && keep.feed_changes == 0 {
         return;
     }
     let cutoff = |days: u64| match days {
@@ -500,7 +514,8 @@ async fn prune_history(
     };
     loop {
         let store = store.clone();
-        let (queue_cutoff, log_cutoff) = (cutoff(keep_completed_days), cutoff(keep_log_days));
+        let (queue_cutoff, log_cutoff) = (cutoff(keep.completed_days), cutoff(keep.log_days));
+        let feed_changes = keep.feed_changes;
         let pruned = tokio::task::spawn_blocking(move || {
             let mut total = (0, 0);
             loop {
@@ -508,18 +523,25 @@ async fn prune_history(
                 store.flush()?;
                 total = (total.0 + queue, total.1 + log);
                 if queue < PRUNE_BATCH && log < PRUNE_BATCH {
-                    return Ok::<_, StoreError>(total);
+                    break;
                 }
             }
+            let feed = match feed_changes {
+                0 => 0,
+                keep => store.prune_feed(keep, PRUNE_BATCH)?,
+            };
+            store.flush()?;
+            Ok::<_, StoreError>((total.0, total.1, feed))
         })
         .await;
         match pruned {
-            Ok(Ok((0, 0))) => {}
-            Ok(Ok((queue, log))) => {
+            Ok(Ok((0, 0, 0))) => {}
+            Ok(Ok((queue, log, feed))) => {
                 tracing::info!(
                     queue,
                     log,
-                    "forgot completed queue entries and old SyncLog entries"
+                    feed,
+                    "forgot completed queue entries, old SyncLog entries and old feed changes"
                 )
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "could not prune the queue's history"),

@@ -217,7 +217,7 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Local, String> {
         &mut watcher,
         api::SubscribeParams {
             collection: Some("Customer".into()),
-            id: None,
+            ..api::SubscribeParams::default()
         },
     )?;
 
@@ -290,7 +290,7 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Local, String> {
             .next_event()
             .map_err(|e| format!("the subscriber was not told of a change: {e}"))?;
         if let Notification::Change(change) = note {
-            notified.push(change.event.operation);
+            notified.push(change.event.change.operation);
         }
     }
     if notified != [Operation::Create, Operation::Update] {
@@ -399,7 +399,7 @@ fn watch_sync(
     watcher
         .request(api::SubscribeParams {
             collection: Some("Customer".into()),
-            id: None,
+            ..api::SubscribeParams::default()
         })
         .map_err(|e| format!("subscribe: {e}"))?;
     watcher
@@ -420,7 +420,8 @@ fn watch_sync(
     let got = b
         .request(api::GetParams::new("Customer", "demo-1"))
         .map_err(|e| format!("get: {e}"))?;
-    let remote = matches!(&seen, Notification::Change(c) if c.event.origin == Origin::Remote);
+    let remote =
+        matches!(&seen, Notification::Change(c) if c.event.change.origin == Origin::Remote);
     if got.fields.get("tier") != Some(&json!("platinum")) || !remote {
         return Err(format!(
             "the second device saw {seen:?} and holds {:?}",

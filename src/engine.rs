@@ -211,6 +211,13 @@ impl SyncFailure {
     fn stopped() -> Self {
         SyncFailure::new(ErrorKind::Network.as_str(), EngineError::Stopped)
     }
+
+    fn paused() -> Self {
+        SyncFailure::new(
+            "paused",
+            "sync is paused: `ferry sync resume` (or the socket's sync.resume) resumes it",
+        )
+    }
 }
 
 /// What one `ferry sync` achieved.
@@ -233,6 +240,23 @@ enum Command {
     },
     /// Queue entries became ready to upload outside a write (a retry): upload them now.
     Upload,
+    /// Stop syncing (the session ends, no connection is made) until `Resume`; with `remember`,
+    /// also after a restart.
+    Pause {
+        remember: bool,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Resume {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// How an attempt to connect ended.
+enum Attempt {
+    Linked(Link),
+    Failed(EngineError),
+    Paused,
+    ShuttingDown,
 }
 
 /// The daemon's handle on its sync loop.
@@ -265,6 +289,40 @@ impl SyncHandle {
             .await
             .map_err(|_| SyncFailure::stopped())?;
         answer.await.map_err(|_| SyncFailure::stopped())?
+    }
+
+    /// Pauses sync: the session in progress ends and no connection is made until
+    /// [`SyncHandle::resume`]; with `remember`, the daemon also starts paused. Local writes go
+    /// on and wait in the queue.
+    pub async fn pause(&self, remember: bool) -> Result<(), SyncFailure> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Pause { remember, reply }, answer)
+            .await
+    }
+
+    /// Resumes a paused sync (and forgets a remembered pause).
+    pub async fn resume(&self) -> Result<(), SyncFailure> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Resume { reply }, answer).await
+    }
+
+    async fn command(
+        &self,
+        command: Command,
+        answer: oneshot::Receiver<Result<(), StoreError>>,
+    ) -> Result<(), SyncFailure> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| SyncFailure::stopped())?;
+        answer
+            .await
+            .map_err(|_| SyncFailure::stopped())?
+            .map_err(|e| SyncFailure {
+                kind: "storage".into(),
+                message: format!("cannot keep the pause in the store: {e}"),
+                at_ms: now_ms(),
+            })
     }
 
     /// Starts uploading what the queue holds now, without waiting for the outcome.
@@ -321,6 +379,10 @@ pub fn spawn(
         Err(e) => tracing::warn!(error = %e, "cannot read the last known sync state"),
     }
     initial.disconnected_since_ms = Some(now_ms());
+    let paused = store.sync_paused().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read whether sync was paused; syncing");
+        false
+    });
     let (status_tx, status) = watch::channel(initial);
     let engine = Engine {
         service,
@@ -342,6 +404,7 @@ pub fn spawn(
         metrics,
         alerts,
         heads_check: HeadsCheck::default(),
+        paused,
     };
     let task = tokio::spawn(engine.run());
     (
@@ -393,6 +456,8 @@ struct Engine {
     metrics: Arc<DaemonMetrics>,
     alerts: Arc<Monitor>,
     heads_check: HeadsCheck,
+    /// Sync is paused: no session runs.
+    paused: bool,
 }
 
 /// Records compared per heads check: each check digests the next page of the space.
@@ -432,15 +497,21 @@ impl Engine {
         transport::install_crypto_provider();
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         while !*self.shutdown.borrow() {
+            if self.paused {
+                if !self.wait_while_paused().await {
+                    break;
+                }
+                backoff.reset();
+                continue;
+            }
             self.status.send_modify(|s| {
                 s.state = ConnectionState::Connecting;
                 s.next_attempt_ms = None;
             });
-            let Some(attempt) = self.attempt_connection().await else {
-                break;
-            };
-            match attempt {
-                Ok((endpoint, connection, sender, receiver)) => {
+            match self.attempt_connection().await {
+                Attempt::ShuttingDown => break,
+                Attempt::Paused => continue,
+                Attempt::Linked((endpoint, connection, sender, receiver)) => {
                     // Only a session that got its work done resets the backoff: one that signs
                     // in and then fails every time must not reconnect at full speed.
                     let rounds = self.rounds_finished;
@@ -454,16 +525,60 @@ impl Engine {
                     self.disconnected();
                     endpoint.wait_idle().await;
                 }
-                Err(e) => {
+                Attempt::Failed(e) => {
                     self.disconnected();
                     self.failed(&e, Direction::Initialization);
                 }
             }
-            if !self.wait_before_retry(&mut backoff).await {
+            if !self.paused && !self.wait_before_retry(&mut backoff).await {
                 break;
             }
         }
         self.stopped();
+    }
+
+    /// Takes a pause or a resume; the answer goes once a remembered pause is durable.
+    fn set_paused(
+        &mut self,
+        paused: bool,
+        remember: bool,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    ) {
+        self.paused = paused;
+        let kept = if paused && !remember {
+            Ok(())
+        } else {
+            self.service.store().remember_sync_paused(paused)
+        };
+        if paused {
+            self.fail_waiters(&SyncFailure::paused());
+        }
+        let _ = reply.send(kept);
+    }
+
+    /// While paused: answers commands until a resume (true) or the daemon shuts down (false).
+    async fn wait_while_paused(&mut self) -> bool {
+        self.status.send_modify(|s| {
+            s.state = ConnectionState::Paused;
+            s.syncing = false;
+            s.next_attempt_ms = None;
+        });
+        self.save_last_known();
+        while self.paused {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(Command::SyncNow { reply }) => {
+                        let _ = reply.send(Err(SyncFailure::paused()));
+                    }
+                    Some(Command::Upload) => {}
+                    Some(Command::Pause { remember, reply }) => self.set_paused(true, remember, reply),
+                    Some(Command::Resume { reply }) => self.set_paused(false, false, reply),
+                    None => return false,
+                },
+                _ = self.shutdown.changed() => return false,
+            }
+        }
+        true
     }
 
     fn stopped(&mut self) {
@@ -510,6 +625,14 @@ impl Engine {
                     true
                 }
                 Some(Command::Upload) => true,
+                Some(Command::Pause { remember, reply }) => {
+                    self.set_paused(true, remember, reply);
+                    true
+                }
+                Some(Command::Resume { reply }) => {
+                    self.set_paused(false, false, reply);
+                    true
+                }
                 None => false,
             },
             _ = self.shutdown.changed() => false,
@@ -520,17 +643,25 @@ impl Engine {
     /// now starts the attempt over: an attempt made while the relay was down waits for QUIC to
     /// send its first packet again (about a second later), and the request usually means the
     /// relay is back.
-    async fn attempt_connection(&mut self) -> Option<Result<Link, EngineError>> {
+    async fn attempt_connection(&mut self) -> Attempt {
         loop {
             tokio::select! {
-                linked = connect(&self.settings) => return Some(linked),
+                linked = connect(&self.settings) => return match linked {
+                    Ok(link) => Attempt::Linked(link),
+                    Err(e) => Attempt::Failed(e),
+                },
                 command = self.commands.recv() => match command {
                     Some(Command::SyncNow { reply }) => self.waiters.push(reply),
                     // The session about to open uploads whatever is pending.
                     Some(Command::Upload) => {}
-                    None => return None,
+                    Some(Command::Pause { remember, reply }) => {
+                        self.set_paused(true, remember, reply);
+                        return Attempt::Paused;
+                    }
+                    Some(Command::Resume { reply }) => self.set_paused(false, false, reply),
+                    None => return Attempt::ShuttingDown,
                 },
-                _ = self.shutdown.changed() => return None,
+                _ = self.shutdown.changed() => return Attempt::ShuttingDown,
             }
         }
     }
@@ -620,6 +751,11 @@ impl Engine {
                         session.sync_now(now_ms());
                     }
                     Some(Command::Upload) => session.local_changes(),
+                    Some(Command::Pause { remember, reply }) => {
+                        self.set_paused(true, remember, reply);
+                        session.shut_down();
+                    }
+                    Some(Command::Resume { reply }) => self.set_paused(false, false, reply),
                     None => session.shut_down(),
                 },
                 _ = self.shutdown.changed() => session.shut_down(),

@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::io::AsyncReadExt as _;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 
@@ -73,13 +73,25 @@ pub struct ForSubscription<E> {
     pub event: E,
 }
 
+/// A change as a subscriber hears of it: the feed's entry, and the record's fields when the
+/// subscription asked for them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeNote {
+    #[serde(flatten)]
+    pub change: ChangeEvent,
+    /// The record's fields when the notification was sent (null once deleted); absent unless
+    /// the subscription asked for `fields`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<Value>,
+}
+
 /// What the daemon sends unasked on a connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "method", content = "params")]
 pub enum Notification {
     /// A record changed (after the change is durable).
     #[serde(rename = "change")]
-    Change(ForSubscription<ChangeEvent>),
+    Change(ForSubscription<ChangeNote>),
     /// A conflict was found or resolved; the filter's `id` matches its `record`.
     #[serde(rename = "conflict")]
     Conflict(ForSubscription<ConflictEvent>),
@@ -234,6 +246,9 @@ struct Connection {
     options: ServerOptions,
     subscriptions: HashMap<u64, JoinHandle<()>>,
     next_subscription: u64,
+    /// Subscriptions granted by the line at hand: they start sending once its reply is out, so
+    /// that an app reads the answer before the first notification.
+    starting: Vec<oneshot::Sender<()>>,
 }
 
 impl Connection {
@@ -243,6 +258,7 @@ impl Connection {
             options,
             subscriptions: HashMap::new(),
             next_subscription: 1,
+            starting: Vec::new(),
         }
     }
 
@@ -322,6 +338,9 @@ impl Connection {
                 && out.send(reply.to_string()).await.is_err()
             {
                 break;
+            }
+            for start in self.starting.drain(..) {
+                let _ = start.send(());
             }
         }
         for (_, task) in self.subscriptions.drain() {
@@ -444,6 +463,26 @@ impl Connection {
                     alerts: self.options.alerts.as_ref().map(|a| a.active("")),
                 }))
             }
+            api::Request::SyncPause(p) => match self.options.sync.clone() {
+                Some(sync) => encode(sync_moved(
+                    sync.pause(p.remember).await,
+                    api::SyncPaused {
+                        paused: true,
+                        remembered: p.remember,
+                    },
+                )),
+                None => encode(self.run_blocking(p).await),
+            },
+            api::Request::SyncResume(p) => match self.options.sync.clone() {
+                Some(sync) => encode(sync_moved(
+                    sync.resume().await,
+                    api::SyncPaused {
+                        paused: false,
+                        remembered: false,
+                    },
+                )),
+                None => encode(self.run_blocking(p).await),
+            },
             api::Request::Retry(p) => {
                 let retried = self.run_blocking(p).await;
                 if let (Ok(_), Some(sync)) = (&retried, &self.options.sync) {
@@ -534,41 +573,39 @@ impl Connection {
         out: &mpsc::Sender<String>,
     ) -> Result<api::Subscribed, ApiError> {
         let subscription = self.next_subscription;
+        // Taken before the feed is read, so that nothing committed meanwhile is missed: what
+        // both bring is sent once, by its number.
+        let events = self.service.subscribe_events();
+        let conflicts = self.service.subscribe_conflicts();
+        let bounds = tokio::task::block_in_place(|| self.service.store().feed_bounds())?;
+        if let Some(since) = filter.since
+            && since.saturating_add(1) < bounds.first
+        {
+            return Err(ApiError::new(
+                code::INVALID_STATE,
+                format!(
+                    "the changes after {since} are no longer kept (the feed starts at {}): \
+                     re-read what you watch, then subscribe with `since` set to this answer's `seq`",
+                    bounds.first
+                ),
+            ));
+        }
         self.next_subscription += 1;
-        let mut events = self.service.subscribe_events();
-        let mut conflicts = self.service.subscribe_conflicts();
-        let out = out.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let received = tokio::select! {
-                    event = events.recv() => event.map(|event| {
-                        filter.admits(&event.collection, &event.id).then_some(
-                            Notification::Change(ForSubscription { subscription, event }),
-                        )
-                    }),
-                    conflict = conflicts.recv() => conflict.map(|event| {
-                        filter.admits(&event.collection, &event.record).then_some(
-                            Notification::Conflict(ForSubscription { subscription, event }),
-                        )
-                    }),
-                };
-                let note = match received {
-                    Ok(Some(note)) => note,
-                    Ok(None) => continue,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => Notification::Lagged {
-                        subscription,
-                        missed,
-                    },
-                    Err(broadcast::error::RecvError::Closed) => break,
-                };
-                let wire = notification(&note).unwrap_or_else(|e| missed_one(subscription, &e));
-                if out.send(wire.to_string()).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let feed = Feed {
+            service: self.service.clone(),
+            subscription,
+            sent: filter.since.unwrap_or(bounds.last),
+            filter,
+            out: out.clone(),
+        };
+        let (start, started) = oneshot::channel();
+        self.starting.push(start);
+        let task = tokio::spawn(feed.run(started, events, conflicts));
         self.subscriptions.insert(subscription, task);
-        Ok(api::Subscribed { subscription })
+        Ok(api::Subscribed {
+            subscription,
+            seq: bounds.last,
+        })
     }
 
     fn unsubscribe(&mut self, p: api::UnsubscribeParams) -> Result<api::Unsubscribed, ApiError> {
@@ -587,6 +624,16 @@ impl Connection {
     }
 }
 
+/// `now` once the sync loop took a pause or resume, or the failure it met.
+fn sync_moved(
+    taken: Result<(), crate::engine::SyncFailure>,
+    now: api::SyncPaused,
+) -> Result<api::SyncPaused, ApiError> {
+    taken
+        .map(|()| now)
+        .map_err(|failure| ApiError::new(code::UNAVAILABLE, failure.message))
+}
+
 /// A request's id and call, or the reply refusing it (none for a notification).
 fn decode_call(
     request: Result<Request, Value>,
@@ -595,6 +642,127 @@ fn decode_call(
     match api::Request::decode(&request.method, request.params) {
         Ok(call) => Ok((request.id, call)),
         Err(e) => Err(reply(request.id, Err(e))),
+    }
+}
+
+/// One subscription's notifications: changes from the store's feed after `sent` (so that an
+/// app resuming with `since`, or a subscriber that fell behind the live events, misses none),
+/// then the live ones, each once, in feed order; conflicts as they come.
+struct Feed {
+    service: Arc<Service>,
+    subscription: u64,
+    filter: api::SubscribeParams,
+    /// The feed number of the last change sent or passed over.
+    sent: u64,
+    out: mpsc::Sender<String>,
+}
+
+/// Changes read from the store's feed at a time while catching up.
+const FEED_PAGE: usize = 256;
+
+impl Feed {
+    async fn run(
+        mut self,
+        started: oneshot::Receiver<()>,
+        mut events: broadcast::Receiver<ChangeEvent>,
+        mut conflicts: broadcast::Receiver<ConflictEvent>,
+    ) {
+        // Dropped unsent only when the connection is going: then nothing is sent anyway.
+        let _ = started.await;
+        if self.catch_up().await.is_err() {
+            return;
+        }
+        loop {
+            let sent = tokio::select! {
+                event = events.recv() => match event {
+                    Ok(change) if change.seq <= self.sent => Ok(()),
+                    Ok(change) => {
+                        self.sent = change.seq;
+                        self.send_change(change).await
+                    }
+                    // The live events ran ahead: the feed still has what was dropped.
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                conflict = conflicts.recv() => match conflict {
+                    Ok(event) if !self.filter.admits(&event.collection, &event.record) => Ok(()),
+                    Ok(event) => self.send(&Notification::Conflict(ForSubscription {
+                        subscription: self.subscription,
+                        event,
+                    })).await,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        self.send(&Notification::Lagged {
+                            subscription: self.subscription,
+                            missed,
+                        })
+                        .await
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Sends what the feed holds after `sent`; `Err` once the subscriber is gone.
+    async fn catch_up(&mut self) -> Result<(), ()> {
+        loop {
+            let store = self.service.store().clone();
+            let after = self.sent;
+            let page = match tokio::task::spawn_blocking(move || store.feed_after(after, FEED_PAGE))
+                .await
+            {
+                Ok(Ok(page)) => page,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, subscription = self.subscription, "cannot read the change feed; the subscriber is told it missed changes");
+                    return self
+                        .send(&Notification::Lagged {
+                            subscription: self.subscription,
+                            missed: 1,
+                        })
+                        .await;
+                }
+                Err(_) => return Err(()),
+            };
+            let Some(last) = page.last().map(|c| c.seq) else {
+                return Ok(());
+            };
+            for change in page {
+                self.send_change(change).await?;
+            }
+            self.sent = last;
+        }
+    }
+
+    async fn send_change(&self, change: ChangeEvent) -> Result<(), ()> {
+        if !self.filter.admits(&change.collection, &change.id) {
+            return Ok(());
+        }
+        let fields = if self.filter.fields {
+            let store = self.service.store().clone();
+            let (collection, id) = (change.collection.clone(), change.id.clone());
+            let view = tokio::task::spawn_blocking(move || store.get(&collection, &id))
+                .await
+                .map_err(|_| ())?;
+            Some(match view {
+                Ok(view) => serde_json::to_value(view.fields).unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            })
+        } else {
+            None
+        };
+        self.send(&Notification::Change(ForSubscription {
+            subscription: self.subscription,
+            event: ChangeNote { change, fields },
+        }))
+        .await
+    }
+
+    async fn send(&self, note: &Notification) -> Result<(), ()> {
+        let wire = notification(note).unwrap_or_else(|e| missed_one(self.subscription, &e));
+        self.out.send(wire.to_string()).await.map_err(|_| ())
     }
 }
 

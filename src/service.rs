@@ -40,7 +40,7 @@ use api::{
     KeyReloaded, ListParams, LogPage, LogParams, Method, Named as _, PatchParams, PutParams,
     QuarantinedEntry, QuarantinedSummary, QueuePage, QueueParams, RecordHistory, RecordPage,
     ResolveRequest, Retried, RetryParams, StatusAnswer, StatusParams, Storage, SubscribeParams,
-    Subscribed, UnsubscribeParams, Unsubscribed,
+    Subscribed, SyncPauseParams, SyncPaused, SyncResumeParams, UnsubscribeParams, Unsubscribed,
 };
 
 /// Stable JSON-RPC error codes. The standard ones are JSON-RPC 2.0's own.
@@ -142,25 +142,9 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// A record changed, locally or by sync. Sent to subscribers after the change is durable.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ChangeEvent {
-    pub collection: String,
-    pub id: String,
-    pub operation: Operation,
-    pub heads: Vec<String>,
-    /// The device that wrote the change.
-    pub device: String,
-    /// Whether an app on this device made the change or sync brought it.
-    pub origin: Origin,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Origin {
-    Local,
-    Remote,
-}
+/// A record changed, locally or by sync: its entry in the store's change feed. Sent to
+/// subscribers after the change is durable.
+pub use crate::store::feed::{FeedChange as ChangeEvent, Origin};
 
 /// How writes become durable.
 enum Committer {
@@ -503,6 +487,7 @@ impl Service {
     fn announce_remote(&self, applied: &[RemoteApplied], conflicts: &[Conflict]) {
         for a in applied {
             let _ = self.events.send(ChangeEvent {
+                seq: a.seq,
                 collection: a.collection.clone(),
                 id: a.id.clone(),
                 operation: a.operation,
@@ -516,9 +501,10 @@ impl Service {
 
     fn announce_local(&self, applied: &[Applied]) {
         for a in applied {
-            if let Some(operation) = a.operation {
+            if let (Some(operation), Some(seq)) = (a.operation, a.seq) {
                 // No subscribers is fine: nobody is listening.
                 let _ = self.events.send(ChangeEvent {
+                    seq,
                     collection: a.collection.clone(),
                     id: a.id.clone(),
                     operation,
@@ -855,6 +841,37 @@ impl Method for RetryParams {
     }
 }
 
+/// Without the daemon's sync loop only a remembered pause means anything: the daemon reads it
+/// when it starts.
+impl Method for SyncPauseParams {
+    type Answer = SyncPaused;
+    fn run(self, service: &Service) -> Result<SyncPaused, ApiError> {
+        if !self.remember {
+            return Err(ApiError::new(
+                code::UNAVAILABLE,
+                "no daemon runs, so nothing syncs now: pause with `remember` (`ferry sync pause \
+                 --remember`) to keep the daemon from syncing when it starts",
+            ));
+        }
+        service.store.remember_sync_paused(true)?;
+        Ok(SyncPaused {
+            paused: true,
+            remembered: true,
+        })
+    }
+}
+
+impl Method for SyncResumeParams {
+    type Answer = SyncPaused;
+    fn run(self, service: &Service) -> Result<SyncPaused, ApiError> {
+        service.store.remember_sync_paused(false)?;
+        Ok(SyncPaused {
+            paused: false,
+            remembered: false,
+        })
+    }
+}
+
 impl Method for LogParams {
     type Answer = LogPage;
     fn run(self, service: &Service) -> Result<LogPage, ApiError> {
@@ -923,13 +940,17 @@ impl Method for DoctorParams {
                  --repair`, then start the daemon again",
             ));
         }
-        let checkup = service.store.examine()?;
-        let repaired = if self.repair {
-            Some(service.store.repair()?)
-        } else {
-            None
-        };
-        Ok(DoctorAnswer { checkup, repaired })
+        if self.repair {
+            let (checkup, repaired) = service.store.repair()?;
+            return Ok(DoctorAnswer {
+                checkup,
+                repaired: Some(repaired),
+            });
+        }
+        Ok(DoctorAnswer {
+            checkup: service.store.examine()?,
+            repaired: None,
+        })
     }
 }
 

@@ -834,13 +834,13 @@ impl Kv for Interleaved {
     fn live_bytes(&self) -> Result<u64, KvError> {
         self.kv.live_bytes()
     }
-    fn journal(&self) -> Result<(Vec<Vec<u8>>, bool), KvError> {
-        self.kv.journal()
+    fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError> {
+        self.kv.journal(each)
     }
     fn journal_bytes(&self) -> u64 {
         self.kv.journal_bytes()
     }
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+    fn rewrite_journal(&self, keep: ferry::store::kv::JournalKeep<'_>) -> Result<(), KvError> {
         self.kv.rewrite_journal(keep)
     }
 }

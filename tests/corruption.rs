@@ -15,7 +15,9 @@
 
 mod common;
 
-use common::{Daemon, Device, Relay, TIMEOUT, call, status, stdout, wait_converged, wait_for_ok};
+use common::{
+    Daemon, Device, Operator, Relay, TIMEOUT, call, status, stdout, wait_converged, wait_for_ok,
+};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -49,16 +51,34 @@ impl Rng {
     }
 }
 
-/// Flips `count` bytes, chosen by `seed` among those the log holds data in (sled's file has
-/// long runs of zeros where nothing was written yet), each to another value.
-fn flip_bytes(path: &Path, count: usize, seed: u64) {
+/// Flips at least `count` bytes of `path`: one in every copy the file holds of the ids of
+/// records chosen by `seed` among `n000` to the last of `records` (keys, and values naming
+/// their record), records being chosen until that many bytes are flipped. Where sled put each
+/// copy depends on when it flushed, so offsets chosen in the file would hit different data on
+/// different runs; the records' every copy is the same data whatever the layout.
+fn flip_records(path: &Path, records: u64, count: usize, seed: u64) {
     let mut bytes = std::fs::read(path).unwrap();
-    let written: Vec<usize> = (0..bytes.len()).filter(|&i| bytes[i] != 0).collect();
-    assert!(written.len() > count, "{} bytes written", written.len());
     let mut rng = Rng(seed | 1);
-    for _ in 0..count {
-        let at = written[(rng.next() % written.len() as u64) as usize];
-        bytes[at] ^= (rng.next() % 255 + 1) as u8;
+    let mut ids: Vec<u64> = (0..records).collect();
+    let mut flipped = 0;
+    while flipped < count {
+        assert!(
+            !ids.is_empty(),
+            "only {flipped} bytes hold the records' ids"
+        );
+        let id = ids.swap_remove((rng.next() % ids.len() as u64) as usize);
+        let name = format!("n{id:03}");
+        let flip = (rng.next() % 255 + 1) as u8;
+        let copies: Vec<usize> = bytes
+            .windows(name.len())
+            .enumerate()
+            .filter(|(_, w)| *w == name.as_bytes())
+            .map(|(at, _)| at)
+            .collect();
+        for at in copies {
+            bytes[at + name.len() - 1] ^= flip;
+            flipped += 1;
+        }
     }
     std::fs::write(path, bytes).unwrap();
 }
@@ -193,12 +213,12 @@ fn all_records_everywhere(what: &str, a: &Device, relay_dir: &Path, port: u16) {
     assert_eq!(status(&other)["documents"], json!(SYNCED + OFFLINE));
 }
 
-/// The issue: 64 bytes flipped across the data file.
+/// The issue: 64 bytes flipped across the data file (in every copy of the records chosen).
 #[test]
 fn sixty_four_flipped_bytes_are_found_and_nothing_acknowledged_is_lost() {
     for seed in [1, 2] {
         damaged_store_is_found_and_repaired(&format!("64 bytes flipped, seed {seed}"), |path| {
-            flip_bytes(path, 64, seed)
+            flip_records(path, SYNCED + OFFLINE, 64, seed)
         });
     }
 }
@@ -276,6 +296,45 @@ fn relay_sled_dir(relay_dir: &Path) -> PathBuf {
     ferry::store::kv::SledKv::current_dir(&relay_dir.join("relay.db")).expect("relay store dir")
 }
 
+/// Flips a byte of every value the stopped relay in `relay_dir` stores for each record of
+/// `damage` under a key of one of its kinds (the storage layout's first byte: `l` log entry, `b`
+/// document, `t` tail, `r` heads), under sled, which takes it as any write: only the value's
+/// own checksum can tell. Returns the records' space, once sled has let go of its files.
+fn damage_relay_records(relay_dir: &Path, damage: &[(&str, &[u8])]) -> String {
+    let dir = relay_sled_dir(relay_dir);
+    let db = sled::open(&dir).expect("open the relay's sled");
+    let mut damaged = Vec::new();
+    for pair in db.iter() {
+        let (key, value) = pair.unwrap();
+        for (record, kinds) in damage {
+            let in_key = format!("\0{record}\0");
+            let holds = key.windows(in_key.len()).any(|w| w == in_key.as_bytes())
+                || (key.first() == Some(&b'l')
+                    && value.windows(record.len()).any(|w| w == record.as_bytes()));
+            if holds && key.first().is_some_and(|k| kinds.contains(k)) && !value.is_empty() {
+                let mut bad = value.to_vec();
+                bad[0] ^= 0x20;
+                damaged.push((key.to_vec(), bad));
+            }
+        }
+    }
+    let space = damaged
+        .iter()
+        .find(|(k, _)| k.first() == Some(&b'b'))
+        .map(|(k, _)| {
+            let rest = &k[1..];
+            String::from_utf8(rest[..rest.iter().position(|&c| c == 0).unwrap()].to_vec()).unwrap()
+        })
+        .expect("a damaged document");
+    for (key, bad) in damaged {
+        db.insert(key, bad).unwrap();
+    }
+    db.flush().unwrap();
+    drop(db);
+    common::wait_sled_released(&dir);
+    space
+}
+
 /// A relay whose stored values of one record (its document and its log entry) fail their
 /// checksum: a device reading them gets a session error naming the space and where, the relay
 /// logs it and fires its `store_damaged` alert, and nothing of that record is served.
@@ -297,36 +356,7 @@ fn a_damaged_relay_document_or_log_entry_is_reported_and_never_served() {
 
     // Every value stored for record n003 (its document, its log entry) gets a byte flipped
     // under sled, which takes it as any write: only the value's own checksum can tell.
-    let space = {
-        let db = sled::open(relay_sled_dir(&relay_dir)).expect("open the relay's sled");
-        let mut damaged = Vec::new();
-        for pair in db.iter() {
-            let (key, value) = pair.unwrap();
-            let holds_n003 = key.windows(b"\0n003\0".len()).any(|w| w == b"\0n003\0")
-                || (key.first() == Some(&b'l')
-                    && value.windows(b"n003".len()).any(|w| w == b"n003"));
-            if holds_n003 && matches!(key.first(), Some(b'l' | b'b' | b't')) && !value.is_empty() {
-                let mut bad = value.to_vec();
-                bad[0] ^= 0x20;
-                damaged.push((key.to_vec(), bad));
-            }
-        }
-        assert!(!damaged.is_empty(), "no stored value of n003 found");
-        let space = damaged
-            .iter()
-            .find(|(k, _)| k.first() == Some(&b'b'))
-            .map(|(k, _)| {
-                let rest = &k[1..];
-                String::from_utf8(rest[..rest.iter().position(|&c| c == 0).unwrap()].to_vec())
-                    .unwrap()
-            })
-            .expect("n003's document");
-        for (key, bad) in damaged {
-            db.insert(key, bad).unwrap();
-        }
-        db.flush().unwrap();
-        space
-    };
+    let space = damage_relay_records(&relay_dir, &[("n003", b"lbt")]);
 
     let relay = Relay::start(&relay_dir, Some(port));
     let b = Device::new();
@@ -357,6 +387,104 @@ fn a_damaged_relay_document_or_log_entry_is_reported_and_never_served() {
     });
 }
 
+/// A relay whose document of one record (its base, tail and heads) fails its checksum: the
+/// session refuses it, `ferry relay rebuild-record` on the running relay rebuilds it from the
+/// log, the `store_damaged` alert clears, and a device then downloads the record as written;
+/// another record's, rebuilt while the relay is stopped (the command opens its store), too.
+#[test]
+fn a_damaged_relay_document_is_rebuilt_from_the_log_and_served_right() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let relay_dir = tmp.path().join("relay");
+    let mut relay = Relay::start(&relay_dir, None);
+    let port = relay.port;
+    let a = Device::new();
+    a.join(&relay);
+    let daemon = a.start_daemon();
+    for id in 0..10 {
+        put(&daemon, id);
+    }
+    call(
+        &daemon,
+        "put",
+        json!({"collection": "Note", "id": "n003", "fields": {"n": 3, "edited": true}}),
+    );
+    // 11 log entries: n003's second change is its tail.
+    wait_converged(&[&daemon], 11);
+    assert!(daemon.terminate().success());
+    assert!(relay.terminate().success());
+    let space = damage_relay_records(&relay_dir, &[("n003", b"btr"), ("n007", b"b")]);
+
+    let rebuild = |record: &str| {
+        let out = Operator(&relay_dir).ferry(&[
+            "--json",
+            "relay",
+            "rebuild-record",
+            "--space",
+            &space,
+            "--collection",
+            "Note",
+            "--record",
+            record,
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap()
+    };
+    // With the relay stopped, the command opens its store: n007's document first.
+    assert_eq!(rebuild("n007")["changes"], json!(1));
+
+    let mut relay = Relay::start(&relay_dir, Some(port));
+    let b = Device::new();
+    b.join(&relay);
+    let other = b.start_daemon();
+    let failure = wait_for_ok("B's sync to fail on the damaged record", TIMEOUT, || {
+        let s = status(&other);
+        match s["sync"]["last_error"]["message"].as_str() {
+            Some(message) if message.contains("is damaged") => Ok(message.to_owned()),
+            _ => Err(s["sync"].to_string()),
+        }
+    });
+    assert!(
+        failure.contains("rebuild-record") && failure.contains("n003"),
+        "{failure}"
+    );
+    let alert = |transition: &str| {
+        relay
+            .log()
+            .lines()
+            .any(|line| line.contains(transition) && line.contains("store_damaged"))
+    };
+    wait_for_ok("the relay's store_damaged alert", TIMEOUT, || {
+        if alert("alert fired") {
+            Ok(())
+        } else {
+            Err(relay.log())
+        }
+    });
+
+    // On the running relay, through its socket.
+    let rebuilt = rebuild("n003");
+    assert_eq!(rebuilt["changes"], json!(2), "{rebuilt}");
+    wait_for_ok("the store_damaged alert to clear", TIMEOUT, || {
+        if alert("alert cleared") {
+            Ok(())
+        } else {
+            Err(relay.log())
+        }
+    });
+
+    wait_converged(&[&other], 11);
+    assert_eq!(status(&other)["documents"], json!(10));
+    let record = call(&other, "get", json!({"collection": "Note", "id": "n003"}));
+    assert_eq!(
+        record["fields"],
+        json!({"n": 3, "edited": true}),
+        "{record}"
+    );
+    let record = call(&other, "get", json!({"collection": "Note", "id": "n007"}));
+    assert_eq!(record["fields"], json!({"n": 7}), "{record}");
+    assert!(relay.terminate().success());
+}
+
 /// A relay whose log sled's recovery cut short (bytes flipped in its file) refuses to start,
 /// saying which batches are gone: it would otherwise serve a log without changes it
 /// acknowledged.
@@ -374,7 +502,7 @@ fn a_relay_whose_log_lost_acknowledged_batches_refuses_to_start() {
     wait_converged(&[&daemon], 20);
     assert!(daemon.terminate().success());
     assert!(relay.terminate().success());
-    flip_bytes(&relay_sled_dir(&relay_dir).join("db"), 64, 3);
+    flip_records(&relay_sled_dir(&relay_dir).join("db"), 20, 32, 3);
 
     let mut child = std::process::Command::new(common::ferry_bin())
         .arg("--data-dir")

@@ -297,6 +297,49 @@ fn python_client_writes_reads_and_receives_its_changes() {
     assert!(status.success(), "daemon exit: {status}");
 }
 
+/// The Python client library (`clients/python`) passes its own tests against this build's
+/// daemon.
+#[test]
+fn the_python_client_library_passes_its_tests() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "unittest",
+        "discover",
+        "-s",
+        "clients/python/tests",
+        "-t",
+        "clients/python",
+    ])
+    .current_dir(root)
+    .env("FERRY_BIN", ferry_bin());
+    let out = run_bounded(cmd);
+    assert!(
+        out.status.success(),
+        "the Python client's tests failed:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+/// The Node.js client library (`clients/node`, TypeScript) compiles and passes its own tests
+/// against this build's daemon (`scripts/test` installs its compiler with `npm ci`).
+#[test]
+fn the_node_client_library_passes_its_tests() {
+    let mut cmd = Command::new("npm");
+    cmd.args(["--prefix", "clients/node", "test"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("FERRY_BIN", ferry_bin());
+    let out = run_bounded(cmd);
+    assert!(
+        out.status.success(),
+        "the Node.js client's tests failed:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
 /// `ferry watch --count N --json` as a real subscriber process prints exactly the N changes to
 /// its collection, in order, and exits 0.
 #[test]
@@ -1013,6 +1056,100 @@ fn pipelined_requests_are_applied_in_order_and_each_answered_once() {
         WRITES as usize + 1,
         "every record but the deleted one, and 'same' and 'b'"
     );
+    assert!(daemon.terminate().success());
+}
+
+/// Every change carries its number in the store's change feed; a subscriber that gives
+/// `since` first gets every change after it (with the record's fields when it asks), then the
+/// live ones, none twice, also after a restart; one asking for changes the feed no longer keeps
+/// is told to re-read.
+#[test]
+fn a_subscriber_resumes_from_the_change_feed_without_missing_anything() {
+    let dev = Device::new();
+    write_config(&dev, "[store]\nkeep_feed_changes = 3\n");
+    let mut daemon = dev.start_daemon();
+    let mut writer = Raw::connect(&daemon.socket);
+    let put = |writer: &mut Raw, id: &str, n: u64| {
+        let written = writer.ok(
+            "put",
+            json!({"collection": "Note", "id": id, "fields": {"n": n}}),
+        );
+        written["seq"]
+            .as_u64()
+            .expect("a write result's feed number")
+    };
+    let seqs: Vec<u64> = (0..4)
+        .map(|n| put(&mut writer, &format!("n{n}"), n))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+
+    let mut watcher = Raw::connect(&daemon.socket);
+    let answer = watcher.ok(
+        "subscribe",
+        json!({"collection": "Note", "since": seqs[1], "fields": true}),
+    );
+    assert_eq!(answer["seq"], json!(seqs[3]));
+    let next_change = |watcher: &mut Raw| {
+        let note = watcher.read().expect("a notification");
+        assert_eq!(note["method"], json!("change"), "{note}");
+        note["params"].clone()
+    };
+    // What the feed holds after `since`, then a live change, then a delete (fields null).
+    for (n, seq) in [(2, seqs[2]), (3, seqs[3])] {
+        let change = next_change(&mut watcher);
+        assert_eq!(change["seq"], json!(seq), "{change}");
+        assert_eq!(change["fields"], json!({"n": n}), "{change}");
+    }
+    let live = put(&mut writer, "n4", 4);
+    let change = next_change(&mut watcher);
+    assert_eq!(
+        (change["seq"].as_u64(), change["id"].clone()),
+        (Some(live), json!("n4"))
+    );
+    writer.ok("delete", json!({"collection": "Note", "id": "n4"}));
+    let change = next_change(&mut watcher);
+    assert_eq!(change["operation"], json!("delete"));
+    assert_eq!(change["fields"], Value::Null);
+    let last = change["seq"].as_u64().unwrap();
+
+    // After a restart the feed goes on from where it was.
+    daemon.kill();
+    let daemon = dev.start_daemon();
+    let mut writer = Raw::connect(&daemon.socket);
+    let after_restart = put(&mut writer, "n5", 5);
+    assert!(after_restart > last);
+    let mut watcher = Raw::connect(&daemon.socket);
+    watcher.ok("subscribe", json!({"since": last}));
+    let change = next_change(&mut watcher);
+    assert_eq!(change["seq"], json!(after_restart));
+    assert!(
+        change.get("fields").is_none(),
+        "fields only when asked: {change}"
+    );
+
+    // Past keep_feed_changes the oldest go (the daemon prunes at start): asking for them is
+    // refused with what to do instead.
+    let daemon = {
+        drop((writer, watcher));
+        let mut daemon = daemon;
+        daemon.kill();
+        dev.start_daemon()
+    };
+    // Each probe on its own connection: a subscription that is granted sends notifications.
+    wait_for("the feed to be pruned", TIMEOUT, || {
+        Raw::connect(&daemon.socket)
+            .call("subscribe", json!({"since": seqs[0]}))
+            .get("error")
+            .is_some()
+    });
+    let mut raw = Raw::connect(&daemon.socket);
+    raw.refused(
+        "subscribe",
+        json!({"since": seqs[0]}),
+        code::INVALID_STATE,
+        &["no longer kept", "re-read"],
+    );
+    raw.ok("subscribe", json!({"since": last}));
     assert!(daemon.terminate().success());
 }
 

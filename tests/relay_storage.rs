@@ -10,7 +10,8 @@
 //! base + tail and compaction; conflict counts and quota bytes as increments; the unique-value
 //! index (its holders and open clashes); conflict entries, their open index and the change that
 //! brought each; tombstone purging (a purge entry, the marker, what goes and what stays); a
-//! space's web actor, chosen once. Accounts: accounts (a name taken once), devices, enrolment codes (consumed once),
+//! space's web actor, chosen once; a damaged record rebuilt from its log entries (refused once
+//! they are compacted away). Accounts: accounts (a name taken once), devices, enrolment codes (consumed once),
 //! token families, signing keys, passwords, each commit whole or not at all. And reopening:
 //! everything committed is there after a restart.
 
@@ -38,7 +39,7 @@ use ferry::relay::storage::{
     Holders, KvStorage, LogCompaction, LoggedChange, RelayConflictCount, RelayStorage,
     StorageError, StoredKey, UniqueValue,
 };
-use ferry::relay::store::{LogRetention, RelayStore, RelayStoreOptions};
+use ferry::relay::store::{LogRetention, RelayStore, RelayStoreError, RelayStoreOptions};
 use ferry::resolve::{self, Conflict, ConflictKind, ConflictStatus, Side};
 use ferry::store::kv::MemoryKv;
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, RecordName, UploadChange};
@@ -53,6 +54,9 @@ trait Engine {
     /// The engine as a restart finds it: only what was durable. The caller drops what `open`
     /// gave first.
     fn reopen(&self) -> Arc<dyn RelayStorage>;
+    /// Damages the values stored under `keys` (the embedded engine's layout) as a disk would:
+    /// they then fail their checksums. The caller drops what `open` gave first.
+    fn damage(&self, keys: &[Vec<u8>]);
 }
 
 /// The embedded engine on the in-memory KV; a restart loses what was not flushed.
@@ -73,6 +77,12 @@ impl Engine for Memory {
         self.0.crash();
         self.open()
     }
+
+    fn damage(&self, keys: &[Vec<u8>]) {
+        for key in keys {
+            assert!(self.0.damage(key), "nothing stored under {key:?}");
+        }
+    }
 }
 
 /// The embedded engine on sled in a temporary directory.
@@ -91,6 +101,18 @@ impl Engine for Sled {
 
     fn reopen(&self) -> Arc<dyn RelayStorage> {
         self.open()
+    }
+
+    fn damage(&self, keys: &[Vec<u8>]) {
+        let dir = ferry::store::kv::SledKv::current_dir(self.0.path()).unwrap();
+        common::wait_sled_released(&dir);
+        let db = ::sled::open(&dir).unwrap();
+        for key in keys {
+            let mut value = db.get(key).unwrap().expect("stored").to_vec();
+            value[0] ^= 0x20;
+            db.insert(key.as_slice(), value).unwrap();
+        }
+        db.flush().unwrap();
     }
 }
 
@@ -1195,6 +1217,140 @@ fn a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry(engine: &dyn Engi
     assert_eq!(conflict.client.fields.get("late"), Some(&json!(true)));
 }
 
+/// The embedded engine's key of a record's value: `{kind}{space}\0Doc\0{id}\0`, then `seq`.
+fn record_key(kind: u8, id: &str, seq: Option<u64>) -> Vec<u8> {
+    let mut key = vec![kind];
+    for part in [SPACE, "Doc", id] {
+        key.extend_from_slice(part.as_bytes());
+        key.push(0);
+    }
+    key.extend(seq.into_iter().flat_map(u64::to_be_bytes));
+    key
+}
+
+/// A record whose document, tail and heads are damaged on disk is refused naming it, then
+/// rebuilt from its log entries: the same fields and heads, served at once and after a restart,
+/// taking new changes on top. Once the log is compacted past its first change a rebuild is
+/// refused, saying why, and writes nothing.
+fn a_damaged_document_is_rebuilt_from_the_log_until_compacted_past_it(engine: &dyn Engine) {
+    let storage = engine.open();
+    let relay_store = relay(storage.clone(), 3);
+    let mut writer = Writer::new(1);
+    let mut other = Writer::new(1);
+    let mut n = 0;
+    let mut send = |relay_store: &RelayStore, record: &str, change: Vec<u8>| {
+        n += 1;
+        let r = relay_store
+            .append(SPACE, &dev(1), &[upload(n, record, &change)])
+            .unwrap();
+        assert!(
+            matches!(r[0].outcome, ChangeOutcome::Stored { .. }),
+            "{r:?}"
+        );
+    };
+    send(
+        &relay_store,
+        "r0",
+        writer.put(json!({"n": 0, "name": "zero"})),
+    );
+    send(&relay_store, "r1", other.put(json!({"n": 100})));
+    for round in 1..=5 {
+        send(&relay_store, "r0", writer.patch(json!({"n": round})));
+    }
+    let heads = relay_store.heads(SPACE, "Doc", "r0").unwrap().unwrap();
+    let fields = relay_store.record(SPACE, "Doc", "r0").unwrap().unwrap();
+    let tail = storage.tail(SPACE, "Doc", "r0").unwrap();
+    assert!(!tail.is_empty(), "r0 keeps a tail past its base");
+    assert!(storage.record_heads(SPACE, "Doc", "r0").unwrap().is_some());
+    drop((relay_store, storage));
+
+    let mut keys = vec![record_key(b'b', "r0", None), record_key(b'r', "r0", None)];
+    keys.extend(tail.iter().map(|&seq| record_key(b't', "r0", Some(seq))));
+    engine.damage(&keys);
+    let storage = engine.reopen();
+    let relay_store = relay(storage.clone(), 3);
+    let refused = relay_store.record(SPACE, "Doc", "r0").unwrap_err();
+    match &refused {
+        RelayStoreError::Storage(StorageError::Damaged { record, .. }) => {
+            assert_eq!(record.as_ref(), Some(&rec("r0")), "{refused}");
+        }
+        other => panic!("not refused as damaged: {other}"),
+    }
+    assert!(refused.to_string().contains("rebuild-record"), "{refused}");
+
+    let rebuilt = relay_store.rebuild_record(SPACE, "Doc", "r0").unwrap();
+    assert_eq!(
+        (rebuilt.changes, rebuilt.first_seq, rebuilt.last_seq),
+        (6, 1, 7)
+    );
+    assert_eq!(rebuilt.heads, heads);
+    assert_eq!(
+        relay_store.record(SPACE, "Doc", "r0").unwrap(),
+        Some(fields.clone())
+    );
+    assert_eq!(
+        relay_store.heads(SPACE, "Doc", "r0").unwrap(),
+        Some(heads.clone())
+    );
+    assert_eq!(storage.tail(SPACE, "Doc", "r0").unwrap(), Vec::<u64>::new());
+    let stored_heads: Vec<String> = storage
+        .record_heads(SPACE, "Doc", "r0")
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|h| automerge::ChangeHash(*h).to_string())
+        .collect();
+    assert_eq!(stored_heads, heads);
+    assert_eq!(storage.head(SPACE).unwrap(), 7, "a rebuild logs nothing");
+    assert!(matches!(
+        relay_store.rebuild_record(SPACE, "Doc", "nothing"),
+        Err(RelayStoreError::NoSuchRecord { .. })
+    ));
+    drop((relay_store, storage));
+
+    // Durable, and the record takes new changes on top.
+    let storage = engine.reopen();
+    let relay_store = relay(storage.clone(), 3);
+    assert_eq!(
+        relay_store.record(SPACE, "Doc", "r0").unwrap(),
+        Some(fields.clone())
+    );
+    send(&relay_store, "r0", writer.patch(json!({"n": 6})));
+    let fields = relay_store.record(SPACE, "Doc", "r0").unwrap().unwrap();
+    assert_eq!(fields.get("n"), Some(&json!(6)));
+
+    // Compacted past r0's first change: only its base holds it, so a rebuild is refused.
+    let compacted = relay_store
+        .compact_log(
+            SPACE,
+            0,
+            LogRetention {
+                keep_log_days: 0,
+                keep_log_entries: 2,
+            },
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(compacted.horizon, 6);
+    let refused = relay_store.rebuild_record(SPACE, "Doc", "r0").unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            RelayStoreError::Compacted {
+                first: 1,
+                horizon: 6,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("backup"), "{refused}");
+    assert_eq!(
+        relay_store.record(SPACE, "Doc", "r0").unwrap(),
+        Some(fields)
+    );
+}
+
 fn relay(storage: Arc<dyn RelayStorage>, compact_after: usize) -> RelayStore {
     RelayStore::open(
         storage,
@@ -1477,6 +1633,11 @@ macro_rules! conformance {
             #[test]
             fn a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry() {
                 super::a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry(&$engine);
+            }
+
+            #[test]
+            fn a_damaged_document_is_rebuilt_from_the_log_until_compacted_past_it() {
+                super::a_damaged_document_is_rebuilt_from_the_log_until_compacted_past_it(&$engine);
             }
 
             #[test]

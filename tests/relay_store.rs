@@ -1129,3 +1129,54 @@ fn the_quota_alert_clears_once_compaction_brings_the_space_back_under_its_quota(
     assert_eq!(active(), Vec::<String>::new());
     assert_eq!(relay.record(SPACE, "Doc", "r").unwrap(), fields);
 }
+
+/// A record whose document and conflict entry are both damaged: its rebuild writes the
+/// document again from the log and, the log being whole, the space's conflict entries too, so
+/// the record is served with the same fields and the same conflict entry as before.
+#[test]
+fn a_rebuild_writes_damaged_conflict_entries_again_from_a_whole_log() {
+    let kv = Arc::new(MemoryKv::new());
+    let relay = relay_on(kv.clone(), RelayStoreOptions::default());
+    let mut a = Writer::new(1);
+    let mut b = Writer::new(2);
+    let created = a.put(json!({"title": "draft"}));
+    b.record
+        .apply_changes(std::slice::from_ref(&created))
+        .unwrap();
+    let mine = a.patch(json!({"title": "mine"}));
+    let theirs = b.patch(json!({"title": "theirs"}));
+    append_by_author(
+        &relay,
+        &[
+            upload(1, "r", &created),
+            upload(2, "r", &mine),
+            upload(1, "r", &theirs),
+        ],
+    );
+    let conflicts = relay.conflicts(SPACE, None, None, 10).unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:#?}");
+    let record = relay.record(SPACE, "Doc", "r").unwrap();
+    let id = conflicts[0].id.clone();
+    drop(relay);
+
+    let key = |kind: u8, parts: &[&str]| {
+        let mut key = vec![kind];
+        for part in parts {
+            key.extend_from_slice(part.as_bytes());
+            key.push(0);
+        }
+        key
+    };
+    assert!(kv.damage(&key(b'b', &[SPACE, "Doc", "r"])));
+    assert!(kv.damage(&key(b'x', &[SPACE, &id])));
+    let relay = relay_on(kv.clone(), RelayStoreOptions::default());
+    assert!(matches!(
+        relay.conflict(SPACE, &id),
+        Err(RelayStoreError::Storage(StorageError::Damaged { .. }))
+    ));
+    let rebuilt = relay.rebuild_record(SPACE, "Doc", "r").unwrap();
+    assert_eq!((rebuilt.changes, rebuilt.conflicts), (3, 1));
+    assert!(rebuilt.conflicts_rebuilt);
+    assert_eq!(relay.record(SPACE, "Doc", "r").unwrap(), record);
+    assert_eq!(relay.conflicts(SPACE, None, None, 10).unwrap(), conflicts);
+}

@@ -547,3 +547,133 @@ fn ferry_sync_reports_and_retries_failed() {
     assert_eq!(reply["report"]["relay_head"], json!(1), "{reply}");
     assert_eq!(reply["status"]["up_to_date"], json!(true), "{reply}");
 }
+
+/// `ferry sync pause` stops a device syncing (no upload, no download, and its status says
+/// why it is not up to date) until `ferry sync resume`; a remembered pause holds across a
+/// restart; nothing written meanwhile is lost.
+#[test]
+fn a_paused_device_syncs_nothing_until_resumed_and_a_remembered_pause_survives_a_restart() {
+    let home = RelayHome::new();
+    let relay = home.start(None);
+    let (a, b) = devices(&relay, str::to_string);
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+    let note = |id: &str| json!({ "collection": "Note", "id": id, "fields": { "by": id } });
+    call(&da, "put", note("a0"));
+    wait_converged(&[&da, &db], 1);
+
+    let out = a.ferry(&["--json", "sync", "pause", "--remember"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let paused: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(paused, json!({ "paused": true, "remembered": true }));
+    let paused_status = |daemon: &Daemon| {
+        let s = status(daemon);
+        s["sync"]["state"] == json!("paused")
+            && s["sync"]["up_to_date"] == json!(false)
+            && s["sync"]["reasons"]
+                .as_array()
+                .is_some_and(|r| r.contains(&json!("paused")))
+    };
+    wait_for("A to say it is paused", TIMEOUT, || paused_status(&da));
+    call(&da, "put", note("a1"));
+    call(&db, "put", note("b1"));
+    // B's write reaches the relay; A's stays in its queue, and A reads nothing.
+    wait_converged(&[&db], 2);
+    let s = status(&da);
+    assert_eq!(unsent(&s), 1, "{s}");
+    assert_eq!(s["sync"]["cursor"], json!(1), "{s}");
+    let refused = da.client().call("sync", json!({}));
+    assert!(
+        matches!(&refused, Err(ferry::ipc::ClientError::Api(e)) if e.message.contains("paused")),
+        "{refused:?}"
+    );
+    let out = a.ferry(&["status"]);
+    assert!(stdout(&out).contains("sync is paused"), "{}", stdout(&out));
+
+    // The pause was remembered: a restarted daemon starts paused.
+    assert!(da.terminate().success());
+    let da = a.start_daemon_logged();
+    wait_for("A to start paused", TIMEOUT, || paused_status(&da));
+    assert_eq!(unsent(&status(&da)), 1);
+
+    let out = a.ferry(&["sync", "resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_converged(&[&da, &db], 3);
+    assert_same_records(&da, &db, "Note", 3);
+
+    // Without a daemon only a remembered pause can be asked for.
+    assert!(db.terminate().success());
+    let out = b.ferry(&["sync", "pause"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--remember"), "{}", stderr(&out));
+    let out = b.ferry(&["sync", "pause", "--remember"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let db = b.start_daemon_logged();
+    wait_for("B to start paused", TIMEOUT, || paused_status(&db));
+}
+
+/// A collection's `priority` orders uploads: changes to the higher-priority collection reach
+/// the relay's log, and so another device, before older changes of a lower one, batch by batch.
+#[test]
+fn higher_priority_collections_are_uploaded_first() {
+    let home = RelayHome::new();
+    let relay = home.start(None);
+    let (a, b) = devices(&relay, |config| {
+        small_batches(config) + "\n[collections.Invoice]\npriority = 10\n"
+    });
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+    // A writes while paused, oldest first: 40 notes, then 5 invoices.
+    let out = a.ferry(&["sync", "pause"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for i in 0..40 {
+        call(
+            &da,
+            "put",
+            json!({ "collection": "Note", "id": format!("n{i:02}"), "fields": { "i": i } }),
+        );
+    }
+    for i in 0..5 {
+        call(
+            &da,
+            "put",
+            json!({ "collection": "Invoice", "id": format!("i{i}"), "fields": { "i": i } }),
+        );
+    }
+    let queue = call(&da, "queue", json!({ "status": "pending", "limit": 100 }));
+    let priorities: Vec<_> = queue["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| (e["model_name"].clone(), e["priority"].clone()))
+        .collect();
+    assert!(
+        priorities.contains(&(json!("Invoice"), json!(10))),
+        "{queue}"
+    );
+    assert!(priorities.contains(&(json!("Note"), json!(0))), "{queue}");
+
+    // B hears of the changes in the relay's log order.
+    let mut watcher = db.client();
+    watcher
+        .call("subscribe", json!({}))
+        .expect("subscribe on B");
+    let out = a.ferry(&["sync", "resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_converged(&[&da, &db], 45);
+    let order: Vec<String> = (0..45)
+        .map(|_| {
+            let note = watcher.next_notification().expect("a change on B");
+            note["params"]["collection"]
+                .as_str()
+                .expect("collection")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        order[..5],
+        ["Invoice"; 5],
+        "the invoices reach the log first: {order:?}"
+    );
+    assert!(order[5..].iter().all(|c| c == "Note"), "{order:?}");
+}

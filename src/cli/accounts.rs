@@ -1,5 +1,5 @@
-//! `ferry relay account|enrol|devices|revoke|rotate-key` (the relay operator's side) and
-//! `ferry register` (a device joining an account).
+//! `ferry relay account|enrol|devices|revoke|rotate-key|rebuild-record` (the relay operator's
+//! side) and `ferry register` (a device joining an account).
 //!
 //! Operator commands go to the running relay's socket (`relay::admin`), or, when no relay runs,
 //! open its store and run the same typed method (`relay::admin::AdminMethod`).
@@ -13,6 +13,7 @@ use crate::ipc::{Client, ClientError};
 use crate::relay::accounts::{Accounts, os_random};
 use crate::relay::admin::{self, AdminMethod, AdminOptions};
 use crate::relay::storage::KvStorage;
+use crate::relay::store::{RelayStore, RelayStoreOptions};
 use crate::store::kv::SledKv;
 use clap::Subcommand;
 use ferry_proto::wire::Secret;
@@ -47,6 +48,19 @@ pub(super) enum RelayAction {
     },
     /// Make a new token signing key now (the old one still verifies for the overlap window)
     RotateKey,
+    /// Rebuild a record's document from the space's log, when the relay reports it damaged
+    /// (refused when the log was compacted past the record's first change)
+    RebuildRecord {
+        /// The space (account) the record is in
+        #[arg(long)]
+        space: String,
+        /// The record's collection
+        #[arg(long)]
+        collection: String,
+        /// The record's id
+        #[arg(long)]
+        record: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +165,39 @@ pub(super) fn relay_admin(ctx: &Context, action: RelayAction) -> Result<(), Fail
                 println!("new token signing key {}", r.kid)
             })
         }
+        RelayAction::RebuildRecord {
+            space,
+            collection,
+            record,
+        } => {
+            let rebuilt = call_relay(
+                ctx,
+                admin::RebuildRecord {
+                    space,
+                    collection,
+                    record,
+                },
+            )?;
+            show(ctx, &rebuilt, |r| {
+                println!(
+                    "{}/{} of space {} rebuilt from {} log entries (seq {} to {}); heads {}; \
+                     {} conflict entries{}",
+                    r.collection,
+                    r.record,
+                    r.space,
+                    r.changes,
+                    r.first_seq,
+                    r.last_seq,
+                    r.heads.join(", "),
+                    r.conflicts,
+                    if r.conflicts_rebuilt {
+                        " (the space's conflict entries were rebuilt from its log)"
+                    } else {
+                        ""
+                    }
+                )
+            })
+        }
     }
 }
 
@@ -211,17 +258,33 @@ fn call_relay<M: AdminMethod>(ctx: &Context, params: M) -> Result<M::Answer, Fai
     )
     .map_err(|e| Failure::failed(format!("cannot open the relay's store: {e}")))?;
     let now = crate::clock::now_ms();
+    let storage = Arc::new(KvStorage::new(Arc::new(kv)));
     let accounts = Accounts::open(
-        Arc::new(KvStorage::new(Arc::new(kv))),
+        storage.clone(),
         ctx.config.relay.token_policy(),
         os_random(),
         now,
     )
     .map_err(|e| Failure::failed(e.to_string()))?;
+    let store = RelayStore::open(
+        storage,
+        RelayStoreOptions {
+            doc_cache_docs: ctx.config.relay.cache_docs,
+            limits: ctx.config.limits,
+            policies: ctx.config.policies(),
+            ..RelayStoreOptions::default()
+        },
+    );
     let options = AdminOptions {
         enrolment_code_hours: ctx.config.relay.enrolment_code_hours,
     };
-    Ok(params.run(&accounts, &options, now)?)
+    let relay = admin::Operated {
+        accounts: &accounts,
+        store: &store,
+        alerts: None,
+        options: &options,
+    };
+    Ok(params.run(&relay, now)?)
 }
 
 pub(super) struct RegisterArgs {

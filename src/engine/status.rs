@@ -21,6 +21,8 @@ pub enum ConnectionState {
     Connected,
     /// Waiting before the next attempt.
     Offline,
+    /// Sync was paused (`ferry sync pause`): no connection until it is resumed.
+    Paused,
     Stopped,
 }
 
@@ -48,6 +50,8 @@ pub enum Behind {
     BehindRelay,
     /// The session is still uploading or downloading.
     Syncing,
+    /// Sync is paused: nothing is uploaded or downloaded until `ferry sync resume`.
+    Paused,
 }
 
 impl Behind {
@@ -59,6 +63,7 @@ impl Behind {
             Behind::FailedUploads => "failed_uploads",
             Behind::BehindRelay => "behind_relay",
             Behind::Syncing => "syncing",
+            Behind::Paused => "paused",
         }
     }
 }
@@ -194,7 +199,9 @@ impl SyncStatus {
         if !self.daemon_running {
             reasons.push(Behind::DaemonNotRunning);
         }
-        if self.state != ConnectionState::Connected {
+        if self.state == ConnectionState::Paused {
+            reasons.push(Behind::Paused);
+        } else if self.state != ConnectionState::Connected {
             reasons.push(Behind::Disconnected);
         }
         if self.pending_uploads > 0 {
@@ -238,6 +245,10 @@ impl SyncStatus {
         match self.state {
             ConnectionState::Connected => {}
             ConnectionState::Stopped if !self.daemon_running => {}
+            ConnectionState::Paused => lines.push(
+                "sync is paused: nothing is uploaded or downloaded until `ferry sync resume`"
+                    .into(),
+            ),
             _ => {
                 let since = self
                     .disconnected_since_ms

@@ -1,11 +1,13 @@
-//! The relay operator's socket: `ferry relay account|enrol|devices|revoke|rotate-key` talk to a
-//! running relay through `DATA_DIR/relay.sock` (a Unix socket, mode 0600, so only the relay's
+//! The relay operator's socket: `ferry relay account|enrol|devices|revoke|rotate-key|
+//! rebuild-record` talk to a running relay through `DATA_DIR/relay.sock` (a Unix socket, mode 0600, so only the relay's
 //! own user reaches it), with the same JSON-RPC 2.0 lines as the device's socket. When no relay
 //! runs, the CLI opens the store and calls [`dispatch`] itself: both paths share it.
 //!
 //! Owns: the operator's methods, each a typed params struct with its answer type
-//! ([`AdminMethod`]), and [`request`], the typed call the CLI, the demo and tests use.
-//! Must not touch: accounts' storage (`relay::accounts`), devices' sessions.
+//! ([`AdminMethod`]), run on an [`Operated`] relay, and [`request`], the typed call the CLI, the
+//! demo and tests use.
+//! Must not touch: accounts' storage (`relay::accounts`), the log's (`relay::store`), devices'
+//! sessions.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,9 @@ use tokio::sync::watch;
 use tokio_util::codec::{Framed, LinesCodec};
 
 use super::accounts::{AccountError, Accounts, EnrolmentCode};
+use super::alerts::RelayAlerts;
 use super::storage::{AccountRecord, ClientKind, StorageError};
+use super::store::{RecordRebuilt, RelayStore, RelayStoreError};
 use crate::clock::Clock;
 use crate::datadir::DataDir;
 use crate::ipc::{Client, ClientError, Message, decode_message};
@@ -65,6 +69,32 @@ impl From<AccountError> for ApiError {
     }
 }
 
+impl From<RelayStoreError> for ApiError {
+    fn from(e: RelayStoreError) -> Self {
+        let code = match &e {
+            RelayStoreError::InvalidSpace(_) | RelayStoreError::Address(_) => code::INVALID_PARAMS,
+            RelayStoreError::NoSuchRecord { .. } => code::NOT_FOUND,
+            RelayStoreError::Compacted { .. } => code::INVALID_STATE,
+            RelayStoreError::Unrebuildable { .. }
+            | RelayStoreError::Record(_)
+            | RelayStoreError::Storage(
+                StorageError::Corrupt { .. } | StorageError::Damaged { .. },
+            ) => code::CORRUPT,
+            RelayStoreError::Storage(_) => code::STORAGE,
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+/// The relay the operator's methods act on: the running one's parts, or those a command opened
+/// on its data directory when none runs (no alerts then: they live in the running process).
+pub struct Operated<'a> {
+    pub accounts: &'a Accounts,
+    pub store: &'a RelayStore,
+    pub alerts: Option<&'a RelayAlerts>,
+    pub options: &'a AdminOptions,
+}
+
 fn params<T: for<'de> Deserialize<'de>>(params: Value) -> Result<T, ApiError> {
     let params = if params.is_null() { json!({}) } else { params };
     serde_path_to_error::deserialize(params).map_err(ApiError::invalid_params)
@@ -74,12 +104,7 @@ fn params<T: for<'de> Deserialize<'de>>(params: Value) -> Result<T, ApiError> {
 pub trait AdminMethod: Serialize + for<'de> Deserialize<'de> {
     const NAME: &'static str;
     type Answer: Serialize + for<'de> Deserialize<'de>;
-    fn run(
-        self,
-        accounts: &Accounts,
-        options: &AdminOptions,
-        now_ms: u64,
-    ) -> Result<Self::Answer, ApiError>;
+    fn run(self, relay: &Operated<'_>, now_ms: u64) -> Result<Self::Answer, ApiError>;
 }
 
 /// `account.add`: creates an account, with its own space.
@@ -92,13 +117,8 @@ pub struct AccountAdd {
 impl AdminMethod for AccountAdd {
     const NAME: &'static str = "account.add";
     type Answer = AccountRecord;
-    fn run(
-        self,
-        accounts: &Accounts,
-        _: &AdminOptions,
-        now_ms: u64,
-    ) -> Result<AccountRecord, ApiError> {
-        Ok(accounts.add_account(&self.name, now_ms)?)
+    fn run(self, relay: &Operated<'_>, now_ms: u64) -> Result<AccountRecord, ApiError> {
+        Ok(relay.accounts.add_account(&self.name, now_ms)?)
     }
 }
 
@@ -119,8 +139,10 @@ pub struct PasswordSet {
 impl AdminMethod for AccountPassword {
     const NAME: &'static str = "account.password";
     type Answer = PasswordSet;
-    fn run(self, accounts: &Accounts, _: &AdminOptions, _: u64) -> Result<PasswordSet, ApiError> {
-        accounts.set_password(&self.name, &ferry_proto::wire::Secret::new(self.password))?;
+    fn run(self, relay: &Operated<'_>, _: u64) -> Result<PasswordSet, ApiError> {
+        relay
+            .accounts
+            .set_password(&self.name, &ferry_proto::wire::Secret::new(self.password))?;
         Ok(PasswordSet {
             name: self.name,
             password_set: true,
@@ -144,9 +166,10 @@ pub struct AccountSummary {
 impl AdminMethod for AccountList {
     const NAME: &'static str = "account.list";
     type Answer = Vec<AccountSummary>;
-    fn run(self, accounts: &Accounts, _: &AdminOptions, _: u64) -> Result<Self::Answer, ApiError> {
-        let devices = accounts.devices(None);
-        Ok(accounts
+    fn run(self, relay: &Operated<'_>, _: u64) -> Result<Self::Answer, ApiError> {
+        let devices = relay.accounts.devices(None);
+        Ok(relay
+            .accounts
             .accounts()?
             .into_iter()
             .map(|a| {
@@ -174,17 +197,14 @@ pub struct Enrol {
 impl AdminMethod for Enrol {
     const NAME: &'static str = "enrol";
     type Answer = EnrolmentCode;
-    fn run(
-        self,
-        accounts: &Accounts,
-        options: &AdminOptions,
-        now_ms: u64,
-    ) -> Result<EnrolmentCode, ApiError> {
-        let hours = self.hours.unwrap_or(options.enrolment_code_hours);
+    fn run(self, relay: &Operated<'_>, now_ms: u64) -> Result<EnrolmentCode, ApiError> {
+        let hours = self.hours.unwrap_or(relay.options.enrolment_code_hours);
         if hours == 0 {
             return Err(ApiError::invalid_params("hours must be at least 1"));
         }
-        Ok(accounts.enrol(&self.account, hours.saturating_mul(3_600_000), now_ms)?)
+        Ok(relay
+            .accounts
+            .enrol(&self.account, hours.saturating_mul(3_600_000), now_ms)?)
     }
 }
 
@@ -209,8 +229,9 @@ pub struct DeviceSummary {
 impl AdminMethod for Devices {
     const NAME: &'static str = "devices";
     type Answer = Vec<DeviceSummary>;
-    fn run(self, accounts: &Accounts, _: &AdminOptions, _: u64) -> Result<Self::Answer, ApiError> {
-        Ok(accounts
+    fn run(self, relay: &Operated<'_>, _: u64) -> Result<Self::Answer, ApiError> {
+        Ok(relay
+            .accounts
             .devices(self.account.as_deref())
             .into_iter()
             .map(|d| DeviceSummary {
@@ -243,8 +264,8 @@ pub struct Revoked {
 impl AdminMethod for Revoke {
     const NAME: &'static str = "revoke";
     type Answer = Revoked;
-    fn run(self, accounts: &Accounts, _: &AdminOptions, now_ms: u64) -> Result<Revoked, ApiError> {
-        let d = accounts.revoke(&self.device, now_ms)?;
+    fn run(self, relay: &Operated<'_>, now_ms: u64) -> Result<Revoked, ApiError> {
+        let d = relay.accounts.revoke(&self.device, now_ms)?;
         Ok(Revoked {
             device: d.device,
             account: d.account,
@@ -266,47 +287,74 @@ pub struct KeyRotated {
 impl AdminMethod for RotateKey {
     const NAME: &'static str = "keys.rotate";
     type Answer = KeyRotated;
-    fn run(
-        self,
-        accounts: &Accounts,
-        _: &AdminOptions,
-        now_ms: u64,
-    ) -> Result<KeyRotated, ApiError> {
+    fn run(self, relay: &Operated<'_>, now_ms: u64) -> Result<KeyRotated, ApiError> {
         Ok(KeyRotated {
-            kid: accounts.rotate_signing_key(now_ms)?,
+            kid: relay.accounts.rotate_signing_key(now_ms)?,
         })
+    }
+}
+
+/// `record.rebuild`: rebuilds a record's document from the space's log
+/// (`RelayStore::rebuild_record`), for a stored document the relay found damaged; on a running
+/// relay, the account's `store_damaged` alert forgets that record's damage.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildRecord {
+    pub space: String,
+    pub collection: String,
+    pub record: String,
+}
+
+impl AdminMethod for RebuildRecord {
+    const NAME: &'static str = "record.rebuild";
+    type Answer = RecordRebuilt;
+    fn run(self, relay: &Operated<'_>, _: u64) -> Result<RecordRebuilt, ApiError> {
+        let rebuilt = relay
+            .store
+            .rebuild_record(&self.space, &self.collection, &self.record)?;
+        tracing::info!(
+            space = self.space,
+            collection = self.collection,
+            record = self.record,
+            changes = rebuilt.changes,
+            "record rebuilt from the log"
+        );
+        if let Some(alerts) = relay.alerts {
+            alerts.rebuilt(&self.space, &(self.collection, self.record));
+        }
+        Ok(rebuilt)
     }
 }
 
 /// Runs one operator method given as JSON, answering in JSON (the socket's side).
 pub fn dispatch(
-    accounts: &Accounts,
-    options: &AdminOptions,
+    relay: &Operated<'_>,
     method: &str,
     raw: Value,
     now_ms: u64,
 ) -> Result<Value, ApiError> {
     fn run<M: AdminMethod>(
         raw: Value,
-        accounts: &Accounts,
-        options: &AdminOptions,
+        relay: &Operated<'_>,
         now_ms: u64,
     ) -> Result<Value, ApiError> {
-        to_json(&params::<M>(raw)?.run(accounts, options, now_ms)?)
+        to_json(&params::<M>(raw)?.run(relay, now_ms)?)
     }
     match method {
-        AccountAdd::NAME => run::<AccountAdd>(raw, accounts, options, now_ms),
-        AccountPassword::NAME => run::<AccountPassword>(raw, accounts, options, now_ms),
-        AccountList::NAME => run::<AccountList>(raw, accounts, options, now_ms),
-        Enrol::NAME => run::<Enrol>(raw, accounts, options, now_ms),
-        Devices::NAME => run::<Devices>(raw, accounts, options, now_ms),
-        Revoke::NAME => run::<Revoke>(raw, accounts, options, now_ms),
-        RotateKey::NAME => run::<RotateKey>(raw, accounts, options, now_ms),
+        AccountAdd::NAME => run::<AccountAdd>(raw, relay, now_ms),
+        AccountPassword::NAME => run::<AccountPassword>(raw, relay, now_ms),
+        AccountList::NAME => run::<AccountList>(raw, relay, now_ms),
+        Enrol::NAME => run::<Enrol>(raw, relay, now_ms),
+        Devices::NAME => run::<Devices>(raw, relay, now_ms),
+        Revoke::NAME => run::<Revoke>(raw, relay, now_ms),
+        RotateKey::NAME => run::<RotateKey>(raw, relay, now_ms),
+        RebuildRecord::NAME => run::<RebuildRecord>(raw, relay, now_ms),
         other => Err(ApiError::new(
             code::METHOD_NOT_FOUND,
             format!(
                 "unknown method {other:?}: the relay's socket serves account.add, \
-                 account.password, account.list, enrol, devices, revoke and keys.rotate"
+                 account.password, account.list, enrol, devices, revoke, keys.rotate and \
+                 record.rebuild"
             ),
         )),
     }
@@ -333,28 +381,36 @@ fn to_json(value: &impl serde::Serialize) -> Result<Value, ApiError> {
     })
 }
 
+/// What the operator's socket serves: the running relay's parts.
+#[derive(Clone)]
+pub struct Served {
+    pub accounts: Arc<Accounts>,
+    pub store: Arc<RelayStore>,
+    pub alerts: Arc<RelayAlerts>,
+    pub clock: Arc<dyn Clock>,
+    pub options: AdminOptions,
+}
+
 /// Serves the operator's socket until `shutdown` turns true.
-pub async fn serve(
-    listener: UnixListener,
-    accounts: Arc<Accounts>,
-    clock: Arc<dyn Clock>,
-    options: AdminOptions,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: UnixListener, served: Served, mut shutdown: watch::Receiver<bool>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let accounts = accounts.clone();
-                let clock = clock.clone();
-                let options = options.clone();
+                let served = served.clone();
                 connections.spawn(async move {
                     let mut framed =
                         Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
                     while let Some(Ok(line)) = framed.next().await {
-                        let reply = answer(&accounts, &options, &line, clock.now_ms());
+                        let relay = Operated {
+                            accounts: &served.accounts,
+                            store: &served.store,
+                            alerts: Some(&served.alerts),
+                            options: &served.options,
+                        };
+                        let reply = answer(&relay, &line, served.clock.now_ms());
                         if let Some(reply) = reply
                             && framed.send(reply.to_string()).await.is_err()
                         {
@@ -369,7 +425,7 @@ pub async fn serve(
     connections.abort_all();
 }
 
-fn answer(accounts: &Accounts, options: &AdminOptions, line: &str, now_ms: u64) -> Option<Value> {
+fn answer(relay: &Operated<'_>, line: &str, now_ms: u64) -> Option<Value> {
     let reply = |id: Value, result: Result<Value, ApiError>| match result {
         Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
         Err(e) => json!({"jsonrpc": "2.0", "id": id, "error": e}),
@@ -381,7 +437,7 @@ fn answer(accounts: &Accounts, options: &AdminOptions, line: &str, now_ms: u64) 
         Message::Single(Ok(request)) => {
             let id = request.id.clone().unwrap_or(Value::Null);
             let result = tokio::task::block_in_place(|| {
-                dispatch(accounts, options, &request.method, request.params, now_ms)
+                dispatch(relay, &request.method, request.params, now_ms)
             });
             tracing::info!(
                 method = request.method,

@@ -3,7 +3,8 @@
 //! holding its data directory. [`RelayAlerts::active`] is what the web interface shows for an
 //! account.
 //!
-//! Owns: turning the store's per-space totals into observations for the account's alerts.
+//! Owns: turning the store's per-space totals, and the damaged values sessions met, into
+//! observations for the account's alerts.
 //! Must not touch: the log (it only reads the store's counters), sessions, HTTP routes.
 
 use std::collections::HashMap;
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::storage::RecordKey;
 use super::store::{RelayStore, RelayStoreError};
 use crate::alerting::{self, Monitor};
 use crate::alerts::{Alert, AlertsConfig};
@@ -23,7 +25,13 @@ pub struct RelayAlerts {
     /// Per space: the log's head and the conflicts counted when last observed, so each append
     /// feeds only what it added.
     seen: Mutex<HashMap<String, (u64, u64)>>,
+    /// Per space: the damaged values read since the relay started, with the record each
+    /// belongs to (if one), what the `store_damaged` alert is about.
+    damage: Mutex<HashMap<String, Vec<Damage>>>,
 }
+
+/// A damaged value a session met: the record it belongs to (if one) and what the relay said.
+type Damage = (Option<RecordKey>, String);
 
 impl std::fmt::Debug for RelayAlerts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -38,6 +46,7 @@ impl RelayAlerts {
             clock,
             monitor: Monitor::new(config, "relay"),
             seen: Mutex::new(HashMap::new()),
+            damage: Mutex::new(HashMap::new()),
         })
     }
 
@@ -72,7 +81,7 @@ impl RelayAlerts {
             .observe(space, now, |a, now| a.storage_used(bytes, now));
         let (head, conflicts) = (store.head(space)?, store.conflicts_total(space)?);
         let before = {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = lock(&self.seen);
             let entry = seen.entry(space.to_string()).or_insert((head, conflicts));
             let before = *entry;
             *entry = (head.max(before.0), conflicts.max(before.1));
@@ -87,12 +96,44 @@ impl RelayAlerts {
         Ok(())
     }
 
-    /// A stored value of `space` failed its checksum when read (`what` says which): it was not
-    /// served, and the account's alert stays until the relay restarts.
-    pub fn damaged(&self, space: &str, what: &str) {
+    /// A stored value of `space` failed its checksum when read (`what` says which; `record`,
+    /// the record it belongs to, if one): it was not served, and the account's alert stays
+    /// until the relay restarts or every damaged value it saw was a record's that was rebuilt.
+    pub fn damaged(&self, space: &str, record: Option<&RecordKey>, what: &str) {
+        {
+            let mut damage = lock(&self.damage);
+            let seen = damage.entry(space.to_owned()).or_default();
+            if !seen.iter().any(|(_, message)| message == what) {
+                seen.push((record.cloned(), what.to_owned()));
+            }
+        }
         self.monitor.observe(space, self.clock.now_ms(), |a, now| {
             a.store_damaged(Some(what), now)
         });
+    }
+
+    /// `record` of `space` was rebuilt from the log: its damage is gone. The alert clears when
+    /// no other damaged value was seen in the space, and otherwise fires again on what is left.
+    pub fn rebuilt(&self, space: &str, record: &RecordKey) {
+        let left = {
+            let mut damage = lock(&self.damage);
+            let Some(seen) = damage.get_mut(space) else {
+                return;
+            };
+            let before = seen.len();
+            seen.retain(|(of, _)| of.as_ref() != Some(record));
+            if seen.len() == before {
+                return;
+            }
+            seen.first().map(|(_, message)| message.clone())
+        };
+        let now = self.clock.now_ms();
+        self.monitor
+            .observe(space, now, |a, now| a.store_damaged(None, now));
+        if let Some(message) = left {
+            self.monitor
+                .observe(space, now, |a, now| a.store_damaged(Some(&message), now));
+        }
     }
 
     /// Measures the data directory's disk now and every `alerts.check_interval_secs`, until
@@ -122,5 +163,51 @@ impl RelayAlerts {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every holder leaves the map whole before anything can panic.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::AlertKind;
+    use crate::clock::FixedClock;
+
+    fn store_damaged(alerts: &RelayAlerts) -> Option<String> {
+        alerts
+            .active("team")
+            .into_iter()
+            .find(|a| a.kind == AlertKind::StoreDamaged)
+            .map(|a| a.message)
+    }
+
+    /// A rebuilt record's damage is forgotten: the alert stays on what else was seen damaged
+    /// (another record's, or a value of no record), and clears once nothing is left.
+    #[test]
+    fn a_rebuild_clears_the_alert_once_no_damage_is_left() {
+        let alerts = RelayAlerts::new(AlertsConfig::default(), Arc::new(FixedClock(1)));
+        let record = |id: &str| ("Note".to_owned(), id.to_owned());
+        alerts.damaged("team", Some(&record("a")), "a is damaged");
+        alerts.damaged("team", Some(&record("b")), "b is damaged");
+        alerts.damaged("team", None, "log entry 7 is damaged");
+        assert_eq!(store_damaged(&alerts).as_deref(), Some("a is damaged"));
+        alerts.rebuilt("team", &record("a"));
+        assert_eq!(store_damaged(&alerts).as_deref(), Some("b is damaged"));
+        alerts.rebuilt("team", &record("b"));
+        assert_eq!(
+            store_damaged(&alerts).as_deref(),
+            Some("log entry 7 is damaged")
+        );
+        alerts.rebuilt("team", &record("c"));
+        assert!(store_damaged(&alerts).is_some(), "a log entry is no record");
+
+        let other = RelayAlerts::new(AlertsConfig::default(), Arc::new(FixedClock(1)));
+        other.damaged("team", Some(&record("a")), "a is damaged");
+        other.rebuilt("team", &record("a"));
+        assert_eq!(store_damaged(&other), None);
     }
 }

@@ -243,10 +243,14 @@ pub async fn run(
     })?;
     let admin = tokio::spawn(admin::serve(
         admin_listener,
-        accounts.clone(),
-        clock.clone(),
-        admin::AdminOptions {
-            enrolment_code_hours: relay.enrolment_code_hours,
+        admin::Served {
+            accounts: accounts.clone(),
+            store: store.clone(),
+            alerts: alerts.clone(),
+            clock: clock.clone(),
+            options: admin::AdminOptions {
+                enrolment_code_hours: relay.enrolment_code_hours,
+            },
         },
         stopped.clone(),
     ));

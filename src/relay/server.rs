@@ -649,8 +649,11 @@ impl Io<RelaySession> for Serving<'_> {
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(error = %e, "relay store failed");
-                if let RelayStoreError::Storage(StorageError::Damaged { .. }) = &e {
-                    context.alerts.damaged(&self.peer.space, &e.to_string());
+                if let RelayStoreError::Storage(StorageError::Damaged { record, .. }) = &e {
+                    let record = record.as_ref();
+                    context
+                        .alerts
+                        .damaged(&self.peer.space, record, &e.to_string());
                 }
                 session.failed(format!("the relay's store failed: {e}"));
             }

@@ -73,6 +73,28 @@ pub enum RelayStoreError {
     Address(#[from] AddressError),
     #[error("the stored document cannot be loaded: {0}")]
     Record(#[from] RecordError),
+    #[error(
+        "the space's log holds no change of {collection}/{record}: there is nothing to rebuild"
+    )]
+    NoSuchRecord { collection: String, record: String },
+    #[error(
+        "{collection}/{record} cannot be rebuilt from the log: its first change (seq {first}) was \
+         compacted away (the log starts after seq {horizon}), so only its stored document held \
+         it. Restore the relay's data directory from a backup; the devices that synced the \
+         record still hold it whole"
+    )]
+    Compacted {
+        collection: String,
+        record: String,
+        first: u64,
+        horizon: u64,
+    },
+    #[error("{collection}/{record} cannot be rebuilt from the log: {reason}")]
+    Unrebuildable {
+        collection: String,
+        record: String,
+        reason: String,
+    },
 }
 
 #[derive(Clone)]
@@ -150,6 +172,24 @@ pub struct LogCompacted {
 }
 
 type DocKey = (String, String, String);
+
+/// What a rebuild of a record's document from the log did (`RelayStore::rebuild_record`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecordRebuilt {
+    pub space: String,
+    pub collection: String,
+    pub record: String,
+    /// The log entries the document was rebuilt from: how many, the first and the last seq.
+    pub changes: usize,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// The rebuilt document's heads (hex): the record's logged heads.
+    pub heads: Vec<String>,
+    /// The record's conflict entries, read back whole.
+    pub conflicts: usize,
+    /// The space's conflict entries were damaged too and were rebuilt from its whole log.
+    pub conflicts_rebuilt: bool,
+}
 
 /// A digest of a range of a space's records' logged heads (see `ferry_proto::wire::HeadsHasher`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1399,6 +1439,148 @@ impl RelayStore {
                 },
             )?;
         }
+    }
+
+    /// Rebuilds the record's document from its log entries, for a stored document (or tail, or
+    /// the index of its tail) that is damaged: every change the dedup index lists for the
+    /// record, read from the log, checked against the hash the index names, applied in log
+    /// order to a new document, which must load again once saved and have exactly the heads
+    /// those changes leave (and the record's stored heads, where they are readable). The
+    /// document is then committed as the record's base, with those heads, in an append of no
+    /// entry, replacing its tail; the cached copy is dropped, so the next read serves it. The
+    /// record's conflict entries are read back; if they are damaged too and the space's log is
+    /// whole, the space's conflict entries are rebuilt from it (`rebuild_conflicts`). Refused,
+    /// with nothing written, when the log no longer holds the record's first change (compacted
+    /// away), or when a log entry it needs is itself damaged.
+    pub fn rebuild_record(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<RecordRebuilt, RelayStoreError> {
+        check_space(space)?;
+        validate_collection(collection, &self.options.limits)?;
+        validate_record_id(record, &self.options.limits)?;
+        let unrebuildable = |reason: String| RelayStoreError::Unrebuildable {
+            collection: collection.to_owned(),
+            record: record.to_owned(),
+            reason,
+        };
+        let state = self.space(space)?;
+        let appends = lock(&state);
+        let mut logged = self.storage.record_changes(space, collection, record)?;
+        // A purged history's changes stay in the index (as duplicates) but are not the record's.
+        if let Some(purged) = self.storage.purged_at(space, collection, record)? {
+            logged.retain(|&(_, seq)| seq > purged);
+        }
+        let (Some(&(_, first_seq)), Some(&(_, last_seq))) = (logged.first(), logged.last()) else {
+            return Err(RelayStoreError::NoSuchRecord {
+                collection: collection.to_owned(),
+                record: record.to_owned(),
+            });
+        };
+        let horizon = self.storage.horizon(space)?;
+        if first_seq <= horizon {
+            return Err(RelayStoreError::Compacted {
+                collection: collection.to_owned(),
+                record: record.to_owned(),
+                first: first_seq,
+                horizon,
+            });
+        }
+        let mut changes = Vec::with_capacity(logged.len());
+        for &(hash, seq) in &logged {
+            let bytes = self.storage.change_at(space, seq)?.ok_or_else(|| {
+                unrebuildable(format!(
+                    "log entry {seq}, which the record's change index names, is missing"
+                ))
+            })?;
+            let change = decode_change(&bytes)
+                .map_err(|e| unrebuildable(format!("log entry {seq} is not a change: {e}")))?;
+            if change.hash().0 != hash {
+                return Err(unrebuildable(format!(
+                    "log entry {seq} holds another change than the record's change index names"
+                )));
+            }
+            changes.push(change);
+        }
+        // The heads the logged changes leave: those no other change of the record is built on.
+        let built_on: std::collections::HashSet<ChangeHash> = changes
+            .iter()
+            .flat_map(|c| c.deps().iter().copied())
+            .collect();
+        let mut expected: Vec<[u8; 32]> = changes
+            .iter()
+            .map(Change::hash)
+            .filter(|h| !built_on.contains(h))
+            .map(|h| h.0)
+            .collect();
+        expected.sort_unstable();
+        // Stored heads that are damaged are written again below; readable ones that differ
+        // mean the log and the record disagree, which a rebuild must not paper over.
+        match self.storage.record_heads(space, collection, record) {
+            Ok(Some(mut stored)) => {
+                stored.sort_unstable();
+                if stored != expected {
+                    return Err(unrebuildable(
+                        "its stored heads are not those its logged changes leave".into(),
+                    ));
+                }
+            }
+            Ok(None) | Err(StorageError::Damaged { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut doc = Record::new(&self.actor);
+        doc.apply_reloadable(changes).map_err(|e| {
+            unrebuildable(format!("its logged changes do not make a document: {e}"))
+        })?;
+        let base = doc.save();
+        let mut reloaded = Record::load(&base, &self.actor)
+            .map_err(|e| unrebuildable(format!("the rebuilt document does not load again: {e}")))?;
+        let mut heads: Vec<[u8; 32]> = reloaded.heads().iter().map(|h| h.0).collect();
+        heads.sort_unstable();
+        if heads != expected {
+            return Err(unrebuildable(
+                "the rebuilt document's heads are not those its logged changes leave".into(),
+            ));
+        }
+        // One commit with no entry: the base, with every logged change in it, so no tail key of
+        // the record is left, damaged or not; and its heads.
+        let record_key = (collection.to_owned(), record.to_owned());
+        let mut append = Append::new(self.storage.head(space)?);
+        append.compactions.push(Compaction {
+            record: record_key.clone(),
+            base,
+            tail: logged.iter().map(|&(_, seq)| seq).collect(),
+        });
+        append.heads.insert(record_key, heads.clone());
+        self.storage.append(space, append)?;
+        lock(&self.cache).pop(&(space.to_owned(), collection.to_owned(), record.to_owned()));
+        drop(appends);
+        let (conflicts, conflicts_rebuilt) =
+            match self.storage.record_conflicts(space, collection, record) {
+                Ok(conflicts) => (conflicts.len(), false),
+                Err(StorageError::Damaged { .. }) if horizon == 0 => {
+                    self.rebuild_conflicts(space, || false)?;
+                    let conflicts = self.storage.record_conflicts(space, collection, record)?;
+                    (conflicts.len(), true)
+                }
+                Err(e) => return Err(e.into()),
+            };
+        Ok(RecordRebuilt {
+            space: space.to_owned(),
+            collection: collection.to_owned(),
+            record: record.to_owned(),
+            changes: logged.len(),
+            first_seq,
+            last_seq,
+            heads: heads
+                .into_iter()
+                .map(|h| ChangeHash(h).to_string())
+                .collect(),
+            conflicts,
+            conflicts_rebuilt,
+        })
     }
 
     /// After log compactions: has storage free the disk the dropped entries still take

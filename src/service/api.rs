@@ -94,8 +94,9 @@ macro_rules! methods {
                         format!(
                             "unknown method {other:?}: the methods are put, patch, delete, get, \
                              list, collections, history, import, export, subscribe, \
-                             unsubscribe, queue, retry, log, status, sync, conflicts.list, \
-                             conflicts.get, conflicts.resolve, key.reload, doctor"
+                              unsubscribe, queue, retry, log, status, sync, sync.pause, \
+                             sync.resume, conflicts.list, conflicts.get, conflicts.resolve, \
+                             key.reload, doctor"
                         ),
                     )),
                 }
@@ -135,6 +136,8 @@ methods! {
     "conflicts.resolve" => ConflictsResolve(ResolveRequest) -> ResolveOutcome, decoded by super::parse;
     "key.reload" => KeyReload(KeyReloadParams) -> KeyReloaded, decoded by super::parse;
     "doctor" => Doctor(DoctorParams) -> DoctorAnswer, decoded by super::parse;
+    "sync.pause" => SyncPause(SyncPauseParams) -> SyncPaused, decoded by super::parse;
+    "sync.resume" => SyncResume(SyncResumeParams) -> SyncPaused, decoded by super::parse;
     daemon only:
     "sync" => Sync(SyncParams), decoded by SyncParams::decode;
 }
@@ -243,6 +246,14 @@ pub struct ImportParams {
 pub struct SubscribeParams {
     pub collection: Option<String>,
     pub id: Option<String>,
+    /// Also send every change after this feed number (the `seq` of the last change the app
+    /// saw) before the live ones: none is missed or sent twice.
+    #[serde(default)]
+    pub since: Option<u64>,
+    /// Each change notification carries the record's fields as they are when it is sent
+    /// (null once deleted).
+    #[serde(default)]
+    pub fields: bool,
 }
 
 impl SubscribeParams {
@@ -286,6 +297,26 @@ pub struct RetryParams {
 pub struct LogParams {
     pub before: Option<u64>,
     pub limit: Option<usize>,
+}
+
+/// Pauses sync: the daemon ends its session and makes no connection until `sync.resume`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncPauseParams {
+    /// Stay paused after a restart too (until `sync.resume`).
+    pub remember: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncResumeParams {}
+
+/// Where sync stands after `sync.pause` or `sync.resume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncPaused {
+    pub paused: bool,
+    /// The pause holds across restarts.
+    pub remembered: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -377,6 +408,9 @@ pub struct Exported {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Subscribed {
     pub subscription: u64,
+    /// The change feed's last number when the subscription started.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -546,6 +580,8 @@ mod tests {
             SubscribeParams {
                 collection: Some("C".into()),
                 id: None,
+                since: Some(7),
+                fields: true,
             }
             .into(),
             UnsubscribeParams { subscription: 2 }.into(),

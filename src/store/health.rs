@@ -19,7 +19,7 @@
 //!
 //! Must not touch: the network or sessions; the daemon decides when to repair.
 
-use super::kv::{Batch, Kv, KvError, Lost, Pair, printable};
+use super::kv::{Batch, JournalKeep, Kv, KvError, Lost, Pair, printable};
 use super::{Store, StoreError, decode, encode, keys, stage_entry};
 use crate::record::Record;
 use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
@@ -161,6 +161,8 @@ pub struct Checkup {
     pub keys: u64,
     pub documents: u64,
     pub queue_entries: u64,
+    /// Records the journal holds (one per unsynced change, until a change journaled again is
+    /// rewritten away).
     pub journaled_changes: u64,
 }
 
@@ -198,6 +200,7 @@ fn kind_of(key: &[u8]) -> &'static str {
         Some(b'c') => "sync cursor",
         Some(b'z') => "quarantined entry",
         Some(b'l') => "sync log entry",
+        Some(b'f') => "feed entry",
         Some(b'm') => "metadata",
         _ => "unknown",
     }
@@ -285,42 +288,103 @@ impl Kv for Watched {
     fn lost(&self) -> Option<Lost> {
         self.inner.lost()
     }
-    fn journal(&self) -> Result<(Vec<Vec<u8>>, bool), KvError> {
-        self.inner.journal()
+    fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError> {
+        self.inner.journal(each)
     }
     fn journal_bytes(&self) -> u64 {
         self.inner.journal_bytes()
     }
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+    fn rewrite_journal(&self, keep: JournalKeep<'_>) -> Result<(), KvError> {
         self.inner.rewrite_journal(keep)
     }
 }
 
-/// The journal's entries, the last copy of each id, and whether any record did not decode.
-fn journaled(kv: &dyn Kv) -> Result<(BTreeMap<u64, SyncQueueEntry>, bool), StoreError> {
-    let (records, mut damaged) = kv.journal()?;
-    let mut entries = BTreeMap::new();
-    for record in records {
-        match decode::<SyncQueueEntry>(&record, "journaled change") {
-            Ok(entry) => {
-                entries.insert(entry.id, entry);
-            }
-            Err(_) => damaged = true,
-        }
-    }
-    Ok((entries, damaged))
+/// Journaled changes decoded and handed on at a time: what reading the journal holds in memory
+/// besides the changes a caller keeps.
+const JOURNAL_PAGE: usize = 1024;
+
+/// What a read of the whole journal found.
+#[derive(Default)]
+struct JournalRead {
+    /// Records read (a change journaled twice, before the journal is rewritten, counts twice).
+    records: u64,
+    /// The id after the highest journaled.
+    next_id: u64,
+    /// A record was damaged or did not decode.
+    damaged: bool,
 }
 
-/// The ids of `entries` the queue holds, read in one pass over the queue's keys from the first
-/// to the last (one point read per entry costs several times as much, and a device back from a
-/// long time offline journals every change it made). Empty when the pass meets a damaged value:
-/// each entry is then read on its own, which tells which.
-fn held_queue_ids(kv: &dyn Kv, entries: &BTreeMap<u64, SyncQueueEntry>) -> BTreeSet<u64> {
+/// Reads the journal a page of decoded changes at a time, handing each page to `page`: memory
+/// stays bounded however many unsynced changes it holds.
+fn journal_pages(
+    kv: &dyn Kv,
+    page: &mut dyn FnMut(Vec<SyncQueueEntry>) -> Result<(), StoreError>,
+) -> Result<JournalRead, StoreError> {
+    let mut read = JournalRead::default();
+    let mut entries = Vec::with_capacity(JOURNAL_PAGE);
+    let mut failed = None;
+    let mut undecodable = false;
+    let damaged = kv.journal(&mut |record| {
+        if failed.is_some() {
+            return;
+        }
+        read.records += 1;
+        match decode::<SyncQueueEntry>(record, "journaled change") {
+            Ok(entry) => {
+                read.next_id = read.next_id.max(entry.id.saturating_add(1));
+                entries.push(entry);
+            }
+            Err(_) => undecodable = true,
+        }
+        if entries.len() >= JOURNAL_PAGE
+            && let Err(e) = page(std::mem::take(&mut entries))
+        {
+            failed = Some(e);
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if !entries.is_empty() {
+        page(entries)?;
+    }
+    read.damaged = damaged || undecodable;
+    Ok(read)
+}
+
+/// The journaled changes `keep` says to keep (the last copy of each id), read a page at a time.
+fn journaled(
+    kv: &dyn Kv,
+    keep: impl Fn(u64) -> bool,
+) -> Result<(BTreeMap<u64, SyncQueueEntry>, JournalRead), StoreError> {
+    let mut kept = BTreeMap::new();
+    let read = journal_pages(kv, &mut |entries| {
+        for entry in entries {
+            if keep(entry.id) {
+                kept.insert(entry.id, entry);
+            }
+        }
+        Ok(())
+    })?;
+    Ok((kept, read))
+}
+
+/// The ids of a page of journaled `entries` the queue holds, read in one pass over the queue's
+/// keys from the page's first id to its last (one point read per entry costs several times as
+/// much, and a device back from a long time offline journals every change it made), or by
+/// point reads when the page's ids lie far apart. An entry the pass does not find (none, when it
+/// meets a damaged value) is read on its own by the caller, which tells which.
+fn held_queue_ids(kv: &dyn Kv, entries: &[SyncQueueEntry]) -> BTreeSet<u64> {
     const PAGE: usize = 1024;
+    let ids: BTreeSet<u64> = entries.iter().map(|e| e.id).collect();
     let mut held = BTreeSet::new();
-    let (Some(first), Some(last)) = (entries.keys().next(), entries.keys().next_back()) else {
+    let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
         return held;
     };
+    // Past this spread, the pass would read more of the queue than the page asks about.
+    if last.saturating_sub(*first) > (ids.len() as u64).saturating_mul(4) {
+        return held;
+    }
     let mut start = keys::queue(*first);
     let end = keys::queue(last.saturating_add(1));
     loop {
@@ -333,7 +397,9 @@ fn held_queue_ids(kv: &dyn Kv, entries: &BTreeMap<u64, SyncQueueEntry>) -> BTree
         };
         start = keys::after(last_key);
         for (key, _) in &page {
-            if let Ok(id) = keys::seq_of(key, keys::QUEUE.len()) {
+            if let Ok(id) = keys::seq_of(key, keys::QUEUE.len())
+                && ids.contains(&id)
+            {
                 held.insert(id);
             }
         }
@@ -344,40 +410,62 @@ fn held_queue_ids(kv: &dyn Kv, entries: &BTreeMap<u64, SyncQueueEntry>) -> BTree
 }
 
 /// What the open finds cheaply: batches the engine lost, and journaled changes the queue does
-/// not hold (the journal holds the changes not uploaded yet).
+/// not hold (the journal holds the changes not uploaded yet). Reads the journal a page at a
+/// time and keeps only the changes the queue lacks.
 pub(super) fn check_at_open(kv: &dyn Kv, now: u64) -> Result<(Damage, u64), StoreError> {
-    let (entries, journal_damaged) = journaled(kv)?;
-    let mut damage = Damage {
+    let mut missing: BTreeMap<u64, SyncQueueEntry> = BTreeMap::new();
+    let mut damaged: BTreeMap<u64, DamagedValue> = BTreeMap::new();
+    let read = journal_pages(kv, &mut |entries| {
+        let held = held_queue_ids(kv, &entries);
+        for entry in entries {
+            if held.contains(&entry.id) {
+                continue;
+            }
+            match kv.get(&keys::queue(entry.id)) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    missing.insert(entry.id, entry);
+                }
+                Err(KvError::Damaged(key)) => {
+                    damaged.insert(entry.id, damaged_value(&key, "checksum mismatch"));
+                    missing.insert(entry.id, entry);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    })?;
+    let damage = Damage {
         since_ms: now,
         lost_batches: kv.lost().map(|l| LostBatches {
             durable: l.durable,
             found: l.found,
         }),
-        journal_damaged,
+        journal_damaged: read.damaged,
+        damaged: damaged.into_values().collect(),
+        recoverable: missing.values().map(LostChange::of).collect(),
         ..Damage::default()
     };
-    let held = held_queue_ids(kv, &entries);
-    for entry in entries.values() {
-        if held.contains(&entry.id) {
-            continue;
-        }
-        match kv.get(&keys::queue(entry.id)) {
-            Ok(Some(_)) => {}
-            Ok(None) => damage.recoverable.push(LostChange::of(entry)),
-            Err(KvError::Damaged(key)) => {
-                damage
-                    .damaged
-                    .push(damaged_value(&key, "checksum mismatch"));
-                damage.recoverable.push(LostChange::of(entry));
-            }
-            Err(e) => return Err(e.into()),
+    Ok((damage, read.next_id))
+}
+
+/// What a full read keeps of a queue entry.
+#[derive(Clone, Copy)]
+struct Queued {
+    status: QueueStatus,
+    priority: i32,
+    /// The change is in the entry's value, not under its own key.
+    inline_change: bool,
+}
+
+impl Queued {
+    fn of(entry: &SyncQueueEntry) -> Self {
+        Queued {
+            status: entry.status,
+            priority: entry.priority,
+            inline_change: !entry.data.is_empty(),
         }
     }
-    let next_id = entries
-        .keys()
-        .next_back()
-        .map_or(0, |id| id.saturating_add(1));
-    Ok((damage, next_id))
 }
 
 /// Everything a full read of the store found, for `examine` and `repair`.
@@ -386,8 +474,9 @@ struct Scan {
     damaged: Vec<(Vec<u8>, String)>,
     keys: u64,
     documents: u64,
-    /// Entries that read, by id.
-    queue: BTreeMap<u64, SyncQueueEntry>,
+    /// Entries that read, by id: what a checkup and a repair need of them, so that a full read
+    /// keeps a few bytes per entry rather than each entry.
+    queue: BTreeMap<u64, Queued>,
     /// Ids whose change is kept under its own key.
     changes: BTreeSet<u64>,
     /// Pending-index keys found.
@@ -400,7 +489,7 @@ impl Scan {
     fn inconsistencies(&self) -> Vec<(Vec<u8>, String)> {
         let mut found = Vec::new();
         for (id, entry) in &self.queue {
-            if entry.data.is_empty() && !self.changes.contains(id) {
+            if !entry.inline_change && !self.changes.contains(id) {
                 found.push((keys::queue(*id), "its change is missing".into()));
             }
         }
@@ -408,16 +497,16 @@ impl Scan {
         for key in &self.pending {
             let points_at_pending = keys::pending_id(key)
                 .ok()
-                .and_then(|id| self.queue.get(&id))
-                .is_some_and(|e| {
-                    e.status == QueueStatus::Pending && keys::pending(e.priority, e.id) == *key
+                .and_then(|id| Some((id, self.queue.get(&id)?)))
+                .is_some_and(|(id, e)| {
+                    e.status == QueueStatus::Pending && keys::pending(e.priority, id) == *key
                 });
             if !points_at_pending {
                 found.push((key.clone(), "points at no pending queue entry".into()));
             }
         }
-        for entry in self.queue.values() {
-            let key = keys::pending(entry.priority, entry.id);
+        for (&id, entry) in &self.queue {
+            let key = keys::pending(entry.priority, id);
             if entry.status == QueueStatus::Pending && !indexed.contains(&key) {
                 found.push((
                     key,
@@ -537,7 +626,7 @@ impl Store {
             }
             Some(b'q') => match decode::<SyncQueueEntry>(&value, "queue entry") {
                 Ok(entry) if keys::queue(entry.id) == key => {
-                    scan.queue.insert(entry.id, entry);
+                    scan.queue.insert(entry.id, Queued::of(&entry));
                 }
                 Ok(_) => scan.damaged.push((key, "holds another queue entry".into())),
                 Err(e) => scan.damaged.push((key, e.to_string())),
@@ -556,15 +645,41 @@ impl Store {
     /// no repair has mended yet included).
     pub fn examine(&self) -> Result<Checkup, StoreError> {
         let scan = self.scan()?;
-        let (journal, journal_damaged) = journaled(self.kv.as_ref())?;
-        let damage = self.judge(&scan, &journal, journal_damaged);
-        Ok(Checkup {
-            damage,
+        let (journal, read) = self.journal_beside(&scan)?;
+        Ok(self.checkup(&scan, &journal, &read))
+    }
+
+    /// The journaled changes the queue `scan` read does not hold whole (the only ones a
+    /// checkup or a repair needs), read a page at a time.
+    fn journal_beside(
+        &self,
+        scan: &Scan,
+    ) -> Result<(BTreeMap<u64, SyncQueueEntry>, JournalRead), StoreError> {
+        // Entries whose change is missing go too, and come back from the journal.
+        let damaged: BTreeSet<Vec<u8>> = scan
+            .damaged
+            .iter()
+            .chain(&scan.inconsistencies())
+            .map(|(key, _)| key.clone())
+            .collect();
+        journaled(self.kv.as_ref(), |id| {
+            !scan.queue.contains_key(&id) || damaged.contains(&keys::queue(id))
+        })
+    }
+
+    fn checkup(
+        &self,
+        scan: &Scan,
+        journal: &BTreeMap<u64, SyncQueueEntry>,
+        read: &JournalRead,
+    ) -> Checkup {
+        Checkup {
+            damage: self.judge(scan, journal, read.damaged),
             keys: scan.keys,
             documents: scan.documents,
             queue_entries: scan.queue.len() as u64,
-            journaled_changes: journal.len() as u64,
-        })
+            journaled_changes: read.records,
+        }
     }
 
     fn judge(
@@ -612,18 +727,20 @@ impl Store {
         (!found.is_empty()).then_some(found)
     }
 
-    /// Repairs the store (see the module doc) and returns what it did. Everything lands in one
+    /// Repairs the store (see the module doc) and returns what it found, as `examine` says it,
+    /// and what it did, from one read of the store and the journal. Everything lands in one
     /// atomic batch, made durable before this returns; the journal is then rewritten.
-    pub fn repair(&self) -> Result<Repaired, StoreError> {
+    pub fn repair(&self) -> Result<(Checkup, Repaired), StoreError> {
         let mut cache = self.lock_cache();
         let mut queue = self.lock_queue();
         let scan = self.scan()?;
-        let (journal, journal_damaged) = journaled(self.kv.as_ref())?;
-        let Some(damage) = self.judge(&scan, &journal, journal_damaged) else {
+        let (journal, read) = self.journal_beside(&scan)?;
+        let checkup = self.checkup(&scan, &journal, &read);
+        let Some(damage) = checkup.damage.clone() else {
             drop(queue);
             drop(cache);
             self.clear_damage()?;
-            return Ok(Repaired::default());
+            return Ok((checkup, Repaired::default()));
         };
         let mut bad: Vec<(Vec<u8>, String)> = scan.damaged.clone();
         bad.extend(scan.inconsistencies());
@@ -647,11 +764,11 @@ impl Store {
         }
         // The queue as it stays, then the journaled changes it lost, pending again.
         let damaged_keys: BTreeSet<&Vec<u8>> = bad.iter().map(|(key, _)| key).collect();
-        let mut entries: BTreeMap<u64, SyncQueueEntry> = scan
+        let mut entries: BTreeMap<u64, Queued> = scan
             .queue
             .iter()
             .filter(|(id, _)| !damaged_keys.contains(&keys::queue(**id)))
-            .map(|(id, e)| (*id, e.clone()))
+            .map(|(id, e)| (*id, *e))
             .collect();
         let mut restored = Vec::new();
         for (id, journaled) in &journal {
@@ -669,28 +786,21 @@ impl Store {
             let mut delta = super::CountDelta::default();
             stage_entry(&mut batch, &mut delta, None, &entry)?;
             restored.push(LostChange::of(&entry));
-            entries.insert(*id, entry);
+            entries.insert(*id, Queued::of(&entry));
         }
         // The pending index, rebuilt from the queue.
         for key in &scan.pending {
             batch.remove(key.clone());
         }
-        for entry in entries.values() {
+        for (&id, entry) in &entries {
             if entry.status == QueueStatus::Pending {
-                batch.put(keys::pending(entry.priority, entry.id), Vec::new());
+                batch.put(keys::pending(entry.priority, id), Vec::new());
             }
         }
         batch.remove(keys::META_DAMAGE.to_vec());
         self.kv.apply(batch)?;
-        let keep = entries
-            .values()
-            .filter(|e| e.status != QueueStatus::Completed)
-            .map(|e| {
-                self.with_change(e.clone())
-                    .and_then(|e| encode(&e, "journaled change"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.kv.rewrite_journal(keep)?;
+        // The journal, from the queue as it now stands (the queue lock is held).
+        self.rewrite_journal_locked()?;
         // What memory holds came from the damaged store.
         cache.clear();
         *queue = None;
@@ -719,7 +829,7 @@ impl Store {
             reads_relay_again,
             "the store is repaired"
         );
-        Ok(repaired)
+        Ok((checkup, repaired))
     }
 
     fn clear_damage(&self) -> Result<(), StoreError> {
@@ -771,44 +881,52 @@ impl Store {
     /// completed once it has grown past its limit. A full read of the queue when it does, so
     /// the daemon calls it beside its writes, not in their way.
     pub fn bound_journal(&self) -> Result<(), StoreError> {
-        self.rotate_journal(false)
-    }
-
-    /// Rewrites the journal with the queue entries not completed, once it has grown past its
-    /// limit (or always, with `force`). Holds the queue lock, so no new entry is journaled
-    /// meanwhile.
-    pub(super) fn rotate_journal(&self, force: bool) -> Result<(), StoreError> {
         let limit = self.journal_limit.load(Ordering::SeqCst);
-        if !force && self.kv.journal_bytes() <= limit {
+        if self.kv.journal_bytes() <= limit {
             return Ok(());
         }
         let _queue = self.lock_queue();
-        let mut keep = Vec::new();
+        self.rewrite_journal_locked()
+    }
+
+    /// Rewrites the journal with the queue entries not completed; the caller holds the queue
+    /// lock, so no entry is journaled or moves meanwhile.
+    pub(super) fn rewrite_journal_locked(&self) -> Result<(), StoreError> {
         let mut kept_bytes = 0u64;
         let mut failed = None;
-        self.scan_queue(None, |entry| {
-            if entry.status == QueueStatus::Completed {
-                return true;
-            }
-            match self
-                .with_change(entry)
-                .and_then(|e| encode(&e, "journaled change"))
-            {
-                Ok(record) => {
-                    kept_bytes += record.len() as u64;
-                    keep.push(record);
-                    true
+        // Each entry is written to the new journal as the queue is read, a page at a time.
+        let rewritten = self.kv.rewrite_journal(&mut |keep| {
+            let scanned = self.scan_queue(None, |entry| {
+                if entry.status == QueueStatus::Completed {
+                    return true;
                 }
-                Err(e) => {
-                    failed = Some(e);
-                    false
+                match self
+                    .with_change(entry)
+                    .and_then(|e| encode(&e, "journaled change"))
+                {
+                    Ok(record) => {
+                        kept_bytes += record.len() as u64;
+                        keep(&record);
+                        true
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
                 }
+            });
+            if let Err(e) = scanned {
+                failed = Some(e);
             }
-        })?;
+            match &failed {
+                Some(e) => Err(KvError::Io(format!("the queue could not be read: {e}"))),
+                None => Ok(()),
+            }
+        });
         if let Some(e) = failed {
             return Err(e);
         }
-        self.kv.rewrite_journal(keep)?;
+        rewritten?;
         self.journal_limit.store(
             JOURNAL_MIN_LIMIT.max(kept_bytes.saturating_mul(2)),
             Ordering::SeqCst,
@@ -817,7 +935,7 @@ impl Store {
     }
 }
 
-/// The limit `rotate_journal` starts with, for a journal of `bytes` at open: twice that, as
+/// The limit `bound_journal` starts with, for a journal of `bytes` at open: twice that, as
 /// after a rewrite. A device that starts with a long queue (back from working offline) would
 /// otherwise rewrite every unsynced change at once, under the queue lock its first upload needs,
 /// only to keep them all.
@@ -844,6 +962,18 @@ mod tests {
             .unwrap()
             .queue_id
             .unwrap()
+    }
+
+    /// The ids the journal holds, in its order; it must not be damaged.
+    fn journal_ids(kv: &dyn Kv) -> Vec<u64> {
+        let mut ids = Vec::new();
+        let read = journal_pages(kv, &mut |entries| {
+            ids.extend(entries.iter().map(|e| e.id));
+            Ok(())
+        })
+        .unwrap();
+        assert!(!read.damaged);
+        ids
     }
 
     fn kinds(damage: &Damage) -> Vec<String> {
@@ -907,7 +1037,8 @@ mod tests {
         assert_eq!(damage.recoverable.len(), 2);
         assert!(damage.unrecoverable.is_empty());
 
-        let repaired = store.repair().unwrap();
+        let (before, repaired) = store.repair().unwrap();
+        assert_eq!(before.damage, Some(damage));
         assert!(repaired.reads_relay_again);
         let mut restored: Vec<u64> = repaired.restored.iter().map(|c| c.queue_id).collect();
         restored.sort();
@@ -951,11 +1082,49 @@ mod tests {
         drop(store);
         assert!(kv.damage(&keys::queue(entry)));
         let store = open(&kv);
-        let repaired = store.repair().unwrap();
+        let (_, repaired) = store.repair().unwrap();
         assert!(!repaired.reads_relay_again);
         assert_eq!(repaired.restored.len(), 1);
         assert_eq!(store.sync_cursor().unwrap(), 7);
         assert_eq!(store.queue_ids(QueueStatus::Pending).unwrap(), [entry]);
+    }
+
+    /// Pruning rewrites the journal without the completed entries before they leave the queue:
+    /// stopped at either point (a rewrite that fails, as a crash there; a crash before the
+    /// removal is durable), the next open reports nothing, as the queue still holds whatever
+    /// the journal does. Removing them first let a later flush make the removal durable while
+    /// the journal still held them, which the next open took for lost unsynced changes.
+    #[test]
+    fn pruning_stopped_at_any_point_reports_no_lost_change() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        let first = put(&store, "a", 1);
+        let second = put(&store, "b", 2);
+        store
+            .queue_transition(&[first], &QueueAction::Start)
+            .unwrap();
+        store
+            .queue_transition(&[first], &QueueAction::Complete)
+            .unwrap();
+        store.flush().unwrap();
+        kv.refuse_journal_rewrite();
+        assert!(store.prune_history(u64::MAX, 0, 100).is_err());
+        // The committer's next flush makes durable whatever was applied.
+        store.flush().unwrap();
+        drop(store);
+        kv.crash();
+        let store = open(&kv);
+        assert_eq!(store.damage(), None);
+        assert_eq!(journal_ids(&kv), [first, second]);
+
+        // The journal rewritten, the removal not yet durable.
+        assert_eq!(store.prune_history(u64::MAX, 0, 100).unwrap(), (1, 0));
+        assert_eq!(journal_ids(&kv), [second]);
+        drop(store);
+        kv.crash();
+        let store = open(&kv);
+        assert_eq!(store.damage(), None);
+        assert_eq!(store.queue_ids(QueueStatus::Completed).unwrap(), [first]);
     }
 
     /// The journal keeps the changes not yet uploaded: completed ones go when it is rewritten,
@@ -973,15 +1142,9 @@ mod tests {
             .queue_transition(&[first], &QueueAction::Complete)
             .unwrap();
         store.flush().unwrap();
-        assert_eq!(kv.journal().unwrap().0.len(), 2);
+        assert_eq!(journal_ids(&kv), [first, second]);
         store.prune_history(u64::MAX, 0, 100).unwrap();
-        let (records, damaged) = kv.journal().unwrap();
-        assert!(!damaged);
-        let ids: Vec<u64> = records
-            .iter()
-            .map(|r| decode::<SyncQueueEntry>(r, "journaled change").unwrap().id)
-            .collect();
-        assert_eq!(ids, [second]);
+        assert_eq!(journal_ids(&kv), [second]);
         drop(store);
         let store = open(&kv);
         assert_eq!(store.damage(), None);

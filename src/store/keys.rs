@@ -20,6 +20,7 @@
 //! - `k{counter}\0{kind}\0{collection}` → u64 big-endian: conflict counters.
 //! - `z{seq u64 big-endian}`: a relay log entry this device could not apply, kept with why
 //!   (`sync::Quarantined`).
+//! - `f{seq u64 big-endian}`: an entry of the change feed (`feed::FeedChange`).
 
 use super::StoreError;
 
@@ -39,12 +40,15 @@ pub const QUEUE_CHANGE: &[u8] = b"b";
 pub const META_DAMAGE: &[u8] = b"mdamage";
 /// What the daemon last knew of its sync (JSON), for `ferry status` while no daemon runs.
 pub const META_SYNC_STATE: &[u8] = b"msync_state";
+/// Present while sync is paused across restarts (`ferry sync pause --remember`).
+pub const META_SYNC_PAUSED: &[u8] = b"msync_paused";
 pub const PENDING: &[u8] = b"p";
 pub const CURSOR: &[u8] = b"c";
 pub const CONFLICT: &[u8] = b"xe";
 pub const CONFLICT_OPEN: &[u8] = b"xo";
 pub const CONFLICT_COUNTER: &[u8] = b"k";
 pub const QUARANTINE: &[u8] = b"z";
+pub const FEED: &[u8] = b"f";
 
 /// `{prefix}{a}\0{b}`: the layout of every per-record key.
 fn record_key(prefix: &[u8], collection: &str, id: &str) -> Vec<u8> {
@@ -151,6 +155,10 @@ fn seq_key(prefix: &[u8], n: u64) -> Vec<u8> {
 
 pub fn queue(id: u64) -> Vec<u8> {
     seq_key(QUEUE, id)
+}
+
+pub fn feed(seq: u64) -> Vec<u8> {
+    seq_key(FEED, seq)
 }
 
 pub fn quarantine(seq: u64) -> Vec<u8> {

@@ -171,16 +171,22 @@ pub trait Kv: Send + Sync {
     fn lost(&self) -> Option<Lost> {
         None
     }
-    /// The records batches asked to keep outside the data (`Batch::journal`) that are durable,
-    /// oldest first (a record may appear more than once), and whether the journal was damaged
-    /// (records past the damage are gone).
-    fn journal(&self) -> Result<(Vec<Vec<u8>>, bool), KvError>;
+    /// Hands `each` the records batches asked to keep outside the data (`Batch::journal`) that
+    /// are durable, oldest first (a record may appear more than once), reading the journal a
+    /// part at a time, so that memory does not grow with it; returns whether the journal was
+    /// damaged (the records past the damage still count).
+    fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError>;
     /// The bytes the journal takes.
     fn journal_bytes(&self) -> u64;
-    /// Makes everything applied durable, then replaces the journal's records with `keep`,
-    /// atomically.
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError>;
+    /// Makes everything applied durable, then replaces the journal's records, atomically, with
+    /// those `keep` hands to the function it is given, in order, each written as it comes
+    /// (never all held at once). The caller keeps records from being journaled meanwhile (the
+    /// store holds its queue lock), as they would not be in the new journal.
+    fn rewrite_journal(&self, keep: JournalKeep<'_>) -> Result<(), KvError>;
 }
+
+/// What `Kv::rewrite_journal` keeps: it calls the function it is given with each record.
+pub type JournalKeep<'a> = &'a mut dyn FnMut(&mut dyn FnMut(&[u8])) -> Result<(), KvError>;
 
 /// sled 0.34, one tree, keys prefixed by kind (see `store::keys`).
 ///
@@ -817,15 +823,15 @@ impl Kv for SledKv {
         self.lost.clone()
     }
 
-    fn journal(&self) -> Result<(Vec<Vec<u8>>, bool), KvError> {
-        self.journal.records()
+    fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError> {
+        self.journal.records(each)
     }
 
     fn journal_bytes(&self) -> u64 {
         self.journal.bytes()
     }
 
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+    fn rewrite_journal(&self, keep: JournalKeep<'_>) -> Result<(), KvError> {
         self.refuse_while_full()?;
         let engine = self.read();
         let db = engine.db()?;
@@ -875,22 +881,36 @@ fn copy_all(from: &sled::Db, to: &sled::Db, sealed: bool) -> Result<(), KvError>
 }
 
 /// The journal beside sled's files (see the module doc): an append-only file of records
-/// framed `{tag u8}{length u32 LE}{CRC-32 of tag, length and payload, LE}{payload}`, tag
+/// framed `{SYNC}{tag u8}{length u32 LE}{CRC-32 of tag, length and payload, LE}{payload}`, tag
 /// `MARK` for the number of the last batch a flush made durable (u64 big-endian), `RECORD` for
 /// a record a batch asked to keep. A crash in the middle of an append leaves a record that does
 /// not check at the tail: it is cut off at open. A record that does not check followed by ones
-/// that do is damage: the journal says so, and the records after it still count.
+/// that do is damage: the journal says so, and the records after it still count; reading finds
+/// the next record at the next `SYNC` bytes, so a damaged journal is read in one pass. It is
+/// read a part at a time (`scan_journal`), never whole.
 struct Journal {
     path: PathBuf,
     /// Records of batches applied since the last flush, framed, with the last batch's number.
     staged: Mutex<(Vec<u8>, u64)>,
-    /// The file, appended to by one flush at a time, and the last number marked in it.
-    file: Mutex<(std::fs::File, u64)>,
+    /// The file, appended to by one flush at a time.
+    file: Mutex<Appending>,
 }
 
+struct Appending {
+    file: std::fs::File,
+    /// The last batch number marked in it.
+    marked: u64,
+    /// Its length: appends know it without asking the file system.
+    len: u64,
+}
+
+/// What every frame starts with, so that reading past damage finds the next one.
+const SYNC: [u8; 4] = [0xF5, 0x4A, 0x0E, 0x9C];
 const MARK: u8 = 1;
 const RECORD: u8 = 2;
-const FRAME_HEAD: usize = 9;
+const FRAME_HEAD: usize = SYNC.len() + 9;
+/// How much of the journal a read takes at a time (more only for a longer record).
+const READ_AHEAD: usize = 64 << 10;
 
 fn frame(out: &mut Vec<u8>, tag: u8, payload: &[u8]) {
     let len = u32::try_from(payload.len())
@@ -900,109 +920,320 @@ fn frame(out: &mut Vec<u8>, tag: u8, payload: &[u8]) {
     hasher.update(&[tag]);
     hasher.update(&len);
     hasher.update(payload);
+    out.extend_from_slice(&SYNC);
     out.push(tag);
     out.extend_from_slice(&len);
     out.extend_from_slice(&hasher.finalize().to_le_bytes());
     out.extend_from_slice(payload);
 }
 
-/// The record framed at the start of `bytes`, if one that checks is there: its tag, payload and
-/// framed length.
-fn unframe(bytes: &[u8]) -> Option<(u8, &[u8], usize)> {
+/// The payload length a frame's head at the start of `bytes` states, if a head is there.
+fn frame_len(bytes: &[u8]) -> Option<usize> {
     let head = bytes.get(..FRAME_HEAD)?;
-    let tag = *head.first()?;
+    if head.get(..SYNC.len())? != SYNC {
+        return None;
+    }
+    let tag = *head.get(SYNC.len())?;
     if tag != MARK && tag != RECORD {
         return None;
     }
-    let len_bytes = <[u8; 4]>::try_from(head.get(1..5)?).ok()?;
-    let crc = u32::from_le_bytes(<[u8; 4]>::try_from(head.get(5..9)?).ok()?);
-    let len = u32::from_le_bytes(len_bytes) as usize;
+    let at = SYNC.len() + 1;
+    let len = <[u8; 4]>::try_from(head.get(at..at + 4)?).ok()?;
+    usize::try_from(u32::from_le_bytes(len)).ok()
+}
+
+/// The record framed at the start of `bytes`, if one that checks is there: its tag, payload and
+/// framed length.
+fn unframe(bytes: &[u8]) -> Option<(u8, &[u8], usize)> {
+    let len = frame_len(bytes)?;
+    let tag = *bytes.get(SYNC.len())?;
+    let at = SYNC.len() + 1;
+    let len_bytes = bytes.get(at..at + 4)?;
+    let crc = u32::from_le_bytes(<[u8; 4]>::try_from(bytes.get(at + 4..at + 8)?).ok()?);
     let payload = bytes.get(FRAME_HEAD..FRAME_HEAD.checked_add(len)?)?;
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&[tag]);
-    hasher.update(&len_bytes);
+    hasher.update(len_bytes);
     hasher.update(payload);
     (hasher.finalize() == crc).then_some((tag, payload, FRAME_HEAD + len))
 }
 
-/// What a journal's bytes hold.
-#[derive(Default)]
-struct Parsed {
-    records: Vec<Vec<u8>>,
+/// A journal file read a part at a time: `buf[at..]` holds what is read and not yet taken.
+struct Ahead<R> {
+    reader: R,
+    buf: Vec<u8>,
+    at: usize,
+    /// The file offset of `buf[0]`.
+    base: u64,
+}
+
+impl<R: std::io::Read> Ahead<R> {
+    fn rest(&self) -> &[u8] {
+        self.buf.get(self.at..).unwrap_or_default()
+    }
+
+    fn offset(&self) -> u64 {
+        self.base.saturating_add(self.at as u64)
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.at = self.at.saturating_add(n).min(self.buf.len());
+    }
+
+    /// Reads until `rest` holds at least `need` bytes; false when the file ends first.
+    fn fill(&mut self, need: usize) -> std::io::Result<bool> {
+        if self.rest().len() >= need {
+            return Ok(true);
+        }
+        self.buf.drain(..self.at);
+        self.base = self.base.saturating_add(self.at as u64);
+        self.at = 0;
+        while self.buf.len() < need {
+            let have = self.buf.len();
+            self.buf.resize(have + need.max(READ_AHEAD), 0);
+            let read = self
+                .reader
+                .read(self.buf.get_mut(have..).unwrap_or_default());
+            self.buf.truncate(have + *read.as_ref().unwrap_or(&0));
+            match read {
+                Ok(0) => return Ok(false),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// What a journal's frames say.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Scanned {
     /// The highest batch number marked.
     durable: u64,
-    /// Where the last record that checks ends.
-    valid_len: usize,
+    /// Where the last frame that checks ends.
+    valid_len: u64,
     damaged: bool,
 }
 
-fn parse_journal(bytes: &[u8]) -> Parsed {
-    let mut parsed = Parsed::default();
-    let mut at = 0;
-    while at < bytes.len() {
-        let rest = bytes.get(at..).unwrap_or_default();
-        match unframe(rest) {
-            Some((tag, payload, len)) => {
-                if tag == MARK {
-                    let n = <[u8; 8]>::try_from(payload).map_or(0, u64::from_be_bytes);
-                    parsed.durable = parsed.durable.max(n);
-                } else {
-                    parsed.records.push(payload.to_vec());
-                }
-                at += len;
-                parsed.valid_len = at;
+/// Reads the `len` bytes of a journal from `reader` a part at a time, handing each record to
+/// `each`. Past bytes that are no frame, the next frame is looked for at the next `SYNC`: the
+/// journal is damaged if one that checks is found, its append torn if none is.
+fn scan_journal(
+    reader: impl std::io::Read,
+    len: u64,
+    each: &mut dyn FnMut(&[u8]),
+) -> std::io::Result<Scanned> {
+    let mut ahead = Ahead {
+        reader: reader.take(len),
+        buf: Vec::new(),
+        at: 0,
+        base: 0,
+    };
+    let mut scanned = Scanned::default();
+    let mut lost_sync = false;
+    loop {
+        if !ahead.fill(FRAME_HEAD)? {
+            return Ok(scanned);
+        }
+        let left = len.saturating_sub(ahead.offset());
+        // A stated length past the file's end is damage, not a reason to read on.
+        if let Some(payload) = frame_len(ahead.rest())
+            .filter(|&n| (n as u64) <= left.saturating_sub(FRAME_HEAD as u64))
+            && ahead.fill(FRAME_HEAD.saturating_add(payload))?
+            && let Some((tag, payload, framed)) = unframe(ahead.rest())
+        {
+            scanned.damaged |= lost_sync;
+            lost_sync = false;
+            if tag == MARK {
+                let n = <[u8; 8]>::try_from(payload).map_or(0, u64::from_be_bytes);
+                scanned.durable = scanned.durable.max(n);
+            } else {
+                each(payload);
             }
-            None => {
-                // Damage, if a record that checks follows; a torn append, if none does.
-                match (1..rest.len())
-                    .find(|&skip| unframe(rest.get(skip..).unwrap_or_default()).is_some())
-                {
-                    Some(skip) => {
-                        parsed.damaged = true;
-                        at += skip;
-                    }
-                    None => break,
+            ahead.advance(framed);
+            scanned.valid_len = ahead.offset();
+            continue;
+        }
+        lost_sync = true;
+        ahead.advance(1);
+        loop {
+            if !ahead.fill(SYNC.len())? {
+                return Ok(scanned);
+            }
+            let rest = ahead.rest();
+            match rest.windows(SYNC.len()).position(|w| w == SYNC) {
+                Some(at) => {
+                    ahead.advance(at);
+                    break;
                 }
+                // The last bytes may start a SYNC the next read completes.
+                None => ahead.advance(rest.len().saturating_sub(SYNC.len() - 1)),
             }
         }
     }
-    parsed
+}
+
+/// A journal written before frames started with `SYNC`: the same frames without it. Read
+/// whole, once, by `Journal::open`, which writes it again in the current form.
+mod unsynced {
+    use super::{MARK, RECORD};
+
+    pub(super) const FRAME_HEAD: usize = 9;
+
+    fn unframe(bytes: &[u8]) -> Option<(u8, &[u8], usize)> {
+        let head = bytes.get(..FRAME_HEAD)?;
+        let tag = *head.first()?;
+        if tag != MARK && tag != RECORD {
+            return None;
+        }
+        let len_bytes = <[u8; 4]>::try_from(head.get(1..5)?).ok()?;
+        let crc = u32::from_le_bytes(<[u8; 4]>::try_from(head.get(5..9)?).ok()?);
+        let len = usize::try_from(u32::from_le_bytes(len_bytes)).ok()?;
+        let payload = bytes.get(FRAME_HEAD..FRAME_HEAD.checked_add(len)?)?;
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&[tag]);
+        hasher.update(&len_bytes);
+        hasher.update(payload);
+        (hasher.finalize() == crc).then_some((tag, payload, FRAME_HEAD + len))
+    }
+
+    /// Its records, the highest number marked, and whether it was damaged (past bytes that are
+    /// no frame, every later offset is tried: these frames have nothing to look for).
+    pub(super) fn parse(bytes: &[u8]) -> (Vec<&[u8]>, u64, bool) {
+        let (mut records, mut durable, mut damaged) = (Vec::new(), 0, false);
+        let mut at = 0;
+        while let Some(rest) = bytes.get(at..).filter(|r| !r.is_empty()) {
+            match unframe(rest) {
+                Some((tag, payload, len)) => {
+                    if tag == MARK {
+                        let n = <[u8; 8]>::try_from(payload).map_or(0, u64::from_be_bytes);
+                        durable = durable.max(n);
+                    } else {
+                        records.push(payload);
+                    }
+                    at += len;
+                }
+                None => match (1..rest.len())
+                    .find(|&skip| unframe(rest.get(skip..).unwrap_or_default()).is_some())
+                {
+                    Some(skip) => {
+                        damaged = true;
+                        at += skip;
+                    }
+                    None => break,
+                },
+            }
+        }
+        (records, durable, damaged)
+    }
+}
+
+/// Writes the file at `path` again with what `write` writes, atomically: aside, synced,
+/// renamed, directory synced. `finish`, called with the file aside before it is synced, may
+/// append to it. Returns its length.
+fn replace_file<T>(
+    path: &Path,
+    write: impl FnOnce(&mut dyn std::io::Write) -> Result<(), KvError>,
+    finish: impl FnOnce(&mut dyn std::io::Write) -> Result<T, KvError>,
+) -> Result<(T, u64), KvError> {
+    let aside = path.with_extension("new");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&aside).map_err(from_io)?);
+    let finished = match write(&mut out).and_then(|()| finish(&mut out)) {
+        Ok(finished) => finished,
+        Err(e) => {
+            drop(out);
+            // A half-written copy is of no use: the file in place stays what it was.
+            let _ = std::fs::remove_file(&aside);
+            return Err(e);
+        }
+    };
+    let file = out.into_inner().map_err(|e| from_io(e.into_error()))?;
+    file.sync_all().map_err(from_io)?;
+    let len = file.metadata().map_err(from_io)?.len();
+    std::fs::rename(&aside, path).map_err(from_io)?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok((finished, len))
+}
+
+/// Writes `payload` framed with `tag` to `out`.
+fn write_frame(out: &mut dyn std::io::Write, tag: u8, payload: &[u8]) -> Result<(), KvError> {
+    let mut framed = Vec::with_capacity(FRAME_HEAD + payload.len());
+    frame(&mut framed, tag, payload);
+    out.write_all(&framed).map_err(from_io)
+}
+
+/// Writes a journal of the earlier form (`unsynced`) again in the current one, with the same
+/// records and mark; damage it held stays visible as one byte that is no frame, before the mark.
+fn upgrade_journal(path: &Path) -> Result<(), KvError> {
+    let old = std::fs::read(path).map_err(from_io)?;
+    let (records, durable, damaged) = unsynced::parse(&old);
+    let write = |out: &mut dyn std::io::Write| {
+        for record in records {
+            write_frame(out, RECORD, record)?;
+        }
+        if damaged {
+            out.write_all(&[0]).map_err(from_io)?;
+        }
+        write_frame(out, MARK, &durable.to_be_bytes())
+    };
+    replace_file(path, write, |_| Ok(())).map(|_| ())
 }
 
 impl Journal {
     /// Opens the journal at `path` (made empty if there is none), cutting off a torn append;
     /// returns it with the highest batch number it marks.
     fn open(path: &Path) -> Result<(Journal, u64), KvError> {
-        let bytes = match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        let mut start = [0u8; SYNC.len()];
+        let earlier_form = match std::fs::File::open(path) {
+            Ok(mut file) => match std::io::Read::read(&mut file, &mut start) {
+                Ok(0) => false,
+                Ok(_) => start != SYNC,
+                Err(e) => return Err(from_io(e)),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(from_io(e)),
         };
-        let parsed = parse_journal(&bytes);
+        if earlier_form {
+            upgrade_journal(path)?;
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(path)
             .map_err(from_io)?;
-        if parsed.valid_len < bytes.len() && !parsed.damaged {
-            file.set_len(parsed.valid_len as u64).map_err(from_io)?;
-        }
+        let len = file.metadata().map_err(from_io)?.len();
+        let scanned =
+            scan_journal(std::io::BufReader::new(&file), len, &mut |_| {}).map_err(from_io)?;
+        let len = if scanned.valid_len < len && !scanned.damaged {
+            file.set_len(scanned.valid_len).map_err(from_io)?;
+            scanned.valid_len
+        } else {
+            len
+        };
         if let Some(dir) = path.parent() {
             sync_dir(dir)?;
         }
         let journal = Journal {
             path: path.to_owned(),
             staged: Mutex::new((Vec::new(), 0)),
-            file: Mutex::new((file, parsed.durable)),
+            file: Mutex::new(Appending {
+                file,
+                marked: scanned.durable,
+                len,
+            }),
         };
-        Ok((journal, parsed.durable))
+        Ok((journal, scanned.durable))
     }
 
     fn lock_staged(&self) -> MutexGuard<'_, (Vec<u8>, u64)> {
         self.staged.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_file(&self) -> MutexGuard<'_, (std::fs::File, u64)> {
+    fn lock_file(&self) -> MutexGuard<'_, Appending> {
         self.file.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -1040,32 +1271,31 @@ impl Journal {
             restage(bytes);
             return Err(e);
         }
-        if records_len == 0 && number <= file.1 {
+        if records_len == 0 && number <= file.marked {
             return Ok(());
         }
         frame(&mut bytes, MARK, &number.to_be_bytes());
-        let appended = file.0.metadata().map_err(from_io).and_then(|m| {
-            let len = m.len();
-            // Records are synced before the flush returns, as the data is: a write is
-            // acknowledged after it. A mark alone is not: a mark the disk lost only finds a
-            // later loss less early, and a flush that wrote no local change costs no more sync.
-            std::io::Write::write_all(&mut file.0, &bytes)
-                .and_then(|()| {
-                    if records_len > 0 {
-                        file.0.sync_data()
-                    } else {
-                        Ok(())
-                    }
-                })
-                .map_err(|e| {
-                    // Half an append would read as damage once more is appended after it.
-                    let _ = file.0.set_len(len);
-                    from_io(e)
-                })
-        });
+        let len = file.len;
+        // Records are synced before the flush returns, as the data is: a write is acknowledged
+        // after it. A mark alone is not: a mark the disk lost only finds a later loss less
+        // early, and a flush that wrote no local change costs no more sync.
+        let appended = std::io::Write::write_all(&mut file.file, &bytes)
+            .and_then(|()| {
+                if records_len > 0 {
+                    file.file.sync_data()
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| {
+                // Half an append would read as damage once more is appended after it.
+                let _ = file.file.set_len(len);
+                from_io(e)
+            });
         match appended {
             Ok(()) => {
-                file.1 = file.1.max(number);
+                file.marked = file.marked.max(number);
+                file.len = len.saturating_add(bytes.len() as u64);
                 Ok(())
             }
             Err(e) => {
@@ -1079,43 +1309,57 @@ impl Journal {
         }
     }
 
-    fn records(&self) -> Result<(Vec<Vec<u8>>, bool), KvError> {
-        let _file = self.lock_file();
-        let parsed = parse_journal(&std::fs::read(&self.path).map_err(from_io)?);
-        Ok((parsed.records, parsed.damaged))
+    /// Reads the journal's records as the file is now, a part at a time. Appends and rewrites
+    /// go on meanwhile: what was appended after the read began is not read, and a rewrite
+    /// replaces the file under another name, leaving the one being read whole.
+    fn records(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError> {
+        let (file, len) = {
+            let appending = self.lock_file();
+            (
+                std::fs::File::open(&self.path).map_err(from_io)?,
+                appending.len,
+            )
+        };
+        let scanned = scan_journal(std::io::BufReader::new(file), len, each).map_err(from_io)?;
+        Ok(scanned.damaged)
     }
 
     fn bytes(&self) -> u64 {
-        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+        self.lock_file().len
     }
 
-    /// Flushes as `flush` does, then replaces the file with `keep` and the last number marked
-    /// (written aside, synced, renamed). Records staged meanwhile stay staged.
+    /// Flushes as `flush` does, then replaces the file with the records `keep` gives, each
+    /// written aside as it comes, and the last number marked, taken once they are (synced,
+    /// renamed). Flushes go on while the records are written: the marks they append are
+    /// covered by the one the new file ends with. Records staged meanwhile stay staged.
     fn rewrite(
         &self,
-        keep: Vec<Vec<u8>>,
+        keep: JournalKeep<'_>,
         flush_data: impl FnOnce() -> Result<(), KvError>,
     ) -> Result<(), KvError> {
         self.flush(flush_data)?;
-        let mut file = self.lock_file();
-        let mut bytes = Vec::new();
-        for record in &keep {
-            frame(&mut bytes, RECORD, record);
-        }
-        frame(&mut bytes, MARK, &file.1.to_be_bytes());
-        let aside = self.path.with_extension("new");
-        let mut new = std::fs::File::create(&aside).map_err(from_io)?;
-        std::io::Write::write_all(&mut new, &bytes)
-            .and_then(|()| new.sync_all())
-            .map_err(from_io)?;
-        std::fs::rename(&aside, &self.path).map_err(from_io)?;
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir)?;
-        }
-        file.0 = std::fs::OpenOptions::new()
+        let write = |out: &mut dyn std::io::Write| {
+            let mut failed = None;
+            keep(&mut |record| {
+                if failed.is_none()
+                    && let Err(e) = write_frame(out, RECORD, record)
+                {
+                    failed = Some(e);
+                }
+            })?;
+            failed.map_or(Ok(()), Err)
+        };
+        let finish = |out: &mut dyn std::io::Write| {
+            let file = self.lock_file();
+            write_frame(out, MARK, &file.marked.to_be_bytes())?;
+            Ok(file)
+        };
+        let (mut file, len) = replace_file(&self.path, write, finish)?;
+        file.file = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
             .map_err(from_io)?;
+        file.len = len;
         Ok(())
     }
 }
@@ -1269,6 +1513,8 @@ struct MemoryState {
     durable: BTreeMap<Vec<u8>, Vec<u8>>,
     journal_staged: Vec<Vec<u8>>,
     journal: Vec<Vec<u8>>,
+    /// The next journal rewrite fails, doing nothing, as a crash before it would leave it.
+    refuse_rewrite: bool,
 }
 
 impl MemoryKv {
@@ -1281,6 +1527,11 @@ impl MemoryKv {
         let mut state = self.lock();
         state.visible = state.durable.clone();
         state.journal_staged.clear();
+    }
+
+    /// Has the next `rewrite_journal` fail before it does anything, as a crash there would.
+    pub fn refuse_journal_rewrite(&self) {
+        self.lock().refuse_rewrite = true;
     }
 
     /// Flips a bit of the value stored under `key`, as damage on a disk would (the value then
@@ -1380,17 +1631,24 @@ impl Kv for MemoryKv {
         Ok(())
     }
 
-    fn journal(&self) -> Result<(Vec<Vec<u8>>, bool), KvError> {
-        Ok((self.lock().journal.clone(), false))
+    fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError> {
+        let records = self.lock().journal.clone();
+        records.iter().for_each(|record| each(record));
+        Ok(false)
     }
 
     fn journal_bytes(&self) -> u64 {
         self.lock().journal.iter().map(|r| r.len() as u64).sum()
     }
 
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+    fn rewrite_journal(&self, keep: JournalKeep<'_>) -> Result<(), KvError> {
+        if std::mem::take(&mut self.lock().refuse_rewrite) {
+            return Err(KvError::Io("the journal rewrite was refused".into()));
+        }
         self.flush()?;
-        self.lock().journal = keep;
+        let mut records = Vec::new();
+        keep(&mut |record| records.push(record.to_vec()))?;
+        self.lock().journal = records;
         Ok(())
     }
 
@@ -1680,7 +1938,7 @@ mod tests {
         );
         assert_eq!(kv.get(b"a").unwrap(), Some(b"1".to_vec()));
         assert_eq!(kv.get(&[b'b', 0]).unwrap(), None);
-        let (records, damaged) = kv.journal().unwrap();
+        let (records, damaged) = journal_of(&kv);
         assert_eq!(
             records,
             [b"first".to_vec(), b"j\0".to_vec(), b"j\x01".to_vec()]
@@ -1711,12 +1969,13 @@ mod tests {
         let path = dir.path().join("journal");
         let mut bytes = std::fs::read(&path).unwrap();
         let whole = bytes.len();
+        bytes.extend_from_slice(&SYNC);
         bytes.extend_from_slice(&[RECORD, 40, 0, 0, 0, 1, 2]);
         std::fs::write(&path, &bytes).unwrap();
         let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(kv.lost(), None);
         assert_eq!(
-            kv.journal().unwrap(),
+            journal_of(&kv),
             (
                 vec![b"j\0".to_vec(), b"j\x01".to_vec(), b"j\x02".to_vec()],
                 false
@@ -1732,10 +1991,133 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(
-            kv.journal().unwrap(),
+            journal_of(&kv),
             (vec![b"j\0".to_vec(), b"j\x02".to_vec()], true)
         );
         assert_eq!(kv.lost(), None, "the marks after the damage still count");
+    }
+
+    /// The journal's records and whether it is damaged.
+    fn journal_of(kv: &dyn Kv) -> (Vec<Vec<u8>>, bool) {
+        let mut records = Vec::new();
+        let damaged = kv.journal(&mut |r| records.push(r.to_vec())).unwrap();
+        (records, damaged)
+    }
+
+    /// Past damage, the journal is read on from the next frame's sync bytes in one pass,
+    /// reading a part at a time: records longer than a read, frames split across reads, a
+    /// stated length past the end, and long runs of garbage (where trying every offset took
+    /// time quadratic in their length) all read as they should.
+    #[test]
+    fn a_damaged_journal_is_read_on_from_the_next_frame_in_one_pass() {
+        let long = vec![7u8; READ_AHEAD * 2 + 5];
+        let mut bytes = Vec::new();
+        frame(&mut bytes, RECORD, b"one");
+        frame(&mut bytes, RECORD, &long);
+        frame(&mut bytes, MARK, &5u64.to_be_bytes());
+        let whole = bytes.len();
+        // Garbage with tags and lengths that would each be tried as a frame.
+        bytes.extend((0..3 * READ_AHEAD).map(|i| if i % 2 == 0 { RECORD } else { 1 }));
+        frame(&mut bytes, RECORD, b"two");
+        let mut head = Vec::new();
+        frame(&mut head, RECORD, b"three");
+        // A head stating far more than the file holds.
+        head[SYNC.len() + 1..SYNC.len() + 5].copy_from_slice(&u32::MAX.to_le_bytes());
+        bytes.extend_from_slice(&head);
+        frame(&mut bytes, RECORD, b"four");
+        let mut records = Vec::new();
+        let scanned = scan_journal(bytes.as_slice(), bytes.len() as u64, &mut |r| {
+            records.push(r.to_vec())
+        })
+        .unwrap();
+        assert_eq!(
+            records,
+            [b"one".to_vec(), long, b"two".to_vec(), b"four".to_vec()]
+        );
+        assert_eq!(
+            scanned,
+            Scanned {
+                durable: 5,
+                valid_len: bytes.len() as u64,
+                damaged: true
+            }
+        );
+        // A torn last append: everything before it, undamaged.
+        let torn = bytes.get(..whole + 3).unwrap();
+        let scanned = scan_journal(torn, torn.len() as u64, &mut |_| {}).unwrap();
+        assert_eq!((scanned.valid_len, scanned.damaged), (whole as u64, false));
+    }
+
+    /// A rewrite keeps the records it is handed, written as they come, and the last mark;
+    /// appends go on after it, and the length kept in memory is the file's.
+    #[test]
+    fn a_rewritten_journal_keeps_what_it_is_handed_and_appends_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        for n in 0..3u8 {
+            let mut batch = Batch::default();
+            batch.journal(vec![b'j', n]);
+            kv.apply(batch).unwrap();
+        }
+        kv.flush().unwrap();
+        kv.rewrite_journal(&mut |keep| {
+            keep(b"j\x01");
+            keep(b"j\x02");
+            Ok(())
+        })
+        .unwrap();
+        let mut batch = Batch::default();
+        batch.journal(b"j\x03".to_vec());
+        kv.apply(batch).unwrap();
+        kv.flush().unwrap();
+        let path = dir.path().join("journal");
+        assert_eq!(kv.journal_bytes(), std::fs::metadata(&path).unwrap().len());
+        let kept = vec![b"j\x01".to_vec(), b"j\x02".to_vec(), b"j\x03".to_vec()];
+        assert_eq!(journal_of(&kv), (kept.clone(), false));
+        // A rewrite whose records cannot all be had leaves the journal as it was.
+        let refused = kv.rewrite_journal(&mut |keep| {
+            keep(b"only this");
+            Err(KvError::Io("the queue could not be read".into()))
+        });
+        assert!(refused.is_err());
+        assert!(!path.with_extension("new").exists());
+        drop(kv);
+        wait_released(dir.path());
+        let kv = SledKv::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(journal_of(&kv), (kept, false));
+        assert_eq!(kv.lost(), None);
+    }
+
+    /// A journal written before frames started with sync bytes is written again in the
+    /// current form at open: the same records and mark, its damage still reported.
+    #[test]
+    fn a_journal_of_the_earlier_form_is_read_and_written_again() {
+        let earlier = |tag: u8, payload: &[u8]| {
+            let mut framed = Vec::new();
+            frame(&mut framed, tag, payload);
+            framed.split_off(SYNC.len())
+        };
+        for damaged in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("journal");
+            let mut bytes = earlier(RECORD, b"one");
+            if damaged {
+                bytes.extend_from_slice(&[RECORD, 1, 2]);
+            }
+            bytes.extend(earlier(RECORD, b"two"));
+            bytes.extend(earlier(MARK, &4u64.to_be_bytes()));
+            std::fs::write(&path, &bytes).unwrap();
+            let (journal, durable) = Journal::open(&path).unwrap();
+            assert_eq!(durable, 4);
+            let mut records = Vec::new();
+            let found = journal.records(&mut |r| records.push(r.to_vec())).unwrap();
+            assert_eq!(records, [b"one".to_vec(), b"two".to_vec()]);
+            assert_eq!(found, damaged);
+            assert_eq!(
+                std::fs::read(&path).unwrap().get(..SYNC.len()),
+                Some(&SYNC[..])
+            );
+        }
     }
 
     /// sled lets go of its directory's lock a moment after the last `Db` is dropped.

@@ -17,6 +17,9 @@
 //! Must not touch: sockets, JSON-RPC, the CLI. It knows records only through `record`.
 
 pub mod conflicts;
+pub mod feed;
+
+use feed::{FeedChange, Origin};
 pub mod health;
 pub mod keys;
 pub mod kv;
@@ -218,6 +221,9 @@ pub struct Applied {
     pub heads: Vec<String>,
     /// The SyncQueue entry holding the change.
     pub queue_id: Option<u64>,
+    /// Its number in the change feed; `None` when nothing changed.
+    #[serde(default)]
+    pub seq: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -312,6 +318,7 @@ pub struct Store {
     ids: Mutex<IdGenerator>,
     next_queue_id: AtomicU64,
     next_log_id: AtomicU64,
+    next_feed_seq: AtomicU64,
     /// Held by every read-then-write of existing queue entries, so two uploaders or an uploader
     /// and a retry never move the same entry from the same old state twice.
     /// Taken by every batch that moves queue entries, so that moves happen in order. It holds
@@ -382,6 +389,7 @@ impl Store {
         // An id the queue lost is still the journal's: it is never given to another change.
         let next_queue_id = next_seq(kv.as_ref(), keys::QUEUE)?.max(after_journaled);
         let next_log_id = next_seq(kv.as_ref(), keys::LOG)?;
+        let next_feed_seq = next_seq(kv.as_ref(), keys::FEED)?;
         let kv_journal_bytes = kv.journal_bytes();
         let open_conflicts =
             kv.count(keys::CONFLICT_OPEN, &keys::prefix_end(keys::CONFLICT_OPEN))?;
@@ -397,6 +405,7 @@ impl Store {
             ids: Mutex::new(IdGenerator::new()),
             next_queue_id: AtomicU64::new(next_queue_id),
             next_log_id: AtomicU64::new(next_log_id),
+            next_feed_seq: AtomicU64::new(next_feed_seq),
             queue_lock: Mutex::new(None),
             upload_holds: Mutex::new(sync::UploadHolds::default()),
             in_flight: Mutex::new(HashMap::new()),
@@ -680,6 +689,7 @@ impl Store {
                 operation: None,
                 heads: staged.heads,
                 queue_id: None,
+                seq: None,
             });
         };
         batch.put(keys::doc(&collection, &id), doc);
@@ -701,12 +711,25 @@ impl Store {
         // Kept outside the data too until it is uploaded: what a damaged data file loses is
         // restored from there (`health`).
         batch.journal(encode(&entry, "journaled change")?);
+        let seq = self.stage_feed(
+            batch,
+            FeedChange {
+                seq: 0,
+                collection: collection.clone(),
+                id: id.clone(),
+                operation,
+                heads: staged.heads.clone(),
+                device: self.device_id.clone(),
+                origin: Origin::Local,
+            },
+        )?;
         Ok(Applied {
             collection,
             id,
             operation: Some(operation),
             heads: staged.heads,
             queue_id: Some(queue_id),
+            seq: Some(seq),
         })
     }
 
@@ -1132,6 +1155,13 @@ impl Store {
                 }
             }
         }
+        if pruned > 0 {
+            // The journal goes first: once the entries leave the queue, a journal still holding
+            // them would have the next open take them for unsynced changes the queue lost. The
+            // rewrite makes what was applied before it durable; the removal is durable after
+            // the next flush, and until then the queue still holds what the journal left out.
+            self.rewrite_journal_locked()?;
+        }
         self.apply_queue_batch(&mut queue, batch, delta)?;
         drop(queue);
         let mut batch = Batch::default();
@@ -1149,10 +1179,6 @@ impl Store {
         }
         if !batch.is_empty() {
             self.kv.apply(batch)?;
-        }
-        if pruned > 0 {
-            // The journal may hold entries pruned now: it must not take them for lost ones.
-            self.rotate_journal(true)?;
         }
         if pruned + logs_pruned > 0 {
             // The live data shrank (the one way it does): the next `bound_space` measures it

@@ -187,6 +187,7 @@ impl Store {
                     deleted,
                     heads: doc.heads().iter().map(|h| h.to_string()).collect(),
                     device: String::new(),
+                    seq: 0,
                 });
             }
             cache.pop(&key);
@@ -224,6 +225,9 @@ impl Store {
             self.purge_conflicts(&purge.records, &mut ledger, &mut batch)?
         };
         self.finish_ledger(&ledger, &mut batch)?;
+        for change in &mut applied {
+            change.stage_feed(self, &mut batch)?;
+        }
         // Under the queue lock: a restoration queues a change.
         let mut queue = self.lock_queue();
         self.apply_queue_batch(&mut queue, batch, purge.delta)?;

@@ -11,6 +11,7 @@
 //! and durable only after `Store::flush`; the caller decides when to flush.
 
 use super::conflicts::Ledger;
+use super::feed::{FeedChange, Origin};
 use super::kv::{Batch, Kv};
 use super::{
     CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry, stage_landing,
@@ -213,6 +214,31 @@ pub struct RemoteApplied {
     pub heads: Vec<String>,
     /// The device (Automerge actor, hex) that wrote the last of the changes applied.
     pub device: String,
+    /// Its number in the change feed (given as its batch is staged).
+    pub seq: u64,
+}
+
+impl RemoteApplied {
+    /// Numbers the change in the feed, staging its entry in `batch`.
+    pub(crate) fn stage_feed(
+        &mut self,
+        store: &Store,
+        batch: &mut Batch,
+    ) -> Result<(), StoreError> {
+        self.seq = store.stage_feed(
+            batch,
+            FeedChange {
+                seq: 0,
+                collection: self.collection.clone(),
+                id: self.id.clone(),
+                operation: self.operation,
+                heads: self.heads.clone(),
+                device: self.device.clone(),
+                origin: Origin::Remote,
+            },
+        )?;
+        Ok(())
+    }
 }
 
 /// What applying part of the relay's log did.
@@ -591,6 +617,24 @@ impl Store {
         Ok(self.kv.apply(batch)?)
     }
 
+    /// Keeps sync paused across restarts (`true`), or lets the next start sync again; durable
+    /// when it returns.
+    pub fn remember_sync_paused(&self, paused: bool) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        if paused {
+            batch.put(keys::META_SYNC_PAUSED.to_vec(), vec![1]);
+        } else {
+            batch.remove(keys::META_SYNC_PAUSED.to_vec());
+        }
+        self.kv.apply(batch)?;
+        self.flush()
+    }
+
+    /// Whether sync was paused to stay paused across restarts.
+    pub fn sync_paused(&self) -> Result<bool, StoreError> {
+        Ok(self.kv.get(keys::META_SYNC_PAUSED)?.is_some())
+    }
+
     /// What the daemon last knew of its sync; `None` before its first connection.
     pub fn last_known_sync(&self) -> Result<Option<LastKnownSync>, StoreError> {
         match self.kv.get(keys::META_SYNC_STATE)? {
@@ -859,6 +903,7 @@ impl Store {
                     deleted,
                     heads: record.heads().iter().map(|h| h.to_string()).collect(),
                     device,
+                    seq: 0,
                 });
             }
             ledger.logged.documents.insert(key.clone(), record.heads());
@@ -891,6 +936,9 @@ impl Store {
         batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
         if bootstrap.is_some_and(|b| cursor >= b.end()) {
             batch.remove(keys::cursor(super::snapshot::SNAPSHOT_CURSOR));
+        }
+        for change in &mut applied {
+            change.stage_feed(self, &mut batch)?;
         }
         // Under the queue lock: a restoration queues a change.
         let mut queue = self.lock_queue();
@@ -1050,6 +1098,7 @@ impl Store {
             deleted: plain.deleted,
             heads: vec![change.hash().to_string()],
             device: change.actor_id().to_hex_string(),
+            seq: 0,
         }))
     }
 

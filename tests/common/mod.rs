@@ -954,13 +954,13 @@ impl Kv for FaultyKv {
     fn live_bytes(&self) -> Result<u64, KvError> {
         self.inner.live_bytes()
     }
-    fn journal(&self) -> Result<(Vec<Vec<u8>>, bool), KvError> {
-        self.inner.journal()
+    fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError> {
+        self.inner.journal(each)
     }
     fn journal_bytes(&self) -> u64 {
         self.inner.journal_bytes()
     }
-    fn rewrite_journal(&self, keep: Vec<Vec<u8>>) -> Result<(), KvError> {
+    fn rewrite_journal(&self, keep: ferry::store::kv::JournalKeep<'_>) -> Result<(), KvError> {
         self.inner.rewrite_journal(keep)
     }
 }

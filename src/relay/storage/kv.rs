@@ -465,6 +465,29 @@ impl LogStorage for KvStorage {
         }
     }
 
+    fn record_changes(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Vec<([u8; 32], u64)>, StorageError> {
+        let prefix = key(b'h', &[space, collection, record]);
+        let mut changes = self
+            .kv
+            .range(&prefix, &prefix_end(&prefix), usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| {
+                let hash = k
+                    .get(prefix.len()..)
+                    .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                    .ok_or_else(|| corrupt("change index key", "a hash of the wrong length"))?;
+                Ok((hash, be_u64(&v, "change index entry")?))
+            })
+            .collect::<Result<Vec<_>, StorageError>>()?;
+        changes.sort_unstable_by_key(|&(_, seq)| seq);
+        Ok(changes)
+    }
+
     fn change_at(&self, space: &str, seq: u64) -> Result<Option<Vec<u8>>, StorageError> {
         match self.kv.get(&seq_key(b'l', &[space], seq))? {
             Some(bytes) => Ok(Some(
@@ -1085,7 +1108,7 @@ fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
 /// record's name.
 pub(super) fn damaged(key: &[u8]) -> StorageError {
     let Some((&kind, rest)) = key.split_first() else {
-        return named("value", "", "an empty key".into());
+        return named("value", "", "an empty key".into(), None);
     };
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let parts = |b: &[u8]| -> Vec<String> {
@@ -1125,9 +1148,10 @@ pub(super) fn damaged(key: &[u8]) -> StorageError {
                 } else {
                     format!("record {record}, seq {seq}")
                 };
-                named(what, &space, position)
+                let owner = (kind == b't').then(|| record_of(&names)).flatten();
+                named(what, &space, position, owner)
             }
-            None => named(what, &text(rest), "an unreadable key".into()),
+            None => named(what, &text(rest), "an unreadable key".into(), None),
         },
         b'a'..=b'z' => {
             let mut names = parts(rest);
@@ -1136,13 +1160,26 @@ pub(super) fn damaged(key: &[u8]) -> StorageError {
             } else {
                 names.remove(0)
             };
-            named(what, &space, format!("key {}", names.join("/")))
+            // What a record's rebuild writes again: its document, heads and conflict index.
+            let owner = matches!(kind, b'b' | b'r' | b'y')
+                .then(|| record_of(&names))
+                .flatten();
+            named(what, &space, format!("key {}", names.join("/")), owner)
         }
         _ => named(
             what,
             "",
             format!("key {}", crate::store::kv::printable(key)),
+            None,
         ),
+    }
+}
+
+/// The record a key's parts after its space name: (collection, record id).
+fn record_of(names: &[String]) -> Option<super::RecordKey> {
+    match names {
+        [collection, record, ..] => Some((collection.clone(), record.clone())),
+        _ => None,
     }
 }
 
@@ -1153,11 +1190,17 @@ fn split_seq(key: &[u8]) -> Option<(&[u8], u64)> {
     Some((key.get(..at)?, u64::from_be_bytes(seq)))
 }
 
-fn named(what: &'static str, space: &str, position: String) -> StorageError {
+fn named(
+    what: &'static str,
+    space: &str,
+    position: String,
+    record: Option<super::RecordKey>,
+) -> StorageError {
     StorageError::Damaged {
         what,
         space: space.to_owned(),
         position,
+        record,
     }
 }
 

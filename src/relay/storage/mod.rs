@@ -37,13 +37,16 @@ pub enum StorageError {
     /// A stored value failed its checksum: it is never read as good, so never served.
     #[error(
         "the relay's stored {what} of space {space:?} ({position}) is damaged: its checksum \
-         does not match, so it is not served; restore the relay's data directory from a \
-         backup"
+         does not match, so it is not served; {}",
+        repair_advice(space, record.as_ref())
     )]
     Damaged {
         what: &'static str,
         space: String,
         position: String,
+        /// The record the value belongs to, when it belongs to one (its document, tail, heads,
+        /// change index or conflict index), which `ferry relay rebuild-record` rebuilds.
+        record: Option<RecordKey>,
     },
     #[error("stored {what} cannot be decoded ({detail}): the relay's store is damaged")]
     Corrupt { what: &'static str, detail: String },
@@ -69,6 +72,18 @@ pub enum StorageError {
     AccountExists(String),
     #[error("the enrolment code was already used")]
     EnrolmentUsed,
+}
+
+/// What an operator does about a damaged value: a record's is rebuilt from the log.
+fn repair_advice(space: &str, record: Option<&RecordKey>) -> String {
+    match record {
+        Some((collection, record)) => format!(
+            "`ferry relay rebuild-record --space {space} --collection {collection} --record \
+             {record}` rebuilds the record from the log, or restore the relay's data directory \
+             from a backup"
+        ),
+        None => "restore the relay's data directory from a backup".to_owned(),
+    }
 }
 
 impl From<KvError> for StorageError {
@@ -245,6 +260,15 @@ pub trait LogStorage: Send + Sync {
         record: &str,
         hash: &[u8; 32],
     ) -> Result<Option<u64>, StorageError>;
+
+    /// Every change logged for the record, as the dedup index holds them: `(hash, seq)` in seq
+    /// order, those compaction dropped from the log included (see `horizon`).
+    fn record_changes(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Vec<([u8; 32], u64)>, StorageError>;
 
     /// The change bytes logged at `seq`.
     fn change_at(&self, space: &str, seq: u64) -> Result<Option<Vec<u8>>, StorageError>;
