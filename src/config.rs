@@ -270,6 +270,10 @@ pub struct RelayConfig {
     pub keep_log_days: u64,
     /// Only this many of a space's latest log entries are kept (0: no bound by count).
     pub keep_log_entries: u64,
+    /// A record deleted this many days ago (its last logged change deleted it) is purged, in
+    /// the same passes as compaction: a purge entry is logged and its history dropped
+    /// (PROTOCOL.md, section 5.8; 0: never).
+    pub tombstone_days: u64,
     /// How often the relay compacts its spaces' logs, in seconds.
     pub compact_interval_secs: u64,
 }
@@ -307,6 +311,7 @@ impl Default for RelayConfig {
             metrics_token: String::new(),
             keep_log_days: 0,
             keep_log_entries: 0,
+            tombstone_days: 0,
             compact_interval_secs: 3600,
         }
     }

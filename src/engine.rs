@@ -1333,6 +1333,13 @@ pub fn carry_out(
                 log_quarantined(store, &outcome.quarantined);
             }
             session.applied(through, now);
+            if outcome.restored > 0 {
+                tracing::info!(
+                    records = outcome.restored,
+                    "purged records this device had edited written again, to upload"
+                );
+                session.local_changes();
+            }
         }
         DeviceEffect::ApplySnapshot { page } => {
             let _span = tracing::info_span!(
@@ -1343,6 +1350,13 @@ pub fn carry_out(
             .entered();
             let outcome = service.apply_snapshot_page(page)?;
             session.snapshot_applied(outcome.cursor, now);
+            if outcome.restored > 0 {
+                tracing::info!(
+                    records = outcome.restored,
+                    "purged records this device had edited written again, to upload"
+                );
+                session.local_changes();
+            }
         }
     }
     Ok(done)

@@ -339,6 +339,10 @@ pub fn operation_of(message: Option<&str>) -> &str {
     message.and_then(|m| m.lines().next()).unwrap_or("unknown")
 }
 
+/// The message of the change that writes a purged record again as a new history
+/// (`Record::restore`).
+pub const RESTORE_OPERATION: &str = "restore";
+
 /// The conflict id and the take word a resolution's message names (see [`operation_of`]).
 pub fn resolved_conflict(message: Option<&str>) -> Option<(&str, &str)> {
     let line = message?.lines().nth(1)?;
@@ -624,6 +628,32 @@ impl Record {
             None => operation.as_str().to_owned(),
         };
         self.commit(&message, operation, now_ms)
+    }
+
+    /// Writes a purged record again as a new history, on an empty document: exactly `fields`,
+    /// and `deleted` as its device showed it, in one change whose message is
+    /// [`RESTORE_OPERATION`] (PROTOCOL.md, section 5.8).
+    pub fn restore_purged(
+        &mut self,
+        fields: &Fields,
+        deleted: bool,
+        now_ms: u64,
+    ) -> Result<Option<Written>, RecordError> {
+        let text = Arc::clone(&self.text);
+        write_map(
+            &mut self.doc,
+            &ROOT,
+            fields,
+            Replace::RootFields,
+            style(false, &text),
+        )?;
+        self.doc.put(ROOT, DELETED_KEY, deleted)?;
+        let operation = if deleted {
+            Operation::Delete
+        } else {
+            Operation::Create
+        };
+        self.commit(RESTORE_OPERATION, operation, now_ms)
     }
 
     /// Starts a put: a put on a missing or deleted record is a create, and clears the tombstone.

@@ -13,7 +13,9 @@
 
 pub mod ledger;
 
-use crate::record::{DELETED_KEY, Fields, Record, from_scalar, operation_of, resolved_conflict};
+use crate::record::{
+    DELETED_KEY, Fields, RESTORE_OPERATION, Record, from_scalar, operation_of, resolved_conflict,
+};
 use automerge::Value as AmValue;
 use automerge::{Automerge, ChangeHash, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue};
 use serde::{Deserialize, Serialize};
@@ -754,9 +756,12 @@ pub fn detect(
     });
     let logged_set: BTreeSet<ChangeHash> = logged.iter().copied().collect();
     if deps == logged_set {
+        // A purged record's first change after its purge entry, written as a restoration.
+        let restored = (logged.is_empty() && is_restoration(message.as_deref()))
+            .then(|| restoration(doc, change, at, policy));
         return Detection {
             logged_heads: vec![*change],
-            conflict: None,
+            conflict: restored,
             resolves,
         };
     }
@@ -940,6 +945,70 @@ fn classify(
         resolution: None,
         resolving: None,
     })
+}
+
+/// Whether `change`'s message makes it a purged record's restoration.
+pub fn is_restoration(message: Option<&str>) -> bool {
+    operation_of(message) == RESTORE_OPERATION
+}
+
+/// The conflict a restoration brings, as its record's first change after a purge entry (`change`,
+/// already in `doc`, which holds nothing else): an update that met a delete the relay purged.
+/// The server side is the purged record (deleted; its history is gone), the client side the
+/// restored fields; the restoring device wrote `$deleted` as its collection's delete rule
+/// settled its edit against the delete, so that is the winner, and `queue` leaves it open. A
+/// function of the change alone: every device and the relay find the same entry.
+pub fn restoration(
+    doc: &Automerge,
+    change: &ChangeHash,
+    at: LogPosition<'_>,
+    policy: &Policy,
+) -> Conflict {
+    let heads = [*change];
+    let client = side(
+        doc,
+        at.record,
+        &heads,
+        view_at(doc, Some(&heads), &Policy::of(Strategy::Merge)),
+    );
+    let server = Side {
+        record: at.record.to_owned(),
+        changes: Vec::new(),
+        device: String::new(),
+        time: 0,
+        deleted: true,
+        fields: Fields::new(),
+    };
+    let kind = ConflictKind::UpdateDelete;
+    let (status, winner) = if policy.on_delete == DeleteRule::Queue {
+        (ConflictStatus::Open, None)
+    } else if client.deleted {
+        (ConflictStatus::AutoResolved, Some(Take::Server))
+    } else {
+        (ConflictStatus::AutoResolved, Some(Take::Client))
+    };
+    Conflict {
+        id: conflict_id(&[
+            kind.as_str().as_bytes(),
+            at.collection.as_bytes(),
+            at.record.as_bytes(),
+            change.as_ref(),
+            RESTORE_OPERATION.as_bytes(),
+        ]),
+        kind,
+        collection: at.collection.to_owned(),
+        record: at.record.to_owned(),
+        strategy: policy.strategy,
+        status,
+        seq: at.seq,
+        fields: differing_fields(&server.fields, &client.fields),
+        server,
+        client,
+        winner,
+        unique: None,
+        resolution: None,
+        resolving: None,
+    }
 }
 
 /// Top-level fields whose values differ between two versions of a record.

@@ -9,8 +9,9 @@
 //! check (through the relay store, as a property over random upload orders too); records' heads,
 //! base + tail and compaction; conflict counts and quota bytes as increments; the unique-value
 //! index (its holders and open clashes); conflict entries, their open index and the change that
-//! brought each; a space's web actor, chosen once; a damaged record rebuilt from its log entries
-//! (refused once they are compacted away). Accounts: accounts (a name taken once), devices, enrolment codes (consumed once),
+//! brought each; tombstone purging (a purge entry, the marker, what goes and what stays); a
+//! space's web actor, chosen once; a damaged record rebuilt from its log entries (refused once
+//! they are compacted away). Accounts: accounts (a name taken once), devices, enrolment codes (consumed once),
 //! token families, signing keys, passwords, each commit whole or not at all. And reopening:
 //! everything committed is there after a restart.
 
@@ -31,6 +32,7 @@ use std::sync::Arc;
 
 use common::{fields, open_sled, proptest_config};
 use ferry::auth::token::Family;
+use ferry::clock::FixedClock;
 use ferry::record::Record;
 use ferry::relay::storage::{
     AccountRecord, AccountWrite, Append, ClientKind, Compaction, DeviceRecord, EnrolmentRecord,
@@ -1015,6 +1017,206 @@ fn the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(engine: 
     );
 }
 
+/// Tombstones: a record deleted `tombstone_days` ago gets a purge entry in the log (an entry
+/// with no change), and its base, tail, heads and conflict entries go while a purge marker and
+/// its dedup index stay; a record changed since its delete, or live, stays. A change built on
+/// the purged history is answered `RecordPurged`; a restoration, a new history, is logged with
+/// an `update_delete` conflict entry; all of it after a restart too.
+fn a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry(engine: &dyn Engine) {
+    let day = 86_400_000u64;
+    let t0 = 100 * day;
+    let storage = engine.open();
+    let relay_store = RelayStore::open(
+        storage.clone(),
+        RelayStoreOptions {
+            clock: Arc::new(FixedClock(t0)),
+            doc_cache_docs: 1,
+            ..RelayStoreOptions::default()
+        },
+    );
+    let store = |relay_store: &RelayStore, entry: u64, record: &str, change: &[u8]| {
+        outcomes(
+            &relay_store
+                .append(SPACE, &dev(1), &[upload(entry, record, change)])
+                .unwrap(),
+        )
+        .remove(0)
+    };
+    // "gone": written, edited concurrently by two devices (a conflict entry), deleted.
+    let mut a = Writer::new(1);
+    let first = a.put(json!({"n": 0}));
+    let mut b = Record::load(&first, &actor(2)).unwrap();
+    let b_edit = b
+        .patch(&fields(json!({"n": 2})), &[], 3)
+        .unwrap()
+        .unwrap()
+        .change
+        .raw_bytes()
+        .to_vec();
+    let a_edit = a.patch(json!({"n": 1}));
+    store(&relay_store, 1, "gone", &first);
+    store(&relay_store, 2, "gone", &a_edit);
+    let r = relay_store
+        .append(SPACE, &dev(2), &[upload(3, "gone", &b_edit)])
+        .unwrap();
+    assert!(matches!(r[0].outcome, ChangeOutcome::Stored { seq: 3 }));
+    assert_eq!(
+        relay_store.conflicts(SPACE, None, None, 10).unwrap().len(),
+        1
+    );
+    a.record.apply_changes(&[b_edit]).unwrap();
+    // What a device offline since the edits still holds.
+    let mut late = Record::load(&a.record.save(), &actor(1)).unwrap();
+    let delete = a
+        .record
+        .delete(4)
+        .unwrap()
+        .unwrap()
+        .change
+        .raw_bytes()
+        .to_vec();
+    assert_eq!(
+        store(&relay_store, 4, "gone", &delete),
+        ChangeOutcome::Stored { seq: 4 }
+    );
+    // "back": deleted, then written again; "kept": live.
+    let mut back = Writer::new(1);
+    store(&relay_store, 5, "back", &back.put(json!({"n": 0})));
+    let deleted = back
+        .record
+        .delete(5)
+        .unwrap()
+        .unwrap()
+        .change
+        .raw_bytes()
+        .to_vec();
+    store(&relay_store, 6, "back", &deleted);
+    store(&relay_store, 7, "back", &back.put(json!({"n": 7})));
+    let mut kept = Writer::new(1);
+    store(&relay_store, 8, "kept", &kept.put(json!({"n": 8})));
+    let head = relay_store.head(SPACE).unwrap();
+    assert_eq!(head, 8);
+
+    // Not old enough yet; never with 0 days.
+    assert_eq!(
+        relay_store
+            .purge_tombstones(SPACE, t0 + day / 2, 1)
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        relay_store
+            .purge_tombstones(SPACE, t0 + 9 * day, 0)
+            .unwrap(),
+        0
+    );
+    assert_eq!(relay_store.head(SPACE).unwrap(), head);
+    assert_eq!(
+        relay_store
+            .purge_tombstones(SPACE, t0 + 2 * day, 1)
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        relay_store
+            .purge_tombstones(SPACE, t0 + 3 * day, 1)
+            .unwrap(),
+        0
+    );
+
+    let check = |relay_store: &RelayStore, storage: &dyn RelayStorage| {
+        let slice = relay_store.read_since(SPACE, head, 10, usize::MAX).unwrap();
+        assert_eq!(slice.entries.len(), 1);
+        let purge = &slice.entries[0];
+        assert!(purge.is_purge(), "{purge:?}");
+        assert_eq!((purge.seq, purge.record.as_str()), (9, "gone"));
+        assert_eq!(storage.purged_at(SPACE, "Doc", "gone").unwrap(), Some(9));
+        assert_eq!(storage.purged_at(SPACE, "Doc", "back").unwrap(), None);
+        assert_eq!(storage.base(SPACE, "Doc", "gone").unwrap(), None);
+        assert!(storage.tail(SPACE, "Doc", "gone").unwrap().is_empty());
+        assert_eq!(storage.record_heads(SPACE, "Doc", "gone").unwrap(), None);
+        assert!(
+            storage
+                .record_conflicts(SPACE, "Doc", "gone")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            storage
+                .conflicts(SPACE, false, None, 10)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(storage.tombstones(SPACE, 10).unwrap().is_empty());
+        let names: Vec<String> = storage
+            .record_names(SPACE, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|n| n.record)
+            .collect();
+        assert_eq!(names, ["back", "kept"]);
+        assert_eq!(
+            relay_store.record(SPACE, "Doc", "back").unwrap(),
+            Some(fields(json!({"n": 7})))
+        );
+    };
+    check(&relay_store, storage.as_ref());
+
+    // An old change sent again is still a duplicate; an edit built on the purged history is
+    // refused as such, and is retryable: the device keeps it until it meets the purge entry.
+    assert_eq!(
+        store(&relay_store, 20, "gone", &first),
+        ChangeOutcome::Duplicate { seq: 1 }
+    );
+    let edit = late
+        .patch(&fields(json!({"late": true})), &[], 6)
+        .unwrap()
+        .unwrap()
+        .change
+        .raw_bytes()
+        .to_vec();
+    let ChangeOutcome::Rejected { code, .. } = store(&relay_store, 21, "gone", &edit) else {
+        panic!("a change on a purged history was logged");
+    };
+    assert_eq!(code, ErrorCode::RecordPurged);
+    assert!(code.is_retryable());
+    assert_eq!(relay_store.head(SPACE).unwrap(), 9);
+    drop((relay_store, storage));
+    let storage = engine.reopen();
+    let relay_store = RelayStore::open(storage.clone(), RelayStoreOptions::default());
+    check(&relay_store, storage.as_ref());
+
+    // The device writes the record again as it showed it: a new history, under the same actor,
+    // logged with an update_delete conflict entry.
+    let mut restored = Record::new(&actor(1));
+    let shown = late.fields();
+    let change = restored
+        .restore_purged(&shown, false, 7)
+        .unwrap()
+        .unwrap()
+        .change
+        .raw_bytes()
+        .to_vec();
+    assert_eq!(
+        store(&relay_store, 22, "gone", &change),
+        ChangeOutcome::Stored { seq: 10 }
+    );
+    assert_eq!(
+        relay_store.record(SPACE, "Doc", "gone").unwrap(),
+        Some(shown)
+    );
+    let conflicts = relay_store.conflicts(SPACE, None, None, 10).unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    let conflict = &conflicts[0];
+    assert_eq!(
+        (conflict.kind, conflict.seq, conflict.record.as_str()),
+        (ConflictKind::UpdateDelete, 10, "gone")
+    );
+    assert_eq!(conflict.status, ConflictStatus::AutoResolved);
+    assert!(conflict.server.deleted && !conflict.client.deleted);
+    assert_eq!(conflict.client.fields.get("late"), Some(&json!(true)));
+}
+
 /// The embedded engine's key of a record's value: `{kind}{space}\0Doc\0{id}\0`, then `seq`.
 fn record_key(kind: u8, id: &str, seq: Option<u64>) -> Vec<u8> {
     let mut key = vec![kind];
@@ -1426,6 +1628,11 @@ macro_rules! conformance {
                 super::the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(
                     &$engine,
                 );
+            }
+
+            #[test]
+            fn a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry() {
+                super::a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry(&$engine);
             }
 
             #[test]

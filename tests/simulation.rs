@@ -20,7 +20,11 @@
 //! own, in sequence, and apply, and no honest device ever quarantines an entry or stalls.
 //! The relay compacts its log at random moments, keeping as few as its last entry, so devices
 //! that were offline or slow are answered `Compacted` and bootstrap again with their queues
-//! (not in runs whose collections have unique constraints: a known limit, PROTOCOL.md 5.8).
+//! (not in runs whose collections have unique constraints: a known limit, PROTOCOL.md 5.8);
+//! before each compaction it purges every record deleted so far, so devices meet purge
+//! entries, or bootstrap past them, while holding edits to purged records: what they wrote
+//! comes back as a restoration, and only the changes of a purged history may be missing at the
+//! end.
 //!
 //! `FERRY_SIM_SEEDS=N` runs N seeds (default 500); `FERRY_SIM_SEED=S` replays one seed;
 //! `FERRY_SIM_FIRST=S` starts the range elsewhere. A failure prints the seed to replay. Seeds
@@ -843,6 +847,17 @@ impl World {
         let Some(SimRelay { store: relay, .. }) = &self.relay else {
             return;
         };
+        // As the relay's pass does, purging first: every record deleted so far counts as
+        // deleted a day ago.
+        let purged = relay
+            .purge_tombstones(SPACE, self.clock.now() + DAY_MS, 1)
+            .expect("purge");
+        if purged > 0 {
+            self.note(format!("the relay purges {purged} deleted records"));
+        }
+        let Some(SimRelay { store: relay, .. }) = &self.relay else {
+            return;
+        };
         let retention = LogRetention {
             keep_log_days: 0,
             keep_log_entries: keep,
@@ -876,7 +891,8 @@ impl World {
         let slice = relay
             .read_since(SPACE, at - 1, 1, usize::MAX)
             .expect("read");
-        let Some(entry) = slice.entries.into_iter().next() else {
+        // A purge entry holds no change to mutate.
+        let Some(entry) = slice.entries.into_iter().next().filter(|e| !e.is_purge()) else {
             return;
         };
         let change = decode_change(&entry.change).expect("a logged change decodes");
@@ -1311,6 +1327,29 @@ impl World {
             }
         }
         for acked in &self.acked {
+            // Once its record was deleted and purged, a write went with its history, or, made
+            // on a device that had not met the delete, was carried over into the record's
+            // restoration (its fields are checked with the others'): what the record's new
+            // history holds is what must stay.
+            let purged = relay
+                .purged_at(SPACE, &acked.collection, &acked.id)
+                .expect("purge marker");
+            let kept: Vec<automerge::ChangeHash> = acked
+                .heads
+                .iter()
+                .map(|head| head.parse().expect("hash"))
+                .filter(|hash| {
+                    purged.is_none_or(|purged| {
+                        relay
+                            .change_seq(SPACE, &acked.collection, &acked.id, hash)
+                            .expect("change seq")
+                            .is_some_and(|seq| seq > purged)
+                    })
+                })
+                .collect();
+            if kept.is_empty() {
+                continue;
+            }
             let bytes = relay
                 .document_bytes(SPACE, &acked.collection, &acked.id)
                 .expect("relay doc")
@@ -1318,8 +1357,8 @@ impl World {
                     panic!("acknowledged {}/{} missing", acked.collection, acked.id)
                 });
             let mut record = Record::load(&bytes, &automerge::ActorId::random()).expect("loads");
-            for head in &acked.heads {
-                let hash: automerge::ChangeHash = head.parse().expect("hash");
+            for hash in kept {
+                let head = hash.to_string();
                 assert!(
                     record.doc_mut().get_change_by_hash(&hash).is_some(),
                     "acknowledged change {head} of {}/{} is missing",
@@ -1510,6 +1549,24 @@ impl World {
         })
     }
 
+    /// Whether `change` (hex) to a record with id `record` was logged before the record's last
+    /// purge entry, or never logged on a record since purged.
+    fn purged_with_its_record(&self, record: &str, change: &str) -> bool {
+        let relay = &self.relay.as_ref().expect("relay up").store;
+        let hash: automerge::ChangeHash = change.parse().expect("hash");
+        COLLECTIONS.iter().any(|collection| {
+            relay
+                .purged_at(SPACE, collection, record)
+                .expect("purge marker")
+                .is_some_and(|purged| {
+                    relay
+                        .change_seq(SPACE, collection, record, &hash)
+                        .expect("change seq")
+                        .is_none_or(|seq| seq < purged)
+                })
+        })
+    }
+
     /// A conflict someone resolved ends resolved, by one of its resolutions; when devices
     /// resolved it at once and nothing else was written concurrently, their resolutions bring
     /// no new conflict between them.
@@ -1519,9 +1576,17 @@ impl World {
             .map(|c| (c.id.clone(), c))
             .collect();
         for (id, resolvings) in &self.resolutions {
-            let conflict = entries
-                .get(id)
-                .unwrap_or_else(|| panic!("resolved conflict {id} is gone"));
+            let Some(conflict) = entries.get(id) else {
+                // A conflict entry goes with its record's history when the record is purged.
+                assert!(
+                    resolvings
+                        .iter()
+                        .flat_map(|r| &r.changes)
+                        .all(|(record, change)| self.purged_with_its_record(record, change)),
+                    "resolved conflict {id} is gone"
+                );
+                continue;
+            };
             assert_eq!(
                 conflict.status,
                 ConflictStatus::Resolved,
@@ -1829,6 +1894,8 @@ fn at_once(future: impl std::future::Future<Output = bool>) -> bool {
     }
 }
 
+const DAY_MS: u64 = 86_400_000;
+
 /// The relay: its store and accounts, and the web actors HTTP clients write through.
 struct SimRelay {
     store: Arc<RelayStore>,
@@ -1851,6 +1918,7 @@ fn open_relay(
             doc_cache_docs: 3,
             // As the devices': the relay keeps the conflicts they find.
             policies: policies.clone(),
+            clock: Arc::new(clock.clone()),
             ..RelayStoreOptions::default()
         },
     ));

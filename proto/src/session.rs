@@ -21,8 +21,8 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use crate::wire::{
     ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, HEADS_CHECK_VERSION, LogEntry,
     MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, OWN_ENTRIES_LEFT_OUT_VERSION,
-    PIPELINED_DOWNLOAD_VERSION, PROTOCOL_VERSION, RecordName, SNAPSHOT_VERSION, Secret,
-    SnapshotPage, Tokens, UploadChange, auth_transcript,
+    PIPELINED_DOWNLOAD_VERSION, PROTOCOL_VERSION, PURGE_VERSION, RecordName, SNAPSHOT_VERSION,
+    Secret, SnapshotPage, Tokens, UploadChange, auth_transcript,
 };
 
 /// The longest space name the relay accepts, in bytes.
@@ -1578,9 +1578,20 @@ impl RelaySession {
     }
 
     /// The answer to `Store`.
-    pub fn stored(&mut self, batch: u64, results: Vec<ChangeResult>, head: u64) {
+    pub fn stored(&mut self, batch: u64, mut results: Vec<ChangeResult>, head: u64) {
         if self.storing.front() != Some(&batch) {
             return;
+        }
+        if self.version < PURGE_VERSION {
+            // An older device knows no `RecordPurged`: it keeps the change, as for a missing
+            // dependency, until its download meets the purge entry and ends the session.
+            for result in &mut results {
+                if let ChangeOutcome::Rejected { code, .. } = &mut result.outcome
+                    && *code == ErrorCode::RecordPurged
+                {
+                    *code = ErrorCode::MissingDependencies;
+                }
+            }
         }
         self.storing.pop_front();
         self.known_head = self.known_head.max(head);
@@ -1688,6 +1699,18 @@ impl RelaySession {
         // The device's own uploads, answered earlier on this session, are left out: it has them.
         // A push of only those has no entries but is still sent, so that the device's cursor
         // passes them.
+        if self.version < PURGE_VERSION
+            && let Some(purge) = slice.entries.iter().find(|e| e.is_purge())
+        {
+            return self.fail(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "the log purges {}/{} at seq {}, and this device speaks protocol {}, which \
+                     has no purge entries: upgrade it",
+                    purge.collection, purge.record, purge.seq, self.version
+                ),
+            );
+        }
         let mut entries = slice.entries;
         if !self.acked.is_empty() {
             entries.retain(|e| !self.acked.contains(&e.seq));

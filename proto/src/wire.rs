@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The first version with `CheckHeads` / `HeadsDigest`.
 pub const HEADS_CHECK_VERSION: u16 = 3;
 /// The first version in which `Changes` leaves out the entries the relay answered `Stored` or
@@ -19,6 +19,9 @@ pub const SNAPSHOT_VERSION: u16 = 4;
 /// The first version where a `Download` asks for a range, answered whole in one or more
 /// `Changes`, and several may wait for their answers at once (PROTOCOL.md, section 5.3).
 pub const PIPELINED_DOWNLOAD_VERSION: u16 = 4;
+/// The first version whose log may hold purge entries (`LogEntry::is_purge`) and whose uploads
+/// may be answered `Rejected{RecordPurged}` (PROTOCOL.md, section 5.8).
+pub const PURGE_VERSION: u16 = 5;
 /// The oldest protocol version this build still speaks. Version 1 had no accounts or tokens:
 /// a relay that requires them cannot let a version 1 device in.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
@@ -65,8 +68,26 @@ pub struct LogEntry {
     pub seq: u64,
     pub collection: String,
     pub record: String,
+    /// An Automerge change, or nothing for a purge entry.
     #[serde(with = "serde_bytes")]
     pub change: Vec<u8>,
+}
+
+impl LogEntry {
+    /// A purge entry: the record's history ends here (PROTOCOL.md, section 5.8). No Automerge
+    /// change is empty, so an empty `change` tells it apart with the entry's wire shape kept.
+    pub fn purge(seq: u64, collection: String, record: String) -> Self {
+        LogEntry {
+            seq,
+            collection,
+            record,
+            change: Vec::new(),
+        }
+    }
+
+    pub fn is_purge(&self) -> bool {
+        self.change.is_empty()
+    }
 }
 
 /// What the relay did with one uploaded change.
@@ -117,6 +138,10 @@ pub enum ErrorCode {
     TokenExpired,
     /// Too many attempts from this address: wait, then try again.
     RateLimited,
+    /// The change continues a record's history the relay purged (a tombstone past
+    /// `tombstone_days`): the device meets the purge entry in the log and uploads the record as a
+    /// new history instead (PROTOCOL.md, section 5.8).
+    RecordPurged,
 }
 
 impl ErrorCode {
@@ -137,6 +162,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::RecordPurged => "record_purged",
         }
     }
 
@@ -151,6 +177,7 @@ impl ErrorCode {
                 | ErrorCode::Timeout
                 | ErrorCode::TokenExpired
                 | ErrorCode::RateLimited
+                | ErrorCode::RecordPurged
         )
     }
 
@@ -165,7 +192,8 @@ impl ErrorCode {
             | ErrorCode::TooLarge
             | ErrorCode::UnexpectedMessage
             | ErrorCode::InvalidChange
-            | ErrorCode::MissingDependencies => ErrorKind::Validation,
+            | ErrorCode::MissingDependencies
+            | ErrorCode::RecordPurged => ErrorKind::Validation,
             ErrorCode::Overloaded
             | ErrorCode::Internal
             | ErrorCode::ShuttingDown

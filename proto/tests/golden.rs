@@ -27,7 +27,7 @@ const MAX_FRAME_BYTES: usize = 8 << 20;
 
 /// Every error code, in tag order. `error_code_tag` makes adding a variant without a vector a
 /// compile error.
-const ERROR_CODES: [ErrorCode; 14] = [
+const ERROR_CODES: [ErrorCode; 15] = [
     ErrorCode::Malformed,
     ErrorCode::UnsupportedVersion,
     ErrorCode::AuthenticationFailed,
@@ -42,6 +42,7 @@ const ERROR_CODES: [ErrorCode; 14] = [
     ErrorCode::Timeout,
     ErrorCode::TokenExpired,
     ErrorCode::RateLimited,
+    ErrorCode::RecordPurged,
 ];
 
 fn error_code_tag(code: ErrorCode) -> u8 {
@@ -60,6 +61,7 @@ fn error_code_tag(code: ErrorCode) -> u8 {
         ErrorCode::Timeout => 11,
         ErrorCode::TokenExpired => 12,
         ErrorCode::RateLimited => 13,
+        ErrorCode::RecordPurged => 14,
     }
 }
 

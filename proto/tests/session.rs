@@ -171,8 +171,8 @@ impl Pair {
         Pair::with_credential(key, cursor, Credential::Key, None)
     }
 
-    /// Hands the relay the device's `Hello` as a build that speaks up to version 3 sends it.
-    fn hello_as_version_3(&mut self) {
+    /// Hands the relay the device's `Hello` as a build that speaks up to `max_version` sends it.
+    fn hello_as_version(&mut self, max_version: u16) {
         let Some(Output::Transmit(Message::Hello {
             min_version,
             public_key,
@@ -185,7 +185,7 @@ impl Pair {
         };
         let hello = Message::Hello {
             min_version,
-            max_version: 3,
+            max_version,
             public_key,
             space,
             time_ms,
@@ -671,7 +671,7 @@ fn a_device_behind_the_horizon_is_answered_compacted_and_bootstraps_keeping_its_
     world.append("other", &(1..=3).map(change).collect::<Vec<_>>());
     world.horizon = 2;
     let mut pair = Pair::new([25; 32], 1);
-    pair.hello_as_version_3();
+    pair.hello_as_version(3);
     pair.run(&mut world);
     match closed_with(&pair.device_events) {
         Some(SessionError::Remote { code, message }) => {
@@ -1701,6 +1701,43 @@ fn own_uploads_are_left_out_only_for_the_session_that_uploaded_them() {
     assert_eq!((seqs, world.own.len(), world.cursor), (vec![2, 3], 0, 3));
 }
 
+/// A purge entry (an entry with no change) reaches a device of version 5 like any entry, in log
+/// order; a version 4 device, which would take it for a change, is told to upgrade instead.
+#[test]
+fn a_purge_entry_is_sent_from_version_5_and_ends_a_version_4_session() {
+    let log = |world: &mut World| {
+        let mut purge = change(2);
+        purge.record = "r1".into();
+        purge.change.clear();
+        world.append("other", &[change(1), purge, change(3)]);
+    };
+    let mut world = World::default();
+    log(&mut world);
+    let mut pair = Pair::new([26; 32], 1);
+    pair.run(&mut world);
+    assert!(closed_with(&pair.device_events).is_none());
+    let applied: Vec<(u64, bool)> = world
+        .applied
+        .iter()
+        .map(|e| (e.seq, e.is_purge()))
+        .collect();
+    assert_eq!((applied, world.cursor), (vec![(2, true), (3, false)], 3));
+
+    let mut world = World::default();
+    log(&mut world);
+    let mut pair = Pair::new([27; 32], 1);
+    pair.hello_as_version(4);
+    pair.run(&mut world);
+    match closed_with(&pair.device_events) {
+        Some(SessionError::Remote { code, message }) => {
+            assert_eq!(*code, ErrorCode::UnsupportedVersion);
+            assert!(message.contains("upgrade"), "{message}");
+        }
+        other => panic!("a version 4 device meeting a purge entry is refused: {other:?}"),
+    }
+    assert_eq!(world.applied, []);
+}
+
 #[test]
 fn a_version_3_device_gets_its_own_uploads_whole() {
     let mut world = World {
@@ -1708,7 +1745,7 @@ fn a_version_3_device_gets_its_own_uploads_whole() {
         ..World::default()
     };
     let mut pair = Pair::new([6; 32], 0);
-    pair.hello_as_version_3();
+    pair.hello_as_version(3);
     pair.run(&mut world);
     assert!(
         pair.device_events

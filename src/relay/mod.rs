@@ -142,6 +142,7 @@ pub async fn run(
             doc_cache_docs: relay.cache_docs,
             limits: config.limits,
             policies: config.policies(),
+            clock: clock.clone(),
             ..RelayStoreOptions::default()
         },
     ));
@@ -278,6 +279,7 @@ pub async fn run(
                 keep_log_days: relay.keep_log_days,
                 keep_log_entries: relay.keep_log_entries,
             },
+            tombstone_days: relay.tombstone_days,
         },
         Duration::from_secs(relay.compact_interval_secs.max(1)),
         stopped.clone(),
@@ -361,6 +363,7 @@ struct Compactor {
     alerts: Arc<alerts::RelayAlerts>,
     clock: Arc<dyn Clock>,
     retention: LogRetention,
+    tombstone_days: u64,
 }
 
 impl Compactor {
@@ -379,6 +382,16 @@ impl Compactor {
                 return;
             }
             let started = std::time::Instant::now();
+            // Before compaction, so that the purged records' entries can go in the same pass.
+            match self
+                .store
+                .purge_tombstones(&space, self.clock.now_ms(), self.tombstone_days)
+            {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(space, purged, "deleted records purged"),
+                Err(e) => tracing::error!(space, error = %e,
+                    "cannot purge the account's deleted records; the next pass tries again"),
+            }
             match self
                 .store
                 .compact_log(&space, self.clock.now_ms(), self.retention)
@@ -419,14 +432,15 @@ impl Compactor {
     }
 }
 
-/// Compacts every account's log now and every `every` (see `relay.keep_log_days`), until
-/// `shutdown`. Does nothing when no retention is set.
+/// Compacts every account's log and purges its old tombstones now and every `every` (see
+/// `relay.keep_log_days`, `relay.tombstone_days`), until `shutdown`. Does nothing when neither
+/// is set.
 async fn compact_logs(
     compactor: Compactor,
     every: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    if compactor.retention == LogRetention::default() {
+    if compactor.retention == LogRetention::default() && compactor.tombstone_days == 0 {
         return;
     }
     let compactor = Arc::new(compactor);

@@ -36,11 +36,12 @@
 //! Must not touch: the network, sessions or authentication (the caller has decided that `origin`
 //! may write to `space`), the device's store, and storage keys or engines.
 
-use crate::record::{Fields, Record, RecordError, chunk_hash, decode_change};
+use crate::clock::{Clock, SystemClock};
+use crate::record::{Fields, PlainFirst, Record, RecordError, chunk_hash, decode_change};
 use crate::relay::recent::RecentLogs;
 use crate::relay::storage::{
     Append, Compaction, LogCompaction, LogStorage, LoggedChange, RecordKey, StorageError,
-    UniqueValue,
+    Tombstone, UniqueValue,
 };
 use crate::resolve::ledger::{
     ConflictState, Counter, EncodeError, HeldValues, Holders, Ledger, UniqueCheck,
@@ -96,7 +97,7 @@ pub enum RelayStoreError {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RelayStoreOptions {
     /// How many documents stay loaded in memory.
     pub doc_cache_docs: usize,
@@ -107,6 +108,8 @@ pub struct RelayStoreOptions {
     /// delete rule detection classifies under, and the unique constraints checked as changes
     /// are logged.
     pub policies: Policies,
+    /// What a change that leaves its record deleted is timed by, for `tombstone_days`.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for RelayStoreOptions {
@@ -116,7 +119,19 @@ impl Default for RelayStoreOptions {
             compact_after: 32,
             limits: Limits::default(),
             policies: Policies::default(),
+            clock: Arc::new(SystemClock),
         }
+    }
+}
+
+impl std::fmt::Debug for RelayStoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayStoreOptions")
+            .field("doc_cache_docs", &self.doc_cache_docs)
+            .field("compact_after", &self.compact_after)
+            .field("limits", &self.limits)
+            .field("policies", &self.policies)
+            .finish_non_exhaustive()
     }
 }
 
@@ -140,6 +155,9 @@ const DAY_MS: u64 = 86_400_000;
 
 /// Records whose bases one compaction step saves.
 const BASES_PER_STEP: usize = 256;
+
+/// Tombstone notes one purge step looks at.
+const PURGES_PER_STEP: usize = 256;
 
 /// What one compaction of a space did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -447,18 +465,52 @@ impl RelayStore {
             // A new record's first change is its base, as it is: no tail needed. It has no
             // dependencies (none can be held yet), so it meets nothing. Its document is not
             // kept: loading it again from its base costs no more than keeping it would.
+            if (change.seq() != 1 || !change.deps().is_empty())
+                && let Some(purged) = self.storage.purged_at(space, collection, record)?
+            {
+                return Ok(record_purged(collection, record, purged));
+            }
             if change.seq() != 1 {
                 let reason = sequence_refusal(collection, record, change.seq(), 0);
                 return refuse(staging, reason);
             }
+            let deleted = PlainFirst::of(&change).is_some_and(|first| first.deleted);
+            let restored = resolve::is_restoration(change.message()).then(|| change.clone());
             if let Err(e) = Record::check_first(change) {
                 return refuse(staging, refused_for(e));
             }
+            // A purged record written again: its first change brings the conflict every device
+            // finds when it meets it.
+            let detection = match restored {
+                Some(change) => {
+                    let mut doc = Record::new(&self.actor);
+                    if let Err(e) = doc.apply_reloadable(vec![change.clone()]) {
+                        return refuse(staging, refused_for(e));
+                    }
+                    let at = LogPosition {
+                        seq,
+                        collection,
+                        record,
+                    };
+                    detection(&mut doc, &change, &[], at, self.policy(collection))
+                }
+                None => None,
+            };
             staging
                 .append
                 .created
                 .insert(record_key.clone(), upload.change.clone());
             staging.tails.insert(record_key.clone(), Vec::new());
+            if let Some(detection) = detection {
+                let state = SpaceConflicts {
+                    storage: self.storage.as_ref(),
+                    space,
+                };
+                staging.ledger.meet(&state, detection)?;
+            }
+            if deleted {
+                self.note_tombstone(seq, &record_key, vec![hash], staging);
+            }
             log(origin, upload, seq, hash, staging);
             self.check_unique(space, seq, &record_key, stamp, staging)?;
             return Ok(ChangeOutcome::Stored { seq });
@@ -474,6 +526,9 @@ impl RelayStore {
         };
         if change.seq() != last + 1 {
             staging.docs.insert(record_key, doc);
+            if let Some(purged) = self.purged_dependency(space, collection, record, &change)? {
+                return Ok(record_purged(collection, record, purged));
+            }
             let reason = sequence_refusal(collection, record, change.seq(), last);
             return refuse(staging, reason);
         }
@@ -486,9 +541,16 @@ impl RelayStore {
             if !e.needs_reload() {
                 staging.docs.insert(record_key, doc);
             }
+            if let Some(purged) = self.purged_dependency(space, collection, record, &change)? {
+                return Ok(record_purged(collection, record, purged));
+            }
             return refuse(staging, refused_for(e));
         }
         let met = self.meet(space, seq, &record_key, &change, before, &mut doc, staging);
+        if doc.is_deleted() {
+            let heads = doc.heads().iter().map(|h| h.0).collect();
+            self.note_tombstone(seq, &record_key, heads, staging);
+        }
         staging.docs.insert(record_key.clone(), doc);
         met?;
         log(origin, upload, seq, hash, staging);
@@ -498,6 +560,51 @@ impl RelayStore {
         }
         self.check_unique(space, seq, &record_key, stamp, staging)?;
         Ok(ChangeOutcome::Stored { seq })
+    }
+
+    fn policy(&self, collection: &str) -> &Policy {
+        self.options.policies.of(collection)
+    }
+
+    /// Notes that the change at `seq` left the record deleted, for `purge_tombstones`.
+    fn note_tombstone(
+        &self,
+        seq: u64,
+        (collection, record): &RecordKey,
+        heads: Vec<[u8; 32]>,
+        staging: &mut Staging,
+    ) {
+        staging.append.tombstones.push(Tombstone {
+            seq,
+            collection: collection.clone(),
+            record: record.clone(),
+            heads,
+            time_ms: self.options.clock.now_ms(),
+        });
+    }
+
+    /// The seq of the purge entry that ended the history `change` builds on, when it builds on
+    /// one: a dependency logged at or before the record's last purge entry.
+    fn purged_dependency(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+        change: &Change,
+    ) -> Result<Option<u64>, RelayStoreError> {
+        let Some(purged) = self.storage.purged_at(space, collection, record)? else {
+            return Ok(None);
+        };
+        for dep in change.deps() {
+            if self
+                .storage
+                .change_seq(space, collection, record, &dep.0)?
+                .is_some_and(|seq| seq < purged)
+            {
+                return Ok(Some(purged));
+            }
+        }
+        Ok(None)
     }
 
     /// For a collection with unique constraints: moves the record's values in the relay's
@@ -680,6 +787,12 @@ impl RelayStore {
     /// (a log written before every change was validated), is left out, as devices leave it out.
     fn replay(&self, replay: &mut Replay, entry: LogEntry) -> Result<(), RelayStoreError> {
         let key = (entry.collection, entry.record);
+        if entry.change.is_empty() {
+            // A purge entry: the record's next change starts a new history.
+            replay.docs.remove(&key);
+            replay.unreadable.remove(&key);
+            return Ok(());
+        }
         if replay.unreadable.contains(&key) {
             return Ok(());
         }
@@ -1168,6 +1281,120 @@ impl RelayStore {
         }))
     }
 
+    /// Purges the space's tombstones older than `tombstone_days` at `now_ms` (the relay's clock;
+    /// 0 days: never), PROTOCOL.md section 5.8: each record whose last logged change left it
+    /// deleted, as its collection's policy shows it, at least that long ago gets a purge entry in
+    /// the log, and its document, tail, logged heads, unique values and conflict entries go,
+    /// a purge marker kept. Notes of records changed since are dropped. Appends to the space wait
+    /// only while a step of a few hundred notes is staged. Returns how many records were purged.
+    pub fn purge_tombstones(
+        &self,
+        space: &str,
+        now_ms: u64,
+        tombstone_days: u64,
+    ) -> Result<usize, RelayStoreError> {
+        let state = self.space(space)?;
+        if tombstone_days == 0 {
+            return Ok(0);
+        }
+        let cutoff = now_ms.saturating_sub(tombstone_days.saturating_mul(DAY_MS));
+        let mut purged = 0usize;
+        loop {
+            let _appends = lock(&state);
+            let notes = self.storage.tombstones(space, PURGES_PER_STEP)?;
+            let mut more = notes.len() >= PURGES_PER_STEP;
+            let mut append = Append::new(self.storage.head(space)?);
+            for note in notes {
+                // Notes are in log order, and so, but for a clock set back, in time order.
+                if note.time_ms > cutoff {
+                    more = false;
+                    break;
+                }
+                append.tombstones_done.push(note.seq);
+                let (collection, record) = (note.collection.as_str(), note.record.as_str());
+                let key = (note.collection.clone(), note.record.clone());
+                if append.purged.iter().any(|(k, _)| *k == key)
+                    || !self.storage.has_base(space, collection, record)?
+                {
+                    continue;
+                }
+                let mut heads = self.logged_heads(space, collection, record)?;
+                heads.sort_unstable();
+                let mut noted = note.heads.clone();
+                noted.sort_unstable();
+                if heads != noted {
+                    continue;
+                }
+                let policy = self.policy(collection);
+                let deleted = self
+                    .cached_doc(space, collection, record, |doc| {
+                        resolve::is_deleted(doc, policy)
+                    })?
+                    .unwrap_or(false);
+                if !deleted {
+                    continue;
+                }
+                append.purged.push((key, append.next_seq()));
+                append.entries.push(LoggedChange {
+                    collection: note.collection,
+                    record: note.record,
+                    origin: String::new(),
+                    hash: [0; 32],
+                    change: Vec::new(),
+                });
+            }
+            if append.is_empty() {
+                return Ok(purged);
+            }
+            let committed: Vec<LogEntry> = append
+                .purged
+                .iter()
+                .map(|((collection, record), seq)| {
+                    LogEntry::purge(*seq, collection.clone(), record.clone())
+                })
+                .collect();
+            let dropped: Vec<RecordKey> = append.purged.iter().map(|(k, _)| k.clone()).collect();
+            self.storage.append(space, append)?;
+            purged = purged.saturating_add(committed.len());
+            if !committed.is_empty() {
+                self.recent.committed(space, committed);
+            }
+            let mut cache = lock(&self.cache);
+            for (collection, record) in dropped {
+                cache.pop(&(space.to_owned(), collection, record));
+            }
+            drop(cache);
+            if !more {
+                return Ok(purged);
+            }
+        }
+    }
+
+    /// The seq of the purge entry that last ended the record's history, if one did.
+    pub fn purged_at(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<u64>, RelayStoreError> {
+        check_space(space)?;
+        Ok(self.storage.purged_at(space, collection, record)?)
+    }
+
+    /// The seq the record's change `hash` was logged at, if it was.
+    pub fn change_seq(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+        hash: &ChangeHash,
+    ) -> Result<Option<u64>, RelayStoreError> {
+        check_space(space)?;
+        Ok(self
+            .storage
+            .change_seq(space, collection, record, &hash.0)?)
+    }
+
     /// Saves as their bases the documents of the records whose tails name entries at or below
     /// `seq`, a step at a time under the space's lock; returns how many.
     fn save_bases_through(&self, space: &str, seq: u64) -> Result<usize, RelayStoreError> {
@@ -1241,7 +1468,11 @@ impl RelayStore {
         };
         let state = self.space(space)?;
         let appends = lock(&state);
-        let logged = self.storage.record_changes(space, collection, record)?;
+        let mut logged = self.storage.record_changes(space, collection, record)?;
+        // A purged history's changes stay in the index (as duplicates) but are not the record's.
+        if let Some(purged) = self.storage.purged_at(space, collection, record)? {
+            logged.retain(|&(_, seq)| seq > purged);
+        }
         let (Some(&(_, first_seq)), Some(&(_, last_seq))) = (logged.first(), logged.last()) else {
             return Err(RelayStoreError::NoSuchRecord {
                 collection: collection.to_owned(),
@@ -1648,7 +1879,8 @@ fn detection(
 ) -> Option<resolve::Detection> {
     let deps: BTreeSet<&ChangeHash> = change.deps().iter().collect();
     let fast_forward = deps == before.iter().collect::<BTreeSet<_>>();
-    if fast_forward && resolve::resolution_of(change.message()).is_none() {
+    let restoration = before.is_empty() && resolve::is_restoration(change.message());
+    if fast_forward && resolve::resolution_of(change.message()).is_none() && !restoration {
         return None;
     }
     Some(resolve::detect(
@@ -1658,6 +1890,18 @@ fn detection(
         at,
         policy,
     ))
+}
+
+/// The answer to a change built on a history the relay purged at seq `purged`.
+fn record_purged(collection: &str, record: &str, purged: u64) -> ChangeOutcome {
+    ChangeOutcome::Rejected {
+        code: ErrorCode::RecordPurged,
+        message: format!(
+            "{collection}/{record} was deleted and purged at seq {purged}, and the change builds \
+             on its purged history: download the log, whose purge entry has the device write the \
+             record again as a new history"
+        ),
+    }
 }
 
 /// A record's side in a unique clash: as its document (every logged change) shows it.

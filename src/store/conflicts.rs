@@ -14,7 +14,9 @@
 use super::kv::Batch;
 use super::{CacheKey, CountDelta, Staged, Store, StoreError, WorkingSet, keys, validate_fields};
 use crate::record::{ChangeHeader, Fields, Record, Written, resolution_message};
-use crate::resolve::ledger::{self, ConflictState, HeldValues, Holders, UniqueCheck, ValueKey};
+use crate::resolve::ledger::{
+    self, ConflictState, Counter, HeldValues, Holders, UniqueCheck, ValueKey,
+};
 use crate::resolve::{self, Conflict, ConflictKind, ConflictStatus, LogPosition, Resolution, Take};
 use automerge::ChangeHash;
 use ferry_proto::Limits;
@@ -51,6 +53,8 @@ pub(super) struct Ledger {
     pub logged: Logged,
     /// Conflict entries, the unique index and the counters.
     pub conflicts: ledger::Ledger,
+    /// What purged conflict entries had added to the counters, taken off them.
+    forgotten: BTreeMap<(Counter, ConflictKind, String), u64>,
 }
 
 /// Records' logged heads as an apply moves them.
@@ -395,6 +399,119 @@ impl Store {
         Ok(ledger.logged.heads.contains_key(key) || self.logged_state(key)?.is_some())
     }
 
+    /// The heads of the record's changes this device saw logged: its `h` key's, or, without one,
+    /// its document's.
+    pub(super) fn logged_heads_of(
+        &self,
+        key: &CacheKey,
+        record: &mut Record,
+    ) -> Result<Vec<ChangeHash>, StoreError> {
+        Ok(match self.logged_state(key)? {
+            Some(state) => state.logged(),
+            None => record.heads(),
+        })
+    }
+
+    /// Whether the record has an `h` key, and the logged heads it names are none: every change
+    /// this device holds of it is its own, never logged.
+    pub(super) fn never_logged(&self, key: &CacheKey) -> Result<Option<bool>, StoreError> {
+        Ok(self.logged_state(key)?.map(|state| state.logged.is_empty()))
+    }
+
+    /// Whether `record` holds local changes the relay has not logged: changes beyond its logged
+    /// heads and `logged_now` (changes met in the log since those were stored).
+    pub(super) fn holds_unlogged(
+        &self,
+        key: &CacheKey,
+        record: &mut Record,
+        logged_now: &[ChangeHash],
+    ) -> Result<bool, StoreError> {
+        let Some(state) = self.logged_state(key)? else {
+            return Ok(false);
+        };
+        let mut have = state.logged();
+        have.extend_from_slice(logged_now);
+        have.retain(|h| record.has_change(h));
+        Ok(!record.changes_after(&have)?.is_empty())
+    }
+
+    /// A record whose history a purge entry ended (PROTOCOL.md, section 5.8): nothing of it is
+    /// logged any more, and its document now holds `document` (a restoration of this device's,
+    /// not logged yet, or nothing).
+    pub(super) fn purge_logged(ledger: &mut Ledger, key: &CacheKey, document: Vec<ChangeHash>) {
+        ledger.logged.heads.insert(key.clone(), Vec::new());
+        ledger.logged.documents.insert(key.clone(), document);
+        // So that `finish_ledger` removes an `h` key the record no longer needs.
+        ledger.logged.unlogged.insert(key.clone());
+    }
+
+    /// Stages the removal of the conflict entries of purged records (each with the seq of its
+    /// purge entry) found before that seq, with their indexes. Returns how many of them were
+    /// open, to count once the batch has landed.
+    pub(super) fn purge_conflicts(
+        &self,
+        purged: &HashMap<CacheKey, u64>,
+        ledger: &mut Ledger,
+        batch: &mut Batch,
+    ) -> Result<u64, StoreError> {
+        let mut open = 0;
+        let mut start = keys::CONFLICT.to_vec();
+        let end = keys::prefix_end(keys::CONFLICT);
+        loop {
+            let page = self.kv.range(&start, &end, 256)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(open);
+            };
+            start = keys::after(last);
+            for (key, bytes) in page {
+                let conflict: Conflict =
+                    serde_json::from_slice(&bytes).map_err(|e| StoreError::Decode {
+                        what: "conflict entry",
+                        detail: e.to_string(),
+                    })?;
+                let record = (conflict.collection.clone(), conflict.record.clone());
+                if purged.get(&record).is_none_or(|&seq| conflict.seq > seq) {
+                    continue;
+                }
+                // Counted as found, queued or settled, and resolved: taken off again, so that
+                // the counters are those of the entries held, as on a device that bootstraps
+                // from a snapshot after the purge.
+                let settled = if conflict.status == ConflictStatus::AutoResolved {
+                    Counter::AutoResolved
+                } else {
+                    Counter::Queued
+                };
+                let mut counted = vec![Counter::Detected, settled];
+                if conflict.status == ConflictStatus::Resolved {
+                    counted.push(Counter::ResolvedManually);
+                }
+                for counter in counted {
+                    *ledger
+                        .forgotten
+                        .entry((counter, conflict.kind, conflict.collection.clone()))
+                        .or_default() += 1;
+                }
+                let id = &conflict.id;
+                if conflict.status == ConflictStatus::Open {
+                    open += 1;
+                    batch.remove(keys::conflict_open(id));
+                    let mut flag = keys::record_conflicts(&conflict.collection, &conflict.record);
+                    flag.extend_from_slice(id.as_bytes());
+                    batch.remove(flag);
+                }
+                if let Some(change) = conflict.client.changes.first() {
+                    batch.remove(keys::change_conflict(change));
+                }
+                batch.remove(key);
+            }
+        }
+    }
+
+    /// Counts open conflict entries a purge removed, once its batch has landed.
+    pub(super) fn count_purged_open(&self, open: u64) {
+        self.open_conflicts.fetch_sub(open, Ordering::SeqCst);
+    }
+
     /// A record this device held nothing of, created by `hash` as its only change: its place in
     /// the log is what detection would have recorded (a change on nothing meets nothing).
     pub(super) fn log_created(ledger: &mut Ledger, key: &CacheKey, hash: ChangeHash) {
@@ -415,7 +532,9 @@ impl Store {
         changes: &[(E, ChangeHeader)],
     ) -> Result<bool, StoreError> {
         let own = changes.iter().all(|(_, c)| {
-            c.actor == self.actor && resolve::resolution_of(c.message.as_deref()).is_none()
+            c.actor == self.actor
+                && resolve::resolution_of(c.message.as_deref()).is_none()
+                && !resolve::is_restoration(c.message.as_deref())
         });
         if !own || ledger.logged.heads.contains_key(key) {
             return Ok(false);
@@ -558,14 +677,25 @@ impl Store {
                 batch.put(key, to_json(holders, "unique value holders")?);
             }
         }
+        let mut moves: BTreeMap<(Counter, ConflictKind, &str), (u64, u64)> = BTreeMap::new();
         for (counter, kind, collection, add) in conflicts.counters() {
+            moves.entry((counter, kind, collection)).or_default().0 += add;
+        }
+        for ((counter, kind, collection), taken) in &ledger.forgotten {
+            moves.entry((*counter, *kind, collection)).or_default().1 += taken;
+        }
+        for ((counter, kind, collection), (add, taken)) in moves {
             let key = keys::conflict_counter(counter.as_str(), kind.as_str(), collection);
             let now = self
                 .kv
                 .get(&key)?
                 .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
                 .map_or(0, u64::from_be_bytes);
-            batch.put(key, (now + add).to_be_bytes().to_vec());
+            match now.saturating_add(add).saturating_sub(taken) {
+                // A counter purges took back to nothing is not kept: no row of zeros.
+                0 => batch.remove(key),
+                value => batch.put(key, value.to_be_bytes().to_vec()),
+            }
         }
         Ok(())
     }

@@ -12,7 +12,7 @@
 
 use super::sync::{RELAY_CURSOR, RemoteApplied};
 use super::{CacheKey, Store, StoreError, keys};
-use crate::record::Record;
+use crate::record::{Record, change_header};
 use crate::resolve::{self, Conflict};
 use automerge::ChangeHash;
 use ferry_proto::Operation;
@@ -67,6 +67,23 @@ impl SnapshotPages {
     }
 }
 
+/// What a snapshot page's records purged: the records (each with the seq up to which its
+/// conflict entries went with its history), the restorations queued, and their documents.
+/// Per record: the changes of this device's the relay acknowledged, and whether one waits.
+type OwnUploads = std::collections::HashMap<CacheKey, (Vec<ChangeHash>, bool)>;
+
+#[derive(Default)]
+struct Purge {
+    /// This device's uploads, read when a record none of whose changes it met in the log needs
+    /// them: what the relay acknowledged of it is what it logged.
+    own: Option<OwnUploads>,
+    records: std::collections::HashMap<CacheKey, u64>,
+    restored: usize,
+    restored_docs: Vec<(CacheKey, Record)>,
+    documents: std::collections::HashMap<CacheKey, Vec<ChangeHash>>,
+    delta: super::CountDelta,
+}
+
 /// What one snapshot page did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SnapshotOutcome {
@@ -77,6 +94,9 @@ pub struct SnapshotOutcome {
     /// The last page is in: the log is read from `cursor` on.
     pub complete: bool,
     pub cursor: u64,
+    /// Purged records this device had edits to that the relay never logged, written again as
+    /// new histories: local changes, waiting to be uploaded.
+    pub restored: usize,
 }
 
 impl Store {
@@ -127,9 +147,22 @@ impl Store {
         let mut ledger = Ledger::default();
         let mut applied = Vec::with_capacity(page.records.len());
         let mut taken: Vec<(CacheKey, Record)> = Vec::with_capacity(page.records.len());
+        let mut purge = Purge::default();
+        self.purge_unlisted(
+            page,
+            state.resume_after(),
+            &mut cache,
+            &mut purge,
+            &mut batch,
+        )?;
+        for (key, record) in purge.restored_docs.drain(..) {
+            taken.push((key, record));
+        }
         for record in &page.records {
             let key = (record.collection.clone(), record.record.clone());
-            let (mut doc, changed, existed) = self.merge_snapshot(&key, record, &mut ledger)?;
+            cache.pop(&key);
+            let (mut doc, changed, existed) =
+                self.merge_snapshot(&key, record, &mut ledger, &mut purge, &mut batch)?;
             if changed {
                 let policy = self.policy(&key.0);
                 let deleted = resolve::is_deleted(&mut doc, policy);
@@ -176,13 +209,32 @@ impl Store {
                 super::encode(&state, "snapshot pages")?,
             );
         }
+        for key in purge.records.keys() {
+            let listed = page
+                .records
+                .iter()
+                .any(|r| r.collection == key.0 && r.record == key.1);
+            if !listed {
+                let document = purge.documents.get(key).cloned().unwrap_or_default();
+                Store::purge_logged(&mut ledger, key, document);
+            }
+        }
+        let purged_open = if purge.records.is_empty() {
+            0
+        } else {
+            self.purge_conflicts(&purge.records, &mut ledger, &mut batch)?
+        };
         self.finish_ledger(&ledger, &mut batch)?;
         for change in &mut applied {
             change.stage_feed(self, &mut batch)?;
         }
-        self.kv.apply(batch)?;
+        // Under the queue lock: a restoration queues a change.
+        let mut queue = self.lock_queue();
+        self.apply_queue_batch(&mut queue, batch, purge.delta)?;
+        drop(queue);
         self.feed_landed(applied.iter().map(|a| a.seq));
         self.count_open(&ledger);
+        self.count_purged_open(purged_open);
         for (key, doc) in taken {
             cache.put(key, doc);
         }
@@ -191,7 +243,138 @@ impl Store {
             conflicts: ledger.conflicts.into_changed(),
             complete: page.complete,
             cursor,
+            restored: purge.restored,
         })
+    }
+
+    /// Per record with queue entries: the changes the relay acknowledged logging, and whether
+    /// one waits to be uploaded (or failed).
+    fn own_uploads(&self) -> Result<OwnUploads, StoreError> {
+        let mut own = OwnUploads::new();
+        let mut failed = None;
+        self.scan_queue(None, |entry| {
+            let done = entry.status == ferry_proto::QueueStatus::Completed;
+            let key = (entry.model_name.clone(), entry.object_id.clone());
+            if done {
+                match self
+                    .with_change(entry)
+                    .and_then(|e| Ok(change_header(&e.data)?.hash))
+                {
+                    Ok(hash) => own.entry(key).or_default().0.push(hash),
+                    Err(e) => {
+                        failed = Some(e);
+                        return false;
+                    }
+                }
+            } else {
+                own.entry(key).or_default().1 = true;
+            }
+            true
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(own),
+        }
+    }
+
+    /// The records this device holds in the page's key range (after `from`, through its last,
+    /// or to the end for the last page) that the page does not list although the relay once
+    /// logged them: the relay purged them, and compacted its log past the purge entry this
+    /// device would otherwise have met (PROTOCOL.md, section 5.8). Each goes as a purge entry
+    /// takes it, or comes back as a new history if this device held edits the relay never
+    /// logged. A record none of whose changes was ever logged is this device's own, and stays.
+    fn purge_unlisted(
+        &self,
+        page: &SnapshotPage,
+        from: Option<RecordName>,
+        cache: &mut lru::LruCache<CacheKey, Record>,
+        purge: &mut Purge,
+        batch: &mut Batch,
+    ) -> Result<(), StoreError> {
+        let mut start = match &from {
+            Some(name) => keys::after(&keys::doc(&name.collection, &name.record)),
+            None => keys::DOC_ALL.to_vec(),
+        };
+        let end = match (&page.last, page.complete) {
+            (Some(last), false) => keys::after(&keys::doc(&last.collection, &last.record)),
+            _ => keys::prefix_end(keys::DOC_ALL),
+        };
+        let listed: std::collections::HashSet<(&str, &str)> = page
+            .records
+            .iter()
+            .map(|r| (r.collection.as_str(), r.record.as_str()))
+            .collect();
+        let now = self.clock.now_ms();
+        loop {
+            let rows = self.kv.range(&start, &end, 256)?;
+            let Some((last, _)) = rows.last() else {
+                return Ok(());
+            };
+            start = keys::after(last);
+            for (k, bytes) in rows {
+                let mut parts = k
+                    .get(keys::DOC_ALL.len()..)
+                    .unwrap_or_default()
+                    .split(|&b| b == 0);
+                let (Some(collection), Some(id)) = (parts.next(), parts.next()) else {
+                    continue;
+                };
+                let key = (
+                    String::from_utf8_lossy(collection).into_owned(),
+                    String::from_utf8_lossy(id).into_owned(),
+                );
+                if listed.contains(&(key.0.as_str(), key.1.as_str())) {
+                    continue;
+                }
+                let old = self.parse(&key.0, &bytes)?;
+                let mut fresh = self.new_record(&key.0);
+                let restored = if self.never_logged(&key)? == Some(true) {
+                    if purge.own.is_none() {
+                        purge.own = Some(self.own_uploads()?);
+                    }
+                    let (acknowledged, waiting) = purge
+                        .own
+                        .as_ref()
+                        .and_then(|own| own.get(&key))
+                        .map(|(acked, waiting)| (!acked.is_empty(), *waiting))
+                        .unwrap_or_default();
+                    if !acknowledged {
+                        // The relay never logged any of it: this device's own new record.
+                        continue;
+                    }
+                    waiting
+                        && self.write_restoration(
+                            &key,
+                            old,
+                            &mut fresh,
+                            now,
+                            batch,
+                            &mut purge.delta,
+                        )?
+                } else {
+                    self.restore_purged(
+                        &key,
+                        old,
+                        Vec::new(),
+                        &mut fresh,
+                        now,
+                        batch,
+                        &mut purge.delta,
+                    )?
+                };
+                cache.pop(&key);
+                if restored {
+                    let document = fresh.heads();
+                    purge.restored += 1;
+                    purge.records.insert(key.clone(), u64::MAX);
+                    purge.restored_docs.push((key.clone(), fresh));
+                    purge.documents.insert(key, document);
+                } else {
+                    batch.remove(k);
+                    purge.records.insert(key, u64::MAX);
+                }
+            }
+        }
     }
 
     /// The record with the page's document merged in, whether that changed what this device
@@ -202,6 +385,8 @@ impl Store {
         key: &CacheKey,
         record: &SnapshotRecord,
         ledger: &mut Ledger,
+        purge: &mut Purge,
+        batch: &mut Batch,
     ) -> Result<(Record, bool, bool), StoreError> {
         validate_collection(&key.0, &self.options.limits)?;
         validate_record_id(&key.1, &self.options.limits)?;
@@ -221,7 +406,68 @@ impl Store {
             )));
         }
         let logged: Vec<ChangeHash> = snapshot.heads();
-        let (mut doc, changed, existed) = match self.load(&key.0, &key.1)? {
+        let mut local = self.load(&key.0, &key.1)?;
+        if let Some(held) = local.as_mut() {
+            let never_logged = self.never_logged(key)? == Some(true);
+            let seen = if never_logged {
+                // None of its changes met in the log yet: those the relay acknowledged are
+                // logged all the same.
+                if purge.own.is_none() {
+                    purge.own = Some(self.own_uploads()?);
+                }
+                purge
+                    .own
+                    .as_ref()
+                    .and_then(|own| own.get(key))
+                    .map(|(acked, _)| acked.clone())
+                    .unwrap_or_default()
+            } else {
+                self.logged_heads_of(key, held)?
+            };
+            if !seen.iter().all(|h| snapshot.has_change(h)) {
+                // The relay no longer holds what this device saw logged: it purged the record,
+                // which was written again since (PROTOCOL.md, section 5.8). Its conflict
+                // entries before the new history's go with the old history.
+                let first = conflicts.iter().map(|c| c.seq).min();
+                let before = first.map_or(u64::MAX, |seq| seq.saturating_sub(1));
+                purge.records.insert(key.clone(), before);
+                let mut fresh = self.new_record(&key.0);
+                let now = self.clock.now_ms();
+                let waiting = purge
+                    .own
+                    .as_ref()
+                    .and_then(|own| own.get(key))
+                    .is_some_and(|(_, waiting)| *waiting);
+                let restored = match local.take() {
+                    Some(old) if never_logged => {
+                        waiting
+                            && self.write_restoration(
+                                key,
+                                old,
+                                &mut fresh,
+                                now,
+                                batch,
+                                &mut purge.delta,
+                            )?
+                    }
+                    Some(old) => self.restore_purged(
+                        key,
+                        old,
+                        Vec::new(),
+                        &mut fresh,
+                        now,
+                        batch,
+                        &mut purge.delta,
+                    )?,
+                    None => false,
+                };
+                if restored {
+                    purge.restored += 1;
+                    local = Some(fresh);
+                }
+            }
+        }
+        let (mut doc, changed, existed) = match local {
             None => (snapshot, true, false),
             Some(mut local) => {
                 let have = local.heads();

@@ -18,9 +18,9 @@ use super::{
 };
 use crate::record::{ChangeHeader, PlainFirst, Record, change_header, decode_change};
 use crate::resolve;
-use automerge::Change;
+use automerge::{Change, ChangeHash};
 use ferry_proto::session::OwnEntry;
-use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorKind, LogEntry};
+use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode, ErrorKind, LogEntry};
 use ferry_proto::{
     Operation, QueueStatus, SyncQueueEntry, validate_collection, validate_record_id,
 };
@@ -250,6 +250,9 @@ pub struct RemoteOutcome {
     pub conflicts: Vec<crate::resolve::Conflict>,
     /// Entries that could not be applied, kept aside; the cursor moved past them.
     pub quarantined: Vec<Quarantined>,
+    /// Purged records this device had edits to that the relay had not logged, written again
+    /// as new histories: local changes, waiting to be uploaded.
+    pub restored: usize,
 }
 
 /// A relay log entry this device could not apply (malformed, its dependencies missing, or
@@ -420,10 +423,17 @@ impl Store {
         results: &[ChangeResult],
         policy: &RetryPolicy,
     ) -> Result<UploadSummary, StoreError> {
+        let superseded = self.superseded(results)?;
         self.settle(
             results.iter().map(|r| (r.entry, &r.outcome)),
             |entry, outcome, now, summary| match outcome {
                 ChangeOutcome::Stored { .. } | ChangeOutcome::Duplicate { .. } => {
+                    summary.completed += 1;
+                    self.lock_holds().release(entry.id);
+                    entry.complete(now)
+                }
+                ChangeOutcome::Rejected { .. } if superseded.contains(&entry.id) => {
+                    // Its record's restoration, a change of its own, carries what it wrote.
                     summary.completed += 1;
                     self.lock_holds().release(entry.id);
                     entry.complete(now)
@@ -446,6 +456,42 @@ impl Store {
                 }
             },
         )
+    }
+
+    /// The refused entries whose record's document no longer holds their change: this device
+    /// met the purge entry of the history they were built on, and the record's restoration (or
+    /// its purge, when it showed the record deleted) took them over (PROTOCOL.md, section 5.8).
+    /// Refused `RecordPurged` themselves, or, built on such a one, `MissingDependencies`. Until
+    /// the download meets the purge entry they wait, retryable.
+    fn superseded(&self, results: &[ChangeResult]) -> Result<HashSet<u64>, StoreError> {
+        let mut superseded = HashSet::new();
+        for result in results {
+            let ChangeOutcome::Rejected {
+                code: ErrorCode::RecordPurged | ErrorCode::MissingDependencies,
+                ..
+            } = result.outcome
+            else {
+                continue;
+            };
+            let Some(stored) = self.kv.get(&keys::queue(result.entry))? else {
+                continue;
+            };
+            let entry = self.with_change(decode::<SyncQueueEntry>(&stored, "queue entry")?)?;
+            let hash = change_header(&entry.data)?.hash;
+            // Read from storage, not the cache: the queue lock is not held here, and the
+            // cache's is taken before it everywhere else.
+            let held = match self
+                .kv
+                .get(&keys::doc(&entry.model_name, &entry.object_id))?
+            {
+                Some(bytes) => self.parse(&entry.model_name, &bytes)?.has_change(&hash),
+                None => false,
+            };
+            if !held {
+                superseded.insert(result.entry);
+            }
+        }
+        Ok(superseded)
     }
 
     /// The batch `ids` got no answer (`kind` says why): its entries go back to `Pending` with
@@ -670,10 +716,29 @@ impl Store {
         let bootstrap = self
             .snapshot_pages()?
             .filter(|b| b.complete && entries.first().is_some_and(|e| e.seq <= b.end()));
+        // Records whose history a purge entry ends, with its seq, and what these entries
+        // brought of that history first.
+        let mut purges: HashMap<CacheKey, u64> = HashMap::new();
+        let mut purged_history: HashMap<CacheKey, Vec<&LogEntry>> = HashMap::new();
         for entry in entries {
             if let Some(bootstrap) = &bootstrap
                 && entry.seq <= bootstrap.covered(&entry.collection, &entry.record)
             {
+                continue;
+            }
+            if entry.is_purge() {
+                // What these entries brought of the record before goes with its history.
+                let key = (entry.collection.clone(), entry.record.clone());
+                across_records.retain(|(k, _, _)| *k != key);
+                let before = groups.entry(key.clone()).or_insert_with(|| {
+                    order.push(key.clone());
+                    Vec::new()
+                });
+                purged_history
+                    .entry(key.clone())
+                    .or_default()
+                    .extend(before.drain(..).map(|(e, _)| e));
+                purges.insert(key, entry.seq);
                 continue;
             }
             let header = validate_collection(&entry.collection, &self.options.limits)
@@ -713,6 +778,43 @@ impl Store {
         let mut batch = Batch::default();
         let mut ledger = Ledger::default();
         let mut applied = Vec::new();
+        let mut delta = CountDelta::default();
+        let mut restored = 0;
+        for key in purges.keys() {
+            let old = match cache.pop(key) {
+                Some(record) => Some(record),
+                None => self.load(&key.0, &key.1)?,
+            };
+            let history: Vec<Change> = purged_history
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| decode_change(&e.change).ok())
+                .collect();
+            let mut fresh = self.new_record(&key.0);
+            let mut document = Vec::new();
+            if let Some(old) = old
+                && self
+                    .restore_purged(key, old, history, &mut fresh, now, &mut batch, &mut delta)?
+            {
+                document = fresh.heads();
+                restored += 1;
+            }
+            let later = groups.get(key).is_some_and(|g| !g.is_empty());
+            if document.is_empty() {
+                batch.remove(keys::doc(&key.0, &key.1));
+            }
+            Store::purge_logged(&mut ledger, key, document.clone());
+            // The record's entries after the purge entry start from it.
+            if later || !document.is_empty() {
+                working.records.insert(key.clone(), (fresh, false));
+            }
+        }
+        let purged_open = if purges.is_empty() {
+            0
+        } else {
+            self.purge_conflicts(&purges, &mut ledger, &mut batch)?
+        };
         for key in order {
             let headers = groups.remove(&key).unwrap_or_default();
             let policy = self.options.policies.of(&key.0);
@@ -838,9 +940,13 @@ impl Store {
         for change in &mut applied {
             change.stage_feed(self, &mut batch)?;
         }
-        self.kv.apply(batch)?;
+        // Under the queue lock: a restoration queues a change.
+        let mut queue = self.lock_queue();
+        self.apply_queue_batch(&mut queue, batch, delta)?;
+        drop(queue);
         self.feed_landed(applied.iter().map(|a| a.seq));
         self.count_open(&ledger);
+        self.count_purged_open(purged_open);
         // As in `write_all`: the documents go back into the cache only once their batch landed.
         for (key, record) in working.into_cacheable() {
             cache.put(key, record);
@@ -850,7 +956,110 @@ impl Store {
             applied,
             conflicts,
             quarantined,
+            restored,
         })
+    }
+
+    /// A record whose history the relay purged, held here as `old`: when it holds edits the
+    /// relay never logged (beyond its logged heads and `history`, the changes of that history
+    /// met since, applied first), the record as this device shows it, the delete met, is written
+    /// on `fresh` (an empty document) as a new history, queued in `batch` like any local change,
+    /// and true is returned; every device meets it with an `update_delete` conflict entry
+    /// (PROTOCOL.md, section 5.8). False when there was nothing of this device's to keep.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn restore_purged(
+        &self,
+        key: &CacheKey,
+        mut old: Record,
+        history: Vec<Change>,
+        fresh: &mut Record,
+        now: u64,
+        batch: &mut Batch,
+        delta: &mut CountDelta,
+    ) -> Result<bool, StoreError> {
+        let logged_now: Vec<ChangeHash> = history.iter().map(Change::hash).collect();
+        // What does not apply is left out, as applying it would quarantine it.
+        if !history.is_empty() && old.apply_reloadable(history).is_err() {
+            old = match self.load(&key.0, &key.1)? {
+                Some(stored) => stored,
+                None => return Ok(false),
+            };
+        }
+        if !self.holds_unlogged(key, &mut old, &logged_now)? {
+            return Ok(false);
+        }
+        // Edits that build on nothing logged (a record this device created on its own, under
+        // the same id) are a new history already: kept as they are, they are logged after the
+        // purge entry like any first change, whether their upload is waiting or on its way.
+        if let Some(own) = self.own_history(key, &mut old, &logged_now)? {
+            fresh.apply_decoded(own)?;
+            return Ok(true);
+        }
+        self.write_restoration(key, old, fresh, now, batch, delta)
+    }
+
+    /// The changes `record` holds beyond what the log brought (its logged heads and
+    /// `logged_now`), when none of them depends on a logged one.
+    fn own_history(
+        &self,
+        key: &CacheKey,
+        record: &mut Record,
+        logged_now: &[ChangeHash],
+    ) -> Result<Option<Vec<Change>>, StoreError> {
+        let mut have = self.logged_heads_of(key, record)?;
+        have.extend_from_slice(logged_now);
+        have.retain(|h| record.has_change(h));
+        let unlogged = record.changes_after(&have)?;
+        let own: HashSet<ChangeHash> = unlogged.iter().map(Change::hash).collect();
+        let independent = unlogged
+            .iter()
+            .all(|c| c.deps().iter().all(|d| own.contains(d)));
+        Ok(independent.then_some(unlogged))
+    }
+
+    /// Writes `old` as this device shows it on `fresh` as a purged record's new history, queued
+    /// in `batch`; false when that wrote nothing.
+    pub(super) fn write_restoration(
+        &self,
+        key: &CacheKey,
+        mut old: Record,
+        fresh: &mut Record,
+        now: u64,
+        batch: &mut Batch,
+        delta: &mut CountDelta,
+    ) -> Result<bool, StoreError> {
+        let shown = resolve::view(&mut old, self.options.policies.of(&key.0));
+        let written = fresh.restore_purged(&shown.fields, shown.deleted, now)?;
+        let staged = super::Staged::of(fresh, Vec::new(), written);
+        if staged.written.is_none() {
+            return Ok(false);
+        }
+        // The record's changes still waiting to be uploaded are the restoration's now: sent
+        // as well, one that depends on nothing would be logged as a new history beside it.
+        let mut replaced = Vec::new();
+        self.scan_queue(None, |entry| {
+            if entry.model_name == key.0
+                && entry.object_id == key.1
+                && matches!(entry.status, QueueStatus::Pending | QueueStatus::Failed)
+            {
+                replaced.push(entry);
+            }
+            true
+        })?;
+        self.finish(key.clone(), staged, now, batch, delta)?;
+        for mut entry in replaced {
+            let was = entry.status;
+            entry.status = QueueStatus::Completed;
+            entry.updated_at = now;
+            entry.last_error = Some(format!(
+                "{}/{} was purged: this change is carried by the record's restoration",
+                key.0, key.1
+            ));
+            let entry = self.with_change(entry)?;
+            super::stage_entry(batch, delta, Some(was), &entry)?;
+            self.lock_holds().release(entry.id);
+        }
+        Ok(true)
     }
 
     /// What applying `change` would report when it creates a record this device does not hold
@@ -865,7 +1074,10 @@ impl Store {
         ledger: &Ledger,
         cache: &LruCache<CacheKey, Record>,
     ) -> Result<Option<RemoteApplied>, StoreError> {
-        if cache.contains(key) || resolve::resolution_of(change.message()).is_some() {
+        if cache.contains(key)
+            || resolve::resolution_of(change.message()).is_some()
+            || resolve::is_restoration(change.message())
+        {
             return Ok(None);
         }
         let Some(plain) = PlainFirst::of(change) else {

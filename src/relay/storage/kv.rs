@@ -35,6 +35,10 @@
 //! - `z{space}\0` → `{seq u64 BE}`: the compaction horizon, the log's entries up to it dropped
 //!   (their `h` keys kept); `n{space}\0{time ms u64 BE}` → `{seq u64 BE}`: a time mark, the
 //!   log's head at that time, while it lies above the horizon.
+//! - `d{space}\0{seq u64 BE}` → a tombstone note (postcard `Tombstone`): the change at `seq` left
+//!   its record deleted; `p{space}\0{collection}\0{record}\0` → `{seq u64 BE}`: the purge
+//!   marker, the seq of the purge entry (an entry with an empty change, no `h` key) that last
+//!   ended the record's history.
 //! - `w{space}\0` → the space's web actor (the actor its HTTP writes are made under); spaces
 //!   whose web actor was kept by earlier versions have it under `M{space}\0` + `mdevice`.
 //!
@@ -51,7 +55,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, Holders,
-    LogCompaction, LogStorage, RelayConflictCount, StorageError, StoredKey, UniqueValue,
+    LogCompaction, LogStorage, RelayConflictCount, StorageError, StoredKey, Tombstone, UniqueValue,
     UniqueValues,
 };
 use crate::auth::token::Family;
@@ -192,6 +196,50 @@ impl KvStorage {
         }
     }
 
+    /// Removes what the space keeps of the record's history: base, tail, logged heads, unique
+    /// values and conflict entries, whose counts are taken off `counted` (counter key → the
+    /// count now).
+    fn purge_record(
+        &self,
+        batch: &mut Batch,
+        counted: &mut HashMap<Vec<u8>, u64>,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<(), StorageError> {
+        batch.remove(key(b'b', &[space, collection, record]));
+        batch.remove(key(b'r', &[space, collection, record]));
+        batch.remove(key(b'v', &[space, collection, record]));
+        let tails = key(b't', &[space, collection, record]);
+        for (k, _) in self.kv.range(&tails, &prefix_end(&tails), usize::MAX)? {
+            batch.remove(k);
+        }
+        let on_record = key(b'y', &[space, collection, record]);
+        for (k, _) in self
+            .kv
+            .range(&on_record, &prefix_end(&on_record), usize::MAX)?
+        {
+            let id = k
+                .get(on_record.len()..k.len().saturating_sub(1))
+                .and_then(|id| std::str::from_utf8(id).ok())
+                .ok_or_else(|| corrupt("record conflict key", String::from_utf8_lossy(&k)))?;
+            // Its count goes with it: the counts are those of the entries kept, as on a device
+            // that bootstraps from a snapshot after the purge.
+            if let Some(conflict) = self.conflict(space, id)? {
+                let counter = key(b'c', &[space, conflict.kind.as_str(), &conflict.collection]);
+                let before = counted
+                    .get(&counter)
+                    .copied()
+                    .map_or_else(|| self.counter(&counter), Ok)?;
+                counted.insert(counter, before.saturating_sub(1));
+            }
+            batch.remove(key(b'x', &[space, id]));
+            batch.remove(key(b'o', &[space, id]));
+            batch.remove(k);
+        }
+        Ok(())
+    }
+
     fn counter(&self, key: &[u8]) -> Result<u64, StorageError> {
         match self.kv.get(key)? {
             Some(value) => be_u64(&value, "counter"),
@@ -268,10 +316,36 @@ impl KvStorage {
             )?;
             log_bytes = log_bytes.saturating_add(encoded.len() as u64);
             batch.put(seq_key(b'l', &[space], seq), encoded);
+            // A purge entry is no change: nothing to deduplicate.
+            if !entry.change.is_empty() {
+                batch.put(
+                    hash_key(space, &entry.collection, &entry.record, &entry.hash),
+                    seq.to_be_bytes().to_vec(),
+                );
+            }
+        }
+        let mut counted = HashMap::new();
+        for ((collection, record), seq) in &append.purged {
+            self.purge_record(&mut batch, &mut counted, space, collection, record)?;
             batch.put(
-                hash_key(space, &entry.collection, &entry.record, &entry.hash),
+                key(b'p', &[space, collection, record]),
                 seq.to_be_bytes().to_vec(),
             );
+        }
+        for (counter, value) in counted {
+            match value {
+                0 => batch.remove(counter),
+                value => batch.put(counter, value.to_be_bytes().to_vec()),
+            }
+        }
+        for tombstone in &append.tombstones {
+            batch.put(
+                seq_key(b'd', &[space], tombstone.seq),
+                encode(tombstone, "tombstone note")?,
+            );
+        }
+        for seq in &append.tombstones_done {
+            batch.remove(seq_key(b'd', &[space], *seq));
         }
         for ((collection, record), seq) in &append.tails {
             batch.put(
@@ -851,6 +925,27 @@ impl LogStorage for KvStorage {
         Ok(self.kv.flush()?)
     }
 
+    fn tombstones(&self, space: &str, limit: usize) -> Result<Vec<Tombstone>, StorageError> {
+        let prefix = key(b'd', &[space]);
+        self.kv
+            .range(&prefix, &prefix_end(&prefix), limit)?
+            .iter()
+            .map(|(_, v)| decode::<Tombstone>(v, "tombstone note"))
+            .collect()
+    }
+
+    fn purged_at(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<u64>, StorageError> {
+        match self.kv.get(&key(b'p', &[space, collection, record]))? {
+            Some(value) => be_u64(&value, "purge marker").map(Some),
+            None => Ok(None),
+        }
+    }
+
     fn reclaim_space(&self) -> Result<(u64, u64), StorageError> {
         let before = self.kv.size_on_disk()?;
         // sled keeps the segments of removed pairs until it happens to clean them, so a log
@@ -1034,10 +1129,12 @@ pub(super) fn damaged(key: &[u8]) -> StorageError {
         b'w' | b'M' => "web actor",
         b'z' => "compaction horizon",
         b'n' => "compaction time mark",
+        b'd' => "tombstone note",
+        b'p' => "purge marker",
         _ => "account data",
     };
     match kind {
-        b'l' | b't' => match split_seq(rest) {
+        b'l' | b't' | b'd' => match split_seq(rest) {
             Some((head, seq)) => {
                 let mut names = parts(head);
                 let space = if names.is_empty() {

@@ -124,6 +124,19 @@ pub struct Compaction {
     pub tail: Vec<u64>,
 }
 
+/// A record a logged change left deleted, noted at that change's seq so that it can be purged
+/// once `tombstone_days` old (PROTOCOL.md, section 5.8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub seq: u64,
+    pub collection: String,
+    pub record: String,
+    /// The record's logged heads after that change: once they moved on, the note is stale.
+    pub heads: Vec<[u8; 32]>,
+    /// When the relay logged it (its clock).
+    pub time_ms: u64,
+}
+
 /// Conflicts of one kind found in one collection of a space.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RelayConflictCount {
@@ -162,6 +175,15 @@ pub struct Append {
     /// The space's conflict entries and unique index cover its whole log from here on (its
     /// first append, or a rebuild from the log).
     pub conflicts_complete: bool,
+    /// Records this append's changes leave deleted, noted for purging.
+    pub tombstones: Vec<Tombstone>,
+    /// Tombstone notes (by seq) done with: their record purged, or changed since.
+    pub tombstones_done: Vec<u64>,
+    /// Records whose history this append's purge entries end, each with its entry's seq: their
+    /// base, tail, logged heads, unique values and conflict entries are dropped, and a purge
+    /// marker keeps the entry's seq (`purged_at`). Their dedup index stays, as compaction keeps
+    /// it.
+    pub purged: Vec<(RecordKey, u64)>,
 }
 
 impl Append {
@@ -193,6 +215,8 @@ impl Append {
             && self.holders.is_empty()
             && self.held.is_empty()
             && !self.conflicts_complete
+            && self.tombstones.is_empty()
+            && self.tombstones_done.is_empty()
     }
 }
 
@@ -383,6 +407,17 @@ pub trait LogStorage: Send + Sync {
     /// as long as a crash leaves only entries below the horizon behind, which a later step
     /// drops. Durable when it returns.
     fn compact_log(&self, space: &str, step: LogCompaction) -> Result<(), StorageError>;
+
+    /// Up to `limit` of the space's tombstone notes, in seq order.
+    fn tombstones(&self, space: &str, limit: usize) -> Result<Vec<Tombstone>, StorageError>;
+
+    /// The seq of the purge entry that last ended the record's history, if one did.
+    fn purged_at(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<u64>, StorageError>;
 
     /// Frees the disk that removed data still takes (log entries compacted away), for an engine
     /// whose files do not shrink as data is removed: it rewrites them when they hold much more

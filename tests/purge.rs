@@ -1,0 +1,301 @@
+//! Tombstone purging at the store level (PROTOCOL.md, section 5.8): the relay purges a record
+//! deleted `tombstone_days` ago by logging a purge entry, and every device drops the record when
+//! it meets that entry in log order. A device that held an unsynced edit to it meanwhile writes
+//! the record again, as it showed it, as a new history: every device and the relay then show
+//! the same fields and hold the same `update_delete` conflict entry (same id). Real device
+//! stores and the real relay store; the log is moved between them as the sessions would.
+
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
+mod common;
+
+use common::{StepClock, fields};
+use ferry::clock::{Clock, FixedClock};
+use ferry::relay::storage::KvStorage;
+use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry::resolve::{Conflict, ConflictKind, ConflictStatus, DeleteRule, Policies, Policy};
+use ferry::store::kv::MemoryKv;
+use ferry::store::{BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, Write};
+use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const SPACE: &str = "team";
+const A: &str = "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a";
+const B: &str = "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b";
+const C: &str = "0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c";
+const DAY: u64 = 86_400_000;
+const T0: u64 = 100 * DAY;
+
+/// `Doc` keeps an update that met a delete (the default), `Kept` keeps the delete.
+fn policies() -> Policies {
+    let keep_delete = Policy {
+        on_delete: DeleteRule::KeepDelete,
+        ..Policy::default()
+    };
+    Policies {
+        default: Policy::default(),
+        collections: BTreeMap::from([("Kept".to_owned(), keep_delete)]),
+    }
+}
+
+struct Net {
+    relay: RelayStore,
+    clock: Arc<dyn Clock>,
+}
+
+impl Net {
+    fn new() -> Net {
+        let relay = RelayStore::open(
+            Arc::new(KvStorage::new(Arc::new(MemoryKv::new()))),
+            RelayStoreOptions {
+                policies: policies(),
+                clock: Arc::new(FixedClock(T0)),
+                ..RelayStoreOptions::default()
+            },
+        );
+        Net {
+            relay,
+            clock: StepClock::new(),
+        }
+    }
+
+    fn device(&self, id: &str) -> Store {
+        Store::open(
+            Box::new(MemoryKv::new()),
+            id,
+            StoreOptions {
+                policies: policies(),
+                ..StoreOptions::default()
+            },
+            self.clock.clone(),
+        )
+        .unwrap()
+    }
+
+    /// The device's pending changes, answered by the relay and settled on the device; returns
+    /// the answers.
+    fn upload(&self, store: &Store) -> Vec<ChangeOutcome> {
+        let batch = store
+            .next_upload_batch(BatchLimits::of(10_000, usize::MAX))
+            .unwrap();
+        if batch.entries.is_empty() {
+            return Vec::new();
+        }
+        let changes: Vec<UploadChange> = batch
+            .entries
+            .iter()
+            .map(|e| UploadChange {
+                entry: e.id,
+                collection: e.model_name.clone(),
+                record: e.object_id.clone(),
+                change: e.data.clone(),
+            })
+            .collect();
+        let results = self
+            .relay
+            .append(SPACE, store.device_id(), &changes)
+            .unwrap();
+        store
+            .finish_upload(&results, &RetryPolicy::immediate(5))
+            .unwrap();
+        results.into_iter().map(|r| r.outcome).collect()
+    }
+
+    /// The log after the device's cursor, applied a page of `page` entries at a time; returns
+    /// how many purged records the device wrote again.
+    fn download(&self, store: &Store, page: usize) -> usize {
+        let mut restored = 0;
+        loop {
+            let cursor = store.sync_cursor().unwrap();
+            let slice = self
+                .relay
+                .read_since(SPACE, cursor, page, usize::MAX)
+                .unwrap();
+            if slice.entries.is_empty() && slice.through == cursor {
+                return restored;
+            }
+            restored += store
+                .apply_remote(&slice.entries, slice.through)
+                .unwrap()
+                .restored;
+        }
+    }
+}
+
+fn put(store: &Store, collection: &str, id: &str, value: serde_json::Value) {
+    store
+        .write(Write::Put {
+            collection: collection.into(),
+            id: Some(id.into()),
+            fields: fields(value),
+        })
+        .unwrap();
+}
+
+fn conflicts(store: &Store) -> Vec<Conflict> {
+    store.conflicts(None, None, None, 100).unwrap()
+}
+
+fn shown(store: &Store, collection: &str, id: &str) -> Option<ferry::record::Fields> {
+    match store.get(collection, id) {
+        Ok(view) => Some(view.fields),
+        Err(StoreError::NotFound { .. }) => None,
+        Err(e) => panic!("read {collection}/{id}: {e}"),
+    }
+}
+
+/// A record deleted on A is purged; B, offline with an edit to it, comes back. Whether B
+/// uploads before or after it meets the purge entry, and whatever page size the devices read
+/// the log in, the record comes back everywhere with B's fields and one `update_delete` entry,
+/// the same on every device and the relay; B's edit is neither lost nor left failing.
+#[test]
+fn a_purged_records_late_edit_comes_back_as_a_new_history_on_every_device() {
+    for (uploads_first, page) in [(true, 1), (false, 1), (true, 100), (false, 100)] {
+        let net = Net::new();
+        let (a, b, c) = (net.device(A), net.device(B), net.device(C));
+        put(&a, "Doc", "r", json!({"n": 0, "name": "first"}));
+        put(&a, "Doc", "other", json!({"n": 1}));
+        net.upload(&a);
+        net.download(&b, page);
+        net.download(&c, page);
+        // B, offline, edits; A deletes.
+        b.write(Write::Patch {
+            collection: "Doc".into(),
+            id: "r".into(),
+            set: fields(json!({"late": true})),
+            unset: Vec::new(),
+        })
+        .unwrap();
+        a.write(Write::Delete {
+            collection: "Doc".into(),
+            id: "r".into(),
+        })
+        .unwrap();
+        net.upload(&a);
+        net.download(&c, page);
+        assert_eq!(shown(&c, "Doc", "r"), None);
+
+        assert_eq!(
+            net.relay.purge_tombstones(SPACE, T0 + 2 * DAY, 1).unwrap(),
+            1
+        );
+        for device in [&a, &c] {
+            assert_eq!(net.download(device, page), 0);
+            assert_eq!(shown(device, "Doc", "r"), None);
+            assert!(
+                device.export_doc("Doc", "r").is_err(),
+                "the document is dropped"
+            );
+        }
+
+        if uploads_first {
+            // The relay refuses the edit as built on a purged history; B keeps it.
+            let answers = net.upload(&b);
+            assert!(
+                matches!(
+                    answers.as_slice(),
+                    [ChangeOutcome::Rejected {
+                        code: ErrorCode::RecordPurged,
+                        ..
+                    }]
+                ),
+                "{answers:?}"
+            );
+            assert_eq!(b.queue_counts().unwrap().failed, 0);
+        }
+        assert_eq!(net.download(&b, page), 1, "B writes the record again");
+        let answers = net.upload(&b);
+        assert!(
+            answers
+                .iter()
+                .any(|a| matches!(a, ChangeOutcome::Stored { .. })),
+            "{answers:?}"
+        );
+        // The edit the relay refused is taken over by the restoration, not left failing.
+        while !net.upload(&b).is_empty() {}
+        let counts = b.queue_counts().unwrap();
+        assert_eq!((counts.pending, counts.failed), (0, 0), "{counts:?}");
+        for device in [&a, &b, &c] {
+            net.download(device, page);
+        }
+
+        let expected = fields(json!({"n": 0, "name": "first", "late": true}));
+        let relay_conflicts = net.relay.conflicts(SPACE, None, None, 100).unwrap();
+        assert_eq!(relay_conflicts.len(), 1, "{relay_conflicts:?}");
+        let entry = &relay_conflicts[0];
+        assert_eq!(entry.kind, ConflictKind::UpdateDelete);
+        assert_eq!(entry.status, ConflictStatus::AutoResolved);
+        assert_eq!(entry.client.fields, expected);
+        assert_eq!(
+            net.relay.record(SPACE, "Doc", "r").unwrap(),
+            Some(expected.clone())
+        );
+        for (name, device) in [("A", &a), ("B", &b), ("C", &c)] {
+            assert_eq!(
+                shown(device, "Doc", "r"),
+                Some(expected.clone()),
+                "{name} (uploads first: {uploads_first}, page {page})"
+            );
+            let ids: Vec<String> = conflicts(device).into_iter().map(|c| c.id).collect();
+            assert_eq!(ids, std::slice::from_ref(&entry.id), "{name}");
+            assert_eq!(shown(device, "Doc", "other"), Some(fields(json!({"n": 1}))));
+        }
+    }
+}
+
+/// Under `keep_delete` the late edit does not bring the record back: the restoration keeps it
+/// deleted, and the edit's fields stay in the conflict entry every device holds.
+#[test]
+fn under_keep_delete_a_late_edit_stays_in_the_conflict_entry() {
+    let net = Net::new();
+    let (a, b) = (net.device(A), net.device(B));
+    put(&a, "Kept", "r", json!({"n": 0}));
+    net.upload(&a);
+    net.download(&b, 100);
+    b.write(Write::Patch {
+        collection: "Kept".into(),
+        id: "r".into(),
+        set: fields(json!({"n": 5})),
+        unset: Vec::new(),
+    })
+    .unwrap();
+    a.write(Write::Delete {
+        collection: "Kept".into(),
+        id: "r".into(),
+    })
+    .unwrap();
+    net.upload(&a);
+    assert_eq!(
+        net.relay.purge_tombstones(SPACE, T0 + 2 * DAY, 1).unwrap(),
+        1
+    );
+    net.download(&b, 100);
+    while !net.upload(&b).is_empty() {}
+    for device in [&a, &b] {
+        net.download(device, 100);
+        assert_eq!(shown(device, "Kept", "r"), None);
+        let found = conflicts(device);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].kind, ConflictKind::UpdateDelete);
+        assert_eq!(found[0].client.fields, fields(json!({"n": 5})));
+        assert!(found[0].client.deleted);
+    }
+    // The restoration left the record deleted: it is purged again in turn.
+    assert_eq!(
+        net.relay.purge_tombstones(SPACE, T0 + 4 * DAY, 1).unwrap(),
+        1
+    );
+    for device in [&a, &b] {
+        net.download(device, 100);
+        assert!(conflicts(device).is_empty());
+    }
+}
