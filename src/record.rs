@@ -500,6 +500,12 @@ impl Record {
     /// are written, so a replace that changes one field conflicts with nobody else's fields.
     pub fn put(&mut self, fields: &Fields, now_ms: u64) -> Result<Option<Written>, RecordError> {
         let operation = self.begin_write();
+        self.replace_fields(fields)?;
+        self.commit(operation.as_str(), operation, now_ms)
+    }
+
+    /// Stages the root fields as exactly `fields`, writing only what differs.
+    fn replace_fields(&mut self, fields: &Fields) -> Result<(), RecordError> {
         let text = Arc::clone(&self.text);
         write_map(
             &mut self.doc,
@@ -507,8 +513,7 @@ impl Record {
             fields,
             Replace::RootFields,
             style(false, &text),
-        )?;
-        self.commit(operation.as_str(), operation, now_ms)
+        )
     }
 
     /// Merge `set` into the record's fields and remove the fields named in `unset`. The record
@@ -639,14 +644,7 @@ impl Record {
         deleted: bool,
         now_ms: u64,
     ) -> Result<Option<Written>, RecordError> {
-        let text = Arc::clone(&self.text);
-        write_map(
-            &mut self.doc,
-            &ROOT,
-            fields,
-            Replace::RootFields,
-            style(false, &text),
-        )?;
+        self.replace_fields(fields)?;
         self.doc.put(ROOT, DELETED_KEY, deleted)?;
         let operation = if deleted {
             Operation::Delete

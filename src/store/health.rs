@@ -1089,15 +1089,9 @@ mod tests {
         assert_eq!(store.queue_ids(QueueStatus::Pending).unwrap(), [entry]);
     }
 
-    /// Pruning rewrites the journal without the completed entries before they leave the queue:
-    /// stopped at either point (a rewrite that fails, as a crash there; a crash before the
-    /// removal is durable), the next open reports nothing, as the queue still holds whatever
-    /// the journal does. Removing them first let a later flush make the removal durable while
-    /// the journal still held them, which the next open took for lost unsynced changes.
-    #[test]
-    fn pruning_stopped_at_any_point_reports_no_lost_change() {
-        let kv = MemoryKv::new();
-        let store = open(&kv);
+    /// A flushed store with two queued changes, the first of them uploaded (completed).
+    fn one_uploaded_one_not(kv: &MemoryKv) -> (Store, u64, u64) {
+        let store = open(kv);
         let first = put(&store, "a", 1);
         let second = put(&store, "b", 2);
         store
@@ -1107,6 +1101,18 @@ mod tests {
             .queue_transition(&[first], &QueueAction::Complete)
             .unwrap();
         store.flush().unwrap();
+        (store, first, second)
+    }
+
+    /// Pruning rewrites the journal without the completed entries before they leave the queue:
+    /// stopped at either point (a rewrite that fails, as a crash there; a crash before the
+    /// removal is durable), the next open reports nothing, as the queue still holds whatever
+    /// the journal does. Removing them first let a later flush make the removal durable while
+    /// the journal still held them, which the next open took for lost unsynced changes.
+    #[test]
+    fn pruning_stopped_at_any_point_reports_no_lost_change() {
+        let kv = MemoryKv::new();
+        let (store, first, second) = one_uploaded_one_not(&kv);
         kv.refuse_journal_rewrite();
         assert!(store.prune_history(u64::MAX, 0, 100).is_err());
         // The committer's next flush makes durable whatever was applied.
@@ -1132,16 +1138,7 @@ mod tests {
     #[test]
     fn the_journal_forgets_uploaded_changes_and_pruning_is_not_a_loss() {
         let kv = MemoryKv::new();
-        let store = open(&kv);
-        let first = put(&store, "a", 1);
-        let second = put(&store, "b", 2);
-        store
-            .queue_transition(&[first], &QueueAction::Start)
-            .unwrap();
-        store
-            .queue_transition(&[first], &QueueAction::Complete)
-            .unwrap();
-        store.flush().unwrap();
+        let (store, first, second) = one_uploaded_one_not(&kv);
         assert_eq!(journal_ids(&kv), [first, second]);
         store.prune_history(u64::MAX, 0, 100).unwrap();
         assert_eq!(journal_ids(&kv), [second]);
