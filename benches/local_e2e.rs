@@ -225,34 +225,32 @@ fn import_rpc(client: &mut Client, n: u64, batch: u64) -> Value {
     })
 }
 
-/// `count` single `put`s of new records numbered from `first`, one at a time on each of
-/// `connections` connections at once; each returns only once its write is durable.
-fn single_writes(daemon: &Running, first: u64, count: u64, connections: u64) -> Value {
+/// Runs `work` on `connections` workers at once, each on its own connection (made by
+/// `connect`) and its share of the `count` records numbered from `first`: the latency samples
+/// they return and the time from their common start.
+fn timed_workers<C: Send>(
+    first: u64,
+    count: u64,
+    connections: u64,
+    connect: impl Fn() -> C,
+    work: impl Fn(C, std::ops::Range<u64>) -> Vec<std::time::Duration> + Sync,
+) -> (Vec<std::time::Duration>, std::time::Duration) {
     check_interrupted();
     let per = count.div_ceil(connections);
     // Connected before any worker starts: a worker must never wait at the barrier for one
     // that will not come.
-    let clients: Vec<Client> = (0..connections).map(|_| daemon.client()).collect();
+    let clients: Vec<C> = (0..connections).map(|_| connect()).collect();
     let barrier = std::sync::Barrier::new(connections as usize + 1);
-    let (mut samples, elapsed) = std::thread::scope(|s| {
+    let (samples, elapsed) = std::thread::scope(|s| {
         let workers: Vec<_> = (0..connections)
             .zip(clients)
-            .map(|(c, mut client)| {
-                let barrier = &barrier;
+            .map(|(c, client)| {
+                let (barrier, work) = (&barrier, &work);
                 s.spawn(move || {
                     let from = first + c * per;
                     let to = (from + per).min(first + count);
-                    let mut samples = Vec::with_capacity(per as usize);
                     barrier.wait();
-                    for i in from..to {
-                        let params = json!({
-                            "collection": COLLECTION, "id": record_id(i), "fields": record_fields(i)
-                        });
-                        let t = Instant::now();
-                        call(&mut client, "put", params);
-                        samples.push(t.elapsed());
-                    }
-                    samples
+                    work(client, from..to)
                 })
             })
             .collect();
@@ -265,6 +263,30 @@ fn single_writes(daemon: &Running, first: u64, count: u64, connections: u64) -> 
         (samples, started.elapsed())
     });
     assert_eq!(samples.len() as u64, count, "every put was answered");
+    (samples, elapsed)
+}
+
+/// `count` single `put`s of new records numbered from `first`, one at a time on each of
+/// `connections` connections at once; each returns only once its write is durable.
+fn single_writes(daemon: &Running, first: u64, count: u64, connections: u64) -> Value {
+    let (mut samples, elapsed) = timed_workers(
+        first,
+        count,
+        connections,
+        || daemon.client(),
+        |mut client, records| {
+            records
+                .map(|i| {
+                    let params = json!({
+                        "collection": COLLECTION, "id": record_id(i), "fields": record_fields(i)
+                    });
+                    let t = Instant::now();
+                    call(&mut client, "put", params);
+                    t.elapsed()
+                })
+                .collect()
+        },
+    );
     json!({
         "writes": count,
         "connections": connections,
@@ -285,63 +307,44 @@ fn pipelined_writes(
     in_flight: u64,
 ) -> Value {
     use std::io::BufRead as _;
-    check_interrupted();
-    let per = count.div_ceil(connections);
-    let streams: Vec<_> = (0..connections)
-        .map(|_| std::os::unix::net::UnixStream::connect(daemon.socket()).expect("connect"))
-        .collect();
-    let barrier = std::sync::Barrier::new(connections as usize + 1);
-    let (mut samples, elapsed) = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..connections)
-            .zip(streams)
-            .map(|(c, stream)| {
-                let barrier = &barrier;
-                s.spawn(move || {
-                    let from = first + c * per;
-                    let to = (from + per).min(first + count);
-                    let mut reader =
-                        std::io::BufReader::new(stream.try_clone().expect("clone the stream"));
-                    let mut writer = std::io::BufWriter::new(stream);
-                    let mut sent_at = std::collections::HashMap::new();
-                    let mut samples = Vec::with_capacity(per as usize);
-                    let mut line = String::new();
-                    barrier.wait();
-                    let mut next = from;
-                    while samples.len() < (to - from) as usize {
-                        while next < to && sent_at.len() < in_flight as usize {
-                            let request = json!({
-                                "jsonrpc": "2.0", "id": next, "method": "put",
-                                "params": {
-                                    "collection": COLLECTION, "id": record_id(next),
-                                    "fields": record_fields(next)
-                                }
-                            });
-                            writeln!(writer, "{request}").expect("send a put");
-                            sent_at.insert(next, Instant::now());
-                            next += 1;
+    let (mut samples, elapsed) = timed_workers(
+        first,
+        count,
+        connections,
+        || std::os::unix::net::UnixStream::connect(daemon.socket()).expect("connect"),
+        |stream, records| {
+            let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone the stream"));
+            let mut writer = std::io::BufWriter::new(stream);
+            let mut sent_at = std::collections::HashMap::new();
+            let total = (records.end - records.start) as usize;
+            let mut samples = Vec::with_capacity(total);
+            let mut line = String::new();
+            let mut next = records.start;
+            while samples.len() < total {
+                while next < records.end && sent_at.len() < in_flight as usize {
+                    let request = json!({
+                        "jsonrpc": "2.0", "id": next, "method": "put",
+                        "params": {
+                            "collection": COLLECTION, "id": record_id(next),
+                            "fields": record_fields(next)
                         }
-                        writer.flush().expect("send the puts");
-                        line.clear();
-                        reader.read_line(&mut line).expect("read an answer");
-                        let reply: Value = serde_json::from_str(&line).expect("a JSON answer");
-                        assert!(reply.get("result").is_some(), "put refused: {reply}");
-                        let id = reply["id"].as_u64().expect("the answer's id");
-                        let t = sent_at.remove(&id).expect("an answer to a put in flight");
-                        samples.push(t.elapsed());
-                    }
-                    samples
-                })
-            })
-            .collect();
-        barrier.wait();
-        let started = Instant::now();
-        let mut samples = Vec::new();
-        for w in workers {
-            samples.extend(w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-        }
-        (samples, started.elapsed())
-    });
-    assert_eq!(samples.len() as u64, count, "every put was answered");
+                    });
+                    writeln!(writer, "{request}").expect("send a put");
+                    sent_at.insert(next, Instant::now());
+                    next += 1;
+                }
+                writer.flush().expect("send the puts");
+                line.clear();
+                reader.read_line(&mut line).expect("read an answer");
+                let reply: Value = serde_json::from_str(&line).expect("a JSON answer");
+                assert!(reply.get("result").is_some(), "put refused: {reply}");
+                let id = reply["id"].as_u64().expect("the answer's id");
+                let t = sent_at.remove(&id).expect("an answer to a put in flight");
+                samples.push(t.elapsed());
+            }
+            samples
+        },
+    );
     json!({
         "writes": count,
         "connections": connections,
