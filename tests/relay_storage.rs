@@ -974,7 +974,7 @@ fn the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(engine: 
     let slice = relay_store.read_since(SPACE, 12, 100, usize::MAX).unwrap();
     assert_eq!(slice.entries.len(), 8);
     let page = relay_store
-        .snapshot_page(SPACE, None, 10, usize::MAX)
+        .snapshot_page(SPACE, None, 10, usize::MAX, None)
         .unwrap();
     assert_eq!((page.horizon, page.head, page.records.len()), (12, 20, 4));
     // An old change sent again is still a duplicate, and edits go on on top.
