@@ -59,6 +59,18 @@ pub struct PgOptions {
     pub statement_timeout: Duration,
 }
 
+impl PgOptions {
+    /// The options `[relay]` gives (`postgres_*`).
+    pub fn from_config(relay: &crate::config::RelayConfig) -> Self {
+        PgOptions {
+            url: relay.postgres_url.clone(),
+            pool_size: relay.postgres_pool_size,
+            connect_timeout: Duration::from_secs(relay.postgres_connect_timeout_secs),
+            statement_timeout: Duration::from_secs(relay.postgres_statement_timeout_secs),
+        }
+    }
+}
+
 /// One step of the schema, applied once, in version order.
 pub struct Migration {
     pub version: i32,
