@@ -6,13 +6,13 @@
 //! Must not touch: accounts' storage; sessions beyond `engine::register`.
 
 use super::{Context, Failure, format_ms, print_json, read_secret_line, runtime};
+use crate::config::RelayStorageKind;
 use crate::config::SyncConfig;
 use crate::datadir::DataDirError;
 use crate::engine::{self, EngineError};
 use crate::ipc::{Client, ClientError};
 use crate::relay::accounts::{Accounts, os_random};
 use crate::relay::admin::{self, AdminMethod, AdminOptions};
-use crate::config::RelayStorageKind;
 use crate::relay::storage::PgStorage;
 use crate::relay::storage::pg::PgOptions;
 use crate::relay::store::{RelayStore, RelayStoreOptions};

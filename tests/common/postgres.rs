@@ -185,6 +185,10 @@ impl PgServer {
     }
 
     /// Stops the server and removes its directory once process `pid` (the test binary) exits.
+    #[allow(
+        clippy::zombie_processes,
+        reason = "the watchdog outlives the test binary, which never waits for it"
+    )]
     fn watch(&self, pid: u32) {
         let pg_ctl = self.bin.join("pg_ctl");
         let stop = if as_root() {
