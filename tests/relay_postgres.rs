@@ -3,7 +3,8 @@
 //! `block_in_place` and plain threads; migrations applied once when relays start together, a
 //! schema newer than the binary refused, `ferry relay migrate [--check]`; several engines (as
 //! several relays) on one database appending in one gapless order and consuming an enrolment
-//! code once; an unreachable database named as such; and `ferry relay` itself on a private
+//! code once; an unreachable database named as such, and acknowledged appends kept through a
+//! crash of the database, after which the engine reconnects; and `ferry relay` itself on a private
 //! server, serving two daemons that converge, then, restarted, a third device.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
@@ -287,6 +288,37 @@ fn an_unreachable_database_is_named_as_such() {
         refused.to_string().contains("relay.postgres_url"),
         "{refused}"
     );
+}
+
+#[test]
+fn acknowledged_appends_survive_a_database_crash_and_the_engine_reconnects() {
+    let server = PgServer::start();
+    let database = server.create_database();
+    let storage = PgStorage::open(&server.options(&database)).unwrap();
+    for n in 1..=20 {
+        append_one(&storage, "r", n);
+    }
+    server.crash();
+    let mut append = Append::new(20);
+    append.entries.push(change("r", 21));
+    let refused = storage.append("space", append).unwrap_err();
+    assert!(
+        matches!(refused, StorageError::Unreachable { .. }),
+        "{refused}"
+    );
+    server.start_again();
+    // The pool drops the connections the crash broke and opens new ones.
+    assert_eq!(storage.head("space").unwrap(), 20);
+    append_one(&storage, "r", 21);
+    drop(storage);
+    let reopened = PgStorage::open(&server.options(&database)).unwrap();
+    let seqs: Vec<u64> = reopened
+        .read_log("space", 0, 100, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=21).collect::<Vec<_>>());
 }
 
 #[test]

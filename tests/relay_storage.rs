@@ -55,8 +55,9 @@ trait Engine {
     /// The engine as a restart finds it: only what was durable. The caller drops what `open`
     /// gave first.
     fn reopen(&self) -> Arc<dyn RelayStorage>;
-    /// Damages the values stored under `keys` (the embedded engine's layout) as a disk would:
-    /// they then fail their checksums. The caller drops what `open` gave first.
+    /// Damages the values stored under `keys` (the embedded engine's layout; another engine
+    /// damages the rows holding what those keys hold) as a disk would: they then fail their
+    /// checksums. The caller drops what `open` gave first.
     fn damage(&self, keys: &[Vec<u8>]);
 }
 

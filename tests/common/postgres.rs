@@ -2,6 +2,10 @@
 //! user when the tests run as root, which `initdb` refuses to be), on its own free port and
 //! socket directory, a database per test. Needs the server binaries
 //! (`/usr/lib/postgresql/*/bin`; `scripts/test` installs them).
+//!
+//! The servers run with `fsync=off`: a crash here is the server's (`crash`: `-m immediate`,
+//! recovered from its WAL on the next start), never the machine's, so nothing needs to reach
+//! the disk; a benchmark must not use these settings.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

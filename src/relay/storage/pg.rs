@@ -368,16 +368,21 @@ async fn execute(
 }
 
 fn sql_error(e: tokio_postgres::Error) -> StorageError {
-    if e.is_closed() || e.as_db_error().is_none() && e.code().is_none() {
+    if let Some(db) = e.as_db_error() {
+        return StorageError::Database {
+            detail: format!("{}: {}", db.code().code(), db.message()),
+        };
+    }
+    // A connection that closed or failed reading or writing: the database went away.
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io {
         StorageError::Unreachable {
             detail: e.to_string(),
         }
     } else {
-        let detail = match e.as_db_error() {
-            Some(db) => format!("{}: {}", db.code().code(), db.message()),
-            None => e.to_string(),
-        };
-        StorageError::Database { detail }
+        StorageError::Database {
+            detail: e.to_string(),
+        }
     }
 }
 
