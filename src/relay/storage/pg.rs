@@ -746,62 +746,7 @@ async fn write_append(
     for (record, base) in &append.created {
         put_base(tx, space, record, base).await?;
     }
-    let mut log_bytes = 0u64;
-    for (seq, entry) in (append.after.saturating_add(1)..).zip(&append.entries) {
-        let bytes = [&entry.collection, &entry.record, &entry.origin]
-            .iter()
-            .map(|s| s.len())
-            .sum::<usize>()
-            .saturating_add(entry.change.len()) as u64;
-        log_bytes = log_bytes.saturating_add(bytes);
-        let hash = entry.hash.as_slice();
-        execute(
-            tx,
-            "INSERT INTO log_entries
-             (space, seq, collection, record, origin, hash, change, bytes, crc)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            &[
-                &space,
-                &int(seq)?,
-                &entry.collection,
-                &entry.record,
-                &entry.origin,
-                &hash,
-                &entry.change,
-                &int(bytes)?,
-                &log_crc(
-                    space,
-                    seq,
-                    (
-                        &entry.collection,
-                        &entry.record,
-                        &entry.origin,
-                        hash,
-                        &entry.change,
-                    ),
-                ),
-            ],
-        )
-        .await?;
-        // A purge entry is no change: nothing to deduplicate.
-        if !entry.change.is_empty() {
-            execute(
-                tx,
-                "INSERT INTO record_changes (space, collection, record, hash, seq, crc)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (space, collection, record, hash) DO UPDATE SET seq = $5, crc = $6",
-                &[
-                    &space,
-                    &entry.collection,
-                    &entry.record,
-                    &hash,
-                    &int(seq)?,
-                    &change_crc(space, &entry.collection, &entry.record, hash, seq),
-                ],
-            )
-            .await?;
-        }
-    }
+    let log_bytes = insert_entries(tx, space, &append).await?;
     for (record, seq) in &append.purged {
         purge_record(tx, space, record, *seq).await?;
     }
@@ -837,17 +782,26 @@ async fn write_append(
         )
         .await?;
     }
-    for ((collection, record), seq) in &append.tails {
+    if !append.tails.is_empty() {
+        let mut rows = Columns::default();
+        for ((collection, record), seq) in &append.tails {
+            rows.collections.push(collection.clone());
+            rows.records.push(record.clone());
+            rows.seqs.push(int(*seq)?);
+            rows.crcs
+                .push(record_crc(space, collection, record, &seq.to_be_bytes()));
+        }
         execute(
             tx,
-            "INSERT INTO tails (space, collection, record, seq, crc) VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO tails (space, collection, record, seq, crc)
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[], $5::integer[])
              ON CONFLICT DO NOTHING",
             &[
                 &space,
-                collection,
-                record,
-                &int(*seq)?,
-                &record_crc(space, collection, record, &seq.to_be_bytes()),
+                &rows.collections,
+                &rows.records,
+                &rows.seqs,
+                &rows.crcs,
             ],
         )
         .await?;
@@ -856,19 +810,29 @@ async fn write_append(
         put_base(tx, space, &compaction.record, &compaction.base).await?;
         drop_tails(tx, space, &compaction.record, &compaction.tail).await?;
     }
-    for ((collection, record), heads) in &append.heads {
-        let heads = heads.concat();
+    if !append.heads.is_empty() {
+        let mut rows = Columns::default();
+        for ((collection, record), heads) in &append.heads {
+            let heads = heads.concat();
+            rows.crcs
+                .push(record_crc(space, collection, record, &heads));
+            rows.collections.push(collection.clone());
+            rows.records.push(record.clone());
+            rows.values.push(heads);
+        }
+        // Each record once: `heads` is keyed by record.
         execute(
             tx,
             "INSERT INTO record_heads (space, collection, record, heads, crc)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (space, collection, record) DO UPDATE SET heads = $4, crc = $5",
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::integer[])
+             ON CONFLICT (space, collection, record)
+             DO UPDATE SET heads = EXCLUDED.heads, crc = EXCLUDED.crc",
             &[
                 &space,
-                collection,
-                record,
-                &heads,
-                &record_crc(space, collection, record, &heads),
+                &rows.collections,
+                &rows.records,
+                &rows.values,
+                &rows.crcs,
             ],
         )
         .await?;
@@ -987,6 +951,115 @@ async fn write_append(
     )
     .await?;
     Ok(())
+}
+
+/// Rows of one table as columns, for an `INSERT ... SELECT * FROM unnest(...)`: one statement
+/// however many rows an append writes.
+#[derive(Default)]
+struct Columns {
+    collections: Vec<String>,
+    records: Vec<String>,
+    seqs: Vec<i64>,
+    values: Vec<Vec<u8>>,
+    crcs: Vec<i32>,
+}
+
+/// Inserts the append's log entries and their dedup index rows, two statements in all; returns
+/// the bytes they add to the space's quota.
+async fn insert_entries(
+    tx: &deadpool_postgres::Transaction<'_>,
+    space: &str,
+    append: &Append,
+) -> Result<u64, StorageError> {
+    if append.entries.is_empty() {
+        return Ok(0);
+    }
+    let mut log_bytes = 0u64;
+    let mut entries = Columns::default();
+    let (mut origins, mut hashes, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+    // The dedup index by (record, hash): a later entry's seq replaces an earlier one's, as row
+    // by row upserts would, and one statement may not touch a row twice.
+    let mut index: HashMap<(&str, &str, &[u8]), u64> = HashMap::new();
+    for (seq, entry) in (append.after.saturating_add(1)..).zip(&append.entries) {
+        let size = [&entry.collection, &entry.record, &entry.origin]
+            .iter()
+            .map(|s| s.len())
+            .sum::<usize>()
+            .saturating_add(entry.change.len()) as u64;
+        log_bytes = log_bytes.saturating_add(size);
+        let hash = entry.hash.as_slice();
+        entries.crcs.push(log_crc(
+            space,
+            seq,
+            (
+                &entry.collection,
+                &entry.record,
+                &entry.origin,
+                hash,
+                &entry.change,
+            ),
+        ));
+        entries.seqs.push(int(seq)?);
+        entries.collections.push(entry.collection.clone());
+        entries.records.push(entry.record.clone());
+        entries.values.push(entry.change.clone());
+        origins.push(entry.origin.clone());
+        hashes.push(hash.to_vec());
+        bytes.push(int(size)?);
+        // A purge entry is no change: nothing to deduplicate.
+        if !entry.change.is_empty() {
+            index.insert((&entry.collection, &entry.record, hash), seq);
+        }
+    }
+    execute(
+        tx,
+        "INSERT INTO log_entries
+         (space, seq, collection, record, origin, hash, change, bytes, crc)
+         SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[],
+         $6::bytea[], $7::bytea[], $8::bigint[], $9::integer[])",
+        &[
+            &space,
+            &entries.seqs,
+            &entries.collections,
+            &entries.records,
+            &origins,
+            &hashes,
+            &entries.values,
+            &bytes,
+            &entries.crcs,
+        ],
+    )
+    .await?;
+    if !index.is_empty() {
+        let mut rows = Columns::default();
+        let mut hashes = Vec::with_capacity(index.len());
+        for ((collection, record, hash), seq) in index {
+            rows.crcs
+                .push(change_crc(space, collection, record, hash, seq));
+            rows.collections.push(collection.to_owned());
+            rows.records.push(record.to_owned());
+            rows.seqs.push(int(seq)?);
+            hashes.push(hash.to_vec());
+        }
+        execute(
+            tx,
+            "INSERT INTO record_changes (space, collection, record, hash, seq, crc)
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::bigint[],
+             $6::integer[])
+             ON CONFLICT (space, collection, record, hash)
+             DO UPDATE SET seq = EXCLUDED.seq, crc = EXCLUDED.crc",
+            &[
+                &space,
+                &rows.collections,
+                &rows.records,
+                &hashes,
+                &rows.seqs,
+                &rows.crcs,
+            ],
+        )
+        .await?;
+    }
+    Ok(log_bytes)
 }
 
 fn change_crc(space: &str, collection: &str, record: &str, hash: &[u8], seq: u64) -> i32 {
