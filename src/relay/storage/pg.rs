@@ -130,6 +130,11 @@ impl PgStorage {
                 detail: format!("relay.postgres_url does not parse: {e}"),
             })?;
         config.connect_timeout(options.connect_timeout);
+        // A database that vanished without closing the connection (a host down, a partition)
+        // is found within about a minute, rather than after the kernel's two hours.
+        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_interval(Duration::from_secs(10));
+        config.keepalives_retries(3);
         config.options(format!(
             "-c statement_timeout={}",
             options.statement_timeout.as_millis()
