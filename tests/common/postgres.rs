@@ -64,7 +64,7 @@ static DATABASES: AtomicUsize = AtomicUsize::new(0);
 impl PgServer {
     /// A server of its own, for a test that stops or crashes it.
     pub fn start() -> PgServer {
-        let server = PgServer::init(false);
+        let server = PgServer::init();
         server.start_again();
         server
     }
@@ -73,14 +73,17 @@ impl PgServer {
     pub fn shared() -> &'static PgServer {
         static SHARED: OnceLock<PgServer> = OnceLock::new();
         SHARED.get_or_init(|| {
-            let server = PgServer::init(true);
+            // Owned until it serves: a failed start removes what it made.
+            let mut server = PgServer::init();
             server.start_again();
             server.watch(std::process::id());
+            server.shared = true;
             server
         })
     }
 
-    fn init(shared: bool) -> PgServer {
+    /// A new cluster, not started; removed on drop if what follows fails.
+    fn init() -> PgServer {
         let bin = server_bin();
         let dir = tempfile::Builder::new()
             .prefix("ferry-pg")
@@ -103,7 +106,7 @@ impl PgServer {
             dir,
             bin,
             port: free_port(),
-            shared,
+            shared: false,
         };
         // Data checksums: PostgreSQL finds a damaged page itself.
         checked(
