@@ -3,7 +3,7 @@
 //! `block_in_place` and plain threads; migrations applied once when relays start together, a
 //! schema newer than the binary refused, `ferry relay migrate [--check]`; several engines (as
 //! several relays) on one database appending in one gapless order and consuming an enrolment
-//! code once; an unreachable database named as such, and acknowledged appends kept through a
+//! code once; damaged rows refused; an unreachable database named as such, and acknowledged appends kept through a
 //! crash of the database, after which the engine reconnects; and `ferry relay` itself on a private
 //! server, serving two daemons that converge, then, restarted, a third device.
 
@@ -266,6 +266,47 @@ fn an_enrolment_code_is_consumed_once_from_two_relays_at_once() {
 }
 
 #[test]
+fn damaged_rows_are_refused_naming_what_they_held() {
+    let db = Database::new();
+    let storage = db.open();
+    for n in 1..=3 {
+        append_one(&storage, "r", n);
+    }
+    storage
+        .write_accounts(vec![AccountWrite::CreateAccount(AccountRecord {
+            name: "team".into(),
+            created_ms: 1,
+        })])
+        .unwrap();
+    db.sql(
+        "UPDATE log_entries SET change = set_byte(change, 7, get_byte(change, 7) # 1) \
+         WHERE seq = 2",
+    );
+    db.sql("UPDATE accounts SET value = value || '\\x00'::bytea");
+    let refused = storage.read_log("space", 0, 10, usize::MAX).unwrap_err();
+    assert!(
+        matches!(&refused, StorageError::Damaged { what: "log entry", position, .. }
+            if position == "seq 2"),
+        "{refused}"
+    );
+    assert_eq!(
+        storage.read_log("space", 2, 10, usize::MAX).unwrap().len(),
+        1
+    );
+    let refused = storage.account("team").unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            StorageError::Damaged {
+                what: "account data",
+                ..
+            }
+        ),
+        "{refused}"
+    );
+}
+
+#[test]
 fn an_unreachable_database_is_named_as_such() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -347,6 +388,9 @@ fn ferry_relay_migrate_checks_and_applies_and_a_relay_refuses_a_newer_schema() {
     let check = operator.ferry(&["relay", "migrate", "--check"]);
     assert!(check.status.success(), "{check:?}");
     assert!(stdout(&check).contains("up to date"), "{check:?}");
+    // Operator commands with no relay running work on the database too.
+    operator.add_account("team");
+    assert_eq!(db.sql("SELECT name FROM accounts"), "team");
 
     db.sql("INSERT INTO ferry_schema (version, name) VALUES (9999, 'from_a_later_ferry')");
     let relay = operator
