@@ -111,7 +111,7 @@ impl From<StoreError> for ApiError {
             StoreError::MergeNeedsData(_) | StoreError::UnknownVersion { .. } => {
                 code::INVALID_PARAMS
             }
-            StoreError::UnknownCollection(_) => code::UNKNOWN_COLLECTION,
+            StoreError::UnknownCollection(_) | StoreError::NotSynced(_) => code::UNKNOWN_COLLECTION,
             StoreError::Record(RecordError::TooLarge { .. })
             | StoreError::ChangeTooLarge { .. } => code::TOO_LARGE,
             StoreError::Address(_) | StoreError::Record(RecordError::ReservedField { .. }) => {

@@ -42,6 +42,10 @@ pub const META_DAMAGE: &[u8] = b"mdamage";
 pub const META_SYNC_STATE: &[u8] = b"msync_state";
 /// Present while sync is paused across restarts (`ferry sync pause --remember`).
 pub const META_SYNC_PAUSED: &[u8] = b"msync_paused";
+/// The collections this device syncs (`None`: every one), as last opened (`store::partial`).
+pub const META_SYNCED: &[u8] = b"msynced_collections";
+/// A backfill under way after collections were added (`partial::Backfill`).
+pub const META_BACKFILL: &[u8] = b"mbackfill";
 pub const PENDING: &[u8] = b"p";
 pub const CURSOR: &[u8] = b"c";
 pub const CONFLICT: &[u8] = b"xe";

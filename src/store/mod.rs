@@ -23,6 +23,7 @@ use feed::{FeedChange, Origin};
 pub mod health;
 pub mod keys;
 pub mod kv;
+pub mod partial;
 pub mod snapshot;
 pub mod sync;
 
@@ -64,6 +65,11 @@ pub enum StoreError {
     NotFound { collection: String, id: String },
     #[error("collection {0:?} is not declared in the config: add a [collections.{0}] section")]
     UnknownCollection(String),
+    #[error(
+        "collection {0:?} is not synced on this device (sync.collections): add it there to sync \
+         and write it here, or write it on a device that syncs it"
+    )]
+    NotSynced(String),
     #[error(
         "this data directory belongs to device {stored}, but the identity key is device {given}: use the data directory's own key"
     )]
@@ -137,6 +143,9 @@ pub struct StoreOptions {
     pub priorities: BTreeMap<String, i32>,
     /// When set, only these collections may be written.
     pub declared_collections: Option<BTreeSet<String>>,
+    /// When set, only these collections are synced (`sync.collections`), and only they may be
+    /// written: a write elsewhere would never be brought up to date.
+    pub synced_collections: Option<BTreeSet<String>>,
     /// How each collection settles conflicts.
     pub policies: Policies,
     /// The account key encrypted fields are sealed and opened with; shared with whoever sets it.
@@ -166,6 +175,11 @@ impl StoreOptions {
         {
             return Err(StoreError::UnknownCollection(collection.to_owned()));
         }
+        if let Some(synced) = &self.synced_collections
+            && !synced.contains(collection)
+        {
+            return Err(StoreError::NotSynced(collection.to_owned()));
+        }
         if let Some(fields) = fields {
             validate_fields(fields, &self.limits)?;
         }
@@ -180,6 +194,7 @@ impl Default for StoreOptions {
             cache_docs: 1024,
             priorities: BTreeMap::new(),
             declared_collections: None,
+            synced_collections: None,
             policies: Policies::default(),
             keyring: Arc::default(),
             max_change_bytes: ferry_proto::wire::max_change_bytes(
@@ -423,6 +438,7 @@ impl Store {
             journal_limit: AtomicU64::new(health::journal_start_limit(kv_journal_bytes)),
         };
         store.note_damage(found)?;
+        store.note_synced_collections()?;
         Ok(store)
     }
 

@@ -747,9 +747,18 @@ impl Store {
         // brought of that history first.
         let mut purges: HashMap<CacheKey, u64> = HashMap::new();
         let mut purged_history: HashMap<CacheKey, Vec<&LogEntry>> = HashMap::new();
+        // Collections were added: the log is read again from its start, and the entries of
+        // those held before, up to where they were read, are applied already.
+        let backfill = self.backfill()?;
         for entry in entries {
             if let Some(bootstrap) = &bootstrap
                 && entry.seq <= bootstrap.covered(&entry.collection, &entry.record)
+            {
+                continue;
+            }
+            if backfill
+                .as_ref()
+                .is_some_and(|b| b.covers(entry.seq, &entry.collection))
             {
                 continue;
             }
@@ -969,6 +978,7 @@ impl Store {
             );
         }
         batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
+        self.stage_backfill_done(backfill.as_ref(), cursor, &mut batch);
         if bootstrap.is_some_and(|b| cursor >= b.end()) {
             batch.remove(keys::cursor(super::snapshot::SNAPSHOT_CURSOR));
         }
