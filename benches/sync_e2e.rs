@@ -68,6 +68,8 @@ usage: cargo bench --bench sync_e2e -- [OPTIONS]
                     every record is an update-update conflict; runs after the usual W3
   --encrypt-fields K  W1 with K of the 10 fields declared `encrypted` on both devices, which
                     have an account key set (default 0)
+  --feed-fields     W1's subscriber on B asks for each record's fields in its notifications
+                    (`subscribe` with `fields`), as an app reading the feed would
   --profile P       devices reach the relay through the link emulator with profile P (lan,
                     broadband, mobile, bad-3g, satellite; default: straight over loopback)
   --seed N          the link emulator's seed (default 1)
@@ -104,6 +106,8 @@ struct Options {
     only: Option<Workload>,
     /// W1's fields declared encrypted.
     encrypt_fields: usize,
+    /// W1's subscriber takes each record's fields with its notification.
+    feed_fields: bool,
     log: String,
     log_dir: Option<PathBuf>,
     /// The link between every device and the relay; `None`: loopback.
@@ -126,6 +130,7 @@ impl Options {
             w3_same_field: false,
             only: None,
             encrypt_fields: 0,
+            feed_fields: false,
             log: "info".into(),
             log_dir: None,
             profile: None,
@@ -155,6 +160,7 @@ impl Options {
                     o.w3_strategies.push(strategy.clone());
                 }
                 "--w3-same-field" => o.w3_same_field = true,
+                "--feed-fields" => o.feed_fields = true,
                 "--encrypt-fields" => {
                     let k = number(arg, text(arg)?)?;
                     if k > 10 {
@@ -612,12 +618,12 @@ enum Event {
 struct Subscriber(Client);
 
 impl Subscriber {
-    fn new(daemon: &Running) -> Subscriber {
+    fn new(daemon: &Running, fields: bool) -> Subscriber {
         let mut client = daemon.client();
         call(
             &mut client,
             "subscribe",
-            json!({ "collection": COLLECTION }),
+            json!({ "collection": COLLECTION, "fields": fields }),
         );
         client
             .set_read_timeout(Some(CONVERGE_TIMEOUT))
@@ -686,7 +692,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
 
     // B's subscriber counts the records as they land; `lagged` counts those whose notification
     // the daemon dropped because this reader fell behind, which still landed.
-    let mut subscriber = Subscriber::new(&b_daemon);
+    let mut subscriber = Subscriber::new(&b_daemon, o.feed_fields);
     // Each process's CPU time over the timed window, read the moment B holds everything: what
     // A does once it is done (compacting its store after the upload) is not the sync's.
     let a_pid = Arc::new(std::sync::OnceLock::new());
@@ -796,7 +802,12 @@ fn initial_sync(n: u64, o: &Options) -> Value {
             "records_per_s": per_second(n, c_download),
             "bytes_received": sc.bytes_received,
         },
-        "b_change_events": { "received": changes, "dropped_for_slow_reader": lagged },
+        "b_change_events": {
+            "received": changes,
+            "dropped_for_slow_reader": lagged,
+            "with_fields": o.feed_fields,
+            "records_per_s": per_second(changes, end_to_end),
+        },
         "link_stats": link,
         "wire": {
             "a_bytes_sent": sa.bytes_sent,
@@ -866,7 +877,7 @@ fn propagation(updates: u64, o: &Options) -> Value {
     eprintln!("sync_e2e: W2 propagation latency, {updates} patches");
     let logs = Logs::new(o, "w2");
     let pair = Pair::start(updates, None, o, &logs);
-    let mut subscriber = Subscriber::new(&pair.b);
+    let mut subscriber = Subscriber::new(&pair.b, false);
     let mut a = pair.a.client();
     let (mut propagated, mut acknowledged) = (Vec::new(), Vec::new());
     for k in 0..updates {
@@ -1216,6 +1227,17 @@ fn summarize(r: &Value) {
                 r["disk_bytes_after_clean_stop"]["a_per_record"],
                 r["disk_bytes_after_clean_stop"]["b_per_record"],
                 r["disk_bytes_after_clean_stop"]["relay_per_record"],
+            );
+            t += &format!(
+                "\nB's change feed{}: {} notifications ({} records/s), {} dropped for a slow reader",
+                if r["b_change_events"]["with_fields"] == json!(true) {
+                    " with fields"
+                } else {
+                    ""
+                },
+                r["b_change_events"]["received"],
+                r["b_change_events"]["records_per_s"],
+                r["b_change_events"]["dropped_for_slow_reader"],
             );
             t += &format!(
                 "\nC's initial sync by download alone: {} s ({} records/s, {} B received)",

@@ -272,8 +272,8 @@ pub struct RelayConfig {
     pub keep_log_entries: u64,
     /// A record deleted this many days ago (its last logged change deleted it) is purged, in
     /// the same passes as compaction: a purge entry is logged and its history dropped
-    /// (PROTOCOL.md, section 5.8; 0: never).
-    pub tombstone_days: u64,
+    /// (PROTOCOL.md, section 5.8; 0: never). A fraction of a day is allowed (0.5: 12 hours).
+    pub tombstone_days: f64,
     /// How often the relay compacts its spaces' logs, in seconds.
     pub compact_interval_secs: u64,
 }
@@ -311,7 +311,7 @@ impl Default for RelayConfig {
             metrics_token: String::new(),
             keep_log_days: 0,
             keep_log_entries: 0,
-            tombstone_days: 0,
+            tombstone_days: 0.0,
             compact_interval_secs: 3600,
         }
     }
@@ -344,6 +344,12 @@ impl RelayConfig {
             overlap_s: self.signing_key_overlap_secs,
             ..crate::auth::token::TokenPolicy::default()
         }
+    }
+
+    /// `tombstone_days` in milliseconds (0: never purge).
+    pub fn tombstone_ms(&self) -> u64 {
+        // Validated finite and not negative; `as` saturates at u64::MAX.
+        (self.tombstone_days * 86_400_000.0) as u64
     }
 }
 
@@ -418,6 +424,13 @@ impl Config {
                     "[collections.{name}] field {field:?} is both encrypted and in `unique` or `text`: an encrypted value is opaque to the relay and merged as a whole, so remove it from one of the lists"
                 ));
             }
+        }
+        if !self.relay.tombstone_days.is_finite() || self.relay.tombstone_days < 0.0 {
+            return Err(format!(
+                "relay.tombstone_days must be a number of days, 0 or more (0: never purge); \
+                 it is {}",
+                self.relay.tombstone_days
+            ));
         }
         let positive = [
             ("store.cache_docs", self.store.cache_docs),

@@ -20,7 +20,7 @@ use ferry::service::{Service, ServiceOptions, api, code};
 use ferry::store::{Store, StoreOptions};
 use ferry_proto::Operation;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixStream;
@@ -1044,6 +1044,50 @@ fn pipelined_requests_are_applied_in_order_and_each_answered_once() {
     assert_eq!(ids, [1001, 1002, 1003, 1004].map(|n| json!(n)).to_vec());
     assert_eq!(replies[2]["result"]["fields"], json!({"v": 1, "w": 2}));
 
+    // Pipelined writes that fail among writes that succeed (applied together where they
+    // arrive together): each failing one gets its own error, and nothing of it is written; the
+    // others are answered and written as if each had been sent alone.
+    let mut lines = String::new();
+    for n in 0..100u64 {
+        let (method, id) = if n % 3 == 1 {
+            ("patch", format!("missing{n}"))
+        } else {
+            ("put", format!("mixed{n}"))
+        };
+        let params = json!({"collection": "Mixed", "id": id, "fields": {"n": n}});
+        lines += &format!("{}\n", request(2000 + n, method, params));
+    }
+    raw.writer.write_all(lines.as_bytes()).unwrap();
+    let mut answered = BTreeMap::new();
+    while answered.len() < 100 {
+        let reply = raw.reply();
+        let id = reply["id"].as_u64().expect("a numeric id");
+        assert!(
+            answered.insert(id - 2000, reply).is_none(),
+            "{id} answered twice"
+        );
+    }
+    for (n, reply) in &answered {
+        if n % 3 == 1 {
+            assert_eq!(reply["error"]["code"], json!(code::NOT_FOUND), "{reply}");
+        } else {
+            assert!(reply.get("result").is_some(), "{reply}");
+        }
+    }
+    let listed = raw
+        .exchange(request(2100, "list", json!({"collection": "Mixed", "limit": 1000})).to_string());
+    let ids: BTreeSet<String> = listed["result"]["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["id"].as_str().expect("an id").to_owned())
+        .collect();
+    let written: BTreeSet<String> = (0..100u64)
+        .filter(|n| n % 3 != 1)
+        .map(|n| format!("mixed{n}"))
+        .collect();
+    assert_eq!(ids, written);
+
     // Many connections that each wrote stay open without holding anything that later
     // writes or reads on other connections need.
     let held: Vec<Raw> = (0..48)
@@ -1176,7 +1220,8 @@ fn a_subscriber_resumes_from_the_change_feed_without_missing_anything() {
         &["no longer kept", "re-read"],
     );
     raw.ok("subscribe", json!({"since": last}));
-    assert!(daemon.terminate().success());
+    let status = daemon.terminate();
+    assert!(status.success(), "the daemon stopped with {status}");
 }
 
 /// Several connections pipelining writes at once: a subscriber hears of every acknowledged

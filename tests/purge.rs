@@ -19,7 +19,7 @@ mod common;
 use common::{StepClock, fields};
 use ferry::clock::{Clock, FixedClock};
 use ferry::relay::storage::KvStorage;
-use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry::relay::store::{LogRetention, RelayStore, RelayStoreOptions};
 use ferry::resolve::{Conflict, ConflictKind, ConflictStatus, DeleteRule, Policies, Policy};
 use ferry::store::kv::MemoryKv;
 use ferry::store::{BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, Write};
@@ -129,6 +129,38 @@ impl Net {
                 .restored;
         }
     }
+
+    /// Compacts the relay's log through all but its last entry.
+    fn compact(&self) {
+        let retention = LogRetention {
+            keep_log_days: 0,
+            keep_log_entries: 1,
+        };
+        assert!(
+            self.relay
+                .compact_log(SPACE, T0, retention)
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    /// A bootstrap from the relay's snapshot, one record a page, then the log after it.
+    fn bootstrap(&self, store: &Store) {
+        loop {
+            let after = store
+                .snapshot_pages()
+                .unwrap()
+                .and_then(|b| b.resume_after());
+            let page = self
+                .relay
+                .snapshot_page(SPACE, after.as_ref(), 1, usize::MAX)
+                .unwrap();
+            if store.apply_snapshot_page(&page).unwrap().complete {
+                break;
+            }
+        }
+        self.download(store, 100);
+    }
 }
 
 fn put(store: &Store, collection: &str, id: &str, value: serde_json::Value) {
@@ -185,7 +217,9 @@ fn a_purged_records_late_edit_comes_back_as_a_new_history_on_every_device() {
         assert_eq!(shown(&c, "Doc", "r"), None);
 
         assert_eq!(
-            net.relay.purge_tombstones(SPACE, T0 + 2 * DAY, 1).unwrap(),
+            net.relay
+                .purge_tombstones(SPACE, T0 + 2 * DAY, DAY)
+                .unwrap(),
             1
         );
         for device in [&a, &c] {
@@ -275,7 +309,9 @@ fn under_keep_delete_a_late_edit_stays_in_the_conflict_entry() {
     .unwrap();
     net.upload(&a);
     assert_eq!(
-        net.relay.purge_tombstones(SPACE, T0 + 2 * DAY, 1).unwrap(),
+        net.relay
+            .purge_tombstones(SPACE, T0 + 2 * DAY, DAY)
+            .unwrap(),
         1
     );
     net.download(&b, 100);
@@ -291,11 +327,66 @@ fn under_keep_delete_a_late_edit_stays_in_the_conflict_entry() {
     }
     // The restoration left the record deleted: it is purged again in turn.
     assert_eq!(
-        net.relay.purge_tombstones(SPACE, T0 + 4 * DAY, 1).unwrap(),
+        net.relay
+            .purge_tombstones(SPACE, T0 + 4 * DAY, DAY)
+            .unwrap(),
         1
     );
     for device in [&a, &b] {
         net.download(device, 100);
         assert!(conflicts(device).is_empty());
+    }
+}
+
+/// A device's create, acknowledged by the relay but never met in the log (the device went
+/// offline after uploading), whose completed queue entry was pruned since: the relay purged the
+/// record (and, in one case, it was written again as a new history) and compacted its log past
+/// the purge entry. Bootstrapping from the snapshot, the device takes the record as purged
+/// (its create was logged, as its completed entry said), so it neither keeps the old record nor
+/// merges the old history into the new one.
+#[test]
+fn a_device_whose_acknowledged_create_was_pruned_from_its_queue_drops_the_purged_record() {
+    for written_again in [false, true] {
+        let net = Net::new();
+        let (a, b) = (net.device(A), net.device(B));
+        put(&a, "Doc", "r", json!({"n": 0}));
+        put(&a, "Doc", "kept", json!({"n": 1}));
+        net.upload(&a);
+        let (pruned, _) = a.prune_history(u64::MAX, 0, 100).unwrap();
+        assert_eq!(pruned, 2, "both completed entries are pruned");
+
+        net.download(&b, 100);
+        b.write(Write::Delete {
+            collection: "Doc".into(),
+            id: "r".into(),
+        })
+        .unwrap();
+        net.upload(&b);
+        assert_eq!(
+            net.relay
+                .purge_tombstones(SPACE, T0 + 2 * DAY, DAY)
+                .unwrap(),
+            1
+        );
+        net.download(&b, 100);
+        if written_again {
+            put(&b, "Doc", "r", json!({"m": 2}));
+        }
+        put(&b, "Doc", "last", json!({"n": 3}));
+        net.upload(&b);
+        net.compact();
+
+        net.bootstrap(&a);
+        let expected = written_again.then(|| fields(json!({"m": 2})));
+        assert_eq!(
+            shown(&a, "Doc", "r"),
+            expected,
+            "written again: {written_again}"
+        );
+        assert_eq!(shown(&a, "Doc", "kept"), Some(fields(json!({"n": 1}))));
+        assert_eq!(shown(&a, "Doc", "last"), Some(fields(json!({"n": 3}))));
+        let counts = a.queue_counts().unwrap();
+        assert_eq!((counts.pending, counts.failed), (0, 0), "{counts:?}");
+        assert!(conflicts(&a).is_empty(), "{:?}", conflicts(&a));
     }
 }

@@ -1100,7 +1100,7 @@ fn a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry(engine: &dyn Engi
     // Not old enough yet; never with 0 days.
     assert_eq!(
         relay_store
-            .purge_tombstones(SPACE, t0 + day / 2, 1)
+            .purge_tombstones(SPACE, t0 + day / 2, day)
             .unwrap(),
         0
     );
@@ -1113,13 +1113,13 @@ fn a_record_deleted_long_enough_ago_is_purged_by_a_purge_entry(engine: &dyn Engi
     assert_eq!(relay_store.head(SPACE).unwrap(), head);
     assert_eq!(
         relay_store
-            .purge_tombstones(SPACE, t0 + 2 * day, 1)
+            .purge_tombstones(SPACE, t0 + 2 * day, day)
             .unwrap(),
         1
     );
     assert_eq!(
         relay_store
-            .purge_tombstones(SPACE, t0 + 3 * day, 1)
+            .purge_tombstones(SPACE, t0 + 3 * day, day)
             .unwrap(),
         0
     );

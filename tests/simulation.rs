@@ -850,7 +850,7 @@ impl World {
         // As the relay's pass does, purging first: every record deleted so far counts as
         // deleted a day ago.
         let purged = relay
-            .purge_tombstones(SPACE, self.clock.now() + DAY_MS, 1)
+            .purge_tombstones(SPACE, self.clock.now() + DAY_MS, DAY_MS)
             .expect("purge");
         if purged > 0 {
             self.note(format!("the relay purges {purged} deleted records"));

@@ -956,6 +956,52 @@ fn a_log_entry_that_cannot_be_applied_is_quarantined_and_the_rest_applied() {
     );
 }
 
+/// Quarantined entries are pruned once the relay no longer needs the device to keep them: when
+/// their record's history is purged, by a purge entry met in the log or found in a snapshot.
+#[test]
+fn quarantined_entries_go_with_their_records_purged_history() {
+    use ferry::fuzzing::Forgery;
+    let origin = written(vec![
+        put("Note", "1", json!({"a": 1})),
+        patch("Note", "1", json!({"b": 2})),
+        put("Note", "2", json!({"c": 3})),
+    ]);
+    let good = as_log(origin.store(), 0, 1);
+    let mut truncated = renumbered(&good[2], 4);
+    truncated.change.pop();
+    let log = vec![
+        renumbered(&good[0], 1),
+        forged(&good[1], 2, Forgery::MissingObject),
+        renumbered(&good[2], 3),
+        truncated,
+    ];
+    let receiver = other_store(&MemoryKv::new());
+    let outcome = receiver.apply_remote(&log, 4).unwrap();
+    assert_eq!(outcome.quarantined.len(), 2);
+    assert_eq!(receiver.quarantined(10).unwrap().0, 2);
+
+    let purge = LogEntry::purge(5, "Note".into(), "1".into());
+    receiver.apply_remote(&[purge], 5).unwrap();
+    let (count, kept) = receiver.quarantined(10).unwrap();
+    assert_eq!(count, 1, "Note/1's entry goes with its history");
+    assert_eq!((kept[0].seq, kept[0].record.as_str()), (4, "2"));
+
+    // A snapshot past Note/2's purge entry: the page no longer lists it.
+    let page = ferry_proto::wire::SnapshotPage {
+        head: 7,
+        horizon: 7,
+        records: Vec::new(),
+        last: None,
+        complete: true,
+    };
+    receiver.apply_snapshot_page(&page).unwrap();
+    assert!(matches!(
+        receiver.get("Note", "2"),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(receiver.quarantined(10).unwrap().0, 0);
+}
+
 #[test]
 fn a_change_under_this_devices_actor_that_it_does_not_hold_is_not_taken_for_its_own() {
     use ferry::fuzzing::Forgery;

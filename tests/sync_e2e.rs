@@ -376,6 +376,71 @@ fn a_device_offline_past_the_horizon_bootstraps_again_and_loses_none_of_its_edit
     );
 }
 
+/// A record deleted on A is purged by the relay (`tombstone_days`, here about two seconds) while
+/// B, offline, holds an edit to it. B comes back: the record returns as a new history with B's
+/// fields, with the same `update_delete` conflict entry on both devices, and nothing else of the
+/// old history. Head: two creates, the delete, the purge entry and B's restoration.
+#[test]
+fn a_purged_records_late_edit_comes_back_on_every_device() {
+    let home = RelayHome::new();
+    let relay = Relay::start_with_config(
+        &home.dir,
+        None,
+        "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n\
+         tombstone_days = 0.00002\ncompact_interval_secs = 1\n",
+    );
+    let (a, b) = devices(&relay, str::to_string);
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+    for (id, fields) in [("r", json!({ "n": 0 })), ("other", json!({ "n": 1 }))] {
+        call(
+            &da,
+            "put",
+            json!({ "collection": "Doc", "id": id, "fields": fields }),
+        );
+    }
+    wait_converged(&[&da, &db], 2);
+    let exit = db.terminate();
+    assert!(exit.success(), "ferry daemon exited with {exit}");
+    let out = b.ferry(&["patch", "Doc/r", "--data", r#"{"late": true}"#]);
+    assert!(out.status.success(), "ferry patch: {}", stderr(&out));
+
+    call(&da, "delete", json!({ "collection": "Doc", "id": "r" }));
+    wait_for("the relay to purge the deleted record", TIMEOUT, || {
+        relay.log().contains("deleted records purged")
+    });
+    wait_converged(&[&da], 4);
+
+    let db = b.start_daemon_logged();
+    wait_converged(&[&da, &db], 5);
+    assert_same_records(&da, &db, "Doc", 2);
+    let r = call(&da, "get", json!({ "collection": "Doc", "id": "r" }));
+    assert_eq!(r["fields"], json!({ "n": 0, "late": true }));
+    let conflicts = |daemon: &Daemon| {
+        call(
+            daemon,
+            "conflicts.list",
+            json!({ "status": "all", "limit": 1000 }),
+        )["conflicts"]
+            .clone()
+    };
+    let found = conflicts(&da);
+    assert_eq!(
+        found
+            .as_array()
+            .map(|c| c.iter().map(|c| c["kind"].clone()).collect::<Vec<_>>()),
+        Some(vec![json!("update_delete")]),
+        "{found}"
+    );
+    assert_json_same(&conflicts(&db), &found, "conflicts on B vs A");
+    let history = call(&db, "history", json!({ "collection": "Doc", "id": "r" }));
+    assert_eq!(
+        history["changes"].as_array().map(Vec::len),
+        Some(1),
+        "the old history is gone; the restoration is the record's one change: {history}"
+    );
+}
+
 #[test]
 fn concurrent_offline_edits_of_one_record_merge() {
     let home = RelayHome::new();

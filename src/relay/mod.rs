@@ -279,7 +279,8 @@ pub async fn run(
                 keep_log_days: relay.keep_log_days,
                 keep_log_entries: relay.keep_log_entries,
             },
-            tombstone_days: relay.tombstone_days,
+            tombstone_ms: relay.tombstone_ms(),
+            spaces: shared.spaces.clone(),
         },
         Duration::from_secs(relay.compact_interval_secs.max(1)),
         stopped.clone(),
@@ -363,7 +364,10 @@ struct Compactor {
     alerts: Arc<alerts::RelayAlerts>,
     clock: Arc<dyn Clock>,
     retention: LogRetention,
-    tombstone_days: u64,
+    /// How long a record stays deleted before it is purged (0: never).
+    tombstone_ms: u64,
+    /// Where the purge entries' new heads are published, so live sessions get them at once.
+    spaces: Arc<server::Spaces>,
 }
 
 impl Compactor {
@@ -385,10 +389,18 @@ impl Compactor {
             // Before compaction, so that the purged records' entries can go in the same pass.
             match self
                 .store
-                .purge_tombstones(&space, self.clock.now_ms(), self.tombstone_days)
+                .purge_tombstones(&space, self.clock.now_ms(), self.tombstone_ms)
             {
                 Ok(0) => {}
-                Ok(purged) => tracing::info!(space, purged, "deleted records purged"),
+                Ok(purged) => {
+                    tracing::info!(space, purged, "deleted records purged");
+                    match self.store.head(&space) {
+                        Ok(head) => self.spaces.publish(&space, head),
+                        Err(e) => tracing::error!(space, error = %e,
+                            "cannot read the log's head to push the purge entries; devices get \
+                             them at their next sync"),
+                    }
+                }
                 Err(e) => tracing::error!(space, error = %e,
                     "cannot purge the account's deleted records; the next pass tries again"),
             }
@@ -440,7 +452,7 @@ async fn compact_logs(
     every: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    if compactor.retention == LogRetention::default() && compactor.tombstone_days == 0 {
+    if compactor.retention == LogRetention::default() && compactor.tombstone_ms == 0 {
         return;
     }
     let compactor = Arc::new(compactor);

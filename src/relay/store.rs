@@ -1281,8 +1281,8 @@ impl RelayStore {
         }))
     }
 
-    /// Purges the space's tombstones older than `tombstone_days` at `now_ms` (the relay's clock;
-    /// 0 days: never), PROTOCOL.md section 5.8: each record whose last logged change left it
+    /// Purges the space's tombstones older than `tombstone_ms` at `now_ms` (the relay's clock;
+    /// 0: never), PROTOCOL.md section 5.8: each record whose last logged change left it
     /// deleted, as its collection's policy shows it, at least that long ago gets a purge entry in
     /// the log, and its document, tail, logged heads, unique values and conflict entries go,
     /// a purge marker kept. Notes of records changed since are dropped. Appends to the space wait
@@ -1291,13 +1291,13 @@ impl RelayStore {
         &self,
         space: &str,
         now_ms: u64,
-        tombstone_days: u64,
+        tombstone_ms: u64,
     ) -> Result<usize, RelayStoreError> {
         let state = self.space(space)?;
-        if tombstone_days == 0 {
+        if tombstone_ms == 0 {
             return Ok(0);
         }
-        let cutoff = now_ms.saturating_sub(tombstone_days.saturating_mul(DAY_MS));
+        let cutoff = now_ms.saturating_sub(tombstone_ms);
         let mut purged = 0usize;
         loop {
             let _appends = lock(&state);

@@ -20,6 +20,7 @@ use ferry_proto::session::Bootstrap;
 use ferry_proto::wire::{RecordName, SnapshotPage, SnapshotRecord};
 use ferry_proto::{validate_collection, validate_record_id};
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 
 use super::conflicts::Ledger;
 use super::kv::Batch;
@@ -69,13 +70,15 @@ impl SnapshotPages {
 
 /// What a snapshot page's records purged: the records (each with the seq up to which its
 /// conflict entries went with its history), the restorations queued, and their documents.
-/// Per record: the changes of this device's the relay acknowledged, and whether one waits.
-type OwnUploads = std::collections::HashMap<CacheKey, (Vec<ChangeHash>, bool)>;
+/// Per record with queue entries not completed (waiting to be uploaded, or failed): their
+/// changes. Every other change this device wrote was acknowledged, its entry completed (and
+/// perhaps pruned since), so the relay logged it.
+type OwnUploads = std::collections::HashMap<CacheKey, HashSet<ChangeHash>>;
 
 #[derive(Default)]
 struct Purge {
-    /// This device's uploads, read when a record none of whose changes it met in the log needs
-    /// them: what the relay acknowledged of it is what it logged.
+    /// This device's uploads not acknowledged, read when a record none of whose changes it met
+    /// in the log needs them: the relay logged every other change of it.
     own: Option<OwnUploads>,
     records: std::collections::HashMap<CacheKey, u64>,
     restored: usize,
@@ -225,6 +228,7 @@ impl Store {
         } else {
             self.purge_conflicts(&purge.records, &mut ledger, &mut batch)?
         };
+        self.release_covered(page.head, &purge, &mut taken, &mut batch)?;
         self.finish_ledger(&ledger, &mut batch)?;
         for change in &mut applied {
             change.stage_feed(self, &mut batch)?;
@@ -248,34 +252,84 @@ impl Store {
         })
     }
 
-    /// Per record with queue entries: the changes the relay acknowledged logging, and whether
-    /// one waits to be uploaded (or failed).
+    /// Stages the removal of quarantined log entries (at or below the page's head) that the page
+    /// settled: those of a purged history, and those whose change a merged document now holds.
+    fn release_covered(
+        &self,
+        head: u64,
+        purge: &Purge,
+        taken: &mut [(CacheKey, Record)],
+        batch: &mut Batch,
+    ) -> Result<usize, StoreError> {
+        let index: std::collections::HashMap<CacheKey, usize> = taken
+            .iter()
+            .enumerate()
+            .map(|(i, (key, _))| (key.clone(), i))
+            .collect();
+        self.release_quarantined(batch, |entry| {
+            let key = (entry.collection.clone(), entry.record.clone());
+            if entry.seq > head {
+                return false;
+            }
+            if purge.records.contains_key(&key) {
+                return true;
+            }
+            let hash = entry
+                .hash
+                .as_deref()
+                .and_then(|h| h.parse::<ChangeHash>().ok());
+            match (hash, index.get(&key).and_then(|&i| taken.get_mut(i))) {
+                (Some(hash), Some((_, doc))) => doc.has_change(&hash),
+                _ => false,
+            }
+        })
+    }
+
+    /// Per record, the changes of this device's queue entries that are not completed.
     fn own_uploads(&self) -> Result<OwnUploads, StoreError> {
         let mut own = OwnUploads::new();
         let mut failed = None;
         self.scan_queue(None, |entry| {
-            let done = entry.status == ferry_proto::QueueStatus::Completed;
-            let key = (entry.model_name.clone(), entry.object_id.clone());
-            if done {
-                match self
-                    .with_change(entry)
-                    .and_then(|e| Ok(change_header(&e.data)?.hash))
-                {
-                    Ok(hash) => own.entry(key).or_default().0.push(hash),
-                    Err(e) => {
-                        failed = Some(e);
-                        return false;
-                    }
-                }
-            } else {
-                own.entry(key).or_default().1 = true;
+            if entry.status == ferry_proto::QueueStatus::Completed {
+                return true;
             }
-            true
+            let key = (entry.model_name.clone(), entry.object_id.clone());
+            match self
+                .with_change(entry)
+                .and_then(|e| Ok(change_header(&e.data)?.hash))
+            {
+                Ok(hash) => {
+                    own.entry(key).or_default().insert(hash);
+                    true
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
         })?;
         match failed {
             Some(e) => Err(e),
             None => Ok(own),
         }
+    }
+
+    /// The changes of `key` (a record none of whose changes this device met in the log) not
+    /// acknowledged yet, read once per page.
+    fn waiting_uploads(
+        &self,
+        purge: &mut Purge,
+        key: &CacheKey,
+    ) -> Result<HashSet<ChangeHash>, StoreError> {
+        if purge.own.is_none() {
+            purge.own = Some(self.own_uploads()?);
+        }
+        Ok(purge
+            .own
+            .as_ref()
+            .and_then(|own| own.get(key))
+            .cloned()
+            .unwrap_or_default())
     }
 
     /// The records this device holds in the page's key range (after `from`, through its last,
@@ -327,23 +381,15 @@ impl Store {
                 if listed.contains(&(key.0.as_str(), key.1.as_str())) {
                     continue;
                 }
-                let old = self.parse(&key.0, &bytes)?;
+                let mut old = self.parse(&key.0, &bytes)?;
                 let mut fresh = self.new_record(&key.0);
                 let restored = if self.never_logged(&key)? == Some(true) {
-                    if purge.own.is_none() {
-                        purge.own = Some(self.own_uploads()?);
-                    }
-                    let (acknowledged, waiting) = purge
-                        .own
-                        .as_ref()
-                        .and_then(|own| own.get(&key))
-                        .map(|(acked, waiting)| (!acked.is_empty(), *waiting))
-                        .unwrap_or_default();
-                    if !acknowledged {
+                    let waiting = self.waiting_uploads(purge, &key)?;
+                    if acknowledged(&mut old, &waiting)?.is_empty() {
                         // The relay never logged any of it: this device's own new record.
                         continue;
                     }
-                    waiting
+                    !waiting.is_empty()
                         && self.write_restoration(
                             &key,
                             old,
@@ -410,18 +456,12 @@ impl Store {
         let mut local = self.load(&key.0, &key.1)?;
         if let Some(held) = local.as_mut() {
             let never_logged = self.never_logged(key)? == Some(true);
+            let mut waiting = HashSet::new();
             let seen = if never_logged {
                 // None of its changes met in the log yet: those the relay acknowledged are
                 // logged all the same.
-                if purge.own.is_none() {
-                    purge.own = Some(self.own_uploads()?);
-                }
-                purge
-                    .own
-                    .as_ref()
-                    .and_then(|own| own.get(key))
-                    .map(|(acked, _)| acked.clone())
-                    .unwrap_or_default()
+                waiting = self.waiting_uploads(purge, key)?;
+                acknowledged(held, &waiting)?
             } else {
                 self.logged_heads_of(key, held)?
             };
@@ -434,14 +474,9 @@ impl Store {
                 purge.records.insert(key.clone(), before);
                 let mut fresh = self.new_record(&key.0);
                 let now = self.clock.now_ms();
-                let waiting = purge
-                    .own
-                    .as_ref()
-                    .and_then(|own| own.get(key))
-                    .is_some_and(|(_, waiting)| *waiting);
                 let restored = match local.take() {
                     Some(old) if never_logged => {
-                        waiting
+                        !waiting.is_empty()
                             && self.write_restoration(
                                 key,
                                 old,
@@ -485,4 +520,18 @@ impl Store {
         self.adopt_snapshot(ledger, key, logged, document, conflicts)?;
         Ok((doc, changed, existed))
     }
+}
+
+/// The changes of `record` that are not `waiting`: those of a record none of whose changes this
+/// device met in the log that the relay acknowledged, whose queue entries may be pruned since.
+fn acknowledged(
+    record: &mut Record,
+    waiting: &HashSet<ChangeHash>,
+) -> Result<Vec<ChangeHash>, StoreError> {
+    Ok(record
+        .changes_after(&[])?
+        .iter()
+        .map(|change| change.hash())
+        .filter(|hash| !waiting.contains(hash))
+        .collect())
 }

@@ -579,6 +579,33 @@ impl Store {
         Ok(summary)
     }
 
+    /// Stages the removal of the quarantined entries `released` says are no longer needed: their
+    /// record's history was purged, or its document now holds their change (merged from a
+    /// snapshot). Returns how many.
+    pub(super) fn release_quarantined(
+        &self,
+        batch: &mut Batch,
+        mut released: impl FnMut(&Quarantined) -> bool,
+    ) -> Result<usize, StoreError> {
+        let mut start = keys::QUARANTINE.to_vec();
+        let end = keys::prefix_end(keys::QUARANTINE);
+        let mut count = 0;
+        loop {
+            let page = self.kv.range(&start, &end, 256)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(count);
+            };
+            start = keys::after(last);
+            for (key, bytes) in page {
+                let entry: Quarantined = decode(&bytes, "quarantined entry")?;
+                if released(&entry) {
+                    batch.remove(key);
+                    count += 1;
+                }
+            }
+        }
+    }
+
     /// How many relay log entries are quarantined, and the first `limit` of them (oldest first).
     pub fn quarantined(&self, limit: usize) -> Result<(u64, Vec<Quarantined>), StoreError> {
         let end = keys::prefix_end(keys::QUARANTINE);
@@ -813,6 +840,14 @@ impl Store {
         let purged_open = if purges.is_empty() {
             0
         } else {
+            // Entries of a purged history that could not be applied go with it.
+            let of_purged = |q: &Quarantined| {
+                purges
+                    .get(&(q.collection.clone(), q.record.clone()))
+                    .is_some_and(|&purge| q.seq < purge)
+            };
+            quarantined.retain(|q| !of_purged(q));
+            self.release_quarantined(&mut batch, of_purged)?;
             self.purge_conflicts(&purges, &mut ledger, &mut batch)?
         };
         for key in order {
