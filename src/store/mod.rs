@@ -1,6 +1,7 @@
 //! The device's durable state: record documents, the SyncQueue, the SyncLog and metadata.
 //!
-//! Owns: key layout, the rule that a local write and its queue entry land in one atomic batch,
+//! Owns: key layout, the rule that a local write and its queue entry land in one atomic batch
+//! (with the record's view, `views`, as every batch that changes a document),
 //! the bounded cache of loaded documents, queue/log bookkeeping, the space bound (live bytes
 //! measured, compaction asked of the engine), and going back to what is durable after a flush
 //! failed for lack of space. Durability is explicit:

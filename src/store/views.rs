@@ -11,8 +11,7 @@
 //!
 //! Owns: the `v` keys and their encoding, the rule that a batch which writes or removes a
 //! document writes or removes its view (`Store::settle_views`, run by every batch that changes
-//! documents), the rebuild at open, and computing the view a document gives (what `doctor`
-//! compares views with).
+//! documents), the rebuild at open, and comparing a view with its document (`doctor`).
 //! Must not touch: what a change does to a document (the write and apply paths stage the view of
 //! the record they hold; anything else is computed here from the document's bytes).
 
@@ -317,30 +316,6 @@ impl Store {
         Ok(self
             .read_view(collection, id, |stored| Ok(stored.live))?
             .unwrap_or(false))
-    }
-
-    /// What `get` answers for the record computed from its document, not its view (what
-    /// `doctor` and tests hold views against). `None` for a missing or deleted record.
-    pub fn get_from_document(
-        &self,
-        collection: &str,
-        id: &str,
-    ) -> Result<Option<RecordView>, StoreError> {
-        let Some(computed) = self.computed_view(collection, id)? else {
-            return Ok(None);
-        };
-        let Some(mut found) = answer(
-            collection,
-            id,
-            &decode(&computed)?,
-            &self.options.keyring,
-            true,
-        )?
-        else {
-            return Ok(None);
-        };
-        found.conflicts = self.record_conflicts(collection, id)?;
-        Ok(Some(found))
     }
 
     /// Up to `wanted` live records of a collection after the id `after`, in id order, from
