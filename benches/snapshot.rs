@@ -163,6 +163,7 @@ fn bootstrap(relay: &RelayStore, space: &str, config: &SessionConfig) -> Joined 
                 after.as_ref(),
                 config.max_snapshot_records,
                 config.max_frame_bytes as usize / 2,
+                None,
             )
             .expect("read a snapshot page");
         let message = Message::SnapshotPage {

@@ -231,6 +231,17 @@ pub struct RelayConfig {
     pub cache_docs: usize,
     /// sled's page cache, in MiB.
     pub sled_cache_mb: u64,
+    /// Where the relay keeps everything: sled in its data directory, or a PostgreSQL database
+    /// several relay processes share.
+    pub storage: RelayStorageKind,
+    /// The database, for `storage = "postgres"`: a URL or libpq key=value string.
+    pub postgres_url: String,
+    /// Most connections one relay process opens to the database.
+    pub postgres_pool_size: usize,
+    /// How long to wait for a database connection, in seconds.
+    pub postgres_connect_timeout_secs: u64,
+    /// The longest one statement may run before the database cancels it, in seconds.
+    pub postgres_statement_timeout_secs: u64,
     /// From connection to an authenticated session, in ms.
     pub handshake_timeout_ms: u64,
     /// A connection silent this long is closed, in ms.
@@ -293,6 +304,11 @@ impl Default for RelayConfig {
             max_snapshot_records: session.max_snapshot_records,
             cache_docs: 4096,
             sled_cache_mb: 64,
+            storage: RelayStorageKind::Sled,
+            postgres_url: String::new(),
+            postgres_pool_size: 16,
+            postgres_connect_timeout_secs: 10,
+            postgres_statement_timeout_secs: 30,
             handshake_timeout_ms: session.handshake_timeout_ms,
             idle_timeout_ms: 30_000,
             congestion: Congestion::default(),
@@ -317,6 +333,17 @@ impl Default for RelayConfig {
     }
 }
 
+/// The relay's storage engine (`relay.storage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayStorageKind {
+    /// sled in the relay's data directory: one relay process.
+    #[default]
+    Sled,
+    /// A PostgreSQL database (`relay.postgres_url`) any number of relay processes share.
+    Postgres,
+}
+
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CollectionConfig {
@@ -337,6 +364,28 @@ pub struct CollectionConfig {
 }
 
 impl RelayConfig {
+    fn validate_postgres(&self) -> Result<(), String> {
+        if self.storage == RelayStorageKind::Postgres && self.postgres_url.is_empty() {
+            return Err(
+                "relay.storage = \"postgres\" needs relay.postgres_url, the database to keep \
+                 everything in (postgres://user@host:port/database)"
+                    .into(),
+            );
+        }
+        if !self.postgres_url.is_empty() {
+            // The error names what is wrong, never the URL, which may hold a password.
+            <tokio_postgres::Config as std::str::FromStr>::from_str(&self.postgres_url).map_err(
+                |e| {
+                    format!(
+                        "relay.postgres_url is not a PostgreSQL connection URL such as \
+                         postgres://user@host:port/database ({e})"
+                    )
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     pub fn token_policy(&self) -> crate::auth::token::TokenPolicy {
         crate::auth::token::TokenPolicy {
             access_ttl_s: self.access_token_secs,
@@ -508,7 +557,17 @@ impl Config {
                 "relay.logins_per_minute",
                 self.relay.logins_per_minute as usize,
             ),
+            ("relay.postgres_pool_size", self.relay.postgres_pool_size),
+            (
+                "relay.postgres_connect_timeout_secs",
+                self.relay.postgres_connect_timeout_secs as usize,
+            ),
+            (
+                "relay.postgres_statement_timeout_secs",
+                self.relay.postgres_statement_timeout_secs as usize,
+            ),
         ];
+        self.relay.validate_postgres()?;
         if self.relay.signing_key_overlap_secs < self.relay.access_token_secs {
             return Err(
                 "relay.signing_key_overlap_secs must be at least relay.access_token_secs: a \
@@ -662,6 +721,35 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("encrypted"), "{err}");
+    }
+
+    #[test]
+    fn postgres_storage_needs_a_url_that_parses() {
+        let err =
+            Config::parse("[relay]\nstorage = \"postgres\"\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("relay.postgres_url"), "{err}");
+        let err = Config::parse(
+            "[relay]\nstorage = \"postgres\"\npostgres_url = \"postgres://u:secret@h:notaport/db\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("relay.postgres_url is not"), "{message}");
+        assert!(!message.contains("secret"), "{message}");
+        let err = Config::parse("[relay]\nstorage = \"mysql\"\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("storage"), "{err}");
+        let c = Config::parse(
+            "[relay]\nstorage = \"postgres\"\npostgres_url = \"postgres://ferry@127.0.0.1:5432/ferry\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.relay.storage, RelayStorageKind::Postgres);
+        let err =
+            Config::parse("[relay]\npostgres_pool_size = 0\n", Path::new("c.toml")).unwrap_err();
+        assert!(
+            err.to_string().contains("relay.postgres_pool_size"),
+            "{err}"
+        );
     }
 
     #[test]

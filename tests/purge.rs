@@ -153,7 +153,7 @@ impl Net {
                 .and_then(|b| b.resume_after());
             let page = self
                 .relay
-                .snapshot_page(SPACE, after.as_ref(), 1, usize::MAX)
+                .snapshot_page(SPACE, after.as_ref(), 1, usize::MAX, None)
                 .unwrap();
             if store.apply_snapshot_page(&page).unwrap().complete {
                 break;

@@ -1,7 +1,7 @@
 //! The relay storage conformance suite: the properties every `RelayStorage` engine must have,
 //! written once, generic over the engine, and run against each one (the embedded engine on sled
-//! in a temporary directory and on the in-memory KV). An engine added later gets its own
-//! `conformance!` line.
+//! in a temporary directory and on the in-memory KV; the PostgreSQL engine on a private server,
+//! `common::postgres`). An engine added later gets its own `conformance!` line.
 //!
 //! The log: appends numbered from the head they were staged against, read back in ranges and
 //! byte-bounded pages; an append staged against a head that moved is refused whole; the dedup
@@ -30,13 +30,14 @@ mod relay_fixtures;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use common::postgres::PgServer;
 use common::{fields, open_sled, proptest_config};
 use ferry::auth::token::Family;
 use ferry::clock::FixedClock;
 use ferry::record::Record;
 use ferry::relay::storage::{
     AccountRecord, AccountWrite, Append, ClientKind, Compaction, DeviceRecord, EnrolmentRecord,
-    Holders, KvStorage, LogCompaction, LoggedChange, RelayConflictCount, RelayStorage,
+    Holders, KvStorage, LogCompaction, LoggedChange, PgStorage, RelayConflictCount, RelayStorage,
     StorageError, StoredKey, UniqueValue,
 };
 use ferry::relay::store::{LogRetention, RelayStore, RelayStoreError, RelayStoreOptions};
@@ -54,8 +55,9 @@ trait Engine {
     /// The engine as a restart finds it: only what was durable. The caller drops what `open`
     /// gave first.
     fn reopen(&self) -> Arc<dyn RelayStorage>;
-    /// Damages the values stored under `keys` (the embedded engine's layout) as a disk would:
-    /// they then fail their checksums. The caller drops what `open` gave first.
+    /// Damages the values stored under `keys` (the embedded engine's layout; another engine
+    /// damages the rows holding what those keys hold) as a disk would: they then fail their
+    /// checksums. The caller drops what `open` gave first.
     fn damage(&self, keys: &[Vec<u8>]);
 }
 
@@ -113,6 +115,83 @@ impl Engine for Sled {
             db.insert(key.as_slice(), value).unwrap();
         }
         db.flush().unwrap();
+    }
+}
+
+/// The PostgreSQL engine on a database of its own on the test binary's server; a restart is a
+/// new engine on the same database (every commit was durable when it returned).
+struct Postgres {
+    server: &'static PgServer,
+    database: String,
+}
+
+impl Postgres {
+    fn new() -> Self {
+        let server = PgServer::shared();
+        Postgres {
+            server,
+            database: server.create_database(),
+        }
+    }
+}
+
+impl Engine for Postgres {
+    fn open(&self) -> Arc<dyn RelayStorage> {
+        Arc::new(PgStorage::open(&self.server.options(&self.database)).unwrap())
+    }
+
+    fn reopen(&self) -> Arc<dyn RelayStorage> {
+        self.open()
+    }
+
+    /// A base or heads row gets a flipped bit in its value, a tail row (which holds no value
+    /// beside its key) in its checksum.
+    fn damage(&self, keys: &[Vec<u8>]) {
+        for key in keys {
+            let (kind, rest) = key.split_first().unwrap();
+            let (names, seq) = match kind {
+                b't' => {
+                    let (names, seq) = rest.split_at(rest.len() - 8);
+                    (names, Some(u64::from_be_bytes(seq.try_into().unwrap())))
+                }
+                _ => (rest, None),
+            };
+            let parts: Vec<String> = names
+                .split(|&b| b == 0)
+                .filter(|p| !p.is_empty())
+                .map(|p| String::from_utf8(p.to_vec()).unwrap().replace('\'', "''"))
+                .collect();
+            let [space, collection, record] = &parts[..] else {
+                panic!("not a record's key: {key:?}");
+            };
+            let row = format!(
+                "space = '{space}' AND collection = '{collection}' AND record = '{record}'"
+            );
+            let sql = match (kind, seq) {
+                (b'b', None) => format!(
+                    "UPDATE bases SET base = set_byte(base, 0, get_byte(base, 0) # 32) WHERE {row}"
+                ),
+                (b'r', None) => format!(
+                    "UPDATE record_heads SET heads = set_byte(heads, 0, get_byte(heads, 0) # 32) \
+                     WHERE {row}"
+                ),
+                (b't', Some(seq)) => {
+                    format!("UPDATE tails SET crc = crc # 1 WHERE {row} AND seq = {seq}")
+                }
+                _ => panic!("no PostgreSQL row for key {key:?}"),
+            };
+            let updated = self.server.sql(
+                &self.database,
+                &format!("WITH d AS ({sql} RETURNING 1) SELECT count(*) FROM d"),
+            );
+            assert_eq!(updated.trim(), "1", "nothing stored under {key:?}");
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.server.drop_database(&self.database);
     }
 }
 
@@ -974,7 +1053,7 @@ fn the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(engine: 
     let slice = relay_store.read_since(SPACE, 12, 100, usize::MAX).unwrap();
     assert_eq!(slice.entries.len(), 8);
     let page = relay_store
-        .snapshot_page(SPACE, None, 10, usize::MAX)
+        .snapshot_page(SPACE, None, 10, usize::MAX, None)
         .unwrap();
     assert_eq!((page.horizon, page.head, page.records.len()), (12, 20, 4));
     // An old change sent again is still a duplicate, and edits go on on top.
@@ -1673,3 +1752,4 @@ macro_rules! conformance {
 
 conformance!(memory, Memory::new());
 conformance!(sled, Sled::new());
+conformance!(postgres, Postgres::new());

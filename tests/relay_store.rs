@@ -782,7 +782,7 @@ fn snapshot_pages_hold_each_records_document_and_conflicts_once_the_entries_are_
             record: record.into(),
         });
         relay
-            .snapshot_page(SPACE, after.as_ref(), 1, usize::MAX)
+            .snapshot_page(SPACE, after.as_ref(), 1, usize::MAX, None)
             .unwrap()
     };
     // In key order, one record a page, each page as of the head.
@@ -846,23 +846,27 @@ fn heads_digests_page_through_the_space_in_record_order() {
     }
     let (_, expected) = expected.finish();
 
-    let whole = relay.heads_digest(SPACE, None, 10).unwrap();
+    let whole = relay.heads_digest(SPACE, None, 10, None).unwrap();
     assert_eq!(
         (whole.head, whole.records, whole.complete, whole.digest),
         (4, 3, true, expected)
     );
-    let first = relay.heads_digest(SPACE, None, 2).unwrap();
+    let first = relay.heads_digest(SPACE, None, 2, None).unwrap();
     let name = |id: &str| RecordName {
         collection: "Doc".into(),
         record: id.into(),
     };
     assert_eq!((first.records, first.complete), (2, false));
     assert_eq!(first.last, Some(name("b")));
-    let rest = relay.heads_digest(SPACE, first.last.as_ref(), 2).unwrap();
+    let rest = relay
+        .heads_digest(SPACE, first.last.as_ref(), 2, None)
+        .unwrap();
     assert_eq!((rest.records, rest.complete), (1, true));
     assert_eq!(rest.last, Some(name("c")));
     assert_ne!(first.digest, whole.digest);
-    let past_the_end = relay.heads_digest(SPACE, rest.last.as_ref(), 2).unwrap();
+    let past_the_end = relay
+        .heads_digest(SPACE, rest.last.as_ref(), 2, None)
+        .unwrap();
     assert_eq!((past_the_end.records, past_the_end.complete), (0, true));
 }
 

@@ -138,7 +138,7 @@ impl Net {
             .and_then(|b| b.resume_after());
         let page = self
             .relay
-            .snapshot_page(SPACE, after.as_ref(), max_records, usize::MAX)
+            .snapshot_page(SPACE, after.as_ref(), max_records, usize::MAX, None)
             .unwrap();
         store.apply_snapshot_page(&page).unwrap().complete
     }

@@ -19,11 +19,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::wire::{
-    ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, HEADS_CHECK_VERSION, LogEntry,
-    MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message, OWN_ENTRIES_LEFT_OUT_VERSION,
-    PIPELINED_DOWNLOAD_VERSION, PROTOCOL_VERSION, PURGE_VERSION, RecordName, SNAPSHOT_VERSION,
-    Secret, SnapshotPage, Tokens, UploadChange, auth_transcript,
+    COLLECTIONS_VERSION, ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind,
+    HEADS_CHECK_VERSION, LogEntry, MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message,
+    OWN_ENTRIES_LEFT_OUT_VERSION, PIPELINED_DOWNLOAD_VERSION, PROTOCOL_VERSION, PURGE_VERSION,
+    RecordName, SNAPSHOT_VERSION, Secret, SnapshotPage, Tokens, UploadChange, auth_transcript,
 };
+
+/// The most collections one `Collections` may name.
+pub const MAX_COLLECTIONS: usize = 1000;
 
 /// The longest space name the relay accepts, in bytes.
 pub const MAX_SPACE_BYTES: usize = 128;
@@ -360,6 +363,9 @@ pub struct DeviceSession {
     heads_deadline: Option<u64>,
     bootstrap: Bootstrap,
     snapshotting: Snapshotting,
+    /// The collections this device syncs (empty: every one), sent as `Collections` once the
+    /// session is open.
+    collections: Vec<String>,
     /// The protocol version the relay chose (0 before its challenge).
     version: u16,
     handshake: Handshake,
@@ -425,6 +431,7 @@ impl DeviceSession {
             heads_deadline: None,
             bootstrap: Bootstrap::Off,
             snapshotting: Snapshotting::No,
+            collections: Vec::new(),
             version: 0,
             handshake: Handshake::AwaitChallenge,
             upload: Upload::default(),
@@ -452,6 +459,12 @@ impl DeviceSession {
     /// unless set).
     pub fn set_bootstrap(&mut self, bootstrap: Bootstrap) {
         self.bootstrap = bootstrap;
+    }
+
+    /// Syncs only these collections (PROTOCOL.md, section 5.9; empty: every one). Set before
+    /// `Welcome`: a relay that speaks no version with `Collections` is then refused.
+    pub fn set_collections(&mut self, collections: Vec<String>) {
+        self.collections = collections;
     }
 
     /// A bootstrap from the relay's snapshot is under way.
@@ -766,8 +779,23 @@ impl DeviceSession {
                     tokens,
                 },
             ) => {
+                if !self.collections.is_empty() && version < COLLECTIONS_VERSION {
+                    return self.violation(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "the relay speaks protocol {version}, which cannot sync only some \
+                             collections (sync.collections needs {COLLECTIONS_VERSION}): upgrade \
+                             the relay, or sync every collection"
+                        ),
+                    );
+                }
                 self.handshake = Handshake::Open;
                 self.version = version;
+                if !self.collections.is_empty() {
+                    self.transmit(Message::Collections {
+                        names: self.collections.clone(),
+                    });
+                }
                 self.session_granted(time_ms, expires_ms, tokens, now);
                 self.relay_head = head;
                 self.config.max_batch_changes =
@@ -840,7 +868,10 @@ impl DeviceSession {
                 Snapshotting::Reading { asked: Some(_), .. }
             ) =>
             {
-                if records.is_empty() != last.is_none() || (records.is_empty() && !complete) {
+                // A page names the last record it covers; only a last page that covers none
+                // names none. A page of a session syncing some collections may list no record
+                // and still cover some (of other collections).
+                if last.is_none() && (!records.is_empty() || !complete) {
                     return self.violation(
                         ErrorCode::Malformed,
                         "a SnapshotPage must name its last record, and only an empty last page \
@@ -981,8 +1012,9 @@ impl DeviceSession {
     }
 
     /// The entries of `(after, through]` missing from `entries`, which must all be this
-    /// session's own uploads (the relay leaves out only those), and forgets the uploads up to
-    /// `through`: the relay does too once it sent this, so later pages hold them whole.
+    /// session's own uploads (the relay leaves out only those, and the entries of collections a
+    /// session syncing some does not sync), and forgets the uploads up to `through`: the relay
+    /// does too once it sent this, so later pages hold them whole.
     fn left_out(
         &mut self,
         after: u64,
@@ -1001,7 +1033,9 @@ impl DeviceSession {
                 }
             }
         }
-        if own.len() as u64 != missing {
+        // A session syncing some collections is sent only their entries: the others are
+        // missing too.
+        if own.len() as u64 != missing && self.collections.is_empty() {
             return Err(format!(
                 "Changes after {after} through {through} holds {} entries and leaves out {} of \
                  this device's uploads: {} entries are missing that the device did not upload",
@@ -1322,12 +1356,17 @@ pub enum RelayEffect {
     DigestHeads {
         after: Option<RecordName>,
         max_records: u32,
+        /// Only the records of these collections (`None`: every one).
+        collections: Option<BTreeSet<String>>,
     },
     /// Read a page of the space's snapshot: up to `max_records` records after `after`, as of one
     /// log head, and answer with [`RelaySession::snapshot_read`].
     ReadSnapshot {
         after: Option<RecordName>,
         max_records: u32,
+        /// Only the records of these collections (`None`: every one); the page still names
+        /// the last record it went through, of any collection.
+        collections: Option<BTreeSet<String>>,
     },
 }
 
@@ -1412,6 +1451,11 @@ pub struct RelaySession {
     live: bool,
     /// The space's head as last heard from the store.
     known_head: u64,
+    /// The collections the device syncs (`Collections`, version 6; `None`: every one).
+    collections: Option<BTreeSet<String>>,
+    /// The device has asked for something (a download, a snapshot page or a heads digest):
+    /// too late to choose its collections.
+    requested: bool,
     outputs: VecDeque<RelayOutput>,
 }
 
@@ -1433,6 +1477,8 @@ impl RelaySession {
             version: 0,
             acked: BTreeSet::new(),
             sent_through: 0,
+            collections: None,
+            requested: false,
             live: false,
             known_head: 0,
             outputs: VecDeque::new(),
@@ -1716,6 +1762,9 @@ impl RelaySession {
             entries.retain(|e| !self.acked.contains(&e.seq));
             self.acked = self.acked.split_off(&slice.through.saturating_add(1));
         }
+        if let Some(collections) = &self.collections {
+            entries.retain(|e| collections.contains(&e.collection));
+        }
         self.sent_through = slice.through;
         let (through, head) = (slice.through, slice.head);
         self.transmit(Message::Changes {
@@ -1885,6 +1934,7 @@ impl RelaySession {
                 self.effect(RelayEffect::Store { batch, changes });
             }
             (RelayState::Open, Message::Download { since, max_changes }) => {
+                self.requested = true;
                 if max_changes == 0 {
                     return self.fail(
                         ErrorCode::Malformed,
@@ -1922,9 +1972,11 @@ impl RelaySession {
                     return self.fail(ErrorCode::TooLarge, problem);
                 }
                 self.digesting = true;
+                self.requested = true;
                 self.effect(RelayEffect::DigestHeads {
                     after,
                     max_records: max_records.clamp(1, self.config.max_download_changes.max(1)),
+                    collections: self.collections.clone(),
                 });
             }
             (RelayState::Open, Message::Snapshot { after, max_records })
@@ -1940,10 +1992,54 @@ impl RelaySession {
                     return self.fail(ErrorCode::TooLarge, problem);
                 }
                 self.snapshotting = true;
+                self.requested = true;
                 self.effect(RelayEffect::ReadSnapshot {
                     after,
                     max_records: max_records.clamp(1, self.config.max_snapshot_records.max(1)),
+                    collections: self.collections.clone(),
                 });
+            }
+            (RelayState::Open, Message::Collections { names })
+                if self.version >= COLLECTIONS_VERSION =>
+            {
+                if self.requested || self.collections.is_some() {
+                    return self.fail(
+                        ErrorCode::UnexpectedMessage,
+                        "Collections comes once, before the session's first request".into(),
+                    );
+                }
+                if names.len() > MAX_COLLECTIONS {
+                    return self.fail(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "Collections names {} collections, over the limit of \
+                             {MAX_COLLECTIONS}",
+                            names.len()
+                        ),
+                    );
+                }
+                if let Some(name) = names
+                    .iter()
+                    .find(|n| n.is_empty() || n.len() > MAX_CREDENTIAL_BYTES)
+                {
+                    return self.fail(
+                        ErrorCode::Malformed,
+                        format!(
+                            "Collections names a collection of {} bytes: no collection name is \
+                             that long or empty",
+                            name.len()
+                        ),
+                    );
+                }
+                if names.is_empty() {
+                    return self.fail(
+                        ErrorCode::Malformed,
+                        "Collections names no collection: a device syncing every collection \
+                         sends none"
+                            .into(),
+                    );
+                }
+                self.collections = Some(names.into_iter().collect());
             }
             (_, other) => self.fail(
                 ErrorCode::UnexpectedMessage,

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The first version with `CheckHeads` / `HeadsDigest`.
 pub const HEADS_CHECK_VERSION: u16 = 3;
 /// The first version in which `Changes` leaves out the entries the relay answered `Stored` or
@@ -22,6 +22,9 @@ pub const PIPELINED_DOWNLOAD_VERSION: u16 = 4;
 /// The first version whose log may hold purge entries (`LogEntry::is_purge`) and whose uploads
 /// may be answered `Rejected{RecordPurged}` (PROTOCOL.md, section 5.8).
 pub const PURGE_VERSION: u16 = 5;
+/// The first version with `Collections`: a device that syncs only some collections
+/// (PROTOCOL.md, section 5.9).
+pub const COLLECTIONS_VERSION: u16 = 6;
 /// The oldest protocol version this build still speaks. Version 1 had no accounts or tokens:
 /// a relay that requires them cannot let a version 1 device in.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
@@ -404,6 +407,10 @@ pub enum Message {
     /// relay's compaction horizon: the log up to `horizon` is no longer kept, so the device
     /// bootstraps from a snapshot instead (PROTOCOL.md, section 5.8).
     Compacted { horizon: u64 },
+    /// Device → relay (version 6), before anything else once the session is open: this session
+    /// syncs only these collections. `Changes`, pushes, `SnapshotPage` and `HeadsDigest` then
+    /// hold only their records; cursors stay log positions (PROTOCOL.md, section 5.9).
+    Collections { names: Vec<String> },
 }
 
 /// A page of a space's snapshot: the fields of `Message::SnapshotPage`, as the relay's store
@@ -498,6 +505,7 @@ impl Message {
             Message::Snapshot { .. } => "Snapshot",
             Message::SnapshotPage { .. } => "SnapshotPage",
             Message::Compacted { .. } => "Compacted",
+            Message::Collections { .. } => "Collections",
         }
     }
 }

@@ -83,10 +83,11 @@ fn message_tag(message: &Message) -> u8 {
         Message::Snapshot { .. } => 13,
         Message::SnapshotPage { .. } => 14,
         Message::Compacted { .. } => 15,
+        Message::Collections { .. } => 16,
     }
 }
 
-const MESSAGE_VARIANTS: u8 = 16;
+const MESSAGE_VARIANTS: u8 = 17;
 
 fn sample_tokens() -> Tokens {
     Tokens {
@@ -358,6 +359,12 @@ fn vectors() -> Vec<(&'static str, Message)> {
             },
         ),
         ("compacted", Message::Compacted { horizon: 4000 }),
+        (
+            "collections",
+            Message::Collections {
+                names: vec!["Customer".into(), "Invoice".into()],
+            },
+        ),
         (
             "error_unsupported_version",
             Message::Error {

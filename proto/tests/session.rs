@@ -10,6 +10,8 @@
     clippy::unreachable
 )]
 
+use std::collections::BTreeSet;
+
 use ed25519_dalek::SigningKey;
 use ferry_proto::session::{
     Bootstrap, DeviceEffect, DeviceEvent, DeviceOutput, DeviceSession, Grant, LogSlice,
@@ -68,7 +70,14 @@ impl World {
 
     /// The log's records in key order after `after`, at most `max`, as of the head (a
     /// document's bytes are its changes laid end to end).
-    fn snapshot_page(&self, after: Option<&RecordName>, max: u32) -> SnapshotPage {
+    /// Only records of `collections` are listed (`None`: all), the page still naming the last
+    /// record it went through.
+    fn snapshot_page(
+        &self,
+        after: Option<&RecordName>,
+        max: u32,
+        collections: Option<&BTreeSet<String>>,
+    ) -> SnapshotPage {
         let mut records: std::collections::BTreeMap<RecordName, Vec<u8>> = Default::default();
         for (_, entry) in &self.log {
             let name = RecordName {
@@ -90,6 +99,7 @@ impl World {
             last: records.last().map(|(name, _)| name.clone()),
             records: records
                 .into_iter()
+                .filter(|(name, _)| collections.is_none_or(|c| c.contains(&name.collection)))
                 .map(|(name, document)| SnapshotRecord {
                     collection: name.collection,
                     record: name.record,
@@ -161,6 +171,8 @@ struct Pair {
     refuse: Option<(ErrorCode, String)>,
     /// The heads checks the relay was asked for.
     digests_asked: Vec<(Option<RecordName>, u32)>,
+    /// The collections each heads check and snapshot page was asked for.
+    collections_asked: Vec<Option<BTreeSet<String>>>,
 }
 
 /// The digest the test relay answers every heads check with.
@@ -232,6 +244,7 @@ impl Pair {
             issued: 0,
             refuse: None,
             digests_asked: Vec::new(),
+            collections_asked: Vec::new(),
         }
     }
 
@@ -308,13 +321,24 @@ impl Pair {
             RelayEffect::Read {
                 since, max_changes, ..
             } => self.relay.read(world.read(since, max_changes)),
-            RelayEffect::DigestHeads { after, max_records } => {
+            RelayEffect::DigestHeads {
+                after,
+                max_records,
+                collections,
+            } => {
                 self.digests_asked.push((after, max_records));
+                self.collections_asked.push(collections);
                 self.relay.heads_digest(world.head(), 1, None, true, DIGEST);
             }
-            RelayEffect::ReadSnapshot { after, max_records } => self
-                .relay
-                .snapshot_read(world.snapshot_page(after.as_ref(), max_records)),
+            RelayEffect::ReadSnapshot {
+                after,
+                max_records,
+                collections,
+            } => {
+                let page = world.snapshot_page(after.as_ref(), max_records, collections.as_ref());
+                self.collections_asked.push(collections);
+                self.relay.snapshot_read(page)
+            }
         }
     }
 
@@ -713,7 +737,7 @@ fn the_next_snapshot_page_is_asked_for_as_a_page_arrives_and_at_most_two_wait_to
             .collect()
     };
     let page_after = |after: Option<&RecordName>| {
-        let page = world.snapshot_page(after, 2);
+        let page = world.snapshot_page(after, 2, None);
         Message::SnapshotPage {
             head: page.head,
             horizon: page.horizon,
@@ -836,6 +860,86 @@ fn a_snapshot_page_that_names_no_last_record_is_a_protocol_error() {
             ..
         })
     ));
+}
+
+fn in_collection(collection: &str, entry: u64) -> UploadChange {
+    UploadChange {
+        collection: collection.into(),
+        ..change(entry)
+    }
+}
+
+/// A device that syncs some collections says so once the session is open: downloads and pushes
+/// hold only their entries, its cursor still moves over every log position, and the snapshot
+/// pages and heads checks it asks for are of those collections only.
+#[test]
+fn a_device_syncing_some_collections_gets_only_their_entries_and_its_cursor_covers_the_log() {
+    let mut world = World::default();
+    world.append(
+        "other",
+        &[change(1), in_collection("Invoice", 2), change(3)],
+    );
+    let mut pair = Pair::new([30; 32], 0);
+    pair.device.set_collections(vec!["Invoice".into()]);
+    pair.run(&mut world);
+    let seqs = |world: &World| world.applied.iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(&world), [2]);
+    assert_eq!(world.cursor, 3);
+
+    world.append("other", &[change(4), in_collection("Invoice", 5)]);
+    pair.relay.appended(world.head());
+    pair.run(&mut world);
+    assert_eq!(seqs(&world), [2, 5]);
+    assert_eq!(world.cursor, 5);
+
+    // A fresh device bootstrapping, a record a page: pages of the other collection come back
+    // empty but name how far they went.
+    let mut world = World {
+        log: world.log,
+        ..World::default()
+    };
+    let mut pair = Pair::new([31; 32], 0);
+    pair.device.set_bootstrap(Bootstrap::Fresh);
+    pair.device.set_collections(vec!["Invoice".into()]);
+    pair.relay = RelaySession::new(
+        SessionConfig {
+            max_snapshot_records: 1,
+            ..SessionConfig::default()
+        },
+        [9; 32],
+        BINDING.to_vec(),
+        0,
+    );
+    pair.run(&mut world);
+    let invoices = ["r2", "r5"].map(|r| RecordName {
+        collection: "Invoice".into(),
+        record: r.into(),
+    });
+    assert_eq!(world.snapshot, invoices.to_vec());
+    assert_eq!(world.cursor, 5);
+    let only = Some(BTreeSet::from(["Invoice".to_owned()]));
+    assert!(!pair.collections_asked.is_empty());
+    assert!(pair.collections_asked.iter().all(|c| *c == only));
+}
+
+/// A device that syncs some collections refuses a relay that cannot send only those.
+#[test]
+fn a_relay_without_collections_is_refused_by_a_device_syncing_some() {
+    let mut world = World::default();
+    world.append("other", &[change(1)]);
+    let mut pair = Pair::new([32; 32], 0);
+    pair.device.set_collections(vec!["Invoice".into()]);
+    pair.hello_as_version(5);
+    pair.run(&mut world);
+    assert!(pair.device.is_closed());
+    assert!(world.applied.is_empty());
+    match closed_with(&pair.device_events) {
+        Some(SessionError::Protocol {
+            code: ErrorCode::UnsupportedVersion,
+            message,
+        }) => assert!(message.contains("sync.collections"), "{message}"),
+        other => panic!("closed with {other:?}"),
+    }
 }
 
 #[test]

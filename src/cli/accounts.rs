@@ -1,24 +1,24 @@
-//! `ferry relay account|enrol|devices|revoke|rotate-key|rebuild-record` (the relay operator's
-//! side) and `ferry register` (a device joining an account).
+//! `ferry relay account|enrol|devices|revoke|rotate-key|rebuild-record|migrate` (the relay
+//! operator's side) and `ferry register` (a device joining an account).
 //!
 //! Operator commands go to the running relay's socket (`relay::admin`), or, when no relay runs,
 //! open its store and run the same typed method (`relay::admin::AdminMethod`).
 //! Must not touch: accounts' storage; sessions beyond `engine::register`.
 
 use super::{Context, Failure, format_ms, print_json, read_secret_line, runtime};
+use crate::config::RelayStorageKind;
 use crate::config::SyncConfig;
 use crate::datadir::DataDirError;
 use crate::engine::{self, EngineError};
 use crate::ipc::{Client, ClientError};
 use crate::relay::accounts::{Accounts, os_random};
 use crate::relay::admin::{self, AdminMethod, AdminOptions};
-use crate::relay::storage::KvStorage;
+use crate::relay::storage::PgStorage;
+use crate::relay::storage::pg::PgOptions;
 use crate::relay::store::{RelayStore, RelayStoreOptions};
-use crate::store::kv::SledKv;
 use clap::Subcommand;
 use ferry_proto::wire::Secret;
 use serde_json::json;
-use std::sync::Arc;
 
 #[derive(Subcommand, Debug)]
 pub(super) enum RelayAction {
@@ -61,6 +61,13 @@ pub(super) enum RelayAction {
         #[arg(long)]
         record: String,
     },
+    /// Bring the PostgreSQL database's schema up to date (relay.storage = "postgres"), as a
+    /// relay does when it starts
+    Migrate {
+        /// Apply nothing: list the pending migrations, and exit non-zero if there are any
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -83,6 +90,7 @@ pub(super) enum AccountAction {
 /// Runs an operator command against the running relay, or its store when none runs.
 pub(super) fn relay_admin(ctx: &Context, action: RelayAction) -> Result<(), Failure> {
     match action {
+        RelayAction::Migrate { check } => migrate(ctx, check),
         RelayAction::Account {
             action: AccountAction::Add { name },
         } => {
@@ -201,6 +209,50 @@ pub(super) fn relay_admin(ctx: &Context, action: RelayAction) -> Result<(), Fail
     }
 }
 
+/// `ferry relay migrate [--check]`: the database's schema versions, and the migrations this
+/// binary applies (or, with `--check`, would apply).
+fn migrate(ctx: &Context, check: bool) -> Result<(), Failure> {
+    if ctx.config.relay.storage != RelayStorageKind::Postgres {
+        return Err(Failure::usage(
+            "`ferry relay migrate` is for relay.storage = \"postgres\": the embedded sled store \
+             has no schema to migrate",
+        ));
+    }
+    let storage = PgStorage::connect(&PgOptions::from_config(&ctx.config.relay))
+        .map_err(|e| Failure::failed(e.to_string()))?;
+    let state = if check {
+        storage.schema()
+    } else {
+        storage.migrate()
+    }
+    .map_err(|e| Failure::failed(e.to_string()))?;
+    let pending: Vec<String> = state
+        .pending
+        .iter()
+        .map(|(version, name)| format!("{version:04}_{name}"))
+        .collect();
+    show(
+        ctx,
+        &json!({
+            "applied": state.applied,
+            "pending": pending,
+            "migrated": !check && !pending.is_empty(),
+        }),
+        |_| match (check, pending.is_empty()) {
+            (_, true) => println!("the database's schema is up to date"),
+            (true, false) => println!("pending migrations: {}", pending.join(", ")),
+            (false, false) => println!("applied migrations: {}", pending.join(", ")),
+        },
+    )?;
+    if check && !pending.is_empty() {
+        return Err(Failure::failed(format!(
+            "{} migration(s) pending: `ferry relay migrate` (or starting the relay) applies them",
+            pending.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Prints an answer: as JSON with `--json`, otherwise as `human` writes it.
 fn show<T: serde::Serialize>(
     ctx: &Context,
@@ -252,13 +304,9 @@ fn call_relay<M: AdminMethod>(ctx: &Context, params: M) -> Result<M::Answer, Fai
         )),
         other => Failure::failed(other.to_string()),
     })?;
-    let kv = SledKv::open(
-        &ctx.dir.path().join("relay.db"),
-        ctx.config.relay.sled_cache_mb * 1024 * 1024,
-    )
-    .map_err(|e| Failure::failed(format!("cannot open the relay's store: {e}")))?;
+    let storage = crate::relay::open_storage(ctx.dir.path(), &ctx.config.relay)
+        .map_err(|e| Failure::failed(e.to_string()))?;
     let now = crate::clock::now_ms();
-    let storage = Arc::new(KvStorage::new(Arc::new(kv)));
     let accounts = Accounts::open(
         storage.clone(),
         ctx.config.relay.token_policy(),

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, RelayStorageKind};
 use crate::datadir::{DataDir, DataDirError};
 use crate::store::kv::{KvError, SledKv};
 use crate::transport::{self, Fingerprint, RelayCertificate, TransportError, TransportOptions};
@@ -49,6 +49,8 @@ pub enum RelayError {
     Transport(#[from] TransportError),
     #[error("cannot open the relay's store: {0}")]
     Kv(#[from] KvError),
+    #[error("cannot open the relay's storage: {0}")]
+    Storage(#[from] storage::StorageError),
     #[error(transparent)]
     Store(#[from] RelayStoreError),
     #[error(transparent)]
@@ -81,6 +83,36 @@ pub struct Listening {
     pub alerts: Arc<alerts::RelayAlerts>,
 }
 
+/// Opens the storage `relay.storage` names: sled in the data directory (refused when sled lost
+/// batches it had made durable), or the PostgreSQL database, its schema migrated first.
+pub fn open_storage(
+    dir: &std::path::Path,
+    relay: &crate::config::RelayConfig,
+) -> Result<Arc<dyn storage::RelayStorage>, RelayError> {
+    if relay.storage == RelayStorageKind::Postgres {
+        let options = storage::pg::PgOptions::from_config(relay);
+        return Ok(Arc::new(storage::PgStorage::open(&options)?));
+    }
+    let store_path = dir.join("relay.db");
+    let sled = SledKv::open(&store_path, relay.sled_cache_mb * 1024 * 1024)?;
+    // Serving a log without changes it acknowledged would have devices skip or reuse positions.
+    if let Some(lost) = crate::store::kv::Kv::lost(&sled) {
+        return Err(KvError::Corrupt(format!(
+            "{} lost batches {} to {}, which had been made durable (its log was damaged on \
+             disk and sled dropped everything after the damage): serving it would hand devices \
+             a log without changes it acknowledged storing. Restore the data directory from a \
+             backup; to serve what is left anyway, remove {}",
+            store_path.display(),
+            lost.found + 1,
+            lost.durable,
+            store_path.join("journal").display()
+        ))
+        .into());
+    }
+    let kv: Arc<dyn crate::store::kv::Kv> = Arc::new(sled);
+    Ok(Arc::new(storage::KvStorage::new(kv)))
+}
+
 /// Runs the relay until `shutdown` completes: every acknowledged change is already durable, and
 /// the store is flushed once more on the way out.
 pub async fn run(
@@ -111,24 +143,7 @@ pub async fn run(
     } else {
         RelayCertificate::from_pem_files(relay.cert_file.as_ref(), relay.key_file.as_ref())?
     };
-    let store_path = dir.path().join("relay.db");
-    let sled = SledKv::open(&store_path, relay.sled_cache_mb * 1024 * 1024)?;
-    // Serving a log without changes it acknowledged would have devices skip or reuse positions.
-    if let Some(lost) = crate::store::kv::Kv::lost(&sled) {
-        return Err(KvError::Corrupt(format!(
-            "{} lost batches {} to {}, which had been made durable (its log was damaged on \
-             disk and sled dropped everything after the damage): serving it would hand devices \
-             a log without changes it acknowledged storing. Restore the data directory from a \
-             backup; to serve what is left anyway, remove {}",
-            store_path.display(),
-            lost.found + 1,
-            lost.durable,
-            store_path.join("journal").display()
-        ))
-        .into());
-    }
-    let kv: Arc<dyn crate::store::kv::Kv> = Arc::new(sled);
-    let storage = Arc::new(storage::KvStorage::new(kv));
+    let storage = open_storage(dir.path(), relay)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let accounts = Arc::new(accounts::Accounts::open(
         storage.clone(),

@@ -210,8 +210,17 @@ pub fn carry_out(
             session.stored(batch, results, head);
             Ok(Some(head))
         }
-        RelayEffect::DigestHeads { after, max_records } => {
-            let page = store.heads_digest(&peer.space, after.as_ref(), max_records)?;
+        RelayEffect::DigestHeads {
+            after,
+            max_records,
+            collections,
+        } => {
+            let page = store.heads_digest(
+                &peer.space,
+                after.as_ref(),
+                max_records,
+                collections.as_ref(),
+            )?;
             session.heads_digest(
                 page.head,
                 page.records,
@@ -221,10 +230,19 @@ pub fn carry_out(
             );
             Ok(None)
         }
-        RelayEffect::ReadSnapshot { after, max_records } => {
+        RelayEffect::ReadSnapshot {
+            after,
+            max_records,
+            collections,
+        } => {
             let _span = tracing::info_span!("relay.snapshot", device = %peer.device).entered();
-            let page =
-                store.snapshot_page(&peer.space, after.as_ref(), max_records, max_read_bytes)?;
+            let page = store.snapshot_page(
+                &peer.space,
+                after.as_ref(),
+                max_records,
+                max_read_bytes,
+                collections.as_ref(),
+            )?;
             session.snapshot_read(page);
             Ok(None)
         }

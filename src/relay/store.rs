@@ -1068,6 +1068,7 @@ impl RelayStore {
         space: &str,
         after: Option<&RecordName>,
         max_records: u32,
+        collections: Option<&BTreeSet<String>>,
     ) -> Result<HeadsPage, RelayStoreError> {
         let state = self.space(space)?;
         let _appends = lock(&state);
@@ -1081,8 +1082,10 @@ impl RelayStore {
         let mut hasher = HeadsHasher::default();
         let mut last = None;
         for name in page {
-            let mut heads = self.logged_heads(space, &name.collection, &name.record)?;
-            hasher.record(&name.collection, &name.record, &mut heads);
+            if collections.is_none_or(|c| c.contains(&name.collection)) {
+                let mut heads = self.logged_heads(space, &name.collection, &name.record)?;
+                hasher.record(&name.collection, &name.record, &mut heads);
+            }
             last = Some(name);
         }
         let (records, digest) = hasher.finish();
@@ -1103,13 +1106,16 @@ impl RelayStore {
     /// with changes since their base are loaded, and none is put in the cache: a snapshot of a
     /// large space would otherwise push out the documents appends need. While the space's
     /// conflict entries are incomplete (see `conflicts_complete`) the answer is an empty last
-    /// page at head 0: the device reads the log.
+    /// page at head 0: the device reads the log. With `collections`, only their records are
+    /// sent (PROTOCOL.md, 5.9): the others count as gone through, and `last` names the last
+    /// record the page went through, sent or not.
     pub fn snapshot_page(
         &self,
         space: &str,
         after: Option<&RecordName>,
         max_records: u32,
         max_bytes: usize,
+        collections: Option<&BTreeSet<String>>,
     ) -> Result<SnapshotPage, RelayStoreError> {
         let state = self.space(space)?;
         let _appends = lock(&state);
@@ -1138,10 +1144,15 @@ impl RelayStore {
             complete: true,
         };
         let mut bytes = 0usize;
-        for name in names {
-            if page.records.len() >= wanted {
+        for (scanned, name) in names.into_iter().enumerate() {
+            if scanned >= wanted {
                 page.complete = false;
                 break;
+            }
+            if collections.is_some_and(|c| !c.contains(&name.collection)) {
+                // Not sent, but covered: the next page goes on after it.
+                page.last = Some(name);
+                continue;
             }
             let record = self.snapshot_record(space, &name)?;
             bytes = bytes

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod link;
+pub mod postgres;
 
 use ed25519_dalek::{Signer as _, SigningKey};
 use ferry::datadir::DataDir;

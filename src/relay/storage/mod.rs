@@ -18,6 +18,7 @@
 //! made by several relays add up.
 
 pub mod kv;
+pub mod pg;
 
 use std::collections::HashMap;
 
@@ -28,6 +29,7 @@ use ferry_proto::wire::{LogEntry, RecordName};
 use serde::{Deserialize, Serialize};
 
 pub use kv::KvStorage;
+pub use pg::PgStorage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -72,6 +74,24 @@ pub enum StorageError {
     AccountExists(String),
     #[error("the enrolment code was already used")]
     EnrolmentUsed,
+    /// The database could not be reached (the PostgreSQL engine).
+    #[error(
+        "cannot reach the relay's PostgreSQL database ({detail}): check that it is running and \
+         that relay.postgres_url names it; nothing was written"
+    )]
+    Unreachable { detail: String },
+    /// The database refused a statement (the PostgreSQL engine).
+    #[error(
+        "the relay's PostgreSQL database refused a statement ({detail}): nothing was written; \
+         see the database's log"
+    )]
+    Database { detail: String },
+    /// The database's schema was migrated by a newer relay than this one.
+    #[error(
+        "the database's schema is at version {found}, newer than this ferry binary knows \
+         ({known}): upgrade ferry on this machine to the version that migrated it"
+    )]
+    SchemaTooNew { found: i32, known: i32 },
 }
 
 /// What an operator does about a damaged value: a record's is rebuilt from the log.

@@ -1,0 +1,1945 @@
+//! The PostgreSQL relay storage: what the embedded engine (`kv.rs`) keeps, in tables of one
+//! database that any number of relay processes share (`pg/migrations/` is the schema).
+//!
+//! Owns: the schema and its versioned migrations (applied under an advisory lock, so relays
+//! starting together do not race; a schema newer than this binary knows is refused), the pool of
+//! connections and the small tokio runtime that drives it, turning each synchronous trait call
+//! into database calls, and the checksum of every stored value. Must not touch: what the relay
+//! decides (`relay::store`, `relay::accounts`), nor anything it caches.
+//!
+//! The traits are synchronous and are called from tokio workers (sometimes inside
+//! `block_in_place`) and from plain threads alike, so a call never enters a runtime itself: it
+//! spawns its future on the engine's own runtime and waits for the answer on a channel.
+//!
+//! One total order per space: each space has a `spaces` row holding its head, locked
+//! (`FOR UPDATE`) by the transaction of each append and compaction, which numbers its entries
+//! from it and is refused (`HeadMoved`) when the head is not the one it was staged against. A
+//! commit is durable when COMMIT returns, so `flush` has nothing left to do. Counters are sums
+//! (`n = n + $1`), so commits from several relays add up.
+//!
+//! Every row holding a value carries a CRC-32 of its key and value, checked on each read, as the
+//! embedded engine checks each value: a row that fails it is reported `Damaged`, never served.
+//! Counters (head, quota bytes, horizon, conflict counts) are sums the database keeps; a damaged
+//! page under them is the database's own to find (`initdb --data-checksums`).
+//!
+//! Unlike the embedded engine, a new record's base repeats its first change rather than naming
+//! its log entry: compaction then drops entries without looking at bases. `reclaim_space` frees
+//! nothing itself: PostgreSQL's autovacuum reuses the space rows leave.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use deadpool_postgres::GenericClient;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::{NoTls, Row};
+
+use super::{
+    AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, Holders,
+    LogCompaction, LogStorage, RecordKey, RelayConflictCount, StorageError, StoredKey, Tombstone,
+    UniqueValue, UniqueValues,
+};
+use crate::auth::token::Family;
+use crate::resolve::{Conflict, ConflictKind, ConflictStatus};
+use ferry_proto::wire::{LogEntry, RecordName};
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// A libpq connection string or URL (`postgres://user@host:port/database`).
+    pub url: String,
+    /// Most connections open at once.
+    pub pool_size: usize,
+    /// How long to wait for a connection.
+    pub connect_timeout: Duration,
+    /// The longest one statement may run before the database cancels it.
+    pub statement_timeout: Duration,
+}
+
+impl PgOptions {
+    /// The options `[relay]` gives (`postgres_*`).
+    pub fn from_config(relay: &crate::config::RelayConfig) -> Self {
+        PgOptions {
+            url: relay.postgres_url.clone(),
+            pool_size: relay.postgres_pool_size,
+            connect_timeout: Duration::from_secs(relay.postgres_connect_timeout_secs),
+            statement_timeout: Duration::from_secs(relay.postgres_statement_timeout_secs),
+        }
+    }
+}
+
+/// One step of the schema, applied once, in version order.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration this binary knows, oldest first.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "relay_storage",
+    sql: include_str!("pg/migrations/0001_relay_storage.sql"),
+}];
+
+/// The advisory lock migrations take (any fixed number the database's other users do not use).
+const MIGRATION_LOCK: i64 = 0x6665_7272_795f_6462;
+
+/// Rows read per query when paging through a space's log.
+const LOG_PAGE: i64 = 256;
+
+type Param = Box<dyn ToSql + Sync + Send>;
+
+fn p<T: ToSql + Sync + Send + 'static>(value: T) -> Param {
+    Box::new(value)
+}
+
+pub struct PgStorage {
+    /// Drives the pool's connections; `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+}
+
+impl Drop for PgStorage {
+    fn drop(&mut self) {
+        // Dropping a runtime waits for its tasks, which a tokio worker must not do: the storage
+        // may be dropped on one.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// What `migrate` found and did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SchemaState {
+    /// Versions applied before this call.
+    pub applied: Vec<i32>,
+    /// Versions this binary knows that the database lacks (before `migrate`, what it applies).
+    pub pending: Vec<(i32, &'static str)>,
+}
+
+impl PgStorage {
+    /// Connects (lazily: the first call opens the first connection) without touching the schema.
+    pub fn connect(options: &PgOptions) -> Result<Self, StorageError> {
+        let mut config =
+            tokio_postgres::Config::from_str(&options.url).map_err(|e| StorageError::Database {
+                detail: format!("relay.postgres_url does not parse: {e}"),
+            })?;
+        config.connect_timeout(options.connect_timeout);
+        // A database that vanished without closing the connection (a host down, a partition)
+        // is found within about a minute, rather than after the kernel's two hours.
+        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_interval(Duration::from_secs(10));
+        config.keepalives_retries(3);
+        config.options(format!(
+            "-c statement_timeout={}",
+            options.statement_timeout.as_millis()
+        ));
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ferry-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| StorageError::Database {
+                detail: format!("cannot start the database client's threads: {e}"),
+            })?;
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.connect_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|e| StorageError::Database {
+                detail: format!("cannot set up the connection pool: {e}"),
+            })?;
+        Ok(PgStorage {
+            runtime: Some(runtime),
+            pool,
+        })
+    }
+
+    /// Connects and brings the schema up to date: what a relay does before it serves.
+    pub fn open(options: &PgOptions) -> Result<Self, StorageError> {
+        let storage = Self::connect(options)?;
+        storage.migrate()?;
+        Ok(storage)
+    }
+
+    /// Runs `work` on the engine's runtime and waits for its answer: safe from any thread, a
+    /// tokio worker included.
+    fn run<T, F, Fut>(&self, work: F) -> Result<T, StorageError>
+    where
+        F: FnOnce(Pool) -> Fut,
+        Fut: Future<Output = Result<T, StorageError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| StorageError::Database {
+                detail: "the storage is closed".into(),
+            })?;
+        let (answer, answered) = mpsc::sync_channel(1);
+        let future = work(self.pool.clone());
+        runtime.spawn(async move {
+            // The caller waits for this; if it is gone, nobody needs the answer.
+            let _ = answer.send(future.await);
+        });
+        answered.recv().map_err(|_| StorageError::Database {
+            detail: "a database call stopped before it answered".into(),
+        })?
+    }
+
+    /// One statement's rows.
+    fn query(&self, sql: &'static str, params: Vec<Param>) -> Result<Vec<Row>, StorageError> {
+        self.run(move |pool| async move {
+            let client = connection(&pool).await?;
+            rows(&client, sql, &params).await
+        })
+    }
+
+    /// One statement's single row, if it gives one.
+    fn query_opt(
+        &self,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> Result<Option<Row>, StorageError> {
+        Ok(self.query(sql, params)?.into_iter().next())
+    }
+
+    /// The schema's versions: those applied, and those this binary would apply.
+    pub fn schema(&self) -> Result<SchemaState, StorageError> {
+        self.run(|pool| async move {
+            let client = connection(&pool).await?;
+            let exists: bool = one(
+                &client,
+                "SELECT to_regclass('ferry_schema') IS NOT NULL",
+                &[],
+            )
+            .await?;
+            let applied = if exists {
+                applied_versions(&client).await?
+            } else {
+                Vec::new()
+            };
+            schema_state(applied)
+        })
+    }
+
+    /// Applies the migrations the database lacks, in one transaction under an advisory lock (a
+    /// relay starting at the same time waits, then finds them applied); refused when the
+    /// database's schema is newer than this binary knows. Returns what it found before.
+    pub fn migrate(&self) -> Result<SchemaState, StorageError> {
+        self.run(|pool| async move {
+            let mut client = connection(&pool).await?;
+            let tx = client.transaction().await.map_err(sql_error)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await
+                .map_err(sql_error)?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS ferry_schema (
+                     version integer PRIMARY KEY,
+                     name text NOT NULL,
+                     applied_at timestamptz NOT NULL DEFAULT now()
+                 )",
+            )
+            .await
+            .map_err(sql_error)?;
+            let state = schema_state(applied_versions(&tx).await?)?;
+            for migration in MIGRATIONS {
+                if state.pending.iter().any(|(v, _)| *v == migration.version) {
+                    tx.batch_execute(migration.sql).await.map_err(sql_error)?;
+                    tx.execute(
+                        "INSERT INTO ferry_schema (version, name) VALUES ($1, $2)",
+                        &[&migration.version, &migration.name],
+                    )
+                    .await
+                    .map_err(sql_error)?;
+                }
+            }
+            tx.commit().await.map_err(sql_error)?;
+            Ok(state)
+        })
+    }
+
+    /// A space's counter from its `spaces` row (0 for a space never written).
+    fn space_number(&self, sql: &'static str, space: &str) -> Result<u64, StorageError> {
+        match self.query_opt(sql, vec![p(space.to_owned())])? {
+            Some(row) => uint(col::<i64>(&row, 0)?, "space counter"),
+            None => Ok(0),
+        }
+    }
+
+    fn conflict_rows(&self, space: &str, rows: Vec<Row>) -> Result<Vec<Conflict>, StorageError> {
+        rows.iter().map(|row| conflict_row(space, row)).collect()
+    }
+
+    fn account_values<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &'static str,
+        table: &'static str,
+        what: &'static str,
+    ) -> Result<Vec<T>, StorageError> {
+        self.query(sql, Vec::new())?
+            .iter()
+            .map(|row| account_value(row, table, what))
+            .collect()
+    }
+
+    fn account_value_by<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &'static str,
+        key: Param,
+        table: &'static str,
+        what: &'static str,
+    ) -> Result<Option<T>, StorageError> {
+        self.query_opt(sql, vec![key])?
+            .map(|row| account_value(&row, table, what))
+            .transpose()
+    }
+}
+
+fn schema_state(applied: Vec<i32>) -> Result<SchemaState, StorageError> {
+    let known = MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
+    if let Some(&found) = applied.iter().max()
+        && found > known
+    {
+        return Err(StorageError::SchemaTooNew { found, known });
+    }
+    let pending = MIGRATIONS
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .map(|m| (m.version, m.name))
+        .collect();
+    Ok(SchemaState { applied, pending })
+}
+
+async fn applied_versions(client: &impl GenericClient) -> Result<Vec<i32>, StorageError> {
+    client
+        .query("SELECT version FROM ferry_schema ORDER BY version", &[])
+        .await
+        .map_err(sql_error)?
+        .iter()
+        .map(|row| col::<i32>(row, 0))
+        .collect()
+}
+
+async fn connection(pool: &Pool) -> Result<deadpool_postgres::Object, StorageError> {
+    pool.get().await.map_err(|e| StorageError::Unreachable {
+        detail: e.to_string(),
+    })
+}
+
+async fn rows(
+    client: &impl GenericClient,
+    sql: &str,
+    params: &[Param],
+) -> Result<Vec<Row>, StorageError> {
+    let params: Vec<&(dyn ToSql + Sync)> = params
+        .iter()
+        .map(|param| param.as_ref() as &(dyn ToSql + Sync))
+        .collect();
+    let statement = client.prepare_cached(sql).await.map_err(sql_error)?;
+    client.query(&statement, &params).await.map_err(sql_error)
+}
+
+async fn one<T: for<'a> FromSql<'a>>(
+    client: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<T, StorageError> {
+    let row = client.query_one(sql, params).await.map_err(sql_error)?;
+    col(&row, 0)
+}
+
+async fn execute(
+    client: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, StorageError> {
+    let statement = client.prepare_cached(sql).await.map_err(sql_error)?;
+    client.execute(&statement, params).await.map_err(sql_error)
+}
+
+fn sql_error(e: tokio_postgres::Error) -> StorageError {
+    if let Some(db) = e.as_db_error() {
+        return StorageError::Database {
+            detail: format!("{}: {}", db.code().code(), db.message()),
+        };
+    }
+    // A connection that closed or failed reading or writing: the database went away.
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io {
+        StorageError::Unreachable {
+            detail: e.to_string(),
+        }
+    } else {
+        StorageError::Database {
+            detail: e.to_string(),
+        }
+    }
+}
+
+fn col<'a, T: FromSql<'a>>(row: &'a Row, index: usize) -> Result<T, StorageError> {
+    row.try_get(index).map_err(|e| corrupt("row", e))
+}
+
+fn corrupt(what: &'static str, detail: impl ToString) -> StorageError {
+    StorageError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+/// A stored number as the trait's type.
+fn uint(value: i64, what: &'static str) -> Result<u64, StorageError> {
+    u64::try_from(value).map_err(|_| corrupt(what, format!("{value} is negative")))
+}
+
+/// A number as the database's `bigint`.
+fn int(value: u64) -> Result<i64, StorageError> {
+    i64::try_from(value).map_err(|_| StorageError::Encode {
+        what: "number",
+        detail: format!("{value} does not fit a bigint"),
+    })
+}
+
+/// A row limit as the database's `bigint`: the largest one means no limit.
+fn limit(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The CRC-32 a row carries: of its key and value, each part length-prefixed, so that moving
+/// bytes between parts changes it.
+fn crc(parts: &[&[u8]]) -> i32 {
+    let mut hasher = crc32fast::Hasher::new();
+    for part in parts {
+        hasher.update(&(part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    i32::from_be_bytes(hasher.finalize().to_be_bytes())
+}
+
+/// Checks a row's CRC; `damaged` names what it held when it fails.
+fn check(
+    stored: i32,
+    parts: &[&[u8]],
+    damaged: impl FnOnce() -> StorageError,
+) -> Result<(), StorageError> {
+    if stored == crc(parts) {
+        Ok(())
+    } else {
+        Err(damaged())
+    }
+}
+
+fn damaged(
+    what: &'static str,
+    space: &str,
+    position: String,
+    record: Option<RecordKey>,
+) -> StorageError {
+    StorageError::Damaged {
+        what,
+        space: space.to_owned(),
+        position,
+        record,
+    }
+}
+
+fn record_damaged(what: &'static str, space: &str, collection: &str, record: &str) -> StorageError {
+    damaged(
+        what,
+        space,
+        format!("key {collection}/{record}"),
+        Some((collection.to_owned(), record.to_owned())),
+    )
+}
+
+fn seq_damaged(what: &'static str, space: &str, seq: u64) -> StorageError {
+    damaged(what, space, format!("seq {seq}"), None)
+}
+
+fn json<T: serde::Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(value).map_err(|e| StorageError::Encode {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(what, e))
+}
+
+fn encode<T: serde::Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StorageError> {
+    postcard::to_stdvec(value).map_err(|e| StorageError::Encode {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn hash_of(bytes: &[u8], what: &'static str) -> Result<[u8; 32], StorageError> {
+    <[u8; 32]>::try_from(bytes).map_err(|_| corrupt(what, format!("{} bytes, not 32", bytes.len())))
+}
+
+fn heads_of(bytes: &[u8]) -> Result<Vec<[u8; 32]>, StorageError> {
+    let (heads, rest) = bytes.as_chunks::<32>();
+    if !rest.is_empty() {
+        return Err(corrupt(
+            "record heads",
+            format!("{} bytes, not a multiple of 32", bytes.len()),
+        ));
+    }
+    Ok(heads.to_vec())
+}
+
+fn log_crc(space: &str, seq: u64, entry: (&str, &str, &str, &[u8], &[u8])) -> i32 {
+    let (collection, record, origin, hash, change) = entry;
+    crc(&[
+        space.as_bytes(),
+        &seq.to_be_bytes(),
+        collection.as_bytes(),
+        record.as_bytes(),
+        origin.as_bytes(),
+        hash,
+        change,
+    ])
+}
+
+/// A record's row: its key and value.
+fn record_crc(space: &str, collection: &str, record: &str, value: &[u8]) -> i32 {
+    crc(&[
+        space.as_bytes(),
+        collection.as_bytes(),
+        record.as_bytes(),
+        value,
+    ])
+}
+
+fn conflict_crc(space: &str, id: &str, conflict: (&str, &str, bool), entry: &[u8]) -> i32 {
+    let (collection, record, open) = conflict;
+    crc(&[
+        space.as_bytes(),
+        id.as_bytes(),
+        collection.as_bytes(),
+        record.as_bytes(),
+        &[u8::from(open)],
+        entry,
+    ])
+}
+
+fn holders_crc(space: &str, value: &UniqueValue, holders: &[u8]) -> i32 {
+    crc(&[
+        space.as_bytes(),
+        value.collection.as_bytes(),
+        &(value.constraint as u64).to_be_bytes(),
+        value.value.as_bytes(),
+        holders,
+    ])
+}
+
+fn tombstone_crc(space: &str, tombstone: &Tombstone) -> i32 {
+    crc(&[
+        space.as_bytes(),
+        &tombstone.seq.to_be_bytes(),
+        tombstone.collection.as_bytes(),
+        tombstone.record.as_bytes(),
+        &tombstone.heads.concat(),
+        &tombstone.time_ms.to_be_bytes(),
+    ])
+}
+
+/// A conflict row: `id, collection, record, open, entry, crc`.
+fn conflict_row(space: &str, row: &Row) -> Result<Conflict, StorageError> {
+    let id: String = col(row, 0)?;
+    let collection: String = col(row, 1)?;
+    let record: String = col(row, 2)?;
+    let open: bool = col(row, 3)?;
+    let entry: Vec<u8> = col(row, 4)?;
+    check(
+        col(row, 5)?,
+        &[
+            space.as_bytes(),
+            id.as_bytes(),
+            collection.as_bytes(),
+            record.as_bytes(),
+            &[u8::from(open)],
+            &entry,
+        ],
+        || damaged("conflict data", space, format!("key {id}"), None),
+    )?;
+    from_json(&entry, "conflict entry")
+}
+
+/// An account row: `key, value, crc` (the key as text or bytes).
+fn account_value<T: serde::de::DeserializeOwned>(
+    row: &Row,
+    table: &'static str,
+    what: &'static str,
+) -> Result<T, StorageError> {
+    let key: Vec<u8> = match row.try_get::<_, String>(0) {
+        Ok(text) => text.into_bytes(),
+        Err(_) => col(row, 0)?,
+    };
+    let value: Vec<u8> = col(row, 1)?;
+    check(col(row, 2)?, &[table.as_bytes(), &key, &value], || {
+        damaged(
+            "account data",
+            "",
+            format!("{table} {}", String::from_utf8_lossy(&key)),
+            None,
+        )
+    })?;
+    postcard::from_bytes(&value).map_err(|e| corrupt(what, e))
+}
+
+fn account_crc(table: &str, key: &[u8], value: &[u8]) -> i32 {
+    crc(&[table.as_bytes(), key, value])
+}
+
+/// Locks the space's row for this transaction and returns its head, making the row first.
+async fn lock_space(
+    tx: &deadpool_postgres::Transaction<'_>,
+    space: &str,
+) -> Result<u64, StorageError> {
+    const LOCK: &str = "SELECT head FROM spaces WHERE space = $1 FOR UPDATE";
+    let mut found = rows(tx, LOCK, &[p(space.to_owned())]).await?;
+    if found.is_empty() {
+        execute(
+            tx,
+            "INSERT INTO spaces (space) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&space],
+        )
+        .await?;
+        found = rows(tx, LOCK, &[p(space.to_owned())]).await?;
+    }
+    match found.first() {
+        Some(row) => uint(col::<i64>(row, 0)?, "space head"),
+        None => Err(corrupt("space", format!("{space:?} has no row to lock"))),
+    }
+}
+
+async fn put_base(
+    tx: &deadpool_postgres::Transaction<'_>,
+    space: &str,
+    record: &RecordKey,
+    base: &[u8],
+) -> Result<(), StorageError> {
+    let (collection, id) = record;
+    execute(
+        tx,
+        "INSERT INTO bases (space, collection, record, base, crc) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (space, collection, record) DO UPDATE SET base = $4, crc = $5",
+        &[
+            &space,
+            collection,
+            id,
+            &base,
+            &record_crc(space, collection, id, base),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn drop_tails(
+    tx: &deadpool_postgres::Transaction<'_>,
+    space: &str,
+    record: &RecordKey,
+    seqs: &[u64],
+) -> Result<(), StorageError> {
+    let seqs = seqs
+        .iter()
+        .map(|&s| int(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (collection, id) = record;
+    execute(
+        tx,
+        "DELETE FROM tails WHERE space = $1 AND collection = $2 AND record = $3
+         AND seq = ANY($4)",
+        &[&space, collection, id, &seqs],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Removes what the space keeps of the record's history (base, tail, logged heads, unique
+/// values, conflict entries with their counts) and keeps the purge entry's seq.
+async fn purge_record(
+    tx: &deadpool_postgres::Transaction<'_>,
+    space: &str,
+    record: &RecordKey,
+    seq: u64,
+) -> Result<(), StorageError> {
+    let (collection, id) = record;
+    for sql in [
+        "DELETE FROM bases WHERE space = $1 AND collection = $2 AND record = $3",
+        "DELETE FROM record_heads WHERE space = $1 AND collection = $2 AND record = $3",
+        "DELETE FROM unique_values WHERE space = $1 AND collection = $2 AND record = $3",
+        "DELETE FROM tails WHERE space = $1 AND collection = $2 AND record = $3",
+    ] {
+        execute(tx, sql, &[&space, collection, id]).await?;
+    }
+    let removed = rows(
+        tx,
+        "DELETE FROM conflicts WHERE space = $1 AND collection = $2 AND record = $3
+         RETURNING id, collection, record, open, entry, crc",
+        &[p(space.to_owned()), p(collection.clone()), p(id.clone())],
+    )
+    .await?;
+    // Their counts go with them: the counts are those of the entries kept, as on a device that
+    // bootstraps from a snapshot after the purge.
+    let mut counted: HashMap<(ConflictKind, String), i64> = HashMap::new();
+    for row in &removed {
+        let conflict = conflict_row(space, row)?;
+        *counted
+            .entry((conflict.kind, conflict.collection))
+            .or_default() += 1;
+    }
+    for ((kind, collection), removed) in counted {
+        execute(
+            tx,
+            "UPDATE conflict_counts SET detected = GREATEST(detected - $4, 0)
+             WHERE space = $1 AND kind = $2 AND collection = $3",
+            &[&space, &kind.as_str(), &collection, &removed],
+        )
+        .await?;
+    }
+    execute(
+        tx,
+        "DELETE FROM conflict_counts WHERE space = $1 AND detected = 0",
+        &[&space],
+    )
+    .await?;
+    execute(
+        tx,
+        "INSERT INTO purges (space, collection, record, seq, crc) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (space, collection, record) DO UPDATE SET seq = $4, crc = $5",
+        &[
+            &space,
+            collection,
+            id,
+            &int(seq)?,
+            &record_crc(space, collection, id, &seq.to_be_bytes()),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The writes of one append, in the order the embedded engine's batch makes them (a later write
+/// to the same row replaces an earlier one).
+async fn write_append(
+    tx: &deadpool_postgres::Transaction<'_>,
+    space: &str,
+    append: Append,
+) -> Result<(), StorageError> {
+    for (record, base) in &append.created {
+        put_base(tx, space, record, base).await?;
+    }
+    let log_bytes = insert_entries(tx, space, &append).await?;
+    for (record, seq) in &append.purged {
+        purge_record(tx, space, record, *seq).await?;
+    }
+    for tombstone in &append.tombstones {
+        execute(
+            tx,
+            "INSERT INTO tombstones (space, seq, collection, record, heads, time_ms, crc)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (space, seq) DO UPDATE SET collection = $3, record = $4, heads = $5,
+             time_ms = $6, crc = $7",
+            &[
+                &space,
+                &int(tombstone.seq)?,
+                &tombstone.collection,
+                &tombstone.record,
+                &tombstone.heads.concat(),
+                &int(tombstone.time_ms)?,
+                &tombstone_crc(space, tombstone),
+            ],
+        )
+        .await?;
+    }
+    if !append.tombstones_done.is_empty() {
+        let done = append
+            .tombstones_done
+            .iter()
+            .map(|&s| int(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        execute(
+            tx,
+            "DELETE FROM tombstones WHERE space = $1 AND seq = ANY($2)",
+            &[&space, &done],
+        )
+        .await?;
+    }
+    if !append.tails.is_empty() {
+        let mut rows = Columns::default();
+        for ((collection, record), seq) in &append.tails {
+            rows.collections.push(collection.clone());
+            rows.records.push(record.clone());
+            rows.seqs.push(int(*seq)?);
+            rows.crcs
+                .push(record_crc(space, collection, record, &seq.to_be_bytes()));
+        }
+        execute(
+            tx,
+            "INSERT INTO tails (space, collection, record, seq, crc)
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[], $5::integer[])
+             ON CONFLICT DO NOTHING",
+            &[
+                &space,
+                &rows.collections,
+                &rows.records,
+                &rows.seqs,
+                &rows.crcs,
+            ],
+        )
+        .await?;
+    }
+    for compaction in &append.compactions {
+        put_base(tx, space, &compaction.record, &compaction.base).await?;
+        drop_tails(tx, space, &compaction.record, &compaction.tail).await?;
+    }
+    if !append.heads.is_empty() {
+        let mut rows = Columns::default();
+        for ((collection, record), heads) in &append.heads {
+            let heads = heads.concat();
+            rows.crcs
+                .push(record_crc(space, collection, record, &heads));
+            rows.collections.push(collection.clone());
+            rows.records.push(record.clone());
+            rows.values.push(heads);
+        }
+        // Each record once: `heads` is keyed by record.
+        execute(
+            tx,
+            "INSERT INTO record_heads (space, collection, record, heads, crc)
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::integer[])
+             ON CONFLICT (space, collection, record)
+             DO UPDATE SET heads = EXCLUDED.heads, crc = EXCLUDED.crc",
+            &[
+                &space,
+                &rows.collections,
+                &rows.records,
+                &rows.values,
+                &rows.crcs,
+            ],
+        )
+        .await?;
+    }
+    for (value, holders) in &append.holders {
+        let constraint = int(value.constraint as u64)?;
+        if holders.records.is_empty() {
+            execute(
+                tx,
+                "DELETE FROM unique_holders WHERE space = $1 AND collection = $2
+                 AND constraint_index = $3 AND value = $4",
+                &[&space, &value.collection, &constraint, &value.value],
+            )
+            .await?;
+        } else {
+            let stored = json(holders, "unique value holders")?;
+            execute(
+                tx,
+                "INSERT INTO unique_holders (space, collection, constraint_index, value, holders,
+                 crc) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (space, collection, constraint_index, value)
+                 DO UPDATE SET holders = $5, crc = $6",
+                &[
+                    &space,
+                    &value.collection,
+                    &constraint,
+                    &value.value,
+                    &stored,
+                    &holders_crc(space, value, &stored),
+                ],
+            )
+            .await?;
+        }
+    }
+    for conflict in &append.conflict_entries {
+        let entry = json(conflict, "conflict entry")?;
+        let open = conflict.status == ConflictStatus::Open;
+        execute(
+            tx,
+            "INSERT INTO conflicts (space, id, collection, record, open, entry, crc)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (space, id) DO UPDATE SET collection = $3, record = $4, open = $5,
+             entry = $6, crc = $7",
+            &[
+                &space,
+                &conflict.id,
+                &conflict.collection,
+                &conflict.record,
+                &open,
+                &entry,
+                &conflict_crc(
+                    space,
+                    &conflict.id,
+                    (&conflict.collection, &conflict.record, open),
+                    &entry,
+                ),
+            ],
+        )
+        .await?;
+    }
+    if append.conflicts_complete {
+        execute(
+            tx,
+            "UPDATE spaces SET conflicts_complete = true WHERE space = $1",
+            &[&space],
+        )
+        .await?;
+    }
+    for (change, id) in &append.conflict_changes {
+        execute(
+            tx,
+            "INSERT INTO change_conflicts (space, change, id, crc) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (space, change) DO UPDATE SET id = $3, crc = $4",
+            &[
+                &space,
+                change,
+                id,
+                &crc(&[space.as_bytes(), change.as_bytes(), id.as_bytes()]),
+            ],
+        )
+        .await?;
+    }
+    for ((collection, record), held) in &append.held {
+        let stored = json(held, "unique values")?;
+        execute(
+            tx,
+            "INSERT INTO unique_values (space, collection, record, held, crc)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (space, collection, record) DO UPDATE SET held = $4, crc = $5",
+            &[
+                &space,
+                collection,
+                record,
+                &stored,
+                &record_crc(space, collection, record, &stored),
+            ],
+        )
+        .await?;
+    }
+    for (kind, collection, found) in &append.conflicts {
+        execute(
+            tx,
+            "INSERT INTO conflict_counts (space, kind, collection, detected)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (space, kind, collection)
+             DO UPDATE SET detected = conflict_counts.detected + $4",
+            &[&space, &kind.as_str(), collection, &int(*found)?],
+        )
+        .await?;
+    }
+    let head = append.next_seq().saturating_sub(1);
+    execute(
+        tx,
+        "UPDATE spaces SET head = $2, log_bytes = log_bytes + $3 WHERE space = $1",
+        &[&space, &int(head)?, &int(log_bytes)?],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Rows of one table as columns, for an `INSERT ... SELECT * FROM unnest(...)`: one statement
+/// however many rows an append writes.
+#[derive(Default)]
+struct Columns {
+    collections: Vec<String>,
+    records: Vec<String>,
+    seqs: Vec<i64>,
+    values: Vec<Vec<u8>>,
+    crcs: Vec<i32>,
+}
+
+/// Inserts the append's log entries and their dedup index rows, two statements in all; returns
+/// the bytes they add to the space's quota.
+async fn insert_entries(
+    tx: &deadpool_postgres::Transaction<'_>,
+    space: &str,
+    append: &Append,
+) -> Result<u64, StorageError> {
+    if append.entries.is_empty() {
+        return Ok(0);
+    }
+    let mut log_bytes = 0u64;
+    let mut entries = Columns::default();
+    let (mut origins, mut hashes, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+    // The dedup index by (record, hash): a later entry's seq replaces an earlier one's, as row
+    // by row upserts would, and one statement may not touch a row twice.
+    let mut index: HashMap<(&str, &str, &[u8]), u64> = HashMap::new();
+    for (seq, entry) in (append.after.saturating_add(1)..).zip(&append.entries) {
+        let size = [&entry.collection, &entry.record, &entry.origin]
+            .iter()
+            .map(|s| s.len())
+            .sum::<usize>()
+            .saturating_add(entry.change.len()) as u64;
+        log_bytes = log_bytes.saturating_add(size);
+        let hash = entry.hash.as_slice();
+        entries.crcs.push(log_crc(
+            space,
+            seq,
+            (
+                &entry.collection,
+                &entry.record,
+                &entry.origin,
+                hash,
+                &entry.change,
+            ),
+        ));
+        entries.seqs.push(int(seq)?);
+        entries.collections.push(entry.collection.clone());
+        entries.records.push(entry.record.clone());
+        entries.values.push(entry.change.clone());
+        origins.push(entry.origin.clone());
+        hashes.push(hash.to_vec());
+        bytes.push(int(size)?);
+        // A purge entry is no change: nothing to deduplicate.
+        if !entry.change.is_empty() {
+            index.insert((&entry.collection, &entry.record, hash), seq);
+        }
+    }
+    execute(
+        tx,
+        "INSERT INTO log_entries
+         (space, seq, collection, record, origin, hash, change, bytes, crc)
+         SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[],
+         $6::bytea[], $7::bytea[], $8::bigint[], $9::integer[])",
+        &[
+            &space,
+            &entries.seqs,
+            &entries.collections,
+            &entries.records,
+            &origins,
+            &hashes,
+            &entries.values,
+            &bytes,
+            &entries.crcs,
+        ],
+    )
+    .await?;
+    if !index.is_empty() {
+        let mut rows = Columns::default();
+        let mut hashes = Vec::with_capacity(index.len());
+        for ((collection, record, hash), seq) in index {
+            rows.crcs
+                .push(change_crc(space, collection, record, hash, seq));
+            rows.collections.push(collection.to_owned());
+            rows.records.push(record.to_owned());
+            rows.seqs.push(int(seq)?);
+            hashes.push(hash.to_vec());
+        }
+        execute(
+            tx,
+            "INSERT INTO record_changes (space, collection, record, hash, seq, crc)
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::bigint[],
+             $6::integer[])
+             ON CONFLICT (space, collection, record, hash)
+             DO UPDATE SET seq = EXCLUDED.seq, crc = EXCLUDED.crc",
+            &[
+                &space,
+                &rows.collections,
+                &rows.records,
+                &hashes,
+                &rows.seqs,
+                &rows.crcs,
+            ],
+        )
+        .await?;
+    }
+    Ok(log_bytes)
+}
+
+fn change_crc(space: &str, collection: &str, record: &str, hash: &[u8], seq: u64) -> i32 {
+    crc(&[
+        space.as_bytes(),
+        collection.as_bytes(),
+        record.as_bytes(),
+        hash,
+        &seq.to_be_bytes(),
+    ])
+}
+
+async fn write_compaction(
+    tx: &deadpool_postgres::Transaction<'_>,
+    space: &str,
+    step: LogCompaction,
+) -> Result<(), StorageError> {
+    let head = lock_space(tx, space).await?;
+    if head != step.after {
+        return Err(StorageError::HeadMoved {
+            staged: step.after,
+            head,
+        });
+    }
+    let before = uint(
+        one::<i64>(tx, "SELECT horizon FROM spaces WHERE space = $1", &[&space]).await?,
+        "horizon",
+    )?;
+    let horizon = step.horizon.min(step.after).max(before);
+    for compaction in &step.bases {
+        put_base(tx, space, &compaction.record, &compaction.base).await?;
+        drop_tails(tx, space, &compaction.record, &compaction.tail).await?;
+    }
+    if horizon > before {
+        let uncovered = rows(
+            tx,
+            "SELECT collection, record, seq FROM tails WHERE space = $1 AND seq <= $2
+             ORDER BY collection, record, seq LIMIT 1",
+            &[p(space.to_owned()), p(int(horizon)?)],
+        )
+        .await?;
+        if let Some(row) = uncovered.first() {
+            return Err(StorageError::Uncovered {
+                horizon,
+                record: (col(row, 0)?, col(row, 1)?),
+                seq: uint(col::<i64>(row, 2)?, "tail seq")?,
+            });
+        }
+        let dropped: i64 = one(
+            tx,
+            "WITH dropped AS (DELETE FROM log_entries WHERE space = $1 AND seq <= $2
+             RETURNING bytes) SELECT COALESCE(sum(bytes), 0)::bigint FROM dropped",
+            &[&space, &int(horizon)?],
+        )
+        .await?;
+        execute(
+            tx,
+            "UPDATE spaces SET horizon = $2, log_bytes = GREATEST(log_bytes - $3, 0)
+             WHERE space = $1",
+            &[&space, &int(horizon)?, &dropped],
+        )
+        .await?;
+    }
+    if let Some((time, at)) = step.mark
+        && at > horizon
+    {
+        execute(
+            tx,
+            "INSERT INTO time_marks (space, time_ms, head) VALUES ($1, $2, $3)
+             ON CONFLICT (space, time_ms) DO UPDATE SET head = $3",
+            &[&space, &int(time)?, &int(at)?],
+        )
+        .await?;
+    }
+    execute(
+        tx,
+        "DELETE FROM time_marks WHERE space = $1 AND head <= $2",
+        &[&space, &int(horizon)?],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The writes of one account commit, in order; its checks (a name is new, a code unused) hold
+/// when it commits, whichever connection or relay makes another.
+async fn write_accounts(
+    tx: &deadpool_postgres::Transaction<'_>,
+    writes: Vec<AccountWrite>,
+) -> Result<(), StorageError> {
+    for write in writes {
+        match write {
+            AccountWrite::CreateAccount(record) => {
+                let value = encode(&record, "account")?;
+                let created = execute(
+                    tx,
+                    "INSERT INTO accounts (name, value, crc) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                    &[
+                        &record.name,
+                        &value,
+                        &account_crc("accounts", record.name.as_bytes(), &value),
+                    ],
+                )
+                .await?;
+                if created == 0 {
+                    return Err(StorageError::AccountExists(record.name));
+                }
+            }
+            AccountWrite::Device(record) => {
+                let value = encode(&record, "device")?;
+                execute(
+                    tx,
+                    "INSERT INTO devices (device, value, crc) VALUES ($1, $2, $3)
+                     ON CONFLICT (device) DO UPDATE SET value = $2, crc = $3",
+                    &[
+                        &record.device,
+                        &value,
+                        &account_crc("devices", record.device.as_bytes(), &value),
+                    ],
+                )
+                .await?;
+            }
+            AccountWrite::RemoveDevice(device) => {
+                execute(tx, "DELETE FROM devices WHERE device = $1", &[&device]).await?;
+            }
+            AccountWrite::Enrolment { code_hash, record } => {
+                let value = encode(&record, "enrolment")?;
+                let key = code_hash.as_slice();
+                execute(
+                    tx,
+                    "INSERT INTO enrolments (code_hash, value, crc) VALUES ($1, $2, $3)
+                     ON CONFLICT (code_hash) DO UPDATE SET value = $2, crc = $3",
+                    &[&key, &value, &account_crc("enrolments", key, &value)],
+                )
+                .await?;
+            }
+            AccountWrite::ConsumeEnrolment(code_hash) => {
+                let key = code_hash.as_slice();
+                let consumed =
+                    execute(tx, "DELETE FROM enrolments WHERE code_hash = $1", &[&key]).await?;
+                if consumed == 0 {
+                    return Err(StorageError::EnrolmentUsed);
+                }
+            }
+            AccountWrite::Family(family) => {
+                let value = encode(&family, "token family")?;
+                execute(
+                    tx,
+                    "INSERT INTO token_families (id, value, crc) VALUES ($1, $2, $3)
+                     ON CONFLICT (id) DO UPDATE SET value = $2, crc = $3",
+                    &[
+                        &family.id,
+                        &value,
+                        &account_crc("token_families", family.id.as_bytes(), &value),
+                    ],
+                )
+                .await?;
+            }
+            AccountWrite::RemoveFamily(id) => {
+                execute(tx, "DELETE FROM token_families WHERE id = $1", &[&id]).await?;
+            }
+            AccountWrite::SigningKey(stored) => {
+                let value = encode(&stored, "signing key")?;
+                execute(
+                    tx,
+                    "INSERT INTO signing_keys (kid, value, crc) VALUES ($1, $2, $3)
+                     ON CONFLICT (kid) DO UPDATE SET value = $2, crc = $3",
+                    &[
+                        &stored.kid,
+                        &value,
+                        &account_crc("signing_keys", stored.kid.as_bytes(), &value),
+                    ],
+                )
+                .await?;
+            }
+            AccountWrite::RemoveSigningKey(kid) => {
+                execute(tx, "DELETE FROM signing_keys WHERE kid = $1", &[&kid]).await?;
+            }
+            AccountWrite::Password { account, phc } => {
+                execute(
+                    tx,
+                    "INSERT INTO passwords (account, phc, crc) VALUES ($1, $2, $3)
+                     ON CONFLICT (account) DO UPDATE SET phc = $2, crc = $3",
+                    &[
+                        &account,
+                        &phc,
+                        &account_crc("passwords", account.as_bytes(), phc.as_bytes()),
+                    ],
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl LogStorage for PgStorage {
+    fn head(&self, space: &str) -> Result<u64, StorageError> {
+        self.space_number("SELECT head FROM spaces WHERE space = $1", space)
+    }
+
+    fn append(&self, space: &str, append: Append) -> Result<(), StorageError> {
+        let space = space.to_owned();
+        self.run(move |pool| async move {
+            let mut client = connection(&pool).await?;
+            let tx = client.transaction().await.map_err(sql_error)?;
+            let head = lock_space(&tx, &space).await?;
+            if head != append.after {
+                return Err(StorageError::HeadMoved {
+                    staged: append.after,
+                    head,
+                });
+            }
+            write_append(&tx, &space, append).await?;
+            tx.commit().await.map_err(sql_error)
+        })
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        // Every commit was durable when it returned.
+        Ok(())
+    }
+
+    fn change_seq(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+        hash: &[u8; 32],
+    ) -> Result<Option<u64>, StorageError> {
+        let row = self.query_opt(
+            "SELECT seq, crc FROM record_changes
+             WHERE space = $1 AND collection = $2 AND record = $3 AND hash = $4",
+            vec![
+                p(space.to_owned()),
+                p(collection.to_owned()),
+                p(record.to_owned()),
+                p(hash.to_vec()),
+            ],
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let seq = uint(col::<i64>(&row, 0)?, "change index entry")?;
+        check(
+            col(&row, 1)?,
+            &[
+                space.as_bytes(),
+                collection.as_bytes(),
+                record.as_bytes(),
+                hash,
+                &seq.to_be_bytes(),
+            ],
+            || record_damaged("change index entry", space, collection, record),
+        )?;
+        Ok(Some(seq))
+    }
+
+    fn record_changes(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Vec<([u8; 32], u64)>, StorageError> {
+        self.query(
+            "SELECT hash, seq, crc FROM record_changes
+             WHERE space = $1 AND collection = $2 AND record = $3 ORDER BY seq",
+            vec![
+                p(space.to_owned()),
+                p(collection.to_owned()),
+                p(record.to_owned()),
+            ],
+        )?
+        .iter()
+        .map(|row| {
+            let hash: Vec<u8> = col(row, 0)?;
+            let seq = uint(col::<i64>(row, 1)?, "change index entry")?;
+            check(
+                col(row, 2)?,
+                &[
+                    space.as_bytes(),
+                    collection.as_bytes(),
+                    record.as_bytes(),
+                    &hash,
+                    &seq.to_be_bytes(),
+                ],
+                || record_damaged("change index entry", space, collection, record),
+            )?;
+            Ok((hash_of(&hash, "change index key")?, seq))
+        })
+        .collect()
+    }
+
+    fn change_at(&self, space: &str, seq: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        let row = self.query_opt(
+            "SELECT seq, collection, record, origin, hash, change, crc FROM log_entries
+             WHERE space = $1 AND seq = $2",
+            vec![p(space.to_owned()), p(int(seq)?)],
+        )?;
+        row.map(|row| log_row(space, &row).map(|entry| entry.change))
+            .transpose()
+    }
+
+    fn read_log(
+        &self,
+        space: &str,
+        after: u64,
+        max_changes: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LogEntry>, StorageError> {
+        let max_changes = max_changes.max(1);
+        let mut entries: Vec<LogEntry> = Vec::new();
+        let mut bytes = 0usize;
+        let mut from = after;
+        while entries.len() < max_changes {
+            let page = limit(max_changes.saturating_sub(entries.len())).min(LOG_PAGE);
+            let rows = self.query(
+                "SELECT seq, collection, record, origin, hash, change, crc FROM log_entries
+                 WHERE space = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                vec![p(space.to_owned()), p(int(from)?), p(page)],
+            )?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in &rows {
+                let entry = log_row(space, row)?;
+                if !entries.is_empty() && bytes.saturating_add(entry.change.len()) > max_bytes {
+                    return Ok(entries);
+                }
+                bytes = bytes.saturating_add(entry.change.len());
+                from = entry.seq;
+                entries.push(entry);
+                if entries.len() == max_changes {
+                    return Ok(entries);
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    fn base(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let row = self.query_opt(
+            "SELECT base, crc FROM bases WHERE space = $1 AND collection = $2 AND record = $3",
+            record_params(space, collection, record),
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let base: Vec<u8> = col(&row, 0)?;
+        check(
+            col(&row, 1)?,
+            &[
+                space.as_bytes(),
+                collection.as_bytes(),
+                record.as_bytes(),
+                &base,
+            ],
+            || record_damaged("document", space, collection, record),
+        )?;
+        Ok(Some(base))
+    }
+
+    fn has_base(&self, space: &str, collection: &str, record: &str) -> Result<bool, StorageError> {
+        Ok(self
+            .query_opt(
+                "SELECT 1 FROM bases WHERE space = $1 AND collection = $2 AND record = $3",
+                record_params(space, collection, record),
+            )?
+            .is_some())
+    }
+
+    fn tail(&self, space: &str, collection: &str, record: &str) -> Result<Vec<u64>, StorageError> {
+        self.query(
+            "SELECT seq, crc FROM tails WHERE space = $1 AND collection = $2 AND record = $3
+             ORDER BY seq",
+            record_params(space, collection, record),
+        )?
+        .iter()
+        .map(|row| {
+            let seq = uint(col::<i64>(row, 0)?, "tail seq")?;
+            check(
+                col(row, 1)?,
+                &[
+                    space.as_bytes(),
+                    collection.as_bytes(),
+                    record.as_bytes(),
+                    &seq.to_be_bytes(),
+                ],
+                || {
+                    damaged(
+                        "document's tail entry",
+                        space,
+                        format!("record {collection}/{record}, seq {seq}"),
+                        Some((collection.to_owned(), record.to_owned())),
+                    )
+                },
+            )?;
+            Ok(seq)
+        })
+        .collect()
+    }
+
+    fn record_heads(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<Vec<[u8; 32]>>, StorageError> {
+        let row = self.query_opt(
+            "SELECT heads, crc FROM record_heads
+             WHERE space = $1 AND collection = $2 AND record = $3",
+            record_params(space, collection, record),
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let heads: Vec<u8> = col(&row, 0)?;
+        check(
+            col(&row, 1)?,
+            &[
+                space.as_bytes(),
+                collection.as_bytes(),
+                record.as_bytes(),
+                &heads,
+            ],
+            || record_damaged("record heads", space, collection, record),
+        )?;
+        heads_of(&heads).map(Some)
+    }
+
+    fn unique_values(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<UniqueValues>, StorageError> {
+        let row = self.query_opt(
+            "SELECT held, crc FROM unique_values
+             WHERE space = $1 AND collection = $2 AND record = $3",
+            record_params(space, collection, record),
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let held: Vec<u8> = col(&row, 0)?;
+        check(
+            col(&row, 1)?,
+            &[
+                space.as_bytes(),
+                collection.as_bytes(),
+                record.as_bytes(),
+                &held,
+            ],
+            || {
+                damaged(
+                    "unique value",
+                    space,
+                    format!("key {collection}/{record}"),
+                    None,
+                )
+            },
+        )?;
+        from_json(&held, "unique values").map(Some)
+    }
+
+    fn unique_holders(&self, space: &str, value: &UniqueValue) -> Result<Holders, StorageError> {
+        let row = self.query_opt(
+            "SELECT holders, crc FROM unique_holders WHERE space = $1 AND collection = $2
+             AND constraint_index = $3 AND value = $4",
+            vec![
+                p(space.to_owned()),
+                p(value.collection.clone()),
+                p(int(value.constraint as u64)?),
+                p(value.value.clone()),
+            ],
+        )?;
+        let Some(row) = row else {
+            return Ok(Holders::default());
+        };
+        let holders: Vec<u8> = col(&row, 0)?;
+        if col::<i32>(&row, 1)? != holders_crc(space, value, &holders) {
+            return Err(damaged(
+                "unique value",
+                space,
+                format!("key {}/{}", value.collection, value.value),
+                None,
+            ));
+        }
+        from_json(&holders, "unique value index")
+    }
+
+    fn conflict(&self, space: &str, id: &str) -> Result<Option<Conflict>, StorageError> {
+        self.query_opt(
+            "SELECT id, collection, record, open, entry, crc FROM conflicts
+             WHERE space = $1 AND id = $2",
+            vec![p(space.to_owned()), p(id.to_owned())],
+        )?
+        .map(|row| conflict_row(space, &row))
+        .transpose()
+    }
+
+    fn conflicts(
+        &self,
+        space: &str,
+        open_only: bool,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<Conflict>, StorageError> {
+        let rows = self.query(
+            "SELECT id, collection, record, open, entry, crc FROM conflicts
+             WHERE space = $1 AND (open OR NOT $2) AND ($3::text IS NULL OR id > $3)
+             ORDER BY id LIMIT $4",
+            vec![
+                p(space.to_owned()),
+                p(open_only),
+                p(after.map(str::to_owned)),
+                p(limit(count)),
+            ],
+        )?;
+        self.conflict_rows(space, rows)
+    }
+
+    fn record_conflicts(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Vec<Conflict>, StorageError> {
+        let rows = self.query(
+            "SELECT id, collection, record, open, entry, crc FROM conflicts
+             WHERE space = $1 AND collection = $2 AND record = $3 ORDER BY id",
+            record_params(space, collection, record),
+        )?;
+        self.conflict_rows(space, rows)
+    }
+
+    fn conflicts_complete(&self, space: &str) -> Result<bool, StorageError> {
+        match self.query_opt(
+            "SELECT conflicts_complete FROM spaces WHERE space = $1",
+            vec![p(space.to_owned())],
+        )? {
+            Some(row) => col(&row, 0),
+            None => Ok(false),
+        }
+    }
+
+    fn change_conflict(&self, space: &str, change: &str) -> Result<Option<String>, StorageError> {
+        let row = self.query_opt(
+            "SELECT id, crc FROM change_conflicts WHERE space = $1 AND change = $2",
+            vec![p(space.to_owned()), p(change.to_owned())],
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let id: String = col(&row, 0)?;
+        check(
+            col(&row, 1)?,
+            &[space.as_bytes(), change.as_bytes(), id.as_bytes()],
+            || damaged("conflict data", space, format!("key {change}"), None),
+        )?;
+        Ok(Some(id))
+    }
+
+    fn web_actor(&self, space: &str, candidate: &str) -> Result<String, StorageError> {
+        // One statement: of two relays choosing at once, the first to commit is kept.
+        let row = self.query_opt(
+            "INSERT INTO spaces (space, web_actor) VALUES ($1, $2)
+             ON CONFLICT (space) DO UPDATE SET web_actor = COALESCE(spaces.web_actor, $2)
+             RETURNING web_actor",
+            vec![p(space.to_owned()), p(candidate.to_owned())],
+        )?;
+        match row {
+            Some(row) => col(&row, 0),
+            None => Err(corrupt("web actor", "the space's row was not written")),
+        }
+    }
+
+    fn conflict_counts(&self, space: &str) -> Result<Vec<RelayConflictCount>, StorageError> {
+        self.query(
+            "SELECT kind, collection, detected FROM conflict_counts WHERE space = $1
+             ORDER BY kind, collection",
+            vec![p(space.to_owned())],
+        )?
+        .iter()
+        .map(|row| {
+            let kind: String = col(row, 0)?;
+            let kind = ConflictKind::ALL
+                .into_iter()
+                .find(|k| k.as_str() == kind)
+                .ok_or_else(|| corrupt("conflict counter", format!("unknown kind {kind:?}")))?;
+            Ok(RelayConflictCount {
+                kind,
+                collection: col(row, 1)?,
+                detected: uint(col::<i64>(row, 2)?, "conflict count")?,
+            })
+        })
+        .collect()
+    }
+
+    fn log_bytes(&self, space: &str) -> Result<u64, StorageError> {
+        self.space_number("SELECT log_bytes FROM spaces WHERE space = $1", space)
+    }
+
+    fn collections(&self, space: &str) -> Result<Vec<(String, u64)>, StorageError> {
+        self.query(
+            "SELECT collection, count(*) FROM bases WHERE space = $1 GROUP BY collection
+             ORDER BY collection",
+            vec![p(space.to_owned())],
+        )?
+        .iter()
+        .map(|row| Ok((col(row, 0)?, uint(col::<i64>(row, 1)?, "record count")?)))
+        .collect()
+    }
+
+    fn records(
+        &self,
+        space: &str,
+        collection: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        self.query(
+            "SELECT record FROM bases WHERE space = $1 AND collection = $2
+             AND ($3::text IS NULL OR record > $3) ORDER BY record LIMIT $4",
+            vec![
+                p(space.to_owned()),
+                p(collection.to_owned()),
+                p(after.map(str::to_owned)),
+                p(limit(count)),
+            ],
+        )?
+        .iter()
+        .map(|row| col(row, 0))
+        .collect()
+    }
+
+    fn record_names(
+        &self,
+        space: &str,
+        after: Option<&RecordName>,
+        count: usize,
+    ) -> Result<Vec<RecordName>, StorageError> {
+        let (collection, record) = match after {
+            Some(name) => (Some(name.collection.clone()), name.record.clone()),
+            None => (None, String::new()),
+        };
+        self.query(
+            "SELECT collection, record FROM bases WHERE space = $1
+             AND ($2::text IS NULL OR (collection, record) > ($2, $3))
+             ORDER BY collection, record LIMIT $4",
+            vec![
+                p(space.to_owned()),
+                p(collection),
+                p(record),
+                p(limit(count)),
+            ],
+        )?
+        .iter()
+        .map(|row| {
+            Ok(RecordName {
+                collection: col(row, 0)?,
+                record: col(row, 1)?,
+            })
+        })
+        .collect()
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StorageError> {
+        match self.query_opt("SELECT pg_database_size(current_database())", Vec::new())? {
+            Some(row) => uint(col::<i64>(&row, 0)?, "database size"),
+            None => Ok(0),
+        }
+    }
+
+    fn horizon(&self, space: &str) -> Result<u64, StorageError> {
+        self.space_number("SELECT horizon FROM spaces WHERE space = $1", space)
+    }
+
+    fn tails_through(
+        &self,
+        space: &str,
+        seq: u64,
+        count: usize,
+    ) -> Result<Vec<RecordKey>, StorageError> {
+        self.query(
+            "SELECT DISTINCT collection, record FROM tails WHERE space = $1 AND seq <= $2
+             ORDER BY collection, record LIMIT $3",
+            vec![p(space.to_owned()), p(int(seq)?), p(limit(count))],
+        )?
+        .iter()
+        .map(|row| Ok((col(row, 0)?, col(row, 1)?)))
+        .collect()
+    }
+
+    fn time_marks(&self, space: &str) -> Result<Vec<(u64, u64)>, StorageError> {
+        self.query(
+            "SELECT time_ms, head FROM time_marks WHERE space = $1 ORDER BY time_ms",
+            vec![p(space.to_owned())],
+        )?
+        .iter()
+        .map(|row| {
+            Ok((
+                uint(col::<i64>(row, 0)?, "time mark")?,
+                uint(col::<i64>(row, 1)?, "time mark")?,
+            ))
+        })
+        .collect()
+    }
+
+    fn compact_log(&self, space: &str, step: LogCompaction) -> Result<(), StorageError> {
+        let space = space.to_owned();
+        self.run(move |pool| async move {
+            let mut client = connection(&pool).await?;
+            let tx = client.transaction().await.map_err(sql_error)?;
+            write_compaction(&tx, &space, step).await?;
+            tx.commit().await.map_err(sql_error)
+        })
+    }
+
+    fn tombstones(&self, space: &str, count: usize) -> Result<Vec<Tombstone>, StorageError> {
+        self.query(
+            "SELECT seq, collection, record, heads, time_ms, crc FROM tombstones
+             WHERE space = $1 ORDER BY seq LIMIT $2",
+            vec![p(space.to_owned()), p(limit(count))],
+        )?
+        .iter()
+        .map(|row| {
+            let heads: Vec<u8> = col(row, 3)?;
+            let tombstone = Tombstone {
+                seq: uint(col::<i64>(row, 0)?, "tombstone note")?,
+                collection: col(row, 1)?,
+                record: col(row, 2)?,
+                heads: heads_of(&heads)?,
+                time_ms: uint(col::<i64>(row, 4)?, "tombstone note")?,
+            };
+            if col::<i32>(row, 5)? != tombstone_crc(space, &tombstone) {
+                return Err(seq_damaged("tombstone note", space, tombstone.seq));
+            }
+            Ok(tombstone)
+        })
+        .collect()
+    }
+
+    fn purged_at(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<u64>, StorageError> {
+        let row = self.query_opt(
+            "SELECT seq, crc FROM purges WHERE space = $1 AND collection = $2 AND record = $3",
+            record_params(space, collection, record),
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let seq = uint(col::<i64>(&row, 0)?, "purge marker")?;
+        if col::<i32>(&row, 1)? != record_crc(space, collection, record, &seq.to_be_bytes()) {
+            return Err(record_damaged("purge marker", space, collection, record));
+        }
+        Ok(Some(seq))
+    }
+
+    fn reclaim_space(&self) -> Result<(u64, u64), StorageError> {
+        // PostgreSQL's autovacuum makes the space of removed rows reusable as it goes; giving
+        // it back to the file system (VACUUM FULL) would lock every table: the operator's call.
+        let size = self.size_on_disk()?;
+        Ok((size, size))
+    }
+}
+
+fn record_params(space: &str, collection: &str, record: &str) -> Vec<Param> {
+    vec![
+        p(space.to_owned()),
+        p(collection.to_owned()),
+        p(record.to_owned()),
+    ]
+}
+
+/// A log row: `seq, collection, record, origin, hash, change, crc`, checked.
+fn log_row(space: &str, row: &Row) -> Result<LogEntry, StorageError> {
+    let seq = uint(col::<i64>(row, 0)?, "log entry")?;
+    let collection: String = col(row, 1)?;
+    let record: String = col(row, 2)?;
+    let origin: String = col(row, 3)?;
+    let hash: Vec<u8> = col(row, 4)?;
+    let change: Vec<u8> = col(row, 5)?;
+    if col::<i32>(row, 6)? != log_crc(space, seq, (&collection, &record, &origin, &hash, &change)) {
+        return Err(seq_damaged("log entry", space, seq));
+    }
+    Ok(LogEntry {
+        seq,
+        collection,
+        record,
+        change,
+    })
+}
+
+impl AccountStorage for PgStorage {
+    fn account(&self, name: &str) -> Result<Option<AccountRecord>, StorageError> {
+        self.account_value_by(
+            "SELECT name, value, crc FROM accounts WHERE name = $1",
+            p(name.to_owned()),
+            "accounts",
+            "account",
+        )
+    }
+
+    fn accounts(&self) -> Result<Vec<AccountRecord>, StorageError> {
+        self.account_values(
+            "SELECT name, value, crc FROM accounts ORDER BY name",
+            "accounts",
+            "account",
+        )
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StorageError> {
+        self.account_values(
+            "SELECT device, value, crc FROM devices ORDER BY device",
+            "devices",
+            "device",
+        )
+    }
+
+    fn enrolment(&self, code_hash: &[u8; 32]) -> Result<Option<EnrolmentRecord>, StorageError> {
+        self.account_value_by(
+            "SELECT code_hash, value, crc FROM enrolments WHERE code_hash = $1",
+            p(code_hash.to_vec()),
+            "enrolments",
+            "enrolment code",
+        )
+    }
+
+    fn family(&self, id: &str) -> Result<Option<Family>, StorageError> {
+        self.account_value_by(
+            "SELECT id, value, crc FROM token_families WHERE id = $1",
+            p(id.to_owned()),
+            "token_families",
+            "token family",
+        )
+    }
+
+    fn families(&self) -> Result<Vec<Family>, StorageError> {
+        self.account_values(
+            "SELECT id, value, crc FROM token_families ORDER BY id",
+            "token_families",
+            "token family",
+        )
+    }
+
+    fn signing_keys(&self) -> Result<Vec<StoredKey>, StorageError> {
+        self.account_values(
+            "SELECT kid, value, crc FROM signing_keys ORDER BY kid",
+            "signing_keys",
+            "signing key",
+        )
+    }
+
+    fn password(&self, account: &str) -> Result<Option<String>, StorageError> {
+        let row = self.query_opt(
+            "SELECT phc, crc FROM passwords WHERE account = $1",
+            vec![p(account.to_owned())],
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let phc: String = col(&row, 0)?;
+        if col::<i32>(&row, 1)? != account_crc("passwords", account.as_bytes(), phc.as_bytes()) {
+            return Err(damaged(
+                "account data",
+                "",
+                format!("passwords {account}"),
+                None,
+            ));
+        }
+        Ok(Some(phc))
+    }
+
+    fn write_accounts(&self, writes: Vec<AccountWrite>) -> Result<(), StorageError> {
+        self.run(move |pool| async move {
+            let mut client = connection(&pool).await?;
+            let tx = client.transaction().await.map_err(sql_error)?;
+            write_accounts(&tx, writes).await?;
+            tx.commit().await.map_err(sql_error)
+        })
+    }
+}

@@ -1,0 +1,441 @@
+//! The relay on PostgreSQL (`relay.storage = "postgres"`), beyond the conformance suite that
+//! `relay_storage.rs` runs on every engine: the synchronous engine called from tokio workers,
+//! `block_in_place` and plain threads; migrations applied once when relays start together, a
+//! schema newer than the binary refused, `ferry relay migrate [--check]`; several engines (as
+//! several relays) on one database appending in one gapless order and consuming an enrolment
+//! code once; damaged rows refused; an unreachable database named as such, and acknowledged appends kept through a
+//! crash of the database, after which the engine reconnects; and `ferry relay` itself on a private
+//! server, serving two daemons that converge, then, restarted, a third device.
+
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::postgres::PgServer;
+use common::{
+    Device, Operator, Relay, docs, put_doc, stderr, stdout, wait_caught_up, wait_converged,
+};
+use ferry::relay::storage::pg::{MIGRATIONS, PgOptions};
+use ferry::relay::storage::{
+    AccountRecord, AccountStorage, AccountWrite, Append, EnrolmentRecord, LogStorage, LoggedChange,
+    PgStorage, StorageError,
+};
+use serde_json::json;
+
+/// A fresh database on the test binary's server, dropped with it.
+struct Database {
+    server: &'static PgServer,
+    name: String,
+}
+
+impl Database {
+    fn new() -> Self {
+        let server = PgServer::shared();
+        Database {
+            server,
+            name: server.create_database(),
+        }
+    }
+
+    fn options(&self) -> PgOptions {
+        self.server.options(&self.name)
+    }
+
+    fn open(&self) -> PgStorage {
+        PgStorage::open(&self.options()).unwrap()
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        self.server.sql(&self.name, sql).trim().to_owned()
+    }
+
+    /// A relay's config.toml for this database.
+    fn relay_config(&self) -> String {
+        format!(
+            "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n\
+             storage = \"postgres\"\npostgres_url = \"{}\"\n",
+            self.server.url(&self.name)
+        )
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        self.server.drop_database(&self.name);
+    }
+}
+
+fn change(record: &str, n: u64) -> LoggedChange {
+    let mut hash = [0u8; 32];
+    hash[..8].copy_from_slice(&n.to_be_bytes());
+    LoggedChange {
+        collection: "Doc".into(),
+        record: record.into(),
+        origin: "dev".into(),
+        hash,
+        change: n.to_be_bytes().to_vec(),
+    }
+}
+
+/// Appends one entry at the head, staged again as long as another writer moved the head.
+fn append_one(storage: &dyn LogStorage, record: &str, n: u64) {
+    loop {
+        let mut append = Append::new(storage.head("space").unwrap());
+        append.entries.push(change(record, n));
+        match storage.append("space", append) {
+            Ok(()) => return,
+            Err(StorageError::HeadMoved { .. }) => continue,
+            Err(e) => panic!("append: {e}"),
+        }
+    }
+}
+
+#[test]
+fn calls_work_from_runtime_workers_block_in_place_and_plain_threads() {
+    let db = Database::new();
+    let storage = Arc::new(db.open());
+
+    let from_thread = storage.clone();
+    std::thread::spawn(move || append_one(&*from_thread, "r", 1))
+        .join()
+        .unwrap();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let on_worker = storage.clone();
+    let head = runtime.block_on(async move {
+        tokio::spawn(async move {
+            append_one(&*on_worker, "r", 2);
+            let in_place = on_worker.clone();
+            tokio::task::block_in_place(move || append_one(&*in_place, "r", 3));
+            let head = on_worker.head("space").unwrap();
+            // The last handle is dropped on a worker, which must not wait for the engine's
+            // runtime there.
+            drop(on_worker);
+            head
+        })
+        .await
+        .unwrap()
+    });
+    assert_eq!(head, 3);
+
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let on_current = storage.clone();
+    current.block_on(async move { append_one(&*on_current, "r", 4) });
+
+    let seqs: Vec<u64> = storage
+        .read_log("space", 0, 10, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    let last = Arc::into_inner(storage).expect("the last handle");
+    runtime.block_on(async move { tokio::spawn(async move { drop(last) }).await.unwrap() });
+}
+
+#[test]
+fn relays_starting_together_apply_each_migration_once() {
+    for _ in 0..3 {
+        let db = Database::new();
+        let start = Arc::new(Barrier::new(2));
+        let relays: Vec<_> = (0..2)
+            .map(|_| {
+                let (options, start) = (db.options(), start.clone());
+                std::thread::spawn(move || {
+                    let storage = PgStorage::connect(&options).unwrap();
+                    start.wait();
+                    storage.migrate().unwrap()
+                })
+            })
+            .collect();
+        let found: Vec<_> = relays.into_iter().map(|r| r.join().unwrap()).collect();
+        // One of them applied everything, the other found it applied.
+        let applied_first = found.iter().filter(|s| s.applied.is_empty()).count();
+        assert_eq!(applied_first, 1, "{found:?}");
+        assert_eq!(
+            db.sql("SELECT count(*) FROM ferry_schema"),
+            MIGRATIONS.len().to_string()
+        );
+        let storage = db.open();
+        let state = storage.schema().unwrap();
+        assert!(state.pending.is_empty(), "{state:?}");
+        assert_eq!(state.applied.len(), MIGRATIONS.len());
+    }
+}
+
+#[test]
+fn a_schema_newer_than_the_binary_is_refused_saying_to_upgrade() {
+    let db = Database::new();
+    drop(db.open());
+    db.sql("INSERT INTO ferry_schema (version, name) VALUES (9999, 'from_a_later_ferry')");
+    let refused = PgStorage::open(&db.options()).err().expect("refused");
+    assert!(
+        matches!(refused, StorageError::SchemaTooNew { found: 9999, .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("upgrade ferry"), "{refused}");
+}
+
+#[test]
+fn relays_on_one_database_append_in_one_gapless_order() {
+    let db = Database::new();
+    let relays: Vec<Arc<PgStorage>> = (0..2).map(|_| Arc::new(db.open())).collect();
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let storage = relays[(w % 2) as usize].clone();
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    append_one(&*storage, &format!("r{w}"), w * 100 + i);
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    for storage in &relays {
+        assert_eq!(storage.head("space").unwrap(), 100);
+        let log = storage.read_log("space", 0, 1000, usize::MAX).unwrap();
+        let seqs: Vec<u64> = log.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
+        let changes: BTreeSet<Vec<u8>> = log.into_iter().map(|e| e.change).collect();
+        assert_eq!(changes.len(), 100, "each change logged once");
+    }
+}
+
+#[test]
+fn an_enrolment_code_is_consumed_once_from_two_relays_at_once() {
+    let db = Database::new();
+    let relays: Vec<Arc<PgStorage>> = (0..2).map(|_| Arc::new(db.open())).collect();
+    relays[0]
+        .write_accounts(vec![AccountWrite::CreateAccount(AccountRecord {
+            name: "team".into(),
+            created_ms: 1,
+        })])
+        .unwrap();
+    for code in 0..20u8 {
+        relays[0]
+            .write_accounts(vec![AccountWrite::Enrolment {
+                code_hash: [code; 32],
+                record: EnrolmentRecord {
+                    account: "team".into(),
+                    expires_ms: u64::MAX,
+                },
+            }])
+            .unwrap();
+        let start = Arc::new(Barrier::new(2));
+        let tries: Vec<_> = relays
+            .iter()
+            .map(|storage| {
+                let (storage, start) = (storage.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    storage.write_accounts(vec![AccountWrite::ConsumeEnrolment([code; 32])])
+                })
+            })
+            .collect();
+        let results: Vec<_> = tries.into_iter().map(|t| t.join().unwrap()).collect();
+        let used = results
+            .iter()
+            .filter(|r| matches!(r, Err(StorageError::EnrolmentUsed)))
+            .count();
+        assert!(
+            results.iter().filter(|r| r.is_ok()).count() == 1 && used == 1,
+            "code {code}: {results:?}"
+        );
+    }
+    assert_eq!(relays[1].enrolment(&[0; 32]).unwrap(), None);
+}
+
+#[test]
+fn damaged_rows_are_refused_naming_what_they_held() {
+    let db = Database::new();
+    let storage = db.open();
+    for n in 1..=3 {
+        append_one(&storage, "r", n);
+    }
+    storage
+        .write_accounts(vec![AccountWrite::CreateAccount(AccountRecord {
+            name: "team".into(),
+            created_ms: 1,
+        })])
+        .unwrap();
+    db.sql(
+        "UPDATE log_entries SET change = set_byte(change, 7, get_byte(change, 7) # 1) \
+         WHERE seq = 2",
+    );
+    db.sql("UPDATE accounts SET value = value || '\\x00'::bytea");
+    let refused = storage.read_log("space", 0, 10, usize::MAX).unwrap_err();
+    assert!(
+        matches!(&refused, StorageError::Damaged { what: "log entry", position, .. }
+            if position == "seq 2"),
+        "{refused}"
+    );
+    assert_eq!(
+        storage.read_log("space", 2, 10, usize::MAX).unwrap().len(),
+        1
+    );
+    let refused = storage.account("team").unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            StorageError::Damaged {
+                what: "account data",
+                ..
+            }
+        ),
+        "{refused}"
+    );
+}
+
+#[test]
+fn an_unreachable_database_is_named_as_such() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let refused = PgStorage::open(&PgOptions {
+        url: format!("postgres://ferry@127.0.0.1:{port}/nothing"),
+        pool_size: 1,
+        connect_timeout: Duration::from_secs(5),
+        statement_timeout: Duration::from_secs(5),
+    })
+    .err()
+    .expect("refused");
+    assert!(
+        matches!(refused, StorageError::Unreachable { .. }),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("relay.postgres_url"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn acknowledged_appends_survive_a_database_crash_and_the_engine_reconnects() {
+    let server = PgServer::start();
+    let database = server.create_database();
+    let storage = PgStorage::open(&server.options(&database)).unwrap();
+    for n in 1..=20 {
+        append_one(&storage, "r", n);
+    }
+    server.crash();
+    let mut append = Append::new(20);
+    append.entries.push(change("r", 21));
+    let refused = storage.append("space", append).unwrap_err();
+    assert!(
+        matches!(refused, StorageError::Unreachable { .. }),
+        "{refused}"
+    );
+    server.start_again();
+    // The pool drops the connections the crash broke and opens new ones.
+    assert_eq!(storage.head("space").unwrap(), 20);
+    append_one(&storage, "r", 21);
+    drop(storage);
+    let reopened = PgStorage::open(&server.options(&database)).unwrap();
+    let seqs: Vec<u64> = reopened
+        .read_log("space", 0, 100, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=21).collect::<Vec<_>>());
+}
+
+#[test]
+fn ferry_relay_migrate_checks_and_applies_and_a_relay_refuses_a_newer_schema() {
+    let db = Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("relay");
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&dir)
+        .unwrap();
+    std::fs::write(dir.join("config.toml"), db.relay_config()).unwrap();
+    let operator = Operator(&dir);
+
+    let check = operator.ferry(&["--json", "relay", "migrate", "--check"]);
+    assert!(!check.status.success(), "{check:?}");
+    let answer: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(answer["pending"], json!(["0001_relay_storage"]), "{answer}");
+    assert!(stderr(&check).contains("pending"), "{check:?}");
+
+    let migrate = operator.ferry(&["relay", "migrate"]);
+    assert!(migrate.status.success(), "{migrate:?}");
+    assert!(
+        stdout(&migrate).contains("0001_relay_storage"),
+        "{migrate:?}"
+    );
+    let check = operator.ferry(&["relay", "migrate", "--check"]);
+    assert!(check.status.success(), "{check:?}");
+    assert!(stdout(&check).contains("up to date"), "{check:?}");
+    // Operator commands with no relay running work on the database too.
+    operator.add_account("team");
+    assert_eq!(db.sql("SELECT name FROM accounts"), "team");
+
+    db.sql("INSERT INTO ferry_schema (version, name) VALUES (9999, 'from_a_later_ferry')");
+    let relay = operator
+        .command(&["relay", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!relay.status.success(), "{relay:?}");
+    assert!(stderr(&relay).contains("upgrade ferry"), "{relay:?}");
+}
+
+#[test]
+fn a_relay_on_postgres_syncs_devices_and_serves_everything_after_a_restart() {
+    let db = Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("relay");
+    let mut relay = Relay::start_with_config(&dir, None, &db.relay_config());
+    let (a, b) = (Device::new(), Device::new());
+    a.join(&relay);
+    b.join(&relay);
+    let (da, db_) = (a.start_daemon_logged(), b.start_daemon_logged());
+    for i in 0..10 {
+        put_doc(&da, &format!("a{i}"), json!({ "i": i, "by": "a" }));
+        put_doc(&db_, &format!("b{i}"), json!({ "i": i, "by": "b" }));
+    }
+    wait_converged(&[&da, &db_], 20);
+    put_doc(&da, "b0", json!({ "i": 0, "by": "a" }));
+    wait_converged(&[&da, &db_], 21);
+    let everything = docs(&da);
+    assert_eq!(everything.len(), 20);
+    assert_eq!(docs(&db_), everything);
+    assert!(
+        !dir.join("relay.db").exists(),
+        "the relay kept nothing in sled"
+    );
+    assert_eq!(
+        db.sql("SELECT head FROM spaces WHERE space = 'default'"),
+        "21"
+    );
+
+    let port = relay.port;
+    assert!(relay.terminate().success(), "{}", relay.log());
+    let relay = Relay::start(&dir, Some(port));
+    let c = Device::new();
+    c.join(&relay);
+    let dc = c.start_daemon_logged();
+    wait_caught_up(&dc, 21);
+    assert_eq!(docs(&dc), everything);
+}
