@@ -753,7 +753,7 @@ impl Store {
             if change.is_none() {
                 change = written.as_ref().map(|w| w.change.hash().to_string());
             }
-            let staged = Staged::of(record, before, written);
+            let staged = Staged::of(record, before, written, &policy)?;
             self.stage_unlogged(&mut unlogged, &mut batch, &key, &staged)?;
             writes.push(self.finish(key, staged, now, &mut batch, &mut delta)?);
         }

@@ -177,6 +177,7 @@ impl Store {
                     record.document.clone()
                 };
                 batch.put(keys::doc(&key.0, &key.1), saved);
+                self.stage_view(&mut batch, &key, &mut doc)?;
                 applied.push(RemoteApplied {
                     collection: key.0.clone(),
                     id: key.1.clone(),
