@@ -109,9 +109,12 @@ pub fn open_locked_store(
     )
     .map_err(StoreError::from)?;
     // Unless the journal says batches were lost: then the store opens damaged, and a repair
-    // puts back what the journal holds.
+    // puts back what the journal holds. Nor a store whose creation was cut short (killed
+    // between sled's own first write and the stamp's): no batch of it was ever durable, so
+    // nothing was acknowledged, and it is created again.
     if had_log
         && kv.lost().is_none()
+        && kv.holds_batches()
         && kv
             .get(keys::META_DEVICE)
             .map_err(StoreError::from)?
