@@ -444,7 +444,7 @@ fn a_purged_records_late_edit_comes_back_on_every_device() {
 /// `sync.collections` set to `names` in a device's config.
 fn syncing(names: &[&str]) -> impl Fn(&str) -> String {
     let line = format!(
-        "\nbatch_changes = 1000\ncollections = [{}]",
+        "\ncollections = [{}]",
         names
             .iter()
             .map(|n| format!("{n:?}"))
@@ -452,11 +452,8 @@ fn syncing(names: &[&str]) -> impl Fn(&str) -> String {
             .join(", ")
     );
     move |config: &str| {
-        assert!(
-            config.contains("\nbatch_changes = 1000"),
-            "no [sync] batch_changes"
-        );
-        config.replacen("\nbatch_changes = 1000", &line, 1)
+        assert!(config.contains("\ncollections = []"), "no sync.collections");
+        config.replacen("\ncollections = []", &line, 1)
     }
 }
 

@@ -331,12 +331,6 @@ impl SledKv {
         Ok(kv)
     }
 
-    /// Whether any batch of the store's was ever made durable, as the data or the journal
-    /// counts them: not so for a store killed while it was being created.
-    pub fn holds_batches(&self) -> bool {
-        *self.lock_writing() > 0
-    }
-
     /// The directory holding the sled files in use under `path` (`path` itself, or the generation
     /// a compaction made).
     pub fn current_dir(path: &Path) -> Result<PathBuf, KvError> {

@@ -25,6 +25,7 @@ pub mod health;
 pub mod keys;
 pub mod kv;
 pub mod partial;
+pub mod query;
 pub mod snapshot;
 pub mod sync;
 mod views;
@@ -72,6 +73,8 @@ pub enum StoreError {
          and write it here, or write it on a device that syncs it"
     )]
     NotSynced(String),
+    #[error(transparent)]
+    Query(#[from] crate::query::QueryError),
     #[error(
         "this data directory belongs to device {stored}, but the identity key is device {given}: use the data directory's own key"
     )]
