@@ -17,6 +17,7 @@
 )]
 
 mod common;
+mod relay_fixtures;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Barrier};
@@ -26,11 +27,15 @@ use common::postgres::PgServer;
 use common::{
     Device, Operator, Relay, docs, put_doc, stderr, stdout, wait_caught_up, wait_converged,
 };
+use ferry::record::Record;
 use ferry::relay::storage::pg::{MIGRATIONS, PgOptions};
 use ferry::relay::storage::{
     AccountRecord, AccountStorage, AccountWrite, Append, EnrolmentRecord, LogStorage, LoggedChange,
     PgStorage, StorageError,
 };
+use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
+use relay_fixtures::{SPACE, actor, dev, outcomes, upload};
 use serde_json::json;
 
 /// A fresh database on the test binary's server, dropped with it.
@@ -438,4 +443,182 @@ fn a_relay_on_postgres_syncs_devices_and_serves_everything_after_a_restart() {
     let dc = c.start_daemon_logged();
     wait_caught_up(&dc, 21);
     assert_eq!(docs(&dc), everything);
+}
+
+/// A relay store with its own engine on `db`, as a relay process has.
+fn relay_store(db: &Database) -> RelayStore {
+    RelayStore::open(
+        Arc::new(db.open()),
+        RelayStoreOptions {
+            compact_after: 3,
+            ..RelayStoreOptions::default()
+        },
+    )
+}
+
+/// Device `n`'s change to its replica of a record, as an upload.
+fn edit(replica: &mut Record, entry: u64, record: &str, value: u64) -> UploadChange {
+    let written = replica
+        .patch(&common::fields(json!({ "v": value })), &[], 2)
+        .unwrap()
+        .unwrap();
+    upload(entry, record, written.change.raw_bytes())
+}
+
+#[test]
+fn relay_stores_on_one_database_validate_each_change_against_what_the_other_logged() {
+    let db = Database::new();
+    let relays = [relay_store(&db), relay_store(&db)];
+    let names = ["r0", "r1", "r2"];
+    // Each record on two devices: device 1 uploads through relay 0, device 2 through relay 1.
+    let mut replicas: Vec<[Record; 2]> = names
+        .iter()
+        .map(|_| {
+            let mut first = Record::new(&actor(1));
+            first.put(&common::fields(json!({ "v": 0 })), 1).unwrap();
+            let second = Record::load(&first.save(), &actor(2)).unwrap();
+            [first, second]
+        })
+        .collect();
+    let creations: Vec<UploadChange> = replicas
+        .iter_mut()
+        .zip(names)
+        .map(|([first, _], name)| {
+            let change = first.doc_mut().get_changes(&[])[0].raw_bytes().to_vec();
+            upload(0, name, &change)
+        })
+        .collect();
+    let r = relays[0].append(SPACE, &dev(1), &creations).unwrap();
+    assert!(
+        outcomes(&r)
+            .iter()
+            .all(|o| matches!(o, ChangeOutcome::Stored { .. })),
+        "{r:?}"
+    );
+    let mut stored = creations.len() as u64;
+
+    // In turns, each device builds on what the other just logged through the other relay:
+    // every change depends on one the uploading relay did not log itself.
+    for round in 0..12u64 {
+        let d = (round % 2) as usize;
+        let mut batch = Vec::new();
+        for (replica, name) in replicas.iter_mut().zip(names) {
+            let [first, second] = replica;
+            let (to, from) = if d == 0 {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            to.doc_mut().merge(from.doc_mut()).unwrap();
+            batch.push(edit(to, round, name, round + 1));
+        }
+        let device = dev(d as u8 + 1);
+        let got = outcomes(&relays[d].append(SPACE, &device, &batch).unwrap());
+        let want: Vec<_> = (1..=names.len() as u64)
+            .map(|i| ChangeOutcome::Stored { seq: stored + i })
+            .collect();
+        assert_eq!(got, want, "round {round}");
+        // Sent again through the other relay: a duplicate there too.
+        let again = relays[1 - d].append(SPACE, &device, &batch).unwrap();
+        assert_eq!(
+            outcomes(&again),
+            want.iter()
+                .map(|o| match o {
+                    ChangeOutcome::Stored { seq } => ChangeOutcome::Duplicate { seq: *seq },
+                    other => other.clone(),
+                })
+                .collect::<Vec<_>>()
+        );
+        stored += names.len() as u64;
+        // Both relays read the record as it now is, whichever logged it.
+        let merged = replicas[0][d].fields();
+        for relay in &relays {
+            assert_eq!(
+                relay.record(SPACE, "Doc", "r0").unwrap(),
+                Some(merged.clone())
+            );
+        }
+    }
+
+    // The causal check sees the other relay's log: a change whose dependency is not logged is
+    // refused by both, and stored once it is.
+    let [first, _] = &mut replicas[1];
+    let (c1, c2) = (edit(first, 1, "r1", 100), edit(first, 2, "r1", 101));
+    for relay in &relays {
+        let r = relay.append(SPACE, &dev(1), std::slice::from_ref(&c2)).unwrap();
+        assert!(
+            matches!(
+                &r[0].outcome,
+                ChangeOutcome::Rejected {
+                    code: ErrorCode::MissingDependencies,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+    }
+    let r = relays[1].append(SPACE, &dev(1), &[c1]).unwrap();
+    assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: stored + 1 }]);
+    let r = relays[0].append(SPACE, &dev(1), &[c2]).unwrap();
+    assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: stored + 2 }]);
+    stored += 2;
+
+    // Both devices at once, each through its relay, on the same records: appends staged
+    // against a head the other relay moved are staged again, never refused.
+    let per_device = 15u64;
+    std::thread::scope(|scope| {
+        for (d, relay) in relays.iter().enumerate() {
+            let mut mine: Vec<Record> = replicas
+                .iter_mut()
+                .map(|pair| Record::load(&pair[d].save(), &actor(d as u8 + 1)).unwrap())
+                .collect();
+            scope.spawn(move || {
+                for n in 0..per_device {
+                    let i = (n as usize) % names.len();
+                    let change = edit(&mut mine[i], n, names[i], 1000 + n);
+                    let r = relay.append(SPACE, &dev(d as u8 + 1), &[change]).unwrap();
+                    assert!(
+                        matches!(r[0].outcome, ChangeOutcome::Stored { .. }),
+                        "device {d}, change {n}: {r:?}"
+                    );
+                }
+            });
+        }
+    });
+    stored += 2 * per_device;
+
+    let logs: Vec<_> = relays
+        .iter()
+        .map(|relay| {
+            let log = relay
+                .read_since(SPACE, 0, usize::MAX / 8, usize::MAX)
+                .unwrap();
+            assert_eq!(log.head, stored);
+            log.entries
+        })
+        .collect();
+    assert_eq!(logs[0], logs[1], "both relays read the same log");
+    let seqs: Vec<u64> = logs[0].iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=stored).collect::<Vec<_>>(), "gapless");
+    let mut replayed: Vec<Record> = names.iter().map(|_| Record::new(&actor(7))).collect();
+    for entry in &logs[0] {
+        let i = names.iter().position(|n| *n == entry.record).unwrap();
+        replayed[i]
+            .apply_changes(std::slice::from_ref(&entry.change))
+            .unwrap_or_else(|e| panic!("entry {} applies in log order: {e}", entry.seq));
+    }
+    for (name, doc) in names.iter().zip(&mut replayed) {
+        let heads: Vec<String> = doc.heads().iter().map(|h| h.to_string()).collect();
+        for relay in &relays {
+            let mut kept = relay.heads(SPACE, "Doc", name).unwrap().unwrap();
+            kept.sort();
+            let mut want = heads.clone();
+            want.sort();
+            assert_eq!(kept, want, "{name}");
+            assert_eq!(
+                relay.record(SPACE, "Doc", name).unwrap(),
+                Some(doc.fields())
+            );
+        }
+    }
 }

@@ -233,6 +233,39 @@ impl Accounts {
         self.revocations.subscribe()
     }
 
+    /// A revocation another relay sharing the storage committed: what this relay keeps of the
+    /// device or family is read again, and its sessions here end.
+    pub fn revoked_elsewhere(&self, revocation: Revocation) {
+        let mut state = self.lock();
+        match &revocation {
+            Revocation::Device(device) => match self.storage.devices() {
+                Ok(devices) => {
+                    for record in devices {
+                        if record.device == *device {
+                            state.devices.insert(device.clone(), record);
+                        }
+                    }
+                    if let Ok(families) = self.storage.families() {
+                        state.revoked_families.extend(
+                            families
+                                .into_iter()
+                                .filter(|f| f.revoked && f.device == *device)
+                                .map(|f| f.id),
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(device, error = %e, "cannot read a device revoked elsewhere")
+                }
+            },
+            Revocation::Family(family) => {
+                state.revoked_families.insert(family.clone());
+            }
+        }
+        drop(state);
+        let _ = self.revocations.send(revocation);
+    }
+
     pub fn add_account(&self, name: &str, now_ms: u64) -> Result<AccountRecord, AccountError> {
         validate_space(name).map_err(|_| AccountError::InvalidName(name.to_string()))?;
         let record = AccountRecord {

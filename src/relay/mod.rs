@@ -151,6 +151,8 @@ pub async fn run(
         accounts::os_random(),
         clock.now_ms(),
     )?);
+    let (news, heard) = tokio::sync::mpsc::unbounded_channel();
+    let follows = storage.follow(news);
     let store = Arc::new(RelayStore::open(
         storage,
         RelayStoreOptions {
@@ -300,6 +302,15 @@ pub async fn run(
         Duration::from_secs(relay.compact_interval_secs.max(1)),
         stopped.clone(),
     ));
+    let follower = follows.then(|| {
+        tokio::spawn(server::follow_storage(
+            heard,
+            store.clone(),
+            accounts.clone(),
+            shared.spaces.clone(),
+            stopped.clone(),
+        ))
+    });
     let server = tokio::spawn(server::serve(endpoint, shared, options, stopped));
     tracing::info!(listen = %listening.listen, fingerprint = %listening.fingerprint, "relay ready");
     ready(&listening);
@@ -313,6 +324,11 @@ pub async fn run(
         && let Err(e) = task.await
     {
         tracing::error!(error = %e, "relay HTTPS API stopped abnormally");
+    }
+    if let Some(task) = follower
+        && let Err(e) = task.await
+    {
+        tracing::error!(error = %e, "relay storage follower stopped abnormally");
     }
     for (what, task) in [
         ("operator socket", admin),

@@ -256,9 +256,41 @@ pub struct LogCompaction {
     pub mark: Option<(u64, u64)>,
 }
 
+/// What a relay hears of commits to storage other relays share (`LogStorage::follow`), as they
+/// land: those it made itself included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageNews {
+    /// Hearing commits (again): those made while not hearing them were missed, so the heads of
+    /// the spaces the relay serves are read once.
+    Listening,
+    /// Not hearing commits (the database is out of reach): until `Listening` comes back, the
+    /// heads of the spaces the relay serves are polled.
+    Deaf,
+    /// A space's log was appended to, up to `head`.
+    Head { space: String, head: u64 },
+    /// A device was revoked.
+    DeviceRevoked(String),
+    /// A token family was revoked (a refresh token used twice).
+    FamilyRevoked(String),
+}
+
 /// A space's change logs, records' documents (base + tail), logged heads, unique-value index,
 /// conflict counts and log bytes.
 pub trait LogStorage: Send + Sync {
+    /// Whether other relays may append to the same logs (a database they share): the relay
+    /// store then checks a space's head before trusting a document it cached. The embedded
+    /// engine is one process's own, so nothing is checked.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Sends `news` what other relays commit (and this one), as it lands, until `news` is
+    /// closed, reconnecting by itself; `false` when no other relay writes to this engine.
+    fn follow(&self, news: tokio::sync::mpsc::UnboundedSender<StorageNews>) -> bool {
+        drop(news);
+        false
+    }
+
     /// The last seq of the space's log (0 when empty).
     fn head(&self, space: &str) -> Result<u64, StorageError>;
 

@@ -34,13 +34,14 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::types::{FromSql, ToSql};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{AsyncMessage, NoTls, Notification, Row};
 
 use super::{
     AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, Holders,
-    LogCompaction, LogStorage, RecordKey, RelayConflictCount, StorageError, StoredKey, Tombstone,
-    UniqueValue, UniqueValues,
+    LogCompaction, LogStorage, RecordKey, RelayConflictCount, StorageError, StorageNews, StoredKey,
+    Tombstone, UniqueValue, UniqueValues,
 };
 use crate::auth::token::Family;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus};
@@ -101,6 +102,8 @@ pub struct PgStorage {
     /// Drives the pool's connections; `None` only while dropping.
     runtime: Option<tokio::runtime::Runtime>,
     pool: Pool,
+    /// What the listening connection (`follow`) connects with.
+    config: tokio_postgres::Config,
 }
 
 impl Drop for PgStorage {
@@ -140,7 +143,7 @@ impl PgStorage {
             options.statement_timeout.as_millis()
         ));
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -166,6 +169,7 @@ impl PgStorage {
         Ok(PgStorage {
             runtime: Some(runtime),
             pool,
+            config,
         })
     }
 
@@ -333,6 +337,134 @@ async fn applied_versions(client: &impl GenericClient) -> Result<Vec<i32>, Stora
         .iter()
         .map(|row| col::<i32>(row, 0))
         .collect()
+}
+
+/// The channel each append announces itself on as it commits: `"<head> <space>"`.
+const LOG_CHANNEL: &str = "ferry_log";
+/// The channel revocations are announced on: `"device <id>"` or `"family <id>"`.
+const REVOKED_CHANNEL: &str = "ferry_revoked";
+/// How often the listening connection is checked: a database gone without closing it is found
+/// about this fast, and its heads polled from then on.
+const LISTENER_CHECK: Duration = Duration::from_secs(1);
+/// How long after losing it the listening connection is opened again.
+const LISTENER_RETRY: Duration = Duration::from_millis(500);
+
+async fn notify(
+    tx: &deadpool_postgres::Transaction<'_>,
+    channel: &str,
+    payload: &str,
+) -> Result<(), StorageError> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+        .await
+        .map_err(sql_error)?;
+    Ok(())
+}
+
+/// Listens to the commits announced on the database, on a connection of its own (a pooled one
+/// would be recycled, and its notifications with it), until `news` is closed: reconnects
+/// after `LISTENER_RETRY` whenever the connection is lost, saying `Deaf` meanwhile.
+async fn listen(config: tokio_postgres::Config, news: UnboundedSender<StorageNews>) {
+    loop {
+        match listen_once(&config, &news).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "not hearing other relays' commits: polling heads \
+                    until the database is back");
+                if news.send(StorageNews::Deaf).is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(LISTENER_RETRY) => {}
+            () = news.closed() => return,
+        }
+    }
+}
+
+/// One listening connection's life: `Ok` when `news` was closed, the error that ended it
+/// otherwise.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    news: &UnboundedSender<StorageNews>,
+) -> Result<(), StorageError> {
+    let (client, mut connection) = config.connect(NoTls).await.map_err(sql_error)?;
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<Notification>();
+    // Notifications arrive on the connection itself, which is polled here rather than left
+    // to a plain driver task that would drop them.
+    let _driver = AbortOnDrop(tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = message
+                && heard_tx.send(n).is_err()
+            {
+                return;
+            }
+        }
+    }));
+    client
+        .batch_execute(&format!("LISTEN {LOG_CHANNEL}; LISTEN {REVOKED_CHANNEL}"))
+        .await
+        .map_err(sql_error)?;
+    if news.send(StorageNews::Listening).is_err() {
+        return Ok(());
+    }
+    let mut check = tokio::time::interval(LISTENER_CHECK);
+    loop {
+        tokio::select! {
+            n = heard.recv() => {
+                let Some(n) = n else {
+                    return Err(StorageError::Unreachable {
+                        detail: "the listening connection closed".into(),
+                    });
+                };
+                match heard_news(&n) {
+                    Some(item) => {
+                        if news.send(item).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    None => tracing::warn!(channel = n.channel(), payload = n.payload(),
+                        "a notification of unknown form: ignored"),
+                }
+            }
+            _ = check.tick() => {
+                match tokio::time::timeout(LISTENER_CHECK * 2, client.simple_query("")).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(sql_error(e)),
+                    Err(_) => {
+                        return Err(StorageError::Unreachable {
+                            detail: "the database stopped answering the listening connection"
+                                .into(),
+                        });
+                    }
+                }
+            }
+            () = news.closed() => return Ok(()),
+        }
+    }
+}
+
+/// Aborts its task when dropped: a listening connection's driver ends with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What an announcement says; `None` for one of unknown form.
+fn heard_news(n: &Notification) -> Option<StorageNews> {
+    let (first, rest) = n.payload().split_once(' ')?;
+    match (n.channel(), first) {
+        (LOG_CHANNEL, head) => Some(StorageNews::Head {
+            space: rest.to_owned(),
+            head: head.parse().ok()?,
+        }),
+        (REVOKED_CHANNEL, "device") => Some(StorageNews::DeviceRevoked(rest.to_owned())),
+        (REVOKED_CHANNEL, "family") => Some(StorageNews::FamilyRevoked(rest.to_owned())),
+        _ => None,
+    }
 }
 
 async fn connection(pool: &Pool) -> Result<deadpool_postgres::Object, StorageError> {
@@ -1262,6 +1394,18 @@ async fn write_accounts(
 }
 
 impl LogStorage for PgStorage {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn follow(&self, news: UnboundedSender<StorageNews>) -> bool {
+        let Some(runtime) = self.runtime.as_ref() else {
+            return false;
+        };
+        runtime.spawn(listen(self.config.clone(), news));
+        true
+    }
+
     fn head(&self, space: &str) -> Result<u64, StorageError> {
         self.space_number("SELECT head FROM spaces WHERE space = $1", space)
     }
@@ -1278,7 +1422,13 @@ impl LogStorage for PgStorage {
                     head,
                 });
             }
+            let new_head = append.next_seq().saturating_sub(1);
+            let announce = !append.entries.is_empty();
             write_append(&tx, &space, append).await?;
+            if announce {
+                // Delivered when (and only if) the transaction commits.
+                notify(&tx, LOG_CHANNEL, &format!("{new_head} {space}")).await?;
+            }
             tx.commit().await.map_err(sql_error)
         })
     }
