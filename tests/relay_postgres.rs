@@ -28,7 +28,7 @@ use common::{
     Device, Operator, Relay, docs, put_doc, stderr, stdout, wait_caught_up, wait_converged,
 };
 use ferry::record::Record;
-use ferry::relay::storage::pg::{MIGRATIONS, PgOptions};
+use ferry::relay::storage::pg::{LISTENER_NAME, MIGRATIONS, PgOptions};
 use ferry::relay::storage::{
     AccountRecord, AccountStorage, AccountWrite, Append, EnrolmentRecord, LogStorage, LoggedChange,
     PgStorage, StorageError,
@@ -545,7 +545,9 @@ fn relay_stores_on_one_database_validate_each_change_against_what_the_other_logg
     let [first, _] = &mut replicas[1];
     let (c1, c2) = (edit(first, 1, "r1", 100), edit(first, 2, "r1", 101));
     for relay in &relays {
-        let r = relay.append(SPACE, &dev(1), std::slice::from_ref(&c2)).unwrap();
+        let r = relay
+            .append(SPACE, &dev(1), std::slice::from_ref(&c2))
+            .unwrap();
         assert!(
             matches!(
                 &r[0].outcome,
@@ -620,5 +622,49 @@ fn relay_stores_on_one_database_validate_each_change_against_what_the_other_logg
                 Some(doc.fields())
             );
         }
+    }
+}
+
+/// Two `ferry relay` processes on `db`, each with its own data directory under `tmp`.
+fn two_relays(db: &Database, tmp: &std::path::Path) -> [Relay; 2] {
+    ["relay1", "relay2"]
+        .map(|name| Relay::start_with_config(&tmp.join(name), None, &db.relay_config()))
+}
+
+#[test]
+fn a_change_stored_through_one_relay_is_pushed_at_once_to_a_device_on_another() {
+    let db = Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let relays = two_relays(&db, tmp.path());
+    let (a, b) = (Device::new(), Device::new());
+    a.join(&relays[0]);
+    b.join(&relays[1]);
+    let (da, db_) = (a.start_daemon_logged(), b.start_daemon_logged());
+    wait_converged(&[&da, &db_], 0);
+    // Each device's session is live on its own relay: what the other relay logs reaches it
+    // only if that relay hears of it (the devices' own periodic sync is a minute away).
+    put_doc(&da, "from-a", json!({ "by": "a" }));
+    wait_converged(&[&da, &db_], 1);
+    put_doc(&db_, "from-b", json!({ "by": "b" }));
+    wait_converged(&[&da, &db_], 2);
+    for i in 0..5 {
+        put_doc(&da, &format!("a{i}"), json!({ "i": i }));
+        put_doc(&db_, &format!("b{i}"), json!({ "i": i }));
+    }
+    wait_converged(&[&da, &db_], 12);
+    assert_eq!(docs(&da), docs(&db_));
+    assert_eq!(docs(&da).len(), 12);
+
+    // Listening connections cut: the relays connect them again (reading the heads they may
+    // have missed meanwhile) and pushes go on.
+    let listeners = format!("FROM pg_stat_activity WHERE application_name = '{LISTENER_NAME}'");
+    for round in 0..3 {
+        common::wait_for_ok("both relays listening", common::TIMEOUT, || {
+            let n = db.sql(&format!("SELECT count(*) {listeners}"));
+            if n == "2" { Ok(()) } else { Err(n) }
+        });
+        db.sql(&format!("SELECT pg_terminate_backend(pid) {listeners}"));
+        put_doc(&da, &format!("after-cut{round}"), json!({ "round": round }));
+        wait_converged(&[&da, &db_], 13 + round);
     }
 }

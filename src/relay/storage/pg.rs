@@ -346,6 +346,8 @@ const REVOKED_CHANNEL: &str = "ferry_revoked";
 /// How often the listening connection is checked: a database gone without closing it is found
 /// about this fast, and its heads polled from then on.
 const LISTENER_CHECK: Duration = Duration::from_secs(1);
+/// The listening connection's `application_name`.
+pub const LISTENER_NAME: &str = "ferry relay listener";
 /// How long after losing it the listening connection is opened again.
 const LISTENER_RETRY: Duration = Duration::from_millis(500);
 
@@ -363,7 +365,9 @@ async fn notify(
 /// Listens to the commits announced on the database, on a connection of its own (a pooled one
 /// would be recycled, and its notifications with it), until `news` is closed: reconnects
 /// after `LISTENER_RETRY` whenever the connection is lost, saying `Deaf` meanwhile.
-async fn listen(config: tokio_postgres::Config, news: UnboundedSender<StorageNews>) {
+async fn listen(mut config: tokio_postgres::Config, news: UnboundedSender<StorageNews>) {
+    // Named so that an operator (or a test) can tell it from the pool's connections.
+    config.application_name(LISTENER_NAME);
     loop {
         match listen_once(&config, &news).await {
             Ok(()) => return,
