@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use common::postgres::PgServer;
 use common::{
-    Device, Operator, Relay, docs, put_doc, stderr, stdout, wait_caught_up, wait_converged,
+    Device, Operator, Relay, device_key, docs, put_doc, stderr, stdout, wait_caught_up,
+    wait_converged,
 };
 use ferry::record::Record;
 use ferry::relay::storage::pg::{LISTENER_NAME, MIGRATIONS, PgOptions};
@@ -34,6 +35,7 @@ use ferry::relay::storage::{
     PgStorage, StorageError,
 };
 use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry_proto::session::device_id;
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
 use relay_fixtures::{SPACE, actor, dev, outcomes, upload};
 use serde_json::json;
@@ -667,4 +669,54 @@ fn a_change_stored_through_one_relay_is_pushed_at_once_to_a_device_on_another() 
         put_doc(&da, &format!("after-cut{round}"), json!({ "round": round }));
         wait_converged(&[&da, &db_], 13 + round);
     }
+}
+
+#[test]
+fn a_device_revoked_through_one_relay_loses_its_session_on_another_and_devices_move_between_relays()
+{
+    let db = Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let relays = two_relays(&db, tmp.path());
+    let (gone, kept, moving) = (Device::new(), Device::new(), Device::new());
+    gone.join(&relays[1]);
+    kept.join(&relays[0]);
+    // Registered through relay 1, then served by relay 2 (which had not seen the device when
+    // it registered, nor the tokens relay 1 gave it).
+    moving.register_at(
+        &relays[0].operator(),
+        &relays[0].addr,
+        &relays[0].fingerprint,
+        "default",
+    );
+    moving.set_sync(&relays[1].addr, &relays[1].fingerprint);
+    let (dg, dk, dm) = (
+        gone.start_daemon_logged(),
+        kept.start_daemon_logged(),
+        moving.start_daemon_logged(),
+    );
+    put_doc(&dg, "before", json!({ "n": 1 }));
+    put_doc(&dm, "moved", json!({ "n": 2 }));
+    wait_converged(&[&dg, &dk, &dm], 2);
+
+    let gone_id = device_id(&device_key(&gone).verifying_key().to_bytes());
+    let out = relays[0].operator().ferry(&["relay", "revoke", &gone_id]);
+    assert!(out.status.success(), "ferry relay revoke: {}", stderr(&out));
+    // Its session is on the other relay: that one hears of the revocation and ends it.
+    let error = common::wait_for_ok(
+        "the revoked device's session to end",
+        common::TIMEOUT,
+        || {
+            let error = common::status(&dg)["sync"]["last_error"].clone();
+            if error["kind"] == json!("authentication") {
+                Ok(error)
+            } else {
+                Err(error.to_string())
+            }
+        },
+    );
+    assert!(error.to_string().contains("revoked"), "{error}");
+    put_doc(&dk, "kept", json!({ "n": 3 }));
+    wait_converged(&[&dk, &dm], 3);
+    let ids: Vec<_> = docs(&dm).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["before", "kept", "moved"]);
 }

@@ -164,6 +164,17 @@ impl From<StorageError> for AccountError {
     }
 }
 
+/// The token signing keys as stored.
+fn read_ring(storage: &dyn AccountStorage) -> Result<KeyRing, AccountError> {
+    let mut ring = KeyRing::default();
+    for stored in storage.signing_keys()? {
+        let mut entry = SigningKeyEntry::from_seed(stored.kid, stored.seed, stored.created_s);
+        entry.retired_s = stored.retired_s;
+        ring.insert(entry);
+    }
+    Ok(ring)
+}
+
 fn code_hash(secret: &str) -> [u8; 32] {
     sha2::Sha256::digest(secret.as_bytes()).into()
 }
@@ -176,12 +187,7 @@ impl Accounts {
         random: RandomSource,
         now_ms: u64,
     ) -> Result<Self, AccountError> {
-        let mut ring = KeyRing::default();
-        for stored in storage.signing_keys()? {
-            let mut entry = SigningKeyEntry::from_seed(stored.kid, stored.seed, stored.created_s);
-            entry.retired_s = stored.retired_s;
-            ring.insert(entry);
-        }
+        let ring = read_ring(&*storage)?;
         let devices = storage
             .devices()?
             .into_iter()
@@ -233,37 +239,87 @@ impl Accounts {
         self.revocations.subscribe()
     }
 
-    /// A revocation another relay sharing the storage committed: what this relay keeps of the
-    /// device or family is read again, and its sessions here end.
-    pub fn revoked_elsewhere(&self, revocation: Revocation) {
+    /// Another relay sharing the storage wrote the device's record (registered it, signed it
+    /// in, revoked or removed it): this relay reads it again, and a revocation ends the
+    /// device's sessions here.
+    pub fn device_written_elsewhere(&self, device: &str) -> Result<(), AccountError> {
+        let record = self.storage.device(device)?;
         let mut state = self.lock();
-        match &revocation {
-            Revocation::Device(device) => match self.storage.devices() {
-                Ok(devices) => {
-                    for record in devices {
-                        if record.device == *device {
-                            state.devices.insert(device.clone(), record);
-                        }
-                    }
-                    if let Ok(families) = self.storage.families() {
-                        state.revoked_families.extend(
-                            families
-                                .into_iter()
-                                .filter(|f| f.revoked && f.device == *device)
-                                .map(|f| f.id),
-                        );
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(device, error = %e, "cannot read a device revoked elsewhere")
-                }
-            },
-            Revocation::Family(family) => {
-                state.revoked_families.insert(family.clone());
-            }
-        }
+        let was_admitted = state
+            .devices
+            .get(device)
+            .is_some_and(|d| d.revoked_ms.is_none());
+        let revoked = record.as_ref().is_none_or(|d| d.revoked_ms.is_some());
+        match record {
+            Some(record) => state.devices.insert(device.to_owned(), record),
+            None => state.devices.remove(device),
+        };
         drop(state);
-        let _ = self.revocations.send(revocation);
+        if was_admitted && revoked {
+            let _ = self.revocations.send(Revocation::Device(device.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Another relay sharing the storage revoked a token family: its tokens stop working here
+    /// and its sessions here end.
+    pub fn family_revoked_elsewhere(&self, family: &str) {
+        let fresh = self.lock().revoked_families.insert(family.to_owned());
+        if fresh {
+            let _ = self.revocations.send(Revocation::Family(family.to_owned()));
+        }
+    }
+
+    /// Another relay sharing the storage changed the token signing keys: the ring is read
+    /// again, so tokens it signs are verified here.
+    pub fn signing_keys_changed_elsewhere(&self) -> Result<(), AccountError> {
+        let ring = read_ring(&*self.storage)?;
+        self.lock().ring = ring;
+        Ok(())
+    }
+
+    /// Reads again everything this relay keeps of the accounts (devices, revoked families,
+    /// signing keys), for writes other relays made while it could not hear of them; the
+    /// sessions of what was revoked meanwhile end.
+    pub fn reload(&self) -> Result<(), AccountError> {
+        let ring = read_ring(&*self.storage)?;
+        let devices: HashMap<String, DeviceRecord> = self
+            .storage
+            .devices()?
+            .into_iter()
+            .map(|device| (device.device.clone(), device))
+            .collect();
+        let revoked_families: HashSet<String> = self
+            .storage
+            .families()?
+            .into_iter()
+            .filter(|family| family.revoked)
+            .map(|family| family.id)
+            .collect();
+        let mut state = self.lock();
+        let mut revoked: Vec<Revocation> = state
+            .devices
+            .iter()
+            .filter(|(id, d)| {
+                d.revoked_ms.is_none() && devices.get(*id).is_none_or(|n| n.revoked_ms.is_some())
+            })
+            .map(|(id, _)| Revocation::Device(id.clone()))
+            .collect();
+        revoked.extend(
+            revoked_families
+                .difference(&state.revoked_families)
+                .map(|f| Revocation::Family(f.clone())),
+        );
+        *state = State {
+            ring,
+            devices,
+            revoked_families,
+        };
+        drop(state);
+        for revocation in revoked {
+            let _ = self.revocations.send(revocation);
+        }
+        Ok(())
     }
 
     pub fn add_account(&self, name: &str, now_ms: u64) -> Result<AccountRecord, AccountError> {

@@ -785,14 +785,27 @@ pub async fn follow_storage(
             item = news.recv() => match item {
                 None => return,
                 Some(StorageNews::Head { space, head }) => spaces.moved(&space, head),
-                Some(StorageNews::DeviceRevoked(device)) => {
-                    accounts.revoked_elsewhere(Revocation::Device(device));
+                Some(StorageNews::Device(device)) => {
+                    let accounts = accounts.clone();
+                    blocking("read a device written elsewhere", move || {
+                        accounts.device_written_elsewhere(&device)
+                    })
+                    .await;
                 }
                 Some(StorageNews::FamilyRevoked(family)) => {
-                    accounts.revoked_elsewhere(Revocation::Family(family));
+                    accounts.family_revoked_elsewhere(&family);
+                }
+                Some(StorageNews::SigningKeys) => {
+                    let accounts = accounts.clone();
+                    blocking("read the signing keys", move || {
+                        accounts.signing_keys_changed_elsewhere()
+                    })
+                    .await;
                 }
                 Some(StorageNews::Listening) => {
                     hearing = true;
+                    let accounts = accounts.clone();
+                    blocking("read the accounts again", move || accounts.reload()).await;
                     read_heads(&store, &spaces).await;
                 }
                 Some(StorageNews::Deaf) => hearing = false,
@@ -800,6 +813,19 @@ pub async fn follow_storage(
             _ = poll.tick(), if !hearing => read_heads(&store, &spaces).await,
             _ = stopped.changed() => return,
         }
+    }
+}
+
+/// Runs an accounts read off the async workers; a failure is logged (the next news, or the
+/// reload when the storage is heard again, reads it anew).
+async fn blocking(
+    what: &'static str,
+    read: impl FnOnce() -> Result<(), super::accounts::AccountError> + Send + 'static,
+) {
+    match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot {what}"),
+        Err(e) => tracing::error!(error = %e, "cannot {what}"),
     }
 }
 

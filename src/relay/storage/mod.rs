@@ -268,10 +268,12 @@ pub enum StorageNews {
     Deaf,
     /// A space's log was appended to, up to `head`.
     Head { space: String, head: u64 },
-    /// A device was revoked.
-    DeviceRevoked(String),
+    /// A device's record was written (registered, signed in, revoked) or removed.
+    Device(String),
     /// A token family was revoked (a refresh token used twice).
     FamilyRevoked(String),
+    /// The token signing keys changed (a rotation).
+    SigningKeys,
 }
 
 /// A space's change logs, records' documents (base + tail), logged heads, unique-value index,
@@ -557,6 +559,7 @@ pub trait AccountStorage: Send + Sync {
     fn accounts(&self) -> Result<Vec<AccountRecord>, StorageError>;
     /// Every registered device (revoked ones included), in id order.
     fn devices(&self) -> Result<Vec<DeviceRecord>, StorageError>;
+    fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StorageError>;
     fn enrolment(&self, code_hash: &[u8; 32]) -> Result<Option<EnrolmentRecord>, StorageError>;
     fn family(&self, id: &str) -> Result<Option<Family>, StorageError>;
     /// Every token family, in id order.

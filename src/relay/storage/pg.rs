@@ -26,7 +26,7 @@
 //! its log entry: compaction then drops entries without looking at bases. `reclaim_space` frees
 //! nothing itself: PostgreSQL's autovacuum reuses the space rows leave.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::mpsc;
@@ -341,8 +341,9 @@ async fn applied_versions(client: &impl GenericClient) -> Result<Vec<i32>, Stora
 
 /// The channel each append announces itself on as it commits: `"<head> <space>"`.
 const LOG_CHANNEL: &str = "ferry_log";
-/// The channel revocations are announced on: `"device <id>"` or `"family <id>"`.
-const REVOKED_CHANNEL: &str = "ferry_revoked";
+/// The channel account writes other relays keep something of are announced on:
+/// `"device <id>"` (any write of the device), `"family <id>"` (a family revoked), `"keys "`.
+const ACCOUNTS_CHANNEL: &str = "ferry_accounts";
 /// How often the listening connection is checked: a database gone without closing it is found
 /// about this fast, and its heads polled from then on.
 const LISTENER_CHECK: Duration = Duration::from_secs(1);
@@ -406,7 +407,7 @@ async fn listen_once(
         }
     }));
     client
-        .batch_execute(&format!("LISTEN {LOG_CHANNEL}; LISTEN {REVOKED_CHANNEL}"))
+        .batch_execute(&format!("LISTEN {LOG_CHANNEL}; LISTEN {ACCOUNTS_CHANNEL}"))
         .await
         .map_err(sql_error)?;
     if news.send(StorageNews::Listening).is_err() {
@@ -465,10 +466,27 @@ fn heard_news(n: &Notification) -> Option<StorageNews> {
             space: rest.to_owned(),
             head: head.parse().ok()?,
         }),
-        (REVOKED_CHANNEL, "device") => Some(StorageNews::DeviceRevoked(rest.to_owned())),
-        (REVOKED_CHANNEL, "family") => Some(StorageNews::FamilyRevoked(rest.to_owned())),
+        (ACCOUNTS_CHANNEL, "device") => Some(StorageNews::Device(rest.to_owned())),
+        (ACCOUNTS_CHANNEL, "family") => Some(StorageNews::FamilyRevoked(rest.to_owned())),
+        (ACCOUNTS_CHANNEL, "keys") => Some(StorageNews::SigningKeys),
         _ => None,
     }
+}
+
+/// What account writes announce (`ACCOUNTS_CHANNEL`), each once.
+fn announcements(writes: &[AccountWrite]) -> BTreeSet<String> {
+    writes
+        .iter()
+        .filter_map(|write| match write {
+            AccountWrite::Device(record) => Some(format!("device {}", record.device)),
+            AccountWrite::RemoveDevice(device) => Some(format!("device {device}")),
+            AccountWrite::Family(family) if family.revoked => Some(format!("family {}", family.id)),
+            AccountWrite::SigningKey(_) | AccountWrite::RemoveSigningKey(_) => {
+                Some("keys ".to_owned())
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 async fn connection(pool: &Pool) -> Result<deadpool_postgres::Object, StorageError> {
@@ -2045,6 +2063,15 @@ impl AccountStorage for PgStorage {
         )
     }
 
+    fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StorageError> {
+        self.account_value_by(
+            "SELECT device, value, crc FROM devices WHERE device = $1",
+            p(id.to_owned()),
+            "devices",
+            "device",
+        )
+    }
+
     fn family(&self, id: &str) -> Result<Option<Family>, StorageError> {
         self.account_value_by(
             "SELECT id, value, crc FROM token_families WHERE id = $1",
@@ -2092,7 +2119,11 @@ impl AccountStorage for PgStorage {
         self.run(move |pool| async move {
             let mut client = connection(&pool).await?;
             let tx = client.transaction().await.map_err(sql_error)?;
+            let announced = announcements(&writes);
             write_accounts(&tx, writes).await?;
+            for payload in announced {
+                notify(&tx, ACCOUNTS_CHANNEL, &payload).await?;
+            }
             tx.commit().await.map_err(sql_error)
         })
     }
