@@ -35,6 +35,7 @@ use ferry::relay::storage::{
     PgStorage, StorageError,
 };
 use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry::transport::{CERT_FILE_NAME, KEY_FILE_NAME, RelayCertificate};
 use ferry_proto::session::device_id;
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
 use relay_fixtures::{SPACE, actor, dev, outcomes, upload};
@@ -383,13 +384,18 @@ fn ferry_relay_migrate_checks_and_applies_and_a_relay_refuses_a_newer_schema() {
     let check = operator.ferry(&["--json", "relay", "migrate", "--check"]);
     assert!(!check.status.success(), "{check:?}");
     let answer: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
-    assert_eq!(answer["pending"], json!(["0001_relay_storage"]), "{answer}");
+    assert_eq!(
+        answer["pending"],
+        json!(["0001_relay_storage", "0002_relay_certificate"]),
+        "{answer}"
+    );
     assert!(stderr(&check).contains("pending"), "{check:?}");
 
     let migrate = operator.ferry(&["relay", "migrate"]);
     assert!(migrate.status.success(), "{migrate:?}");
     assert!(
-        stdout(&migrate).contains("0001_relay_storage"),
+        stdout(&migrate).contains("0001_relay_storage")
+            && stdout(&migrate).contains("0002_relay_certificate"),
         "{migrate:?}"
     );
     let check = operator.ferry(&["relay", "migrate", "--check"]);
@@ -568,8 +574,11 @@ fn relay_stores_on_one_database_validate_each_change_against_what_the_other_logg
     stored += 2;
 
     // Both devices at once, each through its relay, on the same records: appends staged
-    // against a head the other relay moved are staged again, never refused.
+    // against a head the other relay moved are staged again, never refused (an append is
+    // staged again only after the other relay committed, which it does fewer times than
+    // `RESTAGES`).
     let per_device = 15u64;
+    assert!(per_device < ferry::relay::store::RESTAGES as u64);
     std::thread::scope(|scope| {
         for (d, relay) in relays.iter().enumerate() {
             let mut mine: Vec<Record> = replicas
@@ -688,7 +697,9 @@ fn a_device_revoked_through_one_relay_loses_its_session_on_another_and_devices_m
         &relays[0].fingerprint,
         "default",
     );
-    moving.set_sync(&relays[1].addr, &relays[1].fingerprint);
+    // Both relays present the certificate the database holds: the pin relay 1 gave fits.
+    assert_eq!(relays[0].fingerprint, relays[1].fingerprint);
+    moving.set_sync(&relays[1].addr, &relays[0].fingerprint);
     let (dg, dk, dm) = (
         gone.start_daemon_logged(),
         kept.start_daemon_logged(),
@@ -719,4 +730,38 @@ fn a_device_revoked_through_one_relay_loses_its_session_on_another_and_devices_m
     wait_converged(&[&dk, &dm], 3);
     let ids: Vec<_> = docs(&dm).into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids, ["before", "kept", "moved"]);
+}
+
+#[test]
+fn relays_on_one_database_present_the_first_relays_certificate() {
+    let db = Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    // The first relay kept a certificate of its own before: devices pinned it, so it is the
+    // one the database keeps.
+    let first = tmp.path().join("relay1");
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&first)
+        .unwrap();
+    let (cert, key) = RelayCertificate::generate_pem(&[]).unwrap();
+    let pinned = RelayCertificate::from_pem(
+        cert.as_bytes(),
+        &first.join(CERT_FILE_NAME),
+        key.as_bytes(),
+        &first.join(KEY_FILE_NAME),
+    )
+    .unwrap()
+    .fingerprint()
+    .to_string();
+    for (name, pem) in [(CERT_FILE_NAME, &cert), (KEY_FILE_NAME, &key)] {
+        std::fs::write(first.join(name), pem).unwrap();
+        std::fs::set_permissions(
+            first.join(name),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+    }
+    let relays = two_relays(&db, tmp.path());
+    assert_eq!(relays[0].fingerprint, pinned);
+    assert_eq!(relays[1].fingerprint, pinned);
+    assert_eq!(db.sql("SELECT count(*) FROM relay_certificate"), "1");
 }

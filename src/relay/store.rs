@@ -250,8 +250,9 @@ struct SpaceState {
 const CATCH_UP_ENTRIES: u64 = 4096;
 
 /// Times an append is staged again when another relay moved the space's head meanwhile, before
-/// the upload is answered with the error (and the device sends it again).
-const RESTAGES: usize = 8;
+/// the upload is answered with the error (and the device sends it again). Each time means
+/// another relay committed, so only a space many relays append to at full speed reaches it.
+pub const RESTAGES: usize = 32;
 
 pub struct RelayStore {
     storage: Arc<dyn LogStorage>,

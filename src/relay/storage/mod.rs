@@ -560,6 +560,15 @@ pub trait AccountStorage: Send + Sync {
     /// Every registered device (revoked ones included), in id order.
     fn devices(&self) -> Result<Vec<DeviceRecord>, StorageError>;
     fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StorageError>;
+    /// With storage several relays share, the TLS certificate and key (PEM) they all present:
+    /// the first relay's `candidate` is kept and every relay gets it back, so one pinned
+    /// fingerprint fits them all. An engine of one relay keeps none: the candidate is its own.
+    fn shared_certificate(
+        &self,
+        candidate: (String, String),
+    ) -> Result<(String, String), StorageError> {
+        Ok(candidate)
+    }
     fn enrolment(&self, code_hash: &[u8; 32]) -> Result<Option<EnrolmentRecord>, StorageError>;
     fn family(&self, id: &str) -> Result<Option<Family>, StorageError>;
     /// Every token family, in id order.

@@ -80,11 +80,18 @@ pub struct Migration {
 }
 
 /// Every migration this binary knows, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "relay_storage",
-    sql: include_str!("pg/migrations/0001_relay_storage.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "relay_storage",
+        sql: include_str!("pg/migrations/0001_relay_storage.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "relay_certificate",
+        sql: include_str!("pg/migrations/0002_relay_certificate.sql"),
+    },
+];
 
 /// The advisory lock migrations take (any fixed number the database's other users do not use).
 const MIGRATION_LOCK: i64 = 0x6665_7272_795f_6462;
@@ -2061,6 +2068,40 @@ impl AccountStorage for PgStorage {
             "enrolments",
             "enrolment code",
         )
+    }
+
+    fn shared_certificate(
+        &self,
+        candidate: (String, String),
+    ) -> Result<(String, String), StorageError> {
+        self.run(move |pool| async move {
+            let client = connection(&pool).await?;
+            let (cert, key) = candidate;
+            let crc = crc(&[cert.as_bytes(), key.as_bytes()]);
+            // The first relay's stays: a later one's candidate is dropped.
+            client
+                .execute(
+                    "INSERT INTO relay_certificate (cert, key, crc) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                    &[&cert, &key, &crc],
+                )
+                .await
+                .map_err(sql_error)?;
+            let row = client
+                .query_one("SELECT cert, key, crc FROM relay_certificate", &[])
+                .await
+                .map_err(sql_error)?;
+            let (cert, key): (String, String) = (col(&row, 0)?, col(&row, 1)?);
+            check(col(&row, 2)?, &[cert.as_bytes(), key.as_bytes()], || {
+                StorageError::Damaged {
+                    what: "relay certificate",
+                    space: String::new(),
+                    position: "the relay_certificate row".into(),
+                    record: None,
+                }
+            })?;
+            Ok((cert, key))
+        })
     }
 
     fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StorageError> {
