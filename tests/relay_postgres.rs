@@ -5,7 +5,11 @@
 //! several relays) on one database appending in one gapless order and consuming an enrolment
 //! code once; damaged rows refused; an unreachable database named as such, and acknowledged appends kept through a
 //! crash of the database, after which the engine reconnects; and `ferry relay` itself on a private
-//! server, serving two daemons that converge, then, restarted, a third device.
+//! server, serving two daemons that converge, then, restarted, a third device. Several relays on
+//! one database: relay stores validating interleaved and concurrent dependent changes against
+//! what the other logged; two `ferry relay` processes pushing each other's changes to their
+//! devices (listening connections cut included), ending the sessions of a device revoked through
+//! the other, serving a device registered through the other, and presenting one certificate.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
 #![allow(

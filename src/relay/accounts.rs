@@ -4,7 +4,9 @@
 //!
 //! Owns: accounts, enrolment codes (only their hashes are stored), registered devices and their
 //! revocation, refresh-token families (reuse of a rotated token revokes the family), the token
-//! signing keys and their rotation, and the decision to let a device in (`admit`).
+//! signing keys and their rotation, and the decision to let a device in (`admit`). What it keeps
+//! in memory (devices, revoked families, the key ring) is read again when a relay sharing the
+//! storage writes it (`*_elsewhere`, `reload`, from `server::follow_storage`).
 //! Must not touch: the change log (`relay::store`), sessions and sockets (`relay::server` asks
 //! and carries out the answer), the token format itself (`auth::token`), and how any of it is
 //! kept (`relay::storage`: every read and write goes through `AccountStorage`).

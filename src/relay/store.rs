@@ -33,6 +33,11 @@
 //! as its only head, so an initial upload of many records stores none; records logged before
 //! heads were kept have their heads read from their document the first time they are needed).
 //!
+//! Storage other relays append to too (`LogStorage::shared`): a cached document is trusted only
+//! at the head the cache last saw; before a space's cached documents are read, those of records
+//! logged since by others are dropped, and an append refused because another relay committed
+//! first is staged again. On embedded storage none of this reads anything.
+//!
 //! Must not touch: the network, sessions or authentication (the caller has decided that `origin`
 //! may write to `space`), the device's store, and storage keys or engines.
 
