@@ -769,3 +769,53 @@ fn relays_on_one_database_present_the_first_relays_certificate() {
     assert_eq!(relays[1].fingerprint, pinned);
     assert_eq!(db.sql("SELECT count(*) FROM relay_certificate"), "1");
 }
+
+#[test]
+fn devices_ride_out_a_database_stopped_during_sync_and_lose_nothing_acknowledged() {
+    let server = PgServer::start();
+    let database = server.create_database();
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with_config(
+        &tmp.path().join("relay"),
+        None,
+        &format!(
+            "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n\
+             storage = \"postgres\"\npostgres_url = \"{}\"\npostgres_connect_timeout_secs = 2\n",
+            server.url(&database)
+        ),
+    );
+    let (a, b) = (Device::new(), Device::new());
+    a.join(&relay);
+    b.join(&relay);
+    let (da, db_) = (a.start_daemon_logged(), b.start_daemon_logged());
+    for i in 0..5 {
+        put_doc(&da, &format!("before{i}"), json!({ "i": i }));
+    }
+    wait_converged(&[&da, &db_], 5);
+
+    server.crash();
+    // Written while the relay cannot store anything: the device is told the relay failed,
+    // keeps its writes and tries again.
+    for i in 0..5 {
+        put_doc(&da, &format!("during{i}"), json!({ "i": i }));
+    }
+    let error = common::wait_for_ok(
+        "the relay's failure seen by the device",
+        common::TIMEOUT,
+        || {
+            let sync = common::status(&da)["sync"].clone();
+            if sync["last_error"]["kind"] == json!("server") {
+                Ok(sync)
+            } else {
+                Err(sync.to_string())
+            }
+        },
+    );
+    assert!(common::unsent(&common::status(&da)) > 0, "{error}");
+
+    server.start_again();
+    // The relay reconnects by itself, the device's retries land, the other device gets them.
+    wait_converged(&[&da, &db_], 10);
+    assert_eq!(docs(&da), docs(&db_));
+    assert_eq!(docs(&db_).len(), 10);
+}
