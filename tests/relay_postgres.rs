@@ -10,6 +10,8 @@
 //! what the other logged; two `ferry relay` processes pushing each other's changes to their
 //! devices (listening connections cut included), ending the sessions of a device revoked through
 //! the other, serving a device registered through the other, and presenting one certificate.
+//! Faults: devices riding out the database stopped during sync, and an append whose connection
+//! is cut inside its transaction never answered `Stored`.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
 #![allow(
@@ -818,4 +820,54 @@ fn devices_ride_out_a_database_stopped_during_sync_and_lose_nothing_acknowledged
     wait_converged(&[&da, &db_], 10);
     assert_eq!(docs(&da), docs(&db_));
     assert_eq!(docs(&db_).len(), 10);
+}
+
+#[test]
+fn an_append_that_loses_the_database_mid_transaction_is_never_answered_stored() {
+    use std::io::Write as _;
+    let db = Database::new();
+    let relay = relay_store(&db);
+    let mut writer = relay_fixtures::Writer::new(1);
+    let first = writer.put(json!({ "n": 1 }));
+    let r = relay
+        .append(SPACE, &dev(1), &[upload(1, "r", &first)])
+        .unwrap();
+    assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: 1 }]);
+
+    // Another session holds the space's row, so the next append waits inside its transaction,
+    // where its connection is cut.
+    let mut holder = db.server.session(&db.name);
+    let mut input = holder.stdin.take().unwrap();
+    writeln!(
+        input,
+        "BEGIN; SELECT head FROM spaces WHERE space = '{SPACE}' FOR UPDATE;"
+    )
+    .unwrap();
+    input.flush().unwrap();
+    let held = "FROM pg_stat_activity WHERE state = 'idle in transaction'";
+    common::wait_for("the row held", common::TIMEOUT, || {
+        db.sql(&format!("SELECT count(*) {held}")) == "1"
+    });
+    let second = writer.patch(json!({ "n": 2 }));
+    let waiting = "FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
+    let answer = std::thread::scope(|scope| {
+        let appending = scope.spawn(|| relay.append(SPACE, &dev(1), &[upload(2, "r", &second)]));
+        common::wait_for(
+            "the append waiting in its transaction",
+            common::TIMEOUT,
+            || db.sql(&format!("SELECT count(*) {waiting}")) == "1",
+        );
+        db.sql(&format!("SELECT pg_terminate_backend(pid) {waiting}"));
+        appending.join().unwrap()
+    });
+    assert!(answer.is_err(), "answered {answer:?}");
+    writeln!(input, "COMMIT;").unwrap();
+    drop(input);
+    assert!(holder.wait().unwrap().success());
+
+    assert_eq!(relay.head(SPACE).unwrap(), 1, "nothing of it was written");
+    let r = relay
+        .append(SPACE, &dev(1), &[upload(2, "r", &second)])
+        .unwrap();
+    assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: 2 }]);
 }

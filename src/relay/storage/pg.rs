@@ -216,7 +216,16 @@ impl PgStorage {
     fn query(&self, sql: &'static str, params: Vec<Param>) -> Result<Vec<Row>, StorageError> {
         self.run(move |pool| async move {
             let client = connection(&pool).await?;
-            rows(&client, sql, &params).await
+            match rows(&client, sql, &params).await {
+                // A pooled connection the database closed since it was last used (a restart,
+                // a terminated backend) is dropped for good, and the read, which changes
+                // nothing, is made once more on another.
+                Err(StorageError::Unreachable { .. }) if client.is_closed() => {
+                    drop(deadpool_postgres::Object::take(client));
+                    rows(&connection(&pool).await?, sql, &params).await
+                }
+                answer => answer,
+            }
         })
     }
 
