@@ -52,6 +52,9 @@ usage: cargo bench --bench local_e2e -- [OPTIONS]
   --in-flight N     puts each connection keeps unanswered in the pipelined runs (default 64)
   --reads N         random `get` calls (default 10000)
   --page N          records per `list` page (default 100)
+  --queries N       `list` queries of each kind: 100 records with one field equal to a value
+                    about 1 in 500 records hold, and the same ordered by another field
+                    (default 20)
   --seed N          seed of the random reads (default: FERRY_BENCH_SEED, else from the clock)
   --skip-cli        skip the two `ferry import FILE` runs
   --config FILE     use FILE as every device's config.toml (default: `ferry init`'s)";
@@ -64,6 +67,7 @@ struct Options {
     in_flight: u64,
     reads: u64,
     page: u64,
+    queries: u64,
     seed: u64,
     skip_cli: bool,
     config: Option<std::path::PathBuf>,
@@ -91,6 +95,7 @@ impl Options {
             in_flight: 64,
             reads: 10_000,
             page: 100,
+            queries: 20,
             seed,
             skip_cli: false,
             config: None,
@@ -112,6 +117,7 @@ impl Options {
                 "--in-flight" => o.in_flight = value(arg)?,
                 "--reads" => o.reads = value(arg)?,
                 "--page" => o.page = value(arg)?,
+                "--queries" => o.queries = value(arg)?,
                 "--seed" => o.seed = value(arg)?,
                 "--skip-cli" => o.skip_cli = true,
                 "--config" => {
@@ -134,6 +140,7 @@ impl Options {
             o.singles = Some(o.singles.unwrap_or(40).min(40));
             o.reads = o.reads.min(100);
             o.page = o.page.min(50);
+            o.queries = o.queries.min(3);
         } else if o.records.is_empty() {
             o.records = vec![10_000, 100_000];
         }
@@ -411,6 +418,50 @@ fn list_all(client: &mut Client, expected: u64, page: u64) -> Value {
     })
 }
 
+/// `queries` queries through `list`, each for 100 records whose `i4` (one of 500 values) is a
+/// random one, unordered (the scan stops at the page) and ordered by `i3` (the scan reads the
+/// whole collection); the latency of each kind and how the daemon answered (`plan`).
+fn queries(client: &mut Client, queries: u64, seed: u64) -> Value {
+    check_interrupted();
+    let mut rng = Rng::new(seed ^ 0x0051_5545_5259);
+    let mut kind = |order_by: Option<&str>| {
+        let mut samples = Vec::with_capacity(queries as usize);
+        let (mut plan, mut found) = (Value::Null, 0u64);
+        for _ in 0..queries {
+            let value = -(rng.below(500) as i64);
+            let mut params = json!({
+                "collection": COLLECTION,
+                "limit": 100,
+                "where": [{ "field": "i4", "op": "=", "value": value }],
+            });
+            if let Some(field) = order_by {
+                params["order_by"] = json!(field);
+            }
+            let t = Instant::now();
+            let r = call(client, "list", params);
+            samples.push(t.elapsed());
+            let records = r["records"].as_array().expect("list.records");
+            assert!(
+                records
+                    .iter()
+                    .all(|rec| rec["fields"]["i4"] == json!(value)),
+                "a query's answer holds a record that does not meet it"
+            );
+            found += records.len() as u64;
+            plan = r["plan"].clone();
+        }
+        json!({
+            "queries": queries,
+            "plan": plan,
+            "records_per_query": found / queries.max(1),
+            "latency_us": latency(&mut samples),
+        })
+    };
+    let unordered = kind(None);
+    let ordered = kind(Some("i3"));
+    json!({ "equality": unordered, "equality_ordered": ordered })
+}
+
 /// `ferry --json import FILE --batch B` on a fresh device, with a daemon (through its socket)
 /// or without (the command opens the store itself).
 fn import_cli(file: &Path, n: u64, o: &Options, with_daemon: bool) -> Value {
@@ -487,6 +538,9 @@ fn run(n: u64, o: &Options) -> Value {
     snapshot("get");
     let list = list_all(&mut client, n, o.page);
     snapshot("list");
+    eprintln!("  queries ...");
+    let query = queries(&mut client, o.queries, o.seed);
+    snapshot("query");
 
     eprintln!("  single writes ...");
     let single = single_writes(&daemon, n, singles, 1);
@@ -520,6 +574,7 @@ fn run(n: u64, o: &Options) -> Value {
         "import_rpc": import,
         "random_get": reads,
         "list": list,
+        "query": query,
         "put_1_connection": single,
         "put_concurrent": concurrent,
         "put_pipelined_1_connection": pipelined,
@@ -634,6 +689,20 @@ fn summarize(r: &Value) {
         "records/s",
         format!("per page {}", lat(&l["page_latency_us"])),
     );
+    for (name, q) in [
+        ("where i4 = v, 100 records", &r["query"]["equality"]),
+        (
+            "where i4 = v order by i3, 100",
+            &r["query"]["equality_ordered"],
+        ),
+    ] {
+        row(
+            format!("query {name} ({})", q["plan"].as_str().unwrap_or("?")),
+            &q["records_per_query"],
+            "records/query",
+            lat(&q["latency_us"]),
+        );
+    }
     let st = &r["store"];
     lines.push(format!(
         "store on disk: {} bytes/record (du of store/ after a clean stop, {} records); \

@@ -98,6 +98,17 @@ enum Command {
         /// Start after this id (the `next` of the previous page)
         #[arg(long)]
         after: Option<String>,
+        /// Only records meeting this condition (repeatable, all must hold): FIELD=VALUE,
+        /// FIELD>VALUE, FIELD>=VALUE, FIELD<VALUE, FIELD<=VALUE, 'FIELD in V1,V2',
+        /// 'FIELD exists', 'FIELD missing'; a VALUE that reads as JSON (2024, true, null) is that
+        #[arg(long = "where", value_name = "CONDITION")]
+        conditions: Vec<String>,
+        /// Order by this top-level field (records without it first)
+        #[arg(long, value_name = "FIELD")]
+        order_by: Option<String>,
+        /// With --order-by: largest first
+        #[arg(long, requires = "order_by")]
+        desc: bool,
     },
     /// Delete a record (a tombstone that syncs)
     Rm {
@@ -995,35 +1006,58 @@ fn run_data_command(ctx: &Context, mut backend: Backend, command: Command) -> Re
             collection: Some(collection),
             limit,
             after,
+            conditions,
+            order_by,
+            desc,
         } => {
             if limit == 0 {
                 return Err(Failure::usage("--limit must be at least 1"));
             }
+            let conditions = conditions
+                .iter()
+                .map(|c| crate::query::parse_condition(c))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Failure::usage(e.to_string()))?;
+            let order = if desc {
+                crate::query::Direction::Desc
+            } else {
+                crate::query::Direction::Asc
+            };
             let mut records = Vec::new();
             let mut next = after;
+            let mut plan = None;
             let page = ctx.config.ipc.max_list_limit.max(1);
             // One call returns at most `ipc.max_list_limit` records: ask for the rest page by page.
             while records.len() < limit {
                 let wanted = (limit - records.len()).min(page);
                 let r = backend.call(api::ListParams {
-                    collection: collection.clone(),
-                    limit: Some(wanted),
-                    after: next,
+                    conditions: conditions.clone(),
+                    order_by: order_by.clone(),
+                    order,
+                    ..api::ListParams::page(collection.clone(), Some(wanted), next)
                 })?;
                 records.extend(r.records);
                 next = r.next;
+                plan = r.plan;
                 if next.is_none() {
                     break;
                 }
             }
             if ctx.json {
-                print_json(&api::RecordPage { records, next });
+                print_json(&api::RecordPage {
+                    records,
+                    next,
+                    plan,
+                });
             } else {
                 for rec in &records {
                     println!("{}\t{}", rec.id, Value::Object(rec.fields.clone()));
                 }
+                if plan.as_deref() == Some("scan") {
+                    eprintln!("(no index serves this query: it was answered by reading the collection)");
+                }
                 if let Some(next) = next {
-                    eprintln!("more: ferry ls {collection} --after {next}");
+                    eprintln!("more: ferry ls {collection} --after '{next}' (with the same query)");
                 }
             }
         }
@@ -1316,11 +1350,11 @@ fn for_each_record(
 ) -> Result<(), Failure> {
     let mut after: Option<String> = None;
     loop {
-        let page = backend.call(api::ListParams {
-            collection: collection.to_owned(),
-            limit: Some(1000),
+        let page = backend.call(api::ListParams::page(
+            collection.to_owned(),
+            Some(1000),
             after,
-        })?;
+        ))?;
         for rec in &page.records {
             f(rec)?;
         }

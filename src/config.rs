@@ -164,6 +164,10 @@ pub struct SyncConfig {
     pub idle_timeout_ms: u64,
     /// QUIC congestion controller for what this device sends.
     pub congestion: Congestion,
+    /// Sync only these collections (empty: every one). The relay sends only their records;
+    /// the others cannot be written here. A collection added later is backfilled: the device
+    /// reads the relay's log from the start again (PROTOCOL.md, section 5.9).
+    pub collections: Vec<String>,
 }
 
 /// QUIC congestion controllers (quinn's). Each side runs its own for what it sends: the relay's
@@ -202,6 +206,7 @@ impl Default for SyncConfig {
             keep_alive_ms: 1_000,
             idle_timeout_ms: 5_000,
             congestion: Congestion::default(),
+            collections: Vec::new(),
         }
     }
 }
@@ -481,6 +486,17 @@ impl Config {
                 self.relay.tombstone_days
             ));
         }
+        for name in &self.sync.collections {
+            ferry_proto::validate_collection(name, &self.limits)
+                .map_err(|e| format!("sync.collections: {e}"))?;
+        }
+        if self.sync.collections.len() > ferry_proto::session::MAX_COLLECTIONS {
+            return Err(format!(
+                "sync.collections names {} collections, over the limit of {}",
+                self.sync.collections.len(),
+                ferry_proto::session::MAX_COLLECTIONS
+            ));
+        }
         let positive = [
             ("store.cache_docs", self.store.cache_docs),
             ("store.group_commit_max", self.store.group_commit_max),
@@ -627,6 +643,8 @@ impl Config {
                 .collect(),
             declared_collections: (!self.store.allow_undeclared_collections)
                 .then(|| self.collections.keys().cloned().collect()),
+            synced_collections: (!self.sync.collections.is_empty())
+                .then(|| self.sync.collections.iter().cloned().collect()),
             policies: self.policies(),
             keyring: Default::default(),
             max_change_bytes: ferry_proto::wire::max_change_bytes(

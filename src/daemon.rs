@@ -96,6 +96,7 @@ pub fn open_locked_store(
     // Checked before the store is opened: a refusal must leave nothing behind.
     let account_key = AccountKey::load(&dir.account_key_path())?;
     let store_path = dir.store_path();
+    let created = begin_creating(&store_path)?;
     // sled reads an unreadable log as a torn write and opens it empty. A store whose log file
     // holds bytes but no device stamp has lost its contents: refuse it rather than start afresh
     // on top of it. (The stamp is the first thing written to a new store.)
@@ -132,10 +133,65 @@ pub fn open_locked_store(
         options,
         Arc::new(SystemClock),
     )?;
+    if let Some(marker) = created {
+        // The stamp is durable (`Store::open` flushes it first): the store is whole.
+        finish_creating(&marker)?;
+    }
     Ok(OpenStore {
         store: Arc::new(store),
         lock,
     })
+}
+
+/// The file beside a store that is being created: while it exists, the store may lack its
+/// stamp, and a start that finds it creates the store again (nothing in it was acknowledged:
+/// the daemon serves only once the store is open).
+fn creating_marker(store_path: &Path) -> PathBuf {
+    store_path.with_extension("creating")
+}
+
+/// Before a store is opened: throws away one whose creation was cut short, and marks a new one
+/// as being created. Returns the marker when the store is new.
+fn begin_creating(store_path: &Path) -> Result<Option<PathBuf>, DaemonError> {
+    let marker = creating_marker(store_path);
+    let failed = |e: std::io::Error| {
+        DaemonError::Store(StoreError::Storage(KvError::Io(format!(
+            "creating the store {}: {e}",
+            store_path.display()
+        ))))
+    };
+    if marker.exists() {
+        tracing::warn!(store = %store_path.display(),
+            "the store's creation was cut short: creating it again");
+        if store_path.exists() {
+            std::fs::remove_dir_all(store_path).map_err(failed)?;
+        }
+    } else if store_path.exists() {
+        return Ok(None);
+    }
+    std::fs::File::create(&marker)
+        .and_then(|f| f.sync_all())
+        .map_err(failed)?;
+    sync_parent(store_path).map_err(failed)?;
+    Ok(Some(marker))
+}
+
+fn finish_creating(marker: &Path) -> Result<(), DaemonError> {
+    std::fs::remove_file(marker)
+        .and_then(|()| sync_parent(marker))
+        .map_err(|e| {
+            DaemonError::Store(StoreError::Storage(KvError::Io(format!(
+                "finishing the store's creation ({}): {e}",
+                marker.display()
+            ))))
+        })
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) => std::fs::File::open(parent).and_then(|d| d.sync_all()),
+        None => Ok(()),
+    }
 }
 
 /// What `open_or_set_aside` did.

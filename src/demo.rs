@@ -270,11 +270,7 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Local, String> {
     let history = call(&mut app, api::HistoryParams::new("Customer", "demo-1"))?;
     let page = call(
         &mut app,
-        api::ListParams {
-            collection: "Invoice".into(),
-            limit: Some(3),
-            after: None,
-        },
+        api::ListParams::page("Invoice".into(), Some(3), None),
     )?;
     let first = page.records.first().map(|r| r.id.as_str());
     if first != Some("inv-000001") {

@@ -368,6 +368,7 @@ pub fn spawn(
         settings.space.clone(),
         store.sync_cursor().unwrap_or(0),
     );
+    initial.collections = store.synced_collections();
     // Until the relay says otherwise, what the last run knew of it.
     match store.last_known_sync() {
         Ok(Some(known)) => {
@@ -709,6 +710,7 @@ impl Engine {
             Ok(bootstrap) => session.set_bootstrap(bootstrap),
             Err(e) => return self.failed(&e.into(), Direction::Initialization),
         }
+        session.set_collections(self.service.store().synced_collections());
         let mut local = self.service.subscribe_events();
         let mut pause_taken = None;
         let mut debounce: Option<tokio::time::Instant> = None;

@@ -356,6 +356,12 @@ pub fn remote_change(data: &[u8]) {
         );
         if let Ok(mut record) = loaded {
             assert_eq!(record.heads(), vec![decoded.hash()]);
+            // The fields a device's view of the record takes from the change, unloaded.
+            assert_eq!(
+                resolve::view(&mut record, &resolve::Policy::default()).fields,
+                plain.fields,
+                "a plain first change's fields differ from its document's"
+            );
         }
     }
 }

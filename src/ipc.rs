@@ -149,11 +149,7 @@ async fn refuse(stream: UnixStream, max: usize) {
             "the daemon already serves {max} connections: close one or raise ipc.max_connections"
         ),
     );
-    if framed
-        .send(error_response(Value::Null, &err).to_string())
-        .await
-        .is_err()
-    {
+    if framed.send(error_line(Value::Null, &err)).await.is_err() {
         return;
     }
     // Close only once the app has closed its end (or after a short while). Closing at once,
@@ -216,7 +212,7 @@ impl Pipeline {
                     let result = encode(submitted.await);
                     answered.send_modify(|n| *n = n.saturating_sub(1));
                     if let Some(reply) = reply(id, result).filter(|_| !gone) {
-                        gone = out.send(reply.to_string()).await.is_err();
+                        gone = out.send(reply).await.is_err();
                     }
                 }
             });
@@ -305,7 +301,7 @@ impl Connection {
                 Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
                     // The codec drops the rest of the line; the connection goes on.
                     resume_after_error = true;
-                    Some(error_response(
+                    Some(error_line(
                         Value::Null,
                         &ApiError::new(
                             code::TOO_LARGE,
@@ -322,7 +318,7 @@ impl Connection {
                     if e.kind() == std::io::ErrorKind::InvalidData =>
                 {
                     resume_after_error = true;
-                    Some(error_response(
+                    Some(error_line(
                         Value::Null,
                         &ApiError::new(
                             code::PARSE_ERROR,
@@ -337,14 +333,12 @@ impl Connection {
                             "unreadable message ({e}): messages must be UTF-8 JSON, one per line"
                         ),
                     );
-                    let _ = out
-                        .send(error_response(Value::Null, &err).to_string())
-                        .await;
+                    let _ = out.send(error_line(Value::Null, &err)).await;
                     break;
                 }
             };
             if let Some(reply) = reply
-                && out.send(reply.to_string()).await.is_err()
+                && out.send(reply).await.is_err()
             {
                 break;
             }
@@ -377,10 +371,10 @@ impl Connection {
         line: &str,
         out: &mpsc::Sender<String>,
         pipeline: &mut Pipeline,
-    ) -> Option<Value> {
+    ) -> Option<String> {
         match decode_message(line) {
             Message::Empty => None,
-            Message::Invalid(reply) => Some(reply),
+            Message::Invalid(reply) => Some(reply.to_string()),
             Message::Single(request) => {
                 let (id, call) = match decode_call(request) {
                     Ok(decoded) => decoded,
@@ -402,7 +396,7 @@ impl Connection {
             Message::Batch(requests) => {
                 pipeline.drain().await;
                 // Replies in the order of the requests; consecutive writes wait together.
-                let mut replies: Vec<Option<Value>> = Vec::with_capacity(requests.len());
+                let mut replies: Vec<Option<String>> = Vec::with_capacity(requests.len());
                 let mut writes = Vec::new();
                 for request in requests {
                     let (id, call) = match decode_call(request) {
@@ -423,8 +417,8 @@ impl Connection {
                     replies.push(reply(id, result));
                 }
                 self.write_together(writes, &mut replies).await;
-                let replies: Vec<Value> = replies.into_iter().flatten().collect();
-                (!replies.is_empty()).then_some(Value::Array(replies))
+                let replies: Vec<String> = replies.into_iter().flatten().collect();
+                (!replies.is_empty()).then(|| format!("[{}]", replies.join(",")))
             }
         }
     }
@@ -434,7 +428,7 @@ impl Connection {
     async fn write_together(
         &self,
         writes: Vec<(usize, Option<Value>, api::Request)>,
-        replies: &mut [Option<Value>],
+        replies: &mut [Option<String>],
     ) {
         if writes.is_empty() {
             return;
@@ -462,8 +456,11 @@ impl Connection {
         &mut self,
         call: api::Request,
         out: &mpsc::Sender<String>,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<String, ApiError> {
         match call {
+            // A read from record views takes a few microseconds: answered here rather than on
+            // a blocking thread, whose handoff would cost more than the read.
+            api::Request::Get(p) => encode(self.service.call(p)),
             api::Request::Subscribe(filter) => encode(self.subscribe(filter, out)),
             api::Request::Unsubscribe(p) => encode(self.unsubscribe(p)),
             api::Request::Sync(p) => encode(self.sync(p, out).await),
@@ -667,8 +664,8 @@ fn sync_moved(
 /// A request's id and call, or the reply refusing it (none for a notification).
 fn decode_call(
     request: Result<Request, Value>,
-) -> Result<(Option<Value>, api::Request), Option<Value>> {
-    let request = request.map_err(Some)?;
+) -> Result<(Option<Value>, api::Request), Option<String>> {
+    let request = request.map_err(|refusal| Some(refusal.to_string()))?;
     match api::Request::decode(&request.method, request.params) {
         Ok(call) => Ok((request.id, call)),
         Err(e) => Err(reply(request.id, Err(e))),
@@ -806,12 +803,13 @@ impl Feed {
     }
 }
 
-/// The reply to a request with this id (none for a notification).
-fn reply(id: Option<Value>, result: Result<Value, ApiError>) -> Option<Value> {
+/// The reply to a request with this id (none for a notification), as its line. The answer is
+/// JSON text already, written into the line as it is.
+fn reply(id: Option<Value>, result: Result<String, ApiError>) -> Option<String> {
     let id = id?;
     Some(match result {
-        Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
-        Err(err) => error_response(id, &err),
+        Ok(result) => format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#),
+        Err(err) => error_line(id, &err),
     })
 }
 
@@ -819,15 +817,21 @@ fn internal() -> ApiError {
     ApiError::new(code::INTERNAL, "internal error: see the daemon log")
 }
 
-/// An answer as the `result` of a reply.
-fn encode<T: Serialize>(answer: Result<T, ApiError>) -> Result<Value, ApiError> {
-    serde_json::to_value(answer?).map_err(|e| ApiError::new(code::INTERNAL, e.to_string()))
+/// An answer as the `result` of a reply: JSON text, serialized straight from the answer (a
+/// `Value` in between costs more than the serializing, for a page of records).
+fn encode<T: Serialize>(answer: Result<T, ApiError>) -> Result<String, ApiError> {
+    serde_json::to_string(&answer?).map_err(encode_failed)
+}
+
+fn encode_failed(e: serde_json::Error) -> ApiError {
+    ApiError::new(code::INTERNAL, e.to_string())
 }
 
 /// Runs one JSON-RPC method with its params on `service` alone, as the socket would (without
 /// the methods that need the daemon's connection or sync loop).
 pub fn call_json(service: &Service, method: &str, params: Value) -> Result<Value, ApiError> {
-    encode(service.handle(api::Request::decode(method, params)?))
+    let answer = service.handle(api::Request::decode(method, params)?)?;
+    serde_json::to_value(answer).map_err(encode_failed)
 }
 
 /// A notification as it goes on the socket.
@@ -849,6 +853,10 @@ fn missed_one(subscription: u64, error: &serde_json::Error) -> Value {
 
 fn error_response(id: Value, err: &ApiError) -> Value {
     json!({ "jsonrpc": "2.0", "id": id, "error": { "code": err.code, "message": err.message } })
+}
+
+fn error_line(id: Value, err: &ApiError) -> String {
+    error_response(id, err).to_string()
 }
 
 /// One line from a client, decoded but not yet executed.

@@ -16,6 +16,7 @@ pub mod engine;
 pub mod fuzzing;
 pub mod ipc;
 pub mod metrics;
+pub mod query;
 pub mod record;
 pub mod relay;
 pub mod resolve;

@@ -202,31 +202,39 @@ fn top_level_scalars_only(change: &Change) -> Option<PlainFirst> {
     let expanded = std::panic::catch_unwind(|| change.decode()).ok()?;
     let mut keys = std::collections::HashSet::with_capacity(expanded.operations.len());
     let mut deleted = false;
-    let plain = expanded.operations.iter().all(|op| {
+    let mut fields = Fields::new();
+    for op in &expanded.operations {
         let OpType::Put(value) = &op.action else {
-            return false;
+            return None;
         };
         let Key::Map(key) = &op.key else {
-            return false;
+            return None;
         };
-        if key.as_str() == DELETED_KEY {
-            deleted = matches!(value, ScalarValue::Boolean(true));
-        }
-        matches!(op.obj, ObjectId::Root)
+        let plain = matches!(op.obj, ObjectId::Root)
             && !op.insert
             && op.pred.is_empty()
             && !matches!(value, ScalarValue::Unknown { .. })
-            && keys.insert(key.clone())
-    });
-    plain.then_some(PlainFirst { deleted })
+            && keys.insert(key.clone());
+        if !plain {
+            return None;
+        }
+        if key.as_str() == DELETED_KEY {
+            deleted = matches!(value, ScalarValue::Boolean(true));
+        } else if !key.starts_with('$') {
+            fields.insert(key.to_string(), from_scalar(value));
+        }
+    }
+    Some(PlainFirst { deleted, fields })
 }
 
 /// A new record's first change that only sets scalar values under distinct top-level keys (a
 /// record created with scalar fields: the bulk of an initial sync).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlainFirst {
     /// It sets `$deleted` to true: the record it creates is a tombstone.
     pub deleted: bool,
+    /// The fields it sets, as the record's view shows them (one change meets no other).
+    pub fields: Fields,
 }
 
 impl PlainFirst {

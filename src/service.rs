@@ -12,6 +12,7 @@
 //! `daemon`).
 
 use crate::crypt::FieldError;
+use crate::query::Query;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus, Take};
 use crate::store::conflicts::ResolveOutcome;
 use crate::store::kv::KvError;
@@ -111,7 +112,8 @@ impl From<StoreError> for ApiError {
             StoreError::MergeNeedsData(_) | StoreError::UnknownVersion { .. } => {
                 code::INVALID_PARAMS
             }
-            StoreError::UnknownCollection(_) => code::UNKNOWN_COLLECTION,
+            StoreError::UnknownCollection(_) | StoreError::NotSynced(_) => code::UNKNOWN_COLLECTION,
+            StoreError::Query(_) => code::INVALID_PARAMS,
             StoreError::Record(RecordError::TooLarge { .. })
             | StoreError::ChangeTooLarge { .. } => code::TOO_LARGE,
             StoreError::Address(_) | StoreError::Record(RecordError::ReservedField { .. }) => {
@@ -771,10 +773,27 @@ impl Method for ListParams {
     type Answer = RecordPage;
     fn run(self, service: &Service) -> Result<RecordPage, ApiError> {
         let limit = service.check_limit(self.limit)?;
-        let (records, next) = service
+        if self.conditions.is_empty() && self.order_by.is_none() {
+            let (records, next) =
+                service
+                    .store
+                    .list(&self.collection, self.after.as_deref(), limit)?;
+            return Ok(RecordPage {
+                records,
+                next,
+                plan: None,
+            });
+        }
+        let query = Query::new(self.conditions, self.order_by.map(|f| (f, self.order)))
+            .map_err(|e| ApiError::new(code::INVALID_PARAMS, e.to_string()))?;
+        let found = service
             .store
-            .list(&self.collection, self.after.as_deref(), limit)?;
-        Ok(RecordPage { records, next })
+            .query(&self.collection, &query, self.after.as_deref(), limit)?;
+        Ok(RecordPage {
+            records: found.records,
+            next: found.next,
+            plan: Some(found.plan),
+        })
     }
 }
 

@@ -353,6 +353,26 @@ fn kill_delay(rng: &mut StdRng) -> Duration {
     Duration::from_micros(micros)
 }
 
+/// A daemon killed while it created its store, after sled's own first write but before the
+/// store's stamp, acknowledged nothing: the next start creates the store again instead of
+/// refusing it as one that lost its data (the `store.creating` marker beside it says which).
+#[test]
+fn a_store_whose_creation_was_cut_short_is_created_again() {
+    let device = Device::new();
+    let store = device.data_dir.join("store");
+    drop(common::open_sled(&store));
+    std::fs::write(store.with_extension("creating"), b"").unwrap();
+    let daemon = device.start_daemon();
+    let mut client = daemon.client();
+    let put = client.call(
+        "put",
+        json!({"collection": "Note", "id": "1", "fields": {"v": 1}}),
+    );
+    assert!(put.is_ok(), "{put:?}");
+    assert!(daemon.terminate().success());
+    assert!(!store.with_extension("creating").exists());
+}
+
 /// A clean stop (SIGTERM) after acknowledged writes keeps all of them and removes the socket.
 #[test]
 fn sigterm_after_acknowledged_writes_keeps_them_and_removes_the_socket() {

@@ -197,8 +197,11 @@ fn write(store: &Store, write: Write) {
     }
 }
 
-/// Heads and fields of every record a store holds (deleted ones included), by key.
+/// Heads and fields of every record a store holds (deleted ones included), by key. Reads answer
+/// from record views: every one of them must equal what its document gives.
 fn records(store: &Store) -> BTreeMap<(String, String), (Vec<String>, Option<serde_json::Value>)> {
+    let checkup = store.examine().unwrap();
+    assert_eq!(checkup.damage, None, "{checkup:?}");
     let mut out = BTreeMap::new();
     for collection in COLLECTIONS {
         for r in 0..RECORDS {

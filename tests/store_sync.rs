@@ -1179,3 +1179,90 @@ fn own_entries_left_out_by_the_relay_are_rebuilt_from_the_queue_in_log_order() {
         Err(StoreError::OwnEntryGone { seq: 9, entry: 99 })
     ));
 }
+
+/// A device syncing only `Customer` that adds `Invoice` reads the log from its start again:
+/// the entries of `Customer` it applied before are passed over, the invoices arrive, the
+/// customers and their conflict stay as they were, and the backfill ends once the log is read
+/// to where the device had read it.
+#[test]
+fn a_collection_added_to_sync_is_backfilled_without_applying_the_others_twice() {
+    let origin = written(vec![put("Customer", "c", json!({"v": 0}))]);
+    let x = origin.store();
+    let created = as_log(x, 0, 1);
+    let y = Store::open(
+        Box::new(MemoryKv::new()),
+        "0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c",
+        StoreOptions::default(),
+        StepClock::new(),
+    )
+    .unwrap();
+    y.apply_remote(&created, 1).unwrap();
+    // Concurrent edits of one field: an update-update conflict.
+    x.write(patch("Customer", "c", json!({"v": "x"}))).unwrap();
+    y.write(patch("Customer", "c", json!({"v": "y"}))).unwrap();
+    x.write(put("Invoice", "i", json!({"n": 1}))).unwrap();
+    let mut log = created;
+    log.push(renumbered(&as_log(x, 1, 2)[0], 2));
+    log.push(renumbered(&as_log(&y, 0, 3)[0], 3));
+    log.push(renumbered(&as_log(x, 2, 4)[0], 4));
+    assert_eq!(log[3].collection, "Invoice");
+
+    let only = |names: &[&str]| StoreOptions {
+        synced_collections: Some(names.iter().map(|n| n.to_string()).collect()),
+        ..StoreOptions::default()
+    };
+    let kv = MemoryKv::new();
+    let open = |options: StoreOptions| {
+        Store::open(
+            Box::new(kv.clone()),
+            OTHER_DEVICE,
+            options,
+            StepClock::new(),
+        )
+        .unwrap()
+    };
+    let receiver = open(only(&["Customer"]));
+    // What the relay sends a session syncing Customer: its entries, the cursor to the head.
+    let customers: Vec<LogEntry> = log
+        .iter()
+        .filter(|e| e.collection == "Customer")
+        .cloned()
+        .collect();
+    receiver.apply_remote(&customers, 4).unwrap();
+    let detected = |store: &Store| -> u64 {
+        store
+            .conflict_counts()
+            .unwrap()
+            .iter()
+            .map(|c| c.detected)
+            .sum()
+    };
+    assert_eq!(detected(&receiver), 1);
+    assert_eq!(receiver.sync_cursor().unwrap(), 4);
+    let shown = receiver.get("Customer", "c").unwrap().fields;
+    receiver.flush().unwrap();
+    drop(receiver);
+
+    let receiver = open(only(&["Customer", "Invoice"]));
+    assert_eq!(receiver.sync_cursor().unwrap(), 0, "the log is read again");
+    let backfill = receiver.backfill().unwrap().expect("a backfill");
+    assert_eq!(backfill.through, 4);
+    receiver.apply_remote(&log[..2], 2).unwrap();
+    assert!(receiver.backfill().unwrap().is_some(), "not read to 4 yet");
+    receiver.apply_remote(&log[2..], 4).unwrap();
+    assert_eq!(receiver.backfill().unwrap(), None);
+    assert_eq!(detected(&receiver), 1, "the conflict is not found twice");
+    assert_eq!(receiver.conflicts(None, None, None, 10).unwrap().len(), 1);
+    assert_eq!(receiver.get("Customer", "c").unwrap().fields, shown);
+    assert_eq!(
+        receiver.get("Invoice", "i").unwrap().fields,
+        fields(json!({"n": 1}))
+    );
+    // Writes to a collection it does not sync are refused.
+    drop(receiver);
+    let receiver = open(only(&["Invoice"]));
+    assert!(matches!(
+        receiver.write(put("Customer", "d", json!({}))),
+        Err(StoreError::NotSynced(_))
+    ));
+}

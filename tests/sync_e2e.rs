@@ -441,6 +441,109 @@ fn a_purged_records_late_edit_comes_back_on_every_device() {
     );
 }
 
+/// `sync.collections` set to `names` in a device's config.
+fn syncing(names: &[&str]) -> impl Fn(&str) -> String {
+    let line = format!(
+        "\ncollections = [{}]",
+        names
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    move |config: &str| {
+        assert!(config.contains("\ncollections = []"), "no sync.collections");
+        config.replacen("\ncollections = []", &line, 1)
+    }
+}
+
+fn ids(daemon: &Daemon, collection: &str) -> Vec<String> {
+    records(daemon, collection)
+        .iter()
+        .map(|r| r["id"].as_str().expect("an id").to_owned())
+        .collect()
+}
+
+/// Three devices syncing different collections (A every one, B `Invoice`, C `Customer`)
+/// converge on what they share, each cursor at the relay's head; C cannot write a collection
+/// it does not sync; once C adds `Invoice` to its config it backfills every invoice, with the
+/// same history as A's, and applies nothing twice.
+#[test]
+fn devices_syncing_different_collections_converge_on_what_they_share() {
+    let home = RelayHome::new();
+    let relay = home.start(None);
+    let (a, b, c) = (Device::new(), Device::new(), Device::new());
+    for device in [&a, &b, &c] {
+        device.join(&relay);
+    }
+    b.edit_config(syncing(&["Invoice"]));
+    c.edit_config(syncing(&["Customer"]));
+    let (da, db, dc) = (
+        a.start_daemon_logged(),
+        b.start_daemon_logged(),
+        c.start_daemon_logged(),
+    );
+    let put = |daemon: &Daemon, collection: &str, id: &str| {
+        call(
+            daemon,
+            "put",
+            json!({ "collection": collection, "id": id, "fields": { "by": id } }),
+        );
+    };
+    put(&da, "Customer", "c1");
+    put(&da, "Invoice", "i1");
+    put(&db, "Invoice", "i2");
+    put(&dc, "Customer", "c2");
+    wait_converged(&[&da, &db, &dc], 4);
+    assert_eq!(ids(&da, "Customer"), ["c1", "c2"]);
+    assert_eq!(ids(&da, "Invoice"), ["i1", "i2"]);
+    assert_eq!(ids(&db, "Invoice"), ["i1", "i2"]);
+    assert_eq!(ids(&db, "Customer"), Vec::<String>::new());
+    assert_eq!(ids(&dc, "Customer"), ["c1", "c2"]);
+    assert_eq!(ids(&dc, "Invoice"), Vec::<String>::new());
+    assert_same_records(&da, &db, "Invoice", 2);
+    assert_same_records(&da, &dc, "Customer", 2);
+    assert_eq!(status(&dc)["sync"]["collections"], json!(["Customer"]));
+
+    match dc.client().call(
+        "put",
+        json!({ "collection": "Invoice", "id": "i3", "fields": {} }),
+    ) {
+        Err(ferry::ipc::ClientError::Api(e)) => {
+            assert_eq!(e.code, ferry::service::code::UNKNOWN_COLLECTION, "{e:?}");
+            assert!(e.message.contains("sync.collections"), "{}", e.message);
+        }
+        other => panic!("a write to a collection C does not sync: {other:?}"),
+    }
+
+    // C adds Invoice: it reads the log again and gets every invoice, as A holds them.
+    let exit = dc.terminate();
+    assert!(exit.success(), "ferry daemon exited with {exit}");
+    c.edit_config(|config| {
+        config.replacen(
+            "collections = [\"Customer\"]",
+            "collections = [\"Customer\", \"Invoice\"]",
+            1,
+        )
+    });
+    let dc = c.start_daemon_logged();
+    put(&da, "Invoice", "i3");
+    wait_converged(&[&da, &db, &dc], 5);
+    assert_same_records(&da, &dc, "Invoice", 3);
+    assert_same_records(&da, &dc, "Customer", 2);
+    assert_same_records(&da, &db, "Invoice", 3);
+    let history = call(
+        &dc,
+        "history",
+        json!({ "collection": "Customer", "id": "c2" }),
+    );
+    assert_eq!(
+        history["changes"].as_array().map(Vec::len),
+        Some(1),
+        "C's own record is not applied again: {history}"
+    );
+}
+
 #[test]
 fn concurrent_offline_edits_of_one_record_merge() {
     let home = RelayHome::new();

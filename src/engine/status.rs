@@ -76,6 +76,9 @@ pub struct SyncStatus {
     pub state: ConnectionState,
     pub relay: String,
     pub space: String,
+    /// The collections this device syncs (`sync.collections`; empty: every one).
+    #[serde(default)]
+    pub collections: Vec<String>,
     /// When a sync last finished with nothing left to do.
     pub last_sync_ms: Option<u64>,
     /// The last failure; cleared by a round that ends with nothing left to do and nothing refused.
@@ -125,6 +128,7 @@ impl SyncStatus {
             state: ConnectionState::Connecting,
             relay,
             space,
+            collections: Vec::new(),
             last_sync_ms: None,
             last_error: None,
             cursor,
@@ -225,15 +229,26 @@ impl SyncStatus {
     pub fn summary(&self, now_ms: u64) -> Vec<String> {
         let ago = |at: u64| relative(now_ms, at);
         let mut lines = Vec::new();
+        let only = if self.collections.is_empty() {
+            String::new()
+        } else {
+            format!("; syncing only {}", self.collections.join(", "))
+        };
         if self.up_to_date {
             lines.push(format!(
-                "in sync with {} (log position {}{})",
+                "in sync with {} (log position {}{}{only})",
                 self.relay,
                 self.cursor,
                 self.last_sync_ms
                     .map_or(String::new(), |at| format!(", checked {}", ago(at)))
             ));
             return lines;
+        }
+        if !only.is_empty() {
+            lines.push(format!(
+                "collections synced: {}",
+                self.collections.join(", ")
+            ));
         }
         if !self.daemon_running {
             lines.push(

@@ -224,6 +224,29 @@ pub struct ListParams {
     pub limit: Option<usize>,
     /// The `next` of the previous page.
     pub after: Option<String>,
+    /// Conditions every record listed meets (`query::Condition`); none: every live record.
+    #[serde(default, rename = "where", skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<crate::query::Condition>,
+    /// A top-level field to order by; none: by id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_by: Option<String>,
+    /// `asc` (the default) or `desc`.
+    #[serde(default)]
+    pub order: crate::query::Direction,
+}
+
+impl ListParams {
+    /// A plain page of a collection, by id.
+    pub fn page(collection: String, limit: Option<usize>, after: Option<String>) -> Self {
+        ListParams {
+            collection,
+            limit,
+            after,
+            conditions: Vec::new(),
+            order_by: None,
+            order: crate::query::Direction::Asc,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -369,6 +392,10 @@ pub struct RecordPage {
     pub records: Vec<RecordView>,
     /// The `after` of the next page; `None` on the last page.
     pub next: Option<String>,
+    /// How a query (`where` or `order_by`) was answered: `scan` when it read the whole
+    /// collection. Absent for a plain page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -560,10 +587,16 @@ mod tests {
             .into(),
             DeleteParams::new("C", "1").into(),
             GetParams::new("C", "1").into(),
+            ListParams::page("C".into(), Some(3), Some("1".into())).into(),
             ListParams {
-                collection: "C".into(),
-                limit: Some(3),
-                after: Some("1".into()),
+                conditions: vec![crate::query::Condition {
+                    field: "n".into(),
+                    op: crate::query::Op::Ge,
+                    value: Some(serde_json::json!(2)),
+                }],
+                order_by: Some("n".into()),
+                order: crate::query::Direction::Desc,
+                ..ListParams::page("C".into(), None, None)
             }
             .into(),
             CollectionsParams {}.into(),

@@ -753,7 +753,7 @@ impl Store {
             if change.is_none() {
                 change = written.as_ref().map(|w| w.change.hash().to_string());
             }
-            let staged = Staged::of(record, before, written);
+            let staged = Staged::of(record, before, written, &policy)?;
             self.stage_unlogged(&mut unlogged, &mut batch, &key, &staged)?;
             writes.push(self.finish(key, staged, now, &mut batch, &mut delta)?);
         }
@@ -801,6 +801,9 @@ impl Store {
             start = [final_key.as_slice(), &[0]].concat();
             for (key, _) in &page {
                 let collection = keys::doc_collection(key)?;
+                if !self.syncs(collection) {
+                    continue;
+                }
                 let id = keys::doc_id(key, keys::doc_prefix(collection).len())?;
                 let cache_key = (collection.to_owned(), id.to_owned());
                 let logged = match self.logged_state(&cache_key)? {

@@ -21,10 +21,9 @@
 
 use super::kv::{Batch, JournalKeep, Kv, KvError, Lost, Pair, printable};
 use super::{Store, StoreError, decode, encode, keys, stage_entry};
-use crate::record::Record;
 use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -201,6 +200,7 @@ fn kind_of(key: &[u8]) -> &'static str {
         Some(b'z') => "quarantined entry",
         Some(b'l') => "sync log entry",
         Some(b'f') => "feed entry",
+        Some(b'v') => "record view",
         Some(b'm') => "metadata",
         _ => "unknown",
     }
@@ -214,9 +214,10 @@ fn damaged_value(key: &[u8], detail: impl Into<String>) -> DamagedValue {
     }
 }
 
-/// The kinds of keys a repair may remove without reading the relay's data again.
+/// The kinds of keys a repair may remove without reading the relay's data again: the queue's,
+/// and record views, which it computes again from their documents.
 fn queue_only(key: &[u8]) -> bool {
-    matches!(key.first(), Some(b'q' | b'b' | b'p' | b'l'))
+    matches!(key.first(), Some(b'q' | b'b' | b'p' | b'l' | b'v'))
 }
 
 /// Notes the keys whose values failed their checksum when read, so that `status` says the
@@ -481,6 +482,8 @@ struct Scan {
     changes: BTreeSet<u64>,
     /// Pending-index keys found.
     pending: Vec<Vec<u8>>,
+    /// The view keys of the documents found: any other view is one with no document.
+    views: HashSet<Vec<u8>>,
 }
 
 impl Scan {
@@ -597,6 +600,9 @@ impl Store {
                         if stop == end {
                             break;
                         }
+                        scan.views.extend(
+                            keys::view_of_doc(&stop).filter(|_| stop.first() == Some(&b'd')),
+                        );
                         scan.damaged
                             .push((stop.clone(), "checksum mismatch".into()));
                         start = keys::after(&stop);
@@ -620,9 +626,27 @@ impl Store {
         match key.first() {
             Some(b'd') => {
                 scan.documents += 1;
-                if let Err(e) = Record::load(&value, &self.actor) {
-                    scan.damaged.push((key, e.to_string()));
+                let Some(view) = keys::view_of_doc(&key) else {
+                    return;
+                };
+                scan.views.insert(view.clone());
+                let loaded = keys::doc_collection(&key)
+                    .and_then(|collection| self.parse(collection, &value));
+                let mut record = match loaded {
+                    Ok(record) => record,
+                    Err(e) => return scan.damaged.push((key, e.to_string())),
+                };
+                match self.check_view(&key, &mut record) {
+                    Ok(None) => {}
+                    Ok(Some(wrong)) => scan.damaged.push((view, wrong)),
+                    // Reading on meets the view at its key and notes it there.
+                    Err(StoreError::Storage(KvError::Damaged(_))) => {}
+                    Err(e) => scan.damaged.push((view, e.to_string())),
                 }
+            }
+            Some(b'v') if !scan.views.contains(&key) => {
+                scan.damaged
+                    .push((key, "a record view with no document".into()));
             }
             Some(b'q') => match decode::<SyncQueueEntry>(&value, "queue entry") {
                 Ok(entry) if keys::queue(entry.id) == key => {
@@ -764,6 +788,13 @@ impl Store {
         }
         // The queue as it stays, then the journaled changes it lost, pending again.
         let damaged_keys: BTreeSet<&Vec<u8>> = bad.iter().map(|(key, _)| key).collect();
+        for (key, _) in &bad {
+            if let Some(doc) = keys::doc_of_view(key)
+                && !damaged_keys.contains(&doc)
+            {
+                self.stage_view_again(&mut batch, &doc)?;
+            }
+        }
         let mut entries: BTreeMap<u64, Queued> = scan
             .queue
             .iter()
@@ -798,6 +829,7 @@ impl Store {
             }
         }
         batch.remove(keys::META_DAMAGE.to_vec());
+        self.settle_views(&mut batch)?;
         self.kv.apply(batch)?;
         // The journal, from the queue as it now stands (the queue lock is held).
         self.rewrite_journal_locked()?;
@@ -1022,9 +1054,9 @@ mod tests {
         let mut recoverable: Vec<u64> = at_open.recoverable.iter().map(|c| c.queue_id).collect();
         recoverable.sort();
         assert_eq!(recoverable, [damaged_entry, lost_entry]);
-        // A read meets a damaged document and says so.
+        // A read of the document meets it damaged and says so.
         assert!(matches!(
-            store.get("Note", "a"),
+            store.history("Note", "a"),
             Err(StoreError::Storage(KvError::Damaged(_)))
         ));
         let checkup = store.examine().unwrap();
@@ -1069,6 +1101,72 @@ mod tests {
         let store = open(&kv);
         assert_eq!(store.damage(), None);
         assert_eq!(store.examine().unwrap().damage, None);
+    }
+
+    /// A view that says something else than its document (another record's), and one with no
+    /// document, are found; a repair computes the first again and removes the second, and the
+    /// device keeps what it read of the relay (documents are sound).
+    #[test]
+    fn views_that_differ_from_their_documents_are_found_and_written_again() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        put(&store, "a", 1);
+        put(&store, "b", 2);
+        store.set_cursor("relay", &7u64.to_be_bytes()).unwrap();
+        store.flush().unwrap();
+        assert_eq!(store.examine().unwrap().damage, None);
+        drop(store);
+        let a_view = kv.get(&keys::view("Note", "a")).unwrap().unwrap();
+        let mut batch = Batch::default();
+        batch.put(keys::view("Note", "b"), a_view.clone());
+        batch.put(keys::view("Note", "ghost"), a_view);
+        kv.apply(batch).unwrap();
+        kv.flush().unwrap();
+
+        let store = open(&kv);
+        let n = |id: &str| store.get("Note", id).map(|v| v.fields["n"].clone());
+        assert_eq!(
+            n("b").unwrap(),
+            serde_json::json!(1),
+            "reads answer from views"
+        );
+        let damage = store.examine().unwrap().damage.expect("found");
+        assert_eq!(kinds(&damage), ["record view", "record view"], "{damage:?}");
+        let (_, repaired) = store.repair().unwrap();
+        assert!(!repaired.reads_relay_again);
+        assert_eq!(store.sync_cursor().unwrap(), 7);
+        assert_eq!(n("b").unwrap(), serde_json::json!(2));
+        assert_eq!(n("a").unwrap(), serde_json::json!(1));
+        assert!(matches!(n("ghost"), Err(StoreError::NotFound { .. })));
+        assert_eq!(store.examine().unwrap().damage, None);
+    }
+
+    /// A view that fails its checksum is refused when read, found by the examination, and
+    /// computed again from its document by a repair.
+    #[test]
+    fn a_view_that_fails_its_checksum_is_found_and_written_again() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        put(&store, "a", 1);
+        store.flush().unwrap();
+        drop(store);
+        assert!(kv.damage(&keys::view("Note", "a")));
+
+        let store = open(&kv);
+        assert!(matches!(
+            store.get("Note", "a"),
+            Err(StoreError::Storage(KvError::Damaged(_)))
+        ));
+        let damage = store.examine().unwrap().damage.expect("found");
+        assert_eq!(kinds(&damage), ["record view"], "{damage:?}");
+        let (_, repaired) = store.repair().unwrap();
+        assert!(!repaired.reads_relay_again);
+        assert_eq!(
+            store.get("Note", "a").unwrap().fields["n"],
+            serde_json::json!(1)
+        );
+        assert_eq!(store.examine().unwrap().damage, None);
+        assert_eq!(store.damage(), None);
     }
 
     /// Only queue data damaged: the repair keeps what the device read of the relay.

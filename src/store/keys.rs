@@ -21,6 +21,7 @@
 //! - `z{seq u64 big-endian}`: a relay log entry this device could not apply, kept with why
 //!   (`sync::Quarantined`).
 //! - `f{seq u64 big-endian}`: an entry of the change feed (`feed::FeedChange`).
+//! - `v{collection}\0{id}`: a record's view (`views`), written and removed with its document.
 
 use super::StoreError;
 
@@ -42,6 +43,10 @@ pub const META_DAMAGE: &[u8] = b"mdamage";
 pub const META_SYNC_STATE: &[u8] = b"msync_state";
 /// Present while sync is paused across restarts (`ferry sync pause --remember`).
 pub const META_SYNC_PAUSED: &[u8] = b"msync_paused";
+/// The collections this device syncs (`None`: every one), as last opened (`store::partial`).
+pub const META_SYNCED: &[u8] = b"msynced_collections";
+/// A backfill under way after collections were added (`partial::Backfill`).
+pub const META_BACKFILL: &[u8] = b"mbackfill";
 pub const PENDING: &[u8] = b"p";
 pub const CURSOR: &[u8] = b"c";
 pub const CONFLICT: &[u8] = b"xe";
@@ -49,6 +54,9 @@ pub const CONFLICT_OPEN: &[u8] = b"xo";
 pub const CONFLICT_COUNTER: &[u8] = b"k";
 pub const QUARANTINE: &[u8] = b"z";
 pub const FEED: &[u8] = b"f";
+pub const VIEW: &[u8] = b"v";
+/// The policies the record views were computed under, and how far a rebuild got (`views`).
+pub const META_VIEWS: &[u8] = b"mviews";
 
 /// `{prefix}{a}\0{b}`: the layout of every per-record key.
 fn record_key(prefix: &[u8], collection: &str, id: &str) -> Vec<u8> {
@@ -105,6 +113,25 @@ pub fn cursor(name: &str) -> Vec<u8> {
     let mut key = CURSOR.to_vec();
     key.extend_from_slice(name.as_bytes());
     key
+}
+
+pub fn view(collection: &str, id: &str) -> Vec<u8> {
+    record_key(VIEW, collection, id)
+}
+
+pub fn view_prefix(collection: &str) -> Vec<u8> {
+    record_key(VIEW, collection, "")
+}
+
+/// The view key of the record whose document key is `doc`.
+pub fn view_of_doc(doc: &[u8]) -> Option<Vec<u8>> {
+    Some([VIEW, doc.get(DOC_ALL.len()..)?].concat())
+}
+
+/// The document key of the record whose view key is `view`; `None` for another key.
+pub fn doc_of_view(view: &[u8]) -> Option<Vec<u8>> {
+    let record = view.strip_prefix(VIEW)?;
+    Some([DOC_ALL, record].concat())
 }
 
 pub fn doc_prefix(collection: &str) -> Vec<u8> {
@@ -227,6 +254,14 @@ mod tests {
             "x/y"
         );
         assert_eq!(prefix_end(b"d\0C\0"), b"d\0C\x01");
+        assert_eq!(view("Customer", "42"), b"vCustomer\x0042");
+        assert_eq!(view_of_doc(&doc("C", "x/y")), Some(view("C", "x/y")));
+        assert_eq!(doc_of_view(&view("C", "x/y")), Some(doc("C", "x/y")));
+        assert_eq!(doc_of_view(&doc("C", "x/y")), None);
+        assert_eq!(
+            doc_id(&view("C", "x/y"), view_prefix("C").len()).unwrap(),
+            "x/y"
+        );
         assert_eq!(seq_of(&queue(258), 1).unwrap(), 258);
         assert!(queue(1) < queue(256));
         let order = [

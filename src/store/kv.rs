@@ -116,6 +116,11 @@ impl Batch {
         self.ops.is_empty() && self.journal.is_empty()
     }
 
+    /// The batch's puts (with their values) and removals, in order.
+    pub fn ops(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        self.ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))
+    }
+
     /// The value this batch will leave at `key`, if it writes one: its last put, unless a later
     /// remove undoes it.
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {

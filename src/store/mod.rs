@@ -1,6 +1,7 @@
 //! The device's durable state: record documents, the SyncQueue, the SyncLog and metadata.
 //!
-//! Owns: key layout, the rule that a local write and its queue entry land in one atomic batch,
+//! Owns: key layout, the rule that a local write and its queue entry land in one atomic batch
+//! (with the record's view, `views`, as every batch that changes a document),
 //! the bounded cache of loaded documents, queue/log bookkeeping, the space bound (live bytes
 //! measured, compaction asked of the engine), and going back to what is durable after a flush
 //! failed for lack of space. Durability is explicit:
@@ -23,8 +24,11 @@ use feed::{FeedChange, Origin};
 pub mod health;
 pub mod keys;
 pub mod kv;
+pub mod partial;
+pub mod query;
 pub mod snapshot;
 pub mod sync;
+mod views;
 
 pub use sync::{BatchLimits, LastKnownSync, RefusedEntry, RetryPolicy, UploadBatch};
 
@@ -64,6 +68,13 @@ pub enum StoreError {
     NotFound { collection: String, id: String },
     #[error("collection {0:?} is not declared in the config: add a [collections.{0}] section")]
     UnknownCollection(String),
+    #[error(
+        "collection {0:?} is not synced on this device (sync.collections): add it there to sync \
+         and write it here, or write it on a device that syncs it"
+    )]
+    NotSynced(String),
+    #[error(transparent)]
+    Query(#[from] crate::query::QueryError),
     #[error(
         "this data directory belongs to device {stored}, but the identity key is device {given}: use the data directory's own key"
     )]
@@ -137,6 +148,9 @@ pub struct StoreOptions {
     pub priorities: BTreeMap<String, i32>,
     /// When set, only these collections may be written.
     pub declared_collections: Option<BTreeSet<String>>,
+    /// When set, only these collections are synced (`sync.collections`), and only they may be
+    /// written: a write elsewhere would never be brought up to date.
+    pub synced_collections: Option<BTreeSet<String>>,
     /// How each collection settles conflicts.
     pub policies: Policies,
     /// The account key encrypted fields are sealed and opened with; shared with whoever sets it.
@@ -166,6 +180,11 @@ impl StoreOptions {
         {
             return Err(StoreError::UnknownCollection(collection.to_owned()));
         }
+        if let Some(synced) = &self.synced_collections
+            && !synced.contains(collection)
+        {
+            return Err(StoreError::NotSynced(collection.to_owned()));
+        }
         if let Some(fields) = fields {
             validate_fields(fields, &self.limits)?;
         }
@@ -180,6 +199,7 @@ impl Default for StoreOptions {
             cache_docs: 1024,
             priorities: BTreeMap::new(),
             declared_collections: None,
+            synced_collections: None,
             policies: Policies::default(),
             keyring: Arc::default(),
             max_change_bytes: ferry_proto::wire::max_change_bytes(
@@ -375,6 +395,10 @@ impl Store {
                 batch.put(keys::META_FORMAT.to_vec(), FORMAT_VERSION.to_vec());
                 batch.put(keys::META_PENDING_INDEX.to_vec(), Vec::new());
                 batch.put(keys::META_QUEUE_CHANGES.to_vec(), Vec::new());
+                batch.put(
+                    keys::META_VIEWS.to_vec(),
+                    Store::views_marker(&options.policies)?,
+                );
                 kv.apply(batch)?;
                 kv.flush()?;
             }
@@ -423,6 +447,8 @@ impl Store {
             journal_limit: AtomicU64::new(health::journal_start_limit(kv_journal_bytes)),
         };
         store.note_damage(found)?;
+        store.note_synced_collections()?;
+        store.rebuild_views()?;
         Ok(store)
     }
 
@@ -467,9 +493,10 @@ impl Store {
     fn apply_queue_batch(
         &self,
         counts: &mut Option<QueueCounts>,
-        batch: Batch,
+        mut batch: Batch,
         delta: CountDelta,
     ) -> Result<(), StoreError> {
+        self.settle_views(&mut batch)?;
         if !batch.is_empty() {
             self.kv.apply(batch)?;
         }
@@ -700,6 +727,9 @@ impl Store {
             });
         };
         batch.put(keys::doc(&collection, &id), doc);
+        if let Some(view) = staged.view {
+            batch.put(keys::view(&collection, &id), view);
+        }
         let queue_id = self.next_queue_id.fetch_add(1, Ordering::SeqCst);
         let entry = SyncQueueEntry {
             id: queue_id,
@@ -827,15 +857,9 @@ impl Store {
     pub fn get(&self, collection: &str, id: &str) -> Result<RecordView, StoreError> {
         validate_collection(collection, &self.options.limits)?;
         validate_record_id(id, &self.options.limits)?;
-        let key = (collection.to_owned(), id.to_owned());
-        let policy = self.policy(collection);
         let mut found = self
-            .with_record(collection, id, |r| {
-                view(collection, id, r, policy, &self.options.keyring, true)
-            })?
-            .transpose()?
-            .flatten()
-            .ok_or_else(|| not_found(&key))?;
+            .view_of(collection, id)?
+            .ok_or_else(|| not_found(&(collection.to_owned(), id.to_owned())))?;
         found.conflicts = self.record_conflicts(collection, id)?;
         Ok(found)
     }
@@ -845,10 +869,7 @@ impl Store {
     pub fn is_live(&self, collection: &str, id: &str) -> Result<bool, StoreError> {
         validate_collection(collection, &self.options.limits)?;
         validate_record_id(id, &self.options.limits)?;
-        let policy = self.policy(collection);
-        Ok(self
-            .with_record(collection, id, |r| resolve::view(r, policy).is_live())?
-            .unwrap_or(false))
+        self.view_is_live(collection, id)
     }
 
     /// Live records of a collection in id order, starting after `after`. The second value is the
@@ -860,42 +881,8 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<RecordView>, Option<String>), StoreError> {
         validate_collection(collection, &self.options.limits)?;
-        let prefix = keys::doc_prefix(collection);
-        let mut start = match after {
-            Some(id) => keys::after(&keys::doc(collection, id)),
-            None => prefix.clone(),
-        };
-        let end = keys::prefix_end(&prefix);
         // One record past the page tells whether there is a next page.
-        let wanted = limit.saturating_add(1);
-        let mut out = Vec::new();
-        while out.len() < wanted {
-            let page = self.kv.range(&start, &end, 256)?;
-            let Some((last, _)) = page.last() else { break };
-            start = keys::after(last);
-            for (key, bytes) in page {
-                let id = keys::doc_id(&key, prefix.len())?;
-                let key = (collection.to_owned(), id.to_owned());
-                let policy = self.policy(collection);
-                let mut cache = self.lock_cache();
-                let keyring = &self.options.keyring;
-                let live = match cache.get_mut(&key) {
-                    Some(r) => view(collection, id, r, policy, keyring, false),
-                    None => {
-                        let mut record = self.parse(collection, &bytes)?;
-                        view(collection, id, &mut record, policy, keyring, false)
-                    }
-                }?;
-                drop(cache);
-                if let Some(mut v) = live {
-                    v.conflicts = self.record_conflicts(collection, id)?;
-                    out.push(v);
-                    if out.len() == wanted {
-                        break;
-                    }
-                }
-            }
-        }
+        let mut out = self.list_views(collection, after, limit.saturating_add(1))?;
         let next = if out.len() > limit {
             out.truncate(limit);
             out.last().map(|v| v.id.clone())
@@ -1483,6 +1470,8 @@ pub fn build_change(
 struct Staged {
     /// Operation, the change's bytes, and the whole document saved; `None` if nothing changed.
     written: Option<(Operation, Vec<u8>, Vec<u8>)>,
+    /// The record's view afterwards (`views`), when it changed.
+    view: Option<Vec<u8>>,
     heads: Vec<String>,
     /// The record's heads before and after the write.
     before: Vec<ChangeHash>,
@@ -1490,20 +1479,27 @@ struct Staged {
 }
 
 impl Staged {
-    /// Stages a written record's document and its heads; `before` are the heads it had.
+    /// Stages a written record's document, its view under `policy`, and its heads; `before`
+    /// are the heads it had.
     fn of(
         record: &mut Record,
         before: Vec<ChangeHash>,
         written: Option<crate::record::Written>,
-    ) -> Self {
+        policy: &resolve::Policy,
+    ) -> Result<Self, StoreError> {
         let after = record.heads();
+        let view = match written {
+            Some(_) => Some(views::of_record(record, policy)?),
+            None => None,
+        };
         let written = written.map(|w| (w.operation, w.change.raw_bytes().to_vec(), record.save()));
-        Staged {
+        Ok(Staged {
             written,
+            view,
             heads: after.iter().map(ToString::to_string).collect(),
             before,
             after,
-        }
+        })
     }
 }
 
@@ -1579,7 +1575,7 @@ fn mutate(
         Change::Delete => record.delete(now),
     };
     let written = written.inspect_err(|_| record.rollback())?;
-    Ok(Staged::of(record, before, written))
+    Staged::of(record, before, written, policy)
 }
 
 /// `mutate` on the record as it was at `base` (with its own actor's latest change): the change
@@ -1615,6 +1611,7 @@ fn mutate_at(
     let Some((operation, change, _)) = staged.written else {
         return Ok(Staged {
             written: None,
+            view: None,
             heads: before.iter().map(ToString::to_string).collect(),
             after: before.clone(),
             before,
@@ -1624,6 +1621,7 @@ fn mutate_at(
     let after = record.heads();
     Ok(Staged {
         written: Some((operation, change, record.save())),
+        view: Some(views::of_record(record, policy)?),
         heads: after.iter().map(ToString::to_string).collect(),
         before,
         after,
@@ -1761,31 +1759,6 @@ fn move_long_changes(kv: &dyn Kv) -> Result<(), StoreError> {
     batch.put(keys::META_QUEUE_CHANGES.to_vec(), Vec::new());
     kv.apply(batch)?;
     Ok(kv.flush()?)
-}
-
-/// A live record as its collection's policy shows it; `None` for a missing or deleted one.
-/// Its encrypted fields are decrypted; one that does not decrypt fails the read when `strict`
-/// and is shown as a placeholder otherwise (see `Keyring::open_fields`).
-fn view(
-    collection: &str,
-    id: &str,
-    record: &mut Record,
-    policy: &resolve::Policy,
-    keyring: &Keyring,
-    strict: bool,
-) -> Result<Option<RecordView>, StoreError> {
-    let mut shown = resolve::view(record, policy);
-    if !shown.is_live() {
-        return Ok(None);
-    }
-    keyring.open_fields(collection, id, &mut shown.fields, strict)?;
-    Ok(Some(RecordView {
-        collection: collection.to_owned(),
-        id: id.to_owned(),
-        fields: shown.fields,
-        heads: record.heads().iter().map(|h| h.to_string()).collect(),
-        conflicts: Vec::new(),
-    }))
 }
 
 fn not_found(key: &CacheKey) -> StoreError {

@@ -177,6 +177,7 @@ impl Store {
                     record.document.clone()
                 };
                 batch.put(keys::doc(&key.0, &key.1), saved);
+                self.stage_view(&mut batch, &key, &mut doc)?;
                 applied.push(RemoteApplied {
                     collection: key.0.clone(),
                     id: key.1.clone(),
@@ -202,6 +203,7 @@ impl Store {
         if page.complete {
             cursor = cursor.max(state.start());
             batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
+            self.stage_backfill_done(self.backfill()?.as_ref(), cursor, &mut batch);
         }
         if page.complete && cursor >= state.end() {
             // No log entry after the pages can be one they hold: nothing to skip.
@@ -377,7 +379,9 @@ impl Store {
                     String::from_utf8_lossy(collection).into_owned(),
                     String::from_utf8_lossy(id).into_owned(),
                 );
-                if listed.contains(&(key.0.as_str(), key.1.as_str())) {
+                // A collection this device does not sync is in no page: its records were not
+                // purged for being left out.
+                if listed.contains(&(key.0.as_str(), key.1.as_str())) || !self.syncs(&key.0) {
                     continue;
                 }
                 let mut old = self.parse(&key.0, &bytes)?;

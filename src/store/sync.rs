@@ -747,9 +747,18 @@ impl Store {
         // brought of that history first.
         let mut purges: HashMap<CacheKey, u64> = HashMap::new();
         let mut purged_history: HashMap<CacheKey, Vec<&LogEntry>> = HashMap::new();
+        // Collections were added: the log is read again from its start, and the entries of
+        // those held before, up to where they were read, are applied already.
+        let backfill = self.backfill()?;
         for entry in entries {
             if let Some(bootstrap) = &bootstrap
                 && entry.seq <= bootstrap.covered(&entry.collection, &entry.record)
+            {
+                continue;
+            }
+            if backfill
+                .as_ref()
+                .is_some_and(|b| b.covers(entry.seq, &entry.collection))
             {
                 continue;
             }
@@ -872,11 +881,12 @@ impl Store {
             }
             if policy.unique.is_empty()
                 && let (Some(entry), [(_, change)]) = (only, group.as_slice())
-                && let Some(created) = self.created_as_is(&key, change, &ledger, &cache)?
+                && let Some((created, view)) = self.created_as_is(&key, change, &ledger, &cache)?
             {
                 // The record is new here and its one change is its document as it is: kept
                 // without building, applying and saving an Automerge document for it.
                 batch.put(keys::doc(&key.0, &key.1), entry.change.clone());
+                batch.put(keys::view(&key.0, &key.1), view);
                 Store::log_created(&mut ledger, &key, change.hash());
                 applied.push(created);
                 continue;
@@ -931,6 +941,7 @@ impl Store {
                     Operation::Update
                 };
                 batch.put(keys::doc(&key.0, &key.1), record.save());
+                self.stage_view(&mut batch, &key, record)?;
                 applied.push(RemoteApplied {
                     collection: key.0.clone(),
                     id: key.1.clone(),
@@ -969,6 +980,7 @@ impl Store {
             );
         }
         batch.put(keys::cursor(RELAY_CURSOR), cursor.to_be_bytes().to_vec());
+        self.stage_backfill_done(backfill.as_ref(), cursor, &mut batch);
         if bootstrap.is_some_and(|b| cursor >= b.end()) {
             batch.remove(keys::cursor(super::snapshot::SNAPSHOT_CURSOR));
         }
@@ -1065,7 +1077,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let shown = resolve::view(&mut old, self.options.policies.of(&key.0));
         let written = fresh.restore_purged(&shown.fields, shown.deleted, now)?;
-        let staged = super::Staged::of(fresh, Vec::new(), written);
+        let policy = self.options.policies.of(&key.0);
+        let staged = super::Staged::of(fresh, Vec::new(), written, policy)?;
         if staged.written.is_none() {
             return Ok(false);
         }
@@ -1100,15 +1113,15 @@ impl Store {
     /// What applying `change` would report when it creates a record this device does not hold
     /// in any form (no document, no cached one, no logged state) as a plain first change
     /// (`PlainFirst`): such a change applies to an empty document and meets no other, so the
-    /// change's bytes are the record's document and detection has nothing to find. `None`
-    /// for anything else, which is applied as usual.
+    /// change's bytes are the record's document and detection has nothing to find; with the
+    /// record's view. `None` for anything else, which is applied as usual.
     fn created_as_is(
         &self,
         key: &CacheKey,
         change: &Change,
         ledger: &Ledger,
         cache: &LruCache<CacheKey, Record>,
-    ) -> Result<Option<RemoteApplied>, StoreError> {
+    ) -> Result<Option<(RemoteApplied, Vec<u8>)>, StoreError> {
         if cache.contains(key)
             || resolve::resolution_of(change.message()).is_some()
             || resolve::is_restoration(change.message())
@@ -1123,7 +1136,8 @@ impl Store {
         {
             return Ok(None);
         }
-        Ok(Some(RemoteApplied {
+        let view = super::views::of_plain_first(&plain, change.hash(), self.policy(&key.0))?;
+        let created = RemoteApplied {
             collection: key.0.clone(),
             id: key.1.clone(),
             operation: if plain.deleted {
@@ -1135,7 +1149,8 @@ impl Store {
             heads: vec![change.hash().to_string()],
             device: change.actor_id().to_hex_string(),
             seq: 0,
-        }))
+        };
+        Ok(Some((created, view)))
     }
 
     /// Applies a record's changes one at a time, in log order, to its document as stored, after

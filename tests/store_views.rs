@@ -1,0 +1,400 @@
+//! Record views against their documents. Two devices write at random (puts, patches, deletes,
+//! batches, the same records on both while apart), upload to a relay log this test keeps, apply
+//! it (in pages of random sizes, so conflicts are found and shown by each collection's strategy:
+//! merge with a text and an encrypted field, lww, manual), resolve open conflicts, flush, crash
+//! (losing what was not flushed), reopen, and reopen with a collection's policy changed. After
+//! every step, on each device, for every record `get` and `is_live` answer what the record's
+//! document gives, `list` pages hold what the documents give, and `examine` finds nothing
+//! wrong (every view equals its document's).
+//!
+//! Replay a failure with the seed it prints: `PROPTEST_RNG_SEED=... cargo test --test store_views`.
+
+// A test stops at the first thing that goes wrong: panicking is how it reports it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
+mod common;
+
+use automerge::ActorId;
+use common::{StepClock, proptest_config};
+use ferry::crypt::{AccountKey, Keyring};
+use ferry::record::{Fields, Record};
+use ferry::resolve::{self, ConflictStatus, Policies, Policy, Take};
+use ferry::store::kv::MemoryKv;
+use ferry::store::{RecordView, Store, StoreError, StoreOptions, Write};
+use ferry_proto::QueueStatus;
+use ferry_proto::wire::LogEntry;
+use proptest::prelude::*;
+use proptest::sample::Index;
+use serde_json::{Value, json};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, OnceLock};
+
+/// `M`: merge, `t` a text field, `s` encrypted; `L`: lww (merge once reconfigured); `Q`: manual.
+const COLLECTIONS: [&str; 3] = ["M", "L", "Q"];
+const IDS: [&str; 2] = ["a", "b"];
+const FIELDS: [&str; 4] = ["x", "y", "t", "s"];
+const DEVICES: [&str; 2] = [
+    "0123456789abcdef0123456789abcdef",
+    "fedcba9876543210fedcba9876543210",
+];
+
+fn keyring() -> Arc<Keyring> {
+    static KEY: OnceLock<Arc<Keyring>> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let key = AccountKey::derive(b"views are documents", "default").expect("derive");
+        Arc::new(Keyring::with(Some(key)))
+    })
+    .clone()
+}
+
+fn policies(reconfigured: bool) -> Policies {
+    let mut merge = Policy::of(resolve::Strategy::Merge);
+    merge.text = Arc::new(BTreeSet::from(["t".to_owned()]));
+    merge.encrypted = Arc::new(BTreeSet::from(["s".to_owned()]));
+    let mut last = Policy::of(if reconfigured {
+        resolve::Strategy::Merge
+    } else {
+        resolve::Strategy::Lww
+    });
+    if reconfigured {
+        last.text = Arc::new(BTreeSet::from(["y".to_owned()]));
+    }
+    Policies {
+        default: Policy::default(),
+        collections: [
+            ("M".to_owned(), merge),
+            ("L".to_owned(), last),
+            ("Q".to_owned(), Policy::of(resolve::Strategy::Manual)),
+        ]
+        .into(),
+    }
+}
+
+/// A field and the value a write gives it: text and encrypted fields take strings.
+fn value(field: usize, n: u8) -> Value {
+    match FIELDS[field] {
+        "t" | "s" | "y" => json!(format!("v{n}")),
+        _ => json!(n),
+    }
+}
+
+fn fields(set: &[(usize, u8)]) -> Fields {
+    set.iter()
+        .map(|&(f, n)| (FIELDS[f].to_owned(), value(f, n)))
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+enum WriteOp {
+    Put(usize, usize, Vec<(usize, u8)>),
+    Patch(usize, usize, Vec<(usize, u8)>, Vec<usize>),
+    Delete(usize, usize),
+}
+
+impl WriteOp {
+    fn write(&self) -> Write {
+        match self {
+            WriteOp::Put(c, id, set) => Write::Put {
+                collection: COLLECTIONS[*c].into(),
+                id: Some(IDS[*id].into()),
+                fields: fields(set),
+            },
+            WriteOp::Patch(c, id, set, unset) => Write::Patch {
+                collection: COLLECTIONS[*c].into(),
+                id: IDS[*id].into(),
+                set: fields(set),
+                unset: unset.iter().map(|&f| FIELDS[f].to_owned()).collect(),
+            },
+            WriteOp::Delete(c, id) => Write::Delete {
+                collection: COLLECTIONS[*c].into(),
+                id: IDS[*id].into(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(usize, WriteOp),
+    Batch(usize, Vec<WriteOp>),
+    Upload(usize),
+    /// Applies up to that many log entries after the device's cursor.
+    Download(usize, usize),
+    Resolve(usize, Index, bool),
+    /// Both devices upload (this one first), then both apply the whole log.
+    Exchange(usize),
+    Flush(usize),
+    Crash(usize),
+    Reopen(usize),
+    Reconfigure(usize),
+}
+
+fn write_op() -> impl Strategy<Value = WriteOp> {
+    let set = || prop::collection::vec((0..FIELDS.len(), 0u8..4), 1..4);
+    prop_oneof![
+        6 => (0..COLLECTIONS.len(), 0..IDS.len(), set()).prop_map(|(c, i, s)| WriteOp::Put(c, i, s)),
+        4 => (0..COLLECTIONS.len(), 0..IDS.len(), set(), prop::collection::vec(0..FIELDS.len(), 0..2))
+            .prop_map(|(c, i, s, u)| WriteOp::Patch(c, i, s, u)),
+        2 => (0..COLLECTIONS.len(), 0..IDS.len()).prop_map(|(c, i)| WriteOp::Delete(c, i)),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let device = || 0..DEVICES.len();
+    prop_oneof![
+        12 => (device(), write_op()).prop_map(|(d, w)| Op::Write(d, w)),
+        2 => (device(), prop::collection::vec(write_op(), 1..4)).prop_map(|(d, w)| Op::Batch(d, w)),
+        6 => device().prop_map(Op::Upload),
+        6 => (device(), 1usize..8).prop_map(|(d, n)| Op::Download(d, n)),
+        4 => (device(), any::<Index>(), any::<bool>()).prop_map(|(d, i, s)| Op::Resolve(d, i, s)),
+        3 => device().prop_map(Op::Exchange),
+        2 => device().prop_map(Op::Flush),
+        2 => device().prop_map(Op::Crash),
+        1 => device().prop_map(Op::Reopen),
+        1 => device().prop_map(Op::Reconfigure),
+    ]
+}
+
+struct Device {
+    id: &'static str,
+    kv: MemoryKv,
+    clock: Arc<StepClock>,
+    reconfigured: bool,
+    store: Option<Store>,
+}
+
+impl Device {
+    fn new(id: &'static str) -> Device {
+        let mut device = Device {
+            id,
+            kv: MemoryKv::new(),
+            clock: StepClock::new(),
+            reconfigured: false,
+            store: None,
+        };
+        device.open();
+        device
+    }
+
+    fn open(&mut self) {
+        let options = StoreOptions {
+            policies: policies(self.reconfigured),
+            keyring: keyring(),
+            cache_docs: 2,
+            ..StoreOptions::default()
+        };
+        let kv = Box::new(self.kv.clone());
+        self.store = Some(Store::open(kv, self.id, options, self.clock.clone()).expect("open"));
+    }
+
+    fn store(&self) -> &Store {
+        self.store.as_ref().expect("open")
+    }
+
+    fn reopen(&mut self) {
+        self.store().flush().expect("flush");
+        self.store = None;
+        self.open();
+    }
+
+    fn crash(&mut self) {
+        self.store = None;
+        self.kv.crash();
+        self.open();
+    }
+}
+
+/// A write's outcome the test accepts: done, or refused for what the record is now.
+fn accepted(result: Result<Vec<ferry::store::Applied>, StoreError>) {
+    match result {
+        Ok(_) | Err(StoreError::NotFound { .. }) => {}
+        Err(e) => panic!("write failed: {e}"),
+    }
+}
+
+struct Run {
+    devices: Vec<Device>,
+    log: Vec<LogEntry>,
+    logged: HashSet<Vec<u8>>,
+}
+
+impl Run {
+    fn step(&mut self, op: &Op) {
+        match op {
+            Op::Write(d, w) => {
+                self.devices[*d].clock.advance(1);
+                accepted(self.devices[*d].store().write_all(vec![w.write()]));
+            }
+            Op::Batch(d, ws) => {
+                self.devices[*d].clock.advance(1);
+                accepted(
+                    self.devices[*d]
+                        .store()
+                        .write_all(ws.iter().map(WriteOp::write).collect()),
+                );
+            }
+            Op::Upload(d) => {
+                // What is uploaded is durable first: a crash never takes back a logged change.
+                let store = self.devices[*d].store();
+                store.flush().unwrap();
+                for entry in store
+                    .queue(Some(QueueStatus::Pending), None, 10_000)
+                    .unwrap()
+                {
+                    if self.logged.insert(entry.data.clone()) {
+                        self.log.push(LogEntry {
+                            seq: self.log.len() as u64 + 1,
+                            collection: entry.model_name,
+                            record: entry.object_id,
+                            change: entry.data,
+                        });
+                    }
+                }
+            }
+            Op::Download(d, n) => {
+                let store = self.devices[*d].store();
+                let cursor = store.sync_cursor().unwrap() as usize;
+                let end = (cursor + n).min(self.log.len());
+                if end > cursor {
+                    let outcome = store
+                        .apply_remote(&self.log[cursor..end], end as u64)
+                        .unwrap();
+                    assert!(outcome.quarantined.is_empty(), "{:?}", outcome.quarantined);
+                }
+            }
+            Op::Resolve(d, pick, server) => {
+                let store = self.devices[*d].store();
+                let open = store
+                    .conflicts(Some(ConflictStatus::Open), None, None, 100)
+                    .unwrap();
+                let Some(conflict) = open.get(pick.index(open.len().max(1))) else {
+                    return;
+                };
+                if conflict.resolving.is_some() {
+                    return;
+                }
+                let take = if *server { Take::Server } else { Take::Client };
+                self.devices[*d].clock.advance(1);
+                store.resolve_conflict(&conflict.id, take, None).unwrap();
+            }
+            Op::Exchange(d) => {
+                let other = 1 - *d;
+                for op in [
+                    Op::Upload(*d),
+                    Op::Upload(other),
+                    Op::Download(*d, usize::MAX / 2),
+                    Op::Download(other, usize::MAX / 2),
+                ] {
+                    self.step(&op);
+                }
+            }
+            Op::Flush(d) => self.devices[*d].store().flush().unwrap(),
+            Op::Crash(d) => self.devices[*d].crash(),
+            Op::Reopen(d) => self.devices[*d].reopen(),
+            Op::Reconfigure(d) => {
+                let device = &mut self.devices[*d];
+                device.reconfigured = !device.reconfigured;
+                device.reopen();
+            }
+        }
+    }
+
+    fn check(&self) {
+        for device in &self.devices {
+            check_device(device);
+        }
+    }
+}
+
+/// What `get` must answer for a record, computed from its document as `export` gives it: the
+/// fields its policy shows (encrypted ones opened), its heads and its open conflicts. `None`
+/// for a missing or deleted record.
+fn from_document(
+    store: &Store,
+    policies: &Policies,
+    collection: &str,
+    id: &str,
+) -> Option<RecordView> {
+    let bytes = match store.export_doc(collection, id) {
+        Ok(bytes) => bytes,
+        Err(StoreError::NotFound { .. }) => return None,
+        Err(e) => panic!("export {collection}/{id}: {e}"),
+    };
+    let policy = policies.of(collection);
+    let mut record = Record::load(&bytes, &ActorId::from(&[0u8; 16][..]))
+        .unwrap()
+        .with_text_fields(policy.text.clone());
+    let mut shown = resolve::view(&mut record, policy);
+    if !shown.is_live() {
+        return None;
+    }
+    store
+        .keyring()
+        .open_fields(collection, id, &mut shown.fields, true)
+        .unwrap();
+    Some(RecordView {
+        collection: collection.to_owned(),
+        id: id.to_owned(),
+        fields: shown.fields,
+        heads: record.heads().iter().map(ToString::to_string).collect(),
+        conflicts: store.record_conflicts(collection, id).unwrap(),
+    })
+}
+
+fn check_device(device: &Device) {
+    let store = device.store();
+    let policies = policies(device.reconfigured);
+    for collection in COLLECTIONS {
+        let mut expected = Vec::new();
+        for id in IDS {
+            let from_document = from_document(store, &policies, collection, id);
+            match (store.get(collection, id), &from_document) {
+                (Ok(got), Some(want)) => assert_eq!(&got, want, "{collection}/{id}"),
+                (Err(StoreError::NotFound { .. }), None) => {}
+                (got, want) => panic!("{collection}/{id}: get gave {got:?}, the document {want:?}"),
+            }
+            assert_eq!(
+                store.is_live(collection, id).unwrap(),
+                from_document.is_some(),
+                "{collection}/{id}"
+            );
+            expected.extend(from_document);
+        }
+        let mut listed = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = store.list(collection, after.as_deref(), 2).unwrap();
+            listed.extend(page);
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(listed, expected, "list {collection}");
+    }
+    let checkup = store.examine().unwrap();
+    assert_eq!(checkup.damage, None, "{checkup:?}");
+}
+
+proptest! {
+    #![proptest_config(proptest_config(128))]
+
+    #[test]
+    fn views_always_equal_their_documents(ops in prop::collection::vec(op(), 10..60)) {
+        let mut run = Run {
+            devices: DEVICES.iter().map(|id| Device::new(id)).collect(),
+            log: Vec::new(),
+            logged: HashSet::new(),
+        };
+        for op in &ops {
+            run.step(op);
+            run.check();
+        }
+    }
+}
