@@ -1054,7 +1054,9 @@ fn run_data_command(ctx: &Context, mut backend: Backend, command: Command) -> Re
                     println!("{}\t{}", rec.id, Value::Object(rec.fields.clone()));
                 }
                 if plan.as_deref() == Some("scan") {
-                    eprintln!("(no index serves this query: it was answered by reading the collection)");
+                    eprintln!(
+                        "(no index serves this query: it was answered by reading the collection)"
+                    );
                 }
                 if let Some(next) = next {
                     eprintln!("more: ferry ls {collection} --after '{next}' (with the same query)");

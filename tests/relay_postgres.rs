@@ -11,7 +11,8 @@
 //! devices (listening connections cut included), ending the sessions of a device revoked through
 //! the other, serving a device registered through the other, and presenting one certificate.
 //! Faults: devices riding out the database stopped during sync, and an append whose connection
-//! is cut inside its transaction never answered `Stored`.
+//! is cut inside its transaction never answered `Stored`; a refresh token used again through
+//! another relay found reused and its family revoked for both.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
 #![allow(
@@ -870,4 +871,58 @@ fn an_append_that_loses_the_database_mid_transaction_is_never_answered_stored() 
         .append(SPACE, &dev(1), &[upload(2, "r", &second)])
         .unwrap();
     assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: 2 }]);
+}
+
+#[test]
+fn a_refresh_token_used_again_through_another_relay_revokes_its_family_on_both() {
+    use ferry::auth::token::{RefreshError, TokenPolicy};
+    use ferry::relay::accounts::{Accounts, Denied, os_random};
+    use ferry_proto::wire::{Credential, Secret};
+    const NOW: u64 = 1_700_000_000_000;
+    let db = Database::new();
+    let relays = [0, 1].map(|_| {
+        Accounts::open(
+            Arc::new(db.open()),
+            TokenPolicy::default(),
+            os_random(),
+            NOW,
+        )
+        .unwrap()
+    });
+    relays[0].add_account("team", NOW).unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let public = key.verifying_key().to_bytes();
+    let device = device_id(&public);
+    let code = relays[0].enrol("team", 3_600_000, NOW).unwrap().code;
+    let admit = |relay: usize, credential: Credential, at: u64| {
+        relays[relay].admit(public, &device, "team", &credential, NOW + at)
+    };
+    let registered = admit(0, Credential::Enrol(Secret::new(code)), 0).unwrap();
+    let family = registered.family;
+    let first = registered.grant.tokens.unwrap();
+    let rotated = admit(0, Credential::Refresh(first.refresh.clone()), 1_000)
+        .unwrap()
+        .grant
+        .tokens
+        .unwrap();
+    // The first token again, through the other relay: found reused there.
+    let reused = admit(1, Credential::Refresh(first.refresh), 2_000);
+    assert!(
+        matches!(reused, Err(Denied::Refresh(RefreshError::Reused))),
+        "{reused:?}"
+    );
+    // The whole family is revoked for both relays: the rotated tokens stop working too.
+    for relay in 0..2 {
+        let refused = admit(relay, Credential::Refresh(rotated.refresh.clone()), 3_000);
+        assert!(refused.is_err(), "relay {relay}: {refused:?}");
+    }
+    // Relay 0 hears of the revocation (`ferry_accounts`): the family's access tokens, checked
+    // against what it keeps in memory, stop working there too.
+    assert!(admit(0, Credential::Access(rotated.access.clone()), 3_000).is_ok());
+    relays[0].family_revoked_elsewhere(&family);
+    let refused = admit(0, Credential::Access(rotated.access), 3_000);
+    assert!(
+        refused.is_err(),
+        "relay 0 still takes the family's access token: {refused:?}"
+    );
 }

@@ -539,6 +539,9 @@ impl Accounts {
         // The device id is only a prefix of the key: a registered device is the whole key it
         // registered with.
         let other_key = |d: &DeviceRecord| d.public_key != public_key;
+        if !matches!(credential, Credential::Enrol(_)) {
+            self.know(device);
+        }
         if !matches!(credential, Credential::Enrol(_))
             && self.lock().devices.get(device).is_some_and(other_key)
         {
@@ -692,6 +695,24 @@ impl Accounts {
                 expires_ms: tokens.access_expires_ms,
                 tokens: Some(tokens),
             },
+        }
+    }
+
+    /// A device this relay does not know may have been registered through another relay
+    /// sharing the storage moments ago, before this one heard of it: it is read from storage.
+    fn know(&self, device: &str) {
+        if self.lock().devices.contains_key(device) {
+            return;
+        }
+        match self.storage.device(device) {
+            Ok(Some(record)) => {
+                self.lock()
+                    .devices
+                    .entry(device.to_owned())
+                    .or_insert(record);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(device, error = %e, "cannot read an unknown device"),
         }
     }
 
