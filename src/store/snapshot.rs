@@ -161,11 +161,17 @@ impl Store {
         for (key, record) in purge.restored_docs.drain(..) {
             taken.push((key, record));
         }
-        for record in &page.records {
+        let mut fresh = self.prepare_fresh(&page.records, &cache)?;
+        for (index, record) in page.records.iter().enumerate() {
             let key = (record.collection.clone(), record.record.clone());
             cache.pop(&key);
+            let prepared = fresh.remove(&index);
+            let (parsed, view) = match prepared {
+                Some((parsed, view)) => (Some(parsed), Some(view)),
+                None => (None, None),
+            };
             let (mut doc, changed, existed) =
-                self.merge_snapshot(&key, record, &mut ledger, &mut purge, &mut batch)?;
+                self.merge_snapshot(&key, record, parsed, &mut ledger, &mut purge, &mut batch)?;
             if changed {
                 let policy = self.policy(&key.0);
                 let deleted = resolve::is_deleted(&mut doc, policy);
@@ -177,7 +183,10 @@ impl Store {
                     record.document.clone()
                 };
                 batch.put(keys::doc(&key.0, &key.1), saved);
-                self.stage_view(&mut batch, &key, &mut doc)?;
+                match view {
+                    Some(view) if !existed => batch.put(keys::view(&key.0, &key.1), view),
+                    _ => self.stage_view(&mut batch, &key, &mut doc)?,
+                }
                 applied.push(RemoteApplied {
                     collection: key.0.clone(),
                     id: key.1.clone(),
@@ -284,6 +293,56 @@ impl Store {
                 _ => false,
             }
         })
+    }
+
+    /// The page's records this device does not hold, each loaded and its view computed, on
+    /// every core: what taking in a new device's snapshot costs, done in parallel. By index in
+    /// `records`; one that does not load is left to the page's own pass, which reports it.
+    fn prepare_fresh(
+        &self,
+        records: &[SnapshotRecord],
+        cache: &lru::LruCache<CacheKey, Record>,
+    ) -> Result<std::collections::HashMap<usize, (Record, Vec<u8>)>, StoreError> {
+        const MIN_PARALLEL: usize = 64;
+        let mut candidates = Vec::new();
+        if records.len() < MIN_PARALLEL {
+            return Ok(std::collections::HashMap::new());
+        }
+        for (index, r) in records.iter().enumerate() {
+            let key = (r.collection.clone(), r.record.clone());
+            if validate_collection(&key.0, &self.options.limits).is_ok()
+                && validate_record_id(&key.1, &self.options.limits).is_ok()
+                && !cache.contains(&key)
+                && self.kv.get(&keys::doc(&key.0, &key.1))?.is_none()
+            {
+                candidates.push((index, r));
+            }
+        }
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = candidates.len().div_ceil(workers).max(1);
+        let prepared = std::thread::scope(|scope| {
+            let handles: Vec<_> = candidates
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .filter_map(|(index, r)| {
+                                let mut doc = self.parse(&r.collection, &r.document).ok()?;
+                                let view =
+                                    super::views::of_record(&mut doc, self.policy(&r.collection))
+                                        .ok()?;
+                                Some((*index, (doc, view)))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        Ok(prepared)
     }
 
     /// Per record, the changes of this device's queue entries that are not completed.
@@ -434,6 +493,7 @@ impl Store {
         &self,
         key: &CacheKey,
         record: &SnapshotRecord,
+        parsed: Option<Record>,
         ledger: &mut Ledger,
         purge: &mut Purge,
         batch: &mut Batch,
@@ -441,9 +501,12 @@ impl Store {
         validate_collection(&key.0, &self.options.limits)?;
         validate_record_id(&key.1, &self.options.limits)?;
         let invalid = |what: String| StoreError::Snapshot(format!("{}/{}: {what}", key.0, key.1));
-        let mut snapshot = self
-            .parse(&key.0, &record.document)
-            .map_err(|e| invalid(format!("a document that does not load ({e})")))?;
+        let mut snapshot = match parsed {
+            Some(parsed) => parsed,
+            None => self
+                .parse(&key.0, &record.document)
+                .map_err(|e| invalid(format!("a document that does not load ({e})")))?,
+        };
         let conflicts: Vec<Conflict> = serde_json::from_slice(&record.conflicts)
             .map_err(|e| invalid(format!("conflict entries that do not decode ({e})")))?;
         if let Some(other) = conflicts
