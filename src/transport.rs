@@ -297,19 +297,9 @@ impl RelayCertificate {
                 source,
             })?
         {
-            let names = if names.is_empty() {
-                vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
-            } else {
-                names.to_vec()
-            };
-            let generated = rcgen::generate_simple_self_signed(names.clone()).map_err(|e| {
-                TransportError::CertificateGeneration {
-                    names,
-                    reason: e.to_string(),
-                }
-            })?;
-            write_atomically(&key_path, generated.signing_key.serialize_pem().as_bytes())?;
-            write_atomically(&cert_path, generated.cert.pem().as_bytes())?;
+            let (cert, key) = Self::generate_pem(names)?;
+            write_atomically(&key_path, key.as_bytes())?;
+            write_atomically(&cert_path, cert.as_bytes())?;
         }
         let mode = std::fs::metadata(&key_path)
             .map_err(|source| TransportError::CertificateIo {
@@ -328,24 +318,50 @@ impl RelayCertificate {
         Self::from_pem_files(&cert_path, &key_path)
     }
 
+    /// A new self-signed certificate for `names` (`localhost`, 127.0.0.1 and ::1 when empty)
+    /// and its key, PEM: (certificate, key).
+    pub fn generate_pem(names: &[String]) -> Result<(String, String), TransportError> {
+        let names = if names.is_empty() {
+            vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+        } else {
+            names.to_vec()
+        };
+        let generated = rcgen::generate_simple_self_signed(names.clone()).map_err(|e| {
+            TransportError::CertificateGeneration {
+                names,
+                reason: e.to_string(),
+            }
+        })?;
+        Ok((generated.cert.pem(), generated.signing_key.serialize_pem()))
+    }
+
     /// A certificate chain (leaf first) and its key from PEM files, as a CA such as Let's
     /// Encrypt issues them.
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, TransportError> {
+        Self::from_pem(&read_file(cert)?, cert, &read_file(key)?, key)
+    }
+
+    /// A certificate chain (leaf first) and its key, PEM, read from `cert` and `key` (what
+    /// errors name).
+    pub fn from_pem(
+        cert_pem: &[u8],
+        cert: &Path,
+        key_pem: &[u8],
+        key: &Path,
+    ) -> Result<Self, TransportError> {
         let invalid = |path: &Path, reason: String| TransportError::CertificateInvalid {
             path: path.to_owned(),
             reason,
         };
-        let cert_pem = read_file(cert)?;
-        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(cert, e.to_string()))?;
         let leaf = chain
             .first()
             .ok_or_else(|| invalid(cert, "no CERTIFICATE block found".into()))?;
         let fingerprint = Fingerprint::of_certificate(leaf);
-        let key_pem = read_file(key)?;
         let key_der =
-            PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| invalid(key, e.to_string()))?;
+            PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| invalid(key, e.to_string()))?;
         let derive = |label: &[u8]| {
             sha2::Sha256::new()
                 .chain_update(label)

@@ -5,7 +5,14 @@
 //! several relays) on one database appending in one gapless order and consuming an enrolment
 //! code once; damaged rows refused; an unreachable database named as such, and acknowledged appends kept through a
 //! crash of the database, after which the engine reconnects; and `ferry relay` itself on a private
-//! server, serving two daemons that converge, then, restarted, a third device.
+//! server, serving two daemons that converge, then, restarted, a third device. Several relays on
+//! one database: relay stores validating interleaved and concurrent dependent changes against
+//! what the other logged; two `ferry relay` processes pushing each other's changes to their
+//! devices (listening connections cut included), ending the sessions of a device revoked through
+//! the other, serving a device registered through the other, and presenting one certificate.
+//! Faults: devices riding out the database stopped during sync, and an append whose connection
+//! is cut inside its transaction never answered `Stored`; a refresh token used again through
+//! another relay found reused and its family revoked for both.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
 #![allow(
@@ -17,6 +24,7 @@
 )]
 
 mod common;
+mod relay_fixtures;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Barrier};
@@ -24,13 +32,20 @@ use std::time::Duration;
 
 use common::postgres::PgServer;
 use common::{
-    Device, Operator, Relay, docs, put_doc, stderr, stdout, wait_caught_up, wait_converged,
+    Device, Operator, Relay, device_key, docs, put_doc, stderr, stdout, wait_caught_up,
+    wait_converged,
 };
-use ferry::relay::storage::pg::{MIGRATIONS, PgOptions};
+use ferry::record::Record;
+use ferry::relay::storage::pg::{LISTENER_NAME, MIGRATIONS, PgOptions};
 use ferry::relay::storage::{
     AccountRecord, AccountStorage, AccountWrite, Append, EnrolmentRecord, LogStorage, LoggedChange,
     PgStorage, StorageError,
 };
+use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry::transport::{CERT_FILE_NAME, KEY_FILE_NAME, RelayCertificate};
+use ferry_proto::session::device_id;
+use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
+use relay_fixtures::{SPACE, actor, dev, outcomes, upload};
 use serde_json::json;
 
 /// A fresh database on the test binary's server, dropped with it.
@@ -376,13 +391,18 @@ fn ferry_relay_migrate_checks_and_applies_and_a_relay_refuses_a_newer_schema() {
     let check = operator.ferry(&["--json", "relay", "migrate", "--check"]);
     assert!(!check.status.success(), "{check:?}");
     let answer: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
-    assert_eq!(answer["pending"], json!(["0001_relay_storage"]), "{answer}");
+    assert_eq!(
+        answer["pending"],
+        json!(["0001_relay_storage", "0002_relay_certificate"]),
+        "{answer}"
+    );
     assert!(stderr(&check).contains("pending"), "{check:?}");
 
     let migrate = operator.ferry(&["relay", "migrate"]);
     assert!(migrate.status.success(), "{migrate:?}");
     assert!(
-        stdout(&migrate).contains("0001_relay_storage"),
+        stdout(&migrate).contains("0001_relay_storage")
+            && stdout(&migrate).contains("0002_relay_certificate"),
         "{migrate:?}"
     );
     let check = operator.ferry(&["relay", "migrate", "--check"]);
@@ -438,4 +458,471 @@ fn a_relay_on_postgres_syncs_devices_and_serves_everything_after_a_restart() {
     let dc = c.start_daemon_logged();
     wait_caught_up(&dc, 21);
     assert_eq!(docs(&dc), everything);
+}
+
+/// A relay store with its own engine on `db`, as a relay process has.
+fn relay_store(db: &Database) -> RelayStore {
+    RelayStore::open(
+        Arc::new(db.open()),
+        RelayStoreOptions {
+            compact_after: 3,
+            ..RelayStoreOptions::default()
+        },
+    )
+}
+
+/// Device `n`'s change to its replica of a record, as an upload.
+fn edit(replica: &mut Record, entry: u64, record: &str, value: u64) -> UploadChange {
+    let written = replica
+        .patch(&common::fields(json!({ "v": value })), &[], 2)
+        .unwrap()
+        .unwrap();
+    upload(entry, record, written.change.raw_bytes())
+}
+
+#[test]
+fn relay_stores_on_one_database_validate_each_change_against_what_the_other_logged() {
+    let db = Database::new();
+    let relays = [relay_store(&db), relay_store(&db)];
+    let names = ["r0", "r1", "r2"];
+    // Each record on two devices: device 1 uploads through relay 0, device 2 through relay 1.
+    let mut replicas: Vec<[Record; 2]> = names
+        .iter()
+        .map(|_| {
+            let mut first = Record::new(&actor(1));
+            first.put(&common::fields(json!({ "v": 0 })), 1).unwrap();
+            let second = Record::load(&first.save(), &actor(2)).unwrap();
+            [first, second]
+        })
+        .collect();
+    let creations: Vec<UploadChange> = replicas
+        .iter_mut()
+        .zip(names)
+        .map(|([first, _], name)| {
+            let change = first.doc_mut().get_changes(&[])[0].raw_bytes().to_vec();
+            upload(0, name, &change)
+        })
+        .collect();
+    let r = relays[0].append(SPACE, &dev(1), &creations).unwrap();
+    assert!(
+        outcomes(&r)
+            .iter()
+            .all(|o| matches!(o, ChangeOutcome::Stored { .. })),
+        "{r:?}"
+    );
+    let mut stored = creations.len() as u64;
+
+    // In turns, each device builds on what the other just logged through the other relay:
+    // every change depends on one the uploading relay did not log itself.
+    for round in 0..12u64 {
+        let d = (round % 2) as usize;
+        let mut batch = Vec::new();
+        for (replica, name) in replicas.iter_mut().zip(names) {
+            let [first, second] = replica;
+            let (to, from) = if d == 0 {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            to.doc_mut().merge(from.doc_mut()).unwrap();
+            batch.push(edit(to, round, name, round + 1));
+        }
+        let device = dev(d as u8 + 1);
+        let got = outcomes(&relays[d].append(SPACE, &device, &batch).unwrap());
+        let want: Vec<_> = (1..=names.len() as u64)
+            .map(|i| ChangeOutcome::Stored { seq: stored + i })
+            .collect();
+        assert_eq!(got, want, "round {round}");
+        // Sent again through the other relay: a duplicate there too.
+        let again = relays[1 - d].append(SPACE, &device, &batch).unwrap();
+        assert_eq!(
+            outcomes(&again),
+            want.iter()
+                .map(|o| match o {
+                    ChangeOutcome::Stored { seq } => ChangeOutcome::Duplicate { seq: *seq },
+                    other => other.clone(),
+                })
+                .collect::<Vec<_>>()
+        );
+        stored += names.len() as u64;
+        // Both relays read the record as it now is, whichever logged it.
+        let merged = replicas[0][d].fields();
+        for relay in &relays {
+            assert_eq!(
+                relay.record(SPACE, "Doc", "r0").unwrap(),
+                Some(merged.clone())
+            );
+        }
+    }
+
+    // The causal check sees the other relay's log: a change whose dependency is not logged is
+    // refused by both, and stored once it is.
+    let [first, _] = &mut replicas[1];
+    let (c1, c2) = (edit(first, 1, "r1", 100), edit(first, 2, "r1", 101));
+    for relay in &relays {
+        let r = relay
+            .append(SPACE, &dev(1), std::slice::from_ref(&c2))
+            .unwrap();
+        assert!(
+            matches!(
+                &r[0].outcome,
+                ChangeOutcome::Rejected {
+                    code: ErrorCode::MissingDependencies,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+    }
+    let r = relays[1].append(SPACE, &dev(1), &[c1]).unwrap();
+    assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: stored + 1 }]);
+    let r = relays[0].append(SPACE, &dev(1), &[c2]).unwrap();
+    assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: stored + 2 }]);
+    stored += 2;
+
+    // Both devices at once, each through its relay, on the same records: appends staged
+    // against a head the other relay moved are staged again, never refused (an append is
+    // staged again only after the other relay committed, which it does fewer times than
+    // `RESTAGES`).
+    let per_device = 15u64;
+    assert!(per_device < ferry::relay::store::RESTAGES as u64);
+    std::thread::scope(|scope| {
+        for (d, relay) in relays.iter().enumerate() {
+            let mut mine: Vec<Record> = replicas
+                .iter_mut()
+                .map(|pair| Record::load(&pair[d].save(), &actor(d as u8 + 1)).unwrap())
+                .collect();
+            scope.spawn(move || {
+                for n in 0..per_device {
+                    let i = (n as usize) % names.len();
+                    let change = edit(&mut mine[i], n, names[i], 1000 + n);
+                    let r = relay.append(SPACE, &dev(d as u8 + 1), &[change]).unwrap();
+                    assert!(
+                        matches!(r[0].outcome, ChangeOutcome::Stored { .. }),
+                        "device {d}, change {n}: {r:?}"
+                    );
+                }
+            });
+        }
+    });
+    stored += 2 * per_device;
+
+    let logs: Vec<_> = relays
+        .iter()
+        .map(|relay| {
+            let log = relay
+                .read_since(SPACE, 0, usize::MAX / 8, usize::MAX)
+                .unwrap();
+            assert_eq!(log.head, stored);
+            log.entries
+        })
+        .collect();
+    assert_eq!(logs[0], logs[1], "both relays read the same log");
+    let seqs: Vec<u64> = logs[0].iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=stored).collect::<Vec<_>>(), "gapless");
+    let mut replayed: Vec<Record> = names.iter().map(|_| Record::new(&actor(7))).collect();
+    for entry in &logs[0] {
+        let i = names.iter().position(|n| *n == entry.record).unwrap();
+        replayed[i]
+            .apply_changes(std::slice::from_ref(&entry.change))
+            .unwrap_or_else(|e| panic!("entry {} applies in log order: {e}", entry.seq));
+    }
+    for (name, doc) in names.iter().zip(&mut replayed) {
+        let heads: Vec<String> = doc.heads().iter().map(|h| h.to_string()).collect();
+        for relay in &relays {
+            let mut kept = relay.heads(SPACE, "Doc", name).unwrap().unwrap();
+            kept.sort();
+            let mut want = heads.clone();
+            want.sort();
+            assert_eq!(kept, want, "{name}");
+            assert_eq!(
+                relay.record(SPACE, "Doc", name).unwrap(),
+                Some(doc.fields())
+            );
+        }
+    }
+}
+
+/// Two `ferry relay` processes on `db`, each with its own data directory under `tmp`.
+fn two_relays(db: &Database, tmp: &std::path::Path) -> [Relay; 2] {
+    ["relay1", "relay2"]
+        .map(|name| Relay::start_with_config(&tmp.join(name), None, &db.relay_config()))
+}
+
+#[test]
+fn a_change_stored_through_one_relay_is_pushed_at_once_to_a_device_on_another() {
+    let db = Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let relays = two_relays(&db, tmp.path());
+    let (a, b) = (Device::new(), Device::new());
+    a.join(&relays[0]);
+    b.join(&relays[1]);
+    let (da, db_) = (a.start_daemon_logged(), b.start_daemon_logged());
+    wait_converged(&[&da, &db_], 0);
+    // Each device's session is live on its own relay: what the other relay logs reaches it
+    // only if that relay hears of it (the devices' own periodic sync is a minute away).
+    put_doc(&da, "from-a", json!({ "by": "a" }));
+    wait_converged(&[&da, &db_], 1);
+    put_doc(&db_, "from-b", json!({ "by": "b" }));
+    wait_converged(&[&da, &db_], 2);
+    for i in 0..5 {
+        put_doc(&da, &format!("a{i}"), json!({ "i": i }));
+        put_doc(&db_, &format!("b{i}"), json!({ "i": i }));
+    }
+    wait_converged(&[&da, &db_], 12);
+    assert_eq!(docs(&da), docs(&db_));
+    assert_eq!(docs(&da).len(), 12);
+
+    // Listening connections cut: the relays connect them again (reading the heads they may
+    // have missed meanwhile) and pushes go on.
+    let listeners = format!("FROM pg_stat_activity WHERE application_name = '{LISTENER_NAME}'");
+    for round in 0..3 {
+        common::wait_for_ok("both relays listening", common::TIMEOUT, || {
+            let n = db.sql(&format!("SELECT count(*) {listeners}"));
+            if n == "2" { Ok(()) } else { Err(n) }
+        });
+        db.sql(&format!("SELECT pg_terminate_backend(pid) {listeners}"));
+        put_doc(&da, &format!("after-cut{round}"), json!({ "round": round }));
+        wait_converged(&[&da, &db_], 13 + round);
+    }
+}
+
+#[test]
+fn a_device_revoked_through_one_relay_loses_its_session_on_another_and_devices_move_between_relays()
+{
+    let db = Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let relays = two_relays(&db, tmp.path());
+    let (gone, kept, moving) = (Device::new(), Device::new(), Device::new());
+    gone.join(&relays[1]);
+    kept.join(&relays[0]);
+    // Registered through relay 1, then served by relay 2 (which had not seen the device when
+    // it registered, nor the tokens relay 1 gave it).
+    moving.register_at(
+        &relays[0].operator(),
+        &relays[0].addr,
+        &relays[0].fingerprint,
+        "default",
+    );
+    // Both relays present the certificate the database holds: the pin relay 1 gave fits.
+    assert_eq!(relays[0].fingerprint, relays[1].fingerprint);
+    moving.set_sync(&relays[1].addr, &relays[0].fingerprint);
+    let (dg, dk, dm) = (
+        gone.start_daemon_logged(),
+        kept.start_daemon_logged(),
+        moving.start_daemon_logged(),
+    );
+    put_doc(&dg, "before", json!({ "n": 1 }));
+    put_doc(&dm, "moved", json!({ "n": 2 }));
+    wait_converged(&[&dg, &dk, &dm], 2);
+
+    let gone_id = device_id(&device_key(&gone).verifying_key().to_bytes());
+    let out = relays[0].operator().ferry(&["relay", "revoke", &gone_id]);
+    assert!(out.status.success(), "ferry relay revoke: {}", stderr(&out));
+    // Its session is on the other relay: that one hears of the revocation and ends it.
+    let error = common::wait_for_ok(
+        "the revoked device's session to end",
+        common::TIMEOUT,
+        || {
+            let error = common::status(&dg)["sync"]["last_error"].clone();
+            if error["kind"] == json!("authentication") {
+                Ok(error)
+            } else {
+                Err(error.to_string())
+            }
+        },
+    );
+    assert!(error.to_string().contains("revoked"), "{error}");
+    put_doc(&dk, "kept", json!({ "n": 3 }));
+    wait_converged(&[&dk, &dm], 3);
+    let ids: Vec<_> = docs(&dm).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["before", "kept", "moved"]);
+}
+
+#[test]
+fn relays_on_one_database_present_the_first_relays_certificate() {
+    let db = Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    // The first relay kept a certificate of its own before: devices pinned it, so it is the
+    // one the database keeps.
+    let first = tmp.path().join("relay1");
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&first)
+        .unwrap();
+    let (cert, key) = RelayCertificate::generate_pem(&[]).unwrap();
+    let pinned = RelayCertificate::from_pem(
+        cert.as_bytes(),
+        &first.join(CERT_FILE_NAME),
+        key.as_bytes(),
+        &first.join(KEY_FILE_NAME),
+    )
+    .unwrap()
+    .fingerprint()
+    .to_string();
+    for (name, pem) in [(CERT_FILE_NAME, &cert), (KEY_FILE_NAME, &key)] {
+        std::fs::write(first.join(name), pem).unwrap();
+        std::fs::set_permissions(
+            first.join(name),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+    }
+    let relays = two_relays(&db, tmp.path());
+    assert_eq!(relays[0].fingerprint, pinned);
+    assert_eq!(relays[1].fingerprint, pinned);
+    assert_eq!(db.sql("SELECT count(*) FROM relay_certificate"), "1");
+}
+
+#[test]
+fn devices_ride_out_a_database_stopped_during_sync_and_lose_nothing_acknowledged() {
+    let server = PgServer::start();
+    let database = server.create_database();
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with_config(
+        &tmp.path().join("relay"),
+        None,
+        &format!(
+            "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n\
+             storage = \"postgres\"\npostgres_url = \"{}\"\npostgres_connect_timeout_secs = 2\n",
+            server.url(&database)
+        ),
+    );
+    let (a, b) = (Device::new(), Device::new());
+    a.join(&relay);
+    b.join(&relay);
+    let (da, db_) = (a.start_daemon_logged(), b.start_daemon_logged());
+    for i in 0..5 {
+        put_doc(&da, &format!("before{i}"), json!({ "i": i }));
+    }
+    wait_converged(&[&da, &db_], 5);
+
+    server.crash();
+    // Written while the relay cannot store anything: the device is told the relay failed,
+    // keeps its writes and tries again.
+    for i in 0..5 {
+        put_doc(&da, &format!("during{i}"), json!({ "i": i }));
+    }
+    let error = common::wait_for_ok(
+        "the relay's failure seen by the device",
+        common::TIMEOUT,
+        || {
+            let sync = common::status(&da)["sync"].clone();
+            if sync["last_error"]["kind"] == json!("server") {
+                Ok(sync)
+            } else {
+                Err(sync.to_string())
+            }
+        },
+    );
+    assert!(common::unsent(&common::status(&da)) > 0, "{error}");
+
+    server.start_again();
+    // The relay reconnects by itself, the device's retries land, the other device gets them.
+    wait_converged(&[&da, &db_], 10);
+    assert_eq!(docs(&da), docs(&db_));
+    assert_eq!(docs(&db_).len(), 10);
+}
+
+#[test]
+fn an_append_that_loses_the_database_mid_transaction_is_never_answered_stored() {
+    use std::io::Write as _;
+    let db = Database::new();
+    let relay = relay_store(&db);
+    let mut writer = relay_fixtures::Writer::new(1);
+    let first = writer.put(json!({ "n": 1 }));
+    let r = relay
+        .append(SPACE, &dev(1), &[upload(1, "r", &first)])
+        .unwrap();
+    assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: 1 }]);
+
+    // Another session holds the space's row, so the next append waits inside its transaction,
+    // where its connection is cut.
+    let mut holder = db.server.session(&db.name);
+    let mut input = holder.stdin.take().unwrap();
+    writeln!(
+        input,
+        "BEGIN; SELECT head FROM spaces WHERE space = '{SPACE}' FOR UPDATE;"
+    )
+    .unwrap();
+    input.flush().unwrap();
+    let held = "FROM pg_stat_activity WHERE state = 'idle in transaction'";
+    common::wait_for("the row held", common::TIMEOUT, || {
+        db.sql(&format!("SELECT count(*) {held}")) == "1"
+    });
+    let second = writer.patch(json!({ "n": 2 }));
+    let waiting = "FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
+    let answer = std::thread::scope(|scope| {
+        let appending = scope.spawn(|| relay.append(SPACE, &dev(1), &[upload(2, "r", &second)]));
+        common::wait_for(
+            "the append waiting in its transaction",
+            common::TIMEOUT,
+            || db.sql(&format!("SELECT count(*) {waiting}")) == "1",
+        );
+        db.sql(&format!("SELECT pg_terminate_backend(pid) {waiting}"));
+        appending.join().unwrap()
+    });
+    assert!(answer.is_err(), "answered {answer:?}");
+    writeln!(input, "COMMIT;").unwrap();
+    drop(input);
+    assert!(holder.wait().unwrap().success());
+
+    assert_eq!(relay.head(SPACE).unwrap(), 1, "nothing of it was written");
+    let r = relay
+        .append(SPACE, &dev(1), &[upload(2, "r", &second)])
+        .unwrap();
+    assert_eq!(outcomes(&r), [ChangeOutcome::Stored { seq: 2 }]);
+}
+
+#[test]
+fn a_refresh_token_used_again_through_another_relay_revokes_its_family_on_both() {
+    use ferry::auth::token::{RefreshError, TokenPolicy};
+    use ferry::relay::accounts::{Accounts, Denied, os_random};
+    use ferry_proto::wire::{Credential, Secret};
+    const NOW: u64 = 1_700_000_000_000;
+    let db = Database::new();
+    let relays = [0, 1].map(|_| {
+        Accounts::open(
+            Arc::new(db.open()),
+            TokenPolicy::default(),
+            os_random(),
+            NOW,
+        )
+        .unwrap()
+    });
+    relays[0].add_account("team", NOW).unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let public = key.verifying_key().to_bytes();
+    let device = device_id(&public);
+    let code = relays[0].enrol("team", 3_600_000, NOW).unwrap().code;
+    let admit = |relay: usize, credential: Credential, at: u64| {
+        relays[relay].admit(public, &device, "team", &credential, NOW + at)
+    };
+    let registered = admit(0, Credential::Enrol(Secret::new(code)), 0).unwrap();
+    let family = registered.family;
+    let first = registered.grant.tokens.unwrap();
+    let rotated = admit(0, Credential::Refresh(first.refresh.clone()), 1_000)
+        .unwrap()
+        .grant
+        .tokens
+        .unwrap();
+    // The first token again, through the other relay: found reused there.
+    let reused = admit(1, Credential::Refresh(first.refresh), 2_000);
+    assert!(
+        matches!(reused, Err(Denied::Refresh(RefreshError::Reused))),
+        "{reused:?}"
+    );
+    // The whole family is revoked for both relays: the rotated tokens stop working too.
+    for relay in 0..2 {
+        let refused = admit(relay, Credential::Refresh(rotated.refresh.clone()), 3_000);
+        assert!(refused.is_err(), "relay {relay}: {refused:?}");
+    }
+    // Relay 0 hears of the revocation (`ferry_accounts`): the family's access tokens, checked
+    // against what it keeps in memory, stop working there too.
+    assert!(admit(0, Credential::Access(rotated.access.clone()), 3_000).is_ok());
+    relays[0].family_revoked_elsewhere(&family);
+    let refused = admit(0, Credential::Access(rotated.access), 3_000);
+    assert!(
+        refused.is_err(),
+        "relay 0 still takes the family's access token: {refused:?}"
+    );
 }

@@ -4,7 +4,9 @@
 //!
 //! Owns: accounts, enrolment codes (only their hashes are stored), registered devices and their
 //! revocation, refresh-token families (reuse of a rotated token revokes the family), the token
-//! signing keys and their rotation, and the decision to let a device in (`admit`).
+//! signing keys and their rotation, and the decision to let a device in (`admit`). What it keeps
+//! in memory (devices, revoked families, the key ring) is read again when a relay sharing the
+//! storage writes it (`*_elsewhere`, `reload`, from `server::follow_storage`).
 //! Must not touch: the change log (`relay::store`), sessions and sockets (`relay::server` asks
 //! and carries out the answer), the token format itself (`auth::token`), and how any of it is
 //! kept (`relay::storage`: every read and write goes through `AccountStorage`).
@@ -164,6 +166,17 @@ impl From<StorageError> for AccountError {
     }
 }
 
+/// The token signing keys as stored.
+fn read_ring(storage: &dyn AccountStorage) -> Result<KeyRing, AccountError> {
+    let mut ring = KeyRing::default();
+    for stored in storage.signing_keys()? {
+        let mut entry = SigningKeyEntry::from_seed(stored.kid, stored.seed, stored.created_s);
+        entry.retired_s = stored.retired_s;
+        ring.insert(entry);
+    }
+    Ok(ring)
+}
+
 fn code_hash(secret: &str) -> [u8; 32] {
     sha2::Sha256::digest(secret.as_bytes()).into()
 }
@@ -176,12 +189,7 @@ impl Accounts {
         random: RandomSource,
         now_ms: u64,
     ) -> Result<Self, AccountError> {
-        let mut ring = KeyRing::default();
-        for stored in storage.signing_keys()? {
-            let mut entry = SigningKeyEntry::from_seed(stored.kid, stored.seed, stored.created_s);
-            entry.retired_s = stored.retired_s;
-            ring.insert(entry);
-        }
+        let ring = read_ring(&*storage)?;
         let devices = storage
             .devices()?
             .into_iter()
@@ -231,6 +239,89 @@ impl Accounts {
     /// Sessions listen here to end at once when their device or token family is revoked.
     pub fn subscribe_revocations(&self) -> broadcast::Receiver<Revocation> {
         self.revocations.subscribe()
+    }
+
+    /// Another relay sharing the storage wrote the device's record (registered it, signed it
+    /// in, revoked or removed it): this relay reads it again, and a revocation ends the
+    /// device's sessions here.
+    pub fn device_written_elsewhere(&self, device: &str) -> Result<(), AccountError> {
+        let record = self.storage.device(device)?;
+        let mut state = self.lock();
+        let was_admitted = state
+            .devices
+            .get(device)
+            .is_some_and(|d| d.revoked_ms.is_none());
+        let revoked = record.as_ref().is_none_or(|d| d.revoked_ms.is_some());
+        match record {
+            Some(record) => state.devices.insert(device.to_owned(), record),
+            None => state.devices.remove(device),
+        };
+        drop(state);
+        if was_admitted && revoked {
+            let _ = self.revocations.send(Revocation::Device(device.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Another relay sharing the storage revoked a token family: its tokens stop working here
+    /// and its sessions here end.
+    pub fn family_revoked_elsewhere(&self, family: &str) {
+        let fresh = self.lock().revoked_families.insert(family.to_owned());
+        if fresh {
+            let _ = self.revocations.send(Revocation::Family(family.to_owned()));
+        }
+    }
+
+    /// Another relay sharing the storage changed the token signing keys: the ring is read
+    /// again, so tokens it signs are verified here.
+    pub fn signing_keys_changed_elsewhere(&self) -> Result<(), AccountError> {
+        let ring = read_ring(&*self.storage)?;
+        self.lock().ring = ring;
+        Ok(())
+    }
+
+    /// Reads again everything this relay keeps of the accounts (devices, revoked families,
+    /// signing keys), for writes other relays made while it could not hear of them; the
+    /// sessions of what was revoked meanwhile end.
+    pub fn reload(&self) -> Result<(), AccountError> {
+        let ring = read_ring(&*self.storage)?;
+        let devices: HashMap<String, DeviceRecord> = self
+            .storage
+            .devices()?
+            .into_iter()
+            .map(|device| (device.device.clone(), device))
+            .collect();
+        let revoked_families: HashSet<String> = self
+            .storage
+            .families()?
+            .into_iter()
+            .filter(|family| family.revoked)
+            .map(|family| family.id)
+            .collect();
+        let mut state = self.lock();
+        let mut revoked: Vec<Revocation> = state
+            .devices
+            .iter()
+            .filter(|(id, d)| {
+                d.revoked_ms.is_none() && devices.get(*id).is_none_or(|n| n.revoked_ms.is_some())
+            })
+            .map(|(id, _)| Revocation::Device(id.clone()))
+            .collect();
+        revoked.extend(
+            revoked_families
+                .difference(&state.revoked_families)
+                .map(|f| Revocation::Family(f.clone())),
+        );
+        *state = State {
+            ring,
+            devices,
+            revoked_families,
+        };
+        drop(state);
+        for revocation in revoked {
+            let _ = self.revocations.send(revocation);
+        }
+        Ok(())
     }
 
     pub fn add_account(&self, name: &str, now_ms: u64) -> Result<AccountRecord, AccountError> {
@@ -448,6 +539,9 @@ impl Accounts {
         // The device id is only a prefix of the key: a registered device is the whole key it
         // registered with.
         let other_key = |d: &DeviceRecord| d.public_key != public_key;
+        if !matches!(credential, Credential::Enrol(_)) {
+            self.know(device);
+        }
         if !matches!(credential, Credential::Enrol(_))
             && self.lock().devices.get(device).is_some_and(other_key)
         {
@@ -601,6 +695,24 @@ impl Accounts {
                 expires_ms: tokens.access_expires_ms,
                 tokens: Some(tokens),
             },
+        }
+    }
+
+    /// A device this relay does not know may have been registered through another relay
+    /// sharing the storage moments ago, before this one heard of it: it is read from storage.
+    fn know(&self, device: &str) {
+        if self.lock().devices.contains_key(device) {
+            return;
+        }
+        match self.storage.device(device) {
+            Ok(Some(record)) => {
+                self.lock()
+                    .devices
+                    .entry(device.to_owned())
+                    .or_insert(record);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(device, error = %e, "cannot read an unknown device"),
         }
     }
 

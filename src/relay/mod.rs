@@ -113,6 +113,48 @@ pub fn open_storage(
     Ok(Arc::new(storage::KvStorage::new(kv)))
 }
 
+/// The certificate the relay presents: the configured files; on storage several relays share,
+/// the one they all present (the first relay's: its data directory's pair if it had one, else a
+/// new one), so that one pinned fingerprint fits every relay; otherwise its data directory's own,
+/// created the first time.
+fn relay_certificate(
+    dir: &std::path::Path,
+    relay: &crate::config::RelayConfig,
+    storage: &dyn storage::RelayStorage,
+) -> Result<RelayCertificate, RelayError> {
+    if !relay.cert_file.is_empty() {
+        return Ok(RelayCertificate::from_pem_files(
+            relay.cert_file.as_ref(),
+            relay.key_file.as_ref(),
+        )?);
+    }
+    if !storage.shared() {
+        return Ok(RelayCertificate::load_or_create(
+            dir,
+            &relay.certificate_names,
+        )?);
+    }
+    let (cert_path, key_path) = (
+        dir.join(transport::CERT_FILE_NAME),
+        dir.join(transport::KEY_FILE_NAME),
+    );
+    let candidate = match (
+        std::fs::read_to_string(&cert_path),
+        std::fs::read_to_string(&key_path),
+    ) {
+        (Ok(cert), Ok(key)) => (cert, key),
+        _ => RelayCertificate::generate_pem(&relay.certificate_names)?,
+    };
+    let (cert, key) = storage.shared_certificate(candidate)?;
+    let stored = std::path::Path::new("the database's relay_certificate row");
+    Ok(RelayCertificate::from_pem(
+        cert.as_bytes(),
+        stored,
+        key.as_bytes(),
+        stored,
+    )?)
+}
+
 /// Runs the relay until `shutdown` completes: every acknowledged change is already durable, and
 /// the store is flushed once more on the way out.
 pub async fn run(
@@ -138,12 +180,8 @@ pub async fn run(
         })?;
     let _lock = dir.lock()?;
     transport::install_crypto_provider();
-    let certificate = if relay.cert_file.is_empty() {
-        RelayCertificate::load_or_create(dir.path(), &relay.certificate_names)?
-    } else {
-        RelayCertificate::from_pem_files(relay.cert_file.as_ref(), relay.key_file.as_ref())?
-    };
     let storage = open_storage(dir.path(), relay)?;
+    let certificate = relay_certificate(dir.path(), relay, &*storage)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let accounts = Arc::new(accounts::Accounts::open(
         storage.clone(),
@@ -151,6 +189,8 @@ pub async fn run(
         accounts::os_random(),
         clock.now_ms(),
     )?);
+    let (news, heard) = tokio::sync::mpsc::unbounded_channel();
+    let follows = storage.follow(news);
     let store = Arc::new(RelayStore::open(
         storage,
         RelayStoreOptions {
@@ -300,6 +340,15 @@ pub async fn run(
         Duration::from_secs(relay.compact_interval_secs.max(1)),
         stopped.clone(),
     ));
+    let follower = follows.then(|| {
+        tokio::spawn(server::follow_storage(
+            heard,
+            store.clone(),
+            accounts.clone(),
+            shared.spaces.clone(),
+            stopped.clone(),
+        ))
+    });
     let server = tokio::spawn(server::serve(endpoint, shared, options, stopped));
     tracing::info!(listen = %listening.listen, fingerprint = %listening.fingerprint, "relay ready");
     ready(&listening);
@@ -313,6 +362,11 @@ pub async fn run(
         && let Err(e) = task.await
     {
         tracing::error!(error = %e, "relay HTTPS API stopped abnormally");
+    }
+    if let Some(task) = follower
+        && let Err(e) = task.await
+    {
+        tracing::error!(error = %e, "relay storage follower stopped abnormally");
     }
     for (what, task) in [
         ("operator socket", admin),

@@ -98,6 +98,12 @@ impl RecentLogs {
         Some(entries)
     }
 
+    /// Forgets the space's entries: the log they were read from is not the one storage holds
+    /// now (a database restored to an earlier point).
+    pub fn forget(&self, space: &str) {
+        self.lock().pop(space);
+    }
+
     fn lock(&self) -> MutexGuard<'_, LruCache<String, Run>> {
         // Every change under the lock leaves a valid run: a poisoned one holds nothing half-done.
         self.spaces.lock().unwrap_or_else(|p| p.into_inner())

@@ -7,6 +7,9 @@
 //! queues (one read in flight, a small channel of decoded frames), and stopping (sessions get
 //! `SHUTDOWN_GRACE` to tell their devices, the endpoint `CLOSE_GRACE` to tell peers).
 //!
+//! With storage other relays share, `follow_storage` brings their commits in: new heads to the
+//! spaces' sessions, revocations to the sessions they end, heads polled while it cannot hear.
+//!
 //! Must not touch: what a session sends when (that is `ferry_proto::session`), the store's layout.
 
 use std::collections::HashMap;
@@ -23,7 +26,7 @@ use super::accounts::{Accounts, Revocation};
 use super::activity::{Activity, SyncEvent, SyncKind};
 use super::alerts::RelayAlerts;
 use super::metrics::{RelayMetrics, RequestKind};
-use super::storage::StorageError;
+use super::storage::{StorageError, StorageNews};
 use super::store::{RelayStore, RelayStoreError};
 use crate::clock::{Clock, sleep_until};
 use crate::drive::{Io, drive};
@@ -118,13 +121,35 @@ impl Spaces {
         self.sender(space, head).subscribe()
     }
 
-    pub fn publish(&self, space: &str, head: u64) {
-        self.sender(space, head).send_if_modified(|current| {
-            let grew = head > *current;
-            *current = (*current).max(head);
-            grew
-        });
+    /// The spaces sessions watch.
+    fn watched(&self) -> Vec<String> {
+        let heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        heads.keys().cloned().collect()
     }
+
+    /// Publishes a head another relay committed, if sessions here watch the space.
+    fn moved(&self, space: &str, head: u64) {
+        let sender = {
+            let heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+            heads.get(space).cloned()
+        };
+        if let Some(sender) = sender {
+            raise(&sender, head);
+        }
+    }
+
+    pub fn publish(&self, space: &str, head: u64) {
+        raise(&self.sender(space, head), head);
+    }
+}
+
+/// Moves a space's published head up to `head` (never down: heads arrive out of order).
+fn raise(sender: &watch::Sender<u64>, head: u64) {
+    sender.send_if_modified(|current| {
+        let grew = head > *current;
+        *current = (*current).max(head);
+        grew
+    });
 }
 
 /// Who is at the other end of a session, once it has signed in.
@@ -734,6 +759,98 @@ async fn changed(head: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
             Err(_) => None,
         },
         None => std::future::pending().await,
+    }
+}
+
+/// How often the heads of the spaces sessions watch are read while commits to shared storage
+/// cannot be heard.
+pub const HEAD_POLL: Duration = Duration::from_secs(1);
+
+/// Carries what relays sharing this relay's storage commit (`LogStorage::follow`) to its
+/// sessions: new heads to the spaces' watchers, revocations to the sessions they end. While
+/// commits cannot be heard, the watched spaces' heads are read every `HEAD_POLL`, and once
+/// more when they are heard again (what was committed meanwhile was missed).
+pub async fn follow_storage(
+    mut news: tokio::sync::mpsc::UnboundedReceiver<StorageNews>,
+    store: Arc<RelayStore>,
+    accounts: Arc<Accounts>,
+    spaces: Arc<Spaces>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut hearing = false;
+    let mut poll = tokio::time::interval(HEAD_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            item = news.recv() => match item {
+                None => return,
+                Some(StorageNews::Head { space, head }) => spaces.moved(&space, head),
+                Some(StorageNews::Device(device)) => {
+                    let accounts = accounts.clone();
+                    blocking("read a device written elsewhere", move || {
+                        accounts.device_written_elsewhere(&device)
+                    })
+                    .await;
+                }
+                Some(StorageNews::FamilyRevoked(family)) => {
+                    accounts.family_revoked_elsewhere(&family);
+                }
+                Some(StorageNews::SigningKeys) => {
+                    let accounts = accounts.clone();
+                    blocking("read the signing keys", move || {
+                        accounts.signing_keys_changed_elsewhere()
+                    })
+                    .await;
+                }
+                Some(StorageNews::Listening) => {
+                    hearing = true;
+                    let accounts = accounts.clone();
+                    blocking("read the accounts again", move || accounts.reload()).await;
+                    read_heads(&store, &spaces).await;
+                }
+                Some(StorageNews::Deaf) => hearing = false,
+            },
+            _ = poll.tick(), if !hearing => read_heads(&store, &spaces).await,
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+/// Runs an accounts read off the async workers; a failure is logged (the next news, or the
+/// reload when the storage is heard again, reads it anew).
+async fn blocking(
+    what: &'static str,
+    read: impl FnOnce() -> Result<(), super::accounts::AccountError> + Send + 'static,
+) {
+    match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot {what}"),
+        Err(e) => tracing::error!(error = %e, "cannot {what}"),
+    }
+}
+
+/// Reads the heads of the spaces sessions watch from storage and publishes them.
+async fn read_heads(store: &Arc<RelayStore>, spaces: &Arc<Spaces>) {
+    let watched = spaces.watched();
+    if watched.is_empty() {
+        return;
+    }
+    let store = store.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        watched
+            .into_iter()
+            .filter_map(|space| match store.head(&space) {
+                Ok(head) => Some((space, head)),
+                Err(e) => {
+                    tracing::debug!(space, error = %e, "cannot read the head to poll");
+                    None
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    for (space, head) in read.unwrap_or_default() {
+        spaces.moved(&space, head);
     }
 }
 

@@ -33,6 +33,11 @@
 //! as its only head, so an initial upload of many records stores none; records logged before
 //! heads were kept have their heads read from their document the first time they are needed).
 //!
+//! Storage other relays append to too (`LogStorage::shared`): a cached document is trusted only
+//! at the head the cache last saw; before a space's cached documents are read, those of records
+//! logged since by others are dropped, and an append refused because another relay committed
+//! first is staged again. On embedded storage none of this reads anything.
+//!
 //! Must not touch: the network, sessions or authentication (the caller has decided that `origin`
 //! may write to `space`), the device's store, and storage keys or engines.
 
@@ -237,14 +242,34 @@ impl Staging {
     }
 }
 
+/// What this relay knows of a space, kept under the space's lock.
+#[derive(Default)]
+struct SpaceState {
+    /// With storage other relays share: the head the space's cached documents are known to be
+    /// current at (`None`: not known yet, so none of them is trusted).
+    cached_at: Option<u64>,
+}
+
+/// Log entries another relay appended that a catch-up reads to find the records whose cached
+/// documents they made stale; past this many it drops the space's documents instead.
+const CATCH_UP_ENTRIES: u64 = 4096;
+
+/// Times an append is staged again when another relay moved the space's head meanwhile, before
+/// the upload is answered with the error (and the device sends it again). Each time means
+/// another relay committed, so only a space many relays append to at full speed reaches it.
+pub const RESTAGES: usize = 32;
+
 pub struct RelayStore {
     storage: Arc<dyn LogStorage>,
+    /// Other relays append to the same storage (`LogStorage::shared`): the space's head is
+    /// checked against what the cache saw before a cached document is trusted.
+    shared: bool,
     options: RelayStoreOptions,
     /// The relay never writes changes itself; its documents need an actor all the same.
     actor: ActorId,
     /// Each space's lock: appends to a space are staged one at a time, and a document is not
     /// read between an append's commit and its cache update.
-    spaces: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    spaces: Mutex<HashMap<String, Arc<Mutex<SpaceState>>>>,
     cache: Mutex<LruCache<DocKey, Record>>,
     /// The newest entries appended through this store, which live readers ask for next.
     recent: RecentLogs,
@@ -259,6 +284,7 @@ impl RelayStore {
     pub fn open(storage: Arc<dyn LogStorage>, options: RelayStoreOptions) -> Self {
         let capacity = NonZeroUsize::new(options.doc_cache_docs).unwrap_or(NonZeroUsize::MIN);
         RelayStore {
+            shared: storage.shared(),
             storage,
             options,
             actor: ActorId::from(&[0u8; 16][..]),
@@ -271,10 +297,96 @@ impl RelayStore {
     }
 
     /// The space's lock.
-    fn space(&self, space: &str) -> Result<Arc<Mutex<()>>, RelayStoreError> {
+    fn space(&self, space: &str) -> Result<Arc<Mutex<SpaceState>>, RelayStoreError> {
         check_space(space)?;
         let mut spaces = lock(&self.spaces);
         Ok(spaces.entry(space.to_owned()).or_default().clone())
+    }
+
+    /// Before cached documents of the space are read (under its lock): with shared storage,
+    /// those of records other relays appended to since the cache last saw the head are dropped,
+    /// so that they are read again. Embedded storage has no other writer: nothing is read.
+    fn current(&self, space: &str, state: &mut SpaceState) -> Result<(), RelayStoreError> {
+        if self.shared {
+            let head = self.storage.head(space)?;
+            self.catch_up(space, state, head)?;
+        }
+        Ok(())
+    }
+
+    /// `current` with the head already read under the space's lock: the cached documents of
+    /// the records logged between what the cache saw and `head` are dropped (all of the
+    /// space's when that is too many to read, partly compacted away, or the log went back).
+    fn catch_up(
+        &self,
+        space: &str,
+        state: &mut SpaceState,
+        head: u64,
+    ) -> Result<(), RelayStoreError> {
+        if !self.shared || state.cached_at == Some(head) {
+            return Ok(());
+        }
+        let moved = match state.cached_at {
+            Some(at) if at < head && head - at <= CATCH_UP_ENTRIES => {
+                self.records_logged(space, at, head)?
+            }
+            _ => None,
+        };
+        let mut cache = lock(&self.cache);
+        match moved {
+            Some(records) => {
+                for (collection, record) in records {
+                    cache.pop(&(space.to_owned(), collection, record));
+                }
+            }
+            None => {
+                let stale: Vec<DocKey> = cache
+                    .iter()
+                    .filter(|(key, _)| key.0 == space)
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for key in stale {
+                    cache.pop(&key);
+                }
+            }
+        }
+        drop(cache);
+        if state.cached_at.is_some_and(|at| at > head) {
+            // The database went back (restored, or failed over to a replica that missed
+            // commits): seqs this relay remembers may now name other entries.
+            self.recent.forget(space);
+        }
+        state.cached_at = Some(head);
+        Ok(())
+    }
+
+    /// The records of the log entries in (`after`, `through`]; `None` when some of them are
+    /// no longer in the log (compacted away meanwhile).
+    fn records_logged(
+        &self,
+        space: &str,
+        after: u64,
+        through: u64,
+    ) -> Result<Option<BTreeSet<RecordKey>>, RelayStoreError> {
+        let mut records = BTreeSet::new();
+        let mut at = after;
+        while at < through {
+            let entries = self.storage.read_log(space, at, 1024, 4 << 20)?;
+            if entries
+                .first()
+                .is_none_or(|e| Some(e.seq) != at.checked_add(1))
+            {
+                return Ok(None);
+            }
+            for entry in entries {
+                if entry.seq > through {
+                    break;
+                }
+                at = entry.seq;
+                records.insert((entry.collection, entry.record));
+            }
+        }
+        Ok(Some(records))
     }
 
     /// Makes everything appended durable (`append` already does before it returns).
@@ -302,8 +414,32 @@ impl RelayStore {
         changes: &[UploadChange],
     ) -> Result<Vec<ChangeResult>, RelayStoreError> {
         let state = self.space(space)?;
-        let _appending = lock(&state);
+        let mut state = lock(&state);
+        let mut restaged = 0;
+        loop {
+            match self.append_once(space, origin, changes, &mut state) {
+                // Another relay appended to the space while this call was staged: staged again
+                // on what it logged.
+                Err(RelayStoreError::Storage(StorageError::HeadMoved { .. }))
+                    if restaged < RESTAGES =>
+                {
+                    restaged += 1;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// One staging and commit of `append`, under the space's lock.
+    fn append_once(
+        &self,
+        space: &str,
+        origin: &str,
+        changes: &[UploadChange],
+        state: &mut SpaceState,
+    ) -> Result<Vec<ChangeResult>, RelayStoreError> {
         let head = self.storage.head(space)?;
+        self.catch_up(space, state, head)?;
         let mut staging = Staging::new(head);
         // A new space's conflict state is complete from its first change on.
         staging.append.conflicts_complete = head == 0;
@@ -357,8 +493,12 @@ impl RelayStore {
                 change: entry.change.clone(),
             })
             .collect();
+        let new_head = head.saturating_add(committed.len() as u64);
         self.storage.append(space, staging.append)?;
         self.recent.committed(space, committed);
+        if self.shared {
+            state.cached_at = Some(new_head);
+        }
         // Validation loaded every document the call touched, each holding what storage now
         // holds: they stay cached for the next change to the same records.
         let mut cache = lock(&self.cache);
@@ -1071,8 +1211,9 @@ impl RelayStore {
         collections: Option<&BTreeSet<String>>,
     ) -> Result<HeadsPage, RelayStoreError> {
         let state = self.space(space)?;
-        let _appends = lock(&state);
+        let mut state = lock(&state);
         let head = self.storage.head(space)?;
+        self.catch_up(space, &mut state, head)?;
         let wanted = max_records.max(1) as usize;
         let mut page = self
             .storage
@@ -1118,8 +1259,9 @@ impl RelayStore {
         collections: Option<&BTreeSet<String>>,
     ) -> Result<SnapshotPage, RelayStoreError> {
         let state = self.space(space)?;
-        let _appends = lock(&state);
+        let mut state = lock(&state);
         let head = self.storage.head(space)?;
+        self.catch_up(space, &mut state, head)?;
         if head > 0 && !self.storage.conflicts_complete(space)? {
             // The conflict entries to send with the documents are not all kept yet (a log kept
             // before, until `rebuild_conflicts` has run): the last page, empty, at head 0, so
@@ -1311,10 +1453,12 @@ impl RelayStore {
         let cutoff = now_ms.saturating_sub(tombstone_ms);
         let mut purged = 0usize;
         loop {
-            let _appends = lock(&state);
+            let mut state = lock(&state);
+            let head = self.storage.head(space)?;
+            self.catch_up(space, &mut state, head)?;
             let notes = self.storage.tombstones(space, PURGES_PER_STEP)?;
             let mut more = notes.len() >= PURGES_PER_STEP;
-            let mut append = Append::new(self.storage.head(space)?);
+            let mut append = Append::new(head);
             for note in notes {
                 // Notes are in log order, and so, but for a clock set back, in time order.
                 if note.time_ms > cutoff {
@@ -1365,7 +1509,11 @@ impl RelayStore {
                 })
                 .collect();
             let dropped: Vec<RecordKey> = append.purged.iter().map(|(k, _)| k.clone()).collect();
+            let new_head = append.next_seq().saturating_sub(1);
             self.storage.append(space, append)?;
+            if self.shared {
+                state.cached_at = Some(new_head);
+            }
             purged = purged.saturating_add(committed.len());
             if !committed.is_empty() {
                 self.recent.committed(space, committed);
@@ -1412,7 +1560,11 @@ impl RelayStore {
         let state = self.space(space)?;
         let mut saved = 0usize;
         loop {
-            let _appends = lock(&state);
+            let mut state = lock(&state);
+            // Bases are read as of this head: a compaction staged against it is refused if
+            // another relay appended meanwhile.
+            let head = self.storage.head(space)?;
+            self.catch_up(space, &mut state, head)?;
             let records = self.storage.tails_through(space, seq, BASES_PER_STEP)?;
             if records.is_empty() {
                 return Ok(saved);
@@ -1444,7 +1596,7 @@ impl RelayStore {
             self.storage.compact_log(
                 space,
                 LogCompaction {
-                    after: self.storage.head(space)?,
+                    after: head,
                     bases,
                     ..LogCompaction::default()
                 },
@@ -1683,7 +1835,8 @@ impl RelayStore {
         validate_record_id(id, &self.options.limits)?;
         // The space's lock keeps an append from landing between reading the base and the tail.
         let state = self.space(space)?;
-        let _appends = lock(&state);
+        let mut state = lock(&state);
+        self.current(space, &mut state)?;
         self.cached_doc(space, collection, id, f)
     }
 

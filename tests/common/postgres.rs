@@ -255,6 +255,21 @@ impl PgServer {
         )
     }
 
+    /// A `psql` session on `database` reading statements from its stdin as they are written,
+    /// so that a test can hold a transaction open.
+    pub fn session(&self, database: &str) -> std::process::Child {
+        Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args(["-h", "127.0.0.1", "-U", "ferry"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-d", database])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// Options for the relay's engine on `database`.
     pub fn options(&self, database: &str) -> PgOptions {
         PgOptions {

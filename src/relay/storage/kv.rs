@@ -989,6 +989,10 @@ impl AccountStorage for KvStorage {
         self.decoded(&account_key(b'F', id.as_bytes()), "token family")
     }
 
+    fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StorageError> {
+        self.decoded(&account_key(b'D', id.as_bytes()), "device")
+    }
+
     fn families(&self) -> Result<Vec<Family>, StorageError> {
         self.all(b'F', "token family")
     }

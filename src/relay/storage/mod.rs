@@ -256,9 +256,43 @@ pub struct LogCompaction {
     pub mark: Option<(u64, u64)>,
 }
 
+/// What a relay hears of commits to storage other relays share (`LogStorage::follow`), as they
+/// land: those it made itself included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageNews {
+    /// Hearing commits (again): those made while not hearing them were missed, so the heads of
+    /// the spaces the relay serves are read once.
+    Listening,
+    /// Not hearing commits (the database is out of reach): until `Listening` comes back, the
+    /// heads of the spaces the relay serves are polled.
+    Deaf,
+    /// A space's log was appended to, up to `head`.
+    Head { space: String, head: u64 },
+    /// A device's record was written (registered, signed in, revoked) or removed.
+    Device(String),
+    /// A token family was revoked (a refresh token used twice).
+    FamilyRevoked(String),
+    /// The token signing keys changed (a rotation).
+    SigningKeys,
+}
+
 /// A space's change logs, records' documents (base + tail), logged heads, unique-value index,
 /// conflict counts and log bytes.
 pub trait LogStorage: Send + Sync {
+    /// Whether other relays may append to the same logs (a database they share): the relay
+    /// store then checks a space's head before trusting a document it cached. The embedded
+    /// engine is one process's own, so nothing is checked.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Sends `news` what other relays commit (and this one), as it lands, until `news` is
+    /// closed, reconnecting by itself; `false` when no other relay writes to this engine.
+    fn follow(&self, news: tokio::sync::mpsc::UnboundedSender<StorageNews>) -> bool {
+        drop(news);
+        false
+    }
+
     /// The last seq of the space's log (0 when empty).
     fn head(&self, space: &str) -> Result<u64, StorageError>;
 
@@ -525,6 +559,16 @@ pub trait AccountStorage: Send + Sync {
     fn accounts(&self) -> Result<Vec<AccountRecord>, StorageError>;
     /// Every registered device (revoked ones included), in id order.
     fn devices(&self) -> Result<Vec<DeviceRecord>, StorageError>;
+    fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StorageError>;
+    /// With storage several relays share, the TLS certificate and key (PEM) they all present:
+    /// the first relay's `candidate` is kept and every relay gets it back, so one pinned
+    /// fingerprint fits them all. An engine of one relay keeps none: the candidate is its own.
+    fn shared_certificate(
+        &self,
+        candidate: (String, String),
+    ) -> Result<(String, String), StorageError> {
+        Ok(candidate)
+    }
     fn enrolment(&self, code_hash: &[u8; 32]) -> Result<Option<EnrolmentRecord>, StorageError>;
     fn family(&self, id: &str) -> Result<Option<Family>, StorageError>;
     /// Every token family, in id order.

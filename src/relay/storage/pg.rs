@@ -26,7 +26,7 @@
 //! its log entry: compaction then drops entries without looking at bases. `reclaim_space` frees
 //! nothing itself: PostgreSQL's autovacuum reuses the space rows leave.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::mpsc;
@@ -34,13 +34,14 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::types::{FromSql, ToSql};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{AsyncMessage, NoTls, Notification, Row};
 
 use super::{
     AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, Holders,
-    LogCompaction, LogStorage, RecordKey, RelayConflictCount, StorageError, StoredKey, Tombstone,
-    UniqueValue, UniqueValues,
+    LogCompaction, LogStorage, RecordKey, RelayConflictCount, StorageError, StorageNews, StoredKey,
+    Tombstone, UniqueValue, UniqueValues,
 };
 use crate::auth::token::Family;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus};
@@ -79,11 +80,18 @@ pub struct Migration {
 }
 
 /// Every migration this binary knows, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "relay_storage",
-    sql: include_str!("pg/migrations/0001_relay_storage.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "relay_storage",
+        sql: include_str!("pg/migrations/0001_relay_storage.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "relay_certificate",
+        sql: include_str!("pg/migrations/0002_relay_certificate.sql"),
+    },
+];
 
 /// The advisory lock migrations take (any fixed number the database's other users do not use).
 const MIGRATION_LOCK: i64 = 0x6665_7272_795f_6462;
@@ -101,6 +109,8 @@ pub struct PgStorage {
     /// Drives the pool's connections; `None` only while dropping.
     runtime: Option<tokio::runtime::Runtime>,
     pool: Pool,
+    /// What the listening connection (`follow`) connects with.
+    config: tokio_postgres::Config,
 }
 
 impl Drop for PgStorage {
@@ -140,7 +150,7 @@ impl PgStorage {
             options.statement_timeout.as_millis()
         ));
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -166,6 +176,7 @@ impl PgStorage {
         Ok(PgStorage {
             runtime: Some(runtime),
             pool,
+            config,
         })
     }
 
@@ -205,7 +216,16 @@ impl PgStorage {
     fn query(&self, sql: &'static str, params: Vec<Param>) -> Result<Vec<Row>, StorageError> {
         self.run(move |pool| async move {
             let client = connection(&pool).await?;
-            rows(&client, sql, &params).await
+            match rows(&client, sql, &params).await {
+                // A pooled connection the database closed since it was last used (a restart,
+                // a terminated backend) is dropped for good, and the read, which changes
+                // nothing, is made once more on another.
+                Err(StorageError::Unreachable { .. }) if client.is_closed() => {
+                    drop(deadpool_postgres::Object::take(client));
+                    rows(&connection(&pool).await?, sql, &params).await
+                }
+                answer => answer,
+            }
         })
     }
 
@@ -332,6 +352,156 @@ async fn applied_versions(client: &impl GenericClient) -> Result<Vec<i32>, Stora
         .map_err(sql_error)?
         .iter()
         .map(|row| col::<i32>(row, 0))
+        .collect()
+}
+
+/// The channel each append announces itself on as it commits: `"<head> <space>"`.
+const LOG_CHANNEL: &str = "ferry_log";
+/// The channel account writes other relays keep something of are announced on:
+/// `"device <id>"` (any write of the device), `"family <id>"` (a family revoked), `"keys "`.
+const ACCOUNTS_CHANNEL: &str = "ferry_accounts";
+/// How often the listening connection is checked: a database gone without closing it is found
+/// about this fast, and its heads polled from then on.
+const LISTENER_CHECK: Duration = Duration::from_secs(1);
+/// The listening connection's `application_name`.
+pub const LISTENER_NAME: &str = "ferry relay listener";
+/// How long after losing it the listening connection is opened again.
+const LISTENER_RETRY: Duration = Duration::from_millis(500);
+
+async fn notify(
+    tx: &deadpool_postgres::Transaction<'_>,
+    channel: &str,
+    payload: &str,
+) -> Result<(), StorageError> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+        .await
+        .map_err(sql_error)?;
+    Ok(())
+}
+
+/// Listens to the commits announced on the database, on a connection of its own (a pooled one
+/// would be recycled, and its notifications with it), until `news` is closed: reconnects
+/// after `LISTENER_RETRY` whenever the connection is lost, saying `Deaf` meanwhile.
+async fn listen(mut config: tokio_postgres::Config, news: UnboundedSender<StorageNews>) {
+    // Named so that an operator (or a test) can tell it from the pool's connections.
+    config.application_name(LISTENER_NAME);
+    loop {
+        match listen_once(&config, &news).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "not hearing other relays' commits: polling heads \
+                    until the database is back");
+                if news.send(StorageNews::Deaf).is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(LISTENER_RETRY) => {}
+            () = news.closed() => return,
+        }
+    }
+}
+
+/// One listening connection's life: `Ok` when `news` was closed, the error that ended it
+/// otherwise.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    news: &UnboundedSender<StorageNews>,
+) -> Result<(), StorageError> {
+    let (client, mut connection) = config.connect(NoTls).await.map_err(sql_error)?;
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<Notification>();
+    // Notifications arrive on the connection itself, which is polled here rather than left
+    // to a plain driver task that would drop them.
+    let _driver = AbortOnDrop(tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = message
+                && heard_tx.send(n).is_err()
+            {
+                return;
+            }
+        }
+    }));
+    client
+        .batch_execute(&format!("LISTEN {LOG_CHANNEL}; LISTEN {ACCOUNTS_CHANNEL}"))
+        .await
+        .map_err(sql_error)?;
+    if news.send(StorageNews::Listening).is_err() {
+        return Ok(());
+    }
+    let mut check = tokio::time::interval(LISTENER_CHECK);
+    loop {
+        tokio::select! {
+            n = heard.recv() => {
+                let Some(n) = n else {
+                    return Err(StorageError::Unreachable {
+                        detail: "the listening connection closed".into(),
+                    });
+                };
+                match heard_news(&n) {
+                    Some(item) => {
+                        if news.send(item).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    None => tracing::warn!(channel = n.channel(), payload = n.payload(),
+                        "a notification of unknown form: ignored"),
+                }
+            }
+            _ = check.tick() => {
+                match tokio::time::timeout(LISTENER_CHECK * 2, client.simple_query("")).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(sql_error(e)),
+                    Err(_) => {
+                        return Err(StorageError::Unreachable {
+                            detail: "the database stopped answering the listening connection"
+                                .into(),
+                        });
+                    }
+                }
+            }
+            () = news.closed() => return Ok(()),
+        }
+    }
+}
+
+/// Aborts its task when dropped: a listening connection's driver ends with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What an announcement says; `None` for one of unknown form.
+fn heard_news(n: &Notification) -> Option<StorageNews> {
+    let (first, rest) = n.payload().split_once(' ')?;
+    match (n.channel(), first) {
+        (LOG_CHANNEL, head) => Some(StorageNews::Head {
+            space: rest.to_owned(),
+            head: head.parse().ok()?,
+        }),
+        (ACCOUNTS_CHANNEL, "device") => Some(StorageNews::Device(rest.to_owned())),
+        (ACCOUNTS_CHANNEL, "family") => Some(StorageNews::FamilyRevoked(rest.to_owned())),
+        (ACCOUNTS_CHANNEL, "keys") => Some(StorageNews::SigningKeys),
+        _ => None,
+    }
+}
+
+/// What account writes announce (`ACCOUNTS_CHANNEL`), each once.
+fn announcements(writes: &[AccountWrite]) -> BTreeSet<String> {
+    writes
+        .iter()
+        .filter_map(|write| match write {
+            AccountWrite::Device(record) => Some(format!("device {}", record.device)),
+            AccountWrite::RemoveDevice(device) => Some(format!("device {device}")),
+            AccountWrite::Family(family) if family.revoked => Some(format!("family {}", family.id)),
+            AccountWrite::SigningKey(_) | AccountWrite::RemoveSigningKey(_) => {
+                Some("keys ".to_owned())
+            }
+            _ => None,
+        })
         .collect()
 }
 
@@ -1262,6 +1432,18 @@ async fn write_accounts(
 }
 
 impl LogStorage for PgStorage {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn follow(&self, news: UnboundedSender<StorageNews>) -> bool {
+        let Some(runtime) = self.runtime.as_ref() else {
+            return false;
+        };
+        runtime.spawn(listen(self.config.clone(), news));
+        true
+    }
+
     fn head(&self, space: &str) -> Result<u64, StorageError> {
         self.space_number("SELECT head FROM spaces WHERE space = $1", space)
     }
@@ -1278,7 +1460,13 @@ impl LogStorage for PgStorage {
                     head,
                 });
             }
+            let new_head = append.next_seq().saturating_sub(1);
+            let announce = !append.entries.is_empty();
             write_append(&tx, &space, append).await?;
+            if announce {
+                // Delivered when (and only if) the transaction commits.
+                notify(&tx, LOG_CHANNEL, &format!("{new_head} {space}")).await?;
+            }
             tx.commit().await.map_err(sql_error)
         })
     }
@@ -1891,6 +2079,49 @@ impl AccountStorage for PgStorage {
         )
     }
 
+    fn shared_certificate(
+        &self,
+        candidate: (String, String),
+    ) -> Result<(String, String), StorageError> {
+        self.run(move |pool| async move {
+            let client = connection(&pool).await?;
+            let (cert, key) = candidate;
+            let crc = crc(&[cert.as_bytes(), key.as_bytes()]);
+            // The first relay's stays: a later one's candidate is dropped.
+            client
+                .execute(
+                    "INSERT INTO relay_certificate (cert, key, crc) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                    &[&cert, &key, &crc],
+                )
+                .await
+                .map_err(sql_error)?;
+            let row = client
+                .query_one("SELECT cert, key, crc FROM relay_certificate", &[])
+                .await
+                .map_err(sql_error)?;
+            let (cert, key): (String, String) = (col(&row, 0)?, col(&row, 1)?);
+            check(col(&row, 2)?, &[cert.as_bytes(), key.as_bytes()], || {
+                StorageError::Damaged {
+                    what: "relay certificate",
+                    space: String::new(),
+                    position: "the relay_certificate row".into(),
+                    record: None,
+                }
+            })?;
+            Ok((cert, key))
+        })
+    }
+
+    fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StorageError> {
+        self.account_value_by(
+            "SELECT device, value, crc FROM devices WHERE device = $1",
+            p(id.to_owned()),
+            "devices",
+            "device",
+        )
+    }
+
     fn family(&self, id: &str) -> Result<Option<Family>, StorageError> {
         self.account_value_by(
             "SELECT id, value, crc FROM token_families WHERE id = $1",
@@ -1938,7 +2169,11 @@ impl AccountStorage for PgStorage {
         self.run(move |pool| async move {
             let mut client = connection(&pool).await?;
             let tx = client.transaction().await.map_err(sql_error)?;
+            let announced = announcements(&writes);
             write_accounts(&tx, writes).await?;
+            for payload in announced {
+                notify(&tx, ACCOUNTS_CHANNEL, &payload).await?;
+            }
             tx.commit().await.map_err(sql_error)
         })
     }
