@@ -587,7 +587,6 @@ mod tests {
             .into(),
             DeleteParams::new("C", "1").into(),
             GetParams::new("C", "1").into(),
-            ListParams::page("C".into(), Some(3), Some("1".into())).into(),
             ListParams {
                 conditions: vec![crate::query::Condition {
                     field: "n".into(),
@@ -596,7 +595,7 @@ mod tests {
                 }],
                 order_by: Some("n".into()),
                 order: crate::query::Direction::Desc,
-                ..ListParams::page("C".into(), None, None)
+                ..ListParams::page("C".into(), Some(3), Some("1".into()))
             }
             .into(),
             CollectionsParams {}.into(),
