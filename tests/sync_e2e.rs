@@ -279,6 +279,16 @@ fn a_new_device_killed_mid_bootstrap_resumes_from_the_snapshot_and_matches_a_rep
 }
 
 /// The highest horizon the relay's log says it compacted a log to.
+/// Every conflict entry a device holds, open or settled.
+fn all_conflicts(daemon: &Daemon) -> Value {
+    call(
+        daemon,
+        "conflicts.list",
+        json!({ "status": "all", "limit": 1000 }),
+    )["conflicts"]
+        .clone()
+}
+
 fn compacted_horizon(relay: &Relay) -> u64 {
     relay
         .log()
@@ -354,20 +364,12 @@ fn a_device_offline_past_the_horizon_bootstraps_again_and_loses_none_of_its_edit
     assert_eq!(on_a("d1")["fields"], json!({ "v": 6, "note": "from b" }));
     assert_eq!(on_a("fresh")["fields"], json!({ "v": "new on b" }));
     // B's edit of d0 met A's six: the same conflict entries, same ids, on both devices.
-    let conflicts = |daemon: &Daemon| {
-        call(
-            daemon,
-            "conflicts.list",
-            json!({ "status": "all", "limit": 1000 }),
-        )["conflicts"]
-            .clone()
-    };
-    let found = conflicts(&da);
+    let found = all_conflicts(&da);
     assert!(
         found.as_array().is_some_and(|c| !c.is_empty()),
         "B's offline edit of d0 conflicts with A's: {found}"
     );
-    assert_json_same(&conflicts(&db), &found, "conflicts on B vs A");
+    assert_json_same(&all_conflicts(&db), &found, "conflicts on B vs A");
     let history = call(&da, "history", json!({ "collection": "Doc", "id": "d0" }));
     assert_eq!(
         history["changes"].as_array().map(Vec::len),
@@ -416,15 +418,7 @@ fn a_purged_records_late_edit_comes_back_on_every_device() {
     assert_same_records(&da, &db, "Doc", 2);
     let r = call(&da, "get", json!({ "collection": "Doc", "id": "r" }));
     assert_eq!(r["fields"], json!({ "n": 0, "late": true }));
-    let conflicts = |daemon: &Daemon| {
-        call(
-            daemon,
-            "conflicts.list",
-            json!({ "status": "all", "limit": 1000 }),
-        )["conflicts"]
-            .clone()
-    };
-    let found = conflicts(&da);
+    let found = all_conflicts(&da);
     assert_eq!(
         found
             .as_array()
@@ -432,7 +426,7 @@ fn a_purged_records_late_edit_comes_back_on_every_device() {
         Some(vec![json!("update_delete")]),
         "{found}"
     );
-    assert_json_same(&conflicts(&db), &found, "conflicts on B vs A");
+    assert_json_same(&all_conflicts(&db), &found, "conflicts on B vs A");
     let history = call(&db, "history", json!({ "collection": "Doc", "id": "r" }));
     assert_eq!(
         history["changes"].as_array().map(Vec::len),

@@ -161,6 +161,13 @@ pub struct StoreOptions {
 }
 
 impl StoreOptions {
+    /// Whether this device syncs `collection` (`synced_collections`; all when unset).
+    pub fn syncs(&self, collection: &str) -> bool {
+        self.synced_collections
+            .as_ref()
+            .is_none_or(|synced| synced.contains(collection))
+    }
+
     /// Checks a write before it touches any document: its address, that its collection may be
     /// written, and its fields' names, depth and size. Needs nothing but the options, so a client
     /// with the same config (`ferry import`) finds the records at fault before it sends any.
@@ -180,9 +187,7 @@ impl StoreOptions {
         {
             return Err(StoreError::UnknownCollection(collection.to_owned()));
         }
-        if let Some(synced) = &self.synced_collections
-            && !synced.contains(collection)
-        {
+        if !self.syncs(collection) {
             return Err(StoreError::NotSynced(collection.to_owned()));
         }
         if let Some(fields) = fields {

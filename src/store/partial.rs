@@ -33,10 +33,7 @@ impl Backfill {
 impl Store {
     /// Whether this device syncs `collection`.
     pub fn syncs(&self, collection: &str) -> bool {
-        self.options
-            .synced_collections
-            .as_ref()
-            .is_none_or(|synced| synced.contains(collection))
+        self.options.syncs(collection)
     }
 
     /// The collections this device syncs, for its sessions to name (empty: every one).
@@ -72,15 +69,15 @@ impl Store {
 
     /// Compares the collections this store was opened to sync with those it synced before, and
     /// starts a backfill when some were added: the cursor goes back to the start of the log.
-    /// Returns the collections added (empty when none). Durable with the next flush.
-    pub(super) fn note_synced_collections(&self) -> Result<BTreeSet<String>, StoreError> {
+    /// Durable with the next flush.
+    pub(super) fn note_synced_collections(&self) -> Result<(), StoreError> {
         let now = self.options.synced_collections.clone();
         let before: Option<Option<BTreeSet<String>>> = match self.kv.get(keys::META_SYNCED)? {
             None => None,
             Some(bytes) => Some(super::decode(&bytes, "synced collections")?),
         };
         if before.as_ref() == Some(&now) {
-            return Ok(BTreeSet::new());
+            return Ok(());
         }
         let mut batch = Batch::default();
         batch.put(
@@ -90,17 +87,12 @@ impl Store {
         // A store that never noted its collections synced all of them (or is new): nothing was
         // left out that it now wants.
         let Some(Some(held)) = before else {
-            self.kv.apply(batch)?;
-            return Ok(BTreeSet::new());
+            return Ok(self.kv.apply(batch)?);
         };
-        let added: BTreeSet<String> = match &now {
-            None => ["*".to_owned()].into(),
-            Some(now) => now.difference(&held).cloned().collect(),
-        };
+        let added = now.as_ref().is_none_or(|now| !now.is_subset(&held));
         let cursor = self.sync_cursor()?;
-        if added.is_empty() || cursor == 0 {
-            self.kv.apply(batch)?;
-            return Ok(added);
+        if !added || cursor == 0 {
+            return Ok(self.kv.apply(batch)?);
         }
         // An unfinished backfill keeps what it knew: its held collections were read to its
         // `through`, and nothing else was.
@@ -120,10 +112,10 @@ impl Store {
         batch.remove(keys::cursor(super::snapshot::SNAPSHOT_CURSOR));
         self.kv.apply(batch)?;
         tracing::info!(
-            added = ?added,
+            synced = ?now,
             through = backfill.through,
             "collections added to sync: reading the relay's log from the start again"
         );
-        Ok(added)
+        Ok(())
     }
 }
