@@ -965,8 +965,14 @@ impl Store {
             let left_out: HashSet<u64> = quarantined.iter().map(|q| q.seq).collect();
             across_records.retain(|(_, _, seq)| !left_out.contains(seq));
         }
+        let index = self.unique_index_pages()?.filter(|i| {
+            across_records
+                .first()
+                .is_some_and(|(_, _, seq)| *seq <= i.end())
+        });
         self.detect_in_log_order(
             &mut ledger,
+            index.as_ref(),
             &across_records,
             &mut working,
             &mut cache,
@@ -983,6 +989,13 @@ impl Store {
         self.stage_backfill_done(backfill.as_ref(), cursor, &mut batch);
         if bootstrap.is_some_and(|b| cursor >= b.end()) {
             batch.remove(keys::cursor(super::snapshot::SNAPSHOT_CURSOR));
+        }
+        if let Some(index) = self.unique_index_pages()?
+            && index.complete
+            && cursor >= index.end()
+        {
+            // No log entry after the index pages' heads is covered by them.
+            batch.remove(keys::cursor(super::snapshot::UNIQUE_INDEX_CURSOR));
         }
         for change in &mut applied {
             change.stage_feed(self, &mut batch)?;
