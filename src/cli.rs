@@ -120,10 +120,17 @@ enum Command {
         /// COLLECTION/ID of the record
         address: String,
     },
-    /// Load records from JSON Lines: {"collection": ..., "id": ..., "fields": {...}} per line
+    /// Load records from JSON Lines ({"collection": ..., "id": ..., "fields": {...}} per line),
+    /// or one record's Automerge document made by any Automerge program, with its history
     Import {
         /// File to read; `-` or absent reads standard input
         file: Option<PathBuf>,
+        /// jsonl: records, one per line; automerge: one binary document (needs --into)
+        #[arg(long, value_enum, default_value_t = ImportFormat::Jsonl)]
+        format: ImportFormat,
+        /// COLLECTION/ID the Automerge document becomes (a record this device does not hold)
+        #[arg(long, required_if_eq("format", "automerge"))]
+        into: Option<String>,
         /// Records per call (at most ipc.max_import_records; with --atomic, the whole file)
         #[arg(long, default_value_t = 2000)]
         batch: usize,
@@ -296,6 +303,12 @@ enum SyncAction {
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ImportFormat {
+    Jsonl,
+    Automerge,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum ExportFormat {
     Json,
     Jsonl,
@@ -439,8 +452,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
         ),
         Command::Import {
             file,
+            format: ImportFormat::Automerge,
+            into,
+            ..
+        } => import::document(&ctx, file.as_deref(), into.as_deref().unwrap_or_default()),
+        Command::Import {
+            file,
             batch,
             atomic,
+            ..
         } => import::run(
             &ctx,
             import::ImportArgs {

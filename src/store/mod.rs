@@ -22,6 +22,7 @@ pub mod feed;
 
 use feed::{FeedChange, Origin};
 pub mod health;
+mod import;
 pub mod keys;
 pub mod kv;
 pub mod partial;
@@ -66,6 +67,10 @@ pub enum StoreError {
     Storage(#[from] KvError),
     #[error("{collection}/{id} not found")]
     NotFound { collection: String, id: String },
+    #[error("{collection}/{id} already exists: import the document under a new id")]
+    Exists { collection: String, id: String },
+    #[error("the document cannot be imported: {0}")]
+    ImportRefused(String),
     #[error("collection {0:?} is not declared in the config: add a [collections.{0}] section")]
     UnknownCollection(String),
     #[error(
@@ -735,24 +740,8 @@ impl Store {
         if let Some(view) = staged.view {
             batch.put(keys::view(&collection, &id), view);
         }
-        let queue_id = self.next_queue_id.fetch_add(1, Ordering::SeqCst);
-        let entry = SyncQueueEntry {
-            id: queue_id,
-            operation,
-            model_name: collection.clone(),
-            object_id: id.clone(),
-            data: change,
-            status: QueueStatus::Pending,
-            retry_count: 0,
-            last_error: None,
-            created_at: now,
-            updated_at: now,
-            priority: self.priority(&collection),
-        };
-        stage_entry(batch, delta, None, &entry)?;
-        // Kept outside the data too until it is uploaded: what a damaged data file loses is
-        // restored from there (`health`).
-        batch.journal(encode(&entry, "journaled change")?);
+        let queue_id =
+            self.stage_local_change(&collection, &id, operation, change, now, batch, delta)?;
         let seq = self.stage_feed(
             batch,
             FeedChange {
@@ -798,6 +787,40 @@ impl Store {
             Some(record) => Ok(record),
             None => Ok(self.new_record(&key.0)),
         }
+    }
+
+    /// Queues a local change of a record for upload, in `batch`: its queue entry, and its copy
+    /// in the journal. Returns the entry's id.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_local_change(
+        &self,
+        collection: &str,
+        id: &str,
+        operation: Operation,
+        change: Vec<u8>,
+        now: u64,
+        batch: &mut Batch,
+        delta: &mut CountDelta,
+    ) -> Result<u64, StoreError> {
+        let queue_id = self.next_queue_id.fetch_add(1, Ordering::SeqCst);
+        let entry = SyncQueueEntry {
+            id: queue_id,
+            operation,
+            model_name: collection.to_owned(),
+            object_id: id.to_owned(),
+            data: change,
+            status: QueueStatus::Pending,
+            retry_count: 0,
+            last_error: None,
+            created_at: now,
+            updated_at: now,
+            priority: self.priority(collection),
+        };
+        stage_entry(batch, delta, None, &entry)?;
+        // Kept outside the data too until it is uploaded: what a damaged data file loses is
+        // restored from there (`health`).
+        batch.journal(encode(&entry, "journaled change")?);
+        Ok(queue_id)
     }
 
     fn new_record(&self, collection: &str) -> Record {
