@@ -30,7 +30,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use common::postgres::PgServer;
+use common::postgres::{Database, PgServer};
 use common::{
     Device, Operator, Relay, device_key, docs, put_doc, stderr, stdout, wait_caught_up,
     wait_converged,
@@ -47,49 +47,6 @@ use ferry_proto::session::device_id;
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
 use relay_fixtures::{SPACE, actor, dev, outcomes, upload};
 use serde_json::json;
-
-/// A fresh database on the test binary's server, dropped with it.
-struct Database {
-    server: &'static PgServer,
-    name: String,
-}
-
-impl Database {
-    fn new() -> Self {
-        let server = PgServer::shared();
-        Database {
-            server,
-            name: server.create_database(),
-        }
-    }
-
-    fn options(&self) -> PgOptions {
-        self.server.options(&self.name)
-    }
-
-    fn open(&self) -> PgStorage {
-        PgStorage::open(&self.options()).unwrap()
-    }
-
-    fn sql(&self, sql: &str) -> String {
-        self.server.sql(&self.name, sql).trim().to_owned()
-    }
-
-    /// A relay's config.toml for this database.
-    fn relay_config(&self) -> String {
-        format!(
-            "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n\
-             storage = \"postgres\"\npostgres_url = \"{}\"\n",
-            self.server.url(&self.name)
-        )
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        self.server.drop_database(&self.name);
-    }
-}
 
 fn change(record: &str, n: u64) -> LoggedChange {
     let mut hash = [0u8; 32];
@@ -782,9 +739,8 @@ fn devices_ride_out_a_database_stopped_during_sync_and_lose_nothing_acknowledged
         &tmp.path().join("relay"),
         None,
         &format!(
-            "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n\
-             storage = \"postgres\"\npostgres_url = \"{}\"\npostgres_connect_timeout_secs = 2\n",
-            server.url(&database)
+            "{}postgres_connect_timeout_secs = 2\n",
+            server.relay_config(&database)
         ),
     );
     let (a, b) = (Device::new(), Device::new());
