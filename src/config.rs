@@ -680,6 +680,17 @@ mod tests {
     const EXAMPLE: &str = include_str!("../config.example.toml");
 
     #[test]
+    fn sync_relay_lists_several_relays() {
+        let config = Config::parse(
+            "[sync]\nrelay = \"a.example:4433, b.example:4433,,\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.sync.relays(), ["a.example:4433", "b.example:4433"]);
+        assert!(SyncConfig::default().relays().is_empty());
+    }
+
+    #[test]
     fn example_parses_to_the_defaults() {
         let parsed = Config::parse(EXAMPLE, Path::new("config.example.toml")).unwrap();
         assert_eq!(parsed, Config::default());

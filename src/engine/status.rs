@@ -484,6 +484,37 @@ mod tests {
     }
 
     #[test]
+    fn status_names_the_relay_in_use_and_the_one_that_worked_last() {
+        let relays: Vec<String> = vec!["a:1".into(), "b:2".into(), "c:3".into()];
+        let known = |relay: Option<&str>| LastKnownSync {
+            relay: relay.map(str::to_owned),
+            ..LastKnownSync::default()
+        };
+        assert_eq!(preferred_relay(&relays, None), "a:1");
+        assert_eq!(preferred_relay(&relays, Some(&known(Some("b:2")))), "b:2");
+        // A relay no longer configured is not tried.
+        assert_eq!(preferred_relay(&relays, Some(&known(Some("d:4")))), "a:1");
+
+        let mut s = SyncStatus::last_known(
+            relays.clone(),
+            "team".into(),
+            0,
+            Some(known(Some("c:3"))),
+            &QueueCounts::default(),
+        );
+        assert_eq!((s.relay.as_str(), &s.relays), ("c:3", &relays));
+        assert_eq!(s.to_last_known(Some("c:3")).relay.as_deref(), Some("c:3"));
+        s.daemon_running = true;
+        s.state = ConnectionState::Offline;
+        s.judge(&QueueCounts::default(), None);
+        let lines = s.summary(0);
+        assert_eq!(
+            lines[0], "no relay reachable (a:1, b:2, c:3; c:3 used last)",
+            "{lines:?}"
+        );
+    }
+
+    #[test]
     fn relative_times_read_naturally() {
         assert_eq!(relative(10_000, 10_000), "just now");
         assert_eq!(relative(10_000, 5_000), "5 s ago");
