@@ -5,7 +5,10 @@
 //! them: writes, offline edits bringing conflicts of every kind, deletes, one relay SIGKILLed
 //! and started again during uploads and the database restarted during sync; every device ends
 //! with the same records and the same conflict entries (same ids), a resolution made on one
-//! reaches all, and a device revoked through one relay is refused by every relay.
+//! reaches all, and a device revoked through one relay is refused by every relay. Beneath the
+//! processes: three devices appending concurrently through three relay stores, each with its
+//! own engine on one database, in random batches and routes, keep one gapless, causally closed
+//! log holding every change acknowledged.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
 #![allow(
@@ -17,15 +20,22 @@
 )]
 
 mod common;
+mod relay_fixtures;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use common::postgres::{Database, PgServer};
 use common::{
     Daemon, Device, Relay, assert_json_same, call, device_key, docs, put_doc, status, stderr,
     stdout, wait_converged,
 };
+use ferry::record::Record;
+use ferry::relay::store::{RelayStore, RelayStoreOptions};
 use ferry_proto::session::device_id;
+use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
+use proptest::prelude::*;
+use relay_fixtures::{SPACE, actor, dev, upload};
 use serde_json::{Value, json};
 
 /// `count` `ferry relay` processes serving `config`, each with its own data directory under
@@ -408,4 +418,246 @@ fn three_relays_and_four_devices_converge_through_kills_restarts_and_conflicts_o
     put_doc(&daemons[0], "after-revocation", json!({ "n": 1 }));
     head += 1;
     wait_converged(&all(&daemons)[..3], head);
+}
+
+/// What a device does to its replica of a document before any upload.
+#[derive(Debug, Clone)]
+enum Step {
+    Write {
+        doc: usize,
+        device: usize,
+        field: u8,
+        value: i64,
+    },
+    /// `into` takes in what `from` holds of the document.
+    Merge {
+        doc: usize,
+        into: usize,
+        from: usize,
+    },
+}
+
+const DEVICES: usize = 3;
+
+fn step(docs: usize) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0..docs, 0..DEVICES, 0..4u8, any::<i64>()).prop_map(|(doc, device, field, value)| {
+            Step::Write { doc, device, field, value }
+        }),
+        2 => (0..docs, 0..DEVICES, 0..DEVICES)
+            .prop_map(|(doc, into, from)| Step::Merge { doc, into, from }),
+    ]
+}
+
+/// Device `device`'s uploads, in a random order (`order` keys them), sent in batches of
+/// `batch` through the relay `route` picks for each batch; a change refused for a dependency
+/// not logged yet (another device's, maybe on its way through another relay) is sent again
+/// later, as a device retries. Returns each stored change's seq by its upload.
+fn upload_all(
+    relays: &[RelayStore],
+    device: usize,
+    mut pending: Vec<UploadChange>,
+    batch: usize,
+    route: &[u8],
+) -> Result<Vec<(UploadChange, u64)>, String> {
+    let mut acknowledged = Vec::new();
+    let mut routes = route.iter().cycle();
+    let uploader = dev(device as u8 + 1);
+    // Waiting on other devices' uploads is bounded: they all finish.
+    for _ in 0..10_000 {
+        if pending.is_empty() {
+            return Ok(acknowledged);
+        }
+        let mut refused = Vec::new();
+        for chunk in pending.chunks(batch) {
+            let relay = &relays[*routes.next().unwrap() as usize % relays.len()];
+            let results = relay
+                .append(SPACE, &uploader, chunk)
+                .map_err(|e| format!("append: {e}"))?;
+            for (change, result) in chunk.iter().zip(results) {
+                match result.outcome {
+                    ChangeOutcome::Stored { seq } => acknowledged.push((change.clone(), seq)),
+                    ChangeOutcome::Rejected {
+                        code: ErrorCode::MissingDependencies,
+                        ..
+                    } => refused.push(change.clone()),
+                    other => return Err(format!("device {device}: unexpected {other:?}")),
+                }
+            }
+        }
+        if refused.len() == pending.len() {
+            std::thread::yield_now();
+        }
+        pending = refused;
+    }
+    Err(format!("device {device}: uploads stopped making progress"))
+}
+
+fn concurrent_appends_keep_one_causally_closed_log(
+    docs: usize,
+    steps: Vec<Step>,
+    order: Vec<u32>,
+    batch: usize,
+    routes: [Vec<u8>; DEVICES],
+) -> Result<(), TestCaseError> {
+    let mut replicas: Vec<Vec<Record>> = (0..docs)
+        .map(|d| {
+            let mut first = Record::new(&actor(1));
+            first.put(&common::fields(json!({ "doc": d })), 1).unwrap();
+            let saved = first.save();
+            let mut replicas = vec![first];
+            for n in 1..DEVICES {
+                replicas.push(Record::load(&saved, &actor(n as u8 + 1)).unwrap());
+            }
+            replicas
+        })
+        .collect();
+    for s in steps {
+        match s {
+            Step::Write {
+                doc,
+                device,
+                field,
+                value,
+            } => {
+                replicas[doc][device]
+                    .patch(
+                        &common::fields(json!({ format!("f{field}"): value })),
+                        &[],
+                        2,
+                    )
+                    .unwrap();
+            }
+            Step::Merge { doc, into, from } if into != from => {
+                let mut other = Record::load(&replicas[doc][from].save(), &actor(99)).unwrap();
+                replicas[doc][into]
+                    .doc_mut()
+                    .merge(other.doc_mut())
+                    .unwrap();
+            }
+            Step::Merge { .. } => {}
+        }
+    }
+    // What every document holds once everything is merged, and each device's own changes.
+    let mut merged = Vec::new();
+    let mut uploads: Vec<Vec<(u32, UploadChange)>> = vec![Vec::new(); DEVICES];
+    let mut key = order.iter().cycle();
+    for (d, doc_replicas) in replicas.iter_mut().enumerate() {
+        let (first, rest) = doc_replicas.split_first_mut().unwrap();
+        for other in rest {
+            first.doc_mut().merge(other.doc_mut()).unwrap();
+        }
+        for change in first.doc_mut().get_changes(&[]) {
+            let device = (0..DEVICES)
+                .find(|n| *change.actor_id() == actor(*n as u8 + 1))
+                .unwrap();
+            let entry = uploads[device].len() as u64;
+            uploads[device].push((
+                *key.next().unwrap(),
+                upload(entry, &format!("d{d}"), change.raw_bytes()),
+            ));
+        }
+        merged.push(first.heads());
+    }
+    let total: usize = uploads.iter().map(Vec::len).sum();
+
+    let db = Database::new();
+    let relays: Vec<RelayStore> = (0..DEVICES)
+        .map(|_| RelayStore::open(Arc::new(db.open()), RelayStoreOptions::default()))
+        .collect();
+    let acknowledged: Vec<Result<Vec<(UploadChange, u64)>, String>> = std::thread::scope(|s| {
+        let threads: Vec<_> = uploads
+            .into_iter()
+            .zip(&routes)
+            .enumerate()
+            .map(|(device, (mut keyed, route))| {
+                keyed.sort_by_key(|(k, _)| *k);
+                let pending = keyed.into_iter().map(|(_, u)| u).collect();
+                let relays = &relays;
+                s.spawn(move || upload_all(relays, device, pending, batch, route))
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let mut stored = BTreeMap::new();
+    for device in acknowledged {
+        for (change, seq) in device.map_err(TestCaseError::fail)? {
+            prop_assert!(
+                stored.insert(seq, change).is_none(),
+                "seq {} acknowledged twice",
+                seq
+            );
+        }
+    }
+    prop_assert_eq!(stored.len(), total);
+
+    // Every relay reads the same log: gapless, each acknowledged change at its seq, and in an
+    // order that applies without a missing dependency.
+    for relay in &relays {
+        prop_assert_eq!(relay.head(SPACE).unwrap(), total as u64);
+        // Read a page at a time, as sessions do: a page ends where this relay's own newest
+        // entries end, and the next comes from storage.
+        let mut log = Vec::new();
+        while log.len() < total {
+            let page = relay
+                .read_since(SPACE, log.len() as u64, usize::MAX / 8, usize::MAX)
+                .unwrap();
+            prop_assert!(
+                !page.entries.is_empty(),
+                "a page after {} is empty",
+                log.len()
+            );
+            log.extend(page.entries);
+        }
+        let seqs: Vec<u64> = log.iter().map(|e| e.seq).collect();
+        prop_assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>());
+        let mut replayed: BTreeMap<String, Record> = BTreeMap::new();
+        for entry in &log {
+            let change = &stored[&entry.seq];
+            prop_assert_eq!(&entry.record, &change.record);
+            prop_assert_eq!(&entry.change, &change.change);
+            let doc = replayed
+                .entry(entry.record.clone())
+                .or_insert_with(|| Record::new(&actor(7)));
+            prop_assert!(
+                doc.apply_changes(std::slice::from_ref(&entry.change))
+                    .is_ok(),
+                "entry {} cannot be applied in log order",
+                entry.seq
+            );
+        }
+        for (d, heads) in merged.iter().enumerate() {
+            let replay = replayed.get_mut(&format!("d{d}")).unwrap();
+            prop_assert_eq!(&replay.heads(), heads);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(common::proptest_config(12))]
+
+    #[test]
+    fn three_relay_stores_on_one_database_keep_one_causally_closed_log_under_concurrent_appends(
+        docs in 1..=3usize,
+        steps in proptest::collection::vec(step(3), 1..24),
+        order in proptest::collection::vec(any::<u32>(), 64),
+        batch in 1..5usize,
+        routes in [
+            proptest::collection::vec(any::<u8>(), 1..8),
+            proptest::collection::vec(any::<u8>(), 1..8),
+            proptest::collection::vec(any::<u8>(), 1..8),
+        ],
+    ) {
+        let steps = steps
+            .into_iter()
+            .map(|s| match s {
+                Step::Write { doc, device, field, value } => {
+                    Step::Write { doc: doc % docs, device, field, value }
+                }
+                Step::Merge { doc, into, from } => Step::Merge { doc: doc % docs, into, from },
+            })
+            .collect();
+        concurrent_appends_keep_one_causally_closed_log(docs, steps, order, batch, routes)?;
+    }
 }
