@@ -471,9 +471,11 @@ fn upload_all(
         let mut refused = Vec::new();
         for chunk in pending.chunks(batch) {
             let relay = &relays[*routes.next().unwrap() as usize % relays.len()];
-            let results = relay
-                .append(SPACE, &uploader, chunk)
-                .map_err(|e| format!("append: {e}"))?;
+            // An error answers the whole batch, which the device sends again.
+            let Ok(results) = relay.append(SPACE, &uploader, chunk) else {
+                refused.extend_from_slice(chunk);
+                continue;
+            };
             for (change, result) in chunk.iter().zip(results) {
                 match result.outcome {
                     ChangeOutcome::Stored { seq } => acknowledged.push((change.clone(), seq)),

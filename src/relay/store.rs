@@ -482,6 +482,19 @@ impl RelayStore {
             }
         }
         if staging.append.entries.is_empty() && staging.append.compactions.is_empty() {
+            // Nothing to commit, so no commit can find the log moved: a refusal staged against
+            // a document this relay cached while another relay appended the change it depends
+            // on (already in the dedup index) would be final. Staged again on what is logged.
+            if self.shared {
+                let now = self.storage.head(space)?;
+                if now != head {
+                    return Err(StorageError::HeadMoved {
+                        staged: head,
+                        head: now,
+                    }
+                    .into());
+                }
+            }
             return Ok(results);
         }
         let committed: Vec<LogEntry> = (staging.append.after.saturating_add(1)..)
