@@ -36,7 +36,8 @@
 //! Storage other relays append to too (`LogStorage::shared`): a cached document is trusted only
 //! at the head the cache last saw; before a space's cached documents are read, those of records
 //! logged since by others are dropped, and an append refused because another relay committed
-//! first is staged again. On embedded storage none of this reads anything.
+//! first is staged again, as is one that commits nothing (every change refused) when the log
+//! moved while it was staged. On embedded storage none of this reads anything.
 //!
 //! Must not touch: the network, sessions or authentication (the caller has decided that `origin`
 //! may write to `space`), the device's store, and storage keys or engines.
