@@ -830,13 +830,13 @@ fn an_append_that_loses_the_database_mid_transaction_is_never_answered_stored() 
 }
 
 #[test]
-fn a_refresh_token_used_again_through_another_relay_revokes_its_family_on_both() {
+fn a_refresh_token_used_again_through_another_relay_revokes_its_family_on_every_relay() {
     use ferry::auth::token::{RefreshError, TokenPolicy};
     use ferry::relay::accounts::{Accounts, Denied, os_random};
     use ferry_proto::wire::{Credential, Secret};
     const NOW: u64 = 1_700_000_000_000;
     let db = Database::new();
-    let relays = [0, 1].map(|_| {
+    let relays = [0, 1, 2].map(|_| {
         Accounts::open(
             Arc::new(db.open()),
             TokenPolicy::default(),
@@ -867,18 +867,20 @@ fn a_refresh_token_used_again_through_another_relay_revokes_its_family_on_both()
         matches!(reused, Err(Denied::Refresh(RefreshError::Reused))),
         "{reused:?}"
     );
-    // The whole family is revoked for both relays: the rotated tokens stop working too.
-    for relay in 0..2 {
+    // The whole family is revoked for every relay: the rotated tokens stop working too.
+    for relay in 0..3 {
         let refused = admit(relay, Credential::Refresh(rotated.refresh.clone()), 3_000);
         assert!(refused.is_err(), "relay {relay}: {refused:?}");
     }
-    // Relay 0 hears of the revocation (`ferry_accounts`): the family's access tokens, checked
-    // against what it keeps in memory, stop working there too.
-    assert!(admit(0, Credential::Access(rotated.access.clone()), 3_000).is_ok());
-    relays[0].family_revoked_elsewhere(&family);
-    let refused = admit(0, Credential::Access(rotated.access), 3_000);
-    assert!(
-        refused.is_err(),
-        "relay 0 still takes the family's access token: {refused:?}"
-    );
+    // The other relays hear of the revocation (`ferry_accounts`): the family's access tokens,
+    // checked against what each keeps in memory, stop working there too.
+    for relay in [0, 2] {
+        assert!(admit(relay, Credential::Access(rotated.access.clone()), 3_000).is_ok());
+        relays[relay].family_revoked_elsewhere(&family);
+        let refused = admit(relay, Credential::Access(rotated.access.clone()), 3_000);
+        assert!(
+            refused.is_err(),
+            "relay {relay} still takes the family's access token: {refused:?}"
+        );
+    }
 }
