@@ -240,9 +240,10 @@ enum Command {
     /// Register this device in an account of a relay, with a one-time code from the relay's
     /// operator (`ferry relay enrol ACCOUNT`); the daemon then syncs with that relay
     Register {
-        /// The relay, as HOST:PORT
-        #[arg(long)]
-        relay: String,
+        /// The relay, as HOST:PORT; relays sharing one database: repeat the flag or separate
+        /// them with commas (the daemon fails over between them)
+        #[arg(long, required = true, value_delimiter = ',')]
+        relay: Vec<String>,
         /// The SHA-256 fingerprint of the relay's certificate, as `ferry relay` printed it
         #[arg(long, required_unless_present = "ca_file")]
         fingerprint: Option<String>,

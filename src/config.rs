@@ -127,7 +127,9 @@ pub struct MetricsConfig {
 pub struct SyncConfig {
     /// False: this device does not sync, whatever relay it is registered with or configured for.
     pub enabled: bool,
-    /// The relay's `host:port`; empty: the relay `ferry register` joined, if any.
+    /// The relay's `host:port`, or several separated by commas (relays sharing one database,
+    /// tried in turn when one is down; a host that resolves to several addresses is tried at
+    /// each); empty: the relays `ferry register` joined, if any.
     pub relay: String,
     /// The name the relay's certificate is checked against.
     pub server_name: String,
@@ -181,6 +183,23 @@ pub enum Congestion {
     #[default]
     Bbr,
     NewReno,
+}
+
+impl SyncConfig {
+    /// The relays `relay` names, in the order given.
+    pub fn relays(&self) -> Vec<String> {
+        relay_list(&self.relay)
+    }
+}
+
+/// The `host:port` entries of a comma-separated list, blanks dropped.
+pub fn relay_list(relays: &str) -> Vec<String> {
+    relays
+        .split(',')
+        .map(str::trim)
+        .filter(|relay| !relay.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 impl Default for SyncConfig {
@@ -659,6 +678,17 @@ mod tests {
     use super::*;
 
     const EXAMPLE: &str = include_str!("../config.example.toml");
+
+    #[test]
+    fn sync_relay_lists_several_relays() {
+        let config = Config::parse(
+            "[sync]\nrelay = \"a.example:4433, b.example:4433,,\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.sync.relays(), ["a.example:4433", "b.example:4433"]);
+        assert!(SyncConfig::default().relays().is_empty());
+    }
 
     #[test]
     fn example_parses_to_the_defaults() {

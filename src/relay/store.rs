@@ -36,7 +36,8 @@
 //! Storage other relays append to too (`LogStorage::shared`): a cached document is trusted only
 //! at the head the cache last saw; before a space's cached documents are read, those of records
 //! logged since by others are dropped, and an append refused because another relay committed
-//! first is staged again. On embedded storage none of this reads anything.
+//! first is staged again, as is one that commits nothing (every change refused) when the log
+//! moved while it was staged. On embedded storage none of this reads anything.
 //!
 //! Must not touch: the network, sessions or authentication (the caller has decided that `origin`
 //! may write to `space`), the device's store, and storage keys or engines.
@@ -497,6 +498,19 @@ impl RelayStore {
             }
         }
         if staging.append.entries.is_empty() && staging.append.compactions.is_empty() {
+            // Nothing to commit, so no commit can find the log moved: a refusal staged against
+            // a document this relay cached while another relay appended the change it depends
+            // on (already in the dedup index) would be final. Staged again on what is logged.
+            if self.shared {
+                let now = self.storage.head(space)?;
+                if now != head {
+                    return Err(StorageError::HeadMoved {
+                        staged: head,
+                        head: now,
+                    }
+                    .into());
+                }
+            }
             return Ok(results);
         }
         let committed: Vec<LogEntry> = (staging.append.after.saturating_add(1)..)
