@@ -156,7 +156,22 @@ impl Store {
         Ok(())
     }
 
-    /// Whether the index on `fields` of `collection` is built and may answer queries.
+    /// The entries the stored view `bytes` under `view_key` gives in the collection's indexes
+    /// (every one is built once the store is open): what `doctor` expects to find.
+    pub(super) fn index_entries(&self, view_key: &[u8], bytes: &[u8]) -> BTreeSet<Vec<u8>> {
+        let Some((collection, id)) = record_of_view(view_key) else {
+            return BTreeSet::new();
+        };
+        let indexes = self.indexes_of(collection);
+        entries_of(
+            collection,
+            id,
+            indexes.iter().map(Vec::as_slice),
+            Some(bytes),
+        )
+    }
+
+    /// Whether the index `index` of `collection` is built and may answer queries.
     fn index_built(&self, collection: &str, index: &str) -> Result<bool, StoreError> {
         Ok(
             match self.kv.get(&keys::index_progress(collection, index))? {
