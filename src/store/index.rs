@@ -440,3 +440,138 @@ pub(super) fn position_bound(
         Direction::Desc => keys::prefix_end(&at),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::query::{Condition, Query};
+    use crate::store::kv::{Kv, MemoryKv};
+    use crate::store::{StoreOptions, Write};
+    use std::sync::Arc;
+
+    const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";
+    const RECORDS: usize = 1300;
+
+    fn open(kv: &MemoryKv, indexed: bool) -> Store {
+        let mut options = StoreOptions::default();
+        if indexed {
+            options.indexes = [("Note".to_owned(), vec![vec!["n".to_owned()]])].into();
+        }
+        Store::open(Box::new(kv.clone()), DEVICE, options, Arc::new(SystemClock)).unwrap()
+    }
+
+    fn n_is(n: u64) -> Query {
+        let condition = Condition {
+            field: "n".into(),
+            op: Op::Eq,
+            value: Some(serde_json::json!(n)),
+        };
+        Query::new(vec![condition], None).unwrap()
+    }
+
+    fn ids(store: &Store, query: &Query) -> (Vec<String>, String) {
+        let found = store.query("Note", query, None, 1000).unwrap();
+        (found.records.into_iter().map(|r| r.id).collect(), found.plan)
+    }
+
+    fn entries(kv: &MemoryKv) -> u64 {
+        let prefix = keys::index_prefix("Note", "n");
+        kv.count(&prefix, &keys::prefix_end(&prefix)).unwrap()
+    }
+
+    /// An index added to a collection that holds records is built at open; a build interrupted
+    /// after its first page resumes there (writing only the rest), and until it is done queries
+    /// scan and say so, with the same answer. Dropped from the config, its entries go.
+    #[test]
+    fn an_index_added_later_is_built_at_open_resuming_an_interrupted_build() {
+        let kv = MemoryKv::new();
+        let store = open(&kv, false);
+        for i in 0..RECORDS {
+            let mut fields = Fields::new();
+            fields.insert("n".into(), serde_json::json!(i % 10));
+            let id = Some(format!("r{i:04}"));
+            let collection = "Note".to_owned();
+            store.write(Write::Put { collection, id, fields }).unwrap();
+        }
+        let expected: Vec<String> = (0..RECORDS)
+            .filter(|i| i % 10 == 3)
+            .map(|i| format!("r{i:04}"))
+            .collect();
+        assert_eq!(ids(&store, &n_is(3)), (expected.clone(), "scan".into()));
+        store.flush().unwrap();
+        drop(store);
+
+        let store = open(&kv, true);
+        assert_eq!(entries(&kv), RECORDS as u64);
+        assert_eq!(ids(&store, &n_is(3)), (expected.clone(), "index:n".into()));
+
+        // As a build stopped after its first page leaves it.
+        let progress = keys::index_progress("Note", "n");
+        let views = keys::view_prefix("Note");
+        let first_page = kv.range(&views, &keys::prefix_end(&views), BUILD_PAGE).unwrap();
+        let done_through = first_page.last().map(|(key, _)| key.clone());
+        let built_ids: BTreeSet<&str> = first_page
+            .iter()
+            .filter_map(|(key, _)| record_of_view(key).map(|(_, id)| id))
+            .collect();
+        let mut batch = Batch::default();
+        let prefix = keys::index_prefix("Note", "n");
+        for (key, _) in kv.range(&prefix, &keys::prefix_end(&prefix), usize::MAX).unwrap() {
+            let plan = plan_for("Note", &["n".to_owned()], &n_is(0)).unwrap().1;
+            if id_of(&key, &plan).is_some_and(|id| !built_ids.contains(id)) {
+                batch.remove(key);
+            }
+        }
+        let partial = Progress {
+            format: INDEX_FORMAT,
+            done_through,
+        };
+        batch.put(progress, crate::store::encode(&partial, "index progress").unwrap());
+        kv.apply(batch).unwrap();
+        assert_eq!(entries(&kv), BUILD_PAGE as u64);
+        assert_eq!(ids(&store, &n_is(3)), (expected.clone(), "scan".into()));
+
+        assert_eq!(store.build_indexes().unwrap(), (RECORDS - BUILD_PAGE) as u64);
+        assert_eq!(entries(&kv), RECORDS as u64);
+        assert_eq!(ids(&store, &n_is(3)), (expected, "index:n".into()));
+        assert_eq!(store.examine().unwrap().damage, None);
+        drop(store);
+
+        let store = open(&kv, false);
+        assert_eq!(entries(&kv), 0);
+        assert_eq!(kv.get(&keys::index_progress("Note", "n")).unwrap(), None);
+        assert_eq!(ids(&store, &n_is(3)).1, "scan");
+    }
+
+    /// `doctor` finds an index entry missing or left over, and a repair writes the entries the
+    /// views give again.
+    #[test]
+    fn index_entries_that_differ_from_the_views_are_found_and_repaired() {
+        let kv = MemoryKv::new();
+        let store = open(&kv, true);
+        for (id, n) in [("a", 1), ("b", 2)] {
+            let mut fields = Fields::new();
+            fields.insert("n".into(), serde_json::json!(n));
+            let collection = "Note".to_owned();
+            store.write(Write::Put { collection, id: Some(id.into()), fields }).unwrap();
+        }
+        let prefix = keys::index_prefix("Note", "n");
+        let held = kv.range(&prefix, &keys::prefix_end(&prefix), 10).unwrap();
+        let mut batch = Batch::default();
+        for (key, _) in &held {
+            batch.remove(key.clone());
+        }
+        batch.put([prefix.as_slice(), b"\x02ghost"].concat(), Vec::new());
+        kv.apply(batch).unwrap();
+
+        let damage = store.examine().unwrap().damage.unwrap();
+        let kinds: Vec<&str> = damage.damaged.iter().map(|d| d.kind.as_str()).collect();
+        assert_eq!(kinds, ["index entry"; 3], "{damage:?}");
+        store.repair().unwrap();
+        assert_eq!(store.examine().unwrap().damage, None);
+        let now = kv.range(&prefix, &keys::prefix_end(&prefix), 10).unwrap();
+        assert_eq!(now, held);
+        assert_eq!(ids(&store, &n_is(2)), (vec!["b".to_owned()], "index:n".into()));
+    }
+}
