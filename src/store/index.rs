@@ -472,7 +472,10 @@ mod tests {
 
     fn ids(store: &Store, query: &Query) -> (Vec<String>, String) {
         let found = store.query("Note", query, None, 1000).unwrap();
-        (found.records.into_iter().map(|r| r.id).collect(), found.plan)
+        (
+            found.records.into_iter().map(|r| r.id).collect(),
+            found.plan,
+        )
     }
 
     fn entries(kv: &MemoryKv) -> u64 {
@@ -492,7 +495,13 @@ mod tests {
             fields.insert("n".into(), serde_json::json!(i % 10));
             let id = Some(format!("r{i:04}"));
             let collection = "Note".to_owned();
-            store.write(Write::Put { collection, id, fields }).unwrap();
+            store
+                .write(Write::Put {
+                    collection,
+                    id,
+                    fields,
+                })
+                .unwrap();
         }
         let expected: Vec<String> = (0..RECORDS)
             .filter(|i| i % 10 == 3)
@@ -509,7 +518,9 @@ mod tests {
         // As a build stopped after its first page leaves it.
         let progress = keys::index_progress("Note", "n");
         let views = keys::view_prefix("Note");
-        let first_page = kv.range(&views, &keys::prefix_end(&views), BUILD_PAGE).unwrap();
+        let first_page = kv
+            .range(&views, &keys::prefix_end(&views), BUILD_PAGE)
+            .unwrap();
         let done_through = first_page.last().map(|(key, _)| key.clone());
         let built_ids: BTreeSet<&str> = first_page
             .iter()
@@ -517,7 +528,10 @@ mod tests {
             .collect();
         let mut batch = Batch::default();
         let prefix = keys::index_prefix("Note", "n");
-        for (key, _) in kv.range(&prefix, &keys::prefix_end(&prefix), usize::MAX).unwrap() {
+        for (key, _) in kv
+            .range(&prefix, &keys::prefix_end(&prefix), usize::MAX)
+            .unwrap()
+        {
             let plan = plan_for("Note", &["n".to_owned()], &n_is(0)).unwrap().1;
             if id_of(&key, &plan).is_some_and(|id| !built_ids.contains(id)) {
                 batch.remove(key);
@@ -527,12 +541,18 @@ mod tests {
             format: INDEX_FORMAT,
             done_through,
         };
-        batch.put(progress, crate::store::encode(&partial, "index progress").unwrap());
+        batch.put(
+            progress,
+            crate::store::encode(&partial, "index progress").unwrap(),
+        );
         kv.apply(batch).unwrap();
         assert_eq!(entries(&kv), BUILD_PAGE as u64);
         assert_eq!(ids(&store, &n_is(3)), (expected.clone(), "scan".into()));
 
-        assert_eq!(store.build_indexes().unwrap(), (RECORDS - BUILD_PAGE) as u64);
+        assert_eq!(
+            store.build_indexes().unwrap(),
+            (RECORDS - BUILD_PAGE) as u64
+        );
         assert_eq!(entries(&kv), RECORDS as u64);
         assert_eq!(ids(&store, &n_is(3)), (expected, "index:n".into()));
         assert_eq!(store.examine().unwrap().damage, None);
@@ -554,7 +574,13 @@ mod tests {
             let mut fields = Fields::new();
             fields.insert("n".into(), serde_json::json!(n));
             let collection = "Note".to_owned();
-            store.write(Write::Put { collection, id: Some(id.into()), fields }).unwrap();
+            store
+                .write(Write::Put {
+                    collection,
+                    id: Some(id.into()),
+                    fields,
+                })
+                .unwrap();
         }
         let prefix = keys::index_prefix("Note", "n");
         let held = kv.range(&prefix, &keys::prefix_end(&prefix), 10).unwrap();
@@ -572,6 +598,9 @@ mod tests {
         assert_eq!(store.examine().unwrap().damage, None);
         let now = kv.range(&prefix, &keys::prefix_end(&prefix), 10).unwrap();
         assert_eq!(now, held);
-        assert_eq!(ids(&store, &n_is(2)), (vec!["b".to_owned()], "index:n".into()));
+        assert_eq!(
+            ids(&store, &n_is(2)),
+            (vec!["b".to_owned()], "index:n".into())
+        );
     }
 }
