@@ -421,7 +421,7 @@ fn queries(collection: &str) -> Vec<(Query, Option<&'static str>)> {
         let by = |field: &str, direction| Some((field.to_owned(), direction));
         let asc = Direction::Asc;
         let desc = Direction::Desc;
-        let plans: [(Vec<Condition>, Option<(String, Direction)>, Option<&str>); 8] = [
+        let plans: [(_, _, Option<&str>); 8] = [
             (
                 vec![x_eq.clone()],
                 None,
@@ -456,6 +456,8 @@ fn queries(collection: &str) -> Vec<(Query, Option<&'static str>)> {
             ),
         ];
         for (conditions, order, plan) in plans {
+            let (conditions, order): (Vec<Condition>, Option<(String, Direction)>) =
+                (conditions, order);
             out.push((Query::new(conditions, order).unwrap(), plan));
         }
     }
