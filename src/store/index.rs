@@ -286,9 +286,10 @@ impl Store {
         let end = keys::prefix_end(&views);
         let total = self.kv.count(&start, &end)?;
         tracing::info!(collection, index = %index_name, records = total, "index build: starting");
-        let mut written = 0u64;
+        let (mut written, mut checked) = (0u64, 0u64);
         loop {
             let page = self.kv.range(&start, &end, BUILD_PAGE)?;
+            checked += page.len() as u64;
             let Some((last, _)) = page.last() else { break };
             start = keys::after(last);
             let mut batch = Batch::default();
@@ -310,8 +311,8 @@ impl Store {
                 super::encode(&marker, "index progress")?,
             );
             self.kv.apply(batch)?;
-            if written.is_multiple_of(BUILD_PAGE as u64 * 40) {
-                tracing::info!(collection, index = %index_name, written, of = total,
+            if checked.is_multiple_of(BUILD_PAGE as u64 * 40) {
+                tracing::info!(collection, index = %index_name, checked, of = total,
                     "index build: under way");
             }
         }
