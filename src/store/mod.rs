@@ -23,6 +23,7 @@ pub mod feed;
 use feed::{FeedChange, Origin};
 pub mod health;
 mod import;
+mod index;
 pub mod keys;
 pub mod kv;
 pub mod partial;
@@ -158,6 +159,8 @@ pub struct StoreOptions {
     pub synced_collections: Option<BTreeSet<String>>,
     /// How each collection settles conflicts.
     pub policies: Policies,
+    /// Each collection's secondary indexes, each a list of top-level fields (`index`).
+    pub indexes: BTreeMap<String, Vec<Vec<String>>>,
     /// The account key encrypted fields are sealed and opened with; shared with whoever sets it.
     pub keyring: Arc<crate::crypt::Keyring>,
     /// The largest change a local write may make: one a sync frame can carry. A larger change
@@ -211,6 +214,7 @@ impl Default for StoreOptions {
             declared_collections: None,
             synced_collections: None,
             policies: Policies::default(),
+            indexes: BTreeMap::new(),
             keyring: Arc::default(),
             max_change_bytes: ferry_proto::wire::max_change_bytes(
                 ferry_proto::session::SessionConfig::default().max_frame_bytes as usize,
@@ -459,6 +463,7 @@ impl Store {
         store.note_damage(found)?;
         store.note_synced_collections()?;
         store.rebuild_views()?;
+        store.build_indexes()?;
         Ok(store)
     }
 
