@@ -155,6 +155,10 @@ pub struct SyncConfig {
     pub download_changes: u32,
     /// Most records in one page of the relay's snapshot.
     pub snapshot_records: u32,
+    /// A new device takes the relay's snapshot (each record's document) instead of reading the
+    /// whole log; false: it reads the log from its start (the snapshot is still taken when the
+    /// log's start was compacted away).
+    pub snapshot: bool,
     /// Largest frame sent or accepted, in bytes.
     pub max_frame_bytes: u32,
     /// Longest wait for the relay to answer a connection attempt or a request, in ms.
@@ -220,6 +224,7 @@ impl Default for SyncConfig {
             batch_changes: session.max_batch_changes,
             download_changes: session.max_download_changes,
             snapshot_records: session.max_snapshot_records,
+            snapshot: true,
             max_frame_bytes: session.max_frame_bytes,
             request_timeout_ms: session.request_timeout_ms,
             keep_alive_ms: 1_000,

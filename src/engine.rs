@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use ferry_proto::session::{DeviceEffect, DeviceEvent, DeviceSession, SessionConfig, SessionError};
+use ferry_proto::session::{
+    Bootstrap, DeviceEffect, DeviceEvent, DeviceSession, SessionConfig, SessionError,
+};
 use ferry_proto::wire::{Credential, ErrorCode, ErrorKind, Message, RecordName};
 use ferry_proto::{Direction, SyncLogEntry, SyncOutcome};
 use serde::{Deserialize, Serialize};
@@ -108,6 +110,8 @@ pub struct SyncSettings {
     pub sessions: transport::SessionStore,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// A new device bootstraps from the relay's snapshot (`sync.snapshot`).
+    pub snapshot: bool,
 }
 
 impl SyncSettings {
@@ -159,6 +163,7 @@ impl SyncSettings {
             sessions: transport::session_store(),
             backoff_initial: Duration::from_millis(config.backoff_initial_ms),
             backoff_max: Duration::from_millis(config.backoff_max_ms),
+            snapshot: config.snapshot,
         }))
     }
 
@@ -767,6 +772,10 @@ impl Engine {
         );
         match self.service.store().session_bootstrap() {
             Ok(bootstrap) => {
+                let bootstrap = match bootstrap {
+                    Bootstrap::Fresh if !self.settings.snapshot => Bootstrap::Off,
+                    bootstrap => bootstrap,
+                };
                 session.set_bootstrap(bootstrap, self.service.store().has_unique_constraints())
             }
             Err(e) => return self.failed(&e.into(), Direction::Initialization),

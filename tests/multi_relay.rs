@@ -31,7 +31,8 @@ use common::{
     stdout, wait_converged,
 };
 use ferry::record::Record;
-use ferry::relay::store::{RelayStore, RelayStoreOptions};
+use ferry::relay::storage::StorageError;
+use ferry::relay::store::{RelayStore, RelayStoreError, RelayStoreOptions};
 use ferry_proto::session::device_id;
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
 use proptest::prelude::*;
@@ -471,10 +472,15 @@ fn upload_all(
         let mut refused = Vec::new();
         for chunk in pending.chunks(batch) {
             let relay = &relays[*routes.next().unwrap() as usize % relays.len()];
-            // An error answers the whole batch, which the device sends again.
-            let Ok(results) = relay.append(SPACE, &uploader, chunk) else {
-                refused.extend_from_slice(chunk);
-                continue;
+            // Appends racing through other relays each time past the restages answer the whole
+            // batch with an error, which the device sends again; any other error is a bug.
+            let results = match relay.append(SPACE, &uploader, chunk) {
+                Ok(results) => results,
+                Err(RelayStoreError::Storage(StorageError::HeadMoved { .. })) => {
+                    refused.extend_from_slice(chunk);
+                    continue;
+                }
+                Err(e) => return Err(format!("device {device}: the append failed: {e}")),
             };
             for (change, result) in chunk.iter().zip(results) {
                 match result.outcome {

@@ -58,9 +58,8 @@ fn relay_with_records() -> (tempfile::TempDir, Relay) {
 }
 
 /// A new device registered with `relay` that reaches it through `link`, with small pages. It
-/// reads the relay's log page by page rather than bootstrapping from a snapshot: a unique
-/// constraint on its collection rules the snapshot out (the unique-value index does not travel
-/// in one), and the log's download is what these tests are about.
+/// reads the relay's log page by page rather than bootstrapping from a snapshot
+/// (`sync.snapshot = false`): the log's download is what these tests are about.
 fn behind_link(relay: &Relay, link: &Link) -> Device {
     let device = Device::new();
     device.join(relay);
@@ -74,12 +73,13 @@ fn behind_link(relay: &Relay, link: &Link) -> Device {
                 "\ndownload_changes = 2000".into(),
                 format!("\ndownload_changes = {PAGE}"),
             ),
+            ("\nsnapshot = true".into(), "\nsnapshot = false".into()),
         ]
         .iter()
         .fold(text.to_string(), |text, (from, to)| {
             assert!(text.contains(from), "no {from:?} in the config");
             text.replacen(from, to, 1)
-        }) + "\n[collections.Item]\nunique = [[\"n\"]]\n"
+        })
     });
     device
 }

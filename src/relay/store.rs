@@ -1112,8 +1112,20 @@ impl RelayStore {
                     .filter_map(|&seq| staging.append.change_at(seq))
                     .map(<[u8]>::to_vec)
                     .collect();
-                doc.apply_changes(&staged)?;
-                Ok(doc)
+                match doc.apply_changes(&staged) {
+                    Ok(_) => Ok(doc),
+                    // Another relay logged changes of the record after this call read the
+                    // head, and this call's changes build on them: staged again on the log
+                    // as it is now (the append's commit would be refused anyway).
+                    Err(RecordError::MissingDependencies { .. }) if self.shared => {
+                        Err(StorageError::HeadMoved {
+                            staged: staging.append.after,
+                            head: self.storage.head(space)?,
+                        }
+                        .into())
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
             None => Ok(self
                 .load_doc(space, collection, record, tail, &staging.append)?
