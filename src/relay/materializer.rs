@@ -28,6 +28,9 @@ use super::store::assemble;
 use crate::record::{Record, RecordError};
 use crate::resolve::{self, Policies};
 
+/// The materializer's listening connection's `application_name`.
+pub const LISTENER_NAME: &str = "ferry records materializer";
+
 #[derive(Debug, thiserror::Error)]
 pub enum MaterializerError {
     #[error(transparent)]

@@ -96,7 +96,9 @@ fn start_materializer(
         pool_size: 2,
         ..storage::pg::PgOptions::from_config(relay)
     };
-    let storage = Arc::new(storage::PgStorage::connect(&options)?);
+    let storage = Arc::new(
+        storage::PgStorage::connect(&options)?.with_listener_name(materializer::LISTENER_NAME),
+    );
     let heard = materializer::follow(&storage);
     let materializer = materializer::Materializer::new(
         storage,

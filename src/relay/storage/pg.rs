@@ -116,6 +116,8 @@ pub struct PgStorage {
     pool: Pool,
     /// What the listening connection (`follow`) connects with.
     config: tokio_postgres::Config,
+    /// The listening connection's `application_name`.
+    listener_name: &'static str,
 }
 
 impl Drop for PgStorage {
@@ -182,7 +184,15 @@ impl PgStorage {
             runtime: Some(runtime),
             pool,
             config,
+            listener_name: LISTENER_NAME,
         })
+    }
+
+    /// The same storage, its listening connection named `name` (one that follows the database
+    /// for something else than the relay's sessions).
+    pub fn with_listener_name(mut self, name: &'static str) -> Self {
+        self.listener_name = name;
+        self
     }
 
     /// Connects and brings the schema up to date: what a relay does before it serves.
@@ -387,9 +397,13 @@ async fn notify(
 /// Listens to the commits announced on the database, on a connection of its own (a pooled one
 /// would be recycled, and its notifications with it), until `news` is closed: reconnects
 /// after `LISTENER_RETRY` whenever the connection is lost, saying `Deaf` meanwhile.
-async fn listen(mut config: tokio_postgres::Config, news: UnboundedSender<StorageNews>) {
+async fn listen(
+    mut config: tokio_postgres::Config,
+    name: &'static str,
+    news: UnboundedSender<StorageNews>,
+) {
     // Named so that an operator (or a test) can tell it from the pool's connections.
-    config.application_name(LISTENER_NAME);
+    config.application_name(name);
     loop {
         match listen_once(&config, &news).await {
             Ok(()) => return,
@@ -1445,7 +1459,7 @@ impl LogStorage for PgStorage {
         let Some(runtime) = self.runtime.as_ref() else {
             return false;
         };
-        runtime.spawn(listen(self.config.clone(), news));
+        runtime.spawn(listen(self.config.clone(), self.listener_name, news));
         true
     }
 
