@@ -12,7 +12,11 @@
 //! the other, serving a device registered through the other, and presenting one certificate.
 //! Faults: devices riding out the database stopped during sync, and an append whose connection
 //! is cut inside its transaction never answered `Stored`; a refresh token used again through
-//! another relay found reused and its family revoked for both.
+//! another relay found reused and its family revoked for both. The `records` table: equal to
+//! what every device lists after lww, manual and merge conflicts and deletes, through two relays,
+//! resumed from its recorded position after a restart, shown by `ferry relay status`; spaces
+//! shared between materializers by lease, purged records' rows dropped, rows made again past a
+//! compacted log.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
 #![allow(
@@ -393,7 +397,11 @@ fn ferry_relay_migrate_checks_and_applies_and_a_relay_refuses_a_newer_schema() {
     let answer: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
     assert_eq!(
         answer["pending"],
-        json!(["0001_relay_storage", "0002_relay_certificate", "0003_records"]),
+        json!([
+            "0001_relay_storage",
+            "0002_relay_certificate",
+            "0003_records"
+        ]),
         "{answer}"
     );
     assert!(stderr(&check).contains("pending"), "{check:?}");
@@ -1000,8 +1008,10 @@ fn wait_materialized(db: &Database, head: u64) {
 fn assert_table_shows(db: &Database, daemons: &[&common::Daemon]) {
     let table = records_table(db);
     let last = last_entries(db);
-    let positions: std::collections::BTreeMap<_, _> =
-        table.iter().map(|(key, row)| (key.clone(), row.2)).collect();
+    let positions: std::collections::BTreeMap<_, _> = table
+        .iter()
+        .map(|(key, row)| (key.clone(), row.2))
+        .collect();
     assert_eq!(positions, last, "each record's row at its last log entry");
     for daemon in daemons {
         for collection in STRATEGY_COLLECTIONS {
@@ -1021,7 +1031,10 @@ fn assert_table_shows(db: &Database, daemons: &[&common::Daemon]) {
                 .filter(|((c, _), (_, deleted, _))| c == collection && !deleted)
                 .map(|((_, id), (fields, _, _))| (id.clone(), fields.clone()))
                 .collect();
-            assert_eq!(live, listed, "{collection}: the table's live rows are the list");
+            assert_eq!(
+                live, listed,
+                "{collection}: the table's live rows are the list"
+            );
         }
     }
 }
@@ -1137,4 +1150,142 @@ fn the_records_table_matches_what_every_device_shows_after_conflicts_and_deletes
                  "seconds_behind": 0.0 }]),
         "{status}"
     );
+}
+
+/// The `records` rows of the relay fixtures' space: id -> (fields, deleted, position).
+fn fixture_rows(
+    db: &Database,
+) -> std::collections::BTreeMap<String, (serde_json::Value, bool, u64)> {
+    let text = db.sql(&format!(
+        "SELECT coalesce(json_agg(json_build_object('id', id, 'f', fields, 'd', deleted, \
+         'p', log_position)), '[]') FROM records WHERE space = '{SPACE}'"
+    ));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    rows.iter()
+        .map(|row| {
+            (
+                row["id"].as_str().unwrap().to_owned(),
+                (
+                    row["f"].clone(),
+                    row["d"].as_bool().unwrap(),
+                    row["p"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The record as the relay shows it under the default policy: (fields, deleted).
+fn relay_view(relay: &RelayStore, id: &str) -> (serde_json::Value, bool) {
+    let (view, _) = relay
+        .view(SPACE, "Doc", id, &ferry::resolve::Policy::default())
+        .unwrap()
+        .unwrap();
+    (serde_json::Value::Object(view.fields), view.deleted)
+}
+
+#[test]
+fn the_materializer_shares_spaces_by_lease_drops_purged_records_and_rebuilds_past_compaction() {
+    use ferry::relay::materializer::{Materializer, MaterializerOptions};
+    use relay_fixtures::Writer;
+
+    let db = Database::new();
+    let relay = relay_store(&db);
+    let storage = Arc::new(db.open());
+    let metrics = Arc::new(ferry::relay::metrics::RelayMetrics::default());
+    let materializer = || {
+        Materializer::new(
+            storage.clone(),
+            ferry::resolve::Policies::default(),
+            metrics.clone(),
+            // Two entries a step: every catch-up below takes several transactions.
+            MaterializerOptions {
+                batch_entries: 2,
+                ..MaterializerOptions::default()
+            },
+        )
+    };
+    let (one, two) = (materializer(), materializer());
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+
+    let mut writers: Vec<Writer> = (0..4).map(|_| Writer::new(1)).collect();
+    let mut uploads: Vec<UploadChange> = writers
+        .iter_mut()
+        .enumerate()
+        .map(|(i, w)| upload(0, &format!("r{i}"), &w.put(json!({ "v": i }))))
+        .collect();
+    let deletion = writers[1].record.delete(3).unwrap().unwrap();
+    uploads.push(upload(0, "r1", deletion.change.raw_bytes()));
+    uploads.push(upload(0, "r2", &writers[2].patch(json!({ "w": "two" }))));
+    relay.append(SPACE, &dev(1), &uploads).unwrap();
+    let head = relay.head(SPACE).unwrap();
+    assert_eq!(head, 6);
+
+    // A space leased by another relay is left to it; once released, it is taken.
+    assert_eq!(
+        storage
+            .lease_records(SPACE, "another relay", Duration::from_secs(60))
+            .unwrap(),
+        Some(0)
+    );
+    assert_eq!(two.catch_up(SPACE, &stopped).unwrap(), None);
+    assert!(fixture_rows(&db).is_empty());
+    storage.release_records(SPACE, "another relay").unwrap();
+    assert_eq!(one.catch_up(SPACE, &stopped).unwrap(), Some(head));
+    let rows = fixture_rows(&db);
+    let positions: Vec<(&str, u64)> = rows.iter().map(|(id, row)| (id.as_str(), row.2)).collect();
+    assert_eq!(positions, [("r0", 1), ("r1", 5), ("r2", 6), ("r3", 4)]);
+    for (id, (fields, deleted, _)) in &rows {
+        assert_eq!(relay_view(&relay, id), (fields.clone(), *deleted), "{id}");
+    }
+    assert!(rows["r1"].1, "r1 is deleted");
+
+    // The deleted record purged: its row goes.
+    assert_eq!(relay.purge_tombstones(SPACE, u64::MAX / 2, 1).unwrap(), 1);
+    let head = relay.head(SPACE).unwrap();
+    assert_eq!(two.catch_up(SPACE, &stopped).unwrap(), Some(head));
+    let rows = fixture_rows(&db);
+    assert_eq!(rows.keys().collect::<Vec<_>>(), ["r0", "r2", "r3"]);
+
+    // The log compacted past the materialized position: the rows are made again from the
+    // records' documents.
+    let more: Vec<UploadChange> = [0usize, 3]
+        .into_iter()
+        .map(|i| {
+            upload(
+                0,
+                &format!("r{i}"),
+                &writers[i].patch(json!({ "later": i })),
+            )
+        })
+        .collect();
+    relay.append(SPACE, &dev(1), &more).unwrap();
+    db.sql(&format!(
+        "UPDATE records SET fields = '{{\"stale\": true}}' WHERE space = '{SPACE}' AND id = 'r2'"
+    ));
+    let retention = ferry::relay::store::LogRetention {
+        keep_log_days: 0,
+        keep_log_entries: 1,
+    };
+    relay.compact_log(SPACE, u64::MAX / 2, retention).unwrap();
+    let head = relay.head(SPACE).unwrap();
+    assert!(
+        storage.horizon(SPACE).unwrap() > head - 2,
+        "compacted past the position"
+    );
+    assert_eq!(one.catch_up(SPACE, &stopped).unwrap(), Some(head));
+    let rows = fixture_rows(&db);
+    assert_eq!(rows.keys().collect::<Vec<_>>(), ["r0", "r2", "r3"]);
+    for (id, (fields, deleted, _)) in &rows {
+        assert_eq!(relay_view(&relay, id), (fields.clone(), *deleted), "{id}");
+    }
+    assert_eq!(rows["r0"].2, head - 1);
+    assert_eq!(rows["r3"].2, head);
+
+    // A pass reads every space's lag into the metrics.
+    let lag = one.pass(&stopped).unwrap();
+    assert_eq!(lag.len(), 1);
+    assert_eq!((lag[0].head, lag[0].materialized), (head, head));
+    let text = metrics.render(&relay);
+    assert!(text.contains("ferry_relay_records_lag_entries 0"), "{text}");
 }

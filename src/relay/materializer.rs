@@ -35,7 +35,9 @@ pub const LISTENER_NAME: &str = "ferry records materializer";
 pub enum MaterializerError {
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("{collection}/{record} of space {space:?} cannot be loaded to materialize it: {source}")]
+    #[error(
+        "{collection}/{record} of space {space:?} cannot be loaded to materialize it: {source}"
+    )]
     Record {
         space: String,
         collection: String,
@@ -113,7 +115,10 @@ impl Materializer {
     pub fn pass(&self, stopped: &watch::Receiver<bool>) -> Result<Vec<RecordsLag>, StorageError> {
         let lag = self.storage.records_lag()?;
         self.metrics.records_lag(
-            lag.iter().map(RecordsLag::entries_behind).max().unwrap_or(0),
+            lag.iter()
+                .map(RecordsLag::entries_behind)
+                .max()
+                .unwrap_or(0),
             lag.iter().map(|l| l.seconds_behind).fold(0.0, f64::max),
         );
         for behind in lag.iter().filter(|l| l.entries_behind() > 0) {

@@ -25,6 +25,10 @@
 //! Unlike the embedded engine, a new record's base repeats its first change rather than naming
 //! its log entry: compaction then drops entries without looking at bases. `reclaim_space` frees
 //! nothing itself: PostgreSQL's autovacuum reuses the space rows leave.
+//!
+//! Beside the trait, the `records` table backends read with SQL: its progress rows and leases,
+//! the snapshot a materializer step reads and the transaction that writes its rows with the
+//! position they bring the table to (`relay::materializer` decides what rows hold).
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -2175,7 +2179,12 @@ async fn read_records(
         let base: Vec<u8> = col(&row, 2)?;
         check(
             col(&row, 3)?,
-            &[space.as_bytes(), collection.as_bytes(), id.as_bytes(), &base],
+            &[
+                space.as_bytes(),
+                collection.as_bytes(),
+                id.as_bytes(),
+                &base,
+            ],
             || record_damaged("record base", space, &collection, &id),
         )?;
         if let Some(record) = records.get_mut(&(collection, id)) {
@@ -2363,7 +2372,11 @@ impl PgStorage {
                     &tx,
                     "SELECT collection, record, seq FROM log_entries
                      WHERE space = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                    &[p(space.clone()), p(int(after)?), p(limit(max_entries.max(1)))],
+                    &[
+                        p(space.clone()),
+                        p(int(after)?),
+                        p(limit(max_entries.max(1))),
+                    ],
                 )
                 .await?;
                 let through = match entries.last() {
