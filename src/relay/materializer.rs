@@ -42,7 +42,7 @@ pub enum MaterializerError {
         space: String,
         collection: String,
         record: String,
-        source: RecordError,
+        source: Box<RecordError>,
     },
     #[error("the fields of {collection}/{record} cannot be written as JSON: {detail}")]
     Json {
@@ -202,7 +202,7 @@ impl Materializer {
             space: space.to_owned(),
             collection: collection.clone(),
             record: id.clone(),
-            source,
+            source: Box::new(source),
         };
         let Some(base) = &record.base else {
             return Ok(None);
