@@ -517,11 +517,13 @@ impl Relays {
             .collect()
     }
 
-    fn stop(self) {
+    /// Stops the relays cleanly; their data directories stay until the result is dropped.
+    fn stop(self) -> [RelayDir; 2] {
         self.first.stop();
         if let Some(second) = self.second {
             second.stop();
         }
+        self.dirs
     }
 }
 
@@ -910,8 +912,14 @@ fn initial_sync(n: u64, o: &Options) -> Value {
         assert!(status.success(), "{name}'s daemon exit: {status}");
     }
     let database_disk = relays.storage.database_bytes();
-    let relay_dirs = relays.dirs.each_ref().map(|d| d.path.clone());
-    relays.stop();
+    // The second directory only when a second relay ran in it.
+    let relay_dirs: Vec<PathBuf> = relays
+        .dirs
+        .iter()
+        .take(relays.pids().len())
+        .map(|d| d.path.clone())
+        .collect();
+    let _dirs = relays.stop();
     let du = |p: &Path| disk_usage(p).0;
     let (a_disk, b_disk, relay_disk) = (
         du(&a.data_dir.join("store")),
