@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use automerge::{ActorId, ReadDoc};
+use automerge::ActorId;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 
@@ -153,7 +153,7 @@ impl Materializer {
                 self.storage.release_records(space, &self.name)?;
                 break;
             };
-            let step = self.step(space, position, batch)?;
+            let step = self.step(space, position, batch);
             let through = step.through;
             if !self
                 .storage
@@ -167,12 +167,10 @@ impl Materializer {
     }
 
     /// The rows a batch brings: each record it touches as it stood at the batch's last entry.
-    fn step(
-        &self,
-        space: &str,
-        after: u64,
-        batch: RecordsBatch,
-    ) -> Result<RecordsCommit, MaterializerError> {
+    /// A record whose document cannot be read keeps the row it had: one damaged record must not
+    /// hold the rest of the space back (`ferry relay rebuild-record` repairs it, and its next
+    /// change writes its row).
+    fn step(&self, space: &str, after: u64, batch: RecordsBatch) -> RecordsCommit {
         let mut step = RecordsCommit {
             after,
             through: batch.through,
@@ -181,12 +179,14 @@ impl Materializer {
         };
         for record in batch.records {
             let key = record.key.clone();
-            match self.row(space, record, batch.through)? {
-                Some(row) => step.rows.push(row),
-                None => step.removed.push(key),
+            match self.row(space, record, batch.through) {
+                Ok(Some(row)) => step.rows.push(row),
+                Ok(None) => step.removed.push(key),
+                Err(e) => tracing::warn!(space, error = %e,
+                    "a record's row in the records table is left as it was"),
             }
         }
-        Ok(step)
+        step
     }
 
     /// The record's row as of `at`; `None` when the space held no such record then, or holds it
@@ -197,26 +197,26 @@ impl Materializer {
         record: StoredRecord,
         at: u64,
     ) -> Result<Option<RecordRow>, MaterializerError> {
-        let (collection, id) = &record.key;
+        let StoredRecord {
+            key,
+            base,
+            tail,
+            seqs,
+        } = record;
+        let (collection, id) = &key;
         let failed = |source| MaterializerError::Record {
             space: space.to_owned(),
             collection: collection.clone(),
             record: id.clone(),
             source: Box::new(source),
         };
-        let Some(base) = &record.base else {
+        let Some(base) = base else {
             return Ok(None);
         };
-        let mut doc = assemble(
-            base,
-            record.tail.clone(),
-            &self.actor,
-            (space, collection, id),
-        )
-        .map_err(failed)?;
-        let logged_by_then = |hash: &automerge::ChangeHash| {
-            record.seqs.get(&hash.0).copied().filter(|&seq| seq <= at)
-        };
+        let mut doc =
+            assemble(&base, tail, &self.actor, (space, collection, id)).map_err(failed)?;
+        let logged_by_then =
+            |hash: &automerge::ChangeHash| seqs.get(&hash.0).copied().filter(|&seq| seq <= at);
         // The log holds every change after the changes it depends on, so a document whose
         // heads were all logged by `at` holds nothing logged later.
         if !doc.heads().iter().all(|h| logged_by_then(h).is_some()) {
@@ -239,10 +239,11 @@ impl Materializer {
         if !view.exists {
             return Ok(None);
         }
+        let automerge = doc.automerge();
         let updated_ms = heads
             .iter()
-            .filter_map(|h| doc.automerge().get_change_by_hash(h))
-            .map(|c| c.timestamp())
+            .filter_map(|h| automerge.get_change_meta_by_hash(h))
+            .map(|meta| meta.timestamp)
             .max()
             .unwrap_or(0);
         let fields = serde_json::to_string(&view.fields).map_err(|e| MaterializerError::Json {
@@ -251,7 +252,7 @@ impl Materializer {
             detail: e.to_string(),
         })?;
         Ok(Some(RecordRow {
-            key: record.key,
+            key,
             fields,
             deleted: view.deleted,
             updated_ms,
