@@ -707,7 +707,9 @@ impl Engine {
             now_ms(),
         );
         match self.service.store().session_bootstrap() {
-            Ok(bootstrap) => session.set_bootstrap(bootstrap),
+            Ok(bootstrap) => {
+                session.set_bootstrap(bootstrap, self.service.store().has_unique_constraints())
+            }
             Err(e) => return self.failed(&e.into(), Direction::Initialization),
         }
         session.set_collections(self.service.store().synced_collections());
@@ -1359,6 +1361,20 @@ pub fn carry_out(
                 );
                 session.local_changes();
             }
+        }
+        DeviceEffect::ApplyUniqueIndex { page } => {
+            let _span = tracing::info_span!(
+                "sync.unique_index",
+                head = page.head,
+                values = page.values.len()
+            )
+            .entered();
+            let (head, complete) = (page.head, page.complete);
+            service.apply_unique_index_page(page)?;
+            if complete {
+                tracing::info!(head, "bootstrap: the relay's unique-value index taken");
+            }
+            session.unique_index_applied(now);
         }
     }
     Ok(done)

@@ -20,7 +20,7 @@ use crate::store::snapshot::SnapshotOutcome;
 use crate::store::sync::{RemoteApplied, RemoteOutcome};
 use crate::store::{Applied, QueueAction, RecordView, Store, StoreError, Write};
 use base64::Engine as _;
-use ferry_proto::wire::{LogEntry, SnapshotPage};
+use ferry_proto::wire::{LogEntry, SnapshotPage, UniqueIndexPage};
 use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -179,6 +179,10 @@ enum Job {
         page: SnapshotPage,
         reply: mpsc::Sender<Result<SnapshotOutcome, StoreError>>,
     },
+    UniqueIndex {
+        page: UniqueIndexPage,
+        reply: mpsc::Sender<Result<Vec<Conflict>, StoreError>>,
+    },
     /// Jobs handed over together, run in order in one group: one flush covers them all.
     Group(Vec<Job>),
 }
@@ -243,6 +247,14 @@ impl Job {
             Job::Snapshot { page, reply } => {
                 let result = supervised("taking in the relay's snapshot", || {
                     store.apply_snapshot_page(&page)
+                });
+                Box::new(move |flushed| {
+                    let _ = reply.send(after_flush(flushed, result));
+                })
+            }
+            Job::UniqueIndex { page, reply } => {
+                let result = supervised("taking in the relay's unique-value index", || {
+                    store.apply_unique_index_page(&page)
                 });
                 Box::new(move |flushed| {
                     let _ = reply.send(after_flush(flushed, result));
@@ -624,6 +636,19 @@ impl Service {
         )?;
         self.announce_remote(&outcome.applied, &outcome.conflicts);
         Ok(outcome)
+    }
+
+    /// Takes in a page of the relay's unique-value index (see
+    /// `Store::apply_unique_index_page`); returns once it is durable. Subscribers hear of the
+    /// conflict entries it brought.
+    pub fn apply_unique_index_page(&self, page: UniqueIndexPage) -> Result<(), ApiError> {
+        let conflicts = self.durably(
+            page,
+            |store, page| store.apply_unique_index_page(&page),
+            |page, reply| Job::UniqueIndex { page, reply },
+        )?;
+        self.announce_conflicts(&conflicts);
+        Ok(())
     }
 
     /// Resolves an open conflict (see `Store::resolve_conflict`); returns once the resolving

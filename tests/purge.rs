@@ -390,3 +390,86 @@ fn a_device_whose_acknowledged_create_was_pruned_from_its_queue_drops_the_purged
         assert!(conflicts(&a).is_empty(), "{:?}", conflicts(&a));
     }
 }
+
+/// B created the record on its own and, before that create was uploaded, met A's history of it
+/// and edited the merged record; A deleted it and the relay purged it. B meets the purge entry
+/// while its create is on its way to the relay (in flight) and its edit still waits: the
+/// create is logged as the record's new history, and the restoration of what B showed builds
+/// on it rather than beside it (beside it, it would reuse the create's actor sequence and be
+/// refused). Every device ends with B's fields and the same entries; nothing stays failing.
+#[test]
+fn a_restoration_builds_on_a_create_already_on_its_way() {
+    let net = Net::new();
+    let (a, b) = (net.device(A), net.device(B));
+    put(&a, "Doc", "r", json!({"n": 0}));
+    net.upload(&a);
+    a.write(Write::Delete {
+        collection: "Doc".into(),
+        id: "r".into(),
+    })
+    .unwrap();
+    net.upload(&a);
+
+    put(&b, "Doc", "r", json!({"own": true}));
+    let cursor = b.sync_cursor().unwrap();
+    let first = net.relay.read_since(SPACE, cursor, 1, usize::MAX).unwrap();
+    b.apply_remote(&first.entries, first.through).unwrap();
+    b.write(Write::Patch {
+        collection: "Doc".into(),
+        id: "r".into(),
+        set: fields(json!({"late": true})),
+        unset: Vec::new(),
+    })
+    .unwrap();
+    // The create goes out; the edit waits.
+    let on_its_way = b.next_upload_batch(BatchLimits::of(1, usize::MAX)).unwrap();
+    assert_eq!(on_its_way.entries.len(), 1);
+
+    assert_eq!(
+        net.relay
+            .purge_tombstones(SPACE, T0 + 2 * DAY, DAY)
+            .unwrap(),
+        1
+    );
+    assert_eq!(net.download(&b, 100), 1, "B writes the record again");
+    let create: Vec<UploadChange> = on_its_way
+        .entries
+        .iter()
+        .map(|e| UploadChange {
+            entry: e.id,
+            collection: e.model_name.clone(),
+            record: e.object_id.clone(),
+            change: e.data.clone(),
+        })
+        .collect();
+    let results = net.relay.append(SPACE, B, &create).unwrap();
+    assert!(
+        matches!(results[0].outcome, ChangeOutcome::Stored { .. }),
+        "the create is the new history's first change: {results:?}"
+    );
+    b.finish_upload(&results, &RetryPolicy::immediate(5))
+        .unwrap();
+    let answers = net.upload(&b);
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(a, ChangeOutcome::Stored { .. })),
+        "the restoration is logged after the create: {answers:?}"
+    );
+    let counts = b.queue_counts().unwrap();
+    assert_eq!((counts.pending, counts.failed), (0, 0), "{counts:?}");
+    net.download(&a, 100);
+    net.download(&b, 100);
+    let expected = fields(json!({"n": 0, "own": true, "late": true}));
+    assert_eq!(
+        net.relay.record(SPACE, "Doc", "r").unwrap(),
+        Some(expected.clone())
+    );
+    for device in [&a, &b] {
+        assert_eq!(shown(device, "Doc", "r"), Some(expected.clone()));
+        assert_eq!(
+            conflicts(device),
+            net.relay.conflicts(SPACE, None, None, 100).unwrap()
+        );
+    }
+}

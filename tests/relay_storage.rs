@@ -482,6 +482,62 @@ fn the_unique_index_holds_each_values_holders_in_order(engine: &dyn Engine) {
         storage.unique_values(SPACE, "Doc", "a").unwrap(),
         Some(held)
     );
+    // A constraint's values are read in pages, in value order, each with its holders.
+    let mut append = Append::new(1);
+    append.entries.push(entry("b", "dev", 1, b"b"));
+    append.created.insert(rec("b"), b"b".to_vec());
+    for (constraint, value) in [(0, r#"["a@y"]"#), (0, r#"["z@y"]"#), (1, r#"["q@y"]"#)] {
+        let value = UniqueValue {
+            constraint,
+            value: value.into(),
+            ..email.clone()
+        };
+        let holders = Holders {
+            records: vec!["b".into()],
+            open: Vec::new(),
+        };
+        append.holders.insert(value, holders);
+    }
+    storage.append(SPACE, append).unwrap();
+    let values = |after: Option<&str>, limit| -> Vec<(String, Vec<String>)> {
+        storage
+            .unique_holders_after(SPACE, "Doc", 0, after, limit)
+            .unwrap()
+            .into_iter()
+            .map(|(value, holders)| (value, holders.records))
+            .collect()
+    };
+    let held_by = |value: &str, records: &[&str]| {
+        (
+            value.to_owned(),
+            records.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        values(None, 2),
+        [
+            held_by(r#"["a@y"]"#, &["b"]),
+            held_by(r#"["x@y"]"#, &["a", "b"])
+        ]
+    );
+    assert_eq!(
+        values(Some(r#"["x@y"]"#), 2),
+        [held_by(r#"["z@y"]"#, &["b"])]
+    );
+    assert_eq!(values(Some(r#"["z@y"]"#), 2), []);
+    assert_eq!(
+        storage
+            .unique_holders_after(SPACE, "Doc", 1, None, 10)
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        storage
+            .unique_holders_after(SPACE, "Other", 0, None, 10)
+            .unwrap(),
+        []
+    );
     assert_eq!(storage.unique_values(SPACE, "Doc", "b").unwrap(), None);
     let other_constraint = UniqueValue {
         constraint: 1,
@@ -492,7 +548,7 @@ fn the_unique_index_holds_each_values_holders_in_order(engine: &dyn Engine) {
         Holders::default()
     );
     // No holders left: the value is free.
-    let mut append = Append::new(1);
+    let mut append = Append::new(2);
     append.entries.push(entry("a", "dev", 2, b"a2"));
     append.tails.push((rec("a"), 2));
     append.holders.insert(email.clone(), Holders::default());

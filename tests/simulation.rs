@@ -529,6 +529,7 @@ impl World {
             .store()
             .session_bootstrap()
             .expect("bootstrap");
+        let unique_index = device.service.store().has_unique_constraints();
         let id = device_id(&device.key.verifying_key().to_bytes());
         let key = device.key.clone();
         let relay = self.relay.as_ref().expect("relay up");
@@ -560,7 +561,7 @@ impl World {
             refresh,
             now,
         );
-        session.set_bootstrap(bootstrap);
+        session.set_bootstrap(bootstrap, unique_index);
         let relay = RelaySession::new(self.config.clone(), nonce, binding.to_vec(), now);
         self.links.push(Link {
             device: i,

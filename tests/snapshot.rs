@@ -2,8 +2,9 @@
 //! relay's snapshot pages, taken while other devices go on writing and while it writes and
 //! uploads itself, and then reads the log after them, ends up with what a device replaying the
 //! whole log has: the same heads, fields, conflict entries (same ids) and counts; none of its own
-//! writes is lost. Real device stores and the real relay store; the log
-//! is moved between them as the sessions would.
+//! writes is lost. With unique constraints it also takes the relay's unique-value index once the
+//! pages are in, so the clashes met after it are the replaying device's too. Real device stores
+//! and the real relay store; the log is moved between them as the sessions would.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
 #![allow(
@@ -38,17 +39,27 @@ const WRITERS: [&str; 3] = [
 ];
 const JOINER: &str = "0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d";
 const REPLAYER: &str = "0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e";
-/// `Doc` merges (its conflicts settle themselves), `Task` queues them for a person.
-const COLLECTIONS: [&str; 2] = ["Doc", "Task"];
+/// `Doc` merges (its conflicts settle themselves), `Task` queues them for a person, `User` holds
+/// its field `a` unique.
+const COLLECTIONS: [&str; 3] = ["Doc", "Task", "User"];
 const RECORDS: usize = 4;
 
 fn policies() -> Policies {
     Policies {
         default: Policy::default(),
-        collections: BTreeMap::from([(
-            "Task".to_owned(),
-            Policy::of(ferry::resolve::Strategy::Manual),
-        )]),
+        collections: BTreeMap::from([
+            (
+                "Task".to_owned(),
+                Policy::of(ferry::resolve::Strategy::Manual),
+            ),
+            (
+                "User".to_owned(),
+                Policy {
+                    unique: vec![vec!["a".to_owned()]],
+                    ..Policy::default()
+                },
+            ),
+        ]),
     }
 }
 
@@ -142,6 +153,21 @@ impl Net {
             .unwrap();
         store.apply_snapshot_page(&page).unwrap().complete
     }
+
+    /// One page of the relay's unique-value index after what the device has taken; true once
+    /// the last is in.
+    fn index_page(&self, store: &Store, max_values: u32) -> bool {
+        let after = store
+            .unique_index_pages()
+            .unwrap()
+            .and_then(|i| i.resume_after());
+        let page = self
+            .relay
+            .unique_index_page(SPACE, after.as_ref(), max_values, usize::MAX, None)
+            .unwrap();
+        store.apply_unique_index_page(&page).unwrap();
+        page.complete
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -167,7 +193,8 @@ enum Step {
     Sync {
         writer: usize,
     },
-    /// The joining device takes its next snapshot page (of this many records).
+    /// The joining device takes its next snapshot page (of this many records), or, once they
+    /// are all in, its next page of the unique-value index (of this many values).
     Page {
         records: u32,
     },
@@ -242,6 +269,7 @@ fn run(steps: &[Step], page: usize) -> Result<(), TestCaseError> {
     let joiner = &writers[WRITERS.len()];
     let replayer = net.device(REPLAYER);
     let mut bootstrapped = false;
+    let mut indexed = false;
     for step in steps {
         match step.clone() {
             Step::Put {
@@ -254,7 +282,8 @@ fn run(steps: &[Step], page: usize) -> Result<(), TestCaseError> {
                 Write::Put {
                     collection: COLLECTIONS[collection].into(),
                     id: Some(format!("r{record}")),
-                    fields: fields(json!({"a": value, "b": format!("v{value}")})),
+                    // Few values, so that unique values clash.
+                    fields: fields(json!({"a": value % 3, "b": format!("v{value}")})),
                 },
             ),
             Step::Patch {
@@ -268,7 +297,7 @@ fn run(steps: &[Step], page: usize) -> Result<(), TestCaseError> {
                 Write::Patch {
                     collection: COLLECTIONS[collection].into(),
                     id: format!("r{record}"),
-                    set: fields(json!({ ["a", "b", "c"][field as usize]: value })),
+                    set: fields(json!({ ["a", "b", "c"][field as usize]: value % 3 })),
                     unset: Vec::new(),
                 },
             ),
@@ -286,13 +315,15 @@ fn run(steps: &[Step], page: usize) -> Result<(), TestCaseError> {
             Step::Sync { writer } => {
                 net.upload(&writers[writer]);
                 // The joining device uploads while it bootstraps, but reads the log only after.
-                if writer < WRITERS.len() || bootstrapped {
+                if writer < WRITERS.len() || indexed {
                     net.download(&writers[writer], page);
                 }
             }
             Step::Page { records } => {
                 if !bootstrapped {
                     bootstrapped = net.snapshot_page(joiner, records);
+                } else if !indexed {
+                    indexed = net.index_page(joiner, records);
                 }
             }
         }
@@ -306,6 +337,15 @@ fn run(steps: &[Step], page: usize) -> Result<(), TestCaseError> {
     }
     while !bootstrapped {
         bootstrapped = net.snapshot_page(joiner, 2);
+    }
+    for writer in &writers {
+        if !indexed {
+            indexed = net.index_page(joiner, 1);
+        }
+        net.upload(writer);
+    }
+    while !indexed {
+        indexed = net.index_page(joiner, 2);
     }
     net.download(joiner, page);
     // What it wrote after its last upload goes up now, and comes back in the log.
@@ -323,12 +363,49 @@ fn run(steps: &[Step], page: usize) -> Result<(), TestCaseError> {
         None,
         "the catch-up is over"
     );
+    prop_assert_eq!(joiner.unique_index_pages().unwrap(), None);
+    converged(joiner, &replayer)?;
+    // Every device takes the value some record may hold already, and the first writer's
+    // records let go of theirs: the joining device's unique-value index is the replaying
+    // one's if it finds the same clashes, and ends the same.
+    let all: Vec<&Store> = writers.iter().chain([&replayer]).collect();
+    for (i, store) in all.iter().enumerate() {
+        write(
+            store,
+            Write::Put {
+                collection: "User".into(),
+                id: Some(format!("late{i}")),
+                fields: fields(json!({"a": i % 3})),
+            },
+        );
+    }
+    for r in 0..RECORDS {
+        write(
+            &writers[0],
+            Write::Patch {
+                collection: "User".into(),
+                id: format!("r{r}"),
+                set: fields(json!({"a": 10 + r})),
+                unset: Vec::new(),
+            },
+        );
+    }
+    for store in &all {
+        net.upload(store);
+    }
+    for store in &all {
+        net.download(store, page);
+    }
+    converged(joiner, &replayer)
+}
+
+fn converged(joiner: &Store, replayer: &Store) -> Result<(), TestCaseError> {
     prop_assert_eq!(
         joiner.sync_cursor().unwrap(),
         replayer.sync_cursor().unwrap()
     );
-    prop_assert_eq!(records(joiner), records(&replayer));
-    prop_assert_eq!(conflicts(joiner), conflicts(&replayer));
+    prop_assert_eq!(records(joiner), records(replayer));
+    prop_assert_eq!(conflicts(joiner), conflicts(replayer));
     prop_assert_eq!(
         joiner.conflict_counts().unwrap(),
         replayer.conflict_counts().unwrap()

@@ -278,6 +278,82 @@ fn a_new_device_killed_mid_bootstrap_resumes_from_the_snapshot_and_matches_a_rep
     assert_same_records(&da, &dc, "Item", MANY as usize);
 }
 
+/// `[collections.User]` with `email` unique, appended to a config.
+const UNIQUE_EMAIL: &str = "\n[collections.User]\nunique = [[\"email\"]]\n";
+
+#[test]
+fn a_new_device_bootstraps_a_space_with_unique_constraints_and_finds_the_same_clashes() {
+    let home = RelayHome::new();
+    let relay = Relay::start_with_config(
+        &home.dir,
+        None,
+        &format!(
+            "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n{UNIQUE_EMAIL}"
+        ),
+    );
+    let with_unique = |config: &str| format!("{config}{UNIQUE_EMAIL}");
+    let (a, b) = devices(&relay, with_unique);
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+    // 30 users over 10 addresses: each address taken three times, so two clashes each.
+    for i in 0..30 {
+        call(
+            &da,
+            "put",
+            json!({ "collection": "User", "id": format!("u{i:02}"), "fields": { "email": format!("e{}", i % 10) } }),
+        );
+    }
+    // Some let go of their address: the clashes they were in end.
+    for i in 20..25 {
+        call(
+            &db,
+            "patch",
+            json!({ "collection": "User", "id": format!("u{i:02}"), "fields": { "email": format!("moved{i}") } }),
+        );
+    }
+    wait_converged(&[&da, &db], 35);
+    let c = Device::new();
+    c.join(&relay);
+    c.edit_config(|config| {
+        let default = "\nsnapshot_records = 10000";
+        assert!(config.contains(default), "no {default:?} in the config");
+        with_unique(&config.replacen(default, "\nsnapshot_records = 4", 1))
+    });
+    let dc = c.start_daemon_logged();
+    wait_converged(&[&da, &db, &dc], 35);
+    let log = std::fs::read_to_string(c.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("the relay's unique-value index taken"),
+        "C bootstrapped with the relay's index: {log}"
+    );
+    assert_same_records(&db, &dc, "User", 30);
+    let found = all_conflicts(&db);
+    assert_json_same(&all_conflicts(&dc), &found, "conflicts on C vs B");
+    // New clashes with what the snapshot brought, found alike everywhere: the index C took is
+    // the one the log built on A and B.
+    call(
+        &dc,
+        "put",
+        json!({ "collection": "User", "id": "late-c", "fields": { "email": "e1" } }),
+    );
+    call(
+        &da,
+        "put",
+        json!({ "collection": "User", "id": "late-a", "fields": { "email": "moved21" } }),
+    );
+    wait_converged(&[&da, &db, &dc], 37);
+    let found = all_conflicts(&da);
+    let open = |conflicts: &Value| {
+        conflicts.as_array().map_or(0, |c| {
+            c.iter().filter(|c| c["status"] == json!("open")).count()
+        })
+    };
+    // Two clashes per address, five ended by the moves, two new.
+    assert_eq!(open(&found), 17, "{found}");
+    assert_json_same(&all_conflicts(&db), &found, "conflicts on B vs A");
+    assert_json_same(&all_conflicts(&dc), &found, "conflicts on C vs A");
+}
+
 /// The highest horizon the relay's log says it compacted a log to.
 /// Every conflict entry a device holds, open or settled.
 fn all_conflicts(daemon: &Daemon) -> Value {

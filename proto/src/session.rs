@@ -18,11 +18,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
+pub use crate::wire::IndexPosition;
 use crate::wire::{
     COLLECTIONS_VERSION, ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind,
     HEADS_CHECK_VERSION, LogEntry, MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message,
     OWN_ENTRIES_LEFT_OUT_VERSION, PIPELINED_DOWNLOAD_VERSION, PROTOCOL_VERSION, PURGE_VERSION,
-    RecordName, SNAPSHOT_VERSION, Secret, SnapshotPage, Tokens, UploadChange, auth_transcript,
+    RecordName, SNAPSHOT_VERSION, Secret, SnapshotPage, Tokens, UNIQUE_INDEX_VERSION,
+    UniqueIndexPage, UploadChange, auth_transcript,
 };
 
 /// The most collections one `Collections` may name.
@@ -166,6 +168,10 @@ pub enum DeviceEffect {
     /// noted so that a bootstrap resumes after it), durably and in one step, then call
     /// [`DeviceSession::snapshot_applied`].
     ApplySnapshot { page: SnapshotPage },
+    /// Take in this page of the relay's unique-value index (the holders of its values, or its
+    /// conflict entries of kind `unique`, and the page noted so that reading resumes after it),
+    /// durably and in one step, then call [`DeviceSession::unique_index_applied`].
+    ApplyUniqueIndex { page: UniqueIndexPage },
 }
 
 /// Whether a device session bootstraps from the relay's snapshot (PROTOCOL.md, section 5.8)
@@ -178,6 +184,9 @@ pub enum Bootstrap {
     Fresh,
     /// A bootstrap was interrupted: go on after this record (`None`: from the first).
     Resume(Option<RecordName>),
+    /// A bootstrap's pages are all in and its unique-value index was being read: go on after
+    /// this position (`None`: from the start).
+    ResumeIndex(Option<IndexPosition>),
 }
 
 /// Where a device session's bootstrap stands.
@@ -195,6 +204,18 @@ enum Snapshotting {
         applying: usize,
         /// Where the next page starts.
         next: Option<RecordName>,
+        /// The last page has arrived.
+        complete: bool,
+    },
+    /// The unique-value index is read, a page at a time: each page is applied before the next
+    /// is asked for (they are small, and a bootstrap has many fewer of them).
+    Indexing {
+        /// The `UniqueIndex` out, if any: its answer is due by this time.
+        asked: Option<u64>,
+        /// An `ApplyUniqueIndex` effect is out.
+        applying: bool,
+        /// Where the next page starts.
+        next: Option<IndexPosition>,
         /// The last page has arrived.
         complete: bool,
     },
@@ -362,6 +383,9 @@ pub struct DeviceSession {
     /// A `CheckHeads` is out: its answer is due by then.
     heads_deadline: Option<u64>,
     bootstrap: Bootstrap,
+    /// A bootstrap also reads the relay's unique-value index (the space has unique
+    /// constraints); without it, such a space is read from its log.
+    unique_index: bool,
     snapshotting: Snapshotting,
     /// The collections this device syncs (empty: every one), sent as `Collections` once the
     /// session is open.
@@ -430,6 +454,7 @@ impl DeviceSession {
             refresh_deadline: None,
             heads_deadline: None,
             bootstrap: Bootstrap::Off,
+            unique_index: false,
             snapshotting: Snapshotting::No,
             collections: Vec::new(),
             version: 0,
@@ -456,9 +481,13 @@ impl DeviceSession {
     }
 
     /// Whether the session bootstraps from a snapshot once it is open (before `Welcome`; `Off`
-    /// unless set).
-    pub fn set_bootstrap(&mut self, bootstrap: Bootstrap) {
+    /// unless set), and whether a bootstrap also takes the relay's unique-value index
+    /// (PROTOCOL.md, section 5.8): set for a space with unique constraints, which is then
+    /// bootstrapped only from a relay that speaks a version with `UniqueIndex` (or once its log
+    /// is compacted away).
+    pub fn set_bootstrap(&mut self, bootstrap: Bootstrap, unique_index: bool) {
         self.bootstrap = bootstrap;
+        self.unique_index = unique_index;
     }
 
     /// Syncs only these collections (PROTOCOL.md, section 5.9; empty: every one). Set before
@@ -503,7 +532,9 @@ impl DeviceSession {
             Handshake::Open => {
                 let upload = self.upload.sent.iter().map(|b| b.deadline).min();
                 let snapshot = match self.snapshotting {
-                    Snapshotting::Reading { asked, .. } => asked,
+                    Snapshotting::Reading { asked, .. } | Snapshotting::Indexing { asked, .. } => {
+                        asked
+                    }
                     Snapshotting::No => None,
                 };
                 let download = self.download_deadline.or(snapshot);
@@ -544,6 +575,9 @@ impl DeviceSession {
             (_, _, Some(deadline)) if expired(deadline) => "download",
             _ if matches!(self.snapshotting, Snapshotting::Reading { asked: Some(deadline), .. } if expired(deadline)) => {
                 "snapshot"
+            }
+            _ if matches!(self.snapshotting, Snapshotting::Indexing { asked: Some(deadline), .. } if expired(deadline)) => {
+                "unique index"
             }
             _ => return,
         };
@@ -692,9 +726,67 @@ impl DeviceSession {
         }
         self.snapshotting = Snapshotting::No;
         self.cursor = self.cursor.max(cursor);
+        if self.unique_index && self.version >= UNIQUE_INDEX_VERSION {
+            return self.start_index(None, now);
+        }
+        self.end_bootstrap(now);
+    }
+
+    /// The bootstrap is over: the log is read from the cursor.
+    fn end_bootstrap(&mut self, now: u64) {
+        self.snapshotting = Snapshotting::No;
         self.resync = true;
         self.start_download(now);
         self.check_idle();
+    }
+
+    fn start_index(&mut self, after: Option<IndexPosition>, now: u64) {
+        self.snapshotting = Snapshotting::Indexing {
+            asked: None,
+            applying: false,
+            next: after,
+            complete: false,
+        };
+        self.ask_for_index(now);
+    }
+
+    /// Sends the `UniqueIndex` for the next page when none is out or being applied.
+    fn ask_for_index(&mut self, now: u64) {
+        if self.handshake != Handshake::Open {
+            return;
+        }
+        let Snapshotting::Indexing {
+            asked,
+            applying,
+            next,
+            complete,
+        } = &mut self.snapshotting
+        else {
+            return;
+        };
+        if asked.is_some() || *applying || *complete {
+            return;
+        }
+        *asked = Some(now.saturating_add(self.config.request_timeout_ms));
+        let after = next.clone();
+        self.idle_reported = false;
+        self.transmit(Message::UniqueIndex { after });
+    }
+
+    /// The answer to `ApplyUniqueIndex`: the page is durable.
+    pub fn unique_index_applied(&mut self, now: u64) {
+        let Snapshotting::Indexing {
+            applying, complete, ..
+        } = &mut self.snapshotting
+        else {
+            return;
+        };
+        *applying = false;
+        if *complete {
+            self.end_bootstrap(now);
+        } else {
+            self.ask_for_index(now);
+        }
     }
 
     fn start_snapshot(&mut self, after: Option<RecordName>, now: u64) {
@@ -811,13 +903,24 @@ impl DeviceSession {
                 });
                 self.start_upload();
                 self.resync = true;
-                let resume = match std::mem::replace(&mut self.bootstrap, Bootstrap::Off) {
-                    Bootstrap::Resume(after) => Some(after),
-                    Bootstrap::Fresh if self.cursor == 0 && head > 0 => Some(None),
-                    Bootstrap::Off | Bootstrap::Fresh => None,
-                };
-                match resume {
-                    Some(after) if version >= SNAPSHOT_VERSION => self.start_snapshot(after, now),
+                // A space with unique constraints is bootstrapped only with its unique-value
+                // index: from a relay without it, it is read from its log.
+                let indexed = !self.unique_index || version >= UNIQUE_INDEX_VERSION;
+                match std::mem::replace(&mut self.bootstrap, Bootstrap::Off) {
+                    Bootstrap::Resume(after) if version >= SNAPSHOT_VERSION => {
+                        self.start_snapshot(after, now)
+                    }
+                    Bootstrap::Fresh
+                        if self.cursor == 0
+                            && head > 0
+                            && version >= SNAPSHOT_VERSION
+                            && indexed =>
+                    {
+                        self.start_snapshot(None, now)
+                    }
+                    Bootstrap::ResumeIndex(after) if version >= UNIQUE_INDEX_VERSION => {
+                        self.start_index(after, now)
+                    }
                     _ => self.start_download(now),
                 }
             }
@@ -898,6 +1001,49 @@ impl DeviceSession {
                         head,
                         horizon,
                         records,
+                        last,
+                        complete,
+                    },
+                });
+            }
+            (
+                Handshake::Open,
+                Message::UniqueIndexPage {
+                    head,
+                    values,
+                    conflicts,
+                    last,
+                    complete,
+                },
+            ) if matches!(
+                self.snapshotting,
+                Snapshotting::Indexing { asked: Some(_), .. }
+            ) =>
+            {
+                if last.is_none() && !complete {
+                    return self.violation(
+                        ErrorCode::Malformed,
+                        "a UniqueIndexPage that is not the last must name where it ends".into(),
+                    );
+                }
+                self.relay_head = self.relay_head.max(head);
+                if let Snapshotting::Indexing {
+                    asked,
+                    applying,
+                    next,
+                    complete: all_read,
+                } = &mut self.snapshotting
+                {
+                    *asked = None;
+                    *applying = true;
+                    next.clone_from(&last);
+                    *all_read = complete;
+                }
+                self.effect(DeviceEffect::ApplyUniqueIndex {
+                    page: UniqueIndexPage {
+                        head,
+                        values,
+                        conflicts,
                         last,
                         complete,
                     },
@@ -1368,6 +1514,15 @@ pub enum RelayEffect {
         /// the last record it went through, of any collection.
         collections: Option<BTreeSet<String>>,
     },
+    /// Read a page of the space's unique-value index after `after`, as of one log head, and
+    /// answer with [`RelaySession::unique_index_read`].
+    ReadUniqueIndex {
+        after: Option<IndexPosition>,
+        /// Most values (or conflict entries looked through) in the page.
+        max_values: u32,
+        /// Only the values and entries of these collections (`None`: every one).
+        collections: Option<BTreeSet<String>>,
+    },
 }
 
 /// What a relay session reports.
@@ -1433,7 +1588,7 @@ pub struct RelaySession {
     refreshing: bool,
     /// A `DigestHeads` effect is out.
     digesting: bool,
-    /// A `ReadSnapshot` effect is out.
+    /// A `ReadSnapshot` or `ReadUniqueIndex` effect is out.
     snapshotting: bool,
     /// Uploads being stored, oldest first.
     storing: VecDeque<u64>,
@@ -1692,6 +1847,24 @@ impl RelaySession {
                 head: page.head,
                 horizon: page.horizon,
                 records: page.records,
+                last: page.last,
+                complete: page.complete,
+            });
+        }
+    }
+
+    /// The answer to `ReadUniqueIndex`.
+    pub fn unique_index_read(&mut self, page: UniqueIndexPage) {
+        if !self.snapshotting {
+            return;
+        }
+        self.snapshotting = false;
+        self.known_head = self.known_head.max(page.head);
+        if self.state == RelayState::Open {
+            self.transmit(Message::UniqueIndexPage {
+                head: page.head,
+                values: page.values,
+                conflicts: page.conflicts,
                 last: page.last,
                 complete: page.complete,
             });
@@ -1996,6 +2169,25 @@ impl RelaySession {
                 self.effect(RelayEffect::ReadSnapshot {
                     after,
                     max_records: max_records.clamp(1, self.config.max_snapshot_records.max(1)),
+                    collections: self.collections.clone(),
+                });
+            }
+            (RelayState::Open, Message::UniqueIndex { after })
+                if self.version >= UNIQUE_INDEX_VERSION =>
+            {
+                if self.snapshotting {
+                    return self.fail(
+                        ErrorCode::UnexpectedMessage,
+                        "a UniqueIndex arrived before the previous request was answered".into(),
+                    );
+                }
+                // A position is a unique value or a conflict id, bounded by the frame only: a
+                // device resumes after the last one it was sent.
+                self.snapshotting = true;
+                self.requested = true;
+                self.effect(RelayEffect::ReadUniqueIndex {
+                    after,
+                    max_values: self.config.max_snapshot_records.max(1),
                     collections: self.collections.clone(),
                 });
             }

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// The first version with `CheckHeads` / `HeadsDigest`.
 pub const HEADS_CHECK_VERSION: u16 = 3;
 /// The first version in which `Changes` leaves out the entries the relay answered `Stored` or
@@ -25,6 +25,9 @@ pub const PURGE_VERSION: u16 = 5;
 /// The first version with `Collections`: a device that syncs only some collections
 /// (PROTOCOL.md, section 5.9).
 pub const COLLECTIONS_VERSION: u16 = 6;
+/// The first version with `UniqueIndex` / `UniqueIndexPage`: a bootstrap of a space with unique
+/// constraints takes the relay's unique-value index too (PROTOCOL.md, section 5.8).
+pub const UNIQUE_INDEX_VERSION: u16 = 7;
 /// The oldest protocol version this build still speaks. Version 1 had no accounts or tokens:
 /// a relay that requires them cannot let a version 1 device in.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
@@ -411,6 +414,61 @@ pub enum Message {
     /// syncs only these collections. `Changes`, pushes, `SnapshotPage` and `HeadsDigest` then
     /// hold only their records; cursors stay log positions (PROTOCOL.md, section 5.9).
     Collections { names: Vec<String> },
+    /// Device → relay (version 7), once every `SnapshotPage` of a bootstrap is in: send the next
+    /// page of the space's unique-value index after `after` (`None`: from the start).
+    UniqueIndex { after: Option<IndexPosition> },
+    /// Relay → device: the answer to `UniqueIndex`, as of the log's `head` (no append in
+    /// between): either the holders of the unique values after the position asked for, in
+    /// (collection, constraint, value) order, or, once no value is left, the space's conflict
+    /// entries of kind `unique` after it, in id order; `last` where the next page starts;
+    /// `complete` when none follows.
+    UniqueIndexPage {
+        head: u64,
+        values: Vec<UniqueHolders>,
+        /// A JSON array of conflict entries (their shape is the conflict entry's).
+        #[serde(with = "serde_bytes")]
+        conflicts: Vec<u8>,
+        last: Option<IndexPosition>,
+        complete: bool,
+    },
+}
+
+/// Where a page of the unique-value index ends: a unique value, or a conflict entry once the
+/// values are all sent.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum IndexPosition {
+    Value(IndexValue),
+    Conflict(String),
+}
+
+/// One value of a collection's unique constraint, as the unique-value index keys it: pages are
+/// in the order of these fields.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IndexValue {
+    pub collection: String,
+    /// The constraint's place in the collection's list.
+    pub constraint: u32,
+    /// The constraint's field values, compact JSON.
+    pub value: String,
+}
+
+/// The records holding one unique value, as `UniqueIndexPage` carries them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UniqueHolders {
+    pub value: IndexValue,
+    /// The holders as the relay keeps them, JSON (their shape is the unique index's).
+    #[serde(with = "serde_bytes")]
+    pub holders: Vec<u8>,
+}
+
+/// A page of a space's unique-value index: the fields of `Message::UniqueIndexPage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UniqueIndexPage {
+    pub head: u64,
+    pub values: Vec<UniqueHolders>,
+    pub conflicts: Vec<u8>,
+    pub last: Option<IndexPosition>,
+    pub complete: bool,
 }
 
 /// A page of a space's snapshot: the fields of `Message::SnapshotPage`, as the relay's store
@@ -506,6 +564,8 @@ impl Message {
             Message::SnapshotPage { .. } => "SnapshotPage",
             Message::Compacted { .. } => "Compacted",
             Message::Collections { .. } => "Collections",
+            Message::UniqueIndex { .. } => "UniqueIndex",
+            Message::UniqueIndexPage { .. } => "UniqueIndexPage",
         }
     }
 }

@@ -15,9 +15,9 @@
 )]
 
 use ferry_proto::wire::{
-    ChangeOutcome, ChangeResult, Credential, ErrorCode, LogEntry, MIN_PROTOCOL_VERSION, Message,
-    PROTOCOL_VERSION, RecordName, Secret, SnapshotRecord, Tokens, UploadChange, decode_frame_body,
-    encode_frame, frame_length,
+    ChangeOutcome, ChangeResult, Credential, ErrorCode, IndexPosition, IndexValue, LogEntry,
+    MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RecordName, Secret, SnapshotRecord, Tokens,
+    UniqueHolders, UploadChange, decode_frame_body, encode_frame, frame_length,
 };
 use std::path::{Path, PathBuf};
 
@@ -84,10 +84,12 @@ fn message_tag(message: &Message) -> u8 {
         Message::SnapshotPage { .. } => 14,
         Message::Compacted { .. } => 15,
         Message::Collections { .. } => 16,
+        Message::UniqueIndex { .. } => 17,
+        Message::UniqueIndexPage { .. } => 18,
     }
 }
 
-const MESSAGE_VARIANTS: u8 = 17;
+const MESSAGE_VARIANTS: u8 = 19;
 
 fn sample_tokens() -> Tokens {
     Tokens {
@@ -363,6 +365,33 @@ fn vectors() -> Vec<(&'static str, Message)> {
             "collections",
             Message::Collections {
                 names: vec!["Customer".into(), "Invoice".into()],
+            },
+        ),
+        (
+            "unique_index",
+            Message::UniqueIndex {
+                after: Some(IndexPosition::Value(IndexValue {
+                    collection: "Customer".into(),
+                    constraint: 0,
+                    value: "[\"ada@example.com\"]".into(),
+                })),
+            },
+        ),
+        (
+            "unique_index_page",
+            Message::UniqueIndexPage {
+                head: 4711,
+                values: vec![UniqueHolders {
+                    value: IndexValue {
+                        collection: "Customer".into(),
+                        constraint: 0,
+                        value: "[\"bob@example.com\"]".into(),
+                    },
+                    holders: br#"{"records":["c-0007"],"open":[]}"#.to_vec(),
+                }],
+                conflicts: b"[]".to_vec(),
+                last: Some(IndexPosition::Conflict("8f3a".into())),
+                complete: false,
             },
         ),
         (

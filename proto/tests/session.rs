@@ -20,9 +20,9 @@ use ferry_proto::session::{
     device_id, uploads_in_flight,
 };
 use ferry_proto::wire::{
-    ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, LogEntry, MAX_CREDENTIAL_BYTES,
-    Message, PROTOCOL_VERSION, RecordName, Secret, SnapshotPage, SnapshotRecord, Tokens,
-    UploadChange,
+    ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, IndexPosition, IndexValue,
+    LogEntry, MAX_CREDENTIAL_BYTES, Message, PROTOCOL_VERSION, RecordName, Secret, SnapshotPage,
+    SnapshotRecord, Tokens, UniqueHolders, UniqueIndexPage, UploadChange,
 };
 
 const BINDING: &[u8] = b"channel-binding-of-this-connection";
@@ -43,6 +43,12 @@ struct World {
     snapshot_heads: Vec<u64>,
     /// The relay's compaction horizon: the log up to it is no longer kept.
     horizon: u64,
+    /// The relay's unique values, in order; the device's pages of them as it took them
+    /// (each page's values and head), and whether it downloaded anything before the last.
+    unique_values: Vec<String>,
+    index_pages: Vec<(Vec<String>, u64)>,
+    index_complete: bool,
+    downloaded_before_index: bool,
 }
 
 impl World {
@@ -108,6 +114,44 @@ impl World {
                 })
                 .collect(),
             complete,
+        }
+    }
+
+    /// A page of the relay's unique-value index after `after`: its values, then one page of
+    /// no conflict entries, the last.
+    fn index_page(&self, after: Option<&IndexPosition>, max: u32) -> UniqueIndexPage {
+        let value = |v: &String| IndexValue {
+            collection: "Customer".into(),
+            constraint: 0,
+            value: v.clone(),
+        };
+        let values: Vec<UniqueHolders> = match after {
+            Some(IndexPosition::Conflict(_)) => Vec::new(),
+            _ => self
+                .unique_values
+                .iter()
+                .map(value)
+                .filter(|v| match after {
+                    Some(IndexPosition::Value(a)) => v > a,
+                    _ => true,
+                })
+                .take(max as usize)
+                .map(|value| UniqueHolders {
+                    value,
+                    holders: b"{}".to_vec(),
+                })
+                .collect(),
+        };
+        let last = match values.last() {
+            Some(v) => Some(IndexPosition::Value(v.value.clone())),
+            None => Some(IndexPosition::Conflict(String::new())),
+        };
+        UniqueIndexPage {
+            head: self.head(),
+            complete: values.is_empty(),
+            values,
+            conflicts: b"[]".to_vec(),
+            last,
         }
     }
 
@@ -339,6 +383,12 @@ impl Pair {
                 self.collections_asked.push(collections);
                 self.relay.snapshot_read(page)
             }
+            RelayEffect::ReadUniqueIndex {
+                after, max_values, ..
+            } => {
+                let page = world.index_page(after.as_ref(), max_values);
+                self.relay.unique_index_read(page)
+            }
         }
     }
 
@@ -365,6 +415,8 @@ impl Pair {
                 own,
                 ..
             } => {
+                world.downloaded_before_index |=
+                    !world.unique_values.is_empty() && !world.index_complete;
                 world.applied.extend(entries);
                 world.own.extend(own);
                 world.cursor = through;
@@ -382,6 +434,14 @@ impl Pair {
                     world.cursor = world.snapshot_heads[0];
                 }
                 self.device.snapshot_applied(world.cursor, 1);
+            }
+            DeviceEffect::ApplyUniqueIndex { page } => {
+                world.index_pages.push((
+                    page.values.iter().map(|v| v.value.value.clone()).collect(),
+                    page.head,
+                ));
+                world.index_complete = page.complete;
+                self.device.unique_index_applied(1);
             }
         }
     }
@@ -596,7 +656,7 @@ fn a_fresh_device_bootstraps_from_snapshot_pages_then_reads_the_log_after_them()
     world.append("other", &(1..=5).map(change).collect::<Vec<_>>());
     world.append("other", &[change(3)]);
     let mut pair = Pair::new([21; 32], 0);
-    pair.device.set_bootstrap(Bootstrap::Fresh);
+    pair.device.set_bootstrap(Bootstrap::Fresh, false);
     // Pages of two records.
     pair.relay = RelaySession::new(
         SessionConfig {
@@ -629,12 +689,77 @@ fn a_fresh_device_bootstraps_from_snapshot_pages_then_reads_the_log_after_them()
 }
 
 #[test]
+fn a_device_with_unique_constraints_takes_the_relays_index_after_the_pages_then_reads_the_log() {
+    let mut world = World::default();
+    world.append("other", &(1..=4).map(change).collect::<Vec<_>>());
+    world.unique_values = ["\"a\"", "\"b\"", "\"c\""].map(String::from).to_vec();
+    let mut pair = Pair::configured(
+        [25; 32],
+        0,
+        Credential::Key,
+        None,
+        SessionConfig {
+            max_snapshot_records: 2,
+            ..SessionConfig::default()
+        },
+    );
+    pair.device.set_bootstrap(Bootstrap::Fresh, true);
+    pair.run(&mut world);
+    assert_eq!(world.snapshot.len(), 4);
+    let values = |pages: &[(Vec<String>, u64)]| -> Vec<Vec<String>> {
+        pages.iter().map(|(values, _)| values.clone()).collect()
+    };
+    assert_eq!(
+        values(&world.index_pages),
+        [vec!["\"a\"", "\"b\""], vec!["\"c\""], vec![]]
+    );
+    assert!(world.index_pages.iter().all(|(_, head)| *head == 4));
+    assert!(world.index_complete);
+    assert!(
+        !world.downloaded_before_index,
+        "the log is read after the index"
+    );
+    assert_eq!(world.cursor, 4);
+    world.append("other", &[change(5)]);
+    pair.relay.appended(world.head());
+    pair.run(&mut world);
+    assert_eq!(world.cursor, 5);
+
+    // Interrupted while reading the index: it goes on after the last page taken.
+    let mut world = World::default();
+    world.append("other", &(1..=4).map(change).collect::<Vec<_>>());
+    world.unique_values = ["\"a\"", "\"b\""].map(String::from).to_vec();
+    let mut pair = Pair::new([26; 32], 4);
+    let after = IndexPosition::Value(IndexValue {
+        collection: "Customer".into(),
+        constraint: 0,
+        value: "\"a\"".into(),
+    });
+    pair.device
+        .set_bootstrap(Bootstrap::ResumeIndex(Some(after)), true);
+    pair.run(&mut world);
+    assert_eq!(values(&world.index_pages), [vec!["\"b\""], vec![]]);
+    assert!(world.snapshot.is_empty());
+
+    // A relay without the index: a fresh device reads the log instead of the pages.
+    let mut world = World::default();
+    world.append("other", &(1..=4).map(change).collect::<Vec<_>>());
+    let mut pair = Pair::new([27; 32], 0);
+    pair.device.set_bootstrap(Bootstrap::Fresh, true);
+    pair.hello_as_version(6);
+    pair.run(&mut world);
+    assert!(world.snapshot.is_empty());
+    assert!(world.index_pages.is_empty());
+    assert_eq!(world.applied.len(), 4);
+}
+
+#[test]
 fn an_interrupted_bootstrap_resumes_after_its_last_page_and_a_known_device_reads_the_log() {
     let mut world = World::default();
     world.append("other", &(1..=4).map(change).collect::<Vec<_>>());
     let mut pair = Pair::new([22; 32], 0);
     pair.device
-        .set_bootstrap(Bootstrap::Resume(Some(name("r2"))));
+        .set_bootstrap(Bootstrap::Resume(Some(name("r2"))), false);
     pair.run(&mut world);
     assert_eq!(world.snapshot, ["r3", "r4"].map(name).to_vec());
     assert_eq!(world.cursor, 4);
@@ -642,7 +767,7 @@ fn an_interrupted_bootstrap_resumes_after_its_last_page_and_a_known_device_reads
     let mut world = World::default();
     world.append("other", &(1..=4).map(change).collect::<Vec<_>>());
     let mut pair = Pair::new([23; 32], 2);
-    pair.device.set_bootstrap(Bootstrap::Fresh);
+    pair.device.set_bootstrap(Bootstrap::Fresh, false);
     pair.run(&mut world);
     assert_eq!(world.snapshot, []);
     assert_eq!(world.applied.len(), 2);
@@ -656,7 +781,7 @@ fn a_device_behind_the_horizon_is_answered_compacted_and_bootstraps_keeping_its_
     // The device read up to 2 and holds a local change.
     world.pending = vec![change(50)];
     let mut pair = Pair::new([24; 32], 2);
-    pair.device.set_bootstrap(Bootstrap::Fresh);
+    pair.device.set_bootstrap(Bootstrap::Fresh, false);
     pair.run(&mut world);
     assert_eq!(
         world.applied,
@@ -725,7 +850,7 @@ fn the_next_snapshot_page_is_asked_for_as_a_page_arrives_and_at_most_two_wait_to
         None,
         0,
     );
-    device.set_bootstrap(Bootstrap::Fresh);
+    device.set_bootstrap(Bootstrap::Fresh, false);
     let mut device = welcomed(device, 10, PROTOCOL_VERSION, world.head(), 0);
     let asked_after = |outputs: Vec<DeviceOutput>| -> Vec<Option<RecordName>> {
         transmits(outputs)
@@ -805,7 +930,7 @@ fn a_snapshot_page_that_names_no_last_record_is_a_protocol_error() {
     let mut world = World::default();
     world.append("other", &[change(1)]);
     let mut pair = Pair::new([24; 32], 0);
-    pair.device.set_bootstrap(Bootstrap::Fresh);
+    pair.device.set_bootstrap(Bootstrap::Fresh, false);
     let _ = taken(|| pair.device.poll_output());
     // The handshake by hand, up to the device's Snapshot.
     let mut relay_out = Vec::new();
@@ -899,7 +1024,7 @@ fn a_device_syncing_some_collections_gets_only_their_entries_and_its_cursor_cove
         ..World::default()
     };
     let mut pair = Pair::new([31; 32], 0);
-    pair.device.set_bootstrap(Bootstrap::Fresh);
+    pair.device.set_bootstrap(Bootstrap::Fresh, false);
     pair.device.set_collections(vec!["Invoice".into()]);
     pair.relay = RelaySession::new(
         SessionConfig {
@@ -995,7 +1120,7 @@ fn no_common_version_and_bad_spaces_are_refused_with_a_reason() {
     let mut relay = RelaySession::new(SessionConfig::default(), [1; 32], vec![], 0);
     relay.handle_message(
         Message::Hello {
-            min_version: 7,
+            min_version: 8,
             max_version: 9,
             public_key: [0; 32],
             space: "team".into(),

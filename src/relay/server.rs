@@ -271,6 +271,22 @@ pub fn carry_out(
             session.snapshot_read(page);
             Ok(None)
         }
+        RelayEffect::ReadUniqueIndex {
+            after,
+            max_values,
+            collections,
+        } => {
+            let _span = tracing::info_span!("relay.unique_index", device = %peer.device).entered();
+            let page = store.unique_index_page(
+                &peer.space,
+                after.as_ref(),
+                max_values,
+                max_read_bytes,
+                collections.as_ref(),
+            )?;
+            session.unique_index_read(page);
+            Ok(None)
+        }
         RelayEffect::Read {
             since,
             max_changes,

@@ -56,8 +56,8 @@ use crate::resolve::{
 };
 use automerge::{ActorId, Change, ChangeHash};
 use ferry_proto::wire::{
-    ChangeOutcome, ChangeResult, ErrorCode, HeadsHasher, LogEntry, RecordName, SnapshotPage,
-    SnapshotRecord, UploadChange,
+    ChangeOutcome, ChangeResult, ErrorCode, HeadsHasher, IndexPosition, IndexValue, LogEntry,
+    RecordName, SnapshotPage, SnapshotRecord, UniqueHolders, UniqueIndexPage, UploadChange,
 };
 use ferry_proto::{AddressError, Limits, validate_collection, validate_record_id};
 use lru::LruCache;
@@ -778,14 +778,20 @@ impl RelayStore {
             storage: self.storage.as_ref(),
             space,
         };
-        let moved = ledger.move_unique(&state, at, values, |id| {
-            let key = (record_key.0.clone(), id.to_owned());
-            Ok(logged_side(
-                self.staged_doc(space, &key, staging)?,
-                id,
-                policy,
-            ))
-        });
+        let moved = ledger.move_unique(
+            &state,
+            at,
+            values,
+            |_| false,
+            |id| {
+                let key = (record_key.0.clone(), id.to_owned());
+                Ok(logged_side(
+                    self.staged_doc(space, &key, staging)?,
+                    id,
+                    policy,
+                ))
+            },
+        );
         staging.ledger = ledger;
         moved
     }
@@ -975,16 +981,22 @@ impl RelayStore {
             policy,
         };
         let Replay { docs, ledger, .. } = replay;
-        ledger.move_unique(&NoConflicts, at, values, |id| {
-            let other = (key.0.clone(), id.to_owned());
-            let doc = docs.get_mut(&other).ok_or_else(|| {
-                corrupt(
-                    "record",
-                    format!("{}/{id} holds a value but was never logged", key.0),
-                )
-            })?;
-            Ok(logged_side(doc, id, policy))
-        })
+        ledger.move_unique(
+            &NoConflicts,
+            at,
+            values,
+            |_| false,
+            |id| {
+                let other = (key.0.clone(), id.to_owned());
+                let doc = docs.get_mut(&other).ok_or_else(|| {
+                    corrupt(
+                        "record",
+                        format!("{}/{id} holds a value but was never logged", key.0),
+                    )
+                })?;
+                Ok(logged_side(doc, id, policy))
+            },
+        )
     }
 
     /// The actor the space's HTTP writes are made under (see `LogStorage::web_actor`).
@@ -1291,6 +1303,155 @@ impl RelayStore {
             page.last = Some(name);
         }
         Ok(page)
+    }
+
+    /// A page of the space's unique-value index (PROTOCOL.md, 5.8), as of `head`, appends to the
+    /// space waiting meanwhile: the holders of up to `max_values` values after `after`, in
+    /// (collection, constraint, value) order, over the constraints of the relay's policies;
+    /// once no value is left, the space's conflict entries of kind `unique` after it, up to
+    /// `max_values` entries looked through, in id order. A device that bootstrapped from a
+    /// snapshot takes these instead of meeting the log's unique moves the pages already hold.
+    /// The page stops before `max_bytes`, with at least one value. While the space's conflict
+    /// entries are incomplete the answer is an empty last page at head 0, as for `snapshot_page`.
+    pub fn unique_index_page(
+        &self,
+        space: &str,
+        after: Option<&IndexPosition>,
+        max_values: u32,
+        max_bytes: usize,
+        collections: Option<&BTreeSet<String>>,
+    ) -> Result<UniqueIndexPage, RelayStoreError> {
+        let state = self.space(space)?;
+        let mut state = lock(&state);
+        let head = self.storage.head(space)?;
+        self.catch_up(space, &mut state, head)?;
+        let mut page = UniqueIndexPage {
+            head,
+            values: Vec::new(),
+            conflicts: b"[]".to_vec(),
+            last: None,
+            complete: true,
+        };
+        if head > 0 && !self.storage.conflicts_complete(space)? {
+            page.head = 0;
+            return Ok(page);
+        }
+        let wanted = max_values.max(1) as usize;
+        let after_conflict = match after {
+            Some(IndexPosition::Conflict(id)) => Some(id.as_str()),
+            _ => {
+                let after_value = match after {
+                    Some(IndexPosition::Value(value)) => Some(value),
+                    _ => None,
+                };
+                let mut bytes = 0usize;
+                for (collection, constraint) in self.unique_constraints(space, collections)? {
+                    let from = after_value
+                        .filter(|v| {
+                            (v.collection.as_str(), v.constraint as usize)
+                                == (collection.as_str(), constraint)
+                        })
+                        .map(|v| v.value.as_str());
+                    if after_value.is_some_and(|v| {
+                        (collection.as_str(), constraint)
+                            < (v.collection.as_str(), v.constraint as usize)
+                    }) {
+                        continue;
+                    }
+                    let room = wanted.saturating_sub(page.values.len());
+                    for (value, holders) in self.storage.unique_holders_after(
+                        space,
+                        &collection,
+                        constraint,
+                        from,
+                        room,
+                    )? {
+                        let holders =
+                            serde_json::to_vec(&holders).map_err(|e| StorageError::Encode {
+                                what: "unique value holders",
+                                detail: e.to_string(),
+                            })?;
+                        bytes = bytes
+                            .saturating_add(value.len())
+                            .saturating_add(holders.len());
+                        if bytes > max_bytes && !page.values.is_empty() {
+                            page.complete = false;
+                            return Ok(page);
+                        }
+                        let value = IndexValue {
+                            collection: collection.clone(),
+                            constraint: u32::try_from(constraint).unwrap_or(u32::MAX),
+                            value,
+                        };
+                        page.last = Some(IndexPosition::Value(value.clone()));
+                        page.values.push(UniqueHolders { value, holders });
+                    }
+                    if page.values.len() >= wanted {
+                        break;
+                    }
+                }
+                if !page.values.is_empty() {
+                    // The next page starts after the last value sent: values, or the entries.
+                    page.complete = false;
+                    return Ok(page);
+                }
+                None
+            }
+        };
+        let scanned = self
+            .storage
+            .conflicts(space, false, after_conflict, wanted)?;
+        page.complete = scanned.len() < wanted;
+        page.last = scanned
+            .last()
+            .map(|c| IndexPosition::Conflict(c.id.clone()))
+            .or_else(|| after.cloned());
+        let unique: Vec<&Conflict> = scanned
+            .iter()
+            .filter(|c| {
+                c.kind == ConflictKind::Unique
+                    && collections.is_none_or(|names| names.contains(&c.collection))
+            })
+            .collect();
+        page.conflicts = serde_json::to_vec(&unique).map_err(|e| StorageError::Encode {
+            what: "conflict entries",
+            detail: e.to_string(),
+        })?;
+        Ok(page)
+    }
+
+    /// The space's unique constraints as (collection, constraint index), in order: those of
+    /// the collections its policies name, and, when the default policy has any, those of every
+    /// other collection the space holds.
+    fn unique_constraints(
+        &self,
+        space: &str,
+        collections: Option<&BTreeSet<String>>,
+    ) -> Result<Vec<(String, usize)>, RelayStoreError> {
+        let policies = &self.options.policies;
+        let mut names: BTreeSet<String> = policies
+            .collections
+            .iter()
+            .filter(|(_, policy)| !policy.unique.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !policies.default.unique.is_empty() {
+            names.extend(
+                self.storage
+                    .collections(space)?
+                    .into_iter()
+                    .map(|(name, _)| name)
+                    .filter(|name| !policies.collections.contains_key(name)),
+            );
+        }
+        Ok(names
+            .into_iter()
+            .filter(|name| collections.is_none_or(|c| c.contains(name)))
+            .flat_map(|name| {
+                let count = policies.of(&name).unique.len();
+                (0..count).map(move |constraint| (name.clone(), constraint))
+            })
+            .collect())
     }
 
     /// One record of a snapshot page, under the space's lock.

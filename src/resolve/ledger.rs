@@ -245,12 +245,15 @@ impl Ledger {
     /// Moves a record's unique values in the index to `values`, what its logged state now holds:
     /// a value another live record already holds is a clash (a conflict flagging this record,
     /// the later one; `side_of` gives a record's side as logged); a clash ends when either
-    /// record stops holding the value.
+    /// record stops holding the value. The holders of a value `known` names already count this
+    /// change (a device took them from the relay's index as of a later head): only the record's
+    /// own values move for it.
     pub fn move_unique<S: ConflictState>(
         &mut self,
         state: &S,
         at: UniqueCheck<'_>,
         values: HeldValues,
+        known: impl Fn(&ValueKey) -> bool,
         mut side_of: impl FnMut(&str) -> Result<Side, S::Error>,
     ) -> Result<(), S::Error> {
         let key = at.key;
@@ -263,6 +266,9 @@ impl Ledger {
         }
         for (constraint, value) in before.iter().filter(|v| !values.contains(v)) {
             let value_key = value_key(&key.0, *constraint, value)?;
+            if known(&value_key) {
+                continue;
+            }
             let mut holders = self.holders_of(state, &value_key)?;
             holders.records.retain(|r| *r != key.1);
             let (ended, open): (Vec<_>, Vec<_>) = holders
@@ -277,6 +283,9 @@ impl Ledger {
         }
         for (constraint, value) in values.iter().filter(|v| !before.contains(v)) {
             let value_key = value_key(&key.0, *constraint, value)?;
+            if known(&value_key) {
+                continue;
+            }
             let mut holders = self.holders_of(state, &value_key)?;
             // `values` come from `resolve::unique_values` over this same policy, so every
             // constraint index is one of its constraints.

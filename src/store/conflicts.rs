@@ -310,10 +310,13 @@ impl Store {
 
     /// Runs detection, in log order, for applied entries of collections with unique constraints:
     /// a clash is between records, so which record took a value first is the log's order across
-    /// records. Every record named must be in `working` (one use per entry).
+    /// records. Every record named must be in `working` (one use per entry). `index`: the
+    /// unique-value index pages a bootstrap took, whose values' holders count the entries up to
+    /// their heads already.
     pub(super) fn detect_in_log_order(
         &self,
         ledger: &mut Ledger,
+        index: Option<&super::snapshot::IndexPages>,
         order: &[(CacheKey, ChangeHash, u64)],
         working: &mut WorkingSet,
         cache: &mut LruCache<CacheKey, Record>,
@@ -347,9 +350,13 @@ impl Store {
                     let view = resolve::view_at(doc, Some(&heads), policy);
                     Ok(resolve::side(doc, id, &heads, view))
                 };
-                ledger
-                    .conflicts
-                    .move_unique(&Stored(self), at, values, side_of)?;
+                ledger.conflicts.move_unique(
+                    &Stored(self),
+                    at,
+                    values,
+                    |value| index.is_some_and(|i| *seq <= i.covered(value)),
+                    side_of,
+                )?;
             }
             working.used(key);
         }
@@ -619,6 +626,89 @@ impl Store {
         ledger.logged.documents.insert(key.clone(), document);
         for conflict in conflicts {
             ledger.conflicts.adopt(&Stored(self), conflict)?;
+        }
+        Ok(())
+    }
+
+    /// Stages the relay's unique-value index in place of this device's: the holders of a page
+    /// of values (a value no record holds is dropped), and its conflict entries of kind
+    /// `unique` as the relay holds them. `replace` drops every value this device held first
+    /// (the first page of the index).
+    pub(super) fn adopt_unique_index(
+        &self,
+        ledger: &mut Ledger,
+        values: &[ferry_proto::wire::UniqueHolders],
+        conflicts: Vec<Conflict>,
+        replace: bool,
+        batch: &mut Batch,
+    ) -> Result<(), StoreError> {
+        if replace {
+            let all = keys::unique_value_prefix();
+            let end = keys::prefix_end(&all);
+            let mut start = all;
+            loop {
+                let page = self.kv.range(&start, &end, 1024)?;
+                let Some((last, _)) = page.last() else {
+                    break;
+                };
+                start = keys::after(last);
+                for (key, _) in page {
+                    batch.remove(key);
+                }
+            }
+        }
+        for entry in values {
+            ferry_proto::validate_collection(&entry.value.collection, &self.options.limits)?;
+            let holders: Holders = serde_json::from_slice(&entry.holders).map_err(|e| {
+                StoreError::Snapshot(format!(
+                    "the holders of a unique value of {} do not decode ({e})",
+                    entry.value.collection
+                ))
+            })?;
+            let key = keys::unique_value(
+                &entry.value.collection,
+                entry.value.constraint as usize,
+                entry.value.value.as_bytes(),
+            );
+            if holders.records.is_empty() {
+                batch.remove(key);
+            } else {
+                batch.put(key, to_json(&holders, "unique value holders")?);
+            }
+        }
+        for conflict in conflicts {
+            if conflict.kind != ConflictKind::Unique {
+                return Err(StoreError::Snapshot(format!(
+                    "the unique-value index holds conflict entry {} of kind {}",
+                    conflict.id,
+                    conflict.kind.as_str()
+                )));
+            }
+            ledger.conflicts.adopt(&Stored(self), conflict)?;
+        }
+        Ok(())
+    }
+
+    /// Stages the unique values a record's logged state holds (`logged`: its logged heads), as
+    /// a snapshot page brings it: where the log's later moves of its values start from.
+    pub(super) fn stage_held(
+        &self,
+        key: &CacheKey,
+        record: &mut Record,
+        logged: &[ChangeHash],
+        batch: &mut Batch,
+    ) -> Result<(), StoreError> {
+        let policy = self.options.policies.of(&key.0);
+        if policy.unique.is_empty() {
+            return Ok(());
+        }
+        let view = resolve::view_at(record.automerge(), Some(logged), policy);
+        let held = resolve::unique_values(&view, policy);
+        let stored = keys::unique_held(&key.0, &key.1);
+        if held.is_empty() {
+            batch.remove(stored);
+        } else {
+            batch.put(stored, to_json(&held, "unique values")?);
         }
         Ok(())
     }

@@ -91,6 +91,11 @@ pub fn change_conflict(hash: &str) -> Vec<u8> {
     [b"xc".as_slice(), hash.as_bytes()].concat()
 }
 
+/// The prefix of every unique value's key.
+pub fn unique_value_prefix() -> Vec<u8> {
+    b"uv".to_vec()
+}
+
 pub fn unique_value(collection: &str, constraint: usize, value: &[u8]) -> Vec<u8> {
     let mut key = record_key(b"uv", collection, "");
     key.extend_from_slice(&u32::try_from(constraint).unwrap_or(u32::MAX).to_be_bytes());

@@ -110,6 +110,7 @@ impl Store {
         batch.put(keys::cursor(RELAY_CURSOR), 0u64.to_be_bytes().to_vec());
         // A bootstrap the device was in the middle of starts again too.
         batch.remove(keys::cursor(super::snapshot::SNAPSHOT_CURSOR));
+        batch.remove(keys::cursor(super::snapshot::UNIQUE_INDEX_CURSOR));
         self.kv.apply(batch)?;
         tracing::info!(
             synced = ?now,

@@ -13,11 +13,12 @@
 use super::sync::{RELAY_CURSOR, RemoteApplied};
 use super::{CacheKey, Store, StoreError, keys};
 use crate::record::{Record, change_header};
+use crate::resolve::ledger::ValueKey;
 use crate::resolve::{self, Conflict};
 use automerge::ChangeHash;
 use ferry_proto::Operation;
 use ferry_proto::session::Bootstrap;
-use ferry_proto::wire::{RecordName, SnapshotPage, SnapshotRecord};
+use ferry_proto::wire::{IndexPosition, RecordName, SnapshotPage, SnapshotRecord, UniqueIndexPage};
 use ferry_proto::{validate_collection, validate_record_id};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -27,6 +28,9 @@ use super::kv::Batch;
 
 /// The cursor name under which a bootstrap's pages are kept.
 pub const SNAPSHOT_CURSOR: &str = "snapshot";
+/// The cursor name under which the pages of the relay's unique-value index are kept, once a
+/// bootstrap's pages are all in, for a space with unique constraints.
+pub const UNIQUE_INDEX_CURSOR: &str = "unique_index";
 
 /// The pages of a snapshot taken so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +69,53 @@ impl SnapshotPages {
     /// The last page's head: entries after it are in no page.
     pub fn end(&self) -> u64 {
         self.pages.last().map_or(0, |(_, head)| *head)
+    }
+}
+
+/// The pages of the relay's unique-value index taken so far (PROTOCOL.md, section 5.8): each
+/// holds the holders of a range of values as of its head, so a log entry up to that head has
+/// already moved them, and the device moves only its record's own values for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexPages {
+    /// Each page in order: where it ends and the head it was taken at.
+    pub pages: Vec<(Option<IndexPosition>, u64)>,
+    /// The last page is in.
+    pub complete: bool,
+}
+
+impl IndexPages {
+    /// Where the next page starts.
+    pub fn resume_after(&self) -> Option<IndexPosition> {
+        self.pages.last().and_then(|(last, _)| last.clone())
+    }
+
+    /// The head as of which the pages hold the value's holders (0: no page holds them yet). A
+    /// page ending on a value covers the values up to it; the first page past the values (the
+    /// conflict entries' pages) covers every value after the last page of values.
+    pub fn covered(&self, value: &ValueKey) -> u64 {
+        let value = (
+            value.collection.as_str(),
+            value.constraint,
+            value.value.as_str(),
+        );
+        for (last, head) in &self.pages {
+            match last {
+                Some(IndexPosition::Value(last))
+                    if value
+                        > (
+                            last.collection.as_str(),
+                            last.constraint as usize,
+                            last.value.as_str(),
+                        ) => {}
+                _ => return *head,
+            }
+        }
+        0
+    }
+
+    /// The highest head a page was taken at: no later log entry is covered.
+    pub fn end(&self) -> u64 {
+        self.pages.iter().map(|(_, head)| *head).max().unwrap_or(0)
     }
 }
 
@@ -112,25 +163,85 @@ impl Store {
         }
     }
 
+    /// The unique-value index pages of a bootstrap, while they are read or cover log entries
+    /// not yet read, if any.
+    pub fn unique_index_pages(&self) -> Result<Option<IndexPages>, StoreError> {
+        match self.kv.get(&keys::cursor(UNIQUE_INDEX_CURSOR))? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(super::decode(&bytes, "unique index pages")?)),
+        }
+    }
+
+    /// Whether a collection this device holds has unique constraints: a bootstrap then takes
+    /// the relay's unique-value index too.
+    pub fn has_unique_constraints(&self) -> bool {
+        let policies = &self.options.policies;
+        std::iter::once(&policies.default)
+            .chain(policies.collections.values())
+            .any(|p| !p.unique.is_empty())
+    }
+
     /// How a session to the relay bootstraps: after the last page kept when a bootstrap was
-    /// interrupted; otherwise when the store has never read the log, unless a collection has
-    /// unique constraints (the unique-value index does not travel in a snapshot, so such a
-    /// space is read from its log).
+    /// interrupted, or after the last page of its unique-value index while that is read;
+    /// otherwise when the store has never read the log.
     pub fn session_bootstrap(&self) -> Result<Bootstrap, StoreError> {
         if let Some(pages) = self.snapshot_pages()?
             && !pages.complete
         {
             return Ok(Bootstrap::Resume(pages.resume_after()));
         }
-        let policies = &self.options.policies;
-        let unique = std::iter::once(&policies.default)
-            .chain(policies.collections.values())
-            .any(|p| !p.unique.is_empty());
-        Ok(if unique {
-            Bootstrap::Off
+        if let Some(index) = self.unique_index_pages()?
+            && !index.complete
+        {
+            return Ok(Bootstrap::ResumeIndex(index.resume_after()));
+        }
+        Ok(Bootstrap::Fresh)
+    }
+
+    /// Takes in the next page of the relay's unique-value index (the one after
+    /// `IndexPages::resume_after`): the holders of its values in place of this device's (the
+    /// first page drops every value held before), its conflict entries of kind `unique` as the
+    /// relay holds them, and the page noted, in one atomic batch. Returns the conflict entries
+    /// taken in or changed. Durable after `flush`.
+    pub fn apply_unique_index_page(
+        &self,
+        page: &UniqueIndexPage,
+    ) -> Result<Vec<Conflict>, StoreError> {
+        let _cache = self.lock_cache();
+        let mut state = self
+            .unique_index_pages()?
+            .filter(|i| !i.complete)
+            .unwrap_or_default();
+        let conflicts: Vec<Conflict> = serde_json::from_slice(&page.conflicts).map_err(|e| {
+            StoreError::Snapshot(format!(
+                "the unique-value index holds conflict entries that do not decode ({e})"
+            ))
+        })?;
+        let mut batch = Batch::default();
+        let mut ledger = Ledger::default();
+        self.adopt_unique_index(
+            &mut ledger,
+            &page.values,
+            conflicts,
+            state.pages.is_empty(),
+            &mut batch,
+        )?;
+        state.pages.push((page.last.clone(), page.head));
+        state.complete = page.complete;
+        if state.complete && self.sync_cursor()? >= state.end() {
+            batch.remove(keys::cursor(UNIQUE_INDEX_CURSOR));
         } else {
-            Bootstrap::Fresh
-        })
+            batch.put(
+                keys::cursor(UNIQUE_INDEX_CURSOR),
+                super::encode(&state, "unique index pages")?,
+            );
+        }
+        self.finish_ledger(&ledger, &mut batch)?;
+        let mut queue = self.lock_queue();
+        self.apply_queue_batch(&mut queue, batch, super::CountDelta::default())?;
+        drop(queue);
+        self.count_open(&ledger);
+        Ok(ledger.conflicts.into_changed())
     }
 
     /// Takes in the next page of a snapshot (the one after `SnapshotPages::resume_after`): each
@@ -205,6 +316,16 @@ impl Store {
             }
             cache.pop(&key);
             taken.push((key, doc));
+        }
+        if page.complete && self.has_unique_constraints() {
+            // The unique-value index is read next, from its start.
+            batch.put(
+                keys::cursor(UNIQUE_INDEX_CURSOR),
+                super::encode(&IndexPages::default(), "unique index pages")?,
+            );
+        } else if state.pages.is_empty() {
+            // A new bootstrap: the index pages of an earlier one cover nothing of it.
+            batch.remove(keys::cursor(UNIQUE_INDEX_CURSOR));
         }
         state.pages.push((page.last.clone(), page.head));
         state.complete = page.complete;
@@ -583,6 +704,7 @@ impl Store {
             }
         };
         let document = doc.heads();
+        self.stage_held(key, &mut doc, &logged, batch)?;
         self.adopt_snapshot(ledger, key, logged, document, conflicts)?;
         Ok((doc, changed, existed))
     }

@@ -965,8 +965,14 @@ impl Store {
             let left_out: HashSet<u64> = quarantined.iter().map(|q| q.seq).collect();
             across_records.retain(|(_, _, seq)| !left_out.contains(seq));
         }
+        let index = self.unique_index_pages()?.filter(|i| {
+            across_records
+                .first()
+                .is_some_and(|(_, _, seq)| *seq <= i.end())
+        });
         self.detect_in_log_order(
             &mut ledger,
+            index.as_ref(),
             &across_records,
             &mut working,
             &mut cache,
@@ -983,6 +989,13 @@ impl Store {
         self.stage_backfill_done(backfill.as_ref(), cursor, &mut batch);
         if bootstrap.is_some_and(|b| cursor >= b.end()) {
             batch.remove(keys::cursor(super::snapshot::SNAPSHOT_CURSOR));
+        }
+        if let Some(index) = self.unique_index_pages()?
+            && index.complete
+            && cursor >= index.end()
+        {
+            // No log entry after the index pages' heads is covered by them.
+            batch.remove(keys::cursor(super::snapshot::UNIQUE_INDEX_CURSOR));
         }
         for change in &mut applied {
             change.stage_feed(self, &mut batch)?;
@@ -1057,11 +1070,24 @@ impl Store {
         have.extend_from_slice(logged_now);
         have.retain(|h| record.has_change(h));
         let unlogged = record.changes_after(&have)?;
-        let own: HashSet<ChangeHash> = unlogged.iter().map(Change::hash).collect();
-        let independent = unlogged
-            .iter()
-            .all(|c| c.deps().iter().all(|d| own.contains(d)));
-        Ok(independent.then_some(unlogged))
+        Ok(builds_on_itself(&unlogged).then_some(unlogged))
+    }
+
+    /// The changes of `entries` when they make a history of their own (each depends only on
+    /// others of them): none when there are none, or when one builds on something else.
+    fn independent_changes(
+        &self,
+        entries: Vec<SyncQueueEntry>,
+    ) -> Result<Option<Vec<Change>>, StoreError> {
+        let mut changes = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let entry = self.with_change(entry)?;
+            match decode_change(&entry.data) {
+                Ok(change) => changes.push(change),
+                Err(_) => return Ok(None),
+            }
+        }
+        Ok((!changes.is_empty() && builds_on_itself(&changes)).then_some(changes))
     }
 
     /// Writes `old` as this device shows it on `fresh` as a purged record's new history, queued
@@ -1075,6 +1101,26 @@ impl Store {
         batch: &mut Batch,
         delta: &mut CountDelta,
     ) -> Result<bool, StoreError> {
+        // The record's changes still waiting to be uploaded are the restoration's now: sent
+        // as well, one that depends on nothing would be logged as a new history beside it.
+        let mut replaced = Vec::new();
+        let mut in_flight = Vec::new();
+        self.scan_queue(None, |entry| {
+            if entry.model_name == key.0 && entry.object_id == key.1 {
+                match entry.status {
+                    QueueStatus::Pending | QueueStatus::Failed => replaced.push(entry),
+                    QueueStatus::Processing => in_flight.push(entry),
+                    QueueStatus::Completed => {}
+                }
+            }
+            true
+        })?;
+        // A new history's first changes already on their way are logged as that history
+        // whatever happens here: the restoration builds on them, as beside them it would reuse
+        // their actor's sequence numbers and be refused.
+        if let Some(first) = self.independent_changes(in_flight)? {
+            fresh.apply_decoded(first)?;
+        }
         let shown = resolve::view(&mut old, self.options.policies.of(&key.0));
         let written = fresh.restore_purged(&shown.fields, shown.deleted, now)?;
         let policy = self.options.policies.of(&key.0);
@@ -1082,18 +1128,6 @@ impl Store {
         if staged.written.is_none() {
             return Ok(false);
         }
-        // The record's changes still waiting to be uploaded are the restoration's now: sent
-        // as well, one that depends on nothing would be logged as a new history beside it.
-        let mut replaced = Vec::new();
-        self.scan_queue(None, |entry| {
-            if entry.model_name == key.0
-                && entry.object_id == key.1
-                && matches!(entry.status, QueueStatus::Pending | QueueStatus::Failed)
-            {
-                replaced.push(entry);
-            }
-            true
-        })?;
         self.finish(key.clone(), staged, now, batch, delta)?;
         for mut entry in replaced {
             let was = entry.status;
@@ -1226,4 +1260,12 @@ fn count_failure(entry: &SyncQueueEntry, summary: &mut UploadSummary) {
     } else {
         summary.retrying += 1;
     }
+}
+
+/// Whether every change depends only on others of `changes`: a history of its own.
+fn builds_on_itself(changes: &[Change]) -> bool {
+    let own: HashSet<ChangeHash> = changes.iter().map(Change::hash).collect();
+    changes
+        .iter()
+        .all(|c| c.deps().iter().all(|d| own.contains(d)))
 }

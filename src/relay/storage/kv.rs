@@ -72,6 +72,18 @@ enum StoredHolders {
     Records(Vec<String>),
 }
 
+impl StoredHolders {
+    fn into_holders(self) -> Holders {
+        match self {
+            StoredHolders::Now(holders) => holders,
+            StoredHolders::Records(records) => Holders {
+                records,
+                open: Vec::new(),
+            },
+        }
+    }
+}
+
 /// A log entry as stored (postcard; field order is the format).
 #[derive(Serialize, Deserialize)]
 struct StoredEntry<'a> {
@@ -614,14 +626,39 @@ impl LogStorage for KvStorage {
     fn unique_holders(&self, space: &str, value: &UniqueValue) -> Result<Holders, StorageError> {
         let stored: Option<StoredHolders> =
             self.json(&unique_key(space, value), "unique value index")?;
-        Ok(match stored {
-            None => Holders::default(),
-            Some(StoredHolders::Now(holders)) => holders,
-            Some(StoredHolders::Records(records)) => Holders {
-                records,
-                open: Vec::new(),
-            },
-        })
+        Ok(stored.map(StoredHolders::into_holders).unwrap_or_default())
+    }
+
+    fn unique_holders_after(
+        &self,
+        space: &str,
+        collection: &str,
+        constraint: usize,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Holders)>, StorageError> {
+        let prefix = key(b'u', &[space, collection, &constraint.to_string()]);
+        let start = match after {
+            Some(value) => after_key(&key(
+                b'u',
+                &[space, collection, &constraint.to_string(), value],
+            )),
+            None => prefix.clone(),
+        };
+        self.kv
+            .range(&start, &prefix_end(&prefix), limit)?
+            .into_iter()
+            .map(|(k, bytes)| {
+                // The value part ends with the `\0` every key part ends with.
+                let value = k
+                    .get(prefix.len()..k.len().saturating_sub(1))
+                    .and_then(|v| String::from_utf8(v.to_vec()).ok())
+                    .ok_or_else(|| corrupt("unique value key", "the value is not text"))?;
+                let stored: StoredHolders =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt("unique value index", e))?;
+                Ok((value, stored.into_holders()))
+            })
+            .collect()
     }
 
     fn conflict(&self, space: &str, id: &str) -> Result<Option<Conflict>, StorageError> {

@@ -374,6 +374,18 @@ pub trait LogStorage: Send + Sync {
     /// The records holding `value`, in the order they took it, and the open clashes over it.
     fn unique_holders(&self, space: &str, value: &UniqueValue) -> Result<Holders, StorageError>;
 
+    /// Up to `limit` values of the collection's unique constraint `constraint` that some record
+    /// holds, in value order (bytes) after `after`, each with its holders: a page of the
+    /// unique-value index a bootstrap reads.
+    fn unique_holders_after(
+        &self,
+        space: &str,
+        collection: &str,
+        constraint: usize,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Holders)>, StorageError>;
+
     /// One of the space's conflict entries.
     fn conflict(&self, space: &str, id: &str) -> Result<Option<Conflict>, StorageError>;
 

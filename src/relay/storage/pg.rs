@@ -1764,6 +1764,47 @@ impl LogStorage for PgStorage {
         from_json(&holders, "unique value index")
     }
 
+    fn unique_holders_after(
+        &self,
+        space: &str,
+        collection: &str,
+        constraint: usize,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<(String, Holders)>, StorageError> {
+        let rows = self.query(
+            "SELECT value, holders, crc FROM unique_holders
+             WHERE space = $1 AND collection = $2 AND constraint_index = $3
+             AND ($4::text IS NULL OR value > $4) ORDER BY value LIMIT $5",
+            vec![
+                p(space.to_owned()),
+                p(collection.to_owned()),
+                p(int(constraint as u64)?),
+                p(after.map(str::to_owned)),
+                p(limit(count)),
+            ],
+        )?;
+        rows.iter()
+            .map(|row| {
+                let value = UniqueValue {
+                    collection: collection.to_owned(),
+                    constraint,
+                    value: col(row, 0)?,
+                };
+                let holders: Vec<u8> = col(row, 1)?;
+                if col::<i32>(row, 2)? != holders_crc(space, &value, &holders) {
+                    return Err(damaged(
+                        "unique value",
+                        space,
+                        format!("key {}/{}", value.collection, value.value),
+                        None,
+                    ));
+                }
+                Ok((value.value, from_json(&holders, "unique value index")?))
+            })
+            .collect()
+    }
+
     fn conflict(&self, space: &str, id: &str) -> Result<Option<Conflict>, StorageError> {
         self.query_opt(
             "SELECT id, collection, record, open, entry, crc FROM conflicts
