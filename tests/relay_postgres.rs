@@ -1057,7 +1057,15 @@ fn the_records_table_matches_what_every_device_shows_after_conflicts_and_deletes
     a.join(&relays[0]);
     b.join(&relays[1]);
     for device in [&a, &b] {
-        device.edit_config(|text| format!("{text}{STRATEGIES}"));
+        device.edit_config(|text| {
+            format!("{text}{STRATEGIES}[collections.Sealed]\nencrypted = [\"pin\"]\n")
+        });
+        let key = device
+            .command(&["key", "set"])
+            .env("FERRY_PASSPHRASE", "records table passphrase")
+            .output()
+            .unwrap();
+        assert!(key.status.success(), "{key:?}");
     }
     let (da, db_) = (a.start_daemon_logged(), b.start_daemon_logged());
     for collection in STRATEGY_COLLECTIONS {
@@ -1141,12 +1149,31 @@ fn the_records_table_matches_what_every_device_shows_after_conflicts_and_deletes
     wait_materialized(&db, 39);
     assert_table_shows(&db, &[&da]);
 
+    // An encrypted field is in the table as the envelope the relay holds, never in clear.
+    common::call(
+        &da,
+        "put",
+        json!({ "collection": "Sealed", "id": "s1", "fields": { "pin": "4321", "name": "n" } }),
+    );
+    wait_converged(&[&da], 40);
+    wait_materialized(&db, 40);
+    let got = common::call(&da, "get", json!({ "collection": "Sealed", "id": "s1" }));
+    assert_eq!(
+        got["fields"],
+        json!({ "pin": "4321", "name": "n" }),
+        "{got}"
+    );
+    let row = &records_table(&db)[&("Sealed".to_owned(), "s1".to_owned())];
+    assert_eq!(row.0["name"], json!("n"), "{row:?}");
+    assert!(row.0["pin"]["$sealed"].is_string(), "{row:?}");
+    assert!(!row.0.to_string().contains("4321"), "{row:?}");
+
     let status = relay.operator().ferry(&["--json", "relay", "status"]);
     assert!(status.status.success(), "{status:?}");
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(
         status["spaces"],
-        json!([{ "space": "default", "head": 39, "materialized": 39, "entries_behind": 0,
+        json!([{ "space": "default", "head": 40, "materialized": 40, "entries_behind": 0,
                  "seconds_behind": 0.0 }]),
         "{status}"
     );
