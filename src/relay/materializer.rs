@@ -23,9 +23,9 @@ use tokio::sync::watch;
 
 use super::metrics::RelayMetrics;
 use super::storage::pg::{RecordRow, RecordsBatch, RecordsCommit, RecordsLag, StoredRecord};
-use super::storage::{LogStorage, PgStorage, StorageError, StorageNews};
+use super::storage::{LogStorage, PgStorage, RecordKey, StorageError, StorageNews};
 use super::store::assemble;
-use crate::record::{Record, RecordError};
+use crate::record::{Fields, PlainFirst, Record, RecordError, decode_change};
 use crate::resolve::{self, Policies};
 
 /// The materializer's listening connection's `application_name`.
@@ -213,6 +213,25 @@ impl Materializer {
         let Some(base) = base else {
             return Ok(None);
         };
+        if tail.is_empty()
+            && seqs.len() == 1
+            && let Ok(change) = decode_change(&base)
+            && let Some(plain) = PlainFirst::of(&change)
+        {
+            // A record created by one plain change (the bulk of an initial sync) shows that
+            // change's fields, as a device takes it, without loading a document.
+            let Some(log_position) = seqs.get(&change.hash().0).copied().filter(|&s| s <= at)
+            else {
+                return Ok(None);
+            };
+            return Ok(Some(RecordRow {
+                fields: json_text(&plain.fields, &key)?,
+                key,
+                deleted: plain.deleted,
+                updated_ms: change.timestamp(),
+                log_position,
+            }));
+        }
         let mut doc =
             assemble(&base, tail, &self.actor, (space, collection, id)).map_err(failed)?;
         let logged_by_then =
@@ -246,19 +265,26 @@ impl Materializer {
             .map(|meta| meta.timestamp)
             .max()
             .unwrap_or(0);
-        let fields = serde_json::to_string(&view.fields).map_err(|e| MaterializerError::Json {
-            collection: collection.clone(),
-            record: id.clone(),
-            detail: e.to_string(),
-        })?;
         Ok(Some(RecordRow {
+            fields: json_text(&view.fields, &key)?,
             key,
-            fields,
             deleted: view.deleted,
             updated_ms,
             log_position,
         }))
     }
+}
+
+/// A row's fields as JSON text.
+fn json_text(
+    fields: &Fields,
+    (collection, record): &RecordKey,
+) -> Result<String, MaterializerError> {
+    serde_json::to_string(fields).map_err(|e| MaterializerError::Json {
+        collection: collection.clone(),
+        record: record.clone(),
+        detail: e.to_string(),
+    })
 }
 
 /// Runs passes until `stopped`: one as soon as a commit is heard (those heard meanwhile are
