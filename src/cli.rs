@@ -121,10 +121,17 @@ enum Command {
         /// COLLECTION/ID of the record
         address: String,
     },
-    /// Load records from JSON Lines: {"collection": ..., "id": ..., "fields": {...}} per line
+    /// Load records from JSON Lines ({"collection": ..., "id": ..., "fields": {...}} per line),
+    /// or one record's Automerge document made by any Automerge program, with its history
     Import {
         /// File to read; `-` or absent reads standard input
         file: Option<PathBuf>,
+        /// jsonl: records, one per line; automerge: one binary document (needs --into)
+        #[arg(long, value_enum, default_value_t = ImportFormat::Jsonl)]
+        format: ImportFormat,
+        /// COLLECTION/ID the Automerge document becomes (a record this device does not hold)
+        #[arg(long, required_if_eq("format", "automerge"))]
+        into: Option<String>,
         /// Records per call (at most ipc.max_import_records; with --atomic, the whole file)
         #[arg(long, default_value_t = 2000)]
         batch: usize,
@@ -234,9 +241,10 @@ enum Command {
     /// Register this device in an account of a relay, with a one-time code from the relay's
     /// operator (`ferry relay enrol ACCOUNT`); the daemon then syncs with that relay
     Register {
-        /// The relay, as HOST:PORT
-        #[arg(long)]
-        relay: String,
+        /// The relay, as HOST:PORT; relays sharing one database: repeat the flag or separate
+        /// them with commas (the daemon fails over between them)
+        #[arg(long, required = true, value_delimiter = ',')]
+        relay: Vec<String>,
         /// The SHA-256 fingerprint of the relay's certificate, as `ferry relay` printed it
         #[arg(long, required_unless_present = "ca_file")]
         fingerprint: Option<String>,
@@ -294,6 +302,12 @@ enum SyncAction {
     },
     /// Sync again after `ferry sync pause` (and forget a remembered pause)
     Resume,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ImportFormat {
+    Jsonl,
+    Automerge,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -440,8 +454,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
         ),
         Command::Import {
             file,
+            format: ImportFormat::Automerge,
+            into,
+            ..
+        } => import::document(&ctx, file.as_deref(), into.as_deref().unwrap_or_default()),
+        Command::Import {
+            file,
             batch,
             atomic,
+            ..
         } => import::run(
             &ctx,
             import::ImportArgs {

@@ -127,7 +127,9 @@ pub struct MetricsConfig {
 pub struct SyncConfig {
     /// False: this device does not sync, whatever relay it is registered with or configured for.
     pub enabled: bool,
-    /// The relay's `host:port`; empty: the relay `ferry register` joined, if any.
+    /// The relay's `host:port`, or several separated by commas (relays sharing one database,
+    /// tried in turn when one is down; a host that resolves to several addresses is tried at
+    /// each); empty: the relays `ferry register` joined, if any.
     pub relay: String,
     /// The name the relay's certificate is checked against.
     pub server_name: String,
@@ -181,6 +183,23 @@ pub enum Congestion {
     #[default]
     Bbr,
     NewReno,
+}
+
+impl SyncConfig {
+    /// The relays `relay` names, in the order given.
+    pub fn relays(&self) -> Vec<String> {
+        relay_list(&self.relay)
+    }
+}
+
+/// The `host:port` entries of a comma-separated list, blanks dropped.
+pub fn relay_list(relays: &str) -> Vec<String> {
+    relays
+        .split(',')
+        .map(str::trim)
+        .filter(|relay| !relay.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 impl Default for SyncConfig {
@@ -366,6 +385,26 @@ pub struct CollectionConfig {
     /// Top-level fields encrypted on the device with the account key (`ferry key set`): the
     /// relay stores and forwards them but cannot read them. Not allowed in `unique` or `text`.
     pub encrypted: Vec<String>,
+    /// Secondary indexes on this device's store, each one top-level field or a list of them
+    /// (`["email", ["customer", "year"]]`): queries whose conditions they serve read them.
+    pub index: Vec<IndexFields>,
+}
+
+/// One index: a field, or several in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum IndexFields {
+    One(String),
+    Several(Vec<String>),
+}
+
+impl IndexFields {
+    pub fn fields(&self) -> Vec<String> {
+        match self {
+            IndexFields::One(field) => vec![field.clone()],
+            IndexFields::Several(fields) => fields.clone(),
+        }
+    }
 }
 
 impl RelayConfig {
@@ -421,6 +460,47 @@ impl CollectionConfig {
     }
 }
 
+impl CollectionConfig {
+    fn validate_indexes(&self, name: &str) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for index in &self.index {
+            let fields = index.fields();
+            if fields.is_empty() {
+                return Err(format!(
+                    "[collections.{name}] index: an index names one or more fields"
+                ));
+            }
+            if let Some(field) = fields.iter().find(|f| {
+                f.is_empty()
+                    || f.starts_with('$')
+                    || f.contains(',')
+                    || f.chars().any(char::is_control)
+            }) {
+                return Err(format!(
+                    "[collections.{name}] index: {field:?} is not a top-level field name (empty, starting with `$`, or holding a comma or a control character)"
+                ));
+            }
+            if let Some(field) = fields.iter().find(|f| self.encrypted.contains(f)) {
+                return Err(format!(
+                    "[collections.{name}] index: {field:?} is encrypted: its values are sealed on the device (each sealing of one value differs), so they cannot be ordered or compared; index other fields"
+                ));
+            }
+            let distinct: std::collections::BTreeSet<&String> = fields.iter().collect();
+            if distinct.len() != fields.len() {
+                return Err(format!(
+                    "[collections.{name}] index: {fields:?} names a field twice"
+                ));
+            }
+            if !seen.insert(fields.clone()) {
+                return Err(format!(
+                    "[collections.{name}] index: {fields:?} is listed twice"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
@@ -471,6 +551,7 @@ impl Config {
                     "[collections.{name}] encrypted: {field:?} is not a field name (empty or starting with `$`)"
                 ));
             }
+            collection.validate_indexes(name)?;
             if let Some(field) = collection.encrypted.iter().find(|f| {
                 collection.text.contains(f) || collection.unique.iter().any(|u| u.contains(f))
             }) {
@@ -646,6 +727,17 @@ impl Config {
             synced_collections: (!self.sync.collections.is_empty())
                 .then(|| self.sync.collections.iter().cloned().collect()),
             policies: self.policies(),
+            indexes: self
+                .collections
+                .iter()
+                .filter(|(_, c)| !c.index.is_empty())
+                .map(|(name, c)| {
+                    (
+                        name.clone(),
+                        c.index.iter().map(IndexFields::fields).collect(),
+                    )
+                })
+                .collect(),
             keyring: Default::default(),
             max_change_bytes: ferry_proto::wire::max_change_bytes(
                 self.sync.max_frame_bytes as usize,
@@ -659,6 +751,17 @@ mod tests {
     use super::*;
 
     const EXAMPLE: &str = include_str!("../config.example.toml");
+
+    #[test]
+    fn sync_relay_lists_several_relays() {
+        let config = Config::parse(
+            "[sync]\nrelay = \"a.example:4433, b.example:4433,,\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.sync.relays(), ["a.example:4433", "b.example:4433"]);
+        assert!(SyncConfig::default().relays().is_empty());
+    }
 
     #[test]
     fn example_parses_to_the_defaults() {
@@ -720,6 +823,31 @@ mod tests {
             );
         }
         assert_eq!(collection.encrypted, ["iban"]);
+    }
+
+    #[test]
+    fn indexes_name_top_level_fields_never_encrypted_ones() {
+        let text = "[collections.Invoice]\nindex = [\"email\", [\"customer\", \"year\"]]\n";
+        let config = Config::parse(text, Path::new("c.toml")).unwrap();
+        assert_eq!(
+            config.store_options().indexes["Invoice"],
+            [
+                vec!["email".to_owned()],
+                vec!["customer".into(), "year".into()]
+            ]
+        );
+        for (bad, says) in [
+            ("encrypted = [\"iban\"]\nindex = [\"iban\"]", "sealed"),
+            ("index = [[]]", "one or more"),
+            ("index = [\"$id\"]", "top-level"),
+            ("index = [\"a,b\"]", "comma"),
+            ("index = [[\"a\", \"a\"]]", "twice"),
+            ("index = [\"a\", [\"a\"]]", "twice"),
+        ] {
+            let text = format!("[collections.C]\n{bad}\n");
+            let err = Config::parse(&text, Path::new("c.toml")).unwrap_err();
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! carries out the session's effects against the local service, reconnects with backoff, and
 //! publishes a [`SyncStatus`] that `status` and `ferry sync` read.
 //!
+//! A device may know several relays sharing one database (the same log, accounts and tokens):
+//! each connection attempt tries them in turn, from the one used last, at every address each
+//! resolves to, and a session that ends hands over to the next relay at once; the backoff
+//! applies once every relay failed.
+//!
 //! The four phases of a sync are tracing spans and SyncLog entries: initialization (connect,
 //! TLS, authentication, protocol version, relay time), upload (queue batches in priority order),
 //! download (log pages since the cursor, applied and made durable before the cursor moves) and
@@ -41,7 +46,7 @@ pub use status::{Behind, ConnectionState, SyncFailure, SyncStatus, relative};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("sync.relay {0:?} is not host:port, or the host does not resolve: {1}")]
+    #[error("relay {0:?} is not host:port, or the host does not resolve: {1}")]
     RelayAddress(String, String),
     #[error("sync.fingerprint is not valid: {0}")]
     Fingerprint(String),
@@ -84,7 +89,8 @@ pub fn error_kind(error: &EngineError) -> &'static str {
 /// Everything the sync loop needs from the config, checked.
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
-    pub relay: String,
+    /// The relays, in the order given; never empty. All present the same certificate.
+    pub relays: Vec<String>,
     pub server_name: String,
     pub trust: ServerTrust,
     pub space: String,
@@ -107,7 +113,8 @@ pub struct SyncSettings {
 impl SyncSettings {
     /// `None` when sync is off or no relay is named: the device works offline only.
     pub fn from_config(config: &SyncConfig) -> Result<Option<Self>, EngineError> {
-        if !config.enabled || config.relay.is_empty() {
+        let relays = config.relays();
+        if !config.enabled || relays.is_empty() {
             return Ok(None);
         }
         let trust = if !config.fingerprint.is_empty() {
@@ -134,7 +141,7 @@ impl SyncSettings {
             ..SessionConfig::default()
         };
         Ok(Some(SyncSettings {
-            relay: config.relay.clone(),
+            relays,
             server_name: config.server_name.clone(),
             trust,
             space: config.space.clone(),
@@ -253,7 +260,8 @@ enum Command {
 
 /// How an attempt to connect ended.
 enum Attempt {
-    Linked(Link),
+    /// Linked to the relay at this index of `SyncSettings::relays`.
+    Linked(usize, Link),
     Failed(EngineError),
     Paused,
     ShuttingDown,
@@ -363,21 +371,23 @@ pub fn spawn(
 ) -> (SyncHandle, tokio::task::JoinHandle<()>) {
     let (commands_tx, commands) = mpsc::channel(16);
     let store = service.store().clone();
+    let known = store.last_known_sync().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the last known sync state");
+        None
+    });
+    let worked = known.as_ref().and_then(|k| k.relay.clone());
     let mut initial = SyncStatus::new(
-        settings.relay.clone(),
+        status::preferred_relay(&settings.relays, known.as_ref()),
         settings.space.clone(),
         store.sync_cursor().unwrap_or(0),
     );
+    initial.relays = settings.relays.clone();
     initial.collections = store.synced_collections();
     // Until the relay says otherwise, what the last run knew of it.
-    match store.last_known_sync() {
-        Ok(Some(known)) => {
-            initial.relay_head = known.relay_head;
-            initial.relay_head_at_ms = known.relay_head_at_ms;
-            initial.last_sync_ms = known.last_sync_ms;
-        }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot read the last known sync state"),
+    if let Some(known) = known {
+        initial.relay_head = known.relay_head;
+        initial.relay_head_at_ms = known.relay_head_at_ms;
+        initial.last_sync_ms = known.last_sync_ms;
     }
     initial.disconnected_since_ms = Some(now_ms());
     let paused = store.sync_paused().unwrap_or_else(|e| {
@@ -406,6 +416,7 @@ pub fn spawn(
         alerts,
         heads_check: HeadsCheck::default(),
         paused,
+        worked,
     };
     let task = tokio::spawn(engine.run());
     (
@@ -459,6 +470,8 @@ struct Engine {
     heads_check: HeadsCheck,
     /// Sync is paused: no session runs.
     paused: bool,
+    /// The relay that last let this device in, tried first at the next start.
+    worked: Option<String>,
 }
 
 /// Records compared per heads check: each check digests the next page of the space.
@@ -497,6 +510,9 @@ impl Engine {
     async fn run(mut self) {
         transport::install_crypto_provider();
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        // Sessions that ended without finishing a round since the last wait: each hands over to
+        // the next relay at once, and once every relay had its turn the backoff applies.
+        let mut sessions_lost = 0;
         while !*self.shutdown.borrow() {
             if self.paused {
                 if !self.wait_while_paused().await {
@@ -512,25 +528,41 @@ impl Engine {
             match self.attempt_connection().await {
                 Attempt::ShuttingDown => break,
                 Attempt::Paused => continue,
-                Attempt::Linked((endpoint, connection, sender, receiver)) => {
+                Attempt::Linked(index, (endpoint, connection, sender, receiver)) => {
+                    self.linked(index, &connection);
                     // Only a session that got its work done resets the backoff: one that signs
                     // in and then fails every time must not reconnect at full speed.
                     let rounds = self.rounds_finished;
                     self.run_session(&connection, sender, receiver).await;
                     if self.rounds_finished > rounds {
                         backoff.reset();
+                        sessions_lost = 0;
                     }
                     connection.close(0u32.into(), b"session over");
                     self.count_bytes(&connection);
                     self.counted = Default::default();
                     self.disconnected();
                     endpoint.wait_idle().await;
+                    if *self.shutdown.borrow() {
+                        break;
+                    }
+                    if self.paused {
+                        continue;
+                    }
+                    // The relay may be gone: the next attempt starts with the next one.
+                    let relays = self.settings.relays.len();
+                    self.set_relay((index + 1) % relays);
+                    sessions_lost += 1;
+                    if sessions_lost < relays {
+                        continue;
+                    }
                 }
                 Attempt::Failed(e) => {
                     self.disconnected();
                     self.failed(&e, Direction::Initialization);
                 }
             }
+            sessions_lost = 0;
             if !self.paused && !self.wait_before_retry(&mut backoff).await {
                 break;
             }
@@ -596,11 +628,27 @@ impl Engine {
         self.fail_waiters(&SyncFailure::stopped());
     }
 
+    /// The relay at `index` is the one to try first from now on.
+    fn set_relay(&mut self, index: usize) {
+        if let Some(relay) = self.settings.relays.get(index) {
+            self.status.send_modify(|s| s.relay.clone_from(relay));
+        }
+    }
+
+    /// Connected to the relay at `index`: status names it (and the address it resolved to).
+    fn linked(&mut self, index: usize, connection: &quinn::Connection) {
+        self.set_relay(index);
+        let addr = connection.remote_address().to_string();
+        tracing::info!(relay = %self.status.borrow().relay, %addr, "connected to a relay");
+        self.status.send_modify(|s| s.relay_addr = Some(addr));
+    }
+
     /// No session is open any more (or none could be opened).
     fn disconnected(&mut self) {
         self.status.send_modify(|s| {
             s.state = ConnectionState::Connecting;
             s.syncing = false;
+            s.relay_addr = None;
             s.disconnected_since_ms.get_or_insert_with(now_ms);
         });
         self.save_last_known();
@@ -609,7 +657,7 @@ impl Engine {
     /// Keeps the status in the store for `ferry status` while no daemon runs. It lands with the
     /// store's next flush; losing the latest copy in a crash loses nothing but that view.
     fn save_last_known(&self) {
-        let known = self.status.borrow().to_last_known();
+        let known = self.status.borrow().to_last_known(self.worked.as_deref());
         if let Err(e) = self.service.store().save_last_known_sync(&known) {
             tracing::warn!(error = %e, "cannot keep the sync state for `ferry status`");
         }
@@ -651,9 +699,10 @@ impl Engine {
     /// relay is back.
     async fn attempt_connection(&mut self) -> Attempt {
         loop {
+            let first = self.relay_index();
             tokio::select! {
-                linked = connect(&self.settings) => return match linked {
-                    Ok(link) => Attempt::Linked(link),
+                linked = connect(&self.settings, first) => return match linked {
+                    Ok((index, link)) => Attempt::Linked(index, link),
                     Err(e) => Attempt::Failed(e),
                 },
                 command = self.commands.recv() => match command {
@@ -672,6 +721,16 @@ impl Engine {
                 _ = self.shutdown.changed() => return Attempt::ShuttingDown,
             }
         }
+    }
+
+    /// Where in `SyncSettings::relays` the relay status names is: the one tried first.
+    fn relay_index(&self) -> usize {
+        let relay = &self.status.borrow().relay;
+        self.settings
+            .relays
+            .iter()
+            .position(|r| r == relay)
+            .unwrap_or(0)
     }
 
     /// Drives one session until it closes.
@@ -953,6 +1012,7 @@ impl Engine {
                 relay_head,
             } => {
                 self.signed_in = true;
+                self.worked = Some(self.status.borrow().relay.clone());
                 let skew_ms = relay_time_ms as i64 - now_ms() as i64;
                 tracing::info!(version, skew_ms, relay_head, "connected to the relay");
                 self.log(Direction::Initialization, 0, SyncOutcome::Success, None);
@@ -1424,7 +1484,7 @@ pub async fn register_device(
         })
     })?;
     let registration = credentials::Registration {
-        relay: sync.relay.clone(),
+        relays: settings.relays.clone(),
         server_name: sync.server_name.clone(),
         fingerprint: sync.fingerprint.clone(),
         ca_file: sync.ca_file.clone(),
@@ -1471,7 +1531,7 @@ pub async fn sign_in(
     credential: Credential,
 ) -> Result<SignedIn, EngineError> {
     transport::install_crypto_provider();
-    let (endpoint, connection, mut sender, mut incoming) = connect(settings).await?;
+    let (_, (endpoint, connection, mut sender, mut incoming)) = connect(settings, 0).await?;
     let binding = transport::channel_binding(&connection)?;
     let mut session = DeviceSession::new(
         settings.session.clone(),
@@ -1551,9 +1611,42 @@ impl Io<DeviceSession> for SigningIn<'_> {
     }
 }
 
-#[tracing::instrument(name = "sync.initialization", skip_all, fields(relay = %settings.relay))]
-async fn connect(settings: &SyncSettings) -> Result<Link, EngineError> {
-    let addr = resolve(&settings.relay).await?;
+/// Connects to one of the relays, trying each in turn from the one at index `first`: the index
+/// of the relay that answered, and the link; the last relay's error when none did.
+async fn connect(settings: &SyncSettings, first: usize) -> Result<(usize, Link), EngineError> {
+    let count = settings.relays.len();
+    let mut last = EngineError::NotConfigured;
+    for index in (first..count).chain(0..first.min(count)) {
+        let Some(relay) = settings.relays.get(index) else {
+            continue;
+        };
+        match connect_relay(settings, relay).await {
+            Ok(link) => return Ok((index, link)),
+            Err(e) => {
+                if count > 1 {
+                    tracing::info!(relay, error = %e, "relay unreachable: trying the next");
+                }
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Connects to `relay` at each address it resolves to in turn, until one answers.
+#[tracing::instrument(name = "sync.initialization", skip(settings))]
+async fn connect_relay(settings: &SyncSettings, relay: &str) -> Result<Link, EngineError> {
+    let mut last = EngineError::RelayAddress(relay.into(), "no address".into());
+    for addr in resolve(relay).await? {
+        match connect_addr(settings, addr).await {
+            Ok(link) => return Ok(link),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn connect_addr(settings: &SyncSettings, addr: SocketAddr) -> Result<Link, EngineError> {
     let options = settings.transport_options();
     let endpoint = transport::client_endpoint(addr)?;
     let connecting = transport::connect_resuming(
@@ -1575,13 +1668,15 @@ async fn connect(settings: &SyncSettings) -> Result<Link, EngineError> {
     Ok((endpoint, connection, sender, incoming))
 }
 
-async fn resolve(relay: &str) -> Result<SocketAddr, EngineError> {
-    let mut addrs = tokio::net::lookup_host(relay)
+async fn resolve(relay: &str) -> Result<Vec<SocketAddr>, EngineError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(relay)
         .await
-        .map_err(|e| EngineError::RelayAddress(relay.into(), e.to_string()))?;
-    addrs
-        .next()
-        .ok_or_else(|| EngineError::RelayAddress(relay.into(), "no address".into()))
+        .map_err(|e| EngineError::RelayAddress(relay.into(), e.to_string()))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(EngineError::RelayAddress(relay.into(), "no address".into()));
+    }
+    Ok(addrs)
 }
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ pub enum Notification {
     Lagged { subscription: u64, missed: u64 },
     /// While a `sync` call runs: the sync status, each time it changes.
     #[serde(rename = "sync.progress")]
-    SyncProgress(SyncStatus),
+    SyncProgress(Box<SyncStatus>),
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -562,7 +562,7 @@ impl Connection {
                 Ok(()) = progress.changed() => {
                     let status = progress.borrow_and_update().clone();
                     // Progress is a hint: one that cannot be encoded is left out.
-                    if let Ok(note) = notification(&Notification::SyncProgress(status)) {
+                    if let Ok(note) = notification(&Notification::SyncProgress(Box::new(status))) {
                         let _ = out.try_send(note.to_string());
                     }
                 }
@@ -1010,7 +1010,7 @@ impl Client {
         let mut unread = Ok(());
         let result = self.typed_exchange(params.into(), |note| {
             match serde_json::from_value(note) {
-                Ok(Notification::SyncProgress(status)) => on_progress(status),
+                Ok(Notification::SyncProgress(status)) => on_progress(*status),
                 // Another subscription's news on this connection is not the sync's.
                 Ok(_) => {}
                 Err(e) => unread = Err(ClientError::Protocol(e.to_string())),

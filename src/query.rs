@@ -178,14 +178,17 @@ impl Query {
         }
     }
 
-    /// The `next` of an ordered page that ended with this record: its order value and id.
+    /// The `next` of an ordered page that ended with this record: its order value and id (the id
+    /// alone when the record lacks the field, which is not the same as holding null).
     pub fn position(&self, fields: &Fields, id: &str) -> String {
         let value = self
             .order_by
             .as_ref()
-            .and_then(|(field, _)| fields.get(field))
-            .cloned();
-        serde_json::json!([value, id]).to_string()
+            .and_then(|(field, _)| fields.get(field));
+        match value {
+            Some(value) => serde_json::json!([value, id]).to_string(),
+            None => serde_json::json!([id]).to_string(),
+        }
     }
 
     /// Whether a record comes after `position` (a `next` this query gave) in the query's order.
@@ -209,16 +212,15 @@ impl Position {
     pub fn parse(text: &str) -> Result<Position, QueryError> {
         let bad = || QueryError::BadPosition(format!("{text:?} is not one"));
         match serde_json::from_str::<Value>(text).map_err(|_| bad())? {
-            Value::Array(mut parts) if parts.len() == 2 => {
+            Value::Array(mut parts) if (1..=2).contains(&parts.len()) => {
                 let id = match parts.pop() {
                     Some(Value::String(id)) => id,
                     _ => return Err(bad()),
                 };
-                let value = match parts.pop() {
-                    Some(Value::Null) | None => None,
-                    Some(value) => Some(value),
-                };
-                Ok(Position { value, id })
+                Ok(Position {
+                    value: parts.pop(),
+                    id,
+                })
             }
             _ => Err(bad()),
         }
@@ -269,17 +271,27 @@ pub fn same_kind_cmp(a: &Value, b: &Value) -> Option<Ordering> {
     }
 }
 
-/// Numbers as numbers: exactly for integers (i64 and u64 alike), by value for floats.
+/// Numbers as numbers, exactly: integers (i64 and u64 alike) and floats by their value, so that
+/// `1` equals `1.0` and two integers that round to one float still differ.
 fn number_cmp(a: &serde_json::Number, b: &serde_json::Number) -> Ordering {
-    match (a.as_i64(), b.as_i64(), a.as_u64(), b.as_u64()) {
-        (Some(a), Some(b), _, _) => a.cmp(&b),
-        (_, _, Some(a), Some(b)) => a.cmp(&b),
-        // One of them is a u64 above i64::MAX or a float.
-        _ => {
-            let (a, b) = (a.as_f64().unwrap_or(0.0), b.as_f64().unwrap_or(0.0));
-            a.total_cmp(&b)
-        }
-    }
+    let (a, b) = (number_key(a), number_key(b));
+    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+}
+
+/// A number as a pair whose order is the numbers' exact order: its nearest float (`-0.0` taken
+/// as `0.0`), then, among numbers that round to one float (integers only: a float that is not
+/// whole rounds from no integer), the exact integer. Rounding to the nearest float keeps order,
+/// so the float decides wherever it differs.
+pub fn number_key(n: &serde_json::Number) -> (f64, i128) {
+    let approx = n.as_f64().unwrap_or(0.0) + 0.0;
+    let exact = match (n.as_i64(), n.as_u64()) {
+        (Some(i), _) => i128::from(i),
+        (None, Some(u)) => i128::from(u),
+        // A whole float beyond i128 shares its float with no integer JSON carries.
+        (None, None) if approx.fract() == 0.0 => approx as i128,
+        (None, None) => 0,
+    };
+    (approx, exact)
 }
 
 /// The rank of a value's kind in an order: missing, null, booleans, numbers, strings, the rest.
@@ -448,5 +460,11 @@ mod tests {
             .collect();
         assert_eq!(after, ["2", "4", "1"]);
         assert!(Position::parse("[1]").is_err());
+        // A null value is not a missing one: a page that ended on a null resumes after it.
+        let null = fields(json!({"n": null}));
+        let at = Position::parse(&q.position(&null, "5")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!q.is_after(&at, &null, "5"));
+        assert!(q.is_after(&at, &fields(json!({"n": null})), "6"));
+        assert!(!q.is_after(&at, &fields(json!({})), "9"));
     }
 }

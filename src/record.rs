@@ -60,6 +60,10 @@ pub enum RecordError {
         "the change leaves a document Automerge cannot load again once saved ({0}): the change is malformed; the record must be loaded again"
     )]
     NotReloadable(String),
+    #[error(
+        "the document is not a JSON-shaped record: {0} (Ferry records hold JSON values: maps, lists, strings, numbers, booleans and null)"
+    )]
+    NotJsonShaped(String),
 }
 
 impl RecordError {
@@ -458,6 +462,29 @@ impl Record {
             doc: doc.with_actor(actor.clone()),
             text: Arc::default(),
         })
+    }
+
+    /// A document made by any Automerge program, taken in whole with its history: its changes
+    /// in an order that applies (each after its dependencies). Refused unless every value it
+    /// shows is JSON (maps, lists, text, strings, numbers, booleans, null; `$deleted` a
+    /// boolean): counters, timestamps, bytes and tables have no JSON form Ferry could write back.
+    pub fn import(bytes: &[u8], actor: &ActorId) -> Result<(Record, Vec<Change>), RecordError> {
+        let mut record = Record::load(bytes, actor)?;
+        check_json_shaped(&record.doc, &ROOT, "")?;
+        if let Ok(Some((value, _))) = record.doc.get(ROOT, DELETED_KEY)
+            && !matches!(value, AmValue::Scalar(ref s) if matches!(**s, ScalarValue::Boolean(_)))
+        {
+            return Err(RecordError::NotJsonShaped(format!(
+                "`{DELETED_KEY}` is not a boolean"
+            )));
+        }
+        let changes = record.changes_after(&[])?;
+        if changes.is_empty() {
+            return Err(RecordError::NotJsonShaped(
+                "the document holds no change".into(),
+            ));
+        }
+        Ok((record, changes))
     }
 
     /// Writes the named top-level string fields as Automerge text from now on.
@@ -1203,6 +1230,50 @@ fn read_value(doc: &AutoCommit, value: AmValue<'_>, id: &ObjId) -> Value {
         AmValue::Object(ObjType::Text) => Value::String(doc.text(id).unwrap_or_default()),
         AmValue::Scalar(s) => from_scalar(&s),
     }
+}
+
+/// Refuses a value under `obj` (at `path`) that has no JSON form: a table, a counter, a
+/// timestamp, bytes or an unknown scalar.
+fn check_json_shaped(doc: &AutoCommit, obj: &ObjId, path: &str) -> Result<(), RecordError> {
+    let refuse =
+        |at: String, what: &str| Err(RecordError::NotJsonShaped(format!("`{at}` holds {what}")));
+    let check = |at: String, value: AmValue<'_>, id: ObjId| -> Result<(), RecordError> {
+        match value {
+            AmValue::Object(ObjType::Map | ObjType::List) => check_json_shaped(doc, &id, &at),
+            AmValue::Object(ObjType::Text) => Ok(()),
+            AmValue::Object(ObjType::Table) => refuse(at, "a table"),
+            AmValue::Scalar(s) => match s.as_ref() {
+                ScalarValue::Counter(_) => refuse(at, "a counter"),
+                ScalarValue::Timestamp(_) => refuse(at, "a timestamp"),
+                ScalarValue::Bytes(_) => refuse(at, "bytes"),
+                ScalarValue::Unknown { .. } => refuse(at, "a value of an unknown type"),
+                ScalarValue::F64(f) if !f.is_finite() => refuse(at, "a number JSON cannot hold"),
+                _ => Ok(()),
+            },
+        }
+    };
+    match doc.object_type(obj) {
+        Ok(ObjType::List) => {
+            for index in 0..doc.length(obj) {
+                if let Ok(Some((value, id))) = doc.get(obj, index) {
+                    check(format!("{path}[{index}]"), value, id)?;
+                }
+            }
+        }
+        _ => {
+            for key in doc.keys(obj) {
+                if let Ok(Some((value, id))) = doc.get(obj, key.as_str()) {
+                    let at = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    check(at, value, id)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Automerge scalar to JSON. A bytes value (an encrypted field's envelope) becomes its marker,

@@ -37,11 +37,12 @@ pub mod api;
 use api::{
     Address, Answer, CollectionList, CollectionSize, CollectionsParams, ConflictId, ConflictPage,
     ConflictSummary, ConflictsParams, Contents, DeleteParams, DoctorAnswer, DoctorParams,
-    ExportParams, Exported, GetParams, HistoryParams, ImportParams, Imported, KeyReloadParams,
-    KeyReloaded, ListParams, LogPage, LogParams, Method, Named as _, PatchParams, PutParams,
-    QuarantinedEntry, QuarantinedSummary, QueuePage, QueueParams, RecordHistory, RecordPage,
-    ResolveRequest, Retried, RetryParams, StatusAnswer, StatusParams, Storage, SubscribeParams,
-    Subscribed, SyncPauseParams, SyncPaused, SyncResumeParams, UnsubscribeParams, Unsubscribed,
+    ExportParams, Exported, GetParams, HistoryParams, ImportAutomergeParams, ImportParams,
+    Imported, ImportedDocument, KeyReloadParams, KeyReloaded, ListParams, LogPage, LogParams,
+    Method, Named as _, PatchParams, PutParams, QuarantinedEntry, QuarantinedSummary, QueuePage,
+    QueueParams, RecordHistory, RecordPage, ResolveRequest, Retried, RetryParams, StatusAnswer,
+    StatusParams, Storage, SubscribeParams, Subscribed, SyncPauseParams, SyncPaused,
+    SyncResumeParams, UnsubscribeParams, Unsubscribed,
 };
 
 /// Stable JSON-RPC error codes. The standard ones are JSON-RPC 2.0's own.
@@ -109,9 +110,10 @@ impl From<StoreError> for ApiError {
             | StoreError::QueueEntryNotFound(_)
             | StoreError::ConflictNotFound(_) => code::NOT_FOUND,
             StoreError::ConflictSettled { .. } => code::CONFLICT_SETTLED,
-            StoreError::MergeNeedsData(_) | StoreError::UnknownVersion { .. } => {
-                code::INVALID_PARAMS
-            }
+            StoreError::MergeNeedsData(_)
+            | StoreError::UnknownVersion { .. }
+            | StoreError::ImportRefused(_) => code::INVALID_PARAMS,
+            StoreError::Exists { .. } => code::INVALID_STATE,
             StoreError::UnknownCollection(_) | StoreError::NotSynced(_) => code::UNKNOWN_COLLECTION,
             StoreError::Query(_) => code::INVALID_PARAMS,
             StoreError::Record(RecordError::TooLarge { .. })
@@ -119,9 +121,11 @@ impl From<StoreError> for ApiError {
             StoreError::Address(_) | StoreError::Record(RecordError::ReservedField { .. }) => {
                 code::INVALID_PARAMS
             }
-            StoreError::Record(RecordError::TooDeep { .. } | RecordError::InvalidChange(_)) => {
-                code::INVALID_PARAMS
-            }
+            StoreError::Record(
+                RecordError::TooDeep { .. }
+                | RecordError::InvalidChange(_)
+                | RecordError::NotJsonShaped(_),
+            ) => code::INVALID_PARAMS,
             StoreError::Record(RecordError::MissingDependencies { .. }) => code::INVALID_STATE,
             StoreError::Storage(KvError::DiskFull(_)) => code::DISK_FULL,
             StoreError::Storage(KvError::Corrupt(_) | KvError::Damaged(_))
@@ -178,6 +182,11 @@ enum Job {
     Snapshot {
         page: SnapshotPage,
         reply: mpsc::Sender<Result<SnapshotOutcome, StoreError>>,
+    },
+    ImportDocument {
+        /// Collection, id and the document's bytes.
+        document: (String, String, Vec<u8>),
+        reply: mpsc::Sender<Result<(Applied, usize), StoreError>>,
     },
     UniqueIndex {
         page: UniqueIndexPage,
@@ -255,6 +264,15 @@ impl Job {
             Job::UniqueIndex { page, reply } => {
                 let result = supervised("taking in the relay's unique-value index", || {
                     store.apply_unique_index_page(&page)
+                });
+                Box::new(move |flushed| {
+                    let _ = reply.send(after_flush(flushed, result));
+                })
+            }
+            Job::ImportDocument { document, reply } => {
+                let (collection, id, bytes) = document;
+                let result = supervised("an imported Automerge document", || {
+                    store.import_document(&collection, &id, &bytes)
                 });
                 Box::new(move |flushed| {
                     let _ = reply.send(after_flush(flushed, result));
@@ -651,6 +669,23 @@ impl Service {
         Ok(())
     }
 
+    /// Takes in a record's Automerge document made elsewhere (see `Store::import_document`);
+    /// returns once it is durable. Subscribers hear of the record.
+    pub fn import_document(
+        &self,
+        collection: String,
+        id: String,
+        bytes: Vec<u8>,
+    ) -> Result<(Applied, usize), ApiError> {
+        let imported = self.durably(
+            (collection, id, bytes),
+            |store, (collection, id, bytes)| store.import_document(&collection, &id, &bytes),
+            |document, reply| Job::ImportDocument { document, reply },
+        )?;
+        self.announce_local(std::slice::from_ref(&imported.0));
+        Ok(imported)
+    }
+
     /// Resolves an open conflict (see `Store::resolve_conflict`); returns once the resolving
     /// changes are durable. Subscribers hear of the records written and of the conflict.
     pub fn resolve_conflict(&self, request: ResolveRequest) -> Result<ResolveOutcome, ApiError> {
@@ -857,6 +892,27 @@ impl Method for ExportParams {
             collection,
             id,
             automerge_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+        })
+    }
+}
+
+impl Method for ImportAutomergeParams {
+    type Answer = ImportedDocument;
+    fn run(self, service: &Service) -> Result<ImportedDocument, ApiError> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.automerge_base64)
+            .map_err(|e| {
+                ApiError::invalid_params(format!(
+                    "automerge_base64 is not base64 ({e}): send the document's bytes encoded \
+                     with the standard alphabet"
+                ))
+            })?;
+        let (applied, changes) = service.import_document(self.collection, self.id, bytes)?;
+        Ok(ImportedDocument {
+            collection: applied.collection,
+            id: applied.id,
+            heads: applied.heads,
+            changes,
         })
     }
 }

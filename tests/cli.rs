@@ -740,3 +740,57 @@ fn init_takes_an_empty_directory_made_beforehand() {
     std::fs::set_permissions(&used, std::fs::Permissions::from_mode(0o755)).unwrap();
     failed_with(&init(&used), 1, &["open to other users", "chmod 700"]);
 }
+
+/// `ferry ls` with a query says how it was answered: a scan of the collection until the config
+/// gives it an index, which the daemon builds when it starts, then the index, with the same
+/// records in the same order.
+#[test]
+fn ls_with_a_query_says_which_plan_answered_it() {
+    let dev = Device::new();
+    for (id, customer, year) in [
+        ("i1", "c42", 2023),
+        ("i2", "c42", 2025),
+        ("i3", "c7", 2024),
+        ("i4", "c42", 2024),
+    ] {
+        let data = json!({"customer": customer, "year": year}).to_string();
+        succeeded(&dev.ferry(&["put", &format!("Invoice/{id}"), "--data", &data]));
+    }
+    let query = [
+        "--json",
+        "ls",
+        "Invoice",
+        "--where",
+        "customer=c42",
+        "--where",
+        "year>=2024",
+        "--order-by",
+        "year",
+    ];
+    let scanned = json_of(&dev.ferry(&query));
+    assert_eq!(scanned["plan"], "scan");
+    let ids = |page: &Value| -> Vec<String> {
+        let records = page["records"].as_array().cloned().unwrap_or_default();
+        records
+            .iter()
+            .map(|r| r["id"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&scanned), ["i4", "i2"]);
+
+    dev.edit_config(|text| {
+        format!("{text}\n[collections.Invoice]\nindex = [[\"customer\", \"year\"]]\n")
+    });
+    let daemon = dev.start_daemon();
+    let indexed = json_of(&dev.ferry(&query));
+    assert_eq!(indexed["plan"], "index:customer,year");
+    assert_eq!(ids(&indexed), ids(&scanned));
+    let text = dev.ferry(&query[1..]);
+    assert!(
+        !stderr(&text).contains("no index serves"),
+        "{}",
+        stderr(&text)
+    );
+    let status = daemon.terminate();
+    assert!(status.success(), "daemon exit: {status}");
+}

@@ -1,8 +1,9 @@
 //! Queries on a device's store (`list` with `where` and `order_by`): for random records and
 //! random queries, the pages a query gives, read one after another through their `next`, hold
 //! exactly the records a plain oracle (written here, sharing no code with `ferry::query`) finds
-//! and orders, at every page size; deleted records never show; conditions on encrypted fields
-//! are refused.
+//! and orders, at every page size, whether a secondary index answers (any of several index
+//! sets on the collection) or a scan; deleted records never show; conditions on encrypted
+//! fields are refused.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
 #![allow(
@@ -124,12 +125,28 @@ fn oracle_holds(c: &Condition, field: Option<&Value>) -> bool {
     }
 }
 
-fn store(policies: Policies) -> Store {
+/// The index sets a collection may have: none, one field, two, a compound one either way.
+fn index_set(which: usize) -> Vec<Vec<String>> {
+    let sets: [&[&[&str]]; 5] = [
+        &[],
+        &[&["n"]],
+        &[&["s"], &["n"]],
+        &[&["s", "n"]],
+        &[&["n", "s"]],
+    ];
+    sets[which]
+        .iter()
+        .map(|index| index.iter().map(|f| (*f).to_owned()).collect())
+        .collect()
+}
+
+fn store(policies: Policies, indexes: Vec<Vec<String>>) -> Store {
     Store::open(
         Box::new(MemoryKv::new()),
         common::TEST_DEVICE,
         StoreOptions {
             policies,
+            indexes: BTreeMap::from([("C".to_owned(), indexes)]),
             ..StoreOptions::default()
         },
         StepClock::new(),
@@ -146,8 +163,9 @@ proptest! {
         order in prop_oneof![Just(None), Just(Some("n")), Just(Some("s"))],
         desc in any::<bool>(),
         page in 1usize..7,
+        indexes in 0usize..5,
     ) {
-        let store = store(Policies::default());
+        let store = store(Policies::default(), index_set(indexes));
         let mut live = BTreeMap::new();
         for (i, r) in records.iter().enumerate() {
             let id = format!("r{i:02}");
@@ -185,7 +203,12 @@ proptest! {
         let mut after: Option<String> = None;
         loop {
             let found = store.query("C", &query, after.as_deref(), page).unwrap();
-            prop_assert_eq!(found.plan.as_str(), "scan");
+            if indexes == 0 {
+                prop_assert_eq!(found.plan.as_str(), "scan");
+            }
+            if indexes == 1 && conditions.iter().any(|c| c.field == "n" && c.op == Op::Eq) {
+                prop_assert_eq!(found.plan.as_str(), "index:n");
+            }
             prop_assert!(found.records.len() <= page);
             got.extend(found.records.into_iter().map(|r| r.id));
             match found.next {
@@ -204,10 +227,13 @@ fn conditions_and_orders_on_encrypted_fields_are_refused() {
         encrypted: Arc::new(["secret".to_owned()].into()),
         ..Policy::default()
     };
-    let store = store(Policies {
-        default: Policy::default(),
-        collections: BTreeMap::from([("C".to_owned(), sealed)]),
-    });
+    let store = store(
+        Policies {
+            default: Policy::default(),
+            collections: BTreeMap::from([("C".to_owned(), sealed)]),
+        },
+        Vec::new(),
+    );
     let on_secret = Condition {
         field: "secret".into(),
         op: Op::Eq,

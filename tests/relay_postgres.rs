@@ -34,7 +34,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use common::postgres::PgServer;
+use common::postgres::{Database, PgServer};
 use common::{
     Device, Operator, Relay, device_key, docs, put_doc, stderr, stdout, wait_caught_up,
     wait_converged,
@@ -51,49 +51,6 @@ use ferry_proto::session::device_id;
 use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
 use relay_fixtures::{SPACE, actor, dev, outcomes, upload};
 use serde_json::json;
-
-/// A fresh database on the test binary's server, dropped with it.
-struct Database {
-    server: &'static PgServer,
-    name: String,
-}
-
-impl Database {
-    fn new() -> Self {
-        let server = PgServer::shared();
-        Database {
-            server,
-            name: server.create_database(),
-        }
-    }
-
-    fn options(&self) -> PgOptions {
-        self.server.options(&self.name)
-    }
-
-    fn open(&self) -> PgStorage {
-        PgStorage::open(&self.options()).unwrap()
-    }
-
-    fn sql(&self, sql: &str) -> String {
-        self.server.sql(&self.name, sql).trim().to_owned()
-    }
-
-    /// A relay's config.toml for this database.
-    fn relay_config(&self) -> String {
-        format!(
-            "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n\
-             storage = \"postgres\"\npostgres_url = \"{}\"\n",
-            self.server.url(&self.name)
-        )
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        self.server.drop_database(&self.name);
-    }
-}
 
 fn change(record: &str, n: u64) -> LoggedChange {
     let mut hash = [0u8; 32];
@@ -791,9 +748,8 @@ fn devices_ride_out_a_database_stopped_during_sync_and_lose_nothing_acknowledged
         &tmp.path().join("relay"),
         None,
         &format!(
-            "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n\
-             storage = \"postgres\"\npostgres_url = \"{}\"\npostgres_connect_timeout_secs = 2\n",
-            server.url(&database)
+            "{}postgres_connect_timeout_secs = 2\n",
+            server.relay_config(&database)
         ),
     );
     let (a, b) = (Device::new(), Device::new());
@@ -883,13 +839,13 @@ fn an_append_that_loses_the_database_mid_transaction_is_never_answered_stored() 
 }
 
 #[test]
-fn a_refresh_token_used_again_through_another_relay_revokes_its_family_on_both() {
+fn a_refresh_token_used_again_through_another_relay_revokes_its_family_on_every_relay() {
     use ferry::auth::token::{RefreshError, TokenPolicy};
     use ferry::relay::accounts::{Accounts, Denied, os_random};
     use ferry_proto::wire::{Credential, Secret};
     const NOW: u64 = 1_700_000_000_000;
     let db = Database::new();
-    let relays = [0, 1].map(|_| {
+    let relays = [0, 1, 2].map(|_| {
         Accounts::open(
             Arc::new(db.open()),
             TokenPolicy::default(),
@@ -920,20 +876,22 @@ fn a_refresh_token_used_again_through_another_relay_revokes_its_family_on_both()
         matches!(reused, Err(Denied::Refresh(RefreshError::Reused))),
         "{reused:?}"
     );
-    // The whole family is revoked for both relays: the rotated tokens stop working too.
-    for relay in 0..2 {
+    // The whole family is revoked for every relay: the rotated tokens stop working too.
+    for relay in 0..3 {
         let refused = admit(relay, Credential::Refresh(rotated.refresh.clone()), 3_000);
         assert!(refused.is_err(), "relay {relay}: {refused:?}");
     }
-    // Relay 0 hears of the revocation (`ferry_accounts`): the family's access tokens, checked
-    // against what it keeps in memory, stop working there too.
-    assert!(admit(0, Credential::Access(rotated.access.clone()), 3_000).is_ok());
-    relays[0].family_revoked_elsewhere(&family);
-    let refused = admit(0, Credential::Access(rotated.access), 3_000);
-    assert!(
-        refused.is_err(),
-        "relay 0 still takes the family's access token: {refused:?}"
-    );
+    // The other relays hear of the revocation (`ferry_accounts`): the family's access tokens,
+    // checked against what each keeps in memory, stop working there too.
+    for relay in [0, 2] {
+        assert!(admit(relay, Credential::Access(rotated.access.clone()), 3_000).is_ok());
+        relays[relay].family_revoked_elsewhere(&family);
+        let refused = admit(relay, Credential::Access(rotated.access.clone()), 3_000);
+        assert!(
+            refused.is_err(),
+            "relay {relay} still takes the family's access token: {refused:?}"
+        );
+    }
 }
 
 /// The collections of the records-table test, one per strategy, as relays and devices declare

@@ -4,8 +4,11 @@
 //! merge with a text and an encrypted field, lww, manual), resolve open conflicts, flush, crash
 //! (losing what was not flushed), reopen, and reopen with a collection's policy changed. After
 //! every step, on each device, for every record `get` and `is_live` answer what the record's
-//! document gives, `list` pages hold what the documents give, and `examine` finds nothing
-//! wrong (every view equals its document's).
+//! document gives, `list` pages hold what the documents give, every query (equalities, ranges,
+//! orders, paged one record at a time) answers from the collection's secondary indexes what
+//! filtering and sorting the listed records gives, and `examine` finds nothing wrong (every view
+//! equals its document's, every index entry its view's). Reconfiguring adds an index to a
+//! collection that holds records (built at open) and drops it again.
 //!
 //! Replay a failure with the seed it prints: `PROPTEST_RNG_SEED=... cargo test --test store_views`.
 
@@ -23,6 +26,7 @@ mod common;
 use automerge::ActorId;
 use common::{StepClock, proptest_config};
 use ferry::crypt::{AccountKey, Keyring};
+use ferry::query::{Condition, Direction, Op as QueryOp, Query};
 use ferry::record::{Fields, Record};
 use ferry::resolve::{self, ConflictStatus, Policies, Policy, Take};
 use ferry::store::kv::MemoryKv;
@@ -32,7 +36,7 @@ use ferry_proto::wire::LogEntry;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_json::{Value, json};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, OnceLock};
 
 /// `M`: merge, `t` a text field, `s` encrypted; `L`: lww (merge once reconfigured); `Q`: manual.
@@ -74,6 +78,20 @@ fn policies(reconfigured: bool) -> Policies {
         ]
         .into(),
     }
+}
+
+/// `M` indexed by `x` and by `x, y`; `L` by `y, x` (and by `x` once reconfigured); `Q` by `y`.
+fn indexes(reconfigured: bool) -> BTreeMap<String, Vec<Vec<String>>> {
+    let fields = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+    let mut last = vec![fields(&["y", "x"])];
+    if reconfigured {
+        last.push(fields(&["x"]));
+    }
+    BTreeMap::from([
+        ("M".to_owned(), vec![fields(&["x"]), fields(&["x", "y"])]),
+        ("L".to_owned(), last),
+        ("Q".to_owned(), vec![fields(&["y"])]),
+    ])
 }
 
 /// A field and the value a write gives it: text and encrypted fields take strings.
@@ -185,6 +203,7 @@ impl Device {
     fn open(&mut self) {
         let options = StoreOptions {
             policies: policies(self.reconfigured),
+            indexes: indexes(self.reconfigured),
             keyring: keyring(),
             cache_docs: 2,
             ..StoreOptions::default()
@@ -377,9 +396,108 @@ fn check_device(device: &Device) {
             }
         }
         assert_eq!(listed, expected, "list {collection}");
+        check_queries(store, collection, &listed);
     }
     let checkup = store.examine().unwrap();
     assert_eq!(checkup.damage, None, "{checkup:?}");
+}
+
+fn condition(field: &str, op: QueryOp, value: Value) -> Condition {
+    Condition {
+        field: field.into(),
+        op,
+        value: Some(value),
+    }
+}
+
+/// Queries on `x` and `y` (the values writes give them, and one past), with the plan each
+/// should get in `collection`: `None` where it depends on the configuration, or a scan.
+fn queries(collection: &str) -> Vec<(Query, Option<&'static str>)> {
+    let mut out = Vec::new();
+    for n in 0u8..5 {
+        let (x, y) = (json!(n), json!(format!("v{n}")));
+        let x_eq = condition("x", QueryOp::Eq, x.clone());
+        let y_eq = condition("y", QueryOp::Eq, y.clone());
+        let by = |field: &str, direction| Some((field.to_owned(), direction));
+        let asc = Direction::Asc;
+        let desc = Direction::Desc;
+        let plans: [(_, _, Option<&str>); 8] = [
+            (
+                vec![x_eq.clone()],
+                None,
+                (collection == "M").then_some("index:x"),
+            ),
+            (
+                vec![condition("x", QueryOp::Ge, x.clone())],
+                by("x", desc),
+                None,
+            ),
+            (vec![condition("x", QueryOp::Lt, x.clone())], None, None),
+            (vec![x_eq.clone(), y_eq.clone()], None, None),
+            (
+                vec![y_eq.clone()],
+                by("x", asc),
+                (collection == "L").then_some("index:y,x"),
+            ),
+            (
+                vec![y_eq.clone(), condition("x", QueryOp::Le, x.clone())],
+                by("x", desc),
+                None,
+            ),
+            (
+                vec![condition("y", QueryOp::Gt, y.clone())],
+                by("y", asc),
+                None,
+            ),
+            (
+                vec![condition("x", QueryOp::In, json!([n, 1]))],
+                by("y", desc),
+                None,
+            ),
+        ];
+        for (conditions, order, plan) in plans {
+            let (conditions, order): (Vec<Condition>, Option<(String, Direction)>) =
+                (conditions, order);
+            out.push((Query::new(conditions, order).unwrap(), plan));
+        }
+    }
+    for direction in [Direction::Asc, Direction::Desc] {
+        for field in ["x", "y"] {
+            let order = Some((field.to_owned(), direction));
+            out.push((Query::new(Vec::new(), order).unwrap(), None));
+        }
+    }
+    let text = condition("t", QueryOp::Exists, json!(true));
+    out.push((Query::new(vec![text], None).unwrap(), Some("scan")));
+    out
+}
+
+/// Every query, read a record per page, gives what filtering and sorting `listed` (the
+/// collection's live records) gives, whichever plan answers it.
+fn check_queries(store: &Store, collection: &str, listed: &[RecordView]) {
+    for (query, plan) in queries(collection) {
+        let mut expected: Vec<&RecordView> =
+            listed.iter().filter(|r| query.matches(&r.fields)).collect();
+        expected.sort_by(|a, b| query.compare((&a.fields, &a.id), (&b.fields, &b.id)));
+        let expected: Vec<&str> = expected.iter().map(|r| r.id.as_str()).collect();
+        let mut got = Vec::new();
+        let mut after = None;
+        loop {
+            let found = store
+                .query(collection, &query, after.as_deref(), 1)
+                .unwrap();
+            if let Some(plan) = plan {
+                assert_eq!(found.plan, plan, "{collection} {query:?}");
+            }
+            got.extend(found.records.into_iter().map(|r| r.id));
+            match found.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+            assert!(got.len() <= listed.len(), "pages never end: {query:?}");
+        }
+        assert_eq!(got, expected, "{collection} {query:?}");
+    }
 }
 
 proptest! {

@@ -278,6 +278,82 @@ fn a_new_device_killed_mid_bootstrap_resumes_from_the_snapshot_and_matches_a_rep
     assert_same_records(&da, &dc, "Item", MANY as usize);
 }
 
+#[test]
+fn an_automerge_document_made_elsewhere_is_imported_with_its_history_and_syncs() {
+    use automerge::transaction::Transactable as _;
+    let home = RelayHome::new();
+    let relay = home.start(None);
+    let (a, b) = devices(&relay, str::to_string);
+    let da = a.start_daemon_logged();
+    let db = b.start_daemon_logged();
+    // Another program's document: two actors, nested values and text.
+    let mut doc =
+        automerge::AutoCommit::new().with_actor(automerge::ActorId::from(&[0x51; 16][..]));
+    doc.put(automerge::ROOT, "name", "Ada").unwrap();
+    let note = doc
+        .put_object(automerge::ROOT, "note", automerge::ObjType::Text)
+        .unwrap();
+    doc.splice_text(&note, 0, 0, "engine").unwrap();
+    doc.commit();
+    let mut other = doc
+        .fork()
+        .with_actor(automerge::ActorId::from(&[0x52; 16][..]));
+    other.put(automerge::ROOT, "age", 37).unwrap();
+    other.commit();
+    doc.merge(&mut other).unwrap();
+    let file = a.data_dir.with_file_name("ada.automerge");
+    std::fs::write(&file, doc.save()).unwrap();
+    let file = file.to_str().unwrap();
+
+    let out = a.ferry(&[
+        "--json",
+        "import",
+        "--format",
+        "automerge",
+        file,
+        "--into",
+        "Person/ada",
+    ]);
+    assert!(out.status.success(), "import: {}", stderr(&out));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["changes"], json!(2), "{answer}");
+    // Twice is refused: the record exists now.
+    let again = a.ferry(&[
+        "import",
+        "--format",
+        "automerge",
+        file,
+        "--into",
+        "Person/ada",
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+
+    wait_converged(&[&da, &db], 2);
+    let on_b = call(&db, "get", json!({ "collection": "Person", "id": "ada" }));
+    assert_eq!(
+        on_b["fields"],
+        json!({ "name": "Ada", "note": "engine", "age": 37 })
+    );
+    assert_eq!(on_b["heads"], answer["heads"]);
+    let history = call(
+        &db,
+        "history",
+        json!({ "collection": "Person", "id": "ada" }),
+    );
+    let writers: Vec<Value> = history["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["device"].clone())
+        .collect();
+    assert_eq!(writers, [json!("51".repeat(16)), json!("52".repeat(16))]);
+}
+
 /// `[collections.User]` with `email` unique, appended to a config.
 const UNIQUE_EMAIL: &str = "\n[collections.User]\nunique = [[\"email\"]]\n";
 

@@ -1,4 +1,4 @@
-//! The credentials a device keeps between connections: the relay it registered with
+//! The credentials a device keeps between connections: the relays it registered with
 //! (`registration.json`), the tokens the relay last issued to it (`tokens.json`), both
 //! owner-only and replaced atomically, and the choice of what to show the relay next time.
 //!
@@ -106,11 +106,14 @@ fn write_owner_only(path: &Path, value: &impl serde::Serialize) -> Result<(), Cr
     std::fs::rename(&temporary, path).map_err(io)
 }
 
-/// `DATA_DIR/registration.json`: the relay and account `ferry register` joined. A device whose
-/// config names no relay (`sync.relay` empty) syncs with this one.
+/// `DATA_DIR/registration.json`: the relays and account `ferry register` joined. A device whose
+/// config names no relay (`sync.relay` empty) syncs with these.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Registration {
-    pub relay: String,
+    /// Relays sharing one database, in the order given; a registration written before devices
+    /// knew several relays holds one, as `relay`.
+    #[serde(alias = "relay", deserialize_with = "one_or_several")]
+    pub relays: Vec<String>,
     pub server_name: String,
     pub fingerprint: String,
     pub ca_file: String,
@@ -158,7 +161,7 @@ impl Registration {
     ) -> crate::config::SyncConfig {
         match registration {
             Some(r) if config.relay.is_empty() => crate::config::SyncConfig {
-                relay: r.relay.clone(),
+                relay: r.relays.join(","),
                 server_name: r.server_name.clone(),
                 fingerprint: r.fingerprint.clone(),
                 ca_file: r.ca_file.clone(),
@@ -168,6 +171,22 @@ impl Registration {
             _ => config.clone(),
         }
     }
+}
+
+/// A list of addresses, or one address as a string (older registrations).
+fn one_or_several<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrSeveral {
+        One(String),
+        Several(Vec<String>),
+    }
+    Ok(
+        match <OneOrSeveral as serde::Deserialize>::deserialize(de)? {
+            OneOrSeveral::One(relay) => crate::config::relay_list(&relay),
+            OneOrSeveral::Several(relays) => relays,
+        },
+    )
 }
 
 /// Decides when a device stops showing its tokens and signs in with its key instead: when the
@@ -285,6 +304,40 @@ mod tests {
         assert!(
             !fallback.session_ended(&Credential::Key, false, Some(&refused)),
             "the key is never dropped"
+        );
+    }
+
+    #[test]
+    fn registrations_with_one_relay_are_read_and_several_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        // As devices registered before they knew several relays wrote it.
+        let old = r#"{"relay":"relay.example:4433","server_name":"localhost","fingerprint":"ab",
+            "ca_file":"","account":"team","device":"d1","registered_ms":7}"#;
+        std::fs::write(Registration::path(dir.path()), old).unwrap();
+        let read = Registration::load(dir.path()).unwrap().unwrap();
+        assert_eq!(read.relays, ["relay.example:4433"]);
+        let sync = Registration::apply(Some(&read), &crate::config::SyncConfig::default());
+        assert_eq!(sync.relays(), ["relay.example:4433"]);
+        assert_eq!(sync.space, "team");
+
+        let several = Registration {
+            relays: vec!["a.example:1".into(), "b.example:2".into()],
+            ..read
+        };
+        several.save(dir.path()).unwrap();
+        let read = Registration::load(dir.path()).unwrap().unwrap();
+        assert_eq!(read, several);
+        let sync = Registration::apply(Some(&read), &crate::config::SyncConfig::default());
+        assert_eq!(sync.relay, "a.example:1,b.example:2");
+        assert_eq!(sync.relays(), ["a.example:1", "b.example:2"]);
+        // The config's relays take precedence over the registration's.
+        let configured = crate::config::SyncConfig {
+            relay: "c.example:3".into(),
+            ..crate::config::SyncConfig::default()
+        };
+        assert_eq!(
+            Registration::apply(Some(&read), &configured).relays(),
+            ["c.example:3"]
         );
     }
 

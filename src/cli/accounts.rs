@@ -340,7 +340,7 @@ fn call_relay<M: AdminMethod>(ctx: &Context, params: M) -> Result<M::Answer, Fai
 }
 
 pub(super) struct RegisterArgs {
-    pub relay: String,
+    pub relay: Vec<String>,
     pub fingerprint: Option<String>,
     pub ca_file: Option<String>,
     pub server_name: String,
@@ -364,7 +364,7 @@ pub(super) fn register(ctx: &Context, args: RegisterArgs) -> Result<(), Failure>
     };
     let sync = SyncConfig {
         enabled: true,
-        relay: args.relay,
+        relay: args.relay.join(","),
         server_name: args.server_name,
         fingerprint: args.fingerprint.unwrap_or_default(),
         ca_file: args.ca_file.unwrap_or_default(),
@@ -390,11 +390,11 @@ pub(super) fn register(ctx: &Context, args: RegisterArgs) -> Result<(), Failure>
     drop(waiting);
     let registration = registration?;
     if ctx.json {
-        print_json(&json!({ "device": device, "account": account, "relay": registration.relay }));
+        print_json(&json!({ "device": device, "account": account, "relays": registration.relays }));
     } else {
         println!(
             "device {device} registered in account {account} at {}",
-            registration.relay
+            registration.relays.join(", ")
         );
         if !ctx.config.sync.relay.is_empty() {
             println!(

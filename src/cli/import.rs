@@ -11,9 +11,10 @@
 
 use super::{Backend, Context, EXIT_USAGE, Failure, LineRead, print_json, read_line_bounded};
 use crate::ipc::ClientError;
-use crate::service::api::{ImportParams, ImportRecord};
+use crate::service::api::{ImportAutomergeParams, ImportParams, ImportRecord};
 use crate::service::{ApiError, code};
 use crate::store::StoreOptions;
+use base64::Engine as _;
 use serde_json::{Value, json};
 use std::io::{BufRead, IsTerminal as _};
 use std::path::{Path, PathBuf};
@@ -220,6 +221,35 @@ fn progress_bar(ctx: &Context, total_bytes: Option<u64>) -> Option<indicatif::Pr
         );
         bar
     })
+}
+
+/// `ferry import --format automerge FILE --into COLLECTION/ID`: one record's Automerge document
+/// made elsewhere, taken in with its history (`import_automerge`).
+pub(super) fn document(ctx: &Context, file: Option<&Path>, into: &str) -> Result<(), Failure> {
+    let (collection, id) = super::full_address(into)?;
+    let mut bytes = Vec::new();
+    let (mut reader, _) = open(file)?;
+    reader
+        .read_to_end(&mut bytes)
+        .map_err(|e| Failure::failed(format!("cannot read the document: {e}")))?;
+    let mut backend = Backend::connect(ctx)?;
+    let answer = backend.call(ImportAutomergeParams {
+        collection,
+        id,
+        automerge_base64: base64::engine::general_purpose::STANDARD.encode(&bytes),
+    })?;
+    if ctx.json {
+        print_json(&answer);
+    } else {
+        println!(
+            "imported {}/{}: {} change(s), heads {}",
+            answer.collection,
+            answer.id,
+            answer.changes,
+            answer.heads.join(",")
+        );
+    }
+    Ok(())
 }
 
 pub(super) fn run(ctx: &Context, args: ImportArgs) -> Result<(), Failure> {

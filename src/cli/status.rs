@@ -33,7 +33,7 @@ pub(super) fn last_known(ctx: &Context, service: &Service) -> Result<Option<Sync
     let queue = store
         .queue_counts()
         .map_err(|e| Failure::failed(e.to_string()))?;
-    let mut status = SyncStatus::last_known(settings.relay, settings.space, cursor, known, &queue);
+    let mut status = SyncStatus::last_known(settings.relays, settings.space, cursor, known, &queue);
     status.collections = store.synced_collections();
     Ok(Some(status))
 }

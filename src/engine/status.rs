@@ -74,7 +74,16 @@ pub struct SyncStatus {
     /// False when this was read from the store with no daemon running.
     pub daemon_running: bool,
     pub state: ConnectionState,
+    /// The relay in use (`host:port` as configured): the one connected to, else the one used
+    /// last, which the next attempt tries first.
     pub relay: String,
+    /// The socket address `relay` resolved to for the live connection; `None` while
+    /// disconnected.
+    #[serde(default)]
+    pub relay_addr: Option<String>,
+    /// Every relay this device knows, in the order they are tried after `relay`.
+    #[serde(default)]
+    pub relays: Vec<String>,
     pub space: String,
     /// The collections this device syncs (`sync.collections`; empty: every one).
     #[serde(default)]
@@ -126,7 +135,9 @@ impl SyncStatus {
         SyncStatus {
             daemon_running: true,
             state: ConnectionState::Connecting,
+            relays: vec![relay.clone()],
             relay,
+            relay_addr: None,
             space,
             collections: Vec::new(),
             last_sync_ms: None,
@@ -153,15 +164,18 @@ impl SyncStatus {
         }
     }
 
-    /// The state a daemon kept in the store, read with no daemon running.
+    /// The state a daemon kept in the store, read with no daemon running, for a device that
+    /// knows `relays`.
     pub fn last_known(
-        relay: String,
+        relays: Vec<String>,
         space: String,
         cursor: u64,
         known: Option<LastKnownSync>,
         queue: &QueueCounts,
     ) -> Self {
+        let relay = preferred_relay(&relays, known.as_ref());
         let mut status = SyncStatus::new(relay, space, cursor);
+        status.relays = relays;
         status.daemon_running = false;
         status.state = ConnectionState::Stopped;
         if let Some(known) = known {
@@ -179,8 +193,9 @@ impl SyncStatus {
         status
     }
 
-    /// What the store keeps of this status for when the daemon is not running.
-    pub fn to_last_known(&self) -> LastKnownSync {
+    /// What the store keeps of this status for when the daemon is not running, with the relay
+    /// that last let the device in (`relay` may be one only being tried).
+    pub fn to_last_known(&self, worked: Option<&str>) -> LastKnownSync {
         LastKnownSync {
             relay_head: self.relay_head,
             relay_head_at_ms: self.relay_head_at_ms,
@@ -190,6 +205,7 @@ impl SyncStatus {
                 .as_ref()
                 .map(|e| (e.kind.clone(), e.message.clone(), e.at_ms)),
             disconnected_since_ms: self.disconnected_since_ms,
+            relay: worked.map(str::to_owned),
         }
     }
 
@@ -271,7 +287,15 @@ impl SyncStatus {
                 let next = self
                     .next_attempt_ms
                     .map_or(String::new(), |at| format!("; next attempt {}", ago(at)));
-                lines.push(format!("relay {} unreachable{since}{next}", self.relay));
+                if self.relays.len() > 1 {
+                    lines.push(format!(
+                        "no relay reachable ({}; {} used last){since}{next}",
+                        self.relays.join(", "),
+                        self.relay
+                    ));
+                } else {
+                    lines.push(format!("relay {} unreachable{since}{next}", self.relay));
+                }
             }
         }
         if self.pending_uploads > 0 {
@@ -314,6 +338,17 @@ impl SyncStatus {
         }
         lines
     }
+}
+
+/// The relay to try first: the one that worked last, if it is still among `relays`, else the
+/// first.
+pub fn preferred_relay(relays: &[String], known: Option<&LastKnownSync>) -> String {
+    known
+        .and_then(|k| k.relay.as_ref())
+        .filter(|last| relays.contains(last))
+        .or(relays.first())
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn changes(n: u64) -> String {
@@ -407,9 +442,9 @@ mod tests {
         live.last_sync_ms = Some(1_000);
         live.judge(&QueueCounts::default(), None);
         assert!(live.up_to_date);
-        let known = live.to_last_known();
+        let known = live.to_last_known(Some("relay:1"));
         let s = SyncStatus::last_known(
-            "relay:1".into(),
+            vec!["relay:1".into()],
             "team".into(),
             5,
             Some(known),
@@ -446,6 +481,37 @@ mod tests {
         assert_eq!(lines[1], "3 changes waiting to upload");
         assert!(lines[2].starts_with("13 log entries behind the relay"));
         assert!(lines[3].starts_with("last error 50 s ago (timeout)"));
+    }
+
+    #[test]
+    fn status_names_the_relay_in_use_and_the_one_that_worked_last() {
+        let relays: Vec<String> = vec!["a:1".into(), "b:2".into(), "c:3".into()];
+        let known = |relay: Option<&str>| LastKnownSync {
+            relay: relay.map(str::to_owned),
+            ..LastKnownSync::default()
+        };
+        assert_eq!(preferred_relay(&relays, None), "a:1");
+        assert_eq!(preferred_relay(&relays, Some(&known(Some("b:2")))), "b:2");
+        // A relay no longer configured is not tried.
+        assert_eq!(preferred_relay(&relays, Some(&known(Some("d:4")))), "a:1");
+
+        let mut s = SyncStatus::last_known(
+            relays.clone(),
+            "team".into(),
+            0,
+            Some(known(Some("c:3"))),
+            &QueueCounts::default(),
+        );
+        assert_eq!((s.relay.as_str(), &s.relays), ("c:3", &relays));
+        assert_eq!(s.to_last_known(Some("c:3")).relay.as_deref(), Some("c:3"));
+        s.daemon_running = true;
+        s.state = ConnectionState::Offline;
+        s.judge(&QueueCounts::default(), None);
+        let lines = s.summary(0);
+        assert_eq!(
+            lines[0], "no relay reachable (a:1, b:2, c:3; c:3 used last)",
+            "{lines:?}"
+        );
     }
 
     #[test]

@@ -381,6 +381,11 @@ impl Accounts {
     }
 
     /// Registered devices, of one account or all, in device id order.
+    /// Whether `id` is a device the relay registered, in any account, revoked or not.
+    pub fn is_device(&self, id: &str) -> bool {
+        self.lock().devices.contains_key(id)
+    }
+
     pub fn devices(&self, account: Option<&str>) -> Vec<DeviceRecord> {
         let mut devices: Vec<_> = self
             .lock()

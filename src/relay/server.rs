@@ -223,13 +223,21 @@ pub fn carry_out(
         RelayEffect::Store { batch, changes } => {
             let _span =
                 tracing::info_span!("relay.store", batch, changes = changes.len()).entered();
+            // A change under an actor no device and not the web actor has is one of a
+            // document made elsewhere that this device imports.
+            let imported = |actor: &str| {
+                !accounts.is_device(actor)
+                    && store
+                        .web_actor(&peer.space, &super::web_actor::new_actor_id(now))
+                        .is_ok_and(|web| web != actor)
+            };
             let (results, head) = append_counted(
                 store,
                 metrics,
                 activity,
-                &peer.space,
-                &peer.device,
+                (&peer.space, &peer.device),
                 &changes,
+                &imported,
                 now,
             )?;
             session.stored(batch, results, head);
@@ -317,21 +325,22 @@ pub fn carry_out(
     }
 }
 
-/// Appends `changes` from `device` to the space's log (`RelayStore::append`) and counts them:
+/// Appends `changes` from `device` to the space's log (`RelayStore::append_importing`, with
+/// `imported` saying which other actors' changes it may log) and counts them:
 /// the metrics, and an upload entry in the space's sync log. Returns the answers and the
 /// space's head after them. Devices' sessions and the web actor both append through this.
 pub fn append_counted(
     store: &RelayStore,
     metrics: &RelayMetrics,
     activity: &Activity,
-    space: &str,
-    device: &str,
+    (space, device): (&str, &str),
     changes: &[ferry_proto::wire::UploadChange],
+    imported: &dyn Fn(&str) -> bool,
     now: u64,
 ) -> Result<(Vec<ferry_proto::wire::ChangeResult>, u64), RelayStoreError> {
     let started = std::time::Instant::now();
     let conflicts_before = store.conflicts_total(space)?;
-    let results = store.append(space, device, changes)?;
+    let results = store.append_importing(space, device, changes, imported)?;
     let head = store.head(space)?;
     let took = started.elapsed();
     metrics.request(RequestKind::Upload, took);

@@ -36,7 +36,8 @@
 //! Storage other relays append to too (`LogStorage::shared`): a cached document is trusted only
 //! at the head the cache last saw; before a space's cached documents are read, those of records
 //! logged since by others are dropped, and an append refused because another relay committed
-//! first is staged again. On embedded storage none of this reads anything.
+//! first is staged again, as is one that commits nothing (every change refused) when the log
+//! moved while it was staged. On embedded storage none of this reads anything.
 //!
 //! Must not touch: the network, sessions or authentication (the caller has decided that `origin`
 //! may write to `space`), the device's store, and storage keys or engines.
@@ -413,11 +414,25 @@ impl RelayStore {
         origin: &str,
         changes: &[UploadChange],
     ) -> Result<Vec<ChangeResult>, RelayStoreError> {
+        self.append_importing(space, origin, changes, &|_| false)
+    }
+
+    /// `append`, where a change under an actor other than `origin`'s is logged too when
+    /// `imported` says the actor is no device's (nor the web actor's): a change of an Automerge
+    /// document made elsewhere, which a device of the space brings in with its history
+    /// (`ferry import --format automerge`). Every other rule holds for it.
+    pub fn append_importing(
+        &self,
+        space: &str,
+        origin: &str,
+        changes: &[UploadChange],
+        imported: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<ChangeResult>, RelayStoreError> {
         let state = self.space(space)?;
         let mut state = lock(&state);
         let mut restaged = 0;
         loop {
-            match self.append_once(space, origin, changes, &mut state) {
+            match self.append_once(space, origin, changes, imported, &mut state) {
                 // Another relay appended to the space while this call was staged: staged again
                 // on what it logged.
                 Err(RelayStoreError::Storage(StorageError::HeadMoved { .. }))
@@ -436,6 +451,7 @@ impl RelayStore {
         space: &str,
         origin: &str,
         changes: &[UploadChange],
+        imported: &dyn Fn(&str) -> bool,
         state: &mut SpaceState,
     ) -> Result<Vec<ChangeResult>, RelayStoreError> {
         let head = self.storage.head(space)?;
@@ -445,7 +461,7 @@ impl RelayStore {
         staging.append.conflicts_complete = head == 0;
         let mut results = Vec::with_capacity(changes.len());
         for upload in changes {
-            let outcome = self.stage(space, origin, upload, &mut staging)?;
+            let outcome = self.stage(space, origin, imported, upload, &mut staging)?;
             results.push(ChangeResult {
                 entry: upload.entry,
                 outcome,
@@ -482,6 +498,19 @@ impl RelayStore {
             }
         }
         if staging.append.entries.is_empty() && staging.append.compactions.is_empty() {
+            // Nothing to commit, so no commit can find the log moved: a refusal staged against
+            // a document this relay cached while another relay appended the change it depends
+            // on (already in the dedup index) would be final. Staged again on what is logged.
+            if self.shared {
+                let now = self.storage.head(space)?;
+                if now != head {
+                    return Err(StorageError::HeadMoved {
+                        staged: head,
+                        head: now,
+                    }
+                    .into());
+                }
+            }
             return Ok(results);
         }
         let committed: Vec<LogEntry> = (staging.append.after.saturating_add(1)..)
@@ -520,6 +549,7 @@ impl RelayStore {
         &self,
         space: &str,
         origin: &str,
+        imported: &dyn Fn(&str) -> bool,
         upload: &UploadChange,
         staging: &mut Staging,
     ) -> Result<ChangeOutcome, RelayStoreError> {
@@ -535,10 +565,11 @@ impl RelayStore {
             Err(e) => return Ok(rejected(ErrorCode::InvalidChange, e.to_string())),
         };
         // A device writes every change under its own actor (its device id), so a change under
-        // another actor is someone else's change passed off as the uploader's, or a change its
-        // author never uploaded: either way not the uploader's to log.
+        // another device's actor is someone else's change passed off as the uploader's, or a
+        // change its author never uploaded: either way not the uploader's to log. An actor that
+        // is no device's wrote an imported document.
         let actor = change.actor_id().to_hex_string();
-        if actor != origin {
+        if actor != origin && !imported(&actor) {
             return Ok(rejected(
                 ErrorCode::InvalidChange,
                 format!(

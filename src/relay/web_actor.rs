@@ -439,9 +439,9 @@ impl WebActors {
             &shared.store,
             &shared.metrics,
             &shared.activity,
-            space,
-            actor,
+            (space, actor),
             uploads,
+            &|_| false,
             now,
         )?;
         if results
@@ -579,7 +579,7 @@ enum Built {
 }
 
 /// A random device id for a new web actor, in the form device ids take (hex).
-fn new_actor_id(now_ms: u64) -> String {
+pub(crate) fn new_actor_id(now_ms: u64) -> String {
     let mut bytes = [0u8; 16];
     // Without OS randomness the id still only has to differ from the space's devices' ids,
     // which are key hashes; the time makes that so.

@@ -125,6 +125,7 @@ methods! {
     "history" => History(HistoryParams) -> RecordHistory, decoded by super::parse;
     "import" => Import(ImportParams) -> Imported, decoded by super::parse;
     "export" => Export(ExportParams) -> Exported, decoded by super::parse;
+    "import_automerge" => ImportAutomerge(ImportAutomergeParams) -> ImportedDocument, decoded by super::parse;
     "subscribe" => Subscribe(SubscribeParams) -> Subscribed, decoded by super::parse;
     "unsubscribe" => Unsubscribe(UnsubscribeParams) -> Unsubscribed, decoded by super::parse;
     "queue" => Queue(QueueParams) -> QueuePage, decoded by super::parse;
@@ -424,6 +425,27 @@ pub struct Imported {
     pub ids: Vec<String>,
 }
 
+/// `import_automerge`: a record's Automerge document made elsewhere, to take in with its history
+/// under a new id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportAutomergeParams {
+    pub collection: String,
+    pub id: String,
+    /// The whole document, as Automerge saves it.
+    pub automerge_base64: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportedDocument {
+    pub collection: String,
+    pub id: String,
+    /// The record's heads, hex.
+    pub heads: Vec<String>,
+    /// The document's changes, each queued for upload.
+    pub changes: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Exported {
     pub collection: String,
@@ -609,6 +631,12 @@ mod tests {
             }
             .into(),
             ExportParams::new("C", "1").into(),
+            ImportAutomergeParams {
+                collection: "C".into(),
+                id: "2".into(),
+                automerge_base64: "hW9Kgw==".into(),
+            }
+            .into(),
             SubscribeParams {
                 collection: Some("C".into()),
                 id: None,
@@ -663,7 +691,7 @@ mod tests {
         unique.sort_unstable();
         unique.dedup();
         assert_eq!(unique.len(), methods.len());
-        assert_eq!(methods.len(), 20);
+        assert_eq!(methods.len(), 21);
     }
 
     #[test]

@@ -201,6 +201,7 @@ fn kind_of(key: &[u8]) -> &'static str {
         Some(b'l') => "sync log entry",
         Some(b'f') => "feed entry",
         Some(b'v') => "record view",
+        Some(b'i') => "index entry",
         Some(b'm') => "metadata",
         _ => "unknown",
     }
@@ -217,7 +218,7 @@ fn damaged_value(key: &[u8], detail: impl Into<String>) -> DamagedValue {
 /// The kinds of keys a repair may remove without reading the relay's data again: the queue's,
 /// and record views, which it computes again from their documents.
 fn queue_only(key: &[u8]) -> bool {
-    matches!(key.first(), Some(b'q' | b'b' | b'p' | b'l' | b'v'))
+    matches!(key.first(), Some(b'q' | b'b' | b'p' | b'l' | b'v' | b'i'))
 }
 
 /// Notes the keys whose values failed their checksum when read, so that `status` says the
@@ -484,9 +485,16 @@ struct Scan {
     pending: Vec<Vec<u8>>,
     /// The view keys of the documents found: any other view is one with no document.
     views: HashSet<Vec<u8>>,
+    /// Index entries found, and those the views found give.
+    index_entries: BTreeSet<Vec<u8>>,
+    index_expected: BTreeSet<Vec<u8>>,
 }
 
 impl Scan {
+    fn missing_index_entries(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.index_expected.difference(&self.index_entries)
+    }
+
     /// Queue entries with a problem beyond their own value (their change missing), and
     /// pending-index keys the queue disagrees with (pointing at no pending entry, or missing).
     fn inconsistencies(&self) -> Vec<(Vec<u8>, String)> {
@@ -495,6 +503,15 @@ impl Scan {
             if !entry.inline_change && !self.changes.contains(id) {
                 found.push((keys::queue(*id), "its change is missing".into()));
             }
+        }
+        for key in self.index_entries.difference(&self.index_expected) {
+            found.push((key.clone(), "an index entry no record's view gives".into()));
+        }
+        for key in self.missing_index_entries() {
+            found.push((
+                key.clone(),
+                "an index entry its record's view gives is missing".into(),
+            ));
         }
         let indexed: BTreeSet<&Vec<u8>> = self.pending.iter().collect();
         for key in &self.pending {
@@ -647,6 +664,10 @@ impl Store {
             Some(b'v') if !scan.views.contains(&key) => {
                 scan.damaged
                     .push((key, "a record view with no document".into()));
+            }
+            Some(b'v') => scan.index_expected.extend(self.index_entries(&key, &value)),
+            Some(b'i') => {
+                scan.index_entries.insert(key);
             }
             Some(b'q') => match decode::<SyncQueueEntry>(&value, "queue entry") {
                 Ok(entry) if keys::queue(entry.id) == key => {
@@ -827,6 +848,9 @@ impl Store {
             if entry.status == QueueStatus::Pending {
                 batch.put(keys::pending(entry.priority, id), Vec::new());
             }
+        }
+        for key in scan.missing_index_entries() {
+            batch.put(key.clone(), Vec::new());
         }
         batch.remove(keys::META_DAMAGE.to_vec());
         self.settle_views(&mut batch)?;

@@ -22,6 +22,9 @@
 //!   (`sync::Quarantined`).
 //! - `f{seq u64 big-endian}`: an entry of the change feed (`feed::FeedChange`).
 //! - `v{collection}\0{id}`: a record's view (`views`), written and removed with its document.
+//! - `i{collection}\0{index}\0{values, order-preserving}{id}` → empty: a secondary index entry of
+//!   a live record (`index`), written and removed with its view; `mindex\0{collection}\0{index}`:
+//!   how far the index's build got.
 
 use super::StoreError;
 
@@ -57,6 +60,9 @@ pub const FEED: &[u8] = b"f";
 pub const VIEW: &[u8] = b"v";
 /// The policies the record views were computed under, and how far a rebuild got (`views`).
 pub const META_VIEWS: &[u8] = b"mviews";
+
+pub const INDEX: &[u8] = b"i";
+pub const META_INDEX: &[u8] = b"mindex\0";
 
 /// `{prefix}{a}\0{b}`: the layout of every per-record key.
 fn record_key(prefix: &[u8], collection: &str, id: &str) -> Vec<u8> {
@@ -137,6 +143,26 @@ pub fn view_of_doc(doc: &[u8]) -> Option<Vec<u8>> {
 pub fn doc_of_view(view: &[u8]) -> Option<Vec<u8>> {
     let record = view.strip_prefix(VIEW)?;
     Some([DOC_ALL, record].concat())
+}
+
+/// Prefix of one index's entries, `index` being its name.
+pub fn index_prefix(collection: &str, index: &str) -> Vec<u8> {
+    let mut key = record_key(INDEX, collection, index);
+    key.push(0);
+    key
+}
+
+pub fn index_progress(collection: &str, index: &str) -> Vec<u8> {
+    record_key(META_INDEX, collection, index)
+}
+
+/// The collection and index an index entry's key belongs to.
+pub fn index_of_entry(key: &[u8]) -> Option<(&str, &str)> {
+    let mut parts = key.strip_prefix(INDEX)?.splitn(3, |&b| b == 0);
+    let collection = std::str::from_utf8(parts.next()?).ok()?;
+    let index = std::str::from_utf8(parts.next()?).ok()?;
+    parts.next()?;
+    Some((collection, index))
 }
 
 pub fn doc_prefix(collection: &str) -> Vec<u8> {
@@ -279,5 +305,8 @@ mod tests {
         ];
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
         assert_eq!(pending_id(&pending(-3, 77)).unwrap(), 77);
+        let entry = [index_prefix("C", "a,b"), b"\x02\x01\0x".to_vec()].concat();
+        assert_eq!(index_of_entry(&entry), Some(("C", "a,b")));
+        assert_eq!(index_of_entry(&doc("C", "x")), None);
     }
 }

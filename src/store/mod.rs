@@ -22,6 +22,8 @@ pub mod feed;
 
 use feed::{FeedChange, Origin};
 pub mod health;
+mod import;
+mod index;
 pub mod keys;
 pub mod kv;
 pub mod partial;
@@ -66,6 +68,10 @@ pub enum StoreError {
     Storage(#[from] KvError),
     #[error("{collection}/{id} not found")]
     NotFound { collection: String, id: String },
+    #[error("{collection}/{id} already exists: import the document under a new id")]
+    Exists { collection: String, id: String },
+    #[error("the document cannot be imported: {0}")]
+    ImportRefused(String),
     #[error("collection {0:?} is not declared in the config: add a [collections.{0}] section")]
     UnknownCollection(String),
     #[error(
@@ -153,6 +159,8 @@ pub struct StoreOptions {
     pub synced_collections: Option<BTreeSet<String>>,
     /// How each collection settles conflicts.
     pub policies: Policies,
+    /// Each collection's secondary indexes, each a list of top-level fields (`index`).
+    pub indexes: BTreeMap<String, Vec<Vec<String>>>,
     /// The account key encrypted fields are sealed and opened with; shared with whoever sets it.
     pub keyring: Arc<crate::crypt::Keyring>,
     /// The largest change a local write may make: one a sync frame can carry. A larger change
@@ -206,6 +214,7 @@ impl Default for StoreOptions {
             declared_collections: None,
             synced_collections: None,
             policies: Policies::default(),
+            indexes: BTreeMap::new(),
             keyring: Arc::default(),
             max_change_bytes: ferry_proto::wire::max_change_bytes(
                 ferry_proto::session::SessionConfig::default().max_frame_bytes as usize,
@@ -454,6 +463,7 @@ impl Store {
         store.note_damage(found)?;
         store.note_synced_collections()?;
         store.rebuild_views()?;
+        store.build_indexes()?;
         Ok(store)
     }
 
@@ -735,24 +745,8 @@ impl Store {
         if let Some(view) = staged.view {
             batch.put(keys::view(&collection, &id), view);
         }
-        let queue_id = self.next_queue_id.fetch_add(1, Ordering::SeqCst);
-        let entry = SyncQueueEntry {
-            id: queue_id,
-            operation,
-            model_name: collection.clone(),
-            object_id: id.clone(),
-            data: change,
-            status: QueueStatus::Pending,
-            retry_count: 0,
-            last_error: None,
-            created_at: now,
-            updated_at: now,
-            priority: self.priority(&collection),
-        };
-        stage_entry(batch, delta, None, &entry)?;
-        // Kept outside the data too until it is uploaded: what a damaged data file loses is
-        // restored from there (`health`).
-        batch.journal(encode(&entry, "journaled change")?);
+        let queue_id =
+            self.stage_local_change(&collection, &id, operation, change, now, batch, delta)?;
         let seq = self.stage_feed(
             batch,
             FeedChange {
@@ -798,6 +792,40 @@ impl Store {
             Some(record) => Ok(record),
             None => Ok(self.new_record(&key.0)),
         }
+    }
+
+    /// Queues a local change of a record for upload, in `batch`: its queue entry, and its copy
+    /// in the journal. Returns the entry's id.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_local_change(
+        &self,
+        collection: &str,
+        id: &str,
+        operation: Operation,
+        change: Vec<u8>,
+        now: u64,
+        batch: &mut Batch,
+        delta: &mut CountDelta,
+    ) -> Result<u64, StoreError> {
+        let queue_id = self.next_queue_id.fetch_add(1, Ordering::SeqCst);
+        let entry = SyncQueueEntry {
+            id: queue_id,
+            operation,
+            model_name: collection.to_owned(),
+            object_id: id.to_owned(),
+            data: change,
+            status: QueueStatus::Pending,
+            retry_count: 0,
+            last_error: None,
+            created_at: now,
+            updated_at: now,
+            priority: self.priority(collection),
+        };
+        stage_entry(batch, delta, None, &entry)?;
+        // Kept outside the data too until it is uploaded: what a damaged data file loses is
+        // restored from there (`health`).
+        batch.journal(encode(&entry, "journaled change")?);
+        Ok(queue_id)
     }
 
     fn new_record(&self, collection: &str) -> Record {

@@ -1,11 +1,15 @@
 //! Queries on the device's records (`query::Query`): how the store finds what a query asks for.
-//! Today by a scan of the collection's views, in id order, keeping no more than a page when the
-//! query is ordered by a field; the answer says so (`plan`).
+//! From a secondary index when one serves it (`index::Plan`: the entries in its range, each
+//! record's view then checked against every condition), else by a scan of the collection's
+//! views in id order; either keeps no more than a page (and one more) when it must sort, and
+//! both give the same answer. The answer says which (`plan`: `index:<fields>` or `scan`).
 //!
-//! Owns: running a query over the store's views. Must not touch: documents, the queue.
+//! Owns: running a query over the store's views and indexes. Must not touch: documents, the
+//! queue, index entries (read only).
 
-use super::{RecordView, Store, StoreError};
-use crate::query::{Position, Query, QueryError};
+use super::index::{self, Plan};
+use super::{RecordView, Store, StoreError, keys, views};
+use crate::query::{Direction, Position, Query, QueryError};
 
 /// Records read from the views at a time while scanning.
 const SCAN_PAGE: usize = 1024;
@@ -40,6 +44,9 @@ impl Store {
                     .into(),
             }));
         }
+        if let Some(plan) = self.plan(collection, query)? {
+            return self.query_index(collection, query, after, limit, plan);
+        }
         let wanted = limit.saturating_add(1);
         let mut kept: Vec<RecordView> = Vec::new();
         match query.order_by() {
@@ -58,46 +65,176 @@ impl Store {
             }
             Some(_) => {
                 let position = after.map(Position::parse).transpose()?;
-                let order = |a: &RecordView, b: &RecordView| {
-                    query.compare((&a.fields, &a.id), (&b.fields, &b.id))
-                };
+                let mut sorted = Sorted::new(query, wanted);
                 let mut from = None;
                 loop {
                     let (page, next) = self.list(collection, from.as_deref(), SCAN_PAGE)?;
-                    kept.extend(page.into_iter().filter(|r| {
-                        query.matches(&r.fields)
+                    for r in page {
+                        if query.matches(&r.fields)
                             && position
                                 .as_ref()
                                 .is_none_or(|p| query.is_after(p, &r.fields, &r.id))
-                    }));
-                    // Only the first page and one more can be answered: the rest goes as the
-                    // scan goes, so memory stays bounded by the page.
-                    if kept.len() > wanted.saturating_mul(2).max(SCAN_PAGE) {
-                        kept.sort_by(order);
-                        kept.truncate(wanted);
+                        {
+                            sorted.push(r);
+                        }
                     }
                     if next.is_none() {
                         break;
                     }
                     from = next;
                 }
-                kept.sort_by(order);
-                kept.truncate(wanted);
+                kept = sorted.finish();
             }
         }
-        let next = if kept.len() > limit {
-            kept.truncate(limit);
-            kept.last().map(|r| match query.order_by() {
-                None => r.id.clone(),
-                Some(_) => query.position(&r.fields, &r.id),
-            })
-        } else {
-            None
+        Ok(page_of(query, kept, limit, "scan".into()))
+    }
+
+    /// Runs `plan`: reads its index range (backwards for a descending order it keeps), each
+    /// record's view, and keeps those that meet the query and come after `after`.
+    fn query_index(
+        &self,
+        collection: &str,
+        query: &Query,
+        after: Option<&str>,
+        limit: usize,
+        plan: Plan,
+    ) -> Result<Found, StoreError> {
+        let wanted = limit.saturating_add(1);
+        let position = match (query.order_by(), after) {
+            (Some(_), Some(after)) => Some(Position::parse(after)?),
+            _ => None,
         };
-        Ok(Found {
-            records: kept,
-            next,
-            plan: "scan".into(),
+        let direction = query.order_by().map_or(Direction::Asc, |(_, d)| d);
+        let (mut lo, mut hi) = (plan.lo.clone(), plan.hi.clone());
+        if plan.streams {
+            let after_id = position.as_ref().map(|p| p.id.as_str()).or(after);
+            match (&plan.ordered_at, &position, after_id) {
+                (Some(at), Some(p), _) => {
+                    match index::position_bound(at, p.value.as_ref(), direction) {
+                        Some(bound) if direction == Direction::Asc => lo = lo.max(bound),
+                        Some(bound) => hi = hi.min(bound),
+                        None => {}
+                    }
+                }
+                // Every field held equal: entries follow in id order.
+                (None, _, Some(id)) => {
+                    let at = [plan.lo.as_slice(), id.as_bytes()].concat();
+                    match direction {
+                        Direction::Asc => lo = lo.max(keys::after(&at)),
+                        Direction::Desc => hi = hi.min(at),
+                    }
+                }
+                _ => {}
+            }
+        }
+        let policy = views::fingerprint(self.policy(collection));
+        let keep = |r: &RecordView| {
+            query.matches(&r.fields)
+                && match (&position, after) {
+                    (Some(p), _) => query.is_after(p, &r.fields, &r.id),
+                    (None, Some(id)) => r.id.as_str() > id,
+                    (None, None) => true,
+                }
+        };
+        let mut kept = Vec::new();
+        let mut sorted = Sorted::new(query, wanted);
+        let backwards = plan.streams && direction == Direction::Desc;
+        while lo < hi && kept.len() < wanted {
+            let entries = if backwards {
+                let Some(last) = self.kv.last_key(&lo, &hi)? else {
+                    break;
+                };
+                hi = last.clone();
+                vec![last]
+            } else {
+                let page = self.kv.range(&lo, &hi, SCAN_PAGE)?;
+                let Some((last, _)) = page.last() else {
+                    break;
+                };
+                lo = keys::after(last);
+                page.into_iter().map(|(key, _)| key).collect()
+            };
+            for entry in entries {
+                let Some(id) = index::id_of(&entry, &plan) else {
+                    continue;
+                };
+                let Some(bytes) = self.kv.get(&keys::view(collection, id))? else {
+                    continue;
+                };
+                let Some(record) = self.listed(collection, id, &bytes, policy)? else {
+                    continue;
+                };
+                if !keep(&record) {
+                    continue;
+                }
+                if plan.streams {
+                    kept.push(record);
+                    if kept.len() == wanted {
+                        break;
+                    }
+                } else {
+                    sorted.push(record);
+                }
+            }
+        }
+        if !plan.streams {
+            kept = sorted.finish();
+        }
+        Ok(page_of(query, kept, limit, format!("index:{}", plan.name)))
+    }
+}
+
+/// The records of a query that must be sorted, kept to the first `wanted` in its order as they
+/// come: memory stays bounded by the page, not the records read.
+struct Sorted<'q> {
+    query: &'q Query,
+    wanted: usize,
+    kept: Vec<RecordView>,
+}
+
+impl<'q> Sorted<'q> {
+    fn new(query: &'q Query, wanted: usize) -> Self {
+        Sorted {
+            query,
+            wanted,
+            kept: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, record: RecordView) {
+        self.kept.push(record);
+        if self.kept.len() > self.wanted.saturating_mul(2).max(SCAN_PAGE) {
+            self.sort();
+        }
+    }
+
+    fn sort(&mut self) {
+        let query = self.query;
+        self.kept
+            .sort_by(|a, b| query.compare((&a.fields, &a.id), (&b.fields, &b.id)));
+        self.kept.truncate(self.wanted);
+    }
+
+    fn finish(mut self) -> Vec<RecordView> {
+        self.sort();
+        self.kept
+    }
+}
+
+/// The answer of a query whose first `limit` (and one more, when there are) records are `kept`.
+fn page_of(query: &Query, mut kept: Vec<RecordView>, limit: usize, plan: String) -> Found {
+    let next = if kept.len() > limit {
+        kept.truncate(limit);
+        kept.last().map(|r| match query.order_by() {
+            None => r.id.clone(),
+            Some(_) => query.position(&r.fields, &r.id),
         })
+    } else {
+        None
+    };
+    Found {
+        records: kept,
+        next,
+        plan,
     }
 }

@@ -143,6 +143,9 @@ pub struct LastKnownSync {
     /// Kind, message and time of the last failure.
     pub last_error: Option<(String, String, u64)>,
     pub disconnected_since_ms: Option<u64>,
+    /// The relay used last (`host:port` as configured), tried first at the next start.
+    #[serde(default)]
+    pub relay: Option<String>,
 }
 
 /// What `finish_upload` or `abandon_upload` did with the entries it was given.

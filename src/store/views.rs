@@ -167,6 +167,21 @@ fn answer(
     }))
 }
 
+/// The fields a stored view shows (encrypted ones sealed), `None` when its record is not live:
+/// what index entries are made from.
+pub(super) fn live_fields(bytes: &[u8]) -> Result<Option<Fields>, StoreError> {
+    let stored = decode(bytes)?;
+    if !stored.live {
+        return Ok(None);
+    }
+    serde_json::from_str(stored.fields)
+        .map(Some)
+        .map_err(|e| StoreError::Decode {
+            what: "record view",
+            detail: e.to_string(),
+        })
+}
+
 /// A view as `doctor` compares it: the fields parsed, so that two encodings of the same fields
 /// are the same view.
 #[derive(Debug, PartialEq)]
@@ -217,7 +232,8 @@ impl Store {
     /// Completes `batch` so that every document it writes or removes has its view written or
     /// removed with it. The write and apply paths stage the views of the records they hold
     /// (`stage_view`); a document put without one (a purge's restoration, a repair) has its
-    /// view computed here from the bytes the batch leaves.
+    /// view computed here from the bytes the batch leaves. The views' index entries follow them
+    /// (`settle_indexes`).
     pub(super) fn settle_views(&self, batch: &mut Batch) -> Result<(), StoreError> {
         let mut records: HashMap<&[u8], Pending> = HashMap::new();
         for (key, value) in batch.ops() {
@@ -266,7 +282,7 @@ impl Store {
                 None => batch.remove(key),
             }
         }
-        Ok(())
+        self.settle_indexes(batch)
     }
 
     /// The record's view, from its `v` key, or computed from its document when the view is
@@ -333,7 +349,6 @@ impl Store {
         };
         let end = keys::prefix_end(&prefix);
         let policy = fingerprint(self.policy(collection));
-        let keyring = &self.options.keyring;
         let mut out = Vec::new();
         while out.len() < wanted {
             let page = self.kv.range(&start, &end, 256)?;
@@ -341,19 +356,7 @@ impl Store {
             start = keys::after(last);
             for (key, bytes) in page {
                 let id = keys::doc_id(&key, prefix.len())?;
-                let stored = decode(&bytes)?;
-                let live = if stored.policy == policy {
-                    answer(collection, id, &stored, keyring, false)?
-                } else {
-                    match self.computed_view(collection, id)? {
-                        Some(computed) => {
-                            answer(collection, id, &decode(&computed)?, keyring, false)?
-                        }
-                        None => None,
-                    }
-                };
-                if let Some(mut view) = live {
-                    view.conflicts = self.record_conflicts(collection, id)?;
+                if let Some(view) = self.listed(collection, id, &bytes, policy)? {
                     out.push(view);
                     if out.len() == wanted {
                         break;
@@ -362,6 +365,34 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// A record as `list` shows it, from its stored view `bytes` (computed from the document when
+    /// made under another policy than `policy`, the collection's fingerprint): encrypted fields
+    /// opened (a placeholder for one that does not open), its open conflicts; `None` when it is
+    /// not live.
+    pub(super) fn listed(
+        &self,
+        collection: &str,
+        id: &str,
+        bytes: &[u8],
+        policy: u32,
+    ) -> Result<Option<RecordView>, StoreError> {
+        let keyring = &self.options.keyring;
+        let stored = decode(bytes)?;
+        let live = if stored.policy == policy {
+            answer(collection, id, &stored, keyring, false)?
+        } else {
+            match self.computed_view(collection, id)? {
+                Some(computed) => answer(collection, id, &decode(&computed)?, keyring, false)?,
+                None => None,
+            }
+        };
+        let Some(mut view) = live else {
+            return Ok(None);
+        };
+        view.conflicts = self.record_conflicts(collection, id)?;
+        Ok(Some(view))
     }
 
     /// Checks the view stored for the document at `doc` (its key) against `record`, that
@@ -466,6 +497,7 @@ impl Store {
                 keys::META_VIEWS.to_vec(),
                 super::encode(&marker, "views progress")?,
             );
+            self.settle_indexes(&mut batch)?;
             self.kv.apply(batch)?;
             if checked.is_multiple_of(PAGE as u64 * 40) {
                 tracing::info!(checked, written, "record views: rebuilding");

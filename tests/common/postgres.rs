@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use ferry::relay::storage::PgStorage;
 use ferry::relay::storage::pg::PgOptions;
 
 /// A running server; stopped (`pg_ctl -m fast`) and removed on drop, unless it is the shared
@@ -235,6 +236,16 @@ impl PgServer {
         format!("postgres://ferry@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// A relay's config.toml for `database` on this server, with limits that let tests
+    /// register and sign in many devices from one address.
+    pub fn relay_config(&self, database: &str) -> String {
+        format!(
+            "[relay]\nenrolments_per_minute = 10000\nsign_ins_per_minute = 100000\n\
+             storage = \"postgres\"\npostgres_url = \"{}\"\n",
+            self.url(database)
+        )
+    }
+
     /// A new empty database; its name.
     pub fn create_database(&self) -> String {
         let name = format!(
@@ -305,5 +316,44 @@ impl Drop for PgServer {
             let _ = self.pg_ctl(&["-m", "fast", "-w", "stop"]);
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// A fresh database on the test binary's server, dropped with it.
+pub struct Database {
+    pub server: &'static PgServer,
+    pub name: String,
+}
+
+impl Database {
+    pub fn new() -> Self {
+        let server = PgServer::shared();
+        Database {
+            server,
+            name: server.create_database(),
+        }
+    }
+
+    pub fn options(&self) -> PgOptions {
+        self.server.options(&self.name)
+    }
+
+    pub fn open(&self) -> PgStorage {
+        PgStorage::open(&self.options()).unwrap()
+    }
+
+    pub fn sql(&self, sql: &str) -> String {
+        self.server.sql(&self.name, sql).trim().to_owned()
+    }
+
+    /// A relay's config.toml for this database.
+    pub fn relay_config(&self) -> String {
+        self.server.relay_config(&self.name)
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        self.server.drop_database(&self.name);
     }
 }
