@@ -12,6 +12,11 @@
 //!   Run once per strategy (`[collections.Customer] strategy` on both devices), counting the
 //!   conflicts each device found.
 //!
+//! With `--postgres` the relay keeps its data in a PostgreSQL database (a private server the
+//! benchmark starts, durable as a production one: fsync on) instead of sled, and with
+//! `--relays 2` W1 and W2 run A and B on two relays sharing that database (W3, which stops its one
+//! relay, is then left out).
+//!
 //! With `--profile NAME` every device reaches the relay through the link emulator
 //! (`tests/common/link.rs`: `lan`, `broadband`, `mobile`, `bad-3g`, `satellite`) instead of
 //! loopback, and W1 also times a third device's initial sync by download alone.
@@ -40,6 +45,7 @@ mod harness;
 mod workload;
 
 use common::link::{Link, PROFILES, Profile};
+use common::postgres::PgServer;
 use common::{Device, TIMEOUT};
 use ferry::ipc::{Client, Notification};
 use ferry::service::{ChangeEvent, Origin};
@@ -70,6 +76,10 @@ usage: cargo bench --bench sync_e2e -- [OPTIONS]
                     have an account key set (default 0)
   --feed-fields     W1's subscriber on B asks for each record's fields in its notifications
                     (`subscribe` with `fields`), as an app reading the feed would
+  --postgres        the relay keeps its data in PostgreSQL (a private server started for the
+                    benchmark, fsync on; needs /usr/lib/postgresql/*/bin) instead of sled
+  --relays N        W1 and W2 with A on one relay and B on another, N = 2, both on one
+                    PostgreSQL database (implies --postgres; W3 is left out; default 1)
   --profile P       devices reach the relay through the link emulator with profile P (lan,
                     broadband, mobile, bad-3g, satellite; default: straight over loopback)
   --seed N          the link emulator's seed (default 1)
@@ -114,6 +124,10 @@ struct Options {
     profile: Option<Profile>,
     seed: u64,
     congestion: Option<String>,
+    /// Relays keep their data in PostgreSQL.
+    postgres: bool,
+    /// Relays A and B use (A on the first, B on the last).
+    relays: usize,
     smoke: bool,
 }
 
@@ -136,6 +150,8 @@ impl Options {
             profile: None,
             seed: 1,
             congestion: None,
+            postgres: false,
+            relays: 1,
             smoke,
         };
         let mut it = args.iter();
@@ -193,6 +209,14 @@ impl Options {
                     }
                     o.congestion = Some(c.clone());
                 }
+                "--postgres" => o.postgres = true,
+                "--relays" => {
+                    o.relays = match number(arg, text(arg)?)? {
+                        1 => 1,
+                        2 => 2,
+                        n => return Err(format!("--relays {n}: expected 1 or 2")),
+                    };
+                }
                 "--log" => o.log = text(arg)?.clone(),
                 "--log-dir" => {
                     let dir = PathBuf::from(text(arg)?);
@@ -216,6 +240,8 @@ impl Options {
         if o.w3_strategies.is_empty() {
             o.w3_strategies = ["merge", "lww", "manual"].map(String::from).to_vec();
         }
+        // Relays share what they keep only through a database.
+        o.postgres |= o.relays > 1;
         if o.records.contains(&0) || o.updates == 0 || o.w3_records == 0 {
             return Err("--records, --updates and --w3-records must be at least 1".into());
         }
@@ -223,7 +249,8 @@ impl Options {
     }
 
     fn runs(&self, w: Workload) -> bool {
-        self.only.is_none_or(|only| only == w)
+        // W3 stops its relay: with B on another one, B would go on syncing.
+        self.only.is_none_or(|only| only == w) && !(w == Workload::W3 && self.relays > 1)
     }
 }
 
@@ -264,6 +291,8 @@ fn main() {
             })
         });
         result["congestion"] = json!(options.congestion.as_deref().unwrap_or("bbr"));
+        result["relay_storage"] = json!(if options.postgres { "postgres" } else { "sled" });
+        result["relays"] = json!(options.relays);
         println!("{result}");
         summarize(&result);
     };
@@ -310,21 +339,26 @@ struct Relay {
 }
 
 impl Relay {
-    /// Starts a relay on `dir` listening on `listen`, and waits until it serves.
-    fn start(dir: &Path, listen: &str, o: &Options, log: &Path) -> Relay {
+    /// Starts a relay on `dir` listening on `listen`, keeping its data in `storage`, and waits
+    /// until it serves.
+    fn start(dir: &Path, listen: &str, o: &Options, storage: &Storage, log: &Path) -> Relay {
         check_interrupted();
+        let mut config = String::new();
         if let Some(congestion) = &o.congestion {
+            config += &format!("congestion = {congestion:?}\n");
+        }
+        if let Some(url) = &storage.url {
+            config += &format!("storage = \"postgres\"\npostgres_url = {url:?}\n");
+        }
+        if !config.is_empty() {
             std::os::unix::fs::DirBuilderExt::mode(
                 std::fs::DirBuilder::new().recursive(true),
                 0o700,
             )
             .create(dir)
             .expect("relay data dir");
-            std::fs::write(
-                dir.join("config.toml"),
-                format!("[relay]\ncongestion = {congestion:?}\n"),
-            )
-            .expect("write the relay's config");
+            std::fs::write(dir.join("config.toml"), format!("[relay]\n{config}"))
+                .expect("write the relay's config");
         }
         let log_file = std::fs::File::create(log)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
@@ -402,6 +436,100 @@ impl Relay {
         let status = self.process.stop();
         assert!(status.success(), "relay exit: {status}");
     }
+}
+
+/// Where the relays of one run keep their data: sled in each one's data directory, or, with
+/// `--postgres`, a fresh database of the benchmark's PostgreSQL server, which they share.
+struct Storage {
+    url: Option<String>,
+    database: Option<String>,
+}
+
+impl Storage {
+    fn new(o: &Options) -> Storage {
+        if !o.postgres {
+            return Storage {
+                url: None,
+                database: None,
+            };
+        }
+        let server = PgServer::durable();
+        let database = server.create_database();
+        Storage {
+            url: Some(server.url(&database)),
+            database: Some(database),
+        }
+    }
+
+    /// Bytes of the database, when the relays keep their data in one.
+    fn database_bytes(&self) -> Option<u64> {
+        let database = self.database.as_ref()?;
+        let size = PgServer::durable().sql(database, "SELECT pg_database_size(current_database())");
+        size.trim().parse().ok()
+    }
+}
+
+/// The relays A and B use: one, or (`--relays 2`) a second one for B on the same database.
+struct Relays {
+    first: Relay,
+    second: Option<Relay>,
+    dirs: [RelayDir; 2],
+    storage: Storage,
+}
+
+impl Relays {
+    fn start(o: &Options, logs: &Logs) -> Relays {
+        let dirs = [RelayDir::new(), RelayDir::new()];
+        let storage = Storage::new(o);
+        let first = Relay::start(
+            &dirs[0].path,
+            "127.0.0.1:0",
+            o,
+            &storage,
+            &logs.path("relay"),
+        );
+        let second = (o.relays > 1).then(|| {
+            Relay::start(
+                &dirs[1].path,
+                "127.0.0.1:0",
+                o,
+                &storage,
+                &logs.path("relay2"),
+            )
+        });
+        Relays {
+            first,
+            second,
+            dirs,
+            storage,
+        }
+    }
+
+    /// B's relay.
+    fn for_b(&self) -> &Relay {
+        self.second.as_ref().unwrap_or(&self.first)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        std::iter::once(&self.first)
+            .chain(&self.second)
+            .map(Relay::pid)
+            .collect()
+    }
+
+    /// Stops the relays cleanly; their data directories stay until the result is dropped.
+    fn stop(self) -> [RelayDir; 2] {
+        self.first.stop();
+        if let Some(second) = self.second {
+            second.stop();
+        }
+        self.dirs
+    }
+}
+
+/// CPU time of several processes together.
+fn cpu_us_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|&pid| cpu_us(pid)).sum()
 }
 
 /// A relay's data directory, which the relay creates (owner-only) in a temp dir.
@@ -680,10 +808,9 @@ fn initial_sync(n: u64, o: &Options) -> Value {
     let status = offline.stop();
     assert!(status.success(), "A's offline daemon exit: {status}");
 
-    let relay_dir = RelayDir::new();
-    let relay = Relay::start(&relay_dir.path, "127.0.0.1:0", o, &logs.path("relay"));
-    join_relay(&a, &relay);
-    join_relay(&b, &relay);
+    let relays = Relays::start(o, &logs);
+    join_relay(&a, &relays.first);
+    join_relay(&b, relays.for_b());
     let b_daemon = Running::start_logging(&b, &logs.path("b"));
     let mut b_client = b_daemon.client();
     poll_until("B to connect to the relay", TIMEOUT, POLL, || {
@@ -696,8 +823,8 @@ fn initial_sync(n: u64, o: &Options) -> Value {
     // Each process's CPU time over the timed window, read the moment B holds everything: what
     // A does once it is done (compacting its store after the upload) is not the sync's.
     let a_pid = Arc::new(std::sync::OnceLock::new());
-    let (relay_pid, b_pid) = (relay.pid(), b_daemon.pid());
-    let cpu_before = [cpu_us(relay_pid), cpu_us(b_pid)];
+    let (relay_pids, b_pid) = (relays.pids(), b_daemon.pid());
+    let cpu_before = [cpu_us_of(&relay_pids), cpu_us(b_pid)];
     let counter = std::thread::spawn({
         let a_pid = a_pid.clone();
         move || {
@@ -711,7 +838,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
             let landed_at = Instant::now();
             let a_cpu = a_pid.get().copied().map_or(0, cpu_us);
             let cpu = [
-                cpu_us(relay_pid).saturating_sub(cpu_before[0]),
+                cpu_us_of(&relay_pids).saturating_sub(cpu_before[0]),
                 a_cpu,
                 cpu_us(b_pid).saturating_sub(cpu_before[1]),
             ];
@@ -742,16 +869,21 @@ fn initial_sync(n: u64, o: &Options) -> Value {
     wait_caught_up("A and B to settle", [&a_daemon, &b_daemon], n);
     let (sa, sb) = (Status::of(&mut a_client), Status::of(&mut b_client));
     let peaks = (
-        peak_kib(relay.pid()),
+        peak_kib(relays.first.pid()),
         peak_kib(a_daemon.pid()),
         peak_kib(b_daemon.pid()),
+        relays.second.as_ref().map(|r| peak_kib(r.pid())),
     );
-    let cpu = [relay.pid(), a_daemon.pid(), b_daemon.pid()].map(cpu_us);
+    let cpu = [
+        cpu_us_of(&relays.pids()),
+        cpu_us(a_daemon.pid()),
+        cpu_us(b_daemon.pid()),
+    ];
 
     // C joins once the relay holds everything: its initial sync is downloads alone.
     eprintln!("  C joins and downloads the {n} records ...");
     let c = new_device(o);
-    join_relay(&c, &relay);
+    join_relay(&c, &relays.first);
     let c_started = Instant::now();
     let c_daemon = Running::start_logging(&c, &logs.path("c"));
     let mut c_client = c_daemon.client();
@@ -765,7 +897,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
     let status = c_daemon.stop();
     assert!(status.success(), "C's daemon exit: {status}");
     drop((a_client, b_client));
-    let link = relay.link.as_ref().map(Link::stats).map(|s| {
+    let link = relays.first.link.as_ref().map(Link::stats).map(|s| {
         json!({
             "packets_forwarded": s.forwarded,
             "lost": s.lost,
@@ -779,12 +911,20 @@ fn initial_sync(n: u64, o: &Options) -> Value {
         let status = daemon.stop();
         assert!(status.success(), "{name}'s daemon exit: {status}");
     }
-    relay.stop();
+    let database_disk = relays.storage.database_bytes();
+    // The second directory only when a second relay ran in it.
+    let relay_dirs: Vec<PathBuf> = relays
+        .dirs
+        .iter()
+        .take(relays.pids().len())
+        .map(|d| d.path.clone())
+        .collect();
+    let _dirs = relays.stop();
     let du = |p: &Path| disk_usage(p).0;
     let (a_disk, b_disk, relay_disk) = (
         du(&a.data_dir.join("store")),
         du(&b.data_dir.join("store")),
-        du(&relay_dir.path),
+        relay_dirs.iter().map(|p| du(p)).sum::<u64>() + database_disk.unwrap_or(0),
     );
     let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
     json!({
@@ -817,8 +957,14 @@ fn initial_sync(n: u64, o: &Options) -> Value {
             "a_sent_per_record": sa.bytes_sent / n,
             "b_received_per_record": sb.bytes_received / n,
         },
-        "peak_rss_mib": { "relay": mib(peaks.0), "a": mib(peaks.1), "b": mib(peaks.2) },
-        // Over the timed window: from A's start until B holds every record.
+        "peak_rss_mib": {
+            "relay": mib(peaks.0),
+            "relay2": peaks.3.map(mib),
+            "a": mib(peaks.1),
+            "b": mib(peaks.2),
+        },
+        // Over the timed window: from A's start until B holds every record (the relays' CPU
+        // summed; the PostgreSQL server's is not counted).
         "cpu_us_per_record": per_record(window_cpu, n),
         // From each process's start until A and B settled (the relay's and B's include their
         // idle wait before A starts, a few milliseconds; A's its store's compaction once its
@@ -827,6 +973,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
         "disk_bytes_after_clean_stop": {
             "a_store": a_disk,
             "b_store": b_disk,
+            // The relays' data directories, and with --postgres their database.
             "relay_dir": relay_disk,
             "a_per_record": a_disk / n,
             "b_per_record": b_disk / n,
@@ -838,10 +985,10 @@ fn initial_sync(n: u64, o: &Options) -> Value {
 // ---------------------------------------------------------------------------------------------
 // W2: propagation latency.
 
-/// Two devices syncing through a relay, caught up on `records` records A imported.
+/// Two devices syncing through a relay (or two: `--relays 2`), caught up on `records` records A
+/// imported.
 struct Pair {
-    relay: Relay,
-    relay_dir: RelayDir,
+    relays: Relays,
     a: Running,
     b: Running,
     _devices: (Device, Device),
@@ -850,11 +997,11 @@ struct Pair {
 impl Pair {
     /// `strategy`, when given, is the benchmark collection's conflict strategy on both devices.
     fn start(records: u64, strategy: Option<&str>, o: &Options, logs: &Logs) -> Pair {
-        let relay_dir = RelayDir::new();
-        let relay = Relay::start(&relay_dir.path, "127.0.0.1:0", o, &logs.path("relay"));
+        let relays = Relays::start(o, logs);
         let (a, b) = (new_device(o), new_device(o));
+        join_relay(&a, &relays.first);
+        join_relay(&b, relays.for_b());
         for device in [&a, &b] {
-            join_relay(device, &relay);
             if let Some(strategy) = strategy {
                 set_strategy(device, strategy);
             }
@@ -864,8 +1011,7 @@ impl Pair {
         import(&mut a_daemon.client(), records);
         wait_caught_up("B to receive A's records", [&a_daemon, &b_daemon], records);
         Pair {
-            relay,
-            relay_dir,
+            relays,
             a: a_daemon,
             b: b_daemon,
             _devices: (a, b),
@@ -1041,14 +1187,18 @@ fn offline_edits(m: u64, strategy: &str, same_field: bool, o: &Options) -> Value
         &format!("w3-{strategy}{}", if same_field { "-same" } else { "" }),
     );
     let Pair {
-        relay,
-        relay_dir,
+        relays,
         a,
         b,
         _devices,
     } = Pair::start(m, Some(strategy), o, &logs);
+    let Relays {
+        first: mut relay,
+        dirs: [relay_dir, _],
+        storage,
+        ..
+    } = relays;
     let listen = relay.listen.clone();
-    let mut relay = relay;
     // The link stays up while the relay is down, as a device's network does.
     let link = relay.link.take();
     relay.stop();
@@ -1081,7 +1231,13 @@ fn offline_edits(m: u64, strategy: &str, same_field: bool, o: &Options) -> Value
 
     eprintln!("  the relay restarts on {listen} ...");
     let t0 = Instant::now();
-    let mut relay = Relay::start(&relay_dir.path, &listen, o, &logs.path("relay-restarted"));
+    let mut relay = Relay::start(
+        &relay_dir.path,
+        &listen,
+        o,
+        &storage,
+        &logs.path("relay-restarted"),
+    );
     relay.link = link;
     let ready = t0.elapsed();
     // Ask both to sync now, as an app does when it knows the relay is back: otherwise each

@@ -30,6 +30,7 @@ mod accounts;
 mod conflicts;
 mod import;
 mod key;
+mod relay_status;
 mod status;
 
 /// The longest secret line (passphrase, key line, password) read from standard input.

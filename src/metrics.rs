@@ -161,7 +161,7 @@ impl Exposition {
         }
     }
 
-    pub fn gauge(&mut self, name: &str, help: &str, value: i64) {
+    pub fn gauge(&mut self, name: &str, help: &str, value: impl std::fmt::Display) {
         self.header(name, help, "gauge");
         self.sample(name, &[], value);
     }

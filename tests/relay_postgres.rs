@@ -12,7 +12,11 @@
 //! the other, serving a device registered through the other, and presenting one certificate.
 //! Faults: devices riding out the database stopped during sync, and an append whose connection
 //! is cut inside its transaction never answered `Stored`; a refresh token used again through
-//! another relay found reused and its family revoked for both.
+//! another relay found reused and its family revoked for both. The `records` table: equal to
+//! what every device lists after lww, manual and merge conflicts and deletes, through two relays,
+//! resumed from its recorded position after a restart, shown by `ferry relay status`; spaces
+//! shared between materializers by lease, purged records' rows dropped, rows made again past a
+//! compacted log.
 
 // A test stops at the first thing that goes wrong: panicking is how it reports it.
 #![allow(
@@ -350,7 +354,11 @@ fn ferry_relay_migrate_checks_and_applies_and_a_relay_refuses_a_newer_schema() {
     let answer: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
     assert_eq!(
         answer["pending"],
-        json!(["0001_relay_storage", "0002_relay_certificate"]),
+        json!([
+            "0001_relay_storage",
+            "0002_relay_certificate",
+            "0003_records"
+        ]),
         "{answer}"
     );
     assert!(stderr(&check).contains("pending"), "{check:?}");
@@ -359,7 +367,8 @@ fn ferry_relay_migrate_checks_and_applies_and_a_relay_refuses_a_newer_schema() {
     assert!(migrate.status.success(), "{migrate:?}");
     assert!(
         stdout(&migrate).contains("0001_relay_storage")
-            && stdout(&migrate).contains("0002_relay_certificate"),
+            && stdout(&migrate).contains("0002_relay_certificate")
+            && stdout(&migrate).contains("0003_records"),
         "{migrate:?}"
     );
     let check = operator.ferry(&["relay", "migrate", "--check"]);
@@ -883,4 +892,385 @@ fn a_refresh_token_used_again_through_another_relay_revokes_its_family_on_every_
             "relay {relay} still takes the family's access token: {refused:?}"
         );
     }
+}
+
+/// The collections of the records-table test, one per strategy, as relays and devices declare
+/// them.
+const STRATEGIES: &str = "\n[collections.Lww]\nstrategy = \"lww\"\n\
+    [collections.Manual]\nstrategy = \"manual\"\n[collections.Merge]\nstrategy = \"merge\"\n";
+const STRATEGY_COLLECTIONS: [&str; 3] = ["Lww", "Manual", "Merge"];
+
+type Rows = std::collections::BTreeMap<(String, String), (serde_json::Value, bool, u64)>;
+
+/// The `default` space's rows of `records`: (collection, id) -> (fields, deleted, position).
+fn records_table(db: &Database) -> Rows {
+    let text = db.sql(
+        "SELECT coalesce(json_agg(json_build_object('c', collection, 'id', id, 'f', fields, \
+         'd', deleted, 'p', log_position)), '[]') FROM records WHERE space = 'default'",
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let mut table = Rows::new();
+    for row in rows {
+        let key = (
+            row["c"].as_str().unwrap().to_owned(),
+            row["id"].as_str().unwrap().to_owned(),
+        );
+        let value = (
+            row["f"].clone(),
+            row["d"].as_bool().unwrap(),
+            row["p"].as_u64().unwrap(),
+        );
+        assert!(table.insert(key, value).is_none(), "one row per record");
+    }
+    table
+}
+
+/// The seq of the last log entry of each record of the `default` space.
+fn last_entries(db: &Database) -> std::collections::BTreeMap<(String, String), u64> {
+    let text = db.sql(
+        "SELECT coalesce(json_agg(json_build_object('c', collection, 'id', record, 'p', last)), \
+         '[]') FROM (SELECT collection, record, max(seq) AS last FROM log_entries \
+         WHERE space = 'default' GROUP BY collection, record) AS t",
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    rows.iter()
+        .map(|row| {
+            (
+                (
+                    row["c"].as_str().unwrap().to_owned(),
+                    row["id"].as_str().unwrap().to_owned(),
+                ),
+                row["p"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn wait_materialized(db: &Database, head: u64) {
+    common::wait_for_ok(
+        &format!("the records table at seq {head}"),
+        common::TIMEOUT,
+        || {
+            let at = db.sql("SELECT position FROM records_progress WHERE space = 'default'");
+            if at == head.to_string() {
+                Ok(())
+            } else {
+                Err(at)
+            }
+        },
+    );
+}
+
+/// The table holds a row for every record logged, at the seq of its last entry, and its live
+/// rows are exactly what each device lists, field for field.
+fn assert_table_shows(db: &Database, daemons: &[&common::Daemon]) {
+    let table = records_table(db);
+    let last = last_entries(db);
+    let positions: std::collections::BTreeMap<_, _> = table
+        .iter()
+        .map(|(key, row)| (key.clone(), row.2))
+        .collect();
+    assert_eq!(positions, last, "each record's row at its last log entry");
+    for daemon in daemons {
+        for collection in STRATEGY_COLLECTIONS {
+            let page = common::call(
+                daemon,
+                "list",
+                json!({ "collection": collection, "limit": 1000 }),
+            );
+            let listed: std::collections::BTreeMap<String, serde_json::Value> = page["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| (r["id"].as_str().unwrap().to_owned(), r["fields"].clone()))
+                .collect();
+            let live: std::collections::BTreeMap<String, serde_json::Value> = table
+                .iter()
+                .filter(|((c, _), (_, deleted, _))| c == collection && !deleted)
+                .map(|((_, id), (fields, _, _))| (id.clone(), fields.clone()))
+                .collect();
+            assert_eq!(
+                live, listed,
+                "{collection}: the table's live rows are the list"
+            );
+        }
+    }
+}
+
+fn offline_edit(device: &Device, args: &[&str]) {
+    let out = device.ferry(args);
+    assert!(out.status.success(), "ferry {args:?}: {}", stderr(&out));
+}
+
+#[test]
+fn the_records_table_matches_what_every_device_shows_after_conflicts_and_deletes() {
+    let db = Database::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!("{}{STRATEGIES}", db.relay_config());
+    let dirs = [tmp.path().join("relay1"), tmp.path().join("relay2")];
+    let mut relays = dirs
+        .clone()
+        .map(|dir| Relay::start_with_config(&dir, None, &config));
+    let (a, b) = (Device::new(), Device::new());
+    a.join(&relays[0]);
+    b.join(&relays[1]);
+    for device in [&a, &b] {
+        device.edit_config(|text| {
+            format!("{text}{STRATEGIES}[collections.Sealed]\nencrypted = [\"pin\"]\n")
+        });
+        let key = device
+            .command(&["key", "set"])
+            .env("FERRY_PASSPHRASE", "records table passphrase")
+            .output()
+            .unwrap();
+        assert!(key.status.success(), "{key:?}");
+    }
+    let (da, db_) = (a.start_daemon_logged(), b.start_daemon_logged());
+    for collection in STRATEGY_COLLECTIONS {
+        for i in 0..4 {
+            common::call(
+                &da,
+                "put",
+                json!({ "collection": collection, "id": format!("r{i}"),
+                        "fields": { "n": i, "by": "a" } }),
+            );
+        }
+        common::call(
+            &db_,
+            "put",
+            json!({ "collection": collection, "id": "b0", "fields": { "n": 0, "by": "b" } }),
+        );
+    }
+    wait_converged(&[&da, &db_], 15);
+    wait_materialized(&db, 15);
+    assert_table_shows(&db, &[&da, &db_]);
+    assert!(da.terminate().success());
+    assert!(db_.terminate().success());
+
+    // Offline, in every collection: the same field set on both devices, a delete against an
+    // update, a plain delete, and different fields of one record.
+    for collection in STRATEGY_COLLECTIONS {
+        let at = |id: &str| format!("{collection}/{id}");
+        offline_edit(&a, &["patch", &at("r0"), "--data", r#"{"n": 100}"#]);
+        offline_edit(&b, &["patch", &at("r0"), "--data", r#"{"n": 200}"#]);
+        offline_edit(&a, &["rm", &at("r1")]);
+        offline_edit(&b, &["patch", &at("r1"), "--data", r#"{"n": 300}"#]);
+        offline_edit(&a, &["rm", &at("r2")]);
+        offline_edit(&a, &["patch", &at("r3"), "--data", r#"{"by": "a again"}"#]);
+        offline_edit(&b, &["patch", &at("r3"), "--data", r#"{"extra": true}"#]);
+    }
+    let da = a.start_daemon_logged();
+    wait_converged(&[&da], 27);
+    let db_ = b.start_daemon_logged();
+    wait_converged(&[&da, &db_], 36);
+    wait_materialized(&db, 36);
+    assert_table_shows(&db, &[&da, &db_]);
+    let table = records_table(&db);
+    for collection in STRATEGY_COLLECTIONS {
+        let row = &table[&(collection.to_owned(), "r2".to_owned())];
+        assert!(row.1, "{collection}/r2 is deleted: {row:?}");
+    }
+    let open = db.sql("SELECT count(*) FROM conflicts WHERE open");
+    assert_ne!(open, "0", "the manual collection holds open conflicts");
+
+    // Both relays stopped, one started again: it goes on from the position recorded, leaving
+    // the rows it wrote before as they are (this one altered behind its back stays so).
+    let port = relays[0].port;
+    for relay in &mut relays {
+        assert!(relay.terminate().success(), "{}", relay.log());
+    }
+    db.sql("UPDATE records SET fields = '{\"altered\": true}' WHERE collection = 'Merge' AND id = 'b0'");
+    let relay = Relay::start(&dirs[0], Some(port));
+    common::call(
+        &da,
+        "put",
+        json!({ "collection": "Merge", "id": "r4", "fields": { "n": 4 } }),
+    );
+    common::call(
+        &da,
+        "patch",
+        json!({ "collection": "Lww", "id": "r0", "fields": { "n": 7 } }),
+    );
+    wait_converged(&[&da], 38);
+    wait_materialized(&db, 38);
+    assert_eq!(
+        records_table(&db)[&("Merge".to_owned(), "b0".to_owned())].0,
+        json!({ "altered": true }),
+        "a restarted relay goes on from the recorded position"
+    );
+    common::call(
+        &da,
+        "patch",
+        json!({ "collection": "Merge", "id": "b0", "fields": { "n": 1 } }),
+    );
+    wait_converged(&[&da], 39);
+    wait_materialized(&db, 39);
+    assert_table_shows(&db, &[&da]);
+
+    // An encrypted field is in the table as the envelope the relay holds, never in clear.
+    common::call(
+        &da,
+        "put",
+        json!({ "collection": "Sealed", "id": "s1", "fields": { "pin": "4321", "name": "n" } }),
+    );
+    wait_converged(&[&da], 40);
+    wait_materialized(&db, 40);
+    let got = common::call(&da, "get", json!({ "collection": "Sealed", "id": "s1" }));
+    assert_eq!(
+        got["fields"],
+        json!({ "pin": "4321", "name": "n" }),
+        "{got}"
+    );
+    let row = &records_table(&db)[&("Sealed".to_owned(), "s1".to_owned())];
+    assert_eq!(row.0["name"], json!("n"), "{row:?}");
+    assert!(row.0["pin"]["$sealed"].is_string(), "{row:?}");
+    assert!(!row.0.to_string().contains("4321"), "{row:?}");
+
+    let status = relay.operator().ferry(&["--json", "relay", "status"]);
+    assert!(status.status.success(), "{status:?}");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        status["spaces"],
+        json!([{ "space": "default", "head": 40, "materialized": 40, "entries_behind": 0,
+                 "seconds_behind": 0.0 }]),
+        "{status}"
+    );
+}
+
+/// The `records` rows of the relay fixtures' space: id -> (fields, deleted, position).
+fn fixture_rows(
+    db: &Database,
+) -> std::collections::BTreeMap<String, (serde_json::Value, bool, u64)> {
+    let text = db.sql(&format!(
+        "SELECT coalesce(json_agg(json_build_object('id', id, 'f', fields, 'd', deleted, \
+         'p', log_position)), '[]') FROM records WHERE space = '{SPACE}'"
+    ));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    rows.iter()
+        .map(|row| {
+            (
+                row["id"].as_str().unwrap().to_owned(),
+                (
+                    row["f"].clone(),
+                    row["d"].as_bool().unwrap(),
+                    row["p"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The record as the relay shows it under the default policy: (fields, deleted).
+fn relay_view(relay: &RelayStore, id: &str) -> (serde_json::Value, bool) {
+    let (view, _) = relay
+        .view(SPACE, "Doc", id, &ferry::resolve::Policy::default())
+        .unwrap()
+        .unwrap();
+    (serde_json::Value::Object(view.fields), view.deleted)
+}
+
+#[test]
+fn the_materializer_shares_spaces_by_lease_drops_purged_records_and_rebuilds_past_compaction() {
+    use ferry::relay::materializer::{Materializer, MaterializerOptions};
+    use relay_fixtures::Writer;
+
+    let db = Database::new();
+    let relay = relay_store(&db);
+    let storage = Arc::new(db.open());
+    let metrics = Arc::new(ferry::relay::metrics::RelayMetrics::default());
+    let materializer = || {
+        Materializer::new(
+            storage.clone(),
+            ferry::resolve::Policies::default(),
+            metrics.clone(),
+            // Two entries a step: every catch-up below takes several transactions.
+            MaterializerOptions {
+                batch_entries: 2,
+                ..MaterializerOptions::default()
+            },
+        )
+    };
+    let (one, two) = (materializer(), materializer());
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+
+    let mut writers: Vec<Writer> = (0..4).map(|_| Writer::new(1)).collect();
+    let mut uploads: Vec<UploadChange> = writers
+        .iter_mut()
+        .enumerate()
+        .map(|(i, w)| upload(0, &format!("r{i}"), &w.put(json!({ "v": i }))))
+        .collect();
+    let deletion = writers[1].record.delete(3).unwrap().unwrap();
+    uploads.push(upload(0, "r1", deletion.change.raw_bytes()));
+    uploads.push(upload(0, "r2", &writers[2].patch(json!({ "w": "two" }))));
+    relay.append(SPACE, &dev(1), &uploads).unwrap();
+    let head = relay.head(SPACE).unwrap();
+    assert_eq!(head, 6);
+
+    // A space leased by another relay is left to it; once released, it is taken.
+    assert_eq!(
+        storage
+            .lease_records(SPACE, "another relay", Duration::from_secs(60))
+            .unwrap(),
+        Some(0)
+    );
+    assert_eq!(two.catch_up(SPACE, &stopped).unwrap(), None);
+    assert!(fixture_rows(&db).is_empty());
+    storage.release_records(SPACE, "another relay").unwrap();
+    assert_eq!(one.catch_up(SPACE, &stopped).unwrap(), Some(head));
+    let rows = fixture_rows(&db);
+    let positions: Vec<(&str, u64)> = rows.iter().map(|(id, row)| (id.as_str(), row.2)).collect();
+    assert_eq!(positions, [("r0", 1), ("r1", 5), ("r2", 6), ("r3", 4)]);
+    for (id, (fields, deleted, _)) in &rows {
+        assert_eq!(relay_view(&relay, id), (fields.clone(), *deleted), "{id}");
+    }
+    assert!(rows["r1"].1, "r1 is deleted");
+
+    // The deleted record purged: its row goes.
+    assert_eq!(relay.purge_tombstones(SPACE, u64::MAX / 2, 1).unwrap(), 1);
+    let head = relay.head(SPACE).unwrap();
+    assert_eq!(two.catch_up(SPACE, &stopped).unwrap(), Some(head));
+    let rows = fixture_rows(&db);
+    assert_eq!(rows.keys().collect::<Vec<_>>(), ["r0", "r2", "r3"]);
+
+    // The log compacted past the materialized position: the rows are made again from the
+    // records' documents.
+    let more: Vec<UploadChange> = [0usize, 3]
+        .into_iter()
+        .map(|i| {
+            upload(
+                0,
+                &format!("r{i}"),
+                &writers[i].patch(json!({ "later": i })),
+            )
+        })
+        .collect();
+    relay.append(SPACE, &dev(1), &more).unwrap();
+    db.sql(&format!(
+        "UPDATE records SET fields = '{{\"stale\": true}}' WHERE space = '{SPACE}' AND id = 'r2'"
+    ));
+    let retention = ferry::relay::store::LogRetention {
+        keep_log_days: 0,
+        keep_log_entries: 1,
+    };
+    relay.compact_log(SPACE, u64::MAX / 2, retention).unwrap();
+    let head = relay.head(SPACE).unwrap();
+    assert!(
+        storage.horizon(SPACE).unwrap() > head - 2,
+        "compacted past the position"
+    );
+    assert_eq!(one.catch_up(SPACE, &stopped).unwrap(), Some(head));
+    let rows = fixture_rows(&db);
+    assert_eq!(rows.keys().collect::<Vec<_>>(), ["r0", "r2", "r3"]);
+    for (id, (fields, deleted, _)) in &rows {
+        assert_eq!(relay_view(&relay, id), (fields.clone(), *deleted), "{id}");
+    }
+    assert_eq!(rows["r0"].2, head - 1);
+    assert_eq!(rows["r3"].2, head);
+
+    // A pass reads every space's lag into the metrics.
+    let lag = one.pass(&stopped).unwrap();
+    assert_eq!(lag.len(), 1);
+    assert_eq!((lag[0].head, lag[0].materialized), (head, head));
+    let text = metrics.render(&relay);
+    assert!(text.contains("ferry_relay_records_lag_entries 0"), "{text}");
 }

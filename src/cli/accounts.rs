@@ -68,6 +68,9 @@ pub(super) enum RelayAction {
         #[arg(long)]
         check: bool,
     },
+    /// The records table (relay.storage = "postgres"): each space's log head, how far the table
+    /// follows it, and its lag
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,6 +94,7 @@ pub(super) enum AccountAction {
 pub(super) fn relay_admin(ctx: &Context, action: RelayAction) -> Result<(), Failure> {
     match action {
         RelayAction::Migrate { check } => migrate(ctx, check),
+        RelayAction::Status => super::relay_status::status(ctx),
         RelayAction::Account {
             action: AccountAction::Add { name },
         } => {

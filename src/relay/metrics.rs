@@ -1,7 +1,8 @@
 //! The relay's Prometheus metrics: request durations, frame bytes, changes stored, duplicate
 //! and rejected, sessions, sign-ins and connected devices, updated by the sessions and
 //! `server::carry_out` with atomic adds; store size and conflict counts read from the store when
-//! rendered ([`RelayScrape`], for the relay API's `GET /metrics`).
+//! rendered ([`RelayScrape`], for the relay API's `GET /metrics`); the `records` table's lag as
+//! the materializer last read it (PostgreSQL storage).
 //!
 //! Must not touch: what is synced or stored; metrics only observe.
 
@@ -42,6 +43,8 @@ pub struct RelayMetrics {
     sessions: CounterVec,
     sign_ins: CounterVec,
     connected_devices: Gauge,
+    /// The `records` table's lag behind the most behind space, once a materializer reports it.
+    records_lag: std::sync::Mutex<Option<(u64, f64)>>,
 }
 
 impl Default for RelayMetrics {
@@ -59,6 +62,7 @@ impl Default for RelayMetrics {
             sessions: CounterVec::default(),
             sign_ins: CounterVec::default(),
             connected_devices: Gauge::default(),
+            records_lag: std::sync::Mutex::default(),
         }
     }
 }
@@ -113,6 +117,12 @@ impl RelayMetrics {
     pub fn device_connected(self: &Arc<Self>) -> ConnectedDevice {
         self.connected_devices.add(1);
         ConnectedDevice(self.clone())
+    }
+
+    /// How far the `records` table is behind the log of the space most behind: entries, and
+    /// seconds since the oldest of them was logged.
+    pub fn records_lag(&self, entries: u64, seconds: f64) {
+        *self.records_lag.lock().unwrap_or_else(|e| e.into_inner()) = Some((entries, seconds));
     }
 
     /// The exposition, with the store's size and conflict counts read now.
@@ -193,6 +203,20 @@ impl RelayMetrics {
             "Devices signed in now.",
             self.connected_devices.get(),
         );
+        let records_lag = *self.records_lag.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((entries, seconds)) = records_lag {
+            out.gauge(
+                "ferry_relay_records_lag_entries",
+                "Log entries the records table lacks, in the space most behind.",
+                i64::try_from(entries).unwrap_or(i64::MAX),
+            );
+            out.gauge(
+                "ferry_relay_records_lag_seconds",
+                "Seconds since the oldest log entry the records table lacks was logged, in the \
+                 space most behind (0 when it lacks none).",
+                seconds,
+            );
+        }
         match store.size_on_disk() {
             Ok(bytes) => out.gauge(
                 "ferry_relay_storage_bytes",

@@ -12,6 +12,7 @@ pub mod activity;
 pub mod admin;
 pub mod alerts;
 pub mod http;
+pub mod materializer;
 pub mod metrics;
 pub mod recent;
 pub mod server;
@@ -81,6 +82,35 @@ pub struct Listening {
     /// The relay's alerts, per account.
     #[serde(skip)]
     pub alerts: Arc<alerts::RelayAlerts>,
+}
+
+/// Starts the `records` table's materializer on a storage of its own (two connections, its own
+/// listener), so that it never takes a connection an upload waits for.
+fn start_materializer(
+    relay: &crate::config::RelayConfig,
+    policies: crate::resolve::Policies,
+    metrics: Arc<RelayMetrics>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, RelayError> {
+    let options = storage::pg::PgOptions {
+        pool_size: 2,
+        ..storage::pg::PgOptions::from_config(relay)
+    };
+    let storage = Arc::new(
+        storage::PgStorage::connect(&options)?.with_listener_name(materializer::LISTENER_NAME),
+    );
+    let heard = materializer::follow(&storage);
+    let materializer = materializer::Materializer::new(
+        storage,
+        policies,
+        metrics,
+        materializer::MaterializerOptions::default(),
+    );
+    Ok(tokio::spawn(materializer::run(
+        Arc::new(materializer),
+        heard,
+        stopped,
+    )))
 }
 
 /// Opens the storage `relay.storage` names: sled in the data directory (refused when sled lost
@@ -349,6 +379,15 @@ pub async fn run(
             stopped.clone(),
         ))
     });
+    let materializer = match relay.storage {
+        RelayStorageKind::Postgres => Some(start_materializer(
+            relay,
+            config.policies(),
+            shared.metrics.clone(),
+            stopped.clone(),
+        )?),
+        RelayStorageKind::Sled => None,
+    };
     let server = tokio::spawn(server::serve(endpoint, shared, options, stopped));
     tracing::info!(listen = %listening.listen, fingerprint = %listening.fingerprint, "relay ready");
     ready(&listening);
@@ -367,6 +406,11 @@ pub async fn run(
         && let Err(e) = task.await
     {
         tracing::error!(error = %e, "relay storage follower stopped abnormally");
+    }
+    if let Some(task) = materializer
+        && let Err(e) = task.await
+    {
+        tracing::error!(error = %e, "relay records materializer stopped abnormally");
     }
     for (what, task) in [
         ("operator socket", admin),

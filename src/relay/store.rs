@@ -1160,33 +1160,16 @@ impl RelayStore {
             },
         };
         self.docs_loaded.fetch_add(1, Ordering::Relaxed);
-        let mut doc = Record::load(&base, &self.actor)?;
         let changes = tail
             .iter()
-            .map(|&seq| self.change_at(space, seq, append))
-            .collect::<Result<Vec<_>, _>>()?;
-        if doc.apply_changes(&changes).is_ok() {
-            return Ok(Some(doc));
-        }
-        // A log written before every change was validated may hold changes that cannot be
-        // applied. The document is then what the others make, as on devices, which quarantine
-        // such entries: one bad change must not make the record unusable.
-        let mut doc = Record::load(&base, &self.actor)?;
-        let mut applied = Vec::with_capacity(changes.len());
-        for (change, seq) in changes.into_iter().zip(tail) {
-            match doc.apply_changes(std::slice::from_ref(&change)) {
-                Ok(_) => applied.push(change),
-                Err(e) => {
-                    tracing::warn!(space, collection, record, seq, error = %e,
-                        "a logged change cannot be applied to its record's document: left out");
-                    if e.needs_reload() {
-                        doc = Record::load(&base, &self.actor)?;
-                        doc.apply_changes(&applied)?;
-                    }
-                }
-            }
-        }
-        Ok(Some(doc))
+            .map(|&seq| Ok((seq, self.change_at(space, seq, append)?)))
+            .collect::<Result<Vec<_>, RelayStoreError>>()?;
+        Ok(Some(assemble(
+            &base,
+            changes,
+            &self.actor,
+            (space, collection, record),
+        )?))
     }
 
     /// The record's document, including the tail changes `tail` (those this append stages
@@ -2159,6 +2142,39 @@ impl RelayStore {
         validate_collection(collection, &self.options.limits)?;
         Ok(self.storage.records(space, collection, after, limit)?)
     }
+}
+
+/// A record's document: its base with its tail changes (`(seq, change)`, in log order)
+/// applied. A log written before every change was validated may hold changes that cannot be
+/// applied: the document is then what the others make, as on devices, which quarantine such
+/// entries, so that one bad change does not make the record unusable.
+pub fn assemble(
+    base: &[u8],
+    tail: Vec<(u64, Vec<u8>)>,
+    actor: &ActorId,
+    (space, collection, record): (&str, &str, &str),
+) -> Result<Record, RecordError> {
+    let mut doc = Record::load(base, actor)?;
+    let (seqs, changes): (Vec<u64>, Vec<Vec<u8>>) = tail.into_iter().unzip();
+    if doc.apply_changes(&changes).is_ok() {
+        return Ok(doc);
+    }
+    let mut doc = Record::load(base, actor)?;
+    let mut applied = Vec::with_capacity(changes.len());
+    for (change, seq) in changes.into_iter().zip(seqs) {
+        match doc.apply_changes(std::slice::from_ref(&change)) {
+            Ok(_) => applied.push(change),
+            Err(e) => {
+                tracing::warn!(space, collection, record, seq, error = %e,
+                    "a logged change cannot be applied to its record's document: left out");
+                if e.needs_reload() {
+                    doc = Record::load(base, actor)?;
+                    doc.apply_changes(&applied)?;
+                }
+            }
+        }
+    }
+    Ok(doc)
 }
 
 /// The space's conflict state in storage, as the ledger reads it.

@@ -3,9 +3,9 @@
 //! socket directory, a database per test. Needs the server binaries
 //! (`/usr/lib/postgresql/*/bin`; `scripts/test` installs them).
 //!
-//! The servers run with `fsync=off`: a crash here is the server's (`crash`: `-m immediate`,
+//! The tests' servers run with `fsync=off`: a crash here is the server's (`crash`: `-m immediate`,
 //! recovered from its WAL on the next start), never the machine's, so nothing needs to reach
-//! the disk; a benchmark must not use these settings.
+//! the disk. A benchmark's (`durable`) keeps fsync on, as a production server does.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -23,6 +23,8 @@ pub struct PgServer {
     bin: PathBuf,
     pub port: u16,
     shared: bool,
+    /// fsync on: commits reach the disk.
+    durable: bool,
 }
 
 /// The newest installed server's binaries.
@@ -65,7 +67,7 @@ static DATABASES: AtomicUsize = AtomicUsize::new(0);
 impl PgServer {
     /// A server of its own, for a test that stops or crashes it.
     pub fn start() -> PgServer {
-        let server = PgServer::init();
+        let server = PgServer::init(false);
         server.start_again();
         server
     }
@@ -73,18 +75,27 @@ impl PgServer {
     /// One server for the whole test binary: each test makes its own database on it.
     pub fn shared() -> &'static PgServer {
         static SHARED: OnceLock<PgServer> = OnceLock::new();
-        SHARED.get_or_init(|| {
-            // Owned until it serves: a failed start removes what it made.
-            let mut server = PgServer::init();
-            server.start_again();
-            server.watch(std::process::id());
-            server.shared = true;
-            server
-        })
+        SHARED.get_or_init(|| PgServer::for_process(false))
+    }
+
+    /// One server for the whole benchmark, with fsync on: each run makes its own database.
+    pub fn durable() -> &'static PgServer {
+        static DURABLE: OnceLock<PgServer> = OnceLock::new();
+        DURABLE.get_or_init(|| PgServer::for_process(true))
+    }
+
+    /// A server that runs until this process exits.
+    fn for_process(durable: bool) -> PgServer {
+        // Owned until it serves: a failed start removes what it made.
+        let mut server = PgServer::init(durable);
+        server.start_again();
+        server.watch(std::process::id());
+        server.shared = true;
+        server
     }
 
     /// A new cluster, not started; removed on drop if what follows fails.
-    fn init() -> PgServer {
+    fn init(durable: bool) -> PgServer {
         let bin = server_bin();
         let dir = tempfile::Builder::new()
             .prefix("ferry-pg")
@@ -108,6 +119,7 @@ impl PgServer {
             bin,
             port: free_port(),
             shared: false,
+            durable,
         };
         // Data checksums: PostgreSQL finds a damaged page itself.
         checked(
@@ -159,9 +171,10 @@ impl PgServer {
     /// Starts the server (again, after `crash` or `stop`) and waits until it takes connections.
     pub fn start_again(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            if self.durable { "" } else { " -c fsync=off" }
         );
         let log = self.dir.join("log");
         checked(

@@ -25,6 +25,10 @@
 //! Unlike the embedded engine, a new record's base repeats its first change rather than naming
 //! its log entry: compaction then drops entries without looking at bases. `reclaim_space` frees
 //! nothing itself: PostgreSQL's autovacuum reuses the space rows leave.
+//!
+//! Beside the trait, the `records` table backends read with SQL: its progress rows and leases,
+//! the snapshot a materializer step reads and the transaction that writes its rows with the
+//! position they bring the table to (`relay::materializer` decides what rows hold).
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -91,6 +95,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "relay_certificate",
         sql: include_str!("pg/migrations/0002_relay_certificate.sql"),
     },
+    Migration {
+        version: 3,
+        name: "records",
+        sql: include_str!("pg/migrations/0003_records.sql"),
+    },
 ];
 
 /// The advisory lock migrations take (any fixed number the database's other users do not use).
@@ -111,6 +120,8 @@ pub struct PgStorage {
     pool: Pool,
     /// What the listening connection (`follow`) connects with.
     config: tokio_postgres::Config,
+    /// The listening connection's `application_name`.
+    listener_name: &'static str,
 }
 
 impl Drop for PgStorage {
@@ -177,7 +188,15 @@ impl PgStorage {
             runtime: Some(runtime),
             pool,
             config,
+            listener_name: LISTENER_NAME,
         })
+    }
+
+    /// The same storage, its listening connection named `name` (one that follows the database
+    /// for something else than the relay's sessions).
+    pub fn with_listener_name(mut self, name: &'static str) -> Self {
+        self.listener_name = name;
+        self
     }
 
     /// Connects and brings the schema up to date: what a relay does before it serves.
@@ -382,9 +401,13 @@ async fn notify(
 /// Listens to the commits announced on the database, on a connection of its own (a pooled one
 /// would be recycled, and its notifications with it), until `news` is closed: reconnects
 /// after `LISTENER_RETRY` whenever the connection is lost, saying `Deaf` meanwhile.
-async fn listen(mut config: tokio_postgres::Config, news: UnboundedSender<StorageNews>) {
+async fn listen(
+    mut config: tokio_postgres::Config,
+    name: &'static str,
+    news: UnboundedSender<StorageNews>,
+) {
     // Named so that an operator (or a test) can tell it from the pool's connections.
-    config.application_name(LISTENER_NAME);
+    config.application_name(name);
     loop {
         match listen_once(&config, &news).await {
             Ok(()) => return,
@@ -1440,7 +1463,7 @@ impl LogStorage for PgStorage {
         let Some(runtime) = self.runtime.as_ref() else {
             return false;
         };
-        runtime.spawn(listen(self.config.clone(), news));
+        runtime.spawn(listen(self.config.clone(), self.listener_name, news));
         true
     }
 
@@ -2083,6 +2106,423 @@ fn log_row(space: &str, row: &Row) -> Result<LogEntry, StorageError> {
         record,
         change,
     })
+}
+
+/// A space's place in `records` (`PgStorage::records_lag`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RecordsLag {
+    pub space: String,
+    /// The last seq of its log.
+    pub head: u64,
+    /// The last seq `records` holds (0: none yet).
+    pub materialized: u64,
+    /// How long ago the oldest entry `records` lacks was logged (0 when it lacks none).
+    pub seconds_behind: f64,
+}
+
+impl RecordsLag {
+    pub fn entries_behind(&self) -> u64 {
+        self.head.saturating_sub(self.materialized)
+    }
+}
+
+/// The log entries one materializer step covers, and what the records they touch keep, read in
+/// one snapshot of the database (`PgStorage::records_batch`).
+#[derive(Debug, Default)]
+pub struct RecordsBatch {
+    /// The entries after the materialized position up to this seq are covered.
+    pub through: u64,
+    /// `records` lists every record of the space (and every row the table holds for it): the
+    /// entries after the materialized position were compacted away, so the rows are made again
+    /// from the records' documents, and rows of records no longer held are dropped.
+    pub whole: bool,
+    pub records: Vec<StoredRecord>,
+}
+
+/// A record as storage keeps it: its base, tail and the seqs of its changes.
+#[derive(Debug, Default)]
+pub struct StoredRecord {
+    pub key: RecordKey,
+    /// `None`: the space holds no such record (purged).
+    pub base: Option<Vec<u8>>,
+    /// `(seq, change)` of its changes logged since its base, in log order.
+    pub tail: Vec<(u64, Vec<u8>)>,
+    /// The seq each of its logged changes has (the dedup index).
+    pub seqs: HashMap<[u8; 32], u64>,
+}
+
+/// One record's row of `records`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordRow {
+    pub key: RecordKey,
+    /// The fields as JSON text.
+    pub fields: String,
+    pub deleted: bool,
+    /// Milliseconds since the Unix epoch.
+    pub updated_ms: i64,
+    pub log_position: u64,
+}
+
+/// One materializer step's writes, committed with the position they bring `records` to.
+#[derive(Debug, Default)]
+pub struct RecordsCommit {
+    /// The materialized position the step was read at.
+    pub after: u64,
+    pub through: u64,
+    /// Drop every row of the space not in `rows` (`RecordsBatch::whole`).
+    pub whole: bool,
+    pub rows: Vec<RecordRow>,
+    /// Records whose rows go: purged, or no longer held.
+    pub removed: Vec<RecordKey>,
+}
+
+/// The `(collections, ids)` arrays of some records, for a join with `unnest`.
+fn record_arrays<'a>(keys: impl Iterator<Item = &'a RecordKey>) -> (Vec<String>, Vec<String>) {
+    keys.map(|(c, r)| (c.clone(), r.clone())).unzip()
+}
+
+/// The records `rows` name (`collection, record` first), each once, in order.
+fn named_records(rows: &[Row]) -> Result<Vec<RecordKey>, StorageError> {
+    let mut seen = BTreeSet::new();
+    for row in rows {
+        seen.insert((col::<String>(row, 0)?, col::<String>(row, 1)?));
+    }
+    Ok(seen.into_iter().collect())
+}
+
+async fn read_records(
+    tx: &deadpool_postgres::Transaction<'_>,
+    space: &str,
+    keys: Vec<RecordKey>,
+) -> Result<Vec<StoredRecord>, StorageError> {
+    let (collections, ids) = record_arrays(keys.iter());
+    let mut records: HashMap<RecordKey, StoredRecord> = keys
+        .into_iter()
+        .map(|key| {
+            let record = StoredRecord {
+                key: key.clone(),
+                ..StoredRecord::default()
+            };
+            (key, record)
+        })
+        .collect();
+    let by_key = [p(space.to_owned()), p(collections), p(ids)];
+    for row in rows(
+        tx,
+        "SELECT b.collection, b.record, b.base, b.crc FROM bases b
+         JOIN unnest($2::text[], $3::text[]) AS u(c, r)
+         ON b.space = $1 AND b.collection = u.c AND b.record = u.r",
+        &by_key,
+    )
+    .await?
+    {
+        let (collection, id): (String, String) = (col(&row, 0)?, col(&row, 1)?);
+        let base: Vec<u8> = col(&row, 2)?;
+        check(
+            col(&row, 3)?,
+            &[
+                space.as_bytes(),
+                collection.as_bytes(),
+                id.as_bytes(),
+                &base,
+            ],
+            || record_damaged("record base", space, &collection, &id),
+        )?;
+        if let Some(record) = records.get_mut(&(collection, id)) {
+            record.base = Some(base);
+        }
+    }
+    for row in rows(
+        tx,
+        "SELECT e.seq, e.collection, e.record, e.origin, e.hash, e.change, e.crc, t.crc
+         FROM tails t JOIN unnest($2::text[], $3::text[]) AS u(c, r)
+         ON t.space = $1 AND t.collection = u.c AND t.record = u.r
+         JOIN log_entries e ON e.space = t.space AND e.seq = t.seq
+         ORDER BY e.seq",
+        &by_key,
+    )
+    .await?
+    {
+        let entry = log_row(space, &row)?;
+        let (collection, id) = (&entry.collection, &entry.record);
+        check(
+            col(&row, 7)?,
+            &[
+                space.as_bytes(),
+                collection.as_bytes(),
+                id.as_bytes(),
+                &entry.seq.to_be_bytes(),
+            ],
+            || record_damaged("record tail", space, collection, id),
+        )?;
+        if let Some(record) = records.get_mut(&(entry.collection, entry.record)) {
+            record.tail.push((entry.seq, entry.change));
+        }
+    }
+    for row in rows(
+        tx,
+        "SELECT c.collection, c.record, c.hash, c.seq, c.crc FROM record_changes c
+         JOIN unnest($2::text[], $3::text[]) AS u(c, r)
+         ON c.space = $1 AND c.collection = u.c AND c.record = u.r",
+        &by_key,
+    )
+    .await?
+    {
+        let (collection, id): (String, String) = (col(&row, 0)?, col(&row, 1)?);
+        let hash: Vec<u8> = col(&row, 2)?;
+        let seq = uint(col::<i64>(&row, 3)?, "change index entry")?;
+        check(
+            col(&row, 4)?,
+            &[
+                space.as_bytes(),
+                collection.as_bytes(),
+                id.as_bytes(),
+                &hash,
+                &seq.to_be_bytes(),
+            ],
+            || record_damaged("change index entry", space, &collection, &id),
+        )?;
+        let hash = hash_of(&hash, "change index key")?;
+        if let Some(record) = records.get_mut(&(collection, id)) {
+            record.seqs.insert(hash, seq);
+        }
+    }
+    let mut records: Vec<StoredRecord> = records.into_values().collect();
+    records.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(records)
+}
+
+/// The materializer's side of the database: `records`, its progress rows and their leases
+/// (`relay::materializer` decides what the rows hold).
+impl PgStorage {
+    /// Every space's head against what `records` holds of it, in space order.
+    pub fn records_lag(&self) -> Result<Vec<RecordsLag>, StorageError> {
+        self.query(
+            "SELECT s.space, s.head, COALESCE(r.position, 0),
+             COALESCE(EXTRACT(EPOCH FROM now() - (SELECT e.logged_at FROM log_entries e
+                 WHERE e.space = s.space AND e.seq > COALESCE(r.position, 0)
+                 ORDER BY e.seq LIMIT 1)), 0)::float8
+             FROM spaces s LEFT JOIN records_progress r ON r.space = s.space
+             ORDER BY s.space",
+            Vec::new(),
+        )?
+        .iter()
+        .map(|row| {
+            Ok(RecordsLag {
+                space: col(row, 0)?,
+                head: uint(col::<i64>(row, 1)?, "space head")?,
+                materialized: uint(col::<i64>(row, 2)?, "materialized position")?,
+                seconds_behind: col::<f64>(row, 3)?.max(0.0),
+            })
+        })
+        .collect()
+    }
+
+    /// Takes (or renews) the space's lease for `relay` until `lease` from now, unless another
+    /// relay holds one that has not run out; returns the materialized position when taken.
+    pub fn lease_records(
+        &self,
+        space: &str,
+        relay: &str,
+        lease: Duration,
+    ) -> Result<Option<u64>, StorageError> {
+        let (space, relay) = (space.to_owned(), relay.to_owned());
+        let lease_ms = limit(usize::try_from(lease.as_millis()).unwrap_or(usize::MAX));
+        self.run(move |pool| async move {
+            let client = connection(&pool).await?;
+            execute(
+                &client,
+                "INSERT INTO records_progress (space) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&space],
+            )
+            .await?;
+            let taken = rows(
+                &client,
+                "UPDATE records_progress
+                 SET leased_by = $2, lease_until = now() + $3::bigint * interval '1 millisecond'
+                 WHERE space = $1
+                 AND (leased_by IS NULL OR leased_by = $2 OR lease_until < now())
+                 RETURNING position",
+                &[p(space), p(relay), p(lease_ms)],
+            )
+            .await?;
+            taken
+                .first()
+                .map(|row| uint(col::<i64>(row, 0)?, "materialized position"))
+                .transpose()
+        })
+    }
+
+    /// Gives up `relay`'s lease on the space, so that another relay may take it at once.
+    pub fn release_records(&self, space: &str, relay: &str) -> Result<(), StorageError> {
+        self.query(
+            "UPDATE records_progress SET leased_by = NULL, lease_until = NULL
+             WHERE space = $1 AND leased_by = $2 RETURNING space",
+            vec![p(space.to_owned()), p(relay.to_owned())],
+        )?;
+        Ok(())
+    }
+
+    /// The next materializer step after `after`: up to `max_entries` log entries and what the
+    /// records they touch keep, all read in one snapshot; `None` when `after` is the head.
+    pub fn records_batch(
+        &self,
+        space: &str,
+        after: u64,
+        max_entries: usize,
+    ) -> Result<Option<RecordsBatch>, StorageError> {
+        let space = space.to_owned();
+        self.run(move |pool| async move {
+            let mut client = connection(&pool).await?;
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(sql_error)?;
+            let found = rows(
+                &tx,
+                "SELECT head, horizon FROM spaces WHERE space = $1",
+                &[p(space.clone())],
+            )
+            .await?;
+            let Some(row) = found.first() else {
+                return Ok(None);
+            };
+            let head = uint(col::<i64>(row, 0)?, "space head")?;
+            let horizon = uint(col::<i64>(row, 1)?, "horizon")?;
+            if after >= head {
+                return Ok(None);
+            }
+            let batch = if after < horizon {
+                let names = rows(
+                    &tx,
+                    "SELECT collection, record FROM bases WHERE space = $1
+                     UNION SELECT collection, id FROM records WHERE space = $1",
+                    &[p(space.clone())],
+                )
+                .await?;
+                RecordsBatch {
+                    through: head,
+                    whole: true,
+                    records: read_records(&tx, &space, named_records(&names)?).await?,
+                }
+            } else {
+                let entries = rows(
+                    &tx,
+                    "SELECT collection, record, seq FROM log_entries
+                     WHERE space = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    &[
+                        p(space.clone()),
+                        p(int(after)?),
+                        p(limit(max_entries.max(1))),
+                    ],
+                )
+                .await?;
+                let through = match entries.last() {
+                    Some(row) => uint(col::<i64>(row, 2)?, "log entry")?,
+                    None => return Ok(None),
+                };
+                RecordsBatch {
+                    through,
+                    whole: false,
+                    records: read_records(&tx, &space, named_records(&entries)?).await?,
+                }
+            };
+            tx.commit().await.map_err(sql_error)?;
+            Ok(Some(batch))
+        })
+    }
+
+    /// Writes a step's rows and moves the space's materialized position from `step.after` to
+    /// `step.through`, in one transaction, renewing `relay`'s lease; `false` (nothing written)
+    /// when the position is not `step.after` or the lease is another relay's: someone else
+    /// materialized the space meanwhile.
+    pub fn commit_records(
+        &self,
+        space: &str,
+        relay: &str,
+        lease: Duration,
+        step: RecordsCommit,
+    ) -> Result<bool, StorageError> {
+        let (space, relay) = (space.to_owned(), relay.to_owned());
+        let lease_ms = limit(usize::try_from(lease.as_millis()).unwrap_or(usize::MAX));
+        self.run(move |pool| async move {
+            let mut client = connection(&pool).await?;
+            let tx = client.transaction().await.map_err(sql_error)?;
+            let found = rows(
+                &tx,
+                "SELECT position, leased_by FROM records_progress WHERE space = $1 FOR UPDATE",
+                &[p(space.clone())],
+            )
+            .await?;
+            let Some(row) = found.first() else {
+                return Ok(false);
+            };
+            let position = uint(col::<i64>(row, 0)?, "materialized position")?;
+            let holder: Option<String> = col(row, 1)?;
+            if position != step.after || holder.as_deref() != Some(relay.as_str()) {
+                return Ok(false);
+            }
+            if step.whole {
+                execute(&tx, "DELETE FROM records WHERE space = $1", &[&space]).await?;
+            }
+            if !step.removed.is_empty() {
+                let (collections, ids) = record_arrays(step.removed.iter());
+                execute(
+                    &tx,
+                    "DELETE FROM records r USING unnest($2::text[], $3::text[]) AS u(c, i)
+                     WHERE r.space = $1 AND r.collection = u.c AND r.id = u.i",
+                    &[&space, &collections, &ids],
+                )
+                .await?;
+            }
+            if !step.rows.is_empty() {
+                let mut columns = Columns::default();
+                let (mut fields, mut deleted, mut updated) = (Vec::new(), Vec::new(), Vec::new());
+                for row in step.rows {
+                    let (collection, id) = row.key;
+                    columns.collections.push(collection);
+                    columns.records.push(id);
+                    columns.seqs.push(int(row.log_position)?);
+                    fields.push(row.fields);
+                    deleted.push(row.deleted);
+                    updated.push(row.updated_ms);
+                }
+                execute(
+                    &tx,
+                    "INSERT INTO records
+                     (space, collection, id, fields, deleted, updated_at, log_position)
+                     SELECT $1, u.c, u.i, u.f::jsonb, u.d, to_timestamp(u.ms / 1000.0), u.p
+                     FROM unnest($2::text[], $3::text[], $4::text[], $5::bool[], $6::bigint[],
+                     $7::bigint[]) AS u(c, i, f, d, ms, p)
+                     ON CONFLICT (space, collection, id) DO UPDATE SET fields = EXCLUDED.fields,
+                     deleted = EXCLUDED.deleted, updated_at = EXCLUDED.updated_at,
+                     log_position = EXCLUDED.log_position",
+                    &[
+                        &space,
+                        &columns.collections,
+                        &columns.records,
+                        &fields,
+                        &deleted,
+                        &updated,
+                        &columns.seqs,
+                    ],
+                )
+                .await?;
+            }
+            execute(
+                &tx,
+                "UPDATE records_progress SET position = $2,
+                 lease_until = now() + $3::bigint * interval '1 millisecond' WHERE space = $1",
+                &[&space, &int(step.through)?, &lease_ms],
+            )
+            .await?;
+            tx.commit().await.map_err(sql_error)?;
+            Ok(true)
+        })
+    }
 }
 
 impl AccountStorage for PgStorage {
