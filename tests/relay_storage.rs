@@ -27,7 +27,7 @@
 mod common;
 mod relay_fixtures;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use common::postgres::PgServer;
@@ -270,6 +270,15 @@ fn log_entries_number_from_the_head_and_read_back_in_ranges(engine: &dyn Engine)
         storage.change_seq(SPACE, "Doc", "b", &[3; 32]).unwrap(),
         None
     );
+    // Many at once, as one; those not logged (here: on another record) are left out.
+    let key = |record: &str, n: u8| ("Doc".to_owned(), record.to_owned(), [n; 32]);
+    assert_eq!(
+        storage
+            .change_seqs(SPACE, &[key("a", 3), key("b", 3), key("b", 2), key("a", 4)])
+            .unwrap(),
+        HashMap::from([(key("a", 3), 3), (key("b", 2), 2), (key("a", 4), 4)])
+    );
+    assert_eq!(storage.change_seqs(SPACE, &[]).unwrap(), HashMap::new());
     // Spaces are apart, and so are spaces whose names share a prefix.
     assert_eq!(storage.head("team2").unwrap(), 0);
     append_at_head(&*storage, "team2", 1, &[("a", b"elsewhere")]);
@@ -346,6 +355,14 @@ fn records_keep_a_base_a_tail_and_heads_and_compaction_replaces_the_tail(engine:
     assert_eq!(storage.record_heads(SPACE, "Note", "s").unwrap(), None);
     assert_eq!(storage.base(SPACE, "Doc", "nothing").unwrap(), None);
     assert_eq!(storage.tail(SPACE, "Doc", "nothing").unwrap(), [0u64; 0]);
+    // The tails of many records at once: those held, an empty tail included.
+    let note = ("Note".to_owned(), "s".to_owned());
+    assert_eq!(
+        storage
+            .tails_of(SPACE, &[rec("r"), rec("nothing"), note.clone(), rec("s")])
+            .unwrap(),
+        HashMap::from([(rec("r"), vec![2]), (note, vec![])])
+    );
 
     // More tail, then a compaction in the same append that takes all of it.
     let mut append = Append::new(3);

@@ -46,8 +46,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::record::{Fields, PlainFirst, Record, RecordError, chunk_hash, decode_change};
 use crate::relay::recent::RecentLogs;
 use crate::relay::storage::{
-    Append, Compaction, LogCompaction, LogStorage, LoggedChange, RecordKey, StorageError,
-    Tombstone, UniqueValue,
+    Append, ChangeKey, Compaction, LogCompaction, LogStorage, LoggedChange, RecordKey,
+    StorageError, Tombstone, UniqueValue,
 };
 use crate::resolve::ledger::{
     ConflictState, Counter, EncodeError, HeldValues, Holders, Ledger, UniqueCheck,
@@ -210,15 +210,18 @@ pub struct HeadsPage {
     pub digest: [u8; 32],
 }
 
-/// A change as the relay identifies it: the record it belongs to and its hash.
-type ChangeKey = (String, String, [u8; 32]);
-
 /// What one `append` call has staged so far, so later changes of the call see earlier ones.
 struct Staging {
     /// What the call will commit.
     append: Append,
     /// Changes stored earlier in this call, by record and hash, with their seq.
     added: HashMap<ChangeKey, u64>,
+    /// The dedup index's answer, read before staging, for every change of the call and each of
+    /// its dependencies: those logged before the call, with their seq.
+    logged: HashMap<ChangeKey, u64>,
+    /// The tails of the call's records that the space held before the call, read before
+    /// staging; a record not in it (nor in `tails`) is new.
+    held: HashMap<RecordKey, Vec<u64>>,
     /// Changes refused in this call for what they are (not for a missing dependency), by
     /// record and hash, with the reason: a later change of the call built on one is refused too.
     refused: HashMap<ChangeKey, String>,
@@ -235,6 +238,8 @@ impl Staging {
         Staging {
             append: Append::new(head),
             added: HashMap::new(),
+            logged: HashMap::new(),
+            held: HashMap::new(),
             refused: HashMap::new(),
             tails: HashMap::new(),
             docs: HashMap::new(),
@@ -459,9 +464,10 @@ impl RelayStore {
         let mut staging = Staging::new(head);
         // A new space's conflict state is complete from its first change on.
         staging.append.conflicts_complete = head == 0;
+        let decoded = self.look_up(space, changes, &mut staging)?;
         let mut results = Vec::with_capacity(changes.len());
-        for upload in changes {
-            let outcome = self.stage(space, origin, imported, upload, &mut staging)?;
+        for (upload, change) in changes.iter().zip(decoded) {
+            let outcome = self.stage(space, origin, imported, upload, change, &mut staging)?;
             results.push(ChangeResult {
                 entry: upload.entry,
                 outcome,
@@ -545,24 +551,54 @@ impl RelayStore {
         Ok(results)
     }
 
+    /// Decodes the call's changes and reads, in one go each, what staging them asks storage
+    /// (the dedup index for every change and dependency, the tails of the records the space
+    /// holds) into `staging`: one round trip each instead of several per change, which is what
+    /// an engine behind a network costs. Returns each change decoded, or why it is refused.
+    fn look_up(
+        &self,
+        space: &str,
+        changes: &[UploadChange],
+        staging: &mut Staging,
+    ) -> Result<Vec<Result<Change, String>>, RelayStoreError> {
+        let limits = &self.options.limits;
+        let mut keys: Vec<ChangeKey> = Vec::new();
+        let mut records: BTreeSet<RecordKey> = BTreeSet::new();
+        let decoded = changes
+            .iter()
+            .map(|upload| {
+                validate_collection(&upload.collection, limits)
+                    .and_then(|()| validate_record_id(&upload.record, limits))
+                    .map_err(|e| e.to_string())?;
+                let change = decode_change(&upload.change).map_err(|e| e.to_string())?;
+                let key = |hash: [u8; 32]| (upload.collection.clone(), upload.record.clone(), hash);
+                keys.push(key(change.hash().0));
+                keys.extend(change.deps().iter().map(|dep| key(dep.0)));
+                records.insert((upload.collection.clone(), upload.record.clone()));
+                Ok(change)
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        staging.logged = self.storage.change_seqs(space, &keys)?;
+        let records: Vec<RecordKey> = records.into_iter().collect();
+        staging.held = self.storage.tails_of(space, &records)?;
+        Ok(decoded)
+    }
+
     fn stage(
         &self,
         space: &str,
         origin: &str,
         imported: &dyn Fn(&str) -> bool,
         upload: &UploadChange,
+        change: Result<Change, String>,
         staging: &mut Staging,
     ) -> Result<ChangeOutcome, RelayStoreError> {
         let rejected = |code: ErrorCode, message: String| ChangeOutcome::Rejected { code, message };
-        let limits = &self.options.limits;
-        if let Err(e) = validate_collection(&upload.collection, limits)
-            .and_then(|()| validate_record_id(&upload.record, limits))
-        {
-            return Ok(rejected(ErrorCode::InvalidChange, e.to_string()));
-        }
-        let change = match decode_change(&upload.change) {
+        let change = match change {
             Ok(c) => c,
-            Err(e) => return Ok(rejected(ErrorCode::InvalidChange, e.to_string())),
+            Err(reason) => return Ok(rejected(ErrorCode::InvalidChange, reason)),
         };
         // A device writes every change under its own actor (its device id), so a change under
         // another device's actor is someone else's change passed off as the uploader's, or a
@@ -587,8 +623,8 @@ impl RelayStore {
         if let Some(seq) = staging.added.get(&change_key(hash)) {
             return Ok(ChangeOutcome::Duplicate { seq: *seq });
         }
-        if let Some(seq) = self.storage.change_seq(space, collection, record, &hash)? {
-            return Ok(ChangeOutcome::Duplicate { seq });
+        if let Some(seq) = staging.logged.get(&change_key(hash)) {
+            return Ok(ChangeOutcome::Duplicate { seq: *seq });
         }
         let refuse = |staging: &mut Staging, reason: String| {
             staging.refused.insert(change_key(hash), reason.clone());
@@ -601,10 +637,7 @@ impl RelayStore {
                 return refuse(staging, reason);
             }
             let held = staging.added.contains_key(&change_key(dep.0))
-                || self
-                    .storage
-                    .change_seq(space, collection, record, &dep.0)?
-                    .is_some();
+                || staging.logged.contains_key(&change_key(dep.0));
             if !held {
                 return Ok(rejected(
                     ErrorCode::MissingDependencies,
@@ -619,15 +652,13 @@ impl RelayStore {
         let stamp = (change.hash(), change.timestamp());
         let new_record = match staging.tails.get(&record_key) {
             Some(_) => false,
-            None => {
-                if self.storage.has_base(space, collection, record)? {
-                    let tail = self.storage.tail(space, collection, record)?;
+            None => match staging.held.remove(&record_key) {
+                Some(tail) => {
                     staging.tails.insert(record_key.clone(), tail);
                     false
-                } else {
-                    true
                 }
-            }
+                None => true,
+            },
         };
         let seq = staging.append.next_seq();
         let refused_for =

@@ -118,6 +118,10 @@ impl From<KvError> for StorageError {
 /// A record within a space: (collection, record id).
 pub type RecordKey = (String, String);
 
+/// A change as the relay identifies it: the record it belongs to and its hash (two records may
+/// hold byte-identical changes).
+pub type ChangeKey = (String, String, [u8; 32]);
+
 /// The unique values a record holds, per constraint (its index in the collection's list).
 pub type UniqueValues = Vec<(usize, Vec<serde_json::Value>)>;
 
@@ -315,6 +319,24 @@ pub trait LogStorage: Send + Sync {
         hash: &[u8; 32],
     ) -> Result<Option<u64>, StorageError>;
 
+    /// `change_seq` for many changes at once (an upload's hashes and their dependencies): the
+    /// seq of each one logged; those not logged are left out. An engine behind a network answers
+    /// it in one round trip.
+    fn change_seqs(
+        &self,
+        space: &str,
+        changes: &[ChangeKey],
+    ) -> Result<HashMap<ChangeKey, u64>, StorageError> {
+        let mut logged = HashMap::new();
+        for key in changes {
+            let (collection, record, hash) = key;
+            if let Some(seq) = self.change_seq(space, collection, record, hash)? {
+                logged.insert(key.clone(), seq);
+            }
+        }
+        Ok(logged)
+    }
+
     /// Every change logged for the record, as the dedup index holds them: `(hash, seq)` in seq
     /// order, those compaction dropped from the log included (see `horizon`).
     fn record_changes(
@@ -353,6 +375,23 @@ pub trait LogStorage: Send + Sync {
 
     /// The seqs of the record's changes logged since its base, in order.
     fn tail(&self, space: &str, collection: &str, record: &str) -> Result<Vec<u64>, StorageError>;
+
+    /// `tail` of each of `records` that the space holds (`has_base`); those it does not hold are
+    /// left out. An engine behind a network answers it in one round trip.
+    fn tails_of(
+        &self,
+        space: &str,
+        records: &[RecordKey],
+    ) -> Result<HashMap<RecordKey, Vec<u64>>, StorageError> {
+        let mut tails = HashMap::new();
+        for key in records {
+            let (collection, record) = key;
+            if self.has_base(space, collection, record)? {
+                tails.insert(key.clone(), self.tail(space, collection, record)?);
+            }
+        }
+        Ok(tails)
+    }
 
     /// The record's logged heads as last stored; `None` when none were stored (a record with
     /// one change, or logged before heads were kept).

@@ -43,9 +43,9 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{AsyncMessage, NoTls, Notification, Row};
 
 use super::{
-    AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, Holders,
-    LogCompaction, LogStorage, RecordKey, RelayConflictCount, StorageError, StorageNews, StoredKey,
-    Tombstone, UniqueValue, UniqueValues,
+    AccountRecord, AccountStorage, AccountWrite, Append, ChangeKey, DeviceRecord, EnrolmentRecord,
+    Holders, LogCompaction, LogStorage, RecordKey, RelayConflictCount, StorageError, StorageNews,
+    StoredKey, Tombstone, UniqueValue, UniqueValues,
 };
 use crate::auth::token::Family;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus};
@@ -714,6 +714,56 @@ fn log_crc(space: &str, seq: u64, entry: (&str, &str, &str, &[u8], &[u8])) -> i3
 }
 
 /// A record's row: its key and value.
+/// The seq of a dedup index row (its seq at column `at`, its crc next), checked.
+fn checked_change_seq(
+    space: &str,
+    (collection, record, hash): (&str, &str, &[u8; 32]),
+    row: &Row,
+    at: usize,
+) -> Result<u64, StorageError> {
+    let seq = uint(col::<i64>(row, at)?, "change index entry")?;
+    check(
+        col(row, at + 1)?,
+        &[
+            space.as_bytes(),
+            collection.as_bytes(),
+            record.as_bytes(),
+            hash,
+            &seq.to_be_bytes(),
+        ],
+        || record_damaged("change index entry", space, collection, record),
+    )?;
+    Ok(seq)
+}
+
+/// A tail row's seq, checked against its crc.
+fn checked_tail_seq(
+    space: &str,
+    (collection, record): (&str, &str),
+    seq: i64,
+    crc: i32,
+) -> Result<u64, StorageError> {
+    let seq = uint(seq, "tail seq")?;
+    check(
+        crc,
+        &[
+            space.as_bytes(),
+            collection.as_bytes(),
+            record.as_bytes(),
+            &seq.to_be_bytes(),
+        ],
+        || {
+            damaged(
+                "document's tail entry",
+                space,
+                format!("record {collection}/{record}, seq {seq}"),
+                Some((collection.to_owned(), record.to_owned())),
+            )
+        },
+    )?;
+    Ok(seq)
+}
+
 fn record_crc(space: &str, collection: &str, record: &str, value: &[u8]) -> i32 {
     crc(&[
         space.as_bytes(),
@@ -941,8 +991,30 @@ async fn write_append(
     space: &str,
     append: Append,
 ) -> Result<(), StorageError> {
-    for (record, base) in &append.created {
-        put_base(tx, space, record, base).await?;
+    if !append.created.is_empty() {
+        let mut rows = Columns::default();
+        for ((collection, record), base) in &append.created {
+            rows.crcs.push(record_crc(space, collection, record, base));
+            rows.collections.push(collection.clone());
+            rows.records.push(record.clone());
+            rows.values.push(base.clone());
+        }
+        // Each record once: `created` is keyed by record.
+        execute(
+            tx,
+            "INSERT INTO bases (space, collection, record, base, crc)
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::integer[])
+             ON CONFLICT (space, collection, record)
+             DO UPDATE SET base = EXCLUDED.base, crc = EXCLUDED.crc",
+            &[
+                &space,
+                &rows.collections,
+                &rows.records,
+                &rows.values,
+                &rows.crcs,
+            ],
+        )
+        .await?;
     }
     let log_bytes = insert_entries(tx, space, &append).await?;
     for (record, seq) in &append.purged {
@@ -1517,19 +1589,44 @@ impl LogStorage for PgStorage {
             ],
         )?;
         let Some(row) = row else { return Ok(None) };
-        let seq = uint(col::<i64>(&row, 0)?, "change index entry")?;
-        check(
-            col(&row, 1)?,
-            &[
-                space.as_bytes(),
-                collection.as_bytes(),
-                record.as_bytes(),
-                hash,
-                &seq.to_be_bytes(),
-            ],
-            || record_damaged("change index entry", space, collection, record),
-        )?;
+        let seq = checked_change_seq(space, (collection, record, hash), &row, 0)?;
         Ok(Some(seq))
+    }
+
+    fn change_seqs(
+        &self,
+        space: &str,
+        changes: &[ChangeKey],
+    ) -> Result<HashMap<ChangeKey, u64>, StorageError> {
+        if changes.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut columns = (Vec::new(), Vec::new(), Vec::new());
+        for (collection, record, hash) in changes {
+            columns.0.push(collection.clone());
+            columns.1.push(record.clone());
+            columns.2.push(hash.to_vec());
+        }
+        self.query(
+            "SELECT collection, record, hash, c.seq, c.crc FROM record_changes c
+             JOIN unnest($2::text[], $3::text[], $4::bytea[]) AS k(collection, record, hash)
+             USING (collection, record, hash)
+             WHERE c.space = $1",
+            vec![
+                p(space.to_owned()),
+                p(columns.0),
+                p(columns.1),
+                p(columns.2),
+            ],
+        )?
+        .iter()
+        .map(|row| {
+            let (collection, record) = (col::<String>(row, 0)?, col::<String>(row, 1)?);
+            let hash = hash_of(&col::<Vec<u8>>(row, 2)?, "change index key")?;
+            let seq = checked_change_seq(space, (&collection, &record, &hash), row, 3)?;
+            Ok(((collection, record, hash), seq))
+        })
+        .collect()
     }
 
     fn record_changes(
@@ -1549,20 +1646,9 @@ impl LogStorage for PgStorage {
         )?
         .iter()
         .map(|row| {
-            let hash: Vec<u8> = col(row, 0)?;
-            let seq = uint(col::<i64>(row, 1)?, "change index entry")?;
-            check(
-                col(row, 2)?,
-                &[
-                    space.as_bytes(),
-                    collection.as_bytes(),
-                    record.as_bytes(),
-                    &hash,
-                    &seq.to_be_bytes(),
-                ],
-                || record_damaged("change index entry", space, collection, record),
-            )?;
-            Ok((hash_of(&hash, "change index key")?, seq))
+            let hash = hash_of(&col::<Vec<u8>>(row, 0)?, "change index key")?;
+            let seq = checked_change_seq(space, (collection, record, &hash), row, 1)?;
+            Ok((hash, seq))
         })
         .collect()
     }
@@ -1655,28 +1741,42 @@ impl LogStorage for PgStorage {
             record_params(space, collection, record),
         )?
         .iter()
-        .map(|row| {
-            let seq = uint(col::<i64>(row, 0)?, "tail seq")?;
-            check(
-                col(row, 1)?,
-                &[
-                    space.as_bytes(),
-                    collection.as_bytes(),
-                    record.as_bytes(),
-                    &seq.to_be_bytes(),
-                ],
-                || {
-                    damaged(
-                        "document's tail entry",
-                        space,
-                        format!("record {collection}/{record}, seq {seq}"),
-                        Some((collection.to_owned(), record.to_owned())),
-                    )
-                },
-            )?;
-            Ok(seq)
-        })
+        .map(|row| checked_tail_seq(space, (collection, record), col(row, 0)?, col(row, 1)?))
         .collect()
+    }
+
+    fn tails_of(
+        &self,
+        space: &str,
+        records: &[RecordKey],
+    ) -> Result<HashMap<RecordKey, Vec<u64>>, StorageError> {
+        if records.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let (collections, ids) = record_arrays(records.iter());
+        let mut tails: HashMap<RecordKey, Vec<u64>> = HashMap::new();
+        // A held record with an empty tail comes as one row without seq.
+        for row in self.query(
+            "SELECT b.collection, b.record, t.seq, t.crc FROM bases b
+             JOIN unnest($2::text[], $3::text[]) AS k(collection, record)
+               ON b.collection = k.collection AND b.record = k.record
+             LEFT JOIN tails t
+               ON t.space = b.space AND t.collection = b.collection AND t.record = b.record
+             WHERE b.space = $1
+             ORDER BY b.collection, b.record, t.seq",
+            vec![p(space.to_owned()), p(collections), p(ids)],
+        )? {
+            let (collection, record) = (col::<String>(&row, 0)?, col::<String>(&row, 1)?);
+            let seq = match (col::<Option<i64>>(&row, 2)?, col::<Option<i32>>(&row, 3)?) {
+                (Some(seq), Some(crc)) => {
+                    Some(checked_tail_seq(space, (&collection, &record), seq, crc)?)
+                }
+                _ => None,
+            };
+            let tail = tails.entry((collection, record)).or_default();
+            tail.extend(seq);
+        }
+        Ok(tails)
     }
 
     fn record_heads(
