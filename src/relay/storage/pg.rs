@@ -233,15 +233,33 @@ impl PgStorage {
 
     /// One statement's rows.
     fn query(&self, sql: &'static str, params: Vec<Param>) -> Result<Vec<Row>, StorageError> {
+        self.query_planned(sql, params, Planning::Cached)
+    }
+
+    /// One statement's rows, planned for these parameters (see `Planning::EachCall`).
+    fn query_planned_each_call(
+        &self,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> Result<Vec<Row>, StorageError> {
+        self.query_planned(sql, params, Planning::EachCall)
+    }
+
+    fn query_planned(
+        &self,
+        sql: &'static str,
+        params: Vec<Param>,
+        planning: Planning,
+    ) -> Result<Vec<Row>, StorageError> {
         self.run(move |pool| async move {
             let client = connection(&pool).await?;
-            match rows(&client, sql, &params).await {
+            match rows_planned(&client, sql, &params, planning).await {
                 // A pooled connection the database closed since it was last used (a restart,
                 // a terminated backend) is dropped for good, and the read, which changes
                 // nothing, is made once more on another.
                 Err(StorageError::Unreachable { .. }) if client.is_closed() => {
                     drop(deadpool_postgres::Object::take(client));
-                    rows(&connection(&pool).await?, sql, &params).await
+                    rows_planned(&connection(&pool).await?, sql, &params, planning).await
                 }
                 answer => answer,
             }
@@ -534,16 +552,41 @@ async fn connection(pool: &Pool) -> Result<deadpool_postgres::Object, StorageErr
     })
 }
 
+/// How a statement is planned.
+#[derive(Clone, Copy)]
+enum Planning {
+    /// Prepared once per connection; after a few calls PostgreSQL may keep one generic plan.
+    Cached,
+    /// Prepared afresh, so planned for the call's parameters and the tables' current sizes.
+    /// For a join with an array of keys: a generic plan made while a table was nearly empty
+    /// hashes the whole table on every call once it is large (a seq scan per upload, which
+    /// grows with the space), where a plan made for the call probes its index per key.
+    EachCall,
+}
+
 async fn rows(
     client: &impl GenericClient,
     sql: &str,
     params: &[Param],
 ) -> Result<Vec<Row>, StorageError> {
+    rows_planned(client, sql, params, Planning::Cached).await
+}
+
+async fn rows_planned(
+    client: &impl GenericClient,
+    sql: &str,
+    params: &[Param],
+    planning: Planning,
+) -> Result<Vec<Row>, StorageError> {
     let params: Vec<&(dyn ToSql + Sync)> = params
         .iter()
         .map(|param| param.as_ref() as &(dyn ToSql + Sync))
         .collect();
-    let statement = client.prepare_cached(sql).await.map_err(sql_error)?;
+    let statement = match planning {
+        Planning::Cached => client.prepare_cached(sql).await,
+        Planning::EachCall => client.prepare(sql).await,
+    }
+    .map_err(sql_error)?;
     client.query(&statement, &params).await.map_err(sql_error)
 }
 
@@ -1607,7 +1650,7 @@ impl LogStorage for PgStorage {
             columns.1.push(record.clone());
             columns.2.push(hash.to_vec());
         }
-        self.query(
+        self.query_planned_each_call(
             "SELECT collection, record, hash, c.seq, c.crc FROM record_changes c
              JOIN unnest($2::text[], $3::text[], $4::bytea[]) AS k(collection, record, hash)
              USING (collection, record, hash)
@@ -1756,7 +1799,7 @@ impl LogStorage for PgStorage {
         let (collections, ids) = record_arrays(records.iter());
         let mut tails: HashMap<RecordKey, Vec<u64>> = HashMap::new();
         // A held record with an empty tail comes as one row without seq.
-        for row in self.query(
+        for row in self.query_planned_each_call(
             "SELECT b.collection, b.record, t.seq, t.crc FROM bases b
              JOIN unnest($2::text[], $3::text[]) AS k(collection, record)
                ON b.collection = k.collection AND b.record = k.record
@@ -2307,12 +2350,13 @@ async fn read_records(
         })
         .collect();
     let by_key = [p(space.to_owned()), p(collections), p(ids)];
-    for row in rows(
+    for row in rows_planned(
         tx,
         "SELECT b.collection, b.record, b.base, b.crc FROM bases b
          JOIN unnest($2::text[], $3::text[]) AS u(c, r)
          ON b.space = $1 AND b.collection = u.c AND b.record = u.r",
         &by_key,
+        Planning::EachCall,
     )
     .await?
     {
@@ -2332,7 +2376,7 @@ async fn read_records(
             record.base = Some(base);
         }
     }
-    for row in rows(
+    for row in rows_planned(
         tx,
         "SELECT e.seq, e.collection, e.record, e.origin, e.hash, e.change, e.crc, t.crc
          FROM tails t JOIN unnest($2::text[], $3::text[]) AS u(c, r)
@@ -2340,6 +2384,7 @@ async fn read_records(
          JOIN log_entries e ON e.space = t.space AND e.seq = t.seq
          ORDER BY e.seq",
         &by_key,
+        Planning::EachCall,
     )
     .await?
     {
@@ -2359,12 +2404,13 @@ async fn read_records(
             record.tail.push((entry.seq, entry.change));
         }
     }
-    for row in rows(
+    for row in rows_planned(
         tx,
         "SELECT c.collection, c.record, c.hash, c.seq, c.crc FROM record_changes c
          JOIN unnest($2::text[], $3::text[]) AS u(c, r)
          ON c.space = $1 AND c.collection = u.c AND c.record = u.r",
         &by_key,
+        Planning::EachCall,
     )
     .await?
     {
