@@ -558,9 +558,9 @@ enum Planning {
     /// Prepared once per connection; after a few calls PostgreSQL may keep one generic plan.
     Cached,
     /// Prepared afresh, so planned for the call's parameters and the tables' current sizes.
-    /// For a join with an array of keys: a generic plan made while a table was nearly empty
-    /// hashes the whole table on every call once it is large (a seq scan per upload, which
-    /// grows with the space), where a plan made for the call probes its index per key.
+    /// For a lookup of an array of keys, written as a `LATERAL` subquery per key (`OFFSET 0`
+    /// keeps it one, so that each key probes the index): a plan kept from when a table was
+    /// nearly empty would scan the whole table for each key once it is large.
     EachCall,
 }
 
@@ -1651,10 +1651,11 @@ impl LogStorage for PgStorage {
             columns.2.push(hash.to_vec());
         }
         self.query_planned_each_call(
-            "SELECT collection, record, hash, c.seq, c.crc FROM record_changes c
-             JOIN unnest($2::text[], $3::text[], $4::bytea[]) AS k(collection, record, hash)
-             USING (collection, record, hash)
-             WHERE c.space = $1",
+            "SELECT k.collection, k.record, k.hash, c.seq, c.crc
+             FROM unnest($2::text[], $3::text[], $4::bytea[]) AS k(collection, record, hash)
+             CROSS JOIN LATERAL (SELECT seq, crc FROM record_changes c WHERE c.space = $1
+               AND c.collection = k.collection AND c.record = k.record AND c.hash = k.hash
+               OFFSET 0) c",
             vec![
                 p(space.to_owned()),
                 p(columns.0),
@@ -1800,13 +1801,13 @@ impl LogStorage for PgStorage {
         let mut tails: HashMap<RecordKey, Vec<u64>> = HashMap::new();
         // A held record with an empty tail comes as one row without seq.
         for row in self.query_planned_each_call(
-            "SELECT b.collection, b.record, t.seq, t.crc FROM bases b
-             JOIN unnest($2::text[], $3::text[]) AS k(collection, record)
-               ON b.collection = k.collection AND b.record = k.record
-             LEFT JOIN tails t
-               ON t.space = b.space AND t.collection = b.collection AND t.record = b.record
-             WHERE b.space = $1
-             ORDER BY b.collection, b.record, t.seq",
+            "SELECT k.collection, k.record, t.seq, t.crc
+             FROM unnest($2::text[], $3::text[]) AS k(collection, record)
+             CROSS JOIN LATERAL (SELECT 1 FROM bases b WHERE b.space = $1
+               AND b.collection = k.collection AND b.record = k.record OFFSET 0) b
+             LEFT JOIN LATERAL (SELECT seq, crc FROM tails t WHERE t.space = $1
+               AND t.collection = k.collection AND t.record = k.record OFFSET 0) t ON true
+             ORDER BY t.seq",
             vec![p(space.to_owned()), p(collections), p(ids)],
         )? {
             let (collection, record) = (col::<String>(&row, 0)?, col::<String>(&row, 1)?);
@@ -2352,9 +2353,9 @@ async fn read_records(
     let by_key = [p(space.to_owned()), p(collections), p(ids)];
     for row in rows_planned(
         tx,
-        "SELECT b.collection, b.record, b.base, b.crc FROM bases b
-         JOIN unnest($2::text[], $3::text[]) AS u(c, r)
-         ON b.space = $1 AND b.collection = u.c AND b.record = u.r",
+        "SELECT u.c, u.r, b.base, b.crc FROM unnest($2::text[], $3::text[]) AS u(c, r)
+         CROSS JOIN LATERAL (SELECT base, crc FROM bases b
+           WHERE b.space = $1 AND b.collection = u.c AND b.record = u.r OFFSET 0) b",
         &by_key,
         Planning::EachCall,
     )
@@ -2379,9 +2380,11 @@ async fn read_records(
     for row in rows_planned(
         tx,
         "SELECT e.seq, e.collection, e.record, e.origin, e.hash, e.change, e.crc, t.crc
-         FROM tails t JOIN unnest($2::text[], $3::text[]) AS u(c, r)
-         ON t.space = $1 AND t.collection = u.c AND t.record = u.r
-         JOIN log_entries e ON e.space = t.space AND e.seq = t.seq
+         FROM unnest($2::text[], $3::text[]) AS u(c, r)
+         CROSS JOIN LATERAL (SELECT seq, crc FROM tails t
+           WHERE t.space = $1 AND t.collection = u.c AND t.record = u.r OFFSET 0) t
+         CROSS JOIN LATERAL (SELECT * FROM log_entries e
+           WHERE e.space = $1 AND e.seq = t.seq OFFSET 0) e
          ORDER BY e.seq",
         &by_key,
         Planning::EachCall,
@@ -2406,9 +2409,9 @@ async fn read_records(
     }
     for row in rows_planned(
         tx,
-        "SELECT c.collection, c.record, c.hash, c.seq, c.crc FROM record_changes c
-         JOIN unnest($2::text[], $3::text[]) AS u(c, r)
-         ON c.space = $1 AND c.collection = u.c AND c.record = u.r",
+        "SELECT u.c, u.r, c.hash, c.seq, c.crc FROM unnest($2::text[], $3::text[]) AS u(c, r)
+         CROSS JOIN LATERAL (SELECT hash, seq, crc FROM record_changes c
+           WHERE c.space = $1 AND c.collection = u.c AND c.record = u.r OFFSET 0) c",
         &by_key,
         Planning::EachCall,
     )
