@@ -355,8 +355,17 @@ fn records_keep_a_base_a_tail_and_heads_and_compaction_replaces_the_tail(engine:
     assert_eq!(storage.record_heads(SPACE, "Note", "s").unwrap(), None);
     assert_eq!(storage.base(SPACE, "Doc", "nothing").unwrap(), None);
     assert_eq!(storage.tail(SPACE, "Doc", "nothing").unwrap(), [0u64; 0]);
-    // The tails of many records at once: those held, an empty tail included.
     let note = ("Note".to_owned(), "s".to_owned());
+    // The bases and tails of many records at once: those held, an empty tail included.
+    assert_eq!(
+        storage
+            .bases_of(SPACE, &[rec("r"), rec("nothing"), note.clone()])
+            .unwrap(),
+        HashMap::from([
+            (rec("r"), b"first".to_vec()),
+            (note.clone(), b"other".to_vec())
+        ])
+    );
     assert_eq!(
         storage
             .tails_of(SPACE, &[rec("r"), rec("nothing"), note.clone(), rec("s")])
@@ -721,10 +730,17 @@ fn conflict_entries_are_listed_in_id_order_and_open_ones_by_their_own_index(engi
     );
     assert_eq!(
         storage.record_conflicts(SPACE, "Doc", "b").unwrap(),
-        [other]
+        [other.clone()]
     );
     assert_eq!(storage.record_conflicts(SPACE, "Doc", "c").unwrap(), []);
     assert_eq!(storage.record_conflicts("other", "Doc", "a").unwrap(), []);
+    // Many records' at once, each in id order; records without entries left out.
+    assert_eq!(
+        storage
+            .conflicts_of(SPACE, &[rec("c"), rec("b"), rec("a")])
+            .unwrap(),
+        HashMap::from([(rec("a"), on_a), (rec("b"), vec![other])])
+    );
 }
 
 fn a_spaces_web_actor_is_chosen_once_and_kept(engine: &dyn Engine) {

@@ -265,6 +265,20 @@ const CATCH_UP_ENTRIES: u64 = 4096;
 /// another relay committed, so only a space many relays append to at full speed reaches it.
 pub const RESTAGES: usize = 32;
 
+/// Records a snapshot page reads from storage at once: one round trip each for their bases,
+/// tails and conflict entries, and no more read than a page of large records can hold.
+const SNAPSHOT_READ_AHEAD: usize = 128;
+
+/// What `snapshot_record` needs of some records, read for all of them at once.
+#[derive(Default)]
+struct RecordParts {
+    /// The records read, whatever they hold.
+    read: std::collections::HashSet<RecordKey>,
+    bases: HashMap<RecordKey, Vec<u8>>,
+    tails: HashMap<RecordKey, Vec<u64>>,
+    conflicts: HashMap<RecordKey, Vec<Conflict>>,
+}
+
 pub struct RelayStore {
     storage: Arc<dyn LogStorage>,
     /// Other relays append to the same storage (`LogStorage::shared`): the space's head is
@@ -1190,17 +1204,29 @@ impl RelayStore {
                 None => return Ok(None),
             },
         };
+        self.assemble_doc((space, collection, record), &base, tail, append)
+            .map(Some)
+    }
+
+    /// The record's document from its base and the changes its tail names.
+    fn assemble_doc(
+        &self,
+        (space, collection, record): (&str, &str, &str),
+        base: &[u8],
+        tail: &[u64],
+        append: &Append,
+    ) -> Result<Record, RelayStoreError> {
         self.docs_loaded.fetch_add(1, Ordering::Relaxed);
         let changes = tail
             .iter()
             .map(|&seq| Ok((seq, self.change_at(space, seq, append)?)))
             .collect::<Result<Vec<_>, RelayStoreError>>()?;
-        Ok(Some(assemble(
-            &base,
+        Ok(assemble(
+            base,
             changes,
             &self.actor,
             (space, collection, record),
-        )?))
+        )?)
     }
 
     /// The record's document, including the tail changes `tail` (those this append stages
@@ -1354,18 +1380,32 @@ impl RelayStore {
             last: None,
             complete: true,
         };
+        let sent = |name: &RecordName| collections.is_none_or(|c| c.contains(&name.collection));
         let mut bytes = 0usize;
-        for (scanned, name) in names.into_iter().enumerate() {
+        let mut parts = RecordParts::default();
+        for (scanned, name) in names.iter().enumerate() {
             if scanned >= wanted {
                 page.complete = false;
                 break;
             }
-            if collections.is_some_and(|c| !c.contains(&name.collection)) {
+            if !sent(name) {
                 // Not sent, but covered: the next page goes on after it.
-                page.last = Some(name);
+                page.last = Some(name.clone());
                 continue;
             }
-            let record = self.snapshot_record(space, &name)?;
+            let key = (name.collection.clone(), name.record.clone());
+            if !parts.read.contains(&key) {
+                let ahead: Vec<RecordKey> = names
+                    .iter()
+                    .take(wanted)
+                    .skip(scanned)
+                    .filter(|name| sent(name))
+                    .take(SNAPSHOT_READ_AHEAD)
+                    .map(|name| (name.collection.clone(), name.record.clone()))
+                    .collect();
+                parts = self.record_parts(space, ahead)?;
+            }
+            let record = self.snapshot_record(space, name, &mut parts)?;
             bytes = bytes
                 .saturating_add(record.document.len())
                 .saturating_add(record.conflicts.len());
@@ -1374,9 +1414,23 @@ impl RelayStore {
                 break;
             }
             page.records.push(record);
-            page.last = Some(name);
+            page.last = Some(name.clone());
         }
         Ok(page)
+    }
+
+    /// What snapshots of `records` need from storage, read for all of them at once.
+    fn record_parts(
+        &self,
+        space: &str,
+        records: Vec<RecordKey>,
+    ) -> Result<RecordParts, RelayStoreError> {
+        Ok(RecordParts {
+            bases: self.storage.bases_of(space, &records)?,
+            tails: self.storage.tails_of(space, &records)?,
+            conflicts: self.storage.conflicts_of(space, &records)?,
+            read: records.into_iter().collect(),
+        })
     }
 
     /// A page of the space's unique-value index (PROTOCOL.md, 5.8), as of `head`, appends to the
@@ -1529,36 +1583,38 @@ impl RelayStore {
     }
 
     /// One record of a snapshot page, under the space's lock.
+    /// The record's snapshot, from `parts` (which `record_parts` read for it) or the cache.
     fn snapshot_record(
         &self,
         space: &str,
         name: &RecordName,
+        parts: &mut RecordParts,
     ) -> Result<SnapshotRecord, RelayStoreError> {
         let (collection, record) = (name.collection.as_str(), name.record.as_str());
+        let key = (collection.to_owned(), record.to_owned());
         let doc_key = (space.to_owned(), collection.to_owned(), record.to_owned());
         let cached = lock(&self.cache).get_mut(&doc_key).map(|doc| doc.save());
         let document = match cached {
             Some(document) => document,
             None => {
-                let tail = self.storage.tail(space, collection, record)?;
                 let missing = || {
                     corrupt(
                         "record base",
                         format!("{collection}/{record} is listed but has no base"),
                     )
                 };
+                let base = parts.bases.remove(&key).ok_or_else(missing)?;
+                let tail = parts.tails.remove(&key).unwrap_or_default();
                 if tail.is_empty() {
-                    self.storage
-                        .base(space, collection, record)?
-                        .ok_or_else(missing)?
+                    base
                 } else {
-                    self.load_doc(space, collection, record, &tail, &Append::default())?
-                        .ok_or_else(missing)?
+                    let at = (space, collection, record);
+                    self.assemble_doc(at, &base, &tail, &Append::default())?
                         .save()
                 }
             }
         };
-        let conflicts = self.storage.record_conflicts(space, collection, record)?;
+        let conflicts = parts.conflicts.remove(&key).unwrap_or_default();
         let conflicts = serde_json::to_vec(&conflicts).map_err(|e| StorageError::Encode {
             what: "conflict entries",
             detail: e.to_string(),

@@ -368,6 +368,23 @@ pub trait LogStorage: Send + Sync {
         record: &str,
     ) -> Result<Option<Vec<u8>>, StorageError>;
 
+    /// `base` of each of `records` that the space holds; those it does not hold are left out.
+    /// An engine behind a network answers it in one round trip.
+    fn bases_of(
+        &self,
+        space: &str,
+        records: &[RecordKey],
+    ) -> Result<HashMap<RecordKey, Vec<u8>>, StorageError> {
+        let mut bases = HashMap::new();
+        for key in records {
+            let (collection, record) = key;
+            if let Some(base) = self.base(space, collection, record)? {
+                bases.insert(key.clone(), base);
+            }
+        }
+        Ok(bases)
+    }
+
     /// Whether the space holds the record (it has a base), without reading the base.
     fn has_base(&self, space: &str, collection: &str, record: &str) -> Result<bool, StorageError> {
         Ok(self.base(space, collection, record)?.is_some())
@@ -446,6 +463,24 @@ pub trait LogStorage: Send + Sync {
         collection: &str,
         record: &str,
     ) -> Result<Vec<Conflict>, StorageError>;
+
+    /// `record_conflicts` of each of `records` that has any; the others are left out. An
+    /// engine behind a network answers it in one round trip.
+    fn conflicts_of(
+        &self,
+        space: &str,
+        records: &[RecordKey],
+    ) -> Result<HashMap<RecordKey, Vec<Conflict>>, StorageError> {
+        let mut conflicts = HashMap::new();
+        for key in records {
+            let (collection, record) = key;
+            let found = self.record_conflicts(space, collection, record)?;
+            if !found.is_empty() {
+                conflicts.insert(key.clone(), found);
+            }
+        }
+        Ok(conflicts)
+    }
 
     /// Whether the space's conflict entries, and their index by record (`record_conflicts`),
     /// cover its whole log (see `Append::conflicts_complete`): not for a log kept before the

@@ -779,6 +779,27 @@ fn checked_change_seq(
     Ok(seq)
 }
 
+/// A base row's bytes (at column `at`, its crc next), checked.
+fn checked_base(
+    space: &str,
+    (collection, record): (&str, &str),
+    row: &Row,
+    at: usize,
+) -> Result<Vec<u8>, StorageError> {
+    let base: Vec<u8> = col(row, at)?;
+    check(
+        col(row, at + 1)?,
+        &[
+            space.as_bytes(),
+            collection.as_bytes(),
+            record.as_bytes(),
+            &base,
+        ],
+        || record_damaged("document", space, collection, record),
+    )?;
+    Ok(base)
+}
+
 /// A tail row's seq, checked against its crc.
 fn checked_tail_seq(
     space: &str,
@@ -1755,18 +1776,31 @@ impl LogStorage for PgStorage {
             record_params(space, collection, record),
         )?;
         let Some(row) = row else { return Ok(None) };
-        let base: Vec<u8> = col(&row, 0)?;
-        check(
-            col(&row, 1)?,
-            &[
-                space.as_bytes(),
-                collection.as_bytes(),
-                record.as_bytes(),
-                &base,
-            ],
-            || record_damaged("document", space, collection, record),
-        )?;
-        Ok(Some(base))
+        checked_base(space, (collection, record), &row, 0).map(Some)
+    }
+
+    fn bases_of(
+        &self,
+        space: &str,
+        records: &[RecordKey],
+    ) -> Result<HashMap<RecordKey, Vec<u8>>, StorageError> {
+        if records.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let (collections, ids) = record_arrays(records.iter());
+        self.query_planned_each_call(
+            "SELECT u.c, u.r, b.base, b.crc FROM unnest($2::text[], $3::text[]) AS u(c, r)
+             CROSS JOIN LATERAL (SELECT base, crc FROM bases b
+               WHERE b.space = $1 AND b.collection = u.c AND b.record = u.r OFFSET 0) b",
+            vec![p(space.to_owned()), p(collections), p(ids)],
+        )?
+        .iter()
+        .map(|row| {
+            let (collection, record): (String, String) = (col(row, 0)?, col(row, 1)?);
+            let base = checked_base(space, (&collection, &record), row, 2)?;
+            Ok(((collection, record), base))
+        })
+        .collect()
     }
 
     fn has_base(&self, space: &str, collection: &str, record: &str) -> Result<bool, StorageError> {
@@ -1992,6 +2026,31 @@ impl LogStorage for PgStorage {
             record_params(space, collection, record),
         )?;
         self.conflict_rows(space, rows)
+    }
+
+    fn conflicts_of(
+        &self,
+        space: &str,
+        records: &[RecordKey],
+    ) -> Result<HashMap<RecordKey, Vec<Conflict>>, StorageError> {
+        if records.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let (collections, ids) = record_arrays(records.iter());
+        let rows = self.query_planned_each_call(
+            "SELECT x.id, x.collection, x.record, x.open, x.entry, x.crc
+             FROM unnest($2::text[], $3::text[]) AS u(c, r)
+             CROSS JOIN LATERAL (SELECT * FROM conflicts x
+               WHERE x.space = $1 AND x.collection = u.c AND x.record = u.r OFFSET 0) x
+             ORDER BY x.id",
+            vec![p(space.to_owned()), p(collections), p(ids)],
+        )?;
+        let mut conflicts: HashMap<RecordKey, Vec<Conflict>> = HashMap::new();
+        for conflict in self.conflict_rows(space, rows)? {
+            let key = (conflict.collection.clone(), conflict.record.clone());
+            conflicts.entry(key).or_default().push(conflict);
+        }
+        Ok(conflicts)
     }
 
     fn conflicts_complete(&self, space: &str) -> Result<bool, StorageError> {
