@@ -439,6 +439,24 @@ fn records_keep_a_base_a_tail_and_heads_and_compaction_replaces_the_tail(engine:
         [name("Note", "s")]
     );
     assert_eq!(storage.collections("empty").unwrap(), []);
+    // Writes of one append land in the order made: a record created and compacted in the same
+    // append keeps the compacted base.
+    let mut append = Append::new(storage.head(SPACE).unwrap());
+    append.entries.push(entry("t", "dev", 5, b"t-first"));
+    append.created.insert(rec("t"), b"t-first".to_vec());
+    append.entries.push(entry("t", "dev", 6, b"t-second"));
+    append.tails.push((rec("t"), 6));
+    append.compactions.push(Compaction {
+        record: rec("t"),
+        base: b"t-saved".to_vec(),
+        tail: vec![6],
+    });
+    storage.append(SPACE, append).unwrap();
+    assert_eq!(
+        storage.base(SPACE, "Doc", "t").unwrap(),
+        Some(b"t-saved".to_vec())
+    );
+    assert_eq!(storage.tail(SPACE, "Doc", "t").unwrap(), [0u64; 0]);
 }
 
 fn conflict_counts_and_log_bytes_add_up_across_appends(engine: &dyn Engine) {

@@ -32,8 +32,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::mpsc;
+use std::task::Poll;
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
@@ -940,31 +942,80 @@ async fn lock_space(
     }
 }
 
-async fn put_base(
-    tx: &deadpool_postgres::Transaction<'_>,
-    space: &str,
-    record: &RecordKey,
-    base: &[u8],
-) -> Result<(), StorageError> {
-    let (collection, id) = record;
-    execute(
-        tx,
-        "INSERT INTO bases (space, collection, record, base, crc) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (space, collection, record) DO UPDATE SET base = $4, crc = $5",
-        &[
-            &space,
-            collection,
-            id,
-            &base,
-            &record_crc(space, collection, id, base),
-        ],
-    )
-    .await?;
-    Ok(())
+/// Statements of one transaction sent together: PostgreSQL runs them one after the other, in
+/// the order pushed, and the transaction waits one round trip for all of them instead of one
+/// each (what a small append, a single edit, mostly waits for).
+#[derive(Default)]
+struct Pipeline {
+    statements: Vec<(&'static str, Vec<Param>)>,
 }
 
-async fn drop_tails(
-    tx: &deadpool_postgres::Transaction<'_>,
+impl Pipeline {
+    fn push(&mut self, sql: &'static str, params: Vec<Param>) {
+        self.statements.push((sql, params));
+    }
+
+    /// Runs the statements pushed so far, in order; the first error fails it (PostgreSQL
+    /// refuses every later statement of the transaction then).
+    async fn run(&mut self, tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StorageError> {
+        let statements = std::mem::take(&mut self.statements);
+        // Prepared first (from the connection's cache, once warm) so that nothing but the
+        // executions below goes out between them: each is sent when first polled, in order.
+        let mut prepared = Vec::with_capacity(statements.len());
+        for (sql, _) in &statements {
+            prepared.push(tx.prepare_cached(sql).await.map_err(sql_error)?);
+        }
+        let mut runs: Vec<Option<Pin<Box<dyn Future<Output = _> + Send + '_>>>> = statements
+            .iter()
+            .zip(&prepared)
+            .map(|((_, params), statement)| {
+                let run: Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(async move {
+                    let params: Vec<&(dyn ToSql + Sync)> = params
+                        .iter()
+                        .map(|param| param.as_ref() as &(dyn ToSql + Sync))
+                        .collect();
+                    tx.execute(statement, &params).await.map_err(sql_error)
+                });
+                Some(run)
+            })
+            .collect();
+        std::future::poll_fn(|cx| {
+            let mut waiting = false;
+            for slot in &mut runs {
+                let Some(run) = slot else { continue };
+                match run.as_mut().poll(cx) {
+                    Poll::Ready(Ok(_)) => *slot = None,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => waiting = true,
+                }
+            }
+            if waiting {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(()))
+            }
+        })
+        .await
+    }
+}
+
+fn put_base(pipeline: &mut Pipeline, space: &str, record: &RecordKey, base: &[u8]) {
+    let (collection, id) = record;
+    pipeline.push(
+        "INSERT INTO bases (space, collection, record, base, crc) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (space, collection, record) DO UPDATE SET base = $4, crc = $5",
+        vec![
+            p(space.to_owned()),
+            p(collection.clone()),
+            p(id.clone()),
+            p(base.to_vec()),
+            p(record_crc(space, collection, id, base)),
+        ],
+    );
+}
+
+fn drop_tails(
+    pipeline: &mut Pipeline,
     space: &str,
     record: &RecordKey,
     seqs: &[u64],
@@ -974,13 +1025,16 @@ async fn drop_tails(
         .map(|&s| int(s))
         .collect::<Result<Vec<_>, _>>()?;
     let (collection, id) = record;
-    execute(
-        tx,
+    pipeline.push(
         "DELETE FROM tails WHERE space = $1 AND collection = $2 AND record = $3
          AND seq = ANY($4)",
-        &[&space, collection, id, &seqs],
-    )
-    .await?;
+        vec![
+            p(space.to_owned()),
+            p(collection.clone()),
+            p(id.clone()),
+            p(seqs),
+        ],
+    );
     Ok(())
 }
 
@@ -1049,12 +1103,14 @@ async fn purge_record(
 }
 
 /// The writes of one append, in the order the embedded engine's batch makes them (a later write
-/// to the same row replaces an earlier one).
+/// to the same row replaces an earlier one), pipelined.
 async fn write_append(
     tx: &deadpool_postgres::Transaction<'_>,
     space: &str,
     append: Append,
 ) -> Result<(), StorageError> {
+    let mut pipeline = Pipeline::default();
+    let owned_space = || p(space.to_owned());
     if !append.created.is_empty() {
         let mut rows = Columns::default();
         for ((collection, record), base) in &append.created {
@@ -1064,44 +1120,44 @@ async fn write_append(
             rows.values.push(base.clone());
         }
         // Each record once: `created` is keyed by record.
-        execute(
-            tx,
+        pipeline.push(
             "INSERT INTO bases (space, collection, record, base, crc)
              SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::integer[])
              ON CONFLICT (space, collection, record)
              DO UPDATE SET base = EXCLUDED.base, crc = EXCLUDED.crc",
-            &[
-                &space,
-                &rows.collections,
-                &rows.records,
-                &rows.values,
-                &rows.crcs,
+            vec![
+                owned_space(),
+                p(rows.collections),
+                p(rows.records),
+                p(rows.values),
+                p(rows.crcs),
             ],
-        )
-        .await?;
+        );
     }
-    let log_bytes = insert_entries(tx, space, &append).await?;
-    for (record, seq) in &append.purged {
-        purge_record(tx, space, record, *seq).await?;
+    let log_bytes = insert_entries(&mut pipeline, space, &append)?;
+    if !append.purged.is_empty() {
+        // A purge reads what it removes: the statements before it run first.
+        pipeline.run(tx).await?;
+        for (record, seq) in &append.purged {
+            purge_record(tx, space, record, *seq).await?;
+        }
     }
     for tombstone in &append.tombstones {
-        execute(
-            tx,
+        pipeline.push(
             "INSERT INTO tombstones (space, seq, collection, record, heads, time_ms, crc)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (space, seq) DO UPDATE SET collection = $3, record = $4, heads = $5,
              time_ms = $6, crc = $7",
-            &[
-                &space,
-                &int(tombstone.seq)?,
-                &tombstone.collection,
-                &tombstone.record,
-                &tombstone.heads.concat(),
-                &int(tombstone.time_ms)?,
-                &tombstone_crc(space, tombstone),
+            vec![
+                owned_space(),
+                p(int(tombstone.seq)?),
+                p(tombstone.collection.clone()),
+                p(tombstone.record.clone()),
+                p(tombstone.heads.concat()),
+                p(int(tombstone.time_ms)?),
+                p(tombstone_crc(space, tombstone)),
             ],
-        )
-        .await?;
+        );
     }
     if !append.tombstones_done.is_empty() {
         let done = append
@@ -1109,12 +1165,10 @@ async fn write_append(
             .iter()
             .map(|&s| int(s))
             .collect::<Result<Vec<_>, _>>()?;
-        execute(
-            tx,
+        pipeline.push(
             "DELETE FROM tombstones WHERE space = $1 AND seq = ANY($2)",
-            &[&space, &done],
-        )
-        .await?;
+            vec![owned_space(), p(done)],
+        );
     }
     if !append.tails.is_empty() {
         let mut rows = Columns::default();
@@ -1125,24 +1179,22 @@ async fn write_append(
             rows.crcs
                 .push(record_crc(space, collection, record, &seq.to_be_bytes()));
         }
-        execute(
-            tx,
+        pipeline.push(
             "INSERT INTO tails (space, collection, record, seq, crc)
              SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[], $5::integer[])
              ON CONFLICT DO NOTHING",
-            &[
-                &space,
-                &rows.collections,
-                &rows.records,
-                &rows.seqs,
-                &rows.crcs,
+            vec![
+                owned_space(),
+                p(rows.collections),
+                p(rows.records),
+                p(rows.seqs),
+                p(rows.crcs),
             ],
-        )
-        .await?;
+        );
     }
     for compaction in &append.compactions {
-        put_base(tx, space, &compaction.record, &compaction.base).await?;
-        drop_tails(tx, space, &compaction.record, &compaction.tail).await?;
+        put_base(&mut pipeline, space, &compaction.record, &compaction.base);
+        drop_tails(&mut pipeline, space, &compaction.record, &compaction.tail)?;
     }
     if !append.heads.is_empty() {
         let mut rows = Columns::default();
@@ -1155,136 +1207,134 @@ async fn write_append(
             rows.values.push(heads);
         }
         // Each record once: `heads` is keyed by record.
-        execute(
-            tx,
+        pipeline.push(
             "INSERT INTO record_heads (space, collection, record, heads, crc)
              SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::integer[])
              ON CONFLICT (space, collection, record)
              DO UPDATE SET heads = EXCLUDED.heads, crc = EXCLUDED.crc",
-            &[
-                &space,
-                &rows.collections,
-                &rows.records,
-                &rows.values,
-                &rows.crcs,
+            vec![
+                owned_space(),
+                p(rows.collections),
+                p(rows.records),
+                p(rows.values),
+                p(rows.crcs),
             ],
-        )
-        .await?;
+        );
     }
     for (value, holders) in &append.holders {
         let constraint = int(value.constraint as u64)?;
         if holders.records.is_empty() {
-            execute(
-                tx,
+            pipeline.push(
                 "DELETE FROM unique_holders WHERE space = $1 AND collection = $2
                  AND constraint_index = $3 AND value = $4",
-                &[&space, &value.collection, &constraint, &value.value],
-            )
-            .await?;
+                vec![
+                    owned_space(),
+                    p(value.collection.clone()),
+                    p(constraint),
+                    p(value.value.clone()),
+                ],
+            );
         } else {
             let stored = json(holders, "unique value holders")?;
-            execute(
-                tx,
+            let crc = holders_crc(space, value, &stored);
+            pipeline.push(
                 "INSERT INTO unique_holders (space, collection, constraint_index, value, holders,
                  crc) VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (space, collection, constraint_index, value)
                  DO UPDATE SET holders = $5, crc = $6",
-                &[
-                    &space,
-                    &value.collection,
-                    &constraint,
-                    &value.value,
-                    &stored,
-                    &holders_crc(space, value, &stored),
+                vec![
+                    owned_space(),
+                    p(value.collection.clone()),
+                    p(constraint),
+                    p(value.value.clone()),
+                    p(stored),
+                    p(crc),
                 ],
-            )
-            .await?;
+            );
         }
     }
     for conflict in &append.conflict_entries {
         let entry = json(conflict, "conflict entry")?;
         let open = conflict.status == ConflictStatus::Open;
-        execute(
-            tx,
+        let crc = conflict_crc(
+            space,
+            &conflict.id,
+            (&conflict.collection, &conflict.record, open),
+            &entry,
+        );
+        pipeline.push(
             "INSERT INTO conflicts (space, id, collection, record, open, entry, crc)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (space, id) DO UPDATE SET collection = $3, record = $4, open = $5,
              entry = $6, crc = $7",
-            &[
-                &space,
-                &conflict.id,
-                &conflict.collection,
-                &conflict.record,
-                &open,
-                &entry,
-                &conflict_crc(
-                    space,
-                    &conflict.id,
-                    (&conflict.collection, &conflict.record, open),
-                    &entry,
-                ),
+            vec![
+                owned_space(),
+                p(conflict.id.clone()),
+                p(conflict.collection.clone()),
+                p(conflict.record.clone()),
+                p(open),
+                p(entry),
+                p(crc),
             ],
-        )
-        .await?;
+        );
     }
     if append.conflicts_complete {
-        execute(
-            tx,
+        pipeline.push(
             "UPDATE spaces SET conflicts_complete = true WHERE space = $1",
-            &[&space],
-        )
-        .await?;
+            vec![owned_space()],
+        );
     }
     for (change, id) in &append.conflict_changes {
-        execute(
-            tx,
+        let crc = crc(&[space.as_bytes(), change.as_bytes(), id.as_bytes()]);
+        pipeline.push(
             "INSERT INTO change_conflicts (space, change, id, crc) VALUES ($1, $2, $3, $4)
              ON CONFLICT (space, change) DO UPDATE SET id = $3, crc = $4",
-            &[
-                &space,
-                change,
-                id,
-                &crc(&[space.as_bytes(), change.as_bytes(), id.as_bytes()]),
-            ],
-        )
-        .await?;
+            vec![owned_space(), p(change.clone()), p(id.clone()), p(crc)],
+        );
     }
     for ((collection, record), held) in &append.held {
         let stored = json(held, "unique values")?;
-        execute(
-            tx,
+        let crc = record_crc(space, collection, record, &stored);
+        pipeline.push(
             "INSERT INTO unique_values (space, collection, record, held, crc)
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (space, collection, record) DO UPDATE SET held = $4, crc = $5",
-            &[
-                &space,
-                collection,
-                record,
-                &stored,
-                &record_crc(space, collection, record, &stored),
+            vec![
+                owned_space(),
+                p(collection.clone()),
+                p(record.clone()),
+                p(stored),
+                p(crc),
             ],
-        )
-        .await?;
+        );
     }
     for (kind, collection, found) in &append.conflicts {
-        execute(
-            tx,
+        pipeline.push(
             "INSERT INTO conflict_counts (space, kind, collection, detected)
              VALUES ($1, $2, $3, $4)
              ON CONFLICT (space, kind, collection)
              DO UPDATE SET detected = conflict_counts.detected + $4",
-            &[&space, &kind.as_str(), collection, &int(*found)?],
-        )
-        .await?;
+            vec![
+                owned_space(),
+                p(kind.as_str()),
+                p(collection.clone()),
+                p(int(*found)?),
+            ],
+        );
     }
     let head = append.next_seq().saturating_sub(1);
-    execute(
-        tx,
+    pipeline.push(
         "UPDATE spaces SET head = $2, log_bytes = log_bytes + $3 WHERE space = $1",
-        &[&space, &int(head)?, &int(log_bytes)?],
-    )
-    .await?;
-    Ok(())
+        vec![owned_space(), p(int(head)?), p(int(log_bytes)?)],
+    );
+    if !append.entries.is_empty() {
+        // Delivered when (and only if) the transaction commits.
+        pipeline.push(
+            "SELECT pg_notify($1, $2)",
+            vec![p(LOG_CHANNEL), p(format!("{head} {space}"))],
+        );
+    }
+    pipeline.run(tx).await
 }
 
 /// Rows of one table as columns, for an `INSERT ... SELECT * FROM unnest(...)`: one statement
@@ -1298,10 +1348,10 @@ struct Columns {
     crcs: Vec<i32>,
 }
 
-/// Inserts the append's log entries and their dedup index rows, two statements in all; returns
-/// the bytes they add to the space's quota.
-async fn insert_entries(
-    tx: &deadpool_postgres::Transaction<'_>,
+/// Pushes the inserts of the append's log entries and their dedup index rows, two statements in
+/// all; returns the bytes they add to the space's quota.
+fn insert_entries(
+    pipeline: &mut Pipeline,
     space: &str,
     append: &Append,
 ) -> Result<u64, StorageError> {
@@ -1345,25 +1395,23 @@ async fn insert_entries(
             index.insert((&entry.collection, &entry.record, hash), seq);
         }
     }
-    execute(
-        tx,
+    pipeline.push(
         "INSERT INTO log_entries
          (space, seq, collection, record, origin, hash, change, bytes, crc)
          SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[],
          $6::bytea[], $7::bytea[], $8::bigint[], $9::integer[])",
-        &[
-            &space,
-            &entries.seqs,
-            &entries.collections,
-            &entries.records,
-            &origins,
-            &hashes,
-            &entries.values,
-            &bytes,
-            &entries.crcs,
+        vec![
+            p(space.to_owned()),
+            p(entries.seqs),
+            p(entries.collections),
+            p(entries.records),
+            p(origins),
+            p(hashes),
+            p(entries.values),
+            p(bytes),
+            p(entries.crcs),
         ],
-    )
-    .await?;
+    );
     if !index.is_empty() {
         let mut rows = Columns::default();
         let mut hashes = Vec::with_capacity(index.len());
@@ -1375,23 +1423,21 @@ async fn insert_entries(
             rows.seqs.push(int(seq)?);
             hashes.push(hash.to_vec());
         }
-        execute(
-            tx,
+        pipeline.push(
             "INSERT INTO record_changes (space, collection, record, hash, seq, crc)
              SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::bigint[],
              $6::integer[])
              ON CONFLICT (space, collection, record, hash)
              DO UPDATE SET seq = EXCLUDED.seq, crc = EXCLUDED.crc",
-            &[
-                &space,
-                &rows.collections,
-                &rows.records,
-                &hashes,
-                &rows.seqs,
-                &rows.crcs,
+            vec![
+                p(space.to_owned()),
+                p(rows.collections),
+                p(rows.records),
+                p(hashes),
+                p(rows.seqs),
+                p(rows.crcs),
             ],
-        )
-        .await?;
+        );
     }
     Ok(log_bytes)
 }
@@ -1423,10 +1469,12 @@ async fn write_compaction(
         "horizon",
     )?;
     let horizon = step.horizon.min(step.after).max(before);
+    let mut pipeline = Pipeline::default();
     for compaction in &step.bases {
-        put_base(tx, space, &compaction.record, &compaction.base).await?;
-        drop_tails(tx, space, &compaction.record, &compaction.tail).await?;
+        put_base(&mut pipeline, space, &compaction.record, &compaction.base);
+        drop_tails(&mut pipeline, space, &compaction.record, &compaction.tail)?;
     }
+    pipeline.run(tx).await?;
     if horizon > before {
         let uncovered = rows(
             tx,
@@ -1619,13 +1667,7 @@ impl LogStorage for PgStorage {
                     head,
                 });
             }
-            let new_head = append.next_seq().saturating_sub(1);
-            let announce = !append.entries.is_empty();
             write_append(&tx, &space, append).await?;
-            if announce {
-                // Delivered when (and only if) the transaction commits.
-                notify(&tx, LOG_CHANNEL, &format!("{new_head} {space}")).await?;
-            }
             tx.commit().await.map_err(sql_error)
         })
     }
