@@ -426,6 +426,20 @@ fn run(server: &PgServer, o: &Options, relays: usize, spaces: usize, work: &[Dev
         &database,
         "SELECT count(*) FROM (SELECT DISTINCT space, collection, record FROM record_changes) r",
     );
+    // Where the bytes are: each table with its indexes and TOAST, the larger ones first.
+    let tables: serde_json::Map<String, Value> = server
+        .sql(
+            &database,
+            "SELECT relname, pg_total_relation_size(oid) FROM pg_class \
+             WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace \
+             ORDER BY 2 DESC",
+        )
+        .lines()
+        .filter_map(|line| {
+            let (name, bytes) = line.split_once('|')?;
+            Some((name.to_owned(), json!(bytes.trim().parse::<u64>().ok()?)))
+        })
+        .collect();
     server.drop_database(&database);
 
     let changes: u64 = sent.iter().sum();
@@ -484,6 +498,7 @@ fn run(server: &PgServer, o: &Options, relays: usize, spaces: usize, work: &[Dev
         "database_bytes_empty": empty_bytes,
         "database_bytes_per_change": (bytes - empty_bytes) / changes.max(1),
         "database_bytes_per_record": (bytes - empty_bytes) / records.max(1),
+        "table_bytes": tables,
         "limit": limit,
         "load_average": load_average(),
         "smoke": o.smoke,
