@@ -17,7 +17,12 @@
 //! database's bytes per change, and what limits the run (the database's CPU, the relays' CPU,
 //! or neither: waiting on locks and fsync).
 //!
-//! `cargo bench --bench appends [-- --changes N --batch N --relays R --spaces S --updates]`
+//! A fresh database's tables are not analyzed until autovacuum's next round (a minute by default),
+//! so its plans are made from statistics of near-empty tables for the first minute; `--analyze`
+//! makes autovacuum run every second.
+//!
+//! `cargo bench --bench appends [-- --changes N --batch N --relays R --spaces S --updates
+//! --analyze]`
 //! prints one JSON object per configuration on standard output and a summary on standard error;
 //! see benches/README.md. Without `--bench` (as `cargo test --all-targets` runs it) it runs each
 //! configuration once on a few hundred changes.
@@ -55,7 +60,10 @@ usage: cargo bench --bench appends -- [OPTIONS]
   --batch N     changes per append call (default 100)
   --relays R    relay stores on the database; repeat for several (default: 1 and 3)
   --spaces S    spaces the devices upload to; repeat for several (default: 1 and 16)
-  --updates     half the changes edit records the device created in its previous call";
+  --updates     half the changes edit records the device created in its previous call
+  --analyze     autovacuum every second on the server (autovacuum_naptime = 1s; default one
+                minute), so that the tables' statistics, and the plans made from them, follow
+                the tables as they grow within the run";
 
 /// Devices (threads) uploading at once.
 const DEVICES: usize = 8;
@@ -71,6 +79,7 @@ struct Options {
     relays: Vec<usize>,
     spaces: Vec<usize>,
     updates: bool,
+    analyze: bool,
     smoke: bool,
 }
 
@@ -85,6 +94,7 @@ impl Options {
             relays: Vec::new(),
             spaces: Vec::new(),
             updates: false,
+            analyze: false,
             smoke,
         };
         let mut it = args.iter();
@@ -103,6 +113,7 @@ impl Options {
                 "--relays" => o.relays.push(number(arg)?),
                 "--spaces" => o.spaces.push(number(arg)?),
                 "--updates" => o.updates = true,
+                "--analyze" => o.analyze = true,
                 "--help" | "-h" => return Err(String::new()),
                 // A test run may get the test harness's own arguments: not ours to refuse.
                 _ if smoke => eprintln!("appends: ignoring argument {arg:?} in a test run"),
@@ -479,6 +490,7 @@ fn run(server: &PgServer, o: &Options, relays: usize, spaces: usize, work: &[Dev
         "changes_per_device": o.changes,
         "batch": o.batch,
         "updates": o.updates,
+        "analyze": o.analyze,
         "changes": changes,
         "records": records,
         "appends": appends,
@@ -571,6 +583,10 @@ fn main() {
         prepared.elapsed().as_secs_f64()
     );
     let server = PgServer::durable();
+    if o.analyze {
+        server.sql("postgres", "ALTER SYSTEM SET autovacuum_naptime = '1s'");
+        server.sql("postgres", "SELECT pg_reload_conf()");
+    }
     for &relays in &o.relays {
         for &spaces in &o.spaces {
             let result = run(server, &o, relays, spaces, &work);
