@@ -62,6 +62,7 @@ use ferry_proto::wire::{
 };
 use ferry_proto::{AddressError, Limits, validate_collection, validate_record_id};
 use lru::LruCache;
+use parking_lot::FairMutex;
 use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -288,8 +289,10 @@ pub struct RelayStore {
     /// The relay never writes changes itself; its documents need an actor all the same.
     actor: ActorId,
     /// Each space's lock: appends to a space are staged one at a time, and a document is not
-    /// read between an append's commit and its cache update.
-    spaces: Mutex<HashMap<String, Arc<Mutex<SpaceState>>>>,
+    /// read between an append's commit and its cache update. Fair: handed to callers in the
+    /// order they asked, so that a device's upload waits behind the others once each rather than
+    /// behind whichever keeps winning the race.
+    spaces: Mutex<HashMap<String, Arc<FairMutex<SpaceState>>>>,
     cache: Mutex<LruCache<DocKey, Record>>,
     /// The newest entries appended through this store, which live readers ask for next.
     recent: RecentLogs,
@@ -317,7 +320,7 @@ impl RelayStore {
     }
 
     /// The space's lock.
-    fn space(&self, space: &str) -> Result<Arc<Mutex<SpaceState>>, RelayStoreError> {
+    fn space(&self, space: &str) -> Result<Arc<FairMutex<SpaceState>>, RelayStoreError> {
         check_space(space)?;
         let mut spaces = lock(&self.spaces);
         Ok(spaces.entry(space.to_owned()).or_default().clone())
@@ -448,7 +451,7 @@ impl RelayStore {
         imported: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<ChangeResult>, RelayStoreError> {
         let state = self.space(space)?;
-        let mut state = lock(&state);
+        let mut state = state.lock();
         let mut restaged = 0;
         loop {
             match self.append_once(space, origin, changes, imported, &mut state) {
@@ -1306,7 +1309,7 @@ impl RelayStore {
         collections: Option<&BTreeSet<String>>,
     ) -> Result<HeadsPage, RelayStoreError> {
         let state = self.space(space)?;
-        let mut state = lock(&state);
+        let mut state = state.lock();
         let head = self.storage.head(space)?;
         self.catch_up(space, &mut state, head)?;
         let wanted = max_records.max(1) as usize;
@@ -1354,7 +1357,7 @@ impl RelayStore {
         collections: Option<&BTreeSet<String>>,
     ) -> Result<SnapshotPage, RelayStoreError> {
         let state = self.space(space)?;
-        let mut state = lock(&state);
+        let mut state = state.lock();
         let head = self.storage.head(space)?;
         self.catch_up(space, &mut state, head)?;
         if head > 0 && !self.storage.conflicts_complete(space)? {
@@ -1450,7 +1453,7 @@ impl RelayStore {
         collections: Option<&BTreeSet<String>>,
     ) -> Result<UniqueIndexPage, RelayStoreError> {
         let state = self.space(space)?;
-        let mut state = lock(&state);
+        let mut state = state.lock();
         let head = self.storage.head(space)?;
         self.catch_up(space, &mut state, head)?;
         let mut page = UniqueIndexPage {
@@ -1727,7 +1730,7 @@ impl RelayStore {
         let cutoff = now_ms.saturating_sub(tombstone_ms);
         let mut purged = 0usize;
         loop {
-            let mut state = lock(&state);
+            let mut state = state.lock();
             let head = self.storage.head(space)?;
             self.catch_up(space, &mut state, head)?;
             let notes = self.storage.tombstones(space, PURGES_PER_STEP)?;
@@ -1834,7 +1837,7 @@ impl RelayStore {
         let state = self.space(space)?;
         let mut saved = 0usize;
         loop {
-            let mut state = lock(&state);
+            let mut state = state.lock();
             // Bases are read as of this head: a compaction staged against it is refused if
             // another relay appended meanwhile.
             let head = self.storage.head(space)?;
@@ -1904,7 +1907,7 @@ impl RelayStore {
             reason,
         };
         let state = self.space(space)?;
-        let appends = lock(&state);
+        let appends = state.lock();
         let mut logged = self.storage.record_changes(space, collection, record)?;
         // A purged history's changes stay in the index (as duplicates) but are not the record's.
         if let Some(purged) = self.storage.purged_at(space, collection, record)? {
@@ -2109,7 +2112,7 @@ impl RelayStore {
         validate_record_id(id, &self.options.limits)?;
         // The space's lock keeps an append from landing between reading the base and the tail.
         let state = self.space(space)?;
-        let mut state = lock(&state);
+        let mut state = state.lock();
         self.current(space, &mut state)?;
         self.cached_doc(space, collection, id, f)
     }
