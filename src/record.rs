@@ -263,6 +263,23 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "no message".to_owned())
 }
 
+/// Whether `bytes` are exactly one change chunk, told from its header alone (the checksum and
+/// the operations are not checked): a record's base that is its first change rather than a
+/// saved document.
+pub fn is_one_change(bytes: &[u8]) -> bool {
+    let Some((magic, rest)) = bytes.split_first_chunk::<4>() else {
+        return false;
+    };
+    let Some((&chunk_type, after_type)) = rest.get(4..).and_then(|r| r.split_first()) else {
+        return false;
+    };
+    *magic == CHUNK_MAGIC
+        && chunk_type == CHUNK_CHANGE
+        && read_uleb128(after_type).is_some_and(|(len, len_bytes)| {
+            usize::try_from(len).is_ok_and(|len| after_type.len() == len_bytes.saturating_add(len))
+        })
+}
+
 /// Decodes one change received from another device or the relay. Only an uncompressed change
 /// chunk is accepted, for the same reasons `check_chunks` gives for documents.
 pub fn decode_change(bytes: &[u8]) -> Result<Change, RecordError> {
@@ -1308,6 +1325,30 @@ mod tests {
             Value::Object(m) => m,
             _ => panic!("test value must be an object"),
         }
+    }
+
+    #[test]
+    fn one_change_is_told_from_a_saved_document_and_from_several_changes() {
+        let mut record = Record::new(&actor(1));
+        let first = record
+            .put(&obj(json!({"a": 1})), 1_000)
+            .unwrap()
+            .unwrap()
+            .change;
+        let first = first.raw_bytes().to_vec();
+        assert!(is_one_change(&first));
+        let second = record
+            .put(&obj(json!({"a": 2})), 1_001)
+            .unwrap()
+            .unwrap()
+            .change;
+        assert!(!is_one_change(
+            &[first.as_slice(), second.raw_bytes()].concat()
+        ));
+        assert!(!is_one_change(&record.save()));
+        assert!(!is_one_change(&first[..first.len() - 1]));
+        assert!(!is_one_change(&[first.as_slice(), &[0]].concat()));
+        assert!(!is_one_change(&[]));
     }
 
     proptest::proptest! {

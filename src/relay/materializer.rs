@@ -202,6 +202,7 @@ impl Materializer {
             base,
             tail,
             seqs,
+            one_change_seq,
         } = record;
         let (collection, id) = &key;
         let failed = |source| MaterializerError::Record {
@@ -213,15 +214,21 @@ impl Materializer {
         let Some(base) = base else {
             return Ok(None);
         };
+        // The seq a change was logged at, if by `at`; a record's only change has `one_change_seq`.
+        let logged_by_then = |hash: &automerge::ChangeHash| {
+            seqs.get(&hash.0)
+                .copied()
+                .or(one_change_seq)
+                .filter(|&seq| seq <= at)
+        };
         if tail.is_empty()
-            && seqs.len() == 1
+            && (seqs.len() == 1 || one_change_seq.is_some())
             && let Ok(change) = decode_change(&base)
             && let Some(plain) = PlainFirst::of(&change)
         {
             // A record created by one plain change (the bulk of an initial sync) shows that
             // change's fields, as a device takes it, without loading a document.
-            let Some(log_position) = seqs.get(&change.hash().0).copied().filter(|&s| s <= at)
-            else {
+            let Some(log_position) = logged_by_then(&change.hash()) else {
                 return Ok(None);
             };
             return Ok(Some(RecordRow {
@@ -234,8 +241,6 @@ impl Materializer {
         }
         let mut doc =
             assemble(&base, tail, &self.actor, (space, collection, id)).map_err(failed)?;
-        let logged_by_then =
-            |hash: &automerge::ChangeHash| seqs.get(&hash.0).copied().filter(|&seq| seq <= at);
         // The log holds every change after the changes it depends on, so a document whose
         // heads were all logged by `at` holds nothing logged later.
         if !doc.heads().iter().all(|h| logged_by_then(h).is_some()) {

@@ -50,6 +50,7 @@ use super::{
     StoredKey, Tombstone, UniqueValue, UniqueValues,
 };
 use crate::auth::token::Family;
+use crate::record::is_one_change;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus};
 use ferry_proto::wire::{LogEntry, RecordName};
 
@@ -2392,8 +2393,12 @@ pub struct StoredRecord {
     pub base: Option<Vec<u8>>,
     /// `(seq, change)` of its changes logged since its base, in log order.
     pub tail: Vec<(u64, Vec<u8>)>,
-    /// The seq each of its logged changes has (the dedup index).
+    /// The seq each of its logged changes has (the dedup index); not read (empty) for a record
+    /// with `one_change_seq`.
     pub seqs: HashMap<[u8; 32], u64>,
+    /// For a record whose only change is its base, logged by an entry of the step: that
+    /// entry's seq (the dedup index is not read for it).
+    pub one_change_seq: Option<u64>,
 }
 
 /// One record's row of `records`.
@@ -2435,10 +2440,14 @@ fn named_records(rows: &[Row]) -> Result<Vec<RecordKey>, StorageError> {
     Ok(seen.into_iter().collect())
 }
 
+/// What the records `keys` keep, as of the transaction's snapshot. `logged` holds the last seq
+/// of a step's entries per record: a record logged there whose base is its one change (no tail)
+/// gets that seq as `one_change_seq` instead of its dedup index rows.
 async fn read_records(
     tx: &deadpool_postgres::Transaction<'_>,
     space: &str,
     keys: Vec<RecordKey>,
+    logged: &HashMap<RecordKey, u64>,
 ) -> Result<Vec<StoredRecord>, StorageError> {
     let (collections, ids) = record_arrays(keys.iter());
     let mut records: HashMap<RecordKey, StoredRecord> = keys
@@ -2508,12 +2517,23 @@ async fn read_records(
             record.tail.push((entry.seq, entry.change));
         }
     }
+    let mut indexed: Vec<&RecordKey> = Vec::new();
+    for (key, record) in &mut records {
+        match (&record.base, logged.get(key)) {
+            (Some(base), Some(&seq)) if record.tail.is_empty() && is_one_change(base) => {
+                record.one_change_seq = Some(seq);
+            }
+            (Some(_), _) => indexed.push(key),
+            (None, _) => {}
+        }
+    }
+    let (collections, ids) = record_arrays(indexed.into_iter());
     for row in rows_planned(
         tx,
         "SELECT u.c, u.r, c.hash, c.seq, c.crc FROM unnest($2::text[], $3::text[]) AS u(c, r)
          CROSS JOIN LATERAL (SELECT hash, seq, crc FROM record_changes c
            WHERE c.space = $1 AND c.collection = u.c AND c.record = u.r OFFSET 0) c",
-        &by_key,
+        &[p(space.to_owned()), p(collections), p(ids)],
         Planning::EachCall,
     )
     .await?
@@ -2656,7 +2676,8 @@ impl PgStorage {
                 RecordsBatch {
                     through: head,
                     whole: true,
-                    records: read_records(&tx, &space, named_records(&names)?).await?,
+                    records: read_records(&tx, &space, named_records(&names)?, &HashMap::new())
+                        .await?,
                 }
             } else {
                 let entries = rows(
@@ -2674,10 +2695,15 @@ impl PgStorage {
                     Some(row) => uint(col::<i64>(row, 2)?, "log entry")?,
                     None => return Ok(None),
                 };
+                let mut logged: HashMap<RecordKey, u64> = HashMap::new();
+                for row in &entries {
+                    let seq = uint(col::<i64>(row, 2)?, "log entry")?;
+                    logged.insert((col(row, 0)?, col(row, 1)?), seq);
+                }
                 RecordsBatch {
                     through,
                     whole: false,
-                    records: read_records(&tx, &space, named_records(&entries)?).await?,
+                    records: read_records(&tx, &space, named_records(&entries)?, &logged).await?,
                 }
             };
             tx.commit().await.map_err(sql_error)?;
