@@ -175,7 +175,7 @@ impl PgServer {
             self.port,
             self.dir.display(),
             if self.durable { "" } else { " -c fsync=off" }
-        );
+        ) + &std::env::var("FERRY_PG_OPTIONS").map(|o| format!(" {o}")).unwrap_or_default();
         let log = self.dir.join("log");
         checked(
             "pg_ctl start",
