@@ -169,13 +169,16 @@ impl PgServer {
     }
 
     /// Starts the server (again, after `crash` or `stop`) and waits until it takes connections.
+    /// `FERRY_PG_OPTIONS` adds server options (say, to load `pg_stat_statements`).
     pub fn start_again(&self) {
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400{}",
             self.port,
             self.dir.display(),
             if self.durable { "" } else { " -c fsync=off" }
-        ) + &std::env::var("FERRY_PG_OPTIONS").map(|o| format!(" {o}")).unwrap_or_default();
+        ) + &std::env::var("FERRY_PG_OPTIONS")
+            .map(|o| format!(" {o}"))
+            .unwrap_or_default();
         let log = self.dir.join("log");
         checked(
             "pg_ctl start",
