@@ -171,6 +171,56 @@ fn a_schema_newer_than_the_binary_is_refused_saying_to_upgrade() {
 }
 
 #[test]
+fn a_relay_holding_a_space_commits_while_the_other_relays_appends_wait() {
+    let db = Database::new();
+    let (holder, other) = (Arc::new(db.open()), Arc::new(db.open()));
+    append_one(&*holder, "r1", 1);
+    assert!(holder.hold_space("space").unwrap());
+    let waiting = || {
+        db.sql(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        ) == "1"
+    };
+    // Another relay's append, staged on head 1, waits for the space.
+    let (answer, answered) = std::sync::mpsc::channel();
+    let appender = {
+        let other = other.clone();
+        std::thread::spawn(move || {
+            let mut append = Append::new(1);
+            append.entries.push(change("r2", 2));
+            answer.send(other.append("space", append)).unwrap();
+        })
+    };
+    common::wait_for("the other relay's append to wait", common::TIMEOUT, waiting);
+    // The holder commits meanwhile (its appends go through the session that holds the lock),
+    // and the other still waits.
+    let mut append = Append::new(1);
+    append.entries.push(change("r3", 3));
+    holder.append("space", append).unwrap();
+    assert!(waiting());
+    assert!(answered.try_recv().is_err());
+    // Released: the other's append goes on, and finds the head moved.
+    holder.release_space("space");
+    match answered.recv_timeout(common::TIMEOUT).unwrap() {
+        Err(StorageError::HeadMoved { staged: 1, head: 2 }) => {}
+        other => panic!("expected the head moved, got {other:?}"),
+    }
+    appender.join().unwrap();
+    // Nothing stays held: both append again, the holder's lock gone with its release.
+    append_one(&*other, "r4", 4);
+    append_one(&*holder, "r5", 5);
+    assert_eq!(other.head("space").unwrap(), 4);
+    assert_eq!(
+        db.sql(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ),
+        "0"
+    );
+}
+
+#[test]
 fn relays_on_one_database_append_in_one_gapless_order() {
     let db = Database::new();
     let relays: Vec<Arc<PgStorage>> = (0..2).map(|_| Arc::new(db.open())).collect();

@@ -255,6 +255,9 @@ struct SpaceState {
     /// With storage other relays share: the head the space's cached documents are known to be
     /// current at (`None`: not known yet, so none of them is trusted).
     cached_at: Option<u64>,
+    /// Appends left to hold the space from their first staging: other relays were found
+    /// appending to it (see `CONTENDED_APPENDS`).
+    contended: u32,
 }
 
 /// Log entries another relay appended that a catch-up reads to find the records whose cached
@@ -265,6 +268,37 @@ const CATCH_UP_ENTRIES: u64 = 4096;
 /// the upload is answered with the error (and the device sends it again). Each time means
 /// another relay committed, so only a space many relays append to at full speed reaches it.
 pub const RESTAGES: usize = 32;
+
+/// Appends to a space held from their first staging (`LogStorage::hold_space`) after one that
+/// had to be staged again, before one tries without.
+const CONTENDED_APPENDS: u32 = 16;
+
+/// A space this relay holds, released when dropped (on every return of the append).
+struct HeldSpace<'s> {
+    storage: &'s dyn LogStorage,
+    space: &'s str,
+}
+
+impl<'s> HeldSpace<'s> {
+    /// Holds the space; `None` when the engine has nothing to hold or holding it failed (the
+    /// append is staged again all the same).
+    fn take(storage: &'s dyn LogStorage, space: &'s str) -> Option<Self> {
+        match storage.hold_space(space) {
+            Ok(true) => Some(HeldSpace { storage, space }),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::warn!(space, error = %e, "cannot hold the space; staging again without");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for HeldSpace<'_> {
+    fn drop(&mut self) {
+        self.storage.release_space(self.space);
+    }
+}
 
 /// Records a snapshot page reads from storage at once: one round trip each for their bases,
 /// tails and conflict entries, and no more read than a page of large records can hold.
@@ -453,7 +487,15 @@ impl RelayStore {
         let state = self.space(space)?;
         let mut state = state.lock();
         let mut restaged = 0;
+        let mut held: Option<HeldSpace<'_>> = None;
+        let contended = state.contended > 0;
         loop {
+            // While other relays append to the space too, staging is done with their commits
+            // held off, so that it commits: staging again and again, each time lost to another
+            // relay's commit, would waste the work and could end in an error.
+            if held.is_none() && (contended || restaged > 0) {
+                held = HeldSpace::take(self.storage.as_ref(), space);
+            }
             match self.append_once(space, origin, changes, imported, &mut state) {
                 // Another relay appended to the space while this call was staged: staged again
                 // on what it logged.
@@ -462,7 +504,14 @@ impl RelayStore {
                 {
                     restaged += 1;
                 }
-                done => return done,
+                done => {
+                    state.contended = if restaged > 0 {
+                        CONTENDED_APPENDS
+                    } else {
+                        state.contended.saturating_sub(1)
+                    };
+                    return done;
+                }
             }
         }
     }

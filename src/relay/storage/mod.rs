@@ -290,6 +290,21 @@ pub trait LogStorage: Send + Sync {
         false
     }
 
+    /// Keeps other relays from committing appends to the space until `release_space`: for a
+    /// relay whose append lost to theirs several times in a row (staged against a head that
+    /// moved before it committed), so that its next staging is the one that commits. Appends
+    /// through this storage go on meanwhile. `false` when no other relay writes to this engine
+    /// (nothing to hold).
+    fn hold_space(&self, space: &str) -> Result<bool, StorageError> {
+        let _ = space;
+        Ok(false)
+    }
+
+    /// Lets other relays commit to the space again, after `hold_space`.
+    fn release_space(&self, space: &str) {
+        let _ = space;
+    }
+
     /// Sends `news` what other relays commit (and this one), as it lands, until `news` is
     /// closed, reconnecting by itself; `false` when no other relay writes to this engine.
     fn follow(&self, news: tokio::sync::mpsc::UnboundedSender<StorageNews>) -> bool {

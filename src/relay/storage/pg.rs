@@ -108,6 +108,16 @@ pub const MIGRATIONS: &[Migration] = &[
 /// The advisory lock migrations take (any fixed number the database's other users do not use).
 const MIGRATION_LOCK: i64 = 0x6665_7272_795f_6462;
 
+/// The first key of a space's advisory lock (`space_lock_key`'s the second): every append takes
+/// it for its transaction, and a relay holding a space (`hold_space`) for its session.
+const SPACE_LOCK_CLASS: i32 = 0x6665_7272;
+
+/// The second key of the space's advisory lock: spaces whose names hash alike share a lock,
+/// which only makes them wait for each other.
+fn space_lock_key(space: &str) -> i32 {
+    crc(&[space.as_bytes()])
+}
+
 /// Rows read per query when paging through a space's log.
 const LOG_PAGE: i64 = 256;
 
@@ -125,6 +135,9 @@ pub struct PgStorage {
     config: tokio_postgres::Config,
     /// The listening connection's `application_name`.
     listener_name: &'static str,
+    /// The connection holding each space this relay holds (`hold_space`), which its appends
+    /// to the space use meanwhile.
+    held: std::sync::Mutex<HashMap<String, deadpool_postgres::Object>>,
 }
 
 impl Drop for PgStorage {
@@ -192,6 +205,7 @@ impl PgStorage {
             pool,
             config,
             listener_name: LISTENER_NAME,
+            held: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -207,6 +221,15 @@ impl PgStorage {
         let storage = Self::connect(options)?;
         storage.migrate()?;
         Ok(storage)
+    }
+
+    /// The connections holding spaces (see `held`).
+    fn held_connections(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, deadpool_postgres::Object>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs `work` on the engine's runtime and waits for its answer: safe from any thread, a
@@ -1103,6 +1126,32 @@ async fn purge_record(
     Ok(())
 }
 
+/// Commits `append` as one transaction on `client`: after the space's advisory lock (held
+/// meanwhile by a relay that holds the space: see `hold_space`) and its row's, refused with
+/// `HeadMoved` when the head is not the one it was staged against.
+async fn write_whole_append(
+    client: &mut deadpool_postgres::Object,
+    space: &str,
+    append: Append,
+) -> Result<(), StorageError> {
+    let tx = client.transaction().await.map_err(sql_error)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        &[&SPACE_LOCK_CLASS, &space_lock_key(space)],
+    )
+    .await
+    .map_err(sql_error)?;
+    let head = lock_space(&tx, space).await?;
+    if head != append.after {
+        return Err(StorageError::HeadMoved {
+            staged: append.after,
+            head,
+        });
+    }
+    write_append(&tx, space, append).await?;
+    tx.commit().await.map_err(sql_error)
+}
+
 /// The writes of one append, in the order the embedded engine's batch makes them (a later write
 /// to the same row replaces an earlier one), pipelined.
 async fn write_append(
@@ -1657,20 +1706,61 @@ impl LogStorage for PgStorage {
     }
 
     fn append(&self, space: &str, append: Append) -> Result<(), StorageError> {
-        let space = space.to_owned();
-        self.run(move |pool| async move {
-            let mut client = connection(&pool).await?;
-            let tx = client.transaction().await.map_err(sql_error)?;
-            let head = lock_space(&tx, &space).await?;
-            if head != append.after {
-                return Err(StorageError::HeadMoved {
-                    staged: append.after,
-                    head,
-                });
+        let held = self.held_connections().remove(space);
+        let holding = held.is_some();
+        let key = space.to_owned();
+        let (client, done) = self.run(move |pool| async move {
+            let mut client = match held {
+                Some(client) => client,
+                None => connection(&pool).await?,
+            };
+            let done = write_whole_append(&mut client, &key, append).await;
+            Ok((client, done))
+        })?;
+        if holding {
+            self.held_connections().insert(space.to_owned(), client);
+        }
+        done
+    }
+
+    fn hold_space(&self, space: &str) -> Result<bool, StorageError> {
+        let key = space_lock_key(space);
+        let client = self.run(move |pool| async move {
+            let client = connection(&pool).await?;
+            client
+                .execute(
+                    "SELECT pg_advisory_lock($1, $2)",
+                    &[&SPACE_LOCK_CLASS, &key],
+                )
+                .await
+                .map_err(sql_error)?;
+            Ok(client)
+        })?;
+        self.held_connections().insert(space.to_owned(), client);
+        Ok(true)
+    }
+
+    fn release_space(&self, space: &str) {
+        let Some(client) = self.held_connections().remove(space) else {
+            return;
+        };
+        let key = space_lock_key(space);
+        let released = self.run(move |_| async move {
+            let unlocked = client
+                .execute(
+                    "SELECT pg_advisory_unlock($1, $2)",
+                    &[&SPACE_LOCK_CLASS, &key],
+                )
+                .await;
+            if unlocked.is_err() {
+                // The session, and its lock with it, ends with the connection.
+                drop(deadpool_postgres::Object::take(client));
             }
-            write_append(&tx, &space, append).await?;
-            tx.commit().await.map_err(sql_error)
-        })
+            unlocked.map(drop).map_err(sql_error)
+        });
+        if let Err(e) = released {
+            tracing::warn!(space, error = %e, "releasing the space's lock failed; the connection was closed instead");
+        }
     }
 
     fn flush(&self) -> Result<(), StorageError> {
