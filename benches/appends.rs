@@ -47,7 +47,7 @@ use ferry::relay::storage::PgStorage;
 use ferry::relay::storage::StorageError;
 use ferry::relay::store::{RelayStore, RelayStoreError, RelayStoreOptions};
 use ferry_proto::wire::{ChangeOutcome, UploadChange};
-use harness::{latency, per_second, secs};
+use harness::{latency, per_second, proc_stat, secs};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::{Arc, Barrier};
@@ -211,22 +211,6 @@ fn space_name(s: usize) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // CPU time from /proc.
-
-/// (utime + stime, cutime + cstime) of process `pid` in clock ticks, and its parent; `None` when
-/// it is gone.
-fn proc_stat(pid: u32) -> Option<(u64, u64, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name, in parentheses, may hold spaces: fields are counted after it.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let field = |i: usize| -> Option<u64> { fields.get(i)?.parse().ok() };
-    // ppid is field 4 of the line; utime, stime, cutime, cstime fields 14 to 17 (2, 11..=14
-    // after the name).
-    Some((
-        field(11)? + field(12)?,
-        field(13)? + field(14)?,
-        u32::try_from(field(1)?).ok()?,
-    ))
-}
 
 /// Seconds of CPU in `ticks` (USER_HZ, 100 on Linux).
 fn tick_secs(ticks: u64) -> f64 {

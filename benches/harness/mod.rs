@@ -236,21 +236,24 @@ pub fn memory_kib(pid: u32) -> (u64, u64) {
 /// system, in microseconds (`/proc/<pid>/stat`, in clock ticks of 10 ms, the kernel's
 /// `USER_HZ` on Linux): what a workload cost, apart from how busy the machine was.
 pub fn cpu_us(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
+    let (ticks, _, _) = proc_stat(pid).unwrap_or_else(|| panic!("no CPU time in /proc/{pid}/stat"));
+    ticks * 10_000
+}
+
+/// (utime + stime, cutime + cstime) of process `pid` in clock ticks, and its parent; `None` when
+/// it is gone.
+pub fn proc_stat(pid: u32) -> Option<(u64, u64, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name, in parentheses, may hold spaces: fields are counted after it.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // utime and stime, fields 14 and 15 of the line, so 12 and 13 after the name.
-    let ticks = |i: usize| -> u64 {
-        fields
-            .get(i)
-            .and_then(|f| f.parse().ok())
-            .unwrap_or_else(|| panic!("no CPU time in /proc/{pid}/stat: {stat:?}"))
-    };
-    (ticks(11) + ticks(12)) * 10_000
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let field = |i: usize| -> Option<u64> { fields.get(i)?.parse().ok() };
+    // ppid is field 4 of the line; utime, stime, cutime, cstime fields 14 to 17 (2, 11..=14
+    // after the name).
+    Some((
+        field(11)? + field(12)?,
+        field(13)? + field(14)?,
+        u32::try_from(field(1)?).ok()?,
+    ))
 }
 
 /// (bytes allocated on disk, as `du` counts them; apparent bytes) of a directory tree.

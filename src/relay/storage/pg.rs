@@ -1162,14 +1162,8 @@ async fn write_append(
     let mut pipeline = Pipeline::default();
     let owned_space = || p(space.to_owned());
     if !append.created.is_empty() {
-        let mut rows = Columns::default();
-        for ((collection, record), base) in &append.created {
-            rows.crcs.push(record_crc(space, collection, record, base));
-            rows.collections.push(collection.clone());
-            rows.records.push(record.clone());
-            rows.values.push(base.clone());
-        }
         // Each record once: `created` is keyed by record.
+        let rows = Columns::of_records(space, append.created.iter().map(|(k, b)| (k, b.clone())));
         pipeline.push(
             "INSERT INTO bases (space, collection, record, base, crc)
              SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::integer[])
@@ -1247,16 +1241,8 @@ async fn write_append(
         drop_tails(&mut pipeline, space, &compaction.record, &compaction.tail)?;
     }
     if !append.heads.is_empty() {
-        let mut rows = Columns::default();
-        for ((collection, record), heads) in &append.heads {
-            let heads = heads.concat();
-            rows.crcs
-                .push(record_crc(space, collection, record, &heads));
-            rows.collections.push(collection.clone());
-            rows.records.push(record.clone());
-            rows.values.push(heads);
-        }
         // Each record once: `heads` is keyed by record.
+        let rows = Columns::of_records(space, append.heads.iter().map(|(k, h)| (k, h.concat())));
         pipeline.push(
             "INSERT INTO record_heads (space, collection, record, heads, crc)
              SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::integer[])
@@ -1396,6 +1382,22 @@ struct Columns {
     seqs: Vec<i64>,
     values: Vec<Vec<u8>>,
     crcs: Vec<i32>,
+}
+
+impl Columns {
+    /// Rows of a table keyed by record, each holding `value` under its record's crc.
+    fn of_records<'a>(space: &str, rows: impl Iterator<Item = (&'a RecordKey, Vec<u8>)>) -> Self {
+        let mut columns = Columns::default();
+        for ((collection, record), value) in rows {
+            columns
+                .crcs
+                .push(record_crc(space, collection, record, &value));
+            columns.collections.push(collection.clone());
+            columns.records.push(record.clone());
+            columns.values.push(value);
+        }
+        columns
+    }
 }
 
 /// Pushes the inserts of the append's log entries and their dedup index rows, two statements in
@@ -2562,17 +2564,7 @@ async fn read_records(
     .await?
     {
         let (collection, id): (String, String) = (col(&row, 0)?, col(&row, 1)?);
-        let base: Vec<u8> = col(&row, 2)?;
-        check(
-            col(&row, 3)?,
-            &[
-                space.as_bytes(),
-                collection.as_bytes(),
-                id.as_bytes(),
-                &base,
-            ],
-            || record_damaged("record base", space, &collection, &id),
-        )?;
+        let base = checked_base(space, (&collection, &id), &row, 2)?;
         if let Some(record) = records.get_mut(&(collection, id)) {
             record.base = Some(base);
         }
@@ -2629,20 +2621,8 @@ async fn read_records(
     .await?
     {
         let (collection, id): (String, String) = (col(&row, 0)?, col(&row, 1)?);
-        let hash: Vec<u8> = col(&row, 2)?;
-        let seq = uint(col::<i64>(&row, 3)?, "change index entry")?;
-        check(
-            col(&row, 4)?,
-            &[
-                space.as_bytes(),
-                collection.as_bytes(),
-                id.as_bytes(),
-                &hash,
-                &seq.to_be_bytes(),
-            ],
-            || record_damaged("change index entry", space, &collection, &id),
-        )?;
-        let hash = hash_of(&hash, "change index key")?;
+        let hash = hash_of(&col::<Vec<u8>>(&row, 2)?, "change index key")?;
+        let seq = checked_change_seq(space, (&collection, &id, &hash), &row, 3)?;
         if let Some(record) = records.get_mut(&(collection, id)) {
             record.seqs.insert(hash, seq);
         }
