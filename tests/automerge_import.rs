@@ -25,7 +25,7 @@ use ferry::relay::store::{RelayStore, RelayStoreOptions};
 use ferry::resolve::{Policies, Policy};
 use ferry::store::kv::MemoryKv;
 use ferry::store::{BatchLimits, RetryPolicy, Store, StoreError, StoreOptions};
-use ferry_proto::wire::{ChangeOutcome, UploadChange};
+use ferry_proto::wire::ChangeOutcome;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -86,16 +86,7 @@ fn upload(relay: &RelayStore, store: &Store) -> Vec<ChangeOutcome> {
     let batch = store
         .next_upload_batch(BatchLimits::of(10_000, usize::MAX))
         .unwrap();
-    let changes: Vec<UploadChange> = batch
-        .entries
-        .iter()
-        .map(|e| UploadChange {
-            entry: e.id,
-            collection: e.model_name.clone(),
-            record: e.object_id.clone(),
-            change: e.data.clone(),
-        })
-        .collect();
+    let changes = common::uploads(&batch.entries);
     let imported = |actor: &str| actor != A && actor != B;
     let results = relay
         .append_importing(SPACE, store.device_id(), &changes, &imported)

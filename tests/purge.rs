@@ -23,7 +23,7 @@ use ferry::relay::store::{LogRetention, RelayStore, RelayStoreOptions};
 use ferry::resolve::{Conflict, ConflictKind, ConflictStatus, DeleteRule, Policies, Policy};
 use ferry::store::kv::MemoryKv;
 use ferry::store::{BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, Write};
-use ferry_proto::wire::{ChangeOutcome, ErrorCode, UploadChange};
+use ferry_proto::wire::{ChangeOutcome, ErrorCode};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -90,16 +90,7 @@ impl Net {
         if batch.entries.is_empty() {
             return Vec::new();
         }
-        let changes: Vec<UploadChange> = batch
-            .entries
-            .iter()
-            .map(|e| UploadChange {
-                entry: e.id,
-                collection: e.model_name.clone(),
-                record: e.object_id.clone(),
-                change: e.data.clone(),
-            })
-            .collect();
+        let changes = common::uploads(&batch.entries);
         let results = self
             .relay
             .append(SPACE, store.device_id(), &changes)
@@ -432,16 +423,7 @@ fn a_restoration_builds_on_a_create_already_on_its_way() {
         1
     );
     assert_eq!(net.download(&b, 100), 1, "B writes the record again");
-    let create: Vec<UploadChange> = on_its_way
-        .entries
-        .iter()
-        .map(|e| UploadChange {
-            entry: e.id,
-            collection: e.model_name.clone(),
-            record: e.object_id.clone(),
-            change: e.data.clone(),
-        })
-        .collect();
+    let create = common::uploads(&on_its_way.entries);
     let results = net.relay.append(SPACE, B, &create).unwrap();
     assert!(
         matches!(results[0].outcome, ChangeOutcome::Stored { .. }),

@@ -25,7 +25,6 @@ use ferry::relay::store::{RelayStore, RelayStoreOptions};
 use ferry::resolve::{Policies, Policy};
 use ferry::store::kv::MemoryKv;
 use ferry::store::{BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, Write};
-use ferry_proto::wire::UploadChange;
 use proptest::prelude::*;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -107,16 +106,7 @@ impl Net {
         if batch.entries.is_empty() {
             return;
         }
-        let changes: Vec<UploadChange> = batch
-            .entries
-            .iter()
-            .map(|e| UploadChange {
-                entry: e.id,
-                collection: e.model_name.clone(),
-                record: e.object_id.clone(),
-                change: e.data.clone(),
-            })
-            .collect();
+        let changes = common::uploads(&batch.entries);
         let results = self
             .relay
             .append(SPACE, store.device_id(), &changes)

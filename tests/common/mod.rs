@@ -967,6 +967,21 @@ impl Kv for FaultyKv {
 }
 
 /// A JSON object as record fields (tests write them as `json!({...})`).
+/// Queue entries as a device uploads them.
+pub fn uploads(
+    entries: &[ferry_proto::queue::SyncQueueEntry],
+) -> Vec<ferry_proto::wire::UploadChange> {
+    entries
+        .iter()
+        .map(|e| ferry_proto::wire::UploadChange {
+            entry: e.id,
+            collection: e.model_name.clone(),
+            record: e.object_id.clone(),
+            change: e.data.clone(),
+        })
+        .collect()
+}
+
 pub fn fields(v: serde_json::Value) -> ferry::record::Fields {
     match v {
         serde_json::Value::Object(m) => m,
