@@ -148,6 +148,71 @@ fn store_benches(c: &mut Criterion) {
     });
 }
 
+/// Records in the store the read benchmarks page through: 100 of them share each `i4` value.
+const READ_RECORDS: u64 = 50_000;
+
+/// Reads answered from the records' views: a `list` page, and a page of a query an index
+/// serves, unordered and ordered (what `get`, `list` and queries cost in the store, without the
+/// socket).
+fn read_benches(c: &mut Criterion) {
+    use ferry::query::{Condition, Direction, Op, Query};
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = StoreOptions::default();
+    options.indexes.insert(
+        "Customer".into(),
+        vec![vec!["i4".into()], vec!["i4".into(), "i3".into()]],
+    );
+    let store = Store::open(
+        Box::new(SledKv::open(dir.path(), 64 << 20).unwrap()),
+        DEVICE,
+        options,
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    for first in (0..READ_RECORDS).step_by(1000) {
+        let writes = (first..first + 1000)
+            .map(|n| Write::Put {
+                collection: "Customer".into(),
+                id: Some(workload::record_id(n)),
+                fields: fields(n),
+            })
+            .collect();
+        store.write_all(writes).unwrap();
+    }
+    store.flush().unwrap();
+    let middle = workload::record_id(READ_RECORDS / 2);
+    c.bench_function("store/sled/list_100", |b| {
+        b.iter(|| black_box(store.list("Customer", Some(&middle), 100).unwrap()))
+    });
+    // Each query asks for another value, so that its records are not the ones just read.
+    let queries = |order_by: Option<&str>| -> Vec<Query> {
+        (0..500)
+            .map(|n| {
+                let equal = Condition {
+                    field: "i4".into(),
+                    op: Op::Eq,
+                    value: Some(json!(-n)),
+                };
+                let order = order_by.map(|field| (field.to_owned(), Direction::Asc));
+                Query::new(vec![equal], order).unwrap()
+            })
+            .collect()
+    };
+    for (name, order_by) in [
+        ("store/sled/query_index_100", None),
+        ("store/sled/query_index_ordered_100", Some("i3")),
+    ] {
+        let queries = queries(order_by);
+        let mut next = queries.iter().cycle();
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let query = next.next().unwrap();
+                black_box(store.query("Customer", query, None, 100).unwrap())
+            })
+        });
+    }
+}
+
 fn token_benches(c: &mut Criterion) {
     use ferry::auth::token::{KeyRing, SigningKeyEntry, TokenPolicy, issue_access, verify_access};
     const NOW: u64 = 1_700_000_000;
@@ -171,6 +236,6 @@ fn token_benches(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(3));
-    targets = crypt_benches, record_benches, store_benches, token_benches
+    targets = crypt_benches, record_benches, store_benches, read_benches, token_benches
 }
 criterion_main!(benches);

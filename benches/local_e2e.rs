@@ -254,8 +254,8 @@ fn timed_workers<C: Send>(
             .map(|(c, client)| {
                 let (barrier, work) = (&barrier, &work);
                 s.spawn(move || {
-                    let from = first + c * per;
-                    let to = (from + per).min(first + count);
+                    let to = (first + (c + 1) * per).min(first + count);
+                    let from = (first + c * per).min(to);
                     barrier.wait();
                     work(client, from..to)
                 })

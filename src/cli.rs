@@ -17,7 +17,7 @@ use crate::ipc::{Client, ClientError, DaemonStatus, Notification};
 use crate::record::Fields;
 use crate::service::api::{self, Method};
 use crate::service::{ApiError, Service, code};
-use crate::store::{Applied, RecordView};
+use crate::store::{Applied, FieldsText, RecordView};
 use base64::Engine as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
@@ -1009,7 +1009,10 @@ fn run_data_command(ctx: &Context, mut backend: Backend, command: Command) -> Re
             if ctx.json {
                 print_json(&r);
             } else {
-                print_pretty(&r.fields);
+                match r.fields.parse() {
+                    Ok(fields) => print_pretty(&fields),
+                    Err(e) => return Err(Failure::failed(format!("the daemon's answer: {e}"))),
+                }
             }
         }
         Command::Ls {
@@ -1073,7 +1076,7 @@ fn run_data_command(ctx: &Context, mut backend: Backend, command: Command) -> Re
                 });
             } else {
                 for rec in &records {
-                    println!("{}\t{}", rec.id, Value::Object(rec.fields.clone()));
+                    println!("{}\t{}", rec.id, rec.fields);
                 }
                 if plan.as_deref() == Some("scan") {
                     eprintln!(
@@ -1341,8 +1344,20 @@ fn export(
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     let mut first = true;
+    /// One exported record, its fields written as the daemon sent them (keys in the order
+    /// `json!` gave them before: the lines stay the same).
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        collection: &'a str,
+        fields: &'a FieldsText,
+        id: &'a str,
+    }
     let mut emit = |rec: &RecordView, sink: &mut dyn std::io::Write| -> std::io::Result<()> {
-        let line = json!({ "collection": rec.collection, "id": rec.id, "fields": rec.fields });
+        let line = serde_json::to_string(&Line {
+            collection: &rec.collection,
+            fields: &rec.fields,
+            id: &rec.id,
+        })?;
         match format {
             ExportFormat::Jsonl => writeln!(sink, "{line}"),
             _ => {

@@ -177,7 +177,7 @@ pub fn run(dir: &DataDir, config: &Config, records: usize, as_json: bool) -> Res
     let sample = service
         .call(api::GetParams::new("Customer", "demo-1"))
         .map_err(|e| e.to_string())?;
-    if sample.fields.get("tier") != Some(&json!("gold")) {
+    if sample.fields.get("tier") != Some(json!("gold")) {
         return Err(format!(
             "demo-1 lost its patch after restart: {:?}",
             sample.fields
@@ -262,8 +262,8 @@ fn drive(socket: &std::path::Path, records: usize) -> Result<Local, String> {
     let started = Instant::now();
     let got = call(&mut app, api::GetParams::new("Customer", "demo-1"))?;
     let read_ms = started.elapsed().as_secs_f64() * 1000.0;
-    if got.fields.get("tier") != Some(&json!("gold"))
-        || got.fields.get("tags") != Some(&json!(["vip"]))
+    if got.fields.get("tier") != Some(json!("gold"))
+        || got.fields.get("tags") != Some(json!(["vip"]))
     {
         return Err(format!("read back something else: {:?}", got.fields));
     }
@@ -418,7 +418,7 @@ fn watch_sync(
         .map_err(|e| format!("get: {e}"))?;
     let remote =
         matches!(&seen, Notification::Change(c) if c.event.change.origin == Origin::Remote);
-    if got.fields.get("tier") != Some(&json!("platinum")) || !remote {
+    if got.fields.get("tier") != Some(json!("platinum")) || !remote {
         return Err(format!(
             "the second device saw {seen:?} and holds {:?}",
             got.fields

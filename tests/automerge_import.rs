@@ -114,7 +114,10 @@ fn an_imported_document_keeps_its_history_and_reaches_other_devices() {
     let expected = fields(json!({
         "name": "Ada", "age": 37, "address": {"city": "London"}, "tags": ["math"], "note": "engine"
     }));
-    assert_eq!(a.get("Person", "ada").unwrap().fields, expected);
+    assert_eq!(
+        a.get("Person", "ada").unwrap().fields.parse().unwrap(),
+        expected
+    );
     let writers: Vec<String> = a
         .history("Person", "ada")
         .unwrap()
@@ -134,7 +137,10 @@ fn an_imported_document_keeps_its_history_and_reaches_other_devices() {
     );
     let log = relay.read_since(SPACE, 0, 100, usize::MAX).unwrap();
     b.apply_remote(&log.entries, log.through).unwrap();
-    assert_eq!(b.get("Person", "ada").unwrap().fields, expected);
+    assert_eq!(
+        b.get("Person", "ada").unwrap().fields.parse().unwrap(),
+        expected
+    );
     assert_eq!(b.get("Person", "ada").unwrap().heads, applied.heads);
 
     // The record goes on like any other: B edits it, A meets the edit.
@@ -150,7 +156,10 @@ fn an_imported_document_keeps_its_history_and_reaches_other_devices() {
         .read_since(SPACE, log.through, 100, usize::MAX)
         .unwrap();
     a.apply_remote(&log.entries, log.through).unwrap();
-    assert_eq!(a.get("Person", "ada").unwrap().fields["age"], json!(38));
+    assert_eq!(
+        a.get("Person", "ada").unwrap().fields.parse().unwrap()["age"],
+        json!(38)
+    );
 
     // A device's changes passed off by another are still refused, imported or not.
     let forged = b.export_doc("Person", "ada").unwrap();

@@ -100,7 +100,7 @@ impl Net {
 
     fn get(&self, device: usize, id: &str) -> Option<Value> {
         match self.store(device).get("Customer", id) {
-            Ok(view) => Some(Value::Object(view.fields)),
+            Ok(view) => Some(Value::Object(view.fields.parse().unwrap())),
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => panic!("get: {e}"),
         }

@@ -1557,7 +1557,7 @@ fn note(id: &str, fields: Value) -> api::PutParams {
 
 fn fields_of(service: &Service, id: &str) -> Option<Value> {
     match service.call(api::GetParams::new("Note", id)) {
-        Ok(r) => Some(Value::Object(r.fields)),
+        Ok(r) => Some(Value::Object(r.fields.parse().unwrap())),
         Err(e) if e.code == code::NOT_FOUND => None,
         Err(e) => panic!("get Note/{id}: {e:?}"),
     }
@@ -1641,7 +1641,7 @@ fn a_full_disk_refuses_the_write_and_keeps_everything_acknowledged() {
             }],
         }));
         let now = service.call(api::GetParams::new("Note", &first)).unwrap();
-        assert_eq!(Value::Object(now.fields), first_fields);
+        assert_eq!(Value::Object(now.fields.parse().unwrap()), first_fields);
         assert_eq!(now.heads, heads);
         assert_eq!(fields_of(&service, "imp"), None);
         for (id, fields) in &acked {

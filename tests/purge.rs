@@ -170,7 +170,7 @@ fn conflicts(store: &Store) -> Vec<Conflict> {
 
 fn shown(store: &Store, collection: &str, id: &str) -> Option<ferry::record::Fields> {
     match store.get(collection, id) {
-        Ok(view) => Some(view.fields),
+        Ok(view) => Some(view.fields.parse().unwrap()),
         Err(StoreError::NotFound { .. }) => None,
         Err(e) => panic!("read {collection}/{id}: {e}"),
     }

@@ -1676,7 +1676,7 @@ fn pick_policies(rng: &mut StdRng) -> Policies {
 /// A record's fields as the store shows them, `None` when it is not live.
 fn shown(store: &Store, collection: &str, id: &str) -> Option<Fields> {
     match store.get(collection, id) {
-        Ok(view) => Some(view.fields),
+        Ok(view) => Some(view.fields.parse().unwrap()),
         Err(StoreError::NotFound { .. }) => None,
         Err(e) => panic!("get {collection}/{id}: {e}"),
     }

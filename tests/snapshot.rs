@@ -235,7 +235,7 @@ fn records(store: &Store) -> BTreeMap<(String, String), (Vec<String>, Option<ser
                 .collect();
             heads.sort();
             let fields = match store.get(collection, &id) {
-                Ok(view) => Some(serde_json::Value::Object(view.fields)),
+                Ok(view) => Some(serde_json::Value::Object(view.fields.parse().unwrap())),
                 Err(StoreError::NotFound { .. }) => None,
                 Err(e) => panic!("get: {e}"),
             };

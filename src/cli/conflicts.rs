@@ -185,7 +185,7 @@ fn show(ctx: &Context, backend: &mut Backend, id: String) -> Result<(), Failure>
     } else if !c.fields.is_empty() {
         // What the record shows now, to say which side each field holds.
         let now = match backend.call(api::GetParams::new(collection.clone(), record.clone())) {
-            Ok(r) => Some(Value::Object(r.fields)),
+            Ok(r) => r.fields.parse().ok().map(Value::Object),
             Err(f) if f.exit == super::EXIT_NOT_FOUND => None,
             Err(f) => return Err(f),
         };

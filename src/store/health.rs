@@ -1148,7 +1148,7 @@ mod tests {
         kv.flush().unwrap();
 
         let store = open(&kv);
-        let n = |id: &str| store.get("Note", id).map(|v| v.fields["n"].clone());
+        let n = |id: &str| store.get("Note", id).map(|v| v.fields.get("n").unwrap());
         assert_eq!(
             n("b").unwrap(),
             serde_json::json!(1),
@@ -1186,7 +1186,7 @@ mod tests {
         let (_, repaired) = store.repair().unwrap();
         assert!(!repaired.reads_relay_again);
         assert_eq!(
-            store.get("Note", "a").unwrap().fields["n"],
+            store.get("Note", "a").unwrap().fields.get("n").unwrap(),
             serde_json::json!(1)
         );
         assert_eq!(store.examine().unwrap().damage, None);

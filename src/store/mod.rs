@@ -19,6 +19,8 @@
 
 pub mod conflicts;
 pub mod feed;
+mod fields_text;
+pub use fields_text::{FieldsText, NotFields};
 
 use feed::{FeedChange, Origin};
 pub mod health;
@@ -264,7 +266,8 @@ pub struct Applied {
 pub struct RecordView {
     pub collection: String,
     pub id: String,
-    pub fields: Fields,
+    /// As the record's view keeps them: `parse` or `pick` for values.
+    pub fields: FieldsText,
     pub heads: Vec<String>,
     /// Open conflicts that flag the record (its fields are then a provisional value).
     pub conflicts: Vec<String>,

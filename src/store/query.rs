@@ -8,11 +8,36 @@
 //! queue, index entries (read only).
 
 use super::index::{self, Plan};
-use super::{RecordView, Store, StoreError, keys, views};
+use super::{NotFields, RecordView, Store, StoreError, keys, views};
 use crate::query::{Direction, Position, Query, QueryError};
+use crate::record::Fields;
 
 /// Records read from the views at a time while scanning.
 const SCAN_PAGE: usize = 1024;
+
+/// A record read for a query, with the values of the fields the query names (the others are
+/// not parsed: the answer passes the record's fields on as text).
+struct Candidate {
+    record: RecordView,
+    values: Fields,
+}
+
+impl Candidate {
+    fn of(query: &Query, record: RecordView) -> Result<Self, StoreError> {
+        let values = record
+            .fields
+            .pick(|name| query.fields().any(|f| f == name))
+            .map_err(|e: NotFields| StoreError::Decode {
+                what: "record view",
+                detail: e.to_string(),
+            })?;
+        Ok(Candidate { record, values })
+    }
+
+    fn id(&self) -> &str {
+        &self.record.id
+    }
+}
 
 /// A page of a query's answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,14 +73,19 @@ impl Store {
             return self.query_index(collection, query, after, limit, plan);
         }
         let wanted = limit.saturating_add(1);
-        let mut kept: Vec<RecordView> = Vec::new();
+        let mut kept: Vec<Candidate> = Vec::new();
         match query.order_by() {
             None => {
                 // Id order is the scan's: it stops once a page and one more are found.
                 let mut from = after.map(str::to_owned);
                 loop {
                     let (page, next) = self.list(collection, from.as_deref(), SCAN_PAGE)?;
-                    kept.extend(page.into_iter().filter(|r| query.matches(&r.fields)));
+                    for r in page {
+                        let candidate = Candidate::of(query, r)?;
+                        if query.matches(&candidate.values) {
+                            kept.push(candidate);
+                        }
+                    }
                     if kept.len() >= wanted || next.is_none() {
                         break;
                     }
@@ -70,12 +100,13 @@ impl Store {
                 loop {
                     let (page, next) = self.list(collection, from.as_deref(), SCAN_PAGE)?;
                     for r in page {
-                        if query.matches(&r.fields)
+                        let c = Candidate::of(query, r)?;
+                        if query.matches(&c.values)
                             && position
                                 .as_ref()
-                                .is_none_or(|p| query.is_after(p, &r.fields, &r.id))
+                                .is_none_or(|p| query.is_after(p, &c.values, c.id()))
                         {
-                            sorted.push(r);
+                            sorted.push(c);
                         }
                     }
                     if next.is_none() {
@@ -128,11 +159,11 @@ impl Store {
             }
         }
         let policy = views::fingerprint(self.policy(collection));
-        let keep = |r: &RecordView| {
-            query.matches(&r.fields)
+        let keep = |c: &Candidate| {
+            query.matches(&c.values)
                 && match (&position, after) {
-                    (Some(p), _) => query.is_after(p, &r.fields, &r.id),
-                    (None, Some(id)) => r.id.as_str() > id,
+                    (Some(p), _) => query.is_after(p, &c.values, c.id()),
+                    (None, Some(id)) => c.id() > id,
                     (None, None) => true,
                 }
         };
@@ -164,16 +195,17 @@ impl Store {
                 let Some(record) = self.listed(collection, id, &bytes, policy)? else {
                     continue;
                 };
-                if !keep(&record) {
+                let candidate = Candidate::of(query, record)?;
+                if !keep(&candidate) {
                     continue;
                 }
                 if plan.streams {
-                    kept.push(record);
+                    kept.push(candidate);
                     if kept.len() == wanted {
                         break;
                     }
                 } else {
-                    sorted.push(record);
+                    sorted.push(candidate);
                 }
             }
         }
@@ -189,7 +221,7 @@ impl Store {
 struct Sorted<'q> {
     query: &'q Query,
     wanted: usize,
-    kept: Vec<RecordView>,
+    kept: Vec<Candidate>,
 }
 
 impl<'q> Sorted<'q> {
@@ -201,8 +233,8 @@ impl<'q> Sorted<'q> {
         }
     }
 
-    fn push(&mut self, record: RecordView) {
-        self.kept.push(record);
+    fn push(&mut self, candidate: Candidate) {
+        self.kept.push(candidate);
         if self.kept.len() > self.wanted.saturating_mul(2).max(SCAN_PAGE) {
             self.sort();
         }
@@ -211,29 +243,29 @@ impl<'q> Sorted<'q> {
     fn sort(&mut self) {
         let query = self.query;
         self.kept
-            .sort_by(|a, b| query.compare((&a.fields, &a.id), (&b.fields, &b.id)));
+            .sort_by(|a, b| query.compare((&a.values, a.id()), (&b.values, b.id())));
         self.kept.truncate(self.wanted);
     }
 
-    fn finish(mut self) -> Vec<RecordView> {
+    fn finish(mut self) -> Vec<Candidate> {
         self.sort();
         self.kept
     }
 }
 
 /// The answer of a query whose first `limit` (and one more, when there are) records are `kept`.
-fn page_of(query: &Query, mut kept: Vec<RecordView>, limit: usize, plan: String) -> Found {
+fn page_of(query: &Query, mut kept: Vec<Candidate>, limit: usize, plan: String) -> Found {
     let next = if kept.len() > limit {
         kept.truncate(limit);
-        kept.last().map(|r| match query.order_by() {
-            None => r.id.clone(),
-            Some(_) => query.position(&r.fields, &r.id),
+        kept.last().map(|c| match query.order_by() {
+            None => c.record.id.clone(),
+            Some(_) => query.position(&c.values, c.id()),
         })
     } else {
         None
     };
     Found {
-        records: kept,
+        records: kept.into_iter().map(|c| c.record).collect(),
         next,
         plan,
     }

@@ -16,8 +16,8 @@
 //! the record they hold; anything else is computed here from the document's bytes).
 
 use super::kv::Batch;
-use super::{CacheKey, RecordView, Store, StoreError, keys};
-use crate::crypt::Keyring;
+use super::{CacheKey, FieldsText, NotFields, RecordView, Store, StoreError, keys};
+use crate::crypt::{Keyring, SEALED_KEY};
 use crate::record::{Fields, PlainFirst, Record};
 use crate::resolve::{self, Policies, Policy};
 use automerge::ChangeHash;
@@ -148,12 +148,23 @@ fn answer(
     if !stored.live {
         return Ok(None);
     }
-    let mut fields: Fields =
-        serde_json::from_str(stored.fields).map_err(|e| StoreError::Decode {
-            what: "record view",
+    let damaged = |e: NotFields| StoreError::Decode {
+        what: "record view",
+        detail: e.to_string(),
+    };
+    let fields = if stored.fields.contains(SEALED_KEY) {
+        // Sealed values are opened in the answer: the view keeps them as the document does.
+        let mut fields = FieldsText::from_text(stored.fields)
+            .and_then(|text| text.parse())
+            .map_err(damaged)?;
+        keyring.open_fields(collection, id, &mut fields, strict)?;
+        FieldsText::of(&fields).map_err(|e| StoreError::Encode {
+            what: "record fields",
             detail: e.to_string(),
-        })?;
-    keyring.open_fields(collection, id, &mut fields, strict)?;
+        })?
+    } else {
+        FieldsText::from_text(stored.fields).map_err(damaged)?
+    };
     Ok(Some(RecordView {
         collection: collection.to_owned(),
         id: id.to_owned(),
@@ -606,7 +617,7 @@ mod tests {
         batch.put(key, stale);
         store.kv.apply(batch).unwrap();
         assert_eq!(
-            store.get("Note", "a").unwrap().fields["n"],
+            store.get("Note", "a").unwrap().fields.get("n").unwrap(),
             serde_json::json!("a")
         );
         assert_eq!(store.list("Note", None, 10).unwrap().0.len(), 1);
@@ -629,7 +640,7 @@ mod tests {
         store.kv.apply(batch).unwrap();
         assert_eq!(kv.get(&keys::view("Note", "b")).unwrap(), None);
         assert_eq!(
-            store.get("Note", "c").unwrap().fields["n"],
+            store.get("Note", "c").unwrap().fields.get("n").unwrap(),
             serde_json::json!("a")
         );
         assert_eq!(store.examine().unwrap().damage, None);
