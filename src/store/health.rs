@@ -485,14 +485,28 @@ struct Scan {
     pending: Vec<Vec<u8>>,
     /// The view keys of the documents found: any other view is one with no document.
     views: HashSet<Vec<u8>>,
-    /// Index entries found, and those the views found give.
-    index_entries: BTreeSet<Vec<u8>>,
-    index_expected: BTreeSet<Vec<u8>>,
+    /// Index entries found, with a digest of the view each holds a copy of.
+    index_entries: BTreeMap<Vec<u8>, u64>,
+    /// The index entries the views found give, with the view's key and digest.
+    index_expected: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
+}
+
+/// What tells two copies of a view apart in a scan, without keeping them.
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Scan {
-    fn missing_index_entries(&self) -> impl Iterator<Item = &Vec<u8>> {
-        self.index_expected.difference(&self.index_entries)
+    /// The entries a view gives that are missing or hold another copy of it, with the key of
+    /// the view they should hold.
+    fn index_entries_to_write(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
+        self.index_expected
+            .iter()
+            .filter(|(key, (_, digest))| self.index_entries.get(*key) != Some(digest))
+            .map(|(key, (view, _))| (key, view))
     }
 
     /// Queue entries with a problem beyond their own value (their change missing), and
@@ -504,14 +518,18 @@ impl Scan {
                 found.push((keys::queue(*id), "its change is missing".into()));
             }
         }
-        for key in self.index_entries.difference(&self.index_expected) {
-            found.push((key.clone(), "an index entry no record's view gives".into()));
+        for key in self.index_entries.keys() {
+            if !self.index_expected.contains_key(key) {
+                found.push((key.clone(), "an index entry no record's view gives".into()));
+            }
         }
-        for key in self.missing_index_entries() {
-            found.push((
-                key.clone(),
-                "an index entry its record's view gives is missing".into(),
-            ));
+        for (key, _) in self.index_entries_to_write() {
+            let problem = if self.index_entries.contains_key(key) {
+                "an index entry holds another copy of its record's view"
+            } else {
+                "an index entry its record's view gives is missing"
+            };
+            found.push((key.clone(), problem.into()));
         }
         let indexed: BTreeSet<&Vec<u8>> = self.pending.iter().collect();
         for key in &self.pending {
@@ -665,9 +683,14 @@ impl Store {
                 scan.damaged
                     .push((key, "a record view with no document".into()));
             }
-            Some(b'v') => scan.index_expected.extend(self.index_entries(&key, &value)),
+            Some(b'v') => {
+                let view = digest(&value);
+                for entry in self.index_entries(&key, &value) {
+                    scan.index_expected.insert(entry, (key.clone(), view));
+                }
+            }
             Some(b'i') => {
-                scan.index_entries.insert(key);
+                scan.index_entries.insert(key, digest(&value));
             }
             Some(b'q') => match decode::<SyncQueueEntry>(&value, "queue entry") {
                 Ok(entry) if keys::queue(entry.id) == key => {
@@ -849,8 +872,10 @@ impl Store {
                 batch.put(keys::pending(entry.priority, id), Vec::new());
             }
         }
-        for key in scan.missing_index_entries() {
-            batch.put(key.clone(), Vec::new());
+        for (key, view) in scan.index_entries_to_write() {
+            if let Some(copy) = self.kv.get(view)? {
+                batch.put(key.clone(), copy);
+            }
         }
         batch.remove(keys::META_DAMAGE.to_vec());
         self.settle_views(&mut batch)?;

@@ -1,6 +1,6 @@
 //! Queries on the device's records (`query::Query`): how the store finds what a query asks for.
 //! From a secondary index when one serves it (`index::Plan`: the entries in its range, each
-//! record's view then checked against every condition), else by a scan of the collection's
+//! record's view, from the copy its entry holds, then checked against every condition), else by a scan of the collection's
 //! views in id order; either keeps no more than a page (and one more) when it must sort, and
 //! both give the same answer. The answer says which (`plan`: `index:<fields>` or `scan`).
 //!
@@ -171,26 +171,34 @@ impl Store {
         let mut sorted = Sorted::new(query, wanted);
         let backwards = plan.streams && direction == Direction::Desc;
         while lo < hi && kept.len() < wanted {
-            let entries = if backwards {
+            // Entries with the copy of the view they hold; reading backwards finds keys alone,
+            // and each record's view is then read at its own key.
+            let entries: Vec<(Vec<u8>, Option<Vec<u8>>)> = if backwards {
                 let Some(last) = self.kv.last_key(&lo, &hi)? else {
                     break;
                 };
                 hi = last.clone();
-                vec![last]
+                vec![(last, None)]
             } else {
                 let page = self.kv.range(&lo, &hi, SCAN_PAGE)?;
                 let Some((last, _)) = page.last() else {
                     break;
                 };
                 lo = keys::after(last);
-                page.into_iter().map(|(key, _)| key).collect()
+                page.into_iter()
+                    .map(|(key, copy)| (key, Some(copy)))
+                    .collect()
             };
-            for entry in entries {
+            for (entry, copy) in entries {
                 let Some(id) = index::id_of(&entry, &plan) else {
                     continue;
                 };
-                let Some(bytes) = self.kv.get(&keys::view(collection, id))? else {
-                    continue;
+                let bytes = match copy {
+                    Some(copy) => copy,
+                    None => match self.kv.get(&keys::view(collection, id))? {
+                        Some(view) => view,
+                        None => continue,
+                    },
                 };
                 let Some(record) = self.listed(collection, id, &bytes, policy)? else {
                     continue;
