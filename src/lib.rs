@@ -14,6 +14,7 @@ pub mod drive;
 pub mod engine;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod hex;
 pub mod ipc;
 pub mod metrics;
 pub mod query;

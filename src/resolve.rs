@@ -130,12 +130,8 @@ pub struct Stamp {
 
 impl Stamp {
     pub fn device(&self) -> String {
-        hex(&self.actor)
+        crate::hex::encode(&self.actor)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The conflict a change resolves and how, from its message (`record::resolved_conflict`).
@@ -675,7 +671,7 @@ pub fn conflict_id(parts: &[&[u8]]) -> String {
     }
     let digest: [u8; 32] = hasher.finalize().into();
     let (id, _) = digest.split_first_chunk::<8>().unwrap_or((&[0; 8], &[]));
-    hex(id)
+    crate::hex::encode(id)
 }
 
 /// What meeting the changes logged before it means for one change.

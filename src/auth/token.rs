@@ -265,7 +265,7 @@ pub fn issue_access(
         exp: now_s.saturating_add(policy.access_ttl_s),
         nbf: now_s,
         iat: now_s,
-        jti: hex(&jti),
+        jti: crate::hex::encode(&jti),
         fam: family.to_owned(),
     };
     // A token this relay would refuse must not be handed out.
@@ -446,11 +446,6 @@ fn check_shape(claims: &Claims) -> Result<(), TokenError> {
 
 fn is_lower_hex(text: &str, len: usize) -> bool {
     text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// Lowercase hex of `bytes` (token ids, family ids, key ids).
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// An opaque refresh token, `rt1.<family id: 32 lowercase hex>.<secret: 32 bytes base64url>`.

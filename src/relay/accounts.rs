@@ -23,7 +23,7 @@ use tokio::sync::broadcast;
 use super::storage::{AccountStorage, AccountWrite, EnrolmentRecord, StorageError, StoredKey};
 use crate::auth::token::{
     self, Claims, Family, KeyRing, RefreshError, RefreshToken, SigningKeyEntry, TokenError,
-    TokenPolicy, hex,
+    TokenPolicy,
 };
 
 pub use super::storage::{AccountRecord, ClientKind, DeviceRecord};
@@ -437,7 +437,7 @@ impl Accounts {
         let now_s = now_ms / 1000;
         let seed: [u8; 32] = self.random()?;
         let kid: [u8; 8] = self.random()?;
-        let entry = SigningKeyEntry::from_seed(hex(&kid), seed, now_s);
+        let entry = SigningKeyEntry::from_seed(crate::hex::encode(&kid), seed, now_s);
         let kid = entry.kid.clone();
         let mut state = self.lock();
         let mut ring = state.ring.clone();
@@ -639,7 +639,7 @@ impl Accounts {
         if !verified {
             return Err(Denied::Login);
         }
-        let device = hex(&self.random::<16>()?);
+        let device = crate::hex::encode(&self.random::<16>()?);
         let record = DeviceRecord {
             device: device.clone(),
             account: account.to_string(),
@@ -803,7 +803,7 @@ impl Accounts {
         now_ms: u64,
     ) -> Result<(String, Tokens, Family), AccountError> {
         let now_s = now_ms / 1000;
-        let family = hex(&self.random::<16>()?);
+        let family = crate::hex::encode(&self.random::<16>()?);
         let refresh = RefreshToken::new(family.clone(), self.random()?)?;
         let record = Family::start(
             family.clone(),

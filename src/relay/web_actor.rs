@@ -37,7 +37,7 @@ use crate::resolve::{self, Conflict, Take};
 use crate::service::api::{ConflictPage, ConflictsParams};
 use crate::service::{ApiError, code, page_limit};
 use crate::store::conflicts::{check_resolution, resolution_targets, write_resolution};
-use crate::store::{StoreError, StoreOptions, Write, build_change, hex_decode};
+use crate::store::{StoreError, StoreOptions, Write, build_change};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebActorError {
@@ -222,7 +222,7 @@ impl WebActors {
             .shared
             .store
             .web_actor(space, &new_actor_id(self.shared.clock.now_ms()))?;
-        let actor = ActorId::from(hex_decode(&id).ok_or_else(|| {
+        let actor = ActorId::from(crate::hex::decode(&id).ok_or_else(|| {
             ApiError::new(
                 code::INTERNAL,
                 format!("the space's web actor {id:?} is not hex: the relay's store is damaged"),

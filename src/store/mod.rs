@@ -397,7 +397,7 @@ impl Store {
         options: StoreOptions,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
-        let actor = ActorId::from(hex_decode(device_id).unwrap_or_default().as_slice());
+        let actor = ActorId::from(crate::hex::decode(device_id).unwrap_or_default().as_slice());
         match kv.get(keys::META_DEVICE)? {
             Some(stored) if stored != device_id.as_bytes() => {
                 return Err(StoreError::WrongDevice {
@@ -1834,17 +1834,6 @@ fn decode_log_entry(bytes: &[u8]) -> Result<SyncLogEntry, StoreError> {
         padded.push(0);
         postcard::from_bytes(&padded).map_err(|_| e)
     })
-}
-
-/// Bytes from hex text; `None` if it is not hex.
-pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

@@ -169,11 +169,7 @@ fn answer(
         collection: collection.to_owned(),
         id: id.to_owned(),
         fields,
-        heads: stored
-            .heads
-            .iter()
-            .map(|h| ChangeHash(*h).to_string())
-            .collect(),
+        heads: stored.heads.iter().map(|h| crate::hex::encode(h)).collect(),
         conflicts: Vec::new(),
     }))
 }
@@ -362,7 +358,8 @@ impl Store {
         let policy = fingerprint(self.policy(collection));
         let mut out = Vec::new();
         while out.len() < wanted {
-            let page = self.kv.range(&start, &end, 256)?;
+            // No more than the page still needs: reading past it costs as much as reading it.
+            let page = self.kv.range(&start, &end, (wanted - out.len()).min(256))?;
             let Some((last, _)) = page.last() else { break };
             start = keys::after(last);
             for (key, bytes) in page {
