@@ -2475,6 +2475,9 @@ pub struct RecordsBatch {
     /// from the records' documents, and rows of records no longer held are dropped.
     pub whole: bool,
     pub records: Vec<StoredRecord>,
+    /// Records whose rows the caller said it has (`records_batch`'s `known`), not read: each
+    /// with the seq of the entry that created it, the last of the step's entries for it.
+    pub known: Vec<(RecordKey, u64)>,
 }
 
 /// A record as storage keeps it: its base, tail and the seqs of its changes.
@@ -2541,6 +2544,9 @@ async fn read_records(
     keys: Vec<RecordKey>,
     logged: &HashMap<RecordKey, u64>,
 ) -> Result<Vec<StoredRecord>, StorageError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
     let (collections, ids) = record_arrays(keys.iter());
     let mut records: HashMap<RecordKey, StoredRecord> = keys
         .into_iter()
@@ -2705,11 +2711,15 @@ impl PgStorage {
 
     /// The next materializer step after `after`: up to `max_entries` log entries and what the
     /// records they touch keep, all read in one snapshot; `None` when `after` is the head.
+    /// A record whose last entry of the step is at a seq `known` says the caller has its row
+    /// for (`CreatedRows`: the entry created it) is not read but listed in `known`; a whole
+    /// step reads every record.
     pub fn records_batch(
         &self,
         space: &str,
         after: u64,
         max_entries: usize,
+        known: impl Fn(u64, &RecordKey) -> bool + Send + 'static,
     ) -> Result<Option<RecordsBatch>, StorageError> {
         let space = space.to_owned();
         self.run(move |pool| async move {
@@ -2748,6 +2758,7 @@ impl PgStorage {
                     whole: true,
                     records: read_records(&tx, &space, named_records(&names)?, &HashMap::new())
                         .await?,
+                    known: Vec::new(),
                 }
             } else {
                 let entries = rows(
@@ -2770,10 +2781,18 @@ impl PgStorage {
                     let seq = uint(col::<i64>(row, 2)?, "log entry")?;
                     logged.insert((col(row, 0)?, col(row, 1)?), seq);
                 }
+                let (known, read): (Vec<RecordKey>, Vec<RecordKey>) = named_records(&entries)?
+                    .into_iter()
+                    .partition(|key| logged.get(key).is_some_and(|&seq| known(seq, key)));
+                let known = known
+                    .into_iter()
+                    .filter_map(|key| logged.get(&key).map(|&seq| (key, seq)))
+                    .collect();
                 RecordsBatch {
                     through,
                     whole: false,
-                    records: read_records(&tx, &space, named_records(&entries)?, &logged).await?,
+                    records: read_records(&tx, &space, read, &logged).await?,
+                    known,
                 }
             };
             tx.commit().await.map_err(sql_error)?;
