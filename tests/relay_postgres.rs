@@ -407,7 +407,8 @@ fn ferry_relay_migrate_checks_and_applies_and_a_relay_refuses_a_newer_schema() {
         json!([
             "0001_relay_storage",
             "0002_relay_certificate",
-            "0003_records"
+            "0003_records",
+            "0004_base_in_log"
         ]),
         "{answer}"
     );
@@ -418,7 +419,8 @@ fn ferry_relay_migrate_checks_and_applies_and_a_relay_refuses_a_newer_schema() {
     assert!(
         stdout(&migrate).contains("0001_relay_storage")
             && stdout(&migrate).contains("0002_relay_certificate")
-            && stdout(&migrate).contains("0003_records"),
+            && stdout(&migrate).contains("0003_records")
+            && stdout(&migrate).contains("0004_base_in_log"),
         "{migrate:?}"
     );
     let check = operator.ferry(&["relay", "migrate", "--check"]);
@@ -1400,4 +1402,65 @@ fn rows_of_records_a_relay_created_are_handed_to_its_materializer_as_storage_wou
         Some(head)
     );
     assert_eq!(fixture_rows(&db), handed);
+}
+
+#[test]
+fn a_new_records_base_names_its_log_entry_until_compaction_copies_the_change() {
+    use relay_fixtures::Writer;
+
+    let db = Database::new();
+    let relay = relay_store(&db);
+    let mut writers: Vec<Writer> = (0..3).map(|_| Writer::new(1)).collect();
+    let firsts: Vec<Vec<u8>> = writers
+        .iter_mut()
+        .enumerate()
+        .map(|(i, w)| w.put(json!({ "v": i })))
+        .collect();
+    let uploads: Vec<UploadChange> = firsts
+        .iter()
+        .enumerate()
+        .map(|(i, change)| upload(0, &format!("r{i}"), change))
+        .collect();
+    relay.append(SPACE, &dev(1), &uploads).unwrap();
+    let named = |db: &Database| {
+        db.sql(&format!(
+            "SELECT count(*) FROM bases WHERE space = '{SPACE}' AND logged_seq IS NOT NULL \
+             AND octet_length(base) = 8"
+        ))
+    };
+    assert_eq!(named(&db), "3", "each base names its entry");
+    let storage = db.open();
+    for (i, change) in firsts.iter().enumerate() {
+        assert_eq!(
+            storage
+                .base(SPACE, "Doc", &format!("r{i}"))
+                .unwrap()
+                .as_ref(),
+            Some(change)
+        );
+    }
+
+    // Compacted through every entry: the bases hold the changes themselves.
+    let head = relay.head(SPACE).unwrap();
+    storage
+        .compact_log(
+            SPACE,
+            ferry::relay::storage::LogCompaction {
+                after: head,
+                horizon: head,
+                ..ferry::relay::storage::LogCompaction::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(storage.read_log(SPACE, 0, 10, usize::MAX).unwrap(), []);
+    assert_eq!(named(&db), "0");
+    for (i, change) in firsts.iter().enumerate() {
+        assert_eq!(
+            storage
+                .base(SPACE, "Doc", &format!("r{i}"))
+                .unwrap()
+                .as_ref(),
+            Some(change)
+        );
+    }
 }
