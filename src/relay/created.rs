@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::storage::RecordKey;
 
@@ -19,6 +20,10 @@ use super::storage::RecordKey;
 const BUDGET_BYTES: usize = 16 << 20;
 /// What one kept row costs beyond its text (map entry, key and field headers), roughly.
 const ROW_OVERHEAD: usize = 128;
+/// Spaces whose last append here is remembered at once; past that, those not appended to for
+/// `FORGET_APPENDS_AFTER` are forgotten.
+const APPENDED_SPACES: usize = 1024;
+const FORGET_APPENDS_AFTER: Duration = Duration::from_secs(60);
 
 /// A created record's row, as the materializer writes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +46,8 @@ impl CreatedRow {
 struct Kept {
     spaces: HashMap<String, BTreeMap<u64, CreatedRow>>,
     bytes: usize,
+    /// When this relay last committed an append to each space.
+    appended: HashMap<String, Instant>,
 }
 
 pub struct CreatedRows {
@@ -74,12 +81,24 @@ impl CreatedRows {
     /// that created each. Rows past the budget are not kept (the materializer reads those
     /// records from storage): the rows kept are the ones it needs next, so none is evicted
     /// before it is taken or its entries are materialized.
+    /// Every committed append is told, with no rows too: `appended_here` says so.
     pub fn committed(&self, space: &str, rows: Vec<(u64, CreatedRow)>) {
+        let mut kept = self.lock();
+        let Kept {
+            spaces,
+            bytes,
+            appended,
+        } = &mut *kept;
+        let now = Instant::now();
+        if appended.len() >= APPENDED_SPACES && !appended.contains_key(space) {
+            appended.retain(|_, at| now.duration_since(*at) < FORGET_APPENDS_AFTER);
+        }
+        if appended.len() < APPENDED_SPACES || appended.contains_key(space) {
+            appended.insert(space.to_owned(), now);
+        }
         if rows.is_empty() {
             return;
         }
-        let mut kept = self.lock();
-        let Kept { spaces, bytes } = &mut *kept;
         let of_space = spaces.entry(space.to_owned()).or_default();
         for (seq, row) in rows {
             let size = row.bytes();
@@ -102,15 +121,21 @@ impl CreatedRows {
             .is_some_and(|row| row.key == *key)
     }
 
-    /// Whether rows of `space` are kept.
-    pub fn holds_any(&self, space: &str) -> bool {
-        self.lock().spaces.contains_key(space)
+    /// Whether this relay appended to `space` within `within`, or holds rows of it: then its
+    /// materializer is the one to write them.
+    pub fn appended_here(&self, space: &str, within: Duration) -> bool {
+        let kept = self.lock();
+        kept.spaces.contains_key(space)
+            || kept
+                .appended
+                .get(space)
+                .is_some_and(|at| at.elapsed() < within)
     }
 
     /// The row of `key`, created by the entry at `seq` of `space`, handed over (no longer kept).
     pub fn take(&self, space: &str, seq: u64, key: &RecordKey) -> Option<CreatedRow> {
         let mut kept = self.lock();
-        let Kept { spaces, bytes } = &mut *kept;
+        let Kept { spaces, bytes, .. } = &mut *kept;
         let rows = spaces.get_mut(space)?;
         if rows.get(&seq).is_none_or(|row| row.key != *key) {
             return None;
@@ -127,7 +152,7 @@ impl CreatedRows {
     /// here or by another relay), or the rows were made from storage.
     pub fn forget_through(&self, space: &str, seq: u64) {
         let mut kept = self.lock();
-        let Kept { spaces, bytes } = &mut *kept;
+        let Kept { spaces, bytes, .. } = &mut *kept;
         let Some(rows) = spaces.get_mut(space) else {
             return;
         };
@@ -193,5 +218,17 @@ mod tests {
         assert!(rows.holds("s", 5, &key));
         rows.forget_through("s", 9);
         assert_eq!(rows.bytes(), 0);
+    }
+
+    #[test]
+    fn a_space_appended_to_here_is_known_with_or_without_rows() {
+        let rows = CreatedRows::default();
+        let recently = Duration::from_secs(5);
+        assert!(!rows.appended_here("s", recently));
+        rows.committed("s", Vec::new());
+        assert!(rows.appended_here("s", recently));
+        assert!(!rows.appended_here("s", Duration::ZERO));
+        rows.committed("t", vec![(1, row("r"))]);
+        assert!(rows.appended_here("t", Duration::ZERO), "it holds rows");
     }
 }

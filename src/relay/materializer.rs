@@ -29,6 +29,9 @@ use super::store::assemble;
 use crate::record::{Fields, PlainFirst, Record, RecordError, decode_change};
 use crate::resolve::{self, Policies};
 
+/// How recently a relay must have appended to a space to materialize it without deferring.
+const APPENDED_LATELY: Duration = Duration::from_secs(10);
+
 /// The materializer's listening connection's `application_name`.
 pub const LISTENER_NAME: &str = "ferry records materializer";
 
@@ -62,9 +65,9 @@ pub struct MaterializerOptions {
     /// How often every space's lag is read even when no commit was heard: leases other relays
     /// let run out, and commits missed while not hearing.
     pub poll: Duration,
-    /// How far behind (in time) a space may fall before a relay holding none of its created
-    /// records' rows (`CreatedRows`) materializes it: until then the relay that appended them
-    /// does, cheaper.
+    /// How far behind (in time) a space may fall before a relay that has not appended to it
+    /// lately materializes it (`CreatedRows::appended_here`): until then the relay that
+    /// appended, holding the created records' rows, does it, cheaper.
     pub defer: Duration,
 }
 
@@ -146,11 +149,12 @@ impl Materializer {
             if *stopped.borrow() {
                 break;
             }
-            // A space this relay's appends are not creating records in is left, while it is
-            // not much behind, to the relay that holds their rows: that one writes them without
-            // reading anything back. Past `defer`, whichever relay is free takes it.
+            // A space this relay does not append to is left, while it is not much behind, to
+            // the relay that does and holds its created records' rows: that one writes them
+            // without reading anything back. Past `defer`, whichever relay is free takes it; a
+            // relay appending to the space never waits.
             if behind.seconds_behind < self.options.defer.as_secs_f64()
-                && !self.created.holds_any(&behind.space)
+                && !self.created.appended_here(&behind.space, APPENDED_LATELY)
             {
                 continue;
             }
