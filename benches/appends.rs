@@ -47,9 +47,8 @@ use ferry::relay::storage::PgStorage;
 use ferry::relay::storage::StorageError;
 use ferry::relay::store::{RelayStore, RelayStoreError, RelayStoreOptions};
 use ferry_proto::wire::{ChangeOutcome, UploadChange};
-use harness::{latency, per_second, proc_stat, secs};
+use harness::{latency, per_second, postgres_cpu, proc_stat, secs};
 use serde_json::{Value, json};
-use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -222,46 +221,6 @@ fn own_cpu() -> u64 {
     proc_stat(std::process::id()).expect("/proc/self/stat").0
 }
 
-/// CPU ticks of the PostgreSQL server: the postmaster (with its children that ended) and every
-/// process whose parent chain leads to it.
-fn server_cpu(data: &Path) -> u64 {
-    let pidfile = std::fs::read_to_string(data.join("postmaster.pid")).expect("postmaster.pid");
-    let postmaster: u32 = pidfile
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .expect("the postmaster's pid on postmaster.pid's first line");
-    let mut parents = std::collections::HashMap::new();
-    let mut ticks = std::collections::HashMap::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc") {
-        let Some(pid) = entry
-            .ok()
-            .and_then(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        else {
-            continue;
-        };
-        if let Some((own, children, parent)) = proc_stat(pid) {
-            parents.insert(pid, parent);
-            let ended = if pid == postmaster { children } else { 0 };
-            ticks.insert(pid, own + ended);
-        }
-    }
-    let under_postmaster = |mut pid: u32| loop {
-        if pid == postmaster {
-            return true;
-        }
-        match parents.get(&pid) {
-            Some(&parent) if parent != 0 && parent != pid => pid = parent,
-            _ => return false,
-        }
-    };
-    ticks
-        .iter()
-        .filter(|(pid, _)| under_postmaster(**pid))
-        .map(|(_, t)| t)
-        .sum()
-}
-
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -386,12 +345,12 @@ fn run(server: &PgServer, o: &Options, relays: usize, spaces: usize, work: &[Dev
                 })
             })
             .collect();
-        let (cpu_before, server_before) = (own_cpu(), server_cpu(&server.dir().join("data")));
+        let (cpu_before, server_before) = (own_cpu(), postgres_cpu(&server.dir().join("data")));
         let began = Instant::now();
         start.wait();
         let runs: Vec<DeviceRun> = threads.into_iter().map(|t| t.join().unwrap()).collect();
         let ended = runs.iter().map(|r| r.finished).max().unwrap();
-        let (cpu_after, server_after) = (own_cpu(), server_cpu(&server.dir().join("data")));
+        let (cpu_after, server_after) = (own_cpu(), postgres_cpu(&server.dir().join("data")));
         (
             runs,
             ended - began,

@@ -51,7 +51,7 @@ use ferry::ipc::{Client, Notification};
 use ferry::service::{ChangeEvent, Origin};
 use harness::{
     Guarded, Running, call, check_interrupted, cpu_us, disk_usage, install_signal_handlers,
-    latency, memory_kib, per_second, poll_until, secs,
+    latency, memory_kib, per_second, poll_until, postgres_cpu, secs,
 };
 use serde_json::{Value, json};
 use std::io::BufRead as _;
@@ -443,6 +443,8 @@ impl Relay {
 struct Storage {
     url: Option<String>,
     database: Option<String>,
+    /// The server's CPU time when the database was made (`database_cpu_us`).
+    database_cpu_at_start: Option<u64>,
 }
 
 impl Storage {
@@ -451,14 +453,25 @@ impl Storage {
             return Storage {
                 url: None,
                 database: None,
+                database_cpu_at_start: None,
             };
         }
         let server = PgServer::durable();
         let database = server.create_database();
-        Storage {
+        let mut storage = Storage {
             url: Some(server.url(&database)),
             database: Some(database),
-        }
+            database_cpu_at_start: None,
+        };
+        storage.database_cpu_at_start = storage.database_cpu_us();
+        storage
+    }
+
+    /// The PostgreSQL server's CPU time so far (every database's, its background processes'
+    /// too), in microseconds, when the relays keep their data in it.
+    fn database_cpu_us(&self) -> Option<u64> {
+        self.database.as_ref()?;
+        Some(postgres_cpu(&PgServer::durable().dir().join("data")) * 10_000)
     }
 
     /// Bytes of the database, when the relays keep their data in one.
@@ -785,12 +798,15 @@ fn peak_kib(pid: u32) -> u64 {
 // W1: initial sync.
 
 /// CPU microseconds per record of the relay, A and B, and of the three together.
-fn per_record(cpu: [u64; 3], n: u64) -> Value {
+/// CPU per record of the relays, A and B (and their total), and of the PostgreSQL server
+/// when there is one (apart from the total, which stays comparable with sled's).
+fn per_record(cpu: [u64; 3], database: Option<u64>, n: u64) -> Value {
     json!({
         "relay": cpu[0] / n,
         "a": cpu[1] / n,
         "b": cpu[2] / n,
         "total": cpu.iter().sum::<u64>() / n,
+        "database": database.map(|us| us / n),
     })
 }
 
@@ -825,6 +841,8 @@ fn initial_sync(n: u64, o: &Options) -> Value {
     let a_pid = Arc::new(std::sync::OnceLock::new());
     let (relay_pids, b_pid) = (relays.pids(), b_daemon.pid());
     let cpu_before = [cpu_us_of(&relay_pids), cpu_us(b_pid)];
+    let database_before = relays.storage.database_cpu_us();
+    let database_dir = database_before.map(|_| PgServer::durable().dir().join("data"));
     let counter = std::thread::spawn({
         let a_pid = a_pid.clone();
         move || {
@@ -842,7 +860,10 @@ fn initial_sync(n: u64, o: &Options) -> Value {
                 a_cpu,
                 cpu_us(b_pid).saturating_sub(cpu_before[1]),
             ];
-            (landed_at, changes, lagged, cpu)
+            let database = database_before
+                .zip(database_dir)
+                .map(|(before, dir)| (postgres_cpu(&dir) * 10_000).saturating_sub(before));
+            (landed_at, changes, lagged, cpu, database)
         }
     });
 
@@ -861,7 +882,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
             break at;
         }
     };
-    let (landed_at, changes, lagged, window_cpu) = counter
+    let (landed_at, changes, lagged, window_cpu, window_database) = counter
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p));
     let end_to_end = landed_at - t0;
@@ -879,6 +900,11 @@ fn initial_sync(n: u64, o: &Options) -> Value {
         cpu_us(a_daemon.pid()),
         cpu_us(b_daemon.pid()),
     ];
+    let database_cpu = relays
+        .storage
+        .database_cpu_us()
+        .zip(relays.storage.database_cpu_at_start)
+        .map(|(now, start)| now.saturating_sub(start));
 
     // C joins once the relay holds everything: its initial sync is downloads alone.
     eprintln!("  C joins and downloads the {n} records ...");
@@ -964,12 +990,12 @@ fn initial_sync(n: u64, o: &Options) -> Value {
             "b": mib(peaks.2),
         },
         // Over the timed window: from A's start until B holds every record (the relays' CPU
-        // summed; the PostgreSQL server's is not counted).
-        "cpu_us_per_record": per_record(window_cpu, n),
+        // summed; the PostgreSQL server's apart, as `database`).
+        "cpu_us_per_record": per_record(window_cpu, window_database, n),
         // From each process's start until A and B settled (the relay's and B's include their
         // idle wait before A starts, a few milliseconds; A's its store's compaction once its
         // upload is done).
-        "cpu_us_per_record_until_settled": per_record(cpu, n),
+        "cpu_us_per_record_until_settled": per_record(cpu, database_cpu, n),
         "disk_bytes_after_clean_stop": {
             "a_store": a_disk,
             "b_store": b_disk,
@@ -1364,7 +1390,7 @@ fn summarize(r: &Value) {
                  A's upload done after: {} s ({} records/s)\n\
                  on the wire: A sent {} B/record, B received {} B/record\n\
                  peak RSS MiB: relay {}, A {}, B {}\n\
-                 CPU per record, us: relay {}, A {}, B {} (total {})\n\
+                 CPU per record, us: relay {}, A {}, B {} (total {}){}\n\
                  on disk after a clean stop, bytes/record: A {}, B {}, relay {}",
                 r["build"].as_str().unwrap_or("?"),
                 on_link(r),
@@ -1380,6 +1406,10 @@ fn summarize(r: &Value) {
                 r["cpu_us_per_record"]["a"],
                 r["cpu_us_per_record"]["b"],
                 r["cpu_us_per_record"]["total"],
+                match &r["cpu_us_per_record"]["database"] {
+                    Value::Null => String::new(),
+                    database => format!(", PostgreSQL server {database}"),
+                },
                 r["disk_bytes_after_clean_stop"]["a_per_record"],
                 r["disk_bytes_after_clean_stop"]["b_per_record"],
                 r["disk_bytes_after_clean_stop"]["relay_per_record"],

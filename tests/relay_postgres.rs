@@ -407,7 +407,8 @@ fn ferry_relay_migrate_checks_and_applies_and_a_relay_refuses_a_newer_schema() {
         json!([
             "0001_relay_storage",
             "0002_relay_certificate",
-            "0003_records"
+            "0003_records",
+            "0004_base_in_log"
         ]),
         "{answer}"
     );
@@ -418,7 +419,8 @@ fn ferry_relay_migrate_checks_and_applies_and_a_relay_refuses_a_newer_schema() {
     assert!(
         stdout(&migrate).contains("0001_relay_storage")
             && stdout(&migrate).contains("0002_relay_certificate")
-            && stdout(&migrate).contains("0003_records"),
+            && stdout(&migrate).contains("0003_records")
+            && stdout(&migrate).contains("0004_base_in_log"),
         "{migrate:?}"
     );
     let check = operator.ferry(&["relay", "migrate", "--check"]);
@@ -1323,4 +1325,142 @@ fn the_materializer_shares_spaces_by_lease_drops_purged_records_and_rebuilds_pas
     assert_eq!((lag[0].head, lag[0].materialized), (head, head));
     let text = metrics.render(&relay);
     assert!(text.contains("ferry_relay_records_lag_entries 0"), "{text}");
+}
+
+#[test]
+fn rows_of_records_a_relay_created_are_handed_to_its_materializer_as_storage_would_make_them() {
+    use ferry::relay::created::CreatedRows;
+    use ferry::relay::materializer::{Materializer, MaterializerOptions};
+    use relay_fixtures::Writer;
+
+    let db = Database::new();
+    let created = Arc::new(CreatedRows::default());
+    let relay = relay_store(&db).hand_created_to(created.clone());
+    let storage = Arc::new(db.open());
+    let metrics = Arc::new(ferry::relay::metrics::RelayMetrics::default());
+    let materializer = |handed: bool| {
+        let materializer = Materializer::new(
+            storage.clone(),
+            ferry::resolve::Policies::default(),
+            metrics.clone(),
+            // Three entries a step: a record created in one step and changed in the next, and
+            // one created and changed within a step.
+            MaterializerOptions {
+                batch_entries: 3,
+                ..MaterializerOptions::default()
+            },
+        );
+        if handed {
+            materializer.taking_created_from(created.clone())
+        } else {
+            materializer
+        }
+    };
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+
+    let mut writers: Vec<Writer> = (0..6).map(|_| Writer::new(1)).collect();
+    let mut uploads: Vec<UploadChange> = writers
+        .iter_mut()
+        .enumerate()
+        .map(|(i, w)| upload(0, &format!("r{i}"), &w.put(json!({ "v": i, "name": "n" }))))
+        .collect();
+    uploads.insert(
+        2,
+        upload(0, "r0", &writers[0].patch(json!({ "v": "zero" }))),
+    );
+    uploads.push(upload(0, "r2", &writers[2].patch(json!({ "w": 2 }))));
+    let deletion = writers[4].record.delete(3).unwrap().unwrap();
+    uploads.push(upload(0, "r4", deletion.change.raw_bytes()));
+    relay.append(SPACE, &dev(1), &uploads).unwrap();
+    let head = relay.head(SPACE).unwrap();
+    assert_eq!(head, 9);
+    assert!(created.bytes() > 0, "the created records' rows are kept");
+
+    assert_eq!(
+        materializer(true).catch_up(SPACE, &stopped).unwrap(),
+        Some(head)
+    );
+    assert_eq!(
+        created.bytes(),
+        0,
+        "each row kept was handed over or let go"
+    );
+    let handed = fixture_rows(&db);
+    assert_eq!(handed.len(), 6);
+    for (id, (fields, deleted, _)) in &handed {
+        assert_eq!(relay_view(&relay, id), (fields.clone(), *deleted), "{id}");
+    }
+    assert!(handed["r4"].1, "r4 is deleted");
+
+    // The same rows, made from storage alone.
+    db.sql(&format!(
+        "DELETE FROM records WHERE space = '{SPACE}';
+         UPDATE records_progress SET position = 0 WHERE space = '{SPACE}'"
+    ));
+    assert_eq!(
+        materializer(false).catch_up(SPACE, &stopped).unwrap(),
+        Some(head)
+    );
+    assert_eq!(fixture_rows(&db), handed);
+}
+
+#[test]
+fn a_new_records_base_names_its_log_entry_until_compaction_copies_the_change() {
+    use relay_fixtures::Writer;
+
+    let db = Database::new();
+    let relay = relay_store(&db);
+    let mut writers: Vec<Writer> = (0..3).map(|_| Writer::new(1)).collect();
+    let firsts: Vec<Vec<u8>> = writers
+        .iter_mut()
+        .enumerate()
+        .map(|(i, w)| w.put(json!({ "v": i })))
+        .collect();
+    let uploads: Vec<UploadChange> = firsts
+        .iter()
+        .enumerate()
+        .map(|(i, change)| upload(0, &format!("r{i}"), change))
+        .collect();
+    relay.append(SPACE, &dev(1), &uploads).unwrap();
+    let named = |db: &Database| {
+        db.sql(&format!(
+            "SELECT count(*) FROM bases WHERE space = '{SPACE}' AND logged_seq IS NOT NULL \
+             AND octet_length(base) = 8"
+        ))
+    };
+    assert_eq!(named(&db), "3", "each base names its entry");
+    let storage = db.open();
+    for (i, change) in firsts.iter().enumerate() {
+        assert_eq!(
+            storage
+                .base(SPACE, "Doc", &format!("r{i}"))
+                .unwrap()
+                .as_ref(),
+            Some(change)
+        );
+    }
+
+    // Compacted through every entry: the bases hold the changes themselves.
+    let head = relay.head(SPACE).unwrap();
+    storage
+        .compact_log(
+            SPACE,
+            ferry::relay::storage::LogCompaction {
+                after: head,
+                horizon: head,
+                ..ferry::relay::storage::LogCompaction::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(storage.read_log(SPACE, 0, 10, usize::MAX).unwrap(), []);
+    assert_eq!(named(&db), "0");
+    for (i, change) in firsts.iter().enumerate() {
+        assert_eq!(
+            storage
+                .base(SPACE, "Doc", &format!("r{i}"))
+                .unwrap()
+                .as_ref(),
+            Some(change)
+        );
+    }
 }

@@ -256,6 +256,46 @@ pub fn proc_stat(pid: u32) -> Option<(u64, u64, u32)> {
     ))
 }
 
+/// CPU ticks of the PostgreSQL server whose data directory is `data`: the postmaster (with its children that ended) and every
+/// process whose parent chain leads to it.
+pub fn postgres_cpu(data: &Path) -> u64 {
+    let pidfile = std::fs::read_to_string(data.join("postmaster.pid")).expect("postmaster.pid");
+    let postmaster: u32 = pidfile
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("the postmaster's pid on postmaster.pid's first line");
+    let mut parents = std::collections::HashMap::new();
+    let mut ticks = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let Some(pid) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        if let Some((own, children, parent)) = proc_stat(pid) {
+            parents.insert(pid, parent);
+            let ended = if pid == postmaster { children } else { 0 };
+            ticks.insert(pid, own + ended);
+        }
+    }
+    let under_postmaster = |mut pid: u32| loop {
+        if pid == postmaster {
+            return true;
+        }
+        match parents.get(&pid) {
+            Some(&parent) if parent != 0 && parent != pid => pid = parent,
+            _ => return false,
+        }
+    };
+    ticks
+        .iter()
+        .filter(|(pid, _)| under_postmaster(**pid))
+        .map(|(_, t)| t)
+        .sum()
+}
+
 /// (bytes allocated on disk, as `du` counts them; apparent bytes) of a directory tree.
 pub fn disk_usage(path: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt as _;

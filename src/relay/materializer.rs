@@ -21,12 +21,16 @@ use automerge::ActorId;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 
+use super::created::CreatedRows;
 use super::metrics::RelayMetrics;
 use super::storage::pg::{RecordRow, RecordsBatch, RecordsCommit, RecordsLag, StoredRecord};
 use super::storage::{LogStorage, PgStorage, RecordKey, StorageError, StorageNews};
 use super::store::assemble;
 use crate::record::{Fields, PlainFirst, Record, RecordError, decode_change};
 use crate::resolve::{self, Policies};
+
+/// How recently a relay must have appended to a space to materialize it without deferring.
+const APPENDED_LATELY: Duration = Duration::from_secs(10);
 
 /// The materializer's listening connection's `application_name`.
 pub const LISTENER_NAME: &str = "ferry records materializer";
@@ -61,6 +65,10 @@ pub struct MaterializerOptions {
     /// How often every space's lag is read even when no commit was heard: leases other relays
     /// let run out, and commits missed while not hearing.
     pub poll: Duration,
+    /// How far behind (in time) a space may fall before a relay that has not appended to it
+    /// lately materializes it (`CreatedRows::appended_here`): until then the relay that
+    /// appended, holding the created records' rows, does it, cheaper.
+    pub defer: Duration,
 }
 
 impl Default for MaterializerOptions {
@@ -69,6 +77,7 @@ impl Default for MaterializerOptions {
             batch_entries: 1000,
             lease: Duration::from_secs(10),
             poll: Duration::from_secs(1),
+            defer: Duration::from_secs(1),
         }
     }
 }
@@ -82,6 +91,8 @@ pub struct Materializer {
     options: MaterializerOptions,
     /// Documents are only read here; changes are never made under it.
     actor: ActorId,
+    /// Rows of records this relay's appends created, handed over instead of read back.
+    created: Arc<CreatedRows>,
 }
 
 impl Materializer {
@@ -107,7 +118,15 @@ impl Materializer {
             metrics,
             options,
             actor: ActorId::from(&[0u8; 16][..]),
+            created: Arc::new(CreatedRows::with_budget(0)),
         }
+    }
+
+    /// Takes the rows of records this relay's appends created from `created` (see
+    /// `CreatedRows`) rather than reading and decoding their bases.
+    pub fn taking_created_from(mut self, created: Arc<CreatedRows>) -> Self {
+        self.created = created;
+        self
     }
 
     /// One pass: reads every space's lag (published in the metrics) and catches up each space
@@ -121,9 +140,23 @@ impl Materializer {
                 .unwrap_or(0),
             lag.iter().map(|l| l.seconds_behind).fold(0.0, f64::max),
         );
+        // Rows of entries `records` holds (another relay's steps included) are not needed.
+        for space in &lag {
+            self.created
+                .forget_through(&space.space, space.materialized);
+        }
         for behind in lag.iter().filter(|l| l.entries_behind() > 0) {
             if *stopped.borrow() {
                 break;
+            }
+            // A space this relay does not append to is left, while it is not much behind, to
+            // the relay that does and holds its created records' rows: that one writes them
+            // without reading anything back. Past `defer`, whichever relay is free takes it; a
+            // relay appending to the space never waits.
+            if behind.seconds_behind < self.options.defer.as_secs_f64()
+                && !self.created.appended_here(&behind.space, APPENDED_LATELY)
+            {
+                continue;
             }
             if let Err(e) = self.catch_up(&behind.space, stopped) {
                 tracing::warn!(space = behind.space, error = %e,
@@ -146,19 +179,28 @@ impl Materializer {
             return Ok(None);
         };
         while !*stopped.borrow() {
-            let Some(batch) =
-                self.storage
-                    .records_batch(space, position, self.options.batch_entries)?
+            let created = self.created.clone();
+            let owned = space.to_owned();
+            let Some(batch) = self.storage.records_batch(
+                space,
+                position,
+                self.options.batch_entries,
+                move |seq, key| created.holds(&owned, seq, key),
+            )?
             else {
                 self.storage.release_records(space, &self.name)?;
                 break;
             };
-            let step = self.step(space, position, batch);
+            let Some(step) = self.step(space, position, batch) else {
+                // A row said to be kept was not: the step is read again, from storage.
+                return Ok(Some(position));
+            };
             let through = step.through;
-            if !self
+            let committed = self
                 .storage
-                .commit_records(space, &self.name, lease, step)?
-            {
+                .commit_records(space, &self.name, lease, step)?;
+            self.created.forget_through(space, through);
+            if !committed {
                 return Ok(None);
             }
             position = through;
@@ -169,14 +211,26 @@ impl Materializer {
     /// The rows a batch brings: each record it touches as it stood at the batch's last entry.
     /// A record whose document cannot be read keeps the row it had: one damaged record must not
     /// hold the rest of the space back (`ferry relay rebuild-record` repairs it, and its next
-    /// change writes its row).
-    fn step(&self, space: &str, after: u64, batch: RecordsBatch) -> RecordsCommit {
+    /// change writes its row). `None` when a row `CreatedRows` held for the step is gone.
+    fn step(&self, space: &str, after: u64, batch: RecordsBatch) -> Option<RecordsCommit> {
         let mut step = RecordsCommit {
             after,
             through: batch.through,
             whole: batch.whole,
             ..RecordsCommit::default()
         };
+        for (key, seq) in batch.known {
+            // The entry at `seq` created the record and is its last of the step: the record,
+            // as of the step's last entry, is that one change, which the row kept shows.
+            let created = self.created.take(space, seq, &key)?;
+            step.rows.push(RecordRow {
+                key: created.key,
+                fields: created.fields,
+                deleted: created.deleted,
+                updated_ms: created.updated_ms,
+                log_position: seq,
+            });
+        }
         for record in batch.records {
             let key = record.key.clone();
             match self.row(space, record, batch.through) {
@@ -186,7 +240,7 @@ impl Materializer {
                     "a record's row in the records table is left as it was"),
             }
         }
-        step
+        Some(step)
     }
 
     /// The record's row as of `at`; `None` when the space held no such record then, or holds it

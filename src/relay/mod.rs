@@ -11,6 +11,7 @@ pub mod accounts;
 pub mod activity;
 pub mod admin;
 pub mod alerts;
+pub mod created;
 pub mod http;
 pub mod materializer;
 pub mod metrics;
@@ -86,10 +87,12 @@ pub struct Listening {
 
 /// Starts the `records` table's materializer on a storage of its own (two connections, its own
 /// listener), so that it never takes a connection an upload waits for.
+/// It takes the rows of records this relay's appends created from `created`.
 fn start_materializer(
     relay: &crate::config::RelayConfig,
     policies: crate::resolve::Policies,
     metrics: Arc<RelayMetrics>,
+    created: Arc<created::CreatedRows>,
     stopped: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, RelayError> {
     let options = storage::pg::PgOptions {
@@ -105,7 +108,8 @@ fn start_materializer(
         policies,
         metrics,
         materializer::MaterializerOptions::default(),
-    );
+    )
+    .taking_created_from(created);
     Ok(tokio::spawn(materializer::run(
         Arc::new(materializer),
         heard,
@@ -221,7 +225,7 @@ pub async fn run(
     )?);
     let (news, heard) = tokio::sync::mpsc::unbounded_channel();
     let follows = storage.follow(news);
-    let store = Arc::new(RelayStore::open(
+    let store = RelayStore::open(
         storage,
         RelayStoreOptions {
             doc_cache_docs: relay.cache_docs,
@@ -230,7 +234,14 @@ pub async fn run(
             clock: clock.clone(),
             ..RelayStoreOptions::default()
         },
-    ));
+    );
+    // Only the `records` materializer takes created records' rows (PostgreSQL storage).
+    let created = (relay.storage == RelayStorageKind::Postgres)
+        .then(|| Arc::new(created::CreatedRows::default()));
+    let store = Arc::new(match &created {
+        Some(created) => store.hand_created_to(created.clone()),
+        None => store,
+    });
     let transport_options = TransportOptions {
         max_concurrent_connections: relay.max_connections,
         idle_timeout: Duration::from_millis(relay.idle_timeout_ms),
@@ -379,14 +390,15 @@ pub async fn run(
             stopped.clone(),
         ))
     });
-    let materializer = match relay.storage {
-        RelayStorageKind::Postgres => Some(start_materializer(
+    let materializer = match created {
+        Some(created) => Some(start_materializer(
             relay,
             config.policies(),
             shared.metrics.clone(),
+            created,
             stopped.clone(),
         )?),
-        RelayStorageKind::Sled => None,
+        None => None,
     };
     let server = tokio::spawn(server::serve(endpoint, shared, options, stopped));
     tracing::info!(listen = %listening.listen, fingerprint = %listening.fingerprint, "relay ready");

@@ -44,6 +44,7 @@
 
 use crate::clock::{Clock, SystemClock};
 use crate::record::{Fields, PlainFirst, Record, RecordError, chunk_hash, decode_change};
+use crate::relay::created::{CreatedRow, CreatedRows};
 use crate::relay::recent::RecentLogs;
 use crate::relay::storage::{
     Append, ChangeKey, Compaction, LogCompaction, LogStorage, LoggedChange, RecordKey,
@@ -232,6 +233,9 @@ struct Staging {
     docs: HashMap<RecordKey, Record>,
     /// Conflict entries, the unique index and the counts, as this call's changes move them.
     ledger: Ledger,
+    /// Records this call creates with a plain first change, by the seq of that change's entry,
+    /// with the change's time (for `CreatedRows`, when the relay keeps them).
+    created_plain: Vec<(u64, RecordKey, PlainFirst, i64)>,
 }
 
 impl Staging {
@@ -245,6 +249,7 @@ impl Staging {
             tails: HashMap::new(),
             docs: HashMap::new(),
             ledger: Ledger::default(),
+            created_plain: Vec::new(),
         }
     }
 }
@@ -332,6 +337,9 @@ pub struct RelayStore {
     recent: RecentLogs,
     /// Documents read from storage (base and tail) since the store was opened.
     docs_loaded: AtomicU64,
+    /// Where the rows of records created with a plain first change go, for the `records`
+    /// materializer (PostgreSQL storage only).
+    created: Option<Arc<CreatedRows>>,
     /// Conflicts found in appended changes since the store was opened, in `ConflictKind::ALL`
     /// order (the per-space counters in storage are the durable record).
     conflicts_found: [AtomicU64; ConflictKind::ALL.len()],
@@ -350,7 +358,15 @@ impl RelayStore {
             recent: RecentLogs::default(),
             docs_loaded: AtomicU64::new(0),
             conflicts_found: Default::default(),
+            created: None,
         }
+    }
+
+    /// Hands the rows of the records this store's appends create with a plain first change to
+    /// `rows`, once committed (see `CreatedRows`).
+    pub fn hand_created_to(mut self, rows: Arc<CreatedRows>) -> Self {
+        self.created = Some(rows);
+        self
     }
 
     /// The space's lock.
@@ -597,6 +613,9 @@ impl RelayStore {
         let new_head = head.saturating_add(committed.len() as u64);
         self.storage.append(space, staging.append)?;
         self.recent.committed(space, committed);
+        if let Some(created) = &self.created {
+            created.committed(space, created_rows(staging.created_plain));
+        }
         if self.shared {
             state.cached_at = Some(new_head);
         }
@@ -742,9 +761,14 @@ impl RelayStore {
                 let reason = sequence_refusal(collection, record, change.seq(), 0);
                 return refuse(staging, reason);
             }
-            let deleted = PlainFirst::of(&change).is_some_and(|first| first.deleted);
+            // A plain first change applies as it is (`Record::check_first` checks it by this
+            // same shape): its fields are decoded once, here.
+            let plain = PlainFirst::of(&change);
+            let deleted = plain.as_ref().is_some_and(|first| first.deleted);
             let restored = resolve::is_restoration(change.message()).then(|| change.clone());
-            if let Err(e) = Record::check_first(change) {
+            if plain.is_none()
+                && let Err(e) = Record::check_first(change)
+            {
                 return refuse(staging, refused_for(e));
             }
             // A purged record written again: its first change brings the conflict every device
@@ -768,6 +792,11 @@ impl RelayStore {
                 .append
                 .created
                 .insert(record_key.clone(), upload.change.clone());
+            if let Some(plain) = plain.filter(|_| self.created.is_some()) {
+                staging
+                    .created_plain
+                    .push((seq, record_key.clone(), plain, stamp.1));
+            }
             staging.tails.insert(record_key.clone(), Vec::new());
             if let Some(detection) = detection {
                 let state = SpaceConflicts {
@@ -2464,6 +2493,25 @@ impl ConflictState for NoConflicts {
 }
 
 /// Stages a stored change's log entry (and with it its place in the dedup index).
+/// The `records` rows of the records an append created with a plain first change: their fields
+/// as the materializer shows such a record (`relay::materializer`). One whose fields cannot be
+/// written as JSON is left to the materializer, which says why.
+fn created_rows(created: Vec<(u64, RecordKey, PlainFirst, i64)>) -> Vec<(u64, CreatedRow)> {
+    created
+        .into_iter()
+        .filter_map(|(seq, key, plain, updated_ms)| {
+            let fields = serde_json::to_string(&plain.fields).ok()?;
+            let row = CreatedRow {
+                key,
+                fields,
+                deleted: plain.deleted,
+                updated_ms,
+            };
+            Some((seq, row))
+        })
+        .collect()
+}
+
 fn log(origin: &str, upload: &UploadChange, seq: u64, hash: [u8; 32], staging: &mut Staging) {
     staging.append.entries.push(LoggedChange {
         collection: upload.collection.clone(),

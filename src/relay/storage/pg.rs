@@ -22,9 +22,10 @@
 //! Counters (head, quota bytes, horizon, conflict counts) are sums the database keeps; a damaged
 //! page under them is the database's own to find (`initdb --data-checksums`).
 //!
-//! Unlike the embedded engine, a new record's base repeats its first change rather than naming
-//! its log entry: compaction then drops entries without looking at bases. `reclaim_space` frees
-//! nothing itself: PostgreSQL's autovacuum reuses the space rows leave.
+//! As in the embedded engine, a new record's base names the log entry of its first change
+//! (`bases.logged_seq`) rather than repeat the change; compaction copies the change into the
+//! base before it drops the entry. `reclaim_space` frees nothing itself: PostgreSQL's
+//! autovacuum reuses the space rows leave.
 //!
 //! Beside the trait, the `records` table backends read with SQL: its progress rows and leases,
 //! the snapshot a materializer step reads and the transaction that writes its rows with the
@@ -102,6 +103,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "records",
         sql: include_str!("pg/migrations/0003_records.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "base_in_log",
+        sql: include_str!("pg/migrations/0004_base_in_log.sql"),
     },
 ];
 
@@ -805,7 +811,9 @@ fn checked_change_seq(
     Ok(seq)
 }
 
-/// A base row's bytes (at column `at`, its crc next), checked.
+/// A base row's bytes (from column `at`: `b.base, b.crc, b.logged_seq` of `bases b`, then
+/// `e.origin, e.hash, e.change, e.crc` of the log entry `logged_seq` names, joined), checked:
+/// the change of the entry it names, or the bytes it holds.
 fn checked_base(
     space: &str,
     (collection, record): (&str, &str),
@@ -823,7 +831,32 @@ fn checked_base(
         ],
         || record_damaged("document", space, collection, record),
     )?;
-    Ok(base)
+    let Some(seq) = col::<Option<i64>>(row, at + 2)? else {
+        return Ok(base);
+    };
+    let seq = uint(seq, "base's log entry")?;
+    if base != seq.to_be_bytes() {
+        return Err(record_damaged("document", space, collection, record));
+    }
+    let (Some(origin), Some(hash), Some(change), Some(crc)) = (
+        col::<Option<String>>(row, at + 3)?,
+        col::<Option<Vec<u8>>>(row, at + 4)?,
+        col::<Option<Vec<u8>>>(row, at + 5)?,
+        col::<Option<i32>>(row, at + 6)?,
+    ) else {
+        return Err(corrupt(
+            "document",
+            format!(
+                "{collection}/{record}'s document is its first change, log entry {seq}, \
+                 which the log no longer holds"
+            ),
+        ));
+    };
+    // The entry must be this record's: its crc is checked with the record's name.
+    if crc != log_crc(space, seq, (collection, record, &origin, &hash, &change)) {
+        return Err(seq_damaged("log entry", space, seq));
+    }
+    Ok(change)
 }
 
 /// A tail row's seq, checked against its crc.
@@ -1027,7 +1060,8 @@ fn put_base(pipeline: &mut Pipeline, space: &str, record: &RecordKey, base: &[u8
     let (collection, id) = record;
     pipeline.push(
         "INSERT INTO bases (space, collection, record, base, crc) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (space, collection, record) DO UPDATE SET base = $4, crc = $5",
+         ON CONFLICT (space, collection, record)
+         DO UPDATE SET base = $4, crc = $5, logged_seq = NULL",
         vec![
             p(space.to_owned()),
             p(collection.clone()),
@@ -1162,19 +1196,44 @@ async fn write_append(
     let mut pipeline = Pipeline::default();
     let owned_space = || p(space.to_owned());
     if !append.created.is_empty() {
+        // A new record's base is its first change, which its log entry in this append holds
+        // too: the base names that entry (its seq's bytes, and `logged_seq`) instead.
+        let mut creating: HashMap<(&str, &str), (u64, &[u8])> = HashMap::new();
+        for (seq, entry) in (append.after.saturating_add(1)..).zip(&append.entries) {
+            creating
+                .entry((entry.collection.as_str(), entry.record.as_str()))
+                .or_insert((seq, entry.change.as_slice()));
+        }
+        let mut logged: Vec<Option<i64>> = Vec::with_capacity(append.created.len());
+        let mut values = Vec::with_capacity(append.created.len());
         // Each record once: `created` is keyed by record.
-        let rows = Columns::of_records(space, append.created.iter().map(|(k, b)| (k, b.clone())));
+        for (key, base) in &append.created {
+            match creating.get(&(key.0.as_str(), key.1.as_str())) {
+                Some(&(seq, change)) if change == base.as_slice() => {
+                    logged.push(Some(int(seq)?));
+                    values.push((key, seq.to_be_bytes().to_vec()));
+                }
+                _ => {
+                    logged.push(None);
+                    values.push((key, base.clone()));
+                }
+            }
+        }
+        let rows = Columns::of_records(space, values.into_iter());
         pipeline.push(
-            "INSERT INTO bases (space, collection, record, base, crc)
-             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::integer[])
+            "INSERT INTO bases (space, collection, record, base, crc, logged_seq)
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::integer[],
+             $6::bigint[])
              ON CONFLICT (space, collection, record)
-             DO UPDATE SET base = EXCLUDED.base, crc = EXCLUDED.crc",
+             DO UPDATE SET base = EXCLUDED.base, crc = EXCLUDED.crc,
+             logged_seq = EXCLUDED.logged_seq",
             vec![
                 owned_space(),
                 p(rows.collections),
                 p(rows.records),
                 p(rows.values),
                 p(rows.crcs),
+                p(logged),
             ],
         );
     }
@@ -1504,6 +1563,49 @@ fn change_crc(space: &str, collection: &str, record: &str, hash: &[u8], seq: u64
     ])
 }
 
+/// Copies into each base that names a log entry up to `horizon` that entry's change, before
+/// compaction drops the entries.
+async fn keep_logged_bases(
+    tx: &deadpool_postgres::Transaction<'_>,
+    space: &str,
+    horizon: u64,
+) -> Result<(), StorageError> {
+    let named = rows(
+        tx,
+        "SELECT b.collection, b.record, b.base, b.crc, b.logged_seq,
+         e.origin, e.hash, e.change, e.crc FROM bases b
+         LEFT JOIN log_entries e ON e.space = b.space AND e.seq = b.logged_seq
+         WHERE b.space = $1 AND b.logged_seq <= $2",
+        &[p(space.to_owned()), p(int(horizon)?)],
+    )
+    .await?;
+    if named.is_empty() {
+        return Ok(());
+    }
+    let mut bases = Vec::with_capacity(named.len());
+    for row in &named {
+        let (collection, record): (String, String) = (col(row, 0)?, col(row, 1)?);
+        let change = checked_base(space, (&collection, &record), row, 2)?;
+        bases.push(((collection, record), change));
+    }
+    let rows = Columns::of_records(space, bases.iter().map(|(k, b)| (k, b.clone())));
+    execute(
+        tx,
+        "UPDATE bases b SET base = u.v, crc = u.k, logged_seq = NULL
+         FROM unnest($2::text[], $3::text[], $4::bytea[], $5::integer[]) AS u(c, r, v, k)
+         WHERE b.space = $1 AND b.collection = u.c AND b.record = u.r",
+        &[
+            &space,
+            &rows.collections,
+            &rows.records,
+            &rows.values,
+            &rows.crcs,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 async fn write_compaction(
     tx: &deadpool_postgres::Transaction<'_>,
     space: &str,
@@ -1542,6 +1644,7 @@ async fn write_compaction(
                 seq: uint(col::<i64>(row, 2)?, "tail seq")?,
             });
         }
+        keep_logged_bases(tx, space, horizon).await?;
         let dropped: i64 = one(
             tx,
             "WITH dropped AS (DELETE FROM log_entries WHERE space = $1 AND seq <= $2
@@ -1907,7 +2010,9 @@ impl LogStorage for PgStorage {
         record: &str,
     ) -> Result<Option<Vec<u8>>, StorageError> {
         let row = self.query_opt(
-            "SELECT base, crc FROM bases WHERE space = $1 AND collection = $2 AND record = $3",
+            "SELECT b.base, b.crc, b.logged_seq, e.origin, e.hash, e.change, e.crc FROM bases b
+             LEFT JOIN log_entries e ON e.space = b.space AND e.seq = b.logged_seq
+             WHERE b.space = $1 AND b.collection = $2 AND b.record = $3",
             record_params(space, collection, record),
         )?;
         let Some(row) = row else { return Ok(None) };
@@ -1924,9 +2029,12 @@ impl LogStorage for PgStorage {
         }
         let (collections, ids) = record_arrays(records.iter());
         self.query_planned_each_call(
-            "SELECT u.c, u.r, b.base, b.crc FROM unnest($2::text[], $3::text[]) AS u(c, r)
-             CROSS JOIN LATERAL (SELECT base, crc FROM bases b
-               WHERE b.space = $1 AND b.collection = u.c AND b.record = u.r OFFSET 0) b",
+            "SELECT u.c, u.r, b.base, b.crc, b.logged_seq, e.origin, e.hash, e.change, e.crc
+             FROM unnest($2::text[], $3::text[]) AS u(c, r)
+             CROSS JOIN LATERAL (SELECT base, crc, logged_seq FROM bases b
+               WHERE b.space = $1 AND b.collection = u.c AND b.record = u.r OFFSET 0) b
+             LEFT JOIN LATERAL (SELECT origin, hash, change, crc FROM log_entries e
+               WHERE e.space = $1 AND e.seq = b.logged_seq OFFSET 0) e ON true",
             vec![p(space.to_owned()), p(collections), p(ids)],
         )?
         .iter()
@@ -2475,6 +2583,9 @@ pub struct RecordsBatch {
     /// from the records' documents, and rows of records no longer held are dropped.
     pub whole: bool,
     pub records: Vec<StoredRecord>,
+    /// Records whose rows the caller said it has (`records_batch`'s `known`), not read: each
+    /// with the seq of the entry that created it, the last of the step's entries for it.
+    pub known: Vec<(RecordKey, u64)>,
 }
 
 /// A record as storage keeps it: its base, tail and the seqs of its changes.
@@ -2541,6 +2652,9 @@ async fn read_records(
     keys: Vec<RecordKey>,
     logged: &HashMap<RecordKey, u64>,
 ) -> Result<Vec<StoredRecord>, StorageError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
     let (collections, ids) = record_arrays(keys.iter());
     let mut records: HashMap<RecordKey, StoredRecord> = keys
         .into_iter()
@@ -2555,9 +2669,12 @@ async fn read_records(
     let by_key = [p(space.to_owned()), p(collections), p(ids)];
     for row in rows_planned(
         tx,
-        "SELECT u.c, u.r, b.base, b.crc FROM unnest($2::text[], $3::text[]) AS u(c, r)
-         CROSS JOIN LATERAL (SELECT base, crc FROM bases b
-           WHERE b.space = $1 AND b.collection = u.c AND b.record = u.r OFFSET 0) b",
+        "SELECT u.c, u.r, b.base, b.crc, b.logged_seq, e.origin, e.hash, e.change, e.crc
+         FROM unnest($2::text[], $3::text[]) AS u(c, r)
+         CROSS JOIN LATERAL (SELECT base, crc, logged_seq FROM bases b
+           WHERE b.space = $1 AND b.collection = u.c AND b.record = u.r OFFSET 0) b
+         LEFT JOIN LATERAL (SELECT origin, hash, change, crc FROM log_entries e
+           WHERE e.space = $1 AND e.seq = b.logged_seq OFFSET 0) e ON true",
         &by_key,
         Planning::EachCall,
     )
@@ -2705,11 +2822,15 @@ impl PgStorage {
 
     /// The next materializer step after `after`: up to `max_entries` log entries and what the
     /// records they touch keep, all read in one snapshot; `None` when `after` is the head.
+    /// A record whose last entry of the step is at a seq `known` says the caller has its row
+    /// for (`CreatedRows`: the entry created it) is not read but listed in `known`; a whole
+    /// step reads every record.
     pub fn records_batch(
         &self,
         space: &str,
         after: u64,
         max_entries: usize,
+        known: impl Fn(u64, &RecordKey) -> bool + Send + 'static,
     ) -> Result<Option<RecordsBatch>, StorageError> {
         let space = space.to_owned();
         self.run(move |pool| async move {
@@ -2748,6 +2869,7 @@ impl PgStorage {
                     whole: true,
                     records: read_records(&tx, &space, named_records(&names)?, &HashMap::new())
                         .await?,
+                    known: Vec::new(),
                 }
             } else {
                 let entries = rows(
@@ -2770,10 +2892,18 @@ impl PgStorage {
                     let seq = uint(col::<i64>(row, 2)?, "log entry")?;
                     logged.insert((col(row, 0)?, col(row, 1)?), seq);
                 }
+                let (known, read): (Vec<RecordKey>, Vec<RecordKey>) = named_records(&entries)?
+                    .into_iter()
+                    .partition(|key| logged.get(key).is_some_and(|&seq| known(seq, key)));
+                let known = known
+                    .into_iter()
+                    .filter_map(|key| logged.get(&key).map(|&seq| (key, seq)))
+                    .collect();
                 RecordsBatch {
                     through,
                     whole: false,
-                    records: read_records(&tx, &space, named_records(&entries)?, &logged).await?,
+                    records: read_records(&tx, &space, read, &logged).await?,
+                    known,
                 }
             };
             tx.commit().await.map_err(sql_error)?;
