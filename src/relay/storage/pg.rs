@@ -111,6 +111,17 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// The bases of the records named by `$2` (collections) and `$3` (ids) in space `$1`, each with
+/// the log entry it names when its change is kept there (`logged_seq`): one index probe per
+/// record (`LATERAL ... OFFSET 0`, planned per call).
+const BASES_OF_RECORDS: &str =
+    "SELECT u.c, u.r, b.base, b.crc, b.logged_seq, e.origin, e.hash, e.change, e.crc
+     FROM unnest($2::text[], $3::text[]) AS u(c, r)
+     CROSS JOIN LATERAL (SELECT base, crc, logged_seq FROM bases b
+       WHERE b.space = $1 AND b.collection = u.c AND b.record = u.r OFFSET 0) b
+     LEFT JOIN LATERAL (SELECT origin, hash, change, crc FROM log_entries e
+       WHERE e.space = $1 AND e.seq = b.logged_seq OFFSET 0) e ON true";
+
 /// The advisory lock migrations take (any fixed number the database's other users do not use).
 const MIGRATION_LOCK: i64 = 0x6665_7272_795f_6462;
 
@@ -2029,12 +2040,7 @@ impl LogStorage for PgStorage {
         }
         let (collections, ids) = record_arrays(records.iter());
         self.query_planned_each_call(
-            "SELECT u.c, u.r, b.base, b.crc, b.logged_seq, e.origin, e.hash, e.change, e.crc
-             FROM unnest($2::text[], $3::text[]) AS u(c, r)
-             CROSS JOIN LATERAL (SELECT base, crc, logged_seq FROM bases b
-               WHERE b.space = $1 AND b.collection = u.c AND b.record = u.r OFFSET 0) b
-             LEFT JOIN LATERAL (SELECT origin, hash, change, crc FROM log_entries e
-               WHERE e.space = $1 AND e.seq = b.logged_seq OFFSET 0) e ON true",
+            BASES_OF_RECORDS,
             vec![p(space.to_owned()), p(collections), p(ids)],
         )?
         .iter()
@@ -2667,19 +2673,7 @@ async fn read_records(
         })
         .collect();
     let by_key = [p(space.to_owned()), p(collections), p(ids)];
-    for row in rows_planned(
-        tx,
-        "SELECT u.c, u.r, b.base, b.crc, b.logged_seq, e.origin, e.hash, e.change, e.crc
-         FROM unnest($2::text[], $3::text[]) AS u(c, r)
-         CROSS JOIN LATERAL (SELECT base, crc, logged_seq FROM bases b
-           WHERE b.space = $1 AND b.collection = u.c AND b.record = u.r OFFSET 0) b
-         LEFT JOIN LATERAL (SELECT origin, hash, change, crc FROM log_entries e
-           WHERE e.space = $1 AND e.seq = b.logged_seq OFFSET 0) e ON true",
-        &by_key,
-        Planning::EachCall,
-    )
-    .await?
-    {
+    for row in rows_planned(tx, BASES_OF_RECORDS, &by_key, Planning::EachCall).await? {
         let (collection, id): (String, String) = (col(&row, 0)?, col(&row, 1)?);
         let base = checked_base(space, (&collection, &id), &row, 2)?;
         if let Some(record) = records.get_mut(&(collection, id)) {
