@@ -1221,27 +1221,35 @@ fn relay_view(relay: &RelayStore, id: &str) -> (serde_json::Value, bool) {
     (serde_json::Value::Object(view.fields), view.deleted)
 }
 
+/// A materializer on `storage` with the default policies, covering `batch_entries` log entries
+/// a step.
+fn stepping_materializer(
+    storage: &Arc<ferry::relay::storage::PgStorage>,
+    metrics: &Arc<ferry::relay::metrics::RelayMetrics>,
+    batch_entries: usize,
+) -> ferry::relay::materializer::Materializer {
+    use ferry::relay::materializer::{Materializer, MaterializerOptions};
+    Materializer::new(
+        storage.clone(),
+        ferry::resolve::Policies::default(),
+        metrics.clone(),
+        MaterializerOptions {
+            batch_entries,
+            ..MaterializerOptions::default()
+        },
+    )
+}
+
 #[test]
 fn the_materializer_shares_spaces_by_lease_drops_purged_records_and_rebuilds_past_compaction() {
-    use ferry::relay::materializer::{Materializer, MaterializerOptions};
     use relay_fixtures::Writer;
 
     let db = Database::new();
     let relay = relay_store(&db);
     let storage = Arc::new(db.open());
     let metrics = Arc::new(ferry::relay::metrics::RelayMetrics::default());
-    let materializer = || {
-        Materializer::new(
-            storage.clone(),
-            ferry::resolve::Policies::default(),
-            metrics.clone(),
-            // Two entries a step: every catch-up below takes several transactions.
-            MaterializerOptions {
-                batch_entries: 2,
-                ..MaterializerOptions::default()
-            },
-        )
-    };
+    // Two entries a step: every catch-up below takes several transactions.
+    let materializer = || stepping_materializer(&storage, &metrics, 2);
     let (one, two) = (materializer(), materializer());
     let (_stop, stopped) = tokio::sync::watch::channel(false);
 
@@ -1330,7 +1338,6 @@ fn the_materializer_shares_spaces_by_lease_drops_purged_records_and_rebuilds_pas
 #[test]
 fn rows_of_records_a_relay_created_are_handed_to_its_materializer_as_storage_would_make_them() {
     use ferry::relay::created::CreatedRows;
-    use ferry::relay::materializer::{Materializer, MaterializerOptions};
     use relay_fixtures::Writer;
 
     let db = Database::new();
@@ -1339,17 +1346,9 @@ fn rows_of_records_a_relay_created_are_handed_to_its_materializer_as_storage_wou
     let storage = Arc::new(db.open());
     let metrics = Arc::new(ferry::relay::metrics::RelayMetrics::default());
     let materializer = |handed: bool| {
-        let materializer = Materializer::new(
-            storage.clone(),
-            ferry::resolve::Policies::default(),
-            metrics.clone(),
-            // Three entries a step: a record created in one step and changed in the next, and
-            // one created and changed within a step.
-            MaterializerOptions {
-                batch_entries: 3,
-                ..MaterializerOptions::default()
-            },
-        );
+        // Three entries a step: a record created in one step and changed in the next, and one
+        // created and changed within a step.
+        let materializer = stepping_materializer(&storage, &metrics, 3);
         if handed {
             materializer.taking_created_from(created.clone())
         } else {
