@@ -296,6 +296,7 @@ fn compact(relay: RelayStore, dir: &std::path::Path, keep: u64, records: u64, ed
             LogRetention {
                 keep_log_days: 0,
                 keep_log_entries: keep,
+                flatten_history: false,
             },
         )
         .expect("compact")

@@ -310,6 +310,10 @@ pub struct RelayConfig {
     pub keep_log_days: u64,
     /// Only this many of a space's latest log entries are kept (0: no bound by count).
     pub keep_log_entries: u64,
+    /// When a record's every logged change falls below the horizon (`keep_log_days`,
+    /// `keep_log_entries`), its history is started again as one change holding what it shows,
+    /// and devices drop the old history when they meet it (PROTOCOL.md, section 5.8).
+    pub flatten_history: bool,
     /// A record deleted this many days ago (its last logged change deleted it) is purged, in
     /// the same passes as compaction: a purge entry is logged and its history dropped
     /// (PROTOCOL.md, section 5.8; 0: never). A fraction of a day is allowed (0.5: 12 hours).
@@ -356,6 +360,7 @@ impl Default for RelayConfig {
             metrics_token: String::new(),
             keep_log_days: 0,
             keep_log_entries: 0,
+            flatten_history: false,
             tombstone_days: 0.0,
             compact_interval_secs: 3600,
         }

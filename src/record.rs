@@ -372,6 +372,11 @@ pub fn operation_of(message: Option<&str>) -> &str {
 /// (`Record::restore`).
 pub const RESTORE_OPERATION: &str = "restore";
 
+/// The message of the change the relay writes to start a record's history again from what it
+/// shows, once its whole history is older than the log's horizon (`Record::flatten`). Devices
+/// cannot write it: the relay refuses an upload that names it.
+pub const FLATTEN_OPERATION: &str = "flatten";
+
 /// The conflict id and the take word a resolution's message names (see [`operation_of`]).
 pub fn resolved_conflict(message: Option<&str>) -> Option<(&str, &str)> {
     let line = message?.lines().nth(1)?;
@@ -704,6 +709,50 @@ impl Record {
             Operation::Create
         };
         self.commit(RESTORE_OPERATION, operation, now_ms)
+    }
+
+    /// Writes a record's history again as one change on an empty document: exactly `fields`,
+    /// live, in a change whose message is [`FLATTEN_OPERATION`] (PROTOCOL.md, section 5.8).
+    pub fn flatten(
+        &mut self,
+        fields: &Fields,
+        now_ms: u64,
+    ) -> Result<Option<Written>, RecordError> {
+        self.replace_fields(fields)?;
+        self.doc.put(ROOT, DELETED_KEY, false)?;
+        self.commit(FLATTEN_OPERATION, Operation::Create, now_ms)
+    }
+
+    /// Whether any key or list position of the document, at any depth, holds concurrent values
+    /// (what a strategy settles at read time, and a flattened history could not keep).
+    pub fn has_concurrent_values(&self) -> Result<bool, RecordError> {
+        let doc = &self.doc;
+        let mut objects = vec![ROOT];
+        while let Some(obj) = objects.pop() {
+            let (keys, positions): (Vec<String>, usize) = match doc.object_type(&obj) {
+                Ok(ObjType::Map | ObjType::Table) => (doc.keys(&obj).collect(), 0),
+                Ok(ObjType::List) => (Vec::new(), doc.length(&obj)),
+                // Concurrent edits of a text merge into one sequence: nothing to settle.
+                Ok(ObjType::Text) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let props = keys
+                .into_iter()
+                .map(Prop::Map)
+                .chain((0..positions).map(Prop::Seq));
+            for prop in props {
+                let values = doc.get_all(&obj, prop)?;
+                if values.len() > 1 {
+                    return Ok(true);
+                }
+                for (value, id) in values {
+                    if let AmValue::Object(_) = value {
+                        objects.push(id);
+                    }
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// Starts a put: a put on a missing or deleted record is a create, and clears the tombstone.

@@ -126,6 +126,7 @@ impl Net {
         let retention = LogRetention {
             keep_log_days: 0,
             keep_log_entries: 1,
+            flatten_history: false,
         };
         assert!(
             self.relay

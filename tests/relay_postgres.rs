@@ -1311,6 +1311,7 @@ fn the_materializer_shares_spaces_by_lease_drops_purged_records_and_rebuilds_pas
     let retention = ferry::relay::store::LogRetention {
         keep_log_days: 0,
         keep_log_entries: 1,
+        flatten_history: false,
     };
     relay.compact_log(SPACE, u64::MAX / 2, retention).unwrap();
     let head = relay.head(SPACE).unwrap();

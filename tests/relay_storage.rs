@@ -1118,6 +1118,7 @@ fn the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(engine: 
     let by_age = LogRetention {
         keep_log_days: 2,
         keep_log_entries: 0,
+        flatten_history: false,
     };
     // Day 0: 3 rounds (12 entries), noted at day 0.
     for round in 0..3 {
@@ -1174,6 +1175,7 @@ fn the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(engine: 
     let by_entries = LogRetention {
         keep_log_days: 0,
         keep_log_entries: 6,
+        flatten_history: false,
     };
     let done = relay_store
         .compact_log(SPACE, t0 + 3 * day, by_entries)
@@ -1200,6 +1202,159 @@ fn the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(engine: 
             .compact_log(SPACE, t0 + 3 * day, by_entries)
             .unwrap(),
         None
+    );
+}
+
+/// Flattening: with `flatten_history`, compaction starts again the history of each record whose
+/// every change is below the horizon, as one change of the relay's that holds what the record
+/// shows, logged as a flatten entry and kept as its base; a record changed above the horizon
+/// keeps its history. Old changes stay duplicates, a change built on the old history is refused
+/// `RecordPurged`, one built on the new history is logged, and no device may write a flatten
+/// change itself.
+fn histories_below_the_horizon_are_flattened(engine: &dyn Engine) {
+    let relay_store = relay(engine.open(), 100);
+    let mut writers: Vec<Writer> = (0..3).map(|_| Writer::new(1)).collect();
+    let mut entry = 0;
+    let mut store = |relay_store: &RelayStore, record: &str, change: &[u8]| {
+        entry += 1;
+        outcomes(
+            &relay_store
+                .append(SPACE, &dev(1), &[upload(entry, record, change)])
+                .unwrap(),
+        )
+        .remove(0)
+    };
+    for (i, writer) in writers.iter_mut().enumerate() {
+        let change = writer.put(json!({"n": 0, "name": format!("r{i}")}));
+        assert!(matches!(
+            store(&relay_store, &format!("r{i}"), &change),
+            ChangeOutcome::Stored { .. }
+        ));
+    }
+    for round in 1..4 {
+        for (i, writer) in writers.iter_mut().enumerate().take(2) {
+            let change = writer.patch(json!({"n": round}));
+            assert!(matches!(
+                store(&relay_store, &format!("r{i}"), &change),
+                ChangeOutcome::Stored { .. }
+            ));
+        }
+    }
+    // Seqs 1-3 the creates, 4-9 the edits of r0 and r1; r2 is edited at 10, above the horizon.
+    let change = writers[2].patch(json!({"n": 9}));
+    assert_eq!(
+        store(&relay_store, "r2", &change),
+        ChangeOutcome::Stored { seq: 10 }
+    );
+    let shown = |relay_store: &RelayStore| -> Vec<_> {
+        (0..3)
+            .map(|i| {
+                relay_store
+                    .record(SPACE, "Doc", &format!("r{i}"))
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let before = shown(&relay_store);
+    let r2_heads = relay_store.heads(SPACE, "Doc", "r2").unwrap().unwrap();
+    let retention = LogRetention {
+        keep_log_days: 0,
+        keep_log_entries: 1,
+        flatten_history: true,
+    };
+    let done = relay_store
+        .compact_log(SPACE, 1_000, retention)
+        .unwrap()
+        .unwrap();
+    assert_eq!((done.horizon, done.flattened, done.bases_saved), (9, 2, 0));
+    assert_eq!(
+        shown(&relay_store),
+        before,
+        "flattening changes nothing a record shows"
+    );
+    assert_eq!(
+        relay_store.heads(SPACE, "Doc", "r2").unwrap().unwrap(),
+        r2_heads
+    );
+    // The flatten entries follow the head: one change each, depending on nothing.
+    let slice = relay_store.read_since(SPACE, 10, 100, usize::MAX).unwrap();
+    let flattened: Vec<_> = slice
+        .entries
+        .iter()
+        .map(|e| {
+            (
+                e.seq,
+                e.record.clone(),
+                ferry::record::decode_change(&e.change).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(flattened.len(), 2);
+    for (seq, record, change) in &flattened {
+        assert!(change.deps().is_empty(), "entry {seq} of {record}");
+        assert_eq!(change.message(), Some("flatten"));
+        let heads = relay_store.heads(SPACE, "Doc", record).unwrap().unwrap();
+        assert_eq!(heads, vec![change.hash().to_string()]);
+    }
+    // A snapshot sends each flattened record as its one change.
+    let page = relay_store
+        .snapshot_page(SPACE, None, 10, usize::MAX, None)
+        .unwrap();
+    let r0 = page.records.iter().find(|r| r.record == "r0").unwrap();
+    assert!(ferry::record::is_one_change(&r0.document));
+    let r2 = page.records.iter().find(|r| r.record == "r2").unwrap();
+    assert!(!ferry::record::is_one_change(&r2.document));
+    // Old changes are still duplicates; one built on the old history is refused, retryable.
+    let old = writers[0].changes[1].clone();
+    assert_eq!(
+        store(&relay_store, "r0", &old),
+        ChangeOutcome::Duplicate { seq: 4 }
+    );
+    let stale = writers[0].patch(json!({"n": 100}));
+    let refused = store(&relay_store, "r0", &stale);
+    assert!(
+        matches!(
+            &refused,
+            ChangeOutcome::Rejected {
+                code: ErrorCode::RecordPurged,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    // A device that took the new history writes on it.
+    let mut later = Writer {
+        record: Record::load(&r0.document, &actor(1)).unwrap(),
+        changes: Vec::new(),
+    };
+    let change = later.patch(json!({"n": 7}));
+    let stored = store(&relay_store, "r0", &change);
+    assert!(matches!(stored, ChangeOutcome::Stored { .. }), "{stored:?}");
+    assert_eq!(
+        relay_store
+            .record(SPACE, "Doc", "r0")
+            .unwrap()
+            .unwrap()
+            .get("n"),
+        Some(&json!(7))
+    );
+    // Only the relay writes flatten changes.
+    let forged = Record::new(&actor(3))
+        .flatten(&fields(json!({"n": 1})), 1)
+        .unwrap()
+        .unwrap()
+        .change;
+    let refused = store(&relay_store, "r9", forged.raw_bytes());
+    assert!(
+        matches!(
+            &refused,
+            ChangeOutcome::Rejected {
+                code: ErrorCode::InvalidChange,
+                ..
+            }
+        ),
+        "{refused:?}"
     );
 }
 
@@ -1513,6 +1668,7 @@ fn a_damaged_document_is_rebuilt_from_the_log_until_compacted_past_it(engine: &d
             LogRetention {
                 keep_log_days: 0,
                 keep_log_entries: 2,
+                flatten_history: false,
             },
         )
         .unwrap()
@@ -1814,6 +1970,11 @@ macro_rules! conformance {
                 super::the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(
                     &$engine,
                 );
+            }
+
+            #[test]
+            fn histories_below_the_horizon_are_flattened() {
+                super::histories_below_the_horizon_are_flattened(&$engine);
             }
 
             #[test]

@@ -1123,6 +1123,7 @@ fn the_quota_alert_clears_once_compaction_brings_the_space_back_under_its_quota(
             LogRetention {
                 keep_log_days: 0,
                 keep_log_entries: 2,
+                flatten_history: false,
             },
         )
         .unwrap()

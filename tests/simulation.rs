@@ -862,6 +862,7 @@ impl World {
         let retention = LogRetention {
             keep_log_days: 0,
             keep_log_entries: keep,
+            flatten_history: false,
         };
         let done = relay
             .compact_log(SPACE, self.clock.now(), retention)

@@ -374,6 +374,7 @@ pub async fn run(
             retention: LogRetention {
                 keep_log_days: relay.keep_log_days,
                 keep_log_entries: relay.keep_log_entries,
+                flatten_history: relay.flatten_history,
             },
             tombstone_ms: relay.tombstone_ms(),
             spaces: shared.spaces.clone(),
@@ -538,6 +539,7 @@ impl Compactor {
                         space,
                         horizon = done.horizon,
                         bases_saved = done.bases_saved,
+                        flattened = done.flattened,
                         bytes_before = done.bytes_before,
                         bytes_after = done.bytes_after,
                         secs = started.elapsed().as_secs_f64(),

@@ -43,11 +43,14 @@
 //! may write to `space`), the device's store, and storage keys or engines.
 
 use crate::clock::{Clock, SystemClock};
-use crate::record::{Fields, PlainFirst, Record, RecordError, chunk_hash, decode_change};
+use crate::record::{
+    FLATTEN_OPERATION, Fields, PlainFirst, Record, RecordError, chunk_hash, decode_change,
+    operation_of,
+};
 use crate::relay::created::{CreatedRow, CreatedRows};
 use crate::relay::recent::RecentLogs;
 use crate::relay::storage::{
-    Append, ChangeKey, Compaction, LogCompaction, LogStorage, LoggedChange, RecordKey,
+    Append, ChangeKey, Compaction, Flattened, LogCompaction, LogStorage, LoggedChange, RecordKey,
     StorageError, Tombstone, UniqueValue,
 };
 use crate::resolve::ledger::{
@@ -153,6 +156,10 @@ pub use ferry_proto::session::LogSlice;
 pub struct LogRetention {
     pub keep_log_days: u64,
     pub keep_log_entries: u64,
+    /// A record whose every logged change falls below the horizon has its history started
+    /// again as one flatten change instead of its whole document being kept as its base
+    /// (`relay.flatten_history`, PROTOCOL.md section 5.8).
+    pub flatten_history: bool,
 }
 
 /// How often, at most, a space's head is noted with the time (what `keep_log_days` is measured
@@ -174,6 +181,8 @@ pub struct LogCompacted {
     pub horizon: u64,
     /// Records whose documents were saved as their bases so that the entries could go.
     pub bases_saved: usize,
+    /// Records whose history was started again as one flatten change.
+    pub flattened: usize,
     /// The space's log bytes (its quota) before and after.
     pub bytes_before: u64,
     pub bytes_after: u64,
@@ -715,6 +724,13 @@ impl RelayStore {
             staging.refused.insert(change_key(hash), reason.clone());
             Ok(rejected(ErrorCode::InvalidChange, reason))
         };
+        if operation_of(change.message()) == FLATTEN_OPERATION {
+            let reason = format!(
+                "the change names the operation {FLATTEN_OPERATION:?}, which only the relay \
+                 writes: write the record with put, patch or delete"
+            );
+            return refuse(staging, reason);
+        }
         for dep in change.deps() {
             if let Some(reason) = staging.refused.get(&change_key(dep.0)) {
                 let reason =
@@ -1765,7 +1781,8 @@ impl RelayStore {
             };
         }
         let bytes_before = self.storage.log_bytes(space)?;
-        let bases_saved = self.save_bases_through(space, target)?;
+        let flatten_at = retention.flatten_history.then_some(now_ms);
+        let (bases_saved, flattened) = self.save_bases_through(space, target, flatten_at)?;
         // Appends may land meanwhile: they only add entries above the head, so the step is
         // staged again on the new head.
         loop {
@@ -1784,6 +1801,7 @@ impl RelayStore {
         Ok(Some(LogCompacted {
             horizon: self.storage.horizon(space)?,
             bases_saved,
+            flattened,
             bytes_before,
             bytes_after: self.storage.log_bytes(space)?,
         }))
@@ -1910,10 +1928,18 @@ impl RelayStore {
     }
 
     /// Saves as their bases the documents of the records whose tails name entries at or below
-    /// `seq`, a step at a time under the space's lock; returns how many.
-    fn save_bases_through(&self, space: &str, seq: u64) -> Result<usize, RelayStoreError> {
+    /// `seq`, a step at a time under the space's lock. With `flatten_at` (the relay's clock),
+    /// a record whose every change is at or below `seq` and that `flattened` accepts has its
+    /// history started again instead: a flatten entry appended, its change the record's base,
+    /// its old tail dropped. Returns how many bases were saved and how many were flattened.
+    fn save_bases_through(
+        &self,
+        space: &str,
+        seq: u64,
+        flatten_at: Option<u64>,
+    ) -> Result<(usize, usize), RelayStoreError> {
         let state = self.space(space)?;
-        let mut saved = 0usize;
+        let (mut saved, mut flattened) = (0usize, 0usize);
         loop {
             let mut state = state.lock();
             // Bases are read as of this head: a compaction staged against it is refused if
@@ -1922,12 +1948,53 @@ impl RelayStore {
             self.catch_up(space, &mut state, head)?;
             let records = self.storage.tails_through(space, seq, BASES_PER_STEP)?;
             if records.is_empty() {
-                return Ok(saved);
+                return Ok((saved, flattened));
             }
             let mut bases = Vec::with_capacity(records.len());
+            let mut append = Append::new(head);
+            let mut fresh_docs = Vec::new();
             for (collection, record) in records {
                 let tail = self.storage.tail(space, &collection, &record)?;
                 let doc_key = (space.to_owned(), collection.clone(), record.clone());
+                // A tail names every change since the record's first: with one, the record
+                // has more than one change to flatten.
+                let whole_history_below = tail.last().is_some_and(|&last| last <= seq);
+                let flat = match flatten_at {
+                    Some(now_ms)
+                        if whole_history_below
+                            && !self.has_open_conflict(space, &collection, &record)? =>
+                    {
+                        self.cached_doc(space, &collection, &record, |doc| {
+                            self.flattened(&collection, doc, now_ms)
+                        })?
+                        .flatten()
+                    }
+                    _ => None,
+                };
+                if let Some((mut fresh, change)) = flat {
+                    let entry_seq = append.next_seq();
+                    let key = (collection.clone(), record.clone());
+                    append.entries.push(LoggedChange {
+                        collection: collection.clone(),
+                        record: record.clone(),
+                        origin: String::new(),
+                        hash: change.hash().0,
+                        change: change.raw_bytes().to_vec(),
+                    });
+                    append
+                        .created
+                        .insert(key.clone(), change.raw_bytes().to_vec());
+                    append
+                        .heads
+                        .insert(key.clone(), fresh.heads().iter().map(|h| h.0).collect());
+                    append.flattened.push(Flattened {
+                        record: key,
+                        seq: entry_seq,
+                        tail,
+                    });
+                    fresh_docs.push((doc_key, fresh));
+                    continue;
+                }
                 let cached = lock(&self.cache).get_mut(&doc_key).map(|doc| doc.save());
                 let base = match cached {
                     Some(base) => base,
@@ -1947,16 +2014,80 @@ impl RelayStore {
                     tail,
                 });
             }
+            let mut after = head;
+            if !append.entries.is_empty() {
+                let committed: Vec<LogEntry> = (head.saturating_add(1)..)
+                    .zip(&append.entries)
+                    .map(|(seq, e)| LogEntry {
+                        seq,
+                        collection: e.collection.clone(),
+                        record: e.record.clone(),
+                        change: e.change.clone(),
+                    })
+                    .collect();
+                after = append.next_seq().saturating_sub(1);
+                flattened = flattened.saturating_add(committed.len());
+                self.storage.append(space, append)?;
+                if self.shared {
+                    state.cached_at = Some(after);
+                }
+                self.recent.committed(space, committed);
+                let mut cache = lock(&self.cache);
+                for (key, doc) in fresh_docs {
+                    cache.put(key, doc);
+                }
+            }
             saved = saved.saturating_add(bases.len());
-            self.storage.compact_log(
-                space,
-                LogCompaction {
-                    after: head,
-                    bases,
-                    ..LogCompaction::default()
-                },
-            )?;
+            if !bases.is_empty() {
+                self.storage.compact_log(
+                    space,
+                    LogCompaction {
+                        after,
+                        bases,
+                        ..LogCompaction::default()
+                    },
+                )?;
+            }
         }
+    }
+
+    /// The record's history written again as one flatten change on a new document (the
+    /// relay's actor), with that document: `None` when the record cannot be flattened without
+    /// changing what it shows or how a later change merges. A deleted record waits for
+    /// `tombstone_days` instead; a value with concurrent values, or an open conflict, waits
+    /// for the write that settles it; a collection with unique constraints keeps its history,
+    /// as the unique-value index moves with entries across records.
+    fn has_open_conflict(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<bool, RelayStoreError> {
+        Ok(self
+            .storage
+            .record_conflicts(space, collection, record)?
+            .iter()
+            .any(|c| c.status == ConflictStatus::Open))
+    }
+
+    fn flattened(
+        &self,
+        collection: &str,
+        doc: &mut Record,
+        now_ms: u64,
+    ) -> Option<(Record, automerge::Change)> {
+        let policy = self.policy(collection);
+        if !policy.unique.is_empty()
+            || resolve::is_deleted(doc, policy)
+            || doc.has_concurrent_values().unwrap_or(true)
+        {
+            return None;
+        }
+        let shown = resolve::view(doc, policy);
+        let mut fresh = Record::new(&self.actor).with_text_fields(policy.text.clone());
+        let written = fresh.flatten(&shown.fields, now_ms).ok()??;
+        let again = resolve::view(&mut fresh, policy);
+        (again.fields == shown.fields && !again.deleted).then_some((fresh, written.change))
     }
 
     /// Rebuilds the record's document from its log entries, for a stored document (or tail, or
@@ -1987,9 +2118,10 @@ impl RelayStore {
         let state = self.space(space)?;
         let appends = state.lock();
         let mut logged = self.storage.record_changes(space, collection, record)?;
-        // A purged history's changes stay in the index (as duplicates) but are not the record's.
-        if let Some(purged) = self.storage.purged_at(space, collection, record)? {
-            logged.retain(|&(_, seq)| seq > purged);
+        // An ended history's changes stay in the index (as duplicates) but are not the
+        // record's. A flatten entry (a change, unlike a purge entry) starts the new history.
+        if let Some(ended) = self.storage.purged_at(space, collection, record)? {
+            logged.retain(|&(_, seq)| seq >= ended);
         }
         let (Some(&(_, first_seq)), Some(&(_, last_seq))) = (logged.first(), logged.last()) else {
             return Err(RelayStoreError::NoSuchRecord {
@@ -2449,9 +2581,9 @@ fn record_purged(collection: &str, record: &str, purged: u64) -> ChangeOutcome {
     ChangeOutcome::Rejected {
         code: ErrorCode::RecordPurged,
         message: format!(
-            "{collection}/{record} was deleted and purged at seq {purged}, and the change builds \
-             on its purged history: download the log, whose purge entry has the device write the \
-             record again as a new history"
+            "the history of {collection}/{record} that the change builds on ended at seq \
+             {purged} (the record was purged, or its history flattened): download the log, whose \
+             entry there has the device write its edit again on the record's new history"
         ),
     }
 }

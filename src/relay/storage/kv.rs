@@ -372,6 +372,16 @@ impl KvStorage {
                 batch.remove(seq_key(b't', &[space, collection, record], seq));
             }
         }
+        for flattened in &append.flattened {
+            let (collection, record) = &flattened.record;
+            for seq in &flattened.tail {
+                batch.remove(seq_key(b't', &[space, collection, record], *seq));
+            }
+            batch.put(
+                key(b'p', &[space, collection, record]),
+                flattened.seq.to_be_bytes().to_vec(),
+            );
+        }
         for ((collection, record), heads) in append.heads {
             batch.put(key(b'r', &[space, &collection, &record]), heads.concat());
         }

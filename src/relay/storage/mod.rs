@@ -208,6 +208,21 @@ pub struct Append {
     /// marker keeps the entry's seq (`purged_at`). Their dedup index stays, as compaction keeps
     /// it.
     pub purged: Vec<(RecordKey, u64)>,
+    /// Records whose history this append's flatten entries start again (PROTOCOL.md, section
+    /// 5.8). Their base is their flatten change (in `created`); the tail of the history it
+    /// replaces is dropped and a marker keeps the entry's seq (`purged_at`), so that a change
+    /// built on that history is refused. Conflict entries, unique values and the dedup index
+    /// stay.
+    pub flattened: Vec<Flattened>,
+}
+
+/// A record whose history a flatten entry starts again: the entry's seq and the tail seqs of
+/// the history it replaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flattened {
+    pub record: RecordKey,
+    pub seq: u64,
+    pub tail: Vec<u64>,
 }
 
 impl Append {

@@ -1310,6 +1310,26 @@ async fn write_append(
         put_base(&mut pipeline, space, &compaction.record, &compaction.base);
         drop_tails(&mut pipeline, space, &compaction.record, &compaction.tail)?;
     }
+    for flattened in &append.flattened {
+        drop_tails(&mut pipeline, space, &flattened.record, &flattened.tail)?;
+        let (collection, id) = &flattened.record;
+        pipeline.push(
+            "INSERT INTO purges (space, collection, record, seq, crc) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (space, collection, record) DO UPDATE SET seq = $4, crc = $5",
+            vec![
+                owned_space(),
+                p(collection.clone()),
+                p(id.clone()),
+                p(int(flattened.seq)?),
+                p(record_crc(
+                    space,
+                    collection,
+                    id,
+                    &flattened.seq.to_be_bytes(),
+                )),
+            ],
+        );
+    }
     if !append.heads.is_empty() {
         // Each record once: `heads` is keyed by record.
         let rows = Columns::of_records(space, append.heads.iter().map(|(k, h)| (k, h.concat())));
