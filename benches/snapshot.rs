@@ -279,13 +279,29 @@ fn main() {
         "a snapshot of an edited space sends less than its log"
     );
     let keep = arg("--keep-entries", 10_000.min(records * edits / 10).max(1));
-    compact(relay, dir.path(), keep, records, edits);
+    let flatten = !std::env::args().any(|a| a == "--keep-history");
+    compact(
+        relay,
+        dir.path(),
+        (keep, flatten),
+        records,
+        edits,
+        once_replay,
+    );
 }
 
-/// The relay's disk before and after compacting the edited space to its last `keep` entries
-/// (and after reopening sled, which reclaims freed space as it goes), and a device bootstrapping
-/// from the compacted space.
-fn compact(relay: RelayStore, dir: &std::path::Path, keep: u64, records: u64, edits: u64) {
+/// The relay's disk before and after compacting the edited space to its last `keep` entries,
+/// flattening the histories wholly below them unless `--keep-history` (and after reopening
+/// sled, which reclaims freed space as it goes), and a device bootstrapping from the compacted
+/// space, against `once`, a device replaying the space written once.
+fn compact(
+    relay: RelayStore,
+    dir: &std::path::Path,
+    (keep, flatten): (u64, bool),
+    records: u64,
+    edits: u64,
+    once: &Joined,
+) {
     let before = dir_bytes(dir);
     let log_before = relay.log_bytes("edited").expect("log bytes");
     let started = Instant::now();
@@ -296,7 +312,7 @@ fn compact(relay: RelayStore, dir: &std::path::Path, keep: u64, records: u64, ed
             LogRetention {
                 keep_log_days: 0,
                 keep_log_entries: keep,
-                flatten_history: false,
+                flatten_history: flatten,
             },
         )
         .expect("compact")
@@ -317,11 +333,14 @@ fn compact(relay: RelayStore, dir: &std::path::Path, keep: u64, records: u64, ed
     let reopened = dir_bytes(dir);
     let joined = bootstrap(&relay, "edited", &SessionConfig::default());
     eprintln!(
-        "compaction of the edited space to its last {keep} entries (horizon {}, {} bases saved) \
-         in {:.1} s: log bytes {} -> {} MiB; relay on disk {} MiB -> {} MiB, {} MiB once its \
-         store is rewritten ({:.1} s), {} MiB reopened; a bootstrap from it: {} bytes in {:.2} s",
+        "compaction of the edited space to its last {keep} entries (horizon {}, {} bases saved, \
+         {} histories flattened) in {:.1} s: log bytes {} -> {} MiB; relay on disk {} MiB -> {} \
+         MiB, {} MiB once its store is rewritten ({:.1} s), {} MiB reopened; a bootstrap from it: \
+         {} bytes in {:.2} s, {:.2}x the bytes and {:.2}x the time of replaying the space written \
+         once",
         done.horizon,
         done.bases_saved,
+        done.flattened,
         took.as_secs_f64(),
         log_before >> 20,
         done.bytes_after >> 20,
@@ -332,11 +351,15 @@ fn compact(relay: RelayStore, dir: &std::path::Path, keep: u64, records: u64, ed
         reopened >> 20,
         joined.bytes,
         joined.took.as_secs_f64(),
+        joined.bytes as f64 / once.bytes as f64,
+        joined.took.as_secs_f64() / once.took.as_secs_f64(),
     );
     println!(
         "{}",
         serde_json::json!({
             "records": records, "edits": edits, "compacted_to_entries": keep,
+            "flattened": done.flattened, "bootstrap_bytes": joined.bytes,
+            "bootstrap_seconds": joined.took.as_secs_f64(),
             "seconds": took.as_secs_f64(), "log_bytes_before": log_before,
             "log_bytes_after": done.bytes_after, "disk_bytes_before": before,
             "disk_bytes_after": after, "disk_bytes_rewritten": reclaimed,

@@ -1409,7 +1409,7 @@ pub fn carry_out(
             if outcome.restored > 0 {
                 tracing::info!(
                     records = outcome.restored,
-                    "purged records this device had edited written again, to upload"
+                    "purged or flattened records this device had edited written again, to upload"
                 );
                 session.local_changes();
             }
@@ -1426,7 +1426,7 @@ pub fn carry_out(
             if outcome.restored > 0 {
                 tracing::info!(
                     records = outcome.restored,
-                    "purged records this device had edited written again, to upload"
+                    "purged or flattened records this device had edited written again, to upload"
                 );
                 session.local_changes();
             }

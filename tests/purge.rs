@@ -136,6 +136,20 @@ impl Net {
         );
     }
 
+    /// Compacts the relay's log through all but its last entry, flattening the histories
+    /// wholly below it; returns how many were flattened.
+    fn flatten(&self) -> usize {
+        let retention = LogRetention {
+            keep_log_days: 0,
+            keep_log_entries: 1,
+            flatten_history: true,
+        };
+        self.relay
+            .compact_log(SPACE, T0, retention)
+            .unwrap()
+            .map_or(0, |done| done.flattened)
+    }
+
     /// A bootstrap from the relay's snapshot, one record a page, then the log after it.
     fn bootstrap(&self, store: &Store) {
         loop {
@@ -454,5 +468,115 @@ fn a_restoration_builds_on_a_create_already_on_its_way() {
             conflicts(device),
             net.relay.conflicts(SPACE, None, None, 100).unwrap()
         );
+    }
+}
+
+fn patch(store: &Store, id: &str, value: serde_json::Value) {
+    store
+        .write(Write::Patch {
+            collection: "Doc".into(),
+            id: id.into(),
+            set: fields(value),
+            unset: Vec::new(),
+        })
+        .unwrap();
+}
+
+/// The heads of the record as the device's document holds them, and how many changes that is.
+fn history_len(store: &Store, id: &str) -> usize {
+    let saved = store.export_doc("Doc", id).unwrap();
+    automerge::Automerge::load(&saved)
+        .unwrap()
+        .get_changes(&[])
+        .len()
+}
+
+/// A record edited many times and left alone past the horizon is flattened by the relay: every
+/// device that meets the flatten entry drops the old history for the one change, shows the
+/// same fields, and writes on the new history; a device offline meanwhile with edits on the old
+/// history writes what they changed again on the new one (the relay refused them as built on
+/// an ended history), and nothing is lost: every device ends with the same fields and heads.
+#[test]
+fn a_flattened_history_replaces_the_old_one_on_every_device_and_late_edits_are_written_again() {
+    for (uploads_first, page) in [(true, 1), (false, 1), (true, 100), (false, 100)] {
+        let net = Net::new();
+        let (a, b, c) = (net.device(A), net.device(B), net.device(C));
+        put(&a, "Doc", "r", json!({"n": 0, "name": "first", "gone": 1}));
+        for n in 1..5 {
+            patch(&a, "r", json!({"n": n}));
+        }
+        put(&a, "Doc", "other", json!({"n": 1}));
+        net.upload(&a);
+        for device in [&b, &c] {
+            net.download(device, page);
+            assert_eq!(history_len(device, "r"), 5);
+        }
+        // B, offline, edits one field, adds one and removes one.
+        b.write(Write::Patch {
+            collection: "Doc".into(),
+            id: "r".into(),
+            set: fields(json!({"name": "late", "added": true})),
+            unset: vec!["gone".into()],
+        })
+        .unwrap();
+        // Another record keeps the last entry above the horizon.
+        patch(&a, "other", json!({"n": 2}));
+        net.upload(&a);
+        net.download(&a, page);
+        assert_eq!(net.flatten(), 1);
+
+        for device in [&a, &c] {
+            assert_eq!(
+                net.download(device, page),
+                0,
+                "nothing of theirs to write again"
+            );
+            assert_eq!(history_len(device, "r"), 1, "the old history is dropped");
+            assert_eq!(
+                shown(device, "Doc", "r"),
+                Some(fields(json!({"n": 4, "name": "first", "gone": 1})))
+            );
+        }
+        if uploads_first {
+            let answers = net.upload(&b);
+            assert!(
+                matches!(
+                    answers.as_slice(),
+                    [ChangeOutcome::Rejected {
+                        code: ErrorCode::RecordPurged,
+                        ..
+                    }]
+                ),
+                "{answers:?}"
+            );
+        }
+        assert_eq!(net.download(&b, page), 1, "B writes its edit again");
+        assert_eq!(
+            shown(&b, "Doc", "r"),
+            Some(fields(json!({"n": 4, "name": "late", "added": true})))
+        );
+        while !net.upload(&b).is_empty() {}
+        let counts = b.queue_counts().unwrap();
+        assert_eq!((counts.pending, counts.failed), (0, 0), "{counts:?}");
+        // Writes go on on the new history.
+        net.download(&a, page);
+        patch(&a, "r", json!({"n": 5}));
+        net.upload(&a);
+        for device in [&a, &b, &c] {
+            net.download(device, page);
+        }
+        let expected = fields(json!({"n": 5, "name": "late", "added": true}));
+        let heads = net.relay.heads(SPACE, "Doc", "r").unwrap().unwrap();
+        for device in [&a, &b, &c] {
+            assert_eq!(shown(device, "Doc", "r"), Some(expected.clone()));
+            assert_eq!(device.get("Doc", "r").unwrap().heads, heads);
+            assert_eq!(
+                history_len(device, "r"),
+                3,
+                "the flatten change and two edits"
+            );
+            assert!(conflicts(device).is_empty());
+        }
+        assert_eq!(net.relay.record(SPACE, "Doc", "r").unwrap(), Some(expected));
     }
 }

@@ -750,6 +750,11 @@ impl Store {
         // brought of that history first.
         let mut purges: HashMap<CacheKey, u64> = HashMap::new();
         let mut purged_history: HashMap<CacheKey, Vec<&LogEntry>> = HashMap::new();
+        // Records whose history a flatten entry starts again, with its seq, and what these
+        // entries brought of the old history first.
+        let mut flattens: HashMap<CacheKey, u64> = HashMap::new();
+        let mut held_flattened: HashSet<CacheKey> = HashSet::new();
+        let mut flattened_history: HashMap<CacheKey, Vec<&LogEntry>> = HashMap::new();
         // Collections were added: the log is read again from its start, and the entries of
         // those held before, up to where they were read, are applied already.
         let backfill = self.backfill()?;
@@ -792,6 +797,16 @@ impl Store {
                 }
             };
             let key = (entry.collection.clone(), entry.record.clone());
+            if is_flatten(&header) {
+                // The new history holds what these entries brought of the old one.
+                if let Some(before) = groups.get_mut(&key) {
+                    flattened_history
+                        .entry(key.clone())
+                        .or_default()
+                        .extend(before.drain(..).map(|(e, _)| e));
+                }
+                flattens.insert(key.clone(), entry.seq);
+            }
             if !self.policy(&key.0).unique.is_empty() {
                 across_records.push((key.clone(), header.hash, entry.seq));
             }
@@ -849,6 +864,38 @@ impl Store {
                 working.records.insert(key.clone(), (fresh, false));
             }
         }
+        for (key, &seq) in &flattens {
+            let old = match cache.pop(key) {
+                Some(record) => Some(record),
+                None => self.load(&key.0, &key.1)?,
+            };
+            // A record this device does not hold: the flatten change creates it.
+            let Some(old) = old else { continue };
+            held_flattened.insert(key.clone());
+            let history: Vec<Change> = flattened_history
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| decode_change(&e.change).ok())
+                .collect();
+            let flatten = entries
+                .iter()
+                .find(|e| e.seq == seq)
+                .map(|e| decode_change(&e.change))
+                .transpose()?;
+            let mut fresh = self.new_record(&key.0);
+            let mut document = Vec::new();
+            if let Some(flatten) = flatten
+                && self.rebase_flattened(
+                    key, old, history, flatten, &mut fresh, now, &mut batch, &mut delta,
+                )?
+            {
+                document = fresh.heads();
+                restored += 1;
+            }
+            Store::purge_logged(&mut ledger, key, document);
+            working.records.insert(key.clone(), (fresh, false));
+        }
         let purged_open = if purges.is_empty() {
             0
         } else {
@@ -862,6 +909,17 @@ impl Store {
             self.release_quarantined(&mut batch, of_purged)?;
             self.purge_conflicts(&purges, &mut ledger, &mut batch)?
         };
+        if !flattens.is_empty() {
+            // Entries of a flattened history that could not be applied: the new one holds
+            // what the relay logged of them.
+            let of_flattened = |q: &Quarantined| {
+                flattens
+                    .get(&(q.collection.clone(), q.record.clone()))
+                    .is_some_and(|&flatten| q.seq < flatten)
+            };
+            quarantined.retain(|q| !of_flattened(q));
+            self.release_quarantined(&mut batch, of_flattened)?;
+        }
         for key in order {
             let headers = groups.remove(&key).unwrap_or_default();
             let policy = self.options.policies.of(&key.0);
@@ -938,7 +996,7 @@ impl Store {
                 let deleted = resolve::is_deleted(record, policy);
                 let operation = if deleted {
                     Operation::Delete
-                } else if !existed || was_deleted {
+                } else if (!existed || was_deleted) && !held_flattened.contains(&key) {
                     Operation::Create
                 } else {
                     Operation::Update
@@ -1104,17 +1162,16 @@ impl Store {
         batch: &mut Batch,
         delta: &mut CountDelta,
     ) -> Result<bool, StoreError> {
-        // The record's changes still waiting to be uploaded are the restoration's now: sent
-        // as well, one that depends on nothing would be logged as a new history beside it.
-        let mut replaced = Vec::new();
+        // The record's changes still waiting to be uploaded are the restoration's now
+        // (`complete_carried`): sent as well, one that depends on nothing would be logged as a
+        // new history beside it.
         let mut in_flight = Vec::new();
         self.scan_queue(None, |entry| {
-            if entry.model_name == key.0 && entry.object_id == key.1 {
-                match entry.status {
-                    QueueStatus::Pending | QueueStatus::Failed => replaced.push(entry),
-                    QueueStatus::Processing => in_flight.push(entry),
-                    QueueStatus::Completed => {}
-                }
+            if entry.model_name == key.0
+                && entry.object_id == key.1
+                && entry.status == QueueStatus::Processing
+            {
+                in_flight.push(entry);
             }
             true
         })?;
@@ -1132,19 +1189,102 @@ impl Store {
             return Ok(false);
         }
         self.finish(key.clone(), staged, now, batch, delta)?;
-        for mut entry in replaced {
+        self.complete_carried(key, "it was purged", now, batch, delta)?;
+        Ok(true)
+    }
+
+    /// A record whose history a flatten entry started again, held here as `old` (with
+    /// `history`, the changes of that history met since, applied first): when it holds edits
+    /// the relay never logged, what they change of what the record shows (fields set or
+    /// removed, a delete) is written on `fresh`, on the flatten change, as one local change,
+    /// queued in `batch`; the record's changes still waiting to be uploaded are completed, as
+    /// it carries them (PROTOCOL.md, section 5.8). True when it wrote one.
+    #[allow(clippy::too_many_arguments)]
+    fn rebase_flattened(
+        &self,
+        key: &CacheKey,
+        mut old: Record,
+        history: Vec<Change>,
+        flatten: Change,
+        fresh: &mut Record,
+        now: u64,
+        batch: &mut Batch,
+        delta: &mut CountDelta,
+    ) -> Result<bool, StoreError> {
+        let logged_now: Vec<ChangeHash> = history.iter().map(Change::hash).collect();
+        if !history.is_empty() && old.apply_reloadable(history).is_err() {
+            old = match self.load(&key.0, &key.1)? {
+                Some(stored) => stored,
+                None => return Ok(false),
+            };
+        }
+        if !self.holds_unlogged(key, &mut old, &logged_now)? {
+            return Ok(false);
+        }
+        fresh.apply_decoded(vec![flatten])?;
+        let policy = self.options.policies.of(&key.0);
+        let local = resolve::view(&mut old, policy);
+        let logged = resolve::view(fresh, policy);
+        let written = if local.deleted {
+            fresh.delete(now)?
+        } else {
+            let set: crate::record::Fields = local
+                .fields
+                .iter()
+                .filter(|(name, value)| logged.fields.get(*name) != Some(*value))
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect();
+            let unset: Vec<String> = logged
+                .fields
+                .keys()
+                .filter(|name| !local.fields.contains_key(*name))
+                .cloned()
+                .collect();
+            fresh.patch(&set, &unset, now)?
+        };
+        let staged = super::Staged::of(fresh, Vec::new(), written, policy)?;
+        if staged.written.is_none() {
+            return Ok(false);
+        }
+        self.finish(key.clone(), staged, now, batch, delta)?;
+        self.complete_carried(key, "its history was flattened", now, batch, delta)?;
+        Ok(true)
+    }
+
+    /// Completes the record's queue entries still waiting to be uploaded (pending or failed):
+    /// a change written again on the record's new history carries them, after `why`.
+    fn complete_carried(
+        &self,
+        key: &CacheKey,
+        why: &str,
+        now: u64,
+        batch: &mut Batch,
+        delta: &mut CountDelta,
+    ) -> Result<(), StoreError> {
+        let mut carried = Vec::new();
+        self.scan_queue(None, |entry| {
+            if entry.model_name == key.0
+                && entry.object_id == key.1
+                && matches!(entry.status, QueueStatus::Pending | QueueStatus::Failed)
+            {
+                carried.push(entry);
+            }
+            true
+        })?;
+        for mut entry in carried {
             let was = entry.status;
             entry.status = QueueStatus::Completed;
             entry.updated_at = now;
             entry.last_error = Some(format!(
-                "{}/{} was purged: this change is carried by the record's restoration",
+                "{}/{}: {why}, and this change is carried by the one written again on its new \
+                 history",
                 key.0, key.1
             ));
             let entry = self.with_change(entry)?;
             super::stage_entry(batch, delta, Some(was), &entry)?;
             self.lock_holds().release(entry.id);
         }
-        Ok(true)
+        Ok(())
     }
 
     /// What applying `change` would report when it creates a record this device does not hold
@@ -1271,4 +1411,13 @@ fn builds_on_itself(changes: &[Change]) -> bool {
     changes
         .iter()
         .all(|c| c.deps().iter().all(|d| own.contains(d)))
+}
+
+/// Whether a log entry's change is a flatten change: the first of a history the relay started
+/// again (PROTOCOL.md, section 5.8). Devices cannot upload one, so only the relay's are logged.
+fn is_flatten(header: &ChangeHeader) -> bool {
+    header.deps.is_empty()
+        && header.seq == 1
+        && crate::record::operation_of(header.message.as_deref())
+            == crate::record::FLATTEN_OPERATION
 }
