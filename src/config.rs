@@ -360,7 +360,7 @@ impl Default for RelayConfig {
             metrics_token: String::new(),
             keep_log_days: 0,
             keep_log_entries: 0,
-            flatten_history: false,
+            flatten_history: true,
             tombstone_days: 0.0,
             compact_interval_secs: 3600,
         }

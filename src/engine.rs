@@ -1366,8 +1366,16 @@ pub fn carry_out(
             session.upload(changes, now);
         }
         DeviceEffect::RecordUploadResults { results, .. } => {
-            done.refused = store.finish_upload(&results, retries)?.refused;
+            let summary = store.finish_upload(&results, retries)?;
+            done.refused = summary.refused;
             session.upload_recorded();
+            if summary.written_again > 0 {
+                tracing::info!(
+                    records = summary.written_again,
+                    "edits refused as built on a flattened history written again, to upload"
+                );
+                session.local_changes();
+            }
         }
         DeviceEffect::AbandonUpload {
             entries,

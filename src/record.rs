@@ -723,6 +723,18 @@ impl Record {
         self.commit(FLATTEN_OPERATION, Operation::Create, now_ms)
     }
 
+    /// The flatten change the document's history starts with, if it starts with one (a history
+    /// the relay started again, PROTOCOL.md section 5.8).
+    pub fn flatten_change(&mut self) -> Option<ChangeHash> {
+        self.doc
+            .get_changes(&[])
+            .iter()
+            .find(|change| {
+                change.deps().is_empty() && operation_of(change.message()) == FLATTEN_OPERATION
+            })
+            .map(|change| change.hash())
+    }
+
     /// Whether any key or list position of the document, at any depth, holds concurrent values
     /// (what a strategy settles at read time, and a flattened history could not keep).
     pub fn has_concurrent_values(&self) -> Result<bool, RecordError> {

@@ -580,3 +580,73 @@ fn a_flattened_history_replaces_the_old_one_on_every_device_and_late_edits_are_w
         assert_eq!(net.relay.record(SPACE, "Doc", "r").unwrap(), Some(expected));
     }
 }
+
+/// A device offline past the horizon with an edit on a history the relay flattened meanwhile
+/// bootstraps from the relay's snapshot: the page's document replaces the old history, the edit
+/// waits for the relay's answer (set aside), which refuses it as built on the ended history; it
+/// is then written again on the new one, uploaded, and every device ends with the same fields.
+#[test]
+fn a_device_back_past_the_horizon_writes_its_edits_again_on_a_flattened_history() {
+    let net = Net::new();
+    let (a, b) = (net.device(A), net.device(B));
+    put(&a, "Doc", "r", json!({"n": 0, "name": "first"}));
+    for n in 1..4 {
+        patch(&a, "r", json!({"n": n}));
+    }
+    net.upload(&a);
+    net.download(&a, 100);
+    net.download(&b, 100);
+    patch(&b, "r", json!({"name": "offline"}));
+    for n in 0..5 {
+        put(&a, "Doc", &format!("other{n}"), json!({"n": n}));
+    }
+    net.upload(&a);
+    net.download(&a, 100);
+    assert_eq!(net.flatten(), 1);
+    // A meets the flatten entry; B's cursor is below the horizon: it bootstraps.
+    net.download(&a, 100);
+    let cursor = b.sync_cursor().unwrap();
+    let slice = net
+        .relay
+        .read_since(SPACE, cursor, 100, usize::MAX)
+        .unwrap();
+    assert!(slice.horizon > cursor, "B is past the horizon");
+    net.bootstrap(&b);
+    // Whether the relay logged B's edit before it flattened the record (its answer lost) only
+    // the relay's answer tells: until then the edit is set aside.
+    assert_eq!(history_len(&b, "r"), 1);
+    let answers = net.upload(&b);
+    assert!(
+        matches!(
+            answers.as_slice(),
+            [ChangeOutcome::Rejected {
+                code: ErrorCode::RecordPurged,
+                ..
+            }]
+        ),
+        "{answers:?}"
+    );
+    assert_eq!(
+        history_len(&b, "r"),
+        2,
+        "the flatten change and B's edit written again"
+    );
+    assert_eq!(
+        shown(&b, "Doc", "r"),
+        Some(fields(json!({"n": 3, "name": "offline"})))
+    );
+    while !net.upload(&b).is_empty() {}
+    let counts = b.queue_counts().unwrap();
+    assert_eq!((counts.pending, counts.failed), (0, 0), "{counts:?}");
+    net.download(&a, 100);
+    net.download(&b, 100);
+    let heads = net.relay.heads(SPACE, "Doc", "r").unwrap().unwrap();
+    for device in [&a, &b] {
+        assert_eq!(
+            shown(device, "Doc", "r"),
+            Some(fields(json!({"n": 3, "name": "offline"})))
+        );
+        assert_eq!(device.get("Doc", "r").unwrap().heads, heads);
+        assert!(conflicts(device).is_empty());
+    }
+}

@@ -24,8 +24,11 @@
 //! before each compaction it purges every record deleted so far, so devices meet purge
 //! entries, or bootstrap past them, while holding edits to purged records: what they wrote
 //! comes back as a restoration, and only the changes of a purged history may be missing at the
-//! end.
+//! end. It flattens the histories its horizon passed whole, so devices meet flatten entries, or
+//! bootstrap from flattened documents, while holding edits on the old histories (written again
+//! on the new ones) and uploads whose answers were lost (set aside until answered).
 //!
+//! `FERRY_SIM_FLATTEN=0` keeps the relay from flattening histories as it compacts.
 //! `FERRY_SIM_SEEDS=N` runs N seeds (default 500); `FERRY_SIM_SEED=S` replays one seed;
 //! `FERRY_SIM_FIRST=S` starts the range elsewhere. A failure prints the seed to replay. Seeds
 //! that once found a hole run in a test of their own whatever the range.
@@ -862,15 +865,16 @@ impl World {
         let retention = LogRetention {
             keep_log_days: 0,
             keep_log_entries: keep,
-            flatten_history: false,
+            flatten_history: env_u64("FERRY_SIM_FLATTEN") != Some(0),
         };
         let done = relay
             .compact_log(SPACE, self.clock.now(), retention)
             .expect("compaction");
         if let Some(done) = done {
             self.note(format!(
-                "the relay compacts its log through {} ({} bases saved)",
-                done.horizon, done.bases_saved
+                "the relay compacts its log through {} ({} bases saved, {} histories \
+                 flattened)",
+                done.horizon, done.bases_saved, done.flattened
             ));
         }
     }

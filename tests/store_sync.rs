@@ -184,6 +184,7 @@ fn finishing_an_upload_settles_each_outcome_in_one_go() {
             completed: 2,
             failed: 1,
             retrying: 1,
+            written_again: 0,
             ignored: vec![999, waiting],
             refused: vec![
                 RefusedEntry {

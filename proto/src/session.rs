@@ -21,10 +21,10 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 pub use crate::wire::IndexPosition;
 use crate::wire::{
     COLLECTIONS_VERSION, ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind,
-    HEADS_CHECK_VERSION, LogEntry, MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION, Message,
-    OWN_ENTRIES_LEFT_OUT_VERSION, PIPELINED_DOWNLOAD_VERSION, PROTOCOL_VERSION, PURGE_VERSION,
-    RecordName, SNAPSHOT_VERSION, Secret, SnapshotPage, Tokens, UNIQUE_INDEX_VERSION,
-    UniqueIndexPage, UploadChange, auth_transcript,
+    FLATTEN_VERSION, HEADS_CHECK_VERSION, LogEntry, MAX_CREDENTIAL_BYTES, MIN_PROTOCOL_VERSION,
+    Message, OWN_ENTRIES_LEFT_OUT_VERSION, PIPELINED_DOWNLOAD_VERSION, PROTOCOL_VERSION,
+    PURGE_VERSION, RecordName, SNAPSHOT_VERSION, Secret, SnapshotPage, Tokens,
+    UNIQUE_INDEX_VERSION, UniqueIndexPage, UploadChange, auth_transcript,
 };
 
 /// The most collections one `Collections` may name.
@@ -64,6 +64,9 @@ pub struct SessionConfig {
     /// Pushes a device holds while it applies earlier changes; beyond this it drops them and
     /// downloads instead, so a slow disk cannot make memory grow.
     pub max_buffered_pushes: usize,
+    /// The oldest protocol version the relay lets a device speak: a relay whose log may hold
+    /// what older devices cannot read (`FLATTEN_VERSION`'s flattened histories) raises it.
+    pub min_device_version: u16,
 }
 
 impl Default for SessionConfig {
@@ -77,6 +80,7 @@ impl Default for SessionConfig {
             max_download_changes: 2_000,
             max_snapshot_records: 10_000,
             max_buffered_pushes: 64,
+            min_device_version: MIN_PROTOCOL_VERSION,
         }
     }
 }
@@ -1930,6 +1934,18 @@ impl RelaySession {
                 ),
             );
         }
+        if self.version < FLATTEN_VERSION
+            && let Some(flatten) = slice.entries.iter().find(|e| e.is_flatten())
+        {
+            return self.fail(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "the log flattens the history of {}/{} at seq {}, and this device speaks \
+                     protocol {}, which has no flatten entries: upgrade it",
+                    flatten.collection, flatten.record, flatten.seq, self.version
+                ),
+            );
+        }
         let mut entries = slice.entries;
         if !self.acked.is_empty() {
             entries.retain(|e| !self.acked.contains(&e.seq));
@@ -2010,12 +2026,13 @@ impl RelaySession {
                 },
             ) => {
                 let version = max_version.min(PROTOCOL_VERSION);
-                if version < min_version.max(MIN_PROTOCOL_VERSION) {
+                let oldest = self.config.min_device_version.max(MIN_PROTOCOL_VERSION);
+                if version < min_version.max(oldest) {
                     return self.fail(
                         ErrorCode::UnsupportedVersion,
                         format!(
                             "the device speaks protocol {min_version} to {max_version}, this \
-                             relay {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}: upgrade the older side"
+                             relay {oldest} to {PROTOCOL_VERSION}: upgrade the older side"
                         ),
                     );
                 }

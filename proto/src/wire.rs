@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// The first version with `CheckHeads` / `HeadsDigest`.
 pub const HEADS_CHECK_VERSION: u16 = 3;
 /// The first version in which `Changes` leaves out the entries the relay answered `Stored` or
@@ -28,6 +28,9 @@ pub const COLLECTIONS_VERSION: u16 = 6;
 /// The first version with `UniqueIndex` / `UniqueIndexPage`: a bootstrap of a space with unique
 /// constraints takes the relay's unique-value index too (PROTOCOL.md, section 5.8).
 pub const UNIQUE_INDEX_VERSION: u16 = 7;
+/// The first version whose log may hold flatten entries (`LogEntry::is_flatten`): a record's
+/// history started again by the relay as one change (PROTOCOL.md, section 5.8).
+pub const FLATTEN_VERSION: u16 = 8;
 /// The oldest protocol version this build still speaks. Version 1 had no accounts or tokens:
 /// a relay that requires them cannot let a version 1 device in.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
@@ -94,6 +97,52 @@ impl LogEntry {
     pub fn is_purge(&self) -> bool {
         self.change.is_empty()
     }
+
+    /// A flatten entry: its change depends on nothing and its message's first line is
+    /// `flatten`, which only the relay writes (PROTOCOL.md, section 5.8). Read from the change
+    /// chunk's header alone; bytes that are no change chunk are no flatten entry.
+    pub fn is_flatten(&self) -> bool {
+        change_message(&self.change).is_some_and(|(deps, message)| {
+            deps == 0 && message.split('\n').next() == Some("flatten")
+        })
+    }
+}
+
+/// An Automerge change chunk's dependency count and message, read from its header (magic,
+/// checksum, type 1, body length; then dependencies, actor, sequence number, first operation,
+/// time, message), without checking the checksum.
+fn change_message(bytes: &[u8]) -> Option<(u64, &str)> {
+    fn uleb(rest: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for (i, &b) in rest.iter().enumerate().take(10) {
+            value |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+            if b & 0x80 == 0 {
+                *rest = rest.get(i + 1..)?;
+                return Some(value);
+            }
+        }
+        None
+    }
+    fn skip<'a>(rest: &mut &'a [u8], n: u64) -> Option<&'a [u8]> {
+        let (taken, after) = rest.split_at_checked(usize::try_from(n).ok()?)?;
+        *rest = after;
+        Some(taken)
+    }
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    if bytes.get(..4)? != MAGIC || *bytes.get(8)? != 1 {
+        return None;
+    }
+    let mut rest = bytes.get(9..)?;
+    let _len = uleb(&mut rest)?;
+    let deps = uleb(&mut rest)?;
+    skip(&mut rest, deps.checked_mul(32)?)?;
+    let actor = uleb(&mut rest)?;
+    skip(&mut rest, actor)?;
+    let _seq = uleb(&mut rest)?;
+    let _start_op = uleb(&mut rest)?;
+    let _time = uleb(&mut rest)?;
+    let message = uleb(&mut rest)?;
+    Some((deps, std::str::from_utf8(skip(&mut rest, message)?).ok()?))
 }
 
 /// What the relay did with one uploaded change.

@@ -20,9 +20,9 @@ use ferry_proto::session::{
     device_id, uploads_in_flight,
 };
 use ferry_proto::wire::{
-    ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, IndexPosition, IndexValue,
-    LogEntry, MAX_CREDENTIAL_BYTES, Message, PROTOCOL_VERSION, RecordName, Secret, SnapshotPage,
-    SnapshotRecord, Tokens, UniqueHolders, UniqueIndexPage, UploadChange,
+    ChangeOutcome, ChangeResult, Credential, ErrorCode, ErrorKind, FLATTEN_VERSION, IndexPosition,
+    IndexValue, LogEntry, MAX_CREDENTIAL_BYTES, Message, PROTOCOL_VERSION, RecordName, Secret,
+    SnapshotPage, SnapshotRecord, Tokens, UniqueHolders, UniqueIndexPage, UploadChange,
 };
 
 const BINDING: &[u8] = b"channel-binding-of-this-connection";
@@ -1120,8 +1120,8 @@ fn no_common_version_and_bad_spaces_are_refused_with_a_reason() {
     let mut relay = RelaySession::new(SessionConfig::default(), [1; 32], vec![], 0);
     relay.handle_message(
         Message::Hello {
-            min_version: 8,
-            max_version: 9,
+            min_version: 9,
+            max_version: 10,
             public_key: [0; 32],
             space: "team".into(),
             time_ms: 0,
@@ -1965,6 +1965,84 @@ fn a_purge_entry_is_sent_from_version_5_and_ends_a_version_4_session() {
         other => panic!("a version 4 device meeting a purge entry is refused: {other:?}"),
     }
     assert_eq!(world.applied, []);
+}
+
+/// A flatten entry (a change depending on nothing whose message is `flatten`) reaches a device
+/// of version 8 like any entry; a version 7 device, which would keep it beside the record's old
+/// history, is told to upgrade instead.
+#[test]
+fn a_flatten_entry_is_sent_from_version_8_and_ends_a_version_7_session() {
+    // An Automerge change chunk's header: magic, checksum, type 1, body length; then no
+    // dependency, a one-byte actor, sequence number 1, first operation 1, time 0, the message.
+    let mut body = vec![0, 1, 7, 1, 1, 0, 7];
+    body.extend_from_slice(b"flatten");
+    let mut chunk = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, body.len() as u8];
+    chunk.extend_from_slice(&body);
+    let log = |world: &mut World| {
+        let mut flatten = change(2);
+        flatten.record = "r1".into();
+        flatten.change = chunk.clone();
+        world.append("other", &[change(1), flatten, change(3)]);
+    };
+    let mut world = World::default();
+    log(&mut world);
+    let mut pair = Pair::new([28; 32], 1);
+    pair.run(&mut world);
+    assert!(closed_with(&pair.device_events).is_none());
+    let applied: Vec<(u64, bool)> = world
+        .applied
+        .iter()
+        .map(|e| (e.seq, e.is_flatten()))
+        .collect();
+    assert_eq!((applied, world.cursor), (vec![(2, true), (3, false)], 3));
+
+    let mut world = World::default();
+    log(&mut world);
+    let mut pair = Pair::new([29; 32], 1);
+    pair.hello_as_version(7);
+    pair.run(&mut world);
+    match closed_with(&pair.device_events) {
+        Some(SessionError::Remote { code, message }) => {
+            assert_eq!(*code, ErrorCode::UnsupportedVersion);
+            assert!(message.contains("upgrade"), "{message}");
+        }
+        other => panic!("a version 7 device meeting a flatten entry is refused: {other:?}"),
+    }
+    assert_eq!(world.applied, []);
+}
+
+/// A relay that raises `min_device_version` (one that flattens histories) tells an older
+/// device to upgrade at its `Hello`, and lets a current one in.
+#[test]
+fn a_relay_lets_in_no_device_older_than_its_min_device_version() {
+    let config = SessionConfig {
+        min_device_version: FLATTEN_VERSION,
+        ..SessionConfig::default()
+    };
+    for (max_version, refused) in [(FLATTEN_VERSION - 1, true), (PROTOCOL_VERSION, false)] {
+        let mut relay = RelaySession::new(config.clone(), [1; 32], vec![], 0);
+        relay.handle_message(
+            Message::Hello {
+                min_version: 2,
+                max_version,
+                public_key: [0; 32],
+                space: "team".into(),
+                time_ms: 0,
+            },
+            0,
+        );
+        let answer = relay.poll_output();
+        match answer {
+            Some(Output::Transmit(Message::Error {
+                code: ErrorCode::UnsupportedVersion,
+                ref message,
+            })) => assert!(refused && message.contains("upgrade"), "{message}"),
+            Some(Output::Transmit(Message::Challenge { version, .. })) => {
+                assert!(!refused && version == PROTOCOL_VERSION)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 #[test]

@@ -266,6 +266,13 @@ pub async fn run(
             max_frame_bytes: relay.max_frame_bytes,
             max_download_changes: relay.max_download_changes,
             max_snapshot_records: relay.max_snapshot_records,
+            // A device older than flatten entries would keep a flattened document beside the
+            // history it holds.
+            min_device_version: if relay.flatten_history {
+                ferry_proto::wire::FLATTEN_VERSION
+            } else {
+                ferry_proto::wire::MIN_PROTOCOL_VERSION
+            },
             ..SessionConfig::default()
         },
         transport: transport_options,

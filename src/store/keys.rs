@@ -25,6 +25,8 @@
 //! - `i{collection}\0{index}\0{values, order-preserving}{id}` → empty: a secondary index entry of
 //!   a live record (`index`), written and removed with its view; `mindex\0{collection}\0{index}`:
 //!   how far the index's build got.
+//! - `r{collection}\0{id}`: a record's old history set aside after a bootstrap from a flattened
+//!   document, until the relay answered the uploads it holds (`set_aside`).
 
 use super::StoreError;
 
@@ -62,6 +64,22 @@ pub const VIEW: &[u8] = b"v";
 pub const META_VIEWS: &[u8] = b"mviews";
 
 pub const INDEX: &[u8] = b"i";
+pub const SET_ASIDE: &[u8] = b"r";
+
+pub fn set_aside(collection: &str, id: &str) -> Vec<u8> {
+    record_key(SET_ASIDE, collection, id)
+}
+
+/// The (collection, id) of a per-record key under `prefix`; `None` for another key.
+pub fn record_of(prefix: &[u8], key: &[u8]) -> Option<(String, String)> {
+    let rest = key.strip_prefix(prefix)?;
+    let split = rest.iter().position(|&b| b == 0)?;
+    let (collection, id) = (rest.get(..split)?, rest.get(split + 1..)?);
+    Some((
+        std::str::from_utf8(collection).ok()?.to_owned(),
+        std::str::from_utf8(id).ok()?.to_owned(),
+    ))
+}
 pub const META_INDEX: &[u8] = b"mindex\0";
 
 /// `{prefix}{a}\0{b}`: the layout of every per-record key.

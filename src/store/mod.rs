@@ -30,6 +30,7 @@ pub mod keys;
 pub mod kv;
 pub mod partial;
 pub mod query;
+mod set_aside;
 pub mod snapshot;
 pub mod sync;
 mod views;

@@ -15,7 +15,7 @@ use super::{CacheKey, Store, StoreError, keys};
 use crate::record::{Record, change_header};
 use crate::resolve::ledger::ValueKey;
 use crate::resolve::{self, Conflict};
-use automerge::ChangeHash;
+use automerge::{Change, ChangeHash};
 use ferry_proto::Operation;
 use ferry_proto::session::Bootstrap;
 use ferry_proto::wire::{IndexPosition, RecordName, SnapshotPage, SnapshotRecord, UniqueIndexPage};
@@ -281,8 +281,14 @@ impl Store {
                 Some((parsed, view)) => (Some(parsed), Some(view)),
                 None => (None, None),
             };
-            let (mut doc, changed, existed) =
-                self.merge_snapshot(&key, record, parsed, &mut ledger, &mut purge, &mut batch)?;
+            let (mut doc, changed, existed) = self.merge_snapshot(
+                &key,
+                (record, page.head),
+                parsed,
+                &mut ledger,
+                &mut purge,
+                &mut batch,
+            )?;
             if changed {
                 let policy = self.policy(&key.0);
                 let deleted = resolve::is_deleted(&mut doc, policy);
@@ -613,7 +619,7 @@ impl Store {
     fn merge_snapshot(
         &self,
         key: &CacheKey,
-        record: &SnapshotRecord,
+        (record, head): (&SnapshotRecord, u64),
         parsed: Option<Record>,
         ledger: &mut Ledger,
         purge: &mut Purge,
@@ -652,6 +658,41 @@ impl Store {
             } else {
                 self.logged_heads_of(key, held)?
             };
+            if let Some(flatten) = snapshot.flatten_change()
+                && !held.has_change(&flatten)
+            {
+                // The relay started the history this device saw again as one change
+                // (PROTOCOL.md, section 5.8): the page's document replaces it and the conflict
+                // entries stay; edits the relay may not have logged are set aside until it
+                // answers them (`set_aside`), what it refused then written again on it.
+                if let Some(mut old) = local.take() {
+                    // What the page's document holds of it was logged beside the new history;
+                    // of the rest, what waits for the relay's answer may have been logged
+                    // before the flatten (its answer lost) or not: set aside until answered.
+                    let mut seen = seen;
+                    seen.extend(
+                        old.changes_after(&[])?
+                            .iter()
+                            .map(Change::hash)
+                            .filter(|h| snapshot.has_change(h)),
+                    );
+                    seen.retain(|h| old.has_change(h));
+                    let uploads = self.waiting_uploads(purge, key)?;
+                    let waiting: Vec<ChangeHash> = old
+                        .changes_after(&seen)?
+                        .iter()
+                        .map(Change::hash)
+                        .filter(|h| uploads.contains(h))
+                        .collect();
+                    if !waiting.is_empty() {
+                        self.set_aside(batch, key, head, &mut old, &waiting)?;
+                    }
+                }
+                let document = snapshot.heads();
+                self.stage_held(key, &mut snapshot, &logged, batch)?;
+                self.adopt_snapshot(ledger, key, logged, document, conflicts)?;
+                return Ok((snapshot, true, true));
+            }
             if !seen.iter().all(|h| snapshot.has_change(h)) {
                 // The relay no longer holds what this device saw logged: it purged the record,
                 // which was written again since (PROTOCOL.md, section 5.8). Its conflict

@@ -161,6 +161,9 @@ pub struct UploadSummary {
     pub ignored: Vec<u64>,
     /// The entries the relay refused, with why.
     pub refused: Vec<RefusedEntry>,
+    /// Records whose edits the relay refused as built on a history it flattened, now written
+    /// again on the new one (`set_aside`): local changes to upload.
+    pub written_again: usize,
 }
 
 /// A local change that was refused: by the relay, or before sending, as too large for a frame.
@@ -426,8 +429,9 @@ impl Store {
         results: &[ChangeResult],
         policy: &RetryPolicy,
     ) -> Result<UploadSummary, StoreError> {
-        let superseded = self.superseded(results)?;
-        self.settle(
+        let set_aside = self.set_aside_uploads(results)?;
+        let superseded = self.superseded(results, &set_aside)?;
+        let mut summary = self.settle(
             results.iter().map(|r| (r.entry, &r.outcome)),
             |entry, outcome, now, summary| match outcome {
                 ChangeOutcome::Stored { .. } | ChangeOutcome::Duplicate { .. } => {
@@ -458,7 +462,12 @@ impl Store {
                     Ok(())
                 }
             },
-        )
+        )?;
+        if !set_aside.is_empty() {
+            self.note_set_aside_answers(results, &set_aside)?;
+            summary.written_again = self.settle_set_asides()?;
+        }
+        Ok(summary)
     }
 
     /// The refused entries whose record's document no longer holds their change: this device
@@ -466,9 +475,17 @@ impl Store {
     /// its purge, when it showed the record deleted) took them over (PROTOCOL.md, section 5.8).
     /// Refused `RecordPurged` themselves, or, built on such a one, `MissingDependencies`. Until
     /// the download meets the purge entry they wait, retryable.
-    fn superseded(&self, results: &[ChangeResult]) -> Result<HashSet<u64>, StoreError> {
+    /// Those of a history set aside (`set_aside`) wait for the rest of its answers instead.
+    fn superseded(
+        &self,
+        results: &[ChangeResult],
+        set_aside: &HashMap<u64, (CacheKey, ChangeHash)>,
+    ) -> Result<HashSet<u64>, StoreError> {
         let mut superseded = HashSet::new();
         for result in results {
+            if set_aside.contains_key(&result.entry) {
+                continue;
+            }
             let ChangeOutcome::Rejected {
                 code: ErrorCode::RecordPurged | ErrorCode::MissingDependencies,
                 ..
@@ -797,7 +814,7 @@ impl Store {
                 }
             };
             let key = (entry.collection.clone(), entry.record.clone());
-            if is_flatten(&header) {
+            if entry.is_flatten() {
                 // The new history holds what these entries brought of the old one.
                 if let Some(before) = groups.get_mut(&key) {
                     flattened_history
@@ -878,19 +895,31 @@ impl Store {
                 .flatten()
                 .filter_map(|e| decode_change(&e.change).ok())
                 .collect();
+            // One that does not apply is quarantined by the apply below, like any entry.
             let flatten = entries
                 .iter()
                 .find(|e| e.seq == seq)
-                .map(|e| decode_change(&e.change))
-                .transpose()?;
+                .and_then(|e| decode_change(&e.change).ok());
             let mut fresh = self.new_record(&key.0);
             let mut document = Vec::new();
+            // The rebase, if any, builds on the flatten change; the apply below then finds it
+            // held and writes nothing more.
+            let mut rebased = self.new_record(&key.0);
+            let (old, seen) = self.logged_with(key, old, history)?;
             if let Some(flatten) = flatten
+                && rebased.apply_decoded(vec![flatten]).is_ok()
                 && self.rebase_flattened(
-                    key, old, history, flatten, &mut fresh, now, &mut batch, &mut delta,
+                    key,
+                    old,
+                    seen,
+                    &mut rebased,
+                    now,
+                    &mut batch,
+                    &mut delta,
                 )?
             {
-                document = fresh.heads();
+                document = rebased.heads();
+                fresh = rebased;
                 restored += 1;
             }
             Store::purge_logged(&mut ledger, key, document);
@@ -1072,7 +1101,10 @@ impl Store {
         for (key, record) in working.into_cacheable() {
             cache.put(key, record);
         }
+        drop(cache);
         let conflicts = ledger.conflicts.into_changed();
+        // Answers to set-aside uploads may have waited for this part of the log.
+        let restored = restored + self.settle_set_asides()?;
         Ok(RemoteOutcome {
             applied,
             conflicts,
@@ -1151,6 +1183,24 @@ impl Store {
         Ok((!changes.is_empty() && builds_on_itself(&changes)).then_some(changes))
     }
 
+    /// The record's changes on their way to the relay when they make a new history (each
+    /// depends only on others of them): the relay logs them as that history whatever this
+    /// device does meanwhile, so what it writes on the record builds on them, as beside them it
+    /// would reuse their actor's sequence numbers and be refused.
+    fn new_history_in_flight(&self, key: &CacheKey) -> Result<Option<Vec<Change>>, StoreError> {
+        let mut in_flight = Vec::new();
+        self.scan_queue(None, |entry| {
+            if entry.model_name == key.0
+                && entry.object_id == key.1
+                && entry.status == QueueStatus::Processing
+            {
+                in_flight.push(entry);
+            }
+            true
+        })?;
+        self.independent_changes(in_flight)
+    }
+
     /// Writes `old` as this device shows it on `fresh` as a purged record's new history, queued
     /// in `batch`; false when that wrote nothing.
     pub(super) fn write_restoration(
@@ -1164,21 +1214,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         // The record's changes still waiting to be uploaded are the restoration's now
         // (`complete_carried`): sent as well, one that depends on nothing would be logged as a
-        // new history beside it.
-        let mut in_flight = Vec::new();
-        self.scan_queue(None, |entry| {
-            if entry.model_name == key.0
-                && entry.object_id == key.1
-                && entry.status == QueueStatus::Processing
-            {
-                in_flight.push(entry);
-            }
-            true
-        })?;
-        // A new history's first changes already on their way are logged as that history
-        // whatever happens here: the restoration builds on them, as beside them it would reuse
-        // their actor's sequence numbers and be refused.
-        if let Some(first) = self.independent_changes(in_flight)? {
+        // new history beside it. Those already on their way are built on.
+        if let Some(first) = self.new_history_in_flight(key)? {
             fresh.apply_decoded(first)?;
         }
         let shown = resolve::view(&mut old, self.options.policies.of(&key.0));
@@ -1193,40 +1230,90 @@ impl Store {
         Ok(true)
     }
 
-    /// A record whose history a flatten entry started again, held here as `old` (with
-    /// `history`, the changes of that history met since, applied first): when it holds edits
-    /// the relay never logged, what they change of what the record shows (fields set or
-    /// removed, a delete) is written on `fresh`, on the flatten change, as one local change,
-    /// queued in `batch`; the record's changes still waiting to be uploaded are completed, as
-    /// it carries them (PROTOCOL.md, section 5.8). True when it wrote one.
+    /// `old` with `history` (changes of its history met in this apply) applied, and the heads
+    /// of what this device saw logged of it, those changes included.
+    fn logged_with(
+        &self,
+        key: &CacheKey,
+        mut old: Record,
+        history: Vec<Change>,
+    ) -> Result<(Record, Vec<ChangeHash>), StoreError> {
+        let logged_now: Vec<ChangeHash> = history.iter().map(Change::hash).collect();
+        // What does not apply is left out, as applying it would quarantine it.
+        if !history.is_empty() && old.apply_reloadable(history).is_err() {
+            old = match self.load(&key.0, &key.1)? {
+                Some(stored) => stored,
+                None => self.new_record(&key.0),
+            };
+        }
+        let mut seen = self.logged_heads_of(key, &mut old)?;
+        seen.extend_from_slice(&logged_now);
+        Ok((old, seen))
+    }
+
+    /// A record whose history a flatten entry started again, held here as `old`, of which this
+    /// device saw the changes up to `seen` logged: when it holds edits beyond them, what they
+    /// changed of what the record showed at `seen` (fields set or removed, a delete) is
+    /// written on `fresh`, which holds the new history, as one local change, queued in `batch`
+    /// (edits that build on nothing logged are kept as they are, beside it); the record's changes still waiting to be uploaded are
+    /// completed, as it carries them (PROTOCOL.md, section 5.8). True when it wrote one.
     #[allow(clippy::too_many_arguments)]
     fn rebase_flattened(
         &self,
         key: &CacheKey,
         mut old: Record,
-        history: Vec<Change>,
-        flatten: Change,
+        mut seen: Vec<ChangeHash>,
         fresh: &mut Record,
         now: u64,
         batch: &mut Batch,
         delta: &mut CountDelta,
     ) -> Result<bool, StoreError> {
-        let logged_now: Vec<ChangeHash> = history.iter().map(Change::hash).collect();
-        if !history.is_empty() && old.apply_reloadable(history).is_err() {
-            old = match self.load(&key.0, &key.1)? {
-                Some(stored) => stored,
-                None => return Ok(false),
-            };
-        }
-        if !self.holds_unlogged(key, &mut old, &logged_now)? {
+        seen.retain(|h| old.has_change(h));
+        let unlogged = old.changes_after(&seen)?;
+        if unlogged.is_empty() {
             return Ok(false);
         }
-        fresh.apply_decoded(vec![flatten])?;
+        if builds_on_itself(&unlogged) {
+            // Edits that build on nothing logged (a record this device created on its own,
+            // under the same id) are a history of their own, uploaded as they are: kept beside
+            // the new one, as the relay keeps them.
+            fresh.apply_decoded(unlogged)?;
+            batch.put(keys::doc(&key.0, &key.1), fresh.save());
+            self.stage_view(batch, key, fresh)?;
+            return Ok(true);
+        }
+        let mut before = old.fork_at(&seen)?;
+        self.write_again(key, &mut before, &mut old, fresh, now, batch, delta)
+    }
+
+    /// Writes on `fresh` (a record's new history) what `old` changed of what `before` showed
+    /// (fields set or removed, a delete), as one local change queued in `batch`, and completes
+    /// the record's entries still waiting to be uploaded, as it carries them. False when that
+    /// changes nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn write_again(
+        &self,
+        key: &CacheKey,
+        before: &mut Record,
+        old: &mut Record,
+        fresh: &mut Record,
+        now: u64,
+        batch: &mut Batch,
+        delta: &mut CountDelta,
+    ) -> Result<bool, StoreError> {
         let policy = self.options.policies.of(&key.0);
-        let local = resolve::view(&mut old, policy);
-        let logged = resolve::view(fresh, policy);
+        let logged = resolve::view(before, policy);
+        let local = resolve::view(old, policy);
+        let live = fresh.is_live();
         let written = if local.deleted {
-            fresh.delete(now)?
+            if logged.deleted || !live {
+                None
+            } else {
+                fresh.delete(now)?
+            }
+        } else if logged.deleted || !live {
+            // Brought back here: as this device shows it.
+            fresh.put(&local.fields, now)?
         } else {
             let set: crate::record::Fields = local
                 .fields
@@ -1240,7 +1327,11 @@ impl Store {
                 .filter(|name| !local.fields.contains_key(*name))
                 .cloned()
                 .collect();
-            fresh.patch(&set, &unset, now)?
+            if set.is_empty() && unset.is_empty() {
+                None
+            } else {
+                fresh.patch(&set, &unset, now)?
+            }
         };
         let staged = super::Staged::of(fresh, Vec::new(), written, policy)?;
         if staged.written.is_none() {
@@ -1411,13 +1502,4 @@ fn builds_on_itself(changes: &[Change]) -> bool {
     changes
         .iter()
         .all(|c| c.deps().iter().all(|d| own.contains(d)))
-}
-
-/// Whether a log entry's change is a flatten change: the first of a history the relay started
-/// again (PROTOCOL.md, section 5.8). Devices cannot upload one, so only the relay's are logged.
-fn is_flatten(header: &ChangeHeader) -> bool {
-    header.deps.is_empty()
-        && header.seq == 1
-        && crate::record::operation_of(header.message.as_deref())
-            == crate::record::FLATTEN_OPERATION
 }
