@@ -205,8 +205,8 @@ impl Store {
                 let mut seen = old.fork_at(&before)?;
                 wrote = self.write_again(
                     &key,
-                    &mut seen,
-                    &mut old,
+                    (&mut seen, &mut old),
+                    Some(&ended),
                     current,
                     self.clock.now_ms(),
                     &mut batch,

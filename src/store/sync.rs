@@ -1226,7 +1226,7 @@ impl Store {
             return Ok(false);
         }
         self.finish(key.clone(), staged, now, batch, delta)?;
-        self.complete_carried(key, "it was purged", now, batch, delta)?;
+        self.complete_carried(key, "it was purged", None, now, batch, delta)?;
         Ok(true)
     }
 
@@ -1283,19 +1283,19 @@ impl Store {
             return Ok(true);
         }
         let mut before = old.fork_at(&seen)?;
-        self.write_again(key, &mut before, &mut old, fresh, now, batch, delta)
+        self.write_again(key, (&mut before, &mut old), None, fresh, now, batch, delta)
     }
 
     /// Writes on `fresh` (a record's new history) what `old` changed of what `before` showed
     /// (fields set or removed, a delete), as one local change queued in `batch`, and completes
-    /// the record's entries still waiting to be uploaded, as it carries them. False when that
-    /// changes nothing.
+    /// the record's entries still waiting to be uploaded (those of the changes in `carried`,
+    /// when given), as it carries them. False when that changes nothing.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn write_again(
         &self,
         key: &CacheKey,
-        before: &mut Record,
-        old: &mut Record,
+        (before, old): (&mut Record, &mut Record),
+        carried: Option<&HashSet<ChangeHash>>,
         fresh: &mut Record,
         now: u64,
         batch: &mut Batch,
@@ -1338,31 +1338,40 @@ impl Store {
             return Ok(false);
         }
         self.finish(key.clone(), staged, now, batch, delta)?;
-        self.complete_carried(key, "its history was flattened", now, batch, delta)?;
+        let why = "its history was flattened";
+        self.complete_carried(key, why, carried, now, batch, delta)?;
         Ok(true)
     }
 
-    /// Completes the record's queue entries still waiting to be uploaded (pending or failed):
-    /// a change written again on the record's new history carries them, after `why`.
+    /// Completes the record's queue entries still waiting to be uploaded (pending or failed),
+    /// of the changes in `only` when given: a change written again on the record's new history
+    /// carries them, after `why`.
     fn complete_carried(
         &self,
         key: &CacheKey,
         why: &str,
+        only: Option<&HashSet<ChangeHash>>,
         now: u64,
         batch: &mut Batch,
         delta: &mut CountDelta,
     ) -> Result<(), StoreError> {
-        let mut carried = Vec::new();
+        let mut waiting = Vec::new();
         self.scan_queue(None, |entry| {
             if entry.model_name == key.0
                 && entry.object_id == key.1
                 && matches!(entry.status, QueueStatus::Pending | QueueStatus::Failed)
             {
-                carried.push(entry);
+                waiting.push(entry);
             }
             true
         })?;
-        for mut entry in carried {
+        for entry in waiting {
+            let mut entry = self.with_change(entry)?;
+            if let Some(only) = only
+                && !only.contains(&change_header(&entry.data)?.hash)
+            {
+                continue;
+            }
             let was = entry.status;
             entry.status = QueueStatus::Completed;
             entry.updated_at = now;
@@ -1371,7 +1380,6 @@ impl Store {
                  history",
                 key.0, key.1
             ));
-            let entry = self.with_change(entry)?;
             super::stage_entry(batch, delta, Some(was), &entry)?;
             self.lock_holds().release(entry.id);
         }
