@@ -1358,6 +1358,74 @@ fn histories_below_the_horizon_are_flattened(engine: &dyn Engine) {
     );
 }
 
+/// Flattening reaches the records whose bases hold every change already (saved as they were
+/// written, so compaction has no tail of theirs to save): the sweep finds them by their logged
+/// heads, and leaves alone a record of one change or one already flattened.
+fn settled_histories_are_flattened_by_the_sweep(engine: &dyn Engine) {
+    // A base saved after every second change.
+    let relay_store = relay(engine.open(), 2);
+    let mut writers: Vec<Writer> = (0..3).map(|_| Writer::new(1)).collect();
+    let mut entry = 0;
+    let mut store = |relay_store: &RelayStore, record: &str, change: &[u8]| {
+        entry += 1;
+        let r = relay_store
+            .append(SPACE, &dev(1), &[upload(entry, record, change)])
+            .unwrap();
+        assert!(matches!(r[0].outcome, ChangeOutcome::Stored { .. }));
+    };
+    for (i, writer) in writers.iter_mut().enumerate() {
+        let change = writer.put(json!({"n": 0, "name": format!("r{i}")}));
+        store(&relay_store, &format!("r{i}"), &change);
+    }
+    for round in 1..4 {
+        for (i, writer) in writers.iter_mut().enumerate().take(2) {
+            let change = writer.patch(json!({"n": round}));
+            store(&relay_store, &format!("r{i}"), &change);
+        }
+    }
+    // r2, written once, keeps the last entry above the horizon.
+    let change = writers[2].patch(json!({"n": 9}));
+    store(&relay_store, "r2", &change);
+    let shown = |relay_store: &RelayStore| -> Vec<_> {
+        (0..3)
+            .map(|i| {
+                relay_store
+                    .record(SPACE, "Doc", &format!("r{i}"))
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let before = shown(&relay_store);
+    let retention = LogRetention {
+        keep_log_days: 0,
+        keep_log_entries: 1,
+        flatten_history: true,
+    };
+    let done = relay_store
+        .compact_log(SPACE, 1_000, retention)
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.flattened, 2, "{done:?}");
+    assert_eq!(shown(&relay_store), before);
+    for id in ["r0", "r1"] {
+        assert_eq!(
+            relay_store.heads(SPACE, "Doc", id).unwrap().unwrap().len(),
+            1
+        );
+    }
+    // Another pass, once the horizon moved past the flatten entries: nothing left to flatten.
+    let change = writers[2].patch(json!({"n": 10}));
+    store(&relay_store, "r2", &change);
+    let change = writers[2].patch(json!({"n": 11}));
+    store(&relay_store, "r2", &change);
+    let done = relay_store
+        .compact_log(SPACE, 2_000, retention)
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.flattened, 0, "{done:?}");
+}
+
 /// Tombstones: a record deleted `tombstone_days` ago gets a purge entry in the log (an entry
 /// with no change), and its base, tail, heads and conflict entries go while a purge marker and
 /// its dedup index stay; a record changed since its delete, or live, stays. A change built on
@@ -1975,6 +2043,11 @@ macro_rules! conformance {
             #[test]
             fn histories_below_the_horizon_are_flattened() {
                 super::histories_below_the_horizon_are_flattened(&$engine);
+            }
+
+            #[test]
+            fn settled_histories_are_flattened_by_the_sweep() {
+                super::settled_histories_are_flattened_by_the_sweep(&$engine);
             }
 
             #[test]

@@ -170,6 +170,9 @@ const DAY_MS: u64 = 86_400_000;
 
 /// Records whose bases one compaction step saves.
 const BASES_PER_STEP: usize = 256;
+/// Records the sweep for histories to flatten looks at in one compaction pass: a larger space
+/// is swept over several passes.
+const FLATTEN_SCAN: usize = 100_000;
 
 /// Tombstone notes one purge step looks at.
 const PURGES_PER_STEP: usize = 256;
@@ -272,6 +275,8 @@ struct SpaceState {
     /// Appends left to hold the space from their first staging: other relays were found
     /// appending to it (see `CONTENDED_APPENDS`).
     contended: u32,
+    /// Where the sweep for histories to flatten stopped (`flatten_settled`).
+    flatten_after: Option<RecordName>,
 }
 
 /// Log entries another relay appended that a catch-up reads to find the records whose cached
@@ -334,7 +339,7 @@ pub struct RelayStore {
     /// checked against what the cache saw before a cached document is trusted.
     shared: bool,
     options: RelayStoreOptions,
-    /// The relay never writes changes itself; its documents need an actor all the same.
+    /// The actor of the relay's documents, and of the flatten changes it writes.
     actor: ActorId,
     /// Each space's lock: appends to a space are staged one at a time, and a document is not
     /// read between an append's commit and its cache update. Fair: handed to callers in the
@@ -1782,7 +1787,10 @@ impl RelayStore {
         }
         let bytes_before = self.storage.log_bytes(space)?;
         let flatten_at = retention.flatten_history.then_some(now_ms);
-        let (bases_saved, flattened) = self.save_bases_through(space, target, flatten_at)?;
+        let (bases_saved, mut flattened) = self.save_bases_through(space, target, flatten_at)?;
+        if retention.flatten_history {
+            flattened = flattened.saturating_add(self.flatten_settled(space, target, now_ms)?);
+        }
         // Appends may land meanwhile: they only add entries above the head, so the step is
         // staged again on the new head.
         loop {
@@ -1959,39 +1967,16 @@ impl RelayStore {
                 // A tail names every change since the record's first: with one, the record
                 // has more than one change to flatten.
                 let whole_history_below = tail.last().is_some_and(|&last| last <= seq);
-                let flat = match flatten_at {
-                    Some(now_ms)
-                        if whole_history_below
-                            && !self.has_open_conflict(space, &collection, &record)? =>
-                    {
-                        self.cached_doc(space, &collection, &record, |doc| {
-                            self.flattened(&collection, doc, now_ms)
-                        })?
-                        .flatten()
-                    }
-                    _ => None,
-                };
-                if let Some((mut fresh, change)) = flat {
-                    let entry_seq = append.next_seq();
-                    let key = (collection.clone(), record.clone());
-                    append.entries.push(LoggedChange {
-                        collection: collection.clone(),
-                        record: record.clone(),
-                        origin: String::new(),
-                        hash: change.hash().0,
-                        change: change.raw_bytes().to_vec(),
-                    });
-                    append
-                        .created
-                        .insert(key.clone(), change.raw_bytes().to_vec());
-                    append
-                        .heads
-                        .insert(key.clone(), fresh.heads().iter().map(|h| h.0).collect());
-                    append.flattened.push(Flattened {
-                        record: key,
-                        seq: entry_seq,
-                        tail,
-                    });
+                if let Some(now_ms) = flatten_at
+                    && whole_history_below
+                    && let Some(fresh) = self.stage_flatten(
+                        space,
+                        (&collection, &record),
+                        &tail,
+                        now_ms,
+                        &mut append,
+                    )?
+                {
                     fresh_docs.push((doc_key, fresh));
                     continue;
                 }
@@ -2014,29 +1999,8 @@ impl RelayStore {
                     tail,
                 });
             }
-            let mut after = head;
-            if !append.entries.is_empty() {
-                let committed: Vec<LogEntry> = (head.saturating_add(1)..)
-                    .zip(&append.entries)
-                    .map(|(seq, e)| LogEntry {
-                        seq,
-                        collection: e.collection.clone(),
-                        record: e.record.clone(),
-                        change: e.change.clone(),
-                    })
-                    .collect();
-                after = append.next_seq().saturating_sub(1);
-                flattened = flattened.saturating_add(committed.len());
-                self.storage.append(space, append)?;
-                if self.shared {
-                    state.cached_at = Some(after);
-                }
-                self.recent.committed(space, committed);
-                let mut cache = lock(&self.cache);
-                for (key, doc) in fresh_docs {
-                    cache.put(key, doc);
-                }
-            }
+            flattened = flattened.saturating_add(fresh_docs.len());
+            let after = self.commit_flattens(space, &mut state, append, fresh_docs)?;
             saved = saved.saturating_add(bases.len());
             if !bases.is_empty() {
                 self.storage.compact_log(
@@ -2057,6 +2021,168 @@ impl RelayStore {
     /// `tombstone_days` instead; a value with concurrent values, or an open conflict, waits
     /// for the write that settles it; a collection with unique constraints keeps its history,
     /// as the unique-value index moves with entries across records.
+    /// Stages in `append` the flatten entry of the record, whose tail is `tail`, when
+    /// `flattened` accepts it and it has no open conflict; returns its new document.
+    fn stage_flatten(
+        &self,
+        space: &str,
+        (collection, record): (&str, &str),
+        tail: &[u64],
+        now_ms: u64,
+        append: &mut Append,
+    ) -> Result<Option<Record>, RelayStoreError> {
+        if self.has_open_conflict(space, collection, record)? {
+            return Ok(None);
+        }
+        let flat = self
+            .cached_doc(space, collection, record, |doc| {
+                self.flattened(collection, doc, now_ms)
+            })?
+            .flatten();
+        let Some((mut fresh, change)) = flat else {
+            return Ok(None);
+        };
+        let key = (collection.to_owned(), record.to_owned());
+        append.flattened.push(Flattened {
+            record: key.clone(),
+            seq: append.next_seq(),
+            tail: tail.to_vec(),
+        });
+        append.entries.push(LoggedChange {
+            collection: key.0.clone(),
+            record: key.1.clone(),
+            origin: String::new(),
+            hash: change.hash().0,
+            change: change.raw_bytes().to_vec(),
+        });
+        append
+            .created
+            .insert(key.clone(), change.raw_bytes().to_vec());
+        append
+            .heads
+            .insert(key, fresh.heads().iter().map(|h| h.0).collect());
+        Ok(Some(fresh))
+    }
+
+    /// Commits `append`'s flatten entries (none: nothing) under the space's lock, hands them
+    /// to live readers and caches the new documents; returns the head after them.
+    fn commit_flattens(
+        &self,
+        space: &str,
+        state: &mut SpaceState,
+        append: Append,
+        fresh_docs: Vec<(DocKey, Record)>,
+    ) -> Result<u64, RelayStoreError> {
+        let head = append.after;
+        if append.entries.is_empty() {
+            return Ok(head);
+        }
+        let committed: Vec<LogEntry> = (head.saturating_add(1)..)
+            .zip(&append.entries)
+            .map(|(seq, e)| LogEntry {
+                seq,
+                collection: e.collection.clone(),
+                record: e.record.clone(),
+                change: e.change.clone(),
+            })
+            .collect();
+        let after = append.next_seq().saturating_sub(1);
+        self.storage.append(space, append)?;
+        if self.shared {
+            state.cached_at = Some(after);
+        }
+        self.recent.committed(space, committed);
+        let mut cache = lock(&self.cache);
+        for (key, doc) in fresh_docs {
+            cache.put(key, doc);
+        }
+        Ok(after)
+    }
+
+    /// Flattens, a step at a time, the records of the space whose every change is at or below
+    /// `horizon` that compaction does not meet because their bases hold every change already
+    /// (no tail): up to `FLATTEN_SCAN` records a pass, from where the last pass stopped, so
+    /// that a large space is swept over several passes. Returns how many were flattened.
+    fn flatten_settled(
+        &self,
+        space: &str,
+        horizon: u64,
+        now_ms: u64,
+    ) -> Result<usize, RelayStoreError> {
+        let state = self.space(space)?;
+        let mut flattened = 0usize;
+        let mut looked = 0usize;
+        while looked < FLATTEN_SCAN {
+            let mut state = state.lock();
+            let head = self.storage.head(space)?;
+            self.catch_up(space, &mut state, head)?;
+            let names =
+                self.storage
+                    .record_names(space, state.flatten_after.as_ref(), BASES_PER_STEP)?;
+            let Some(last) = names.last().cloned() else {
+                // The sweep starts again from the space's first record next pass.
+                state.flatten_after = None;
+                break;
+            };
+            looked = looked.saturating_add(names.len());
+            state.flatten_after = Some(last);
+            let keys: Vec<RecordKey> = names
+                .into_iter()
+                .map(|n| (n.collection, n.record))
+                .collect();
+            let tails = self.storage.tails_of(space, &keys)?;
+            let mut append = Append::new(head);
+            let mut fresh_docs = Vec::new();
+            for key in keys {
+                let (collection, record) = (key.0.as_str(), key.1.as_str());
+                // Records with a tail are compaction's (`save_bases_through`).
+                if tails.get(&key).is_none_or(|tail| !tail.is_empty())
+                    || !self.settled_below(space, (collection, record), horizon)?
+                {
+                    continue;
+                }
+                let doc_key = (space.to_owned(), key.0.clone(), key.1.clone());
+                if let Some(fresh) =
+                    self.stage_flatten(space, (collection, record), &[], now_ms, &mut append)?
+                {
+                    fresh_docs.push((doc_key, fresh));
+                }
+            }
+            flattened = flattened.saturating_add(fresh_docs.len());
+            match self.commit_flattens(space, &mut state, append, fresh_docs) {
+                Ok(_) => {}
+                // Another relay appended meanwhile: the next pass looks at these again.
+                Err(RelayStoreError::Storage(StorageError::HeadMoved { .. })) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(flattened)
+    }
+
+    /// Whether the record has more than one change, all logged at or below `horizon`, and is
+    /// not already one flatten change: its logged heads name its last changes.
+    fn settled_below(
+        &self,
+        space: &str,
+        (collection, record): (&str, &str),
+        horizon: u64,
+    ) -> Result<bool, RelayStoreError> {
+        // No heads kept: a record with one change.
+        let Some(heads) = self.storage.record_heads(space, collection, record)? else {
+            return Ok(false);
+        };
+        let ended = self.storage.purged_at(space, collection, record)?;
+        let mut seqs = Vec::with_capacity(heads.len());
+        for head in &heads {
+            match self.storage.change_seq(space, collection, record, head)? {
+                Some(seq) if seq <= horizon => seqs.push(seq),
+                _ => return Ok(false),
+            }
+        }
+        // Its one head is the flatten entry that started its history: nothing to flatten.
+        Ok(!(seqs.len() == 1 && seqs.first().copied() == ended))
+    }
+
     fn has_open_conflict(
         &self,
         space: &str,

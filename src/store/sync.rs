@@ -881,7 +881,10 @@ impl Store {
                 working.records.insert(key.clone(), (fresh, false));
             }
         }
-        for (key, &seq) in &flattens {
+        // Edits of this device's on a flattened history are written again once this apply's
+        // entries are in: after them, as a local change is.
+        let mut rebases = Vec::new();
+        for key in flattens.keys() {
             let old = match cache.pop(key) {
                 Some(record) => Some(record),
                 None => self.load(&key.0, &key.1)?,
@@ -895,35 +898,13 @@ impl Store {
                 .flatten()
                 .filter_map(|e| decode_change(&e.change).ok())
                 .collect();
-            // One that does not apply is quarantined by the apply below, like any entry.
-            let flatten = entries
-                .iter()
-                .find(|e| e.seq == seq)
-                .and_then(|e| decode_change(&e.change).ok());
-            let mut fresh = self.new_record(&key.0);
-            let mut document = Vec::new();
-            // The rebase, if any, builds on the flatten change; the apply below then finds it
-            // held and writes nothing more.
-            let mut rebased = self.new_record(&key.0);
-            let (old, seen) = self.logged_with(key, old, history)?;
-            if let Some(flatten) = flatten
-                && rebased.apply_decoded(vec![flatten]).is_ok()
-                && self.rebase_flattened(
-                    key,
-                    old,
-                    seen,
-                    &mut rebased,
-                    now,
-                    &mut batch,
-                    &mut delta,
-                )?
-            {
-                document = rebased.heads();
-                fresh = rebased;
-                restored += 1;
-            }
-            Store::purge_logged(&mut ledger, key, document);
-            working.records.insert(key.clone(), (fresh, false));
+            rebases.push((key.clone(), self.logged_with(key, old, history)?));
+            Store::purge_logged(&mut ledger, key, Vec::new());
+            working
+                .records
+                .insert(key.clone(), (self.new_record(&key.0), false));
+            // Kept in the working set past the apply, for the rebase.
+            *working.uses.entry(key.clone()).or_insert(1) += 1;
         }
         let purged_open = if purges.is_empty() {
             0
@@ -1048,6 +1029,16 @@ impl Store {
                 for position in positions {
                     self.detect_entry(&mut ledger, &key, position, record)?;
                 }
+            }
+            working.used(&key);
+        }
+        for (key, (old, seen)) in rebases {
+            let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
+            if record.exists()
+                && self.rebase_flattened(&key, old, seen, record, now, &mut batch, &mut delta)?
+            {
+                ledger.logged.documents.insert(key.clone(), record.heads());
+                restored += 1;
             }
             working.used(&key);
         }
@@ -1305,6 +1296,7 @@ impl Store {
         let logged = resolve::view(before, policy);
         let local = resolve::view(old, policy);
         let live = fresh.is_live();
+        let heads_before = fresh.heads();
         let written = if local.deleted {
             if logged.deleted || !live {
                 None
@@ -1333,10 +1325,13 @@ impl Store {
                 fresh.patch(&set, &unset, now)?
             }
         };
-        let staged = super::Staged::of(fresh, Vec::new(), written, policy)?;
+        let staged = super::Staged::of(fresh, heads_before, written, policy)?;
         if staged.written.is_none() {
             return Ok(false);
         }
+        // The change is this device's, not logged: the record's logged state says so, as any
+        // local write's does.
+        self.stage_unlogged(&mut HashMap::new(), batch, key, &staged)?;
         self.finish(key.clone(), staged, now, batch, delta)?;
         let why = "its history was flattened";
         self.complete_carried(key, why, carried, now, batch, delta)?;
