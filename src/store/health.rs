@@ -275,6 +275,9 @@ impl Kv for Watched {
     fn live_bytes(&self) -> Result<u64, KvError> {
         self.note(self.inner.live_bytes())
     }
+    fn key_sizes(&self, each: &mut dyn FnMut(&[u8], u64)) -> Result<(), KvError> {
+        self.note(self.inner.key_sizes(each))
+    }
     fn disk_full_since(&self) -> Option<u64> {
         self.inner.disk_full_since()
     }

@@ -1272,6 +1272,21 @@ impl Store {
         Ok(self.kv.live_bytes()?)
     }
 
+    /// Rewrites the store compactly now, whatever its size (`bound_space` does so only past its
+    /// bound): for `ferry space --compact` on a stopped store.
+    pub fn compact(&self) -> Result<(), StoreError> {
+        self.kv.compact()?;
+        *self.lock_space() = None;
+        Ok(())
+    }
+
+    /// The live bytes by kind of key (`keys::kind`), and the journal's bytes beside them: where
+    /// the store's space goes, next to `size_on_disk`. A full scan, reading no long value.
+    pub fn live_bytes_by_kind(&self) -> Result<(Vec<kv::KeyKind>, u64), StoreError> {
+        let kinds = kv::sizes_by(&*self.kv, &keys::kind)?;
+        Ok((kinds, self.kv.journal_bytes()))
+    }
+
     /// Measures the space the store takes and the live data it holds (a full scan).
     pub fn measure_space(&self) -> Result<SpaceUse, StoreError> {
         let live_bytes = self.kv.live_bytes()?;
