@@ -1365,19 +1365,20 @@ fn export(
         id: &'a str,
     }
     let mut emit = |rec: &RecordView, sink: &mut dyn std::io::Write| -> std::io::Result<()> {
-        let line = serde_json::to_string(&Line {
+        let line = Line {
             collection: &rec.collection,
             fields: &rec.fields,
             id: &rec.id,
-        })?;
-        match format {
-            ExportFormat::Jsonl => writeln!(sink, "{line}"),
-            _ => {
-                let sep = if first { "[\n" } else { ",\n" };
-                first = false;
-                write!(sink, "{sep}{line}")
-            }
+        };
+        if format != ExportFormat::Jsonl {
+            sink.write_all(if first { b"[\n" } else { b",\n" })?;
+            first = false;
         }
+        serde_json::to_writer(&mut *sink, &line)?;
+        if format == ExportFormat::Jsonl {
+            sink.write_all(b"\n")?;
+        }
+        Ok(())
     };
     if let Some((collection, Some(id))) = &single {
         let rec = backend.call(api::GetParams::new(collection, id))?;
