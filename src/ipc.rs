@@ -1183,6 +1183,25 @@ impl<'de: 'a, 'a> Deserialize<'de> for Member<'a> {
 mod tests {
     use super::*;
 
+    /// A reply read as text still tells a member given as `null` (an error no request could
+    /// be tied to; a result that is null) from one absent, as the `Value` it was read into did.
+    #[test]
+    fn a_reply_read_as_text_tells_a_null_member_from_an_absent_one() {
+        let given = |m: &Member<'_>| match m {
+            Member::Given(raw) => Some(raw.get().to_owned()),
+            Member::Absent => None,
+        };
+        let text = r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}"#;
+        let e: Envelope<'_> = serde_json::from_str(text).unwrap();
+        assert_eq!(given(&e.id).as_deref(), Some("null"));
+        assert!(e.error.is_given() && !e.result.is_given() && !e.method.is_given());
+        let e: Envelope<'_> = serde_json::from_str(r#"{"id":3,"result":null}"#).unwrap();
+        assert_eq!(given(&e.id).as_deref(), Some("3"));
+        assert_eq!(given(&e.result).as_deref(), Some("null"));
+        let e: Envelope<'_> = serde_json::from_str(r#"{"method":"lagged","params":{}}"#).unwrap();
+        assert!(e.method.is_given() && !e.id.is_given());
+    }
+
     #[test]
     fn notifications_carry_the_event_beside_the_subscription() {
         let note = Notification::Lagged {
