@@ -33,13 +33,13 @@ use common::Device;
 use ferry::ipc::Client;
 use harness::{
     Running, call, check_interrupted, disk_usage, install_signal_handlers, latency, memory_kib,
-    per_second, secs,
+    per_second, secs, space, space_compacted, space_lines, space_per_record,
 };
 use serde_json::{Value, json};
 use std::io::Write as _;
 use std::path::Path;
 use std::time::Instant;
-use workload::{COLLECTION, Rng, import_record, record_fields, record_id};
+use workload::{COLLECTION, Rng, import_record, mean_json_bytes, record_fields, record_id};
 
 const USAGE: &str = "\
 usage: cargo bench --bench local_e2e -- [OPTIONS]
@@ -57,6 +57,9 @@ usage: cargo bench --bench local_e2e -- [OPTIONS]
                     (default 20)
   --seed N          seed of the random reads (default: FERRY_BENCH_SEED, else from the clock)
   --skip-cli        skip the two `ferry import FILE` runs
+  --skip-reads      skip the random `get`s, the `list` of every record and the queries
+  --skip-puts       skip the four runs of single `put`s (the store then holds the N records
+                    alone)
   --config FILE     use FILE as every device's config.toml (default: `ferry init`'s)";
 
 struct Options {
@@ -70,6 +73,8 @@ struct Options {
     queries: u64,
     seed: u64,
     skip_cli: bool,
+    skip_reads: bool,
+    skip_puts: bool,
     config: Option<std::path::PathBuf>,
     smoke: bool,
 }
@@ -98,6 +103,8 @@ impl Options {
             queries: 20,
             seed,
             skip_cli: false,
+            skip_reads: false,
+            skip_puts: false,
             config: None,
             smoke,
         };
@@ -120,6 +127,8 @@ impl Options {
                 "--queries" => o.queries = value(arg)?,
                 "--seed" => o.seed = value(arg)?,
                 "--skip-cli" => o.skip_cli = true,
+                "--skip-reads" => o.skip_reads = true,
+                "--skip-puts" => o.skip_puts = true,
                 "--config" => {
                     let file = it.next().ok_or("--config needs a file")?;
                     let text = std::fs::read_to_string(file)
@@ -502,6 +511,45 @@ fn import_cli(file: &Path, n: u64, o: &Options, with_daemon: bool) -> Value {
     result
 }
 
+/// `ferry export Customer --format jsonl --out FILE` on `device` (through the socket when its
+/// daemon runs, else on the store itself): the rate, and the bytes of a record as written.
+fn export(device: &Device, expected: u64, daemon: bool) -> Value {
+    check_interrupted();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let file = tmp.path().join("export.jsonl");
+    let file_arg = file.to_str().expect("UTF-8 temp path");
+    let started = Instant::now();
+    let out = device.ferry(&["export", COLLECTION, "--format", "jsonl", "--out", file_arg]);
+    let elapsed = started.elapsed();
+    assert!(
+        out.status.success(),
+        "ferry export failed: {}",
+        common::stderr(&out)
+    );
+    let bytes = std::fs::metadata(&file).expect("the export's file").len();
+    let lines = {
+        use std::io::BufRead as _;
+        let reader = std::io::BufReader::new(std::fs::File::open(&file).expect("open export"));
+        let mut lines = 0u64;
+        for line in reader.lines() {
+            let line = line.expect("read the export");
+            assert!(line.starts_with("{\"collection\":"), "export line {line}");
+            lines += 1;
+        }
+        lines
+    };
+    assert_eq!(lines, expected, "ferry export wrote every record once");
+    json!({
+        "records": lines,
+        "daemon": daemon,
+        "seconds": secs(elapsed),
+        "records_per_s": per_second(lines, elapsed),
+        "bytes": bytes,
+        // A line's bytes but its newline: the record's JSON size.
+        "json_bytes_per_record": (bytes - lines) as f64 / lines.max(1) as f64,
+    })
+}
+
 /// A fresh device, with the `--config` file when one was given.
 fn new_device(o: &Options) -> Device {
     let device = Device::new();
@@ -514,7 +562,11 @@ fn new_device(o: &Options) -> Device {
 /// Every phase for `n` records.
 fn run(n: u64, o: &Options) -> Value {
     eprintln!("local_e2e: N = {n}");
-    let singles = o.singles.unwrap_or(n.min(10_000));
+    let singles = if o.skip_puts {
+        0
+    } else {
+        o.singles.unwrap_or(n.min(10_000))
+    };
     let device = new_device(o);
     let daemon = Running::start(&device);
     let pid = daemon.pid();
@@ -533,63 +585,85 @@ fn run(n: u64, o: &Options) -> Value {
     let (docs, status_bytes) = documents(&mut client);
     assert_eq!(docs, n, "documents after import");
 
-    eprintln!("  random gets and list pages ...");
-    let reads = random_gets(&mut client, n, o.reads, o.seed);
-    snapshot("get");
-    let list = list_all(&mut client, n, o.page);
-    snapshot("list");
-    eprintln!("  queries ...");
-    let query = queries(&mut client, o.queries, o.seed);
-    snapshot("query");
-
-    eprintln!("  single writes ...");
-    let single = single_writes(&daemon, n, singles, 1);
-    snapshot("put_1_connection");
-    let concurrent = single_writes(&daemon, n + singles, singles, o.connections);
-    snapshot("put_concurrent");
-    let pipelined = pipelined_writes(&daemon, n + 2 * singles, singles, 1, o.in_flight);
-    snapshot("put_pipelined_1_connection");
-    let pipelined_concurrent = pipelined_writes(
-        &daemon,
-        n + 3 * singles,
-        singles,
-        o.connections,
-        o.in_flight,
-    );
-    snapshot("put_pipelined_concurrent");
-    let total = n + 4 * singles;
-    let (docs_end, status_bytes_end) = documents(&mut client);
-    assert_eq!(docs_end, total, "documents after the single writes");
-    drop(client);
-    let status = daemon.stop();
-    assert!(status.success(), "daemon exit: {status}");
-    let store = device.data_dir.join("store");
-    let (du_bytes, apparent_bytes) = disk_usage(&store);
-
     let mut result = json!({
         "records": n,
         "seed": o.seed,
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
         "cpus": std::thread::available_parallelism().map_or(0, |p| p.get()),
         "import_rpc": import,
-        "random_get": reads,
-        "list": list,
-        "query": query,
-        "put_1_connection": single,
-        "put_concurrent": concurrent,
-        "put_pipelined_1_connection": pipelined,
-        "put_pipelined_concurrent": pipelined_concurrent,
-        "store": {
-            "status_store_bytes_after_import": status_bytes,
-            "status_bytes_per_record_after_import": status_bytes / n,
-            "documents_at_stop": total,
-            "status_store_bytes_at_stop": status_bytes_end,
-            "du_bytes_after_clean_stop": du_bytes,
-            "apparent_bytes_after_clean_stop": apparent_bytes,
-            "du_bytes_per_record": du_bytes / total,
-        },
-        "daemon_rss_kib": memory,
     });
+    if !o.skip_reads {
+        eprintln!("  random gets and list pages ...");
+        result["random_get"] = random_gets(&mut client, n, o.reads, o.seed);
+        snapshot("get");
+        result["list"] = list_all(&mut client, n, o.page);
+        snapshot("list");
+        eprintln!("  queries ...");
+        result["query"] = queries(&mut client, o.queries, o.seed);
+        snapshot("query");
+    }
+
+    if !o.skip_puts {
+        eprintln!("  single writes ...");
+        result["put_1_connection"] = single_writes(&daemon, n, singles, 1);
+        snapshot("put_1_connection");
+        result["put_concurrent"] = single_writes(&daemon, n + singles, singles, o.connections);
+        snapshot("put_concurrent");
+        result["put_pipelined_1_connection"] =
+            pipelined_writes(&daemon, n + 2 * singles, singles, 1, o.in_flight);
+        snapshot("put_pipelined_1_connection");
+        result["put_pipelined_concurrent"] = pipelined_writes(
+            &daemon,
+            n + 3 * singles,
+            singles,
+            o.connections,
+            o.in_flight,
+        );
+        snapshot("put_pipelined_concurrent");
+    }
+    let total = n + 4 * singles;
+    let (docs_end, status_bytes_end) = documents(&mut client);
+    assert_eq!(docs_end, total, "documents after the single writes");
+    eprintln!("  ferry export ...");
+    result["export_daemon"] = export(&device, total, true);
+    snapshot("export");
+    drop(client);
+    let status = daemon.stop();
+    assert!(status.success(), "daemon exit: {status}");
+    let store = device.data_dir.join("store");
+    let (du_bytes, apparent_bytes) = disk_usage(&store);
+    // The record's JSON size: what the workload's records weigh as export writes them (the
+    // export's own lines are checked to match).
+    let json_bytes = mean_json_bytes(total);
+    let exported = result["export_daemon"]["json_bytes_per_record"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(
+        (exported - json_bytes).abs() < 0.01,
+        "export wrote {exported} bytes a record, the workload's JSON is {json_bytes}"
+    );
+    let report = space(&device.data_dir);
+    result["space"] = space_per_record(&report, "device", total, json_bytes);
+    result["space_report"] = report;
+    result["space_compacted"] = space_per_record(
+        &space_compacted(&device.data_dir),
+        "device",
+        total,
+        json_bytes,
+    );
+    eprintln!("  ferry export, no daemon ...");
+    result["export_direct"] = export(&device, total, false);
+
+    result["store"] = json!({
+        "status_store_bytes_after_import": status_bytes,
+        "status_bytes_per_record_after_import": status_bytes / n,
+        "documents_at_stop": total,
+        "status_store_bytes_at_stop": status_bytes_end,
+        "du_bytes_after_clean_stop": du_bytes,
+        "apparent_bytes_after_clean_stop": apparent_bytes,
+        "du_bytes_per_record": du_bytes / total,
+    });
+    result["daemon_rss_kib"] = json!(memory);
     drop(device);
 
     if !o.skip_cli {
@@ -654,6 +728,24 @@ fn summarize(r: &Value) {
             );
         }
     }
+    for (key, label) in [
+        ("export_daemon", "ferry export (daemon running)"),
+        ("export_direct", "ferry export (no daemon)"),
+    ] {
+        let e = &r[key];
+        if e.is_object() {
+            row(
+                label.into(),
+                &e["records_per_s"],
+                "records/s",
+                format!(
+                    "{:.2} s; {:.1} bytes of JSON a record",
+                    seconds(&e["seconds"]),
+                    e["json_bytes_per_record"].as_f64().unwrap_or(0.0)
+                ),
+            );
+        }
+    }
     for key in [
         "put_1_connection",
         "put_concurrent",
@@ -661,6 +753,9 @@ fn summarize(r: &Value) {
         "put_pipelined_concurrent",
     ] {
         let p = &r[key];
+        if !p.is_object() {
+            continue;
+        }
         let pipelined = match p["in_flight"].as_u64() {
             Some(n) => format!(", {n} in flight each"),
             None => String::new(),
@@ -676,19 +771,21 @@ fn summarize(r: &Value) {
         );
     }
     let g = &r["random_get"];
-    row(
-        format!("get x{}, random records", g["gets"]),
-        &g["gets_per_s"],
-        "gets/s",
-        lat(&g["latency_us"]),
-    );
-    let l = &r["list"];
-    row(
-        format!("list, {} pages of {}", l["pages"], l["page"]),
-        &l["records_per_s"],
-        "records/s",
-        format!("per page {}", lat(&l["page_latency_us"])),
-    );
+    if g.is_object() {
+        row(
+            format!("get x{}, random records", g["gets"]),
+            &g["gets_per_s"],
+            "gets/s",
+            lat(&g["latency_us"]),
+        );
+        let l = &r["list"];
+        row(
+            format!("list, {} pages of {}", l["pages"], l["page"]),
+            &l["records_per_s"],
+            "records/s",
+            format!("per page {}", lat(&l["page_latency_us"])),
+        );
+    }
     for (name, q) in [
         ("where i4 = v, 100 records", &r["query"]["equality"]),
         (
@@ -696,6 +793,9 @@ fn summarize(r: &Value) {
             &r["query"]["equality_ordered"],
         ),
     ] {
+        if !q.is_object() {
+            continue;
+        }
         row(
             format!("query {name} ({})", q["plan"].as_str().unwrap_or("?")),
             &q["records_per_query"],
@@ -711,6 +811,10 @@ fn summarize(r: &Value) {
         st["documents_at_stop"],
         st["status_bytes_per_record_after_import"]
     ));
+    if r["space"].is_object() {
+        lines.extend(space_lines("device store", &r["space"]));
+        lines.extend(space_lines("compacted", &r["space_compacted"]));
+    }
     let memory = r["daemon_rss_kib"].as_array().cloned().unwrap_or_default();
     let phases: Vec<String> = memory
         .iter()

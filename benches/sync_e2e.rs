@@ -51,7 +51,8 @@ use ferry::ipc::{Client, Notification};
 use ferry::service::{ChangeEvent, Origin};
 use harness::{
     Guarded, Running, call, check_interrupted, cpu_us, disk_usage, install_signal_handlers,
-    latency, memory_kib, per_second, poll_until, postgres_cpu, secs,
+    latency, memory_kib, per_second, poll_until, postgres_cpu, secs, space, space_compacted,
+    space_lines, space_per_record,
 };
 use serde_json::{Value, json};
 use std::io::BufRead as _;
@@ -952,9 +953,28 @@ fn initial_sync(n: u64, o: &Options) -> Value {
         du(&b.data_dir.join("store")),
         relay_dirs.iter().map(|p| du(p)).sum::<u64>() + database_disk.unwrap_or(0),
     );
+    // Where each store's bytes go, per record, next to the record's JSON size; a relay on
+    // PostgreSQL keeps nothing in its directory to account for.
+    let json_bytes = workload::mean_json_bytes(n);
+    // Then again with each store rewritten compactly: what the engine's old versions take.
+    let relay_dir = relay_dirs.first().filter(|_| database_disk.is_none());
+    let mut stores = json!({});
+    for (suffix, report) in [
+        ("", space as fn(&Path) -> Value),
+        ("_compacted", space_compacted),
+    ] {
+        stores[format!("a{suffix}")] =
+            space_per_record(&report(&a.data_dir), "device", n, json_bytes);
+        stores[format!("b{suffix}")] =
+            space_per_record(&report(&b.data_dir), "device", n, json_bytes);
+        stores[format!("relay{suffix}")] = relay_dir.map_or(Value::Null, |dir| {
+            space_per_record(&report(dir), "relay", n, json_bytes)
+        });
+    }
     let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
     json!({
         "workload": "w1",
+        "space": stores,
         "records": n,
         "encrypted_fields": encrypted,
         "offline_import": { "seconds": secs(import_time), "records_per_s": per_second(n, import_time) },
@@ -1456,6 +1476,24 @@ fn summarize(r: &Value) {
                     verdict(rate >= 20_000.0),
                     verdict(relay_mb < 300.0)
                 );
+            }
+            t += &format!(
+                "\nA's offline import: {} records/s ({} s)",
+                r["offline_import"]["records_per_s"], r["offline_import"]["seconds"],
+            );
+            for (key, label) in [
+                ("a", "A"),
+                ("b", "B"),
+                ("relay", "relay"),
+                ("a_compacted", "A compacted"),
+                ("b_compacted", "B compacted"),
+                ("relay_compacted", "relay compacted"),
+            ] {
+                if r["space"][key].is_object() {
+                    for line in space_lines(label, &r["space"][key]) {
+                        t += &format!("\n{line}");
+                    }
+                }
             }
             t
         }

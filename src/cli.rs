@@ -31,6 +31,7 @@ mod conflicts;
 mod import;
 mod key;
 mod relay_status;
+mod space;
 mod status;
 
 /// The longest secret line (passphrase, key line, password) read from standard input.
@@ -218,6 +219,15 @@ enum Command {
         /// Repair what is found (the daemon must be stopped)
         #[arg(long)]
         repair: bool,
+    },
+    /// Where the store's bytes go: the directory on disk, the journal, and the live bytes of
+    /// each kind of key (documents, views, indexes, queue, log, ...), for a device's store and a
+    /// relay's (sled). Opens the store itself: stop the daemon or relay first
+    Space {
+        /// First rewrite each store compactly (the daemon does so by itself once its store
+        /// takes twice its data; the relay after compacting its log)
+        #[arg(long)]
+        compact: bool,
     },
     /// Sync with the relay now and wait until done, showing progress (needs the daemon)
     Sync {
@@ -520,6 +530,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             },
         ),
         Command::Key { action } => key::run(&ctx, action),
+        Command::Space { compact } => space::run(&ctx, compact),
         Command::Export {
             target,
             format,
@@ -1239,6 +1250,7 @@ fn run_data_command(ctx: &Context, mut backend: Backend, command: Command) -> Re
         | Command::Register { .. }
         | Command::Key { .. }
         | Command::Export { .. }
+        | Command::Space { .. }
         | Command::Completions { .. }
         | Command::Man => {
             // `run` gives every other command to its own function.
@@ -1353,19 +1365,20 @@ fn export(
         id: &'a str,
     }
     let mut emit = |rec: &RecordView, sink: &mut dyn std::io::Write| -> std::io::Result<()> {
-        let line = serde_json::to_string(&Line {
+        let line = Line {
             collection: &rec.collection,
             fields: &rec.fields,
             id: &rec.id,
-        })?;
-        match format {
-            ExportFormat::Jsonl => writeln!(sink, "{line}"),
-            _ => {
-                let sep = if first { "[\n" } else { ",\n" };
-                first = false;
-                write!(sink, "{sep}{line}")
-            }
+        };
+        if format != ExportFormat::Jsonl {
+            sink.write_all(if first { b"[\n" } else { b",\n" })?;
+            first = false;
         }
+        serde_json::to_writer(&mut *sink, &line)?;
+        if format == ExportFormat::Jsonl {
+            sink.write_all(b"\n")?;
+        }
+        Ok(())
     };
     if let Some((collection, Some(id))) = &single {
         let rec = backend.call(api::GetParams::new(collection, id))?;

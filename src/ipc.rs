@@ -19,6 +19,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -1034,7 +1035,10 @@ impl Client {
     ) -> Result<A, ClientError> {
         let line = encode_request(self.next_id, &request)?;
         let result = self.exchange(line, on_notification)?;
-        serde_json::from_value(result).map_err(|e| {
+        // Read from the reply's text straight into the answer: through a `Value` first, every
+        // field of a page of records would be built as a tree and (records' fields being
+        // passed on as text) written out again.
+        serde_json::from_str(result.get()).map_err(|e| {
             ClientError::Protocol(format!(
                 "the answer to {} does not read: {e}",
                 request.method()
@@ -1050,7 +1054,7 @@ impl Client {
         let mut held = std::mem::take(&mut self.pending_notifications);
         let result = self.exchange(format!("{request}\n"), |n| held.push_back(n));
         self.pending_notifications = held;
-        result
+        serde_json::from_str(result?.get()).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Sends one request line (with id `next_id`) and waits for its reply's result, handing
@@ -1059,34 +1063,45 @@ impl Client {
         &mut self,
         line: String,
         mut on_notification: impl FnMut(Value),
-    ) -> Result<Value, ClientError> {
+    ) -> Result<Box<RawValue>, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         self.writer.write_all(line.as_bytes())?;
+        let protocol = |e: serde_json::Error| ClientError::Protocol(e.to_string());
         loop {
-            let message = self.read_message()?;
-            if message.get("method").is_some() {
-                on_notification(message);
+            let text = self.read_line()?;
+            let message: Envelope<'_> = serde_json::from_str(&text).map_err(protocol)?;
+            if message.method.is_given() {
+                on_notification(serde_json::from_str(&text).map_err(protocol)?);
                 continue;
             }
+            let given_id = match message.id {
+                Member::Given(raw) => {
+                    Some(serde_json::from_str::<Value>(raw.get()).map_err(protocol)?)
+                }
+                Member::Absent => None,
+            };
             // An error with id null answers whatever was sent last: the daemon could not tie it
             // to a request (unreadable message, or the connection was refused).
-            let for_us = message.get("id") == Some(&json!(id))
-                || (message.get("id") == Some(&Value::Null) && message.get("error").is_some());
+            let for_us = given_id == Some(json!(id))
+                || (given_id == Some(Value::Null) && message.error.is_given());
             if !for_us {
                 return Err(ClientError::Protocol(format!(
-                    "reply to another request: {message}"
+                    "reply to another request: {}",
+                    text.trim_end()
                 )));
             }
-            if let Some(error) = message.get("error") {
-                let err: ApiError = serde_json::from_value(error.clone())
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            if let Member::Given(error) = message.error {
+                let err: ApiError = serde_json::from_str(error.get()).map_err(protocol)?;
                 return Err(ClientError::Api(err));
             }
-            return message
-                .get("result")
-                .cloned()
-                .ok_or_else(|| ClientError::Protocol(format!("reply without result: {message}")));
+            return match message.result {
+                Member::Given(result) => Ok(result.to_owned()),
+                Member::Absent => Err(ClientError::Protocol(format!(
+                    "reply without result: {}",
+                    text.trim_end()
+                ))),
+            };
         }
     }
 
@@ -1114,6 +1129,11 @@ impl Client {
     }
 
     fn read_message(&mut self) -> Result<Value, ClientError> {
+        let line = self.read_line()?;
+        serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    fn read_line(&mut self) -> Result<String, ClientError> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             return Err(ClientError::Io(std::io::Error::new(
@@ -1121,13 +1141,66 @@ impl Client {
                 "the daemon closed the connection",
             )));
         }
-        serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))
+        Ok(line)
+    }
+}
+
+/// A message from the daemon with its members left as text: a reply's result is read once,
+/// into the answer's own type.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(default, borrow)]
+    method: Member<'a>,
+    #[serde(default, borrow)]
+    id: Member<'a>,
+    #[serde(default, borrow)]
+    result: Member<'a>,
+    #[serde(default, borrow)]
+    error: Member<'a>,
+}
+
+/// A member of a message, present (even as `null`, which `Option` would take for absent) or not.
+#[derive(Default)]
+enum Member<'a> {
+    #[default]
+    Absent,
+    Given(&'a RawValue),
+}
+
+impl Member<'_> {
+    fn is_given(&self) -> bool {
+        matches!(self, Member::Given(_))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Member<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(deserializer).map(Member::Given)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reply read as text still tells a member given as `null` (an error no request could
+    /// be tied to; a result that is null) from one absent, as the `Value` it was read into did.
+    #[test]
+    fn a_reply_read_as_text_tells_a_null_member_from_an_absent_one() {
+        let given = |m: &Member<'_>| match m {
+            Member::Given(raw) => Some(raw.get().to_owned()),
+            Member::Absent => None,
+        };
+        let text = r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}"#;
+        let e: Envelope<'_> = serde_json::from_str(text).unwrap();
+        assert_eq!(given(&e.id).as_deref(), Some("null"));
+        assert!(e.error.is_given() && !e.result.is_given() && !e.method.is_given());
+        let e: Envelope<'_> = serde_json::from_str(r#"{"id":3,"result":null}"#).unwrap();
+        assert_eq!(given(&e.id).as_deref(), Some("3"));
+        assert_eq!(given(&e.result).as_deref(), Some("null"));
+        let e: Envelope<'_> = serde_json::from_str(r#"{"method":"lagged","params":{}}"#).unwrap();
+        assert!(e.method.is_given() && !e.id.is_given());
+    }
 
     #[test]
     fn notifications_carry_the_event_beside_the_subscription() {

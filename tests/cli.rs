@@ -794,3 +794,90 @@ fn ls_with_a_query_says_which_plan_answered_it() {
     let status = daemon.terminate();
     assert!(status.success(), "daemon exit: {status}");
 }
+
+#[test]
+fn space_tells_where_a_stopped_stores_bytes_go() {
+    let dev = Device::new();
+    for n in 0..3 {
+        let data = json!({"name": "Ada", "n": n}).to_string();
+        succeeded(&dev.ferry(&["put", &format!("Customer/c{n}"), "--data", &data]));
+    }
+    let report = json_of(&dev.ferry(&["--json", "space"]));
+    let store = &report["stores"][0];
+    assert_eq!(store["store"], "device", "{report}");
+    let kinds: Vec<&Value> = store["kinds"].as_array().unwrap().iter().collect();
+    let kind = |name: &str| {
+        kinds
+            .iter()
+            .find(|k| k["kind"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {report}"))
+    };
+    for name in [
+        "documents",
+        "views",
+        "queue_entries",
+        "pending_index",
+        "change_feed",
+    ] {
+        assert_eq!(kind(name)["keys"], 3, "{name}: {report}");
+    }
+    let sum = |field: &str| -> u64 { kinds.iter().map(|k| k[field].as_u64().unwrap()).sum() };
+    let live = store["live_bytes"].as_u64().unwrap();
+    assert_eq!(live, sum("key_bytes") + sum("value_bytes"));
+    assert_eq!(store["checksum_bytes"].as_u64().unwrap(), sum("keys") * 4);
+    assert!(store["journal_bytes"].as_u64().unwrap() > 0, "{report}");
+    assert!(store["disk_bytes"].as_u64().unwrap() > live, "{report}");
+    let sizes: Vec<u64> = kinds
+        .iter()
+        .map(|k| k["key_bytes"].as_u64().unwrap() + k["value_bytes"].as_u64().unwrap())
+        .collect();
+    assert!(
+        sizes.windows(2).all(|w| w[0] >= w[1]),
+        "largest first: {report}"
+    );
+    let text = succeeded(&dev.ferry(&["space"]));
+    assert!(line_with(&text, &["device store", "on disk"]).contains("live"));
+    // Compacting keeps every key and value.
+    let compacted = json_of(&dev.ferry(&["--json", "space", "--compact"]));
+    assert_eq!(
+        compacted["stores"][0]["kinds"], store["kinds"],
+        "{compacted}"
+    );
+    assert_eq!(
+        json_of(&dev.ferry(&["--json", "ls", "Customer"]))["records"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+
+    // It opens the store itself: not while the daemon holds it.
+    let daemon = dev.start_daemon();
+    failed_with(&dev.ferry(&["space"]), 1, &["stop the daemon or relay"]);
+    assert!(daemon.terminate().success());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = tmp.path().join("relay");
+    std::fs::create_dir(&relay).unwrap();
+    std::fs::set_permissions(&relay, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let operator = common::Operator(&relay);
+    operator.add_account("team");
+    let report = json_of(&operator.ferry(&["--json", "space"]));
+    let store = &report["stores"][0];
+    assert_eq!(store["store"], "relay", "{report}");
+    assert!(
+        store["kinds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["kind"] == "accounts" && k["keys"].as_u64() > Some(0)),
+        "{report}"
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::set_permissions(&empty, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    failed_with(
+        &common::Operator(&empty).ferry(&["space"]),
+        1,
+        &["holds no store"],
+    );
+}

@@ -65,3 +65,15 @@ impl Rng {
         self.next_u64() % n
     }
 }
+
+/// Bytes of record `n` as `ferry export` writes it: `{"collection":..,"fields":{..},"id":..}`,
+/// compact, without the line's newline (the order of the fields does not change the count).
+pub fn json_bytes(n: u64) -> u64 {
+    serde_json::to_string(&import_record(n)).map_or(0, |s| s.len() as u64)
+}
+
+/// The mean of `json_bytes` over records `0..records`.
+pub fn mean_json_bytes(records: u64) -> f64 {
+    let total: u64 = (0..records).map(json_bytes).sum();
+    total as f64 / records.max(1) as f64
+}

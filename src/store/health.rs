@@ -275,6 +275,9 @@ impl Kv for Watched {
     fn live_bytes(&self) -> Result<u64, KvError> {
         self.note(self.inner.live_bytes())
     }
+    fn key_sizes(&self, each: &mut dyn FnMut(&[u8], u64)) -> Result<(), KvError> {
+        self.note(self.inner.key_sizes(each))
+    }
     fn disk_full_since(&self) -> Option<u64> {
         self.inner.disk_full_since()
     }
@@ -960,14 +963,32 @@ impl Store {
 
     /// Keeps the journal from growing for ever: rewrites it with the queue entries not yet
     /// completed once it has grown past its limit. A full read of the queue when it does, so
-    /// the daemon calls it beside its writes, not in their way.
+    /// the daemon calls it beside its writes, not in their way. Under its limit, a journal past
+    /// `JOURNAL_MIN_LIMIT` is emptied as soon as the queue holds no change left to upload:
+    /// without that, a device back from working offline (its limit twice what it journaled
+    /// then) kept a second copy of every change it had uploaded until it wrote as much again.
     pub fn bound_journal(&self) -> Result<(), StoreError> {
         let limit = self.journal_limit.load(Ordering::SeqCst);
-        if self.kv.journal_bytes() <= limit {
+        let bytes = self.kv.journal_bytes();
+        if bytes > limit {
+            let _queue = self.lock_queue();
+            return self.rewrite_journal_locked();
+        }
+        if bytes <= JOURNAL_MIN_LIMIT {
             return Ok(());
         }
-        let _queue = self.lock_queue();
-        self.rewrite_journal_locked()
+        // The counts kept with the queue say so without reading it (none yet: wait for them),
+        // and nothing is journaled or leaves the queue while its lock is held.
+        let queue = self.lock_queue();
+        let all_uploaded = queue.is_some_and(|c| c.pending + c.processing + c.failed == 0);
+        if !all_uploaded {
+            return Ok(());
+        }
+        self.kv.rewrite_journal(&mut |_keep| Ok(()))?;
+        self.journal_limit
+            .store(JOURNAL_MIN_LIMIT, Ordering::SeqCst);
+        drop(queue);
+        Ok(())
     }
 
     /// Rewrites the journal with the queue entries not completed; the caller holds the queue
@@ -1278,6 +1299,63 @@ mod tests {
         let store = open(&kv);
         assert_eq!(store.damage(), None);
         assert_eq!(store.queue_ids(QueueStatus::Completed).unwrap(), [first]);
+    }
+
+    /// A journal under its limit but past the floor is emptied once every change in it is
+    /// uploaded, not before (one change left to upload keeps it), and nothing is then lost at
+    /// the next open.
+    #[test]
+    fn a_journal_of_changes_all_uploaded_is_emptied_under_its_limit() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        let text = "x".repeat(200_000);
+        let mut ids = Vec::new();
+        for n in 0..30 {
+            let mut fields = crate::record::Fields::new();
+            fields.insert("text".into(), serde_json::json!(format!("{n}{text}")));
+            let written = store
+                .write(Write::Put {
+                    collection: "Note".into(),
+                    id: Some(format!("n{n}")),
+                    fields,
+                })
+                .unwrap();
+            ids.push(written.queue_id.unwrap());
+        }
+        store.flush().unwrap();
+        let journaled = kv.journal_bytes();
+        assert!(journaled > JOURNAL_MIN_LIMIT, "{journaled}");
+        // Opened again, its limit is twice that: only its contents can empty it.
+        drop(store);
+        let store = open(&kv);
+        store.queue_counts().unwrap();
+        let (last, uploaded) = ids.split_last().unwrap();
+        store
+            .queue_transition(uploaded, &QueueAction::Start)
+            .unwrap();
+        store
+            .queue_transition(uploaded, &QueueAction::Complete)
+            .unwrap();
+        store.flush().unwrap();
+        store.bound_journal().unwrap();
+        assert_eq!(kv.journal_bytes(), journaled, "a change is left to upload");
+        store
+            .queue_transition(&[*last], &QueueAction::Start)
+            .unwrap();
+        store.bound_journal().unwrap();
+        assert_eq!(kv.journal_bytes(), journaled, "one is in flight");
+        store
+            .queue_transition(&[*last], &QueueAction::Complete)
+            .unwrap();
+        store.flush().unwrap();
+        store.bound_journal().unwrap();
+        assert!(journal_ids(&kv).is_empty());
+        assert!(kv.journal_bytes() < 1024, "{}", kv.journal_bytes());
+        drop(store);
+        kv.crash();
+        let store = open(&kv);
+        assert_eq!(store.damage(), None);
+        assert_eq!(store.queue_counts().unwrap().completed, 30);
     }
 
     /// The journal keeps the changes not yet uploaded: completed ones go when it is rewritten,

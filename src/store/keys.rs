@@ -82,6 +82,31 @@ pub fn record_of(prefix: &[u8], key: &[u8]) -> Option<(String, String)> {
 }
 pub const META_INDEX: &[u8] = b"mindex\0";
 
+/// What a key holds, by its prefix, as `ferry space` names it.
+pub fn kind(key: &[u8]) -> &'static str {
+    let Some((&first, rest)) = key.split_first() else {
+        return "other";
+    };
+    match first {
+        b'd' => "documents",
+        b'v' => "views",
+        b'i' => "index_entries",
+        b'q' => "queue_entries",
+        b'b' => "queue_changes",
+        b'p' => "pending_index",
+        b'l' => "sync_log",
+        b'f' => "change_feed",
+        b'h' => "logged_heads",
+        b'x' | b'k' => "conflicts",
+        b'u' => "unique_values",
+        b'z' => "quarantine",
+        b'c' => "cursors",
+        b'm' if rest.starts_with(b"index\0") => "index_builds",
+        b'm' => "metadata",
+        _ => "other",
+    }
+}
+
 /// `{prefix}{a}\0{b}`: the layout of every per-record key.
 fn record_key(prefix: &[u8], collection: &str, id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(prefix.len() + collection.len() + id.len() + 1);
@@ -326,5 +351,26 @@ mod tests {
         let entry = [index_prefix("C", "a,b"), b"\x02\x01\0x".to_vec()].concat();
         assert_eq!(index_of_entry(&entry), Some(("C", "a,b")));
         assert_eq!(index_of_entry(&doc("C", "x")), None);
+        for (key, named) in [
+            (doc("C", "x"), "documents"),
+            (view("C", "x"), "views"),
+            (entry.clone(), "index_entries"),
+            (queue(1), "queue_entries"),
+            (queue_change(1), "queue_changes"),
+            (pending(0, 1), "pending_index"),
+            (log(1), "sync_log"),
+            (feed(1), "change_feed"),
+            (logged_heads("C", "x"), "logged_heads"),
+            (conflict("c1"), "conflicts"),
+            (conflict_counter("detected", "k", "C"), "conflicts"),
+            (unique_held("C", "x"), "unique_values"),
+            (quarantine(1), "quarantine"),
+            (cursor("relay"), "cursors"),
+            (index_progress("C", "a"), "index_builds"),
+            (META_DEVICE.to_vec(), "metadata"),
+            (Vec::new(), "other"),
+        ] {
+            assert_eq!(kind(&key), named, "{}", crate::store::kv::printable(&key));
+        }
     }
 }

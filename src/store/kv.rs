@@ -46,7 +46,7 @@ pub fn printable(key: &[u8]) -> String {
 }
 
 /// Bytes a sealed value carries after its own: the CRC-32 of its key and value.
-const SEAL_BYTES: usize = 4;
+pub const SEAL_BYTES: usize = 4;
 
 fn checksum(key: &[u8], value: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
@@ -134,6 +134,46 @@ impl Batch {
 
 pub type Pair = (Vec<u8>, Vec<u8>);
 
+/// The keys of one kind and the bytes they hold, as `Kv::key_sizes` counts them (the engine's
+/// checksum of each value, `SEAL_BYTES`, not included).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyKind {
+    pub kind: String,
+    pub keys: u64,
+    pub key_bytes: u64,
+    pub value_bytes: u64,
+}
+
+/// Every key of `kv` counted under the kind `kind_of` gives it, kinds in the order first met.
+/// One full scan; long values are not read, only their lengths.
+pub fn sizes_by(
+    kv: &dyn Kv,
+    kind_of: &dyn Fn(&[u8]) -> &'static str,
+) -> Result<Vec<KeyKind>, KvError> {
+    let mut kinds: Vec<KeyKind> = Vec::new();
+    kv.key_sizes(&mut |key, value| {
+        let kind = kind_of(key);
+        // A handful of kinds, met in long runs (keys of one kind share a prefix): the last one
+        // is almost always the one.
+        let at = match kinds.iter().rposition(|k| k.kind == kind) {
+            Some(at) => at,
+            None => {
+                kinds.push(KeyKind {
+                    kind: kind.to_owned(),
+                    ..KeyKind::default()
+                });
+                kinds.len() - 1
+            }
+        };
+        if let Some(k) = kinds.get_mut(at) {
+            k.keys += 1;
+            k.key_bytes += key.len() as u64;
+            k.value_bytes += value;
+        }
+    })?;
+    Ok(kinds)
+}
+
 /// Ordered key-value storage.
 pub trait Kv: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
@@ -150,7 +190,30 @@ pub trait Kv: Send + Sync {
     fn size_on_disk(&self) -> Result<u64, KvError>;
     /// The bytes of every key and value held (what a fresh copy of the store would need at
     /// least), read by a full scan.
-    fn live_bytes(&self) -> Result<u64, KvError>;
+    fn live_bytes(&self) -> Result<u64, KvError> {
+        let mut total = 0u64;
+        self.key_sizes(&mut |key, value| total += key.len() as u64 + value)?;
+        Ok(total)
+    }
+    /// Hands `each` every key held and its value's length, in key order: what `live_bytes`
+    /// adds up, kept apart so that the bytes can be told by kind of key (`sizes_by`). An
+    /// engine that keeps long values apart reads only what gives their length.
+    fn key_sizes(&self, each: &mut dyn FnMut(&[u8], u64)) -> Result<(), KvError> {
+        let mut start = Vec::new();
+        loop {
+            let page = self.range(&start, &[0xff; 8], 1024)?;
+            for (key, value) in &page {
+                each(key, value.len() as u64);
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == 1024 => {
+                    start.clone_from(last);
+                    start.push(0);
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
     /// Since when (Unix ms) writes fail because the disk is full, if they do. Every later write
     /// and flush is refused until `resume_writes`.
     fn disk_full_since(&self) -> Option<u64> {
@@ -737,15 +800,14 @@ impl Kv for SledKv {
         self.read().db()?.size_on_disk().map_err(from_sled)
     }
 
-    fn live_bytes(&self) -> Result<u64, KvError> {
+    fn key_sizes(&self, each: &mut dyn FnMut(&[u8], u64)) -> Result<(), KvError> {
         let engine = self.read();
         let db = engine.db()?;
-        let mut total = 0u64;
         for pair in db.range(..[RESERVED]) {
             let (k, v) = pair.map_err(from_sled)?;
-            total += k.len() as u64 + value_len(db, &k, &v, engine.sealed)?;
+            each(&k, value_len(db, &k, &v, engine.sealed)?);
         }
-        Ok(total)
+        Ok(())
     }
 
     fn disk_full_since(&self) -> Option<u64> {
@@ -1666,13 +1728,11 @@ impl Kv for MemoryKv {
             .sum())
     }
 
-    fn live_bytes(&self) -> Result<u64, KvError> {
-        Ok(self
-            .lock()
-            .visible
-            .iter()
-            .map(|(k, v)| (k.len() + v.len().saturating_sub(SEAL_BYTES)) as u64)
-            .sum())
+    fn key_sizes(&self, each: &mut dyn FnMut(&[u8], u64)) -> Result<(), KvError> {
+        for (k, v) in &self.lock().visible {
+            each(k, v.len().saturating_sub(SEAL_BYTES) as u64);
+        }
+        Ok(())
     }
 }
 

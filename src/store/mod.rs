@@ -381,6 +381,8 @@ pub struct Store {
     space: Mutex<Option<SpaceUse>>,
     /// The size on disk right after the last compaction (0 before any).
     compacted_to: AtomicU64,
+    /// How much the store must grow past `compacted_to` before it is compacted again.
+    regrow_bytes: AtomicU64,
     /// What opens found wrong, until a repair (`health`).
     damage: Mutex<Option<health::Damage>>,
     /// Keys whose values failed their checksum when read.
@@ -460,6 +462,7 @@ impl Store {
             open_conflicts: AtomicU64::new(open_conflicts),
             space: Mutex::new(None),
             compacted_to: AtomicU64::new(0),
+            regrow_bytes: AtomicU64::new(SPACE_FLOOR_BYTES),
             damage: Mutex::new(None),
             seen_damaged,
             journal_limit: AtomicU64::new(health::journal_start_limit(kv_journal_bytes)),
@@ -1273,6 +1276,21 @@ impl Store {
         Ok(self.kv.live_bytes()?)
     }
 
+    /// Rewrites the store compactly now, whatever its size (`bound_space` does so only past its
+    /// bound): for `ferry space --compact` on a stopped store.
+    pub fn compact(&self) -> Result<(), StoreError> {
+        self.kv.compact()?;
+        *self.lock_space() = None;
+        Ok(())
+    }
+
+    /// The live bytes by kind of key (`keys::kind`), and the journal's bytes beside them: where
+    /// the store's space goes, next to `size_on_disk`. A full scan, reading no long value.
+    pub fn live_bytes_by_kind(&self) -> Result<(Vec<kv::KeyKind>, u64), StoreError> {
+        let kinds = kv::sizes_by(&*self.kv, &keys::kind)?;
+        Ok((kinds, self.kv.journal_bytes()))
+    }
+
     /// Measures the space the store takes and the live data it holds (a full scan).
     pub fn measure_space(&self) -> Result<SpaceUse, StoreError> {
         let live_bytes = self.kv.live_bytes()?;
@@ -1296,8 +1314,9 @@ impl Store {
 
     /// Keeps the store within `SPACE_FACTOR` times its live data plus `SPACE_FLOOR_BYTES`: when
     /// it takes more, its engine rewrites it compactly (a pause for every other call of the
-    /// store, about as long as copying the live data), unless it has not grown by the floor since
-    /// the last compaction (which could not do better). Cheap otherwise: the size on disk is
+    /// store, about as long as copying the live data), unless it has not grown enough since the
+    /// last compaction (which could not do better): by the floor, or, when that compaction left
+    /// it over its bound, by half the size it left. Cheap otherwise: the size on disk is
     /// compared with the live bytes last measured, which are measured again when that bound is
     /// passed or the measure is old. Never while the disk is full (that would make writes
     /// durable that were refused).
@@ -1309,22 +1328,39 @@ impl Store {
         let fresh = self
             .last_space()
             .filter(|last| now.saturating_sub(last.measured_at_ms) < MEASURE_SPACE_EVERY_MS);
+        let size = self.kv.size_on_disk()?;
         if let Some(last) = fresh
-            && self.kv.size_on_disk()? <= space_bound(last.live_bytes)
+            && size <= space_bound(last.live_bytes)
         {
             return Ok(None);
         }
-        let before = self.measure_space()?;
+        // Checked before measuring: the measure is a full scan, and would not change the answer.
         let compacted_to = self.compacted_to.load(Ordering::SeqCst);
-        if !before.over_bound()
-            || (compacted_to > 0
-                && before.store_bytes <= compacted_to.saturating_add(SPACE_FLOOR_BYTES))
-        {
+        let regrown = |bytes: u64| {
+            compacted_to == 0
+                || bytes > compacted_to.saturating_add(self.regrow_bytes.load(Ordering::SeqCst))
+        };
+        if !regrown(size) {
+            return Ok(None);
+        }
+        let before = self.measure_space()?;
+        if !before.over_bound() || !regrown(before.store_bytes) {
             return Ok(None);
         }
         self.kv.compact()?;
         let after = self.measure_space()?;
         self.compacted_to.store(after.store_bytes, Ordering::SeqCst);
+        // A copy sled could not bring under the bound (at a million small records it takes 2.2
+        // times their bytes, as much as before the copy) does no better until the store has
+        // grown by a good part of itself: tried again each time it grew by the floor, a store
+        // taking an import of a million records was copied whole, everything paused, three
+        // times in three minutes, each copy as large as the store it replaced.
+        let regrow = if after.over_bound() {
+            (after.store_bytes / 2).max(SPACE_FLOOR_BYTES)
+        } else {
+            SPACE_FLOOR_BYTES
+        };
+        self.regrow_bytes.store(regrow, Ordering::SeqCst);
         Ok(Some(Compacted { before, after }))
     }
 
@@ -1842,6 +1878,107 @@ mod tests {
     use super::*;
     use crate::clock::SystemClock;
     use kv::MemoryKv;
+
+    /// An engine that says it takes what the test sets, and that a compaction leaves it at what
+    /// the test sets: sled's sizes, without writing hundreds of MiB.
+    #[derive(Clone, Default)]
+    struct Sized {
+        inner: MemoryKv,
+        size: Arc<AtomicU64>,
+        after_compaction: Arc<AtomicU64>,
+        compactions: Arc<AtomicU64>,
+    }
+
+    impl Kv for Sized {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+            self.inner.get(key)
+        }
+        fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<kv::Pair>, KvError> {
+            self.inner.range(start, end, limit)
+        }
+        fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+            self.inner.last_key(start, end)
+        }
+        fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError> {
+            self.inner.count(start, end)
+        }
+        fn apply(&self, batch: Batch) -> Result<(), KvError> {
+            self.inner.apply(batch)
+        }
+        fn flush(&self) -> Result<(), KvError> {
+            self.inner.flush()
+        }
+        fn size_on_disk(&self) -> Result<u64, KvError> {
+            Ok(self.size.load(Ordering::SeqCst))
+        }
+        fn key_sizes(&self, each: &mut dyn FnMut(&[u8], u64)) -> Result<(), KvError> {
+            self.inner.key_sizes(each)
+        }
+        fn compact(&self) -> Result<(), KvError> {
+            self.compactions.fetch_add(1, Ordering::SeqCst);
+            let after = self.after_compaction.load(Ordering::SeqCst);
+            self.size.store(after, Ordering::SeqCst);
+            self.inner.flush()
+        }
+        fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError> {
+            self.inner.journal(each)
+        }
+        fn journal_bytes(&self) -> u64 {
+            self.inner.journal_bytes()
+        }
+        fn rewrite_journal(&self, keep: kv::JournalKeep<'_>) -> Result<(), KvError> {
+            self.inner.rewrite_journal(keep)
+        }
+    }
+
+    /// A compaction that leaves the store over its bound is tried again only once the store
+    /// has grown by half, not by the floor alone; one that gets it under, after the floor.
+    #[test]
+    fn a_compaction_that_could_not_reach_the_bound_waits_for_the_store_to_grow_by_half() {
+        const MIB: u64 = 1 << 20;
+        let kv = Sized::default();
+        let store = Store::open(
+            Box::new(kv.clone()),
+            DEVICE,
+            StoreOptions::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        store
+            .write(Write::Put {
+                collection: "Note".into(),
+                id: Some("a".into()),
+                fields: fields(serde_json::json!({"n": 1})),
+            })
+            .unwrap();
+        let compactions = || kv.compactions.load(Ordering::SeqCst);
+        let set = |size: u64| kv.size.store(size, Ordering::SeqCst);
+        // Over the bound (8 MiB and twice a few hundred bytes), and still over once compacted.
+        set(120 * MIB);
+        kv.after_compaction.store(100 * MIB, Ordering::SeqCst);
+        assert!(store.bound_space().unwrap().is_some());
+        assert_eq!(compactions(), 1);
+        set(100 * MIB + SPACE_FLOOR_BYTES + MIB);
+        assert!(
+            store.bound_space().unwrap().is_none(),
+            "grown by the floor only"
+        );
+        set(150 * MIB);
+        assert!(
+            store.bound_space().unwrap().is_none(),
+            "grown by half, not more"
+        );
+        set(150 * MIB + 1);
+        assert!(store.bound_space().unwrap().is_some());
+        assert_eq!(compactions(), 2);
+        // Now a compaction gets it under: the floor is enough growth again.
+        kv.after_compaction.store(MIB, Ordering::SeqCst);
+        set(160 * MIB);
+        assert!(store.bound_space().unwrap().is_some());
+        set(MIB + SPACE_FLOOR_BYTES + MIB);
+        assert!(store.bound_space().unwrap().is_some());
+        assert_eq!(compactions(), 4);
+    }
 
     const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";
 

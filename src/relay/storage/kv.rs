@@ -1145,6 +1145,24 @@ fn logged_base(stored: &[u8]) -> Option<u64> {
     }
 }
 
+/// What a key of this layout holds, by its first byte, as `ferry space` names it.
+pub fn key_kind(key: &[u8]) -> &'static str {
+    match key.first() {
+        Some(b'l') => "log_entries",
+        Some(b'h') => "dedup_index",
+        Some(b'b') => "bases",
+        Some(b't') => "tails",
+        Some(b'r') => "logged_heads",
+        Some(b'x' | b'o' | b'k' | b'y' | b'c' | b'g' | b'i') => "conflicts",
+        Some(b'u' | b'v') => "unique_values",
+        Some(b'd' | b'p') => "tombstones",
+        Some(b'z' | b'n') => "compaction_marks",
+        Some(b's' | b'w' | b'M') => "space_metadata",
+        Some(b'A' | b'D' | b'E' | b'F' | b'K' | b'P') => "accounts",
+        _ => "other",
+    }
+}
+
 /// `{kind}{part}\0{part}\0...`: each part ends with `\0`, so one part's keys are contiguous.
 fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
     let mut k = vec![kind];
