@@ -169,6 +169,21 @@ impl Net {
     }
 }
 
+/// The answers to one upload of one change: refused as built on a history the relay ended
+/// (purged or flattened), which the device keeps until its download meets that.
+fn refused_as_built_on_an_ended_history(answers: &[ChangeOutcome]) {
+    assert!(
+        matches!(
+            answers,
+            [ChangeOutcome::Rejected {
+                code: ErrorCode::RecordPurged,
+                ..
+            }]
+        ),
+        "{answers:?}"
+    );
+}
+
 fn put(store: &Store, collection: &str, id: &str, value: serde_json::Value) {
     store
         .write(Write::Put {
@@ -239,17 +254,7 @@ fn a_purged_records_late_edit_comes_back_as_a_new_history_on_every_device() {
 
         if uploads_first {
             // The relay refuses the edit as built on a purged history; B keeps it.
-            let answers = net.upload(&b);
-            assert!(
-                matches!(
-                    answers.as_slice(),
-                    [ChangeOutcome::Rejected {
-                        code: ErrorCode::RecordPurged,
-                        ..
-                    }]
-                ),
-                "{answers:?}"
-            );
+            refused_as_built_on_an_ended_history(&net.upload(&b));
             assert_eq!(b.queue_counts().unwrap().failed, 0);
         }
         assert_eq!(net.download(&b, page), 1, "B writes the record again");
@@ -538,17 +543,7 @@ fn a_flattened_history_replaces_the_old_one_on_every_device_and_late_edits_are_w
             );
         }
         if uploads_first {
-            let answers = net.upload(&b);
-            assert!(
-                matches!(
-                    answers.as_slice(),
-                    [ChangeOutcome::Rejected {
-                        code: ErrorCode::RecordPurged,
-                        ..
-                    }]
-                ),
-                "{answers:?}"
-            );
+            refused_as_built_on_an_ended_history(&net.upload(&b));
         }
         assert_eq!(net.download(&b, page), 1, "B writes its edit again");
         assert_eq!(
@@ -615,17 +610,7 @@ fn a_device_back_past_the_horizon_writes_its_edits_again_on_a_flattened_history(
     // Whether the relay logged B's edit before it flattened the record (its answer lost) only
     // the relay's answer tells: until then the edit is set aside.
     assert_eq!(history_len(&b, "r"), 1);
-    let answers = net.upload(&b);
-    assert!(
-        matches!(
-            answers.as_slice(),
-            [ChangeOutcome::Rejected {
-                code: ErrorCode::RecordPurged,
-                ..
-            }]
-        ),
-        "{answers:?}"
-    );
+    refused_as_built_on_an_ended_history(&net.upload(&b));
     assert_eq!(
         history_len(&b, "r"),
         2,

@@ -1205,6 +1205,80 @@ fn the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(engine: 
     );
 }
 
+/// Three records written by one device: r0 and r1 created and edited three times (seqs 1-9,
+/// the creates first), r2 created and edited once more at seq 10, so that a horizon at 9 leaves
+/// r0's and r1's whole histories below it.
+struct EditedSpace {
+    relay_store: RelayStore,
+    writers: Vec<Writer>,
+    entry: u64,
+}
+
+/// Compaction keeping the last entry, flattening what falls below it.
+const FLATTEN_ALL_BUT_LAST: LogRetention = LogRetention {
+    keep_log_days: 0,
+    keep_log_entries: 1,
+    flatten_history: true,
+};
+
+impl EditedSpace {
+    /// The space written through a relay store that saves a base every `compact_after` changes.
+    fn new(engine: &dyn Engine, compact_after: usize) -> EditedSpace {
+        let mut space = EditedSpace {
+            relay_store: relay(engine.open(), compact_after),
+            writers: (0..3).map(|_| Writer::new(1)).collect(),
+            entry: 0,
+        };
+        for i in 0..3 {
+            let change = space.writers[i].put(json!({"n": 0, "name": format!("r{i}")}));
+            space.stored(&format!("r{i}"), &change);
+        }
+        for round in 1..4 {
+            for i in 0..2 {
+                let change = space.writers[i].patch(json!({"n": round}));
+                space.stored(&format!("r{i}"), &change);
+            }
+        }
+        let change = space.writers[2].patch(json!({"n": 9}));
+        assert_eq!(
+            space.store("r2", &change),
+            ChangeOutcome::Stored { seq: 10 }
+        );
+        space
+    }
+
+    fn store(&mut self, record: &str, change: &[u8]) -> ChangeOutcome {
+        self.entry += 1;
+        outcomes(
+            &self
+                .relay_store
+                .append(SPACE, &dev(1), &[upload(self.entry, record, change)])
+                .unwrap(),
+        )
+        .remove(0)
+    }
+
+    fn stored(&mut self, record: &str, change: &[u8]) {
+        let outcome = self.store(record, change);
+        assert!(
+            matches!(outcome, ChangeOutcome::Stored { .. }),
+            "{outcome:?}"
+        );
+    }
+
+    /// What the three records show.
+    fn shown(&self) -> Vec<ferry::record::Fields> {
+        (0..3)
+            .map(|i| {
+                self.relay_store
+                    .record(SPACE, "Doc", &format!("r{i}"))
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect()
+    }
+}
+
 /// Flattening: with `flatten_history`, compaction starts again the history of each record whose
 /// every change is below the horizon, as one change of the relay's that holds what the record
 /// shows, logged as a flatten entry and kept as its base; a record changed above the horizon
@@ -1212,73 +1286,37 @@ fn the_relay_store_compacts_by_entries_and_age_and_documents_stay_whole(engine: 
 /// `RecordPurged`, one built on the new history is logged, and no device may write a flatten
 /// change itself.
 fn histories_below_the_horizon_are_flattened(engine: &dyn Engine) {
-    let relay_store = relay(engine.open(), 100);
-    let mut writers: Vec<Writer> = (0..3).map(|_| Writer::new(1)).collect();
-    let mut entry = 0;
-    let mut store = |relay_store: &RelayStore, record: &str, change: &[u8]| {
-        entry += 1;
-        outcomes(
-            &relay_store
-                .append(SPACE, &dev(1), &[upload(entry, record, change)])
-                .unwrap(),
-        )
-        .remove(0)
-    };
-    for (i, writer) in writers.iter_mut().enumerate() {
-        let change = writer.put(json!({"n": 0, "name": format!("r{i}")}));
-        assert!(matches!(
-            store(&relay_store, &format!("r{i}"), &change),
-            ChangeOutcome::Stored { .. }
-        ));
-    }
-    for round in 1..4 {
-        for (i, writer) in writers.iter_mut().enumerate().take(2) {
-            let change = writer.patch(json!({"n": round}));
-            assert!(matches!(
-                store(&relay_store, &format!("r{i}"), &change),
-                ChangeOutcome::Stored { .. }
-            ));
-        }
-    }
-    // Seqs 1-3 the creates, 4-9 the edits of r0 and r1; r2 is edited at 10, above the horizon.
-    let change = writers[2].patch(json!({"n": 9}));
-    assert_eq!(
-        store(&relay_store, "r2", &change),
-        ChangeOutcome::Stored { seq: 10 }
-    );
-    let shown = |relay_store: &RelayStore| -> Vec<_> {
-        (0..3)
-            .map(|i| {
-                relay_store
-                    .record(SPACE, "Doc", &format!("r{i}"))
-                    .unwrap()
-                    .unwrap()
-            })
-            .collect()
-    };
-    let before = shown(&relay_store);
-    let r2_heads = relay_store.heads(SPACE, "Doc", "r2").unwrap().unwrap();
-    let retention = LogRetention {
-        keep_log_days: 0,
-        keep_log_entries: 1,
-        flatten_history: true,
-    };
-    let done = relay_store
-        .compact_log(SPACE, 1_000, retention)
+    let mut space = EditedSpace::new(engine, 100);
+    let before = space.shown();
+    let r2_heads = space
+        .relay_store
+        .heads(SPACE, "Doc", "r2")
+        .unwrap()
+        .unwrap();
+    let done = space
+        .relay_store
+        .compact_log(SPACE, 1_000, FLATTEN_ALL_BUT_LAST)
         .unwrap()
         .unwrap();
     assert_eq!((done.horizon, done.flattened, done.bases_saved), (9, 2, 0));
     assert_eq!(
-        shown(&relay_store),
+        space.shown(),
         before,
         "flattening changes nothing a record shows"
     );
     assert_eq!(
-        relay_store.heads(SPACE, "Doc", "r2").unwrap().unwrap(),
+        space
+            .relay_store
+            .heads(SPACE, "Doc", "r2")
+            .unwrap()
+            .unwrap(),
         r2_heads
     );
     // The flatten entries follow the head: one change each, depending on nothing.
-    let slice = relay_store.read_since(SPACE, 10, 100, usize::MAX).unwrap();
+    let slice = space
+        .relay_store
+        .read_since(SPACE, 10, 100, usize::MAX)
+        .unwrap();
     let flattened: Vec<_> = slice
         .entries
         .iter()
@@ -1294,11 +1332,16 @@ fn histories_below_the_horizon_are_flattened(engine: &dyn Engine) {
     for (seq, record, change) in &flattened {
         assert!(change.deps().is_empty(), "entry {seq} of {record}");
         assert_eq!(change.message(), Some("flatten"));
-        let heads = relay_store.heads(SPACE, "Doc", record).unwrap().unwrap();
+        let heads = space
+            .relay_store
+            .heads(SPACE, "Doc", record)
+            .unwrap()
+            .unwrap();
         assert_eq!(heads, vec![change.hash().to_string()]);
     }
     // A snapshot sends each flattened record as its one change.
-    let page = relay_store
+    let page = space
+        .relay_store
         .snapshot_page(SPACE, None, 10, usize::MAX, None)
         .unwrap();
     let r0 = page.records.iter().find(|r| r.record == "r0").unwrap();
@@ -1306,13 +1349,10 @@ fn histories_below_the_horizon_are_flattened(engine: &dyn Engine) {
     let r2 = page.records.iter().find(|r| r.record == "r2").unwrap();
     assert!(!ferry::record::is_one_change(&r2.document));
     // Old changes are still duplicates; one built on the old history is refused, retryable.
-    let old = writers[0].changes[1].clone();
-    assert_eq!(
-        store(&relay_store, "r0", &old),
-        ChangeOutcome::Duplicate { seq: 4 }
-    );
-    let stale = writers[0].patch(json!({"n": 100}));
-    let refused = store(&relay_store, "r0", &stale);
+    let old = space.writers[0].changes[1].clone();
+    assert_eq!(space.store("r0", &old), ChangeOutcome::Duplicate { seq: 4 });
+    let stale = space.writers[0].patch(json!({"n": 100}));
+    let refused = space.store("r0", &stale);
     assert!(
         matches!(
             &refused,
@@ -1329,10 +1369,11 @@ fn histories_below_the_horizon_are_flattened(engine: &dyn Engine) {
         changes: Vec::new(),
     };
     let change = later.patch(json!({"n": 7}));
-    let stored = store(&relay_store, "r0", &change);
+    let stored = space.store("r0", &change);
     assert!(matches!(stored, ChangeOutcome::Stored { .. }), "{stored:?}");
     assert_eq!(
-        relay_store
+        space
+            .relay_store
             .record(SPACE, "Doc", "r0")
             .unwrap()
             .unwrap()
@@ -1345,7 +1386,7 @@ fn histories_below_the_horizon_are_flattened(engine: &dyn Engine) {
         .unwrap()
         .unwrap()
         .change;
-    let refused = store(&relay_store, "r9", forged.raw_bytes());
+    let refused = space.store("r9", forged.raw_bytes());
     assert!(
         matches!(
             &refused,
@@ -1363,64 +1404,34 @@ fn histories_below_the_horizon_are_flattened(engine: &dyn Engine) {
 /// heads, and leaves alone a record of one change or one already flattened.
 fn settled_histories_are_flattened_by_the_sweep(engine: &dyn Engine) {
     // A base saved after every second change.
-    let relay_store = relay(engine.open(), 2);
-    let mut writers: Vec<Writer> = (0..3).map(|_| Writer::new(1)).collect();
-    let mut entry = 0;
-    let mut store = |relay_store: &RelayStore, record: &str, change: &[u8]| {
-        entry += 1;
-        let r = relay_store
-            .append(SPACE, &dev(1), &[upload(entry, record, change)])
-            .unwrap();
-        assert!(matches!(r[0].outcome, ChangeOutcome::Stored { .. }));
-    };
-    for (i, writer) in writers.iter_mut().enumerate() {
-        let change = writer.put(json!({"n": 0, "name": format!("r{i}")}));
-        store(&relay_store, &format!("r{i}"), &change);
-    }
-    for round in 1..4 {
-        for (i, writer) in writers.iter_mut().enumerate().take(2) {
-            let change = writer.patch(json!({"n": round}));
-            store(&relay_store, &format!("r{i}"), &change);
-        }
-    }
-    // r2, written once, keeps the last entry above the horizon.
-    let change = writers[2].patch(json!({"n": 9}));
-    store(&relay_store, "r2", &change);
-    let shown = |relay_store: &RelayStore| -> Vec<_> {
-        (0..3)
-            .map(|i| {
-                relay_store
-                    .record(SPACE, "Doc", &format!("r{i}"))
-                    .unwrap()
-                    .unwrap()
-            })
-            .collect()
-    };
-    let before = shown(&relay_store);
-    let retention = LogRetention {
-        keep_log_days: 0,
-        keep_log_entries: 1,
-        flatten_history: true,
-    };
-    let done = relay_store
-        .compact_log(SPACE, 1_000, retention)
+    let mut space = EditedSpace::new(engine, 2);
+    let before = space.shown();
+    let done = space
+        .relay_store
+        .compact_log(SPACE, 1_000, FLATTEN_ALL_BUT_LAST)
         .unwrap()
         .unwrap();
     assert_eq!(done.flattened, 2, "{done:?}");
-    assert_eq!(shown(&relay_store), before);
+    assert_eq!(space.shown(), before);
     for id in ["r0", "r1"] {
         assert_eq!(
-            relay_store.heads(SPACE, "Doc", id).unwrap().unwrap().len(),
+            space
+                .relay_store
+                .heads(SPACE, "Doc", id)
+                .unwrap()
+                .unwrap()
+                .len(),
             1
         );
     }
     // Another pass, once the horizon moved past the flatten entries: nothing left to flatten.
-    let change = writers[2].patch(json!({"n": 10}));
-    store(&relay_store, "r2", &change);
-    let change = writers[2].patch(json!({"n": 11}));
-    store(&relay_store, "r2", &change);
-    let done = relay_store
-        .compact_log(SPACE, 2_000, retention)
+    let change = space.writers[2].patch(json!({"n": 10}));
+    space.store("r2", &change);
+    let change = space.writers[2].patch(json!({"n": 11}));
+    space.store("r2", &change);
+    let done = space
+        .relay_store
+        .compact_log(SPACE, 2_000, FLATTEN_ALL_BUT_LAST)
         .unwrap()
         .unwrap();
     assert_eq!(done.flattened, 0, "{done:?}");
