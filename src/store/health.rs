@@ -202,6 +202,7 @@ fn kind_of(key: &[u8]) -> &'static str {
         Some(b'f') => "feed entry",
         Some(b'v') => "record view",
         Some(b'i') => "index entry",
+        Some(b'r') => "set-aside history",
         Some(b'm') => "metadata",
         _ => "unknown",
     }

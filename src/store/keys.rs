@@ -64,6 +64,7 @@ pub const VIEW: &[u8] = b"v";
 pub const META_VIEWS: &[u8] = b"mviews";
 
 pub const INDEX: &[u8] = b"i";
+pub const META_INDEX: &[u8] = b"mindex\0";
 pub const SET_ASIDE: &[u8] = b"r";
 
 pub fn set_aside(collection: &str, id: &str) -> Vec<u8> {
@@ -80,8 +81,6 @@ pub fn record_of(prefix: &[u8], key: &[u8]) -> Option<(String, String)> {
         std::str::from_utf8(id).ok()?.to_owned(),
     ))
 }
-pub const META_INDEX: &[u8] = b"mindex\0";
-
 /// What a key holds, by its prefix, as `ferry space` names it.
 pub fn kind(key: &[u8]) -> &'static str {
     let Some((&first, rest)) = key.split_first() else {
@@ -101,6 +100,7 @@ pub fn kind(key: &[u8]) -> &'static str {
         b'u' => "unique_values",
         b'z' => "quarantine",
         b'c' => "cursors",
+        b'r' => "set_aside_histories",
         b'm' if rest.starts_with(b"index\0") => "index_builds",
         b'm' => "metadata",
         _ => "other",
@@ -351,6 +351,11 @@ mod tests {
         let entry = [index_prefix("C", "a,b"), b"\x02\x01\0x".to_vec()].concat();
         assert_eq!(index_of_entry(&entry), Some(("C", "a,b")));
         assert_eq!(index_of_entry(&doc("C", "x")), None);
+        assert_eq!(
+            record_of(SET_ASIDE, &set_aside("C", "x")),
+            Some(("C".to_owned(), "x".to_owned()))
+        );
+        assert_eq!(record_of(SET_ASIDE, &doc("C", "x")), None);
         for (key, named) in [
             (doc("C", "x"), "documents"),
             (view("C", "x"), "views"),
@@ -366,6 +371,7 @@ mod tests {
             (unique_held("C", "x"), "unique_values"),
             (quarantine(1), "quarantine"),
             (cursor("relay"), "cursors"),
+            (set_aside("C", "x"), "set_aside_histories"),
             (index_progress("C", "a"), "index_builds"),
             (META_DEVICE.to_vec(), "metadata"),
             (Vec::new(), "other"),
