@@ -2171,7 +2171,6 @@ impl RelayStore {
         let Some(heads) = self.storage.record_heads(space, collection, record)? else {
             return Ok(false);
         };
-        let ended = self.storage.purged_at(space, collection, record)?;
         let mut seqs = Vec::with_capacity(heads.len());
         for head in &heads {
             match self.storage.change_seq(space, collection, record, head)? {
@@ -2180,7 +2179,10 @@ impl RelayStore {
             }
         }
         // Its one head is the flatten entry that started its history: nothing to flatten.
-        Ok(!(seqs.len() == 1 && seqs.first().copied() == ended))
+        Ok(match seqs.as_slice() {
+            [only] => self.storage.purged_at(space, collection, record)? != Some(*only),
+            _ => true,
+        })
     }
 
     fn has_open_conflict(

@@ -129,6 +129,7 @@ impl Store {
             return Ok(());
         }
         let mut asides: HashMap<CacheKey, SetAside> = self.set_asides()?.into_iter().collect();
+        let mut answered = HashSet::new();
         for result in results {
             let Some((key, hash)) = uploads.get(&result.entry) else {
                 continue;
@@ -147,10 +148,11 @@ impl Store {
             if let Some(aside) = asides.get_mut(key) {
                 aside.answers.retain(|(h, _)| *h != hash.0);
                 aside.answers.push((hash.0, answer));
+                answered.insert(key.clone());
             }
         }
         let mut batch = Batch::default();
-        for (key, aside) in &asides {
+        for (key, aside) in asides.iter().filter(|(key, _)| answered.contains(*key)) {
             batch.put(
                 keys::set_aside(&key.0, &key.1),
                 encode(aside, "set-aside history")?,

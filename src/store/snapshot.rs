@@ -658,7 +658,11 @@ impl Store {
             } else {
                 self.logged_heads_of(key, held)?
             };
-            if let Some(flatten) = snapshot.flatten_change()
+            // A page that holds what this device saw logged continues its history: no flatten
+            // replaced it, and its changes need not be read to look for one.
+            let continues = !seen.is_empty() && seen.iter().all(|h| snapshot.has_change(h));
+            if !continues
+                && let Some(flatten) = snapshot.flatten_change()
                 && !held.has_change(&flatten)
             {
                 // The relay started the history this device saw again as one change

@@ -1174,22 +1174,19 @@ impl Store {
         Ok((!changes.is_empty() && builds_on_itself(&changes)).then_some(changes))
     }
 
-    /// The record's changes on their way to the relay when they make a new history (each
-    /// depends only on others of them): the relay logs them as that history whatever this
-    /// device does meanwhile, so what it writes on the record builds on them, as beside them it
-    /// would reuse their actor's sequence numbers and be refused.
-    fn new_history_in_flight(&self, key: &CacheKey) -> Result<Option<Vec<Change>>, StoreError> {
-        let mut in_flight = Vec::new();
+    /// The record's queue entries not completed yet (waiting, failed or on their way).
+    fn uncompleted_entries(&self, key: &CacheKey) -> Result<Vec<SyncQueueEntry>, StoreError> {
+        let mut entries = Vec::new();
         self.scan_queue(None, |entry| {
             if entry.model_name == key.0
                 && entry.object_id == key.1
-                && entry.status == QueueStatus::Processing
+                && entry.status != QueueStatus::Completed
             {
-                in_flight.push(entry);
+                entries.push(entry);
             }
             true
         })?;
-        self.independent_changes(in_flight)
+        Ok(entries)
     }
 
     /// Writes `old` as this device shows it on `fresh` as a purged record's new history, queued
@@ -1205,8 +1202,14 @@ impl Store {
     ) -> Result<bool, StoreError> {
         // The record's changes still waiting to be uploaded are the restoration's now
         // (`complete_carried`): sent as well, one that depends on nothing would be logged as a
-        // new history beside it. Those already on their way are built on.
-        if let Some(first) = self.new_history_in_flight(key)? {
+        // new history beside it. A new history's first changes already on their way are
+        // logged as that history whatever happens here: the restoration builds on them, as
+        // beside them it would reuse their actor's sequence numbers and be refused.
+        let (in_flight, waiting): (Vec<_>, Vec<_>) = self
+            .uncompleted_entries(key)?
+            .into_iter()
+            .partition(|e| e.status == QueueStatus::Processing);
+        if let Some(first) = self.independent_changes(in_flight)? {
             fresh.apply_decoded(first)?;
         }
         let shown = resolve::view(&mut old, self.options.policies.of(&key.0));
@@ -1217,7 +1220,7 @@ impl Store {
             return Ok(false);
         }
         self.finish(key.clone(), staged, now, batch, delta)?;
-        self.complete_carried(key, "it was purged", None, now, batch, delta)?;
+        self.complete_carried(key, "it was purged", waiting, None, now, batch, delta)?;
         Ok(true)
     }
 
@@ -1246,8 +1249,9 @@ impl Store {
     /// device saw the changes up to `seen` logged: when it holds edits beyond them, what they
     /// changed of what the record showed at `seen` (fields set or removed, a delete) is
     /// written on `fresh`, which holds the new history, as one local change, queued in `batch`
-    /// (edits that build on nothing logged are kept as they are, beside it); the record's changes still waiting to be uploaded are
-    /// completed, as it carries them (PROTOCOL.md, section 5.8). True when it wrote one.
+    /// (edits that build on nothing logged are kept as they are, beside it); the record's
+    /// changes still waiting to be uploaded are completed, as it carries them (PROTOCOL.md,
+    /// section 5.8). True when it wrote one.
     #[allow(clippy::too_many_arguments)]
     fn rebase_flattened(
         &self,
@@ -1333,33 +1337,30 @@ impl Store {
         // local write's does.
         self.stage_unlogged(&mut HashMap::new(), batch, key, &staged)?;
         self.finish(key.clone(), staged, now, batch, delta)?;
+        let waiting: Vec<_> = self
+            .uncompleted_entries(key)?
+            .into_iter()
+            .filter(|e| e.status != QueueStatus::Processing)
+            .collect();
         let why = "its history was flattened";
-        self.complete_carried(key, why, carried, now, batch, delta)?;
+        self.complete_carried(key, why, waiting, carried, now, batch, delta)?;
         Ok(true)
     }
 
-    /// Completes the record's queue entries still waiting to be uploaded (pending or failed),
-    /// of the changes in `only` when given: a change written again on the record's new history
-    /// carries them, after `why`.
+    /// Completes `waiting`, the record's queue entries still waiting to be uploaded (pending or
+    /// failed), of the changes in `only` when given: a change written again on the record's new
+    /// history carries them, after `why`.
+    #[allow(clippy::too_many_arguments)]
     fn complete_carried(
         &self,
         key: &CacheKey,
         why: &str,
+        waiting: Vec<SyncQueueEntry>,
         only: Option<&HashSet<ChangeHash>>,
         now: u64,
         batch: &mut Batch,
         delta: &mut CountDelta,
     ) -> Result<(), StoreError> {
-        let mut waiting = Vec::new();
-        self.scan_queue(None, |entry| {
-            if entry.model_name == key.0
-                && entry.object_id == key.1
-                && matches!(entry.status, QueueStatus::Pending | QueueStatus::Failed)
-            {
-                waiting.push(entry);
-            }
-            true
-        })?;
         for entry in waiting {
             let mut entry = self.with_change(entry)?;
             if let Some(only) = only

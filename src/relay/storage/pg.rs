@@ -122,6 +122,12 @@ const BASES_OF_RECORDS: &str =
      LEFT JOIN LATERAL (SELECT origin, hash, change, crc FROM log_entries e
        WHERE e.space = $1 AND e.seq = b.logged_seq OFFSET 0) e ON true";
 
+/// Sets the seq of the log entry that last ended a record's history (a purge or a flatten
+/// entry): `$1` space, `$2` collection, `$3` record, `$4` seq, `$5` its checksum.
+const PUT_HISTORY_END: &str =
+    "INSERT INTO purges (space, collection, record, seq, crc) VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (space, collection, record) DO UPDATE SET seq = $4, crc = $5";
+
 /// The advisory lock migrations take (any fixed number the database's other users do not use).
 const MIGRATION_LOCK: i64 = 0x6665_7272_795f_6462;
 
@@ -1157,8 +1163,7 @@ async fn purge_record(
     .await?;
     execute(
         tx,
-        "INSERT INTO purges (space, collection, record, seq, crc) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (space, collection, record) DO UPDATE SET seq = $4, crc = $5",
+        PUT_HISTORY_END,
         &[
             &space,
             collection,
@@ -1314,8 +1319,7 @@ async fn write_append(
         drop_tails(&mut pipeline, space, &flattened.record, &flattened.tail)?;
         let (collection, id) = &flattened.record;
         pipeline.push(
-            "INSERT INTO purges (space, collection, record, seq, crc) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (space, collection, record) DO UPDATE SET seq = $4, crc = $5",
+            PUT_HISTORY_END,
             vec![
                 owned_space(),
                 p(collection.clone()),
