@@ -23,7 +23,7 @@ use ferry::relay::store::{LogRetention, RelayStore, RelayStoreOptions};
 use ferry::resolve::{Conflict, ConflictKind, ConflictStatus, DeleteRule, Policies, Policy};
 use ferry::store::kv::MemoryKv;
 use ferry::store::{BatchLimits, RetryPolicy, Store, StoreError, StoreOptions, Write};
-use ferry_proto::wire::{ChangeOutcome, ErrorCode};
+use ferry_proto::wire::{ChangeOutcome, ErrorCode, ErrorKind};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -474,6 +474,134 @@ fn a_restoration_builds_on_a_create_already_on_its_way() {
             net.relay.conflicts(SPACE, None, None, 100).unwrap()
         );
     }
+}
+
+/// A's create reached the relay but its answer was lost; B deleted the record, the relay purged
+/// it, B wrote it again, and the log was compacted past all of it. A bootstraps from the
+/// snapshot while its create still waits for an answer, so it cannot tell the create was
+/// logged: it keeps it beside the page's history, as any create of its own. Sent again, the
+/// create is answered `Duplicate` at a seq A's bootstrap went past: the relay ended its history.
+/// A then drops it; an edit A made on it meanwhile is refused as built on that history and
+/// written again on B's. Every device ends with the relay's heads, and nothing stays waiting.
+#[test]
+fn a_create_whose_answer_was_lost_goes_with_the_purged_history_once_answered() {
+    for edited in [false, true] {
+        let net = Net::new();
+        let (a, b) = (net.device(A), net.device(B));
+        put(&a, "Doc", "r", json!({"n": 0}));
+        let lost = a
+            .next_upload_batch(BatchLimits::of(10, usize::MAX))
+            .unwrap();
+        net.relay
+            .append(SPACE, A, &common::uploads(&lost.entries))
+            .unwrap();
+        let ids: Vec<u64> = lost.entries.iter().map(|e| e.id).collect();
+        a.abandon_upload(
+            &ids,
+            "network: reset",
+            ErrorKind::Network,
+            &RetryPolicy::immediate(5),
+        )
+        .unwrap();
+        if edited {
+            patch(&a, "r", json!({"late": true}));
+        }
+
+        net.download(&b, 100);
+        b.write(Write::Delete {
+            collection: "Doc".into(),
+            id: "r".into(),
+        })
+        .unwrap();
+        net.upload(&b);
+        assert_eq!(
+            net.relay
+                .purge_tombstones(SPACE, T0 + 2 * DAY, DAY)
+                .unwrap(),
+            1
+        );
+        net.download(&b, 100);
+        put(&b, "Doc", "r", json!({"m": 2}));
+        put(&b, "Doc", "last", json!({"n": 3}));
+        net.upload(&b);
+        net.download(&b, 100);
+        net.compact();
+
+        net.bootstrap(&a);
+        let answers = net.upload(&a);
+        assert!(
+            matches!(answers[0], ChangeOutcome::Duplicate { .. }),
+            "the create was logged before the purge: {answers:?}"
+        );
+        // An edit refused as built on the ended history is retried once set aside.
+        while !net.upload(&a).is_empty() {}
+        let counts = a.queue_counts().unwrap();
+        assert_eq!((counts.pending, counts.failed), (0, 0), "{counts:?}");
+        net.download(&a, 100);
+        net.download(&b, 100);
+        let expected = if edited {
+            fields(json!({"m": 2, "late": true}))
+        } else {
+            fields(json!({"m": 2}))
+        };
+        let heads = net.relay.heads(SPACE, "Doc", "r").unwrap().unwrap();
+        for device in [&a, &b] {
+            assert_eq!(
+                shown(device, "Doc", "r"),
+                Some(expected.clone()),
+                "{edited}"
+            );
+            assert_eq!(device.get("Doc", "r").unwrap().heads, heads, "{edited}");
+            assert!(conflicts(device).is_empty(), "{:?}", conflicts(device));
+        }
+        assert_eq!(net.relay.record(SPACE, "Doc", "r").unwrap(), Some(expected));
+    }
+}
+
+/// A created the record on its own beside B's create, which it met in the log; its own create
+/// was answered `Stored`, but A went offline before meeting it in the log. B deleted the record,
+/// the relay purged it, B wrote it again, and the log was compacted past all of it. A's
+/// bootstrap takes its answered create as logged, so purged with the history, not as a new
+/// history of its own to keep: A ends with the relay's heads.
+#[test]
+fn an_answered_create_not_met_in_the_log_goes_with_the_purged_history() {
+    let net = Net::new();
+    let (a, b) = (net.device(A), net.device(B));
+    put(&a, "Doc", "r", json!({"a": 1}));
+    put(&b, "Doc", "r", json!({"b": 1}));
+    net.upload(&b);
+    net.download(&a, 100);
+    assert!(
+        net.upload(&a)
+            .iter()
+            .all(|o| matches!(o, ChangeOutcome::Stored { .. }))
+    );
+
+    net.download(&b, 100);
+    b.write(Write::Delete {
+        collection: "Doc".into(),
+        id: "r".into(),
+    })
+    .unwrap();
+    net.upload(&b);
+    assert_eq!(
+        net.relay
+            .purge_tombstones(SPACE, T0 + 2 * DAY, DAY)
+            .unwrap(),
+        1
+    );
+    net.download(&b, 100);
+    put(&b, "Doc", "r", json!({"m": 2}));
+    put(&b, "Doc", "last", json!({"n": 3}));
+    net.upload(&b);
+    net.compact();
+
+    net.bootstrap(&a);
+    assert!(net.upload(&a).is_empty(), "nothing of A's waits");
+    let heads = net.relay.heads(SPACE, "Doc", "r").unwrap().unwrap();
+    assert_eq!(shown(&a, "Doc", "r"), Some(fields(json!({"m": 2}))));
+    assert_eq!(a.get("Doc", "r").unwrap().heads, heads);
+    assert!(conflicts(&a).is_empty(), "{:?}", conflicts(&a));
 }
 
 fn patch(store: &Store, id: &str, value: serde_json::Value) {

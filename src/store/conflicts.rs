@@ -425,6 +425,31 @@ impl Store {
         Ok(self.logged_state(key)?.map(|state| state.logged.is_empty()))
     }
 
+    /// Stages `document` as the record's document heads, its logged heads staying: after
+    /// changes of this device's left its document. No `h` key is kept when they are the same.
+    pub(super) fn stage_document_heads(
+        &self,
+        key: &CacheKey,
+        document: &[ChangeHash],
+        batch: &mut Batch,
+    ) -> Result<(), StoreError> {
+        let logged = self
+            .logged_state(key)?
+            .map(|state| state.logged())
+            .unwrap_or_default();
+        let h = keys::logged_heads(&key.0, &key.1);
+        let same: BTreeSet<&ChangeHash> = logged.iter().collect();
+        if document.is_empty() || same == document.iter().collect() {
+            batch.remove(h);
+        } else {
+            batch.put(
+                h,
+                super::encode(&LoggedState::new(&logged, document), "logged heads")?,
+            );
+        }
+        Ok(())
+    }
+
     /// Whether `record` holds local changes the relay has not logged: changes beyond its logged
     /// heads and `logged_now` (changes met in the log since those were stored).
     pub(super) fn holds_unlogged(

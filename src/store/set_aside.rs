@@ -9,9 +9,12 @@
 //! than completing the entries such a write carries.
 
 use super::kv::Batch;
+use super::sync::RemoteApplied;
 use super::{CacheKey, CountDelta, Store, StoreError, decode, encode, keys};
 use crate::record::{Record, change_header};
+use crate::resolve;
 use automerge::{Change, ChangeHash};
+use ferry_proto::Operation;
 use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -224,6 +227,131 @@ impl Store {
             written += usize::from(wrote);
         }
         Ok(written)
+    }
+    /// Drops from their records the changes the relay answered `Duplicate` at a seq this
+    /// device's download went past without meeting them as logged: the relay logged them, then
+    /// ended their history (a purge the log was compacted past), and their first answer was lost
+    /// before this device bootstrapped, so the page's history was merged beside them
+    /// (PROTOCOL.md, section 5.8). They leave the document with what this device built on them;
+    /// what of that still waits for an answer is set aside (`set_aside`), to be written again on
+    /// the record's history once the relay refuses it. Returns how many records lost changes.
+    pub(super) fn drop_ended_uploads(&self, results: &[ChangeResult]) -> Result<usize, StoreError> {
+        if !results
+            .iter()
+            .any(|r| matches!(r.outcome, ChangeOutcome::Duplicate { .. }))
+        {
+            return Ok(0);
+        }
+        // Under the cache lock, as an apply moves the cursor and the logged heads together.
+        let mut cache = self.lock_cache();
+        let cursor = self.sync_cursor()?;
+        let pages = self.snapshot_pages()?;
+        let mut answered: HashMap<CacheKey, HashSet<ChangeHash>> = HashMap::new();
+        for result in results {
+            let ChangeOutcome::Duplicate { seq } = result.outcome else {
+                continue;
+            };
+            let Some(stored) = self.kv.get(&keys::queue(result.entry))? else {
+                continue;
+            };
+            let entry = self.with_change(decode(&stored, "queue entry")?)?;
+            let key = (entry.model_name.clone(), entry.object_id.clone());
+            let past = pages
+                .as_ref()
+                .and_then(|p| p.taken(&key.0, &key.1))
+                .map_or(cursor, |head| head.max(cursor));
+            if seq > past {
+                continue;
+            }
+            // Without an `h` key every change the record holds was met in the log.
+            if self.never_logged(&key)?.is_none() {
+                continue;
+            }
+            answered
+                .entry(key)
+                .or_default()
+                .insert(change_header(&entry.data)?.hash);
+        }
+        let mut dropped = 0;
+        for (key, answered) in answered {
+            let mut old = match cache.pop(&key) {
+                Some(record) => record,
+                None => match self.load(&key.0, &key.1)? {
+                    Some(record) => record,
+                    None => continue,
+                },
+            };
+            let logged = self.logged_heads_of(&key, &mut old)?;
+            let unlogged = old.changes_after(&logged)?;
+            let mut gone: HashSet<ChangeHash> = unlogged
+                .iter()
+                .map(Change::hash)
+                .filter(|h| answered.contains(h))
+                .collect();
+            if gone.is_empty() {
+                cache.put(key, old);
+                continue;
+            }
+            // What builds on them, in causal order as the document gives its changes.
+            for change in &unlogged {
+                if change.deps().iter().any(|d| gone.contains(d)) {
+                    gone.insert(change.hash());
+                }
+            }
+            let kept = heads_without(&old.changes_after(&[])?, &gone);
+            let mut fresh = if kept.is_empty() {
+                self.new_record(&key.0)
+            } else {
+                old.fork_at(&kept)?
+            };
+            let waiting: Vec<ChangeHash> = self
+                .uncompleted_entries(&key)?
+                .into_iter()
+                .map(|entry| self.with_change(entry))
+                .map(|entry| Ok(change_header(&entry?.data)?.hash))
+                .collect::<Result<Vec<_>, StoreError>>()?
+                .into_iter()
+                .filter(|h| gone.contains(h))
+                .collect();
+            let mut batch = Batch::default();
+            if !waiting.is_empty() {
+                self.set_aside(&mut batch, &key, cursor, &mut old, &waiting)?;
+            }
+            let policy = self.options.policies.of(&key.0);
+            let deleted = kept.is_empty() || resolve::is_deleted(&mut fresh, policy);
+            if kept.is_empty() {
+                batch.remove(keys::doc(&key.0, &key.1));
+            } else {
+                batch.put(keys::doc(&key.0, &key.1), fresh.save());
+                self.stage_view(&mut batch, &key, &mut fresh)?;
+            }
+            self.stage_document_heads(&key, &kept, &mut batch)?;
+            let mut shown = RemoteApplied {
+                collection: key.0.clone(),
+                id: key.1.clone(),
+                operation: if deleted {
+                    Operation::Delete
+                } else {
+                    Operation::Update
+                },
+                deleted,
+                heads: kept.iter().map(ChangeHash::to_string).collect(),
+                device: String::new(),
+                seq: 0,
+            };
+            shown.stage_feed(self, &mut batch)?;
+            let mut queue = self.lock_queue();
+            self.apply_queue_batch(&mut queue, batch, CountDelta::default())?;
+            drop(queue);
+            self.feed_landed(std::iter::once(shown.seq));
+            tracing::warn!(collection = %key.0, record = %key.1, changes = gone.len(),
+                "changes of this device's the relay logged before it purged the record left it");
+            if !kept.is_empty() {
+                cache.put(key, fresh);
+            }
+            dropped += 1;
+        }
+        Ok(dropped)
     }
 }
 

@@ -60,6 +60,15 @@ impl SnapshotPages {
         self.end()
     }
 
+    /// The head of the page taken so far that holds the record's key range, if one holds it
+    /// yet: that page's document held every change of the record logged up to there.
+    pub fn taken(&self, collection: &str, record: &str) -> Option<u64> {
+        let reached = self.resume_after().is_some_and(|last| {
+            (collection, record) <= (last.collection.as_str(), last.record.as_str())
+        });
+        (self.complete || reached).then(|| self.covered(collection, record))
+    }
+
     /// The cursor the log is read from once every page is in: the first page's head (heads
     /// only grow from page to page).
     pub fn start(&self) -> u64 {
@@ -501,8 +510,8 @@ impl Store {
         }
     }
 
-    /// The changes of `key` (a record none of whose changes this device met in the log) not
-    /// acknowledged yet, read once per page.
+    /// The changes of `key` this device wrote that the relay has not acknowledged yet (their
+    /// queue entries not completed), read once per page.
     fn waiting_uploads(
         &self,
         purge: &mut Purge,
@@ -718,15 +727,26 @@ impl Store {
                                 &mut purge.delta,
                             )?
                     }
-                    Some(old) => self.restore_purged(
-                        key,
-                        old,
-                        Vec::new(),
-                        &mut fresh,
-                        now,
-                        batch,
-                        &mut purge.delta,
-                    )?,
+                    Some(mut old) => {
+                        // Its changes beyond those it met in the log that the relay answered
+                        // were logged too, before the purge: they went with the history.
+                        let uploads = self.waiting_uploads(purge, key)?;
+                        let met = self.logged_heads_of(key, &mut old)?;
+                        let answered: Vec<Change> = old
+                            .changes_after(&met)?
+                            .into_iter()
+                            .filter(|c| !uploads.contains(&c.hash()))
+                            .collect();
+                        self.restore_purged(
+                            key,
+                            old,
+                            answered,
+                            &mut fresh,
+                            now,
+                            batch,
+                            &mut purge.delta,
+                        )?
+                    }
                     None => false,
                 };
                 if restored {

@@ -463,6 +463,7 @@ impl Store {
                 }
             },
         )?;
+        self.drop_ended_uploads(results)?;
         if !set_aside.is_empty() {
             self.note_set_aside_answers(results, &set_aside)?;
             summary.written_again = self.settle_set_asides()?;
@@ -1175,7 +1176,10 @@ impl Store {
     }
 
     /// The record's queue entries not completed yet (waiting, failed or on their way).
-    fn uncompleted_entries(&self, key: &CacheKey) -> Result<Vec<SyncQueueEntry>, StoreError> {
+    pub(super) fn uncompleted_entries(
+        &self,
+        key: &CacheKey,
+    ) -> Result<Vec<SyncQueueEntry>, StoreError> {
         let mut entries = Vec::new();
         self.scan_queue(None, |entry| {
             if entry.model_name == key.0
