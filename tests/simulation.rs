@@ -1479,6 +1479,10 @@ impl World {
             if self.options.policies.of(&write.collection).strategy != Strategy::Merge {
                 continue;
             }
+            if self.purged_in(&write.collection, &write.id, &write.change) {
+                // It went with its record's history.
+                continue;
+            }
             let deps = graphs
                 .entry((write.collection.clone(), write.id.clone()))
                 .or_insert_with(|| self.change_graph(&write.collection, &write.id));
@@ -1558,19 +1562,25 @@ impl World {
     /// Whether `change` (hex) to a record with id `record` was logged before the record's last
     /// purge entry, or never logged on a record since purged.
     fn purged_with_its_record(&self, record: &str, change: &str) -> bool {
+        COLLECTIONS
+            .iter()
+            .any(|collection| self.purged_in(collection, record, change))
+    }
+
+    /// Whether `change` (hex) to `collection`/`record` was logged before the record's last purge
+    /// entry, or never logged on a record since purged.
+    fn purged_in(&self, collection: &str, record: &str, change: &str) -> bool {
         let relay = &self.relay.as_ref().expect("relay up").store;
         let hash: automerge::ChangeHash = change.parse().expect("hash");
-        COLLECTIONS.iter().any(|collection| {
-            relay
-                .purged_at(SPACE, collection, record)
-                .expect("purge marker")
-                .is_some_and(|purged| {
-                    relay
-                        .change_seq(SPACE, collection, record, &hash)
-                        .expect("change seq")
-                        .is_none_or(|seq| seq < purged)
-                })
-        })
+        relay
+            .purged_at(SPACE, collection, record)
+            .expect("purge marker")
+            .is_some_and(|purged| {
+                relay
+                    .change_seq(SPACE, collection, record, &hash)
+                    .expect("change seq")
+                    .is_none_or(|seq| seq < purged)
+            })
     }
 
     /// A conflict someone resolved ends resolved, by one of its resolutions; when devices
