@@ -604,6 +604,56 @@ fn an_answered_create_not_met_in_the_log_goes_with_the_purged_history() {
     assert!(conflicts(&a).is_empty(), "{:?}", conflicts(&a));
 }
 
+/// A holds a conflict entry of the record's first history; B deletes the record, the relay purges
+/// it, B writes it again, and the relay flattens that new history as it compacts the log past
+/// all of it. A, back past the horizon, bootstraps: the page's document is a flatten it never
+/// met, and the conflict entry of the purged history goes with that history, as the relay's did.
+#[test]
+fn a_conflict_of_a_purged_history_goes_when_its_record_comes_back_flattened() {
+    let net = Net::new();
+    let (a, b) = (net.device(A), net.device(B));
+    put(&a, "Doc", "r", json!({"n": 1}));
+    put(&b, "Doc", "r", json!({"n": 2}));
+    net.upload(&a);
+    net.upload(&b);
+    net.download(&a, 100);
+    net.download(&b, 100);
+    assert_eq!(conflicts(&a).len(), 1, "the two creates meet");
+
+    b.write(Write::Delete {
+        collection: "Doc".into(),
+        id: "r".into(),
+    })
+    .unwrap();
+    net.upload(&b);
+    assert_eq!(
+        net.relay
+            .purge_tombstones(SPACE, T0 + 2 * DAY, DAY)
+            .unwrap(),
+        1
+    );
+    net.download(&b, 100);
+    put(&b, "Doc", "r", json!({"m": 2}));
+    patch(&b, "r", json!({"m": 3}));
+    put(&b, "Doc", "last", json!({"n": 3}));
+    net.upload(&b);
+    assert!(net.flatten() >= 1, "the new history is flattened");
+
+    net.bootstrap(&a);
+    let on_relay = net.relay.conflicts(SPACE, None, None, 100).unwrap();
+    assert_eq!(conflicts(&a), on_relay);
+    assert_eq!(shown(&a, "Doc", "r"), Some(fields(json!({"m": 3}))));
+    let heads = net.relay.heads(SPACE, "Doc", "r").unwrap().unwrap();
+    assert_eq!(a.get("Doc", "r").unwrap().heads, heads);
+    let counts = a.conflict_counts().unwrap();
+    let relay_counts = net.relay.conflict_counts(SPACE).unwrap();
+    assert_eq!(
+        counts.iter().map(|c| c.detected).sum::<u64>(),
+        relay_counts.iter().map(|c| c.detected).sum::<u64>(),
+        "{counts:?} {relay_counts:?}"
+    );
+}
+
 fn patch(store: &Store, id: &str, value: serde_json::Value) {
     store
         .write(Write::Patch {

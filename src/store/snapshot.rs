@@ -701,6 +701,11 @@ impl Store {
                         self.set_aside(batch, key, head, &mut old, &waiting)?;
                     }
                 }
+                // The history this device held may also have been purged before the one the
+                // relay flattened was written: its conflict entries go with it.
+                purge
+                    .records
+                    .insert(key.clone(), before_new_history(&conflicts));
                 let document = snapshot.heads();
                 self.stage_held(key, &mut snapshot, &logged, batch)?;
                 self.adopt_snapshot(ledger, key, logged, document, conflicts)?;
@@ -708,11 +713,10 @@ impl Store {
             }
             if !seen.iter().all(|h| snapshot.has_change(h)) {
                 // The relay no longer holds what this device saw logged: it purged the record,
-                // which was written again since (PROTOCOL.md, section 5.8). Its conflict
-                // entries before the new history's go with the old history.
-                let first = conflicts.iter().map(|c| c.seq).min();
-                let before = first.map_or(u64::MAX, |seq| seq.saturating_sub(1));
-                purge.records.insert(key.clone(), before);
+                // which was written again since (PROTOCOL.md, section 5.8).
+                purge
+                    .records
+                    .insert(key.clone(), before_new_history(&conflicts));
                 let mut fresh = self.new_record(&key.0);
                 let now = self.clock.now_ms();
                 let restored = match local.take() {
@@ -773,6 +777,14 @@ impl Store {
         self.adopt_snapshot(ledger, key, logged, document, conflicts)?;
         Ok((doc, changed, existed))
     }
+}
+
+/// The seq up to which a record's conflict entries on this device went with a history the relay
+/// ended: those before the first of the entries the relay holds (`conflicts`, the page's), or
+/// all of them when it holds none.
+fn before_new_history(conflicts: &[Conflict]) -> u64 {
+    let first = conflicts.iter().map(|c| c.seq).min();
+    first.map_or(u64::MAX, |seq| seq.saturating_sub(1))
 }
 
 /// The changes of `record` that are not `waiting`: those of a record none of whose changes this
