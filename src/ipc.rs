@@ -467,6 +467,15 @@ impl Connection {
             api::Request::Sync(p) => encode(self.sync(p, out).await),
             api::Request::Status(p) => {
                 let status = self.run_blocking(p).await?;
+                if let Some(alerts) = &self.options.alerts {
+                    // The full-disk alert says what the store does now, as `storage` does: the
+                    // daemon's storage loop would only catch up with it on its next pass.
+                    let refused = match status.storage {
+                        api::Storage::DiskFull { since_ms } => Some(since_ms),
+                        api::Storage::Ok => None,
+                    };
+                    alerts.observe("", crate::clock::now_ms(), |a, _| a.writes_refused(refused));
+                }
                 encode(Ok(DaemonStatus {
                     status,
                     sync: self.options.sync.as_ref().map(SyncHandle::status),
