@@ -459,12 +459,30 @@ impl<'a> Reader<'a> {
     }
 
     fn map(&mut self, obj: &ObjId) -> Fields {
+        // One pass over the map; only a key that holds concurrent values is looked up again,
+        // to settle them.
+        let range = match self.at {
+            Some(heads) => self.doc.map_range_at(obj, .., heads),
+            None => self.doc.map_range(obj, ..),
+        };
+        let entries: Vec<(String, bool, AmValue<'a>, ObjId)> = range
+            .map(|item| {
+                let id = item.id();
+                (item.key.into_owned(), item.conflict, item.value.into(), id)
+            })
+            .collect();
         let mut out = Fields::new();
-        for key in self.keys(obj) {
-            if let Some((value, id)) = self.winner(obj, key.as_str()) {
-                let value = self.value(value, &id);
-                out.insert(key, value);
-            }
+        for (key, concurrent, value, id) in entries {
+            let (value, id) = if concurrent {
+                match self.winner(obj, key.as_str()) {
+                    Some(won) => won,
+                    None => continue,
+                }
+            } else {
+                (value, id)
+            };
+            let value = self.value(value, &id);
+            out.insert(key, value);
         }
         out
     }

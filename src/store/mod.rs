@@ -666,7 +666,8 @@ impl Store {
         resolved: &[Resolved],
         now: u64,
     ) -> Result<HashMap<usize, Staged>, StoreError> {
-        const MIN_PARALLEL: usize = 64;
+        // Below this a group's new records are built in turn where they are staged.
+        const MIN_PARALLEL: usize = 4;
         if resolved.len() < MIN_PARALLEL {
             return Ok(HashMap::new());
         }
@@ -681,45 +682,48 @@ impl Store {
                 candidates.push((index, r));
             }
         }
+        if candidates.len() < MIN_PARALLEL {
+            return Ok(HashMap::new());
+        }
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let chunk = candidates.len().div_ceil(workers).max(1);
         let limits = &self.options.limits;
-        let built: Vec<Result<Vec<(usize, Staged)>, StoreError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = candidates
-                .chunks(chunk)
-                .map(|indices| {
-                    scope.spawn(move || {
-                        indices
-                            .iter()
-                            .map(|&(i, r)| {
-                                let mut record = self.new_record(&r.key.0);
-                                let policy = self.policy(&r.key.0);
-                                let staged = mutate(
-                                    &mut record,
-                                    &r.key,
-                                    r.change.clone(),
-                                    now,
-                                    limits,
-                                    policy,
-                                    &self.options.keyring,
-                                )?;
-                                Ok((i, staged))
-                            })
-                            .collect()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(StoreError::Decode {
-                            what: "record",
-                            detail: "building a document panicked".into(),
-                        })
-                    })
+        let build = |indices: &[(usize, &Resolved)]| -> Result<Vec<(usize, Staged)>, StoreError> {
+            indices
+                .iter()
+                .map(|&(i, r)| {
+                    let mut record = self.new_record(&r.key.0);
+                    let policy = self.policy(&r.key.0);
+                    let staged = mutate(
+                        &mut record,
+                        &r.key,
+                        r.change.clone(),
+                        now,
+                        limits,
+                        policy,
+                        &self.options.keyring,
+                    )?;
+                    Ok((i, staged))
                 })
                 .collect()
+        };
+        let mut chunks = candidates.chunks(chunk);
+        // The first chunk is built on this thread, the others each on one of its own.
+        let here = chunks.next().unwrap_or_default();
+        let built: Vec<Result<Vec<(usize, Staged)>, StoreError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .map(|indices| scope.spawn(move || build(indices)))
+                .collect();
+            let mut built = vec![build(here)];
+            built.extend(handles.into_iter().map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(StoreError::Decode {
+                        what: "record",
+                        detail: "building a document panicked".into(),
+                    })
+                })
+            }));
+            built
         });
         let mut out = HashMap::with_capacity(candidates.len());
         for part in built {
@@ -1565,7 +1569,16 @@ impl Staged {
             Some(_) => Some(views::of_record(record, policy)?),
             None => None,
         };
-        let written = written.map(|w| (w.operation, w.change.raw_bytes().to_vec(), record.save()));
+        let written = written.map(|w| {
+            let change = w.change.raw_bytes().to_vec();
+            // A record's first change is its whole document, and loads as one.
+            let document = if before.is_empty() {
+                change.clone()
+            } else {
+                record.save()
+            };
+            (w.operation, change, document)
+        });
         Ok(Staged {
             written,
             view,
