@@ -1,6 +1,7 @@
 //! A record's old history set aside after a bootstrap from a page whose document the relay
-//! flattened (PROTOCOL.md, section 5.8), until the relay has answered every upload of it that
-//! was waiting: which of them it logged is known only from those answers.
+//! flattened (PROTOCOL.md, section 5.8), or after the relay answered a change of it as logged
+//! before it purged the record (`drop_ended_uploads`), until the relay has answered every upload
+//! of it that was waiting: which of them it logged is known only from those answers.
 //!
 //! Owns the `r` keys: the old document, its changes that were waiting, and the answers met so
 //! far. What the relay refused as built on the ended history is then written again on the new
