@@ -1531,6 +1531,30 @@ mod tests {
         );
     }
 
+    /// A new record's fields go in as one batch (`init_root_from_hydrate`): its first change,
+    /// loaded as the document the store keeps, shows the fields, a text field as text.
+    #[test]
+    fn a_new_records_first_change_loads_as_its_document_with_its_text_fields() {
+        let text: Arc<BTreeSet<String>> = Arc::new(["notes".to_owned()].into());
+        let fields = obj(json!({"notes": "héllo 🚢", "n": 1, "l": ["x", {"k": 2.5}]}));
+        let mut r = Record::new(&actor(1)).with_text_fields(text.clone());
+        let w = r.put(&fields, 1).unwrap().unwrap();
+        assert_eq!(w.operation, Operation::Create);
+        let mut back = Record::load(&w.change.raw_bytes(), &actor(2))
+            .unwrap()
+            .with_text_fields(text);
+        assert_eq!(back.fields(), fields);
+        assert!(back.is_live());
+        let (notes, _) = back.doc.get(ROOT, "notes").unwrap().unwrap();
+        assert!(matches!(notes, AmValue::Object(ObjType::Text)));
+        // Written again on the loaded document, only the characters that differ change.
+        let w = back
+            .patch(&obj(json!({"notes": "héllo 🚢!"})), &[], 2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(w.change.len(), 1);
+    }
+
     #[test]
     fn bytes_values_read_as_markers_are_written_back_as_bytes_at_any_depth() {
         let mut r = Record::new(&actor(1));
