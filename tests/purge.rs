@@ -150,6 +150,26 @@ impl Net {
             .map_or(0, |done| done.flattened)
     }
 
+    /// `store` deletes `Doc/r`, the relay purges it, and `store`, having met the purge entry,
+    /// writes it again as `fields`: a new history.
+    fn purge_and_write_again(&self, store: &Store, fields: serde_json::Value) {
+        store
+            .write(Write::Delete {
+                collection: "Doc".into(),
+                id: "r".into(),
+            })
+            .unwrap();
+        self.upload(store);
+        assert_eq!(
+            self.relay
+                .purge_tombstones(SPACE, T0 + 2 * DAY, DAY)
+                .unwrap(),
+            1
+        );
+        self.download(store, 100);
+        put(store, "Doc", "r", fields);
+    }
+
     /// A bootstrap from the relay's snapshot, one record a page, then the log after it.
     fn bootstrap(&self, store: &Store) {
         loop {
@@ -508,20 +528,7 @@ fn a_create_whose_answer_was_lost_goes_with_the_purged_history_once_answered() {
         }
 
         net.download(&b, 100);
-        b.write(Write::Delete {
-            collection: "Doc".into(),
-            id: "r".into(),
-        })
-        .unwrap();
-        net.upload(&b);
-        assert_eq!(
-            net.relay
-                .purge_tombstones(SPACE, T0 + 2 * DAY, DAY)
-                .unwrap(),
-            1
-        );
-        net.download(&b, 100);
-        put(&b, "Doc", "r", json!({"m": 2}));
+        net.purge_and_write_again(&b, json!({"m": 2}));
         put(&b, "Doc", "last", json!({"n": 3}));
         net.upload(&b);
         net.download(&b, 100);
@@ -578,20 +585,7 @@ fn an_answered_create_not_met_in_the_log_goes_with_the_purged_history() {
     );
 
     net.download(&b, 100);
-    b.write(Write::Delete {
-        collection: "Doc".into(),
-        id: "r".into(),
-    })
-    .unwrap();
-    net.upload(&b);
-    assert_eq!(
-        net.relay
-            .purge_tombstones(SPACE, T0 + 2 * DAY, DAY)
-            .unwrap(),
-        1
-    );
-    net.download(&b, 100);
-    put(&b, "Doc", "r", json!({"m": 2}));
+    net.purge_and_write_again(&b, json!({"m": 2}));
     put(&b, "Doc", "last", json!({"n": 3}));
     net.upload(&b);
     net.compact();
@@ -620,20 +614,7 @@ fn a_conflict_of_a_purged_history_goes_when_its_record_comes_back_flattened() {
     net.download(&b, 100);
     assert_eq!(conflicts(&a).len(), 1, "the two creates meet");
 
-    b.write(Write::Delete {
-        collection: "Doc".into(),
-        id: "r".into(),
-    })
-    .unwrap();
-    net.upload(&b);
-    assert_eq!(
-        net.relay
-            .purge_tombstones(SPACE, T0 + 2 * DAY, DAY)
-            .unwrap(),
-        1
-    );
-    net.download(&b, 100);
-    put(&b, "Doc", "r", json!({"m": 2}));
+    net.purge_and_write_again(&b, json!({"m": 2}));
     patch(&b, "r", json!({"m": 3}));
     put(&b, "Doc", "last", json!({"n": 3}));
     net.upload(&b);
