@@ -1540,7 +1540,7 @@ mod tests {
         let mut r = Record::new(&actor(1)).with_text_fields(text.clone());
         let w = r.put(&fields, 1).unwrap().unwrap();
         assert_eq!(w.operation, Operation::Create);
-        let mut back = Record::load(&w.change.raw_bytes(), &actor(2))
+        let mut back = Record::load(w.change.raw_bytes(), &actor(2))
             .unwrap()
             .with_text_fields(text);
         assert_eq!(back.fields(), fields);
