@@ -229,6 +229,7 @@ impl Store {
         }
         Ok(written)
     }
+
     /// Drops from their records the changes the relay answered `Duplicate` at a seq this
     /// device's download went past without meeting them as logged: the relay logged them, then
     /// ended their history (a purge the log was compacted past), and their first answer was lost
