@@ -2015,12 +2015,6 @@ impl RelayStore {
         }
     }
 
-    /// The record's history written again as one flatten change on a new document (the
-    /// relay's actor), with that document: `None` when the record cannot be flattened without
-    /// changing what it shows or how a later change merges. A deleted record waits for
-    /// `tombstone_days` instead; a value with concurrent values, or an open conflict, waits
-    /// for the write that settles it; a collection with unique constraints keeps its history,
-    /// as the unique-value index moves with entries across records.
     /// Stages in `append` the flatten entry of the record, whose tail is `tail`, when
     /// `flattened` accepts it and it has no open conflict; returns its new document.
     fn stage_flatten(
@@ -2125,7 +2119,6 @@ impl RelayStore {
                 break;
             };
             looked = looked.saturating_add(names.len());
-            state.flatten_after = Some(last);
             let keys: Vec<RecordKey> = names
                 .into_iter()
                 .map(|n| (n.collection, n.record))
@@ -2148,9 +2141,12 @@ impl RelayStore {
                     fresh_docs.push((doc_key, fresh));
                 }
             }
-            flattened = flattened.saturating_add(fresh_docs.len());
+            let staged = fresh_docs.len();
             match self.commit_flattens(space, &mut state, append, fresh_docs) {
-                Ok(_) => {}
+                Ok(_) => {
+                    flattened = flattened.saturating_add(staged);
+                    state.flatten_after = Some(last);
+                }
                 // Another relay appended meanwhile: the next pass looks at these again.
                 Err(RelayStoreError::Storage(StorageError::HeadMoved { .. })) => break,
                 Err(e) => return Err(e),
@@ -2198,6 +2194,12 @@ impl RelayStore {
             .any(|c| c.status == ConflictStatus::Open))
     }
 
+    /// The record's history written again as one flatten change on a new document (the
+    /// relay's actor), with that document: `None` when the record cannot be flattened without
+    /// changing what it shows or how a later change merges. A deleted record waits for
+    /// `tombstone_days` instead; a value with concurrent values, or an open conflict, waits
+    /// for the write that settles it; a collection with unique constraints keeps its history,
+    /// as the unique-value index moves with entries across records.
     fn flattened(
         &self,
         collection: &str,
