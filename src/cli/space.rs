@@ -1,5 +1,5 @@
 //! `ferry space`: where a stopped device's or relay's store puts its bytes. The store's
-//! directory on disk next to the live bytes of each kind of key (`store::keys::kind`,
+//! directory on disk next to the live bytes of each kind of key (`store::keys::Kind`,
 //! `relay::storage::kv::key_kind`) and the journal beside them; the difference is the engine's
 //! own (sled's log: old versions of its nodes, free space it has not given back).
 //! `--compact` first rewrites each store as the daemon's space bound does (`Kv::compact`).

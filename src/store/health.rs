@@ -187,30 +187,9 @@ const JOURNAL_MIN_LIMIT: u64 = 4 << 20;
 /// quarantined entries, and a bootstrap's pages.
 const READ_FROM_RELAY: [&[u8]; 6] = [b"c", b"h", b"x", b"u", b"k", b"z"];
 
-/// What a key holds, for reports.
-fn kind_of(key: &[u8]) -> &'static str {
-    match key.first() {
-        Some(b'd') => "document",
-        Some(b'q') => "queue entry",
-        Some(b'b') => "queue change",
-        Some(b'p') => "pending index",
-        Some(b'h') => "logged heads",
-        Some(b'x' | b'u' | b'k') => "conflict data",
-        Some(b'c') => "sync cursor",
-        Some(b'z') => "quarantined entry",
-        Some(b'l') => "sync log entry",
-        Some(b'f') => "feed entry",
-        Some(b'v') => "record view",
-        Some(b'i') => "index entry",
-        Some(b'r') => "set-aside history",
-        Some(b'm') => "metadata",
-        _ => "unknown",
-    }
-}
-
 fn damaged_value(key: &[u8], detail: impl Into<String>) -> DamagedValue {
     DamagedValue {
-        kind: kind_of(key).into(),
+        kind: keys::Kind::of(key).one().into(),
         key: printable(key),
         detail: detail.into(),
     }

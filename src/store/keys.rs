@@ -81,29 +81,97 @@ pub fn record_of(prefix: &[u8], key: &[u8]) -> Option<(String, String)> {
         std::str::from_utf8(id).ok()?.to_owned(),
     ))
 }
-/// What a key holds, by its prefix, as `ferry space` names it.
-pub fn kind(key: &[u8]) -> &'static str {
-    let Some((&first, rest)) = key.split_first() else {
-        return "other";
-    };
-    match first {
-        b'd' => "documents",
-        b'v' => "views",
-        b'i' => "index_entries",
-        b'q' => "queue_entries",
-        b'b' => "queue_changes",
-        b'p' => "pending_index",
-        b'l' => "sync_log",
-        b'f' => "change_feed",
-        b'h' => "logged_heads",
-        b'x' | b'k' => "conflicts",
-        b'u' => "unique_values",
-        b'z' => "quarantine",
-        b'c' => "cursors",
-        b'r' => "set_aside_histories",
-        b'm' if rest.starts_with(b"index\0") => "index_builds",
-        b'm' => "metadata",
-        _ => "other",
+/// What a key holds, by its prefix: one place for `ferry space`'s byte counts and the damage
+/// reports of `health`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Documents,
+    Views,
+    IndexEntries,
+    QueueEntries,
+    QueueChanges,
+    PendingIndex,
+    SyncLog,
+    ChangeFeed,
+    LoggedHeads,
+    Conflicts,
+    UniqueValues,
+    Quarantine,
+    Cursors,
+    SetAside,
+    IndexBuilds,
+    Metadata,
+    Other,
+}
+
+impl Kind {
+    pub fn of(key: &[u8]) -> Kind {
+        let Some((&first, rest)) = key.split_first() else {
+            return Kind::Other;
+        };
+        match first {
+            b'd' => Kind::Documents,
+            b'v' => Kind::Views,
+            b'i' => Kind::IndexEntries,
+            b'q' => Kind::QueueEntries,
+            b'b' => Kind::QueueChanges,
+            b'p' => Kind::PendingIndex,
+            b'l' => Kind::SyncLog,
+            b'f' => Kind::ChangeFeed,
+            b'h' => Kind::LoggedHeads,
+            b'x' | b'k' => Kind::Conflicts,
+            b'u' => Kind::UniqueValues,
+            b'z' => Kind::Quarantine,
+            b'c' => Kind::Cursors,
+            b'r' => Kind::SetAside,
+            b'm' if rest.starts_with(b"index\0") => Kind::IndexBuilds,
+            b'm' => Kind::Metadata,
+            _ => Kind::Other,
+        }
+    }
+
+    /// The keys of this kind, as `ferry space` counts them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Documents => "documents",
+            Kind::Views => "views",
+            Kind::IndexEntries => "index_entries",
+            Kind::QueueEntries => "queue_entries",
+            Kind::QueueChanges => "queue_changes",
+            Kind::PendingIndex => "pending_index",
+            Kind::SyncLog => "sync_log",
+            Kind::ChangeFeed => "change_feed",
+            Kind::LoggedHeads => "logged_heads",
+            Kind::Conflicts => "conflicts",
+            Kind::UniqueValues => "unique_values",
+            Kind::Quarantine => "quarantine",
+            Kind::Cursors => "cursors",
+            Kind::SetAside => "set_aside_histories",
+            Kind::IndexBuilds => "index_builds",
+            Kind::Metadata => "metadata",
+            Kind::Other => "other",
+        }
+    }
+
+    /// One key of this kind, as a damage report names it.
+    pub fn one(self) -> &'static str {
+        match self {
+            Kind::Documents => "document",
+            Kind::Views => "record view",
+            Kind::IndexEntries => "index entry",
+            Kind::QueueEntries => "queue entry",
+            Kind::QueueChanges => "queue change",
+            Kind::PendingIndex => "pending index",
+            Kind::SyncLog => "sync log entry",
+            Kind::ChangeFeed => "feed entry",
+            Kind::LoggedHeads => "logged heads",
+            Kind::Conflicts | Kind::UniqueValues => "conflict data",
+            Kind::Quarantine => "quarantined entry",
+            Kind::Cursors => "sync cursor",
+            Kind::SetAside => "set-aside history",
+            Kind::IndexBuilds | Kind::Metadata => "metadata",
+            Kind::Other => "unknown",
+        }
     }
 }
 
@@ -376,7 +444,12 @@ mod tests {
             (META_DEVICE.to_vec(), "metadata"),
             (Vec::new(), "other"),
         ] {
-            assert_eq!(kind(&key), named, "{}", crate::store::kv::printable(&key));
+            assert_eq!(
+                Kind::of(&key).name(),
+                named,
+                "{}",
+                crate::store::kv::printable(&key)
+            );
         }
     }
 }

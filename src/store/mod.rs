@@ -1288,10 +1288,10 @@ impl Store {
         Ok(())
     }
 
-    /// The live bytes by kind of key (`keys::kind`), and the journal's bytes beside them: where
+    /// The live bytes by kind of key (`keys::Kind`), and the journal's bytes beside them: where
     /// the store's space goes, next to `size_on_disk`. A full scan, reading no long value.
     pub fn live_bytes_by_kind(&self) -> Result<(Vec<kv::KeyKind>, u64), StoreError> {
-        let kinds = kv::sizes_by(&*self.kv, &keys::kind)?;
+        let kinds = kv::sizes_by(&*self.kv, &|key| keys::Kind::of(key).name())?;
         Ok((kinds, self.kv.journal_bytes()))
     }
 
