@@ -273,6 +273,17 @@ pub fn disk_free(path: &Path) -> std::io::Result<u64> {
 
 /// Bytes of the files under `path` (symbolic links are not followed).
 pub fn dir_size(path: &Path) -> std::io::Result<u64> {
+    sum_files(path, std::fs::Metadata::len)
+}
+
+/// The blocks allocated to the files under `path`, as `du` counts them.
+pub fn dir_allocated(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    sum_files(path, |meta| meta.blocks().saturating_mul(512))
+}
+
+/// `measure` summed over every file under `path`, however deep.
+fn sum_files(path: &Path, measure: impl Fn(&std::fs::Metadata) -> u64) -> std::io::Result<u64> {
     let mut total = 0u64;
     let mut pending = vec![path.to_owned()];
     while let Some(dir) = pending.pop() {
@@ -282,7 +293,7 @@ pub fn dir_size(path: &Path) -> std::io::Result<u64> {
             if meta.is_dir() {
                 pending.push(entry.path());
             } else if meta.is_file() {
-                total = total.saturating_add(meta.len());
+                total = total.saturating_add(measure(&meta));
             }
         }
     }

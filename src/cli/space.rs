@@ -6,6 +6,7 @@
 //! Must not touch: the stores' contents (it opens them as the daemon and relay do, and writes
 //! nothing of its own).
 
+use super::status::bytes;
 use super::{Context, Failure, print_json};
 use crate::daemon;
 use crate::store::kv::{self, KeyKind, Kv as _, SledKv};
@@ -129,7 +130,8 @@ fn store_space(
     Ok(StoreSpace {
         store: store.to_owned(),
         path: path.display().to_string(),
-        disk_bytes: allocated_bytes(path)?,
+        disk_bytes: crate::alerting::dir_allocated(path)
+            .map_err(|e| Failure::failed(format!("{}: {e}", path.display())))?,
         engine_bytes,
         journal_bytes,
         live_bytes,
@@ -138,37 +140,16 @@ fn store_space(
     })
 }
 
-/// The blocks allocated to the files under `path`, as `du` counts them.
-fn allocated_bytes(path: &Path) -> Result<u64, Failure> {
-    use std::os::unix::fs::MetadataExt as _;
-    let mut total = 0u64;
-    let mut pending = vec![path.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir)
-            .map_err(|e| Failure::failed(format!("{}: {e}", dir.display())))?
-        {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
-                pending.push(entry.path());
-            } else {
-                total = total.saturating_add(meta.blocks().saturating_mul(512));
-            }
-        }
-    }
-    Ok(total)
-}
-
 fn print_text(report: &SpaceReport) {
     for s in &report.stores {
         println!(
             "{} store {}: {} on disk (sled {}, journal {}), {} live ({:.2}x)",
             s.store,
             s.path,
-            size(s.disk_bytes),
-            size(s.engine_bytes),
-            size(s.journal_bytes),
-            size(s.live_bytes),
+            bytes(s.disk_bytes),
+            bytes(s.engine_bytes),
+            bytes(s.journal_bytes),
+            bytes(s.live_bytes),
             s.disk_bytes as f64 / s.live_bytes.max(1) as f64
         );
         for k in &s.kinds {
@@ -176,26 +157,15 @@ fn print_text(report: &SpaceReport) {
                 "  {:<16} {:>10} keys {:>10} ({} of keys)",
                 k.kind,
                 k.keys,
-                size(k.key_bytes + k.value_bytes),
-                size(k.key_bytes)
+                bytes(k.key_bytes + k.value_bytes),
+                bytes(k.key_bytes)
             );
         }
         println!(
             "  {:<16} {:>15} {:>10}",
             "checksums",
             "",
-            size(s.checksum_bytes)
+            bytes(s.checksum_bytes)
         );
-    }
-}
-
-/// Bytes for people: B, kB, MB or GB (powers of 1000), three digits or so.
-fn size(bytes: u64) -> String {
-    let b = bytes as f64;
-    match bytes {
-        0..1_000 => format!("{bytes} B"),
-        1_000..1_000_000 => format!("{:.1} kB", b / 1e3),
-        1_000_000..1_000_000_000 => format!("{:.1} MB", b / 1e6),
-        _ => format!("{:.2} GB", b / 1e9),
     }
 }

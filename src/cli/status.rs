@@ -188,7 +188,7 @@ fn print_quarantined(quarantined: &QuarantinedSummary) {
 }
 
 /// "512 B", "3.4 MB", "1.2 GB".
-fn bytes(n: u64) -> String {
+pub(super) fn bytes(n: u64) -> String {
     match n {
         0..1_000 => format!("{n} B"),
         1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
