@@ -31,6 +31,7 @@ mod workload;
 
 use common::Device;
 use ferry::ipc::Client;
+use ferry::service::api::ListParams;
 use harness::{
     Running, call, check_interrupted, disk_usage, install_signal_handlers, latency, memory_kib,
     per_second, secs, space, space_compacted, space_lines, space_per_record,
@@ -398,20 +399,17 @@ fn random_gets(client: &mut Client, n: u64, reads: u64, seed: u64) -> Value {
 fn list_all(client: &mut Client, expected: u64, page: u64) -> Value {
     check_interrupted();
     let mut samples = Vec::new();
-    let mut after = Value::Null;
+    let mut after = None;
     let mut seen = 0;
     let started = Instant::now();
     loop {
-        let mut params = json!({ "collection": COLLECTION, "limit": page });
-        if !after.is_null() {
-            params["after"] = after.clone();
-        }
+        let params = ListParams::page(COLLECTION.to_owned(), Some(page as usize), after);
         let t = Instant::now();
-        let r = call(client, "list", params);
+        let r = client.request(params).expect("list");
         samples.push(t.elapsed());
-        seen += r["records"].as_array().expect("list.records").len() as u64;
-        after = r["next"].clone();
-        if after.is_null() {
+        seen += r.records.len() as u64;
+        after = r.next;
+        if after.is_none() {
             break;
         }
     }
