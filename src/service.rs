@@ -219,7 +219,7 @@ impl WritesReply {
 
 /// What is left of a job once it has run: answering its caller, once the group's flush says
 /// whether its work is durable.
-type AfterFlush = Box<dyn FnOnce(&Result<(), StoreError>)>;
+type AfterFlush = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 
 impl Job {
     /// The jobs this one stands for, in order.
@@ -320,22 +320,57 @@ fn after_flush<T>(
     }
 }
 
+/// Groups of answers the committer may have applied ahead of the flush that covers them: enough
+/// to keep it busy through a flush, few enough that a slow disk soon holds back new writes.
+const GROUPS_AHEAD: usize = 4;
+
+/// Runs jobs in groups, each group's writes applied together; a flusher thread makes them
+/// durable and answers them, while the committer goes on with the next group. A group's answers
+/// wait for a flush begun after the group was applied, so an answer still means durable.
 fn run_committer(store: Arc<Store>, jobs: mpsc::Receiver<Job>, group_max: usize) {
-    while let Ok(first) = jobs.recv() {
-        let mut group = Vec::new();
-        first.flatten(&mut group);
-        while group.len() < group_max {
-            match jobs.try_recv() {
-                Ok(job) => job.flatten(&mut group),
-                Err(_) => break,
+    let (applied, to_flush) = mpsc::sync_channel::<Vec<AfterFlush>>(GROUPS_AHEAD);
+    std::thread::scope(|scope| {
+        let flusher = std::thread::Builder::new()
+            .name("ferry-flusher".into())
+            .spawn_scoped(scope, || run_flusher(&store, to_flush));
+        if let Err(e) = flusher {
+            tracing::warn!(error = %e, "no flusher thread; the committer flushes each group");
+        }
+        while let Ok(first) = jobs.recv() {
+            let mut group = Vec::new();
+            first.flatten(&mut group);
+            while group.len() < group_max {
+                match jobs.try_recv() {
+                    Ok(job) => job.flatten(&mut group),
+                    Err(_) => break,
+                }
+            }
+            let _span = tracing::debug_span!("group_commit", jobs = group.len()).entered();
+            let answers = run_group(&store, group);
+            // With no flusher (it could not start, or an answer panicked in it), flush here.
+            if let Err(mpsc::SendError(answers)) = applied.send(answers) {
+                answer_flushed(&store, answers);
             }
         }
-        let _span = tracing::debug_span!("group_commit", jobs = group.len()).entered();
-        let answers = run_group(&store, group);
-        let flushed = store.flush();
-        for answer in answers {
-            answer(&flushed);
+        drop(applied);
+    });
+}
+
+/// Flushes what the committer applied and answers it: every group waiting when a flush begins
+/// is covered by that one flush.
+fn run_flusher(store: &Store, applied: mpsc::Receiver<Vec<AfterFlush>>) {
+    while let Ok(mut answers) = applied.recv() {
+        while let Ok(more) = applied.try_recv() {
+            answers.extend(more);
         }
+        answer_flushed(store, answers);
+    }
+}
+
+fn answer_flushed(store: &Store, answers: Vec<AfterFlush>) {
+    let flushed = store.flush();
+    for answer in answers {
+        answer(&flushed);
     }
 }
 
