@@ -52,6 +52,9 @@ pub const META_SYNC_PAUSED: &[u8] = b"msync_paused";
 pub const META_SYNCED: &[u8] = b"msynced_collections";
 /// A backfill under way after collections were added (`partial::Backfill`).
 pub const META_BACKFILL: &[u8] = b"mbackfill";
+/// What the store's last compaction left on disk per live byte beyond the floor, in
+/// thousandths (`Store::bound_space`), big-endian u64.
+pub const META_COPY_RATIO: &[u8] = b"mcopy_ratio";
 pub const PENDING: &[u8] = b"p";
 pub const CURSOR: &[u8] = b"c";
 pub const CONFLICT: &[u8] = b"xe";
