@@ -1997,13 +1997,7 @@ mod tests {
     fn a_compaction_that_could_not_reach_the_bound_waits_for_the_store_to_grow_by_half() {
         const MIB: u64 = 1 << 20;
         let kv = Sized::default();
-        let store = Store::open(
-            Box::new(kv.clone()),
-            DEVICE,
-            StoreOptions::default(),
-            Arc::new(SystemClock),
-        )
-        .unwrap();
+        let store = open(&kv);
         store
             .write(Write::Put {
                 collection: "Note".into(),
@@ -2046,15 +2040,6 @@ mod tests {
     fn a_copy_that_would_not_save_a_fifth_is_not_made_even_after_a_restart() {
         const MIB: u64 = 1 << 20;
         let kv = Sized::default();
-        let open = || {
-            Store::open(
-                Box::new(kv.clone()),
-                DEVICE,
-                StoreOptions::default(),
-                Arc::new(SystemClock),
-            )
-            .unwrap()
-        };
         let compactions = || kv.compactions.load(Ordering::SeqCst);
         let set = |size: u64, live: u64| {
             kv.size.store(size, Ordering::SeqCst);
@@ -2064,11 +2049,11 @@ mod tests {
         // beyond the floor.
         set(150 * MIB, 50 * MIB);
         kv.after_compaction.store(100 * MIB, Ordering::SeqCst);
-        assert!(open().bound_space().unwrap().is_some());
+        assert!(open(&kv).bound_space().unwrap().is_some());
         assert_eq!(compactions(), 1);
         // After a restart, 120 MiB is over the bound, but a copy would take about 100.
         set(120 * MIB, 50 * MIB);
-        let store = open();
+        let store = open(&kv);
         assert!(store.bound_space().unwrap().is_none());
         assert_eq!(compactions(), 1, "a copy saving a sixth is not made");
         // With 30 MiB live a copy would take about 63: made.
@@ -2080,7 +2065,7 @@ mod tests {
     const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";
 
     /// A store over `kv` with the default options (also for the other store modules' tests).
-    pub(in crate::store) fn open(kv: &MemoryKv) -> Store {
+    pub(in crate::store) fn open(kv: &(impl Kv + Clone + 'static)) -> Store {
         Store::open(
             Box::new(kv.clone()),
             DEVICE,
