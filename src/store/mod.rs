@@ -1376,9 +1376,10 @@ impl Store {
     /// Whether a copy of the store is expected to take at least a fifth less than it does now,
     /// going by what the last copy took against the live data it held (kept across restarts).
     /// A fresh sled copy of small records takes 1.7 to 2.9 times their bytes, at or above the
-    /// bound: copied regardless, a store of a million records was copied whole (about 35 s of
-    /// CPU, everything paused, and a second engine's memory held meanwhile) at each restart
-    /// after an import, to end 4% smaller. Unknown before the first compaction: worth trying.
+    /// bound, and the regrowth rule above is forgotten at a restart: a store a copy cannot
+    /// bring under the bound was copied whole again at the first check after each restart (at
+    /// a million records about 35 s of CPU, everything paused, a second engine's memory held
+    /// meanwhile). Unknown before the first compaction: worth trying.
     fn copy_would_shrink(&self, now: &SpaceUse) -> Result<bool, StoreError> {
         let Some(bytes) = self.kv.get(keys::META_COPY_RATIO)? else {
             return Ok(true);
