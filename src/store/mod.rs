@@ -310,6 +310,17 @@ pub const SPACE_FACTOR: u64 = 2;
 /// store of about 10 MiB (2.2x right after a compaction).
 pub const SPACE_FLOOR_BYTES: u64 = 8 << 20;
 
+/// What a first copy of a store of `ASSUME_COPY_FROM_LIVE_BYTES` or more live bytes is expected
+/// to take per live byte beyond the floor, in thousandths: the least measured (a 1,000,000-record
+/// device store after its upload, 1.73; the same store right after its import took 2.25, a
+/// relay's 2.9; `store_space`'s 1.7 to 2.2 from 10 MiB on). Copies that fall short of it are
+/// made; only ones that even this would not make a fifth smaller are left out.
+const ASSUMED_COPY_PER_MILLE: u64 = 1700;
+
+/// From how much live data a store's first copy is judged by `ASSUMED_COPY_PER_MILLE`: below,
+/// a copy takes under a second or two, and is simply tried.
+const ASSUME_COPY_FROM_LIVE_BYTES: u64 = 64 << 20;
+
 /// Live bytes are measured again (a full scan) at least this often when the space is checked.
 const MEASURE_SPACE_EVERY_MS: u64 = 10 * 60 * 1000;
 
@@ -1379,14 +1390,20 @@ impl Store {
     /// bound, and the regrowth rule above is forgotten at a restart: a store a copy cannot
     /// bring under the bound was copied whole again at the first check after each restart (at
     /// a million records about 35 s of CPU, everything paused, a second engine's memory held
-    /// meanwhile). Unknown before the first compaction: worth trying.
+    /// meanwhile). Before the first compaction, a store of `ASSUME_COPY_FROM_LIVE_BYTES` or more
+    /// is expected to copy as well as the best copy measured (`ASSUMED_COPY_PER_MILLE`); a
+    /// smaller one is cheap to copy and worth trying.
     fn copy_would_shrink(&self, now: &SpaceUse) -> Result<bool, StoreError> {
-        let Some(bytes) = self.kv.get(keys::META_COPY_RATIO)? else {
-            return Ok(true);
-        };
-        let Ok(per_mille) = <[u8; 8]>::try_from(bytes.as_slice()).map(u64::from_be_bytes) else {
-            // Damaged: worth trying, and the compaction writes it again.
-            return Ok(true);
+        let recorded = self
+            .kv
+            .get(keys::META_COPY_RATIO)?
+            // Damaged: as if unknown, and the compaction writes it again.
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map(u64::from_be_bytes);
+        let per_mille = match recorded {
+            Some(per_mille) => per_mille,
+            None if now.live_bytes >= ASSUME_COPY_FROM_LIVE_BYTES => ASSUMED_COPY_PER_MILLE,
+            None => return Ok(true),
         };
         let expected = (u128::from(now.live_bytes) * u128::from(per_mille) / 1000)
             .saturating_add(u128::from(SPACE_FLOOR_BYTES));
@@ -2061,6 +2078,34 @@ mod tests {
         set(120 * MIB, 30 * MIB);
         assert!(store.bound_space().unwrap().is_some());
         assert_eq!(compactions(), 2);
+    }
+
+    /// Before any compaction, a large store is copied only when even the best copy measured
+    /// would save a fifth of it; a small one is copied whenever it is over its bound.
+    #[test]
+    fn a_large_store_is_not_copied_the_first_time_unless_a_good_copy_would_save_a_fifth() {
+        const MIB: u64 = 1 << 20;
+        let kv = Sized::default();
+        let compactions = || kv.compactions.load(Ordering::SeqCst);
+        let set = |size: u64, live: u64| {
+            kv.size.store(size, Ordering::SeqCst);
+            kv.live.store(live, Ordering::SeqCst);
+        };
+        // 100 MiB live in 210 (the bound is 208): a copy at 1.7 times would take 178.
+        set(210 * MIB, 100 * MIB);
+        kv.after_compaction.store(180 * MIB, Ordering::SeqCst);
+        assert!(open(&kv).bound_space().unwrap().is_none());
+        assert_eq!(compactions(), 0);
+        // In 240, a copy at 1.7 times would save more than a fifth: made.
+        set(240 * MIB, 100 * MIB);
+        assert!(open(&kv).bound_space().unwrap().is_some());
+        assert_eq!(compactions(), 1);
+        // A small store over its bound is copied whatever a copy is expected to save.
+        let kv = Sized::default();
+        kv.size.store(20 * MIB, Ordering::SeqCst);
+        kv.live.store(5 * MIB, Ordering::SeqCst);
+        kv.after_compaction.store(19 * MIB, Ordering::SeqCst);
+        assert!(open(&kv).bound_space().unwrap().is_some());
     }
 
     const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";
