@@ -34,7 +34,7 @@ use ferry::ipc::Client;
 use ferry::service::api::ListParams;
 use harness::{
     Running, call, check_interrupted, disk_usage, install_signal_handlers, latency, memory_kib,
-    per_second, secs, space, space_compacted, space_lines, space_per_record,
+    per_second, request, secs, space, space_compacted, space_lines, space_per_record,
 };
 use serde_json::{Value, json};
 use std::io::Write as _;
@@ -405,7 +405,7 @@ fn list_all(client: &mut Client, expected: u64, page: u64) -> Value {
     loop {
         let params = ListParams::page(COLLECTION.to_owned(), Some(page as usize), after);
         let t = Instant::now();
-        let r = client.request(params).expect("list");
+        let r = request(client, params);
         samples.push(t.elapsed());
         seen += r.records.len() as u64;
         after = r.next;

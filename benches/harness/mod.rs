@@ -7,7 +7,8 @@
 #![allow(dead_code)]
 
 use crate::common::{self, Daemon, Device};
-use ferry::ipc::Client;
+use ferry::ipc::{Client, ClientError};
+use ferry::service::api::Method;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::{Child, ExitStatus};
@@ -203,13 +204,21 @@ impl Drop for Guarded {
 
 /// One JSON-RPC call that must succeed.
 pub fn call(client: &mut Client, method: &str, params: Value) -> Value {
-    match client.call(method, params) {
-        Ok(v) => v,
-        Err(e) => {
-            check_interrupted();
-            panic!("{method} failed: {e}");
-        }
-    }
+    client
+        .call(method, params)
+        .unwrap_or_else(|e| failed(method, e))
+}
+
+/// One typed call that must succeed, its answer read as an app using `ferry::ipc::Client` reads it.
+pub fn request<M: Method>(client: &mut Client, params: M) -> M::Answer {
+    client
+        .request(params)
+        .unwrap_or_else(|e| failed(M::NAME, e))
+}
+
+fn failed(method: &str, e: ClientError) -> ! {
+    check_interrupted();
+    panic!("{method} failed: {e}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1961,6 +1961,18 @@ mod tests {
         live: Arc<AtomicU64>,
     }
 
+    impl Sized {
+        /// Says it takes `size` bytes for `live` live bytes (0: what it really holds).
+        fn set(&self, size: u64, live: u64) {
+            self.size.store(size, Ordering::SeqCst);
+            self.live.store(live, Ordering::SeqCst);
+        }
+
+        fn compactions(&self) -> u64 {
+            self.compactions.load(Ordering::SeqCst)
+        }
+    }
+
     impl Kv for Sized {
         fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
             self.inner.get(key)
@@ -2023,8 +2035,8 @@ mod tests {
                 fields: fields(serde_json::json!({"n": 1})),
             })
             .unwrap();
-        let compactions = || kv.compactions.load(Ordering::SeqCst);
-        let set = |size: u64| kv.size.store(size, Ordering::SeqCst);
+        let compactions = || kv.compactions();
+        let set = |size: u64| kv.set(size, 0);
         // Over the bound (8 MiB and twice a few hundred bytes), and still over once compacted.
         set(120 * MIB);
         kv.after_compaction.store(100 * MIB, Ordering::SeqCst);
@@ -2058,11 +2070,8 @@ mod tests {
     fn a_copy_that_would_not_save_a_fifth_is_not_made_even_after_a_restart() {
         const MIB: u64 = 1 << 20;
         let kv = Sized::default();
-        let compactions = || kv.compactions.load(Ordering::SeqCst);
-        let set = |size: u64, live: u64| {
-            kv.size.store(size, Ordering::SeqCst);
-            kv.live.store(live, Ordering::SeqCst);
-        };
+        let compactions = || kv.compactions();
+        let set = |size: u64, live: u64| kv.set(size, live);
         // 150 MiB for 50 live (the bound is 108): copied, to 100 MiB, 1.84 times the live data
         // beyond the floor.
         set(150 * MIB, 50 * MIB);
@@ -2086,11 +2095,8 @@ mod tests {
     fn a_large_store_is_not_copied_the_first_time_unless_a_good_copy_would_save_a_fifth() {
         const MIB: u64 = 1 << 20;
         let kv = Sized::default();
-        let compactions = || kv.compactions.load(Ordering::SeqCst);
-        let set = |size: u64, live: u64| {
-            kv.size.store(size, Ordering::SeqCst);
-            kv.live.store(live, Ordering::SeqCst);
-        };
+        let compactions = || kv.compactions();
+        let set = |size: u64, live: u64| kv.set(size, live);
         // 100 MiB live in 210 (the bound is 208): a copy at 1.7 times would take 178.
         set(210 * MIB, 100 * MIB);
         kv.after_compaction.store(180 * MIB, Ordering::SeqCst);
@@ -2102,8 +2108,7 @@ mod tests {
         assert_eq!(compactions(), 1);
         // A small store over its bound is copied whatever a copy is expected to save.
         let kv = Sized::default();
-        kv.size.store(20 * MIB, Ordering::SeqCst);
-        kv.live.store(5 * MIB, Ordering::SeqCst);
+        kv.set(20 * MIB, 5 * MIB);
         kv.after_compaction.store(19 * MIB, Ordering::SeqCst);
         assert!(open(&kv).bound_space().unwrap().is_some());
     }
