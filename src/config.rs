@@ -53,7 +53,7 @@ pub struct StoreConfig {
     /// SyncLog entries are forgotten after this many days (0: kept).
     pub keep_log_days: u64,
     /// The change feed keeps this many of its newest changes (0: all), for subscribers that
-    /// resume with `since`.
+    /// resume with `since` (and the few older ones kept under the same key as the oldest, `store::feed`).
     pub keep_feed_changes: u64,
 }
 

@@ -5,6 +5,13 @@
 //! subscriber that fell behind the live events reads the gap from here instead of being told to
 //! re-read everything.
 //!
+//! The changes one batch makes are kept together, several to a key (`f{first number}`, the
+//! changes' encodings one after another, up to `PACK_BYTES`): a key costs the engine more than
+//! the bytes of a change. Numbers are given under the store's cache lock, which every batch that stages a
+//! change holds until it lands, so one key's changes are numbered in a run that no other
+//! key's numbers interleave. A key written before changes were kept together holds one change
+//! encoded the same way, so it reads as a key of one.
+//!
 //! Owns: the `f` keys and their numbering, reading them in order, and pruning the oldest.
 //! Must not touch: what a change does to a record (the write and apply paths stage an entry
 //! here for each change they make), sockets or subscriptions.
@@ -45,6 +52,27 @@ pub struct FeedBounds {
     pub last: u64,
 }
 
+/// The most bytes one key's changes take when it holds more than one (about 16 changes):
+/// longer values cost the engine more than the keys they save (the store keeps a value over
+/// 4 KiB in chunks, each a key of its own; sled's nodes fill with few keys).
+pub(super) const PACK_BYTES: usize = 2048;
+
+/// The changes one `f` key holds, in order.
+fn unpack(value: &[u8]) -> Result<Vec<FeedChange>, StoreError> {
+    let mut changes = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let (change, after) =
+            postcard::take_from_bytes::<FeedChange>(rest).map_err(|e| StoreError::Decode {
+                what: "feed entry",
+                detail: e.to_string(),
+            })?;
+        changes.push(change);
+        rest = after;
+    }
+    Ok(changes)
+}
+
 impl Store {
     /// Stages `change` in `batch` under the next number, which it returns (and sets in it).
     pub(crate) fn stage_feed(
@@ -54,8 +82,23 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let seq = self.next_feed_seq.fetch_add(1, Ordering::Relaxed);
         change.seq = seq;
-        batch.put(keys::feed(seq), super::encode(&change, "feed entry")?);
+        let part = super::encode(&change, "feed entry")?;
+        if !batch.extend_growing(&part, PACK_BYTES) {
+            batch.put_growing(keys::feed(seq), part);
+        }
         Ok(seq)
+    }
+
+    /// The number after the last change any key holds (1 for an empty feed).
+    pub(super) fn next_feed_seq(kv: &dyn super::kv::Kv) -> Result<u64, StoreError> {
+        let Some(key) = kv.last_key(keys::FEED, &keys::prefix_end(keys::FEED))? else {
+            return Ok(1);
+        };
+        let last = match kv.get(&key)? {
+            Some(value) => unpack(&value)?.last().map(|c| c.seq),
+            None => None,
+        };
+        Ok(last.map_or(keys::seq_of(&key, keys::FEED.len())?, |seq| seq) + 1)
     }
 
     /// Notes that the batch holding these feed numbers landed (durable with the next flush).
@@ -69,16 +112,36 @@ impl Store {
     /// not flushed yet is left for a later read: a failed flush takes it back.)
     pub fn feed_after(&self, after: u64, limit: usize) -> Result<Vec<FeedChange>, StoreError> {
         let durable = self.feed_durable.load(Ordering::SeqCst);
-        if after >= durable {
+        if after >= durable || limit == 0 {
             return Ok(Vec::new());
         }
-        let start = keys::feed(after.saturating_add(1));
         let end = keys::feed(durable.saturating_add(1));
-        self.kv
-            .range(&start, &end, limit)?
-            .into_iter()
-            .map(|(_, value)| super::decode(&value, "feed entry"))
-            .collect()
+        // The key holding `after + 1`, if any, starts at or before it.
+        let mut start = self
+            .kv
+            .last_key(keys::FEED, &keys::feed(after.saturating_add(2)))?
+            .unwrap_or_else(|| keys::feed(after.saturating_add(1)));
+        let mut changes = Vec::new();
+        loop {
+            let page = self.kv.range(&start, &end, limit.clamp(1, 64))?;
+            for (_, value) in &page {
+                for change in unpack(value)? {
+                    if change.seq > after && change.seq <= durable {
+                        changes.push(change);
+                        if changes.len() == limit {
+                            return Ok(changes);
+                        }
+                    }
+                }
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == limit.clamp(1, 64) => {
+                    start.clone_from(last);
+                    start.push(0);
+                }
+                _ => return Ok(changes),
+            }
+        }
     }
 
     /// The first change kept and the last one durable. A number given to a change whose batch
@@ -97,15 +160,29 @@ impl Store {
         Ok(FeedBounds { first, last })
     }
 
-    /// Drops the oldest changes so that at most `keep` remain, `batch_size` at a time;
-    /// returns how many went. Durable with the next flush.
+    /// Drops the oldest changes so that at most `keep` remain past those kept with them (a key's
+    /// changes go together: the few others of the oldest key kept stay), `batch_size` keys at a time;
+    /// returns how many changes went. Durable with the next flush.
     pub fn prune_feed(&self, keep: u64, batch_size: usize) -> Result<u64, StoreError> {
         let bounds = self.feed_bounds()?;
         let kept = bounds.last.saturating_add(1).saturating_sub(bounds.first);
         if kept <= keep {
             return Ok(0);
         }
-        let below = keys::feed(bounds.last.saturating_add(1).saturating_sub(keep));
+        let first_kept = bounds.last.saturating_add(1).saturating_sub(keep);
+        // Every key before the last one starting below `first_kept` holds only older changes;
+        // that last one goes too when its changes all are.
+        let Some(straddling) = self.kv.last_key(keys::FEED, &keys::feed(first_kept))? else {
+            return Ok(0);
+        };
+        let straddling_goes = match self.kv.get(&straddling)? {
+            Some(value) => unpack(&value)?.iter().all(|c| c.seq < first_kept),
+            None => false,
+        };
+        let mut below = straddling.clone();
+        if straddling_goes {
+            below.push(0);
+        }
         let mut removed = 0;
         loop {
             let old = self.kv.range(keys::FEED, &below, batch_size.max(1))?;
@@ -113,11 +190,165 @@ impl Store {
                 return Ok(removed);
             }
             let mut batch = Batch::default();
-            for (key, _) in &old {
+            for (key, value) in &old {
+                removed += unpack(value)?.len() as u64;
                 batch.remove(key.clone());
             }
-            removed += old.len() as u64;
             self.kv.apply(batch)?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::record::Fields;
+    use crate::store::kv::{Kv, MemoryKv};
+    use crate::store::{StoreOptions, Write};
+    use std::sync::Arc;
+
+    const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";
+
+    fn open(kv: &MemoryKv) -> Store {
+        Store::open(
+            Box::new(kv.clone()),
+            DEVICE,
+            StoreOptions::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap()
+    }
+
+    fn put(id: usize) -> Write {
+        let mut fields = Fields::new();
+        fields.insert("n".into(), serde_json::json!(id));
+        Write::Put {
+            collection: "Note".into(),
+            id: Some(format!("n{id}")),
+            fields,
+        }
+    }
+
+    fn feed_keys(kv: &MemoryKv) -> u64 {
+        kv.count(keys::FEED, &keys::prefix_end(keys::FEED)).unwrap()
+    }
+
+    fn seqs(changes: &[FeedChange]) -> Vec<u64> {
+        changes.iter().map(|c| c.seq).collect()
+    }
+
+    /// The first number of each key's changes, in order.
+    fn key_firsts(kv: &MemoryKv) -> Vec<u64> {
+        let pairs = kv
+            .range(keys::FEED, &keys::prefix_end(keys::FEED), usize::MAX)
+            .unwrap();
+        for (_, value) in &pairs {
+            assert!(value.len() <= PACK_BYTES || unpack(value).unwrap().len() == 1);
+        }
+        pairs
+            .iter()
+            .map(|(key, _)| keys::seq_of(key, keys::FEED.len()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_s_changes_share_keys_and_read_back_after_any_number() {
+        let kv = MemoryKv::default();
+        let store = open(&kv);
+        store.write_all((0..100).map(put).collect()).unwrap();
+        for id in 0..3 {
+            store.write(put(10_000 + id)).unwrap();
+        }
+        assert_eq!(store.feed_after(0, 10).unwrap(), [], "nothing durable yet");
+        store.flush().unwrap();
+        let firsts = key_firsts(&kv);
+        assert!(firsts.len() <= 100 / 8 + 3, "{firsts:?}");
+        assert_eq!(firsts[firsts.len() - 3..], [101, 102, 103]);
+        let last = 103;
+        assert_eq!(store.feed_bounds().unwrap(), FeedBounds { first: 1, last });
+        for after in 0..=last {
+            let all = store.feed_after(after, usize::MAX).unwrap();
+            assert_eq!(seqs(&all), (after + 1..=last).collect::<Vec<_>>());
+            let some = store.feed_after(after, 7).unwrap();
+            assert_eq!(seqs(&some), seqs(&all[..all.len().min(7)]));
+        }
+        let first = &store.feed_after(0, 1).unwrap()[0];
+        assert_eq!((first.id.as_str(), first.origin), ("n0", Origin::Local));
+
+        // The numbers go on after a restart.
+        drop(store);
+        let store = open(&kv);
+        let applied = store.write(put(20_000)).unwrap();
+        assert_eq!(applied.seq, Some(last + 1));
+    }
+
+    #[test]
+    fn pruning_drops_whole_keys_and_keeps_every_change_asked_for() {
+        let kv = MemoryKv::default();
+        let store = open(&kv);
+        store.write_all((0..100).map(put).collect()).unwrap();
+        for id in 0..5 {
+            store.write(put(10_000 + id)).unwrap();
+        }
+        store.flush().unwrap();
+        let last = 105;
+        let firsts = key_firsts(&kv);
+        // Keeping all but the first change of the batch's second key keeps that key whole.
+        let first_kept = firsts[1] + 1;
+        assert!(first_kept < firsts[2]);
+        assert_eq!(
+            store.prune_feed(last + 1 - first_kept, 2).unwrap(),
+            firsts[1] - 1
+        );
+        store.flush().unwrap();
+        assert_eq!(key_firsts(&kv), firsts[1..]);
+        let bounds = store.feed_bounds().unwrap();
+        assert_eq!(
+            bounds,
+            FeedBounds {
+                first: firsts[1],
+                last
+            }
+        );
+        assert_eq!(
+            seqs(&store.feed_after(bounds.first - 1, usize::MAX).unwrap()),
+            (bounds.first..=last).collect::<Vec<_>>()
+        );
+        // Keeping 5 drops the rest of the batch; keeping more than there are drops nothing.
+        assert_eq!(store.prune_feed(5, 100).unwrap(), 101 - firsts[1]);
+        assert_eq!(store.prune_feed(5, 100).unwrap(), 0);
+        assert_eq!(store.feed_bounds().unwrap().first, last - 4);
+    }
+
+    #[test]
+    fn a_feed_written_one_change_a_key_reads_on_and_numbers_go_on_after_it() {
+        let kv = MemoryKv::default();
+        let mut batch = Batch::default();
+        for seq in 1..=3 {
+            let change = FeedChange {
+                seq,
+                collection: "Note".into(),
+                id: format!("old{seq}"),
+                operation: ferry_proto::Operation::Create,
+                heads: vec![],
+                device: DEVICE.into(),
+                origin: Origin::Remote,
+            };
+            batch.put(
+                keys::feed(seq),
+                crate::store::encode(&change, "feed entry").unwrap(),
+            );
+        }
+        kv.apply(batch).unwrap();
+        let store = open(&kv);
+        store.write_all(vec![put(1), put(2)]).unwrap();
+        store.flush().unwrap();
+        let changes = store.feed_after(1, usize::MAX).unwrap();
+        assert_eq!(seqs(&changes), [2, 3, 4, 5]);
+        assert_eq!(changes[1].id, "old3");
+        assert_eq!(changes[2].id, "n1");
+        assert_eq!(store.prune_feed(2, 1).unwrap(), 3);
+        assert_eq!(feed_keys(&kv), 1);
     }
 }

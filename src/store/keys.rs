@@ -20,7 +20,8 @@
 //! - `k{counter}\0{kind}\0{collection}` → u64 big-endian: conflict counters.
 //! - `z{seq u64 big-endian}`: a relay log entry this device could not apply, kept with why
 //!   (`sync::Quarantined`).
-//! - `f{seq u64 big-endian}`: an entry of the change feed (`feed::FeedChange`).
+//! - `f{seq u64 big-endian}`: changes of the change feed one batch made, from that number on
+//!   (`feed::FeedChange`s, up to `feed::PACK_BYTES` to a key).
 //! - `v{collection}\0{id}`: a record's view (`views`), written and removed with its document.
 //! - `i{collection}\0{index}\0{values, order-preserving}{id}` → empty: a secondary index entry of
 //!   a live record (`index`), written and removed with its view; `mindex\0{collection}\0{index}`:

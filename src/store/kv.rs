@@ -95,6 +95,8 @@ pub struct Lost {
 pub struct Batch {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     journal: Vec<Vec<u8>>,
+    /// Where in `ops` the put later parts are appended to (`extend_growing`) is.
+    growing: Option<usize>,
 }
 
 impl Batch {
@@ -104,6 +106,25 @@ impl Batch {
 
     pub fn remove(&mut self, key: Vec<u8>) {
         self.ops.push((key, None));
+    }
+
+    /// Puts `part` at `key` as the first part of a value that later parts may extend
+    /// (`extend_growing`), so that many small entries written together take one key.
+    pub fn put_growing(&mut self, key: Vec<u8>, part: Vec<u8>) {
+        self.growing = Some(self.ops.len());
+        self.ops.push((key, Some(part)));
+    }
+
+    /// Appends `part` to the value of the last `put_growing` if it then holds at most
+    /// `max_bytes`; false, and nothing done, when there is none or it would be longer.
+    pub fn extend_growing(&mut self, part: &[u8], max_bytes: usize) -> bool {
+        match self.growing.and_then(|at| self.ops.get_mut(at)) {
+            Some((_, Some(value))) if value.len() + part.len() <= max_bytes => {
+                value.extend_from_slice(part);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Asks that `record` be kept outside the engine's data too, durable with the batch's

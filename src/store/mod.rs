@@ -447,7 +447,7 @@ impl Store {
         // An id the queue lost is still the journal's: it is never given to another change.
         let next_queue_id = next_seq(kv.as_ref(), keys::QUEUE)?.max(after_journaled);
         let next_log_id = next_seq(kv.as_ref(), keys::LOG)?;
-        let next_feed_seq = next_seq(kv.as_ref(), keys::FEED)?;
+        let next_feed_seq = Self::next_feed_seq(kv.as_ref())?;
         let kv_journal_bytes = kv.journal_bytes();
         let open_conflicts =
             kv.count(keys::CONFLICT_OPEN, &keys::prefix_end(keys::CONFLICT_OPEN))?;
