@@ -240,7 +240,9 @@ fn accepted(result: Result<Vec<ferry::store::Applied>, StoreError>) {
 struct Run {
     devices: Vec<Device>,
     log: Vec<LogEntry>,
-    logged: HashSet<Vec<u8>>,
+    /// The changes logged, per record: as the relay, per record only (two records can take
+    /// byte-identical changes: the same fields written by one device in the same millisecond).
+    logged: HashSet<(String, String, Vec<u8>)>,
 }
 
 impl Run {
@@ -266,7 +268,12 @@ impl Run {
                     .queue(Some(QueueStatus::Pending), None, 10_000)
                     .unwrap()
                 {
-                    if self.logged.insert(entry.data.clone()) {
+                    let logged = (
+                        entry.model_name.clone(),
+                        entry.object_id.clone(),
+                        entry.data.clone(),
+                    );
+                    if self.logged.insert(logged) {
                         self.log.push(LogEntry {
                             seq: self.log.len() as u64 + 1,
                             collection: entry.model_name,
