@@ -134,7 +134,7 @@ enum Command {
         #[arg(long, required_if_eq("format", "automerge"))]
         into: Option<String>,
         /// Records per call (at most ipc.max_import_records; with --atomic, the whole file)
-        #[arg(long, default_value_t = 2000)]
+        #[arg(long, default_value_t = 500)]
         batch: usize,
         /// All or nothing: import the whole file in one call, or no line of it if any is refused
         /// (the file must fit in one call: ipc.max_import_records, ipc.max_message_bytes)
