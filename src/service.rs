@@ -18,7 +18,7 @@ use crate::store::conflicts::ResolveOutcome;
 use crate::store::kv::KvError;
 use crate::store::snapshot::SnapshotOutcome;
 use crate::store::sync::{RemoteApplied, RemoteOutcome};
-use crate::store::{Applied, QueueAction, RecordView, Store, StoreError, Write};
+use crate::store::{Applied, PreparedWrites, QueueAction, RecordView, Store, StoreError, Write};
 use base64::Engine as _;
 use ferry_proto::wire::{LogEntry, SnapshotPage, UniqueIndexPage};
 use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
@@ -324,17 +324,31 @@ fn after_flush<T>(
 /// to keep it busy through a flush, few enough that a slow disk soon holds back new writes.
 const GROUPS_AHEAD: usize = 4;
 
-/// Runs jobs in groups, each group's writes applied together; a flusher thread makes them
-/// durable and answers them, while the committer goes on with the next group. A group's answers
-/// wait for a flush begun after the group was applied, so an answer still means durable.
+/// Runs jobs in groups, in three threads: this one gathers a group and prepares its writes
+/// (ids, checks, the documents of new records built on every core: `Store::prepare_writes`);
+/// an applier commits the group before it meanwhile, in order, each run of write jobs as one
+/// batch; a flusher makes what was applied durable and answers it, while the applier goes on.
+/// A group's answers wait for a flush begun after the group was applied, so an answer still
+/// means durable.
 fn run_committer(store: Arc<Store>, jobs: mpsc::Receiver<Job>, group_max: usize) {
-    let (applied, to_flush) = mpsc::sync_channel::<Vec<AfterFlush>>(GROUPS_AHEAD);
+    let store = store.as_ref();
+    let (to_flusher, applied) = mpsc::sync_channel::<Vec<AfterFlush>>(GROUPS_AHEAD);
+    // One group prepared ahead of the one being applied.
+    let (to_applier, prepared) = mpsc::sync_channel::<Vec<Step>>(1);
     std::thread::scope(|scope| {
+        // A thread that cannot start drops its receiver: its work is then done here.
         let flusher = std::thread::Builder::new()
             .name("ferry-flusher".into())
-            .spawn_scoped(scope, || run_flusher(&store, to_flush));
+            .spawn_scoped(scope, move || run_flusher(store, applied));
         if let Err(e) = flusher {
-            tracing::warn!(error = %e, "no flusher thread; the committer flushes each group");
+            tracing::warn!(error = %e, "no flusher thread; each group is flushed as it is applied");
+        }
+        let for_applier = to_flusher.clone();
+        let applier = std::thread::Builder::new()
+            .name("ferry-applier".into())
+            .spawn_scoped(scope, move || run_applier(store, prepared, for_applier));
+        if let Err(e) = applier {
+            tracing::warn!(error = %e, "no applier thread; groups are prepared and applied in turn");
         }
         while let Ok(first) = jobs.recv() {
             let mut group = Vec::new();
@@ -345,15 +359,36 @@ fn run_committer(store: Arc<Store>, jobs: mpsc::Receiver<Job>, group_max: usize)
                     Err(_) => break,
                 }
             }
-            let _span = tracing::debug_span!("group_commit", jobs = group.len()).entered();
-            let answers = run_group(&store, group);
-            // With no flusher (it could not start, or an answer panicked in it), flush here.
-            if let Err(mpsc::SendError(answers)) = applied.send(answers) {
-                answer_flushed(&store, answers);
+            let steps = prepare_group(store, group);
+            if let Err(mpsc::SendError(steps)) = to_applier.send(steps) {
+                hand_to_flusher(store, &to_flusher, run_steps(store, steps));
             }
         }
-        drop(applied);
+        drop((to_applier, to_flusher));
     });
+}
+
+/// Applies prepared groups in the order they come.
+fn run_applier(
+    store: &Store,
+    prepared: mpsc::Receiver<Vec<Step>>,
+    to_flusher: mpsc::SyncSender<Vec<AfterFlush>>,
+) {
+    while let Ok(steps) = prepared.recv() {
+        hand_to_flusher(store, &to_flusher, run_steps(store, steps));
+    }
+}
+
+/// Passes a group's answers to the flusher, or, with no flusher (it could not start, or an
+/// answer panicked in it), flushes and answers here.
+fn hand_to_flusher(
+    store: &Store,
+    to_flusher: &mpsc::SyncSender<Vec<AfterFlush>>,
+    answers: Vec<AfterFlush>,
+) {
+    if let Err(mpsc::SendError(answers)) = to_flusher.send(answers) {
+        answer_flushed(store, answers);
+    }
 }
 
 /// Flushes what the committer applied and answers it: every group waiting when a flush begins
@@ -374,42 +409,88 @@ fn answer_flushed(store: &Store, answers: Vec<AfterFlush>) {
     }
 }
 
-/// Runs a group's jobs in order, each run of consecutive write jobs as one.
-fn run_group(store: &Store, group: Vec<Job>) -> Vec<AfterFlush> {
-    let mut answers = Vec::with_capacity(group.len());
+/// A group's work as the applier runs it, in order.
+enum Step {
+    /// Write jobs in a row, prepared as one batch: the cost of a write is mostly what a batch
+    /// costs whatever its size (the locks, the apply, the feed). Each job stays atomic on its
+    /// own: should the one batch of several jobs fail (a write cannot be staged: a patch of a
+    /// missing record, a change too large), nothing of it was written, and the jobs run again
+    /// one by one (`one_by_one`, their writes), each getting its own answer.
+    Writes {
+        prepared: Box<PreparedWrites>,
+        replies: Vec<(usize, WritesReply)>,
+        one_by_one: Option<Vec<Vec<Write>>>,
+    },
+    Other(Job),
+}
+
+/// Splits a group into steps, each run of consecutive write jobs one step, its writes
+/// prepared (`Store::prepare_writes`).
+fn prepare_group(store: &Store, group: Vec<Job>) -> Vec<Step> {
+    let mut steps = Vec::new();
     let mut writes = Vec::new();
     for job in group {
         match job {
             Job::Writes { writes: w, reply } => writes.push((w, reply)),
             other => {
-                answers.extend(run_writes(store, std::mem::take(&mut writes)));
-                answers.push(other.run(store));
+                steps.extend(prepare_writes(store, std::mem::take(&mut writes)));
+                steps.push(Step::Other(other));
             }
         }
     }
-    answers.extend(run_writes(store, writes));
+    steps.extend(prepare_writes(store, writes));
+    steps
+}
+
+fn prepare_writes(store: &Store, jobs: Vec<(Vec<Write>, WritesReply)>) -> Option<Step> {
+    if jobs.is_empty() {
+        return None;
+    }
+    let one_by_one = (jobs.len() > 1).then(|| jobs.iter().map(|(w, _)| w.clone()).collect());
+    let mut all = Vec::with_capacity(jobs.iter().map(|(w, _)| w.len()).sum());
+    let mut replies = Vec::with_capacity(jobs.len());
+    for (writes, reply) in jobs {
+        replies.push((writes.len(), reply));
+        all.extend(writes);
+    }
+    // A panic here is met again, and answered, when the batch is written.
+    let prepared = Box::new(store.prepare_writes(all));
+    Some(Step::Writes {
+        prepared,
+        replies,
+        one_by_one,
+    })
+}
+
+fn run_steps(store: &Store, steps: Vec<Step>) -> Vec<AfterFlush> {
+    let _span = tracing::debug_span!("group_commit", steps = steps.len()).entered();
+    let mut answers = Vec::with_capacity(steps.len());
+    for step in steps {
+        match step {
+            Step::Other(job) => answers.push(job.run(store)),
+            Step::Writes {
+                prepared,
+                replies,
+                one_by_one,
+            } => answers.extend(run_prepared(store, *prepared, replies, one_by_one)),
+        }
+    }
     answers
 }
 
-/// Write jobs in a row, staged and applied as one batch: the cost of a write is mostly what a
-/// batch costs whatever its size (the locks, the apply, the feed), and new records in it are
-/// built on every core. Each job stays atomic on its own: should the one batch fail (a write
-/// cannot be staged: a patch of a missing record, a change too large), nothing of it was
-/// written, and the jobs run again one by one, each getting its own answer.
-fn run_writes(store: &Store, jobs: Vec<(Vec<Write>, WritesReply)>) -> Vec<AfterFlush> {
-    if jobs.len() < 2 {
-        return jobs
-            .into_iter()
-            .map(|(writes, reply)| Job::Writes { writes, reply }.run(store))
-            .collect();
-    }
-    let all: Vec<Write> = jobs.iter().flat_map(|(w, _)| w.iter().cloned()).collect();
-    match supervised("a write", || store.write_all(all)) {
-        Ok(applied) => {
+fn run_prepared(
+    store: &Store,
+    prepared: PreparedWrites,
+    replies: Vec<(usize, WritesReply)>,
+    one_by_one: Option<Vec<Vec<Write>>>,
+) -> Vec<AfterFlush> {
+    let result = supervised("a write", || store.write_prepared(prepared));
+    match (result, one_by_one) {
+        (Ok(applied), _) => {
             let mut applied = applied.into_iter();
-            let answers: Vec<(WritesReply, Vec<Applied>)> = jobs
+            let answers: Vec<(WritesReply, Vec<Applied>)> = replies
                 .into_iter()
-                .map(|(writes, reply)| (reply, applied.by_ref().take(writes.len()).collect()))
+                .map(|(count, reply)| (reply, applied.by_ref().take(count).collect()))
                 .collect();
             vec![Box::new(move |flushed: &Result<(), StoreError>| {
                 for (reply, applied) in answers {
@@ -417,10 +498,20 @@ fn run_writes(store: &Store, jobs: Vec<(Vec<Write>, WritesReply)>) -> Vec<AfterF
                 }
             })]
         }
-        Err(_) => jobs
+        (Err(_), Some(jobs)) => jobs
             .into_iter()
-            .map(|(writes, reply)| Job::Writes { writes, reply }.run(store))
+            .zip(replies)
+            .map(|(writes, (_, reply))| Job::Writes { writes, reply }.run(store))
             .collect(),
+        // One job (`one_by_one` is kept only for several): its error is its answer.
+        (Err(e), None) => {
+            let reply = replies.into_iter().next().map(|(_, reply)| reply);
+            vec![Box::new(move |flushed: &Result<(), StoreError>| {
+                if let Some(reply) = reply {
+                    reply.send(after_flush(flushed, Err(e)));
+                }
+            })]
+        }
     }
 }
 

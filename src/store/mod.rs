@@ -50,6 +50,7 @@ use ferry_proto::{
 };
 use kv::{Batch, Kv, KvError};
 use lru::LruCache;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroUsize;
@@ -570,10 +571,80 @@ impl Store {
         writes: Vec<(Write, Option<Vec<ChangeHash>>)>,
     ) -> Result<Vec<Applied>, StoreError> {
         let now = self.clock.now_ms();
-        let mut cache = self.lock_cache();
         let (resolved, invalid) = self.resolve_all(writes, now);
+        self.commit_writes(resolved, invalid, None, now)
+    }
+
+    /// Makes writes ready for `write_prepared` without taking the store's locks: each gets its
+    /// address (generating ids) and is checked, and the documents of the records they create
+    /// are built on every core. A committer prepares its next batch this way while the one
+    /// before is applied.
+    pub fn prepare_writes(&self, writes: Vec<Write>) -> PreparedWrites {
+        let now = self.clock.now_ms();
+        let (resolved, invalid) =
+            self.resolve_all(writes.into_iter().map(|w| (w, None)).collect(), now);
+        // What cannot be built here is built again where it is staged, which reports it in order.
+        let fresh = self
+            .fresh_candidates(&resolved, |_| false)
+            .and_then(|candidates| self.build_fresh(&candidates, now))
+            .unwrap_or_default();
+        PreparedWrites {
+            resolved,
+            invalid,
+            fresh,
+            now,
+        }
+    }
+
+    /// `write_all` of prepared writes: the same atomic batch, with the same errors. A record
+    /// prepared as new that a batch applied meanwhile created is written on what it holds.
+    pub fn write_prepared(&self, prepared: PreparedWrites) -> Result<Vec<Applied>, StoreError> {
+        let PreparedWrites {
+            resolved,
+            invalid,
+            fresh,
+            now,
+        } = prepared;
+        self.commit_writes(resolved, invalid, Some(fresh), now)
+    }
+
+    /// Stages and applies resolved writes as one batch; `fresh`, the records built as new
+    /// outside the cache lock (checked again under it), or `None` to build them here.
+    fn commit_writes(
+        &self,
+        resolved: Vec<Resolved>,
+        invalid: Option<StoreError>,
+        fresh: Option<HashMap<usize, Staged>>,
+        now: u64,
+    ) -> Result<Vec<Applied>, StoreError> {
+        let mut cache = self.lock_cache();
+        let fresh = match fresh {
+            Some(mut fresh) => {
+                let mut stale = Vec::new();
+                for &index in fresh.keys() {
+                    let Some(r) = resolved.get(index) else {
+                        stale.push(index);
+                        continue;
+                    };
+                    if cache.contains(&r.key)
+                        || self.kv.get(&keys::doc(&r.key.0, &r.key.1))?.is_some()
+                    {
+                        stale.push(index);
+                    }
+                }
+                for index in stale {
+                    fresh.remove(&index);
+                }
+                fresh
+            }
+            None => {
+                let candidates = self.fresh_candidates(&resolved, |key| cache.contains(key))?;
+                self.build_fresh(&candidates, now)?
+            }
+        };
         let mut working = WorkingSet::default();
-        let (batch, delta, applied) = self.stage_all(&mut cache, &mut working, resolved, now)?;
+        let (batch, delta, applied) =
+            self.stage_all(&mut cache, &mut working, resolved, fresh, now)?;
         // Errors are reported in batch order: an invalid write counts only if every write
         // before it could be staged.
         if let Some(e) = invalid {
@@ -625,12 +696,12 @@ impl Store {
         cache: &mut LruCache<CacheKey, Record>,
         working: &mut WorkingSet,
         resolved: Vec<Resolved>,
+        mut fresh: HashMap<usize, Staged>,
         now: u64,
     ) -> Result<(Batch, CountDelta, Vec<Applied>), StoreError> {
         for r in &resolved {
             *working.uses.entry(r.key.clone()).or_insert(0) += 1;
         }
-        let mut fresh = self.build_fresh(cache, working, &resolved, now)?;
         let mut batch = Batch::default();
         let mut delta = CountDelta::default();
         let mut applied = Vec::with_capacity(resolved.len());
@@ -668,36 +739,53 @@ impl Store {
         Ok((batch, delta, applied))
     }
 
-    /// Builds, in parallel, the documents of puts that create records absent from both the cache
-    /// and storage, each named once in the batch. Returns them by their index in `resolved`.
-    fn build_fresh(
+    /// The puts that create records absent from storage and from the cache (`in_cache`), each
+    /// named once in the batch: those `build_fresh` may build apart. None below a few.
+    fn fresh_candidates<'r>(
         &self,
-        cache: &LruCache<CacheKey, Record>,
-        working: &WorkingSet,
-        resolved: &[Resolved],
-        now: u64,
-    ) -> Result<HashMap<usize, Staged>, StoreError> {
-        // Below this a group's new records are built in turn where they are staged.
+        resolved: &'r [Resolved],
+        in_cache: impl Fn(&CacheKey) -> bool,
+    ) -> Result<Vec<(usize, &'r Resolved)>, StoreError> {
+        // Below this a batch's new records are built in turn where they are staged.
         const MIN_PARALLEL: usize = 4;
         if resolved.len() < MIN_PARALLEL {
-            return Ok(HashMap::new());
+            return Ok(Vec::new());
+        }
+        let mut uses: HashMap<&CacheKey, u32> = HashMap::with_capacity(resolved.len());
+        for r in resolved {
+            *uses.entry(&r.key).or_insert(0) += 1;
         }
         let mut candidates = Vec::new();
         for (index, r) in resolved.iter().enumerate() {
             if matches!(r.change, Change::Put(_))
                 && r.base.is_none()
-                && working.uses.get(&r.key) == Some(&1)
-                && !cache.contains(&r.key)
+                && uses.get(&r.key) == Some(&1)
+                && !in_cache(&r.key)
                 && self.kv.get(&keys::doc(&r.key.0, &r.key.1))?.is_none()
             {
                 candidates.push((index, r));
             }
         }
         if candidates.len() < MIN_PARALLEL {
+            candidates.clear();
+        }
+        Ok(candidates)
+    }
+
+    /// Builds, in parallel, the documents of `fresh_candidates`. Returns them by their index in
+    /// the batch.
+    fn build_fresh(
+        &self,
+        candidates: &[(usize, &Resolved)],
+        now: u64,
+    ) -> Result<HashMap<usize, Staged>, StoreError> {
+        if candidates.is_empty() {
             return Ok(HashMap::new());
         }
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = candidates.len().div_ceil(workers).max(1);
+        let chunk = candidates
+            .len()
+            .div_ceil(rayon::current_num_threads())
+            .max(1);
         let limits = &self.options.limits;
         let build = |indices: &[(usize, &Resolved)]| -> Result<Vec<(usize, Staged)>, StoreError> {
             indices
@@ -718,24 +806,18 @@ impl Store {
                 })
                 .collect()
         };
-        let mut chunks = candidates.chunks(chunk);
-        // The first chunk is built on this thread, the others each on one of its own.
-        let here = chunks.next().unwrap_or_default();
-        let built: Vec<Result<Vec<(usize, Staged)>, StoreError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = chunks
-                .map(|indices| scope.spawn(move || build(indices)))
-                .collect();
-            let mut built = vec![build(here)];
-            built.extend(handles.into_iter().map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(StoreError::Decode {
-                        what: "record",
-                        detail: "building a document panicked".into(),
-                    })
-                })
-            }));
-            built
-        });
+        // On the pool's threads, started once: a thread started for each batch cost as much as
+        // building several records. A panic fails the batch, not the caller's thread.
+        let built: Vec<Result<Vec<(usize, Staged)>, StoreError>> =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                candidates.par_chunks(chunk).map(build).collect()
+            }))
+            .unwrap_or_else(|_| {
+                vec![Err(StoreError::Decode {
+                    what: "record",
+                    detail: "building a document panicked".into(),
+                })]
+            });
         let mut out = HashMap::with_capacity(candidates.len());
         for part in built {
             out.extend(part?);
@@ -1528,6 +1610,16 @@ impl WorkingSet {
             .into_iter()
             .map(|(key, (record, _))| (key, record))
     }
+}
+
+/// Writes made ready to commit outside the store's locks (`Store::prepare_writes`).
+pub struct PreparedWrites {
+    resolved: Vec<Resolved>,
+    /// The first write that could not be resolved; those after it were not looked at.
+    invalid: Option<StoreError>,
+    /// Documents of new records, by index in `resolved`, built as if nothing held them.
+    fresh: HashMap<usize, Staged>,
+    now: u64,
 }
 
 /// A write with its address settled and its input checked.

@@ -20,6 +20,7 @@ use ferry_proto::Operation;
 use ferry_proto::session::Bootstrap;
 use ferry_proto::wire::{IndexPosition, RecordName, SnapshotPage, SnapshotRecord, UniqueIndexPage};
 use ferry_proto::{validate_collection, validate_record_id};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
@@ -454,30 +455,21 @@ impl Store {
                 candidates.push((index, r));
             }
         }
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = candidates.len().div_ceil(workers).max(1);
-        let prepared = std::thread::scope(|scope| {
-            let handles: Vec<_> = candidates
-                .chunks(chunk)
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .filter_map(|(index, r)| {
-                                let mut doc = self.parse(&r.collection, &r.document).ok()?;
-                                let view =
-                                    super::views::of_record(&mut doc, self.policy(&r.collection))
-                                        .ok()?;
-                                Some((*index, (doc, view)))
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
-        });
+        // On the pool's threads; a record whose load panics is left to the page's own pass, as
+        // one that does not load.
+        let prepared = candidates
+            .par_iter()
+            .filter_map(|(index, r)| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let mut doc = self.parse(&r.collection, &r.document).ok()?;
+                    let view =
+                        super::views::of_record(&mut doc, self.policy(&r.collection)).ok()?;
+                    Some((*index, (doc, view)))
+                }))
+                .ok()
+                .flatten()
+            })
+            .collect();
         Ok(prepared)
     }
 
