@@ -202,23 +202,12 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::SystemClock;
     use crate::record::Fields;
+    use crate::store::Write;
     use crate::store::kv::{Kv, MemoryKv};
-    use crate::store::{StoreOptions, Write};
-    use std::sync::Arc;
+    use crate::store::tests::open;
 
     const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";
-
-    fn open(kv: &MemoryKv) -> Store {
-        Store::open(
-            Box::new(kv.clone()),
-            DEVICE,
-            StoreOptions::default(),
-            Arc::new(SystemClock),
-        )
-        .unwrap()
-    }
 
     fn put(id: usize) -> Write {
         let mut fields = Fields::new();

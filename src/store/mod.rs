@@ -2438,4 +2438,41 @@ mod tests {
         );
         assert!(matches!(other, Err(StoreError::WrongDevice { .. })));
     }
+
+    fn note(id: &str, n: u64) -> Write {
+        Write::Put {
+            collection: "Note".into(),
+            id: Some(id.into()),
+            fields: fields(serde_json::json!({ "n": n })),
+        }
+    }
+
+    /// Puts prepared as creating new records while a batch applied meanwhile created one of
+    /// them: that one takes its put on top of what it holds (both changes kept, one history),
+    /// the others are created as prepared.
+    #[test]
+    fn a_record_created_after_its_put_was_prepared_takes_the_put_on_top() {
+        let store = open(&MemoryKv::default());
+        let prepared = store.prepare_writes((0..6).map(|n| note(&format!("n{n}"), n)).collect());
+        assert_eq!(
+            prepared.fresh.len(),
+            6,
+            "every record was new when prepared"
+        );
+        store.write(note("n0", 100)).unwrap();
+        let applied = store.write_prepared(prepared).unwrap();
+        assert_eq!(applied.len(), 6);
+        let view = store.get("Note", "n0").unwrap();
+        assert_eq!(view.fields.get("n"), Some(serde_json::json!(0)));
+        assert_eq!(view.heads.len(), 1);
+        assert_eq!(store.history("Note", "n0").unwrap().len(), 2);
+        for n in 1..6 {
+            let id = format!("n{n}");
+            assert_eq!(
+                store.get("Note", &id).unwrap().fields.get("n"),
+                Some(serde_json::json!(n))
+            );
+            assert_eq!(store.history("Note", &id).unwrap().len(), 1);
+        }
+    }
 }
