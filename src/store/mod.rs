@@ -62,6 +62,10 @@ const FORMAT_VERSION: &[u8] = b"1";
 /// A queue entry's change longer than this is kept under its own key (`keys::queue_change`).
 pub const INLINE_CHANGE_BYTES: usize = 2048;
 
+/// Below this many new records a batch writes builds them in turn (where they are staged, or on
+/// the thread preparing the batch) rather than on every core.
+const MIN_PARALLEL: usize = 4;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
@@ -585,7 +589,7 @@ impl Store {
             self.resolve_all(writes.into_iter().map(|w| (w, None)).collect(), now);
         // What cannot be built here is built again where it is staged, which reports it in order.
         let fresh = self
-            .fresh_candidates(&resolved, |_| false)
+            .fresh_candidates(&resolved, 1, |_| false)
             .and_then(|candidates| self.build_fresh(&candidates, now))
             .unwrap_or_default();
         PreparedWrites {
@@ -638,7 +642,8 @@ impl Store {
                 fresh
             }
             None => {
-                let candidates = self.fresh_candidates(&resolved, |key| cache.contains(key))?;
+                let candidates =
+                    self.fresh_candidates(&resolved, MIN_PARALLEL, |key| cache.contains(key))?;
                 self.build_fresh(&candidates, now)?
             }
         };
@@ -740,15 +745,14 @@ impl Store {
     }
 
     /// The puts that create records absent from storage and from the cache (`in_cache`), each
-    /// named once in the batch: those `build_fresh` may build apart. None below a few.
+    /// named once in the batch: those `build_fresh` may build apart. None below `at_least`.
     fn fresh_candidates<'r>(
         &self,
         resolved: &'r [Resolved],
+        at_least: usize,
         in_cache: impl Fn(&CacheKey) -> bool,
     ) -> Result<Vec<(usize, &'r Resolved)>, StoreError> {
-        // Below this a batch's new records are built in turn where they are staged.
-        const MIN_PARALLEL: usize = 4;
-        if resolved.len() < MIN_PARALLEL {
+        if resolved.len() < at_least.max(1) {
             return Ok(Vec::new());
         }
         let mut uses: HashMap<&CacheKey, u32> = HashMap::with_capacity(resolved.len());
@@ -766,14 +770,14 @@ impl Store {
                 candidates.push((index, r));
             }
         }
-        if candidates.len() < MIN_PARALLEL {
+        if candidates.len() < at_least {
             candidates.clear();
         }
         Ok(candidates)
     }
 
-    /// Builds, in parallel, the documents of `fresh_candidates`. Returns them by their index in
-    /// the batch.
+    /// Builds the documents of `fresh_candidates`, on every core when there are a few. Returns
+    /// them by their index in the batch.
     fn build_fresh(
         &self,
         candidates: &[(usize, &Resolved)],
@@ -810,7 +814,11 @@ impl Store {
         // building several records. A panic fails the batch, not the caller's thread.
         let built: Vec<Result<Vec<(usize, Staged)>, StoreError>> =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                candidates.par_chunks(chunk).map(build).collect()
+                if candidates.len() < MIN_PARALLEL {
+                    vec![build(candidates)]
+                } else {
+                    candidates.par_chunks(chunk).map(build).collect()
+                }
             }))
             .unwrap_or_else(|_| {
                 vec![Err(StoreError::Decode {
