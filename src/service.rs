@@ -417,7 +417,8 @@ enum Step {
     /// missing record, a change too large), nothing of it was written, and the jobs run again
     /// one by one (`one_by_one`, their writes), each getting its own answer.
     Writes {
-        prepared: Box<PreparedWrites>,
+        /// Or why preparing them failed (a panic), which each job is then told.
+        prepared: Result<Box<PreparedWrites>, StoreError>,
         replies: Vec<(usize, WritesReply)>,
         one_by_one: Option<Vec<Vec<Write>>>,
     },
@@ -453,8 +454,9 @@ fn prepare_writes(store: &Store, jobs: Vec<(Vec<Write>, WritesReply)>) -> Option
         replies.push((writes.len(), reply));
         all.extend(writes);
     }
-    // A panic here is met again, and answered, when the batch is written.
-    let prepared = Box::new(store.prepare_writes(all));
+    let prepared = supervised("preparing writes", || {
+        Ok(Box::new(store.prepare_writes(all)))
+    });
     Some(Step::Writes {
         prepared,
         replies,
@@ -472,7 +474,7 @@ fn run_steps(store: &Store, steps: Vec<Step>) -> Vec<AfterFlush> {
                 prepared,
                 replies,
                 one_by_one,
-            } => answers.extend(run_prepared(store, *prepared, replies, one_by_one)),
+            } => answers.extend(run_prepared(store, prepared, replies, one_by_one)),
         }
     }
     answers
@@ -480,11 +482,12 @@ fn run_steps(store: &Store, steps: Vec<Step>) -> Vec<AfterFlush> {
 
 fn run_prepared(
     store: &Store,
-    prepared: PreparedWrites,
+    prepared: Result<Box<PreparedWrites>, StoreError>,
     replies: Vec<(usize, WritesReply)>,
     one_by_one: Option<Vec<Vec<Write>>>,
 ) -> Vec<AfterFlush> {
-    let result = supervised("a write", || store.write_prepared(prepared));
+    let result =
+        prepared.and_then(|prepared| supervised("a write", || store.write_prepared(*prepared)));
     match (result, one_by_one) {
         (Ok(applied), _) => {
             let mut applied = applied.into_iter();
