@@ -89,16 +89,21 @@ impl Store {
         Ok(seq)
     }
 
-    /// The number after the last change any key holds (1 for an empty feed).
+    /// The number after the last change any key holds (1 for an empty feed). A last key that
+    /// cannot be read (damaged) does not keep the store from opening: no key holds more changes
+    /// than `PACK_BYTES` (each takes a byte at least), so numbering goes on past that.
     pub(super) fn next_feed_seq(kv: &dyn super::kv::Kv) -> Result<u64, StoreError> {
         let Some(key) = kv.last_key(keys::FEED, &keys::prefix_end(keys::FEED))? else {
             return Ok(1);
         };
-        let last = match kv.get(&key)? {
-            Some(value) => unpack(&value)?.last().map(|c| c.seq),
-            None => None,
+        let first = keys::seq_of(&key, keys::FEED.len())?;
+        let last = match kv.get(&key) {
+            Ok(Some(value)) => unpack(&value).ok().and_then(|c| c.last().map(|c| c.seq)),
+            _ => None,
         };
-        Ok(last.map_or(keys::seq_of(&key, keys::FEED.len())?, |seq| seq) + 1)
+        Ok(last
+            .unwrap_or_else(|| first.saturating_add(PACK_BYTES as u64))
+            .saturating_add(1))
     }
 
     /// Notes that the batch holding these feed numbers landed (durable with the next flush).
@@ -308,6 +313,28 @@ mod tests {
         assert_eq!(store.prune_feed(5, 100).unwrap(), 101 - firsts[1]);
         assert_eq!(store.prune_feed(5, 100).unwrap(), 0);
         assert_eq!(store.feed_bounds().unwrap().first, last - 4);
+    }
+
+    #[test]
+    fn a_damaged_last_key_does_not_keep_the_store_from_opening_and_numbers_go_past_it() {
+        let kv = MemoryKv::default();
+        let store = open(&kv);
+        store.write_all((0..10).map(put).collect()).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let last_key = kv
+            .last_key(keys::FEED, &keys::prefix_end(keys::FEED))
+            .unwrap()
+            .unwrap();
+        let mut batch = Batch::default();
+        batch.put(last_key, vec![0xff; 7]);
+        kv.apply(batch).unwrap();
+        let store = open(&kv);
+        let applied = store.write(put(99)).unwrap();
+        assert!(applied.seq.unwrap() > 10, "{applied:?}");
+        store.flush().unwrap();
+        let after = applied.seq.unwrap() - 1;
+        assert_eq!(seqs(&store.feed_after(after, 10).unwrap()), [after + 1]);
     }
 
     #[test]
