@@ -246,6 +246,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(&Path),
 ) -> Result<(), DaemonError> {
+    // The pool the store builds new records on: named, or its threads take the name of the
+    // thread that first used it. One already built (a process running several daemons) stays.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("ferry-build-{i}"))
+        .build_global();
     let socket = socket_path(dir, config);
     let mut told = false;
     let lock = dir.lock_within(LOCK_PATIENCE, |pid| {
