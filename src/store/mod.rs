@@ -2135,33 +2135,31 @@ mod tests {
                 fields: fields(serde_json::json!({"n": 1})),
             })
             .unwrap();
-        let compactions = || kv.compactions();
-        let set = |size: u64| kv.set(size, 0);
         // Over the bound (8 MiB and twice a few hundred bytes), and still over once compacted.
-        set(120 * MIB);
+        kv.set(120 * MIB, 0);
         kv.after_compaction.store(100 * MIB, Ordering::SeqCst);
         assert!(store.bound_space().unwrap().is_some());
-        assert_eq!(compactions(), 1);
-        set(100 * MIB + SPACE_FLOOR_BYTES + MIB);
+        assert_eq!(kv.compactions(), 1);
+        kv.set(100 * MIB + SPACE_FLOOR_BYTES + MIB, 0);
         assert!(
             store.bound_space().unwrap().is_none(),
             "grown by the floor only"
         );
-        set(150 * MIB);
+        kv.set(150 * MIB, 0);
         assert!(
             store.bound_space().unwrap().is_none(),
             "grown by half, not more"
         );
-        set(150 * MIB + 1);
+        kv.set(150 * MIB + 1, 0);
         assert!(store.bound_space().unwrap().is_some());
-        assert_eq!(compactions(), 2);
+        assert_eq!(kv.compactions(), 2);
         // Now a compaction gets it under: the floor is enough growth again.
         kv.after_compaction.store(MIB, Ordering::SeqCst);
-        set(160 * MIB);
+        kv.set(160 * MIB, 0);
         assert!(store.bound_space().unwrap().is_some());
-        set(MIB + SPACE_FLOOR_BYTES + MIB);
+        kv.set(MIB + SPACE_FLOOR_BYTES + MIB, 0);
         assert!(store.bound_space().unwrap().is_some());
-        assert_eq!(compactions(), 4);
+        assert_eq!(kv.compactions(), 4);
     }
 
     /// A store over its bound is not copied when the last copy says a copy would save less
@@ -2170,23 +2168,21 @@ mod tests {
     fn a_copy_that_would_not_save_a_fifth_is_not_made_even_after_a_restart() {
         const MIB: u64 = 1 << 20;
         let kv = Sized::default();
-        let compactions = || kv.compactions();
-        let set = |size: u64, live: u64| kv.set(size, live);
         // 150 MiB for 50 live (the bound is 108): copied, to 100 MiB, 1.84 times the live data
         // beyond the floor.
-        set(150 * MIB, 50 * MIB);
+        kv.set(150 * MIB, 50 * MIB);
         kv.after_compaction.store(100 * MIB, Ordering::SeqCst);
         assert!(open(&kv).bound_space().unwrap().is_some());
-        assert_eq!(compactions(), 1);
+        assert_eq!(kv.compactions(), 1);
         // After a restart, 120 MiB is over the bound, but a copy would take about 100.
-        set(120 * MIB, 50 * MIB);
+        kv.set(120 * MIB, 50 * MIB);
         let store = open(&kv);
         assert!(store.bound_space().unwrap().is_none());
-        assert_eq!(compactions(), 1, "a copy saving a sixth is not made");
+        assert_eq!(kv.compactions(), 1, "a copy saving a sixth is not made");
         // With 30 MiB live a copy would take about 63: made.
-        set(120 * MIB, 30 * MIB);
+        kv.set(120 * MIB, 30 * MIB);
         assert!(store.bound_space().unwrap().is_some());
-        assert_eq!(compactions(), 2);
+        assert_eq!(kv.compactions(), 2);
     }
 
     /// Before any compaction, a large store is copied only when even the best copy measured
@@ -2195,17 +2191,15 @@ mod tests {
     fn a_large_store_is_not_copied_the_first_time_unless_a_good_copy_would_save_a_fifth() {
         const MIB: u64 = 1 << 20;
         let kv = Sized::default();
-        let compactions = || kv.compactions();
-        let set = |size: u64, live: u64| kv.set(size, live);
         // 100 MiB live in 210 (the bound is 208): a copy at 1.7 times would take 178.
-        set(210 * MIB, 100 * MIB);
+        kv.set(210 * MIB, 100 * MIB);
         kv.after_compaction.store(180 * MIB, Ordering::SeqCst);
         assert!(open(&kv).bound_space().unwrap().is_none());
-        assert_eq!(compactions(), 0);
+        assert_eq!(kv.compactions(), 0);
         // In 240, a copy at 1.7 times would save more than a fifth: made.
-        set(240 * MIB, 100 * MIB);
+        kv.set(240 * MIB, 100 * MIB);
         assert!(open(&kv).bound_space().unwrap().is_some());
-        assert_eq!(compactions(), 1);
+        assert_eq!(kv.compactions(), 1);
         // A small store over its bound is copied whatever a copy is expected to save.
         let kv = Sized::default();
         kv.set(20 * MIB, 5 * MIB);
