@@ -1111,9 +1111,16 @@ mod tests {
         ));
         let checkup = store.examine().unwrap();
         let damage = checkup.damage.expect("damage");
+        // The view is stored with its document: damaged with it.
         assert_eq!(
             kinds(&damage),
-            ["document", "pending index", "pending index", "queue entry"],
+            [
+                "document",
+                "pending index",
+                "pending index",
+                "queue entry",
+                "record view"
+            ],
             "{damage:?}"
         );
         assert_eq!(damage.recoverable.len(), 2);
@@ -1153,9 +1160,9 @@ mod tests {
         assert_eq!(store.examine().unwrap().damage, None);
     }
 
-    /// A view that says something else than its document (another record's), and one with no
-    /// document, are found; a repair computes the first again and removes the second, and the
-    /// device keeps what it read of the relay (documents are sound).
+    /// A view that says something else than its document (another record's) is found; a repair
+    /// computes it again, and the device keeps what it read of the relay (documents are sound).
+    /// A view written with no document is not kept at all (`paired`).
     #[test]
     fn views_that_differ_from_their_documents_are_found_and_written_again() {
         let kv = MemoryKv::new();
@@ -1166,12 +1173,14 @@ mod tests {
         store.flush().unwrap();
         assert_eq!(store.examine().unwrap().damage, None);
         drop(store);
-        let a_view = kv.get(&keys::view("Note", "a")).unwrap().unwrap();
+        let keyspace = crate::store::paired::over(&kv);
+        let a_view = keyspace.get(&keys::view("Note", "a")).unwrap().unwrap();
         let mut batch = Batch::default();
         batch.put(keys::view("Note", "b"), a_view.clone());
         batch.put(keys::view("Note", "ghost"), a_view);
-        kv.apply(batch).unwrap();
-        kv.flush().unwrap();
+        keyspace.apply(batch).unwrap();
+        keyspace.flush().unwrap();
+        assert_eq!(keyspace.get(&keys::view("Note", "ghost")).unwrap(), None);
 
         let store = open(&kv);
         let n = |id: &str| store.get("Note", id).map(|v| v.fields.get("n").unwrap());
@@ -1181,7 +1190,7 @@ mod tests {
             "reads answer from views"
         );
         let damage = store.examine().unwrap().damage.expect("found");
-        assert_eq!(kinds(&damage), ["record view", "record view"], "{damage:?}");
+        assert_eq!(kinds(&damage), ["record view"], "{damage:?}");
         let (_, repaired) = store.repair().unwrap();
         assert!(!repaired.reads_relay_again);
         assert_eq!(store.sync_cursor().unwrap(), 7);
@@ -1191,16 +1200,18 @@ mod tests {
         assert_eq!(store.examine().unwrap().damage, None);
     }
 
-    /// A view that fails its checksum is refused when read, found by the examination, and
-    /// computed again from its document by a repair.
+    /// A record's view is stored with its document (`paired`): when that value fails its
+    /// checksum, reads of either are refused, the examination names both, and a repair removes
+    /// the record and has the device read the relay again.
     #[test]
-    fn a_view_that_fails_its_checksum_is_found_and_written_again() {
+    fn a_record_that_fails_its_checksum_is_found_as_document_and_view() {
         let kv = MemoryKv::new();
         let store = open(&kv);
         put(&store, "a", 1);
+        put(&store, "b", 2);
         store.flush().unwrap();
         drop(store);
-        assert!(kv.damage(&keys::view("Note", "a")));
+        assert!(kv.damage(&keys::doc("Note", "a")));
 
         let store = open(&kv);
         assert!(matches!(
@@ -1208,12 +1219,12 @@ mod tests {
             Err(StoreError::Storage(KvError::Damaged(_)))
         ));
         let damage = store.examine().unwrap().damage.expect("found");
-        assert_eq!(kinds(&damage), ["record view"], "{damage:?}");
+        assert_eq!(kinds(&damage), ["document", "record view"], "{damage:?}");
         let (_, repaired) = store.repair().unwrap();
-        assert!(!repaired.reads_relay_again);
+        assert!(repaired.reads_relay_again);
         assert_eq!(
-            store.get("Note", "a").unwrap().fields.get("n").unwrap(),
-            serde_json::json!(1)
+            store.get("Note", "b").unwrap().fields.get("n").unwrap(),
+            serde_json::json!(2)
         );
         assert_eq!(store.examine().unwrap().damage, None);
         assert_eq!(store.damage(), None);

@@ -522,7 +522,7 @@ mod tests {
         // As a build stopped after its first page leaves it.
         let progress = keys::index_progress("Note", "n");
         let views = keys::view_prefix("Note");
-        let first_page = kv
+        let first_page = crate::store::paired::over(&kv)
             .range(&views, &keys::prefix_end(&views), BUILD_PAGE)
             .unwrap();
         let done_through = first_page.last().map(|(key, _)| key.clone());
@@ -593,7 +593,10 @@ mod tests {
             let id = std::str::from_utf8(key.get(key.len() - 1..).unwrap()).unwrap();
             assert_eq!(
                 Some(copy),
-                kv.get(&keys::view("Note", id)).unwrap().as_ref()
+                crate::store::paired::over(&kv)
+                    .get(&keys::view("Note", id))
+                    .unwrap()
+                    .as_ref()
             );
         }
         let mut batch = Batch::default();

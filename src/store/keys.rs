@@ -23,6 +23,9 @@
 //! - `f{seq u64 big-endian}`: changes of the change feed one batch made, from that number on
 //!   (`feed::FeedChange`s, up to `feed::PACK_BYTES` to a key).
 //! - `v{collection}\0{id}`: a record's view (`views`), written and removed with its document.
+//!   The engine holds a record's document and view as one value under the document's key, and
+//!   a long document apart under `D\0{collection}\0{id}` (`paired`): the keys here are the
+//!   store's view of them.
 //! - `i{collection}\0{index}\0{values, order-preserving}{id}` → empty: a secondary index entry of
 //!   a live record (`index`), written and removed with its view; `mindex\0{collection}\0{index}`:
 //!   how far the index's build got.
@@ -114,7 +117,7 @@ impl Kind {
             return Kind::Other;
         };
         match first {
-            b'd' => Kind::Documents,
+            b'd' | b'D' => Kind::Documents,
             b'v' => Kind::Views,
             b'i' => Kind::IndexEntries,
             b'q' => Kind::QueueEntries,

@@ -90,10 +90,13 @@ pub struct Lost {
     pub found: u64,
 }
 
+/// A write of a batch: a key and its new value (`None`: removed).
+pub type Op = (Vec<u8>, Option<Vec<u8>>);
+
 /// An atomic set of writes: all of them land, or none.
 #[derive(Debug, Default)]
 pub struct Batch {
-    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ops: Vec<Op>,
     journal: Vec<Vec<u8>>,
     /// Where in `ops` the put later parts are appended to (`extend_growing`) is.
     growing: Option<usize>,
@@ -140,6 +143,12 @@ impl Batch {
     /// The batch's puts (with their values) and removals, in order.
     pub fn ops(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
         self.ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))
+    }
+
+    /// The batch's puts and removals, in order, and the records it journals: for a layer that
+    /// stores keys under other keys (`store::paired`) to build the batch it applies.
+    pub(super) fn into_parts(self) -> (Vec<Op>, Vec<Vec<u8>>) {
+        (self.ops, self.journal)
     }
 
     /// The value this batch will leave at `key`, if it writes one: its last put, unless a later

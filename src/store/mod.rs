@@ -28,6 +28,7 @@ mod import;
 mod index;
 pub mod keys;
 pub mod kv;
+mod paired;
 pub mod partial;
 pub mod query;
 mod set_aside;
@@ -446,6 +447,7 @@ impl Store {
                 return Err(StoreError::UnsupportedFormat(found.unwrap_or_default()));
             }
         }
+        let kv: Box<dyn Kv> = Box::new(paired::Paired::open(kv)?);
         sync::ensure_pending_index(kv.as_ref())?;
         move_long_changes(kv.as_ref())?;
         let (found, after_journaled) = health::check_at_open(kv.as_ref(), clock.now_ms())?;

@@ -532,7 +532,7 @@ mod tests {
     use super::*;
     use crate::clock::SystemClock;
     use crate::store::kv::{Kv, MemoryKv};
-    use crate::store::{StoreOptions, Write};
+    use crate::store::{StoreOptions, Write, paired};
     use std::sync::Arc;
 
     const DEVICE: &str = "000102030405060708090a0b0c0d0e0f";
@@ -556,7 +556,7 @@ mod tests {
     }
 
     fn policy_of_view(kv: &MemoryKv, id: &str) -> Option<u32> {
-        let bytes = kv.get(&keys::view("Note", id)).unwrap()?;
+        let bytes = paired::over(kv).get(&keys::view("Note", id)).unwrap()?;
         Some(decode(&bytes).unwrap().policy)
     }
 
@@ -578,7 +578,7 @@ mod tests {
             batch.remove(keys::view("Note", id));
         }
         batch.remove(keys::META_VIEWS.to_vec());
-        kv.apply(batch).unwrap();
+        paired::over(&kv).apply(batch).unwrap();
 
         let store = open(&kv, resolve::Strategy::Merge);
         let merge = fingerprint(&Policy::of(resolve::Strategy::Merge));
@@ -629,13 +629,19 @@ mod tests {
         let store = open(&kv, resolve::Strategy::Merge);
         put(&store, "a");
         put(&store, "b");
-        let a_doc = kv.get(&keys::doc("Note", "a")).unwrap().unwrap();
+        let a_doc = paired::over(&kv)
+            .get(&keys::doc("Note", "a"))
+            .unwrap()
+            .unwrap();
         let mut batch = Batch::default();
         batch.put(keys::doc("Note", "c"), a_doc);
         batch.remove(keys::doc("Note", "b"));
         store.settle_views(&mut batch).unwrap();
         store.kv.apply(batch).unwrap();
-        assert_eq!(kv.get(&keys::view("Note", "b")).unwrap(), None);
+        assert_eq!(
+            paired::over(&kv).get(&keys::view("Note", "b")).unwrap(),
+            None
+        );
         assert_eq!(
             store.get("Note", "c").unwrap().fields.get("n").unwrap(),
             serde_json::json!("a")
