@@ -92,7 +92,10 @@ pub fn record_of(prefix: &[u8], key: &[u8]) -> Option<(String, String)> {
 /// reports of `health`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// A record's document, as the store names it; on the engine, its document and view.
     Documents,
+    /// A document kept apart from its record's view (`paired`).
+    LongDocuments,
     Views,
     IndexEntries,
     QueueEntries,
@@ -117,7 +120,8 @@ impl Kind {
             return Kind::Other;
         };
         match first {
-            b'd' | b'D' => Kind::Documents,
+            b'd' => Kind::Documents,
+            b'D' => Kind::LongDocuments,
             b'v' => Kind::Views,
             b'i' => Kind::IndexEntries,
             b'q' => Kind::QueueEntries,
@@ -137,10 +141,12 @@ impl Kind {
         }
     }
 
-    /// The keys of this kind, as `ferry space` counts them.
+    /// The keys of this kind, as `ferry space` counts them (on the engine: a record's document
+    /// and view are one key, `records`, and views have none of their own).
     pub fn name(self) -> &'static str {
         match self {
-            Kind::Documents => "documents",
+            Kind::Documents => "records",
+            Kind::LongDocuments => "long_documents",
             Kind::Views => "views",
             Kind::IndexEntries => "index_entries",
             Kind::QueueEntries => "queue_entries",
@@ -163,7 +169,7 @@ impl Kind {
     /// One key of this kind, as a damage report names it.
     pub fn one(self) -> &'static str {
         match self {
-            Kind::Documents => "document",
+            Kind::Documents | Kind::LongDocuments => "document",
             Kind::Views => "record view",
             Kind::IndexEntries => "index entry",
             Kind::QueueEntries => "queue entry",
@@ -432,7 +438,8 @@ mod tests {
         );
         assert_eq!(record_of(SET_ASIDE, &doc("C", "x")), None);
         for (key, named) in [
-            (doc("C", "x"), "documents"),
+            (doc("C", "x"), "records"),
+            (b"D\0C\0x".to_vec(), "long_documents"),
             (view("C", "x"), "views"),
             (entry.clone(), "index_entries"),
             (queue(1), "queue_entries"),

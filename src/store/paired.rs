@@ -15,13 +15,14 @@
 //!
 //! Invariants: a pair always holds a document (views are removed with their documents; a view
 //! left without one is dropped); a batch reads the pairs it changes only in part under the same
-//! lock that applies it, so that a batch writing a view keeps the document another wrote.
+//! lock that applies it, so that a batch writing a view keeps the document another wrote; a
+//! batch writing whole records reads nothing (which documents are apart is kept in memory).
 //!
 //! Must not touch: what documents and views hold (bytes here), or any other key's layout.
 
 use super::keys;
 use super::kv::{Batch, JournalKeep, Kv, KvError, Lost, Pair};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
 /// Documents longer than this are kept apart from their views.
@@ -192,8 +193,10 @@ struct Written {
 /// The store's keyspace over an engine that holds each record as a pair (see the module doc).
 pub struct Paired {
     inner: Box<dyn Kv>,
-    /// Held while a batch reads the pairs it changes in part and is applied.
-    applying: Mutex<()>,
+    /// The records whose document is kept apart, so that a batch writing a whole record needs
+    /// no read to know whether to remove one; `None` when not known (after a batch failed),
+    /// and such batches read the pair. Held while a batch is staged and applied.
+    apart: Mutex<Option<HashSet<Vec<u8>>>>,
 }
 
 impl Paired {
@@ -212,9 +215,10 @@ impl Paired {
                 tracing::info!(records = converted, "records converted to pairs");
             }
         }
+        let apart = apart_records(inner.as_ref())?;
         Ok(Paired {
             inner,
-            applying: Mutex::new(()),
+            apart: Mutex::new(Some(apart)),
         })
     }
 
@@ -277,57 +281,92 @@ impl Paired {
         }
     }
 
-    /// What a batch leaves in the record's pair, and the writes that do it.
-    fn stage(&self, record: &[u8], written: Written, out: &mut Batch) -> Result<(), KvError> {
+    /// What a batch leaves in the record's pair, and the writes that do it; `apart` follows.
+    fn stage(
+        &self,
+        record: &[u8],
+        written: Written,
+        apart: &mut Option<HashSet<Vec<u8>>>,
+        out: &mut Batch,
+    ) -> Result<(), KvError> {
         let pair = pair_key(record);
-        let apart = apart_key(record);
-        let new_apart = matches!(&written.document, Some(Some(d)) if d.len() > APART_BYTES);
-        let removed = matches!(written.document, Some(None));
-        // Whether the pair as stored is needed: for a part the batch leaves, or to know
-        // whether a document kept apart is to be removed.
-        let stored = if removed || (new_apart && written.view.is_some()) {
-            None
-        } else {
+        let apart_doc = apart_key(record);
+        // The pair as stored is read for a part the batch leaves, or, when which documents are
+        // apart is not known, to know whether one is to be removed.
+        let read = match &written.document {
+            Some(None) => false,
+            Some(Some(_)) => written.view.is_none() || apart.is_none(),
+            None => true,
+        };
+        let stored = if read {
             match self.inner.get(&pair) {
                 Ok(stored) => stored,
-                // A damaged pair is overwritten only by a batch that writes all of it.
+                // A damaged pair is overwritten only by a batch that writes its document.
                 Err(KvError::Damaged(_)) if written.document.is_some() => None,
                 Err(e) => return Err(as_key(e, &view_key(record))),
             }
+        } else {
+            None
         };
         let stored = match &stored {
             Some(bytes) => Some(parse(bytes).ok_or_else(|| KvError::Damaged(pair.clone()))?),
             None => None,
         };
-        let was_apart = stored.as_ref().is_none_or(|s| s.document.is_none());
+        let was_apart = match apart.as_ref() {
+            Some(known) => known.contains(record),
+            None => !read || stored.as_ref().is_none_or(|s| s.document.is_none()),
+        };
         let view = match written.view {
             Some(view) => view,
             None => stored.as_ref().and_then(|s| s.view).map(<[u8]>::to_vec),
         };
-        match written.document {
+        let now_apart = match written.document {
             Some(None) => {
                 out.remove(pair);
-                out.remove(apart);
+                false
             }
-            Some(Some(document)) if new_apart => {
+            Some(Some(document)) if document.len() > APART_BYTES => {
                 out.put(pair, encode(None, view.as_deref()));
-                out.put(apart, document);
+                out.put(apart_doc.clone(), document);
+                true
             }
             Some(Some(document)) => {
                 out.put(pair, encode(Some(&document), view.as_deref()));
-                if was_apart {
-                    out.remove(apart);
-                }
+                false
             }
             // No document: a view alone is not kept.
-            None => {
-                if let Some(Parsed { document, .. }) = stored {
+            None => match stored {
+                Some(Parsed { document, .. }) => {
                     out.put(pair, encode(document, view.as_deref()));
+                    was_apart
                 }
+                None => return Ok(()),
+            },
+        };
+        if was_apart && !now_apart {
+            out.remove(apart_doc);
+        }
+        if let Some(known) = apart.as_mut() {
+            if now_apart {
+                known.insert(record.to_vec());
+            } else {
+                known.remove(record);
             }
         }
         Ok(())
     }
+}
+
+/// The records whose document is kept apart, read from the keys alone.
+fn apart_records(kv: &dyn Kv) -> Result<HashSet<Vec<u8>>, KvError> {
+    let mut records = HashSet::new();
+    let start = apart_key(b"");
+    let mut end = keys::prefix_end(&start);
+    while let Some(key) = kv.last_key(&start, &end)? {
+        records.insert(key.get(start.len()..).unwrap_or_default().to_vec());
+        end = key;
+    }
+    Ok(records)
 }
 
 /// `e`, naming `key` when it names a damaged value.
@@ -509,7 +548,7 @@ impl Kv for Paired {
     }
 
     fn apply(&self, batch: Batch) -> Result<(), KvError> {
-        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let mut apart = self.apart.lock().unwrap_or_else(|p| p.into_inner());
         let (ops, journal) = batch.into_parts();
         let mut out = Batch::default();
         let mut records: BTreeMap<Vec<u8>, Written> = BTreeMap::new();
@@ -529,12 +568,20 @@ impl Kv for Paired {
             }
         }
         for (record, written) in records {
-            self.stage(&record, written, &mut out)?;
+            if let Err(e) = self.stage(&record, written, &mut apart, &mut out) {
+                *apart = None;
+                return Err(e);
+            }
         }
         for record in journal {
             out.journal(record);
         }
-        self.inner.apply(out)
+        let applied = self.inner.apply(out);
+        if applied.is_err() {
+            // What the engine holds is not known now: pairs are read until the next open.
+            *apart = None;
+        }
+        applied
     }
 
     fn flush(&self) -> Result<(), KvError> {
@@ -678,11 +725,16 @@ mod tests {
         fn reads_what_a_plain_keyspace_would(
             batches in prop::collection::vec(prop::collection::vec(op(), 1..8), 1..12),
             limits in prop::collection::vec(1usize..6, 4),
+            forget_apart in prop::collection::vec(any::<bool>(), 12),
         ) {
             let raw = MemoryKv::new();
             let paired = Paired::open(Box::new(raw.clone())).unwrap();
             let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-            for ops in &batches {
+            for (ops, forget) in batches.iter().zip(forget_apart) {
+                if forget {
+                    // As after a failed batch: pairs are read to know.
+                    *paired.apart.lock().unwrap() = None;
+                }
                 apply(&paired, ops).unwrap();
                 for (key, value) in ops {
                     match value {
