@@ -28,7 +28,7 @@ mod import;
 mod index;
 pub mod keys;
 pub mod kv;
-mod paired;
+pub mod paired;
 pub mod partial;
 pub mod query;
 mod set_aside;
