@@ -251,21 +251,24 @@ impl Paired {
     }
 
     /// Hands `each` the view key and view of every pair with a view whose view key lies in
-    /// `start..end` (inside the `v` region), until it returns false.
+    /// `start..end` (inside the `v` region), until it returns false, reading pairs `page` at a
+    /// time (nearly every pair holds a view: a caller that wants n asks for pages of n).
     fn views(
         &self,
         start: &[u8],
         end: &[u8],
+        page: usize,
         each: &mut dyn FnMut(Vec<u8>, &[u8]) -> bool,
     ) -> Result<(), KvError> {
+        let page = page.clamp(1, PAGE);
         let mut from = pair_key(start.get(1..).unwrap_or_default());
         let to = match end.first() {
             Some(b'v') => pair_key(end.get(1..).unwrap_or_default()),
             _ => keys::prefix_end(keys::DOC_ALL),
         };
         loop {
-            let page = self.inner.range(&from, &to, PAGE).map_err(as_view_error)?;
-            for (key, stored) in &page {
+            let pairs = self.inner.range(&from, &to, page).map_err(as_view_error)?;
+            for (key, stored) in &pairs {
                 let record = record_of(key).ok_or_else(|| KvError::Damaged(key.clone()))?;
                 let parsed = parse(stored).ok_or_else(|| KvError::Damaged(view_key(record)))?;
                 if let Some(view) = parsed.view
@@ -274,8 +277,8 @@ impl Paired {
                     return Ok(());
                 }
             }
-            match page.last() {
-                Some((last, _)) if page.len() == PAGE => from = keys::after(last),
+            match pairs.last() {
+                Some((last, _)) if pairs.len() == page => from = keys::after(last),
                 _ => return Ok(()),
             }
         }
@@ -497,7 +500,7 @@ impl Kv for Paired {
                 None => out.extend(self.inner.range(&from, &to, wanted)?),
                 Some(Region::Apart) => {}
                 Some(Region::Documents) => self.documents(&from, &to, wanted, &mut out)?,
-                Some(Region::Views) => self.views(&from, &to, &mut |key, view| {
+                Some(Region::Views) => self.views(&from, &to, wanted, &mut |key, view| {
                     out.push((key, view.to_vec()));
                     out.len() < limit
                 })?,
@@ -513,7 +516,7 @@ impl Kv for Paired {
                 Some(Region::Apart) => None,
                 Some(Region::Views) => {
                     let mut last = None;
-                    self.views(&from, &to, &mut |key, _| {
+                    self.views(&from, &to, PAGE, &mut |key, _| {
                         last = Some(key);
                         true
                     })?;
@@ -536,7 +539,7 @@ impl Kv for Paired {
                 Some(Region::Apart) => 0,
                 Some(Region::Views) => {
                     let mut views = 0;
-                    self.views(&from, &to, &mut |_, _| {
+                    self.views(&from, &to, PAGE, &mut |_, _| {
                         views += 1;
                         true
                     })?;
