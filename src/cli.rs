@@ -221,7 +221,7 @@ enum Command {
         repair: bool,
     },
     /// Where the store's bytes go: the directory on disk, the journal, and the live bytes of
-    /// each kind of key (documents, views, indexes, queue, log, ...), for a device's store and a
+    /// each kind of key (records, indexes, queue, log, ...), for a device's store and a
     /// relay's (sled). Opens the store itself: stop the daemon or relay first
     Space {
         /// First rewrite each store compactly (the daemon does so by itself once its store
