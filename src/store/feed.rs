@@ -10,7 +10,9 @@
 //! the bytes of a change. Numbers are given under the store's cache lock, which every batch that stages a
 //! change holds until it lands, so one key's changes are numbered in a run that no other
 //! key's numbers interleave. A key written before changes were kept together holds one change
-//! encoded the same way, so it reads as a key of one.
+//! encoded the same way, so it reads as a key of one. Keys written now start with
+//! `PACKED_TAG` and hold heads and device ids as bytes (`Packed`), where older keys hold them
+//! as hex text (`FeedChange` itself); both read the same.
 //!
 //! Owns: the `f` keys and their numbering, reading them in order, and pruning the oldest.
 //! Must not touch: what a change does to a record (the write and apply paths stage an entry
@@ -57,18 +59,96 @@ pub struct FeedBounds {
 /// 4 KiB in chunks, each a key of its own; sled's nodes fill with few keys).
 pub(super) const PACK_BYTES: usize = 2048;
 
+/// The first byte of a key's changes encoded as `Packed`. Older keys start with their first
+/// change's number (postcard's varint of a number from 1 on), never with it.
+const PACKED_TAG: u8 = 0;
+
+/// Hex text as bytes (half the size), or as it is when it does not read back the same.
+#[derive(Serialize, Deserialize)]
+enum Hex {
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+    Text(String),
+}
+
+impl Hex {
+    fn of(text: &str) -> Hex {
+        match crate::hex::decode(text) {
+            Some(bytes) if crate::hex::encode(&bytes) == text => Hex::Bytes(bytes),
+            _ => Hex::Text(text.to_owned()),
+        }
+    }
+
+    fn into_text(self) -> String {
+        match self {
+            Hex::Bytes(bytes) => crate::hex::encode(&bytes),
+            Hex::Text(text) => text,
+        }
+    }
+}
+
+/// A change as a key holds it: `FeedChange` with its heads and device as bytes.
+#[derive(Serialize, Deserialize)]
+struct Packed {
+    seq: u64,
+    collection: String,
+    id: String,
+    operation: Operation,
+    heads: Vec<Hex>,
+    device: Hex,
+    origin: Origin,
+}
+
+impl Packed {
+    fn of(change: FeedChange) -> Packed {
+        Packed {
+            seq: change.seq,
+            collection: change.collection,
+            id: change.id,
+            operation: change.operation,
+            heads: change.heads.iter().map(|h| Hex::of(h)).collect(),
+            device: Hex::of(&change.device),
+            origin: change.origin,
+        }
+    }
+
+    fn into_change(self) -> FeedChange {
+        FeedChange {
+            seq: self.seq,
+            collection: self.collection,
+            id: self.id,
+            operation: self.operation,
+            heads: self.heads.into_iter().map(Hex::into_text).collect(),
+            device: self.device.into_text(),
+            origin: self.origin,
+        }
+    }
+}
+
 /// The changes one `f` key holds, in order.
-fn unpack(value: &[u8]) -> Result<Vec<FeedChange>, StoreError> {
+pub(crate) fn unpack(value: &[u8]) -> Result<Vec<FeedChange>, StoreError> {
     let mut changes = Vec::new();
-    let mut rest = value;
-    while !rest.is_empty() {
-        let (change, after) =
-            postcard::take_from_bytes::<FeedChange>(rest).map_err(|e| StoreError::Decode {
-                what: "feed entry",
-                detail: e.to_string(),
-            })?;
-        changes.push(change);
-        rest = after;
+    let undecodable = |e: postcard::Error| StoreError::Decode {
+        what: "feed entry",
+        detail: e.to_string(),
+    };
+    match value.split_first() {
+        Some((&PACKED_TAG, mut rest)) => {
+            while !rest.is_empty() {
+                let (packed, after) =
+                    postcard::take_from_bytes::<Packed>(rest).map_err(undecodable)?;
+                changes.push(packed.into_change());
+                rest = after;
+            }
+        }
+        _ => {
+            let mut rest = value;
+            while !rest.is_empty() {
+                let (change, after) =
+                    postcard::take_from_bytes::<FeedChange>(rest).map_err(undecodable)?;
+                changes.push(change);
+                rest = after;
+            }
+        }
     }
     Ok(changes)
 }
@@ -82,9 +162,9 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let seq = self.next_feed_seq.fetch_add(1, Ordering::Relaxed);
         change.seq = seq;
-        let part = super::encode(&change, "feed entry")?;
+        let part = super::encode(&Packed::of(change), "feed entry")?;
         if !batch.extend_growing(&part, PACK_BYTES) {
-            batch.put_growing(keys::feed(seq), part);
+            batch.put_growing(keys::feed(seq), [&[PACKED_TAG], part.as_slice()].concat());
         }
         Ok(seq)
     }
@@ -366,5 +446,45 @@ mod tests {
         assert_eq!(changes[2].id, "n1");
         assert_eq!(store.prune_feed(2, 1).unwrap(), 3);
         assert_eq!(feed_keys(&kv), 1);
+    }
+
+    /// A key holds heads and device ids as bytes, half their hex; text that is not lowercase
+    /// hex is kept as it is; every change reads back as it was staged.
+    #[test]
+    fn changes_are_kept_with_their_hex_as_bytes_and_read_back_the_same() {
+        let head = "00ff".repeat(16);
+        let change = |seq: u64, heads: Vec<String>, device: &str| FeedChange {
+            seq,
+            collection: "Note".into(),
+            id: format!("n{seq}"),
+            operation: ferry_proto::Operation::Update,
+            heads,
+            device: device.into(),
+            origin: Origin::Local,
+        };
+        let changes = [
+            change(1, vec![head.clone(), head.to_uppercase()], DEVICE),
+            change(2, vec![], "not hex"),
+            change(3, vec!["abc".into()], "ABCD"),
+        ];
+        let mut value = vec![PACKED_TAG];
+        for c in &changes {
+            value.extend(crate::store::encode(&Packed::of(c.clone()), "feed entry").unwrap());
+        }
+        assert_eq!(unpack(&value).unwrap(), changes);
+        let hex_only = change(1, vec![head.clone()], DEVICE);
+        let as_text = crate::store::encode(&hex_only, "feed entry").unwrap();
+        let as_bytes = crate::store::encode(&Packed::of(hex_only), "feed entry").unwrap();
+        assert_eq!(as_text.len() - as_bytes.len(), 32 + 16 - 2);
+
+        // Written through the store, heads read back as the record's.
+        let kv = MemoryKv::default();
+        let store = open(&kv);
+        let written = store.write(put(7)).unwrap();
+        store.flush().unwrap();
+        let read = store.feed_after(0, 10).unwrap();
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].heads, written.heads);
+        assert_eq!(read[0].device, DEVICE);
     }
 }

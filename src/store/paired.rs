@@ -111,12 +111,13 @@ fn view_key(record: &[u8]) -> Vec<u8> {
 }
 
 /// A pair as stored, borrowed: its document (`None`: apart) and view.
-struct Parsed<'a> {
-    document: Option<&'a [u8]>,
-    view: Option<&'a [u8]>,
+pub(crate) struct Parsed<'a> {
+    pub document: Option<&'a [u8]>,
+    pub view: Option<&'a [u8]>,
 }
 
-fn parse(bytes: &[u8]) -> Option<Parsed<'_>> {
+/// The pair `bytes` hold; `None` when they are not one.
+pub(crate) fn parse(bytes: &[u8]) -> Option<Parsed<'_>> {
     let (&tag, rest) = bytes.split_first()?;
     let (&flags, mut rest) = rest.split_first()?;
     if tag != PAIR_TAG || flags & !(FLAG_APART | FLAG_VIEW) != 0 {
