@@ -19,7 +19,7 @@
 //!
 //! Must not touch: the network or sessions; the daemon decides when to repair.
 
-use super::kv::{Batch, JournalKeep, Kv, KvError, Lost, Pair, printable};
+use super::kv::{Batch, Kv, KvError, Pair, forward_to_inner, printable};
 use super::{Store, StoreError, decode, encode, keys, stage_entry};
 use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
 use serde::{Deserialize, Serialize};
@@ -237,20 +237,8 @@ impl Kv for Watched {
     fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {
         self.note(self.inner.range(start, end, limit))
     }
-    fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.inner.last_key(start, end)
-    }
-    fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError> {
-        self.inner.count(start, end)
-    }
     fn apply(&self, batch: Batch) -> Result<(), KvError> {
         self.note(self.inner.apply(batch))
-    }
-    fn flush(&self) -> Result<(), KvError> {
-        self.inner.flush()
-    }
-    fn size_on_disk(&self) -> Result<u64, KvError> {
-        self.inner.size_on_disk()
     }
     fn live_bytes(&self) -> Result<u64, KvError> {
         self.note(self.inner.live_bytes())
@@ -258,30 +246,22 @@ impl Kv for Watched {
     fn key_sizes(&self, each: &mut dyn FnMut(&[u8], u64)) -> Result<(), KvError> {
         self.note(self.inner.key_sizes(each))
     }
-    fn disk_full_since(&self) -> Option<u64> {
-        self.inner.disk_full_since()
-    }
-    fn reopen(&self) -> Result<bool, KvError> {
-        self.inner.reopen()
-    }
-    fn resume_writes(&self) -> Result<(), KvError> {
-        self.inner.resume_writes()
-    }
     fn compact(&self) -> Result<(), KvError> {
         self.note(self.inner.compact())
     }
-    fn lost(&self) -> Option<Lost> {
-        self.inner.lost()
-    }
-    fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError> {
-        self.inner.journal(each)
-    }
-    fn journal_bytes(&self) -> u64 {
-        self.inner.journal_bytes()
-    }
-    fn rewrite_journal(&self, keep: JournalKeep<'_>) -> Result<(), KvError> {
-        self.inner.rewrite_journal(keep)
-    }
+    forward_to_inner!(
+        last_key,
+        count,
+        flush,
+        size_on_disk,
+        disk_full_since,
+        reopen,
+        resume_writes,
+        lost,
+        journal,
+        journal_bytes,
+        rewrite_journal,
+    );
 }
 
 /// Journaled changes decoded and handed on at a time: what reading the journal holds in memory

@@ -283,6 +283,98 @@ pub trait Kv: Send + Sync {
     fn rewrite_journal(&self, keep: JournalKeep<'_>) -> Result<(), KvError>;
 }
 
+/// Inside `impl Kv for` a layer over another engine (a field `inner`), the methods named, each
+/// passed to `inner` as it is: a layer writes out only what it changes.
+macro_rules! forward_to_inner {
+    ($($method:ident),* $(,)?) => { $($crate::store::kv::forward_to_inner!(@ $method);)* };
+    (@ get) => {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, $crate::store::kv::KvError> {
+            self.inner.get(key)
+        }
+    };
+    (@ range) => {
+        fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<$crate::store::kv::Pair>, $crate::store::kv::KvError> {
+            self.inner.range(start, end, limit)
+        }
+    };
+    (@ last_key) => {
+        fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, $crate::store::kv::KvError> {
+            self.inner.last_key(start, end)
+        }
+    };
+    (@ count) => {
+        fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, $crate::store::kv::KvError> {
+            self.inner.count(start, end)
+        }
+    };
+    (@ apply) => {
+        fn apply(&self, batch: $crate::store::kv::Batch) -> Result<(), $crate::store::kv::KvError> {
+            self.inner.apply(batch)
+        }
+    };
+    (@ flush) => {
+        fn flush(&self) -> Result<(), $crate::store::kv::KvError> {
+            self.inner.flush()
+        }
+    };
+    (@ size_on_disk) => {
+        fn size_on_disk(&self) -> Result<u64, $crate::store::kv::KvError> {
+            self.inner.size_on_disk()
+        }
+    };
+    (@ live_bytes) => {
+        fn live_bytes(&self) -> Result<u64, $crate::store::kv::KvError> {
+            self.inner.live_bytes()
+        }
+    };
+    (@ key_sizes) => {
+        fn key_sizes(&self, each: &mut dyn FnMut(&[u8], u64)) -> Result<(), $crate::store::kv::KvError> {
+            self.inner.key_sizes(each)
+        }
+    };
+    (@ disk_full_since) => {
+        fn disk_full_since(&self) -> Option<u64> {
+            self.inner.disk_full_since()
+        }
+    };
+    (@ reopen) => {
+        fn reopen(&self) -> Result<bool, $crate::store::kv::KvError> {
+            self.inner.reopen()
+        }
+    };
+    (@ resume_writes) => {
+        fn resume_writes(&self) -> Result<(), $crate::store::kv::KvError> {
+            self.inner.resume_writes()
+        }
+    };
+    (@ compact) => {
+        fn compact(&self) -> Result<(), $crate::store::kv::KvError> {
+            self.inner.compact()
+        }
+    };
+    (@ lost) => {
+        fn lost(&self) -> Option<$crate::store::kv::Lost> {
+            self.inner.lost()
+        }
+    };
+    (@ journal) => {
+        fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, $crate::store::kv::KvError> {
+            self.inner.journal(each)
+        }
+    };
+    (@ journal_bytes) => {
+        fn journal_bytes(&self) -> u64 {
+            self.inner.journal_bytes()
+        }
+    };
+    (@ rewrite_journal) => {
+        fn rewrite_journal(&self, keep: $crate::store::kv::JournalKeep<'_>) -> Result<(), $crate::store::kv::KvError> {
+            self.inner.rewrite_journal(keep)
+        }
+    };
+}
+pub(crate) use forward_to_inner;
+
 /// What `Kv::rewrite_journal` keeps: it calls the function it is given with each record.
 pub type JournalKeep<'a> = &'a mut dyn FnMut(&mut dyn FnMut(&[u8])) -> Result<(), KvError>;
 

@@ -2076,29 +2076,8 @@ mod tests {
     }
 
     impl Kv for Sized {
-        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-            self.inner.get(key)
-        }
-        fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<kv::Pair>, KvError> {
-            self.inner.range(start, end, limit)
-        }
-        fn last_key(&self, start: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-            self.inner.last_key(start, end)
-        }
-        fn count(&self, start: &[u8], end: &[u8]) -> Result<u64, KvError> {
-            self.inner.count(start, end)
-        }
-        fn apply(&self, batch: Batch) -> Result<(), KvError> {
-            self.inner.apply(batch)
-        }
-        fn flush(&self) -> Result<(), KvError> {
-            self.inner.flush()
-        }
         fn size_on_disk(&self) -> Result<u64, KvError> {
             Ok(self.size.load(Ordering::SeqCst))
-        }
-        fn key_sizes(&self, each: &mut dyn FnMut(&[u8], u64)) -> Result<(), KvError> {
-            self.inner.key_sizes(each)
         }
         fn live_bytes(&self) -> Result<u64, KvError> {
             match self.live.load(Ordering::SeqCst) {
@@ -2112,15 +2091,18 @@ mod tests {
             self.size.store(after, Ordering::SeqCst);
             self.inner.flush()
         }
-        fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError> {
-            self.inner.journal(each)
-        }
-        fn journal_bytes(&self) -> u64 {
-            self.inner.journal_bytes()
-        }
-        fn rewrite_journal(&self, keep: kv::JournalKeep<'_>) -> Result<(), KvError> {
-            self.inner.rewrite_journal(keep)
-        }
+        kv::forward_to_inner!(
+            get,
+            range,
+            last_key,
+            count,
+            apply,
+            flush,
+            key_sizes,
+            journal,
+            journal_bytes,
+            rewrite_journal,
+        );
     }
 
     /// A compaction that leaves the store over its bound is tried again only once the store

@@ -21,7 +21,7 @@
 //! Must not touch: what documents and views hold (bytes here), or any other key's layout.
 
 use super::keys;
-use super::kv::{Batch, JournalKeep, Kv, KvError, Lost, Pair};
+use super::kv::{Batch, Kv, KvError, Pair, forward_to_inner};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
@@ -588,43 +588,21 @@ impl Kv for Paired {
         applied
     }
 
-    fn flush(&self) -> Result<(), KvError> {
-        self.inner.flush()
-    }
-    fn size_on_disk(&self) -> Result<u64, KvError> {
-        self.inner.size_on_disk()
-    }
-    fn live_bytes(&self) -> Result<u64, KvError> {
-        self.inner.live_bytes()
-    }
-    /// The keys as the engine holds them: a pair counts once, as a document.
-    fn key_sizes(&self, each: &mut dyn FnMut(&[u8], u64)) -> Result<(), KvError> {
-        self.inner.key_sizes(each)
-    }
-    fn disk_full_since(&self) -> Option<u64> {
-        self.inner.disk_full_since()
-    }
-    fn reopen(&self) -> Result<bool, KvError> {
-        self.inner.reopen()
-    }
-    fn resume_writes(&self) -> Result<(), KvError> {
-        self.inner.resume_writes()
-    }
-    fn compact(&self) -> Result<(), KvError> {
-        self.inner.compact()
-    }
-    fn lost(&self) -> Option<Lost> {
-        self.inner.lost()
-    }
-    fn journal(&self, each: &mut dyn FnMut(&[u8])) -> Result<bool, KvError> {
-        self.inner.journal(each)
-    }
-    fn journal_bytes(&self) -> u64 {
-        self.inner.journal_bytes()
-    }
-    fn rewrite_journal(&self, keep: JournalKeep<'_>) -> Result<(), KvError> {
-        self.inner.rewrite_journal(keep)
-    }
+    // The keys as the engine holds them: a pair counts once, as a document.
+    forward_to_inner!(
+        flush,
+        size_on_disk,
+        live_bytes,
+        key_sizes,
+        disk_full_since,
+        reopen,
+        resume_writes,
+        compact,
+        lost,
+        journal,
+        journal_bytes,
+        rewrite_journal,
+    );
 }
 
 /// The store's keys over `kv` as a test sees them, for tests that write or read them directly.
