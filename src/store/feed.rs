@@ -72,8 +72,9 @@ enum Hex {
 
 impl Hex {
     fn of(text: &str) -> Hex {
+        // Lowercase hex is what `encode` gives back; anything else is kept as written.
         match crate::hex::decode(text) {
-            Some(bytes) if crate::hex::encode(&bytes) == text => Hex::Bytes(bytes),
+            Some(bytes) if !text.bytes().any(|b| b.is_ascii_uppercase()) => Hex::Bytes(bytes),
             _ => Hex::Text(text.to_owned()),
         }
     }

@@ -294,7 +294,6 @@ impl Paired {
         out: &mut Batch,
     ) -> Result<(), KvError> {
         let pair = pair_key(record);
-        let apart_doc = apart_key(record);
         // The pair as stored is read for a part the batch leaves, or, when which documents are
         // apart is not known, to know whether one is to be removed.
         let read = match &written.document {
@@ -329,15 +328,7 @@ impl Paired {
                 out.remove(pair);
                 false
             }
-            Some(Some(document)) if document.len() > APART_BYTES => {
-                out.put(pair, encode(None, view.as_deref()));
-                out.put(apart_doc.clone(), document);
-                true
-            }
-            Some(Some(document)) => {
-                out.put(pair, encode(Some(&document), view.as_deref()));
-                false
-            }
+            Some(Some(document)) => put_record(out, record, document, view.as_deref()),
             // No document: a view alone is not kept.
             None => match stored {
                 Some(Parsed { document, .. }) => {
@@ -348,7 +339,7 @@ impl Paired {
             },
         };
         if was_apart && !now_apart {
-            out.remove(apart_doc);
+            out.remove(apart_key(record));
         }
         if let Some(known) = apart.as_mut() {
             if now_apart {
@@ -358,6 +349,19 @@ impl Paired {
             }
         }
         Ok(())
+    }
+}
+
+/// Puts a record's pair holding `document` and `view`, its document apart when long; returns
+/// whether it is apart.
+fn put_record(out: &mut Batch, record: &[u8], document: Vec<u8>, view: Option<&[u8]>) -> bool {
+    if document.len() > APART_BYTES {
+        out.put(pair_key(record), encode(None, view));
+        out.put(apart_key(record), document);
+        true
+    } else {
+        out.put(pair_key(record), encode(Some(&document), view));
+        false
     }
 }
 
@@ -422,12 +426,7 @@ fn convert(kv: &dyn Kv) -> Result<u64, KvError> {
                 Err(KvError::Damaged(_)) => None,
                 Err(e) => return Err(e),
             };
-            if stored.len() > APART_BYTES {
-                batch.put(apart_key(record), stored.clone());
-                batch.put(key.clone(), encode(None, view.as_deref()));
-            } else {
-                batch.put(key.clone(), encode(Some(stored), view.as_deref()));
-            }
+            put_record(&mut batch, record, stored.clone(), view.as_deref());
             batch.remove(view_key(record));
             converted += 1;
         }
