@@ -23,6 +23,8 @@ use std::sync::Arc;
 
 use crate::crypt::SEALED_KEY;
 
+pub mod first_change;
+
 /// Root key whose value `true` marks a deleted record. A delete is a change like any other, so a
 /// concurrent update elsewhere meets it and the conflict can be seen.
 pub const DELETED_KEY: &str = "$deleted";

@@ -40,6 +40,7 @@ pub use sync::{BatchLimits, LastKnownSync, RefusedEntry, RetryPolicy, UploadBatc
 
 use crate::clock::Clock;
 use crate::crypt::Keyring;
+use crate::record::first_change::{self, EncodedChange};
 use crate::record::{
     Fields, HistoryEntry, Record, RecordError, Removal, validate_fields, validate_shape,
 };
@@ -644,8 +645,7 @@ impl Store {
                 fresh
             }
             None => {
-                let candidates =
-                    self.fresh_candidates(&resolved, MIN_PARALLEL, |key| cache.contains(key))?;
+                let candidates = self.fresh_candidates(&resolved, 1, |key| cache.contains(key))?;
                 self.build_fresh(&candidates, now)?
             }
         };
@@ -796,20 +796,7 @@ impl Store {
         let build = |indices: &[(usize, &Resolved)]| -> Result<Vec<(usize, Staged)>, StoreError> {
             indices
                 .iter()
-                .map(|&(i, r)| {
-                    let mut record = self.new_record(&r.key.0);
-                    let policy = self.policy(&r.key.0);
-                    let staged = mutate(
-                        &mut record,
-                        &r.key,
-                        r.change.clone(),
-                        now,
-                        limits,
-                        policy,
-                        &self.options.keyring,
-                    )?;
-                    Ok((i, staged))
-                })
+                .map(|&(i, r)| Ok((i, self.build_new(r, now, limits)?)))
                 .collect()
         };
         // On the pool's threads, started once: a thread started for each batch cost as much as
@@ -833,6 +820,36 @@ impl Store {
             out.extend(part?);
         }
         Ok(out)
+    }
+
+    /// A put creating a record, staged: its first change encoded directly when its fields are
+    /// plain scalars (`record::first_change`: the same bytes, without an Automerge document),
+    /// else written by Automerge.
+    fn build_new(&self, r: &Resolved, now: u64, limits: &Limits) -> Result<Staged, StoreError> {
+        let policy = self.policy(&r.key.0);
+        if let Change::Put(fields) = &r.change
+            && policy.encrypted.is_empty()
+            && let Some(first) = first_change::encode(
+                &self.actor,
+                i64::try_from(now).unwrap_or(i64::MAX),
+                Operation::Create.as_str(),
+                fields,
+                &policy.text,
+            )
+        {
+            return Staged::of_first_change(first, fields, policy);
+        }
+        let mut record = self.new_record(&r.key.0);
+        let keyring = &self.options.keyring;
+        mutate(
+            &mut record,
+            &r.key,
+            r.change.clone(),
+            now,
+            limits,
+            policy,
+            keyring,
+        )
     }
 
     /// Adds a staged write's document and queue entry to the batch.
@@ -1703,6 +1720,7 @@ pub fn build_change(
 }
 
 /// A write applied to its document, not yet in a batch.
+#[derive(Debug, PartialEq)]
 struct Staged {
     /// Operation, the change's bytes, and the whole document saved; `None` if nothing changed.
     written: Option<(Operation, Vec<u8>, Vec<u8>)>,
@@ -1744,6 +1762,22 @@ impl Staged {
             heads: after.iter().map(ToString::to_string).collect(),
             before,
             after,
+        })
+    }
+
+    /// Stages a new record whose first change, setting `fields`, was encoded directly: the
+    /// change is its whole document.
+    fn of_first_change(
+        first: EncodedChange,
+        fields: &Fields,
+        policy: &resolve::Policy,
+    ) -> Result<Self, StoreError> {
+        Ok(Staged {
+            view: Some(views::of_new_record(fields, first.hash, policy)?),
+            written: Some((Operation::Create, first.bytes.clone(), first.bytes)),
+            heads: vec![first.hash.to_string()],
+            before: Vec::new(),
+            after: vec![first.hash],
         })
     }
 }
@@ -2459,6 +2493,73 @@ mod tests {
                 Some(serde_json::json!(n))
             );
             assert_eq!(store.history("Note", &id).unwrap().len(), 1);
+        }
+    }
+
+    mod encoded_first_change {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn scalar_or_nested() -> impl Strategy<Value = serde_json::Value> {
+            prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::Bool),
+                any::<i64>().prop_map(|i| serde_json::json!(i)),
+                any::<u64>().prop_map(|u| serde_json::json!(u)),
+                (-1e6f64..1e6).prop_map(|f| serde_json::json!(f)),
+                ".{0,12}".prop_map(serde_json::Value::String),
+                Just(serde_json::json!({"nested": [1, "two"]})),
+            ]
+        }
+
+        proptest! {
+            /// A new record staged from its directly encoded first change holds exactly what
+            /// Automerge's build of the same put holds (change, document, view, heads), under
+            /// every strategy; fields Automerge must build (text, nested) still build.
+            #[test]
+            fn equals_automerges_build_of_the_same_put(
+                entries in proptest::collection::vec(("[a-e]{1,3}", scalar_or_nested()), 0..12),
+                strategy in 0usize..3,
+                text in proptest::option::of("[a-e]{1,3}"),
+            ) {
+                let strategy = [
+                    resolve::Strategy::Merge,
+                    resolve::Strategy::Lww,
+                    resolve::Strategy::Manual,
+                ][strategy];
+                let mut policy = resolve::Policy::of(strategy);
+                policy.text = Arc::new(text.into_iter().collect());
+                let mut options = StoreOptions::default();
+                options.policies.collections.insert("Note".into(), policy.clone());
+                let store = Store::open(
+                    Box::new(MemoryKv::default()),
+                    DEVICE,
+                    options,
+                    Arc::new(SystemClock),
+                )
+                .unwrap();
+                let fields: Fields = entries.into_iter().collect();
+                let key = ("Note".to_owned(), "n1".to_owned());
+                let put = Resolved {
+                    key: key.clone(),
+                    change: Change::Put(fields.clone()),
+                    base: None,
+                };
+                let limits = &store.options.limits;
+                let built = store.build_new(&put, 1_765_000_000_000, limits).unwrap();
+                let mut record = store.new_record("Note");
+                let by_automerge = mutate(
+                    &mut record,
+                    &key,
+                    Change::Put(fields),
+                    1_765_000_000_000,
+                    limits,
+                    &policy,
+                    &store.options.keyring,
+                )
+                .unwrap();
+                prop_assert_eq!(built, by_automerge);
+            }
         }
     }
 }

@@ -129,6 +129,15 @@ pub(super) fn of_plain_first(
     encode(policy, !plain.deleted, &[hash], &plain.fields)
 }
 
+/// The view of a new live record whose document is the first change `hash`, which set `fields`.
+pub(super) fn of_new_record(
+    fields: &Fields,
+    hash: ChangeHash,
+    policy: &Policy,
+) -> Result<Vec<u8>, StoreError> {
+    encode(policy, true, &[hash], fields)
+}
+
 /// Borrows the fields' text from `bytes` rather than copying it.
 fn decode(bytes: &[u8]) -> Result<Stored<'_>, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Decode {
