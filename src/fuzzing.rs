@@ -2,8 +2,8 @@
 //! methods they call), stored record documents, stored queue and log entries, config files, sync
 //! protocol frames, the relay's stored state, access and refresh tokens, the HTTPS API's
 //! upload bodies, and changes from elsewhere applied to record documents (on a device and on the
-//! relay). `forge` and `mutate_change` bend valid changes the way a hostile device would, for
-//! the tests and the simulation.
+//! relay) or read by hand as a new record's first change. `forge` and `mutate_change` bend
+//! valid changes the way a hostile device would, for the tests and the simulation.
 //! The fuzz targets in `fuzz/` call these, and `tests/fuzz_regressions.rs` replays the checked-in
 //! seeds and past crashers through them, so a fixed crash stays fixed.
 //!
@@ -302,6 +302,18 @@ pub fn remote_change(data: &[u8]) {
             }
             Err(e) => panic!("Automerge decodes a change whose header is refused: {e}"),
         }
+    }
+    // A new record's first change read by hand (how a device keeps one without Automerge)
+    // says exactly what Automerge reads in it.
+    if let Some(by_hand) = crate::record::first_change::decode(change) {
+        let by_automerge = crate::record::decode_change(change)
+            .ok()
+            .and_then(|c| crate::record::first_change::FirstChange::of(&c));
+        assert_eq!(
+            Some(&by_hand),
+            by_automerge.as_ref(),
+            "a first change read by hand differs from what Automerge reads"
+        );
     }
 
     let kv = stored(format!("b{SPACE}\0Doc\0r\0").into_bytes());

@@ -16,7 +16,8 @@ use super::kv::{Batch, Kv};
 use super::{
     CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry, stage_landing,
 };
-use crate::record::{ChangeHeader, PlainFirst, Record, change_header, decode_change};
+use crate::record::first_change::{self, FirstChange};
+use crate::record::{ChangeHeader, Record, change_header, decode_change};
 use crate::resolve;
 use automerge::{Change, ChangeHash};
 use ferry_proto::session::OwnEntry;
@@ -941,6 +942,27 @@ impl Store {
                 [(entry, _)] => Some(*entry),
                 _ => None,
             };
+            // The record is new here and its one change is its document as it is: kept
+            // without building, applying and saving an Automerge document for it; read by
+            // hand when it is laid out as Ferry writes a new record, else decoded.
+            let mut keep_created = |entry: &LogEntry, first: &FirstChange| {
+                let Some((created, view)) = self.created_as_is(&key, first, &ledger, &cache)?
+                else {
+                    return Ok::<_, StoreError>(false);
+                };
+                batch.put(keys::doc(&key.0, &key.1), entry.change.clone());
+                batch.put(keys::view(&key.0, &key.1), view);
+                Store::log_created(&mut ledger, &key, first.hash);
+                applied.push(created);
+                Ok(true)
+            };
+            let plain_first = policy.unique.is_empty().then_some(only).flatten();
+            let by_hand = plain_first.and_then(|e| first_change::decode(&e.change));
+            if let (Some(entry), Some(first)) = (plain_first, &by_hand)
+                && keep_created(entry, first)?
+            {
+                continue;
+            }
             let mut group: Vec<(u64, Change)> = Vec::with_capacity(headers.len());
             for (entry, _) in headers {
                 match decode_change(&entry.change) {
@@ -951,16 +973,10 @@ impl Store {
             if group.is_empty() {
                 continue;
             }
-            if policy.unique.is_empty()
-                && let (Some(entry), [(_, change)]) = (only, group.as_slice())
-                && let Some((created, view)) = self.created_as_is(&key, change, &ledger, &cache)?
+            if let (Some(entry), [(_, change)], None) = (plain_first, group.as_slice(), &by_hand)
+                && let Some(first) = FirstChange::of(change)
+                && keep_created(entry, &first)?
             {
-                // The record is new here and its one change is its document as it is: kept
-                // without building, applying and saving an Automerge document for it.
-                batch.put(keys::doc(&key.0, &key.1), entry.change.clone());
-                batch.put(keys::view(&key.0, &key.1), view);
-                Store::log_created(&mut ledger, &key, change.hash());
-                applied.push(created);
                 continue;
             }
             let record = working.take(&key, &mut cache, || self.load_or_new(&key))?;
@@ -1394,25 +1410,24 @@ impl Store {
     fn created_as_is(
         &self,
         key: &CacheKey,
-        change: &Change,
+        first: &FirstChange,
         ledger: &Ledger,
         cache: &LruCache<CacheKey, Record>,
     ) -> Result<Option<(RemoteApplied, Vec<u8>)>, StoreError> {
+        let message = first.message.as_deref();
         if cache.contains(key)
-            || resolve::resolution_of(change.message()).is_some()
-            || resolve::is_restoration(change.message())
+            || resolve::resolution_of(message).is_some()
+            || resolve::is_restoration(message)
         {
             return Ok(None);
         }
-        let Some(plain) = PlainFirst::of(change) else {
-            return Ok(None);
-        };
         if self.kv.get(&keys::doc(&key.0, &key.1))?.is_some()
             || self.has_logged_state(ledger, key)?
         {
             return Ok(None);
         }
-        let view = super::views::of_plain_first(&plain, change.hash(), self.policy(&key.0))?;
+        let plain = &first.plain;
+        let view = super::views::of_plain_first(plain, first.hash, self.policy(&key.0))?;
         let created = RemoteApplied {
             collection: key.0.clone(),
             id: key.1.clone(),
@@ -1422,8 +1437,8 @@ impl Store {
                 Operation::Create
             },
             deleted: plain.deleted,
-            heads: vec![change.hash().to_string()],
-            device: change.actor_id().to_hex_string(),
+            heads: vec![first.hash.to_string()],
+            device: first.actor.to_hex_string(),
             seq: 0,
         };
         Ok(Some((created, view)))
