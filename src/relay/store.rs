@@ -43,6 +43,7 @@
 //! may write to `space`), the device's store, and storage keys or engines.
 
 use crate::clock::{Clock, SystemClock};
+use crate::record::first_change;
 use crate::record::{
     FLATTEN_OPERATION, Fields, PlainFirst, Record, RecordError, chunk_hash, decode_change,
     operation_of,
@@ -783,8 +784,11 @@ impl RelayStore {
                 return refuse(staging, reason);
             }
             // A plain first change applies as it is (`Record::check_first` checks it by this
-            // same shape): its fields are decoded once, here.
-            let plain = PlainFirst::of(&change);
+            // same shape): its fields are decoded once, here, by hand when it is laid out as a
+            // device writes one.
+            let plain = first_change::decode(&upload.change)
+                .map(|first| first.plain)
+                .or_else(|| PlainFirst::of(&change));
             let deleted = plain.as_ref().is_some_and(|first| first.deleted);
             let restored = resolve::is_restoration(change.message()).then(|| change.clone());
             if plain.is_none()
