@@ -169,17 +169,10 @@ fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
-fn uleb128(mut value: u64) -> Vec<u8> {
+fn uleb128(value: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(10);
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(byte);
-            return out;
-        }
-        out.push(byte | 0x80);
-    }
+    first_change::write_uleb(&mut out, value);
+    out
 }
 
 /// Runs an Automerge decoder on bytes from disk or the network. Automerge 0.12's column decoder

@@ -422,7 +422,7 @@ fn write_value(value: &Value, raw: &mut Vec<u8>) -> u64 {
     (((raw.len() - start) as u64) << 4) | kind
 }
 
-fn write_uleb(out: &mut Vec<u8>, mut value: u64) {
+pub(super) fn write_uleb(out: &mut Vec<u8>, mut value: u64) {
     loop {
         let byte = (value & 0x7f) as u8;
         value >>= 7;
