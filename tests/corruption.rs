@@ -238,8 +238,11 @@ fn a_truncated_log_tail_is_found_and_nothing_acknowledged_is_lost() {
 fn a_damaged_document_queue_entry_and_index_key_are_found_and_nothing_acknowledged_is_lost() {
     damaged_store_is_found_and_repaired("values damaged under sled", |path| {
         let db = sled::open(path.parent().unwrap()).expect("open the device's sled");
+        // The pending index keeps 64 entries to a key (`store::pending_buckets`): the one
+        // holding this entry's bit.
+        let entry = SYNCED + 3;
         let mut pending = b"p\x7f\xff\xff\xff".to_vec();
-        pending.extend_from_slice(&(SYNCED + 3).to_be_bytes());
+        pending.extend_from_slice(&(entry - entry % 64).to_be_bytes());
         let mut queue = b"q".to_vec();
         queue.extend_from_slice(&(SYNCED + 2).to_be_bytes());
         for key in [b"d\0Note\0n010".to_vec(), queue, pending] {

@@ -1069,13 +1069,19 @@ mod tests {
 
         assert!(kv.damage(&keys::doc("Note", "a")));
         assert!(kv.damage(&keys::queue(damaged_entry)));
-        // Gone as if the engine's recovery had dropped it, with its index key.
+        // Gone as if the engine's recovery had dropped it, with its index key (its bit of the
+        // bucket of ids 0 to 63, `pending_buckets`).
+        let bucket = keys::pending(0, 0);
+        let map = kv
+            .get(&bucket)
+            .unwrap()
+            .expect("the bucket of the pending entries");
+        let map = u64::from_be_bytes(map.try_into().expect("a bucket")) & !(1 << lost_entry);
         let mut batch = Batch::default();
         batch.remove(keys::queue(lost_entry));
-        batch.remove(keys::pending(0, lost_entry));
+        batch.put(bucket.clone(), map.to_be_bytes().to_vec());
         kv.apply(batch).unwrap();
-        let d_index = keys::pending(0, 4);
-        assert!(kv.damage(&d_index));
+        assert!(kv.damage(&bucket));
         kv.flush().unwrap();
 
         let store = open(&kv);

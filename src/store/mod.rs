@@ -30,6 +30,7 @@ pub mod keys;
 pub mod kv;
 pub mod paired;
 pub mod partial;
+pub mod pending_buckets;
 pub mod query;
 mod set_aside;
 pub mod snapshot;
@@ -448,7 +449,8 @@ impl Store {
                 return Err(StoreError::UnsupportedFormat(found.unwrap_or_default()));
             }
         }
-        let kv: Box<dyn Kv> = Box::new(paired::Paired::open(kv)?);
+        let paired: Box<dyn Kv> = Box::new(paired::Paired::open(kv)?);
+        let kv: Box<dyn Kv> = Box::new(pending_buckets::Buckets::open(paired)?);
         sync::ensure_pending_index(kv.as_ref())?;
         move_long_changes(kv.as_ref())?;
         let (found, after_journaled) = health::check_at_open(kv.as_ref(), clock.now_ms())?;
