@@ -249,6 +249,11 @@ impl PlainFirst {
     }
 }
 
+/// The time a change made at `now_ms` carries (Automerge's is signed; a later one saturates).
+pub fn change_time(now_ms: u64) -> i64 {
+    i64::try_from(now_ms).unwrap_or(i64::MAX)
+}
+
 /// The text a panic carried, for an error message.
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
@@ -789,7 +794,7 @@ impl Record {
         operation: Operation,
         now_ms: u64,
     ) -> Result<Option<Written>, RecordError> {
-        let time = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let time = change_time(now_ms);
         let options = CommitOptions::default()
             .with_message(message)
             .with_time(time);

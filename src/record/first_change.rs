@@ -542,7 +542,7 @@ mod tests {
     fn check(actor: &ActorId, time: u64, fields: &Fields) {
         let encoded = encode(
             actor,
-            i64::try_from(time).unwrap_or(i64::MAX),
+            super::super::change_time(time),
             "create",
             fields,
             &BTreeSet::new(),

@@ -285,7 +285,26 @@ pub trait Kv: Send + Sync {
 
 /// Inside `impl Kv for` a layer over another engine (a field `inner`), the methods named, each
 /// passed to `inner` as it is: a layer writes out only what it changes.
+///
+/// `forward_to_inner!(beside_keys)` forwards every method but the five that read and write keys
+/// (`get`, `range`, `last_key`, `count`, `apply`): a layer that only lays keys out differently.
 macro_rules! forward_to_inner {
+    (beside_keys) => {
+        $crate::store::kv::forward_to_inner!(
+            flush,
+            size_on_disk,
+            live_bytes,
+            key_sizes,
+            disk_full_since,
+            reopen,
+            resume_writes,
+            compact,
+            lost,
+            journal,
+            journal_bytes,
+            rewrite_journal,
+        );
+    };
     ($($method:ident),* $(,)?) => { $($crate::store::kv::forward_to_inner!(@ $method);)* };
     (@ get) => {
         fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, $crate::store::kv::KvError> {

@@ -833,7 +833,7 @@ impl Store {
             && policy.encrypted.is_empty()
             && let Some(first) = first_change::encode(
                 &self.actor,
-                i64::try_from(now).unwrap_or(i64::MAX),
+                crate::record::change_time(now),
                 Operation::Create.as_str(),
                 fields,
                 &policy.text,

@@ -588,20 +588,7 @@ impl Kv for Paired {
     }
 
     // The keys as the engine holds them: a pair counts once, as a document.
-    forward_to_inner!(
-        flush,
-        size_on_disk,
-        live_bytes,
-        key_sizes,
-        disk_full_since,
-        reopen,
-        resume_writes,
-        compact,
-        lost,
-        journal,
-        journal_bytes,
-        rewrite_journal,
-    );
+    forward_to_inner!(beside_keys);
 }
 
 /// The store's keys over `kv` as a test sees them, for tests that write or read them directly.

@@ -325,20 +325,7 @@ impl Kv for Buckets {
     }
 
     // The keys as the engine holds them: a bucket counts once.
-    forward_to_inner!(
-        flush,
-        size_on_disk,
-        live_bytes,
-        key_sizes,
-        disk_full_since,
-        reopen,
-        resume_writes,
-        compact,
-        lost,
-        journal,
-        journal_bytes,
-        rewrite_journal,
-    );
+    forward_to_inner!(beside_keys);
 }
 
 #[cfg(test)]
