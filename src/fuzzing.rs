@@ -118,12 +118,15 @@ pub fn record_document(data: &[u8]) {
 }
 
 /// Stored SyncQueue and SyncLog entries, conflict entries, change feed keys, and a record's
-/// document and view as one value.
+/// document (whole or in its short form) and view as one value.
 pub fn stored_entries(data: &[u8]) {
     let _ = crate::store::feed::unpack(data);
     if let Some(pair) = crate::store::paired::parse(data) {
         let held = pair.document.map_or(0, <[u8]>::len) + pair.view.map_or(0, <[u8]>::len);
         assert!(held <= data.len(), "a pair holds no more than its bytes");
+        if let (true, Some(short), Some(view)) = (pair.short, pair.document, pair.view) {
+            let _ = crate::store::implied::expand(short, view);
+        }
     }
     let _ = postcard::from_bytes::<SyncQueueEntry>(data);
     let _ = postcard::from_bytes::<SyncLogEntry>(data);

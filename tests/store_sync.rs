@@ -562,11 +562,22 @@ fn a_record_another_device_created_is_kept_as_its_change_and_behaves_as_any_othe
         (1, ferry_proto::Operation::Create, false)
     );
     assert_eq!(applied[0].heads, origin.get("Doc", "d").unwrap().heads);
-    // Kept as it came: the change's own bytes are the record's document.
-    let keyspace = ferry::store::paired::Paired::open(Box::new(kv.clone())).unwrap();
+    // Kept as it came: the change's own bytes are the record's document, stored in the short
+    // form its view implies.
+    let keyspace =
+        ferry::store::paired::Paired::open(Box::new(kv.clone()), ferry::store::implied::expand)
+            .unwrap();
     assert_eq!(
         keyspace.get(&keys::doc("Doc", "d")).unwrap().as_deref(),
         Some(&log[0].change[..])
+    );
+    let pair = kv.get(&keys::doc("Doc", "d")).unwrap().unwrap();
+    let view = keyspace.get(&keys::view("Doc", "d")).unwrap().unwrap();
+    assert!(
+        pair.len() < view.len() + 64,
+        "pair {} bytes, view {}",
+        pair.len(),
+        view.len()
     );
     assert_eq!(
         receiver.get("Doc", "d").unwrap(),

@@ -144,6 +144,8 @@ pub fn encode(
 pub struct FirstChange {
     pub hash: ChangeHash,
     pub actor: ActorId,
+    /// As Automerge keeps it: milliseconds since the Unix epoch.
+    pub time_ms: i64,
     pub message: Option<String>,
     pub plain: PlainFirst,
 }
@@ -154,6 +156,7 @@ impl FirstChange {
         Some(FirstChange {
             hash: change.hash(),
             actor: change.actor_id().clone(),
+            time_ms: change.timestamp(),
             message: change.message().map(str::to_owned),
             plain: PlainFirst::of(change)?,
         })
@@ -183,7 +186,7 @@ pub fn decode(bytes: &[u8]) -> Option<FirstChange> {
     let actor_len = usize::try_from(header.uleb()?).ok()?;
     let actor = header.take(actor_len)?;
     let first = header.uleb()? == 1 && header.uleb()? == 1; // sequence number, first counter
-    header.sleb()?; // time
+    let time_ms = header.sleb()?;
     let message_len = usize::try_from(header.uleb()?).ok()?;
     let message = std::str::from_utf8(header.take(message_len)?).ok()?;
     let no_other_actors = header.uleb()? == 0;
@@ -270,6 +273,7 @@ pub fn decode(bytes: &[u8]) -> Option<FirstChange> {
     Some(FirstChange {
         hash: ChangeHash(digest),
         actor: ActorId::from(actor),
+        time_ms,
         message: (!message.is_empty()).then(|| message.to_owned()),
         plain: PlainFirst { deleted, fields },
     })

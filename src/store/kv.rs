@@ -93,11 +93,25 @@ pub struct Lost {
 /// A write of a batch: a key and its new value (`None`: removed).
 pub type Op = (Vec<u8>, Option<Vec<u8>>);
 
+/// A shorter form of a record's document that its view implies (`store::implied`), offered with
+/// a batch that writes both: valid only while the batch leaves exactly `document` and `view` at
+/// the record's keys, which the layer that stores records checks (`store::paired`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShortForm {
+    pub document: Vec<u8>,
+    pub view: Vec<u8>,
+    pub short: Vec<u8>,
+}
+
+/// Short forms offered with a batch, by document key.
+pub type ShortForms = Vec<(Vec<u8>, ShortForm)>;
+
 /// An atomic set of writes: all of them land, or none.
 #[derive(Debug, Default)]
 pub struct Batch {
     ops: Vec<Op>,
     journal: Vec<Vec<u8>>,
+    short: ShortForms,
     /// Where in `ops` the put later parts are appended to (`extend_growing`) is.
     growing: Option<usize>,
 }
@@ -130,6 +144,35 @@ impl Batch {
         }
     }
 
+    /// Puts a record's document and view, offering `short`, the shorter form of the document
+    /// its view implies, when there is one (see `ShortForm`); a layer that cannot keep it
+    /// stores the document as it is.
+    pub fn put_record(
+        &mut self,
+        document_key: Vec<u8>,
+        document: Vec<u8>,
+        view_key: Vec<u8>,
+        view: Vec<u8>,
+        short: Option<Vec<u8>>,
+    ) {
+        if let Some(short) = short {
+            let form = ShortForm {
+                document: document.clone(),
+                view: view.clone(),
+                short,
+            };
+            self.short.push((document_key.clone(), form));
+        }
+        self.put(document_key, document);
+        self.put(view_key, view);
+    }
+
+    /// Offers the short forms another batch was offered, for a layer that builds the batch it
+    /// passes on (`into_parts`).
+    pub(super) fn offer_short(&mut self, forms: ShortForms) {
+        self.short.extend(forms);
+    }
+
     /// Asks that `record` be kept outside the engine's data too, durable with the batch's
     /// flush, until `Kv::rewrite_journal` leaves it out (see `Kv::journal`).
     pub fn journal(&mut self, record: Vec<u8>) {
@@ -145,10 +188,11 @@ impl Batch {
         self.ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))
     }
 
-    /// The batch's puts and removals, in order, and the records it journals: for a layer that
+    /// The batch's puts and removals, in order, the records it journals and the short forms it
+    /// offers: for a layer that
     /// stores keys under other keys (`store::paired`) to build the batch it applies.
-    pub(super) fn into_parts(self) -> (Vec<Op>, Vec<Vec<u8>>) {
-        (self.ops, self.journal)
+    pub(super) fn into_parts(self) -> (Vec<Op>, Vec<Vec<u8>>, ShortForms) {
+        (self.ops, self.journal, self.short)
     }
 
     /// The value this batch will leave at `key`, if it writes one: its last put, unless a later

@@ -24,6 +24,7 @@ pub use fields_text::{FieldsText, NotFields};
 
 use feed::{FeedChange, Origin};
 pub mod health;
+pub mod implied;
 mod import;
 mod index;
 pub mod keys;
@@ -449,7 +450,7 @@ impl Store {
                 return Err(StoreError::UnsupportedFormat(found.unwrap_or_default()));
             }
         }
-        let paired: Box<dyn Kv> = Box::new(paired::Paired::open(kv)?);
+        let paired: Box<dyn Kv> = Box::new(paired::Paired::open(kv, implied::expand)?);
         let kv: Box<dyn Kv> = Box::new(pending_buckets::Buckets::open(paired)?);
         sync::ensure_pending_index(kv.as_ref())?;
         move_long_changes(kv.as_ref())?;
@@ -829,17 +830,18 @@ impl Store {
     /// else written by Automerge.
     fn build_new(&self, r: &Resolved, now: u64, limits: &Limits) -> Result<Staged, StoreError> {
         let policy = self.policy(&r.key.0);
+        let time_ms = crate::record::change_time(now);
         if let Change::Put(fields) = &r.change
             && policy.encrypted.is_empty()
             && let Some(first) = first_change::encode(
                 &self.actor,
-                crate::record::change_time(now),
+                time_ms,
                 Operation::Create.as_str(),
                 fields,
                 &policy.text,
             )
         {
-            return Staged::of_first_change(first, fields, policy);
+            return Staged::of_first_change(first, (&self.actor, time_ms), fields, policy);
         }
         let mut record = self.new_record(&r.key.0);
         let keyring = &self.options.keyring;
@@ -874,9 +876,13 @@ impl Store {
                 seq: None,
             });
         };
-        batch.put(keys::doc(&collection, &id), doc);
-        if let Some(view) = staged.view {
-            batch.put(keys::view(&collection, &id), view);
+        match staged.view {
+            Some(view) => {
+                let (doc_key, view_key) =
+                    (keys::doc(&collection, &id), keys::view(&collection, &id));
+                batch.put_record(doc_key, doc, view_key, view, staged.short);
+            }
+            None => batch.put(keys::doc(&collection, &id), doc),
         }
         let queue_id =
             self.stage_local_change(&collection, &id, operation, change, now, batch, delta)?;
@@ -1728,6 +1734,8 @@ struct Staged {
     written: Option<(Operation, Vec<u8>, Vec<u8>)>,
     /// The record's view afterwards (`views`), when it changed.
     view: Option<Vec<u8>>,
+    /// The document's short form its view implies (`implied`), for a new record's first change.
+    short: Option<Vec<u8>>,
     heads: Vec<String>,
     /// The record's heads before and after the write.
     before: Vec<ChangeHash>,
@@ -1761,21 +1769,26 @@ impl Staged {
         Ok(Staged {
             written,
             view,
+            short: None,
             heads: after.iter().map(ToString::to_string).collect(),
             before,
             after,
         })
     }
 
-    /// Stages a new record whose first change, setting `fields`, was encoded directly: the
-    /// change is its whole document.
+    /// Stages a new record whose first change by `actor` at `time_ms`, setting `fields`, was
+    /// encoded directly: the change is its whole document, which its view implies.
     fn of_first_change(
         first: EncodedChange,
+        (actor, time_ms): (&ActorId, i64),
         fields: &Fields,
         policy: &resolve::Policy,
     ) -> Result<Self, StoreError> {
+        let view = views::of_new_record(fields, first.hash, policy)?;
+        let message = Operation::Create.as_str();
         Ok(Staged {
-            view: Some(views::of_new_record(fields, first.hash, policy)?),
+            short: implied::shorten(actor, time_ms, message, &first.bytes, &view),
+            view: Some(view),
             written: Some((Operation::Create, first.bytes.clone(), first.bytes)),
             heads: vec![first.hash.to_string()],
             before: Vec::new(),
@@ -1893,6 +1906,7 @@ fn mutate_at(
         return Ok(Staged {
             written: None,
             view: None,
+            short: None,
             heads: before.iter().map(ToString::to_string).collect(),
             after: before.clone(),
             before,
@@ -1903,6 +1917,7 @@ fn mutate_at(
     Ok(Staged {
         written: Some((operation, change, record.save())),
         view: Some(views::of_record(record, policy)?),
+        short: None,
         heads: after.iter().map(ToString::to_string).collect(),
         before,
         after,
@@ -2548,7 +2563,18 @@ mod tests {
                     base: None,
                 };
                 let limits = &store.options.limits;
-                let built = store.build_new(&put, 1_765_000_000_000, limits).unwrap();
+                let mut built = store.build_new(&put, 1_765_000_000_000, limits).unwrap();
+                // A first change the encoder wrote has the short form its view implies.
+                let short = built.short.take();
+                let by_encoder = fields.iter().all(|(name, value)| {
+                    !value.is_object() && !value.is_array() && !policy.text.contains(name)
+                });
+                prop_assert_eq!(short.is_some(), by_encoder);
+                if let (Some(short), Some(view), Some((_, _, document))) =
+                    (&short, &built.view, &built.written)
+                {
+                    prop_assert_eq!(implied::expand(short, view), Some(document.clone()));
+                }
                 let mut record = store.new_record("Note");
                 let by_automerge = mutate(
                     &mut record,

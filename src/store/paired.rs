@@ -18,11 +18,18 @@
 //! lock that applies it, so that a batch writing a view keeps the document another wrote; a
 //! batch writing whole records reads nothing (which documents are apart is kept in memory).
 //!
+//! A batch may offer a short form of a record's document, one its view implies
+//! (`kv::ShortForm`, made by `store::implied`): the pair then holds that instead
+//! (`[PAIR_TAG][FLAG_SHORT | FLAG_VIEW][short form length and bytes][view]`), provided the batch
+//! leaves exactly the document and view it was made for. Reading the document expands it with
+//! the function the store gives (`Expand`); a batch that writes the view alone stores the
+//! document expanded first.
+//!
 //! Must not touch: what documents and views hold (bytes here), or any other key's layout.
 
 use super::keys;
-use super::kv::{Batch, Kv, KvError, Pair, forward_to_inner};
-use std::collections::{BTreeMap, HashSet};
+use super::kv::{Batch, Kv, KvError, Pair, ShortForm, forward_to_inner};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
 /// Documents longer than this are kept apart from their views.
@@ -34,6 +41,8 @@ const PAIR_TAG: u8 = 0;
 const FLAG_APART: u8 = 1;
 /// The pair holds a view.
 const FLAG_VIEW: u8 = 2;
+/// The pair's document is in a short form its view implies.
+const FLAG_SHORT: u8 = 4;
 /// Present once every record is stored as a pair.
 const META_PAIRED: &[u8] = b"mpaired_records";
 /// Records converted, or pairs read, per batch of the conversion and per page of a scan.
@@ -110,17 +119,27 @@ fn view_key(record: &[u8]) -> Vec<u8> {
     [keys::VIEW, record].concat()
 }
 
-/// A pair as stored, borrowed: its document (`None`: apart) and view.
+/// The document in its short form and its view, to the document's bytes; `None` when they do
+/// not give a document (the pair is then damaged).
+pub type Expand = fn(short: &[u8], view: &[u8]) -> Option<Vec<u8>>;
+
+/// A pair as stored, borrowed: its document (`None`: apart; in its short form when `short`)
+/// and view.
 pub(crate) struct Parsed<'a> {
     pub document: Option<&'a [u8]>,
     pub view: Option<&'a [u8]>,
+    pub short: bool,
 }
 
 /// The pair `bytes` hold; `None` when they are not one.
 pub(crate) fn parse(bytes: &[u8]) -> Option<Parsed<'_>> {
     let (&tag, rest) = bytes.split_first()?;
     let (&flags, mut rest) = rest.split_first()?;
-    if tag != PAIR_TAG || flags & !(FLAG_APART | FLAG_VIEW) != 0 {
+    if tag != PAIR_TAG || flags & !(FLAG_APART | FLAG_VIEW | FLAG_SHORT) != 0 {
+        return None;
+    }
+    let short = flags & FLAG_SHORT != 0;
+    if short && flags & (FLAG_APART | FLAG_VIEW) != FLAG_VIEW {
         return None;
     }
     let document = if flags & FLAG_APART == 0 {
@@ -139,15 +158,27 @@ pub(crate) fn parse(bytes: &[u8]) -> Option<Parsed<'_>> {
     } else {
         return None;
     };
-    Some(Parsed { document, view })
+    Some(Parsed {
+        document,
+        view,
+        short,
+    })
 }
 
 /// A pair's bytes: `document` `None` when it is kept apart.
 fn encode(document: Option<&[u8]>, view: Option<&[u8]>) -> Vec<u8> {
+    encode_flagged(0, document, view)
+}
+
+/// A pair's bytes holding a document's short form and its view.
+fn encode_short(short: &[u8], view: &[u8]) -> Vec<u8> {
+    encode_flagged(FLAG_SHORT, Some(short), Some(view))
+}
+
+fn encode_flagged(mut flags: u8, document: Option<&[u8]>, view: Option<&[u8]>) -> Vec<u8> {
     let len = document.map_or(0, <[u8]>::len) + view.map_or(0, <[u8]>::len);
     let mut out = Vec::with_capacity(len + 12);
     out.push(PAIR_TAG);
-    let mut flags = 0;
     if document.is_none() {
         flags |= FLAG_APART;
     }
@@ -198,6 +229,7 @@ pub struct Paired {
     /// no read to know whether to remove one; `None` when not known (after a batch failed),
     /// and such batches read the pair. Held while a batch is staged and applied.
     apart: Mutex<Option<HashSet<Vec<u8>>>>,
+    expand: Expand,
 }
 
 impl Paired {
@@ -205,7 +237,7 @@ impl Paired {
     /// batch of the conversion moves whole records, so a conversion cut short by a crash goes
     /// on at the next open. A document that fails its checksum stays as it is (reading it says
     /// it is damaged, as before) and its view goes: views are computed again from documents.
-    pub fn open(inner: Box<dyn Kv>) -> Result<Paired, KvError> {
+    pub fn open(inner: Box<dyn Kv>, expand: Expand) -> Result<Paired, KvError> {
         if inner.get(META_PAIRED)?.is_none() {
             let converted = convert(inner.as_ref())?;
             let mut batch = Batch::default();
@@ -220,12 +252,16 @@ impl Paired {
         Ok(Paired {
             inner,
             apart: Mutex::new(Some(apart)),
+            expand,
         })
     }
 
     fn document(&self, key: &[u8], record: &[u8], stored: &[u8]) -> Result<Vec<u8>, KvError> {
         let parsed = parse(stored).ok_or_else(|| KvError::Damaged(key.to_vec()))?;
         match parsed.document {
+            Some(_) if parsed.short => self
+                .expanded(&parsed)
+                .ok_or_else(|| KvError::Damaged(key.to_vec())),
             Some(document) => Ok(document.to_vec()),
             None => self
                 .inner
@@ -233,6 +269,11 @@ impl Paired {
                 .map_err(|e| as_key(e, key))?
                 .ok_or_else(|| KvError::Damaged(key.to_vec())),
         }
+    }
+
+    /// The document of a pair holding its short form.
+    fn expanded(&self, parsed: &Parsed<'_>) -> Option<Vec<u8>> {
+        (self.expand)(parsed.document?, parsed.view?)
     }
 
     /// Up to `limit` documents with keys in `start..end` (inside the `d` region) into `out`.
@@ -286,10 +327,12 @@ impl Paired {
     }
 
     /// What a batch leaves in the record's pair, and the writes that do it; `apart` follows.
+    /// `short` is the short form the batch offers for the record's document.
     fn stage(
         &self,
         record: &[u8],
         written: Written,
+        short: Option<ShortForm>,
         apart: &mut Option<HashSet<Vec<u8>>>,
         out: &mut Batch,
     ) -> Result<(), KvError> {
@@ -328,13 +371,26 @@ impl Paired {
                 out.remove(pair);
                 false
             }
-            Some(Some(document)) => put_record(out, record, document, view.as_deref()),
-            // No document: a view alone is not kept.
+            Some(Some(document)) => match (short, view.as_deref()) {
+                (Some(form), Some(view)) if form.document == document && form.view == view => {
+                    out.put(pair, encode_short(&form.short, view));
+                    false
+                }
+                _ => put_record(out, record, document, view.as_deref()),
+            },
+            // The view alone: a short form goes with the view it was made for.
             None => match stored {
+                Some(parsed) if parsed.short => {
+                    let document = self
+                        .expanded(&parsed)
+                        .ok_or_else(|| KvError::Damaged(view_key(record)))?;
+                    put_record(out, record, document, view.as_deref())
+                }
                 Some(Parsed { document, .. }) => {
                     out.put(pair, encode(document, view.as_deref()));
                     was_apart
                 }
+                // No document: a view alone is not kept.
                 None => return Ok(()),
             },
         };
@@ -552,7 +608,11 @@ impl Kv for Paired {
 
     fn apply(&self, batch: Batch) -> Result<(), KvError> {
         let mut apart = self.apart.lock().unwrap_or_else(|p| p.into_inner());
-        let (ops, journal) = batch.into_parts();
+        let (ops, journal, short) = batch.into_parts();
+        let mut short: HashMap<Vec<u8>, ShortForm> = short
+            .into_iter()
+            .filter_map(|(key, form)| Some((record_of(&key)?.to_vec(), form)))
+            .collect();
         let mut out = Batch::default();
         let mut records: BTreeMap<Vec<u8>, Written> = BTreeMap::new();
         for (key, value) in ops {
@@ -571,7 +631,8 @@ impl Kv for Paired {
             }
         }
         for (record, written) in records {
-            if let Err(e) = self.stage(&record, written, &mut apart, &mut out) {
+            let short = short.remove(&record);
+            if let Err(e) = self.stage(&record, written, short, &mut apart, &mut out) {
                 *apart = None;
                 return Err(e);
             }
@@ -594,7 +655,7 @@ impl Kv for Paired {
 /// The store's keys over `kv` as a test sees them, for tests that write or read them directly.
 #[cfg(test)]
 pub(super) fn over(kv: &super::kv::MemoryKv) -> Paired {
-    match Paired::open(Box::new(kv.clone())) {
+    match Paired::open(Box::new(kv.clone()), super::implied::expand) {
         Ok(paired) => paired,
         Err(e) => panic!("{e}"),
     }
@@ -696,7 +757,7 @@ mod tests {
             forget_apart in prop::collection::vec(any::<bool>(), 12),
         ) {
             let raw = MemoryKv::new();
-            let paired = Paired::open(Box::new(raw.clone())).unwrap();
+            let paired = Paired::open(Box::new(raw.clone()), super::super::implied::expand).unwrap();
             let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
             for (ops, forget) in batches.iter().zip(forget_apart) {
                 if forget {
@@ -768,7 +829,7 @@ mod tests {
     #[test]
     fn a_batch_writing_a_view_keeps_the_document_and_one_without_a_document_writes_nothing() {
         let raw = MemoryKv::new();
-        let paired = Paired::open(Box::new(raw.clone())).unwrap();
+        let paired = Paired::open(Box::new(raw.clone()), super::super::implied::expand).unwrap();
         let long = automerge_like(APART_BYTES + 1, 7);
         apply(&paired, &[(doc("C\0a"), Some(long.clone()))]).unwrap();
         apply(&paired, &[(view("C\0a"), Some(b"{}".to_vec()))]).unwrap();
@@ -783,6 +844,99 @@ mod tests {
         assert!(raw_keys(&raw).iter().all(|k| k.first() != Some(&b'D')));
     }
 
+    /// A stand-in for `implied::expand`: the short form `S` and a view give the view's bytes
+    /// after `AM`; anything else gives nothing.
+    fn toy_expand(short: &[u8], view: &[u8]) -> Option<Vec<u8>> {
+        (short == b"S").then(|| [b"AM".as_slice(), view].concat())
+    }
+
+    fn put_with_short(kv: &dyn Kv, record: &str, document: &[u8], view_bytes: &[u8]) {
+        let mut batch = Batch::default();
+        batch.put_record(
+            doc(record),
+            document.to_vec(),
+            view(record),
+            view_bytes.to_vec(),
+            Some(b"S".to_vec()),
+        );
+        kv.apply(batch).unwrap();
+    }
+
+    #[test]
+    fn a_short_form_is_kept_only_for_the_document_and_view_it_was_offered_with() {
+        let raw = MemoryKv::new();
+        let paired = Paired::open(Box::new(raw.clone()), toy_expand).unwrap();
+        put_with_short(&paired, "C\0a", b"AMv1", b"v1");
+        let stored = raw.get(&doc("C\0a")).unwrap().unwrap();
+        assert!(parse(&stored).unwrap().short);
+        assert_eq!(stored, encode_short(b"S", b"v1"));
+        assert_eq!(paired.get(&doc("C\0a")).unwrap(), Some(b"AMv1".to_vec()));
+        assert_eq!(paired.get(&view("C\0a")).unwrap(), Some(b"v1".to_vec()));
+        assert_eq!(
+            paired
+                .range(&doc(""), &keys::prefix_end(keys::DOC_ALL), 10)
+                .unwrap(),
+            vec![(doc("C\0a"), b"AMv1".to_vec())]
+        );
+
+        // A later write of the document or view in the same batch: the document as it is.
+        let mut batch = Batch::default();
+        batch.put_record(
+            doc("C\0b"),
+            b"AMv2".to_vec(),
+            view("C\0b"),
+            b"v2".to_vec(),
+            Some(b"S".to_vec()),
+        );
+        batch.put(view("C\0b"), b"v3".to_vec());
+        batch.put_record(
+            doc("C\0c"),
+            b"AMv4".to_vec(),
+            view("C\0c"),
+            b"v4".to_vec(),
+            Some(b"S".to_vec()),
+        );
+        batch.put(doc("C\0c"), b"AMv5".to_vec());
+        paired.apply(batch).unwrap();
+        for (record, document, view_bytes) in [("C\0b", "AMv2", "v3"), ("C\0c", "AMv5", "v4")] {
+            let stored = raw.get(&doc(record)).unwrap().unwrap();
+            assert!(!parse(&stored).unwrap().short, "{record}");
+            assert_eq!(
+                paired.get(&doc(record)).unwrap(),
+                Some(document.as_bytes().to_vec())
+            );
+            assert_eq!(
+                paired.get(&view(record)).unwrap(),
+                Some(view_bytes.as_bytes().to_vec())
+            );
+        }
+
+        // The view written alone: the document it implied is stored expanded, and stays.
+        apply(&paired, &[(view("C\0a"), Some(b"other".to_vec()))]).unwrap();
+        assert!(
+            !parse(&raw.get(&doc("C\0a")).unwrap().unwrap())
+                .unwrap()
+                .short
+        );
+        assert_eq!(paired.get(&doc("C\0a")).unwrap(), Some(b"AMv1".to_vec()));
+        assert_eq!(paired.get(&view("C\0a")).unwrap(), Some(b"other".to_vec()));
+
+        // A short form that does not expand is a damaged pair, and the view alone cannot
+        // be written over it.
+        let mut bad = Batch::default();
+        bad.put(doc("C\0d"), encode_short(b"X", b"v"));
+        raw.apply(bad).unwrap();
+        assert_eq!(damaged(paired.get(&doc("C\0d"))), doc("C\0d"));
+        assert_eq!(paired.get(&view("C\0d")).unwrap(), Some(b"v".to_vec()));
+        assert_eq!(
+            damaged(apply(&paired, &[(view("C\0d"), Some(b"w".to_vec()))])),
+            view("C\0d")
+        );
+        // Removing the record removes its pair.
+        apply(&paired, &[(doc("C\0a"), None), (view("C\0a"), None)]).unwrap();
+        assert_eq!(raw.get(&doc("C\0a")).unwrap(), None);
+    }
+
     /// The key a read or write says is damaged.
     fn damaged<T>(result: Result<T, KvError>) -> Vec<u8> {
         match result {
@@ -794,7 +948,7 @@ mod tests {
     #[test]
     fn a_damaged_pair_is_named_as_the_key_read_and_only_a_whole_write_replaces_it() {
         let raw = MemoryKv::new();
-        let paired = Paired::open(Box::new(raw.clone())).unwrap();
+        let paired = Paired::open(Box::new(raw.clone()), super::super::implied::expand).unwrap();
         apply(
             &paired,
             &[
@@ -859,7 +1013,7 @@ mod tests {
         )
         .unwrap();
         assert!(raw.damage(&doc("C\0d")));
-        let paired = Paired::open(Box::new(raw.clone())).unwrap();
+        let paired = Paired::open(Box::new(raw.clone()), super::super::implied::expand).unwrap();
         assert_eq!(paired.get(&doc("B\0a")).unwrap(), Some(b"\x85doc".to_vec()));
         assert_eq!(paired.get(&view("B\0a")).unwrap(), Some(b"{}".to_vec()));
         assert_eq!(
@@ -885,7 +1039,7 @@ mod tests {
         // Converted once: a second open writes nothing.
         let before = raw_keys_after_damage(&raw);
         drop(paired);
-        let _again = Paired::open(Box::new(raw.clone())).unwrap();
+        let _again = Paired::open(Box::new(raw.clone()), super::super::implied::expand).unwrap();
         assert_eq!(raw_keys_after_damage(&raw), before);
     }
 
@@ -921,12 +1075,12 @@ mod tests {
         };
         {
             let sled = SledKv::open(dir.path(), 1 << 20).unwrap();
-            read_back(&Paired::open(Box::new(sled)).unwrap());
+            read_back(&Paired::open(Box::new(sled), super::super::implied::expand).unwrap());
         }
         let sled = SledKv::open(dir.path(), 1 << 20).unwrap();
         assert!(sled.get(META_PAIRED).unwrap().is_some());
         assert_eq!(sled.count(b"v", b"w").unwrap(), 0);
-        read_back(&Paired::open(Box::new(sled)).unwrap());
+        read_back(&Paired::open(Box::new(sled), super::super::implied::expand).unwrap());
     }
 
     /// Every key the engine holds, a damaged value included.

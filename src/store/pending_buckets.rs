@@ -270,8 +270,9 @@ impl Kv for Buckets {
     }
 
     fn apply(&self, batch: Batch) -> Result<(), KvError> {
-        let (ops, journal) = batch.into_parts();
+        let (ops, journal, short) = batch.into_parts();
         let mut out = Batch::default();
+        out.offer_short(short);
         // Per bucket, the bits the batch sets and clears, in the order it does.
         let mut changes: BTreeMap<Vec<u8>, (u64, u64)> = BTreeMap::new();
         // Keys the batch removes by name: a damaged bucket among them is written anew from the

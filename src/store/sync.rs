@@ -14,7 +14,8 @@ use super::conflicts::Ledger;
 use super::feed::{FeedChange, Origin};
 use super::kv::{Batch, Kv};
 use super::{
-    CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, keys, stage_entry, stage_landing,
+    CacheKey, CountDelta, Store, StoreError, WorkingSet, decode, implied, keys, stage_entry,
+    stage_landing,
 };
 use crate::record::first_change::{self, FirstChange};
 use crate::record::{ChangeHeader, Record, change_header, decode_change};
@@ -950,8 +951,11 @@ impl Store {
                 else {
                     return Ok::<_, StoreError>(false);
                 };
-                batch.put(keys::doc(&key.0, &key.1), entry.change.clone());
-                batch.put(keys::view(&key.0, &key.1), view);
+                let message = first.message.as_deref().unwrap_or_default();
+                let short =
+                    implied::shorten(&first.actor, first.time_ms, message, &entry.change, &view);
+                let (doc_key, view_key) = (keys::doc(&key.0, &key.1), keys::view(&key.0, &key.1));
+                batch.put_record(doc_key, entry.change.clone(), view_key, view, short);
                 Store::log_created(&mut ledger, &key, first.hash);
                 applied.push(created);
                 Ok(true)

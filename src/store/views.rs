@@ -138,6 +138,12 @@ pub(super) fn of_new_record(
     encode(policy, true, &[hash], fields)
 }
 
+/// The fields' text and the heads a stored view holds; `None` when `bytes` are not a view.
+pub(super) fn fields_and_heads(bytes: &[u8]) -> Option<(&str, Vec<[u8; 32]>)> {
+    let stored = decode(bytes).ok()?;
+    Some((stored.fields, stored.heads))
+}
+
 /// Borrows the fields' text from `bytes` rather than copying it.
 fn decode(bytes: &[u8]) -> Result<Stored<'_>, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Decode {
