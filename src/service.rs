@@ -14,6 +14,7 @@
 use crate::crypt::FieldError;
 use crate::query::Query;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus, Take};
+use crate::store::completed::Held;
 use crate::store::conflicts::ResolveOutcome;
 use crate::store::kv::KvError;
 use crate::store::snapshot::SnapshotOutcome;
@@ -1393,10 +1394,8 @@ impl From<&SyncQueueEntry> for QueueView {
             operation: e.operation,
             model_name: e.model_name.clone(),
             object_id: e.object_id.clone(),
-            change: automerge::Change::from_bytes(e.data.clone())
-                .ok()
-                .map(|c| c.hash().to_string()),
-            data_bytes: e.data.len(),
+            change: Held::of(&e.data).hash().map(|h| h.to_string()),
+            data_bytes: Held::of(&e.data).change_bytes(),
             status: e.status,
             retry_count: e.retry_count,
             last_error: e.last_error.clone(),

@@ -1197,6 +1197,52 @@ fn own_entries_left_out_by_the_relay_are_rebuilt_from_the_queue_in_log_order() {
     ));
 }
 
+#[test]
+fn completed_entries_keep_their_changes_hash_and_own_entries_read_the_change_from_the_document() {
+    let device = written(vec![
+        put("Doc", "a", json!({"n": 1})),
+        put("Doc", "b", json!({"n": 2})),
+        patch("Doc", "b", json!({"n": 3})),
+    ]);
+    let store = device.store();
+    let uploaded = as_log(store, 0, 1);
+    let batch = store
+        .next_upload_batch(BatchLimits::of(10, usize::MAX))
+        .unwrap()
+        .entries;
+    let results: Vec<ChangeResult> = batch.iter().map(|e| stored(e.id, e.id)).collect();
+    assert_eq!(
+        store
+            .finish_upload(&results, &RetryPolicy::immediate(5))
+            .unwrap()
+            .completed,
+        3
+    );
+    // Completed, each entry keeps its change until the change comes back in the log.
+    let entries = store.queue(None, None, 10).unwrap();
+    assert!(entries.iter().all(|e| e.status == QueueStatus::Completed));
+    let held: Vec<Vec<u8>> = entries.into_iter().map(|e| e.data).collect();
+    let changes: Vec<Vec<u8>> = uploaded.iter().map(|e| e.change.clone()).collect();
+    assert_eq!(held, changes);
+    let own: Vec<OwnEntry> = (1..=3).map(|id| OwnEntry { seq: id, entry: id }).collect();
+    assert_eq!(store.with_own_entries(Vec::new(), &own).unwrap(), uploaded);
+    // Back, they keep their changes' hashes and lengths only.
+    for (entry, change) in store.queue(None, None, 10).unwrap().iter().zip(&uploaded) {
+        assert_eq!(entry.data.len(), 37);
+        let held = ferry::store::completed::Held::of(&entry.data);
+        assert_eq!(held.change_bytes(), change.change.len());
+        assert_eq!(
+            held.hash(),
+            ferry::record::change_header(&change.change)
+                .ok()
+                .map(|h| h.hash)
+        );
+    }
+    // Read again (a download asking for the same span), they come from the documents: a
+    // record made by one change, and one whose document holds two.
+    assert_eq!(store.with_own_entries(Vec::new(), &own).unwrap(), uploaded);
+}
+
 /// A device syncing only `Customer` that adds `Invoice` reads the log from its start again:
 /// the entries of `Customer` it applied before are passed over, the invoices arrive, the
 /// customers and their conflict stay as they were, and the backfill ends once the log is read

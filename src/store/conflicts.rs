@@ -228,15 +228,15 @@ impl Store {
             .collect())
     }
 
-    /// The conflict a change (by the hash of its bytes) brought, if any: how a SyncQueue entry
-    /// shows that its change hit one.
+    /// The conflict a change brought, if any, by its hash (`change` as a queue entry holds it,
+    /// `completed::Held`): how a SyncQueue entry shows that its change hit one.
     pub fn change_conflict(&self, change: &[u8]) -> Result<Option<String>, StoreError> {
-        let Some(hash) = crate::record::chunk_hash(change) else {
+        let Some(hash) = super::completed::Held::of(change).hash() else {
             return Ok(None);
         };
         Ok(self
             .kv
-            .get(&keys::change_conflict(&hash))?
+            .get(&keys::change_conflict(&hash.to_string()))?
             .and_then(|v| String::from_utf8(v).ok()))
     }
 

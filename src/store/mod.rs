@@ -17,6 +17,7 @@
 //!
 //! Must not touch: sockets, JSON-RPC, the CLI. It knows records only through `record`.
 
+pub mod completed;
 pub mod conflicts;
 pub mod feed;
 mod fields_text;
@@ -44,7 +45,8 @@ use crate::clock::Clock;
 use crate::crypt::Keyring;
 use crate::record::first_change::{self, EncodedChange};
 use crate::record::{
-    Fields, HistoryEntry, Record, RecordError, Removal, validate_fields, validate_shape,
+    Fields, HistoryEntry, Record, RecordError, Removal, change_header, validate_fields,
+    validate_shape,
 };
 use crate::resolve::{self, Policies};
 use automerge::{ActorId, ChangeHash};
@@ -1098,7 +1100,8 @@ impl Store {
             .ok_or_else(|| not_found(&(collection.to_owned(), id.to_owned())))
     }
 
-    /// Queue entries in id order, optionally of one status, starting after `after`.
+    /// Queue entries in id order, optionally of one status, starting after `after`, with their
+    /// changes; a completed entry with what it keeps of its change (`completed::Held`).
     pub fn queue(
         &self,
         status: Option<QueueStatus>,
@@ -1115,7 +1118,12 @@ impl Store {
             }
             out.len() < limit
         })?;
-        out.into_iter().map(|e| self.with_change(e)).collect()
+        out.into_iter()
+            .map(|e| match completed::Held::of(&e.data) {
+                completed::Held::Completed { .. } => Ok(e),
+                _ => self.with_change(e),
+            })
+            .collect()
     }
 
     /// The entry with its change, when that is kept under its own key.
@@ -1123,7 +1131,18 @@ impl Store {
         &self,
         mut entry: SyncQueueEntry,
     ) -> Result<SyncQueueEntry, StoreError> {
-        if entry.data.is_empty() {
+        if let completed::Held::Completed { hash, .. } = completed::Held::of(&entry.data) {
+            entry.data = self
+                .change_in_document(&entry.model_name, &entry.object_id, &hash)?
+                .ok_or_else(|| StoreError::Decode {
+                    what: "queue entry",
+                    detail: format!(
+                        "entry {} is completed and its record's document no longer holds its \
+                         change",
+                        entry.id
+                    ),
+                })?;
+        } else if entry.data.is_empty() {
             entry.data =
                 self.kv
                     .get(&keys::queue_change(entry.id))?
@@ -1133,6 +1152,29 @@ impl Store {
                     })?;
         }
         Ok(entry)
+    }
+
+    /// The change `hash` as the record's document holds it; `None` when it holds no such change
+    /// (or there is no document).
+    pub(crate) fn change_in_document(
+        &self,
+        collection: &str,
+        id: &str,
+        hash: &ChangeHash,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(document) = self.kv.get(&keys::doc(collection, id))? else {
+            return Ok(None);
+        };
+        // A record made by one change: that change is its document.
+        if let Ok(header) = change_header(&document) {
+            return Ok((header.hash == *hash).then_some(document));
+        }
+        use automerge::ReadDoc as _;
+        let mut record = self.parse(collection, &document)?;
+        Ok(record
+            .automerge()
+            .get_change_by_hash(hash)
+            .map(|change| change.raw_bytes().to_vec()))
     }
 
     /// Queue entries newest first, optionally of one status, older than `before`.

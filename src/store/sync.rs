@@ -10,6 +10,7 @@
 //! Must not touch: the network, sessions, timers or threads. Every operation here is synchronous
 //! and durable only after `Store::flush`; the caller decides when to flush.
 
+use super::completed::{self, Held};
 use super::conflicts::Ledger;
 use super::feed::{FeedChange, Origin};
 use super::kv::{Batch, Kv};
@@ -712,10 +713,23 @@ impl Store {
             return Ok(entries);
         }
         entries.reserve(own.len());
+        let mut used = Vec::with_capacity(own.len());
         for &OwnEntry { seq, entry } in own {
             let gone = || StoreError::OwnEntryGone { seq, entry };
             let stored = self.kv.get(&keys::queue(entry))?.ok_or_else(gone)?;
-            let queued = self.with_change(decode::<SyncQueueEntry>(&stored, "queue entry")?)?;
+            let queued = decode::<SyncQueueEntry>(&stored, "queue entry")?;
+            // A completed entry's change is read from its record's document; one the document
+            // no longer holds (its history was rewritten since) is downloaded whole.
+            let queued = match Held::of(&queued.data) {
+                Held::Completed { hash, .. } => SyncQueueEntry {
+                    data: self
+                        .change_in_document(&queued.model_name, &queued.object_id, &hash)?
+                        .ok_or_else(gone)?,
+                    ..queued
+                },
+                Held::Whole(_) | Held::Apart => self.with_change(queued)?,
+            };
+            used.push(queued.id);
             entries.push(LogEntry {
                 seq,
                 collection: queued.model_name,
@@ -724,7 +738,47 @@ impl Store {
             });
         }
         entries.sort_unstable_by_key(|e| e.seq);
+        self.forget_completed_changes(&used)?;
         Ok(entries)
+    }
+
+    /// Has the completed entries among `ids`, whose changes came back in the log, keep their
+    /// changes' hashes and lengths only (`completed`): their records' documents hold them. Only
+    /// once back: until then the download may need them whole, and a record's history may be
+    /// written again (flattened, purged, set aside) before its change comes back. Not durable
+    /// by itself, and need not be: an entry still whole is only larger.
+    fn forget_completed_changes(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let mut queue = self.lock_queue();
+        let mut batch = Batch::default();
+        for &id in ids {
+            let Some(stored) = self.kv.get(&keys::queue(id))? else {
+                continue;
+            };
+            let entry: SyncQueueEntry = decode(&stored, "queue entry")?;
+            if entry.status != QueueStatus::Completed {
+                continue;
+            }
+            let change = match Held::of(&entry.data) {
+                Held::Whole(change) => change.to_vec(),
+                Held::Apart => self.with_change(entry.clone())?.data,
+                Held::Completed { .. } => continue,
+            };
+            let Some(marked) = completed::mark(&change) else {
+                continue;
+            };
+            if change.len() > super::INLINE_CHANGE_BYTES {
+                batch.remove(keys::queue_change(id));
+            }
+            let kept = SyncQueueEntry {
+                data: marked,
+                ..entry
+            };
+            batch.put(keys::queue(id), super::encode(&kept, "queue entry")?);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.apply_queue_batch(&mut queue, batch, CountDelta::default())
     }
 
     /// Applies entries of the relay's log to the local documents and moves the download cursor to

@@ -757,14 +757,10 @@ pub fn assert_queue_matches_history(store: &ferry::store::Store, addresses: &[(&
             "{c}/{id}: queue entries vs history"
         );
         for (e, h) in carried.iter().zip(&history) {
-            let change = automerge::Change::from_bytes(e.data.clone())
-                .unwrap_or_else(|err| panic!("queue entry {} holds no change: {err}", e.id));
-            assert_eq!(
-                change.hash().to_string(),
-                h.hash,
-                "{c}/{id}, entry {}",
-                e.id
-            );
+            let change = ferry::store::completed::Held::of(&e.data)
+                .hash()
+                .unwrap_or_else(|| panic!("queue entry {} holds no change", e.id));
+            assert_eq!(change.to_string(), h.hash, "{c}/{id}, entry {}", e.id);
             assert_eq!(
                 e.operation.as_str(),
                 h.operation,
