@@ -8,8 +8,9 @@
 //! change of a few hundred), kept in the record's pair instead of the document
 //! (`store::paired`), and expanded again whenever the document is read.
 //!
-//! A short form is made only when expanding it gives back the document's very bytes (checked
-//! here, when it is made), and an expansion is accepted only when the change it writes is the
+//! A short form is made only for a change `first_change::encode` writes byte for byte from the
+//! fields the view holds (the store's own new records are written so; a change from elsewhere
+//! is checked here), and an expansion is accepted only when the change it writes is the
 //! one the view names as the record's head: a view that does not imply its document reads as a
 //! damaged pair, never as another document.
 //!
@@ -24,15 +25,9 @@ use std::collections::BTreeSet;
 /// The short form's first byte: its layout's version.
 const FORMAT: u8 = 1;
 
-/// The short form of `document`, the first change `actor` made at `time_ms` with `message`,
-/// whose record's view is `view`; `None` unless expanding it gives back `document` exactly.
-pub(super) fn shorten(
-    actor: &ActorId,
-    time_ms: i64,
-    message: &str,
-    document: &[u8],
-    view: &[u8],
-) -> Option<Vec<u8>> {
+/// The short form of the first change `actor` made at `time_ms` with `message`, setting the
+/// fields its record's view holds, as `first_change::encode` writes it from them.
+pub(super) fn short_form(actor: &ActorId, time_ms: i64, message: &str) -> Option<Vec<u8>> {
     let actor = actor.to_bytes();
     let actor_len = u8::try_from(actor.len()).ok()?;
     let mut short = Vec::with_capacity(10 + actor.len() + message.len());
@@ -41,7 +36,23 @@ pub(super) fn shorten(
     short.extend_from_slice(actor);
     short.extend_from_slice(&time_ms.to_le_bytes());
     short.extend_from_slice(message.as_bytes());
-    (expand(&short, view)? == document).then_some(short)
+    Some(short)
+}
+
+/// The short form of `document`, a first change from elsewhere by `actor` at `time_ms` with
+/// `message`, read as setting `fields` (the fields its record's view is made of); `None` unless
+/// `first_change::encode` writes `document` exactly from them. The view holds `fields` as JSON
+/// text, which reads back as the same values (`serde_json` with `float_roundtrip`), so the
+/// expansion gives `document` back.
+pub(super) fn shorten(
+    actor: &ActorId,
+    time_ms: i64,
+    message: &str,
+    fields: &Fields,
+    document: &[u8],
+) -> Option<Vec<u8>> {
+    let written = first_change::encode(actor, time_ms, message, fields, &BTreeSet::new())?;
+    (written.bytes == document).then(|| short_form(actor, time_ms, message))?
 }
 
 /// The document `short` stands for, with its record's `view`; `None` when they do not give the
@@ -103,8 +114,19 @@ mod tests {
         let fields =
             fields(json!({"name": "Ada", "n": 3, "neg": -4, "f": 2.5, "ok": true, "none": null}));
         let (change, view) = created(&fields);
-        let short = shorten(&actor(), 1_700_000_000_123, "create", &change.bytes, &view).unwrap();
+        let short = shorten(
+            &actor(),
+            1_700_000_000_123,
+            "create",
+            &fields,
+            &change.bytes,
+        )
+        .unwrap();
         assert!(short.len() < 40, "{} bytes", short.len());
+        assert_eq!(
+            short_form(&actor(), 1_700_000_000_123, "create"),
+            Some(short.clone())
+        );
         assert_eq!(expand(&short, &view), Some(change.bytes.clone()));
         // Automerge loads the expanded bytes as the record it created.
         let mut record = Record::load(&change.bytes, &actor()).unwrap();
@@ -114,22 +136,40 @@ mod tests {
     #[test]
     fn no_short_form_for_another_document_or_view() {
         let fields = fields(json!({"name": "Ada"}));
-        let (change, view) = created(&fields);
+        let (change, _) = created(&fields);
         // Another time, actor or message writes another change.
-        assert_eq!(shorten(&actor(), 1, "create", &change.bytes, &view), None);
+        assert_eq!(shorten(&actor(), 1, "create", &fields, &change.bytes), None);
         let other = ActorId::from([8u8; 16].as_slice());
         assert_eq!(
-            shorten(&other, 1_700_000_000_123, "create", &change.bytes, &view),
+            shorten(&other, 1_700_000_000_123, "create", &fields, &change.bytes),
             None
         );
         assert_eq!(
-            shorten(&actor(), 1_700_000_000_123, "update", &change.bytes, &view),
+            shorten(
+                &actor(),
+                1_700_000_000_123,
+                "update",
+                &fields,
+                &change.bytes
+            ),
+            None
+        );
+        // Other fields write another change.
+        let bob = self::fields(json!({"name": "Bob"}));
+        assert_eq!(
+            shorten(&actor(), 1_700_000_000_123, "create", &bob, &change.bytes),
             None
         );
         // The short form holds no fields: with another record's view it gives that record's
         // change, the one the view names; with a view naming another change, nothing.
-        let short = shorten(&actor(), 1_700_000_000_123, "create", &change.bytes, &view).unwrap();
-        let bob = self::fields(json!({"name": "Bob"}));
+        let short = shorten(
+            &actor(),
+            1_700_000_000_123,
+            "create",
+            &fields,
+            &change.bytes,
+        )
+        .unwrap();
         let (bob_change, bob_view) = created(&bob);
         assert_eq!(expand(&short, &bob_view), Some(bob_change.bytes));
         let relabelled = views::of_new_record(&bob, change.hash, &Policy::default()).unwrap();
@@ -140,7 +180,14 @@ mod tests {
     fn damaged_short_forms_expand_to_nothing() {
         let fields = fields(json!({"name": "Ada"}));
         let (change, view) = created(&fields);
-        let short = shorten(&actor(), 1_700_000_000_123, "create", &change.bytes, &view).unwrap();
+        let short = shorten(
+            &actor(),
+            1_700_000_000_123,
+            "create",
+            &fields,
+            &change.bytes,
+        )
+        .unwrap();
         for cut in 0..short.len() {
             assert_eq!(expand(&short[..cut], &view), None, "cut at {cut}");
         }

@@ -1829,7 +1829,8 @@ impl Staged {
         let view = views::of_new_record(fields, first.hash, policy)?;
         let message = Operation::Create.as_str();
         Ok(Staged {
-            short: implied::shorten(actor, time_ms, message, &first.bytes, &view),
+            // `first` was encoded from `fields`, which the view holds.
+            short: implied::short_form(actor, time_ms, message),
             view: Some(view),
             written: Some((Operation::Create, first.bytes.clone(), first.bytes)),
             heads: vec![first.hash.to_string()],

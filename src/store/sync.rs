@@ -1006,8 +1006,9 @@ impl Store {
                     return Ok::<_, StoreError>(false);
                 };
                 let message = first.message.as_deref().unwrap_or_default();
+                let fields = &first.plain.fields;
                 let short =
-                    implied::shorten(&first.actor, first.time_ms, message, &entry.change, &view);
+                    implied::shorten(&first.actor, first.time_ms, message, fields, &entry.change);
                 let (doc_key, view_key) = (keys::doc(&key.0, &key.1), keys::view(&key.0, &key.1));
                 batch.put_record(doc_key, entry.change.clone(), view_key, view, short);
                 Store::log_created(&mut ledger, &key, first.hash);
