@@ -95,38 +95,25 @@ mod tests {
         ActorId::from([7u8; 16].as_slice())
     }
 
-    /// A record's first change and view, as the store writes them.
-    fn created(fields: &Fields) -> (first_change::EncodedChange, Vec<u8>) {
-        let change = first_change::encode(
-            &actor(),
-            1_700_000_000_123,
-            "create",
-            fields,
-            &BTreeSet::new(),
-        )
-        .expect("plain fields");
+    const TIME: i64 = 1_700_000_000_123;
+
+    /// A record's first change and view, as the store writes them, and the change's short form
+    /// as a device receiving it makes it.
+    fn created(fields: &Fields) -> (first_change::EncodedChange, Vec<u8>, Vec<u8>) {
+        let change = first_change::encode(&actor(), TIME, "create", fields, &BTreeSet::new())
+            .expect("plain fields");
         let view = views::of_new_record(fields, change.hash, &Policy::default()).expect("view");
-        (change, view)
+        let short = shorten(&actor(), TIME, "create", fields, &change.bytes).expect("short form");
+        (change, view, short)
     }
 
     #[test]
     fn a_short_form_expands_to_the_document_it_was_made_of() {
         let fields =
             fields(json!({"name": "Ada", "n": 3, "neg": -4, "f": 2.5, "ok": true, "none": null}));
-        let (change, view) = created(&fields);
-        let short = shorten(
-            &actor(),
-            1_700_000_000_123,
-            "create",
-            &fields,
-            &change.bytes,
-        )
-        .unwrap();
+        let (change, view, short) = created(&fields);
         assert!(short.len() < 40, "{} bytes", short.len());
-        assert_eq!(
-            short_form(&actor(), 1_700_000_000_123, "create"),
-            Some(short.clone())
-        );
+        assert_eq!(short_form(&actor(), TIME, "create"), Some(short.clone()));
         assert_eq!(expand(&short, &view), Some(change.bytes.clone()));
         // Automerge loads the expanded bytes as the record it created.
         let mut record = Record::load(&change.bytes, &actor()).unwrap();
@@ -136,41 +123,24 @@ mod tests {
     #[test]
     fn no_short_form_for_another_document_or_view() {
         let fields = fields(json!({"name": "Ada"}));
-        let (change, _) = created(&fields);
+        let (change, _, short) = created(&fields);
         // Another time, actor or message writes another change.
         assert_eq!(shorten(&actor(), 1, "create", &fields, &change.bytes), None);
         let other = ActorId::from([8u8; 16].as_slice());
         assert_eq!(
-            shorten(&other, 1_700_000_000_123, "create", &fields, &change.bytes),
+            shorten(&other, TIME, "create", &fields, &change.bytes),
             None
         );
         assert_eq!(
-            shorten(
-                &actor(),
-                1_700_000_000_123,
-                "update",
-                &fields,
-                &change.bytes
-            ),
+            shorten(&actor(), TIME, "update", &fields, &change.bytes),
             None
         );
         // Other fields write another change.
         let bob = self::fields(json!({"name": "Bob"}));
-        assert_eq!(
-            shorten(&actor(), 1_700_000_000_123, "create", &bob, &change.bytes),
-            None
-        );
+        assert_eq!(shorten(&actor(), TIME, "create", &bob, &change.bytes), None);
         // The short form holds no fields: with another record's view it gives that record's
         // change, the one the view names; with a view naming another change, nothing.
-        let short = shorten(
-            &actor(),
-            1_700_000_000_123,
-            "create",
-            &fields,
-            &change.bytes,
-        )
-        .unwrap();
-        let (bob_change, bob_view) = created(&bob);
+        let (bob_change, bob_view, _) = created(&bob);
         assert_eq!(expand(&short, &bob_view), Some(bob_change.bytes));
         let relabelled = views::of_new_record(&bob, change.hash, &Policy::default()).unwrap();
         assert_eq!(expand(&short, &relabelled), None);
@@ -179,15 +149,7 @@ mod tests {
     #[test]
     fn damaged_short_forms_expand_to_nothing() {
         let fields = fields(json!({"name": "Ada"}));
-        let (change, view) = created(&fields);
-        let short = shorten(
-            &actor(),
-            1_700_000_000_123,
-            "create",
-            &fields,
-            &change.bytes,
-        )
-        .unwrap();
+        let (_, view, short) = created(&fields);
         for cut in 0..short.len() {
             assert_eq!(expand(&short[..cut], &view), None, "cut at {cut}");
         }
