@@ -42,7 +42,7 @@ pub(super) fn last_known(ctx: &Context, service: &Service) -> Result<Option<Sync
 pub(super) fn print_doctor(answer: &DoctorAnswer) {
     let c = &answer.checkup;
     let read = format!(
-        "{} keys, {} documents, {} queue entries, {} unsynced changes journaled",
+        "{} keys, {} documents, {} queue entries, {} journal records (a copy of each local change until the journal is rewritten)",
         c.keys, c.documents, c.queue_entries, c.journaled_changes
     );
     match &c.damage {

@@ -63,7 +63,14 @@ use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-const FORMAT_VERSION: &[u8] = b"1";
+/// The store format this build writes. Format 2 added what format 1 builds cannot read: record
+/// pairs holding a short form of their document (`paired`, `implied`) and the pending index in
+/// buckets (`pending_buckets`).
+const FORMAT_VERSION: &[u8] = b"2";
+
+/// Formats this build opens; an older one is marked with `FORMAT_VERSION` before anything is
+/// written, so that an older build refuses the store instead of reading new pairs as damage.
+const READABLE_FORMATS: [&[u8]; 2] = [b"1", FORMAT_VERSION];
 
 /// A queue entry's change longer than this is kept under its own key (`keys::queue_change`).
 pub const INLINE_CHANGE_BYTES: usize = 2048;
@@ -99,7 +106,10 @@ pub enum StoreError {
         "this data directory belongs to device {stored}, but the identity key is device {given}: use the data directory's own key"
     )]
     WrongDevice { stored: String, given: String },
-    #[error("the data directory has store format {0:?}, which this version of ferry cannot read")]
+    #[error(
+        "the data directory has store format {0:?}, which this version of ferry cannot read \
+         (it reads formats 1 and 2): it was written by a newer ferry; run that version or a newer one"
+    )]
     UnsupportedFormat(String),
     #[error("queue entry {0} not found")]
     QueueEntryNotFound(u64),
@@ -447,6 +457,12 @@ impl Store {
         }
         match kv.get(keys::META_FORMAT)? {
             Some(v) if v == FORMAT_VERSION => {}
+            Some(v) if READABLE_FORMATS.contains(&v.as_slice()) => {
+                let mut batch = Batch::default();
+                batch.put(keys::META_FORMAT.to_vec(), FORMAT_VERSION.to_vec());
+                kv.apply(batch)?;
+                kv.flush()?;
+            }
             other => {
                 let found = other.map(|v| String::from_utf8_lossy(&v).into_owned());
                 return Err(StoreError::UnsupportedFormat(found.unwrap_or_default()));
@@ -2296,6 +2312,41 @@ mod tests {
             Arc::new(SystemClock),
         )
         .unwrap()
+    }
+
+    /// A store of format 1 opens and is marked with this build's format at once, so that a
+    /// format-1 build refuses it from then on; a format this build does not know is refused with
+    /// an error naming it, before anything is written.
+    #[test]
+    fn an_older_format_is_marked_current_and_a_newer_one_is_refused() {
+        let kv = MemoryKv::default();
+        drop(open(&kv));
+        let mut batch = Batch::default();
+        batch.put(keys::META_FORMAT.to_vec(), b"1".to_vec());
+        kv.apply(batch).unwrap();
+        drop(open(&kv));
+        assert_eq!(
+            kv.get(keys::META_FORMAT).unwrap(),
+            Some(FORMAT_VERSION.to_vec())
+        );
+
+        let mut batch = Batch::default();
+        batch.put(keys::META_FORMAT.to_vec(), b"3".to_vec());
+        kv.apply(batch).unwrap();
+        let opened = Store::open(
+            Box::new(kv.clone()),
+            DEVICE,
+            StoreOptions::default(),
+            Arc::new(SystemClock),
+        );
+        match opened {
+            Err(error @ StoreError::UnsupportedFormat(_)) => {
+                assert!(error.to_string().contains("\"3\""), "{error}");
+            }
+            Err(other) => panic!("expected UnsupportedFormat, got {other}"),
+            Ok(_) => panic!("a store of format 3 opened"),
+        }
+        assert_eq!(kv.get(keys::META_FORMAT).unwrap(), Some(b"3".to_vec()));
     }
 
     fn fields(v: serde_json::Value) -> Fields {
