@@ -443,9 +443,15 @@ const SPACE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(60
 /// of sled's log segments.
 const RESUME_FREE_BYTES: u64 = 4 << 20;
 
+/// How long a due space check waits for a sync in progress to finish. A compaction holds the
+/// store's writes for as long as the copy takes (about 30 s for a store of 1,000,000 records),
+/// so one run in the middle of a large first upload or download stalls it; a device that never
+/// stops syncing is still compacted after this long.
+const SYNC_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Looks after the store's storage until shutdown. At start and every `SPACE_CHECK_EVERY` it keeps
 /// the store within its space bound (`Store::bound_space`, which compacts it when it is over),
-/// waiting up to `SPACE_CHECK_EVERY` for a sync in progress to finish first: a compaction copies
+/// waiting up to `SYNC_WAIT_MAX` for a sync in progress to finish first: a compaction copies
 /// the whole store, and a device that just started usually has an upload or download to do.
 /// While writes are refused for a full disk, it reopens the store as soon as the disk has room
 /// again, so writes resume without a restart; the alerts hear of both.
@@ -472,7 +478,7 @@ async fn look_after_storage(
                 let status = watch.borrow();
                 status.syncing || status.relay_head > status.cursor
             }) || (sync.is_some() && store.has_pending().unwrap_or(true));
-            !syncing || waited >= SPACE_CHECK_EVERY
+            !syncing || waited >= SYNC_WAIT_MAX
         };
         if check_space {
             space_checked = Some(std::time::Instant::now());
