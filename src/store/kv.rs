@@ -509,6 +509,11 @@ const SEALED_KEY: &[u8] = &[RESERVED, 0xff, 0xff, 0xff, 0xff, b's'];
 /// value) left 1.9x to 2.7x (`benches/store_space.rs`).
 const COPY_BATCH_BYTES: usize = 256 << 10;
 
+/// The cache of the fresh sled a compaction copies into: the copy writes in key order and reads
+/// nothing back, and each MiB of cache sled fills costs several of memory, so the store is
+/// opened again through its own cache once the copy is made.
+const COPY_CACHE_BYTES: u64 = 4 << 20;
+
 /// `{RESERVED}{key length u32}{key}`: the prefix of a chunked value's chunks. The length makes
 /// the prefixes of two keys disjoint even when one key is a prefix of the other.
 fn chunk_prefix(key: &[u8]) -> Vec<u8> {
@@ -1035,7 +1040,7 @@ impl Kv for SledKv {
         let next = engine.generation + 1;
         let dir = self.generations.dir(next);
         let copied = remove_all(&dir)
-            .and_then(|()| open_db(&dir, self.cache_bytes))
+            .and_then(|()| open_db(&dir, COPY_CACHE_BYTES.min(self.cache_bytes)))
             .and_then(|fresh| {
                 copy_all(old, &fresh, engine.sealed)?;
                 fresh
@@ -1058,10 +1063,21 @@ impl Kv for SledKv {
             let _ = remove_all(&dir);
         })?;
         let previous = engine.generation;
-        engine.chunked = Mutex::new(chunked_keys(&fresh).ok());
-        engine.db = Some(fresh);
         engine.generation = next;
         engine.sealed = true;
+        engine.db = None;
+        // The copy was made through a small cache; the store reads through its own. Should
+        // that open fail, the store stays closed and `reopen` tries again, as after a failed
+        // write.
+        drop(fresh);
+        let fresh = open_db(&dir, self.cache_bytes).inspect_err(|_| {
+            self.lock_failure().get_or_insert_with(|| Failure {
+                since: now_ms(),
+                reopened: false,
+            });
+        })?;
+        engine.chunked = Mutex::new(chunked_keys(&fresh).ok());
+        engine.db = Some(fresh);
         drop(engine);
         // The switch is durable: the old generation is garbage, and `settle` removes it at the
         // next open if this does not.
