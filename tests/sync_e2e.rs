@@ -379,6 +379,8 @@ fn a_new_device_bootstraps_a_space_with_unique_constraints_and_finds_the_same_cl
             json!({ "collection": "User", "id": format!("u{i:02}"), "fields": { "email": format!("e{}", i % 10) } }),
         );
     }
+    // B patches records it must hold first: a patch of a record not there yet is refused.
+    wait_converged(&[&da, &db], 30);
     // Some let go of their address: the clashes they were in end.
     for i in 20..25 {
         call(
