@@ -8,7 +8,10 @@
 //!
 //! Log keys (a space name holds no control characters, so `\0` ends it; collection names and
 //! record ids hold none either; every text part ends with `\0`):
-//! - `l{space}\0{seq u64 BE}` → a log entry: collection, record, origin device, change bytes.
+//! - `l{space}\0{last seq u64 BE}\x01` → a block of consecutive log entries (collection,
+//!   record, origin device, change bytes) of one append, ending at that seq, compressed together
+//!   (`log_blocks`); `l{space}\0{seq u64 BE}` → one log entry, as earlier versions stored it
+//!   (read as before; they sort among the blocks by seq).
 //! - `h{space}\0{collection}\0{record}\0{change hash, 32 bytes}` → `{seq u64 BE}`: the dedup
 //!   index, per record (two records may hold byte-identical changes), also used to check that a
 //!   change's dependencies are already in the record's log.
@@ -53,6 +56,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use super::log_blocks::{self, StoredEntry};
 use super::{
     AccountRecord, AccountStorage, AccountWrite, Append, DeviceRecord, EnrolmentRecord, Holders,
     LogCompaction, LogStorage, RelayConflictCount, StorageError, StoredKey, Tombstone, UniqueValue,
@@ -84,16 +88,6 @@ impl StoredHolders {
     }
 }
 
-/// A log entry as stored (postcard; field order is the format).
-#[derive(Serialize, Deserialize)]
-struct StoredEntry<'a> {
-    collection: std::borrow::Cow<'a, str>,
-    record: std::borrow::Cow<'a, str>,
-    origin: std::borrow::Cow<'a, str>,
-    #[serde(with = "serde_bytes", borrow)]
-    change: std::borrow::Cow<'a, [u8]>,
-}
-
 pub struct KvStorage {
     kv: Arc<dyn Kv>,
     /// Each space's head, read from the log on first use; its lock serialises commits to it.
@@ -119,7 +113,9 @@ impl KvStorage {
         }
         let prefix = key(b'l', &[space]);
         let last = match self.kv.last_key(&prefix, &prefix_end(&prefix))? {
-            Some(k) => seq_at(&k, prefix.len())?,
+            Some(k) => log_blocks::log_key_seq(&k, prefix.len())
+                .map(|(seq, _)| seq)
+                .ok_or_else(|| corrupt("log key", "sequence of the wrong length"))?,
             None => 0,
         };
         // A log compacted through its head keeps no entry: its horizon is its head.
@@ -169,6 +165,7 @@ impl KvStorage {
     /// Drops the space's log entries up to `horizon`, a part at a time (each part one batch,
     /// its bytes taken off the quota under the space's commit lock, so appends go on between
     /// parts): what a crash leaves lies below the horizon, and the next compaction drops it.
+    /// The block holding both sides of the horizon is written again with the entries above it.
     fn drop_entries(
         &self,
         space: &str,
@@ -176,36 +173,71 @@ impl KvStorage {
         horizon: u64,
     ) -> Result<(), StorageError> {
         let prefix = key(b'l', &[space]);
-        let end = seq_key(b'l', &[space], horizon.saturating_add(1));
+        let below = seq_key(b'l', &[space], horizon.saturating_add(1));
         loop {
             let _commits = lock(state);
-            let rows = self.kv.range(&prefix, &end, 4096)?;
+            let mut rows = self.kv.range(&prefix, &below, 512)?;
             if rows.is_empty() {
-                return Ok(());
+                rows = self.kv.range(&below, &prefix_end(&prefix), 1)?;
             }
             let mut batch = Batch::default();
-            let mut bytes = 0u64;
+            let mut dropped = 0u64;
             for (k, v) in rows {
-                bytes = bytes.saturating_add(v.len() as u64);
-                // A base that names this entry (a record with no change since it was created)
-                // takes the change itself before the entry goes.
-                let seq = seq_at(&k, prefix.len())?;
-                let entry: StoredEntry = decode(&v, "log entry")?;
-                let base = key(b'b', &[space, &entry.collection, &entry.record]);
-                if let Some(stored) = self.kv.get(&base)?
-                    && logged_base(&stored) == Some(seq)
-                {
-                    batch.put(base, entry.change.into_owned());
+                let entries = log_blocks::entries(&k, &v, prefix.len())?;
+                if entries.first().is_none_or(|(seq, _)| *seq > horizon) {
+                    continue;
                 }
-                batch.remove(k);
+                let mut above = Vec::new();
+                for (seq, entry) in entries {
+                    if seq > horizon {
+                        above.push(entry);
+                        continue;
+                    }
+                    dropped = dropped.saturating_add(log_blocks::quota_bytes(&entry));
+                    // A base that names this entry (a record with no change since it was
+                    // created) takes the change itself before the entry goes.
+                    let base = key(b'b', &[space, &entry.collection, &entry.record]);
+                    if let Some(stored) = self.kv.get(&base)?
+                        && logged_base(&stored) == Some(seq)
+                    {
+                        batch.put(base, entry.change.into_owned());
+                    }
+                }
+                if above.is_empty() {
+                    batch.remove(k);
+                } else {
+                    batch.put(k, log_blocks::pack(&above)?);
+                }
+            }
+            if batch.is_empty() {
+                return Ok(());
             }
             let before = self.log_bytes(space)?;
             batch.put(
                 key(b's', &[space]),
-                before.saturating_sub(bytes).to_be_bytes().to_vec(),
+                before.saturating_sub(dropped).to_be_bytes().to_vec(),
             );
             self.kv.apply(batch)?;
         }
+    }
+
+    /// The entry logged at `seq`, read from the value holding it: the first at or after its key.
+    fn entry_at(
+        &self,
+        space: &str,
+        seq: u64,
+    ) -> Result<Option<StoredEntry<'static>>, StorageError> {
+        let prefix = key(b'l', &[space]);
+        let holding = self
+            .kv
+            .range(&seq_key(b'l', &[space], seq), &prefix_end(&prefix), 1)?;
+        let Some((k, v)) = holding.into_iter().next() else {
+            return Ok(None);
+        };
+        Ok(log_blocks::entries(&k, &v, prefix.len())?
+            .into_iter()
+            .find(|(at, _)| *at == seq)
+            .map(|(_, entry)| entry))
     }
 
     /// Removes what the space keeps of the record's history: base, tail, logged heads, unique
@@ -315,19 +347,27 @@ impl KvStorage {
             };
             batch.put(key(b'b', &[space, collection, record]), value);
         }
-        let mut log_bytes = 0u64;
-        for (seq, entry) in (append.after.saturating_add(1)..).zip(&append.entries) {
-            let encoded = encode(
-                &StoredEntry {
-                    collection: entry.collection.as_str().into(),
-                    record: entry.record.as_str().into(),
-                    origin: entry.origin.as_str().into(),
-                    change: entry.change.as_slice().into(),
-                },
-                "log entry",
-            )?;
-            log_bytes = log_bytes.saturating_add(encoded.len() as u64);
-            batch.put(seq_key(b'l', &[space], seq), encoded);
+        let first_seq = append.after.saturating_add(1);
+        let stored: Vec<StoredEntry> = append
+            .entries
+            .iter()
+            .map(|entry| StoredEntry {
+                collection: entry.collection.as_str().into(),
+                record: entry.record.as_str().into(),
+                origin: entry.origin.as_str().into(),
+                change: entry.change.as_slice().into(),
+            })
+            .collect();
+        let log_bytes = stored
+            .iter()
+            .map(log_blocks::quota_bytes)
+            .fold(0, u64::saturating_add);
+        for block in log_blocks::blocks(&stored) {
+            let last = first_seq.saturating_add(block.end.saturating_sub(1) as u64);
+            let value = log_blocks::pack(stored.get(block).unwrap_or_default())?;
+            batch.put(block_key(space, last), value);
+        }
+        for (seq, entry) in (first_seq..).zip(&append.entries) {
             // A purge entry is no change: nothing to deduplicate.
             if !entry.change.is_empty() {
                 batch.put(
@@ -511,14 +551,9 @@ impl LogStorage for KvStorage {
     }
 
     fn change_at(&self, space: &str, seq: u64) -> Result<Option<Vec<u8>>, StorageError> {
-        match self.kv.get(&seq_key(b'l', &[space], seq))? {
-            Some(bytes) => Ok(Some(
-                decode::<StoredEntry>(&bytes, "log entry")?
-                    .change
-                    .into_owned(),
-            )),
-            None => Ok(None),
-        }
+        Ok(self
+            .entry_at(space, seq)?
+            .map(|entry| entry.change.into_owned()))
     }
 
     fn read_log(
@@ -535,26 +570,29 @@ impl LogStorage for KvStorage {
         let mut entries = Vec::new();
         let mut bytes = 0usize;
         'scan: while entries.len() < max_changes {
-            let page = self
-                .kv
-                .range(&start, &end, (max_changes - entries.len()).min(256))?;
+            // A value holds up to a block of entries (one, if an earlier version stored it).
+            let values = (max_changes - entries.len()).div_ceil(16).min(64);
+            let page = self.kv.range(&start, &end, values)?;
             let Some((last, _)) = page.last() else { break };
             start = after_key(last);
             for (k, v) in page {
-                let seq = seq_at(&k, prefix.len())?;
-                let entry: StoredEntry = decode(&v, "log entry")?;
-                if !entries.is_empty() && bytes.saturating_add(entry.change.len()) > max_bytes {
-                    break 'scan;
-                }
-                bytes = bytes.saturating_add(entry.change.len());
-                entries.push(LogEntry {
-                    seq,
-                    collection: entry.collection.into_owned(),
-                    record: entry.record.into_owned(),
-                    change: entry.change.into_owned(),
-                });
-                if entries.len() == max_changes {
-                    break 'scan;
+                for (seq, entry) in log_blocks::entries(&k, &v, prefix.len())? {
+                    if seq <= after {
+                        continue;
+                    }
+                    if !entries.is_empty() && bytes.saturating_add(entry.change.len()) > max_bytes {
+                        break 'scan;
+                    }
+                    bytes = bytes.saturating_add(entry.change.len());
+                    entries.push(LogEntry {
+                        seq,
+                        collection: entry.collection.into_owned(),
+                        record: entry.record.into_owned(),
+                        change: entry.change.into_owned(),
+                    });
+                    if entries.len() == max_changes {
+                        break 'scan;
+                    }
                 }
             }
         }
@@ -573,12 +611,8 @@ impl LogStorage for KvStorage {
         let Some(seq) = logged_base(&stored) else {
             return Ok(Some(stored));
         };
-        match self.kv.get(&seq_key(b'l', &[space], seq))? {
-            Some(bytes) => Ok(Some(
-                decode::<StoredEntry>(&bytes, "log entry")?
-                    .change
-                    .into_owned(),
-            )),
+        match self.entry_at(space, seq)? {
+            Some(entry) => Ok(Some(entry.change.into_owned())),
             None => Err(corrupt(
                 "document",
                 format!(
@@ -797,9 +831,12 @@ impl LogStorage for KvStorage {
                 return Ok(total);
             };
             start = after_key(last);
-            total = page
-                .iter()
-                .fold(total, |t, (_, v)| t.saturating_add(v.len() as u64));
+            for (k, v) in &page {
+                total = log_blocks::entries(k, v, prefix.len())?
+                    .iter()
+                    .map(|(_, entry)| log_blocks::quota_bytes(entry))
+                    .fold(total, u64::saturating_add);
+            }
         }
     }
 
@@ -1203,7 +1240,17 @@ pub(super) fn damaged(key: &[u8]) -> StorageError {
         _ => "account data",
     };
     match kind {
-        b'l' | b't' | b'd' => match split_seq(rest) {
+        b'l' => {
+            let space_len = rest.iter().position(|&c| c == 0).unwrap_or(rest.len());
+            let space = text(rest.get(..space_len).unwrap_or_default());
+            let position = match log_blocks::log_key_seq(rest, space_len.saturating_add(1)) {
+                Some((seq, false)) => format!("seq {seq}"),
+                Some((last, true)) => format!("the block of entries ending at seq {last}"),
+                None => "an unreadable key".into(),
+            };
+            named(what, &space, position, None)
+        }
+        b't' | b'd' => match split_seq(rest) {
             Some((head, seq)) => {
                 let mut names = parts(head);
                 let space = if names.is_empty() {
@@ -1279,6 +1326,13 @@ fn seq_key(kind: u8, parts: &[&str], seq: u64) -> Vec<u8> {
     k
 }
 
+/// The key of a block of the space's log entries ending at `last` (`log_blocks`).
+fn block_key(space: &str, last: u64) -> Vec<u8> {
+    let mut k = seq_key(b'l', &[space], last);
+    k.push(log_blocks::BLOCK_TAG);
+    k
+}
+
 fn hash_key(space: &str, collection: &str, record: &str, hash: &[u8; 32]) -> Vec<u8> {
     let mut k = key(b'h', &[space, collection, record]);
     k.extend_from_slice(hash);
@@ -1333,4 +1387,172 @@ fn to_json<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, Stora
 
 fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &'static str) -> Result<T, StorageError> {
     postcard::from_bytes(bytes).map_err(|e| corrupt(what, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::storage::LoggedChange;
+    use crate::store::kv::MemoryKv;
+
+    const SPACE: &str = "team";
+
+    fn change(seq: u64) -> Vec<u8> {
+        format!("the change logged at seq {seq}, as bytes").into_bytes()
+    }
+
+    fn logged(seq: u64) -> LoggedChange {
+        LoggedChange {
+            collection: "Note".into(),
+            record: format!("n{seq}"),
+            origin: "device-a".into(),
+            hash: [u8::try_from(seq).unwrap(); 32],
+            change: change(seq),
+        }
+    }
+
+    fn seqs(storage: &KvStorage, after: u64) -> Vec<u64> {
+        let entries = storage.read_log(SPACE, after, 1000, usize::MAX).unwrap();
+        for entry in &entries {
+            assert_eq!(entry.change, change(entry.seq));
+            assert_eq!(entry.record, format!("n{}", entry.seq));
+        }
+        entries.iter().map(|entry| entry.seq).collect()
+    }
+
+    /// The entry logged at `seq` as earlier versions stored it, one a key.
+    fn alone(seq: u64) -> Vec<u8> {
+        let entry = logged(seq);
+        encode(
+            &StoredEntry {
+                collection: entry.collection.as_str().into(),
+                record: entry.record.as_str().into(),
+                origin: entry.origin.as_str().into(),
+                change: entry.change.as_slice().into(),
+            },
+            "log entry",
+        )
+        .unwrap()
+    }
+
+    fn alone_bytes(seqs: std::ops::RangeInclusive<u64>) -> u64 {
+        seqs.map(|seq| alone(seq).len() as u64).sum()
+    }
+
+    /// What the stored values of the space's log take.
+    fn stored_bytes(kv: &MemoryKv) -> u64 {
+        let prefix = key(b'l', &[SPACE]);
+        let rows = kv.range(&prefix, &prefix_end(&prefix), usize::MAX).unwrap();
+        rows.iter().map(|(_, v)| v.len() as u64).sum()
+    }
+
+    /// A log kept by an earlier version (one entry a key) goes on in blocks: the head, reads
+    /// across both, bases naming an entry of either, and a compaction whose horizon falls inside
+    /// a block, which keeps the entries above it and the quota in step.
+    #[test]
+    fn a_log_of_single_entries_goes_on_in_blocks_and_compacts_through_both() {
+        let kv = MemoryKv::new();
+        let mut batch = Batch::default();
+        for seq in 1..=3 {
+            batch.put(seq_key(b'l', &[SPACE], seq), alone(seq));
+            batch.put(
+                key(b'b', &[SPACE, "Note", &format!("n{seq}")]),
+                base_in_log(seq),
+            );
+        }
+        batch.put(
+            key(b's', &[SPACE]),
+            alone_bytes(1..=3).to_be_bytes().to_vec(),
+        );
+        kv.apply(batch).unwrap();
+
+        let storage = KvStorage::new(Arc::new(kv.clone()));
+        assert_eq!(storage.head(SPACE).unwrap(), 3);
+        let entries: Vec<LoggedChange> = (4..=80).map(logged).collect();
+        let created = entries
+            .iter()
+            .map(|e| ((e.collection.clone(), e.record.clone()), e.change.clone()))
+            .collect();
+        storage
+            .append(
+                SPACE,
+                Append {
+                    after: 3,
+                    entries,
+                    created,
+                    ..Append::default()
+                },
+            )
+            .unwrap();
+        let storage = KvStorage::new(Arc::new(kv.clone()));
+        assert_eq!(storage.head(SPACE).unwrap(), 80);
+        assert_eq!(seqs(&storage, 0), (1..=80).collect::<Vec<_>>());
+        assert_eq!(seqs(&storage, 2), (3..=80).collect::<Vec<_>>());
+        assert_eq!(seqs(&storage, 40), (41..=80).collect::<Vec<_>>());
+        for seq in [1, 3, 4, 35, 36, 80] {
+            assert_eq!(storage.change_at(SPACE, seq).unwrap(), Some(change(seq)));
+            let base = storage.base(SPACE, "Note", &format!("n{seq}")).unwrap();
+            assert_eq!(base, Some(change(seq)));
+        }
+        assert_eq!(storage.change_at(SPACE, 81).unwrap(), None);
+        let prefix = key(b'l', &[SPACE]);
+        let values = kv.count(&prefix, &prefix_end(&prefix)).unwrap();
+        assert_eq!(values, 3 + 3, "3 single entries and 77 entries in 3 blocks");
+        assert_eq!(
+            storage.log_bytes(SPACE).unwrap(),
+            alone_bytes(1..=80),
+            "as stored alone"
+        );
+        assert!(
+            stored_bytes(&kv) < alone_bytes(1..=3) + alone_bytes(4..=80) / 2,
+            "blocks of alike entries take less than half their entries"
+        );
+
+        storage
+            .compact_log(
+                SPACE,
+                LogCompaction {
+                    after: 80,
+                    horizon: 50,
+                    ..LogCompaction::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(seqs(&storage, 0), (51..=80).collect::<Vec<_>>());
+        assert_eq!(storage.change_at(SPACE, 50).unwrap(), None);
+        assert_eq!(storage.change_at(SPACE, 51).unwrap(), Some(change(51)));
+        for seq in [1, 3, 4, 50, 51, 80] {
+            let base = storage.base(SPACE, "Note", &format!("n{seq}")).unwrap();
+            assert_eq!(base, Some(change(seq)), "n{seq}'s base");
+        }
+        assert_eq!(storage.log_bytes(SPACE).unwrap(), alone_bytes(51..=80));
+        kv.apply({
+            let mut batch = Batch::default();
+            batch.remove(key(b's', &[SPACE]));
+            batch
+        })
+        .unwrap();
+        assert_eq!(
+            storage.log_bytes(SPACE).unwrap(),
+            alone_bytes(51..=80),
+            "measured"
+        );
+        let storage = KvStorage::new(Arc::new(kv.clone()));
+        assert_eq!(storage.head(SPACE).unwrap(), 80);
+    }
+
+    #[test]
+    fn a_damaged_block_is_named_by_its_last_seq() {
+        let damaged = damaged(&block_key(SPACE, 77));
+        assert!(
+            matches!(&damaged, StorageError::Damaged { what: "log entry", space, position, .. }
+                if space == SPACE && position.contains("ending at seq 77")),
+            "{damaged:?}"
+        );
+        let single = super::damaged(&seq_key(b'l', &[SPACE], 1));
+        assert!(
+            matches!(&single, StorageError::Damaged { position, .. } if position == "seq 1"),
+            "{single:?}"
+        );
+    }
 }
