@@ -22,7 +22,7 @@ use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::ipc::{self, decode_message};
 use crate::record::Record;
-use crate::relay::storage::KvStorage;
+use crate::relay::storage::{KvStorage, log_blocks};
 use crate::relay::store::{RelayStore, RelayStoreOptions};
 use crate::resolve::{self, Policy, Strategy};
 use crate::service::{Service, ServiceOptions};
@@ -117,8 +117,9 @@ pub fn record_document(data: &[u8]) {
     }
 }
 
-/// Stored SyncQueue and SyncLog entries, conflict entries, change feed keys, and a record's
-/// document (whole or in its short form) and view as one value.
+/// Stored SyncQueue and SyncLog entries, conflict entries, change feed keys, a record's
+/// document (whole or in its short form) and view as one value, and a relay's log value (a
+/// block of entries, or one entry).
 pub fn stored_entries(data: &[u8]) {
     let _ = crate::store::feed::unpack(data);
     if let Some(pair) = crate::store::paired::parse(data) {
@@ -131,6 +132,31 @@ pub fn stored_entries(data: &[u8]) {
     let _ = postcard::from_bytes::<SyncQueueEntry>(data);
     let _ = postcard::from_bytes::<SyncLogEntry>(data);
     let _ = serde_json::from_slice::<resolve::Conflict>(data);
+    log_block(data);
+}
+
+/// A relay's stored log value, read as a block and as one entry stored alone; a block that reads
+/// packs again into a value that reads the same.
+fn log_block(value: &[u8]) {
+    let mut key = 1000u64.to_be_bytes().to_vec();
+    let _ = log_blocks::entries(&key, value, 0);
+    key.push(log_blocks::BLOCK_TAG);
+    if let Ok(read) = log_blocks::entries(&key, value, 0) {
+        let stored: Vec<log_blocks::StoredEntry> =
+            read.into_iter().map(|(_, entry)| entry).collect();
+        let again = match log_blocks::pack(&stored) {
+            Ok(packed) => log_blocks::entries(&key, &packed, 0),
+            Err(e) => panic!("what was read must pack again: {e}"),
+        };
+        let again = match again {
+            Ok(again) => again,
+            Err(e) => panic!("a packed block must read back: {e}"),
+        };
+        assert_eq!(again.len(), stored.len());
+        for ((_, back), entry) in again.iter().zip(&stored) {
+            assert_eq!((&back.record, &back.change), (&entry.record, &entry.change));
+        }
+    }
 }
 
 /// A config file.

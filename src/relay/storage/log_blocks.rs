@@ -25,7 +25,7 @@ use super::StorageError;
 
 /// A log entry as stored (postcard; field order is the format).
 #[derive(Serialize, Deserialize)]
-pub(super) struct StoredEntry<'a> {
+pub(crate) struct StoredEntry<'a> {
     pub collection: Cow<'a, str>,
     pub record: Cow<'a, str>,
     pub origin: Cow<'a, str>,
@@ -34,7 +34,7 @@ pub(super) struct StoredEntry<'a> {
 }
 
 /// The byte after a block key's seq; an entry stored alone has none.
-pub(super) const BLOCK_TAG: u8 = 1;
+pub(crate) const BLOCK_TAG: u8 = 1;
 /// A block holds at most this many entries...
 const BLOCK_ENTRIES: usize = 32;
 /// ...and, unless its one entry is larger, at most this many bytes before compression: sized so
@@ -97,7 +97,7 @@ fn varint_len(n: usize) -> usize {
 }
 
 /// A block's stored value.
-pub(super) fn pack(entries: &[StoredEntry<'_>]) -> Result<Vec<u8>, StorageError> {
+pub(crate) fn pack(entries: &[StoredEntry<'_>]) -> Result<Vec<u8>, StorageError> {
     let raw = postcard::to_stdvec(entries).map_err(|e| StorageError::Encode {
         what: "log block",
         detail: e.to_string(),
@@ -131,7 +131,7 @@ pub(super) fn log_key_seq(key: &[u8], prefix_len: usize) -> Option<(u64, bool)> 
 
 /// The entries a stored log value holds, with their seqs, in order: `key` is the value's key,
 /// `prefix_len` the length of its space's log prefix.
-pub(super) fn entries(
+pub(crate) fn entries(
     key: &[u8],
     value: &[u8],
     prefix_len: usize,
@@ -269,6 +269,18 @@ mod tests {
         let read = entries(&key(7, false), &alone, 7).unwrap();
         assert_eq!(read.len(), 1);
         assert_eq!((read[0].0, &read[0].1.change[..]), (7, &[1u8, 2, 3][..]));
+    }
+
+    #[test]
+    fn the_fuzz_seeds_are_blocks() {
+        for seed in [
+            &include_bytes!("../../../fuzz/seeds/stored_entries/log_block_plain.bin")[..],
+            &include_bytes!("../../../fuzz/seeds/stored_entries/log_block_zstd.bin")[..],
+        ] {
+            let read = entries(&key(5, true), seed, 7).unwrap();
+            let records: Vec<&str> = read.iter().map(|(_, e)| &*e.record).collect();
+            assert_eq!(records, ["n0", "n1", "n2", "n3", "n4", "n5"]);
+        }
     }
 
     #[test]

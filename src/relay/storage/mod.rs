@@ -18,7 +18,7 @@
 //! made by several relays add up.
 
 pub mod kv;
-mod log_blocks;
+pub(crate) mod log_blocks;
 pub mod pg;
 
 use std::collections::HashMap;
