@@ -144,7 +144,7 @@ pub fn open_storage(
         .into());
     }
     let kv: Arc<dyn crate::store::kv::Kv> = Arc::new(sled);
-    Ok(Arc::new(storage::KvStorage::new(kv)))
+    Ok(Arc::new(storage::KvStorage::open(kv)?))
 }
 
 /// The certificate the relay presents: the configured files; on storage several relays share,

@@ -45,6 +45,9 @@
 //! - `w{space}\0` → the space's web actor (the actor its HTTP writes are made under); spaces
 //!   whose web actor was kept by earlier versions have it under `M{space}\0` + `mdevice`.
 //!
+//! `!layout` → the layout version ("2": log entries in blocks); a store without it holds one
+//! entry a key, as earlier versions wrote it.
+//!
 //! Account keys (upper-case prefixes):
 //! - `A{account}` → `AccountRecord`; `D{device}` → `DeviceRecord`;
 //!   `E{SHA-256 of the code's secret}` → `EnrolmentRecord` (removed when used);
@@ -97,7 +100,35 @@ pub struct KvStorage {
     accounts: Mutex<()>,
 }
 
+/// The key of the store's layout version, `LAYOUT`. A store without it was written before log
+/// entries were kept in blocks (one entry a key), which this version reads as it is.
+const LAYOUT_KEY: &[u8] = b"!layout";
+/// Log entries in blocks (`log_blocks`).
+const LAYOUT: &[u8] = b"2";
+
 impl KvStorage {
+    /// The storage over `kv` as a relay serves it: a layout this version cannot read is refused,
+    /// and the store is marked with this version's layout before anything is written to it, so
+    /// that later versions know what they read.
+    pub fn open(kv: Arc<dyn Kv>) -> Result<Self, StorageError> {
+        match kv.get(LAYOUT_KEY)? {
+            Some(found) if found == LAYOUT => {}
+            Some(found) => {
+                return Err(StorageError::LayoutTooNew {
+                    found: String::from_utf8_lossy(&found).into_owned(),
+                    known: String::from_utf8_lossy(LAYOUT).into_owned(),
+                });
+            }
+            None => {
+                let mut batch = Batch::default();
+                batch.put(LAYOUT_KEY.to_vec(), LAYOUT.to_vec());
+                kv.apply(batch)?;
+                kv.flush()?;
+            }
+        }
+        Ok(KvStorage::new(kv))
+    }
+
     pub fn new(kv: Arc<dyn Kv>) -> Self {
         KvStorage {
             kv,
@@ -1194,7 +1225,7 @@ pub fn key_kind(key: &[u8]) -> &'static str {
         Some(b'u' | b'v') => "unique_values",
         Some(b'd' | b'p') => "tombstones",
         Some(b'z' | b'n') => "compaction_marks",
-        Some(b's' | b'w' | b'M') => "space_metadata",
+        Some(b's' | b'w' | b'M' | b'!') => "space_metadata",
         Some(b'A' | b'D' | b'E' | b'F' | b'K' | b'P') => "accounts",
         _ => "other",
     }
@@ -1237,6 +1268,7 @@ pub(super) fn damaged(key: &[u8]) -> StorageError {
         b'n' => "compaction time mark",
         b'd' => "tombstone note",
         b'p' => "purge marker",
+        b'!' => "layout version",
         _ => "account data",
     };
     match kind {
@@ -1539,6 +1571,23 @@ mod tests {
         );
         let storage = KvStorage::new(Arc::new(kv.clone()));
         assert_eq!(storage.head(SPACE).unwrap(), 80);
+    }
+
+    #[test]
+    fn a_store_is_marked_with_its_layout_and_a_newer_one_is_refused() {
+        let kv = MemoryKv::new();
+        KvStorage::open(Arc::new(kv.clone())).unwrap();
+        assert_eq!(kv.get(LAYOUT_KEY).unwrap().as_deref(), Some(LAYOUT));
+        KvStorage::open(Arc::new(kv.clone())).unwrap();
+        let mut batch = Batch::default();
+        batch.put(LAYOUT_KEY.to_vec(), b"3".to_vec());
+        kv.apply(batch).unwrap();
+        let refused = KvStorage::open(Arc::new(kv.clone())).err().unwrap();
+        assert!(
+            matches!(&refused, StorageError::LayoutTooNew { found, .. } if found == "3"),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("newer ferry"), "{refused}");
     }
 
     #[test]

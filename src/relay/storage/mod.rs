@@ -93,6 +93,12 @@ pub enum StorageError {
          ({known}): upgrade ferry on this machine to the version that migrated it"
     )]
     SchemaTooNew { found: i32, known: i32 },
+    /// The embedded store's layout was written by a newer relay than this one.
+    #[error(
+        "the relay's store is in layout {found:?}, which this ferry binary cannot read (it reads \
+         layouts up to {known:?}): it was written by a newer ferry; run that version or a newer one"
+    )]
+    LayoutTooNew { found: String, known: String },
 }
 
 /// What an operator does about a damaged value: a record's is rebuilt from the log.
