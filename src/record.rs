@@ -138,6 +138,11 @@ pub fn check_chunks(mut bytes: &[u8], allowed: &[u8]) -> Result<(), RecordError>
 /// checksum is the start of, which is how Automerge names the change. `None` for anything but
 /// one well-formed change chunk.
 pub fn chunk_hash(bytes: &[u8]) -> Option<String> {
+    Some(crate::hex::encode(&chunk_hash_bytes(bytes)?))
+}
+
+/// `chunk_hash` as the hash's 32 bytes.
+pub fn chunk_hash_bytes(bytes: &[u8]) -> Option<[u8; 32]> {
     use sha2::Digest as _;
     check_chunks(bytes, &[CHUNK_CHANGE]).ok()?;
     let (len, len_bytes) = read_uleb128(bytes.get(9..)?)?;
@@ -149,13 +154,7 @@ pub fn chunk_hash(bytes: &[u8]) -> Option<String> {
     hasher.update([CHUNK_CHANGE]);
     hasher.update(uleb128(len));
     hasher.update(data);
-    Some(
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+    Some(hasher.finalize().into())
 }
 
 fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {

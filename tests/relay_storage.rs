@@ -34,7 +34,7 @@ use common::postgres::PgServer;
 use common::{fields, open_sled, proptest_config};
 use ferry::auth::token::Family;
 use ferry::clock::FixedClock;
-use ferry::record::Record;
+use ferry::record::{Record, first_change};
 use ferry::relay::storage::{
     AccountRecord, AccountWrite, Append, ClientKind, Compaction, DeviceRecord, EnrolmentRecord,
     Holders, KvStorage, LogCompaction, LoggedChange, PgStorage, RelayConflictCount, RelayStorage,
@@ -1092,6 +1092,59 @@ fn the_log_is_compacted_only_through_what_bases_hold(engine: &dyn Engine) {
     assert_eq!(storage.horizon("other").unwrap(), 0);
 }
 
+/// A record's base that is its first change is known by that change's hash, whether the base
+/// names its log entry or holds the change itself once compaction dropped the entry; a saved
+/// document is not one change.
+fn a_base_that_is_one_change_is_known_by_its_hash(engine: &dyn Engine) {
+    let storage = engine.open();
+    let change = |n: i64| {
+        first_change::encode(
+            &actor(1),
+            n,
+            "create",
+            &fields(json!({"n": n})),
+            &Default::default(),
+        )
+        .unwrap()
+    };
+    let (r, s) = (change(1), change(2));
+    let mut append = Append::new(0);
+    for (id, created) in [("r", &r), ("s", &s)] {
+        append.entries.push(LoggedChange {
+            hash: created.hash.0,
+            ..entry(id, "dev", 0, &created.bytes)
+        });
+        append.created.insert(rec(id), created.bytes.clone());
+    }
+    storage.append(SPACE, append).unwrap();
+    let hash_of = |id: &str| storage.base_change_hash(SPACE, "Doc", id).unwrap();
+    assert_eq!(hash_of("r"), Some(r.hash.0));
+    assert_eq!(hash_of("s"), Some(s.hash.0));
+    assert_eq!(hash_of("nothing"), None);
+
+    // r's document saved as its base, and the log compacted past both first changes.
+    let mut saved = Record::load(&r.bytes, &actor(1)).unwrap();
+    storage
+        .compact_log(
+            SPACE,
+            LogCompaction {
+                after: 2,
+                bases: vec![Compaction {
+                    record: rec("r"),
+                    base: saved.save(),
+                    tail: vec![],
+                }],
+                horizon: 2,
+                mark: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(storage.change_at(SPACE, 2).unwrap(), None);
+    assert_eq!(hash_of("r"), None);
+    assert_eq!(hash_of("s"), Some(s.hash.0));
+    assert_eq!(storage.base(SPACE, "Doc", "s").unwrap(), Some(s.bytes));
+}
+
 /// Through the relay store: compaction by entries and by age keeps every document as it was,
 /// answers reads below the horizon with the horizon, still knows old changes as duplicates,
 /// and takes new changes on top.
@@ -2042,6 +2095,11 @@ macro_rules! conformance {
             #[test]
             fn the_log_is_compacted_only_through_what_bases_hold() {
                 super::the_log_is_compacted_only_through_what_bases_hold(&$engine);
+            }
+
+            #[test]
+            fn a_base_that_is_one_change_is_known_by_its_hash() {
+                super::a_base_that_is_one_change_is_known_by_its_hash(&$engine);
             }
 
             #[test]

@@ -45,8 +45,7 @@
 use crate::clock::{Clock, SystemClock};
 use crate::record::first_change;
 use crate::record::{
-    FLATTEN_OPERATION, Fields, PlainFirst, Record, RecordError, chunk_hash, decode_change,
-    operation_of,
+    FLATTEN_OPERATION, Fields, PlainFirst, Record, RecordError, decode_change, operation_of,
 };
 use crate::relay::created::{CreatedRow, CreatedRows};
 use crate::relay::recent::RecentLogs;
@@ -1218,14 +1217,8 @@ impl RelayStore {
         // A base that is one change (not a saved document) is the record's only change: a
         // record with a tail has its heads stored. Hashing the chunk is all that takes, not
         // decoding the change.
-        let first = self
-            .storage
-            .base(space, collection, record)?
-            .as_deref()
-            .and_then(chunk_hash)
-            .and_then(|h| h.parse::<ChangeHash>().ok());
-        if let Some(first) = first {
-            return Ok(vec![first.0]);
+        if let Some(first) = self.storage.base_change_hash(space, collection, record)? {
+            return Ok(vec![first]);
         }
         Ok(self
             .cached_doc(space, collection, record, |doc| {

@@ -66,6 +66,7 @@ use super::{
     UniqueValues,
 };
 use crate::auth::token::Family;
+use crate::record::chunk_hash_bytes;
 use crate::resolve::{Conflict, ConflictKind, ConflictStatus};
 use crate::store::keys::{after as after_key, prefix_end};
 use crate::store::kv::{Batch, Kv};
@@ -652,6 +653,30 @@ impl LogStorage for KvStorage {
                 ),
             )),
         }
+    }
+
+    /// A base naming its log entry is answered from the dedup index (the entry's hash is the
+    /// one logged at that seq), so the block holding the entry is not unpacked.
+    fn base_change_hash(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<[u8; 32]>, StorageError> {
+        let Some(stored) = self.kv.get(&key(b'b', &[space, collection, record]))? else {
+            return Ok(None);
+        };
+        let Some(seq) = logged_base(&stored) else {
+            return Ok(chunk_hash_bytes(&stored));
+        };
+        let logged = self.record_changes(space, collection, record)?;
+        if let Some((hash, _)) = logged.iter().find(|(_, at)| *at == seq) {
+            return Ok(Some(*hash));
+        }
+        Ok(self
+            .base(space, collection, record)?
+            .as_deref()
+            .and_then(chunk_hash_bytes))
     }
 
     fn has_base(&self, space: &str, collection: &str, record: &str) -> Result<bool, StorageError> {

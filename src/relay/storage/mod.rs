@@ -24,6 +24,7 @@ pub mod pg;
 use std::collections::HashMap;
 
 use crate::auth::token::Family;
+use crate::record::chunk_hash_bytes;
 use crate::resolve::{Conflict, ConflictKind};
 use crate::store::kv::KvError;
 use ferry_proto::wire::{LogEntry, RecordName};
@@ -420,6 +421,21 @@ pub trait LogStorage: Send + Sync {
             }
         }
         Ok(bases)
+    }
+
+    /// The hash of the record's base when that base is one change (its first, for a record
+    /// with no change since it was created) rather than a saved document; `None` otherwise,
+    /// and when the space has no such record.
+    fn base_change_hash(
+        &self,
+        space: &str,
+        collection: &str,
+        record: &str,
+    ) -> Result<Option<[u8; 32]>, StorageError> {
+        Ok(self
+            .base(space, collection, record)?
+            .as_deref()
+            .and_then(chunk_hash_bytes))
     }
 
     /// Whether the space holds the record (it has a base), without reading the base.
