@@ -266,10 +266,7 @@ impl KvStorage {
         let Some((k, v)) = holding.into_iter().next() else {
             return Ok(None);
         };
-        Ok(log_blocks::entries(&k, &v, prefix.len())?
-            .into_iter()
-            .find(|(at, _)| *at == seq)
-            .map(|(_, entry)| entry))
+        log_blocks::entry_at(&k, &v, prefix.len(), seq)
     }
 
     /// Removes what the space keeps of the record's history: base, tail, logged heads, unique

@@ -17,6 +17,7 @@
 //! not make it smaller or it is too big to unpack in one allocation).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
@@ -136,11 +137,38 @@ pub(crate) fn entries(
     value: &[u8],
     prefix_len: usize,
 ) -> Result<Vec<(u64, StoredEntry<'static>)>, StorageError> {
+    read_value(key, value, prefix_len, |first, stored| {
+        (first..).zip(stored.into_iter().map(owned)).collect()
+    })
+}
+
+/// The entry at `seq` in a stored log value (see `entries`), if the value holds it: only that
+/// entry is copied out of the block.
+pub(crate) fn entry_at(
+    key: &[u8],
+    value: &[u8],
+    prefix_len: usize,
+    seq: u64,
+) -> Result<Option<StoredEntry<'static>>, StorageError> {
+    read_value(key, value, prefix_len, |first, stored| {
+        let at = usize::try_from(seq.checked_sub(first)?).ok()?;
+        stored.into_iter().nth(at).map(owned)
+    })
+}
+
+/// Hands `read` the entries a stored log value holds, borrowed from it (or from its unpacked
+/// block), and the seq of the first.
+fn read_value<R>(
+    key: &[u8],
+    value: &[u8],
+    prefix_len: usize,
+    read: impl FnOnce(u64, Vec<StoredEntry<'_>>) -> R,
+) -> Result<R, StorageError> {
     let (seq, block) = log_key_seq(key, prefix_len)
         .ok_or_else(|| corrupt("log key", "sequence of the wrong length".into()))?;
     if !block {
         let entry: StoredEntry = decode(value, "log entry")?;
-        return Ok(vec![(seq, owned(entry))]);
+        return Ok(read(seq, vec![entry]));
     }
     let unpacked;
     let raw = match value.split_first() {
@@ -165,7 +193,7 @@ pub(crate) fn entries(
                 format!("{count} entries cannot end at seq {seq}"),
             )
         })?;
-    Ok((first..).zip(stored.into_iter().map(owned)).collect())
+    Ok(read(first, stored))
 }
 
 fn unpack(packed: &[u8]) -> Result<Vec<u8>, StorageError> {
@@ -179,7 +207,28 @@ fn unpack(packed: &[u8]) -> Result<Vec<u8>, StorageError> {
         }
         _ => return Err(corrupt("log block", "no readable zstd frame".into())),
     };
-    zstd::bulk::decompress(packed, size).map_err(|e| corrupt("log block", e.to_string()))
+    // A decompression context costs more to set up than a block takes to unpack (a snapshot
+    // unpacks one block per record it sends), so each thread keeps one.
+    thread_local! {
+        static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { RefCell::new(None) };
+    }
+    DECOMPRESSOR
+        .with_borrow_mut(|kept| {
+            if kept.is_none() {
+                *kept = Some(zstd::bulk::Decompressor::new()?);
+            }
+            let unpacked = match kept {
+                Some(decompressor) => decompressor.decompress(packed, size),
+                None => zstd::bulk::decompress(packed, size),
+            };
+            if unpacked.is_err() {
+                // Whatever a damaged frame left in the context does not reach the next block.
+                *kept = None;
+            }
+            unpacked
+        })
+        .map_err(|e| corrupt("log block", e.to_string()))
 }
 
 fn owned(entry: StoredEntry<'_>) -> StoredEntry<'static> {
@@ -248,6 +297,27 @@ mod tests {
         let (_, fifth) = &read[5];
         assert_eq!((&*fifth.collection, &*fifth.record), ("Note", "r5"));
         assert_eq!(&fifth.change[..], b"change 5 of a note");
+        // One entry read out of the block is the same entry.
+        for (seq, entry) in &read {
+            let alone = entry_at(&key(119, true), &value, 7, *seq).unwrap().unwrap();
+            assert_eq!(
+                postcard::to_stdvec(&alone).unwrap(),
+                postcard::to_stdvec(entry).unwrap()
+            );
+        }
+        for outside in [0, 99, 120, u64::MAX] {
+            assert!(
+                entry_at(&key(119, true), &value, 7, outside)
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        // A damaged block in between leaves the next one readable.
+        let mut damaged = value.clone();
+        let middle = damaged.len() / 2;
+        damaged[middle] ^= 0x55;
+        assert!(entries(&key(119, true), &damaged, 7).is_err());
+        assert_eq!(entries(&key(119, true), &value, 7).unwrap().len(), 20);
     }
 
     #[test]
@@ -269,6 +339,9 @@ mod tests {
         let read = entries(&key(7, false), &alone, 7).unwrap();
         assert_eq!(read.len(), 1);
         assert_eq!((read[0].0, &read[0].1.change[..]), (7, &[1u8, 2, 3][..]));
+        let one = entry_at(&key(7, false), &alone, 7, 7).unwrap().unwrap();
+        assert_eq!(&one.change[..], &[1u8, 2, 3][..]);
+        assert!(entry_at(&key(7, false), &alone, 7, 6).unwrap().is_none());
     }
 
     #[test]
