@@ -30,6 +30,7 @@ mod import;
 mod index;
 pub mod keys;
 pub mod kv;
+pub mod packed;
 pub mod paired;
 pub mod partial;
 pub mod pending_buckets;

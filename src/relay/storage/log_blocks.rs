@@ -12,17 +12,16 @@
 //! blocks by its seq and is read as before; an earlier version reading a block key finds a
 //! sequence of the wrong length and refuses the log rather than misnumber it.
 //!
-//! A block's value is a format byte and then the postcard `Vec<StoredEntry>` of its entries, in
-//! seq order, zstd-compressed (`PACKED_ZSTD`) or as it is (`PACKED_PLAIN`, when compressing does
-//! not make it smaller or it is too big to unpack in one allocation).
+//! A block's value is the postcard `Vec<StoredEntry>` of its entries, in seq order, packed
+//! (`store::packed`: a format byte, then zstd-compressed or as it is).
 
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
 use super::StorageError;
+use crate::store::packed;
 
 /// A log entry as stored (postcard; field order is the format).
 #[derive(Serialize, Deserialize)]
@@ -42,14 +41,6 @@ const BLOCK_ENTRIES: usize = 32;
 /// that a compressed block mostly stays under the KV's 4 KiB chunk (one key, one read), and
 /// `change_at` unpacks little to find one entry.
 const BLOCK_RAW_BYTES: usize = 8 << 10;
-/// Blocks larger than this (one large change) are stored as they are: unpacking a compressed
-/// block allocates its whole size at once, which a damaged size must not make large.
-const COMPRESS_UP_TO_BYTES: usize = 1 << 20;
-/// zstd level 1, as the wire: most of level 3's ratio on change batches at about twice the speed.
-const ZSTD_LEVEL: i32 = 1;
-const PACKED_PLAIN: u8 = 0;
-const PACKED_ZSTD: u8 = 1;
-
 /// Splits `entries` (consecutive seqs) into blocks, as ranges of their indexes.
 pub(super) fn blocks(entries: &[StoredEntry<'_>]) -> Vec<Range<usize>> {
     let mut blocks: Vec<Range<usize>> = Vec::new();
@@ -103,19 +94,7 @@ pub(crate) fn pack(entries: &[StoredEntry<'_>]) -> Result<Vec<u8>, StorageError>
         what: "log block",
         detail: e.to_string(),
     })?;
-    if raw.len() <= COMPRESS_UP_TO_BYTES
-        && let Ok(packed) = zstd::bulk::compress(&raw, ZSTD_LEVEL)
-        && packed.len() < raw.len()
-    {
-        let mut value = Vec::with_capacity(packed.len() + 1);
-        value.push(PACKED_ZSTD);
-        value.extend_from_slice(&packed);
-        return Ok(value);
-    }
-    let mut value = Vec::with_capacity(raw.len() + 1);
-    value.push(PACKED_PLAIN);
-    value.extend_from_slice(&raw);
-    Ok(value)
+    Ok(packed::pack(&raw))
 }
 
 /// The key's seq (a block's last) and whether it names a block; `None` for a key of another
@@ -170,19 +149,8 @@ fn read_value<R>(
         let entry: StoredEntry = decode(value, "log entry")?;
         return Ok(read(seq, vec![entry]));
     }
-    let unpacked;
-    let raw = match value.split_first() {
-        Some((&PACKED_PLAIN, raw)) => raw,
-        Some((&PACKED_ZSTD, packed)) => {
-            unpacked = unpack(packed)?;
-            unpacked.as_slice()
-        }
-        Some((format, _)) => {
-            return Err(corrupt("log block", format!("unknown format {format}")));
-        }
-        None => return Err(corrupt("log block", "empty".into())),
-    };
-    let stored: Vec<StoredEntry> = decode(raw, "log block")?;
+    let raw = packed::unpack(value).map_err(|e| corrupt("log block", e.to_string()))?;
+    let stored: Vec<StoredEntry> = decode(&raw, "log block")?;
     let count = u64::try_from(stored.len()).unwrap_or(u64::MAX);
     let first = count
         .checked_sub(1)
@@ -194,41 +162,6 @@ fn read_value<R>(
             )
         })?;
     Ok(read(first, stored))
-}
-
-fn unpack(packed: &[u8]) -> Result<Vec<u8>, StorageError> {
-    let size = match zstd::zstd_safe::get_frame_content_size(packed) {
-        Ok(Some(size)) if size <= COMPRESS_UP_TO_BYTES as u64 => size as usize,
-        Ok(Some(size)) => {
-            return Err(corrupt(
-                "log block",
-                format!("says it unpacks to {size} bytes, more than a compressed block holds"),
-            ));
-        }
-        _ => return Err(corrupt("log block", "no readable zstd frame".into())),
-    };
-    // A decompression context costs more to set up than a block takes to unpack (a snapshot
-    // unpacks one block per record it sends), so each thread keeps one.
-    thread_local! {
-        static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-            const { RefCell::new(None) };
-    }
-    DECOMPRESSOR
-        .with_borrow_mut(|kept| {
-            if kept.is_none() {
-                *kept = Some(zstd::bulk::Decompressor::new()?);
-            }
-            let unpacked = match kept {
-                Some(decompressor) => decompressor.decompress(packed, size),
-                None => zstd::bulk::decompress(packed, size),
-            };
-            if unpacked.is_err() {
-                // Whatever a damaged frame left in the context does not reach the next block.
-                *kept = None;
-            }
-            unpacked
-        })
-        .map_err(|e| corrupt("log block", e.to_string()))
 }
 
 fn owned(entry: StoredEntry<'_>) -> StoredEntry<'static> {
@@ -286,11 +219,7 @@ mod tests {
             })
             .collect();
         let value = pack(&stored).unwrap();
-        assert_eq!(
-            value.first(),
-            Some(&PACKED_ZSTD),
-            "repetitive entries compress"
-        );
+        assert!(packed::is_compressed(&value), "repetitive entries compress");
         let read = entries(&key(119, true), &value, 7).unwrap();
         let seqs: Vec<u64> = read.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, (100..120).collect::<Vec<_>>());
@@ -366,13 +295,13 @@ mod tests {
             .map(|n| entry(&format!("r{n}"), vec![7; BLOCK_RAW_BYTES / 2 - 40]))
             .collect();
         assert_eq!(blocks(&large), vec![0..2, 2..4, 4..5]);
-        let huge = [entry("big", vec![1; COMPRESS_UP_TO_BYTES + 1])];
+        let huge = [entry("big", vec![1; packed::MAX_UNPACKED + 1])];
         assert_eq!(blocks(&huge), vec![0..1]);
         let value = pack(&huge).unwrap();
-        assert_eq!(value.first(), Some(&PACKED_PLAIN), "too large to compress");
+        assert!(!packed::is_compressed(&value), "too large to compress");
         assert_eq!(
             entries(&key(3, true), &value, 7).unwrap()[0].1.change.len(),
-            COMPRESS_UP_TO_BYTES + 1
+            packed::MAX_UNPACKED + 1
         );
     }
 
@@ -395,9 +324,10 @@ mod tests {
         let mut flipped = value.clone();
         flipped[1] ^= 0xff;
         assert!(refused(&key(9, true), &flipped));
-        let mut claims_more = vec![PACKED_ZSTD];
-        claims_more.extend(zstd::bulk::compress(&vec![0u8; COMPRESS_UP_TO_BYTES + 1], 1).unwrap());
-        assert!(refused(&key(9, true), &claims_more));
+        assert!(refused(
+            &key(9, true),
+            &packed::claiming(packed::MAX_UNPACKED + 1)
+        ));
         assert!(refused(b"lspace\0\0\0\x01", &value), "a short key");
         assert!(
             refused(&[key(9, false), vec![2]].concat(), &value),
