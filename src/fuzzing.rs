@@ -118,8 +118,8 @@ pub fn record_document(data: &[u8]) {
 }
 
 /// Stored SyncQueue and SyncLog entries, conflict entries, change feed keys, a record's
-/// document (whole or in its short form) and view as one value, and a relay's log value (a
-/// block of entries, or one entry).
+/// document (whole or in its short form) and view as one value, a bucket of the queue's
+/// history, and a relay's log value (a block of entries, or one entry).
 pub fn stored_entries(data: &[u8]) {
     let _ = crate::store::feed::unpack(data);
     if let Some(pair) = crate::store::paired::parse(data) {
@@ -133,6 +133,24 @@ pub fn stored_entries(data: &[u8]) {
     let _ = postcard::from_bytes::<SyncLogEntry>(data);
     let _ = serde_json::from_slice::<resolve::Conflict>(data);
     log_block(data);
+    history_bucket(data);
+}
+
+/// A device's stored bucket of its queue's history; one that reads packs again into a value
+/// that reads the same.
+fn history_bucket(value: &[u8]) {
+    use crate::store::{history, keys};
+    let key = keys::history(0);
+    if let Ok(read) = history::read(&key, value) {
+        let again = match history::pack(&read) {
+            Ok(packed) => history::read(&key, &packed),
+            Err(e) => panic!("what was read must pack again: {e}"),
+        };
+        match again {
+            Ok(again) => assert_eq!(again, read),
+            Err(e) => panic!("a packed bucket must read back: {e}"),
+        }
+    }
 }
 
 /// A relay's stored log value, read as a block and as one entry stored alone; a block that reads

@@ -198,7 +198,10 @@ fn damaged_value(key: &[u8], detail: impl Into<String>) -> DamagedValue {
 /// The kinds of keys a repair may remove without reading the relay's data again: the queue's,
 /// and record views, which it computes again from their documents.
 fn queue_only(key: &[u8]) -> bool {
-    matches!(key.first(), Some(b'q' | b'b' | b'p' | b'l' | b'v' | b'i'))
+    matches!(
+        key.first(),
+        Some(b'q' | b'y' | b'b' | b'p' | b'l' | b'v' | b'i')
+    )
 }
 
 /// Notes the keys whose values failed their checksum when read, so that `status` says the
@@ -400,6 +403,9 @@ pub(super) fn check_at_open(kv: &dyn Kv, now: u64) -> Result<(Damage, u64), Stor
         }
         Ok(())
     })?;
+    // A completed entry the journal still holds may have gone to the queue's history.
+    let in_history = super::history::holds(kv, &missing.keys().copied().collect());
+    missing.retain(|id, _| !in_history.contains(id));
     let damage = Damage {
         since_ms: now,
         lost_batches: kv.lost().map(|l| LostBatches {
@@ -662,6 +668,14 @@ impl Store {
                 Ok(_) => scan.damaged.push((key, "holds another queue entry".into())),
                 Err(e) => scan.damaged.push((key, e.to_string())),
             },
+            Some(b'y') => match super::history::read(&key, &value) {
+                Ok(entries) => {
+                    for entry in &entries {
+                        scan.queue.insert(entry.id, Queued::of(entry));
+                    }
+                }
+                Err(e) => scan.damaged.push((key, e.to_string())),
+            },
             Some(b'b') => {
                 if let Ok(id) = keys::seq_of(&key, keys::QUEUE_CHANGE.len()) {
                     scan.changes.insert(id);
@@ -849,7 +863,7 @@ impl Store {
         cache.clear();
         *queue = None;
         let kv = self.kv.as_ref();
-        let next = super::next_seq(kv, keys::QUEUE)?.max(
+        let next = super::next_queue_id(kv)?.max(
             entries
                 .keys()
                 .next_back()
@@ -958,7 +972,7 @@ impl Store {
         let mut failed = None;
         // Each entry is written to the new journal as the queue is read, a page at a time.
         let rewritten = self.kv.rewrite_journal(&mut |keep| {
-            let scanned = self.scan_queue(None, |entry| {
+            let scanned = self.scan_live_queue(None, |entry| {
                 if entry.status == QueueStatus::Completed {
                     return true;
                 }

@@ -6,6 +6,8 @@
 //! - `b{u64 big-endian}`: the change of the queue entry with that id, when it is longer than
 //!   `store::INLINE_CHANGE_BYTES` (the entry then holds no data): written once with the entry,
 //!   so that moving the entry between states rewrites only its small value.
+//! - `y{bucket u64 big-endian}`: completed queue entries whose changes came back, kept for the
+//!   queue's history, `history::BUCKET_IDS` ids to a bucket (`history`).
 //! - `p{!priority, order-preserving, u32 big-endian}{id u64 big-endian}` → empty: the pending
 //!   index, one key per `Pending` queue entry, so that the next upload batch (highest priority
 //!   first, then oldest first) is a range read rather than a scan of the whole queue.
@@ -46,6 +48,7 @@ pub const META_PENDING_INDEX: &[u8] = b"mpending_index";
 /// them moved when they are opened).
 pub const META_QUEUE_CHANGES: &[u8] = b"mqueue_changes";
 pub const QUEUE_CHANGE: &[u8] = b"b";
+pub const HISTORY: &[u8] = b"y";
 /// What is known to be wrong with the store (JSON, `health::Damage`), until a repair.
 pub const META_DAMAGE: &[u8] = b"mdamage";
 /// What the daemon last knew of its sync (JSON), for `ferry status` while no daemon runs.
@@ -100,6 +103,7 @@ pub enum Kind {
     IndexEntries,
     QueueEntries,
     QueueChanges,
+    QueueHistory,
     PendingIndex,
     SyncLog,
     ChangeFeed,
@@ -126,6 +130,7 @@ impl Kind {
             b'i' => Kind::IndexEntries,
             b'q' => Kind::QueueEntries,
             b'b' => Kind::QueueChanges,
+            b'y' => Kind::QueueHistory,
             b'p' => Kind::PendingIndex,
             b'l' => Kind::SyncLog,
             b'f' => Kind::ChangeFeed,
@@ -151,6 +156,7 @@ impl Kind {
             Kind::IndexEntries => "index_entries",
             Kind::QueueEntries => "queue_entries",
             Kind::QueueChanges => "queue_changes",
+            Kind::QueueHistory => "queue_history",
             Kind::PendingIndex => "pending_index",
             Kind::SyncLog => "sync_log",
             Kind::ChangeFeed => "change_feed",
@@ -174,6 +180,7 @@ impl Kind {
             Kind::IndexEntries => "index entry",
             Kind::QueueEntries => "queue entry",
             Kind::QueueChanges => "queue change",
+            Kind::QueueHistory => "queue history",
             Kind::PendingIndex => "pending index",
             Kind::SyncLog => "sync log entry",
             Kind::ChangeFeed => "feed entry",
@@ -351,6 +358,11 @@ pub fn queue_change(id: u64) -> Vec<u8> {
     seq_key(QUEUE_CHANGE, id)
 }
 
+/// The key of a bucket of the queue's history (`history`).
+pub fn history(bucket: u64) -> Vec<u8> {
+    seq_key(HISTORY, bucket)
+}
+
 pub fn log(id: u64) -> Vec<u8> {
     seq_key(LOG, id)
 }
@@ -444,6 +456,7 @@ mod tests {
             (entry.clone(), "index_entries"),
             (queue(1), "queue_entries"),
             (queue_change(1), "queue_changes"),
+            (history(1), "queue_history"),
             (pending(0, 1), "pending_index"),
             (log(1), "sync_log"),
             (feed(1), "change_feed"),

@@ -25,6 +25,7 @@ pub use fields_text::{FieldsText, NotFields};
 
 use feed::{FeedChange, Origin};
 pub mod health;
+pub(crate) mod history;
 pub mod implied;
 mod import;
 mod index;
@@ -66,12 +67,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The store format this build writes. Format 2 added what format 1 builds cannot read: record
 /// pairs holding a short form of their document (`paired`, `implied`) and the pending index in
-/// buckets (`pending_buckets`).
-const FORMAT_VERSION: &[u8] = b"2";
+/// buckets (`pending_buckets`). Format 3 added the queue's history (`history`), whose ids a
+/// format 2 build would not see and so would give again.
+const FORMAT_VERSION: &[u8] = b"3";
 
 /// Formats this build opens; an older one is marked with `FORMAT_VERSION` before anything is
 /// written, so that an older build refuses the store instead of reading new pairs as damage.
-const READABLE_FORMATS: [&[u8]; 2] = [b"1", FORMAT_VERSION];
+const READABLE_FORMATS: [&[u8]; 3] = [b"1", b"2", FORMAT_VERSION];
 
 /// A queue entry's change longer than this is kept under its own key (`keys::queue_change`).
 pub const INLINE_CHANGE_BYTES: usize = 2048;
@@ -475,7 +477,7 @@ impl Store {
         move_long_changes(kv.as_ref())?;
         let (found, after_journaled) = health::check_at_open(kv.as_ref(), clock.now_ms())?;
         // An id the queue lost is still the journal's: it is never given to another change.
-        let next_queue_id = next_seq(kv.as_ref(), keys::QUEUE)?.max(after_journaled);
+        let next_queue_id = next_queue_id(kv.as_ref())?.max(after_journaled);
         let next_log_id = next_seq(kv.as_ref(), keys::LOG)?;
         let next_feed_seq = Self::next_feed_seq(kv.as_ref())?;
         let kv_journal_bytes = kv.journal_bytes();
@@ -1210,6 +1212,13 @@ impl Store {
             }
             Ok(out.len())
         })?;
+        // The newest `limit` of each side hold the newest `limit` of both.
+        let older = history::newest(self.kv.as_ref(), before, limit, |entry| {
+            status.is_none_or(|s| s == entry.status)
+        })?;
+        out.extend(older.into_iter().map(|entry| self.as_now(entry)));
+        out.sort_unstable_by_key(|entry| std::cmp::Reverse(entry.id));
+        out.truncate(limit);
         Ok(out)
     }
 
@@ -1274,9 +1283,56 @@ impl Store {
         Ok(counts)
     }
 
-    /// Calls `visit` on each queue entry after `after`, in id order, while it returns true. Memory
-    /// stays bounded by one page whatever the queue's length.
+    /// Calls `visit` on each queue entry after `after`, its history's included, in id order,
+    /// while it returns true. Memory stays bounded by one page whatever the queue's length.
     fn scan_queue(
+        &self,
+        after: Option<u64>,
+        mut visit: impl FnMut(SyncQueueEntry) -> bool,
+    ) -> Result<(), StoreError> {
+        let kv = self.kv.as_ref();
+        let mut history = history::Walk::after(after);
+        let mut stopped = false;
+        let mut failed = None;
+        self.scan_live_queue(after, |entry| {
+            loop {
+                match history.next_below(kv, Some(entry.id)) {
+                    Ok(Some(old)) => {
+                        if !visit(self.as_now(old)) {
+                            stopped = true;
+                            return false;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        failed = Some(e);
+                        return false;
+                    }
+                }
+            }
+            stopped = !visit(entry);
+            !stopped
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        while !stopped && let Some(old) = history.next_below(kv, None)? {
+            stopped = !visit(self.as_now(old));
+        }
+        Ok(())
+    }
+
+    /// The queue entry `id`, under its own key or in the history.
+    fn queue_entry(&self, id: u64) -> Result<Option<SyncQueueEntry>, StoreError> {
+        match self.kv.get(&keys::queue(id))? {
+            Some(bytes) => decode(&bytes, "queue entry").map(Some),
+            None => history::entry(self.kv.as_ref(), id),
+        }
+    }
+
+    /// `scan_queue` without the history: the entries still under their own keys, which are all
+    /// those not completed.
+    fn scan_live_queue(
         &self,
         after: Option<u64>,
         mut visit: impl FnMut(SyncQueueEntry) -> bool,
@@ -1317,13 +1373,9 @@ impl Store {
             let in_flight = flying.is_some();
             let mut entry = match flying {
                 Some(entry) => entry,
-                None => {
-                    let bytes = self
-                        .kv
-                        .get(&keys::queue(id))?
-                        .ok_or(StoreError::QueueEntryNotFound(id))?;
-                    decode::<SyncQueueEntry>(&bytes, "queue entry")?
-                }
+                None => self
+                    .queue_entry(id)?
+                    .ok_or(StoreError::QueueEntryNotFound(id))?,
             };
             let old = entry.status;
             match action {
@@ -1366,7 +1418,8 @@ impl Store {
         let mut delta = CountDelta::default();
         let mut start = keys::QUEUE.to_vec();
         let end = keys::prefix_end(keys::QUEUE);
-        let mut pruned = 0;
+        let mut pruned = history::stage_prune(self.kv.as_ref(), &mut batch, cutoff_ms, max)?;
+        *delta.slot(QueueStatus::Completed) -= pruned as i64;
         'scan: loop {
             let page = self.kv.range(&start, &end, 1024)?;
             let Some((last, _)) = page.last() else { break };
@@ -1628,7 +1681,7 @@ impl Store {
         }
         let kv = self.kv.as_ref();
         self.next_queue_id
-            .store(next_seq(kv, keys::QUEUE)?, Ordering::SeqCst);
+            .store(next_queue_id(kv)?, Ordering::SeqCst);
         self.next_log_id
             .store(next_seq(kv, keys::LOG)?, Ordering::SeqCst);
         let open = kv.count(keys::CONFLICT_OPEN, &keys::prefix_end(keys::CONFLICT_OPEN))?;
@@ -2124,6 +2177,11 @@ fn not_found(key: &CacheKey) -> StoreError {
     }
 }
 
+/// The id the next queue entry gets: after every entry the queue and its history hold.
+fn next_queue_id(kv: &dyn Kv) -> Result<u64, StoreError> {
+    Ok(next_seq(kv, keys::QUEUE)?.max(history::ids_below(kv)?))
+}
+
 fn next_seq(kv: &dyn Kv, prefix: &[u8]) -> Result<u64, StoreError> {
     let last = kv.last_key(prefix, &keys::prefix_end(prefix))?;
     last.map_or(Ok(1), |k| keys::seq_of(&k, prefix.len()).map(|n| n + 1))
@@ -2315,24 +2373,26 @@ mod tests {
         .unwrap()
     }
 
-    /// A store of format 1 opens and is marked with this build's format at once, so that a
-    /// format-1 build refuses it from then on; a format this build does not know is refused with
+    /// A store of format 1 or 2 opens and is marked with this build's format at once, so that
+    /// an older build refuses it from then on; a format this build does not know is refused with
     /// an error naming it, before anything is written.
     #[test]
     fn an_older_format_is_marked_current_and_a_newer_one_is_refused() {
         let kv = MemoryKv::default();
         drop(open(&kv));
-        let mut batch = Batch::default();
-        batch.put(keys::META_FORMAT.to_vec(), b"1".to_vec());
-        kv.apply(batch).unwrap();
-        drop(open(&kv));
-        assert_eq!(
-            kv.get(keys::META_FORMAT).unwrap(),
-            Some(FORMAT_VERSION.to_vec())
-        );
+        for older in [b"1", b"2"] {
+            let mut batch = Batch::default();
+            batch.put(keys::META_FORMAT.to_vec(), older.to_vec());
+            kv.apply(batch).unwrap();
+            drop(open(&kv));
+            assert_eq!(
+                kv.get(keys::META_FORMAT).unwrap(),
+                Some(FORMAT_VERSION.to_vec())
+            );
+        }
 
         let mut batch = Batch::default();
-        batch.put(keys::META_FORMAT.to_vec(), b"3".to_vec());
+        batch.put(keys::META_FORMAT.to_vec(), b"4".to_vec());
         kv.apply(batch).unwrap();
         let opened = Store::open(
             Box::new(kv.clone()),
@@ -2342,12 +2402,12 @@ mod tests {
         );
         match opened {
             Err(error @ StoreError::UnsupportedFormat(_)) => {
-                assert!(error.to_string().contains("\"3\""), "{error}");
+                assert!(error.to_string().contains("\"4\""), "{error}");
             }
             Err(other) => panic!("expected UnsupportedFormat, got {other}"),
-            Ok(_) => panic!("a store of format 3 opened"),
+            Ok(_) => panic!("a store of format 4 opened"),
         }
-        assert_eq!(kv.get(keys::META_FORMAT).unwrap(), Some(b"3".to_vec()));
+        assert_eq!(kv.get(keys::META_FORMAT).unwrap(), Some(b"4".to_vec()));
     }
 
     fn fields(v: serde_json::Value) -> Fields {

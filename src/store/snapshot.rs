@@ -477,7 +477,7 @@ impl Store {
     fn own_uploads(&self) -> Result<OwnUploads, StoreError> {
         let mut own = OwnUploads::new();
         let mut failed = None;
-        self.scan_queue(None, |entry| {
+        self.scan_live_queue(None, |entry| {
             if entry.status == ferry_proto::QueueStatus::Completed {
                 return true;
             }

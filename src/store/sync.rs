@@ -716,8 +716,7 @@ impl Store {
         let mut used = Vec::with_capacity(own.len());
         for &OwnEntry { seq, entry } in own {
             let gone = || StoreError::OwnEntryGone { seq, entry };
-            let stored = self.kv.get(&keys::queue(entry))?.ok_or_else(gone)?;
-            let queued = decode::<SyncQueueEntry>(&stored, "queue entry")?;
+            let queued = self.queue_entry(entry)?.ok_or_else(gone)?;
             // A completed entry's change is read from its record's document; one the document
             // no longer holds (its history was rewritten since) is downloaded whole.
             let queued = match Held::of(&queued.data) {
@@ -745,11 +744,13 @@ impl Store {
     /// Has the completed entries among `ids`, whose changes came back in the log, keep their
     /// changes' hashes and lengths only (`completed`): their records' documents hold them. Only
     /// once back: until then the download may need them whole, and a record's history may be
-    /// written again (flattened, purged, set aside) before its change comes back. Not durable
-    /// by itself, and need not be: an entry still whole is only larger.
+    /// written again (flattened, purged, set aside) before its change comes back. Nothing moves
+    /// them any more, so they go to the queue's history (`history`). Not durable by itself, and
+    /// need not be: an entry still whole is only larger.
     fn forget_completed_changes(&self, ids: &[u64]) -> Result<(), StoreError> {
         let mut queue = self.lock_queue();
         let mut batch = Batch::default();
+        let mut moved = Vec::with_capacity(ids.len());
         for &id in ids {
             let Some(stored) = self.kv.get(&keys::queue(id))? else {
                 continue;
@@ -769,15 +770,16 @@ impl Store {
             if change.len() > super::INLINE_CHANGE_BYTES {
                 batch.remove(keys::queue_change(id));
             }
-            let kept = SyncQueueEntry {
+            batch.remove(keys::queue(id));
+            moved.push(SyncQueueEntry {
                 data: marked,
                 ..entry
-            };
-            batch.put(keys::queue(id), super::encode(&kept, "queue entry")?);
+            });
         }
-        if batch.is_empty() {
+        if moved.is_empty() {
             return Ok(());
         }
+        super::history::stage_moves(self.kv.as_ref(), &mut batch, moved)?;
         self.apply_queue_batch(&mut queue, batch, CountDelta::default())
     }
 
@@ -1256,7 +1258,7 @@ impl Store {
         key: &CacheKey,
     ) -> Result<Vec<SyncQueueEntry>, StoreError> {
         let mut entries = Vec::new();
-        self.scan_queue(None, |entry| {
+        self.scan_live_queue(None, |entry| {
             if entry.model_name == key.0
                 && entry.object_id == key.1
                 && entry.status != QueueStatus::Completed

@@ -1,0 +1,483 @@
+//! The queue's history: completed entries kept for `ferry queue` (`store.keep_completed_days`),
+//! many to a key.
+//!
+//! Once its change has come back in the relay's log, a completed entry keeps only its change's
+//! hash (`completed`) and nothing moves it any more: it leaves its own key (`q{id}`) for its
+//! bucket, `y{id / BUCKET_IDS}`, which holds the completed entries of those ids in id order,
+//! packed (`packed`: the entries of one bucket share most of their bytes). A key costs the
+//! engine about 200 bytes whatever it holds, more than the entry itself, and a device keeps a
+//! month of them.
+//!
+//! Owns: the buckets: moving entries in, reading them back by id and in order, pruning them.
+//! Must not touch: the live queue's keys (`mod.rs`), or when an entry completes or comes back
+//! (`sync`).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use ferry_proto::SyncQueueEntry;
+
+use super::kv::{Batch, Kv};
+use super::{StoreError, keys, packed};
+
+/// Ids to a bucket: about 5 KiB of entries before compression.
+const BUCKET_IDS: u64 = 64;
+
+fn bucket_of(id: u64) -> u64 {
+    id / BUCKET_IDS
+}
+
+fn bucket_key(id: u64) -> Vec<u8> {
+    keys::history(bucket_of(id))
+}
+
+fn damaged(detail: impl ToString) -> StoreError {
+    StoreError::Decode {
+        what: "queue history",
+        detail: detail.to_string(),
+    }
+}
+
+/// The entries a bucket holds, in id order: `key` and `value` as stored.
+pub(crate) fn read(key: &[u8], value: &[u8]) -> Result<Vec<SyncQueueEntry>, StoreError> {
+    let bucket = keys::seq_of(key, keys::HISTORY.len())?;
+    let raw = packed::unpack(value).map_err(damaged)?;
+    let entries: Vec<SyncQueueEntry> = super::decode(&raw, "queue history")?;
+    if let Some(stray) = entries.iter().find(|e| bucket_of(e.id) != bucket) {
+        return Err(damaged(format!(
+            "bucket {bucket} holds queue entry {}",
+            stray.id
+        )));
+    }
+    if !entries.is_sorted_by_key(|e| e.id) {
+        return Err(damaged(format!("bucket {bucket} is out of order")));
+    }
+    Ok(entries)
+}
+
+/// A bucket's stored value.
+pub(crate) fn pack(entries: &[SyncQueueEntry]) -> Result<Vec<u8>, StoreError> {
+    Ok(packed::pack(&super::encode(&entries, "queue history")?))
+}
+
+/// The bucket at `key`, none when there is no such key.
+fn bucket(kv: &dyn Kv, key: &[u8]) -> Result<Vec<SyncQueueEntry>, StoreError> {
+    match kv.get(key)? {
+        Some(value) => read(key, &value),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// The entry `id`, if the history holds it.
+pub(super) fn entry(kv: &dyn Kv, id: u64) -> Result<Option<SyncQueueEntry>, StoreError> {
+    Ok(bucket(kv, &bucket_key(id))?
+        .into_iter()
+        .find(|entry| entry.id == id))
+}
+
+/// Which of `ids` the history holds, reading each bucket once. A bucket that cannot be read
+/// holds none of them.
+pub(super) fn holds(kv: &dyn Kv, ids: &BTreeSet<u64>) -> BTreeSet<u64> {
+    let mut held = BTreeSet::new();
+    let buckets: BTreeSet<u64> = ids.iter().map(|&id| bucket_of(id)).collect();
+    for bucket in buckets {
+        let key = keys::history(bucket);
+        if let Ok(entries) = self::bucket(kv, &key) {
+            held.extend(entries.iter().map(|e| e.id).filter(|id| ids.contains(id)));
+        }
+    }
+    held
+}
+
+/// Stages moving `entries` (completed, their changes back in the log) into the history, in
+/// `batch`; the caller removes their own keys in the same batch. Runs under the queue's lock.
+pub(super) fn stage_moves(
+    kv: &dyn Kv,
+    batch: &mut Batch,
+    entries: Vec<SyncQueueEntry>,
+) -> Result<(), StoreError> {
+    let mut by_bucket: BTreeMap<u64, Vec<SyncQueueEntry>> = BTreeMap::new();
+    for entry in entries {
+        by_bucket
+            .entry(bucket_of(entry.id))
+            .or_default()
+            .push(entry);
+    }
+    for (bucket, moved) in by_bucket {
+        let key = keys::history(bucket);
+        let mut held: BTreeMap<u64, SyncQueueEntry> = self::bucket(kv, &key)?
+            .into_iter()
+            .map(|e| (e.id, e))
+            .collect();
+        held.extend(moved.into_iter().map(|e| (e.id, e)));
+        let held: Vec<SyncQueueEntry> = held.into_values().collect();
+        batch.put(key, pack(&held)?);
+    }
+    Ok(())
+}
+
+/// A bound on the ids the history holds: every one is below it. Read from the last key alone,
+/// so that a damaged bucket does not keep the store from opening.
+pub(super) fn ids_below(kv: &dyn Kv) -> Result<u64, StoreError> {
+    let end = keys::prefix_end(keys::HISTORY);
+    match kv.last_key(keys::HISTORY, &end)? {
+        Some(key) => Ok(keys::seq_of(&key, keys::HISTORY.len())?
+            .saturating_add(1)
+            .saturating_mul(BUCKET_IDS)),
+        None => Ok(0),
+    }
+}
+
+/// Stages forgetting the entries last updated before `cutoff_ms`, at most `max`, oldest first;
+/// returns how many. Ids grow with time: past an entry created after the cutoff, nothing later
+/// can be older.
+pub(super) fn stage_prune(
+    kv: &dyn Kv,
+    batch: &mut Batch,
+    cutoff_ms: u64,
+    max: usize,
+) -> Result<usize, StoreError> {
+    let end = keys::prefix_end(keys::HISTORY);
+    let mut start = keys::HISTORY.to_vec();
+    let mut pruned = 0;
+    while pruned < max {
+        let Some((key, value)) = kv.range(&start, &end, 1)?.into_iter().next() else {
+            break;
+        };
+        start = keys::after(&key);
+        let entries = read(&key, &value)?;
+        let mut kept = Vec::with_capacity(entries.len());
+        let mut done = false;
+        for entry in entries {
+            done |= entry.created_at >= cutoff_ms || pruned == max;
+            if !done && entry.updated_at < cutoff_ms {
+                pruned += 1;
+            } else {
+                kept.push(entry);
+            }
+        }
+        if kept.is_empty() {
+            batch.remove(key);
+        } else {
+            batch.put(key, pack(&kept)?);
+        }
+        if done {
+            break;
+        }
+    }
+    Ok(pruned)
+}
+
+/// The history's entries after an id, in id order, a bucket at a time.
+pub(super) struct Walk {
+    after: Option<u64>,
+    next_key: Vec<u8>,
+    buffered: VecDeque<SyncQueueEntry>,
+    done: bool,
+}
+
+impl Walk {
+    pub(super) fn after(after: Option<u64>) -> Walk {
+        let first = after.map_or(0, |id| id.saturating_add(1));
+        Walk {
+            after,
+            next_key: bucket_key(first),
+            buffered: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// The next entry, if its id is below `bound` (any, for `None`).
+    pub(super) fn next_below(
+        &mut self,
+        kv: &dyn Kv,
+        bound: Option<u64>,
+    ) -> Result<Option<SyncQueueEntry>, StoreError> {
+        while self.buffered.is_empty() && !self.done {
+            let end = keys::prefix_end(keys::HISTORY);
+            let Some((key, value)) = kv.range(&self.next_key, &end, 1)?.into_iter().next() else {
+                self.done = true;
+                break;
+            };
+            self.next_key = keys::after(&key);
+            let after = self.after;
+            self.buffered.extend(
+                read(&key, &value)?
+                    .into_iter()
+                    .filter(|e| after.is_none_or(|after| e.id > after)),
+            );
+        }
+        match self.buffered.front() {
+            Some(next) if bound.is_none_or(|bound| next.id < bound) => {
+                Ok(self.buffered.pop_front())
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Up to `limit` entries below `before` that `wanted` keeps, newest first.
+pub(super) fn newest(
+    kv: &dyn Kv,
+    before: Option<u64>,
+    limit: usize,
+    wanted: impl Fn(&SyncQueueEntry) -> bool,
+) -> Result<Vec<SyncQueueEntry>, StoreError> {
+    let mut out = Vec::new();
+    let mut end = before.map_or_else(
+        || keys::prefix_end(keys::HISTORY),
+        |id| keys::history(bucket_of(id).saturating_add(1)),
+    );
+    while out.len() < limit {
+        let Some(key) = kv.last_key(keys::HISTORY, &end)? else {
+            break;
+        };
+        if let Some(value) = kv.get(&key)? {
+            let entries = read(&key, &value)?;
+            out.extend(
+                entries
+                    .into_iter()
+                    .rev()
+                    .filter(|e| before.is_none_or(|before| e.id < before) && wanted(e))
+                    .take(limit - out.len()),
+            );
+        }
+        end = key;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Fields;
+    use crate::store::kv::MemoryKv;
+    use crate::store::sync::{BatchLimits, RetryPolicy};
+    use crate::store::tests::open;
+    use crate::store::{QueueAction, Store, Write};
+    use ferry_proto::QueueStatus;
+    use ferry_proto::session::OwnEntry;
+    use ferry_proto::wire::{ChangeOutcome, ChangeResult};
+
+    fn put(n: usize) -> Write {
+        let mut fields = Fields::new();
+        fields.insert("n".into(), serde_json::json!(n));
+        Write::Put {
+            collection: "Note".into(),
+            id: Some(format!("n{n}")),
+            fields,
+        }
+    }
+
+    /// Uploads every pending entry, as stored at log seqs from `first_seq`, and reads them back
+    /// in the log as this device's own: completed, then back.
+    fn upload_and_read_back(store: &Store, first_seq: u64) {
+        let batch = store
+            .next_upload_batch(BatchLimits::of(usize::MAX, usize::MAX))
+            .unwrap()
+            .entries;
+        let results: Vec<ChangeResult> = (first_seq..)
+            .zip(&batch)
+            .map(|(seq, e)| ChangeResult {
+                entry: e.id,
+                outcome: ChangeOutcome::Stored { seq },
+            })
+            .collect();
+        store
+            .finish_upload(&results, &RetryPolicy::immediate(5))
+            .unwrap();
+        let own: Vec<OwnEntry> = (first_seq..)
+            .zip(&batch)
+            .map(|(seq, e)| OwnEntry { seq, entry: e.id })
+            .collect();
+        let log = store.with_own_entries(Vec::new(), &own).unwrap();
+        assert_eq!(log.len(), batch.len());
+    }
+
+    fn key_count(kv: &MemoryKv, prefix: &[u8]) -> u64 {
+        kv.count(prefix, &keys::prefix_end(prefix)).unwrap()
+    }
+
+    fn ids(entries: &[SyncQueueEntry]) -> Vec<u64> {
+        entries.iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn entries_back_from_the_log_go_to_the_history_and_read_as_before() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        for n in 1..=70 {
+            store.write(put(n)).unwrap();
+        }
+        let own_log = store.queue(None, None, 100).unwrap();
+        upload_and_read_back(&store, 1);
+        // Entries 1-63 fill bucket 0, 64-70 start bucket 1; none keeps its own key.
+        assert_eq!(key_count(&kv, keys::QUEUE), 0);
+        assert_eq!(key_count(&kv, keys::HISTORY), 2);
+        let pending = store.write(put(71)).unwrap().queue_id.unwrap();
+        assert_eq!(pending, 71);
+
+        // Listed in id order with the live queue, from any point, and newest first.
+        let all = store.queue(None, None, 100).unwrap();
+        assert_eq!(ids(&all), (1..=71).collect::<Vec<_>>());
+        assert!(all[..70].iter().all(|e| e.status == QueueStatus::Completed));
+        assert_eq!(all[70].status, QueueStatus::Pending);
+        for (read, written) in all.iter().zip(&own_log) {
+            assert_eq!(
+                (&read.model_name, &read.object_id),
+                (&written.model_name, &written.object_id)
+            );
+            assert_eq!(read.data.len(), 37, "the change's hash and length");
+        }
+        assert_eq!(ids(&store.queue(None, Some(62), 3).unwrap()), [63, 64, 65]);
+        assert_eq!(ids(&store.queue(None, Some(69), 5).unwrap()), [70, 71]);
+        assert_eq!(
+            ids(&store.queue(Some(QueueStatus::Pending), None, 5).unwrap()),
+            [71]
+        );
+        assert_eq!(
+            ids(&store.queue_newest(None, None, 3).unwrap()),
+            [71, 70, 69]
+        );
+        assert_eq!(
+            ids(&store
+                .queue_newest(Some(QueueStatus::Completed), Some(66), 4)
+                .unwrap()),
+            [65, 64, 63, 62]
+        );
+        let counts = store.queue_counts().unwrap();
+        assert_eq!((counts.completed, counts.pending), (70, 1));
+
+        // An entry in the history is found by id, and is still completed.
+        assert!(matches!(
+            store.queue_transition(&[5], &QueueAction::Retry),
+            Err(StoreError::Transition(_))
+        ));
+        // A download reading the same span again reads them from the history.
+        let again: Vec<OwnEntry> = (1..=3).map(|id| OwnEntry { seq: id, entry: id }).collect();
+        let log = store.with_own_entries(Vec::new(), &again).unwrap();
+        assert_eq!(log.len(), 3);
+        assert_eq!(key_count(&kv, keys::QUEUE), 1);
+        assert!(store.examine().unwrap().damage.is_none());
+
+        // Reopened, the next id comes after every id the history holds.
+        store.flush().unwrap();
+        drop(store);
+        let store = open(&kv);
+        let next = store.write(put(72)).unwrap().queue_id.unwrap();
+        assert!(next > 71, "{next}");
+        assert!(store.examine().unwrap().damage.is_none());
+
+        // Pruning drops the oldest first, a bucket once it is empty, and nothing live.
+        assert_eq!(store.prune_history(u64::MAX, 0, 60).unwrap().0, 60);
+        assert_eq!(key_count(&kv, keys::HISTORY), 2);
+        assert_eq!(ids(&store.queue(None, None, 3).unwrap()), [61, 62, 63]);
+        assert_eq!(store.prune_history(u64::MAX, 0, 60).unwrap().0, 10);
+        assert_eq!(key_count(&kv, keys::HISTORY), 0);
+        assert_eq!(ids(&store.queue(None, None, 10).unwrap()), [71, next]);
+        let counts = store.queue_counts().unwrap();
+        assert_eq!((counts.completed, counts.pending), (0, 2));
+    }
+
+    #[test]
+    fn a_damaged_bucket_is_found_and_repaired_without_losing_a_change() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        for n in 1..=5 {
+            store.write(put(n)).unwrap();
+        }
+        upload_and_read_back(&store, 1);
+        store.write(put(6)).unwrap();
+        store.flush().unwrap();
+        assert!(kv.damage(&keys::history(0)));
+        let checkup = store.examine().unwrap();
+        let damage = checkup.damage.unwrap();
+        assert_eq!(damage.damaged.len(), 1, "{damage:?}");
+        assert_eq!(damage.damaged[0].kind, "queue history");
+        assert!(damage.unrecoverable.is_empty());
+        let (_, repaired) = store.repair().unwrap();
+        assert_eq!(repaired.removed.len(), 1);
+        assert!(!repaired.reads_relay_again);
+        assert!(store.examine().unwrap().damage.is_none());
+        // The journal still held the lost entries' changes: they go up again (the relay knows
+        // them and answers with where it stored them).
+        assert_eq!(repaired.restored.len(), 5);
+        let left = store.queue(None, None, 10).unwrap();
+        assert_eq!(ids(&left), [1, 2, 3, 4, 5, 6]);
+        assert!(left.iter().all(|e| e.status == QueueStatus::Pending));
+        assert!(store.get("Note", "n3").unwrap().fields.get("n").is_some());
+    }
+
+    fn entry(id: u64, updated_at: u64) -> SyncQueueEntry {
+        SyncQueueEntry {
+            id,
+            operation: ferry_proto::Operation::Create,
+            model_name: "Note".into(),
+            object_id: format!("n{id}"),
+            data: vec![0; 37],
+            status: QueueStatus::Completed,
+            retry_count: 0,
+            last_error: None,
+            created_at: updated_at,
+            updated_at,
+            priority: 0,
+        }
+    }
+
+    #[test]
+    fn buckets_merge_what_moves_in_and_refuse_what_is_not_theirs() {
+        let kv = MemoryKv::new();
+        let mut batch = Batch::default();
+        stage_moves(
+            &kv,
+            &mut batch,
+            vec![entry(3, 1), entry(1, 1), entry(200, 1)],
+        )
+        .unwrap();
+        kv.apply(batch).unwrap();
+        let mut batch = Batch::default();
+        stage_moves(&kv, &mut batch, vec![entry(2, 1), entry(3, 2)]).unwrap();
+        kv.apply(batch).unwrap();
+        let first = bucket(&kv, &keys::history(0)).unwrap();
+        assert_eq!(ids(&first), [1, 2, 3]);
+        assert_eq!(first[2].updated_at, 2, "moved again, the newer copy stays");
+        assert_eq!(entry_of(&kv, 200), Some(200));
+        assert_eq!(entry_of(&kv, 4), None);
+        assert_eq!(ids_below(&kv).unwrap(), 4 * BUCKET_IDS);
+        let asked = BTreeSet::from([2, 4, 200, 500]);
+        assert_eq!(holds(&kv, &asked), BTreeSet::from([2, 200]));
+
+        let mut walk = Walk::after(Some(1));
+        let mut walked = Vec::new();
+        while let Some(e) = walk.next_below(&kv, None).unwrap() {
+            walked.push(e.id);
+        }
+        assert_eq!(walked, [2, 3, 200]);
+        let mut walk = Walk::after(None);
+        assert_eq!(walk.next_below(&kv, Some(1)).unwrap(), None);
+        assert_eq!(
+            walk.next_below(&kv, Some(2)).unwrap().map(|e| e.id),
+            Some(1)
+        );
+
+        // A bucket holding another bucket's entry, out of order, or damaged, is refused.
+        let value = kv.get(&keys::history(0)).unwrap().unwrap();
+        assert!(read(&keys::history(1), &value).is_err());
+        let unordered = pack(&[entry(3, 1), entry(2, 1)]).unwrap();
+        assert!(read(&keys::history(0), &unordered).is_err());
+        assert!(read(&keys::history(0), &[7, 1, 2]).is_err());
+        assert!(read(&keys::history(0), &value[..value.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn the_fuzz_seed_is_a_bucket() {
+        let seed = include_bytes!("../../fuzz/seeds/stored_entries/history_bucket.bin");
+        assert!(packed::is_compressed(seed));
+        let read = read(&keys::history(0), seed).unwrap();
+        assert_eq!(ids(&read), [1, 2, 3, 4, 5]);
+        assert_eq!(read[4].object_id, "c000000005");
+    }
+
+    fn entry_of(kv: &MemoryKv, id: u64) -> Option<u64> {
+        super::entry(kv, id).unwrap().map(|e| e.id)
+    }
+}
