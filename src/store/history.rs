@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use ferry_proto::SyncQueueEntry;
+use ferry_proto::{QueueStatus, SyncQueueEntry};
 
 use super::kv::{Batch, Kv};
 use super::{StoreError, keys, packed};
@@ -24,6 +24,12 @@ use super::{StoreError, keys, packed};
 /// at 100,000 records, 64 ids to a bucket left the device 65 bytes a record larger on disk
 /// than 16, and 8 no smaller.
 const BUCKET_IDS: u64 = 16;
+
+/// Whether the history may hold entries of `status` (any, for `None`): it holds completed
+/// ones only.
+pub(super) fn may_hold(status: Option<QueueStatus>) -> bool {
+    status.is_none_or(|s| s == QueueStatus::Completed)
+}
 
 fn bucket_of(id: u64) -> u64 {
     id / BUCKET_IDS
@@ -257,7 +263,6 @@ mod tests {
     use crate::store::sync::{BatchLimits, RetryPolicy};
     use crate::store::tests::open;
     use crate::store::{QueueAction, Store, Write};
-    use ferry_proto::QueueStatus;
     use ferry_proto::session::OwnEntry;
     use ferry_proto::wire::{ChangeOutcome, ChangeResult};
 
@@ -341,6 +346,13 @@ mod tests {
             ids(&store.queue_newest(None, None, 3).unwrap()),
             [71, 70, 69]
         );
+        assert_eq!(
+            ids(&store
+                .queue_newest(Some(QueueStatus::Pending), None, 3)
+                .unwrap()),
+            [71]
+        );
+        assert_eq!(store.queue_ids(QueueStatus::Completed).unwrap().len(), 70);
         assert_eq!(
             ids(&store
                 .queue_newest(Some(QueueStatus::Completed), Some(66), 4)

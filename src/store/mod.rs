@@ -1131,7 +1131,7 @@ impl Store {
         if limit == 0 {
             return Ok(out);
         }
-        self.scan_queue(after, |entry| {
+        self.scan_queue_of(status, after, |entry| {
             if status.is_none_or(|s| s == entry.status) {
                 out.push(entry);
             }
@@ -1212,6 +1212,9 @@ impl Store {
             }
             Ok(out.len())
         })?;
+        if !history::may_hold(status) {
+            return Ok(out);
+        }
         // The newest `limit` of each side hold the newest `limit` of both.
         let older = history::newest(self.kv.as_ref(), before, limit, |entry| {
             status.is_none_or(|s| s == entry.status)
@@ -1247,7 +1250,7 @@ impl Store {
     /// The ids of every entry in `status`.
     pub fn queue_ids(&self, status: QueueStatus) -> Result<Vec<u64>, StoreError> {
         let mut ids = Vec::new();
-        self.scan_queue(None, |entry| {
+        self.scan_queue_of(Some(status), None, |entry| {
             if entry.status == status {
                 ids.push(entry.id);
             }
@@ -1320,6 +1323,21 @@ impl Store {
             stopped = !visit(self.as_now(old));
         }
         Ok(())
+    }
+
+    /// `scan_queue` for the entries of `status` (any, for `None`): the history is read only
+    /// when it may hold some.
+    fn scan_queue_of(
+        &self,
+        status: Option<QueueStatus>,
+        after: Option<u64>,
+        visit: impl FnMut(SyncQueueEntry) -> bool,
+    ) -> Result<(), StoreError> {
+        if history::may_hold(status) {
+            self.scan_queue(after, visit)
+        } else {
+            self.scan_live_queue(after, visit)
+        }
     }
 
     /// The queue entry `id`, under its own key or in the history.
