@@ -124,16 +124,25 @@ pub(super) fn stage_moves(
     Ok(())
 }
 
-/// A bound on the ids the history holds: every one is below it. Read from the last key alone,
-/// so that a damaged bucket does not keep the store from opening.
+/// A bound on the ids the history holds: every one is below it. The last bucket's last id and
+/// one; when that bucket cannot be read (damaged), the end of its range, so that a damaged
+/// bucket does not keep the store from opening or have an id given twice.
 pub(super) fn ids_below(kv: &dyn Kv) -> Result<u64, StoreError> {
     let end = keys::prefix_end(keys::HISTORY);
-    match kv.last_key(keys::HISTORY, &end)? {
-        Some(key) => Ok(keys::seq_of(&key, keys::HISTORY.len())?
-            .saturating_add(1)
-            .saturating_mul(BUCKET_IDS)),
-        None => Ok(0),
-    }
+    let Some(key) = kv.last_key(keys::HISTORY, &end)? else {
+        return Ok(0);
+    };
+    let bucket = keys::seq_of(&key, keys::HISTORY.len())?;
+    let last = match kv.get(&key) {
+        Ok(Some(value)) => read(&key, &value)
+            .ok()
+            .and_then(|entries| entries.last().map(|e| e.id)),
+        _ => None,
+    };
+    Ok(match last {
+        Some(id) => id.saturating_add(1),
+        None => bucket.saturating_add(1).saturating_mul(BUCKET_IDS),
+    })
 }
 
 /// Stages forgetting the entries last updated before `cutoff_ms`, at most `max`, oldest first;
@@ -379,7 +388,7 @@ mod tests {
         drop(store);
         let store = open(&kv);
         let next = store.write(put(72)).unwrap().queue_id.unwrap();
-        assert!(next > 71, "{next}");
+        assert_eq!(next, 72);
         assert!(store.examine().unwrap().damage.is_none());
 
         // Pruning drops the oldest first, a bucket once it is empty, and nothing live.
@@ -460,7 +469,7 @@ mod tests {
         assert_eq!(first[2].updated_at, 2, "moved again, the newer copy stays");
         assert_eq!(entry_of(&kv, 200), Some(200));
         assert_eq!(entry_of(&kv, 4), None);
-        assert_eq!(ids_below(&kv).unwrap(), (bucket_of(200) + 1) * BUCKET_IDS);
+        assert_eq!(ids_below(&kv).unwrap(), 201);
         let asked = BTreeSet::from([2, 4, 200, 500]);
         assert_eq!(holds(&kv, &asked), BTreeSet::from([2, 200]));
 
@@ -475,6 +484,13 @@ mod tests {
         assert_eq!(
             walk.next_below(&kv, Some(2)).unwrap().map(|e| e.id),
             Some(1)
+        );
+
+        assert!(kv.damage(&bucket_key(200)));
+        assert_eq!(
+            ids_below(&kv).unwrap(),
+            (bucket_of(200) + 1) * BUCKET_IDS,
+            "a damaged last bucket: the end of its range"
         );
 
         // A bucket holding another bucket's entry, out of order, or damaged, is refused.
