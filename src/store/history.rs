@@ -163,7 +163,8 @@ pub(super) fn stage_prune(
         };
         start = keys::after(&key);
         let entries = read(&key, &value)?;
-        let mut kept = Vec::with_capacity(entries.len());
+        let held = entries.len();
+        let mut kept = Vec::with_capacity(held);
         let mut done = false;
         for entry in entries {
             done |= entry.created_at >= cutoff_ms || pruned == max;
@@ -173,9 +174,10 @@ pub(super) fn stage_prune(
                 kept.push(entry);
             }
         }
+        // A bucket nothing left is not written again.
         if kept.is_empty() {
             batch.remove(key);
-        } else {
+        } else if kept.len() < held {
             batch.put(key, pack(&kept)?);
         }
         if done {
@@ -470,6 +472,10 @@ mod tests {
         assert_eq!(entry_of(&kv, 200), Some(200));
         assert_eq!(entry_of(&kv, 4), None);
         assert_eq!(ids_below(&kv).unwrap(), 201);
+        // Nothing old enough: nothing pruned, no bucket written again.
+        let mut batch = Batch::default();
+        assert_eq!(stage_prune(&kv, &mut batch, 1, 10).unwrap(), 0);
+        assert!(batch.is_empty());
         let asked = BTreeSet::from([2, 4, 200, 500]);
         assert_eq!(holds(&kv, &asked), BTreeSet::from([2, 200]));
 

@@ -1219,7 +1219,7 @@ impl Store {
         let older = history::newest(self.kv.as_ref(), before, limit, |entry| {
             status.is_none_or(|s| s == entry.status)
         })?;
-        out.extend(older.into_iter().map(|entry| self.as_now(entry)));
+        out.extend(older);
         out.sort_unstable_by_key(|entry| std::cmp::Reverse(entry.id));
         out.truncate(limit);
         Ok(out)
@@ -1288,6 +1288,7 @@ impl Store {
 
     /// Calls `visit` on each queue entry after `after`, its history's included, in id order,
     /// while it returns true. Memory stays bounded by one page whatever the queue's length.
+    /// The history's entries are completed, never in flight: they are read as stored.
     fn scan_queue(
         &self,
         after: Option<u64>,
@@ -1301,7 +1302,7 @@ impl Store {
             loop {
                 match history.next_below(kv, Some(entry.id)) {
                     Ok(Some(old)) => {
-                        if !visit(self.as_now(old)) {
+                        if !visit(old) {
                             stopped = true;
                             return false;
                         }
@@ -1320,7 +1321,7 @@ impl Store {
             return Err(e);
         }
         while !stopped && let Some(old) = history.next_below(kv, None)? {
-            stopped = !visit(self.as_now(old));
+            stopped = !visit(old);
         }
         Ok(())
     }

@@ -671,9 +671,8 @@ impl LogStorage for KvStorage {
             return Ok(Some(*hash));
         }
         Ok(self
-            .base(space, collection, record)?
-            .as_deref()
-            .and_then(chunk_hash_bytes))
+            .entry_at(space, seq)?
+            .and_then(|entry| chunk_hash_bytes(&entry.change)))
     }
 
     fn has_base(&self, space: &str, collection: &str, record: &str) -> Result<bool, StorageError> {
