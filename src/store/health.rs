@@ -8,7 +8,7 @@
 //!
 //! What counts as damage: a value whose checksum fails (`KvError::Damaged`), a document that
 //! does not load, a queue entry that does not decode or lost its change, a pending-index key
-//! that disagrees with the queue, batches the engine lost (`Kv::lost`), and journaled changes
+//! that disagrees with the queue, a document count that disagrees with the documents, batches the engine lost (`Kv::lost`), and journaled changes
 //! the queue no longer holds. A repair removes every damaged value, puts the journaled changes
 //! the queue lost back (pending, applied to their documents where these hold what they build
 //! on; the rest reach them through the relay's log once uploaded), rebuilds the pending index,
@@ -196,11 +196,12 @@ fn damaged_value(key: &[u8], detail: impl Into<String>) -> DamagedValue {
 }
 
 /// The kinds of keys a repair may remove without reading the relay's data again: the queue's,
-/// and record views, which it computes again from their documents.
+/// and record views, index entries and document counts, which it computes again from the
+/// documents.
 fn queue_only(key: &[u8]) -> bool {
     matches!(
         key.first(),
-        Some(b'q' | b'y' | b'b' | b'p' | b'l' | b'v' | b'i')
+        Some(b'q' | b'y' | b'b' | b'p' | b'l' | b'v' | b'i' | b'n')
     )
 }
 
@@ -445,6 +446,10 @@ struct Scan {
     damaged: Vec<(Vec<u8>, String)>,
     keys: u64,
     documents: u64,
+    /// Document keys found per collection (those that fail their checksum too), and the
+    /// counts stored (`doc_counts`).
+    documents_by: BTreeMap<String, u64>,
+    counts: BTreeMap<String, u64>,
     /// Entries that read, by id: what a checkup and a repair need of them, so that a full read
     /// keeps a few bytes per entry rather than each entry.
     queue: BTreeMap<u64, Queued>,
@@ -469,6 +474,34 @@ fn digest(bytes: &[u8]) -> u64 {
 }
 
 impl Scan {
+    fn count_document(&mut self, key: &[u8]) {
+        if let Ok(collection) = keys::doc_collection(key) {
+            *self.documents_by.entry(collection.to_owned()).or_insert(0) += 1;
+        }
+    }
+
+    /// Document counts that disagree with the documents found.
+    fn wrong_counts(&self) -> Vec<(Vec<u8>, String)> {
+        let collections: BTreeSet<&String> =
+            self.documents_by.keys().chain(self.counts.keys()).collect();
+        let mut wrong = Vec::new();
+        for collection in collections {
+            let held = self.documents_by.get(collection).copied().unwrap_or(0);
+            match self.counts.get(collection) {
+                Some(&count) if count == held => {}
+                Some(count) => wrong.push((
+                    keys::doc_count(collection),
+                    format!("says {count} documents; the collection holds {held}"),
+                )),
+                None => wrong.push((
+                    keys::doc_count(collection),
+                    format!("missing; the collection holds {held} documents"),
+                )),
+            }
+        }
+        wrong
+    }
+
     /// The entries a view gives that are missing or hold another copy of it, with the key of
     /// the view they should hold.
     fn index_entries_to_write(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
@@ -481,7 +514,7 @@ impl Scan {
     /// Queue entries with a problem beyond their own value (their change missing), and
     /// pending-index keys the queue disagrees with (pointing at no pending entry, or missing).
     fn inconsistencies(&self) -> Vec<(Vec<u8>, String)> {
-        let mut found = Vec::new();
+        let mut found = self.wrong_counts();
         for (id, entry) in &self.queue {
             if !entry.inline_change && !self.changes.contains(id) {
                 found.push((keys::queue(*id), "its change is missing".into()));
@@ -604,9 +637,10 @@ impl Store {
                         if stop == end {
                             break;
                         }
-                        scan.views.extend(
-                            keys::view_of_doc(&stop).filter(|_| stop.first() == Some(&b'd')),
-                        );
+                        if stop.first() == Some(&b'd') {
+                            scan.views.extend(keys::view_of_doc(&stop));
+                            scan.count_document(&stop);
+                        }
                         scan.damaged
                             .push((stop.clone(), "checksum mismatch".into()));
                         start = keys::after(&stop);
@@ -630,6 +664,7 @@ impl Store {
         match key.first() {
             Some(b'd') => {
                 scan.documents += 1;
+                scan.count_document(&key);
                 let Some(view) = keys::view_of_doc(&key) else {
                     return;
                 };
@@ -682,6 +717,12 @@ impl Store {
                 }
             }
             Some(b'p') => scan.pending.push(key),
+            Some(b'n') => match super::doc_counts::parse(&key, &value) {
+                Ok((collection, count)) => {
+                    scan.counts.insert(collection, count);
+                }
+                Err(e) => scan.damaged.push((key, e.to_string())),
+            },
             _ => {}
         }
     }
@@ -857,6 +898,11 @@ impl Store {
         batch.remove(keys::META_DAMAGE.to_vec());
         self.settle_views(&mut batch)?;
         self.kv.apply(batch)?;
+        if bad.iter().any(|(key, _)| key.first() == Some(&b'n')) {
+            // Counted again from the documents the repair left.
+            self.kv
+                .apply(super::doc_counts::recount(self.kv.as_ref())?)?;
+        }
         // The journal, from the queue as it now stands (the queue lock is held).
         self.rewrite_journal_locked()?;
         // What memory holds came from the damaged store.
@@ -1198,6 +1244,62 @@ mod tests {
         assert_eq!(n("a").unwrap(), serde_json::json!(1));
         assert!(matches!(n("ghost"), Err(StoreError::NotFound { .. })));
         assert_eq!(store.examine().unwrap().damage, None);
+    }
+
+    /// A collection's document count that disagrees with its documents, or is missing or
+    /// unreadable, is found, and a repair counts again without reading the relay again.
+    #[test]
+    fn wrong_document_counts_are_found_and_counted_again() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        put(&store, "a", 1);
+        put(&store, "b", 2);
+        store.set_cursor("relay", &7u64.to_be_bytes()).unwrap();
+        store.flush().unwrap();
+        assert_eq!(store.collections().unwrap(), [("Note".to_owned(), 2)]);
+        drop(store);
+        let keyspace = crate::store::paired::over(&kv);
+        let mut batch = Batch::default();
+        batch.put(keys::doc_count("Note"), 5u64.to_be_bytes().to_vec());
+        batch.put(keys::doc_count("Gone"), 1u64.to_be_bytes().to_vec());
+        batch.put(keys::doc_count("Odd"), b"bad".to_vec());
+        keyspace.apply(batch).unwrap();
+        keyspace.flush().unwrap();
+
+        let store = open(&kv);
+        let damage = store.examine().unwrap().damage.expect("found");
+        let counts: Vec<(&str, &str)> = damage
+            .damaged
+            .iter()
+            .map(|d| (d.key.as_str(), d.detail.as_str()))
+            .collect();
+        assert_eq!(kinds(&damage), ["document count"; 3], "{damage:?}");
+        assert!(
+            counts.contains(&("nNote", "says 5 documents; the collection holds 2")),
+            "{counts:?}"
+        );
+        assert!(
+            counts.contains(&("nGone", "says 1 documents; the collection holds 0")),
+            "{counts:?}"
+        );
+        let (_, repaired) = store.repair().unwrap();
+        assert!(!repaired.reads_relay_again);
+        assert_eq!(store.sync_cursor().unwrap(), 7);
+        assert_eq!(store.collections().unwrap(), [("Note".to_owned(), 2)]);
+        assert_eq!(store.examine().unwrap().damage, None);
+
+        drop(store);
+        let mut batch = Batch::default();
+        batch.remove(keys::doc_count("Note"));
+        keyspace.apply(batch).unwrap();
+        let store = open(&kv);
+        let damage = store.examine().unwrap().damage.expect("found");
+        assert_eq!(
+            damage.damaged[0].detail,
+            "missing; the collection holds 2 documents"
+        );
+        store.repair().unwrap();
+        assert_eq!(store.collections().unwrap(), [("Note".to_owned(), 2)]);
     }
 
     /// A record's view is stored with its document (`paired`): when that value fails its

@@ -31,6 +31,8 @@
 //! - `i{collection}\0{index}\0{values, order-preserving}{id}` → empty: a secondary index entry of
 //!   a live record (`index`), written and removed with its view; `mindex\0{collection}\0{index}`:
 //!   how far the index's build got.
+//! - `n{collection}` → u64 big-endian: how many documents the collection holds, written with
+//!   the batches that add or remove them (`doc_counts`); `mdoc_counts`: present once they are.
 //! - `r{collection}\0{id}`: a record's old history set aside after a bootstrap from a flattened
 //!   document, until the relay answered the uploads it holds (`set_aside`).
 
@@ -76,6 +78,13 @@ pub const META_VIEWS: &[u8] = b"mviews";
 pub const INDEX: &[u8] = b"i";
 pub const META_INDEX: &[u8] = b"mindex\0";
 pub const SET_ASIDE: &[u8] = b"r";
+pub const DOC_COUNT: &[u8] = b"n";
+/// Present once every collection's document count is kept (`doc_counts`).
+pub const META_DOC_COUNTS: &[u8] = b"mdoc_counts";
+
+pub fn doc_count(collection: &str) -> Vec<u8> {
+    [DOC_COUNT, collection.as_bytes()].concat()
+}
 
 pub fn set_aside(collection: &str, id: &str) -> Vec<u8> {
     record_key(SET_ASIDE, collection, id)
@@ -100,6 +109,7 @@ pub enum Kind {
     /// A document kept apart from its record's view (`paired`).
     LongDocuments,
     Views,
+    DocumentCounts,
     IndexEntries,
     QueueEntries,
     QueueChanges,
@@ -127,6 +137,7 @@ impl Kind {
             b'd' => Kind::Documents,
             b'D' => Kind::LongDocuments,
             b'v' => Kind::Views,
+            b'n' => Kind::DocumentCounts,
             b'i' => Kind::IndexEntries,
             b'q' => Kind::QueueEntries,
             b'b' => Kind::QueueChanges,
@@ -153,6 +164,7 @@ impl Kind {
             Kind::Documents => "records",
             Kind::LongDocuments => "long_documents",
             Kind::Views => "views",
+            Kind::DocumentCounts => "document_counts",
             Kind::IndexEntries => "index_entries",
             Kind::QueueEntries => "queue_entries",
             Kind::QueueChanges => "queue_changes",
@@ -177,6 +189,7 @@ impl Kind {
         match self {
             Kind::Documents | Kind::LongDocuments => "document",
             Kind::Views => "record view",
+            Kind::DocumentCounts => "document count",
             Kind::IndexEntries => "index entry",
             Kind::QueueEntries => "queue entry",
             Kind::QueueChanges => "queue change",
@@ -453,6 +466,7 @@ mod tests {
             (doc("C", "x"), "records"),
             (b"D\0C\0x".to_vec(), "long_documents"),
             (view("C", "x"), "views"),
+            (doc_count("C"), "document_counts"),
             (entry.clone(), "index_entries"),
             (queue(1), "queue_entries"),
             (queue_change(1), "queue_changes"),

@@ -251,6 +251,11 @@ pub fn sizes_by(
 /// Ordered key-value storage.
 pub trait Kv: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+    /// Whether `key` holds a value, without reading it (nor checking it: a damaged value is
+    /// held). An engine or layer that can answer without copying the value says so.
+    fn contains(&self, key: &[u8]) -> Result<bool, KvError> {
+        Ok(self.get(key)?.is_some())
+    }
     /// Up to `limit` pairs with `start <= key < end`, in key order.
     fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError>;
     /// The greatest key with `start <= key < end`.
@@ -353,6 +358,11 @@ macro_rules! forward_to_inner {
     (@ get) => {
         fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, $crate::store::kv::KvError> {
             self.inner.get(key)
+        }
+    };
+    (@ contains) => {
+        fn contains(&self, key: &[u8]) -> Result<bool, $crate::store::kv::KvError> {
+            self.inner.contains(key)
         }
     };
     (@ range) => {
@@ -894,6 +904,11 @@ impl Kv for SledKv {
             Some(stored) => read_value(db, key, stored, engine.sealed).map(Some),
             None => Ok(None),
         }
+    }
+
+    fn contains(&self, key: &[u8]) -> Result<bool, KvError> {
+        let engine = self.read();
+        engine.db()?.contains_key(key).map_err(from_sled)
     }
 
     fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {
@@ -1838,6 +1853,10 @@ impl Kv for MemoryKv {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         let stored = self.lock().visible.get(key).cloned();
         stored.map(|v| unseal(key, v)).transpose()
+    }
+
+    fn contains(&self, key: &[u8]) -> Result<bool, KvError> {
+        Ok(self.lock().visible.contains_key(key))
     }
 
     fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {

@@ -19,6 +19,7 @@
 
 pub mod completed;
 pub mod conflicts;
+mod doc_counts;
 pub mod feed;
 mod fields_text;
 pub use fields_text::{FieldsText, NotFields};
@@ -68,12 +69,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// The store format this build writes. Format 2 added what format 1 builds cannot read: record
 /// pairs holding a short form of their document (`paired`, `implied`) and the pending index in
 /// buckets (`pending_buckets`). Format 3 added the queue's history (`history`), whose ids a
-/// format 2 build would not see and so would give again.
-const FORMAT_VERSION: &[u8] = b"3";
+/// format 2 build would not see and so would give again. Format 4 keeps each collection's
+/// document count (`doc_counts`), which a format 3 build would leave wrong.
+const FORMAT_VERSION: &[u8] = b"4";
 
 /// Formats this build opens; an older one is marked with `FORMAT_VERSION` before anything is
 /// written, so that an older build refuses the store instead of reading new pairs as damage.
-const READABLE_FORMATS: [&[u8]; 3] = [b"1", b"2", FORMAT_VERSION];
+const READABLE_FORMATS: [&[u8]; 4] = [b"1", b"2", b"3", FORMAT_VERSION];
 
 /// A queue entry's change longer than this is kept under its own key (`keys::queue_change`).
 pub const INLINE_CHANGE_BYTES: usize = 2048;
@@ -472,7 +474,8 @@ impl Store {
             }
         }
         let paired: Box<dyn Kv> = Box::new(paired::Paired::open(kv, implied::expand)?);
-        let kv: Box<dyn Kv> = Box::new(pending_buckets::Buckets::open(paired)?);
+        let counted: Box<dyn Kv> = Box::new(doc_counts::Counted::open(paired)?);
+        let kv: Box<dyn Kv> = Box::new(pending_buckets::Buckets::open(counted)?);
         sync::ensure_pending_index(kv.as_ref())?;
         move_long_changes(kv.as_ref())?;
         let (found, after_journaled) = health::check_at_open(kv.as_ref(), clock.now_ms())?;
@@ -1086,20 +1089,9 @@ impl Store {
     }
 
     /// Collection names that hold at least one document (live or deleted), with their document
-    /// counts.
+    /// counts, in name order: the counts kept with the writes (`doc_counts`), not a walk.
     pub fn collections(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut out = Vec::new();
-        let mut start = keys::DOC_ALL.to_vec();
-        let end = keys::prefix_end(keys::DOC_ALL);
-        while let Some((key, _)) = self.kv.range(&start, &end, 1)?.pop() {
-            let name = keys::doc_collection(&key)?.to_owned();
-            let prefix = keys::doc_prefix(&name);
-            let after_collection = keys::prefix_end(&prefix);
-            let count = self.kv.count(&prefix, &after_collection)?;
-            out.push((name, count));
-            start = after_collection;
-        }
-        Ok(out)
+        doc_counts::read(self.kv.as_ref())
     }
 
     /// Every change of a record, deleted or not.
@@ -2392,14 +2384,14 @@ mod tests {
         .unwrap()
     }
 
-    /// A store of format 1 or 2 opens and is marked with this build's format at once, so that
+    /// A store of format 1, 2 or 3 opens and is marked with this build's format at once, so that
     /// an older build refuses it from then on; a format this build does not know is refused with
     /// an error naming it, before anything is written.
     #[test]
     fn an_older_format_is_marked_current_and_a_newer_one_is_refused() {
         let kv = MemoryKv::default();
         drop(open(&kv));
-        for older in [b"1", b"2"] {
+        for older in [b"1", b"2", b"3"] {
             let mut batch = Batch::default();
             batch.put(keys::META_FORMAT.to_vec(), older.to_vec());
             kv.apply(batch).unwrap();
@@ -2411,7 +2403,7 @@ mod tests {
         }
 
         let mut batch = Batch::default();
-        batch.put(keys::META_FORMAT.to_vec(), b"4".to_vec());
+        batch.put(keys::META_FORMAT.to_vec(), b"5".to_vec());
         kv.apply(batch).unwrap();
         let opened = Store::open(
             Box::new(kv.clone()),
@@ -2421,12 +2413,12 @@ mod tests {
         );
         match opened {
             Err(error @ StoreError::UnsupportedFormat(_)) => {
-                assert!(error.to_string().contains("\"4\""), "{error}");
+                assert!(error.to_string().contains("\"5\""), "{error}");
             }
             Err(other) => panic!("expected UnsupportedFormat, got {other}"),
-            Ok(_) => panic!("a store of format 4 opened"),
+            Ok(_) => panic!("a store of format 5 opened"),
         }
-        assert_eq!(kv.get(keys::META_FORMAT).unwrap(), Some(b"4".to_vec()));
+        assert_eq!(kv.get(keys::META_FORMAT).unwrap(), Some(b"5".to_vec()));
     }
 
     fn fields(v: serde_json::Value) -> Fields {

@@ -545,6 +545,15 @@ impl Kv for Paired {
         }
     }
 
+    fn contains(&self, key: &[u8]) -> Result<bool, KvError> {
+        match (region_of(key), record_of(key)) {
+            (None, _) => self.inner.contains(key),
+            // A pair always holds its document, under the document's key.
+            (Some(Region::Documents), Some(_)) => self.inner.contains(key),
+            _ => Ok(self.get(key)?.is_some()),
+        }
+    }
+
     fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, KvError> {
         let mut out = Vec::new();
         for (from, to, region) in segments(start, end) {
