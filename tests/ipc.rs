@@ -14,7 +14,9 @@
 
 mod common;
 
-use common::{Device, FaultyKv, Relayed, TIMEOUT, ferry_bin, signal, stderr, stdout, wait_for};
+use common::{
+    Device, FaultyKv, Relayed, TIMEOUT, Tmpfs, ferry_bin, signal, stderr, stdout, wait_for,
+};
 use ferry::clock::SystemClock;
 use ferry::service::{Service, ServiceOptions, api, code};
 use ferry::store::{Store, StoreOptions};
@@ -1699,45 +1701,6 @@ fn a_full_disk_refuses_the_write_and_keeps_everything_acknowledged() {
         assert_eq!(fields_of(&service, "unflushed"), Some(json!({})));
         assert_eq!(queued_ids(&service).len(), acked.len() + 3);
         service.shutdown().unwrap();
-    }
-}
-
-/// A tmpfs mounted for a test, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("mount -t tmpfs failed: {}", stderr(&out).trim()));
-        }
-        Ok(Tmpfs(dir.to_owned()))
-    }
-
-    fn resize(&self, size: &str) {
-        let out = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .output()
-            .expect("run mount");
-        assert!(out.status.success(), "remount: {}", stderr(&out));
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
     }
 }
 

@@ -632,6 +632,17 @@ impl SledKv {
         result
     }
 
+    /// Opens `dir` through the store's own cache. Should that fail, the store stays closed
+    /// and `reopen` tries again, as after a failed write.
+    fn open_again(&self, dir: &Path) -> Result<sled::Db, KvError> {
+        open_db(dir, self.cache_bytes).inspect_err(|_| {
+            self.lock_failure().get_or_insert_with(|| Failure {
+                since: now_ms(),
+                reopened: false,
+            });
+        })
+    }
+
     fn refuse_while_full(&self) -> Result<(), KvError> {
         match self.lock_failure().map(|f| f.since) {
             Some(since) => Err(KvError::DiskFull(format!(
@@ -1050,47 +1061,50 @@ impl Kv for SledKv {
         self.refuse_while_full()?;
         let number = self.lock_writing();
         let mut engine = self.write();
-        let old = engine.db()?;
-        self.watch(old.flush().map(|_| ()).map_err(from_sled))?;
+        self.watch(engine.db()?.flush().map(|_| ()).map_err(from_sled))?;
         let next = engine.generation + 1;
         let dir = self.generations.dir(next);
-        let copied = remove_all(&dir)
-            .and_then(|()| open_db(&dir, COPY_CACHE_BYTES.min(self.cache_bytes)))
-            .and_then(|fresh| {
-                copy_all(old, &fresh, engine.sealed)?;
-                fresh
-                    .insert(BATCH_KEY, seal(BATCH_KEY, &number.to_be_bytes()))
-                    .and_then(|_| fresh.insert(SEALED_KEY, Vec::new()))
-                    .map_err(from_sled)?;
-                fresh.flush().map_err(from_sled)?;
-                sync_all(&dir)?;
-                Ok(fresh)
-            });
+        // The copy reads every page of the store once: through a small cache of its own, not
+        // the store's, which sled would fill (at several times its configured size) beside the
+        // fresh copy's pages. The store is closed meanwhile (writes wait on `writing`, reads on
+        // the engine lock), and opened again through its own cache if the copy fails.
+        let current = self.generations.dir(engine.generation);
+        engine.db = None;
+        let copy_cache = COPY_CACHE_BYTES.min(self.cache_bytes);
+        let copied = open_db(&current, copy_cache).and_then(|old| {
+            remove_all(&dir)?;
+            let fresh = open_db(&dir, copy_cache)?;
+            copy_all(&old, &fresh, engine.sealed)?;
+            fresh
+                .insert(BATCH_KEY, seal(BATCH_KEY, &number.to_be_bytes()))
+                .and_then(|_| fresh.insert(SEALED_KEY, Vec::new()))
+                .map_err(from_sled)?;
+            fresh.flush().map_err(from_sled)?;
+            sync_all(&dir)?;
+            Ok(fresh)
+        });
         // A copy that runs out of space fails alone: the store in use is untouched.
         let fresh = match copied {
             Ok(fresh) => fresh,
             Err(e) => {
                 let _ = remove_all(&dir);
+                engine.db = Some(self.open_again(&current)?);
                 return Err(e);
             }
         };
-        self.generations.switch_to(next).inspect_err(|_| {
+        if let Err(e) = self.generations.switch_to(next) {
+            drop(fresh);
             let _ = remove_all(&dir);
-        })?;
+            engine.db = Some(self.open_again(&current)?);
+            return Err(e);
+        }
         let previous = engine.generation;
         engine.generation = next;
         engine.sealed = true;
         engine.db = None;
-        // The copy was made through a small cache; the store reads through its own. Should
-        // that open fail, the store stays closed and `reopen` tries again, as after a failed
-        // write.
+        // The copy was made through a small cache; the store reads through its own.
         drop(fresh);
-        let fresh = open_db(&dir, self.cache_bytes).inspect_err(|_| {
-            self.lock_failure().get_or_insert_with(|| Failure {
-                since: now_ms(),
-                reopened: false,
-            });
-        })?;
+        let fresh = self.open_again(&dir)?;
         engine.chunked = Mutex::new(chunked_keys(&fresh).ok());
         engine.db = Some(fresh);
         drop(engine);
