@@ -86,6 +86,7 @@ usage: cargo bench --bench sync_e2e -- [OPTIONS]
   --seed N          the link emulator's seed (default 1)
   --congestion C    QUIC congestion controller of the relay and the devices: bbr, cubic or
                     new_reno (default: the config's, bbr)
+  --device-sled-cache-mb N  the devices' `store.sled_cache_mb` (default: the config's)
   --log FILTER      log filter for the relay and the daemons (default: info)
   --log-dir DIR     keep the relay's and the daemons' logs in DIR (default: in the temp dirs,
                     removed at the end)";
@@ -125,6 +126,7 @@ struct Options {
     profile: Option<Profile>,
     seed: u64,
     congestion: Option<String>,
+    device_sled_cache_mb: Option<u64>,
     /// Relays keep their data in PostgreSQL.
     postgres: bool,
     /// Relays A and B use (A on the first, B on the last).
@@ -151,6 +153,7 @@ impl Options {
             profile: None,
             seed: 1,
             congestion: None,
+            device_sled_cache_mb: None,
             postgres: false,
             relays: 1,
             smoke,
@@ -209,6 +212,9 @@ impl Options {
                         ));
                     }
                     o.congestion = Some(c.clone());
+                }
+                "--device-sled-cache-mb" => {
+                    o.device_sled_cache_mb = Some(number(arg, text(arg)?)?);
                 }
                 "--postgres" => o.postgres = true,
                 "--relays" => {
@@ -292,6 +298,7 @@ fn main() {
             })
         });
         result["congestion"] = json!(options.congestion.as_deref().unwrap_or("bbr"));
+        result["device_sled_cache_mb"] = json!(options.device_sled_cache_mb);
         result["relay_storage"] = json!(if options.postgres { "postgres" } else { "sled" });
         result["relays"] = json!(options.relays);
         println!("{result}");
@@ -605,6 +612,16 @@ fn new_device(o: &Options) -> Device {
             "\ncongestion = \"bbr\"",
             &format!("\ncongestion = {congestion:?}"),
         );
+    }
+    if let Some(mb) = o.device_sled_cache_mb {
+        // The first `sled_cache_mb` is the store's (the relay's comes later).
+        let path = device.data_dir.join("config.toml");
+        let text = std::fs::read_to_string(&path).expect("read config.toml");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("sled_cache_mb = "))
+            .expect("config.toml has a sled_cache_mb");
+        edit_config(&device, line, &format!("sled_cache_mb = {mb}"));
     }
     device
 }

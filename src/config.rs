@@ -61,7 +61,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             cache_docs: 1024,
-            sled_cache_mb: 32,
+            sled_cache_mb: 16,
             allow_undeclared_collections: true,
             group_commit_max: 256,
             keep_completed_days: 30,
