@@ -87,6 +87,7 @@ usage: cargo bench --bench sync_e2e -- [OPTIONS]
   --congestion C    QUIC congestion controller of the relay and the devices: bbr, cubic or
                     new_reno (default: the config's, bbr)
   --device-sled-cache-mb N  the devices' `store.sled_cache_mb` (default: the config's)
+  --relay-sled-cache-mb N   the relays' `relay.sled_cache_mb` (default: the config's)
   --log FILTER      log filter for the relay and the daemons (default: info)
   --log-dir DIR     keep the relay's and the daemons' logs in DIR (default: in the temp dirs,
                     removed at the end)";
@@ -127,6 +128,7 @@ struct Options {
     seed: u64,
     congestion: Option<String>,
     device_sled_cache_mb: Option<u64>,
+    relay_sled_cache_mb: Option<u64>,
     /// Relays keep their data in PostgreSQL.
     postgres: bool,
     /// Relays A and B use (A on the first, B on the last).
@@ -154,6 +156,7 @@ impl Options {
             seed: 1,
             congestion: None,
             device_sled_cache_mb: None,
+            relay_sled_cache_mb: None,
             postgres: false,
             relays: 1,
             smoke,
@@ -215,6 +218,9 @@ impl Options {
                 }
                 "--device-sled-cache-mb" => {
                     o.device_sled_cache_mb = Some(number(arg, text(arg)?)?);
+                }
+                "--relay-sled-cache-mb" => {
+                    o.relay_sled_cache_mb = Some(number(arg, text(arg)?)?);
                 }
                 "--postgres" => o.postgres = true,
                 "--relays" => {
@@ -299,6 +305,7 @@ fn main() {
         });
         result["congestion"] = json!(options.congestion.as_deref().unwrap_or("bbr"));
         result["device_sled_cache_mb"] = json!(options.device_sled_cache_mb);
+        result["relay_sled_cache_mb"] = json!(options.relay_sled_cache_mb);
         result["relay_storage"] = json!(if options.postgres { "postgres" } else { "sled" });
         result["relays"] = json!(options.relays);
         println!("{result}");
@@ -357,6 +364,9 @@ impl Relay {
         }
         if let Some(url) = &storage.url {
             config += &format!("storage = \"postgres\"\npostgres_url = {url:?}\n");
+        }
+        if let Some(mb) = o.relay_sled_cache_mb {
+            config += &format!("sled_cache_mb = {mb}\n");
         }
         if !config.is_empty() {
             std::os::unix::fs::DirBuilderExt::mode(

@@ -336,7 +336,7 @@ impl Default for RelayConfig {
             max_download_changes: session.max_download_changes,
             max_snapshot_records: session.max_snapshot_records,
             cache_docs: 4096,
-            sled_cache_mb: 64,
+            sled_cache_mb: 32,
             storage: RelayStorageKind::Sled,
             postgres_url: String::new(),
             postgres_pool_size: 16,

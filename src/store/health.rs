@@ -1206,19 +1206,24 @@ mod tests {
         assert_eq!(store.examine().unwrap().damage, None);
     }
 
+    /// A sound store of two notes, `a` (n = 1) and `b` (n = 2), that read the relay up to 7.
+    fn two_notes_read_to_7(kv: &MemoryKv) {
+        let store = open(kv);
+        put(&store, "a", 1);
+        put(&store, "b", 2);
+        store.set_cursor("relay", &7u64.to_be_bytes()).unwrap();
+        store.flush().unwrap();
+        assert_eq!(store.examine().unwrap().damage, None);
+        assert_eq!(store.collections().unwrap(), [("Note".to_owned(), 2)]);
+    }
+
     /// A view that says something else than its document (another record's) is found; a repair
     /// computes it again, and the device keeps what it read of the relay (documents are sound).
     /// A view written with no document is not kept at all (`paired`).
     #[test]
     fn views_that_differ_from_their_documents_are_found_and_written_again() {
         let kv = MemoryKv::new();
-        let store = open(&kv);
-        put(&store, "a", 1);
-        put(&store, "b", 2);
-        store.set_cursor("relay", &7u64.to_be_bytes()).unwrap();
-        store.flush().unwrap();
-        assert_eq!(store.examine().unwrap().damage, None);
-        drop(store);
+        two_notes_read_to_7(&kv);
         let keyspace = crate::store::paired::over(&kv);
         let a_view = keyspace.get(&keys::view("Note", "a")).unwrap().unwrap();
         let mut batch = Batch::default();
@@ -1251,13 +1256,7 @@ mod tests {
     #[test]
     fn wrong_document_counts_are_found_and_counted_again() {
         let kv = MemoryKv::new();
-        let store = open(&kv);
-        put(&store, "a", 1);
-        put(&store, "b", 2);
-        store.set_cursor("relay", &7u64.to_be_bytes()).unwrap();
-        store.flush().unwrap();
-        assert_eq!(store.collections().unwrap(), [("Note".to_owned(), 2)]);
-        drop(store);
+        two_notes_read_to_7(&kv);
         let keyspace = crate::store::paired::over(&kv);
         let mut batch = Batch::default();
         batch.put(keys::doc_count("Note"), 5u64.to_be_bytes().to_vec());
