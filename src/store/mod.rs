@@ -113,7 +113,9 @@ pub enum StoreError {
     WrongDevice { stored: String, given: String },
     #[error(
         "the data directory has store format {0:?}, which this version of ferry cannot read \
-         (it reads formats 1 and 2): it was written by a newer ferry; run that version or a newer one"
+         (it reads formats 1 to {newest}): it was written by a newer ferry; run that version or a \
+         newer one",
+        newest = String::from_utf8_lossy(FORMAT_VERSION)
     )]
     UnsupportedFormat(String),
     #[error("queue entry {0} not found")]
@@ -2414,6 +2416,10 @@ mod tests {
         match opened {
             Err(error @ StoreError::UnsupportedFormat(_)) => {
                 assert!(error.to_string().contains("\"5\""), "{error}");
+                assert!(
+                    error.to_string().contains("it reads formats 1 to 4)"),
+                    "{error}"
+                );
             }
             Err(other) => panic!("expected UnsupportedFormat, got {other}"),
             Ok(_) => panic!("a store of format 5 opened"),
