@@ -20,7 +20,7 @@
 //! Must not touch: the network or sessions; the daemon decides when to repair.
 
 use super::kv::{Batch, Kv, KvError, Pair, forward_to_inner, printable};
-use super::{Store, StoreError, decode, encode, keys, stage_entry};
+use super::{QueueCounts, Store, StoreError, decode, encode, keys, stage_entry};
 use ferry_proto::{Operation, QueueStatus, SyncQueueEntry};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -202,7 +202,7 @@ fn queue_only(key: &[u8]) -> bool {
     matches!(
         key.first(),
         Some(b'q' | b'y' | b'b' | b'p' | b'l' | b'v' | b'i' | b'n')
-    )
+    ) || key == keys::META_QUEUE_COUNTS
 }
 
 /// Notes the keys whose values failed their checksum when read, so that `status` says the
@@ -450,6 +450,8 @@ struct Scan {
     /// counts stored (`doc_counts`).
     documents_by: BTreeMap<String, u64>,
     counts: BTreeMap<String, u64>,
+    /// The queue's counts as stored (`keys::META_QUEUE_COUNTS`), if they are.
+    queue_counts: Option<Vec<u8>>,
     /// Entries that read, by id: what a checkup and a repair need of them, so that a full read
     /// keeps a few bytes per entry rather than each entry.
     queue: BTreeMap<u64, Queued>,
@@ -502,6 +504,40 @@ impl Scan {
         wrong
     }
 
+    /// The queue's stored counts, when they disagree with the entries found. Not when queue
+    /// entries are damaged: the counts are then wrong because of them, and a repair counts again.
+    fn wrong_queue_counts(&self) -> Option<(Vec<u8>, String)> {
+        let stored = self.queue_counts.as_ref()?;
+        if self
+            .damaged
+            .iter()
+            .any(|(key, _)| matches!(key.first(), Some(b'q' | b'y')))
+        {
+            return None;
+        }
+        let mut held = QueueCounts::default();
+        for entry in self.queue.values() {
+            *match entry.status {
+                QueueStatus::Pending => &mut held.pending,
+                QueueStatus::Processing => &mut held.processing,
+                QueueStatus::Completed => &mut held.completed,
+                QueueStatus::Failed => &mut held.failed,
+            } += 1;
+        }
+        let show = |c: &QueueCounts| {
+            format!(
+                "{} pending, {} processing, {} completed, {} failed",
+                c.pending, c.processing, c.completed, c.failed
+            )
+        };
+        let problem = match QueueCounts::from_stored(stored) {
+            Some(counts) if counts == held => return None,
+            Some(counts) => format!("say {}; the queue holds {}", show(&counts), show(&held)),
+            None => format!("cannot be read; the queue holds {}", show(&held)),
+        };
+        Some((keys::META_QUEUE_COUNTS.to_vec(), problem))
+    }
+
     /// The entries a view gives that are missing or hold another copy of it, with the key of
     /// the view they should hold.
     fn index_entries_to_write(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
@@ -515,6 +551,7 @@ impl Scan {
     /// pending-index keys the queue disagrees with (pointing at no pending entry, or missing).
     fn inconsistencies(&self) -> Vec<(Vec<u8>, String)> {
         let mut found = self.wrong_counts();
+        found.extend(self.wrong_queue_counts());
         for (id, entry) in &self.queue {
             if !entry.inline_change && !self.changes.contains(id) {
                 found.push((keys::queue(*id), "its change is missing".into()));
@@ -717,6 +754,7 @@ impl Store {
                 }
             }
             Some(b'p') => scan.pending.push(key),
+            Some(b'm') if key == keys::META_QUEUE_COUNTS => scan.queue_counts = Some(value),
             Some(b'n') => match super::doc_counts::parse(&key, &value) {
                 Ok((collection, count)) => {
                     scan.counts.insert(collection, count);
@@ -896,6 +934,8 @@ impl Store {
             }
         }
         batch.remove(keys::META_DAMAGE.to_vec());
+        // Counted again when next asked, from the queue the repair left.
+        batch.remove(keys::META_QUEUE_COUNTS.to_vec());
         self.settle_views(&mut batch)?;
         self.kv.apply(batch)?;
         if bad.iter().any(|(key, _)| key.first() == Some(&b'n')) {
@@ -1000,7 +1040,8 @@ impl Store {
         // The counts kept with the queue say so without reading it (none yet: wait for them),
         // and nothing is journaled or leaves the queue while its lock is held.
         let queue = self.lock_queue();
-        let all_uploaded = queue.is_some_and(|c| c.pending + c.processing + c.failed == 0);
+        let all_uploaded =
+            queue.is_some_and(|t| t.shown.pending + t.shown.processing + t.shown.failed == 0);
         if !all_uploaded {
             return Ok(());
         }

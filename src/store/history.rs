@@ -275,7 +275,7 @@ mod tests {
     use crate::store::tests::open;
     use crate::store::{QueueAction, Store, Write};
     use ferry_proto::session::OwnEntry;
-    use ferry_proto::wire::{ChangeOutcome, ChangeResult};
+    use ferry_proto::wire::{ChangeOutcome, ChangeResult, ErrorCode};
 
     fn put(n: usize) -> Write {
         let mut fields = Fields::new();
@@ -519,5 +519,203 @@ mod tests {
 
     fn entry_of(kv: &MemoryKv, id: u64) -> Option<u64> {
         super::entry(kv, id).unwrap().map(|e| e.id)
+    }
+
+    /// What happens to a queue in the property test below.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A write to record `n`: a new one, or an update.
+        Write(usize),
+        /// Up to `take` pending entries go up; the relay answers each by the next answer (0
+        /// stored, 1 refused for now, 2 refused for good, 3 no answer: left in flight).
+        Upload {
+            take: usize,
+            answers: Vec<u8>,
+        },
+        /// The stored ones come back in the log: they go to the history.
+        ReadBack,
+        /// `ferry retry`, or a move made by hand (refused when the entry cannot make it).
+        Transition {
+            id: u64,
+            action: u8,
+        },
+        Prune(usize),
+        /// A restart: what was in flight is forgotten, still stored pending.
+        Reopen,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0usize..12).prop_map(Step::Write),
+            3 => (1usize..8, proptest::collection::vec(0u8..4, 8))
+                .prop_map(|(take, answers)| Step::Upload { take, answers }),
+            2 => Just(Step::ReadBack),
+            2 => (1u64..40, 0u8..3).prop_map(|(id, action)| Step::Transition { id, action }),
+            1 => (0usize..20).prop_map(Step::Prune),
+            2 => Just(Step::Reopen),
+        ]
+    }
+
+    fn counted(entries: &[SyncQueueEntry]) -> crate::store::QueueCounts {
+        let mut counts = crate::store::QueueCounts::default();
+        for entry in entries {
+            *match entry.status {
+                QueueStatus::Pending => &mut counts.pending,
+                QueueStatus::Processing => &mut counts.processing,
+                QueueStatus::Completed => &mut counts.completed,
+                QueueStatus::Failed => &mut counts.failed,
+            } += 1;
+        }
+        counts
+    }
+
+    proptest::proptest! {
+        /// The queue's counts, kept with every move and read back at each open instead of
+        /// counted again, always equal the entries listed, and `doctor` finds the counts stored
+        /// right, across writes, uploads and their answers, entries left in flight, entries
+        /// back from the log, moves by hand, pruning and restarts.
+        #[test]
+        fn the_queue_counts_kept_equal_the_entries_across_restarts(
+            steps in proptest::collection::vec(step(), 1..40)
+        ) {
+            let kv = MemoryKv::new();
+            let mut store = open(&kv);
+            let mut next_seq = 1;
+            let mut stored: Vec<OwnEntry> = Vec::new();
+            for step in steps {
+                match step {
+                    Step::Write(n) => {
+                        store.write(put(n)).unwrap();
+                    }
+                    Step::Upload { take, answers } => {
+                        let batch = store
+                            .next_upload_batch(BatchLimits::of(take, usize::MAX))
+                            .unwrap()
+                            .entries;
+                        let mut results = Vec::new();
+                        for (entry, answer) in batch.iter().zip(answers.iter().cycle()) {
+                            let outcome = match answer {
+                                0 => {
+                                    stored.push(OwnEntry { seq: next_seq, entry: entry.id });
+                                    next_seq += 1;
+                                    ChangeOutcome::Stored { seq: next_seq - 1 }
+                                }
+                                1 => ChangeOutcome::Rejected {
+                                    code: ErrorCode::Overloaded,
+                                    message: "busy".into(),
+                                },
+                                2 => ChangeOutcome::Rejected {
+                                    code: ErrorCode::InvalidChange,
+                                    message: "refused".into(),
+                                },
+                                _ => continue,
+                            };
+                            results.push(ChangeResult { entry: entry.id, outcome });
+                        }
+                        store
+                            .finish_upload(&results, &RetryPolicy::immediate(5))
+                            .unwrap();
+                    }
+                    Step::ReadBack => {
+                        // Refused when one of them was pruned meanwhile: nothing moves then.
+                        let _ = store.with_own_entries(Vec::new(), &stored);
+                        stored.clear();
+                    }
+                    Step::Transition { id, action } => {
+                        let action = match action {
+                            0 => QueueAction::Retry,
+                            1 => QueueAction::Start,
+                            _ => QueueAction::Complete,
+                        };
+                        let _ = store.queue_transition(&[id], &action);
+                    }
+                    Step::Prune(max) => {
+                        store.prune_history(u64::MAX, 0, max).unwrap();
+                    }
+                    Step::Reopen => {
+                        store.flush().unwrap();
+                        drop(store);
+                        store = open(&kv);
+                    }
+                }
+                let listed = store.queue(None, None, usize::MAX).unwrap();
+                proptest::prop_assert_eq!(store.queue_counts().unwrap(), counted(&listed));
+                proptest::prop_assert_eq!(store.examine().unwrap().damage, None);
+            }
+        }
+    }
+
+    #[test]
+    fn an_open_reads_the_queue_counts_stored_and_doctor_finds_them_wrong() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        for n in 1..=5 {
+            store.write(put(n)).unwrap();
+        }
+        upload_and_read_back(&store, 1);
+        store.write(put(6)).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let stored = kv.get(keys::META_QUEUE_COUNTS).unwrap().unwrap();
+        let stored = crate::store::QueueCounts::from_stored(&stored).unwrap();
+        assert_eq!((stored.pending, stored.completed), (1, 5));
+
+        // The open takes the counts as stored: an entry written past the store is not counted.
+        let mut batch = Batch::default();
+        let mut stray = store_entry_of(&kv, 6);
+        stray.id = 7;
+        batch.put(
+            keys::queue(7),
+            crate::store::encode(&stray, "queue entry").unwrap(),
+        );
+        batch.put(keys::pending(stray.priority, 7), Vec::new());
+        kv.apply(batch).unwrap();
+        let store = open(&kv);
+        assert_eq!(store.queue_counts().unwrap(), stored);
+
+        // `doctor` finds them wrong; the repair drops them, and they are counted again.
+        let damage = store.examine().unwrap().damage.unwrap();
+        assert_eq!(damage.damaged.len(), 1, "{damage:?}");
+        assert!(
+            damage.damaged[0].detail.contains(
+                "say 1 pending, 0 processing, 5 completed, 0 failed; the queue holds 2 pending"
+            ),
+            "{damage:?}"
+        );
+        store.repair().unwrap();
+        assert_eq!(kv.get(keys::META_QUEUE_COUNTS).unwrap(), None);
+        assert_eq!(store.queue_counts().unwrap().pending, 2);
+        assert_eq!(store.examine().unwrap().damage, None);
+        // Counted again, they are stored with the next move.
+        store.write(put(8)).unwrap();
+        let stored = kv.get(keys::META_QUEUE_COUNTS).unwrap().unwrap();
+        let stored = crate::store::QueueCounts::from_stored(&stored).unwrap();
+        assert_eq!((stored.pending, stored.completed), (3, 5));
+
+        // Unreadable counts are found too; the queue is counted instead, and the counts kept.
+        let mut batch = Batch::default();
+        batch.put(keys::META_QUEUE_COUNTS.to_vec(), vec![1, 2, 3]);
+        kv.apply(batch).unwrap();
+        drop(store);
+        let store = open(&kv);
+        let damage = store.examine().unwrap().damage.unwrap();
+        assert!(
+            damage.damaged[0].detail.starts_with("cannot be read"),
+            "{damage:?}"
+        );
+        assert_eq!(store.queue_counts().unwrap().pending, 3);
+        let stored = kv.get(keys::META_QUEUE_COUNTS).unwrap().unwrap();
+        assert_eq!(
+            crate::store::QueueCounts::from_stored(&stored)
+                .unwrap()
+                .pending,
+            3
+        );
+        assert_eq!(store.examine().unwrap().damage, None);
+    }
+
+    fn store_entry_of(kv: &MemoryKv, id: u64) -> SyncQueueEntry {
+        crate::store::decode(&kv.get(&keys::queue(id)).unwrap().unwrap(), "queue entry").unwrap()
     }
 }

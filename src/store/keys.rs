@@ -81,6 +81,11 @@ pub const SET_ASIDE: &[u8] = b"r";
 pub const DOC_COUNT: &[u8] = b"n";
 /// Present once every collection's document count is kept (`doc_counts`).
 pub const META_DOC_COUNTS: &[u8] = b"mdoc_counts";
+/// The queue's entries by status as stored (entries in an upload are stored pending), written
+/// with every batch that moves them (`Store::apply_queue_batch`), so that an open does not read
+/// the whole queue to count it: four big-endian u64, pending, processing, completed, failed.
+/// Absent while they are not known.
+pub const META_QUEUE_COUNTS: &[u8] = b"mqueue_counts";
 
 pub fn doc_count(collection: &str) -> Vec<u8> {
     [DOC_COUNT, collection.as_bytes()].concat()

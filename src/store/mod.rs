@@ -70,12 +70,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// pairs holding a short form of their document (`paired`, `implied`) and the pending index in
 /// buckets (`pending_buckets`). Format 3 added the queue's history (`history`), whose ids a
 /// format 2 build would not see and so would give again. Format 4 keeps each collection's
-/// document count (`doc_counts`), which a format 3 build would leave wrong.
-const FORMAT_VERSION: &[u8] = b"4";
+/// document count (`doc_counts`), which a format 3 build would leave wrong. Format 5 keeps the
+/// queue's counts by status (`keys::META_QUEUE_COUNTS`), which a format 4 build would leave
+/// wrong.
+const FORMAT_VERSION: &[u8] = b"5";
 
 /// Formats this build opens; an older one is marked with `FORMAT_VERSION` before anything is
 /// written, so that an older build refuses the store instead of reading new pairs as damage.
-const READABLE_FORMATS: [&[u8]; 4] = [b"1", b"2", b"3", FORMAT_VERSION];
+const READABLE_FORMATS: [&[u8]; 5] = [b"1", b"2", b"3", b"4", FORMAT_VERSION];
 
 /// A queue entry's change longer than this is kept under its own key (`keys::queue_change`).
 pub const INLINE_CHANGE_BYTES: usize = 2048;
@@ -373,6 +375,57 @@ pub struct QueueCounts {
     pub failed: u64,
 }
 
+/// The queue's counts as `Store::queue_counts` gives them, and how many of the entries they count
+/// processing are in an upload: those are stored pending, and the counts stored
+/// (`keys::META_QUEUE_COUNTS`) count them there.
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueTally {
+    shown: QueueCounts,
+    in_flight: u64,
+}
+
+impl QueueTally {
+    /// The counts a read of the stored queue gives.
+    fn stored(&self) -> QueueCounts {
+        QueueCounts {
+            pending: self.shown.pending.saturating_add(self.in_flight),
+            processing: self.shown.processing.saturating_sub(self.in_flight),
+            ..self.shown
+        }
+    }
+}
+
+impl QueueCounts {
+    fn to_stored(self) -> Vec<u8> {
+        [self.pending, self.processing, self.completed, self.failed]
+            .iter()
+            .flat_map(|count| count.to_be_bytes())
+            .collect()
+    }
+
+    /// `None` unless `bytes` are what `to_stored` writes.
+    fn from_stored(bytes: &[u8]) -> Option<Self> {
+        let count = |i: usize| {
+            let field: [u8; 8] = bytes.get(i * 8..i * 8 + 8)?.try_into().ok()?;
+            Some(u64::from_be_bytes(field))
+        };
+        (bytes.len() == 32).then_some(())?;
+        Some(QueueCounts {
+            pending: count(0)?,
+            processing: count(1)?,
+            completed: count(2)?,
+            failed: count(3)?,
+        })
+    }
+}
+
+/// The queue's counts as the last batch that moved its entries stored them, if they are there
+/// and read (anything else is counted again when asked).
+fn stored_queue_counts(kv: &dyn Kv) -> Option<QueueCounts> {
+    let bytes = kv.get(keys::META_QUEUE_COUNTS).ok()??;
+    QueueCounts::from_stored(&bytes)
+}
+
 /// A state change asked of queue entries.
 #[derive(Debug, Clone)]
 pub enum QueueAction {
@@ -404,7 +457,7 @@ pub struct Store {
     /// Taken by every batch that moves queue entries, so that moves happen in order. It holds
     /// the queue's counts by status once `queue_counts` has scanned them (then each such batch
     /// keeps them up to date), so that asking for them is not a scan of the whole queue.
-    queue_lock: Mutex<Option<QueueCounts>>,
+    queue_lock: Mutex<Option<QueueTally>>,
     /// Entries held apart after failed uploads. Taken after `queue_lock` when both are held.
     upload_holds: Mutex<sync::UploadHolds>,
     /// Entries taken into an upload and not answered yet, as they are now (`Processing`),
@@ -455,6 +508,10 @@ impl Store {
                 batch.put(keys::META_PENDING_INDEX.to_vec(), Vec::new());
                 batch.put(keys::META_QUEUE_CHANGES.to_vec(), Vec::new());
                 batch.put(
+                    keys::META_QUEUE_COUNTS.to_vec(),
+                    QueueCounts::default().to_stored(),
+                );
+                batch.put(
                     keys::META_VIEWS.to_vec(),
                     Store::views_marker(&options.policies)?,
                 );
@@ -489,6 +546,11 @@ impl Store {
         let open_conflicts =
             kv.count(keys::CONFLICT_OPEN, &keys::prefix_end(keys::CONFLICT_OPEN))?;
         let capacity = NonZeroUsize::new(options.cache_docs.max(1)).unwrap_or(NonZeroUsize::MIN);
+        // Nothing is in an upload yet.
+        let queue_tally = stored_queue_counts(kv.as_ref()).map(|shown| QueueTally {
+            shown,
+            in_flight: 0,
+        });
         let (kv, seen_damaged) = health::Watched::new(kv);
         let store = Store {
             kv: Box::new(kv),
@@ -504,7 +566,7 @@ impl Store {
             // What an open finds is what was durable.
             feed_landed: AtomicU64::new(next_feed_seq.saturating_sub(1)),
             feed_durable: AtomicU64::new(next_feed_seq.saturating_sub(1)),
-            queue_lock: Mutex::new(None),
+            queue_lock: Mutex::new(queue_tally),
             upload_holds: Mutex::new(sync::UploadHolds::default()),
             in_flight: Mutex::new(HashMap::new()),
             open_conflicts: AtomicU64::new(open_conflicts),
@@ -526,7 +588,7 @@ impl Store {
         &self.device_id
     }
 
-    fn lock_queue(&self) -> MutexGuard<'_, Option<QueueCounts>> {
+    fn lock_queue(&self) -> MutexGuard<'_, Option<QueueTally>> {
         self.queue_lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -562,17 +624,28 @@ impl Store {
     /// queue lock the caller holds.
     fn apply_queue_batch(
         &self,
-        counts: &mut Option<QueueCounts>,
+        tally: &mut Option<QueueTally>,
         mut batch: Batch,
         delta: CountDelta,
     ) -> Result<(), StoreError> {
         self.settle_views(&mut batch)?;
+        let moved = tally.map(|mut moved| {
+            delta.apply_to(&mut moved);
+            moved
+        });
+        match moved {
+            Some(moved) if delta.moves_stored() => {
+                batch.put(keys::META_QUEUE_COUNTS.to_vec(), moved.stored().to_stored());
+            }
+            Some(_) => {}
+            // Counts not known here would be left behind by this batch's moves.
+            None if !batch.is_empty() => batch.remove(keys::META_QUEUE_COUNTS.to_vec()),
+            None => {}
+        }
         if !batch.is_empty() {
             self.kv.apply(batch)?;
         }
-        if let Some(counts) = counts {
-            delta.apply_to(counts);
-        }
+        *tally = moved;
         Ok(())
     }
 
@@ -1253,16 +1326,22 @@ impl Store {
         Ok(ids)
     }
 
-    /// Counts entries by status, reading the queue a page at a time.
-    /// Counts entries by status: a scan of the queue the first time, then kept up to date.
+    /// Counts entries by status: as stored with the queue's last move (or, when they are not
+    /// there, by a scan of the queue), then kept up to date.
     pub fn queue_counts(&self) -> Result<QueueCounts, StoreError> {
         let mut queue = self.lock_queue();
-        if let Some(counts) = *queue {
-            return Ok(counts);
+        if let Some(tally) = *queue {
+            return Ok(tally.shown);
         }
-        let counts = self.scan_queue_counts()?;
-        *queue = Some(counts);
-        Ok(counts)
+        let shown = self.scan_queue_counts()?;
+        let in_flight = self.lock_in_flight().len() as u64;
+        let tally = QueueTally { shown, in_flight };
+        // Kept, so that the next open need not count them again.
+        let mut batch = Batch::default();
+        batch.put(keys::META_QUEUE_COUNTS.to_vec(), tally.stored().to_stored());
+        self.kv.apply(batch)?;
+        *queue = Some(tally);
+        Ok(shown)
     }
 
     /// Counts entries by status, reading the queue a page at a time.
@@ -2057,6 +2136,8 @@ struct CountDelta {
     processing: i64,
     completed: i64,
     failed: i64,
+    /// Entries counted processing while stored pending: taken into an upload, or landed.
+    in_flight: i64,
 }
 
 impl CountDelta {
@@ -2069,12 +2150,29 @@ impl CountDelta {
         }
     }
 
-    fn apply_to(&self, counts: &mut QueueCounts) {
+    /// An entry taken into an upload: shown processing, still stored pending.
+    fn take_into_flight(&mut self) {
+        self.pending -= 1;
+        self.processing += 1;
+        self.in_flight += 1;
+    }
+
+    fn apply_to(&self, tally: &mut QueueTally) {
         let add = |count: &mut u64, by: i64| *count = count.saturating_add_signed(by);
+        let counts = &mut tally.shown;
         add(&mut counts.pending, self.pending);
         add(&mut counts.processing, self.processing);
         add(&mut counts.completed, self.completed);
         add(&mut counts.failed, self.failed);
+        add(&mut tally.in_flight, self.in_flight);
+    }
+
+    /// Whether the counts as stored move: an entry taken into an upload moves only in memory.
+    fn moves_stored(&self) -> bool {
+        self.pending + self.in_flight != 0
+            || self.processing - self.in_flight != 0
+            || self.completed != 0
+            || self.failed != 0
     }
 }
 
@@ -2123,6 +2221,7 @@ fn stage_landing(
     stage_entry(batch, delta, Some(QueueStatus::Pending), entry)?;
     *delta.slot(QueueStatus::Pending) += 1;
     *delta.slot(QueueStatus::Processing) -= 1;
+    delta.in_flight -= 1;
     Ok(())
 }
 
@@ -2386,14 +2485,14 @@ mod tests {
         .unwrap()
     }
 
-    /// A store of format 1, 2 or 3 opens and is marked with this build's format at once, so that
+    /// A store of format 1 to 4 opens and is marked with this build's format at once, so that
     /// an older build refuses it from then on; a format this build does not know is refused with
     /// an error naming it, before anything is written.
     #[test]
     fn an_older_format_is_marked_current_and_a_newer_one_is_refused() {
         let kv = MemoryKv::default();
         drop(open(&kv));
-        for older in [b"1", b"2", b"3"] {
+        for older in [b"1", b"2", b"3", b"4"] {
             let mut batch = Batch::default();
             batch.put(keys::META_FORMAT.to_vec(), older.to_vec());
             kv.apply(batch).unwrap();
@@ -2405,7 +2504,7 @@ mod tests {
         }
 
         let mut batch = Batch::default();
-        batch.put(keys::META_FORMAT.to_vec(), b"5".to_vec());
+        batch.put(keys::META_FORMAT.to_vec(), b"6".to_vec());
         kv.apply(batch).unwrap();
         let opened = Store::open(
             Box::new(kv.clone()),
@@ -2415,16 +2514,16 @@ mod tests {
         );
         match opened {
             Err(error @ StoreError::UnsupportedFormat(_)) => {
-                assert!(error.to_string().contains("\"5\""), "{error}");
+                assert!(error.to_string().contains("\"6\""), "{error}");
                 assert!(
-                    error.to_string().contains("it reads formats 1 to 4)"),
+                    error.to_string().contains("it reads formats 1 to 5)"),
                     "{error}"
                 );
             }
             Err(other) => panic!("expected UnsupportedFormat, got {other}"),
-            Ok(_) => panic!("a store of format 5 opened"),
+            Ok(_) => panic!("a store of format 6 opened"),
         }
-        assert_eq!(kv.get(keys::META_FORMAT).unwrap(), Some(b"5".to_vec()));
+        assert_eq!(kv.get(keys::META_FORMAT).unwrap(), Some(b"6".to_vec()));
     }
 
     fn fields(v: serde_json::Value) -> Fields {

@@ -395,8 +395,7 @@ impl Store {
         }
         for entry in &mut picked {
             entry.start(now)?;
-            *delta.slot(QueueStatus::Pending) -= 1;
-            *delta.slot(QueueStatus::Processing) += 1;
+            delta.take_into_flight();
         }
         self.apply_queue_batch(&mut queue, batch, delta)?;
         let mut in_flight = self.lock_in_flight();
