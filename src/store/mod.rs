@@ -1336,10 +1336,13 @@ impl Store {
         let shown = self.scan_queue_counts()?;
         let in_flight = self.lock_in_flight().len() as u64;
         let tally = QueueTally { shown, in_flight };
-        // Kept, so that the next open need not count them again.
+        // Kept, so that the next open need not count them again; while writes are refused
+        // (a full disk) they are still shown, and counted again at the next open.
         let mut batch = Batch::default();
         batch.put(keys::META_QUEUE_COUNTS.to_vec(), tally.stored().to_stored());
-        self.kv.apply(batch)?;
+        if let Err(e) = self.kv.apply(batch) {
+            tracing::debug!(error = %e, "could not keep the queue's counts");
+        }
         *queue = Some(tally);
         Ok(shown)
     }
