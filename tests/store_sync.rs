@@ -796,12 +796,7 @@ fn the_service_applies_remote_changes_through_its_committer_and_says_so() {
 fn counted(store: &Store) -> ferry::store::QueueCounts {
     let mut counts = ferry::store::QueueCounts::default();
     for entry in store.queue(None, None, usize::MAX).unwrap() {
-        *match entry.status {
-            QueueStatus::Pending => &mut counts.pending,
-            QueueStatus::Processing => &mut counts.processing,
-            QueueStatus::Completed => &mut counts.completed,
-            QueueStatus::Failed => &mut counts.failed,
-        } += 1;
+        counts.count(entry.status);
     }
     counts
 }

@@ -517,12 +517,7 @@ impl Scan {
         }
         let mut held = QueueCounts::default();
         for entry in self.queue.values() {
-            *match entry.status {
-                QueueStatus::Pending => &mut held.pending,
-                QueueStatus::Processing => &mut held.processing,
-                QueueStatus::Completed => &mut held.completed,
-                QueueStatus::Failed => &mut held.failed,
-            } += 1;
+            held.count(entry.status);
         }
         let show = |c: &QueueCounts| {
             format!(

@@ -407,16 +407,22 @@ mod tests {
         assert_eq!((counts.completed, counts.pending), (0, 2));
     }
 
-    #[test]
-    fn a_damaged_bucket_is_found_and_repaired_without_losing_a_change() {
-        let kv = MemoryKv::new();
-        let store = open(&kv);
+    /// A store whose entries 1-5 went up and came back (in the history) and 6 is pending.
+    fn five_back_one_pending(kv: &MemoryKv) -> Store {
+        let store = open(kv);
         for n in 1..=5 {
             store.write(put(n)).unwrap();
         }
         upload_and_read_back(&store, 1);
         store.write(put(6)).unwrap();
         store.flush().unwrap();
+        store
+    }
+
+    #[test]
+    fn a_damaged_bucket_is_found_and_repaired_without_losing_a_change() {
+        let kv = MemoryKv::new();
+        let store = five_back_one_pending(&kv);
         assert!(kv.damage(&keys::history(0)));
         let checkup = store.examine().unwrap();
         let damage = checkup.damage.unwrap();
@@ -560,12 +566,7 @@ mod tests {
     fn counted(entries: &[SyncQueueEntry]) -> crate::store::QueueCounts {
         let mut counts = crate::store::QueueCounts::default();
         for entry in entries {
-            *match entry.status {
-                QueueStatus::Pending => &mut counts.pending,
-                QueueStatus::Processing => &mut counts.processing,
-                QueueStatus::Completed => &mut counts.completed,
-                QueueStatus::Failed => &mut counts.failed,
-            } += 1;
+            counts.count(entry.status);
         }
         counts
     }
@@ -649,14 +650,7 @@ mod tests {
     #[test]
     fn an_open_reads_the_queue_counts_stored_and_doctor_finds_them_wrong() {
         let kv = MemoryKv::new();
-        let store = open(&kv);
-        for n in 1..=5 {
-            store.write(put(n)).unwrap();
-        }
-        upload_and_read_back(&store, 1);
-        store.write(put(6)).unwrap();
-        store.flush().unwrap();
-        drop(store);
+        drop(five_back_one_pending(&kv));
         let stored = kv.get(keys::META_QUEUE_COUNTS).unwrap().unwrap();
         let stored = crate::store::QueueCounts::from_stored(&stored).unwrap();
         assert_eq!((stored.pending, stored.completed), (1, 5));

@@ -396,6 +396,16 @@ impl QueueTally {
 }
 
 impl QueueCounts {
+    /// Counts one more entry of `status`.
+    pub fn count(&mut self, status: QueueStatus) {
+        *match status {
+            QueueStatus::Pending => &mut self.pending,
+            QueueStatus::Processing => &mut self.processing,
+            QueueStatus::Completed => &mut self.completed,
+            QueueStatus::Failed => &mut self.failed,
+        } += 1;
+    }
+
     fn to_stored(self) -> Vec<u8> {
         [self.pending, self.processing, self.completed, self.failed]
             .iter()
@@ -1351,12 +1361,7 @@ impl Store {
     fn scan_queue_counts(&self) -> Result<QueueCounts, StoreError> {
         let mut counts = QueueCounts::default();
         self.scan_queue(None, |entry| {
-            *match entry.status {
-                QueueStatus::Pending => &mut counts.pending,
-                QueueStatus::Processing => &mut counts.processing,
-                QueueStatus::Completed => &mut counts.completed,
-                QueueStatus::Failed => &mut counts.failed,
-            } += 1;
+            counts.count(entry.status);
             true
         })?;
         Ok(counts)
