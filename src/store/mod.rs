@@ -465,8 +465,9 @@ pub struct Store {
     /// Held by every read-then-write of existing queue entries, so two uploaders or an uploader
     /// and a retry never move the same entry from the same old state twice.
     /// Taken by every batch that moves queue entries, so that moves happen in order. It holds
-    /// the queue's counts by status once `queue_counts` has scanned them (then each such batch
-    /// keeps them up to date), so that asking for them is not a scan of the whole queue.
+    /// the queue's counts by status, as stored when the store opened or once `queue_counts` has
+    /// scanned them (then each such batch keeps them up to date, in memory and stored), so that
+    /// asking for them is not a scan of the whole queue.
     queue_lock: Mutex<Option<QueueTally>>,
     /// Entries held apart after failed uploads. Taken after `queue_lock` when both are held.
     upload_holds: Mutex<sync::UploadHolds>,
