@@ -415,11 +415,13 @@ impl QueueCounts {
 
     /// `None` unless `bytes` are what `to_stored` writes.
     fn from_stored(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != 32 {
+            return None;
+        }
         let count = |i: usize| {
             let field: [u8; 8] = bytes.get(i * 8..i * 8 + 8)?.try_into().ok()?;
             Some(u64::from_be_bytes(field))
         };
-        (bytes.len() == 32).then_some(())?;
         Some(QueueCounts {
             pending: count(0)?,
             processing: count(1)?,
@@ -2166,6 +2168,13 @@ impl CountDelta {
         self.in_flight += 1;
     }
 
+    /// An entry back from an upload, before its stored move is counted: shown pending again.
+    fn land_from_flight(&mut self) {
+        self.pending += 1;
+        self.processing -= 1;
+        self.in_flight -= 1;
+    }
+
     fn apply_to(&self, tally: &mut QueueTally) {
         let add = |count: &mut u64, by: i64| *count = count.saturating_add_signed(by);
         let counts = &mut tally.shown;
@@ -2228,9 +2237,7 @@ fn stage_landing(
     entry: &SyncQueueEntry,
 ) -> Result<(), StoreError> {
     stage_entry(batch, delta, Some(QueueStatus::Pending), entry)?;
-    *delta.slot(QueueStatus::Pending) += 1;
-    *delta.slot(QueueStatus::Processing) -= 1;
-    delta.in_flight -= 1;
+    delta.land_from_flight();
     Ok(())
 }
 
