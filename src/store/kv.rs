@@ -632,15 +632,28 @@ impl SledKv {
         result
     }
 
-    /// Opens `dir` through the store's own cache. Should that fail, the store stays closed
-    /// and `reopen` tries again, as after a failed write.
+    /// Opens `dir` through the store's own cache after a compaction closed it. The copy just
+    /// dropped (and removed, when it failed) keeps its files, and the disk space they take,
+    /// until sled's background threads let go of them; opening needs a little space, so a
+    /// full disk is retried for a bounded time, as `open_db` retries a lock. Should that fail,
+    /// the store stays closed and `reopen` tries again, as after a failed write.
     fn open_again(&self, dir: &Path) -> Result<sled::Db, KvError> {
-        open_db(dir, self.cache_bytes).inspect_err(|_| {
-            self.lock_failure().get_or_insert_with(|| Failure {
-                since: now_ms(),
-                reopened: false,
-            });
-        })
+        let started = std::time::Instant::now();
+        loop {
+            match open_db(dir, self.cache_bytes) {
+                Err(KvError::DiskFull(_)) if started.elapsed() < DROPPED_DB_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => {
+                    return other.inspect_err(|_| {
+                        self.lock_failure().get_or_insert_with(|| Failure {
+                            since: now_ms(),
+                            reopened: false,
+                        });
+                    });
+                }
+            }
+        }
     }
 
     fn refuse_while_full(&self) -> Result<(), KvError> {
@@ -666,17 +679,19 @@ impl Engine {
     }
 }
 
+/// How long an open waits for a `Db` dropped a moment ago to let go of what it holds.
+const DROPPED_DB_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Opens sled in `dir`. A `Db` of the same directory dropped a moment ago (by `reopen`) lets go
 /// of its file lock only once sled's background work is done with it, so a refused lock is
 /// retried for a bounded time.
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, KvError> {
-    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
     let started = std::time::Instant::now();
     let mut unfinished_removed = false;
     loop {
         match try_open_db(dir, cache_bytes) {
             Err(KvError::Io(e))
-                if e.contains("could not acquire lock") && started.elapsed() < LOCK_WAIT =>
+                if e.contains("could not acquire lock") && started.elapsed() < DROPPED_DB_WAIT =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
@@ -1101,18 +1116,17 @@ impl Kv for SledKv {
         let previous = engine.generation;
         engine.generation = next;
         engine.sealed = true;
-        engine.db = None;
+        // The switch is durable: the old generation is garbage, removed before the copy is
+        // opened again, which needs a little room on a disk the two may have filled. `settle`
+        // removes it at the next open if this does not.
+        if let Err(e) = self.generations.remove(previous) {
+            tracing::warn!(error = %e, "could not remove the store's previous generation");
+        }
         // The copy was made through a small cache; the store reads through its own.
         drop(fresh);
         let fresh = self.open_again(&dir)?;
         engine.chunked = Mutex::new(chunked_keys(&fresh).ok());
         engine.db = Some(fresh);
-        drop(engine);
-        // The switch is durable: the old generation is garbage, and `settle` removes it at the
-        // next open if this does not.
-        if let Err(e) = self.generations.remove(previous) {
-            tracing::warn!(error = %e, "could not remove the store's previous generation");
-        }
         Ok(())
     }
 
