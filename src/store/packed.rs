@@ -4,7 +4,8 @@
 //! Used where many small values are kept together under one key (the relay's log blocks, the
 //! device's queue history): what they repeat (names, ids, timestamps) is stored once a value.
 //! Unpacking never allocates more than `MAX_UNPACKED` bytes, whatever a damaged frame claims,
-//! and keeps one zstd context per thread: setting one up costs more than unpacking a few KiB.
+//! and keeps one zstd context per thread each way: setting one up costs more than packing or
+//! unpacking a few KiB.
 //!
 //! Owns: that format. Must not touch: what the bytes mean, or keys.
 
@@ -37,7 +38,7 @@ pub enum UnpackError {
 /// `raw` as stored: compressed when that makes it smaller and it is at most `MAX_UNPACKED`.
 pub fn pack(raw: &[u8]) -> Vec<u8> {
     if raw.len() <= MAX_UNPACKED
-        && let Ok(packed) = zstd::bulk::compress(raw, ZSTD_LEVEL)
+        && let Some(packed) = compress(raw)
         && packed.len() < raw.len()
     {
         let mut value = Vec::with_capacity(packed.len() + 1);
@@ -49,6 +50,25 @@ pub fn pack(raw: &[u8]) -> Vec<u8> {
     value.push(PLAIN);
     value.extend_from_slice(raw);
     value
+}
+
+/// One zstd frame of `raw`, through this thread's context; `None` when zstd fails.
+fn compress(raw: &[u8]) -> Option<Vec<u8>> {
+    thread_local! {
+        static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { RefCell::new(None) };
+    }
+    COMPRESSOR.with_borrow_mut(|kept| {
+        if kept.is_none() {
+            *kept = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        let packed = kept.as_mut()?.compress(raw);
+        if packed.is_err() {
+            // A context a failure left half-used is not trusted with the next value.
+            *kept = None;
+        }
+        packed.ok()
+    })
 }
 
 /// Whether `value` was stored compressed.
