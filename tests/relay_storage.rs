@@ -459,6 +459,66 @@ fn records_keep_a_base_a_tail_and_heads_and_compaction_replaces_the_tail(engine:
     assert_eq!(storage.tail(SPACE, "Doc", "t").unwrap(), [0u64; 0]);
 }
 
+/// `bases_of` answers what `base` answers record by record, for records whose first changes
+/// are spread over several appends and log blocks (sizes that split blocks early), records
+/// whose base is a saved document, and records the space does not hold, asked in any order.
+fn bases_of_many_records_are_each_records_base(engine: &dyn Engine) {
+    let storage = engine.open();
+    let ids: Vec<String> = (0..200).map(|i| format!("r{i:03}")).collect();
+    for (part, chunk) in (0u8..).zip(ids.chunks(70)) {
+        let mut append = Append::new(storage.head(SPACE).unwrap());
+        for (n, id) in (part * 70..).zip(chunk) {
+            // Every seventh change large: blocks end before their 32 entries.
+            let size = if n % 7 == 0 {
+                3000
+            } else {
+                40 + usize::from(n)
+            };
+            let change = vec![n; size];
+            append.entries.push(entry(id, "dev", n, &change));
+            append.created.insert(rec(id), change);
+        }
+        storage.append(SPACE, append).unwrap();
+    }
+    let mut append = Append::new(storage.head(SPACE).unwrap());
+    for id in ids.iter().step_by(9) {
+        append.compactions.push(Compaction {
+            record: rec(id),
+            base: format!("saved {id}").into_bytes(),
+            tail: Vec::new(),
+        });
+    }
+    storage.append(SPACE, append).unwrap();
+    let mut asked: Vec<(String, String)> = ids.iter().map(|id| rec(id)).collect();
+    asked.extend([rec("absent"), ("Note".to_owned(), "r001".to_owned())]);
+    // An order unlike the log's: by the id's digits reversed.
+    asked.sort_by_key(|(_, id)| id.chars().rev().collect::<String>());
+    let mut expected = HashMap::new();
+    for key in &asked {
+        if let Some(base) = storage.base(SPACE, &key.0, &key.1).unwrap() {
+            expected.insert(key.clone(), base);
+        }
+    }
+    assert_eq!(expected.len(), ids.len());
+    assert_eq!(expected[&rec("r009")], b"saved r009".to_vec());
+    assert_eq!(expected[&rec("r010")], vec![10u8; 50]);
+    assert_eq!(storage.bases_of(SPACE, &asked).unwrap(), expected);
+    // A few at a time, as snapshot pages ask.
+    for page in asked.chunks(17) {
+        let some = storage.bases_of(SPACE, page).unwrap();
+        assert!(
+            some.iter()
+                .all(|(key, base)| expected.get(key) == Some(base))
+        );
+        assert_eq!(
+            some.len(),
+            page.iter()
+                .filter(|key| expected.contains_key(*key))
+                .count()
+        );
+    }
+}
+
 fn conflict_counts_and_log_bytes_add_up_across_appends(engine: &dyn Engine) {
     let storage = engine.open();
     assert_eq!(storage.log_bytes(SPACE).unwrap(), 0);
@@ -2063,6 +2123,11 @@ macro_rules! conformance {
                 super::records_keep_a_base_a_tail_and_heads_and_compaction_replaces_the_tail(
                     &$engine,
                 );
+            }
+
+            #[test]
+            fn bases_of_many_records_are_each_records_base() {
+                super::bases_of_many_records_are_each_records_base(&$engine);
             }
 
             #[test]

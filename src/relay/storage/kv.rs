@@ -642,14 +642,60 @@ impl LogStorage for KvStorage {
         };
         match self.entry_at(space, seq)? {
             Some(entry) => Ok(Some(entry.change.into_owned())),
-            None => Err(corrupt(
-                "document",
-                format!(
-                    "{collection}/{record}'s document is its first change, log entry {seq}, \
-                     which the log no longer holds"
-                ),
-            )),
+            None => Err(first_change_gone(collection, record, seq)),
         }
+    }
+
+    /// Bases naming their log entries are read a block at a time: the records of a snapshot
+    /// page were mostly created together, so their first changes share blocks, each unpacked
+    /// once rather than once a record.
+    fn bases_of(
+        &self,
+        space: &str,
+        records: &[super::RecordKey],
+    ) -> Result<HashMap<super::RecordKey, Vec<u8>>, StorageError> {
+        let mut bases = HashMap::with_capacity(records.len());
+        let mut in_log: Vec<(u64, &super::RecordKey)> = Vec::new();
+        for record in records {
+            let (collection, id) = record;
+            let Some(stored) = self.kv.get(&key(b'b', &[space, collection, id]))? else {
+                continue;
+            };
+            match logged_base(&stored) {
+                Some(seq) => in_log.push((seq, record)),
+                None => {
+                    bases.insert(record.clone(), stored);
+                }
+            }
+        }
+        in_log.sort_unstable_by_key(|&(seq, _)| seq);
+        let prefix = key(b'l', &[space]);
+        let end = prefix_end(&prefix);
+        let mut rest = in_log.as_slice();
+        while let Some(&(first, _)) = rest.first() {
+            let holding = self.kv.range(&seq_key(b'l', &[space], first), &end, 1)?;
+            let (k, v) = holding.into_iter().next().unzip();
+            let last = k
+                .as_deref()
+                .and_then(|k| log_blocks::log_key_seq(k, prefix.len()))
+                .map_or(first, |(last, _)| last);
+            let covered = rest.partition_point(|&(seq, _)| seq <= last);
+            let (group, after) = rest.split_at(covered.max(1));
+            let seqs: Vec<u64> = group.iter().map(|&(seq, _)| seq).collect();
+            let changes = match (k, v) {
+                (Some(k), Some(v)) => log_blocks::changes_at(&k, &v, prefix.len(), &seqs)?,
+                _ => Vec::new(),
+            };
+            for &(seq, (collection, id)) in group {
+                let Ok(at) = changes.binary_search_by_key(&seq, |(found, _)| *found) else {
+                    return Err(first_change_gone(collection, id, seq));
+                };
+                let change = changes.get(at).map(|(_, c)| c.clone()).unwrap_or_default();
+                bases.insert((collection.clone(), id.clone()), change);
+            }
+            rest = after;
+        }
+        Ok(bases)
     }
 
     /// A base naming its log entry is answered from the dedup index (the entry's hash is the
@@ -1227,6 +1273,17 @@ fn base_in_log(seq: u64) -> Vec<u8> {
 }
 
 /// The seq of the log entry a stored base names, if it names one.
+/// A base names a log entry the log does not hold.
+fn first_change_gone(collection: &str, record: &str, seq: u64) -> StorageError {
+    corrupt(
+        "document",
+        format!(
+            "{collection}/{record}'s document is its first change, log entry {seq}, which the \
+             log no longer holds"
+        ),
+    )
+}
+
 fn logged_base(stored: &[u8]) -> Option<u64> {
     match stored.split_first() {
         Some((&BASE_IN_LOG, seq)) => <[u8; 8]>::try_from(seq).ok().map(u64::from_be_bytes),

@@ -135,6 +135,27 @@ pub(crate) fn entry_at(
     })
 }
 
+/// The changes at `seqs` (ascending) in a stored log value (see `entries`), each with its seq,
+/// the value unpacked once; a seq the value does not hold is left out.
+pub(crate) fn changes_at(
+    key: &[u8],
+    value: &[u8],
+    prefix_len: usize,
+    seqs: &[u64],
+) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    read_value(key, value, prefix_len, |first, stored| {
+        let mut wanted = seqs.iter().copied().peekable();
+        let mut found = Vec::with_capacity(seqs.len());
+        for (seq, entry) in (first..).zip(stored) {
+            while wanted.next_if(|&w| w < seq).is_some() {}
+            if wanted.next_if_eq(&seq).is_some() {
+                found.push((seq, entry.change.into_owned()));
+            }
+        }
+        found
+    })
+}
+
 /// Hands `read` the entries a stored log value holds, borrowed from it (or from its unpacked
 /// block), and the seq of the first.
 fn read_value<R>(
