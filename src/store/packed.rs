@@ -52,8 +52,16 @@ pub fn pack(raw: &[u8]) -> Vec<u8> {
     value
 }
 
-/// One zstd frame of `raw`, through this thread's context; `None` when zstd fails.
+/// Values up to this size are packed through the thread's kept context (about 120 KB for a
+/// log block); a larger one, rare, through a context of its own, so that no thread keeps the
+/// half megabyte a 1 MiB value grows a context to.
+const KEPT_CONTEXT_MAX_BYTES: usize = 64 << 10;
+
+/// One zstd frame of `raw`; `None` when zstd fails.
 fn compress(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() > KEPT_CONTEXT_MAX_BYTES {
+        return zstd::bulk::compress(raw, ZSTD_LEVEL).ok();
+    }
     thread_local! {
         static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> =
             const { RefCell::new(None) };
