@@ -1192,9 +1192,10 @@ impl Method for StatusParams {
     fn run(self, service: &Service) -> Result<StatusAnswer, ApiError> {
         let store = &service.store;
         let disk_full_since = store.disk_full_since();
-        // The daemon measures live bytes (a full scan) at start and then now and then; a CLI
-        // working on the store directly measures them now.
-        let space = match store.last_space() {
+        // The daemon measures live bytes (a full scan) at start and then now and then, and
+        // keeps its last measure in the store; a CLI working on the store directly shows that
+        // one, with its time, or measures them now when none is kept.
+        let space = match store.last_space_kept() {
             Some(space) => Some(space),
             None if !service.options.daemon && disk_full_since.is_none() => {
                 Some(store.measure_space()?)

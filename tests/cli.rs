@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{Device, OTHER_DEVICE, Relayed, put, stderr, stdout};
+use common::{Device, OTHER_DEVICE, Relayed, TIMEOUT, put, stderr, stdout, wait_for};
 use serde_json::{Value, json};
 use std::process::Output;
 
@@ -793,6 +793,47 @@ fn ls_with_a_query_says_which_plan_answered_it() {
     );
     let status = daemon.terminate();
     assert!(status.success(), "daemon exit: {status}");
+}
+
+/// Without a daemon, `status` shows the live bytes last counted, kept in the store with when
+/// they were counted, rather than reading every key again; it counts them only when none are
+/// kept.
+#[test]
+fn a_status_without_a_daemon_shows_the_live_bytes_last_counted() {
+    let dev = Device::new();
+    succeeded(&dev.ferry(&["put", "Customer/c0", "--data", r#"{"name":"Ada"}"#]));
+    let first = json_of(&dev.ferry(&["--json", "status"]));
+    let (Some(live), Some(counted)) = (
+        first["live_bytes"].as_u64(),
+        first["live_bytes_measured_ms"].as_u64(),
+    ) else {
+        panic!("no live bytes counted: {first}");
+    };
+    assert!(live > 0, "{first}");
+    let data = json!({"name": "Grace", "notes": "x".repeat(2000)}).to_string();
+    succeeded(&dev.ferry(&["put", "Customer/c1", "--data", &data]));
+    let again = json_of(&dev.ferry(&["--json", "status"]));
+    assert_eq!(again["live_bytes"].as_u64(), Some(live), "{again}");
+    assert_eq!(
+        again["live_bytes_measured_ms"].as_u64(),
+        Some(counted),
+        "{again}"
+    );
+    assert_eq!(again["documents"], json!(2), "{again}");
+    assert!(
+        line_with(&succeeded(&dev.ferry(&["status"])), &["on disk"]).contains("counted"),
+        "the text says when the live bytes were counted"
+    );
+    // A daemon counts them again when it starts, and keeps what it counted.
+    let daemon = dev.start_daemon();
+    let mut last = Value::Null;
+    wait_for("the daemon to count the live bytes", TIMEOUT, || {
+        last = json_of(&dev.ferry(&["--json", "status"]));
+        last["live_bytes"].as_u64().is_some_and(|n| n > live + 2000)
+    });
+    assert!(daemon.terminate().success());
+    let stopped = json_of(&dev.ferry(&["--json", "status"]));
+    assert_eq!(stopped["live_bytes"], last["live_bytes"], "{stopped}");
 }
 
 #[test]

@@ -64,6 +64,9 @@ pub const META_BACKFILL: &[u8] = b"mbackfill";
 /// What the store's last compaction left on disk per live byte beyond the floor, in
 /// thousandths (`Store::bound_space`), big-endian u64.
 pub const META_COPY_RATIO: &[u8] = b"mcopy_ratio";
+/// The last measure of the space the store takes (`Store::measure_space`), kept for a status
+/// read without a daemon: store bytes, live bytes and when (Unix ms), three big-endian u64.
+pub const META_SPACE: &[u8] = b"mspace";
 pub const PENDING: &[u8] = b"p";
 pub const CURSOR: &[u8] = b"c";
 pub const CONFLICT: &[u8] = b"xe";

@@ -304,6 +304,20 @@ pub struct RecordView {
     pub conflicts: Vec<String>,
 }
 
+/// The space measure kept in the store (`keys::META_SPACE`); none when absent or unreadable.
+fn kept_space(kv: &dyn Kv) -> Option<SpaceUse> {
+    let stored = kv.get(keys::META_SPACE).ok().flatten()?;
+    let (numbers, rest) = stored.as_chunks::<8>();
+    let [store_bytes, live_bytes, measured_at_ms] = numbers else {
+        return None;
+    };
+    rest.is_empty().then(|| SpaceUse {
+        store_bytes: u64::from_be_bytes(*store_bytes),
+        live_bytes: u64::from_be_bytes(*live_bytes),
+        measured_at_ms: u64::from_be_bytes(*measured_at_ms),
+    })
+}
+
 /// What the store takes on disk against the data it holds.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct SpaceUse {
@@ -484,6 +498,9 @@ pub struct Store {
     open_conflicts: AtomicU64,
     /// The last measure of the space used (live bytes take a full scan).
     space: Mutex<Option<SpaceUse>>,
+    /// The measure kept in the store when it was opened (`keys::META_SPACE`): what an earlier
+    /// process counted, shown with its time until this one counts.
+    space_kept: Option<SpaceUse>,
     /// The size on disk right after the last compaction (0 before any).
     compacted_to: AtomicU64,
     /// How much the store must grow past `compacted_to` before it is compacted again.
@@ -556,6 +573,7 @@ impl Store {
         let next_log_id = next_seq(kv.as_ref(), keys::LOG)?;
         let next_feed_seq = Self::next_feed_seq(kv.as_ref())?;
         let kv_journal_bytes = kv.journal_bytes();
+        let space_kept = kept_space(kv.as_ref());
         let open_conflicts =
             kv.count(keys::CONFLICT_OPEN, &keys::prefix_end(keys::CONFLICT_OPEN))?;
         let capacity = NonZeroUsize::new(options.cache_docs.max(1)).unwrap_or(NonZeroUsize::MIN);
@@ -584,6 +602,7 @@ impl Store {
             in_flight: Mutex::new(HashMap::new()),
             open_conflicts: AtomicU64::new(open_conflicts),
             space: Mutex::new(None),
+            space_kept,
             compacted_to: AtomicU64::new(0),
             regrow_bytes: AtomicU64::new(SPACE_FLOOR_BYTES),
             damage: Mutex::new(None),
@@ -1638,7 +1657,9 @@ impl Store {
         Ok((kinds, self.kv.journal_bytes()))
     }
 
-    /// Measures the space the store takes and the live data it holds (a full scan).
+    /// Measures the space the store takes and the live data it holds (a full scan), and keeps
+    /// the measure in the store (durable with the next flush; not at all when the store takes
+    /// no write: the measure is still returned).
     pub fn measure_space(&self) -> Result<SpaceUse, StoreError> {
         let live_bytes = self.kv.live_bytes()?;
         let space = SpaceUse {
@@ -1647,12 +1668,27 @@ impl Store {
             measured_at_ms: self.clock.now_ms(),
         };
         *self.lock_space() = Some(space);
+        let mut batch = Batch::default();
+        let kept = [space.store_bytes, space.live_bytes, space.measured_at_ms];
+        batch.put(
+            keys::META_SPACE.to_vec(),
+            kept.iter().flat_map(|n| n.to_be_bytes()).collect(),
+        );
+        if let Err(e) = self.kv.apply(batch) {
+            tracing::debug!(error = %e, "the space measure was not kept in the store");
+        }
         Ok(space)
     }
 
-    /// The last measure of `measure_space`, if any.
+    /// The last measure of `measure_space` in this process, if any.
     pub fn last_space(&self) -> Option<SpaceUse> {
         *self.lock_space()
+    }
+
+    /// The last measure of the space, this process's or else the one kept in the store by an
+    /// earlier one (its `measured_at_ms` says when).
+    pub fn last_space_kept(&self) -> Option<SpaceUse> {
+        self.last_space().or(self.space_kept)
     }
 
     fn lock_space(&self) -> MutexGuard<'_, Option<SpaceUse>> {
