@@ -1272,7 +1272,6 @@ fn base_in_log(seq: u64) -> Vec<u8> {
     value
 }
 
-/// The seq of the log entry a stored base names, if it names one.
 /// A base names a log entry the log does not hold.
 fn first_change_gone(collection: &str, record: &str, seq: u64) -> StorageError {
     corrupt(
@@ -1284,6 +1283,7 @@ fn first_change_gone(collection: &str, record: &str, seq: u64) -> StorageError {
     )
 }
 
+/// The seq of the log entry a stored base names, if it names one.
 fn logged_base(stored: &[u8]) -> Option<u64> {
     match stored.split_first() {
         Some((&BASE_IN_LOG, seq)) => <[u8; 8]>::try_from(seq).ok().map(u64::from_be_bytes),
