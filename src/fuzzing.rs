@@ -160,6 +160,20 @@ fn log_block(value: &[u8]) {
     let _ = log_blocks::entries(&key, value, 0);
     key.push(log_blocks::BLOCK_TAG);
     if let Ok(read) = log_blocks::entries(&key, value, 0) {
+        // The changes read out by seq are those the whole block holds.
+        let mut seqs: Vec<u64> = read.iter().map(|(seq, _)| *seq).collect();
+        seqs.extend([0, 1001]);
+        seqs.sort_unstable();
+        match log_blocks::changes_at(&key, value, 0, &seqs) {
+            Ok(changes) => assert!(
+                changes
+                    .iter()
+                    .map(|(seq, change)| (*seq, change.as_slice()))
+                    .eq(read.iter().map(|(seq, entry)| (*seq, &*entry.change))),
+                "changes read out by seq differ from the block's"
+            ),
+            Err(e) => panic!("a block that reads must read by seq too: {e}"),
+        }
         let stored: Vec<log_blocks::StoredEntry> =
             read.into_iter().map(|(_, entry)| entry).collect();
         let again = match log_blocks::pack(&stored) {

@@ -262,6 +262,14 @@ mod tests {
                     .is_none()
             );
         }
+        // Several read out at once: those held, each once, in order; the rest left out.
+        let asked = [0, 99, 100, 104, 104, 111, 119, 120, u64::MAX];
+        let changes = changes_at(&key(119, true), &value, 7, &asked).unwrap();
+        let held: Vec<(u64, Vec<u8>)> = [100, 104, 111, 119]
+            .into_iter()
+            .map(|seq| (seq, format!("change {} of a note", seq - 100).into_bytes()))
+            .collect();
+        assert_eq!(changes, held);
         // A damaged block in between leaves the next one readable.
         let mut damaged = value.clone();
         let middle = damaged.len() / 2;
