@@ -402,16 +402,27 @@ fn watch_sync(
         .set_read_timeout(Some(SYNC_TIMEOUT))
         .map_err(|e| e.to_string())?;
     let written = Instant::now();
-    a.request(api::PatchParams {
-        collection: "Customer".into(),
-        id: "demo-1".into(),
-        fields: fields(json!({ "tier": "platinum" })),
-        unset: Vec::new(),
-    })
-    .map_err(|e| format!("patch: {e}"))?;
-    let seen = watcher
-        .next_event()
-        .map_err(|e| format!("the second device was not told of the new write: {e}"))?;
+    let patched = a
+        .request(api::PatchParams {
+            collection: "Customer".into(),
+            id: "demo-1".into(),
+            fields: fields(json!({ "tier": "platinum" })),
+            unset: Vec::new(),
+        })
+        .map_err(|e| format!("patch: {e}"))?;
+    // Changes the second device applied before the subscription but made durable after it are
+    // announced to it too: the new write is the event that ends at its heads.
+    let told_by = Instant::now() + SYNC_TIMEOUT;
+    let seen = loop {
+        let seen = watcher
+            .next_event()
+            .map_err(|e| format!("the second device was not told of the new write: {e}"))?;
+        let is_the_write = matches!(&seen, Notification::Change(c)
+            if c.event.change.id == patched.id && c.event.change.heads == patched.heads);
+        if is_the_write || Instant::now() > told_by {
+            break seen;
+        }
+    };
     let propagation_ms = written.elapsed().as_secs_f64() * 1000.0;
     let got = b
         .request(api::GetParams::new("Customer", "demo-1"))
