@@ -635,25 +635,15 @@ impl SledKv {
     /// Opens `dir` through the store's own cache after a compaction closed it. The copy just
     /// dropped (and removed, when it failed) keeps its files, and the disk space they take,
     /// until sled's background threads let go of them; opening needs a little space, so a
-    /// full disk is retried for a bounded time, as `open_db` retries a lock. Should that fail,
-    /// the store stays closed and `reopen` tries again, as after a failed write.
+    /// full disk is waited out as a lock is (`open_db_waiting`). Should that fail, the store
+    /// stays closed and `reopen` tries again, as after a failed write.
     fn open_again(&self, dir: &Path) -> Result<sled::Db, KvError> {
-        let started = std::time::Instant::now();
-        loop {
-            match open_db(dir, self.cache_bytes) {
-                Err(KvError::DiskFull(_)) if started.elapsed() < DROPPED_DB_WAIT => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                other => {
-                    return other.inspect_err(|_| {
-                        self.lock_failure().get_or_insert_with(|| Failure {
-                            since: now_ms(),
-                            reopened: false,
-                        });
-                    });
-                }
-            }
-        }
+        open_db_waiting(dir, self.cache_bytes, true).inspect_err(|_| {
+            self.lock_failure().get_or_insert_with(|| Failure {
+                since: now_ms(),
+                reopened: false,
+            });
+        })
     }
 
     fn refuse_while_full(&self) -> Result<(), KvError> {
@@ -682,17 +672,29 @@ impl Engine {
 /// How long an open waits for a `Db` dropped a moment ago to let go of what it holds.
 const DROPPED_DB_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Opens sled in `dir`. A `Db` of the same directory dropped a moment ago (by `reopen`) lets go
-/// of its file lock only once sled's background work is done with it, so a refused lock is
-/// retried for a bounded time.
+/// Opens sled in `dir` (see `open_db_waiting`).
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, KvError> {
+    open_db_waiting(dir, cache_bytes, false)
+}
+
+/// Opens sled in `dir`. A `Db` of the same directory dropped a moment ago (by `reopen` or a
+/// compaction) lets go of its file lock, and of the space of files removed under it, only once
+/// sled's background work is done with it: a refused lock is retried for a bounded time, and
+/// so is a full disk when `wait_for_space`.
+fn open_db_waiting(
+    dir: &Path,
+    cache_bytes: u64,
+    wait_for_space: bool,
+) -> Result<sled::Db, KvError> {
     let started = std::time::Instant::now();
     let mut unfinished_removed = false;
     loop {
+        let waiting = started.elapsed() < DROPPED_DB_WAIT;
         match try_open_db(dir, cache_bytes) {
-            Err(KvError::Io(e))
-                if e.contains("could not acquire lock") && started.elapsed() < DROPPED_DB_WAIT =>
-            {
+            Err(KvError::Io(e)) if waiting && e.contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(KvError::DiskFull(_)) if waiting && wait_for_space => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             Err(KvError::Corrupt(e)) if !unfinished_removed => {

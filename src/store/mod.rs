@@ -307,14 +307,11 @@ pub struct RecordView {
 /// The space measure kept in the store (`keys::META_SPACE`); none when absent or unreadable.
 fn kept_space(kv: &dyn Kv) -> Option<SpaceUse> {
     let stored = kv.get(keys::META_SPACE).ok().flatten()?;
-    let (numbers, rest) = stored.as_chunks::<8>();
-    let [store_bytes, live_bytes, measured_at_ms] = numbers else {
-        return None;
-    };
-    rest.is_empty().then(|| SpaceUse {
-        store_bytes: u64::from_be_bytes(*store_bytes),
-        live_bytes: u64::from_be_bytes(*live_bytes),
-        measured_at_ms: u64::from_be_bytes(*measured_at_ms),
+    let [store_bytes, live_bytes, measured_at_ms] = u64s_from_stored(&stored)?;
+    Some(SpaceUse {
+        store_bytes,
+        live_bytes,
+        measured_at_ms,
     })
 }
 
@@ -421,28 +418,31 @@ impl QueueCounts {
     }
 
     fn to_stored(self) -> Vec<u8> {
-        [self.pending, self.processing, self.completed, self.failed]
-            .iter()
-            .flat_map(|count| count.to_be_bytes())
-            .collect()
+        u64s_to_stored(&[self.pending, self.processing, self.completed, self.failed])
     }
 
     /// `None` unless `bytes` are what `to_stored` writes.
     fn from_stored(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != 32 {
-            return None;
-        }
-        let count = |i: usize| {
-            let field: [u8; 8] = bytes.get(i * 8..i * 8 + 8)?.try_into().ok()?;
-            Some(u64::from_be_bytes(field))
-        };
+        let [pending, processing, completed, failed] = u64s_from_stored(bytes)?;
         Some(QueueCounts {
-            pending: count(0)?,
-            processing: count(1)?,
-            completed: count(2)?,
-            failed: count(3)?,
+            pending,
+            processing,
+            completed,
+            failed,
         })
     }
+}
+
+/// `numbers` as stored: big-endian, one after another.
+fn u64s_to_stored(numbers: &[u64]) -> Vec<u8> {
+    numbers.iter().flat_map(|n| n.to_be_bytes()).collect()
+}
+
+/// The `N` numbers `u64s_to_stored` wrote; `None` unless `bytes` are exactly that.
+fn u64s_from_stored<const N: usize>(bytes: &[u8]) -> Option<[u64; N]> {
+    let (numbers, rest) = bytes.as_chunks::<8>();
+    let numbers: &[[u8; 8]; N] = numbers.try_into().ok()?;
+    rest.is_empty().then(|| numbers.map(u64::from_be_bytes))
 }
 
 /// The queue's counts as the last batch that moved its entries stored them, if they are there
@@ -1670,10 +1670,7 @@ impl Store {
         *self.lock_space() = Some(space);
         let mut batch = Batch::default();
         let kept = [space.store_bytes, space.live_bytes, space.measured_at_ms];
-        batch.put(
-            keys::META_SPACE.to_vec(),
-            kept.iter().flat_map(|n| n.to_be_bytes()).collect(),
-        );
+        batch.put(keys::META_SPACE.to_vec(), u64s_to_stored(&kept));
         if let Err(e) = self.kv.apply(batch) {
             tracing::debug!(error = %e, "the space measure was not kept in the store");
         }

@@ -674,24 +674,27 @@ impl LogStorage for KvStorage {
         let mut rest = in_log.as_slice();
         while let Some(&(first, _)) = rest.first() {
             let holding = self.kv.range(&seq_key(b'l', &[space], first), &end, 1)?;
-            let (k, v) = holding.into_iter().next().unzip();
-            let last = k
-                .as_deref()
-                .and_then(|k| log_blocks::log_key_seq(k, prefix.len()))
+            let holding = holding.into_iter().next();
+            let last = holding
+                .as_ref()
+                .and_then(|(k, _)| log_blocks::log_key_seq(k, prefix.len()))
                 .map_or(first, |(last, _)| last);
             let covered = rest.partition_point(|&(seq, _)| seq <= last);
             let (group, after) = rest.split_at(covered.max(1));
             let seqs: Vec<u64> = group.iter().map(|&(seq, _)| seq).collect();
-            let changes = match (k, v) {
-                (Some(k), Some(v)) => log_blocks::changes_at(&k, &v, prefix.len(), &seqs)?,
-                _ => Vec::new(),
+            let changes = match &holding {
+                Some((k, v)) => log_blocks::changes_at(k, v, prefix.len(), &seqs)?,
+                None => Vec::new(),
             };
             for &(seq, (collection, id)) in group {
-                let Ok(at) = changes.binary_search_by_key(&seq, |(found, _)| *found) else {
+                let found = changes
+                    .binary_search_by_key(&seq, |(found, _)| *found)
+                    .ok()
+                    .and_then(|at| changes.get(at));
+                let Some((_, change)) = found else {
                     return Err(first_change_gone(collection, id, seq));
                 };
-                let change = changes.get(at).map(|(_, c)| c.clone()).unwrap_or_default();
-                bases.insert((collection.clone(), id.clone()), change);
+                bases.insert((collection.clone(), id.clone()), change.clone());
             }
             rest = after;
         }
