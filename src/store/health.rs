@@ -274,11 +274,11 @@ const JOURNAL_PAGE: usize = 1024;
 
 /// What a read of the whole journal found.
 #[derive(Default)]
-struct JournalRead {
+pub(super) struct JournalRead {
     /// Records read (a change journaled twice, before the journal is rewritten, counts twice).
-    records: u64,
+    pub(super) records: u64,
     /// The id after the highest journaled.
-    next_id: u64,
+    pub(super) next_id: u64,
     /// A record was damaged or did not decode.
     damaged: bool,
 }
@@ -381,7 +381,7 @@ fn held_queue_ids(kv: &dyn Kv, entries: &[SyncQueueEntry]) -> BTreeSet<u64> {
 /// What the open finds cheaply: batches the engine lost, and journaled changes the queue does
 /// not hold (the journal holds the changes not uploaded yet). Reads the journal a page at a
 /// time and keeps only the changes the queue lacks.
-pub(super) fn check_at_open(kv: &dyn Kv, now: u64) -> Result<(Damage, u64), StoreError> {
+pub(super) fn check_at_open(kv: &dyn Kv, now: u64) -> Result<(Damage, JournalRead), StoreError> {
     let mut missing: BTreeMap<u64, SyncQueueEntry> = BTreeMap::new();
     let mut damaged: BTreeMap<u64, DamagedValue> = BTreeMap::new();
     let read = journal_pages(kv, &mut |entries| {
@@ -418,7 +418,7 @@ pub(super) fn check_at_open(kv: &dyn Kv, now: u64) -> Result<(Damage, u64), Stor
         recoverable: missing.values().map(LostChange::of).collect(),
         ..Damage::default()
     };
-    Ok((damage, read.next_id))
+    Ok((damage, read))
 }
 
 /// What a full read keeps of a queue entry.
@@ -1017,16 +1017,27 @@ impl Store {
     }
 
     /// Keeps the journal from growing for ever: rewrites it with the queue entries not yet
-    /// completed once it has grown past its limit. A full read of the queue when it does, so
-    /// the daemon calls it beside its writes, not in their way. Under its limit, a journal past
-    /// `JOURNAL_MIN_LIMIT` is emptied as soon as the queue holds no change left to upload:
+    /// completed once it has grown past its limit and more than half its records are of changes
+    /// uploaded (the queue's counts and `journal_records` tell). A full read of the queue when
+    /// it does, so the daemon calls it beside its writes, not in their way. Under its limit, a
+    /// journal past `JOURNAL_MIN_LIMIT` is emptied as soon as the queue holds no change left to upload:
     /// without that, a device back from working offline (its limit twice what it journaled
     /// then) kept a second copy of every change it had uploaded until it wrote as much again.
     pub fn bound_journal(&self) -> Result<(), StoreError> {
         let limit = self.journal_limit.load(Ordering::SeqCst);
         let bytes = self.kv.journal_bytes();
         if bytes > limit {
-            let _queue = self.lock_queue();
+            let queue = self.lock_queue();
+            let to_upload = queue
+                .as_ref()
+                .map(|t| t.shown.pending + t.shown.processing + t.shown.failed);
+            let records = self.journal_records.load(Ordering::SeqCst);
+            // A rewrite keeps every change still to upload: while they are half the journal or
+            // more (an import, work offline), it would copy them all to leave little out. The
+            // counts tell without a read, so the next call asks again.
+            if to_upload.is_some_and(|n| records <= n.saturating_mul(2)) {
+                return Ok(());
+            }
             return self.rewrite_journal_locked();
         }
         if bytes <= JOURNAL_MIN_LIMIT {
@@ -1041,6 +1052,7 @@ impl Store {
             return Ok(());
         }
         self.kv.rewrite_journal(&mut |_keep| Ok(()))?;
+        self.journal_records.store(0, Ordering::SeqCst);
         self.journal_limit
             .store(JOURNAL_MIN_LIMIT, Ordering::SeqCst);
         drop(queue);
@@ -1051,6 +1063,7 @@ impl Store {
     /// lock, so no entry is journaled or moves meanwhile.
     pub(super) fn rewrite_journal_locked(&self) -> Result<(), StoreError> {
         let mut kept_bytes = 0u64;
+        let mut kept_records = 0u64;
         let mut failed = None;
         // Each entry is written to the new journal as the queue is read, a page at a time.
         let rewritten = self.kv.rewrite_journal(&mut |keep| {
@@ -1064,6 +1077,7 @@ impl Store {
                 {
                     Ok(record) => {
                         kept_bytes += record.len() as u64;
+                        kept_records += 1;
                         keep(&record);
                         true
                     }
@@ -1085,6 +1099,7 @@ impl Store {
             return Err(e);
         }
         rewritten?;
+        self.journal_records.store(kept_records, Ordering::SeqCst);
         self.journal_limit.store(
             JOURNAL_MIN_LIMIT.max(kept_bytes.saturating_mul(2)),
             Ordering::SeqCst,
@@ -1484,6 +1499,77 @@ mod tests {
         let store = open(&kv);
         assert_eq!(store.damage(), None);
         assert_eq!(store.queue_counts().unwrap().completed, 30);
+    }
+
+    /// A journal past its limit is rewritten only when that leaves out most of it: while its
+    /// changes are still to upload (an import, work offline), copying them all would keep them
+    /// all, under the queue's lock, once for every doubling of the journal.
+    #[test]
+    fn a_journal_of_changes_still_to_upload_is_not_rewritten_to_keep_them() {
+        let kv = MemoryKv::new();
+        let store = open(&kv);
+        let text = "x".repeat(200_000);
+        let write = |n: usize| {
+            let mut fields = crate::record::Fields::new();
+            fields.insert("text".into(), serde_json::json!(format!("{n}{text}")));
+            store
+                .write(Write::Put {
+                    collection: "Note".into(),
+                    id: Some(format!("n{n}")),
+                    fields,
+                })
+                .unwrap()
+                .queue_id
+                .unwrap()
+        };
+        let mut ids: Vec<u64> = (0..30).map(write).collect();
+        store.flush().unwrap();
+        let journaled = kv.journal_bytes();
+        assert!(journaled > JOURNAL_MIN_LIMIT, "{journaled}");
+        store.bound_journal().unwrap();
+        assert_eq!(journal_ids(&kv), ids);
+        assert_eq!(kv.journal_bytes(), journaled, "not rewritten");
+
+        ids.extend((30..61).map(write));
+        store.queue_counts().unwrap();
+        store
+            .queue_transition(&ids[..20], &QueueAction::Start)
+            .unwrap();
+        store
+            .queue_transition(&ids[..20], &QueueAction::Complete)
+            .unwrap();
+        store.flush().unwrap();
+        store.bound_journal().unwrap();
+        assert_eq!(
+            journal_ids(&kv),
+            ids,
+            "41 of its 61 changes are still to upload"
+        );
+
+        store
+            .queue_transition(&ids[20..50], &QueueAction::Start)
+            .unwrap();
+        store
+            .queue_transition(&ids[20..50], &QueueAction::Complete)
+            .unwrap();
+        store.flush().unwrap();
+        let before = kv.journal_bytes();
+        store.bound_journal().unwrap();
+        assert_eq!(
+            journal_ids(&kv),
+            ids[50..],
+            "50 of 61 were uploaded: rewritten"
+        );
+        assert!(
+            kv.journal_bytes() < before / 4,
+            "{} of {before}",
+            kv.journal_bytes()
+        );
+        drop(store);
+        kv.crash();
+        let store = open(&kv);
+        assert_eq!(store.damage(), None);
+        assert_eq!(store.queue_counts().unwrap().pending, 11);
     }
 
     /// The journal keeps the changes not yet uploaded: completed ones go when it is rewritten,

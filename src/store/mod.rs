@@ -511,6 +511,9 @@ pub struct Store {
     seen_damaged: Arc<Mutex<BTreeSet<Vec<u8>>>>,
     /// The journal's size past which it is rewritten.
     journal_limit: AtomicU64,
+    /// The records the journal holds (a change journaled twice counts twice): beside the queue's
+    /// counts, what a rewrite would leave out (`bound_journal`).
+    journal_records: AtomicU64,
 }
 
 impl Store {
@@ -567,9 +570,9 @@ impl Store {
         let kv: Box<dyn Kv> = Box::new(pending_buckets::Buckets::open(counted)?);
         sync::ensure_pending_index(kv.as_ref())?;
         move_long_changes(kv.as_ref())?;
-        let (found, after_journaled) = health::check_at_open(kv.as_ref(), clock.now_ms())?;
+        let (found, journal) = health::check_at_open(kv.as_ref(), clock.now_ms())?;
         // An id the queue lost is still the journal's: it is never given to another change.
-        let next_queue_id = next_queue_id(kv.as_ref())?.max(after_journaled);
+        let next_queue_id = next_queue_id(kv.as_ref())?.max(journal.next_id);
         let next_log_id = next_seq(kv.as_ref(), keys::LOG)?;
         let next_feed_seq = Self::next_feed_seq(kv.as_ref())?;
         let kv_journal_bytes = kv.journal_bytes();
@@ -608,6 +611,7 @@ impl Store {
             damage: Mutex::new(None),
             seen_damaged,
             journal_limit: AtomicU64::new(health::journal_start_limit(kv_journal_bytes)),
+            journal_records: AtomicU64::new(journal.records),
         };
         store.note_damage(found)?;
         store.note_synced_collections()?;
@@ -1095,6 +1099,8 @@ impl Store {
         // Kept outside the data too until it is uploaded: what a damaged data file loses is
         // restored from there (`health`).
         batch.journal(encode(&entry, "journaled change")?);
+        // Counted when staged: a batch that then fails only makes the next rewrite come sooner.
+        self.journal_records.fetch_add(1, Ordering::SeqCst);
         Ok(queue_id)
     }
 
