@@ -462,6 +462,8 @@ impl Connection {
             // A read from record views takes a few microseconds: answered here rather than on
             // a blocking thread, whose handoff would cost more than the read.
             api::Request::Get(p) => encode(self.service.call(p)),
+            // So is a plain page of a few views, read in id order.
+            api::Request::List(p) if p.is_short_page() => encode(self.service.call(p)),
             api::Request::Subscribe(filter) => encode(self.subscribe(filter, out)),
             api::Request::Unsubscribe(p) => encode(self.unsubscribe(p)),
             api::Request::Sync(p) => encode(self.sync(p, out).await),

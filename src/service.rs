@@ -1296,9 +1296,9 @@ impl ConflictsParams {
     }
 }
 
-/// A list call's page size: `limit`, 100 by default, at most `max`.
+/// A list call's page size: `limit`, `ListParams::DEFAULT_LIMIT` by default, at most `max`.
 pub fn page_limit(limit: Option<usize>, max: usize) -> Result<usize, ApiError> {
-    let limit = limit.unwrap_or(100);
+    let limit = limit.unwrap_or(ListParams::DEFAULT_LIMIT);
     if limit == 0 || limit > max {
         return Err(ApiError::invalid_params(format!(
             "limit must be 1 to {max}"

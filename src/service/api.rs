@@ -237,6 +237,17 @@ pub struct ListParams {
 }
 
 impl ListParams {
+    /// Records in a page whose call gives no limit.
+    pub const DEFAULT_LIMIT: usize = 100;
+
+    /// A page by id, with no condition, of at most `DEFAULT_LIMIT` records: views read in key
+    /// order, a few microseconds each, whatever the collection holds.
+    pub fn is_short_page(&self) -> bool {
+        self.conditions.is_empty()
+            && self.order_by.is_none()
+            && self.limit.unwrap_or(Self::DEFAULT_LIMIT) <= Self::DEFAULT_LIMIT
+    }
+
     /// A plain page of a collection, by id.
     pub fn page(collection: String, limit: Option<usize>, after: Option<String>) -> Self {
         ListParams {
