@@ -1531,6 +1531,12 @@ mod tests {
             (store, ids)
         };
 
+        let upload = |store: &Store, ids: &[u64]| {
+            store.queue_transition(ids, &QueueAction::Start).unwrap();
+            store.queue_transition(ids, &QueueAction::Complete).unwrap();
+            store.flush().unwrap();
+        };
+
         let kv = MemoryKv::new();
         let (store, ids) = thirty(&kv);
         let journaled = kv.journal_bytes();
@@ -1540,25 +1546,13 @@ mod tests {
         assert_eq!(journal_ids(&kv), ids);
         assert_eq!(store.journal_limit.load(Ordering::SeqCst), journaled * 2);
         // Under its new limit, uploads leave it as it is until none is left to upload.
-        store
-            .queue_transition(&ids[..20], &QueueAction::Start)
-            .unwrap();
-        store
-            .queue_transition(&ids[..20], &QueueAction::Complete)
-            .unwrap();
-        store.flush().unwrap();
+        upload(&store, &ids[..20]);
         store.bound_journal().unwrap();
         assert_eq!(journal_ids(&kv), ids);
 
         let kv = MemoryKv::new();
         let (store, ids) = thirty(&kv);
-        store
-            .queue_transition(&ids[..20], &QueueAction::Start)
-            .unwrap();
-        store
-            .queue_transition(&ids[..20], &QueueAction::Complete)
-            .unwrap();
-        store.flush().unwrap();
+        upload(&store, &ids[..20]);
         store.bound_journal().unwrap();
         assert_eq!(
             journal_ids(&kv),
