@@ -1016,13 +1016,14 @@ impl Store {
         Ok(())
     }
 
-    /// Keeps the journal from growing for ever: rewrites it with the queue entries not yet
-    /// completed once it has grown past its limit and more than half its records are of changes
-    /// uploaded (the queue's counts and `journal_records` tell). A full read of the queue when
-    /// it does, so the daemon calls it beside its writes, not in their way. Under its limit, a
-    /// journal past `JOURNAL_MIN_LIMIT` is emptied as soon as the queue holds no change left to upload:
-    /// without that, a device back from working offline (its limit twice what it journaled
-    /// then) kept a second copy of every change it had uploaded until it wrote as much again.
+    /// Keeps the journal from growing for ever: once past its limit, rewrites it with the queue
+    /// entries not yet completed when more than half its records are of changes uploaded (the
+    /// queue's counts and `journal_records` tell), else doubles the limit. A full read of the
+    /// queue when it rewrites, so the daemon calls it beside its writes, not in their way.
+    /// Under its limit, a journal past `JOURNAL_MIN_LIMIT` is emptied as soon as the queue holds
+    /// no change left to upload: without that, a device back from working offline (its limit
+    /// twice what it journaled then) kept a second copy of every change it had uploaded until
+    /// it wrote as much again.
     pub fn bound_journal(&self) -> Result<(), StoreError> {
         let limit = self.journal_limit.load(Ordering::SeqCst);
         let bytes = self.kv.journal_bytes();
