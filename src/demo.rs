@@ -419,8 +419,14 @@ fn watch_sync(
             .map_err(|e| format!("the second device was not told of the new write: {e}"))?;
         let is_the_write = matches!(&seen, Notification::Change(c)
             if c.event.change.id == patched.id && c.event.change.heads == patched.heads);
-        if is_the_write || Instant::now() > told_by {
+        if is_the_write {
             break seen;
+        }
+        if Instant::now() > told_by {
+            return Err(format!(
+                "the second device was not told of the new write within {SYNC_TIMEOUT:?}; \
+                 last told of {seen:?}"
+            ));
         }
     };
     let propagation_ms = written.elapsed().as_secs_f64() * 1000.0;

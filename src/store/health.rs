@@ -1029,9 +1029,7 @@ impl Store {
         let bytes = self.kv.journal_bytes();
         if bytes > limit {
             let queue = self.lock_queue();
-            let to_upload = queue
-                .as_ref()
-                .map(|t| t.shown.pending + t.shown.processing + t.shown.failed);
+            let to_upload = queue.as_ref().map(|t| t.shown.not_completed());
             let records = self.journal_records.load(Ordering::SeqCst);
             // A rewrite keeps every change still to upload: while they are half the journal or
             // more (an import, work offline), it would copy them all to leave little out. The
@@ -1050,8 +1048,7 @@ impl Store {
         // The counts kept with the queue say so without reading it (none yet: wait for them),
         // and nothing is journaled or leaves the queue while its lock is held.
         let queue = self.lock_queue();
-        let all_uploaded =
-            queue.is_some_and(|t| t.shown.pending + t.shown.processing + t.shown.failed == 0);
+        let all_uploaded = queue.is_some_and(|t| t.shown.not_completed() == 0);
         if !all_uploaded {
             return Ok(());
         }

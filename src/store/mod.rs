@@ -417,6 +417,11 @@ impl QueueCounts {
         } += 1;
     }
 
+    /// Entries not completed: the changes the journal keeps a copy of.
+    pub fn not_completed(&self) -> u64 {
+        self.pending + self.processing + self.failed
+    }
+
     fn to_stored(self) -> Vec<u8> {
         u64s_to_stored(&[self.pending, self.processing, self.completed, self.failed])
     }
