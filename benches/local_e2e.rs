@@ -3,7 +3,8 @@
 //!
 //! For each record count N it measures: `import` through the socket (the JSON-RPC method, and
 //! the `ferry import FILE` command with and without a daemon), single durable `put`s on one
-//! connection and on several at once (group commit), random `get`s, paging with `list`, the
+//! connection and on several at once (group commit), random `get`s beside a round trip to an
+//! echo thread (what the socket alone costs on the host), paging with `list`, the
 //! store's size on disk per record, and the daemon's resident memory.
 //!
 //! `cargo bench --bench local_e2e [-- --records 10000 --records 100000 --batch 2000 ...]`
@@ -395,6 +396,45 @@ fn random_gets(client: &mut Client, n: u64, reads: u64, seed: u64) -> Value {
     })
 }
 
+/// What a round trip over a Unix socket costs on this host without the daemon: `calls` calls
+/// of the same client to a thread that reads each line, parses it for its id and answers an
+/// empty result. `get` can only be this much faster than it; the rest of its latency is the
+/// daemon's (this floor moves with the host far more than the daemon's share does).
+fn socket_floor(dir: &Path, calls: u64) -> Value {
+    use std::io::BufRead as _;
+    check_interrupted();
+    let path = dir.join("floor.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let echo = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 0 {
+            let request: Value = serde_json::from_str(&line).unwrap();
+            let reply = json!({ "jsonrpc": "2.0", "id": request["id"], "result": {} });
+            writer.write_all(format!("{reply}\n").as_bytes()).unwrap();
+            line.clear();
+        }
+    });
+    let mut client = Client::connect(&path).unwrap();
+    let mut samples = Vec::with_capacity(calls as usize);
+    let started = Instant::now();
+    for _ in 0..calls {
+        let t = Instant::now();
+        call(&mut client, "echo", json!({}));
+        samples.push(t.elapsed());
+    }
+    let elapsed = started.elapsed();
+    drop(client);
+    echo.join().unwrap();
+    json!({
+        "calls": calls,
+        "calls_per_s": per_second(calls, elapsed),
+        "latency_us": latency(&mut samples),
+    })
+}
+
 /// The whole collection, page after page of `list`.
 fn list_all(client: &mut Client, expected: u64, page: u64) -> Value {
     check_interrupted();
@@ -593,6 +633,7 @@ fn run(n: u64, o: &Options) -> Value {
     if !o.skip_reads {
         eprintln!("  random gets and list pages ...");
         result["random_get"] = random_gets(&mut client, n, o.reads, o.seed);
+        result["socket_floor"] = socket_floor(device.data_dir.parent().unwrap(), o.reads);
         snapshot("get");
         result["list"] = list_all(&mut client, n, o.page);
         snapshot("list");
@@ -777,6 +818,13 @@ fn summarize(r: &Value) {
             &g["gets_per_s"],
             "gets/s",
             lat(&g["latency_us"]),
+        );
+        let f = &r["socket_floor"];
+        row(
+            format!("round trip x{} to an echo thread", f["calls"]),
+            &f["calls_per_s"],
+            "calls/s",
+            lat(&f["latency_us"]),
         );
         let l = &r["list"];
         row(
