@@ -1036,8 +1036,8 @@ impl Kv for SledKv {
     fn key_sizes(&self, each: &mut dyn FnMut(&[u8], u64)) -> Result<(), KvError> {
         let engine = self.read();
         let db = engine.db()?;
-        for pair in db.range(..[RESERVED]) {
-            let (k, v) = pair.map_err(from_sled)?;
+        for pair in scan_user_keys(db) {
+            let (k, v) = pair?;
             each(&k, value_len(db, &k, &v, engine.sealed)?);
         }
         Ok(())
@@ -1168,14 +1168,37 @@ fn batch_number(db: &sled::Db) -> Result<u64, KvError> {
         .map_or(0, u64::from_be_bytes))
 }
 
+/// How often a scan of the whole store reads a key once more (see `scan_user_keys`).
+const RETOUCH_EVERY: usize = 2;
+
+/// Every pair under a user key, in key order, for a scan of the whole store that must not grow
+/// the process by what it reads. sled keeps a page it has read in memory until that page's
+/// cache shard (one of 256) has queued 64 accesses, whatever the cache's size: a scan that
+/// reads each page once holds up to 16,384 pages (about 70 MB of 300-byte records) before it
+/// lets any go. Reading every `RETOUCH_EVERY`th key again adds an access to its page, so the
+/// queues fill, and pages go, several times as soon. On 1,000,000 records: `ferry space` peaks
+/// at 195-197 MB instead of 232-241 (8% slower), a compaction at 234-240 instead of 288.
+fn scan_user_keys(
+    db: &sled::Db,
+) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), KvError>> + '_ {
+    db.range(..[RESERVED]).enumerate().map(move |(n, pair)| {
+        let (key, value) = pair.map_err(from_sled)?;
+        if n % RETOUCH_EVERY == 0 {
+            // Read for the access it records: the value is the one just read.
+            db.get(&key).map_err(from_sled)?;
+        }
+        Ok((key, value))
+    })
+}
+
 /// Copies every pair of `from` (its values sealed or not) into `to`, sealed, in flushed
 /// batches (see `COPY_BATCH_BYTES`). A long value's chunks may span batches: nothing reads the
 /// copy before it is whole.
 fn copy_all(from: &sled::Db, to: &sled::Db, sealed: bool) -> Result<(), KvError> {
     let mut batch = sled::Batch::default();
     let mut bytes = 0;
-    for pair in from.range(..[RESERVED]) {
-        let (key, stored) = pair.map_err(from_sled)?;
+    for pair in scan_user_keys(from) {
+        let (key, stored) = pair?;
         let value = read_value(from, &key, stored, sealed)?;
         // `to` is a fresh copy: no key in it has old chunks.
         layout(&key, &seal(&key, &value), |k, v| {
