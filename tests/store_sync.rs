@@ -968,6 +968,66 @@ fn a_log_entry_that_cannot_be_applied_is_quarantined_and_the_rest_applied() {
     );
 }
 
+/// A snapshot page loads its new records a few hundred at a time and keeps their documents only
+/// where they are read again: a quarantined entry that a document in the middle of a large page
+/// holds (past the first few hundred records, before the last thousand the cache takes) is
+/// released all the same, and every record reads back.
+#[test]
+fn a_large_snapshot_page_releases_the_quarantined_entries_its_documents_hold() {
+    let count = 1700;
+    let held = "0600";
+    let mut writes: Vec<Write> = (0..count)
+        .map(|i| put("Note", &format!("{i:04}"), json!({ "i": i })))
+        .collect();
+    writes.push(patch("Note", held, json!({"j": 1})));
+    let origin = written(writes);
+    let log = as_log(origin.store(), 0, 1);
+    let head = log.len() as u64;
+    let receiver = other_store(&MemoryKv::new());
+    // The patch alone, before the record it builds on: its dependencies are missing.
+    let patch_entry = log.last().unwrap().clone();
+    let outcome = receiver.apply_remote(&[patch_entry], head).unwrap();
+    assert_eq!(outcome.quarantined.len(), 1);
+
+    let records: Vec<ferry_proto::wire::SnapshotRecord> = (0..count)
+        .map(|i| {
+            let id = format!("{i:04}");
+            ferry_proto::wire::SnapshotRecord {
+                collection: "Note".into(),
+                document: origin.store().export_doc("Note", &id).unwrap(),
+                record: id,
+                conflicts: b"[]".to_vec(),
+            }
+        })
+        .collect();
+    let page = ferry_proto::wire::SnapshotPage {
+        head,
+        horizon: head,
+        last: records.last().map(|r| ferry_proto::wire::RecordName {
+            collection: r.collection.clone(),
+            record: r.record.clone(),
+        }),
+        records,
+        complete: true,
+    };
+    receiver.apply_snapshot_page(&page).unwrap();
+    assert_eq!(
+        receiver.quarantined(10).unwrap().0,
+        0,
+        "the page's document of Note/{held} holds the quarantined change"
+    );
+    assert_eq!(
+        receiver.get("Note", held).unwrap().fields,
+        fields(json!({"i": 600, "j": 1}))
+    );
+    let (listed, next) = receiver.list("Note", None, 2 * count).unwrap();
+    assert!(next.is_none());
+    assert_eq!(listed.len(), count);
+    for (i, view) in listed.iter().enumerate() {
+        assert_eq!(view.fields.get("i"), Some(json!(i)), "Note/{}", view.id);
+    }
+}
+
 /// Quarantined entries are pruned once the relay no longer needs the device to keep them: when
 /// their record's history is purged, by a purge entry met in the log or found in a snapshot.
 #[test]

@@ -22,10 +22,14 @@ use ferry_proto::wire::{IndexPosition, RecordName, SnapshotPage, SnapshotRecord,
 use ferry_proto::{validate_collection, validate_record_id};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::conflicts::Ledger;
 use super::kv::Batch;
+
+/// How many of a page's new records are loaded together, on every core, before they are
+/// merged: enough to keep the cores busy, few enough that their documents take little memory.
+const FRESH_CHUNK: usize = 512;
 
 /// The cursor name under which a bootstrap's pages are kept.
 pub const SNAPSHOT_CURSOR: &str = "snapshot";
@@ -282,11 +286,20 @@ impl Store {
         for (key, record) in purge.restored_docs.drain(..) {
             taken.push((key, record));
         }
-        let mut fresh = self.prepare_fresh(&page.records, &cache)?;
+        // A page's loaded documents are kept past their record only where something reads them
+        // again: `release_covered` (records with quarantined entries) and the cache (the last
+        // ones). A page of 10,000 new records held them all: 300-500 MiB at 1,000,000 records.
+        let quarantined = self.quarantined_records(page.head)?;
+        let cached_from = page.records.len().saturating_sub(cache.cap().get());
+        let mut fresh = HashMap::new();
         for (index, record) in page.records.iter().enumerate() {
+            if index % FRESH_CHUNK == 0 {
+                let chunk = page.records.get(index..).unwrap_or_default();
+                fresh = self.prepare_fresh(chunk.get(..FRESH_CHUNK).unwrap_or(chunk), &cache)?;
+            }
             let key = (record.collection.clone(), record.record.clone());
             cache.pop(&key);
-            let prepared = fresh.remove(&index);
+            let prepared = fresh.remove(&(index % FRESH_CHUNK));
             let (parsed, view) = match prepared {
                 Some((parsed, view)) => (Some(parsed), Some(view)),
                 None => (None, None),
@@ -331,7 +344,9 @@ impl Store {
                 });
             }
             cache.pop(&key);
-            taken.push((key, doc));
+            if index >= cached_from || quarantined.contains(&key) {
+                taken.push((key, doc));
+            }
         }
         if page.complete && self.has_unique_constraints() {
             // The unique-value index is read next, from its start.
@@ -399,6 +414,18 @@ impl Store {
         })
     }
 
+    /// The records with quarantined log entries at or below `head`: those whose documents
+    /// `release_covered` reads.
+    fn quarantined_records(&self, head: u64) -> Result<HashSet<CacheKey>, StoreError> {
+        let mut records = HashSet::new();
+        self.each_quarantined(|_, entry| {
+            if entry.seq <= head {
+                records.insert((entry.collection, entry.record));
+            }
+        })?;
+        Ok(records)
+    }
+
     /// Stages the removal of quarantined log entries (at or below the page's head) that the page
     /// settled: those of a purged history, and those whose change a merged document now holds.
     fn release_covered(
@@ -439,11 +466,11 @@ impl Store {
         &self,
         records: &[SnapshotRecord],
         cache: &lru::LruCache<CacheKey, Record>,
-    ) -> Result<std::collections::HashMap<usize, (Record, Vec<u8>)>, StoreError> {
+    ) -> Result<HashMap<usize, (Record, Vec<u8>)>, StoreError> {
         const MIN_PARALLEL: usize = 64;
         let mut candidates = Vec::new();
         if records.len() < MIN_PARALLEL {
-            return Ok(std::collections::HashMap::new());
+            return Ok(HashMap::new());
         }
         for (index, r) in records.iter().enumerate() {
             let key = (r.collection.clone(), r.record.clone());

@@ -610,21 +610,31 @@ impl Store {
         batch: &mut Batch,
         mut released: impl FnMut(&Quarantined) -> bool,
     ) -> Result<usize, StoreError> {
+        let mut count = 0;
+        self.each_quarantined(|key, entry| {
+            if released(&entry) {
+                batch.remove(key);
+                count += 1;
+            }
+        })?;
+        Ok(count)
+    }
+
+    /// Hands `each` every quarantined entry with its key, oldest first, a page at a time.
+    pub(super) fn each_quarantined(
+        &self,
+        mut each: impl FnMut(Vec<u8>, Quarantined),
+    ) -> Result<(), StoreError> {
         let mut start = keys::QUARANTINE.to_vec();
         let end = keys::prefix_end(keys::QUARANTINE);
-        let mut count = 0;
         loop {
             let page = self.kv.range(&start, &end, 256)?;
             let Some((last, _)) = page.last() else {
-                return Ok(count);
+                return Ok(());
             };
             start = keys::after(last);
             for (key, bytes) in page {
-                let entry: Quarantined = decode(&bytes, "quarantined entry")?;
-                if released(&entry) {
-                    batch.remove(key);
-                    count += 1;
-                }
+                each(key, decode(&bytes, "quarantined entry")?);
             }
         }
     }
