@@ -970,8 +970,8 @@ fn a_log_entry_that_cannot_be_applied_is_quarantined_and_the_rest_applied() {
 
 /// A snapshot page loads its new records a few hundred at a time and keeps their documents only
 /// where they are read again: a quarantined entry that a document in the middle of a large page
-/// holds (past the first few hundred records, before the last thousand the cache takes) is
-/// released all the same, and every record reads back.
+/// holds (past the first few hundred records) is released all the same, and every record reads
+/// back.
 #[test]
 fn a_large_snapshot_page_releases_the_quarantined_entries_its_documents_hold() {
     let count = 1700;
