@@ -947,6 +947,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
     });
     let c_download = c_started.elapsed();
     let sc = Status::of(&mut c_client);
+    let c_peak = peak_kib(c_daemon.pid());
     drop(c_client);
     let status = c_daemon.stop();
     assert!(status.success(), "C's daemon exit: {status}");
@@ -1014,6 +1015,7 @@ fn initial_sync(n: u64, o: &Options) -> Value {
             "seconds": secs(c_download),
             "records_per_s": per_second(n, c_download),
             "bytes_received": sc.bytes_received,
+            "peak_rss_mib": mib(c_peak),
         },
         "b_change_events": {
             "received": changes,
@@ -1473,10 +1475,11 @@ fn summarize(r: &Value) {
                 r["b_change_events"]["dropped_for_slow_reader"],
             );
             t += &format!(
-                "\nC's initial sync by download alone: {} s ({} records/s, {} B received)",
+                "\nC's initial sync by download alone: {} s ({} records/s, {} B received, peak RSS {} MiB)",
                 r["c_download"]["seconds"],
                 r["c_download"]["records_per_s"],
                 r["c_download"]["bytes_received"],
+                r["c_download"]["peak_rss_mib"],
             );
             if let Some((rtt, bps)) = link_of(r) {
                 // The link's floor: the bytes over the bottleneck, plus ten round trips.
