@@ -295,8 +295,9 @@ impl Store {
         let mut fresh = HashMap::new();
         for (index, record) in page.records.iter().enumerate() {
             if index % FRESH_CHUNK == 0 {
-                let chunk = page.records.get(index..).unwrap_or_default();
-                fresh = self.prepare_fresh(chunk.get(..FRESH_CHUNK).unwrap_or(chunk), &cache)?;
+                let end = page.records.len().min(index + FRESH_CHUNK);
+                let chunk = page.records.get(index..end).unwrap_or_default();
+                fresh = self.prepare_fresh(chunk, &cache)?;
             }
             let key = (record.collection.clone(), record.record.clone());
             cache.pop(&key);
