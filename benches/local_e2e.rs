@@ -650,6 +650,7 @@ fn run(n: u64, o: &Options) -> Value {
         snapshot("put_1_connection");
         result["put_concurrent"] = single_writes(&daemon, n + singles, singles, o.connections);
         snapshot("put_concurrent");
+        eprintln!("  pipelined writes ...");
         result["put_pipelined_1_connection"] =
             pipelined_writes(&daemon, n + 2 * singles, singles, 1, o.in_flight);
         snapshot("put_pipelined_1_connection");

@@ -1045,16 +1045,21 @@ impl Client {
         on_notification: impl FnMut(Value),
     ) -> Result<A, ClientError> {
         let line = encode_request(self.next_id, &request)?;
-        let result = self.exchange(line, on_notification)?;
-        // Read from the reply's text straight into the answer: through a `Value` first, every
-        // field of a page of records would be built as a tree and (records' fields being
-        // passed on as text) written out again.
-        serde_json::from_str(result.get()).map_err(|e| {
+        let unreadable = |e: serde_json::Error| {
             ClientError::Protocol(format!(
                 "the answer to {} does not read: {e}",
                 request.method()
             ))
-        })
+        };
+        // The reply's text is read straight into the answer: through a `Value` first, every
+        // field of a page of records would be built as a tree and (records' fields being
+        // passed on as text) written out again.
+        self.exchange(
+            line,
+            on_notification,
+            |text, id| Answered::<A>::of(text, id).map(|answered| answered.map_err(unreadable)),
+            |result| serde_json::from_str(result.get()).map_err(unreadable),
+        )
     }
 
     /// Calls `method` with JSON params and gives the JSON result: for a socket that speaks
@@ -1063,24 +1068,37 @@ impl Client {
         let request =
             json!({ "jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params });
         let mut held = std::mem::take(&mut self.pending_notifications);
-        let result = self.exchange(format!("{request}\n"), |n| held.push_back(n));
+        let protocol = |e: serde_json::Error| ClientError::Protocol(e.to_string());
+        let result = self.exchange(
+            format!("{request}\n"),
+            |n| held.push_back(n),
+            |_, _| None,
+            |result| serde_json::from_str(result.get()).map_err(protocol),
+        );
         self.pending_notifications = held;
-        serde_json::from_str(result?.get()).map_err(|e| ClientError::Protocol(e.to_string()))
+        result
     }
 
     /// Sends one request line (with id `next_id`) and waits for its reply's result, handing
-    /// notifications that arrive first to `on_notification`.
-    fn exchange(
+    /// notifications that arrive first to `on_notification`. `at_once` may read a line whole
+    /// as the reply with this id and its result (one pass over a page of records); a line it
+    /// does not take is read member by member, its result by `read`.
+    fn exchange<T>(
         &mut self,
         line: String,
         mut on_notification: impl FnMut(Value),
-    ) -> Result<Box<RawValue>, ClientError> {
+        at_once: impl Fn(&str, u64) -> Option<Result<T, ClientError>>,
+        read: impl Fn(&RawValue) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         self.writer.write_all(line.as_bytes())?;
         let protocol = |e: serde_json::Error| ClientError::Protocol(e.to_string());
         loop {
             let text = self.read_line()?;
+            if let Some(answer) = at_once(&text, id) {
+                return answer;
+            }
             let message: Envelope<'_> = serde_json::from_str(&text).map_err(protocol)?;
             if message.method.is_given() {
                 on_notification(serde_json::from_str(&text).map_err(protocol)?);
@@ -1107,7 +1125,7 @@ impl Client {
                 return Err(ClientError::Api(err));
             }
             return match message.result {
-                Member::Given(result) => Ok(result.to_owned()),
+                Member::Given(result) => read(result),
                 Member::Absent => Err(ClientError::Protocol(format!(
                     "reply without result: {}",
                     text.trim_end()
@@ -1168,6 +1186,52 @@ struct Envelope<'a> {
     result: Member<'a>,
     #[serde(default, borrow)]
     error: Member<'a>,
+}
+
+/// A reply read in one pass, its result straight into the answer `A`.
+#[derive(Deserialize)]
+#[serde(bound(deserialize = "A: Deserialize<'de>"))]
+struct Answered<'a, A> {
+    #[serde(default, borrow)]
+    method: Member<'a>,
+    #[serde(default, borrow)]
+    id: Member<'a>,
+    #[serde(default = "Option::default")]
+    result: Option<A>,
+    #[serde(default, borrow)]
+    error: Member<'a>,
+}
+
+impl<A: DeserializeOwned> Answered<'_, A> {
+    /// The answer `text` carries when it is the reply with this `id` and a result (an error
+    /// reading the result then is the answer's); `None` for any other line (a notification, an
+    /// error, another id, a line that does not read), which is read member by member to tell
+    /// which.
+    fn of(text: &str, id: u64) -> Option<Result<A, serde_json::Error>> {
+        let answered: Answered<'_, A> = match serde_json::from_str(text) {
+            Ok(answered) => answered,
+            // Read again member by member: is it the result that does not read?
+            Err(_) => return Self::result_of(text, id).map(Err),
+        };
+        let ours = matches!(answered.id, Member::Given(raw) if raw.get() == id.to_string());
+        let plain = !answered.method.is_given() && !answered.error.is_given();
+        Some(Ok(answered.result.filter(|_| ours && plain)?))
+    }
+
+    /// Why the result of the reply with this `id` does not read, when that is why `text` did
+    /// not.
+    fn result_of(text: &str, id: u64) -> Option<serde_json::Error> {
+        let message: Envelope<'_> = serde_json::from_str(text).ok()?;
+        let ours = matches!(message.id, Member::Given(raw) if raw.get() == id.to_string());
+        match message.result {
+            Member::Given(result)
+                if ours && !message.method.is_given() && !message.error.is_given() =>
+            {
+                serde_json::from_str::<A>(result.get()).err()
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A member of a message, present (even as `null`, which `Option` would take for absent) or not.

@@ -17,18 +17,24 @@ use crate::record::Fields;
 
 /// A JSON object's text, checked: it parses, and it is an object.
 #[derive(Clone)]
-pub struct FieldsText(Box<RawValue>);
+pub struct FieldsText(Box<str>);
 
 /// Text that is not a JSON object of fields.
 #[derive(Debug, thiserror::Error)]
 #[error("the fields are not a JSON object: {0}")]
 pub struct NotFields(String);
 
+/// The name under which serde_json's serializer writes a struct's one string field as the JSON
+/// text it holds: what `RawValue` serializes as, taken here so that text read from a view is
+/// written out without being parsed again to make a `RawValue` of it (the test
+/// `text_passes_through_serialization_as_it_is` pins it).
+const RAW_JSON: &str = "$serde_json::private::RawValue";
+
 impl FieldsText {
     /// The text of `fields`.
     pub fn of(fields: &Fields) -> Result<Self, NotFields> {
-        serde_json::value::to_raw_value(fields)
-            .map(FieldsText)
+        serde_json::to_string(fields)
+            .map(|text| FieldsText(text.into_boxed_str()))
             .map_err(|e| NotFields(e.to_string()))
     }
 
@@ -39,17 +45,28 @@ impl FieldsText {
         Self::checked(raw)
     }
 
+    /// Text this store wrote with `of` and kept under its value's checksum (a record's view),
+    /// taken without parsing it again: a read hands it on as it is. Only its ends are looked
+    /// at, which finds a text cut short.
+    pub(crate) fn stored(text: &str) -> Result<Self, NotFields> {
+        if text.starts_with('{') && text.ends_with('}') {
+            Ok(FieldsText(text.into()))
+        } else {
+            Err(NotFields(format!("found {}", truncated(text))))
+        }
+    }
+
     fn checked(raw: Box<RawValue>) -> Result<Self, NotFields> {
         // `RawValue` keeps the value's text without surrounding whitespace.
         if raw.get().starts_with('{') {
-            Ok(FieldsText(raw))
+            Ok(FieldsText(raw.into()))
         } else {
             Err(NotFields(format!("found {}", truncated(raw.get()))))
         }
     }
 
     pub fn as_str(&self) -> &str {
-        self.0.get()
+        &self.0
     }
 
     /// Every field's value.
@@ -106,7 +123,10 @@ impl PartialEq<Fields> for FieldsText {
 
 impl Serialize for FieldsText {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
+        use serde::ser::SerializeStruct as _;
+        let mut raw = serializer.serialize_struct(RAW_JSON, 1)?;
+        raw.serialize_field(RAW_JSON, self.as_str())?;
+        raw.end()
     }
 }
 
@@ -197,6 +217,21 @@ mod tests {
         let back: FieldsText = serde_json::from_str(r#" { "a" : "x\"y", "b" : 1 } "#).unwrap();
         assert_eq!(back, text);
         assert_eq!(back.parse().unwrap(), fields(json!({"a": "x\"y", "b": 1})));
+    }
+
+    #[test]
+    fn stored_text_is_handed_on_unparsed_and_a_cut_one_refused() {
+        let written = FieldsText::of(&fields(json!({"a": [1, {"b": "c}"}], "d": null}))).unwrap();
+        let read = FieldsText::stored(written.as_str()).unwrap();
+        assert_eq!(read.as_str(), written.as_str());
+        assert_eq!(
+            serde_json::to_value(&read).unwrap(),
+            json!({"a": [1, {"b": "c}"}], "d": null})
+        );
+        let text = written.as_str();
+        for cut in [&text[..text.len() - 1], &text[1..], ""] {
+            assert!(FieldsText::stored(cut).is_err(), "{cut:?} was taken");
+        }
     }
 
     #[test]

@@ -178,7 +178,7 @@ fn answer(
             detail: e.to_string(),
         })?
     } else {
-        FieldsText::from_text(stored.fields).map_err(damaged)?
+        FieldsText::stored(stored.fields).map_err(damaged)?
     };
     Ok(Some(RecordView {
         collection: collection.to_owned(),
