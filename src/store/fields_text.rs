@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use crate::record::Fields;
 
-/// A JSON object's text, checked: it parses, and it is an object.
+/// A JSON object's text: checked (it parses, and it is an object), or as this store wrote it.
 #[derive(Clone)]
 pub struct FieldsText(Box<str>);
 
