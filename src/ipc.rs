@@ -1054,12 +1054,9 @@ impl Client {
         // The reply's text is read straight into the answer: through a `Value` first, every
         // field of a page of records would be built as a tree and (records' fields being
         // passed on as text) written out again.
-        self.exchange(
-            line,
-            on_notification,
-            |text, id| Answered::<A>::of(text, id).map(|answered| answered.map_err(unreadable)),
-            |result| serde_json::from_str(result.get()).map_err(unreadable),
-        )
+        self.exchange(line, on_notification, Answered::<A>::of, |result| {
+            serde_json::from_str(result.get()).map_err(unreadable)
+        })
     }
 
     /// Calls `method` with JSON params and gives the JSON result: for a socket that speaks
@@ -1087,7 +1084,7 @@ impl Client {
         &mut self,
         line: String,
         mut on_notification: impl FnMut(Value),
-        at_once: impl Fn(&str, u64) -> Option<Result<T, ClientError>>,
+        at_once: impl Fn(&str, u64) -> Option<T>,
         read: impl Fn(&RawValue) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         let id = self.next_id;
@@ -1097,7 +1094,7 @@ impl Client {
         loop {
             let text = self.read_line()?;
             if let Some(answer) = at_once(&text, id) {
-                return answer;
+                return Ok(answer);
             }
             let message: Envelope<'_> = serde_json::from_str(&text).map_err(protocol)?;
             if message.method.is_given() {
@@ -1196,41 +1193,20 @@ struct Answered<'a, A> {
     method: Member<'a>,
     #[serde(default, borrow)]
     id: Member<'a>,
-    #[serde(default = "Option::default")]
     result: Option<A>,
     #[serde(default, borrow)]
     error: Member<'a>,
 }
 
 impl<A: DeserializeOwned> Answered<'_, A> {
-    /// The answer `text` carries when it is the reply with this `id` and a result (an error
-    /// reading the result then is the answer's); `None` for any other line (a notification, an
-    /// error, another id, a line that does not read), which is read member by member to tell
-    /// which.
-    fn of(text: &str, id: u64) -> Option<Result<A, serde_json::Error>> {
-        let answered: Answered<'_, A> = match serde_json::from_str(text) {
-            Ok(answered) => answered,
-            // Read again member by member: is it the result that does not read?
-            Err(_) => return Self::result_of(text, id).map(Err),
-        };
-        let ours = matches!(answered.id, Member::Given(raw) if raw.get() == id.to_string());
+    /// The answer `text` carries when it is the reply with this `id` and a result that reads;
+    /// `None` for any other line (a notification, an error, another id, a line or result that
+    /// does not read), which `Client::exchange` then reads member by member to tell which.
+    fn of(text: &str, id: u64) -> Option<A> {
+        let answered: Answered<'_, A> = serde_json::from_str(text).ok()?;
+        let ours = matches!(answered.id, Member::Given(raw) if raw.get().parse() == Ok(id));
         let plain = !answered.method.is_given() && !answered.error.is_given();
-        Some(Ok(answered.result.filter(|_| ours && plain)?))
-    }
-
-    /// Why the result of the reply with this `id` does not read, when that is why `text` did
-    /// not.
-    fn result_of(text: &str, id: u64) -> Option<serde_json::Error> {
-        let message: Envelope<'_> = serde_json::from_str(text).ok()?;
-        let ours = matches!(message.id, Member::Given(raw) if raw.get() == id.to_string());
-        match message.result {
-            Member::Given(result)
-                if ours && !message.method.is_given() && !message.error.is_given() =>
-            {
-                serde_json::from_str::<A>(result.get()).err()
-            }
-            _ => None,
-        }
+        answered.result.filter(|_| ours && plain)
     }
 }
 
@@ -1257,6 +1233,33 @@ impl<'de: 'a, 'a> Deserialize<'de> for Member<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the plain reply to the request is read in one pass; every other line is left to the
+    /// member-by-member reading, which tells notifications, errors and strangers apart.
+    #[test]
+    fn only_the_plain_reply_with_our_id_is_read_in_one_pass() {
+        #[derive(Deserialize, Debug, PartialEq)]
+        struct Answer {
+            n: u64,
+        }
+        let of = |line: &str| Answered::<Answer>::of(line, 7);
+        assert_eq!(
+            of(r#"{"jsonrpc":"2.0","id":7,"result":{"n":1}}"#),
+            Some(Answer { n: 1 })
+        );
+        for other in [
+            r#"{"jsonrpc":"2.0","id":8,"result":{"n":1}}"#,
+            r#"{"jsonrpc":"2.0","id":"7","result":{"n":1}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"result":{"m":1}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"error":{"code":-32001,"message":"gone"}}"#,
+            r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"?"}}"#,
+            r#"{"jsonrpc":"2.0","method":"change","params":{"n":1}}"#,
+            r#"{"jsonrpc":"2.0","id":7}"#,
+            "not json",
+        ] {
+            assert_eq!(of(other), None, "{other} was taken as the answer");
+        }
+    }
 
     /// A reply read as text still tells a member given as `null` (an error no request could
     /// be tied to; a result that is null) from one absent, as the `Value` it was read into did.
